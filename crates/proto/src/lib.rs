@@ -1,0 +1,26 @@
+//! drover-proto: the vocabulary every drover component shares.
+//!
+//! # Layout
+//!
+//! - [`model`]: the cluster data model, with the names and meaning of Zeek's Management
+//!   framework (Instance, Node, NodeStatus, State, Role, Result, NodeOutputs,
+//!   Configuration) plus what a generic node needs to be supervised (argv, env, restart
+//!   policy, readiness, stop signal and timeout, CPU affinity).
+//! - [`msg`]: request, response and event messages of the native protocol, the API version
+//!   and the ALPN string, and the frame envelopes that carry request ids.
+//! - [`config`]: cluster files (TOML) and validation, which reports every error at once.
+//! - [`name`]: the rules for instance and node names.
+//!
+//! Architecture invariant: this crate does no I/O, reads no clock and spawns nothing. It
+//! turns bytes and strings into values and back; everything else lives in the crates that
+//! depend on it. JSON (serde) is the wire encoding.
+
+pub mod config;
+pub mod model;
+pub mod msg;
+pub mod name;
+
+pub use model::{
+    ClusterRole, Configuration, Instance, MgmtResult, MgmtRole, Node, NodeOutputs, NodeStatus,
+    ResultData, State,
+};

@@ -1,0 +1,619 @@
+//! The cluster data model.
+//!
+//! Names and meanings follow Zeek's Management framework so that operators and the
+//! zeek-client compatibility front find what they know: an [`Instance`] is a host running
+//! one agent, a [`Node`] is one supervised process, a [`NodeStatus`] is what an agent
+//! reports about it, and a [`MgmtResult`] is the universal per-instance, per-node answer.
+//! On top of Zeek's fields, a node carries what any program needs to be supervised:
+//! its argv, env, working directory, restart policy, readiness, stop signal and timeout.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A node's lifecycle state (Zeek's `Management::State`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum State {
+    /// Started, not yet ready.
+    Pending,
+    /// Ready and serving.
+    Running,
+    /// Stopped by request, or exited successfully under a policy that does not restart it.
+    Stopped,
+    /// Exited unexpectedly; a restart is scheduled.
+    Crashed,
+    /// Gave up: could not be started, or failed too often in a row.
+    Failed,
+    /// Its agent is unreachable; the process may well still run.
+    Unknown,
+}
+
+impl State {
+    /// All states, in declaration order.
+    pub const ALL: [Self; 6] = [
+        Self::Pending,
+        Self::Running,
+        Self::Stopped,
+        Self::Crashed,
+        Self::Failed,
+        Self::Unknown,
+    ];
+
+    /// The upper-case name used on the wire and in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Running => "RUNNING",
+            Self::Stopped => "STOPPED",
+            Self::Crashed => "CRASHED",
+            Self::Failed => "FAILED",
+            Self::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// The management role of a process (Zeek's `Management::Role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MgmtRole {
+    /// An ordinary cluster node.
+    None,
+    /// An agent.
+    Agent,
+    /// The controller.
+    Controller,
+    /// A node (Zeek reserves it; drover reports ordinary nodes as `None`).
+    Node,
+}
+
+/// A node's role in its cluster (Zeek's `Supervisor::ClusterRole`), extended with
+/// free-form roles for non-Zeek programs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum ClusterRole {
+    /// No role.
+    #[default]
+    None,
+    /// Zeek's logger.
+    Logger,
+    /// Zeek's manager.
+    Manager,
+    /// Zeek's proxy.
+    Proxy,
+    /// Zeek's worker.
+    Worker,
+    /// Any other role name, lower-case.
+    Other(String),
+}
+
+impl ClusterRole {
+    /// Parses a role name, case-insensitively for Zeek's roles.
+    pub fn parse(s: &str) -> Self {
+        match s.to_ascii_lowercase().as_str() {
+            "" | "none" => Self::None,
+            "logger" => Self::Logger,
+            "manager" => Self::Manager,
+            "proxy" => Self::Proxy,
+            "worker" => Self::Worker,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    /// The lower-case role name (`"worker"`), or `"none"`.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::None => "none",
+            Self::Logger => "logger",
+            Self::Manager => "manager",
+            Self::Proxy => "proxy",
+            Self::Worker => "worker",
+            Self::Other(s) => s,
+        }
+    }
+
+    /// True for [`ClusterRole::None`].
+    pub fn is_none(&self) -> bool {
+        matches!(self, Self::None)
+    }
+}
+
+impl Serialize for ClusterRole {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ClusterRole {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(Self::parse(&s))
+    }
+}
+
+/// A host running one agent (Zeek's `Management::Instance`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Unique instance name; equal to the agent's name (and its certificate name).
+    pub name: String,
+    /// The instance's address, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<IpAddr>,
+    /// The agent's listening port: present when the controller dials the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// When a node is restarted after it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never restart; an exit is final.
+    Never,
+    /// Restart unless it exited with a success code.
+    #[default]
+    OnFailure,
+    /// Always restart.
+    Always,
+}
+
+/// Exponential backoff between automatic restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backoff {
+    /// Delay before the first restart of a failure streak.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Factor applied to the delay after each further failure.
+    pub multiplier: f64,
+    /// Upper bound on the delay.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    /// Uptime after which a node counts as healthy and its failure streak resets.
+    #[serde(with = "humantime_serde")]
+    pub reset_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            multiplier: 2.0,
+            max: Duration::from_secs(30),
+            reset_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How an agent decides that a started node is ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Readiness {
+    /// Ready once it stayed alive this long (the default, 1 s).
+    StartPeriod {
+        /// How long the node must stay up.
+        #[serde(with = "humantime_serde", default = "default_start_period")]
+        period: Duration,
+    },
+    /// Ready when it sends `READY=1` on `NOTIFY_SOCKET` (systemd's protocol).
+    Notify {
+        /// How long to wait for `READY=1` before the start counts as failed.
+        #[serde(with = "humantime_serde", default = "default_ready_timeout")]
+        timeout: Duration,
+    },
+    /// Ready when a TCP connection to this port on the loopback address succeeds.
+    Tcp {
+        /// The port to probe.
+        port: u16,
+        /// How long to wait before the start counts as failed.
+        #[serde(with = "humantime_serde", default = "default_ready_timeout")]
+        timeout: Duration,
+    },
+}
+
+fn default_start_period() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_ready_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self::StartPeriod {
+            period: default_start_period(),
+        }
+    }
+}
+
+/// CPU affinity: one CPU (Zeek's `cpu_affinity = 3`) or a list of CPUs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CpuAffinity {
+    /// A single CPU.
+    One(u32),
+    /// Several CPUs.
+    Many(Vec<u32>),
+}
+
+impl CpuAffinity {
+    /// The CPUs, in order.
+    pub fn cpus(&self) -> Vec<u32> {
+        match self {
+            Self::One(c) => vec![*c],
+            Self::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// One supervised process of the cluster (Zeek's `Management::Node`, generalised).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// Cluster-unique node name.
+    pub name: String,
+    /// The instance (agent) it runs on.
+    pub instance: String,
+    /// Its cluster role; also selects a command template when `command` is empty.
+    #[serde(default, skip_serializing_if = "ClusterRole::is_none")]
+    pub role: ClusterRole,
+    /// argv; empty means "take it from the role's template".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Extra environment, on top of the agent's clean base.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; default `<state-dir>/nodes/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// The node's listening port (Zeek's Broker port), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Its Prometheus port, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_port: Option<u16>,
+    /// Sniffing interface (Zeek workers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// Extra scripts (Zeek).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scripts: Vec<String>,
+    /// CPUs to pin the process to, applied before exec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_affinity: Option<CpuAffinity>,
+    /// When to restart after an exit.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Delays between automatic restarts.
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// Consecutive failed starts before the node is FAILED; 0 never gives up.
+    #[serde(default = "default_max_failed_starts")]
+    pub max_failed_starts: u32,
+    /// Exit codes that count as success.
+    #[serde(default = "default_success_codes")]
+    pub success_exit_codes: Vec<i32>,
+    /// How readiness is decided.
+    #[serde(default)]
+    pub readiness: Readiness,
+    /// Signal sent to the process group to stop it (e.g. `SIGTERM`).
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: String,
+    /// How long to wait after the stop signal before SIGKILL.
+    #[serde(with = "humantime_serde", default = "default_stop_timeout")]
+    pub stop_timeout: Duration,
+}
+
+fn default_max_failed_starts() -> u32 {
+    5
+}
+
+fn default_success_codes() -> Vec<i32> {
+    vec![0]
+}
+
+fn default_stop_signal() -> String {
+    "SIGTERM".to_owned()
+}
+
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Node {
+    /// A node with every optional field at its default.
+    pub fn new(name: impl Into<String>, instance: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            instance: instance.into(),
+            role: ClusterRole::None,
+            command: Vec::new(),
+            env: BTreeMap::new(),
+            workdir: None,
+            port: None,
+            metrics_port: None,
+            interface: None,
+            scripts: Vec::new(),
+            cpu_affinity: None,
+            restart: RestartPolicy::default(),
+            backoff: Backoff::default(),
+            max_failed_starts: default_max_failed_starts(),
+            success_exit_codes: default_success_codes(),
+            readiness: Readiness::default(),
+            stop_signal: default_stop_signal(),
+            stop_timeout: default_stop_timeout(),
+        }
+    }
+}
+
+/// A command template for nodes of one role that name no command of their own.
+///
+/// Strings may contain placeholders that are replaced per node: `{name}`, `{instance}`,
+/// `{role}`, `{interface}`, `{port}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleTemplate {
+    /// argv template.
+    pub command: Vec<String>,
+    /// Extra environment for every node of the role (a node's own env wins).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// A whole cluster configuration (Zeek's `Management::Configuration`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Configuration {
+    /// Identifier of this configuration; new ids are UUIDs.
+    pub id: String,
+    /// The instances, sorted by name.
+    #[serde(default)]
+    pub instances: Vec<Instance>,
+    /// The nodes, sorted by name.
+    #[serde(default)]
+    pub nodes: Vec<Node>,
+    /// Per-role command templates, keyed by lower-case role name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub roles: BTreeMap<String, RoleTemplate>,
+}
+
+impl Configuration {
+    /// A fresh, empty configuration with a new id.
+    pub fn empty() -> Self {
+        Self {
+            id: new_id(),
+            instances: Vec::new(),
+            nodes: Vec::new(),
+            roles: BTreeMap::new(),
+        }
+    }
+
+    /// The nodes placed on `instance`.
+    pub fn nodes_on<'a>(&'a self, instance: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
+        self.nodes.iter().filter(move |n| n.instance == instance)
+    }
+}
+
+/// A new unique, time-ordered identifier (UUIDv7).
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// How a process last ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+}
+
+/// What an agent reports about one process (Zeek's `Management::NodeStatus`, extended).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node name (or the agent's / controller's own name).
+    pub node: String,
+    /// Current state.
+    pub state: State,
+    /// AGENT or CONTROLLER for management processes, NONE for nodes.
+    pub mgmt_role: MgmtRole,
+    /// The node's cluster role.
+    #[serde(default)]
+    pub cluster_role: ClusterRole,
+    /// Process id, when a process exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The node's listening port, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Its metrics port, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_port: Option<u16>,
+    /// Automatic restarts so far.
+    #[serde(default)]
+    pub restarts: u32,
+    /// How the previous process ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitStatus>,
+    /// Start of the current process, in milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<u64>,
+    /// Whether readiness has been reached.
+    #[serde(default)]
+    pub ready: bool,
+    /// Last `STATUS=` text the node sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_text: Option<String>,
+    /// Resident memory, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// CPU time used, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<u64>,
+}
+
+impl NodeStatus {
+    /// A status with only the required fields set.
+    pub fn new(node: impl Into<String>, state: State, mgmt_role: MgmtRole) -> Self {
+        Self {
+            node: node.into(),
+            state,
+            mgmt_role,
+            cluster_role: ClusterRole::None,
+            pid: None,
+            port: None,
+            metrics_port: None,
+            restarts: 0,
+            last_exit: None,
+            started_at_ms: None,
+            ready: false,
+            status_text: None,
+            rss_bytes: None,
+            cpu_ms: None,
+        }
+    }
+}
+
+/// The last lines of a node's stdout and stderr (Zeek's `Management::NodeOutputs`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeOutputs {
+    /// Tail of stdout, lines joined with `\n`.
+    pub stdout: String,
+    /// Tail of stderr, lines joined with `\n`.
+    pub stderr: String,
+}
+
+/// The typed payload of a [`MgmtResult`] (Zeek's `data: any`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum ResultData {
+    /// A configuration id.
+    ConfigId(String),
+    /// Connected instances.
+    Instances(Vec<Instance>),
+    /// A whole configuration.
+    Configuration(Box<Configuration>),
+    /// Statuses of an instance's processes.
+    NodeStatuses(Vec<NodeStatus>),
+    /// Output tails of a node that failed.
+    NodeOutputs(NodeOutputs),
+    /// A value, as a JSON document in a string (as Zeek's `to_json()`).
+    Json(String),
+    /// Lines of text (log tails).
+    Lines(Vec<String>),
+}
+
+/// The universal answer to a management request (Zeek's `Management::Result`).
+///
+/// Results produced by the controller itself carry no `instance`; results an agent
+/// produced always do. Clients rely on that distinction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MgmtResult {
+    /// The request that produced it.
+    pub reqid: String,
+    /// Whether the operation succeeded.
+    pub success: bool,
+    /// The instance it concerns, when an agent produced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// Payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<ResultData>,
+    /// Error message when `success` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The node it concerns, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+impl MgmtResult {
+    /// A successful result with a payload.
+    pub fn ok(reqid: impl Into<String>, data: Option<ResultData>) -> Self {
+        Self {
+            reqid: reqid.into(),
+            success: true,
+            instance: None,
+            data,
+            error: None,
+            node: None,
+        }
+    }
+
+    /// A failed result with an error message.
+    pub fn err(reqid: impl Into<String>, error: impl Into<String>) -> Self {
+        Self {
+            reqid: reqid.into(),
+            success: false,
+            instance: None,
+            data: None,
+            error: Some(error.into()),
+            node: None,
+        }
+    }
+
+    /// Sets the instance.
+    #[must_use]
+    pub fn on_instance(mut self, instance: impl Into<String>) -> Self {
+        self.instance = Some(instance.into());
+        self
+    }
+
+    /// Sets the node.
+    #[must_use]
+    pub fn on_node(mut self, node: impl Into<String>) -> Self {
+        self.node = Some(node.into());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_are_upper_case_on_the_wire() {
+        for s in State::ALL {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{}\"", s.as_str()));
+            assert_eq!(serde_json::from_str::<State>(&json).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn roles_parse_case_insensitively() {
+        assert_eq!(ClusterRole::parse("WORKER"), ClusterRole::Worker);
+        assert_eq!(ClusterRole::parse("Manager"), ClusterRole::Manager);
+        assert_eq!(
+            ClusterRole::parse("web"),
+            ClusterRole::Other("web".to_owned())
+        );
+        let json = serde_json::to_string(&ClusterRole::Proxy).unwrap();
+        assert_eq!(json, "\"proxy\"");
+    }
+
+    #[test]
+    fn node_defaults_survive_a_json_round_trip() {
+        let mut node = Node::new("w1", "agent-1");
+        node.command = vec!["/bin/sleep".into(), "1".into()];
+        node.cpu_affinity = Some(CpuAffinity::One(1));
+        let json = serde_json::to_string(&node).unwrap();
+        let back: Node = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, node);
+        let minimal: Node =
+            serde_json::from_str(r#"{"name":"w1","instance":"agent-1","command":["x"]}"#).unwrap();
+        assert_eq!(minimal.stop_signal, "SIGTERM");
+        assert_eq!(minimal.restart, RestartPolicy::OnFailure);
+        assert_eq!(minimal.readiness, Readiness::default());
+    }
+
+    #[test]
+    fn result_data_is_tagged() {
+        let r = MgmtResult::ok("r1", Some(ResultData::ConfigId("c".into()))).on_instance("a");
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["data"]["type"], "config_id");
+        assert_eq!(v["instance"], "a");
+        assert!(v.get("node").is_none());
+    }
+}

@@ -1,0 +1,237 @@
+//! Messages of the native protocol and the envelopes that carry them.
+//!
+//! Every request travels on its own bidirectional QUIC stream: one [`Request`] frame from
+//! the side that opened the stream, then one [`Reply`] frame back (or a stream of frames
+//! for subscriptions). A request id, chosen by the requester, is echoed by the reply.
+//!
+//! The first stream of every connection carries a [`Hello`] from the dialing side and a
+//! [`Welcome`] back. A connection counts as established only once the Welcome arrived:
+//! with TLS 1.3 a refused client certificate shows only on the first stream, never at
+//! connect. What follows the Hello depends on the peer's role, which the certificate
+//! proves: agents send [`AgentRequest`]s, clients send [`ClientRequest`]s, and the
+//! controller sends [`ControllerRequest`]s to agents.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{MgmtResult, NodeStatus};
+
+/// The protocol version spoken by this build. Peers with another version are refused.
+pub const API_VERSION: u32 = 1;
+
+/// The ALPN protocol id; its suffix is the major protocol version.
+pub const ALPN: &[u8] = b"drover/1";
+
+/// The largest frame accepted, in bytes. A larger one is an error for that stream only.
+pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
+
+/// Who a peer is, as its certificate says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerRole {
+    /// The controller.
+    Controller,
+    /// An agent (one per instance).
+    Agent,
+    /// An operator's client.
+    Client,
+}
+
+impl PeerRole {
+    /// The lower-case name, as used in certificates.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Controller => "controller",
+            Self::Agent => "agent",
+            Self::Client => "client",
+        }
+    }
+
+    /// Parses a lower-case role name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "controller" => Some(Self::Controller),
+            "agent" => Some(Self::Agent),
+            "client" => Some(Self::Client),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for PeerRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A request frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request<T> {
+    /// Chosen by the requester, echoed in the reply.
+    pub id: String,
+    /// How long the requester will wait, so the responder can give up before it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// The request itself.
+    pub body: T,
+}
+
+/// A reply frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply<T> {
+    /// The id of the request answered.
+    pub id: String,
+    /// The answer, or why there is none.
+    pub result: Result<T, WireError>,
+}
+
+/// Why a request failed as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct WireError {
+    /// Machine-readable class.
+    pub code: ErrorCode,
+    /// Human-readable, lower-case message.
+    pub message: String,
+}
+
+impl WireError {
+    /// A new error.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Classes of [`WireError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame could not be decoded, or the request makes no sense.
+    BadRequest,
+    /// The peer's certificate does not allow this.
+    Forbidden,
+    /// The peers speak different API versions.
+    VersionMismatch,
+    /// The request did not finish in time.
+    Timeout,
+    /// Something needed is not connected or not available.
+    Unavailable,
+    /// A bug or an I/O failure on the responder's side.
+    Internal,
+}
+
+/// The first request on every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The dialer's [`API_VERSION`].
+    pub api_version: u32,
+    /// The role the dialer wants to act in; must match its certificate.
+    pub role: PeerRole,
+    /// The dialer's name; must match its certificate.
+    pub name: String,
+    /// Software and version, for logs.
+    pub software: String,
+}
+
+/// The answer to a [`Hello`]: the connection is established.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The accepting side's [`API_VERSION`].
+    pub api_version: u32,
+    /// The accepting side's name.
+    pub name: String,
+    /// Software and version, for logs.
+    pub software: String,
+}
+
+/// Requests an operator's client sends to the controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientRequest {
+    /// The connected agents (Zeek's `get_instances_request`).
+    GetInstances,
+}
+
+/// Replies of the controller to a [`ClientRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum ClientResponse {
+    /// A single-result answer.
+    Result(MgmtResult),
+    /// A multi-result answer.
+    Results(Vec<MgmtResult>),
+}
+
+/// Requests an agent sends to the controller after its Hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentRequest {
+    /// Statuses that changed since the last report (or all of them).
+    Status {
+        /// The statuses.
+        statuses: Vec<NodeStatus>,
+        /// True when this is the full set rather than a delta.
+        full: bool,
+    },
+}
+
+/// Requests the controller sends to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControllerRequest {
+    /// The agent's node statuses, its own entry included.
+    GetNodes,
+}
+
+/// Replies to requests that need no payload, and to agent requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum AgentResponse {
+    /// Nothing to say beyond success.
+    Ack,
+    /// Node statuses.
+    Nodes(Vec<NodeStatus>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_envelope_shape_is_stable() {
+        let req = Request {
+            id: "r1".into(),
+            timeout_ms: Some(1000),
+            body: ClientRequest::GetInstances,
+        };
+        let json = serde_json::to_string(&req).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":"r1","timeout_ms":1000,"body":{"type":"get_instances"}}"#
+        );
+        let back: Request<ClientRequest> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn reply_carries_errors() {
+        let reply: Reply<Welcome> = Reply {
+            id: "x".into(),
+            result: Err(WireError::new(ErrorCode::VersionMismatch, "nope")),
+        };
+        let json = serde_json::to_string(&reply).unwrap();
+        let back: Reply<Welcome> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, reply);
+        assert!(json.contains("version_mismatch"), "{json}");
+    }
+
+    #[test]
+    fn unknown_request_types_are_errors() {
+        let r = serde_json::from_str::<ClientRequest>(r#"{"type":"format_disk"}"#);
+        assert!(r.is_err());
+    }
+}

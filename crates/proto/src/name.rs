@@ -1,0 +1,53 @@
+//! Names of instances and nodes.
+//!
+//! A name becomes a directory under the agent's state dir, a certificate SAN and a key in
+//! JSON output, so it is restricted to a safe alphabet: ASCII letters, digits, `.`, `_` and
+//! `-`, starting with a letter or digit, at most [`MAX_LEN`] bytes. That rules out path
+//! traversal (`..`, `/`) and whitespace by construction.
+
+/// The longest name accepted.
+pub const MAX_LEN: usize = 64;
+
+/// Checks a name, returning why it is not acceptable.
+pub fn check(name: &str) -> Result<(), String> {
+    let Some(first) = name.chars().next() else {
+        return Err("name is empty".to_owned());
+    };
+    if name.len() > MAX_LEN {
+        return Err(format!("name is longer than {MAX_LEN} bytes"));
+    }
+    if !first.is_ascii_alphanumeric() {
+        return Err(format!("name '{name}' must start with a letter or digit"));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "name '{}' contains '{}'; allowed are letters, digits, '.', '_' and '-'",
+            name.escape_default(),
+            bad.escape_default()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check;
+
+    #[test]
+    fn accepts_usual_names() {
+        for n in ["agent-1", "worker-01", "a", "m.x_y", "0abc"] {
+            assert_eq!(check(n), Ok(()), "{n}");
+        }
+    }
+
+    #[test]
+    fn rejects_unsafe_names() {
+        for n in ["", "-x", "..", "a/b", "a b", "../etc", "é", ".hidden"] {
+            assert!(check(n).is_err(), "{n:?} should be rejected");
+        }
+        assert!(check(&"a".repeat(65)).is_err());
+    }
+}
