@@ -1,0 +1,372 @@
+//! drover-pki: the cluster's certificate authority.
+//!
+//! Every drover process holds a certificate signed by the cluster CA. The certificate says
+//! who its holder is with a URI subject alternative name `spiffe://drover/<role>/<name>`,
+//! where role is `controller`, `agent` or `client`; the controller enforces it (an agent
+//! registers only under its certificate's name, a client certificate cannot register as
+//! an agent, an agent certificate cannot make client requests).
+//!
+//! Keys are ECDSA P-256. Private keys are written with mode 0600 and never overwritten.
+//! Only the `drover` CLI (`drover ca ...`) and tests link this crate: the daemons only load
+//! PEM files.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use drover_proto::msg::PeerRole;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+/// File name of the CA certificate in a PKI directory.
+pub const CA_CERT: &str = "ca.crt";
+/// File name of the CA key in a PKI directory.
+pub const CA_KEY: &str = "ca.key";
+
+/// The URI SAN prefix that carries role and name.
+pub const IDENTITY_PREFIX: &str = "spiffe://drover/";
+
+/// Errors of CA operations.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file to be created exists already.
+    #[error("{0} already exists; refusing to overwrite it")]
+    Exists(PathBuf),
+    /// Certificate generation or parsing failed.
+    #[error("certificate error: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// A name or SAN is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A certificate and its key, PEM-encoded.
+#[derive(Clone)]
+pub struct Pem {
+    /// The certificate.
+    pub cert: String,
+    /// The private key (PKCS#8).
+    pub key: String,
+}
+
+impl std::fmt::Debug for Pem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pem")
+            .field("cert", &self.cert)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Validity of a certificate.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    /// Not valid before.
+    pub not_before: OffsetDateTime,
+    /// Not valid after.
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// From a minute ago (tolerating clock skew) for `days` days.
+    pub fn days(days: i64) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            not_before: now - Duration::minutes(1),
+            not_after: now + Duration::days(days),
+        }
+    }
+}
+
+/// What a leaf certificate is for.
+#[derive(Debug, Clone)]
+pub struct LeafSpec {
+    /// The holder's role.
+    pub role: PeerRole,
+    /// The holder's name (an instance name for agents).
+    pub name: String,
+    /// Extra DNS names or IP addresses the holder is reachable at.
+    pub sans: Vec<String>,
+    /// Validity period.
+    pub validity: Validity,
+}
+
+impl LeafSpec {
+    /// A spec valid for a year, with no extra SANs.
+    pub fn new(role: PeerRole, name: impl Into<String>) -> Self {
+        Self {
+            role,
+            name: name.into(),
+            sans: Vec::new(),
+            validity: Validity::days(365),
+        }
+    }
+}
+
+/// A certificate authority held in memory.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: Pem,
+}
+
+impl Ca {
+    /// Generates a new CA valid for ten years.
+    pub fn generate(common_name: &str) -> Result<Self, Error> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::OrganizationName, "drover");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let v = Validity::days(3650);
+        params.not_before = v.not_before;
+        params.not_after = v.not_after;
+        let cert = params.self_signed(&key)?;
+        let pem = Pem {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        };
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            pem,
+        })
+    }
+
+    /// Loads a CA from PEM text.
+    pub fn from_pem(cert: &str, key: &str) -> Result<Self, Error> {
+        let key_pair = KeyPair::from_pem(key)?;
+        let issuer = Issuer::from_ca_cert_pem(cert, key_pair)?;
+        Ok(Self {
+            issuer,
+            pem: Pem {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+            },
+        })
+    }
+
+    /// Loads the CA of a PKI directory.
+    pub fn load(dir: &Path) -> Result<Self, Error> {
+        let cert_path = dir.join(CA_CERT);
+        let key_path = dir.join(CA_KEY);
+        let cert = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        let key = fs::read_to_string(&key_path).map_err(io(&key_path))?;
+        Self::from_pem(&cert, &key)
+    }
+
+    /// The CA certificate and key.
+    pub fn pem(&self) -> &Pem {
+        &self.pem
+    }
+
+    /// Issues a leaf certificate.
+    pub fn issue(&self, spec: &LeafSpec) -> Result<Pem, Error> {
+        drover_proto::name::check(&spec.name)
+            .map_err(|e| Error::Invalid(format!("invalid certificate name: {e}")))?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, spec.name.as_str());
+        dn.push(DnType::OrganizationalUnitName, spec.role.as_str());
+        params.distinguished_name = dn;
+        let uri = format!("{IDENTITY_PREFIX}{}/{}", spec.role.as_str(), spec.name);
+        let mut sans = vec![SanType::URI(uri.try_into()?)];
+        // The name doubles as a DNS name so peers can verify it as a server name.
+        sans.push(SanType::DnsName(spec.name.clone().try_into()?));
+        if spec.role == PeerRole::Controller {
+            for default in ["localhost", "127.0.0.1", "::1"] {
+                if !spec.sans.iter().any(|s| s == default) {
+                    sans.push(san(default)?);
+                }
+            }
+        }
+        for s in &spec.sans {
+            sans.push(san(s)?);
+        }
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // Controllers and agents both accept and dial connections (agents may listen for
+        // the controller); clients only dial.
+        params.extended_key_usages = match spec.role {
+            PeerRole::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            PeerRole::Controller | PeerRole::Agent => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
+        params.not_before = spec.validity.not_before;
+        params.not_after = spec.validity.not_after;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Pem {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        })
+    }
+}
+
+fn san(s: &str) -> Result<SanType, Error> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    let valid = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !valid {
+        return Err(Error::Invalid(format!(
+            "'{s}' is neither an IP address nor a DNS name"
+        )));
+    }
+    Ok(SanType::DnsName(s.to_owned().try_into()?))
+}
+
+/// Writes `contents` to a new file with `mode`, refusing to overwrite.
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), Error> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::Exists(path.to_owned())
+            } else {
+                Error::Io {
+                    path: path.to_owned(),
+                    source: e,
+                }
+            }
+        })?;
+    f.write_all(contents.as_bytes()).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+/// Creates a CA in `dir` (`ca.crt`, and `ca.key` with mode 0600).
+pub fn init_dir(dir: &Path) -> Result<(PathBuf, PathBuf), Error> {
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let cert_path = dir.join(CA_CERT);
+    let key_path = dir.join(CA_KEY);
+    for p in [&cert_path, &key_path] {
+        if p.exists() {
+            return Err(Error::Exists(p.clone()));
+        }
+    }
+    let ca = Ca::generate("drover cluster CA")?;
+    write_new(&key_path, &ca.pem.key, 0o600)?;
+    write_new(&cert_path, &ca.pem.cert, 0o644)?;
+    Ok((cert_path, key_path))
+}
+
+/// Issues `NAME.crt` and `NAME.key` (mode 0600) in `dir` with the CA found there.
+pub fn issue_in_dir(dir: &Path, spec: &LeafSpec) -> Result<(PathBuf, PathBuf), Error> {
+    let ca = Ca::load(dir)?;
+    let pem = ca.issue(spec)?;
+    let cert_path = dir.join(format!("{}.crt", spec.name));
+    let key_path = dir.join(format!("{}.key", spec.name));
+    for p in [&cert_path, &key_path] {
+        if p.exists() {
+            return Err(Error::Exists(p.clone()));
+        }
+    }
+    write_new(&key_path, &pem.key, 0o600)?;
+    write_new(&cert_path, &pem.cert, 0o644)?;
+    Ok((cert_path, key_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn ca_dir_has_private_key_mode_0600_and_refuses_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = init_dir(dir.path()).unwrap();
+        let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(
+            fs::read_to_string(cert)
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
+        assert!(matches!(init_dir(dir.path()), Err(Error::Exists(_))));
+    }
+
+    #[test]
+    fn leaf_carries_role_and_name() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path()).unwrap();
+        let mut spec = LeafSpec::new(PeerRole::Agent, "agent-1");
+        spec.sans.push("10.1.2.3".into());
+        let (cert, key) = issue_in_dir(dir.path(), &spec).unwrap();
+        assert_eq!(
+            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let pem = fs::read(cert).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let x509 = pem.parse_x509().unwrap();
+        let sans = x509.subject_alternative_name().unwrap().unwrap();
+        let text = format!("{:?}", sans.value.general_names);
+        assert!(text.contains("spiffe://drover/agent/agent-1"), "{text}");
+        assert!(
+            text.contains("10.1.2.3") || text.contains("[10, 1, 2, 3]"),
+            "{text}"
+        );
+        assert!(matches!(
+            issue_in_dir(dir.path(), &spec),
+            Err(Error::Exists(_))
+        ));
+    }
+
+    #[test]
+    fn bad_names_and_sans_are_refused() {
+        let ca = Ca::generate("t").unwrap();
+        assert!(ca.issue(&LeafSpec::new(PeerRole::Agent, "../x")).is_err());
+        let mut spec = LeafSpec::new(PeerRole::Agent, "a");
+        spec.sans.push("not a host".into());
+        let err = ca.issue(&spec).unwrap_err().to_string();
+        assert!(
+            err.contains("neither an IP address nor a DNS name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn debug_output_hides_the_key() {
+        let ca = Ca::generate("t").unwrap();
+        let pem = ca.issue(&LeafSpec::new(PeerRole::Client, "ops")).unwrap();
+        assert!(!format!("{pem:?}").contains("PRIVATE KEY"));
+    }
+}
