@@ -1,0 +1,569 @@
+//! Endpoints, the Hello exchange, and request/response over streams.
+//!
+//! A dialer calls [`dial`], which returns only once the peer answered its Hello: with TLS
+//! 1.3 the server verifies the client certificate after the client already considers the
+//! handshake done, so a refused certificate shows on the first stream, not at connect.
+//! The accepting side calls [`accept`] and then [`read_hello`], checks the Hello against
+//! the certificate's identity, and answers through the returned [`HelloResponder`].
+//!
+//! After that, either side may [`call`] (open a stream, send one request frame, wait for
+//! one reply frame with a deadline) and [`serve`] the streams its peer opens.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_proto::model::new_id;
+use drover_proto::msg::{
+    ErrorCode, Hello, MAX_FRAME_LEN, PeerRole, Reply, Request, Welcome, WireError,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::frame::{read_frame, write_frame};
+use crate::tls::{Credentials, Identity, peer_identity};
+use crate::{NetError, humanize};
+
+/// Liveness and limits of connections.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportSettings {
+    /// How often an idle connection sends a keep-alive.
+    pub keep_alive: Duration,
+    /// After this long without hearing from the peer, the connection is lost.
+    pub idle_timeout: Duration,
+    /// How long the Hello exchange (and the handshake before it) may take.
+    pub hello_timeout: Duration,
+    /// How long a peer may take to send a request frame on a stream it opened.
+    pub request_read_timeout: Duration,
+    /// Streams a peer may have open at once.
+    pub max_streams: u32,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(5),
+            request_read_timeout: Duration::from_secs(10),
+            max_streams: 256,
+        }
+    }
+}
+
+impl TransportSettings {
+    fn transport_config(&self) -> Result<quinn::TransportConfig, NetError> {
+        let mut t = quinn::TransportConfig::default();
+        let idle = quinn::IdleTimeout::try_from(self.idle_timeout)
+            .map_err(|_| NetError::Credentials("idle timeout is too large".into()))?;
+        t.max_idle_timeout(Some(idle));
+        t.keep_alive_interval(Some(self.keep_alive));
+        t.max_concurrent_bidi_streams(self.max_streams.into());
+        t.max_concurrent_uni_streams(0u32.into());
+        Ok(t)
+    }
+}
+
+/// A QUIC endpoint that accepts connections from holders of a CA certificate, and can
+/// also dial out with the same credentials.
+pub fn server_endpoint(
+    creds: &Credentials,
+    addr: SocketAddr,
+    settings: &TransportSettings,
+) -> Result<quinn::Endpoint, NetError> {
+    let tls = creds.server_config()?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| NetError::Credentials(format!("tls configuration unusable for quic: {e}")))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(settings.transport_config()?));
+    let mut endpoint =
+        quinn::Endpoint::server(cfg, addr).map_err(|source| NetError::Bind { addr, source })?;
+    endpoint.set_default_client_config(client_config(creds, settings)?);
+    Ok(endpoint)
+}
+
+/// A client-only endpoint bound to an ephemeral port of the right address family.
+pub fn client_endpoint(
+    creds: &Credentials,
+    settings: &TransportSettings,
+    peer: SocketAddr,
+) -> Result<quinn::Endpoint, NetError> {
+    let bind: SocketAddr = if peer.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint =
+        quinn::Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    endpoint.set_default_client_config(client_config(creds, settings)?);
+    Ok(endpoint)
+}
+
+/// The quinn client configuration for these credentials.
+pub fn client_config(
+    creds: &Credentials,
+    settings: &TransportSettings,
+) -> Result<quinn::ClientConfig, NetError> {
+    quic_client_config(creds.client_config()?, settings)
+}
+
+/// Wraps any rustls client configuration (tests use odd ones) for quinn.
+pub fn quic_client_config(
+    tls: rustls::ClientConfig,
+    settings: &TransportSettings,
+) -> Result<quinn::ClientConfig, NetError> {
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| NetError::Credentials(format!("tls configuration unusable for quic: {e}")))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(settings.transport_config()?));
+    Ok(cfg)
+}
+
+/// A connection whose Hello was answered.
+#[derive(Debug, Clone)]
+pub struct Established {
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// The peer's verified identity.
+    pub peer: Identity,
+    /// The peer's Welcome.
+    pub welcome: Welcome,
+}
+
+/// Describes a TLS alert carried in a QUIC close code, if it is one.
+fn alert_text(code: u64) -> Option<&'static str> {
+    if !(0x100..=0x1ff).contains(&code) {
+        return None;
+    }
+    Some(match code - 0x100 {
+        42 => "bad certificate",
+        43 => "unsupported certificate",
+        44 => "certificate revoked",
+        45 => "certificate expired",
+        46 => "certificate unknown",
+        48 => "unknown issuer",
+        49 => "access denied",
+        51 => "bad signature (is it from another CA?)",
+        80 => "internal error",
+        116 => "no client certificate presented",
+        120 => "no common application protocol",
+        _ => "tls handshake failure",
+    })
+}
+
+/// Turns a local TLS error reason into a short cause.
+fn local_tls_text(reason: &str) -> String {
+    let r = reason.to_ascii_lowercase();
+    let cause = if r.contains("unknownissuer") || r.contains("unknown issuer") {
+        "unknown issuer"
+    } else if r.contains("expired") {
+        "certificate expired"
+    } else if r.contains("notvalidyet") || r.contains("not valid yet") {
+        "certificate not valid yet"
+    } else if r.contains("notvalidforname") || r.contains("not valid for name") {
+        "certificate not valid for the address dialled"
+    } else if r.contains("badsignature") || r.contains("bad signature") {
+        "bad signature (is it from another CA?)"
+    } else if r.contains("no certificates") || r.contains("nocertificates") {
+        "no certificate presented"
+    } else if r.contains("application protocol") || r.contains("alpn") {
+        "no common application protocol"
+    } else {
+        return reason.to_owned();
+    };
+    cause.to_owned()
+}
+
+/// Explains why a connection to or from `peer` failed, in one line.
+pub fn explain(err: &quinn::ConnectionError, peer: &str) -> String {
+    use quinn::ConnectionError as E;
+    match err {
+        E::ConnectionClosed(close) => {
+            let code = u64::from(close.error_code);
+            match alert_text(code) {
+                Some("no common application protocol") => {
+                    format!("{peer} does not speak {} (alpn mismatch)", alpn_str())
+                }
+                Some(text) => format!("{peer} rejected our certificate: {text}"),
+                None => format!("{peer} closed the connection: {close}"),
+            }
+        }
+        E::TransportError(te) => {
+            let code = u64::from(te.code);
+            if alert_text(code).is_some() {
+                let cause = local_tls_text(&te.reason);
+                if cause.contains("application protocol") {
+                    format!("{peer} does not speak {} (alpn mismatch)", alpn_str())
+                } else {
+                    format!("cannot verify {peer}'s certificate: {cause}")
+                }
+            } else {
+                format!("connection to {peer} failed: {te}")
+            }
+        }
+        E::ApplicationClosed(close) => {
+            let reason = String::from_utf8_lossy(&close.reason);
+            if reason.is_empty() {
+                format!("{peer} closed the connection")
+            } else {
+                format!("{peer} closed the connection: {reason}")
+            }
+        }
+        E::TimedOut => format!("no answer from {peer} within the idle timeout"),
+        E::Reset => format!("{peer} reset the connection (did it restart?)"),
+        E::LocallyClosed => "connection closed locally".to_owned(),
+        E::VersionMismatch => format!("{peer} speaks no common quic version"),
+        E::CidsExhausted => format!("connection to {peer} ran out of connection ids"),
+    }
+}
+
+/// Explains why a connection offered by `addr` could not be accepted (for logs).
+pub fn explain_incoming(err: &quinn::ConnectionError, addr: SocketAddr) -> String {
+    match err {
+        quinn::ConnectionError::TransportError(te) if alert_text(u64::from(te.code)).is_some() => {
+            format!(
+                "refused connection from {addr}: {}",
+                local_tls_text(&te.reason)
+            )
+        }
+        other => format!("connection from {addr} failed: {}", explain(other, "peer")),
+    }
+}
+
+fn alpn_str() -> String {
+    String::from_utf8_lossy(drover_proto::msg::ALPN).into_owned()
+}
+
+fn map_stream_err(e: impl std::fmt::Display, conn: &quinn::Connection, peer: &str) -> NetError {
+    match conn.close_reason() {
+        Some(reason) => NetError::Connection(explain(&reason, peer)),
+        None => NetError::Connection(format!("stream to {peer} failed: {e}")),
+    }
+}
+
+/// Dials `addr`, verifies that the peer is a `expect` (and, when given, named
+/// `expect_name`), and exchanges Hello/Welcome.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site per role; a struct would only rename them"
+)]
+pub async fn dial(
+    endpoint: &quinn::Endpoint,
+    cfg: Option<quinn::ClientConfig>,
+    addr: SocketAddr,
+    server_name: &str,
+    hello: Hello,
+    expect: PeerRole,
+    expect_name: Option<&str>,
+    timeout: Duration,
+) -> Result<Established, NetError> {
+    let peer_desc = match expect {
+        PeerRole::Controller => format!("controller {addr}"),
+        role => format!("{role} {addr}"),
+    };
+    let work = async {
+        let connecting = match cfg {
+            Some(cfg) => endpoint.connect_with(cfg, addr, server_name),
+            None => endpoint.connect(addr, server_name),
+        }
+        .map_err(|e| NetError::Connection(format!("cannot dial {peer_desc}: {e}")))?;
+        let conn = connecting
+            .await
+            .map_err(|e| NetError::Connection(explain(&e, &peer_desc)))?;
+        let peer = peer_identity(&conn)?;
+        if peer.role != expect || expect_name.is_some_and(|n| n != peer.name) {
+            let want = match expect_name {
+                Some(n) => format!("{expect} '{n}'"),
+                None => expect.to_string(),
+            };
+            conn.close(1u32.into(), b"unexpected identity");
+            return Err(NetError::Identity(format!(
+                "{addr} presented the certificate of {peer}, expected {want}"
+            )));
+        }
+        let welcome: Welcome = call_on(&conn, &hello, &peer_desc, timeout).await?;
+        if welcome.api_version != hello.api_version {
+            conn.close(2u32.into(), b"api version mismatch");
+            return Err(NetError::Protocol(format!(
+                "{peer_desc} speaks api version {}, we speak {}",
+                welcome.api_version, hello.api_version
+            )));
+        }
+        Ok(Established {
+            conn,
+            peer,
+            welcome,
+        })
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(NetError::Timeout {
+            what: format!("connecting to {peer_desc}"),
+            after: timeout,
+        }),
+    }
+}
+
+/// Completes the handshake of an incoming connection and reads the peer's identity.
+pub async fn accept(
+    incoming: quinn::Incoming,
+    timeout: Duration,
+) -> Result<(quinn::Connection, Identity), NetError> {
+    let addr = incoming.remote_address();
+    let conn = match tokio::time::timeout(timeout, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(NetError::Connection(explain_incoming(&e, addr))),
+        Err(_) => {
+            return Err(NetError::Timeout {
+                what: format!("handshake with {addr}"),
+                after: timeout,
+            });
+        }
+    };
+    match peer_identity(&conn) {
+        Ok(id) => Ok((conn, id)),
+        Err(e) => {
+            conn.close(1u32.into(), b"certificate carries no drover identity");
+            Err(NetError::Identity(format!("{addr}: {e}")))
+        }
+    }
+}
+
+/// The open Hello stream, waiting for our answer.
+#[derive(Debug)]
+pub struct HelloResponder {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    id: String,
+}
+
+impl HelloResponder {
+    /// Accepts the peer.
+    pub async fn welcome(mut self, welcome: Welcome) -> Result<(), NetError> {
+        let reply = Reply {
+            id: self.id,
+            result: Ok(welcome),
+        };
+        write_frame(&mut self.send, &reply).await?;
+        let _ = self.send.finish();
+        Ok(())
+    }
+
+    /// Refuses the peer: sends the error, then closes the connection once it is
+    /// delivered (or after a second).
+    pub async fn refuse(mut self, error: WireError) {
+        let reason = error.message.clone();
+        let reply: Reply<Welcome> = Reply {
+            id: self.id,
+            result: Err(error),
+        };
+        if write_frame(&mut self.send, &reply).await.is_ok() {
+            let _ = self.send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.send.stopped()).await;
+        }
+        let reason: Vec<u8> = reason.bytes().take(200).collect();
+        self.conn.close(3u32.into(), &reason);
+    }
+}
+
+/// Reads the Hello on the first stream of an accepted connection.
+pub async fn read_hello(
+    conn: &quinn::Connection,
+    timeout: Duration,
+) -> Result<(Hello, HelloResponder), NetError> {
+    let addr = conn.remote_address();
+    let work = async {
+        let (send, mut recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|e| NetError::Connection(explain_incoming(&e, addr)))?;
+        let req: Request<Hello> = read_frame(&mut recv, 64 * 1024)
+            .await?
+            .ok_or_else(|| NetError::Protocol(format!("{addr} closed its hello stream")))?;
+        Ok((
+            req.body,
+            HelloResponder {
+                conn: conn.clone(),
+                send,
+                id: req.id,
+            },
+        ))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => {
+            conn.close(4u32.into(), b"no hello in time");
+            Err(NetError::Timeout {
+                what: format!("waiting for the hello of {addr}"),
+                after: timeout,
+            })
+        }
+    }
+}
+
+/// Checks a Hello against the certificate it came with: the role and name it claims must
+/// be those the certificate carries, and the API version ours.
+pub fn check_hello(hello: &Hello, cert: &Identity, our_version: u32) -> Result<(), WireError> {
+    if hello.api_version != our_version {
+        return Err(WireError::new(
+            ErrorCode::VersionMismatch,
+            format!(
+                "api version mismatch: peer speaks {}, this side speaks {our_version}",
+                hello.api_version
+            ),
+        ));
+    }
+    if hello.role != cert.role {
+        let message = match (cert.role, hello.role) {
+            (PeerRole::Client, PeerRole::Agent) => {
+                "a client certificate cannot register as an agent".to_owned()
+            }
+            (PeerRole::Agent, PeerRole::Client) => {
+                "an agent certificate cannot make client requests".to_owned()
+            }
+            (have, want) => format!("a {have} certificate cannot act as {want}"),
+        };
+        return Err(WireError::new(ErrorCode::Forbidden, message));
+    }
+    if hello.name != cert.name {
+        return Err(WireError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "{} name '{}' does not match its certificate name '{}'",
+                hello.role, hello.name, cert.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn call_on<Req: Serialize, Resp: DeserializeOwned>(
+    conn: &quinn::Connection,
+    body: &Req,
+    peer: &str,
+    timeout: Duration,
+) -> Result<Resp, NetError> {
+    let id = new_id();
+    let work = async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| map_stream_err(e, conn, peer))?;
+        let req = Request {
+            id: id.clone(),
+            timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+            body,
+        };
+        write_frame(&mut send, &req)
+            .await
+            .map_err(|e| map_stream_err(e, conn, peer))?;
+        let _ = send.finish();
+        let reply: Reply<Resp> = match read_frame(&mut recv, MAX_FRAME_LEN).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return Err(match conn.close_reason() {
+                    Some(reason) => NetError::Connection(explain(&reason, peer)),
+                    None => NetError::Protocol(format!("{peer} closed the stream without a reply")),
+                });
+            }
+            Err(crate::frame::FrameError::Stream(e)) => return Err(map_stream_err(e, conn, peer)),
+            Err(e) => return Err(e.into()),
+        };
+        if reply.id != id {
+            return Err(NetError::Protocol(format!(
+                "{peer} answered request '{}' on the stream of request '{id}'",
+                reply.id
+            )));
+        }
+        reply.result.map_err(NetError::Refused)
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(NetError::Timeout {
+            what: format!("request to {peer}"),
+            after: timeout,
+        }),
+    }
+}
+
+/// Sends one request on a new stream and waits at most `timeout` for its reply.
+pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    conn: &quinn::Connection,
+    body: &Req,
+    timeout: Duration,
+) -> Result<Resp, NetError> {
+    let peer = match peer_identity(conn) {
+        Ok(id) => id.to_string(),
+        Err(_) => conn.remote_address().to_string(),
+    };
+    call_on(conn, body, &peer, timeout).await
+}
+
+/// Serves the streams a peer opens until the connection ends, returning why it ended.
+///
+/// Each stream is handled in its own task: read one request frame (within
+/// `settings.request_read_timeout`, so a stream opened and never written frees itself),
+/// run `handler`, write its reply. A frame that cannot be decoded is answered with a
+/// `bad_request` error on that stream; the connection and the process are unaffected.
+pub async fn serve<Req, Resp, F, Fut>(
+    conn: quinn::Connection,
+    settings: TransportSettings,
+    handler: F,
+) -> quinn::ConnectionError
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    F: Fn(Request<Req>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Resp, WireError>> + Send + 'static,
+{
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => return e,
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let read = tokio::time::timeout(
+                settings.request_read_timeout,
+                read_frame::<Request<Req>>(&mut recv, MAX_FRAME_LEN),
+            )
+            .await;
+            let reply: Reply<Resp> = match read {
+                Ok(Ok(Some(req))) => {
+                    let id = req.id.clone();
+                    Reply {
+                        id,
+                        result: handler(req).await,
+                    }
+                }
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => {
+                    tracing::debug!("bad request frame: {e}");
+                    Reply {
+                        id: String::new(),
+                        result: Err(WireError::new(ErrorCode::BadRequest, e.to_string())),
+                    }
+                }
+                Err(_) => {
+                    let _ = recv.stop(0u32.into());
+                    Reply {
+                        id: String::new(),
+                        result: Err(WireError::new(
+                            ErrorCode::BadRequest,
+                            format!(
+                                "no request frame within {}",
+                                humanize(settings.request_read_timeout)
+                            ),
+                        )),
+                    }
+                }
+            };
+            let bytes = crate::frame::encode(&reply);
+            drop(reply);
+            if send.write_all(&bytes).await.is_ok() {
+                let _ = send.finish();
+            }
+        });
+    }
+}
