@@ -1,0 +1,266 @@
+//! drover-agent: one per host ("instance"); keeps a connection to the controller and
+//! answers its requests.
+//!
+//! # Layout
+//!
+//! - [`Agent`]: loads credentials, checks that the certificate is an agent's and carries
+//!   the configured name, and runs the connection loop: dial the controller, exchange
+//!   Hello/Welcome, serve the controller's requests until the connection is lost, then
+//!   dial again after a capped exponential backoff with jitter ([`backoff`]).
+//!
+//! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
+//! [`Agent::new`] and [`Agent::run`], so tests run agents in-process.
+
+pub mod backoff;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use drover_net::conn::{self, TransportSettings};
+use drover_net::{Credentials, Identity, NetError, TlsFiles};
+use drover_proto::model::{MgmtRole, NodeStatus, State};
+use drover_proto::msg::{
+    API_VERSION, AgentResponse, ControllerRequest, Hello, PeerRole, Request, WireError,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::backoff::Backoff;
+
+/// The port an agent listens on when the controller dials it.
+pub const DEFAULT_PORT: u16 = 2151;
+
+/// Everything an agent needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Instance name; must equal the name in the agent's certificate.
+    pub name: String,
+    /// The controller, as `HOST:PORT`; resolved again before every attempt.
+    pub controller: String,
+    /// Directory for node records, logs and working directories.
+    pub state_dir: PathBuf,
+    /// Certificate files.
+    pub tls: TlsFiles,
+    /// Keep-alive, idle timeout and limits of the connection.
+    pub transport: TransportSettings,
+    /// Delays between connection attempts.
+    pub reconnect: Backoff,
+}
+
+/// Why an agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Certificates or keys.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The certificate belongs to someone else.
+    #[error("the certificate {cert} belongs to {identity}, but this is agent '{name}'")]
+    WrongIdentity {
+        /// The certificate file.
+        cert: PathBuf,
+        /// Whom it belongs to.
+        identity: Identity,
+        /// The configured name.
+        name: String,
+    },
+    /// The controller address is malformed.
+    #[error("invalid controller address '{0}': expected HOST:PORT")]
+    ControllerAddr(String),
+    /// The state directory is unusable.
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// A configured agent, ready to run.
+#[derive(Debug)]
+pub struct Agent {
+    config: Config,
+    creds: Credentials,
+    /// The host part of `config.controller`, used as the TLS server name.
+    server_name: String,
+}
+
+impl Agent {
+    /// Loads and checks credentials and prepares the state dir.
+    pub fn new(config: Config) -> Result<Self, Error> {
+        let creds = Credentials::load(&config.tls)?;
+        let id = creds.identity();
+        if id.role != PeerRole::Agent || id.name != config.name {
+            return Err(Error::WrongIdentity {
+                cert: config.tls.cert.clone(),
+                identity: id.clone(),
+                name: config.name.clone(),
+            });
+        }
+        let server_name = split_host(&config.controller)
+            .ok_or_else(|| Error::ControllerAddr(config.controller.clone()))?
+            .to_owned();
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| Error::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        })?;
+        Ok(Self {
+            config,
+            creds,
+            server_name,
+        })
+    }
+
+    /// Stays connected to the controller until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = self.config.reconnect.clone();
+        // One endpoint per address family, created on first use and kept, so that
+        // reconnecting does not churn UDP sockets.
+        let mut endpoints: [Option<quinn::Endpoint>; 2] = [None, None];
+        let name = &self.config.name;
+        info!(agent = %name, controller = %self.config.controller, "agent starting");
+        loop {
+            let attempt = async {
+                let addr = resolve(&self.config.controller).await?;
+                let slot = &mut endpoints[usize::from(addr.is_ipv6())];
+                let endpoint = match slot {
+                    Some(e) => e.clone(),
+                    None => slot
+                        .insert(conn::client_endpoint(
+                            &self.creds,
+                            &self.config.transport,
+                            addr,
+                        )?)
+                        .clone(),
+                };
+                let hello = Hello {
+                    api_version: API_VERSION,
+                    role: PeerRole::Agent,
+                    name: name.clone(),
+                    software: software(),
+                };
+                conn::dial(
+                    &endpoint,
+                    None,
+                    addr,
+                    &self.server_name,
+                    hello,
+                    PeerRole::Controller,
+                    None,
+                    self.config.transport.hello_timeout,
+                )
+                .await
+            };
+            let result = tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = attempt => r,
+            };
+            match result {
+                Ok(est) => {
+                    backoff.reset();
+                    info!(
+                        controller = %est.welcome.name,
+                        addr = %est.conn.remote_address(),
+                        "connected to controller"
+                    );
+                    let conn = est.conn.clone();
+                    let reason = tokio::select! {
+                        () = shutdown.cancelled() => {
+                            conn.close(0u32.into(), b"agent shutting down");
+                            break;
+                        }
+                        reason = self.serve(est.conn) => reason,
+                    };
+                    warn!(
+                        "lost the controller: {}",
+                        conn::explain(&reason, "controller")
+                    );
+                }
+                Err(e) => warn!("cannot connect to the controller: {e}"),
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+        for endpoint in endpoints.into_iter().flatten() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
+        info!(agent = %name, "agent stopped");
+    }
+
+    async fn serve(&self, conn: quinn::Connection) -> quinn::ConnectionError {
+        let name = self.config.name.clone();
+        let handler = move |req: Request<ControllerRequest>| {
+            let name = name.clone();
+            async move {
+                match req.body {
+                    ControllerRequest::GetNodes => {
+                        Ok::<_, WireError>(AgentResponse::Nodes(vec![own_status(&name)]))
+                    }
+                }
+            }
+        };
+        conn::serve(conn, self.config.transport, handler).await
+    }
+}
+
+/// The agent's own NodeStatus entry (management role AGENT).
+fn own_status(name: &str) -> NodeStatus {
+    let mut s = NodeStatus::new(name, State::Running, MgmtRole::Agent);
+    s.pid = Some(std::process::id());
+    s.ready = true;
+    s.started_at_ms = process_start_ms();
+    s
+}
+
+fn process_start_ms() -> Option<u64> {
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    Some(*START.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }))
+}
+
+/// The host part of `HOST:PORT` or `[V6]:PORT`.
+fn split_host(addr: &str) -> Option<&str> {
+    let (host, port) = addr.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (!host.is_empty()).then_some(host)
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, NetError> {
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| NetError::Connection(format!("cannot resolve controller '{addr}': {e}")))?;
+    addrs
+        .next()
+        .ok_or_else(|| NetError::Connection(format!("controller '{addr}' resolves to nothing")))
+}
+
+/// Name and version of this build, as told to peers.
+pub fn software() -> String {
+    format!("drover-agent {}", env!("CARGO_PKG_VERSION"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_host;
+
+    #[test]
+    fn host_part_of_addresses() {
+        assert_eq!(split_host("127.0.0.1:2150"), Some("127.0.0.1"));
+        assert_eq!(split_host("[::1]:2150"), Some("::1"));
+        assert_eq!(split_host("ctl.example:2150"), Some("ctl.example"));
+        assert_eq!(split_host("ctl.example"), None);
+        assert_eq!(split_host(":2150"), None);
+        assert_eq!(split_host("h:99999"), None);
+    }
+}

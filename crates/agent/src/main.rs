@@ -1,0 +1,120 @@
+//! The `drover-agent` daemon: flags, config file, logging and signals around
+//! [`drover_agent::Agent`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use drover_agent::backoff::Backoff;
+use drover_agent::{Agent, Config};
+use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing};
+use drover_net::{TlsFiles, TransportSettings};
+use serde::Deserialize;
+
+/// drover's agent: runs and watches the node processes of this host for the controller.
+///
+/// Every flag can also be given as the environment variable shown, or as a key of the
+/// `--config` file (`_` for `-`); flags and environment win over the file.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML file with any of the settings below.
+    #[arg(long, env = "DROVER_CONFIG")]
+    config: Option<PathBuf>,
+    /// This instance's name; must match the name in the agent's certificate.
+    #[arg(long, env = "DROVER_NAME")]
+    name: Option<String>,
+    /// The controller to connect to, as HOST:PORT.
+    #[arg(long, env = "DROVER_CONTROLLER")]
+    controller: Option<String>,
+    /// Directory for node records, logs and working directories
+    /// [default: /var/lib/drover-agent].
+    #[arg(long, env = "DROVER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Cluster CA certificate (PEM).
+    #[arg(long, env = "DROVER_CA")]
+    ca: Option<PathBuf>,
+    /// This agent's certificate (PEM).
+    #[arg(long, env = "DROVER_CERT")]
+    cert: Option<PathBuf>,
+    /// This agent's private key (PEM, mode 0600).
+    #[arg(long, env = "DROVER_KEY")]
+    key: Option<PathBuf>,
+    /// Keep-alive interval of the connection [default: 2s].
+    #[arg(long, env = "DROVER_KEEP_ALIVE", value_parser = humantime::parse_duration)]
+    keep_alive: Option<Duration>,
+    /// The controller is lost after this long without hearing from it [default: 10s].
+    #[arg(long, env = "DROVER_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Longest delay between reconnection attempts [default: 5s].
+    #[arg(long, env = "DROVER_RECONNECT_MAX", value_parser = humantime::parse_duration)]
+    reconnect_max: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    controller: Option<String>,
+    state_dir: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default, with = "humantime_opt")]
+    keep_alive: Option<Duration>,
+    #[serde(default, with = "humantime_opt")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_opt")]
+    reconnect_max: Option<Duration>,
+}
+
+fn config(args: Args) -> anyhow::Result<Config> {
+    let file: FileConfig = match &args.config {
+        Some(p) => load_config_file(p)?,
+        None => FileConfig::default(),
+    };
+    let defaults = TransportSettings::default();
+    let transport = TransportSettings {
+        keep_alive: args
+            .keep_alive
+            .or(file.keep_alive)
+            .unwrap_or(defaults.keep_alive),
+        idle_timeout: args
+            .idle_timeout
+            .or(file.idle_timeout)
+            .unwrap_or(defaults.idle_timeout),
+        ..defaults
+    };
+    check_liveness(transport.keep_alive, transport.idle_timeout)?;
+    let reconnect_max = args
+        .reconnect_max
+        .or(file.reconnect_max)
+        .unwrap_or(Duration::from_secs(5));
+    Ok(Config {
+        name: args.name.or(file.name).ok_or_else(|| missing("name"))?,
+        controller: args
+            .controller
+            .or(file.controller)
+            .ok_or_else(|| missing("controller"))?,
+        state_dir: args
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/drover-agent")),
+        tls: TlsFiles {
+            ca: args.ca.or(file.ca).ok_or_else(|| missing("ca"))?,
+            cert: args.cert.or(file.cert).ok_or_else(|| missing("cert"))?,
+            key: args.key.or(file.key).ok_or_else(|| missing("key"))?,
+        },
+        transport,
+        reconnect: Backoff::new(Duration::from_millis(200), reconnect_max, 0.2),
+    })
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    drover_daemon::main(|shutdown| async move {
+        let agent = Agent::new(config(args)?)?;
+        agent.run(shutdown).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,261 @@
+//! drover-controller: the cluster's control point.
+//!
+//! # Layout
+//!
+//! - [`Controller`]: binds the QUIC endpoint and runs the accept loop. Each connection is
+//!   authenticated (mutual TLS, then a Hello checked against the certificate) and handed
+//!   to the agent side or the client side by the role its certificate carries.
+//! - [`registry`]: the connected agents.
+//!
+//! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
+//! [`Controller::bind`] and [`Controller::run`], so tests run controllers in-process.
+
+pub mod registry;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use drover_net::conn::{self, TransportSettings};
+use drover_net::{Credentials, Identity, NetError, TlsFiles};
+use drover_proto::model::{Instance, MgmtResult, ResultData};
+use drover_proto::msg::{
+    API_VERSION, AgentRequest, AgentResponse, ClientRequest, ClientResponse, ErrorCode, PeerRole,
+    Request, Welcome, WireError,
+};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::registry::Registry;
+
+/// The controller's default QUIC port.
+pub const DEFAULT_PORT: u16 = 2150;
+
+/// Everything a controller needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory for persistent state.
+    pub state_dir: PathBuf,
+    /// Certificate files.
+    pub tls: TlsFiles,
+    /// Keep-alive, idle timeout and limits of connections.
+    pub transport: TransportSettings,
+}
+
+/// Why a controller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Certificates, keys or the socket.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The certificate is not a controller's.
+    #[error("the certificate {cert} belongs to {identity}, not to a controller")]
+    WrongRole {
+        /// The certificate file.
+        cert: PathBuf,
+        /// Whom it belongs to.
+        identity: Identity,
+    },
+    /// The state directory is unusable.
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// State shared by every connection task.
+#[derive(Debug)]
+struct Shared {
+    /// Our own name, from our certificate.
+    name: String,
+    /// Connected agents. Written on connect and loss, read by client requests.
+    registry: Registry,
+    transport: TransportSettings,
+}
+
+/// A bound controller, ready to run.
+#[derive(Debug)]
+pub struct Controller {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+}
+
+impl Controller {
+    /// Loads credentials, prepares the state dir and binds the listening socket.
+    pub fn bind(config: Config) -> Result<Self, Error> {
+        let creds = Credentials::load(&config.tls)?;
+        if creds.identity().role != PeerRole::Controller {
+            return Err(Error::WrongRole {
+                cert: config.tls.cert.clone(),
+                identity: creds.identity().clone(),
+            });
+        }
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| Error::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        })?;
+        let endpoint = conn::server_endpoint(&creds, config.listen, &config.transport)?;
+        Ok(Self {
+            endpoint,
+            shared: Arc::new(Shared {
+                name: creds.identity().name.clone(),
+                registry: Registry::default(),
+                transport: config.transport,
+            }),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .expect("a bound endpoint has an address")
+    }
+
+    /// Serves until `shutdown` is cancelled, then closes every connection.
+    pub async fn run(self, shutdown: CancellationToken) {
+        info!(addr = %self.local_addr(), name = %self.shared.name, "controller listening");
+        let tasks = TaskTracker::new();
+        loop {
+            let incoming = tokio::select! {
+                () = shutdown.cancelled() => break,
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
+            let shared = self.shared.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = handle_connection(shared, incoming) => {}
+                }
+            });
+        }
+        tasks.close();
+        self.endpoint
+            .close(0u32.into(), b"controller shutting down");
+        tasks.wait().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.endpoint.wait_idle())
+            .await;
+        info!("controller stopped");
+    }
+}
+
+async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let addr = incoming.remote_address();
+    let timeout = shared.transport.hello_timeout;
+    let (conn, identity) = match conn::accept(incoming, timeout).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("{e}");
+            return;
+        }
+    };
+    let (hello, responder) = match conn::read_hello(&conn, timeout).await {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(peer = %identity, "{e}");
+            return;
+        }
+    };
+    let check = conn::check_hello(&hello, &identity, API_VERSION).and_then(|()| {
+        if identity.role == PeerRole::Controller {
+            Err(WireError::new(
+                ErrorCode::Forbidden,
+                "a controller certificate cannot connect to a controller",
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = check {
+        warn!(%addr, peer = %identity, "refused connection: {}", e.message);
+        responder.refuse(e).await;
+        return;
+    }
+    let welcome = Welcome {
+        api_version: API_VERSION,
+        name: shared.name.clone(),
+        software: software(),
+    };
+    if let Err(e) = responder.welcome(welcome).await {
+        warn!(%addr, peer = %identity, "hello failed: {e}");
+        return;
+    }
+    match identity.role {
+        PeerRole::Agent => serve_agent(shared, conn, identity, hello.software).await,
+        PeerRole::Client => serve_client(shared, conn, identity).await,
+        PeerRole::Controller => unreachable!("refused above"),
+    }
+}
+
+async fn serve_agent(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    identity: Identity,
+    software: String,
+) {
+    let name = identity.name.clone();
+    let addr = conn.remote_address();
+    if let Some(old) = shared.registry.insert(&name, conn.clone()) {
+        info!(agent = %name, "replacing the previous connection of agent '{name}'");
+        old.close(5u32.into(), b"replaced by a newer connection");
+    }
+    info!(agent = %name, %addr, %software, "agent '{name}' connected from {addr}");
+    let handler = move |req: Request<AgentRequest>| async move {
+        match req.body {
+            AgentRequest::Status { statuses, full } => {
+                debug!(count = statuses.len(), full, "status report");
+                Ok(AgentResponse::Ack)
+            }
+        }
+    };
+    let reason = conn::serve(conn.clone(), shared.transport, handler).await;
+    if shared.registry.remove_if_same(&name, &conn) {
+        warn!(agent = %name, %addr, "agent '{name}' lost: {}", conn::explain(&reason, "agent"));
+    }
+}
+
+async fn serve_client(shared: Arc<Shared>, conn: quinn::Connection, identity: Identity) {
+    debug!(client = %identity.name, addr = %conn.remote_address(), "client connected");
+    let settings = shared.transport;
+    let handler = move |req: Request<ClientRequest>| {
+        let shared = shared.clone();
+        async move { Ok(handle_client_request(&shared, req)) }
+    };
+    let _ = conn::serve(conn, settings, handler).await;
+}
+
+fn handle_client_request(shared: &Shared, req: Request<ClientRequest>) -> ClientResponse {
+    match req.body {
+        ClientRequest::GetInstances => {
+            let instances: Vec<Instance> = shared
+                .registry
+                .snapshot()
+                .into_iter()
+                .map(|a| Instance {
+                    name: a.name,
+                    host: Some(a.addr.ip()),
+                    port: None,
+                })
+                .collect();
+            ClientResponse::Result(MgmtResult::ok(
+                req.id,
+                Some(ResultData::Instances(instances)),
+            ))
+        }
+    }
+}
+
+/// Name and version of this build, as told to peers.
+pub fn software() -> String {
+    format!("drover-controller {}", env!("CARGO_PKG_VERSION"))
+}

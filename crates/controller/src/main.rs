@@ -1,0 +1,104 @@
+//! The `drover-controller` daemon: flags, config file, logging and signals around
+//! [`drover_controller::Controller`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use drover_controller::{Config, Controller, DEFAULT_PORT};
+use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing};
+use drover_net::{TlsFiles, TransportSettings};
+use serde::Deserialize;
+
+/// drover's controller: holds the cluster configuration and talks to every agent.
+///
+/// Every flag can also be given as the environment variable shown, or as a key of the
+/// `--config` file (`_` for `-`); flags and environment win over the file.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML file with any of the settings below.
+    #[arg(long, env = "DROVER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address and port to listen on [default: 0.0.0.0:2150].
+    #[arg(long, env = "DROVER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Directory for persistent state [default: /var/lib/drover-controller].
+    #[arg(long, env = "DROVER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Cluster CA certificate (PEM).
+    #[arg(long, env = "DROVER_CA")]
+    ca: Option<PathBuf>,
+    /// This controller's certificate (PEM).
+    #[arg(long, env = "DROVER_CERT")]
+    cert: Option<PathBuf>,
+    /// This controller's private key (PEM, mode 0600).
+    #[arg(long, env = "DROVER_KEY")]
+    key: Option<PathBuf>,
+    /// Keep-alive interval of connections [default: 2s].
+    #[arg(long, env = "DROVER_KEEP_ALIVE", value_parser = humantime::parse_duration)]
+    keep_alive: Option<Duration>,
+    /// A peer silent for this long is lost [default: 10s].
+    #[arg(long, env = "DROVER_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    state_dir: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default, with = "humantime_opt")]
+    keep_alive: Option<Duration>,
+    #[serde(default, with = "humantime_opt")]
+    idle_timeout: Option<Duration>,
+}
+
+fn config(args: Args) -> anyhow::Result<Config> {
+    let file: FileConfig = match &args.config {
+        Some(p) => load_config_file(p)?,
+        None => FileConfig::default(),
+    };
+    let defaults = TransportSettings::default();
+    let transport = TransportSettings {
+        keep_alive: args
+            .keep_alive
+            .or(file.keep_alive)
+            .unwrap_or(defaults.keep_alive),
+        idle_timeout: args
+            .idle_timeout
+            .or(file.idle_timeout)
+            .unwrap_or(defaults.idle_timeout),
+        ..defaults
+    };
+    check_liveness(transport.keep_alive, transport.idle_timeout)?;
+    Ok(Config {
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))),
+        state_dir: args
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/drover-controller")),
+        tls: TlsFiles {
+            ca: args.ca.or(file.ca).ok_or_else(|| missing("ca"))?,
+            cert: args.cert.or(file.cert).ok_or_else(|| missing("cert"))?,
+            key: args.key.or(file.key).ok_or_else(|| missing("key"))?,
+        },
+        transport,
+    })
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    drover_daemon::main(|shutdown| async move {
+        let controller = Controller::bind(config(args)?)?;
+        controller.run(shutdown).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,83 @@
+//! The registry of connected agents.
+//!
+//! One entry per agent name, holding its live connection. An agent that reconnects while
+//! its old connection still lingers (the controller has not yet noticed the loss)
+//! replaces it; the old connection's task must then not remove the new entry, which is
+//! why removal compares connections ([`Registry::remove_if_same`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+/// A connected agent, as seen by readers.
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    /// Its instance name.
+    pub name: String,
+    /// Where it connected from.
+    pub addr: SocketAddr,
+    /// When it connected.
+    pub since: SystemTime,
+}
+
+#[derive(Debug)]
+struct Entry {
+    conn: quinn::Connection,
+    since: SystemTime,
+}
+
+/// Connected agents by name.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// A std mutex: critical sections are short and never await.
+    agents: Mutex<BTreeMap<String, Entry>>,
+}
+
+impl Registry {
+    /// Registers `conn` for `name`, returning the connection it replaces, if any.
+    pub fn insert(&self, name: &str, conn: quinn::Connection) -> Option<quinn::Connection> {
+        let entry = Entry {
+            conn,
+            since: SystemTime::now(),
+        };
+        self.lock()
+            .insert(name.to_owned(), entry)
+            .map(|old| old.conn)
+    }
+
+    /// Removes `name` if it is still registered with `conn`; true if it was.
+    pub fn remove_if_same(&self, name: &str, conn: &quinn::Connection) -> bool {
+        let mut agents = self.lock();
+        match agents.get(name) {
+            Some(e) if e.conn.stable_id() == conn.stable_id() => {
+                agents.remove(name);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The connection of `name`, if connected.
+    pub fn get(&self, name: &str) -> Option<quinn::Connection> {
+        self.lock().get(name).map(|e| e.conn.clone())
+    }
+
+    /// All connected agents, sorted by name.
+    pub fn snapshot(&self) -> Vec<AgentInfo> {
+        self.lock()
+            .iter()
+            .map(|(name, e)| AgentInfo {
+                name: name.clone(),
+                addr: e.conn.remote_address(),
+                since: e.since,
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        // A panic while holding this lock cannot leave the map inconsistent (every
+        // operation is a single insert or remove), so poisoning is ignored.
+        self.agents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -1,0 +1,152 @@
+//! drover-daemon: the plumbing the daemon binaries share.
+//!
+//! Config files (`--config FILE.toml`, whose keys mirror the long flags), logging to
+//! stderr with `RUST_LOG` filtering, the async runtime, and SIGTERM/SIGINT turned into a
+//! cancellation token. The daemons' libraries do not use this crate; only their thin
+//! `main.rs` do.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+/// Reads a TOML config file into `T`; errors name the file and the line.
+pub fn load_config_file<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        match line {
+            Some(line) => anyhow::anyhow!("{}:{line}: {}", path.display(), e.message().trim_end()),
+            None => anyhow::anyhow!("{}: {}", path.display(), e.message().trim_end()),
+        }
+    })
+}
+
+/// The error for a setting given nowhere.
+pub fn missing(flag: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "missing --{flag} (or DROVER_{}, or `{}` in the --config file)",
+        flag.to_uppercase().replace('-', "_"),
+        flag.replace('-', "_")
+    )
+}
+
+/// Serde helper: `Option<Duration>` from a humane string such as `"10s"`.
+pub mod humantime_opt {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    /// Deserializes `"250ms"`, `"10s"`, `"1m"`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Checks that keep-alives are sent well within the idle timeout.
+pub fn check_liveness(keep_alive: Duration, idle_timeout: Duration) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        keep_alive < idle_timeout,
+        "keep-alive ({}) must be shorter than the idle timeout ({})",
+        humantime::format_duration(keep_alive),
+        humantime::format_duration(idle_timeout)
+    );
+    Ok(())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); colour only on a terminal
+/// and never when `NO_COLOR` is set.
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_ansi(colour)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs a daemon: logging, a runtime, a shutdown token cancelled by SIGTERM or SIGINT.
+/// Returns the process exit code; errors are logged as one line.
+pub fn main<F, Fut>(body: F) -> std::process::ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    init_logging();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|rt| {
+            rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                body(shutdown).await
+            })
+        });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+    }
+    shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct T {
+        #[serde(default, with = "humantime_opt")]
+        idle_timeout: Option<Duration>,
+    }
+
+    #[test]
+    fn config_errors_name_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "idle_timeout = \"5s\"\nbogus = 1\n").unwrap();
+        let err = load_config_file::<T>(&p).unwrap_err().to_string();
+        assert!(err.contains("c.toml:2:"), "{err}");
+        assert!(err.contains("bogus"), "{err}");
+        std::fs::write(&p, "idle_timeout = \"5s\"\n").unwrap();
+        let t: T = load_config_file(&p).unwrap();
+        assert_eq!(t.idle_timeout, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn liveness_check() {
+        assert!(check_liveness(Duration::from_secs(2), Duration::from_secs(10)).is_ok());
+        assert!(check_liveness(Duration::from_secs(10), Duration::from_secs(10)).is_err());
+    }
+}
