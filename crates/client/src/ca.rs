@@ -1,0 +1,86 @@
+//! `drover ca`: create the cluster CA and issue certificates.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Subcommand, ValueEnum};
+use drover_pki::{LeafSpec, Validity};
+use drover_proto::msg::PeerRole;
+
+/// The `ca` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a new CA: DIR/ca.crt and DIR/ca.key (mode 0600).
+    Init {
+        /// Directory for the PKI files (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate signed by the CA in DIR: DIR/NAME.crt and DIR/NAME.key.
+    Issue {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// What the holder is.
+        #[arg(long, value_enum)]
+        role: Role,
+        /// The holder's name: for an agent, its instance name.
+        #[arg(long)]
+        name: String,
+        /// Extra DNS name or IP address the holder is reached at (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+}
+
+/// Certificate roles.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Role {
+    /// The controller.
+    Controller,
+    /// An agent.
+    Agent,
+    /// An operator's client.
+    Client,
+}
+
+impl From<Role> for PeerRole {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Controller => Self::Controller,
+            Role::Agent => Self::Agent,
+            Role::Client => Self::Client,
+        }
+    }
+}
+
+/// Runs a `ca` subcommand.
+pub fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        CaCommand::Init { dir } => {
+            let (cert, key) = drover_pki::init_dir(dir)?;
+            eprintln!("created {} and {}", cert.display(), key.display());
+        }
+        CaCommand::Issue {
+            dir,
+            role,
+            name,
+            sans,
+            days,
+        } => {
+            anyhow::ensure!(*days > 0, "--days must be positive");
+            let spec = LeafSpec {
+                role: (*role).into(),
+                name: name.clone(),
+                sans: sans.clone(),
+                validity: Validity::days(*days),
+            };
+            let (cert, key) = drover_pki::issue_in_dir(dir, &spec)?;
+            eprintln!("issued {} and {}", cert.display(), key.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
