@@ -1,0 +1,411 @@
+//! drover-tests: a harness for end-to-end tests with the real binaries.
+//!
+//! Each test gets a temporary directory with a fresh PKI ([`Cluster::new`]), starts
+//! `drover-controller` and `drover-agent` processes with one log file each
+//! ([`Proc`]), drives them with the `drover` CLI ([`Cluster::drover`]) or with the
+//! transport library directly, and waits for conditions with a deadline
+//! ([`eventually`]), never with bare sleeps. When a test fails, the logs of its processes
+//! are printed; every process is killed when the test ends.
+//!
+//! The binaries come from `DROVER_BIN_DIR`, or else from the target directory holding
+//! the test executable (`cargo xtask test` builds them first).
+
+use std::fs;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use drover_pki::{Ca, LeafSpec, Pem, Validity};
+use drover_proto::msg::PeerRole;
+
+/// Default patience of [`eventually`]: generous, since CI machines are noisy.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Where the drover binaries are.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DROVER_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .to_owned();
+    assert!(
+        dir.join("drover-controller").exists(),
+        "no drover binaries in {}: run `cargo build --workspace --bins` first (cargo xtask test does), or set DROVER_BIN_DIR",
+        dir.display()
+    );
+    dir
+}
+
+/// Path of one binary.
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// Polls `cond` until it returns `Some`, or panics with `what` after `patience`.
+pub fn eventually<T>(what: &str, patience: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + patience;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {patience:?} waiting for: {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A running child process with its log file; killed (SIGKILL) on drop.
+#[derive(Debug)]
+pub struct Proc {
+    /// Name for messages.
+    pub name: String,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Self {
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open log file");
+        let err = out.try_clone().expect("clone log file");
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        cmd.env("RUST_LOG", "info,drover=debug")
+            .env("NO_COLOR", "1");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self {
+            name: name.to_owned(),
+            log,
+            child: Some(child),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; returns the log.
+    pub fn wait_log(&self, needle: &str) -> String {
+        eventually(
+            &format!("{} to log {needle:?}", self.name),
+            PATIENCE,
+            || {
+                let text = self.log_text();
+                text.contains(needle).then_some(text)
+            },
+        )
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).expect("pid fits"));
+        let _ = nix::sys::signal::kill(pid, sig);
+    }
+
+    /// Kills with SIGKILL and reaps.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit by itself, up to `patience`.
+    pub fn wait_exit(&mut self, patience: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let status = eventually(&format!("{} to exit", self.name), patience, || {
+            child.try_wait().expect("wait")
+        });
+        self.child = None;
+        status
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A test's world: a temp dir, a PKI, and the processes started in it.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The temp dir (kept when `DROVER_KEEP_TEST_DIR` is set).
+    pub dir: tempfile::TempDir,
+    /// Holds the CA and issued certificates.
+    pub pki: PathBuf,
+    /// Keep-alive passed to the daemons.
+    pub keep_alive: Duration,
+    /// Idle timeout passed to the daemons.
+    pub idle_timeout: Duration,
+    logs: std::cell::RefCell<Vec<PathBuf>>,
+}
+
+impl Cluster {
+    /// A fresh directory with a CA and a controller and client certificate.
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("drover-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let pki = dir.path().join("pki");
+        drover_pki::init_dir(&pki).expect("ca init");
+        let c = Self {
+            dir,
+            pki,
+            keep_alive: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(2),
+            logs: std::cell::RefCell::default(),
+        };
+        c.issue(PeerRole::Controller, "controller");
+        c.issue(PeerRole::Client, "ops");
+        c
+    }
+
+    /// Issues `NAME.crt`/`NAME.key` for a role.
+    pub fn issue(&self, role: PeerRole, name: &str) {
+        drover_pki::issue_in_dir(&self.pki, &LeafSpec::new(role, name)).expect("issue");
+    }
+
+    /// Issues a certificate with custom validity under another name, returning the paths.
+    pub fn issue_with(
+        &self,
+        role: PeerRole,
+        name: &str,
+        file: &str,
+        validity: Validity,
+    ) -> (PathBuf, PathBuf) {
+        let ca = Ca::load(&self.pki).expect("load ca");
+        let spec = LeafSpec {
+            role,
+            name: name.to_owned(),
+            sans: Vec::new(),
+            validity,
+        };
+        self.write_pem(file, &ca.issue(&spec).expect("issue"))
+    }
+
+    /// Writes a cert and key (mode 0600) as `FILE.crt` and `FILE.key` in the PKI dir.
+    pub fn write_pem(&self, file: &str, pem: &Pem) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let cert = self.pki.join(format!("{file}.crt"));
+        let key = self.pki.join(format!("{file}.key"));
+        fs::write(&cert, &pem.cert).expect("write cert");
+        fs::write(&key, &pem.key).expect("write key");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod");
+        (cert, key)
+    }
+
+    /// Path in the PKI dir.
+    pub fn pki_file(&self, name: &str) -> PathBuf {
+        self.pki.join(name)
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(format!("{name}.log"));
+        self.logs.borrow_mut().push(p.clone());
+        p
+    }
+
+    fn liveness_args(&self, cmd: &mut Command) {
+        cmd.arg("--keep-alive")
+            .arg(format!("{}ms", self.keep_alive.as_millis()))
+            .arg("--idle-timeout")
+            .arg(format!("{}ms", self.idle_timeout.as_millis()));
+    }
+
+    /// Starts a controller on `listen` (port 0 picks one); returns it and its address.
+    pub fn start_controller(&self, listen: &str) -> (Proc, SocketAddr) {
+        let mut cmd = Command::new(bin("drover-controller"));
+        cmd.arg("--listen")
+            .arg(listen)
+            .arg("--state-dir")
+            .arg(self.dir.path().join("controller"))
+            .arg("--ca")
+            .arg(self.pki_file("ca.crt"))
+            .arg("--cert")
+            .arg(self.pki_file("controller.crt"))
+            .arg("--key")
+            .arg(self.pki_file("controller.key"));
+        self.liveness_args(&mut cmd);
+        let p = Proc::spawn("controller", cmd, self.log_path("controller"));
+        let log = p.wait_log("controller listening");
+        let addr = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("controller listening"))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in controller log:\n{log}"));
+        (p, addr)
+    }
+
+    /// Starts an agent named `name` (issuing its certificate if needed).
+    pub fn start_agent(&self, name: &str, controller: SocketAddr) -> Proc {
+        if !self.pki_file(&format!("{name}.crt")).exists() {
+            self.issue(PeerRole::Agent, name);
+        }
+        self.start_agent_with(name, name, controller)
+    }
+
+    /// Starts an agent named `name` with the certificate files `FILE.crt`/`FILE.key`.
+    pub fn start_agent_with(&self, name: &str, file: &str, controller: SocketAddr) -> Proc {
+        let mut cmd = Command::new(bin("drover-agent"));
+        cmd.arg("--name")
+            .arg(name)
+            .arg("--controller")
+            .arg(controller.to_string())
+            .arg("--state-dir")
+            .arg(self.dir.path().join(format!("agent-{name}")))
+            .arg("--ca")
+            .arg(self.pki_file("ca.crt"))
+            .arg("--cert")
+            .arg(self.pki_file(&format!("{file}.crt")))
+            .arg("--key")
+            .arg(self.pki_file(&format!("{file}.key")))
+            .arg("--reconnect-max")
+            .arg("500ms");
+        self.liveness_args(&mut cmd);
+        Proc::spawn(
+            &format!("agent {name}"),
+            cmd,
+            self.log_path(&format!("agent-{name}")),
+        )
+    }
+
+    /// Runs the `drover` CLI as client `ops` against `controller`.
+    pub fn drover(&self, controller: SocketAddr, args: &[&str]) -> CliOutput {
+        self.drover_as("ops", controller, args)
+    }
+
+    /// Runs the `drover` CLI with the certificate files `FILE.crt`/`FILE.key`.
+    pub fn drover_as(&self, file: &str, controller: SocketAddr, args: &[&str]) -> CliOutput {
+        let mut cmd = Command::new(bin("drover"));
+        cmd.arg("--controller")
+            .arg(controller.to_string())
+            .arg("--ca")
+            .arg(self.pki_file("ca.crt"))
+            .arg("--cert")
+            .arg(self.pki_file(&format!("{file}.crt")))
+            .arg("--key")
+            .arg(self.pki_file(&format!("{file}.key")))
+            .arg("--timeout")
+            .arg("10s")
+            .args(args);
+        run_cli(cmd, Duration::from_secs(30))
+    }
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for log in self.logs.borrow().iter() {
+                eprintln!("===== {} =====", log.display());
+                eprintln!("{}", fs::read_to_string(log).unwrap_or_default());
+            }
+        }
+        if std::env::var_os("DROVER_KEEP_TEST_DIR").is_some() {
+            let path = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tmp")).keep();
+            eprintln!("kept test dir {}", path.display());
+        }
+    }
+}
+
+/// What a CLI run printed.
+#[derive(Debug)]
+pub struct CliOutput {
+    /// Exit code (None if killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Stdout parsed as JSON; panics with both streams otherwise.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Runs a command to completion, killing it after `limit` (a hang is a failure).
+pub fn run_cli(mut cmd: Command, limit: Duration) -> CliOutput {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.env("NO_COLOR", "1");
+    let mut child = cmd.spawn().expect("spawn cli");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} hung for more than {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    CliOutput {
+        code: status.code(),
+        stdout: out_t.join().expect("stdout thread"),
+        stderr: err_t.join().expect("stderr thread"),
+    }
+}
+
+/// Validity that ended yesterday.
+pub fn expired() -> Validity {
+    let now = time::OffsetDateTime::now_utc();
+    Validity {
+        not_before: now - time::Duration::days(30),
+        not_after: now - time::Duration::days(1),
+    }
+}

@@ -1,0 +1,282 @@
+//! The mutual-TLS matrix: every way a peer can be wrong is refused with a one-line error
+//! that names the cause, printed by the client (or dialer) and logged by the controller,
+//! and never a hang.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use drover_net::conn::{self, TransportSettings};
+use drover_net::{Credentials, NetError, TlsFiles};
+use drover_pki::{Ca, LeafSpec};
+use drover_proto::msg::{API_VERSION, Hello, PeerRole};
+use drover_tests::{Cluster, expired};
+
+/// Bound on every refusal: far below the CLI's own timeout, so a hang fails the test.
+const LIMIT: Duration = Duration::from_secs(8);
+
+fn creds(c: &Cluster, file: &str) -> Credentials {
+    Credentials::load(&TlsFiles {
+        ca: c.pki_file("ca.crt"),
+        cert: c.pki_file(&format!("{file}.crt")),
+        key: c.pki_file(&format!("{file}.key")),
+    })
+    .expect("load credentials")
+}
+
+fn hello(role: PeerRole, name: &str, api_version: u32) -> Hello {
+    Hello {
+        api_version,
+        role,
+        name: name.to_owned(),
+        software: "drover-tests".into(),
+    }
+}
+
+/// Dials the controller in-process with an optional odd TLS setup and a Hello; returns
+/// the error message.
+fn dial_err(
+    creds: &Credentials,
+    tls: Option<rustls::ClientConfig>,
+    addr: SocketAddr,
+    hello: Hello,
+) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result: Result<(), NetError> = rt.block_on(async {
+        let settings = TransportSettings::default();
+        let endpoint = conn::client_endpoint(creds, &settings, addr)?;
+        let cfg = match tls {
+            None => None,
+            Some(t) => Some(conn::quic_client_config(t, &settings)?),
+        };
+        tokio::time::timeout(
+            LIMIT,
+            conn::dial(
+                &endpoint,
+                cfg,
+                addr,
+                "127.0.0.1",
+                hello,
+                PeerRole::Controller,
+                None,
+                Duration::from_secs(5),
+            ),
+        )
+        .await
+        .expect("dial must not hang")
+        .map(|_| ())
+    });
+    let err = result.expect_err("the controller must refuse this peer");
+    let text = err.to_string();
+    assert!(!text.contains('\n'), "one-line error expected: {text}");
+    text
+}
+
+#[test]
+fn no_client_certificate() {
+    let c = Cluster::new();
+    let (controller, addr) = c.start_controller("127.0.0.1:0");
+    let ops = creds(&c, "ops");
+    let err = dial_err(
+        &ops,
+        Some(ops.anonymous_client_config().unwrap()),
+        addr,
+        hello(PeerRole::Client, "ops", API_VERSION),
+    );
+    assert!(
+        err.contains("rejected our certificate: no client certificate presented"),
+        "{err}"
+    );
+    controller.wait_log("refused connection from 127.0.0.1:");
+    controller.wait_log("no certificate presented");
+}
+
+#[test]
+fn certificate_from_another_ca() {
+    let c = Cluster::new();
+    let (controller, addr) = c.start_controller("127.0.0.1:0");
+    let other = Ca::generate("someone else's CA").unwrap();
+    let pem = other
+        .issue(&LeafSpec::new(PeerRole::Client, "intruder"))
+        .unwrap();
+    c.write_pem("intruder", &pem);
+    let out = c.drover_as("intruder", addr, &["get-instances"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_eq!(out.stdout, "");
+    let line = out.stderr.trim_end();
+    assert!(!line.contains('\n'), "one line: {line}");
+    assert!(
+        line.starts_with("error: controller 127.0.0.1:")
+            && line.ends_with("rejected our certificate: unknown issuer"),
+        "{line}"
+    );
+    controller.wait_log("unknown issuer");
+}
+
+#[test]
+fn expired_certificate() {
+    let c = Cluster::new();
+    let (controller, addr) = c.start_controller("127.0.0.1:0");
+    c.issue_with(PeerRole::Client, "old-ops", "old-ops", expired());
+    let out = c.drover_as("old-ops", addr, &["get-instances"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .trim_end()
+            .ends_with("rejected our certificate: certificate expired"),
+        "{}",
+        out.stderr
+    );
+    controller.wait_log("certificate expired");
+}
+
+#[test]
+fn client_certificate_cannot_register_as_an_agent() {
+    let c = Cluster::new();
+    let (controller, addr) = c.start_controller("127.0.0.1:0");
+    let err = dial_err(
+        &creds(&c, "ops"),
+        None,
+        addr,
+        hello(PeerRole::Agent, "ops", API_VERSION),
+    );
+    assert!(
+        err.ends_with("a client certificate cannot register as an agent"),
+        "{err}"
+    );
+    controller.wait_log("refused connection: a client certificate cannot register as an agent");
+
+    // The agent binary refuses the mismatch itself, before dialling.
+    let mut agent = c.start_agent_with("ops", "ops", addr);
+    let status = agent.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(1));
+    let log = agent.log_text();
+    assert!(
+        log.contains("belongs to client 'ops', but this is agent 'ops'"),
+        "{log}"
+    );
+}
+
+#[test]
+fn agent_name_must_match_its_certificate() {
+    let c = Cluster::new();
+    let (controller, addr) = c.start_controller("127.0.0.1:0");
+    c.issue(PeerRole::Agent, "agent-1");
+    let err = dial_err(
+        &creds(&c, "agent-1"),
+        None,
+        addr,
+        hello(PeerRole::Agent, "agent-9", API_VERSION),
+    );
+    assert!(
+        err.ends_with("agent name 'agent-9' does not match its certificate name 'agent-1'"),
+        "{err}"
+    );
+    controller.wait_log("agent name 'agent-9' does not match its certificate name 'agent-1'");
+
+    let mut agent = c.start_agent_with("agent-9", "agent-1", addr);
+    assert_eq!(agent.wait_exit(LIMIT).code(), Some(1));
+    let log = agent.log_text();
+    assert!(
+        log.contains("belongs to agent 'agent-1', but this is agent 'agent-9'"),
+        "{log}"
+    );
+}
+
+#[test]
+fn agent_certificate_cannot_make_client_requests() {
+    let c = Cluster::new();
+    let (controller, addr) = c.start_controller("127.0.0.1:0");
+    c.issue(PeerRole::Agent, "agent-1");
+    let err = dial_err(
+        &creds(&c, "agent-1"),
+        None,
+        addr,
+        hello(PeerRole::Client, "agent-1", API_VERSION),
+    );
+    assert!(
+        err.ends_with("an agent certificate cannot make client requests"),
+        "{err}"
+    );
+    controller.wait_log("an agent certificate cannot make client requests");
+
+    // The CLI says so before dialling.
+    let out = c.drover_as("agent-1", addr, &["get-instances"]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("the client needs a client certificate"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn wrong_alpn() {
+    let c = Cluster::new();
+    let (_controller, addr) = c.start_controller("127.0.0.1:0");
+    let ops = creds(&c, "ops");
+    let err = dial_err(
+        &ops,
+        Some(ops.client_config_with_alpn(b"drover/0").unwrap()),
+        addr,
+        hello(PeerRole::Client, "ops", API_VERSION),
+    );
+    assert!(
+        err.ends_with("does not speak drover/1 (alpn mismatch)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn api_version_mismatch() {
+    let c = Cluster::new();
+    let (controller, addr) = c.start_controller("127.0.0.1:0");
+    let err = dial_err(
+        &creds(&c, "ops"),
+        None,
+        addr,
+        hello(PeerRole::Client, "ops", API_VERSION + 1),
+    );
+    let want = format!(
+        "api version mismatch: peer speaks {}, this side speaks {API_VERSION}",
+        API_VERSION + 1
+    );
+    assert!(err.ends_with(&want), "{err}");
+    controller.wait_log(&want);
+}
+
+#[test]
+fn world_readable_key_is_refused_by_every_binary() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::new();
+    let key = c.pki_file("ops.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = c.drover_as("ops", "127.0.0.1:9".parse().unwrap(), &["get-instances"]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains("is accessible by group or others (mode 0644)"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn unreachable_controller_is_a_clear_error_not_a_hang() {
+    let c = Cluster::new();
+    // Nothing listens on this port.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = c.drover(([127, 0, 0, 1], port).into(), &["get-instances"]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("timed out") && out.stderr.contains("is the controller running"),
+        "{}",
+        out.stderr
+    );
+}
