@@ -115,3 +115,19 @@ fn sigterm_stops_the_daemons_cleanly() {
     assert!(status.success(), "controller exit: {status:?}");
     assert!(controller.log_text().contains("controller stopped"));
 }
+
+#[test]
+fn example_cluster_files_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).expect("deploy/examples") {
+        let path = e.expect("entry").path();
+        if path.extension().is_some_and(|x| x == "toml") {
+            let text = std::fs::read_to_string(&path).expect("read");
+            drover_proto::config::parse_toml(&path.display().to_string(), &text)
+                .unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no example in {}", dir.display());
+}

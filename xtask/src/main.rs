@@ -1,0 +1,92 @@
+//! `cargo xtask`: development tasks for drover, written in Rust so they need nothing but
+//! cargo.
+//!
+//! - `cargo xtask test`: the whole test suite, as CI runs it (format, lints, every test).
+//! - `cargo xtask cluster up [--agents N]`: a local cluster on this machine.
+
+mod cluster;
+mod test;
+#[cfg(test)]
+mod tidy;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "drover's development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Run the whole test suite: cargo fmt --check, clippy -D warnings, every test.
+    Test {
+        /// Skip the format and lint checks.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Local clusters for development and demos.
+    #[command(subcommand)]
+    Cluster(ClusterTask),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterTask {
+    /// Build, generate a PKI, start a controller and N agents, show them; stop on Ctrl-C.
+    Up {
+        /// Number of agents.
+        #[arg(long, default_value_t = 2)]
+        agents: u32,
+        /// Show the cluster, then stop it at once instead of waiting for Ctrl-C.
+        #[arg(long)]
+        once: bool,
+        /// Directory for the PKI, state and logs [default: target/cluster].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Controller port on 127.0.0.1 (0 picks a free one).
+        #[arg(long, default_value_t = 2150)]
+        port: u16,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Test { no_lint } => test::run(!no_lint),
+        Task::Cluster(ClusterTask::Up {
+            agents,
+            once,
+            dir,
+            port,
+        }) => {
+            let root = project_root();
+            let opts = cluster::Options {
+                agents,
+                once,
+                dir: dir.unwrap_or_else(|| root.join("target/cluster")),
+                bin_dir: root.join("target/debug"),
+                build: true,
+                port,
+            };
+            cluster::up(&opts)
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (the parent of this crate's directory).
+fn project_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_owned()
+}
