@@ -43,6 +43,8 @@ pub(crate) fn run(lint: bool) -> anyhow::Result<()> {
     // End-to-end tests run the real binaries, so build them first.
     cargo(&["build", "--workspace", "--bins", "--locked"])?;
     if have_nextest() {
+        // Doc tests first: nextest does not run them, and its summary should close the run.
+        cargo(&["test", "--workspace", "--doc", "--locked", "--quiet"])?;
         cargo(&[
             "nextest",
             "run",
@@ -50,7 +52,6 @@ pub(crate) fn run(lint: bool) -> anyhow::Result<()> {
             "--locked",
             "--no-fail-fast",
         ])?;
-        cargo(&["test", "--workspace", "--doc", "--locked"])?;
     } else {
         eprintln!("cargo-nextest not found; using cargo test");
         cargo(&["test", "--workspace", "--locked", "--no-fail-fast"])?;
