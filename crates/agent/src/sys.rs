@@ -1,0 +1,1155 @@
+//! Linux process plumbing for the agent: reading `/proc`, process identities that
+//! survive PID reuse, pidfds, process-group signalling, orphan reaping and CPU pinning.
+//!
+//! Everything here is Linux-only and assumes the agent runs as root in the PID
+//! namespace whose `/proc` it reads.
+//!
+//! # Identities and PID reuse
+//!
+//! A bare pid is not an identity: once a process is reaped, its pid can be handed to
+//! an unrelated process (`kernel.pid_max` is often only 32768). [`ProcId`] pairs the
+//! pid with the process's start time in clock ticks since boot, which never changes
+//! for a process and practically never repeats for a pid, so [`is_alive`] cannot
+//! mistake a recycled pid for the process the agent started. For processes that are
+//! not the agent's children (adopted after an agent restart), [`PidFd::open_id`] pins
+//! the identity in a pidfd: the kernel then tells us of the exit ([`PidFd::exited`])
+//! and signals sent through it ([`PidFd::signal`]) can never reach a pid's next owner.
+//!
+//! # Zombies
+//!
+//! A process that has exited but not been waited for is a zombie: it keeps its pid,
+//! its process group and its `/proc` entry until its parent reaps it. Everything here
+//! that asks "is it running" ([`is_alive`], [`group_alive`], [`descendants`]) counts
+//! zombies as gone. Note that `kill`/`killpg` still succeed on a zombie, so
+//! [`signal_group`] returns `Ok(true)` for a group whose members have all exited but
+//! not yet been reaped.
+//!
+//! Orphans are re-parented to the nearest ancestor marked as a child subreaper
+//! ([`set_child_subreaper`]), or else to PID 1. Do not count on PID 1 reaping them
+//! promptly: in containers and micro-VMs it is often a small supervisor that reaps
+//! orphans lazily, on a timer, or not at all. An agent that is a subreaper must reap
+//! the orphans it inherits itself, with [`reap_orphans`], without stealing the exit
+//! statuses of the children `tokio::process` tracks.
+//!
+//! # Spawning pinned children without `fork`
+//!
+//! `std::process::Command` (and so `tokio::process::Command`) uses `posix_spawn`
+//! (`clone(CLONE_VM | CLONE_VFORK)`: no copy of the agent's page tables) unless
+//! something forces the `fork` path: a `pre_exec` hook, `uid`/`gid`/`groups`, or an
+//! overridden `PATH` combined with a program name that needs a `PATH` lookup. To start
+//! a child pinned to some CPUs from its first instruction without a `pre_exec` hook,
+//! pin the *spawning thread*, spawn, and restore the thread's mask: the child inherits
+//! the mask of the thread that created it.
+//!
+//! ```text
+//! let previous = sys::set_thread_affinity(&[2, 3])?;
+//! let spawned = std::process::Command::new("/usr/bin/node-binary").spawn();
+//! sys::restore_thread_affinity(&previous)?;
+//! let _child = spawned?;
+//! ```
+//!
+//! The three calls must run on one thread with no `.await` between them (a task can
+//! move between worker threads at an `.await`), and nothing on that thread may start
+//! threads meanwhile, as those would inherit the pinned mask too.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
+
+use nix::errno::Errno;
+use nix::sched::CpuSet;
+use nix::sys::signal::Signal;
+use nix::unistd::{Pid, SysconfVar};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// Parsed `/proc/<pid>/stat`: the fields the agent uses.
+///
+/// `comm` sits in parentheses and may itself contain spaces and `)`, so the line is
+/// split at the *last* `)`; non-UTF-8 bytes in it are replaced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Process id (field 1).
+    pub pid: i32,
+    /// Command name, at most 15 bytes, as the kernel truncates it (field 2).
+    pub comm: String,
+    /// State: `R` running, `S` sleeping, `D` disk sleep, `Z` zombie, `T` stopped,
+    /// `t` traced, `X` dead, `I` idle (field 3).
+    pub state: char,
+    /// Parent's pid (field 4).
+    pub ppid: i32,
+    /// Process group id (field 5).
+    pub pgrp: i32,
+    /// Session id (field 6).
+    pub session: i32,
+    /// User-mode CPU time of all threads, in clock ticks (field 14).
+    pub utime_ticks: u64,
+    /// Kernel-mode CPU time of all threads, in clock ticks (field 15).
+    pub stime_ticks: u64,
+    /// Start time, in clock ticks since boot (field 22).
+    pub starttime_ticks: u64,
+    /// Resident set size, in pages (field 24).
+    pub rss_pages: i64,
+}
+
+/// Reads and parses `/proc/<pid>/stat`.
+///
+/// Fails with `NotFound` (or `ESRCH`) once the process has been reaped, and with
+/// `InvalidData` if the file cannot be parsed.
+pub fn proc_stat(pid: i32) -> io::Result<ProcStat> {
+    if pid <= 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid pid {pid}"),
+        ));
+    }
+    parse_stat(&fs::read(format!("/proc/{pid}/stat"))?)
+}
+
+fn parse_stat(raw: &[u8]) -> io::Result<ProcStat> {
+    let bad = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("malformed /proc stat line: {what}"),
+        )
+    };
+    let open = raw
+        .iter()
+        .position(|&b| b == b'(')
+        .ok_or_else(|| bad("no '('"))?;
+    let close = raw
+        .iter()
+        .rposition(|&b| b == b')')
+        .ok_or_else(|| bad("no ')'"))?;
+    if close < open {
+        return Err(bad("')' before '('"));
+    }
+    let pid = std::str::from_utf8(&raw[..open])
+        .map_err(|_| bad("pid is not utf-8"))?
+        .trim()
+        .parse()
+        .map_err(|_| bad("bad pid"))?;
+    let comm = String::from_utf8_lossy(&raw[open + 1..close]).into_owned();
+    let rest = std::str::from_utf8(&raw[close + 1..]).map_err(|_| bad("fields are not utf-8"))?;
+    // Index 0 of `fields` is field 3 (state) of proc_pid_stat(5).
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let field = |n: usize| {
+        fields
+            .get(n - 3)
+            .copied()
+            .ok_or_else(|| bad("too few fields"))
+    };
+    fn num<T: std::str::FromStr>(s: &str, name: &str) -> io::Result<T> {
+        s.parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("malformed /proc stat line: bad {name} {s:?}"),
+            )
+        })
+    }
+    let mut state = field(3)?.chars();
+    let (Some(state), None) = (state.next(), state.next()) else {
+        return Err(bad("bad state"));
+    };
+    Ok(ProcStat {
+        pid,
+        comm,
+        state,
+        ppid: num(field(4)?, "ppid")?,
+        pgrp: num(field(5)?, "pgrp")?,
+        session: num(field(6)?, "session")?,
+        utime_ticks: num(field(14)?, "utime")?,
+        stime_ticks: num(field(15)?, "stime")?,
+        starttime_ticks: num(field(22)?, "starttime")?,
+        rss_pages: num(field(24)?, "rss")?,
+    })
+}
+
+/// True for the states of a process that has exited (zombie `Z`, dead `X`).
+fn is_dead_state(state: char) -> bool {
+    matches!(state, 'Z' | 'X')
+}
+
+/// Every process in `/proc` that could be read (processes that vanish mid-scan are
+/// skipped). Threads other than thread-group leaders are not listed.
+fn scan_procs() -> Vec<ProcStat> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| {
+        let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        proc_stat(pid).ok()
+    })
+    .collect()
+}
+
+/// `sysconf(_SC_CLK_TCK)`: the unit of the `*_ticks` fields (100 on every mainstream
+/// Linux). Cached; 100 if sysconf fails.
+pub fn clock_ticks_per_sec() -> u64 {
+    static TICKS: OnceLock<u64> = OnceLock::new();
+    *TICKS.get_or_init(|| sysconf_u64(SysconfVar::CLK_TCK).unwrap_or(100))
+}
+
+/// `sysconf(_SC_PAGESIZE)`: the unit of [`ProcStat::rss_pages`]. Cached; 4096 if
+/// sysconf fails.
+pub fn page_size() -> u64 {
+    static PAGE: OnceLock<u64> = OnceLock::new();
+    *PAGE.get_or_init(|| sysconf_u64(SysconfVar::PAGE_SIZE).unwrap_or(4096))
+}
+
+fn sysconf_u64(var: SysconfVar) -> Option<u64> {
+    let v = nix::unistd::sysconf(var).ok().flatten()?;
+    u64::try_from(v).ok().filter(|&v| v > 0)
+}
+
+/// Resident set size in bytes.
+pub fn rss_bytes(stat: &ProcStat) -> u64 {
+    u64::try_from(stat.rss_pages)
+        .unwrap_or(0)
+        .saturating_mul(page_size())
+}
+
+/// CPU time (user + system, all threads) in milliseconds.
+pub fn cpu_ms(stat: &ProcStat) -> u64 {
+    stat.utime_ticks
+        .saturating_add(stat.stime_ticks)
+        .saturating_mul(1000)
+        / clock_ticks_per_sec()
+}
+
+/// A process identity that survives PID reuse: the pid plus the process's start time
+/// in clock ticks since boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProcId {
+    /// Process id.
+    pub pid: i32,
+    /// [`ProcStat::starttime_ticks`] of that process.
+    pub start_ticks: u64,
+}
+
+/// The [`ProcId`] of the process that currently holds `pid` (zombie or not).
+pub fn proc_id(pid: i32) -> io::Result<ProcId> {
+    let stat = proc_stat(pid)?;
+    Ok(ProcId {
+        pid,
+        start_ticks: stat.starttime_ticks,
+    })
+}
+
+/// True if a process with this pid exists, has this start time (so a recycled PID is
+/// never mistaken for it), and is not a zombie.
+pub fn is_alive(id: ProcId) -> bool {
+    proc_stat(id.pid).is_ok_and(|s| s.starttime_ticks == id.start_ticks && !is_dead_state(s.state))
+}
+
+/// Boot time in milliseconds since the Unix epoch, from the `btime` line of
+/// `/proc/stat` (whole seconds). Cached after the first successful read, so that
+/// values derived from it stay consistent while the wall clock is adjusted.
+pub fn boot_time_epoch_ms() -> Option<u64> {
+    static BOOT: OnceLock<u64> = OnceLock::new();
+    if let Some(&ms) = BOOT.get() {
+        return Some(ms);
+    }
+    let text = fs::read_to_string("/proc/stat").ok()?;
+    let secs: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(*BOOT.get_or_init(|| secs.saturating_mul(1000)))
+}
+
+/// When the process started, in milliseconds since the Unix epoch. Accurate to about a
+/// second (`btime` has whole seconds); for display, not for identity, which is
+/// [`ProcId`]'s job. Does not check that the process still exists.
+pub fn start_time_epoch_ms(id: ProcId) -> Option<u64> {
+    let since_boot = id.start_ticks.saturating_mul(1000) / clock_ticks_per_sec();
+    Some(boot_time_epoch_ms()?.saturating_add(since_boot))
+}
+
+/// A pidfd: a file descriptor that refers to one process, not to a pid. Used for
+/// processes that are not the agent's children (adopted after an agent restart), to
+/// learn of their exit without polling and to signal them without racing PID reuse.
+#[derive(Debug)]
+pub struct PidFd(OwnedFd);
+
+impl PidFd {
+    /// Opens a pidfd for the process that currently holds `pid` (`pidfd_open(2)`,
+    /// Linux 5.3+). Works on zombies; fails with `ESRCH` once the process is reaped.
+    /// The descriptor is close-on-exec.
+    pub fn open(pid: i32) -> io::Result<Self> {
+        if pid <= 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid pid {pid}"),
+            ));
+        }
+        let flags: libc::c_uint = 0;
+        // SAFETY: pidfd_open takes a pid and a flags word by value and touches no
+        // memory of ours.
+        let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let raw = RawFd::try_from(ret).map_err(|_| io::Error::other("pidfd out of range"))?;
+        // SAFETY: the kernel has just returned this descriptor: it is open, and nothing
+        // else owns it.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(raw) }))
+    }
+
+    /// Opens a pidfd for `id`, checking after the open that `id.pid` still belongs to
+    /// the process that started at `id.start_ticks`: fails with `NotFound` if that
+    /// process is gone and its pid was reaped (and perhaps reused). The process may be
+    /// a zombie; [`PidFd::exited`] then resolves at once.
+    pub fn open_id(id: ProcId) -> io::Result<Self> {
+        let gone = || {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {} (start {}) is gone", id.pid, id.start_ticks),
+            )
+        };
+        let fd = Self::open(id.pid).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                gone()
+            } else {
+                e
+            }
+        })?;
+        // The fd refers to whichever process held the pid at the open; if the pid
+        // still shows the expected start time now, that process held it throughout.
+        match proc_stat(id.pid) {
+            Ok(s) if s.starttime_ticks == id.start_ticks => Ok(fd),
+            _ => Err(gone()),
+        }
+    }
+
+    /// Resolves once the process has exited (whether or not it has been reaped, and by
+    /// whom). Must be called within a Tokio runtime with I/O enabled. Cancel-safe; may
+    /// be awaited repeatedly and concurrently.
+    pub async fn exited(&self) -> io::Result<()> {
+        // Each wait registers its own duplicate with the reactor, so that concurrent
+        // or repeated calls never clash over one registration.
+        let dup = self.0.try_clone()?;
+        // SAFETY: `dup` is an OwnedFd moved into the AsyncFd: it stays open, refers to
+        // the same pidfd and keeps its number until the AsyncFd drops it.
+        let fd = unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) }?;
+        let _ready = fd.readable().await?;
+        Ok(())
+    }
+
+    /// Sends `sig` to the process (`pidfd_send_signal(2)`). Unlike `kill(pid)`, this
+    /// can never reach another process that later got the same pid. Fails with `ESRCH`
+    /// once the process has been reaped; succeeds on a zombie.
+    pub fn signal(&self, sig: Signal) -> io::Result<()> {
+        let flags: libc::c_uint = 0;
+        // SAFETY: the arguments are a descriptor we own, a signal number, a null
+        // siginfo pointer (documented as "act like kill(2)") and a flags word.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                sig as libc::c_int,
+                std::ptr::null::<libc::siginfo_t>(),
+                flags,
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl AsFd for PidFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl AsRawFd for PidFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Refuses process groups that `killpg` must never be aimed at: 0 (our own group),
+/// 1 (init's), negatives, and the agent's own group.
+fn check_pgid(pgid: i32) -> io::Result<()> {
+    if pgid <= 1 || pgid == nix::unistd::getpgrp().as_raw() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("refusing to signal process group {pgid}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Sends `sig` to the whole process group `pgid` (`killpg`). ESRCH (group gone) is
+/// `Ok(false)`, success `Ok(true)` — also when every member is a zombie, since the
+/// kernel still counts them. Refuses (`InvalidInput`) group ids of 1 or less and the
+/// agent's own process group, so a corrupt record can never make the agent signal
+/// init's group or itself.
+pub fn signal_group(pgid: i32, sig: Signal) -> io::Result<bool> {
+    check_pgid(pgid)?;
+    match nix::sys::signal::killpg(Pid::from_raw(pgid), sig) {
+        Ok(()) => Ok(true),
+        Err(Errno::ESRCH) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// True if any process still belongs to process group `pgid`, zombies not counted.
+/// A cheap `kill(-pgid, 0)` answers "no" for a group that is gone altogether; otherwise
+/// `/proc` is scanned. False for `pgid <= 0`.
+pub fn group_alive(pgid: i32) -> bool {
+    if pgid <= 0 {
+        return false;
+    }
+    if nix::sys::signal::killpg(Pid::from_raw(pgid), None) == Err(Errno::ESRCH) {
+        return false;
+    }
+    scan_procs()
+        .iter()
+        .any(|s| s.pgrp == pgid && !is_dead_state(s.state))
+}
+
+/// Every live (non-zombie) process whose parent chain leads to `root_pid`, root
+/// excluded, parents before their children: finds the grandchildren that left the
+/// node's process group or session with `setsid()`. `/proc` is scanned once, so a
+/// process forked during the scan can be missed: kill what this returns, then call it
+/// again until it is empty (or stop the tree with SIGSTOP first). A process whose
+/// parent exited has been re-parented (to the subreaper or PID 1) and is no longer
+/// found from `root_pid`. Empty for `root_pid <= 1`, which would name (nearly)
+/// everything.
+pub fn descendants(root_pid: i32) -> Vec<i32> {
+    if root_pid <= 1 {
+        return Vec::new();
+    }
+    let procs = scan_procs();
+    let mut children: HashMap<i32, Vec<&ProcStat>> = HashMap::new();
+    for p in &procs {
+        children.entry(p.ppid).or_default().push(p);
+    }
+    let mut out = Vec::new();
+    let mut seen = HashSet::from([root_pid]);
+    let mut queue = VecDeque::from([root_pid]);
+    while let Some(parent) = queue.pop_front() {
+        for child in children.get(&parent).into_iter().flatten() {
+            if seen.insert(child.pid) {
+                if !is_dead_state(child.state) {
+                    out.push(child.pid);
+                }
+                queue.push_back(child.pid);
+            }
+        }
+    }
+    out
+}
+
+/// Marks this process as a child subreaper (`prctl(PR_SET_CHILD_SUBREAPER)`), so
+/// orphaned grandchildren of nodes are re-parented to us instead of PID 1. The
+/// attribute is process-wide and inherited by no child. The agent must then reap those
+/// orphans: see [`reap_orphans`].
+pub fn set_child_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExitKind {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal number (realtime signals included).
+    Signal(i32),
+}
+
+/// Reaps zombie children of this process for which `tracked` returns false, and
+/// returns their pids and how they ended.
+///
+/// `tracked` must return true for every child whose status someone else will collect
+/// (children spawned through `tokio::process` or `std::process`): those are never
+/// touched. It must already do so for a child whose `spawn()` has returned but whose
+/// pid has not been recorded yet, so record the pid under the same lock that this is
+/// called under, or call this only from the task that spawns.
+///
+/// Never calls `waitpid(-1)` or `waitid(P_ALL)`: `/proc` is scanned for zombies whose
+/// parent is this process, and each is reaped by itself, through a pidfd checked
+/// against the start time seen in the scan, so even a pid that was reaped and reused
+/// meanwhile cannot make it collect the wrong process.
+pub fn reap_orphans(tracked: &dyn Fn(i32) -> bool) -> Vec<(i32, ExitKind)> {
+    let me = nix::unistd::getpid().as_raw();
+    scan_procs()
+        .into_iter()
+        .filter(|s| s.ppid == me && s.state == 'Z' && !tracked(s.pid))
+        .filter_map(|s| Some((s.pid, reap_zombie(&s)?)))
+        .collect()
+}
+
+/// Reaps the zombie `seen` in a scan, if it still is one.
+fn reap_zombie(seen: &ProcStat) -> Option<ExitKind> {
+    match PidFd::open(seen.pid) {
+        Ok(fd) => {
+            let now = proc_stat(seen.pid).ok()?;
+            if now.starttime_ticks != seen.starttime_ticks || now.ppid != seen.ppid {
+                return None;
+            }
+            let id = libc::id_t::try_from(fd.as_raw_fd()).ok()?;
+            wait_exited(libc::P_PIDFD, id)
+        }
+        // Kernels before 5.3: the zombie keeps its pid until we reap it, and only
+        // this process can reap it.
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            wait_exited(libc::P_PID, libc::id_t::try_from(seen.pid).ok()?)
+        }
+        Err(_) => None,
+    }
+}
+
+/// `waitid(idtype, id, WEXITED | WNOHANG)`, decoding the status without rejecting
+/// signal numbers that `nix::sys::signal::Signal` does not know (realtime signals).
+fn wait_exited(idtype: libc::idtype_t, id: libc::id_t) -> Option<ExitKind> {
+    // SAFETY: siginfo_t is plain old data, for which all-zero bytes are a valid value
+    // (and waitid(WNOHANG) leaves si_pid at 0 when nothing has exited).
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable siginfo_t that outlives the call.
+    let ret = unsafe { libc::waitid(idtype, id, &mut info, libc::WEXITED | libc::WNOHANG) };
+    if ret != 0 {
+        return None;
+    }
+    // SAFETY: waitid filled `info` in for SIGCHLD (or left it zeroed), so the union
+    // members read here are the child-status ones.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return None;
+    }
+    match info.si_code {
+        libc::CLD_EXITED => Some(ExitKind::Code(status)),
+        libc::CLD_KILLED | libc::CLD_DUMPED => Some(ExitKind::Signal(status)),
+        _ => None,
+    }
+}
+
+/// A CPU affinity mask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuMask(CpuSet);
+
+impl CpuMask {
+    /// The CPUs in the mask, ascending.
+    pub fn cpus(&self) -> Vec<usize> {
+        (0..CpuSet::count())
+            .filter(|&c| self.0.is_set(c).unwrap_or(false))
+            .collect()
+    }
+}
+
+/// The calling thread's CPU affinity mask.
+pub fn thread_affinity() -> io::Result<CpuMask> {
+    Ok(CpuMask(nix::sched::sched_getaffinity(Pid::from_raw(0))?))
+}
+
+/// Pins the CALLING THREAD to `cpus` (`sched_setaffinity(0, ..)` applies to the calling
+/// thread only) and returns its previous mask, to be put back with
+/// [`restore_thread_affinity`]. Children spawned by this thread meanwhile inherit the
+/// mask (see the module docs). Fails with `InvalidInput` for an empty list or a CPU
+/// number past the mask's size, and with `EINVAL` if none of `cpus` is online.
+pub fn set_thread_affinity(cpus: &[usize]) -> io::Result<CpuMask> {
+    if cpus.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "empty cpu list",
+        ));
+    }
+    let mut set = CpuSet::new();
+    for &cpu in cpus {
+        set.set(cpu).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cpu {cpu} out of range"),
+            )
+        })?;
+    }
+    let previous = thread_affinity()?;
+    nix::sched::sched_setaffinity(Pid::from_raw(0), &set)?;
+    Ok(previous)
+}
+
+/// Puts back a mask returned by [`set_thread_affinity`] or [`thread_affinity`] on the
+/// calling thread.
+pub fn restore_thread_affinity(m: &CpuMask) -> io::Result<()> {
+    nix::sched::sched_setaffinity(Pid::from_raw(0), &m.0).map_err(io::Error::from)
+}
+
+/// Number of CPUs online (`sysconf(_SC_NPROCESSORS_ONLN)`), at least 1. Not reduced by
+/// the agent's own affinity or cgroup limits.
+pub fn online_cpus() -> usize {
+    nix::unistd::sysconf(SysconfVar::_NPROCESSORS_ONLN)
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// `Cpus_allowed_list` from `/proc/<pid>/status` (e.g. "0-1,3" -> [0, 1, 3]): the
+/// affinity of the process's main thread.
+pub fn cpus_allowed(pid: i32) -> io::Result<Vec<usize>> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no cpus_allowed_list in /proc/{pid}/status"),
+            )
+        })?;
+    parse_cpu_list(list)
+}
+
+/// Parses a kernel CPU list ("0-3,8,10-11"); the result is sorted and deduplicated.
+fn parse_cpu_list(list: &str) -> io::Result<Vec<usize>> {
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("malformed cpu list {list:?}"),
+        )
+    };
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let lo: usize = lo.trim().parse().map_err(|_| bad())?;
+        let hi: usize = hi.trim().parse().map_err(|_| bad())?;
+        if hi < lo {
+            return Err(bad());
+        }
+        cpus.extend(lo..=hi);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::{Once, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// Tests that have children of their own hold this shared; a test that calls
+    /// `reap_orphans` with a filter that would reap other tests' zombies holds it
+    /// exclusively.
+    static CHILDREN: RwLock<()> = RwLock::new(());
+
+    /// The test process is a subreaper, as the agent is: the orphans tests make are
+    /// re-parented to it and reaped by the tests, instead of being left to PID 1.
+    fn subreaper() {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| set_child_subreaper().expect("set child subreaper"));
+    }
+
+    fn shared() -> RwLockReadGuard<'static, ()> {
+        subreaper();
+        CHILDREN.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn exclusive() -> RwLockWriteGuard<'static, ()> {
+        subreaper();
+        CHILDREN.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Polls `cond` until it holds, failing the test after [`DEADLINE`].
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let end = Instant::now() + DEADLINE;
+        while !cond() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    fn pid_of(child: &Child) -> i32 {
+        i32::try_from(child.id()).expect("pid fits i32")
+    }
+
+    fn me() -> i32 {
+        nix::unistd::getpid().as_raw()
+    }
+
+    /// Kills and reaps the child when dropped, also when the test fails.
+    struct Guard(Child);
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// SIGKILLs a process that is not our child when dropped, through a pidfd, so a
+    /// reused pid is never hit.
+    struct KillOnDrop(PidFd);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.signal(Signal::SIGKILL);
+        }
+    }
+
+    /// Reaps the given orphans (re-parented to the test process), waiting for each
+    /// one's exit; returns how each ended, in the order given.
+    fn reap_these(pids: &[i32]) -> Vec<ExitKind> {
+        let mut got: HashMap<i32, ExitKind> = HashMap::new();
+        wait_until("orphans to be reaped", || {
+            got.extend(reap_orphans(&|p| !pids.contains(&p)));
+            pids.iter().all(|p| got.contains_key(p))
+        });
+        pids.iter().map(|p| got[p]).collect()
+    }
+
+    /// Reads the first line the child printed, as a pid.
+    fn read_pid(child: &mut Child) -> i32 {
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("read pid");
+        line.trim().parse().expect("pid line")
+    }
+
+    #[test]
+    fn parse_stat_splits_at_last_paren() {
+        let line = b"4242 (a b) c) S 1 4242 4242 0 -1 4194560 10 0 0 0 7 3 0 0 20 0 1 0 123456 1000 55 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
+        let s = parse_stat(line).expect("parse");
+        assert_eq!(
+            s,
+            ProcStat {
+                pid: 4242,
+                comm: "a b) c".into(),
+                state: 'S',
+                ppid: 1,
+                pgrp: 4242,
+                session: 4242,
+                utime_ticks: 7,
+                stime_ticks: 3,
+                starttime_ticks: 123456,
+                rss_pages: 55,
+            }
+        );
+        assert_eq!(parse_stat(b"1 (x) ) R 0 1 1").ok(), None, "too few fields");
+        assert!(parse_stat(b"garbage").is_err());
+        let weird = b"7 ()(\xff) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0";
+        let s = parse_stat(weird).expect("non-utf-8 comm");
+        assert_eq!(
+            (s.comm.as_str(), s.state, s.starttime_ticks),
+            (")(\u{fffd}", 'Z', 5)
+        );
+    }
+
+    #[test]
+    fn parse_cpu_lists() {
+        assert_eq!(parse_cpu_list("0-1,3\n").unwrap(), vec![0, 1, 3]);
+        assert_eq!(parse_cpu_list("\t0").unwrap(), vec![0]);
+        assert_eq!(parse_cpu_list("8-9,0-2").unwrap(), vec![0, 1, 2, 8, 9]);
+        assert_eq!(parse_cpu_list("").unwrap(), Vec::<usize>::new());
+        assert!(parse_cpu_list("3-1").is_err());
+        assert!(parse_cpu_list("a").is_err());
+    }
+
+    #[test]
+    fn system_constants() {
+        assert!(clock_ticks_per_sec() > 0);
+        assert!(page_size().is_power_of_two());
+        assert!(online_cpus() >= 1);
+        let boot = boot_time_epoch_ms().expect("btime");
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        assert!(boot > 0 && u128::from(boot) < now.as_millis());
+    }
+
+    #[test]
+    fn proc_stat_of_self() {
+        let s = proc_stat(me()).expect("own stat");
+        let comm = fs::read_to_string("/proc/self/comm").unwrap();
+        assert_eq!(s.pid, me());
+        assert_eq!(s.comm, comm.trim_end_matches('\n'));
+        // The leader thread may be waiting for the test threads.
+        assert!(matches!(s.state, 'R' | 'S'), "state {}", s.state);
+        assert_eq!(s.ppid, nix::unistd::getppid().as_raw());
+        assert_eq!(s.pgrp, nix::unistd::getpgrp().as_raw());
+        assert_eq!(s.session, nix::unistd::getsid(None).unwrap().as_raw());
+        assert!(s.starttime_ticks > 0);
+        assert!(rss_bytes(&s) > 1 << 20, "rss {}", rss_bytes(&s));
+        let id = proc_id(me()).unwrap();
+        assert!(is_alive(id));
+        let started = start_time_epoch_ms(id).unwrap();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        assert!(u128::from(started) <= now.as_millis() + 2000);
+        // Burn some CPU and check it shows.
+        let before = cpu_ms(&s);
+        let spin = Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        }
+        wait_until("cpu time to grow", || {
+            cpu_ms(&proc_stat(me()).unwrap()) >= before + 20
+        });
+        assert!(proc_stat(0).is_err() && proc_stat(-5).is_err());
+    }
+
+    #[test]
+    fn proc_stat_of_child_with_weird_name() {
+        let _g = shared();
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("a b) c");
+        fs::copy("/bin/sleep", &exe).unwrap();
+        // A concurrent fork in another test thread can briefly hold the copy's write
+        // descriptor open: exec then fails with ETXTBSY.
+        let end = Instant::now() + DEADLINE;
+        let child = loop {
+            match Command::new(&exe).arg("1000").spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < end => {
+                    std::thread::yield_now();
+                }
+                other => break Guard(other.expect("spawn renamed sleep")),
+            }
+        };
+        let pid = pid_of(&child.0);
+        // comm changes early in execve, while the new image is not mapped yet (rss 0):
+        // wait for the program to be asleep in its nanosleep.
+        wait_until("exec", || {
+            proc_stat(pid).is_ok_and(|s| s.comm == "a b) c" && s.state == 'S' && s.rss_pages > 0)
+        });
+        let s = proc_stat(pid).unwrap();
+        assert_eq!(s.pid, pid);
+        assert_eq!(s.ppid, me());
+        assert_eq!(s.pgrp, nix::unistd::getpgrp().as_raw());
+        assert!(s.starttime_ticks >= proc_stat(me()).unwrap().starttime_ticks);
+        let started = start_time_epoch_ms(proc_id(pid).unwrap()).unwrap();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let skew = u128::from(started).abs_diff(now.as_millis());
+        assert!(skew < 5000, "start time off by {skew} ms");
+    }
+
+    #[test]
+    fn is_alive_through_life_zombie_and_reuse() {
+        let _g = shared();
+        let mut child = Guard(Command::new("/bin/sleep").arg("1000").spawn().unwrap());
+        let pid = pid_of(&child.0);
+        let id = proc_id(pid).unwrap();
+        assert!(is_alive(id));
+        let recycled = ProcId {
+            pid,
+            start_ticks: id.start_ticks + 1,
+        };
+        assert!(!is_alive(recycled), "wrong start time");
+        child.0.kill().unwrap();
+        wait_until("zombie", || proc_stat(pid).is_ok_and(|s| s.state == 'Z'));
+        assert!(!is_alive(id), "zombie counts as dead");
+        assert_eq!(proc_id(pid).unwrap(), id, "a zombie keeps its identity");
+        assert_eq!(child.0.wait().unwrap().signal(), Some(libc::SIGKILL));
+        assert!(!is_alive(id), "reaped");
+        assert!(!is_alive(ProcId {
+            pid: i32::MAX,
+            start_ticks: 0
+        }));
+    }
+
+    #[test]
+    fn pidfd_exited_for_a_non_child() {
+        let _g = shared();
+        // sh stays the sleep's parent (and reaps it): the sleep is not our child.
+        let mut sh = Guard(
+            Command::new("/bin/sh")
+                .args(["-c", "sleep 1000 >/dev/null 2>&1 & echo $!; wait"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let gpid = read_pid(&mut sh.0);
+        let fd = KillOnDrop(PidFd::open(gpid).unwrap());
+        assert_eq!(proc_stat(gpid).unwrap().ppid, pid_of(&sh.0));
+        let id = proc_id(gpid).unwrap();
+        assert!(is_alive(id));
+        block_on(async {
+            let early = tokio::time::timeout(Duration::from_millis(50), fd.0.exited()).await;
+            assert!(early.is_err(), "exited() resolved for a live process");
+            nix::sys::signal::kill(Pid::from_raw(gpid), Signal::SIGKILL).unwrap();
+            tokio::time::timeout(DEADLINE, fd.0.exited())
+                .await
+                .expect("exited() within the deadline")
+                .unwrap();
+            // Again, and after the parent reaped it: still ready.
+            fd.0.exited().await.unwrap();
+        });
+        assert!(!is_alive(id));
+        assert!(sh.0.wait().unwrap().success());
+        assert!(PidFd::open_id(id).is_err(), "reaped process");
+        assert!(PidFd::open(0).is_err());
+    }
+
+    #[test]
+    fn pidfd_and_reap_orphans_under_subreaper() {
+        let _g = shared();
+        // sh exits at once: its background sleep is orphaned and, as the test process
+        // is a subreaper, re-parented to us. It is still not a child we spawned.
+        let out = Command::new("/bin/sh")
+            .args(["-c", "sleep 1000 >/dev/null 2>&1 & echo $!"])
+            .output()
+            .unwrap();
+        let gpid: i32 = String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let id = proc_id(gpid).unwrap();
+        let fd = KillOnDrop(PidFd::open_id(id).unwrap());
+        assert_eq!(proc_stat(gpid).unwrap().ppid, me(), "re-parented to us");
+        assert!(
+            reap_orphans(&|p| p != gpid).is_empty(),
+            "alive: nothing to reap"
+        );
+        let wrong = ProcId {
+            pid: gpid,
+            start_ticks: id.start_ticks + 1,
+        };
+        assert_eq!(
+            PidFd::open_id(wrong).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        fd.0.signal(Signal::SIGKILL).unwrap();
+        block_on(async {
+            tokio::time::timeout(DEADLINE, fd.0.exited())
+                .await
+                .expect("exited() within the deadline")
+                .unwrap();
+        });
+        assert!(!is_alive(id));
+        assert_eq!(reap_these(&[gpid]), vec![ExitKind::Signal(libc::SIGKILL)]);
+        assert!(fd.0.signal(Signal::SIGKILL).is_err(), "reaped: ESRCH");
+    }
+
+    #[test]
+    fn signal_group_kills_the_whole_group() {
+        let _g = shared();
+        let mut sh = Guard(
+            Command::new("/bin/sh")
+                .args(["-c", "sleep 1000 & sleep 1000 & wait"])
+                .process_group(0)
+                .spawn()
+                .unwrap(),
+        );
+        let pgid = pid_of(&sh.0);
+        let mut kids = Vec::new();
+        wait_until("two sleeps", || {
+            kids = descendants(pgid);
+            kids.len() == 2
+                && kids
+                    .iter()
+                    .all(|&k| proc_stat(k).is_ok_and(|s| s.comm == "sleep" && s.pgrp == pgid))
+        });
+        let _kill: Vec<_> = kids
+            .iter()
+            .map(|&k| KillOnDrop(PidFd::open(k).unwrap()))
+            .collect();
+        assert!(group_alive(pgid));
+        assert!(signal_group(pgid, Signal::SIGKILL).unwrap());
+        wait_until("group to die", || !group_alive(pgid));
+        assert_eq!(sh.0.wait().unwrap().signal(), Some(libc::SIGKILL));
+        // The sleeps died with sh: the test process inherited their zombies.
+        assert_eq!(reap_these(&kids), vec![ExitKind::Signal(libc::SIGKILL); 2]);
+        assert!(!group_alive(pgid));
+
+        // A group that is gone altogether.
+        let mut t = Command::new("/bin/true").process_group(0).spawn().unwrap();
+        let gone = pid_of(&t);
+        assert!(t.wait().unwrap().success());
+        assert!(!signal_group(gone, Signal::SIGCONT).unwrap());
+        assert!(!group_alive(gone));
+    }
+
+    #[test]
+    fn signal_group_refuses_dangerous_groups() {
+        for pgid in [-1, 0, 1, nix::unistd::getpgrp().as_raw()] {
+            let err = signal_group(pgid, Signal::SIGCONT).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "pgid {pgid}");
+        }
+        assert!(!group_alive(0));
+        assert!(descendants(1).is_empty());
+    }
+
+    #[test]
+    fn descendants_find_a_setsid_grandchild() {
+        let _g = shared();
+        let mut sh = Guard(
+            Command::new("/bin/sh")
+                .args(["-c", "setsid sleep 1000 >/dev/null 2>&1 & echo $!; wait"])
+                .process_group(0)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let pgid = pid_of(&sh.0);
+        let gpid = read_pid(&mut sh.0);
+        let _kill = KillOnDrop(PidFd::open(gpid).unwrap());
+        wait_until("setsid + exec", || {
+            proc_stat(gpid).is_ok_and(|s| s.session == gpid && s.comm == "sleep")
+        });
+        let s = proc_stat(gpid).unwrap();
+        assert_eq!(s.ppid, pgid);
+        assert_ne!(s.pgrp, pgid, "left the node's group");
+        let tree = descendants(pgid);
+        assert_eq!(tree, vec![gpid]);
+
+        // What the agent does: collect the tree, kill the group, kill the stragglers.
+        let pidfds: Vec<_> = tree.iter().map(|&p| PidFd::open(p).unwrap()).collect();
+        assert!(signal_group(pgid, Signal::SIGKILL).unwrap());
+        assert_eq!(sh.0.wait().unwrap().signal(), Some(libc::SIGKILL));
+        assert!(is_alive(proc_id(gpid).unwrap()), "a group kill misses it");
+        assert!(
+            descendants(pgid).is_empty(),
+            "re-parented away from the node"
+        );
+        for fd in &pidfds {
+            fd.signal(Signal::SIGKILL).unwrap();
+        }
+        assert_eq!(reap_these(&[gpid]), vec![ExitKind::Signal(libc::SIGKILL)]);
+    }
+
+    #[test]
+    fn reap_orphans_never_reaps_a_tracked_child() {
+        let _g = exclusive();
+        block_on(async {
+            let mut child = tokio::process::Command::new("/bin/sh")
+                .args(["-c", "exit 7"])
+                .spawn()
+                .unwrap();
+            let pid = i32::try_from(child.id().unwrap()).unwrap();
+            // An untracked child, to show the filter is what protects the other.
+            let mut stray = Command::new("/bin/sh")
+                .args(["-c", "exit 3"])
+                .spawn()
+                .unwrap();
+            let stray_pid = pid_of(&stray);
+            wait_until("both zombies", || {
+                [pid, stray_pid]
+                    .iter()
+                    .all(|&p| proc_stat(p).is_ok_and(|s| s.state == 'Z'))
+            });
+            let reaped = reap_orphans(&|p| p == pid);
+            assert!(reaped.iter().all(|&(p, _)| p != pid), "{reaped:?}");
+            assert!(
+                reaped.contains(&(stray_pid, ExitKind::Code(3))),
+                "{reaped:?}"
+            );
+            assert_eq!(proc_stat(pid).unwrap().state, 'Z', "still tokio's to reap");
+            let status = tokio::time::timeout(DEADLINE, child.wait())
+                .await
+                .expect("wait within the deadline")
+                .unwrap();
+            assert_eq!(status.code(), Some(7));
+            assert!(stray.try_wait().is_err(), "its status was collected by us");
+        });
+    }
+
+    #[test]
+    fn thread_affinity_is_inherited_and_restored() {
+        let _g = shared();
+        std::thread::spawn(|| {
+            let orig = thread_affinity().unwrap();
+            assert!(!orig.cpus().is_empty());
+            let prev = set_thread_affinity(&[0]).unwrap();
+            assert_eq!(prev, orig);
+            assert_eq!(thread_affinity().unwrap().cpus(), vec![0]);
+            let spawned = Command::new("/bin/sleep").arg("1000").spawn();
+            restore_thread_affinity(&prev).unwrap();
+            let pinned = Guard(spawned.unwrap());
+            assert_eq!(thread_affinity().unwrap(), orig);
+            assert_eq!(cpus_allowed(pid_of(&pinned.0)).unwrap(), vec![0]);
+            let free = Guard(Command::new("/bin/sleep").arg("1000").spawn().unwrap());
+            assert_eq!(cpus_allowed(pid_of(&free.0)).unwrap(), orig.cpus());
+            assert!(set_thread_affinity(&[]).is_err());
+            assert!(set_thread_affinity(&[CpuSet::count()]).is_err());
+            assert_eq!(thread_affinity().unwrap(), orig);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Mean µs per `spawn()` call and per spawn + wait, over `n` spawns.
+    fn measure(n: u32, mut spawn: impl FnMut() -> io::Result<Child>) -> (f64, f64) {
+        for _ in 0..10 {
+            spawn().unwrap().wait().unwrap();
+        }
+        let (mut in_spawn, mut total) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..n {
+            let t0 = Instant::now();
+            let mut c = spawn().unwrap();
+            in_spawn += t0.elapsed();
+            assert!(c.wait().unwrap().success());
+            total += t0.elapsed();
+        }
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(n);
+        (us(in_spawn), us(total))
+    }
+
+    #[test]
+    fn spawn_cost() {
+        let _g = shared();
+        std::thread::spawn(|| {
+            const N: u32 = 200;
+            let plain = || Command::new("/bin/true").spawn();
+            let forked = || {
+                let mut cmd = Command::new("/bin/true");
+                // SAFETY: the hook does nothing, which is async-signal-safe.
+                unsafe { cmd.pre_exec(|| Ok(())) };
+                cmd.spawn()
+            };
+            let pinned = || {
+                let prev = set_thread_affinity(&[0])?;
+                let child = Command::new("/bin/true").spawn();
+                restore_thread_affinity(&prev)?;
+                child
+            };
+            let run = |label: &str| {
+                println!("spawn cost, {N} spawns of /bin/true, {label}:");
+                for (name, (spawn_us, total_us)) in [
+                    ("posix_spawn (plain)", measure(N, plain)),
+                    ("fork (no-op pre_exec)", measure(N, forked)),
+                    ("posix_spawn + affinity", measure(N, pinned)),
+                ] {
+                    println!(
+                        "  {name:<24} spawn() {spawn_us:8.1} us   spawn+wait {total_us:8.1} us"
+                    );
+                }
+            };
+            run(&format!(
+                "rss {} MiB",
+                rss_bytes(&proc_stat(me()).unwrap()) >> 20
+            ));
+            // fork copies the page tables, so its cost grows with the parent's memory.
+            let ballast = vec![1u8; 512 << 20];
+            run(&format!(
+                "rss {} MiB",
+                rss_bytes(&proc_stat(me()).unwrap()) >> 20
+            ));
+            drop(std::hint::black_box(ballast));
+        })
+        .join()
+        .unwrap();
+    }
+}
