@@ -7,26 +7,35 @@
 //!   the configured name, and runs the connection loop: dial the controller, exchange
 //!   Hello/Welcome, serve the controller's requests until the connection is lost, then
 //!   dial again after a capped exponential backoff with jitter ([`backoff`]).
+//! - [`supervisor`]: the node processes, driven by [`machine`] (the deterministic
+//!   per-node state machine: no I/O, no clock), with [`logs`] (per-node files, rotation,
+//!   tails) and [`sys`] (/proc, process groups, pidfds, affinity).
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
 //! [`Agent::new`] and [`Agent::run`], so tests run agents in-process.
 
 pub mod backoff;
+pub mod logs;
+pub mod machine;
+pub mod supervisor;
+pub mod sys;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drover_net::conn::{self, TransportSettings};
 use drover_net::{Credentials, Identity, NetError, TlsFiles};
-use drover_proto::model::{MgmtRole, NodeStatus, State};
+use drover_proto::model::{MgmtResult, MgmtRole, NodeStatus, State};
 use drover_proto::msg::{
-    API_VERSION, AgentResponse, ControllerRequest, Hello, PeerRole, Request, WireError,
+    API_VERSION, AgentRequest, AgentResponse, ControllerRequest, Hello, PeerRole, Request,
+    WireError,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
+use crate::supervisor::{Op, Supervisor, SupervisorConfig};
 
 /// The port an agent listens on when the controller dials it.
 pub const DEFAULT_PORT: u16 = 2151;
@@ -46,6 +55,13 @@ pub struct Config {
     pub transport: TransportSettings,
     /// Delays between connection attempts.
     pub reconnect: Backoff,
+    /// Longest time an operation on nodes may take before it answers with a timeout.
+    pub request_timeout: Duration,
+    /// Stop every node when the agent exits (SIGTERM); otherwise leave them running
+    /// for the next agent process to adopt.
+    pub stop_nodes_on_exit: bool,
+    /// Log rotation of node output.
+    pub logs: logs::LogConfig,
 }
 
 /// Why an agent could not start.
@@ -112,14 +128,34 @@ impl Agent {
         })
     }
 
-    /// Stays connected to the controller until `shutdown` is cancelled.
+    /// Supervises the nodes and stays connected to the controller until `shutdown` is
+    /// cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
+        let supervisor = match Supervisor::start(SupervisorConfig {
+            instance: self.config.name.clone(),
+            state_dir: self.config.state_dir.clone(),
+            logs: self.config.logs,
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot start the supervisor: {e}");
+                return;
+            }
+        };
+        self.connection_loop(&supervisor, &shutdown).await;
+        let stop = self.config.stop_nodes_on_exit;
+        info!(stop_nodes = stop, "shutting down the supervisor");
+        supervisor.shutdown(stop).await;
+        info!(agent = %self.config.name, "agent stopped");
+    }
+
+    async fn connection_loop(&self, supervisor: &Supervisor, shutdown: &CancellationToken) {
         let mut backoff = self.config.reconnect.clone();
         // One endpoint per address family, created on first use and kept, so that
         // reconnecting does not churn UDP sockets.
         let mut endpoints: [Option<quinn::Endpoint>; 2] = [None, None];
         let name = &self.config.name;
-        info!(agent = %name, controller = %self.config.controller, "agent starting");
+        info!(agent = %name, controller = %self.config.controller, "agent connecting");
         loop {
             let attempt = async {
                 let addr = resolve(&self.config.controller).await?;
@@ -170,7 +206,7 @@ impl Agent {
                             conn.close(0u32.into(), b"agent shutting down");
                             break;
                         }
-                        reason = self.serve(est.conn) => reason,
+                        reason = self.serve(est.conn, supervisor) => reason,
                     };
                     warn!(
                         "lost the controller: {}",
@@ -188,24 +224,83 @@ impl Agent {
         for endpoint in endpoints.into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         }
-        info!(agent = %name, "agent stopped");
     }
 
-    async fn serve(&self, conn: quinn::Connection) -> quinn::ConnectionError {
+    async fn serve(
+        &self,
+        conn: quinn::Connection,
+        supervisor: &Supervisor,
+    ) -> quinn::ConnectionError {
+        let reporter = tokio::spawn(report_status(conn.clone(), supervisor.clone()));
         let name = self.config.name.clone();
+        let sup = supervisor.clone();
+        let limit = self.config.request_timeout;
         let handler = move |req: Request<ControllerRequest>| {
             let name = name.clone();
+            let sup = sup.clone();
             async move {
-                match req.body {
-                    ControllerRequest::GetNodes => {
-                        Ok::<_, WireError>(AgentResponse::Nodes(vec![own_status(&name)]))
+                // Answer before the requester gives up, so a timeout is a result.
+                let budget = req
+                    .timeout_ms
+                    .map_or(limit, |ms| limit.min(Duration::from_millis(ms * 4 / 5)));
+                let deadline = Instant::now() + budget;
+                let results = |mut rs: Vec<MgmtResult>| {
+                    for r in &mut rs {
+                        r.reqid.clone_from(&req.id);
                     }
-                }
+                    AgentResponse::Results(rs)
+                };
+                Ok::<_, WireError>(match req.body {
+                    ControllerRequest::GetNodes => {
+                        let mut nodes = sup.status().await;
+                        nodes.push(own_status(&name));
+                        AgentResponse::Nodes(nodes)
+                    }
+                    ControllerRequest::Apply {
+                        config,
+                        restart_all,
+                    } => results(sup.apply(*config, restart_all, deadline).await),
+                    ControllerRequest::Restart { nodes } => {
+                        results(sup.act(Op::Restart, nodes, deadline).await)
+                    }
+                    ControllerRequest::Stop { nodes } => {
+                        results(sup.act(Op::Stop, nodes, deadline).await)
+                    }
+                    ControllerRequest::Start { nodes } => {
+                        results(sup.act(Op::Start, nodes, deadline).await)
+                    }
+                })
             }
         };
-        conn::serve(conn, self.config.transport, handler).await
+        let reason = conn::serve(conn, self.config.transport, handler).await;
+        reporter.abort();
+        reason
     }
 }
+
+/// Sends node statuses to the controller whenever they change, at most every
+/// [`REPORT_COALESCE`], so a burst of changes becomes one report.
+async fn report_status(conn: quinn::Connection, supervisor: Supervisor) {
+    let mut changes = supervisor.changes();
+    loop {
+        if changes.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(REPORT_COALESCE).await;
+        changes.borrow_and_update();
+        let statuses = supervisor.status().await;
+        let req = AgentRequest::Status {
+            statuses,
+            full: true,
+        };
+        if let Err(e) = conn::call::<_, AgentResponse>(&conn, &req, Duration::from_secs(10)).await {
+            tracing::debug!("status report failed: {e}");
+        }
+    }
+}
+
+/// Coalescing window of status reports.
+const REPORT_COALESCE: Duration = Duration::from_millis(50);
 
 /// The agent's own NodeStatus entry (management role AGENT).
 fn own_status(name: &str) -> NodeStatus {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use drover_agent::backoff::Backoff;
+use drover_agent::logs::LogConfig;
 use drover_agent::{Agent, Config};
 use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing};
 use drover_net::{TlsFiles, TransportSettings};
@@ -49,6 +50,30 @@ struct Args {
     /// Longest delay between reconnection attempts [default: 5s].
     #[arg(long, env = "DROVER_RECONNECT_MAX", value_parser = humantime::parse_duration)]
     reconnect_max: Option<Duration>,
+    /// Longest time an operation on nodes may take before it answers with a timeout
+    /// [default: 5s].
+    #[arg(long, env = "DROVER_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    request_timeout: Option<Duration>,
+    /// What SIGTERM does to the nodes: `stop` them, or `keep` them running for the next
+    /// agent process to adopt (for upgrades) [default: stop].
+    #[arg(long, env = "DROVER_ON_EXIT")]
+    on_exit: Option<OnExit>,
+    /// Size at which a node's stdout or stderr file is rotated, in bytes [default: 10 MiB].
+    #[arg(long, env = "DROVER_LOG_MAX_BYTES")]
+    log_max_bytes: Option<u64>,
+    /// Rotated files kept per stream [default: 5].
+    #[arg(long, env = "DROVER_LOG_KEEP")]
+    log_keep: Option<u32>,
+}
+
+/// What happens to nodes when the agent exits on SIGTERM or SIGINT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum OnExit {
+    /// Stop every node, then exit.
+    Stop,
+    /// Exit and leave the nodes running.
+    Keep,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -66,6 +91,11 @@ struct FileConfig {
     idle_timeout: Option<Duration>,
     #[serde(default, with = "humantime_opt")]
     reconnect_max: Option<Duration>,
+    #[serde(default, with = "humantime_opt")]
+    request_timeout: Option<Duration>,
+    on_exit: Option<OnExit>,
+    log_max_bytes: Option<u64>,
+    log_keep: Option<u32>,
 }
 
 fn config(args: Args) -> anyhow::Result<Config> {
@@ -86,6 +116,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
         ..defaults
     };
     check_liveness(transport.keep_alive, transport.idle_timeout)?;
+    let defaults_log = LogConfig::default();
     let reconnect_max = args
         .reconnect_max
         .or(file.reconnect_max)
@@ -107,6 +138,18 @@ fn config(args: Args) -> anyhow::Result<Config> {
         },
         transport,
         reconnect: Backoff::new(Duration::from_millis(200), reconnect_max, 0.2),
+        request_timeout: args
+            .request_timeout
+            .or(file.request_timeout)
+            .unwrap_or(Duration::from_secs(5)),
+        stop_nodes_on_exit: args.on_exit.or(file.on_exit).unwrap_or(OnExit::Stop) == OnExit::Stop,
+        logs: LogConfig {
+            max_bytes: args
+                .log_max_bytes
+                .or(file.log_max_bytes)
+                .unwrap_or(defaults_log.max_bytes),
+            keep: args.log_keep.or(file.log_keep).unwrap_or(defaults_log.keep),
+        },
     })
 }
 

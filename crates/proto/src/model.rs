@@ -392,6 +392,37 @@ impl Configuration {
     pub fn nodes_on<'a>(&'a self, instance: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
         self.nodes.iter().filter(move |n| n.instance == instance)
     }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// `node` with its role template applied: the template's command when the node has
+    /// none, the template's env under the node's own, and placeholders (`{name}`,
+    /// `{instance}`, `{role}`, `{interface}`, `{port}`) replaced in command and env.
+    pub fn resolve(&self, node: &Node) -> Node {
+        let mut out = node.clone();
+        if let Some(t) = self.roles.get(node.role.as_str()) {
+            if out.command.is_empty() {
+                out.command.clone_from(&t.command);
+            }
+            for (k, v) in &t.env {
+                out.env.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        let port = node.port.map(|p| p.to_string()).unwrap_or_default();
+        let fill = |s: &str| {
+            s.replace("{name}", &node.name)
+                .replace("{instance}", &node.instance)
+                .replace("{role}", node.role.as_str())
+                .replace("{interface}", node.interface.as_deref().unwrap_or(""))
+                .replace("{port}", &port)
+        };
+        out.command = out.command.iter().map(|a| fill(a)).collect();
+        out.env = out.env.iter().map(|(k, v)| (k.clone(), fill(v))).collect();
+        out
+    }
 }
 
 /// A new unique, time-ordered identifier (UUIDv7).
@@ -606,6 +637,32 @@ mod tests {
         assert_eq!(minimal.stop_signal, "SIGTERM");
         assert_eq!(minimal.restart, RestartPolicy::OnFailure);
         assert_eq!(minimal.readiness, Readiness::default());
+    }
+
+    #[test]
+    fn role_templates_fill_command_env_and_placeholders() {
+        let mut c = Configuration::empty();
+        c.roles.insert(
+            "worker".into(),
+            RoleTemplate {
+                command: vec!["/usr/bin/zeek".into(), "-i".into(), "{interface}".into()],
+                env: BTreeMap::from([
+                    ("NODE".into(), "{name}@{instance}".into()),
+                    ("KEEP".into(), "template".into()),
+                ]),
+            },
+        );
+        let mut n = Node::new("w1", "a1");
+        n.role = ClusterRole::Worker;
+        n.interface = Some("eth0".into());
+        n.env.insert("KEEP".into(), "own".into());
+        let r = c.resolve(&n);
+        assert_eq!(r.command, vec!["/usr/bin/zeek", "-i", "eth0"]);
+        assert_eq!(r.env["NODE"], "w1@a1");
+        assert_eq!(r.env["KEEP"], "own");
+        let mut own = n.clone();
+        own.command = vec!["/bin/true".into()];
+        assert_eq!(c.resolve(&own).command, vec!["/bin/true"]);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{MgmtResult, NodeStatus};
+use crate::model::{Configuration, MgmtResult, NodeStatus};
 
 /// The protocol version spoken by this build. Peers with another version are refused.
 pub const API_VERSION: u32 = 1;
@@ -154,6 +154,47 @@ pub struct Welcome {
 pub enum ClientRequest {
     /// The connected agents (Zeek's `get_instances_request`).
     GetInstances,
+    /// Validate and store a configuration as the staged one.
+    StageConfig {
+        /// The configuration.
+        config: Box<Configuration>,
+    },
+    /// The staged or the deployed configuration.
+    GetConfig {
+        /// True for the deployed one.
+        deployed: bool,
+    },
+    /// Deploy the staged configuration.
+    Deploy {
+        /// Restart every node, not only those whose spec changed.
+        #[serde(default)]
+        restart_all: bool,
+    },
+    /// The status of every node on every connected agent.
+    GetNodes,
+    /// Restart nodes (all when the list is empty).
+    Restart {
+        /// Node names.
+        #[serde(default)]
+        nodes: Vec<String>,
+    },
+    /// Stop nodes (all when the list is empty); they stay stopped until started.
+    Stop {
+        /// Node names.
+        #[serde(default)]
+        nodes: Vec<String>,
+    },
+    /// Start stopped nodes (all when the list is empty).
+    Start {
+        /// Node names.
+        #[serde(default)]
+        nodes: Vec<String>,
+    },
+    /// Tests request timeouts: no answer until the controller's request timeout.
+    TestTimeout {
+        /// When true, the controller answers with a timeout result; when false, never.
+        with_state: bool,
+    },
 }
 
 /// Replies of the controller to a [`ClientRequest`].
@@ -185,6 +226,34 @@ pub enum AgentRequest {
 pub enum ControllerRequest {
     /// The agent's node statuses, its own entry included.
     GetNodes,
+    /// Make this configuration's nodes for the agent's instance run: start new nodes,
+    /// restart changed ones, stop removed ones, leave the rest alone. Answered with one
+    /// result per node started or restarted, once each is running or has failed.
+    Apply {
+        /// The whole configuration; the agent picks its own nodes.
+        config: Box<Configuration>,
+        /// Restart every node even if unchanged.
+        #[serde(default)]
+        restart_all: bool,
+    },
+    /// Restart nodes (all of the agent's when empty).
+    Restart {
+        /// Node names.
+        #[serde(default)]
+        nodes: Vec<String>,
+    },
+    /// Stop nodes (all of the agent's when empty).
+    Stop {
+        /// Node names.
+        #[serde(default)]
+        nodes: Vec<String>,
+    },
+    /// Start stopped nodes (all of the agent's when empty).
+    Start {
+        /// Node names.
+        #[serde(default)]
+        nodes: Vec<String>,
+    },
 }
 
 /// Replies to requests that need no payload, and to agent requests.
@@ -195,6 +264,8 @@ pub enum AgentResponse {
     Ack,
     /// Node statuses.
     Nodes(Vec<NodeStatus>),
+    /// One result per node.
+    Results(Vec<MgmtResult>),
 }
 
 #[cfg(test)]
