@@ -6,28 +6,34 @@
 //!   authenticated (mutual TLS, then a Hello checked against the certificate) and handed
 //!   to the agent side or the client side by the role its certificate carries.
 //! - [`registry`]: the connected agents.
+//! - [`api`]: the client requests: staging and deploying configurations, node statuses,
+//!   actions on node subsets, fanned out to agents with timeouts.
+//! - [`store`]: the staged and deployed configurations, persisted atomically.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
 //! [`Controller::bind`] and [`Controller::run`], so tests run controllers in-process.
 
+pub mod api;
 pub mod registry;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use drover_net::conn::{self, TransportSettings};
 use drover_net::{Credentials, Identity, NetError, TlsFiles};
-use drover_proto::model::{Instance, MgmtResult, ResultData};
 use drover_proto::msg::{
-    API_VERSION, AgentRequest, AgentResponse, ClientRequest, ClientResponse, ErrorCode, PeerRole,
-    Request, Welcome, WireError,
+    API_VERSION, AgentRequest, AgentResponse, ClientRequest, ErrorCode, PeerRole, Request, Welcome,
+    WireError,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::registry::Registry;
+use crate::store::Store;
 
 /// The controller's default QUIC port.
 pub const DEFAULT_PORT: u16 = 2150;
@@ -43,6 +49,9 @@ pub struct Config {
     pub tls: TlsFiles,
     /// Keep-alive, idle timeout and limits of connections.
     pub transport: TransportSettings,
+    /// How long a request fanned out to agents may take before it answers with a
+    /// timeout (Zeek: 10 s; agents' own limit is shorter, clients' longer).
+    pub request_timeout: Duration,
 }
 
 /// Why a controller could not start.
@@ -59,6 +68,9 @@ pub enum Error {
         /// Whom it belongs to.
         identity: Identity,
     },
+    /// The persisted state is unusable.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
     /// The state directory is unusable.
     #[error("state dir {path}: {source}")]
     StateDir {
@@ -71,12 +83,17 @@ pub enum Error {
 
 /// State shared by every connection task.
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     /// Our own name, from our certificate.
-    name: String,
+    pub(crate) name: String,
     /// Connected agents. Written on connect and loss, read by client requests.
-    registry: Registry,
-    transport: TransportSettings,
+    pub(crate) registry: Registry,
+    /// Staged and deployed configurations.
+    pub(crate) store: Store,
+    /// The id of the deploy in progress: only one runs at a time.
+    pub(crate) deploying: std::sync::Mutex<Option<String>>,
+    pub(crate) transport: TransportSettings,
+    pub(crate) request_timeout: Duration,
 }
 
 /// A bound controller, ready to run.
@@ -100,13 +117,17 @@ impl Controller {
             path: config.state_dir.clone(),
             source,
         })?;
+        let store = Store::open(&config.state_dir)?;
         let endpoint = conn::server_endpoint(&creds, config.listen, &config.transport)?;
         Ok(Self {
             endpoint,
             shared: Arc::new(Shared {
                 name: creds.identity().name.clone(),
                 registry: Registry::default(),
+                store,
+                deploying: std::sync::Mutex::new(None),
                 transport: config.transport,
+                request_timeout: config.request_timeout,
             }),
         })
     }
@@ -143,8 +164,7 @@ impl Controller {
         self.endpoint
             .close(0u32.into(), b"controller shutting down");
         tasks.wait().await;
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.endpoint.wait_idle())
-            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         info!("controller stopped");
     }
 }
@@ -210,6 +230,14 @@ async fn serve_agent(
         old.close(5u32.into(), b"replaced by a newer connection");
     }
     info!(agent = %name, %addr, %software, "agent '{name}' connected from {addr}");
+    // Bring a returning agent up to the deployed configuration (Zeek's
+    // notify_agents_ready); it restarts nothing that already runs this configuration.
+    if let Some(deployed) = shared.store.deployed() {
+        let shared = shared.clone();
+        let conn = conn.clone();
+        let name = name.clone();
+        tokio::spawn(async move { api::reapply(&shared, &name, &conn, deployed).await });
+    }
     let handler = move |req: Request<AgentRequest>| async move {
         match req.body {
             AgentRequest::Status { statuses, full } => {
@@ -229,30 +257,9 @@ async fn serve_client(shared: Arc<Shared>, conn: quinn::Connection, identity: Id
     let settings = shared.transport;
     let handler = move |req: Request<ClientRequest>| {
         let shared = shared.clone();
-        async move { Ok(handle_client_request(&shared, req)) }
+        async move { Ok(api::handle(&shared, req).await) }
     };
     let _ = conn::serve(conn, settings, handler).await;
-}
-
-fn handle_client_request(shared: &Shared, req: Request<ClientRequest>) -> ClientResponse {
-    match req.body {
-        ClientRequest::GetInstances => {
-            let instances: Vec<Instance> = shared
-                .registry
-                .snapshot()
-                .into_iter()
-                .map(|a| Instance {
-                    name: a.name,
-                    host: Some(a.addr.ip()),
-                    port: None,
-                })
-                .collect();
-            ClientResponse::Result(MgmtResult::ok(
-                req.id,
-                Some(ResultData::Instances(instances)),
-            ))
-        }
-    }
 }
 
 /// Name and version of this build, as told to peers.

@@ -42,6 +42,10 @@ struct Args {
     /// A peer silent for this long is lost [default: 10s].
     #[arg(long, env = "DROVER_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
+    /// Longest wait for agents' answers before a request answers with a timeout
+    /// [default: 10s].
+    #[arg(long, env = "DROVER_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    request_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -56,6 +60,8 @@ struct FileConfig {
     keep_alive: Option<Duration>,
     #[serde(default, with = "humantime_opt")]
     idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_opt")]
+    request_timeout: Option<Duration>,
 }
 
 fn config(args: Args) -> anyhow::Result<Config> {
@@ -91,6 +97,10 @@ fn config(args: Args) -> anyhow::Result<Config> {
             key: args.key.or(file.key).ok_or_else(|| missing("key"))?,
         },
         transport,
+        request_timeout: args
+            .request_timeout
+            .or(file.request_timeout)
+            .unwrap_or(Duration::from_secs(10)),
     })
 }
 

@@ -1,0 +1,405 @@
+//! The controller's API: what each client request does.
+//!
+//! Semantics and error strings follow Zeek's Management framework, so that zeek-client
+//! and scripts around it see what they expect: results the controller produced carry no
+//! instance, results an agent produced always do, and a failure of one agent or node is a
+//! result like any other, never the failure of the whole request.
+//!
+//! Timeouts nest: an agent answers within its own limit (5 s by default), the controller
+//! waits for agents at most [`Config::request_timeout`](crate::Config) (10 s), and the
+//! client at most its own (20 s); each side also shortens its limit to what the requester
+//! said it would wait. A request to an agent that is not connected fails at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use drover_net::conn;
+use drover_proto::config::validate;
+use drover_proto::model::{
+    Configuration, Instance, MgmtResult, MgmtRole, NodeStatus, ResultData, State,
+};
+use drover_proto::msg::{AgentResponse, ClientRequest, ClientResponse, ControllerRequest, Request};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::Shared;
+
+/// Answers one client request.
+pub(crate) async fn handle(shared: &Shared, req: Request<ClientRequest>) -> ClientResponse {
+    let id = req.id.clone();
+    // Answer before the client gives up, so that a timeout is a result, not a hang.
+    let budget = req.timeout_ms.map_or(shared.request_timeout, |ms| {
+        shared
+            .request_timeout
+            .min(Duration::from_millis(ms.saturating_mul(9) / 10))
+    });
+    match req.body {
+        ClientRequest::GetInstances => ClientResponse::Result(MgmtResult::ok(
+            id,
+            Some(ResultData::Instances(instances(shared))),
+        )),
+        ClientRequest::StageConfig { config } => {
+            ClientResponse::Results(stage(shared, &id, *config))
+        }
+        ClientRequest::GetConfig { deployed } => {
+            let (config, which) = if deployed {
+                (shared.store.deployed(), "deployed")
+            } else {
+                (shared.store.staged(), "staged")
+            };
+            ClientResponse::Result(match config {
+                Some(c) => MgmtResult::ok(id, Some(ResultData::Configuration(Box::new(c)))),
+                None => MgmtResult::err(id, format!("no {which} configuration available")),
+            })
+        }
+        ClientRequest::Deploy { restart_all } => {
+            ClientResponse::Results(deploy(shared, &id, restart_all, budget).await)
+        }
+        ClientRequest::GetNodes => ClientResponse::Results(get_nodes(shared, &id, budget).await),
+        ClientRequest::Restart { nodes } => ClientResponse::Results(
+            act(shared, &id, nodes, budget, |nodes| {
+                ControllerRequest::Restart { nodes }
+            })
+            .await,
+        ),
+        ClientRequest::Stop { nodes } => ClientResponse::Results(
+            act(shared, &id, nodes, budget, |nodes| {
+                ControllerRequest::Stop { nodes }
+            })
+            .await,
+        ),
+        ClientRequest::Start { nodes } => ClientResponse::Results(
+            act(shared, &id, nodes, budget, |nodes| {
+                ControllerRequest::Start { nodes }
+            })
+            .await,
+        ),
+        ClientRequest::TestTimeout { with_state } => {
+            if with_state {
+                tokio::time::sleep(budget).await;
+            } else {
+                // Nothing to answer; wait until the client has given up, then let the
+                // stream go.
+                let client = req.timeout_ms.map_or(budget, Duration::from_millis);
+                tokio::time::sleep(client + Duration::from_secs(1)).await;
+            }
+            ClientResponse::Result(MgmtResult::err(id, "request timed out"))
+        }
+    }
+}
+
+/// Connected agents, sorted by name, with the address they connected from.
+fn instances(shared: &Shared) -> Vec<Instance> {
+    shared
+        .registry
+        .snapshot()
+        .into_iter()
+        .map(|a| Instance {
+            name: a.name,
+            host: Some(a.addr.ip()),
+            port: None,
+        })
+        .collect()
+}
+
+fn stage(shared: &Shared, id: &str, config: Configuration) -> Vec<MgmtResult> {
+    let issues = validate(&config);
+    if !issues.is_empty() {
+        return issues
+            .into_iter()
+            .map(|i| MgmtResult::err(id, i.message))
+            .collect();
+    }
+    let config_id = config.id.clone();
+    match shared.store.set_staged(config) {
+        Ok(()) => {
+            info!(config = %config_id, "configuration staged");
+            vec![MgmtResult::ok(id, Some(ResultData::ConfigId(config_id)))]
+        }
+        Err(e) => {
+            warn!("cannot store the staged configuration: {e}");
+            vec![MgmtResult::err(
+                id,
+                format!("cannot store the configuration: {e}"),
+            )]
+        }
+    }
+}
+
+/// Sends each agent its request, concurrently, and waits at most `budget` for all
+/// answers; a late or failed agent is an error entry, sorted by agent name.
+async fn fan_out(
+    requests: Vec<(String, quinn::Connection, ControllerRequest)>,
+    budget: Duration,
+) -> Vec<(String, Result<AgentResponse, String>)> {
+    let mut set = JoinSet::new();
+    for (name, conn, req) in requests {
+        set.spawn(async move {
+            let r = conn::call::<_, AgentResponse>(&conn, &req, budget)
+                .await
+                .map_err(|e| match e {
+                    drover_net::NetError::Timeout { .. } => "request timed out".to_owned(),
+                    other => other.to_string(),
+                });
+            (name, r)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        if let Ok(r) = r {
+            out.push(r);
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Turns agents' answers into per-node results.
+fn agent_results(
+    id: &str,
+    answers: Vec<(String, Result<AgentResponse, String>)>,
+) -> Vec<MgmtResult> {
+    let mut results = Vec::new();
+    for (instance, answer) in answers {
+        match answer {
+            Ok(AgentResponse::Results(rs)) => {
+                results.extend(rs.into_iter().map(|mut r| {
+                    r.instance = Some(instance.clone());
+                    r
+                }));
+            }
+            Ok(other) => results.push(
+                MgmtResult::err(id, format!("unexpected answer from the agent: {other:?}"))
+                    .on_instance(&instance),
+            ),
+            Err(e) => results.push(MgmtResult::err(id, e).on_instance(&instance)),
+        }
+    }
+    results
+}
+
+async fn deploy(shared: &Shared, id: &str, restart_all: bool, budget: Duration) -> Vec<MgmtResult> {
+    let Some(mut config) = shared.store.staged() else {
+        return vec![MgmtResult::err(id, "no configuration available to deploy")];
+    };
+    {
+        let mut deploying = shared.deploying.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pending) = deploying.as_ref() {
+            return vec![MgmtResult::err(
+                id,
+                format!("earlier deployment {pending} still pending"),
+            )];
+        }
+        *deploying = Some(id.to_owned());
+    }
+    let result = deploy_locked(shared, id, &mut config, restart_all, budget).await;
+    *shared.deploying.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    result
+}
+
+async fn deploy_locked(
+    shared: &Shared,
+    id: &str,
+    config: &mut Configuration,
+    restart_all: bool,
+    budget: Duration,
+) -> Vec<MgmtResult> {
+    let connected: BTreeMap<String, quinn::Connection> = shared
+        .registry
+        .snapshot()
+        .into_iter()
+        .filter_map(|a| Some((a.name.clone(), shared.registry.get(&a.name)?)))
+        .collect();
+    let missing: Vec<&str> = config
+        .instances
+        .iter()
+        .map(|i| i.name.as_str())
+        .filter(|n| !connected.contains_key(*n))
+        .collect();
+    if !missing.is_empty() {
+        return vec![MgmtResult::err(
+            id,
+            format!("instances not connected: {}", missing.join(", ")),
+        )];
+    }
+    // The deployed form records where each instance was reached.
+    let hosts: BTreeMap<String, std::net::IpAddr> = shared
+        .registry
+        .snapshot()
+        .into_iter()
+        .map(|a| (a.name, a.addr.ip()))
+        .collect();
+    for inst in &mut config.instances {
+        if inst.host.is_none_or(|h| h.is_unspecified())
+            && let Some(h) = hosts.get(&inst.name)
+        {
+            inst.host = Some(*h);
+        }
+    }
+    info!(config = %config.id, restart_all, "deploying");
+    let started = std::time::Instant::now();
+    // Every connected agent gets the configuration: those without nodes in it stop
+    // whatever they ran before.
+    let req = ControllerRequest::Apply {
+        config: Box::new(config.clone()),
+        restart_all,
+    };
+    let requests = connected
+        .into_iter()
+        .map(|(name, conn)| (name, conn, req.clone()))
+        .collect();
+    let answers = fan_out(requests, budget).await;
+    let mut results = agent_results(id, answers);
+    let failed = results.iter().filter(|r| !r.success).count();
+    match shared.store.set_deployed(config.clone()) {
+        Ok(()) => {
+            info!(
+                config = %config.id,
+                failed,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "deployed"
+            );
+            results.push(MgmtResult::ok(
+                id,
+                Some(ResultData::ConfigId(config.id.clone())),
+            ));
+        }
+        Err(e) => {
+            warn!("cannot record the deployed configuration: {e}");
+            results.push(MgmtResult::err(
+                id,
+                format!("cannot record the deployed configuration: {e}"),
+            ));
+        }
+    }
+    results
+}
+
+/// Brings an agent that (re)connected up to the deployed configuration.
+pub(crate) async fn reapply(
+    shared: &Shared,
+    name: &str,
+    conn: &quinn::Connection,
+    deployed: Configuration,
+) {
+    let req = ControllerRequest::Apply {
+        config: Box::new(deployed),
+        restart_all: false,
+    };
+    match conn::call::<_, AgentResponse>(conn, &req, shared.request_timeout).await {
+        Ok(AgentResponse::Results(rs)) => {
+            for r in rs.iter().filter(|r| !r.success) {
+                warn!(
+                    agent = %name,
+                    node = r.node.as_deref().unwrap_or("?"),
+                    "re-applying the deployed configuration: {}",
+                    r.error.as_deref().unwrap_or("failed")
+                );
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(agent = %name, "cannot re-apply the deployed configuration: {e}"),
+    }
+}
+
+async fn get_nodes(shared: &Shared, id: &str, budget: Duration) -> Vec<MgmtResult> {
+    let agents: Vec<(String, quinn::Connection)> = shared
+        .registry
+        .snapshot()
+        .into_iter()
+        .filter_map(|a| Some((a.name.clone(), shared.registry.get(&a.name)?)))
+        .collect();
+    if agents.is_empty() {
+        return vec![MgmtResult::err(id, "no instances connected")];
+    }
+    let requests = agents
+        .into_iter()
+        .map(|(name, conn)| (name, conn, ControllerRequest::GetNodes))
+        .collect();
+    let answers = fan_out(requests, budget).await;
+    let mut results: Vec<MgmtResult> = answers
+        .into_iter()
+        .map(|(instance, answer)| match answer {
+            Ok(AgentResponse::Nodes(nodes)) => {
+                MgmtResult::ok(id, Some(ResultData::NodeStatuses(nodes))).on_instance(instance)
+            }
+            Ok(other) => {
+                MgmtResult::err(id, format!("unexpected answer from the agent: {other:?}"))
+                    .on_instance(instance)
+            }
+            Err(e) => MgmtResult::err(id, e).on_instance(instance),
+        })
+        .collect();
+    let mut me = NodeStatus::new(&shared.name, State::Running, MgmtRole::Controller);
+    me.pid = Some(std::process::id());
+    results.push(
+        MgmtResult::ok(id, Some(ResultData::NodeStatuses(vec![me]))).on_instance(&shared.name),
+    );
+    results
+}
+
+/// Stop, start or restart: unknown names are per-node errors; the rest goes to the
+/// agents that run them.
+async fn act(
+    shared: &Shared,
+    id: &str,
+    nodes: Vec<String>,
+    budget: Duration,
+    make: impl Fn(Vec<String>) -> ControllerRequest,
+) -> Vec<MgmtResult> {
+    if shared.registry.snapshot().is_empty() {
+        return vec![MgmtResult::err(id, "no instances connected")];
+    }
+    let Some(deployed) = shared.store.deployed() else {
+        return vec![MgmtResult::err(id, "no active cluster deployment")];
+    };
+    let mut results = Vec::new();
+    // instance -> node names (empty = all of that instance's nodes)
+    let mut by_instance: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    if nodes.is_empty() {
+        for inst in deployed
+            .nodes
+            .iter()
+            .map(|n| n.instance.clone())
+            .collect::<BTreeSet<_>>()
+        {
+            by_instance.insert(inst, Vec::new());
+        }
+    } else {
+        for name in nodes.into_iter().collect::<BTreeSet<_>>() {
+            match deployed.node(&name) {
+                Some(n) => by_instance
+                    .entry(n.instance.clone())
+                    .or_default()
+                    .push(name),
+                None => results.push(MgmtResult::err(id, "unknown cluster node").on_node(name)),
+            }
+        }
+    }
+    let mut requests = Vec::new();
+    for (instance, names) in by_instance {
+        match shared.registry.get(&instance) {
+            Some(conn) => requests.push((instance, conn, make(names))),
+            None => {
+                let names = if names.is_empty() {
+                    deployed
+                        .nodes_on(&instance)
+                        .map(|n| n.name.clone())
+                        .collect()
+                } else {
+                    names
+                };
+                for n in names {
+                    results.push(
+                        MgmtResult::err(id, format!("instance '{instance}' is not connected"))
+                            .on_instance(&instance)
+                            .on_node(n),
+                    );
+                }
+            }
+        }
+    }
+    let answers = fan_out(requests, budget).await;
+    results.extend(agent_results(id, answers));
+    results
+}
