@@ -19,7 +19,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use drover_proto::msg::ClientRequest;
 
 use crate::session::Session;
 
@@ -58,6 +57,63 @@ pub enum Command {
     Ca(ca::CaCommand),
     /// List the instances (agents) connected to the controller.
     GetInstances,
+    /// Validate a cluster file and store it as the staged configuration.
+    StageConfig {
+        /// The cluster file (TOML), or - for standard input.
+        file: String,
+    },
+    /// Deploy the staged configuration.
+    Deploy {
+        /// Restart every node, not only those whose spec changed.
+        #[arg(long)]
+        restart_all: bool,
+    },
+    /// Stage a cluster file and deploy it.
+    DeployConfig {
+        /// The cluster file (TOML), or - for standard input.
+        file: String,
+        /// Restart every node, not only those whose spec changed.
+        #[arg(long)]
+        restart_all: bool,
+    },
+    /// Show the staged (default) or deployed configuration.
+    GetConfig {
+        /// The deployed configuration.
+        #[arg(long, conflicts_with = "staged")]
+        deployed: bool,
+        /// The staged configuration (the default).
+        #[arg(long)]
+        staged: bool,
+        /// Print JSON (zeek-client's --as-json shape).
+        #[arg(long)]
+        as_json: bool,
+        /// Write to this file instead of standard output.
+        #[arg(short = 'f', long = "filename")]
+        filename: Option<PathBuf>,
+    },
+    /// The status of every node on every connected instance.
+    GetNodes,
+    /// Restart nodes (all when none are named).
+    Restart {
+        /// Node names.
+        nodes: Vec<String>,
+    },
+    /// Stop nodes (all when none are named); they stay stopped until started.
+    Stop {
+        /// Node names.
+        nodes: Vec<String>,
+    },
+    /// Start stopped nodes (all when none are named).
+    Start {
+        /// Node names.
+        nodes: Vec<String>,
+    },
+    /// Test request timeouts.
+    TestTimeout {
+        /// Let the controller answer with a timeout result instead of staying silent.
+        #[arg(long)]
+        with_state: bool,
+    },
 }
 
 /// Parses the command line, runs it, and reports errors; the exit code of `drover`.
@@ -74,24 +130,147 @@ pub fn main() -> ExitCode {
 
 /// Runs one command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match &cli.command {
-        Command::Ca(cmd) => ca::run(cmd),
-        Command::GetInstances => {
-            let rt = runtime()?;
-            rt.block_on(async {
-                let session = Session::connect(&cli).await?;
-                let reply = session.request(&ClientRequest::GetInstances).await?;
-                session.close().await;
-                let (json, ok) = output::get_instances(&reply);
-                output::print_json(&json)?;
-                Ok(if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                })
-            })
-        }
+    if let Command::Ca(cmd) = &cli.command {
+        return ca::run(cmd);
     }
+    let rt = runtime()?;
+    rt.block_on(async {
+        // Read input files before connecting, so that a bad file costs no connection.
+        let staged = match &cli.command {
+            Command::StageConfig { file } | Command::DeployConfig { file, .. } => {
+                Some(read_cluster_file(file)?)
+            }
+            _ => None,
+        };
+        let session = Session::connect(&cli).await?;
+        let result = command(&cli, &session, staged).await;
+        session.close().await;
+        result
+    })
+}
+
+fn exit(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn command(
+    cli: &Cli,
+    session: &Session,
+    staged: Option<drover_proto::Configuration>,
+) -> anyhow::Result<ExitCode> {
+    use drover_proto::msg::ClientRequest as R;
+    let (json, ok) = match &cli.command {
+        Command::Ca(_) => unreachable!("handled before connecting"),
+        Command::GetInstances => output::get_instances(&session.request(&R::GetInstances).await?),
+        Command::StageConfig { .. } => {
+            let config = Box::new(staged.expect("read above"));
+            output::stage_config(&session.request(&R::StageConfig { config }).await?)
+        }
+        Command::Deploy { restart_all } => output::deploy(
+            &session
+                .request(&R::Deploy {
+                    restart_all: *restart_all,
+                })
+                .await?,
+        ),
+        Command::DeployConfig { restart_all, .. } => {
+            let config = Box::new(staged.expect("read above"));
+            let reply = session.request(&R::StageConfig { config }).await?;
+            let (json, ok) = output::stage_config(&reply);
+            if !ok {
+                output::print_json(&json)?;
+                return Ok(exit(false));
+            }
+            output::deploy(
+                &session
+                    .request(&R::Deploy {
+                        restart_all: *restart_all,
+                    })
+                    .await?,
+            )
+        }
+        Command::GetConfig {
+            deployed,
+            as_json: _,
+            filename,
+            ..
+        } => {
+            let reply = session
+                .request(&R::GetConfig {
+                    deployed: *deployed,
+                })
+                .await?;
+            let (json, ok) = output::get_config(&reply);
+            if !ok {
+                return Ok(exit(false));
+            }
+            match filename {
+                Some(path) => {
+                    let text = serde_json::to_string_pretty(&json)? + "\n";
+                    std::fs::write(path, text)
+                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                    return Ok(exit(true));
+                }
+                None => (json, true),
+            }
+        }
+        Command::GetNodes => output::get_nodes(&session.request(&R::GetNodes).await?),
+        Command::Restart { nodes } => output::node_results(
+            &session
+                .request(&R::Restart {
+                    nodes: nodes.clone(),
+                })
+                .await?,
+            false,
+        ),
+        Command::Stop { nodes } => output::node_results(
+            &session
+                .request(&R::Stop {
+                    nodes: nodes.clone(),
+                })
+                .await?,
+            true,
+        ),
+        Command::Start { nodes } => output::node_results(
+            &session
+                .request(&R::Start {
+                    nodes: nodes.clone(),
+                })
+                .await?,
+            true,
+        ),
+        Command::TestTimeout { with_state } => output::test_timeout(
+            &session
+                .request(&R::TestTimeout {
+                    with_state: *with_state,
+                })
+                .await?,
+        ),
+    };
+    output::print_json(&json)?;
+    Ok(exit(ok))
+}
+
+/// Reads and validates a cluster file (`-` for standard input).
+fn read_cluster_file(file: &str) -> anyhow::Result<drover_proto::Configuration> {
+    use std::io::Read;
+    let (name, text) = if file == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| anyhow::anyhow!("cannot read standard input: {e}"))?;
+        ("<stdin>".to_owned(), text)
+    } else {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("cannot read cluster file {file}: {e}"))?;
+        (file.to_owned(), text)
+    };
+    drover_proto::config::parse_toml(&name, &text)
+        .map_err(|issues| anyhow::anyhow!("configuration has errors, not sending:\n{issues}"))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

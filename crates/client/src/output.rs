@@ -57,6 +57,210 @@ pub fn get_instances(reply: &ClientResponse) -> (Value, bool) {
     (Value::Object(obj), true)
 }
 
+fn results(reply: &ClientResponse) -> Vec<&MgmtResult> {
+    match reply {
+        ClientResponse::Result(r) => vec![r],
+        ClientResponse::Results(rs) => rs.iter().collect(),
+    }
+}
+
+/// stage-config: `{"errors": [...], "results": {"id": ...}}`.
+pub fn stage_config(reply: &ClientResponse) -> (Value, bool) {
+    let mut errors = Vec::new();
+    let mut res = Map::new();
+    for r in results(reply) {
+        if !r.success {
+            errors.push(json!(r.error.as_deref().unwrap_or("no reason given")));
+        }
+        if let Some(ResultData::ConfigId(id)) = &r.data {
+            res.insert("id".into(), json!(id));
+        }
+    }
+    let ok = errors.is_empty();
+    (json!({"errors": errors, "results": res}), ok)
+}
+
+/// deploy and deploy-config: `{"errors": [...], "results": {"id": ..., "nodes": {...}}}`.
+pub fn deploy(reply: &ClientResponse) -> (Value, bool) {
+    let mut errors = Vec::new();
+    let mut res = Map::new();
+    let mut nodes = Map::new();
+    let mut ok = true;
+    for r in results(reply) {
+        ok &= r.success;
+        if !r.success && r.node.is_none() {
+            errors.push(json!(r.error.as_deref().unwrap_or("no reason given")));
+            continue;
+        }
+        match (&r.instance, &r.node) {
+            (None, _) => {
+                if let Some(ResultData::ConfigId(id)) = &r.data {
+                    res.insert("id".into(), json!(id));
+                }
+            }
+            (Some(_), None) => {}
+            (Some(instance), Some(node)) => {
+                let mut v = Map::new();
+                v.insert("instance".into(), json!(instance));
+                v.insert("success".into(), json!(r.success));
+                if let Some(ResultData::NodeOutputs(o)) = &r.data {
+                    v.insert("stdout".into(), json!(o.stdout));
+                    v.insert("stderr".into(), json!(o.stderr));
+                }
+                nodes.insert(node.clone(), Value::Object(v));
+            }
+        }
+    }
+    if !nodes.is_empty() {
+        res.insert("nodes".into(), Value::Object(nodes));
+    }
+    (json!({"errors": errors, "results": res}), ok)
+}
+
+/// get-config --as-json: the configuration with instances and nodes as lists.
+pub fn get_config(reply: &ClientResponse) -> (Value, bool) {
+    let Some(r) = single(reply) else {
+        return (Value::Null, false);
+    };
+    let Some(ResultData::Configuration(c)) = &r.data else {
+        eprintln!(
+            "error: {}",
+            r.error
+                .as_deref()
+                .unwrap_or("no configuration in the reply")
+        );
+        return (Value::Null, false);
+    };
+    let instances: Vec<Value> = c
+        .instances
+        .iter()
+        .map(|i| {
+            let mut v = Map::new();
+            v.insert("name".into(), json!(i.name));
+            if let Some(h) = i.host
+                && !(h.is_unspecified() && i.port.is_none())
+            {
+                v.insert("host".into(), json!(h.to_string()));
+            }
+            if let Some(p) = i.port {
+                v.insert("port".into(), json!(p));
+            }
+            Value::Object(v)
+        })
+        .collect();
+    let nodes: Vec<Value> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "name": n.name,
+                "instance": n.instance,
+                "role": zeek_role(&n.role),
+                "port": n.port,
+                "metrics_port": n.metrics_port,
+                "interface": n.interface,
+                "cpu_affinity": n.cpu_affinity.as_ref().map(|a| a.cpus()),
+                "env": n.env,
+                "scripts": if n.scripts.is_empty() { Value::Null } else { json!(n.scripts) },
+                "options": Value::Null,
+                "command": n.command,
+            })
+        })
+        .collect();
+    (
+        json!({"id": c.id, "instances": instances, "nodes": nodes}),
+        true,
+    )
+}
+
+/// A cluster role as zeek-client prints it: upper-case, or null for none.
+fn zeek_role(role: &drover_proto::ClusterRole) -> Value {
+    if role.is_none() {
+        Value::Null
+    } else {
+        json!(role.as_str().to_uppercase())
+    }
+}
+
+/// get-nodes: `{"errors": [{"source", "error"}], "results": {instance: {node: {...}}}}`.
+pub fn get_nodes(reply: &ClientResponse) -> (Value, bool) {
+    use drover_proto::MgmtRole;
+    let mut errors = Vec::new();
+    let mut res = Map::new();
+    for r in results(reply) {
+        if !r.success {
+            errors.push(json!({"source": r.instance, "error": r.error.as_deref().unwrap_or("no reason given")}));
+            continue;
+        }
+        let Some(ResultData::NodeStatuses(statuses)) = &r.data else {
+            errors.push(
+                json!({"source": r.instance, "error": "result does not contain node status data"}),
+            );
+            continue;
+        };
+        let mut nodes = Map::new();
+        for s in statuses {
+            let mut v = Map::new();
+            v.insert("state".into(), json!(s.state.as_str()));
+            v.insert(
+                "mgmt_role".into(),
+                match s.mgmt_role {
+                    MgmtRole::None => Value::Null,
+                    MgmtRole::Agent => json!("AGENT"),
+                    MgmtRole::Controller => json!("CONTROLLER"),
+                    MgmtRole::Node => json!("NODE"),
+                },
+            );
+            v.insert("cluster_role".into(), zeek_role(&s.cluster_role));
+            if let Some(pid) = s.pid {
+                v.insert("pid".into(), json!(pid));
+            }
+            if let Some(p) = s.port {
+                v.insert("port".into(), json!(p));
+            }
+            if let Some(p) = s.metrics_port {
+                v.insert("metrics_port".into(), json!(p));
+            }
+            nodes.insert(s.node.clone(), Value::Object(v));
+        }
+        res.insert(r.instance.clone().unwrap_or_default(), Value::Object(nodes));
+    }
+    let ok = errors.is_empty();
+    (json!({"errors": errors, "results": res}), ok)
+}
+
+/// restart, stop, start: `{"errors": [{"source", "error"}], "results": {node: bool}}`.
+/// zeek-client's restart fails only on error entries; with `strict` (drover's own
+/// commands) a node that reports failure fails the command too.
+pub fn node_results(reply: &ClientResponse, strict: bool) -> (Value, bool) {
+    let mut errors = Vec::new();
+    let mut res = Map::new();
+    for r in results(reply) {
+        if !r.success && r.instance.is_none() {
+            errors.push(
+                json!({"source": r.node, "error": r.error.as_deref().unwrap_or("no reason given")}),
+            );
+            continue;
+        }
+        match &r.node {
+            Some(node) => {
+                res.insert(node.clone(), json!(r.success));
+            }
+            None => errors.push(json!({"source": r.instance, "error": r.error.as_deref().unwrap_or("result lacking node")})),
+        }
+    }
+    let ok = errors.is_empty() && (!strict || res.values().all(|v| v == &json!(true)));
+    (json!({"errors": errors, "results": res}), ok)
+}
+
+/// test-timeout: `{"error": ..., "success": ...}`.
+pub fn test_timeout(reply: &ClientResponse) -> (Value, bool) {
+    match single(reply) {
+        Some(r) => (json!({"error": r.error, "success": r.success}), true),
+        None => (json!({"error": null, "success": false}), true),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
