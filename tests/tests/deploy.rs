@@ -1,0 +1,336 @@
+//! Deploying configurations through the controller to real agents running real node
+//! processes, and acting on them: get-nodes, restart, stop, start; agent and controller
+//! restarts that leave the nodes alone.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use drover_tests::{Cluster, PATIENCE, bin, eventually};
+use serde_json::Value;
+
+/// A cluster file with `per_agent` testprog nodes on each of `agents`.
+fn cluster_file(c: &Cluster, agents: &[&str], per_agent: usize, extra: &str) -> std::path::PathBuf {
+    let prog = bin("drover-testprog");
+    let mut text = String::from(
+        "[defaults]\nbackoff = { initial = \"0s\" }\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
+    );
+    text.push_str(extra);
+    for a in agents {
+        text.push_str(&format!("[instances.{a}]\n"));
+    }
+    for a in agents {
+        for i in 1..=per_agent {
+            text.push_str(&format!(
+                "[nodes.{a}-n{i}]\ninstance = \"{a}\"\ncommand = [\"{}\", \"--sleep-forever\"]\n",
+                prog.display()
+            ));
+        }
+    }
+    let path = c.dir.path().join(format!("cluster-{}.toml", text.len()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// node name -> (state, pid) from get-nodes, nodes only (no agents or controller).
+fn nodes(c: &Cluster, addr: SocketAddr) -> BTreeMap<String, (String, Option<u64>)> {
+    let out = c.drover(addr, &["get-nodes"]);
+    let v = out.json();
+    let mut map = BTreeMap::new();
+    for (_, nodes) in v["results"].as_object().expect("results").iter() {
+        for (name, n) in nodes.as_object().expect("nodes") {
+            if n["mgmt_role"].is_null() {
+                map.insert(
+                    name.clone(),
+                    (n["state"].as_str().unwrap().to_owned(), n["pid"].as_u64()),
+                );
+            }
+        }
+    }
+    map
+}
+
+fn all_running(c: &Cluster, addr: SocketAddr, count: usize) -> Option<BTreeMap<String, u64>> {
+    let n = nodes(c, addr);
+    (n.len() == count && n.values().all(|(s, p)| s == "RUNNING" && p.is_some()))
+        .then(|| n.into_iter().map(|(k, (_, p))| (k, p.unwrap())).collect())
+}
+
+fn pid_alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+fn start(
+    c: &Cluster,
+    agents: &[&str],
+) -> (drover_tests::Proc, SocketAddr, Vec<drover_tests::Proc>) {
+    let (controller, addr) = c.start_controller("127.0.0.1:0");
+    let procs: Vec<_> = agents.iter().map(|a| c.start_agent(a, addr)).collect();
+    eventually("agents connected", PATIENCE, || {
+        let out = c.drover(addr, &["get-instances"]);
+        (out.json().as_object().map(|o| o.len()) == Some(agents.len())).then_some(())
+    });
+    (controller, addr, procs)
+}
+
+#[test]
+fn deploy_get_nodes_and_minimal_redeploy() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agents) = start(&c, &["agent-1", "agent-2"]);
+    let file = cluster_file(&c, &["agent-1", "agent-2"], 5, "");
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert_eq!(v["errors"], Value::Array(vec![]));
+    assert_eq!(v["results"]["nodes"].as_object().unwrap().len(), 10);
+    assert_eq!(v["results"]["nodes"]["agent-2-n3"]["instance"], "agent-2");
+    assert_eq!(v["results"]["nodes"]["agent-2-n3"]["success"], true);
+    let before = eventually("10 nodes running", PATIENCE, || all_running(&c, addr, 10));
+
+    // get-nodes shape: agents and the controller appear with their management role.
+    let g = c.drover(addr, &["get-nodes"]).json();
+    assert_eq!(g["results"]["agent-1"]["agent-1"]["mgmt_role"], "AGENT");
+    assert_eq!(
+        g["results"]["controller"]["controller"]["mgmt_role"],
+        "CONTROLLER"
+    );
+    assert_eq!(g["results"]["agent-1"]["agent-1-n1"]["state"], "RUNNING");
+
+    // Deploying the same file again restarts nothing.
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(all_running(&c, addr, 10).as_ref(), Some(&before));
+
+    // A change to one node of ten restarts exactly that node.
+    let text = std::fs::read_to_string(&file).unwrap().replacen(
+        "[nodes.agent-1-n2]\n",
+        "[nodes.agent-1-n2]\nenv = { CHANGED = \"1\" }\n",
+        1,
+    );
+    std::fs::write(&file, text).unwrap();
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let v = out.json();
+    let restarted: Vec<&String> = v["results"]["nodes"].as_object().unwrap().keys().collect();
+    assert_eq!(restarted, vec!["agent-1-n2"]);
+    let after = eventually("10 nodes running", PATIENCE, || all_running(&c, addr, 10));
+    for (name, pid) in &before {
+        if name == "agent-1-n2" {
+            assert_ne!(after[name], *pid, "the changed node restarts");
+            assert!(!pid_alive(*pid));
+        } else {
+            assert_eq!(after[name], *pid, "{name} must keep its process");
+        }
+    }
+}
+
+#[test]
+fn restart_stop_start_subsets_and_unknown_names() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agents) = start(&c, &["agent-1", "agent-2"]);
+    let file = cluster_file(&c, &["agent-1", "agent-2"], 2, "");
+    assert_eq!(
+        c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code,
+        Some(0)
+    );
+    let before = eventually("4 running", PATIENCE, || all_running(&c, addr, 4));
+
+    let out = c.drover(addr, &["restart", "agent-1-n1", "agent-2-n2", "nope"]);
+    let v = out.json();
+    assert_eq!(out.code, Some(1), "an unknown node is an error entry");
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "errors": [{"source": "nope", "error": "unknown cluster node"}],
+            "results": {"agent-1-n1": true, "agent-2-n2": true}
+        })
+    );
+    let after = eventually("4 running", PATIENCE, || all_running(&c, addr, 4));
+    assert_ne!(after["agent-1-n1"], before["agent-1-n1"]);
+    assert_ne!(after["agent-2-n2"], before["agent-2-n2"]);
+    assert_eq!(after["agent-1-n2"], before["agent-1-n2"]);
+
+    let out = c.drover(addr, &["stop", "agent-2-n1"]);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    assert!(
+        !pid_alive(after["agent-2-n1"]),
+        "stop returns once the process is gone"
+    );
+    let n = nodes(&c, addr);
+    assert_eq!(n["agent-2-n1"], ("STOPPED".to_owned(), None));
+
+    let out = c.drover(addr, &["start", "agent-2-n1"]);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    eventually("4 running", PATIENCE, || all_running(&c, addr, 4));
+
+    // Stop with no names stops everything.
+    let out = c.drover(addr, &["stop"]);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    assert_eq!(out.json()["results"].as_object().unwrap().len(), 4);
+    assert!(nodes(&c, addr).values().all(|(s, _)| s == "STOPPED"));
+}
+
+#[test]
+fn deploy_needs_every_instance_and_reports_failed_nodes_with_outputs() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agents) = start(&c, &["agent-1"]);
+    let file = cluster_file(&c, &["agent-1", "agent-2"], 1, "");
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1));
+    assert_eq!(out.json()["errors"][0], "instances not connected: agent-2");
+
+    let prog = bin("drover-testprog");
+    let text = format!(
+        "[instances.agent-1]\n[nodes.bad]\ninstance = \"agent-1\"\ncommand = [\"{}\", \"--print\", \"hello\", \"--eprint\", \"boom\", \"--exit-after\", \"0\", \"--exit-code\", \"3\"]\nmax_failed_starts = 2\nbackoff = {{ initial = \"10ms\" }}\n[nodes.good]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+        prog.display(),
+        prog.display()
+    );
+    let file = c.dir.path().join("bad.toml");
+    std::fs::write(&file, text).unwrap();
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1));
+    let v = out.json();
+    assert_eq!(v["results"]["nodes"]["good"]["success"], true);
+    let bad = &v["results"]["nodes"]["bad"];
+    assert_eq!(bad["success"], false);
+    assert!(bad["stdout"].as_str().unwrap().contains("hello"), "{bad}");
+    assert!(bad["stderr"].as_str().unwrap().contains("boom"), "{bad}");
+    assert!(
+        v["results"]["id"].is_string(),
+        "the deploy is recorded: {v}"
+    );
+    eventually("bad node FAILED after its attempts", PATIENCE, || {
+        (nodes(&c, addr)["bad"].0 == "FAILED").then_some(())
+    });
+}
+
+#[test]
+fn staging_reports_every_error_and_get_config_round_trips() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agents) = start(&c, &["agent-1"]);
+    let out = c.drover(addr, &["get-config"]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("no staged configuration available"),
+        "{}",
+        out.stderr
+    );
+
+    let bad = c.dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[instances.a]\n[nodes.x]\ninstance = \"b\"\ncommand = [\"x\"]\n",
+    )
+    .unwrap();
+    let out = c.drover(addr, &["stage-config", bad.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains("nodes.x.instance: node 'x' has undeclared instance name 'b'"),
+        "{}",
+        out.stderr
+    );
+
+    let file = cluster_file(&c, &["agent-1"], 1, "");
+    let out = c.drover(addr, &["stage-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let id = out.json()["results"]["id"].as_str().unwrap().to_owned();
+    let got = c.drover(addr, &["get-config", "--as-json"]).json();
+    assert_eq!(got["id"], id.as_str());
+    assert_eq!(got["nodes"][0]["name"], "agent-1-n1");
+    let out = c.drover(addr, &["get-config", "--deployed"]);
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("no deployed configuration available"));
+}
+
+#[test]
+fn agent_sigkill_and_restart_keeps_every_node_pid() {
+    let c = Cluster::new();
+    let (ctl, addr, mut agents) = start(&c, &["agent-1"]);
+    let file = cluster_file(&c, &["agent-1"], 4, "");
+    assert_eq!(
+        c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code,
+        Some(0)
+    );
+    let before = eventually("4 running", PATIENCE, || all_running(&c, addr, 4));
+
+    agents[0].kill();
+    ctl.wait_log("agent 'agent-1' lost");
+    assert!(
+        before.values().all(|p| pid_alive(*p)),
+        "nodes outlive their agent"
+    );
+
+    let _again = c.start_agent("agent-1", addr);
+    let after = eventually("nodes back", PATIENCE, || all_running(&c, addr, 4));
+    assert_eq!(
+        after, before,
+        "the new agent adopts every node with its pid"
+    );
+
+    // Adopted nodes are still supervised: a killed one is restarted.
+    let victim = after["agent-1-n3"];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let replaced = eventually("adopted node restarted", PATIENCE, || {
+        let n = all_running(&c, addr, 4)?;
+        (n["agent-1-n3"] != victim).then_some(n)
+    });
+    assert_eq!(replaced["agent-1-n1"], before["agent-1-n1"]);
+}
+
+#[test]
+fn controller_sigkill_and_restart_loses_nothing() {
+    let c = Cluster::new();
+    let (mut ctl, addr, _agents) = start(&c, &["agent-1", "agent-2"]);
+    let file = cluster_file(&c, &["agent-1", "agent-2"], 2, "");
+    assert_eq!(
+        c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code,
+        Some(0)
+    );
+    let before = eventually("4 running", PATIENCE, || all_running(&c, addr, 4));
+    let deployed = c
+        .drover(addr, &["get-config", "--deployed", "--as-json"])
+        .stdout;
+
+    ctl.kill();
+    let (_ctl2, addr2) = c.start_controller(&addr.to_string());
+    let after = eventually("get-nodes complete again", PATIENCE, || {
+        all_running(&c, addr2, 4)
+    });
+    assert_eq!(after, before);
+    assert_eq!(
+        c.drover(addr2, &["get-config", "--deployed", "--as-json"])
+            .stdout,
+        deployed
+    );
+}
+
+#[test]
+fn sigterm_to_the_agent_stops_its_nodes() {
+    let c = Cluster::new();
+    let (_ctl, addr, mut agents) = start(&c, &["agent-1"]);
+    let file = cluster_file(&c, &["agent-1"], 3, "");
+    assert_eq!(
+        c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code,
+        Some(0)
+    );
+    let pids = eventually("3 running", PATIENCE, || all_running(&c, addr, 3));
+    agents[0].signal(nix::sys::signal::Signal::SIGTERM);
+    let status = agents[0].wait_exit(std::time::Duration::from_secs(20));
+    assert!(status.success());
+    assert!(
+        pids.values().all(|p| !pid_alive(*p)),
+        "every node stopped with the agent"
+    );
+}
