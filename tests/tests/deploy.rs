@@ -334,3 +334,78 @@ fn sigterm_to_the_agent_stops_its_nodes() {
         "every node stopped with the agent"
     );
 }
+
+#[test]
+fn logs_tail_and_follow() {
+    use std::io::BufRead;
+    let c = Cluster::new();
+    let (_ctl, addr, _agents) = start(&c, &["agent-1"]);
+    let prog = bin("drover-testprog");
+    let text = format!(
+        "[instances.agent-1]\n\
+         [nodes.talker]\ninstance = \"agent-1\"\ncommand = [\"{p}\", \"--print\", \"hello out\", \"--eprint\", \"hello err\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
+         [nodes.chatty]\ninstance = \"agent-1\"\ncommand = [\"{p}\", \"--stdout-rate\", \"50\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+        p = prog.display()
+    );
+    let file = c.dir.path().join("logs.toml");
+    std::fs::write(&file, text).unwrap();
+    assert_eq!(
+        c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code,
+        Some(0)
+    );
+
+    let out = eventually("talker output", PATIENCE, || {
+        let out = c.drover(addr, &["logs", "talker", "-n", "5"]);
+        (out.code == Some(0) && out.stdout.contains("hello out")).then_some(out)
+    });
+    assert_eq!(out.stdout, "hello out\n");
+    assert_eq!(out.stderr, "hello err\n");
+
+    let out = c.drover(addr, &["logs", "nope"]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("nope: unknown cluster node"),
+        "{}",
+        out.stderr
+    );
+
+    // Follow: new lines keep arriving until we hang up.
+    let mut cmd = std::process::Command::new(bin("drover"));
+    cmd.args(["--controller", &addr.to_string()])
+        .arg("--ca")
+        .arg(c.pki_file("ca.crt"))
+        .arg("--cert")
+        .arg(c.pki_file("ops.crt"))
+        .arg("--key")
+        .arg(c.pki_file("ops.key"))
+        .args(["logs", "chatty", "-n", "0", "-f", "--stream", "stdout"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seqs = Vec::new();
+    while seqs.len() < 20 {
+        let line = rx
+            .recv_timeout(PATIENCE)
+            .expect("followed lines keep coming");
+        let seq: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        seqs.push(seq);
+    }
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "in order, none lost: {seqs:?}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The cluster is unaffected by the follower's departure.
+    assert_eq!(c.drover(addr, &["get-nodes"]).code, Some(0));
+}

@@ -24,12 +24,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use drover_net::conn::Answer;
 use drover_net::conn::{self, TransportSettings};
 use drover_net::{Credentials, Identity, NetError, TlsFiles};
-use drover_proto::model::{MgmtResult, MgmtRole, NodeStatus, State};
+use drover_proto::model::{LogChunk, LogStream, MgmtResult, MgmtRole, NodeStatus, State};
 use drover_proto::msg::{
-    API_VERSION, AgentRequest, AgentResponse, ControllerRequest, Hello, PeerRole, Request,
-    WireError,
+    API_VERSION, AgentRequest, AgentResponse, ControllerRequest, ErrorCode, Hello, PeerRole,
+    Request, WireError,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -250,7 +251,21 @@ impl Agent {
                     }
                     AgentResponse::Results(rs)
                 };
-                Ok::<_, WireError>(match req.body {
+                Ok::<_, WireError>(Answer::One(match req.body {
+                    ControllerRequest::Logs {
+                        node,
+                        lines,
+                        follow,
+                        stream,
+                    } => {
+                        let Some(logs) = sup.logs(&node).await else {
+                            return Err(WireError::new(
+                                ErrorCode::BadRequest,
+                                format!("unknown cluster node '{node}'"),
+                            ));
+                        };
+                        return Ok(Answer::Stream(stream_logs(logs, lines, follow, stream)));
+                    }
                     ControllerRequest::GetNodes => {
                         let mut nodes = sup.status().await;
                         nodes.push(own_status(&name));
@@ -269,10 +284,10 @@ impl Agent {
                     ControllerRequest::Start { nodes } => {
                         results(sup.act(Op::Start, nodes, deadline).await)
                     }
-                })
+                }))
             }
         };
-        let reason = conn::serve(conn, self.config.transport, handler).await;
+        let reason = conn::serve_answers(conn, self.config.transport, handler).await;
         reporter.abort();
         reason
     }
@@ -297,6 +312,77 @@ async fn report_status(conn: quinn::Connection, supervisor: Supervisor) {
             tracing::debug!("status report failed: {e}");
         }
     }
+}
+
+/// How often a followed log file is checked for new lines.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+/// The last `lines` lines of the node's streams, then (with `follow`) new lines in
+/// batches until the receiver is dropped. Followers start before the tails are read, so
+/// no line falls between the two; a line written in that instant may come twice.
+fn stream_logs(
+    logs: logs::NodeLogs,
+    lines: usize,
+    follow: bool,
+    only: Option<LogStream>,
+) -> tokio::sync::mpsc::Receiver<AgentResponse> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let streams: Vec<LogStream> = match only {
+        Some(s) => vec![s],
+        None => vec![LogStream::Stdout, LogStream::Stderr],
+    };
+    let file_stream = |s: LogStream| match s {
+        LogStream::Stdout => logs::Stream::Stdout,
+        LogStream::Stderr => logs::Stream::Stderr,
+    };
+    let followers: Vec<_> = if follow {
+        streams
+            .iter()
+            .map(|s| (*s, logs.follow(file_stream(*s), FOLLOW_POLL)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    tokio::spawn(async move {
+        for s in &streams {
+            let l = logs.clone();
+            let fs = file_stream(*s);
+            let tail = tokio::task::spawn_blocking(move || l.tail(fs, lines))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            let chunk = LogChunk {
+                stream: *s,
+                lines: tail,
+            };
+            if tx.send(AgentResponse::Log(chunk)).await.is_err() {
+                return;
+            }
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (stream, mut rx) in followers {
+            let tx = tx.clone();
+            tasks.spawn(async move {
+                while let Some(first) = rx.recv().await {
+                    let mut lines = vec![first];
+                    while lines.len() < 512 {
+                        match rx.try_recv() {
+                            Ok(l) => lines.push(l),
+                            Err(_) => break,
+                        }
+                    }
+                    let chunk = LogChunk { stream, lines };
+                    if tx.send(AgentResponse::Log(chunk)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        while tasks.join_next().await.is_some() {}
+    });
+    rx
 }
 
 /// Coalescing window of status reports.

@@ -94,6 +94,10 @@ enum Command {
     Status {
         reply: oneshot::Sender<Vec<NodeStatus>>,
     },
+    Logs {
+        node: String,
+        reply: oneshot::Sender<Option<NodeLogs>>,
+    },
     Shutdown {
         stop_nodes: bool,
         reply: oneshot::Sender<()>,
@@ -387,6 +391,14 @@ impl Supervisor {
             .unwrap_or_default()
     }
 
+    /// The log files of a node, if it exists.
+    pub async fn logs(&self, node: &str) -> Option<NodeLogs> {
+        let node = node.to_owned();
+        self.ask(|reply| Command::Logs { node, reply })
+            .await
+            .flatten()
+    }
+
     /// Ends the supervisor; with `stop_nodes`, stops every node first (bounded by the
     /// longest stop timeout), otherwise leaves them running for the next agent process.
     pub async fn shutdown(&self, stop_nodes: bool) {
@@ -487,6 +499,9 @@ impl Core {
             } => self.act(op, nodes, deadline, reply),
             Command::Status { reply } => {
                 let _ = reply.send(self.statuses());
+            }
+            Command::Logs { node, reply } => {
+                let _ = reply.send(self.nodes.get(&node).map(|e| e.logs.clone()));
             }
             Command::Shutdown { stop_nodes, reply } => {
                 let now = self.now();

@@ -108,12 +108,36 @@ pub enum Command {
         /// Node names.
         nodes: Vec<String>,
     },
+    /// Show a node's output: the last lines of its stdout (on stdout) and stderr (on
+    /// stderr); with -f, keep following new lines until interrupted.
+    Logs {
+        /// The node.
+        node: String,
+        /// How many lines of each stream to show first.
+        #[arg(short = 'n', long, default_value_t = 10)]
+        lines: usize,
+        /// Follow new lines as they are written.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only this stream.
+        #[arg(long, value_enum)]
+        stream: Option<StreamArg>,
+    },
     /// Test request timeouts.
     TestTimeout {
         /// Let the controller answer with a timeout result instead of staying silent.
         #[arg(long)]
         with_state: bool,
     },
+}
+
+/// A node's output stream, on the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum StreamArg {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
 }
 
 /// Parses the command line, runs it, and reports errors; the exit code of `drover`.
@@ -243,6 +267,24 @@ async fn command(
                 .await?,
             true,
         ),
+        Command::Logs {
+            node,
+            lines,
+            follow,
+            stream,
+        } => {
+            let req = R::Logs {
+                node: node.clone(),
+                lines: *lines,
+                follow: *follow,
+                stream: stream.map(|s| match s {
+                    StreamArg::Stdout => drover_proto::model::LogStream::Stdout,
+                    StreamArg::Stderr => drover_proto::model::LogStream::Stderr,
+                }),
+            };
+            let mut replies = session.request_stream(&req).await?;
+            return output::print_logs(&mut replies).await.map(exit);
+        }
         Command::TestTimeout { with_state } => output::test_timeout(
             &session
                 .request(&R::TestTimeout {

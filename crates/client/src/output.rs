@@ -253,6 +253,43 @@ pub fn node_results(reply: &ClientResponse, strict: bool) -> (Value, bool) {
     (json!({"errors": errors, "results": res}), ok)
 }
 
+/// logs: prints each batch of lines to stdout or stderr, as the node wrote them.
+/// Returns false if the controller or agent reported an error.
+pub async fn print_logs(replies: &mut drover_net::conn::ReplyStream) -> anyhow::Result<bool> {
+    use drover_proto::model::LogStream;
+    while let Some(reply) = replies.next::<ClientResponse>().await? {
+        for r in results(&reply) {
+            if !r.success {
+                eprintln!(
+                    "error: {}{}",
+                    r.node
+                        .as_deref()
+                        .map(|n| format!("{n}: "))
+                        .unwrap_or_default(),
+                    r.error.as_deref().unwrap_or("no reason given")
+                );
+                return Ok(false);
+            }
+            if let Some(ResultData::Log(chunk)) = &r.data {
+                let text: String = chunk.lines.iter().map(|l| format!("{l}\n")).collect();
+                match chunk.stream {
+                    LogStream::Stdout => {
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(text.as_bytes())?;
+                        out.flush()?;
+                    }
+                    LogStream::Stderr => {
+                        let mut err = std::io::stderr().lock();
+                        err.write_all(text.as_bytes())?;
+                        err.flush()?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
 /// test-timeout: `{"error": ..., "success": ...}`.
 pub fn test_timeout(reply: &ClientResponse) -> (Value, bool) {
     match single(reply) {

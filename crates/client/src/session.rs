@@ -106,6 +106,11 @@ impl Session {
         Ok(conn::call(&self.conn, req, self.timeout).await?)
     }
 
+    /// Sends one request whose replies come as a stream.
+    pub async fn request_stream(&self, req: &ClientRequest) -> anyhow::Result<conn::ReplyStream> {
+        Ok(conn::call_stream(&self.conn, req, self.timeout).await?)
+    }
+
     /// Closes the connection politely so the controller sees it go at once.
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"done");

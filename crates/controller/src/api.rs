@@ -13,10 +13,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use drover_net::conn;
+use drover_net::conn::{self, Answer};
 use drover_proto::config::validate;
 use drover_proto::model::{
-    Configuration, Instance, MgmtResult, MgmtRole, NodeStatus, ResultData, State,
+    Configuration, Instance, LogStream, MgmtResult, MgmtRole, NodeStatus, ResultData, State,
 };
 use drover_proto::msg::{AgentResponse, ClientRequest, ClientResponse, ControllerRequest, Request};
 use tokio::task::JoinSet;
@@ -25,7 +25,21 @@ use tracing::{info, warn};
 use crate::Shared;
 
 /// Answers one client request.
-pub(crate) async fn handle(shared: &Shared, req: Request<ClientRequest>) -> ClientResponse {
+pub(crate) async fn handle(shared: &Shared, req: Request<ClientRequest>) -> Answer<ClientResponse> {
+    if let ClientRequest::Logs {
+        node,
+        lines,
+        follow,
+        stream,
+    } = req.body
+    {
+        return logs(shared, req.id, node, lines, follow, stream);
+    }
+    Answer::One(handle_one(shared, req).await)
+}
+
+/// Answers a request with one reply.
+async fn handle_one(shared: &Shared, req: Request<ClientRequest>) -> ClientResponse {
     let id = req.id.clone();
     // Answer before the client gives up, so that a timeout is a result, not a hang.
     let budget = req.timeout_ms.map_or(shared.request_timeout, |ms| {
@@ -74,6 +88,7 @@ pub(crate) async fn handle(shared: &Shared, req: Request<ClientRequest>) -> Clie
             })
             .await,
         ),
+        ClientRequest::Logs { .. } => unreachable!("streamed by handle"),
         ClientRequest::TestTimeout { with_state } => {
             if with_state {
                 tokio::time::sleep(budget).await;
@@ -86,6 +101,69 @@ pub(crate) async fn handle(shared: &Shared, req: Request<ClientRequest>) -> Clie
             ClientResponse::Result(MgmtResult::err(id, "request timed out"))
         }
     }
+}
+
+/// A node's output from its agent, relayed frame by frame; the relay ends when either
+/// side goes away.
+fn logs(
+    shared: &Shared,
+    id: String,
+    node: String,
+    lines: usize,
+    follow: bool,
+    stream: Option<LogStream>,
+) -> Answer<ClientResponse> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let one = |r: MgmtResult| {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let _ = tx.try_send(ClientResponse::Result(r));
+        Answer::Stream(rx)
+    };
+    let Some(instance) = shared
+        .store
+        .deployed()
+        .and_then(|c| c.node(&node).map(|n| n.instance.clone()))
+    else {
+        return one(MgmtResult::err(id, "unknown cluster node").on_node(node));
+    };
+    let Some(conn) = shared.registry.get(&instance) else {
+        return one(
+            MgmtResult::err(id, format!("instance '{instance}' is not connected"))
+                .on_instance(instance)
+                .on_node(node),
+        );
+    };
+    let timeout = shared.request_timeout;
+    tokio::spawn(async move {
+        let req = ControllerRequest::Logs {
+            node: node.clone(),
+            lines,
+            follow,
+            stream,
+        };
+        let result = async {
+            let mut replies = conn::call_stream(&conn, &req, timeout).await?;
+            while let Some(reply) = replies.next::<AgentResponse>().await? {
+                if let AgentResponse::Log(chunk) = reply {
+                    let r = MgmtResult::ok(&id, Some(ResultData::Log(chunk)))
+                        .on_instance(&instance)
+                        .on_node(&node);
+                    if tx.send(ClientResponse::Result(r)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Ok::<_, drover_net::NetError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            let r = MgmtResult::err(&id, e.to_string())
+                .on_instance(&instance)
+                .on_node(&node);
+            let _ = tx.send(ClientResponse::Result(r)).await;
+        }
+    });
+    Answer::Stream(rx)
 }
 
 /// Connected agents, sorted by name, with the address they connected from.

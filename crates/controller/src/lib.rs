@@ -259,7 +259,7 @@ async fn serve_client(shared: Arc<Shared>, conn: quinn::Connection, identity: Id
         let shared = shared.clone();
         async move { Ok(api::handle(&shared, req).await) }
     };
-    let _ = conn::serve(conn, settings, handler).await;
+    let _ = conn::serve_answers(conn, settings, handler).await;
 }
 
 /// Name and version of this build, as told to peers.

@@ -500,6 +500,16 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
     call_on(conn, body, &peer, timeout).await
 }
 
+/// What a request handler answers: one reply, or a stream of replies that ends when
+/// the handler drops its sender (or when the peer stops reading).
+#[derive(Debug)]
+pub enum Answer<R> {
+    /// One reply frame.
+    One(R),
+    /// Reply frames as they come.
+    Stream(tokio::sync::mpsc::Receiver<R>),
+}
+
 /// Serves the streams a peer opens until the connection ends, returning why it ended.
 ///
 /// Each stream is handled in its own task: read one request frame (within
@@ -517,6 +527,25 @@ where
     F: Fn(Request<Req>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Resp, WireError>> + Send + 'static,
 {
+    serve_answers(conn, settings, move |req| {
+        let fut = handler(req);
+        async move { fut.await.map(Answer::One) }
+    })
+    .await
+}
+
+/// As [`serve`], for handlers that may answer with a stream of replies.
+pub async fn serve_answers<Req, Resp, F, Fut>(
+    conn: quinn::Connection,
+    settings: TransportSettings,
+    handler: F,
+) -> quinn::ConnectionError
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    F: Fn(Request<Req>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Answer<Resp>, WireError>> + Send + 'static,
+{
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -529,41 +558,133 @@ where
                 read_frame::<Request<Req>>(&mut recv, MAX_FRAME_LEN),
             )
             .await;
-            let reply: Reply<Resp> = match read {
+            let (id, answer) = match read {
                 Ok(Ok(Some(req))) => {
                     let id = req.id.clone();
-                    Reply {
-                        id,
-                        result: handler(req).await,
-                    }
+                    (id, handler(req).await)
                 }
                 Ok(Ok(None)) => return,
                 Ok(Err(e)) => {
                     tracing::debug!("bad request frame: {e}");
-                    Reply {
-                        id: String::new(),
-                        result: Err(WireError::new(ErrorCode::BadRequest, e.to_string())),
-                    }
+                    (
+                        String::new(),
+                        Err(WireError::new(ErrorCode::BadRequest, e.to_string())),
+                    )
                 }
                 Err(_) => {
                     let _ = recv.stop(0u32.into());
-                    Reply {
-                        id: String::new(),
-                        result: Err(WireError::new(
+                    (
+                        String::new(),
+                        Err(WireError::new(
                             ErrorCode::BadRequest,
                             format!(
                                 "no request frame within {}",
                                 humanize(settings.request_read_timeout)
                             ),
                         )),
-                    }
+                    )
                 }
             };
-            let bytes = crate::frame::encode(&reply);
-            drop(reply);
-            if send.write_all(&bytes).await.is_ok() {
-                let _ = send.finish();
+            match answer {
+                Ok(Answer::Stream(mut rx)) => loop {
+                    // Stop as soon as the peer goes away, even while nothing is sent.
+                    let item = tokio::select! {
+                        item = rx.recv() => item,
+                        _ = send.stopped() => return,
+                    };
+                    let Some(item) = item else {
+                        let _ = send.finish();
+                        return;
+                    };
+                    let bytes = crate::frame::encode(&Reply {
+                        id: id.clone(),
+                        result: Ok::<_, WireError>(item),
+                    });
+                    if send.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                },
+                other => {
+                    let reply: Reply<Resp> = Reply {
+                        id,
+                        result: other.map(|a| match a {
+                            Answer::One(r) => r,
+                            Answer::Stream(_) => unreachable!("matched above"),
+                        }),
+                    };
+                    let bytes = crate::frame::encode(&reply);
+                    drop(reply);
+                    if send.write_all(&bytes).await.is_ok() {
+                        let _ = send.finish();
+                    }
+                }
             }
         });
     }
+}
+
+/// The replies of a streamed request; dropping it tells the peer to stop.
+#[derive(Debug)]
+pub struct ReplyStream {
+    id: String,
+    peer: String,
+    conn: quinn::Connection,
+    recv: quinn::RecvStream,
+    /// Kept open so the peer does not see the request stream end early.
+    _send: quinn::SendStream,
+}
+
+impl ReplyStream {
+    /// The next reply; `Ok(None)` when the peer ended the stream.
+    pub async fn next<Resp: DeserializeOwned>(&mut self) -> Result<Option<Resp>, NetError> {
+        match read_frame::<Reply<Resp>>(&mut self.recv, MAX_FRAME_LEN).await {
+            Ok(Some(reply)) => {
+                if reply.id != self.id {
+                    return Err(NetError::Protocol(format!(
+                        "{} answered request '{}' on the stream of request '{}'",
+                        self.peer, reply.id, self.id
+                    )));
+                }
+                reply.result.map(Some).map_err(NetError::Refused)
+            }
+            Ok(None) => Ok(None),
+            Err(crate::frame::FrameError::Stream(e)) => {
+                Err(map_stream_err(e, &self.conn, &self.peer))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Sends one request whose replies come as a stream; read them with
+/// [`ReplyStream::next`].
+pub async fn call_stream<Req: Serialize>(
+    conn: &quinn::Connection,
+    body: &Req,
+    timeout: Duration,
+) -> Result<ReplyStream, NetError> {
+    let peer = match peer_identity(conn) {
+        Ok(id) => id.to_string(),
+        Err(_) => conn.remote_address().to_string(),
+    };
+    let id = new_id();
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| map_stream_err(e, conn, &peer))?;
+    let req = Request {
+        id: id.clone(),
+        timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+        body,
+    };
+    write_frame(&mut send, &req)
+        .await
+        .map_err(|e| map_stream_err(e, conn, &peer))?;
+    Ok(ReplyStream {
+        id,
+        peer,
+        conn: conn.clone(),
+        recv,
+        _send: send,
+    })
 }

@@ -531,8 +531,27 @@ pub enum ResultData {
     NodeOutputs(NodeOutputs),
     /// A value, as a JSON document in a string (as Zeek's `to_json()`).
     Json(String),
-    /// Lines of text (log tails).
-    Lines(Vec<String>),
+    /// Lines of one of a node's output streams.
+    Log(LogChunk),
+}
+
+/// Which output stream of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// Lines of one output stream of one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    /// The stream.
+    pub stream: LogStream,
+    /// Complete lines, oldest first, without their newline.
+    pub lines: Vec<String>,
 }
 
 /// The universal answer to a management request (Zeek's `Management::Result`).

@@ -15,7 +15,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Configuration, MgmtResult, NodeStatus};
+use crate::model::{Configuration, LogChunk, LogStream, MgmtResult, NodeStatus};
 
 /// The protocol version spoken by this build. Peers with another version are refused.
 pub const API_VERSION: u32 = 1;
@@ -190,6 +190,21 @@ pub enum ClientRequest {
         #[serde(default)]
         nodes: Vec<String>,
     },
+    /// The last lines of a node's output, then, with `follow`, new lines as they come
+    /// (one reply frame per batch, until the client closes the stream).
+    Logs {
+        /// The node.
+        node: String,
+        /// How many lines of each stream to send first.
+        #[serde(default = "default_log_lines")]
+        lines: usize,
+        /// Keep the stream open and send new lines.
+        #[serde(default)]
+        follow: bool,
+        /// Only this stream (both when absent).
+        #[serde(default)]
+        stream: Option<LogStream>,
+    },
     /// Tests request timeouts: no answer until the controller's request timeout.
     TestTimeout {
         /// When true, the controller answers with a timeout result; when false, never.
@@ -254,6 +269,22 @@ pub enum ControllerRequest {
         #[serde(default)]
         nodes: Vec<String>,
     },
+    /// A node's output, as [`ClientRequest::Logs`].
+    Logs {
+        /// The node.
+        node: String,
+        /// How many lines of each stream to send first.
+        lines: usize,
+        /// Keep the stream open and send new lines.
+        follow: bool,
+        /// Only this stream (both when absent).
+        stream: Option<LogStream>,
+    },
+}
+
+/// How many log lines a request without a count gets.
+pub fn default_log_lines() -> usize {
+    10
 }
 
 /// Replies to requests that need no payload, and to agent requests.
@@ -266,6 +297,8 @@ pub enum AgentResponse {
     Nodes(Vec<NodeStatus>),
     /// One result per node.
     Results(Vec<MgmtResult>),
+    /// Lines of a node's output.
+    Log(LogChunk),
 }
 
 #[cfg(test)]
