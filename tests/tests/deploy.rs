@@ -409,3 +409,60 @@ fn logs_tail_and_follow() {
     // The cluster is unaffected by the follower's departure.
     assert_eq!(c.drover(addr, &["get-nodes"]).code, Some(0));
 }
+
+#[test]
+fn get_id_value_asks_running_nodes() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agents) = start(&c, &["agent-1", "agent-2"]);
+    let out = c.drover(addr, &["get-id-value", "x"]);
+    assert_eq!(out.json()["errors"][0]["error"], "no cluster deployed");
+    let prog = bin("drover-testprog");
+    let text = format!(
+        "[instances.agent-1]\n[instances.agent-2]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
+         [nodes.w1]\ninstance = \"agent-1\"\ncommand = [\"{p}\", \"--value\", \"bits_per_uid=96\"]\n\
+         [nodes.w2]\ninstance = \"agent-2\"\ncommand = [\"{p}\", \"--value\", \"bits_per_uid=96\"]\n\
+         [nodes.mute]\ninstance = \"agent-2\"\ncommand = [\"/bin/sleep\", \"100000\"]\n",
+        p = prog.display()
+    );
+    let file = c.dir.path().join("q.toml");
+    std::fs::write(&file, text).unwrap();
+    assert_eq!(
+        c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code,
+        Some(0)
+    );
+
+    let v = eventually("both testprogs answer", PATIENCE, || {
+        let out = c.drover(
+            addr,
+            &["get-id-value", "bits_per_uid", "w1", "w2", "worker-03"],
+        );
+        let v = out.json();
+        (v["results"].as_object().map(|o| o.len()) == Some(2)).then_some((out.code, v))
+    });
+    assert_eq!(v.0, Some(1), "the unknown node makes it fail");
+    assert_eq!(
+        v.1,
+        serde_json::json!({
+            "errors": [{"error": "unknown cluster node", "source": "worker-03"}],
+            "results": {"w1": 96, "w2": 96}
+        })
+    );
+    // All nodes: the one that does not implement queries is a per-node error.
+    let out = c.drover(addr, &["get-id-value", "bits_per_uid"]);
+    let v = out.json();
+    assert_eq!(v["results"]["w1"], 96);
+    assert_eq!(v["errors"][0]["source"], "mute");
+    assert!(
+        v["errors"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not answer value queries"),
+        "{v}"
+    );
+    let out = c.drover(addr, &["get-id-value", "nope", "w1"]);
+    assert_eq!(
+        out.json()["errors"][0]["error"],
+        "unknown identifier 'nope'"
+    );
+}

@@ -10,6 +10,7 @@
 //! - [`supervisor`]: the node processes, driven by [`machine`] (the deterministic
 //!   per-node state machine: no I/O, no clock), with [`logs`] (per-node files, rotation,
 //!   tails) and [`sys`] (/proc, process groups, pidfds, affinity).
+//! - [`query`]: asks running nodes for values (get-id-value) over their query sockets.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
 //! [`Agent::new`] and [`Agent::run`], so tests run agents in-process.
@@ -17,6 +18,7 @@
 pub mod backoff;
 pub mod logs;
 pub mod machine;
+pub mod query;
 pub mod supervisor;
 pub mod sys;
 
@@ -265,6 +267,10 @@ impl Agent {
                             ));
                         };
                         return Ok(Answer::Stream(stream_logs(logs, lines, follow, stream)));
+                    }
+                    ControllerRequest::GetIdValue { id, nodes } => {
+                        let targets = sup.queryable(nodes).await;
+                        results(query::ask_all(&name, &id, targets).await)
                     }
                     ControllerRequest::GetNodes => {
                         let mut nodes = sup.status().await;

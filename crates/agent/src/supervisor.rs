@@ -98,6 +98,10 @@ enum Command {
         node: String,
         reply: oneshot::Sender<Option<NodeLogs>>,
     },
+    Queryable {
+        nodes: Vec<String>,
+        reply: oneshot::Sender<Vec<(String, Result<PathBuf, String>)>>,
+    },
     Shutdown {
         stop_nodes: bool,
         reply: oneshot::Sender<()>,
@@ -399,6 +403,14 @@ impl Supervisor {
             .flatten()
     }
 
+    /// For each named node (all when empty): its query socket if it is running, or why
+    /// it cannot be asked.
+    pub async fn queryable(&self, nodes: Vec<String>) -> Vec<(String, Result<PathBuf, String>)> {
+        self.ask(|reply| Command::Queryable { nodes, reply })
+            .await
+            .unwrap_or_default()
+    }
+
     /// Ends the supervisor; with `stop_nodes`, stops every node first (bounded by the
     /// longest stop timeout), otherwise leaves them running for the next agent process.
     pub async fn shutdown(&self, stop_nodes: bool) {
@@ -502,6 +514,27 @@ impl Core {
             }
             Command::Logs { node, reply } => {
                 let _ = reply.send(self.nodes.get(&node).map(|e| e.logs.clone()));
+            }
+            Command::Queryable { nodes, reply } => {
+                let names: Vec<String> = if nodes.is_empty() {
+                    self.nodes.keys().cloned().collect()
+                } else {
+                    nodes
+                };
+                let out = names
+                    .into_iter()
+                    .map(|n| {
+                        let r = match self.nodes.get(&n) {
+                            None => Err("unknown cluster node".to_owned()),
+                            Some(e) if e.machine.state() != machine::State::Running => {
+                                Err(format!("cluster node {n} not in running state"))
+                            }
+                            Some(e) => Ok(e.dir.join("query.sock")),
+                        };
+                        (n, r)
+                    })
+                    .collect();
+                let _ = reply.send(out);
             }
             Command::Shutdown { stop_nodes, reply } => {
                 let now = self.now();

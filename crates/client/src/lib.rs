@@ -93,6 +93,13 @@ pub enum Command {
     },
     /// The status of every node on every connected instance.
     GetNodes,
+    /// Ask running nodes for the value of an identifier (all nodes when none are named).
+    GetIdValue {
+        /// The identifier.
+        id: String,
+        /// Node names.
+        nodes: Vec<String>,
+    },
     /// Restart nodes (all when none are named).
     Restart {
         /// Node names.
@@ -243,6 +250,14 @@ async fn command(
             }
         }
         Command::GetNodes => output::get_nodes(&session.request(&R::GetNodes).await?),
+        Command::GetIdValue { id, nodes } => output::get_id_value(
+            &session
+                .request(&R::GetIdValue {
+                    id: id.clone(),
+                    nodes: nodes.clone(),
+                })
+                .await?,
+        ),
         Command::Restart { nodes } => output::node_results(
             &session
                 .request(&R::Restart {

@@ -290,6 +290,39 @@ pub async fn print_logs(replies: &mut drover_net::conn::ReplyStream) -> anyhow::
     Ok(true)
 }
 
+/// get-id-value: `{"errors": [{"source", "error"}], "results": {node: <value>}}`.
+pub fn get_id_value(reply: &ClientResponse) -> (Value, bool) {
+    let mut errors = Vec::new();
+    let mut res = Map::new();
+    for r in results(reply) {
+        if !r.success {
+            errors.push(
+                json!({"source": r.node, "error": r.error.as_deref().unwrap_or("no reason given")}),
+            );
+            continue;
+        }
+        let Some(node) = &r.node else {
+            errors.push(json!({"source": null, "error": format!("result lacking node: {r:?}")}));
+            continue;
+        };
+        match &r.data {
+            Some(ResultData::Json(text)) => match serde_json::from_str::<Value>(text) {
+                Ok(v) => {
+                    res.insert(node.clone(), v);
+                }
+                Err(e) => {
+                    errors.push(json!({"source": node, "error": format!("JSON decode error: {e}")}))
+                }
+            },
+            other => errors.push(
+                json!({"source": node, "error": format!("invalid result data type {other:?}")}),
+            ),
+        }
+    }
+    let ok = errors.is_empty();
+    (json!({"errors": errors, "results": res}), ok)
+}
+
 /// test-timeout: `{"error": ..., "success": ...}`.
 pub fn test_timeout(reply: &ClientResponse) -> (Value, bool) {
     match single(reply) {

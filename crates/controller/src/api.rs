@@ -70,6 +70,9 @@ async fn handle_one(shared: &Shared, req: Request<ClientRequest>) -> ClientRespo
             ClientResponse::Results(deploy(shared, &id, restart_all, budget).await)
         }
         ClientRequest::GetNodes => ClientResponse::Results(get_nodes(shared, &id, budget).await),
+        ClientRequest::GetIdValue { id: ident, nodes } => {
+            ClientResponse::Results(get_id_value(shared, &id, ident, nodes, budget).await)
+        }
         ClientRequest::Restart { nodes } => ClientResponse::Results(
             act(shared, &id, nodes, budget, |nodes| {
                 ControllerRequest::Restart { nodes }
@@ -413,6 +416,67 @@ async fn get_nodes(shared: &Shared, id: &str, budget: Duration) -> Vec<MgmtResul
     results.push(
         MgmtResult::ok(id, Some(ResultData::NodeStatuses(vec![me]))).on_instance(&shared.name),
     );
+    results
+}
+
+/// get-id-value: Zeek's semantics; nodes not in the deployed configuration are errors
+/// without an instance, the others are asked through their agents.
+async fn get_id_value(
+    shared: &Shared,
+    id: &str,
+    ident: String,
+    nodes: Vec<String>,
+    budget: Duration,
+) -> Vec<MgmtResult> {
+    let Some(deployed) = shared.store.deployed() else {
+        return vec![MgmtResult::err(id, "no cluster deployed")];
+    };
+    let mut results = Vec::new();
+    let known: Vec<String> = nodes
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|n| {
+            let ok = deployed.node(n).is_some();
+            if !ok {
+                results.push(MgmtResult::err(id, "unknown cluster node").on_node(n.clone()));
+            }
+            ok
+        })
+        .collect();
+    if !results.is_empty() && known.is_empty() {
+        return results;
+    }
+    let instances: BTreeSet<String> = deployed
+        .nodes
+        .iter()
+        .filter(|n| known.is_empty() || known.contains(&n.name))
+        .map(|n| n.instance.clone())
+        .collect();
+    let mut requests = Vec::new();
+    for instance in instances {
+        let names: Vec<String> = deployed
+            .nodes_on(&instance)
+            .map(|n| n.name.clone())
+            .filter(|n| known.is_empty() || known.contains(n))
+            .collect();
+        match shared.registry.get(&instance) {
+            Some(conn) => requests.push((
+                instance,
+                conn,
+                ControllerRequest::GetIdValue {
+                    id: ident.clone(),
+                    nodes: names,
+                },
+            )),
+            None => results.extend(names.into_iter().map(|n| {
+                MgmtResult::err(id, format!("instance '{instance}' is not connected"))
+                    .on_instance(&instance)
+                    .on_node(n)
+            })),
+        }
+    }
+    results.extend(agent_results(id, fan_out(requests, budget).await));
     results
 }
 

@@ -178,6 +178,15 @@ pub enum ClientRequest {
         #[serde(default)]
         nodes: Vec<String>,
     },
+    /// Ask running nodes for a value (Zeek's get_id_value); all nodes when the list is
+    /// empty. Nodes answer through the value-query protocol on `DROVER_QUERY_SOCKET`.
+    GetIdValue {
+        /// The identifier.
+        id: String,
+        /// Node names.
+        #[serde(default)]
+        nodes: Vec<String>,
+    },
     /// Stop nodes (all when the list is empty); they stay stopped until started.
     Stop {
         /// Node names.
@@ -265,6 +274,14 @@ pub enum ControllerRequest {
     },
     /// Start stopped nodes (all of the agent's when empty).
     Start {
+        /// Node names.
+        #[serde(default)]
+        nodes: Vec<String>,
+    },
+    /// Ask the agent's running nodes for a value (all of them when `nodes` is empty).
+    GetIdValue {
+        /// The identifier.
+        id: String,
         /// Node names.
         #[serde(default)]
         nodes: Vec<String>,

@@ -1,0 +1,84 @@
+//! Value queries to running nodes (Zeek's get-id-value), over each node's
+//! `DROVER_QUERY_SOCKET`.
+//!
+//! The protocol, which any program can implement: the node listens on a Unix stream
+//! socket at the path in `DROVER_QUERY_SOCKET`; the agent connects, writes one line of
+//! JSON `{"id": "<identifier>"}`, and reads one line back, `{"value": <any JSON>}` or
+//! `{"error": "<message>"}`. See `crates/testprog/QUERY-PROTOCOL.md`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use drover_proto::model::{MgmtResult, ResultData};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// How long one node may take to answer.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The longest answer accepted.
+const MAX_ANSWER: u64 = 1024 * 1024;
+
+/// Asks one node for `id`; the value as a JSON document, or why there is none.
+pub async fn ask(socket: &std::path::Path, id: &str) -> Result<String, String> {
+    let work = async {
+        let mut stream = UnixStream::connect(socket)
+            .await
+            .map_err(|e| format!("node does not answer value queries ({e})"))?;
+        let mut req = serde_json::to_vec(&serde_json::json!({ "id": id })).expect("json");
+        req.push(b'\n');
+        stream
+            .write_all(&req)
+            .await
+            .map_err(|e| format!("cannot send the query: {e}"))?;
+        let mut line = String::new();
+        let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(stream, MAX_ANSWER));
+        reader
+            .read_line(&mut line)
+            .await
+            .map_err(|e| format!("cannot read the answer: {e}"))?;
+        let answer: serde_json::Value = serde_json::from_str(line.trim_end())
+            .map_err(|e| format!("node sent an invalid answer: {e}"))?;
+        if let Some(v) = answer.get("value") {
+            Ok(v.to_string())
+        } else if let Some(e) = answer.get("error").and_then(|e| e.as_str()) {
+            Err(e.to_owned())
+        } else {
+            Err("node sent an answer with neither value nor error".to_owned())
+        }
+    };
+    match tokio::time::timeout(QUERY_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) => Err("node did not answer in time".to_owned()),
+    }
+}
+
+/// Asks every target at once; one result per node.
+pub async fn ask_all(
+    instance: &str,
+    id: &str,
+    targets: Vec<(String, Result<PathBuf, String>)>,
+) -> Vec<MgmtResult> {
+    let mut set = tokio::task::JoinSet::new();
+    for (node, target) in targets {
+        let id = id.to_owned();
+        set.spawn(async move {
+            let r = match target {
+                Ok(sock) => ask(&sock, &id).await,
+                Err(e) => Err(e),
+            };
+            (node, r)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(Ok((node, r))) = set.join_next().await {
+        out.push(match r {
+            Ok(json) => MgmtResult::ok("", Some(ResultData::Json(json)))
+                .on_instance(instance)
+                .on_node(node),
+            Err(e) => MgmtResult::err("", e).on_instance(instance).on_node(node),
+        });
+    }
+    out.sort_by(|a, b| a.node.cmp(&b.node));
+    out
+}
