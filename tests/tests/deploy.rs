@@ -466,3 +466,103 @@ fn get_id_value_asks_running_nodes() {
         "unknown identifier 'nope'"
     );
 }
+
+#[test]
+fn monitor_sees_deploys_node_states_and_agent_loss_with_unknown_nodes() {
+    use std::io::BufRead;
+    let c = Cluster::new();
+    let (_ctl, addr, mut agents) = start(&c, &["agent-1"]);
+    let mut cmd = std::process::Command::new(bin("drover"));
+    cmd.args(["--controller", &addr.to_string()])
+        .arg("--ca")
+        .arg(c.pki_file("ca.crt"))
+        .arg("--cert")
+        .arg(c.pki_file("ops.crt"))
+        .arg("--key")
+        .arg(c.pki_file("ops.key"))
+        .arg("monitor")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    // Events are kept once received, so each wait looks at everything seen so far:
+    // the order of events from different sources (deploy replies, status reports) is
+    // not fixed.
+    let seen = std::cell::RefCell::new(Vec::<Value>::new());
+    let wait_for = |what: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
+        let mut from = 0;
+        loop {
+            if let Some(e) = seen.borrow()[from..].iter().find(|e| pred(&e["event"])) {
+                return e.clone();
+            }
+            from = seen.borrow().len();
+            let ev = rx
+                .recv_timeout(PATIENCE)
+                .unwrap_or_else(|_| panic!("no event: {what}; seen: {:?}", seen.borrow()));
+            seen.borrow_mut().push(ev);
+        }
+    };
+    // The subscription is live once the controller saw the client; a deploy proves it.
+    let file = cluster_file(&c, &["agent-1"], 2, "");
+    eventually("monitor subscribed", PATIENCE, || {
+        let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        let ev = rx
+            .recv_timeout(std::time::Duration::from_millis(500))
+            .ok()?;
+        let started = ev["event"]["type"] == "deploy_started";
+        seen.borrow_mut().push(ev);
+        started.then_some(())
+    });
+    wait_for("a node RUNNING", &|e| {
+        e["type"] == "node_state" && e["state"] == "RUNNING" && e["instance"] == "agent-1"
+    });
+    wait_for("deploy finished", &|e| {
+        e["type"] == "deploy_finished" && e["failed"] == 0
+    });
+    let pids = eventually("2 running", PATIENCE, || all_running(&c, addr, 2));
+
+    agents[0].kill();
+    seen.borrow_mut().clear();
+    wait_for("agent lost", &|e| {
+        e["type"] == "agent_lost" && e["instance"] == "agent-1"
+    });
+    wait_for("node UNKNOWN", &|e| {
+        e["type"] == "node_state" && e["state"] == "UNKNOWN"
+    });
+    let out = c.drover(addr, &["get-nodes"]);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "an unreachable instance is an error entry"
+    );
+    let v = out.json();
+    assert_eq!(v["errors"][0]["source"], "agent-1");
+    for (name, pid) in &pids {
+        assert_eq!(v["results"]["agent-1"][name]["state"], "UNKNOWN", "{v}");
+        assert_eq!(v["results"]["agent-1"][name]["pid"], *pid);
+        assert!(pid_alive(*pid), "the processes are untouched");
+    }
+
+    let _back = c.start_agent("agent-1", addr);
+    seen.borrow_mut().clear();
+    wait_for("agent joined", &|e| e["type"] == "agent_joined");
+    wait_for("node RUNNING again", &|e| {
+        e["type"] == "node_state" && e["state"] == "RUNNING"
+    });
+    assert_eq!(
+        eventually("running again", PATIENCE, || all_running(&c, addr, 2)),
+        pids
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

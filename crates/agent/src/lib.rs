@@ -303,11 +303,16 @@ impl Agent {
 /// [`REPORT_COALESCE`], so a burst of changes becomes one report.
 async fn report_status(conn: quinn::Connection, supervisor: Supervisor) {
     let mut changes = supervisor.changes();
+    // A full report at once, so a controller that just met us knows our nodes.
+    let mut first = true;
     loop {
-        if changes.changed().await.is_err() {
-            return;
+        if !first {
+            if changes.changed().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(REPORT_COALESCE).await;
         }
-        tokio::time::sleep(REPORT_COALESCE).await;
+        first = false;
         changes.borrow_and_update();
         let statuses = supervisor.status().await;
         let req = AgentRequest::Status {

@@ -130,6 +130,8 @@ pub enum Command {
         #[arg(long, value_enum)]
         stream: Option<StreamArg>,
     },
+    /// Print cluster events as they happen, one JSON object per line, until interrupted.
+    Monitor,
     /// Test request timeouts.
     TestTimeout {
         /// Let the controller answer with a timeout result instead of staying silent.
@@ -299,6 +301,10 @@ async fn command(
             };
             let mut replies = session.request_stream(&req).await?;
             return output::print_logs(&mut replies).await.map(exit);
+        }
+        Command::Monitor => {
+            let mut replies = session.request_stream(&R::Monitor).await?;
+            return output::print_events(&mut replies).await.map(exit);
         }
         Command::TestTimeout { with_state } => output::test_timeout(
             &session

@@ -23,6 +23,7 @@ fn single(reply: &ClientResponse) -> Option<&MgmtResult> {
     match reply {
         ClientResponse::Result(r) => Some(r),
         ClientResponse::Results(rs) => rs.first(),
+        ClientResponse::Event(_) => None,
     }
 }
 
@@ -61,6 +62,7 @@ fn results(reply: &ClientResponse) -> Vec<&MgmtResult> {
     match reply {
         ClientResponse::Result(r) => vec![r],
         ClientResponse::Results(rs) => rs.iter().collect(),
+        ClientResponse::Event(_) => Vec::new(),
     }
 }
 
@@ -190,7 +192,10 @@ pub fn get_nodes(reply: &ClientResponse) -> (Value, bool) {
     for r in results(reply) {
         if !r.success {
             errors.push(json!({"source": r.instance, "error": r.error.as_deref().unwrap_or("no reason given")}));
-            continue;
+            // A lost agent's nodes still show, as UNKNOWN.
+            if !matches!(r.data, Some(ResultData::NodeStatuses(_))) {
+                continue;
+            }
         }
         let Some(ResultData::NodeStatuses(statuses)) = &r.data else {
             errors.push(
@@ -321,6 +326,18 @@ pub fn get_id_value(reply: &ClientResponse) -> (Value, bool) {
     }
     let ok = errors.is_empty();
     (json!({"errors": errors, "results": res}), ok)
+}
+
+/// monitor: one JSON object per line for each event, until interrupted.
+pub async fn print_events(replies: &mut drover_net::conn::ReplyStream) -> anyhow::Result<bool> {
+    while let Some(reply) = replies.next::<ClientResponse>().await? {
+        if let ClientResponse::Event(record) = reply {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", serde_json::to_string(&record)?)?;
+            out.flush()?;
+        }
+    }
+    Ok(true)
 }
 
 /// test-timeout: `{"error": ..., "success": ...}`.

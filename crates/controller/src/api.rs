@@ -18,7 +18,9 @@ use drover_proto::config::validate;
 use drover_proto::model::{
     Configuration, Instance, LogStream, MgmtResult, MgmtRole, NodeStatus, ResultData, State,
 };
-use drover_proto::msg::{AgentResponse, ClientRequest, ClientResponse, ControllerRequest, Request};
+use drover_proto::msg::{
+    AgentResponse, ClientRequest, ClientResponse, ControllerRequest, Event, EventRecord, Request,
+};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -34,6 +36,9 @@ pub(crate) async fn handle(shared: &Shared, req: Request<ClientRequest>) -> Answ
     } = req.body
     {
         return logs(shared, req.id, node, lines, follow, stream);
+    }
+    if let ClientRequest::Monitor = req.body {
+        return monitor(shared);
     }
     Answer::One(handle_one(shared, req).await)
 }
@@ -91,7 +96,9 @@ async fn handle_one(shared: &Shared, req: Request<ClientRequest>) -> ClientRespo
             })
             .await,
         ),
-        ClientRequest::Logs { .. } => unreachable!("streamed by handle"),
+        ClientRequest::Logs { .. } | ClientRequest::Monitor => {
+            unreachable!("streamed by handle")
+        }
         ClientRequest::TestTimeout { with_state } => {
             if with_state {
                 tokio::time::sleep(budget).await;
@@ -164,6 +171,28 @@ fn logs(
                 .on_instance(&instance)
                 .on_node(&node);
             let _ = tx.send(ClientResponse::Result(r)).await;
+        }
+    });
+    Answer::Stream(rx)
+}
+
+/// Relays cluster events to one subscriber until it goes away.
+fn monitor(shared: &Shared) -> Answer<ClientResponse> {
+    let mut events = shared.events.subscribe();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let record = match events.recv().await {
+                Ok(r) => r,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => EventRecord {
+                    at_ms: 0,
+                    event: Event::Lagged { missed },
+                },
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            if tx.send(ClientResponse::Event(record)).await.is_err() {
+                return;
+            }
         }
     });
     Answer::Stream(rx)
@@ -318,6 +347,10 @@ async fn deploy_locked(
         }
     }
     info!(config = %config.id, restart_all, "deploying");
+    shared.emit(Event::DeployStarted {
+        config_id: config.id.clone(),
+        instances: connected.keys().cloned().collect(),
+    });
     let started = std::time::Instant::now();
     // Every connected agent gets the configuration: those without nodes in it stop
     // whatever they ran before.
@@ -334,19 +367,23 @@ async fn deploy_locked(
     let failed = results.iter().filter(|r| !r.success).count();
     match shared.store.set_deployed(config.clone()) {
         Ok(()) => {
-            info!(
-                config = %config.id,
-                failed,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "deployed"
-            );
+            let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            info!(config = %config.id, failed, elapsed_ms, "deployed");
             results.push(MgmtResult::ok(
                 id,
                 Some(ResultData::ConfigId(config.id.clone())),
             ));
+            shared.emit(Event::DeployFinished {
+                config_id: config.id.clone(),
+                failed,
+                elapsed_ms,
+            });
         }
         Err(e) => {
             warn!("cannot record the deployed configuration: {e}");
+            shared.emit(Event::Error {
+                message: format!("cannot record the deployed configuration: {e}"),
+            });
             results.push(MgmtResult::err(
                 id,
                 format!("cannot record the deployed configuration: {e}"),
@@ -390,7 +427,31 @@ async fn get_nodes(shared: &Shared, id: &str, budget: Duration) -> Vec<MgmtResul
         .into_iter()
         .filter_map(|a| Some((a.name.clone(), shared.registry.get(&a.name)?)))
         .collect();
-    if agents.is_empty() {
+    // Deployed instances whose agent is away: their nodes are UNKNOWN, not gone.
+    let mut away = Vec::new();
+    if let Some(deployed) = shared.store.deployed() {
+        for inst in &deployed.instances {
+            if agents.iter().any(|(n, _)| n == &inst.name) {
+                continue;
+            }
+            let mut nodes = shared.last_statuses(&inst.name);
+            for n in deployed.nodes_on(&inst.name) {
+                if !nodes.iter().any(|s| s.node == n.name) {
+                    let mut s = NodeStatus::new(&n.name, State::Unknown, MgmtRole::None);
+                    s.cluster_role = n.role.clone();
+                    nodes.push(s);
+                }
+            }
+            for s in &mut nodes {
+                s.state = State::Unknown;
+            }
+            let mut r = MgmtResult::err(id, format!("instance '{}' is not connected", inst.name))
+                .on_instance(&inst.name);
+            r.data = Some(ResultData::NodeStatuses(nodes));
+            away.push(r);
+        }
+    }
+    if agents.is_empty() && away.is_empty() {
         return vec![MgmtResult::err(id, "no instances connected")];
     }
     let requests = agents
@@ -416,6 +477,7 @@ async fn get_nodes(shared: &Shared, id: &str, budget: Duration) -> Vec<MgmtResul
     results.push(
         MgmtResult::ok(id, Some(ResultData::NodeStatuses(vec![me]))).on_instance(&shared.name),
     );
+    results.extend(away);
     results
 }
 

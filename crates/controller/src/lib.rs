@@ -17,16 +17,18 @@ pub mod api;
 pub mod registry;
 pub mod store;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drover_net::conn::{self, TransportSettings};
 use drover_net::{Credentials, Identity, NetError, TlsFiles};
+use drover_proto::model::{NodeStatus, State};
 use drover_proto::msg::{
-    API_VERSION, AgentRequest, AgentResponse, ClientRequest, ErrorCode, PeerRole, Request, Welcome,
-    WireError,
+    API_VERSION, AgentRequest, AgentResponse, ClientRequest, ErrorCode, Event, EventRecord,
+    PeerRole, Request, Welcome, WireError,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -94,6 +96,87 @@ pub(crate) struct Shared {
     pub(crate) deploying: std::sync::Mutex<Option<String>>,
     pub(crate) transport: TransportSettings,
     pub(crate) request_timeout: Duration,
+    /// Events for `monitor` subscribers; a subscriber that falls behind is told how
+    /// many it missed rather than slowing anyone down.
+    pub(crate) events: tokio::sync::broadcast::Sender<EventRecord>,
+    /// The last statuses each agent reported, by instance and node. Written by status
+    /// reports and agent loss (nodes turn UNKNOWN), read by get-nodes for agents that
+    /// are not connected.
+    pub(crate) statuses: std::sync::Mutex<BTreeMap<String, BTreeMap<String, NodeStatus>>>,
+}
+
+impl Shared {
+    /// Publishes an event to every `monitor` subscriber.
+    pub(crate) fn emit(&self, event: Event) {
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        // No subscriber is not an error.
+        let _ = self.events.send(EventRecord { at_ms, event });
+    }
+
+    fn statuses(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<String, NodeStatus>>> {
+        self.statuses.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an agent's report, emitting an event per node whose state changed.
+    pub(crate) fn record_statuses(&self, instance: &str, statuses: Vec<NodeStatus>) {
+        let mut events = Vec::new();
+        {
+            let mut all = self.statuses();
+            let known = all.entry(instance.to_owned()).or_default();
+            let mut fresh = BTreeMap::new();
+            for s in statuses {
+                let previous = known.get(&s.node).map(|p| p.state);
+                if previous != Some(s.state) {
+                    events.push(Event::NodeState {
+                        instance: instance.to_owned(),
+                        node: s.node.clone(),
+                        state: s.state,
+                        previous,
+                        pid: s.pid,
+                    });
+                }
+                fresh.insert(s.node.clone(), s);
+            }
+            *known = fresh;
+        }
+        for e in events {
+            self.emit(e);
+        }
+    }
+
+    /// Marks every node of a lost agent UNKNOWN (their processes are untouched).
+    pub(crate) fn mark_unknown(&self, instance: &str) {
+        let mut events = Vec::new();
+        if let Some(nodes) = self.statuses().get_mut(instance) {
+            for s in nodes.values_mut() {
+                if s.state != State::Unknown {
+                    events.push(Event::NodeState {
+                        instance: instance.to_owned(),
+                        node: s.node.clone(),
+                        state: State::Unknown,
+                        previous: Some(s.state),
+                        pid: s.pid,
+                    });
+                    s.state = State::Unknown;
+                }
+            }
+        }
+        for e in events {
+            self.emit(e);
+        }
+    }
+
+    /// The last known statuses of an instance's nodes.
+    pub(crate) fn last_statuses(&self, instance: &str) -> Vec<NodeStatus> {
+        self.statuses()
+            .get(instance)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 /// A bound controller, ready to run.
@@ -128,6 +211,8 @@ impl Controller {
                 deploying: std::sync::Mutex::new(None),
                 transport: config.transport,
                 request_timeout: config.request_timeout,
+                events: tokio::sync::broadcast::channel(4096).0,
+                statuses: std::sync::Mutex::default(),
             }),
         })
     }
@@ -230,6 +315,10 @@ async fn serve_agent(
         old.close(5u32.into(), b"replaced by a newer connection");
     }
     info!(agent = %name, %addr, %software, "agent '{name}' connected from {addr}");
+    shared.emit(Event::AgentJoined {
+        instance: name.clone(),
+        addr: addr.to_string(),
+    });
     // Bring a returning agent up to the deployed configuration (Zeek's
     // notify_agents_ready); it restarts nothing that already runs this configuration.
     if let Some(deployed) = shared.store.deployed() {
@@ -238,17 +327,30 @@ async fn serve_agent(
         let name = name.clone();
         tokio::spawn(async move { api::reapply(&shared, &name, &conn, deployed).await });
     }
-    let handler = move |req: Request<AgentRequest>| async move {
-        match req.body {
-            AgentRequest::Status { statuses, full } => {
-                debug!(count = statuses.len(), full, "status report");
-                Ok(AgentResponse::Ack)
+    let reporter = shared.clone();
+    let instance = name.clone();
+    let handler = move |req: Request<AgentRequest>| {
+        let shared = reporter.clone();
+        let instance = instance.clone();
+        async move {
+            match req.body {
+                AgentRequest::Status { statuses, full } => {
+                    debug!(count = statuses.len(), full, "status report");
+                    shared.record_statuses(&instance, statuses);
+                    Ok(AgentResponse::Ack)
+                }
             }
         }
     };
     let reason = conn::serve(conn.clone(), shared.transport, handler).await;
     if shared.registry.remove_if_same(&name, &conn) {
-        warn!(agent = %name, %addr, "agent '{name}' lost: {}", conn::explain(&reason, "agent"));
+        let reason = conn::explain(&reason, "agent");
+        warn!(agent = %name, %addr, "agent '{name}' lost: {reason}");
+        shared.mark_unknown(&name);
+        shared.emit(Event::AgentLost {
+            instance: name.clone(),
+            reason,
+        });
     }
 }
 

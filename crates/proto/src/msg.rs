@@ -15,7 +15,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Configuration, LogChunk, LogStream, MgmtResult, NodeStatus};
+use crate::model::{Configuration, LogChunk, LogStream, MgmtResult, NodeStatus, State};
 
 /// The protocol version spoken by this build. Peers with another version are refused.
 pub const API_VERSION: u32 = 1;
@@ -214,6 +214,9 @@ pub enum ClientRequest {
         #[serde(default)]
         stream: Option<LogStream>,
     },
+    /// Subscribe to cluster events: one reply frame per event until the client closes
+    /// the stream.
+    Monitor,
     /// Tests request timeouts: no answer until the controller's request timeout.
     TestTimeout {
         /// When true, the controller answers with a timeout result; when false, never.
@@ -229,6 +232,78 @@ pub enum ClientResponse {
     Result(MgmtResult),
     /// A multi-result answer.
     Results(Vec<MgmtResult>),
+    /// One cluster event (to `Monitor` subscribers).
+    Event(EventRecord),
+}
+
+/// A cluster event with the time the controller saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// What happened.
+    pub event: Event,
+}
+
+/// What the controller tells `monitor` subscribers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// An agent connected.
+    AgentJoined {
+        /// Its instance name.
+        instance: String,
+        /// Where it connected from.
+        addr: String,
+    },
+    /// An agent's connection was lost; its nodes are UNKNOWN until it returns.
+    AgentLost {
+        /// Its instance name.
+        instance: String,
+        /// Why.
+        reason: String,
+    },
+    /// A node changed state.
+    NodeState {
+        /// Its instance.
+        instance: String,
+        /// The node.
+        node: String,
+        /// The new state.
+        state: State,
+        /// The state before, if known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        previous: Option<State>,
+        /// Its process, if it has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+    },
+    /// A deploy started.
+    DeployStarted {
+        /// The configuration.
+        config_id: String,
+        /// Instances it goes to.
+        instances: Vec<String>,
+    },
+    /// A deploy finished.
+    DeployFinished {
+        /// The configuration.
+        config_id: String,
+        /// Node results that failed.
+        failed: usize,
+        /// How long it took.
+        elapsed_ms: u64,
+    },
+    /// Something went wrong that no request reports.
+    Error {
+        /// What.
+        message: String,
+    },
+    /// This subscriber fell behind and missed events.
+    Lagged {
+        /// How many.
+        missed: u64,
+    },
 }
 
 /// Requests an agent sends to the controller after its Hello.
