@@ -239,7 +239,13 @@ impl Cluster {
 
     /// Starts a controller on `listen` (port 0 picks one); returns it and its address.
     pub fn start_controller(&self, listen: &str) -> (Proc, SocketAddr) {
+        self.start_controller_with(listen, &[])
+    }
+
+    /// As [`Cluster::start_controller`], with extra flags.
+    pub fn start_controller_with(&self, listen: &str, extra: &[&str]) -> (Proc, SocketAddr) {
         let mut cmd = Command::new(bin("drover-controller"));
+        cmd.args(extra);
         cmd.arg("--listen")
             .arg(listen)
             .arg("--state-dir")

@@ -566,3 +566,48 @@ fn monitor_sees_deploys_node_states_and_agent_loss_with_unknown_nodes() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn rolling_restart_goes_batch_by_batch_and_stops_at_a_failure() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agents) = start(&c, &["agent-1"]);
+    let prog = bin("drover-testprog");
+    let marker = c.dir.path().join("n3-started-once");
+    let mut text = String::from(
+        "[instances.agent-1]\n[defaults]\nreadiness = { kind = \"start-period\", period = \"100ms\" }\nmax_failed_starts = 1\n",
+    );
+    for i in [1, 2, 4, 5] {
+        text.push_str(&format!(
+            "[nodes.n{i}]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\n",
+            prog.display()
+        ));
+    }
+    // n3 starts the first time only: its restart fails.
+    text.push_str(&format!(
+        "[nodes.n3]\ninstance = \"agent-1\"\ncommand = [\"/bin/sh\", \"-c\", \"if [ -e {m} ]; then exit 3; fi; touch {m}; exec sleep 100000\"]\n",
+        m = marker.display()
+    ));
+    let file = c.dir.path().join("rolling.toml");
+    std::fs::write(&file, text).unwrap();
+    assert_eq!(
+        c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code,
+        Some(0)
+    );
+    let before = eventually("5 running", PATIENCE, || all_running(&c, addr, 5));
+
+    let out = c.drover(addr, &["restart", "--batch", "2", "--wait-ready"]);
+    assert_eq!(out.code, Some(1));
+    let v = out.json();
+    assert_eq!(v["results"]["n1"], true);
+    assert_eq!(v["results"]["n2"], true);
+    assert_eq!(v["results"]["n3"], false);
+    assert_eq!(v["results"]["n4"], true, "n4 shares n3's batch");
+    assert_eq!(
+        v["errors"],
+        serde_json::json!([{"source": "n5", "error": "not restarted: an earlier batch failed"}])
+    );
+    let now = nodes(&c, addr);
+    assert_eq!(now["n5"].1, Some(before["n5"]), "n5 kept its process");
+    assert_ne!(now["n1"].1, Some(before["n1"]));
+}

@@ -100,10 +100,17 @@ pub enum Command {
         /// Node names.
         nodes: Vec<String>,
     },
-    /// Restart nodes (all when none are named).
+    /// Restart nodes (all when none are named); each is reported once ready again.
     Restart {
         /// Node names.
         nodes: Vec<String>,
+        /// Rolling restart: this many nodes at a time, stopping at the first failure.
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Wait for each batch to be ready before the next (always the case; accepted
+        /// for clarity in scripts).
+        #[arg(long)]
+        wait_ready: bool,
     },
     /// Stop nodes (all when none are named); they stay stopped until started.
     Stop {
@@ -260,13 +267,14 @@ async fn command(
                 })
                 .await?,
         ),
-        Command::Restart { nodes } => output::node_results(
+        Command::Restart { nodes, batch, .. } => output::node_results(
             &session
                 .request(&R::Restart {
                     nodes: nodes.clone(),
+                    batch: *batch,
                 })
                 .await?,
-            false,
+            batch.is_some(),
         ),
         Command::Stop { nodes } => output::node_results(
             &session

@@ -78,7 +78,11 @@ async fn handle_one(shared: &Shared, req: Request<ClientRequest>) -> ClientRespo
         ClientRequest::GetIdValue { id: ident, nodes } => {
             ClientResponse::Results(get_id_value(shared, &id, ident, nodes, budget).await)
         }
-        ClientRequest::Restart { nodes } => ClientResponse::Results(
+        ClientRequest::Restart {
+            nodes,
+            batch: Some(batch),
+        } => ClientResponse::Results(rolling_restart(shared, &id, nodes, batch, budget).await),
+        ClientRequest::Restart { nodes, batch: None } => ClientResponse::Results(
             act(shared, &id, nodes, budget, |nodes| {
                 ControllerRequest::Restart { nodes }
             })
@@ -539,6 +543,46 @@ async fn get_id_value(
         }
     }
     results.extend(agent_results(id, fan_out(requests, budget).await));
+    results
+}
+
+/// Restarts nodes `batch` at a time; a batch starts once the previous one is ready
+/// again, and the first batch with a failure ends the rollout (the rest are reported as
+/// not restarted).
+async fn rolling_restart(
+    shared: &Shared,
+    id: &str,
+    nodes: Vec<String>,
+    batch: usize,
+    budget: Duration,
+) -> Vec<MgmtResult> {
+    let Some(deployed) = shared.store.deployed() else {
+        return vec![MgmtResult::err(id, "no active cluster deployment")];
+    };
+    let names: Vec<String> = if nodes.is_empty() {
+        deployed.nodes.iter().map(|n| n.name.clone()).collect()
+    } else {
+        nodes
+    };
+    let deadline = tokio::time::Instant::now() + budget;
+    let mut results = Vec::new();
+    let mut failed = false;
+    for chunk in names.chunks(batch.max(1)) {
+        if failed {
+            results.extend(chunk.iter().map(|n| {
+                MgmtResult::err(id, "not restarted: an earlier batch failed").on_node(n.clone())
+            }));
+            continue;
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let batch_results = act(shared, id, chunk.to_vec(), left, |nodes| {
+            ControllerRequest::Restart { nodes }
+        })
+        .await;
+        failed = batch_results.iter().any(|r| !r.success);
+        info!(nodes = ?chunk, failed, "restart batch done");
+        results.extend(batch_results);
+    }
     results
 }
 

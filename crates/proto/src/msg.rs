@@ -172,11 +172,16 @@ pub enum ClientRequest {
     },
     /// The status of every node on every connected agent.
     GetNodes,
-    /// Restart nodes (all when the list is empty).
+    /// Restart nodes (all when the list is empty), each restart answered once the node is
+    /// ready again (or has failed).
     Restart {
         /// Node names.
         #[serde(default)]
         nodes: Vec<String>,
+        /// Restart this many nodes at a time, batch after batch, stopping at the first
+        /// batch with a failure (a rolling restart); all at once when absent.
+        #[serde(default)]
+        batch: Option<usize>,
     },
     /// Ask running nodes for a value (Zeek's get_id_value); all nodes when the list is
     /// empty. Nodes answer through the value-query protocol on `DROVER_QUERY_SOCKET`.
