@@ -279,11 +279,23 @@ impl Cluster {
 
     /// Starts an agent named `name` with the certificate files `FILE.crt`/`FILE.key`.
     pub fn start_agent_with(&self, name: &str, file: &str, controller: SocketAddr) -> Proc {
+        self.start_agent_args(name, file, &["--controller", &controller.to_string()])
+    }
+
+    /// Starts an agent that listens on `listen` for the controller to dial it.
+    pub fn start_listening_agent(&self, name: &str, listen: SocketAddr) -> Proc {
+        if !self.pki_file(&format!("{name}.crt")).exists() {
+            self.issue(PeerRole::Agent, name);
+        }
+        self.start_agent_args(name, name, &["--listen", &listen.to_string()])
+    }
+
+    /// Starts an agent with certificate files `FILE.*` and extra flags.
+    pub fn start_agent_args(&self, name: &str, file: &str, extra: &[&str]) -> Proc {
         let mut cmd = Command::new(bin("drover-agent"));
         cmd.arg("--name")
             .arg(name)
-            .arg("--controller")
-            .arg(controller.to_string())
+            .args(extra)
             .arg("--state-dir")
             .arg(self.dir.path().join(format!("agent-{name}")))
             .arg("--ca")
@@ -405,6 +417,14 @@ pub fn run_cli(mut cmd: Command, limit: Duration) -> CliOutput {
         stdout: out_t.join().expect("stdout thread"),
         stderr: err_t.join().expect("stderr thread"),
     }
+}
+
+/// A UDP port that was free a moment ago on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
 }
 
 /// Validity that ended yesterday.

@@ -24,6 +24,7 @@ pub mod sys;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drover_net::conn::Answer;
@@ -32,7 +33,7 @@ use drover_net::{Credentials, Identity, NetError, TlsFiles};
 use drover_proto::model::{LogChunk, LogStream, MgmtResult, MgmtRole, NodeStatus, State};
 use drover_proto::msg::{
     API_VERSION, AgentRequest, AgentResponse, ControllerRequest, ErrorCode, Hello, PeerRole,
-    Request, WireError,
+    Request, Welcome, WireError,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -48,8 +49,11 @@ pub const DEFAULT_PORT: u16 = 2151;
 pub struct Config {
     /// Instance name; must equal the name in the agent's certificate.
     pub name: String,
-    /// The controller, as `HOST:PORT`; resolved again before every attempt.
-    pub controller: String,
+    /// The controller to dial, as `HOST:PORT`; resolved again before every attempt.
+    /// `None` when the agent only listens for the controller.
+    pub controller: Option<String>,
+    /// Where to listen for the controller to dial in (Zeek's controller-to-agent mode).
+    pub listen: Option<SocketAddr>,
     /// Directory for node records, logs and working directories.
     pub state_dir: PathBuf,
     /// Certificate files.
@@ -83,6 +87,9 @@ pub enum Error {
         /// The configured name.
         name: String,
     },
+    /// Neither a controller to dial nor an address to listen on.
+    #[error("no --controller to dial and no --listen address: the agent needs at least one")]
+    NoController,
     /// The controller address is malformed.
     #[error("invalid controller address '{0}': expected HOST:PORT")]
     ControllerAddr(String),
@@ -102,7 +109,9 @@ pub struct Agent {
     config: Config,
     creds: Credentials,
     /// The host part of `config.controller`, used as the TLS server name.
-    server_name: String,
+    server_name: Option<String>,
+    /// The listening endpoint, when the controller dials this agent.
+    listener: Option<quinn::Endpoint>,
 }
 
 impl Agent {
@@ -117,27 +126,41 @@ impl Agent {
                 name: config.name.clone(),
             });
         }
-        let server_name = split_host(&config.controller)
-            .ok_or_else(|| Error::ControllerAddr(config.controller.clone()))?
-            .to_owned();
+        let server_name = match &config.controller {
+            Some(c) => Some(
+                split_host(c)
+                    .ok_or_else(|| Error::ControllerAddr(c.clone()))?
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        if config.controller.is_none() && config.listen.is_none() {
+            return Err(Error::NoController);
+        }
         std::fs::create_dir_all(&config.state_dir).map_err(|source| Error::StateDir {
             path: config.state_dir.clone(),
             source,
         })?;
+        let listener = match config.listen {
+            Some(addr) => Some(conn::server_endpoint(&creds, addr, &config.transport)?),
+            None => None,
+        };
         Ok(Self {
             config,
             creds,
             server_name,
+            listener,
         })
     }
 
     /// Supervises the nodes and stays connected to the controller until `shutdown` is
     /// cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
+        let this = Arc::new(self);
         let supervisor = match Supervisor::start(SupervisorConfig {
-            instance: self.config.name.clone(),
-            state_dir: self.config.state_dir.clone(),
-            logs: self.config.logs,
+            instance: this.config.name.clone(),
+            state_dir: this.config.state_dir.clone(),
+            logs: this.config.logs,
         }) {
             Ok(s) => s,
             Err(e) => {
@@ -145,11 +168,96 @@ impl Agent {
                 return;
             }
         };
-        self.connection_loop(&supervisor, &shutdown).await;
-        let stop = self.config.stop_nodes_on_exit;
+        let dial = async {
+            if this.config.controller.is_some() {
+                this.connection_loop(&supervisor, &shutdown).await;
+            }
+        };
+        let listen = async {
+            if let Some(endpoint) = &this.listener {
+                this.clone()
+                    .listen_loop(endpoint.clone(), &supervisor, &shutdown)
+                    .await;
+            }
+        };
+        tokio::join!(dial, listen);
+        let stop = this.config.stop_nodes_on_exit;
         info!(stop_nodes = stop, "shutting down the supervisor");
         supervisor.shutdown(stop).await;
-        info!(agent = %self.config.name, "agent stopped");
+        info!(agent = %this.config.name, "agent stopped");
+    }
+
+    /// Accepts the controller's connections (controller-to-agent mode): only a peer with
+    /// a controller certificate, whose Hello matches it, is served.
+    async fn listen_loop(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        supervisor: &Supervisor,
+        shutdown: &CancellationToken,
+    ) {
+        let local = endpoint
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        info!(addr = %local, "listening for the controller");
+        let mut sessions = tokio::task::JoinSet::new();
+        loop {
+            let incoming = tokio::select! {
+                () = shutdown.cancelled() => break,
+                i = endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
+            let this = self.clone();
+            let supervisor = supervisor.clone();
+            sessions.spawn(async move {
+                let timeout = this.config.transport.hello_timeout;
+                let (conn, identity) = match conn::accept(incoming, timeout).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!("{e}");
+                        return;
+                    }
+                };
+                let (hello, responder) = match conn::read_hello(&conn, timeout).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        warn!(peer = %identity, "{e}");
+                        return;
+                    }
+                };
+                let check = conn::check_hello(&hello, &identity, API_VERSION).and_then(|()| {
+                    if identity.role == PeerRole::Controller {
+                        Ok(())
+                    } else {
+                        Err(WireError::new(
+                            ErrorCode::Forbidden,
+                            format!("only the controller may connect to an agent, not a {}", identity.role),
+                        ))
+                    }
+                });
+                if let Err(e) = check {
+                    warn!(peer = %identity, "refused connection: {}", e.message);
+                    responder.refuse(e).await;
+                    return;
+                }
+                let welcome = Welcome {
+                    api_version: API_VERSION,
+                    name: this.config.name.clone(),
+                    software: software(),
+                };
+                if responder.welcome(welcome).await.is_err() {
+                    return;
+                }
+                info!(controller = %identity.name, addr = %conn.remote_address(), "controller connected");
+                let reason = this.serve(conn, &supervisor).await;
+                warn!("lost the controller: {}", conn::explain(&reason, "controller"));
+            });
+        }
+        sessions.abort_all();
+        endpoint.close(0u32.into(), b"agent shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     }
 
     async fn connection_loop(&self, supervisor: &Supervisor, shutdown: &CancellationToken) {
@@ -158,10 +266,14 @@ impl Agent {
         // reconnecting does not churn UDP sockets.
         let mut endpoints: [Option<quinn::Endpoint>; 2] = [None, None];
         let name = &self.config.name;
-        info!(agent = %name, controller = %self.config.controller, "agent connecting");
+        let (Some(controller), Some(server_name)) = (&self.config.controller, &self.server_name)
+        else {
+            return;
+        };
+        info!(agent = %name, %controller, "agent connecting");
         loop {
             let attempt = async {
-                let addr = resolve(&self.config.controller).await?;
+                let addr = resolve(controller).await?;
                 let slot = &mut endpoints[usize::from(addr.is_ipv6())];
                 let endpoint = match slot {
                     Some(e) => e.clone(),
@@ -183,7 +295,7 @@ impl Agent {
                     &endpoint,
                     None,
                     addr,
-                    &self.server_name,
+                    server_name,
                     hello,
                     PeerRole::Controller,
                     None,

@@ -28,6 +28,10 @@ struct Args {
     /// The controller to connect to, as HOST:PORT.
     #[arg(long, env = "DROVER_CONTROLLER")]
     controller: Option<String>,
+    /// Listen for the controller to connect to this agent instead (or as well), on
+    /// ADDR:PORT (Zeek's controller-to-agent mode; the default agent port is 2151).
+    #[arg(long, env = "DROVER_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
     /// Directory for node records, logs and working directories
     /// [default: /var/lib/drover-agent].
     #[arg(long, env = "DROVER_STATE_DIR")]
@@ -81,6 +85,7 @@ enum OnExit {
 struct FileConfig {
     name: Option<String>,
     controller: Option<String>,
+    listen: Option<std::net::SocketAddr>,
     state_dir: Option<PathBuf>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -123,10 +128,8 @@ fn config(args: Args) -> anyhow::Result<Config> {
         .unwrap_or(Duration::from_secs(5));
     Ok(Config {
         name: args.name.or(file.name).ok_or_else(|| missing("name"))?,
-        controller: args
-            .controller
-            .or(file.controller)
-            .ok_or_else(|| missing("controller"))?,
+        controller: args.controller.or(file.controller),
+        listen: args.listen.or(file.listen),
         state_dir: args
             .state_dir
             .or(file.state_dir)

@@ -11,6 +11,7 @@
 //! said it would wait. A request to an agent that is not connected fails at once.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use drover_net::conn::{self, Answer};
@@ -27,7 +28,10 @@ use tracing::{info, warn};
 use crate::Shared;
 
 /// Answers one client request.
-pub(crate) async fn handle(shared: &Shared, req: Request<ClientRequest>) -> Answer<ClientResponse> {
+pub(crate) async fn handle(
+    shared: &Arc<Shared>,
+    req: Request<ClientRequest>,
+) -> Answer<ClientResponse> {
     if let ClientRequest::Logs {
         node,
         lines,
@@ -44,7 +48,7 @@ pub(crate) async fn handle(shared: &Shared, req: Request<ClientRequest>) -> Answ
 }
 
 /// Answers a request with one reply.
-async fn handle_one(shared: &Shared, req: Request<ClientRequest>) -> ClientResponse {
+async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> ClientResponse {
     let id = req.id.clone();
     // Answer before the client gives up, so that a timeout is a result, not a hang.
     let budget = req.timeout_ms.map_or(shared.request_timeout, |ms| {
@@ -211,12 +215,12 @@ fn instances(shared: &Shared) -> Vec<Instance> {
         .map(|a| Instance {
             name: a.name,
             host: Some(a.addr.ip()),
-            port: None,
+            port: a.dialled_port,
         })
         .collect()
 }
 
-fn stage(shared: &Shared, id: &str, config: Configuration) -> Vec<MgmtResult> {
+fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<MgmtResult> {
     let issues = validate(&config);
     if !issues.is_empty() {
         return issues
@@ -225,8 +229,10 @@ fn stage(shared: &Shared, id: &str, config: Configuration) -> Vec<MgmtResult> {
             .collect();
     }
     let config_id = config.id.clone();
+    let listening = config.clone();
     match shared.store.set_staged(config) {
         Ok(()) => {
+            crate::dial::ensure(shared, &listening);
             info!(config = %config_id, "configuration staged");
             vec![MgmtResult::ok(id, Some(ResultData::ConfigId(config_id)))]
         }

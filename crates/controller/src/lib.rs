@@ -9,11 +9,14 @@
 //! - [`api`]: the client requests: staging and deploying configurations, node statuses,
 //!   actions on node subsets, fanned out to agents with timeouts.
 //! - [`store`]: the staged and deployed configurations, persisted atomically.
+//! - `dial`: connections the controller makes itself, to agents that listen (instances
+//!   with a `port`), as Zeek's controller-to-agent mode.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
 //! [`Controller::bind`] and [`Controller::run`], so tests run controllers in-process.
 
 pub mod api;
+mod dial;
 pub mod registry;
 pub mod store;
 
@@ -103,6 +106,11 @@ pub(crate) struct Shared {
     /// reports and agent loss (nodes turn UNKNOWN), read by get-nodes for agents that
     /// are not connected.
     pub(crate) statuses: std::sync::Mutex<BTreeMap<String, BTreeMap<String, NodeStatus>>>,
+    /// The endpoint, for dialling agents that listen.
+    pub(crate) endpoint: quinn::Endpoint,
+    /// Dialler tasks by instance name, with the address each dials. Written when
+    /// configurations are staged or deployed.
+    pub(crate) dialers: std::sync::Mutex<BTreeMap<String, (SocketAddr, tokio::task::AbortHandle)>>,
 }
 
 impl Shared {
@@ -203,7 +211,7 @@ impl Controller {
         let store = Store::open(&config.state_dir)?;
         let endpoint = conn::server_endpoint(&creds, config.listen, &config.transport)?;
         Ok(Self {
-            endpoint,
+            endpoint: endpoint.clone(),
             shared: Arc::new(Shared {
                 name: creds.identity().name.clone(),
                 registry: Registry::default(),
@@ -213,6 +221,8 @@ impl Controller {
                 request_timeout: config.request_timeout,
                 events: tokio::sync::broadcast::channel(4096).0,
                 statuses: std::sync::Mutex::default(),
+                endpoint,
+                dialers: std::sync::Mutex::default(),
             }),
         })
     }
@@ -227,6 +237,12 @@ impl Controller {
     /// Serves until `shutdown` is cancelled, then closes every connection.
     pub async fn run(self, shutdown: CancellationToken) {
         info!(addr = %self.local_addr(), name = %self.shared.name, "controller listening");
+        for config in [self.shared.store.deployed(), self.shared.store.staged()]
+            .into_iter()
+            .flatten()
+        {
+            dial::ensure(&self.shared, &config);
+        }
         let tasks = TaskTracker::new();
         loop {
             let incoming = tokio::select! {
@@ -296,21 +312,23 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         return;
     }
     match identity.role {
-        PeerRole::Agent => serve_agent(shared, conn, identity, hello.software).await,
+        PeerRole::Agent => serve_agent(shared, conn, identity.name, hello.software, None).await,
         PeerRole::Client => serve_client(shared, conn, identity).await,
         PeerRole::Controller => unreachable!("refused above"),
     }
 }
 
-async fn serve_agent(
+/// Runs an authenticated agent's session until its connection ends: registration,
+/// re-applying the deployed configuration, status reports, loss.
+pub(crate) async fn serve_agent(
     shared: Arc<Shared>,
     conn: quinn::Connection,
-    identity: Identity,
+    name: String,
     software: String,
+    dialled_port: Option<u16>,
 ) {
-    let name = identity.name.clone();
     let addr = conn.remote_address();
-    if let Some(old) = shared.registry.insert(&name, conn.clone()) {
+    if let Some(old) = shared.registry.insert(&name, conn.clone(), dialled_port) {
         info!(agent = %name, "replacing the previous connection of agent '{name}'");
         old.close(5u32.into(), b"replaced by a newer connection");
     }

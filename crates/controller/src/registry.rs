@@ -19,12 +19,15 @@ pub struct AgentInfo {
     pub addr: SocketAddr,
     /// When it connected.
     pub since: SystemTime,
+    /// The agent's listening port, when the controller dialled it.
+    pub dialled_port: Option<u16>,
 }
 
 #[derive(Debug)]
 struct Entry {
     conn: quinn::Connection,
     since: SystemTime,
+    dialled_port: Option<u16>,
 }
 
 /// Connected agents by name.
@@ -36,10 +39,17 @@ pub struct Registry {
 
 impl Registry {
     /// Registers `conn` for `name`, returning the connection it replaces, if any.
-    pub fn insert(&self, name: &str, conn: quinn::Connection) -> Option<quinn::Connection> {
+    /// `dialled_port` is the agent's port when the controller dialled it.
+    pub fn insert(
+        &self,
+        name: &str,
+        conn: quinn::Connection,
+        dialled_port: Option<u16>,
+    ) -> Option<quinn::Connection> {
         let entry = Entry {
             conn,
             since: SystemTime::now(),
+            dialled_port,
         };
         self.lock()
             .insert(name.to_owned(), entry)
@@ -71,6 +81,7 @@ impl Registry {
                 name: name.clone(),
                 addr: e.conn.remote_address(),
                 since: e.since,
+                dialled_port: e.dialled_port,
             })
             .collect()
     }

@@ -1,0 +1,95 @@
+//! Connections the controller makes to agents that listen (Zeek's controller-to-agent
+//! mode): an instance with a `host` and a `port` in a staged or deployed configuration
+//! gets a dialler task that connects to it, verifies that the peer holds the agent
+//! certificate of that instance, says Hello as the controller, and then runs the same
+//! agent session as for agents that dial in. When the connection is lost, the dialler
+//! tries again with capped exponential backoff.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_net::conn;
+use drover_proto::model::Configuration;
+use drover_proto::msg::{API_VERSION, Hello, PeerRole};
+use tracing::{debug, info, warn};
+
+use crate::{Shared, serve_agent, software};
+
+/// Starts (or re-targets) a dialler for every listening instance of `config`.
+pub(crate) fn ensure(shared: &Arc<Shared>, config: &Configuration) {
+    let mut dialers = shared.dialers.lock().unwrap_or_else(|p| p.into_inner());
+    for inst in &config.instances {
+        let (Some(host), Some(port)) = (inst.host, inst.port) else {
+            continue;
+        };
+        if host.is_unspecified() {
+            continue;
+        }
+        let addr = SocketAddr::new(host, port);
+        if let Some((known, task)) = dialers.get(&inst.name) {
+            if *known == addr && !task.is_finished() {
+                continue;
+            }
+            task.abort();
+        }
+        info!(agent = %inst.name, %addr, "dialling agent '{}' at {addr}", inst.name);
+        let task = tokio::spawn(dial_loop(shared.clone(), inst.name.clone(), addr));
+        dialers.insert(inst.name.clone(), (addr, task.abort_handle()));
+    }
+}
+
+async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let hello = Hello {
+            api_version: API_VERSION,
+            role: PeerRole::Controller,
+            name: shared.name.clone(),
+            software: software(),
+        };
+        let attempt = conn::dial(
+            &shared.endpoint,
+            None,
+            addr,
+            &name,
+            hello,
+            PeerRole::Agent,
+            Some(&name),
+            shared.transport.hello_timeout,
+        )
+        .await;
+        match attempt {
+            Ok(est) => {
+                delay = Duration::from_millis(200);
+                serve_agent(
+                    shared.clone(),
+                    est.conn,
+                    name.clone(),
+                    est.welcome.software,
+                    Some(addr.port()),
+                )
+                .await;
+            }
+            Err(e) => debug!(agent = %name, %addr, "cannot connect to agent: {e}"),
+        }
+        if shared.registry.get(&name).is_some() {
+            // The agent dialled in meanwhile; keep watching at the longest delay.
+            delay = Duration::from_secs(5);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+        let wanted = [shared.store.deployed(), shared.store.staged()]
+            .into_iter()
+            .flatten()
+            .any(|c| {
+                c.instances.iter().any(|i| {
+                    i.name == name && i.port == Some(addr.port()) && i.host == Some(addr.ip())
+                })
+            });
+        if !wanted {
+            warn!(agent = %name, %addr, "agent left every configuration; no longer dialling it");
+            return;
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The controller dials agents that listen (Zeek's controller-to-agent mode).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use drover_net::conn::{self, TransportSettings};
+use drover_net::{Credentials, TlsFiles};
+use drover_proto::msg::{API_VERSION, Hello, PeerRole};
+use drover_tests::{Cluster, PATIENCE, bin, eventually, free_udp_port};
+
+#[test]
+fn controller_dials_a_listening_agent_deploys_and_redials_after_restart() {
+    let c = Cluster::new();
+    let (mut ctl, addr) = c.start_controller("127.0.0.1:0");
+    let port = free_udp_port();
+    let agent_addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let agent = c.start_listening_agent("agent-1", agent_addr);
+    agent.wait_log("listening for the controller");
+
+    let file = c.dir.path().join("listen.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.agent-1]\nhost = \"127.0.0.1\"\nport = {port}\n[nodes.n1]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+            bin("drover-testprog").display()
+        ),
+    )
+    .unwrap();
+    let out = c.drover(addr, &["stage-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let instances = eventually("controller dialled the agent", PATIENCE, || {
+        let v = c.drover(addr, &["get-instances"]).json();
+        v.get("agent-1").cloned()
+    });
+    assert_eq!(
+        instances,
+        serde_json::json!({"host": "127.0.0.1", "port": port}),
+        "zeek-client shows the port of agents the controller dials"
+    );
+    let out = c.drover(addr, &["deploy"]);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    let pid = eventually("node running", PATIENCE, || {
+        let v = c.drover(addr, &["get-nodes"]).json();
+        v["results"]["agent-1"]["n1"]["pid"].as_u64()
+    });
+
+    // A restarted controller dials the deployed configuration's agents again.
+    ctl.kill();
+    let (_ctl2, addr2) = c.start_controller(&addr.to_string());
+    let again = eventually("node seen again", PATIENCE, || {
+        let v = c.drover(addr2, &["get-nodes"]).json();
+        v["results"]["agent-1"]["n1"]["pid"].as_u64()
+    });
+    assert_eq!(again, pid);
+    drop(agent);
+}
+
+#[test]
+fn only_the_controller_may_connect_to_a_listening_agent() {
+    let c = Cluster::new();
+    let agent_addr: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
+    let agent = c.start_listening_agent("agent-1", agent_addr);
+    agent.wait_log("listening for the controller");
+    let creds = Credentials::load(&TlsFiles {
+        ca: c.pki_file("ca.crt"),
+        cert: c.pki_file("ops.crt"),
+        key: c.pki_file("ops.key"),
+    })
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let err = rt.block_on(async {
+        let settings = TransportSettings::default();
+        let endpoint = conn::client_endpoint(&creds, &settings, agent_addr).unwrap();
+        let hello = Hello {
+            api_version: API_VERSION,
+            role: PeerRole::Client,
+            name: "ops".into(),
+            software: "test".into(),
+        };
+        conn::dial(
+            &endpoint,
+            None,
+            agent_addr,
+            "agent-1",
+            hello,
+            PeerRole::Agent,
+            Some("agent-1"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err()
+        .to_string()
+    });
+    assert!(
+        err.contains("only the controller may connect to an agent"),
+        "{err}"
+    );
+    agent.wait_log("refused connection: only the controller may connect to an agent, not a client");
+}
