@@ -611,3 +611,117 @@ fn rolling_restart_goes_batch_by_batch_and_stops_at_a_failure() {
     assert_eq!(now["n5"].1, Some(before["n5"]), "n5 kept its process");
     assert_ne!(now["n1"].1, Some(before["n1"]));
 }
+
+#[test]
+fn targets_by_role_and_instance_and_signals() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agents) = start(&c, &["agent-1", "agent-2"]);
+    let prog = bin("drover-testprog");
+    let mut text = String::from(
+        "[instances.agent-1]\n[instances.agent-2]\n[defaults]\nbackoff = { initial = \"0s\" }\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
+    );
+    for (name, inst, role) in [
+        ("m", "agent-1", "manager"),
+        ("w1", "agent-1", "worker"),
+        ("w2", "agent-2", "worker"),
+    ] {
+        text.push_str(&format!(
+            "[nodes.{name}]\ninstance = \"{inst}\"\nrole = \"{role}\"\ncommand = [\"{}\"]\n",
+            prog.display()
+        ));
+    }
+    let file = c.dir.path().join("targets.toml");
+    std::fs::write(&file, text).unwrap();
+    assert_eq!(
+        c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code,
+        Some(0)
+    );
+    let before = eventually("3 running", PATIENCE, || all_running(&c, addr, 3));
+
+    // HUP kills the test program; the workers are restarted under their policy.
+    let out = c.drover(addr, &["signal", "HUP", "role:worker"]);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    assert_eq!(
+        out.json()["results"],
+        serde_json::json!({"w1": true, "w2": true})
+    );
+    let after = eventually("workers replaced", PATIENCE, || {
+        let n = all_running(&c, addr, 3)?;
+        (n["w1"] != before["w1"] && n["w2"] != before["w2"]).then_some(n)
+    });
+    assert_eq!(after["m"], before["m"]);
+
+    let out = c.drover(addr, &["signal", "NOPE", "m"]);
+    assert_eq!(out.code, Some(1));
+    assert_eq!(out.json()["errors"][0]["error"], "unknown signal 'NOPE'");
+
+    let out = c.drover(addr, &["stop", "instance:agent-2"]);
+    assert_eq!(out.json()["results"], serde_json::json!({"w2": true}));
+    let out = c.drover(addr, &["restart", "role:proxy"]);
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.json()["errors"],
+        serde_json::json!([{"source": "role:proxy", "error": "no node matches 'role:proxy'"}])
+    );
+    let n = nodes(&c, addr);
+    assert_eq!(n["w2"].0, "STOPPED");
+    assert_eq!(n["w1"].0, "RUNNING");
+}
+
+#[test]
+fn monitor_with_logs_streams_node_output() {
+    use std::io::BufRead;
+    let c = Cluster::new();
+    let (_ctl, addr, _agents) = start(&c, &["agent-1"]);
+    let text = format!(
+        "[instances.agent-1]\n[nodes.chatty]\ninstance = \"agent-1\"\ncommand = [\"{}\", \"--stderr-rate\", \"20\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+        bin("drover-testprog").display()
+    );
+    let file = c.dir.path().join("chatty.toml");
+    std::fs::write(&file, text).unwrap();
+    assert_eq!(
+        c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code,
+        Some(0)
+    );
+    let mut cmd = std::process::Command::new(bin("drover"));
+    cmd.args(["--controller", &addr.to_string()])
+        .arg("--ca")
+        .arg(c.pki_file("ca.crt"))
+        .arg("--cert")
+        .arg(c.pki_file("ops.crt"))
+        .arg("--key")
+        .arg(c.pki_file("ops.key"))
+        .args(["monitor", "--logs"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let ev = loop {
+        let ev = rx.recv_timeout(PATIENCE).expect("log events");
+        if ev["event"]["type"] == "log_lines" {
+            break ev;
+        }
+    };
+    assert_eq!(ev["event"]["node"], "chatty");
+    assert_eq!(ev["event"]["stream"], "stderr");
+    assert!(
+        ev["event"]["lines"][0]
+            .as_str()
+            .unwrap()
+            .contains("stderr line"),
+        "{ev}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

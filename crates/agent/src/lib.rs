@@ -402,6 +402,9 @@ impl Agent {
                     ControllerRequest::Start { nodes } => {
                         results(sup.act(Op::Start, nodes, deadline).await)
                     }
+                    ControllerRequest::Signal { nodes, signal } => {
+                        results(sup.act(Op::Signal(signal), nodes, deadline).await)
+                    }
                 }))
             }
         };

@@ -117,6 +117,9 @@ pub enum Op {
     Stop,
     /// Start a stopped node.
     Start,
+    /// Send this signal to the node's process group; its state machine is not involved
+    /// (a node that dies of it is restarted under its policy).
+    Signal(i32),
 }
 
 #[derive(Debug)]
@@ -679,8 +682,28 @@ impl Core {
                 );
                 continue;
             };
+            if let Op::Signal(sig) = op {
+                let result = match (&e.proc, Signal::try_from(sig)) {
+                    (Some(p), Ok(sig)) => match sys::signal_group(p.id.pid, sig) {
+                        Ok(_) => Ok(()),
+                        Err(err) => Err(format!("cannot signal node: {err}")),
+                    },
+                    (None, _) => Err(format!("node {name} is not running")),
+                    (_, Err(_)) => Err(format!("invalid signal {sig}")),
+                };
+                results.push(
+                    match result {
+                        Ok(()) => MgmtResult::ok("", None),
+                        Err(msg) => MgmtResult::err("", msg),
+                    }
+                    .on_instance(&instance)
+                    .on_node(&name),
+                );
+                continue;
+            }
             let generation = e.generation;
             let actions = match op {
+                Op::Signal(_) => unreachable!("handled above"),
                 Op::Stop => {
                     e.stopped_by_operator = true;
                     e.machine.stop(now)

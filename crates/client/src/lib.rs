@@ -97,12 +97,12 @@ pub enum Command {
     GetIdValue {
         /// The identifier.
         id: String,
-        /// Node names.
+        /// Targets: node names, role:ROLE or instance:NAME.
         nodes: Vec<String>,
     },
     /// Restart nodes (all when none are named); each is reported once ready again.
     Restart {
-        /// Node names.
+        /// Targets: node names, role:ROLE or instance:NAME.
         nodes: Vec<String>,
         /// Rolling restart: this many nodes at a time, stopping at the first failure.
         #[arg(long)]
@@ -114,12 +114,12 @@ pub enum Command {
     },
     /// Stop nodes (all when none are named); they stay stopped until started.
     Stop {
-        /// Node names.
+        /// Targets: node names, role:ROLE or instance:NAME.
         nodes: Vec<String>,
     },
     /// Start stopped nodes (all when none are named).
     Start {
-        /// Node names.
+        /// Targets: node names, role:ROLE or instance:NAME.
         nodes: Vec<String>,
     },
     /// Show a node's output: the last lines of its stdout (on stdout) and stderr (on
@@ -138,7 +138,18 @@ pub enum Command {
         stream: Option<StreamArg>,
     },
     /// Print cluster events as they happen, one JSON object per line, until interrupted.
-    Monitor,
+    Monitor {
+        /// Also print every deployed node's output lines as events.
+        #[arg(long)]
+        logs: bool,
+    },
+    /// Send a signal to nodes (all when none are named), e.g. `drover signal HUP w1`.
+    Signal {
+        /// The signal, by name (HUP, SIGUSR1) or number.
+        signal: String,
+        /// Targets: node names, role:ROLE or instance:NAME.
+        nodes: Vec<String>,
+    },
     /// Test request timeouts.
     TestTimeout {
         /// Let the controller answer with a timeout result instead of staying silent.
@@ -310,8 +321,17 @@ async fn command(
             let mut replies = session.request_stream(&req).await?;
             return output::print_logs(&mut replies).await.map(exit);
         }
-        Command::Monitor => {
-            let mut replies = session.request_stream(&R::Monitor).await?;
+        Command::Signal { signal, nodes } => output::node_results(
+            &session
+                .request(&R::Signal {
+                    nodes: nodes.clone(),
+                    signal: signal.clone(),
+                })
+                .await?,
+            true,
+        ),
+        Command::Monitor { logs } => {
+            let mut replies = session.request_stream(&R::Monitor { logs: *logs }).await?;
             return output::print_events(&mut replies).await.map(exit);
         }
         Command::TestTimeout { with_state } => output::test_timeout(

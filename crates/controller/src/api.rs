@@ -41,8 +41,8 @@ pub(crate) async fn handle(
     {
         return logs(shared, req.id, node, lines, follow, stream);
     }
-    if let ClientRequest::Monitor = req.body {
-        return monitor(shared);
+    if let ClientRequest::Monitor { logs } = req.body {
+        return monitor(shared, logs);
     }
     Answer::One(handle_one(shared, req).await)
 }
@@ -104,7 +104,24 @@ async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> Client
             })
             .await,
         ),
-        ClientRequest::Logs { .. } | ClientRequest::Monitor => {
+        ClientRequest::Signal { nodes, signal } => {
+            let Some(number) = drover_proto::config::signal_number(&signal) else {
+                return ClientResponse::Results(vec![MgmtResult::err(
+                    id,
+                    format!("unknown signal '{signal}'"),
+                )]);
+            };
+            ClientResponse::Results(
+                act(shared, &id, nodes, budget, |nodes| {
+                    ControllerRequest::Signal {
+                        nodes,
+                        signal: number,
+                    }
+                })
+                .await,
+            )
+        }
+        ClientRequest::Logs { .. } | ClientRequest::Monitor { .. } => {
             unreachable!("streamed by handle")
         }
         ClientRequest::TestTimeout { with_state } => {
@@ -184,10 +201,25 @@ fn logs(
     Answer::Stream(rx)
 }
 
-/// Relays cluster events to one subscriber until it goes away.
-fn monitor(shared: &Shared) -> Answer<ClientResponse> {
+/// Relays cluster events to one subscriber until it goes away; with `logs`, also the
+/// output of every deployed node (followed on its agent only while someone listens).
+fn monitor(shared: &Shared, logs: bool) -> Answer<ClientResponse> {
     let mut events = shared.events.subscribe();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    if logs && let Some(deployed) = shared.store.deployed() {
+        for node in &deployed.nodes {
+            let Some(conn) = shared.registry.get(&node.instance) else {
+                continue;
+            };
+            tokio::spawn(follow_into_events(
+                conn,
+                node.instance.clone(),
+                node.name.clone(),
+                tx.clone(),
+                shared.request_timeout,
+            ));
+        }
+    }
     tokio::spawn(async move {
         loop {
             let record = match events.recv().await {
@@ -204,6 +236,47 @@ fn monitor(shared: &Shared) -> Answer<ClientResponse> {
         }
     });
     Answer::Stream(rx)
+}
+
+/// Follows one node's output and sends it as events until the subscriber leaves.
+async fn follow_into_events(
+    conn: quinn::Connection,
+    instance: String,
+    node: String,
+    tx: tokio::sync::mpsc::Sender<ClientResponse>,
+    timeout: Duration,
+) {
+    let req = ControllerRequest::Logs {
+        node: node.clone(),
+        lines: 0,
+        follow: true,
+        stream: None,
+    };
+    let Ok(mut replies) = conn::call_stream(&conn, &req, timeout).await else {
+        return;
+    };
+    while let Ok(Some(AgentResponse::Log(chunk))) = replies.next::<AgentResponse>().await {
+        if chunk.lines.is_empty() {
+            continue;
+        }
+        let record = EventRecord {
+            at_ms: now_ms(),
+            event: Event::LogLines {
+                instance: instance.clone(),
+                node: node.clone(),
+                chunk,
+            },
+        };
+        if tx.send(ClientResponse::Event(record)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Connected agents, sorted by name, with the address they connected from.
@@ -503,18 +576,10 @@ async fn get_id_value(
     let Some(deployed) = shared.store.deployed() else {
         return vec![MgmtResult::err(id, "no cluster deployed")];
     };
-    let mut results = Vec::new();
-    let known: Vec<String> = nodes
+    let (known, unmatched) = deployed.select(&nodes);
+    let mut results: Vec<MgmtResult> = unmatched
         .into_iter()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .filter(|n| {
-            let ok = deployed.node(n).is_some();
-            if !ok {
-                results.push(MgmtResult::err(id, "unknown cluster node").on_node(n.clone()));
-            }
-            ok
-        })
+        .map(|t| unmatched_target(id, t))
         .collect();
     if !results.is_empty() && known.is_empty() {
         return results;
@@ -565,13 +630,15 @@ async fn rolling_restart(
     let Some(deployed) = shared.store.deployed() else {
         return vec![MgmtResult::err(id, "no active cluster deployment")];
     };
+    let mut results = Vec::new();
     let names: Vec<String> = if nodes.is_empty() {
         deployed.nodes.iter().map(|n| n.name.clone()).collect()
     } else {
-        nodes
+        let (names, unmatched) = deployed.select(&nodes);
+        results.extend(unmatched.into_iter().map(|t| unmatched_target(id, t)));
+        names
     };
     let deadline = tokio::time::Instant::now() + budget;
-    let mut results = Vec::new();
     let mut failed = false;
     for chunk in names.chunks(batch.max(1)) {
         if failed {
@@ -590,6 +657,16 @@ async fn rolling_restart(
         results.extend(batch_results);
     }
     results
+}
+
+/// The error result for a target that matched no node: Zeek's wording for a plain
+/// name, a clearer one for a selector.
+fn unmatched_target(id: &str, target: String) -> MgmtResult {
+    if target.contains(':') {
+        MgmtResult::err(id, format!("no node matches '{target}'")).on_node(target)
+    } else {
+        MgmtResult::err(id, "unknown cluster node").on_node(target)
+    }
 }
 
 /// Stop, start or restart: unknown names are per-node errors; the rest goes to the
@@ -620,7 +697,9 @@ async fn act(
             by_instance.insert(inst, Vec::new());
         }
     } else {
-        for name in nodes.into_iter().collect::<BTreeSet<_>>() {
+        let (names, unmatched) = deployed.select(&nodes);
+        results.extend(unmatched.into_iter().map(|t| unmatched_target(id, t)));
+        for name in names {
             match deployed.node(&name) {
                 Some(n) => by_instance
                     .entry(n.instance.clone())

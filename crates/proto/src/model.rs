@@ -393,6 +393,29 @@ impl Configuration {
         self.nodes.iter().filter(move |n| n.instance == instance)
     }
 
+    /// Expands targets into node names: a node name, `role:ROLE` (every node of that
+    /// role) or `instance:NAME` (every node on that instance). Returns the names, sorted
+    /// and without duplicates, and the targets that matched nothing.
+    pub fn select(&self, targets: &[String]) -> (Vec<String>, Vec<String>) {
+        let mut names = std::collections::BTreeSet::new();
+        let mut unmatched = Vec::new();
+        for t in targets {
+            let found: Vec<&Node> = if let Some(role) = t.strip_prefix("role:") {
+                let role = ClusterRole::parse(role);
+                self.nodes.iter().filter(|n| n.role == role).collect()
+            } else if let Some(inst) = t.strip_prefix("instance:") {
+                self.nodes_on(inst).collect()
+            } else {
+                self.node(t).into_iter().collect()
+            };
+            if found.is_empty() {
+                unmatched.push(t.clone());
+            }
+            names.extend(found.into_iter().map(|n| n.name.clone()));
+        }
+        (names.into_iter().collect(), unmatched)
+    }
+
     /// The node named `name`.
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name == name)
@@ -682,6 +705,33 @@ mod tests {
         let mut own = n.clone();
         own.command = vec!["/bin/true".into()];
         assert_eq!(c.resolve(&own).command, vec!["/bin/true"]);
+    }
+
+    #[test]
+    fn targets_select_by_name_role_and_instance() {
+        let mut c = Configuration::empty();
+        for (name, inst, role) in [
+            ("w1", "a", "worker"),
+            ("w2", "b", "worker"),
+            ("m", "a", "manager"),
+        ] {
+            let mut n = Node::new(name, inst);
+            n.role = ClusterRole::parse(role);
+            c.nodes.push(n);
+        }
+        let t = |v: &[&str]| c.select(&v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        assert_eq!(
+            t(&["role:worker"]),
+            (vec!["w1".into(), "w2".into()], vec![])
+        );
+        assert_eq!(
+            t(&["instance:a", "w2"]),
+            (vec!["m".into(), "w1".into(), "w2".into()], vec![])
+        );
+        assert_eq!(
+            t(&["m", "nope", "role:proxy"]),
+            (vec!["m".into()], vec!["nope".into(), "role:proxy".into()])
+        );
     }
 
     #[test]

@@ -204,6 +204,14 @@ pub enum ClientRequest {
         #[serde(default)]
         nodes: Vec<String>,
     },
+    /// Send a signal to nodes' process groups (all nodes when the list is empty).
+    Signal {
+        /// Node names.
+        #[serde(default)]
+        nodes: Vec<String>,
+        /// The signal, by name (`HUP`, `SIGUSR1`) or number.
+        signal: String,
+    },
     /// The last lines of a node's output, then, with `follow`, new lines as they come
     /// (one reply frame per batch, until the client closes the stream).
     Logs {
@@ -221,7 +229,11 @@ pub enum ClientRequest {
     },
     /// Subscribe to cluster events: one reply frame per event until the client closes
     /// the stream.
-    Monitor,
+    Monitor {
+        /// Also stream every deployed node's output lines as events.
+        #[serde(default)]
+        logs: bool,
+    },
     /// Tests request timeouts: no answer until the controller's request timeout.
     TestTimeout {
         /// When true, the controller answers with a timeout result; when false, never.
@@ -304,6 +316,16 @@ pub enum Event {
         /// What.
         message: String,
     },
+    /// Lines a node wrote (to `monitor --logs` subscribers).
+    LogLines {
+        /// Its instance.
+        instance: String,
+        /// The node.
+        node: String,
+        /// The lines.
+        #[serde(flatten)]
+        chunk: LogChunk,
+    },
     /// This subscriber fell behind and missed events.
     Lagged {
         /// How many.
@@ -357,6 +379,14 @@ pub enum ControllerRequest {
         /// Node names.
         #[serde(default)]
         nodes: Vec<String>,
+    },
+    /// Signal nodes (all of the agent's when empty).
+    Signal {
+        /// Node names.
+        #[serde(default)]
+        nodes: Vec<String>,
+        /// The signal number.
+        signal: i32,
     },
     /// Ask the agent's running nodes for a value (all of them when `nodes` is empty).
     GetIdValue {
