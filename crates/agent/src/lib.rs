@@ -25,7 +25,7 @@ pub mod sys;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use drover_net::conn::Answer;
 use drover_net::conn::{self, TransportSettings};
@@ -520,16 +520,19 @@ fn own_status(name: &str) -> NodeStatus {
     s.pid = Some(std::process::id());
     s.ready = true;
     s.started_at_ms = process_start_ms();
+    if let Some(stat) = i32::try_from(std::process::id())
+        .ok()
+        .and_then(|pid| sys::proc_stat(pid).ok())
+    {
+        s.rss_bytes = Some(sys::rss_bytes(&stat));
+        s.cpu_ms = Some(sys::cpu_ms(&stat));
+    }
     s
 }
 
 fn process_start_ms() -> Option<u64> {
-    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    Some(*START.get_or_init(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }))
+    let pid = i32::try_from(std::process::id()).ok()?;
+    sys::start_time_epoch_ms(sys::proc_id(pid).ok()?)
 }
 
 /// The host part of `HOST:PORT` or `[V6]:PORT`.

@@ -325,7 +325,11 @@ fn token_of(pid: i32) -> Option<u64> {
 impl Supervisor {
     /// Starts the supervisor task: adopts or restarts the nodes recorded in the state dir,
     /// then serves commands.
-    pub fn start(cfg: SupervisorConfig) -> std::io::Result<Self> {
+    pub fn start(mut cfg: SupervisorConfig) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&cfg.state_dir)?;
+        // Nodes run in their own working directories and get socket paths in their
+        // environment: those paths must be absolute.
+        cfg.state_dir = std::fs::canonicalize(&cfg.state_dir)?;
         let nodes_dir = cfg.state_dir.join("nodes");
         std::fs::create_dir_all(&nodes_dir)?;
         if let Err(e) = sys::set_child_subreaper() {

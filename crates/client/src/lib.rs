@@ -6,6 +6,9 @@
 //! - [`session`]: connecting to the controller (mutual TLS, Hello) and sending requests.
 //! - [`output`]: zeek-client's JSON output shapes, so scripts written for it keep working.
 //! - [`ca`]: `drover ca init|issue`, the cluster PKI.
+//! - [`settings`]: defaults, config file, environment and flags, with zeek-client's
+//!   precedence.
+//! - [`table`]: human-readable tables (`-o table`, `status`).
 //!
 //! Errors are printed as one line on stderr (`error: ...`) with exit status 1; never a
 //! backtrace.
@@ -13,6 +16,8 @@
 pub mod ca;
 pub mod output;
 pub mod session;
+pub mod settings;
+pub mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,17 +26,21 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::session::Session;
-
-/// The default controller address.
-pub const DEFAULT_CONTROLLER: &str = "127.0.0.1:2150";
+use crate::settings::Settings;
 
 /// drover: run long-lived processes across hosts.
 #[derive(Debug, Parser)]
 #[command(name = "drover", version, about)]
 pub struct Cli {
-    /// The controller, as HOST:PORT.
-    #[arg(long, global = true, env = "DROVER_CONTROLLER", default_value = DEFAULT_CONTROLLER)]
-    pub controller: String,
+    /// Settings file [default: ~/.config/drover/client.toml].
+    #[arg(short = 'c', long, global = true, env = "DROVER_CLIENT_CONFIG")]
+    pub config_file: Option<PathBuf>,
+    /// Override a setting (repeatable), e.g. --set client.pretty_json=false.
+    #[arg(long = "set", global = true, value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// The controller, as HOST:PORT (either part may be left out) [default: 127.0.0.1:2150].
+    #[arg(long, global = true, env = "DROVER_CONTROLLER")]
+    pub controller: Option<String>,
     /// Cluster CA certificate (PEM).
     #[arg(long, global = true, env = "DROVER_CA")]
     pub ca: Option<PathBuf>,
@@ -41,9 +50,12 @@ pub struct Cli {
     /// Client private key (PEM, mode 0600).
     #[arg(long, global = true, env = "DROVER_KEY")]
     pub key: Option<PathBuf>,
-    /// How long to wait for the controller's answer.
-    #[arg(long, global = true, env = "DROVER_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
+    /// How long to wait for the controller's answer [default: 20s].
+    #[arg(long, global = true, env = "DROVER_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Output format of get-nodes, get-instances and status.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Json)]
+    pub output: Format,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -137,6 +149,10 @@ pub enum Command {
         #[arg(long, value_enum)]
         stream: Option<StreamArg>,
     },
+    /// A human overview: every instance and node with state, pid, restarts and uptime.
+    Status,
+    /// Print the effective client settings.
+    ShowSettings,
     /// Print cluster events as they happen, one JSON object per line, until interrupted.
     Monitor {
         /// Also print every deployed node's output lines as events.
@@ -156,6 +172,15 @@ pub enum Command {
         #[arg(long)]
         with_state: bool,
     },
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// zeek-client's JSON.
+    Json,
+    /// A human-readable table.
+    Table,
 }
 
 /// A node's output stream, on the command line.
@@ -184,6 +209,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Ca(cmd) = &cli.command {
         return ca::run(cmd);
     }
+    let settings = Settings::load(&cli)?;
+    if let Command::ShowSettings = &cli.command {
+        println!("{}", settings.render().trim_end());
+        return Ok(ExitCode::SUCCESS);
+    }
     let rt = runtime()?;
     rt.block_on(async {
         // Read input files before connecting, so that a bad file costs no connection.
@@ -193,8 +223,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             _ => None,
         };
-        let session = Session::connect(&cli).await?;
-        let result = command(&cli, &session, staged).await;
+        let session = Session::connect(&settings).await?;
+        let result = command(&cli, &settings, &session, staged).await;
         session.close().await;
         result
     })
@@ -210,12 +240,28 @@ fn exit(ok: bool) -> ExitCode {
 
 async fn command(
     cli: &Cli,
+    settings: &Settings,
     session: &Session,
     staged: Option<drover_proto::Configuration>,
 ) -> anyhow::Result<ExitCode> {
     use drover_proto::msg::ClientRequest as R;
     let (json, ok) = match &cli.command {
-        Command::Ca(_) => unreachable!("handled before connecting"),
+        Command::Ca(_) | Command::ShowSettings => unreachable!("handled before connecting"),
+        Command::GetInstances if cli.output == Format::Table => {
+            let reply = session.request(&R::GetInstances).await?;
+            let (text, ok) = table::instances(output::results(&reply).first().copied());
+            println!("{text}");
+            return Ok(exit(ok));
+        }
+        Command::GetNodes | Command::Status
+            if cli.output == Format::Table || matches!(cli.command, Command::Status) =>
+        {
+            let reply = session.request(&R::GetNodes).await?;
+            let (text, ok) = table::nodes(&output::results(&reply));
+            println!("{text}");
+            return Ok(exit(ok));
+        }
+        Command::Status => unreachable!("always a table"),
         Command::GetInstances => output::get_instances(&session.request(&R::GetInstances).await?),
         Command::StageConfig { .. } => {
             let config = Box::new(staged.expect("read above"));
@@ -233,7 +279,7 @@ async fn command(
             let reply = session.request(&R::StageConfig { config }).await?;
             let (json, ok) = output::stage_config(&reply);
             if !ok {
-                output::print_json(&json)?;
+                output::print_json(&json, settings.client.pretty_json)?;
                 return Ok(exit(false));
             }
             output::deploy(
@@ -342,7 +388,7 @@ async fn command(
                 .await?,
         ),
     };
-    output::print_json(&json)?;
+    output::print_json(&json, settings.client.pretty_json)?;
     Ok(exit(ok))
 }
 

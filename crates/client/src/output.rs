@@ -10,10 +10,15 @@ use drover_proto::model::{MgmtResult, ResultData};
 use drover_proto::msg::ClientResponse;
 use serde_json::{Map, Value, json};
 
-/// Prints a JSON value with 2-space indentation and sorted keys, plus a newline.
-pub fn print_json(v: &Value) -> anyhow::Result<()> {
+/// Prints a JSON value with sorted keys and 2-space indentation (one line when not
+/// `pretty`), plus a newline.
+pub fn print_json(v: &Value, pretty: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    let text = serde_json::to_string_pretty(v)?;
+    let text = if pretty {
+        serde_json::to_string_pretty(v)?
+    } else {
+        zeek_compact(v)
+    };
     writeln!(out, "{text}")?;
     out.flush()?;
     Ok(())
@@ -58,7 +63,30 @@ pub fn get_instances(reply: &ClientResponse) -> (Value, bool) {
     (Value::Object(obj), true)
 }
 
-fn results(reply: &ClientResponse) -> Vec<&MgmtResult> {
+/// Compact JSON as Python's `json.dumps(indent=None)`: `", "` and `": "` separators.
+fn zeek_compact(v: &Value) -> String {
+    match v {
+        Value::Array(items) => format!(
+            "[{}]",
+            items
+                .iter()
+                .map(zeek_compact)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Value::Object(map) => format!(
+            "{{{}}}",
+            map.iter()
+                .map(|(k, v)| format!("{}: {}", Value::String(k.clone()), zeek_compact(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// Every result in a reply.
+pub fn results(reply: &ClientResponse) -> Vec<&MgmtResult> {
     match reply {
         ClientResponse::Result(r) => vec![r],
         ClientResponse::Results(rs) => rs.iter().collect(),

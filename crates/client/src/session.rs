@@ -7,7 +7,7 @@ use drover_net::conn::{self, TransportSettings};
 use drover_net::{Credentials, TlsFiles};
 use drover_proto::msg::{API_VERSION, ClientRequest, ClientResponse, Hello, PeerRole};
 
-use crate::Cli;
+use crate::settings::Settings;
 
 /// An established connection to the controller.
 #[derive(Debug)]
@@ -17,56 +17,51 @@ pub struct Session {
     timeout: Duration,
 }
 
-fn tls_files(cli: &Cli) -> anyhow::Result<TlsFiles> {
+fn tls_files(s: &Settings) -> anyhow::Result<TlsFiles> {
     let need = |v: &Option<std::path::PathBuf>, flag: &str| {
         v.clone().with_context(|| {
             format!(
-                "missing --{flag} (or DROVER_{}): the client needs the cluster CA and a client certificate; create them with `drover ca init` and `drover ca issue --role client`",
+                "missing --{flag} (or DROVER_{}, or tls.{flag} in the settings file): the client needs the cluster CA and a client certificate; create them with `drover ca init` and `drover ca issue --role client`",
                 flag.to_uppercase()
             )
         })
     };
     Ok(TlsFiles {
-        ca: need(&cli.ca, "ca")?,
-        cert: need(&cli.cert, "cert")?,
-        key: need(&cli.key, "key")?,
+        ca: need(&s.tls.ca, "ca")?,
+        cert: need(&s.tls.cert, "cert")?,
+        key: need(&s.tls.key, "key")?,
     })
 }
 
 impl Session {
     /// Connects, verifies the controller, and exchanges Hello/Welcome.
-    pub async fn connect(cli: &Cli) -> anyhow::Result<Self> {
-        let creds = Credentials::load(&tls_files(cli)?)?;
+    pub async fn connect(settings: &Settings) -> anyhow::Result<Self> {
+        let files = tls_files(settings)?;
+        let creds = Credentials::load(&files)?;
         if creds.identity().role != PeerRole::Client {
             anyhow::bail!(
                 "the certificate {} belongs to {}; the client needs a client certificate (`drover ca issue --role client`)",
-                cli.cert
-                    .as_deref()
-                    .unwrap_or_else(|| std::path::Path::new("?"))
-                    .display(),
+                files.cert.display(),
                 creds.identity()
             );
         }
-        let addr = tokio::net::lookup_host(&cli.controller)
+        let target = settings.controller_addr();
+        let addr = tokio::net::lookup_host(&target)
             .await
-            .with_context(|| format!("cannot resolve controller address '{}'", cli.controller))?
+            .with_context(|| format!("cannot resolve controller address '{target}'"))?
             .next()
-            .with_context(|| {
-                format!(
-                    "controller address '{}' resolves to nothing",
-                    cli.controller
-                )
-            })?;
-        let host = cli
+            .with_context(|| format!("controller address '{target}' resolves to nothing"))?;
+        let host = settings
             .controller
-            .rsplit_once(':')
-            .map_or(cli.controller.as_str(), |(h, _)| h);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let settings = TransportSettings {
-            hello_timeout: cli.timeout.min(Duration::from_secs(5)),
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let timeout = settings.timeout();
+        let transport = TransportSettings {
+            hello_timeout: timeout.min(Duration::from_secs(5)),
             ..TransportSettings::default()
         };
-        let endpoint = conn::client_endpoint(&creds, &settings, addr)?;
+        let endpoint = conn::client_endpoint(&creds, &transport, addr)?;
         let hello = Hello {
             api_version: API_VERSION,
             role: PeerRole::Client,
@@ -81,23 +76,22 @@ impl Session {
             hello,
             PeerRole::Controller,
             None,
-            settings.hello_timeout,
+            transport.hello_timeout,
         )
         .await
         .map_err(|e| match e {
-            drover_net::NetError::Timeout { .. } => anyhow::anyhow!(
-                "{e} (is the controller running at {} and reachable?)",
-                cli.controller
-            ),
+            drover_net::NetError::Timeout { .. } => {
+                anyhow::anyhow!("{e} (is the controller running at {target} and reachable?)")
+            }
             drover_net::NetError::Refused(w) => {
-                anyhow::anyhow!("controller {} refused us: {}", cli.controller, w.message)
+                anyhow::anyhow!("controller {target} refused us: {}", w.message)
             }
             other => other.into(),
         })?;
         Ok(Self {
             endpoint,
             conn: est.conn,
-            timeout: cli.timeout,
+            timeout,
         })
     }
 

@@ -1,0 +1,133 @@
+//! Human-readable tables for `-o table` and `drover status`.
+//!
+//! Colour only on a terminal, and never when `NO_COLOR` is set.
+
+use std::io::IsTerminal;
+
+use comfy_table::{Cell, Color, ContentArrangement, Table, presets};
+use drover_proto::model::{MgmtResult, MgmtRole, NodeStatus, ResultData, State};
+
+fn colour() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+fn new_table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.iter().map(|h| Cell::new(h)));
+    t
+}
+
+fn state_cell(state: State, colour: bool) -> Cell {
+    let cell = Cell::new(state.as_str());
+    if !colour {
+        return cell;
+    }
+    cell.fg(match state {
+        State::Running => Color::Green,
+        State::Pending => Color::Yellow,
+        State::Stopped => Color::Grey,
+        State::Crashed | State::Failed => Color::Red,
+        State::Unknown => Color::Magenta,
+    })
+}
+
+fn age(started_at_ms: Option<u64>) -> String {
+    let Some(start) = started_at_ms else {
+        return "-".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let secs = now.saturating_sub(start) / 1000;
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{}s", secs / 60, secs % 60),
+        3600..86400 => format!("{}h{}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{}h", secs / 86400, secs % 86400 / 3600),
+    }
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("-".into(), |b| {
+        format!("{:.1}", b as f64 / (1024.0 * 1024.0))
+    })
+}
+
+/// get-nodes as a table: one row per node, agents and the controller included.
+pub fn nodes(results: &[&MgmtResult]) -> (String, bool) {
+    let colour = colour();
+    let mut t = new_table(&[
+        "INSTANCE", "NODE", "ROLE", "STATE", "PID", "RESTARTS", "UPTIME", "RSS MIB", "STATUS",
+    ]);
+    let mut ok = true;
+    let mut errors = Vec::new();
+    for r in results {
+        if !r.success {
+            ok = false;
+            errors.push(format!(
+                "{}: {}",
+                r.instance.as_deref().unwrap_or("controller"),
+                r.error.as_deref().unwrap_or("no reason given")
+            ));
+        }
+        let Some(ResultData::NodeStatuses(statuses)) = &r.data else {
+            continue;
+        };
+        let mut statuses: Vec<&NodeStatus> = statuses.iter().collect();
+        statuses.sort_by(|a, b| {
+            (a.mgmt_role == MgmtRole::None)
+                .cmp(&(b.mgmt_role == MgmtRole::None))
+                .then(a.node.cmp(&b.node))
+        });
+        for s in statuses {
+            let role = match s.mgmt_role {
+                MgmtRole::Agent => "(agent)".to_owned(),
+                MgmtRole::Controller => "(controller)".to_owned(),
+                _ if s.cluster_role.is_none() => "-".to_owned(),
+                _ => s.cluster_role.as_str().to_owned(),
+            };
+            t.add_row(vec![
+                Cell::new(r.instance.as_deref().unwrap_or("-")),
+                Cell::new(&s.node),
+                Cell::new(role),
+                state_cell(s.state, colour),
+                Cell::new(s.pid.map_or("-".into(), |p| p.to_string())),
+                Cell::new(s.restarts),
+                Cell::new(age(s.started_at_ms)),
+                Cell::new(mib(s.rss_bytes)),
+                Cell::new(s.status_text.as_deref().unwrap_or("")),
+            ]);
+        }
+    }
+    let mut out = t.to_string();
+    for e in errors {
+        out.push_str(&format!("\nerror: {e}"));
+    }
+    (out, ok)
+}
+
+/// get-instances as a table.
+pub fn instances(result: Option<&MgmtResult>) -> (String, bool) {
+    let mut t = new_table(&["INSTANCE", "HOST", "PORT"]);
+    let Some(ResultData::Instances(list)) = result.and_then(|r| r.data.as_ref()) else {
+        return (
+            format!(
+                "error: {}",
+                result
+                    .and_then(|r| r.error.as_deref())
+                    .unwrap_or("no instances in the reply")
+            ),
+            false,
+        );
+    };
+    for i in list {
+        t.add_row(vec![
+            i.name.clone(),
+            i.host.map_or("-".into(), |h| h.to_string()),
+            i.port.map_or("-".into(), |p| p.to_string()),
+        ]);
+    }
+    (t.to_string(), true)
+}
