@@ -147,7 +147,8 @@ pub fn deploy(reply: &ClientResponse) -> (Value, bool) {
     (json!({"errors": errors, "results": res}), ok)
 }
 
-/// get-config --as-json: the configuration with instances and nodes as lists.
+/// get-config --as-json: the configuration with instances and nodes as lists, in
+/// zeek-client's shape (Zeek's node fields only; `--as-toml` is the lossless form).
 pub fn get_config(reply: &ClientResponse) -> (Value, bool) {
     let Some(r) = single(reply) else {
         return (Value::Null, false);
@@ -189,11 +190,13 @@ pub fn get_config(reply: &ClientResponse) -> (Value, bool) {
                 "port": n.port,
                 "metrics_port": n.metrics_port,
                 "interface": n.interface,
-                "cpu_affinity": n.cpu_affinity.as_ref().map(|a| a.cpus()),
+                "cpu_affinity": n.cpu_affinity.as_ref().map(|a| match a {
+                    drover_proto::model::CpuAffinity::One(c) => json!(c),
+                    drover_proto::model::CpuAffinity::Many(v) => json!(v),
+                }),
                 "env": n.env,
                 "scripts": if n.scripts.is_empty() { Value::Null } else { json!(n.scripts) },
                 "options": Value::Null,
-                "command": n.command,
             })
         })
         .collect();

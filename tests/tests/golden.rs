@@ -1,0 +1,122 @@
+//! Golden tests: the exact output of every command against a real two-agent cluster,
+//! with pids, ids, ports, paths and times replaced by placeholders. Scripts parse this
+//! output; a change to it must be deliberate (review with `cargo insta review`, or
+//! regenerate with `INSTA_UPDATE=always`).
+
+use std::net::SocketAddr;
+
+use drover_tests::{Cluster, PATIENCE, bin, eventually};
+
+/// Replaces what changes from run to run.
+fn canon(c: &Cluster, text: &str) -> String {
+    let mut out = text.replace(&c.dir.path().display().to_string(), "<dir>");
+    out = out.replace(&bin("drover-testprog").display().to_string(), "<testprog>");
+    let mut result = String::new();
+    let mut rest = out.as_str();
+    // Numbers after "pid": and UUIDs.
+    while let Some(i) = rest.find("\"pid\": ") {
+        let (head, tail) = rest.split_at(i + 7);
+        result.push_str(head);
+        let digits = tail.chars().take_while(char::is_ascii_digit).count();
+        result.push_str("<pid>");
+        rest = &tail[digits..];
+    }
+    result.push_str(rest);
+    let mut final_ = String::new();
+    let bytes: Vec<char> = result.chars().collect();
+    let mut i = 0;
+    while i < bytes.len() {
+        // 8-4-4-4-12 hex
+        let candidate: String = bytes[i..bytes.len().min(i + 36)].iter().collect();
+        let is_uuid = candidate.len() == 36
+            && candidate.char_indices().all(|(j, ch)| {
+                if [8, 13, 18, 23].contains(&j) {
+                    ch == '-'
+                } else {
+                    ch.is_ascii_hexdigit()
+                }
+            });
+        if is_uuid {
+            final_.push_str("<id>");
+            i += 36;
+        } else {
+            final_.push(bytes[i]);
+            i += 1;
+        }
+    }
+    final_
+}
+
+fn run(c: &Cluster, addr: SocketAddr, args: &[&str]) -> String {
+    let out = c.drover(addr, args);
+    let mut s = format!(
+        "$ drover {}\nexit {}\n",
+        args.join(" "),
+        out.code.unwrap_or(-1)
+    );
+    if !out.stdout.is_empty() {
+        s.push_str("--- stdout\n");
+        s.push_str(&out.stdout);
+    }
+    if !out.stderr.is_empty() {
+        s.push_str("--- stderr\n");
+        s.push_str(&out.stderr);
+    }
+    canon(c, &s)
+}
+
+#[test]
+fn every_command_against_a_two_agent_cluster() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _a1 = c.start_agent("agent-1", addr);
+    let _a2 = c.start_agent("agent-2", addr);
+    eventually("both agents", PATIENCE, || {
+        let v = c.drover(addr, &["get-instances"]).json();
+        (v.as_object().unwrap().len() == 2).then_some(())
+    });
+    let p = bin("drover-testprog").display().to_string();
+    let file = c.dir.path().join("cluster.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "id = \"golden\"\n\
+             [defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
+             [instances.agent-1]\n[instances.agent-2]\n\
+             [nodes.manager]\ninstance = \"agent-1\"\nrole = \"manager\"\nport = 2200\ncommand = [\"{p}\", \"--value\", \"bits_per_uid=96\"]\n\
+             [nodes.worker-1]\ninstance = \"agent-1\"\nrole = \"worker\"\ninterface = \"eth0\"\ncommand = [\"{p}\", \"--value\", \"bits_per_uid=96\"]\n\
+             [nodes.worker-2]\ninstance = \"agent-2\"\nrole = \"worker\"\ncommand = [\"{p}\", \"--value\", \"bits_per_uid=96\"]\nenv = {{ FOO = \"bar\" }}\n"
+        ),
+    )
+    .unwrap();
+    let bad = c.dir.path().join("bad.toml");
+    std::fs::write(&bad, "[instances.a]\n[nodes.x]\ninstance = \"b\"\ncommand = [\"x\"]\n[nodes.y]\ninstance = \"c\"\ncommand = [\"x\"]\n").unwrap();
+    let f = file.to_str().unwrap();
+
+    let mut transcript = Vec::new();
+    transcript.push(run(&c, addr, &["get-instances"]));
+    transcript.push(run(&c, addr, &["get-config"]));
+    transcript.push(run(&c, addr, &["stage-config", bad.to_str().unwrap()]));
+    transcript.push(run(&c, addr, &["stage-config", f]));
+    transcript.push(run(&c, addr, &["get-config", "--as-json"]));
+    transcript.push(run(&c, addr, &["deploy"]));
+    transcript.push(run(&c, addr, &["deploy-config", f]));
+    transcript.push(run(&c, addr, &["get-nodes"]));
+    transcript.push(run(&c, addr, &["get-id-value", "bits_per_uid"]));
+    transcript.push(run(
+        &c,
+        addr,
+        &["get-id-value", "bits_per_uid", "worker-1", "worker-3"],
+    ));
+    transcript.push(run(&c, addr, &["restart", "worker-1", "nope"]));
+    transcript.push(run(&c, addr, &["stop", "role:worker"]));
+    transcript.push(run(&c, addr, &["start"]));
+    transcript.push(run(&c, addr, &["restart", "--batch", "2"]));
+    transcript.push(run(
+        &c,
+        addr,
+        &["test-timeout", "--with-state", "--timeout", "2s"],
+    ));
+    transcript.push(run(&c, addr, &["get-config", "--deployed", "--as-json"]));
+    insta::assert_snapshot!("every_command", transcript.join("\n"));
+}
