@@ -93,30 +93,25 @@ fn every_command_against_a_two_agent_cluster() {
     std::fs::write(&bad, "[instances.a]\n[nodes.x]\ninstance = \"b\"\ncommand = [\"x\"]\n[nodes.y]\ninstance = \"c\"\ncommand = [\"x\"]\n").unwrap();
     let f = file.to_str().unwrap();
 
-    let mut transcript = Vec::new();
-    transcript.push(run(&c, addr, &["get-instances"]));
-    transcript.push(run(&c, addr, &["get-config"]));
-    transcript.push(run(&c, addr, &["stage-config", bad.to_str().unwrap()]));
-    transcript.push(run(&c, addr, &["stage-config", f]));
-    transcript.push(run(&c, addr, &["get-config", "--as-json"]));
-    transcript.push(run(&c, addr, &["deploy"]));
-    transcript.push(run(&c, addr, &["deploy-config", f]));
-    transcript.push(run(&c, addr, &["get-nodes"]));
-    transcript.push(run(&c, addr, &["get-id-value", "bits_per_uid"]));
-    transcript.push(run(
-        &c,
-        addr,
-        &["get-id-value", "bits_per_uid", "worker-1", "worker-3"],
-    ));
-    transcript.push(run(&c, addr, &["restart", "worker-1", "nope"]));
-    transcript.push(run(&c, addr, &["stop", "role:worker"]));
-    transcript.push(run(&c, addr, &["start"]));
-    transcript.push(run(&c, addr, &["restart", "--batch", "2"]));
-    transcript.push(run(
-        &c,
-        addr,
-        &["test-timeout", "--with-state", "--timeout", "2s"],
-    ));
-    transcript.push(run(&c, addr, &["get-config", "--deployed", "--as-json"]));
+    let bad = bad;
+    let commands: [&[&str]; 16] = [
+        ["get-instances"],
+        ["get-config"],
+        ["stage-config", bad],
+        ["stage-config", f],
+        ["get-config", "--as-json"],
+        ["deploy"],
+        ["deploy-config", f],
+        ["get-nodes"],
+        ["get-id-value", "bits_per_uid"],
+        ["get-id-value", "bits_per_uid", "worker-1", "worker-3"],
+        ["restart", "worker-1", "nope"],
+        ["stop", "role:worker"],
+        ["start"],
+        ["restart", "--batch", "2"],
+        ["test-timeout", "--with-state", "--timeout", "2s"],
+        ["get-config", "--deployed", "--as-json"],
+    ];
+    let transcript: Vec<String> = commands.iter().map(|args| run(&c, addr, args)).collect();
     insta::assert_snapshot!("every_command", transcript.join("\n"));
 }
