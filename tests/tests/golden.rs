@@ -93,24 +93,24 @@ fn every_command_against_a_two_agent_cluster() {
     std::fs::write(&bad, "[instances.a]\n[nodes.x]\ninstance = \"b\"\ncommand = [\"x\"]\n[nodes.y]\ninstance = \"c\"\ncommand = [\"x\"]\n").unwrap();
     let f = file.to_str().unwrap();
 
-    let bad = bad;
+    let bad = bad.to_str().unwrap();
     let commands: [&[&str]; 16] = [
-        ["get-instances"],
-        ["get-config"],
-        ["stage-config", bad],
-        ["stage-config", f],
-        ["get-config", "--as-json"],
-        ["deploy"],
-        ["deploy-config", f],
-        ["get-nodes"],
-        ["get-id-value", "bits_per_uid"],
-        ["get-id-value", "bits_per_uid", "worker-1", "worker-3"],
-        ["restart", "worker-1", "nope"],
-        ["stop", "role:worker"],
-        ["start"],
-        ["restart", "--batch", "2"],
-        ["test-timeout", "--with-state", "--timeout", "2s"],
-        ["get-config", "--deployed", "--as-json"],
+        &["get-instances"],
+        &["get-config"],
+        &["stage-config", bad],
+        &["stage-config", f],
+        &["get-config", "--as-json"],
+        &["deploy"],
+        &["deploy-config", f],
+        &["get-nodes"],
+        &["get-id-value", "bits_per_uid"],
+        &["get-id-value", "bits_per_uid", "worker-1", "worker-3"],
+        &["restart", "worker-1", "nope"],
+        &["stop", "role:worker"],
+        &["start"],
+        &["restart", "--batch", "2"],
+        &["test-timeout", "--with-state", "--timeout", "2s"],
+        &["get-config", "--deployed", "--as-json"],
     ];
     let transcript: Vec<String> = commands.iter().map(|args| run(&c, addr, args)).collect();
     insta::assert_snapshot!("every_command", transcript.join("\n"));
