@@ -267,13 +267,16 @@ async fn command(
             let config = Box::new(staged.expect("read above"));
             output::stage_config(&session.request(&R::StageConfig { config }).await?)
         }
-        Command::Deploy { restart_all } => output::deploy(
-            &session
+        Command::Deploy { restart_all } => {
+            let progress = Progress::start("deploying");
+            let reply = session
                 .request(&R::Deploy {
                     restart_all: *restart_all,
                 })
-                .await?,
-        ),
+                .await;
+            drop(progress);
+            output::deploy(&reply?)
+        }
         Command::DeployConfig { restart_all, .. } => {
             let config = Box::new(staged.expect("read above"));
             let reply = session.request(&R::StageConfig { config }).await?;
@@ -282,13 +285,14 @@ async fn command(
                 output::print_json(&json, settings.client.pretty_json)?;
                 return Ok(exit(false));
             }
-            output::deploy(
-                &session
-                    .request(&R::Deploy {
-                        restart_all: *restart_all,
-                    })
-                    .await?,
-            )
+            let progress = Progress::start("deploying");
+            let reply = session
+                .request(&R::Deploy {
+                    restart_all: *restart_all,
+                })
+                .await;
+            drop(progress);
+            output::deploy(&reply?)
         }
         Command::GetConfig {
             deployed,
@@ -390,6 +394,30 @@ async fn command(
     };
     output::print_json(&json, settings.client.pretty_json)?;
     Ok(exit(ok))
+}
+
+/// A spinner on stderr while a long request runs, only on a terminal; it never touches
+/// stdout, so JSON output stays clean. Cleared when dropped.
+struct Progress(Option<indicatif::ProgressBar>);
+
+impl Progress {
+    fn start(what: &str) -> Self {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() {
+            return Self(None);
+        }
+        let bar = indicatif::ProgressBar::new_spinner().with_message(what.to_owned());
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Self(Some(bar))
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// Reads and validates a cluster file (`-` for standard input).
