@@ -10,6 +10,7 @@ use drover_net::{Credentials, NetError, TlsFiles};
 use drover_pki::{Ca, LeafSpec};
 use drover_proto::msg::{API_VERSION, Hello, PeerRole};
 use drover_tests::{Cluster, expired};
+use rustls::pki_types::pem::PemObject;
 
 /// Bound on every refusal: far below the CLI's own timeout, so a hang fails the test.
 const LIMIT: Duration = Duration::from_secs(8);
@@ -278,5 +279,67 @@ fn unreachable_controller_is_a_clear_error_not_a_hang() {
         out.stderr.contains("timed out") && out.stderr.contains("is the controller running"),
         "{}",
         out.stderr
+    );
+}
+
+#[test]
+fn revoked_certificates_are_refused_on_their_next_connection() {
+    let c = Cluster::new();
+    let deny = c.dir.path().join("deny.txt");
+    std::fs::write(&deny, "# nothing revoked yet\n").unwrap();
+    let (controller, addr) =
+        c.start_controller_with("127.0.0.1:0", &["--deny-list", deny.to_str().unwrap()]);
+    assert_eq!(c.drover(addr, &["get-instances"]).code, Some(0));
+
+    std::fs::write(&deny, "client/ops\n").unwrap();
+    let out = c.drover(addr, &["get-instances"]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains("refused us: the certificate of client 'ops' (serial ")
+            && out.stderr.contains(") is revoked"),
+        "{}",
+        out.stderr
+    );
+    controller.wait_log("is revoked");
+
+    // By serial: another client certificate for the same name.
+    c.issue_with(
+        PeerRole::Client,
+        "ops",
+        "ops2",
+        drover_pki::Validity::days(10),
+    );
+    std::fs::write(&deny, "").unwrap();
+    assert_eq!(c.drover_as("ops2", addr, &["get-instances"]).code, Some(0));
+    let pem = std::fs::read(c.pki_file("ops2.crt")).unwrap();
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+    let serial = drover_net::tls::cert_info(&der).unwrap().serial;
+    std::fs::write(&deny, format!("serial:{serial}\n")).unwrap();
+    assert_eq!(c.drover_as("ops2", addr, &["get-instances"]).code, Some(1));
+    assert_eq!(
+        c.drover_as("ops", addr, &["get-instances"]).code,
+        Some(0),
+        "only that serial"
+    );
+
+    // An unreadable deny list fails closed.
+    std::fs::write(&deny, "nonsense\n").unwrap();
+    let out = c.drover(addr, &["get-instances"]);
+    assert!(
+        out.stderr.contains("cannot check revocations"),
+        "{}",
+        out.stderr
+    );
+
+    // The expiry warning for a peer certificate close to its end.
+    let log = controller.log_text();
+    assert!(
+        log.contains("expires in 9 days") || log.contains("expires in 10 days"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("PRIVATE KEY") && !log.contains("BEGIN"),
+        "no key material in logs"
     );
 }

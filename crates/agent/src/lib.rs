@@ -118,6 +118,19 @@ impl Agent {
     /// Loads and checks credentials and prepares the state dir.
     pub fn new(config: Config) -> Result<Self, Error> {
         let creds = Credentials::load(&config.tls)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        if let Ok(info) = creds.cert_info()
+            && let Some(w) = drover_net::tls::expiry_warning(
+                &format!("this agent's certificate {}", config.tls.cert.display()),
+                &info,
+                now,
+                30,
+            )
+        {
+            tracing::warn!("{w}");
+        }
         let id = creds.identity();
         if id.role != PeerRole::Agent || id.name != config.name {
             return Err(Error::WrongIdentity {

@@ -139,6 +139,11 @@ impl Credentials {
         &self.identity
     }
 
+    /// Serial and expiry of this process's own certificate.
+    pub fn cert_info(&self) -> Result<CertInfo, NetError> {
+        cert_info(&self.chain[0])
+    }
+
     /// A rustls server configuration that requires a client certificate from the CA.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, NetError> {
         let provider = provider();
@@ -197,6 +202,94 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Facts about a certificate that matter for revocation and expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The serial number, lower-case hex without separators.
+    pub serial: String,
+    /// End of validity, seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// Reads serial and expiry from a certificate.
+pub fn cert_info(cert: &CertificateDer<'_>) -> Result<CertInfo, NetError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| NetError::Identity(format!("cannot parse certificate: {e}")))?;
+    let serial = x509
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .trim_start_matches('0')
+        .to_owned();
+    Ok(CertInfo {
+        serial,
+        not_after: x509.validity().not_after.timestamp(),
+    })
+}
+
+/// A warning when a certificate expires within `within_days` of `now` (Unix seconds).
+pub fn expiry_warning(what: &str, info: &CertInfo, now: i64, within_days: i64) -> Option<String> {
+    let left = info.not_after - now;
+    if left < 0 {
+        Some(format!("{what} expired {} days ago", -left / 86_400))
+    } else if left < within_days * 86_400 {
+        Some(format!(
+            "{what} expires in {} days; issue a new one with `drover ca issue`",
+            left / 86_400
+        ))
+    } else {
+        None
+    }
+}
+
+/// Revoked identities and certificates, one per line: `ROLE/NAME` (e.g. `agent/sensor-3`)
+/// or `serial:HEX`; `#` starts a comment. Checked on every new connection, so a revocation
+/// takes effect at the peer's next connection (server-side session resumption is off, so
+/// it cannot be bypassed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DenyList {
+    names: std::collections::BTreeSet<(PeerRole, String)>,
+    serials: std::collections::BTreeSet<String>,
+}
+
+impl DenyList {
+    /// Parses a deny-list file's text; errors name the line.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut list = Self::default();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(serial) = line.strip_prefix("serial:") {
+                let serial = serial.trim().to_ascii_lowercase().replace(':', "");
+                if serial.is_empty() || !serial.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(format!("line {}: '{line}' is not a hex serial", i + 1));
+                }
+                list.serials
+                    .insert(serial.trim_start_matches('0').to_owned());
+            } else if let Some((role, name)) = line.split_once('/') {
+                let role = PeerRole::parse(role.trim())
+                    .ok_or_else(|| format!("line {}: unknown role in '{line}'", i + 1))?;
+                list.names.insert((role, name.trim().to_owned()));
+            } else {
+                return Err(format!(
+                    "line {}: '{line}' is neither ROLE/NAME nor serial:HEX",
+                    i + 1
+                ));
+            }
+        }
+        Ok(list)
+    }
+
+    /// Whether a peer is revoked.
+    pub fn denies(&self, identity: &Identity, info: &CertInfo) -> bool {
+        self.names.contains(&(identity.role, identity.name.clone()))
+            || self.serials.contains(&info.serial)
+    }
+}
+
 /// Reads the identity (`spiffe://drover/<role>/<name>`) from a certificate.
 pub fn identity_of_cert(cert: &CertificateDer<'_>) -> Result<Identity, NetError> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
@@ -232,6 +325,19 @@ pub fn identity_of_cert(cert: &CertificateDer<'_>) -> Result<Identity, NetError>
 /// not link the PKI crate, a test keeps the two equal).
 pub const fn drover_pki_prefix() -> &'static str {
     "spiffe://drover/"
+}
+
+/// Serial and expiry of the peer's certificate on an established connection.
+pub fn peer_cert_info(conn: &quinn::Connection) -> Result<CertInfo, NetError> {
+    let chain = conn
+        .peer_identity()
+        .ok_or_else(|| NetError::Identity("peer presented no certificate".into()))?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| NetError::Identity("unexpected peer identity type".into()))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| NetError::Identity("peer presented an empty chain".into()))?;
+    cert_info(leaf)
 }
 
 /// The verified identity of the peer of an established connection.
@@ -276,6 +382,66 @@ mod tests {
                 name: "agent-7".into()
             }
         );
+    }
+
+    #[test]
+    fn deny_lists_parse_and_match() {
+        let list =
+            DenyList::parse("# revoked\nagent/sensor-3\nserial:00AB:cd # old ops\n\n").unwrap();
+        let id = |role, name: &str| Identity {
+            role,
+            name: name.into(),
+        };
+        let info = |serial: &str| CertInfo {
+            serial: serial.into(),
+            not_after: 0,
+        };
+        assert!(list.denies(&id(PeerRole::Agent, "sensor-3"), &info("1")));
+        assert!(!list.denies(&id(PeerRole::Client, "sensor-3"), &info("1")));
+        assert!(list.denies(&id(PeerRole::Client, "ops"), &info("abcd")));
+        let err = DenyList::parse("ok/x\nnonsense\n").unwrap_err();
+        assert!(err.starts_with("line 1: unknown role"), "{err}");
+        assert!(
+            DenyList::parse("serial:xyz")
+                .unwrap_err()
+                .contains("not a hex serial")
+        );
+    }
+
+    #[test]
+    fn expiry_warnings() {
+        let info = CertInfo {
+            serial: "1".into(),
+            not_after: 100 * 86_400,
+        };
+        assert!(expiry_warning("c", &info, 0, 30).is_none());
+        assert_eq!(
+            expiry_warning("c", &info, 80 * 86_400, 30).unwrap(),
+            "c expires in 20 days; issue a new one with `drover ca issue`"
+        );
+        assert_eq!(
+            expiry_warning("c", &info, 101 * 86_400, 30).unwrap(),
+            "c expired 1 days ago"
+        );
+    }
+
+    #[test]
+    fn certificate_facts_are_read() {
+        let ca = Ca::generate("t").unwrap();
+        let leaf = ca.issue(&LeafSpec::new(PeerRole::Agent, "a")).unwrap();
+        let creds = Credentials::from_pem(
+            ca.pem().cert.as_bytes(),
+            leaf.cert.as_bytes(),
+            leaf.key.as_bytes(),
+        )
+        .unwrap();
+        let info = creds.cert_info().unwrap();
+        assert!(!info.serial.is_empty());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(info.not_after > now + 300 * 86_400);
     }
 
     #[test]

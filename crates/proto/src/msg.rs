@@ -27,7 +27,7 @@ pub const ALPN: &[u8] = b"drover/1";
 pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
 
 /// Who a peer is, as its certificate says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PeerRole {
     /// The controller.
