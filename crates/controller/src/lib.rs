@@ -57,6 +57,9 @@ pub struct Config {
     /// How long a request fanned out to agents may take before it answers with a
     /// timeout (Zeek: 10 s; agents' own limit is shorter, clients' longer).
     pub request_timeout: Duration,
+    /// A file of revoked identities and serials ([`drover_net::tls::DenyList`]), read
+    /// afresh for every new connection.
+    pub deny_list: Option<PathBuf>,
 }
 
 /// Why a controller could not start.
@@ -99,6 +102,7 @@ pub(crate) struct Shared {
     pub(crate) deploying: std::sync::Mutex<Option<String>>,
     pub(crate) transport: TransportSettings,
     pub(crate) request_timeout: Duration,
+    pub(crate) deny_list: Option<PathBuf>,
     /// Events for `monitor` subscribers; a subscriber that falls behind is told how
     /// many it missed rather than slowing anyone down.
     pub(crate) events: tokio::sync::broadcast::Sender<EventRecord>,
@@ -198,6 +202,19 @@ impl Controller {
     /// Loads credentials, prepares the state dir and binds the listening socket.
     pub fn bind(config: Config) -> Result<Self, Error> {
         let creds = Credentials::load(&config.tls)?;
+        if let Ok(info) = creds.cert_info()
+            && let Some(w) = drover_net::tls::expiry_warning(
+                &format!(
+                    "this controller's certificate {}",
+                    config.tls.cert.display()
+                ),
+                &info,
+                unix_now(),
+                30,
+            )
+        {
+            warn!("{w}");
+        }
         if creds.identity().role != PeerRole::Controller {
             return Err(Error::WrongRole {
                 cert: config.tls.cert.clone(),
@@ -219,6 +236,7 @@ impl Controller {
                 deploying: std::sync::Mutex::new(None),
                 transport: config.transport,
                 request_timeout: config.request_timeout,
+                deny_list: config.deny_list.clone(),
                 events: tokio::sync::broadcast::channel(4096).0,
                 statuses: std::sync::Mutex::default(),
                 endpoint,
@@ -287,16 +305,28 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
-    let check = conn::check_hello(&hello, &identity, API_VERSION).and_then(|()| {
-        if identity.role == PeerRole::Controller {
-            Err(WireError::new(
-                ErrorCode::Forbidden,
-                "a controller certificate cannot connect to a controller",
-            ))
-        } else {
-            Ok(())
-        }
-    });
+    if let Ok(info) = drover_net::tls::peer_cert_info(&conn)
+        && let Some(w) = drover_net::tls::expiry_warning(
+            &format!("the certificate of {identity}"),
+            &info,
+            unix_now(),
+            30,
+        )
+    {
+        warn!(%addr, "{w}");
+    }
+    let check = conn::check_hello(&hello, &identity, API_VERSION)
+        .and_then(|()| check_deny_list(&shared, &conn, &identity))
+        .and_then(|()| {
+            if identity.role == PeerRole::Controller {
+                Err(WireError::new(
+                    ErrorCode::Forbidden,
+                    "a controller certificate cannot connect to a controller",
+                ))
+            } else {
+                Ok(())
+            }
+        });
     if let Err(e) = check {
         warn!(%addr, peer = %identity, "refused connection: {}", e.message);
         responder.refuse(e).await;
@@ -380,6 +410,56 @@ async fn serve_client(shared: Arc<Shared>, conn: quinn::Connection, identity: Id
         async move { Ok(api::handle(&shared, req).await) }
     };
     let _ = conn::serve_answers(conn, settings, handler).await;
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Refuses revoked peers. A configured deny list that cannot be read refuses everyone:
+/// failing open would let a revoked peer in.
+fn check_deny_list(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    identity: &Identity,
+) -> Result<(), WireError> {
+    let Some(path) = &shared.deny_list else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        warn!(
+            "cannot read the deny list {}: {e}; refusing connections",
+            path.display()
+        );
+        WireError::new(
+            ErrorCode::Unavailable,
+            "the controller cannot check revocations",
+        )
+    })?;
+    let list = drover_net::tls::DenyList::parse(&text).map_err(|e| {
+        warn!(
+            "invalid deny list {}: {e}; refusing connections",
+            path.display()
+        );
+        WireError::new(
+            ErrorCode::Unavailable,
+            "the controller cannot check revocations",
+        )
+    })?;
+    let info = drover_net::tls::peer_cert_info(conn)
+        .map_err(|e| WireError::new(ErrorCode::Forbidden, e.to_string()))?;
+    if list.denies(identity, &info) {
+        return Err(WireError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "the certificate of {identity} (serial {}) is revoked",
+                info.serial
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Name and version of this build, as told to peers.

@@ -46,6 +46,10 @@ struct Args {
     /// [default: 10s].
     #[arg(long, env = "DROVER_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
     request_timeout: Option<Duration>,
+    /// File of revoked certificates (lines `ROLE/NAME` or `serial:HEX`), checked on every
+    /// new connection.
+    #[arg(long, env = "DROVER_DENY_LIST")]
+    deny_list: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -62,6 +66,7 @@ struct FileConfig {
     idle_timeout: Option<Duration>,
     #[serde(default, with = "humantime_opt")]
     request_timeout: Option<Duration>,
+    deny_list: Option<PathBuf>,
 }
 
 fn config(args: Args) -> anyhow::Result<Config> {
@@ -101,6 +106,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
             .request_timeout
             .or(file.request_timeout)
             .unwrap_or(Duration::from_secs(10)),
+        deny_list: args.deny_list.or(file.deny_list),
     })
 }
 

@@ -1,9 +1,15 @@
 //! The controller's persistent state: the staged and the deployed configuration.
 //!
-//! Each is one JSON file in the state dir, written atomically: a temp file, fsync,
-//! rename over the old file, fsync of the directory. A crash at any point leaves either
-//! the old or the new file, never a mix. A file that cannot be read or parsed stops the
-//! controller with an error naming it, rather than starting with silently lost state.
+//! Each is one JSON file in the state dir, written atomically and durably: a temp file
+//! with fsync, the current file renamed to `<name>.prev` (the last good copy), the temp
+//! file renamed into place, fsync of the directory. A crash at any point leaves the old
+//! or the new configuration, never a mix: if it struck between the two renames, only the
+//! `.prev` file exists and is used.
+//!
+//! A current file that cannot be parsed is reported (error log naming it and why), kept
+//! aside as `<name>.corrupt` for inspection, and the last good copy is used; only when
+//! that is unusable too does the controller refuse to start. State is never lost
+//! silently.
 
 use std::fs;
 use std::io::Write;
@@ -52,7 +58,47 @@ pub struct Store {
     slots: Mutex<Slots>,
 }
 
+fn prev_path(path: &Path) -> PathBuf {
+    path.with_extension("json.prev")
+}
+
+/// Loads a state file, falling back to its last good copy when it is missing or corrupt.
 fn load(path: &Path) -> Result<Option<Configuration>, StoreError> {
+    let prev = prev_path(path);
+    match load_one(path) {
+        Ok(Some(c)) => Ok(Some(c)),
+        Ok(None) => {
+            let found = load_one(&prev)?;
+            if found.is_some() {
+                tracing::warn!(
+                    "{} is missing (interrupted write?); using the last good copy {}",
+                    path.display(),
+                    prev.display()
+                );
+            }
+            Ok(found)
+        }
+        Err(err @ StoreError::Corrupt { .. }) => {
+            tracing::error!("{err}");
+            match load_one(&prev) {
+                Ok(Some(c)) => {
+                    let aside = path.with_extension("json.corrupt");
+                    let _ = fs::rename(path, &aside);
+                    tracing::warn!(
+                        "using the last good copy {} (the corrupt file is kept as {})",
+                        prev.display(),
+                        aside.display()
+                    );
+                    Ok(Some(c))
+                }
+                _ => Err(err),
+            }
+        }
+        Err(err) => Err(err),
+    }
+}
+
+fn load_one(path: &Path) -> Result<Option<Configuration>, StoreError> {
     match fs::read(path) {
         Ok(bytes) => {
             serde_json::from_slice(&bytes)
@@ -70,7 +116,8 @@ fn load(path: &Path) -> Result<Option<Configuration>, StoreError> {
     }
 }
 
-/// Writes `bytes` to `path` atomically and durably.
+/// Writes `bytes` to `path` atomically and durably, keeping the previous content as
+/// `<path>.prev`.
 pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let tmp = path.with_extension("json.tmp");
@@ -78,6 +125,11 @@ pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+    }
+    match fs::rename(path, prev_path(path)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
     fs::rename(&tmp, path)?;
     fs::File::open(dir)?.sync_all()
@@ -149,11 +201,40 @@ mod tests {
         assert_eq!(again.deployed(), Some(c));
         assert!(!dir.path().join("staged.json.tmp").exists());
 
+        // Both copies corrupt: a clear error, never a silent start without state.
         fs::write(dir.path().join(DEPLOYED), b"{\"id\": ").unwrap();
+        fs::write(dir.path().join("deployed.json.prev"), b"garbage").unwrap();
         let err = Store::open(dir.path()).unwrap_err().to_string();
         assert!(
             err.contains("deployed.json: not a valid configuration"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_corrupt_or_missing_file_falls_back_to_the_last_good_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut first = Configuration::empty();
+        first.id = "first".into();
+        let mut second = Configuration::empty();
+        second.id = "second".into();
+        store.set_deployed(first.clone()).unwrap();
+        store.set_deployed(second.clone()).unwrap();
+        assert_eq!(Store::open(dir.path()).unwrap().deployed(), Some(second));
+
+        // Truncated current file: the last good copy is used, the bad one kept aside.
+        let current = dir.path().join(DEPLOYED);
+        let text = fs::read(&current).unwrap();
+        fs::write(&current, &text[..text.len() / 2]).unwrap();
+        assert_eq!(
+            Store::open(dir.path()).unwrap().deployed(),
+            Some(first.clone())
+        );
+        assert!(dir.path().join("deployed.json.corrupt").exists());
+
+        // A crash between the two renames leaves only the .prev file.
+        fs::remove_file(&current).ok();
+        assert_eq!(Store::open(dir.path()).unwrap().deployed(), Some(first));
     }
 }
