@@ -746,6 +746,8 @@ impl Core {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let dir = self.nodes_dir.join(name);
         std::fs::create_dir_all(&dir)?;
+        // The node's sockets and records are for the agent and the node only.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let logs = NodeLogs::new(&dir, self.cfg.logs);
         let machine = Machine::new(machine_config(&spec));
         let mut entry = Entry {
