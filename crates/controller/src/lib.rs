@@ -141,14 +141,19 @@ impl Shared {
             let known = all.entry(instance.to_owned()).or_default();
             let mut fresh = BTreeMap::new();
             for s in statuses {
-                let previous = known.get(&s.node).map(|p| p.state);
-                if previous != Some(s.state) {
+                let before = known.get(&s.node);
+                let previous = before.map(|p| p.state);
+                let changed = before.is_none_or(|p| {
+                    p.state != s.state || p.restarts != s.restarts || p.pid != s.pid
+                });
+                if changed {
                     events.push(Event::NodeState {
                         instance: instance.to_owned(),
                         node: s.node.clone(),
                         state: s.state,
                         previous,
                         pid: s.pid,
+                        restarts: s.restarts,
                     });
                 }
                 fresh.insert(s.node.clone(), s);
@@ -172,6 +177,7 @@ impl Shared {
                         state: State::Unknown,
                         previous: Some(s.state),
                         pid: s.pid,
+                        restarts: s.restarts,
                     });
                     s.state = State::Unknown;
                 }

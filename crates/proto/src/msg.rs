@@ -294,6 +294,10 @@ pub enum Event {
         /// Its process, if it has one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pid: Option<u32>,
+        /// Its automatic restarts so far (a crash loop shows as a rising count even when
+        /// every report finds it in the same state).
+        #[serde(default)]
+        restarts: u32,
     },
     /// A deploy started.
     DeployStarted {

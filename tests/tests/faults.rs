@@ -1,0 +1,303 @@
+//! Process faults: agents and controllers killed at bad moments, corrupt state, crash
+//! loops. Nothing is lost, nothing is started twice, and recovery is prompt.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use drover_tests::{Cluster, PATIENCE, bin, eventually};
+use serde_json::Value;
+
+fn node_table(c: &Cluster, addr: SocketAddr) -> BTreeMap<String, Value> {
+    let v = c.drover(addr, &["get-nodes"]).json();
+    let mut out = BTreeMap::new();
+    if let Some(results) = v["results"].as_object() {
+        for nodes in results.values() {
+            for (name, n) in nodes.as_object().unwrap() {
+                if n["mgmt_role"].is_null() {
+                    out.insert(name.clone(), n.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn running_pids(c: &Cluster, addr: SocketAddr, count: usize) -> Option<BTreeMap<String, u64>> {
+    let t = node_table(c, addr);
+    (t.len() == count && t.values().all(|n| n["state"] == "RUNNING")).then(|| {
+        t.into_iter()
+            .map(|(k, n)| (k, n["pid"].as_u64().unwrap()))
+            .collect()
+    })
+}
+
+/// Live (non-zombie) processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        });
+        if !zombie && String::from_utf8_lossy(&cmd).contains(marker) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn write_cluster(
+    c: &Cluster,
+    name: &str,
+    id: &str,
+    nodes: usize,
+    marker: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let mut text = format!(
+        "id = \"{id}\"\n[defaults]\nbackoff = {{ initial = \"0s\" }}\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n{extra}[instances.agent-1]\n"
+    );
+    for i in 1..=nodes {
+        text.push_str(&format!(
+            "[nodes.n{i:02}]\ninstance = \"agent-1\"\ncommand = [\"{}\", \"--print\", \"{marker}\"]\n",
+            bin("drover-testprog").display()
+        ));
+    }
+    let path = c.dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn agent_sigkilled_twenty_times_restarts_no_node() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    let marker = format!("kill20-{}", std::process::id());
+    let file = write_cluster(&c, "c.toml", "kill20", 5, &marker, "");
+    assert_eq!(
+        c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code,
+        Some(0)
+    );
+    let pids = eventually("5 running", PATIENCE, || running_pids(&c, addr, 5));
+    let started = Instant::now();
+    let mut worst = Duration::ZERO;
+    for round in 0..20 {
+        agent.kill();
+        let t = Instant::now();
+        agent = c.start_agent("agent-1", addr);
+        let now = eventually(&format!("round {round}: nodes adopted"), PATIENCE, || {
+            let t = node_table(&c, addr);
+            (t.len() == 5 && t.values().all(|n| n["state"] == "RUNNING")).then_some(t)
+        });
+        worst = worst.max(t.elapsed());
+        for (name, n) in &now {
+            assert_eq!(
+                n["pid"].as_u64(),
+                Some(pids[name]),
+                "round {round}: {name} restarted"
+            );
+        }
+        // Exactly the five node processes exist: nothing was double-started.
+        assert_eq!(processes_with(&marker).len(), 5, "round {round}");
+    }
+    eprintln!(
+        "20 agent SIGKILLs: every node kept its pid; worst recovery {worst:?}, total {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn controller_sigkilled_during_a_deploy_leaves_it_whole_or_absent() {
+    let c = Cluster::new();
+    let (mut ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    eventually("agent", PATIENCE, || {
+        c.drover(addr, &["get-instances"])
+            .json()
+            .get("agent-1")
+            .map(|_| ())
+    });
+    let marker = format!("ctlkill-{}", std::process::id());
+    let old = write_cluster(&c, "old.toml", "old", 3, &marker, "");
+    assert_eq!(
+        c.drover(addr, &["deploy-config", old.to_str().unwrap()])
+            .code,
+        Some(0)
+    );
+    eventually("3 running", PATIENCE, || running_pids(&c, addr, 3));
+
+    // The new deploy takes a while: every node needs 3 s of uptime to be ready.
+    let new = write_cluster(&c, "new.toml", "new", 6, &marker, "");
+    let text = std::fs::read_to_string(&new)
+        .unwrap()
+        .replace("period = \"0s\"", "period = \"3s\"");
+    std::fs::write(&new, text).unwrap();
+    let mut cmd = std::process::Command::new(bin("drover"));
+    cmd.args(["--controller", &addr.to_string()])
+        .arg("--ca")
+        .arg(c.pki_file("ca.crt"))
+        .arg("--cert")
+        .arg(c.pki_file("ops.crt"))
+        .arg("--key")
+        .arg(c.pki_file("ops.key"))
+        .args(["deploy-config", new.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut deploying = cmd.spawn().unwrap();
+    ctl.wait_log("deploying");
+    ctl.kill();
+    let _ = deploying.wait();
+
+    let (_ctl2, addr2) = c.start_controller(&addr.to_string());
+    let deployed = c
+        .drover(addr2, &["get-config", "--deployed", "--as-json"])
+        .json();
+    assert_eq!(
+        deployed["id"], "old",
+        "the interrupted deploy was not recorded"
+    );
+    // The returning agent is brought back to the deployed configuration.
+    let pids = eventually("back to the old configuration", PATIENCE, || {
+        let t = node_table(&c, addr2);
+        (t.len() == 3 && t.values().all(|n| n["state"] == "RUNNING")).then_some(t)
+    });
+    assert_eq!(pids.keys().collect::<Vec<_>>(), ["n01", "n02", "n03"]);
+    eventually("no leftover node processes", PATIENCE, || {
+        (processes_with(&marker).len() == 3).then_some(())
+    });
+}
+
+#[test]
+fn corrupt_state_file_is_reported_and_the_last_good_copy_used() {
+    let c = Cluster::new();
+    let (mut ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    let marker = format!("corrupt-{}", std::process::id());
+    let first = write_cluster(&c, "a.toml", "first", 1, &marker, "");
+    let second = write_cluster(&c, "b.toml", "second", 2, &marker, "");
+    eventually("agent", PATIENCE, || {
+        c.drover(addr, &["get-instances"])
+            .json()
+            .get("agent-1")
+            .map(|_| ())
+    });
+    assert_eq!(
+        c.drover(addr, &["deploy-config", first.to_str().unwrap()])
+            .code,
+        Some(0)
+    );
+    assert_eq!(
+        c.drover(addr, &["deploy-config", second.to_str().unwrap()])
+            .code,
+        Some(0)
+    );
+    ctl.kill();
+    let state = c.dir.path().join("controller/deployed.json");
+    let text = std::fs::read(&state).unwrap();
+    std::fs::write(&state, &text[..text.len() / 3]).unwrap();
+    let (ctl2, addr2) = c.start_controller(&addr.to_string());
+    let log = ctl2.wait_log("using the last good copy");
+    assert!(
+        log.contains("deployed.json: not a valid configuration"),
+        "{log}"
+    );
+    let deployed = c
+        .drover(addr2, &["get-config", "--deployed", "--as-json"])
+        .json();
+    assert_eq!(deployed["id"], "first");
+    assert!(
+        c.dir
+            .path()
+            .join("controller/deployed.json.corrupt")
+            .exists()
+    );
+}
+
+#[test]
+fn a_crash_loop_keeps_to_its_backoff_and_its_events_stay_bounded() {
+    use std::io::BufRead;
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut mon = std::process::Command::new(bin("drover"));
+    mon.args(["--controller", &addr.to_string()])
+        .arg("--ca")
+        .arg(c.pki_file("ca.crt"))
+        .arg("--cert")
+        .arg(c.pki_file("ops.crt"))
+        .arg("--key")
+        .arg(c.pki_file("ops.key"))
+        .arg("monitor")
+        .stdout(std::process::Stdio::piped());
+    let mut mon = mon.spawn().unwrap();
+    let out = mon.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    // The subscription is live for sure once the agent's arrival is seen.
+    let _agent = eventually("monitor subscribed and agent joined", PATIENCE, || {
+        let agent = c.start_agent("agent-1", addr);
+        loop {
+            match rx.recv_timeout(Duration::from_secs(2)) {
+                Ok(ev) if ev["event"]["type"] == "agent_joined" => return Some(agent),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    });
+    let file = c.dir.path().join("loop.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.agent-1]\n[nodes.looper]\ninstance = \"agent-1\"\ncommand = [\"{}\", \"--crash-at-start\"]\nmax_failed_starts = 0\nbackoff = {{ initial = \"100ms\", multiplier = 2.0, max = \"800ms\" }}\n",
+            bin("drover-testprog").display()
+        ),
+    )
+    .unwrap();
+    let window = Duration::from_secs(6);
+    let started = Instant::now();
+    let _ = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    let mut state_events = 0;
+    while started.elapsed() < window {
+        if let Ok(ev) = rx.recv_timeout(Duration::from_millis(100))
+            && ev["event"]["type"] == "node_state"
+        {
+            state_events += 1;
+        }
+    }
+    let _ = mon.kill();
+    let _ = mon.wait();
+    let restarts = c.drover(addr, &["status"]).stdout;
+    let line = restarts
+        .lines()
+        .find(|l| l.contains("looper"))
+        .unwrap()
+        .to_owned();
+    let count: u32 = line.split_whitespace().nth(5).unwrap().parse().unwrap();
+    eprintln!("crash loop over {window:?}: {count} restarts, {state_events} state events");
+    // 100+200+400+800+800+... ms of backoff: about 9 restarts in 6 s; without backoff it
+    // would be hundreds.
+    assert!((4..=20).contains(&count), "restarts: {count}\n{line}");
+    assert!(
+        state_events >= 2,
+        "state changes are reported: {state_events}"
+    );
+    assert!(
+        state_events <= 4 * (count as usize + 2),
+        "state events: {state_events}"
+    );
+}
