@@ -10,6 +10,8 @@
 //! The binaries come from `DROVER_BIN_DIR`, or else from the target directory holding
 //! the test executable (`cargo xtask test` builds them first).
 
+pub mod netlab;
+
 use std::fs;
 use std::io::Read;
 use std::net::SocketAddr;
@@ -167,6 +169,12 @@ pub struct Cluster {
 impl Cluster {
     /// A fresh directory with a CA and a controller and client certificate.
     pub fn new() -> Self {
+        Self::with_controller_sans(&[])
+    }
+
+    /// As [`Cluster::new`], with extra names or addresses in the controller's
+    /// certificate (for agents that reach it at another address than loopback).
+    pub fn with_controller_sans(sans: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("drover-e2e-")
             .tempdir()
@@ -180,7 +188,9 @@ impl Cluster {
             idle_timeout: Duration::from_secs(2),
             logs: std::cell::RefCell::default(),
         };
-        c.issue(PeerRole::Controller, "controller");
+        let mut spec = LeafSpec::new(PeerRole::Controller, "controller");
+        spec.sans = sans.iter().map(|s| (*s).to_owned()).collect();
+        drover_pki::issue_in_dir(&c.pki, &spec).expect("issue controller");
         c.issue(PeerRole::Client, "ops");
         c
     }
@@ -292,7 +302,25 @@ impl Cluster {
 
     /// Starts an agent with certificate files `FILE.*` and extra flags.
     pub fn start_agent_args(&self, name: &str, file: &str, extra: &[&str]) -> Proc {
-        let mut cmd = Command::new(bin("drover-agent"));
+        self.start_agent_cmd(Command::new(bin("drover-agent")), name, file, extra)
+    }
+
+    /// Starts an agent in host `host` of a [`netlab::NetLab`], dialling `controller`.
+    pub fn start_agent_in(
+        &self,
+        lab: &netlab::NetLab,
+        host: usize,
+        name: &str,
+        controller: SocketAddr,
+    ) -> Proc {
+        if !self.pki_file(&format!("{name}.crt")).exists() {
+            self.issue(PeerRole::Agent, name);
+        }
+        let cmd = lab.command(host, &bin("drover-agent"));
+        self.start_agent_cmd(cmd, name, name, &["--controller", &controller.to_string()])
+    }
+
+    fn start_agent_cmd(&self, mut cmd: Command, name: &str, file: &str, extra: &[&str]) -> Proc {
         cmd.arg("--name")
             .arg(name)
             .args(extra)

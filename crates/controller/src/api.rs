@@ -552,7 +552,18 @@ async fn get_nodes(shared: &Shared, id: &str, budget: Duration) -> Vec<MgmtResul
                 MgmtResult::err(id, format!("unexpected answer from the agent: {other:?}"))
                     .on_instance(instance)
             }
-            Err(e) => MgmtResult::err(id, e).on_instance(instance),
+            Err(e) => {
+                // Unreachable right now: what we last knew, as UNKNOWN.
+                let mut nodes = shared.last_statuses(&instance);
+                for n in &mut nodes {
+                    n.state = State::Unknown;
+                }
+                let mut r = MgmtResult::err(id, e).on_instance(instance);
+                if !nodes.is_empty() {
+                    r.data = Some(ResultData::NodeStatuses(nodes));
+                }
+                r
+            }
         })
         .collect();
     let mut me = NodeStatus::new(&shared.name, State::Running, MgmtRole::Controller);
