@@ -69,6 +69,8 @@ pub struct Config {
     pub stop_nodes_on_exit: bool,
     /// Log rotation of node output.
     pub logs: logs::LogConfig,
+    /// Where to serve Prometheus metrics (`/metrics`); off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Why an agent could not start.
@@ -112,6 +114,8 @@ pub struct Agent {
     server_name: Option<String>,
     /// The listening endpoint, when the controller dials this agent.
     listener: Option<quinn::Endpoint>,
+    /// The metrics listener, bound at start-up.
+    metrics: std::sync::Mutex<Option<std::net::TcpListener>>,
 }
 
 impl Agent {
@@ -158,11 +162,20 @@ impl Agent {
             Some(addr) => Some(conn::server_endpoint(&creds, addr, &config.transport)?),
             None => None,
         };
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|source| Error::Net(NetError::Bind { addr, source }))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             config,
             creds,
             server_name,
             listener,
+            metrics: std::sync::Mutex::new(metrics),
         })
     }
 
@@ -181,6 +194,20 @@ impl Agent {
                 return;
             }
         };
+        let metrics_listener = this.metrics.lock().ok().and_then(|mut m| m.take());
+        if let Some(l) = metrics_listener {
+            match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => {
+                    let sup = supervisor.clone();
+                    let render: drover_metrics::Render = Arc::new(move || {
+                        let sup = sup.clone();
+                        Box::pin(async move { render_metrics(&sup).await })
+                    });
+                    tokio::spawn(drover_metrics::serve(l, render, shutdown.clone()));
+                }
+                Err(e) => warn!("cannot serve metrics: {e}"),
+            }
+        }
         let dial = async {
             if this.config.controller.is_some() {
                 this.connection_loop(&supervisor, &shutdown).await;
@@ -526,6 +553,66 @@ fn stream_logs(
 
 /// Coalescing window of status reports.
 const REPORT_COALESCE: Duration = Duration::from_millis(50);
+
+/// The agent's `/metrics` page, computed from the supervisor's current statuses.
+async fn render_metrics(sup: &Supervisor) -> String {
+    let statuses = sup.status().await;
+    let mut out = String::new();
+    let mut by_state: std::collections::BTreeMap<&'static str, f64> =
+        State::ALL.iter().map(|s| (s.as_str(), 0.0)).collect();
+    for s in &statuses {
+        *by_state.entry(s.state.as_str()).or_default() += 1.0;
+    }
+    let samples: Vec<(String, f64)> = by_state
+        .into_iter()
+        .filter(|(s, _)| *s != "UNKNOWN")
+        .map(|(state, n)| (drover_metrics::labels(&[("state", state)]), n))
+        .collect();
+    drover_metrics::gauge(
+        &mut out,
+        "drover_agent_nodes",
+        "This agent's nodes by state.",
+        &samples,
+    );
+    let restarts: Vec<(String, f64)> = statuses
+        .iter()
+        .map(|s| {
+            (
+                drover_metrics::labels(&[("node", &s.node)]),
+                f64::from(s.restarts),
+            )
+        })
+        .collect();
+    drover_metrics::gauge(
+        &mut out,
+        "drover_agent_node_restarts",
+        "Automatic restarts per node.",
+        &restarts,
+    );
+    let rss: Vec<(String, f64)> = statuses
+        .iter()
+        .filter_map(|s| {
+            Some((
+                drover_metrics::labels(&[("node", &s.node)]),
+                s.rss_bytes? as f64,
+            ))
+        })
+        .collect();
+    drover_metrics::gauge(
+        &mut out,
+        "drover_agent_node_rss_bytes",
+        "Resident memory per node.",
+        &rss,
+    );
+    let me = own_status("self");
+    drover_metrics::gauge(
+        &mut out,
+        "drover_agent_rss_bytes",
+        "The agent's own resident memory.",
+        &[(String::new(), me.rss_bytes.unwrap_or(0) as f64)],
+    );
+    out
+}
 
 /// The agent's own NodeStatus entry (management role AGENT).
 fn own_status(name: &str) -> NodeStatus {

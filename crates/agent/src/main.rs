@@ -68,6 +68,9 @@ struct Args {
     /// Rotated files kept per stream [default: 5].
     #[arg(long, env = "DROVER_LOG_KEEP")]
     log_keep: Option<u32>,
+    /// Serve Prometheus metrics at http://ADDR/metrics [default: off].
+    #[arg(long, env = "DROVER_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What happens to nodes when the agent exits on SIGTERM or SIGINT.
@@ -101,6 +104,7 @@ struct FileConfig {
     on_exit: Option<OnExit>,
     log_max_bytes: Option<u64>,
     log_keep: Option<u32>,
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn config(args: Args) -> anyhow::Result<Config> {
@@ -146,6 +150,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
             .or(file.request_timeout)
             .unwrap_or(Duration::from_secs(5)),
         stop_nodes_on_exit: args.on_exit.or(file.on_exit).unwrap_or(OnExit::Stop) == OnExit::Stop,
+        metrics_listen: args.metrics_listen.or(file.metrics_listen),
         logs: LogConfig {
             max_bytes: args
                 .log_max_bytes

@@ -461,6 +461,22 @@ async fn deploy_locked(
                 failed,
                 elapsed_ms,
             });
+            shared
+                .metrics
+                .histogram(
+                    "drover_deploy_duration_seconds",
+                    "From deploy request to every agent's answer.",
+                    &[],
+                )
+                .observe(started.elapsed());
+            shared
+                .metrics
+                .counter(
+                    "drover_deploys_total",
+                    "Deploys by outcome.",
+                    &[("result", if failed == 0 { "ok" } else { "failed" })],
+                )
+                .inc();
         }
         Err(e) => {
             warn!("cannot record the deployed configuration: {e}");

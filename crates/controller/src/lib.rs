@@ -60,6 +60,8 @@ pub struct Config {
     /// A file of revoked identities and serials ([`drover_net::tls::DenyList`]), read
     /// afresh for every new connection.
     pub deny_list: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`/metrics`); off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Why a controller could not start.
@@ -112,6 +114,8 @@ pub(crate) struct Shared {
     pub(crate) statuses: std::sync::Mutex<BTreeMap<String, BTreeMap<String, NodeStatus>>>,
     /// The endpoint, for dialling agents that listen.
     pub(crate) endpoint: quinn::Endpoint,
+    /// Counters and histograms for `/metrics`.
+    pub(crate) metrics: drover_metrics::Registry,
     /// Dialler tasks by instance name, with the address each dials. Written when
     /// configurations are staged or deployed.
     pub(crate) dialers: std::sync::Mutex<BTreeMap<String, (SocketAddr, tokio::task::AbortHandle)>>,
@@ -188,6 +192,44 @@ impl Shared {
         }
     }
 
+    /// The `/metrics` page: registered counters and histograms, plus gauges computed now.
+    pub(crate) fn render_metrics(&self) -> String {
+        let mut out = self.metrics.render();
+        let agents = self.registry.snapshot().len();
+        drover_metrics::gauge(
+            &mut out,
+            "drover_agents_connected",
+            "Agents connected to the controller.",
+            &[(String::new(), agents as f64)],
+        );
+        let mut by_state: BTreeMap<&'static str, f64> =
+            State::ALL.iter().map(|s| (s.as_str(), 0.0)).collect();
+        let mut restarts = 0.0;
+        for nodes in self.statuses().values() {
+            for s in nodes.values() {
+                *by_state.entry(s.state.as_str()).or_default() += 1.0;
+                restarts += f64::from(s.restarts);
+            }
+        }
+        let samples: Vec<(String, f64)> = by_state
+            .into_iter()
+            .map(|(state, n)| (drover_metrics::labels(&[("state", state)]), n))
+            .collect();
+        drover_metrics::gauge(
+            &mut out,
+            "drover_nodes",
+            "Nodes by state, as agents last reported them.",
+            &samples,
+        );
+        drover_metrics::gauge(
+            &mut out,
+            "drover_node_restarts",
+            "Automatic restarts of all nodes, as agents last reported them.",
+            &[(String::new(), restarts)],
+        );
+        out
+    }
+
     /// The last known statuses of an instance's nodes.
     pub(crate) fn last_statuses(&self, instance: &str) -> Vec<NodeStatus> {
         self.statuses()
@@ -202,6 +244,8 @@ impl Shared {
 pub struct Controller {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
+    /// Bound at start-up so a busy port is an error then, not later.
+    metrics: Option<std::net::TcpListener>,
 }
 
 impl Controller {
@@ -233,7 +277,17 @@ impl Controller {
         })?;
         let store = Store::open(&config.state_dir)?;
         let endpoint = conn::server_endpoint(&creds, config.listen, &config.transport)?;
+        let metrics = match config.metrics_listen {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|source| Error::Net(NetError::Bind { addr, source }))?;
+                Some(l)
+            }
+            None => None,
+        };
         Ok(Self {
+            metrics,
             endpoint: endpoint.clone(),
             shared: Arc::new(Shared {
                 name: creds.identity().name.clone(),
@@ -246,6 +300,7 @@ impl Controller {
                 events: tokio::sync::broadcast::channel(4096).0,
                 statuses: std::sync::Mutex::default(),
                 endpoint,
+                metrics: drover_metrics::Registry::default(),
                 dialers: std::sync::Mutex::default(),
             }),
         })
@@ -259,8 +314,22 @@ impl Controller {
     }
 
     /// Serves until `shutdown` is cancelled, then closes every connection.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         info!(addr = %self.local_addr(), name = %self.shared.name, "controller listening");
+        if let Some(listener) = self.metrics.take() {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => {
+                    info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving metrics");
+                    let shared = self.shared.clone();
+                    let render: drover_metrics::Render = Arc::new(move || {
+                        let shared = shared.clone();
+                        Box::pin(async move { shared.render_metrics() })
+                    });
+                    tokio::spawn(drover_metrics::serve(l, render, shutdown.clone()));
+                }
+                Err(e) => warn!("cannot serve metrics: {e}"),
+            }
+        }
         for config in [self.shared.store.deployed(), self.shared.store.staged()]
             .into_iter()
             .flatten()
@@ -369,6 +438,14 @@ pub(crate) async fn serve_agent(
         old.close(5u32.into(), b"replaced by a newer connection");
     }
     info!(agent = %name, %addr, %software, "agent '{name}' connected from {addr}");
+    shared
+        .metrics
+        .counter(
+            "drover_agent_connections_total",
+            "Agent connections established.",
+            &[],
+        )
+        .inc();
     shared.emit(Event::AgentJoined {
         instance: name.clone(),
         addr: addr.to_string(),
@@ -400,6 +477,10 @@ pub(crate) async fn serve_agent(
     if shared.registry.remove_if_same(&name, &conn) {
         let reason = conn::explain(&reason, "agent");
         warn!(agent = %name, %addr, "agent '{name}' lost: {reason}");
+        shared
+            .metrics
+            .counter("drover_agent_losses_total", "Agent connections lost.", &[])
+            .inc();
         shared.mark_unknown(&name);
         shared.emit(Event::AgentLost {
             instance: name.clone(),
@@ -413,7 +494,28 @@ async fn serve_client(shared: Arc<Shared>, conn: quinn::Connection, identity: Id
     let settings = shared.transport;
     let handler = move |req: Request<ClientRequest>| {
         let shared = shared.clone();
-        async move { Ok(api::handle(&shared, req).await) }
+        async move {
+            let kind = req.body.kind();
+            let started = std::time::Instant::now();
+            let answer = api::handle(&shared, req).await;
+            shared
+                .metrics
+                .counter(
+                    "drover_requests_total",
+                    "Client requests by type.",
+                    &[("request", kind)],
+                )
+                .inc();
+            shared
+                .metrics
+                .histogram(
+                    "drover_request_duration_seconds",
+                    "Time to answer client requests (streams: to the first reply).",
+                    &[("request", kind)],
+                )
+                .observe(started.elapsed());
+            Ok(answer)
+        }
     };
     let _ = conn::serve_answers(conn, settings, handler).await;
 }

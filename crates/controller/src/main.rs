@@ -50,6 +50,9 @@ struct Args {
     /// new connection.
     #[arg(long, env = "DROVER_DENY_LIST")]
     deny_list: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics [default: off].
+    #[arg(long, env = "DROVER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -67,6 +70,7 @@ struct FileConfig {
     #[serde(default, with = "humantime_opt")]
     request_timeout: Option<Duration>,
     deny_list: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn config(args: Args) -> anyhow::Result<Config> {
@@ -107,6 +111,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
             .or(file.request_timeout)
             .unwrap_or(Duration::from_secs(10)),
         deny_list: args.deny_list.or(file.deny_list),
+        metrics_listen: args.metrics_listen.or(file.metrics_listen),
     })
 }
 

@@ -241,6 +241,27 @@ pub enum ClientRequest {
     },
 }
 
+impl ClientRequest {
+    /// The request's name, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::GetInstances => "get_instances",
+            Self::StageConfig { .. } => "stage_config",
+            Self::GetConfig { .. } => "get_config",
+            Self::Deploy { .. } => "deploy",
+            Self::GetNodes => "get_nodes",
+            Self::Restart { .. } => "restart",
+            Self::GetIdValue { .. } => "get_id_value",
+            Self::Stop { .. } => "stop",
+            Self::Start { .. } => "start",
+            Self::Signal { .. } => "signal",
+            Self::Logs { .. } => "logs",
+            Self::Monitor { .. } => "monitor",
+            Self::TestTimeout { .. } => "test_timeout",
+        }
+    }
+}
+
 /// Replies of the controller to a [`ClientRequest`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "value", rename_all = "snake_case")]
