@@ -1,0 +1,101 @@
+//! Hostile or sloppy peers: a thousand idle connections, connections that never say
+//! Hello, streams opened and never written. The controller keeps answering.
+
+use std::time::{Duration, Instant};
+
+use drover_net::conn::{self, TransportSettings};
+use drover_net::{Credentials, TlsFiles};
+use drover_proto::msg::{API_VERSION, Hello, PeerRole};
+use drover_tests::{Cluster, PATIENCE, eventually};
+
+#[test]
+fn a_thousand_idle_connections_and_silent_streams_do_not_stall_the_controller() {
+    let c = Cluster::new();
+    let (ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    eventually("agent", PATIENCE, || {
+        c.drover(addr, &["get-instances"])
+            .json()
+            .get("agent-1")
+            .map(|_| ())
+    });
+    let baseline = {
+        let t = Instant::now();
+        assert_eq!(c.drover(addr, &["get-nodes"]).code, Some(0));
+        t.elapsed()
+    };
+    let creds = Credentials::load(&TlsFiles {
+        ca: c.pki_file("ca.crt"),
+        cert: c.pki_file("ops.crt"),
+        key: c.pki_file("ops.key"),
+    })
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let held = rt.block_on(async {
+        let settings = TransportSettings::default();
+        let endpoint = conn::client_endpoint(&creds, &settings, addr).unwrap();
+        let mut conns = Vec::new();
+        // 1,000 connections that complete the handshake and then say nothing.
+        for chunk in 0..20 {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..50 {
+                let endpoint = endpoint.clone();
+                set.spawn(async move { endpoint.connect(addr, "127.0.0.1").unwrap().await });
+            }
+            while let Some(r) = set.join_next().await {
+                if let Ok(Ok(conn)) = r {
+                    conns.push(conn);
+                }
+            }
+            assert!(conns.len() >= chunk * 50, "connections are accepted");
+        }
+        // One established client that opens 100 streams and never writes to them.
+        let hello = Hello {
+            api_version: API_VERSION,
+            role: PeerRole::Client,
+            name: "ops".into(),
+            software: "load test".into(),
+        };
+        let est = conn::dial(
+            &endpoint,
+            None,
+            addr,
+            "127.0.0.1",
+            hello,
+            PeerRole::Controller,
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let mut streams = Vec::new();
+        for _ in 0..100 {
+            if let Ok(s) = est.conn.open_bi().await {
+                streams.push(s);
+            }
+        }
+        (endpoint, conns, est, streams)
+    });
+    eprintln!(
+        "holding {} idle connections and {} silent streams",
+        held.1.len(),
+        held.3.len()
+    );
+    assert!(
+        held.1.len() >= 900,
+        "most connections were accepted: {}",
+        held.1.len()
+    );
+
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let out = c.drover(addr, &["get-nodes"]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        worst = worst.max(t.elapsed());
+    }
+    eprintln!("get-nodes (whole CLI run): {baseline:?} alone, worst {worst:?} under load");
+    // Connections that never said Hello are closed after the hello timeout.
+    ctl.wait_log("waiting for the hello of");
+    drop(held);
+}
