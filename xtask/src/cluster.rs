@@ -1,4 +1,5 @@
-//! `cargo xtask cluster up`: a controller and N agents on this machine.
+//! `cargo xtask cluster up`: a controller and N agents on this machine, and the reusable
+//! [`Cluster`] starter behind it (also used by `cargo xtask bench`).
 //!
 //! Certificates are generated with the `drover ca` CLI under `<dir>/pki` (once; reused
 //! afterwards), each process logs to `<dir>/logs/<name>.log` and keeps its state under
@@ -42,6 +43,65 @@ extern "C" fn on_signal(_: i32) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+/// Makes SIGINT and SIGTERM set a flag (see [`interrupted`]) instead of killing this
+/// process, so every guard gets to clean up.
+pub(crate) fn install_signal_handlers() -> anyhow::Result<()> {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        signal::signal(Signal::SIGINT, SigHandler::Handler(on_signal))?;
+        signal::signal(Signal::SIGTERM, SigHandler::Handler(on_signal))?;
+    }
+    Ok(())
+}
+
+/// Whether SIGINT or SIGTERM arrived since [`install_signal_handlers`].
+pub(crate) fn interrupted() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Builds the daemons, the CLI and the test program (`release` adds `--release`). With
+/// `log`, cargo's output goes to that file and an error names its first `error` line.
+pub(crate) fn build_binaries(release: bool, log: Option<&Path>) -> anyhow::Result<()> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.arg("build");
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.args([
+        "--bins",
+        "-p",
+        "drover-controller",
+        "-p",
+        "drover-agent",
+        "-p",
+        "drover-client",
+        "-p",
+        "drover-testprog",
+    ])
+    .current_dir(project_root());
+    if let Some(log) = log {
+        let file =
+            fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        cmd.stdout(file.try_clone()?).stderr(file);
+    }
+    let status = cmd.status().context("cannot run cargo build")?;
+    if !status.success() {
+        let Some(log) = log else {
+            bail!("cargo build failed ({status})");
+        };
+        let text = fs::read_to_string(log).unwrap_or_default();
+        let first = text
+            .lines()
+            .find(|l| l.starts_with("error"))
+            .unwrap_or("no error line");
+        bail!(
+            "cargo build failed ({status}): {first} (full log: {})",
+            log.display()
+        );
+    }
+    Ok(())
+}
+
 /// A daemon started by the cluster.
 struct Daemon {
     name: String,
@@ -50,17 +110,21 @@ struct Daemon {
 }
 
 /// Stops every daemon when dropped: SIGTERM, a grace period, then SIGKILL.
-struct Daemons(Vec<Daemon>);
+struct Daemons {
+    list: Vec<Daemon>,
+    /// Say so on stderr once they are stopped.
+    announce: bool,
+}
 
 impl Drop for Daemons {
     fn drop(&mut self) {
-        for d in &self.0 {
+        for d in &self.list {
             if let Ok(pid) = i32::try_from(d.child.id()) {
                 let _ = signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
             }
         }
         let deadline = Instant::now() + Duration::from_secs(15);
-        for d in &mut self.0 {
+        for d in &mut self.list {
             loop {
                 match d.child.try_wait() {
                     Ok(Some(_)) | Err(_) => break,
@@ -74,7 +138,7 @@ impl Drop for Daemons {
                 }
             }
         }
-        if !self.0.is_empty() {
+        if self.announce && !self.list.is_empty() {
             eprintln!("cluster stopped");
         }
     }
@@ -135,7 +199,7 @@ fn wait_for<T>(
         if let Some(v) = f() {
             return Ok(v);
         }
-        if STOP.load(Ordering::SeqCst) {
+        if interrupted() {
             bail!("interrupted while waiting for {what}");
         }
         if Instant::now() > deadline {
@@ -146,7 +210,7 @@ fn wait_for<T>(
 }
 
 fn check_alive(daemons: &mut Daemons) -> anyhow::Result<()> {
-    for d in &mut daemons.0 {
+    for d in &mut daemons.list {
         if let Some(status) = d.child.try_wait()? {
             let log = fs::read_to_string(&d.log).unwrap_or_default();
             bail!("{} exited ({status}); its log:\n{log}", d.name);
@@ -155,144 +219,190 @@ fn check_alive(daemons: &mut Daemons) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A running local cluster: a controller and agents `agent-1` .. `agent-N`, with the
+/// client certificate `ops`. Dropping it stops every daemon (SIGTERM, then SIGKILL).
+pub(crate) struct Cluster {
+    daemons: Daemons,
+    /// The controller's address, `127.0.0.1:PORT`.
+    pub(crate) controller: String,
+    /// The `drover` CLI.
+    pub(crate) drover: PathBuf,
+    /// The PKI directory.
+    pub(crate) pki: PathBuf,
+    /// One log per daemon.
+    pub(crate) logs: PathBuf,
+    /// The agents' names.
+    pub(crate) agents: Vec<String>,
+    /// The output of `drover get-instances` once every agent was connected.
+    pub(crate) instances: String,
+}
+
+impl Cluster {
+    /// Creates the PKI (unless `dir/pki` has one), starts the controller on
+    /// `127.0.0.1:port` and `agents` agents, and returns once `drover get-instances`
+    /// lists every agent. `bin_dir` holds the built binaries.
+    pub(crate) fn start(
+        dir: &Path,
+        bin_dir: &Path,
+        agents: u32,
+        port: u16,
+    ) -> anyhow::Result<Self> {
+        let drover = bin_dir.join("drover");
+        let pki = dir.join("pki");
+        let logs = dir.join("logs");
+        let state = dir.join("state");
+        fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+        if !pki.join("ca.crt").exists() {
+            run_ok(
+                Command::new(&drover)
+                    .args(["ca", "init", "--dir"])
+                    .arg(&pki),
+            )?;
+        }
+        ensure_cert(&drover, &pki, "controller", "controller")?;
+        ensure_cert(&drover, &pki, "client", "ops")?;
+        let names: Vec<String> = (1..=agents).map(|i| format!("agent-{i}")).collect();
+        for n in &names {
+            ensure_cert(&drover, &pki, "agent", n)?;
+        }
+        let tls = |name: &str| tls_args(&pki, name);
+
+        let mut daemons = Daemons {
+            list: Vec::new(),
+            announce: false,
+        };
+        daemons.list.push(spawn(
+            "controller",
+            Command::new(bin_dir.join("drover-controller"))
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--state-dir")
+                .arg(state.join("controller"))
+                .args(tls("controller")),
+            &logs,
+        )?);
+        let ctl_log = daemons.list[0].log.clone();
+        let controller = wait_for("the controller to listen", Duration::from_secs(20), || {
+            fs::read_to_string(&ctl_log).ok().and_then(|text| {
+                text.lines()
+                    .find(|l| l.contains("controller listening"))
+                    .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+                    .map(str::to_owned)
+            })
+        })
+        .or_else(|e| {
+            check_alive(&mut daemons)?;
+            Err(e)
+        })?;
+        for n in &names {
+            daemons.list.push(spawn(
+                n,
+                Command::new(bin_dir.join("drover-agent"))
+                    .args(["--name", n, "--controller", &controller, "--state-dir"])
+                    .arg(state.join(n))
+                    .args(tls(n)),
+                &logs,
+            )?);
+        }
+
+        let mut cluster = Self {
+            daemons,
+            controller,
+            drover,
+            pki,
+            logs,
+            agents: names,
+            instances: String::new(),
+        };
+        let mut shown = String::new();
+        wait_for("every agent to connect", Duration::from_secs(30), || {
+            let out = cluster.client().arg("get-instances").output().ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let all = cluster.agents.iter().all(|n| v.get(n).is_some());
+            all.then(|| shown = String::from_utf8_lossy(&out.stdout).into_owned())
+        })
+        .or_else(|e| {
+            cluster.check_alive()?;
+            Err(e)
+        })?;
+        cluster.instances = shown;
+        Ok(cluster)
+    }
+
+    /// A `drover` command pointed at this cluster with the `ops` client certificate.
+    pub(crate) fn client(&self) -> Command {
+        let mut cmd = Command::new(&self.drover);
+        cmd.args(["--controller", &self.controller])
+            .args(tls_args(&self.pki, "ops"));
+        cmd
+    }
+
+    /// The pid of a daemon (`controller`, `agent-1`, ...).
+    pub(crate) fn pid(&self, name: &str) -> Option<u32> {
+        self.daemons
+            .list
+            .iter()
+            .find(|d| d.name == name)
+            .map(|d| d.child.id())
+    }
+
+    /// Fails, with the daemon's log, if any daemon has exited.
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
+        check_alive(&mut self.daemons)
+    }
+}
+
+/// `--ca`, `--cert` and `--key` for the certificate `name` in `pki`.
+fn tls_args(pki: &Path, name: &str) -> Vec<String> {
+    vec![
+        "--ca".into(),
+        pki.join("ca.crt").display().to_string(),
+        "--cert".into(),
+        pki.join(format!("{name}.crt")).display().to_string(),
+        "--key".into(),
+        pki.join(format!("{name}.key")).display().to_string(),
+    ]
+}
+
 /// Starts the cluster, shows it, and stops it on Ctrl-C (or at once with `once`).
 pub(crate) fn up(opts: &Options) -> anyhow::Result<()> {
     if opts.build {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--bins",
-                "-p",
-                "drover-controller",
-                "-p",
-                "drover-agent",
-                "-p",
-                "drover-client",
-                "-p",
-                "drover-testprog",
-            ])
-            .current_dir(project_root())
-            .status()
-            .context("cannot run cargo build")?;
-        if !status.success() {
-            bail!("cargo build failed");
-        }
+        build_binaries(false, None)?;
     }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        signal::signal(Signal::SIGINT, SigHandler::Handler(on_signal))?;
-        signal::signal(Signal::SIGTERM, SigHandler::Handler(on_signal))?;
-    }
-    let drover = opts.bin_dir.join("drover");
-    let pki = opts.dir.join("pki");
-    let logs = opts.dir.join("logs");
-    let state = opts.dir.join("state");
-    fs::create_dir_all(&logs)?;
-    if !pki.join("ca.crt").exists() {
-        run_ok(
-            Command::new(&drover)
-                .args(["ca", "init", "--dir"])
-                .arg(&pki),
-        )?;
-    }
-    ensure_cert(&drover, &pki, "controller", "controller")?;
-    ensure_cert(&drover, &pki, "client", "ops")?;
-    let names: Vec<String> = (1..=opts.agents).map(|i| format!("agent-{i}")).collect();
-    for n in &names {
-        ensure_cert(&drover, &pki, "agent", n)?;
-    }
-    let tls = |name: &str| -> Vec<String> {
-        vec![
-            "--ca".into(),
-            pki.join("ca.crt").display().to_string(),
-            "--cert".into(),
-            pki.join(format!("{name}.crt")).display().to_string(),
-            "--key".into(),
-            pki.join(format!("{name}.key")).display().to_string(),
-        ]
-    };
-
-    let mut daemons = Daemons(Vec::new());
+    install_signal_handlers()?;
     let started = Instant::now();
-    daemons.0.push(spawn(
-        "controller",
-        Command::new(opts.bin_dir.join("drover-controller"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", opts.port))
-            .arg("--state-dir")
-            .arg(state.join("controller"))
-            .args(tls("controller")),
-        &logs,
-    )?);
-    let ctl_log = daemons.0[0].log.clone();
-    let controller = wait_for("the controller to listen", Duration::from_secs(20), || {
-        fs::read_to_string(&ctl_log).ok().and_then(|text| {
-            text.lines()
-                .find(|l| l.contains("controller listening"))
-                .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
-                .map(str::to_owned)
-        })
-    })
-    .or_else(|e| {
-        check_alive(&mut daemons)?;
-        Err(e)
-    })?;
-    for n in &names {
-        daemons.0.push(spawn(
-            n,
-            Command::new(opts.bin_dir.join("drover-agent"))
-                .args(["--name", n, "--controller", &controller, "--state-dir"])
-                .arg(state.join(n))
-                .args(tls(n)),
-            &logs,
-        )?);
-    }
-
-    let mut client = Command::new(&drover);
-    client.args(["--controller", &controller]).args(tls("ops"));
-    let mut shown = String::new();
-    wait_for("every agent to connect", Duration::from_secs(30), || {
-        let out = client.arg("get-instances").output().ok()?;
-        client = Command::new(&drover);
-        client.args(["--controller", &controller]).args(tls("ops"));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let all = names.iter().all(|n| v.get(n).is_some());
-        all.then(|| shown = String::from_utf8_lossy(&out.stdout).into_owned())
-    })
-    .or_else(|e| {
-        check_alive(&mut daemons)?;
-        Err(e)
-    })?;
+    let mut cluster = Cluster::start(&opts.dir, &opts.bin_dir, opts.agents, opts.port)?;
+    cluster.daemons.announce = true;
 
     println!(
-        "drover cluster up in {:.1}s: controller {controller}, {} agent(s)\n",
+        "drover cluster up in {:.1}s: controller {}, {} agent(s)\n",
         started.elapsed().as_secs_f64(),
-        names.len()
+        cluster.controller,
+        cluster.agents.len()
     );
-    println!("$ drover get-instances\n{shown}");
+    println!("$ drover get-instances\n{}", cluster.instances);
     println!("Talk to it from another shell:");
-    println!("  export DROVER_CONTROLLER={controller}");
+    println!("  export DROVER_CONTROLLER={}", cluster.controller);
     for (var, file) in [
         ("DROVER_CA", "ca.crt"),
         ("DROVER_CERT", "ops.crt"),
         ("DROVER_KEY", "ops.key"),
     ] {
-        println!("  export {var}={}", pki.join(file).display());
+        println!("  export {var}={}", cluster.pki.join(file).display());
     }
-    println!("  {} get-instances", drover.display());
-    println!("Logs: {}", logs.display());
+    println!("  {} get-instances", cluster.drover.display());
+    println!("Logs: {}", cluster.logs.display());
     if opts.once {
         return Ok(());
     }
     println!("\nPress Ctrl-C to stop the cluster.");
-    while !STOP.load(Ordering::SeqCst) {
-        check_alive(&mut daemons)?;
+    while !interrupted() {
+        cluster.check_alive()?;
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("\nstopping the cluster");
     Ok(())
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,10 @@
 //!
 //! - `cargo xtask test`: the whole test suite, as CI runs it (format, lints, every test).
 //! - `cargo xtask cluster up [--agents N]`: a local cluster on this machine.
+//! - `cargo xtask bench supervise [--nodes 100,500] [--peers supervisord,pm2] [--kills 10]
+//!   [--runs 3] [--quick]`: drover against peer supervisors on this machine.
 
+mod bench;
 mod cluster;
 mod test;
 #[cfg(test)]
@@ -31,6 +34,35 @@ enum Task {
     /// Local clusters for development and demos.
     #[command(subcommand)]
     Cluster(ClusterTask),
+    /// Benchmarks (release builds) against peer tools.
+    #[command(subcommand)]
+    Bench(BenchTask),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchTask {
+    /// Start, kill -9 -> replacement, idle cost and stop-all of N programs: drover against
+    /// supervisord and pm2 (installed under target/bench if missing), one after another.
+    Supervise {
+        /// Numbers of programs [default: 100,500; --quick: 20].
+        #[arg(long, value_delimiter = ',')]
+        nodes: Option<Vec<usize>>,
+        /// Peers to measure after drover.
+        #[arg(long, value_delimiter = ',', default_value = "supervisord,pm2")]
+        peers: Vec<bench::Peer>,
+        /// Kills in the first run of each N [default: 10; --quick: 3].
+        #[arg(long)]
+        kills: Option<usize>,
+        /// Cold runs per N and system [default: 3; --quick: 1].
+        #[arg(long)]
+        runs: Option<usize>,
+        /// Smoke test: N=20, 3 kills, one run, a 2 s idle window.
+        #[arg(long)]
+        quick: bool,
+        /// Use the release binaries already built instead of running cargo build.
+        #[arg(long)]
+        no_build: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,6 +104,18 @@ fn main() -> std::process::ExitCode {
                 port,
             };
             cluster::up(&opts)
+        }
+        Task::Bench(BenchTask::Supervise {
+            nodes,
+            peers,
+            kills,
+            runs,
+            quick,
+            no_build,
+        }) => {
+            let mut opts = bench::Options::new(nodes, peers, kills, runs, quick);
+            opts.build = !no_build;
+            bench::supervise(&opts)
         }
     };
     match result {
