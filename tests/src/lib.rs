@@ -372,8 +372,28 @@ impl Default for Cluster {
     }
 }
 
+/// Kills every process whose working directory is under `dir`: the nodes of a test's
+/// agents, which outlive agents killed with SIGKILL by design.
+fn kill_processes_under(dir: &Path) {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        kill_processes_under(self.dir.path());
         if std::thread::panicking() {
             for log in self.logs.borrow().iter() {
                 eprintln!("===== {} =====", log.display());

@@ -562,6 +562,14 @@ async fn get_nodes(shared: &Shared, id: &str, budget: Duration) -> Vec<MgmtResul
         .into_iter()
         .map(|(instance, answer)| match answer {
             Ok(AgentResponse::Nodes(nodes)) => {
+                // A fresh answer is as good as a status report: keep it for the day
+                // this agent stops answering.
+                let reported: Vec<NodeStatus> = nodes
+                    .iter()
+                    .filter(|n| n.mgmt_role == MgmtRole::None)
+                    .cloned()
+                    .collect();
+                shared.record_statuses(&instance, reported);
                 MgmtResult::ok(id, Some(ResultData::NodeStatuses(nodes))).on_instance(instance)
             }
             Ok(other) => {
