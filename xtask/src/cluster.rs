@@ -35,6 +35,11 @@ pub(crate) struct Options {
     pub(crate) build: bool,
     /// Controller port on 127.0.0.1 (0 picks a free one).
     pub(crate) port: u16,
+    /// Cluster file to deploy; the example of `deploy/examples/` (two agents) or one
+    /// sleeper per agent when absent.
+    pub(crate) config: Option<PathBuf>,
+    /// Leave the cluster running in the background (`cluster status`, `cluster down`).
+    pub(crate) detach: bool,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -364,8 +369,42 @@ fn tls_args(pki: &Path, name: &str) -> Vec<String> {
     ]
 }
 
-/// Starts the cluster, shows it, and stops it on Ctrl-C (or at once with `once`).
+/// The cluster file `up` deploys.
+fn cluster_file(opts: &Options, agents: &[String]) -> anyhow::Result<PathBuf> {
+    if let Some(c) = &opts.config {
+        return Ok(c.clone());
+    }
+    if agents.len() == 2 {
+        return Ok(project_root().join("deploy/examples/local.toml"));
+    }
+    let mut text = String::from("# One sleeper per agent, written by `cargo xtask cluster up`.\n");
+    for a in agents {
+        text.push_str(&format!("[instances.{a}]\n"));
+    }
+    for a in agents {
+        text.push_str(&format!(
+            "[nodes.{a}-sleeper]\ninstance = \"{a}\"\ncommand = [\"/bin/sleep\", \"infinity\"]\n"
+        ));
+    }
+    let path = opts.dir.join("cluster.toml");
+    fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// Where a detached cluster records its daemons.
+fn pid_file(dir: &Path) -> PathBuf {
+    dir.join("daemons")
+}
+
+/// Starts the cluster, deploys a configuration, shows it, and streams events until
+/// Ctrl-C (or stops at once with `once`, or leaves it running with `detach`).
 pub(crate) fn up(opts: &Options) -> anyhow::Result<()> {
+    if pid_file(&opts.dir).exists() {
+        bail!(
+            "a detached cluster runs from {}; stop it with `cargo xtask cluster down` first",
+            opts.dir.display()
+        );
+    }
     if opts.build {
         build_binaries(false, None)?;
     }
@@ -390,17 +429,136 @@ pub(crate) fn up(opts: &Options) -> anyhow::Result<()> {
     ] {
         println!("  export {var}={}", cluster.pki.join(file).display());
     }
-    println!("  {} get-instances", cluster.drover.display());
-    println!("Logs: {}", cluster.logs.display());
+    println!("  {} status", cluster.drover.display());
+    println!("Logs: {}\n", cluster.logs.display());
+
+    let file = cluster_file(opts, &cluster.agents)?;
+    println!("$ drover deploy-config {}", file.display());
+    let out = cluster
+        .client()
+        .arg("deploy-config")
+        .arg(&file)
+        .output()
+        .context("cannot run drover deploy-config")?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("the deploy failed (see above)");
+    }
+    let status = cluster
+        .client()
+        .arg("status")
+        .output()
+        .context("cannot run drover status")?;
+    println!(
+        "\n$ drover status\n{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+
+    if opts.detach {
+        let mut lines = format!("controller-addr {}\n", cluster.controller);
+        for d in &cluster.daemons.list {
+            lines.push_str(&format!("{} {}\n", d.name, d.child.id()));
+        }
+        fs::write(pid_file(&opts.dir), lines)?;
+        println!(
+            "Detached. `cargo xtask cluster status` shows it, `cargo xtask cluster down` stops it."
+        );
+        // The daemons keep running: forget them rather than stopping them on drop.
+        cluster.daemons.list.clear();
+        return Ok(());
+    }
     if opts.once {
         return Ok(());
     }
-    println!("\nPress Ctrl-C to stop the cluster.");
+    println!("Events follow; press Ctrl-C to stop the cluster.\n");
+    let mut monitor = cluster
+        .client()
+        .arg("monitor")
+        .process_group(0)
+        .spawn()
+        .context("cannot run drover monitor")?;
     while !interrupted() {
         cluster.check_alive()?;
         std::thread::sleep(Duration::from_millis(100));
     }
+    let _ = monitor.kill();
+    let _ = monitor.wait();
     eprintln!("\nstopping the cluster");
+    Ok(())
+}
+
+/// Reads a detached cluster's record.
+fn detached(dir: &Path) -> anyhow::Result<(String, Vec<(String, i32)>)> {
+    let path = pid_file(dir);
+    let text = fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no detached cluster in {} (no {})",
+            dir.display(),
+            path.display()
+        )
+    })?;
+    let mut addr = String::new();
+    let mut daemons = Vec::new();
+    for line in text.lines() {
+        if let Some(a) = line.strip_prefix("controller-addr ") {
+            addr = a.to_owned();
+        } else if let Some((name, pid)) = line.split_once(' ') {
+            daemons.push((
+                name.to_owned(),
+                pid.parse().context("bad pid in the daemons file")?,
+            ));
+        }
+    }
+    Ok((addr, daemons))
+}
+
+/// `cluster status`: the detached cluster's nodes.
+pub(crate) fn status(dir: &Path, bin_dir: &Path) -> anyhow::Result<()> {
+    let (addr, _) = detached(dir)?;
+    let pki = dir.join("pki");
+    let st = Command::new(bin_dir.join("drover"))
+        .args(["--controller", &addr])
+        .args(tls_args(&pki, "ops"))
+        .arg("status")
+        .status()
+        .context("cannot run drover status")?;
+    if !st.success() {
+        bail!("drover status failed");
+    }
+    Ok(())
+}
+
+/// `cluster down`: stops a detached cluster, agents first (they stop their nodes).
+pub(crate) fn down(dir: &Path) -> anyhow::Result<()> {
+    let (_, daemons) = detached(dir)?;
+    let alive = |pid: i32| {
+        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
+    };
+    let (controllers, agents): (Vec<_>, Vec<_>) =
+        daemons.into_iter().partition(|(n, _)| n == "controller");
+    for group in [agents, controllers] {
+        for (_, pid) in &group {
+            let _ = signal::kill(Pid::from_raw(*pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for (name, pid) in &group {
+            while alive(*pid) {
+                if Instant::now() > deadline {
+                    eprintln!("{name} did not stop in time; killing it");
+                    let _ = signal::kill(Pid::from_raw(*pid), Signal::SIGKILL);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    fs::remove_file(pid_file(dir))?;
+    println!("cluster stopped");
     Ok(())
 }
 #[cfg(test)]
@@ -424,6 +582,8 @@ mod tests {
             bin_dir,
             build: false,
             port: 0,
+            config: None,
+            detach: false,
         };
         up(&opts).unwrap();
         for name in ["controller", "agent-1", "agent-2"] {
@@ -433,7 +593,26 @@ mod tests {
                 "{name} did not stop cleanly:\n{log}"
             );
         }
-        // A second run reuses the PKI.
-        up(&opts).unwrap();
+        // A second run reuses the PKI; detached, it keeps running until `down`.
+        let detached = Options {
+            detach: true,
+            ..opts
+        };
+        up(&detached).unwrap();
+        let (addr, daemons) = super::detached(dir.path()).unwrap();
+        assert!(addr.starts_with("127.0.0.1:"));
+        assert_eq!(daemons.len(), 3);
+        status(dir.path(), &detached.bin_dir).unwrap();
+        down(dir.path()).unwrap();
+        for (name, pid) in daemons {
+            assert!(
+                !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+                    || fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s
+                        .rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('Z'))),
+                "{name} still runs"
+            );
+        }
     }
 }

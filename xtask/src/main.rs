@@ -81,6 +81,24 @@ enum ClusterTask {
         /// Controller port on 127.0.0.1 (0 picks a free one).
         #[arg(long, default_value_t = 2150)]
         port: u16,
+        /// Cluster file to deploy [default: deploy/examples/local.toml for two agents].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Leave the cluster running in the background.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Show a detached cluster's nodes.
+    Status {
+        /// The cluster's directory [default: target/cluster].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Stop a detached cluster, its nodes included.
+    Down {
+        /// The cluster's directory [default: target/cluster].
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -88,11 +106,23 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Test { no_lint } => test::run(!no_lint),
+        Task::Cluster(ClusterTask::Status { dir }) => {
+            let root = project_root();
+            cluster::status(
+                &dir.unwrap_or_else(|| root.join("target/cluster")),
+                &root.join("target/debug"),
+            )
+        }
+        Task::Cluster(ClusterTask::Down { dir }) => {
+            cluster::down(&dir.unwrap_or_else(|| project_root().join("target/cluster")))
+        }
         Task::Cluster(ClusterTask::Up {
             agents,
             once,
             dir,
             port,
+            config,
+            detach,
         }) => {
             let root = project_root();
             let opts = cluster::Options {
@@ -102,6 +132,8 @@ fn main() -> std::process::ExitCode {
                 bin_dir: root.join("target/debug"),
                 build: true,
                 port,
+                config,
+                detach,
             };
             cluster::up(&opts)
         }
