@@ -606,7 +606,7 @@ mod tests {
         down(dir.path()).unwrap();
         for (name, pid) in daemons {
             assert!(
-                !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+                !Path::new(&format!("/proc/{pid}/cmdline")).exists()
                     || fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s
                         .rsplit(')')
                         .next()
