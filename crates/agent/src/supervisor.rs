@@ -230,6 +230,8 @@ struct Core {
     config_id: Option<String>,
     next_token: u64,
     shutdown: Option<(Instant, oneshot::Sender<()>)>,
+    /// An exit happened: look for orphaned descendants once the burst is handled.
+    sweep_pending: bool,
 }
 
 fn epoch_ms() -> u64 {
@@ -351,6 +353,7 @@ impl Supervisor {
             config_id: None,
             next_token: u64::from(std::process::id()) << 32 | u64::from(rand_u32()),
             shutdown: None,
+            sweep_pending: false,
         };
         core.recover();
         tokio::spawn(core.run(rx, events_rx));
@@ -464,7 +467,16 @@ impl Core {
                     Some(cmd) => self.command(cmd),
                     None => break,
                 },
-                Some(ev) = events.recv() => self.event(ev),
+                Some(ev) = events.recv() => {
+                    self.event(ev);
+                    // Handle a burst (many nodes exiting at once) in one go.
+                    while let Ok(ev) = events.try_recv() {
+                        self.event(ev);
+                    }
+                    if std::mem::take(&mut self.sweep_pending) {
+                        self.sweep_orphans();
+                    }
+                }
                 () = sleep_until(deadline) => self.tick(),
                 Some(()) = async { match sigchld.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
                     self.reap();
@@ -818,7 +830,11 @@ impl Core {
                         let exit = e.last_exit;
                         warn!(node = %name, ?exit, restarts = e.restarts(), "node {}", state.as_str().to_lowercase());
                     }
-                    self.save_record(name);
+                    // Spawns and exits write the record themselves; readiness is the one
+                    // state change the record must learn of here.
+                    if state == machine::State::Running {
+                        self.save_record(name);
+                    }
                     self.bump();
                 }
                 Action::Spawn => {
@@ -960,6 +976,9 @@ impl Core {
         });
         e.status_text = None;
         info!(node = %name, pid, "started");
+        // The record must name the new process before anything else can happen, or an
+        // agent killed now would start the node a second time.
+        self.save_record(name);
         Ok(pid)
     }
 
@@ -1007,7 +1026,8 @@ impl Core {
                 // Whatever the main process left behind goes with it.
                 kill_remains(&p);
                 if p.child {
-                    self.sweep_orphans();
+                    // Batched: one sweep after every event ready now has been handled.
+                    self.sweep_pending = true;
                 }
                 let Some(e) = self.nodes.get_mut(&node) else {
                     return;
