@@ -82,6 +82,8 @@ pub(crate) fn build_binaries(release: bool, log: Option<&Path>) -> anyhow::Resul
         "drover-client",
         "-p",
         "drover-testprog",
+        "-p",
+        "drover-swarm",
     ])
     .current_dir(project_root());
     if let Some(log) = log {

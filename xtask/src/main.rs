@@ -63,6 +63,23 @@ enum BenchTask {
         #[arg(long)]
         no_build: bool,
     },
+    /// One controller against N hollow agents (simulated agents over real QUIC
+    /// connections): connect time, get-nodes latency, deploy, event fan-out, memory and
+    /// idle CPU per agent.
+    ControlPlane {
+        /// Agent counts.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
+        agents: Vec<usize>,
+        /// Simulated nodes per agent.
+        #[arg(long, default_value_t = 10)]
+        nodes_per_agent: usize,
+        /// Idle window for the CPU figure, in seconds.
+        #[arg(long, default_value_t = 10)]
+        idle_secs: u64,
+        /// Use the release binaries already built.
+        #[arg(long)]
+        no_build: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +154,17 @@ fn main() -> std::process::ExitCode {
             };
             cluster::up(&opts)
         }
+        Task::Bench(BenchTask::ControlPlane {
+            agents,
+            nodes_per_agent,
+            idle_secs,
+            no_build,
+        }) => bench::control_plane::run(&bench::control_plane::Options {
+            agents,
+            nodes_per_agent,
+            idle: std::time::Duration::from_secs(idle_secs),
+            build: !no_build,
+        }),
         Task::Bench(BenchTask::Supervise {
             nodes,
             peers,

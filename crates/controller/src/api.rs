@@ -437,13 +437,15 @@ async fn deploy_locked(
     let started = std::time::Instant::now();
     // Every connected agent gets the configuration: those without nodes in it stop
     // whatever they ran before.
-    let req = ControllerRequest::Apply {
-        config: Box::new(config.clone()),
-        restart_all,
-    };
     let requests = connected
         .into_iter()
-        .map(|(name, conn)| (name, conn, req.clone()))
+        .map(|(name, conn)| {
+            let req = ControllerRequest::Apply {
+                config: Box::new(config.share_for(&name)),
+                restart_all,
+            };
+            (name, conn, req)
+        })
         .collect();
     let answers = fan_out(requests, budget).await;
     let mut results = agent_results(id, answers);
@@ -500,7 +502,7 @@ pub(crate) async fn reapply(
     deployed: Configuration,
 ) {
     let req = ControllerRequest::Apply {
-        config: Box::new(deployed),
+        config: Box::new(deployed.share_for(name)),
         restart_all: false,
     };
     match conn::call::<_, AgentResponse>(conn, &req, shared.request_timeout).await {

@@ -15,6 +15,7 @@
 //! - [`install`]: installs the peers under `target/bench` (a virtualenv, an npm prefix).
 //! - [`procfs`]: the `/proc` reads; [`stats`]: medians, number and table formatting.
 
+pub(crate) mod control_plane;
 mod drover;
 mod install;
 mod pm2;

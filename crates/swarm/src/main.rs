@@ -1,0 +1,384 @@
+//! `drover-swarm`: hollow agents for control-plane benchmarks, as Kubernetes' hollow
+//! nodes. Each simulated agent has its own certificate (issued in memory by the cluster
+//! CA) and its own QUIC connection to a real controller, and speaks the real protocol:
+//! Hello, status reports, GetNodes, Apply, Restart/Stop/Start. Its nodes are simulated:
+//! applying a configuration marks them RUNNING at once, no process is started.
+//!
+//! It then measures, as a client, what the controller does with that many agents and
+//! prints one JSON object: connect time, get-nodes latency, deploy time, event fan-out
+//! to monitor subscribers.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use drover_net::Credentials;
+use drover_net::conn::{self, TransportSettings};
+use drover_pki::{Ca, LeafSpec};
+use drover_proto::model::{Configuration, Instance, MgmtResult, MgmtRole, Node, NodeStatus, State};
+use drover_proto::msg::{
+    API_VERSION, AgentRequest, AgentResponse, ClientRequest, ClientResponse, ControllerRequest,
+    Event, Hello, PeerRole, Request, WireError,
+};
+
+/// Hollow agents against a real controller.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The controller.
+    #[arg(long)]
+    controller: SocketAddr,
+    /// PKI directory with ca.crt and ca.key (agent and client certificates are issued
+    /// in memory).
+    #[arg(long)]
+    pki: PathBuf,
+    /// Simulated agents.
+    #[arg(long)]
+    agents: usize,
+    /// Simulated nodes per agent.
+    #[arg(long, default_value_t = 10)]
+    nodes_per_agent: usize,
+    /// get-nodes calls to time.
+    #[arg(long, default_value_t = 30)]
+    samples: usize,
+    /// monitor subscribers for the fan-out measurement.
+    #[arg(long, default_value_t = 10)]
+    monitors: usize,
+    /// Seconds to stay idle (keep-alives only) after the measurements, for the caller
+    /// to measure idle cost; the swarm keeps its connections open meanwhile.
+    #[arg(long, default_value_t = 0)]
+    idle_secs: u64,
+}
+
+fn creds(ca: &Ca, role: PeerRole, name: &str) -> anyhow::Result<Credentials> {
+    let leaf = ca.issue(&LeafSpec::new(role, name))?;
+    Ok(Credentials::from_pem(
+        ca.pem().cert.as_bytes(),
+        leaf.cert.as_bytes(),
+        leaf.key.as_bytes(),
+    )?)
+}
+
+/// One hollow agent's simulated nodes.
+#[derive(Debug, Default)]
+struct Hollow {
+    nodes: BTreeMap<String, NodeStatus>,
+    config_id: Option<String>,
+}
+
+fn statuses(h: &Mutex<Hollow>) -> Vec<NodeStatus> {
+    h.lock().expect("lock").nodes.values().cloned().collect()
+}
+
+async fn run_agent(
+    endpoint: quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    controller: SocketAddr,
+    name: String,
+    per: usize,
+) -> anyhow::Result<()> {
+    let hollow = Arc::new(Mutex::new(Hollow::default()));
+    let hello = Hello {
+        api_version: API_VERSION,
+        role: PeerRole::Agent,
+        name: name.clone(),
+        software: "drover-swarm".into(),
+    };
+    let est = conn::dial(
+        &endpoint,
+        Some(cfg),
+        controller,
+        "127.0.0.1",
+        hello,
+        PeerRole::Controller,
+        None,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let conn = est.conn.clone();
+    let h = hollow.clone();
+    let instance = name.clone();
+    let settings = TransportSettings::default();
+    let reporter_conn = conn.clone();
+    let handler = move |req: Request<ControllerRequest>| {
+        let h = h.clone();
+        let instance = instance.clone();
+        let reporter = reporter_conn.clone();
+        async move {
+            let reply = match req.body {
+                ControllerRequest::GetNodes => {
+                    let mut all = statuses(&h);
+                    all.push(NodeStatus::new(&instance, State::Running, MgmtRole::Agent));
+                    AgentResponse::Nodes(all)
+                }
+                ControllerRequest::Apply { config, .. } => {
+                    let mut results = Vec::new();
+                    {
+                        let mut g = h.lock().expect("lock");
+                        if g.config_id.as_deref() != Some(config.id.as_str()) {
+                            g.config_id = Some(config.id.clone());
+                            g.nodes.clear();
+                            for n in config.nodes_on(&instance) {
+                                let mut s =
+                                    NodeStatus::new(&n.name, State::Running, MgmtRole::None);
+                                s.pid = Some(1);
+                                s.ready = true;
+                                g.nodes.insert(n.name.clone(), s);
+                                results.push(MgmtResult::ok(&req.id, None).on_node(&n.name));
+                            }
+                        }
+                    }
+                    let report = AgentRequest::Status {
+                        statuses: statuses(&h),
+                        full: true,
+                    };
+                    tokio::spawn(async move {
+                        let _ = conn::call::<_, AgentResponse>(
+                            &reporter,
+                            &report,
+                            Duration::from_secs(30),
+                        )
+                        .await;
+                    });
+                    AgentResponse::Results(results)
+                }
+                ControllerRequest::Restart { nodes }
+                | ControllerRequest::Stop { nodes }
+                | ControllerRequest::Start { nodes } => AgentResponse::Results(
+                    nodes
+                        .iter()
+                        .map(|n| MgmtResult::ok(&req.id, None).on_node(n))
+                        .collect(),
+                ),
+                ControllerRequest::Signal { .. }
+                | ControllerRequest::GetIdValue { .. }
+                | ControllerRequest::Logs { .. } => AgentResponse::Results(Vec::new()),
+            };
+            Ok::<_, WireError>(reply)
+        }
+    };
+    let _ = per;
+    let reason = conn::serve(conn, settings, handler).await;
+    anyhow::bail!("agent {name} lost: {reason}")
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn client(
+    ca: &Ca,
+    controller: SocketAddr,
+    name: &str,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    let c = creds(ca, PeerRole::Client, name)?;
+    let settings = TransportSettings::default();
+    let endpoint = conn::client_endpoint(&c, &settings, controller)?;
+    let hello = Hello {
+        api_version: API_VERSION,
+        role: PeerRole::Client,
+        name: name.into(),
+        software: "drover-swarm".into(),
+    };
+    let est = conn::dial(
+        &endpoint,
+        None,
+        controller,
+        "127.0.0.1",
+        hello,
+        PeerRole::Controller,
+        None,
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok((endpoint, est.conn))
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    raise_fd_limit();
+    let ca = Ca::load(&args.pki).context("cannot load the CA")?;
+    let settings = TransportSettings {
+        // As production agents: keep-alives every 2 s, lost after 10 s of silence.
+        ..TransportSettings::default()
+    };
+    // A few shared UDP sockets, each carrying many agents' connections.
+    let endpoints: Vec<quinn::Endpoint> = (0..args.agents.div_ceil(500).max(1))
+        .map(|_| {
+            let any = creds(&ca, PeerRole::Agent, "any")?;
+            Ok(conn::client_endpoint(&any, &settings, args.controller)?)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let names: Vec<String> = (0..args.agents).map(|i| format!("hollow-{i:05}")).collect();
+    let mut configs = Vec::new();
+    for n in &names {
+        let c = creds(&ca, PeerRole::Agent, n)?;
+        configs.push(conn::client_config(&c, &settings)?);
+    }
+    let (monitor_endpoint, monitor_conns) = {
+        let mut conns = Vec::new();
+        let mut ep = None;
+        for i in 0..args.monitors {
+            let (e, c) = client(&ca, args.controller, &format!("monitor-{i}")).await?;
+            ep.get_or_insert(e);
+            conns.push(c);
+        }
+        (ep, conns)
+    };
+    let (_client_ep, cl) = client(&ca, args.controller, "bench").await?;
+
+    // Connect everyone.
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (name, cfg)) in names.iter().cloned().zip(configs).enumerate() {
+        let ep = endpoints[i % endpoints.len()].clone();
+        let per = args.nodes_per_agent;
+        tasks.spawn(run_agent(ep, cfg, args.controller, name, per));
+    }
+    let connected = loop {
+        let reply: ClientResponse =
+            conn::call(&cl, &ClientRequest::GetInstances, Duration::from_secs(30)).await?;
+        let n = match reply {
+            ClientResponse::Result(r) => match r.data {
+                Some(drover_proto::ResultData::Instances(v)) => v.len(),
+                _ => 0,
+            },
+            _ => 0,
+        };
+        if n >= args.agents {
+            break started.elapsed();
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "only {n} of {} agents connected",
+            args.agents
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    // Monitors subscribe.
+    let mut monitor_streams = Vec::new();
+    for c in &monitor_conns {
+        monitor_streams.push(
+            conn::call_stream(
+                c,
+                &ClientRequest::Monitor { logs: false },
+                Duration::from_secs(60),
+            )
+            .await?,
+        );
+    }
+
+    // Deploy N x M simulated nodes.
+    let mut config = Configuration::empty();
+    for n in &names {
+        config.instances.push(Instance {
+            name: n.clone(),
+            host: None,
+            port: None,
+        });
+        for j in 0..args.nodes_per_agent {
+            let mut node = Node::new(format!("{n}-n{j:02}"), n.clone());
+            node.command = vec!["/bin/true".into()];
+            config.nodes.push(node);
+        }
+    }
+    let config_id = config.id.clone();
+    let _: ClientResponse = conn::call(
+        &cl,
+        &ClientRequest::StageConfig {
+            config: Box::new(config),
+        },
+        Duration::from_secs(120),
+    )
+    .await?;
+    let fanout_start = Instant::now();
+    let deploy_start = Instant::now();
+    let reply: ClientResponse = conn::call(
+        &cl,
+        &ClientRequest::Deploy { restart_all: false },
+        Duration::from_secs(300),
+    )
+    .await?;
+    let deploy = deploy_start.elapsed();
+    let failed = match &reply {
+        ClientResponse::Results(rs) => rs.iter().filter(|r| !r.success).count(),
+        _ => 0,
+    };
+    // Event fan-out: every monitor sees the deploy finish.
+    let mut fanout = Vec::new();
+    for s in &mut monitor_streams {
+        loop {
+            let Some(ClientResponse::Event(e)) = s.next::<ClientResponse>().await? else {
+                continue;
+            };
+            if let Event::DeployFinished { config_id: id, .. } = e.event
+                && id == config_id
+            {
+                fanout.push(fanout_start.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+        }
+    }
+
+    // get-nodes latency.
+    let mut lat = Vec::new();
+    let mut nodes_seen = 0;
+    for _ in 0..args.samples {
+        let t = Instant::now();
+        let reply: ClientResponse =
+            conn::call(&cl, &ClientRequest::GetNodes, Duration::from_secs(60)).await?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        if let ClientResponse::Results(rs) = reply {
+            nodes_seen = rs
+                .iter()
+                .filter_map(|r| match &r.data {
+                    Some(drover_proto::ResultData::NodeStatuses(v)) => Some(
+                        v.iter()
+                            .filter(|s| s.mgmt_role == MgmtRole::None && s.state == State::Running)
+                            .count(),
+                    ),
+                    _ => None,
+                })
+                .sum();
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    let report = serde_json::json!({
+        "agents": args.agents,
+        "nodes_per_agent": args.nodes_per_agent,
+        "connect_all_ms": connected.as_secs_f64() * 1000.0,
+        "deploy_ms": deploy.as_secs_f64() * 1000.0,
+        "deploy_failed_results": failed,
+        "get_nodes_p50_ms": percentile(&lat, 0.5),
+        "get_nodes_p99_ms": percentile(&lat, 0.99),
+        "get_nodes_running_nodes": nodes_seen,
+        "monitors": args.monitors,
+        "event_fanout_max_ms": fanout.iter().copied().fold(0.0, f64::max),
+    });
+    println!("{report}");
+    if args.idle_secs > 0 {
+        // Tell the caller the measurements are done, then idle with every connection open.
+        eprintln!("idle");
+        tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    }
+    tasks.abort_all();
+    drop(monitor_streams);
+    drop(monitor_endpoint);
+    Ok(())
+}
