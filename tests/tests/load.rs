@@ -99,3 +99,74 @@ fn a_thousand_idle_connections_and_silent_streams_do_not_stall_the_controller() 
     ctl.wait_log("waiting for the hello of");
     drop(held);
 }
+
+#[test]
+fn oversize_and_garbage_frames_fail_their_stream_only() {
+    use drover_proto::msg::{ClientRequest, ClientResponse, Reply};
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let creds = Credentials::load(&TlsFiles {
+        ca: c.pki_file("ca.crt"),
+        cert: c.pki_file("ops.crt"),
+        key: c.pki_file("ops.key"),
+    })
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let settings = TransportSettings::default();
+        let endpoint = conn::client_endpoint(&creds, &settings, addr).unwrap();
+        let hello = Hello {
+            api_version: API_VERSION,
+            role: PeerRole::Client,
+            name: "ops".into(),
+            software: "bad frames".into(),
+        };
+        let est = conn::dial(
+            &endpoint,
+            None,
+            addr,
+            "127.0.0.1",
+            hello,
+            PeerRole::Controller,
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        // A header announcing a 1 GiB frame: refused from the header alone.
+        let (mut send, mut recv) = est.conn.open_bi().await.unwrap();
+        send.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
+        let reply: Reply<ClientResponse> = drover_net::frame::read_frame(&mut recv, 1 << 20)
+            .await
+            .unwrap()
+            .unwrap();
+        let err = reply.result.unwrap_err();
+        assert!(err.message.contains("exceeds the limit"), "{err:?}");
+        // Garbage JSON in a well-formed frame.
+        let (mut send, mut recv) = est.conn.open_bi().await.unwrap();
+        let mut frame = 5u32.to_be_bytes().to_vec();
+        frame.extend_from_slice(b"{nope");
+        send.write_all(&frame).await.unwrap();
+        send.finish().unwrap();
+        let reply: Reply<ClientResponse> = drover_net::frame::read_frame(&mut recv, 1 << 20)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            reply
+                .result
+                .unwrap_err()
+                .message
+                .starts_with("malformed frame")
+        );
+        // The connection, and the controller, are fine.
+        let ok: ClientResponse = conn::call(
+            &est.conn,
+            &ClientRequest::GetInstances,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(ok, ClientResponse::Result(r) if r.success));
+    });
+}
