@@ -8,6 +8,7 @@
 
 mod bench;
 mod cluster;
+mod dist;
 mod test;
 #[cfg(test)]
 mod tidy;
@@ -34,6 +35,12 @@ enum Task {
     /// Local clusters for development and demos.
     #[command(subcommand)]
     Cluster(ClusterTask),
+    /// Shell completions (bash, zsh, fish) and a man page for `drover`, in target/dist.
+    Dist {
+        /// Output directory [default: target/dist].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Benchmarks (release builds) against peer tools.
     #[command(subcommand)]
     Bench(BenchTask),
@@ -123,6 +130,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Test { no_lint } => test::run(!no_lint),
+        Task::Dist { out } => dist::run(&out.unwrap_or_else(|| project_root().join("target/dist"))),
         Task::Cluster(ClusterTask::Status { dir }) => {
             let root = project_root();
             cluster::status(
