@@ -19,6 +19,7 @@ use nix::unistd::Pid;
 use std::os::unix::process::CommandExt;
 
 use crate::project_root;
+use drover_tests::netlab::NetLab;
 
 /// What to start.
 #[derive(Debug)]
@@ -40,6 +41,8 @@ pub(crate) struct Options {
     pub(crate) config: Option<PathBuf>,
     /// Leave the cluster running in the background (`cluster status`, `cluster down`).
     pub(crate) detach: bool,
+    /// Run each agent in a network namespace of its own, as separate hosts.
+    pub(crate) netns: bool,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -164,6 +167,27 @@ fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+fn ensure_cert_sans(
+    drover: &Path,
+    pki: &Path,
+    role: &str,
+    name: &str,
+    sans: &[String],
+) -> anyhow::Result<()> {
+    if pki.join(format!("{name}.crt")).exists() {
+        return Ok(());
+    }
+    let mut cmd = Command::new(drover);
+    cmd.args(["ca", "issue", "--dir"])
+        .arg(pki)
+        .args(["--role", role, "--name", name]);
+    for s in sans {
+        cmd.args(["--san", s]);
+    }
+    run_ok(&mut cmd)?;
+    Ok(())
+}
+
 fn ensure_cert(drover: &Path, pki: &Path, role: &str, name: &str) -> anyhow::Result<()> {
     if pki.join(format!("{name}.crt")).exists() {
         return Ok(());
@@ -254,6 +278,18 @@ impl Cluster {
         agents: u32,
         port: u16,
     ) -> anyhow::Result<Self> {
+        Self::start_in(dir, bin_dir, agents, port, None)
+    }
+
+    /// As [`Cluster::start`]; with a network lab, the controller listens on the lab's
+    /// bridge and each agent runs in a host (namespace) of its own.
+    pub(crate) fn start_in(
+        dir: &Path,
+        bin_dir: &Path,
+        agents: u32,
+        port: u16,
+        lab: Option<&NetLab>,
+    ) -> anyhow::Result<Self> {
         let drover = bin_dir.join("drover");
         let pki = dir.join("pki");
         let logs = dir.join("logs");
@@ -266,7 +302,18 @@ impl Cluster {
                     .arg(&pki),
             )?;
         }
-        ensure_cert(&drover, &pki, "controller", "controller")?;
+        match lab {
+            Some(lab) => ensure_cert_sans(
+                &drover,
+                &pki,
+                "controller",
+                "controller",
+                &[lab.host_gateway().to_string()],
+            )?,
+            None => ensure_cert(&drover, &pki, "controller", "controller")?,
+        }
+        let listen_host =
+            lab.map_or_else(|| "127.0.0.1".to_owned(), |l| l.host_gateway().to_string());
         ensure_cert(&drover, &pki, "client", "ops")?;
         let names: Vec<String> = (1..=agents).map(|i| format!("agent-{i}")).collect();
         for n in &names {
@@ -282,7 +329,7 @@ impl Cluster {
             "controller",
             Command::new(bin_dir.join("drover-controller"))
                 .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
+                .arg(format!("{listen_host}:{port}"))
                 .arg("--state-dir")
                 .arg(state.join("controller"))
                 .args(tls("controller")),
@@ -301,11 +348,14 @@ impl Cluster {
             check_alive(&mut daemons)?;
             Err(e)
         })?;
-        for n in &names {
+        for (i, n) in names.iter().enumerate() {
+            let mut cmd = match lab {
+                Some(lab) => lab.command(i, &bin_dir.join("drover-agent")),
+                None => Command::new(bin_dir.join("drover-agent")),
+            };
             daemons.list.push(spawn(
                 n,
-                Command::new(bin_dir.join("drover-agent"))
-                    .args(["--name", n, "--controller", &controller, "--state-dir"])
+                cmd.args(["--name", n, "--controller", &controller, "--state-dir"])
                     .arg(state.join(n))
                     .args(tls(n)),
                 &logs,
@@ -412,7 +462,39 @@ pub(crate) fn up(opts: &Options) -> anyhow::Result<()> {
     }
     install_signal_handlers()?;
     let started = Instant::now();
-    let mut cluster = Cluster::start(&opts.dir, &opts.bin_dir, opts.agents, opts.port)?;
+    let lab = if opts.netns {
+        anyhow::ensure!(
+            nix::unistd::geteuid().is_root(),
+            "--netns creates network namespaces, a bridge and veth pairs: it needs root (try sudo)"
+        );
+        anyhow::ensure!(
+            !opts.detach,
+            "--netns cannot be combined with --detach (the namespaces live as long as this command)"
+        );
+        let mut lab = NetLab::new();
+        for _ in 0..opts.agents {
+            lab.add_host();
+        }
+        Some(lab)
+    } else {
+        None
+    };
+    let mut cluster = Cluster::start_in(
+        &opts.dir,
+        &opts.bin_dir,
+        opts.agents,
+        opts.port,
+        lab.as_ref(),
+    )?;
+    if let Some(lab) = &lab {
+        for i in 0..cluster.agents.len() {
+            println!(
+                "{} runs in its own network namespace at {}",
+                cluster.agents[i],
+                lab.host_addr(i)
+            );
+        }
+    }
     cluster.daemons.announce = true;
 
     println!(
@@ -586,6 +668,7 @@ mod tests {
             port: 0,
             config: None,
             detach: false,
+            netns: false,
         };
         up(&opts).unwrap();
         for name in ["controller", "agent-1", "agent-2"] {

@@ -111,6 +111,10 @@ enum ClusterTask {
         /// Leave the cluster running in the background.
         #[arg(long)]
         detach: bool,
+        /// Run each agent in a network namespace of its own with its own address, like
+        /// separate hosts (needs root).
+        #[arg(long)]
+        netns: bool,
     },
     /// Show a detached cluster's nodes.
     Status {
@@ -148,17 +152,27 @@ fn main() -> std::process::ExitCode {
             port,
             config,
             detach,
+            netns,
         }) => {
             let root = project_root();
             let opts = cluster::Options {
                 agents,
                 once,
-                dir: dir.unwrap_or_else(|| root.join("target/cluster")),
+                // A cluster of namespaces needs a controller certificate for the bridge
+                // address, hence a PKI of its own.
+                dir: dir.unwrap_or_else(|| {
+                    root.join(if netns {
+                        "target/cluster-netns"
+                    } else {
+                        "target/cluster"
+                    })
+                }),
                 bin_dir: root.join("target/debug"),
                 build: true,
                 port,
                 config,
                 detach,
+                netns,
             };
             cluster::up(&opts)
         }
