@@ -9,6 +9,8 @@
 //! - [`msg`]: request, response and event messages of the native protocol, the API version
 //!   and the ALPN string, and the frame envelopes that carry request ids.
 //! - [`config`]: cluster files (TOML) and validation, which reports every error at once.
+//! - [`ini`]: Zeek's INI cluster files as zeek-client reads and prints them, the TOML
+//!   writer (the lossless form), and format detection for files in either format.
 //! - [`name`]: the rules for instance and node names.
 //!
 //! Architecture invariant: this crate does no I/O, reads no clock and spawns nothing. It
@@ -16,6 +18,7 @@
 //! depend on it. JSON (serde) is the wire encoding.
 
 pub mod config;
+pub mod ini;
 pub mod model;
 pub mod msg;
 pub mod name;
