@@ -19,6 +19,7 @@ pub mod api;
 mod dial;
 pub mod registry;
 pub mod store;
+pub mod zeek;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -62,6 +63,11 @@ pub struct Config {
     pub deny_list: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`/metrics`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve zeek-client (Zeek's WebSocket API, [`zeek`]); off when `None`.
+    pub zeek_websocket: Option<SocketAddr>,
+    /// Command templates and node defaults for Zeek-style configurations
+    /// ([`zeek`]).
+    pub zeek_roles: Option<PathBuf>,
 }
 
 /// Why a controller could not start.
@@ -78,6 +84,9 @@ pub enum Error {
         /// Whom it belongs to.
         identity: Identity,
     },
+    /// The zeek-client front cannot start.
+    #[error(transparent)]
+    Zeek(#[from] zeek::Error),
     /// The persisted state is unusable.
     #[error(transparent)]
     Store(#[from] store::StoreError),
@@ -246,6 +255,8 @@ pub struct Controller {
     shared: Arc<Shared>,
     /// Bound at start-up so a busy port is an error then, not later.
     metrics: Option<std::net::TcpListener>,
+    /// The zeek-client front, bound at start-up too.
+    zeek: Option<zeek::Front>,
 }
 
 impl Controller {
@@ -286,8 +297,13 @@ impl Controller {
             }
             None => None,
         };
+        let zeek = config
+            .zeek_websocket
+            .map(|addr| zeek::Front::bind(addr, config.zeek_roles.as_deref()))
+            .transpose()?;
         Ok(Self {
             metrics,
+            zeek,
             endpoint: endpoint.clone(),
             shared: Arc::new(Shared {
                 name: creds.identity().name.clone(),
@@ -329,6 +345,9 @@ impl Controller {
                 }
                 Err(e) => warn!("cannot serve metrics: {e}"),
             }
+        }
+        if let Some(front) = self.zeek.take() {
+            front.spawn(self.shared.clone(), shutdown.clone());
         }
         for config in [self.shared.store.deployed(), self.shared.store.staged()]
             .into_iter()

@@ -53,6 +53,14 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics [default: off].
     #[arg(long, env = "DROVER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Serve zeek-client at ws://ADDR:PORT/v1/messages/json (Zeek's port is 2149; plain
+    /// WebSocket, no TLS) [default: off].
+    #[arg(long, env = "DROVER_ZEEK_WEBSOCKET")]
+    zeek_websocket: Option<SocketAddr>,
+    /// TOML file of `[roles.NAME] command = [...]` templates (and `[defaults]`) for the
+    /// nodes of configurations staged with zeek-client.
+    #[arg(long, env = "DROVER_ZEEK_ROLES")]
+    zeek_roles: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +79,8 @@ struct FileConfig {
     request_timeout: Option<Duration>,
     deny_list: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
+    zeek_websocket: Option<SocketAddr>,
+    zeek_roles: Option<PathBuf>,
 }
 
 fn config(args: Args) -> anyhow::Result<Config> {
@@ -112,6 +122,8 @@ fn config(args: Args) -> anyhow::Result<Config> {
             .unwrap_or(Duration::from_secs(10)),
         deny_list: args.deny_list.or(file.deny_list),
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
+        zeek_websocket: args.zeek_websocket.or(file.zeek_websocket),
+        zeek_roles: args.zeek_roles.or(file.zeek_roles),
     })
 }
 

@@ -138,6 +138,7 @@ impl Data {
     }
 
     /// Compact JSON, Zeek's style (`{"@data-type":…,"data":…}`).
+    #[cfg(test)]
     pub(crate) fn to_json(&self) -> String {
         let mut out = String::new();
         self.write_json(&mut out);
@@ -381,8 +382,8 @@ pub(crate) fn data_message(topic: &str, data: &Data) -> String {
 
 /// Reads the client's handshake: a JSON array of topic prefixes (possibly empty).
 pub(crate) fn parse_handshake(text: &str) -> Result<Vec<String>, DecodeError> {
-    let v: Value = serde_json::from_str(text)
-        .map_err(|_| DecodeError::new("failed to decode JSON object"))?;
+    let v: Value =
+        serde_json::from_str(text).map_err(|_| DecodeError::new("failed to decode JSON object"))?;
     let Value::Array(items) = v else {
         return Err(DecodeError::new(
             "the first message must be a JSON array of topics",
@@ -400,8 +401,8 @@ pub(crate) fn parse_handshake(text: &str) -> Result<Vec<String>, DecodeError> {
 /// What a client sent after the handshake, and why it could not be used. The error
 /// contexts are Zeek's where Zeek has one.
 pub(crate) fn parse_data_message(text: &str) -> Result<(String, Data), DecodeError> {
-    let v: Value = serde_json::from_str(text)
-        .map_err(|_| DecodeError::new("failed to decode JSON object"))?;
+    let v: Value =
+        serde_json::from_str(text).map_err(|_| DecodeError::new("failed to decode JSON object"))?;
     let obj = v
         .as_object()
         .ok_or_else(|| DecodeError::new("failed to decode JSON object"))?;
@@ -491,7 +492,10 @@ mod tests {
             r#"{"type":"ack","endpoint":"e-1","version":"v"}"#
         );
         assert_eq!(
-            error_message("deserialization_failed", "no topic in top-level JSON object"),
+            error_message(
+                "deserialization_failed",
+                "no topic in top-level JSON object"
+            ),
             r#"{"type":"error","code":"deserialization_failed","context":"no topic in top-level JSON object"}"#
         );
     }

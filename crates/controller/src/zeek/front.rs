@@ -1,0 +1,607 @@
+//! The WebSocket server zeek-client talks to: Zeek's `/v1/messages/json` endpoint.
+//!
+//! Per connection: the HTTP upgrade and the client's subscription (a JSON array of topic
+//! prefixes) within [`Limits::handshake_timeout`], then the `ack`, then data messages
+//! both ways. Requests run as tasks of their own (a deploy goes on when its client
+//! leaves, as in Zeek) and their responses are published on the controller topic to
+//! every connection subscribed to a prefix of it — other clients see them too, as on a
+//! Zeek controller, and zeek-client picks its own by request id.
+//!
+//! Bad input never reaches further than its connection: undecodable messages get a
+//! Broker error message (`{"type":"error","code":"deserialization_failed",…}`), which
+//! zeek-client skips; a wrong path gets `invalid_uri` and close code 1008; an oversize
+//! message closes the connection with 1009; a client that does not subscribe in time,
+//! or does not read what it is sent, is dropped. Plain `ws://` only: there is no TLS.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::BoxFuture;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, broadcast};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Callback, ErrorResponse, Request, Response,
+};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::broker::{self, Event};
+use super::events::{self, Incoming, TOPIC, ZeekRequest};
+
+/// The only path served, as Zeek's.
+pub(crate) const PATH: &str = "/v1/messages/json";
+
+/// Bounds on what one client may cost.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// From TCP accept to a received subscription.
+    pub(crate) handshake_timeout: Duration,
+    /// The largest message (and frame) accepted, in bytes.
+    pub(crate) max_message: usize,
+    /// How long one write to a client may block before it is dropped.
+    pub(crate) write_timeout: Duration,
+    /// Connections served at once; more are closed at accept.
+    pub(crate) max_connections: usize,
+    /// Requests of one connection running at once; more wait (the connection is not
+    /// read meanwhile).
+    pub(crate) max_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            max_message: drover_proto::msg::MAX_FRAME_LEN,
+            write_timeout: Duration::from_secs(10),
+            max_connections: 256,
+            max_in_flight: 16,
+        }
+    }
+}
+
+/// Answers one request: its response event, or `None` for no response at all.
+pub(crate) type Handler =
+    Arc<dyn Fn(String, ZeekRequest) -> BoxFuture<'static, Option<Event>> + Send + Sync>;
+
+/// A frame published to subscribers of its topic.
+#[derive(Debug)]
+struct Published {
+    topic: &'static str,
+    frame: String,
+}
+
+/// What every connection shares.
+struct Ctx {
+    limits: Limits,
+    handler: Handler,
+    /// Our endpoint id; connection `n` is `<id>-websocket-<n>`, as in Zeek.
+    endpoint: String,
+    version: String,
+    bus: broadcast::Sender<Arc<Published>>,
+    connections: Arc<Semaphore>,
+    next: AtomicU64,
+}
+
+/// Serves WebSocket clients on `listener` until `shutdown`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    limits: Limits,
+    endpoint: String,
+    version: String,
+    handler: Handler,
+    shutdown: CancellationToken,
+) {
+    let ctx = Arc::new(Ctx {
+        limits,
+        handler,
+        endpoint,
+        version,
+        bus: broadcast::channel(1024).0,
+        connections: Arc::new(Semaphore::new(limits.max_connections)),
+        next: AtomicU64::new(1),
+    });
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    warn!("zeek websocket accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
+            warn!(%peer, "zeek websocket: too many connections, closing this one");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            connection(&ctx, stream, peer, shutdown).await;
+            drop(permit);
+        });
+    }
+}
+
+fn close_frame(code: CloseCode, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// Sends one message, giving up after the write timeout.
+async fn send(
+    ws: &mut WebSocketStream<TcpStream>,
+    limits: &Limits,
+    msg: Message,
+) -> Result<(), String> {
+    match tokio::time::timeout(limits.write_timeout, ws.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the client does not read".to_owned()),
+    }
+}
+
+/// Sends a Broker error message and closes.
+async fn refuse(
+    ws: &mut WebSocketStream<TcpStream>,
+    limits: &Limits,
+    code: &str,
+    context: &str,
+    close: CloseCode,
+) {
+    if send(
+        ws,
+        limits,
+        Message::text(broker::error_message(code, context)),
+    )
+    .await
+    .is_ok()
+    {
+        let _ = send(ws, limits, close_frame(close, context)).await;
+    }
+}
+
+async fn connection(ctx: &Ctx, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+    let limits = ctx.limits;
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+    let mut path = String::new();
+    let mut app = None;
+    let callback = Peek {
+        path: &mut path,
+        app: &mut app,
+    };
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(limits.max_message))
+        .max_frame_size(Some(limits.max_message));
+    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+    let mut ws = match tokio::time::timeout_at(deadline, upgrade).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            debug!(%peer, "zeek websocket upgrade failed: {e}");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "zeek websocket: no upgrade request in time");
+            return;
+        }
+    };
+    if path != PATH {
+        debug!(%peer, %path, "zeek websocket: wrong path");
+        let context = format!("invalid URI '{path}': the endpoint is {PATH}");
+        refuse(&mut ws, &limits, "invalid_uri", &context, CloseCode::Policy).await;
+        return;
+    }
+    let topics = loop {
+        let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => {
+                debug!(%peer, "zeek websocket: no subscription in time");
+                let context = format!(
+                    "no subscription within {}s",
+                    limits.handshake_timeout.as_secs()
+                );
+                refuse(
+                    &mut ws,
+                    &limits,
+                    "deserialization_failed",
+                    &context,
+                    CloseCode::Policy,
+                )
+                .await;
+                return;
+            }
+            Ok(None) => return,
+            Ok(Some(Err(e))) => {
+                closed_with(&mut ws, &limits, peer, &e).await;
+                return;
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        match msg {
+            Message::Text(t) => match broker::parse_handshake(t.as_str()) {
+                Ok(topics) => break topics,
+                Err(e) => {
+                    debug!(%peer, "zeek websocket: bad subscription: {e}");
+                    refuse(
+                        &mut ws,
+                        &limits,
+                        "deserialization_failed",
+                        &e.to_string(),
+                        CloseCode::Policy,
+                    )
+                    .await;
+                    return;
+                }
+            },
+            Message::Binary(_) => {
+                refuse(
+                    &mut ws,
+                    &limits,
+                    "deserialization_failed",
+                    "only text messages are supported",
+                    CloseCode::Unsupported,
+                )
+                .await;
+                return;
+            }
+            Message::Close(_) => return,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        }
+    };
+    // Subscribe before the ack, so nothing published after it is missed.
+    let mut bus = ctx.bus.subscribe();
+    let n = ctx.next.fetch_add(1, Ordering::Relaxed);
+    let endpoint = format!("{}-websocket-{n}", ctx.endpoint);
+    if send(
+        &mut ws,
+        &limits,
+        Message::text(broker::ack(&endpoint, &ctx.version)),
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    debug!(%peer, ?topics, application = app.as_deref().unwrap_or(""), "zeek websocket client subscribed");
+    let in_flight = Arc::new(Semaphore::new(limits.max_in_flight));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                let _ = send(&mut ws, &limits, close_frame(CloseCode::Away, "controller shutting down")).await;
+                return;
+            }
+            published = bus.recv() => match published {
+                Ok(p) => {
+                    if topics.iter().any(|t| p.topic.starts_with(t.as_str()))
+                        && let Err(e) = send(&mut ws, &limits, Message::text(p.frame.as_str())).await
+                    {
+                        debug!(%peer, "zeek websocket client dropped: {e}");
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    warn!(%peer, missed, "zeek websocket client too slow: responses dropped");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            msg = ws.next() => {
+                let msg = match msg {
+                    None => return,
+                    Some(Err(e)) => {
+                        closed_with(&mut ws, &limits, peer, &e).await;
+                        return;
+                    }
+                    Some(Ok(m)) => m,
+                };
+                let text = match msg {
+                    Message::Text(t) => t,
+                    Message::Binary(_) => {
+                        if send(&mut ws, &limits, Message::text(broker::error_message(
+                            "deserialization_failed",
+                            "only text messages are supported",
+                        ))).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Message::Close(_) => return,
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                };
+                match incoming(text.as_str()) {
+                    Ok(None) => {}
+                    Ok(Some((reqid, req))) => {
+                        // Backpressure: a client with too many requests running is not read.
+                        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                            return;
+                        };
+                        debug!(%peer, request = req.kind(), %reqid, "zeek request");
+                        let handler = ctx.handler.clone();
+                        let bus = ctx.bus.clone();
+                        tokio::spawn(async move {
+                            if let Some(ev) = handler(reqid, req).await {
+                                let data = ev.to_data(Some(SystemTime::now()));
+                                let frame = broker::data_message(TOPIC, &data);
+                                // Nobody listening is not an error.
+                                let _ = bus.send(Arc::new(Published { topic: TOPIC, frame }));
+                            }
+                            drop(permit);
+                        });
+                    }
+                    Err(context) => {
+                        debug!(%peer, "zeek websocket: {context}");
+                        let frame = broker::error_message("deserialization_failed", &context);
+                        if send(&mut ws, &limits, Message::text(frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A message after the handshake: a request to run, nothing to do, or the context of
+/// a Broker error message.
+fn incoming(text: &str) -> Result<Option<(String, ZeekRequest)>, String> {
+    let (topic, data) = broker::parse_data_message(text).map_err(|e| e.to_string())?;
+    if !topic.starts_with(TOPIC) {
+        // Zeek would route it to whoever subscribed; here nobody does.
+        return Ok(None);
+    }
+    let ev = Event::from_data(&data).map_err(|_| "failed to create Zeek event".to_owned())?;
+    match events::decode(&ev).map_err(|e| e.to_string())? {
+        Incoming::Request(reqid, req) => Ok(Some((reqid, req))),
+        Incoming::Ignored => Ok(None),
+    }
+}
+
+/// Ends a connection whose read failed: an oversize message is told so (1009).
+async fn closed_with(
+    ws: &mut WebSocketStream<TcpStream>,
+    limits: &Limits,
+    peer: SocketAddr,
+    e: &WsError,
+) {
+    match e {
+        WsError::Capacity(c) => {
+            warn!(%peer, "zeek websocket client sent too much: {c}");
+            let _ = send(ws, limits, close_frame(CloseCode::Size, "message too big")).await;
+        }
+        WsError::ConnectionClosed | WsError::AlreadyClosed => {}
+        other => debug!(%peer, "zeek websocket client gone: {other}"),
+    }
+}
+
+/// Notes the path and application name of an upgrade request.
+struct Peek<'a> {
+    path: &'a mut String,
+    app: &'a mut Option<String>,
+}
+
+impl Callback for Peek<'_> {
+    fn on_request(self, req: &Request, resp: Response) -> Result<Response, ErrorResponse> {
+        *self.path = req.uri().path().to_owned();
+        *self.app = req
+            .headers()
+            .get("x-application-name")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok(resp)
+    }
+}
+
+/// Logs where the listener is, warning when it is reachable from other hosts.
+pub(crate) fn announce(addr: SocketAddr) {
+    if addr.ip().is_loopback() {
+        info!(%addr, "serving zeek-client on ws://{addr}{PATH}");
+    } else {
+        warn!(
+            %addr,
+            "serving zeek-client on ws://{addr}{PATH}: plain WebSocket without TLS or \
+             authentication; anyone who can reach it can deploy and restart nodes"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    use super::*;
+    use crate::zeek::broker::Data;
+
+    type Client = WebSocketStream<TcpStream>;
+
+    /// A server whose handler answers get_nodes with an empty vector, and nothing else.
+    async fn server(limits: Limits) -> (SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler: Handler = Arc::new(|reqid, req| {
+            Box::pin(async move {
+                match req {
+                    ZeekRequest::GetNodes => Some(events::response(
+                        &reqid,
+                        &req,
+                        drover_proto::msg::ClientResponse::Results(vec![]),
+                    )),
+                    _ => None,
+                }
+            })
+        });
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            limits,
+            "ep".into(),
+            "test".into(),
+            handler,
+            shutdown.clone(),
+        ));
+        (addr, shutdown)
+    }
+
+    async fn connect(addr: SocketAddr, path: &str) -> Client {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let req = format!("ws://{addr}{path}").into_client_request().unwrap();
+        tokio_tungstenite::client_async(req, stream)
+            .await
+            .unwrap()
+            .0
+    }
+
+    async fn text(c: &mut Client) -> String {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), c.next())
+                .await
+                .expect("a message in time")
+            {
+                Some(Ok(Message::Text(t))) => return t.to_string(),
+                Some(Ok(Message::Close(f))) => return format!("close {f:?}"),
+                Some(Ok(_)) => {}
+                other => return format!("end {other:?}"),
+            }
+        }
+    }
+
+    async fn subscribed(addr: SocketAddr) -> Client {
+        let mut c = connect(addr, PATH).await;
+        c.send(Message::text(r#"["zeek/management/controller"]"#))
+            .await
+            .unwrap();
+        let ack = text(&mut c).await;
+        assert!(
+            ack.starts_with(r#"{"type":"ack","endpoint":"ep-websocket-"#),
+            "{ack}"
+        );
+        c
+    }
+
+    fn get_nodes(reqid: &str) -> String {
+        let ev = Event {
+            name: "Management::Controller::API::get_nodes_request".into(),
+            args: vec![Data::string(reqid)],
+        };
+        broker::data_message(TOPIC, &ev.to_data(None))
+    }
+
+    #[tokio::test]
+    async fn handshake_request_response_and_broadcast() {
+        let (addr, _stop) = server(Limits::default()).await;
+        let mut a = subscribed(addr).await;
+        let mut b = subscribed(addr).await;
+        a.send(Message::text(get_nodes("r1"))).await.unwrap();
+        for c in [&mut a, &mut b] {
+            let frame = text(c).await;
+            assert!(
+                frame.starts_with(r#"{"type":"data-message","topic":"zeek/management/controller","@data-type":"vector""#),
+                "{frame}"
+            );
+            assert!(frame.contains("get_nodes_response"), "{frame}");
+            assert!(frame.contains(r#""data":"r1""#), "{frame}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_messages_get_error_messages_and_the_connection_lives() {
+        let (addr, _stop) = server(Limits::default()).await;
+        let mut c = subscribed(addr).await;
+        let ev = |name: &str, args: Vec<Data>| {
+            let e = Event {
+                name: name.into(),
+                args,
+            };
+            broker::data_message(TOPIC, &e.to_data(None))
+        };
+        for (bad, context) in [
+            ("not json".to_owned(), "failed to decode JSON object"),
+            (
+                r#"{"type":"data-message","@data-type":"count","data":1}"#.to_owned(),
+                "no topic in top-level JSON object",
+            ),
+            (
+                broker::data_message(TOPIC, &Data::Count(1)),
+                "failed to create Zeek event",
+            ),
+            (ev("Foo::bar", vec![]), "unknown event 'Foo::bar'"),
+            (
+                ev(
+                    "Management::Controller::API::get_nodes_request",
+                    vec![Data::Count(1)],
+                ),
+                "failed to create Zeek event",
+            ),
+        ] {
+            c.send(Message::text(bad.clone())).await.unwrap();
+            let frame = text(&mut c).await;
+            assert!(
+                frame.starts_with(r#"{"type":"error","code":"deserialization_failed","context":""#)
+                    && frame.contains(context),
+                "{bad} -> {frame}"
+            );
+        }
+        c.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+        assert!(text(&mut c).await.contains("only text messages"));
+        c.send(Message::text(get_nodes("still-there")))
+            .await
+            .unwrap();
+        assert!(text(&mut c).await.contains("still-there"));
+    }
+
+    #[tokio::test]
+    async fn wrong_path_oversize_and_silent_clients_are_closed() {
+        let limits = Limits {
+            handshake_timeout: Duration::from_millis(300),
+            max_message: 1024,
+            ..Limits::default()
+        };
+        let (addr, _stop) = server(limits).await;
+
+        let mut c = connect(addr, "/v1/messages/binary").await;
+        let frame = text(&mut c).await;
+        assert!(frame.contains(r#""code":"invalid_uri""#), "{frame}");
+        assert!(text(&mut c).await.contains("Policy"));
+
+        let mut silent = connect(addr, PATH).await;
+        let frame = text(&mut silent).await;
+        assert!(frame.contains("no subscription within"), "{frame}");
+
+        let mut c = connect(addr, PATH).await;
+        c.send(Message::text(r#"{"not":"a list"}"#)).await.unwrap();
+        assert!(text(&mut c).await.contains("JSON array of topics"));
+
+        let mut big = subscribed(addr).await;
+        let _ = big.send(Message::text("x".repeat(4096))).await;
+        let end = text(&mut big).await;
+        assert!(end.contains("Size") || end.starts_with("end"), "{end}");
+
+        // A raw TCP client that never upgrades is dropped too.
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        raw.write_all(b"GET /v1/messages/json HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+
+        // And the server still serves.
+        let mut ok = subscribed(addr).await;
+        ok.send(Message::text(get_nodes("after"))).await.unwrap();
+        assert!(text(&mut ok).await.contains("after"));
+    }
+}

@@ -1,0 +1,718 @@
+//! The real, unmodified zeek-client 1.5.0 (from PyPI) drives a drover cluster through
+//! the controller's Zeek WebSocket front (`--zeek-websocket`): every command, Zeek's
+//! system-test scenarios that make sense without Zeek binaries, and bad WebSocket
+//! clients that must not disturb anyone.
+//!
+//! zeek-client is installed into a virtualenv at `<workspace>/target/zeek-venv` (or
+//! `$DROVER_ZEEK_VENV`) on first use and reused after; `$DROVER_ZEEK_CLIENT` points at
+//! another zeek-client instead. Outputs are compared with the transcripts in
+//! `tests/zeek/*.txt`, with pids, ids and ports replaced by placeholders; regenerate
+//! them with `DROVER_UPDATE_GOLDEN=1`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use drover_tests::{CliOutput, Cluster, PATIENCE, Proc, bin, eventually, run_cli};
+use serde_json::Value;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_owned()
+}
+
+/// The zeek-client executable, installed into a shared virtualenv if needed.
+fn zeek_client() -> PathBuf {
+    if let Some(exe) = std::env::var_os("DROVER_ZEEK_CLIENT") {
+        return PathBuf::from(exe);
+    }
+    let venv = std::env::var_os("DROVER_ZEEK_VENV").map_or_else(
+        || workspace().join("target").join("zeek-venv"),
+        PathBuf::from,
+    );
+    let exe = venv.join("bin").join("zeek-client");
+    let works = |exe: &Path| {
+        Command::new(exe).arg("--version").output().is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "1.5.0"
+        })
+    };
+    if works(&exe) {
+        return exe;
+    }
+    // Tests run in parallel processes: one installs, the others wait on the lock.
+    std::fs::create_dir_all(venv.parent().expect("venv has a parent")).expect("mkdir");
+    let lock = std::fs::File::create(venv.with_extension("lock")).expect("lock file");
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("lock the venv");
+    if works(&exe) {
+        return exe;
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv));
+    run(Command::new(venv.join("bin").join("pip"))
+        .args(["install", "--disable-pip-version-check", "--quiet"])
+        .arg("zeek-client==1.5.0"));
+    assert!(
+        works(&exe),
+        "zeek-client 1.5.0 did not install into {}",
+        venv.display()
+    );
+    exe
+}
+
+/// The role templates every test uses: testprog in place of zeek.
+fn roles_file(c: &Cluster) -> PathBuf {
+    let p = bin("drover-testprog").display().to_string();
+    let text = format!(
+        r#"[defaults]
+readiness = {{ kind = "start-period", period = "300ms" }}
+backoff = {{ initial = "0s" }}
+max_failed_starts = 2
+
+[roles.manager]
+command = ["{p}", "--value", "bits_per_uid=96", "--value", "role=\"{{role}}\""]
+
+[roles.logger]
+command = ["{p}", "--value", "bits_per_uid=96"]
+
+[roles.worker]
+command = ["{p}", "--value", "bits_per_uid=96", "--value", "iface=\"{{interface}}\""]
+
+[roles.proxy]
+command = ["{p}", "--print", "proxy {{name}} starting", "--crash-at-start"]
+"#
+    );
+    let path = c.dir.path().join("zeek-roles.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A controller with the Zeek front on an ephemeral port (or `ws` when given).
+struct Zeek {
+    ctl: Proc,
+    addr: SocketAddr,
+    ws: SocketAddr,
+    exe: PathBuf,
+    config: PathBuf,
+}
+
+impl Zeek {
+    fn start(c: &Cluster, listen: &str, ws: &str, extra: &[&str]) -> Self {
+        let exe = zeek_client();
+        let roles = roles_file(c);
+        let mut args = vec![
+            "--zeek-websocket",
+            ws,
+            "--zeek-roles",
+            roles.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ctl, addr) = c.start_controller_with(listen, &args);
+        let log = ctl.wait_log("serving zeek-client");
+        let ws = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("serving zeek-client"))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no zeek websocket address in:\n{log}"));
+        Self {
+            ctl,
+            addr,
+            ws,
+            exe,
+            config: c.dir.path().join("no-zeek-client.cfg"),
+        }
+    }
+
+    /// Runs zeek-client with a request timeout.
+    fn run_with(&self, timeout_secs: u32, args: &[&str]) -> CliOutput {
+        let mut cmd = Command::new(&self.exe);
+        cmd.env("ZEEK_CLIENT_CONFIG_FILE", &self.config)
+            .env_remove("ZEEK_CLIENT_CONFIG_SETTINGS")
+            .arg("--controller")
+            .arg(self.ws.to_string())
+            .arg("--set")
+            .arg(format!("client.request_timeout_secs={timeout_secs}"))
+            .args(args);
+        run_cli(cmd, Duration::from_secs(60))
+    }
+
+    fn run(&self, args: &[&str]) -> CliOutput {
+        self.run_with(20, args)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        self.run(args).json()
+    }
+}
+
+/// A transcript of zeek-client runs, compared at the end with `tests/zeek/NAME.txt`.
+struct Transcript {
+    name: &'static str,
+    text: String,
+    replace: Vec<(String, String)>,
+}
+
+impl Transcript {
+    fn new(name: &'static str, z: &Zeek, c: &Cluster) -> Self {
+        Self {
+            name,
+            text: String::new(),
+            replace: vec![
+                (c.dir.path().display().to_string(), "<dir>".into()),
+                (z.ws.to_string(), "<controller>".into()),
+            ],
+        }
+    }
+
+    /// Runs a command, records it, and returns its output.
+    fn run(&mut self, z: &Zeek, args: &[&str]) -> CliOutput {
+        let out = z.run(args);
+        self.record(args, &out);
+        out
+    }
+
+    fn record(&mut self, args: &[&str], out: &CliOutput) {
+        let mut s = format!(
+            "$ zeek-client {}\nexit {}\n",
+            args.iter()
+                .map(|a| a.rsplit('/').next().unwrap_or(a))
+                .collect::<Vec<_>>()
+                .join(" "),
+            out.code.unwrap_or(-1)
+        );
+        if !out.stdout.is_empty() {
+            s.push_str("--- stdout\n");
+            s.push_str(&out.stdout);
+        }
+        if !out.stderr.is_empty() {
+            s.push_str("--- stderr\n");
+            s.push_str(&out.stderr);
+        }
+        s.push('\n');
+        for (from, to) in &self.replace {
+            s = s.replace(from, to);
+        }
+        self.text.push_str(&canon(&s));
+    }
+
+    fn check(self) {
+        let path = workspace()
+            .join("tests")
+            .join("zeek")
+            .join(format!("{}.txt", self.name));
+        if std::env::var_os("DROVER_UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, &self.text).unwrap();
+            return;
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (DROVER_UPDATE_GOLDEN=1 writes it); got:\n{}",
+                path.display(),
+                self.text
+            )
+        });
+        if want != self.text {
+            panic!(
+                "zeek-client output differs from {} (DROVER_UPDATE_GOLDEN=1 rewrites it)\n--- want\n{want}\n--- got\n{}",
+                path.display(),
+                self.text
+            );
+        }
+    }
+}
+
+/// Replaces pids and UUIDs.
+fn canon(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("\"pid\": ") {
+        let (head, tail) = rest.split_at(i + 7);
+        out.push_str(head);
+        let digits = tail.chars().take_while(char::is_ascii_digit).count();
+        out.push_str("<pid>");
+        rest = &tail[digits..];
+    }
+    out.push_str(rest);
+    let chars: Vec<char> = out.chars().collect();
+    let mut result = String::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let candidate: String = chars[i..chars.len().min(i + 36)].iter().collect();
+        let is_uuid = candidate.len() == 36
+            && candidate.char_indices().all(|(j, ch)| {
+                if [8, 13, 18, 23].contains(&j) {
+                    ch == '-'
+                } else {
+                    ch.is_ascii_hexdigit()
+                }
+            });
+        if is_uuid {
+            result.push_str("<id>");
+            i += 36;
+        } else {
+            result.push(chars[i]);
+            i += 1;
+        }
+    }
+    result
+}
+
+/// Writes a test INI file from `tests/zeek/`.
+fn ini(c: &Cluster, name: &str) -> String {
+    let text = std::fs::read_to_string(workspace().join("tests").join("zeek").join(name))
+        .unwrap_or_else(|e| panic!("tests/zeek/{name}: {e}"));
+    let path = c.dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// node -> (state, pid) from zeek-client get-nodes, cluster nodes only.
+fn node_pids(z: &Zeek) -> std::collections::BTreeMap<String, (String, Option<u64>)> {
+    let v = z.json(&["get-nodes"]);
+    let mut out = std::collections::BTreeMap::new();
+    for nodes in v["results"].as_object().expect("results").values() {
+        for (name, n) in nodes.as_object().expect("nodes") {
+            if n["mgmt_role"].is_null() {
+                out.insert(
+                    name.clone(),
+                    (
+                        n["state"].as_str().unwrap_or("?").to_owned(),
+                        n["pid"].as_u64(),
+                    ),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn all_running(z: &Zeek, count: usize) -> Option<std::collections::BTreeMap<String, u64>> {
+    let n = node_pids(z);
+    (n.len() == count && n.values().all(|(s, p)| s == "RUNNING" && p.is_some())).then(|| {
+        n.into_iter()
+            .map(|(k, (_, p))| (k, p.unwrap_or(0)))
+            .collect()
+    })
+}
+
+fn wait_instances(z: &Zeek, n: usize) {
+    eventually(&format!("{n} instances"), PATIENCE, || {
+        let v = z.json(&["get-instances"]);
+        (v.as_object().map(serde_json::Map::len) == Some(n)).then_some(())
+    });
+}
+
+#[test]
+fn zeek_client_stages_deploys_and_queries_a_cluster() {
+    let c = Cluster::new();
+    let z = Zeek::start(&c, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let mut t = Transcript::new("cluster", &z, &c);
+    t.run(&z, &["get-instances"]);
+    let _a1 = c.start_agent("agent-1", z.addr);
+    let _a2 = c.start_agent("agent-2", z.addr);
+    wait_instances(&z, 2);
+    t.run(&z, &["get-instances"]);
+    t.run(&z, &["get-config"]);
+    t.run(&z, &["get-config", "--deployed"]);
+    let cfg = ini(&c, "cluster.ini");
+    let out = t.run(&z, &["stage-config", &cfg]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let staged_id = out.json()["results"]["id"].as_str().unwrap().to_owned();
+    t.run(&z, &["get-config"]);
+    t.run(&z, &["get-config", "--as-json"]);
+    t.run(&z, &["get-config", "--deployed"]);
+    let out = t.run(&z, &["deploy"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.json()["results"]["id"], staged_id.as_str());
+    let before = eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
+    t.run(&z, &["get-nodes"]);
+    t.run(&z, &["get-config", "--deployed"]);
+    t.run(&z, &["get-config", "--deployed", "--as-json"]);
+    t.run(&z, &["get-id-value", "bits_per_uid"]);
+    t.run(&z, &["get-id-value", "iface", "worker-1", "worker-2"]);
+    t.run(&z, &["get-id-value", "bits_per_uid", "worker-1", "nope"]);
+    t.run(&z, &["get-id-value", "no_such_id", "manager"]);
+
+    // Restart one node: only its pid changes.
+    t.run(&z, &["restart", "worker-1"]);
+    let after = eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
+    for (name, pid) in &before {
+        assert_eq!(
+            after[name] != *pid,
+            name == "worker-1",
+            "{name}: {pid} -> {}",
+            after[name]
+        );
+    }
+    t.run(&z, &["restart", "logger", "nope"]);
+    t.run(&z, &["restart"]);
+    let restarted = eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
+    assert!(
+        restarted.iter().all(|(n, p)| after[n] != *p),
+        "all restarted"
+    );
+
+    // deploy-config of a changed file restarts only what changed; get-config output
+    // deploys again as it is.
+    let out = t.run(&z, &["deploy-config", &ini(&c, "cluster-changed.ini")]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let changed = eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
+    for (name, pid) in &restarted {
+        assert_eq!(changed[name] != *pid, name == "worker-2", "{name}");
+    }
+    let exported = c.dir.path().join("exported.ini");
+    let out = z.run(&["get-config", "--deployed", "-f", exported.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let out = t.run(&z, &["deploy-config", exported.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    t.check();
+}
+
+#[test]
+fn zeek_client_errors_match_zeeks() {
+    let c = Cluster::new();
+    let z = Zeek::start(&c, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let mut t = Transcript::new("errors", &z, &c);
+    // Nothing connected, nothing staged or deployed.
+    t.run(&z, &["get-nodes"]);
+    t.run(&z, &["restart"]);
+    t.run(&z, &["get-id-value", "bits_per_uid"]);
+    t.run(&z, &["deploy"]);
+    // Validation: every error at once, sorted; nothing is stored.
+    for file in [
+        "invalid-instances.ini",
+        "invalid-names.ini",
+        "invalid-ports.ini",
+        "invalid-agent-port.ini",
+        "invalid-cpu.ini",
+    ] {
+        t.run(&z, &["stage-config", &ini(&c, file)]);
+    }
+    t.run(&z, &["deploy-config", &ini(&c, "invalid-ports.ini")]);
+    t.run(&z, &["get-config"]);
+    // An agent but no deployment.
+    let _a = c.start_agent("agent-1", z.addr);
+    wait_instances(&z, 1);
+    t.run(&z, &["restart", "worker-1"]);
+    // An empty configuration deploys (and runs nothing).
+    let out = t.run(&z, &["deploy-config", &ini(&c, "empty.ini")]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    t.check();
+}
+
+#[test]
+fn zeek_client_sees_the_output_of_nodes_that_fail_to_start() {
+    let c = Cluster::new();
+    let z = Zeek::start(&c, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let _a = c.start_agent("agent-1", z.addr);
+    wait_instances(&z, 1);
+    let mut t = Transcript::new("deploy-error", &z, &c);
+    let out = t.run(&z, &["deploy-config", &ini(&c, "deploy-error.ini")]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    let v = out.json();
+    assert_eq!(v["results"]["nodes"]["proxy-1"]["success"], false);
+    assert!(
+        v["results"]["nodes"]["proxy-1"]["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("crashing at start"),
+        "{v}"
+    );
+    assert_eq!(v["results"]["nodes"]["manager"]["success"], true);
+    eventually("proxy FAILED", PATIENCE, || {
+        let n = node_pids(&z);
+        (n.get("proxy-1").map(|(s, _)| s.as_str()) == Some("FAILED")).then_some(())
+    });
+    t.check();
+}
+
+/// A real agent identity whose connection accepts every request and answers none.
+fn mute_agent(c: &Cluster, addr: SocketAddr, rt: &tokio::runtime::Runtime) -> impl Drop {
+    use drover_net::conn::{self, TransportSettings};
+    use drover_net::{Credentials, TlsFiles};
+    use drover_proto::msg::{API_VERSION, ControllerRequest, Hello, PeerRole, Request, WireError};
+    c.issue(PeerRole::Agent, "mute");
+    let creds = Credentials::load(&TlsFiles {
+        ca: c.pki_file("ca.crt"),
+        cert: c.pki_file("mute.crt"),
+        key: c.pki_file("mute.key"),
+    })
+    .unwrap();
+    let endpoint = rt.block_on(async {
+        let settings = TransportSettings::default();
+        let endpoint = conn::client_endpoint(&creds, &settings, addr).unwrap();
+        let hello = Hello {
+            api_version: API_VERSION,
+            role: PeerRole::Agent,
+            name: "mute".into(),
+            software: "a mute agent".into(),
+        };
+        let est = conn::dial(
+            &endpoint,
+            None,
+            addr,
+            "127.0.0.1",
+            hello,
+            PeerRole::Controller,
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn::serve(
+            est.conn,
+            settings,
+            |_req: Request<ControllerRequest>| async {
+                std::future::pending::<Result<(), WireError>>().await
+            },
+        ));
+        endpoint
+    });
+    struct Mute(quinn::Endpoint);
+    impl Drop for Mute {
+        fn drop(&mut self) {
+            self.0.close(0u32.into(), b"");
+        }
+    }
+    Mute(endpoint)
+}
+
+#[test]
+fn zeek_client_request_timeouts() {
+    let c = Cluster::new();
+    let z = Zeek::start(
+        &c,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--request-timeout", "1s"],
+    );
+    let mut t = Transcript::new("timeouts", &z, &c);
+    // Zeek's request-timeout-controller-state: the controller answers with a timeout.
+    let out = z.run_with(5, &["test-timeout", "--with-state"]);
+    t.record(&["test-timeout", "--with-state"], &out);
+    assert_eq!(out.code, Some(0));
+    // request-timeout-controller: no answer at all, the client gives up.
+    let out = z.run_with(2, &["test-timeout"]);
+    t.record(&["test-timeout"], &out);
+    assert_eq!(out.code, Some(1));
+    // An agent that never answers: a per-instance timeout, the other agent's nodes.
+    let _a = c.start_agent("agent-1", z.addr);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _mute = mute_agent(&c, z.addr, &rt);
+    wait_instances(&z, 2);
+    t.run(&z, &["get-nodes"]);
+    t.check();
+}
+
+#[test]
+fn zeek_client_deployment_survives_a_controller_restart() {
+    let c = Cluster::new();
+    let mut z = Zeek::start(&c, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let _a1 = c.start_agent("agent-1", z.addr);
+    let _a2 = c.start_agent("agent-2", z.addr);
+    wait_instances(&z, 2);
+    let out = z.run(&["deploy-config", &ini(&c, "cluster.ini")]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let before = eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
+    let staged = z.run(&["get-config"]).stdout;
+    let deployed = z.json(&["get-config", "--deployed", "--as-json"]);
+
+    z.ctl.kill();
+    let (addr, ws) = (z.addr.to_string(), z.ws.to_string());
+    z = Zeek::start(&c, &addr, &ws, &[]);
+    wait_instances(&z, 2);
+    let after = eventually("4 nodes running again", PATIENCE, || all_running(&z, 4));
+    assert_eq!(after, before, "no node restarted");
+    assert_eq!(z.run(&["get-config"]).stdout, staged);
+    assert_eq!(z.json(&["get-config", "--deployed", "--as-json"]), deployed);
+}
+
+type WsClient = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn ws_connect(ws: SocketAddr, path: &str) -> WsClient {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let stream = tokio::net::TcpStream::connect(ws).await.unwrap();
+    let req = format!("ws://{ws}{path}").into_client_request().unwrap();
+    tokio_tungstenite::client_async(req, stream)
+        .await
+        .unwrap()
+        .0
+}
+
+/// The next text message, or a description of what came instead.
+async fn ws_text(c: &mut WsClient) -> String {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), c.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return t.to_string(),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            other => return format!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn bad_websocket_clients_do_not_disturb_the_controller() {
+    use futures_util::SinkExt;
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let c = Cluster::new();
+    let z = Zeek::start(&c, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let _a = c.start_agent("agent-1", z.addr);
+    wait_instances(&z, 1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ws = z.ws;
+    let connect = |path: &'static str| ws_connect(ws, path);
+
+    // Garbage instead of HTTP, and a client that never subscribes, stay connected
+    // while others are served.
+    let (mut garbage, mut silent) = rt.block_on(async {
+        let mut g = tokio::net::TcpStream::connect(ws).await.unwrap();
+        g.write_all(b"\x16\x03\x01\x02\x00garbage\r\n\r\n")
+            .await
+            .unwrap();
+        (g, connect("/v1/messages/json").await)
+    });
+    assert_eq!(z.run(&["get-instances"]).code, Some(0));
+
+    rt.block_on(async {
+        let mut c = connect("/v1/messages/json").await;
+        c.send(Message::text(r#"["zeek/management/controller"]"#)).await.unwrap();
+        assert!(ws_text(&mut c).await.contains(r#""type":"ack""#));
+        for bad in [
+            "{{{{",
+            r#"{"type":"data-message","topic":"zeek/management/controller","@data-type":"vector","data":[{"@data-type":"count","data":1}]}"#,
+            r#"{"type":"data-message","topic":"zeek/management/controller","@data-type":"vector","data":[{"@data-type":"count","data":1},{"@data-type":"count","data":1},{"@data-type":"vector","data":[{"@data-type":"string","data":"Management::Controller::API::deploy_request"},{"@data-type":"vector","data":[{"@data-type":"count","data":7}]}]}]}"#,
+            r#"{"type":"data-message","topic":"zeek/management/controller","@data-type":"vector","data":[{"@data-type":"count","data":1},{"@data-type":"count","data":1},{"@data-type":"vector","data":[{"@data-type":"string","data":"Evil::event"},{"@data-type":"vector","data":[]}]}]}"#,
+        ] {
+            c.send(Message::text(bad)).await.unwrap();
+            let reply = ws_text(&mut c).await;
+            assert!(
+                reply.starts_with(r#"{"type":"error","code":"deserialization_failed""#),
+                "{bad} -> {reply}"
+            );
+        }
+        // A message over the size limit ends this connection only.
+        let mut big = connect("/v1/messages/json").await;
+        big.send(Message::text(r#"["zeek/management/controller"]"#)).await.unwrap();
+        assert!(ws_text(&mut big).await.contains("ack"));
+        let _ = big.send(Message::text("x".repeat(17 << 20))).await;
+        let end = ws_text(&mut big).await;
+        assert!(!end.contains("data-message"), "{end}");
+        // The first bad client still works.
+        c.send(Message::text(r#"{"type":"data-message","topic":"zeek/management/controller","@data-type":"vector","data":[{"@data-type":"count","data":1},{"@data-type":"count","data":1},{"@data-type":"vector","data":[{"@data-type":"string","data":"Management::Controller::API::get_instances_request"},{"@data-type":"vector","data":[{"@data-type":"string","data":"raw-1"}]}]}]}"#)).await.unwrap();
+        let reply = ws_text(&mut c).await;
+        assert!(reply.contains("get_instances_response") && reply.contains("agent-1"), "{reply}");
+    });
+
+    // The real client still gets its answers, and so does the native API.
+    let v = z.json(&["get-instances"]);
+    assert_eq!(v["agent-1"]["host"], "127.0.0.1");
+    assert_eq!(c.drover(z.addr, &["get-instances"]).code, Some(0));
+
+    // The silent client is dropped after the handshake timeout (10 s).
+    rt.block_on(async {
+        let end = ws_text(&mut silent).await;
+        assert!(end.contains("no subscription"), "{end}");
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(
+            Duration::from_secs(15),
+            tokio::io::AsyncReadExt::read(&mut garbage, &mut buf),
+        )
+        .await
+        .expect("garbage connection closed")
+        .unwrap_or(0);
+        assert!(n == 0 || buf.starts_with(b"HTTP/1.1 4"), "{:?}", &buf[..n]);
+    });
+    assert!(z.ctl.log_text().contains("serving zeek-client"));
+}
+
+#[test]
+fn bad_roles_files_stop_the_controller_and_open_listeners_are_warned_about() {
+    let c = Cluster::new();
+    let bad = c.dir.path().join("bad-roles.toml");
+    std::fs::write(&bad, "[roles.worker]\ncommand = []\n").unwrap();
+    let mut cmd = Command::new(bin("drover-controller"));
+    cmd.arg("--zeek-websocket")
+        .arg("127.0.0.1:0")
+        .arg("--zeek-roles")
+        .arg(&bad)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--state-dir")
+        .arg(c.dir.path().join("controller"))
+        .arg("--ca")
+        .arg(c.pki_file("ca.crt"))
+        .arg("--cert")
+        .arg(c.pki_file("controller.crt"))
+        .arg("--key")
+        .arg(c.pki_file("controller.key"));
+    let mut p = Proc::spawn("controller", cmd, c.dir.path().join("bad.log"));
+    assert!(!p.wait_exit(PATIENCE).success());
+    let log = p.log_text();
+    assert!(
+        log.contains("zeek roles file")
+            && log.contains("roles.worker: a role template needs a command"),
+        "{log}"
+    );
+
+    let z = Zeek::start(&c, "127.0.0.1:0", "0.0.0.0:0", &[]);
+    z.ctl
+        .wait_log("plain WebSocket without TLS or authentication");
+}
+
+#[test]
+fn zeek_client_deploys_to_an_agent_the_controller_dials() {
+    // Zeek's deploy-c2a: `[instances] name = host:port`.
+    let c = Cluster::new();
+    let z = Zeek::start(&c, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let port = drover_tests::free_udp_port();
+    let agent = c.start_listening_agent("agent-l", ([127, 0, 0, 1], port).into());
+    agent.wait_log("listening for the controller");
+    assert_eq!(z.json(&["get-instances"]), serde_json::json!({}));
+    let file = c.dir.path().join("c2a.ini");
+    std::fs::write(
+        &file,
+        format!("[instances]\nagent-l = 127.0.0.1:{port}\n\n[worker-1]\ninstance = agent-l\nrole = worker\n"),
+    )
+    .unwrap();
+    let out = z.run(&["stage-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    let instance = eventually("controller dialled the agent", PATIENCE, || {
+        z.json(&["get-instances"]).get("agent-l").cloned()
+    });
+    assert_eq!(
+        instance,
+        serde_json::json!({"host": "127.0.0.1", "port": port})
+    );
+    let out = z.run(&["deploy"]);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    assert_eq!(out.json()["results"]["nodes"]["worker-1"]["success"], true);
+    let ini = z.run(&["get-config", "--deployed"]).stdout;
+    assert!(
+        ini.starts_with(&format!("[instances]\nagent-l = 127.0.0.1:{port}\n")),
+        "{ini}"
+    );
+    let v = z.json(&["get-config", "--deployed", "--as-json"]);
+    assert_eq!(
+        v["instances"],
+        serde_json::json!([{"host": "127.0.0.1", "name": "agent-l", "port": port}])
+    );
+}
