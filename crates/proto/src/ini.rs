@@ -6,6 +6,8 @@
 //! - [`to_ini`] prints a configuration the way `zeek-client get-config` does.
 //! - [`to_toml`] prints the lossless native form: `parse_toml(to_toml(c)) == c`.
 //! - [`parse_any`] picks the format from the file name, else from the content.
+//! - [`with_roles`] adds a roles file's templates and defaults, so Zeek-style nodes get
+//!   their commands.
 //! - [`validate_without_commands`] is [`config::validate`] minus the one check an INI file
 //!   cannot satisfy: that a node without a command has a role template.
 //!
@@ -472,6 +474,101 @@ pub fn parse_any_with(
         Format::Toml => config::parse_toml(file, text),
         Format::Ini => parse_ini_with(file, text, options),
     }
+}
+
+/// Adds the node defaults and role templates of a roles file to a configuration, so that
+/// nodes from a Zeek-style file, which name no program, get their commands.
+///
+/// A roles file is TOML with a `[defaults]` table (the keys of a cluster file's
+/// `[defaults]`) and `[roles.NAME]` templates, the format of the controller's
+/// `--zeek-roles` file:
+///
+/// ```toml
+/// [defaults]
+/// restart = "always"
+///
+/// [roles.worker]
+/// command = ["/usr/local/zeek/bin/zeek", "-i", "{interface}", "local"]
+/// ```
+///
+/// A template the configuration already has wins over the file's; a default applies to
+/// every node key left at drover's default. The result is validated fully; `file` names
+/// the cluster file in the issues, which carry no line numbers for what the merge
+/// produced.
+pub fn with_roles(
+    config: &Configuration,
+    file: &str,
+    roles_file: &str,
+    roles_text: &str,
+) -> Result<Configuration, Issues> {
+    let at = |key: Option<String>, message: String| {
+        Issues(vec![Issue {
+            file: Some(roles_file.to_owned()),
+            line: None,
+            key,
+            message,
+        }])
+    };
+    let roles: toml::Table = toml::from_str(roles_text).map_err(|e| {
+        let line = e.span().map(|s| {
+            roles_text[..s.start.min(roles_text.len())]
+                .matches('\n')
+                .count()
+                + 1
+        });
+        Issues(vec![Issue {
+            file: Some(roles_file.to_owned()),
+            line,
+            key: None,
+            message: e.message().trim().to_owned(),
+        }])
+    })?;
+    let mut cluster: toml::Table = toml::from_str(&to_toml(config)).map_err(|e| {
+        at(
+            None,
+            format!("cannot merge the roles file: {}", e.message()),
+        )
+    })?;
+    for (key, value) in roles {
+        let toml::Value::Table(table) = value else {
+            return Err(at(Some(key), "expected a table".to_owned()));
+        };
+        match key.as_str() {
+            "defaults" => {
+                cluster.insert(key, toml::Value::Table(table));
+            }
+            "roles" => {
+                let mine = cluster
+                    .entry("roles")
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                if let toml::Value::Table(mine) = mine {
+                    for (role, template) in table {
+                        mine.entry(role).or_insert(template);
+                    }
+                }
+            }
+            _ => {
+                return Err(at(
+                    Some(key),
+                    "unknown table: a roles file has [defaults] and [roles.NAME] only".to_owned(),
+                ));
+            }
+        }
+    }
+    let text = toml::to_string(&cluster)
+        .map_err(|e| at(None, format!("cannot merge the roles file: {e}")))?;
+    config::parse_toml(file, &text).map_err(|Issues(issues)| {
+        Issues(
+            issues
+                .into_iter()
+                .map(|i| Issue {
+                    file: Some(format!("{file} (with roles from {roles_file})")),
+                    line: None,
+                    ..i
+                })
+                .collect(),
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1354,6 +1451,62 @@ mod tests {
     use super::*;
     use crate::config::parse_toml;
     use crate::model::{Backoff, Readiness, RestartPolicy};
+
+    #[test]
+    fn a_roles_file_gives_ini_nodes_their_commands() {
+        let ini = "[manager]\ninstance = agent-a\nrole = manager\nport = 5000\n\n\
+                   [worker-01]\ninstance = agent-a\nrole = worker\ninterface = eth0\n";
+        let config = parse_ini("c.ini", ini).unwrap();
+        let roles = "[defaults]\nrestart = \"always\"\n\n[roles.worker]\n\
+                     command = [\"/bin/zeek\", \"-i\", \"{interface}\"]\n\n\
+                     [roles.manager]\ncommand = [\"/bin/zeek\"]\n";
+        let merged = with_roles(&config, "c.ini", "roles.toml", roles).unwrap();
+        assert_eq!(merged.nodes, {
+            let mut c = config.clone();
+            for n in &mut c.nodes {
+                n.restart = RestartPolicy::Always;
+            }
+            c.nodes
+        });
+        assert_eq!(
+            merged.roles["worker"].command,
+            ["/bin/zeek", "-i", "{interface}"]
+        );
+        assert!(config::validate(&merged).is_empty());
+        assert_eq!(merged.id, config.id);
+
+        // Without a template for every role, the merged configuration is refused.
+        let partial = "[roles.worker]\ncommand = [\"/bin/zeek\"]\n";
+        let err = with_roles(&config, "c.ini", "roles.toml", partial).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("c.ini (with roles from roles.toml)"),
+            "{text}"
+        );
+        assert!(text.contains("manager"), "{text}");
+
+        // A template of the configuration's own wins.
+        let mut own = config.clone();
+        own.roles.insert(
+            "manager".into(),
+            RoleTemplate {
+                command: vec!["/bin/mine".into()],
+                env: BTreeMap::new(),
+            },
+        );
+        let merged = with_roles(&own, "c.ini", "roles.toml", roles).unwrap();
+        assert_eq!(merged.roles["manager"].command, ["/bin/mine"]);
+
+        // Bad roles files name the file and what is wrong.
+        let err = with_roles(&config, "c.ini", "roles.toml", "[nodes.x]\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("roles.toml: nodes: unknown table"),
+            "{err}"
+        );
+        let err = with_roles(&config, "c.ini", "roles.toml", "\n[roles\n").unwrap_err();
+        assert!(err.to_string().starts_with("roles.toml:2: "), "{err}");
+    }
 
     const FULL_CONFIG: &str = include_str!("../tests/data/ini/reference-full-config.ini");
     const QUICK_START: &str = include_str!("../tests/data/ini/reference-quick-start.ini");
