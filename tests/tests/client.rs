@@ -249,3 +249,134 @@ fn relative_state_dirs_work() {
         "notify socket path is absolute"
     );
 }
+
+/// Node name -> (instance, role, pid) from get-nodes, once every node runs.
+fn running(
+    c: &Cluster,
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> Vec<(String, String, String, u64)> {
+    eventually("every node RUNNING", PATIENCE, || {
+        let v = c.drover(addr, &["get-nodes"]).json();
+        let mut out = Vec::new();
+        for (instance, nodes) in v["results"].as_object()? {
+            for (node, s) in nodes.as_object()? {
+                if s["mgmt_role"].is_string() {
+                    continue;
+                }
+                if s["state"] != "RUNNING" {
+                    return None;
+                }
+                out.push((
+                    node.clone(),
+                    instance.clone(),
+                    s["cluster_role"].as_str().unwrap_or("").to_owned(),
+                    s["pid"].as_u64()?,
+                ));
+            }
+        }
+        out.sort();
+        (out.len() == n).then_some(out)
+    })
+}
+
+#[test]
+fn the_same_cluster_in_toml_and_zeek_ini_deploys_the_same_nodes() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _a1 = c.start_agent("agent-1", addr);
+    let _a2 = c.start_agent("agent-2", addr);
+    eventually("two agents", PATIENCE, || {
+        let v = c.drover(addr, &["get-instances"]).json();
+        (v.as_object()?.len() == 2).then_some(())
+    });
+    let prog = bin("drover-testprog").display().to_string();
+    let roles = format!(
+        "[defaults]\nrestart = \"always\"\n\n\
+         [roles.manager]\ncommand = [\"{prog}\", \"--print\", \"manager\"]\n\n\
+         [roles.worker]\ncommand = [\"{prog}\", \"--print\", \"worker\"]\n"
+    );
+    let toml = format!(
+        "[instances.agent-1]\n[instances.agent-2]\n\n\
+         [defaults]\nrestart = \"always\"\n\n\
+         [roles.manager]\ncommand = [\"{prog}\", \"--print\", \"manager\"]\n\n\
+         [roles.worker]\ncommand = [\"{prog}\", \"--print\", \"worker\"]\n\n\
+         [nodes.manager]\ninstance = \"agent-1\"\nrole = \"manager\"\nport = 5000\n\n\
+         [nodes.worker-01]\ninstance = \"agent-2\"\nrole = \"worker\"\ninterface = \"lo\"\n\
+         env = {{ FOO = \"bar baz\" }}\ncpu_affinity = 0\n\n\
+         [nodes.worker-02]\ninstance = \"agent-2\"\nrole = \"worker\"\ninterface = \"lo\"\n"
+    );
+    let ini = "[instances]\nagent-1\nagent-2\n\n\
+               [manager]\ninstance = agent-1\nrole = manager\nport = 5000/tcp\n\n\
+               [worker-01]\ninstance = agent-2\ntype = WORKER\ninterface = lo\n\
+               env = FOO=\"bar baz\"\ncpu_affinity = 0\n\n\
+               [worker-02]\ninstance = agent-2\nrole = Supervisor::WORKER\ninterface = lo\n";
+    let write = |name: &str, text: &str| {
+        let p = c.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let (toml, ini, roles) = (
+        write("cluster.toml", &toml),
+        write("cluster.ini", ini),
+        write("roles.toml", &roles),
+    );
+
+    // Without templates the INI nodes have no command: the controller says so.
+    let out = c.drover(addr, &["stage-config", &ini]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    assert!(out.stdout.contains("no command"), "{}", out.stdout);
+
+    let out = c.drover(addr, &["deploy-config", &toml]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    let from_toml = running(&c, addr, 3);
+    let toml_spec = c.drover(addr, &["get-config", "--deployed", "--as-toml"]);
+    assert_eq!(toml_spec.code, Some(0), "{}", toml_spec.stderr);
+
+    // The INI file with the roles file is the same cluster: deploying it restarts nothing.
+    let out = c.drover(addr, &["deploy-config", "--roles", &roles, &ini]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert_eq!(running(&c, addr, 3), from_toml, "same nodes, same pids");
+    let ini_spec = c.drover(addr, &["get-config", "--deployed", "--as-toml"]);
+    let body = |s: &str| s.lines().skip(1).collect::<Vec<_>>().join("\n");
+    assert!(toml_spec.stdout.starts_with("id = "));
+    assert_eq!(body(&ini_spec.stdout), body(&toml_spec.stdout));
+
+    // get-config prints Zeek's INI by default, which reads back as the same cluster.
+    let out = c.drover(addr, &["get-config", "--deployed"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout
+            .starts_with("[instances]\nagent-1\nagent-2\n\n[manager]\n"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("role = WORKER\n"), "{}", out.stdout);
+    let again = write("again.ini", &out.stdout);
+    let out = c.drover(addr, &["deploy-config", "--roles", &roles, &again]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert_eq!(running(&c, addr, 3), from_toml);
+
+    // --as-toml writes a file that stages as it is; -f writes to a file.
+    let saved = c.dir.path().join("saved.toml");
+    let out = c.drover(
+        addr,
+        &[
+            "get-config",
+            "--deployed",
+            "--as-toml",
+            "-f",
+            saved.to_str().unwrap(),
+        ],
+    );
+    assert_eq!((out.code, out.stdout.as_str()), (Some(0), ""));
+    let out = c.drover(addr, &["stage-config", saved.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    let out = c.drover(addr, &["get-config", "--as-json", "--as-toml"]);
+    assert_eq!(
+        out.code,
+        Some(2),
+        "clap refuses both formats: {}",
+        out.stderr
+    );
+}

@@ -93,8 +93,27 @@ fn every_command_against_a_two_agent_cluster() {
     std::fs::write(&bad, "[instances.a]\n[nodes.x]\ninstance = \"b\"\ncommand = [\"x\"]\n[nodes.y]\ninstance = \"c\"\ncommand = [\"x\"]\n").unwrap();
     let f = file.to_str().unwrap();
 
+    let ini = c.dir.path().join("cluster.ini");
+    std::fs::write(
+        &ini,
+        "[instances]\nagent-1\nagent-2\n\n[manager]\ninstance = agent-1\nrole = manager\nport = 2200\n\n\
+         [worker-1]\ninstance = agent-1\nrole = worker\ninterface = eth0\n\n\
+         [worker-2]\ninstance = agent-2\nrole = worker\nenv = FOO=bar\n",
+    )
+    .unwrap();
+    let roles = c.dir.path().join("roles.toml");
+    std::fs::write(
+        &roles,
+        format!(
+            "[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
+             [roles.manager]\ncommand = [\"{p}\", \"--value\", \"bits_per_uid=96\"]\n\
+             [roles.worker]\ncommand = [\"{p}\", \"--value\", \"bits_per_uid=96\"]\n"
+        ),
+    )
+    .unwrap();
+    let (ini, roles) = (ini.to_str().unwrap(), roles.to_str().unwrap());
     let bad = bad.to_str().unwrap();
-    let commands: [&[&str]; 16] = [
+    let commands: [&[&str]; 20] = [
         &["get-instances"],
         &["get-config"],
         &["stage-config", bad],
@@ -111,6 +130,10 @@ fn every_command_against_a_two_agent_cluster() {
         &["restart", "--batch", "2"],
         &["test-timeout", "--with-state", "--timeout", "2s"],
         &["get-config", "--deployed", "--as-json"],
+        &["get-config", "--deployed"],
+        &["get-config", "--deployed", "--as-toml"],
+        &["stage-config", ini],
+        &["stage-config", "--roles", roles, ini],
     ];
     let transcript: Vec<String> = commands.iter().map(|args| run(&c, addr, args)).collect();
     insta::assert_snapshot!("every_command", transcript.join("\n"));

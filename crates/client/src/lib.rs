@@ -71,8 +71,12 @@ pub enum Command {
     GetInstances,
     /// Validate a cluster file and store it as the staged configuration.
     StageConfig {
-        /// The cluster file (TOML), or - for standard input.
+        /// The cluster file (TOML or Zeek INI), or - for standard input.
         file: String,
+        /// Role templates and node defaults for nodes without a command (TOML with
+        /// [defaults] and [roles.NAME], as the controller's --zeek-roles).
+        #[arg(long, env = "DROVER_ROLES", value_name = "FILE")]
+        roles: Option<PathBuf>,
     },
     /// Deploy the staged configuration.
     Deploy {
@@ -82,13 +86,17 @@ pub enum Command {
     },
     /// Stage a cluster file and deploy it.
     DeployConfig {
-        /// The cluster file (TOML), or - for standard input.
+        /// The cluster file (TOML or Zeek INI), or - for standard input.
         file: String,
+        /// Role templates and node defaults for nodes without a command (TOML with
+        /// [defaults] and [roles.NAME], as the controller's --zeek-roles).
+        #[arg(long, env = "DROVER_ROLES", value_name = "FILE")]
+        roles: Option<PathBuf>,
         /// Restart every node, not only those whose spec changed.
         #[arg(long)]
         restart_all: bool,
     },
-    /// Show the staged (default) or deployed configuration.
+    /// Show the staged (default) or deployed configuration, as Zeek INI by default.
     GetConfig {
         /// The deployed configuration.
         #[arg(long, conflicts_with = "staged")]
@@ -97,8 +105,11 @@ pub enum Command {
         #[arg(long)]
         staged: bool,
         /// Print JSON (zeek-client's --as-json shape).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "as_toml")]
         as_json: bool,
+        /// Print drover's TOML cluster file, the lossless form.
+        #[arg(long)]
+        as_toml: bool,
         /// Write to this file instead of standard output.
         #[arg(short = 'f', long = "filename")]
         filename: Option<PathBuf>,
@@ -218,8 +229,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         // Read input files before connecting, so that a bad file costs no connection.
         let staged = match &cli.command {
-            Command::StageConfig { file } | Command::DeployConfig { file, .. } => {
-                Some(read_cluster_file(file)?)
+            Command::StageConfig { file, roles } | Command::DeployConfig { file, roles, .. } => {
+                Some(read_cluster_file(file, roles.as_deref())?)
             }
             _ => None,
         };
@@ -296,7 +307,8 @@ async fn command(
         }
         Command::GetConfig {
             deployed,
-            as_json: _,
+            as_json,
+            as_toml,
             filename,
             ..
         } => {
@@ -305,19 +317,32 @@ async fn command(
                     deployed: *deployed,
                 })
                 .await?;
-            let (json, ok) = output::get_config(&reply);
-            if !ok {
+            let Some(config) = output::configuration(&reply) else {
                 return Ok(exit(false));
-            }
-            match filename {
-                Some(path) => {
-                    let text = serde_json::to_string_pretty(&json)? + "\n";
-                    std::fs::write(path, text)
-                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-                    return Ok(exit(true));
+            };
+            let text = if *as_json {
+                let json = output::get_config(config);
+                if settings.client.pretty_json {
+                    serde_json::to_string_pretty(&json)? + "\n"
+                } else {
+                    serde_json::to_string(&json)? + "\n"
                 }
-                None => (json, true),
+            } else if *as_toml {
+                drover_proto::ini::to_toml(config)
+            } else {
+                drover_proto::ini::to_ini(config)
+            };
+            match filename {
+                Some(path) => std::fs::write(path, text)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,
+                None => {
+                    use std::io::Write;
+                    std::io::stdout()
+                        .write_all(text.as_bytes())
+                        .map_err(|e| anyhow::anyhow!("cannot write to standard output: {e}"))?;
+                }
             }
+            return Ok(exit(true));
         }
         Command::GetNodes => output::get_nodes(&session.request(&R::GetNodes).await?),
         Command::GetIdValue { id, nodes } => output::get_id_value(
@@ -420,8 +445,12 @@ impl Drop for Progress {
     }
 }
 
-/// Reads and validates a cluster file (`-` for standard input).
-fn read_cluster_file(file: &str) -> anyhow::Result<drover_proto::Configuration> {
+/// Reads and validates a cluster file (`-` for standard input), TOML or Zeek INI, with
+/// the templates and defaults of a roles file merged in when one is given.
+fn read_cluster_file(
+    file: &str,
+    roles: Option<&std::path::Path>,
+) -> anyhow::Result<drover_proto::Configuration> {
     use std::io::Read;
     let (name, text) = if file == "-" {
         let mut text = String::new();
@@ -434,8 +463,28 @@ fn read_cluster_file(file: &str) -> anyhow::Result<drover_proto::Configuration> 
             .map_err(|e| anyhow::anyhow!("cannot read cluster file {file}: {e}"))?;
         (file.to_owned(), text)
     };
-    drover_proto::config::parse_toml(&name, &text)
-        .map_err(|issues| anyhow::anyhow!("configuration has errors, not sending:\n{issues}"))
+    let refuse = |issues| anyhow::anyhow!("configuration has errors, not sending:\n{issues}");
+    let options = drover_proto::ini::IniOptions {
+        hostname: hostname(),
+    };
+    let config = drover_proto::ini::parse_any_with(&name, &text, &options).map_err(refuse)?;
+    let Some(roles) = roles else {
+        // An INI file is checked without its commands: the controller may have role
+        // templates of its own; it validates everything again before staging.
+        return Ok(config);
+    };
+    let roles_text = std::fs::read_to_string(roles)
+        .map_err(|e| anyhow::anyhow!("cannot read roles file {}: {e}", roles.display()))?;
+    drover_proto::ini::with_roles(&config, &name, &roles.display().to_string(), &roles_text)
+        .map_err(refuse)
+}
+
+/// This machine's name, as zeek-client uses it for nodes that name no instance.
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -147,21 +147,26 @@ pub fn deploy(reply: &ClientResponse) -> (Value, bool) {
     (json!({"errors": errors, "results": res}), ok)
 }
 
+/// The configuration in a get-config reply, or `None` after printing why there is none.
+pub fn configuration(reply: &ClientResponse) -> Option<&drover_proto::Configuration> {
+    let r = single(reply)?;
+    match &r.data {
+        Some(ResultData::Configuration(c)) => Some(c),
+        _ => {
+            eprintln!(
+                "error: {}",
+                r.error
+                    .as_deref()
+                    .unwrap_or("no configuration in the reply")
+            );
+            None
+        }
+    }
+}
+
 /// get-config --as-json: the configuration with instances and nodes as lists, in
 /// zeek-client's shape (Zeek's node fields only; `--as-toml` is the lossless form).
-pub fn get_config(reply: &ClientResponse) -> (Value, bool) {
-    let Some(r) = single(reply) else {
-        return (Value::Null, false);
-    };
-    let Some(ResultData::Configuration(c)) = &r.data else {
-        eprintln!(
-            "error: {}",
-            r.error
-                .as_deref()
-                .unwrap_or("no configuration in the reply")
-        );
-        return (Value::Null, false);
-    };
+pub fn get_config(c: &drover_proto::Configuration) -> Value {
     let instances: Vec<Value> = c
         .instances
         .iter()
@@ -200,10 +205,7 @@ pub fn get_config(reply: &ClientResponse) -> (Value, bool) {
             })
         })
         .collect();
-    (
-        json!({"id": c.id, "instances": instances, "nodes": nodes}),
-        true,
-    )
+    json!({"id": c.id, "instances": instances, "nodes": nodes})
 }
 
 /// A cluster role as zeek-client prints it: upper-case, or null for none.
