@@ -13,7 +13,8 @@
 //! - [`query`]: asks running nodes for values (get-id-value) over their query sockets.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
-//! [`Agent::new`] and [`Agent::run`], so tests run agents in-process.
+//! [`Agent::new`] and [`Agent::run_with_ready`] (which tells systemd when the agent
+//! serves), so tests run agents in-process.
 
 pub mod backoff;
 pub mod logs;
@@ -182,6 +183,15 @@ impl Agent {
     /// Supervises the nodes and stays connected to the controller until `shutdown` is
     /// cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
+        self.run_with_ready(shutdown, || {}).await;
+    }
+
+    /// As [`Agent::run`], calling `on_ready` once the nodes of a previous agent process
+    /// are adopted (or started again), the metrics listener (if configured) serves and the
+    /// agent begins to dial the controller or to accept it: the daemon tells systemd
+    /// `READY=1` there. Being connected is not part of it, so the agent is ready (and its
+    /// nodes supervised) while the controller is away.
+    pub async fn run_with_ready(self, shutdown: CancellationToken, on_ready: impl FnOnce()) {
         let this = Arc::new(self);
         let supervisor = match Supervisor::start(SupervisorConfig {
             instance: this.config.name.clone(),
@@ -220,6 +230,7 @@ impl Agent {
                     .await;
             }
         };
+        on_ready();
         tokio::join!(dial, listen);
         let stop = this.config.stop_nodes_on_exit;
         info!(stop_nodes = stop, "shutting down the supervisor");

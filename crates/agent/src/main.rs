@@ -1,5 +1,5 @@
-//! The `drover-agent` daemon: flags, config file, logging and signals around
-//! [`drover_agent::Agent`].
+//! The `drover-agent` daemon: flags, config file, logging, signals and systemd
+//! notifications around [`drover_agent::Agent`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use clap::Parser;
 use drover_agent::backoff::Backoff;
 use drover_agent::logs::LogConfig;
 use drover_agent::{Agent, Config};
-use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing};
+use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing, notify};
 use drover_net::{TlsFiles, TransportSettings};
 use serde::Deserialize;
 
@@ -164,8 +164,20 @@ fn config(args: Args) -> anyhow::Result<Config> {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     drover_daemon::main(|shutdown| async move {
-        let agent = Agent::new(config(args)?)?;
-        agent.run(shutdown).await;
+        let config = config(args)?;
+        let status = match (&config.controller, &config.listen) {
+            (Some(c), Some(l)) => format!("dialling the controller at {c}, listening on {l}"),
+            (Some(c), None) => format!("dialling the controller at {c}"),
+            (None, Some(l)) => format!("listening for the controller on {l}"),
+            (None, None) => String::new(),
+        };
+        let agent = Agent::new(config)?;
+        agent
+            .run_with_ready(shutdown, || {
+                notify::status(&status);
+                notify::ready();
+            })
+            .await;
         Ok(())
     })
 }

@@ -1,9 +1,11 @@
 //! drover-daemon: the plumbing the daemon binaries share.
 //!
 //! Config files (`--config FILE.toml`, whose keys mirror the long flags), logging to
-//! stderr with `RUST_LOG` filtering, the async runtime, and SIGTERM/SIGINT turned into a
-//! cancellation token. The daemons' libraries do not use this crate; only their thin
-//! `main.rs` do.
+//! stderr with `RUST_LOG` filtering, the async runtime, SIGTERM/SIGINT turned into a
+//! cancellation token, and systemd's notification protocol ([`notify`]). The daemons'
+//! libraries do not use this crate; only their thin `main.rs` do.
+
+pub mod notify;
 
 use std::future::Future;
 use std::path::Path;
@@ -78,6 +80,10 @@ pub fn init_logging() {
 
 /// Runs a daemon: logging, a runtime, a shutdown token cancelled by SIGTERM or SIGINT.
 /// Returns the process exit code; errors are logged as one line.
+///
+/// Under systemd (`NOTIFY_SOCKET` set) it also pings the watchdog when the unit asks for
+/// one, and sends `STOPPING=1` on SIGTERM or SIGINT, before it cancels the token.
+/// `READY=1` is the daemon's own to send ([`notify::ready`]), once it serves.
 pub fn main<F, Fut>(body: F) -> std::process::ExitCode
 where
     F: FnOnce(CancellationToken) -> Fut,
@@ -92,6 +98,7 @@ where
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
+                notify::spawn_watchdog();
                 body(shutdown).await
             })
         });
@@ -117,6 +124,9 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
         _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
     }
+    // Before the token: a daemon that stops at once may end the runtime, and this task
+    // with it, before another task would get to run.
+    notify::stopping();
     shutdown.cancel();
 }
 
