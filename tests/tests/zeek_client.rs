@@ -1,7 +1,9 @@
 //! The real, unmodified zeek-client 1.5.0 (from PyPI) drives a drover cluster through
 //! the controller's Zeek WebSocket front (`--zeek-websocket`): every command, Zeek's
-//! system-test scenarios that make sense without Zeek binaries, and bad WebSocket
-//! clients that must not disturb anyone.
+//! system-test scenarios that make sense without Zeek binaries, bad WebSocket clients
+//! that must not disturb anyone, `wss://` with client certificates
+//! (`--zeek-websocket-tls`), and what each node of a Zeek cluster is given in place of
+//! Zeek's Supervisor (`CLUSTER_NODE`, `cluster-layout.zeek`).
 //!
 //! zeek-client is installed into a virtualenv at `<workspace>/target/zeek-venv` (or
 //! `$DROVER_ZEEK_VENV`) on first use and reused after; `$DROVER_ZEEK_CLIENT` points at
@@ -107,6 +109,8 @@ struct Zeek {
     ws: SocketAddr,
     exe: PathBuf,
     config: PathBuf,
+    /// Extra `--set SECTION.KEY=VALUE` settings for every run (TLS).
+    settings: Vec<String>,
 }
 
 impl Zeek {
@@ -135,19 +139,28 @@ impl Zeek {
             ws,
             exe,
             config: c.dir.path().join("no-zeek-client.cfg"),
+            settings: Vec::new(),
         }
     }
 
     /// Runs zeek-client with a request timeout.
     fn run_with(&self, timeout_secs: u32, args: &[&str]) -> CliOutput {
+        self.run_set(timeout_secs, &self.settings, args)
+    }
+
+    /// Runs zeek-client with a request timeout and these `--set` settings.
+    fn run_set(&self, timeout_secs: u32, settings: &[String], args: &[&str]) -> CliOutput {
         let mut cmd = Command::new(&self.exe);
         cmd.env("ZEEK_CLIENT_CONFIG_FILE", &self.config)
             .env_remove("ZEEK_CLIENT_CONFIG_SETTINGS")
             .arg("--controller")
             .arg(self.ws.to_string())
             .arg("--set")
-            .arg(format!("client.request_timeout_secs={timeout_secs}"))
-            .args(args);
+            .arg(format!("client.request_timeout_secs={timeout_secs}"));
+        for s in settings {
+            cmd.arg("--set").arg(s);
+        }
+        cmd.args(args);
         run_cli(cmd, Duration::from_secs(60))
     }
 
@@ -714,5 +727,167 @@ fn zeek_client_deploys_to_an_agent_the_controller_dials() {
     assert_eq!(
         v["instances"],
         serde_json::json!([{"host": "127.0.0.1", "name": "agent-l", "port": port}])
+    );
+}
+
+/// zeek-client's settings for `wss://` with a client certificate `NAME.crt` from the
+/// cluster CA.
+fn tls_settings(c: &Cluster, name: &str) -> Vec<String> {
+    let file = |f: String| c.pki_file(&f).display().to_string();
+    vec![
+        "ssl.enable=true".to_owned(),
+        format!("ssl.certificate={}", file(format!("{name}.crt"))),
+        format!("ssl.keyfile={}", file(format!("{name}.key"))),
+        format!("ssl.cafile={}", file("ca.crt".to_owned())),
+    ]
+}
+
+#[test]
+fn zeek_client_over_wss_needs_a_client_certificate_from_the_cluster_ca() {
+    use drover_proto::msg::PeerRole;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let c = Cluster::new();
+    c.issue(PeerRole::Client, "revoked");
+    let deny = c.dir.path().join("deny-list");
+    std::fs::write(&deny, "client/revoked\n").unwrap();
+    let mut z = Zeek::start(
+        &c,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[
+            "--zeek-websocket-tls",
+            "--deny-list",
+            deny.to_str().unwrap(),
+        ],
+    );
+    z.ctl
+        .wait_log(&format!("serving zeek-client on wss://{}", z.ws));
+    let _a = c.start_agent("agent-1", z.addr);
+
+    // The real client with the operator's certificate: every command works over wss.
+    z.settings = tls_settings(&c, "ops");
+    wait_instances(&z, 1);
+    assert_eq!(z.json(&["get-instances"])["agent-1"]["host"], "127.0.0.1");
+    let out = z.run(&["deploy-config", &ini(&c, "deploy-error.ini")]);
+    assert_eq!(
+        out.json()["results"]["nodes"]["manager"]["success"],
+        true,
+        "{}",
+        out.stdout
+    );
+    let nodes = z.json(&["get-nodes"]);
+    assert_eq!(
+        nodes["results"]["agent-1"]["manager"]["cluster_role"], "MANAGER",
+        "{nodes}"
+    );
+
+    // Refused: no TLS at all, TLS without a certificate (Zeek's anonymous mode), a
+    // certificate that is not a client's, and a revoked one.
+    for (settings, why) in [
+        (Vec::new(), "plain ws://"),
+        (vec!["ssl.enable=true".to_owned()], "anonymous tls"),
+        (tls_settings(&c, "agent-1"), "an agent's certificate"),
+        (tls_settings(&c, "revoked"), "a revoked certificate"),
+    ] {
+        let out = z.run_set(20, &settings, &["get-instances"]);
+        assert_eq!(out.code, Some(1), "{why}: {}\n{}", out.stdout, out.stderr);
+        assert!(out.stdout.is_empty(), "{why}: {}", out.stdout);
+    }
+    let log = z.ctl.log_text();
+    assert!(
+        log.contains("zeek websocket: refused connection: tls handshake failed"),
+        "{log}"
+    );
+    assert!(log.contains("peer sent no certificates"), "{log}");
+    assert!(
+        log.contains("agent 'agent-1' is not a client: zeek-client needs a client certificate"),
+        "{log}"
+    );
+    assert!(
+        log.contains("(serial") && log.contains("is revoked"),
+        "{log}"
+    );
+
+    // A plain WebSocket client gets no upgrade on the TLS port.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ws = z.ws;
+    let upgrade = rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(ws).await.unwrap();
+        let req = format!("ws://{ws}/v1/messages/json")
+            .into_client_request()
+            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(15),
+            tokio_tungstenite::client_async(req, stream),
+        )
+        .await
+        .expect("refused in time")
+    });
+    assert!(upgrade.is_err(), "plain ws upgraded on the tls port");
+
+    // And the real client still works afterwards.
+    assert_eq!(z.run(&["get-instances"]).code, Some(0));
+}
+
+#[test]
+fn zeek_nodes_see_cluster_node_and_the_cluster_layout() {
+    let c = Cluster::new();
+    let z = Zeek::start(&c, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let _a1 = c.start_agent("agent-1", z.addr);
+    let _a2 = c.start_agent("agent-2", z.addr);
+    wait_instances(&z, 2);
+    let out = z.run(&["deploy-config", &ini(&c, "cluster.ini")]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
+
+    // Every node is told its name, as Zeek's Supervisor does.
+    let v = z.json(&["get-id-value", "env.CLUSTER_NODE"]);
+    assert_eq!(
+        v,
+        serde_json::json!({"errors": [], "results": {
+            "logger": "logger", "manager": "manager",
+            "worker-1": "worker-1", "worker-2": "worker-2",
+        }})
+    );
+    // And finds the whole cluster in cluster-layout.zeek in its working directory,
+    // with every node's role, address (where its agent connected from) and port, the
+    // manager, and the metrics port.
+    let want = "# The layout of this Zeek cluster, written by drover into the working directory of\n\
+                # each of its nodes before every start, as Zeek's Supervisor would give it. Do not edit.\n\
+                redef Cluster::manager_is_logger = F;\n\
+                \n\
+                redef Cluster::nodes = {\n\
+                \t[\"logger\"] = [$node_type=Cluster::LOGGER, $ip=127.0.0.1, $p=5001/tcp, $manager=\"manager\"],\n\
+                \t[\"manager\"] = [$node_type=Cluster::MANAGER, $ip=127.0.0.1, $p=5000/tcp],\n\
+                \t[\"worker-1\"] = [$node_type=Cluster::WORKER, $ip=127.0.0.1, $manager=\"manager\"],\n\
+                \t[\"worker-2\"] = [$node_type=Cluster::WORKER, $ip=127.0.0.1, $manager=\"manager\", $metrics_port=9100/tcp],\n\
+                };\n";
+    let v = z.json(&["get-id-value", "file.cluster-layout.zeek"]);
+    assert_eq!(v["errors"], serde_json::json!([]), "{v}");
+    let results = v["results"].as_object().expect("results");
+    assert_eq!(results.len(), 4, "{v}");
+    for (node, text) in results {
+        assert_eq!(text.as_str(), Some(want), "{node}");
+    }
+
+    // A node leaving the cluster changes the layout of the others, and they restart
+    // with the new one; the node that left is stopped.
+    let before = eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
+    let smaller = c.dir.path().join("smaller.ini");
+    let text = std::fs::read_to_string(workspace().join("tests/zeek/cluster.ini")).unwrap();
+    let cut = text.find("[worker-2]").expect("worker-2 in cluster.ini");
+    std::fs::write(&smaller, &text[..cut]).unwrap();
+    let out = z.run(&["deploy-config", smaller.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let after = eventually("3 nodes running", PATIENCE, || all_running(&z, 3));
+    for (name, pid) in &after {
+        assert_ne!(before[name], *pid, "{name} restarted with the new layout");
+    }
+    let v = z.json(&["get-id-value", "file.cluster-layout.zeek", "manager"]);
+    let text = v["results"]["manager"].as_str().expect("a layout");
+    assert!(
+        text.contains("[\"worker-1\"]") && !text.contains("worker-2"),
+        "{text}"
     );
 }

@@ -294,6 +294,22 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Writes a node's `files` into its working directory (each through a temp file and a
+/// rename, so a node never reads half a file). Names must be plain file names.
+fn write_node_files(workdir: &Path, files: &BTreeMap<String, String>) -> Result<(), String> {
+    for (name, text) in files {
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+            return Err(format!("node file name '{name}' is not a plain file name"));
+        }
+        let path = workdir.join(name);
+        let tmp = workdir.join(format!(".{name}.drover-tmp"));
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// This process's live children, from `/proc/self/task/*/children`.
 fn own_children() -> Vec<i32> {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
@@ -891,6 +907,7 @@ impl Core {
                 workdir.display()
             )
         })?;
+        write_node_files(&workdir, &spec.files)?;
         let _ = e.logs.rotate_if_needed();
         let (out, err) = e
             .logs
@@ -1435,5 +1452,37 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_files_are_written_into_the_working_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = BTreeMap::from([
+            ("cluster-layout.zeek".to_owned(), "redef x;\n".to_owned()),
+            ("empty".to_owned(), String::new()),
+        ]);
+        write_node_files(dir.path(), &files).unwrap();
+        let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
+        assert_eq!(read("cluster-layout.zeek"), "redef x;\n");
+        assert_eq!(read("empty"), "");
+        // Written again on the next start, replacing what is there.
+        let files = BTreeMap::from([("empty".to_owned(), "now".to_owned())]);
+        write_node_files(dir.path(), &files).unwrap();
+        assert_eq!(read("empty"), "now");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "no temp files left"
+        );
+        for bad in ["", ".", "..", "../x", "a/b", "/etc/passwd"] {
+            let files = BTreeMap::from([(bad.to_owned(), "x".to_owned())]);
+            let e = write_node_files(dir.path(), &files).unwrap_err();
+            assert!(e.contains("not a plain file name"), "{bad}: {e}");
+        }
     }
 }

@@ -441,7 +441,7 @@ async fn deploy_locked(
         .into_iter()
         .map(|(name, conn)| {
             let req = ControllerRequest::Apply {
-                config: Box::new(config.share_for(&name)),
+                config: Box::new(crate::zeek::layout::share_for(config, &name)),
                 restart_all,
             };
             (name, conn, req)
@@ -502,7 +502,7 @@ pub(crate) async fn reapply(
     deployed: Configuration,
 ) {
     let req = ControllerRequest::Apply {
-        config: Box::new(deployed.share_for(name)),
+        config: Box::new(crate::zeek::layout::share_for(&deployed, name)),
         restart_all: false,
     };
     match conn::call::<_, AgentResponse>(conn, &req, shared.request_timeout).await {

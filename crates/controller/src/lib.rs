@@ -13,7 +13,8 @@
 //!   with a `port`), as Zeek's controller-to-agent mode.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
-//! [`Controller::bind`] and [`Controller::run`], so tests run controllers in-process.
+//! [`Controller::bind`] and [`Controller::run_with_ready`] (which tells systemd when the
+//! controller serves), so tests run controllers in-process.
 
 pub mod api;
 mod dial;
@@ -65,6 +66,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Where to serve zeek-client (Zeek's WebSocket API, [`zeek`]); off when `None`.
     pub zeek_websocket: Option<SocketAddr>,
+    /// Serve zeek-client over `wss://` with this controller's certificate, requiring a
+    /// client certificate from the cluster CA (mutual TLS), instead of plain `ws://`.
+    pub zeek_websocket_tls: bool,
     /// Command templates and node defaults for Zeek-style configurations
     /// ([`zeek`]).
     pub zeek_roles: Option<PathBuf>,
@@ -299,7 +303,10 @@ impl Controller {
         };
         let zeek = config
             .zeek_websocket
-            .map(|addr| zeek::Front::bind(addr, config.zeek_roles.as_deref()))
+            .map(|addr| {
+                let tls = config.zeek_websocket_tls.then_some(&creds);
+                zeek::Front::bind(addr, config.zeek_roles.as_deref(), tls)
+            })
             .transpose()?;
         Ok(Self {
             metrics,
@@ -330,7 +337,14 @@ impl Controller {
     }
 
     /// Serves until `shutdown` is cancelled, then closes every connection.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken) {
+        self.run_with_ready(shutdown, || {}).await;
+    }
+
+    /// As [`Controller::run`], calling `on_ready` once, when the QUIC endpoint and the
+    /// metrics and zeek-client listeners (those configured) are serving: the daemon tells
+    /// systemd `READY=1` there.
+    pub async fn run_with_ready(mut self, shutdown: CancellationToken, on_ready: impl FnOnce()) {
         info!(addr = %self.local_addr(), name = %self.shared.name, "controller listening");
         if let Some(listener) = self.metrics.take() {
             match tokio::net::TcpListener::from_std(listener) {
@@ -356,6 +370,9 @@ impl Controller {
             dial::ensure(&self.shared, &config);
         }
         let tasks = TaskTracker::new();
+        // Every socket was bound in `bind` and the servers of the side listeners are
+        // spawned; the accept loop starts right below.
+        on_ready();
         loop {
             let incoming = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -545,39 +562,52 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Refuses revoked peers. A configured deny list that cannot be read refuses everyone:
-/// failing open would let a revoked peer in.
+/// Refuses revoked peers of the QUIC endpoint (see [`check_revoked`]).
 fn check_deny_list(
     shared: &Shared,
     conn: &quinn::Connection,
     identity: &Identity,
 ) -> Result<(), WireError> {
+    if shared.deny_list.is_none() {
+        return Ok(());
+    }
+    let info = drover_net::tls::peer_cert_info(conn)
+        .map_err(|e| WireError::new(ErrorCode::Forbidden, e.to_string()))?;
+    check_revoked(shared, identity, &info)
+}
+
+/// Refuses a peer the deny list names, by identity or certificate serial. The list is
+/// read afresh for every connection; a configured list that cannot be read refuses
+/// everyone: failing open would let a revoked peer in.
+pub(crate) fn check_revoked(
+    shared: &Shared,
+    identity: &Identity,
+    info: &drover_net::tls::CertInfo,
+) -> Result<(), WireError> {
     let Some(path) = &shared.deny_list else {
         return Ok(());
+    };
+    let unavailable = || {
+        WireError::new(
+            ErrorCode::Unavailable,
+            "the controller cannot check revocations",
+        )
     };
     let text = std::fs::read_to_string(path).map_err(|e| {
         warn!(
             "cannot read the deny list {}: {e}; refusing connections",
             path.display()
         );
-        WireError::new(
-            ErrorCode::Unavailable,
-            "the controller cannot check revocations",
-        )
+        unavailable()
     })?;
     let list = drover_net::tls::DenyList::parse(&text).map_err(|e| {
         warn!(
             "invalid deny list {}: {e}; refusing connections",
             path.display()
         );
-        WireError::new(
-            ErrorCode::Unavailable,
-            "the controller cannot check revocations",
-        )
+        unavailable()
     })?;
-    let info = drover_net::tls::peer_cert_info(conn)
-        .map_err(|e| WireError::new(ErrorCode::Forbidden, e.to_string()))?;
-    if list.denies(identity, &info) {
+    if list.denies(identity, info) {
         return Err(WireError::new(
             ErrorCode::Forbidden,
             format!(

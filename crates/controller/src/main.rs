@@ -1,5 +1,5 @@
-//! The `drover-controller` daemon: flags, config file, logging and signals around
-//! [`drover_controller::Controller`].
+//! The `drover-controller` daemon: flags, config file, logging, signals and systemd
+//! notifications around [`drover_controller::Controller`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use drover_controller::{Config, Controller, DEFAULT_PORT};
-use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing};
+use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing, notify};
 use drover_net::{TlsFiles, TransportSettings};
 use serde::Deserialize;
 
@@ -54,9 +54,14 @@ struct Args {
     #[arg(long, env = "DROVER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     /// Serve zeek-client at ws://ADDR:PORT/v1/messages/json (Zeek's port is 2149; plain
-    /// WebSocket, no TLS) [default: off].
+    /// WebSocket unless --zeek-websocket-tls) [default: off].
     #[arg(long, env = "DROVER_ZEEK_WEBSOCKET")]
     zeek_websocket: Option<SocketAddr>,
+    /// Serve zeek-client over wss:// instead, with this controller's certificate, and
+    /// require a client certificate from the cluster CA (zeek-client's ssl.certificate,
+    /// ssl.keyfile and ssl.cafile settings).
+    #[arg(long, env = "DROVER_ZEEK_WEBSOCKET_TLS")]
+    zeek_websocket_tls: bool,
     /// TOML file of `[roles.NAME] command = [...]` templates (and `[defaults]`) for the
     /// nodes of configurations staged with zeek-client.
     #[arg(long, env = "DROVER_ZEEK_ROLES")]
@@ -80,6 +85,8 @@ struct FileConfig {
     deny_list: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
     zeek_websocket: Option<SocketAddr>,
+    #[serde(default)]
+    zeek_websocket_tls: bool,
     zeek_roles: Option<PathBuf>,
 }
 
@@ -123,6 +130,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
         deny_list: args.deny_list.or(file.deny_list),
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
         zeek_websocket: args.zeek_websocket.or(file.zeek_websocket),
+        zeek_websocket_tls: args.zeek_websocket_tls || file.zeek_websocket_tls,
         zeek_roles: args.zeek_roles.or(file.zeek_roles),
     })
 }
@@ -131,7 +139,13 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     drover_daemon::main(|shutdown| async move {
         let controller = Controller::bind(config(args)?)?;
-        controller.run(shutdown).await;
+        let addr = controller.local_addr();
+        controller
+            .run_with_ready(shutdown, || {
+                notify::status(&format!("listening on {addr}"));
+                notify::ready();
+            })
+            .await;
         Ok(())
     })
 }

@@ -4,6 +4,8 @@
 //! default), so a second provider in the dependency tree cannot make a builder panic.
 //! Only TLS 1.3 is offered. Server-side session tickets are off: a resumed session skips
 //! certificate verification, and a revoked peer must be refused on its next connection.
+//! Besides QUIC, [`TcpTlsAcceptor`] does the same mutual TLS over TCP (the controller's
+//! `wss://` front for zeek-client).
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -146,6 +148,14 @@ impl Credentials {
 
     /// A rustls server configuration that requires a client certificate from the CA.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, NetError> {
+        let mut cfg = self.server_config_without_alpn()?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(cfg)
+    }
+
+    /// As [`Credentials::server_config`], with no ALPN id: for TLS over TCP to clients
+    /// that send none (zeek-client's `wss://`).
+    fn server_config_without_alpn(&self) -> Result<rustls::ServerConfig, NetError> {
         let provider = provider();
         let verifier =
             WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
@@ -157,7 +167,6 @@ impl Credentials {
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| NetError::Credentials(format!("certificate and key do not match: {e}")))?;
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
         cfg.max_early_data_size = 0;
         cfg.send_tls13_tickets = 0;
         cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -190,6 +199,68 @@ impl Credentials {
             .with_no_client_auth();
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         Ok(cfg)
+    }
+}
+
+/// A TLS stream over TCP accepted by a [`TcpTlsAcceptor`].
+pub type TcpTlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Mutual TLS 1.3 over TCP, for listeners that are not QUIC (the controller's `wss://`
+/// front for zeek-client): the server presents this process's certificate, and a client
+/// must present one issued by the cluster CA. No ALPN id is required, session tickets
+/// and resumption are off, as on QUIC.
+#[derive(Clone)]
+pub struct TcpTlsAcceptor {
+    inner: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for TcpTlsAcceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpTlsAcceptor").finish_non_exhaustive()
+    }
+}
+
+/// A verified TLS client: who it is and which certificate it showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPeer {
+    /// Role and name from the certificate.
+    pub identity: Identity,
+    /// Serial and expiry, for deny lists and warnings.
+    pub cert: CertInfo,
+}
+
+impl TcpTlsAcceptor {
+    /// An acceptor with `creds` as the server's certificate and the CA as the only root
+    /// for client certificates.
+    pub fn new(creds: &Credentials) -> Result<Self, NetError> {
+        let cfg = creds.server_config_without_alpn()?;
+        Ok(Self {
+            inner: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+        })
+    }
+
+    /// Runs the TLS handshake on an accepted connection (callers bound it with a
+    /// deadline) and reads the client's identity from its verified certificate.
+    pub async fn accept(
+        &self,
+        stream: tokio::net::TcpStream,
+    ) -> Result<(TcpTlsStream, TlsPeer), NetError> {
+        let tls = self
+            .inner
+            .accept(stream)
+            .await
+            .map_err(|e| NetError::Connection(format!("tls handshake failed: {e}")))?;
+        let leaf = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| NetError::Identity("peer presented no certificate".into()))?;
+        let peer = TlsPeer {
+            identity: identity_of_cert(leaf)?,
+            cert: cert_info(leaf)?,
+        };
+        Ok((tls, peer))
     }
 }
 
@@ -455,6 +526,95 @@ mod tests {
         assert!(err.contains("chmod 600"), "{err}");
         fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
         check_key_permissions(&key).unwrap();
+    }
+
+    /// A CA, a controller's credentials and an agent's.
+    fn pki() -> (Credentials, Credentials) {
+        let ca = Ca::generate("t").unwrap();
+        let creds = |role, name: &str| {
+            let leaf = ca.issue(&LeafSpec::new(role, name)).unwrap();
+            Credentials::from_pem(
+                ca.pem().cert.as_bytes(),
+                leaf.cert.as_bytes(),
+                leaf.key.as_bytes(),
+            )
+            .unwrap()
+        };
+        (
+            creds(PeerRole::Controller, "ctl"),
+            creds(PeerRole::Client, "ops"),
+        )
+    }
+
+    /// Connects to `addr` with `cfg` and writes a byte; the result of the handshake.
+    async fn tls_client(
+        addr: std::net::SocketAddr,
+        cfg: rustls::ClientConfig,
+    ) -> Result<(), String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        tls.write_all(b"x").await.map_err(|e| e.to_string())?;
+        // TLS 1.3 reports a refused client certificate only after the handshake.
+        let mut buf = [0u8; 1];
+        match tls.read(&mut buf).await {
+            Ok(1) => Ok(()),
+            Ok(_) => Err("closed".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[tokio::test]
+    async fn tcp_tls_requires_a_client_certificate_from_the_ca() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (server, client) = pki();
+        let acceptor = TcpTlsAcceptor::new(&server).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match acceptor.accept(tcp).await {
+                        Ok((mut tls, peer)) => {
+                            let mut b = [0u8; 1];
+                            let _ = tls.read_exact(&mut b).await;
+                            let _ = tls.write_all(b"y").await;
+                            let _ = tx.send(Ok(peer.identity));
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.to_string()));
+                        }
+                    }
+                });
+            }
+        });
+        tls_client(addr, client.client_config().unwrap())
+            .await
+            .unwrap();
+        let id = rx.recv().await.unwrap().unwrap();
+        assert_eq!((id.role, id.name.as_str()), (PeerRole::Client, "ops"));
+
+        let refused = tls_client(addr, client.anonymous_client_config().unwrap()).await;
+        assert!(refused.is_err(), "{refused:?}");
+        let err = rx.recv().await.unwrap().unwrap_err();
+        assert!(err.contains("tls handshake failed"), "{err}");
+
+        // A certificate from another CA is refused as well.
+        let (_, stranger) = pki();
+        assert!(
+            tls_client(addr, stranger.client_config().unwrap())
+                .await
+                .is_err()
+        );
+        assert!(rx.recv().await.unwrap().is_err());
     }
 
     #[test]

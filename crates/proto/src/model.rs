@@ -282,6 +282,11 @@ pub struct Node {
     /// CPUs to pin the process to, applied before exec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_affinity: Option<CpuAffinity>,
+    /// Files the agent writes into the working directory before every start: plain
+    /// file name (no `/`) to contents. Not a cluster-file key: the controller fills it
+    /// (Zeek's `cluster-layout.zeek`, see the controller's `zeek::layout`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, String>,
     /// When to restart after an exit.
     #[serde(default)]
     pub restart: RestartPolicy,
@@ -336,6 +341,7 @@ impl Node {
             interface: None,
             scripts: Vec::new(),
             cpu_affinity: None,
+            files: BTreeMap::new(),
             restart: RestartPolicy::default(),
             backoff: Backoff::default(),
             max_failed_starts: default_max_failed_starts(),
@@ -350,7 +356,10 @@ impl Node {
 /// A command template for nodes of one role that name no command of their own.
 ///
 /// Strings may contain placeholders that are replaced per node: `{name}`, `{instance}`,
-/// `{role}`, `{interface}`, `{port}`.
+/// `{role}`, `{interface}`, `{port}`, and `{scripts}`: a command argument that is exactly
+/// `{scripts}` becomes the node's scripts, one argument each (none when it has none), as
+/// Zeek's Supervisor appends them to a node's command line; elsewhere it is replaced by
+/// the scripts joined with spaces.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleTemplate {
@@ -440,7 +449,8 @@ impl Configuration {
 
     /// `node` with its role template applied: the template's command when the node has
     /// none, the template's env under the node's own, and placeholders (`{name}`,
-    /// `{instance}`, `{role}`, `{interface}`, `{port}`) replaced in command and env.
+    /// `{instance}`, `{role}`, `{interface}`, `{port}`, `{scripts}`; see
+    /// [`RoleTemplate`]) replaced in command and env.
     pub fn resolve(&self, node: &Node) -> Node {
         let mut out = node.clone();
         if let Some(t) = self.roles.get(node.role.as_str()) {
@@ -452,14 +462,26 @@ impl Configuration {
             }
         }
         let port = node.port.map(|p| p.to_string()).unwrap_or_default();
+        let scripts = node.scripts.join(" ");
         let fill = |s: &str| {
             s.replace("{name}", &node.name)
                 .replace("{instance}", &node.instance)
                 .replace("{role}", node.role.as_str())
                 .replace("{interface}", node.interface.as_deref().unwrap_or(""))
                 .replace("{port}", &port)
+                .replace("{scripts}", &scripts)
         };
-        out.command = out.command.iter().map(|a| fill(a)).collect();
+        out.command = out
+            .command
+            .iter()
+            .flat_map(|a| {
+                if a == "{scripts}" {
+                    node.scripts.clone()
+                } else {
+                    vec![fill(a)]
+                }
+            })
+            .collect();
         out.env = out.env.iter().map(|(k, v)| (k.clone(), fill(v))).collect();
         out
     }
@@ -722,6 +744,28 @@ mod tests {
         let mut own = n.clone();
         own.command = vec!["/bin/true".into()];
         assert_eq!(c.resolve(&own).command, vec!["/bin/true"]);
+    }
+
+    #[test]
+    fn scripts_expand_to_one_argument_each() {
+        let mut c = Configuration::empty();
+        c.roles.insert(
+            "manager".into(),
+            RoleTemplate {
+                command: vec!["zeek".into(), "local".into(), "{scripts}".into()],
+                env: BTreeMap::from([("SCRIPTS".into(), "[{scripts}]".into())]),
+            },
+        );
+        let mut n = Node::new("m", "a");
+        n.role = ClusterRole::Manager;
+        assert_eq!(c.resolve(&n).command, ["zeek", "local"]);
+        assert_eq!(c.resolve(&n).env["SCRIPTS"], "[]");
+        n.scripts = vec!["a.zeek".into(), "policy/b".into()];
+        assert_eq!(
+            c.resolve(&n).command,
+            ["zeek", "local", "a.zeek", "policy/b"]
+        );
+        assert_eq!(c.resolve(&n).env["SCRIPTS"], "[a.zeek policy/b]");
     }
 
     #[test]

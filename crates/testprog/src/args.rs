@@ -44,7 +44,8 @@ Durations are an integer with an optional suffix: ms, s or m (a bare number is s
 
 If $DROVER_QUERY_SOCKET is set, a value query server listens on that unix stream
 socket: a client writes {\"id\": \"NAME\"} and a newline, and gets back {\"value\": JSON}
-or {\"error\": MESSAGE} and a newline. Built-in ids: pid, node, args, env.VAR.
+or {\"error\": MESSAGE} and a newline. Built-in ids: pid, node, args, env.VAR,
+file.PATH.
 ";
 
 /// What the command line asks for.

@@ -50,7 +50,8 @@
 //!    `{"error": "<message>"}\n`, and closes the connection.
 //!
 //! Built-in ids: `pid` (a number), `node` (`$DROVER_NODE` or `null`), `args`
-//! (the argv strings), `env.<VAR>` (`$VAR` or `null`). `--value` entries take
+//! (the argv strings), `env.<VAR>` (`$VAR` or `null`), `file.<PATH>` (the file's
+//! text, relative to the working directory, or `null`). `--value` entries take
 //! precedence over built-ins. An unknown id gets
 //! `{"error": "unknown identifier '<id>'"}`; a malformed request gets
 //! `{"error": "bad request: ..."}`; a client silent for 5 s gets a

@@ -150,8 +150,19 @@ fn lookup(id: &str, values: &Values) -> Option<Value> {
                 .map(|arg| Value::String(arg.to_string_lossy().into_owned()))
                 .collect(),
         )),
-        _ => id.strip_prefix("env.").map(env),
+        _ => id
+            .strip_prefix("env.")
+            .map(env)
+            .or_else(|| id.strip_prefix("file.").map(file)),
     }
+}
+
+/// The text of the file at `path` (relative to the working directory), or `null` when
+/// it cannot be read.
+fn file(path: &str) -> Value {
+    fs::read(path).map_or(Value::Null, |bytes| {
+        Value::String(String::from_utf8_lossy(&bytes).into_owned())
+    })
 }
 
 #[cfg(test)]
@@ -181,6 +192,17 @@ mod tests {
             json!({"value": null})
         );
         assert!(ask("{\"id\": \"args\"}\n", &values)["value"].is_array());
+        let dir = std::env::temp_dir().join(format!("testprog-query-{}", std::process::id()));
+        fs::write(&dir, "layout\n").unwrap();
+        assert_eq!(
+            ask(&format!("{{\"id\": \"file.{}\"}}", dir.display()), &values),
+            json!({"value": "layout\n"})
+        );
+        fs::remove_file(&dir).unwrap();
+        assert_eq!(
+            ask(&format!("{{\"id\": \"file.{}\"}}", dir.display()), &values),
+            json!({"value": null})
+        );
         assert_eq!(
             ask("{\"id\": \"nope\"}\n", &values),
             json!({"error": "unknown identifier 'nope'"})

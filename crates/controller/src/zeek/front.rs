@@ -11,15 +11,22 @@
 //! Broker error message (`{"type":"error","code":"deserialization_failed",…}`), which
 //! zeek-client skips; a wrong path gets `invalid_uri` and close code 1008; an oversize
 //! message closes the connection with 1009; a client that does not subscribe in time,
-//! or does not read what it is sent, is dropped. Plain `ws://` only: there is no TLS.
+//! or does not read what it is sent, is dropped.
+//!
+//! With [`Tls`] the same is served as `wss://`: the TLS handshake (mutual: the client
+//! shows a certificate from the cluster CA) comes first, within the handshake timeout,
+//! and the client's identity must pass [`Tls::authorize`]; a client that fails either
+//! is dropped before any WebSocket byte is read.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use drover_net::tls::{TcpTlsAcceptor, TlsPeer};
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, broadcast};
 use tokio_tungstenite::WebSocketStream;
@@ -70,6 +77,18 @@ impl Default for Limits {
 pub(crate) type Handler =
     Arc<dyn Fn(String, ZeekRequest) -> BoxFuture<'static, Option<Event>> + Send + Sync>;
 
+/// Decides whether a client that completed the TLS handshake may go on: `Err` tells
+/// why not.
+pub(crate) type Authorize = Arc<dyn Fn(&TlsPeer) -> Result<(), String> + Send + Sync>;
+
+/// TLS for the front: `wss://` instead of `ws://`.
+pub(crate) struct Tls {
+    /// Runs the (mutual) TLS handshake.
+    pub(crate) acceptor: TcpTlsAcceptor,
+    /// Admits or refuses a verified client.
+    pub(crate) authorize: Authorize,
+}
+
 /// A frame published to subscribers of its topic.
 #[derive(Debug)]
 struct Published {
@@ -87,6 +106,7 @@ struct Ctx {
     bus: broadcast::Sender<Arc<Published>>,
     connections: Arc<Semaphore>,
     next: AtomicU64,
+    tls: Option<Tls>,
 }
 
 /// Serves WebSocket clients on `listener` until `shutdown`.
@@ -96,6 +116,7 @@ pub(crate) async fn serve(
     endpoint: String,
     version: String,
     handler: Handler,
+    tls: Option<Tls>,
     shutdown: CancellationToken,
 ) {
     let ctx = Arc::new(Ctx {
@@ -106,6 +127,7 @@ pub(crate) async fn serve(
         bus: broadcast::channel(1024).0,
         connections: Arc::new(Semaphore::new(limits.max_connections)),
         next: AtomicU64::new(1),
+        tls,
     });
     loop {
         let (stream, peer) = tokio::select! {
@@ -128,7 +150,15 @@ pub(crate) async fn serve(
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            connection(&ctx, stream, peer, shutdown).await;
+            let deadline = tokio::time::Instant::now() + ctx.limits.handshake_timeout;
+            match &ctx.tls {
+                None => connection(&ctx, stream, peer, deadline, shutdown).await,
+                Some(tls) => {
+                    if let Some(stream) = secure(tls, stream, peer, deadline).await {
+                        connection(&ctx, stream, peer, deadline, shutdown).await;
+                    }
+                }
+            }
             drop(permit);
         });
     }
@@ -141,9 +171,37 @@ fn close_frame(code: CloseCode, reason: &str) -> Message {
     }))
 }
 
+/// The TLS handshake and the client's admission; `None` when it is refused (and
+/// logged).
+async fn secure(
+    tls: &Tls,
+    stream: TcpStream,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<drover_net::tls::TcpTlsStream> {
+    let (stream, client) =
+        match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                warn!(%peer, "zeek websocket: refused connection: {e}");
+                return None;
+            }
+            Err(_) => {
+                debug!(%peer, "zeek websocket: no tls handshake in time");
+                return None;
+            }
+        };
+    if let Err(e) = (tls.authorize)(&client) {
+        warn!(%peer, client = %client.identity, "zeek websocket: refused connection: {e}");
+        return None;
+    }
+    debug!(%peer, client = %client.identity, "zeek websocket: tls client admitted");
+    Some(stream)
+}
+
 /// Sends one message, giving up after the write timeout.
-async fn send(
-    ws: &mut WebSocketStream<TcpStream>,
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
     limits: &Limits,
     msg: Message,
 ) -> Result<(), String> {
@@ -155,8 +213,8 @@ async fn send(
 }
 
 /// Sends a Broker error message and closes.
-async fn refuse(
-    ws: &mut WebSocketStream<TcpStream>,
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
     limits: &Limits,
     code: &str,
     context: &str,
@@ -174,9 +232,14 @@ async fn refuse(
     }
 }
 
-async fn connection(ctx: &Ctx, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    stream: S,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+    shutdown: CancellationToken,
+) {
     let limits = ctx.limits;
-    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let mut path = String::new();
     let mut app = None;
     let callback = Peek {
@@ -354,7 +417,7 @@ async fn connection(ctx: &Ctx, stream: TcpStream, peer: SocketAddr, shutdown: Ca
 
 /// A message after the handshake: a request to run, nothing to do, or the context of
 /// a Broker error message.
-fn incoming(text: &str) -> Result<Option<(String, ZeekRequest)>, String> {
+pub(super) fn incoming(text: &str) -> Result<Option<(String, ZeekRequest)>, String> {
     let (topic, data) = broker::parse_data_message(text).map_err(|e| e.to_string())?;
     if !topic.starts_with(TOPIC) {
         // Zeek would route it to whoever subscribed; here nobody does.
@@ -368,8 +431,8 @@ fn incoming(text: &str) -> Result<Option<(String, ZeekRequest)>, String> {
 }
 
 /// Ends a connection whose read failed: an oversize message is told so (1009).
-async fn closed_with(
-    ws: &mut WebSocketStream<TcpStream>,
+async fn closed_with<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
     limits: &Limits,
     peer: SocketAddr,
     e: &WsError,
@@ -402,9 +465,16 @@ impl Callback for Peek<'_> {
     }
 }
 
-/// Logs where the listener is, warning when it is reachable from other hosts.
-pub(crate) fn announce(addr: SocketAddr) {
-    if addr.ip().is_loopback() {
+/// Logs where the listener is, warning when plain WebSocket is reachable from other
+/// hosts.
+pub(crate) fn announce(addr: SocketAddr, tls: bool) {
+    if tls {
+        info!(
+            %addr,
+            "serving zeek-client on wss://{addr}{PATH} (mutual tls: client certificates \
+             from the cluster ca)"
+        );
+    } else if addr.ip().is_loopback() {
         info!(%addr, "serving zeek-client on ws://{addr}{PATH}");
     } else {
         warn!(
@@ -448,6 +518,7 @@ mod tests {
             "ep".into(),
             "test".into(),
             handler,
+            None,
             shutdown.clone(),
         ));
         (addr, shutdown)

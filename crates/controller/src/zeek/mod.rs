@@ -12,7 +12,11 @@
 //! - [`events`]: request events in, response events out (pure).
 //! - [`roles`]: command templates and node defaults for Zeek-style nodes, which name
 //!   no program (`--zeek-roles FILE`).
-//! - [`front`]: the WebSocket server.
+//! - [`layout`]: what Zeek's Supervisor gives each cluster node (`CLUSTER_NODE` and the
+//!   `Cluster::nodes` layout), added to the nodes of Zeek clusters when they are sent to
+//!   agents, whichever client deployed them.
+//! - [`front`]: the WebSocket server, `ws://` or, with `--zeek-websocket-tls`, `wss://`
+//!   with mutual TLS (a client certificate from the cluster CA, role client).
 //!
 //! Where drover differs from Zeek's controller:
 //! - get-nodes does not list the controller: drover's runs on its own, like a Zeek
@@ -25,11 +29,13 @@
 //! - get-id-value asks drover's nodes through the query protocol of
 //!   `crates/testprog/QUERY-PROTOCOL.md`; a node's `unknown identifier 'X'` becomes
 //!   Zeek's `unknown id`, other node errors pass through as the node wrote them.
-//! - Only `ws://`: no TLS (zeek-client's `ssl.enable` cannot be used).
+//! - `wss://` requires a client certificate (zeek-client's `ssl.certificate`); Zeek's
+//!   anonymous TLS (`ssl.enable` alone) is refused.
 
 pub(crate) mod broker;
 pub(crate) mod events;
 pub(crate) mod front;
+pub(crate) mod layout;
 pub(crate) mod records;
 pub(crate) mod roles;
 
@@ -37,9 +43,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use drover_net::Credentials;
 use drover_net::conn::Answer;
+use drover_net::tls::{TcpTlsAcceptor, TlsPeer};
 use drover_proto::model::{MgmtResult, MgmtRole, ResultData};
-use drover_proto::msg::{ClientRequest, ClientResponse, Request};
+use drover_proto::msg::{ClientRequest, ClientResponse, PeerRole, Request};
 use tokio_util::sync::CancellationToken;
 
 use self::broker::Event;
@@ -61,6 +69,9 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// The certificate for `wss://`.
+    #[error("cannot serve zeek-client over tls: {0}")]
+    Tls(#[from] drover_net::NetError),
     /// The roles file.
     #[error("zeek roles file {path}: {message}")]
     Roles {
@@ -76,11 +87,19 @@ pub enum Error {
 pub struct Front {
     listener: std::net::TcpListener,
     roles: Roles,
+    tls: Option<TcpTlsAcceptor>,
 }
 
 impl Front {
     /// Reads the roles file and binds the listener, so that both fail at start-up.
-    pub fn bind(addr: SocketAddr, roles: Option<&Path>) -> Result<Self, Error> {
+    /// With `tls`, the front serves `wss://` with those credentials and requires a
+    /// client certificate from their CA.
+    pub fn bind(
+        addr: SocketAddr,
+        roles: Option<&Path>,
+        tls: Option<&Credentials>,
+    ) -> Result<Self, Error> {
+        let tls = tls.map(TcpTlsAcceptor::new).transpose()?;
         let roles = match roles {
             Some(path) => Roles::load(path).map_err(|message| Error::Roles {
                 path: path.to_owned(),
@@ -91,7 +110,11 @@ impl Front {
         let listener = std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| Error::Bind { addr, source })?;
-        Ok(Self { listener, roles })
+        Ok(Self {
+            listener,
+            roles,
+            tls,
+        })
     }
 
     /// The address actually bound.
@@ -109,8 +132,24 @@ impl Front {
             }
         };
         if let Ok(addr) = listener.local_addr() {
-            front::announce(addr);
+            front::announce(addr, self.tls.is_some());
         }
+        let tls = self.tls.map(|acceptor| {
+            let shared = shared.clone();
+            let authorize: front::Authorize = Arc::new(move |peer: &TlsPeer| {
+                if peer.identity.role != PeerRole::Client {
+                    return Err(format!(
+                        "{} is not a client: zeek-client needs a client certificate",
+                        peer.identity
+                    ));
+                }
+                crate::check_revoked(&shared, &peer.identity, &peer.cert).map_err(|e| e.message)
+            });
+            front::Tls {
+                acceptor,
+                authorize,
+            }
+        });
         let roles: Vec<&str> = self.roles.names().collect();
         tracing::debug!(?roles, "zeek role templates");
         let endpoint = drover_proto::model::new_id();
@@ -126,6 +165,7 @@ impl Front {
             endpoint,
             crate::software(),
             handler,
+            tls,
             shutdown,
         ));
     }
@@ -233,11 +273,122 @@ fn zeek_id_errors(reply: ClientResponse) -> ClientResponse {
     }
 }
 
+/// Entry points for the fuzz targets in `fuzz/`; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::broker::{self, Data};
+    use super::events::ZeekRequest;
+    use super::roles::Roles;
+    use super::{front, layout, records};
+
+    /// Everything the front does with one text message from a client before the
+    /// controller's API sees it, checking what must hold; panics only on a bug:
+    /// - as the subscription that opens a connection;
+    /// - as a data message: decoded, encoded and decoded again, the same value;
+    /// - as a request (the front's decoding); a staged configuration is converted,
+    ///   validated and laid out, and a valid one reads back the same through
+    ///   get-config's encoding.
+    pub fn websocket_message(text: &str) {
+        let _ = broker::parse_handshake(text);
+        if let Ok((topic, data)) = broker::parse_data_message(text) {
+            let again = broker::data_message(&topic, &data);
+            let back = broker::parse_data_message(&again)
+                .unwrap_or_else(|e| panic!("{again} does not decode: {e}"));
+            assert!(
+                same(&back.1, &data) && back.0 == topic,
+                "{text} -> {again} -> {back:?}"
+            );
+            if let Ok(ev) = broker::Event::from_data(&data) {
+                let _ = super::events::decode(&ev);
+            }
+        }
+        if let Ok(Some((_, ZeekRequest::StageConfiguration(z)))) = front::incoming(text) {
+            let _ = staged(z);
+        }
+    }
+
+    /// Equality, with NaN equal to itself (JSON has none, but be safe).
+    fn same(a: &Data, b: &Data) -> bool {
+        match (a, b) {
+            (Data::Real(x), Data::Real(y)) => x == y || (x.is_nan() && y.is_nan()),
+            (Data::Vector(x), Data::Vector(y)) | (Data::Set(x), Data::Set(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+            }
+            (Data::Table(x), Data::Table(y)) => {
+                x.len() == y.len()
+                    && x.iter()
+                        .zip(y)
+                        .all(|((ka, va), (kb, vb))| same(ka, kb) && same(va, vb))
+            }
+            _ => a == b,
+        }
+    }
+
+    /// Templates for Zeek's four roles, so staged configurations can be valid.
+    fn roles() -> &'static Roles {
+        static ROLES: std::sync::OnceLock<Roles> = std::sync::OnceLock::new();
+        ROLES.get_or_init(|| {
+            Roles::parse(
+                "[roles.manager]\ncommand = [\"zeek\"]\n\
+                 [roles.logger]\ncommand = [\"zeek\"]\n\
+                 [roles.proxy]\ncommand = [\"zeek\"]\n\
+                 [roles.worker]\ncommand = [\"zeek\", \"-i\", \"{interface}\"]\n",
+            )
+            .unwrap_or_else(|e| panic!("the fuzzing roles: {e}"))
+        })
+    }
+
+    /// Converts, validates and lays out a staged configuration; true when it was valid
+    /// and so also went through the get-config round trip.
+    pub(super) fn staged(z: records::ZeekConfig) -> bool {
+        let roles = roles();
+        let Ok(config) = roles.configuration(z) else {
+            return false;
+        };
+        let _ = layout::layout(&config);
+        if !drover_proto::config::validate(&config).is_empty() {
+            return false;
+        }
+        let data = records::configuration(&config);
+        let z = records::parse_configuration(&data)
+            .unwrap_or_else(|e| panic!("{config:?} does not read back: {e}"));
+        let back = roles
+            .configuration(z)
+            .unwrap_or_else(|e| panic!("{config:?} does not convert back: {e:?}"));
+        assert_eq!(back, config, "get-config changes a staged configuration");
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use drover_proto::model::{NodeStatus, State};
 
     use super::*;
+
+    #[test]
+    fn the_fuzzing_entry_takes_what_clients_send() {
+        let seed = include_str!("../../../../fuzz/corpus/zeek_ws/stage_configuration_request.json");
+        for text in [
+            seed,
+            include_str!("testdata/deploy_response.json"),
+            include_str!("testdata/get_nodes_response.json"),
+            r#"["zeek/management/controller"]"#,
+            "",
+            "{",
+            r#"{"type":"data-message","topic":"t","@data-type":"real","data":1e300}"#,
+            r#"{"type":"data-message","topic":"t","@data-type":"port","data":"0/unknown"}"#,
+        ] {
+            fuzzing::websocket_message(text);
+        }
+        // The seed is a valid configuration once it has templates, so the fuzzer gets
+        // to the get-config round trip.
+        let Ok(Some((_, ZeekRequest::StageConfiguration(z)))) = front::incoming(seed) else {
+            panic!("the seed is a stage request");
+        };
+        assert_eq!(z.nodes.len(), 2);
+        assert!(fuzzing::staged(z), "the seed is valid with templates");
+    }
 
     #[test]
     fn get_nodes_leaves_the_controller_out() {
