@@ -397,12 +397,8 @@ async fn deploy_locked(
     restart_all: bool,
     budget: Duration,
 ) -> Vec<MgmtResult> {
-    let connected: BTreeMap<String, quinn::Connection> = shared
-        .registry
-        .snapshot()
-        .into_iter()
-        .filter_map(|a| Some((a.name.clone(), shared.registry.get(&a.name)?)))
-        .collect();
+    let connected: BTreeMap<String, quinn::Connection> =
+        shared.registry.connections().into_iter().collect();
     let missing: Vec<&str> = config
         .instances
         .iter()
@@ -437,11 +433,15 @@ async fn deploy_locked(
     let started = std::time::Instant::now();
     // Every connected agent gets the configuration: those without nodes in it stop
     // whatever they ran before.
+    let mut shares = shares(config, connected.keys().map(String::as_str));
     let requests = connected
         .into_iter()
         .map(|(name, conn)| {
+            let share = shares
+                .remove(&name)
+                .expect("a share for every connected agent");
             let req = ControllerRequest::Apply {
-                config: Box::new(crate::zeek::layout::share_for(config, &name)),
+                config: Box::new(share),
                 restart_all,
             };
             (name, conn, req)
@@ -494,6 +494,21 @@ async fn deploy_locked(
     results
 }
 
+/// Each named instance's share of `config` (`zeek::layout::share_for`), in one pass over
+/// the nodes when the configuration is not a Zeek cluster.
+fn shares<'a>(
+    config: &Configuration,
+    instances: impl Iterator<Item = &'a str>,
+) -> BTreeMap<String, Configuration> {
+    if crate::zeek::layout::layout(config).is_some() {
+        // Every node of a Zeek cluster gets the layout of the whole cluster.
+        return instances
+            .map(|i| (i.to_owned(), crate::zeek::layout::share_for(config, i)))
+            .collect();
+    }
+    config.shares(instances)
+}
+
 /// Brings an agent that (re)connected up to the deployed configuration.
 pub(crate) async fn reapply(
     shared: &Shared,
@@ -522,22 +537,32 @@ pub(crate) async fn reapply(
 }
 
 async fn get_nodes(shared: &Shared, id: &str, budget: Duration) -> Vec<MgmtResult> {
-    let agents: Vec<(String, quinn::Connection)> = shared
-        .registry
-        .snapshot()
-        .into_iter()
-        .filter_map(|a| Some((a.name.clone(), shared.registry.get(&a.name)?)))
-        .collect();
+    let agents = shared.registry.connections();
     // Deployed instances whose agent is away: their nodes are UNKNOWN, not gone.
     let mut away = Vec::new();
-    if let Some(deployed) = shared.store.deployed() {
-        for inst in &deployed.instances {
-            if agents.iter().any(|(n, _)| n == &inst.name) {
-                continue;
+    if let Some(deployed) = shared.store.deployed_shared() {
+        let connected: BTreeSet<&str> = agents.iter().map(|(n, _)| n.as_str()).collect();
+        let mut away_nodes: BTreeMap<&str, Vec<&drover_proto::model::Node>> = deployed
+            .instances
+            .iter()
+            .filter(|i| !connected.contains(i.name.as_str()))
+            .map(|i| (i.name.as_str(), Vec::new()))
+            .collect();
+        if !away_nodes.is_empty() {
+            for n in &deployed.nodes {
+                if let Some(v) = away_nodes.get_mut(n.instance.as_str()) {
+                    v.push(n);
+                }
             }
+        }
+        for inst in &deployed.instances {
+            let Some(deployed_nodes) = away_nodes.get(inst.name.as_str()) else {
+                continue;
+            };
             let mut nodes = shared.last_statuses(&inst.name);
-            for n in deployed.nodes_on(&inst.name) {
-                if !nodes.iter().any(|s| s.node == n.name) {
+            let known: BTreeSet<String> = nodes.iter().map(|s| s.node.clone()).collect();
+            for n in deployed_nodes {
+                if !known.contains(&n.name) {
                     let mut s = NodeStatus::new(&n.name, State::Unknown, MgmtRole::None);
                     s.cluster_role = n.role.clone();
                     nodes.push(s);

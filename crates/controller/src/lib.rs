@@ -45,6 +45,13 @@ use crate::store::Store;
 /// The controller's default QUIC port.
 pub const DEFAULT_PORT: u16 = 2150;
 
+/// Streams an agent may have open towards the controller at once. Agents open one per
+/// status report, so a few suffice; quinn keeps state for every stream a peer may open
+/// from the start of each connection, which at the transport's default of 256 cost some
+/// 20 KiB of every agent connection. Every connection starts with this limit; a client's
+/// is raised to the transport's `max_streams` once its Hello is accepted.
+pub const PEER_STREAMS: u32 = 32;
+
 /// Everything a controller needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -116,6 +123,8 @@ pub(crate) struct Shared {
     /// The id of the deploy in progress: only one runs at a time.
     pub(crate) deploying: std::sync::Mutex<Option<String>>,
     pub(crate) transport: TransportSettings,
+    /// Streams a client may have open at once (the configured `max_streams`).
+    pub(crate) client_streams: u32,
     pub(crate) request_timeout: Duration,
     pub(crate) deny_list: Option<PathBuf>,
     /// Events for `monitor` subscribers; a subscriber that falls behind is told how
@@ -291,7 +300,11 @@ impl Controller {
             source,
         })?;
         let store = Store::open(&config.state_dir)?;
-        let endpoint = conn::server_endpoint(&creds, config.listen, &config.transport)?;
+        let transport = TransportSettings {
+            max_streams: config.transport.max_streams.min(PEER_STREAMS),
+            ..config.transport
+        };
+        let endpoint = conn::server_endpoint(&creds, config.listen, &transport)?;
         let metrics = match config.metrics_listen {
             Some(addr) => {
                 let l = std::net::TcpListener::bind(addr)
@@ -317,7 +330,8 @@ impl Controller {
                 registry: Registry::default(),
                 store,
                 deploying: std::sync::Mutex::new(None),
-                transport: config.transport,
+                transport,
+                client_streams: config.transport.max_streams,
                 request_timeout: config.request_timeout,
                 deny_list: config.deny_list.clone(),
                 events: tokio::sync::broadcast::channel(4096).0,
@@ -442,6 +456,9 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         warn!(%addr, peer = %identity, "refused connection: {}", e.message);
         responder.refuse(e).await;
         return;
+    }
+    if identity.role == PeerRole::Client {
+        conn.set_max_concurrent_bi_streams(shared.client_streams.into());
     }
     let welcome = Welcome {
         api_version: API_VERSION,

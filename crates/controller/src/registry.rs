@@ -73,6 +73,14 @@ impl Registry {
         self.lock().get(name).map(|e| e.conn.clone())
     }
 
+    /// Every connected agent's name and connection, sorted by name.
+    pub fn connections(&self) -> Vec<(String, quinn::Connection)> {
+        self.lock()
+            .iter()
+            .map(|(name, e)| (name.clone(), e.conn.clone()))
+            .collect()
+    }
+
     /// All connected agents, sorted by name.
     pub fn snapshot(&self) -> Vec<AgentInfo> {
         self.lock()

@@ -14,7 +14,7 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use drover_proto::model::Configuration;
 
@@ -44,10 +44,11 @@ pub enum StoreError {
     },
 }
 
+/// Shared, so that readers on hot paths (get-nodes) need not copy a whole configuration.
 #[derive(Debug, Default)]
 struct Slots {
-    staged: Option<Configuration>,
-    deployed: Option<Configuration>,
+    staged: Option<Arc<Configuration>>,
+    deployed: Option<Arc<Configuration>>,
 }
 
 /// The staged and deployed configurations, in memory and on disk.
@@ -139,8 +140,8 @@ impl Store {
     /// Loads the state in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let slots = Slots {
-            staged: load(&dir.join(STAGED))?,
-            deployed: load(&dir.join(DEPLOYED))?,
+            staged: load(&dir.join(STAGED))?.map(Arc::new),
+            deployed: load(&dir.join(DEPLOYED))?.map(Arc::new),
         };
         Ok(Self {
             dir: dir.to_owned(),
@@ -161,25 +162,30 @@ impl Store {
 
     /// The staged configuration.
     pub fn staged(&self) -> Option<Configuration> {
-        self.lock().staged.clone()
+        self.lock().staged.as_deref().cloned()
     }
 
     /// The deployed configuration.
     pub fn deployed(&self) -> Option<Configuration> {
+        self.lock().deployed.as_deref().cloned()
+    }
+
+    /// The deployed configuration, shared rather than copied.
+    pub fn deployed_shared(&self) -> Option<Arc<Configuration>> {
         self.lock().deployed.clone()
     }
 
     /// Records a new staged configuration (on disk first).
     pub fn set_staged(&self, config: Configuration) -> Result<(), StoreError> {
         self.save(STAGED, &config)?;
-        self.lock().staged = Some(config);
+        self.lock().staged = Some(Arc::new(config));
         Ok(())
     }
 
     /// Records a new deployed configuration (on disk first).
     pub fn set_deployed(&self, config: Configuration) -> Result<(), StoreError> {
         self.save(DEPLOYED, &config)?;
-        self.lock().deployed = Some(config);
+        self.lock().deployed = Some(Arc::new(config));
         Ok(())
     }
 }

@@ -61,6 +61,9 @@ impl TransportSettings {
         t.keep_alive_interval(Some(self.keep_alive));
         t.max_concurrent_bidi_streams(self.max_streams.into());
         t.max_concurrent_uni_streams(0u32.into());
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.ack_eliciting_threshold(7u32.into());
+        t.ack_frequency_config(Some(ack));
         Ok(t)
     }
 }
@@ -77,10 +80,42 @@ pub fn server_endpoint(
         .map_err(|e| NetError::Credentials(format!("tls configuration unusable for quic: {e}")))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(settings.transport_config()?));
-    let mut endpoint =
-        quinn::Endpoint::server(cfg, addr).map_err(|source| NetError::Bind { addr, source })?;
+    let mut endpoint = bind_endpoint(addr, Some(cfg))?;
     endpoint.set_default_client_config(client_config(creds, settings)?);
     Ok(endpoint)
+}
+
+/// What we ask of the kernel for each UDP socket's receive and send buffers. Linux caps
+/// it at `net.core.rmem_max` / `wmem_max` (and doubles it for its bookkeeping). The
+/// default (208 KiB) holds only some hundred small datagrams: the replies of a fan-out
+/// to a few hundred agents arrive at once, and what does not fit is dropped and waits for
+/// QUIC's loss recovery, which made latency grow faster than the number of agents. The
+/// memory is only used while datagrams wait to be read.
+pub const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Binds a UDP socket with [`SOCKET_BUFFER`]-sized buffers and makes it an endpoint.
+fn bind_endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint, NetError> {
+    let bind_err = |source| NetError::Bind { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into()).map_err(bind_err)?;
+    // A smaller buffer than asked for is no reason to fail: it only drops bursts sooner.
+    let _ = state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER);
+    let _ = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER);
+    if let Ok(got) = state.recv_buffer_size((&socket).into())
+        && got < SOCKET_BUFFER
+    {
+        tracing::debug!(
+            "udp receive buffer of {addr} is {} KiB (net.core.rmem_max limits it)",
+            got / 1024
+        );
+    }
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind_err(std::io::Error::other("no async runtime found")))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+        .map_err(bind_err)
 }
 
 /// A client-only endpoint bound to an ephemeral port of the right address family.
@@ -94,8 +129,7 @@ pub fn client_endpoint(
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    let mut endpoint = bind_endpoint(bind, None)?;
     endpoint.set_default_client_config(client_config(creds, settings)?);
     Ok(endpoint)
 }

@@ -442,6 +442,38 @@ impl Configuration {
         }
     }
 
+    /// [`Configuration::share_for`] of each of `instances` (duplicates are ignored), in one
+    /// pass over the nodes: a deploy to N agents stays O(N), where calling `share_for` for
+    /// each would be O(N²).
+    pub fn shares<'a>(
+        &self,
+        instances: impl IntoIterator<Item = &'a str>,
+    ) -> BTreeMap<String, Self> {
+        let mut out: BTreeMap<String, Self> = instances
+            .into_iter()
+            .map(|name| {
+                let share = Self {
+                    id: self.id.clone(),
+                    instances: Vec::new(),
+                    nodes: Vec::new(),
+                    roles: self.roles.clone(),
+                };
+                (name.to_owned(), share)
+            })
+            .collect();
+        for i in &self.instances {
+            if let Some(share) = out.get_mut(&i.name) {
+                share.instances.push(i.clone());
+            }
+        }
+        for n in &self.nodes {
+            if let Some(share) = out.get_mut(&n.instance) {
+                share.nodes.push(n.clone());
+            }
+        }
+        out
+    }
+
     /// The node named `name`.
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name == name)
@@ -718,6 +750,28 @@ mod tests {
         assert_eq!(minimal.stop_signal, "SIGTERM");
         assert_eq!(minimal.restart, RestartPolicy::OnFailure);
         assert_eq!(minimal.readiness, Readiness::default());
+    }
+
+    #[test]
+    fn shares_are_each_instances_share() {
+        let mut c = Configuration::empty();
+        for i in ["a", "b", "c"] {
+            c.instances.push(Instance {
+                name: i.into(),
+                host: None,
+                port: None,
+            });
+        }
+        for (n, i) in [("a1", "a"), ("b1", "b"), ("a2", "a"), ("x1", "x")] {
+            c.nodes.push(Node::new(n, i));
+        }
+        c.roles.insert("web".into(), RoleTemplate::default());
+        let shares = c.shares(["a", "b", "c", "d", "a"]);
+        assert_eq!(shares.len(), 4);
+        for (name, share) in &shares {
+            assert_eq!(share, &c.share_for(name), "share of {name}");
+        }
+        assert_eq!(shares["a"].nodes.len(), 2);
     }
 
     #[test]

@@ -51,6 +51,15 @@ struct Args {
     /// to measure idle cost; the swarm keeps its connections open meanwhile.
     #[arg(long, default_value_t = 0)]
     idle_secs: u64,
+    /// Hollow agents that share one UDP socket (quinn endpoint). Real agents each have
+    /// their own; sharing one socket among many makes the swarm's single endpoint driver
+    /// and socket buffer the bottleneck instead of the controller.
+    #[arg(long, default_value_t = 8)]
+    agents_per_socket: usize,
+    /// Milliseconds to pause once every agent is connected (after printing `connected`
+    /// on stderr), for the caller to measure the controller with idle agents.
+    #[arg(long, default_value_t = 0)]
+    settle_ms: u64,
 }
 
 fn creds(ca: &Ca, role: PeerRole, name: &str) -> anyhow::Result<Credentials> {
@@ -78,7 +87,7 @@ async fn run_agent(
     cfg: quinn::ClientConfig,
     controller: SocketAddr,
     name: String,
-    per: usize,
+    conns: Arc<Mutex<Vec<quinn::Connection>>>,
 ) -> anyhow::Result<()> {
     let hollow = Arc::new(Mutex::new(Hollow::default()));
     let hello = Hello {
@@ -99,6 +108,7 @@ async fn run_agent(
     )
     .await?;
     let conn = est.conn.clone();
+    conns.lock().expect("lock").push(conn.clone());
     let h = hollow.clone();
     let instance = name.clone();
     let settings = TransportSettings::default();
@@ -160,7 +170,6 @@ async fn run_agent(
             Ok::<_, WireError>(reply)
         }
     };
-    let _ = per;
     let reason = conn::serve(conn, settings, handler).await;
     anyhow::bail!("agent {name} lost: {reason}")
 }
@@ -201,6 +210,25 @@ async fn client(
     Ok((endpoint, est.conn))
 }
 
+/// Packets quinn declared lost on every agent connection and the client's, so far.
+fn lost_packets(agents: &Mutex<Vec<quinn::Connection>>, client: &quinn::Connection) -> u64 {
+    let agents = agents.lock().expect("lock");
+    agents
+        .iter()
+        .chain(std::iter::once(client))
+        .map(|c| c.stats().path.lost_packets)
+        .sum()
+}
+
+/// CPU time this process used so far (user and system), in seconds.
+fn cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        t(u.user_time()) + t(u.system_time())
+    })
+}
+
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
@@ -217,8 +245,9 @@ async fn main() -> anyhow::Result<()> {
         // As production agents: keep-alives every 2 s, lost after 10 s of silence.
         ..TransportSettings::default()
     };
-    // A few shared UDP sockets, each carrying many agents' connections.
-    let endpoints: Vec<quinn::Endpoint> = (0..args.agents.div_ceil(500).max(1))
+    // UDP sockets, each carrying a few agents' connections.
+    let per_socket = args.agents_per_socket.max(1);
+    let endpoints: Vec<quinn::Endpoint> = (0..args.agents.div_ceil(per_socket).max(1))
         .map(|_| {
             let any = creds(&ca, PeerRole::Agent, "any")?;
             Ok(conn::client_endpoint(&any, &settings, args.controller)?)
@@ -245,10 +274,16 @@ async fn main() -> anyhow::Result<()> {
     // Connect everyone.
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
+    let agent_conns = Arc::new(Mutex::new(Vec::new()));
     for (i, (name, cfg)) in names.iter().cloned().zip(configs).enumerate() {
-        let ep = endpoints[i % endpoints.len()].clone();
-        let per = args.nodes_per_agent;
-        tasks.spawn(run_agent(ep, cfg, args.controller, name, per));
+        let ep = endpoints[i / per_socket].clone();
+        tasks.spawn(run_agent(
+            ep,
+            cfg,
+            args.controller,
+            name,
+            agent_conns.clone(),
+        ));
     }
     let connected = loop {
         let reply: ClientResponse =
@@ -270,6 +305,13 @@ async fn main() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    if args.settle_ms > 0 {
+        // Tell the caller every agent is connected, then stay idle for a moment.
+        eprintln!("connected");
+        tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+    }
+    let lost_before = lost_packets(&agent_conns, &cl);
+    let cpu_before = cpu_seconds();
 
     // Monitors subscribe.
     let mut monitor_streams = Vec::new();
@@ -360,6 +402,8 @@ async fn main() -> anyhow::Result<()> {
     }
     lat.sort_by(f64::total_cmp);
     let report = serde_json::json!({
+        "swarm_cpu_s": cpu_seconds() - cpu_before,
+        "lost_packets": lost_packets(&agent_conns, &cl) - lost_before,
         "agents": args.agents,
         "nodes_per_agent": args.nodes_per_agent,
         "connect_all_ms": connected.as_secs_f64() * 1000.0,
