@@ -433,7 +433,7 @@ async fn deploy_locked(
     let started = std::time::Instant::now();
     // Every connected agent gets the configuration: those without nodes in it stop
     // whatever they ran before.
-    let mut shares = shares(config, connected.keys().map(String::as_str));
+    let mut shares = crate::zeek::layout::shares(config, connected.keys().map(String::as_str));
     let requests = connected
         .into_iter()
         .map(|(name, conn)| {
@@ -492,21 +492,6 @@ async fn deploy_locked(
         }
     }
     results
-}
-
-/// Each named instance's share of `config` (`zeek::layout::share_for`), in one pass over
-/// the nodes when the configuration is not a Zeek cluster.
-fn shares<'a>(
-    config: &Configuration,
-    instances: impl Iterator<Item = &'a str>,
-) -> BTreeMap<String, Configuration> {
-    if crate::zeek::layout::layout(config).is_some() {
-        // Every node of a Zeek cluster gets the layout of the whole cluster.
-        return instances
-            .map(|i| (i.to_owned(), crate::zeek::layout::share_for(config, i)))
-            .collect();
-    }
-    config.shares(instances)
 }
 
 /// Brings an agent that (re)connected up to the deployed configuration.

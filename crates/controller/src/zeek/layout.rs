@@ -143,16 +143,35 @@ pub(crate) fn layout(config: &Configuration) -> Option<String> {
 /// with every Zeek node of a Zeek cluster given `CLUSTER_NODE` and the layout.
 pub(crate) fn share_for(config: &Configuration, instance: &str) -> Configuration {
     let mut share = config.share_for(instance);
-    let Some(text) = layout(config) else {
-        return share;
-    };
+    if let Some(text) = layout(config) {
+        add_layout(&mut share, &text);
+    }
+    share
+}
+
+/// [`share_for`] for many instances at once: one pass over the nodes, and the layout
+/// computed once, so a deploy to N agents stays linear in the cluster's size.
+pub(crate) fn shares<'a>(
+    config: &Configuration,
+    instances: impl Iterator<Item = &'a str>,
+) -> BTreeMap<String, Configuration> {
+    let mut shares = config.shares(instances);
+    if let Some(text) = layout(config) {
+        for share in shares.values_mut() {
+            add_layout(share, &text);
+        }
+    }
+    shares
+}
+
+/// Gives every Zeek node of `share` `CLUSTER_NODE` and the layout file.
+fn add_layout(share: &mut Configuration, text: &str) {
     for n in &mut share.nodes {
         if node_type(&n.role).is_some() {
             n.env.insert(NODE_ENV.to_owned(), n.name.clone());
-            n.files.insert(LAYOUT_FILE.to_owned(), text.clone());
+            n.files.insert(LAYOUT_FILE.to_owned(), text.to_owned());
         }
     }
-    share
 }
 
 #[cfg(test)]
@@ -225,6 +244,20 @@ mod tests {
         c.nodes.retain(|n| n.role != ClusterRole::Logger);
         let text = layout(&c).unwrap();
         assert!(!text.contains("manager_is_logger"), "{text}");
+    }
+
+    #[test]
+    fn shares_are_each_instances_share_for() {
+        let mut plain = cluster();
+        plain.nodes.retain(|n| n.role != ClusterRole::Manager);
+        for c in [cluster(), plain] {
+            let names: Vec<String> = c.instances.iter().map(|i| i.name.clone()).collect();
+            let all = shares(&c, names.iter().map(String::as_str));
+            assert_eq!(all.len(), names.len());
+            for name in &names {
+                assert_eq!(all[name], share_for(&c, name), "instance {name}");
+            }
+        }
     }
 
     #[test]
