@@ -5,6 +5,10 @@
 //! - `cargo xtask cluster up [--agents N]`: a local cluster on this machine.
 //! - `cargo xtask bench supervise [--nodes 100,500] [--peers supervisord,pm2] [--kills 10]
 //!   [--runs 3] [--quick]`: drover against peer supervisors on this machine.
+//! - `cargo xtask bench control-plane [--agents 100,1000,5000]`: one controller against
+//!   hollow agents.
+//! - `cargo xtask bench deploy [--runs 3] [--readiness start-period|notify]`: a real
+//!   deploy of 4 agents × 50 nodes against bare spawns and supervisord.
 
 mod bench;
 mod cluster;
@@ -83,6 +87,32 @@ enum BenchTask {
         /// Idle window for the CPU figure, in seconds.
         #[arg(long, default_value_t = 10)]
         idle_secs: u64,
+        /// Use the release binaries already built.
+        #[arg(long)]
+        no_build: bool,
+        /// Hollow agents per UDP socket in the swarm (its default when not given).
+        #[arg(long)]
+        agents_per_socket: Option<usize>,
+    },
+    /// A real deploy on loopback (a controller, 4 agents, 4 x 50 `drover-testprog` nodes)
+    /// to all RUNNING, against spawning the same 200 programs from one process and
+    /// against supervisord starting them.
+    Deploy {
+        /// Real agents.
+        #[arg(long, default_value_t = 4)]
+        agents: usize,
+        /// Nodes per agent.
+        #[arg(long, default_value_t = 50)]
+        nodes_per_agent: usize,
+        /// Cold runs per system.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// When a node counts as running: at spawn (start period 0 s) or at READY=1.
+        #[arg(long, value_enum, default_value = "start-period")]
+        readiness: bench::deploy::Readiness,
+        /// Leave supervisord out.
+        #[arg(long)]
+        no_supervisord: bool,
         /// Use the release binaries already built.
         #[arg(long)]
         no_build: bool,
@@ -181,10 +211,27 @@ fn main() -> std::process::ExitCode {
             nodes_per_agent,
             idle_secs,
             no_build,
+            agents_per_socket,
         }) => bench::control_plane::run(&bench::control_plane::Options {
             agents,
             nodes_per_agent,
             idle: std::time::Duration::from_secs(idle_secs),
+            build: !no_build,
+            agents_per_socket,
+        }),
+        Task::Bench(BenchTask::Deploy {
+            agents,
+            nodes_per_agent,
+            runs,
+            readiness,
+            no_supervisord,
+            no_build,
+        }) => bench::deploy::run(&bench::deploy::Options {
+            agents,
+            nodes_per_agent,
+            runs: runs.max(1),
+            readiness,
+            supervisord: !no_supervisord,
             build: !no_build,
         }),
         Task::Bench(BenchTask::Supervise {

@@ -30,6 +30,8 @@ pub(crate) struct Options {
     pub(crate) idle: Duration,
     /// Build the release binaries first.
     pub(crate) build: bool,
+    /// Hollow agents per UDP socket in the swarm; its default when `None`.
+    pub(crate) agents_per_socket: Option<usize>,
 }
 
 fn one(bin: &Path, dir: &Path, n: usize, opts: &Options) -> anyhow::Result<Value> {
@@ -39,7 +41,11 @@ fn one(bin: &Path, dir: &Path, n: usize, opts: &Options) -> anyhow::Result<Value
     // Let the controller settle before the baseline.
     std::thread::sleep(Duration::from_millis(300));
     let rss_before = procfs::status_mib(ctl, "VmRSS")?;
-    let mut swarm = Command::new(bin.join("drover-swarm"))
+    let mut swarm = Command::new(bin.join("drover-swarm"));
+    if let Some(k) = opts.agents_per_socket {
+        swarm.args(["--agents-per-socket", &k.to_string()]);
+    }
+    let mut swarm = swarm
         .args(["--controller", &cluster.controller, "--pki"])
         .arg(dir.join("pki"))
         .args([
@@ -49,6 +55,7 @@ fn one(bin: &Path, dir: &Path, n: usize, opts: &Options) -> anyhow::Result<Value
             &opts.nodes_per_agent.to_string(),
         ])
         .args(["--idle-secs", &(opts.idle.as_secs() + 5).to_string()])
+        .args(["--settle-ms", "2000"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -60,22 +67,34 @@ fn one(bin: &Path, dir: &Path, n: usize, opts: &Options) -> anyhow::Result<Value
         let _ = BufReader::new(stdout).read_line(&mut line);
         line
     });
-    // Wait for "idle" on stderr: the measurements are done, connections stay open.
+    // "connected" on stderr: every agent is connected and idle for a moment; "idle": the
+    // measurements are done, connections stay open.
     let mut err_lines = BufReader::new(stderr).lines();
     let started = Instant::now();
-    loop {
-        match err_lines.next() {
-            Some(Ok(l)) if l.trim() == "idle" => break,
-            Some(Ok(l)) => eprintln!("  swarm: {l}"),
-            _ => {
-                let _ = swarm.kill();
-                bail!(
-                    "drover-swarm ended before its measurements (after {:?})",
-                    started.elapsed()
-                );
+    let mut wait_for = |word: &str| -> anyhow::Result<()> {
+        loop {
+            match err_lines.next() {
+                Some(Ok(l)) if l.trim() == word => return Ok(()),
+                Some(Ok(l)) => eprintln!("  swarm: {l}"),
+                _ => {
+                    let _ = swarm.kill();
+                    bail!(
+                        "drover-swarm ended before its measurements (after {:?})",
+                        started.elapsed()
+                    );
+                }
             }
         }
-    }
+    };
+    wait_for("connected")?;
+    // Halfway through the swarm's pause: every agent connected, nothing asked yet.
+    std::thread::sleep(Duration::from_millis(1000));
+    let rss_connected = procfs::status_mib(ctl, "VmRSS")?;
+    let drops_before = udp_receive_buffer_errors();
+    let busy0 = procfs::cpu_ticks(ctl)?;
+    wait_for("idle")?;
+    let busy = (procfs::cpu_ticks(ctl)? - busy0) as f64 / procfs::clk_tck() as f64;
+    let drops = udp_receive_buffer_errors().saturating_sub(drops_before);
     let line = report
         .join()
         .map_err(|_| anyhow::anyhow!("report thread"))?;
@@ -90,10 +109,30 @@ fn one(bin: &Path, dir: &Path, n: usize, opts: &Options) -> anyhow::Result<Value
     let _ = swarm.kill();
     let _ = swarm.wait();
     v["controller_rss_mib"] = serde_json::json!(rss);
+    v["controller_rss_kib_per_idle_agent"] =
+        serde_json::json!((rss_connected - rss_before) * 1024.0 / n as f64);
+    v["controller_cpu_s"] = serde_json::json!(busy);
+    v["udp_receive_buffer_drops"] = serde_json::json!(drops);
     v["controller_rss_kib_per_agent"] = serde_json::json!((rss - rss_before) * 1024.0 / n as f64);
     v["controller_idle_cpu_pct"] = serde_json::json!(idle_pct);
     drop(cluster);
     Ok(v)
+}
+
+/// UDP datagrams the kernel dropped for want of socket receive buffer, machine-wide
+/// (`RcvbufErrors` in `/proc/net/snmp`); 0 if unreadable.
+fn udp_receive_buffer_errors() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(k, _)| *k == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Runs the benchmark and prints the table.
@@ -115,7 +154,7 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
     }
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     println!(
-        "\n{:>6} {:>7} {:>12} {:>10} {:>10} {:>11} {:>13} {:>11} {:>12} {:>10}",
+        "\n{:>6} {:>7} {:>10} {:>8} {:>8} {:>9} {:>12} {:>8} {:>10} {:>10} {:>9} {:>8} {:>8} {:>6} {:>6}",
         "agents",
         "nodes",
         "connect ms",
@@ -124,12 +163,17 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
         "deploy ms",
         "fan-out10 ms",
         "RSS MiB",
+        "KiB/idle",
         "KiB/agent",
-        "idle CPU%"
+        "idle CPU%",
+        "ctl CPUs",
+        "swarm s",
+        "lost",
+        "drops"
     );
     for v in &rows {
         println!(
-            "{:>6} {:>7} {:>12.0} {:>10.1} {:>10.1} {:>11.0} {:>13.1} {:>11.1} {:>12.1} {:>10.2}",
+            "{:>6} {:>7} {:>10.0} {:>8.1} {:>8.1} {:>9.0} {:>12.1} {:>8.1} {:>10.1} {:>10.1} {:>9.2} {:>8.2} {:>8.2} {:>6} {:>6}",
             f(v, "agents"),
             f(v, "agents") * f(v, "nodes_per_agent"),
             f(v, "connect_all_ms"),
@@ -138,8 +182,13 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
             f(v, "deploy_ms"),
             f(v, "event_fanout_max_ms"),
             f(v, "controller_rss_mib"),
+            f(v, "controller_rss_kib_per_idle_agent"),
             f(v, "controller_rss_kib_per_agent"),
             f(v, "controller_idle_cpu_pct"),
+            f(v, "controller_cpu_s"),
+            f(v, "swarm_cpu_s"),
+            f(v, "lost_packets"),
+            f(v, "udp_receive_buffer_drops"),
         );
     }
     let path = project_root().join("target/bench/control-plane.json");

@@ -14,8 +14,12 @@
 //! - [`drover`], [`supervisord`], [`pm2`]: one adapter per system.
 //! - [`install`]: installs the peers under `target/bench` (a virtualenv, an npm prefix).
 //! - [`procfs`]: the `/proc` reads; [`stats`]: medians, number and table formatting.
+//!
+//! `cargo xtask bench control-plane` ([`control_plane`]) and `cargo xtask bench deploy`
+//! ([`deploy`]) live here too and share these helpers.
 
 pub(crate) mod control_plane;
+pub(crate) mod deploy;
 mod drover;
 mod install;
 mod pm2;
@@ -885,11 +889,15 @@ mod tests {
         assert_eq!(node["readiness"]["period"].as_str(), Some("0s"));
         assert!(toml["instances"].get("agent-1").is_some());
 
-        let conf = supervisord::config(Path::new("/w"), &names, &PROGRAM);
+        let conf = supervisord::config_with_env(Path::new("/w"), &names, &PROGRAM, &[]);
         assert!(conf.contains(
             "[program:n-002]\ncommand=/bin/sleep 100000\nautorestart=true\nstartsecs=0\n"
         ));
+        assert!(!conf.contains("environment="));
         assert!(conf.contains("file=/w/supervisor.sock"));
+        let env = [("A".to_owned(), "x/1".to_owned())];
+        let conf = supervisord::config_with_env(Path::new("/w"), &names, &PROGRAM, &env);
+        assert!(conf.contains("startsecs=0\nenvironment=A=\"x/1\"\n[program:n-002]"));
 
         let eco = pm2::ecosystem(&names, &PROGRAM);
         let json = eco

@@ -63,8 +63,14 @@ pub(crate) struct Supervisord {
     down: bool,
 }
 
-/// The configuration file for `names`, each running `argv`.
-pub(crate) fn config(dir: &Path, names: &[String], argv: &[&str]) -> String {
+/// The configuration file for `names`, each running `argv` with `env` added to its
+/// environment.
+pub(crate) fn config_with_env(
+    dir: &Path,
+    names: &[String],
+    argv: &[&str],
+    env: &[(String, String)],
+) -> String {
     let d = dir.display();
     let mut text = format!(
         "[unix_http_server]\nfile={d}/supervisor.sock\n\
@@ -74,12 +80,20 @@ pub(crate) fn config(dir: &Path, names: &[String], argv: &[&str]) -> String {
          supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\
          [supervisorctl]\nserverurl=unix://{d}/supervisor.sock\n"
     );
+    let environment = env
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{v}\""))
+        .collect::<Vec<_>>()
+        .join(",");
     for n in names {
         let _ = write!(
             text,
             "[program:{n}]\ncommand={}\nautorestart=true\nstartsecs=0\n",
             argv.join(" ")
         );
+        if !environment.is_empty() {
+            let _ = writeln!(text, "environment={environment}");
+        }
     }
     text
 }
@@ -92,10 +106,21 @@ impl Supervisord {
         names: &[String],
         argv: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::with_env(dir, venv, names, argv, &[])
+    }
+
+    /// [`Supervisord::new`] with environment variables for every program.
+    pub(crate) fn with_env(
+        dir: &Path,
+        venv: &Path,
+        names: &[String],
+        argv: &[&str],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         fs::create_dir_all(dir.join("logs"))
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let conf = dir.join("supervisord.conf");
-        fs::write(&conf, config(dir, names, argv))?;
+        fs::write(&conf, config_with_env(dir, names, argv, env))?;
         let script = dir.join("status_helper.py");
         fs::write(&script, HELPER)?;
         // Started before the clock: it connects only when asked.
