@@ -194,6 +194,10 @@ struct Entry {
     status_text: Option<String>,
     last_exit: Option<model::ExitStatus>,
     notify_task: Option<tokio::task::AbortHandle>,
+    /// The record as last written: an unchanged record is not written again (a deploy
+    /// would otherwise write each new node's record three times, and file creation and
+    /// renames are most of the agent's cost per spawned node).
+    written: Vec<u8>,
 }
 
 impl Entry {
@@ -792,6 +796,7 @@ impl Core {
             status_text: None,
             last_exit: None,
             notify_task: None,
+            written: Vec::new(),
         };
         entry.notify_task = Some(self.listen_notify(name, &entry.dir)?);
         self.nodes.insert(name.to_owned(), entry);
@@ -1319,8 +1324,8 @@ impl Core {
             .collect()
     }
 
-    fn save_record(&self, name: &str) {
-        let Some(e) = self.nodes.get(name) else {
+    fn save_record(&mut self, name: &str) {
+        let Some(e) = self.nodes.get_mut(name) else {
             return;
         };
         let record = Record {
@@ -1338,8 +1343,12 @@ impl Core {
         };
         let path = e.dir.join("record.json");
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialize");
-        if let Err(err) = write_atomic(&path, &bytes) {
-            warn!(node = %name, "cannot write {}: {err}", path.display());
+        if bytes == e.written {
+            return;
+        }
+        match write_atomic(&path, &bytes) {
+            Ok(()) => e.written = bytes,
+            Err(err) => warn!(node = %name, "cannot write {}: {err}", path.display()),
         }
     }
 
