@@ -468,6 +468,105 @@ pub fn run_cli(mut cmd: Command, limit: Duration) -> CliOutput {
     }
 }
 
+/// Replaces what changes from run to run in JSON output: the number after every
+/// `"pid": ` becomes `<pid>`, every UUID `<id>`.
+pub fn canon_pids_and_ids(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("\"pid\": ") {
+        let (head, tail) = rest.split_at(i + 7);
+        out.push_str(head);
+        let digits = tail.chars().take_while(char::is_ascii_digit).count();
+        out.push_str("<pid>");
+        rest = &tail[digits..];
+    }
+    out.push_str(rest);
+    let chars: Vec<char> = out.chars().collect();
+    let mut result = String::new();
+    let mut i = 0;
+    while i < chars.len() {
+        // 8-4-4-4-12 hex digits
+        let candidate: String = chars[i..chars.len().min(i + 36)].iter().collect();
+        let is_uuid = candidate.len() == 36
+            && candidate.char_indices().all(|(j, ch)| {
+                if [8, 13, 18, 23].contains(&j) {
+                    ch == '-'
+                } else {
+                    ch.is_ascii_hexdigit()
+                }
+            });
+        if is_uuid {
+            result.push_str("<id>");
+            i += 36;
+        } else {
+            result.push(chars[i]);
+            i += 1;
+        }
+    }
+    result
+}
+
+/// An agent with a real certificate (`mute`, issued here) and a real connection to the
+/// controller at `addr` that accepts every request and answers none. It goes away
+/// when dropped.
+pub struct MuteAgent {
+    /// Held so the connection lives; closed on drop.
+    endpoint: quinn::Endpoint,
+}
+
+impl MuteAgent {
+    /// Connects, on `rt`, once the controller welcomed it.
+    pub fn connect(c: &Cluster, addr: SocketAddr, rt: &tokio::runtime::Runtime) -> Self {
+        use drover_net::conn::{self, TransportSettings};
+        use drover_net::{Credentials, TlsFiles};
+        use drover_proto::msg::{API_VERSION, ControllerRequest, Hello, Request, WireError};
+        c.issue(PeerRole::Agent, "mute");
+        let creds = Credentials::load(&TlsFiles {
+            ca: c.pki_file("ca.crt"),
+            cert: c.pki_file("mute.crt"),
+            key: c.pki_file("mute.key"),
+        })
+        .expect("mute agent credentials");
+        let endpoint = rt.block_on(async {
+            let settings = TransportSettings::default();
+            let endpoint = conn::client_endpoint(&creds, &settings, addr).expect("endpoint");
+            let hello = Hello {
+                api_version: API_VERSION,
+                role: PeerRole::Agent,
+                name: "mute".into(),
+                software: "a mute agent".into(),
+            };
+            let est = conn::dial(
+                &endpoint,
+                None,
+                addr,
+                "127.0.0.1",
+                hello,
+                PeerRole::Controller,
+                None,
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("the mute agent connects");
+            tokio::spawn(conn::serve(
+                est.conn,
+                settings,
+                |_req: Request<ControllerRequest>| async {
+                    std::future::pending::<Result<(), WireError>>().await
+                },
+            ));
+            endpoint
+        });
+        Self { endpoint }
+    }
+}
+
+impl Drop for MuteAgent {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"");
+    }
+}
+
 /// A UDP port that was free a moment ago on 127.0.0.1.
 pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")

@@ -5,46 +5,14 @@
 
 use std::net::SocketAddr;
 
-use drover_tests::{Cluster, PATIENCE, bin, eventually};
+use drover_tests::{Cluster, PATIENCE, bin, canon_pids_and_ids, eventually};
 
 /// Replaces what changes from run to run.
 fn canon(c: &Cluster, text: &str) -> String {
-    let mut out = text.replace(&c.dir.path().display().to_string(), "<dir>");
-    out = out.replace(&bin("drover-testprog").display().to_string(), "<testprog>");
-    let mut result = String::new();
-    let mut rest = out.as_str();
-    // Numbers after "pid": and UUIDs.
-    while let Some(i) = rest.find("\"pid\": ") {
-        let (head, tail) = rest.split_at(i + 7);
-        result.push_str(head);
-        let digits = tail.chars().take_while(char::is_ascii_digit).count();
-        result.push_str("<pid>");
-        rest = &tail[digits..];
-    }
-    result.push_str(rest);
-    let mut final_ = String::new();
-    let bytes: Vec<char> = result.chars().collect();
-    let mut i = 0;
-    while i < bytes.len() {
-        // 8-4-4-4-12 hex
-        let candidate: String = bytes[i..bytes.len().min(i + 36)].iter().collect();
-        let is_uuid = candidate.len() == 36
-            && candidate.char_indices().all(|(j, ch)| {
-                if [8, 13, 18, 23].contains(&j) {
-                    ch == '-'
-                } else {
-                    ch.is_ascii_hexdigit()
-                }
-            });
-        if is_uuid {
-            final_.push_str("<id>");
-            i += 36;
-        } else {
-            final_.push(bytes[i]);
-            i += 1;
-        }
-    }
-    final_
+    let out = text
+        .replace(&c.dir.path().display().to_string(), "<dir>")
+        .replace(&bin("drover-testprog").display().to_string(), "<testprog>");
+    canon_pids_and_ids(&out)
 }
 
 fn run(c: &Cluster, addr: SocketAddr, args: &[&str]) -> String {

@@ -3,57 +3,17 @@
 
 use std::time::{Duration, Instant};
 
-use drover_net::conn::{self, TransportSettings};
-use drover_net::{Credentials, TlsFiles};
-use drover_proto::msg::{API_VERSION, ControllerRequest, Hello, PeerRole, Request, WireError};
-use drover_tests::{Cluster, PATIENCE, eventually};
+use drover_tests::{Cluster, MuteAgent, PATIENCE, eventually};
 
 #[test]
 fn an_agent_that_never_answers_is_a_per_instance_timeout() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller_with("127.0.0.1:0", &["--request-timeout", "1s"]);
     let _good = c.start_agent("agent-1", addr);
-    c.issue(PeerRole::Agent, "mute");
-    let creds = Credentials::load(&TlsFiles {
-        ca: c.pki_file("ca.crt"),
-        cert: c.pki_file("mute.crt"),
-        key: c.pki_file("mute.key"),
-    })
-    .unwrap();
     // A real agent identity over a real connection that accepts every request and
     // answers none.
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let _mute = rt.block_on(async {
-        let settings = TransportSettings::default();
-        let endpoint = conn::client_endpoint(&creds, &settings, addr).unwrap();
-        let hello = Hello {
-            api_version: API_VERSION,
-            role: PeerRole::Agent,
-            name: "mute".into(),
-            software: "a mute agent".into(),
-        };
-        let est = conn::dial(
-            &endpoint,
-            None,
-            addr,
-            "127.0.0.1",
-            hello,
-            PeerRole::Controller,
-            None,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-        let conn = est.conn.clone();
-        tokio::spawn(conn::serve(
-            est.conn,
-            settings,
-            |_req: Request<ControllerRequest>| async {
-                std::future::pending::<Result<(), WireError>>().await
-            },
-        ));
-        (endpoint, conn)
-    });
+    let _mute = MuteAgent::connect(&c, addr, &rt);
     eventually("both agents listed", PATIENCE, || {
         let v = c.drover(addr, &["get-instances"]).json();
         (v.as_object().unwrap().len() == 2).then_some(())

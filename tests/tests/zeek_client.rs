@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use drover_tests::{CliOutput, Cluster, PATIENCE, Proc, bin, eventually, run_cli};
+use drover_tests::{
+    CliOutput, Cluster, MuteAgent, PATIENCE, Proc, bin, canon_pids_and_ids, eventually, run_cli,
+};
 use serde_json::Value;
 
 fn workspace() -> PathBuf {
@@ -220,7 +222,7 @@ impl Transcript {
         for (from, to) in &self.replace {
             s = s.replace(from, to);
         }
-        self.text.push_str(&canon(&s));
+        self.text.push_str(&canon_pids_and_ids(&s));
     }
 
     fn check(self) {
@@ -247,42 +249,6 @@ impl Transcript {
             );
         }
     }
-}
-
-/// Replaces pids and UUIDs.
-fn canon(text: &str) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("\"pid\": ") {
-        let (head, tail) = rest.split_at(i + 7);
-        out.push_str(head);
-        let digits = tail.chars().take_while(char::is_ascii_digit).count();
-        out.push_str("<pid>");
-        rest = &tail[digits..];
-    }
-    out.push_str(rest);
-    let chars: Vec<char> = out.chars().collect();
-    let mut result = String::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let candidate: String = chars[i..chars.len().min(i + 36)].iter().collect();
-        let is_uuid = candidate.len() == 36
-            && candidate.char_indices().all(|(j, ch)| {
-                if [8, 13, 18, 23].contains(&j) {
-                    ch == '-'
-                } else {
-                    ch.is_ascii_hexdigit()
-                }
-            });
-        if is_uuid {
-            result.push_str("<id>");
-            i += 36;
-        } else {
-            result.push(chars[i]);
-            i += 1;
-        }
-    }
-    result
 }
 
 /// Writes a test INI file from `tests/zeek/`.
@@ -454,57 +420,6 @@ fn zeek_client_sees_the_output_of_nodes_that_fail_to_start() {
     t.check();
 }
 
-/// A real agent identity whose connection accepts every request and answers none.
-fn mute_agent(c: &Cluster, addr: SocketAddr, rt: &tokio::runtime::Runtime) -> impl Drop {
-    use drover_net::conn::{self, TransportSettings};
-    use drover_net::{Credentials, TlsFiles};
-    use drover_proto::msg::{API_VERSION, ControllerRequest, Hello, PeerRole, Request, WireError};
-    c.issue(PeerRole::Agent, "mute");
-    let creds = Credentials::load(&TlsFiles {
-        ca: c.pki_file("ca.crt"),
-        cert: c.pki_file("mute.crt"),
-        key: c.pki_file("mute.key"),
-    })
-    .unwrap();
-    let endpoint = rt.block_on(async {
-        let settings = TransportSettings::default();
-        let endpoint = conn::client_endpoint(&creds, &settings, addr).unwrap();
-        let hello = Hello {
-            api_version: API_VERSION,
-            role: PeerRole::Agent,
-            name: "mute".into(),
-            software: "a mute agent".into(),
-        };
-        let est = conn::dial(
-            &endpoint,
-            None,
-            addr,
-            "127.0.0.1",
-            hello,
-            PeerRole::Controller,
-            None,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn::serve(
-            est.conn,
-            settings,
-            |_req: Request<ControllerRequest>| async {
-                std::future::pending::<Result<(), WireError>>().await
-            },
-        ));
-        endpoint
-    });
-    struct Mute(quinn::Endpoint);
-    impl Drop for Mute {
-        fn drop(&mut self) {
-            self.0.close(0u32.into(), b"");
-        }
-    }
-    Mute(endpoint)
-}
-
 #[test]
 fn zeek_client_request_timeouts() {
     let c = Cluster::new();
@@ -526,7 +441,7 @@ fn zeek_client_request_timeouts() {
     // An agent that never answers: a per-instance timeout, the other agent's nodes.
     let _a = c.start_agent("agent-1", z.addr);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let _mute = mute_agent(&c, z.addr, &rt);
+    let _mute = MuteAgent::connect(&c, z.addr, &rt);
     wait_instances(&z, 2);
     t.run(&z, &["get-nodes"]);
     t.check();
