@@ -297,13 +297,23 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
 }
 
 fn unknown_key_message(key: &str) -> String {
-    let suggestion = NODE_KEYS
-        .iter()
-        .filter(|k| **k != "instance")
-        .min_by_key(|k| edit_distance(k, key))
-        .filter(|k| edit_distance(k, key) <= 2);
+    let known = NODE_KEYS.iter().copied().filter(|k| *k != "instance");
+    unknown_key_with_suggestion(key, known)
+}
+
+/// "unknown key 'x'", with the closest of `known` as a suggestion when it is at most two
+/// edits away.
+pub(crate) fn unknown_key_with_suggestion<'a>(
+    key: &str,
+    known: impl IntoIterator<Item = &'a str>,
+) -> String {
+    let suggestion = known
+        .into_iter()
+        .map(|k| (edit_distance(k, key), k))
+        .min()
+        .filter(|(d, _)| *d <= 2);
     match suggestion {
-        Some(s) => format!("unknown key '{key}' (did you mean '{s}'?)"),
+        Some((_, s)) => format!("unknown key '{key}' (did you mean '{s}'?)"),
         None => format!("unknown key '{key}'"),
     }
 }

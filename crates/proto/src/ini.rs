@@ -1212,29 +1212,7 @@ fn unknown_key_message(key: &str) -> String {
              the TOML format"
         );
     }
-    let suggestion = INI_NODE_KEYS
-        .iter()
-        .map(|k| (edit_distance(k, key), *k))
-        .min()
-        .filter(|(d, _)| *d <= 2);
-    match suggestion {
-        Some((_, s)) => format!("unknown key '{key}' (did you mean '{s}'?)"),
-        None => format!("unknown key '{key}'"),
-    }
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
+    config::unknown_key_with_suggestion(key, INI_NODE_KEYS.iter().copied())
 }
 
 /// A hint for "undeclared instance" issues that only a letter case explains.
