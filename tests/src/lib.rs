@@ -257,6 +257,15 @@ impl Cluster {
     pub fn start_controller_with(&self, listen: &str, extra: &[&str]) -> (Proc, SocketAddr) {
         let mut cmd = Command::new(bin("drover-controller"));
         cmd.args(extra);
+        self.controller_args(&mut cmd, listen);
+        let p = Proc::spawn("controller", cmd, self.log_path("controller"));
+        let log = p.wait_log("controller listening");
+        (p, addr_in_log(&log, "controller listening"))
+    }
+
+    /// Adds the flags of this cluster's controller listening on `listen`: its state
+    /// dir, certificates and liveness settings.
+    pub fn controller_args(&self, cmd: &mut Command, listen: &str) {
         cmd.arg("--listen")
             .arg(listen)
             .arg("--state-dir")
@@ -267,17 +276,7 @@ impl Cluster {
             .arg(self.pki_file("controller.crt"))
             .arg("--key")
             .arg(self.pki_file("controller.key"));
-        self.liveness_args(&mut cmd);
-        let p = Proc::spawn("controller", cmd, self.log_path("controller"));
-        let log = p.wait_log("controller listening");
-        let addr = log
-            .lines()
-            .rev()
-            .find(|l| l.contains("controller listening"))
-            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in controller log:\n{log}"));
-        (p, addr)
+        self.liveness_args(cmd);
     }
 
     /// Starts an agent named `name` (issuing its certificate if needed).
@@ -322,6 +321,17 @@ impl Cluster {
     }
 
     fn start_agent_cmd(&self, mut cmd: Command, name: &str, file: &str, extra: &[&str]) -> Proc {
+        self.agent_args(&mut cmd, name, file, extra);
+        Proc::spawn(
+            &format!("agent {name}"),
+            cmd,
+            self.log_path(&format!("agent-{name}")),
+        )
+    }
+
+    /// Adds the flags of this cluster's agent `name` with the certificate files
+    /// `FILE.*`, then `extra`: its state dir, certificates and liveness settings.
+    pub fn agent_args(&self, cmd: &mut Command, name: &str, file: &str, extra: &[&str]) {
         cmd.arg("--name")
             .arg(name)
             .args(extra)
@@ -335,12 +345,7 @@ impl Cluster {
             .arg(self.pki_file(&format!("{file}.key")))
             .arg("--reconnect-max")
             .arg("500ms");
-        self.liveness_args(&mut cmd);
-        Proc::spawn(
-            &format!("agent {name}"),
-            cmd,
-            self.log_path(&format!("agent-{name}")),
-        )
+        self.liveness_args(cmd);
     }
 
     /// Runs the `drover` CLI as client `ops` against `controller`.
@@ -466,6 +471,16 @@ pub fn run_cli(mut cmd: Command, limit: Duration) -> CliOutput {
         stdout: out_t.join().expect("stdout thread"),
         stderr: err_t.join().expect("stderr thread"),
     }
+}
+
+/// The address after `addr=` in the last log line containing `marker`.
+pub fn addr_in_log(log: &str, marker: &str) -> SocketAddr {
+    log.lines()
+        .rev()
+        .find(|l| l.contains(marker))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address after '{marker}' in:\n{log}"))
 }
 
 /// Replaces what changes from run to run in JSON output: the number after every

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use drover_proto::msg::PeerRole;
-use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually};
+use drover_tests::{Cluster, PATIENCE, Proc, addr_in_log, bin, eventually};
 use nix::sys::signal::Signal;
 
 /// A socket in systemd's place, and every datagram it received, with arrival times.
@@ -171,55 +171,24 @@ fn daemon(name: &str, sock: &NotifySocket, watchdog: &[(&str, &str)]) -> Command
     cmd
 }
 
-fn liveness(c: &Cluster, cmd: &mut Command) {
-    cmd.arg("--keep-alive")
-        .arg(format!("{}ms", c.keep_alive.as_millis()))
-        .arg("--idle-timeout")
-        .arg(format!("{}ms", c.idle_timeout.as_millis()));
-}
-
 fn controller_cmd(c: &Cluster, mut cmd: Command) -> Command {
-    cmd.arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--state-dir")
-        .arg(c.dir.path().join("controller"))
-        .arg("--ca")
-        .arg(c.pki_file("ca.crt"))
-        .arg("--cert")
-        .arg(c.pki_file("controller.crt"))
-        .arg("--key")
-        .arg(c.pki_file("controller.key"));
-    liveness(c, &mut cmd);
+    c.controller_args(&mut cmd, "127.0.0.1:0");
     cmd
 }
 
 fn agent_cmd(c: &Cluster, mut cmd: Command, name: &str, controller: SocketAddr) -> Command {
-    cmd.arg("--name")
-        .arg(name)
-        .arg("--controller")
-        .arg(controller.to_string())
-        .arg("--state-dir")
-        .arg(c.dir.path().join(format!("agent-{name}")))
-        .arg("--ca")
-        .arg(c.pki_file("ca.crt"))
-        .arg("--cert")
-        .arg(c.pki_file(&format!("{name}.crt")))
-        .arg("--key")
-        .arg(c.pki_file(&format!("{name}.key")))
-        .arg("--reconnect-max")
-        .arg("500ms");
-    liveness(c, &mut cmd);
+    c.agent_args(
+        &mut cmd,
+        name,
+        name,
+        &["--controller", &controller.to_string()],
+    );
     cmd
 }
 
 /// The address in the controller's "controller listening" log line.
 fn listening_addr(log: &str) -> SocketAddr {
-    log.lines()
-        .rev()
-        .find(|l| l.contains("controller listening"))
-        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in controller log:\n{log}"))
+    addr_in_log(log, "controller listening")
 }
 
 #[test]

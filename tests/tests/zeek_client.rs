@@ -17,7 +17,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use drover_tests::{
-    CliOutput, Cluster, MuteAgent, PATIENCE, Proc, bin, canon_pids_and_ids, eventually, run_cli,
+    CliOutput, Cluster, MuteAgent, PATIENCE, Proc, addr_in_log, bin, canon_pids_and_ids,
+    eventually, run_cli,
 };
 use serde_json::Value;
 
@@ -128,13 +129,7 @@ impl Zeek {
         args.extend_from_slice(extra);
         let (ctl, addr) = c.start_controller_with(listen, &args);
         let log = ctl.wait_log("serving zeek-client");
-        let ws = log
-            .lines()
-            .rev()
-            .find(|l| l.contains("serving zeek-client"))
-            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no zeek websocket address in:\n{log}"));
+        let ws = addr_in_log(&log, "serving zeek-client");
         Self {
             ctl,
             addr,
@@ -581,17 +576,8 @@ fn bad_roles_files_stop_the_controller_and_open_listeners_are_warned_about() {
     cmd.arg("--zeek-websocket")
         .arg("127.0.0.1:0")
         .arg("--zeek-roles")
-        .arg(&bad)
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--state-dir")
-        .arg(c.dir.path().join("controller"))
-        .arg("--ca")
-        .arg(c.pki_file("ca.crt"))
-        .arg("--cert")
-        .arg(c.pki_file("controller.crt"))
-        .arg("--key")
-        .arg(c.pki_file("controller.key"));
+        .arg(&bad);
+    c.controller_args(&mut cmd, "127.0.0.1:0");
     let mut p = Proc::spawn("controller", cmd, c.dir.path().join("bad.log"));
     assert!(!p.wait_exit(PATIENCE).success());
     let log = p.log_text();
