@@ -105,12 +105,21 @@ impl Session {
         Ok(conn::call_stream(&self.conn, req, self.timeout).await?)
     }
 
-    /// Closes the connection politely so the controller sees it go at once. The close
-    /// frame leaves with the endpoint's next send; waiting for the whole draining period
-    /// (`wait_idle`, about 3 round trips' worth of timeout) would add ~80 ms to every
-    /// command for nothing, so this waits only briefly.
+    /// Closes the connection politely so the controller sees it go at once. Waiting for
+    /// the whole draining period (`wait_idle`, about 3 round trips' worth of timeout)
+    /// would add ~80 ms to every command for nothing; what matters is that the close
+    /// frame left, which the connection's datagram counter tells: it moves once the
+    /// driver task has handed the close packet to the socket (waited for at most 5 ms).
     pub async fn close(self) {
+        let before = self.conn.stats().udp_tx.datagrams;
         self.conn.close(0u32.into(), b"done");
-        let _ = tokio::time::timeout(Duration::from_millis(5), self.endpoint.wait_idle()).await;
+        let sent = async {
+            while self.conn.stats().udp_tx.datagrams == before {
+                tokio::task::yield_now().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(5), sent).await;
+        // The endpoint's socket had to outlive the send; now it may go.
+        drop(self.endpoint);
     }
 }
