@@ -725,3 +725,60 @@ fn monitor_with_logs_streams_node_output() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// get-nodes answers from the statuses agents report as they change; `--fresh` asks
+/// the agents. A paused agent shows the difference: its last report is still there,
+/// while asking it times out.
+#[test]
+fn get_nodes_answers_from_reports_and_fresh_asks_the_agents() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller_with("127.0.0.1:0", &["--request-timeout", "1s"]);
+    let agent = c.start_agent("agent-1", addr);
+    eventually("agent connected", PATIENCE, || {
+        let out = c.drover(addr, &["get-instances"]);
+        (out.json().as_object().map(serde_json::Map::len) == Some(1)).then_some(())
+    });
+    let file = cluster_file(&c, &["agent-1"], 2, "");
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let before = eventually("2 running", PATIENCE, || all_running(&c, addr, 2));
+
+    // A crash no operation caused reaches get-nodes through the agent's report.
+    let old = before["agent-1-n1"];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(old).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let after = eventually("the replacement reported", PATIENCE, || {
+        all_running(&c, addr, 2).filter(|n| n["agent-1-n1"] != old)
+    });
+    assert_eq!(after["agent-1-n2"], before["agent-1-n2"]);
+
+    // Paused, the agent answers nothing: get-nodes still has its last report...
+    agent.signal(nix::sys::signal::Signal::SIGSTOP);
+    let out = c.drover(addr, &["get-nodes"]);
+    agent.signal(nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert_eq!(
+        v["results"]["agent-1"]["agent-1-n1"]["pid"],
+        after["agent-1-n1"]
+    );
+    assert_eq!(v["results"]["agent-1"]["agent-1"]["mgmt_role"], "AGENT");
+    // ...while --fresh asks it, and says that it did not answer.
+    agent.signal(nix::sys::signal::Signal::SIGSTOP);
+    let out = c.drover(addr, &["get-nodes", "--fresh"]);
+    agent.signal(nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert!(
+        v["errors"].to_string().contains("timed out"),
+        "{}",
+        out.stdout
+    );
+    // Back, the agent answers again.
+    eventually("fresh answers again", PATIENCE, || {
+        (c.drover(addr, &["get-nodes", "--fresh"]).code == Some(0)).then_some(())
+    });
+}

@@ -397,7 +397,11 @@ impl Agent {
         conn: quinn::Connection,
         supervisor: &Supervisor,
     ) -> quinn::ConnectionError {
-        let reporter = tokio::spawn(report_status(conn.clone(), supervisor.clone()));
+        let reporter = tokio::spawn(report_status(
+            conn.clone(),
+            supervisor.clone(),
+            self.config.name.clone(),
+        ));
         let name = self.config.name.clone();
         let sup = supervisor.clone();
         let limit = self.config.request_timeout;
@@ -465,29 +469,57 @@ impl Agent {
     }
 }
 
-/// Sends node statuses to the controller whenever they change, at most every
-/// [`REPORT_COALESCE`], so a burst of changes becomes one report.
-async fn report_status(conn: quinn::Connection, supervisor: Supervisor) {
+/// Sends node statuses (and the agent's own entry) to the controller whenever they
+/// change: once changes have settled for [`REPORT_QUIET`], so that the steps of one
+/// restart (exit, spawn, ready) make one report, and at most one report per
+/// [`REPORT_INTERVAL`], so that a burst of changes (500 nodes starting) costs a few
+/// reports, not hundreds.
+async fn report_status(conn: quinn::Connection, supervisor: Supervisor, name: String) {
     let mut changes = supervisor.changes();
-    // A full report at once, so a controller that just met us knows our nodes.
-    let mut first = true;
+    // A full report at once, so a controller that just met us knows our nodes; then
+    // only the nodes that changed, unless a report failed (the next is full again).
+    let mut full = true;
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
-        if !first {
-            if changes.changed().await.is_err() {
-                return;
+        match last_sent {
+            None => {}
+            Some(t) if full => tokio::time::sleep_until(t + REPORT_INTERVAL).await,
+            Some(t) => {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+                // Settle: wait until no change came for REPORT_QUIET (the steps of a
+                // restart come within a few milliseconds), but no longer than
+                // REPORT_SETTLE_MAX, and no sooner than REPORT_INTERVAL after the last.
+                let first = tokio::time::Instant::now();
+                loop {
+                    let quiet = tokio::time::sleep(REPORT_QUIET);
+                    tokio::select! {
+                        () = quiet => break,
+                        r = changes.changed() => if r.is_err() { return },
+                    }
+                    if first.elapsed() >= REPORT_SETTLE_MAX {
+                        break;
+                    }
+                }
+                tokio::time::sleep_until(t + REPORT_INTERVAL).await;
             }
-            tokio::time::sleep(REPORT_COALESCE).await;
         }
-        first = false;
         changes.borrow_and_update();
-        let statuses = supervisor.status().await;
+        let (sent_full, mut statuses) = supervisor.changes_since_last(full).await;
+        statuses.push(own_status(&name));
+        last_sent = Some(tokio::time::Instant::now());
         let req = AgentRequest::Status {
             statuses,
-            full: true,
+            full: sent_full,
         };
-        if let Err(e) = conn::call::<_, AgentResponse>(&conn, &req, Duration::from_secs(10)).await {
-            tracing::debug!("status report failed: {e}");
-        }
+        full = match conn::call::<_, AgentResponse>(&conn, &req, Duration::from_secs(10)).await {
+            Ok(_) => false,
+            Err(e) => {
+                tracing::debug!("status report failed: {e}");
+                true
+            }
+        };
     }
 }
 
@@ -562,8 +594,16 @@ fn stream_logs(
     rx
 }
 
-/// Coalescing window of status reports.
-const REPORT_COALESCE: Duration = Duration::from_millis(50);
+/// A status report waits for this long without a change, for the rest of the change
+/// that prompted it (a restart is an exit, a spawn and readiness within a few
+/// milliseconds)...
+const REPORT_QUIET: Duration = Duration::from_millis(3);
+
+/// ...but not longer than this after the first change.
+const REPORT_SETTLE_MAX: Duration = Duration::from_millis(20);
+
+/// The least time between two status reports.
+const REPORT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The agent's `/metrics` page, computed from the supervisor's current statuses.
 async fn render_metrics(sup: &Supervisor) -> String {

@@ -32,7 +32,7 @@
 //! the process is not its child. A node whose process ended while no agent ran is started
 //! again under its restart policy, counted as one restart; its exit status is unknown.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -93,6 +93,10 @@ enum Command {
     },
     Status {
         reply: oneshot::Sender<Vec<NodeStatus>>,
+    },
+    Changes {
+        full: bool,
+        reply: oneshot::Sender<(bool, Vec<NodeStatus>)>,
     },
     Logs {
         node: String,
@@ -236,6 +240,11 @@ struct Core {
     shutdown: Option<(Instant, oneshot::Sender<()>)>,
     /// An exit happened: look for orphaned descendants once the burst is handled.
     sweep_pending: bool,
+    /// Nodes whose status changed since [`Command::Changes`] last asked, so that a
+    /// status report carries those alone.
+    changed: BTreeSet<String>,
+    /// A node was added or removed since then: the next report must be a full one.
+    membership_changed: bool,
 }
 
 fn epoch_ms() -> u64 {
@@ -314,23 +323,18 @@ fn write_node_files(workdir: &Path, files: &BTreeMap<String, String>) -> Result<
     Ok(())
 }
 
-/// This process's live children, from `/proc/self/task/*/children`.
-fn own_children() -> Vec<i32> {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    let mut pids: Vec<i32> = tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|text| {
-            text.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<i32>>()
-        })
-        .collect();
-    pids.sort_unstable();
-    pids.dedup();
-    pids
+/// Fills in RSS and CPU time from `/proc` for statuses with a process.
+fn add_usage(statuses: &mut [NodeStatus]) {
+    for s in statuses {
+        if let Some(st) = s
+            .pid
+            .and_then(|p| i32::try_from(p).ok())
+            .and_then(|p| sys::proc_stat(p).ok())
+        {
+            s.rss_bytes = Some(sys::rss_bytes(&st));
+            s.cpu_ms = Some(sys::cpu_ms(&st));
+        }
+    }
 }
 
 /// The `DROVER_NODE_TOKEN` in a process's environment, if any.
@@ -374,6 +378,8 @@ impl Supervisor {
             next_token: u64::from(std::process::id()) << 32 | u64::from(rand_u32()),
             shutdown: None,
             sweep_pending: false,
+            changed: BTreeSet::new(),
+            membership_changed: true,
         };
         core.recover();
         tokio::spawn(core.run(rx, events_rx));
@@ -418,11 +424,28 @@ impl Supervisor {
         .unwrap_or_default()
     }
 
-    /// Every node's status.
+    /// Every node's status, with RSS and CPU time from `/proc`. Those are read here, by
+    /// the caller, not by the supervisor task: with 500 nodes they take milliseconds
+    /// that would otherwise delay starts and restarts.
     pub async fn status(&self) -> Vec<NodeStatus> {
-        self.ask(|reply| Command::Status { reply })
+        let mut statuses = self
+            .ask(|reply| Command::Status { reply })
             .await
-            .unwrap_or_default()
+            .unwrap_or_default();
+        add_usage(&mut statuses);
+        statuses
+    }
+
+    /// The statuses of the nodes that changed since the last call (every node's when
+    /// `full`, or when a node was added or removed since); true when it is every node's.
+    /// For status reports: there is one reporter per supervisor.
+    pub async fn changes_since_last(&self, full: bool) -> (bool, Vec<NodeStatus>) {
+        let (full, mut statuses) = self
+            .ask(|reply| Command::Changes { full, reply })
+            .await
+            .unwrap_or_default();
+        add_usage(&mut statuses);
+        (full, statuses)
     }
 
     /// The log files of a node, if it exists.
@@ -528,7 +551,11 @@ impl Core {
         [machines, waiters, shutdown].into_iter().flatten().min()
     }
 
-    fn bump(&self) {
+    /// Notes that `node`'s status changed and wakes whoever watches for changes.
+    fn bump(&mut self, node: &str) {
+        if !self.changed.contains(node) {
+            self.changed.insert(node.to_owned());
+        }
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
@@ -550,6 +577,17 @@ impl Core {
             } => self.act(op, nodes, deadline, reply),
             Command::Status { reply } => {
                 let _ = reply.send(self.statuses());
+            }
+            Command::Changes { full, reply } => {
+                let full = full || self.membership_changed;
+                let changed = std::mem::take(&mut self.changed);
+                self.membership_changed = false;
+                let statuses = if full {
+                    self.statuses()
+                } else {
+                    self.statuses_of(&changed)
+                };
+                let _ = reply.send((full, statuses));
             }
             Command::Logs { node, reply } => {
                 let _ = reply.send(self.nodes.get(&node).map(|e| e.logs.clone()));
@@ -800,6 +838,7 @@ impl Core {
         };
         entry.notify_task = Some(self.listen_notify(name, &entry.dir)?);
         self.nodes.insert(name.to_owned(), entry);
+        self.membership_changed = true;
         Ok(())
     }
 
@@ -856,7 +895,7 @@ impl Core {
                     if state == machine::State::Running {
                         self.save_record(name);
                     }
-                    self.bump();
+                    self.bump(name);
                 }
                 Action::Spawn => {
                     let more = match self.spawn(name) {
@@ -1062,7 +1101,7 @@ impl Core {
                 self.run_actions(&node, actions);
                 self.save_record(&node);
                 self.remove_if_done(&node);
-                self.bump();
+                self.bump(&node);
             }
             Event::Ready { node, generation } => {
                 if let Some(e) = self.nodes.get_mut(&node)
@@ -1117,17 +1156,17 @@ impl Core {
     /// when their parent dies. Any such child whose spawn token belongs to no live node
     /// process is killed.
     fn sweep_orphans(&self) {
-        let tracked: Vec<i32> = self
+        let tracked: BTreeSet<i32> = self
             .nodes
             .values()
             .filter_map(|e| e.proc.as_ref().filter(|p| p.child).map(|p| p.id.pid))
             .collect();
-        let live_tokens: Vec<u64> = self
+        let live_tokens: BTreeSet<u64> = self
             .nodes
             .values()
             .filter_map(|e| e.proc.as_ref().map(|p| p.token))
             .collect();
-        for pid in own_children() {
+        for pid in sys::children() {
             if tracked.contains(&pid) {
                 continue;
             }
@@ -1142,7 +1181,7 @@ impl Core {
     }
 
     fn reap(&mut self) {
-        let tracked: Vec<i32> = self
+        let tracked: BTreeSet<i32> = self
             .nodes
             .values()
             .filter_map(|e| e.proc.as_ref().filter(|p| p.child).map(|p| p.id.pid))
@@ -1186,7 +1225,8 @@ impl Core {
             let _ = std::fs::remove_file(e.dir.join("record.json"));
             let _ = std::fs::remove_file(Self::notify_path(&e.dir));
             info!(node = %name, "node removed");
-            self.bump();
+            self.membership_changed = true;
+            self.bump(name);
         }
     }
 
@@ -1301,27 +1341,34 @@ impl Core {
     fn statuses(&self) -> Vec<NodeStatus> {
         self.nodes
             .iter()
-            .map(|(name, e)| {
-                let mut s =
-                    NodeStatus::new(name, to_model_state(e.machine.state()), MgmtRole::None);
-                s.cluster_role = e.spec.role.clone();
-                s.port = e.spec.port;
-                s.metrics_port = e.spec.metrics_port;
-                s.restarts = u32::try_from(e.restarts()).unwrap_or(u32::MAX);
-                s.last_exit = e.last_exit;
-                s.ready = e.machine.ready_at().is_some();
-                s.status_text.clone_from(&e.status_text);
-                if let Some(p) = &e.proc {
-                    s.pid = u32::try_from(p.id.pid).ok();
-                    s.started_at_ms = Some(p.started_at_ms);
-                    if let Ok(st) = sys::proc_stat(p.id.pid) {
-                        s.rss_bytes = Some(sys::rss_bytes(&st));
-                        s.cpu_ms = Some(sys::cpu_ms(&st));
-                    }
-                }
-                s
-            })
+            .map(|(name, e)| Self::status_of(name, e))
             .collect()
+    }
+
+    /// The statuses of those of `names` that still exist.
+    fn statuses_of(&self, names: &BTreeSet<String>) -> Vec<NodeStatus> {
+        names
+            .iter()
+            .filter_map(|n| self.nodes.get_key_value(n))
+            .map(|(name, e)| Self::status_of(name, e))
+            .collect()
+    }
+
+    /// A node's status, without resource figures (see [`Supervisor::status`]).
+    fn status_of(name: &str, e: &Entry) -> NodeStatus {
+        let mut s = NodeStatus::new(name, to_model_state(e.machine.state()), MgmtRole::None);
+        s.cluster_role = e.spec.role.clone();
+        s.port = e.spec.port;
+        s.metrics_port = e.spec.metrics_port;
+        s.restarts = u32::try_from(e.restarts()).unwrap_or(u32::MAX);
+        s.last_exit = e.last_exit;
+        s.ready = e.machine.ready_at().is_some();
+        s.status_text.clone_from(&e.status_text);
+        if let Some(p) = &e.proc {
+            s.pid = u32::try_from(p.id.pid).ok();
+            s.started_at_ms = Some(p.started_at_ms);
+        }
+        s
     }
 
     fn save_record(&mut self, name: &str) {

@@ -114,8 +114,13 @@ pub enum Command {
         #[arg(short = 'f', long = "filename")]
         filename: Option<PathBuf>,
     },
-    /// The status of every node on every connected instance.
-    GetNodes,
+    /// The status of every node on every connected instance, as agents last reported it
+    /// (an agent is asked directly right after an operation on it).
+    GetNodes {
+        /// Ask every agent now, for current RSS and CPU figures.
+        #[arg(long)]
+        fresh: bool,
+    },
     /// Ask running nodes for the value of an identifier (all nodes when none are named).
     GetIdValue {
         /// The identifier.
@@ -161,7 +166,11 @@ pub enum Command {
         stream: Option<StreamArg>,
     },
     /// A human overview: every instance and node with state, pid, restarts and uptime.
-    Status,
+    Status {
+        /// Ask every agent now, for current RSS and CPU figures.
+        #[arg(long)]
+        fresh: bool,
+    },
     /// Print the effective client settings.
     ShowSettings,
     /// Print cluster events as they happen, one JSON object per line, until interrupted.
@@ -264,15 +273,15 @@ async fn command(
             println!("{text}");
             return Ok(exit(ok));
         }
-        Command::GetNodes | Command::Status
-            if cli.output == Format::Table || matches!(cli.command, Command::Status) =>
+        Command::GetNodes { fresh } | Command::Status { fresh }
+            if cli.output == Format::Table || matches!(cli.command, Command::Status { .. }) =>
         {
-            let reply = session.request(&R::GetNodes).await?;
+            let reply = session.request(&R::GetNodes { fresh: *fresh }).await?;
             let (text, ok) = table::nodes(&output::results(&reply));
             println!("{text}");
             return Ok(exit(ok));
         }
-        Command::Status => unreachable!("always a table"),
+        Command::Status { .. } => unreachable!("always a table"),
         Command::GetInstances => output::get_instances(&session.request(&R::GetInstances).await?),
         Command::StageConfig { .. } => {
             let config = Box::new(staged.expect("read above"));
@@ -344,7 +353,9 @@ async fn command(
             }
             return Ok(exit(true));
         }
-        Command::GetNodes => output::get_nodes(&session.request(&R::GetNodes).await?),
+        Command::GetNodes { fresh } => {
+            output::get_nodes(&session.request(&R::GetNodes { fresh: *fresh }).await?)
+        }
         Command::GetIdValue { id, nodes } => output::get_id_value(
             &session
                 .request(&R::GetIdValue {

@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::Shared;
+use crate::view::Ask;
 
 /// Answers one client request.
 pub(crate) async fn handle(
@@ -78,7 +79,9 @@ async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> Client
         ClientRequest::Deploy { restart_all } => {
             ClientResponse::Results(deploy(shared, &id, restart_all, budget).await)
         }
-        ClientRequest::GetNodes => ClientResponse::Results(get_nodes(shared, &id, budget).await),
+        ClientRequest::GetNodes { fresh } => {
+            ClientResponse::Results(get_nodes(shared, &id, fresh, budget).await)
+        }
         ClientRequest::GetIdValue { id: ident, nodes } => {
             ClientResponse::Results(get_id_value(shared, &id, ident, nodes, budget).await)
         }
@@ -319,21 +322,57 @@ fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<MgmtResul
     }
 }
 
+/// Whether a request may change an agent's nodes, so that the controller's view of
+/// them is not to be trusted until the agent is asked again.
+fn changes_nodes(req: &ControllerRequest) -> bool {
+    !matches!(
+        req,
+        ControllerRequest::GetNodes
+            | ControllerRequest::GetIdValue { .. }
+            | ControllerRequest::Logs { .. }
+    )
+}
+
+/// Sends one request to an agent; an operation that may change its nodes is tracked in
+/// the view from before it is sent until it ends, however it ends.
+pub(crate) async fn call_agent(
+    shared: &Arc<Shared>,
+    name: &str,
+    conn: &quinn::Connection,
+    req: &ControllerRequest,
+    budget: Duration,
+) -> Result<AgentResponse, String> {
+    /// Ends the tracking even if the calling task is dropped half-way.
+    struct Tracked<'a>(&'a Shared, &'a str);
+    impl Drop for Tracked<'_> {
+        fn drop(&mut self) {
+            self.0.view().op_finished(self.1);
+        }
+    }
+    let _tracked = changes_nodes(req).then(|| {
+        shared.view().op_started(name);
+        Tracked(shared, name)
+    });
+    conn::call::<_, AgentResponse>(conn, req, budget)
+        .await
+        .map_err(|e| match e {
+            drover_net::NetError::Timeout { .. } => "request timed out".to_owned(),
+            other => other.to_string(),
+        })
+}
+
 /// Sends each agent its request, concurrently, and waits at most `budget` for all
 /// answers; a late or failed agent is an error entry, sorted by agent name.
 async fn fan_out(
+    shared: &Arc<Shared>,
     requests: Vec<(String, quinn::Connection, ControllerRequest)>,
     budget: Duration,
 ) -> Vec<(String, Result<AgentResponse, String>)> {
     let mut set = JoinSet::new();
     for (name, conn, req) in requests {
+        let shared = shared.clone();
         set.spawn(async move {
-            let r = conn::call::<_, AgentResponse>(&conn, &req, budget)
-                .await
-                .map_err(|e| match e {
-                    drover_net::NetError::Timeout { .. } => "request timed out".to_owned(),
-                    other => other.to_string(),
-                });
+            let r = call_agent(&shared, &name, &conn, &req, budget).await;
             (name, r)
         });
     }
@@ -371,7 +410,12 @@ fn agent_results(
     results
 }
 
-async fn deploy(shared: &Shared, id: &str, restart_all: bool, budget: Duration) -> Vec<MgmtResult> {
+async fn deploy(
+    shared: &Arc<Shared>,
+    id: &str,
+    restart_all: bool,
+    budget: Duration,
+) -> Vec<MgmtResult> {
     let Some(mut config) = shared.store.staged() else {
         return vec![MgmtResult::err(id, "no configuration available to deploy")];
     };
@@ -391,7 +435,7 @@ async fn deploy(shared: &Shared, id: &str, restart_all: bool, budget: Duration) 
 }
 
 async fn deploy_locked(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     id: &str,
     config: &mut Configuration,
     restart_all: bool,
@@ -447,7 +491,7 @@ async fn deploy_locked(
             (name, conn, req)
         })
         .collect();
-    let answers = fan_out(requests, budget).await;
+    let answers = fan_out(shared, requests, budget).await;
     let mut results = agent_results(id, answers);
     let failed = results.iter().filter(|r| !r.success).count();
     match shared.store.set_deployed(config.clone()) {
@@ -496,7 +540,7 @@ async fn deploy_locked(
 
 /// Brings an agent that (re)connected up to the deployed configuration.
 pub(crate) async fn reapply(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     name: &str,
     conn: &quinn::Connection,
     deployed: Configuration,
@@ -505,7 +549,7 @@ pub(crate) async fn reapply(
         config: Box::new(crate::zeek::layout::share_for(&deployed, name)),
         restart_all: false,
     };
-    match conn::call::<_, AgentResponse>(conn, &req, shared.request_timeout).await {
+    match call_agent(shared, name, conn, &req, shared.request_timeout).await {
         Ok(AgentResponse::Results(rs)) => {
             for r in rs.iter().filter(|r| !r.success) {
                 warn!(
@@ -521,7 +565,15 @@ pub(crate) async fn reapply(
     }
 }
 
-async fn get_nodes(shared: &Shared, id: &str, budget: Duration) -> Vec<MgmtResult> {
+/// get-nodes: each connected agent's nodes from the view where it is current (see
+/// [`crate::view`]), from the agent itself otherwise or when `fresh`; the nodes of
+/// deployed instances whose agent is away as UNKNOWN; the controller's own entry.
+async fn get_nodes(
+    shared: &Arc<Shared>,
+    id: &str,
+    fresh: bool,
+    budget: Duration,
+) -> Vec<MgmtResult> {
     let agents = shared.registry.connections();
     // Deployed instances whose agent is away: their nodes are UNKNOWN, not gone.
     let mut away = Vec::new();
@@ -544,7 +596,7 @@ async fn get_nodes(shared: &Shared, id: &str, budget: Duration) -> Vec<MgmtResul
             let Some(deployed_nodes) = away_nodes.get(inst.name.as_str()) else {
                 continue;
             };
-            let mut nodes = shared.last_statuses(&inst.name);
+            let mut nodes = shared.view().last(&inst.name);
             let known: BTreeSet<String> = nodes.iter().map(|s| s.node.clone()).collect();
             for n in deployed_nodes {
                 if !known.contains(&n.name) {
@@ -565,23 +617,35 @@ async fn get_nodes(shared: &Shared, id: &str, budget: Duration) -> Vec<MgmtResul
     if agents.is_empty() && away.is_empty() {
         return vec![MgmtResult::err(id, "no instances connected")];
     }
-    let requests = agents
-        .into_iter()
-        .map(|(name, conn)| (name, conn, ControllerRequest::GetNodes))
+    let mut known = Vec::new();
+    let mut ask = Vec::new();
+    {
+        let view = shared.view();
+        for (name, conn) in agents {
+            match view.current(&name, conn.stable_id()).filter(|_| !fresh) {
+                Some(nodes) => known.push((name, nodes)),
+                None => ask.push((name.clone(), view.ask(&name), conn)),
+            }
+        }
+    }
+    let asks: BTreeMap<String, (Ask, usize)> = ask
+        .iter()
+        .map(|(name, a, conn)| (name.clone(), (*a, conn.stable_id())))
         .collect();
-    let answers = fan_out(requests, budget).await;
+    let requests = ask
+        .into_iter()
+        .map(|(name, _, conn)| (name, conn, ControllerRequest::GetNodes))
+        .collect();
+    let answers = fan_out(shared, requests, budget).await;
     let mut results: Vec<MgmtResult> = answers
         .into_iter()
         .map(|(instance, answer)| match answer {
             Ok(AgentResponse::Nodes(nodes)) => {
-                // A fresh answer is as good as a status report: keep it for the day
-                // this agent stops answering.
-                let reported: Vec<NodeStatus> = nodes
-                    .iter()
-                    .filter(|n| n.mgmt_role == MgmtRole::None)
-                    .cloned()
-                    .collect();
-                shared.record_statuses(&instance, reported);
+                // A direct answer is as good as a report: it keeps the view current.
+                if let Some((a, conn)) = asks.get(&instance) {
+                    let events = shared.view().answered(&instance, *conn, *a, nodes.clone());
+                    shared.emit_all(events);
+                }
                 MgmtResult::ok(id, Some(ResultData::NodeStatuses(nodes))).on_instance(instance)
             }
             Ok(other) => {
@@ -590,7 +654,7 @@ async fn get_nodes(shared: &Shared, id: &str, budget: Duration) -> Vec<MgmtResul
             }
             Err(e) => {
                 // Unreachable right now: what we last knew, as UNKNOWN.
-                let mut nodes = shared.last_statuses(&instance);
+                let mut nodes = shared.view().last(&instance);
                 for n in &mut nodes {
                     n.state = State::Unknown;
                 }
@@ -602,6 +666,10 @@ async fn get_nodes(shared: &Shared, id: &str, budget: Duration) -> Vec<MgmtResul
             }
         })
         .collect();
+    results.extend(known.into_iter().map(|(instance, nodes)| {
+        MgmtResult::ok(id, Some(ResultData::NodeStatuses(nodes))).on_instance(instance)
+    }));
+    results.sort_by(|a, b| a.instance.cmp(&b.instance));
     let mut me = NodeStatus::new(&shared.name, State::Running, MgmtRole::Controller);
     me.pid = Some(std::process::id());
     results.push(
@@ -614,7 +682,7 @@ async fn get_nodes(shared: &Shared, id: &str, budget: Duration) -> Vec<MgmtResul
 /// get-id-value: Zeek's semantics; nodes not in the deployed configuration are errors
 /// without an instance, the others are asked through their agents.
 async fn get_id_value(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     id: &str,
     ident: String,
     nodes: Vec<String>,
@@ -660,7 +728,7 @@ async fn get_id_value(
             })),
         }
     }
-    results.extend(agent_results(id, fan_out(requests, budget).await));
+    results.extend(agent_results(id, fan_out(shared, requests, budget).await));
     results
 }
 
@@ -668,7 +736,7 @@ async fn get_id_value(
 /// again, and the first batch with a failure ends the rollout (the rest are reported as
 /// not restarted).
 async fn rolling_restart(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     id: &str,
     nodes: Vec<String>,
     batch: usize,
@@ -719,7 +787,7 @@ fn unmatched_target(id: &str, target: String) -> MgmtResult {
 /// Stop, start or restart: unknown names are per-node errors; the rest goes to the
 /// agents that run them.
 async fn act(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     id: &str,
     nodes: Vec<String>,
     budget: Duration,
@@ -779,7 +847,7 @@ async fn act(
             }
         }
     }
-    let answers = fan_out(requests, budget).await;
+    let answers = fan_out(shared, requests, budget).await;
     results.extend(agent_results(id, answers));
     results
 }

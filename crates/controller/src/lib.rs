@@ -9,6 +9,8 @@
 //! - [`api`]: the client requests: staging and deploying configurations, node statuses,
 //!   actions on node subsets, fanned out to agents with timeouts.
 //! - [`store`]: the staged and deployed configurations, persisted atomically.
+//! - `view`: every agent's nodes as last reported, which answers get-nodes while it is
+//!   current (no I/O, tested on its own).
 //! - `dial`: connections the controller makes itself, to agents that listen (instances
 //!   with a `port`), as Zeek's controller-to-agent mode.
 //!
@@ -20,6 +22,7 @@ pub mod api;
 mod dial;
 pub mod registry;
 pub mod store;
+mod view;
 pub mod zeek;
 
 use std::collections::BTreeMap;
@@ -41,6 +44,7 @@ use tracing::{debug, info, warn};
 
 use crate::registry::Registry;
 use crate::store::Store;
+use crate::view::View;
 
 /// The controller's default QUIC port.
 pub const DEFAULT_PORT: u16 = 2150;
@@ -130,10 +134,10 @@ pub(crate) struct Shared {
     /// Events for `monitor` subscribers; a subscriber that falls behind is told how
     /// many it missed rather than slowing anyone down.
     pub(crate) events: tokio::sync::broadcast::Sender<EventRecord>,
-    /// The last statuses each agent reported, by instance and node. Written by status
-    /// reports and agent loss (nodes turn UNKNOWN), read by get-nodes for agents that
-    /// are not connected.
-    pub(crate) statuses: std::sync::Mutex<BTreeMap<String, BTreeMap<String, NodeStatus>>>,
+    /// Every agent's nodes as last reported. Written by status reports, direct answers,
+    /// operations and agent loss; read by get-nodes and `/metrics`. A std mutex: no
+    /// critical section awaits.
+    pub(crate) view: std::sync::Mutex<View>,
     /// The endpoint, for dialling agents that listen.
     pub(crate) endpoint: quinn::Endpoint,
     /// Counters and histograms for `/metrics`.
@@ -153,65 +157,37 @@ impl Shared {
         let _ = self.events.send(EventRecord { at_ms, event });
     }
 
-    fn statuses(
-        &self,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<String, NodeStatus>>> {
-        self.statuses.lock().unwrap_or_else(|p| p.into_inner())
+    /// The view of every agent's nodes, locked.
+    pub(crate) fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        // Every change to the view is made under one lock call that cannot panic
+        // half-way, so poisoning is ignored.
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records an agent's report, emitting an event per node whose state changed.
-    pub(crate) fn record_statuses(&self, instance: &str, statuses: Vec<NodeStatus>) {
-        let mut events = Vec::new();
-        {
-            let mut all = self.statuses();
-            let known = all.entry(instance.to_owned()).or_default();
-            let mut fresh = BTreeMap::new();
-            for s in statuses {
-                let before = known.get(&s.node);
-                let previous = before.map(|p| p.state);
-                let changed = before.is_none_or(|p| {
-                    p.state != s.state || p.restarts != s.restarts || p.pid != s.pid
-                });
-                if changed {
-                    events.push(Event::NodeState {
-                        instance: instance.to_owned(),
-                        node: s.node.clone(),
-                        state: s.state,
-                        previous,
-                        pid: s.pid,
-                        restarts: s.restarts,
-                    });
-                }
-                fresh.insert(s.node.clone(), s);
-            }
-            *known = fresh;
-        }
+    /// Publishes events produced under the view's lock, once it is released.
+    pub(crate) fn emit_all(&self, events: Vec<Event>) {
         for e in events {
             self.emit(e);
         }
+    }
+
+    /// Records an agent's report over `conn` (every node's status when `full`, else
+    /// those that changed), emitting an event per changed node.
+    pub(crate) fn record_report(
+        &self,
+        instance: &str,
+        conn: usize,
+        full: bool,
+        statuses: Vec<NodeStatus>,
+    ) {
+        let events = self.view().report(instance, conn, full, statuses);
+        self.emit_all(events);
     }
 
     /// Marks every node of a lost agent UNKNOWN (their processes are untouched).
     pub(crate) fn mark_unknown(&self, instance: &str) {
-        let mut events = Vec::new();
-        if let Some(nodes) = self.statuses().get_mut(instance) {
-            for s in nodes.values_mut() {
-                if s.state != State::Unknown {
-                    events.push(Event::NodeState {
-                        instance: instance.to_owned(),
-                        node: s.node.clone(),
-                        state: State::Unknown,
-                        previous: Some(s.state),
-                        pid: s.pid,
-                        restarts: s.restarts,
-                    });
-                    s.state = State::Unknown;
-                }
-            }
-        }
-        for e in events {
-            self.emit(e);
-        }
+        let events = self.view().lost(instance);
+        self.emit_all(events);
     }
 
     /// The `/metrics` page: registered counters and histograms, plus gauges computed now.
@@ -227,11 +203,9 @@ impl Shared {
         let mut by_state: BTreeMap<&'static str, f64> =
             State::ALL.iter().map(|s| (s.as_str(), 0.0)).collect();
         let mut restarts = 0.0;
-        for nodes in self.statuses().values() {
-            for s in nodes.values() {
-                *by_state.entry(s.state.as_str()).or_default() += 1.0;
-                restarts += f64::from(s.restarts);
-            }
+        for s in self.view().all_nodes() {
+            *by_state.entry(s.state.as_str()).or_default() += 1.0;
+            restarts += f64::from(s.restarts);
         }
         let samples: Vec<(String, f64)> = by_state
             .into_iter()
@@ -250,14 +224,6 @@ impl Shared {
             &[(String::new(), restarts)],
         );
         out
-    }
-
-    /// The last known statuses of an instance's nodes.
-    pub(crate) fn last_statuses(&self, instance: &str) -> Vec<NodeStatus> {
-        self.statuses()
-            .get(instance)
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
     }
 }
 
@@ -335,7 +301,7 @@ impl Controller {
                 request_timeout: config.request_timeout,
                 deny_list: config.deny_list.clone(),
                 events: tokio::sync::broadcast::channel(4096).0,
-                statuses: std::sync::Mutex::default(),
+                view: std::sync::Mutex::default(),
                 endpoint,
                 metrics: drover_metrics::Registry::default(),
                 dialers: std::sync::Mutex::default(),
@@ -513,6 +479,7 @@ pub(crate) async fn serve_agent(
     }
     let reporter = shared.clone();
     let instance = name.clone();
+    let conn_id = conn.stable_id();
     let handler = move |req: Request<AgentRequest>| {
         let shared = reporter.clone();
         let instance = instance.clone();
@@ -520,7 +487,7 @@ pub(crate) async fn serve_agent(
             match req.body {
                 AgentRequest::Status { statuses, full } => {
                     debug!(count = statuses.len(), full, "status report");
-                    shared.record_statuses(&instance, statuses);
+                    shared.record_report(&instance, conn_id, full, statuses);
                     Ok(AgentResponse::Ack)
                 }
             }

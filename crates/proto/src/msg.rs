@@ -170,8 +170,14 @@ pub enum ClientRequest {
         #[serde(default)]
         restart_all: bool,
     },
-    /// The status of every node on every connected agent.
-    GetNodes,
+    /// The status of every node on every connected agent: from the statuses agents
+    /// report on every change, asking an agent directly when its reports cannot be
+    /// trusted yet (just connected, or an operation since), or every agent when `fresh`.
+    GetNodes {
+        /// Ask every agent now (current resource figures), not the reported statuses.
+        #[serde(default)]
+        fresh: bool,
+    },
     /// Restart nodes (all when the list is empty), each restart answered once the node is
     /// ready again (or has failed).
     Restart {
@@ -249,7 +255,7 @@ impl ClientRequest {
             Self::StageConfig { .. } => "stage_config",
             Self::GetConfig { .. } => "get_config",
             Self::Deploy { .. } => "deploy",
-            Self::GetNodes => "get_nodes",
+            Self::GetNodes { .. } => "get_nodes",
             Self::Restart { .. } => "restart",
             Self::GetIdValue { .. } => "get_id_value",
             Self::Stop { .. } => "stop",

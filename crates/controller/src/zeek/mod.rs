@@ -201,7 +201,7 @@ async fn answer(
             deployed: *deployed,
         },
         ZeekRequest::Deploy => ClientRequest::Deploy { restart_all: false },
-        ZeekRequest::GetNodes => ClientRequest::GetNodes,
+        ZeekRequest::GetNodes => ClientRequest::GetNodes { fresh: true },
         ZeekRequest::GetIdValue { id, nodes } => ClientRequest::GetIdValue {
             id: id.clone(),
             nodes: nodes.clone(),
