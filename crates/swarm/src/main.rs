@@ -62,6 +62,9 @@ struct Args {
     settle_ms: u64,
 }
 
+/// Hollow agents that needed more than one attempt to connect.
+static RETRIED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn creds(ca: &Ca, role: PeerRole, name: &str) -> anyhow::Result<Credentials> {
     let leaf = ca.issue(&LeafSpec::new(role, name))?;
     Ok(Credentials::from_pem(
@@ -96,17 +99,39 @@ async fn run_agent(
         name: name.clone(),
         software: "drover-swarm".into(),
     };
-    let est = conn::dial(
-        &endpoint,
-        Some(cfg),
-        controller,
-        "127.0.0.1",
-        hello,
-        PeerRole::Controller,
-        None,
-        Duration::from_secs(60),
-    )
-    .await?;
+    // As real agents do: dial again with a growing, jittered pause when the
+    // controller is too busy to finish the handshake and Hello in time.
+    let mut pause = Duration::from_millis(100);
+    let mut attempts = 0u32;
+    let est = loop {
+        attempts += 1;
+        match conn::dial(
+            &endpoint,
+            Some(cfg.clone()),
+            controller,
+            "127.0.0.1",
+            hello.clone(),
+            PeerRole::Controller,
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        {
+            Ok(est) => break est,
+            Err(_) if attempts < 30 => {
+                let jitter = {
+                    use std::hash::{BuildHasher, RandomState};
+                    RandomState::new().hash_one((&name, attempts)) % 100
+                };
+                tokio::time::sleep(pause + Duration::from_millis(jitter)).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if attempts > 1 {
+        RETRIED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let conn = est.conn.clone();
     conns.lock().expect("lock").push(conn.clone());
     let h = hollow.clone();
@@ -416,6 +441,7 @@ async fn main() -> anyhow::Result<()> {
         "agents": args.agents,
         "nodes_per_agent": args.nodes_per_agent,
         "connect_all_ms": connected.as_secs_f64() * 1000.0,
+        "agents_that_retried": RETRIED.load(std::sync::atomic::Ordering::Relaxed),
         "deploy_ms": deploy.as_secs_f64() * 1000.0,
         "deploy_failed_results": failed,
         "get_nodes_p50_ms": percentile(&lat, 0.5),
