@@ -674,6 +674,14 @@ impl Core {
             .collect();
         let mut wait = Vec::new();
         let mut results = Vec::new();
+        // New nodes' directories, log files and notify sockets, made on every core at
+        // once: creating inodes is most of what starting hundreds of nodes costs.
+        let mut prepared = self.prepare(
+            desired
+                .iter()
+                .filter(|(name, _)| !self.nodes.contains_key(*name))
+                .map(|(name, spec)| (name.as_str(), spec)),
+        );
         // Nodes that left the configuration.
         let gone: Vec<String> = self
             .nodes
@@ -716,7 +724,7 @@ impl Core {
                     self.run_actions(&name, actions);
                     wait.push((name, Some(old_generation)));
                 }
-                None => match self.create(&name, spec, &config.id) {
+                None => match self.create(&name, spec, &config.id, prepared.remove(&name)) {
                     Ok(()) => {
                         let actions = self
                             .nodes
@@ -830,14 +838,92 @@ impl Core {
         });
     }
 
-    /// Creates the entry of a new node: its directory, logs and notify socket.
-    fn create(&mut self, name: &str, spec: Node, config_id: &str) -> std::io::Result<()> {
+    /// Makes the directories, empty log files and bound notify sockets of new nodes,
+    /// spread over a few threads, for [`Core::create`] and the first spawn to find in
+    /// place. Blocks the supervisor task, as doing the same one node at a time would.
+    fn prepare<'a>(
+        &self,
+        nodes: impl Iterator<Item = (&'a str, &'a Node)>,
+    ) -> BTreeMap<String, std::io::Result<std::os::unix::net::UnixDatagram>> {
+        let jobs: Vec<(String, PathBuf, Option<PathBuf>)> = nodes
+            .filter(|(name, _)| drover_proto::name::check(name).is_ok())
+            .map(|(name, spec)| {
+                let dir = self.nodes_dir.join(name);
+                let work = spec.workdir.is_none().then(|| dir.join("work"));
+                (name.to_owned(), dir, work)
+            })
+            .collect();
+        if jobs.is_empty() {
+            return BTreeMap::new();
+        }
+        let logs = self.cfg.logs;
+        let prepare_one = |dir: &Path, work: Option<&Path>| {
+            Self::make_node_dir(dir)?;
+            if let Some(w) = work {
+                std::fs::create_dir_all(w)?;
+            }
+            NodeLogs::new(dir, logs).open_for_child()?;
+            Self::bind_notify(dir)
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(4);
+        let chunk = jobs.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = jobs
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|(name, dir, work)| {
+                                (name.clone(), prepare_one(dir, work.as_deref()))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        })
+    }
+
+    /// Creates a node's directory, for the agent and the node only (its sockets and
+    /// records are there).
+    fn make_node_dir(dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+    }
+
+    /// Binds a node's notify socket, replacing a stale one.
+    fn bind_notify(dir: &Path) -> std::io::Result<std::os::unix::net::UnixDatagram> {
+        let path = Self::notify_path(dir);
+        let _ = std::fs::remove_file(&path);
+        let sock = std::os::unix::net::UnixDatagram::bind(&path)?;
+        sock.set_nonblocking(true)?;
+        Ok(sock)
+    }
+
+    /// Creates the entry of a new node: its directory, logs and notify socket, unless
+    /// [`Core::prepare`] made them (`prepared`: its notify socket).
+    fn create(
+        &mut self,
+        name: &str,
+        spec: Node,
+        config_id: &str,
+        prepared: Option<std::io::Result<std::os::unix::net::UnixDatagram>>,
+    ) -> std::io::Result<()> {
         drover_proto::name::check(name)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let dir = self.nodes_dir.join(name);
-        std::fs::create_dir_all(&dir)?;
-        // The node's sockets and records are for the agent and the node only.
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let sock = match prepared {
+            Some(sock) => sock?,
+            None => {
+                Self::make_node_dir(&dir)?;
+                Self::bind_notify(&dir)?
+            }
+        };
         let logs = NodeLogs::new(&dir, self.cfg.logs);
         let machine = Machine::new(machine_config(&spec));
         let mut entry = Entry {
@@ -856,7 +942,7 @@ impl Core {
             notify_task: None,
             written: Vec::new(),
         };
-        entry.notify_task = Some(self.listen_notify(name, &entry.dir)?);
+        entry.notify_task = Some(self.listen_notify(name, sock)?);
         self.nodes.insert(name.to_owned(), entry);
         self.membership_changed = true;
         Ok(())
@@ -866,11 +952,13 @@ impl Core {
         dir.join("notify.sock")
     }
 
-    /// Binds the node's notify socket and forwards what it receives.
-    fn listen_notify(&self, name: &str, dir: &Path) -> std::io::Result<tokio::task::AbortHandle> {
-        let path = Self::notify_path(dir);
-        let _ = std::fs::remove_file(&path);
-        let sock = UnixDatagram::bind(&path)?;
+    /// Forwards what the node's notify socket receives.
+    fn listen_notify(
+        &self,
+        name: &str,
+        sock: std::os::unix::net::UnixDatagram,
+    ) -> std::io::Result<tokio::task::AbortHandle> {
+        let sock = UnixDatagram::from_std(sock)?;
         let events = self.events.clone();
         let node = name.to_owned();
         let task = tokio::spawn(async move {
@@ -1441,7 +1529,7 @@ impl Core {
                     continue;
                 }
             };
-            if let Err(err) = self.create(&name, record.spec.clone(), &record.config_id) {
+            if let Err(err) = self.create(&name, record.spec.clone(), &record.config_id, None) {
                 warn!(node = %name, "cannot restore node: {err}");
                 continue;
             }
