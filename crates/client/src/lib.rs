@@ -165,12 +165,9 @@ pub enum Command {
         #[arg(long, value_enum)]
         stream: Option<StreamArg>,
     },
-    /// A human overview: every instance and node with state, pid, restarts and uptime.
-    Status {
-        /// Ask every agent now, for current RSS and CPU figures.
-        #[arg(long)]
-        fresh: bool,
-    },
+    /// A human overview: every instance and node with state, pid, restarts, uptime and
+    /// current memory (it asks every agent, as `get-nodes --fresh`).
+    Status,
     /// Print the effective client settings.
     ShowSettings,
     /// Print cluster events as they happen, one JSON object per line, until interrupted.
@@ -273,15 +270,19 @@ async fn command(
             println!("{text}");
             return Ok(exit(ok));
         }
-        Command::GetNodes { fresh } | Command::Status { fresh }
-            if cli.output == Format::Table || matches!(cli.command, Command::Status { .. }) =>
+        Command::GetNodes { .. } | Command::Status
+            if cli.output == Format::Table || matches!(cli.command, Command::Status) =>
         {
-            let reply = session.request(&R::GetNodes { fresh: *fresh }).await?;
+            let fresh = match cli.command {
+                Command::GetNodes { fresh } => fresh,
+                _ => true,
+            };
+            let reply = session.request(&R::GetNodes { fresh }).await?;
             let (text, ok) = table::nodes(&output::results(&reply));
             println!("{text}");
             return Ok(exit(ok));
         }
-        Command::Status { .. } => unreachable!("always a table"),
+        Command::Status => unreachable!("always a table"),
         Command::GetInstances => output::get_instances(&session.request(&R::GetInstances).await?),
         Command::StageConfig { .. } => {
             let config = Box::new(staged.expect("read above"));
