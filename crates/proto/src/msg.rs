@@ -368,7 +368,11 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentRequest {
-    /// Statuses that changed since the last report (or all of them).
+    /// Statuses that changed since the last report, or all of them (`full`), with the
+    /// agent's own entry (management role AGENT). An agent sends a full report first on
+    /// every connection and after a report failed, and waits for each report's answer
+    /// before the next, so a controller may apply partial reports in order on top of
+    /// the full one sent over the same connection.
     Status {
         /// The statuses.
         statuses: Vec<NodeStatus>,
