@@ -328,13 +328,17 @@ fn read_record(bytes: &[u8]) -> Result<Record, serde_json::Error> {
 }
 
 /// Writes a node's `files` into its working directory (each through a temp file and a
-/// rename, so a node never reads half a file). Names must be plain file names.
+/// rename, so a node never reads half a file), leaving alone those that already hold
+/// the text, as on most restarts. Names must be plain file names.
 fn write_node_files(workdir: &Path, files: &BTreeMap<String, String>) -> Result<(), String> {
     for (name, text) in files {
         if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
             return Err(format!("node file name '{name}' is not a plain file name"));
         }
         let path = workdir.join(name);
+        if std::fs::read(&path).is_ok_and(|old| old == text.as_bytes()) {
+            continue;
+        }
         let tmp = workdir.join(format!(".{name}.drover-tmp"));
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, &path))
@@ -1671,10 +1675,21 @@ mod tests {
         let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
         assert_eq!(read("cluster-layout.zeek"), "redef x;\n");
         assert_eq!(read("empty"), "");
-        // Written again on the next start, replacing what is there.
-        let files = BTreeMap::from([("empty".to_owned(), "now".to_owned())]);
+        // Written again on the next start, replacing what is there; a file that already
+        // holds its text is left alone (same inode).
+        let ino = |n: &str| {
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir.path().join(n)).unwrap())
+        };
+        let layout = ino("cluster-layout.zeek");
+        let empty = ino("empty");
+        let files = BTreeMap::from([
+            ("cluster-layout.zeek".to_owned(), "redef x;\n".to_owned()),
+            ("empty".to_owned(), "now".to_owned()),
+        ]);
         write_node_files(dir.path(), &files).unwrap();
         assert_eq!(read("empty"), "now");
+        assert_ne!(ino("empty"), empty);
+        assert_eq!(ino("cluster-layout.zeek"), layout);
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
             2,
