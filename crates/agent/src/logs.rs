@@ -46,9 +46,13 @@
 //! loses a write that happens to fall into the window.
 //!
 //! Linux serialises `write` and `ftruncate` on the inode lock, so each `write()` call is
-//! kept or lost as a whole: a line written in one call (as line-buffered stdio does) is
-//! never cut, while a line the node emits in several calls can be split, its start at
-//! the end of `.1` (or lost) and its rest at the start of the new file. If the node
+//! kept or lost as a whole in the file. The copy, though, reads without that lock, and a
+//! write that crosses a page boundary of the file grows the file page by page: a copy
+//! can end between the two, keeping the start of that line at the end of `.1` while its
+//! rest falls into the window above. Otherwise a line written in one call (as
+//! line-buffered stdio does) is never cut, while a line the node emits in several calls
+//! can be split, its start at the end of `.1` (or lost) and its rest at the start of the
+//! new file. If the node
 //! writes so fast that the copy never catches up within the rounds, the agent truncates
 //! right after a copy reached the end of the file instead, which leaves the same window:
 //! between that read finding the end and the `ftruncate`. Closing the window entirely
@@ -1367,15 +1371,41 @@ mod tests {
         assert!(logs.rotated_indices(Stream::Stdout).unwrap().len() <= 3);
         assert!(!logs.tmp_path(Stream::Stdout).exists());
 
-        let lines = all_lines(logs, Stream::Stdout);
-        let numbers: Vec<u32> = lines
-            .iter()
-            .map(|l| {
-                l.strip_prefix("line ")
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or_else(|| panic!("bad line {l:?}"))
-            })
+        // Every line whole, except that a rotated file may end in the start of a line
+        // whose write crossed a page boundary while it was copied (module doc).
+        let s = Stream::Stdout;
+        let mut files: Vec<PathBuf> = logs
+            .rotated_indices(s)
+            .unwrap()
+            .into_iter()
+            .rev()
+            .map(|i| logs.rotated_path(s, i))
             .collect();
+        files.push(logs.path(s));
+        let current = files.len() - 1;
+        let mut numbers = Vec::new();
+        let mut torn = 0;
+        for (i, f) in files.iter().enumerate() {
+            let text = fs::read_to_string(f).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            for (j, l) in lines.iter().enumerate() {
+                let n: Option<u32> = l.strip_prefix("line ").and_then(|n| n.parse().ok());
+                let may_be_torn = i != current && j + 1 == lines.len();
+                match n {
+                    // A cut number reads as a smaller one.
+                    Some(n) if may_be_torn && numbers.last().is_some_and(|p| n <= *p) => torn += 1,
+                    Some(n) => numbers.push(n),
+                    None if may_be_torn && ("line ".starts_with(*l) || l.starts_with("line ")) => {
+                        torn += 1;
+                    }
+                    None => panic!("bad line {l:?} in {}", f.display()),
+                }
+            }
+        }
+        assert!(
+            torn <= rotations,
+            "{torn} torn lines in {rotations} rotations"
+        );
         assert!(
             numbers.windows(2).all(|w| w[0] < w[1]),
             "out of order or repeated: {numbers:?}"
