@@ -299,16 +299,24 @@ fn to_model_exit(e: machine::ExitStatus) -> model::ExitStatus {
     }
 }
 
-/// Writes a record over the previous one, in place: one `write` at offset 0, then the
-/// file is cut to length. A temp file and a rename would allocate a new inode each
-/// time, and ext4's inode allocator made that most of the agent's work when 500 nodes
-/// stop at once. A record is under a page, so the write is not torn by a kill; if the
-/// agent dies between the write and the cut, a shorter record is followed by the old
-/// one's tail, which [`read_record`] ignores. No fsync: a record only matters while its
+/// Writes a record over the previous one. A record of up to [`IN_PLACE_MAX`] bytes
+/// (most: a spec without large `files`) is written in place, one `write` at offset 0,
+/// then the file is cut to length: a temp file and a rename would allocate a new inode
+/// each time, and ext4's inode allocator made that most of the agent's work when 500
+/// nodes stop at once. A write within one page is not torn by a kill; if the agent dies
+/// between the write and the cut, a shorter record is followed by the old one's tail,
+/// which [`read_record`] ignores. A larger record could be torn between pages, so it
+/// goes through a temp file and a rename. No fsync: a record only matters while its
 /// process lives, and no process survives a power loss.
 fn write_record(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    if bytes.len() > IN_PLACE_MAX {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        return std::fs::rename(&tmp, path);
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -318,6 +326,9 @@ fn write_record(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
     f.set_len(bytes.len() as u64)
 }
+
+/// The largest record written in place: one page, the unit a kill cannot cut.
+const IN_PLACE_MAX: usize = 4096;
 
 /// Reads the record `write_record` wrote: the first JSON value in the file.
 fn read_record(bytes: &[u8]) -> Result<Record, serde_json::Error> {
@@ -1660,6 +1671,30 @@ mod tests {
         torn.extend_from_slice(&long[short.len()..]);
         let r = read_record(&torn).unwrap();
         assert_eq!((r.restarts, r.config_id.as_str()), (2, "short"));
+        // A record larger than a page goes through a temp file and a rename instead.
+        let mut big = record(3, "big");
+        big.spec
+            .files
+            .insert("cluster-layout.zeek".into(), "x".repeat(IN_PLACE_MAX));
+        let big = serde_json::to_vec_pretty(&big).unwrap();
+        write_record(&path, &big).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_ne!(
+            std::os::unix::fs::MetadataExt::ino(&meta),
+            ino,
+            "a new file"
+        );
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            0o600
+        );
+        assert_eq!(
+            read_record(&std::fs::read(&path).unwrap())
+                .unwrap()
+                .restarts,
+            3
+        );
+        assert!(!path.with_extension("tmp").exists());
         assert!(read_record(b"").is_err());
         assert!(read_record(b"{\"spec\":").is_err());
     }
