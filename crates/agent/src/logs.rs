@@ -951,8 +951,8 @@ mod tests {
         lines.iter().map(|l| (*l).to_owned()).collect()
     }
 
-    /// Lines of all files of a stream, oldest file first, as read whole.
-    fn all_lines(logs: &NodeLogs, s: Stream) -> Vec<String> {
+    /// All files of a stream, oldest first, the current one last.
+    fn stream_files(logs: &NodeLogs, s: Stream) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = logs
             .rotated_indices(s)
             .unwrap()
@@ -961,8 +961,13 @@ mod tests {
             .map(|i| logs.rotated_path(s, i))
             .collect();
         files.push(logs.path(s));
+        files
+    }
+
+    /// Lines of all files of a stream, oldest file first, as read whole.
+    fn all_lines(logs: &NodeLogs, s: Stream) -> Vec<String> {
         let mut lines = Vec::new();
-        for f in files {
+        for f in stream_files(logs, s) {
             let bytes = fs::read(f).unwrap();
             lines.extend(String::from_utf8_lossy(&bytes).lines().map(str::to_owned));
         }
@@ -1373,15 +1378,7 @@ mod tests {
 
         // Every line whole, except that a rotated file may end in the start of a line
         // whose write crossed a page boundary while it was copied (module doc).
-        let s = Stream::Stdout;
-        let mut files: Vec<PathBuf> = logs
-            .rotated_indices(s)
-            .unwrap()
-            .into_iter()
-            .rev()
-            .map(|i| logs.rotated_path(s, i))
-            .collect();
-        files.push(logs.path(s));
+        let files = stream_files(logs, Stream::Stdout);
         let current = files.len() - 1;
         let mut numbers = Vec::new();
         let mut torn = 0;

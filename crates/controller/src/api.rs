@@ -336,7 +336,7 @@ fn changes_nodes(req: &ControllerRequest) -> bool {
 /// Sends one request to an agent; an operation that may change its nodes is tracked in
 /// the view from before it is sent until it ends, however it ends.
 pub(crate) async fn call_agent(
-    shared: &Arc<Shared>,
+    shared: &Shared,
     name: &str,
     conn: &quinn::Connection,
     req: &ControllerRequest,
@@ -618,24 +618,20 @@ async fn get_nodes(
         return vec![MgmtResult::err(id, "no instances connected")];
     }
     let mut known = Vec::new();
-    let mut ask = Vec::new();
+    let mut asks: BTreeMap<String, (Ask, usize)> = BTreeMap::new();
+    let mut requests = Vec::new();
     {
         let view = shared.view();
         for (name, conn) in agents {
             match view.current(&name, conn.stable_id()).filter(|_| !fresh) {
                 Some(nodes) => known.push((name, nodes)),
-                None => ask.push((name.clone(), view.ask(&name), conn)),
+                None => {
+                    asks.insert(name.clone(), (view.ask(&name), conn.stable_id()));
+                    requests.push((name, conn, ControllerRequest::GetNodes));
+                }
             }
         }
     }
-    let asks: BTreeMap<String, (Ask, usize)> = ask
-        .iter()
-        .map(|(name, a, conn)| (name.clone(), (*a, conn.stable_id())))
-        .collect();
-    let requests = ask
-        .into_iter()
-        .map(|(name, _, conn)| (name, conn, ControllerRequest::GetNodes))
-        .collect();
     let answers = fan_out(shared, requests, budget).await;
     let mut results: Vec<MgmtResult> = answers
         .into_iter()
