@@ -447,6 +447,7 @@ impl Agent {
                     ControllerRequest::Apply {
                         config,
                         restart_all,
+                        generation: _,
                     } => results(sup.apply(*config, restart_all, deadline).await),
                     ControllerRequest::Restart { nodes } => {
                         results(sup.act(Op::Restart, nodes, deadline).await)

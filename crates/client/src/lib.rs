@@ -293,6 +293,7 @@ async fn command(
             let reply = session
                 .request(&R::Deploy {
                     restart_all: *restart_all,
+                    expect_id: None,
                 })
                 .await;
             drop(progress);
@@ -310,6 +311,7 @@ async fn command(
             let reply = session
                 .request(&R::Deploy {
                     restart_all: *restart_all,
+                    expect_id: None,
                 })
                 .await;
             drop(progress);

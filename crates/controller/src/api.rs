@@ -76,9 +76,10 @@ async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> Client
                 None => MgmtResult::err(id, format!("no {which} configuration available")),
             })
         }
-        ClientRequest::Deploy { restart_all } => {
-            ClientResponse::Results(deploy(shared, &id, restart_all, budget).await)
-        }
+        ClientRequest::Deploy {
+            restart_all,
+            expect_id: _,
+        } => ClientResponse::Results(deploy(shared, &id, restart_all, budget).await),
         ClientRequest::GetNodes { fresh } => {
             ClientResponse::Results(get_nodes(shared, &id, fresh, budget).await)
         }
@@ -485,6 +486,7 @@ async fn deploy_locked(
                 .remove(&name)
                 .expect("a share for every connected agent");
             let req = ControllerRequest::Apply {
+                generation: 0,
                 config: Box::new(share),
                 restart_all,
             };
@@ -546,6 +548,7 @@ pub(crate) async fn reapply(
     deployed: Configuration,
 ) {
     let req = ControllerRequest::Apply {
+        generation: 0,
         config: Box::new(crate::zeek::layout::share_for(&deployed, name)),
         restart_all: false,
     };

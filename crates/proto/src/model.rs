@@ -576,6 +576,17 @@ pub struct NodeStatus {
     /// CPU time used, milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_ms: Option<u64>,
+    /// Why the node's last start or stop failed (exec errors such as a missing or
+    /// non-executable program), until it next runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The deploy generation: for a node, the generation whose spec it runs; for an
+    /// agent's own entry, the generation the agent has applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// For an agent's own entry: how many CPUs its nodes may be pinned to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
 }
 
 impl NodeStatus {
@@ -596,6 +607,9 @@ impl NodeStatus {
             status_text: None,
             rss_bytes: None,
             cpu_ms: None,
+            last_error: None,
+            generation: None,
+            cpus: None,
         }
     }
 }

@@ -169,6 +169,10 @@ pub enum ClientRequest {
         /// Restart every node, not only those whose spec changed.
         #[serde(default)]
         restart_all: bool,
+        /// Deploy only if the staged configuration still has this id (compare and
+        /// swap); any staged configuration when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expect_id: Option<String>,
     },
     /// The status of every node on every connected agent: from the statuses agents
     /// report on every change, asking an agent directly when its reports cannot be
@@ -396,6 +400,11 @@ pub enum ControllerRequest {
         /// Restart every node even if unchanged.
         #[serde(default)]
         restart_all: bool,
+        /// The deploy generation, strictly increasing per controller history: an agent
+        /// applies a generation once (a repeat is answered without changes) and never
+        /// lets an older one override a newer. 0 from peers that predate generations.
+        #[serde(default)]
+        generation: u64,
     },
     /// Restart nodes (all of the agent's when empty).
     Restart {

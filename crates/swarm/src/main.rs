@@ -378,7 +378,10 @@ async fn main() -> anyhow::Result<()> {
     let deploy_start = Instant::now();
     let reply: ClientResponse = conn::call(
         &cl,
-        &ClientRequest::Deploy { restart_all: false },
+        &ClientRequest::Deploy {
+            restart_all: false,
+            expect_id: None,
+        },
         Duration::from_secs(300),
     )
     .await?;

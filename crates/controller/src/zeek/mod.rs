@@ -200,7 +200,10 @@ async fn answer(
         ZeekRequest::GetConfiguration { deployed } => ClientRequest::GetConfig {
             deployed: *deployed,
         },
-        ZeekRequest::Deploy => ClientRequest::Deploy { restart_all: false },
+        ZeekRequest::Deploy => ClientRequest::Deploy {
+            restart_all: false,
+            expect_id: None,
+        },
         ZeekRequest::GetNodes => ClientRequest::GetNodes { fresh: true },
         ZeekRequest::GetIdValue { id, nodes } => ClientRequest::GetIdValue {
             id: id.clone(),
