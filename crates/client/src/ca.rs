@@ -15,6 +15,9 @@ pub enum CaCommand {
         /// Directory for the PKI files (created if missing).
         #[arg(long)]
         dir: PathBuf,
+        /// Validity in days (1 to 36500).
+        #[arg(long, default_value_t = drover_pki::CA_DAYS, allow_negative_numbers = true)]
+        days: i64,
     },
     /// Issue a certificate signed by the CA in DIR: DIR/NAME.crt and DIR/NAME.key.
     Issue {
@@ -30,8 +33,8 @@ pub enum CaCommand {
         /// Extra DNS name or IP address the holder is reached at (repeatable).
         #[arg(long = "san")]
         sans: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
+        /// Validity in days (1 to 36500).
+        #[arg(long, default_value_t = 365, allow_negative_numbers = true)]
         days: i64,
     },
 }
@@ -60,8 +63,8 @@ impl From<Role> for PeerRole {
 /// Runs a `ca` subcommand.
 pub fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        CaCommand::Init { dir } => {
-            let (cert, key) = drover_pki::init_dir(dir)?;
+        CaCommand::Init { dir, days } => {
+            let (cert, key) = drover_pki::init_dir_for(dir, validity(*days)?)?;
             eprintln!("created {} and {}", cert.display(), key.display());
         }
         CaCommand::Issue {
@@ -71,16 +74,25 @@ pub fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
             sans,
             days,
         } => {
-            anyhow::ensure!(*days > 0, "--days must be positive");
             let spec = LeafSpec {
                 role: (*role).into(),
                 name: name.clone(),
                 sans: sans.clone(),
-                validity: Validity::days(*days),
+                validity: validity(*days)?,
             };
             let (cert, key) = drover_pki::issue_in_dir(dir, &spec)?;
             eprintln!("issued {} and {}", cert.display(), key.display());
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The validity `--days` asks for, or an error naming the flag and its range.
+fn validity(days: i64) -> anyhow::Result<Validity> {
+    Validity::for_days(days).map_err(|_| {
+        anyhow::anyhow!(
+            "--days {days} is out of range: a certificate is valid for 1 to {} days",
+            drover_pki::MAX_DAYS
+        )
+    })
 }

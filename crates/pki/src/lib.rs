@@ -28,6 +28,9 @@ pub const CA_CERT: &str = "ca.crt";
 /// File name of the CA key in a PKI directory.
 pub const CA_KEY: &str = "ca.key";
 
+/// The default validity of a CA, in days (ten years).
+pub const CA_DAYS: i64 = 3650;
+
 /// The URI SAN prefix that carries role and name.
 pub const IDENTITY_PREFIX: &str = "spiffe://drover/";
 
@@ -87,14 +90,36 @@ pub struct Validity {
     pub not_after: OffsetDateTime,
 }
 
+/// The longest validity, in days, `drover ca` issues: a hundred years keeps every date
+/// well inside what X.509 and the date arithmetic can express.
+pub const MAX_DAYS: i64 = 36_500;
+
 impl Validity {
     /// From a minute ago (tolerating clock skew) for `days` days.
+    ///
+    /// # Panics
+    ///
+    /// When `days` is outside `1..=MAX_DAYS`; use [`Validity::for_days`] for user input.
     pub fn days(days: i64) -> Self {
+        match Self::for_days(days) {
+            Ok(v) => v,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// From a minute ago (tolerating clock skew) for `days` days, which must be within
+    /// `1..=MAX_DAYS`.
+    pub fn for_days(days: i64) -> Result<Self, Error> {
+        if !(1..=MAX_DAYS).contains(&days) {
+            return Err(Error::Invalid(format!(
+                "validity of {days} days is out of range: it must be 1..={MAX_DAYS} days"
+            )));
+        }
         let now = OffsetDateTime::now_utc();
-        Self {
+        Ok(Self {
             not_before: now - Duration::minutes(1),
             not_after: now + Duration::days(days),
-        }
+        })
     }
 }
 
@@ -132,6 +157,11 @@ pub struct Ca {
 impl Ca {
     /// Generates a new CA valid for ten years.
     pub fn generate(common_name: &str) -> Result<Self, Error> {
+        Self::generate_for(common_name, Validity::days(CA_DAYS))
+    }
+
+    /// Generates a new CA valid for `validity`.
+    pub fn generate_for(common_name: &str, validity: Validity) -> Result<Self, Error> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
@@ -144,9 +174,8 @@ impl Ca {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let v = Validity::days(3650);
-        params.not_before = v.not_before;
-        params.not_after = v.not_after;
+        params.not_before = validity.not_before;
+        params.not_after = validity.not_after;
         let cert = params.self_signed(&key)?;
         let pem = Pem {
             cert: cert.pem(),
@@ -272,8 +301,13 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), Error> {
     f.sync_all().map_err(io(path))
 }
 
-/// Creates a CA in `dir` (`ca.crt`, and `ca.key` with mode 0600).
+/// Creates a CA valid for ten years in `dir` (`ca.crt`, and `ca.key` with mode 0600).
 pub fn init_dir(dir: &Path) -> Result<(PathBuf, PathBuf), Error> {
+    init_dir_for(dir, Validity::days(CA_DAYS))
+}
+
+/// Creates a CA valid for `validity` in `dir` (`ca.crt`, and `ca.key` with mode 0600).
+pub fn init_dir_for(dir: &Path, validity: Validity) -> Result<(PathBuf, PathBuf), Error> {
     fs::create_dir_all(dir).map_err(io(dir))?;
     let cert_path = dir.join(CA_CERT);
     let key_path = dir.join(CA_KEY);
@@ -282,7 +316,7 @@ pub fn init_dir(dir: &Path) -> Result<(PathBuf, PathBuf), Error> {
             return Err(Error::Exists(p.clone()));
         }
     }
-    let ca = Ca::generate("drover cluster CA")?;
+    let ca = Ca::generate_for("drover cluster CA", validity)?;
     write_new(&key_path, &ca.pem.key, 0o600)?;
     write_new(&cert_path, &ca.pem.cert, 0o644)?;
     Ok((cert_path, key_path))
@@ -361,6 +395,22 @@ mod tests {
             err.contains("neither an IP address nor a DNS name"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn validity_out_of_range_is_an_error_not_a_panic() {
+        for days in [0, -1, -365, MAX_DAYS + 1, i64::MAX, i64::MIN] {
+            let err = Validity::for_days(days).unwrap_err().to_string();
+            assert!(err.contains(&format!("{days} days")), "{err}");
+            assert!(err.contains("1..=36500"), "{err}");
+        }
+        let v = Validity::for_days(MAX_DAYS).unwrap();
+        let ca = Ca::generate_for("t", v).unwrap();
+        let mut spec = LeafSpec::new(PeerRole::Client, "ops");
+        spec.validity = Validity::for_days(1).unwrap();
+        ca.issue(&spec).unwrap();
+        spec.validity = v;
+        ca.issue(&spec).unwrap();
     }
 
     #[test]
