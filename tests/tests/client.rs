@@ -129,7 +129,7 @@ fn invalid_cluster_file_is_reported_before_connecting() {
     );
     assert!(
         out.stderr
-            .contains("bad.toml:2: nodes.n.comand: unknown key 'comand' (did you mean 'command'?)"),
+            .contains("bad.toml:4: nodes.n.comand: unknown key 'comand' (did you mean 'command'?)"),
         "{}",
         out.stderr
     );

@@ -12,7 +12,7 @@ use serde_json::Value;
 fn cluster_file(c: &Cluster, agents: &[&str], per_agent: usize, extra: &str) -> std::path::PathBuf {
     let prog = bin("drover-testprog");
     let mut text = String::from(
-        "[defaults]\nbackoff = { initial = \"0s\" }\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
+        "[defaults]\nbackoff = { initial = \"10ms\" }\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
     );
     text.push_str(extra);
     for a in agents {
@@ -618,7 +618,7 @@ fn targets_by_role_and_instance_and_signals() {
     let (_ctl, addr, _agents) = start(&c, &["agent-1", "agent-2"]);
     let prog = bin("drover-testprog");
     let mut text = String::from(
-        "[instances.agent-1]\n[instances.agent-2]\n[defaults]\nbackoff = { initial = \"0s\" }\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
+        "[instances.agent-1]\n[instances.agent-2]\n[defaults]\nbackoff = { initial = \"10ms\" }\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
     );
     for (name, inst, role) in [
         ("m", "agent-1", "manager"),

@@ -63,7 +63,7 @@ fn write_cluster(
     extra: &str,
 ) -> std::path::PathBuf {
     let mut text = format!(
-        "id = \"{id}\"\n[defaults]\nbackoff = {{ initial = \"0s\" }}\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n{extra}[instances.agent-1]\n"
+        "id = \"{id}\"\n[defaults]\nbackoff = {{ initial = \"10ms\" }}\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n{extra}[instances.agent-1]\n"
     );
     for i in 1..=nodes {
         text.push_str(&format!(

@@ -240,7 +240,7 @@ fn crash_loop_backs_off_then_fails_with_outputs() {
 fn killed_node_is_restarted_and_counted() {
     let w = World::new();
     w.apply(&format!(
-        "[nodes.k]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\nbackoff = {{ initial = \"0s\" }}\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+        "[nodes.k]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\nbackoff = {{ initial = \"10ms\" }}\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
         prog()
     ));
     let s = w.wait("running", |s| s.state == State::Running, "k");

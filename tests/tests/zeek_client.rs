@@ -84,7 +84,7 @@ fn roles_file(c: &Cluster) -> PathBuf {
     let text = format!(
         r#"[defaults]
 readiness = {{ kind = "start-period", period = "300ms" }}
-backoff = {{ initial = "0s" }}
+backoff = {{ initial = "10ms" }}
 max_failed_starts = 2
 
 [roles.manager]

@@ -23,17 +23,22 @@
 //! Node keys are the fields of [`Node`] (`port`, `metrics_port`, `interface`, `scripts`,
 //! `cpu_affinity`, `workdir`, `restart`, `backoff`, `max_failed_starts`,
 //! `success_exit_codes`, `readiness`, `stop_signal`, `stop_timeout`); unknown keys are
-//! errors. Parse errors name the file, the line and the key; [`validate`] reports every
-//! semantic problem at once, sorted, each with the key it concerns.
+//! errors. [`parse_toml`] reports every problem of a file at once (unknown keys, values
+//! of the wrong type, and what [`validate`] finds), sorted by line, each with the file,
+//! the key's line and its key path.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use serde::Deserialize;
+use serde::de::IntoDeserializer;
+use toml::de::DeTable;
 
-use crate::model::{Configuration, Instance, Node, RoleTemplate, new_id};
+use crate::model::{Configuration, Instance, Node, Readiness, RoleTemplate, new_id};
 use crate::name;
+use crate::schema::{self, Checked, Lines};
 
 /// Keys a `[nodes.NAME]` or `[defaults]` table may hold.
 pub const NODE_KEYS: &[&str] = &[
@@ -132,50 +137,45 @@ struct InstanceToml {
     port: Option<u16>,
 }
 
-/// Maps byte offsets to 1-based line numbers.
-struct Lines(Vec<usize>);
-
-impl Lines {
-    fn new(text: &str) -> Self {
-        Self(
-            std::iter::once(0)
-                .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-                .collect(),
-        )
-    }
-
-    fn line_of(&self, offset: usize) -> usize {
-        self.0.partition_point(|&start| start <= offset)
-    }
-}
-
 /// Parses and validates a TOML cluster file. `file` names it in error messages.
+///
+/// Every problem is reported in one pass, sorted by line: unknown keys and values of the
+/// wrong type (found by [`schema`](crate::schema) before deserializing) together with
+/// problems of meaning (found by [`validate`]), each at its key's line with its key path.
 pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
     let lines = Lines::new(text);
     let with_file = |mut issue: Issue| {
         issue.file = Some(file.to_owned());
         issue
     };
-    let parsed: FileToml = toml::from_str(text).map_err(|e| {
-        Issues(vec![with_file(Issue {
-            file: None,
-            line: e.span().map(|s| lines.line_of(s.start)),
-            key: None,
-            message: e.message().trim_end().to_owned(),
-        })])
-    })?;
-
-    let mut issues = Vec::new();
-    let mut line_of_key: BTreeMap<String, usize> = BTreeMap::new();
+    let syntax = |e: toml::de::Error| Issue {
+        file: Some(file.to_owned()),
+        line: e.span().map(|s| lines.line_of(s.start)),
+        key: None,
+        message: e.message().trim_end().to_owned(),
+    };
+    let mut doc = DeTable::parse(text).map_err(|e| Issues(vec![syntax(e)]))?;
+    let Checked {
+        mut issues,
+        lines: line_of_key,
+        removed,
+    } = schema::check(doc.get_mut(), &lines);
+    let parsed = match FileToml::deserialize(doc.into_deserializer()) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            // The type check should have left only what deserializes; report what it
+            // missed with everything it found.
+            let mut all: Vec<Issue> = issues.into_iter().map(with_file).collect();
+            all.push(syntax(e));
+            all.sort();
+            return Err(Issues(all));
+        }
+    };
 
     let instances = parsed
         .instances
         .into_iter()
         .map(|(name, spanned)| {
-            line_of_key.insert(
-                format!("instances.{name}"),
-                lines.line_of(spanned.span().start),
-            );
             let inst = spanned.into_inner();
             Instance {
                 name,
@@ -189,8 +189,13 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
     for (role, spanned) in parsed.roles {
         let key = format!("roles.{role}");
         let line = lines.line_of(spanned.span().start);
-        line_of_key.insert(key.clone(), line);
-        match toml::Value::Table(spanned.into_inner()).try_into::<RoleTemplate>() {
+        let mut table = spanned.into_inner();
+        // A missing or wrong command is reported already; an empty one keeps the role
+        // known, so that its nodes are not also reported for lacking a template.
+        table
+            .entry("command")
+            .or_insert_with(|| toml::Value::Array(Vec::new()));
+        match toml::Value::Table(table).try_into::<RoleTemplate>() {
             Ok(t) => {
                 roles.insert(role.to_ascii_lowercase(), t);
             }
@@ -204,49 +209,26 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
     }
 
     let defaults = parsed.defaults.unwrap_or_default();
-    for key in defaults.keys() {
-        if !NODE_KEYS.contains(&key.as_str()) || key == "instance" {
-            issues.push(Issue::at_key(
-                format!("defaults.{key}"),
-                unknown_key_message(key),
-            ));
-        }
-    }
-
     let mut nodes = Vec::new();
     for (name, spanned) in parsed.nodes {
         let key = format!("nodes.{name}");
         let line = lines.line_of(spanned.span().start);
-        line_of_key.insert(key.clone(), line);
         let mut table = spanned.into_inner();
-        let mut bad_key = false;
-        for k in table.keys() {
-            if !NODE_KEYS.contains(&k.as_str()) {
-                bad_key = true;
-                issues.push(Issue {
-                    file: None,
-                    line: Some(line),
-                    key: Some(format!("{key}.{k}")),
-                    message: unknown_key_message(k),
-                });
-            }
-        }
-        if bad_key {
-            continue;
-        }
         for (k, v) in &defaults {
-            if k != "instance" && !table.contains_key(k) {
+            if !table.contains_key(k) {
                 table.insert(k.clone(), v.clone());
             }
         }
         if !table.contains_key("instance") {
-            issues.push(Issue {
-                file: None,
-                line: Some(line),
-                key: Some(format!("{key}.instance")),
-                message: "missing key 'instance': every node names the instance it runs on"
-                    .to_owned(),
-            });
+            if !removed.contains(&format!("{key}.instance")) {
+                issues.push(Issue {
+                    file: None,
+                    line: Some(line),
+                    key: Some(format!("{key}.instance")),
+                    message: "missing key 'instance': every node names the instance it runs on"
+                        .to_owned(),
+                });
+            }
             continue;
         }
         table.insert("name".to_owned(), toml::Value::String(name.clone()));
@@ -267,7 +249,18 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
         nodes,
         roles,
     };
-    issues.extend(validate(&config));
+    // A removed value was replaced by its default; what validation says about that
+    // default is noise next to the type error already reported.
+    let below_removed = |key: &str| {
+        removed.iter().any(|r| {
+            key == r || key.strip_prefix(r.as_str()).is_some_and(|rest| rest.starts_with('.'))
+        })
+    };
+    issues.extend(
+        validate(&config)
+            .into_iter()
+            .filter(|i| !i.key.as_deref().is_some_and(below_removed)),
+    );
     if issues.is_empty() {
         return Ok(config);
     }
@@ -276,29 +269,24 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
         .map(|mut issue| {
             if issue.line.is_none() {
                 issue.line = issue.key.as_deref().and_then(|k| {
-                    // The longest known table prefix of the key gives the line.
+                    // The longest known key path that is a prefix of the key gives the line.
                     line_of_key
                         .iter()
-                        .filter(|(table, _)| {
-                            k == table.as_str()
-                                || k.strip_prefix(table.as_str())
+                        .filter(|(known, _)| {
+                            k == known.as_str()
+                                || k.strip_prefix(known.as_str())
                                     .is_some_and(|rest| rest.starts_with('.'))
                         })
-                        .max_by_key(|(table, _)| table.len())
+                        .max_by_key(|(known, _)| known.len())
                         .map(|(_, line)| *line)
                 });
             }
             with_file(issue)
         })
         .collect();
-    issues.sort_by(|a, b| a.message.cmp(&b.message).then_with(|| a.key.cmp(&b.key)));
+    issues.sort();
     issues.dedup();
     Err(Issues(issues))
-}
-
-fn unknown_key_message(key: &str) -> String {
-    let known = NODE_KEYS.iter().copied().filter(|k| *k != "instance");
-    unknown_key_with_suggestion(key, known)
 }
 
 /// "unknown key 'x'", with the closest of `known` as a suggestion when it is at most two
@@ -307,15 +295,20 @@ pub(crate) fn unknown_key_with_suggestion<'a>(
     key: &str,
     known: impl IntoIterator<Item = &'a str>,
 ) -> String {
-    let suggestion = known
+    match suggestion(key, known) {
+        Some(s) => format!("unknown key '{key}' (did you mean '{s}'?)"),
+        None => format!("unknown key '{key}'"),
+    }
+}
+
+/// The closest of `known` to `key`, when it is at most two edits away.
+pub(crate) fn suggestion<'a>(key: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    known
         .into_iter()
         .map(|k| (edit_distance(k, key), k))
         .min()
-        .filter(|(d, _)| *d <= 2);
-    match suggestion {
-        Some((_, s)) => format!("unknown key '{key}' (did you mean '{s}'?)"),
-        None => format!("unknown key '{key}'"),
-    }
+        .filter(|(d, _)| *d <= 2)
+        .map(|(_, k)| k)
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -330,6 +323,52 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+/// Bounds on a node's timing keys, checked by [`validate`]: wide enough for any real
+/// program, narrow enough that a slip (a zero backoff with unlimited retries, a stop
+/// timeout of a year) cannot make an agent spin or hang.
+///
+/// The first restart of a failure streak waits at least this long.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(10);
+/// Longest `backoff.initial` and `backoff.max`.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// Largest `backoff.multiplier` (the smallest is 1).
+pub const MAX_BACKOFF_MULTIPLIER: f64 = 10.0;
+/// Longest `backoff.reset_after`.
+pub const MAX_RESET_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// Shortest `stop_timeout`.
+pub const MIN_STOP_TIMEOUT: Duration = Duration::from_millis(1);
+/// Longest `stop_timeout`.
+pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Shortest readiness timeout (`notify`, `tcp`).
+pub const MIN_READINESS_TIMEOUT: Duration = Duration::from_millis(1);
+/// Longest readiness timeout or start period.
+pub const MAX_READINESS: Duration = Duration::from_secs(3600);
+/// Largest `max_failed_starts` (0 never gives up).
+pub const MAX_FAILED_STARTS: u32 = 1000;
+
+/// Pushes an issue for `node_key.what` when `value` is outside `lo..=hi`.
+fn check_duration(
+    issues: &mut Vec<Issue>,
+    node_key: &str,
+    what: &str,
+    value: Duration,
+    lo: Duration,
+    hi: Duration,
+) {
+    if !(lo..=hi).contains(&value) {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        issues.push(Issue::at_key(
+            format!("{node_key}.{what}"),
+            format!(
+                "{what} {} is out of range: allowed {} to {}",
+                show(value),
+                show(lo),
+                show(hi)
+            ),
+        ));
+    }
 }
 
 /// Linux signal numbers for the names a node may use as its stop signal.
@@ -513,10 +552,87 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 ),
             ));
         }
+        if b.multiplier.is_finite() && b.multiplier > MAX_BACKOFF_MULTIPLIER {
+            issues.push(Issue::at_key(
+                format!("{key}.backoff.multiplier"),
+                format!(
+                    "backoff multiplier {} is out of range: allowed 1 to {MAX_BACKOFF_MULTIPLIER}",
+                    b.multiplier
+                ),
+            ));
+        }
+        let in_range = |issues: &mut Vec<Issue>, what: &str, value: Duration, lo, hi| {
+            check_duration(issues, &key, what, value, lo, hi);
+        };
+        in_range(&mut issues, "backoff.initial", b.initial, MIN_BACKOFF, MAX_BACKOFF);
         if b.max < b.initial {
             issues.push(Issue::at_key(
                 format!("{key}.backoff.max"),
                 "backoff max is smaller than backoff initial",
+            ));
+        } else {
+            in_range(&mut issues, "backoff.max", b.max, MIN_BACKOFF, MAX_BACKOFF);
+        }
+        in_range(
+            &mut issues,
+            "backoff.reset_after",
+            b.reset_after,
+            Duration::ZERO,
+            MAX_RESET_AFTER,
+        );
+        in_range(
+            &mut issues,
+            "stop_timeout",
+            node.stop_timeout,
+            MIN_STOP_TIMEOUT,
+            MAX_STOP_TIMEOUT,
+        );
+        match &node.readiness {
+            Readiness::StartPeriod { period } => in_range(
+                &mut issues,
+                "readiness.period",
+                *period,
+                Duration::ZERO,
+                MAX_READINESS,
+            ),
+            Readiness::Notify { timeout } => in_range(
+                &mut issues,
+                "readiness.timeout",
+                *timeout,
+                MIN_READINESS_TIMEOUT,
+                MAX_READINESS,
+            ),
+            Readiness::Tcp { port, timeout } => {
+                in_range(
+                    &mut issues,
+                    "readiness.timeout",
+                    *timeout,
+                    MIN_READINESS_TIMEOUT,
+                    MAX_READINESS,
+                );
+                if *port == 0 {
+                    issues.push(Issue::at_key(
+                        format!("{key}.readiness.port"),
+                        "port 0 is out of range: allowed 1 to 65535",
+                    ));
+                }
+            }
+        }
+        for (what, port) in [("port", node.port), ("metrics_port", node.metrics_port)] {
+            if port == Some(0) {
+                issues.push(Issue::at_key(
+                    format!("{key}.{what}"),
+                    format!("{what} 0 is out of range: allowed 1 to 65535"),
+                ));
+            }
+        }
+        if node.max_failed_starts > MAX_FAILED_STARTS {
+            issues.push(Issue::at_key(
+                format!("{key}.max_failed_starts"),
+                format!(
+                    "max_failed_starts {} is out of range: allowed 0 (never give up) to {MAX_FAILED_STARTS}",
+                    node.max_failed_starts
+                ),
             ));
         }
         if let Some(code) = node
@@ -641,7 +757,7 @@ stop_timeout = "2s"
         let err = parse_toml("c.toml", text).unwrap_err().to_string();
         assert_eq!(
             err,
-            "c.toml:3: nodes.x.comand: unknown key 'comand' (did you mean 'command'?)"
+            "c.toml:5: nodes.x.comand: unknown key 'comand' (did you mean 'command'?)"
         );
     }
 
@@ -649,8 +765,10 @@ stop_timeout = "2s"
     fn bad_values_name_the_node() {
         let text = "[instances.a]\n[nodes.x]\ninstance = \"a\"\ncommand = [\"x\"]\nrestart = \"sometimes\"\n";
         let err = parse_toml("c.toml", text).unwrap_err().to_string();
-        assert!(err.starts_with("c.toml:2: nodes.x: "), "{err}");
-        assert!(err.contains("sometimes"), "{err}");
+        assert_eq!(
+            err,
+            "c.toml:5: nodes.x.restart: expected one of \"never\", \"on-failure\", \"always\", found string \"sometimes\""
+        );
     }
 
     #[test]
@@ -680,24 +798,200 @@ command = ["x"]
 backoff = { multiplier = 0.5 }
 "#;
         let err = parse_toml("c.toml", text).unwrap_err();
-        let messages: Vec<&str> = err.0.iter().map(|i| i.message.as_str()).collect();
+        let messages: Vec<(Option<usize>, &str)> = err
+            .0
+            .iter()
+            .map(|i| (i.line, i.message.as_str()))
+            .collect();
         assert_eq!(
             messages,
             vec![
-                "backoff multiplier must be at least 1, not 0.5",
-                "multiple nodes on instance 'a' using port 2151/tcp",
-                "node 'w2' has undeclared instance name 'nowhere'",
-                "node 'w3' port 2151/tcp conflicts with agent port on instance 'a'",
-                "node 'w4' has no command and role 'worker' has no command template",
-                "node 'w4' port 2151/tcp conflicts with agent port on instance 'a'",
-                "node and instance names collide: w1",
-                "unknown signal 'SIGNOPE'",
+                (None, "node and instance names collide: w1"),
+                (Some(9), "node 'w2' has undeclared instance name 'nowhere'"),
+                (
+                    Some(13),
+                    "node 'w3' port 2151/tcp conflicts with agent port on instance 'a'"
+                ),
+                (Some(15), "unknown signal 'SIGNOPE'"),
+                (Some(16), "multiple nodes on instance 'a' using port 2151/tcp"),
+                (
+                    Some(16),
+                    "node 'w4' has no command and role 'worker' has no command template"
+                ),
+                (
+                    Some(18),
+                    "node 'w4' port 2151/tcp conflicts with agent port on instance 'a'"
+                ),
+                (Some(23), "backoff multiplier must be at least 1, not 0.5"),
             ]
         );
         assert!(err.0.iter().all(|i| i.file.as_deref() == Some("c.toml")));
         let w2 = err.0.iter().find(|i| i.message.contains("w2")).unwrap();
         assert_eq!(w2.key.as_deref(), Some("nodes.w2.instance"));
-        assert_eq!(w2.line, Some(8));
+    }
+
+    #[test]
+    fn type_errors_and_meaning_errors_come_together_sorted_by_line() {
+        let text = r#"idd = "x"
+[instances.a]
+port = 70000
+host = "not-an-ip"
+[instances.b]
+[defaults]
+stop_timeout = true
+[roles.worker]
+command = "zeek"
+[nodes.w1]
+instance = "a"
+command = ["x", 5]
+port = "abc"
+cpu_affinity = "x"
+env = { A = 1 }
+backoff = { initial = 5, max = "soon", multiplier = 0.5 }
+[nodes.w2]
+instance = "nowhere"
+command = ["x"]
+readiness = { kind = "tcp", timeout = "1s" }
+stop_signal = "SIGNOPE"
+[nodes.w3]
+instance = "b"
+role = "worker"
+restart = "sometimes"
+success_exit_codes = [0, "1"]
+max_failed_starts = -1
+"#;
+        let err = parse_toml("c.toml", text).unwrap_err();
+        let lines: Vec<String> = err.0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "c.toml:1: idd: unknown key 'idd' (did you mean 'id'?)",
+                "c.toml:3: instances.a.port: expected an integer 1-65535, found integer 70000",
+                "c.toml:4: instances.a.host: expected an IP address, found string \"not-an-ip\"",
+                "c.toml:7: defaults.stop_timeout: expected a duration such as \"10s\" or \"250ms\", found boolean true",
+                "c.toml:9: roles.worker.command: expected an array of strings, found string \"zeek\"",
+                "c.toml:12: nodes.w1.command: expected an array of strings, found integer 5 in the array",
+                "c.toml:13: nodes.w1.port: expected an integer 1-65535, found string \"abc\"",
+                "c.toml:14: nodes.w1.cpu_affinity: expected a CPU number 0-1023 or an array of them, found string \"x\"",
+                "c.toml:15: nodes.w1.env: expected a table of strings, found integer 1 for 'A'",
+                "c.toml:16: nodes.w1.backoff.initial: expected a duration such as \"10s\" or \"250ms\", found integer 5",
+                "c.toml:16: nodes.w1.backoff.max: expected a duration such as \"10s\" or \"250ms\", found string \"soon\"",
+                "c.toml:16: nodes.w1.backoff.multiplier: backoff multiplier must be at least 1, not 0.5",
+                "c.toml:18: nodes.w2.instance: node 'w2' has undeclared instance name 'nowhere'",
+                "c.toml:20: nodes.w2.readiness: missing key 'port' (the port to probe)",
+                "c.toml:21: nodes.w2.stop_signal: unknown signal 'SIGNOPE'",
+                "c.toml:25: nodes.w3.restart: expected one of \"never\", \"on-failure\", \"always\", found string \"sometimes\"",
+                "c.toml:26: nodes.w3.success_exit_codes: expected an array of integers, found string \"1\" in the array",
+                "c.toml:27: nodes.w3.max_failed_starts: expected an integer 0 or more, found integer -1",
+            ]
+        );
+    }
+
+    #[test]
+    fn misspelt_keys_do_not_also_count_as_missing() {
+        let text = "[instances.a]\n[nodes.x]\ninstanc = \"a\"\ncomand = [\"x\"]\n";
+        let err = parse_toml("c.toml", text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "c.toml:3: nodes.x.instanc: unknown key 'instanc' (did you mean 'instance'?)\n\
+             c.toml:4: nodes.x.comand: unknown key 'comand' (did you mean 'command'?)"
+        );
+    }
+
+    #[test]
+    fn wrong_shapes_of_tables_are_reported_not_fatal() {
+        for (text, want) in [
+            ("nodes = 5\n", "c.toml:1: nodes: expected a table, found integer 5"),
+            (
+                "[instances]\na = \"x\"\n",
+                "c.toml:2: instances.a: expected a table, found string \"x\"",
+            ),
+            (
+                "[instances.a]\n[nodes.x]\ninstance = \"a\"\ncommand = [\"x\"]\nreadiness = \"tcp\"\n",
+                "c.toml:5: nodes.x.readiness: expected a table, found string \"tcp\"",
+            ),
+            (
+                "[instances.a]\n[nodes.x]\ninstance = \"a\"\ncommand = [\"x\"]\nreadiness = { period = \"1s\" }\n",
+                "c.toml:5: nodes.x.readiness: missing key 'kind' (one of \"start-period\", \"notify\", \"tcp\")",
+            ),
+            (
+                "[instances.a]\n[nodes.x]\ninstance = \"a\"\ncommand = [\"x\"]\nreadiness = { kind = \"notify\", period = \"1s\" }\n",
+                "c.toml:5: nodes.x.readiness.period: readiness kind 'notify' takes no 'period'",
+            ),
+            (
+                "[instances.a]\n[nodes.x]\ninstance = 7\ncommand = [\"x\"]\n",
+                "c.toml:3: nodes.x.instance: expected a string, found integer 7",
+            ),
+            (
+                "[roles.w]\nenv = {}\n",
+                "c.toml:1: roles.w: missing key 'command': a role template needs a command",
+            ),
+        ] {
+            let err = parse_toml("c.toml", text).unwrap_err().to_string();
+            assert_eq!(err, want, "{text}");
+        }
+    }
+
+    #[test]
+    fn bounds_name_the_key_and_the_range() {
+        let text = r#"[instances.a]
+[nodes.x]
+instance = "a"
+command = ["x"]
+stop_timeout = "2h"
+backoff = { initial = "10ms", max = "2h", multiplier = 11.0, reset_after = "2days" }
+max_failed_starts = 1001
+readiness = { kind = "notify", timeout = "0s" }
+[nodes.y]
+instance = "a"
+command = ["x"]
+stop_timeout = "0s"
+readiness = { kind = "start-period", period = "61m" }
+"#;
+        let err = parse_toml("c.toml", text).unwrap_err();
+        let lines: Vec<String> = err.0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "c.toml:5: nodes.x.stop_timeout: stop_timeout 2h is out of range: allowed 1ms to 1h",
+                "c.toml:6: nodes.x.backoff.initial: backoff.initial 0s is out of range: allowed 10ms to 1h",
+                "c.toml:6: nodes.x.backoff.max: backoff.max 2h is out of range: allowed 10ms to 1h",
+                "c.toml:6: nodes.x.backoff.multiplier: backoff multiplier 11 is out of range: allowed 1 to 10",
+                "c.toml:6: nodes.x.backoff.reset_after: backoff.reset_after 2days is out of range: allowed 0s to 1day",
+                "c.toml:7: nodes.x.max_failed_starts: max_failed_starts 1001 is out of range: allowed 0 (never give up) to 1000",
+                "c.toml:8: nodes.x.readiness.timeout: readiness.timeout 0s is out of range: allowed 1ms to 1h",
+                "c.toml:12: nodes.y.stop_timeout: stop_timeout 0s is out of range: allowed 1ms to 1h",
+                "c.toml:13: nodes.y.readiness.period: readiness.period 1h 1m is out of range: allowed 0s to 1h",
+            ]
+        );
+        // The edges themselves are allowed.
+        let edges = r#"[instances.a]
+[nodes.x]
+instance = "a"
+command = ["x"]
+stop_timeout = "1h"
+backoff = { initial = "10ms", max = "1h", multiplier = 10, reset_after = "24h" }
+max_failed_starts = 1000
+readiness = { kind = "tcp", port = 1, timeout = "1h" }
+"#;
+        parse_toml("c.toml", edges).unwrap();
+    }
+
+    #[test]
+    fn bounds_apply_to_configurations_from_any_source() {
+        let mut c = Configuration::empty();
+        c.instances.push(Instance {
+            name: "a".into(),
+            host: None,
+            port: None,
+        });
+        let mut n = Node::new("n", "a");
+        n.command = vec!["x".into()];
+        n.backoff.initial = Duration::ZERO;
+        n.port = Some(0);
+        c.nodes.push(n);
+        let keys: Vec<String> = validate(&c).into_iter().filter_map(|i| i.key).collect();
+        assert_eq!(keys, vec!["nodes.n.backoff.initial", "nodes.n.port"]);
     }
 
     #[test]

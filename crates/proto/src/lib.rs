@@ -12,6 +12,8 @@
 //! - [`ini`]: Zeek's INI cluster files as zeek-client reads and prints them, the TOML
 //!   writer (the lossless form), and format detection for files in either format.
 //! - [`name`]: the rules for instance and node names.
+//! - `schema`: the keys of a TOML cluster file and the type each takes, checked before
+//!   deserializing so that every type error is reported at once.
 //!
 //! Architecture invariant: this crate does no I/O, reads no clock and spawns nothing. It
 //! turns bytes and strings into values and back; everything else lives in the crates that
@@ -22,6 +24,7 @@ pub mod ini;
 pub mod model;
 pub mod msg;
 pub mod name;
+mod schema;
 
 pub use model::{
     ClusterRole, Configuration, Instance, MgmtResult, MgmtRole, Node, NodeOutputs, NodeStatus,

@@ -329,7 +329,7 @@ fn cluster_file(ctx: &Ctx, marker: &str) -> String {
     for (i, n) in ctx.names.iter().enumerate() {
         text.push_str(&format!(
             "\n[nodes.{n}]\ninstance = \"agent-{}\"\ncommand = {command}\nrestart = \"always\"\n\
-             backoff = {{ initial = \"0s\" }}\nreadiness = {readiness}\n\
+             backoff = {{ initial = \"10ms\" }}\nreadiness = {readiness}\n\
              env = {{ {MARKER} = \"{marker}\" }}\n",
             i / ctx.per_agent + 1
         ));

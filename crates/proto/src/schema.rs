@@ -1,0 +1,459 @@
+//! The shape of a TOML cluster file: which keys exist and what type of value each takes.
+//!
+//! [`check`] walks a parsed document (with spans) before anything is deserialized, so a
+//! file with several wrong keys or wrongly typed values gets every problem reported in one
+//! pass, each at the key's own line with its full key path
+//! (`nodes.worker-1.port: expected an integer 1-65535, found string "abc"`). Bad entries
+//! are removed from the document, so what remains deserializes and can be validated for
+//! meaning in the same pass.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::config::{Issue, NODE_KEYS, suggestion, unknown_key_with_suggestion};
+
+/// Top-level keys of a cluster file.
+const TOP_KEYS: &[&str] = &["id", "defaults", "instances", "roles", "nodes"];
+
+/// Restart policies, as spelled in files.
+const RESTART: &[&str] = &["never", "on-failure", "always"];
+
+/// Readiness kinds, as spelled in files.
+const READINESS: &[&str] = &["start-period", "notify", "tcp"];
+
+/// What a type check found.
+#[derive(Debug, Default)]
+pub(crate) struct Checked {
+    /// Every problem, each with its line and key path (no file yet).
+    pub(crate) issues: Vec<Issue>,
+    /// Line of every key path seen (tables and keys).
+    pub(crate) lines: BTreeMap<String, usize>,
+    /// Key paths whose values were removed for being wrong: problems of meaning below
+    /// them are consequences, not news.
+    pub(crate) removed: BTreeSet<String>,
+}
+
+/// Maps byte offsets to 1-based line numbers.
+pub(crate) struct Lines(Vec<usize>);
+
+impl Lines {
+    pub(crate) fn new(text: &str) -> Self {
+        Self(
+            std::iter::once(0)
+                .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect(),
+        )
+    }
+
+    pub(crate) fn line_of(&self, offset: usize) -> usize {
+        self.0.partition_point(|&start| start <= offset)
+    }
+}
+
+/// The type a key takes.
+#[derive(Debug, Clone, Copy)]
+enum Ty {
+    Str,
+    /// An integer within the range.
+    Int(i64, i64),
+    /// A number (integer or float).
+    Number,
+    /// A duration string such as `"10s"`.
+    Duration,
+    /// One of these strings.
+    OneOf(&'static [&'static str]),
+    StrArray,
+    /// An array of integers within the range.
+    IntArray(i64, i64),
+    /// A table of strings.
+    StrTable,
+    /// An IP address string.
+    Ip,
+    /// A CPU number or an array of them.
+    Cpus,
+    Backoff,
+    Readiness,
+}
+
+const PORT: Ty = Ty::Int(1, 65_535);
+const CPU_MAX: i64 = 1023;
+
+fn node_key_type(key: &str) -> Option<Ty> {
+    Some(match key {
+        "instance" | "role" | "workdir" | "interface" | "stop_signal" => Ty::Str,
+        "command" | "scripts" => Ty::StrArray,
+        "env" => Ty::StrTable,
+        "port" | "metrics_port" => PORT,
+        "cpu_affinity" => Ty::Cpus,
+        "restart" => Ty::OneOf(RESTART),
+        "backoff" => Ty::Backoff,
+        "max_failed_starts" => Ty::Int(0, i64::from(u32::MAX)),
+        "success_exit_codes" => Ty::IntArray(i64::from(i32::MIN), i64::from(i32::MAX)),
+        "readiness" => Ty::Readiness,
+        "stop_timeout" => Ty::Duration,
+        _ => return None,
+    })
+}
+
+/// Checks the document's keys and value types, removing every bad entry from `doc`.
+pub(crate) fn check(doc: &mut DeTable<'_>, lines: &Lines) -> Checked {
+    let mut walk = Walk {
+        lines,
+        out: Checked::default(),
+    };
+    walk.top(doc);
+    walk.out
+}
+
+struct Walk<'a> {
+    lines: &'a Lines,
+    out: Checked,
+}
+
+type Entry<'i> = (Spanned<std::borrow::Cow<'i, str>>, Spanned<DeValue<'i>>);
+
+impl Walk<'_> {
+    fn line(&self, span: std::ops::Range<usize>) -> usize {
+        self.lines.line_of(span.start)
+    }
+
+    /// Records a problem at `line` for `path`, and marks `path` as removed.
+    fn bad(&mut self, line: usize, path: &str, message: String) {
+        self.out.issues.push(Issue {
+            file: None,
+            line: Some(line),
+            key: Some(path.to_owned()),
+            message,
+        });
+        self.out.removed.insert(path.to_owned());
+    }
+
+    /// Keeps the entries of `table` for which `keep` returns true; `keep` gets the key
+    /// path, the key's line and the value.
+    fn filter<'i>(
+        &mut self,
+        table: &mut DeTable<'i>,
+        prefix: &str,
+        mut keep: impl FnMut(&mut Self, &str, &str, usize, &mut Spanned<DeValue<'i>>) -> bool,
+    ) {
+        let entries: Vec<Entry<'i>> = std::mem::take(table).into_iter().collect();
+        for (key, mut value) in entries {
+            let path = join(prefix, key.get_ref());
+            let line = self.line(key.span());
+            self.out.lines.insert(path.clone(), line);
+            if keep(self, &path, key.get_ref(), line, &mut value) {
+                table.insert(key, value);
+            }
+        }
+    }
+
+    fn top(&mut self, doc: &mut DeTable<'_>) {
+        self.filter(doc, "", |w, path, key, line, value| match key {
+            "id" => w.typed(path, line, value.get_ref(), Ty::Str),
+            "defaults" => match value.get_mut() {
+                DeValue::Table(t) => {
+                    w.node_table(t, path, true);
+                    true
+                }
+                other => w.mismatch(path, line, "a table", other),
+            },
+            "instances" | "roles" | "nodes" => match value.get_mut() {
+                DeValue::Table(t) => {
+                    w.named_tables(t, path, key);
+                    true
+                }
+                other => w.mismatch(path, line, "a table", other),
+            },
+            _ => {
+                let message = unknown_key_with_suggestion(key, TOP_KEYS.iter().copied());
+                w.bad(line, path, message);
+                false
+            }
+        });
+    }
+
+    /// `[instances.NAME]`, `[roles.NAME]` or `[nodes.NAME]` tables.
+    fn named_tables(&mut self, table: &mut DeTable<'_>, prefix: &str, kind: &str) {
+        self.filter(table, prefix, |w, path, _, line, value| {
+            let DeValue::Table(t) = value.get_mut() else {
+                return w.mismatch(path, line, "a table", value.get_ref());
+            };
+            match kind {
+                "instances" => w.instance(t, path),
+                "roles" => w.role(t, path, line),
+                _ => w.node_table(t, path, false),
+            }
+            true
+        });
+    }
+
+    fn instance(&mut self, table: &mut DeTable<'_>, prefix: &str) {
+        self.filter(table, prefix, |w, path, key, line, value| match key {
+            "host" => w.typed(path, line, value.get_ref(), Ty::Ip),
+            "port" => w.typed(path, line, value.get_ref(), PORT),
+            _ => {
+                let message = unknown_key_with_suggestion(key, ["host", "port"]);
+                w.bad(line, path, message);
+                false
+            }
+        });
+    }
+
+    fn role(&mut self, table: &mut DeTable<'_>, prefix: &str, line: usize) {
+        self.filter(table, prefix, |w, path, key, line, value| match key {
+            "command" => w.typed(path, line, value.get_ref(), Ty::StrArray),
+            "env" => w.typed(path, line, value.get_ref(), Ty::StrTable),
+            _ => {
+                let message = unknown_key_with_suggestion(key, ["command", "env"]);
+                w.bad(line, path, message);
+                false
+            }
+        });
+        let command = join(prefix, "command");
+        if !table.contains_key("command") && !self.out.removed.contains(&command) {
+            self.out.removed.insert(command);
+            self.bad(
+                line,
+                prefix,
+                "missing key 'command': a role template needs a command".to_owned(),
+            );
+        }
+    }
+
+    /// A `[nodes.NAME]` table, or `[defaults]` (where `instance` is not allowed).
+    fn node_table(&mut self, table: &mut DeTable<'_>, prefix: &str, defaults: bool) {
+        self.filter(table, prefix, |w, path, key, line, value| {
+            let ty = node_key_type(key).filter(|_| !(defaults && key == "instance"));
+            let Some(ty) = ty else {
+                let known = || {
+                    NODE_KEYS
+                        .iter()
+                        .copied()
+                        .filter(|k| !(defaults && *k == "instance"))
+                };
+                w.bad(line, path, unknown_key_with_suggestion(key, known()));
+                // A misspelt key is a missing one: what validation says about the key it
+                // was meant to be repeats this problem.
+                if let Some(meant) = suggestion(key, known()) {
+                    w.out.removed.insert(join(prefix, meant));
+                }
+                return false;
+            };
+            match (ty, value.get_mut()) {
+                (Ty::Backoff, DeValue::Table(t)) => {
+                    w.backoff(t, path);
+                    true
+                }
+                (Ty::Readiness, DeValue::Table(t)) => w.readiness(t, path, line),
+                (Ty::Backoff | Ty::Readiness, other) => w.mismatch(path, line, "a table", other),
+                (ty, other) => w.typed(path, line, other, ty),
+            }
+        });
+    }
+
+    fn backoff(&mut self, table: &mut DeTable<'_>, prefix: &str) {
+        const KEYS: [&str; 4] = ["initial", "multiplier", "max", "reset_after"];
+        self.filter(table, prefix, |w, path, key, line, value| match key {
+            "initial" | "max" | "reset_after" => {
+                w.typed(path, line, value.get_ref(), Ty::Duration)
+            }
+            "multiplier" => w.typed(path, line, value.get_ref(), Ty::Number),
+            _ => {
+                w.bad(line, path, unknown_key_with_suggestion(key, KEYS));
+                false
+            }
+        });
+    }
+
+    /// Checks a readiness table; false when it is unusable (no valid `kind`, or a tcp
+    /// probe without a port).
+    fn readiness(&mut self, table: &mut DeTable<'_>, prefix: &str, line: usize) -> bool {
+        let kind = table
+            .get("kind")
+            .and_then(|v| v.get_ref().as_str())
+            .filter(|k| READINESS.contains(k))
+            .map(str::to_owned);
+        let allowed: &[&str] = match kind.as_deref() {
+            Some("start-period") => &["kind", "period"],
+            Some("notify") => &["kind", "timeout"],
+            Some("tcp") => &["kind", "port", "timeout"],
+            _ => &["kind", "period", "port", "timeout"],
+        };
+        let mut usable = true;
+        self.filter(table, prefix, |w, path, key, line, value| {
+            if !allowed.contains(&key) {
+                let message = match kind.as_deref() {
+                    Some(kind) if ["period", "port", "timeout"].contains(&key) => {
+                        format!("readiness kind '{kind}' takes no '{key}'")
+                    }
+                    _ => unknown_key_with_suggestion(key, allowed.iter().copied()),
+                };
+                w.bad(line, path, message);
+                return false;
+            }
+            let ok = match key {
+                "kind" => w.typed(path, line, value.get_ref(), Ty::OneOf(READINESS)),
+                "port" => w.typed(path, line, value.get_ref(), PORT),
+                _ => w.typed(path, line, value.get_ref(), Ty::Duration),
+            };
+            if !ok && (key == "kind" || key == "port") {
+                usable = false;
+            }
+            ok
+        });
+        if !usable {
+            self.out.removed.insert(prefix.to_owned());
+            return false;
+        }
+        let missing = match kind.as_deref() {
+            None => Some("kind"),
+            Some("tcp") if !table.contains_key("port") => Some("port"),
+            _ => None,
+        };
+        if let Some(missing) = missing {
+            let what = if missing == "kind" {
+                format!("one of {}", quoted_list(READINESS))
+            } else {
+                "the port to probe".to_owned()
+            };
+            self.bad(
+                line,
+                prefix,
+                format!("missing key '{missing}' ({what})"),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// Reports a value that is not what the key takes; always false (drop the entry).
+    fn mismatch(&mut self, path: &str, line: usize, expected: &str, found: &DeValue<'_>) -> bool {
+        self.bad(line, path, format!("expected {expected}, found {}", describe(found)));
+        false
+    }
+
+    /// Checks `value` against `ty`; false (with an issue) when it does not fit.
+    fn typed(&mut self, path: &str, line: usize, value: &DeValue<'_>, ty: Ty) -> bool {
+        match fits(value, ty) {
+            Ok(()) => true,
+            Err(expected) => {
+                let message = format!("expected {expected}, found {}", found(value, ty));
+                self.bad(line, path, message);
+                false
+            }
+        }
+    }
+}
+
+/// `Ok` when `value` is of type `ty`, else what was expected.
+fn fits(value: &DeValue<'_>, ty: Ty) -> Result<(), String> {
+    let ok = match (ty, value) {
+        (Ty::Str, DeValue::String(_)) => true,
+        (Ty::Int(lo, hi), v) => integer(v).is_some_and(|n| (lo..=hi).contains(&n)),
+        (Ty::Number, DeValue::Integer(_)) => true,
+        (Ty::Number, DeValue::Float(f)) => f.as_str().parse::<f64>().is_ok(),
+        (Ty::Duration, DeValue::String(s)) => humantime::parse_duration(s).is_ok(),
+        (Ty::OneOf(options), DeValue::String(s)) => options.contains(&s.as_ref()),
+        (Ty::StrArray, DeValue::Array(a)) => a.iter().all(|v| v.get_ref().is_str()),
+        (Ty::IntArray(lo, hi), DeValue::Array(a)) => a
+            .iter()
+            .all(|v| integer(v.get_ref()).is_some_and(|n| (lo..=hi).contains(&n))),
+        (Ty::StrTable, DeValue::Table(t)) => t.values().all(|v| v.get_ref().is_str()),
+        (Ty::Ip, DeValue::String(s)) => s.parse::<IpAddr>().is_ok(),
+        (Ty::Cpus, DeValue::Array(a)) => a.iter().all(|v| fits(v.get_ref(), Ty::Cpus).is_ok()),
+        (Ty::Cpus, v) => integer(v).is_some_and(|n| (0..=CPU_MAX).contains(&n)),
+        _ => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(match ty {
+        Ty::Str => "a string".to_owned(),
+        Ty::Int(lo, hi) if hi == i64::from(u32::MAX) => format!("an integer {lo} or more"),
+        Ty::Int(lo, hi) => format!("an integer {lo}-{hi}"),
+        Ty::Number => "a number".to_owned(),
+        Ty::Duration => "a duration such as \"10s\" or \"250ms\"".to_owned(),
+        Ty::OneOf(options) => format!("one of {}", quoted_list(options)),
+        Ty::StrArray => "an array of strings".to_owned(),
+        Ty::IntArray(..) => "an array of integers".to_owned(),
+        Ty::StrTable => "a table of strings".to_owned(),
+        Ty::Ip => "an IP address".to_owned(),
+        Ty::Cpus => format!("a CPU number 0-{CPU_MAX} or an array of them"),
+        Ty::Backoff | Ty::Readiness => "a table".to_owned(),
+    })
+}
+
+fn integer(value: &DeValue<'_>) -> Option<i64> {
+    let DeValue::Integer(i) = value else {
+        return None;
+    };
+    i64::from_str_radix(i.as_str(), i.radix()).ok()
+}
+
+/// The value as an error message shows it: its type and, for scalars, the value.
+fn describe(value: &DeValue<'_>) -> String {
+    match value {
+        DeValue::String(s) => {
+            let shown: String = s.chars().take(40).collect();
+            let more = if shown.len() < s.len() { "..." } else { "" };
+            format!("string \"{}{more}\"", shown.escape_default())
+        }
+        DeValue::Integer(i) => format!("integer {i}"),
+        DeValue::Float(f) => format!("float {f}"),
+        DeValue::Boolean(b) => format!("boolean {b}"),
+        DeValue::Datetime(d) => format!("datetime {d}"),
+        DeValue::Array(_) => "an array".to_owned(),
+        DeValue::Table(_) => "a table".to_owned(),
+    }
+}
+
+/// The type of the elements of an array or table type.
+fn element_type(ty: Ty) -> Option<Ty> {
+    match ty {
+        Ty::StrArray | Ty::StrTable => Some(Ty::Str),
+        Ty::IntArray(lo, hi) => Some(Ty::Int(lo, hi)),
+        Ty::Cpus => Some(Ty::Int(0, CPU_MAX)),
+        _ => None,
+    }
+}
+
+/// What was found instead of `ty`: the first element that does not fit, for an array or
+/// table whose elements are wrong.
+fn found(value: &DeValue<'_>, ty: Ty) -> String {
+    let Some(element) = element_type(ty) else {
+        return describe(value);
+    };
+    let bad = |v: &DeValue<'_>| fits(v, element).is_err();
+    match value {
+        DeValue::Array(a) => match a.iter().find(|v| bad(v.get_ref())) {
+            Some(v) => format!("{} in the array", describe(v.get_ref())),
+            None => describe(value),
+        },
+        DeValue::Table(t) if matches!(ty, Ty::StrTable) => {
+            match t.iter().find(|(_, v)| bad(v.get_ref())) {
+                Some((k, v)) => format!("{} for '{}'", describe(v.get_ref()), k.get_ref()),
+                None => describe(value),
+            }
+        }
+        _ => describe(value),
+    }
+}
+
+fn quoted_list(options: &[&str]) -> String {
+    options
+        .iter()
+        .map(|o| format!("\"{o}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
