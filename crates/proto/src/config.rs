@@ -939,7 +939,7 @@ max_failed_starts = -1
 instance = "a"
 command = ["x"]
 stop_timeout = "2h"
-backoff = { initial = "10ms", max = "2h", multiplier = 11.0, reset_after = "2days" }
+backoff = { initial = "0s", max = "2h", multiplier = 11.0, reset_after = "2days" }
 max_failed_starts = 1001
 readiness = { kind = "notify", timeout = "0s" }
 [nodes.y]

@@ -555,6 +555,8 @@ pub fn with_roles(
             }
         }
     }
+    // Checked on its own first, so that its problems carry its own line numbers.
+    config::parse_toml(roles_file, roles_text)?;
     let text = toml::to_string(&cluster)
         .map_err(|e| at(None, format!("cannot merge the roles file: {e}")))?;
     config::parse_toml(file, &text).map_err(|Issues(issues)| {
@@ -1484,6 +1486,13 @@ mod tests {
         );
         let err = with_roles(&config, "c.ini", "roles.toml", "\n[roles\n").unwrap_err();
         assert!(err.to_string().starts_with("roles.toml:2: "), "{err}");
+        let typed = "[defaults]\nstop_timeout = 5\n[roles.worker]\ncommand = \"zeek\"\n";
+        let err = with_roles(&config, "c.ini", "roles.toml", typed).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "roles.toml:2: defaults.stop_timeout: expected a duration such as \"10s\" or \"250ms\", found integer 5\n\
+             roles.toml:4: roles.worker.command: expected an array of strings, found string \"zeek\""
+        );
     }
 
     const FULL_CONFIG: &str = include_str!("../tests/data/ini/reference-full-config.ini");
