@@ -76,3 +76,75 @@ fn ca_days_out_of_range_is_an_error_not_a_panic() {
     );
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
 }
+
+/// `stage-config FILE` against a port where nothing listens, with certificate paths that
+/// do not exist: whatever fails first shows how far the command got.
+fn stage(file: &std::path::Path) -> CliOutput {
+    drover(&[
+        "--controller",
+        "127.0.0.1:9",
+        "--ca",
+        "/nonexistent/ca.crt",
+        "--cert",
+        "/nonexistent/c.crt",
+        "--key",
+        "/nonexistent/c.key",
+        "stage-config",
+        file.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn a_configuration_over_the_frame_limit_is_refused_before_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = drover_proto::msg::MAX_FRAME_LEN;
+    let node = |arg_len: usize| {
+        format!(
+            "[instances.a]\n[nodes.n]\ninstance = \"a\"\ncommand = [\"/bin/x\", \"{}\"]\n",
+            "a".repeat(arg_len)
+        )
+    };
+    let huge = dir.path().join("huge.toml");
+    std::fs::write(&huge, node(limit)).unwrap();
+    let out = stage(&huge);
+    assert_one_line_error(
+        &out,
+        "configuration is too large to send: its request is 16.0 MiB (",
+    );
+    assert!(
+        out.stderr
+            .contains("over the limit of 16.0 MiB (16777216 bytes)"),
+        "{}",
+        out.stderr
+    );
+    let size: usize = out
+        .stderr
+        .split(" MiB (")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(size > limit && size < limit + 1024, "{size}");
+
+    // Many small nodes add up the same way.
+    let mut many = String::from("[instances.a]\n");
+    for i in 0..60_000 {
+        many.push_str(&format!(
+            "[nodes.n{i}]\ninstance = \"a\"\ncommand = [\"/usr/bin/sleep\", \"infinity\"]\n"
+        ));
+    }
+    let file = dir.path().join("many.toml");
+    std::fs::write(&file, many).unwrap();
+    assert_one_line_error(&stage(&file), "configuration is too large to send");
+
+    // Just under the limit passes the check: what fails is the (missing) certificate.
+    let fits = dir.path().join("fits.toml");
+    std::fs::write(&fits, node(limit - 1024)).unwrap();
+    let out = stage(&fits);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(!out.stderr.contains("too large"), "{}", out.stderr);
+    assert!(out.stderr.contains("/nonexistent/"), "{}", out.stderr);
+}

@@ -236,7 +236,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // Read input files before connecting, so that a bad file costs no connection.
         let staged = match &cli.command {
             Command::StageConfig { file, roles } | Command::DeployConfig { file, roles, .. } => {
-                Some(read_cluster_file(file, roles.as_deref())?)
+                let config = read_cluster_file(file, roles.as_deref())?;
+                Some(fits_in_a_frame(config)?)
             }
             _ => None,
         };
@@ -491,6 +492,60 @@ fn read_cluster_file(
         .map_err(|e| anyhow::anyhow!("cannot read roles file {}: {e}", roles.display()))?;
     drover_proto::ini::with_roles(&config, &name, &roles.display().to_string(), &roles_text)
         .map_err(refuse)
+}
+
+/// The configuration back when its stage-config request fits in one frame; else an
+/// error naming the request's size and the limit, since the controller would refuse it
+/// only after receiving it all.
+fn fits_in_a_frame(
+    config: drover_proto::Configuration,
+) -> anyhow::Result<drover_proto::Configuration> {
+    use drover_proto::msg::{ClientRequest, MAX_FRAME_LEN, Request};
+    let req = ClientRequest::StageConfig {
+        config: Box::new(config),
+    };
+    let envelope = Request {
+        // Longer than any id a request carries, so that the count is an upper bound.
+        id: "x".repeat(64),
+        timeout_ms: Some(u64::MAX),
+        body: &req,
+    };
+    let mut counter = ByteCounter(0);
+    serde_json::to_writer(&mut counter, &envelope)
+        .map_err(|e| anyhow::anyhow!("cannot encode the configuration: {e}"))?;
+    let size = counter.0;
+    if size > MAX_FRAME_LEN {
+        anyhow::bail!(
+            "configuration is too large to send: its request is {} ({size} bytes), over the \
+             limit of {} ({MAX_FRAME_LEN} bytes)",
+            mebibytes(size),
+            mebibytes(MAX_FRAME_LEN)
+        );
+    }
+    let ClientRequest::StageConfig { config } = req else {
+        unreachable!("built above")
+    };
+    Ok(*config)
+}
+
+/// `12.3 MiB`.
+fn mebibytes(bytes: usize) -> String {
+    let mib = bytes as f64 / (1024.0 * 1024.0);
+    format!("{mib:.1} MiB")
+}
+
+/// A writer that only counts what is written to it.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// This machine's name, as zeek-client uses it for nodes that name no instance.

@@ -253,7 +253,10 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
     // default is noise next to the type error already reported.
     let below_removed = |key: &str| {
         removed.iter().any(|r| {
-            key == r || key.strip_prefix(r.as_str()).is_some_and(|rest| rest.starts_with('.'))
+            key == r
+                || key
+                    .strip_prefix(r.as_str())
+                    .is_some_and(|rest| rest.starts_with('.'))
         })
     };
     issues.extend(
@@ -302,7 +305,10 @@ pub(crate) fn unknown_key_with_suggestion<'a>(
 }
 
 /// The closest of `known` to `key`, when it is at most two edits away.
-pub(crate) fn suggestion<'a>(key: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn suggestion<'a>(
+    key: &str,
+    known: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     known
         .into_iter()
         .map(|k| (edit_distance(k, key), k))
@@ -564,7 +570,13 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
         let in_range = |issues: &mut Vec<Issue>, what: &str, value: Duration, lo, hi| {
             check_duration(issues, &key, what, value, lo, hi);
         };
-        in_range(&mut issues, "backoff.initial", b.initial, MIN_BACKOFF, MAX_BACKOFF);
+        in_range(
+            &mut issues,
+            "backoff.initial",
+            b.initial,
+            MIN_BACKOFF,
+            MAX_BACKOFF,
+        );
         if b.max < b.initial {
             issues.push(Issue::at_key(
                 format!("{key}.backoff.max"),
@@ -798,11 +810,8 @@ command = ["x"]
 backoff = { multiplier = 0.5 }
 "#;
         let err = parse_toml("c.toml", text).unwrap_err();
-        let messages: Vec<(Option<usize>, &str)> = err
-            .0
-            .iter()
-            .map(|i| (i.line, i.message.as_str()))
-            .collect();
+        let messages: Vec<(Option<usize>, &str)> =
+            err.0.iter().map(|i| (i.line, i.message.as_str())).collect();
         assert_eq!(
             messages,
             vec![
@@ -813,7 +822,10 @@ backoff = { multiplier = 0.5 }
                     "node 'w3' port 2151/tcp conflicts with agent port on instance 'a'"
                 ),
                 (Some(15), "unknown signal 'SIGNOPE'"),
-                (Some(16), "multiple nodes on instance 'a' using port 2151/tcp"),
+                (
+                    Some(16),
+                    "multiple nodes on instance 'a' using port 2151/tcp"
+                ),
                 (
                     Some(16),
                     "node 'w4' has no command and role 'worker' has no command template"
@@ -901,7 +913,10 @@ max_failed_starts = -1
     #[test]
     fn wrong_shapes_of_tables_are_reported_not_fatal() {
         for (text, want) in [
-            ("nodes = 5\n", "c.toml:1: nodes: expected a table, found integer 5"),
+            (
+                "nodes = 5\n",
+                "c.toml:1: nodes: expected a table, found integer 5",
+            ),
             (
                 "[instances]\na = \"x\"\n",
                 "c.toml:2: instances.a: expected a table, found string \"x\"",

@@ -257,9 +257,7 @@ impl Walk<'_> {
     fn backoff(&mut self, table: &mut DeTable<'_>, prefix: &str) {
         const KEYS: [&str; 4] = ["initial", "multiplier", "max", "reset_after"];
         self.filter(table, prefix, |w, path, key, line, value| match key {
-            "initial" | "max" | "reset_after" => {
-                w.typed(path, line, value.get_ref(), Ty::Duration)
-            }
+            "initial" | "max" | "reset_after" => w.typed(path, line, value.get_ref(), Ty::Duration),
             "multiplier" => w.typed(path, line, value.get_ref(), Ty::Number),
             _ => {
                 w.bad(line, path, unknown_key_with_suggestion(key, KEYS));
@@ -319,11 +317,7 @@ impl Walk<'_> {
             } else {
                 "the port to probe".to_owned()
             };
-            self.bad(
-                line,
-                prefix,
-                format!("missing key '{missing}' ({what})"),
-            );
+            self.bad(line, prefix, format!("missing key '{missing}' ({what})"));
             return false;
         }
         true
@@ -331,7 +325,11 @@ impl Walk<'_> {
 
     /// Reports a value that is not what the key takes; always false (drop the entry).
     fn mismatch(&mut self, path: &str, line: usize, expected: &str, found: &DeValue<'_>) -> bool {
-        self.bad(line, path, format!("expected {expected}, found {}", describe(found)));
+        self.bad(
+            line,
+            path,
+            format!("expected {expected}, found {}", describe(found)),
+        );
         false
     }
 
