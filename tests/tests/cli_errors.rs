@@ -148,3 +148,61 @@ fn a_configuration_over_the_frame_limit_is_refused_before_sending() {
     assert!(!out.stderr.contains("too large"), "{}", out.stderr);
     assert!(out.stderr.contains("/nonexistent/"), "{}", out.stderr);
 }
+
+#[test]
+fn bad_settings_are_errors_naming_the_setting_not_panics() {
+    let show = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.push("show-settings");
+        drover(&all)
+    };
+    // Each of these once reached a panic or an error without the key's name.
+    assert_one_line_error(
+        &show(&["--set", "controller.port=abc"]),
+        "controller.port: expected an integer 1-65535, found string \"abc\"",
+    );
+    assert_one_line_error(
+        &show(&["--set", "controller.port=0"]),
+        "controller.port: expected an integer 1-65535, found integer 0",
+    );
+    for t in ["1e300", "inf", "0", "-1", "86401"] {
+        assert_one_line_error(
+            &show(&["--set", &format!("client.request_timeout_secs={t}")]),
+            "client.request_timeout_secs must be a positive number of seconds up to 86400",
+        );
+    }
+    assert_one_line_error(
+        &show(&["--timeout", "1000000000days"]),
+        "client.request_timeout_secs must be a positive number of seconds up to 86400",
+    );
+    let mut cmd = Command::new(bin("drover"));
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = std::ffi::OsStr::from_bytes(b"/tmp/\xff.crt");
+        cmd.args(["--ca".as_ref(), bad, "show-settings".as_ref()])
+            .env_remove("DROVER_CLIENT_SETTINGS")
+            .env("HOME", "/nonexistent");
+        assert_one_line_error(
+            &run_cli(cmd, Duration::from_secs(30)),
+            "cannot print the settings: path contains invalid UTF-8",
+        );
+        let mut cmd = Command::new(bin("drover"));
+        cmd.arg("show-settings")
+            .env(
+                "DROVER_CLIENT_SETTINGS",
+                std::ffi::OsStr::from_bytes(b"client.x=\xff"),
+            )
+            .env("HOME", "/nonexistent");
+        assert_one_line_error(
+            &run_cli(cmd, Duration::from_secs(30)),
+            "DROVER_CLIENT_SETTINGS is not valid UTF-8",
+        );
+    }
+    // A day is allowed.
+    let out = show(&["--set", "client.request_timeout_secs=86400"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+
+    let out = drover(&["restart", "--batch", "0", "w1"]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("must be at least 1"), "{}", out.stderr);
+}

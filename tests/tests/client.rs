@@ -81,7 +81,7 @@ fn settings_precedence_file_env_set_flag() {
     assert_eq!(out.code, Some(1));
     assert!(
         out.stderr
-            .starts_with("error: invalid settings: unknown field `colour`"),
+            .starts_with("error: invalid settings: client.colour: unknown key 'colour'"),
         "{}",
         out.stderr
     );

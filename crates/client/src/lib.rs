@@ -133,7 +133,7 @@ pub enum Command {
         /// Targets: node names, role:ROLE or instance:NAME.
         nodes: Vec<String>,
         /// Rolling restart: this many nodes at a time, stopping at the first failure.
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         batch: Option<usize>,
         /// Wait for each batch to be ready before the next (always the case; accepted
         /// for clarity in scripts).
@@ -191,6 +191,15 @@ pub enum Command {
     },
 }
 
+/// A count of at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -228,7 +237,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let settings = Settings::load(&cli)?;
     if let Command::ShowSettings = &cli.command {
-        println!("{}", settings.render().trim_end());
+        println!("{}", settings.render()?.trim_end());
         return Ok(ExitCode::SUCCESS);
     }
     let rt = runtime()?;

@@ -154,14 +154,21 @@ impl Settings {
         if let Some(file) = file {
             merge(&mut table, read_file(&file, required)?);
         }
-        if let Ok(env) = std::env::var("DROVER_CLIENT_SETTINGS") {
-            for a in env.split_whitespace() {
-                set(&mut table, a, "DROVER_CLIENT_SETTINGS")?;
+        match std::env::var("DROVER_CLIENT_SETTINGS") {
+            Ok(env) => {
+                for a in env.split_whitespace() {
+                    set(&mut table, a, "DROVER_CLIENT_SETTINGS")?;
+                }
+            }
+            Err(std::env::VarError::NotPresent) => {}
+            Err(std::env::VarError::NotUnicode(_)) => {
+                bail!("DROVER_CLIENT_SETTINGS is not valid UTF-8")
             }
         }
         for a in &cli.set {
             set(&mut table, a, "--set")?;
         }
+        check_types(&table)?;
         let mut s: Self = table.try_into().map_err(|e: toml::de::Error| {
             anyhow::anyhow!("invalid settings: {}", e.message().trim_end())
         })?;
@@ -186,8 +193,12 @@ impl Settings {
         if let Some(t) = cli.timeout {
             s.client.request_timeout_secs = t.as_secs_f64();
         }
-        if !(s.client.request_timeout_secs.is_finite() && s.client.request_timeout_secs > 0.0) {
-            bail!("client.request_timeout_secs must be a positive number of seconds");
+        let t = s.client.request_timeout_secs;
+        if !(t.is_finite() && t > 0.0 && t <= MAX_REQUEST_TIMEOUT_SECS) {
+            bail!(
+                "client.request_timeout_secs must be a positive number of seconds up to \
+                 {MAX_REQUEST_TIMEOUT_SECS} (a day), not {t:?}"
+            );
         }
         Ok(s)
     }
@@ -207,9 +218,78 @@ impl Settings {
         Duration::from_secs_f64(self.client.request_timeout_secs)
     }
 
-    /// The settings as a TOML file (what `show-settings` prints).
-    pub fn render(&self) -> String {
-        toml::to_string(self).expect("settings serialize")
+    /// The settings as a TOML file (what `show-settings` prints); an error when a path
+    /// is not UTF-8, which TOML cannot express.
+    pub fn render(&self) -> anyhow::Result<String> {
+        toml::to_string(self).map_err(|e| anyhow::anyhow!("cannot print the settings: {e}"))
+    }
+}
+
+/// The longest request timeout: a day, which is also far below what durations and
+/// timers can hold.
+pub const MAX_REQUEST_TIMEOUT_SECS: f64 = 86_400.0;
+
+/// Checks every key and value type of merged settings, so that a mistake names its key
+/// (`controller.port: expected an integer 1-65535, found string "abc"`); all mistakes are
+/// reported at once.
+fn check_types(table: &toml::Table) -> anyhow::Result<()> {
+    use toml::Value as V;
+    const KEYS: &[(&str, &[&str])] = &[
+        ("client", &["request_timeout_secs", "pretty_json"]),
+        ("controller", &["host", "port"]),
+        ("tls", &["ca", "cert", "key"]),
+    ];
+    let found = |v: &V| match v {
+        V::String(s) => format!("string \"{}\"", s.escape_default()),
+        V::Integer(i) => format!("integer {i}"),
+        V::Float(f) => format!("float {f}"),
+        V::Boolean(b) => format!("boolean {b}"),
+        V::Datetime(d) => format!("datetime {d}"),
+        V::Array(_) => "an array".to_owned(),
+        V::Table(_) => "a table".to_owned(),
+    };
+    let mut problems = Vec::new();
+    for (section, value) in table {
+        let Some((_, keys)) = KEYS.iter().find(|(s, _)| s == section) else {
+            problems.push(format!("unknown section '{section}'"));
+            continue;
+        };
+        let V::Table(entries) = value else {
+            problems.push(format!(
+                "{section}: expected a section, found {}",
+                found(value)
+            ));
+            continue;
+        };
+        for (key, v) in entries {
+            if !keys.contains(&key.as_str()) {
+                problems.push(format!(
+                    "{section}.{key}: unknown key '{key}' (known: {})",
+                    keys.join(", ")
+                ));
+                continue;
+            }
+            let expected = match (key.as_str(), v) {
+                ("request_timeout_secs", V::Integer(_) | V::Float(_))
+                | ("pretty_json", V::Boolean(_))
+                | ("host" | "ca" | "cert" | "key", V::String(_)) => continue,
+                ("port", V::Integer(p)) if (1..=65_535).contains(p) => continue,
+                ("request_timeout_secs", _) => "a number of seconds",
+                ("pretty_json", _) => "true or false",
+                ("port", _) => "an integer 1-65535",
+                ("host", _) => "a host name or address",
+                _ => "a file name",
+            };
+            problems.push(format!(
+                "{section}.{key}: expected {expected}, found {}",
+                found(v)
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!("invalid settings: {}", problems.join("; "))
     }
 }
 
@@ -271,6 +351,38 @@ mod tests {
         );
         assert!(set(&mut t, "nodot=1", "--set").is_err());
         assert!(set(&mut t, "client.x", "--set").is_err());
+    }
+
+    #[test]
+    fn wrong_keys_and_types_name_the_key_all_at_once() {
+        let mut t = toml::Table::try_from(Settings::default()).unwrap();
+        for a in [
+            "controller.port=abc",
+            "client.pretty_json=yes",
+            "client.colour=1",
+            "tls.ca=5",
+            "nope.x=1",
+        ] {
+            set(&mut t, a, "--set").unwrap();
+        }
+        let err = check_types(&t).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid settings: client.colour: unknown key 'colour' (known: \
+             request_timeout_secs, pretty_json); client.pretty_json: expected true or false, \
+             found string \"yes\"; controller.port: expected an integer 1-65535, found string \
+             \"abc\"; unknown section 'nope'; tls.ca: expected a file name, found integer 5"
+        );
+        let mut t = toml::Table::try_from(Settings::default()).unwrap();
+        set(&mut t, "controller.port=0", "--set").unwrap();
+        assert!(
+            check_types(&t)
+                .unwrap_err()
+                .to_string()
+                .contains("found integer 0")
+        );
+        set(&mut t, "controller.port=65535", "--set").unwrap();
+        check_types(&t).unwrap();
     }
 
     #[test]
