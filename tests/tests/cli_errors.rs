@@ -206,3 +206,48 @@ fn bad_settings_are_errors_naming_the_setting_not_panics() {
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("must be at least 1"), "{}", out.stderr);
 }
+
+#[test]
+fn agent_log_limits_out_of_range_stop_it_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap();
+    for (flag, value, needle) in [
+        (
+            "--log-max-bytes",
+            "0",
+            "log_max_bytes 0 is out of range: allowed 4096",
+        ),
+        (
+            "--log-max-bytes",
+            "4095",
+            "log_max_bytes 4095 is out of range",
+        ),
+        (
+            "--log-keep",
+            "1001",
+            "log_keep 1001 is out of range: allowed 0 to 1000",
+        ),
+    ] {
+        let mut cmd = Command::new(bin("drover-agent"));
+        cmd.args([
+            "--name",
+            "a",
+            "--ca",
+            "x",
+            "--cert",
+            "x",
+            "--key",
+            "x",
+            "--state-dir",
+            state,
+            "--listen",
+            "127.0.0.1:0",
+            flag,
+            value,
+        ]);
+        let out = run_cli(cmd, Duration::from_secs(30));
+        assert_ne!(out.code, Some(0), "{}", out.stderr);
+        assert!(out.stderr.contains(needle), "{}", out.stderr);
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    }
+}

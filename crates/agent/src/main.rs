@@ -126,6 +126,14 @@ fn config(args: Args) -> anyhow::Result<Config> {
     };
     check_liveness(transport.keep_alive, transport.idle_timeout)?;
     let defaults_log = LogConfig::default();
+    let logs = LogConfig {
+        max_bytes: args
+            .log_max_bytes
+            .or(file.log_max_bytes)
+            .unwrap_or(defaults_log.max_bytes),
+        keep: args.log_keep.or(file.log_keep).unwrap_or(defaults_log.keep),
+    };
+    drover_daemon::check_log_limits(logs.max_bytes, logs.keep)?;
     let reconnect_max = args
         .reconnect_max
         .or(file.reconnect_max)
@@ -151,13 +159,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
             .unwrap_or(Duration::from_secs(5)),
         stop_nodes_on_exit: args.on_exit.or(file.on_exit).unwrap_or(OnExit::Stop) == OnExit::Stop,
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
-        logs: LogConfig {
-            max_bytes: args
-                .log_max_bytes
-                .or(file.log_max_bytes)
-                .unwrap_or(defaults_log.max_bytes),
-            keep: args.log_keep.or(file.log_keep).unwrap_or(defaults_log.keep),
-        },
+        logs,
     })
 }
 

@@ -64,6 +64,28 @@ pub fn check_liveness(keep_alive: Duration, idle_timeout: Duration) -> anyhow::R
     Ok(())
 }
 
+/// Smallest size at which a node's output file may be rotated: below a page, rotation
+/// would outrun the writes it bounds.
+pub const MIN_LOG_MAX_BYTES: u64 = 4096;
+/// Largest rotation size (1 TiB).
+pub const MAX_LOG_MAX_BYTES: u64 = 1 << 40;
+/// Most rotated files kept per stream.
+pub const MAX_LOG_KEEP: u32 = 1000;
+
+/// Checks the bounds of node log rotation (`--log-max-bytes`, `--log-keep`).
+pub fn check_log_limits(max_bytes: u64, keep: u32) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (MIN_LOG_MAX_BYTES..=MAX_LOG_MAX_BYTES).contains(&max_bytes),
+        "log_max_bytes {max_bytes} is out of range: allowed {MIN_LOG_MAX_BYTES} (4 KiB) to \
+         {MAX_LOG_MAX_BYTES} (1 TiB)"
+    );
+    anyhow::ensure!(
+        keep <= MAX_LOG_KEEP,
+        "log_keep {keep} is out of range: allowed 0 to {MAX_LOG_KEEP}"
+    );
+    Ok(())
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`); colour only on a terminal
 /// and never when `NO_COLOR` is set.
 pub fn init_logging() {
@@ -152,6 +174,25 @@ mod tests {
         std::fs::write(&p, "idle_timeout = \"5s\"\n").unwrap();
         let t: T = load_config_file(&p).unwrap();
         assert_eq!(t.idle_timeout, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn log_limits_name_the_setting_and_the_range() {
+        check_log_limits(MIN_LOG_MAX_BYTES, 0).unwrap();
+        check_log_limits(MAX_LOG_MAX_BYTES, MAX_LOG_KEEP).unwrap();
+        for bytes in [0, 1, MIN_LOG_MAX_BYTES - 1, MAX_LOG_MAX_BYTES + 1, u64::MAX] {
+            let err = check_log_limits(bytes, 5).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "log_max_bytes {bytes} is out of range: allowed 4096"
+                )),
+                "{err}"
+            );
+        }
+        let err = check_log_limits(MIN_LOG_MAX_BYTES, MAX_LOG_KEEP + 1)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "log_keep 1001 is out of range: allowed 0 to 1000");
     }
 
     #[test]
