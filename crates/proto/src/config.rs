@@ -1052,6 +1052,40 @@ readiness = { kind = "tcp", port = 1, timeout = "1h" }
         }
 
         #[test]
+        fn typed_node_keys_never_panic_and_issues_have_lines(
+            entries in proptest::collection::vec(
+                (
+                    proptest::sample::select(NODE_KEYS),
+                    proptest::sample::select(&[
+                        "\"a\"", "\"10s\"", "\"0s\"", "\"x\"", "0", "-1", "70000",
+                        "1.5", "true", "[]", "[1, \"a\"]", "[\"a\"]", "{}",
+                        "{ kind = \"tcp\" }", "{ initial = 5 }", "{ A = 1 }",
+                        "1979-05-27", "9999999999999999999",
+                    ][..]),
+                ),
+                0..8,
+            ),
+            in_defaults in proptest::bool::ANY,
+        ) {
+            let table = if in_defaults { "[defaults]" } else { "[nodes.n]" };
+            let mut text = format!("[instances.a]\n{table}\n");
+            let mut seen = BTreeSet::new();
+            for (key, value) in entries {
+                if seen.insert(key) {
+                    text.push_str(&format!("{key} = {value}\n"));
+                }
+            }
+            if let Err(Issues(issues)) = parse_toml("f.toml", &text) {
+                for issue in issues {
+                    proptest::prop_assert!(
+                        issue.key.is_none() || issue.line.is_some(),
+                        "{issue}\n{text}"
+                    );
+                }
+            }
+        }
+
+        #[test]
         fn arbitrary_tomlish_text_never_panics(
             text in "(\\[(nodes|instances|roles|defaults)(\\.[a-z]{1,3})?\\]\n([a-z_]{1,12} = (\"[a-z]{0,4}\"|[0-9]{1,5}|\\[\\]|\\{\\})\n){0,4}){0,5}"
         ) {
