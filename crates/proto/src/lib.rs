@@ -12,6 +12,7 @@
 //! - [`ini`]: Zeek's INI cluster files as zeek-client reads and prints them, the TOML
 //!   writer (the lossless form), and format detection for files in either format.
 //! - [`name`]: the rules for instance and node names.
+//! - [`ports`]: Zeek's Broker and metrics port auto-assignment and port checks.
 //!
 //! Architecture invariant: this crate does no I/O, reads no clock and spawns nothing. It
 //! turns bytes and strings into values and back; everything else lives in the crates that
@@ -22,6 +23,7 @@ pub mod ini;
 pub mod model;
 pub mod msg;
 pub mod name;
+pub mod ports;
 
 pub use model::{
     ClusterRole, Configuration, Instance, MgmtResult, MgmtRole, Node, NodeOutputs, NodeStatus,
