@@ -8,9 +8,9 @@ use std::time::Duration;
 use clap::Parser;
 use drover_controller::zeek::DeployMode;
 use drover_controller::{Config, Controller, DEFAULT_PORT};
-use drover_proto::ports::PortPolicy;
 use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing, notify};
 use drover_net::{TlsFiles, TransportSettings};
+use drover_proto::ports::PortPolicy;
 use serde::Deserialize;
 
 /// drover's controller: holds the cluster configuration and talks to every agent.
@@ -173,7 +173,9 @@ fn config(args: Args) -> anyhow::Result<Config> {
         zeek_deploy: match args.zeek_deploy {
             Some(m) => m,
             None => match file.zeek_deploy {
-                Some(s) => s.parse().map_err(|e: String| anyhow::anyhow!("zeek_deploy: {e}"))?,
+                Some(s) => s
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("zeek_deploy: {e}"))?,
                 None => DeployMode::default(),
             },
         },

@@ -93,7 +93,10 @@ pub fn check(config: &Configuration, policy: &PortPolicy) -> Vec<Issue> {
         for n in config.nodes.iter().filter(|n| n.port == Some(cp)) {
             issues.push(issue(
                 format!("nodes.{}.port", n.name),
-                format!("node '{}' port {cp}/tcp conflicts with controller port", n.name),
+                format!(
+                    "node '{}' port {cp}/tcp conflicts with controller port",
+                    n.name
+                ),
             ));
         }
     }
@@ -191,9 +194,7 @@ pub fn assign(config: &mut Configuration, policy: &PortPolicy) -> Vec<Issue> {
         }
         for i in candidates(config, |n| n.metrics_port.is_none()) {
             let h = host(&config.nodes[i].instance);
-            let (next, used) = pools
-                .get_mut(&h)
-                .expect("a pool for every node's address");
+            let (next, used) = pools.get_mut(&h).expect("a pool for every node's address");
             let node = &mut config.nodes[i];
             match take(next, used) {
                 Some(p) => node.metrics_port = Some(p),
@@ -256,7 +257,10 @@ mod tests {
     fn multi_instance() -> Configuration {
         use ClusterRole::{Logger, Manager, Proxy, Worker};
         config(
-            vec![inst("instance-1", None, None), inst("instance-2", None, None)],
+            vec![
+                inst("instance-1", None, None),
+                inst("instance-2", None, None),
+            ],
             vec![
                 node("manager", "instance-1", Manager, None),
                 node("logger-01", "instance-1", Logger, None),
@@ -391,7 +395,11 @@ mod tests {
             messages.contains(&"no free port left from 65533/tcp for node 'proxy-02'"),
             "{messages:?}"
         );
-        assert!(messages.iter().any(|m| m.starts_with("no free metrics port")));
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with("no free metrics port"))
+        );
     }
 
     #[test]

@@ -273,7 +273,12 @@ async fn answer(
     let reply = match req {
         ZeekRequest::GetNodes => {
             let home = controller_home(shared);
-            controller_under(&shared.name, home.as_deref(), shared.ports.controller_port, reply)
+            controller_under(
+                &shared.name,
+                home.as_deref(),
+                shared.ports.controller_port,
+                reply,
+            )
         }
         ZeekRequest::GetIdValue { .. } => zeek_id_errors(reply),
         ZeekRequest::Deploy | ZeekRequest::Restart { .. } => controller_timeout(&reqid, reply),
