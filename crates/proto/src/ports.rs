@@ -359,6 +359,42 @@ mod tests {
         );
     }
 
+    /// docs/zeek.md's worked example on two hosts.
+    #[test]
+    fn the_docs_example_on_two_hosts() {
+        use ClusterRole::{Logger, Manager, Proxy, Worker};
+        let mut c = config(
+            vec![
+                inst("agent-1", Some("10.0.0.1"), None),
+                inst("agent-2", Some("10.0.0.2"), None),
+            ],
+            vec![
+                node("manager", "agent-1", Manager, None),
+                node("logger", "agent-1", Logger, None),
+                node("proxy-01", "agent-1", Proxy, None),
+                node("proxy-02", "agent-2", Proxy, None),
+                node("worker-01", "agent-1", Worker, None),
+                node("worker-02", "agent-1", Worker, None),
+                node("worker-03", "agent-2", Worker, None),
+                node("worker-04", "agent-2", Worker, None),
+            ],
+        );
+        assert!(assign(&mut c, &PortPolicy::default()).is_empty());
+        assert_eq!(
+            ports(&c),
+            vec![
+                ("logger".into(), Some(2201), Some(9001)),
+                ("manager".into(), Some(2200), Some(9000)),
+                ("proxy-01".into(), Some(2202), Some(9002)),
+                ("proxy-02".into(), Some(2203), Some(9000)),
+                ("worker-01".into(), None, Some(9003)),
+                ("worker-02".into(), None, Some(9004)),
+                ("worker-03".into(), None, Some(9001)),
+                ("worker-04".into(), None, Some(9002)),
+            ]
+        );
+    }
+
     #[test]
     fn configurations_without_a_manager_are_left_alone() {
         let mut c = config(
