@@ -11,6 +11,7 @@
 //! `tests/zeek/*.txt`, with pids, ids and ports replaced by placeholders; regenerate
 //! them with `DROVER_UPDATE_GOLDEN=1`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -78,9 +79,15 @@ fn zeek_client() -> PathBuf {
     exe
 }
 
-/// The role templates every test uses: testprog in place of zeek.
-fn roles_file(c: &Cluster) -> PathBuf {
+/// The role templates every test uses: testprog in place of zeek. Proxies crash at
+/// start unless `proxies_run`.
+fn roles_file(c: &Cluster, proxies_run: bool) -> PathBuf {
     let p = bin("drover-testprog").display().to_string();
+    let crash = if proxies_run {
+        ""
+    } else {
+        ", \"--crash-at-start\""
+    };
     let text = format!(
         r#"[defaults]
 readiness = {{ kind = "start-period", period = "300ms" }}
@@ -97,7 +104,7 @@ command = ["{p}", "--value", "bits_per_uid=96"]
 command = ["{p}", "--value", "bits_per_uid=96", "--value", "iface=\"{{interface}}\""]
 
 [roles.proxy]
-command = ["{p}", "--print", "proxy {{name}} starting", "--crash-at-start"]
+command = ["{p}", "--print", "proxy {{name}} starting", "--value", "bits_per_uid=96"{crash}]
 "#
     );
     let path = c.dir.path().join("zeek-roles.toml");
@@ -118,8 +125,17 @@ struct Zeek {
 
 impl Zeek {
     fn start(c: &Cluster, listen: &str, ws: &str, extra: &[&str]) -> Self {
+        Self::start_roles(c, listen, ws, extra, false)
+    }
+
+    /// A controller on ephemeral ports whose proxies run.
+    fn start_running(c: &Cluster, extra: &[&str]) -> Self {
+        Self::start_roles(c, "127.0.0.1:0", "127.0.0.1:0", extra, true)
+    }
+
+    fn start_roles(c: &Cluster, listen: &str, ws: &str, extra: &[&str], proxies_run: bool) -> Self {
         let exe = zeek_client();
-        let roles = roles_file(c);
+        let roles = roles_file(c, proxies_run);
         let mut args = vec![
             "--zeek-websocket",
             ws,
@@ -189,6 +205,11 @@ impl Transcript {
         }
     }
 
+    /// Also writes `to` for `from` in what is recorded (ports chosen at run time).
+    fn replace(&mut self, from: impl ToString, to: &str) {
+        self.replace.push((from.to_string(), to.to_owned()));
+    }
+
     /// Runs a command, records it, and returns its output.
     fn run(&mut self, z: &Zeek, args: &[&str]) -> CliOutput {
         let out = z.run(args);
@@ -225,17 +246,25 @@ impl Transcript {
             .join("tests")
             .join("zeek")
             .join(format!("{}.txt", self.name));
+        // Leading `#` lines say where a transcript comes from; they are kept on update
+        // and not compared.
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let header_len: usize = old
+            .split_inclusive('\n')
+            .take_while(|l| l.starts_with('#'))
+            .map(str::len)
+            .sum();
+        let (header, want) = old.split_at(header_len);
         if std::env::var_os("DROVER_UPDATE_GOLDEN").is_some() {
-            std::fs::write(&path, &self.text).unwrap();
+            std::fs::write(&path, format!("{header}{}", self.text)).unwrap();
             return;
         }
-        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (DROVER_UPDATE_GOLDEN=1 writes it); got:\n{}",
-                path.display(),
-                self.text
-            )
-        });
+        assert!(
+            !want.is_empty(),
+            "{}: missing (DROVER_UPDATE_GOLDEN=1 writes it); got:\n{}",
+            path.display(),
+            self.text
+        );
         if want != self.text {
             panic!(
                 "zeek-client output differs from {} (DROVER_UPDATE_GOLDEN=1 rewrites it)\n--- want\n{want}\n--- got\n{}",
@@ -256,9 +285,9 @@ fn ini(c: &Cluster, name: &str) -> String {
 }
 
 /// node -> (state, pid) from zeek-client get-nodes, cluster nodes only.
-fn node_pids(z: &Zeek) -> std::collections::BTreeMap<String, (String, Option<u64>)> {
+fn node_pids(z: &Zeek) -> BTreeMap<String, (String, Option<u64>)> {
     let v = z.json(&["get-nodes"]);
-    let mut out = std::collections::BTreeMap::new();
+    let mut out = BTreeMap::new();
     for nodes in v["results"].as_object().expect("results").values() {
         for (name, n) in nodes.as_object().expect("nodes") {
             if n["mgmt_role"].is_null() {
@@ -275,7 +304,7 @@ fn node_pids(z: &Zeek) -> std::collections::BTreeMap<String, (String, Option<u64
     out
 }
 
-fn all_running(z: &Zeek, count: usize) -> Option<std::collections::BTreeMap<String, u64>> {
+fn all_running(z: &Zeek, count: usize) -> Option<BTreeMap<String, u64>> {
     let n = node_pids(z);
     (n.len() == count && n.values().all(|(s, p)| s == "RUNNING" && p.is_some())).then(|| {
         n.into_iter()
@@ -296,6 +325,10 @@ fn zeek_client_stages_deploys_and_queries_a_cluster() {
     let c = Cluster::new();
     let z = Zeek::start(&c, "127.0.0.1:0", "127.0.0.1:0", &[]);
     let mut t = Transcript::new("cluster", &z, &c);
+    t.replace(
+        format!("\"port\": {}", z.addr.port()),
+        "\"port\": <controller-port>",
+    );
     t.run(&z, &["get-instances"]);
     let _a1 = c.start_agent("agent-1", z.addr);
     let _a2 = c.start_agent("agent-2", z.addr);
@@ -341,14 +374,31 @@ fn zeek_client_stages_deploys_and_queries_a_cluster() {
         "all restarted"
     );
 
-    // deploy-config of a changed file restarts only what changed; get-config output
-    // deploys again as it is.
+    // As in Zeek, deploy-config (a new configuration id) restarts every node and lists
+    // each; deploying the configuration that runs already restarts nothing.
     let out = t.run(&z, &["deploy-config", &ini(&c, "cluster-changed.ini")]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(
+        out.json()["results"]["nodes"]
+            .as_object()
+            .map(serde_json::Map::len),
+        Some(4),
+        "{}",
+        out.stdout
+    );
     let changed = eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
     for (name, pid) in &restarted {
-        assert_eq!(changed[name] != *pid, name == "worker-2", "{name}");
+        assert_ne!(changed[name], *pid, "{name} restarted");
     }
+    let out = t.run(&z, &["deploy"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.json()["results"].get("nodes"), None, "{}", out.stdout);
+    assert_eq!(
+        eventually("4 nodes running", PATIENCE, || all_running(&z, 4)),
+        changed,
+        "a second deploy of one configuration restarts nothing"
+    );
+    // get-config output deploys again as it is.
     let exported = c.dir.path().join("exported.ini");
     let out = z.run(&["get-config", "--deployed", "-f", exported.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
@@ -425,6 +475,10 @@ fn zeek_client_request_timeouts() {
         &["--request-timeout", "1s"],
     );
     let mut t = Transcript::new("timeouts", &z, &c);
+    t.replace(
+        format!("\"port\": {}", z.addr.port()),
+        "\"port\": <controller-port>",
+    );
     // Zeek's request-timeout-controller-state: the controller answers with a timeout.
     let out = z.run_with(5, &["test-timeout", "--with-state"]);
     t.record(&["test-timeout", "--with-state"], &out);
@@ -753,15 +807,15 @@ fn zeek_nodes_see_cluster_node_and_the_cluster_layout() {
     );
     // And finds the whole cluster in cluster-layout.zeek in its working directory,
     // with every node's role, address (where its agent connected from) and port, the
-    // manager, and the metrics port.
+    // manager, and the metrics port (given, or assigned as Zeek's controller does).
     let want = "# The layout of this Zeek cluster, written by drover into the working directory of\n\
                 # each of its nodes before every start, as Zeek's Supervisor would give it. Do not edit.\n\
                 redef Cluster::manager_is_logger = F;\n\
                 \n\
                 redef Cluster::nodes = {\n\
-                \t[\"logger\"] = [$node_type=Cluster::LOGGER, $ip=127.0.0.1, $p=5001/tcp, $manager=\"manager\"],\n\
-                \t[\"manager\"] = [$node_type=Cluster::MANAGER, $ip=127.0.0.1, $p=5000/tcp],\n\
-                \t[\"worker-1\"] = [$node_type=Cluster::WORKER, $ip=127.0.0.1, $manager=\"manager\"],\n\
+                \t[\"logger\"] = [$node_type=Cluster::LOGGER, $ip=127.0.0.1, $p=5001/tcp, $manager=\"manager\", $metrics_port=9001/tcp],\n\
+                \t[\"manager\"] = [$node_type=Cluster::MANAGER, $ip=127.0.0.1, $p=5000/tcp, $metrics_port=9000/tcp],\n\
+                \t[\"worker-1\"] = [$node_type=Cluster::WORKER, $ip=127.0.0.1, $manager=\"manager\", $metrics_port=9002/tcp],\n\
                 \t[\"worker-2\"] = [$node_type=Cluster::WORKER, $ip=127.0.0.1, $manager=\"manager\", $metrics_port=9100/tcp],\n\
                 };\n";
     let v = z.json(&["get-id-value", "file.cluster-layout.zeek"]);
@@ -791,4 +845,295 @@ fn zeek_nodes_see_cluster_node_and_the_cluster_layout() {
         text.contains("[\"worker-1\"]") && !text.contains("worker-2"),
         "{text}"
     );
+}
+
+/// Zeek's stage-config-auto-assign, stage-config-auto-assign-multi-instance,
+/// stage-config-conflict-node-controller-port and get-nodes: the controller runs, as
+/// Zeek's test controller does, without metrics port assignment.
+#[test]
+fn zeek_broker_ports_are_assigned_as_zeeks_controller_assigns_them() {
+    let c = Cluster::new();
+    let z = Zeek::start_running(&c, &["--auto-assign-metrics-ports=false"]);
+    let mut t = Transcript::new("ports", &z, &c);
+    let ctl_port = z.addr.port();
+    t.replace(
+        format!("\"port\": {ctl_port}"),
+        "\"port\": <controller-port>",
+    );
+    t.replace(format!("{ctl_port}/tcp"), "<controller-port>/tcp");
+    let _a1 = c.start_agent("instance-1", z.addr);
+    let _a2 = c.start_agent("instance-2", z.addr);
+    wait_instances(&z, 2);
+
+    // Staged as given, deployed with ports.
+    let out = t.run(&z, &["deploy-config", &ini(&c, "auto-assign.ini")]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    t.run(&z, &["get-config", "--as-json"]);
+    let v = t.run(&z, &["get-config", "--as-json", "--deployed"]).json();
+    let port = |v: &Value, name: &str| {
+        v["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == name))
+            .map(|n| n["port"].clone())
+    };
+    assert_eq!(port(&v, "manager"), Some(2200.into()));
+    assert_eq!(port(&v, "logger-01"), Some(2201.into()));
+    assert_eq!(port(&v, "proxy-01"), Some(1234.into()));
+    assert_eq!(port(&v, "worker-01"), Some(Value::Null));
+
+    // Numbered across instances; the nodes run with them.
+    let out = t.run(&z, &["deploy-config", &ini(&c, "auto-assign-multi.ini")]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    eventually("8 nodes running", PATIENCE, || all_running(&z, 8));
+    let v = t.run(&z, &["get-nodes"]).json();
+    let expect = [
+        ("instance-1", "manager", 2200),
+        ("instance-1", "logger-01", 2201),
+        ("instance-1", "proxy-01", 2202),
+        ("instance-1", "proxy-02", 2203),
+        ("instance-2", "logger-02", 2204),
+        ("instance-2", "proxy-03", 2205),
+        ("instance-2", "proxy-04", 2206),
+    ];
+    for (inst, node, p) in expect {
+        assert_eq!(v["results"][inst][node]["port"], p, "{node}: {v}");
+    }
+    assert_eq!(v["results"]["instance-2"]["worker-01"].get("port"), None);
+    // The controller is listed under the instance on its host, as in Zeek.
+    assert_eq!(
+        v["results"]["instance-1"]["controller"]["mgmt_role"], "CONTROLLER",
+        "{v}"
+    );
+
+    // A node may not take the controller's port.
+    let file = c.dir.path().join("controller-port.ini");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances]\ninstance-1\n\n[manager]\ninstance = instance-1\nport = {ctl_port}\n\
+             role = manager\n\n[worker]\ninstance = instance-1\nrole = worker\ninterface = eth0\n"
+        ),
+    )
+    .unwrap();
+    let out = t.run(&z, &["stage-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    t.check();
+}
+
+/// Zeek's stage-config-auto-assign-disabled and stage-config-auto-assign-new-range,
+/// with drover's flags for Zeek's auto_assign_* options.
+#[test]
+fn zeek_port_assignment_can_be_turned_off_or_moved() {
+    let c = Cluster::new();
+    let z = Zeek::start_running(&c, &["--auto-assign-broker-ports=false"]);
+    let mut t = Transcript::new("ports-settings", &z, &c);
+    let out = t.run(&z, &["stage-config", &ini(&c, "auto-assign-disabled.ini")]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    t.run(&z, &["get-config"]);
+    // With every port given, the same cluster stages.
+    let out = t.run(&z, &["stage-config", &ini(&c, "cluster.ini")]);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    drop(z);
+
+    let c2 = Cluster::new();
+    let z = Zeek::start_running(
+        &c2,
+        &[
+            "--auto-assign-broker-start-port",
+            "3000",
+            "--auto-assign-metrics-start-port",
+            "3001",
+        ],
+    );
+    t.replace(c2.dir.path().display(), "<dir>");
+    t.replace(z.ws, "<controller>");
+    let _a = c2.start_agent("instance-1", z.addr);
+    wait_instances(&z, 1);
+    let out = t.run(&z, &["deploy-config", &ini(&c2, "auto-assign.ini")]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let v = t.run(&z, &["get-config", "--as-json", "--deployed"]).json();
+    let ports: Vec<(String, Value, Value)> = v["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap_or("?").to_owned(),
+                n["port"].clone(),
+                n["metrics_port"].clone(),
+            )
+        })
+        .collect();
+    // Broker ports first, from 3000; metrics ports skip them.
+    assert_eq!(
+        ports,
+        vec![
+            ("logger-01".to_owned(), 3001.into(), 3003.into()),
+            ("manager".to_owned(), 3000.into(), 3002.into()),
+            ("proxy-01".to_owned(), 1234.into(), 3004.into()),
+            ("worker-01".to_owned(), Value::Null, 3005.into()),
+        ]
+    );
+    t.check();
+}
+
+/// Zeek's prometheus-defaults, prometheus-singlehost-multi-instance and
+/// prometheus-multihost, and get-instances-c2a: metrics ports are numbered per host
+/// address, and a deploy-config right after the controller learned of an agent it
+/// must dial waits for it.
+#[test]
+fn zeek_metrics_ports_are_numbered_per_host_and_dialled_agents_are_waited_for() {
+    let c = Cluster::new();
+    let z = Zeek::start_running(&c, &[]);
+    let mut t = Transcript::new("metrics", &z, &c);
+    let _a1 = c.start_agent("instance-1", z.addr);
+    let _a2 = c.start_agent("instance-2", z.addr);
+    wait_instances(&z, 2);
+    // A third agent on another address, which the controller dials.
+    let port = drover_tests::free_udp_port();
+    t.replace(format!("127.0.0.2:{port}"), "127.0.0.2:<agent-port>");
+    t.replace(format!("\"port\": {port}"), "\"port\": <agent-port>");
+    let agent = c.start_listening_agent("instance-3", ([127, 0, 0, 2], port).into());
+    agent.wait_log("listening for the controller");
+    // Not staged yet: the controller has not dialled it.
+    t.run(&z, &["get-instances"]);
+    let file = c.dir.path().join("metrics.ini");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances]\ninstance-1\ninstance-2\ninstance-3 = 127.0.0.2:{port}\n\n\
+             [manager]\ninstance = instance-1\nrole = manager\n\n\
+             [logger]\ninstance = instance-1\nrole = logger\n\n\
+             [worker-01]\ninstance = instance-1\nrole = worker\ninterface = eth0\n\n\
+             [worker-02]\ninstance = instance-2\nrole = worker\ninterface = eth0\n\n\
+             [worker-03]\ninstance = instance-3\nrole = worker\ninterface = eth0\n"
+        ),
+    )
+    .unwrap();
+    let out = t.run(&z, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    t.run(&z, &["get-instances"]);
+    let v = t.run(&z, &["get-config", "--as-json", "--deployed"]).json();
+    let metrics: BTreeMap<String, Value> = v["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap_or("?").to_owned(),
+                n["metrics_port"].clone(),
+            )
+        })
+        .collect();
+    let want: BTreeMap<String, Value> = [
+        ("manager", 9000),
+        ("logger", 9001),
+        ("worker-01", 9002),
+        ("worker-02", 9003),
+        ("worker-03", 9000),
+    ]
+    .into_iter()
+    .map(|(n, p)| (n.to_owned(), p.into()))
+    .collect();
+    assert_eq!(metrics, want, "{v}");
+    t.check();
+}
+
+/// The worked example of docs/zeek.md: Zeek's documented kind of cluster without a
+/// single port, and the `cluster-layout.zeek` every node gets, with the ports Zeek's
+/// controller would assign.
+#[test]
+fn zeek_docs_example_gets_the_ports_zeeks_controller_assigns() {
+    let c = Cluster::new();
+    let z = Zeek::start_running(&c, &[]);
+    let _a1 = c.start_agent("agent-1", z.addr);
+    let _a2 = c.start_agent("agent-2", z.addr);
+    wait_instances(&z, 2);
+    let out = z.run(&["deploy-config", &ini(&c, "docs-example.ini")]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    eventually("8 nodes running", PATIENCE, || all_running(&z, 8));
+    let want = std::fs::read_to_string(workspace().join("tests/zeek/docs-example-layout.zeek"))
+        .expect("tests/zeek/docs-example-layout.zeek");
+    let v = z.json(&["get-id-value", "file.cluster-layout.zeek"]);
+    assert_eq!(v["errors"], serde_json::json!([]), "{v}");
+    let results = v["results"].as_object().expect("results");
+    assert_eq!(results.len(), 8, "{v}");
+    for (node, text) in results {
+        assert_eq!(text.as_str(), Some(want.as_str()), "{node}");
+    }
+    // Every manager, logger and proxy has a distinct port.
+    let ports: BTreeSet<&str> = want
+        .lines()
+        .filter_map(|l| l.split("$p=").nth(1))
+        .filter_map(|p| p.split(',').next())
+        .collect();
+    assert_eq!(ports.len(), 4, "{want}");
+}
+
+/// `--zeek-deploy changed`: a zeek-client deploy restarts only nodes whose spec
+/// changed, as drover's own CLI does.
+#[test]
+fn zeek_deploy_mode_changed_restarts_only_what_changed() {
+    let c = Cluster::new();
+    let z = Zeek::start_running(&c, &["--zeek-deploy", "changed"]);
+    let _a1 = c.start_agent("agent-1", z.addr);
+    let _a2 = c.start_agent("agent-2", z.addr);
+    wait_instances(&z, 2);
+    let out = z.run(&["deploy-config", &ini(&c, "cluster.ini")]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let before = eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
+    let out = z.run(&["deploy-config", &ini(&c, "cluster-changed.ini")]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let nodes = out.json()["results"]["nodes"].clone();
+    assert_eq!(
+        nodes
+            .as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["worker-2".to_owned()]),
+        "{nodes}"
+    );
+    let after = eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
+    for (name, pid) in &before {
+        assert_eq!(after[name] != *pid, name == "worker-2", "{name}");
+    }
+}
+
+/// An agent that does not answer a deploy or a restart: as on Zeek's controller, one
+/// `request timed out` of the controller's (not a result without a node), and a
+/// deploy that timed out does not become the deployed configuration.
+#[test]
+fn zeek_client_deploy_and_restart_time_out_as_in_zeek() {
+    let mut c = Cluster::new();
+    // The frozen agent stays connected for the whole test.
+    c.idle_timeout = Duration::from_secs(60);
+    c.keep_alive = Duration::from_secs(5);
+    let z = Zeek::start_roles(
+        &c,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--request-timeout", "2s"],
+        true,
+    );
+    let mut t = Transcript::new("timeouts-agent", &z, &c);
+    let _a1 = c.start_agent("agent-1", z.addr);
+    let a2 = c.start_agent("agent-2", z.addr);
+    wait_instances(&z, 2);
+    let out = z.run(&["deploy-config", &ini(&c, "cluster.ini")]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
+    let deployed = z.json(&["get-config", "--deployed", "--as-json"]);
+
+    a2.signal(nix::sys::signal::Signal::SIGSTOP);
+    let out = t.run(&z, &["restart", "logger", "worker-2"]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    let out = t.run(&z, &["deploy-config", &ini(&c, "cluster-changed.ini")]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    assert_eq!(out.json()["results"].get("id"), None, "{}", out.stdout);
+    assert_eq!(
+        z.json(&["get-config", "--deployed", "--as-json"]),
+        deployed,
+        "a deploy that timed out is not the deployed configuration"
+    );
+    a2.signal(nix::sys::signal::Signal::SIGCONT);
+    t.check();
 }

@@ -298,7 +298,10 @@ fn instances(shared: &Shared) -> Vec<Instance> {
 }
 
 fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<MgmtResult> {
-    let issues = validate(&config);
+    let mut issues = validate(&config);
+    // Port checks that depend on the controller's settings (drover_proto::ports).
+    issues.extend(drover_proto::ports::check(&config, &shared.ports));
+    issues.sort_by(|a, b| a.message.cmp(&b.message).then_with(|| a.key.cmp(&b.key)));
     if !issues.is_empty() {
         return issues
             .into_iter()
@@ -442,6 +445,11 @@ async fn deploy_locked(
     restart_all: bool,
     budget: Duration,
 ) -> Vec<MgmtResult> {
+    // zeek: wait for agents the controller dials (bounded by the budget), as Zeek's
+    // controller does; the rest of the budget is the agents'.
+    let deadline = tokio::time::Instant::now() + budget;
+    crate::dial::wait_for_dialled(shared, config, deadline).await;
+    let budget = deadline.saturating_duration_since(tokio::time::Instant::now());
     let connected: BTreeMap<String, quinn::Connection> =
         shared.registry.connections().into_iter().collect();
     let missing: Vec<&str> = config
@@ -470,6 +478,15 @@ async fn deploy_locked(
             inst.host = Some(*h);
         }
     }
+    // zeek: Broker and metrics ports, as Zeek's controller assigns them
+    // (drover_proto::ports); the staged form keeps the ports it was given.
+    let port_issues = drover_proto::ports::assign(config, &shared.ports);
+    if !port_issues.is_empty() {
+        return port_issues
+            .into_iter()
+            .map(|i| MgmtResult::err(id, i.message))
+            .collect();
+    }
     info!(config = %config.id, restart_all, "deploying");
     shared.emit(Event::DeployStarted {
         config_id: config.id.clone(),
@@ -494,8 +511,20 @@ async fn deploy_locked(
         })
         .collect();
     let answers = fan_out(shared, requests, budget).await;
+    // zeek: an agent that did not answer (late or unreachable) leaves the deployed
+    // configuration as it was, as a controller-side timeout does in Zeek.
+    let unanswered = answers.iter().any(|(_, a)| a.is_err());
     let mut results = agent_results(id, answers);
     let failed = results.iter().filter(|r| !r.success).count();
+    if unanswered {
+        warn!(config = %config.id, "deploy not recorded: an agent did not answer");
+        shared.emit(Event::DeployFinished {
+            config_id: config.id.clone(),
+            failed,
+            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        });
+        return results;
+    }
     match shared.store.set_deployed(config.clone()) {
         Ok(()) => {
             let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -4,6 +4,10 @@
 //! certificate of that instance, says Hello as the controller, and then runs the same
 //! agent session as for agents that dial in. When the connection is lost, the dialler
 //! tries again with capped exponential backoff.
+//!
+//! The controller starts dialling when a configuration is staged, and zeek-client
+//! deploys right after staging, so a deploy waits (within its time limit) for the
+//! instances being dialled to connect, as Zeek's controller waits for its agents.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +40,42 @@ pub(crate) fn ensure(shared: &Arc<Shared>, config: &Configuration) {
         info!(agent = %inst.name, %addr, "dialling agent '{}' at {addr}", inst.name);
         let task = tokio::spawn(dial_loop(shared.clone(), inst.name.clone(), addr));
         dialers.insert(inst.name.clone(), (addr, task.abort_handle()));
+    }
+}
+
+/// Waits until every instance of `config` that the controller dials is connected, or
+/// until `deadline`; starts diallers that are missing first.
+pub(crate) async fn wait_for_dialled(
+    shared: &Arc<Shared>,
+    config: &Configuration,
+    deadline: tokio::time::Instant,
+) {
+    let dialled: Vec<&str> = config
+        .instances
+        .iter()
+        .filter(|i| i.port.is_some() && i.host.is_some_and(|h| !h.is_unspecified()))
+        .map(|i| i.name.as_str())
+        .collect();
+    if dialled.is_empty() {
+        return;
+    }
+    // Subscribe before looking, so a connection in between is not missed.
+    let mut events = shared.events.subscribe();
+    ensure(shared, config);
+    loop {
+        let waiting: Vec<&str> = dialled
+            .iter()
+            .copied()
+            .filter(|n| shared.registry.get(n).is_none())
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        debug!(?waiting, "deploy waits for agents being dialled");
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) | Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return,
+            Ok(_) => {}
+        }
     }
 }
 

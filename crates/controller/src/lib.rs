@@ -83,6 +83,11 @@ pub struct Config {
     /// Command templates and node defaults for Zeek-style configurations
     /// ([`zeek`]).
     pub zeek_roles: Option<PathBuf>,
+    /// What a deploy through zeek-client restarts ([`zeek::DeployMode`]).
+    pub zeek_deploy: zeek::DeployMode,
+    /// Port auto-assignment and checks for Zeek clusters ([`drover_proto::ports`]); the
+    /// controller's own port is filled in when it binds.
+    pub ports: drover_proto::ports::PortPolicy,
 }
 
 /// Why a controller could not start.
@@ -145,6 +150,8 @@ pub(crate) struct Shared {
     /// Dialler tasks by instance name, with the address each dials. Written when
     /// configurations are staged or deployed.
     pub(crate) dialers: std::sync::Mutex<BTreeMap<String, (SocketAddr, tokio::task::AbortHandle)>>,
+    /// Port auto-assignment and checks, with our own port.
+    pub(crate) ports: drover_proto::ports::PortPolicy,
 }
 
 impl Shared {
@@ -284,9 +291,13 @@ impl Controller {
             .zeek_websocket
             .map(|addr| {
                 let tls = config.zeek_websocket_tls.then_some(&creds);
-                zeek::Front::bind(addr, config.zeek_roles.as_deref(), tls)
+                zeek::Front::bind(addr, config.zeek_roles.as_deref(), tls, config.zeek_deploy)
             })
             .transpose()?;
+        let ports = drover_proto::ports::PortPolicy {
+            controller_port: endpoint.local_addr().ok().map(|a| a.port()),
+            ..config.ports
+        };
         Ok(Self {
             metrics,
             zeek,
@@ -305,6 +316,7 @@ impl Controller {
                 endpoint,
                 metrics: drover_metrics::Registry::default(),
                 dialers: std::sync::Mutex::default(),
+                ports,
             }),
         })
     }

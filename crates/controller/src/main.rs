@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use drover_controller::zeek::DeployMode;
 use drover_controller::{Config, Controller, DEFAULT_PORT};
 use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing, notify};
 use drover_net::{TlsFiles, TransportSettings};
+use drover_proto::ports::PortPolicy;
 use serde::Deserialize;
 
 /// drover's controller: holds the cluster configuration and talks to every agent.
@@ -66,6 +68,30 @@ struct Args {
     /// nodes of configurations staged with zeek-client.
     #[arg(long, env = "DROVER_ZEEK_ROLES")]
     zeek_roles: Option<PathBuf>,
+    /// What a deploy through zeek-client restarts: `restart-all` (as Zeek: every node of
+    /// a new configuration) or `changed` (as drover's CLI: nodes whose spec changed)
+    /// [default: restart-all].
+    #[arg(long, env = "DROVER_ZEEK_DEPLOY", value_parser = parse_deploy_mode)]
+    zeek_deploy: Option<DeployMode>,
+    /// Give managers, loggers and proxies of Zeek clusters that lack a port one (Zeek's
+    /// auto_assign_broker_ports); when false, staging such a cluster fails
+    /// [default: true].
+    #[arg(long, env = "DROVER_AUTO_ASSIGN_BROKER_PORTS", action = clap::ArgAction::Set)]
+    auto_assign_broker_ports: Option<bool>,
+    /// First auto-assigned Broker port [default: 2200].
+    #[arg(long, env = "DROVER_AUTO_ASSIGN_BROKER_START_PORT")]
+    auto_assign_broker_start_port: Option<u16>,
+    /// Give every node of a Zeek cluster that lacks a metrics_port one, numbered per
+    /// host (Zeek's auto_assign_metrics_ports) [default: true].
+    #[arg(long, env = "DROVER_AUTO_ASSIGN_METRICS_PORTS", action = clap::ArgAction::Set)]
+    auto_assign_metrics_ports: Option<bool>,
+    /// First auto-assigned metrics port [default: 9000].
+    #[arg(long, env = "DROVER_AUTO_ASSIGN_METRICS_START_PORT")]
+    auto_assign_metrics_start_port: Option<u16>,
+}
+
+fn parse_deploy_mode(s: &str) -> Result<DeployMode, String> {
+    s.parse()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +114,18 @@ struct FileConfig {
     #[serde(default)]
     zeek_websocket_tls: bool,
     zeek_roles: Option<PathBuf>,
+    zeek_deploy: Option<String>,
+    auto_assign_broker_ports: Option<bool>,
+    auto_assign_broker_start_port: Option<u16>,
+    auto_assign_metrics_ports: Option<bool>,
+    auto_assign_metrics_start_port: Option<u16>,
+}
+
+/// A start port when assignment is on.
+fn start(on: Option<bool>, port: Option<u16>, default: u16) -> anyhow::Result<Option<u16>> {
+    let port = port.unwrap_or(default);
+    anyhow::ensure!(port != 0, "an auto-assignment start port must not be 0");
+    Ok(on.unwrap_or(true).then_some(port))
 }
 
 fn config(args: Args) -> anyhow::Result<Config> {
@@ -132,6 +170,32 @@ fn config(args: Args) -> anyhow::Result<Config> {
         zeek_websocket: args.zeek_websocket.or(file.zeek_websocket),
         zeek_websocket_tls: args.zeek_websocket_tls || file.zeek_websocket_tls,
         zeek_roles: args.zeek_roles.or(file.zeek_roles),
+        zeek_deploy: match args.zeek_deploy {
+            Some(m) => m,
+            None => match file.zeek_deploy {
+                Some(s) => s
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("zeek_deploy: {e}"))?,
+                None => DeployMode::default(),
+            },
+        },
+        ports: PortPolicy {
+            broker_start: start(
+                args.auto_assign_broker_ports
+                    .or(file.auto_assign_broker_ports),
+                args.auto_assign_broker_start_port
+                    .or(file.auto_assign_broker_start_port),
+                drover_proto::ports::BROKER_START,
+            )?,
+            metrics_start: start(
+                args.auto_assign_metrics_ports
+                    .or(file.auto_assign_metrics_ports),
+                args.auto_assign_metrics_start_port
+                    .or(file.auto_assign_metrics_start_port),
+                drover_proto::ports::METRICS_START,
+            )?,
+            controller_port: None,
+        },
     })
 }
 

@@ -14,6 +14,7 @@
 //! - [`name`]: the rules for instance and node names.
 //! - `schema`: the keys of a TOML cluster file and the type each takes, checked before
 //!   deserializing so that every type error is reported at once.
+//! - [`ports`]: Zeek's Broker and metrics port auto-assignment and port checks.
 //!
 //! Architecture invariant: this crate does no I/O, reads no clock and spawns nothing. It
 //! turns bytes and strings into values and back; everything else lives in the crates that
@@ -25,6 +26,7 @@ pub mod model;
 pub mod msg;
 pub mod name;
 mod schema;
+pub mod ports;
 
 pub use model::{
     ClusterRole, Configuration, Instance, MgmtResult, MgmtRole, Node, NodeOutputs, NodeStatus,

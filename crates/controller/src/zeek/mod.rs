@@ -18,14 +18,19 @@
 //! - [`front`]: the WebSocket server, `ws://` or, with `--zeek-websocket-tls`, `wss://`
 //!   with mutual TLS (a client certificate from the cluster CA, role client).
 //!
+//! As on Zeek's controller, a deploy of a new configuration restarts every node and
+//! lists every node in its results (`--zeek-deploy changed` restarts only the nodes
+//! whose spec changed); get-nodes lists the controller under the instance on its host;
+//! an agent that does not answer a deploy or restart in time is one `request timed out`
+//! of the controller's. Ports are assigned by [`drover_proto::ports`] for both fronts.
+//!
 //! Where drover differs from Zeek's controller:
-//! - get-nodes does not list the controller: drover's runs on its own, like a Zeek
-//!   controller outside the agent's Supervisor tree, which Zeek does not list either.
-//! - A deploy restarts only the nodes whose spec changed (Zeek restarts every node of a
-//!   new configuration id), and its results list only those nodes.
-//! - Broker and metrics ports are not auto-assigned: nodes get the ports they were given.
-//! - A deploy to instances whose agents are not connected fails at once with
-//!   `instances not connected: …` instead of Zeek's `request timed out` after 10 s.
+//! - The controller's get-nodes entry carries its own port, not the agent's (Zeek's
+//!   shows the agent port, a known quirk), and appears only when an agent connects from
+//!   the controller's host.
+//! - A deploy to instances whose agents dial in and are not connected fails at once
+//!   with `instances not connected: …` instead of Zeek's `request timed out` after
+//!   10 s; agents the controller dials are waited for, as in Zeek.
 //! - get-id-value asks drover's nodes through the query protocol of
 //!   `crates/testprog/QUERY-PROTOCOL.md`; a node's `unknown identifier 'X'` becomes
 //!   Zeek's `unknown id`, other node errors pass through as the node wrote them.
@@ -82,12 +87,38 @@ pub enum Error {
     },
 }
 
+/// What a deploy through zeek-client restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeployMode {
+    /// As Zeek: every node of a configuration with a new id (a configuration already
+    /// deployed restarts nothing, as Zeek's agents skip a configuration they run).
+    #[default]
+    RestartAll,
+    /// As drover's own CLI: only nodes whose spec changed.
+    Changed,
+}
+
+impl std::str::FromStr for DeployMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "restart-all" => Ok(Self::RestartAll),
+            "changed" => Ok(Self::Changed),
+            other => Err(format!(
+                "unknown zeek deploy mode '{other}': expected restart-all or changed"
+            )),
+        }
+    }
+}
+
 /// A bound, not yet serving, Zeek front.
 #[derive(Debug)]
 pub struct Front {
     listener: std::net::TcpListener,
     roles: Roles,
     tls: Option<TcpTlsAcceptor>,
+    deploy: DeployMode,
 }
 
 impl Front {
@@ -98,6 +129,7 @@ impl Front {
         addr: SocketAddr,
         roles: Option<&Path>,
         tls: Option<&Credentials>,
+        deploy: DeployMode,
     ) -> Result<Self, Error> {
         let tls = tls.map(TcpTlsAcceptor::new).transpose()?;
         let roles = match roles {
@@ -114,6 +146,7 @@ impl Front {
             listener,
             roles,
             tls,
+            deploy,
         })
     }
 
@@ -154,10 +187,11 @@ impl Front {
         tracing::debug!(?roles, "zeek role templates");
         let endpoint = drover_proto::model::new_id();
         let roles = Arc::new(self.roles);
+        let deploy = self.deploy;
         let handler: front::Handler = Arc::new(move |reqid, req| {
             let shared = shared.clone();
             let roles = roles.clone();
-            Box::pin(async move { answer(&shared, &roles, reqid, req).await })
+            Box::pin(async move { answer(&shared, &roles, deploy, reqid, req).await })
         });
         tokio::spawn(front::serve(
             listener,
@@ -176,6 +210,7 @@ impl Front {
 async fn answer(
     shared: &Arc<Shared>,
     roles: &Roles,
+    deploy: DeployMode,
     reqid: String,
     req: ZeekRequest,
 ) -> Option<Event> {
@@ -201,7 +236,7 @@ async fn answer(
             deployed: *deployed,
         },
         ZeekRequest::Deploy => ClientRequest::Deploy {
-            restart_all: false,
+            restart_all: deploy == DeployMode::RestartAll && is_new(shared),
             expect_id: None,
         },
         ZeekRequest::GetNodes => ClientRequest::GetNodes { fresh: true },
@@ -236,26 +271,97 @@ async fn answer(
         Answer::Stream(mut rx) => rx.recv().await?,
     };
     let reply = match req {
-        ZeekRequest::GetNodes => without_controller(&shared.name, reply),
+        ZeekRequest::GetNodes => {
+            let home = controller_home(shared);
+            controller_under(
+                &shared.name,
+                home.as_deref(),
+                shared.ports.controller_port,
+                reply,
+            )
+        }
         ZeekRequest::GetIdValue { .. } => zeek_id_errors(reply),
+        ZeekRequest::Deploy | ZeekRequest::Restart { .. } => controller_timeout(&reqid, reply),
         _ => reply,
     };
     Some(events::response(&reqid, &req, reply))
 }
 
-/// Drops the controller's own entry from get-nodes results (see the module docs).
-fn without_controller(name: &str, reply: ClientResponse) -> ClientResponse {
+/// Whether the staged configuration is not the deployed one: Zeek's agents restart
+/// every node for a configuration id they do not run, and nothing for the one they do.
+fn is_new(shared: &Shared) -> bool {
+    let staged = shared.store.staged().map(|c| c.id);
+    staged.is_some() && staged != shared.store.deployed().map(|c| c.id)
+}
+
+/// The first connected instance (by name) whose agent runs on the controller's host:
+/// it connected over loopback, or from the address it reached us at.
+fn controller_home(shared: &Shared) -> Option<String> {
+    let mut agents = shared.registry.connections();
+    agents.sort_by(|a, b| a.0.cmp(&b.0));
+    agents.into_iter().find_map(|(name, conn)| {
+        let remote = conn.remote_address().ip().to_canonical();
+        let local = conn.local_ip().map(|ip| ip.to_canonical());
+        (remote.is_loopback() || Some(remote) == local).then_some(name)
+    })
+}
+
+/// Moves the controller's own get-nodes entry under the instance on its host, with its
+/// port, as Zeek lists a controller that shares the agent's Supervisor; without such an
+/// instance it is left out, as Zeek leaves out a controller elsewhere.
+fn controller_under(
+    name: &str,
+    home: Option<&str>,
+    port: Option<u16>,
+    reply: ClientResponse,
+) -> ClientResponse {
     let is_controller = |r: &MgmtResult| {
         r.instance.as_deref() == Some(name)
             && matches!(&r.data, Some(ResultData::NodeStatuses(s))
                 if s.iter().all(|s| s.mgmt_role == MgmtRole::Controller))
     };
-    match reply {
-        ClientResponse::Results(rs) => {
-            ClientResponse::Results(rs.into_iter().filter(|r| !is_controller(r)).collect())
-        }
-        other => other,
+    let ClientResponse::Results(rs) = reply else {
+        return reply;
+    };
+    let (mine, mut rest): (Vec<MgmtResult>, Vec<MgmtResult>) =
+        rs.into_iter().partition(is_controller);
+    let statuses = mine.into_iter().filter_map(|r| match r.data {
+        Some(ResultData::NodeStatuses(s)) => Some(s),
+        _ => None,
+    });
+    let mut me: Vec<_> = statuses.flatten().collect();
+    for s in &mut me {
+        s.port = port;
     }
+    if let Some(target) = rest
+        .iter_mut()
+        .find(|r| r.instance.as_deref() == home && home.is_some())
+        && let Some(ResultData::NodeStatuses(s)) = &mut target.data
+    {
+        s.extend(me);
+    }
+    ClientResponse::Results(rest)
+}
+
+/// An agent that did not answer a deploy or restart in time is, as on Zeek's
+/// controller, one `request timed out` without an instance (zeek-client reports it as
+/// an error rather than as a result that lacks a node).
+fn controller_timeout(reqid: &str, reply: ClientResponse) -> ClientResponse {
+    let ClientResponse::Results(rs) = reply else {
+        return reply;
+    };
+    let late = |r: &MgmtResult| {
+        !r.success
+            && r.node.is_none()
+            && r.instance.is_some()
+            && r.error.as_deref() == Some("request timed out")
+    };
+    let timed_out = rs.iter().any(late);
+    let mut rs: Vec<MgmtResult> = rs.into_iter().filter(|r| !late(r)).collect();
+    if timed_out {
+        rs.push(MgmtResult::err(reqid, "request timed out"));
+    }
+    ClientResponse::Results(rs)
 }
 
 /// A node's "unknown identifier 'X'" (drover's query protocol) is Zeek's "unknown id".
@@ -393,18 +499,65 @@ mod tests {
         assert!(fuzzing::staged(z), "the seed is valid with templates");
     }
 
-    #[test]
-    fn get_nodes_leaves_the_controller_out() {
+    fn nodes_reply() -> ClientResponse {
         let me = NodeStatus::new("ctl", State::Running, MgmtRole::Controller);
-        let agent = NodeStatus::new("a", State::Running, MgmtRole::Agent);
-        let reply = ClientResponse::Results(vec![
-            MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![agent]))).on_instance("a"),
+        let a = NodeStatus::new("a", State::Running, MgmtRole::Agent);
+        let b = NodeStatus::new("b", State::Running, MgmtRole::Agent);
+        ClientResponse::Results(vec![
+            MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![a]))).on_instance("a"),
+            MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![b]))).on_instance("b"),
             MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![me]))).on_instance("ctl"),
-        ]);
-        let ClientResponse::Results(rs) = without_controller("ctl", reply) else {
+        ])
+    }
+
+    fn names(r: &MgmtResult) -> Vec<(String, Option<u16>)> {
+        match &r.data {
+            Some(ResultData::NodeStatuses(s)) => {
+                s.iter().map(|s| (s.node.clone(), s.port)).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn get_nodes_lists_the_controller_under_its_host() {
+        let ClientResponse::Results(rs) =
+            controller_under("ctl", Some("b"), Some(2150), nodes_reply())
+        else {
             panic!("results stay results");
         };
-        assert_eq!(rs.len(), 1);
-        assert_eq!(rs[0].instance.as_deref(), Some("a"));
+        assert_eq!(rs.len(), 2);
+        assert_eq!(names(&rs[0]), vec![("a".to_owned(), None)]);
+        assert_eq!(
+            names(&rs[1]),
+            vec![("b".to_owned(), None), ("ctl".to_owned(), Some(2150))]
+        );
+        // No instance on the controller's host: left out, as Zeek does.
+        let ClientResponse::Results(rs) = controller_under("ctl", None, Some(2150), nodes_reply())
+        else {
+            panic!("results stay results");
+        };
+        assert_eq!(rs.len(), 2);
+        assert!(rs.iter().all(|r| names(r).iter().all(|(n, _)| n != "ctl")));
+    }
+
+    #[test]
+    fn an_agent_that_did_not_answer_is_one_controller_timeout() {
+        let reply = ClientResponse::Results(vec![
+            MgmtResult::ok("a1", None).on_instance("a").on_node("n1"),
+            MgmtResult::err("r", "request timed out").on_instance("b"),
+            MgmtResult::err("r", "request timed out").on_instance("c"),
+            MgmtResult::err("a1", "request timed out")
+                .on_instance("a")
+                .on_node("n2"),
+        ]);
+        let ClientResponse::Results(rs) = controller_timeout("r", reply) else {
+            panic!("results stay results");
+        };
+        assert_eq!(rs.len(), 3);
+        assert_eq!(rs[1].node.as_deref(), Some("n2"), "node results stay");
+        let last = &rs[2];
+        assert!(!last.success && last.instance.is_none() && last.node.is_none());
+        assert_eq!(last.error.as_deref(), Some("request timed out"));
     }
 }
