@@ -181,6 +181,34 @@ impl View {
     pub(crate) fn all_nodes(&self) -> impl Iterator<Item = &NodeStatus> {
         self.agents.values().flat_map(|v| v.nodes.values())
     }
+
+    /// The generation `instance` last reported having applied (its own entry), while it
+    /// is connected; `None` when unknown (not connected, or an agent that predates
+    /// generations).
+    pub(crate) fn applied(&self, instance: &str) -> Option<u64> {
+        self.agents
+            .get(instance)
+            .and_then(|v| v.agent.as_ref())
+            .and_then(|a| a.generation)
+    }
+
+    /// How many CPUs `instance` said its nodes may use; `None` when unknown.
+    pub(crate) fn cpus(&self, instance: &str) -> Option<u32> {
+        self.agents
+            .get(instance)
+            .and_then(|v| v.agent.as_ref())
+            .and_then(|a| a.cpus)
+    }
+
+    /// Every connected agent's applied generation, where known, by instance name.
+    pub(crate) fn applied_all(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.agents.iter().filter_map(|(name, v)| {
+            v.agent
+                .as_ref()
+                .and_then(|a| a.generation)
+                .map(|g| (name.as_str(), g))
+        })
+    }
 }
 
 impl AgentView {
