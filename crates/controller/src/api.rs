@@ -672,6 +672,12 @@ pub(crate) async fn reapply(
     };
     match call_agent(shared, name, conn, &req, shared.request_timeout).await {
         Ok(AgentResponse::Results(rs)) => {
+            info!(
+                agent = %name,
+                generation = desired.generation,
+                "agent '{name}' brought to the desired generation {}",
+                desired.generation
+            );
             for r in rs.iter().filter(|r| !r.success) {
                 warn!(
                     agent = %name,
