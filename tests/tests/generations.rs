@@ -245,7 +245,11 @@ fn a_deploy_an_agent_does_not_acknowledge_is_desired_not_deployed_and_blocks_sta
         let v = c.drover(addr, &["get-instances"]).json();
         (v.as_object().unwrap().len() == 2).then_some(())
     });
+    // The mute agent is one of the configuration's instances (without nodes), so its
+    // acknowledgement is needed.
     let second = cluster_file(&c, "second.toml", "second", 2, "");
+    let text = std::fs::read_to_string(&second).unwrap() + "[instances.mute]\n";
+    std::fs::write(&second, text).unwrap();
     let out = c.drover(addr, &["stage-config", second.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let mut cmd = std::process::Command::new(bin("drover"));

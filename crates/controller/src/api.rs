@@ -593,12 +593,21 @@ async fn deploy_locked(
     let answers = fan_out(shared, requests, budget).await;
     // An agent that answered acknowledged the generation, even if some of its nodes
     // failed (those are results of their own, as in Zeek); one that did not answer in
-    // time or could not be reached did not.
-    let unacknowledged: Vec<String> = answers
-        .iter()
-        .filter(|(_, a)| !matches!(a, Ok(AgentResponse::Results(_))))
-        .map(|(name, _)| name.clone())
-        .collect();
+    // time or could not be reached did not. The deploy is the deployed one once every
+    // instance it names acknowledged it; other agents' failures are reported, and they
+    // are brought to it when they reconnect.
+    let mut unacknowledged = Vec::new();
+    {
+        let named: BTreeSet<&str> = config.instances.iter().map(|i| i.name.as_str()).collect();
+        let mut view = shared.view();
+        for (name, answer) in &answers {
+            if matches!(answer, Ok(AgentResponse::Results(_))) {
+                view.acknowledged(name, generation);
+            } else if named.contains(name.as_str()) {
+                unacknowledged.push(name.clone());
+            }
+        }
+    }
     let mut results = agent_results(id, answers);
     let failed = results.iter().filter(|r| !r.success).count();
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -678,6 +687,8 @@ pub(crate) async fn reapply(
                 "agent '{name}' brought to the desired generation {}",
                 desired.generation
             );
+            shared.view().acknowledged(name, desired.generation);
+            converge(shared);
             for r in rs.iter().filter(|r| !r.success) {
                 warn!(
                     agent = %name,
@@ -693,9 +704,9 @@ pub(crate) async fn reapply(
     }
 }
 
-/// Records the desired deploy as deployed once every instance it names reports having
-/// applied it: a deploy that some agent did not acknowledge in time becomes the deployed
-/// configuration when that agent catches up. Nothing to do while a deploy runs (it
+/// Records the desired deploy as deployed once every instance it names has applied it
+/// (answered its apply, or reported it): a deploy that some agent did not acknowledge in
+/// time becomes the deployed configuration when that agent catches up. Nothing to do while a deploy runs (it
 /// records its own outcome).
 pub(crate) fn converge(shared: &Arc<Shared>) {
     let Some(desired) = shared.store.desired() else {
