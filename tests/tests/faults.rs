@@ -161,8 +161,7 @@ fn controller_sigkilled_during_a_deploy_brings_agents_to_the_recorded_deploy() {
 
     let (_ctl2, addr2) = c.start_controller(&addr.to_string());
     let desired = c.dir.path().join("controller/desired.json");
-    let desired: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(desired).unwrap()).unwrap();
+    let desired: Value = serde_json::from_slice(&std::fs::read(desired).unwrap()).unwrap();
     assert_eq!(desired["config"]["id"], "new", "recorded whole");
     // The returning agent is brought to the desired configuration, each node once.
     let pids = eventually("the new configuration running", PATIENCE, || {
