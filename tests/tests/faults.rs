@@ -117,7 +117,7 @@ fn agent_sigkilled_twenty_times_restarts_no_node() {
 }
 
 #[test]
-fn controller_sigkilled_during_a_deploy_leaves_it_whole_or_absent() {
+fn controller_sigkilled_during_a_deploy_brings_agents_to_the_recorded_deploy() {
     let c = Cluster::new();
     let (mut ctl, addr) = c.start_controller("127.0.0.1:0");
     let _agent = c.start_agent("agent-1", addr);
@@ -154,26 +154,33 @@ fn controller_sigkilled_during_a_deploy_leaves_it_whole_or_absent() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut deploying = cmd.spawn().unwrap();
-    ctl.wait_log("deploying");
+    // The new deploy is recorded as desired before any agent hears of it.
+    ctl.wait_log("deploying config=new");
     ctl.kill();
     let _ = deploying.wait();
 
     let (_ctl2, addr2) = c.start_controller(&addr.to_string());
-    let deployed = c
-        .drover(addr2, &["get-config", "--deployed", "--as-json"])
-        .json();
-    assert_eq!(
-        deployed["id"], "old",
-        "the interrupted deploy was not recorded"
-    );
-    // The returning agent is brought back to the deployed configuration.
-    let pids = eventually("back to the old configuration", PATIENCE, || {
+    let desired = c.dir.path().join("controller/desired.json");
+    let desired: Value = serde_json::from_slice(&std::fs::read(desired).unwrap()).unwrap();
+    assert_eq!(desired["config"]["id"], "new", "recorded whole");
+    // The returning agent is brought to the desired configuration, each node once.
+    let pids = eventually("the new configuration running", PATIENCE, || {
         let t = node_table(&c, addr2);
-        (t.len() == 3 && t.values().all(|n| n["state"] == "RUNNING")).then_some(t)
+        (t.len() == 6 && t.values().all(|n| n["state"] == "RUNNING")).then_some(t)
     });
-    assert_eq!(pids.keys().collect::<Vec<_>>(), ["n01", "n02", "n03"]);
+    assert_eq!(
+        pids.keys().collect::<Vec<_>>(),
+        ["n01", "n02", "n03", "n04", "n05", "n06"]
+    );
     eventually("no leftover node processes", PATIENCE, || {
-        (processes_with(&marker).len() == 3).then_some(())
+        (processes_with(&marker).len() == 6).then_some(())
+    });
+    // Once the agent reports having applied it, it is the deployed configuration.
+    eventually("the new configuration deployed", PATIENCE, || {
+        let deployed = c
+            .drover(addr2, &["get-config", "--deployed", "--as-json"])
+            .json();
+        (deployed["id"] == "new").then_some(())
     });
 }
 

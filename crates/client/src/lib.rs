@@ -78,13 +78,18 @@ pub enum Command {
         #[arg(long, env = "DROVER_ROLES", value_name = "FILE")]
         roles: Option<PathBuf>,
     },
-    /// Deploy the staged configuration.
+    /// Deploy the staged configuration: it becomes the desired state under a new
+    /// generation, which every agent is brought to.
     Deploy {
         /// Restart every node, not only those whose spec changed.
         #[arg(long)]
         restart_all: bool,
+        /// Deploy only if the staged configuration still has this id (another client
+        /// may have staged since).
+        #[arg(long, value_name = "ID")]
+        expect_id: Option<String>,
     },
-    /// Stage a cluster file and deploy it.
+    /// Stage a cluster file and deploy it (and nothing another client staged meanwhile).
     DeployConfig {
         /// The cluster file (TOML or Zeek INI), or - for standard input.
         file: String,
@@ -276,7 +281,11 @@ async fn command(
         Command::Ca(_) | Command::ShowSettings => unreachable!("handled before connecting"),
         Command::GetInstances if cli.output == Format::Table => {
             let reply = session.request(&R::GetInstances).await?;
-            let (text, ok) = table::instances(output::results(&reply).first().copied());
+            // The agents' applied generations are in their own get-nodes entries; the
+            // table goes without them if that request fails.
+            let nodes = session.request(&R::GetNodes { fresh: false }).await.ok();
+            let nodes = nodes.as_ref().map(output::results).unwrap_or_default();
+            let (text, ok) = table::instances(output::results(&reply).first().copied(), &nodes);
             println!("{text}");
             return Ok(exit(ok));
         }
@@ -298,12 +307,15 @@ async fn command(
             let config = Box::new(staged.expect("read above"));
             output::stage_config(&session.request(&R::StageConfig { config }).await?)
         }
-        Command::Deploy { restart_all } => {
+        Command::Deploy {
+            restart_all,
+            expect_id,
+        } => {
             let progress = Progress::start("deploying");
             let reply = session
                 .request(&R::Deploy {
                     restart_all: *restart_all,
-                    expect_id: None,
+                    expect_id: expect_id.clone(),
                 })
                 .await;
             drop(progress);
@@ -317,11 +329,13 @@ async fn command(
                 output::print_json(&json, settings.client.pretty_json)?;
                 return Ok(exit(false));
             }
+            // Deploy what was just staged, not what another client staged since.
+            let staged_id = json["results"]["id"].as_str().map(str::to_owned);
             let progress = Progress::start("deploying");
             let reply = session
                 .request(&R::Deploy {
                     restart_all: *restart_all,
-                    expect_id: None,
+                    expect_id: staged_id,
                 })
                 .await;
             drop(progress);

@@ -2,6 +2,7 @@
 //!
 //! Colour only on a terminal, and never when `NO_COLOR` is set.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 
 use comfy_table::{Cell, Color, ContentArrangement, Table, presets};
@@ -55,11 +56,57 @@ fn mib(bytes: Option<u64>) -> String {
     })
 }
 
-/// get-nodes as a table: one row per node, agents and the controller included.
+/// The desired generation, from the controller's own entry in a get-nodes reply.
+pub fn desired_generation(results: &[&MgmtResult]) -> Option<u64> {
+    results
+        .iter()
+        .filter_map(|r| match &r.data {
+            Some(ResultData::NodeStatuses(s)) => Some(s),
+            _ => None,
+        })
+        .flatten()
+        .find(|s| s.mgmt_role == MgmtRole::Controller)
+        .and_then(|s| s.generation)
+}
+
+/// Each agent's applied generation, from its own entry in a get-nodes reply.
+pub fn applied_generations(results: &[&MgmtResult]) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for r in results {
+        let (Some(instance), Some(ResultData::NodeStatuses(statuses))) = (&r.instance, &r.data)
+        else {
+            continue;
+        };
+        if let Some(g) = statuses
+            .iter()
+            .find(|s| s.mgmt_role == MgmtRole::Agent)
+            .and_then(|s| s.generation)
+        {
+            out.insert(instance.clone(), g);
+        }
+    }
+    out
+}
+
+/// A generation for the GEN column: an agent's applied one says when it lags the
+/// desired one.
+fn generation(applied: Option<u64>, desired: Option<u64>) -> String {
+    match (applied, desired) {
+        (None, _) => "-".into(),
+        (Some(g), Some(d)) if g < d => format!("{g} (lags {d})"),
+        (Some(g), _) => g.to_string(),
+    }
+}
+
+/// get-nodes as a table: one row per node, agents and the controller included. GEN is
+/// the deploy generation: a node's spec, an agent's applied one, the controller's
+/// desired one.
 pub fn nodes(results: &[&MgmtResult]) -> (String, bool) {
     let colour = colour();
+    let desired = desired_generation(results);
     let mut t = new_table(&[
-        "INSTANCE", "NODE", "ROLE", "STATE", "PID", "RESTARTS", "UPTIME", "RSS MIB", "STATUS",
+        "INSTANCE", "NODE", "ROLE", "STATE", "PID", "RESTARTS", "UPTIME", "RSS MIB", "GEN",
+        "STATUS",
     ]);
     let mut ok = true;
     let mut errors = Vec::new();
@@ -97,6 +144,10 @@ pub fn nodes(results: &[&MgmtResult]) -> (String, bool) {
                 Cell::new(s.restarts),
                 Cell::new(age(s.started_at_ms)),
                 Cell::new(mib(s.rss_bytes)),
+                Cell::new(match s.mgmt_role {
+                    MgmtRole::Agent => generation(s.generation, desired),
+                    _ => generation(s.generation, None),
+                }),
                 Cell::new(s.status_text.as_deref().unwrap_or("")),
             ]);
         }
@@ -108,9 +159,12 @@ pub fn nodes(results: &[&MgmtResult]) -> (String, bool) {
     (out, ok)
 }
 
-/// get-instances as a table.
-pub fn instances(result: Option<&MgmtResult>) -> (String, bool) {
-    let mut t = new_table(&["INSTANCE", "HOST", "PORT"]);
+/// get-instances as a table, with each instance's applied deploy generation (from a
+/// get-nodes reply, when there is one).
+pub fn instances(result: Option<&MgmtResult>, nodes: &[&MgmtResult]) -> (String, bool) {
+    let desired = desired_generation(nodes);
+    let applied = applied_generations(nodes);
+    let mut t = new_table(&["INSTANCE", "HOST", "PORT", "GENERATION"]);
     let Some(ResultData::Instances(list)) = result.and_then(|r| r.data.as_ref()) else {
         return (
             format!(
@@ -127,6 +181,7 @@ pub fn instances(result: Option<&MgmtResult>) -> (String, bool) {
             i.name.clone(),
             i.host.map_or("-".into(), |h| h.to_string()),
             i.port.map_or("-".into(), |p| p.to_string()),
+            generation(applied.get(&i.name).copied(), desired),
         ]);
     }
     (t.to_string(), true)

@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::Shared;
+use crate::store::Deploy;
 use crate::view::Ask;
 
 /// Answers one client request.
@@ -63,11 +64,11 @@ async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> Client
             Some(ResultData::Instances(instances(shared))),
         )),
         ClientRequest::StageConfig { config } => {
-            ClientResponse::Results(stage(shared, &id, *config))
+            ClientResponse::Results(stage(shared, &id, *config).await)
         }
         ClientRequest::GetConfig { deployed } => {
             let (config, which) = if deployed {
-                (shared.store.deployed(), "deployed")
+                (shared.store.deployed_config(), "deployed")
             } else {
                 (shared.store.staged(), "staged")
             };
@@ -78,8 +79,8 @@ async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> Client
         }
         ClientRequest::Deploy {
             restart_all,
-            expect_id: _,
-        } => ClientResponse::Results(deploy(shared, &id, restart_all, budget).await),
+            expect_id,
+        } => ClientResponse::Results(deploy(shared, &id, restart_all, expect_id, budget).await),
         ClientRequest::GetNodes { fresh } => {
             ClientResponse::Results(get_nodes(shared, &id, fresh, budget).await)
         }
@@ -160,8 +161,8 @@ fn logs(
     };
     let Some(instance) = shared
         .store
-        .deployed()
-        .and_then(|c| c.node(&node).map(|n| n.instance.clone()))
+        .desired()
+        .and_then(|d| d.config.node(&node).map(|n| n.instance.clone()))
     else {
         return one(MgmtResult::err(id, "unknown cluster node").on_node(node));
     };
@@ -210,8 +211,8 @@ fn logs(
 fn monitor(shared: &Shared, logs: bool) -> Answer<ClientResponse> {
     let mut events = shared.events.subscribe();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    if logs && let Some(deployed) = shared.store.deployed() {
-        for node in &deployed.nodes {
+    if logs && let Some(desired) = shared.store.desired() {
+        for node in &desired.config.nodes {
             let Some(conn) = shared.registry.get(&node.instance) else {
                 continue;
             };
@@ -297,7 +298,9 @@ fn instances(shared: &Shared) -> Vec<Instance> {
         .collect()
 }
 
-fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<MgmtResult> {
+/// Validates and records a staged configuration. A stage while a deploy runs is
+/// refused (the deploy sends what was staged when it began); stages wait for each other.
+async fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<MgmtResult> {
     let mut issues = validate(&config);
     // Port checks that depend on the controller's settings (drover_proto::ports).
     issues.extend(drover_proto::ports::check(&config, &shared.ports));
@@ -308,6 +311,10 @@ fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<MgmtResul
             .map(|i| MgmtResult::err(id, i.message))
             .collect();
     }
+    if let Some(refusal) = deploy_in_progress(shared) {
+        return vec![MgmtResult::err(id, refusal)];
+    }
+    let _ops = shared.config_ops.lock().await;
     let config_id = config.id.clone();
     let listening = config.clone();
     match shared.store.set_staged(config) {
@@ -324,6 +331,16 @@ fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<MgmtResul
             )]
         }
     }
+}
+
+/// Why a stage is refused now: a deploy is running.
+fn deploy_in_progress(shared: &Shared) -> Option<String> {
+    let deploying = shared.deploying.lock().unwrap_or_else(|p| p.into_inner());
+    deploying.as_ref().map(|pending| {
+        format!(
+            "cannot stage while deployment {pending} is in progress; stage again once it finished"
+        )
+    })
 }
 
 /// Whether a request may change an agent's nodes, so that the controller's view of
@@ -414,15 +431,29 @@ fn agent_results(
     results
 }
 
+/// Clears the deploy-in-progress marker however the deploy ends, also when its task is
+/// dropped half-way.
+struct Pending<'a>(&'a Shared);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        *self.0.deploying.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// deploy: the staged configuration becomes the desired deploy under a new generation,
+/// recorded before any agent is told, then goes to every connected agent. With
+/// `expect_id`, only if the staged configuration still has that id.
 async fn deploy(
     shared: &Arc<Shared>,
     id: &str,
     restart_all: bool,
+    expect_id: Option<String>,
     budget: Duration,
 ) -> Vec<MgmtResult> {
-    let Some(mut config) = shared.store.staged() else {
+    if shared.store.staged().is_none() {
         return vec![MgmtResult::err(id, "no configuration available to deploy")];
-    };
+    }
     {
         let mut deploying = shared.deploying.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(pending) = deploying.as_ref() {
@@ -433,22 +464,59 @@ async fn deploy(
         }
         *deploying = Some(id.to_owned());
     }
-    let result = deploy_locked(shared, id, &mut config, restart_all, budget).await;
-    *shared.deploying.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    result
+    let _pending = Pending(shared);
+    // A stage that began before this deploy ends first; later ones are refused.
+    let _ops = shared.config_ops.lock().await;
+    let Some(config) = shared.store.staged() else {
+        return vec![MgmtResult::err(id, "no configuration available to deploy")];
+    };
+    if let Some(expected) = expect_id
+        && config.id != expected
+    {
+        return vec![MgmtResult::err(
+            id,
+            format!(
+                "the staged configuration is '{}', not '{expected}' as expected; nothing was deployed",
+                config.id
+            ),
+        )];
+    }
+    deploy_locked(shared, id, config, restart_all, budget).await
+}
+
+/// Nodes pinned to a CPU their instance does not have, as error messages. Instances
+/// whose agent did not say how many CPUs it has (older agents) are not checked.
+fn impossible_affinities(shared: &Shared, config: &Configuration) -> Vec<String> {
+    let view = shared.view();
+    let mut out = Vec::new();
+    for node in &config.nodes {
+        let Some(affinity) = &node.cpu_affinity else {
+            continue;
+        };
+        let Some(count) = view.cpus(&node.instance) else {
+            continue;
+        };
+        for cpu in affinity.cpus().into_iter().filter(|c| *c >= count) {
+            out.push(format!(
+                "node '{}' is pinned to CPU {cpu}, but instance '{}' has {count} CPUs (numbered from 0); nothing was deployed",
+                node.name, node.instance
+            ));
+        }
+    }
+    out
 }
 
 async fn deploy_locked(
     shared: &Arc<Shared>,
     id: &str,
-    config: &mut Configuration,
+    mut config: Configuration,
     restart_all: bool,
     budget: Duration,
 ) -> Vec<MgmtResult> {
     // zeek: wait for agents the controller dials (bounded by the budget), as Zeek's
     // controller does; the rest of the budget is the agents'.
     let deadline = tokio::time::Instant::now() + budget;
-    crate::dial::wait_for_dialled(shared, config, deadline).await;
+    crate::dial::wait_for_dialled(shared, &config, deadline).await;
     let budget = deadline.saturating_duration_since(tokio::time::Instant::now());
     let connected: BTreeMap<String, quinn::Connection> =
         shared.registry.connections().into_iter().collect();
@@ -480,14 +548,43 @@ async fn deploy_locked(
     }
     // zeek: Broker and metrics ports, as Zeek's controller assigns them
     // (drover_proto::ports); the staged form keeps the ports it was given.
-    let port_issues = drover_proto::ports::assign(config, &shared.ports);
+    let port_issues = drover_proto::ports::assign(&mut config, &shared.ports);
     if !port_issues.is_empty() {
         return port_issues
             .into_iter()
             .map(|i| MgmtResult::err(id, i.message))
             .collect();
     }
-    info!(config = %config.id, restart_all, "deploying");
+    let refusals = impossible_affinities(shared, &config);
+    if !refusals.is_empty() {
+        return refusals
+            .into_iter()
+            .map(|m| MgmtResult::err(id, m))
+            .collect();
+    }
+    // Recorded before any agent hears of it: a deploy that cannot be recorded changes
+    // nothing, and one that was told to agents survives a controller restart. The new
+    // generation is above any an agent reports, so that no agent ignores it as older.
+    let floor = shared
+        .view()
+        .applied_all()
+        .map(|(_, g)| g)
+        .max()
+        .unwrap_or(0);
+    let deploy = match shared.store.set_desired(config, floor) {
+        Ok(d) => d,
+        Err(e) => {
+            let message = format!("cannot record the deploy, nothing was deployed: {e}");
+            warn!("{message}");
+            shared.emit(Event::Error {
+                message: message.clone(),
+            });
+            return vec![MgmtResult::err(id, message)];
+        }
+    };
+    let config = &deploy.config;
+    let generation = deploy.generation;
+    info!(config = %config.id, generation, restart_all, "deploying");
     shared.emit(Event::DeployStarted {
         config_id: config.id.clone(),
         instances: connected.keys().cloned().collect(),
@@ -503,7 +600,7 @@ async fn deploy_locked(
                 .remove(&name)
                 .expect("a share for every connected agent");
             let req = ControllerRequest::Apply {
-                generation: 0,
+                generation,
                 config: Box::new(share),
                 restart_all,
             };
@@ -511,90 +608,161 @@ async fn deploy_locked(
         })
         .collect();
     let answers = fan_out(shared, requests, budget).await;
-    // zeek: an agent that did not answer (late or unreachable) leaves the deployed
-    // configuration as it was, as a controller-side timeout does in Zeek.
-    let unanswered = answers.iter().any(|(_, a)| a.is_err());
+    // An agent that answered acknowledged the generation, even if some of its nodes
+    // failed (those are results of their own, as in Zeek); one that did not answer in
+    // time or could not be reached did not. The deploy is the deployed one once every
+    // instance it names acknowledged it; other agents' failures are reported, and they
+    // are brought to it when they reconnect.
+    let mut unacknowledged = Vec::new();
+    {
+        let named: BTreeSet<&str> = config.instances.iter().map(|i| i.name.as_str()).collect();
+        let mut view = shared.view();
+        for (name, answer) in &answers {
+            if matches!(answer, Ok(AgentResponse::Results(_))) {
+                view.acknowledged(name, generation);
+            } else if named.contains(name.as_str()) {
+                unacknowledged.push(name.clone());
+            }
+        }
+    }
     let mut results = agent_results(id, answers);
     let failed = results.iter().filter(|r| !r.success).count();
-    if unanswered {
-        warn!(config = %config.id, "deploy not recorded: an agent did not answer");
-        shared.emit(Event::DeployFinished {
-            config_id: config.id.clone(),
-            failed,
-            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        });
-        return results;
-    }
-    match shared.store.set_deployed(config.clone()) {
-        Ok(()) => {
-            let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            info!(config = %config.id, failed, elapsed_ms, "deployed");
-            results.push(MgmtResult::ok(
-                id,
-                Some(ResultData::ConfigId(config.id.clone())),
-            ));
-            shared.emit(Event::DeployFinished {
-                config_id: config.id.clone(),
-                failed,
-                elapsed_ms,
-            });
-            shared
-                .metrics
-                .histogram(
-                    "drover_deploy_duration_seconds",
-                    "From deploy request to every agent's answer.",
-                    &[],
-                )
-                .observe(started.elapsed());
-            shared
-                .metrics
-                .counter(
-                    "drover_deploys_total",
-                    "Deploys by outcome.",
-                    &[("result", if failed == 0 { "ok" } else { "failed" })],
-                )
-                .inc();
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let mut ok = failed == 0;
+    if unacknowledged.is_empty() {
+        match shared.store.set_deployed(&deploy) {
+            Ok(()) => {
+                info!(config = %config.id, generation, failed, elapsed_ms, "deployed");
+                results.push(MgmtResult::ok(
+                    id,
+                    Some(ResultData::ConfigId(config.id.clone())),
+                ));
+            }
+            Err(e) => {
+                ok = false;
+                let message = format!(
+                    "generation {generation} was applied, but cannot be recorded as the deployed configuration: {e}"
+                );
+                warn!("{message}");
+                shared.emit(Event::Error {
+                    message: message.clone(),
+                });
+                results.push(MgmtResult::err(id, message));
+            }
         }
-        Err(e) => {
-            warn!("cannot record the deployed configuration: {e}");
-            shared.emit(Event::Error {
-                message: format!("cannot record the deployed configuration: {e}"),
-            });
-            results.push(MgmtResult::err(
-                id,
-                format!("cannot record the deployed configuration: {e}"),
-            ));
-        }
+    } else {
+        ok = false;
+        let message = format!(
+            "configuration '{}' (generation {generation}) is not deployed yet: no acknowledgement from {}; agents are brought to it as they catch up or reconnect",
+            config.id,
+            unacknowledged.join(", ")
+        );
+        warn!("{message}");
+        results.push(MgmtResult::err(id, message));
     }
+    shared.emit(Event::DeployFinished {
+        config_id: config.id.clone(),
+        failed,
+        elapsed_ms,
+    });
+    shared
+        .metrics
+        .histogram(
+            "drover_deploy_duration_seconds",
+            "From deploy request to every agent's answer.",
+            &[],
+        )
+        .observe(started.elapsed());
+    shared
+        .metrics
+        .counter(
+            "drover_deploys_total",
+            "Deploys by outcome.",
+            &[("result", if ok { "ok" } else { "failed" })],
+        )
+        .inc();
     results
 }
 
-/// Brings an agent that (re)connected up to the deployed configuration.
+/// Brings an agent that (re)connected up to the desired deploy.
 pub(crate) async fn reapply(
     shared: &Arc<Shared>,
     name: &str,
     conn: &quinn::Connection,
-    deployed: Configuration,
+    desired: &Deploy,
 ) {
     let req = ControllerRequest::Apply {
-        generation: 0,
-        config: Box::new(crate::zeek::layout::share_for(&deployed, name)),
+        generation: desired.generation,
+        config: Box::new(crate::zeek::layout::share_for(&desired.config, name)),
         restart_all: false,
     };
     match call_agent(shared, name, conn, &req, shared.request_timeout).await {
         Ok(AgentResponse::Results(rs)) => {
+            info!(
+                agent = %name,
+                generation = desired.generation,
+                "agent '{name}' brought to the desired generation {}",
+                desired.generation
+            );
+            shared.view().acknowledged(name, desired.generation);
+            converge(shared);
             for r in rs.iter().filter(|r| !r.success) {
                 warn!(
                     agent = %name,
                     node = r.node.as_deref().unwrap_or("?"),
-                    "re-applying the deployed configuration: {}",
+                    generation = desired.generation,
+                    "re-applying the desired configuration: {}",
                     r.error.as_deref().unwrap_or("failed")
                 );
             }
         }
         Ok(_) => {}
-        Err(e) => warn!(agent = %name, "cannot re-apply the deployed configuration: {e}"),
+        Err(e) => warn!(agent = %name, "cannot re-apply the desired configuration: {e}"),
     }
+}
+
+/// Records the desired deploy as deployed once every instance it names has applied it
+/// (answered its apply, or reported it): a deploy that some agent did not acknowledge in
+/// time becomes the deployed configuration when that agent catches up. Nothing to do while a deploy runs (it
+/// records its own outcome).
+pub(crate) fn converge(shared: &Arc<Shared>) {
+    let Some(desired) = shared.store.desired() else {
+        return;
+    };
+    if shared
+        .store
+        .deployed()
+        .is_some_and(|d| d.generation >= desired.generation)
+    {
+        return;
+    }
+    if shared
+        .deploying
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some()
+    {
+        return;
+    }
+    let caught_up = {
+        let view = shared.view();
+        desired.config.instances.iter().all(|i| {
+            view.applied(&i.name)
+                .is_some_and(|g| g >= desired.generation)
+        })
+    };
+    if !caught_up {
+        return;
+    }
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || match shared.store.set_deployed(&desired) {
+        Ok(()) => info!(
+            config = %desired.config.id,
+            generation = desired.generation,
+            "every instance applied the desired configuration; it is the deployed one now"
+        ),
+        Err(e) => warn!("cannot record the deployed configuration: {e}"),
+    });
 }
 
 /// get-nodes: each connected agent's nodes from the view where it is current (see
@@ -609,7 +777,8 @@ async fn get_nodes(
     let agents = shared.registry.connections();
     // Deployed instances whose agent is away: their nodes are UNKNOWN, not gone.
     let mut away = Vec::new();
-    if let Some(deployed) = shared.store.deployed_shared() {
+    if let Some(desired) = shared.store.desired() {
+        let deployed = &desired.config;
         let connected: BTreeSet<&str> = agents.iter().map(|(n, _)| n.as_str()).collect();
         let mut away_nodes: BTreeMap<&str, Vec<&drover_proto::model::Node>> = deployed
             .instances
@@ -700,6 +869,9 @@ async fn get_nodes(
     results.sort_by(|a, b| a.instance.cmp(&b.instance));
     let mut me = NodeStatus::new(&shared.name, State::Running, MgmtRole::Controller);
     me.pid = Some(std::process::id());
+    // The controller's own entry carries the desired generation, which every agent's
+    // own entry is compared with.
+    me.generation = Some(shared.store.desired_generation()).filter(|g| *g > 0);
     results.push(
         MgmtResult::ok(id, Some(ResultData::NodeStatuses(vec![me]))).on_instance(&shared.name),
     );
@@ -716,7 +888,7 @@ async fn get_id_value(
     nodes: Vec<String>,
     budget: Duration,
 ) -> Vec<MgmtResult> {
-    let Some(deployed) = shared.store.deployed() else {
+    let Some(deployed) = shared.store.desired_config() else {
         return vec![MgmtResult::err(id, "no cluster deployed")];
     };
     let (known, unmatched) = deployed.select(&nodes);
@@ -770,7 +942,7 @@ async fn rolling_restart(
     batch: usize,
     budget: Duration,
 ) -> Vec<MgmtResult> {
-    let Some(deployed) = shared.store.deployed() else {
+    let Some(deployed) = shared.store.desired_config() else {
         return vec![MgmtResult::err(id, "no active cluster deployment")];
     };
     let mut results = Vec::new();
@@ -824,7 +996,7 @@ async fn act(
     if shared.registry.snapshot().is_empty() {
         return vec![MgmtResult::err(id, "no instances connected")];
     }
-    let Some(deployed) = shared.store.deployed() else {
+    let Some(deployed) = shared.store.desired_config() else {
         return vec![MgmtResult::err(id, "no active cluster deployment")];
     };
     let mut results = Vec::new();

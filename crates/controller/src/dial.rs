@@ -119,7 +119,7 @@ async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
-        let wanted = [shared.store.deployed(), shared.store.staged()]
+        let wanted = [shared.store.desired_config(), shared.store.staged()]
             .into_iter()
             .flatten()
             .any(|c| {

@@ -8,7 +8,8 @@
 //! - [`registry`]: the connected agents.
 //! - [`api`]: the client requests: staging and deploying configurations, node statuses,
 //!   actions on node subsets, fanned out to agents with timeouts.
-//! - [`store`]: the staged and deployed configurations, persisted atomically.
+//! - [`store`]: the staged configuration and the desired and deployed deploys with their
+//!   generations, persisted atomically.
 //! - `view`: every agent's nodes as last reported, which answers get-nodes while it is
 //!   current (no I/O, tested on its own).
 //! - `dial`: connections the controller makes itself, to agents that listen (instances
@@ -33,7 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drover_net::conn::{self, TransportSettings};
 use drover_net::{Credentials, Identity, NetError, TlsFiles};
-use drover_proto::model::{NodeStatus, State};
+use drover_proto::model::{MgmtRole, NodeStatus, State};
 use drover_proto::msg::{
     API_VERSION, AgentRequest, AgentResponse, ClientRequest, ErrorCode, Event, EventRecord,
     PeerRole, Request, Welcome, WireError,
@@ -110,14 +111,6 @@ pub enum Error {
     /// The persisted state is unusable.
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    /// The state directory is unusable.
-    #[error("state dir {path}: {source}")]
-    StateDir {
-        /// The directory.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
 }
 
 /// State shared by every connection task.
@@ -129,8 +122,12 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     /// Staged and deployed configurations.
     pub(crate) store: Store,
-    /// The id of the deploy in progress: only one runs at a time.
+    /// The id of the deploy in progress: only one runs at a time, and no stage while
+    /// it runs.
     pub(crate) deploying: std::sync::Mutex<Option<String>>,
+    /// Held by a stage and by a deploy for their whole duration, so that they never
+    /// overlap (a deploy sends exactly what was staged when it began).
+    pub(crate) config_ops: tokio::sync::Mutex<()>,
     pub(crate) transport: TransportSettings,
     /// Streams a client may have open at once (the configured `max_streams`).
     pub(crate) client_streams: u32,
@@ -230,7 +227,57 @@ impl Shared {
             "Automatic restarts of all nodes, as agents last reported them.",
             &[(String::new(), restarts)],
         );
+        self.render_generations(&mut out);
         out
+    }
+
+    /// Gauges of deploy generations: desired, deployed, and each connected agent's
+    /// applied one, with how many agents lag the desired one.
+    fn render_generations(&self, out: &mut String) {
+        let desired = self.store.desired_generation();
+        let deployed = self.store.deployed().map_or(0, |d| d.generation);
+        drover_metrics::gauge(
+            out,
+            "drover_desired_generation",
+            "The generation of the last deploy the controller recorded (0: none).",
+            &[(String::new(), desired as f64)],
+        );
+        drover_metrics::gauge(
+            out,
+            "drover_deployed_generation",
+            "The generation of the last deploy every agent acknowledged (0: none).",
+            &[(String::new(), deployed as f64)],
+        );
+        let connected = self.registry.snapshot();
+        let view = self.view();
+        let mut applied = Vec::new();
+        let mut lagging = 0.0;
+        for agent in &connected {
+            // Agents that predate generations report none, and are not counted.
+            let Some(g) = view.applied(&agent.name) else {
+                continue;
+            };
+            if g < desired {
+                lagging += 1.0;
+            }
+            applied.push((
+                drover_metrics::labels(&[("instance", agent.name.as_str())]),
+                g as f64,
+            ));
+        }
+        drop(view);
+        drover_metrics::gauge(
+            out,
+            "drover_agent_applied_generation",
+            "The generation each connected agent reported having applied.",
+            &applied,
+        );
+        drover_metrics::gauge(
+            out,
+            "drover_agents_lagging",
+            "Connected agents whose applied generation is below the desired one.",
+            &[(String::new(), lagging)],
+        );
     }
 }
 
@@ -268,10 +315,6 @@ impl Controller {
                 identity: creds.identity().clone(),
             });
         }
-        std::fs::create_dir_all(&config.state_dir).map_err(|source| Error::StateDir {
-            path: config.state_dir.clone(),
-            source,
-        })?;
         let store = Store::open(&config.state_dir)?;
         let transport = TransportSettings {
             max_streams: config.transport.max_streams.min(PEER_STREAMS),
@@ -307,6 +350,7 @@ impl Controller {
                 registry: Registry::default(),
                 store,
                 deploying: std::sync::Mutex::new(None),
+                config_ops: tokio::sync::Mutex::new(()),
                 transport,
                 client_streams: config.transport.max_streams,
                 request_timeout: config.request_timeout,
@@ -355,9 +399,12 @@ impl Controller {
         if let Some(front) = self.zeek.take() {
             front.spawn(self.shared.clone(), shutdown.clone());
         }
-        for config in [self.shared.store.deployed(), self.shared.store.staged()]
-            .into_iter()
-            .flatten()
+        for config in [
+            self.shared.store.desired_config(),
+            self.shared.store.staged(),
+        ]
+        .into_iter()
+        .flatten()
         {
             dial::ensure(&self.shared, &config);
         }
@@ -481,13 +528,13 @@ pub(crate) async fn serve_agent(
         instance: name.clone(),
         addr: addr.to_string(),
     });
-    // Bring a returning agent up to the deployed configuration (Zeek's
-    // notify_agents_ready); it restarts nothing that already runs this configuration.
-    if let Some(deployed) = shared.store.deployed() {
+    // Bring a returning agent up to the desired deploy (Zeek's notify_agents_ready); it
+    // restarts nothing that already runs that generation's spec.
+    if let Some(desired) = shared.store.desired() {
         let shared = shared.clone();
         let conn = conn.clone();
         let name = name.clone();
-        tokio::spawn(async move { api::reapply(&shared, &name, &conn, deployed).await });
+        tokio::spawn(async move { api::reapply(&shared, &name, &conn, &desired).await });
     }
     let reporter = shared.clone();
     let instance = name.clone();
@@ -499,7 +546,13 @@ pub(crate) async fn serve_agent(
             match req.body {
                 AgentRequest::Status { statuses, full } => {
                     debug!(count = statuses.len(), full, "status report");
+                    let applied = statuses
+                        .iter()
+                        .any(|s| s.mgmt_role == MgmtRole::Agent && s.generation.is_some());
                     shared.record_report(&instance, conn_id, full, statuses);
+                    if applied {
+                        api::converge(&shared);
+                    }
                     Ok(AgentResponse::Ack)
                 }
             }

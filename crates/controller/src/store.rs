@@ -1,10 +1,26 @@
-//! The controller's persistent state: the staged and the deployed configuration.
+//! The controller's persistent state: the staged configuration, the desired deploy and
+//! the deployed one.
 //!
-//! Each is one JSON file in the state dir, written atomically and durably: a temp file
-//! with fsync, the current file renamed to `<name>.prev` (the last good copy), the temp
-//! file renamed into place, fsync of the directory. A crash at any point leaves the old
-//! or the new configuration, never a mix: if it struck between the two renames, only the
-//! `.prev` file exists and is used.
+//! - `staged.json`: the configuration last staged (what `deploy` would send).
+//! - `desired.json`: the last deploy the controller accepted, `{generation, config}`.
+//!   It is written before any agent is told about it, so agents are only ever brought
+//!   to a generation that survives a controller restart; a deploy whose record fails
+//!   changes nothing anywhere.
+//! - `deployed.json`: the last deploy every agent acknowledged, `{generation, config}`
+//!   (what `get-config --deployed` shows). It lags `desired.json` while a deploy is
+//!   under way or after one that some agent did not acknowledge.
+//!
+//! Generations strictly increase over the state dir's life: a new deploy takes one more
+//! than any generation recorded or reported by an agent. State dirs from before
+//! generations hold a bare configuration in `deployed.json` and no `desired.json`; that
+//! configuration is loaded as generation 1, desired and deployed alike.
+//!
+//! Each file is written atomically and durably: a temp file (mode 0600) with fsync, the
+//! current file renamed to `<name>.prev` (the last good copy), the temp file renamed into
+//! place, fsync of the directory. A crash at any point leaves the old or the new content,
+//! never a mix: if it struck between the two renames, only the `.prev` file exists and
+//! is used. The files hold node environments, so the directory is kept at 0700 and the
+//! files at 0600; looser modes found at start-up are tightened (and logged).
 //!
 //! A current file that cannot be parsed is reported (error log naming it and why), kept
 //! aside as `<name>.corrupt` for inspection, and the last good copy is used; only when
@@ -13,15 +29,25 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use drover_proto::model::Configuration;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 /// File name of the staged configuration.
 pub const STAGED: &str = "staged.json";
+/// File name of the desired deploy.
+pub const DESIRED: &str = "desired.json";
 /// File name of the deployed configuration.
 pub const DEPLOYED: &str = "deployed.json";
+
+/// Mode of the state directory.
+const DIR_MODE: u32 = 0o700;
+/// Mode of every state file.
+const FILE_MODE: u32 = 0o600;
 
 /// Errors reading or writing state.
 #[derive(Debug, thiserror::Error)]
@@ -44,19 +70,52 @@ pub enum StoreError {
     },
 }
 
+/// One deploy: a configuration and the generation it was given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deploy {
+    /// Strictly increasing over the state dir's life; never 0.
+    pub generation: u64,
+    /// The configuration as sent to agents (instance hosts filled in).
+    pub config: Configuration,
+}
+
+/// `deployed.json` as written before generations existed, or now.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DeployFile {
+    Current(Deploy),
+    Legacy(Configuration),
+}
+
+impl From<DeployFile> for Deploy {
+    fn from(f: DeployFile) -> Self {
+        match f {
+            DeployFile::Current(d) => d,
+            DeployFile::Legacy(config) => Deploy {
+                generation: 1,
+                config,
+            },
+        }
+    }
+}
+
 /// Shared, so that readers on hot paths (get-nodes) need not copy a whole configuration.
 #[derive(Debug, Default)]
 struct Slots {
     staged: Option<Arc<Configuration>>,
-    deployed: Option<Arc<Configuration>>,
+    desired: Option<Arc<Deploy>>,
+    deployed: Option<Arc<Deploy>>,
 }
 
-/// The staged and deployed configurations, in memory and on disk.
+/// The staged configuration and the desired and deployed deploys, in memory and on disk.
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
     /// A std mutex: held only to copy a value in or out, never across I/O or awaits.
     slots: Mutex<Slots>,
+    /// Held across each write (and the check before it), so that writes of one file
+    /// never interleave and a deployed deploy is never replaced by an older one.
+    writing: Mutex<()>,
 }
 
 fn prev_path(path: &Path) -> PathBuf {
@@ -64,7 +123,7 @@ fn prev_path(path: &Path) -> PathBuf {
 }
 
 /// Loads a state file, falling back to its last good copy when it is missing or corrupt.
-fn load(path: &Path) -> Result<Option<Configuration>, StoreError> {
+fn load<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
     let prev = prev_path(path);
     match load_one(path) {
         Ok(Some(c)) => Ok(Some(c)),
@@ -99,7 +158,7 @@ fn load(path: &Path) -> Result<Option<Configuration>, StoreError> {
     }
 }
 
-fn load_one(path: &Path) -> Result<Option<Configuration>, StoreError> {
+fn load_one<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
     match fs::read(path) {
         Ok(bytes) => {
             serde_json::from_slice(&bytes)
@@ -117,13 +176,23 @@ fn load_one(path: &Path) -> Result<Option<Configuration>, StoreError> {
     }
 }
 
-/// Writes `bytes` to `path` atomically and durably, keeping the previous content as
-/// `<path>.prev`.
+/// Writes `bytes` to `path` atomically and durably (the new file has mode 0600), keeping
+/// the previous content as `<path>.prev`.
 pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let tmp = path.with_extension("json.tmp");
+    // A leftover temp file may have a looser mode, which create would keep.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     {
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -136,16 +205,81 @@ pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
+/// Creates the state dir with mode 0700, or tightens an existing one and the state files
+/// in it to 0700 and 0600; what was tightened is logged once.
+pub fn secure_dir(dir: &Path) -> Result<(), StoreError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Io { path, source }
+    };
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)
+            .map_err(io(dir))?;
+    }
+    let mut tightened = Vec::new();
+    let mut tighten = |path: &Path, mode: u32| -> Result<(), StoreError> {
+        let meta = match fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(path)(e)),
+        };
+        let old = meta.permissions().mode() & 0o777;
+        if old & !mode != 0 {
+            fs::set_permissions(path, fs::Permissions::from_mode(old & mode)).map_err(io(path))?;
+            tightened.push(format!(
+                "{} ({:o} to {:o})",
+                path.display(),
+                old,
+                old & mode
+            ));
+        }
+        Ok(())
+    };
+    tighten(dir, DIR_MODE)?;
+    for name in [STAGED, DESIRED, DEPLOYED] {
+        let path = dir.join(name);
+        for suffix in ["", ".prev", ".corrupt", ".tmp"] {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            tighten(Path::new(&p), FILE_MODE)?;
+        }
+    }
+    if !tightened.is_empty() {
+        tracing::warn!(
+            "the state holds node environments; tightened the modes of {}",
+            tightened.join(", ")
+        );
+    }
+    Ok(())
+}
+
 impl Store {
-    /// Loads the state in `dir`.
+    /// Secures and loads the state in `dir` (created if missing).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        secure_dir(dir)?;
+        let staged = load::<Configuration>(&dir.join(STAGED))?;
+        let deployed = load::<DeployFile>(&dir.join(DEPLOYED))?.map(Deploy::from);
+        let desired = load::<Deploy>(&dir.join(DESIRED))?;
+        // No desired deploy (a state dir from before generations), or one older than
+        // the deployed one (not written by this code): the deployed one is desired.
+        let desired = match (desired, &deployed) {
+            (Some(d), Some(dep)) if d.generation < dep.generation => Some(dep.clone()),
+            (None, dep) => dep.clone(),
+            (d, _) => d,
+        };
         let slots = Slots {
-            staged: load(&dir.join(STAGED))?.map(Arc::new),
-            deployed: load(&dir.join(DEPLOYED))?.map(Arc::new),
+            staged: staged.map(Arc::new),
+            desired: desired.map(Arc::new),
+            deployed: deployed.map(Arc::new),
         };
         Ok(Self {
             dir: dir.to_owned(),
             slots: Mutex::new(slots),
+            writing: Mutex::new(()),
         })
     }
 
@@ -154,9 +288,14 @@ impl Store {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn save(&self, file: &str, config: &Configuration) -> Result<(), StoreError> {
+    fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes one state file; the caller holds [`Store::writing`].
+    fn save(&self, file: &str, value: &impl Serialize) -> Result<(), StoreError> {
         let path = self.dir.join(file);
-        let bytes = serde_json::to_vec_pretty(config).expect("configurations serialize");
+        let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
         write_durable(&path, &bytes).map_err(|source| StoreError::Io { path, source })
     }
 
@@ -165,34 +304,98 @@ impl Store {
         self.lock().staged.as_deref().cloned()
     }
 
-    /// The deployed configuration.
-    pub fn deployed(&self) -> Option<Configuration> {
-        self.lock().deployed.as_deref().cloned()
+    /// The desired deploy: what agents are brought to.
+    pub fn desired(&self) -> Option<Arc<Deploy>> {
+        self.lock().desired.clone()
     }
 
-    /// The deployed configuration, shared rather than copied.
-    pub fn deployed_shared(&self) -> Option<Arc<Configuration>> {
+    /// The deployed deploy: the last one every agent acknowledged.
+    pub fn deployed(&self) -> Option<Arc<Deploy>> {
         self.lock().deployed.clone()
+    }
+
+    /// The desired configuration, copied.
+    pub fn desired_config(&self) -> Option<Configuration> {
+        self.lock().desired.as_ref().map(|d| d.config.clone())
+    }
+
+    /// The deployed configuration, copied.
+    pub fn deployed_config(&self) -> Option<Configuration> {
+        self.lock().deployed.as_ref().map(|d| d.config.clone())
+    }
+
+    /// The generation of the desired deploy, 0 before the first.
+    pub fn desired_generation(&self) -> u64 {
+        self.lock().desired.as_ref().map_or(0, |d| d.generation)
     }
 
     /// Records a new staged configuration (on disk first).
     pub fn set_staged(&self, config: Configuration) -> Result<(), StoreError> {
+        let _writing = self.writing();
         self.save(STAGED, &config)?;
         self.lock().staged = Some(Arc::new(config));
         Ok(())
     }
 
-    /// Records a new deployed configuration (on disk first).
-    pub fn set_deployed(&self, config: Configuration) -> Result<(), StoreError> {
-        self.save(DEPLOYED, &config)?;
-        self.lock().deployed = Some(Arc::new(config));
+    /// Records `config` as the desired deploy, durably, under a new generation above
+    /// every recorded one and above `floor` (the highest an agent reported). On error
+    /// nothing changed, in memory or on disk.
+    pub fn set_desired(
+        &self,
+        config: Configuration,
+        floor: u64,
+    ) -> Result<Arc<Deploy>, StoreError> {
+        let _writing = self.writing();
+        let last = {
+            let slots = self.lock();
+            let g = |d: &Option<Arc<Deploy>>| d.as_ref().map_or(0, |d| d.generation);
+            g(&slots.desired).max(g(&slots.deployed))
+        };
+        let deploy = Arc::new(Deploy {
+            generation: last.max(floor) + 1,
+            config,
+        });
+        self.save(DESIRED, &*deploy)?;
+        self.lock().desired = Some(deploy.clone());
+        Ok(deploy)
+    }
+
+    /// Records `deploy` as the deployed one (on disk first), unless a newer one is
+    /// recorded already.
+    pub fn set_deployed(&self, deploy: &Arc<Deploy>) -> Result<(), StoreError> {
+        let _writing = self.writing();
+        if self
+            .lock()
+            .deployed
+            .as_ref()
+            .is_some_and(|d| d.generation >= deploy.generation)
+        {
+            return Ok(());
+        }
+        self.save(DEPLOYED, &**deploy)?;
+        self.lock().deployed = Some(deploy.clone());
         Ok(())
+    }
+
+    /// Where a state file lives.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(id: &str) -> Configuration {
+        let mut c = Configuration::empty();
+        c.id = id.into();
+        c
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
 
     #[test]
     fn survives_a_reopen_and_refuses_corrupt_files() {
@@ -201,10 +404,12 @@ mod tests {
         assert!(store.staged().is_none());
         let c = Configuration::empty();
         store.set_staged(c.clone()).unwrap();
-        store.set_deployed(c.clone()).unwrap();
+        let d = store.set_desired(c.clone(), 0).unwrap();
+        store.set_deployed(&d).unwrap();
         let again = Store::open(dir.path()).unwrap();
         assert_eq!(again.staged(), Some(c.clone()));
-        assert_eq!(again.deployed(), Some(c));
+        assert_eq!(again.deployed_config(), Some(c.clone()));
+        assert_eq!(again.desired(), Some(d));
         assert!(!dir.path().join("staged.json.tmp").exists());
 
         // Both copies corrupt: a clear error, never a silent start without state.
@@ -221,12 +426,10 @@ mod tests {
     fn a_corrupt_or_missing_file_falls_back_to_the_last_good_copy() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let mut first = Configuration::empty();
-        first.id = "first".into();
-        let mut second = Configuration::empty();
-        second.id = "second".into();
-        store.set_deployed(first.clone()).unwrap();
-        store.set_deployed(second.clone()).unwrap();
+        let first = store.set_desired(config("first"), 0).unwrap();
+        store.set_deployed(&first).unwrap();
+        let second = store.set_desired(config("second"), 0).unwrap();
+        store.set_deployed(&second).unwrap();
         assert_eq!(Store::open(dir.path()).unwrap().deployed(), Some(second));
 
         // Truncated current file: the last good copy is used, the bad one kept aside.
@@ -242,5 +445,127 @@ mod tests {
         // A crash between the two renames leaves only the .prev file.
         fs::remove_file(&current).ok();
         assert_eq!(Store::open(dir.path()).unwrap().deployed(), Some(first));
+    }
+
+    #[test]
+    fn generations_strictly_increase_across_reopens_and_above_what_agents_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut last = 0;
+        for round in 0..4 {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.desired_generation(), last);
+            let d = store.set_desired(config("same-id"), 0).unwrap();
+            assert!(
+                d.generation > last,
+                "round {round}: {} after {last}",
+                d.generation
+            );
+            last = d.generation;
+            // Every other deploy is not acknowledged: the deployed one lags.
+            if round % 2 == 0 {
+                store.set_deployed(&d).unwrap();
+            }
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.deployed().unwrap().generation, last - 1);
+        assert_eq!(store.desired().unwrap().generation, last);
+        // An agent that remembers a generation from a lost state dir is not sent an
+        // older one.
+        let d = store.set_desired(config("x"), last + 40).unwrap();
+        assert_eq!(d.generation, last + 41);
+        // An older deploy never replaces a newer deployed one.
+        let newer = store.set_desired(config("newer"), 0).unwrap();
+        store.set_deployed(&newer).unwrap();
+        store.set_deployed(&d).unwrap();
+        assert_eq!(store.deployed(), Some(newer));
+    }
+
+    #[test]
+    fn a_failed_record_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = store.set_desired(config("old"), 0).unwrap();
+        store.set_deployed(&old).unwrap();
+        let before: Vec<_> = [DESIRED, DEPLOYED]
+            .iter()
+            .map(|f| fs::read(dir.path().join(f)).unwrap())
+            .collect();
+        // A directory where the temp file goes: the write fails even for root.
+        fs::create_dir(dir.path().join("desired.json.tmp")).unwrap();
+        let err = store.set_desired(config("new"), 0).unwrap_err().to_string();
+        assert!(err.contains("desired.json"), "{err}");
+        assert_eq!(store.desired(), Some(old.clone()));
+        assert_eq!(store.deployed(), Some(old.clone()));
+        let after: Vec<_> = [DESIRED, DEPLOYED]
+            .iter()
+            .map(|f| fs::read(dir.path().join(f)).unwrap())
+            .collect();
+        assert_eq!(before, after);
+        fs::remove_dir(dir.path().join("desired.json.tmp")).unwrap();
+        let again = Store::open(dir.path()).unwrap();
+        assert_eq!(again.desired(), Some(old.clone()));
+        // The failed attempt used up no generation anyone saw; the next is one above.
+        assert_eq!(
+            again.set_desired(config("new"), 0).unwrap().generation,
+            old.generation + 1
+        );
+    }
+
+    #[test]
+    fn a_state_dir_from_before_generations_loads_as_generation_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config("legacy");
+        fs::write(dir.path().join(DEPLOYED), serde_json::to_vec(&c).unwrap()).unwrap();
+        fs::write(dir.path().join(STAGED), serde_json::to_vec(&c).unwrap()).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let want = Arc::new(Deploy {
+            generation: 1,
+            config: c.clone(),
+        });
+        assert_eq!(store.deployed(), Some(want.clone()));
+        assert_eq!(store.desired(), Some(want));
+        assert_eq!(store.staged(), Some(c));
+        assert_eq!(store.set_desired(config("next"), 0).unwrap().generation, 2);
+    }
+
+    #[test]
+    fn state_is_private_and_loose_modes_are_tightened() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("state");
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        store.set_staged(config("a")).unwrap();
+        store.set_staged(config("b")).unwrap();
+        store.set_desired(config("b"), 0).unwrap();
+        for f in [STAGED, "staged.json.prev", DESIRED] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
+        // Loosened by hand, or from an older version: tightened at the next start.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(dir.join(STAGED), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::set_permissions(
+            dir.join("staged.json.prev"),
+            fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        Store::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(STAGED)), 0o600);
+        assert_eq!(mode(&dir.join("staged.json.prev")), 0o600);
+        // A leftover temp file with a loose mode does not pass its mode on.
+        fs::write(dir.join("desired.json.tmp"), b"x").unwrap();
+        fs::set_permissions(
+            dir.join("desired.json.tmp"),
+            fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        let store = Store::open(&dir).unwrap();
+        fs::set_permissions(
+            dir.join("desired.json.tmp"),
+            fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        store.set_desired(config("c"), 0).unwrap();
+        assert_eq!(mode(&dir.join(DESIRED)), 0o600);
     }
 }

@@ -48,6 +48,8 @@ struct AgentView {
     /// Operations answered so far; a direct answer only clears `dirty` when no
     /// operation ended while it was on its way.
     finished: u64,
+    /// The highest deploy generation the agent answered an apply of (0: none).
+    acknowledged: u64,
 }
 
 /// Taken before asking an agent directly, handed back with its answer.
@@ -181,9 +183,43 @@ impl View {
     pub(crate) fn all_nodes(&self) -> impl Iterator<Item = &NodeStatus> {
         self.agents.values().flat_map(|v| v.nodes.values())
     }
+
+    /// `instance` answered the apply of deploy generation `generation`.
+    pub(crate) fn acknowledged(&mut self, instance: &str, generation: u64) {
+        let view = self.agents.entry(instance.to_owned()).or_default();
+        view.acknowledged = view.acknowledged.max(generation);
+    }
+
+    /// The generation `instance` has applied: the higher of what it last reported (its
+    /// own entry, while connected) and the highest apply it answered; `None` when
+    /// neither is known.
+    pub(crate) fn applied(&self, instance: &str) -> Option<u64> {
+        self.agents.get(instance).and_then(AgentView::applied)
+    }
+
+    /// How many CPUs `instance` said its nodes may use; `None` when unknown.
+    pub(crate) fn cpus(&self, instance: &str) -> Option<u32> {
+        self.agents
+            .get(instance)
+            .and_then(|v| v.agent.as_ref())
+            .and_then(|a| a.cpus)
+    }
+
+    /// Every agent's applied generation (see [`View::applied`]), where known.
+    pub(crate) fn applied_all(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.agents
+            .iter()
+            .filter_map(|(name, v)| v.applied().map(|g| (name.as_str(), g)))
+    }
 }
 
 impl AgentView {
+    fn applied(&self) -> Option<u64> {
+        let reported = self.agent.as_ref().and_then(|a| a.generation);
+        let acknowledged = Some(self.acknowledged).filter(|g| *g > 0);
+        reported.max(acknowledged)
+    }
+
     /// Replaces the nodes with a full report; returns the change events.
     fn replace(&mut self, instance: &str, statuses: Vec<NodeStatus>) -> Vec<Event> {
         let mut before = std::mem::take(&mut self.nodes);
@@ -390,5 +426,34 @@ mod tests {
         // A node gone from a full report is gone from the view.
         view.report("a", 1, true, Vec::new());
         assert!(view.last("a").is_empty());
+    }
+
+    #[test]
+    fn the_applied_generation_is_the_higher_of_report_and_acknowledgement() {
+        let mut view = View::default();
+        assert_eq!(view.applied("a"), None);
+        let own = |generation: Option<u64>, cpus: Option<u32>| {
+            let mut s = NodeStatus::new("a", State::Running, MgmtRole::Agent);
+            s.generation = generation;
+            s.cpus = cpus;
+            s
+        };
+        // An agent that predates generations reports none.
+        view.report("a", 1, true, vec![own(None, None)]);
+        assert_eq!((view.applied("a"), view.cpus("a")), (None, None));
+        view.acknowledged("a", 3);
+        assert_eq!(view.applied("a"), Some(3));
+        // A report of a newer one counts at once; an older report (sent before the
+        // apply was answered) does not lower it.
+        view.report("a", 1, false, vec![own(Some(5), Some(8))]);
+        assert_eq!((view.applied("a"), view.cpus("a")), (Some(5), Some(8)));
+        view.report("a", 1, false, vec![own(Some(2), Some(8))]);
+        assert_eq!(view.applied("a"), Some(3));
+        view.acknowledged("a", 2);
+        assert_eq!(view.applied("a"), Some(3));
+        assert_eq!(view.applied_all().collect::<Vec<_>>(), vec![("a", 3)]);
+        // A lost agent's report is gone; what it acknowledged stays a fact.
+        view.lost("a");
+        assert_eq!((view.applied("a"), view.cpus("a")), (Some(3), None));
     }
 }

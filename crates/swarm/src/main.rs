@@ -79,10 +79,19 @@ fn creds(ca: &Ca, role: PeerRole, name: &str) -> anyhow::Result<Credentials> {
 struct Hollow {
     nodes: BTreeMap<String, NodeStatus>,
     config_id: Option<String>,
+    /// The deploy generation applied last, as real agents report it in their own entry.
+    generation: u64,
 }
 
-fn statuses(h: &Mutex<Hollow>) -> Vec<NodeStatus> {
-    h.lock().expect("lock").nodes.values().cloned().collect()
+/// The simulated nodes and the agent's own entry, which carries the generation it
+/// applied.
+fn statuses(h: &Mutex<Hollow>, instance: &str) -> Vec<NodeStatus> {
+    let g = h.lock().expect("lock");
+    let mut all: Vec<NodeStatus> = g.nodes.values().cloned().collect();
+    let mut me = NodeStatus::new(instance, State::Running, MgmtRole::Agent);
+    me.generation = Some(g.generation).filter(|g| *g > 0);
+    all.push(me);
+    all
 }
 
 async fn run_agent(
@@ -144,30 +153,38 @@ async fn run_agent(
         let reporter = reporter_conn.clone();
         async move {
             let reply = match req.body {
-                ControllerRequest::GetNodes => {
-                    let mut all = statuses(&h);
-                    all.push(NodeStatus::new(&instance, State::Running, MgmtRole::Agent));
-                    AgentResponse::Nodes(all)
-                }
-                ControllerRequest::Apply { config, .. } => {
+                ControllerRequest::GetNodes => AgentResponse::Nodes(statuses(&h, &instance)),
+                ControllerRequest::Apply {
+                    config, generation, ..
+                } => {
                     let mut results = Vec::new();
                     {
                         let mut g = h.lock().expect("lock");
-                        if g.config_id.as_deref() != Some(config.id.as_str()) {
+                        // A newer generation replaces the nodes; a repeat or an older one
+                        // changes nothing. Controllers without generations send 0 and
+                        // are told apart by the config id.
+                        let new = if generation == 0 {
+                            g.config_id.as_deref() != Some(config.id.as_str())
+                        } else {
+                            generation > g.generation
+                        };
+                        if new {
                             g.config_id = Some(config.id.clone());
+                            g.generation = g.generation.max(generation);
                             g.nodes.clear();
                             for n in config.nodes_on(&instance) {
                                 let mut s =
                                     NodeStatus::new(&n.name, State::Running, MgmtRole::None);
                                 s.pid = Some(1);
                                 s.ready = true;
+                                s.generation = Some(generation).filter(|g| *g > 0);
                                 g.nodes.insert(n.name.clone(), s);
                                 results.push(MgmtResult::ok(&req.id, None).on_node(&n.name));
                             }
                         }
                     }
                     let report = AgentRequest::Status {
-                        statuses: statuses(&h),
+                        statuses: statuses(&h, &instance),
                         full: true,
                     };
                     tokio::spawn(async move {
@@ -380,7 +397,7 @@ async fn main() -> anyhow::Result<()> {
         &cl,
         &ClientRequest::Deploy {
             restart_all: false,
-            expect_id: None,
+            expect_id: Some(config_id.clone()),
         },
         Duration::from_secs(300),
     )
@@ -411,6 +428,7 @@ async fn main() -> anyhow::Result<()> {
     let mut lat = Vec::new();
     let mut lat_fresh = Vec::new();
     let mut nodes_seen = 0;
+    let mut lagging = 0;
     let samples = std::iter::repeat_n(false, args.samples);
     for fresh in samples.clone().chain(samples.map(|_| true)) {
         let lat = if fresh { &mut lat_fresh } else { &mut lat };
@@ -423,6 +441,22 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
         if let ClientResponse::Results(rs) = reply {
+            // Agents whose applied generation (own entry) is below the controller's
+            // desired one (its own entry).
+            let entries = || {
+                rs.iter().filter_map(|r| match &r.data {
+                    Some(drover_proto::ResultData::NodeStatuses(v)) => Some(v.iter()),
+                    _ => None,
+                })
+            };
+            let desired = entries()
+                .flatten()
+                .find(|s| s.mgmt_role == MgmtRole::Controller)
+                .and_then(|s| s.generation);
+            lagging = entries()
+                .flatten()
+                .filter(|s| s.mgmt_role == MgmtRole::Agent && s.generation < desired)
+                .count();
             nodes_seen = rs
                 .iter()
                 .filter_map(|r| match &r.data {
@@ -452,6 +486,7 @@ async fn main() -> anyhow::Result<()> {
         "get_nodes_fresh_p50_ms": percentile(&lat_fresh, 0.5),
         "get_nodes_fresh_p99_ms": percentile(&lat_fresh, 0.99),
         "get_nodes_running_nodes": nodes_seen,
+        "get_nodes_lagging_agents": lagging,
         "monitors": args.monitors,
         "event_fanout_max_ms": fanout.iter().copied().fold(0.0, f64::max),
     });

@@ -291,7 +291,7 @@ async fn answer(
 /// every node for a configuration id they do not run, and nothing for the one they do.
 fn is_new(shared: &Shared) -> bool {
     let staged = shared.store.staged().map(|c| c.id);
-    staged.is_some() && staged != shared.store.deployed().map(|c| c.id)
+    staged.is_some() && staged != shared.store.deployed().map(|d| d.config.id.clone())
 }
 
 /// The first connected instance (by name) whose agent runs on the controller's host:

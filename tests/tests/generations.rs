@@ -1,0 +1,387 @@
+//! Deploy generations with a real controller and real agents: a deploy is desired state,
+//! recorded before any agent hears of it; a config id is only a label; a deploy that
+//! cannot be recorded changes nothing, now or after a controller restart; compare and
+//! swap on the staged id; stages refused while a deploy runs; the applied generation
+//! shown per agent; impossible CPU pinning refused before anything changes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use drover_tests::{Cluster, MuteAgent, PATIENCE, bin, eventually};
+
+/// A cluster file with id `id` and testprog nodes `n1`..`nN` on `agent-1`, each with
+/// `extra` in its table.
+fn cluster_file(c: &Cluster, name: &str, id: &str, nodes: usize, extra: &str) -> PathBuf {
+    let prog = bin("drover-testprog");
+    let mut text = format!(
+        "id = \"{id}\"\n[defaults]\nbackoff = {{ initial = \"0s\" }}\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[instances.agent-1]\n"
+    );
+    for i in 1..=nodes {
+        text.push_str(&format!(
+            "[nodes.n{i}]\ninstance = \"agent-1\"\ncommand = [\"{}\", \"--sleep-forever\"]\n{extra}",
+            prog.display()
+        ));
+    }
+    let path = c.dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// node name -> pid of every RUNNING node, if there are `count` nodes and all run.
+fn running(c: &Cluster, addr: SocketAddr, count: usize) -> Option<BTreeMap<String, u64>> {
+    let v = c.drover(addr, &["get-nodes"]).json();
+    let mut out = BTreeMap::new();
+    for (_, nodes) in v["results"].as_object()? {
+        for (name, n) in nodes.as_object()? {
+            if n["mgmt_role"].is_null() {
+                if n["state"] != "RUNNING" {
+                    return None;
+                }
+                out.insert(name.clone(), n["pid"].as_u64()?);
+            }
+        }
+    }
+    (out.len() == count).then_some(out)
+}
+
+fn environ(pid: u64) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default())
+        .replace('\0', "\n")
+}
+
+fn start(c: &Cluster, extra: &[&str]) -> (drover_tests::Proc, SocketAddr, drover_tests::Proc) {
+    let (ctl, addr) = c.start_controller_with("127.0.0.1:0", extra);
+    let agent = c.start_agent("agent-1", addr);
+    eventually("agent connected", PATIENCE, || {
+        c.drover(addr, &["get-instances"])
+            .json()
+            .get("agent-1")
+            .map(|_| ())
+    });
+    (ctl, addr, agent)
+}
+
+/// The GEN column of the `status` row of `node`.
+fn status_generation(c: &Cluster, addr: SocketAddr, node: &str) -> Option<String> {
+    let out = c.drover(addr, &["status"]);
+    let header = out.stdout.lines().next()?.to_owned();
+    let col = header.find("GEN")?;
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(node))?
+        .to_owned();
+    Some(row.get(col..)?.split_whitespace().next()?.to_owned())
+}
+
+#[test]
+fn a_deploy_that_cannot_be_recorded_changes_nothing_even_after_a_controller_restart() {
+    let c = Cluster::new();
+    let (mut ctl, addr, _agent) = start(&c, &[]);
+    let old = cluster_file(&c, "old.toml", "old", 2, "env = { WHICH = \"old\" }\n");
+    let out = c.drover(addr, &["deploy-config", old.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let before = eventually("2 running", PATIENCE, || running(&c, addr, 2));
+
+    // The desired deploy cannot be written: a directory where its temp file goes (a
+    // file system failure root cannot override, as a full disk).
+    let state = c.dir.path().join("controller");
+    std::fs::create_dir(state.join("desired.json.tmp")).unwrap();
+    let new = cluster_file(&c, "new.toml", "new", 2, "env = { WHICH = \"new\" }\n");
+    let out = c.drover(addr, &["deploy-config", new.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    let errors = out.json()["errors"].to_string();
+    assert!(
+        errors.contains("cannot record the deploy, nothing was deployed")
+            && errors.contains("desired.json"),
+        "{errors}"
+    );
+    assert!(
+        out.json()["results"]["nodes"].is_null(),
+        "no agent was told: {}",
+        out.stdout
+    );
+    // Nothing changed: same processes with the old environment, the old deployed
+    // configuration, the old desired generation.
+    assert_eq!(running(&c, addr, 2), Some(before.clone()));
+    for pid in before.values() {
+        assert!(environ(*pid).contains("WHICH=old"), "{}", environ(*pid));
+    }
+    let deployed = c.drover(addr, &["get-config", "--deployed", "--as-json"]);
+    assert_eq!(deployed.json()["id"], "old");
+    assert_eq!(
+        status_generation(&c, addr, "controller").as_deref(),
+        Some("1")
+    );
+
+    // A controller restart brings the agent to the desired deploy, which is still the
+    // old one: nothing restarts.
+    ctl.kill();
+    let (ctl2, addr2) = c.start_controller(&addr.to_string());
+    ctl2.wait_log("agent 'agent-1' brought to the desired generation 1");
+    assert_eq!(running(&c, addr2, 2), Some(before.clone()));
+    for pid in before.values() {
+        assert!(environ(*pid).contains("WHICH=old"));
+    }
+
+    // Once the state dir is writable again, the same deploy goes through as the next
+    // generation.
+    std::fs::remove_dir(state.join("desired.json.tmp")).unwrap();
+    let out = c.drover(addr2, &["deploy-config", new.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let after = eventually("2 new running", PATIENCE, || {
+        running(&c, addr2, 2).filter(|m| m.values().all(|p| environ(*p).contains("WHICH=new")))
+    });
+    assert!(after.values().all(|p| !before.values().any(|b| b == p)));
+    assert_eq!(
+        status_generation(&c, addr2, "controller").as_deref(),
+        Some("2")
+    );
+}
+
+/// Needs agents that apply by generation: with agents that skip an Apply whose config
+/// id they already have, the edited node keeps running its old command.
+#[test]
+fn a_same_id_redeploy_of_an_edited_config_restarts_the_changed_node() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agent) = start(&c, &[]);
+    let file = cluster_file(&c, "a.toml", "label", 2, "");
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let before = eventually("2 running", PATIENCE, || running(&c, addr, 2));
+
+    // The exported deployed configuration carries the id; edit one node's command.
+    let exported = c.dir.path().join("exported.toml");
+    let out = c.drover(
+        addr,
+        &[
+            "get-config",
+            "--deployed",
+            "--as-toml",
+            "-f",
+            exported.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let text = std::fs::read_to_string(&exported).unwrap();
+    assert!(text.contains("label"), "{text}");
+    let edited = text.replacen(
+        "\"--sleep-forever\"",
+        "\"--sleep-forever\", \"--status\", \"edited\"",
+        1,
+    );
+    assert_ne!(edited, text, "the export names the command: {text}");
+    std::fs::write(&exported, edited).unwrap();
+    let out = c.drover(addr, &["deploy-config", exported.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let after = eventually("the edited node restarted", PATIENCE, || {
+        running(&c, addr, 2).filter(|m| m != &before)
+    });
+    let changed: Vec<&String> = after.keys().filter(|n| after[*n] != before[*n]).collect();
+    assert_eq!(
+        changed.len(),
+        1,
+        "exactly one node restarted: {before:?} -> {after:?}"
+    );
+    // The agent reports the generation it applied; it does not lag.
+    eventually("agent at generation 2", PATIENCE, || {
+        (status_generation(&c, addr, "agent-1").as_deref() == Some("2")).then_some(())
+    });
+    // A repeat of the same file is a new generation that restarts nothing.
+    let out = c.drover(addr, &["deploy-config", exported.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(running(&c, addr, 2), Some(after));
+    eventually("agent at generation 3", PATIENCE, || {
+        (status_generation(&c, addr, "agent-1").as_deref() == Some("3")).then_some(())
+    });
+}
+
+#[test]
+fn deploy_with_a_stale_expect_id_is_refused_and_changes_nothing() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agent) = start(&c, &[]);
+    let a = cluster_file(&c, "a.toml", "cfg-a", 1, "");
+    let b = cluster_file(&c, "b.toml", "cfg-b", 2, "");
+    let out = c.drover(addr, &["stage-config", a.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    // Another client stages b meanwhile.
+    let out = c.drover(addr, &["stage-config", b.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+
+    let out = c.drover(addr, &["deploy", "--expect-id", "cfg-a"]);
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    let errors = out.json()["errors"].to_string();
+    assert!(
+        errors.contains("'cfg-b'") && errors.contains("'cfg-a'"),
+        "names both ids: {errors}"
+    );
+    let out = c.drover(addr, &["get-config", "--deployed", "--as-json"]);
+    assert_eq!(out.code, Some(1), "nothing deployed: {}", out.stdout);
+    assert!(running(&c, addr, 0).is_some());
+
+    let out = c.drover(addr, &["deploy", "--expect-id", "cfg-b"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    eventually("2 running", PATIENCE, || running(&c, addr, 2));
+    assert_eq!(
+        c.drover(addr, &["get-config", "--deployed", "--as-json"])
+            .json()["id"],
+        "cfg-b"
+    );
+}
+
+#[test]
+fn a_deploy_an_agent_does_not_acknowledge_is_desired_not_deployed_and_blocks_stages() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agent) = start(&c, &["--request-timeout", "4s"]);
+    let first = cluster_file(&c, "first.toml", "first", 1, "");
+    let out = c.drover(addr, &["deploy-config", first.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let before = eventually("1 running", PATIENCE, || running(&c, addr, 1));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _mute = MuteAgent::connect(&c, addr, &rt);
+    eventually("both agents listed", PATIENCE, || {
+        let v = c.drover(addr, &["get-instances"]).json();
+        (v.as_object().unwrap().len() == 2).then_some(())
+    });
+    // The mute agent is one of the configuration's instances (without nodes), so its
+    // acknowledgement is needed.
+    let second = cluster_file(&c, "second.toml", "second", 2, "");
+    let text = std::fs::read_to_string(&second).unwrap() + "[instances.mute]\n";
+    std::fs::write(&second, text).unwrap();
+    let out = c.drover(addr, &["stage-config", second.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let mut cmd = std::process::Command::new(bin("drover"));
+    cmd.args(["--controller", &addr.to_string(), "--timeout", "10s"])
+        .arg("--ca")
+        .arg(c.pki_file("ca.crt"))
+        .arg("--cert")
+        .arg(c.pki_file("ops.crt"))
+        .arg("--key")
+        .arg(c.pki_file("ops.key"))
+        .arg("deploy");
+    let deploying = std::thread::scope(|s| {
+        let deploy = s.spawn(|| drover_tests::run_cli(cmd, std::time::Duration::from_secs(30)));
+        // While the deploy waits for the mute agent, stages are refused. (The same
+        // file as staged, so that a stage that comes before the deploy changes
+        // nothing.)
+        let refusal = eventually("a stage refused", PATIENCE, || {
+            let out = c.drover(addr, &["stage-config", second.to_str().unwrap()]);
+            (out.code == Some(1)).then_some(out)
+        });
+        (deploy.join().unwrap(), refusal)
+    });
+    let (out, refusal) = deploying;
+    assert!(
+        refusal.json()["errors"]
+            .to_string()
+            .contains("cannot stage while deployment"),
+        "{}",
+        refusal.stdout
+    );
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    let errors = out.json()["errors"].to_string();
+    assert!(
+        errors.contains("generation 2") && errors.contains("no acknowledgement from mute"),
+        "{errors}"
+    );
+    // The real agent runs the desired deploy; the deployed one is still the first.
+    eventually("2 running", PATIENCE, || running(&c, addr, 2));
+    let deployed = c.drover(addr, &["get-config", "--deployed", "--as-json"]);
+    assert_eq!(deployed.json()["id"], "first");
+    assert_eq!(
+        running(&c, addr, 2).unwrap()["n1"],
+        before["n1"],
+        "an unchanged node keeps running"
+    );
+    let staged = c.drover(addr, &["get-config", "--as-json"]);
+    assert_eq!(staged.json()["id"], "second");
+    assert_eq!(
+        status_generation(&c, addr, "controller").as_deref(),
+        Some("2")
+    );
+}
+
+/// Needs agents that report their CPU count in their own status entry.
+#[test]
+fn a_node_pinned_to_a_cpu_the_instance_lacks_is_refused_before_anything_changes() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agent) = start(&c, &[]);
+    let ok = cluster_file(&c, "ok.toml", "ok", 1, "cpu_affinity = 0\n");
+    let out = c.drover(addr, &["deploy-config", ok.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let before = eventually("1 running", PATIENCE, || running(&c, addr, 1));
+    let bad = cluster_file(&c, "bad.toml", "bad", 2, "cpu_affinity = [0, 1023]\n");
+    let out = c.drover(addr, &["deploy-config", bad.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    let errors = out.json()["errors"].to_string();
+    assert!(
+        errors.contains("node 'n1' is pinned to CPU 1023")
+            && errors.contains("node 'n2' is pinned to CPU 1023")
+            && errors.contains("instance 'agent-1' has"),
+        "{errors}"
+    );
+    assert_eq!(running(&c, addr, 1), Some(before));
+    assert_eq!(
+        c.drover(addr, &["get-config", "--deployed", "--as-json"])
+            .json()["id"],
+        "ok"
+    );
+    assert_eq!(
+        status_generation(&c, addr, "controller").as_deref(),
+        Some("1")
+    );
+}
+
+#[test]
+fn state_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::new();
+    let state = c.dir.path().join("controller");
+    // A state dir and file from an older version, readable by everyone.
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut legacy = drover_proto::Configuration::empty();
+    legacy.id = "legacy".into();
+    std::fs::write(
+        state.join("deployed.json"),
+        serde_json::to_vec(&legacy).unwrap(),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        state.join("deployed.json"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (ctl, addr, _agent) = start(&c, &[]);
+    assert!(ctl.log_text().contains("tightened the modes of"));
+    let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(state.clone()), 0o700);
+    assert_eq!(mode(state.join("deployed.json")), 0o600);
+    // The old deployed configuration loads, as generation 1.
+    assert_eq!(
+        c.drover(addr, &["get-config", "--deployed", "--as-json"])
+            .json()["id"],
+        "legacy"
+    );
+    assert_eq!(
+        status_generation(&c, addr, "controller").as_deref(),
+        Some("1")
+    );
+    let file = cluster_file(&c, "a.toml", "a", 1, "env = { SECRET = \"x\" }\n");
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    for f in [
+        "staged.json",
+        "desired.json",
+        "deployed.json",
+        "deployed.json.prev",
+    ] {
+        assert_eq!(mode(state.join(f)), 0o600, "{f}");
+    }
+    assert_eq!(
+        status_generation(&c, addr, "controller").as_deref(),
+        Some("2")
+    );
+}
