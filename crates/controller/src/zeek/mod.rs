@@ -357,7 +357,13 @@ fn controller_timeout(reqid: &str, reply: ClientResponse) -> ClientResponse {
             && r.error.as_deref() == Some("request timed out")
     };
     let timed_out = rs.iter().any(late);
-    let mut rs: Vec<MgmtResult> = rs.into_iter().filter(|r| !late(r)).collect();
+    // Zeek's controller answers a timed-out request with the timeout alone: drover's
+    // own whole-request error (the deploy is not acknowledged yet) says the same.
+    let whole = |r: &MgmtResult| !r.success && r.node.is_none() && r.instance.is_none();
+    let mut rs: Vec<MgmtResult> = rs
+        .into_iter()
+        .filter(|r| !late(r) && !(timed_out && whole(r)))
+        .collect();
     if timed_out {
         rs.push(MgmtResult::err(reqid, "request timed out"));
     }
