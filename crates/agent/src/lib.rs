@@ -17,6 +17,7 @@
 //! serves), so tests run agents in-process.
 
 pub mod backoff;
+pub mod converge;
 pub mod logs;
 pub mod machine;
 pub mod query;
