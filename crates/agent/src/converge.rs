@@ -161,6 +161,12 @@ pub enum Then {
     StayStopped,
     /// The node is no longer desired: remove its record.
     Remove,
+    /// The node is no longer desired but its process lives: adopt it, stop it (its
+    /// stop signal, then SIGKILL after its stop timeout), then remove the record.
+    StopAndRemove {
+        /// Its pid.
+        pid: i32,
+    },
 }
 
 /// Recovery's decision for one node.
@@ -180,12 +186,11 @@ pub fn recover(desired: &Desired, found: &BTreeMap<String, Found>) -> BTreeMap<S
     for (name, f) in found {
         let plan = match desired.nodes.get(name) {
             None => Plan {
-                kill: f
-                    .alive
-                    .into_iter()
-                    .chain(f.strays.iter().map(|s| s.pid))
-                    .collect(),
-                then: Then::Remove,
+                kill: f.strays.iter().map(|s| s.pid).collect(),
+                then: match f.alive {
+                    Some(pid) => Then::StopAndRemove { pid },
+                    None => Then::Remove,
+                },
             },
             Some(spec) => {
                 let current = &f.spec == spec && f.epoch >= desired.restart_epoch;

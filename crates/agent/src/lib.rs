@@ -442,14 +442,14 @@ impl Agent {
                     }
                     ControllerRequest::GetNodes => {
                         let mut nodes = sup.status().await;
-                        nodes.push(own_status(&name));
+                        nodes.push(own_status(&name, sup.applied_generation()));
                         AgentResponse::Nodes(nodes)
                     }
                     ControllerRequest::Apply {
                         config,
                         restart_all,
-                        generation: _,
-                    } => results(sup.apply(*config, restart_all, deadline).await),
+                        generation,
+                    } => results(sup.apply(*config, restart_all, generation, deadline).await),
                     ControllerRequest::Restart { nodes } => {
                         results(sup.act(Op::Restart, nodes, deadline).await)
                     }
@@ -509,7 +509,7 @@ async fn report_status(conn: quinn::Connection, supervisor: Supervisor, name: St
         }
         changes.borrow_and_update();
         let (sent_full, mut statuses) = supervisor.changes_since_last(full).await;
-        statuses.push(own_status(&name));
+        statuses.push(own_status(&name, supervisor.applied_generation()));
         last_sent = Some(tokio::time::Instant::now());
         let req = AgentRequest::Status {
             statuses,
@@ -657,7 +657,7 @@ async fn render_metrics(sup: &Supervisor) -> String {
         "Resident memory per node.",
         &rss,
     );
-    let me = own_status("self");
+    let me = own_status("self", sup.applied_generation());
     drover_metrics::gauge(
         &mut out,
         "drover_agent_rss_bytes",
@@ -667,11 +667,14 @@ async fn render_metrics(sup: &Supervisor) -> String {
     out
 }
 
-/// The agent's own NodeStatus entry (management role AGENT).
-fn own_status(name: &str) -> NodeStatus {
+/// The agent's own NodeStatus entry (management role AGENT), with the deploy
+/// generation it has applied and the number of CPUs its nodes may be pinned to.
+fn own_status(name: &str, generation: u64) -> NodeStatus {
     let mut s = NodeStatus::new(name, State::Running, MgmtRole::Agent);
     s.pid = Some(std::process::id());
     s.ready = true;
+    s.generation = Some(generation);
+    s.cpus = Some(cpu_count());
     s.started_at_ms = process_start_ms();
     if let Some(stat) = i32::try_from(std::process::id())
         .ok()
@@ -681,6 +684,18 @@ fn own_status(name: &str) -> NodeStatus {
         s.cpu_ms = Some(sys::cpu_ms(&stat));
     }
     s
+}
+
+/// The CPUs this process may run on (its affinity mask), which its nodes inherit and
+/// may be pinned to; what std says is available when the mask cannot be read.
+fn cpu_count() -> u32 {
+    let n = i32::try_from(std::process::id())
+        .ok()
+        .and_then(|pid| sys::cpus_allowed(pid).ok())
+        .map(|c| c.len())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn process_start_ms() -> Option<u64> {

@@ -230,6 +230,19 @@ impl World {
             let spec = desired.nodes.get(&name).cloned();
             match plan.then {
                 Then::Remove => steps.push(Step::RemoveRecord(name)),
+                Then::StopAndRemove { pid } => {
+                    let spec = found[&name].spec.clone();
+                    steps.push(Step::RecordAdopted {
+                        name: name.clone(),
+                        pid,
+                    });
+                    steps.push(Step::Kill(pid));
+                    steps.push(Step::RecordExited {
+                        name: name.clone(),
+                        spec,
+                    });
+                    steps.push(Step::RemoveRecord(name));
+                }
                 Then::Adopt { pid } => steps.push(Step::RecordAdopted { name, pid }),
                 Then::Stop { pid } => {
                     steps.push(Step::RecordAdopted {
@@ -649,9 +662,22 @@ fn a_stray_leader_is_adopted_and_its_descendants_spared() {
     assert_eq!(plans["a"].kill, [11]);
     assert_eq!(plans["a"].then, Then::Start { lost: true });
     // A stray of a node no longer desired is killed with it.
-    let plans = recover(&Desired::default(), &[("a".to_owned(), found)].into());
+    let plans = recover(
+        &Desired::default(),
+        &[("a".to_owned(), found.clone())].into(),
+    );
     assert_eq!(plans["a"].kill, [11, 10]);
     assert_eq!(plans["a"].then, Then::Remove);
+    // A recorded process of a node no longer desired is stopped as the node says.
+    let recorded = Found {
+        alive: Some(9),
+        recorded: true,
+        strays: Vec::new(),
+        ..found
+    };
+    let plans = recover(&Desired::default(), &[("a".to_owned(), recorded)].into());
+    assert!(plans["a"].kill.is_empty());
+    assert_eq!(plans["a"].then, Then::StopAndRemove { pid: 9 });
 }
 
 fn arb_desired(generation: u64) -> impl Strategy<Value = Desired> {
