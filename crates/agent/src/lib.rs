@@ -43,6 +43,9 @@ use tracing::{info, warn};
 use crate::backoff::Backoff;
 use crate::supervisor::{Op, Supervisor, SupervisorConfig};
 
+/// How long the supervisor task may take to answer a watchdog ping.
+const WATCHDOG_PATIENCE: Duration = Duration::from_secs(5);
+
 /// The port an agent listens on when the controller dials it.
 pub const DEFAULT_PORT: u16 = 2151;
 
@@ -97,6 +100,10 @@ pub enum Error {
     /// The controller address is malformed.
     #[error("invalid controller address '{0}': expected HOST:PORT")]
     ControllerAddr(String),
+    /// The supervisor could not start, or ended by a panic (the nodes keep running for
+    /// the next agent process to adopt).
+    #[error("the supervisor {0}")]
+    Supervisor(String),
     /// The state directory is unusable.
     #[error("state dir {path}: {source}")]
     StateDir {
@@ -183,8 +190,8 @@ impl Agent {
 
     /// Supervises the nodes and stays connected to the controller until `shutdown` is
     /// cancelled.
-    pub async fn run(self, shutdown: CancellationToken) {
-        self.run_with_ready(shutdown, || {}).await;
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        self.run_with_ready(shutdown, || {}).await
     }
 
     /// As [`Agent::run`], calling `on_ready` once the nodes of a previous agent process
@@ -192,19 +199,28 @@ impl Agent {
     /// agent begins to dial the controller or to accept it: the daemon tells systemd
     /// `READY=1` there. Being connected is not part of it, so the agent is ready (and its
     /// nodes supervised) while the controller is away.
-    pub async fn run_with_ready(self, shutdown: CancellationToken, on_ready: impl FnOnce()) {
+    ///
+    /// Under systemd with a watchdog, `WATCHDOG=1` is sent only while the supervisor task
+    /// answers, so a stuck supervisor gets the agent restarted; a panic of it ends the
+    /// agent with an error. Either way the nodes keep running and the next agent process
+    /// adopts them.
+    pub async fn run_with_ready(
+        self,
+        shutdown: CancellationToken,
+        on_ready: impl FnOnce(),
+    ) -> Result<(), Error> {
         let this = Arc::new(self);
-        let supervisor = match Supervisor::start(SupervisorConfig {
+        let supervisor = Supervisor::start(SupervisorConfig {
             instance: this.config.name.clone(),
             state_dir: this.config.state_dir.clone(),
             logs: this.config.logs,
-        }) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("cannot start the supervisor: {e}");
-                return;
-            }
-        };
+        })
+        .map_err(|e| Error::Supervisor(format!("cannot start: {e}")))?;
+        let sup = supervisor.clone();
+        drover_daemon::notify::spawn_watchdog_with(move || {
+            let sup = sup.clone();
+            async move { sup.ping(WATCHDOG_PATIENCE).await }
+        });
         let metrics_listener = this.metrics.lock().ok().and_then(|mut m| m.take());
         if let Some(l) = metrics_listener {
             match tokio::net::TcpListener::from_std(l) {
@@ -232,11 +248,18 @@ impl Agent {
             }
         };
         on_ready();
-        tokio::join!(dial, listen);
+        tokio::select! {
+            _ = async { tokio::join!(dial, listen) } => {}
+            what = supervisor.failed() => {
+                tracing::error!("the supervisor ended: {what}; exiting, leaving the nodes to the next agent process");
+                return Err(Error::Supervisor(format!("ended: {what}")));
+            }
+        }
         let stop = this.config.stop_nodes_on_exit;
         info!(stop_nodes = stop, "shutting down the supervisor");
         supervisor.shutdown(stop).await;
         info!(agent = %this.config.name, "agent stopped");
+        Ok(())
     }
 
     /// Accepts the controller's connections (controller-to-agent mode): only a peer with

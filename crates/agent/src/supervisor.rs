@@ -78,6 +78,9 @@ pub struct Supervisor {
     changes: watch::Receiver<u64>,
     /// The deploy generation applied.
     applied: watch::Receiver<u64>,
+    /// Set when the supervisor task ended other than by [`Supervisor::shutdown`]: a
+    /// panic.
+    failure: watch::Receiver<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -114,6 +117,11 @@ enum Command {
         stop_nodes: bool,
         reply: oneshot::Sender<()>,
     },
+    /// Answered at once: the task is alive and not stuck.
+    Ping { reply: oneshot::Sender<()> },
+    /// Panics the task, to test what follows.
+    #[cfg(test)]
+    Panic,
 }
 
 /// Operator actions on existing nodes.
@@ -479,11 +487,28 @@ impl Supervisor {
             membership_changed: true,
         };
         core.recover();
-        tokio::spawn(core.run(rx, events_rx));
+        let task = tokio::spawn(core.run(rx, events_rx));
+        let (failure_tx, failure_rx) = watch::channel(None);
+        tokio::spawn(async move {
+            if let Err(err) = task.await {
+                let what = if err.is_panic() {
+                    let payload = err.into_panic();
+                    payload
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .map_or_else(|| "it panicked".to_owned(), |m| format!("it panicked: {m}"))
+                } else {
+                    "it was cancelled".to_owned()
+                };
+                let _ = failure_tx.send(Some(what));
+            }
+        });
         Ok(Self {
             tx,
             changes: changes_rx,
             applied: applied_rx,
+            failure: failure_rx,
         })
     }
 
@@ -572,6 +597,29 @@ impl Supervisor {
         let _ = self
             .ask(|reply| Command::Shutdown { stop_nodes, reply })
             .await;
+    }
+
+    /// True when the supervisor task answers within `patience`: it is neither gone nor
+    /// stuck. For the systemd watchdog.
+    pub async fn ping(&self, patience: Duration) -> bool {
+        tokio::time::timeout(patience, self.ask(|reply| Command::Ping { reply }))
+            .await
+            .is_ok_and(|r| r.is_some())
+    }
+
+    /// Resolves, with what happened, if the supervisor task ends by a panic; never
+    /// otherwise. The agent then exits with an error and leaves the nodes to the next
+    /// agent process, which adopts them.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failure.clone();
+        loop {
+            if let Some(what) = rx.borrow_and_update().clone() {
+                return what;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// The deploy generation applied (0: none, or one from a controller without
@@ -722,6 +770,11 @@ impl Core {
                     .collect();
                 let _ = reply.send(out);
             }
+            Command::Ping { reply } => {
+                let _ = reply.send(());
+            }
+            #[cfg(test)]
+            Command::Panic => panic!("asked to panic"),
             Command::Shutdown { stop_nodes, reply } => {
                 let now = self.now();
                 let mut longest = Duration::ZERO;
@@ -2041,6 +2094,30 @@ mod tests {
         assert!(!path.with_extension("tmp").exists());
         assert!(read_record(b"").is_err());
         assert!(read_record(b"{\"spec\":").is_err());
+    }
+
+    #[test]
+    fn a_panic_of_the_supervisor_task_is_reported_and_stops_the_pings() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sup = Supervisor::start(SupervisorConfig {
+                instance: "agent-1".into(),
+                state_dir: dir.path().to_owned(),
+                logs: LogConfig::default(),
+            })
+            .unwrap();
+            assert!(sup.ping(Duration::from_secs(5)).await);
+            sup.tx.send(Command::Panic).await.unwrap();
+            let what = tokio::time::timeout(Duration::from_secs(5), sup.failed())
+                .await
+                .expect("the failure is reported");
+            assert_eq!(what, "it panicked: asked to panic");
+            assert!(!sup.ping(Duration::from_secs(1)).await);
+        });
     }
 
     #[test]
