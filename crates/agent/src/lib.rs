@@ -8,8 +8,9 @@
 //!   Hello/Welcome, serve the controller's requests until the connection is lost, then
 //!   dial again after a capped exponential backoff with jitter ([`backoff`]).
 //! - [`supervisor`]: the node processes, driven by [`machine`] (the deterministic
-//!   per-node state machine: no I/O, no clock), with [`logs`] (per-node files, rotation,
-//!   tails) and [`sys`] (/proc, process groups, pidfds, affinity).
+//!   per-node state machine: no I/O, no clock) and [`converge`] (the multi-node
+//!   decisions: applies by generation, spec diffs, recovery), with [`logs`] (per-node
+//!   files, rotation, tails) and [`sys`] (/proc, process groups, pidfds, affinity).
 //! - [`query`]: asks running nodes for values (get-id-value) over their query sockets.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls

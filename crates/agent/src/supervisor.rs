@@ -22,15 +22,38 @@
 //! killed too: its process group, and any process carrying its spawn token in its
 //! environment (grandchildren that moved to a session of their own).
 //!
-//! # Records and adoption
+//! # Applies
 //!
-//! Each node has `<state-dir>/nodes/<name>/record.json`: its spec, its process (pid and
-//! start time, so a recycled pid is never mistaken for it), its spawn token, whether it
-//! was ready, its restart count, and whether an operator stopped it. Nodes outlive the
-//! agent: when a new agent process starts, it reads the records and adopts every process
-//! still alive, keeping its pid; it learns of the process's exit through a pidfd, since
-//! the process is not its child. A node whose process ended while no agent ran is started
-//! again under its restart policy, counted as one restart; its exit status is unknown.
+//! An Apply carries a deploy generation. [`converge::judge`] decides: a repeat of the
+//! applied generation changes nothing (unless restart-all), an older one is refused
+//! with one error result, generation 0 (a controller without generations) is always
+//! carried out. Before any node is touched, the desired state (generation, restart-all
+//! epoch, resolved specs) is written to `<state-dir>/desired.json` and synced; then
+//! [`converge::diff`] of the specs (not the configuration's id) says which nodes start,
+//! restart, stop and go, or stay untouched.
+//!
+//! # Records, adoption and recovery
+//!
+//! Each node has `<state-dir>/nodes/<name>/record.json`: the spec its process runs and
+//! that spec's generation, its process (pid and start time, so a recycled pid is never
+//! mistaken for it), its spawn token, the restart epoch it started under, whether it was
+//! ready, its restart count, and whether an operator stopped it. Before a spawn the
+//! record announces the spawn's token (`spawning`); after it, it names the pid.
+//!
+//! Nodes outlive the agent. A new agent process reads `desired.json` and the records,
+//! checks which recorded processes live, looks in `/proc/*/environ` for the tokens of
+//! announced but unconfirmed spawns, and carries out [`converge::recover`]: processes
+//! running their desired spec are adopted and keep their pids (their exit is learnt
+//! through a pidfd, since they are not its children); outdated ones are adopted and
+//! restarted; those of nodes no longer desired are stopped and their records removed;
+//! desired nodes without a process are started (counted as one restart if a recorded
+//! process was lost; its exit status is unknown). A state dir without `desired.json`
+//! keeps the nodes of its records.
+//!
+//! # Liveness
+//!
+//! [`Supervisor::ping`] is a round trip through the task, for the systemd watchdog; a
+//! panic of the task is reported by [`Supervisor::failed`], and the agent exits.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
