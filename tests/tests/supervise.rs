@@ -458,12 +458,25 @@ fn apply_by_generation_repeats_nothing_refuses_older_and_diffs_specs() {
     assert_eq!(now["a"].pid, Some(pids["a"]), "a is unchanged");
     assert_ne!(now["b"].pid, Some(pids["b"]));
     assert!(now.values().all(|s| s.generation == Some(6)), "{now:?}");
-    // Generation 0 (a controller without generations): the specs decide too, even
-    // under the same id.
+    // Generation 0 (a controller without generations) re-applying what runs: nothing
+    // happens, and generation 6 stays applied.
+    let r = w.apply_gen(
+        0,
+        Some("one"),
+        &two_nodes(&p, "--sleep-forever", "--print=x"),
+    );
+    assert!(r.is_empty(), "{r:?}");
+    assert_eq!(w.sup.applied_generation(), 6);
+    // Generation 0 with a change: the specs decide, even under the same id.
     let r = w.apply_gen(0, Some("one"), &two_nodes(&p, "--print=z", "--print=x"));
     assert_eq!(r.len(), 1, "{r:?}");
     assert_eq!(r[0].node.as_deref(), Some("a"));
     assert_ne!(w.status()["a"].pid, Some(pids["a"]));
+    assert_eq!(w.sup.applied_generation(), 0);
+    // Then any numbered generation is carried out.
+    let r = w.apply_gen(2, Some("two"), &two_nodes(&p, "--print=z", "--print=x"));
+    assert!(r.is_empty(), "{r:?}");
+    assert_eq!(w.sup.applied_generation(), 2);
 }
 
 /// Forges the record of a node whose spawn was announced (`token`) but whose pid was

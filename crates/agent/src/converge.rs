@@ -79,6 +79,14 @@ pub struct Changes {
     pub keep: Vec<String>,
 }
 
+impl Changes {
+    /// True when the Apply starts, restarts and removes nothing.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.start.is_empty() && self.restart.is_empty() && self.remove.is_empty()
+    }
+}
+
 /// Compares the specs the agent has (`current`) with the desired ones.
 #[must_use]
 pub fn diff<'a>(

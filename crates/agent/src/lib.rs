@@ -754,7 +754,19 @@ pub fn software() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::split_host;
+    use super::{own_status, split_host};
+
+    #[test]
+    fn own_status_carries_the_applied_generation_and_the_cpus() {
+        let s = own_status("agent-1", 7);
+        assert_eq!(s.generation, Some(7));
+        let mask = super::sys::cpus_allowed(i32::try_from(std::process::id()).unwrap())
+            .unwrap()
+            .len();
+        assert!(mask > 0);
+        assert_eq!(s.cpus, Some(u32::try_from(mask).unwrap()));
+        assert_eq!(s.mgmt_role, drover_proto::model::MgmtRole::Agent);
+    }
 
     #[test]
     fn host_part_of_addresses() {

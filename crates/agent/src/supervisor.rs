@@ -853,6 +853,18 @@ impl Core {
                 .map(|n| (n.name.clone(), config.resolve(n)))
                 .collect(),
         };
+        let changes = converge::diff(
+            self.nodes.iter().map(|(n, e)| (n.as_str(), &e.spec)),
+            &desired.nodes,
+            restart_all,
+        );
+        if generation == 0 && changes.is_empty() && !self.nodes.values().any(|e| e.removing) {
+            // A controller without generations re-applying what runs (it does so
+            // whenever an agent connects): nothing to do, and the generation applied
+            // stays what it was.
+            let _ = reply.send(Vec::new());
+            return;
+        }
         // Before any node is touched: an agent killed from here on finds what it was
         // doing and finishes it (see [`Core::recover`]).
         let path = self.desired_path();
@@ -867,11 +879,6 @@ impl Core {
         }
         self.restart_epoch = desired.restart_epoch;
         self.applied.send_replace(generation);
-        let changes = converge::diff(
-            self.nodes.iter().map(|(n, e)| (n.as_str(), &e.spec)),
-            &desired.nodes,
-            restart_all,
-        );
         let mut desired = desired.nodes;
         let mut wait = Vec::new();
         let mut results = Vec::new();
