@@ -6,6 +6,8 @@
 //!   (answered without changes), or is stale (older than what is applied) and refused.
 //! - [`diff`]: which nodes an Apply starts, restarts, removes or leaves alone, from the
 //!   resolved node specs alone (never from the configuration's id).
+//! - [`settle`]: whether a request waiting for a node (an Apply, restart, stop, start)
+//!   is answered, and how.
 //! - [`recover`]: what a starting agent does with each node, given the desired state
 //!   that was written before the previous agent process acted ([`Desired`]) and what
 //!   that process left behind ([`Found`]: records, and which of their processes live).
@@ -247,6 +249,67 @@ pub fn recover(desired: &Desired, found: &BTreeMap<String, Found>) -> BTreeMap<S
         }
     }
     out
+}
+
+/// What a request (an Apply, a restart, a stop, a start) waits for its nodes to reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Running (and ready), or done for good under a policy that does not restart.
+    Running,
+    /// Without a process.
+    Stopped,
+}
+
+/// What a waiting request sees of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// The machine's state.
+    pub state: crate::machine::State,
+    /// It has a process (perhaps one being stopped).
+    pub has_process: bool,
+    /// Its process is being stopped.
+    pub stopping: bool,
+    /// How many processes it has had (spawned or adopted).
+    pub spawns: u64,
+}
+
+/// How a waiting request ends for one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// It reached what was wanted.
+    Done,
+    /// It failed to start (FAILED, or CRASHED and waiting to be started again).
+    Failed,
+    /// It is gone: removed from the configuration meanwhile.
+    Removed,
+    /// Not yet: keep waiting (until the request's deadline).
+    Pending,
+}
+
+/// Whether a request that wants `want` of a node is settled, given what it sees of the
+/// node (`None`: the node is gone). `past` is the number of processes the node had when
+/// a restart was asked for: only a later process counts.
+#[must_use]
+pub fn settle(want: Want, past: Option<u64>, node: Option<Seen>) -> Settled {
+    use crate::machine::State;
+    let Some(n) = node else {
+        return match want {
+            Want::Stopped => Settled::Done,
+            Want::Running => Settled::Removed,
+        };
+    };
+    let moved_on = past.is_none_or(|p| n.spawns > p);
+    match want {
+        Want::Stopped if !n.has_process => Settled::Done,
+        Want::Stopped => Settled::Pending,
+        Want::Running => match n.state {
+            State::Running if moved_on && !n.stopping => Settled::Done,
+            State::Failed | State::Crashed if moved_on => Settled::Failed,
+            // Exited successfully under a policy that does not restart.
+            State::Stopped if moved_on && !n.has_process => Settled::Done,
+            _ => Settled::Pending,
+        },
+    }
 }
 
 /// The desired state of an agent whose state dir predates desired-state files: the

@@ -71,7 +71,7 @@ use tokio::net::UnixDatagram;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::converge::{self, Desired, Found, Stray, Then, Verdict};
+use crate::converge::{self, Desired, Found, Settled, Stray, Then, Verdict, Want};
 use crate::logs::{LogConfig, NodeLogs};
 use crate::machine::{self, Action, Machine, MachineConfig, Millis};
 use crate::sys::{self, ProcId};
@@ -274,12 +274,6 @@ struct Waiter {
     deadline: Instant,
     reply: oneshot::Sender<Vec<MgmtResult>>,
     results: Vec<MgmtResult>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Want {
-    Running,
-    Stopped,
 }
 
 struct Core {
@@ -1593,68 +1587,35 @@ impl Core {
             let timed_out = now >= w.deadline;
             let mut pending = Vec::new();
             for (name, past) in std::mem::take(&mut w.nodes) {
-                let Some(e) = self.nodes.get(&name) else {
-                    if w.want == Want::Stopped {
-                        w.results.push(
-                            MgmtResult::ok("", None)
-                                .on_instance(&instance)
-                                .on_node(&name),
-                        );
-                    } else {
-                        w.results.push(
-                            MgmtResult::err("", "node was removed")
-                                .on_instance(&instance)
-                                .on_node(&name),
-                        );
-                    }
-                    continue;
-                };
-                let state = e.machine.state();
-                let moved_on = past.is_none_or(|g| e.generation > g);
-                let outcome = match w.want {
-                    Want::Stopped if !e.machine.has_process() => Some(Ok(())),
-                    Want::Stopped => None,
-                    Want::Running => match state {
-                        machine::State::Running if moved_on && !e.machine.is_stopping() => {
-                            Some(Ok(()))
-                        }
-                        machine::State::Failed | machine::State::Crashed if moved_on => {
-                            Some(Err(failure_text(e)))
-                        }
-                        machine::State::Stopped if moved_on && !e.machine.has_process() => {
-                            // Exited successfully under a policy that does not restart.
-                            Some(Ok(()))
-                        }
-                        _ => None,
-                    },
-                };
-                match outcome {
-                    Some(Ok(())) => w.results.push(
-                        MgmtResult::ok("", None)
-                            .on_instance(&instance)
-                            .on_node(&name),
-                    ),
-                    Some(Err(msg)) => {
+                let e = self.nodes.get(&name);
+                let seen = e.map(|e| converge::Seen {
+                    state: e.machine.state(),
+                    has_process: e.machine.has_process(),
+                    stopping: e.machine.is_stopping(),
+                    spawns: e.generation,
+                });
+                let result = match (converge::settle(w.want, past, seen), e) {
+                    (Settled::Done, _) => MgmtResult::ok("", None),
+                    (Settled::Removed, _) | (_, None) => MgmtResult::err("", "node was removed"),
+                    (Settled::Failed, Some(e)) => {
                         let (stdout, stderr) = e.logs.outputs(OUTPUT_LINES);
-                        let mut r = MgmtResult::err("", msg)
-                            .on_instance(&instance)
-                            .on_node(&name);
+                        let mut r = MgmtResult::err("", failure_text(e));
                         r.data = Some(ResultData::NodeOutputs(NodeOutputs { stdout, stderr }));
-                        w.results.push(r);
+                        r
                     }
-                    None if timed_out => w.results.push(
-                        MgmtResult::err(
-                            "",
-                            format!(
-                                "timed out waiting for node '{name}' (state {})",
-                                to_model_state(state).as_str()
-                            ),
-                        )
-                        .on_instance(&instance)
-                        .on_node(&name),
+                    (Settled::Pending, Some(e)) if timed_out => MgmtResult::err(
+                        "",
+                        format!(
+                            "timed out waiting for node '{name}' (state {})",
+                            to_model_state(e.machine.state()).as_str()
+                        ),
                     ),
-                    None => pending.push((name, past)),
-                }
+                    (Settled::Pending, Some(_)) => {
+                        pending.push((name, past));
+                        continue;
+                    }
+                };
+                w.results.push(result.on_instance(&instance).on_node(&name));
             }
             w.nodes = pending;
             if w.nodes.is_empty() {

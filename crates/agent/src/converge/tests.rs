@@ -14,7 +14,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use drover_proto::model::Node;
 use proptest::prelude::*;
 
-use super::{Changes, Desired, Found, Stray, Then, Verdict, diff, judge, legacy_desired, recover};
+use super::{
+    Changes, Desired, Found, Seen, Settled, Stray, Then, Verdict, Want, diff, judge,
+    legacy_desired, recover, settle,
+};
+use crate::machine::State;
 
 #[derive(Debug, Clone)]
 struct SimProc {
@@ -678,6 +682,69 @@ fn a_stray_leader_is_adopted_and_its_descendants_spared() {
     let plans = recover(&Desired::default(), &[("a".to_owned(), recorded)].into());
     assert!(plans["a"].kill.is_empty());
     assert_eq!(plans["a"].then, Then::StopAndRemove { pid: 9 });
+}
+
+#[test]
+fn waiting_requests_settle_on_a_later_process_only() {
+    let seen = |state, has_process, stopping, spawns| {
+        Some(Seen {
+            state,
+            has_process,
+            stopping,
+            spawns,
+        })
+    };
+    // A start waits for readiness.
+    assert_eq!(
+        settle(Want::Running, None, seen(State::Pending, true, false, 1)),
+        Settled::Pending
+    );
+    assert_eq!(
+        settle(Want::Running, None, seen(State::Running, true, false, 1)),
+        Settled::Done
+    );
+    // A restart does not count the process it is replacing, even while it is running
+    // or being stopped.
+    assert_eq!(
+        settle(Want::Running, Some(1), seen(State::Running, true, false, 1)),
+        Settled::Pending
+    );
+    assert_eq!(
+        settle(Want::Running, Some(1), seen(State::Running, true, true, 2)),
+        Settled::Pending
+    );
+    assert_eq!(
+        settle(Want::Running, Some(1), seen(State::Running, true, false, 2)),
+        Settled::Done
+    );
+    assert_eq!(
+        settle(Want::Running, Some(1), seen(State::Failed, false, false, 1)),
+        Settled::Pending
+    );
+    assert_eq!(
+        settle(Want::Running, Some(1), seen(State::Failed, false, false, 3)),
+        Settled::Failed
+    );
+    assert_eq!(
+        settle(Want::Running, None, seen(State::Crashed, false, false, 1)),
+        Settled::Failed
+    );
+    // Done for good under a policy that does not restart.
+    assert_eq!(
+        settle(Want::Running, None, seen(State::Stopped, false, false, 1)),
+        Settled::Done
+    );
+    assert_eq!(settle(Want::Running, None, None), Settled::Removed);
+    // A stop waits for the process to be gone; a node removed meanwhile is stopped.
+    assert_eq!(
+        settle(Want::Stopped, None, seen(State::Running, true, true, 1)),
+        Settled::Pending
+    );
+    assert_eq!(
+        settle(Want::Stopped, None, seen(State::Stopped, false, false, 1)),
+        Settled::Done
+    );
+    assert_eq!(settle(Want::Stopped, None, None), Settled::Done);
 }
 
 fn arb_desired(generation: u64) -> impl Strategy<Value = Desired> {
