@@ -576,3 +576,33 @@ fn recovery_converges_on_the_desired_state_and_finds_unrecorded_spawns() {
     let _ = c_proc.wait();
     let _ = d_proc.wait();
 }
+
+#[test]
+fn an_unreadable_desired_state_keeps_the_recorded_nodes() {
+    let mut w = World::new();
+    let p = prog();
+    w.apply_gen(
+        3,
+        None,
+        &two_nodes(&p, "--sleep-forever", "--sleep-forever"),
+    );
+    let before: BTreeMap<String, Option<u32>> =
+        w.status().into_iter().map(|(k, v)| (k, v.pid)).collect();
+    std::fs::write(w.dir.path().join("desired.json"), "{\"generation\":").unwrap();
+    w.restart_supervisor();
+    let after: BTreeMap<String, Option<u32>> =
+        w.status().into_iter().map(|(k, v)| (k, v.pid)).collect();
+    assert_eq!(after, before, "every recorded node adopted, none restarted");
+    // No generation is known, so the next numbered one is carried out.
+    assert_eq!(w.sup.applied_generation(), 0);
+    let r = w.apply_gen(
+        1,
+        None,
+        &two_nodes(&p, "--sleep-forever", "--sleep-forever"),
+    );
+    assert!(r.is_empty(), "{r:?}");
+    assert_eq!(w.sup.applied_generation(), 1);
+    let desired: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w.dir.path().join("desired.json")).unwrap()).unwrap();
+    assert_eq!(desired["generation"], 1);
+}

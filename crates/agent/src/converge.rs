@@ -54,7 +54,8 @@ pub enum Verdict {
 
 /// Judges an Apply of generation `incoming` when `applied` is applied (0: none, or one
 /// from a controller without generations). Generation 0 is always carried out by spec
-/// diff, which changes nothing that already runs its spec.
+/// diff, which changes nothing that already runs its spec (the supervisor answers one
+/// that changes nothing at once, keeping the applied generation).
 #[must_use]
 pub fn judge(applied: u64, incoming: u64, restart_all: bool) -> Verdict {
     if incoming == 0 || incoming > applied {
