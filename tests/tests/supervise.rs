@@ -46,13 +46,25 @@ impl World {
 
     /// As [`World::apply`] with a configuration id.
     fn apply_id(&self, id: Option<&str>, nodes_toml: &str) -> Vec<drover_proto::MgmtResult> {
+        self.apply_gen(0, id, nodes_toml)
+    }
+
+    /// As [`World::apply_id`] with a deploy generation.
+    fn apply_gen(
+        &self,
+        generation: u64,
+        id: Option<&str>,
+        nodes_toml: &str,
+    ) -> Vec<drover_proto::MgmtResult> {
         let id = id.map(|i| format!("id = \"{i}\"\n")).unwrap_or_default();
         let text = format!("{id}[instances.agent-1]\n{nodes_toml}");
         let config = parse_toml("test.toml", &text).unwrap_or_else(|e| panic!("{e}"));
-        self.rt.block_on(
-            self.sup
-                .apply(config, false, Instant::now() + Duration::from_secs(20)),
-        )
+        self.rt.block_on(self.sup.apply(
+            config,
+            false,
+            generation,
+            Instant::now() + Duration::from_secs(20),
+        ))
     }
 
     fn act(&self, op: Op, nodes: &[&str]) -> Vec<drover_proto::MgmtResult> {
@@ -82,6 +94,20 @@ impl World {
             let s = self.node(name);
             f(&s).then_some(s)
         })
+    }
+
+    /// Leaves the nodes running, as an agent killed at this point would, and starts a
+    /// new supervisor on the same state dir.
+    fn restart_supervisor(&mut self) {
+        self.rt.block_on(self.sup.shutdown(false));
+        self.sup = self.rt.block_on(async {
+            Supervisor::start(SupervisorConfig {
+                instance: "agent-1".into(),
+                state_dir: self.dir.path().to_owned(),
+                logs: LogConfig::default(),
+            })
+            .unwrap()
+        });
     }
 
     fn node_dir(&self, name: &str) -> std::path::PathBuf {
@@ -372,4 +398,211 @@ fn unknown_program_fails_with_a_clear_error() {
             .contains("cannot execute '/nonexistent/prog'"),
         "{r:?}"
     );
+}
+
+fn two_nodes(p: &str, a: &str, b: &str) -> String {
+    format!(
+        "[nodes.a]\ninstance = \"agent-1\"\ncommand = [\"{p}\", \"{a}\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
+         [nodes.b]\ninstance = \"agent-1\"\ncommand = [\"{p}\", \"{b}\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n"
+    )
+}
+
+#[test]
+fn apply_by_generation_repeats_nothing_refuses_older_and_diffs_specs() {
+    let w = World::new();
+    let p = prog();
+    let r = w.apply_gen(
+        5,
+        Some("one"),
+        &two_nodes(&p, "--sleep-forever", "--sleep-forever"),
+    );
+    assert_eq!(r.len(), 2, "{r:?}");
+    let pids: BTreeMap<String, u32> = w
+        .status()
+        .into_iter()
+        .map(|(k, v)| (k, v.pid.unwrap()))
+        .collect();
+    assert!(w.status().values().all(|s| s.generation == Some(5)));
+    assert_eq!(w.sup.applied_generation(), 5);
+    // A repeat of generation 5, even with an edited spec: nothing changes.
+    let r = w.apply_gen(
+        5,
+        Some("one"),
+        &two_nodes(&p, "--sleep-forever", "--print=x"),
+    );
+    assert!(r.is_empty(), "{r:?}");
+    assert_eq!(w.status()["b"].pid, Some(pids["b"]));
+    // An older generation is refused as a whole, and changes nothing.
+    let r = w.apply_gen(4, Some("old"), &two_nodes(&p, "--print=y", "--print=y"));
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert!(!r[0].success);
+    let err = r[0].error.as_deref().unwrap_or_default();
+    assert!(
+        err.contains("generation 4 is older than generation 5"),
+        "{err}"
+    );
+    assert!(r[0].node.is_none());
+    let now = w.status();
+    assert_eq!(now["a"].pid, Some(pids["a"]));
+    assert_eq!(now["b"].pid, Some(pids["b"]));
+    assert_eq!(w.sup.applied_generation(), 5);
+    // Generation 6 with the same configuration id: the specs decide; b changed.
+    let r = w.apply_gen(
+        6,
+        Some("one"),
+        &two_nodes(&p, "--sleep-forever", "--print=x"),
+    );
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].node.as_deref(), Some("b"));
+    let now = w.status();
+    assert_eq!(now["a"].pid, Some(pids["a"]), "a is unchanged");
+    assert_ne!(now["b"].pid, Some(pids["b"]));
+    assert!(now.values().all(|s| s.generation == Some(6)), "{now:?}");
+    // Generation 0 (a controller without generations) re-applying what runs: nothing
+    // happens, and generation 6 stays applied.
+    let r = w.apply_gen(
+        0,
+        Some("one"),
+        &two_nodes(&p, "--sleep-forever", "--print=x"),
+    );
+    assert!(r.is_empty(), "{r:?}");
+    assert_eq!(w.sup.applied_generation(), 6);
+    // Generation 0 with a change: the specs decide, even under the same id.
+    let r = w.apply_gen(0, Some("one"), &two_nodes(&p, "--print=z", "--print=x"));
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].node.as_deref(), Some("a"));
+    assert_ne!(w.status()["a"].pid, Some(pids["a"]));
+    assert_eq!(w.sup.applied_generation(), 0);
+    // Then any numbered generation is carried out.
+    let r = w.apply_gen(2, Some("two"), &two_nodes(&p, "--print=z", "--print=x"));
+    assert!(r.is_empty(), "{r:?}");
+    assert_eq!(w.sup.applied_generation(), 2);
+}
+
+/// Forges the record of a node whose spawn was announced (`token`) but whose pid was
+/// never written, as an agent killed between the two leaves it.
+fn write_announced_record(dir: &Path, spec: &drover_proto::model::Node, token: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let record = serde_json::json!({ "spec": spec, "spawning": token, "restarts": 0 });
+    std::fs::write(dir.join("record.json"), record.to_string()).unwrap();
+}
+
+#[test]
+fn recovery_converges_on_the_desired_state_and_finds_unrecorded_spawns() {
+    let mut w = World::new();
+    let p = prog();
+    w.apply_gen(
+        1,
+        None,
+        &two_nodes(&p, "--sleep-forever", "--sleep-forever"),
+    );
+    let pa = w.node("a").pid.unwrap();
+    let pb = w.node("b").pid.unwrap();
+    w.rt.block_on(w.sup.shutdown(false));
+    // What an agent killed during the Apply of generation 2 leaves behind: a desired
+    // state of a (unchanged), c (new, spawned but its pid never recorded) and d (new,
+    // changed after its unrecorded spawn); b is no longer desired but still runs.
+    let text = format!(
+        "[instances.agent-1]\n{}\
+         [nodes.c]\ninstance = \"agent-1\"\ncommand = [\"{p}\", \"--sleep-forever\"]\n\
+         [nodes.d]\ninstance = \"agent-1\"\ncommand = [\"{p}\", \"--sleep-forever\", \"--print=new\"]\n",
+        two_nodes(&p, "--sleep-forever", "--sleep-forever")
+    );
+    let config = parse_toml("test.toml", &text).unwrap();
+    let spec = |n: &str| config.resolve(config.nodes.iter().find(|x| x.name == n).unwrap());
+    let mut nodes: BTreeMap<String, drover_proto::model::Node> = ["a", "c", "d"]
+        .into_iter()
+        .map(|n| (n.to_owned(), spec(n)))
+        .collect();
+    let desired = drover_agent::converge::Desired {
+        generation: 2,
+        restart_epoch: 0,
+        nodes: nodes.clone(),
+    };
+    std::fs::write(
+        w.dir.path().join("desired.json"),
+        serde_json::to_vec(&desired).unwrap(),
+    )
+    .unwrap();
+    let stray = |token: u64| {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(&p)
+            .arg("--sleep-forever")
+            .env("DROVER_NODE_TOKEN", token.to_string())
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let token = |n: u64| (u64::from(std::process::id()) << 32) | 0xdead_0000 | n;
+    let mut c_proc = stray(token(1));
+    let mut d_proc = stray(token(2));
+    write_announced_record(&w.node_dir("c"), &nodes["c"], token(1));
+    let mut d_old = nodes.remove("d").unwrap();
+    d_old.command.pop();
+    write_announced_record(&w.node_dir("d"), &d_old, token(2));
+
+    w.restart_supervisor();
+    assert_eq!(w.sup.applied_generation(), 2);
+    // a kept its process; c's unrecorded process was found and adopted.
+    let c = w.wait("c adopted", |s| s.state == State::Running, "c");
+    assert_eq!(c.pid, Some(c_proc.id()), "c's spawned process is tracked");
+    assert_eq!(w.node("a").pid, Some(pa));
+    // d's process runs an outdated spec: it is replaced.
+    let d = w.wait(
+        "d restarted",
+        |s| s.state == State::Running && s.pid.is_some_and(|p| p != d_proc.id()),
+        "d",
+    );
+    // (The supervisor, in this process, reaps it.)
+    drover_tests::eventually("d's old process ended", drover_tests::PATIENCE, || {
+        (!alive(d_proc.id())).then_some(())
+    });
+    assert_eq!(d.generation, Some(2));
+    // b is stopped and forgotten.
+    drover_tests::eventually("b stopped", drover_tests::PATIENCE, || {
+        (!alive(pb) && !w.status().contains_key("b")).then_some(())
+    });
+    assert!(!w.node_dir("b").join("record.json").exists());
+    assert!(w.status().values().all(|s| s.generation == Some(2)));
+    // Another restart changes nothing: every process is recorded now.
+    w.restart_supervisor();
+    let now = w.status();
+    assert_eq!(now.keys().collect::<Vec<_>>(), ["a", "c", "d"]);
+    assert_eq!(now["a"].pid, Some(pa));
+    assert_eq!(now["c"].pid, Some(c_proc.id()));
+    assert_eq!(now["d"].pid, d.pid);
+    drop(w);
+    // Reaped by the supervisor already; waited on for form's sake.
+    let _ = c_proc.wait();
+    let _ = d_proc.wait();
+}
+
+#[test]
+fn an_unreadable_desired_state_keeps_the_recorded_nodes() {
+    let mut w = World::new();
+    let p = prog();
+    w.apply_gen(
+        3,
+        None,
+        &two_nodes(&p, "--sleep-forever", "--sleep-forever"),
+    );
+    let before: BTreeMap<String, Option<u32>> =
+        w.status().into_iter().map(|(k, v)| (k, v.pid)).collect();
+    std::fs::write(w.dir.path().join("desired.json"), "{\"generation\":").unwrap();
+    w.restart_supervisor();
+    let after: BTreeMap<String, Option<u32>> =
+        w.status().into_iter().map(|(k, v)| (k, v.pid)).collect();
+    assert_eq!(after, before, "every recorded node adopted, none restarted");
+    // No generation is known, so the next numbered one is carried out.
+    assert_eq!(w.sup.applied_generation(), 0);
+    let r = w.apply_gen(
+        1,
+        None,
+        &two_nodes(&p, "--sleep-forever", "--sleep-forever"),
+    );
+    assert!(r.is_empty(), "{r:?}");
+    assert_eq!(w.sup.applied_generation(), 1);
+    let desired: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w.dir.path().join("desired.json")).unwrap()).unwrap();
+    assert_eq!(desired["generation"], 1);
 }

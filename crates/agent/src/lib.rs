@@ -8,8 +8,9 @@
 //!   Hello/Welcome, serve the controller's requests until the connection is lost, then
 //!   dial again after a capped exponential backoff with jitter ([`backoff`]).
 //! - [`supervisor`]: the node processes, driven by [`machine`] (the deterministic
-//!   per-node state machine: no I/O, no clock), with [`logs`] (per-node files, rotation,
-//!   tails) and [`sys`] (/proc, process groups, pidfds, affinity).
+//!   per-node state machine: no I/O, no clock) and [`converge`] (the multi-node
+//!   decisions: applies by generation, spec diffs, recovery), with [`logs`] (per-node
+//!   files, rotation, tails) and [`sys`] (/proc, process groups, pidfds, affinity).
 //! - [`query`]: asks running nodes for values (get-id-value) over their query sockets.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
@@ -17,6 +18,7 @@
 //! serves), so tests run agents in-process.
 
 pub mod backoff;
+pub mod converge;
 pub mod logs;
 pub mod machine;
 pub mod query;
@@ -41,6 +43,9 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::supervisor::{Op, Supervisor, SupervisorConfig};
+
+/// How long the supervisor task may take to answer a watchdog ping.
+const WATCHDOG_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The port an agent listens on when the controller dials it.
 pub const DEFAULT_PORT: u16 = 2151;
@@ -96,6 +101,10 @@ pub enum Error {
     /// The controller address is malformed.
     #[error("invalid controller address '{0}': expected HOST:PORT")]
     ControllerAddr(String),
+    /// The supervisor could not start, or ended by a panic (the nodes keep running for
+    /// the next agent process to adopt).
+    #[error("the supervisor {0}")]
+    Supervisor(String),
     /// The state directory is unusable.
     #[error("state dir {path}: {source}")]
     StateDir {
@@ -182,8 +191,8 @@ impl Agent {
 
     /// Supervises the nodes and stays connected to the controller until `shutdown` is
     /// cancelled.
-    pub async fn run(self, shutdown: CancellationToken) {
-        self.run_with_ready(shutdown, || {}).await;
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        self.run_with_ready(shutdown, || {}).await
     }
 
     /// As [`Agent::run`], calling `on_ready` once the nodes of a previous agent process
@@ -191,19 +200,28 @@ impl Agent {
     /// agent begins to dial the controller or to accept it: the daemon tells systemd
     /// `READY=1` there. Being connected is not part of it, so the agent is ready (and its
     /// nodes supervised) while the controller is away.
-    pub async fn run_with_ready(self, shutdown: CancellationToken, on_ready: impl FnOnce()) {
+    ///
+    /// Under systemd with a watchdog, `WATCHDOG=1` is sent only while the supervisor task
+    /// answers, so a stuck supervisor gets the agent restarted; a panic of it ends the
+    /// agent with an error. Either way the nodes keep running and the next agent process
+    /// adopts them.
+    pub async fn run_with_ready(
+        self,
+        shutdown: CancellationToken,
+        on_ready: impl FnOnce(),
+    ) -> Result<(), Error> {
         let this = Arc::new(self);
-        let supervisor = match Supervisor::start(SupervisorConfig {
+        let supervisor = Supervisor::start(SupervisorConfig {
             instance: this.config.name.clone(),
             state_dir: this.config.state_dir.clone(),
             logs: this.config.logs,
-        }) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("cannot start the supervisor: {e}");
-                return;
-            }
-        };
+        })
+        .map_err(|e| Error::Supervisor(format!("cannot start: {e}")))?;
+        let sup = supervisor.clone();
+        drover_daemon::notify::spawn_watchdog_with(move || {
+            let sup = sup.clone();
+            async move { sup.ping(WATCHDOG_PATIENCE).await }
+        });
         let metrics_listener = this.metrics.lock().ok().and_then(|mut m| m.take());
         if let Some(l) = metrics_listener {
             match tokio::net::TcpListener::from_std(l) {
@@ -231,11 +249,18 @@ impl Agent {
             }
         };
         on_ready();
-        tokio::join!(dial, listen);
+        tokio::select! {
+            _ = async { tokio::join!(dial, listen) } => {}
+            what = supervisor.failed() => {
+                tracing::error!("the supervisor ended: {what}; exiting, leaving the nodes to the next agent process");
+                return Err(Error::Supervisor(format!("ended: {what}")));
+            }
+        }
         let stop = this.config.stop_nodes_on_exit;
         info!(stop_nodes = stop, "shutting down the supervisor");
         supervisor.shutdown(stop).await;
         info!(agent = %this.config.name, "agent stopped");
+        Ok(())
     }
 
     /// Accepts the controller's connections (controller-to-agent mode): only a peer with
@@ -441,14 +466,14 @@ impl Agent {
                     }
                     ControllerRequest::GetNodes => {
                         let mut nodes = sup.status().await;
-                        nodes.push(own_status(&name));
+                        nodes.push(own_status(&name, sup.applied_generation()));
                         AgentResponse::Nodes(nodes)
                     }
                     ControllerRequest::Apply {
                         config,
                         restart_all,
-                        generation: _,
-                    } => results(sup.apply(*config, restart_all, deadline).await),
+                        generation,
+                    } => results(sup.apply(*config, restart_all, generation, deadline).await),
                     ControllerRequest::Restart { nodes } => {
                         results(sup.act(Op::Restart, nodes, deadline).await)
                     }
@@ -508,7 +533,7 @@ async fn report_status(conn: quinn::Connection, supervisor: Supervisor, name: St
         }
         changes.borrow_and_update();
         let (sent_full, mut statuses) = supervisor.changes_since_last(full).await;
-        statuses.push(own_status(&name));
+        statuses.push(own_status(&name, supervisor.applied_generation()));
         last_sent = Some(tokio::time::Instant::now());
         let req = AgentRequest::Status {
             statuses,
@@ -656,7 +681,7 @@ async fn render_metrics(sup: &Supervisor) -> String {
         "Resident memory per node.",
         &rss,
     );
-    let me = own_status("self");
+    let me = own_status("self", sup.applied_generation());
     drover_metrics::gauge(
         &mut out,
         "drover_agent_rss_bytes",
@@ -666,11 +691,14 @@ async fn render_metrics(sup: &Supervisor) -> String {
     out
 }
 
-/// The agent's own NodeStatus entry (management role AGENT).
-fn own_status(name: &str) -> NodeStatus {
+/// The agent's own NodeStatus entry (management role AGENT), with the deploy
+/// generation it has applied and the number of CPUs its nodes may be pinned to.
+fn own_status(name: &str, generation: u64) -> NodeStatus {
     let mut s = NodeStatus::new(name, State::Running, MgmtRole::Agent);
     s.pid = Some(std::process::id());
     s.ready = true;
+    s.generation = Some(generation);
+    s.cpus = Some(cpu_count());
     s.started_at_ms = process_start_ms();
     if let Some(stat) = i32::try_from(std::process::id())
         .ok()
@@ -680,6 +708,18 @@ fn own_status(name: &str) -> NodeStatus {
         s.cpu_ms = Some(sys::cpu_ms(&stat));
     }
     s
+}
+
+/// The CPUs this process may run on (its affinity mask), which its nodes inherit and
+/// may be pinned to; what std says is available when the mask cannot be read.
+fn cpu_count() -> u32 {
+    let n = i32::try_from(std::process::id())
+        .ok()
+        .and_then(|pid| sys::cpus_allowed(pid).ok())
+        .map(|c| c.len())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn process_start_ms() -> Option<u64> {
@@ -714,7 +754,19 @@ pub fn software() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::split_host;
+    use super::{own_status, split_host};
+
+    #[test]
+    fn own_status_carries_the_applied_generation_and_the_cpus() {
+        let s = own_status("agent-1", 7);
+        assert_eq!(s.generation, Some(7));
+        let mask = super::sys::cpus_allowed(i32::try_from(std::process::id()).unwrap())
+            .unwrap()
+            .len();
+        assert!(mask > 0);
+        assert_eq!(s.cpus, Some(u32::try_from(mask).unwrap()));
+        assert_eq!(s.mgmt_role, drover_proto::model::MgmtRole::Agent);
+    }
 
     #[test]
     fn host_part_of_addresses() {

@@ -165,7 +165,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    drover_daemon::main(|shutdown| async move {
+    drover_daemon::main_with_own_watchdog(|shutdown| async move {
         let config = config(args)?;
         let status = match (&config.controller, &config.listen) {
             (Some(c), Some(l)) => format!("dialling the controller at {c}, listening on {l}"),
@@ -179,7 +179,7 @@ fn main() -> std::process::ExitCode {
                 notify::status(&status);
                 notify::ready();
             })
-            .await;
+            .await?;
         Ok(())
     })
 }

@@ -22,15 +22,38 @@
 //! killed too: its process group, and any process carrying its spawn token in its
 //! environment (grandchildren that moved to a session of their own).
 //!
-//! # Records and adoption
+//! # Applies
 //!
-//! Each node has `<state-dir>/nodes/<name>/record.json`: its spec, its process (pid and
-//! start time, so a recycled pid is never mistaken for it), its spawn token, whether it
-//! was ready, its restart count, and whether an operator stopped it. Nodes outlive the
-//! agent: when a new agent process starts, it reads the records and adopts every process
-//! still alive, keeping its pid; it learns of the process's exit through a pidfd, since
-//! the process is not its child. A node whose process ended while no agent ran is started
-//! again under its restart policy, counted as one restart; its exit status is unknown.
+//! An Apply carries a deploy generation. [`converge::judge`] decides: a repeat of the
+//! applied generation changes nothing (unless restart-all), an older one is refused
+//! with one error result, generation 0 (a controller without generations) is always
+//! carried out. Before any node is touched, the desired state (generation, restart-all
+//! epoch, resolved specs) is written to `<state-dir>/desired.json` and synced; then
+//! [`converge::diff`] of the specs (not the configuration's id) says which nodes start,
+//! restart, stop and go, or stay untouched.
+//!
+//! # Records, adoption and recovery
+//!
+//! Each node has `<state-dir>/nodes/<name>/record.json`: the spec its process runs and
+//! that spec's generation, its process (pid and start time, so a recycled pid is never
+//! mistaken for it), its spawn token, the restart epoch it started under, whether it was
+//! ready, its restart count, and whether an operator stopped it. Before a spawn the
+//! record announces the spawn's token (`spawning`); after it, it names the pid.
+//!
+//! Nodes outlive the agent. A new agent process reads `desired.json` and the records,
+//! checks which recorded processes live, looks in `/proc/*/environ` for the tokens of
+//! announced but unconfirmed spawns, and carries out [`converge::recover`]: processes
+//! running their desired spec are adopted and keep their pids (their exit is learnt
+//! through a pidfd, since they are not its children); outdated ones are adopted and
+//! restarted; those of nodes no longer desired are stopped and their records removed;
+//! desired nodes without a process are started (counted as one restart if a recorded
+//! process was lost; its exit status is unknown). A state dir without `desired.json`
+//! keeps the nodes of its records.
+//!
+//! # Liveness
+//!
+//! [`Supervisor::ping`] is a round trip through the task, for the systemd watchdog; a
+//! panic of the task is reported by [`Supervisor::failed`], and the agent exits.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -48,6 +71,7 @@ use tokio::net::UnixDatagram;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::converge::{self, Desired, Found, Settled, Stray, Then, Verdict, Want};
 use crate::logs::{LogConfig, NodeLogs};
 use crate::machine::{self, Action, Machine, MachineConfig, Millis};
 use crate::sys::{self, ProcId};
@@ -75,6 +99,11 @@ pub struct Supervisor {
     tx: mpsc::Sender<Command>,
     /// Bumped on every node state change, for status reporting.
     changes: watch::Receiver<u64>,
+    /// The deploy generation applied.
+    applied: watch::Receiver<u64>,
+    /// Set when the supervisor task ended other than by [`Supervisor::shutdown`]: a
+    /// panic.
+    failure: watch::Receiver<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -82,6 +111,7 @@ enum Command {
     Apply {
         config: Box<Configuration>,
         restart_all: bool,
+        generation: u64,
         deadline: Instant,
         reply: oneshot::Sender<Vec<MgmtResult>>,
     },
@@ -110,6 +140,11 @@ enum Command {
         stop_nodes: bool,
         reply: oneshot::Sender<()>,
     },
+    /// Answered at once: the task is alive and not stuck.
+    Ping { reply: oneshot::Sender<()> },
+    /// Panics the task, to test what follows.
+    #[cfg(test)]
+    Panic,
 }
 
 /// Operator actions on existing nodes.
@@ -146,8 +181,20 @@ enum Event {
 /// The record of a node on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
+    /// The spec its process runs; with no process, the spec it is to run.
     spec: Node,
+    #[serde(default)]
     config_id: String,
+    /// The deploy generation of `spec`.
+    #[serde(default)]
+    generation: u64,
+    /// The restart epoch (see [`Desired::restart_epoch`]) its process started under.
+    #[serde(default)]
+    epoch: u64,
+    /// The spawn token of a spawn that is about to happen or happened unrecorded: a
+    /// process carrying it in its environment belongs to this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    spawning: Option<u64>,
     #[serde(default)]
     process: Option<RecordedProcess>,
     #[serde(default)]
@@ -173,6 +220,10 @@ struct Proc {
     id: ProcId,
     generation: u64,
     token: u64,
+    /// The spec it runs, its deploy generation and the restart epoch it started under.
+    spec: Node,
+    deploy_gen: u64,
+    epoch: u64,
     started_at_ms: u64,
     /// Aborts the readiness probe, if one runs.
     probe: Option<tokio::task::AbortHandle>,
@@ -190,6 +241,10 @@ struct Entry {
     proc: Option<Proc>,
     /// Counts spawns, so events from an old process are told apart.
     generation: u64,
+    /// The deploy generation of `spec`.
+    deploy_gen: u64,
+    /// The token of the spawn under way, announced in the record before the spawn.
+    spawning: Option<u64>,
     /// Restarts counted before this agent process (from the record).
     restarts_base: u64,
     stopped_by_operator: bool,
@@ -221,12 +276,6 @@ struct Waiter {
     results: Vec<MgmtResult>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Want {
-    Running,
-    Stopped,
-}
-
 struct Core {
     cfg: SupervisorConfig,
     nodes_dir: PathBuf,
@@ -235,7 +284,9 @@ struct Core {
     waiters: Vec<Waiter>,
     events: mpsc::UnboundedSender<Event>,
     changes: watch::Sender<u64>,
-    config_id: Option<String>,
+    /// The deploy generation applied, and the restart epoch of the desired state.
+    applied: watch::Sender<u64>,
+    restart_epoch: u64,
     next_token: u64,
     shutdown: Option<(Instant, oneshot::Sender<()>)>,
     /// An exit happened: look for orphaned descendants once the burst is handled.
@@ -327,6 +378,40 @@ fn write_record(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.set_len(bytes.len() as u64)
 }
 
+/// Writes the desired state: a temp file, synced, renamed over the old one, and the
+/// directory synced, so that once an Apply acts on it, it survives a crash or a power
+/// loss whole.
+fn write_desired(path: &Path, desired: &Desired) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let bytes = serde_json::to_vec(desired).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Reads the desired state, if an Apply ever wrote one.
+fn read_desired(path: &Path) -> Result<Option<Desired>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{}: not a valid desired state: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
 /// The largest record written in place: one page, the unit a kill cannot cut.
 const IN_PLACE_MAX: usize = 4096;
 
@@ -401,6 +486,7 @@ impl Supervisor {
         let (tx, rx) = mpsc::channel(256);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (changes_tx, changes_rx) = watch::channel(0);
+        let (applied_tx, applied_rx) = watch::channel(0);
         let mut core = Core {
             cfg,
             nodes_dir,
@@ -409,7 +495,8 @@ impl Supervisor {
             waiters: Vec::new(),
             events: events_tx,
             changes: changes_tx,
-            config_id: None,
+            applied: applied_tx,
+            restart_epoch: 0,
             next_token: u64::from(std::process::id()) << 32 | u64::from(rand_u32()),
             shutdown: None,
             sweep_pending: false,
@@ -417,10 +504,28 @@ impl Supervisor {
             membership_changed: true,
         };
         core.recover();
-        tokio::spawn(core.run(rx, events_rx));
+        let task = tokio::spawn(core.run(rx, events_rx));
+        let (failure_tx, failure_rx) = watch::channel(None);
+        tokio::spawn(async move {
+            if let Err(err) = task.await {
+                let what = if err.is_panic() {
+                    let payload = err.into_panic();
+                    payload
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .map_or_else(|| "it panicked".to_owned(), |m| format!("it panicked: {m}"))
+                } else {
+                    "it was cancelled".to_owned()
+                };
+                let _ = failure_tx.send(Some(what));
+            }
+        });
         Ok(Self {
             tx,
             changes: changes_rx,
+            applied: applied_rx,
+            failure: failure_rx,
         })
     }
 
@@ -430,16 +535,20 @@ impl Supervisor {
         rx.await.ok()
     }
 
-    /// Applies `config` for this instance; one result per node started or restarted.
+    /// Applies `config`, deploy generation `generation`, for this instance; one result
+    /// per node started or restarted. A repeat of the applied generation changes nothing
+    /// (unless `restart_all`); an older generation is refused with one error result.
     pub async fn apply(
         &self,
         config: Configuration,
         restart_all: bool,
+        generation: u64,
         deadline: Instant,
     ) -> Vec<MgmtResult> {
         self.ask(|reply| Command::Apply {
             config: Box::new(config),
             restart_all,
+            generation,
             deadline,
             reply,
         })
@@ -505,6 +614,35 @@ impl Supervisor {
         let _ = self
             .ask(|reply| Command::Shutdown { stop_nodes, reply })
             .await;
+    }
+
+    /// True when the supervisor task answers within `patience`: it is neither gone nor
+    /// stuck. For the systemd watchdog.
+    pub async fn ping(&self, patience: Duration) -> bool {
+        tokio::time::timeout(patience, self.ask(|reply| Command::Ping { reply }))
+            .await
+            .is_ok_and(|r| r.is_some())
+    }
+
+    /// Resolves, with what happened, if the supervisor task ends by a panic; never
+    /// otherwise. The agent then exits with an error and leaves the nodes to the next
+    /// agent process, which adopts them.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failure.clone();
+        loop {
+            if let Some(what) = rx.borrow_and_update().clone() {
+                return what;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// The deploy generation applied (0: none, or one from a controller without
+    /// generations).
+    pub fn applied_generation(&self) -> u64 {
+        *self.applied.borrow()
     }
 
     /// A receiver that changes whenever a node's state changes.
@@ -601,9 +739,10 @@ impl Core {
             Command::Apply {
                 config,
                 restart_all,
+                generation,
                 deadline,
                 reply,
-            } => self.apply(&config, restart_all, deadline, reply),
+            } => self.apply(&config, restart_all, generation, deadline, reply),
             Command::Act {
                 op,
                 nodes,
@@ -648,6 +787,11 @@ impl Core {
                     .collect();
                 let _ = reply.send(out);
             }
+            Command::Ping { reply } => {
+                let _ = reply.send(());
+            }
+            #[cfg(test)]
+            Command::Panic => panic!("asked to panic"),
             Command::Shutdown { stop_nodes, reply } => {
                 let now = self.now();
                 let mut longest = Duration::ZERO;
@@ -674,37 +818,74 @@ impl Core {
         &mut self,
         config: &Configuration,
         restart_all: bool,
+        generation: u64,
         deadline: Instant,
         reply: oneshot::Sender<Vec<MgmtResult>>,
     ) {
         let instance = self.cfg.instance.clone();
-        if self.config_id.as_deref() == Some(config.id.as_str()) && !restart_all {
+        match converge::judge(*self.applied.borrow(), generation, restart_all) {
+            Verdict::Apply => {}
+            Verdict::Repeat => {
+                let _ = reply.send(Vec::new());
+                return;
+            }
+            Verdict::Stale { applied } => {
+                let msg = format!(
+                    "deploy generation {generation} is older than generation {applied}, which this agent has applied; nothing changed"
+                );
+                warn!("{msg}");
+                let _ = reply.send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
+                return;
+            }
+        }
+        let now = self.now();
+        let desired = Desired {
+            generation,
+            restart_epoch: self.restart_epoch + u64::from(restart_all),
+            nodes: config
+                .nodes_on(&instance)
+                .map(|n| (n.name.clone(), config.resolve(n)))
+                .collect(),
+        };
+        let changes = converge::diff(
+            self.nodes.iter().map(|(n, e)| (n.as_str(), &e.spec)),
+            &desired.nodes,
+            restart_all,
+        );
+        if generation == 0 && changes.is_empty() && !self.nodes.values().any(|e| e.removing) {
+            // A controller without generations re-applying what runs (it does so
+            // whenever an agent connects): nothing to do, and the generation applied
+            // stays what it was.
             let _ = reply.send(Vec::new());
             return;
         }
-        let now = self.now();
-        let desired: BTreeMap<String, Node> = config
-            .nodes_on(&instance)
-            .map(|n| (n.name.clone(), config.resolve(n)))
-            .collect();
+        // Before any node is touched: an agent killed from here on finds what it was
+        // doing and finishes it (see [`Core::recover`]).
+        let path = self.desired_path();
+        if let Err(err) = write_desired(&path, &desired) {
+            let msg = format!(
+                "cannot record the desired state in {}: {err}",
+                path.display()
+            );
+            warn!("{msg}");
+            let _ = reply.send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
+            return;
+        }
+        self.restart_epoch = desired.restart_epoch;
+        self.applied.send_replace(generation);
+        let mut desired = desired.nodes;
         let mut wait = Vec::new();
         let mut results = Vec::new();
         // New nodes' directories, log files and notify sockets, made on every core at
         // once: creating inodes is most of what starting hundreds of nodes costs.
         let mut prepared = self.prepare(
-            desired
+            changes
+                .start
                 .iter()
-                .filter(|(name, _)| !self.nodes.contains_key(*name))
+                .filter_map(|name| desired.get_key_value(name))
                 .map(|(name, spec)| (name.as_str(), spec)),
         );
-        // Nodes that left the configuration.
-        let gone: Vec<String> = self
-            .nodes
-            .keys()
-            .filter(|n| !desired.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in gone {
+        for name in changes.remove {
             info!(node = %name, "node removed from the configuration; stopping it");
             if let Some(e) = self.nodes.get_mut(&name) {
                 e.removing = true;
@@ -713,54 +894,69 @@ impl Core {
             }
             self.remove_if_done(&name);
         }
-        for (name, spec) in desired {
-            match self.nodes.get_mut(&name) {
-                Some(e) if e.spec == spec && !restart_all => {
-                    // Unchanged: leave it alone, whatever its state.
-                    e.config_id.clone_from(&config.id);
-                    e.removing = false;
+        for name in changes.keep {
+            // Unchanged: leave it alone, whatever its state; it now runs this
+            // generation's spec.
+            if let Some(e) = self.nodes.get_mut(&name) {
+                e.config_id.clone_from(&config.id);
+                e.removing = false;
+                e.deploy_gen = generation;
+                if let Some(p) = &mut e.proc {
+                    p.deploy_gen = generation;
                 }
-                Some(e) => {
-                    info!(node = %name, "node spec changed; restarting it");
-                    e.spec = spec;
-                    e.config_id.clone_from(&config.id);
-                    e.removing = false;
-                    e.stopped_by_operator = false;
-                    let old_generation = e.generation;
-                    let had_process = e.machine.has_process();
-                    // A new machine takes the new restart policy; a running process is
-                    // stopped first and the new one started once it is gone.
-                    let mut actions = e.machine.stop(now);
-                    if !had_process {
-                        e.machine = Machine::new(machine_config(&e.spec));
-                        e.restarts_base = 0;
-                    }
-                    actions.extend(e.machine.start(now));
+                self.bump(&name);
+            }
+        }
+        for name in changes.restart {
+            let (Some(spec), Some(e)) = (desired.remove(&name), self.nodes.get_mut(&name)) else {
+                continue;
+            };
+            info!(node = %name, "node spec changed; restarting it");
+            e.spec = spec;
+            e.config_id.clone_from(&config.id);
+            e.deploy_gen = generation;
+            e.removing = false;
+            e.stopped_by_operator = false;
+            let old_generation = e.generation;
+            let had_process = e.machine.has_process();
+            // A new machine takes the new restart policy; a running process is
+            // stopped first and the new one started once it is gone.
+            let mut actions = e.machine.stop(now);
+            if !had_process {
+                e.machine = Machine::new(machine_config(&e.spec));
+                e.restarts_base = 0;
+            }
+            actions.extend(e.machine.start(now));
+            self.run_actions(&name, actions);
+            wait.push((name, Some(old_generation)));
+        }
+        for name in changes.start {
+            let Some(spec) = desired.remove(&name) else {
+                continue;
+            };
+            match self.create(&name, spec, &config.id, prepared.remove(&name)) {
+                Ok(()) => {
+                    let actions = self
+                        .nodes
+                        .get_mut(&name)
+                        .map(|e| {
+                            e.deploy_gen = generation;
+                            e.machine.start(now)
+                        })
+                        .unwrap_or_default();
                     self.run_actions(&name, actions);
-                    wait.push((name, Some(old_generation)));
+                    wait.push((name, None));
                 }
-                None => match self.create(&name, spec, &config.id, prepared.remove(&name)) {
-                    Ok(()) => {
-                        let actions = self
-                            .nodes
-                            .get_mut(&name)
-                            .map(|e| e.machine.start(now))
-                            .unwrap_or_default();
-                        self.run_actions(&name, actions);
-                        wait.push((name, None));
-                    }
-                    Err(e) => results.push(
-                        MgmtResult::err("", format!("cannot set up node '{name}': {e}"))
-                            .on_instance(&instance)
-                            .on_node(&name),
-                    ),
-                },
+                Err(e) => results.push(
+                    MgmtResult::err("", format!("cannot set up node '{name}': {e}"))
+                        .on_instance(&instance)
+                        .on_node(&name),
+                ),
             }
         }
         for name in self.nodes.keys().cloned().collect::<Vec<_>>() {
             self.save_record(&name);
         }
-        self.config_id = Some(config.id.clone());
         self.waiters.push(Waiter {
             nodes: wait,
             want: Want::Running,
@@ -768,6 +964,10 @@ impl Core {
             reply,
             results,
         });
+    }
+
+    fn desired_path(&self) -> PathBuf {
+        self.cfg.state_dir.join("desired.json")
     }
 
     fn act(
@@ -949,6 +1149,8 @@ impl Core {
             dir,
             proc: None,
             generation: 0,
+            deploy_gen: *self.applied.borrow(),
+            spawning: None,
             restarts_base: 0,
             stopped_by_operator: false,
             removing: false,
@@ -1031,7 +1233,10 @@ impl Core {
                             warn!(node = %name, "cannot start node: {err}");
                             self.nodes
                                 .get_mut(name)
-                                .map(|e| e.machine.spawn_failed(now, err))
+                                .map(|e| {
+                                    e.spawning = None;
+                                    e.machine.spawn_failed(now, err)
+                                })
                                 .unwrap_or_default()
                         }
                     };
@@ -1101,6 +1306,10 @@ impl Core {
             .process_group(0);
         let mut cmd = tokio::process::Command::from(cmd);
         cmd.kill_on_drop(false);
+        let program = program.clone();
+        self.announce_spawn(name, token);
+        let e = self.nodes.get_mut(name).ok_or("no such node")?;
+        let spec = &e.spec;
         let cpus: Option<Vec<usize>> = spec
             .cpu_affinity
             .as_ref()
@@ -1154,16 +1363,30 @@ impl Core {
             },
             generation,
             token,
+            spec: e.spec.clone(),
+            deploy_gen: e.deploy_gen,
+            epoch: self.restart_epoch,
             started_at_ms: epoch_ms(),
             probe,
             child: true,
         });
+        e.spawning = None;
         e.status_text = None;
         info!(node = %name, pid, "started");
         // The record must name the new process before anything else can happen, or an
         // agent killed now would start the node a second time.
         self.save_record(name);
         Ok(pid)
+    }
+
+    /// Writes the token of the spawn about to happen into the node's record, so that an
+    /// agent killed between the spawn and the record of its pid finds the process (it
+    /// carries the token in its environment) instead of leaving it untracked.
+    fn announce_spawn(&mut self, name: &str, token: u64) {
+        if let Some(e) = self.nodes.get_mut(name) {
+            e.spawning = Some(token);
+        }
+        self.save_record(name);
     }
 
     fn probe_tcp(&self, name: &str, generation: u64, port: u16) -> tokio::task::AbortHandle {
@@ -1364,68 +1587,35 @@ impl Core {
             let timed_out = now >= w.deadline;
             let mut pending = Vec::new();
             for (name, past) in std::mem::take(&mut w.nodes) {
-                let Some(e) = self.nodes.get(&name) else {
-                    if w.want == Want::Stopped {
-                        w.results.push(
-                            MgmtResult::ok("", None)
-                                .on_instance(&instance)
-                                .on_node(&name),
-                        );
-                    } else {
-                        w.results.push(
-                            MgmtResult::err("", "node was removed")
-                                .on_instance(&instance)
-                                .on_node(&name),
-                        );
-                    }
-                    continue;
-                };
-                let state = e.machine.state();
-                let moved_on = past.is_none_or(|g| e.generation > g);
-                let outcome = match w.want {
-                    Want::Stopped if !e.machine.has_process() => Some(Ok(())),
-                    Want::Stopped => None,
-                    Want::Running => match state {
-                        machine::State::Running if moved_on && !e.machine.is_stopping() => {
-                            Some(Ok(()))
-                        }
-                        machine::State::Failed | machine::State::Crashed if moved_on => {
-                            Some(Err(failure_text(e)))
-                        }
-                        machine::State::Stopped if moved_on && !e.machine.has_process() => {
-                            // Exited successfully under a policy that does not restart.
-                            Some(Ok(()))
-                        }
-                        _ => None,
-                    },
-                };
-                match outcome {
-                    Some(Ok(())) => w.results.push(
-                        MgmtResult::ok("", None)
-                            .on_instance(&instance)
-                            .on_node(&name),
-                    ),
-                    Some(Err(msg)) => {
+                let e = self.nodes.get(&name);
+                let seen = e.map(|e| converge::Seen {
+                    state: e.machine.state(),
+                    has_process: e.machine.has_process(),
+                    stopping: e.machine.is_stopping(),
+                    spawns: e.generation,
+                });
+                let result = match (converge::settle(w.want, past, seen), e) {
+                    (Settled::Done, _) => MgmtResult::ok("", None),
+                    (Settled::Removed, _) | (_, None) => MgmtResult::err("", "node was removed"),
+                    (Settled::Failed, Some(e)) => {
                         let (stdout, stderr) = e.logs.outputs(OUTPUT_LINES);
-                        let mut r = MgmtResult::err("", msg)
-                            .on_instance(&instance)
-                            .on_node(&name);
+                        let mut r = MgmtResult::err("", failure_text(e));
                         r.data = Some(ResultData::NodeOutputs(NodeOutputs { stdout, stderr }));
-                        w.results.push(r);
+                        r
                     }
-                    None if timed_out => w.results.push(
-                        MgmtResult::err(
-                            "",
-                            format!(
-                                "timed out waiting for node '{name}' (state {})",
-                                to_model_state(state).as_str()
-                            ),
-                        )
-                        .on_instance(&instance)
-                        .on_node(&name),
+                    (Settled::Pending, Some(e)) if timed_out => MgmtResult::err(
+                        "",
+                        format!(
+                            "timed out waiting for node '{name}' (state {})",
+                            to_model_state(e.machine.state()).as_str()
+                        ),
                     ),
-                    None => pending.push((name, past)),
-                }
+                    (Settled::Pending, Some(_)) => {
+                        pending.push((name, past));
+                        continue;
+                    }
+                };
+                w.results.push(result.on_instance(&instance).on_node(&name));
             }
             w.nodes = pending;
             if w.nodes.is_empty() {
@@ -1487,9 +1677,11 @@ impl Core {
         s.last_exit = e.last_exit;
         s.ready = e.machine.ready_at().is_some();
         s.status_text.clone_from(&e.status_text);
+        s.generation = Some(e.deploy_gen);
         if let Some(p) = &e.proc {
             s.pid = u32::try_from(p.id.pid).ok();
             s.started_at_ms = Some(p.started_at_ms);
+            s.generation = Some(p.deploy_gen);
         }
         s
     }
@@ -1499,8 +1691,11 @@ impl Core {
             return;
         };
         let record = Record {
-            spec: e.spec.clone(),
+            spec: e.proc.as_ref().map_or(&e.spec, |p| &p.spec).clone(),
             config_id: e.config_id.clone(),
+            generation: e.proc.as_ref().map_or(e.deploy_gen, |p| p.deploy_gen),
+            epoch: e.proc.as_ref().map_or(self.restart_epoch, |p| p.epoch),
+            spawning: e.spawning,
             process: e.proc.as_ref().map(|p| RecordedProcess {
                 pid: p.id.pid,
                 start_ticks: p.id.start_ticks,
@@ -1522,13 +1717,158 @@ impl Core {
         }
     }
 
-    /// Reads the records left by a previous agent process: adopts live processes, and
-    /// starts again nodes whose process ended while no agent ran.
+    /// Converges on the desired state the last Apply wrote, from whatever a previous
+    /// agent process left: reads the records, checks their processes (pid and start
+    /// time), looks for processes of unconfirmed spawns by their token, lets
+    /// [`converge::recover`] decide, and carries that out. Live processes that run
+    /// their node's desired spec are adopted and keep their pids; those of nodes no
+    /// longer desired are stopped and their records removed; outdated ones are
+    /// restarted; desired nodes without a process are started.
     fn recover(&mut self) {
-        let Ok(dir) = std::fs::read_dir(&self.nodes_dir) else {
-            return;
+        let records = self.read_records();
+        let announced: BTreeSet<u64> = records
+            .values()
+            .filter(|r| r.process.is_none())
+            .filter_map(|r| r.spawning)
+            .collect();
+        let mut strays = find_token_carriers(&announced);
+        let found: BTreeMap<String, Found> = records
+            .iter()
+            .map(|(name, r)| {
+                let alive = r
+                    .process
+                    .filter(|p| {
+                        sys::is_alive(ProcId {
+                            pid: p.pid,
+                            start_ticks: p.start_ticks,
+                        })
+                    })
+                    .map(|p| p.pid);
+                let found = Found {
+                    spec: r.spec.clone(),
+                    epoch: r.epoch,
+                    stopped: r.stopped,
+                    recorded: r.process.is_some(),
+                    alive,
+                    strays: r
+                        .spawning
+                        .filter(|_| r.process.is_none())
+                        .and_then(|t| strays.remove(&t))
+                        .unwrap_or_default(),
+                };
+                (name.clone(), found)
+            })
+            .collect();
+        let desired = match read_desired(&self.desired_path()) {
+            Ok(Some(d)) => d,
+            Ok(None) => converge::legacy_desired(&found),
+            Err(err) => {
+                warn!("{err}; keeping the nodes of the records until the controller applies again");
+                converge::legacy_desired(&found)
+            }
         };
+        self.applied.send_replace(desired.generation);
+        self.restart_epoch = desired.restart_epoch;
+        let plans = converge::recover(&desired, &found);
+        let mut prepared = self.prepare(
+            desired
+                .nodes
+                .iter()
+                .filter(|(name, _)| !records.contains_key(*name))
+                .map(|(name, spec)| (name.as_str(), spec)),
+        );
         let now = self.now();
+        for (name, plan) in plans {
+            for pid in &plan.kill {
+                info!(node = %name, pid, "killing a process of an unrecorded spawn");
+                kill_pid(*pid);
+            }
+            let record = records.get(&name);
+            let spec = match (desired.nodes.get(&name), record) {
+                (Some(spec), _) => spec.clone(),
+                (None, Some(r)) => r.spec.clone(),
+                (None, None) => continue,
+            };
+            if plan.then == Then::Remove {
+                info!(node = %name, "node is no longer desired; removing it");
+                let dir = self.nodes_dir.join(&name);
+                let _ = std::fs::remove_file(dir.join("record.json"));
+                let _ = std::fs::remove_file(Self::notify_path(&dir));
+                continue;
+            }
+            let config_id = record.map(|r| r.config_id.clone()).unwrap_or_default();
+            if let Err(err) = self.create(&name, spec, &config_id, prepared.remove(&name)) {
+                warn!(node = %name, "cannot restore node: {err}");
+                continue;
+            }
+            let e = self.nodes.get_mut(&name).expect("just created");
+            e.deploy_gen = desired.generation;
+            if let Some(r) = record {
+                e.restarts_base = r.restarts;
+            }
+            let adopt = match plan.then {
+                Then::Adopt { pid }
+                | Then::Stop { pid }
+                | Then::Restart { pid }
+                | Then::StopAndRemove { pid } => Some(pid),
+                Then::Start { .. } | Then::StayStopped | Then::Remove => None,
+            };
+            let mut actions = Vec::new();
+            let mut adopted = true;
+            if let (Some(pid), Some(r)) = (adopt, record) {
+                match self.adopt(&name, pid, r, desired.generation) {
+                    Ok(a) => actions = a,
+                    Err(err) => {
+                        warn!(node = %name, pid, "cannot watch adopted process ({err}); killing it");
+                        kill_pid(pid);
+                        adopted = false;
+                    }
+                }
+            }
+            let e = self.nodes.get_mut(&name).expect("just created");
+            match plan.then {
+                Then::Adopt { .. } => {
+                    if !adopted {
+                        e.restarts_base += 1;
+                        actions.extend(e.machine.start(now));
+                    }
+                }
+                Then::Stop { .. } => {
+                    e.stopped_by_operator = true;
+                    actions.extend(e.machine.stop(now));
+                }
+                Then::Restart { .. } => {
+                    info!(node = %name, "node runs an outdated spec; restarting it");
+                    actions.extend(e.machine.stop(now));
+                    actions.extend(e.machine.start(now));
+                }
+                Then::StopAndRemove { .. } => {
+                    info!(node = %name, "node is no longer desired; stopping it");
+                    e.removing = true;
+                    actions.extend(e.machine.stop(now));
+                }
+                Then::Start { lost } => {
+                    if lost {
+                        info!(node = %name, "node's process ended while no agent ran; starting it again");
+                        e.restarts_base += 1;
+                    }
+                    actions.extend(e.machine.start(now));
+                }
+                Then::StayStopped => e.stopped_by_operator = true,
+                Then::Remove => {}
+            }
+            self.run_actions(&name, actions);
+            self.save_record(&name);
+            self.remove_if_done(&name);
+        }
+    }
+
+    /// The records in the state dir, by node name; unreadable ones are skipped.
+    fn read_records(&self) -> BTreeMap<String, Record> {
+        let mut out = BTreeMap::new();
+        let Ok(dir) = std::fs::read_dir(&self.nodes_dir) else {
+            return out;
+        };
         for entry in dir.flatten() {
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
@@ -1537,80 +1877,125 @@ impl Core {
             let Ok(bytes) = std::fs::read(&path) else {
                 continue;
             };
-            let record: Record = match read_record(&bytes) {
-                Ok(r) => r,
+            match read_record(&bytes) {
+                Ok(r) => {
+                    out.insert(name, r);
+                }
                 Err(err) => {
                     warn!(node = %name, "ignoring unreadable record {}: {err}", path.display());
-                    continue;
                 }
-            };
-            if let Err(err) = self.create(&name, record.spec.clone(), &record.config_id, None) {
-                warn!(node = %name, "cannot restore node: {err}");
-                continue;
             }
-            let e = self.nodes.get_mut(&name).expect("just created");
-            e.restarts_base = record.restarts;
-            e.stopped_by_operator = record.stopped;
-            self.config_id = Some(record.config_id.clone());
-            let alive = record.process.filter(|p| {
-                sys::is_alive(ProcId {
-                    pid: p.pid,
-                    start_ticks: p.start_ticks,
-                })
-            });
-            let actions = match alive {
-                Some(p) => match sys::PidFd::open_id(ProcId {
-                    pid: p.pid,
-                    start_ticks: p.start_ticks,
-                }) {
-                    Ok(fd) => {
-                        e.generation += 1;
-                        let generation = e.generation;
-                        e.proc = Some(Proc {
-                            id: ProcId {
-                                pid: p.pid,
-                                start_ticks: p.start_ticks,
-                            },
-                            generation,
-                            token: p.token,
-                            started_at_ms: p.started_at_ms,
-                            probe: None,
-                            child: false,
-                        });
-                        let events = self.events.clone();
-                        let node = name.clone();
-                        tokio::spawn(async move {
-                            let _ = fd.exited().await;
-                            let _ = events.send(Event::Exited {
-                                node,
-                                generation,
-                                exit: machine::ExitStatus::Code(-1),
-                            });
-                        });
-                        info!(node = %name, pid = p.pid, "adopted running node");
-                        e.machine
-                            .adopt(now, u32::try_from(p.pid).unwrap_or(0), record.ready)
-                    }
-                    Err(err) => {
-                        warn!(node = %name, pid = p.pid, "cannot watch adopted process ({err}); killing it and starting afresh");
-                        let _ = sys::signal_group(p.pid, Signal::SIGKILL);
-                        e.restarts_base += 1;
-                        e.machine.start(now)
-                    }
-                },
-                None if record.stopped => Vec::new(),
-                None => {
-                    if record.process.is_some() {
-                        info!(node = %name, "node's process ended while no agent ran; starting it again");
-                        e.restarts_base += 1;
-                    }
-                    e.machine.start(now)
-                }
-            };
-            self.run_actions(&name, actions);
-            self.save_record(&name);
         }
+        out
     }
+
+    /// Takes over a live process of node `name` (the one its record names, or one of a
+    /// spawn the record announced) and watches it for its exit through a pidfd.
+    fn adopt(
+        &mut self,
+        name: &str,
+        pid: i32,
+        record: &Record,
+        generation: u64,
+    ) -> std::io::Result<Vec<Action>> {
+        let now = self.now();
+        let (id, token, started_at_ms, ready) = match record.process.filter(|p| p.pid == pid) {
+            Some(p) => (
+                ProcId {
+                    pid,
+                    start_ticks: p.start_ticks,
+                },
+                p.token,
+                p.started_at_ms,
+                record.ready,
+            ),
+            None => {
+                let id = sys::proc_id(pid)?;
+                let started = sys::start_time_epoch_ms(id).unwrap_or_else(epoch_ms);
+                (id, record.spawning.unwrap_or(0), started, false)
+            }
+        };
+        let fd = sys::PidFd::open_id(id)?;
+        let current = self
+            .nodes
+            .get(name)
+            .is_some_and(|e| e.spec == record.spec && record.epoch >= self.restart_epoch);
+        let epoch = record.epoch;
+        let Some(e) = self.nodes.get_mut(name) else {
+            return Ok(Vec::new());
+        };
+        e.generation += 1;
+        let spawn_generation = e.generation;
+        e.proc = Some(Proc {
+            id,
+            generation: spawn_generation,
+            token,
+            spec: record.spec.clone(),
+            deploy_gen: if current {
+                generation
+            } else {
+                record.generation
+            },
+            epoch,
+            started_at_ms,
+            probe: None,
+            child: false,
+        });
+        let events = self.events.clone();
+        let node = name.to_owned();
+        tokio::spawn(async move {
+            let _ = fd.exited().await;
+            let _ = events.send(Event::Exited {
+                node,
+                generation: spawn_generation,
+                exit: machine::ExitStatus::Code(-1),
+            });
+        });
+        info!(node = %name, pid, "adopted running node");
+        Ok(e.machine.adopt(now, u32::try_from(pid).unwrap_or(0), ready))
+    }
+}
+
+/// SIGKILL to a process and to the process group it leads, if it leads one.
+fn kill_pid(pid: i32) {
+    let _ = sys::signal_group(pid, Signal::SIGKILL);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+}
+
+/// The live processes carrying one of `tokens` as `DROVER_NODE_TOKEN`, by token: reads
+/// the environment of every process on the host, so it is done only when a record
+/// announced a spawn it never confirmed.
+fn find_token_carriers(tokens: &BTreeSet<u64>) -> BTreeMap<u64, Vec<Stray>> {
+    let mut out: BTreeMap<u64, Vec<Stray>> = BTreeMap::new();
+    if tokens.is_empty() {
+        return out;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Some(token) = token_of(pid).filter(|t| tokens.contains(t)) else {
+            continue;
+        };
+        let Ok(stat) = sys::proc_stat(pid) else {
+            continue;
+        };
+        if stat.state == 'Z' {
+            continue;
+        }
+        out.entry(token).or_default().push(Stray {
+            pid,
+            leader: stat.pgrp == pid,
+        });
+    }
+    out
 }
 
 /// Kills what is left of a node's process group.
@@ -1645,6 +2030,9 @@ mod tests {
         let record = |restarts: u64, config_id: &str| Record {
             spec: Node::new("n1", "agent-1"),
             config_id: config_id.to_owned(),
+            generation: 0,
+            epoch: 0,
+            spawning: None,
             process: None,
             ready: true,
             restarts,
@@ -1697,6 +2085,30 @@ mod tests {
         assert!(!path.with_extension("tmp").exists());
         assert!(read_record(b"").is_err());
         assert!(read_record(b"{\"spec\":").is_err());
+    }
+
+    #[test]
+    fn a_panic_of_the_supervisor_task_is_reported_and_stops_the_pings() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sup = Supervisor::start(SupervisorConfig {
+                instance: "agent-1".into(),
+                state_dir: dir.path().to_owned(),
+                logs: LogConfig::default(),
+            })
+            .unwrap();
+            assert!(sup.ping(Duration::from_secs(5)).await);
+            sup.tx.send(Command::Panic).await.unwrap();
+            let what = tokio::time::timeout(Duration::from_secs(5), sup.failed())
+                .await
+                .expect("the failure is reported");
+            assert_eq!(what, "it panicked: asked to panic");
+            assert!(!sup.ping(Duration::from_secs(1)).await);
+        });
     }
 
     #[test]

@@ -111,6 +111,24 @@ where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    run(body, true)
+}
+
+/// As [`main`], for a daemon that pings the systemd watchdog itself, from its core
+/// ([`notify::spawn_watchdog_with`]), so that a stuck core stops the pings.
+pub fn main_with_own_watchdog<F, Fut>(body: F) -> std::process::ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    run(body, false)
+}
+
+fn run<F, Fut>(body: F, watchdog: bool) -> std::process::ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
     init_logging();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -120,7 +138,9 @@ where
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
-                notify::spawn_watchdog();
+                if watchdog {
+                    notify::spawn_watchdog();
+                }
                 body(shutdown).await
             })
         });

@@ -123,7 +123,18 @@ fn watchdog_timeout(usec: Option<&OsStr>, pid: Option<&OsStr>, our_pid: u32) -> 
 /// `WATCHDOG=1` every half of the timeout, for as long as the runtime runs. Returns the
 /// interval when it did.
 pub fn spawn_watchdog() -> Option<Duration> {
-    std::env::var_os(NOTIFY_SOCKET).filter(|s| !s.is_empty())?;
+    spawn_watchdog_with(|| async { true })
+}
+
+/// As [`spawn_watchdog`], but each `WATCHDOG=1` is sent only when `alive` answers true
+/// within the interval: a daemon whose core is stuck (or gone) stops the pings, and
+/// systemd restarts it.
+pub fn spawn_watchdog_with<F, Fut>(alive: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = bool> + Send + 'static,
+{
+    let socket = std::env::var_os(NOTIFY_SOCKET).filter(|s| !s.is_empty())?;
     let usec = std::env::var_os("WATCHDOG_USEC");
     let pid = std::env::var_os("WATCHDOG_PID");
     let timeout = watchdog_timeout(usec.as_deref(), pid.as_deref(), std::process::id())?;
@@ -133,23 +144,42 @@ pub fn spawn_watchdog() -> Option<Duration> {
         humantime::format_duration(timeout),
         humantime::format_duration(every)
     );
-    tokio::spawn(watchdog_loop(every));
+    tokio::spawn(watchdog_loop(every, alive, socket));
     Some(every)
 }
 
-async fn watchdog_loop(every: Duration) {
+async fn watchdog_loop<F, Fut>(every: Duration, mut alive: F, socket: std::ffi::OsString)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Log a failure once, not on every tick, and say when it works again.
     let mut failing = false;
+    let mut stalled = false;
     loop {
         tick.tick().await;
-        match notify("WATCHDOG=1") {
-            Ok(_) if failing => {
+        let ok = tokio::time::timeout(every, alive()).await.unwrap_or(false);
+        if !ok {
+            if !stalled {
+                tracing::error!(
+                    "the daemon's core does not answer; no longer pinging the systemd watchdog"
+                );
+                stalled = true;
+            }
+            continue;
+        }
+        if stalled {
+            tracing::info!("the daemon's core answers again; pinging the systemd watchdog");
+            stalled = false;
+        }
+        match send(&socket, "WATCHDOG=1") {
+            Ok(()) if failing => {
                 tracing::info!("systemd watchdog notifications work again");
                 failing = false;
             }
-            Ok(_) => {}
+            Ok(()) => {}
             Err(e) if !failing => {
                 tracing::warn!("{}", describe_error("WATCHDOG=1", &e));
                 failing = true;
@@ -226,5 +256,58 @@ mod tests {
         // Nobody listening: an error to log, not a panic.
         drop(sock);
         assert!(send(path.as_os_str(), "STOPPING=1").is_err());
+    }
+
+    /// The pings stop while the daemon's core does not answer, and resume when it does.
+    #[test]
+    fn watchdog_pings_only_while_the_core_answers() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let alive = Arc::new(AtomicBool::new(true));
+        let flag = alive.clone();
+        let every = Duration::from_millis(20);
+        let task = rt.spawn(watchdog_loop(
+            every,
+            move || {
+                let ok = flag.load(Ordering::SeqCst);
+                async move {
+                    if !ok {
+                        // A stuck core: no answer within the interval.
+                        std::future::pending::<()>().await;
+                    }
+                    ok
+                }
+            },
+            path.clone().into_os_string(),
+        ));
+        let runner = std::thread::spawn(move || rt.block_on(task));
+        let mut buf = [0u8; 64];
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"WATCHDOG=1");
+        alive.store(false, Ordering::SeqCst);
+        // Drain what was sent before the core stopped answering; then silence for many
+        // intervals.
+        sock.set_read_timeout(Some(every * 10)).unwrap();
+        let mut silent = false;
+        for _ in 0..20 {
+            if sock.recv(&mut buf).is_err() {
+                silent = true;
+                break;
+            }
+        }
+        assert!(silent, "the watchdog kept pinging for a stuck core");
+        alive.store(true, Ordering::SeqCst);
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"WATCHDOG=1", "pings resume");
+        drop(runner);
     }
 }

@@ -1,0 +1,254 @@
+//! An agent SIGKILLed at random moments while it deploys a large configuration: once it
+//! is back, the host runs exactly the deployed nodes, each once, with the deployed
+//! spec, none untracked, and get-nodes agrees with the process table.
+//!
+//! The kill moment and the configurations come from a seed, printed at the start (set
+//! `DROVER_CRASH_SEED` to replay one).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use drover_tests::{Cluster, PATIENCE, bin, eventually};
+
+/// Node names drawn from; each round deploys about three quarters of them.
+const NAMES: usize = 200;
+const ROUNDS: usize = 6;
+
+/// xorshift64*: enough randomness for kill moments and configurations, replayable.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A configuration: node name to spec version.
+type Wanted = BTreeMap<String, u64>;
+
+fn write_cluster(c: &Cluster, id: &str, marker: &str, wanted: &Wanted) -> std::path::PathBuf {
+    let mut text = format!(
+        "id = \"{id}\"\n[defaults]\nbackoff = {{ initial = \"0s\" }}\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[instances.agent-1]\n"
+    );
+    let prog = bin("drover-testprog");
+    for (name, version) in wanted {
+        text.push_str(&format!(
+            "[nodes.{name}]\ninstance = \"agent-1\"\ncommand = [\"{}\", \"--print\", \"{marker}\", \"--print\", \"v{version}\"]\n",
+            prog.display()
+        ));
+    }
+    let path = c.dir.path().join(format!("{id}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The live (non-zombie) processes whose command line carries `marker`: pid, the
+/// `DROVER_NODE` in their environment, and their command line.
+fn node_processes(marker: &str) -> Vec<(u32, String, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if !cmd.contains(marker) {
+            continue;
+        }
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        });
+        if zombie {
+            continue;
+        }
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let node = env
+            .split(|b| *b == 0)
+            .find_map(|v| v.strip_prefix(b"DROVER_NODE="))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        out.push((pid, node, cmd));
+    }
+    out
+}
+
+/// agent-1's nodes as get-nodes lists them: name to (state, pid).
+fn get_nodes(c: &Cluster, addr: SocketAddr) -> BTreeMap<String, (String, Option<u64>)> {
+    let v = c.drover(addr, &["get-nodes", "--fresh"]).json();
+    let mut out = BTreeMap::new();
+    if let Some(nodes) = v["results"]["agent-1"].as_object() {
+        for (name, n) in nodes {
+            if n["mgmt_role"].is_null() {
+                out.insert(
+                    name.clone(),
+                    (
+                        n["state"].as_str().unwrap_or("").to_owned(),
+                        n["pid"].as_u64(),
+                    ),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Why the host does not (yet) run exactly `wanted`, or None when it does.
+fn mismatch(c: &Cluster, addr: SocketAddr, marker: &str, wanted: &Wanted) -> Option<String> {
+    let listed = get_nodes(c, addr);
+    if listed.keys().ne(wanted.keys()) {
+        let extra: Vec<_> = listed.keys().filter(|n| !wanted.contains_key(*n)).collect();
+        let missing: Vec<_> = wanted.keys().filter(|n| !listed.contains_key(*n)).collect();
+        return Some(format!(
+            "get-nodes lists {} nodes; extra {extra:?}, missing {missing:?}",
+            listed.len()
+        ));
+    }
+    if let Some((n, s)) = listed.iter().find(|(_, (s, _))| s != "RUNNING") {
+        return Some(format!("{n} is {}", s.0));
+    }
+    let mut by_node: BTreeMap<&str, Vec<(u32, &str)>> = BTreeMap::new();
+    let procs = node_processes(marker);
+    for (pid, node, cmd) in &procs {
+        by_node.entry(node).or_default().push((*pid, cmd));
+    }
+    for (node, procs) in &by_node {
+        let Some(version) = wanted.get(*node) else {
+            return Some(format!(
+                "node {node:?} is not deployed but runs as {procs:?}"
+            ));
+        };
+        if procs.len() != 1 {
+            return Some(format!("node {node} runs {} times: {procs:?}", procs.len()));
+        }
+        let (pid, cmd) = procs[0];
+        if !cmd.ends_with(&format!(" v{version} ")) {
+            return Some(format!("node {node} runs an outdated spec: {cmd}"));
+        }
+        if listed[*node].1 != Some(u64::from(pid)) {
+            return Some(format!(
+                "node {node} runs as pid {pid}, get-nodes says {:?} (untracked)",
+                listed[*node].1
+            ));
+        }
+    }
+    if let Some(n) = wanted.keys().find(|n| !by_node.contains_key(n.as_str())) {
+        return Some(format!("node {n} has no process"));
+    }
+    None
+}
+
+fn random_wanted(rng: &mut Rng) -> Wanted {
+    let mut out = Wanted::new();
+    for i in 0..NAMES {
+        if rng.below(4) != 0 {
+            out.insert(format!("n{i:03}"), rng.below(3));
+        }
+    }
+    out
+}
+
+#[test]
+fn agent_sigkilled_during_large_deploys_converges_on_the_deployed_nodes() {
+    let seed = std::env::var("DROVER_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("DROVER_CRASH_SEED={seed}");
+    let mut rng = Rng(seed);
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    let marker = format!("crash-{}", std::process::id());
+
+    let mut configs: BTreeMap<String, Wanted> = BTreeMap::new();
+    let first = random_wanted(&mut rng);
+    let file = write_cluster(&c, "c0", &marker, &first);
+    configs.insert("c0".into(), first);
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    eventually("the first deploy runs", PATIENCE, || {
+        mismatch(&c, addr, &marker, &configs["c0"])
+            .is_none()
+            .then_some(())
+    });
+
+    let mut interrupted = 0;
+    for round in 1..=ROUNDS {
+        let id = format!("c{round}");
+        let wanted = random_wanted(&mut rng);
+        let file = write_cluster(&c, &id, &marker, &wanted);
+        configs.insert(id.clone(), wanted);
+        let mut cmd = Command::new(bin("drover"));
+        cmd.args(["--controller", &addr.to_string()])
+            .arg("--ca")
+            .arg(c.pki_file("ca.crt"))
+            .arg("--cert")
+            .arg(c.pki_file("ops.crt"))
+            .arg("--key")
+            .arg(c.pki_file("ops.key"))
+            .args(["deploy-config", file.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut deploying = cmd.spawn().unwrap();
+        // The fault itself, not a wait for a condition: the moment of the kill.
+        let delay = Duration::from_millis(rng.below(400));
+        std::thread::sleep(delay);
+        agent.kill();
+        let status = deploying.wait().unwrap();
+        interrupted += usize::from(!status.success());
+        agent = c.start_agent("agent-1", addr);
+        // The controller brings the returning agent to what it considers deployed: the
+        // new configuration if the deploy was answered before the kill, else the last.
+        let deployed = c
+            .drover(addr, &["get-config", "--deployed", "--as-json"])
+            .json();
+        let deployed_id = deployed["id"].as_str().unwrap().to_owned();
+        let wanted = &configs[&deployed_id];
+        let t = Instant::now();
+        // As `eventually`, keeping the last reason for the message.
+        let mut pause = Duration::from_millis(5);
+        while let Some(why) = mismatch(&c, addr, &marker, wanted) {
+            assert!(
+                t.elapsed() < PATIENCE,
+                "round {round} (seed {seed}, kill after {delay:?}, deploy {}, deployed {deployed_id}): {why}",
+                if status.success() { "answered" } else { "cut" },
+            );
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+        eprintln!(
+            "round {round}: killed after {delay:?}, deploy {}, converged on {deployed_id} ({} nodes) in {:?}",
+            if status.success() { "answered" } else { "cut" },
+            wanted.len(),
+            t.elapsed()
+        );
+    }
+    eprintln!("{interrupted} of {ROUNDS} deploys were cut by the kill");
+    // Leave nothing behind: the agent stops its nodes on SIGTERM.
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    agent.wait_exit(PATIENCE);
+    eventually("no node processes left", PATIENCE, || {
+        node_processes(&marker).is_empty().then_some(())
+    });
+}
