@@ -140,7 +140,7 @@ struct InstanceToml {
 /// Parses and validates a TOML cluster file. `file` names it in error messages.
 ///
 /// Every problem is reported in one pass, sorted by line: unknown keys and values of the
-/// wrong type (found by [`schema`](crate::schema) before deserializing) together with
+/// wrong type (found by the `schema` module before deserializing) together with
 /// problems of meaning (found by [`validate`]), each at its key's line with its key path.
 pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
     let lines = Lines::new(text);
