@@ -191,7 +191,14 @@ impl Settings {
             }
         }
         if let Some(t) = cli.timeout {
-            s.client.request_timeout_secs = t.as_secs_f64();
+            let secs = t.as_secs_f64();
+            if !(secs > 0.0 && secs <= MAX_REQUEST_TIMEOUT_SECS) {
+                bail!(
+                    "--timeout {} is out of range: allowed more than 0s, up to 1day",
+                    humantime::format_duration(t)
+                );
+            }
+            s.client.request_timeout_secs = secs;
         }
         let t = s.client.request_timeout_secs;
         if !(t.is_finite() && t > 0.0 && t <= MAX_REQUEST_TIMEOUT_SECS) {
