@@ -136,7 +136,9 @@ fn split_controller(s: &str) -> anyhow::Result<(Option<String>, Option<u16>)> {
     let port = match port.filter(|p| !p.is_empty()) {
         Some(p) => Some(
             p.parse()
-                .with_context(|| format!("--controller '{s}': '{p}' is not a port"))?,
+                .ok()
+                .filter(|p: &u16| *p != 0)
+                .with_context(|| format!("--controller '{s}': '{p}' is not a port (1-65535)"))?,
         ),
         None => None,
     };
@@ -342,6 +344,10 @@ mod tests {
             (Some("fe80::1".into()), None)
         );
         assert!(split_controller("foo:bar").is_err());
+        for bad in ["foo:0", ":65536", "[::1]:-1"] {
+            let err = split_controller(bad).unwrap_err().to_string();
+            assert!(err.ends_with("is not a port (1-65535)"), "{err}");
+        }
     }
 
     #[test]
