@@ -948,6 +948,19 @@ max_failed_starts = -1
     }
 
     #[test]
+    fn nested_arrays_are_a_type_error() {
+        let deep = format!("{}1{}", "[".repeat(30), "]".repeat(30));
+        let text = format!(
+            "[instances.a]\n[nodes.x]\ninstance = \"a\"\ncommand = [\"x\"]\ncpu_affinity = {deep}\n"
+        );
+        let err = parse_toml("c.toml", &text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "c.toml:5: nodes.x.cpu_affinity: expected a CPU number 0-1023 or an array of them, found an array in the array"
+        );
+    }
+
+    #[test]
     fn bounds_name_the_key_and_the_range() {
         let text = r#"[instances.a]
 [nodes.x]
