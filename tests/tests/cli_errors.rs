@@ -173,8 +173,10 @@ fn bad_settings_are_errors_naming_the_setting_not_panics() {
     }
     assert_one_line_error(
         &show(&["--timeout", "1000000000days"]),
-        "client.request_timeout_secs must be a positive number of seconds up to 86400",
+        "error: --timeout 2737850years 9months 13days 12h 57m 36s is out of range: allowed more \
+         than 0s, up to 1day",
     );
+    assert_one_line_error(&show(&["--timeout", "0s"]), "--timeout 0s is out of range");
     let mut cmd = Command::new(bin("drover"));
     {
         use std::os::unix::ffi::OsStrExt;

@@ -136,7 +136,9 @@ fn split_controller(s: &str) -> anyhow::Result<(Option<String>, Option<u16>)> {
     let port = match port.filter(|p| !p.is_empty()) {
         Some(p) => Some(
             p.parse()
-                .with_context(|| format!("--controller '{s}': '{p}' is not a port"))?,
+                .ok()
+                .filter(|p: &u16| *p != 0)
+                .with_context(|| format!("--controller '{s}': '{p}' is not a port (1-65535)"))?,
         ),
         None => None,
     };
@@ -191,7 +193,14 @@ impl Settings {
             }
         }
         if let Some(t) = cli.timeout {
-            s.client.request_timeout_secs = t.as_secs_f64();
+            let secs = t.as_secs_f64();
+            if !(secs > 0.0 && secs <= MAX_REQUEST_TIMEOUT_SECS) {
+                bail!(
+                    "--timeout {} is out of range: allowed more than 0s, up to 1day",
+                    humantime::format_duration(t)
+                );
+            }
+            s.client.request_timeout_secs = secs;
         }
         let t = s.client.request_timeout_secs;
         if !(t.is_finite() && t > 0.0 && t <= MAX_REQUEST_TIMEOUT_SECS) {
@@ -335,6 +344,10 @@ mod tests {
             (Some("fe80::1".into()), None)
         );
         assert!(split_controller("foo:bar").is_err());
+        for bad in ["foo:0", ":65536", "[::1]:-1"] {
+            let err = split_controller(bad).unwrap_err().to_string();
+            assert!(err.ends_with("is not a port (1-65535)"), "{err}");
+        }
     }
 
     #[test]

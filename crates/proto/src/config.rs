@@ -140,7 +140,7 @@ struct InstanceToml {
 /// Parses and validates a TOML cluster file. `file` names it in error messages.
 ///
 /// Every problem is reported in one pass, sorted by line: unknown keys and values of the
-/// wrong type (found by [`schema`](crate::schema) before deserializing) together with
+/// wrong type (found by the `schema` module before deserializing) together with
 /// problems of meaning (found by [`validate`]), each at its key's line with its key path.
 pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
     let lines = Lines::new(text);
@@ -945,6 +945,19 @@ max_failed_starts = -1
             let err = parse_toml("c.toml", text).unwrap_err().to_string();
             assert_eq!(err, want, "{text}");
         }
+    }
+
+    #[test]
+    fn nested_arrays_are_a_type_error() {
+        let deep = format!("{}1{}", "[".repeat(30), "]".repeat(30));
+        let text = format!(
+            "[instances.a]\n[nodes.x]\ninstance = \"a\"\ncommand = [\"x\"]\ncpu_affinity = {deep}\n"
+        );
+        let err = parse_toml("c.toml", &text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "c.toml:5: nodes.x.cpu_affinity: expected a CPU number 0-1023 or an array of them, found an array in the array"
+        );
     }
 
     #[test]

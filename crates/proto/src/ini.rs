@@ -1236,7 +1236,8 @@ fn case_hint(config: &Configuration, key: &str) -> String {
     }
 }
 
-/// Puts the file and missing lines on the issues, sorts and de-duplicates them.
+/// Puts the file and missing lines on the issues, sorts them by line and de-duplicates
+/// them.
 fn finish(file: &str, issues: Vec<Issue>, lines: &BTreeMap<String, usize>) -> Issues {
     let mut issues: Vec<Issue> = issues
         .into_iter()
@@ -1258,12 +1259,8 @@ fn finish(file: &str, issues: Vec<Issue>, lines: &BTreeMap<String, usize>) -> Is
             found
         })
         .collect();
-    issues.sort_by(|a, b| {
-        a.message
-            .cmp(&b.message)
-            .then_with(|| a.key.cmp(&b.key))
-            .then_with(|| a.line.cmp(&b.line))
-    });
+    // By line, as TOML files' problems are: the order an editor walks the file in.
+    issues.sort();
     issues.dedup();
     Issues(issues)
 }
@@ -2115,11 +2112,11 @@ mod tests {
         assert_eq!(
             errors(text),
             vec![
+                "c.ini: node and instance names collide: b",
                 "c.ini:7: m.instance: node 'm' has undeclared instance name 'Agent-1' (keys in \
                  [instances] are lower-cased, as zeek-client does: use lower-case instance names)",
                 "c.ini:12: w.port: node 'w' port 2151/tcp conflicts with agent port on instance 'b'",
                 "c.ini:16: x.instance: node 'x' has undeclared instance name 'nowhere'",
-                "c.ini: node and instance names collide: b",
             ]
         );
     }
@@ -2131,9 +2128,9 @@ mod tests {
         assert_eq!(
             errors(text),
             vec![
-                "c.ini:6: b.port: cannot convert \"b.port\" value \"x\" to int",
-                "c.ini:4: b.role: node requires a role",
                 "c.ini:2: a.role: role \"wrker\" is invalid",
+                "c.ini:4: b.role: node requires a role",
+                "c.ini:6: b.port: cannot convert \"b.port\" value \"x\" to int",
                 "c.ini:10: c.foo: unknown key 'foo'",
             ]
         );

@@ -361,7 +361,9 @@ fn fits(value: &DeValue<'_>, ty: Ty) -> Result<(), String> {
             .all(|v| integer(v.get_ref()).is_some_and(|n| (lo..=hi).contains(&n))),
         (Ty::StrTable, DeValue::Table(t)) => t.values().all(|v| v.get_ref().is_str()),
         (Ty::Ip, DeValue::String(s)) => s.parse::<IpAddr>().is_ok(),
-        (Ty::Cpus, DeValue::Array(a)) => a.iter().all(|v| fits(v.get_ref(), Ty::Cpus).is_ok()),
+        (Ty::Cpus, DeValue::Array(a)) => a
+            .iter()
+            .all(|v| integer(v.get_ref()).is_some_and(|n| (0..=CPU_MAX).contains(&n))),
         (Ty::Cpus, v) => integer(v).is_some_and(|n| (0..=CPU_MAX).contains(&n)),
         _ => false,
     };
