@@ -481,16 +481,19 @@ async fn deploy(
     deploy_locked(shared, id, config, restart_all, budget).await
 }
 
-/// Nodes pinned to a CPU their instance does not have, as error messages. Instances
-/// whose agent did not say how many CPUs it has (older agents) are not checked.
-fn impossible_affinities(shared: &Shared, config: &Configuration) -> Vec<String> {
-    let view = shared.view();
+/// Nodes pinned to a CPU their instance does not have (`cpus`: how many an instance's
+/// agent said it has), as error messages. Instances whose agent did not say (older
+/// agents) are not checked.
+fn impossible_affinities(
+    config: &Configuration,
+    cpus: impl Fn(&str) -> Option<u32>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for node in &config.nodes {
         let Some(affinity) = &node.cpu_affinity else {
             continue;
         };
-        let Some(count) = view.cpus(&node.instance) else {
+        let Some(count) = cpus(&node.instance) else {
             continue;
         };
         for cpu in affinity.cpus().into_iter().filter(|c| *c >= count) {
@@ -538,7 +541,10 @@ async fn deploy_locked(
             inst.host = Some(*h);
         }
     }
-    let refusals = impossible_affinities(shared, &config);
+    let refusals = {
+        let view = shared.view();
+        impossible_affinities(&config, |instance| view.cpus(instance))
+    };
     if !refusals.is_empty() {
         return refusals
             .into_iter()
@@ -850,6 +856,25 @@ async fn get_nodes(
         MgmtResult::ok(id, Some(ResultData::NodeStatuses(nodes))).on_instance(instance)
     }));
     results.sort_by(|a, b| a.instance.cmp(&b.instance));
+    // An agent's own entry carries the generation it applied as the controller knows it:
+    // the higher of what it reported and the last apply it answered.
+    {
+        let view = shared.view();
+        for r in &mut results {
+            let (Some(instance), Some(ResultData::NodeStatuses(statuses))) =
+                (&r.instance, &mut r.data)
+            else {
+                continue;
+            };
+            let applied = view.applied(instance);
+            for s in statuses
+                .iter_mut()
+                .filter(|s| s.mgmt_role == MgmtRole::Agent)
+            {
+                s.generation = applied;
+            }
+        }
+    }
     let mut me = NodeStatus::new(&shared.name, State::Running, MgmtRole::Controller);
     me.pid = Some(std::process::id());
     // The controller's own entry carries the desired generation, which every agent's
@@ -1033,4 +1058,39 @@ async fn act(
     let answers = fan_out(shared, requests, budget).await;
     results.extend(agent_results(id, answers));
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use drover_proto::model::{CpuAffinity, Node};
+
+    use super::*;
+
+    #[test]
+    fn pinning_beyond_an_instances_cpus_is_refused_naming_node_cpu_and_count() {
+        let mut config = Configuration::empty();
+        for (name, instance, affinity) in [
+            ("fits", "small", Some(CpuAffinity::Many(vec![0, 1]))),
+            ("edge", "small", Some(CpuAffinity::One(2))),
+            ("free", "small", None),
+            ("old", "unknown", Some(CpuAffinity::One(99))),
+            ("big", "large", Some(CpuAffinity::Many(vec![1, 63, 64]))),
+        ] {
+            let mut n = Node::new(name, instance);
+            n.cpu_affinity = affinity;
+            config.nodes.push(n);
+        }
+        let cpus = |instance: &str| match instance {
+            "small" => Some(2),
+            "large" => Some(64),
+            _ => None,
+        };
+        assert_eq!(
+            impossible_affinities(&config, cpus),
+            [
+                "node 'edge' is pinned to CPU 2, but instance 'small' has 2 CPUs (numbered from 0); nothing was deployed",
+                "node 'big' is pinned to CPU 64, but instance 'large' has 64 CPUs (numbered from 0); nothing was deployed",
+            ]
+        );
+    }
 }
