@@ -84,6 +84,20 @@ fn a_deploy_that_cannot_be_recorded_changes_nothing_even_after_a_controller_rest
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     let before = eventually("2 running", PATIENCE, || running(&c, addr, 2));
     assert_eq!(status_generation(&c, addr, "agent-1").as_deref(), Some("1"));
+    let table = c.drover(addr, &["-o", "table", "get-instances"]).stdout;
+    let header = table.lines().next().unwrap();
+    assert!(header.trim_end().ends_with("GENERATION"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("agent-1"))
+        .unwrap();
+    assert_eq!(row.split_whitespace().last(), Some("1"), "{table}");
+    // zeek-client's get-instances shape is unchanged.
+    let out = c.drover(
+        addr,
+        &["--set", "client.pretty_json=false", "get-instances"],
+    );
+    assert_eq!(out.stdout, "{\"agent-1\": {\"host\": \"127.0.0.1\"}}\n");
 
     // The desired deploy cannot be written: a directory where its temp file goes (a
     // file system failure root cannot override, as a full disk).
