@@ -582,6 +582,7 @@ async fn deploy_locked(
     // Every connected agent gets the configuration: those without nodes in it stop
     // whatever they ran before.
     let mut shares = crate::zeek::layout::shares(config, connected.keys().map(String::as_str));
+    let told: BTreeSet<String> = connected.keys().cloned().collect();
     let requests = connected
         .into_iter()
         .map(|(name, conn)| {
@@ -597,6 +598,15 @@ async fn deploy_locked(
         })
         .collect();
     let answers = fan_out(shared, requests, budget).await;
+    // An agent that connected while this deploy was prepared may have been brought to the
+    // previous desired deploy; bring it to this one (a repeat changes nothing).
+    for (name, conn) in shared.registry.connections() {
+        if !told.contains(&name) {
+            let shared = shared.clone();
+            let deploy = deploy.clone();
+            tokio::spawn(async move { reapply(&shared, &name, &conn, &deploy).await });
+        }
+    }
     // An agent that answered acknowledged the generation, even if some of its nodes
     // failed (those are results of their own, as in Zeek); one that did not answer in
     // time or could not be reached did not. The deploy is the deployed one once every
