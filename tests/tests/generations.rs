@@ -444,3 +444,39 @@ fn state_files_are_private() {
         Some("2")
     );
 }
+
+/// On a terminal, the deploy's spinner says how many nodes it started so far.
+#[test]
+fn a_deploy_on_a_terminal_shows_its_progress() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agent) = start(&c, &[]);
+    let file = cluster_file(&c, "slow.toml", "slow", 2, "");
+    // n2 takes a while to be ready, so the deploy is still waiting when n1 runs.
+    let text = std::fs::read_to_string(&file).unwrap().replacen(
+        "[nodes.n2]\n",
+        "[nodes.n2]\nreadiness = { kind = \"start-period\", period = \"2s\" }\n",
+        1,
+    );
+    std::fs::write(&file, text).unwrap();
+    let drover = format!(
+        "{} --controller {addr} --ca {} --cert {} --key {} deploy-config {}",
+        bin("drover").display(),
+        c.pki_file("ca.crt").display(),
+        c.pki_file("ops.crt").display(),
+        c.pki_file("ops.key").display(),
+        file.display()
+    );
+    // script(1) gives the CLI a terminal.
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qec", &drover, "/dev/null"])
+        .env("TERM", "xterm");
+    let out = drover_tests::run_cli(cmd, std::time::Duration::from_secs(30));
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("deploying: 1 nodes started"),
+        "{:?}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("\"id\": \"slow\""), "{}", out.stdout);
+    eventually("2 running", PATIENCE, || running(&c, addr, 2));
+}
