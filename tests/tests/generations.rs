@@ -83,6 +83,21 @@ fn a_deploy_that_cannot_be_recorded_changes_nothing_even_after_a_controller_rest
     let out = c.drover(addr, &["deploy-config", old.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     let before = eventually("2 running", PATIENCE, || running(&c, addr, 2));
+    assert_eq!(status_generation(&c, addr, "agent-1").as_deref(), Some("1"));
+    let table = c.drover(addr, &["-o", "table", "get-instances"]).stdout;
+    let header = table.lines().next().unwrap();
+    assert!(header.trim_end().ends_with("GENERATION"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("agent-1"))
+        .unwrap();
+    assert_eq!(row.split_whitespace().last(), Some("1"), "{table}");
+    // zeek-client's get-instances shape is unchanged.
+    let out = c.drover(
+        addr,
+        &["--set", "client.pretty_json=false", "get-instances"],
+    );
+    assert_eq!(out.stdout, "{\"agent-1\": {\"host\": \"127.0.0.1\"}}\n");
 
     // The desired deploy cannot be written: a directory where its temp file goes (a
     // file system failure root cannot override, as a full disk).
@@ -136,6 +151,10 @@ fn a_deploy_that_cannot_be_recorded_changes_nothing_even_after_a_controller_rest
     assert!(after.values().all(|p| !before.values().any(|b| b == p)));
     assert_eq!(
         status_generation(&c, addr2, "controller").as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        status_generation(&c, addr2, "agent-1").as_deref(),
         Some("2")
     );
 }
@@ -233,7 +252,19 @@ fn deploy_with_a_stale_expect_id_is_refused_and_changes_nothing() {
 #[test]
 fn a_deploy_an_agent_does_not_acknowledge_is_desired_not_deployed_and_blocks_stages() {
     let c = Cluster::new();
-    let (_ctl, addr, _agent) = start(&c, &["--request-timeout", "4s"]);
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (_ctl, addr, _agent) = start(
+        &c,
+        &[
+            "--request-timeout",
+            "4s",
+            "--metrics-listen",
+            &metrics.to_string(),
+        ],
+    );
     let first = cluster_file(&c, "first.toml", "first", 1, "");
     let out = c.drover(addr, &["deploy-config", first.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
@@ -301,6 +332,34 @@ fn a_deploy_an_agent_does_not_acknowledge_is_desired_not_deployed_and_blocks_sta
         status_generation(&c, addr, "controller").as_deref(),
         Some("2")
     );
+    assert_eq!(status_generation(&c, addr, "agent-1").as_deref(), Some("2"));
+    // The metrics say who lags: the mute agent never applied anything.
+    let page = scrape(metrics);
+    for (series, want) in [
+        ("drover_desired_generation", 2.0),
+        ("drover_deployed_generation", 1.0),
+        ("drover_agent_applied_generation{instance=\"agent-1\"}", 2.0),
+        ("drover_agents_lagging", 1.0),
+    ] {
+        let got = page.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        });
+        assert_eq!(got, Some(want), "{series} in\n{page}");
+    }
+    assert!(!page.contains("instance=\"mute\""), "{page}");
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 /// Needs agents that report their CPU count in their own status entry.
@@ -384,4 +443,40 @@ fn state_files_are_private() {
         status_generation(&c, addr, "controller").as_deref(),
         Some("2")
     );
+}
+
+/// On a terminal, the deploy's spinner says how many nodes it started so far.
+#[test]
+fn a_deploy_on_a_terminal_shows_its_progress() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agent) = start(&c, &[]);
+    let file = cluster_file(&c, "slow.toml", "slow", 2, "");
+    // n2 takes a while to be ready, so the deploy is still waiting when n1 runs.
+    let text = std::fs::read_to_string(&file).unwrap().replacen(
+        "[nodes.n2]\n",
+        "[nodes.n2]\nreadiness = { kind = \"start-period\", period = \"2s\" }\n",
+        1,
+    );
+    std::fs::write(&file, text).unwrap();
+    let drover = format!(
+        "{} --controller {addr} --ca {} --cert {} --key {} deploy-config {}",
+        bin("drover").display(),
+        c.pki_file("ca.crt").display(),
+        c.pki_file("ops.crt").display(),
+        c.pki_file("ops.key").display(),
+        file.display()
+    );
+    // script(1) gives the CLI a terminal.
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qec", &drover, "/dev/null"])
+        .env("TERM", "xterm");
+    let out = drover_tests::run_cli(cmd, std::time::Duration::from_secs(30));
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("deploying: 1 nodes started"),
+        "{:?}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("\"id\": \"slow\""), "{}", out.stdout);
+    eventually("2 running", PATIENCE, || running(&c, addr, 2));
 }

@@ -161,7 +161,7 @@ fn sysusers_and_tmpfiles_create_user_and_directories() {
         ("etc/drover", 0o750, false),
         ("etc/drover/pki", 0o700, true),
         ("var/lib/drover", 0o750, true),
-        ("var/lib/drover/controller", 0o750, true),
+        ("var/lib/drover/controller", 0o700, true),
         ("var/lib/drover/agent", 0o750, true),
     ] {
         let meta = std::fs::metadata(root.path().join(path))

@@ -311,7 +311,7 @@ async fn command(
             restart_all,
             expect_id,
         } => {
-            let progress = Progress::start("deploying");
+            let progress = Progress::start("deploying").follow_deploy(session).await;
             let reply = session
                 .request(&R::Deploy {
                     restart_all: *restart_all,
@@ -331,7 +331,7 @@ async fn command(
             }
             // Deploy what was just staged, not what another client staged since.
             let staged_id = json["results"]["id"].as_str().map(str::to_owned);
-            let progress = Progress::start("deploying");
+            let progress = Progress::start("deploying").follow_deploy(session).await;
             let reply = session
                 .request(&R::Deploy {
                     restart_all: *restart_all,
@@ -461,25 +461,93 @@ async fn command(
 
 /// A spinner on stderr while a long request runs, only on a terminal; it never touches
 /// stdout, so JSON output stays clean. Cleared when dropped.
-struct Progress(Option<indicatif::ProgressBar>);
+struct Progress(
+    Option<indicatif::ProgressBar>,
+    Option<tokio::task::JoinHandle<()>>,
+);
 
 impl Progress {
     fn start(what: &str) -> Self {
         use std::io::IsTerminal;
         if !std::io::stderr().is_terminal() {
-            return Self(None);
+            return Self(None, None);
         }
         let bar = indicatif::ProgressBar::new_spinner().with_message(what.to_owned());
         bar.enable_steady_tick(Duration::from_millis(100));
-        Self(Some(bar))
+        Self(Some(bar), None)
+    }
+
+    /// Shows how many nodes the deploy started so far, from the controller's events
+    /// (only with a spinner; without events the spinner stays as it is).
+    async fn follow_deploy(mut self, session: &Session) -> Self {
+        let Some(bar) = self.0.clone() else {
+            return self;
+        };
+        let Ok(mut events) = session
+            .request_stream(&drover_proto::msg::ClientRequest::Monitor { logs: false })
+            .await
+        else {
+            return self;
+        };
+        self.1 = Some(tokio::spawn(async move {
+            let mut progress = DeployProgress::default();
+            while let Ok(Some(reply)) = events.next::<drover_proto::msg::ClientResponse>().await {
+                if let drover_proto::msg::ClientResponse::Event(record) = reply
+                    && progress.record(&record.event)
+                {
+                    bar.set_message(progress.message());
+                }
+            }
+        }));
+        self
     }
 }
 
 impl Drop for Progress {
     fn drop(&mut self) {
+        if let Some(task) = &self.1 {
+            task.abort();
+        }
         if let Some(bar) = &self.0 {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// Nodes that reached RUNNING, or FAILED, while a deploy runs, from monitor events.
+#[derive(Debug, Default)]
+struct DeployProgress {
+    running: std::collections::BTreeSet<(String, String)>,
+    failed: std::collections::BTreeSet<(String, String)>,
+}
+
+impl DeployProgress {
+    /// Counts one event; whether the counts changed.
+    fn record(&mut self, event: &drover_proto::msg::Event) -> bool {
+        use drover_proto::model::State;
+        let drover_proto::msg::Event::NodeState {
+            instance,
+            node,
+            state,
+            ..
+        } = event
+        else {
+            return false;
+        };
+        let key = (instance.clone(), node.clone());
+        match state {
+            State::Running => self.failed.remove(&key) | self.running.insert(key),
+            State::Failed => self.running.remove(&key) | self.failed.insert(key),
+            _ => self.running.remove(&key),
+        }
+    }
+
+    fn message(&self) -> String {
+        let mut m = format!("deploying: {} nodes started", self.running.len());
+        if !self.failed.is_empty() {
+            m.push_str(&format!(", {} failed", self.failed.len()));
+        }
+        m
     }
 }
 
@@ -584,4 +652,41 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use drover_proto::model::State;
+    use drover_proto::msg::Event;
+
+    use super::*;
+
+    fn state(node: &str, state: State) -> Event {
+        Event::NodeState {
+            instance: "a".into(),
+            node: node.into(),
+            state,
+            previous: None,
+            pid: None,
+            restarts: 0,
+        }
+    }
+
+    #[test]
+    fn deploy_progress_counts_each_node_once_by_its_latest_state() {
+        let mut p = DeployProgress::default();
+        assert!(!p.record(&Event::Lagged { missed: 3 }));
+        assert!(!p.record(&state("n1", State::Pending)));
+        assert!(p.record(&state("n1", State::Running)));
+        assert!(
+            !p.record(&state("n1", State::Running)),
+            "a repeat changes nothing"
+        );
+        assert!(p.record(&state("n2", State::Failed)));
+        assert_eq!(p.message(), "deploying: 1 nodes started, 1 failed");
+        // A node that crashes after starting is no longer counted as started.
+        assert!(p.record(&state("n1", State::Crashed)));
+        assert!(p.record(&state("n2", State::Running)));
+        assert_eq!(p.message(), "deploying: 1 nodes started");
+    }
 }

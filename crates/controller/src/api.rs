@@ -484,16 +484,19 @@ async fn deploy(
     deploy_locked(shared, id, config, restart_all, budget).await
 }
 
-/// Nodes pinned to a CPU their instance does not have, as error messages. Instances
-/// whose agent did not say how many CPUs it has (older agents) are not checked.
-fn impossible_affinities(shared: &Shared, config: &Configuration) -> Vec<String> {
-    let view = shared.view();
+/// Nodes pinned to a CPU their instance does not have (`cpus`: how many an instance's
+/// agent said it has), as error messages. Instances whose agent did not say (older
+/// agents) are not checked.
+fn impossible_affinities(
+    config: &Configuration,
+    cpus: impl Fn(&str) -> Option<u32>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for node in &config.nodes {
         let Some(affinity) = &node.cpu_affinity else {
             continue;
         };
-        let Some(count) = view.cpus(&node.instance) else {
+        let Some(count) = cpus(&node.instance) else {
             continue;
         };
         for cpu in affinity.cpus().into_iter().filter(|c| *c >= count) {
@@ -555,7 +558,10 @@ async fn deploy_locked(
             .map(|i| MgmtResult::err(id, i.message))
             .collect();
     }
-    let refusals = impossible_affinities(shared, &config);
+    let refusals = {
+        let view = shared.view();
+        impossible_affinities(&config, |instance| view.cpus(instance))
+    };
     if !refusals.is_empty() {
         return refusals
             .into_iter()
@@ -593,6 +599,7 @@ async fn deploy_locked(
     // Every connected agent gets the configuration: those without nodes in it stop
     // whatever they ran before.
     let mut shares = crate::zeek::layout::shares(config, connected.keys().map(String::as_str));
+    let told: BTreeSet<String> = connected.keys().cloned().collect();
     let requests = connected
         .into_iter()
         .map(|(name, conn)| {
@@ -608,6 +615,15 @@ async fn deploy_locked(
         })
         .collect();
     let answers = fan_out(shared, requests, budget).await;
+    // An agent that connected while this deploy was prepared may have been brought to the
+    // previous desired deploy; bring it to this one (a repeat changes nothing).
+    for (name, conn) in shared.registry.connections() {
+        if !told.contains(&name) {
+            let shared = shared.clone();
+            let deploy = deploy.clone();
+            tokio::spawn(async move { reapply(&shared, &name, &conn, &deploy).await });
+        }
+    }
     // An agent that answered acknowledged the generation, even if some of its nodes
     // failed (those are results of their own, as in Zeek); one that did not answer in
     // time or could not be reached did not. The deploy is the deployed one once every
@@ -867,6 +883,25 @@ async fn get_nodes(
         MgmtResult::ok(id, Some(ResultData::NodeStatuses(nodes))).on_instance(instance)
     }));
     results.sort_by(|a, b| a.instance.cmp(&b.instance));
+    // An agent's own entry carries the generation it applied as the controller knows it:
+    // the higher of what it reported and the last apply it answered.
+    {
+        let view = shared.view();
+        for r in &mut results {
+            let (Some(instance), Some(ResultData::NodeStatuses(statuses))) =
+                (&r.instance, &mut r.data)
+            else {
+                continue;
+            };
+            let applied = view.applied(instance);
+            for s in statuses
+                .iter_mut()
+                .filter(|s| s.mgmt_role == MgmtRole::Agent)
+            {
+                s.generation = applied;
+            }
+        }
+    }
     let mut me = NodeStatus::new(&shared.name, State::Running, MgmtRole::Controller);
     me.pid = Some(std::process::id());
     // The controller's own entry carries the desired generation, which every agent's
@@ -1050,4 +1085,39 @@ async fn act(
     let answers = fan_out(shared, requests, budget).await;
     results.extend(agent_results(id, answers));
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use drover_proto::model::{CpuAffinity, Node};
+
+    use super::*;
+
+    #[test]
+    fn pinning_beyond_an_instances_cpus_is_refused_naming_node_cpu_and_count() {
+        let mut config = Configuration::empty();
+        for (name, instance, affinity) in [
+            ("fits", "small", Some(CpuAffinity::Many(vec![0, 1]))),
+            ("edge", "small", Some(CpuAffinity::One(2))),
+            ("free", "small", None),
+            ("old", "unknown", Some(CpuAffinity::One(99))),
+            ("big", "large", Some(CpuAffinity::Many(vec![1, 63, 64]))),
+        ] {
+            let mut n = Node::new(name, instance);
+            n.cpu_affinity = affinity;
+            config.nodes.push(n);
+        }
+        let cpus = |instance: &str| match instance {
+            "small" => Some(2),
+            "large" => Some(64),
+            _ => None,
+        };
+        assert_eq!(
+            impossible_affinities(&config, cpus),
+            [
+                "node 'edge' is pinned to CPU 2, but instance 'small' has 2 CPUs (numbered from 0); nothing was deployed",
+                "node 'big' is pinned to CPU 64, but instance 'large' has 64 CPUs (numbered from 0); nothing was deployed",
+            ]
+        );
+    }
 }

@@ -253,23 +253,24 @@ impl Shared {
         let mut applied = Vec::new();
         let mut lagging = 0.0;
         for agent in &connected {
-            // Agents that predate generations report none, and are not counted.
-            let Some(g) = view.applied(&agent.name) else {
-                continue;
-            };
-            if g < desired {
+            // An agent that neither reported nor acknowledged any generation lags once
+            // there is a desired one; it has no applied sample.
+            let g = view.applied(&agent.name);
+            if g.unwrap_or(0) < desired {
                 lagging += 1.0;
             }
-            applied.push((
-                drover_metrics::labels(&[("instance", agent.name.as_str())]),
-                g as f64,
-            ));
+            if let Some(g) = g {
+                applied.push((
+                    drover_metrics::labels(&[("instance", agent.name.as_str())]),
+                    g as f64,
+                ));
+            }
         }
         drop(view);
         drover_metrics::gauge(
             out,
             "drover_agent_applied_generation",
-            "The generation each connected agent reported having applied.",
+            "The generation each connected agent applied (reported, or answered an apply of).",
             &applied,
         );
         drover_metrics::gauge(

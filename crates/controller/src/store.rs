@@ -60,6 +60,14 @@ pub enum StoreError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The state dir cannot be created or its modes tightened.
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        /// The directory or file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// A state file holds something else than a configuration.
     #[error("{path}: not a valid configuration ({source}); move it away to start without it")]
     Corrupt {
@@ -210,7 +218,7 @@ pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub fn secure_dir(dir: &Path) -> Result<(), StoreError> {
     let io = |path: &Path| {
         let path = path.to_owned();
-        move |source| StoreError::Io { path, source }
+        move |source| StoreError::StateDir { path, source }
     };
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -526,6 +534,18 @@ mod tests {
         assert_eq!(store.desired(), Some(want));
         assert_eq!(store.staged(), Some(c));
         assert_eq!(store.set_desired(config("next"), 0).unwrap().generation, 2);
+    }
+
+    #[test]
+    fn a_state_dir_that_cannot_be_made_is_a_clear_error() {
+        let parent = tempfile::tempdir().unwrap();
+        let file = parent.path().join("not-a-dir");
+        fs::write(&file, b"").unwrap();
+        let err = Store::open(&file.join("state")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("state dir ") && err.contains("not-a-dir"),
+            "{err}"
+        );
     }
 
     #[test]

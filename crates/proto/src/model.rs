@@ -581,7 +581,8 @@ pub struct NodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// The deploy generation: for a node, the generation whose spec it runs; for an
-    /// agent's own entry, the generation the agent has applied.
+    /// agent's own entry, the generation the agent has applied; for the controller's own
+    /// entry in get-nodes, the desired generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
     /// For an agent's own entry: how many CPUs its nodes may be pinned to.
