@@ -641,6 +641,30 @@ fn bad_roles_files_stop_the_controller_and_open_listeners_are_warned_about() {
         "{log}"
     );
 
+    // Bad zeek settings stop it too, naming the setting.
+    for (flags, want) in [
+        (
+            vec!["--zeek-deploy", "all"],
+            "unknown zeek deploy mode 'all': expected restart-all or changed",
+        ),
+        (
+            vec!["--auto-assign-broker-start-port", "0"],
+            "an auto-assignment start port must not be 0",
+        ),
+        (
+            vec!["--auto-assign-metrics-ports", "maybe"],
+            "invalid value 'maybe' for '--auto-assign-metrics-ports",
+        ),
+    ] {
+        let mut cmd = Command::new(bin("drover-controller"));
+        cmd.args(&flags);
+        c.controller_args(&mut cmd, "127.0.0.1:0");
+        let mut p = Proc::spawn("controller", cmd, c.dir.path().join("bad-flag.log"));
+        assert!(!p.wait_exit(PATIENCE).success(), "{flags:?}");
+        let log = p.log_text();
+        assert!(log.contains(want), "{flags:?}: {log}");
+    }
+
     let z = Zeek::start(&c, "127.0.0.1:0", "0.0.0.0:0", &[]);
     z.ctl
         .wait_log("plain WebSocket without TLS or authentication");
@@ -1111,7 +1135,7 @@ fn zeek_client_deploy_and_restart_time_out_as_in_zeek() {
         &c,
         "127.0.0.1:0",
         "127.0.0.1:0",
-        &["--request-timeout", "2s"],
+        &["--request-timeout", "4s"],
         true,
     );
     let mut t = Transcript::new("timeouts-agent", &z, &c);
