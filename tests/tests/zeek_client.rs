@@ -1161,3 +1161,43 @@ fn zeek_client_deploy_and_restart_time_out_as_in_zeek() {
     a2.signal(nix::sys::signal::Signal::SIGCONT);
     t.check();
 }
+
+/// zeek-client's monitor prints what the controller publishes to clients, as with
+/// Zeek's controller: every response, other clients' included, and nothing it cannot
+/// read (a notification event it does not know would be skipped, so none is sent).
+#[test]
+fn zeek_client_monitor_sees_every_clients_responses() {
+    let c = Cluster::new();
+    let z = Zeek::start_running(&c, &[]);
+    let _a = c.start_agent("agent-1", z.addr);
+    wait_instances(&z, 1);
+    let mut cmd = Command::new(&z.exe);
+    cmd.env("ZEEK_CLIENT_CONFIG_FILE", &z.config)
+        .env_remove("ZEEK_CLIENT_CONFIG_SETTINGS")
+        // Print each line as it comes, not when a buffer fills.
+        .env("PYTHONUNBUFFERED", "1")
+        .arg("--controller")
+        .arg(z.ws.to_string())
+        .arg("-vv")
+        .arg("monitor");
+    let monitor = Proc::spawn("monitor", cmd, c.dir.path().join("monitor.log"));
+    monitor.wait_log("info: peered with controller");
+    let file = c.dir.path().join("one.ini");
+    std::fs::write(
+        &file,
+        "[instances]\nagent-1\n\n[manager]\ninstance = agent-1\nrole = manager\n",
+    )
+    .unwrap();
+    let out = z.run(&["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    // zeek-client prints each event's name and argument types.
+    let log = monitor.wait_log("received \"Management::Controller::API::deploy_response(");
+    assert!(
+        log.contains("received \"Management::Controller::API::stage_configuration_response("),
+        "{log}"
+    );
+    assert_eq!(z.run(&["get-nodes"]).code, Some(0));
+    let log = monitor.wait_log("Management::Controller::API::get_nodes_response(");
+    assert!(!log.contains("unexpected event"), "{log}");
+    assert!(!log.contains("error"), "{log}");
+}
