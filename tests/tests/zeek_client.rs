@@ -1201,3 +1201,35 @@ fn zeek_client_monitor_sees_every_clients_responses() {
     assert!(!log.contains("unexpected event"), "{log}");
     assert!(!log.contains("error"), "{log}");
 }
+
+/// Zeek's deploy-minimal: a configuration that names no instance runs on the agent
+/// `agent-<hostname>` of the client's host, and its manager and logger get Broker ports
+/// (the controller runs, as Zeek's test controller does, without metrics ports).
+#[test]
+fn zeek_minimal_configuration_gets_ports() {
+    let c = Cluster::new();
+    let z = Zeek::start_running(&c, &["--auto-assign-metrics-ports=false"]);
+    // What zeek-client's socket.gethostname() returns.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("the host name")
+        .trim()
+        .to_owned();
+    let agent = format!("agent-{host}");
+    let mut t = Transcript::new("minimal", &z, &c);
+    t.replace(&agent, "agent-<hostname>");
+    let _a = c.start_agent(&agent, z.addr);
+    wait_instances(&z, 1);
+    let file = c.dir.path().join("minimal.ini");
+    std::fs::write(
+        &file,
+        "[manager]\nrole = manager\n\n[logger]\nrole = logger\n\n\
+         [worker-01]\nrole = worker\ninterface = lo\n\n[worker-02]\nrole = worker\ninterface = eth0\n",
+    )
+    .unwrap();
+    let out = t.run(&z, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
+    let v = t.run(&z, &["get-config", "--as-json", "--deployed"]).json();
+    assert_eq!(v["instances"][0]["name"], agent.as_str(), "{v}");
+    t.check();
+}
