@@ -8,8 +8,10 @@
 //! zeek-client is installed into a virtualenv at `<workspace>/target/zeek-venv` (or
 //! `$DROVER_ZEEK_VENV`) on first use and reused after; `$DROVER_ZEEK_CLIENT` points at
 //! another zeek-client instead. Outputs are compared with the transcripts in
-//! `tests/zeek/*.txt`, with pids, ids and ports replaced by placeholders; regenerate
-//! them with `DROVER_UPDATE_GOLDEN=1`.
+//! `tests/zeek/*.txt`, with pids, ids and ports replaced by placeholders, as Zeek's own
+//! system tests (zeek-testing-cluster) canonicalise theirs; each transcript's leading
+//! `#` lines name the upstream scenarios it follows and are not compared. Regenerate
+//! them with `DROVER_UPDATE_GOLDEN=1` (the `#` lines are kept).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
