@@ -9,7 +9,8 @@
 //! - Broker ports: managers, loggers and proxies without a `port` get one, never workers.
 //!   Candidates are sorted by instance name, then role (manager, logger, proxy), then
 //!   name, and numbered from the start port (Zeek's 2200) across all instances, skipping
-//!   every agent port, every port a node already has, and the controller's own port.
+//!   every agent port, every port and metrics port a node already has, and the
+//!   controller's own port.
 //! - Metrics ports: every Zeek node without a `metrics_port` gets one, in the same order
 //!   (workers last), numbered from the start port (Zeek's 9000) once per host address:
 //!   instances on one address share a pool, instances whose address is unknown share
@@ -17,8 +18,9 @@
 //! - Checks: a node `port` equal to the controller's port is refused; with Broker port
 //!   assignment off, managers, loggers and proxies without a port are refused.
 //!
-//! Zeek's controller does not skip its own port when assigning; drover does, since the
-//! result would be refused by the check above.
+//! Zeek's controller skips neither its own port nor given metrics ports when assigning
+//! Broker ports; drover skips both, since either would be a conflict (the first one
+//! refused by the check above).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -159,6 +161,7 @@ pub fn assign(config: &mut Configuration, policy: &PortPolicy) -> Vec<Issue> {
             .iter()
             .filter_map(|i| i.port)
             .chain(config.nodes.iter().filter_map(|n| n.port))
+            .chain(config.nodes.iter().filter_map(|n| n.metrics_port))
             .chain(policy.controller_port)
             .collect();
         let mut next = u32::from(start);
@@ -473,6 +476,11 @@ mod tests {
         );
     }
 
+    /// Given metrics ports, in the range where Broker or metrics ports are assigned.
+    fn prop_oneof_ports() -> impl proptest::strategy::Strategy<Value = u16> {
+        proptest::prop_oneof![2199u16..2206, 8999u16..9004]
+    }
+
     fn role(i: u8) -> ClusterRole {
         match i % 5 {
             0 => ClusterRole::Manager,
@@ -494,7 +502,7 @@ mod tests {
             agent_ports in proptest::collection::vec(proptest::option::of(2199u16..2204), 1..4),
             nodes in proptest::collection::vec(
                 (0u8..5, 0usize..4, proptest::option::of(2199u16..2206),
-                 proptest::option::of(8999u16..9004)),
+                 proptest::option::of(prop_oneof_ports())),
                 1..12,
             ),
             controller in proptest::option::of(2199u16..2203),
@@ -543,6 +551,7 @@ mod tests {
                     // Nothing else in the cluster uses it.
                     let p = new.port.expect("a port");
                     let uses = c.nodes.iter().filter(|n| n.port == Some(p)).count()
+                        + before.nodes.iter().filter(|n| n.metrics_port == Some(p)).count()
                         + c.instances.iter().filter(|i| i.port == Some(p)).count()
                         + usize::from(controller == Some(p));
                     proptest::prop_assert_eq!(uses, 1, "broker port {} of {}", p, &new.name);
