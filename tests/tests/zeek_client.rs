@@ -8,8 +8,10 @@
 //! zeek-client is installed into a virtualenv at `<workspace>/target/zeek-venv` (or
 //! `$DROVER_ZEEK_VENV`) on first use and reused after; `$DROVER_ZEEK_CLIENT` points at
 //! another zeek-client instead. Outputs are compared with the transcripts in
-//! `tests/zeek/*.txt`, with pids, ids and ports replaced by placeholders; regenerate
-//! them with `DROVER_UPDATE_GOLDEN=1`.
+//! `tests/zeek/*.txt`, with pids, ids and ports replaced by placeholders, as Zeek's own
+//! system tests (zeek-testing-cluster) canonicalise theirs; each transcript's leading
+//! `#` lines name the upstream scenarios it follows and are not compared. Regenerate
+//! them with `DROVER_UPDATE_GOLDEN=1` (the `#` lines are kept).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -641,6 +643,30 @@ fn bad_roles_files_stop_the_controller_and_open_listeners_are_warned_about() {
         "{log}"
     );
 
+    // Bad zeek settings stop it too, naming the setting.
+    for (flags, want) in [
+        (
+            vec!["--zeek-deploy", "all"],
+            "unknown zeek deploy mode 'all': expected restart-all or changed",
+        ),
+        (
+            vec!["--auto-assign-broker-start-port", "0"],
+            "an auto-assignment start port must not be 0",
+        ),
+        (
+            vec!["--auto-assign-metrics-ports", "maybe"],
+            "invalid value 'maybe' for '--auto-assign-metrics-ports",
+        ),
+    ] {
+        let mut cmd = Command::new(bin("drover-controller"));
+        cmd.args(&flags);
+        c.controller_args(&mut cmd, "127.0.0.1:0");
+        let mut p = Proc::spawn("controller", cmd, c.dir.path().join("bad-flag.log"));
+        assert!(!p.wait_exit(PATIENCE).success(), "{flags:?}");
+        let log = p.log_text();
+        assert!(log.contains(want), "{flags:?}: {log}");
+    }
+
     let z = Zeek::start(&c, "127.0.0.1:0", "0.0.0.0:0", &[]);
     z.ctl
         .wait_log("plain WebSocket without TLS or authentication");
@@ -1111,7 +1137,7 @@ fn zeek_client_deploy_and_restart_time_out_as_in_zeek() {
         &c,
         "127.0.0.1:0",
         "127.0.0.1:0",
-        &["--request-timeout", "2s"],
+        &["--request-timeout", "4s"],
         true,
     );
     let mut t = Transcript::new("timeouts-agent", &z, &c);
@@ -1135,5 +1161,77 @@ fn zeek_client_deploy_and_restart_time_out_as_in_zeek() {
         "a deploy that timed out is not the deployed configuration"
     );
     a2.signal(nix::sys::signal::Signal::SIGCONT);
+    t.check();
+}
+
+/// zeek-client's monitor prints what the controller publishes to clients, as with
+/// Zeek's controller: every response, other clients' included, and nothing it cannot
+/// read (a notification event it does not know would be skipped, so none is sent).
+#[test]
+fn zeek_client_monitor_sees_every_clients_responses() {
+    let c = Cluster::new();
+    let z = Zeek::start_running(&c, &[]);
+    let _a = c.start_agent("agent-1", z.addr);
+    wait_instances(&z, 1);
+    let mut cmd = Command::new(&z.exe);
+    cmd.env("ZEEK_CLIENT_CONFIG_FILE", &z.config)
+        .env_remove("ZEEK_CLIENT_CONFIG_SETTINGS")
+        // Print each line as it comes, not when a buffer fills.
+        .env("PYTHONUNBUFFERED", "1")
+        .arg("--controller")
+        .arg(z.ws.to_string())
+        .arg("-vv")
+        .arg("monitor");
+    let monitor = Proc::spawn("monitor", cmd, c.dir.path().join("monitor.log"));
+    monitor.wait_log("info: peered with controller");
+    let file = c.dir.path().join("one.ini");
+    std::fs::write(
+        &file,
+        "[instances]\nagent-1\n\n[manager]\ninstance = agent-1\nrole = manager\n",
+    )
+    .unwrap();
+    let out = z.run(&["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    // zeek-client prints each event's name and argument types.
+    let log = monitor.wait_log("received \"Management::Controller::API::deploy_response(");
+    assert!(
+        log.contains("received \"Management::Controller::API::stage_configuration_response("),
+        "{log}"
+    );
+    assert_eq!(z.run(&["get-nodes"]).code, Some(0));
+    let log = monitor.wait_log("Management::Controller::API::get_nodes_response(");
+    assert!(!log.contains("unexpected event"), "{log}");
+    assert!(!log.contains("error"), "{log}");
+}
+
+/// Zeek's deploy-minimal: a configuration that names no instance runs on the agent
+/// `agent-<hostname>` of the client's host, and its manager and logger get Broker ports
+/// (the controller runs, as Zeek's test controller does, without metrics ports).
+#[test]
+fn zeek_minimal_configuration_gets_ports() {
+    let c = Cluster::new();
+    let z = Zeek::start_running(&c, &["--auto-assign-metrics-ports=false"]);
+    // What zeek-client's socket.gethostname() returns.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("the host name")
+        .trim()
+        .to_owned();
+    let agent = format!("agent-{host}");
+    let mut t = Transcript::new("minimal", &z, &c);
+    t.replace(&agent, "agent-<hostname>");
+    let _a = c.start_agent(&agent, z.addr);
+    wait_instances(&z, 1);
+    let file = c.dir.path().join("minimal.ini");
+    std::fs::write(
+        &file,
+        "[manager]\nrole = manager\n\n[logger]\nrole = logger\n\n\
+         [worker-01]\nrole = worker\ninterface = lo\n\n[worker-02]\nrole = worker\ninterface = eth0\n",
+    )
+    .unwrap();
+    let out = t.run(&z, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
+    let v = t.run(&z, &["get-config", "--as-json", "--deployed"]).json();
+    assert_eq!(v["instances"][0]["name"], agent.as_str(), "{v}");
     t.check();
 }

@@ -302,7 +302,7 @@ fn instances(shared: &Shared) -> Vec<Instance> {
 /// refused (the deploy sends what was staged when it began); stages wait for each other.
 async fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<MgmtResult> {
     let mut issues = validate(&config);
-    // Port checks that depend on the controller's settings (drover_proto::ports).
+    // zeek: port checks that depend on the controller's settings (drover_proto::ports).
     issues.extend(drover_proto::ports::check(&config, &shared.ports));
     issues.sort_by(|a, b| a.message.cmp(&b.message).then_with(|| a.key.cmp(&b.key)));
     if !issues.is_empty() {

@@ -9,7 +9,8 @@
 //! - Broker ports: managers, loggers and proxies without a `port` get one, never workers.
 //!   Candidates are sorted by instance name, then role (manager, logger, proxy), then
 //!   name, and numbered from the start port (Zeek's 2200) across all instances, skipping
-//!   every agent port, every port a node already has, and the controller's own port.
+//!   every agent port, every port and metrics port a node already has, and the
+//!   controller's own port.
 //! - Metrics ports: every Zeek node without a `metrics_port` gets one, in the same order
 //!   (workers last), numbered from the start port (Zeek's 9000) once per host address:
 //!   instances on one address share a pool, instances whose address is unknown share
@@ -17,8 +18,9 @@
 //! - Checks: a node `port` equal to the controller's port is refused; with Broker port
 //!   assignment off, managers, loggers and proxies without a port are refused.
 //!
-//! Zeek's controller does not skip its own port when assigning; drover does, since the
-//! result would be refused by the check above.
+//! Zeek's controller skips neither its own port nor given metrics ports when assigning
+//! Broker ports; drover skips both, since either would be a conflict (the first one
+//! refused by the check above).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -159,6 +161,7 @@ pub fn assign(config: &mut Configuration, policy: &PortPolicy) -> Vec<Issue> {
             .iter()
             .filter_map(|i| i.port)
             .chain(config.nodes.iter().filter_map(|n| n.port))
+            .chain(config.nodes.iter().filter_map(|n| n.metrics_port))
             .chain(policy.controller_port)
             .collect();
         let mut next = u32::from(start);
@@ -471,5 +474,111 @@ mod tests {
             vec![],
             "no controller port given, assignment on"
         );
+    }
+
+    /// Given metrics ports, in the range where Broker or metrics ports are assigned.
+    fn prop_oneof_ports() -> impl proptest::strategy::Strategy<Value = u16> {
+        proptest::prop_oneof![2199u16..2206, 8999u16..9004]
+    }
+
+    fn role(i: u8) -> ClusterRole {
+        match i % 5 {
+            0 => ClusterRole::Manager,
+            1 => ClusterRole::Logger,
+            2 => ClusterRole::Proxy,
+            3 => ClusterRole::Worker,
+            _ => ClusterRole::Other("web".into()),
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the configuration: given ports stay, every manager, logger and
+        /// proxy ends with a port and no worker gets one, no assigned port repeats a
+        /// port in use (Broker ports across the cluster, metrics ports on their host),
+        /// and assigning again changes nothing.
+        #[test]
+        fn assignment_keeps_given_ports_and_never_collides(
+            hosts in proptest::collection::vec(proptest::option::of(0u8..3), 1..4),
+            agent_ports in proptest::collection::vec(proptest::option::of(2199u16..2204), 1..4),
+            nodes in proptest::collection::vec(
+                (0u8..5, 0usize..4, proptest::option::of(2199u16..2206),
+                 proptest::option::of(prop_oneof_ports())),
+                1..12,
+            ),
+            controller in proptest::option::of(2199u16..2203),
+        ) {
+            let instances: Vec<Instance> = hosts
+                .iter()
+                .enumerate()
+                .map(|(i, h)| Instance {
+                    name: format!("i{i}"),
+                    host: h.map(|h| IpAddr::from([10, 0, 0, h])),
+                    port: agent_ports.get(i).copied().flatten(),
+                })
+                .collect();
+            let mut c = config(
+                instances,
+                nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(k, (r, inst, p, m))| {
+                        let mut n = node(
+                            &format!("n{k}"),
+                            &format!("i{}", inst % hosts.len()),
+                            role(*r),
+                            *p,
+                        );
+                        n.metrics_port = *m;
+                        n
+                    })
+                    .collect(),
+            );
+            let before = c.clone();
+            let policy = PortPolicy { controller_port: controller, ..PortPolicy::default() };
+            let issues = assign(&mut c, &policy);
+            proptest::prop_assert!(issues.is_empty(), "{issues:?}");
+            if !is_zeek_cluster(&before) {
+                proptest::prop_assert_eq!(&c, &before);
+                return Ok(());
+            }
+            let host = |inst: &str| {
+                c.instances.iter().find(|i| i.name == inst).and_then(|i| i.host)
+            };
+            for (old, new) in before.nodes.iter().zip(&c.nodes) {
+                if old.port.is_some() {
+                    proptest::prop_assert_eq!(old.port, new.port);
+                } else if needs_broker_port(&new.role) {
+                    // Nothing else in the cluster uses it.
+                    let p = new.port.expect("a port");
+                    let uses = c.nodes.iter().filter(|n| n.port == Some(p)).count()
+                        + before.nodes.iter().filter(|n| n.metrics_port == Some(p)).count()
+                        + c.instances.iter().filter(|i| i.port == Some(p)).count()
+                        + usize::from(controller == Some(p));
+                    proptest::prop_assert_eq!(uses, 1, "broker port {} of {}", p, &new.name);
+                } else {
+                    proptest::prop_assert_eq!(new.port, None);
+                }
+                if old.metrics_port.is_some() {
+                    proptest::prop_assert_eq!(old.metrics_port, new.metrics_port);
+                } else if rank(&new.role).is_some() {
+                    // Nothing else on its host uses it.
+                    let p = new.metrics_port.expect("a metrics port");
+                    let h = host(&new.instance);
+                    let uses: usize = c
+                        .nodes
+                        .iter()
+                        .filter(|n| host(&n.instance) == h)
+                        .map(|n| usize::from(n.port == Some(p)) + usize::from(n.metrics_port == Some(p)))
+                        .sum::<usize>()
+                        + c.instances.iter().filter(|i| i.host == h && i.port == Some(p)).count();
+                    proptest::prop_assert_eq!(uses, 1, "metrics port {} of {}", p, &new.name);
+                } else {
+                    proptest::prop_assert_eq!(new.metrics_port, None);
+                }
+            }
+            let mut again = c.clone();
+            proptest::prop_assert!(assign(&mut again, &policy).is_empty());
+            proptest::prop_assert_eq!(again, c);
+        }
     }
 }
