@@ -256,6 +256,40 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// A `cargo` command (the cargo that runs this xtask) without the variables `cargo run`
+/// set for this package. Build scripts such as ring's ask to rerun when
+/// `CARGO_MANIFEST_DIR` or a `CARGO_PKG_*` variable changes, and cargo compares them
+/// against its own environment: inherited from xtask, they made every inner build
+/// rebuild ring and everything above it.
+pub(crate) fn cargo_command() -> std::process::Command {
+    let mut cmd =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_package_var) {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// Whether `name` is one of the variables cargo sets for the package it builds or runs
+/// (as opposed to `CARGO`, `CARGO_HOME`, `CARGO_TARGET_DIR` and the configuration
+/// variables a user sets, which the inner cargo must see).
+fn is_package_var(name: &str) -> bool {
+    const EXACT: [&str; 9] = [
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    EXACT.contains(&name) || name.starts_with("CARGO_PKG_") || name.starts_with("CARGO_BIN_EXE_")
+}
+
 /// The workspace root (the parent of this crate's directory).
 fn project_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
