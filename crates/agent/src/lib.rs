@@ -104,6 +104,18 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// Another agent process holds the state directory.
+    #[error(
+        "state dir {path} is in use by another agent (pid {holder}, lock {lock}); one agent per state dir"
+    )]
+    StateDirInUse {
+        /// The directory.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// The holder's pid as it wrote it, or `unknown`.
+        holder: String,
+    },
 }
 
 /// A configured agent, ready to run.
@@ -117,6 +129,9 @@ pub struct Agent {
     listener: Option<quinn::Endpoint>,
     /// The metrics listener, bound at start-up.
     metrics: std::sync::Mutex<Option<std::net::TcpListener>>,
+    /// The state dir's lock, held for the life of the process (the kernel releases it
+    /// when the process dies, however it dies).
+    _lock: std::fs::File,
 }
 
 impl Agent {
@@ -159,6 +174,9 @@ impl Agent {
             path: config.state_dir.clone(),
             source,
         })?;
+        // Before anything reads the node records: a second agent on the same state dir
+        // would adopt the first one's nodes and both would supervise them.
+        let lock = lock_state_dir(&config.state_dir)?;
         let listener = match config.listen {
             Some(addr) => Some(conn::server_endpoint(&creds, addr, &config.transport)?),
             None => None,
@@ -177,6 +195,7 @@ impl Agent {
             server_name,
             listener,
             metrics: std::sync::Mutex::new(metrics),
+            _lock: lock,
         })
     }
 
@@ -687,6 +706,47 @@ fn process_start_ms() -> Option<u64> {
     sys::start_time_epoch_ms(sys::proc_id(pid).ok()?)
 }
 
+/// Takes the exclusive lock of `dir` (`flock` on `dir/agent.lock`, released by the kernel
+/// when this process dies) and writes this process's pid into the lock file, so that a
+/// second agent can name the holder.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, Error> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("agent.lock");
+    let io = |source| Error::StateDir {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = text.trim();
+            return Err(Error::StateDirInUse {
+                path: dir.to_owned(),
+                lock: path.clone(),
+                holder: if holder.is_empty() {
+                    "unknown".to_owned()
+                } else {
+                    holder.to_owned()
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
 /// The host part of `HOST:PORT` or `[V6]:PORT`.
 fn split_host(addr: &str) -> Option<&str> {
     let (host, port) = addr.rsplit_once(':')?;
@@ -714,7 +774,31 @@ pub fn software() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::split_host;
+    use super::{Error, lock_state_dir, split_host};
+
+    #[test]
+    fn a_locked_state_dir_names_its_holder_and_is_free_once_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_state_dir(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("agent.lock")).unwrap();
+        assert_eq!(text.trim(), std::process::id().to_string());
+        // flock locks belong to the open file, so a second open in this process
+        // conflicts as another process's would.
+        match lock_state_dir(dir.path()) {
+            Err(e @ Error::StateDirInUse { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&format!("pid {}", std::process::id())),
+                    "{msg}"
+                );
+                assert!(msg.contains("agent.lock"), "{msg}");
+            }
+            other => panic!("expected the dir to be in use, got {other:?}"),
+        }
+        drop(held);
+        let again = lock_state_dir(dir.path()).unwrap();
+        drop(again);
+    }
 
     #[test]
     fn host_part_of_addresses() {
