@@ -11,6 +11,7 @@
 //!   per-node state machine: no I/O, no clock), with [`logs`] (per-node files, rotation,
 //!   tails) and [`sys`] (/proc, process groups, pidfds, affinity).
 //! - [`query`]: asks running nodes for values (get-id-value) over their query sockets.
+//! - [`sockdir`]: short paths for the nodes' sockets when the state dir is long.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
 //! [`Agent::new`] and [`Agent::run_with_ready`] (which tells systemd when the agent
@@ -20,6 +21,7 @@ pub mod backoff;
 pub mod logs;
 pub mod machine;
 pub mod query;
+pub mod sockdir;
 pub mod supervisor;
 pub mod sys;
 
@@ -177,6 +179,19 @@ impl Agent {
         // Before anything reads the node records: a second agent on the same state dir
         // would adopt the first one's nodes and both would supervise them.
         let lock = lock_state_dir(&config.state_dir)?;
+        // A state dir too long for the nodes' socket paths is an error now, not a node
+        // that cannot start later.
+        let nodes_dir = std::fs::canonicalize(&config.state_dir)
+            .map(|d| d.join("nodes"))
+            .and_then(|d| std::fs::create_dir_all(&d).map(|()| d))
+            .map_err(|source| Error::StateDir {
+                path: config.state_dir.clone(),
+                source,
+            })?;
+        sockdir::socket_root(&nodes_dir).map_err(|source| Error::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        })?;
         let listener = match config.listen {
             Some(addr) => Some(conn::server_endpoint(&creds, addr, &config.transport)?),
             None => None,
