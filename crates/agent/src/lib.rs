@@ -131,6 +131,9 @@ pub struct Agent {
     listener: Option<quinn::Endpoint>,
     /// The metrics listener, bound at start-up.
     metrics: std::sync::Mutex<Option<std::net::TcpListener>>,
+    /// How many sessions the controller opened by dialling this agent are live: while
+    /// one is, the agent does not dial the controller too.
+    listened: tokio::sync::watch::Sender<usize>,
     /// The state dir's lock, held for the life of the process (the kernel releases it
     /// when the process dies, however it dies).
     _lock: std::fs::File,
@@ -210,6 +213,7 @@ impl Agent {
             server_name,
             listener,
             metrics: std::sync::Mutex::new(metrics),
+            listened: tokio::sync::watch::Sender::new(0),
             _lock: lock,
         })
     }
@@ -336,6 +340,8 @@ impl Agent {
                     return;
                 }
                 info!(controller = %identity.name, addr = %conn.remote_address(), "controller connected");
+                this.listened.send_modify(|n| *n += 1);
+                let _live = ListenedSession(&this.listened);
                 let reason = this.serve(conn, &supervisor).await;
                 warn!("lost the controller: {}", conn::explain(&reason, "controller"));
             });
@@ -356,7 +362,20 @@ impl Agent {
             return;
         };
         info!(agent = %name, %controller, "agent connecting");
+        let mut listened = self.listened.subscribe();
         loop {
+            // One connection to the controller is enough: while the controller's own
+            // (it dialled our listener) lives, do not dial it too.
+            if *listened.borrow_and_update() > 0 {
+                info!(
+                    "the controller dialled this agent; not dialling it while that connection lives"
+                );
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = listened.wait_for(|n| *n == 0) => {}
+                }
+                backoff.reset();
+            }
             let attempt = async {
                 let addr = resolve(controller).await?;
                 let slot = &mut endpoints[usize::from(addr.is_ipv6())];
@@ -473,6 +492,7 @@ impl Agent {
                         let targets = sup.queryable(nodes).await;
                         results(query::ask_all(&name, &id, targets).await)
                     }
+                    ControllerRequest::Ping => AgentResponse::Ack,
                     ControllerRequest::GetNodes => {
                         let mut nodes = sup.status().await;
                         nodes.push(own_status(&name));
@@ -501,6 +521,16 @@ impl Agent {
         let reason = conn::serve_answers(conn, self.config.transport, handler).await;
         reporter.abort();
         reason
+    }
+}
+
+/// Counts a session the controller opened through the listener as over when dropped,
+/// however the session's task ends.
+struct ListenedSession<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl Drop for ListenedSession<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

@@ -144,6 +144,7 @@ async fn run_agent(
         let reporter = reporter_conn.clone();
         async move {
             let reply = match req.body {
+                ControllerRequest::Ping => AgentResponse::Ack,
                 ControllerRequest::GetNodes => {
                     let mut all = statuses(&h);
                     all.push(NodeStatus::new(&instance, State::Running, MgmtRole::Agent));
