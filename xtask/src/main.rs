@@ -9,6 +9,8 @@
 //!   hollow agents.
 //! - `cargo xtask bench deploy [--runs 3] [--readiness start-period|notify]`: a real
 //!   deploy of 4 agents × 50 nodes against bare spawns and supervisord.
+//! - `cargo xtask bench spawn [--spawns 200] [--ballast-mib 512]`: the cost of one spawn
+//!   by posix_spawn, fork, and posix_spawn with the spawning thread pinned.
 
 mod bench;
 mod cluster;
@@ -52,6 +54,17 @@ enum Task {
 
 #[derive(Debug, Subcommand)]
 enum BenchTask {
+    /// The cost of one spawn by how it is made: posix_spawn, fork (a pre_exec hook), and
+    /// posix_spawn with the spawning thread pinned, at this process's size and with a
+    /// ballast of memory.
+    Spawn {
+        /// Spawns per figure.
+        #[arg(long, default_value_t = 200)]
+        spawns: u32,
+        /// Memory added for the second round, in MiB.
+        #[arg(long, default_value_t = 512)]
+        ballast_mib: usize,
+    },
     /// Start, kill -9 -> replacement, idle cost and stop-all of N programs: drover against
     /// supervisord and pm2 (installed under target/bench if missing), one after another.
     Supervise {
@@ -206,6 +219,13 @@ fn main() -> std::process::ExitCode {
             };
             cluster::up(&opts)
         }
+        Task::Bench(BenchTask::Spawn {
+            spawns,
+            ballast_mib,
+        }) => bench::spawn::run(&bench::spawn::Options {
+            spawns,
+            ballast_mib,
+        }),
         Task::Bench(BenchTask::ControlPlane {
             agents,
             nodes_per_agent,
