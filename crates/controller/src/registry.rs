@@ -1,9 +1,10 @@
 //! The registry of connected agents.
 //!
-//! One entry per agent name, holding its live connection. An agent that reconnects while
-//! its old connection still lingers (the controller has not yet noticed the loss)
-//! replaces it; the old connection's task must then not remove the new entry, which is
-//! why removal compares connections ([`Registry::remove_if_same`]).
+//! One entry per agent name, holding its live connection. A connection that claims a
+//! registered name is admitted only if the registered one does not answer
+//! (`admit_agent` in the crate root); it then replaces it, and the old connection's
+//! task must not remove the new entry, which is why removal compares connections
+//! ([`Registry::remove_if_same`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
