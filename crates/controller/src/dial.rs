@@ -78,16 +78,10 @@ async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
                 delay = Duration::from_millis(200);
                 // The agent may have dialled in while this connection was made: the
                 // connection that was first stays, this one is closed.
-                match admit_agent(&shared, &name, &est.conn).await {
+                match admit_agent(&shared, &name, &est.conn, Some(addr.port())).await {
                     Ok(()) => {
-                        serve_agent(
-                            shared.clone(),
-                            est.conn,
-                            name.clone(),
-                            est.welcome.software,
-                            Some(addr.port()),
-                        )
-                        .await;
+                        serve_agent(shared.clone(), est.conn, name.clone(), est.welcome.software)
+                            .await;
                     }
                     Err(why) => {
                         debug!(agent = %name, %addr, "closing the connection just made: {why}");
