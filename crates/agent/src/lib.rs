@@ -191,7 +191,7 @@ impl Agent {
                 path: config.state_dir.clone(),
                 source,
             })?;
-        sockdir::socket_root(&nodes_dir).map_err(|source| Error::StateDir {
+        sockdir::SocketDirs::new(&nodes_dir).map_err(|source| Error::StateDir {
             path: config.state_dir.clone(),
             source,
         })?;

@@ -230,9 +230,9 @@ enum Want {
 struct Core {
     cfg: SupervisorConfig,
     nodes_dir: PathBuf,
-    /// `nodes_dir`, or a short link to it when socket paths under it would be too long
-    /// ([`crate::sockdir`]): every socket path is made from this.
-    sock_root: PathBuf,
+    /// The directory through which each node's sockets are reached: its own, or a
+    /// short link to it when the path would be too long ([`crate::sockdir`]).
+    socks: crate::sockdir::SocketDirs,
     epoch: Instant,
     nodes: BTreeMap<String, Entry>,
     waiters: Vec<Waiter>,
@@ -396,7 +396,7 @@ impl Supervisor {
         cfg.state_dir = std::fs::canonicalize(&cfg.state_dir)?;
         let nodes_dir = cfg.state_dir.join("nodes");
         std::fs::create_dir_all(&nodes_dir)?;
-        let sock_root = crate::sockdir::socket_root(&nodes_dir)?;
+        let socks = crate::sockdir::SocketDirs::new(&nodes_dir)?;
         if let Err(e) = sys::set_child_subreaper() {
             warn!(
                 "cannot become a child subreaper ({e}); orphaned grandchildren of nodes go to init"
@@ -408,7 +408,7 @@ impl Supervisor {
         let mut core = Core {
             cfg,
             nodes_dir,
-            sock_root,
+            socks,
             epoch: Instant::now(),
             nodes: BTreeMap::new(),
             waiters: Vec::new(),
@@ -646,7 +646,7 @@ impl Core {
                             Some(e) if e.machine.state() != machine::State::Running => {
                                 Err(format!("cluster node {n} not in running state"))
                             }
-                            Some(_) => Ok(self.sock_root.join(&n).join("query.sock")),
+                            Some(_) => Ok(self.socks.dir(&n).join("query.sock")),
                         };
                         (n, r)
                     })
@@ -870,19 +870,21 @@ impl Core {
             .map(|(name, spec)| {
                 let dir = self.nodes_dir.join(name);
                 let work = spec.workdir.is_none().then(|| dir.join("work"));
-                (name.to_owned(), dir, work, self.sock_root.join(name))
+                (name.to_owned(), dir, work, self.socks.dir(name))
             })
             .collect();
         if jobs.is_empty() {
             return BTreeMap::new();
         }
         let logs = self.cfg.logs;
-        let prepare_one = |dir: &Path, work: Option<&Path>, sock_dir: &Path| {
+        let socks = &self.socks;
+        let prepare_one = |name: &str, dir: &Path, work: Option<&Path>, sock_dir: &Path| {
             Self::make_node_dir(dir)?;
             if let Some(w) = work {
                 std::fs::create_dir_all(w)?;
             }
             NodeLogs::new(dir, logs).open_for_child()?;
+            socks.ensure(name)?;
             Self::bind_notify(sock_dir)
         };
         let threads = std::thread::available_parallelism()
@@ -896,7 +898,10 @@ impl Core {
                     scope.spawn(move || {
                         part.iter()
                             .map(|(name, dir, work, sock_dir)| {
-                                (name.clone(), prepare_one(dir, work.as_deref(), sock_dir))
+                                (
+                                    name.clone(),
+                                    prepare_one(name, dir, work.as_deref(), sock_dir),
+                                )
                             })
                             .collect::<Vec<_>>()
                     })
@@ -916,7 +921,7 @@ impl Core {
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
     }
 
-    /// Binds a node's notify socket in `dir` (reached through [`Core::sock_root`]),
+    /// Binds a node's notify socket in `dir` (as [`crate::sockdir`] names it),
     /// replacing a stale one.
     fn bind_notify(dir: &Path) -> std::io::Result<std::os::unix::net::UnixDatagram> {
         let path = Self::notify_path(dir);
@@ -942,7 +947,8 @@ impl Core {
             Some(sock) => sock?,
             None => {
                 Self::make_node_dir(&dir)?;
-                Self::bind_notify(&self.sock_root.join(name))?
+                self.socks.ensure(name)?;
+                Self::bind_notify(&self.socks.dir(name))?
             }
         };
         let logs = NodeLogs::new(&dir, self.cfg.logs);
@@ -1067,7 +1073,7 @@ impl Core {
         let token = self.next_token;
         self.next_token = self.next_token.wrapping_add(1);
         let instance = self.cfg.instance.clone();
-        let sock_dir = self.sock_root.join(name);
+        let sock_dir = self.socks.dir(name);
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
         let spec = &e.spec;
         let (program, args) = spec.command.split_first().ok_or("node has no command")?;
