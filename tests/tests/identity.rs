@@ -300,6 +300,9 @@ fn an_agent_that_dials_and_listens_keeps_one_connection() {
         "{log2}"
     );
     assert!(!log2.contains("agent 'agent-1' lost"), "{log2}");
+    // Whichever lost the race gave up: the agent does not keep dialling while the
+    // controller's connection to it lives (at most the one refusal of the race).
+    assert!(log2.matches("refused connection").count() <= 1, "{log2}");
     let n = c.drover(addr, &["get-instances"]).json();
     assert!(n.get("agent-1").is_some(), "{n}");
 }
