@@ -24,6 +24,8 @@ pub struct LossyLink {
     /// Where clients send to instead of the server.
     pub addr: SocketAddr,
     setting: Arc<Mutex<Impairment>>,
+    /// Drop every datagram from the server to the client (a one-way outage).
+    replies_cut: Arc<std::sync::atomic::AtomicBool>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -48,6 +50,7 @@ impl LossyLink {
             .build()
             .expect("runtime");
         let setting = Arc::new(Mutex::new(imp));
+        let replies_cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (front, back) = rt.block_on(async {
             (
                 Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind")),
@@ -81,6 +84,7 @@ impl LossyLink {
         // server -> client
         {
             let (front, back, setting, client) = (front, back, setting.clone(), client);
+            let cut = replies_cut.clone();
             rt.spawn(async move {
                 let mut rng = Rng(0x2545_f491_4f6c_dd1d);
                 let mut buf = vec![0u8; 65536];
@@ -89,7 +93,7 @@ impl LossyLink {
                         continue;
                     };
                     let imp = *setting.lock().expect("lock");
-                    if rng.unit() < imp.loss {
+                    if rng.unit() < imp.loss || cut.load(std::sync::atomic::Ordering::SeqCst) {
                         continue;
                     }
                     let data = buf[..n].to_vec();
@@ -104,6 +108,7 @@ impl LossyLink {
         Self {
             addr,
             setting,
+            replies_cut,
             rt: Some(rt),
         }
     }
@@ -111,6 +116,13 @@ impl LossyLink {
     /// Changes the impairment for datagrams from now on.
     pub fn set(&self, imp: Impairment) {
         *self.setting.lock().expect("lock") = imp;
+    }
+
+    /// Drops (`true`) or forwards again every datagram from the server to the client:
+    /// the client hears nothing while the server still hears the client.
+    pub fn cut_replies(&self, cut: bool) {
+        self.replies_cut
+            .store(cut, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

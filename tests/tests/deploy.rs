@@ -406,7 +406,8 @@ fn logs_tail_and_follow() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
-    // The cluster is unaffected by the follower's departure.
+    // The cluster is unaffected by the follower's departure. (That a departed follower's
+    // follow is released even when the node writes nothing more is shown in follow.rs.)
     assert_eq!(c.drover(addr, &["get-nodes"]).code, Some(0));
 }
 

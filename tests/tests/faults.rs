@@ -32,6 +32,28 @@ fn running_pids(c: &Cluster, addr: SocketAddr, count: usize) -> Option<BTreeMap<
     })
 }
 
+/// Deploys `file` and checks the result: exit 0, every one of `nodes` reported started,
+/// no error.
+fn deploy_ok(c: &Cluster, addr: SocketAddr, file: &std::path::Path, nodes: &[&str]) {
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert_eq!(v["errors"], serde_json::json!([]), "{v}");
+    let reported: Vec<&String> = v["results"]["nodes"]
+        .as_object()
+        .map(|o| o.keys().collect())
+        .unwrap_or_default();
+    assert_eq!(reported, nodes, "{v}");
+    for n in nodes {
+        assert_eq!(v["results"]["nodes"][n]["success"], true, "{n}: {v}");
+    }
+}
+
+/// `n01`, `n02`, ... `nNN`.
+fn names(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("n{i:02}")).collect()
+}
+
 /// Live (non-zombie) processes whose command line contains `marker`.
 fn processes_with(marker: &str) -> Vec<u32> {
     let mut out = Vec::new();
@@ -83,10 +105,12 @@ fn agent_sigkilled_twenty_times_restarts_no_node() {
     let mut agent = c.start_agent("agent-1", addr);
     let marker = format!("kill20-{}", std::process::id());
     let file = write_cluster(&c, "c.toml", "kill20", 5, &marker, "");
-    assert_eq!(
-        c.drover(addr, &["deploy-config", file.to_str().unwrap()])
-            .code,
-        Some(0)
+    let five = names(5);
+    deploy_ok(
+        &c,
+        addr,
+        &file,
+        &five.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let pids = eventually("5 running", PATIENCE, || running_pids(&c, addr, 5));
     let started = Instant::now();
@@ -129,11 +153,7 @@ fn controller_sigkilled_during_a_deploy_brings_agents_to_the_recorded_deploy() {
     });
     let marker = format!("ctlkill-{}", std::process::id());
     let old = write_cluster(&c, "old.toml", "old", 3, &marker, "");
-    assert_eq!(
-        c.drover(addr, &["deploy-config", old.to_str().unwrap()])
-            .code,
-        Some(0)
-    );
+    deploy_ok(&c, addr, &old, &["n01", "n02", "n03"]);
     eventually("3 running", PATIENCE, || running_pids(&c, addr, 3));
 
     // The new deploy takes a while: every node needs 3 s of uptime to be ready.
@@ -151,13 +171,24 @@ fn controller_sigkilled_during_a_deploy_brings_agents_to_the_recorded_deploy() {
         .arg("--key")
         .arg(c.pki_file("ops.key"))
         .args(["deploy-config", new.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut deploying = cmd.spawn().unwrap();
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let deploying = cmd.spawn().unwrap();
     // The new deploy is recorded as desired before any agent hears of it.
     ctl.wait_log("deploying config=new");
     ctl.kill();
-    let _ = deploying.wait();
+    // The client whose deploy was cut off is told it failed, not that it worked.
+    let out = deploying.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        !stdout.contains("\"success\": true"),
+        "no node of the cut-off deploy is reported started: {stdout}"
+    );
+    assert!(stderr.starts_with("error: "), "{stderr}");
 
     let (_ctl2, addr2) = c.start_controller(&addr.to_string());
     let desired = c.dir.path().join("controller/desired.json");
@@ -198,16 +229,9 @@ fn corrupt_state_file_is_reported_and_the_last_good_copy_used() {
             .get("agent-1")
             .map(|_| ())
     });
-    assert_eq!(
-        c.drover(addr, &["deploy-config", first.to_str().unwrap()])
-            .code,
-        Some(0)
-    );
-    assert_eq!(
-        c.drover(addr, &["deploy-config", second.to_str().unwrap()])
-            .code,
-        Some(0)
-    );
+    deploy_ok(&c, addr, &first, &["n01"]);
+    // n01 runs this configuration already: only n02 starts.
+    deploy_ok(&c, addr, &second, &["n02"]);
     ctl.kill();
     let state = c.dir.path().join("controller/deployed.json");
     let text = std::fs::read(&state).unwrap();
@@ -277,7 +301,19 @@ fn a_crash_loop_keeps_to_its_backoff_and_its_events_stay_bounded() {
     .unwrap();
     let window = Duration::from_secs(6);
     let started = Instant::now();
-    let _ = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    // The deploy reports the node's failed start with what it wrote, and fails.
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    let v = out.json();
+    let looper = &v["results"]["nodes"]["looper"];
+    assert_eq!(looper["success"], false, "{v}");
+    assert_eq!(looper["instance"], "agent-1", "{v}");
+    assert!(
+        looper["stderr"]
+            .as_str()
+            .is_some_and(|e| e.contains("crashing at start as asked")),
+        "{v}"
+    );
     let mut state_events = 0;
     while started.elapsed() < window {
         if let Ok(ev) = rx.recv_timeout(Duration::from_millis(100))

@@ -70,7 +70,7 @@ pub(crate) fn interrupted() -> bool {
 /// Builds the daemons, the CLI and the test program (`release` adds `--release`). With
 /// `log`, cargo's output goes to that file and an error names its first `error` line.
 pub(crate) fn build_binaries(release: bool, log: Option<&Path>) -> anyhow::Result<()> {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = crate::cargo_command();
     cmd.arg("build");
     if release {
         cmd.arg("--release");

@@ -9,6 +9,8 @@
 //!   hollow agents.
 //! - `cargo xtask bench deploy [--runs 3] [--readiness start-period|notify]`: a real
 //!   deploy of 4 agents × 50 nodes against bare spawns and supervisord.
+//! - `cargo xtask bench spawn [--spawns 200] [--ballast-mib 512]`: the cost of one spawn
+//!   by posix_spawn, fork, and posix_spawn with the spawning thread pinned.
 
 mod bench;
 mod cluster;
@@ -52,6 +54,17 @@ enum Task {
 
 #[derive(Debug, Subcommand)]
 enum BenchTask {
+    /// The cost of one spawn by how it is made: posix_spawn, fork (a pre_exec hook), and
+    /// posix_spawn with the spawning thread pinned, at this process's size and with a
+    /// ballast of memory.
+    Spawn {
+        /// Spawns per figure.
+        #[arg(long, default_value_t = 200)]
+        spawns: u32,
+        /// Memory added for the second round, in MiB.
+        #[arg(long, default_value_t = 512)]
+        ballast_mib: usize,
+    },
     /// Start, kill -9 -> replacement, idle cost and stop-all of N programs: drover against
     /// supervisord and pm2 (installed under target/bench if missing), one after another.
     Supervise {
@@ -206,6 +219,13 @@ fn main() -> std::process::ExitCode {
             };
             cluster::up(&opts)
         }
+        Task::Bench(BenchTask::Spawn {
+            spawns,
+            ballast_mib,
+        }) => bench::spawn::run(&bench::spawn::Options {
+            spawns,
+            ballast_mib,
+        }),
         Task::Bench(BenchTask::ControlPlane {
             agents,
             nodes_per_agent,
@@ -254,6 +274,40 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A `cargo` command (the cargo that runs this xtask) without the variables `cargo run`
+/// set for this package. Build scripts such as ring's ask to rerun when
+/// `CARGO_MANIFEST_DIR` or a `CARGO_PKG_*` variable changes, and cargo compares them
+/// against its own environment: inherited from xtask, they made every inner build
+/// rebuild ring and everything above it.
+pub(crate) fn cargo_command() -> std::process::Command {
+    let mut cmd =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_package_var) {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// Whether `name` is one of the variables cargo sets for the package it builds or runs
+/// (as opposed to `CARGO`, `CARGO_HOME`, `CARGO_TARGET_DIR` and the configuration
+/// variables a user sets, which the inner cargo must see).
+fn is_package_var(name: &str) -> bool {
+    const EXACT: [&str; 9] = [
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    EXACT.contains(&name) || name.starts_with("CARGO_PKG_") || name.starts_with("CARGO_BIN_EXE_")
 }
 
 /// The workspace root (the parent of this crate's directory).

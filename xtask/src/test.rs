@@ -8,7 +8,7 @@ use crate::project_root;
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
     eprintln!("$ cargo {}", args.join(" "));
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = crate::cargo_command()
         .args(args)
         .current_dir(project_root())
         .status()

@@ -113,3 +113,70 @@ fn docs_mention_every_crate() {
         );
     }
 }
+
+#[test]
+fn inner_cargo_runs_without_the_package_variables_of_cargo_run() {
+    // The test runs under cargo, which set these for this package just as `cargo run`
+    // sets them for xtask.
+    for must in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME", "CARGO_PKG_VERSION"] {
+        assert!(std::env::var_os(must).is_some(), "{must} is not set");
+    }
+    let cmd = crate::cargo_command();
+    let removed: Vec<String> = cmd
+        .get_envs()
+        .filter(|(_, v)| v.is_none())
+        .map(|(k, _)| k.to_string_lossy().into_owned())
+        .collect();
+    for (name, _) in std::env::vars() {
+        let package = [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_MANIFEST_LINKS",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "CARGO_RUSTC_CURRENT_DIR",
+            "OUT_DIR",
+        ]
+        .contains(&name.as_str())
+            || name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_EXE_");
+        assert_eq!(
+            removed.contains(&name),
+            package,
+            "{name} should {}be removed from the inner cargo's environment",
+            if package { "" } else { "not " }
+        );
+    }
+    for kept in [
+        "CARGO",
+        "CARGO_HOME",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_JOBS",
+    ] {
+        assert!(!removed.iter().any(|r| r == kept), "{kept} was removed");
+    }
+}
+
+#[test]
+fn xtask_spawns_cargo_only_through_cargo_command() {
+    // Spelled in pieces so this file does not trip its own check.
+    let needle = concat!("var", "(\"CARGO\")");
+    let needle_os = concat!("var_os", "(\"CARGO\")");
+    let mut offenders = Vec::new();
+    let mut files = Vec::new();
+    rust_files(&project_root().join("xtask/src"), &mut files);
+    for p in files {
+        let text = fs::read_to_string(&p).unwrap();
+        let uses = text.matches(needle).count() + text.matches(needle_os).count();
+        let allowed = usize::from(p.ends_with("xtask/src/main.rs"));
+        if uses > allowed {
+            offenders.push(p.display().to_string());
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "spawn cargo with crate::cargo_command(), which drops cargo run's package variables: {offenders:?}"
+    );
+}

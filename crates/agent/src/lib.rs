@@ -12,6 +12,7 @@
 //!   decisions: applies by generation, spec diffs, recovery), with [`logs`] (per-node
 //!   files, rotation, tails) and [`sys`] (/proc, process groups, pidfds, affinity).
 //! - [`query`]: asks running nodes for values (get-id-value) over their query sockets.
+//! - [`sockdir`]: short paths for the nodes' sockets when the state dir is long.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
 //! [`Agent::new`] and [`Agent::run_with_ready`] (which tells systemd when the agent
@@ -22,6 +23,7 @@ pub mod converge;
 pub mod logs;
 pub mod machine;
 pub mod query;
+pub mod sockdir;
 pub mod supervisor;
 pub mod sys;
 
@@ -113,6 +115,18 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// Another agent process holds the state directory.
+    #[error(
+        "state dir {path} is in use by another agent (pid {holder}, lock {lock}); one agent per state dir"
+    )]
+    StateDirInUse {
+        /// The directory.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// The holder's pid as it wrote it, or `unknown`.
+        holder: String,
+    },
 }
 
 /// A configured agent, ready to run.
@@ -126,6 +140,12 @@ pub struct Agent {
     listener: Option<quinn::Endpoint>,
     /// The metrics listener, bound at start-up.
     metrics: std::sync::Mutex<Option<std::net::TcpListener>>,
+    /// How many sessions the controller opened by dialling this agent are live: while
+    /// one is, the agent does not dial the controller too.
+    listened: tokio::sync::watch::Sender<usize>,
+    /// The state dir's lock, held for the life of the process (the kernel releases it
+    /// when the process dies, however it dies).
+    _lock: std::fs::File,
 }
 
 impl Agent {
@@ -168,6 +188,22 @@ impl Agent {
             path: config.state_dir.clone(),
             source,
         })?;
+        // Before anything reads the node records: a second agent on the same state dir
+        // would adopt the first one's nodes and both would supervise them.
+        let lock = lock_state_dir(&config.state_dir)?;
+        // A state dir too long for the nodes' socket paths is an error now, not a node
+        // that cannot start later.
+        let nodes_dir = std::fs::canonicalize(&config.state_dir)
+            .map(|d| d.join("nodes"))
+            .and_then(|d| std::fs::create_dir_all(&d).map(|()| d))
+            .map_err(|source| Error::StateDir {
+                path: config.state_dir.clone(),
+                source,
+            })?;
+        sockdir::SocketDirs::new(&nodes_dir).map_err(|source| Error::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        })?;
         let listener = match config.listen {
             Some(addr) => Some(conn::server_endpoint(&creds, addr, &config.transport)?),
             None => None,
@@ -186,6 +222,8 @@ impl Agent {
             server_name,
             listener,
             metrics: std::sync::Mutex::new(metrics),
+            listened: tokio::sync::watch::Sender::new(0),
+            _lock: lock,
         })
     }
 
@@ -327,6 +365,8 @@ impl Agent {
                     return;
                 }
                 info!(controller = %identity.name, addr = %conn.remote_address(), "controller connected");
+                this.listened.send_modify(|n| *n += 1);
+                let _live = ListenedSession(&this.listened);
                 let reason = this.serve(conn, &supervisor).await;
                 warn!("lost the controller: {}", conn::explain(&reason, "controller"));
             });
@@ -347,7 +387,20 @@ impl Agent {
             return;
         };
         info!(agent = %name, %controller, "agent connecting");
+        let mut listened = self.listened.subscribe();
         loop {
+            // One connection to the controller is enough: while the controller's own
+            // (it dialled our listener) lives, do not dial it too.
+            if *listened.borrow_and_update() > 0 {
+                info!(
+                    "the controller dialled this agent; not dialling it while that connection lives"
+                );
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = listened.wait_for(|n| *n == 0) => {}
+                }
+                backoff.reset();
+            }
             let attempt = async {
                 let addr = resolve(controller).await?;
                 let slot = &mut endpoints[usize::from(addr.is_ipv6())];
@@ -464,6 +517,7 @@ impl Agent {
                         let targets = sup.queryable(nodes).await;
                         results(query::ask_all(&name, &id, targets).await)
                     }
+                    ControllerRequest::Ping => AgentResponse::Ack,
                     ControllerRequest::GetNodes => {
                         let mut nodes = sup.status().await;
                         nodes.push(own_status(&name, sup.applied_generation()));
@@ -492,6 +546,16 @@ impl Agent {
         let reason = conn::serve_answers(conn, self.config.transport, handler).await;
         reporter.abort();
         reason
+    }
+}
+
+/// Counts a session the controller opened through the listener as over when dropped,
+/// however the session's task ends.
+struct ListenedSession<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl Drop for ListenedSession<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -727,6 +791,47 @@ fn process_start_ms() -> Option<u64> {
     sys::start_time_epoch_ms(sys::proc_id(pid).ok()?)
 }
 
+/// Takes the exclusive lock of `dir` (`flock` on `dir/agent.lock`, released by the kernel
+/// when this process dies) and writes this process's pid into the lock file, so that a
+/// second agent can name the holder.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, Error> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("agent.lock");
+    let io = |source| Error::StateDir {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = text.trim();
+            return Err(Error::StateDirInUse {
+                path: dir.to_owned(),
+                lock: path.clone(),
+                holder: if holder.is_empty() {
+                    "unknown".to_owned()
+                } else {
+                    holder.to_owned()
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
 /// The host part of `HOST:PORT` or `[V6]:PORT`.
 fn split_host(addr: &str) -> Option<&str> {
     let (host, port) = addr.rsplit_once(':')?;
@@ -754,7 +859,31 @@ pub fn software() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{own_status, split_host};
+    use super::{Error, lock_state_dir, own_status, split_host};
+
+    #[test]
+    fn a_locked_state_dir_names_its_holder_and_is_free_once_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_state_dir(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("agent.lock")).unwrap();
+        assert_eq!(text.trim(), std::process::id().to_string());
+        // flock locks belong to the open file, so a second open in this process
+        // conflicts as another process's would.
+        match lock_state_dir(dir.path()) {
+            Err(e @ Error::StateDirInUse { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&format!("pid {}", std::process::id())),
+                    "{msg}"
+                );
+                assert!(msg.contains("agent.lock"), "{msg}");
+            }
+            other => panic!("expected the dir to be in use, got {other:?}"),
+        }
+        drop(held);
+        let again = lock_state_dir(dir.path()).unwrap();
+        drop(again);
+    }
 
     #[test]
     fn own_status_carries_the_applied_generation_and_the_cpus() {

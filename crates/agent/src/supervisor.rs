@@ -279,6 +279,9 @@ struct Waiter {
 struct Core {
     cfg: SupervisorConfig,
     nodes_dir: PathBuf,
+    /// The directory through which each node's sockets are reached: its own, or a
+    /// short link to it when the path would be too long ([`crate::sockdir`]).
+    socks: crate::sockdir::SocketDirs,
     epoch: Instant,
     nodes: BTreeMap<String, Entry>,
     waiters: Vec<Waiter>,
@@ -478,6 +481,7 @@ impl Supervisor {
         cfg.state_dir = std::fs::canonicalize(&cfg.state_dir)?;
         let nodes_dir = cfg.state_dir.join("nodes");
         std::fs::create_dir_all(&nodes_dir)?;
+        let socks = crate::sockdir::SocketDirs::new(&nodes_dir)?;
         if let Err(e) = sys::set_child_subreaper() {
             warn!(
                 "cannot become a child subreaper ({e}); orphaned grandchildren of nodes go to init"
@@ -490,6 +494,7 @@ impl Supervisor {
         let mut core = Core {
             cfg,
             nodes_dir,
+            socks,
             epoch: Instant::now(),
             nodes: BTreeMap::new(),
             waiters: Vec::new(),
@@ -780,7 +785,7 @@ impl Core {
                             Some(e) if e.machine.state() != machine::State::Running => {
                                 Err(format!("cluster node {n} not in running state"))
                             }
-                            Some(e) => Ok(e.dir.join("query.sock")),
+                            Some(_) => Ok(self.socks.dir(&n).join("query.sock")),
                         };
                         (n, r)
                     })
@@ -1060,25 +1065,27 @@ impl Core {
         &self,
         nodes: impl Iterator<Item = (&'a str, &'a Node)>,
     ) -> BTreeMap<String, std::io::Result<std::os::unix::net::UnixDatagram>> {
-        let jobs: Vec<(String, PathBuf, Option<PathBuf>)> = nodes
+        let jobs: Vec<(String, PathBuf, Option<PathBuf>, PathBuf)> = nodes
             .filter(|(name, _)| drover_proto::name::check(name).is_ok())
             .map(|(name, spec)| {
                 let dir = self.nodes_dir.join(name);
                 let work = spec.workdir.is_none().then(|| dir.join("work"));
-                (name.to_owned(), dir, work)
+                (name.to_owned(), dir, work, self.socks.dir(name))
             })
             .collect();
         if jobs.is_empty() {
             return BTreeMap::new();
         }
         let logs = self.cfg.logs;
-        let prepare_one = |dir: &Path, work: Option<&Path>| {
+        let socks = &self.socks;
+        let prepare_one = |name: &str, dir: &Path, work: Option<&Path>, sock_dir: &Path| {
             Self::make_node_dir(dir)?;
             if let Some(w) = work {
                 std::fs::create_dir_all(w)?;
             }
             NodeLogs::new(dir, logs).open_for_child()?;
-            Self::bind_notify(dir)
+            socks.ensure(name)?;
+            Self::bind_notify(sock_dir)
         };
         let threads = std::thread::available_parallelism()
             .map_or(1, usize::from)
@@ -1090,8 +1097,11 @@ impl Core {
                 .map(|part| {
                     scope.spawn(move || {
                         part.iter()
-                            .map(|(name, dir, work)| {
-                                (name.clone(), prepare_one(dir, work.as_deref()))
+                            .map(|(name, dir, work, sock_dir)| {
+                                (
+                                    name.clone(),
+                                    prepare_one(name, dir, work.as_deref(), sock_dir),
+                                )
                             })
                             .collect::<Vec<_>>()
                     })
@@ -1111,7 +1121,8 @@ impl Core {
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
     }
 
-    /// Binds a node's notify socket, replacing a stale one.
+    /// Binds a node's notify socket in `dir` (as [`crate::sockdir`] names it),
+    /// replacing a stale one.
     fn bind_notify(dir: &Path) -> std::io::Result<std::os::unix::net::UnixDatagram> {
         let path = Self::notify_path(dir);
         let _ = std::fs::remove_file(&path);
@@ -1136,7 +1147,8 @@ impl Core {
             Some(sock) => sock?,
             None => {
                 Self::make_node_dir(&dir)?;
-                Self::bind_notify(&dir)?
+                self.socks.ensure(name)?;
+                Self::bind_notify(&self.socks.dir(name))?
             }
         };
         let logs = NodeLogs::new(&dir, self.cfg.logs);
@@ -1266,6 +1278,7 @@ impl Core {
         let token = self.next_token;
         self.next_token = self.next_token.wrapping_add(1);
         let instance = self.cfg.instance.clone();
+        let sock_dir = self.socks.dir(name);
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
         let spec = &e.spec;
         let (program, args) = spec.command.split_first().ok_or("node has no command")?;
@@ -1296,8 +1309,8 @@ impl Core {
             .env("DROVER_NODE", name)
             .env("DROVER_INSTANCE", &instance)
             .env("DROVER_ROLE", spec.role.as_str())
-            .env("NOTIFY_SOCKET", Self::notify_path(&e.dir))
-            .env("DROVER_QUERY_SOCKET", e.dir.join("query.sock"))
+            .env("NOTIFY_SOCKET", Self::notify_path(&sock_dir))
+            .env("DROVER_QUERY_SOCKET", sock_dir.join("query.sock"))
             .env("DROVER_NODE_TOKEN", token.to_string())
             .current_dir(&workdir)
             .stdin(Stdio::null())

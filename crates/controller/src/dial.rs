@@ -18,7 +18,7 @@ use drover_proto::model::Configuration;
 use drover_proto::msg::{API_VERSION, Hello, PeerRole};
 use tracing::{debug, info, warn};
 
-use crate::{Shared, serve_agent, software};
+use crate::{Shared, admit_agent, serve_agent, software};
 
 /// Starts (or re-targets) a dialler for every listening instance of `config`.
 pub(crate) fn ensure(shared: &Arc<Shared>, config: &Configuration) {
@@ -79,9 +79,23 @@ pub(crate) async fn wait_for_dialled(
     }
 }
 
+/// How often a dialler whose agent is connected checks whether it still is.
+const WATCH: Duration = Duration::from_secs(1);
+
 async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
     let mut delay = Duration::from_millis(200);
     loop {
+        // One connection per agent: an agent that dialled in (or that this dialler
+        // reached before) is not dialled again while that connection lives.
+        if shared.registry.get(&name).is_some() {
+            delay = Duration::from_millis(200);
+            tokio::time::sleep(WATCH).await;
+            if !still_wanted(&shared, &name, addr) {
+                warn!(agent = %name, %addr, "agent left every configuration; no longer dialling it");
+                return;
+            }
+            continue;
+        }
         let hello = Hello {
             api_version: API_VERSION,
             role: PeerRole::Controller,
@@ -102,34 +116,38 @@ async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
         match attempt {
             Ok(est) => {
                 delay = Duration::from_millis(200);
-                serve_agent(
-                    shared.clone(),
-                    est.conn,
-                    name.clone(),
-                    est.welcome.software,
-                    Some(addr.port()),
-                )
-                .await;
+                // The agent may have dialled in while this connection was made: the
+                // connection that was first stays, this one is closed.
+                match admit_agent(&shared, &name, &est.conn, Some(addr.port())).await {
+                    Ok(()) => {
+                        serve_agent(shared.clone(), est.conn, name.clone(), est.welcome.software)
+                            .await;
+                    }
+                    Err(why) => {
+                        debug!(agent = %name, %addr, "closing the connection just made: {why}");
+                        est.conn.close(0u32.into(), b"already connected");
+                    }
+                }
             }
             Err(e) => debug!(agent = %name, %addr, "cannot connect to agent: {e}"),
         }
-        if shared.registry.get(&name).is_some() {
-            // The agent dialled in meanwhile; keep watching at the longest delay.
-            delay = Duration::from_secs(5);
-        }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
-        let wanted = [shared.store.desired_config(), shared.store.staged()]
-            .into_iter()
-            .flatten()
-            .any(|c| {
-                c.instances.iter().any(|i| {
-                    i.name == name && i.port == Some(addr.port()) && i.host == Some(addr.ip())
-                })
-            });
-        if !wanted {
+        if !still_wanted(&shared, &name, addr) {
             warn!(agent = %name, %addr, "agent left every configuration; no longer dialling it");
             return;
         }
     }
+}
+
+/// Whether a staged or desired configuration still has agent `name` listening at `addr`.
+fn still_wanted(shared: &Shared, name: &str, addr: SocketAddr) -> bool {
+    [shared.store.desired_config(), shared.store.staged()]
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            c.instances
+                .iter()
+                .any(|i| i.name == name && i.port == Some(addr.port()) && i.host == Some(addr.ip()))
+        })
 }

@@ -36,8 +36,8 @@ use drover_net::conn::{self, TransportSettings};
 use drover_net::{Credentials, Identity, NetError, TlsFiles};
 use drover_proto::model::{MgmtRole, NodeStatus, State};
 use drover_proto::msg::{
-    API_VERSION, AgentRequest, AgentResponse, ClientRequest, ErrorCode, Event, EventRecord,
-    PeerRole, Request, Welcome, WireError,
+    API_VERSION, AgentRequest, AgentResponse, ClientRequest, ControllerRequest, ErrorCode, Event,
+    EventRecord, PeerRole, Request, Welcome, WireError,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -478,6 +478,20 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
                 Ok(())
             }
         });
+    // An agent is admitted (and registered) last, once nothing else refuses it.
+    let check = match check {
+        Ok(()) if identity.role == PeerRole::Agent => {
+            admit_agent(&shared, &identity.name, &conn, None)
+                .await
+                .map_err(|message| {
+                    shared.emit(Event::Error {
+                        message: format!("{message}; refused another connection from {addr}"),
+                    });
+                    WireError::new(ErrorCode::Unavailable, message)
+                })
+        }
+        other => other,
+    };
     if let Err(e) = check {
         warn!(%addr, peer = %identity, "refused connection: {}", e.message);
         responder.refuse(e).await;
@@ -493,29 +507,87 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     if let Err(e) = responder.welcome(welcome).await {
         warn!(%addr, peer = %identity, "hello failed: {e}");
+        if identity.role == PeerRole::Agent {
+            shared.registry.remove_if_same(&identity.name, &conn);
+        }
         return;
     }
     match identity.role {
-        PeerRole::Agent => serve_agent(shared, conn, identity.name, hello.software, None).await,
+        PeerRole::Agent => serve_agent(shared, conn, identity.name, hello.software).await,
         PeerRole::Client => serve_client(shared, conn, identity).await,
         PeerRole::Controller => unreachable!("refused above"),
     }
 }
 
-/// Runs an authenticated agent's session until its connection ends: registration,
-/// re-applying the deployed configuration, status reports, loss.
+/// How long an agent's registered connection has to answer when another connection
+/// claims its name: long enough for a busy agent (the answer does not wait for its
+/// supervisor), short enough that a genuine reconnect after a network change wins
+/// within a second.
+const LIVENESS_PROBE: Duration = Duration::from_millis(500);
+
+/// Decides whether `conn` may become agent `name`'s connection: yes when none is
+/// registered; when one is, it is asked whether it is there ([`LIVENESS_PROBE`]).
+/// If it answers, a second process holds this agent's certificate and `conn` is refused
+/// (the message says so), so that two agents never take turns being connected and
+/// every node does not run twice. If it does not answer, it is a connection whose end
+/// the controller has not noticed yet (the agent restarted, its network changed): it is
+/// closed and `conn` wins.
+pub(crate) async fn admit_agent(
+    shared: &Shared,
+    name: &str,
+    conn: &quinn::Connection,
+    dialled_port: Option<u16>,
+) -> Result<(), String> {
+    // Registering is a compare-and-set against what was probed, so two connections
+    // admitted at once cannot both end up registered: the loser looks again.
+    loop {
+        let Some(old) = shared.registry.get(name) else {
+            if shared
+                .registry
+                .register(name, conn.clone(), dialled_port, None)
+            {
+                return Ok(());
+            }
+            continue;
+        };
+        if old.stable_id() == conn.stable_id() {
+            return Ok(());
+        }
+        let old_addr = old.remote_address();
+        let probe =
+            conn::call::<_, AgentResponse>(&old, &ControllerRequest::Ping, LIVENESS_PROBE).await;
+        match probe {
+            // An error reply (an agent that does not know the request) is an answer too.
+            Ok(_) | Err(NetError::Refused(_) | NetError::Protocol(_)) => {
+                return Err(format!("agent {name} is already connected from {old_addr}"));
+            }
+            Err(e) => {
+                if shared
+                    .registry
+                    .register(name, conn.clone(), dialled_port, Some(old.stable_id()))
+                {
+                    info!(
+                        agent = %name,
+                        "the connection of agent '{name}' from {old_addr} does not answer ({e}); a new connection from {} replaces it",
+                        conn.remote_address()
+                    );
+                    old.close(5u32.into(), b"replaced: it did not answer");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Runs an admitted agent's session ([`admit_agent`] registered it) until its connection
+/// ends: re-applying the deployed configuration, status reports, loss.
 pub(crate) async fn serve_agent(
     shared: Arc<Shared>,
     conn: quinn::Connection,
     name: String,
     software: String,
-    dialled_port: Option<u16>,
 ) {
     let addr = conn.remote_address();
-    if let Some(old) = shared.registry.insert(&name, conn.clone(), dialled_port) {
-        info!(agent = %name, "replacing the previous connection of agent '{name}'");
-        old.close(5u32.into(), b"replaced by a newer connection");
-    }
     info!(agent = %name, %addr, %software, "agent '{name}' connected from {addr}");
     shared
         .metrics

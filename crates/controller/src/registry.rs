@@ -1,9 +1,10 @@
 //! The registry of connected agents.
 //!
-//! One entry per agent name, holding its live connection. An agent that reconnects while
-//! its old connection still lingers (the controller has not yet noticed the loss)
-//! replaces it; the old connection's task must then not remove the new entry, which is
-//! why removal compares connections ([`Registry::remove_if_same`]).
+//! One entry per agent name, holding its live connection. A connection that claims a
+//! registered name is admitted only if the registered one does not answer
+//! (`admit_agent` in the crate root); it then replaces it, and the old connection's
+//! task must not remove the new entry, which is why removal compares connections
+//! ([`Registry::remove_if_same`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -38,22 +39,27 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Registers `conn` for `name`, returning the connection it replaces, if any.
-    /// `dialled_port` is the agent's port when the controller dialled it.
-    pub fn insert(
+    /// Registers `conn` for `name` if the entry is still what the caller saw: none
+    /// (`expected` is `None`) or the connection with the stable id `expected`. False if
+    /// another connection got there first.
+    pub fn register(
         &self,
         name: &str,
         conn: quinn::Connection,
         dialled_port: Option<u16>,
-    ) -> Option<quinn::Connection> {
+        expected: Option<usize>,
+    ) -> bool {
+        let mut agents = self.lock();
+        if agents.get(name).map(|e| e.conn.stable_id()) != expected {
+            return false;
+        }
         let entry = Entry {
             conn,
             since: SystemTime::now(),
             dialled_port,
         };
-        self.lock()
-            .insert(name.to_owned(), entry)
-            .map(|old| old.conn)
+        agents.insert(name.to_owned(), entry);
+        true
     }
 
     /// Removes `name` if it is still registered with `conn`; true if it was.

@@ -391,6 +391,10 @@ pub enum AgentRequest {
 pub enum ControllerRequest {
     /// The agent's node statuses, its own entry included.
     GetNodes,
+    /// Are you there? Answered with `Ack` at once, without asking the supervisor. The
+    /// controller asks a connected agent this when another connection claims its name;
+    /// an agent too old to know it answers with an error, which proves as much.
+    Ping,
     /// Make this configuration's nodes for the agent's instance run: start new nodes,
     /// restart changed ones, stop removed ones, leave the rest alone. Answered with one
     /// result per node started or restarted, once each is running or has failed.

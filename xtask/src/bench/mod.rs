@@ -25,6 +25,7 @@ mod install;
 mod pm2;
 mod procfs;
 mod scenario;
+pub(crate) mod spawn;
 mod stats;
 mod supervisord;
 mod system;

@@ -1,0 +1,171 @@
+//! The agent's state dir: one agent process per dir (a second one refuses to start and
+//! names the holder, without touching its nodes; a SIGKILLed holder frees it), and node
+//! sockets that work however long the dir's path is.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use drover_proto::msg::PeerRole;
+use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually};
+
+/// Starts agent `name` (its certificate issued if needed) on `state_dir`, dialling
+/// `controller`, logging to `<log>.log`.
+fn agent(c: &Cluster, name: &str, log: &str, state_dir: &Path, controller: SocketAddr) -> Proc {
+    if !c.pki_file(&format!("{name}.crt")).exists() {
+        c.issue(PeerRole::Agent, name);
+    }
+    let mut cmd = Command::new(bin("drover-agent"));
+    cmd.arg("--name")
+        .arg(name)
+        .arg("--controller")
+        .arg(controller.to_string())
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--ca")
+        .arg(c.pki_file("ca.crt"))
+        .arg("--cert")
+        .arg(c.pki_file(&format!("{name}.crt")))
+        .arg("--key")
+        .arg(c.pki_file(&format!("{name}.key")))
+        .args(["--reconnect-max", "500ms", "--keep-alive", "500ms"])
+        .args(["--idle-timeout", "2s", "--on-exit", "keep"]);
+    Proc::spawn(name, cmd, c.dir.path().join(format!("{log}.log")))
+}
+
+fn deploy(c: &Cluster, addr: SocketAddr, nodes: &str) {
+    let file = c.dir.path().join("cluster.toml");
+    std::fs::write(&file, format!("[instances.agent-1]\n{nodes}")).unwrap();
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+}
+
+/// The pid of `node` on agent-1, once it runs.
+fn ready_pid(c: &Cluster, addr: SocketAddr, node: &str) -> u64 {
+    eventually(&format!("{node} running"), PATIENCE, || {
+        let v = c.drover(addr, &["get-nodes", "--fresh"]).json();
+        let n = &v["results"]["agent-1"][node];
+        (n["state"] == "RUNNING")
+            .then(|| n["pid"].as_u64())
+            .flatten()
+    })
+}
+
+#[test]
+fn a_second_agent_on_the_same_state_dir_refuses_to_start_and_names_the_holder() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let state = c.dir.path().join("agent-state");
+    let mut first = agent(&c, "agent-1", "agent-first", &state, addr);
+    first.wait_log("connected to controller");
+    deploy(
+        &c,
+        addr,
+        &format!(
+            "[nodes.n1]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+            bin("drover-testprog").display()
+        ),
+    );
+    let pid = ready_pid(&c, addr, "n1");
+    let record_before = std::fs::read(state.join("nodes/n1/record.json")).unwrap();
+
+    let mut second = agent(&c, "agent-1", "agent-second", &state, addr);
+    let status = second.wait_exit(PATIENCE);
+    assert!(!status.success(), "the second agent must fail: {status}");
+    let log = second.log_text();
+    assert!(
+        log.contains(&format!("is in use by another agent (pid {}", first.pid())),
+        "{log}"
+    );
+    assert!(
+        !log.contains("adopt") && !log.contains("connected to controller"),
+        "the second agent went further than its lock: {log}"
+    );
+    // The first agent and its node are untouched.
+    assert_eq!(ready_pid(&c, addr, "n1"), pid);
+    assert_eq!(
+        std::fs::read(state.join("nodes/n1/record.json")).unwrap(),
+        record_before,
+        "the node's record was rewritten"
+    );
+    assert!(!first.log_text().contains("lost the controller"));
+
+    // SIGKILL leaves no chance to unlock: the kernel releases the lock, and a new agent
+    // starts and adopts the node with its pid.
+    first.kill();
+    let third = agent(&c, "agent-1", "agent-third", &state, addr);
+    third.wait_log("connected to controller");
+    assert_eq!(ready_pid(&c, addr, "n1"), pid, "adopted, not restarted");
+    let lock = std::fs::read_to_string(state.join("agent.lock")).unwrap();
+    assert_eq!(lock.trim(), third.pid().to_string());
+}
+
+/// A directory under the test's dir whose path is about 150 bytes long.
+fn long_dir(base: &Path) -> PathBuf {
+    let mut dir = base.to_owned();
+    while dir.as_os_str().len() < 140 {
+        dir.push("a-long-state-directory");
+    }
+    dir.push("agent");
+    assert!(dir.as_os_str().len() >= 145, "{}", dir.display());
+    dir
+}
+
+#[test]
+fn a_long_state_dir_gets_short_socket_paths_and_nodes_start() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let state = long_dir(c.dir.path());
+    let first = agent(&c, "agent-1", "agent-long", &state, addr);
+    first.wait_log("connected to controller");
+    // A node name of the longest length a name may have, with notify readiness (the
+    // agent's socket) and a value to query (the node's socket).
+    let node = "n".repeat(drover_proto::name::MAX_LEN);
+    deploy(
+        &c,
+        addr,
+        &format!(
+            "[nodes.{node}]\ninstance = \"agent-1\"\ncommand = [\"{}\", \"--ready-after\", \"100ms\", \"--value\", \"answer=42\"]\nreadiness = {{ kind = \"notify\", timeout = \"20s\" }}\n",
+            bin("drover-testprog").display()
+        ),
+    );
+    let pid = ready_pid(&c, addr, &node);
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let var = |name: &str| {
+        env.split(|b| *b == 0)
+            .filter_map(|kv| std::str::from_utf8(kv).ok())
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {name} in the node's environment"))
+    };
+    for name in ["NOTIFY_SOCKET", "DROVER_QUERY_SOCKET"] {
+        let path = var(name);
+        assert!(path.len() <= 107, "{name}={path} is {} bytes", path.len());
+        // Through the short name, the socket is the one in the node's own directory.
+        let file = Path::new(&path).file_name().unwrap();
+        assert!(
+            state.join("nodes").join(&node).join(file).exists(),
+            "{name}={path} is not in the node's directory"
+        );
+    }
+    let v = eventually("the node answers a query", PATIENCE, || {
+        let out = c.drover(addr, &["get-id-value", "answer"]);
+        (out.code == Some(0)).then(|| out.json())
+    });
+    assert_eq!(v["results"][&node], 42, "{v}");
+    // The next agent process on the dir gets the same paths and adopts the node.
+    let mut first = first;
+    first.kill();
+    let second = agent(&c, "agent-1", "agent-long-2", &state, addr);
+    second.wait_log("connected to controller");
+    assert_eq!(ready_pid(&c, addr, &node), pid);
+    let v = c.drover(addr, &["get-id-value", "answer"]).json();
+    assert_eq!(v["results"][&node], 42, "{v}");
+    // The short link outlives the test dir; remove it.
+    let link = Path::new(&var("NOTIFY_SOCKET"))
+        .ancestors()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    assert!(link.starts_with("/tmp"), "{}", link.display());
+    std::fs::remove_file(&link).unwrap();
+}

@@ -1,0 +1,115 @@
+//! `cargo xtask bench spawn`: what one spawn of a node costs the agent, by how it is
+//! spawned. The agent spawns with std's `posix_spawn` path (no copy of its page tables)
+//! and pins a node's CPUs by pinning the spawning thread, because a `pre_exec` hook
+//! forces a `fork`, whose cost grows with the parent's memory. This prints the figures
+//! behind that choice: plain `posix_spawn`, `fork` (a no-op `pre_exec` hook) and
+//! `posix_spawn` with the thread pinned, at this process's size and again with
+//! `--ballast-mib` of memory touched.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+use nix::unistd::Pid;
+
+/// What to measure.
+#[derive(Debug)]
+pub(crate) struct Options {
+    /// Spawns per figure.
+    pub(crate) spawns: u32,
+    /// Memory to add for the second round, in MiB.
+    pub(crate) ballast_mib: usize,
+}
+
+/// Runs both rounds and prints a table per round.
+pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
+    if opts.spawns == 0 {
+        bail!("--spawns must be at least 1");
+    }
+    // Affinity is per thread: measure on a thread of our own, as the agent spawns from
+    // its supervisor's thread.
+    let n = opts.spawns;
+    let ballast_mib = opts.ballast_mib;
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        round(n)?;
+        // fork copies the page tables, so its cost grows with the parent's memory.
+        let ballast = vec![1u8; ballast_mib << 20];
+        round(n)?;
+        drop(std::hint::black_box(ballast));
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the measuring thread panicked"))?
+}
+
+fn round(n: u32) -> anyhow::Result<()> {
+    println!(
+        "{n} spawns of /bin/true, this process's rss {} MiB:",
+        rss_mib()?
+    );
+    let plain = || Command::new("/bin/true").spawn();
+    let forked = || {
+        let mut cmd = Command::new("/bin/true");
+        // SAFETY: the hook does nothing, which is async-signal-safe.
+        unsafe { cmd.pre_exec(|| Ok(())) };
+        cmd.spawn()
+    };
+    let pinned = || {
+        let previous = sched_getaffinity(Pid::from_raw(0)).map_err(io::Error::from)?;
+        let mut one = CpuSet::new();
+        let first = (0..CpuSet::count())
+            .find(|c| previous.is_set(*c).unwrap_or(false))
+            .unwrap_or(0);
+        one.set(first).map_err(io::Error::from)?;
+        sched_setaffinity(Pid::from_raw(0), &one).map_err(io::Error::from)?;
+        let child = Command::new("/bin/true").spawn();
+        sched_setaffinity(Pid::from_raw(0), &previous).map_err(io::Error::from)?;
+        child
+    };
+    for (name, spawn) in [
+        (
+            "posix_spawn (plain)",
+            &plain as &dyn Fn() -> io::Result<Child>,
+        ),
+        ("fork (no-op pre_exec)", &forked),
+        ("posix_spawn + affinity", &pinned),
+    ] {
+        let (spawn_us, total_us) = measure(n, spawn).with_context(|| name.to_owned())?;
+        println!("  {name:<24} spawn() {spawn_us:8.1} us   spawn+wait {total_us:8.1} us");
+    }
+    Ok(())
+}
+
+/// Mean µs per `spawn()` call and per spawn + wait, over `n` spawns after a warm-up.
+fn measure(n: u32, spawn: &dyn Fn() -> io::Result<Child>) -> anyhow::Result<(f64, f64)> {
+    for _ in 0..10 {
+        spawn()?.wait()?;
+    }
+    let (mut in_spawn, mut total) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let mut c = spawn()?;
+        in_spawn += t0.elapsed();
+        let status = c.wait()?;
+        total += t0.elapsed();
+        if !status.success() {
+            bail!("/bin/true exited with {status}");
+        }
+    }
+    let us = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(n);
+    Ok((us(in_spawn), us(total)))
+}
+
+fn rss_mib() -> anyhow::Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").context("/proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .context("malformed /proc/self/statm")?;
+    // Pages are 4 KiB on the machines this runs on.
+    Ok((pages * 4096) >> 20)
+}
