@@ -37,7 +37,7 @@ type Wanted = BTreeMap<String, u64>;
 
 fn write_cluster(c: &Cluster, id: &str, marker: &str, wanted: &Wanted) -> std::path::PathBuf {
     let mut text = format!(
-        "id = \"{id}\"\n[defaults]\nbackoff = {{ initial = \"0s\" }}\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[instances.agent-1]\n"
+        "id = \"{id}\"\n[defaults]\nbackoff = {{ initial = \"10ms\" }}\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[instances.agent-1]\n"
     );
     let prog = bin("drover-testprog");
     for (name, version) in wanted {

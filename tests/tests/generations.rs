@@ -15,7 +15,7 @@ use drover_tests::{Cluster, MuteAgent, PATIENCE, bin, eventually};
 fn cluster_file(c: &Cluster, name: &str, id: &str, nodes: usize, extra: &str) -> PathBuf {
     let prog = bin("drover-testprog");
     let mut text = format!(
-        "id = \"{id}\"\n[defaults]\nbackoff = {{ initial = \"0s\" }}\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[instances.agent-1]\n"
+        "id = \"{id}\"\n[defaults]\nbackoff = {{ initial = \"10ms\" }}\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[instances.agent-1]\n"
     );
     for i in 1..=nodes {
         text.push_str(&format!(
