@@ -176,6 +176,19 @@ enum Event {
         node: String,
         text: String,
     },
+    /// The desired state of the Apply in [`Core::writing`] is on disk, or could not be
+    /// written.
+    DesiredWritten(Result<(), String>),
+}
+
+/// An Apply waiting for its turn, or for its desired state to be written.
+#[derive(Debug)]
+struct PendingApply {
+    config: Box<Configuration>,
+    restart_all: bool,
+    generation: u64,
+    deadline: Instant,
+    reply: oneshot::Sender<Vec<MgmtResult>>,
 }
 
 /// The record of a node on disk.
@@ -287,6 +300,10 @@ struct Core {
     /// The deploy generation applied, and the restart epoch of the desired state.
     applied: watch::Sender<u64>,
     restart_epoch: u64,
+    /// Applies in arrival order, carried out one at a time.
+    applies: std::collections::VecDeque<PendingApply>,
+    /// The Apply whose desired state is being written (off this task: it is synced).
+    writing: Option<(PendingApply, Desired)>,
     next_token: u64,
     shutdown: Option<(Instant, oneshot::Sender<()>)>,
     /// An exit happened: look for orphaned descendants once the burst is handled.
@@ -497,6 +514,8 @@ impl Supervisor {
             changes: changes_tx,
             applied: applied_tx,
             restart_epoch: 0,
+            applies: std::collections::VecDeque::new(),
+            writing: None,
             next_token: u64::from(std::process::id()) << 32 | u64::from(rand_u32()),
             shutdown: None,
             sweep_pending: false,
@@ -742,7 +761,16 @@ impl Core {
                 generation,
                 deadline,
                 reply,
-            } => self.apply(&config, restart_all, generation, deadline, reply),
+            } => {
+                self.applies.push_back(PendingApply {
+                    config,
+                    restart_all,
+                    generation,
+                    deadline,
+                    reply,
+                });
+                self.next_apply();
+            }
             Command::Act {
                 op,
                 nodes,
@@ -814,65 +842,90 @@ impl Core {
         }
     }
 
-    fn apply(
-        &mut self,
-        config: &Configuration,
-        restart_all: bool,
-        generation: u64,
-        deadline: Instant,
-        reply: oneshot::Sender<Vec<MgmtResult>>,
-    ) {
-        let instance = self.cfg.instance.clone();
-        match converge::judge(*self.applied.borrow(), generation, restart_all) {
-            Verdict::Apply => {}
-            Verdict::Repeat => {
-                let _ = reply.send(Vec::new());
+    /// Takes the next Apply: answers a repeat or a stale one at once, and has the
+    /// desired state of one to carry out written (and synced) off this task; it is
+    /// carried out once written ([`Core::carry_out`]), and only then is the next taken.
+    fn next_apply(&mut self) {
+        while self.writing.is_none() {
+            let Some(a) = self.applies.pop_front() else {
                 return;
+            };
+            let instance = self.cfg.instance.clone();
+            let generation = a.generation;
+            match converge::judge(*self.applied.borrow(), generation, a.restart_all) {
+                Verdict::Apply => {}
+                Verdict::Repeat => {
+                    let _ = a.reply.send(Vec::new());
+                    continue;
+                }
+                Verdict::Stale { applied } => {
+                    let msg = format!(
+                        "deploy generation {generation} is older than generation {applied}, which this agent has applied; nothing changed"
+                    );
+                    warn!("{msg}");
+                    let _ = a
+                        .reply
+                        .send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
+                    continue;
+                }
             }
-            Verdict::Stale { applied } => {
-                let msg = format!(
-                    "deploy generation {generation} is older than generation {applied}, which this agent has applied; nothing changed"
-                );
-                warn!("{msg}");
-                let _ = reply.send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
-                return;
+            let desired = Desired {
+                generation,
+                restart_epoch: self.restart_epoch + u64::from(a.restart_all),
+                nodes: a
+                    .config
+                    .nodes_on(&instance)
+                    .map(|n| (n.name.clone(), a.config.resolve(n)))
+                    .collect(),
+            };
+            let changes = converge::diff(
+                self.nodes.iter().map(|(n, e)| (n.as_str(), &e.spec)),
+                &desired.nodes,
+                a.restart_all,
+            );
+            if generation == 0 && changes.is_empty() && !self.nodes.values().any(|e| e.removing) {
+                // A controller without generations re-applying what runs (it does so
+                // whenever an agent connects): nothing to do, and the generation
+                // applied stays what it was.
+                let _ = a.reply.send(Vec::new());
+                continue;
             }
+            // Before any node is touched: an agent killed from here on finds what it
+            // was doing and finishes it (see [`Core::recover`]).
+            let path = self.desired_path();
+            let events = self.events.clone();
+            let to_write = desired.clone();
+            tokio::task::spawn_blocking(move || {
+                let result = write_desired(&path, &to_write).map_err(|err| {
+                    format!(
+                        "cannot record the desired state in {}: {err}",
+                        path.display()
+                    )
+                });
+                let _ = events.send(Event::DesiredWritten(result));
+            });
+            self.writing = Some((a, desired));
         }
-        let now = self.now();
-        let desired = Desired {
+    }
+
+    /// Carries out an Apply whose desired state is on disk.
+    fn carry_out(&mut self, a: PendingApply, desired: Desired) {
+        let PendingApply {
+            config,
+            restart_all,
             generation,
-            restart_epoch: self.restart_epoch + u64::from(restart_all),
-            nodes: config
-                .nodes_on(&instance)
-                .map(|n| (n.name.clone(), config.resolve(n)))
-                .collect(),
-        };
+            deadline,
+            reply,
+        } = a;
+        let instance = self.cfg.instance.clone();
+        let now = self.now();
+        self.restart_epoch = desired.restart_epoch;
+        self.applied.send_replace(generation);
         let changes = converge::diff(
             self.nodes.iter().map(|(n, e)| (n.as_str(), &e.spec)),
             &desired.nodes,
             restart_all,
         );
-        if generation == 0 && changes.is_empty() && !self.nodes.values().any(|e| e.removing) {
-            // A controller without generations re-applying what runs (it does so
-            // whenever an agent connects): nothing to do, and the generation applied
-            // stays what it was.
-            let _ = reply.send(Vec::new());
-            return;
-        }
-        // Before any node is touched: an agent killed from here on finds what it was
-        // doing and finishes it (see [`Core::recover`]).
-        let path = self.desired_path();
-        if let Err(err) = write_desired(&path, &desired) {
-            let msg = format!(
-                "cannot record the desired state in {}: {err}",
-                path.display()
-            );
-            warn!("{msg}");
-            let _ = reply.send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
-            return;
-        }
-        self.restart_epoch = desired.restart_epoch;
-        self.applied.send_replace(generation);
         let mut desired = desired.nodes;
         let mut wait = Vec::new();
         let mut results = Vec::new();
@@ -1415,6 +1468,22 @@ impl Core {
     fn event(&mut self, ev: Event) {
         let now = self.now();
         match ev {
+            Event::DesiredWritten(result) => {
+                let Some((a, desired)) = self.writing.take() else {
+                    return;
+                };
+                match result {
+                    Ok(()) => self.carry_out(a, desired),
+                    Err(msg) => {
+                        warn!("{msg}");
+                        let instance = self.cfg.instance.clone();
+                        let _ = a
+                            .reply
+                            .send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
+                    }
+                }
+                self.next_apply();
+            }
             Event::Exited {
                 node,
                 generation,
