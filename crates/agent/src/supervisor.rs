@@ -28,9 +28,11 @@
 //! applied generation changes nothing (unless restart-all), an older one is refused
 //! with one error result, generation 0 (a controller without generations) is always
 //! carried out. Before any node is touched, the desired state (generation, restart-all
-//! epoch, resolved specs) is written to `<state-dir>/desired.json` and synced; then
-//! [`converge::diff`] of the specs (not the configuration's id) says which nodes start,
-//! restart, stop and go, or stay untouched.
+//! epoch, resolved specs) is written to `<state-dir>/desired.json` and synced, on the
+//! blocking pool so that the task keeps answering and firing timers meanwhile; Applies
+//! are carried out one at a time in arrival order. Then [`converge::diff`] of the specs
+//! (not the configuration's id) says which nodes start, restart, stop and go, or stay
+//! untouched.
 //!
 //! # Records, adoption and recovery
 //!
