@@ -28,8 +28,9 @@
 //! applied generation changes nothing (unless restart-all), an older one is refused
 //! with one error result, generation 0 (a controller without generations) is always
 //! carried out. Before any node is touched, the desired state (generation, restart-all
-//! epoch, resolved specs) is written to `<state-dir>/desired.json` and synced, on the
-//! blocking pool so that the task keeps answering and firing timers meanwhile; Applies
+//! epoch, resolved specs) is written to `<state-dir>/desired.json` and synced, and the
+//! new nodes' directories, log files and notify sockets are made, on the blocking pool
+//! so that the task keeps answering and firing timers meanwhile; Applies
 //! are carried out one at a time in arrival order. Then [`converge::diff`] of the specs
 //! (not the configuration's id) says which nodes start, restart, stop and go, or stay
 //! untouched.
@@ -178,10 +179,16 @@ enum Event {
         node: String,
         text: String,
     },
-    /// The desired state of the Apply in [`Core::writing`] is on disk, or could not be
-    /// written.
-    DesiredWritten(Result<(), String>),
+    /// The desired state of the Apply in [`Core::writing`] is on disk and its new
+    /// nodes' directories, logs and sockets are made, or it could not be written.
+    DesiredWritten(Result<Prepared, String>),
 }
+
+/// A new node's name, directory and working directory to make before its first spawn.
+type PrepareJob = (String, PathBuf, Option<PathBuf>);
+
+/// New nodes' bound notify sockets (or why they could not be made), by name.
+type Prepared = BTreeMap<String, std::io::Result<std::os::unix::net::UnixDatagram>>;
 
 /// An Apply waiting for its turn, or for its desired state to be written.
 #[derive(Debug)]
@@ -894,16 +901,29 @@ impl Core {
             }
             // Before any node is touched: an agent killed from here on finds what it
             // was doing and finishes it (see [`Core::recover`]).
+            // New nodes' directories, log files and notify sockets are made there too,
+            // on every core at once: creating inodes is most of what starting hundreds
+            // of nodes costs.
+            let jobs = self.prepare_jobs(
+                changes
+                    .start
+                    .iter()
+                    .filter_map(|name| desired.nodes.get_key_value(name))
+                    .map(|(name, spec)| (name.as_str(), spec)),
+            );
+            let logs = self.cfg.logs;
             let path = self.desired_path();
             let events = self.events.clone();
             let to_write = desired.clone();
             tokio::task::spawn_blocking(move || {
-                let result = write_desired(&path, &to_write).map_err(|err| {
-                    format!(
-                        "cannot record the desired state in {}: {err}",
-                        path.display()
-                    )
-                });
+                let result = write_desired(&path, &to_write)
+                    .map(|()| Self::run_prepare(&jobs, logs))
+                    .map_err(|err| {
+                        format!(
+                            "cannot record the desired state in {}: {err}",
+                            path.display()
+                        )
+                    });
                 let _ = events.send(Event::DesiredWritten(result));
             });
             self.writing = Some((a, desired));
@@ -911,7 +931,7 @@ impl Core {
     }
 
     /// Carries out an Apply whose desired state is on disk.
-    fn carry_out(&mut self, a: PendingApply, desired: Desired) {
+    fn carry_out(&mut self, a: PendingApply, desired: Desired, mut prepared: Prepared) {
         let PendingApply {
             config,
             restart_all,
@@ -931,15 +951,6 @@ impl Core {
         let mut desired = desired.nodes;
         let mut wait = Vec::new();
         let mut results = Vec::new();
-        // New nodes' directories, log files and notify sockets, made on every core at
-        // once: creating inodes is most of what starting hundreds of nodes costs.
-        let mut prepared = self.prepare(
-            changes
-                .start
-                .iter()
-                .filter_map(|name| desired.get_key_value(name))
-                .map(|(name, spec)| (name.as_str(), spec)),
-        );
         for name in changes.remove {
             info!(node = %name, "node removed from the configuration; stopping it");
             if let Some(e) = self.nodes.get_mut(&name) {
@@ -1108,25 +1119,35 @@ impl Core {
         });
     }
 
-    /// Makes the directories, empty log files and bound notify sockets of new nodes,
-    /// spread over a few threads, for [`Core::create`] and the first spawn to find in
-    /// place. Blocks the supervisor task, as doing the same one node at a time would.
-    fn prepare<'a>(
+    /// Makes the directories, empty log files and bound notify sockets of new nodes, on
+    /// this thread (see [`Core::prepare_jobs`] and [`Core::run_prepare`]).
+    fn prepare<'a>(&self, nodes: impl Iterator<Item = (&'a str, &'a Node)>) -> Prepared {
+        Self::run_prepare(&self.prepare_jobs(nodes), self.cfg.logs)
+    }
+
+    /// What [`Core::run_prepare`] makes for these nodes: name, directory, and working
+    /// directory unless the spec names one.
+    fn prepare_jobs<'a>(
         &self,
         nodes: impl Iterator<Item = (&'a str, &'a Node)>,
-    ) -> BTreeMap<String, std::io::Result<std::os::unix::net::UnixDatagram>> {
-        let jobs: Vec<(String, PathBuf, Option<PathBuf>)> = nodes
+    ) -> Vec<PrepareJob> {
+        nodes
             .filter(|(name, _)| drover_proto::name::check(name).is_ok())
             .map(|(name, spec)| {
                 let dir = self.nodes_dir.join(name);
                 let work = spec.workdir.is_none().then(|| dir.join("work"));
                 (name.to_owned(), dir, work)
             })
-            .collect();
+            .collect()
+    }
+
+    /// Makes the directories, empty log files and bound notify sockets of new nodes,
+    /// spread over a few threads, for [`Core::create`] and the first spawn to find in
+    /// place. Blocking; an Apply runs it on the blocking pool.
+    fn run_prepare(jobs: &[PrepareJob], logs: LogConfig) -> Prepared {
         if jobs.is_empty() {
             return BTreeMap::new();
         }
-        let logs = self.cfg.logs;
         let prepare_one = |dir: &Path, work: Option<&Path>| {
             Self::make_node_dir(dir)?;
             if let Some(w) = work {
@@ -1475,7 +1496,7 @@ impl Core {
                     return;
                 };
                 match result {
-                    Ok(()) => self.carry_out(a, desired),
+                    Ok(prepared) => self.carry_out(a, desired, prepared),
                     Err(msg) => {
                         warn!("{msg}");
                         let instance = self.cfg.instance.clone();
