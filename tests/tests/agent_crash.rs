@@ -2,6 +2,10 @@
 //! is back, the host runs exactly the deployed nodes, each once, with the deployed
 //! spec, none untracked, and get-nodes agrees with the process table.
 //!
+//! In every other round the controller goes away too, so the agent has only what it
+//! wrote before it acted: it must converge on that alone, and then on what the
+//! controller, once back, considers deployed.
+//!
 //! The kill moment and the configurations come from a seed, printed at the start (set
 //! `DROVER_CRASH_SEED` to replay one).
 
@@ -107,6 +111,69 @@ fn get_nodes(c: &Cluster, addr: SocketAddr) -> BTreeMap<String, (String, Option<
     out
 }
 
+/// What the agent's desired state (`desired.json` in its state dir) asks for.
+fn desired_on_disk(c: &Cluster) -> Wanted {
+    let path = c.dir.path().join("agent-agent-1/desired.json");
+    let d: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    d["nodes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, spec)| {
+            let last = spec["command"].as_array().unwrap().last().unwrap();
+            let version = last
+                .as_str()
+                .unwrap()
+                .trim_start_matches('v')
+                .parse()
+                .unwrap();
+            (name.clone(), version)
+        })
+        .collect()
+}
+
+/// Why the process table does not (yet) hold exactly `wanted`, each once with its
+/// spec, or None when it does; the pids by node.
+fn process_mismatch(marker: &str, wanted: &Wanted) -> Result<BTreeMap<String, u32>, String> {
+    let mut by_node: BTreeMap<String, Vec<(u32, String)>> = BTreeMap::new();
+    for (pid, node, cmd) in node_processes(marker) {
+        by_node.entry(node).or_default().push((pid, cmd));
+    }
+    let mut pids = BTreeMap::new();
+    for (node, procs) in &by_node {
+        let Some(version) = wanted.get(node) else {
+            return Err(format!(
+                "node {node:?} is not deployed but runs as {procs:?}"
+            ));
+        };
+        if procs.len() != 1 {
+            return Err(format!("node {node} runs {} times: {procs:?}", procs.len()));
+        }
+        let (pid, cmd) = &procs[0];
+        if !cmd.ends_with(&format!(" v{version} ")) {
+            return Err(format!("node {node} runs an outdated spec: {cmd}"));
+        }
+        pids.insert(node.clone(), *pid);
+    }
+    if let Some(n) = wanted.keys().find(|n| !by_node.contains_key(*n)) {
+        return Err(format!("node {n} has no process"));
+    }
+    Ok(pids)
+}
+
+/// Waits until `check` finds nothing amiss, failing with its last complaint.
+fn converge(what: &str, mut check: impl FnMut() -> Option<String>) -> Duration {
+    let t = Instant::now();
+    // As `eventually`, keeping the last reason for the message.
+    let mut pause = Duration::from_millis(5);
+    while let Some(why) = check() {
+        assert!(t.elapsed() < PATIENCE, "{what}: {why}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    t.elapsed()
+}
+
 /// Why the host does not (yet) run exactly `wanted`, or None when it does.
 fn mismatch(c: &Cluster, addr: SocketAddr, marker: &str, wanted: &Wanted) -> Option<String> {
     let listed = get_nodes(c, addr);
@@ -121,35 +188,18 @@ fn mismatch(c: &Cluster, addr: SocketAddr, marker: &str, wanted: &Wanted) -> Opt
     if let Some((n, s)) = listed.iter().find(|(_, (s, _))| s != "RUNNING") {
         return Some(format!("{n} is {}", s.0));
     }
-    let mut by_node: BTreeMap<&str, Vec<(u32, &str)>> = BTreeMap::new();
-    let procs = node_processes(marker);
-    for (pid, node, cmd) in &procs {
-        by_node.entry(node).or_default().push((*pid, cmd));
-    }
-    for (node, procs) in &by_node {
-        let Some(version) = wanted.get(*node) else {
-            return Some(format!(
-                "node {node:?} is not deployed but runs as {procs:?}"
-            ));
-        };
-        if procs.len() != 1 {
-            return Some(format!("node {node} runs {} times: {procs:?}", procs.len()));
-        }
-        let (pid, cmd) = procs[0];
-        if !cmd.ends_with(&format!(" v{version} ")) {
-            return Some(format!("node {node} runs an outdated spec: {cmd}"));
-        }
-        if listed[*node].1 != Some(u64::from(pid)) {
-            return Some(format!(
-                "node {node} runs as pid {pid}, get-nodes says {:?} (untracked)",
-                listed[*node].1
-            ));
-        }
-    }
-    if let Some(n) = wanted.keys().find(|n| !by_node.contains_key(n.as_str())) {
-        return Some(format!("node {n} has no process"));
-    }
-    None
+    let pids = match process_mismatch(marker, wanted) {
+        Ok(p) => p,
+        Err(why) => return Some(why),
+    };
+    pids.iter()
+        .find(|(n, pid)| listed[*n].1 != Some(u64::from(**pid)))
+        .map(|(n, pid)| {
+            format!(
+                "node {n} runs as pid {pid}, get-nodes says {:?} (untracked)",
+                listed[n].1
+            )
+        })
 }
 
 fn random_wanted(rng: &mut Rng) -> Wanted {
@@ -177,7 +227,7 @@ fn agent_sigkilled_during_large_deploys_converges_on_the_deployed_nodes() {
     eprintln!("DROVER_CRASH_SEED={seed}");
     let mut rng = Rng(seed);
     let c = Cluster::new();
-    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let (mut ctl, addr) = c.start_controller("127.0.0.1:0");
     let mut agent = c.start_agent("agent-1", addr);
     let marker = format!("crash-{}", std::process::id());
 
@@ -210,14 +260,40 @@ fn agent_sigkilled_during_large_deploys_converges_on_the_deployed_nodes() {
             .args(["deploy-config", file.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        let away = round % 2 == 0;
         let mut deploying = cmd.spawn().unwrap();
+        if away {
+            // Into the agent's work: once it has written what it is about to run.
+            eventually("the agent wrote the new desired state", PATIENCE, || {
+                (desired_on_disk(&c) == configs[&id]).then_some(())
+            });
+        }
         // The fault itself, not a wait for a condition: the moment of the kill.
-        let delay = Duration::from_millis(rng.below(400));
+        let delay = Duration::from_millis(rng.below(if away { 200 } else { 400 }));
         std::thread::sleep(delay);
         agent.kill();
         let status = deploying.wait().unwrap();
         interrupted += usize::from(!status.success());
+        if away {
+            ctl.kill();
+        }
         agent = c.start_agent("agent-1", addr);
+        let how = format!(
+            "round {round} (seed {seed}, kill after {delay:?}, deploy {}{})",
+            if status.success() { "answered" } else { "cut" },
+            if away { ", controller away" } else { "" }
+        );
+        if away {
+            // Alone, the agent converges on what it wrote before it acted.
+            let alone = desired_on_disk(&c);
+            assert_eq!(alone, configs[&id], "{how}: the desired state on disk");
+            let took = converge(&how, || process_mismatch(&marker, &alone).err());
+            eprintln!(
+                "{how}: alone, converged on its desired state ({} nodes) in {took:?}",
+                alone.len()
+            );
+            ctl = c.start_controller(&addr.to_string()).0;
+        }
         // The controller brings the returning agent to what it considers deployed: the
         // new configuration if the deploy was answered before the kill, else the last.
         let deployed = c
@@ -225,23 +301,12 @@ fn agent_sigkilled_during_large_deploys_converges_on_the_deployed_nodes() {
             .json();
         let deployed_id = deployed["id"].as_str().unwrap().to_owned();
         let wanted = &configs[&deployed_id];
-        let t = Instant::now();
-        // As `eventually`, keeping the last reason for the message.
-        let mut pause = Duration::from_millis(5);
-        while let Some(why) = mismatch(&c, addr, &marker, wanted) {
-            assert!(
-                t.elapsed() < PATIENCE,
-                "round {round} (seed {seed}, kill after {delay:?}, deploy {}, deployed {deployed_id}): {why}",
-                if status.success() { "answered" } else { "cut" },
-            );
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(200));
-        }
+        let took = converge(&format!("{how}, deployed {deployed_id}"), || {
+            mismatch(&c, addr, &marker, wanted)
+        });
         eprintln!(
-            "round {round}: killed after {delay:?}, deploy {}, converged on {deployed_id} ({} nodes) in {:?}",
-            if status.success() { "answered" } else { "cut" },
-            wanted.len(),
-            t.elapsed()
+            "{how}: converged on {deployed_id} ({} nodes) in {took:?}",
+            wanted.len()
         );
     }
     eprintln!("{interrupted} of {ROUNDS} deploys were cut by the kill");

@@ -606,3 +606,49 @@ fn an_unreadable_desired_state_keeps_the_recorded_nodes() {
         serde_json::from_slice(&std::fs::read(w.dir.path().join("desired.json")).unwrap()).unwrap();
     assert_eq!(desired["generation"], 1);
 }
+
+#[test]
+fn an_agent_killed_while_replacing_a_node_finishes_the_replacement() {
+    let mut w = World::new();
+    let p = prog();
+    // The old process ignores SIGTERM and may take 30 s to stop: the agent is killed
+    // while it waits for that.
+    let node = |version: &str, stop: &str| {
+        format!(
+            "[nodes.a]\ninstance = \"agent-1\"\ncommand = [\"{p}\", \"--ignore-sigterm\", \"--print={version}\"]\n\
+             readiness = {{ kind = \"start-period\", period = \"0s\" }}\nstop_timeout = \"{stop}\"\n"
+        )
+    };
+    w.apply_gen(1, Some("one"), &node("v1", "30s"));
+    let old = w.node("a").pid.unwrap();
+    let text = format!("id = \"two\"\n[instances.agent-1]\n{}", node("v2", "1s"));
+    let config = parse_toml("test.toml", &text).unwrap();
+    let sup = w.sup.clone();
+    w.rt.spawn(async move {
+        sup.apply(config, false, 2, Instant::now() + Duration::from_secs(60))
+            .await
+    });
+    // Once the agent has acted on generation 2 (the record names its configuration),
+    // the record still names the old process with the spec it runs, not the new one.
+    let record = drover_tests::eventually("generation 2 under way", drover_tests::PATIENCE, || {
+        let r = std::fs::read(w.node_dir("a").join("record.json")).ok()?;
+        let r: serde_json::Value = serde_json::from_slice(&r).ok()?;
+        (r["config_id"] == "two").then_some(r)
+    });
+    assert_eq!(record["process"]["pid"], old);
+    assert_eq!(record["spec"]["command"][2], "--print=v1");
+    assert!(alive(old));
+    w.restart_supervisor();
+    // The new agent does not take the old process for the new spec: it replaces it.
+    let s = w.wait(
+        "a replaced",
+        |s| s.state == State::Running && s.pid.is_some_and(|p| p != old),
+        "a",
+    );
+    assert_eq!(s.generation, Some(2));
+    drover_tests::eventually("the old process gone", drover_tests::PATIENCE, || {
+        (!alive(old)).then_some(())
+    });
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", s.pid.unwrap())).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("--print=v2"));
+}

@@ -28,9 +28,12 @@
 //! applied generation changes nothing (unless restart-all), an older one is refused
 //! with one error result, generation 0 (a controller without generations) is always
 //! carried out. Before any node is touched, the desired state (generation, restart-all
-//! epoch, resolved specs) is written to `<state-dir>/desired.json` and synced; then
-//! [`converge::diff`] of the specs (not the configuration's id) says which nodes start,
-//! restart, stop and go, or stay untouched.
+//! epoch, resolved specs) is written to `<state-dir>/desired.json` and synced, and the
+//! new nodes' directories, log files and notify sockets are made, on the blocking pool
+//! so that the task keeps answering and firing timers meanwhile; Applies
+//! are carried out one at a time in arrival order. Then [`converge::diff`] of the specs
+//! (not the configuration's id) says which nodes start, restart, stop and go, or stay
+//! untouched.
 //!
 //! # Records, adoption and recovery
 //!
@@ -74,6 +77,7 @@ use tracing::{debug, info, warn};
 use crate::converge::{self, Desired, Found, Settled, Stray, Then, Verdict, Want};
 use crate::logs::{LogConfig, NodeLogs};
 use crate::machine::{self, Action, Machine, MachineConfig, Millis};
+use crate::sockdir::SocketDirs;
 use crate::sys::{self, ProcId};
 
 /// Lines of each stream returned with a failed node's outputs (as Zeek).
@@ -176,6 +180,25 @@ enum Event {
         node: String,
         text: String,
     },
+    /// The desired state of the Apply in [`Core::writing`] is on disk and its new
+    /// nodes' directories, logs and sockets are made, or it could not be written.
+    DesiredWritten(Result<Prepared, String>),
+}
+
+/// A new node's name, directory and working directory to make before its first spawn.
+type PrepareJob = (String, PathBuf, Option<PathBuf>, PathBuf);
+
+/// New nodes' bound notify sockets (or why they could not be made), by name.
+type Prepared = BTreeMap<String, std::io::Result<std::os::unix::net::UnixDatagram>>;
+
+/// An Apply waiting for its turn, or for its desired state to be written.
+#[derive(Debug)]
+struct PendingApply {
+    config: Box<Configuration>,
+    restart_all: bool,
+    generation: u64,
+    deadline: Instant,
+    reply: oneshot::Sender<Vec<MgmtResult>>,
 }
 
 /// The record of a node on disk.
@@ -281,7 +304,7 @@ struct Core {
     nodes_dir: PathBuf,
     /// The directory through which each node's sockets are reached: its own, or a
     /// short link to it when the path would be too long ([`crate::sockdir`]).
-    socks: crate::sockdir::SocketDirs,
+    socks: SocketDirs,
     epoch: Instant,
     nodes: BTreeMap<String, Entry>,
     waiters: Vec<Waiter>,
@@ -290,6 +313,10 @@ struct Core {
     /// The deploy generation applied, and the restart epoch of the desired state.
     applied: watch::Sender<u64>,
     restart_epoch: u64,
+    /// Applies in arrival order, carried out one at a time.
+    applies: std::collections::VecDeque<PendingApply>,
+    /// The Apply whose desired state is being written (off this task: it is synced).
+    writing: Option<(PendingApply, Desired)>,
     next_token: u64,
     shutdown: Option<(Instant, oneshot::Sender<()>)>,
     /// An exit happened: look for orphaned descendants once the burst is handled.
@@ -481,7 +508,7 @@ impl Supervisor {
         cfg.state_dir = std::fs::canonicalize(&cfg.state_dir)?;
         let nodes_dir = cfg.state_dir.join("nodes");
         std::fs::create_dir_all(&nodes_dir)?;
-        let socks = crate::sockdir::SocketDirs::new(&nodes_dir)?;
+        let socks = SocketDirs::new(&nodes_dir)?;
         if let Err(e) = sys::set_child_subreaper() {
             warn!(
                 "cannot become a child subreaper ({e}); orphaned grandchildren of nodes go to init"
@@ -502,6 +529,8 @@ impl Supervisor {
             changes: changes_tx,
             applied: applied_tx,
             restart_epoch: 0,
+            applies: std::collections::VecDeque::new(),
+            writing: None,
             next_token: u64::from(std::process::id()) << 32 | u64::from(rand_u32()),
             shutdown: None,
             sweep_pending: false,
@@ -747,7 +776,16 @@ impl Core {
                 generation,
                 deadline,
                 reply,
-            } => self.apply(&config, restart_all, generation, deadline, reply),
+            } => {
+                self.applies.push_back(PendingApply {
+                    config,
+                    restart_all,
+                    generation,
+                    deadline,
+                    reply,
+                });
+                self.next_apply();
+            }
             Command::Act {
                 op,
                 nodes,
@@ -819,77 +857,107 @@ impl Core {
         }
     }
 
-    fn apply(
-        &mut self,
-        config: &Configuration,
-        restart_all: bool,
-        generation: u64,
-        deadline: Instant,
-        reply: oneshot::Sender<Vec<MgmtResult>>,
-    ) {
-        let instance = self.cfg.instance.clone();
-        match converge::judge(*self.applied.borrow(), generation, restart_all) {
-            Verdict::Apply => {}
-            Verdict::Repeat => {
-                let _ = reply.send(Vec::new());
+    /// Takes the next Apply: answers a repeat or a stale one at once, and has the
+    /// desired state of one to carry out written (and synced) off this task; it is
+    /// carried out once written ([`Core::carry_out`]), and only then is the next taken.
+    fn next_apply(&mut self) {
+        while self.writing.is_none() {
+            let Some(a) = self.applies.pop_front() else {
                 return;
+            };
+            let instance = self.cfg.instance.clone();
+            let generation = a.generation;
+            match converge::judge(*self.applied.borrow(), generation, a.restart_all) {
+                Verdict::Apply => {}
+                Verdict::Repeat => {
+                    let _ = a.reply.send(Vec::new());
+                    continue;
+                }
+                Verdict::Stale { applied } => {
+                    let msg = format!(
+                        "deploy generation {generation} is older than generation {applied}, which this agent has applied; nothing changed"
+                    );
+                    warn!("{msg}");
+                    let _ = a
+                        .reply
+                        .send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
+                    continue;
+                }
             }
-            Verdict::Stale { applied } => {
-                let msg = format!(
-                    "deploy generation {generation} is older than generation {applied}, which this agent has applied; nothing changed"
-                );
-                warn!("{msg}");
-                let _ = reply.send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
-                return;
+            let desired = Desired {
+                generation,
+                restart_epoch: self.restart_epoch + u64::from(a.restart_all),
+                nodes: a
+                    .config
+                    .nodes_on(&instance)
+                    .map(|n| (n.name.clone(), a.config.resolve(n)))
+                    .collect(),
+            };
+            let changes = converge::diff(
+                self.nodes.iter().map(|(n, e)| (n.as_str(), &e.spec)),
+                &desired.nodes,
+                a.restart_all,
+            );
+            if generation == 0 && changes.is_empty() && !self.nodes.values().any(|e| e.removing) {
+                // A controller without generations re-applying what runs (it does so
+                // whenever an agent connects): nothing to do, and the generation
+                // applied stays what it was.
+                let _ = a.reply.send(Vec::new());
+                continue;
             }
+            // Before any node is touched: an agent killed from here on finds what it
+            // was doing and finishes it (see [`Core::recover`]).
+            // New nodes' directories, log files and notify sockets are made there too,
+            // on every core at once: creating inodes is most of what starting hundreds
+            // of nodes costs.
+            let jobs = self.prepare_jobs(
+                changes
+                    .start
+                    .iter()
+                    .filter_map(|name| desired.nodes.get_key_value(name))
+                    .map(|(name, spec)| (name.as_str(), spec)),
+            );
+            let logs = self.cfg.logs;
+            let socks = self.socks.clone();
+            let path = self.desired_path();
+            let events = self.events.clone();
+            let to_write = desired.clone();
+            tokio::task::spawn_blocking(move || {
+                let result = write_desired(&path, &to_write)
+                    .map(|()| Self::run_prepare(&jobs, logs, &socks))
+                    .map_err(|err| {
+                        format!(
+                            "cannot record the desired state in {}: {err}",
+                            path.display()
+                        )
+                    });
+                let _ = events.send(Event::DesiredWritten(result));
+            });
+            self.writing = Some((a, desired));
         }
-        let now = self.now();
-        let desired = Desired {
+    }
+
+    /// Carries out an Apply whose desired state is on disk.
+    fn carry_out(&mut self, a: PendingApply, desired: Desired, mut prepared: Prepared) {
+        let PendingApply {
+            config,
+            restart_all,
             generation,
-            restart_epoch: self.restart_epoch + u64::from(restart_all),
-            nodes: config
-                .nodes_on(&instance)
-                .map(|n| (n.name.clone(), config.resolve(n)))
-                .collect(),
-        };
+            deadline,
+            reply,
+        } = a;
+        let instance = self.cfg.instance.clone();
+        let now = self.now();
+        self.restart_epoch = desired.restart_epoch;
+        self.applied.send_replace(generation);
         let changes = converge::diff(
             self.nodes.iter().map(|(n, e)| (n.as_str(), &e.spec)),
             &desired.nodes,
             restart_all,
         );
-        if generation == 0 && changes.is_empty() && !self.nodes.values().any(|e| e.removing) {
-            // A controller without generations re-applying what runs (it does so
-            // whenever an agent connects): nothing to do, and the generation applied
-            // stays what it was.
-            let _ = reply.send(Vec::new());
-            return;
-        }
-        // Before any node is touched: an agent killed from here on finds what it was
-        // doing and finishes it (see [`Core::recover`]).
-        let path = self.desired_path();
-        if let Err(err) = write_desired(&path, &desired) {
-            let msg = format!(
-                "cannot record the desired state in {}: {err}",
-                path.display()
-            );
-            warn!("{msg}");
-            let _ = reply.send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
-            return;
-        }
-        self.restart_epoch = desired.restart_epoch;
-        self.applied.send_replace(generation);
         let mut desired = desired.nodes;
         let mut wait = Vec::new();
         let mut results = Vec::new();
-        // New nodes' directories, log files and notify sockets, made on every core at
-        // once: creating inodes is most of what starting hundreds of nodes costs.
-        let mut prepared = self.prepare(
-            changes
-                .start
-                .iter()
-                .filter_map(|name| desired.get_key_value(name))
-                .map(|(name, spec)| (name.as_str(), spec)),
-        );
         for name in changes.remove {
             info!(node = %name, "node removed from the configuration; stopping it");
             if let Some(e) = self.nodes.get_mut(&name) {
@@ -1058,26 +1126,35 @@ impl Core {
         });
     }
 
-    /// Makes the directories, empty log files and bound notify sockets of new nodes,
-    /// spread over a few threads, for [`Core::create`] and the first spawn to find in
-    /// place. Blocks the supervisor task, as doing the same one node at a time would.
-    fn prepare<'a>(
+    /// Makes the directories, empty log files and bound notify sockets of new nodes, on
+    /// this thread (see [`Core::prepare_jobs`] and [`Core::run_prepare`]).
+    fn prepare<'a>(&self, nodes: impl Iterator<Item = (&'a str, &'a Node)>) -> Prepared {
+        Self::run_prepare(&self.prepare_jobs(nodes), self.cfg.logs, &self.socks)
+    }
+
+    /// What [`Core::run_prepare`] makes for these nodes: name, directory, and working
+    /// directory unless the spec names one.
+    fn prepare_jobs<'a>(
         &self,
         nodes: impl Iterator<Item = (&'a str, &'a Node)>,
-    ) -> BTreeMap<String, std::io::Result<std::os::unix::net::UnixDatagram>> {
-        let jobs: Vec<(String, PathBuf, Option<PathBuf>, PathBuf)> = nodes
+    ) -> Vec<PrepareJob> {
+        nodes
             .filter(|(name, _)| drover_proto::name::check(name).is_ok())
             .map(|(name, spec)| {
                 let dir = self.nodes_dir.join(name);
                 let work = spec.workdir.is_none().then(|| dir.join("work"));
                 (name.to_owned(), dir, work, self.socks.dir(name))
             })
-            .collect();
+            .collect()
+    }
+
+    /// Makes the directories, empty log files and bound notify sockets of new nodes,
+    /// spread over a few threads, for [`Core::create`] and the first spawn to find in
+    /// place. Blocking; an Apply runs it on the blocking pool.
+    fn run_prepare(jobs: &[PrepareJob], logs: LogConfig, socks: &SocketDirs) -> Prepared {
         if jobs.is_empty() {
             return BTreeMap::new();
         }
-        let logs = self.cfg.logs;
-        let socks = &self.socks;
         let prepare_one = |name: &str, dir: &Path, work: Option<&Path>, sock_dir: &Path| {
             Self::make_node_dir(dir)?;
             if let Some(w) = work {
@@ -1428,6 +1505,22 @@ impl Core {
     fn event(&mut self, ev: Event) {
         let now = self.now();
         match ev {
+            Event::DesiredWritten(result) => {
+                let Some((a, desired)) = self.writing.take() else {
+                    return;
+                };
+                match result {
+                    Ok(prepared) => self.carry_out(a, desired, prepared),
+                    Err(msg) => {
+                        warn!("{msg}");
+                        let instance = self.cfg.instance.clone();
+                        let _ = a
+                            .reply
+                            .send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
+                    }
+                }
+                self.next_apply();
+            }
             Event::Exited {
                 node,
                 generation,

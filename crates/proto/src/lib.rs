@@ -25,8 +25,8 @@ pub mod ini;
 pub mod model;
 pub mod msg;
 pub mod name;
-mod schema;
 pub mod ports;
+mod schema;
 
 pub use model::{
     ClusterRole, Configuration, Instance, MgmtResult, MgmtRole, Node, NodeOutputs, NodeStatus,
