@@ -294,12 +294,14 @@ fn agent_sigkilled_during_large_deploys_converges_on_the_deployed_nodes() {
             );
             ctl = c.start_controller(&addr.to_string()).0;
         }
-        // The controller brings the returning agent to what it considers deployed: the
-        // new configuration if the deploy was answered before the kill, else the last.
-        let deployed = c
-            .drover(addr, &["get-config", "--deployed", "--as-json"])
-            .json();
-        let deployed_id = deployed["id"].as_str().unwrap().to_owned();
+        // The controller brings the returning agent to its desired deploy, which it
+        // recorded before any agent heard of it: the new configuration, whether or not
+        // the cut deploy was answered.
+        let desired = c.dir.path().join("controller/desired.json");
+        let desired: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(desired).unwrap()).unwrap();
+        let deployed_id = desired["config"]["id"].as_str().unwrap().to_owned();
+        assert_eq!(deployed_id, id, "{how}: the controller's desired deploy");
         let wanted = &configs[&deployed_id];
         let took = converge(&format!("{how}, deployed {deployed_id}"), || {
             mismatch(&c, addr, &marker, wanted)
