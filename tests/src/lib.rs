@@ -10,6 +10,7 @@
 //! The binaries come from `DROVER_BIN_DIR`, or else from the target directory holding
 //! the test executable (`cargo xtask test` builds them first).
 
+pub mod chaos;
 pub mod lossy;
 pub mod netlab;
 

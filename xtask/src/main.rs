@@ -2,6 +2,8 @@
 //! cargo.
 //!
 //! - `cargo xtask test`: the whole test suite, as CI runs it (format, lints, every test).
+//! - `cargo xtask chaos [--minutes N] [--seed S]`: random faults against a cluster on
+//!   separate hosts, with the desired-state invariant checked after every heal.
 //! - `cargo xtask cluster up [--agents N]`: a local cluster on this machine.
 //! - `cargo xtask bench supervise [--nodes 100,500] [--peers supervisord,pm2] [--kills 10]
 //!   [--runs 3] [--quick]`: drover against peer supervisors on this machine.
@@ -13,6 +15,7 @@
 //!   by posix_spawn, fork, and posix_spawn with the spawning thread pinned.
 
 mod bench;
+mod chaos;
 mod cluster;
 mod dist;
 mod test;
@@ -50,6 +53,18 @@ enum Task {
     /// Benchmarks (release builds) against peer tools.
     #[command(subcommand)]
     Bench(BenchTask),
+    /// Random SIGKILLs of agents, the controller and nodes, deploys cut short and network
+    /// partitions against a cluster on separate hosts (network namespaces; needs root),
+    /// checking after every heal that each host runs exactly its share of a deploy in
+    /// effect.
+    Chaos {
+        /// How long to inject faults.
+        #[arg(long, default_value_t = 5)]
+        minutes: u64,
+        /// Seed for a repeatable run [default: the time].
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,6 +192,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Test { no_lint } => test::run(!no_lint),
+        Task::Chaos { minutes, seed } => chaos::run(minutes, seed),
         Task::Dist { out } => dist::run(&out.unwrap_or_else(|| project_root().join("target/dist"))),
         Task::Cluster(ClusterTask::Status { dir }) => {
             let root = project_root();

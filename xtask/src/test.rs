@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 
 use crate::project_root;
 
-fn cargo(args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
     eprintln!("$ cargo {}", args.join(" "));
     let status = crate::cargo_command()
         .args(args)

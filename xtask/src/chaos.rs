@@ -1,0 +1,35 @@
+//! `cargo xtask chaos --minutes N`: the chaos run of `tests/tests/chaos.rs` for as long as
+//! asked, with its report printed (CI runs a bounded one as part of the suite).
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+use crate::project_root;
+
+/// Builds the binaries, then runs the chaos test for `minutes` with `seed` (random when
+/// absent; the run prints it either way).
+pub(crate) fn run(minutes: u64, seed: Option<u64>) -> anyhow::Result<()> {
+    crate::test::cargo(&["build", "--workspace", "--bins", "--locked"])?;
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args([
+        "test",
+        "--locked",
+        "-p",
+        "drover-tests",
+        "--test",
+        "chaos",
+        "--",
+        "--nocapture",
+    ])
+    .env("DROVER_CHAOS_SECS", (minutes.max(1) * 60).to_string())
+    .current_dir(project_root());
+    if let Some(seed) = seed {
+        cmd.env("DROVER_CHAOS_SEED", seed.to_string());
+    }
+    let status = cmd.status().context("cannot run cargo test")?;
+    if !status.success() {
+        bail!("the chaos run found violations or failed ({status})");
+    }
+    Ok(())
+}
