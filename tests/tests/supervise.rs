@@ -33,6 +33,7 @@ impl World {
                 instance: "agent-1".into(),
                 state_dir: dir.path().to_owned(),
                 logs: LogConfig::default(),
+                cgroup: Default::default(),
             })
             .unwrap()
         });

@@ -17,6 +17,7 @@
 //! serves), so tests run agents in-process.
 
 pub mod backoff;
+pub mod cgroup;
 pub mod logs;
 pub mod machine;
 pub mod query;
@@ -72,6 +73,8 @@ pub struct Config {
     pub logs: logs::LogConfig,
     /// Where to serve Prometheus metrics (`/metrics`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the nodes' cgroups go.
+    pub cgroup: cgroup::CgroupSetting,
 }
 
 /// Why an agent could not start.
@@ -197,6 +200,7 @@ impl Agent {
             instance: this.config.name.clone(),
             state_dir: this.config.state_dir.clone(),
             logs: this.config.logs,
+            cgroup: this.config.cgroup.clone(),
         }) {
             Ok(s) => s,
             Err(e) => {

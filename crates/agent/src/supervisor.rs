@@ -48,6 +48,7 @@ use tokio::net::UnixDatagram;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::cgroup::{self, CgroupSetting, Cgroups};
 use crate::logs::{LogConfig, NodeLogs};
 use crate::machine::{self, Action, Machine, MachineConfig, Millis};
 use crate::sys::{self, ProcId};
@@ -67,6 +68,8 @@ pub struct SupervisorConfig {
     pub state_dir: PathBuf,
     /// Log rotation.
     pub logs: LogConfig,
+    /// Where nodes' cgroups go (see [`crate::cgroup`]).
+    pub cgroup: CgroupSetting,
 }
 
 /// A handle to the supervisor task; cheap to clone.
@@ -159,12 +162,15 @@ struct Record {
     stopped: bool,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct RecordedProcess {
     pid: i32,
     start_ticks: u64,
     started_at_ms: u64,
     token: u64,
+    /// The node's cgroup, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cgroup: Option<PathBuf>,
 }
 
 /// A live process of a node.
@@ -178,6 +184,10 @@ struct Proc {
     probe: Option<tokio::task::AbortHandle>,
     /// True when this agent spawned it (tokio reaps it); false when adopted.
     child: bool,
+    /// The node's cgroup, when it has one: every process of the node is in it.
+    cgroup: Option<PathBuf>,
+    /// A pidfd of the process, to signal its process group when it has no cgroup.
+    pidfd: Option<sys::PidFd>,
 }
 
 #[derive(Debug)]
@@ -197,6 +207,8 @@ struct Entry {
     removing: bool,
     status_text: Option<String>,
     last_exit: Option<model::ExitStatus>,
+    /// Why the last start failed (an exec error), until the node next runs.
+    last_error: Option<String>,
     notify_task: Option<tokio::task::AbortHandle>,
     /// The record as last written: an unchanged record is not written again (a deploy
     /// would otherwise write each new node's record three times, and file creation and
@@ -245,6 +257,9 @@ struct Core {
     changed: BTreeSet<String>,
     /// A node was added or removed since then: the next report must be a full one.
     membership_changed: bool,
+    /// The agent's cgroup subtree; `None` when nodes are contained by process group
+    /// and spawn token only.
+    cgroups: Option<Cgroups>,
 }
 
 fn epoch_ms() -> u64 {
@@ -398,6 +413,23 @@ impl Supervisor {
                 "cannot become a child subreaper ({e}); orphaned grandchildren of nodes go to init"
             );
         }
+        let unignored = sys::unignore_inherited_signals();
+        if !unignored.is_empty() {
+            debug!(?unignored, "signals inherited as ignored are reset for the nodes");
+        }
+        let cgroups = match Cgroups::setup(&cfg.cgroup, &cfg.instance, &cfg.state_dir) {
+            Ok(c) => c,
+            Err(e) if matches!(cfg.cgroup, CgroupSetting::Path(_)) => {
+                return Err(std::io::Error::other(e));
+            }
+            Err(e) => {
+                warn!("no cgroup for the nodes ({e}); descendants that leave a node's process group are found by spawn token only while this agent runs");
+                None
+            }
+        };
+        if let Some(c) = &cgroups {
+            info!(cgroup = %c.root().display(), "nodes are contained in cgroups");
+        }
         let (tx, rx) = mpsc::channel(256);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (changes_tx, changes_rx) = watch::channel(0);
@@ -415,6 +447,7 @@ impl Supervisor {
             sweep_pending: false,
             changed: BTreeSet::new(),
             membership_changed: true,
+            cgroups,
         };
         core.recover();
         tokio::spawn(core.run(rx, events_rx));
@@ -801,8 +834,8 @@ impl Core {
             };
             if let Op::Signal(sig) = op {
                 let result = match (&e.proc, Signal::try_from(sig)) {
-                    (Some(p), Ok(sig)) => match sys::signal_group(p.id.pid, sig) {
-                        Ok(_) => Ok(()),
+                    (Some(p), Ok(sig)) => match signal_node(p, sig) {
+                        Ok(()) => Ok(()),
                         Err(err) => Err(format!("cannot signal node: {err}")),
                     },
                     (None, _) => Err(format!("node {name} is not running")),
@@ -872,7 +905,11 @@ impl Core {
             return BTreeMap::new();
         }
         let logs = self.cfg.logs;
-        let prepare_one = |dir: &Path, work: Option<&Path>| {
+        let cgroups = self.cgroups.as_ref();
+        let prepare_one = |name: &str, dir: &Path, work: Option<&Path>| {
+            if let Some(c) = cgroups {
+                c.create_node(name)?;
+            }
             Self::make_node_dir(dir)?;
             if let Some(w) = work {
                 std::fs::create_dir_all(w)?;
@@ -891,7 +928,7 @@ impl Core {
                     scope.spawn(move || {
                         part.iter()
                             .map(|(name, dir, work)| {
-                                (name.clone(), prepare_one(dir, work.as_deref()))
+                                (name.clone(), prepare_one(name, dir, work.as_deref()))
                             })
                             .collect::<Vec<_>>()
                     })
@@ -935,6 +972,9 @@ impl Core {
         let sock = match prepared {
             Some(sock) => sock?,
             None => {
+                if let Some(c) = &self.cgroups {
+                    c.create_node(name)?;
+                }
                 Self::make_node_dir(&dir)?;
                 Self::bind_notify(&dir)?
             }
@@ -954,6 +994,7 @@ impl Core {
             removing: false,
             status_text: None,
             last_exit: None,
+            last_error: None,
             notify_task: None,
             written: Vec::new(),
         };
@@ -1025,13 +1066,20 @@ impl Core {
                         Ok(pid) => self
                             .nodes
                             .get_mut(name)
-                            .map(|e| e.machine.spawned(now, pid))
+                            .map(|e| {
+                                e.last_error = None;
+                                e.machine.spawned(now, pid)
+                            })
                             .unwrap_or_default(),
                         Err(err) => {
                             warn!(node = %name, "cannot start node: {err}");
+                            self.bump(name);
                             self.nodes
                                 .get_mut(name)
-                                .map(|e| e.machine.spawn_failed(now, err))
+                                .map(|e| {
+                                    e.last_error = Some(err.clone());
+                                    e.machine.spawn_failed(now, err)
+                                })
                                 .unwrap_or_default()
                         }
                     };
@@ -1043,12 +1091,14 @@ impl Core {
                             .and_then(|n| Signal::try_from(n).ok())
                             .unwrap_or(Signal::SIGTERM);
                         debug!(node = %name, pid = p.id.pid, %sig, "stopping");
-                        let _ = sys::signal_group(p.id.pid, sig);
+                        if let Err(err) = signal_node(p, sig) {
+                            warn!(node = %name, "cannot send {sig} to the node: {err}");
+                        }
                     }
                 }
                 Action::Kill => {
                     if let Some(p) = &e.proc {
-                        warn!(node = %name, pid = p.id.pid, "stop timeout reached; killing the process group");
+                        warn!(node = %name, pid = p.id.pid, "stop timeout reached; killing the node");
                         kill_remains(p);
                     }
                 }
@@ -1056,12 +1106,16 @@ impl Core {
         }
     }
 
-    /// Spawns the node's process; returns its pid.
+    /// Spawns the node's process; returns its pid. An error names the node, the
+    /// program and the cause.
     fn spawn(&mut self, name: &str) -> Result<u32, String> {
         let token = self.next_token;
         self.next_token = self.next_token.wrapping_add(1);
         let instance = self.cfg.instance.clone();
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
+        // Every attempt counts, so that a restart whose spawn fails is told apart
+        // from the process before it.
+        e.generation += 1;
         let spec = &e.spec;
         let (program, args) = spec.command.split_first().ok_or("node has no command")?;
         let workdir = match &spec.workdir {
@@ -1106,10 +1160,15 @@ impl Core {
             .as_ref()
             .map(|a| a.cpus().into_iter().map(|c| c as usize).collect());
         let previous = match &cpus {
-            Some(c) => Some(
-                sys::set_thread_affinity(c)
-                    .map_err(|err| format!("cannot apply cpu affinity {c:?}: {err}"))?,
-            ),
+            Some(c) => Some(sys::set_thread_affinity(c).map_err(|err| {
+                let list: Vec<String> = c.iter().map(ToString::to_string).collect();
+                format!(
+                    "node '{name}': cannot execute {program} on cpus {}: {} (this host has {} cpus online)",
+                    list.join(","),
+                    sys::cause(&err),
+                    sys::online_cpus()
+                )
+            })?),
             None => None,
         };
         let spawned = cmd.spawn();
@@ -1118,12 +1177,21 @@ impl Core {
         {
             warn!("cannot restore the agent thread's cpu affinity: {err}");
         }
-        let mut child = spawned.map_err(|err| format!("cannot execute '{program}': {err}"))?;
+        let mut child = spawned.map_err(|err| {
+            format!(
+                "node '{name}': cannot execute {program}: {}",
+                sys::cause(&err)
+            )
+        })?;
         let pid = child.id().ok_or("the process vanished at once")?;
         let pid_i = i32::try_from(pid).map_err(|_| "pid out of range")?;
         let start_ticks = sys::proc_id(pid_i).map(|p| p.start_ticks).unwrap_or(0);
-        e.generation += 1;
         let generation = e.generation;
+        let pidfd = sys::PidFd::open_id(ProcId {
+            pid: pid_i,
+            start_ticks,
+        })
+        .ok();
         let events = self.events.clone();
         let node = name.to_owned();
         tokio::spawn(async move {
@@ -1146,6 +1214,7 @@ impl Core {
             _ => None,
         };
         let probe = tcp_port.map(|port| self.probe_tcp(name, generation, port));
+        let cgroup = self.contain(name, pid);
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
         e.proc = Some(Proc {
             id: ProcId {
@@ -1157,6 +1226,8 @@ impl Core {
             started_at_ms: epoch_ms(),
             probe,
             child: true,
+            cgroup,
+            pidfd,
         });
         e.status_text = None;
         info!(node = %name, pid, "started");
@@ -1164,6 +1235,21 @@ impl Core {
         // agent killed now would start the node a second time.
         self.save_record(name);
         Ok(pid)
+    }
+
+    /// Moves a freshly spawned node process (and what it forked meanwhile) into the
+    /// node's cgroup; the cgroup, or `None` without containment or when the move
+    /// failed (then the node runs uncontained, as without cgroups).
+    fn contain(&self, name: &str, pid: u32) -> Option<PathBuf> {
+        let cgroups = self.cgroups.as_ref()?;
+        let cg = cgroups.node(name);
+        match cgroups.contain(&cg, pid) {
+            Ok(()) => Some(cg),
+            Err(err) => {
+                warn!(node = %name, pid, "cannot move the node into {}: {err}", cg.display());
+                None
+            }
+        }
     }
 
     fn probe_tcp(&self, name: &str, generation: u64, port: u16) -> tokio::task::AbortHandle {
@@ -1297,8 +1383,14 @@ impl Core {
                 && !live_tokens.contains(&token)
             {
                 debug!(pid, "killing a leftover descendant of a stopped node");
-                let _ = sys::signal_group(pid, Signal::SIGKILL);
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                // Our unreaped child: its pid, and the group it may lead, are its own.
+                if let Ok(id) = sys::proc_id(pid) {
+                    let fd = sys::PidFd::open_id(id).ok();
+                    let _ = sys::signal_led_group(id, fd.as_ref(), Signal::SIGKILL);
+                    if let Some(fd) = fd {
+                        let _ = fd.signal(Signal::SIGKILL);
+                    }
+                }
             }
         }
     }
@@ -1347,6 +1439,9 @@ impl Core {
             }
             let _ = std::fs::remove_file(e.dir.join("record.json"));
             let _ = std::fs::remove_file(Self::notify_path(&e.dir));
+            if let Some(c) = &self.cgroups {
+                remove_cgroup(c.node(name));
+            }
             info!(node = %name, "node removed");
             self.membership_changed = true;
             self.bump(name);
@@ -1406,7 +1501,14 @@ impl Core {
                             .on_node(&name),
                     ),
                     Some(Err(msg)) => {
-                        let (stdout, stderr) = e.logs.outputs(OUTPUT_LINES);
+                        let (stdout, mut stderr) = e.logs.outputs(OUTPUT_LINES);
+                        // An exec error is not in the node's output: the node never ran.
+                        if let Some(err) = &e.last_error {
+                            if !stderr.is_empty() {
+                                stderr.push('\n');
+                            }
+                            stderr.push_str(&format!("drover-agent: {err}"));
+                        }
                         let mut r = MgmtResult::err("", msg)
                             .on_instance(&instance)
                             .on_node(&name);
@@ -1453,6 +1555,15 @@ impl Core {
                 }
             }
         }
+        if let Some(c) = &self.cgroups
+            && !self.nodes.is_empty()
+        {
+            // Nodes were stopped (not left to the next agent): remove the subtree.
+            for name in c.node_names() {
+                let _ = cgroup::kill(&c.node(&name));
+            }
+            c.release();
+        }
         if let Some((_, reply)) = self.shutdown.take() {
             let _ = reply.send(());
         }
@@ -1487,6 +1598,7 @@ impl Core {
         s.last_exit = e.last_exit;
         s.ready = e.machine.ready_at().is_some();
         s.status_text.clone_from(&e.status_text);
+        s.last_error.clone_from(&e.last_error);
         if let Some(p) = &e.proc {
             s.pid = u32::try_from(p.id.pid).ok();
             s.started_at_ms = Some(p.started_at_ms);
@@ -1506,6 +1618,7 @@ impl Core {
                 start_ticks: p.id.start_ticks,
                 started_at_ms: p.started_at_ms,
                 token: p.token,
+                cgroup: p.cgroup.clone(),
             }),
             ready: e.machine.ready_at().is_some(),
             restarts: e.restarts(),
@@ -1552,7 +1665,7 @@ impl Core {
             e.restarts_base = record.restarts;
             e.stopped_by_operator = record.stopped;
             self.config_id = Some(record.config_id.clone());
-            let alive = record.process.filter(|p| {
+            let alive = record.process.clone().filter(|p| {
                 sys::is_alive(ProcId {
                     pid: p.pid,
                     start_ticks: p.start_ticks,
@@ -1566,16 +1679,19 @@ impl Core {
                     Ok(fd) => {
                         e.generation += 1;
                         let generation = e.generation;
+                        let id = ProcId {
+                            pid: p.pid,
+                            start_ticks: p.start_ticks,
+                        };
                         e.proc = Some(Proc {
-                            id: ProcId {
-                                pid: p.pid,
-                                start_ticks: p.start_ticks,
-                            },
+                            id,
                             generation,
                             token: p.token,
                             started_at_ms: p.started_at_ms,
                             probe: None,
                             child: false,
+                            cgroup: p.cgroup.clone(),
+                            pidfd: sys::PidFd::open_id(id).ok(),
                         });
                         let events = self.events.clone();
                         let node = name.clone();
@@ -1593,7 +1709,9 @@ impl Core {
                     }
                     Err(err) => {
                         warn!(node = %name, pid = p.pid, "cannot watch adopted process ({err}); killing it and starting afresh");
-                        let _ = sys::signal_group(p.pid, Signal::SIGKILL);
+                        if let Some(cg) = &p.cgroup {
+                            let _ = cgroup::kill(cg);
+                        }
                         e.restarts_base += 1;
                         e.machine.start(now)
                     }
@@ -1610,16 +1728,74 @@ impl Core {
             self.run_actions(&name, actions);
             self.save_record(&name);
         }
+        self.sweep_stale_cgroups();
+    }
+
+    /// Kills what runs in node cgroups that no live node process owns: the leftovers
+    /// of nodes whose process ended, or whose record is gone, while no agent ran.
+    /// Removes those of unknown nodes.
+    fn sweep_stale_cgroups(&self) {
+        let Some(c) = &self.cgroups else {
+            return;
+        };
+        for name in c.node_names() {
+            let cg = c.node(&name);
+            let owned = self.nodes.get(&name).is_some_and(|e| {
+                e.proc.as_ref().and_then(|p| p.cgroup.as_ref()) == Some(&cg)
+            });
+            if owned {
+                continue;
+            }
+            if cgroup::populated(&cg) {
+                info!(node = %name, "killing what is left in {}", cg.display());
+                let _ = cgroup::kill(&cg);
+            }
+            if !self.nodes.contains_key(&name) {
+                remove_cgroup(cg);
+            }
+        }
     }
 }
 
-/// Kills what is left of a node's process group.
+/// Kills what is left of a node: everything in its cgroup, or else its process group.
 fn kill_remains(p: &Proc) {
-    let _ = sys::signal_group(p.id.pid, Signal::SIGKILL);
+    let _ = signal_node(p, Signal::SIGKILL);
+}
+
+/// Sends `sig` to a node: every process in its cgroup, or without one its process
+/// group; never to a bare process group id (see [`sys::signal_led_group`]).
+fn signal_node(p: &Proc, sig: Signal) -> std::io::Result<()> {
+    match &p.cgroup {
+        Some(cg) if sig == Signal::SIGKILL => cgroup::kill(cg),
+        Some(cg) => cgroup::signal(cg, sig).map(|_| ()),
+        None => sys::signal_led_group(p.id, p.pidfd.as_ref(), sig).map(|_| ()),
+    }
+}
+
+/// Kills what is left in a removed node's cgroup and removes it once empty, off the
+/// supervisor task (dying processes take a moment to leave).
+fn remove_cgroup(cg: PathBuf) {
+    let _ = cgroup::kill(&cg);
+    if cgroup::remove(&cg).is_ok() {
+        return;
+    }
+    tokio::spawn(async move {
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if !cgroup::populated(&cg) {
+                if let Err(err) = cgroup::remove(&cg) {
+                    warn!("cannot remove cgroup {}: {err}", cg.display());
+                }
+                return;
+            }
+        }
+        warn!("cgroup {} is still populated; leaving it", cg.display());
+    });
 }
 
 fn failure_text(e: &Entry) -> String {
-    match (e.machine.last_spawn_error(), e.last_exit) {
+    match (e.last_error.as_deref(), e.last_exit) {
         (Some(err), _) => err.to_owned(),
         (None, Some(model::ExitStatus::Code(c))) => format!("node exited with code {c}"),
         (None, Some(model::ExitStatus::Signal(s))) => format!("node was killed by signal {s}"),

@@ -363,6 +363,123 @@ impl PidFd {
     }
 }
 
+impl PidFd {
+    /// Sends `sig` to the process group of this process
+    /// (`pidfd_send_signal(PIDFD_SIGNAL_PROCESS_GROUP)`, Linux 6.9+): unlike `killpg`,
+    /// it cannot reach a group whose id was freed and reused. Fails with `ESRCH` once
+    /// the process has been reaped and with `EINVAL` on older kernels.
+    pub fn signal_group(&self, sig: Signal) -> io::Result<()> {
+        /// `PIDFD_SIGNAL_PROCESS_GROUP` of `<linux/pidfd.h>`.
+        const PROCESS_GROUP: libc::c_uint = 1 << 2;
+        // SAFETY: as in `signal`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                sig as libc::c_int,
+                std::ptr::null::<libc::siginfo_t>(),
+                PROCESS_GROUP,
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Signals the process group led by `leader` without ever aiming at a group id that
+/// may have been reused: through the leader's pidfd (Linux 6.9+); else with `killpg`
+/// while the leader still holds its pid (alive or an unreaped zombie, checked by start
+/// time); else, the leader being gone, each remaining member found in `/proc`, through
+/// a pidfd, checked after the open to still be in the group. Returns whether any
+/// process was signalled.
+pub fn signal_led_group(leader: ProcId, pidfd: Option<&PidFd>, sig: Signal) -> io::Result<bool> {
+    check_pgid(leader.pid)?;
+    if let Some(fd) = pidfd {
+        match fd.signal_group(sig) {
+            Ok(()) => return Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return signal_members(leader, sig),
+            Err(_) => {}
+        }
+    }
+    if proc_stat(leader.pid).is_ok_and(|s| s.starttime_ticks == leader.start_ticks) {
+        return signal_group(leader.pid, sig);
+    }
+    signal_members(leader, sig)
+}
+
+/// The members of the group `leader` led, leader gone: each through a pidfd. Only
+/// processes started after the leader count, as the group's members must have.
+fn signal_members(leader: ProcId, sig: Signal) -> io::Result<bool> {
+    let mut any = false;
+    for s in scan_procs() {
+        if s.pgrp != leader.pid || s.starttime_ticks < leader.start_ticks || is_dead_state(s.state)
+        {
+            continue;
+        }
+        let Ok(fd) = PidFd::open(s.pid) else {
+            continue;
+        };
+        if proc_stat(s.pid).is_ok_and(|now| {
+            now.starttime_ticks == s.starttime_ticks && now.pgrp == leader.pid
+        }) && fd.signal(sig).is_ok()
+        {
+            any = true;
+        }
+    }
+    Ok(any)
+}
+
+/// Makes every signal this process inherited as ignored (`SIG_IGN`, e.g. SIGHUP under
+/// `nohup`) handled by a handler that does nothing instead: the agent still ignores
+/// it, but `exec` resets a handled signal to its default in the nodes, where an
+/// ignored one would stay ignored. Returns the signals changed. SIGKILL and SIGSTOP
+/// cannot be ignored; the real-time signals glibc keeps for itself are skipped.
+pub fn unignore_inherited_signals() -> Vec<i32> {
+    extern "C" fn nothing(_: libc::c_int) {}
+    let mut changed = Vec::new();
+    for sig in 1..=libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: sigaction_t is plain old data; all-zero is a valid value.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: a null new action only reads the current one into `old`.
+        if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0
+            || old.sa_sigaction != libc::SIG_IGN
+        {
+            continue;
+        }
+        // SAFETY: as above.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = nothing as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        act.sa_flags = libc::SA_RESTART;
+        // SAFETY: `act` is a valid action whose handler is async-signal-safe (it does
+        // nothing); the mask is empty from zeroing.
+        if unsafe { libc::sigaction(sig, &act, std::ptr::null_mut()) } == 0 {
+            changed.push(sig);
+        }
+    }
+    changed
+}
+
+/// The cause of an OS error as a lower-case phrase without the error number
+/// ("no such file or directory"), for messages that name their subject first.
+pub fn cause(err: &io::Error) -> String {
+    match err.raw_os_error() {
+        Some(n) => {
+            let desc = Errno::from_raw(n).desc();
+            let mut c = desc.chars();
+            match c.next() {
+                Some(f) => f.to_lowercase().chain(c).collect(),
+                None => err.to_string(),
+            }
+        }
+        None => err.to_string(),
+    }
+}
+
 impl AsFd for PidFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
