@@ -235,7 +235,8 @@ impl Cluster {
         self.pki.join(name)
     }
 
-    fn log_path(&self, name: &str) -> PathBuf {
+    /// A log file `NAME.log` in the test dir, printed when the test fails.
+    pub fn log_path(&self, name: &str) -> PathBuf {
         let p = self.dir.path().join(format!("{name}.log"));
         self.logs.borrow_mut().push(p.clone());
         p

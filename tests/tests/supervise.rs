@@ -370,7 +370,7 @@ fn unknown_program_fails_with_a_clear_error() {
         r[0].error
             .as_deref()
             .unwrap()
-            .contains("cannot execute '/nonexistent/prog'"),
+            .contains("node 'x': cannot execute /nonexistent/prog: no such file or directory"),
         "{r:?}"
     );
 }

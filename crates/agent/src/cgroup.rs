@@ -337,7 +337,10 @@ pub fn kill(cg: &Path) -> io::Result<()> {
         }
     }
     if let Ok(dirs) = fs::read_dir(cg) {
-        for d in dirs.flatten().filter(|d| d.file_type().is_ok_and(|t| t.is_dir())) {
+        for d in dirs
+            .flatten()
+            .filter(|d| d.file_type().is_ok_and(|t| t.is_dir()))
+        {
             kill(&d.path())?;
         }
     }

@@ -415,7 +415,10 @@ impl Supervisor {
         }
         let unignored = sys::unignore_inherited_signals();
         if !unignored.is_empty() {
-            debug!(?unignored, "signals inherited as ignored are reset for the nodes");
+            debug!(
+                ?unignored,
+                "signals inherited as ignored are reset for the nodes"
+            );
         }
         let cgroups = match Cgroups::setup(&cfg.cgroup, &cfg.instance, &cfg.state_dir) {
             Ok(c) => c,
@@ -423,7 +426,9 @@ impl Supervisor {
                 return Err(std::io::Error::other(e));
             }
             Err(e) => {
-                warn!("no cgroup for the nodes ({e}); descendants that leave a node's process group are found by spawn token only while this agent runs");
+                warn!(
+                    "no cgroup for the nodes ({e}); descendants that leave a node's process group are found by spawn token only while this agent runs"
+                );
                 None
             }
         };
@@ -1740,9 +1745,10 @@ impl Core {
         };
         for name in c.node_names() {
             let cg = c.node(&name);
-            let owned = self.nodes.get(&name).is_some_and(|e| {
-                e.proc.as_ref().and_then(|p| p.cgroup.as_ref()) == Some(&cg)
-            });
+            let owned = self
+                .nodes
+                .get(&name)
+                .is_some_and(|e| e.proc.as_ref().and_then(|p| p.cgroup.as_ref()) == Some(&cg));
             if owned {
                 continue;
             }

@@ -421,9 +421,9 @@ fn signal_members(leader: ProcId, sig: Signal) -> io::Result<bool> {
         let Ok(fd) = PidFd::open(s.pid) else {
             continue;
         };
-        if proc_stat(s.pid).is_ok_and(|now| {
-            now.starttime_ticks == s.starttime_ticks && now.pgrp == leader.pid
-        }) && fd.signal(sig).is_ok()
+        if proc_stat(s.pid)
+            .is_ok_and(|now| now.starttime_ticks == s.starttime_ticks && now.pgrp == leader.pid)
+            && fd.signal(sig).is_ok()
         {
             any = true;
         }
@@ -446,9 +446,14 @@ pub fn unignore_inherited_signals() -> Vec<i32> {
         // SAFETY: sigaction_t is plain old data; all-zero is a valid value.
         let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: a null new action only reads the current one into `old`.
-        if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0
-            || old.sa_sigaction != libc::SIG_IGN
-        {
+        if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
+            // glibc keeps two real-time signals for itself and refuses them here.
+            if reset_reserved_signal(sig) {
+                changed.push(sig);
+            }
+            continue;
+        }
+        if old.sa_sigaction != libc::SIG_IGN {
             continue;
         }
         // SAFETY: as above.
@@ -462,6 +467,56 @@ pub fn unignore_inherited_signals() -> Vec<i32> {
         }
     }
     changed
+}
+
+/// For a signal glibc keeps for itself (its `SIGCANCEL` and `SIGSETXID`, which it
+/// gives handlers of its own when it needs them), inherited as ignored: sets it to its
+/// default with the raw system call. True if it was changed.
+fn reset_reserved_signal(sig: libc::c_int) -> bool {
+    /// The kernel's `struct sigaction` (x86_64, aarch64).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: libc::c_ulong,
+        flags: libc::c_ulong,
+        restorer: libc::c_ulong,
+        mask: u64,
+    }
+    let mut old = KernelSigaction {
+        handler: 0,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: a null new action only reads the current one into `old`, a valid
+    // kernel sigaction; the last argument is the size of its mask.
+    let read = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            std::ptr::null::<KernelSigaction>(),
+            &mut old,
+            8usize,
+        )
+    };
+    if read != 0 || old.handler != libc::SIG_IGN as libc::c_ulong {
+        return false;
+    }
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL as libc::c_ulong,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: SIG_DFL needs no handler or restorer; the structure is valid.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            &dfl,
+            std::ptr::null_mut::<KernelSigaction>(),
+            8usize,
+        ) == 0
+    }
 }
 
 /// The cause of an OS error as a lower-case phrase without the error number

@@ -97,7 +97,12 @@ pub fn nodes(results: &[&MgmtResult]) -> (String, bool) {
                 Cell::new(s.restarts),
                 Cell::new(age(s.started_at_ms)),
                 Cell::new(mib(s.rss_bytes)),
-                Cell::new(s.status_text.as_deref().unwrap_or("")),
+                // Why the last start failed says more than the node's own status.
+                Cell::new(match (&s.last_error, &s.status_text) {
+                    (Some(e), _) => format!("error: {e}"),
+                    (None, Some(t)) => t.clone(),
+                    (None, None) => String::new(),
+                }),
             ]);
         }
     }
