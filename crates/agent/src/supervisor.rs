@@ -33,9 +33,7 @@
 //! again under its restart policy, counted as one restart; its exit status is unknown.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drover_proto::config::signal_number;
@@ -1139,27 +1137,30 @@ impl Core {
             .logs
             .open_for_child()
             .map_err(|err| format!("cannot open log files in {}: {err}", e.dir.display()))?;
-        let mut cmd = std::process::Command::new(program);
-        cmd.args(args)
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            .envs(&spec.env)
-            .env("DROVER_NODE", name)
-            .env("DROVER_INSTANCE", &instance)
-            .env("DROVER_ROLE", spec.role.as_str())
-            .env("NOTIFY_SOCKET", Self::notify_path(&e.dir))
-            .env("DROVER_QUERY_SOCKET", e.dir.join("query.sock"))
-            .env("DROVER_NODE_TOKEN", token.to_string())
-            .current_dir(&workdir)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
-        let mut cmd = tokio::process::Command::from(cmd);
-        cmd.kill_on_drop(false);
+        let notify = Self::notify_path(&e.dir);
+        let query = e.dir.join("query.sock");
+        let mut env: BTreeMap<&str, String> = BTreeMap::from([(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+        )]);
+        env.extend(spec.env.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        env.extend([
+            ("DROVER_NODE", name.to_owned()),
+            ("DROVER_INSTANCE", instance.clone()),
+            ("DROVER_ROLE", spec.role.as_str().to_owned()),
+            ("NOTIFY_SOCKET", notify.display().to_string()),
+            ("DROVER_QUERY_SOCKET", query.display().to_string()),
+            ("DROVER_NODE_TOKEN", token.to_string()),
+        ]);
+        let launch = sys::SpawnSpec {
+            program,
+            args,
+            env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            path: &env["PATH"],
+            cwd: &workdir,
+            stdout: std::os::fd::AsFd::as_fd(&out),
+            stderr: std::os::fd::AsFd::as_fd(&err),
+        };
         let cpus: Option<Vec<usize>> = spec
             .cpu_affinity
             .as_ref()
@@ -1176,37 +1177,36 @@ impl Core {
             })?),
             None => None,
         };
-        let spawned = cmd.spawn();
+        let spawned = sys::spawn_clean(&launch);
         if let Some(prev) = &previous
             && let Err(err) = sys::restore_thread_affinity(prev)
         {
             warn!("cannot restore the agent thread's cpu affinity: {err}");
         }
-        let mut child = spawned.map_err(|err| {
+        let pid_i = spawned.map_err(|err| {
             format!(
                 "node '{name}': cannot execute {program}: {}",
                 sys::cause(&err)
             )
         })?;
-        let pid = child.id().ok_or("the process vanished at once")?;
-        let pid_i = i32::try_from(pid).map_err(|_| "pid out of range")?;
+        drop((out, err));
+        let pid = u32::try_from(pid_i).map_err(|_| "pid out of range")?;
         let start_ticks = sys::proc_id(pid_i).map(|p| p.start_ticks).unwrap_or(0);
         let generation = e.generation;
-        let pidfd = sys::PidFd::open_id(ProcId {
-            pid: pid_i,
-            start_ticks,
-        })
-        .ok();
+        // Our unreaped child: the pid is still its own.
+        let pidfd = sys::PidFd::open(pid_i)
+            .map_err(|err| format!("node '{name}': cannot watch process {pid}: {err}"))?;
+        let waiter = pidfd.try_clone().ok();
         let events = self.events.clone();
         let node = name.to_owned();
         tokio::spawn(async move {
-            let exit = match child.wait().await {
-                Ok(status) => match (status.code(), status.signal()) {
-                    (Some(c), _) => machine::ExitStatus::Code(c),
-                    (None, Some(s)) => machine::ExitStatus::Signal(s),
-                    (None, None) => machine::ExitStatus::Code(-1),
+            let exit = match &waiter {
+                Some(fd) => match sys::wait_child(fd).await {
+                    Ok(sys::ExitKind::Code(c)) => machine::ExitStatus::Code(c),
+                    Ok(sys::ExitKind::Signal(s)) => machine::ExitStatus::Signal(s),
+                    Err(_) => machine::ExitStatus::Code(-1),
                 },
-                Err(_) => machine::ExitStatus::Code(-1),
+                None => machine::ExitStatus::Code(-1),
             };
             let _ = events.send(Event::Exited {
                 node,
@@ -1214,6 +1214,7 @@ impl Core {
                 exit,
             });
         });
+        let pidfd = Some(pidfd);
         let tcp_port = match &e.spec.readiness {
             model::Readiness::Tcp { port, .. } => Some(*port),
             _ => None,

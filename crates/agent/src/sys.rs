@@ -340,6 +340,11 @@ impl PidFd {
         Ok(())
     }
 
+    /// A second descriptor for the same process.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self(self.0.try_clone()?))
+    }
+
     /// Sends `sig` to the process (`pidfd_send_signal(2)`). Unlike `kill(pid)`, this
     /// can never reach another process that later got the same pid. Fails with `ESRCH`
     /// once the process has been reaped; succeeds on a zombie.
@@ -515,6 +520,202 @@ fn reset_reserved_signal(sig: libc::c_int) -> bool {
             &dfl,
             std::ptr::null_mut::<KernelSigaction>(),
             8usize,
+        ) == 0
+    }
+}
+
+/// What [`spawn_clean`] starts.
+#[derive(Debug)]
+pub struct SpawnSpec<'a> {
+    /// The program: a path, or a name looked up in `path` (the node's `PATH`).
+    pub program: &'a str,
+    /// The arguments after the program.
+    pub args: &'a [String],
+    /// The whole environment, as `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// The directories a program name is looked up in.
+    pub path: &'a str,
+    /// The working directory.
+    pub cwd: &'a std::path::Path,
+    /// What becomes the child's stdout and stderr (stdin is `/dev/null`).
+    pub stdout: BorrowedFd<'a>,
+    /// See `stdout`.
+    pub stderr: BorrowedFd<'a>,
+}
+
+/// A program name looked up in `path` as `execvp` would: the first directory holding
+/// an executable file of that name; a name with a `/` is used as it is.
+fn resolve_program(program: &str, path: &str) -> io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return Ok(std::path::PathBuf::from(program));
+    }
+    let mut found_any = None;
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = std::path::Path::new(dir).join(program);
+        if let Ok(meta) = fs::metadata(&candidate)
+            && meta.is_file()
+        {
+            if meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+            found_any.get_or_insert(candidate);
+        }
+    }
+    // A file that is there but not executable reports EACCES on exec, as execvp.
+    found_any.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+}
+
+/// Spawns a child with `posix_spawn` (`CLONE_VM | CLONE_VFORK`: no copy of the
+/// agent's page tables) in a process group of its own, with an empty signal mask and
+/// EVERY signal at its default disposition: glibc's `posix_spawn` would otherwise
+/// leave ignored what the agent ignores and set its two internal real-time signals to
+/// ignored, and std's `Command` resets only SIGPIPE. Returns the child's pid; exec
+/// errors (`ENOENT`, `EACCES`, `ENOEXEC`, ...) are the error. The child inherits the
+/// calling thread's CPU affinity. Reap it with [`wait_child`].
+pub fn spawn_clean(spec: &SpawnSpec<'_>) -> io::Result<i32> {
+    use std::ffi::CString;
+    let nul = |s: &str| {
+        CString::new(s).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{s:?} contains a NUL byte"),
+            )
+        })
+    };
+    let program = resolve_program(spec.program, spec.path)?;
+    let program = CString::new(program.into_os_string().into_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "program contains a NUL byte"))?;
+    let argv: Vec<CString> = std::iter::once(nul(spec.program))
+        .chain(spec.args.iter().map(|a| nul(a)))
+        .collect::<io::Result<_>>()?;
+    let envp: Vec<CString> = spec.env.iter().map(|e| nul(e)).collect::<io::Result<_>>()?;
+    let cwd = CString::new(spec.cwd.as_os_str().as_encoded_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "working directory contains a NUL byte",
+        )
+    })?;
+    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|c| c.as_ptr().cast_mut()).collect();
+    argv_p.push(std::ptr::null_mut());
+    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|c| c.as_ptr().cast_mut()).collect();
+    envp_p.push(std::ptr::null_mut());
+    let check = |ret: libc::c_int| {
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(ret))
+        }
+    };
+    // SAFETY: the attribute and file-action objects are initialised before use and
+    // destroyed on every path by the guards; every pointer passed points into the
+    // CStrings and vectors above, which outlive the posix_spawn call.
+    unsafe {
+        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        check(libc::posix_spawn_file_actions_init(&mut actions))?;
+        let actions = Guard(&mut actions, |a| {
+            libc::posix_spawn_file_actions_destroy(a);
+        });
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        check(libc::posix_spawnattr_init(&mut attr))?;
+        let attr = Guard(&mut attr, |a| {
+            libc::posix_spawnattr_destroy(a);
+        });
+        check(libc::posix_spawn_file_actions_addopen(
+            actions.0,
+            0,
+            c"/dev/null".as_ptr(),
+            libc::O_RDONLY,
+            0,
+        ))?;
+        check(libc::posix_spawn_file_actions_adddup2(
+            actions.0,
+            spec.stdout.as_raw_fd(),
+            1,
+        ))?;
+        check(libc::posix_spawn_file_actions_adddup2(
+            actions.0,
+            spec.stderr.as_raw_fd(),
+            2,
+        ))?;
+        check(libc::posix_spawn_file_actions_addchdir_np(
+            actions.0,
+            cwd.as_ptr(),
+        ))?;
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        // Every bit, also those of glibc's internal signals, which sigfillset leaves
+        // out: set in the raw mask.
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        std::ptr::write_bytes(
+            (&raw mut all).cast::<u8>(),
+            0xff,
+            size_of::<libc::sigset_t>(),
+        );
+        check(libc::posix_spawnattr_setsigmask(attr.0, &empty))?;
+        check(libc::posix_spawnattr_setsigdefault(attr.0, &all))?;
+        check(libc::posix_spawnattr_setpgroup(attr.0, 0))?;
+        let flags = libc::POSIX_SPAWN_SETPGROUP
+            | libc::POSIX_SPAWN_SETSIGMASK
+            | libc::POSIX_SPAWN_SETSIGDEF;
+        check(libc::posix_spawnattr_setflags(
+            attr.0,
+            libc::c_short::try_from(flags).unwrap_or_default(),
+        ))?;
+        let mut pid: libc::pid_t = 0;
+        check(libc::posix_spawn(
+            &mut pid,
+            program.as_ptr(),
+            actions.0,
+            attr.0,
+            argv_p.as_ptr(),
+            envp_p.as_ptr(),
+        ))?;
+        Ok(pid)
+    }
+}
+
+/// Runs `drop` on the pointer when it goes out of scope.
+struct Guard<T>(*mut T, unsafe fn(*mut T));
+
+impl<T> Drop for Guard<T> {
+    fn drop(&mut self) {
+        // SAFETY: the guard was made right after the object's successful init.
+        unsafe { (self.1)(self.0) }
+    }
+}
+
+/// Waits for the child behind `fd` (spawned by this process) to exit and reaps it.
+/// Cancel-safe until the exit; then the status is collected at once.
+pub async fn wait_child(fd: &PidFd) -> io::Result<ExitKind> {
+    loop {
+        fd.exited().await?;
+        let id = libc::id_t::try_from(fd.as_raw_fd()).map_err(io::Error::other)?;
+        if let Some(kind) = wait_exited(libc::P_PIDFD, id) {
+            return Ok(kind);
+        }
+        // Readable but not collectable: someone else reaped it.
+        if !fd_is_child(fd) {
+            return Err(io::Error::other("the child was reaped elsewhere"));
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// True while waitid still knows the child (it has not been reaped).
+fn fd_is_child(fd: &PidFd) -> bool {
+    // SAFETY: siginfo_t is plain old data.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let Ok(id) = libc::id_t::try_from(fd.as_raw_fd()) else {
+        return false;
+    };
+    // SAFETY: `info` is valid and writable; WNOWAIT leaves the child waitable.
+    unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            id,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
         ) == 0
     }
 }
