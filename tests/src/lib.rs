@@ -397,9 +397,46 @@ fn kill_processes_under(dir: &Path) {
     }
 }
 
+/// Kills what runs in the cgroup subtrees the agents of these logs said they use and
+/// removes the subtrees (once their agents are gone), so that tests leave none behind.
+fn remove_agent_cgroups(logs: &[PathBuf]) {
+    const MARK: &str = "nodes are contained in cgroups cgroup=";
+    let roots: std::collections::BTreeSet<PathBuf> = logs
+        .iter()
+        .filter_map(|l| fs::read_to_string(l).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| {
+                    Some(PathBuf::from(
+                        l.split(MARK).nth(1)?.split_whitespace().next()?,
+                    ))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for root in roots {
+        let nodes = root.join("nodes");
+        let dirs = fs::read_dir(&nodes).into_iter().flatten().flatten();
+        for d in dirs.filter(|d| d.file_type().is_ok_and(|t| t.is_dir())) {
+            let _ = fs::write(d.path().join("cgroup.kill"), "1");
+            // Killed processes take a moment to leave; no panic in a drop.
+            for _ in 0..500 {
+                if fs::remove_dir(d.path()).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        for dir in [nodes, root.join("agent"), root] {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         kill_processes_under(self.dir.path());
+        remove_agent_cgroups(&self.logs.borrow());
         if std::thread::panicking() {
             for log in self.logs.borrow().iter() {
                 eprintln!("===== {} =====", log.display());

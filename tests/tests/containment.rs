@@ -64,31 +64,6 @@ fn agent_cgroup(agent: &Proc) -> PathBuf {
     PathBuf::from(path.unwrap())
 }
 
-/// Kills what is left in an agent's cgroup subtree and removes it, so a failed test
-/// leaves nothing behind.
-struct Subtree(PathBuf);
-
-impl Drop for Subtree {
-    fn drop(&mut self) {
-        let nodes = self.0.join("nodes");
-        let dirs = std::fs::read_dir(&nodes).into_iter().flatten().flatten();
-        for d in dirs.filter(|d| d.file_type().is_ok_and(|t| t.is_dir())) {
-            let _ = std::fs::write(d.path().join("cgroup.kill"), "1");
-            // No panic in a drop: a few tries, then leave it.
-            for _ in 0..500 {
-                if std::fs::remove_dir(d.path()).is_ok() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-        }
-        let _ = std::fs::remove_dir(&nodes);
-        // Left behind when the agent still runs in it.
-        let _ = std::fs::remove_dir(self.0.join("agent"));
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 fn connect(c: &Cluster, addr: SocketAddr) {
     eventually("agent connected", PATIENCE, || {
         let out = c.drover(addr, &["get-instances"]);
@@ -143,7 +118,7 @@ fn stop_kills_grandchild(restart_agent: bool) {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let mut agent = c.start_agent("agent-1", addr);
-    let _subtree = Subtree(agent_cgroup(&agent));
+    let root = agent_cgroup(&agent);
     connect(&c, addr);
     let (body, pidfile) = double_fork_node(c.dir.path(), true);
     let (code, v) = deploy(&c, addr, &body);
@@ -163,6 +138,16 @@ fn stop_kills_grandchild(restart_agent: bool) {
         cgroup_of(grandchild)
     );
     assert_eq!(cgroup_of(main), cgroup_of(grandchild));
+    let listed = std::fs::read_to_string(root.join("nodes/g/cgroup.procs")).unwrap();
+    assert!(
+        listed.lines().any(|l| l == grandchild.to_string()),
+        "{listed}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("agent/cgroup.procs")).unwrap(),
+        format!("{}\n", agent.pid()),
+        "the agent is alone in its leaf"
+    );
     if restart_agent {
         agent.kill();
         agent = c.start_agent("agent-1", addr);
@@ -176,6 +161,12 @@ fn stop_kills_grandchild(restart_agent: bool) {
         (!alive(grandchild)).then_some(())
     });
     assert!(!alive(main));
+    // The node leaves the configuration: its cgroup goes.
+    let (code, v) = deploy(&c, addr, "");
+    assert_eq!(code, Some(0), "{v}");
+    eventually("node cgroup removed", PATIENCE, || {
+        (!root.join("nodes/g").exists()).then_some(())
+    });
     drop(agent);
 }
 
@@ -264,7 +255,7 @@ fn nodes_start_with_default_signals_and_an_empty_mask() {
         });
     }
     let agent = Proc::spawn("agent agent-1", cmd, c.log_path("agent-agent-1"));
-    let _subtree = Subtree(agent_cgroup(&agent));
+    agent_cgroup(&agent);
     connect(&c, addr);
     // The agent itself runs with what it inherited: SIGUSR1 blocked in its main thread.
     assert_ne!(
@@ -298,7 +289,7 @@ fn exec_errors_reach_the_deploy_reply_and_get_nodes() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let agent = c.start_agent("agent-1", addr);
-    let _subtree = Subtree(agent_cgroup(&agent));
+    agent_cgroup(&agent);
     connect(&c, addr);
     let plain = c.dir.path().join("plain-file");
     std::fs::write(&plain, "#!/bin/sh\necho hi\n").unwrap();
@@ -363,4 +354,87 @@ fn exec_errors_reach_the_deploy_reply_and_get_nodes() {
         "{}",
         table.stdout
     );
+}
+
+/// In-process: a restart whose exec fails answers with the cause and the node's last
+/// output lines; `last_error` shows until the node next runs.
+#[test]
+fn a_failed_restart_returns_the_cause_and_the_last_output() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, Instant};
+
+    use drover_agent::supervisor::{Op, Supervisor, SupervisorConfig};
+    use drover_proto::model::{ResultData, State};
+
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sup = rt.block_on(async {
+        Supervisor::start(SupervisorConfig {
+            instance: "agent-1".into(),
+            state_dir: dir.path().join("state"),
+            logs: drover_agent::logs::LogConfig::default(),
+            cgroup: drover_agent::cgroup::CgroupSetting::None,
+        })
+        .unwrap()
+    });
+    let script = dir.path().join("node.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho before-the-restart\nexec sleep 1000\n",
+    )
+    .unwrap();
+    let mode = |m| std::fs::set_permissions(&script, std::fs::Permissions::from_mode(m)).unwrap();
+    mode(0o755);
+    let text = format!(
+        "[instances.agent-1]\n[nodes.x]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\nmax_failed_starts = 1\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+        script.display()
+    );
+    let config = drover_proto::config::parse_toml("c.toml", &text).unwrap();
+    let deadline = || Instant::now() + Duration::from_secs(20);
+    let r = rt.block_on(sup.apply(config, false, deadline()));
+    assert!(r.iter().all(|r| r.success), "{r:?}");
+    let log = dir.path().join("state/nodes/x/stdout.log");
+    eventually("output written", PATIENCE, || {
+        std::fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("before-the-restart"))
+            .then_some(())
+    });
+    mode(0o644);
+    let r = rt.block_on(sup.act(Op::Restart, vec!["x".into()], deadline()));
+    assert_eq!(r.len(), 1);
+    assert!(!r[0].success);
+    let want = format!(
+        "node 'x': cannot execute {}: permission denied",
+        script.display()
+    );
+    assert_eq!(r[0].error.as_deref(), Some(want.as_str()), "{r:?}");
+    let Some(ResultData::NodeOutputs(o)) = &r[0].data else {
+        panic!("no outputs: {r:?}");
+    };
+    assert!(o.stdout.contains("before-the-restart"), "{o:?}");
+    assert!(
+        o.stderr.ends_with(&format!("drover-agent: {want}")),
+        "{o:?}"
+    );
+    let status = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(sup.status())
+            .into_iter()
+            .find(|s| s.node == "x")
+            .unwrap()
+    };
+    let s = status(&rt);
+    assert_eq!(s.state, State::Failed);
+    assert_eq!(s.last_error.as_deref(), Some(want.as_str()));
+    // Fixed: the next start runs it and clears the error.
+    mode(0o755);
+    let r = rt.block_on(sup.act(Op::Start, vec!["x".into()], deadline()));
+    assert!(r.iter().all(|r| r.success), "{r:?}");
+    let s = status(&rt);
+    assert_eq!(s.state, State::Running);
+    assert_eq!(s.last_error, None);
+    rt.block_on(sup.shutdown(true));
 }

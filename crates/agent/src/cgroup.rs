@@ -354,3 +354,123 @@ pub fn remove(cg: &Path) -> io::Result<()> {
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn settings_parse() {
+        assert_eq!("auto".parse(), Ok(CgroupSetting::Auto));
+        assert_eq!("none".parse(), Ok(CgroupSetting::None));
+        assert_eq!(
+            "/sys/fs/cgroup/x".parse(),
+            Ok(CgroupSetting::Path("/sys/fs/cgroup/x".into()))
+        );
+        let e = "relative/dir".parse::<CgroupSetting>().unwrap_err();
+        assert!(
+            e.contains("'relative/dir'") && e.contains("absolute"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn subtree_names_are_stable_and_differ_by_state_dir() {
+        let a = subtree_name("agent-1", Path::new("/var/lib/drover-agent"));
+        assert_eq!(
+            a,
+            subtree_name("agent-1", Path::new("/var/lib/drover-agent"))
+        );
+        assert!(
+            a.starts_with("drover-agent-agent-1-") && a.len() == 29,
+            "{a}"
+        );
+        assert_ne!(a, subtree_name("agent-1", Path::new("/var/lib/other")));
+        assert_ne!(
+            a,
+            subtree_name("agent-2", Path::new("/var/lib/drover-agent"))
+        );
+    }
+
+    #[test]
+    fn mount_points_are_unescaped() {
+        assert_eq!(unescape_mount("/sys/fs/cgroup"), "/sys/fs/cgroup");
+        assert_eq!(unescape_mount("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mount("/x\\0"), "/x\\0", "truncated escape kept");
+    }
+
+    #[test]
+    fn a_path_outside_cgroup2_is_refused() {
+        let dir = std::env::temp_dir().join(format!("not-cgroup-{}", std::process::id()));
+        let e =
+            Cgroups::setup(&CgroupSetting::Path(dir.join("x")), "a", Path::new("/s")).unwrap_err();
+        assert!(e.contains("is not in a cgroup v2 hierarchy"), "{e}");
+        assert!(
+            Cgroups::setup(&CgroupSetting::None, "a", Path::new("/s"))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    /// A real subtree: a shell that forks at once is contained with its children,
+    /// signalled and killed through the cgroup, and the subtree removed. It moves the
+    /// test process into the subtree's `agent/` leaf, so it runs only where each test
+    /// has a process of its own (nextest), and only with a writable cgroup v2.
+    #[test]
+    fn contain_signal_and_kill_a_forking_process() {
+        if std::env::var("NEXTEST_EXECUTION_MODE").as_deref() != Ok("process-per-test") {
+            eprintln!("skipped: needs a process of its own");
+            return;
+        }
+        let Some(own) = own_cgroup() else {
+            eprintln!("skipped: no cgroup v2 hierarchy");
+            return;
+        };
+        let root = own.join(format!("drover-unit-{}", std::process::id()));
+        let c = match Cgroups::setup(&CgroupSetting::Path(root.clone()), "t", Path::new("/")) {
+            Ok(Some(c)) => c,
+            other => {
+                eprintln!("skipped: {other:?}");
+                return;
+            }
+        };
+        assert_eq!(procs(&c.agent).unwrap(), vec![std::process::id()]);
+        let cg = c.create_node("n1").unwrap();
+        assert_eq!(c.node_names(), vec!["n1".to_owned()]);
+        assert!(!populated(&cg));
+        let mut sh = Command::new("/bin/sh")
+            .args(["-c", "sleep 1000 & sleep 1000 & wait"])
+            .spawn()
+            .unwrap();
+        c.contain(&cg, sh.id()).unwrap();
+        // Whatever sh forked before the move followed it: the agent's leaf holds the
+        // test process alone, and the node's cgroup all three.
+        wait_until("sh and two sleeps", || procs(&cg).unwrap().len() == 3);
+        assert_eq!(procs(&c.agent).unwrap(), vec![std::process::id()]);
+        assert!(populated(&cg));
+        assert_eq!(signal(&cg, Signal::SIGCONT).unwrap(), 3);
+        kill(&cg).unwrap();
+        wait_until("empty", || !populated(&cg));
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&sh.wait().unwrap()),
+            Some(libc::SIGKILL)
+        );
+        assert_eq!(signal(&cg, Signal::SIGCONT).unwrap(), 0);
+        remove(&cg).unwrap();
+        remove(&cg).unwrap();
+        assert!(kill(&cg).is_ok(), "a missing cgroup holds nothing");
+        c.release();
+        assert!(!root.exists());
+    }
+}
