@@ -258,6 +258,8 @@ struct Core {
     /// The agent's cgroup subtree; `None` when nodes are contained by process group
     /// and spawn token only.
     cgroups: Option<Cgroups>,
+    /// The agent stops its nodes on shutdown: remove its cgroup subtree at the end.
+    release_cgroups: bool,
 }
 
 fn epoch_ms() -> u64 {
@@ -451,6 +453,7 @@ impl Supervisor {
             changed: BTreeSet::new(),
             membership_changed: true,
             cgroups,
+            release_cgroups: false,
         };
         core.recover();
         tokio::spawn(core.run(rx, events_rx));
@@ -685,6 +688,7 @@ impl Core {
                 let _ = reply.send(out);
             }
             Command::Shutdown { stop_nodes, reply } => {
+                self.release_cgroups = stop_nodes;
                 let now = self.now();
                 let mut longest = Duration::ZERO;
                 if stop_nodes {
@@ -1562,7 +1566,7 @@ impl Core {
             }
         }
         if let Some(c) = &self.cgroups
-            && !self.nodes.is_empty()
+            && self.release_cgroups
         {
             // Nodes were stopped (not left to the next agent): remove the subtree.
             for name in c.node_names() {
