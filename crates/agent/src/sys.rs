@@ -1486,6 +1486,170 @@ mod tests {
         .unwrap();
     }
 
+    /// A mask line (`SigIgn:` etc.) of `/proc/<pid>/status`.
+    fn sig_mask(pid: i32, field: &str) -> u64 {
+        let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = s.lines().find_map(|l| l.strip_prefix(field)).unwrap();
+        u64::from_str_radix(line.trim(), 16).unwrap()
+    }
+
+    fn spec<'a>(
+        program: &'a str,
+        args: &'a [String],
+        cwd: &'a std::path::Path,
+        out: &'a fs::File,
+    ) -> SpawnSpec<'a> {
+        SpawnSpec {
+            program,
+            args,
+            env: vec!["A=b".to_owned()],
+            path: "/nonexistent:/usr/bin:/bin",
+            cwd,
+            stdout: out.as_fd(),
+            stderr: out.as_fd(),
+        }
+    }
+
+    #[test]
+    fn spawn_clean_starts_with_default_signals_and_an_empty_mask() {
+        let _g = shared();
+        std::thread::spawn(|| {
+            use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, pthread_sigmask, signal};
+            let dir = tempfile::tempdir().unwrap();
+            let out = fs::File::create(dir.path().join("out")).unwrap();
+            // What the agent may inherit: SIGHUP ignored (nohup), SIGUSR2 blocked.
+            // SAFETY: setting SIG_IGN installs no handler.
+            unsafe { signal(Signal::SIGHUP, SigHandler::SigIgn) }.unwrap();
+            let mut block = SigSet::empty();
+            block.add(Signal::SIGUSR2);
+            pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&block), None).unwrap();
+            assert!(unignore_inherited_signals().contains(&libc::SIGHUP));
+            assert!(
+                !unignore_inherited_signals().contains(&libc::SIGHUP),
+                "once"
+            );
+            let args = vec!["1000".to_owned()];
+            let pid = spawn_clean(&spec("sleep", &args, dir.path(), &out)).unwrap();
+            let fd = KillOnDrop(PidFd::open(pid).unwrap());
+            wait_until("exec", || proc_stat(pid).is_ok_and(|s| s.comm == "sleep"));
+            assert_eq!(sig_mask(pid, "SigIgn:"), 0, "nothing ignored");
+            assert_eq!(sig_mask(pid, "SigBlk:"), 0, "nothing blocked");
+            let s = proc_stat(pid).unwrap();
+            assert_eq!(s.pgrp, pid, "a process group of its own");
+            assert_eq!(s.ppid, me());
+            assert_eq!(
+                fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+                dir.path().canonicalize().unwrap()
+            );
+            let env = fs::read(format!("/proc/{pid}/environ")).unwrap();
+            assert_eq!(env, b"A=b\0", "exactly the environment given");
+            fd.0.signal(Signal::SIGHUP).unwrap();
+            let exit = block_on(async { tokio::time::timeout(DEADLINE, wait_child(&fd.0)).await });
+            assert_eq!(exit.unwrap().unwrap(), ExitKind::Signal(libc::SIGHUP));
+            pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&block), None).unwrap();
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn spawn_clean_reports_exec_errors() {
+        use std::os::unix::fs::PermissionsExt;
+        let _g = shared();
+        let dir = tempfile::tempdir().unwrap();
+        let out = fs::File::create(dir.path().join("out")).unwrap();
+        let plain = dir.path().join("plain");
+        fs::write(&plain, "#!/bin/sh\n").unwrap();
+        let garbage = dir.path().join("garbage");
+        fs::write(&garbage, [0x7f, b'E', b'L', b'F', 9, 9, 9]).unwrap();
+        fs::set_permissions(&garbage, fs::Permissions::from_mode(0o755)).unwrap();
+        let cases = [
+            (
+                "/nonexistent/prog",
+                libc::ENOENT,
+                "no such file or directory",
+            ),
+            (
+                "no-such-program-anywhere",
+                libc::ENOENT,
+                "no such file or directory",
+            ),
+            (plain.to_str().unwrap(), libc::EACCES, "permission denied"),
+            (
+                garbage.to_str().unwrap(),
+                libc::ENOEXEC,
+                "exec format error",
+            ),
+        ];
+        for (program, errno, text) in cases {
+            let err = spawn_clean(&spec(program, &[], dir.path(), &out)).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(errno), "{program}: {err}");
+            assert_eq!(cause(&err), text);
+        }
+        let missing_dir = dir.path().join("gone");
+        let err = spawn_clean(&spec("/bin/true", &[], &missing_dir, &out)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        let nul = vec!["a\0b".to_owned()];
+        let err = spawn_clean(&spec("/bin/true", &nul, dir.path(), &out)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(cause(&io::Error::other("plain text")), "plain text");
+    }
+
+    #[test]
+    fn signal_led_group_reaches_members_after_the_leader_is_gone() {
+        let _g = shared();
+        let dir = tempfile::tempdir().unwrap();
+        let out = fs::File::create(dir.path().join("out")).unwrap();
+        let pidfile = dir.path().join("pid");
+        // The leader starts a sleep in its group, writes its pid, and exits.
+        let args = vec![
+            "-c".to_owned(),
+            format!(
+                "sleep 1000 & echo $! > {}.t; mv {0}.t {0}",
+                pidfile.display()
+            ),
+        ];
+        let leader = spawn_clean(&spec("/bin/sh", &args, dir.path(), &out)).unwrap();
+        let id = proc_id(leader).unwrap();
+        let fd = PidFd::open(leader).unwrap();
+        let member: i32 = {
+            let mut pid = None;
+            wait_until("member pid", || {
+                pid = fs::read_to_string(&pidfile)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok());
+                pid.is_some()
+            });
+            pid.unwrap()
+        };
+        let _kill = KillOnDrop(PidFd::open(member).unwrap());
+        let exit = block_on(async { tokio::time::timeout(DEADLINE, wait_child(&fd)).await });
+        assert_eq!(exit.unwrap().unwrap(), ExitKind::Code(0));
+        assert_eq!(
+            proc_stat(member).unwrap().pgrp,
+            leader,
+            "still in the group"
+        );
+        // Reaped leader: its pidfd cannot reach the group; the scan does.
+        assert!(signal_led_group(id, Some(&fd), Signal::SIGKILL).unwrap());
+        assert_eq!(reap_these(&[member]), vec![ExitKind::Signal(libc::SIGKILL)]);
+        assert!(
+            !signal_led_group(id, Some(&fd), Signal::SIGKILL).unwrap(),
+            "none left"
+        );
+        assert!(
+            signal_led_group(
+                ProcId {
+                    pid: 1,
+                    start_ticks: 0
+                },
+                None,
+                Signal::SIGCONT
+            )
+            .is_err()
+        );
+    }
+
     /// Mean µs per `spawn()` call and per spawn + wait, over `n` spawns.
     fn measure(n: u32, mut spawn: impl FnMut() -> io::Result<Child>) -> (f64, f64) {
         for _ in 0..10 {
