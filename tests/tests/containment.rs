@@ -438,3 +438,41 @@ fn a_failed_restart_returns_the_cause_and_the_last_output() {
     assert_eq!(s.last_error, None);
     rt.block_on(sup.shutdown(true));
 }
+
+#[test]
+fn what_a_node_left_while_no_agent_ran_is_killed_when_it_starts_again() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    let root = agent_cgroup(&agent);
+    connect(&c, addr);
+    let (body, pidfile) = double_fork_node(c.dir.path(), true);
+    let (code, v) = deploy(&c, addr, &body);
+    assert_eq!(code, Some(0), "{v}");
+    let grandchild = read_pid(&pidfile);
+    let main = u32::try_from(node_status(&c, addr, "g")["pid"].as_u64().unwrap()).unwrap();
+    agent.kill();
+    // The node's main process dies while no agent runs; its grandchild stays.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(main).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("main gone", PATIENCE, || (!alive(main)).then_some(()));
+    assert!(alive(grandchild));
+    std::fs::remove_file(&pidfile).unwrap();
+    let agent = c.start_agent("agent-1", addr);
+    agent.wait_log("starting it again");
+    eventually("old grandchild killed", PATIENCE, || {
+        (!alive(grandchild)).then_some(())
+    });
+    // The new process and its new grandchild are what the cgroup holds.
+    let new_grandchild = read_pid(&pidfile);
+    assert!(alive(new_grandchild));
+    let listed = std::fs::read_to_string(root.join("nodes/g/cgroup.procs")).unwrap();
+    assert!(
+        !listed.lines().any(|l| l == grandchild.to_string()),
+        "{listed}"
+    );
+    drop(agent);
+}

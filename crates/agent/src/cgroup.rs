@@ -155,7 +155,13 @@ impl Cgroups {
 
     /// Moves the freshly spawned `pid` into the node cgroup `cg`, then whatever it
     /// forked before the move (see the module docs). Creates `cg` if it is missing.
+    /// What is still in `cg` belongs to an earlier process of the node (left while no
+    /// agent ran, or still dying) and is killed first: a node's cgroup holds its
+    /// current process and its descendants only.
     pub fn contain(&self, cg: &Path, pid: u32) -> io::Result<()> {
+        if populated(cg) {
+            kill(cg)?;
+        }
         match write_pid(cg, pid) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 make_dir(cg)?;
@@ -467,6 +473,19 @@ mod tests {
             Some(libc::SIGKILL)
         );
         assert_eq!(signal(&cg, Signal::SIGCONT).unwrap(), 0);
+        // A leftover of an earlier process is killed when the next one moves in.
+        let mut old = Command::new("/bin/sleep").arg("1000").spawn().unwrap();
+        write_pid(&cg, old.id()).unwrap();
+        let mut new = Command::new("/bin/sleep").arg("1000").spawn().unwrap();
+        c.contain(&cg, new.id()).unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&old.wait().unwrap()),
+            Some(libc::SIGKILL)
+        );
+        assert_eq!(procs(&cg).unwrap(), vec![new.id()]);
+        kill(&cg).unwrap();
+        new.wait().unwrap();
+        wait_until("empty again", || !populated(&cg));
         remove(&cg).unwrap();
         remove(&cg).unwrap();
         assert!(kill(&cg).is_ok(), "a missing cgroup holds nothing");
