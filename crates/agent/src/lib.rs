@@ -9,7 +9,8 @@
 //!   dial again after a capped exponential backoff with jitter ([`backoff`]).
 //! - [`supervisor`]: the node processes, driven by [`machine`] (the deterministic
 //!   per-node state machine: no I/O, no clock), with [`logs`] (per-node files, rotation,
-//!   tails) and [`sys`] (/proc, process groups, pidfds, affinity).
+//!   tails), [`cgroup`] (a cgroup v2 subtree with one cgroup per node) and [`sys`]
+//!   (/proc, the spawn, process groups, pidfds, affinity).
 //! - [`query`]: asks running nodes for values (get-id-value) over their query sockets.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls

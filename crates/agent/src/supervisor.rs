@@ -9,18 +9,23 @@
 //!
 //! # Processes
 //!
-//! A node is spawned with `posix_spawn` (std's fast path: no `pre_exec` hook) in its own
-//! process group, with a clean environment plus the node's env and `DROVER_NODE`,
+//! A node is spawned with `posix_spawn` ([`sys::spawn_clean`]: no `fork`, every signal at
+//! its default, an empty mask) in its own process group and, where the agent has a
+//! cgroup subtree, moved into a cgroup of its own ([`crate::cgroup`]), with a clean
+//! environment plus the node's env and `DROVER_NODE`,
 //! `DROVER_INSTANCE`, `DROVER_ROLE`, `NOTIFY_SOCKET`, `DROVER_QUERY_SOCKET` and a
 //! per-spawn `DROVER_NODE_TOKEN`. CPU affinity is set on the spawning thread just before
 //! the spawn and restored right after: a child inherits its parent thread's mask, so it is
 //! pinned from its first instruction without forcing a `fork`. stdout and stderr are
 //! files the node holds itself (see [`crate::logs`]).
 //!
-//! Stopping sends the stop signal to the process group, then SIGKILL to the group after
-//! the stop timeout. When the main process has exited, whatever is left of the node is
-//! killed too: its process group, and any process carrying its spawn token in its
-//! environment (grandchildren that moved to a session of their own).
+//! Stopping sends the stop signal to every process in the node's cgroup, then kills the
+//! cgroup after the stop timeout. When the main process has exited, whatever is left of
+//! the node is killed too: everything in its cgroup. Without cgroups, the process group
+//! (through the leader's pidfd) takes the place of the cgroup, and any process carrying
+//! the node's spawn token in its environment among the agent's children (grandchildren
+//! that moved to a session of their own, re-parented to the agent) is killed too.
+//! An exec error is the node's `last_error` until it next runs.
 //!
 //! # Records and adoption
 //!

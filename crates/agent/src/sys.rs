@@ -1,5 +1,6 @@
 //! Linux process plumbing for the agent: reading `/proc`, process identities that
-//! survive PID reuse, pidfds, process-group signalling, orphan reaping and CPU pinning.
+//! survive PID reuse, pidfds, process-group signalling, orphan reaping, CPU pinning and
+//! spawning with clean signals.
 //!
 //! Everything here is Linux-only and assumes the agent runs as root in the PID
 //! namespace whose `/proc` it reads.
@@ -51,6 +52,12 @@
 //! The three calls must run on one thread with no `.await` between them (a task can
 //! move between worker threads at an `.await`), and nothing on that thread may start
 //! threads meanwhile, as those would inherit the pinned mask too.
+//!
+//! The agent spawns its nodes with [`spawn_clean`] rather than `Command`: the same
+//! `posix_spawn`, but with every signal reset to its default disposition (std resets
+//! only SIGPIPE; glibc leaves ignored signals ignored and sets its own two internal
+//! real-time signals to ignored in the child), and it reaps them through pidfds
+//! ([`wait_child`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
