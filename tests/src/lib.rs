@@ -399,6 +399,7 @@ fn kill_processes_under(dir: &Path) {
 
 /// Kills what runs in the cgroup subtrees the agents of these logs said they use and
 /// removes the subtrees (once their agents are gone), so that tests leave none behind.
+/// Runs when the cluster is dropped, after the processes the test declared later.
 fn remove_agent_cgroups(logs: &[PathBuf]) {
     const MARK: &str = "nodes are contained in cgroups cgroup=";
     let roots: std::collections::BTreeSet<PathBuf> = logs
@@ -436,7 +437,16 @@ fn remove_agent_cgroups(logs: &[PathBuf]) {
 impl Drop for Cluster {
     fn drop(&mut self) {
         kill_processes_under(self.dir.path());
-        remove_agent_cgroups(&self.logs.borrow());
+        // Every log in the test dir: also those of agents started without the helpers.
+        let mut logs: Vec<PathBuf> = fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.extend(self.logs.borrow().iter().cloned());
+        remove_agent_cgroups(&logs);
         if std::thread::panicking() {
             for log in self.logs.borrow().iter() {
                 eprintln!("===== {} =====", log.display());
