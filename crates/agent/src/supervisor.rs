@@ -185,7 +185,8 @@ struct Proc {
     started_at_ms: u64,
     /// Aborts the readiness probe, if one runs.
     probe: Option<tokio::task::AbortHandle>,
-    /// True when this agent spawned it (tokio reaps it); false when adopted.
+    /// True when this agent spawned it (and reaps it through its pidfd); false when
+    /// adopted.
     child: bool,
     /// The node's cgroup, when it has one: every process of the node is in it.
     cgroup: Option<PathBuf>,
