@@ -91,10 +91,12 @@ fn node_status(c: &Cluster, addr: SocketAddr, node: &str) -> Value {
 fn double_fork_node(dir: &Path, hide_token: bool) -> (String, PathBuf) {
     let pidfile = dir.join("grandchild.pid");
     let prog = bin("drover-testprog");
+    // The node's sockets are the main process's (a second testprog would race it for
+    // the query socket).
     let unset = if hide_token {
-        "unset DROVER_NODE_TOKEN; "
+        "unset DROVER_NODE_TOKEN DROVER_QUERY_SOCKET NOTIFY_SOCKET; "
     } else {
-        ""
+        "unset DROVER_QUERY_SOCKET NOTIFY_SOCKET; "
     };
     let script = format!(
         "({unset}{p} --own-session --ignore-sigterm --sleep-forever >/dev/null 2>&1 & echo $! > {f}.tmp; mv {f}.tmp {f}); exec {p} --sleep-forever",

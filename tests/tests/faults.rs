@@ -83,6 +83,12 @@ fn agent_sigkilled_twenty_times_restarts_no_node() {
     let mut agent = c.start_agent("agent-1", addr);
     let marker = format!("kill20-{}", std::process::id());
     let file = write_cluster(&c, "c.toml", "kill20", 5, &marker, "");
+    eventually("agent", PATIENCE, || {
+        c.drover(addr, &["get-instances"])
+            .json()
+            .get("agent-1")
+            .map(|_| ())
+    });
     assert_eq!(
         c.drover(addr, &["deploy-config", file.to_str().unwrap()])
             .code,

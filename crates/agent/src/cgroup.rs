@@ -170,15 +170,22 @@ impl Cgroups {
             other => other?,
         }
         let me = std::process::id();
+        // The kernel skips a process that is exiting without an error, so it would be
+        // listed round after round; it can fork no more, so it is left where it is.
+        let mut exiting = Vec::new();
         for _ in 0..STRAGGLER_ROUNDS {
             let strays: Vec<u32> = procs(&self.agent)?
                 .into_iter()
-                .filter(|&p| p != me)
+                .filter(|&p| p != me && !exiting.contains(&p))
                 .collect();
             if strays.is_empty() {
                 return Ok(());
             }
             for p in strays {
+                if is_exiting(p) {
+                    exiting.push(p);
+                    continue;
+                }
                 // ESRCH: it exited meanwhile.
                 if let Err(e) = write_pid(cg, p)
                     && e.raw_os_error() != Some(libc::ESRCH)
@@ -222,6 +229,27 @@ impl Cgroups {
             let _ = fs::remove_dir(dir);
         }
     }
+}
+
+/// True if process `pid` is gone, a zombie, or exiting (`PF_EXITING` in the flags,
+/// field 9 of `/proc/<pid>/stat`).
+fn is_exiting(pid: u32) -> bool {
+    /// `PF_EXITING` of `<linux/sched.h>`.
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return true;
+    };
+    // `rest` starts at field 3 (state).
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next().unwrap_or("X");
+    let flags = fields
+        .nth(5)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0);
+    matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0
 }
 
 /// `drover-agent-<instance>-<FNV-1a of the state dir, 8 hex digits>`.
@@ -374,6 +402,16 @@ mod tests {
             assert!(Instant::now() < end, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    #[test]
+    fn exiting_processes_are_told_apart() {
+        assert!(!is_exiting(std::process::id()));
+        let mut child = Command::new("/bin/true").spawn().unwrap();
+        let pid = child.id();
+        wait_until("zombie", || is_exiting(pid));
+        child.wait().unwrap();
+        assert!(is_exiting(pid), "reaped");
     }
 
     #[test]

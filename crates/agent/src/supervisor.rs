@@ -163,6 +163,9 @@ struct Record {
     /// An operator stopped it: it stays stopped across agent restarts.
     #[serde(default)]
     stopped: bool,
+    /// Why its last start failed, until it next runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1087,13 +1090,17 @@ impl Core {
                         Err(err) => {
                             warn!(node = %name, "cannot start node: {err}");
                             self.bump(name);
-                            self.nodes
+                            let more = self
+                                .nodes
                                 .get_mut(name)
                                 .map(|e| {
                                     e.last_error = Some(err.clone());
                                     e.machine.spawn_failed(now, err)
                                 })
-                                .unwrap_or_default()
+                                .unwrap_or_default();
+                            // A later agent process shows the error too.
+                            self.save_record(name);
+                            more
                         }
                     };
                     queue.extend(more);
@@ -1639,6 +1646,7 @@ impl Core {
             ready: e.machine.ready_at().is_some(),
             restarts: e.restarts(),
             stopped: e.stopped_by_operator,
+            last_error: e.last_error.clone(),
         };
         let path = e.dir.join("record.json");
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialize");
@@ -1680,6 +1688,7 @@ impl Core {
             let e = self.nodes.get_mut(&name).expect("just created");
             e.restarts_base = record.restarts;
             e.stopped_by_operator = record.stopped;
+            e.last_error.clone_from(&record.last_error);
             self.config_id = Some(record.config_id.clone());
             let alive = record.process.clone().filter(|p| {
                 sys::is_alive(ProcId {
@@ -1842,6 +1851,7 @@ mod tests {
             ready: true,
             restarts,
             stopped: false,
+            last_error: None,
         };
         let long = serde_json::to_vec_pretty(&record(1, "a-long-configuration-id")).unwrap();
         let short = serde_json::to_vec_pretty(&record(2, "short")).unwrap();
