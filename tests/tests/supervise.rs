@@ -127,8 +127,9 @@ fn launch_gives_a_clean_env_workdir_process_group_and_affinity() {
     let s = w.wait("running", |s| s.state == State::Running, "w1");
     let pid = s.pid.unwrap();
     let sock = w.node_dir("w1").join("query.sock");
-    drover_tests::eventually("query socket", drover_tests::PATIENCE, || {
-        sock.exists().then_some(())
+    drover_tests::eventually("query socket listening", drover_tests::PATIENCE, || {
+        // The file exists from the bind; connections succeed from the listen.
+        UnixStream::connect(&sock).ok().map(drop)
     });
     assert_eq!(query(&sock, "env.FOO")["value"], "bar");
     assert_eq!(query(&sock, "env.DROVER_NODE")["value"], "w1");
