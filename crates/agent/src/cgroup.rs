@@ -131,8 +131,29 @@ impl Cgroups {
         for dir in [&this.root, &this.agent, &this.nodes] {
             make_dir(dir).map_err(|e| format!("cannot create cgroup {}: {e}", dir.display()))?;
         }
-        write_pid(&this.agent, std::process::id())
+        let me = std::process::id();
+        write_pid(&this.agent, me)
             .map_err(|e| format!("cannot move the agent into {}: {e}", this.agent.display()))?;
+        // A node process here was spawned by a previous agent process that died before
+        // it moved it out and recorded it: no record names it, so it is killed. Only
+        // node processes (they carry a spawn token), never, say, another agent given
+        // the same --cgroup-root by mistake.
+        let strays: Vec<(u32, PidFd)> = procs(&this.agent)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|&p| p != me && has_spawn_token(p))
+            .filter_map(|p| Some((p, PidFd::open(i32::try_from(p).ok()?).ok()?)))
+            .collect();
+        let still = procs(&this.agent).unwrap_or_default();
+        for (pid, fd) in strays {
+            if still.contains(&pid) {
+                tracing::warn!(
+                    pid,
+                    "killing an unrecorded process left in the agent's cgroup"
+                );
+                let _ = fd.signal(Signal::SIGKILL);
+            }
+        }
         Ok(Some(this))
     }
 
@@ -229,6 +250,15 @@ impl Cgroups {
             let _ = fs::remove_dir(dir);
         }
     }
+}
+
+/// True if process `pid` has a `DROVER_NODE_TOKEN` in its environment, as every
+/// process the agent spawns has.
+fn has_spawn_token(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+        env.split(|b| *b == 0)
+            .any(|v| v.starts_with(b"DROVER_NODE_TOKEN="))
+    })
 }
 
 /// True if process `pid` is gone, a zombie, or exiting (`PF_EXITING` in the flags,
@@ -490,6 +520,28 @@ mod tests {
             }
         };
         assert_eq!(procs(&c.agent).unwrap(), vec![std::process::id()]);
+        // A node process left in the agent's leaf by a previous agent is killed when the
+        // subtree is set up again; another process is not.
+        let mut left = Command::new("/bin/sleep")
+            .arg("1000")
+            .env("DROVER_NODE_TOKEN", "7")
+            .spawn()
+            .unwrap();
+        let mut other = Command::new("/bin/sleep").arg("1000").spawn().unwrap();
+        wait_until("exec", || {
+            has_spawn_token(left.id())
+                && fs::read_to_string(format!("/proc/{}/comm", other.id()))
+                    .is_ok_and(|c| c.trim() == "sleep")
+        });
+        let again = Cgroups::setup(&CgroupSetting::Path(root.clone()), "t", Path::new("/"));
+        assert!(matches!(again, Ok(Some(_))), "{again:?}");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&left.wait().unwrap()),
+            Some(libc::SIGKILL)
+        );
+        assert_eq!(other.try_wait().unwrap(), None, "not a node: left alone");
+        other.kill().unwrap();
+        other.wait().unwrap();
         let cg = c.create_node("n1").unwrap();
         assert_eq!(c.node_names(), vec!["n1".to_owned()]);
         assert!(!populated(&cg));
