@@ -25,7 +25,9 @@
 //! in the agent's cgroup, `agent/`, and is moved to its own with one write of its pid
 //! to `cgroup.procs` ([`Cgroups::contain`]). Whatever it forked between its `exec` and
 //! that write is still in `agent/`, which otherwise holds the agent alone: those
-//! processes are moved after it, until `agent/` holds only the agent. `clone3` with
+//! processes are moved after it, until `agent/` holds only the agent. A node process
+//! found in `agent/` at start-up was spawned by an agent that died before it moved and
+//! recorded it; no record names it, so it is killed. `clone3` with
 //! `CLONE_INTO_CGROUP` would place it from its first instruction, but neither std nor
 //! glibc before 2.39 offers it with `posix_spawn`'s `CLONE_VM | CLONE_VFORK`, and a
 //! `fork` costs in proportion to the agent's memory. A move can wait for an RCU grace
