@@ -236,7 +236,8 @@ impl Cluster {
         self.pki.join(name)
     }
 
-    fn log_path(&self, name: &str) -> PathBuf {
+    /// A log file `NAME.log` in the test dir, printed when the test fails.
+    pub fn log_path(&self, name: &str) -> PathBuf {
         let p = self.dir.path().join(format!("{name}.log"));
         self.logs.borrow_mut().push(p.clone());
         p
@@ -397,9 +398,56 @@ fn kill_processes_under(dir: &Path) {
     }
 }
 
+/// Kills what runs in the cgroup subtrees the agents of these logs said they use and
+/// removes the subtrees (once their agents are gone), so that tests leave none behind.
+/// Runs when the cluster is dropped, after the processes the test declared later.
+fn remove_agent_cgroups(logs: &[PathBuf]) {
+    const MARK: &str = "nodes are contained in cgroups cgroup=";
+    let roots: std::collections::BTreeSet<PathBuf> = logs
+        .iter()
+        .filter_map(|l| fs::read_to_string(l).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| {
+                    Some(PathBuf::from(
+                        l.split(MARK).nth(1)?.split_whitespace().next()?,
+                    ))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for root in roots {
+        let nodes = root.join("nodes");
+        let dirs = fs::read_dir(&nodes).into_iter().flatten().flatten();
+        for d in dirs.filter(|d| d.file_type().is_ok_and(|t| t.is_dir())) {
+            let _ = fs::write(d.path().join("cgroup.kill"), "1");
+            // Killed processes take a moment to leave; no panic in a drop.
+            for _ in 0..500 {
+                if fs::remove_dir(d.path()).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        for dir in [nodes, root.join("agent"), root] {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         kill_processes_under(self.dir.path());
+        // Every log in the test dir: also those of agents started without the helpers.
+        let mut logs: Vec<PathBuf> = fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.extend(self.logs.borrow().iter().cloned());
+        remove_agent_cgroups(&logs);
         if std::thread::panicking() {
             for log in self.logs.borrow().iter() {
                 eprintln!("===== {} =====", log.display());

@@ -105,6 +105,12 @@ fn agent_sigkilled_twenty_times_restarts_no_node() {
     let mut agent = c.start_agent("agent-1", addr);
     let marker = format!("kill20-{}", std::process::id());
     let file = write_cluster(&c, "c.toml", "kill20", 5, &marker, "");
+    eventually("agent", PATIENCE, || {
+        c.drover(addr, &["get-instances"])
+            .json()
+            .get("agent-1")
+            .map(|_| ())
+    });
     let five = names(5);
     deploy_ok(
         &c,

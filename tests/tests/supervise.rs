@@ -33,6 +33,7 @@ impl World {
                 instance: "agent-1".into(),
                 state_dir: dir.path().to_owned(),
                 logs: LogConfig::default(),
+                cgroup: Default::default(),
             })
             .unwrap()
         });
@@ -105,6 +106,7 @@ impl World {
                 instance: "agent-1".into(),
                 state_dir: self.dir.path().to_owned(),
                 logs: LogConfig::default(),
+                cgroup: Default::default(),
             })
             .unwrap()
         });
@@ -152,8 +154,9 @@ fn launch_gives_a_clean_env_workdir_process_group_and_affinity() {
     let s = w.wait("running", |s| s.state == State::Running, "w1");
     let pid = s.pid.unwrap();
     let sock = w.node_dir("w1").join("query.sock");
-    drover_tests::eventually("query socket", drover_tests::PATIENCE, || {
-        sock.exists().then_some(())
+    drover_tests::eventually("query socket listening", drover_tests::PATIENCE, || {
+        // The file exists from the bind; connections succeed from the listen.
+        UnixStream::connect(&sock).ok().map(drop)
     });
     assert_eq!(query(&sock, "env.FOO")["value"], "bar");
     assert_eq!(query(&sock, "env.DROVER_NODE")["value"], "w1");
@@ -395,7 +398,7 @@ fn unknown_program_fails_with_a_clear_error() {
         r[0].error
             .as_deref()
             .unwrap()
-            .contains("cannot execute '/nonexistent/prog'"),
+            .contains("node 'x': cannot execute /nonexistent/prog: no such file or directory"),
         "{r:?}"
     );
 }

@@ -10,7 +10,8 @@
 //! - [`supervisor`]: the node processes, driven by [`machine`] (the deterministic
 //!   per-node state machine: no I/O, no clock) and [`converge`] (the multi-node
 //!   decisions: applies by generation, spec diffs, recovery), with [`logs`] (per-node
-//!   files, rotation, tails) and [`sys`] (/proc, process groups, pidfds, affinity).
+//!   files, rotation, tails), [`cgroup`] (a cgroup v2 subtree with one cgroup per node)
+//!   and [`sys`] (/proc, the spawn, process groups, pidfds, affinity).
 //! - [`query`]: asks running nodes for values (get-id-value) over their query sockets.
 //! - [`sockdir`]: short paths for the nodes' sockets when the state dir is long.
 //!
@@ -19,6 +20,7 @@
 //! serves), so tests run agents in-process.
 
 pub mod backoff;
+pub mod cgroup;
 pub mod converge;
 pub mod logs;
 pub mod machine;
@@ -79,6 +81,8 @@ pub struct Config {
     pub logs: logs::LogConfig,
     /// Where to serve Prometheus metrics (`/metrics`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the nodes' cgroups go.
+    pub cgroup: cgroup::CgroupSetting,
 }
 
 /// Why an agent could not start.
@@ -253,6 +257,7 @@ impl Agent {
             instance: this.config.name.clone(),
             state_dir: this.config.state_dir.clone(),
             logs: this.config.logs,
+            cgroup: this.config.cgroup.clone(),
         })
         .map_err(|e| Error::Supervisor(format!("cannot start: {e}")))?;
         let sup = supervisor.clone();

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use drover_agent::backoff::Backoff;
+use drover_agent::cgroup::CgroupSetting;
 use drover_agent::logs::LogConfig;
 use drover_agent::{Agent, Config};
 use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing, notify};
@@ -71,6 +72,11 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics [default: off].
     #[arg(long, env = "DROVER_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// The cgroup v2 directory the agent puts its nodes' cgroups in (it creates it), or
+    /// `auto` (a subtree of the agent's own cgroup, if writable) or `none` (process
+    /// groups only) [default: auto].
+    #[arg(long, env = "DROVER_CGROUP_ROOT")]
+    cgroup_root: Option<CgroupSetting>,
 }
 
 /// What happens to nodes when the agent exits on SIGTERM or SIGINT.
@@ -105,6 +111,16 @@ struct FileConfig {
     log_max_bytes: Option<u64>,
     log_keep: Option<u32>,
     metrics_listen: Option<std::net::SocketAddr>,
+    #[serde(default, deserialize_with = "cgroup_setting")]
+    cgroup_root: Option<CgroupSetting>,
+}
+
+fn cgroup_setting<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<CgroupSetting>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 fn config(args: Args) -> anyhow::Result<Config> {
@@ -159,6 +175,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
             .unwrap_or(Duration::from_secs(5)),
         stop_nodes_on_exit: args.on_exit.or(file.on_exit).unwrap_or(OnExit::Stop) == OnExit::Stop,
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
+        cgroup: args.cgroup_root.or(file.cgroup_root).unwrap_or_default(),
         logs,
     })
 }

@@ -9,18 +9,23 @@
 //!
 //! # Processes
 //!
-//! A node is spawned with `posix_spawn` (std's fast path: no `pre_exec` hook) in its own
-//! process group, with a clean environment plus the node's env and `DROVER_NODE`,
+//! A node is spawned with `posix_spawn` ([`sys::spawn_clean`]: no `fork`, every signal at
+//! its default, an empty mask) in its own process group and, where the agent has a
+//! cgroup subtree, moved into a cgroup of its own ([`crate::cgroup`]), with a clean
+//! environment plus the node's env and `DROVER_NODE`,
 //! `DROVER_INSTANCE`, `DROVER_ROLE`, `NOTIFY_SOCKET`, `DROVER_QUERY_SOCKET` and a
 //! per-spawn `DROVER_NODE_TOKEN`. CPU affinity is set on the spawning thread just before
 //! the spawn and restored right after: a child inherits its parent thread's mask, so it is
 //! pinned from its first instruction without forcing a `fork`. stdout and stderr are
 //! files the node holds itself (see [`crate::logs`]).
 //!
-//! Stopping sends the stop signal to the process group, then SIGKILL to the group after
-//! the stop timeout. When the main process has exited, whatever is left of the node is
-//! killed too: its process group, and any process carrying its spawn token in its
-//! environment (grandchildren that moved to a session of their own).
+//! Stopping sends the stop signal to every process in the node's cgroup, then kills the
+//! cgroup after the stop timeout. When the main process has exited, whatever is left of
+//! the node is killed too: everything in its cgroup. Without cgroups, the process group
+//! (through the leader's pidfd) takes the place of the cgroup, and any process carrying
+//! the node's spawn token in its environment among the agent's children (grandchildren
+//! that moved to a session of their own, re-parented to the agent) is killed too.
+//! An exec error is the node's `last_error` until it next runs.
 //!
 //! # Applies
 //!
@@ -59,9 +64,7 @@
 //! panic of the task is reported by [`Supervisor::failed`], and the agent exits.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drover_proto::config::signal_number;
@@ -74,6 +77,7 @@ use tokio::net::UnixDatagram;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::cgroup::{self, CgroupSetting, Cgroups};
 use crate::converge::{self, Desired, Found, Settled, Stray, Then, Verdict, Want};
 use crate::logs::{LogConfig, NodeLogs};
 use crate::machine::{self, Action, Machine, MachineConfig, Millis};
@@ -95,6 +99,8 @@ pub struct SupervisorConfig {
     pub state_dir: PathBuf,
     /// Log rotation.
     pub logs: LogConfig,
+    /// Where nodes' cgroups go (see [`crate::cgroup`]).
+    pub cgroup: CgroupSetting,
 }
 
 /// A handle to the supervisor task; cheap to clone.
@@ -227,14 +233,20 @@ struct Record {
     /// An operator stopped it: it stays stopped across agent restarts.
     #[serde(default)]
     stopped: bool,
+    /// Why its last start failed, until it next runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct RecordedProcess {
     pid: i32,
     start_ticks: u64,
     started_at_ms: u64,
     token: u64,
+    /// The node's cgroup, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cgroup: Option<PathBuf>,
 }
 
 /// A live process of a node.
@@ -250,8 +262,13 @@ struct Proc {
     started_at_ms: u64,
     /// Aborts the readiness probe, if one runs.
     probe: Option<tokio::task::AbortHandle>,
-    /// True when this agent spawned it (tokio reaps it); false when adopted.
+    /// True when this agent spawned it (and reaps it through its pidfd); false when
+    /// adopted.
     child: bool,
+    /// The node's cgroup, when it has one: every process of the node is in it.
+    cgroup: Option<PathBuf>,
+    /// A pidfd of the process, to signal its process group when it has no cgroup.
+    pidfd: Option<sys::PidFd>,
 }
 
 #[derive(Debug)]
@@ -275,6 +292,8 @@ struct Entry {
     removing: bool,
     status_text: Option<String>,
     last_exit: Option<model::ExitStatus>,
+    /// Why the last start failed (an exec error), until the node next runs.
+    last_error: Option<String>,
     notify_task: Option<tokio::task::AbortHandle>,
     /// The record as last written: an unchanged record is not written again (a deploy
     /// would otherwise write each new node's record three times, and file creation and
@@ -326,6 +345,11 @@ struct Core {
     changed: BTreeSet<String>,
     /// A node was added or removed since then: the next report must be a full one.
     membership_changed: bool,
+    /// The agent's cgroup subtree; `None` when nodes are contained by process group
+    /// and spawn token only.
+    cgroups: Option<Cgroups>,
+    /// The agent stops its nodes on shutdown: remove its cgroup subtree at the end.
+    release_cgroups: bool,
 }
 
 fn epoch_ms() -> u64 {
@@ -514,6 +538,28 @@ impl Supervisor {
                 "cannot become a child subreaper ({e}); orphaned grandchildren of nodes go to init"
             );
         }
+        let unignored = sys::unignore_inherited_signals();
+        if !unignored.is_empty() {
+            debug!(
+                ?unignored,
+                "signals inherited as ignored are reset for the nodes"
+            );
+        }
+        let cgroups = match Cgroups::setup(&cfg.cgroup, &cfg.instance, &cfg.state_dir) {
+            Ok(c) => c,
+            Err(e) if matches!(cfg.cgroup, CgroupSetting::Path(_)) => {
+                return Err(std::io::Error::other(e));
+            }
+            Err(e) => {
+                warn!(
+                    "no cgroup for the nodes ({e}); descendants that leave a node's process group are found by spawn token only while this agent runs"
+                );
+                None
+            }
+        };
+        if let Some(c) = &cgroups {
+            info!(cgroup = %c.root().display(), "nodes are contained in cgroups");
+        }
         let (tx, rx) = mpsc::channel(256);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (changes_tx, changes_rx) = watch::channel(0);
@@ -536,6 +582,8 @@ impl Supervisor {
             sweep_pending: false,
             changed: BTreeSet::new(),
             membership_changed: true,
+            cgroups,
+            release_cgroups: false,
         };
         core.recover();
         let task = tokio::spawn(core.run(rx, events_rx));
@@ -836,6 +884,7 @@ impl Core {
             #[cfg(test)]
             Command::Panic => panic!("asked to panic"),
             Command::Shutdown { stop_nodes, reply } => {
+                self.release_cgroups = stop_nodes;
                 let now = self.now();
                 let mut longest = Duration::ZERO;
                 if stop_nodes {
@@ -919,12 +968,13 @@ impl Core {
             );
             let logs = self.cfg.logs;
             let socks = self.socks.clone();
+            let cgroups = self.cgroups.clone();
             let path = self.desired_path();
             let events = self.events.clone();
             let to_write = desired.clone();
             tokio::task::spawn_blocking(move || {
                 let result = write_desired(&path, &to_write)
-                    .map(|()| Self::run_prepare(&jobs, logs, &socks))
+                    .map(|()| Self::run_prepare(&jobs, logs, &socks, cgroups.as_ref()))
                     .map_err(|err| {
                         format!(
                             "cannot record the desired state in {}: {err}",
@@ -1074,8 +1124,8 @@ impl Core {
             };
             if let Op::Signal(sig) = op {
                 let result = match (&e.proc, Signal::try_from(sig)) {
-                    (Some(p), Ok(sig)) => match sys::signal_group(p.id.pid, sig) {
-                        Ok(_) => Ok(()),
+                    (Some(p), Ok(sig)) => match signal_node(p, sig) {
+                        Ok(()) => Ok(()),
                         Err(err) => Err(format!("cannot signal node: {err}")),
                     },
                     (None, _) => Err(format!("node {name} is not running")),
@@ -1129,7 +1179,12 @@ impl Core {
     /// Makes the directories, empty log files and bound notify sockets of new nodes, on
     /// this thread (see [`Core::prepare_jobs`] and [`Core::run_prepare`]).
     fn prepare<'a>(&self, nodes: impl Iterator<Item = (&'a str, &'a Node)>) -> Prepared {
-        Self::run_prepare(&self.prepare_jobs(nodes), self.cfg.logs, &self.socks)
+        Self::run_prepare(
+            &self.prepare_jobs(nodes),
+            self.cfg.logs,
+            &self.socks,
+            self.cgroups.as_ref(),
+        )
     }
 
     /// What [`Core::run_prepare`] makes for these nodes: name, directory, and working
@@ -1151,11 +1206,19 @@ impl Core {
     /// Makes the directories, empty log files and bound notify sockets of new nodes,
     /// spread over a few threads, for [`Core::create`] and the first spawn to find in
     /// place. Blocking; an Apply runs it on the blocking pool.
-    fn run_prepare(jobs: &[PrepareJob], logs: LogConfig, socks: &SocketDirs) -> Prepared {
+    fn run_prepare(
+        jobs: &[PrepareJob],
+        logs: LogConfig,
+        socks: &SocketDirs,
+        cgroups: Option<&Cgroups>,
+    ) -> Prepared {
         if jobs.is_empty() {
             return BTreeMap::new();
         }
         let prepare_one = |name: &str, dir: &Path, work: Option<&Path>, sock_dir: &Path| {
+            if let Some(c) = cgroups {
+                c.create_node(name)?;
+            }
             Self::make_node_dir(dir)?;
             if let Some(w) = work {
                 std::fs::create_dir_all(w)?;
@@ -1223,6 +1286,9 @@ impl Core {
         let sock = match prepared {
             Some(sock) => sock?,
             None => {
+                if let Some(c) = &self.cgroups {
+                    c.create_node(name)?;
+                }
                 Self::make_node_dir(&dir)?;
                 self.socks.ensure(name)?;
                 Self::bind_notify(&self.socks.dir(name))?
@@ -1245,6 +1311,7 @@ impl Core {
             removing: false,
             status_text: None,
             last_exit: None,
+            last_error: None,
             notify_task: None,
             written: Vec::new(),
         };
@@ -1316,17 +1383,26 @@ impl Core {
                         Ok(pid) => self
                             .nodes
                             .get_mut(name)
-                            .map(|e| e.machine.spawned(now, pid))
+                            .map(|e| {
+                                e.last_error = None;
+                                e.machine.spawned(now, pid)
+                            })
                             .unwrap_or_default(),
                         Err(err) => {
                             warn!(node = %name, "cannot start node: {err}");
-                            self.nodes
+                            self.bump(name);
+                            let more = self
+                                .nodes
                                 .get_mut(name)
                                 .map(|e| {
                                     e.spawning = None;
+                                    e.last_error = Some(err.clone());
                                     e.machine.spawn_failed(now, err)
                                 })
-                                .unwrap_or_default()
+                                .unwrap_or_default();
+                            // A later agent process shows the error too.
+                            self.save_record(name);
+                            more
                         }
                     };
                     queue.extend(more);
@@ -1337,12 +1413,14 @@ impl Core {
                             .and_then(|n| Signal::try_from(n).ok())
                             .unwrap_or(Signal::SIGTERM);
                         debug!(node = %name, pid = p.id.pid, %sig, "stopping");
-                        let _ = sys::signal_group(p.id.pid, sig);
+                        if let Err(err) = signal_node(p, sig) {
+                            warn!(node = %name, "cannot send {sig} to the node: {err}");
+                        }
                     }
                 }
                 Action::Kill => {
                     if let Some(p) = &e.proc {
-                        warn!(node = %name, pid = p.id.pid, "stop timeout reached; killing the process group");
+                        warn!(node = %name, pid = p.id.pid, "stop timeout reached; killing the node");
                         kill_remains(p);
                     }
                 }
@@ -1350,13 +1428,17 @@ impl Core {
         }
     }
 
-    /// Spawns the node's process; returns its pid.
+    /// Spawns the node's process; returns its pid. An error names the node, the
+    /// program and the cause.
     fn spawn(&mut self, name: &str) -> Result<u32, String> {
         let token = self.next_token;
         self.next_token = self.next_token.wrapping_add(1);
         let instance = self.cfg.instance.clone();
         let sock_dir = self.socks.dir(name);
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
+        // Every attempt counts, so that a restart whose spawn fails is told apart
+        // from the process before it.
+        e.generation += 1;
         let spec = &e.spec;
         let (program, args) = spec.command.split_first().ok_or("node has no command")?;
         let workdir = match &spec.workdir {
@@ -1375,64 +1457,83 @@ impl Core {
             .logs
             .open_for_child()
             .map_err(|err| format!("cannot open log files in {}: {err}", e.dir.display()))?;
-        let mut cmd = std::process::Command::new(program);
-        cmd.args(args)
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            .envs(&spec.env)
-            .env("DROVER_NODE", name)
-            .env("DROVER_INSTANCE", &instance)
-            .env("DROVER_ROLE", spec.role.as_str())
-            .env("NOTIFY_SOCKET", Self::notify_path(&sock_dir))
-            .env("DROVER_QUERY_SOCKET", sock_dir.join("query.sock"))
-            .env("DROVER_NODE_TOKEN", token.to_string())
-            .current_dir(&workdir)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
-        let mut cmd = tokio::process::Command::from(cmd);
-        cmd.kill_on_drop(false);
+        let notify = Self::notify_path(&sock_dir);
+        let query = sock_dir.join("query.sock");
+        let mut env: BTreeMap<&str, String> = BTreeMap::from([(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+        )]);
+        env.extend(spec.env.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        env.extend([
+            ("DROVER_NODE", name.to_owned()),
+            ("DROVER_INSTANCE", instance.clone()),
+            ("DROVER_ROLE", spec.role.as_str().to_owned()),
+            ("NOTIFY_SOCKET", notify.display().to_string()),
+            ("DROVER_QUERY_SOCKET", query.display().to_string()),
+            ("DROVER_NODE_TOKEN", token.to_string()),
+        ]);
+        let env_list: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let path = env["PATH"].clone();
         let program = program.clone();
+        let args = args.to_vec();
         self.announce_spawn(name, token);
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
         let spec = &e.spec;
+        let launch = sys::SpawnSpec {
+            program: &program,
+            args: &args,
+            env: env_list,
+            path: &path,
+            cwd: &workdir,
+            stdout: std::os::fd::AsFd::as_fd(&out),
+            stderr: std::os::fd::AsFd::as_fd(&err),
+        };
         let cpus: Option<Vec<usize>> = spec
             .cpu_affinity
             .as_ref()
             .map(|a| a.cpus().into_iter().map(|c| c as usize).collect());
         let previous = match &cpus {
-            Some(c) => Some(
-                sys::set_thread_affinity(c)
-                    .map_err(|err| format!("cannot apply cpu affinity {c:?}: {err}"))?,
-            ),
+            Some(c) => Some(sys::set_thread_affinity(c).map_err(|err| {
+                let list: Vec<String> = c.iter().map(ToString::to_string).collect();
+                format!(
+                    "node '{name}': cannot execute {program} on cpus {}: {} (this host has {} cpus online)",
+                    list.join(","),
+                    sys::cause(&err),
+                    sys::online_cpus()
+                )
+            })?),
             None => None,
         };
-        let spawned = cmd.spawn();
+        let spawned = sys::spawn_clean(&launch);
         if let Some(prev) = &previous
             && let Err(err) = sys::restore_thread_affinity(prev)
         {
             warn!("cannot restore the agent thread's cpu affinity: {err}");
         }
-        let mut child = spawned.map_err(|err| format!("cannot execute '{program}': {err}"))?;
-        let pid = child.id().ok_or("the process vanished at once")?;
-        let pid_i = i32::try_from(pid).map_err(|_| "pid out of range")?;
+        let pid_i = spawned.map_err(|err| {
+            format!(
+                "node '{name}': cannot execute {program}: {}",
+                sys::cause(&err)
+            )
+        })?;
+        drop((out, err));
+        let pid = u32::try_from(pid_i).map_err(|_| "pid out of range")?;
         let start_ticks = sys::proc_id(pid_i).map(|p| p.start_ticks).unwrap_or(0);
-        e.generation += 1;
         let generation = e.generation;
+        // Our unreaped child: the pid is still its own.
+        let pidfd = sys::PidFd::open(pid_i)
+            .map_err(|err| format!("node '{name}': cannot watch process {pid}: {err}"))?;
+        let waiter = pidfd.try_clone().ok();
         let events = self.events.clone();
         let node = name.to_owned();
         tokio::spawn(async move {
-            let exit = match child.wait().await {
-                Ok(status) => match (status.code(), status.signal()) {
-                    (Some(c), _) => machine::ExitStatus::Code(c),
-                    (None, Some(s)) => machine::ExitStatus::Signal(s),
-                    (None, None) => machine::ExitStatus::Code(-1),
+            let exit = match &waiter {
+                Some(fd) => match sys::wait_child(fd).await {
+                    Ok(sys::ExitKind::Code(c)) => machine::ExitStatus::Code(c),
+                    Ok(sys::ExitKind::Signal(s)) => machine::ExitStatus::Signal(s),
+                    Err(_) => machine::ExitStatus::Code(-1),
                 },
-                Err(_) => machine::ExitStatus::Code(-1),
+                None => machine::ExitStatus::Code(-1),
             };
             let _ = events.send(Event::Exited {
                 node,
@@ -1440,11 +1541,13 @@ impl Core {
                 exit,
             });
         });
+        let pidfd = Some(pidfd);
         let tcp_port = match &e.spec.readiness {
             model::Readiness::Tcp { port, .. } => Some(*port),
             _ => None,
         };
         let probe = tcp_port.map(|port| self.probe_tcp(name, generation, port));
+        let cgroup = self.contain(name, pid);
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
         e.proc = Some(Proc {
             id: ProcId {
@@ -1459,6 +1562,8 @@ impl Core {
             started_at_ms: epoch_ms(),
             probe,
             child: true,
+            cgroup,
+            pidfd,
         });
         e.spawning = None;
         e.status_text = None;
@@ -1477,6 +1582,21 @@ impl Core {
             e.spawning = Some(token);
         }
         self.save_record(name);
+    }
+
+    /// Moves a freshly spawned node process (and what it forked meanwhile) into the
+    /// node's cgroup; the cgroup, or `None` without containment or when the move
+    /// failed (then the node runs uncontained, as without cgroups).
+    fn contain(&self, name: &str, pid: u32) -> Option<PathBuf> {
+        let cgroups = self.cgroups.as_ref()?;
+        let cg = cgroups.node(name);
+        match cgroups.contain(&cg, pid) {
+            Ok(()) => Some(cg),
+            Err(err) => {
+                warn!(node = %name, pid, "cannot move the node into {}: {err}", cg.display());
+                None
+            }
+        }
     }
 
     fn probe_tcp(&self, name: &str, generation: u64, port: u16) -> tokio::task::AbortHandle {
@@ -1626,8 +1746,14 @@ impl Core {
                 && !live_tokens.contains(&token)
             {
                 debug!(pid, "killing a leftover descendant of a stopped node");
-                let _ = sys::signal_group(pid, Signal::SIGKILL);
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                // Our unreaped child: its pid, and the group it may lead, are its own.
+                if let Ok(id) = sys::proc_id(pid) {
+                    let fd = sys::PidFd::open_id(id).ok();
+                    let _ = sys::signal_led_group(id, fd.as_ref(), Signal::SIGKILL);
+                    if let Some(fd) = fd {
+                        let _ = fd.signal(Signal::SIGKILL);
+                    }
+                }
             }
         }
     }
@@ -1676,6 +1802,9 @@ impl Core {
             }
             let _ = std::fs::remove_file(e.dir.join("record.json"));
             let _ = std::fs::remove_file(Self::notify_path(&e.dir));
+            if let Some(c) = &self.cgroups {
+                remove_cgroup(c.node(name));
+            }
             info!(node = %name, "node removed");
             self.membership_changed = true;
             self.bump(name);
@@ -1704,7 +1833,14 @@ impl Core {
                     (Settled::Done, _) => MgmtResult::ok("", None),
                     (Settled::Removed, _) | (_, None) => MgmtResult::err("", "node was removed"),
                     (Settled::Failed, Some(e)) => {
-                        let (stdout, stderr) = e.logs.outputs(OUTPUT_LINES);
+                        let (stdout, mut stderr) = e.logs.outputs(OUTPUT_LINES);
+                        // An exec error is not in the node's output: the node never ran.
+                        if let Some(err) = &e.last_error {
+                            if !stderr.is_empty() {
+                                stderr.push('\n');
+                            }
+                            stderr.push_str(&format!("drover-agent: {err}"));
+                        }
                         let mut r = MgmtResult::err("", failure_text(e));
                         r.data = Some(ResultData::NodeOutputs(NodeOutputs { stdout, stderr }));
                         r
@@ -1749,6 +1885,15 @@ impl Core {
                 }
             }
         }
+        if let Some(c) = &self.cgroups
+            && self.release_cgroups
+        {
+            // Nodes were stopped (not left to the next agent): remove the subtree.
+            for name in c.node_names() {
+                let _ = cgroup::kill(&c.node(&name));
+            }
+            c.release();
+        }
         if let Some((_, reply)) = self.shutdown.take() {
             let _ = reply.send(());
         }
@@ -1784,6 +1929,7 @@ impl Core {
         s.ready = e.machine.ready_at().is_some();
         s.status_text.clone_from(&e.status_text);
         s.generation = Some(e.deploy_gen);
+        s.last_error.clone_from(&e.last_error);
         if let Some(p) = &e.proc {
             s.pid = u32::try_from(p.id.pid).ok();
             s.started_at_ms = Some(p.started_at_ms);
@@ -1807,10 +1953,12 @@ impl Core {
                 start_ticks: p.id.start_ticks,
                 started_at_ms: p.started_at_ms,
                 token: p.token,
+                cgroup: p.cgroup.clone(),
             }),
             ready: e.machine.ready_at().is_some(),
             restarts: e.restarts(),
             stopped: e.stopped_by_operator,
+            last_error: e.last_error.clone(),
         };
         let path = e.dir.join("record.json");
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialize");
@@ -1843,6 +1991,7 @@ impl Core {
             .map(|(name, r)| {
                 let alive = r
                     .process
+                    .as_ref()
                     .filter(|p| {
                         sys::is_alive(ProcId {
                             pid: p.pid,
@@ -1911,6 +2060,7 @@ impl Core {
             e.deploy_gen = desired.generation;
             if let Some(r) = record {
                 e.restarts_base = r.restarts;
+                e.last_error.clone_from(&r.last_error);
             }
             let adopt = match plan.then {
                 Then::Adopt { pid }
@@ -1927,6 +2077,9 @@ impl Core {
                     Err(err) => {
                         warn!(node = %name, pid, "cannot watch adopted process ({err}); killing it");
                         kill_pid(pid);
+                        if let Some(cg) = r.process.as_ref().and_then(|p| p.cgroup.as_ref()) {
+                            let _ = cgroup::kill(cg);
+                        }
                         adopted = false;
                     }
                 }
@@ -1967,6 +2120,7 @@ impl Core {
             self.save_record(&name);
             self.remove_if_done(&name);
         }
+        self.sweep_stale_cgroups();
     }
 
     /// The records in the state dir, by node name; unreadable ones are skipped.
@@ -1995,6 +2149,32 @@ impl Core {
         out
     }
 
+    /// Kills what runs in node cgroups that no live node process owns: the leftovers
+    /// of nodes whose process ended, or whose record is gone, while no agent ran.
+    /// Removes those of unknown nodes.
+    fn sweep_stale_cgroups(&self) {
+        let Some(c) = &self.cgroups else {
+            return;
+        };
+        for name in c.node_names() {
+            let cg = c.node(&name);
+            let owned = self
+                .nodes
+                .get(&name)
+                .is_some_and(|e| e.proc.as_ref().and_then(|p| p.cgroup.as_ref()) == Some(&cg));
+            if owned {
+                continue;
+            }
+            if cgroup::populated(&cg) {
+                info!(node = %name, "killing what is left in {}", cg.display());
+                let _ = cgroup::kill(&cg);
+            }
+            if !self.nodes.contains_key(&name) {
+                remove_cgroup(cg);
+            }
+        }
+    }
+
     /// Takes over a live process of node `name` (the one its record names, or one of a
     /// spawn the record announced) and watches it for its exit through a pidfd.
     fn adopt(
@@ -2005,22 +2185,26 @@ impl Core {
         generation: u64,
     ) -> std::io::Result<Vec<Action>> {
         let now = self.now();
-        let (id, token, started_at_ms, ready) = match record.process.filter(|p| p.pid == pid) {
-            Some(p) => (
-                ProcId {
-                    pid,
-                    start_ticks: p.start_ticks,
-                },
-                p.token,
-                p.started_at_ms,
-                record.ready,
-            ),
-            None => {
-                let id = sys::proc_id(pid)?;
-                let started = sys::start_time_epoch_ms(id).unwrap_or_else(epoch_ms);
-                (id, record.spawning.unwrap_or(0), started, false)
-            }
-        };
+        let (id, token, started_at_ms, ready, cgroup) =
+            match record.process.as_ref().filter(|p| p.pid == pid) {
+                Some(p) => (
+                    ProcId {
+                        pid,
+                        start_ticks: p.start_ticks,
+                    },
+                    p.token,
+                    p.started_at_ms,
+                    record.ready,
+                    p.cgroup.clone(),
+                ),
+                None => {
+                    let id = sys::proc_id(pid)?;
+                    let started = sys::start_time_epoch_ms(id).unwrap_or_else(epoch_ms);
+                    // An unrecorded spawn may not have been moved into its cgroup yet.
+                    let cgroup = self.contain(name, u32::try_from(pid).unwrap_or(0));
+                    (id, record.spawning.unwrap_or(0), started, false, cgroup)
+                }
+            };
         let fd = sys::PidFd::open_id(id)?;
         let current = self
             .nodes
@@ -2046,6 +2230,8 @@ impl Core {
             started_at_ms,
             probe: None,
             child: false,
+            cgroup,
+            pidfd: sys::PidFd::open_id(id).ok(),
         });
         let events = self.events.clone();
         let node = name.to_owned();
@@ -2104,13 +2290,45 @@ fn find_token_carriers(tokens: &BTreeSet<u64>) -> BTreeMap<u64, Vec<Stray>> {
     out
 }
 
-/// Kills what is left of a node's process group.
+/// Kills what is left of a node: everything in its cgroup, or else its process group.
 fn kill_remains(p: &Proc) {
-    let _ = sys::signal_group(p.id.pid, Signal::SIGKILL);
+    let _ = signal_node(p, Signal::SIGKILL);
+}
+
+/// Sends `sig` to a node: every process in its cgroup, or without one its process
+/// group; never to a bare process group id (see [`sys::signal_led_group`]).
+fn signal_node(p: &Proc, sig: Signal) -> std::io::Result<()> {
+    match &p.cgroup {
+        Some(cg) if sig == Signal::SIGKILL => cgroup::kill(cg),
+        Some(cg) => cgroup::signal(cg, sig).map(|_| ()),
+        None => sys::signal_led_group(p.id, p.pidfd.as_ref(), sig).map(|_| ()),
+    }
+}
+
+/// Kills what is left in a removed node's cgroup and removes it once empty, off the
+/// supervisor task (dying processes take a moment to leave).
+fn remove_cgroup(cg: PathBuf) {
+    let _ = cgroup::kill(&cg);
+    if cgroup::remove(&cg).is_ok() {
+        return;
+    }
+    tokio::spawn(async move {
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if !cgroup::populated(&cg) {
+                if let Err(err) = cgroup::remove(&cg) {
+                    warn!("cannot remove cgroup {}: {err}", cg.display());
+                }
+                return;
+            }
+        }
+        warn!("cgroup {} is still populated; leaving it", cg.display());
+    });
 }
 
 fn failure_text(e: &Entry) -> String {
-    match (e.machine.last_spawn_error(), e.last_exit) {
+    match (e.last_error.as_deref(), e.last_exit) {
         (Some(err), _) => err.to_owned(),
         (None, Some(model::ExitStatus::Code(c))) => format!("node exited with code {c}"),
         (None, Some(model::ExitStatus::Signal(s))) => format!("node was killed by signal {s}"),
@@ -2143,6 +2361,7 @@ mod tests {
             ready: true,
             restarts,
             stopped: false,
+            last_error: None,
         };
         let long = serde_json::to_vec_pretty(&record(1, "a-long-configuration-id")).unwrap();
         let short = serde_json::to_vec_pretty(&record(2, "short")).unwrap();
@@ -2205,6 +2424,7 @@ mod tests {
                 instance: "agent-1".into(),
                 state_dir: dir.path().to_owned(),
                 logs: LogConfig::default(),
+                cgroup: CgroupSetting::None,
             })
             .unwrap();
             assert!(sup.ping(Duration::from_secs(5)).await);

@@ -1,5 +1,6 @@
 //! Linux process plumbing for the agent: reading `/proc`, process identities that
-//! survive PID reuse, pidfds, process-group signalling, orphan reaping and CPU pinning.
+//! survive PID reuse, pidfds, process-group signalling, orphan reaping, CPU pinning and
+//! spawning with clean signals.
 //!
 //! Everything here is Linux-only and assumes the agent runs as root in the PID
 //! namespace whose `/proc` it reads.
@@ -51,6 +52,12 @@
 //! The three calls must run on one thread with no `.await` between them (a task can
 //! move between worker threads at an `.await`), and nothing on that thread may start
 //! threads meanwhile, as those would inherit the pinned mask too.
+//!
+//! The agent spawns its nodes with [`spawn_clean`] rather than `Command`: the same
+//! `posix_spawn`, but with every signal reset to its default disposition (std resets
+//! only SIGPIPE; glibc leaves ignored signals ignored and sets its own two internal
+//! real-time signals to ignored in the child), and it reaps them through pidfds
+//! ([`wait_child`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
@@ -340,6 +347,11 @@ impl PidFd {
         Ok(())
     }
 
+    /// A second descriptor for the same process.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self(self.0.try_clone()?))
+    }
+
     /// Sends `sig` to the process (`pidfd_send_signal(2)`). Unlike `kill(pid)`, this
     /// can never reach another process that later got the same pid. Fails with `ESRCH`
     /// once the process has been reaped; succeeds on a zombie.
@@ -360,6 +372,374 @@ impl PidFd {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+impl PidFd {
+    /// Sends `sig` to the process group of this process
+    /// (`pidfd_send_signal(PIDFD_SIGNAL_PROCESS_GROUP)`, Linux 6.9+): unlike `killpg`,
+    /// it cannot reach a group whose id was freed and reused. Fails with `ESRCH` once
+    /// the process has been reaped and with `EINVAL` on older kernels.
+    pub fn signal_group(&self, sig: Signal) -> io::Result<()> {
+        /// `PIDFD_SIGNAL_PROCESS_GROUP` of `<linux/pidfd.h>`.
+        const PROCESS_GROUP: libc::c_uint = 1 << 2;
+        // SAFETY: as in `signal`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                sig as libc::c_int,
+                std::ptr::null::<libc::siginfo_t>(),
+                PROCESS_GROUP,
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Signals the process group led by `leader` without ever aiming at a group id that
+/// may have been reused: through the leader's pidfd (Linux 6.9+); else with `killpg`
+/// while the leader still holds its pid (alive or an unreaped zombie, checked by start
+/// time); else, the leader being gone, each remaining member found in `/proc`, through
+/// a pidfd, checked after the open to still be in the group. Returns whether any
+/// process was signalled.
+pub fn signal_led_group(leader: ProcId, pidfd: Option<&PidFd>, sig: Signal) -> io::Result<bool> {
+    check_pgid(leader.pid)?;
+    if let Some(fd) = pidfd {
+        match fd.signal_group(sig) {
+            Ok(()) => return Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return signal_members(leader, sig),
+            Err(_) => {}
+        }
+    }
+    if proc_stat(leader.pid).is_ok_and(|s| s.starttime_ticks == leader.start_ticks) {
+        return signal_group(leader.pid, sig);
+    }
+    signal_members(leader, sig)
+}
+
+/// The members of the group `leader` led, leader gone: each through a pidfd. Only
+/// processes started after the leader count, as the group's members must have.
+fn signal_members(leader: ProcId, sig: Signal) -> io::Result<bool> {
+    let mut any = false;
+    for s in scan_procs() {
+        if s.pgrp != leader.pid || s.starttime_ticks < leader.start_ticks || is_dead_state(s.state)
+        {
+            continue;
+        }
+        let Ok(fd) = PidFd::open(s.pid) else {
+            continue;
+        };
+        if proc_stat(s.pid)
+            .is_ok_and(|now| now.starttime_ticks == s.starttime_ticks && now.pgrp == leader.pid)
+            && fd.signal(sig).is_ok()
+        {
+            any = true;
+        }
+    }
+    Ok(any)
+}
+
+/// Makes every signal this process inherited as ignored (`SIG_IGN`, e.g. SIGHUP under
+/// `nohup`) handled by a handler that does nothing instead: the agent still ignores
+/// it, but `exec` resets a handled signal to its default in the nodes, where an
+/// ignored one would stay ignored. Returns the signals changed. SIGKILL and SIGSTOP
+/// cannot be ignored; the real-time signals glibc keeps for itself are skipped.
+pub fn unignore_inherited_signals() -> Vec<i32> {
+    extern "C" fn nothing(_: libc::c_int) {}
+    let mut changed = Vec::new();
+    for sig in 1..=libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: sigaction_t is plain old data; all-zero is a valid value.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: a null new action only reads the current one into `old`.
+        if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
+            // glibc keeps two real-time signals for itself and refuses them here.
+            if reset_reserved_signal(sig) {
+                changed.push(sig);
+            }
+            continue;
+        }
+        if old.sa_sigaction != libc::SIG_IGN {
+            continue;
+        }
+        // SAFETY: as above.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = nothing as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        act.sa_flags = libc::SA_RESTART;
+        // SAFETY: `act` is a valid action whose handler is async-signal-safe (it does
+        // nothing); the mask is empty from zeroing.
+        if unsafe { libc::sigaction(sig, &act, std::ptr::null_mut()) } == 0 {
+            changed.push(sig);
+        }
+    }
+    changed
+}
+
+/// For a signal glibc keeps for itself (its `SIGCANCEL` and `SIGSETXID`, which it
+/// gives handlers of its own when it needs them), inherited as ignored: sets it to its
+/// default with the raw system call. True if it was changed.
+fn reset_reserved_signal(sig: libc::c_int) -> bool {
+    /// The kernel's `struct sigaction` (x86_64, aarch64).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: libc::c_ulong,
+        flags: libc::c_ulong,
+        restorer: libc::c_ulong,
+        mask: u64,
+    }
+    let mut old = KernelSigaction {
+        handler: 0,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: a null new action only reads the current one into `old`, a valid
+    // kernel sigaction; the last argument is the size of its mask.
+    let read = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            std::ptr::null::<KernelSigaction>(),
+            &mut old,
+            8usize,
+        )
+    };
+    if read != 0 || old.handler != libc::SIG_IGN as libc::c_ulong {
+        return false;
+    }
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL as libc::c_ulong,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: SIG_DFL needs no handler or restorer; the structure is valid.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            &dfl,
+            std::ptr::null_mut::<KernelSigaction>(),
+            8usize,
+        ) == 0
+    }
+}
+
+/// What [`spawn_clean`] starts.
+#[derive(Debug)]
+pub struct SpawnSpec<'a> {
+    /// The program: a path, or a name looked up in `path` (the node's `PATH`).
+    pub program: &'a str,
+    /// The arguments after the program.
+    pub args: &'a [String],
+    /// The whole environment, as `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// The directories a program name is looked up in.
+    pub path: &'a str,
+    /// The working directory.
+    pub cwd: &'a std::path::Path,
+    /// What becomes the child's stdout and stderr (stdin is `/dev/null`).
+    pub stdout: BorrowedFd<'a>,
+    /// See `stdout`.
+    pub stderr: BorrowedFd<'a>,
+}
+
+/// A program name looked up in `path` as `execvp` would: the first directory holding
+/// an executable file of that name; a name with a `/` is used as it is.
+fn resolve_program(program: &str, path: &str) -> io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return Ok(std::path::PathBuf::from(program));
+    }
+    let mut found_any = None;
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = std::path::Path::new(dir).join(program);
+        if let Ok(meta) = fs::metadata(&candidate)
+            && meta.is_file()
+        {
+            if meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+            found_any.get_or_insert(candidate);
+        }
+    }
+    // A file that is there but not executable reports EACCES on exec, as execvp.
+    found_any.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+}
+
+/// Spawns a child with `posix_spawn` (`CLONE_VM | CLONE_VFORK`: no copy of the
+/// agent's page tables) in a process group of its own, with an empty signal mask and
+/// EVERY signal at its default disposition: glibc's `posix_spawn` would otherwise
+/// leave ignored what the agent ignores and set its two internal real-time signals to
+/// ignored, and std's `Command` resets only SIGPIPE. Returns the child's pid; exec
+/// errors (`ENOENT`, `EACCES`, `ENOEXEC`, ...) are the error. The child inherits the
+/// calling thread's CPU affinity. Reap it with [`wait_child`].
+pub fn spawn_clean(spec: &SpawnSpec<'_>) -> io::Result<i32> {
+    use std::ffi::CString;
+    let nul = |s: &str| {
+        CString::new(s).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{s:?} contains a NUL byte"),
+            )
+        })
+    };
+    let program = resolve_program(spec.program, spec.path)?;
+    let program = CString::new(program.into_os_string().into_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "program contains a NUL byte"))?;
+    let argv: Vec<CString> = std::iter::once(nul(spec.program))
+        .chain(spec.args.iter().map(|a| nul(a)))
+        .collect::<io::Result<_>>()?;
+    let envp: Vec<CString> = spec.env.iter().map(|e| nul(e)).collect::<io::Result<_>>()?;
+    let cwd = CString::new(spec.cwd.as_os_str().as_encoded_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "working directory contains a NUL byte",
+        )
+    })?;
+    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|c| c.as_ptr().cast_mut()).collect();
+    argv_p.push(std::ptr::null_mut());
+    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|c| c.as_ptr().cast_mut()).collect();
+    envp_p.push(std::ptr::null_mut());
+    let check = |ret: libc::c_int| {
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(ret))
+        }
+    };
+    // SAFETY: the attribute and file-action objects are initialised before use and
+    // destroyed on every path by the guards; every pointer passed points into the
+    // CStrings and vectors above, which outlive the posix_spawn call.
+    unsafe {
+        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        check(libc::posix_spawn_file_actions_init(&mut actions))?;
+        let actions = Guard(&mut actions, |a| {
+            libc::posix_spawn_file_actions_destroy(a);
+        });
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        check(libc::posix_spawnattr_init(&mut attr))?;
+        let attr = Guard(&mut attr, |a| {
+            libc::posix_spawnattr_destroy(a);
+        });
+        check(libc::posix_spawn_file_actions_addopen(
+            actions.0,
+            0,
+            c"/dev/null".as_ptr(),
+            libc::O_RDONLY,
+            0,
+        ))?;
+        check(libc::posix_spawn_file_actions_adddup2(
+            actions.0,
+            spec.stdout.as_raw_fd(),
+            1,
+        ))?;
+        check(libc::posix_spawn_file_actions_adddup2(
+            actions.0,
+            spec.stderr.as_raw_fd(),
+            2,
+        ))?;
+        check(libc::posix_spawn_file_actions_addchdir_np(
+            actions.0,
+            cwd.as_ptr(),
+        ))?;
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        // Every bit, also those of glibc's internal signals, which sigfillset leaves
+        // out: set in the raw mask.
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        std::ptr::write_bytes(
+            (&raw mut all).cast::<u8>(),
+            0xff,
+            size_of::<libc::sigset_t>(),
+        );
+        check(libc::posix_spawnattr_setsigmask(attr.0, &empty))?;
+        check(libc::posix_spawnattr_setsigdefault(attr.0, &all))?;
+        check(libc::posix_spawnattr_setpgroup(attr.0, 0))?;
+        let flags = libc::POSIX_SPAWN_SETPGROUP
+            | libc::POSIX_SPAWN_SETSIGMASK
+            | libc::POSIX_SPAWN_SETSIGDEF;
+        check(libc::posix_spawnattr_setflags(
+            attr.0,
+            libc::c_short::try_from(flags).unwrap_or_default(),
+        ))?;
+        let mut pid: libc::pid_t = 0;
+        check(libc::posix_spawn(
+            &mut pid,
+            program.as_ptr(),
+            actions.0,
+            attr.0,
+            argv_p.as_ptr(),
+            envp_p.as_ptr(),
+        ))?;
+        Ok(pid)
+    }
+}
+
+/// Runs `drop` on the pointer when it goes out of scope.
+struct Guard<T>(*mut T, unsafe fn(*mut T));
+
+impl<T> Drop for Guard<T> {
+    fn drop(&mut self) {
+        // SAFETY: the guard was made right after the object's successful init.
+        unsafe { (self.1)(self.0) }
+    }
+}
+
+/// Waits for the child behind `fd` (spawned by this process) to exit and reaps it.
+/// Cancel-safe until the exit; then the status is collected at once.
+pub async fn wait_child(fd: &PidFd) -> io::Result<ExitKind> {
+    loop {
+        fd.exited().await?;
+        let id = libc::id_t::try_from(fd.as_raw_fd()).map_err(io::Error::other)?;
+        if let Some(kind) = wait_exited(libc::P_PIDFD, id) {
+            return Ok(kind);
+        }
+        // Readable but not collectable: someone else reaped it.
+        if !fd_is_child(fd) {
+            return Err(io::Error::other("the child was reaped elsewhere"));
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// True while waitid still knows the child (it has not been reaped).
+fn fd_is_child(fd: &PidFd) -> bool {
+    // SAFETY: siginfo_t is plain old data.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let Ok(id) = libc::id_t::try_from(fd.as_raw_fd()) else {
+        return false;
+    };
+    // SAFETY: `info` is valid and writable; WNOWAIT leaves the child waitable.
+    unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            id,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        ) == 0
+    }
+}
+
+/// The cause of an OS error as a lower-case phrase without the error number
+/// ("no such file or directory"), for messages that name their subject first.
+pub fn cause(err: &io::Error) -> String {
+    match err.raw_os_error() {
+        Some(n) => {
+            let desc = Errno::from_raw(n).desc();
+            let mut c = desc.chars();
+            match c.next() {
+                Some(f) => f.to_lowercase().chain(c).collect(),
+                None => err.to_string(),
+            }
+        }
+        None => err.to_string(),
     }
 }
 
@@ -1111,5 +1491,169 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// A mask line (`SigIgn:` etc.) of `/proc/<pid>/status`.
+    fn sig_mask(pid: i32, field: &str) -> u64 {
+        let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = s.lines().find_map(|l| l.strip_prefix(field)).unwrap();
+        u64::from_str_radix(line.trim(), 16).unwrap()
+    }
+
+    fn spec<'a>(
+        program: &'a str,
+        args: &'a [String],
+        cwd: &'a std::path::Path,
+        out: &'a fs::File,
+    ) -> SpawnSpec<'a> {
+        SpawnSpec {
+            program,
+            args,
+            env: vec!["A=b".to_owned()],
+            path: "/nonexistent:/usr/bin:/bin",
+            cwd,
+            stdout: out.as_fd(),
+            stderr: out.as_fd(),
+        }
+    }
+
+    #[test]
+    fn spawn_clean_starts_with_default_signals_and_an_empty_mask() {
+        let _g = shared();
+        std::thread::spawn(|| {
+            use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, pthread_sigmask, signal};
+            let dir = tempfile::tempdir().unwrap();
+            let out = fs::File::create(dir.path().join("out")).unwrap();
+            // What the agent may inherit: SIGHUP ignored (nohup), SIGUSR2 blocked.
+            // SAFETY: setting SIG_IGN installs no handler.
+            unsafe { signal(Signal::SIGHUP, SigHandler::SigIgn) }.unwrap();
+            let mut block = SigSet::empty();
+            block.add(Signal::SIGUSR2);
+            pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&block), None).unwrap();
+            assert!(unignore_inherited_signals().contains(&libc::SIGHUP));
+            assert!(
+                !unignore_inherited_signals().contains(&libc::SIGHUP),
+                "once"
+            );
+            let args = vec!["1000".to_owned()];
+            let pid = spawn_clean(&spec("sleep", &args, dir.path(), &out)).unwrap();
+            let fd = KillOnDrop(PidFd::open(pid).unwrap());
+            wait_until("exec", || proc_stat(pid).is_ok_and(|s| s.comm == "sleep"));
+            assert_eq!(sig_mask(pid, "SigIgn:"), 0, "nothing ignored");
+            assert_eq!(sig_mask(pid, "SigBlk:"), 0, "nothing blocked");
+            let s = proc_stat(pid).unwrap();
+            assert_eq!(s.pgrp, pid, "a process group of its own");
+            assert_eq!(s.ppid, me());
+            assert_eq!(
+                fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+                dir.path().canonicalize().unwrap()
+            );
+            let env = fs::read(format!("/proc/{pid}/environ")).unwrap();
+            assert_eq!(env, b"A=b\0", "exactly the environment given");
+            fd.0.signal(Signal::SIGHUP).unwrap();
+            let exit = block_on(async { tokio::time::timeout(DEADLINE, wait_child(&fd.0)).await });
+            assert_eq!(exit.unwrap().unwrap(), ExitKind::Signal(libc::SIGHUP));
+            pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&block), None).unwrap();
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn spawn_clean_reports_exec_errors() {
+        use std::os::unix::fs::PermissionsExt;
+        let _g = shared();
+        let dir = tempfile::tempdir().unwrap();
+        let out = fs::File::create(dir.path().join("out")).unwrap();
+        let plain = dir.path().join("plain");
+        fs::write(&plain, "#!/bin/sh\n").unwrap();
+        let garbage = dir.path().join("garbage");
+        fs::write(&garbage, [0x7f, b'E', b'L', b'F', 9, 9, 9]).unwrap();
+        fs::set_permissions(&garbage, fs::Permissions::from_mode(0o755)).unwrap();
+        let cases = [
+            (
+                "/nonexistent/prog",
+                libc::ENOENT,
+                "no such file or directory",
+            ),
+            (
+                "no-such-program-anywhere",
+                libc::ENOENT,
+                "no such file or directory",
+            ),
+            (plain.to_str().unwrap(), libc::EACCES, "permission denied"),
+            (
+                garbage.to_str().unwrap(),
+                libc::ENOEXEC,
+                "exec format error",
+            ),
+        ];
+        for (program, errno, text) in cases {
+            let err = spawn_clean(&spec(program, &[], dir.path(), &out)).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(errno), "{program}: {err}");
+            assert_eq!(cause(&err), text);
+        }
+        let missing_dir = dir.path().join("gone");
+        let err = spawn_clean(&spec("/bin/true", &[], &missing_dir, &out)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        let nul = vec!["a\0b".to_owned()];
+        let err = spawn_clean(&spec("/bin/true", &nul, dir.path(), &out)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(cause(&io::Error::other("plain text")), "plain text");
+    }
+
+    #[test]
+    fn signal_led_group_reaches_members_after_the_leader_is_gone() {
+        let _g = shared();
+        let dir = tempfile::tempdir().unwrap();
+        let out = fs::File::create(dir.path().join("out")).unwrap();
+        let pidfile = dir.path().join("pid");
+        // The leader starts a sleep in its group, writes its pid, and exits.
+        let args = vec![
+            "-c".to_owned(),
+            format!(
+                "sleep 1000 & echo $! > {}.t; mv {0}.t {0}",
+                pidfile.display()
+            ),
+        ];
+        let leader = spawn_clean(&spec("/bin/sh", &args, dir.path(), &out)).unwrap();
+        let id = proc_id(leader).unwrap();
+        let fd = PidFd::open(leader).unwrap();
+        let member: i32 = {
+            let mut pid = None;
+            wait_until("member pid", || {
+                pid = fs::read_to_string(&pidfile)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok());
+                pid.is_some()
+            });
+            pid.unwrap()
+        };
+        let _kill = KillOnDrop(PidFd::open(member).unwrap());
+        let exit = block_on(async { tokio::time::timeout(DEADLINE, wait_child(&fd)).await });
+        assert_eq!(exit.unwrap().unwrap(), ExitKind::Code(0));
+        assert_eq!(
+            proc_stat(member).unwrap().pgrp,
+            leader,
+            "still in the group"
+        );
+        // Reaped leader: its pidfd cannot reach the group; the scan does.
+        assert!(signal_led_group(id, Some(&fd), Signal::SIGKILL).unwrap());
+        assert_eq!(reap_these(&[member]), vec![ExitKind::Signal(libc::SIGKILL)]);
+        assert!(
+            !signal_led_group(id, Some(&fd), Signal::SIGKILL).unwrap(),
+            "none left"
+        );
+        assert!(
+            signal_led_group(
+                ProcId {
+                    pid: 1,
+                    start_ticks: 0
+                },
+                None,
+                Signal::SIGCONT
+            )
+            .is_err()
+        );
     }
 }

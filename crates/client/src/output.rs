@@ -259,6 +259,10 @@ pub fn get_nodes(reply: &ClientResponse) -> (Value, bool) {
             if let Some(p) = s.metrics_port {
                 v.insert("metrics_port".into(), json!(p));
             }
+            // Not in zeek-client's shape: only there when a start failed.
+            if let Some(e) = &s.last_error {
+                v.insert("last_error".into(), json!(e));
+            }
             nodes.insert(s.node.clone(), Value::Object(v));
         }
         res.insert(r.instance.clone().unwrap_or_default(), Value::Object(nodes));

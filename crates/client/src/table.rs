@@ -148,7 +148,12 @@ pub fn nodes(results: &[&MgmtResult]) -> (String, bool) {
                     MgmtRole::Agent => generation(s.generation, desired),
                     _ => generation(s.generation, None),
                 }),
-                Cell::new(s.status_text.as_deref().unwrap_or("")),
+                // Why the last start failed says more than the node's own status.
+                Cell::new(match (&s.last_error, &s.status_text) {
+                    (Some(e), _) => format!("error: {e}"),
+                    (None, Some(t)) => t.clone(),
+                    (None, None) => String::new(),
+                }),
             ]);
         }
     }
