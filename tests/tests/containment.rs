@@ -73,7 +73,7 @@ fn connect(c: &Cluster, addr: SocketAddr) {
 
 fn deploy(c: &Cluster, addr: SocketAddr, body: &str) -> (Option<i32>, Value) {
     let text = format!(
-        "[defaults]\nbackoff = {{ initial = \"0s\" }}\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[instances.agent-1]\n{body}"
+        "[defaults]\nbackoff = {{ initial = \"10ms\" }}\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[instances.agent-1]\n{body}"
     );
     let path = c.dir.path().join(format!("cluster-{}.toml", text.len()));
     std::fs::write(&path, text).unwrap();
@@ -154,6 +154,11 @@ fn stop_kills_grandchild(restart_agent: bool) {
         agent.kill();
         agent = c.start_agent("agent-1", addr);
         agent.wait_log("adopted running node");
+        // The new connection, not the dead agent's, which the controller still holds
+        // until it finds it silent (both agents log to the same file).
+        eventually("the new agent connected", PATIENCE, || {
+            (agent.log_text().matches("connected to controller").count() >= 2).then_some(())
+        });
         connect(&c, addr);
         assert!(alive(grandchild), "the agent's death left it alone");
     }
@@ -218,7 +223,7 @@ fn a_cgroup_root_outside_cgroup2_is_refused() {
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
     let dir = c.dir.path().join("not-a-cgroup");
-    let agent = c.start_agent_args(
+    let mut agent = c.start_agent_args(
         "agent-1",
         "agent-1",
         &[
@@ -228,7 +233,12 @@ fn a_cgroup_root_outside_cgroup2_is_refused() {
             dir.to_str().unwrap(),
         ],
     );
-    let log = agent.wait_log("cannot start the supervisor");
+    let status = agent.wait_exit(PATIENCE);
+    assert!(
+        !status.success(),
+        "the agent must not run without its cgroup"
+    );
+    let log = agent.log_text();
     assert!(log.contains("is not in a cgroup v2 hierarchy"), "{log}");
 }
 
@@ -319,12 +329,6 @@ fn exec_errors_reach_the_deploy_reply_and_get_nodes() {
             "",
             "exec format error",
         ),
-        (
-            "badcpu",
-            prog.display().to_string(),
-            "cpu_affinity = 1000\n",
-            "invalid argument",
-        ),
     ];
     let mut body = String::new();
     for (name, program, extra, _) in &cases {
@@ -355,6 +359,25 @@ fn exec_errors_reach_the_deploy_reply_and_get_nodes() {
             .contains("error: node 'missing': cannot execute"),
         "{}",
         table.stdout
+    );
+    // A CPU the host lacks is refused before anything runs: the agent reports its CPUs.
+    let (code, v) = deploy(
+        &c,
+        addr,
+        &format!(
+            "[nodes.badcpu]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\ncpu_affinity = 1000\n",
+            prog.display()
+        ),
+    );
+    assert_eq!(code, Some(1), "{v}");
+    assert!(
+        v.to_string().contains("pinned to CPU 1000"),
+        "the refusal names the CPU: {v}"
+    );
+    assert_eq!(
+        node_status(&c, addr, "missing")["state"],
+        "FAILED",
+        "nothing changed"
     );
 }
 

@@ -136,17 +136,22 @@ impl Cgroups {
         let me = std::process::id();
         write_pid(&this.agent, me)
             .map_err(|e| format!("cannot move the agent into {}: {e}", this.agent.display()))?;
-        // A node process here was spawned by a previous agent process that died before
-        // it moved it out and recorded it: no record names it, so it is killed. Only
-        // node processes (they carry a spawn token), never, say, another agent given
-        // the same --cgroup-root by mistake.
-        let strays: Vec<(u32, PidFd)> = procs(&this.agent)
+        Ok(Some(this))
+    }
+
+    /// Kills node processes (they carry a spawn token) still in the agent's own leaf: a
+    /// previous agent process spawned them and died before it moved them out, and
+    /// recovery adopted none of them (an adopted one is moved into its node's cgroup).
+    /// Never other processes, say another agent given the same --cgroup-root by mistake.
+    pub fn kill_strays(&self) {
+        let me = std::process::id();
+        let strays: Vec<(u32, PidFd)> = procs(&self.agent)
             .unwrap_or_default()
             .into_iter()
             .filter(|&p| p != me && has_spawn_token(p))
             .filter_map(|p| Some((p, PidFd::open(i32::try_from(p).ok()?).ok()?)))
             .collect();
-        let still = procs(&this.agent).unwrap_or_default();
+        let still = procs(&self.agent).unwrap_or_default();
         for (pid, fd) in strays {
             if still.contains(&pid) {
                 tracing::warn!(
@@ -156,7 +161,6 @@ impl Cgroups {
                 let _ = fd.signal(Signal::SIGKILL);
             }
         }
-        Ok(Some(this))
     }
 
     /// The subtree's directory.

@@ -2156,6 +2156,7 @@ impl Core {
         let Some(c) = &self.cgroups else {
             return;
         };
+        c.kill_strays();
         for name in c.node_names() {
             let cg = c.node(&name);
             let owned = self
