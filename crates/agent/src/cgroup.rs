@@ -526,8 +526,8 @@ mod tests {
             }
         };
         assert_eq!(procs(&c.agent).unwrap(), vec![std::process::id()]);
-        // A node process left in the agent's leaf by a previous agent is killed when the
-        // subtree is set up again; another process is not.
+        // A node process left in the agent's leaf by a previous agent is killed once
+        // recovery is done with the leaf; another process is not.
         let mut left = Command::new("/bin/sleep")
             .arg("1000")
             .env("DROVER_NODE_TOKEN", "7")
@@ -541,6 +541,7 @@ mod tests {
         });
         let again = Cgroups::setup(&CgroupSetting::Path(root.clone()), "t", Path::new("/"));
         assert!(matches!(again, Ok(Some(_))), "{again:?}");
+        c.kill_strays();
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&left.wait().unwrap()),
             Some(libc::SIGKILL)
