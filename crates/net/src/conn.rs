@@ -21,7 +21,7 @@ use drover_proto::msg::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::frame::{read_frame, write_frame};
+use crate::frame::{FrameBudget, read_frame, read_frame_in, write_frame};
 use crate::tls::{Credentials, Identity, peer_identity};
 use crate::{NetError, humanize};
 
@@ -61,10 +61,41 @@ impl TransportSettings {
         t.keep_alive_interval(Some(self.keep_alive));
         t.max_concurrent_bidi_streams(self.max_streams.into());
         t.max_concurrent_uni_streams(0u32.into());
+        // What a peer may send that this side has not read yet, over all streams: quinn's
+        // default is unlimited, and a stream waiting for frame budget is not read.
+        t.receive_window(RECEIVE_WINDOW.into());
         let mut ack = quinn::AckFrequencyConfig::default();
         ack.ack_eliciting_threshold(7u32.into());
         t.ack_frequency_config(Some(ack));
         Ok(t)
+    }
+}
+
+/// Bytes a peer may have sent on a connection that this side has not read yet.
+pub const RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// Streams a peer opened that [`serve_answers`] serves right now, in this process.
+static SERVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Streams that peers opened and this process is serving right now (streamed answers
+/// included, until they end).
+pub fn served_streams() -> usize {
+    SERVED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Counts one served stream while it lives.
+struct Serving;
+
+impl Serving {
+    fn new() -> Self {
+        SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        SERVED.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -549,6 +580,7 @@ pub enum Answer<R> {
 /// `settings.request_read_timeout`, so a stream opened and never written frees itself),
 /// run `handler`, write its reply. A frame that cannot be decoded is answered with a
 /// `bad_request` error on that stream; the connection and the process are unaffected.
+/// Request frames take their memory from one [`FrameBudget::connection`] per connection.
 pub async fn serve<Req, Resp, F, Fut>(
     conn: quinn::Connection,
     settings: TransportSettings,
@@ -579,16 +611,19 @@ where
     F: Fn(Request<Req>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Answer<Resp>, WireError>> + Send + 'static,
 {
+    let budget = FrameBudget::connection();
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(e) => return e,
         };
         let handler = handler.clone();
+        let budget = budget.clone();
         tokio::spawn(async move {
+            let _serving = Serving::new();
             let read = tokio::time::timeout(
                 settings.request_read_timeout,
-                read_frame::<Request<Req>>(&mut recv, MAX_FRAME_LEN),
+                read_frame_in::<Request<Req>>(&mut recv, MAX_FRAME_LEN, &budget),
             )
             .await;
             let (id, answer) = match read {
