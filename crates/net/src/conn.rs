@@ -664,10 +664,13 @@ where
                         let _ = send.finish();
                         return;
                     };
-                    let bytes = crate::frame::encode(&Reply {
-                        id: id.clone(),
-                        result: Ok::<_, WireError>(item),
-                    });
+                    let bytes = fit_frame(
+                        crate::frame::encode(&Reply {
+                            id: id.clone(),
+                            result: Ok::<_, WireError>(item),
+                        }),
+                        &id,
+                    );
                     if send.write_all(&bytes).await.is_err() {
                         return;
                     }
@@ -680,7 +683,8 @@ where
                             Answer::Stream(_) => unreachable!("matched above"),
                         }),
                     };
-                    let bytes = crate::frame::encode(&reply);
+                    let id = reply.id.clone();
+                    let bytes = fit_frame(crate::frame::encode(&reply), &id);
                     drop(reply);
                     if send.write_all(&bytes).await.is_ok() {
                         let _ = send.finish();
@@ -689,6 +693,23 @@ where
             }
         });
     }
+}
+
+/// An encoded reply frame, or, when it exceeds [`MAX_FRAME_LEN`] (which the peer would
+/// refuse), an error reply that says so.
+fn fit_frame(bytes: Vec<u8>, id: &str) -> Vec<u8> {
+    let len = bytes.len() - crate::frame::HEADER_LEN;
+    if len <= MAX_FRAME_LEN {
+        return bytes;
+    }
+    tracing::warn!("a reply of {len} bytes exceeds the frame limit; answering an error");
+    crate::frame::encode(&Reply::<()> {
+        id: id.to_owned(),
+        result: Err(WireError::new(
+            ErrorCode::Internal,
+            format!("reply of {len} bytes exceeds the frame limit of {MAX_FRAME_LEN} bytes"),
+        )),
+    })
 }
 
 /// The replies of a streamed request; dropping it tells the peer to stop.
