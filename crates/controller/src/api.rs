@@ -182,7 +182,14 @@ fn logs(
         };
         let result = async {
             let mut replies = conn::call_stream(&conn, &req, timeout).await?;
-            while let Some(reply) = replies.next::<AgentResponse>().await? {
+            loop {
+                // A quiet node sends nothing that would fail on a client that left: watch
+                // for it too, so that the agent's stream is let go at once.
+                let reply = tokio::select! {
+                    reply = replies.next::<AgentResponse>() => reply?,
+                    () = tx.closed() => break,
+                };
+                let Some(reply) = reply else { break };
                 if let AgentResponse::Log(chunk) = reply {
                     let r = MgmtResult::ok(&id, Some(ResultData::Log(chunk)))
                         .on_instance(&instance)
@@ -226,7 +233,11 @@ fn monitor(shared: &Shared, logs: bool) -> Answer<ClientResponse> {
     }
     tokio::spawn(async move {
         loop {
-            let record = match events.recv().await {
+            let received = tokio::select! {
+                r = events.recv() => r,
+                () = tx.closed() => return,
+            };
+            let record = match received {
                 Ok(r) => r,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => EventRecord {
                     at_ms: 0,
@@ -256,10 +267,23 @@ async fn follow_into_events(
         follow: true,
         stream: None,
     };
-    let Ok(mut replies) = conn::call_stream(&conn, &req, timeout).await else {
+    let replies = tokio::select! {
+        r = conn::call_stream(&conn, &req, timeout) => r,
+        () = tx.closed() => return,
+    };
+    let Ok(mut replies) = replies else {
         return;
     };
-    while let Ok(Some(AgentResponse::Log(chunk))) = replies.next::<AgentResponse>().await {
+    loop {
+        // The subscriber may leave while the node is quiet: then let the agent's stream
+        // go at once rather than at the node's next line.
+        let reply = tokio::select! {
+            r = replies.next::<AgentResponse>() => r,
+            () = tx.closed() => return,
+        };
+        let Ok(Some(AgentResponse::Log(chunk))) = reply else {
+            return;
+        };
         if chunk.lines.is_empty() {
             continue;
         }
