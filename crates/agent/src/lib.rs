@@ -527,9 +527,18 @@ async fn report_status(conn: quinn::Connection, supervisor: Supervisor, name: St
 /// How often a followed log file is checked for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
+/// Most lines in one log reply.
+const LOG_BATCH_LINES: usize = 512;
+
+/// Most bytes (as JSON) of the lines in one log reply: far below the frame limit, with
+/// room for the envelopes the controller wraps around them.
+pub const LOG_BATCH_BYTES: usize = 1024 * 1024;
+
 /// The last `lines` lines of the node's streams, then (with `follow`) new lines in
 /// batches until the receiver is dropped. Followers start before the tails are read, so
-/// no line falls between the two; a line written in that instant may come twice.
+/// no line falls between the two; a line written in that instant may come twice. Every
+/// reply holds at most [`LOG_BATCH_LINES`] lines and [`LOG_BATCH_BYTES`] bytes plus one
+/// line (a line is at most [`logs::MAX_LINE_BYTES`]), so it always fits in a frame.
 fn stream_logs(
     logs: logs::NodeLogs,
     lines: usize,
@@ -562,23 +571,37 @@ fn stream_logs(
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_default();
-            let chunk = LogChunk {
-                stream: *s,
-                lines: tail,
-            };
-            if tx.send(AgentResponse::Log(chunk)).await.is_err() {
-                return;
+            // An empty tail still answers, so that the client sees the stream.
+            for batch in log_batches(tail) {
+                let chunk = LogChunk {
+                    stream: *s,
+                    lines: batch,
+                };
+                if tx.send(AgentResponse::Log(chunk)).await.is_err() {
+                    return;
+                }
             }
         }
         let mut tasks = tokio::task::JoinSet::new();
         for (stream, mut rx) in followers {
             let tx = tx.clone();
             tasks.spawn(async move {
-                while let Some(first) = rx.recv().await {
+                loop {
+                    // On a quiet node no line comes to fail a send: watch the reply
+                    // stream's end as well, so that an abandoned follow lets go at once.
+                    let first = tokio::select! {
+                        line = rx.recv() => line,
+                        () = tx.closed() => None,
+                    };
+                    let Some(first) = first else { return };
+                    let mut bytes = json_str_len(&first);
                     let mut lines = vec![first];
-                    while lines.len() < 512 {
+                    while lines.len() < LOG_BATCH_LINES && bytes < LOG_BATCH_BYTES {
                         match rx.try_recv() {
-                            Ok(l) => lines.push(l),
+                            Ok(l) => {
+                                bytes += json_str_len(&l);
+                                lines.push(l);
+                            }
                             Err(_) => break,
                         }
                     }
@@ -593,6 +616,38 @@ fn stream_logs(
         while tasks.join_next().await.is_some() {}
     });
     rx
+}
+
+/// Splits lines into batches of at most [`LOG_BATCH_LINES`] lines and about
+/// [`LOG_BATCH_BYTES`] bytes as JSON (a batch ends after the line that reached it); no
+/// lines make one empty batch.
+fn log_batches(lines: Vec<String>) -> Vec<Vec<String>> {
+    let mut batches = vec![Vec::new()];
+    let mut bytes = 0;
+    for line in lines {
+        let full = batches
+            .last()
+            .is_some_and(|b| b.len() >= LOG_BATCH_LINES || bytes >= LOG_BATCH_BYTES);
+        if full {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += json_str_len(&line);
+        batches.last_mut().expect("never empty").push(line);
+    }
+    batches
+}
+
+/// The length of a string as a JSON string with its comma (escapes included).
+fn json_str_len(s: &str) -> usize {
+    3 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
 }
 
 /// A status report waits for this long without a change, for the rest of the change
@@ -656,6 +711,12 @@ async fn render_metrics(sup: &Supervisor) -> String {
         "Resident memory per node.",
         &rss,
     );
+    drover_metrics::gauge(
+        &mut out,
+        "drover_agent_streams_served",
+        "Streams the controller opened that the agent is serving (log follows included).",
+        &[(String::new(), conn::served_streams() as f64)],
+    );
     let me = own_status("self");
     drover_metrics::gauge(
         &mut out,
@@ -714,7 +775,54 @@ pub fn software() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::split_host;
+    use super::{LOG_BATCH_BYTES, LOG_BATCH_LINES, json_str_len, log_batches, split_host};
+    use drover_proto::model::{LogChunk, LogStream};
+    use drover_proto::msg::{AgentResponse, MAX_FRAME_LEN};
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn json_str_len_is_the_encoded_length(s in "\\PC{0,40}|[\\x00-\\x7f]{0,40}") {
+            prop_assert_eq!(json_str_len(&s), serde_json::to_string(&s).unwrap().len() + 1);
+        }
+    }
+
+    /// Encoded size of a log reply as the agent sends it.
+    fn reply_len(lines: &[String]) -> usize {
+        serde_json::to_vec(&AgentResponse::Log(LogChunk {
+            stream: LogStream::Stdout,
+            lines: lines.to_vec(),
+        }))
+        .unwrap()
+        .len()
+    }
+
+    #[test]
+    fn log_batches_stay_under_the_frame_limit() {
+        let max_line = crate::logs::MAX_LINE_BYTES;
+        // Control characters take six bytes each as JSON.
+        let worst = "\u{1}".repeat(max_line);
+        let cases: Vec<Vec<String>> = vec![
+            Vec::new(),
+            vec![worst.clone()],
+            (0..300).map(|_| worst.clone()).collect(),
+            (0..100_000).map(|i| format!("line {i}")).collect(),
+            (0..2000).map(|i| format!("{i}{}", "x".repeat(max_line - 8))).collect(),
+        ];
+        for lines in cases {
+            let batches = log_batches(lines.clone());
+            assert!(!batches.is_empty());
+            for b in &batches {
+                assert!(b.len() <= LOG_BATCH_LINES);
+                let len = reply_len(b);
+                assert!(len <= LOG_BATCH_BYTES + 6 * max_line + 64, "{len} bytes");
+                assert!(len < MAX_FRAME_LEN / 4);
+            }
+            // Nothing lost, nothing reordered, no empty batch unless there were no lines.
+            assert_eq!(batches.concat(), lines);
+            assert!(lines.is_empty() || batches.iter().all(|b| !b.is_empty()));
+        }
+    }
 
     #[test]
     fn host_part_of_addresses() {
