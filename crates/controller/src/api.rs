@@ -181,7 +181,10 @@ fn logs(
             stream,
         };
         let result = async {
-            let mut replies = conn::call_stream(&conn, &req, timeout).await?;
+            let mut replies = tokio::select! {
+                r = conn::call_stream(&conn, &req, timeout) => r?,
+                () = tx.closed() => return Ok(()),
+            };
             loop {
                 // A quiet node sends nothing that would fail on a client that left: watch
                 // for it too, so that the agent's stream is let go at once.
