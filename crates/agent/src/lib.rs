@@ -10,6 +10,7 @@
 //! - [`supervisor`]: the node processes, driven by [`machine`] (the deterministic
 //!   per-node state machine: no I/O, no clock), with [`logs`] (per-node files, rotation,
 //!   tails) and [`sys`] (/proc, process groups, pidfds, affinity).
+//! - [`logwatch`]: holds the nodes' log files to their bound as they grow (inotify).
 //! - [`query`]: asks running nodes for values (get-id-value) over their query sockets.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
@@ -18,6 +19,7 @@
 
 pub mod backoff;
 pub mod logs;
+pub mod logwatch;
 pub mod machine;
 pub mod query;
 pub mod supervisor;
@@ -204,14 +206,25 @@ impl Agent {
                 return;
             }
         };
+        // The supervisor made the state dir; its canonical path is the one it uses.
+        let nodes_dir = std::fs::canonicalize(&this.config.state_dir)
+            .unwrap_or_else(|_| this.config.state_dir.clone())
+            .join("nodes");
+        let watch = tokio::spawn(logwatch::run(
+            nodes_dir.clone(),
+            this.config.logs,
+            shutdown.clone(),
+        ));
         let metrics_listener = this.metrics.lock().ok().and_then(|mut m| m.take());
         if let Some(l) = metrics_listener {
             match tokio::net::TcpListener::from_std(l) {
                 Ok(l) => {
                     let sup = supervisor.clone();
+                    let nodes_dir = nodes_dir.clone();
                     let render: drover_metrics::Render = Arc::new(move || {
                         let sup = sup.clone();
-                        Box::pin(async move { render_metrics(&sup).await })
+                        let nodes_dir = nodes_dir.clone();
+                        Box::pin(async move { render_metrics(&sup, &nodes_dir).await })
                     });
                     tokio::spawn(drover_metrics::serve(l, render, shutdown.clone()));
                 }
@@ -234,6 +247,7 @@ impl Agent {
         tokio::join!(dial, listen);
         let stop = this.config.stop_nodes_on_exit;
         info!(stop_nodes = stop, "shutting down the supervisor");
+        watch.abort();
         supervisor.shutdown(stop).await;
         info!(agent = %this.config.name, "agent stopped");
     }
@@ -662,7 +676,7 @@ const REPORT_SETTLE_MAX: Duration = Duration::from_millis(20);
 const REPORT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The agent's `/metrics` page, computed from the supervisor's current statuses.
-async fn render_metrics(sup: &Supervisor) -> String {
+async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String {
     let statuses = sup.status().await;
     let mut out = String::new();
     let mut by_state: std::collections::BTreeMap<&'static str, f64> =
@@ -710,6 +724,29 @@ async fn render_metrics(sup: &Supervisor) -> String {
         "drover_agent_node_rss_bytes",
         "Resident memory per node.",
         &rss,
+    );
+    let dropped: Vec<(String, f64)> = statuses
+        .iter()
+        .filter(|s| s.mgmt_role != MgmtRole::Agent)
+        .flat_map(|s| {
+            logs::Stream::ALL.map(|stream| {
+                let path = nodes_dir.join(&s.node).join(stream.file_name());
+                let name = match stream {
+                    logs::Stream::Stdout => "stdout",
+                    logs::Stream::Stderr => "stderr",
+                };
+                (
+                    drover_metrics::labels(&[("node", &s.node), ("stream", name)]),
+                    logs::dropped_bytes(&path) as f64,
+                )
+            })
+        })
+        .collect();
+    drover_metrics::counter_samples(
+        &mut out,
+        "drover_agent_log_dropped_bytes_total",
+        "Bytes of node output dropped to hold the log bound (a marker line in the log says where).",
+        &dropped,
     );
     drover_metrics::gauge(
         &mut out,

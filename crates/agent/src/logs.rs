@@ -141,7 +141,7 @@ impl Default for LogConfig {
 }
 
 /// One of a node's two output streams.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stream {
     /// The node's standard output, `stdout.log`.
