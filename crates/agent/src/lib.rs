@@ -210,11 +210,7 @@ impl Agent {
         let nodes_dir = std::fs::canonicalize(&this.config.state_dir)
             .unwrap_or_else(|_| this.config.state_dir.clone())
             .join("nodes");
-        let watch = tokio::spawn(logwatch::run(
-            nodes_dir.clone(),
-            this.config.logs,
-            shutdown.clone(),
-        ));
+        let watch = logwatch::spawn(nodes_dir.clone(), this.config.logs);
         let metrics_listener = this.metrics.lock().ok().and_then(|mut m| m.take());
         if let Some(l) = metrics_listener {
             match tokio::net::TcpListener::from_std(l) {
@@ -247,7 +243,8 @@ impl Agent {
         tokio::join!(dial, listen);
         let stop = this.config.stop_nodes_on_exit;
         info!(stop_nodes = stop, "shutting down the supervisor");
-        watch.abort();
+        // Joining the watcher's thread takes a moment: not on a worker.
+        let _ = tokio::task::spawn_blocking(move || drop(watch)).await;
         supervisor.shutdown(stop).await;
         info!(agent = %this.config.name, "agent stopped");
     }
@@ -844,7 +841,9 @@ mod tests {
             vec![worst.clone()],
             (0..300).map(|_| worst.clone()).collect(),
             (0..100_000).map(|i| format!("line {i}")).collect(),
-            (0..2000).map(|i| format!("{i}{}", "x".repeat(max_line - 8))).collect(),
+            (0..2000)
+                .map(|i| format!("{i}{}", "x".repeat(max_line - 8)))
+                .collect(),
         ];
         for lines in cases {
             let batches = log_batches(lines.clone());

@@ -163,6 +163,16 @@ impl Stream {
     }
 }
 
+/// What [`NodeLogs::check`] found.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// The current file's size before any rotation (0 when missing).
+    pub len: u64,
+    /// When it was rotated: the rotated copy, to be synced (`sync_data`) once the
+    /// caller can afford the wait.
+    pub copy: Option<File>,
+}
+
 /// The output logs of one node, in its directory `<state-dir>/nodes/<name>/`.
 #[derive(Debug, Clone)]
 pub struct NodeLogs {
@@ -232,17 +242,31 @@ impl NodeLogs {
     /// Rotates one stream if its current file is larger than `max_bytes`; whether it
     /// did. One `stat` when there is nothing to do. Blocking.
     pub fn rotate_stream_if_needed(&self, s: Stream) -> io::Result<bool> {
+        let c = self.check(s)?;
+        if let Some(copy) = c.copy {
+            copy.sync_data()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// As [`NodeLogs::rotate_stream_if_needed`], but tells the size seen and leaves the
+    /// rotated copy's sync to the caller. Blocking.
+    pub fn check(&self, s: Stream) -> io::Result<Checked> {
         let path = self.path(s);
         let len = match fs::metadata(&path) {
             Ok(m) => m.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Checked::default()),
             Err(e) => return Err(with_path("checking", &path, e)),
         };
         if len <= self.config.max_bytes {
-            return Ok(false);
+            return Ok(Checked { len, copy: None });
         }
         let _serialised = ROTATION.lock().unwrap_or_else(PoisonError::into_inner);
-        self.rotate(s).map_err(|e| with_path("rotating", &path, e))
+        let copy = self
+            .rotate(s)
+            .map_err(|e| with_path("rotating", &path, e))?;
+        Ok(Checked { len, copy })
     }
 
     /// Bytes of a stream dropped to hold the bound since this process started.
@@ -251,29 +275,33 @@ impl NodeLogs {
     }
 
     /// Rotates one stream if its file (still) exceeds the bound; see the module doc.
-    fn rotate(&self, s: Stream) -> io::Result<bool> {
+    /// Returns the rotated copy, still to be synced, if it rotated.
+    fn rotate(&self, s: Stream) -> io::Result<Option<File>> {
         let path = self.path(s);
         // Read to copy, write only to truncate.
         let src = match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
         let max = self.config.max_bytes;
         let size = src.metadata()?.len();
         if size <= max {
-            return Ok(false);
+            return Ok(None);
         }
         if self.config.keep == 0 {
             src.set_len(0)?;
-            return Ok(true);
+            return Ok(Some(src));
         }
 
         // 1. Room first, so that the copy never makes one file too many.
         self.shift_rotated(s)?;
 
-        // 2. The head: whole lines up to `max_bytes`, into the copy.
-        let head = head_len(&src, size.min(max))?;
+        // 2. The head: whole lines up to `max_bytes`, less the room the current file
+        // needs for what the node writes until it is truncated, into the copy.
+        let pressure = pressure_of(&path);
+        let room = pressure.max(size - max).saturating_mul(2).min(max / 4);
+        let head = head_len(&src, size.min(max - room))?;
         let tmp = self.tmp_path(s);
         let mut copy = create_copy(&tmp)?;
         let copied = io::copy(&mut (&src).take(head), &mut copy);
@@ -281,12 +309,6 @@ impl NodeLogs {
             // The original is untouched; a leftover copy would only waste space.
             let _ = fs::remove_file(&tmp);
             return Err(e);
-        }
-        // Durable before anything is truncated, unless the node writes faster than
-        // that: then the bound comes first, and the copy is synced after.
-        let outrun = (&src).seek(SeekFrom::End(0))?.saturating_sub(head) > overflow_cap(max);
-        if !outrun {
-            copy.sync_data()?;
         }
         // `.1` is complete from the moment the file is truncated.
         fs::rename(&tmp, self.rotated_path(s, 1))?;
@@ -308,6 +330,11 @@ impl NodeLogs {
         }
         // ... and closes here. The node's next O_APPEND write lands at offset 0.
         src.set_len(0)?;
+        let overshoot = overflow.pos.saturating_sub(max);
+        PRESSURE
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(path.clone(), overshoot.max(pressure / 4 * 3));
 
         // 4. The rest goes back into the emptied file in one write (after a marker when
         // some of it was dropped).
@@ -315,14 +342,11 @@ impl NodeLogs {
         if !back.is_empty() {
             open_append(&path)?.write_all(&back)?;
         }
-        if outrun {
-            copy.sync_data()?;
-        }
         if dropped > 0 {
             let mut counts = DROPPED.lock().unwrap_or_else(PoisonError::into_inner);
             *counts.entry(path).or_default() += dropped;
         }
-        Ok(true)
+        Ok(Some(copy))
     }
 
     /// Makes room for a new `.1`: keeps the newest `keep - 1` rotated files, renumbered
@@ -472,6 +496,19 @@ static ROTATION: Mutex<()> = Mutex::new(());
 /// Bytes dropped to hold the bound, by current log file, since this process started.
 static DROPPED: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
 
+/// How far past the bound each current file grew before its last rotation truncated it
+/// (decaying): the room the next rotation leaves it, by keeping a smaller head.
+static PRESSURE: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
+
+fn pressure_of(path: &Path) -> u64 {
+    PRESSURE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(path)
+        .copied()
+        .unwrap_or(0)
+}
+
 /// Bytes dropped to hold the bound from the log whose current file is `path`, since this
 /// process started.
 pub fn dropped_bytes(path: &Path) -> u64 {
@@ -550,7 +587,10 @@ impl Overflow {
             };
             self.pos += n as u64;
             self.kept.extend_from_slice(&buf[..n]);
-            let excess = self.kept.len().saturating_sub(usize::try_from(self.cap).unwrap_or(usize::MAX));
+            let excess = self
+                .kept
+                .len()
+                .saturating_sub(usize::try_from(self.cap).unwrap_or(usize::MAX));
             if excess > 0 {
                 self.kept.drain(..excess);
                 self.dropped += excess as u64;
@@ -1406,7 +1446,7 @@ mod tests {
         let (mut node_out, _node_err) = logs.open_for_child().unwrap();
         assert!(logs.rotate_if_needed().unwrap().is_empty());
 
-        let batch = 37;
+        let batch = 11;
         let batch_bytes = (batch * "n 000000\n".len()) as u64;
         let mut rotations = 0;
         for i in 0..5000 {
@@ -1427,9 +1467,8 @@ mod tests {
         assert!(!logs.tmp_path(Stream::Stdout).exists());
         for i in 1..=keep {
             let meta = fs::metadata(logs.rotated_path(Stream::Stdout, i)).unwrap();
-            // Whole lines up to the bound.
-            let line = "n 000000\n".len() as u64;
-            assert!(meta.len() > max_bytes - line && meta.len() <= max_bytes);
+            // Whole lines up to the bound, less room for what comes until the truncation.
+            assert!(meta.len() >= max_bytes / 2 && meta.len() <= max_bytes);
             assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
         }
 
@@ -1461,7 +1500,7 @@ mod tests {
     #[test]
     fn rotation_renumbers_gaps_and_deletes_the_oldest() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = logs(dir.path(), 6, 3);
+        let logs = logs(dir.path(), 8, 3);
         let s = Stream::Stdout;
         for i in [2, 5, 9] {
             fs::write(logs.rotated_path(s, i), format!("old {i}\n")).unwrap();
@@ -1504,11 +1543,18 @@ mod tests {
 
         assert_eq!(logs.rotate_if_needed().unwrap(), [s]);
         let usage = logs.disk_usage();
-        assert!(usage <= (u64::from(keep) + 1) * max_bytes, "disk use {usage}");
-        assert_eq!(fs::read_to_string(logs.rotated_path(s, 2)).unwrap(), "older\n");
+        assert!(
+            usage <= (u64::from(keep) + 1) * max_bytes,
+            "disk use {usage}"
+        );
+        assert_eq!(
+            fs::read_to_string(logs.rotated_path(s, 2)).unwrap(),
+            "older\n"
+        );
         let head = fs::read_to_string(logs.rotated_path(s, 1)).unwrap();
         assert!(data.starts_with(&head) && head.ends_with('\n'));
-        assert!(head.len() as u64 > max_bytes - 10 && head.len() as u64 <= max_bytes);
+        // (Leaving the current file room for what the node writes meanwhile.)
+        assert!(head.len() as u64 > max_bytes / 2 - 10 && head.len() as u64 <= max_bytes / 2);
 
         // The current file: the marker, then whole lines up to the last one written.
         let current = fs::read_to_string(logs.path(s)).unwrap();
@@ -1612,10 +1658,16 @@ mod tests {
                 }
             }
         }
-        assert!(torn <= rotations, "{torn} torn lines in {rotations} rotations");
+        assert!(
+            torn <= rotations,
+            "{torn} torn lines in {rotations} rotations"
+        );
         // (Markers in files deleted since are counted, but not read.)
         assert!(marked <= logs.dropped(Stream::Stdout));
-        assert!(marked <= missing, "{marked} bytes marked dropped, {missing} missing");
+        assert!(
+            marked <= missing,
+            "{marked} bytes marked dropped, {missing} missing"
+        );
         numbers
     }
 

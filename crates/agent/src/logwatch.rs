@@ -5,11 +5,16 @@
 //! every node directory under `<state-dir>/nodes/` (and that directory itself for new
 //! nodes). Each event on a `stdout.log` or `stderr.log` makes the watcher check that
 //! file's size and rotate it when it is over the bound
-//! ([`NodeLogs::rotate_stream_if_needed`]), on a blocking thread, one batch at a time.
+//! ([`NodeLogs::check`]). It all runs on one thread of its own, blocked in `poll` while
+//! nothing is written: under CPU contention every hand-over between threads waits for a
+//! turn on a core, while the node it races keeps writing. Rotated copies are synced by
+//! another thread, so that a slow disk does not hold the checks up.
 //! While a batch is checked the kernel merges further events of the same file into one,
-//! and after a batch that found files being written the watcher pauses for
-//! [`CHECK_PAUSE`], so a node that writes flat out costs at most some hundred checks a
-//! second, and a quiet node none: there is no timer.
+//! and after a batch the watcher pauses: for half the time the fastest-growing file of
+//! the batch, at the rate it grew since its last check, needs to reach its bound, between
+//! [`MIN_PAUSE`] and [`MAX_PAUSE`]. So a node writing at an ordinary rate costs some
+//! checks a second, one writing flat out is checked every [`MIN_PAUSE`] near its bound,
+//! and a quiet node costs nothing: there is no timer.
 //!
 //! At start-up every node's files are checked once, which bounds what nodes wrote while
 //! no agent ran. Without inotify (no instance, or the per-user watch limit reached) the
@@ -21,20 +26,54 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
-use tokio_util::sync::CancellationToken;
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tracing::{debug, warn};
 
 use crate::logs::{LogConfig, NodeLogs, Stream};
 
-/// Pause after a batch of checks that found files being written.
-pub const CHECK_PAUSE: Duration = Duration::from_millis(1);
+/// Shortest pause between two batches of checks.
+pub const MIN_PAUSE: Duration = Duration::from_micros(100);
+/// Longest pause between two batches of checks.
+pub const MAX_PAUSE: Duration = Duration::from_millis(50);
 
-/// Watches the node directories under `nodes_dir` until `shutdown`; see the module doc.
-pub async fn run(nodes_dir: PathBuf, config: LogConfig, shutdown: CancellationToken) {
+/// The pause after a check found a file at `len` bytes, growing from `last` (size and
+/// time of its previous check), with `bound` bytes allowed.
+fn pause(last: Option<(u64, Instant)>, len: u64, now: Instant, bound: u64) -> Duration {
+    let Some((was, at)) = last else {
+        return MIN_PAUSE;
+    };
+    if len <= was {
+        // Rotated since (it is written fast) or not grown (nothing to hurry for).
+        return if len < was { MIN_PAUSE } else { MAX_PAUSE };
+    }
+    let rate = (len - was) as f64 / now.duration_since(at).as_secs_f64().max(1e-6);
+    let eta = bound.saturating_sub(len) as f64 / rate;
+    Duration::from_secs_f64(eta / 2.0).clamp(MIN_PAUSE, MAX_PAUSE)
+}
+
+/// The watcher's thread; dropping this stops it.
+pub struct LogWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LogWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts watching the node directories under `nodes_dir`; see the module doc. `None`
+/// (with a warning) when inotify is not available.
+pub fn spawn(nodes_dir: PathBuf, config: LogConfig) -> Option<LogWatch> {
     let watcher = match Watcher::new(&nodes_dir, config) {
         Ok(w) => w,
         Err(e) => {
@@ -42,11 +81,24 @@ pub async fn run(nodes_dir: PathBuf, config: LogConfig, shutdown: CancellationTo
                 "cannot watch node logs in {} ({e}); their sizes are only checked periodically",
                 nodes_dir.display()
             );
-            return;
+            return None;
         }
     };
-    watcher.run(shutdown).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("logwatch".into())
+        .spawn(move || watcher.run(&stopped))
+        .map_err(|e| warn!("cannot start the log watcher: {e}"))
+        .ok()?;
+    Some(LogWatch {
+        stop,
+        thread: Some(thread),
+    })
 }
+
+/// How often the thread looks at its stop flag while nothing happens.
+const STOP_POLL: Duration = Duration::from_millis(100);
 
 struct Watcher {
     inotify: Inotify,
@@ -55,6 +107,8 @@ struct Watcher {
     top: i32,
     /// Node directories by watch descriptor.
     dirs: HashMap<i32, PathBuf>,
+    /// Size and time of each file's last check.
+    seen: HashMap<(PathBuf, Stream), (u64, Instant)>,
     config: LogConfig,
 }
 
@@ -70,11 +124,14 @@ impl Watcher {
             nodes_dir: nodes_dir.to_owned(),
             top,
             dirs: HashMap::new(),
+            seen: HashMap::new(),
             config,
         })
     }
 
-    async fn run(mut self, shutdown: CancellationToken) {
+    fn run(mut self, stop: &AtomicBool) {
+        raise_priority();
+        let syncer = Syncer::start();
         // Every node there now, checked once: what they wrote while no agent ran.
         let mut dirty = BTreeSet::new();
         if let Ok(entries) = std::fs::read_dir(&self.nodes_dir) {
@@ -85,25 +142,18 @@ impl Watcher {
             }
         }
         let mut buf = vec![0u8; 64 * 1024];
-        loop {
+        while !stop.load(Ordering::Relaxed) {
             if !dirty.is_empty() {
-                let config = self.config;
-                let batch = std::mem::take(&mut dirty);
-                let checked = tokio::task::spawn_blocking(move || check(&batch, config));
-                if checked.await.is_err() {
-                    return;
+                let now = Instant::now();
+                let mut next = MAX_PAUSE;
+                for (key, len) in check(std::mem::take(&mut dirty), self.config, &syncer) {
+                    let last = self.seen.insert(key, (len, now));
+                    next = next.min(pause(last, len, now, self.config.max_bytes));
                 }
                 // Let a writer's further events merge into one.
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(CHECK_PAUSE) => {}
-                }
+                std::thread::sleep(next);
             }
-            let n = tokio::select! {
-                () = shutdown.cancelled() => return,
-                n = self.inotify.read(&mut buf) => n,
-            };
-            let n = match n {
+            let n = match self.inotify.read(&mut buf, STOP_POLL) {
                 Ok(n) => n,
                 Err(e) => {
                     warn!("cannot read log events: {e}; log sizes are only checked periodically");
@@ -127,7 +177,9 @@ impl Watcher {
             return;
         }
         if ev.mask & libc::IN_IGNORED != 0 {
-            self.dirs.remove(&ev.wd);
+            if let Some(dir) = self.dirs.remove(&ev.wd) {
+                self.seen.retain(|(d, _), _| *d != dir);
+            }
             return;
         }
         if ev.wd == self.top {
@@ -164,21 +216,82 @@ impl Watcher {
     }
 }
 
-/// Rotates the files of `batch` that are over the bound. Blocking.
-fn check(batch: &BTreeSet<(PathBuf, Stream)>, config: LogConfig) {
+/// Asks for a higher scheduling priority (nice [`NICE`]) for this thread: a node that
+/// writes flat out is busy on a core whenever it may run, and every moment the watcher
+/// waits for a turn it writes on past the bound. Allowed with `CAP_SYS_NICE` or an
+/// `RLIMIT_NICE` (systemd's `LimitNICE=`) that reaches it; otherwise the thread keeps the
+/// agent's priority.
+fn raise_priority() {
+    // SAFETY: gettid takes no arguments.
+    let tid = unsafe { libc::gettid() };
+    let Ok(tid) = libc::id_t::try_from(tid) else {
+        return;
+    };
+    // SAFETY: plain integer arguments; the result is checked.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, NICE) } != 0 {
+        debug!(
+            "log watcher keeps its priority: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// The log watcher's nice value, when it may have it.
+const NICE: i32 = -10;
+
+/// Rotates the files of `batch` that are over the bound; the size each had.
+fn check(
+    batch: BTreeSet<(PathBuf, Stream)>,
+    config: LogConfig,
+    syncer: &Syncer,
+) -> Vec<((PathBuf, Stream), u64)> {
+    let mut sizes = Vec::with_capacity(batch.len());
     for (dir, s) in batch {
-        let logs = NodeLogs::new(dir, config);
-        match logs.rotate_stream_if_needed(*s) {
-            Ok(true) => debug!(dir = %dir.display(), stream = ?s, "rotated logs"),
-            Ok(false) => {}
+        let logs = NodeLogs::new(&dir, config);
+        match logs.check(s) {
+            Ok(c) => {
+                if let Some(copy) = c.copy {
+                    debug!(dir = %dir.display(), stream = ?s, len = c.len, "rotated logs");
+                    syncer.sync(copy);
+                }
+                sizes.push(((dir, s), c.len));
+            }
             Err(e) => warn!("cannot rotate logs: {e}"),
+        }
+    }
+    sizes
+}
+
+/// Syncs rotated copies on a thread of its own.
+struct Syncer(Option<std::sync::mpsc::SyncSender<File>>);
+
+impl Syncer {
+    /// Copies waiting to be synced. The queue is bounded: when the disk cannot keep up,
+    /// a copy is left to the kernel's writeback instead.
+    const QUEUE: usize = 64;
+
+    fn start() -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<File>(Self::QUEUE);
+        let started = std::thread::Builder::new()
+            .name("logsync".into())
+            .spawn(move || {
+                for copy in rx {
+                    let _ = copy.sync_data();
+                }
+            });
+        Self(started.ok().map(|_| tx))
+    }
+
+    fn sync(&self, copy: File) {
+        if let Some(tx) = &self.0 {
+            let _ = tx.try_send(copy);
         }
     }
 }
 
-/// An inotify instance, read through tokio.
+/// An inotify instance.
 struct Inotify {
-    fd: AsyncFd<OwnedFd>,
+    fd: OwnedFd,
 }
 
 impl Inotify {
@@ -190,9 +303,6 @@ impl Inotify {
         }
         // SAFETY: `raw` is a descriptor we own and nothing else refers to.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd: it stays open and keeps its
-        // number until the AsyncFd drops it.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?;
         Ok(Self { fd })
     }
 
@@ -208,18 +318,37 @@ impl Inotify {
         Ok(wd)
     }
 
-    /// Reads whole events into `buf` (at least one), waiting for them.
-    async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.fd.readable().await?;
-            let read = guard.try_io(|fd| {
-                // SAFETY: `buf` is valid for writes of its length.
-                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-                usize::try_from(n).map_err(|_| io::Error::last_os_error())
-            });
-            match read {
-                Ok(r) => return r,
-                Err(_would_block) => {}
+    /// Reads whole events into `buf`, waiting at most `wait` for them; 0 when none came.
+    fn read(&self, buf: &mut [u8], wait: Duration) -> io::Result<usize> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if ready < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(0)
+            } else {
+                Err(e)
+            };
+        }
+        if ready == 0 {
+            return Ok(0);
+        }
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        match usize::try_from(n) {
+            Ok(n) => Ok(n),
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                    _ => Err(e),
+                }
             }
         }
     }
@@ -278,6 +407,33 @@ mod tests {
     }
 
     #[test]
+    fn pauses_shrink_as_a_file_nears_its_bound() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert_eq!(pause(None, 10, t0, 1000), MIN_PAUSE);
+        assert_eq!(pause(Some((10, t0)), 10, ms(5), 1000), MAX_PAUSE);
+        assert_eq!(
+            pause(Some((900, t0)), 10, ms(5), 1000),
+            MIN_PAUSE,
+            "rotated"
+        );
+        // 100 bytes in 10 ms, 800 to go: 80 ms at that rate, so half of it.
+        assert_eq!(pause(Some((100, t0)), 200, ms(10), 1000), ms(40) - t0);
+        assert_eq!(
+            pause(Some((100, t0)), 200, ms(20), 1000),
+            MAX_PAUSE,
+            "capped"
+        );
+        // 100 bytes per ms, 200 to go: 2 ms, so 1 ms.
+        let p = pause(Some((500, t0)), 800, ms(3), 1000);
+        assert!(
+            p > Duration::from_micros(900) && p < Duration::from_micros(1100),
+            "{p:?}"
+        );
+        assert_eq!(pause(Some((500, t0)), 1500, ms(1), 1000), MIN_PAUSE, "over");
+    }
+
+    #[test]
     fn events_are_split_and_named() {
         let mut buf = event_bytes(3, libc::IN_MODIFY, "stdout.log");
         buf.extend(event_bytes(1, libc::IN_IGNORED, ""));
@@ -308,8 +464,7 @@ mod tests {
         let (_out, mut err) = early.open_for_child().unwrap();
         err.write_all("x\n".repeat(5000).as_bytes()).unwrap();
 
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(nodes.clone(), config, shutdown.clone()));
+        let watch = spawn(nodes.clone(), config).expect("inotify");
         let deadline = Instant::now() + Duration::from_secs(10);
         while early.dropped(Stream::Stderr) == 0 {
             assert!(Instant::now() < deadline, "not rotated at start");
@@ -338,8 +493,7 @@ mod tests {
             assert!(Instant::now() < deadline, "still over the bound");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(late.dropped(Stream::Stdout), 0);
-        shutdown.cancel();
-        task.await.unwrap();
+        assert!(late.disk_usage() <= 3 * config.max_bytes);
+        drop(watch);
     }
 }
