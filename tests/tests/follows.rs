@@ -73,8 +73,10 @@ fn abandoned_follows_on_a_quiet_node_are_released() {
     )
     .unwrap();
     eventually("the agent connected and took the deploy", PATIENCE, || {
-        (c.drover(addr, &["deploy-config", file.to_str().unwrap()]).code == Some(0))
-            .then_some(())
+        (c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code
+            == Some(0))
+        .then_some(())
     });
     let baseline = served(metrics);
 

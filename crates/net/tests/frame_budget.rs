@@ -32,14 +32,15 @@ fn creds(ca: &Ca, role: PeerRole, name: &str, sans: &[&str]) -> Credentials {
 
 /// A server that welcomes everyone and echoes each request's body.
 fn server(creds: &Credentials, settings: TransportSettings) -> (quinn::Endpoint, SocketAddr) {
-    let endpoint =
-        conn::server_endpoint(creds, "127.0.0.1:0".parse().unwrap(), &settings).unwrap();
+    let endpoint = conn::server_endpoint(creds, "127.0.0.1:0".parse().unwrap(), &settings).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let ep = endpoint.clone();
     tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
             tokio::spawn(async move {
-                let (c, _) = conn::accept(incoming, Duration::from_secs(5)).await.unwrap();
+                let (c, _) = conn::accept(incoming, Duration::from_secs(5))
+                    .await
+                    .unwrap();
                 let (_, responder) = conn::read_hello(&c, Duration::from_secs(5)).await.unwrap();
                 responder
                     .welcome(Welcome {
@@ -49,9 +50,11 @@ fn server(creds: &Credentials, settings: TransportSettings) -> (quinn::Endpoint,
                     })
                     .await
                     .unwrap();
-                conn::serve(c, settings, |req: drover_proto::msg::Request<Value>| async move {
-                    Ok(req.body)
-                })
+                conn::serve(
+                    c,
+                    settings,
+                    |req: drover_proto::msg::Request<Value>| async move { Ok(req.body) },
+                )
                 .await;
             });
         }
@@ -188,7 +191,10 @@ async fn announced_frames_cannot_take_more_memory_than_the_budget() {
         if err.contains("budget") {
             budget_errors += 1;
         } else {
-            assert!(err.contains("no request frame within"), "unexpected error: {err}");
+            assert!(
+                err.contains("no request frame within"),
+                "unexpected error: {err}"
+            );
         }
         drop(recv);
         writer.abort();
@@ -207,7 +213,11 @@ async fn announced_frames_cannot_take_more_memory_than_the_budget() {
     // server's receive window, the client's send window and its pieces) and allocator
     // slack: far below the 288 MiB sent, which the server used to read whole.
     let grown = peak_rss.saturating_sub(baseline_rss);
-    eprintln!("peak buffered {} MiB, rss grew by {} MiB", peak / MIB, grown / MIB);
+    eprintln!(
+        "peak buffered {} MiB, rss grew by {} MiB",
+        peak / MIB,
+        grown / MIB
+    );
     assert!(
         grown < CONNECTION_BUDGET + 80 * MIB,
         "rss grew by {} MiB with {} MiB announced",
