@@ -12,62 +12,84 @@
 //! stderr. Nothing is lost and nothing blocks while no agent runs; the files then just
 //! grow past their bound until an agent rotates them again.
 //!
-//! # Rotation: copytruncate
+//! # Rotation: copy the head, put the rest back
 //!
 //! The node keeps its descriptor, so the agent cannot rename the file away (the node
-//! would go on writing to the renamed file). [`NodeLogs::rotate_if_needed`] instead,
-//! for each stream whose file is larger than [`LogConfig::max_bytes`]:
+//! would go on writing to the renamed file). [`NodeLogs::check`] (and
+//! [`NodeLogs::rotate_if_needed`]) instead, for a stream whose file is larger than
+//! [`LogConfig::max_bytes`]:
 //!
-//! 1. copies the file into `<stream>.log.tmp` (in the kernel where it can, with
-//!    `copy_file_range`) and fsyncs the copy;
-//! 2. shifts the rotated files (`.1` → `.2`, …), deleting what would go past
-//!    [`LogConfig::keep`], and renames the copy to `<stream>.log.1` (it keeps the copy's
-//!    descriptor open);
-//! 3. copies what the node wrote meanwhile onto the end of `.1`, and reads the file's
-//!    size (`lseek(SEEK_END)`): while it grew since the copy finished, copies the new
-//!    tail again (at most 16 more rounds);
-//! 4. truncates the file to 0 right after a size check that showed no growth. Because the
-//!    node's descriptor has `O_APPEND`, its next write goes to offset 0 of the emptied
-//!    file (a writer without `O_APPEND` would leave a sparse hole instead).
+//! 1. shifts the rotated files (`.1` → `.2`, …), deleting what would go past
+//!    [`LogConfig::keep`], so that the copy never makes one file too many;
+//! 2. copies the head, the file's whole lines up to `max_bytes` less some room (below),
+//!    into `<stream>.log.tmp` (in the kernel where it can, with `copy_file_range`) and
+//!    renames it to `<stream>.log.1`;
+//! 3. reads the rest, what lies past the head, into memory, and reads the file's size
+//!    (`lseek(SEEK_END)`): while it grew, reads the new bytes too (at most 16 more
+//!    rounds). Of the rest it keeps the last `max_bytes / 2` bytes;
+//! 4. truncates the file to 0 right after a size check that showed no growth, and
+//!    appends the kept rest in one `write` of its own (`O_APPEND`): when the rest was
+//!    larger, after a line `[drover: N bytes dropped]` and from the first line that
+//!    starts in it. Because the node's descriptor has `O_APPEND` too, its next write goes
+//!    to the end of the emptied file (a writer without `O_APPEND` would leave a sparse
+//!    hole instead).
 //!
-//! ## What can still be lost
+//! So every rotated file holds whole lines and at most `max_bytes` (a line longer than
+//! the last [`MAX_LINE_BYTES`] before the limit is cut there), and at an ordinary rate,
+//! when the rest is the line or two written since the file passed the bound, nothing is
+//! dropped. A node that outruns the agent loses what it wrote between the head and the
+//! last `max_bytes / 2` bytes; those bytes are counted ([`NodeLogs::dropped`],
+//! [`dropped_bytes`], the agent's `drover_agent_log_dropped_bytes_total`) and the marker
+//! line says where.
+//!
+//! The room: the current file grows on while a rotation runs, and each rotation records
+//! how far past `max_bytes` it had grown by the truncation (decaying by a quarter per
+//! rotation). The next head is smaller by twice that (at most `max_bytes / 4`), so that
+//! the rotated files and the current one together stay within `(keep + 1) * max_bytes`
+//! while the node writes at a steady rate.
+//!
+//! The rotated copy is synced (`fsync`) after the truncation, and by the log watcher off
+//! its own thread (a sync can take longer than a fast node needs to write the bound many
+//! times over): a power loss right after a rotation can lose the copy.
+//!
+//! ## The bound, and who holds it
+//!
+//! While an agent runs, its log watcher ([`crate::logwatch`]) checks a file as soon as
+//! the node writes to it (inotify), so a stream's files stay within
+//! `(keep + 1) * max_bytes` plus what the node writes until the watcher's next check: a
+//! few kilobytes for a node writing flat out on an idle machine, but as much as it
+//! writes while the watcher waits for a core or for the disk on a loaded one (measured
+//! on a 2-core VM at load 12 against a writer of tens of megabytes a second: the median
+//! sample within the bound, peaks of 2–3 MB for a bound of 192 KiB). While no agent
+//! runs the files grow unchecked (nothing blocks the node); the next agent checks every
+//! node's files when it starts and brings them within the bound at once, dropping (and
+//! counting) what does not fit.
+//!
+//! ## What can still be lost or reordered
 //!
 //! The `write()` calls that the node completes between the last size check of step 4
 //! and the moment the `ftruncate` that follows it takes effect (when it gets the inode
 //! lock). The two are consecutive system calls on a descriptor the agent already holds,
-//! with no I/O, allocation or lock of the agent's between them, so the window is
-//! normally a few microseconds: on a 2-core VM a shell loop writing 200 000 lines a
-//! second (one per 5 µs) lost 0.6 line per rotation on average, at the file boundary.
-//! It grows when the agent's thread is preempted between the two calls, or when the
-//! `ftruncate` waits for the inode lock while the node keeps writing (Linux lets a
-//! running writer retake that lock for up to about a scheduler tick): with other CPU
-//! and disk load on the same VM, 5–10 % of that loop's rotations lost from a few lines
-//! up to about 6 ms of its output (some 1 200 lines). A node writing now and then only
-//! loses a write that happens to fall into the window.
+//! so the window is normally a few microseconds; it grows when the agent's thread is
+//! preempted between the two calls, or when the `ftruncate` waits for the inode lock or
+//! the filesystem's journal while the node keeps writing (on a VM under heavy CPU and
+//! disk load, up to some tens of milliseconds of a node's output). A write the node
+//! makes between the truncation and the put-back of step 4 lands before the put-back
+//! bytes instead. Closing the window entirely would need
+//! `fallocate(FALLOC_FL_COLLAPSE_RANGE)` (only some filesystems, only whole blocks) or
+//! stopping the node's processes around steps 3 and 4.
 //!
 //! Linux serialises `write` and `ftruncate` on the inode lock, so each `write()` call is
-//! kept or lost as a whole in the file. The copy, though, reads without that lock, and a
-//! write that crosses a page boundary of the file grows the file page by page: a copy
-//! can end between the two, keeping the start of that line at the end of `.1` while its
-//! rest falls into the window above. Otherwise a line written in one call (as
-//! line-buffered stdio does) is never cut, while a line the node emits in several calls
-//! can be split, its start at the end of `.1` (or lost) and its rest at the start of the
-//! new file. If the node
-//! writes so fast that the copy never catches up within the rounds, the agent truncates
-//! right after a copy reached the end of the file instead, which leaves the same window:
-//! between that read finding the end and the `ftruncate`. Closing the window entirely
-//! would need `fallocate(FALLOC_FL_COLLAPSE_RANGE)` (only some filesystems, only whole
-//! blocks) or stopping the node's processes around steps 3 and 4.
+//! kept or lost as a whole; a line written in one call (as line-buffered stdio does) is
+//! never cut, except that a write falling into the window can leave its start in the
+//! put-back bytes. A line the node emits in several calls can be split between `.1` and
+//! the current file only when it is longer than [`MAX_LINE_BYTES`].
 //!
-//! Outside that window rotation loses nothing, also when the agent dies during it: before
-//! the rename the original is untouched (a stale `.tmp` is overwritten by the next
-//! rotation), and between the rename and the truncation the same output is both in `.1`
-//! and in the current file (it shows twice, it is not lost). The bulk of each copy is
-//! fsynced before the truncation; the catch-up bytes of step 3 are fsynced only after
-//! it, so a power loss at that moment can lose them.
-//!
-//! Disk use per stream is bounded by about `(keep + 1) * max_bytes` plus what the node
-//! writes between two rotation checks, while an agent runs.
+//! Outside that window rotation loses nothing it does not count, also when the agent
+//! dies during it: before the truncation the original is untouched (a stale `.tmp` is
+//! overwritten by the next rotation), and between the rename and the truncation the head
+//! is both in `.1` and in the current file (it shows twice, it is not lost); only the
+//! rest held in memory between the truncation and its put-back is lost with the agent.
 //!
 //! # Reading
 //!
@@ -77,9 +99,9 @@
 //! without their `'\n'` (and without a `'\r'` before it), decoded lossily as UTF-8, and
 //! cut at [`MAX_LINE_BYTES`] with [`TRUNCATION_MARK`] appended.
 //!
-//! Rotation is blocking file I/O: async code calls it through `spawn_blocking`. One
-//! [`NodeLogs`] (and its clones) serialises its own rotations; two independent values
-//! must not rotate the same directory at once.
+//! Rotation is blocking file I/O: async code calls it through `spawn_blocking`. All
+//! rotations in the process are serialised on one lock, so the log watcher, the
+//! supervisor and any other [`NodeLogs`] value never rotate the same files at once.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, Permissions};
@@ -443,7 +465,8 @@ impl NodeLogs {
     /// A tokio task polls the file's size every `poll` (at least 10 ms) and ends once the
     /// receiver is dropped. It copes with the file not existing yet, with truncation
     /// (rotation included: what was written between its last read and a rotation is read
-    /// back from `.1`), and with the file being replaced. The channel holds
+    /// back from `.1`, and a task that had read past `.1`'s end goes on in the put-back
+    /// rest when the new file starts with it), and with the file being replaced. The channel holds
     /// [`FOLLOW_CHANNEL_CAPACITY`] lines; when it stays full for a second, lines are
     /// dropped and replaced by one line `[drover: N lines dropped]` as soon as there is
     /// room again.
