@@ -319,11 +319,10 @@ impl NodeLogs {
         // 1. Room first, so that the copy never makes one file too many.
         self.shift_rotated(s)?;
 
-        // 2. The head: whole lines up to `max_bytes`, less the room the current file
-        // needs for what the node writes until it is truncated, into the copy.
-        let pressure = pressure_of(&path);
-        let room = pressure.max(size - max).saturating_mul(2).min(max / 4);
-        let head = head_len(&src, size.min(max - room))?;
+        // 2. The head: whole lines up to `max_bytes`, into the copy, which becomes `.1`
+        // (its descriptor stays open), so that `.1` is complete from the moment the file
+        // is truncated.
+        let head = head_len(&src, size.min(max))?;
         let tmp = self.tmp_path(s);
         let mut copy = create_copy(&tmp)?;
         let copied = io::copy(&mut (&src).take(head), &mut copy);
@@ -332,38 +331,30 @@ impl NodeLogs {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        // `.1` is complete from the moment the file is truncated.
         fs::rename(&tmp, self.rotated_path(s, 1))?;
 
         // 3. The rest, read until a size check right after a read shows no growth.
-        let mut overflow = Overflow::new(overflow_cap(max), head);
+        let mut rest = Rest::new(rest_cap(max), head);
         let mut rounds = 0;
         loop {
-            overflow.read_to_end(&src)?;
+            rest.read_to_end(&src)?;
             if rounds == CATCH_UP_ROUNDS {
                 // Still growing: truncate right after this read reached the end.
                 break;
             }
             // Loss window opens when this shows no growth ...
-            if (&src).seek(SeekFrom::End(0))? <= overflow.pos {
+            if (&src).seek(SeekFrom::End(0))? <= rest.pos {
                 break;
             }
             rounds += 1;
         }
         // ... and closes here. The node's next O_APPEND write lands at offset 0.
         src.set_len(0)?;
-        let overshoot = overflow.pos.saturating_sub(max);
-        PRESSURE
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(path.clone(), overshoot.max(pressure / 4 * 3));
 
-        // 4. The rest goes back into the emptied file in one write (after a marker when
-        // some of it was dropped).
-        let (dropped, back) = overflow.finish();
-        if !back.is_empty() {
-            open_append(&path)?.write_all(&back)?;
-        }
+        // 4. The rest goes onto the end of `.1` (after a marker when some of it was
+        // dropped).
+        let (dropped, tail) = rest.finish();
+        copy.write_all(&tail)?;
         if dropped > 0 {
             let mut counts = DROPPED.lock().unwrap_or_else(PoisonError::into_inner);
             *counts.entry(path).or_default() += dropped;
@@ -465,8 +456,7 @@ impl NodeLogs {
     /// A tokio task polls the file's size every `poll` (at least 10 ms) and ends once the
     /// receiver is dropped. It copes with the file not existing yet, with truncation
     /// (rotation included: what was written between its last read and a rotation is read
-    /// back from `.1`, and a task that had read past `.1`'s end goes on in the put-back
-    /// rest when the new file starts with it), and with the file being replaced. The channel holds
+    /// back from `.1`), and with the file being replaced. The channel holds
     /// [`FOLLOW_CHANNEL_CAPACITY`] lines; when it stays full for a second, lines are
     /// dropped and replaced by one line `[drover: N lines dropped]` as soon as there is
     /// room again.
@@ -519,19 +509,6 @@ static ROTATION: Mutex<()> = Mutex::new(());
 /// Bytes dropped to hold the bound, by current log file, since this process started.
 static DROPPED: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
 
-/// How far past the bound each current file grew before its last rotation truncated it
-/// (decaying): the room the next rotation leaves it, by keeping a smaller head.
-static PRESSURE: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
-
-fn pressure_of(path: &Path) -> u64 {
-    PRESSURE
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(path)
-        .copied()
-        .unwrap_or(0)
-}
-
 /// Bytes dropped to hold the bound from the log whose current file is `path`, since this
 /// process started.
 pub fn dropped_bytes(path: &Path) -> u64 {
@@ -543,10 +520,12 @@ pub fn dropped_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// How much of what a node wrote past a rotation's head goes back into the emptied file:
-/// half the bound, so that putting it back never calls for another rotation.
-fn overflow_cap(max_bytes: u64) -> u64 {
-    (max_bytes / 2).max(1)
+/// The most of what a node wrote past a rotation's head that goes onto the end of `.1`:
+/// an eighth of the bound (at least a short line's worth). At an ordinary rate the rest is the line or
+/// two written since the file passed the bound; what a node that outruns the agent wrote
+/// beyond it is dropped.
+fn rest_cap(max_bytes: u64) -> u64 {
+    (max_bytes / 8).max(64)
 }
 
 /// The length of a rotation's head: up to and including the last `'\n'` before
@@ -570,9 +549,9 @@ fn head_len(f: &File, limit: u64) -> io::Result<u64> {
     })
 }
 
-/// What a node wrote past a rotation's head: its last `cap` bytes are kept to be put
-/// back, the rest is dropped.
-struct Overflow {
+/// What a node wrote past a rotation's head: its last `cap` bytes are kept for `.1`, the
+/// rest is dropped.
+struct Rest {
     cap: u64,
     /// Offset in the file up to which it was read.
     pos: u64,
@@ -580,7 +559,7 @@ struct Overflow {
     dropped: u64,
 }
 
-impl Overflow {
+impl Rest {
     fn new(cap: u64, pos: u64) -> Self {
         Self {
             cap,
@@ -622,8 +601,8 @@ impl Overflow {
         Ok(())
     }
 
-    /// The bytes dropped, and what goes back: when something was dropped, a marker line,
-    /// then the kept bytes from the first line that starts in them.
+    /// The bytes dropped, and what goes onto `.1`: when something was dropped, a marker
+    /// line, then the kept bytes from the first line that starts in them.
     fn finish(mut self) -> (u64, Vec<u8>) {
         if self.dropped == 0 {
             return (0, self.kept);
@@ -1029,46 +1008,18 @@ impl Follower {
             && let Ok(mut f) = tokio::fs::File::open(&self.rotated).await
         {
             let n = self.recent.len() as u64;
-            let copied = f.metadata().await.map_or(0, |m| m.len());
-            if copied < self.offset {
-                // Read past the rotation's head: the rest was put back at the start of
-                // the emptied file, so go on there, if it is that rest.
-                if self.continues_in_put_back(copied).await {
-                    return Ok(());
-                }
-            } else {
-                let is_copy = read_exact_at(&mut f, self.offset - n, n)
-                    .await
-                    .is_ok_and(|b| b == self.recent);
-                if is_copy {
-                    let mut buf = vec![0; FOLLOW_READ_CHUNK];
-                    while let Ok(n @ 1..) = f.read(&mut buf).await {
-                        self.deliver_bytes(&buf[..n], tx).await?;
-                    }
+            let is_copy = read_exact_at(&mut f, self.offset - n, n)
+                .await
+                .is_ok_and(|b| b == self.recent);
+            if is_copy {
+                let mut buf = vec![0; FOLLOW_READ_CHUNK];
+                while let Ok(n @ 1..) = f.read(&mut buf).await {
+                    self.deliver_bytes(&buf[..n], tx).await?;
                 }
             }
         }
         self.reset();
         Ok(())
-    }
-
-    /// Whether the current file starts with what the old one held from `head` (the
-    /// length of `.1`) on, as far as this follower read it; if so, moves there.
-    async fn continues_in_put_back(&mut self, head: u64) -> bool {
-        let skip = self.offset - head;
-        let k = skip.min(self.recent.len() as u64);
-        let Ok(mut f) = tokio::fs::File::open(&self.path).await else {
-            return false;
-        };
-        let matches = read_exact_at(&mut f, skip - k, k)
-            .await
-            .is_ok_and(|b| b[..] == self.recent[self.recent.len() - k as usize..]);
-        if matches {
-            self.offset = skip;
-            let excess = self.recent.len() - k as usize;
-            self.recent.drain(..excess);
-        }
-        matches
     }
 
     /// Notes that `data` was read from the file at `offset`.
@@ -1480,7 +1431,7 @@ mod tests {
                 rotations += rotated.len();
                 let usage = logs.disk_usage();
                 assert!(
-                    usage <= (u64::from(keep) + 1) * max_bytes + batch_bytes,
+                    usage <= (u64::from(keep) + 1) * (max_bytes + batch_bytes),
                     "disk use {usage}"
                 );
             }
@@ -1490,8 +1441,8 @@ mod tests {
         assert!(!logs.tmp_path(Stream::Stdout).exists());
         for i in 1..=keep {
             let meta = fs::metadata(logs.rotated_path(Stream::Stdout, i)).unwrap();
-            // Whole lines up to the bound, less room for what comes until the truncation.
-            assert!(meta.len() >= max_bytes / 2 && meta.len() <= max_bytes);
+            // Whole lines up to the bound, then what came until the truncation.
+            assert!(meta.len() > max_bytes - 9 && meta.len() <= max_bytes + batch_bytes);
             assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
         }
 
@@ -1535,11 +1486,11 @@ mod tests {
         assert_eq!(logs.rotate_if_needed().unwrap(), [s]);
         assert_eq!(logs.rotated_indices(s).unwrap(), [1, 2, 3]);
         let read = |i| fs::read_to_string(logs.rotated_path(s, i)).unwrap();
-        // Whole lines up to the bound; the rest is put back.
-        assert_eq!(read(1), "c1\nc2\n");
+        // Whole lines up to the bound, then the rest written since.
+        assert_eq!(read(1), "c1\nc2\nc3\n");
         assert_eq!(read(2), "old 2\n");
         assert_eq!(read(3), "old 5\n");
-        assert_eq!(fs::read_to_string(logs.path(s)).unwrap(), "c3\n");
+        assert_eq!(fs::metadata(logs.path(s)).unwrap().len(), 0);
         assert_eq!(logs.dropped(s), 0);
         assert!(!logs.tmp_path(s).exists());
         assert!(dir.path().join("stdout.log.01").exists());
@@ -1547,14 +1498,14 @@ mod tests {
         // Below the bound: nothing happens.
         fs::write(logs.path(s), "abc").unwrap();
         assert!(logs.rotate_if_needed().unwrap().is_empty());
-        assert_eq!(read(1), "c1\nc2\n");
+        assert_eq!(read(1), "c1\nc2\nc3\n");
     }
 
     #[test]
     fn a_file_far_over_the_bound_keeps_its_head_and_tail_and_counts_the_rest() {
         // As the files of a node that wrote while no agent ran.
         let dir = tempfile::tempdir().unwrap();
-        let (max_bytes, keep) = (1000, 2);
+        let (max_bytes, keep) = (10_000, 2);
         let logs = logs(dir.path(), max_bytes, keep);
         let s = Stream::Stdout;
         fs::write(logs.rotated_path(s, 1), "older\n").unwrap();
@@ -1565,33 +1516,32 @@ mod tests {
         fs::write(logs.path(s), &data).unwrap();
 
         assert_eq!(logs.rotate_if_needed().unwrap(), [s]);
-        let usage = logs.disk_usage();
-        assert!(
-            usage <= (u64::from(keep) + 1) * max_bytes,
-            "disk use {usage}"
-        );
+        assert_eq!(fs::metadata(logs.path(s)).unwrap().len(), 0);
         assert_eq!(
             fs::read_to_string(logs.rotated_path(s, 2)).unwrap(),
             "older\n"
         );
-        let head = fs::read_to_string(logs.rotated_path(s, 1)).unwrap();
-        assert!(data.starts_with(&head) && head.ends_with('\n'));
-        // (Leaving the current file room for what the node writes meanwhile.)
-        let most = max_bytes - max_bytes / 4;
-        assert!(head.len() as u64 > most - 10 && head.len() as u64 <= most);
-
-        // The current file: the marker, then whole lines up to the last one written.
-        let current = fs::read_to_string(logs.path(s)).unwrap();
-        let (marker, tail) = current.split_once('\n').unwrap();
+        // `.1`: whole lines up to the bound, the marker, whole lines up to the last one.
+        let rotated = fs::read_to_string(logs.rotated_path(s, 1)).unwrap();
+        let marker_at = rotated.find("[drover: ").unwrap();
+        let head = &rotated[..marker_at];
+        let (marker, tail) = rotated[marker_at..].split_once('\n').unwrap();
+        assert!(data.starts_with(head) && head.ends_with('\n'));
+        assert!(head.len() as u64 > max_bytes - 10 && head.len() as u64 <= max_bytes);
         assert!(data.ends_with(tail) && tail.starts_with("n "), "{tail:?}");
-        assert!(tail.len() as u64 <= max_bytes / 2);
+        assert!(tail.len() as u64 <= rest_cap(max_bytes));
         let dropped = (data.len() - head.len() - tail.len()) as u64;
         assert_eq!(marker, format!("[drover: {dropped} bytes dropped]"));
         assert_eq!(logs.dropped(s), dropped);
         assert_eq!(logs.dropped(Stream::Stderr), 0);
+        let usage = logs.disk_usage();
+        assert!(
+            usage <= 6 + max_bytes + 64 + rest_cap(max_bytes),
+            "disk use {usage}"
+        );
         assert_eq!(
             logs.tail(s, 1_000_000).unwrap().len(),
-            1 + head.lines().count() + tail.lines().count() + 1
+            1 + head.lines().count() + 1 + tail.lines().count()
         );
     }
 
