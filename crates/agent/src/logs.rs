@@ -12,7 +12,7 @@
 //! stderr. Nothing is lost and nothing blocks while no agent runs; the files then just
 //! grow past their bound until an agent rotates them again.
 //!
-//! # Rotation: copy the head, put the rest back
+//! # Rotation: copy the head and the rest, truncate
 //!
 //! The node keeps its descriptor, so the agent cannot rename the file away (the node
 //! would go on writing to the renamed file). [`NodeLogs::check`] (and
@@ -21,75 +21,70 @@
 //!
 //! 1. shifts the rotated files (`.1` → `.2`, …), deleting what would go past
 //!    [`LogConfig::keep`], so that the copy never makes one file too many;
-//! 2. copies the head, the file's whole lines up to `max_bytes` less some room (below),
-//!    into `<stream>.log.tmp` (in the kernel where it can, with `copy_file_range`) and
-//!    renames it to `<stream>.log.1`;
+//! 2. copies the head, the file's whole lines up to `max_bytes`, into
+//!    `<stream>.log.tmp` (in the kernel where it can, with `copy_file_range`) and renames
+//!    it to `<stream>.log.1`, keeping its descriptor open;
 //! 3. reads the rest, what lies past the head, into memory, and reads the file's size
 //!    (`lseek(SEEK_END)`): while it grew, reads the new bytes too (at most 16 more
-//!    rounds). Of the rest it keeps the last `max_bytes / 2` bytes;
+//!    rounds). Of the rest it keeps the last eighth of `max_bytes`;
 //! 4. truncates the file to 0 right after a size check that showed no growth, and
-//!    appends the kept rest in one `write` of its own (`O_APPEND`): when the rest was
-//!    larger, after a line `[drover: N bytes dropped]` and from the first line that
-//!    starts in it. Because the node's descriptor has `O_APPEND` too, its next write goes
-//!    to the end of the emptied file (a writer without `O_APPEND` would leave a sparse
-//!    hole instead).
+//!    appends the kept rest to `.1`: when the rest was larger, after a line
+//!    `[drover: N bytes dropped]` and from the first line that starts in it. Because the
+//!    node's descriptor has `O_APPEND`, its next write goes to offset 0 of the emptied
+//!    file (a writer without `O_APPEND` would leave a sparse hole instead).
 //!
-//! So every rotated file holds whole lines and at most `max_bytes` (a line longer than
-//! the last [`MAX_LINE_BYTES`] before the limit is cut there), and at an ordinary rate,
-//! when the rest is the line or two written since the file passed the bound, nothing is
+//! So a rotated file holds at most `max_bytes` of whole lines (a line longer than the
+//! last [`MAX_LINE_BYTES`] before the limit is cut there) and then what the node wrote
+//! while it was rotated, at most an eighth of `max_bytes` and a marker; at an ordinary
+//! rate that is the line or two written since the file passed the bound, and nothing is
 //! dropped. A node that outruns the agent loses what it wrote between the head and the
-//! last `max_bytes / 2` bytes; those bytes are counted ([`NodeLogs::dropped`],
-//! [`dropped_bytes`], the agent's `drover_agent_log_dropped_bytes_total`) and the marker
-//! line says where.
+//! kept rest; those bytes are counted ([`NodeLogs::dropped`], [`dropped_bytes`], the
+//! agent's `drover_agent_log_dropped_bytes_total`) and the marker line says where.
 //!
-//! The room: the current file grows on while a rotation runs, and each rotation records
-//! how far past `max_bytes` it had grown by the truncation (decaying by a quarter per
-//! rotation). The next head is smaller by twice that (at most `max_bytes / 4`), so that
-//! the rotated files and the current one together stay within `(keep + 1) * max_bytes`
-//! while the node writes at a steady rate.
-//!
-//! The rotated copy is synced (`fsync`) after the truncation, and by the log watcher off
-//! its own thread (a sync can take longer than a fast node needs to write the bound many
-//! times over): a power loss right after a rotation can lose the copy.
+//! The copy is synced (`fsync`) after the truncation, and by the log watcher off its own
+//! thread (a sync can take longer than a fast node needs to write the bound many times
+//! over): a power loss right after a rotation can lose the copy.
 //!
 //! ## The bound, and who holds it
 //!
 //! While an agent runs, its log watcher ([`crate::logwatch`]) checks a file as soon as
 //! the node writes to it (inotify), so a stream's files stay within
-//! `(keep + 1) * max_bytes` plus what the node writes until the watcher's next check: a
-//! few kilobytes for a node writing flat out on an idle machine, but as much as it
-//! writes while the watcher waits for a core or for the disk on a loaded one (measured
-//! on a 2-core VM at load 12 against a writer of tens of megabytes a second: the median
-//! sample within the bound, peaks of 2–3 MB for a bound of 192 KiB). While no agent
-//! runs the files grow unchecked (nothing blocks the node); the next agent checks every
-//! node's files when it starts and brings them within the bound at once, dropping (and
+//! `(keep + 1) * max_bytes`, plus per rotated file what the node wrote while it was
+//! rotated (above), plus what the node writes until the watcher's next check: a few
+//! kilobytes for a node writing flat out on an idle machine, but as much as it writes
+//! while the watcher waits for a core or for the disk on a loaded one (measured on a
+//! 2-core VM at load 12 against a writer of tens of megabytes a second, with a bound of
+//! 192 KiB: the median sample near the bound, peaks of 2–3 MB). While no agent runs the
+//! files grow unchecked (nothing blocks the node); the next agent checks every node's
+//! files when it starts and brings them within the bound at once, dropping (and
 //! counting) what does not fit.
 //!
-//! ## What can still be lost or reordered
+//! ## What can still be lost
 //!
 //! The `write()` calls that the node completes between the last size check of step 4
 //! and the moment the `ftruncate` that follows it takes effect (when it gets the inode
 //! lock). The two are consecutive system calls on a descriptor the agent already holds,
-//! so the window is normally a few microseconds; it grows when the agent's thread is
-//! preempted between the two calls, or when the `ftruncate` waits for the inode lock or
-//! the filesystem's journal while the node keeps writing (on a VM under heavy CPU and
-//! disk load, up to some tens of milliseconds of a node's output). A write the node
-//! makes between the truncation and the put-back of step 4 lands before the put-back
-//! bytes instead. Closing the window entirely would need
-//! `fallocate(FALLOC_FL_COLLAPSE_RANGE)` (only some filesystems, only whole blocks) or
-//! stopping the node's processes around steps 3 and 4.
+//! with no I/O, allocation or lock of the agent's between them, so the window is
+//! normally a few microseconds; it grows when the agent's thread is preempted between
+//! the two calls, or when the `ftruncate` waits for the inode lock or the filesystem's
+//! journal while the node keeps writing (on a VM under heavy CPU and disk load, up to
+//! some tens of milliseconds of a node's output). These losses are not counted. Closing
+//! the window entirely would need `fallocate(FALLOC_FL_COLLAPSE_RANGE)` (only some
+//! filesystems, only whole blocks) or stopping the node's processes around steps 3
+//! and 4.
 //!
 //! Linux serialises `write` and `ftruncate` on the inode lock, so each `write()` call is
 //! kept or lost as a whole; a line written in one call (as line-buffered stdio does) is
-//! never cut, except that a write falling into the window can leave its start in the
-//! put-back bytes. A line the node emits in several calls can be split between `.1` and
-//! the current file only when it is longer than [`MAX_LINE_BYTES`].
+//! never cut, except that `.1` can end in the start of a write that fell into the
+//! window. A line the node emits in several calls can be split, its start at the end of
+//! `.1` and its rest at the start of the new file.
 //!
 //! Outside that window rotation loses nothing it does not count, also when the agent
 //! dies during it: before the truncation the original is untouched (a stale `.tmp` is
 //! overwritten by the next rotation), and between the rename and the truncation the head
 //! is both in `.1` and in the current file (it shows twice, it is not lost); only the
-//! rest held in memory between the truncation and its put-back is lost with the agent.
+//! rest held in memory between the truncation and its write to `.1` is lost with the
+//! agent.
 //!
 //! # Reading
 //!
