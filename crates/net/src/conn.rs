@@ -776,3 +776,34 @@ pub async fn call_stream<Req: Serialize>(
         _send: send,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{HEADER_LEN, decode_exact, encode};
+
+    #[test]
+    fn a_reply_over_the_frame_limit_becomes_an_error_reply() {
+        let small = encode(&Reply::<String> {
+            id: "r1".into(),
+            result: Ok("fine".into()),
+        });
+        assert_eq!(fit_frame(small.clone(), "r1"), small);
+
+        let big = encode(&Reply::<String> {
+            id: "r1".into(),
+            result: Ok("x".repeat(MAX_FRAME_LEN)),
+        });
+        assert!(big.len() - HEADER_LEN > MAX_FRAME_LEN);
+        let fitted = fit_frame(big, "r1");
+        let reply: Reply<String> = decode_exact(&fitted, MAX_FRAME_LEN).unwrap();
+        assert_eq!(reply.id, "r1");
+        let err = reply.result.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Internal);
+        assert!(
+            err.message.contains("exceeds the frame limit"),
+            "{}",
+            err.message
+        );
+    }
+}
