@@ -118,6 +118,44 @@ fn abandoned_follows_on_a_quiet_node_are_released() {
         assert!(killed.elapsed() < c.idle_timeout + Duration::from_secs(5));
     }
 
+    // Live follows beyond the controller's share of the agent's streams are refused
+    // with a clear error, so that requests to the agent still find a stream.
+    let limit = 192;
+    let mut live: Vec<Child> = (0..limit + 8)
+        .map(|_| client(&c, addr, &["logs", "-f", "quiet"]))
+        .collect();
+    eventually(
+        &format!("{limit} follows served, 8 refused"),
+        Duration::from_secs(120),
+        || {
+            let mut refused = 0;
+            for ch in &mut live {
+                if ch.try_wait().unwrap().is_some() {
+                    refused += 1;
+                }
+            }
+            (served(metrics) == baseline + limit && refused == 8).then_some(())
+        },
+    );
+    let started = Instant::now();
+    let out = c.drover(addr, &["get-nodes", "--fresh"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let out = c.drover(addr, &["logs", "-f", "quiet"]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("already serves 192 log follows"),
+        "{}",
+        out.stderr
+    );
+    for child in &mut live {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    eventually("the agent's streams back to baseline", PATIENCE, || {
+        (served(metrics) <= baseline).then_some(())
+    });
+
     // Requests to that agent still answer promptly.
     let started = Instant::now();
     let out = c.drover(addr, &["get-nodes", "--fresh"]);
