@@ -32,7 +32,7 @@ use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tracing::{debug, warn};
+use tracing::{debug, trace, warn};
 
 use crate::logs::{LogConfig, NodeLogs, Stream};
 
@@ -251,7 +251,9 @@ fn check(
         match logs.check(s) {
             Ok(c) => {
                 if let Some(copy) = c.copy {
-                    debug!(dir = %dir.display(), stream = ?s, len = c.len, "rotated logs");
+                    // Trace, not debug: a node writing flat out rotates hundreds of times a
+                    // second, and a log write can wait for the disk as long as it likes.
+                    trace!(dir = %dir.display(), stream = ?s, len = c.len, "rotated logs");
                     syncer.sync(copy);
                 }
                 sizes.push(((dir, s), c.len));
