@@ -107,8 +107,13 @@ fn logs_stay_bounded_at_any_write_rate() {
     let started = Instant::now();
     let mut sizes = Vec::new();
     let mut saw_marker = false;
+    let mut peak_at = (0, Duration::ZERO);
     while started.elapsed() < Duration::from_secs(5) {
-        sizes.push(stdout_bytes(&fast));
+        let bytes = stdout_bytes(&fast);
+        if bytes > peak_at.0 {
+            peak_at = (bytes, started.elapsed());
+        }
+        sizes.push(bytes);
         if sizes.len() % 16 == 0 {
             saw_marker |= std::fs::read_to_string(fast.join("stdout.log.1"))
                 .is_ok_and(|t| t.lines().any(is_marker));
@@ -120,8 +125,9 @@ fn logs_stay_bounded_at_any_write_rate() {
     let (median, peak) = (sizes[sizes.len() / 2], sizes[sizes.len() - 1]);
     let over = sizes.iter().filter(|&&b| b > bound).count();
     eprintln!(
-        "{} samples: median {median}, peak {peak}, {over} over the bound of {bound} bytes",
-        sizes.len()
+        "{} samples: median {median}, peak {peak} at {:?}, {over} over the bound of {bound} bytes",
+        sizes.len(),
+        peak_at.1
     );
     // (On a machine with idle cores the median is below the bound; on a loaded one it
     // is near it.)

@@ -41,6 +41,12 @@
 //! kept rest; those bytes are counted ([`NodeLogs::dropped`], [`dropped_bytes`], the
 //! agent's `drover_agent_log_dropped_bytes_total`) and the marker line says where.
 //!
+//! A node that outran the agent (its file's last rotation dropped bytes) gets room: the
+//! next head is smaller by twice how far past the bound the file had grown by that
+//! truncation (at most a quarter of `max_bytes`; see `PRESSURE`), so that while it writes
+//! flat out the rotated files leave the current one space for what it writes during a
+//! rotation. The room fades as rotations stop dropping.
+//!
 //! The copy is synced (`fsync`) after the truncation, and by the log watcher off its own
 //! thread (a sync can take longer than a fast node needs to write the bound many times
 //! over): a power loss right after a rotation can lose the copy.
@@ -314,10 +320,13 @@ impl NodeLogs {
         // 1. Room first, so that the copy never makes one file too many.
         self.shift_rotated(s)?;
 
-        // 2. The head: whole lines up to `max_bytes`, into the copy, which becomes `.1`
-        // (its descriptor stays open), so that `.1` is complete from the moment the file
-        // is truncated.
-        let head = head_len(&src, size.min(max))?;
+        // 2. The head: whole lines up to `max_bytes` (less the room a node that outruns
+        // the agent needs, see `PRESSURE`), into the copy, which becomes `.1` (its
+        // descriptor stays open), so that `.1` is complete from the moment the file is
+        // truncated.
+        let pressure = pressure_of(&path);
+        let room = pressure.saturating_mul(2).min(max / 4);
+        let head = head_len(&src, size.min(max - room))?;
         let tmp = self.tmp_path(s);
         let mut copy = create_copy(&tmp)?;
         let copied = io::copy(&mut (&src).take(head), &mut copy);
@@ -345,11 +354,24 @@ impl NodeLogs {
         }
         // ... and closes here. The node's next O_APPEND write lands at offset 0.
         src.set_len(0)?;
+        let overshoot = rest.pos.saturating_sub(max);
 
         // 4. The rest goes onto the end of `.1` (after a marker when some of it was
         // dropped).
         let (dropped, tail) = rest.finish();
         copy.write_all(&tail)?;
+        let pressure = if dropped > 0 {
+            overshoot.max(pressure / 4 * 3)
+        } else {
+            pressure / 2
+        };
+        let mut pressures = PRESSURE.lock().unwrap_or_else(PoisonError::into_inner);
+        if pressure > 0 {
+            pressures.insert(path.clone(), pressure);
+        } else {
+            pressures.remove(&path);
+        }
+        drop(pressures);
         if dropped > 0 {
             let mut counts = DROPPED.lock().unwrap_or_else(PoisonError::into_inner);
             *counts.entry(path).or_default() += dropped;
@@ -503,6 +525,22 @@ static ROTATION: Mutex<()> = Mutex::new(());
 
 /// Bytes dropped to hold the bound, by current log file, since this process started.
 static DROPPED: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
+
+/// For a file whose node outran the agent (its last rotation dropped bytes): how far past
+/// the bound it had grown by that truncation, decaying by a quarter per such rotation and
+/// halving with each that dropped nothing. The next head is smaller by twice that (at
+/// most a quarter of the bound), which leaves the current file that room, so that the
+/// files together stay near `(keep + 1) * max_bytes` while the node writes flat out.
+static PRESSURE: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
+
+fn pressure_of(path: &Path) -> u64 {
+    PRESSURE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(path)
+        .copied()
+        .unwrap_or(0)
+}
 
 /// Bytes dropped to hold the bound from the log whose current file is `path`, since this
 /// process started.

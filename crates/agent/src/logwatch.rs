@@ -10,9 +10,9 @@
 //! turn on a core, while the node it races keeps writing. Rotated copies are synced by
 //! another thread, so that a slow disk does not hold the checks up.
 //! While a batch is checked the kernel merges further events of the same file into one,
-//! and after a batch the watcher pauses: for half the time the fastest-growing file of
-//! the batch, at the rate it grew since its last check, needs to reach its bound, between
-//! [`MIN_PAUSE`] and [`MAX_PAUSE`]. So a node writing at an ordinary rate costs some
+//! and after a batch the watcher pauses: for half the time the fastest-growing file
+//! checked lately, at the rate it grew since its previous check, needs to reach its
+//! bound, between [`MIN_PAUSE`] and [`MAX_PAUSE`]. So a node writing at an ordinary rate costs some
 //! checks a second, one writing flat out is checked every [`MIN_PAUSE`] near its bound,
 //! and a quiet node costs nothing: there is no timer.
 //!
@@ -107,8 +107,8 @@ struct Watcher {
     top: i32,
     /// Node directories by watch descriptor.
     dirs: HashMap<i32, PathBuf>,
-    /// Size and time of each file's last check.
-    seen: HashMap<(PathBuf, Stream), (u64, Instant)>,
+    /// Size and time of each file's last check, and the pause it asked for then.
+    seen: HashMap<(PathBuf, Stream), (u64, Instant, Duration)>,
     config: LogConfig,
 }
 
@@ -144,13 +144,23 @@ impl Watcher {
         let mut buf = vec![0u8; 64 * 1024];
         while !stop.load(Ordering::Relaxed) {
             if !dirty.is_empty() {
+                let checked = check(std::mem::take(&mut dirty), self.config, &syncer);
                 let now = Instant::now();
-                let mut next = MAX_PAUSE;
-                for (key, len) in check(std::mem::take(&mut dirty), self.config, &syncer) {
-                    let last = self.seen.insert(key, (len, now));
-                    next = next.min(pause(last, len, now, self.config.max_bytes));
+                for (key, len) in checked {
+                    let last = self.seen.get(&key).map(|&(len, at, _)| (len, at));
+                    let p = pause(last, len, now, self.config.max_bytes);
+                    self.seen.insert(key, (len, now, p));
                 }
-                // Let a writer's further events merge into one.
+                // Let a writer's further events merge into one, but for no longer than
+                // any file checked lately asked: a batch of slow writers alone must not
+                // hold up the check of a fast one.
+                let next = self
+                    .seen
+                    .values()
+                    .filter(|(_, at, _)| now.duration_since(*at) < MAX_PAUSE)
+                    .map(|&(_, _, p)| p)
+                    .min()
+                    .unwrap_or(MAX_PAUSE);
                 std::thread::sleep(next);
             }
             let n = match self.inotify.read(&mut buf, STOP_POLL) {
