@@ -56,14 +56,16 @@
 //! While an agent runs, its log watcher ([`crate::logwatch`]) checks a file as soon as
 //! the node writes to it (inotify), so a stream's files stay within
 //! `(keep + 1) * max_bytes`, plus per rotated file what the node wrote while it was
-//! rotated (above), plus what the node writes until the watcher's next check: a few
-//! kilobytes for a node writing flat out on an idle machine, but as much as it writes
-//! while the watcher waits for a core or for the disk on a loaded one (measured on a
-//! 2-core VM at load 12 against a writer of tens of megabytes a second, with a bound of
-//! 192 KiB: the median sample near the bound, peaks of 2–3 MB). While no agent runs the
-//! files grow unchecked (nothing blocks the node); the next agent checks every node's
-//! files when it starts and brings them within the bound at once, dropping (and
-//! counting) what does not fit.
+//! rotated (above), plus what the node writes until the watcher's next check. While the
+//! watcher keeps pace that is a few kilobytes, also for a node writing flat out (it then
+//! rotates every couple of milliseconds); but a node keeps writing while the watcher
+//! waits for a core or for the disk. Measured on a shared 2-core VM (load 3 to 12) with
+//! testprog writing tens of megabytes a second and a bound of 192 KiB: the median sample
+//! within the bound, a fifth to a half of the samples over it, peaks of 2 to 5 MB, where
+//! without the watcher the files grew by the whole output. While no agent runs the files
+//! grow unchecked (nothing blocks the node); the next agent checks every node's files
+//! when it starts and brings them within the bound at once, dropping (and counting) what
+//! does not fit.
 //!
 //! ## What can still be lost
 //!
