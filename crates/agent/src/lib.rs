@@ -12,6 +12,7 @@
 //!   decisions: applies by generation, spec diffs, recovery), with [`logs`] (per-node
 //!   files, rotation, tails), [`cgroup`] (a cgroup v2 subtree with one cgroup per node)
 //!   and [`sys`] (/proc, the spawn, process groups, pidfds, affinity).
+//! - [`logwatch`]: holds the nodes' log files to their bound as they grow (inotify).
 //! - [`query`]: asks running nodes for values (get-id-value) over their query sockets.
 //! - [`sockdir`]: short paths for the nodes' sockets when the state dir is long.
 //!
@@ -23,6 +24,7 @@ pub mod backoff;
 pub mod cgroup;
 pub mod converge;
 pub mod logs;
+pub mod logwatch;
 pub mod machine;
 pub mod query;
 pub mod sockdir;
@@ -265,14 +267,21 @@ impl Agent {
             let sup = sup.clone();
             async move { sup.ping(WATCHDOG_PATIENCE).await }
         });
+        // The supervisor made the state dir; its canonical path is the one it uses.
+        let nodes_dir = std::fs::canonicalize(&this.config.state_dir)
+            .unwrap_or_else(|_| this.config.state_dir.clone())
+            .join("nodes");
+        let watch = logwatch::spawn(nodes_dir.clone(), this.config.logs);
         let metrics_listener = this.metrics.lock().ok().and_then(|mut m| m.take());
         if let Some(l) = metrics_listener {
             match tokio::net::TcpListener::from_std(l) {
                 Ok(l) => {
                     let sup = supervisor.clone();
+                    let nodes_dir = nodes_dir.clone();
                     let render: drover_metrics::Render = Arc::new(move || {
                         let sup = sup.clone();
-                        Box::pin(async move { render_metrics(&sup).await })
+                        let nodes_dir = nodes_dir.clone();
+                        Box::pin(async move { render_metrics(&sup, &nodes_dir).await })
                     });
                     tokio::spawn(drover_metrics::serve(l, render, shutdown.clone()));
                 }
@@ -301,6 +310,8 @@ impl Agent {
         }
         let stop = this.config.stop_nodes_on_exit;
         info!(stop_nodes = stop, "shutting down the supervisor");
+        // Joining the watcher's thread takes a moment: not on a worker.
+        let _ = tokio::task::spawn_blocking(move || drop(watch)).await;
         supervisor.shutdown(stop).await;
         info!(agent = %this.config.name, "agent stopped");
         Ok(())
@@ -621,9 +632,18 @@ async fn report_status(conn: quinn::Connection, supervisor: Supervisor, name: St
 /// How often a followed log file is checked for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
+/// Most lines in one log reply.
+const LOG_BATCH_LINES: usize = 512;
+
+/// Most bytes (as JSON) of the lines in one log reply: far below the frame limit, with
+/// room for the envelopes the controller wraps around them.
+pub const LOG_BATCH_BYTES: usize = 1024 * 1024;
+
 /// The last `lines` lines of the node's streams, then (with `follow`) new lines in
 /// batches until the receiver is dropped. Followers start before the tails are read, so
-/// no line falls between the two; a line written in that instant may come twice.
+/// no line falls between the two; a line written in that instant may come twice. Every
+/// reply holds at most [`LOG_BATCH_LINES`] lines and [`LOG_BATCH_BYTES`] bytes plus one
+/// line (a line is at most [`logs::MAX_LINE_BYTES`]), so it always fits in a frame.
 fn stream_logs(
     logs: logs::NodeLogs,
     lines: usize,
@@ -656,23 +676,37 @@ fn stream_logs(
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_default();
-            let chunk = LogChunk {
-                stream: *s,
-                lines: tail,
-            };
-            if tx.send(AgentResponse::Log(chunk)).await.is_err() {
-                return;
+            // An empty tail still answers, so that the client sees the stream.
+            for batch in log_batches(tail) {
+                let chunk = LogChunk {
+                    stream: *s,
+                    lines: batch,
+                };
+                if tx.send(AgentResponse::Log(chunk)).await.is_err() {
+                    return;
+                }
             }
         }
         let mut tasks = tokio::task::JoinSet::new();
         for (stream, mut rx) in followers {
             let tx = tx.clone();
             tasks.spawn(async move {
-                while let Some(first) = rx.recv().await {
+                loop {
+                    // On a quiet node no line comes to fail a send: watch the reply
+                    // stream's end as well, so that an abandoned follow lets go at once.
+                    let first = tokio::select! {
+                        line = rx.recv() => line,
+                        () = tx.closed() => None,
+                    };
+                    let Some(first) = first else { return };
+                    let mut bytes = json_str_len(&first);
                     let mut lines = vec![first];
-                    while lines.len() < 512 {
+                    while lines.len() < LOG_BATCH_LINES && bytes < LOG_BATCH_BYTES {
                         match rx.try_recv() {
-                            Ok(l) => lines.push(l),
+                            Ok(l) => {
+                                bytes += json_str_len(&l);
+                                lines.push(l);
+                            }
                             Err(_) => break,
                         }
                     }
@@ -689,6 +723,38 @@ fn stream_logs(
     rx
 }
 
+/// Splits lines into batches of at most [`LOG_BATCH_LINES`] lines and about
+/// [`LOG_BATCH_BYTES`] bytes as JSON (a batch ends after the line that reached it); no
+/// lines make one empty batch.
+fn log_batches(lines: Vec<String>) -> Vec<Vec<String>> {
+    let mut batches = vec![Vec::new()];
+    let mut bytes = 0;
+    for line in lines {
+        let full = batches
+            .last()
+            .is_some_and(|b| b.len() >= LOG_BATCH_LINES || bytes >= LOG_BATCH_BYTES);
+        if full {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += json_str_len(&line);
+        batches.last_mut().expect("never empty").push(line);
+    }
+    batches
+}
+
+/// The length of a string as a JSON string with its comma (escapes included).
+fn json_str_len(s: &str) -> usize {
+    3 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
 /// A status report waits for this long without a change, for the rest of the change
 /// that prompted it (a restart is an exit, a spawn and readiness within a few
 /// milliseconds)...
@@ -701,7 +767,7 @@ const REPORT_SETTLE_MAX: Duration = Duration::from_millis(20);
 const REPORT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The agent's `/metrics` page, computed from the supervisor's current statuses.
-async fn render_metrics(sup: &Supervisor) -> String {
+async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String {
     let statuses = sup.status().await;
     let mut out = String::new();
     let mut by_state: std::collections::BTreeMap<&'static str, f64> =
@@ -749,6 +815,35 @@ async fn render_metrics(sup: &Supervisor) -> String {
         "drover_agent_node_rss_bytes",
         "Resident memory per node.",
         &rss,
+    );
+    let dropped: Vec<(String, f64)> = statuses
+        .iter()
+        .filter(|s| s.mgmt_role != MgmtRole::Agent)
+        .flat_map(|s| {
+            logs::Stream::ALL.map(|stream| {
+                let path = nodes_dir.join(&s.node).join(stream.file_name());
+                let name = match stream {
+                    logs::Stream::Stdout => "stdout",
+                    logs::Stream::Stderr => "stderr",
+                };
+                (
+                    drover_metrics::labels(&[("node", &s.node), ("stream", name)]),
+                    logs::dropped_bytes(&path) as f64,
+                )
+            })
+        })
+        .collect();
+    drover_metrics::counter_samples(
+        &mut out,
+        "drover_agent_log_dropped_bytes_total",
+        "Bytes of node output dropped to hold the log bound (a marker line in the log says where).",
+        &dropped,
+    );
+    drover_metrics::gauge(
+        &mut out,
+        "drover_agent_streams_served",
+        "Streams the controller opened that the agent is serving (log follows included).",
+        &[(String::new(), conn::served_streams() as f64)],
     );
     let me = own_status("self", sup.applied_generation());
     drover_metrics::gauge(
@@ -864,7 +959,13 @@ pub fn software() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{Error, lock_state_dir, own_status, split_host};
+    use super::{
+        Error, LOG_BATCH_BYTES, LOG_BATCH_LINES, json_str_len, lock_state_dir, log_batches,
+        own_status, split_host,
+    };
+    use drover_proto::model::{LogChunk, LogStream};
+    use drover_proto::msg::{AgentResponse, MAX_FRAME_LEN};
+    use proptest::prelude::*;
 
     #[test]
     fn a_locked_state_dir_names_its_holder_and_is_free_once_released() {
@@ -900,6 +1001,52 @@ mod tests {
         assert!(mask > 0);
         assert_eq!(s.cpus, Some(u32::try_from(mask).unwrap()));
         assert_eq!(s.mgmt_role, drover_proto::model::MgmtRole::Agent);
+    }
+
+    proptest! {
+        #[test]
+        fn json_str_len_is_the_encoded_length(s in "\\PC{0,40}|[\\x00-\\x7f]{0,40}") {
+            prop_assert_eq!(json_str_len(&s), serde_json::to_string(&s).unwrap().len() + 1);
+        }
+    }
+
+    /// Encoded size of a log reply as the agent sends it.
+    fn reply_len(lines: &[String]) -> usize {
+        serde_json::to_vec(&AgentResponse::Log(LogChunk {
+            stream: LogStream::Stdout,
+            lines: lines.to_vec(),
+        }))
+        .unwrap()
+        .len()
+    }
+
+    #[test]
+    fn log_batches_stay_under_the_frame_limit() {
+        let max_line = crate::logs::MAX_LINE_BYTES;
+        // Control characters take six bytes each as JSON.
+        let worst = "\u{1}".repeat(max_line);
+        let cases: Vec<Vec<String>> = vec![
+            Vec::new(),
+            vec![worst.clone()],
+            (0..300).map(|_| worst.clone()).collect(),
+            (0..100_000).map(|i| format!("line {i}")).collect(),
+            (0..2000)
+                .map(|i| format!("{i}{}", "x".repeat(max_line - 8)))
+                .collect(),
+        ];
+        for lines in cases {
+            let batches = log_batches(lines.clone());
+            assert!(!batches.is_empty());
+            for b in &batches {
+                assert!(b.len() <= LOG_BATCH_LINES);
+                let len = reply_len(b);
+                assert!(len <= LOG_BATCH_BYTES + 6 * max_line + 64, "{len} bytes");
+                assert!(len < MAX_FRAME_LEN / 4);
+            }
+            // Nothing lost, nothing reordered, no empty batch unless there were no lines.
+            assert_eq!(batches.concat(), lines);
+            assert!(lines.is_empty() || batches.iter().all(|b| !b.is_empty()));
+        }
     }
 
     #[test]

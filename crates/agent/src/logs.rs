@@ -12,23 +12,60 @@
 //! stderr. Nothing is lost and nothing blocks while no agent runs; the files then just
 //! grow past their bound until an agent rotates them again.
 //!
-//! # Rotation: copytruncate
+//! # Rotation: copy the head and the rest, truncate
 //!
 //! The node keeps its descriptor, so the agent cannot rename the file away (the node
-//! would go on writing to the renamed file). [`NodeLogs::rotate_if_needed`] instead,
-//! for each stream whose file is larger than [`LogConfig::max_bytes`]:
+//! would go on writing to the renamed file). [`NodeLogs::check`] (and
+//! [`NodeLogs::rotate_if_needed`]) instead, for a stream whose file is larger than
+//! [`LogConfig::max_bytes`]:
 //!
-//! 1. copies the file into `<stream>.log.tmp` (in the kernel where it can, with
-//!    `copy_file_range`) and fsyncs the copy;
-//! 2. shifts the rotated files (`.1` → `.2`, …), deleting what would go past
-//!    [`LogConfig::keep`], and renames the copy to `<stream>.log.1` (it keeps the copy's
-//!    descriptor open);
-//! 3. copies what the node wrote meanwhile onto the end of `.1`, and reads the file's
-//!    size (`lseek(SEEK_END)`): while it grew since the copy finished, copies the new
-//!    tail again (at most 16 more rounds);
-//! 4. truncates the file to 0 right after a size check that showed no growth. Because the
+//! 1. shifts the rotated files (`.1` → `.2`, …), deleting what would go past
+//!    [`LogConfig::keep`], so that the copy never makes one file too many;
+//! 2. copies the head, the file's whole lines up to `max_bytes`, into
+//!    `<stream>.log.tmp` (in the kernel where it can, with `copy_file_range`) and renames
+//!    it to `<stream>.log.1`, keeping its descriptor open;
+//! 3. reads the rest, what lies past the head, into memory, and reads the file's size
+//!    (`lseek(SEEK_END)`): while it grew, reads the new bytes too (at most 16 more
+//!    rounds). Of the rest it keeps the last eighth of `max_bytes`;
+//! 4. truncates the file to 0 right after a size check that showed no growth, and
+//!    appends the kept rest to `.1`: when the rest was larger, after a line
+//!    `[drover: N bytes dropped]` and from the first line that starts in it. Because the
 //!    node's descriptor has `O_APPEND`, its next write goes to offset 0 of the emptied
 //!    file (a writer without `O_APPEND` would leave a sparse hole instead).
+//!
+//! So a rotated file holds at most `max_bytes` of whole lines (a line longer than the
+//! last [`MAX_LINE_BYTES`] before the limit is cut there) and then what the node wrote
+//! while it was rotated, at most an eighth of `max_bytes` and a marker; at an ordinary
+//! rate that is the line or two written since the file passed the bound, and nothing is
+//! dropped. A node that outruns the agent loses what it wrote between the head and the
+//! kept rest; those bytes are counted ([`NodeLogs::dropped`], [`dropped_bytes`], the
+//! agent's `drover_agent_log_dropped_bytes_total`) and the marker line says where.
+//!
+//! A node that outran the agent (its file's last rotation dropped bytes) gets room: the
+//! next head is smaller by twice how far past the bound the file had grown by that
+//! truncation (at most a quarter of `max_bytes`; see `PRESSURE`), so that while it writes
+//! flat out the rotated files leave the current one space for what it writes during a
+//! rotation. The room fades as rotations stop dropping.
+//!
+//! The copy is synced (`fsync`) after the truncation, and by the log watcher off its own
+//! thread (a sync can take longer than a fast node needs to write the bound many times
+//! over): a power loss right after a rotation can lose the copy.
+//!
+//! ## The bound, and who holds it
+//!
+//! While an agent runs, its log watcher ([`crate::logwatch`]) checks a file as soon as
+//! the node writes to it (inotify), so a stream's files stay within
+//! `(keep + 1) * max_bytes`, plus per rotated file what the node wrote while it was
+//! rotated (above), plus what the node writes until the watcher's next check. While the
+//! watcher keeps pace that is a few kilobytes, also for a node writing flat out (it then
+//! rotates every couple of milliseconds); but a node keeps writing while the watcher
+//! waits for a core or for the disk. Measured on a shared 2-core VM (load 3 to 12) with
+//! testprog writing tens of megabytes a second and a bound of 192 KiB: the median sample
+//! within the bound, a fifth to a half of the samples over it, peaks of 2 to 5 MB, where
+//! without the watcher the files grew by the whole output. While no agent runs the files
+//! grow unchecked (nothing blocks the node); the next agent checks every node's files
+//! when it starts and brings them within the bound at once, dropping (and counting) what
+//! does not fit.
 //!
 //! ## What can still be lost
 //!
@@ -36,38 +73,26 @@
 //! and the moment the `ftruncate` that follows it takes effect (when it gets the inode
 //! lock). The two are consecutive system calls on a descriptor the agent already holds,
 //! with no I/O, allocation or lock of the agent's between them, so the window is
-//! normally a few microseconds: on a 2-core VM a shell loop writing 200 000 lines a
-//! second (one per 5 µs) lost 0.6 line per rotation on average, at the file boundary.
-//! It grows when the agent's thread is preempted between the two calls, or when the
-//! `ftruncate` waits for the inode lock while the node keeps writing (Linux lets a
-//! running writer retake that lock for up to about a scheduler tick): with other CPU
-//! and disk load on the same VM, 5–10 % of that loop's rotations lost from a few lines
-//! up to about 6 ms of its output (some 1 200 lines). A node writing now and then only
-//! loses a write that happens to fall into the window.
+//! normally a few microseconds; it grows when the agent's thread is preempted between
+//! the two calls, or when the `ftruncate` waits for the inode lock or the filesystem's
+//! journal while the node keeps writing (on a VM under heavy CPU and disk load, up to
+//! some tens of milliseconds of a node's output). These losses are not counted. Closing
+//! the window entirely would need `fallocate(FALLOC_FL_COLLAPSE_RANGE)` (only some
+//! filesystems, only whole blocks) or stopping the node's processes around steps 3
+//! and 4.
 //!
 //! Linux serialises `write` and `ftruncate` on the inode lock, so each `write()` call is
-//! kept or lost as a whole in the file. The copy, though, reads without that lock, and a
-//! write that crosses a page boundary of the file grows the file page by page: a copy
-//! can end between the two, keeping the start of that line at the end of `.1` while its
-//! rest falls into the window above. Otherwise a line written in one call (as
-//! line-buffered stdio does) is never cut, while a line the node emits in several calls
-//! can be split, its start at the end of `.1` (or lost) and its rest at the start of the
-//! new file. If the node
-//! writes so fast that the copy never catches up within the rounds, the agent truncates
-//! right after a copy reached the end of the file instead, which leaves the same window:
-//! between that read finding the end and the `ftruncate`. Closing the window entirely
-//! would need `fallocate(FALLOC_FL_COLLAPSE_RANGE)` (only some filesystems, only whole
-//! blocks) or stopping the node's processes around steps 3 and 4.
+//! kept or lost as a whole; a line written in one call (as line-buffered stdio does) is
+//! never cut, except that `.1` can end in the start of a write that fell into the
+//! window. A line the node emits in several calls can be split, its start at the end of
+//! `.1` and its rest at the start of the new file.
 //!
-//! Outside that window rotation loses nothing, also when the agent dies during it: before
-//! the rename the original is untouched (a stale `.tmp` is overwritten by the next
-//! rotation), and between the rename and the truncation the same output is both in `.1`
-//! and in the current file (it shows twice, it is not lost). The bulk of each copy is
-//! fsynced before the truncation; the catch-up bytes of step 3 are fsynced only after
-//! it, so a power loss at that moment can lose them.
-//!
-//! Disk use per stream is bounded by about `(keep + 1) * max_bytes` plus what the node
-//! writes between two rotation checks, while an agent runs.
+//! Outside that window rotation loses nothing it does not count, also when the agent
+//! dies during it: before the truncation the original is untouched (a stale `.tmp` is
+//! overwritten by the next rotation), and between the rename and the truncation the head
+//! is both in `.1` and in the current file (it shows twice, it is not lost); only the
+//! rest held in memory between the truncation and its write to `.1` is lost with the
+//! agent.
 //!
 //! # Reading
 //!
@@ -77,15 +102,16 @@
 //! without their `'\n'` (and without a `'\r'` before it), decoded lossily as UTF-8, and
 //! cut at [`MAX_LINE_BYTES`] with [`TRUNCATION_MARK`] appended.
 //!
-//! Rotation is blocking file I/O: async code calls it through `spawn_blocking`. One
-//! [`NodeLogs`] (and its clones) serialises its own rotations; two independent values
-//! must not rotate the same directory at once.
+//! Rotation is blocking file I/O: async code calls it through `spawn_blocking`. All
+//! rotations in the process are serialised on one lock, so the log watcher, the
+//! supervisor and any other [`NodeLogs`] value never rotate the same files at once.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, Permissions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -140,7 +166,7 @@ impl Default for LogConfig {
 }
 
 /// One of a node's two output streams.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stream {
     /// The node's standard output, `stdout.log`.
@@ -162,13 +188,21 @@ impl Stream {
     }
 }
 
+/// What [`NodeLogs::check`] found.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// The current file's size before any rotation (0 when missing).
+    pub len: u64,
+    /// When it was rotated: the rotated copy, to be synced (`sync_data`) once the
+    /// caller can afford the wait.
+    pub copy: Option<File>,
+}
+
 /// The output logs of one node, in its directory `<state-dir>/nodes/<name>/`.
 #[derive(Debug, Clone)]
 pub struct NodeLogs {
     dir: PathBuf,
     config: LogConfig,
-    /// Serialises rotations through this value and its clones.
-    rotation: Arc<Mutex<()>>,
 }
 
 impl NodeLogs {
@@ -177,7 +211,6 @@ impl NodeLogs {
         Self {
             dir: dir.into(),
             config,
-            rotation: Arc::new(Mutex::new(())),
         }
     }
 
@@ -224,81 +257,128 @@ impl NodeLogs {
     pub fn rotate_if_needed(&self) -> io::Result<Vec<Stream>> {
         let mut rotated = Vec::new();
         for s in Stream::ALL {
-            let path = self.path(s);
-            let len = match fs::metadata(&path) {
-                Ok(m) => m.len(),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(with_path("checking", &path, e)),
-            };
-            if len <= self.config.max_bytes {
-                continue;
-            }
-            let _serialised = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
-            if self
-                .rotate(s)
-                .map_err(|e| with_path("rotating", &path, e))?
-            {
+            if self.rotate_stream_if_needed(s)? {
                 rotated.push(s);
             }
         }
         Ok(rotated)
     }
 
+    /// Rotates one stream if its current file is larger than `max_bytes`; whether it
+    /// did. One `stat` when there is nothing to do. Blocking.
+    pub fn rotate_stream_if_needed(&self, s: Stream) -> io::Result<bool> {
+        let c = self.check(s)?;
+        if let Some(copy) = c.copy {
+            copy.sync_data()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// As [`NodeLogs::rotate_stream_if_needed`], but tells the size seen and leaves the
+    /// rotated copy's sync to the caller. Blocking.
+    pub fn check(&self, s: Stream) -> io::Result<Checked> {
+        let path = self.path(s);
+        let len = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Checked::default()),
+            Err(e) => return Err(with_path("checking", &path, e)),
+        };
+        if len <= self.config.max_bytes {
+            return Ok(Checked { len, copy: None });
+        }
+        let _serialised = ROTATION.lock().unwrap_or_else(PoisonError::into_inner);
+        let copy = self
+            .rotate(s)
+            .map_err(|e| with_path("rotating", &path, e))?;
+        Ok(Checked { len, copy })
+    }
+
+    /// Bytes of a stream dropped to hold the bound since this process started.
+    pub fn dropped(&self, s: Stream) -> u64 {
+        dropped_bytes(&self.path(s))
+    }
+
     /// Rotates one stream if its file (still) exceeds the bound; see the module doc.
-    fn rotate(&self, s: Stream) -> io::Result<bool> {
-        // Read to copy, write only to truncate: the agent never writes into the file.
-        let mut src = match OpenOptions::new().read(true).write(true).open(self.path(s)) {
+    /// Returns the rotated copy, still to be synced, if it rotated.
+    fn rotate(&self, s: Stream) -> io::Result<Option<File>> {
+        let path = self.path(s);
+        // Read to copy, write only to truncate.
+        let src = match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        if src.metadata()?.len() <= self.config.max_bytes {
-            return Ok(false);
+        let max = self.config.max_bytes;
+        let size = src.metadata()?.len();
+        if size <= max {
+            return Ok(None);
         }
         if self.config.keep == 0 {
             src.set_len(0)?;
-            return Ok(true);
+            return Ok(Some(src));
         }
 
-        // 1. Bulk copy, durable before anything is truncated.
+        // 1. Room first, so that the copy never makes one file too many.
+        self.shift_rotated(s)?;
+
+        // 2. The head: whole lines up to `max_bytes` (less the room a node that outruns
+        // the agent needs, see `PRESSURE`), into the copy, which becomes `.1` (its
+        // descriptor stays open), so that `.1` is complete from the moment the file is
+        // truncated.
+        let pressure = pressure_of(&path);
+        let room = pressure.saturating_mul(2).min(max / 4);
+        let head = head_len(&src, size.min(max - room))?;
         let tmp = self.tmp_path(s);
         let mut copy = create_copy(&tmp)?;
-        let bulk = io::copy(&mut src, &mut copy).and_then(|n| copy.sync_data().map(|()| n));
-        let mut copied = match bulk {
-            Ok(n) => n,
-            Err(e) => {
-                // The original is untouched; a leftover copy would only waste space.
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
-
-        // 2. Make room for `.1` and put the copy there (its descriptor stays open), so
-        // that `.1` is complete from the moment the file is truncated.
-        self.shift_rotated(s)?;
+        let copied = io::copy(&mut (&src).take(head), &mut copy);
+        if let Err(e) = copied {
+            // The original is untouched; a leftover copy would only waste space.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         fs::rename(&tmp, self.rotated_path(s, 1))?;
 
-        // 3. Catch up with what the node wrote meanwhile, until a size check right after
-        // a copy shows no growth.
+        // 3. The rest, read until a size check right after a read shows no growth.
+        let mut rest = Rest::new(rest_cap(max), head);
         let mut rounds = 0;
         loop {
-            copied += io::copy(&mut src, &mut copy)?;
+            rest.read_to_end(&src)?;
             if rounds == CATCH_UP_ROUNDS {
-                // Still growing: truncate right after this copy reached the end.
+                // Still growing: truncate right after this read reached the end.
                 break;
             }
-            // Loss window opens when this shows no growth (lseek is the cheapest way to
-            // read the size) ...
-            if src.seek(SeekFrom::End(0))? <= copied {
+            // Loss window opens when this shows no growth ...
+            if (&src).seek(SeekFrom::End(0))? <= rest.pos {
                 break;
             }
-            src.seek(SeekFrom::Start(copied))?;
             rounds += 1;
         }
-        // 4. ... and closes here. The node's next O_APPEND write lands at offset 0.
+        // ... and closes here. The node's next O_APPEND write lands at offset 0.
         src.set_len(0)?;
-        copy.sync_data()?;
-        Ok(true)
+        let overshoot = rest.pos.saturating_sub(max);
+
+        // 4. The rest goes onto the end of `.1` (after a marker when some of it was
+        // dropped).
+        let (dropped, tail) = rest.finish();
+        copy.write_all(&tail)?;
+        let pressure = if dropped > 0 {
+            overshoot.max(pressure / 4 * 3)
+        } else {
+            pressure / 2
+        };
+        let mut pressures = PRESSURE.lock().unwrap_or_else(PoisonError::into_inner);
+        if pressure > 0 {
+            pressures.insert(path.clone(), pressure);
+        } else {
+            pressures.remove(&path);
+        }
+        drop(pressures);
+        if dropped > 0 {
+            let mut counts = DROPPED.lock().unwrap_or_else(PoisonError::into_inner);
+            *counts.entry(path).or_default() += dropped;
+        }
+        Ok(Some(copy))
     }
 
     /// Makes room for a new `.1`: keeps the newest `keep - 1` rotated files, renumbered
@@ -439,6 +519,142 @@ impl NodeLogs {
             .map(|m| m.len())
             .sum()
     }
+}
+
+/// Serialises every rotation in the process, so that the log watcher, the supervisor and
+/// any other [`NodeLogs`] value never rotate the same files at once.
+static ROTATION: Mutex<()> = Mutex::new(());
+
+/// Bytes dropped to hold the bound, by current log file, since this process started.
+static DROPPED: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
+
+/// For a file whose node outran the agent (its last rotation dropped bytes): how far past
+/// the bound it had grown by that truncation, decaying by a quarter per such rotation and
+/// halving with each that dropped nothing. The next head is smaller by twice that (at
+/// most a quarter of the bound), which leaves the current file that room, so that the
+/// files together stay near `(keep + 1) * max_bytes` while the node writes flat out.
+static PRESSURE: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
+
+fn pressure_of(path: &Path) -> u64 {
+    PRESSURE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(path)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Bytes dropped to hold the bound from the log whose current file is `path`, since this
+/// process started.
+pub fn dropped_bytes(path: &Path) -> u64 {
+    DROPPED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(path)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The most of what a node wrote past a rotation's head that goes onto the end of `.1`:
+/// an eighth of the bound (at least a short line's worth). At an ordinary rate the rest is the line or
+/// two written since the file passed the bound; what a node that outruns the agent wrote
+/// beyond it is dropped.
+fn rest_cap(max_bytes: u64) -> u64 {
+    (max_bytes / 8).max(64)
+}
+
+/// The length of a rotation's head: up to and including the last `'\n'` before
+/// `limit`, or `limit` when the last [`MAX_LINE_BYTES`] before it hold none.
+fn head_len(f: &File, limit: u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let from = limit.saturating_sub(MAX_LINE_BYTES as u64);
+    let mut buf = vec![0; usize::try_from(limit - from).unwrap_or(MAX_LINE_BYTES)];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match f.read_at(&mut buf[filled..], from + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(match buf[..filled].iter().rposition(|&b| b == b'\n') {
+        Some(i) => from + i as u64 + 1,
+        None => limit,
+    })
+}
+
+/// What a node wrote past a rotation's head: its last `cap` bytes are kept for `.1`, the
+/// rest is dropped.
+struct Rest {
+    cap: u64,
+    /// Offset in the file up to which it was read.
+    pos: u64,
+    kept: Vec<u8>,
+    dropped: u64,
+}
+
+impl Rest {
+    fn new(cap: u64, pos: u64) -> Self {
+        Self {
+            cap,
+            pos,
+            kept: Vec::new(),
+            dropped: 0,
+        }
+    }
+
+    /// Reads on to the end of `f`, skipping what could not be kept anyway.
+    fn read_to_end(&mut self, f: &File) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let end = (&*f).seek(SeekFrom::End(0))?;
+        if end >= self.pos + self.cap {
+            let skip_to = end - self.cap;
+            self.dropped += self.kept.len() as u64 + (skip_to - self.pos);
+            self.kept.clear();
+            self.pos = skip_to;
+        }
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            let n = match f.read_at(&mut buf, self.pos) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.pos += n as u64;
+            self.kept.extend_from_slice(&buf[..n]);
+            let excess = self
+                .kept
+                .len()
+                .saturating_sub(usize::try_from(self.cap).unwrap_or(usize::MAX));
+            if excess > 0 {
+                self.kept.drain(..excess);
+                self.dropped += excess as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes dropped, and what goes onto `.1`: when something was dropped, a marker
+    /// line, then the kept bytes from the first line that starts in them.
+    fn finish(mut self) -> (u64, Vec<u8>) {
+        if self.dropped == 0 {
+            return (0, self.kept);
+        }
+        if let Some(i) = self.kept.iter().position(|&b| b == b'\n') {
+            self.kept.drain(..=i);
+            self.dropped += i as u64 + 1;
+        }
+        let mut back = drop_marker(self.dropped).into_bytes();
+        back.extend_from_slice(&self.kept);
+        (self.dropped, back)
+    }
+}
+
+/// The line that stands where bytes were dropped to hold the bound.
+pub fn drop_marker(bytes: u64) -> String {
+    format!("[drover: {bytes} bytes dropped]\n")
 }
 
 fn with_path(what: &str, path: &Path, e: io::Error) -> io::Error {
@@ -1239,7 +1455,7 @@ mod tests {
         let (mut node_out, _node_err) = logs.open_for_child().unwrap();
         assert!(logs.rotate_if_needed().unwrap().is_empty());
 
-        let batch = 37;
+        let batch = 11;
         let batch_bytes = (batch * "n 000000\n".len()) as u64;
         let mut rotations = 0;
         for i in 0..5000 {
@@ -1260,7 +1476,8 @@ mod tests {
         assert!(!logs.tmp_path(Stream::Stdout).exists());
         for i in 1..=keep {
             let meta = fs::metadata(logs.rotated_path(Stream::Stdout, i)).unwrap();
-            assert!(meta.len() > max_bytes && meta.len() <= max_bytes + batch_bytes);
+            // Whole lines up to the bound, then what came until the truncation.
+            assert!(meta.len() > max_bytes - 9 && meta.len() <= max_bytes + batch_bytes);
             assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
         }
 
@@ -1273,6 +1490,7 @@ mod tests {
         let first = numbers[0];
         assert!(first > 0, "the oldest files were not deleted");
         assert_eq!(numbers, (first..5000).collect::<Vec<_>>());
+        assert_eq!(logs.dropped(Stream::Stdout), 0);
 
         // Tail reads across the same files.
         assert_eq!(
@@ -1291,29 +1509,75 @@ mod tests {
     #[test]
     fn rotation_renumbers_gaps_and_deletes_the_oldest() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = logs(dir.path(), 4, 3);
+        let logs = logs(dir.path(), 8, 3);
         let s = Stream::Stdout;
         for i in [2, 5, 9] {
             fs::write(logs.rotated_path(s, i), format!("old {i}\n")).unwrap();
         }
         fs::write(logs.tmp_path(s), "stale copy").unwrap();
         fs::write(dir.path().join("stdout.log.01"), "not ours").unwrap();
-        fs::write(logs.path(s), "current\n").unwrap();
+        fs::write(logs.path(s), "c1\nc2\nc3\n").unwrap();
 
         assert_eq!(logs.rotate_if_needed().unwrap(), [s]);
         assert_eq!(logs.rotated_indices(s).unwrap(), [1, 2, 3]);
         let read = |i| fs::read_to_string(logs.rotated_path(s, i)).unwrap();
-        assert_eq!(read(1), "current\n");
+        // Whole lines up to the bound, then the rest written since.
+        assert_eq!(read(1), "c1\nc2\nc3\n");
         assert_eq!(read(2), "old 2\n");
         assert_eq!(read(3), "old 5\n");
         assert_eq!(fs::metadata(logs.path(s)).unwrap().len(), 0);
+        assert_eq!(logs.dropped(s), 0);
         assert!(!logs.tmp_path(s).exists());
         assert!(dir.path().join("stdout.log.01").exists());
 
         // Below the bound: nothing happens.
         fs::write(logs.path(s), "abc").unwrap();
         assert!(logs.rotate_if_needed().unwrap().is_empty());
-        assert_eq!(read(1), "current\n");
+        assert_eq!(read(1), "c1\nc2\nc3\n");
+    }
+
+    #[test]
+    fn a_file_far_over_the_bound_keeps_its_head_and_tail_and_counts_the_rest() {
+        // As the files of a node that wrote while no agent ran.
+        let dir = tempfile::tempdir().unwrap();
+        let (max_bytes, keep) = (10_000, 2);
+        let logs = logs(dir.path(), max_bytes, keep);
+        let s = Stream::Stdout;
+        fs::write(logs.rotated_path(s, 1), "older\n").unwrap();
+        let mut data = String::new();
+        for i in 0..100_000 {
+            data.push_str(&format!("n {i}\n"));
+        }
+        fs::write(logs.path(s), &data).unwrap();
+
+        assert_eq!(logs.rotate_if_needed().unwrap(), [s]);
+        assert_eq!(fs::metadata(logs.path(s)).unwrap().len(), 0);
+        assert_eq!(
+            fs::read_to_string(logs.rotated_path(s, 2)).unwrap(),
+            "older\n"
+        );
+        // `.1`: whole lines up to the bound, the marker, whole lines up to the last one.
+        let rotated = fs::read_to_string(logs.rotated_path(s, 1)).unwrap();
+        let marker_at = rotated.find("[drover: ").unwrap();
+        let head = &rotated[..marker_at];
+        let (marker, tail) = rotated[marker_at..].split_once('\n').unwrap();
+        assert!(data.starts_with(head) && head.ends_with('\n'));
+        assert!(head.len() as u64 > max_bytes - 10 && head.len() as u64 <= max_bytes);
+        assert!(data.ends_with(tail) && tail.starts_with("n "), "{tail:?}");
+        assert!(tail.len() as u64 <= rest_cap(max_bytes));
+        let dropped = (data.len() - head.len() - tail.len()) as u64;
+        assert_eq!(marker, format!("[drover: {dropped} bytes dropped]"));
+        assert_eq!(logs.dropped(s), dropped);
+        assert_eq!(logs.dropped(Stream::Stderr), 0);
+        let usage = logs.disk_usage();
+        assert!(
+            usage <= 6 + max_bytes + 64 + rest_cap(max_bytes),
+            "disk use {usage}"
+        );
+        assert_eq!(
+            logs.tail(s, 1_000_000).unwrap().len(),
+            1 + head.lines().count() + 1 + tail.lines().count()
+        );
     }
 
     #[test]
@@ -1376,26 +1640,30 @@ mod tests {
         assert!(logs.rotated_indices(Stream::Stdout).unwrap().len() <= 3);
         assert!(!logs.tmp_path(Stream::Stdout).exists());
 
-        // Every line whole, except that a rotated file may end in the start of a line
-        // whose write crossed a page boundary while it was copied (module doc).
+        // Every line whole, in order, each once; where the shell outran a rotation, a
+        // marker counts the bytes dropped, exactly those of the lines missing there. A
+        // line cut by a rotation's loss window (module doc) may be torn.
         let files = stream_files(logs, Stream::Stdout);
-        let current = files.len() - 1;
-        let mut numbers = Vec::new();
-        let mut torn = 0;
-        for (i, f) in files.iter().enumerate() {
+        let mut numbers: Vec<u32> = Vec::new();
+        let (mut torn, mut marked, mut missing) = (0, 0u64, 0u64);
+        let line_len = |n: u32| format!("line {n}\n").len() as u64;
+        for f in &files {
             let text = fs::read_to_string(f).unwrap();
-            let lines: Vec<&str> = text.lines().collect();
-            for (j, l) in lines.iter().enumerate() {
-                let n: Option<u32> = l.strip_prefix("line ").and_then(|n| n.parse().ok());
-                let may_be_torn = i != current && j + 1 == lines.len();
-                match n {
-                    // A cut number reads as a smaller one.
-                    Some(n) if may_be_torn && numbers.last().is_some_and(|p| n <= *p) => torn += 1,
-                    Some(n) => numbers.push(n),
-                    None if may_be_torn && ("line ".starts_with(*l) || l.starts_with("line ")) => {
-                        torn += 1;
+            for l in text.lines() {
+                if let Some(n) = l
+                    .strip_prefix("[drover: ")
+                    .and_then(|l| l.strip_suffix(" bytes dropped]"))
+                {
+                    marked += n.parse::<u64>().unwrap();
+                    continue;
+                }
+                match l.strip_prefix("line ").and_then(|n| n.parse::<u32>().ok()) {
+                    Some(n) if numbers.last().is_none_or(|p| n > *p) => {
+                        let from = numbers.last().map_or(n, |p| p + 1);
+                        missing += (from..n).map(line_len).sum::<u64>();
+                        numbers.push(n);
                     }
-                    None => panic!("bad line {l:?} in {}", f.display()),
+                    _ => torn += 1,
                 }
             }
         }
@@ -1403,9 +1671,11 @@ mod tests {
             torn <= rotations,
             "{torn} torn lines in {rotations} rotations"
         );
+        // (Markers in files deleted since are counted, but not read.)
+        assert!(marked <= logs.dropped(Stream::Stdout));
         assert!(
-            numbers.windows(2).all(|w| w[0] < w[1]),
-            "out of order or repeated: {numbers:?}"
+            marked <= missing,
+            "{marked} bytes marked dropped, {missing} missing"
         );
         numbers
     }
@@ -1460,7 +1730,7 @@ mod tests {
     #[tokio::test]
     async fn follow_continues_after_truncation_and_rotation() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = logs(dir.path(), 4, 2);
+        let logs = logs(dir.path(), 8, 2);
         let path = logs.path(Stream::Stdout);
         let (mut node, _) = logs.open_for_child().unwrap();
         for i in 0..100 {

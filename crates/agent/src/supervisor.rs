@@ -185,6 +185,9 @@ enum Event {
     Notify {
         node: String,
         text: String,
+        /// One of the node's [`NOTIFY_QUEUE`] places in the queue, given back when the
+        /// event has been handled.
+        _queued: tokio::sync::OwnedSemaphorePermit,
     },
     /// The desired state of the Apply in [`Core::writing`] is on disk and its new
     /// nodes' directories, logs and sockets are made, or it could not be written.
@@ -206,6 +209,10 @@ struct PendingApply {
     deadline: Instant,
     reply: oneshot::Sender<Vec<MgmtResult>>,
 }
+
+/// Notify messages of one node that may wait in the supervisor's queue; further ones
+/// wait in the node's socket (whose kernel buffer is bounded).
+const NOTIFY_QUEUE: usize = 16;
 
 /// The record of a node on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -561,6 +568,8 @@ impl Supervisor {
             info!(cgroup = %c.root().display(), "nodes are contained in cgroups");
         }
         let (tx, rx) = mpsc::channel(256);
+        // Unbounded, but bounded by construction: each process sends at most one Exited
+        // and one Ready, and each node at most NOTIFY_QUEUE Notify at a time.
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (changes_tx, changes_rx) = watch::channel(0);
         let (applied_tx, applied_rx) = watch::channel(0);
@@ -1334,9 +1343,13 @@ impl Core {
         let sock = UnixDatagram::from_std(sock)?;
         let events = self.events.clone();
         let node = name.to_owned();
+        let queue = std::sync::Arc::new(tokio::sync::Semaphore::new(NOTIFY_QUEUE));
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             loop {
+                let Ok(queued) = queue.clone().acquire_owned().await else {
+                    break;
+                };
                 let Ok(n) = sock.recv(&mut buf).await else {
                     break;
                 };
@@ -1345,6 +1358,7 @@ impl Core {
                     .send(Event::Notify {
                         node: node.clone(),
                         text,
+                        _queued: queued,
                     })
                     .is_err()
                 {
@@ -1683,7 +1697,7 @@ impl Core {
                     self.run_actions(&node, actions);
                 }
             }
-            Event::Notify { node, text } => {
+            Event::Notify { node, text, .. } => {
                 let Some(e) = self.nodes.get_mut(&node) else {
                     return;
                 };

@@ -143,6 +143,36 @@ async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> Client
     }
 }
 
+/// Log follows the controller keeps open to one agent at most: an agent serves at most
+/// 256 streams of the controller, and its other requests need some of them.
+pub(crate) const FOLLOWS_PER_AGENT: usize = 192;
+
+/// Log follows open per agent connection (by quinn's stable id).
+static FOLLOWS: std::sync::Mutex<BTreeMap<usize, Arc<tokio::sync::Semaphore>>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// One of the agent's [`FOLLOWS_PER_AGENT`] follows, if one is free; held as long as the
+/// follow runs.
+fn follow_permit(conn: &quinn::Connection) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let mut follows = FOLLOWS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Forget connections without follows (their ids may be reused).
+    follows.retain(|_, s| s.available_permits() < FOLLOWS_PER_AGENT);
+    follows
+        .entry(conn.stable_id())
+        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(FOLLOWS_PER_AGENT)))
+        .clone()
+        .try_acquire_owned()
+        .ok()
+}
+
+fn too_many_follows(instance: &str) -> String {
+    format!(
+        "instance '{instance}' already serves {FOLLOWS_PER_AGENT} log follows, the most it may have; try again once some end"
+    )
+}
+
 /// A node's output from its agent, relayed frame by frame; the relay ends when either
 /// side goes away.
 fn logs(
@@ -173,8 +203,19 @@ fn logs(
                 .on_node(node),
         );
     };
+    let permit = if follow {
+        let Some(permit) = follow_permit(&conn) else {
+            return one(MgmtResult::err(id, too_many_follows(&instance))
+                .on_instance(instance)
+                .on_node(node));
+        };
+        Some(permit)
+    } else {
+        None
+    };
     let timeout = shared.request_timeout;
     tokio::spawn(async move {
+        let _permit = permit;
         let req = ControllerRequest::Logs {
             node: node.clone(),
             lines,
@@ -182,8 +223,18 @@ fn logs(
             stream,
         };
         let result = async {
-            let mut replies = conn::call_stream(&conn, &req, timeout).await?;
-            while let Some(reply) = replies.next::<AgentResponse>().await? {
+            let mut replies = tokio::select! {
+                r = conn::call_stream(&conn, &req, timeout) => r?,
+                () = tx.closed() => return Ok(()),
+            };
+            loop {
+                // A quiet node sends nothing that would fail on a client that left: watch
+                // for it too, so that the agent's stream is let go at once.
+                let reply = tokio::select! {
+                    reply = replies.next::<AgentResponse>() => reply?,
+                    () = tx.closed() => break,
+                };
+                let Some(reply) = reply else { break };
                 if let AgentResponse::Log(chunk) = reply {
                     let r = MgmtResult::ok(&id, Some(ResultData::Log(chunk)))
                         .on_instance(&instance)
@@ -227,7 +278,11 @@ fn monitor(shared: &Shared, logs: bool) -> Answer<ClientResponse> {
     }
     tokio::spawn(async move {
         loop {
-            let record = match events.recv().await {
+            let received = tokio::select! {
+                r = events.recv() => r,
+                () = tx.closed() => return,
+            };
+            let record = match received {
                 Ok(r) => r,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => EventRecord {
                     at_ms: 0,
@@ -251,16 +306,42 @@ async fn follow_into_events(
     tx: tokio::sync::mpsc::Sender<ClientResponse>,
     timeout: Duration,
 ) {
+    let Some(_permit) = follow_permit(&conn) else {
+        let record = EventRecord {
+            at_ms: now_ms(),
+            event: Event::Error {
+                message: format!(
+                    "not following node '{node}': {}",
+                    too_many_follows(&instance)
+                ),
+            },
+        };
+        let _ = tx.send(ClientResponse::Event(record)).await;
+        return;
+    };
     let req = ControllerRequest::Logs {
         node: node.clone(),
         lines: 0,
         follow: true,
         stream: None,
     };
-    let Ok(mut replies) = conn::call_stream(&conn, &req, timeout).await else {
+    let replies = tokio::select! {
+        r = conn::call_stream(&conn, &req, timeout) => r,
+        () = tx.closed() => return,
+    };
+    let Ok(mut replies) = replies else {
         return;
     };
-    while let Ok(Some(AgentResponse::Log(chunk))) = replies.next::<AgentResponse>().await {
+    loop {
+        // The subscriber may leave while the node is quiet: then let the agent's stream
+        // go at once rather than at the node's next line.
+        let reply = tokio::select! {
+            r = replies.next::<AgentResponse>() => r,
+            () = tx.closed() => return,
+        };
+        let Ok(Some(AgentResponse::Log(chunk))) = reply else {
+            return;
+        };
         if chunk.lines.is_empty() {
             continue;
         }

@@ -216,6 +216,15 @@ pub fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]
     }
 }
 
+/// Appends a counter family whose values are read at scrape time.
+pub fn counter_samples(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
 /// Produces the page served at `/metrics`.
 pub type Render = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 

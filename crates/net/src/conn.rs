@@ -21,7 +21,7 @@ use drover_proto::msg::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::frame::{read_frame, write_frame};
+use crate::frame::{FrameBudget, read_frame, read_frame_in, write_frame};
 use crate::tls::{Credentials, Identity, peer_identity};
 use crate::{NetError, humanize};
 
@@ -61,10 +61,41 @@ impl TransportSettings {
         t.keep_alive_interval(Some(self.keep_alive));
         t.max_concurrent_bidi_streams(self.max_streams.into());
         t.max_concurrent_uni_streams(0u32.into());
+        // What a peer may send that this side has not read yet, over all streams: quinn's
+        // default is unlimited, and a stream waiting for frame budget is not read.
+        t.receive_window(RECEIVE_WINDOW.into());
         let mut ack = quinn::AckFrequencyConfig::default();
         ack.ack_eliciting_threshold(7u32.into());
         t.ack_frequency_config(Some(ack));
         Ok(t)
+    }
+}
+
+/// Bytes a peer may have sent on a connection that this side has not read yet.
+pub const RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// Streams a peer opened that [`serve_answers`] serves right now, in this process.
+static SERVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Streams that peers opened and this process is serving right now (streamed answers
+/// included, until they end).
+pub fn served_streams() -> usize {
+    SERVED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Counts one served stream while it lives.
+struct Serving;
+
+impl Serving {
+    fn new() -> Self {
+        SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        SERVED.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -549,6 +580,7 @@ pub enum Answer<R> {
 /// `settings.request_read_timeout`, so a stream opened and never written frees itself),
 /// run `handler`, write its reply. A frame that cannot be decoded is answered with a
 /// `bad_request` error on that stream; the connection and the process are unaffected.
+/// Request frames take their memory from one [`FrameBudget::connection`] per connection.
 pub async fn serve<Req, Resp, F, Fut>(
     conn: quinn::Connection,
     settings: TransportSettings,
@@ -579,16 +611,19 @@ where
     F: Fn(Request<Req>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Answer<Resp>, WireError>> + Send + 'static,
 {
+    let budget = FrameBudget::connection();
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(e) => return e,
         };
         let handler = handler.clone();
+        let budget = budget.clone();
         tokio::spawn(async move {
+            let _serving = Serving::new();
             let read = tokio::time::timeout(
                 settings.request_read_timeout,
-                read_frame::<Request<Req>>(&mut recv, MAX_FRAME_LEN),
+                read_frame_in::<Request<Req>>(&mut recv, MAX_FRAME_LEN, &budget),
             )
             .await;
             let (id, answer) = match read {
@@ -629,10 +664,13 @@ where
                         let _ = send.finish();
                         return;
                     };
-                    let bytes = crate::frame::encode(&Reply {
-                        id: id.clone(),
-                        result: Ok::<_, WireError>(item),
-                    });
+                    let bytes = fit_frame(
+                        crate::frame::encode(&Reply {
+                            id: id.clone(),
+                            result: Ok::<_, WireError>(item),
+                        }),
+                        &id,
+                    );
                     if send.write_all(&bytes).await.is_err() {
                         return;
                     }
@@ -645,7 +683,8 @@ where
                             Answer::Stream(_) => unreachable!("matched above"),
                         }),
                     };
-                    let bytes = crate::frame::encode(&reply);
+                    let id = reply.id.clone();
+                    let bytes = fit_frame(crate::frame::encode(&reply), &id);
                     drop(reply);
                     if send.write_all(&bytes).await.is_ok() {
                         let _ = send.finish();
@@ -654,6 +693,23 @@ where
             }
         });
     }
+}
+
+/// An encoded reply frame, or, when it exceeds [`MAX_FRAME_LEN`] (which the peer would
+/// refuse), an error reply that says so.
+fn fit_frame(bytes: Vec<u8>, id: &str) -> Vec<u8> {
+    let len = bytes.len() - crate::frame::HEADER_LEN;
+    if len <= MAX_FRAME_LEN {
+        return bytes;
+    }
+    tracing::warn!("a reply of {len} bytes exceeds the frame limit; answering an error");
+    crate::frame::encode(&Reply::<()> {
+        id: id.to_owned(),
+        result: Err(WireError::new(
+            ErrorCode::Internal,
+            format!("reply of {len} bytes exceeds the frame limit of {MAX_FRAME_LEN} bytes"),
+        )),
+    })
 }
 
 /// The replies of a streamed request; dropping it tells the peer to stop.
@@ -719,4 +775,35 @@ pub async fn call_stream<Req: Serialize>(
         recv,
         _send: send,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{HEADER_LEN, decode_exact, encode};
+
+    #[test]
+    fn a_reply_over_the_frame_limit_becomes_an_error_reply() {
+        let small = encode(&Reply::<String> {
+            id: "r1".into(),
+            result: Ok("fine".into()),
+        });
+        assert_eq!(fit_frame(small.clone(), "r1"), small);
+
+        let big = encode(&Reply::<String> {
+            id: "r1".into(),
+            result: Ok("x".repeat(MAX_FRAME_LEN)),
+        });
+        assert!(big.len() - HEADER_LEN > MAX_FRAME_LEN);
+        let fitted = fit_frame(big, "r1");
+        let reply: Reply<String> = decode_exact(&fitted, MAX_FRAME_LEN).unwrap();
+        assert_eq!(reply.id, "r1");
+        let err = reply.result.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Internal);
+        assert!(
+            err.message.contains("exceeds the frame limit"),
+            "{}",
+            err.message
+        );
+    }
 }

@@ -3,12 +3,130 @@
 //! The pure functions here ([`encode`], [`decode`]) do no I/O and are what the property
 //! tests and fuzz targets exercise; [`read_frame`] and [`write_frame`] apply them to QUIC
 //! streams. A frame longer than the limit is refused before any of it is buffered.
+//!
+//! # Memory
+//!
+//! A frame's memory is taken as its bytes arrive, never from the length it announces:
+//! the buffer grows by doubling from [`READ_CHUNK`] up to that length, and each step is
+//! paid for first from the process's [`PROCESS_BUDGET`] and, for the streams a peer opens
+//! ([`crate::conn::serve_answers`]), from that connection's [`CONNECTION_BUDGET`]. A
+//! frame that cannot get its next step within [`BUDGET_WAIT`] fails its stream with
+//! [`FrameError::Budget`]; it never fails the connection or the process. While it waits
+//! the stream is not read, so QUIC's flow control holds the peer back.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
 /// Bytes in the length prefix.
 pub const HEADER_LEN: usize = 4;
+
+/// Bytes of frames being received that one connection's streams may hold at once.
+pub const CONNECTION_BUDGET: usize = 64 * 1024 * 1024;
+/// Bytes of frames being received that the whole process may hold at once.
+pub const PROCESS_BUDGET: usize = 256 * 1024 * 1024;
+/// How long a frame waits for budget before its stream fails.
+pub const BUDGET_WAIT: Duration = Duration::from_secs(5);
+/// The first buffer of a frame body; it doubles from there as bytes arrive.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+static PROCESS: Semaphore = Semaphore::const_new(PROCESS_BUDGET);
+
+/// Bytes of frame bodies this process holds right now (allocated, not yet decoded).
+pub fn process_buffered() -> usize {
+    PROCESS_BUDGET - PROCESS.available_permits()
+}
+
+/// Where the memory of received frames is paid from: always the process's budget, and
+/// a connection's own when reading the streams its peer opened.
+#[derive(Debug, Clone, Default)]
+pub struct FrameBudget {
+    connection: Option<Arc<Semaphore>>,
+}
+
+impl FrameBudget {
+    /// The process's budget only.
+    pub fn process() -> Self {
+        Self { connection: None }
+    }
+
+    /// A new budget of [`CONNECTION_BUDGET`] for one connection, within the process's.
+    pub fn connection() -> Self {
+        Self {
+            connection: Some(Arc::new(Semaphore::new(CONNECTION_BUDGET))),
+        }
+    }
+
+    /// Bytes of frame bodies held under this connection's budget right now (0 without
+    /// one).
+    pub fn buffered(&self) -> usize {
+        self.connection
+            .as_ref()
+            .map_or(0, |s| CONNECTION_BUDGET - s.available_permits())
+    }
+
+    /// Takes `n` more bytes into `held`, waiting at most [`BUDGET_WAIT`] in all.
+    async fn take(&self, n: usize, held: &mut Held) -> Result<(), FrameError> {
+        let exhausted = |scope: &'static str, limit: usize| FrameError::Budget {
+            want: n,
+            scope,
+            limit,
+        };
+        let permits = u32::try_from(n).map_err(|_| exhausted("process", PROCESS_BUDGET))?;
+        let work = async {
+            // The connection first, then the process: one order for every stream, so
+            // that two streams never wait for each other's half.
+            let conn = match &self.connection {
+                Some(sem) => Some(
+                    sem.clone()
+                        .acquire_many_owned(permits)
+                        .await
+                        .map_err(|_| exhausted("connection", CONNECTION_BUDGET))?,
+                ),
+                None => None,
+            };
+            let process = PROCESS
+                .acquire_many(permits)
+                .await
+                .map_err(|_| exhausted("process", PROCESS_BUDGET))?;
+            Ok::<_, FrameError>((conn, process))
+        };
+        let (conn, process) = match tokio::time::timeout(BUDGET_WAIT, work).await {
+            Ok(r) => r?,
+            Err(_) => {
+                let conn_full = self
+                    .connection
+                    .as_ref()
+                    .is_some_and(|s| (s.available_permits()) < n);
+                return Err(if conn_full {
+                    exhausted("connection", CONNECTION_BUDGET)
+                } else {
+                    exhausted("process", PROCESS_BUDGET)
+                });
+            }
+        };
+        match (&mut held.connection, conn) {
+            (Some(h), Some(c)) => h.merge(c),
+            (h @ None, c) => *h = c,
+            (Some(_), None) => {}
+        }
+        match &mut held.process {
+            Some(h) => h.merge(process),
+            h @ None => *h = Some(process),
+        }
+        Ok(())
+    }
+}
+
+/// Budget taken for one frame; given back when dropped.
+#[derive(Default)]
+struct Held {
+    connection: Option<OwnedSemaphorePermit>,
+    process: Option<SemaphorePermit<'static>>,
+}
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +153,20 @@ pub enum FrameError {
     /// The stream failed.
     #[error("stream error: {0}")]
     Stream(String),
+    /// No memory for the frame's next bytes within [`BUDGET_WAIT`].
+    #[error(
+        "no memory for {want} more bytes of a frame: the {scope}'s budget of {} MiB for frames being received stayed exhausted for {}",
+        limit / (1024 * 1024),
+        crate::humanize(BUDGET_WAIT)
+    )]
+    Budget {
+        /// Bytes asked for.
+        want: usize,
+        /// `connection` or `process`.
+        scope: &'static str,
+        /// That budget, in bytes.
+        limit: usize,
+    },
 }
 
 /// Encodes a message as one frame.
@@ -102,10 +234,21 @@ pub async fn write_frame<T: Serialize>(
         .map_err(|e| FrameError::Stream(e.to_string()))
 }
 
-/// Reads one frame from a stream; `Ok(None)` if the stream ended cleanly before it.
+/// Reads one frame from a stream; `Ok(None)` if the stream ended cleanly before it. Its
+/// memory comes from the process's budget only.
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
+) -> Result<Option<T>, FrameError> {
+    read_frame_in(recv, max, &FrameBudget::process()).await
+}
+
+/// Reads one frame from a stream, paying its memory from `budget` as its bytes arrive
+/// (module doc); `Ok(None)` if the stream ended cleanly before it.
+pub async fn read_frame_in<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    budget: &FrameBudget,
 ) -> Result<Option<T>, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
@@ -126,15 +269,30 @@ pub async fn read_frame<T: DeserializeOwned>(
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) => FrameError::Truncated {
-            got: HEADER_LEN + n,
-            want: HEADER_LEN + len,
-        },
-        quinn::ReadExactError::ReadError(e) => FrameError::Stream(e.to_string()),
-    })?;
-    Ok(Some(serde_json::from_slice(&body)?))
+    let mut held = Held::default();
+    let mut body: Vec<u8> = Vec::new();
+    while body.len() < len {
+        if body.len() == body.capacity() {
+            let cap = (body.capacity() * 2).clamp(READ_CHUNK.min(len), len);
+            budget.take(cap - body.capacity(), &mut held).await?;
+            body.reserve_exact(cap - body.len());
+        }
+        let room = body.capacity().min(len) - body.len();
+        match recv.read_chunk(room, true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(FrameError::Truncated {
+                    got: HEADER_LEN + body.len(),
+                    want: HEADER_LEN + len,
+                });
+            }
+            Err(e) => return Err(FrameError::Stream(e.to_string())),
+        }
+    }
+    let msg = serde_json::from_slice(&body)?;
+    drop(body);
+    drop(held);
+    Ok(Some(msg))
 }
 
 #[cfg(test)]

@@ -575,6 +575,7 @@ mod tests {
         let acceptor = TcpTlsAcceptor::new(&server).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        // One message per connection this test makes.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {

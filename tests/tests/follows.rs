@@ -1,0 +1,167 @@
+//! Log follows whose clients went away are let go: on a quiet node nothing is written
+//! that would fail, yet the agent's streams return to their baseline, and requests to
+//! that agent still answer (an agent serves at most 256 streams of the controller).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use drover_proto::msg::PeerRole;
+use drover_tests::{Cluster, PATIENCE, bin, eventually};
+
+fn free_tcp() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn served(metrics: SocketAddr) -> u64 {
+    let mut s = TcpStream::connect(metrics).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut page = String::new();
+    s.read_to_string(&mut page).unwrap();
+    page.lines()
+        .find_map(|l| l.strip_prefix("drover_agent_streams_served ")?.parse().ok())
+        .expect("the agent reports its served streams")
+}
+
+/// A `drover` client that runs until killed.
+fn client(c: &Cluster, controller: SocketAddr, args: &[&str]) -> Child {
+    Command::new(bin("drover"))
+        .arg("--controller")
+        .arg(controller.to_string())
+        .arg("--ca")
+        .arg(c.pki_file("ca.crt"))
+        .arg("--cert")
+        .arg(c.pki_file("ops.crt"))
+        .arg("--key")
+        .arg(c.pki_file("ops.key"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn abandoned_follows_on_a_quiet_node_are_released() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let metrics = free_tcp();
+    c.issue(PeerRole::Agent, "a1");
+    let _agent = c.start_agent_args(
+        "a1",
+        "a1",
+        &[
+            "--controller",
+            &addr.to_string(),
+            "--metrics-listen",
+            &metrics.to_string(),
+        ],
+    );
+    let file = c.dir.path().join("quiet.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[nodes.quiet]\ninstance = \"a1\"\ncommand = [\"{}\"]\n",
+            bin("drover-testprog").display()
+        ),
+    )
+    .unwrap();
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code
+            == Some(0))
+        .then_some(())
+    });
+    let baseline = served(metrics);
+
+    // Three waves of 100 (more than the agent's 256 streams in all): two thirds
+    // `logs -f`, one third `monitor --logs`; each wave killed once all its follows are
+    // established on the agent.
+    for wave in 0..3 {
+        let mut clients: Vec<Child> = (0..100)
+            .map(|i| {
+                if i % 3 == 2 {
+                    client(&c, addr, &["monitor", "--logs"])
+                } else {
+                    client(&c, addr, &["logs", "-f", "quiet"])
+                }
+            })
+            .collect();
+        eventually(
+            &format!("wave {wave}: 100 follows on the agent"),
+            Duration::from_secs(120),
+            || (served(metrics) >= baseline + 100).then_some(()),
+        );
+        for child in &mut clients {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        let killed = Instant::now();
+        eventually(
+            &format!("wave {wave}: the agent's streams back to {baseline}"),
+            PATIENCE,
+            || (served(metrics) <= baseline).then_some(()),
+        );
+        // The controller learns of a killed client after its idle timeout; the rest
+        // must follow within about a second.
+        eprintln!(
+            "wave {wave}: released {:?} after the kill (idle timeout {:?})",
+            killed.elapsed(),
+            c.idle_timeout
+        );
+        assert!(killed.elapsed() < c.idle_timeout + Duration::from_secs(5));
+    }
+
+    // Live follows beyond the controller's share of the agent's streams are refused
+    // with a clear error, so that requests to the agent still find a stream.
+    let limit = 192;
+    let mut live: Vec<Child> = (0..limit + 8)
+        .map(|_| client(&c, addr, &["logs", "-f", "quiet"]))
+        .collect();
+    eventually(
+        &format!("{limit} follows served, 8 refused"),
+        Duration::from_secs(120),
+        || {
+            let mut refused = 0;
+            for ch in &mut live {
+                if ch.try_wait().unwrap().is_some() {
+                    refused += 1;
+                }
+            }
+            (served(metrics) == baseline + limit && refused == 8).then_some(())
+        },
+    );
+    let started = Instant::now();
+    let out = c.drover(addr, &["get-nodes", "--fresh"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let out = c.drover(addr, &["logs", "-f", "quiet"]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("already serves 192 log follows"),
+        "{}",
+        out.stderr
+    );
+    for child in &mut live {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    eventually("the agent's streams back to baseline", PATIENCE, || {
+        (served(metrics) <= baseline).then_some(())
+    });
+
+    // Requests to that agent still answer promptly.
+    let started = Instant::now();
+    let out = c.drover(addr, &["get-nodes", "--fresh"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains("quiet"), "{}", out.stdout);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let out = c.drover(addr, &["logs", "quiet"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}
