@@ -362,7 +362,7 @@ fn controller_timeout(reqid: &str, reply: ClientResponse) -> ClientResponse {
     let whole = |r: &MgmtResult| !r.success && r.node.is_none() && r.instance.is_none();
     let mut rs: Vec<MgmtResult> = rs
         .into_iter()
-        .filter(|r| !late(r) && !(timed_out && whole(r)))
+        .filter(|r| !(late(r) || (timed_out && whole(r))))
         .collect();
     if timed_out {
         rs.push(MgmtResult::err(reqid, "request timed out"));
