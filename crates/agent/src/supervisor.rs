@@ -1675,6 +1675,23 @@ impl Core {
                 if p.child {
                     // Batched: one sweep after every event ready now has been handled.
                     self.sweep_pending = true;
+                } else if p.cgroup.is_none() && p.token != 0 {
+                    // Adopted, without a cgroup: what it left in sessions of their own
+                    // went to init, not to this agent, so only the spawn token in their
+                    // environment finds them (a scan of /proc, off this task).
+                    let token = p.token;
+                    tokio::task::spawn_blocking(move || {
+                        for stray in find_token_carriers(&BTreeSet::from([token]))
+                            .into_values()
+                            .flatten()
+                        {
+                            debug!(
+                                pid = stray.pid,
+                                "killing a leftover descendant of an adopted node"
+                            );
+                            kill_pid(stray.pid);
+                        }
+                    });
                 }
                 let Some(e) = self.nodes.get_mut(&node) else {
                     return;
