@@ -146,6 +146,11 @@ pub fn run(opts: Options) -> Report {
     w.check("first deploy");
     while start.elapsed() < w.opts.duration {
         let fault = w.fault();
+        eprintln!(
+            "chaos: {:>6.1}s {fault} (deploy #{})",
+            start.elapsed().as_secs_f64(),
+            w.attempts.len().saturating_sub(1)
+        );
         w.heal();
         w.check(fault);
     }
@@ -160,9 +165,9 @@ impl World {
         let (ctl, addr) =
             c.start_controller_with(&format!("{gw}:0"), &["--request-timeout", REQUEST_TIMEOUT]);
         let mut agents = Vec::new();
-        for i in 0..opts.agents {
+        for _ in 0..opts.agents {
             let host = lab.add_host();
-            agents.push(Some(c.start_agent_in(&lab, host, &agent_name(i), addr)));
+            agents.push(Some(start_agent(&c, &lab, host, addr)));
         }
         let w = Self {
             c,
@@ -226,6 +231,7 @@ impl World {
     }
 
     fn kill_agent(&mut self, a: usize) {
+        eprintln!("chaos: SIGKILL {}", agent_name(a));
         if let Some(mut p) = self.agents[a].take() {
             p.kill();
         }
@@ -301,6 +307,11 @@ impl World {
         }
         let out = cli.join().expect("deploy thread");
         let acked = out.code == Some(0);
+        eprintln!(
+            "chaos: deploy #{} {}",
+            self.attempts.len(),
+            if acked { "acknowledged" } else { "failed" }
+        );
         if acked {
             self.report.acked += 1;
         } else {
@@ -380,11 +391,7 @@ impl World {
         }
         for a in 0..self.opts.agents {
             if self.agents[a].is_none() {
-                self.agents[a] =
-                    Some(
-                        self.c
-                            .start_agent_in(&self.lab, a, &agent_name(a), self.addr),
-                    );
+                self.agents[a] = Some(start_agent(&self.c, &self.lab, a, self.addr));
             }
         }
         self.wait_agents();
@@ -434,6 +441,18 @@ impl World {
             describe_diff(last, &seen)
         );
         eprintln!("chaos: VIOLATION {v}");
+        for p in node_processes(self.c.dir.path()) {
+            let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid))
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.starts_with("0::"))
+                .unwrap_or("")
+                .to_owned();
+            eprintln!(
+                "chaos:   {}/{} pid {} rev {:?} child {} cgroup {cgroup}",
+                p.instance, p.node, p.pid, p.rev, p.child
+            );
+        }
         self.report.violations.push(v);
     }
 }
@@ -442,6 +461,28 @@ impl World {
 enum Victim {
     Agent(usize),
     Controller,
+}
+
+/// Starts agent `i` on host `i`. Every second agent runs without cgroups, so that both
+/// ways of finding a node's processes (its cgroup; its process group and spawn token)
+/// meet the faults.
+fn start_agent(c: &Cluster, lab: &NetLab, i: usize, addr: SocketAddr) -> Proc {
+    let name = agent_name(i);
+    if !c.pki_file(&format!("{name}.crt")).exists() {
+        c.issue(drover_proto::msg::PeerRole::Agent, &name);
+    }
+    let mut cmd = lab.command(i, &bin("drover-agent"));
+    let addr = addr.to_string();
+    let mut extra = vec!["--controller", addr.as_str()];
+    if i % 2 == 1 {
+        extra.extend(["--cgroup-root", "none"]);
+    }
+    c.agent_args(&mut cmd, &name, &name, &extra);
+    Proc::spawn(
+        &format!("agent {name}"),
+        cmd,
+        c.log_path(&format!("agent-{name}")),
+    )
 }
 
 fn agent_name(i: usize) -> String {

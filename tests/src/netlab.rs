@@ -119,10 +119,14 @@ impl NetLab {
         )
     }
 
-    /// A command run inside host `i`'s namespace.
+    /// A command run inside host `i`'s network namespace. It enters that namespace alone
+    /// (`nsenter --net`), not a mount namespace of its own as `ip netns exec` does, which
+    /// remounts /sys and so hides the cgroup hierarchies a real host's agent has.
     pub fn command(&self, i: usize, program: &std::path::Path) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.hosts[i]]).arg(program);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.hosts[i]))
+            .arg("--")
+            .arg(program);
         cmd
     }
 

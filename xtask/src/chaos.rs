@@ -1,8 +1,6 @@
 //! `cargo xtask chaos --minutes N`: the chaos run of `tests/tests/chaos.rs` for as long as
 //! asked, with its report printed (CI runs a bounded one as part of the suite).
 
-use std::process::Command;
-
 use anyhow::{Context, bail};
 
 use crate::project_root;
@@ -11,7 +9,7 @@ use crate::project_root;
 /// absent; the run prints it either way).
 pub(crate) fn run(minutes: u64, seed: Option<u64>) -> anyhow::Result<()> {
     crate::test::cargo(&["build", "--workspace", "--bins", "--locked"])?;
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = crate::cargo_command();
     cmd.args([
         "test",
         "--locked",
