@@ -1343,3 +1343,46 @@ fn zeek_minimal_configuration_gets_ports() {
     assert_eq!(v["instances"][0]["name"], agent.as_str(), "{v}");
     t.check();
 }
+
+/// Zeek's controller sends a deploy to no agent until every instance of the configuration
+/// has checked in (agents that connect in as well as those it dials), and answers a
+/// controller-side timeout when one never does (zeek-testing-cluster: deploy-error's
+/// timeout case; the "no race here" comment of the c2a tests).
+#[test]
+fn zeek_deploy_waits_for_every_instance_and_times_out_without_one() {
+    let c = Cluster::new();
+    let z = Zeek::start_running(&c, &["--request-timeout", "3s"]);
+    let _a1 = c.start_agent("agent-1", z.addr);
+    wait_instances(&z, 1);
+    let file = c.dir.path().join("late.ini");
+    std::fs::write(
+        &file,
+        "[instances]\nagent-1\nagent-2\n\n\
+         [manager]\ninstance = agent-1\nrole = manager\n\n\
+         [worker-01]\ninstance = agent-2\nrole = worker\ninterface = eth0\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    // agent-2 never comes: a controller-side timeout, and nothing runs anywhere.
+    let out = z.run(&["deploy-config", file]);
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert_eq!(v["errors"], serde_json::json!(["request timed out"]), "{v}");
+    assert!(node_pids(&z).is_empty(), "no partial deployment");
+    // agent-2 comes while the deploy waits: the deploy goes through.
+    std::thread::scope(|s| {
+        let deploying = s.spawn(|| z.run(&["deploy-config", file]));
+        eventually("the deploy is waiting", PATIENCE, || {
+            (z.ctl.log_text().matches("request=\"deploy\"").count() >= 2).then_some(())
+        });
+        let _a2 = c.start_agent("agent-2", z.addr);
+        let out = deploying.join().unwrap();
+        assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+        let v = out.json();
+        assert_eq!(
+            v["results"]["nodes"]["worker-01"]["instance"], "agent-2",
+            "{v}"
+        );
+        eventually("both nodes running", PATIENCE, || all_running(&z, 2));
+    });
+}

@@ -51,7 +51,7 @@ use std::sync::Arc;
 use drover_net::Credentials;
 use drover_net::conn::Answer;
 use drover_net::tls::{TcpTlsAcceptor, TlsPeer};
-use drover_proto::model::{MgmtResult, MgmtRole, ResultData};
+use drover_proto::model::{Configuration, MgmtResult, MgmtRole, ResultData};
 use drover_proto::msg::{ClientRequest, ClientResponse, PeerRole, Request};
 use tokio_util::sync::CancellationToken;
 
@@ -261,6 +261,24 @@ async fn answer(
             &[("request", req.kind())],
         )
         .inc();
+    if matches!(req, ZeekRequest::Deploy)
+        && let Some(staged) = shared.store.staged()
+        && !all_connected(
+            shared,
+            &staged,
+            tokio::time::Instant::now() + shared.request_timeout,
+        )
+        .await
+    {
+        // Zeek's controller sends nothing until every instance of the configuration
+        // has checked in, and answers a controller-side timeout after waiting in vain.
+        let results = vec![MgmtResult::err(&reqid, "request timed out")];
+        return Some(events::response(
+            &reqid,
+            &req,
+            ClientResponse::Results(results),
+        ));
+    }
     let request = Request {
         id: reqid.clone(),
         timeout_ms: None,
@@ -285,6 +303,31 @@ async fn answer(
         _ => reply,
     };
     Some(events::response(&reqid, &req, reply))
+}
+
+/// Waits until every instance of `config` has an agent connected, agents that dial in
+/// as well as those the controller dials, or until `deadline`; true when they all have.
+async fn all_connected(
+    shared: &Arc<Shared>,
+    config: &Configuration,
+    deadline: tokio::time::Instant,
+) -> bool {
+    // Subscribe before looking, so that a connection in between is not missed.
+    let mut events = shared.events.subscribe();
+    crate::dial::ensure(shared, config);
+    loop {
+        if config
+            .instances
+            .iter()
+            .all(|i| shared.registry.get(&i.name).is_some())
+        {
+            return true;
+        }
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) | Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return false,
+            Ok(_) => {}
+        }
+    }
 }
 
 /// Whether the staged configuration is not the deployed one: Zeek's agents restart
