@@ -116,7 +116,8 @@
 //! * The k-th consecutive failure (k ≥ 1) delays the restart by
 //!   `min(backoff_initial_ms * backoff_multiplier^(k-1), backoff_max_ms)`,
 //!   rounded to the nearest millisecond, or 0 if `backoff_initial_ms` is 0
-//!   (see [`MachineConfig::backoff_delay_ms`]).
+//!   (see [`MachineConfig::backoff_delay_ms`]), but never sooner than
+//!   [`MIN_START_INTERVAL_MS`] after the previous spawn.
 //! * When the streak reaches [`MachineConfig::max_failed_starts`] (unless it
 //!   is 0), the machine gives up: `Failed`, no more `Spawn`.
 //! * A process that stayed **ready** for at least
@@ -440,12 +441,20 @@ pub struct Machine {
     state: State,
     pid: Option<u32>,
     started_at: Option<Millis>,
+    /// When the last spawn was attempted, for [`MIN_START_INTERVAL_MS`].
+    last_spawn: Option<Millis>,
     ready_at: Option<Millis>,
     last_exit: Option<ExitStatus>,
     last_spawn_error: Option<String>,
     restart_count: u64,
     consecutive_failures: u32,
 }
+
+/// A restart never comes sooner than this after the previous spawn, whatever the
+/// backoff says: a zero backoff with unlimited retries then restarts a crash-looping
+/// node at most 50 times a second, while a node that ran a while before it died is
+/// replaced at once.
+pub const MIN_START_INTERVAL_MS: Millis = 20;
 
 impl Machine {
     /// A machine in [`State::Stopped`] with no process; call
@@ -457,6 +466,7 @@ impl Machine {
             state: State::Stopped,
             pid: None,
             started_at: None,
+            last_spawn: None,
             ready_at: None,
             last_exit: None,
             last_spawn_error: None,
@@ -614,6 +624,7 @@ impl Machine {
             if let Phase::Spawning { stop_requested } = m.phase {
                 m.pid = Some(pid);
                 m.started_at = Some(now);
+                m.last_spawn = Some(now);
                 m.ready_at = None;
                 if stop_requested {
                     m.begin_stop(now, out);
@@ -631,6 +642,7 @@ impl Machine {
         self.step(now, |m, out| {
             if let Phase::Spawning { stop_requested } = m.phase {
                 m.last_spawn_error = Some(error);
+                m.last_spawn = Some(now);
                 if stop_requested {
                     m.phase = Phase::Idle;
                     m.set_state(State::Stopped, out);
@@ -858,8 +870,11 @@ impl Machine {
             self.set_state(State::Failed, out);
         } else {
             let delay = self.config.backoff_delay_ms(self.consecutive_failures);
+            let earliest = self
+                .last_spawn
+                .map_or(0, |t| t.saturating_add(MIN_START_INTERVAL_MS));
             self.phase = Phase::Backoff {
-                restart_at: now.saturating_add(delay),
+                restart_at: now.saturating_add(delay).max(earliest),
             };
             self.set_state(State::Crashed, out);
         }
@@ -1059,11 +1074,12 @@ mod tests {
     }
 
     #[test]
-    fn zero_initial_backoff_restarts_in_the_same_call() {
+    fn zero_initial_backoff_restarts_at_once_but_never_spins() {
         let mut m = machine(|c| c.backoff_initial_ms = 0);
         let t = running_at(&mut m, 0);
+        // It ran a while: replaced in the same call.
         assert_eq!(
-            m.exited(t + 5, Code(3)),
+            m.exited(t + 100, Code(3)),
             vec![
                 StateChanged(State::Crashed),
                 StateChanged(State::Pending),
@@ -1072,17 +1088,44 @@ mod tests {
         );
         assert_eq!(m.restart_count(), 1);
         assert_eq!(m.next_deadline(), None);
-        // A failed spawn also retries at once.
+        // A spawn that fails at once is retried no sooner than the start interval.
         assert_eq!(
-            m.spawn_failed(t + 6, "ENOENT".to_owned()),
-            vec![
-                StateChanged(State::Crashed),
-                StateChanged(State::Pending),
-                Spawn
-            ]
+            m.spawn_failed(t + 101, "ENOENT".to_owned()),
+            vec![StateChanged(State::Crashed)]
+        );
+        assert_eq!(m.next_deadline(), Some(t + 101 + MIN_START_INTERVAL_MS));
+        assert_eq!(
+            m.tick(t + 101 + MIN_START_INTERVAL_MS),
+            vec![StateChanged(State::Pending), Spawn]
         );
         assert_eq!(m.restart_count(), 2);
         assert_eq!(m.consecutive_failures(), 2);
+    }
+
+    #[test]
+    fn a_crash_loop_with_zero_backoff_starts_at_most_fifty_times_a_second() {
+        let mut m = machine(|c| {
+            c.backoff_initial_ms = 0;
+            c.max_failed_starts = 0;
+        });
+        let mut now = 0;
+        let mut spawns = 0;
+        let mut actions = m.start(now);
+        while now < 1000 {
+            if actions.contains(&Spawn) {
+                spawns += 1;
+                m.spawned(now, 42);
+                actions = m.exited(now, Code(1));
+            } else {
+                now = m.next_deadline().expect("a restart is scheduled");
+                actions = m.tick(now);
+            }
+        }
+        assert!(spawns <= 51, "{spawns} starts in a second");
+        assert!(
+            spawns >= 40,
+            "{spawns} starts in a second: restarts must go on"
+        );
     }
 
     fn exit_after_ready(policy: RestartPolicy, exit: ExitStatus) -> (Vec<Action>, Machine) {

@@ -335,8 +335,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// program, narrow enough that a slip (a zero backoff with unlimited retries, a stop
 /// timeout of a year) cannot make an agent spin or hang.
 ///
-/// The first restart of a failure streak waits at least this long.
-pub const MIN_BACKOFF: Duration = Duration::from_millis(10);
+/// The shortest backoff: none. A crash loop cannot spin all the same, since the agent
+/// never starts a node twice within its start interval (20 ms).
+pub const MIN_BACKOFF: Duration = Duration::ZERO;
 /// Longest `backoff.initial` and `backoff.max`.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// Largest `backoff.multiplier` (the smallest is 1).
@@ -967,7 +968,7 @@ max_failed_starts = -1
 instance = "a"
 command = ["x"]
 stop_timeout = "2h"
-backoff = { initial = "0s", max = "2h", multiplier = 11.0, reset_after = "2days" }
+backoff = { initial = "2h", max = "3h", multiplier = 11.0, reset_after = "2days" }
 max_failed_starts = 1001
 readiness = { kind = "notify", timeout = "0s" }
 [nodes.y]
@@ -982,8 +983,8 @@ readiness = { kind = "start-period", period = "61m" }
             lines,
             vec![
                 "c.toml:5: nodes.x.stop_timeout: stop_timeout 2h is out of range: allowed 1ms to 1h",
-                "c.toml:6: nodes.x.backoff.initial: backoff.initial 0s is out of range: allowed 10ms to 1h",
-                "c.toml:6: nodes.x.backoff.max: backoff.max 2h is out of range: allowed 10ms to 1h",
+                "c.toml:6: nodes.x.backoff.initial: backoff.initial 2h is out of range: allowed 0s to 1h",
+                "c.toml:6: nodes.x.backoff.max: backoff.max 3h is out of range: allowed 0s to 1h",
                 "c.toml:6: nodes.x.backoff.multiplier: backoff multiplier 11 is out of range: allowed 1 to 10",
                 "c.toml:6: nodes.x.backoff.reset_after: backoff.reset_after 2days is out of range: allowed 0s to 1day",
                 "c.toml:7: nodes.x.max_failed_starts: max_failed_starts 1001 is out of range: allowed 0 (never give up) to 1000",
@@ -1015,11 +1016,11 @@ readiness = { kind = "tcp", port = 1, timeout = "1h" }
         });
         let mut n = Node::new("n", "a");
         n.command = vec!["x".into()];
-        n.backoff.initial = Duration::ZERO;
+        n.stop_timeout = Duration::ZERO;
         n.port = Some(0);
         c.nodes.push(n);
         let keys: Vec<String> = validate(&c).into_iter().filter_map(|i| i.key).collect();
-        assert_eq!(keys, vec!["nodes.n.backoff.initial", "nodes.n.port"]);
+        assert_eq!(keys, vec!["nodes.n.port", "nodes.n.stop_timeout"]);
     }
 
     #[test]

@@ -329,7 +329,7 @@ fn cluster_file(ctx: &Ctx, marker: &str) -> String {
     for (i, n) in ctx.names.iter().enumerate() {
         text.push_str(&format!(
             "\n[nodes.{n}]\ninstance = \"agent-{}\"\ncommand = {command}\nrestart = \"always\"\n\
-             backoff = {{ initial = \"10ms\" }}\nreadiness = {readiness}\n\
+             backoff = {{ initial = \"0s\" }}\nreadiness = {readiness}\n\
              env = {{ {MARKER} = \"{marker}\" }}\n",
             i / ctx.per_agent + 1
         ));
@@ -671,7 +671,7 @@ fn settings(readiness: Readiness) -> BTreeMap<&'static str, String> {
         "drover",
         format!(
             "a controller and 4 agents (release, loopback, mutual TLS); nodes: restart = \
-             \"always\", backoff 10ms, readiness {}; request = `drover deploy-config FILE` (a new \
+             \"always\", backoff 0s, readiness {}; request = `drover deploy-config FILE` (a new \
              CLI process: QUIC/mTLS handshake, stage, deploy); it returns once every agent \
              answered, and an agent answers once its nodes are RUNNING; running = the last \
              node_state RUNNING event on a `drover monitor` stream subscribed beforehand \

@@ -15,7 +15,7 @@ use super::system::{Finished, Listing, Pending, PidSource, Prog, System, first_l
 use crate::cluster::Cluster;
 
 /// The node settings, as printed with the results.
-pub(crate) const SETTINGS: &str = "restart = \"always\", backoff = { initial = \"10ms\" }, \
+pub(crate) const SETTINGS: &str = "restart = \"always\", backoff = { initial = \"0s\" }, \
      readiness = { kind = \"start-period\", period = \"0s\" }; status: `drover get-nodes`, a new \
      CLI process per call (process start and QUIC/mTLS handshake included), like \
      `supervisorctl status`";
@@ -37,7 +37,7 @@ pub(crate) fn cluster_file(names: &[String], argv: &[&str]) -> String {
         let _ = write!(
             text,
             "\n[nodes.{n}]\ninstance = \"{AGENT}\"\ncommand = {command}\nrestart = \"always\"\n\
-             backoff = {{ initial = \"10ms\" }}\n\
+             backoff = {{ initial = \"0s\" }}\n\
              readiness = {{ kind = \"start-period\", period = \"0s\" }}\n"
         );
     }

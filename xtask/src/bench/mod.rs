@@ -885,7 +885,7 @@ mod tests {
         assert_eq!(node["instance"].as_str(), Some("agent-1"));
         assert_eq!(node["command"][0].as_str(), Some("/bin/sleep"));
         assert_eq!(node["restart"].as_str(), Some("always"));
-        assert_eq!(node["backoff"]["initial"].as_str(), Some("10ms"));
+        assert_eq!(node["backoff"]["initial"].as_str(), Some("0s"));
         assert_eq!(node["readiness"]["kind"].as_str(), Some("start-period"));
         assert_eq!(node["readiness"]["period"].as_str(), Some("0s"));
         assert!(toml["instances"].get("agent-1").is_some());
