@@ -1114,7 +1114,7 @@ mod tests {
         while now < 1000 {
             if actions.contains(&Spawn) {
                 spawns += 1;
-                m.spawned(now, 42);
+                let _ = m.spawned(now, 42);
                 actions = m.exited(now, Code(1));
             } else {
                 now = m.next_deadline().expect("a restart is scheduled");
