@@ -23,7 +23,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -283,16 +282,8 @@ impl World {
             .path()
             .join(format!("chaos-{}.toml", self.attempts.len()));
         std::fs::write(&file, self.config_text(&share)).expect("write cluster file");
-        let mut cmd = Command::new(bin("drover"));
-        cmd.arg("--controller")
-            .arg(self.addr.to_string())
-            .arg("--ca")
-            .arg(self.c.pki_file("ca.crt"))
-            .arg("--cert")
-            .arg(self.c.pki_file("ops.crt"))
-            .arg("--key")
-            .arg(self.c.pki_file("ops.key"))
-            .arg("--timeout")
+        let mut cmd = self.c.drover_command(self.addr);
+        cmd.arg("--timeout")
             .arg(CLI_TIMEOUT)
             .arg("deploy-config")
             .arg(&file);

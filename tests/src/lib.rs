@@ -357,6 +357,19 @@ impl Cluster {
 
     /// Runs the `drover` CLI with the certificate files `FILE.crt`/`FILE.key`.
     pub fn drover_as(&self, file: &str, controller: SocketAddr, args: &[&str]) -> CliOutput {
+        let mut cmd = self.drover_command_as(file, controller);
+        cmd.arg("--timeout").arg("10s").args(args);
+        run_cli(cmd, Duration::from_secs(30))
+    }
+
+    /// The `drover` CLI as client `ops` against `controller`, for a test to add its
+    /// arguments and run as it needs (in the background, with its own timeout).
+    pub fn drover_command(&self, controller: SocketAddr) -> Command {
+        self.drover_command_as("ops", controller)
+    }
+
+    /// As [`Cluster::drover_command`], with the certificate files `FILE.crt`/`FILE.key`.
+    pub fn drover_command_as(&self, file: &str, controller: SocketAddr) -> Command {
         let mut cmd = Command::new(bin("drover"));
         cmd.arg("--controller")
             .arg(controller.to_string())
@@ -365,11 +378,8 @@ impl Cluster {
             .arg("--cert")
             .arg(self.pki_file(&format!("{file}.crt")))
             .arg("--key")
-            .arg(self.pki_file(&format!("{file}.key")))
-            .arg("--timeout")
-            .arg("10s")
-            .args(args);
-        run_cli(cmd, Duration::from_secs(30))
+            .arg(self.pki_file(&format!("{file}.key")));
+        cmd
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use drover_tests::{Cluster, PATIENCE, bin, eventually};
@@ -249,15 +249,8 @@ fn agent_sigkilled_during_large_deploys_converges_on_the_deployed_nodes() {
         let wanted = random_wanted(&mut rng);
         let file = write_cluster(&c, &id, &marker, &wanted);
         configs.insert(id.clone(), wanted);
-        let mut cmd = Command::new(bin("drover"));
-        cmd.args(["--controller", &addr.to_string()])
-            .arg("--ca")
-            .arg(c.pki_file("ca.crt"))
-            .arg("--cert")
-            .arg(c.pki_file("ops.crt"))
-            .arg("--key")
-            .arg(c.pki_file("ops.key"))
-            .args(["deploy-config", file.to_str().unwrap()])
+        let mut cmd = c.drover_command(addr);
+        cmd.args(["deploy-config", file.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let away = round % 2 == 0;

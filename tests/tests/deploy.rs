@@ -371,15 +371,8 @@ fn logs_tail_and_follow() {
     );
 
     // Follow: new lines keep arriving until we hang up.
-    let mut cmd = std::process::Command::new(bin("drover"));
-    cmd.args(["--controller", &addr.to_string()])
-        .arg("--ca")
-        .arg(c.pki_file("ca.crt"))
-        .arg("--cert")
-        .arg(c.pki_file("ops.crt"))
-        .arg("--key")
-        .arg(c.pki_file("ops.key"))
-        .args(["logs", "chatty", "-n", "0", "-f", "--stream", "stdout"])
+    let mut cmd = c.drover_command(addr);
+    cmd.args(["logs", "chatty", "-n", "0", "-f", "--stream", "stdout"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
     let mut child = cmd.spawn().unwrap();
@@ -473,15 +466,8 @@ fn monitor_sees_deploys_node_states_and_agent_loss_with_unknown_nodes() {
     use std::io::BufRead;
     let c = Cluster::new();
     let (_ctl, addr, mut agents) = start(&c, &["agent-1"]);
-    let mut cmd = std::process::Command::new(bin("drover"));
-    cmd.args(["--controller", &addr.to_string()])
-        .arg("--ca")
-        .arg(c.pki_file("ca.crt"))
-        .arg("--cert")
-        .arg(c.pki_file("ops.crt"))
-        .arg("--key")
-        .arg(c.pki_file("ops.key"))
-        .arg("monitor")
+    let mut cmd = c.drover_command(addr);
+    cmd.arg("monitor")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
     let mut child = cmd.spawn().unwrap();
@@ -686,15 +672,8 @@ fn monitor_with_logs_streams_node_output() {
             .code,
         Some(0)
     );
-    let mut cmd = std::process::Command::new(bin("drover"));
-    cmd.args(["--controller", &addr.to_string()])
-        .arg("--ca")
-        .arg(c.pki_file("ca.crt"))
-        .arg("--cert")
-        .arg(c.pki_file("ops.crt"))
-        .arg("--key")
-        .arg(c.pki_file("ops.key"))
-        .args(["monitor", "--logs"])
+    let mut cmd = c.drover_command(addr);
+    cmd.args(["monitor", "--logs"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
     let mut child = cmd.spawn().unwrap();

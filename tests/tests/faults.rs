@@ -168,15 +168,8 @@ fn controller_sigkilled_during_a_deploy_brings_agents_to_the_recorded_deploy() {
         .unwrap()
         .replace("period = \"0s\"", "period = \"3s\"");
     std::fs::write(&new, text).unwrap();
-    let mut cmd = std::process::Command::new(bin("drover"));
-    cmd.args(["--controller", &addr.to_string()])
-        .arg("--ca")
-        .arg(c.pki_file("ca.crt"))
-        .arg("--cert")
-        .arg(c.pki_file("ops.crt"))
-        .arg("--key")
-        .arg(c.pki_file("ops.key"))
-        .args(["deploy-config", new.to_str().unwrap()])
+    let mut cmd = c.drover_command(addr);
+    cmd.args(["deploy-config", new.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let deploying = cmd.spawn().unwrap();

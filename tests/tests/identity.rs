@@ -39,15 +39,8 @@ fn agent_1(c: &Cluster, log: &str, state_dir: &Path, extra: &[&str]) -> Proc {
 
 /// `drover monitor`'s events, one JSON value each.
 fn monitor(c: &Cluster, addr: SocketAddr) -> (std::process::Child, Receiver<Value>) {
-    let mut cmd = Command::new(bin("drover"));
-    cmd.args(["--controller", &addr.to_string()])
-        .arg("--ca")
-        .arg(c.pki_file("ca.crt"))
-        .arg("--cert")
-        .arg(c.pki_file("ops.crt"))
-        .arg("--key")
-        .arg(c.pki_file("ops.key"))
-        .arg("monitor")
+    let mut cmd = c.drover_command(addr);
+    cmd.arg("monitor")
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();
