@@ -356,7 +356,11 @@ impl PidFd {
     /// can never reach another process that later got the same pid. Fails with `ESRCH`
     /// once the process has been reaped; succeeds on a zombie.
     pub fn signal(&self, sig: Signal) -> io::Result<()> {
-        let flags: libc::c_uint = 0;
+        self.send_signal(sig, 0)
+    }
+
+    /// `pidfd_send_signal(2)` with `flags`.
+    fn send_signal(&self, sig: Signal, flags: libc::c_uint) -> io::Result<()> {
         // SAFETY: the arguments are a descriptor we own, a signal number, a null
         // siginfo pointer (documented as "act like kill(2)") and a flags word.
         let ret = unsafe {
@@ -383,20 +387,7 @@ impl PidFd {
     pub fn signal_group(&self, sig: Signal) -> io::Result<()> {
         /// `PIDFD_SIGNAL_PROCESS_GROUP` of `<linux/pidfd.h>`.
         const PROCESS_GROUP: libc::c_uint = 1 << 2;
-        // SAFETY: as in `signal`.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.0.as_raw_fd(),
-                sig as libc::c_int,
-                std::ptr::null::<libc::siginfo_t>(),
-                PROCESS_GROUP,
-            )
-        };
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.send_signal(sig, PROCESS_GROUP)
     }
 }
 
