@@ -355,6 +355,44 @@ impl Cluster {
         self.drover_as("ops", controller, args)
     }
 
+    /// A connection of the `ops` client to the controller at `addr`, for tests that
+    /// speak the protocol themselves. Close the endpoint when done.
+    pub async fn client_connection(
+        &self,
+        addr: SocketAddr,
+    ) -> (quinn::Endpoint, quinn::Connection) {
+        use drover_net::conn::{self, TransportSettings};
+        use drover_net::{Credentials, TlsFiles};
+        use drover_proto::msg::{API_VERSION, Hello};
+        let creds = Credentials::load(&TlsFiles {
+            ca: self.pki_file("ca.crt"),
+            cert: self.pki_file("ops.crt"),
+            key: self.pki_file("ops.key"),
+        })
+        .expect("client credentials");
+        let endpoint = conn::client_endpoint(&creds, &TransportSettings::default(), addr)
+            .expect("client endpoint");
+        let hello = Hello {
+            api_version: API_VERSION,
+            role: PeerRole::Client,
+            name: "ops".into(),
+            software: "a test client".into(),
+        };
+        let est = conn::dial(
+            &endpoint,
+            None,
+            addr,
+            "127.0.0.1",
+            hello,
+            PeerRole::Controller,
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("the client connects");
+        (endpoint, est.conn)
+    }
+
     /// Runs the `drover` CLI with the certificate files `FILE.crt`/`FILE.key`.
     pub fn drover_as(&self, file: &str, controller: SocketAddr, args: &[&str]) -> CliOutput {
         let mut cmd = self.drover_command_as(file, controller);

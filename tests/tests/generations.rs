@@ -445,7 +445,7 @@ fn state_files_are_private() {
     );
 }
 
-/// On a terminal, the deploy's spinner says how many nodes it started so far.
+/// On a terminal, the deploy's spinner says how many of its nodes have settled so far.
 #[test]
 fn a_deploy_on_a_terminal_shows_its_progress() {
     let c = Cluster::new();
@@ -473,7 +473,7 @@ fn a_deploy_on_a_terminal_shows_its_progress() {
     let out = drover_tests::run_cli(cmd, std::time::Duration::from_secs(30));
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     assert!(
-        out.stdout.contains("deploying: 1 nodes started"),
+        out.stdout.contains("deploying: 1 of 2 nodes settled"),
         "{:?}",
         out.stdout
     );

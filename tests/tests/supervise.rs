@@ -65,6 +65,7 @@ impl World {
             false,
             generation,
             Instant::now() + Duration::from_secs(20),
+            None,
         ))
     }
 
@@ -628,8 +629,14 @@ fn an_agent_killed_while_replacing_a_node_finishes_the_replacement() {
     let config = parse_toml("test.toml", &text).unwrap();
     let sup = w.sup.clone();
     w.rt.spawn(async move {
-        sup.apply(config, false, 2, Instant::now() + Duration::from_secs(60))
-            .await
+        sup.apply(
+            config,
+            false,
+            2,
+            Instant::now() + Duration::from_secs(60),
+            None,
+        )
+        .await
     });
     // Once the agent has acted on generation 2 (the record names its configuration),
     // the record still names the old process with the spec it runs, not the new one.

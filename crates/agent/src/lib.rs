@@ -42,13 +42,13 @@ use drover_net::{Credentials, Identity, NetError, TlsFiles};
 use drover_proto::model::{LogChunk, LogStream, MgmtResult, MgmtRole, NodeStatus, State};
 use drover_proto::msg::{
     API_VERSION, AgentRequest, AgentResponse, ControllerRequest, ErrorCode, Hello, PeerRole,
-    Request, Welcome, WireError,
+    Progress, Request, Welcome, WireError,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
-use crate::supervisor::{Op, Supervisor, SupervisorConfig};
+use crate::supervisor::{Op, ProgressTo, Supervisor, SupervisorConfig};
 
 /// How long the supervisor task may take to answer a watchdog ping.
 const WATCHDOG_PATIENCE: Duration = Duration::from_secs(5);
@@ -543,7 +543,26 @@ impl Agent {
                         config,
                         restart_all,
                         generation,
-                    } => results(sup.apply(*config, restart_all, generation, deadline).await),
+                        progress: true,
+                    } => {
+                        let (tx, rx) = tokio::sync::watch::channel(Progress::default());
+                        let progress = ProgressTo { tx, idle: budget };
+                        let sup = sup.clone();
+                        let apply = async move {
+                            sup.apply(*config, restart_all, generation, deadline, Some(progress))
+                                .await
+                        };
+                        return Ok(Answer::Stream(with_progress(apply, rx, req.id)));
+                    }
+                    ControllerRequest::Apply {
+                        config,
+                        restart_all,
+                        generation,
+                        progress: false,
+                    } => results(
+                        sup.apply(*config, restart_all, generation, deadline, None)
+                            .await,
+                    ),
                     ControllerRequest::Restart { nodes } => {
                         results(sup.act(Op::Restart, nodes, deadline).await)
                     }
@@ -563,6 +582,42 @@ impl Agent {
         reporter.abort();
         reason
     }
+}
+
+/// The replies of an Apply that reports progress: a [`AgentResponse::Progress`] for each
+/// count the supervisor publishes while `apply` runs, then its results. Ends early if the
+/// requester goes away (the Apply itself goes on in the supervisor).
+fn with_progress(
+    apply: impl Future<Output = Vec<MgmtResult>> + Send + 'static,
+    mut counts: tokio::sync::watch::Receiver<Progress>,
+    reqid: String,
+) -> tokio::sync::mpsc::Receiver<AgentResponse> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        tokio::pin!(apply);
+        loop {
+            tokio::select! {
+                mut rs = &mut apply => {
+                    for r in &mut rs {
+                        r.reqid.clone_from(&reqid);
+                    }
+                    let _ = tx.send(AgentResponse::Results(rs)).await;
+                    return;
+                }
+                Ok(()) = counts.changed() => {
+                    // Skipped rather than waited for when the reader is behind: the
+                    // next count says as much.
+                    let p = *counts.borrow_and_update();
+                    if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                        tx.try_send(AgentResponse::Progress(p))
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// Counts a session the controller opened through the listener as over when dropped,

@@ -71,6 +71,7 @@ use drover_proto::config::signal_number;
 use drover_proto::model::{
     self as model, Configuration, MgmtResult, MgmtRole, Node, NodeOutputs, NodeStatus, ResultData,
 };
+use drover_proto::msg::Progress;
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixDatagram;
@@ -123,6 +124,7 @@ enum Command {
         restart_all: bool,
         generation: u64,
         deadline: Instant,
+        progress: Option<ProgressTo>,
         reply: oneshot::Sender<Vec<MgmtResult>>,
     },
     Act {
@@ -207,7 +209,19 @@ struct PendingApply {
     restart_all: bool,
     generation: u64,
     deadline: Instant,
+    progress: Option<ProgressTo>,
     reply: oneshot::Sender<Vec<MgmtResult>>,
+}
+
+/// Where an Apply that reports progress sends it, and how long it may go without any:
+/// its wait for nodes ends `idle` after the last node settled, not at a fixed deadline,
+/// so a deploy of thousands of nodes never times out while it is getting somewhere.
+#[derive(Debug)]
+pub struct ProgressTo {
+    /// The latest count; a watch, so a slow reader costs nothing but skipped counts.
+    pub tx: watch::Sender<Progress>,
+    /// The longest wait between two nodes settling.
+    pub idle: Duration,
 }
 
 /// Notify messages of one node that may wait in the supervisor's queue; further ones
@@ -321,6 +335,8 @@ struct Waiter {
     nodes: Vec<(String, Option<u64>)>,
     want: Want,
     deadline: Instant,
+    /// For waits that report progress: moves `deadline` on whenever a node settles.
+    progress: Option<ProgressTo>,
     reply: oneshot::Sender<Vec<MgmtResult>>,
     results: Vec<MgmtResult>,
 }
@@ -357,6 +373,11 @@ struct Core {
     cgroups: Option<Cgroups>,
     /// The agent stops its nodes on shutdown: remove its cgroup subtree at the end.
     release_cgroups: bool,
+}
+
+/// A node count for [`Progress`].
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn epoch_ms() -> u64 {
@@ -635,12 +656,14 @@ impl Supervisor {
         restart_all: bool,
         generation: u64,
         deadline: Instant,
+        progress: Option<ProgressTo>,
     ) -> Vec<MgmtResult> {
         self.ask(|reply| Command::Apply {
             config: Box::new(config),
             restart_all,
             generation,
             deadline,
+            progress,
             reply,
         })
         .await
@@ -832,6 +855,7 @@ impl Core {
                 restart_all,
                 generation,
                 deadline,
+                progress,
                 reply,
             } => {
                 self.applies.push_back(PendingApply {
@@ -839,6 +863,7 @@ impl Core {
                     restart_all,
                     generation,
                     deadline,
+                    progress,
                     reply,
                 });
                 self.next_apply();
@@ -1002,9 +1027,14 @@ impl Core {
             config,
             restart_all,
             generation,
-            deadline,
+            mut deadline,
+            progress,
             reply,
         } = a;
+        if let Some(p) = &progress {
+            // Writing the desired state and preparing the nodes was progress too.
+            deadline = deadline.max(Instant::now() + p.idle);
+        }
         let instance = self.cfg.instance.clone();
         let now = self.now();
         self.restart_epoch = desired.restart_epoch;
@@ -1089,10 +1119,17 @@ impl Core {
         for name in self.nodes.keys().cloned().collect::<Vec<_>>() {
             self.save_record(&name);
         }
+        if let Some(p) = &progress {
+            p.tx.send_replace(Progress {
+                done: count(results.len()),
+                total: count(results.len() + wait.len()),
+            });
+        }
         self.waiters.push(Waiter {
             nodes: wait,
             want: Want::Running,
             deadline,
+            progress,
             reply,
             results,
         });
@@ -1180,6 +1217,7 @@ impl Core {
                 Want::Running
             },
             deadline,
+            progress: None,
             reply,
             results,
         });
@@ -1850,7 +1888,7 @@ impl Core {
         let mut i = 0;
         while i < self.waiters.len() {
             let w = &mut self.waiters[i];
-            let timed_out = now >= w.deadline;
+            let before = w.results.len();
             let mut pending = Vec::new();
             for (name, past) in std::mem::take(&mut w.nodes) {
                 let e = self.nodes.get(&name);
@@ -1876,19 +1914,37 @@ impl Core {
                         r.data = Some(ResultData::NodeOutputs(NodeOutputs { stdout, stderr }));
                         r
                     }
-                    (Settled::Pending, Some(e)) if timed_out => MgmtResult::err(
-                        "",
-                        format!(
-                            "timed out waiting for node '{name}' (state {})",
-                            to_model_state(e.machine.state()).as_str()
-                        ),
-                    ),
                     (Settled::Pending, Some(_)) => {
                         pending.push((name, past));
                         continue;
                     }
                 };
                 w.results.push(result.on_instance(&instance).on_node(&name));
+            }
+            if let Some(p) = &w.progress
+                && w.results.len() > before
+            {
+                w.deadline = now + p.idle;
+                p.tx.send_replace(Progress {
+                    done: count(w.results.len()),
+                    total: count(w.results.len() + pending.len()),
+                });
+            }
+            if now >= w.deadline {
+                for (name, _) in pending.drain(..) {
+                    let state = self
+                        .nodes
+                        .get(&name)
+                        .map_or("gone", |e| to_model_state(e.machine.state()).as_str());
+                    w.results.push(
+                        MgmtResult::err(
+                            "",
+                            format!("timed out waiting for node '{name}' (state {state})"),
+                        )
+                        .on_instance(&instance)
+                        .on_node(&name),
+                    );
+                }
             }
             w.nodes = pending;
             if w.nodes.is_empty() {

@@ -310,17 +310,7 @@ async fn command(
         Command::Deploy {
             restart_all,
             expect_id,
-        } => {
-            let progress = Progress::start("deploying").follow_deploy(session).await;
-            let reply = session
-                .request(&R::Deploy {
-                    restart_all: *restart_all,
-                    expect_id: expect_id.clone(),
-                })
-                .await;
-            drop(progress);
-            output::deploy(&reply?)
-        }
+        } => output::deploy(&deploy(session, *restart_all, expect_id.clone()).await?),
         Command::DeployConfig { restart_all, .. } => {
             let config = Box::new(staged.expect("read above"));
             let reply = session.request(&R::StageConfig { config }).await?;
@@ -331,15 +321,7 @@ async fn command(
             }
             // Deploy what was just staged, not what another client staged since.
             let staged_id = json["results"]["id"].as_str().map(str::to_owned);
-            let progress = Progress::start("deploying").follow_deploy(session).await;
-            let reply = session
-                .request(&R::Deploy {
-                    restart_all: *restart_all,
-                    expect_id: staged_id,
-                })
-                .await;
-            drop(progress);
-            output::deploy(&reply?)
+            output::deploy(&deploy(session, *restart_all, staged_id).await?)
         }
         Command::GetConfig {
             deployed,
@@ -459,95 +441,56 @@ async fn command(
     Ok(exit(ok))
 }
 
+/// Deploys the staged configuration, showing on a terminal how many nodes have settled
+/// so far; waits as long as the deploy makes progress (see
+/// [`Session::request_with_progress`]).
+async fn deploy(
+    session: &Session,
+    restart_all: bool,
+    expect_id: Option<String>,
+) -> anyhow::Result<drover_proto::msg::ClientResponse> {
+    let spinner = Spinner::start("deploying");
+    let req = drover_proto::msg::ClientRequest::Deploy {
+        restart_all,
+        expect_id,
+        progress: true,
+    };
+    session
+        .request_with_progress(&req, |p| spinner.say(&progress_message(p)))
+        .await
+}
+
+fn progress_message(p: drover_proto::msg::Progress) -> String {
+    format!("deploying: {} of {} nodes settled", p.done, p.total)
+}
+
 /// A spinner on stderr while a long request runs, only on a terminal; it never touches
 /// stdout, so JSON output stays clean. Cleared when dropped.
-struct Progress(
-    Option<indicatif::ProgressBar>,
-    Option<tokio::task::JoinHandle<()>>,
-);
+struct Spinner(Option<indicatif::ProgressBar>);
 
-impl Progress {
+impl Spinner {
     fn start(what: &str) -> Self {
         use std::io::IsTerminal;
         if !std::io::stderr().is_terminal() {
-            return Self(None, None);
+            return Self(None);
         }
         let bar = indicatif::ProgressBar::new_spinner().with_message(what.to_owned());
         bar.enable_steady_tick(Duration::from_millis(100));
-        Self(Some(bar), None)
+        Self(Some(bar))
     }
 
-    /// Shows how many nodes the deploy started so far, from the controller's events
-    /// (only with a spinner; without events the spinner stays as it is).
-    async fn follow_deploy(mut self, session: &Session) -> Self {
-        let Some(bar) = self.0.clone() else {
-            return self;
-        };
-        let Ok(mut events) = session
-            .request_stream(&drover_proto::msg::ClientRequest::Monitor { logs: false })
-            .await
-        else {
-            return self;
-        };
-        self.1 = Some(tokio::spawn(async move {
-            let mut progress = DeployProgress::default();
-            while let Ok(Some(reply)) = events.next::<drover_proto::msg::ClientResponse>().await {
-                if let drover_proto::msg::ClientResponse::Event(record) = reply
-                    && progress.record(&record.event)
-                {
-                    bar.set_message(progress.message());
-                }
-            }
-        }));
-        self
+    fn say(&self, message: &str) {
+        if let Some(bar) = &self.0 {
+            bar.set_message(message.to_owned());
+        }
     }
 }
 
-impl Drop for Progress {
+impl Drop for Spinner {
     fn drop(&mut self) {
-        if let Some(task) = &self.1 {
-            task.abort();
-        }
         if let Some(bar) = &self.0 {
             bar.finish_and_clear();
         }
-    }
-}
-
-/// Nodes that reached RUNNING, or FAILED, while a deploy runs, from monitor events.
-#[derive(Debug, Default)]
-struct DeployProgress {
-    running: std::collections::BTreeSet<(String, String)>,
-    failed: std::collections::BTreeSet<(String, String)>,
-}
-
-impl DeployProgress {
-    /// Counts one event; whether the counts changed.
-    fn record(&mut self, event: &drover_proto::msg::Event) -> bool {
-        use drover_proto::model::State;
-        let drover_proto::msg::Event::NodeState {
-            instance,
-            node,
-            state,
-            ..
-        } = event
-        else {
-            return false;
-        };
-        let key = (instance.clone(), node.clone());
-        match state {
-            State::Running => self.failed.remove(&key) | self.running.insert(key),
-            State::Failed => self.running.remove(&key) | self.failed.insert(key),
-            _ => self.running.remove(&key),
-        }
-    }
-
-    fn message(&self) -> String {
-        let mut m = format!("deploying: {} nodes started", self.running.len());
-        if !self.failed.is_empty() {
-            m.push_str(&format!(", {} failed", self.failed.len()));
-        }
-        m
     }
 }
 
@@ -656,37 +599,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 #[cfg(test)]
 mod tests {
-    use drover_proto::model::State;
-    use drover_proto::msg::Event;
-
     use super::*;
 
-    fn state(node: &str, state: State) -> Event {
-        Event::NodeState {
-            instance: "a".into(),
-            node: node.into(),
-            state,
-            previous: None,
-            pid: None,
-            restarts: 0,
-        }
-    }
-
     #[test]
-    fn deploy_progress_counts_each_node_once_by_its_latest_state() {
-        let mut p = DeployProgress::default();
-        assert!(!p.record(&Event::Lagged { missed: 3 }));
-        assert!(!p.record(&state("n1", State::Pending)));
-        assert!(p.record(&state("n1", State::Running)));
-        assert!(
-            !p.record(&state("n1", State::Running)),
-            "a repeat changes nothing"
-        );
-        assert!(p.record(&state("n2", State::Failed)));
-        assert_eq!(p.message(), "deploying: 1 nodes started, 1 failed");
-        // A node that crashes after starting is no longer counted as started.
-        assert!(p.record(&state("n1", State::Crashed)));
-        assert!(p.record(&state("n2", State::Running)));
-        assert_eq!(p.message(), "deploying: 1 nodes started");
+    fn progress_reads_as_settled_of_total() {
+        let p = drover_proto::msg::Progress {
+            done: 3,
+            total: 2000,
+        };
+        assert_eq!(progress_message(p), "deploying: 3 of 2000 nodes settled");
     }
 }

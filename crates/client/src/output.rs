@@ -28,7 +28,7 @@ fn single(reply: &ClientResponse) -> Option<&MgmtResult> {
     match reply {
         ClientResponse::Result(r) => Some(r),
         ClientResponse::Results(rs) => rs.first(),
-        ClientResponse::Event(_) => None,
+        ClientResponse::Event(_) | ClientResponse::Progress(_) => None,
     }
 }
 
@@ -90,7 +90,7 @@ pub fn results(reply: &ClientResponse) -> Vec<&MgmtResult> {
     match reply {
         ClientResponse::Result(r) => vec![r],
         ClientResponse::Results(rs) => rs.iter().collect(),
-        ClientResponse::Event(_) => Vec::new(),
+        ClientResponse::Event(_) | ClientResponse::Progress(_) => Vec::new(),
     }
 }
 

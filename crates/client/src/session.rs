@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use drover_net::conn::{self, TransportSettings};
 use drover_net::{Credentials, TlsFiles};
-use drover_proto::msg::{API_VERSION, ClientRequest, ClientResponse, Hello, PeerRole};
+use drover_proto::msg::{API_VERSION, ClientRequest, ClientResponse, Hello, PeerRole, Progress};
 
 use crate::settings::Settings;
 
@@ -98,6 +98,32 @@ impl Session {
     /// Sends one request and waits for its reply.
     pub async fn request(&self, req: &ClientRequest) -> anyhow::Result<ClientResponse> {
         Ok(conn::call(&self.conn, req, self.timeout).await?)
+    }
+
+    /// Sends a request that reports progress (a deploy with `progress`), passing each
+    /// [`Progress`] to `on_progress`, and returns its answer. The timeout applies between
+    /// two replies, not to the whole: a deploy of thousands of nodes may take long, but
+    /// never long without news. A controller that predates progress answers at once.
+    pub async fn request_with_progress(
+        &self,
+        req: &ClientRequest,
+        mut on_progress: impl FnMut(Progress),
+    ) -> anyhow::Result<ClientResponse> {
+        let timed_out = || drover_net::NetError::Timeout {
+            what: format!("request to peer {}", self.conn.remote_address()),
+            after: self.timeout,
+        };
+        let mut replies = conn::call_stream(&self.conn, req, self.timeout).await?;
+        loop {
+            let reply = tokio::time::timeout(self.timeout, replies.next::<ClientResponse>())
+                .await
+                .map_err(|_| timed_out())??;
+            match reply {
+                Some(ClientResponse::Progress(p)) => on_progress(p),
+                Some(answer) => return Ok(answer),
+                None => anyhow::bail!("the controller ended the request without an answer"),
+            }
+        }
     }
 
     /// Sends one request whose replies come as a stream.

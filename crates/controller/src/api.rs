@@ -20,7 +20,8 @@ use drover_proto::model::{
     Configuration, Instance, LogStream, MgmtResult, MgmtRole, NodeStatus, ResultData, State,
 };
 use drover_proto::msg::{
-    AgentResponse, ClientRequest, ClientResponse, ControllerRequest, Event, EventRecord, Request,
+    AgentResponse, ClientRequest, ClientResponse, ControllerRequest, Event, EventRecord, Progress,
+    Request,
 };
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -46,18 +47,84 @@ pub(crate) async fn handle(
     if let ClientRequest::Monitor { logs } = req.body {
         return monitor(shared, logs);
     }
+    if let ClientRequest::Deploy {
+        progress: true,
+        restart_all,
+        expect_id,
+    } = req.body
+    {
+        return deploy_with_progress(
+            shared,
+            req.id,
+            restart_all,
+            expect_id,
+            budget(shared, req.timeout_ms),
+        );
+    }
     Answer::One(handle_one(shared, req).await)
+}
+
+/// How long the controller may take over a request: its own limit, shortened to answer
+/// before the client gives up, so that a timeout is a result, not a hang.
+fn budget(shared: &Shared, client_timeout_ms: Option<u64>) -> Duration {
+    client_timeout_ms.map_or(shared.request_timeout, |ms| {
+        shared
+            .request_timeout
+            .min(Duration::from_millis(ms.saturating_mul(9) / 10))
+    })
+}
+
+/// A deploy answered as a stream: a [`ClientResponse::Progress`] whenever the agents'
+/// counts of settled nodes move, then the results. It waits for each agent until that
+/// agent has gone `budget` without progress, however long the whole takes.
+fn deploy_with_progress(
+    shared: &Arc<Shared>,
+    id: String,
+    restart_all: bool,
+    expect_id: Option<String>,
+    budget: Duration,
+) -> Answer<ClientResponse> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (counts_tx, mut counts) = tokio::sync::watch::channel(Progress::default());
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let work = deploy(
+            &shared,
+            &id,
+            restart_all,
+            expect_id,
+            budget,
+            Some(counts_tx),
+        );
+        tokio::pin!(work);
+        // A client that went away no longer hears of progress; the deploy goes on to its
+        // end all the same, as one answered at once does. A count the client is too slow
+        // for is skipped rather than waited for, which would hold up the deploy.
+        let mut listening = true;
+        loop {
+            tokio::select! {
+                results = &mut work => {
+                    let _ = tx.send(ClientResponse::Results(results)).await;
+                    return;
+                }
+                Ok(()) = counts.changed(), if listening => {
+                    let p = *counts.borrow_and_update();
+                    if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                        tx.try_send(ClientResponse::Progress(p))
+                    {
+                        listening = false;
+                    }
+                }
+            }
+        }
+    });
+    Answer::Stream(rx)
 }
 
 /// Answers a request with one reply.
 async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> ClientResponse {
     let id = req.id.clone();
-    // Answer before the client gives up, so that a timeout is a result, not a hang.
-    let budget = req.timeout_ms.map_or(shared.request_timeout, |ms| {
-        shared
-            .request_timeout
-            .min(Duration::from_millis(ms.saturating_mul(9) / 10))
-    });
+    let budget = budget(shared, req.timeout_ms);
     match req.body {
         ClientRequest::GetInstances => ClientResponse::Result(MgmtResult::ok(
             id,
@@ -80,7 +147,10 @@ async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> Client
         ClientRequest::Deploy {
             restart_all,
             expect_id,
-        } => ClientResponse::Results(deploy(shared, &id, restart_all, expect_id, budget).await),
+            progress: _,
+        } => {
+            ClientResponse::Results(deploy(shared, &id, restart_all, expect_id, budget, None).await)
+        }
         ClientRequest::GetNodes { fresh } => {
             ClientResponse::Results(get_nodes(shared, &id, fresh, budget).await)
         }
@@ -435,6 +505,25 @@ fn changes_nodes(req: &ControllerRequest) -> bool {
     )
 }
 
+/// An operation that may change an agent's nodes, tracked in the view from before it is
+/// sent until it ends; the tracking ends even if the calling task is dropped half-way.
+struct Tracked<'a>(&'a Shared, &'a str);
+
+impl<'a> Tracked<'a> {
+    fn start(shared: &'a Shared, name: &'a str, req: &ControllerRequest) -> Option<Self> {
+        changes_nodes(req).then(|| {
+            shared.view().op_started(name);
+            Self(shared, name)
+        })
+    }
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        self.0.view().op_finished(self.1);
+    }
+}
+
 /// Sends one request to an agent; an operation that may change its nodes is tracked in
 /// the view from before it is sent until it ends, however it ends.
 pub(crate) async fn call_agent(
@@ -444,17 +533,7 @@ pub(crate) async fn call_agent(
     req: &ControllerRequest,
     budget: Duration,
 ) -> Result<AgentResponse, String> {
-    /// Ends the tracking even if the calling task is dropped half-way.
-    struct Tracked<'a>(&'a Shared, &'a str);
-    impl Drop for Tracked<'_> {
-        fn drop(&mut self) {
-            self.0.view().op_finished(self.1);
-        }
-    }
-    let _tracked = changes_nodes(req).then(|| {
-        shared.view().op_started(name);
-        Tracked(shared, name)
-    });
+    let _tracked = Tracked::start(shared, name, req);
     conn::call::<_, AgentResponse>(conn, req, budget)
         .await
         .map_err(|e| match e {
@@ -486,6 +565,79 @@ async fn fan_out(
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// As [`fan_out`], for requests that report progress: waits for each agent until it has
+/// sent nothing for `budget` (not for `budget` in all), and publishes the sum of the
+/// agents' latest counts to `progress`. Agents that answer at once are waited for as
+/// in [`fan_out`].
+async fn fan_out_with_progress(
+    shared: &Arc<Shared>,
+    requests: Vec<(String, quinn::Connection, ControllerRequest)>,
+    budget: Duration,
+    progress: tokio::sync::watch::Sender<Progress>,
+) -> Vec<(String, Result<AgentResponse, String>)> {
+    let (counts_tx, mut counts_rx) = tokio::sync::mpsc::channel::<(String, Progress)>(64);
+    let mut set = JoinSet::new();
+    for (name, conn, req) in requests {
+        let shared = shared.clone();
+        let counts = counts_tx.clone();
+        set.spawn(async move {
+            let r = call_agent_with_progress(&shared, &name, &conn, &req, budget, &counts).await;
+            (name, r)
+        });
+    }
+    drop(counts_tx);
+    let mut latest: BTreeMap<String, Progress> = BTreeMap::new();
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            Some((name, p)) = counts_rx.recv() => {
+                latest.insert(name, p);
+                let sum = latest.values().fold(Progress::default(), |a, p| Progress {
+                    done: a.done.saturating_add(p.done),
+                    total: a.total.saturating_add(p.total),
+                });
+                progress.send_replace(sum);
+            }
+            r = set.join_next() => match r {
+                Some(Ok(r)) => out.push(r),
+                Some(Err(_)) => {}
+                None => break,
+            },
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Sends one request that reports progress to an agent and reads its replies, each
+/// within `budget`, passing progress on to `counts`, until the answer.
+async fn call_agent_with_progress(
+    shared: &Shared,
+    name: &str,
+    conn: &quinn::Connection,
+    req: &ControllerRequest,
+    budget: Duration,
+    counts: &tokio::sync::mpsc::Sender<(String, Progress)>,
+) -> Result<AgentResponse, String> {
+    let _tracked = Tracked::start(shared, name, req);
+    let explain = |e: drover_net::NetError| e.to_string();
+    let mut replies = tokio::time::timeout(budget, conn::call_stream(conn, req, budget))
+        .await
+        .map_err(|_| "request timed out".to_owned())?
+        .map_err(explain)?;
+    loop {
+        match tokio::time::timeout(budget, replies.next::<AgentResponse>()).await {
+            Err(_) => return Err("request timed out".to_owned()),
+            Ok(Err(e)) => return Err(explain(e)),
+            Ok(Ok(None)) => return Err("the agent ended the request without an answer".to_owned()),
+            Ok(Ok(Some(AgentResponse::Progress(p)))) => {
+                let _ = counts.send((name.to_owned(), p)).await;
+            }
+            Ok(Ok(Some(answer))) => return Ok(answer),
+        }
+    }
 }
 
 /// Turns agents' answers into per-node results.
@@ -531,6 +683,7 @@ async fn deploy(
     restart_all: bool,
     expect_id: Option<String>,
     budget: Duration,
+    progress: Option<tokio::sync::watch::Sender<Progress>>,
 ) -> Vec<MgmtResult> {
     if shared.store.staged().is_none() {
         return vec![MgmtResult::err(id, "no configuration available to deploy")];
@@ -562,7 +715,7 @@ async fn deploy(
             ),
         )];
     }
-    deploy_locked(shared, id, config, restart_all, budget).await
+    deploy_locked(shared, id, config, restart_all, budget, progress).await
 }
 
 /// Nodes pinned to a CPU their instance does not have (`cpus`: how many an instance's
@@ -596,6 +749,7 @@ async fn deploy_locked(
     mut config: Configuration,
     restart_all: bool,
     budget: Duration,
+    progress: Option<tokio::sync::watch::Sender<Progress>>,
 ) -> Vec<MgmtResult> {
     // zeek: wait for agents the controller dials (bounded by the budget), as Zeek's
     // controller does; the rest of the budget is the agents'.
@@ -691,11 +845,15 @@ async fn deploy_locked(
                 generation,
                 config: Box::new(share),
                 restart_all,
+                progress: progress.is_some(),
             };
             (name, conn, req)
         })
         .collect();
-    let answers = fan_out(shared, requests, budget).await;
+    let answers = match progress {
+        Some(progress) => fan_out_with_progress(shared, requests, budget, progress).await,
+        None => fan_out(shared, requests, budget).await,
+    };
     // An agent that connected while this deploy was prepared may have been brought to the
     // previous desired deploy; bring it to this one (a repeat changes nothing).
     for (name, conn) in shared.registry.connections() {
@@ -792,6 +950,7 @@ pub(crate) async fn reapply(
         generation: desired.generation,
         config: Box::new(crate::zeek::layout::share_for(&desired.config, name)),
         restart_all: false,
+        progress: false,
     };
     match call_agent(shared, name, conn, &req, shared.request_timeout).await {
         Ok(AgentResponse::Results(rs)) => {

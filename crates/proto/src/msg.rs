@@ -173,6 +173,11 @@ pub enum ClientRequest {
         /// swap); any staged configuration when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         expect_id: Option<String>,
+        /// Answer with a stream: [`ClientResponse::Progress`] frames while nodes start,
+        /// then the results. Such a deploy times out only once no node has settled for
+        /// the request timeout, however long the whole takes.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        progress: bool,
     },
     /// The status of every node on every connected agent: from the statuses agents
     /// report on every change, asking an agent directly when its reports cannot be
@@ -282,6 +287,18 @@ pub enum ClientResponse {
     Results(Vec<MgmtResult>),
     /// One cluster event (to `Monitor` subscribers).
     Event(EventRecord),
+    /// How far a deploy asked with `progress` has got; the results follow.
+    Progress(Progress),
+}
+
+/// How far an operation on many nodes has got, sent ahead of its results when the
+/// requester asked for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Nodes settled so far: running, or failed.
+    pub done: u32,
+    /// Nodes the operation waits for.
+    pub total: u32,
 }
 
 /// A cluster event with the time the controller saw it.
@@ -409,6 +426,11 @@ pub enum ControllerRequest {
         /// lets an older one override a newer. 0 from peers that predate generations.
         #[serde(default)]
         generation: u64,
+        /// Answer with a stream: [`AgentResponse::Progress`] whenever another node
+        /// settles, then the results; the wait for nodes then ends only once none has
+        /// settled for the request's timeout. Agents that predate it answer once.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        progress: bool,
     },
     /// Restart nodes (all of the agent's when empty).
     Restart {
@@ -474,6 +496,8 @@ pub enum AgentResponse {
     Results(Vec<MgmtResult>),
     /// Lines of a node's output.
     Log(LogChunk),
+    /// How far an Apply asked with `progress` has got; the results follow.
+    Progress(Progress),
 }
 
 #[cfg(test)]

@@ -399,6 +399,7 @@ async fn main() -> anyhow::Result<()> {
         &ClientRequest::Deploy {
             restart_all: false,
             expect_id: Some(config_id.clone()),
+            progress: false,
         },
         Duration::from_secs(300),
     )

@@ -238,6 +238,8 @@ async fn answer(
         ZeekRequest::Deploy => ClientRequest::Deploy {
             restart_all: deploy == DeployMode::RestartAll && is_new(shared),
             expect_id: None,
+            // Zeek's controller times a deploy out as a whole.
+            progress: false,
         },
         ZeekRequest::GetNodes => ClientRequest::GetNodes { fresh: true },
         ZeekRequest::GetIdValue { id, nodes } => ClientRequest::GetIdValue {

@@ -1,0 +1,178 @@
+//! A deploy that takes longer than the request timeout succeeds as long as nodes keep
+//! settling: the agent reports progress, the controller passes it on, and each side's
+//! timeout runs from the last progress, not from the start. A node that never settles
+//! still ends the deploy, one timeout after the last progress.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use drover_net::conn;
+use drover_proto::model::MgmtResult;
+use drover_proto::msg::{ClientRequest, ClientResponse, Progress};
+use drover_tests::{Cluster, PATIENCE, bin, eventually};
+
+/// The controller's request timeout in these tests; nodes take several times as long
+/// in all, each settling well within it after the one before.
+const REQUEST_TIMEOUT: &str = "2s";
+/// Between two nodes' readiness.
+const STEP_MS: u64 = 400;
+const NODES: u64 = 12;
+
+/// `NODES` nodes that become ready one after another, `STEP_MS` apart, and, with
+/// `stuck`, one more that never does.
+fn staggered(c: &Cluster, stuck: bool) -> std::path::PathBuf {
+    let prog = bin("drover-testprog");
+    let mut text = String::from(
+        "[defaults]\nreadiness = { kind = \"notify\", timeout = \"120s\" }\n[instances.a]\n",
+    );
+    for i in 1..=NODES {
+        text.push_str(&format!(
+            "[nodes.n{i:02}]\ninstance = \"a\"\ncommand = [\"{}\", \"--ready-after\", \"{}ms\"]\n",
+            prog.display(),
+            i * STEP_MS
+        ));
+    }
+    if stuck {
+        text.push_str(&format!(
+            "[nodes.stuck]\ninstance = \"a\"\ncommand = [\"{}\", \"--sleep-forever\"]\n",
+            prog.display()
+        ));
+    }
+    let path = c.dir.path().join(format!("staggered-{stuck}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start(c: &Cluster) -> (drover_tests::Proc, drover_tests::Proc, SocketAddr) {
+    let (ctl, addr) =
+        c.start_controller_with("127.0.0.1:0", &["--request-timeout", REQUEST_TIMEOUT]);
+    let agent = c.start_agent("a", addr);
+    eventually("agent a connected", PATIENCE, || {
+        c.drover(addr, &["get-instances"])
+            .json()
+            .get("a")
+            .map(|_| ())
+    });
+    (ctl, agent, addr)
+}
+
+/// Sends a deploy of what is staged; returns the progress seen and the results.
+fn deploy_raw(c: &Cluster, addr: SocketAddr, progress: bool) -> (Vec<Progress>, Vec<MgmtResult>) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (endpoint, conn) = c.client_connection(addr).await;
+        let req = ClientRequest::Deploy {
+            restart_all: true,
+            expect_id: None,
+            progress,
+        };
+        let mut replies = conn::call_stream(&conn, &req, PATIENCE).await.unwrap();
+        let mut seen = Vec::new();
+        let results = loop {
+            let reply = tokio::time::timeout(PATIENCE, replies.next::<ClientResponse>())
+                .await
+                .expect("a reply within the test's patience")
+                .expect("a readable reply")
+                .expect("an answer before the stream ends");
+            match reply {
+                ClientResponse::Progress(p) => seen.push(p),
+                ClientResponse::Results(rs) => break rs,
+                other => panic!("unexpected reply {other:?}"),
+            }
+        };
+        endpoint.close(0u32.into(), b"");
+        (seen, results)
+    })
+}
+
+fn node_result<'a>(results: &'a [MgmtResult], node: &str) -> &'a MgmtResult {
+    results
+        .iter()
+        .find(|r| r.node.as_deref() == Some(node))
+        .unwrap_or_else(|| panic!("no result for {node}: {results:?}"))
+}
+
+#[test]
+fn a_deploy_longer_than_the_request_timeout_succeeds_while_nodes_keep_settling() {
+    let c = Cluster::new();
+    let (_ctl, _agent, addr) = start(&c);
+    let file = staggered(&c, false);
+
+    // The CLI: every node started, although the whole took several request timeouts.
+    let began = std::time::Instant::now();
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    let took = began.elapsed();
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        took > Duration::from_secs(3),
+        "the nodes were to take longer than the request timeout; took {took:?}"
+    );
+    let v = out.json();
+    assert_eq!(v["errors"], serde_json::json!([]), "{}", out.stdout);
+    for i in 1..=NODES {
+        let n = &v["results"]["nodes"][format!("n{i:02}")];
+        assert_eq!(n["success"], true, "{}", out.stdout);
+    }
+
+    // The protocol: progress comes as nodes settle, counting up to all of them.
+    let (seen, results) = deploy_raw(&c, addr, true);
+    for i in 1..=NODES {
+        let r = node_result(&results, &format!("n{i:02}"));
+        assert!(r.success, "{r:?}");
+    }
+    assert!(
+        seen.len() >= 3,
+        "progress as nodes settle one after another: {seen:?}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].done <= w[1].done),
+        "counts never go back: {seen:?}"
+    );
+    let last = seen.last().unwrap();
+    assert_eq!(last.total, u32::try_from(NODES).unwrap(), "{seen:?}");
+}
+
+#[test]
+fn without_progress_a_deploy_is_timed_out_as_a_whole() {
+    let c = Cluster::new();
+    let (_ctl, _agent, addr) = start(&c);
+    let file = staggered(&c, false);
+    let out = c.drover(addr, &["stage-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+
+    // As zeek-client asks: the late nodes are reported as timed out.
+    let (seen, results) = deploy_raw(&c, addr, false);
+    assert!(seen.is_empty(), "no progress unless asked for: {seen:?}");
+    let last = node_result(&results, &format!("n{NODES:02}"));
+    assert!(!last.success, "{last:?}");
+    assert!(
+        last.error
+            .as_deref()
+            .is_some_and(|e| e.contains("timed out")),
+        "{last:?}"
+    );
+}
+
+#[test]
+fn a_node_that_never_settles_ends_the_deploy_one_timeout_after_the_last_progress() {
+    let c = Cluster::new();
+    let (_ctl, _agent, addr) = start(&c);
+    let file = staggered(&c, true);
+    let out = c.drover(addr, &["stage-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+
+    let (_, results) = deploy_raw(&c, addr, true);
+    for i in 1..=NODES {
+        let r = node_result(&results, &format!("n{i:02}"));
+        assert!(r.success, "{r:?}");
+    }
+    let stuck = node_result(&results, "stuck");
+    assert!(!stuck.success, "{stuck:?}");
+    assert!(
+        stuck
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("timed out waiting for node 'stuck'")),
+        "{stuck:?}"
+    );
+}
