@@ -85,6 +85,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Where the nodes' cgroups go.
     pub cgroup: cgroup::CgroupSetting,
+    /// The agent exits with an error when its supervisor has not answered for this
+    /// long (never when `None`); its nodes keep running for the next agent process.
+    pub stall_timeout: Option<Duration>,
 }
 
 /// Why an agent could not start.
@@ -300,12 +303,29 @@ impl Agent {
                     .await;
             }
         };
+        let stall = async {
+            match this.config.stall_timeout {
+                Some(limit) => supervisor.stalled(limit).await,
+                None => std::future::pending().await,
+            }
+        };
         on_ready();
         tokio::select! {
             _ = async { tokio::join!(dial, listen) } => {}
             what = supervisor.failed() => {
                 tracing::error!("the supervisor ended: {what}; exiting, leaving the nodes to the next agent process");
                 return Err(Error::Supervisor(format!("ended: {what}")));
+            }
+            () = stall => {
+                let limit = this.config.stall_timeout.unwrap_or_default();
+                tracing::error!(
+                    "the supervisor has not answered for {}; exiting, leaving the nodes to the next agent process",
+                    humantime::format_duration(limit)
+                );
+                return Err(Error::Supervisor(format!(
+                    "stalled: no answer for {}",
+                    humantime::format_duration(limit)
+                )));
             }
         }
         let stop = this.config.stop_nodes_on_exit;

@@ -77,6 +77,11 @@ struct Args {
     /// groups only) [default: auto].
     #[arg(long, env = "DROVER_CGROUP_ROOT")]
     cgroup_root: Option<CgroupSetting>,
+    /// Exit (non-zero, leaving the nodes to the next agent process) when the supervisor
+    /// has not answered for this long: a stuck agent is worse than a restarted one;
+    /// `0` never [default: 30s].
+    #[arg(long, env = "DROVER_STALL_TIMEOUT", value_parser = humantime::parse_duration)]
+    stall_timeout: Option<Duration>,
 }
 
 /// What happens to nodes when the agent exits on SIGTERM or SIGINT.
@@ -113,6 +118,8 @@ struct FileConfig {
     metrics_listen: Option<std::net::SocketAddr>,
     #[serde(default, deserialize_with = "cgroup_setting")]
     cgroup_root: Option<CgroupSetting>,
+    #[serde(default, with = "humantime_opt")]
+    stall_timeout: Option<Duration>,
 }
 
 fn cgroup_setting<'de, D: serde::Deserializer<'de>>(
@@ -176,6 +183,12 @@ fn config(args: Args) -> anyhow::Result<Config> {
         stop_nodes_on_exit: args.on_exit.or(file.on_exit).unwrap_or(OnExit::Stop) == OnExit::Stop,
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
         cgroup: args.cgroup_root.or(file.cgroup_root).unwrap_or_default(),
+        stall_timeout: Some(
+            args.stall_timeout
+                .or(file.stall_timeout)
+                .unwrap_or(Duration::from_secs(30)),
+        )
+        .filter(|d| !d.is_zero()),
         logs,
     })
 }

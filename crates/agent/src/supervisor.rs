@@ -157,6 +157,9 @@ enum Command {
     /// Panics the task, to test what follows.
     #[cfg(test)]
     Panic,
+    /// Blocks the supervisor task's thread this long, as a stuck system call would.
+    #[cfg(test)]
+    Stall(Duration),
 }
 
 /// Operator actions on existing nodes.
@@ -738,6 +741,18 @@ impl Supervisor {
             .is_ok_and(|r| r.is_some())
     }
 
+    /// Resolves once the supervisor task has gone `limit` without answering a ping:
+    /// stuck in a system call, or in a loop. Asks every `limit / 2`, so a stall is
+    /// noticed within one and a half times `limit`, at the cost of a wake-up per ask.
+    pub async fn stalled(&self, limit: Duration) {
+        loop {
+            tokio::time::sleep(limit / 2).await;
+            if !self.ping(limit).await {
+                return;
+            }
+        }
+    }
+
     /// Resolves, with what happened, if the supervisor task ends by a panic; never
     /// otherwise. The agent then exits with an error and leaves the nodes to the next
     /// agent process, which adopts them.
@@ -917,6 +932,8 @@ impl Core {
             }
             #[cfg(test)]
             Command::Panic => panic!("asked to panic"),
+            #[cfg(test)]
+            Command::Stall(d) => std::thread::sleep(d),
             Command::Shutdown { stop_nodes, reply } => {
                 self.release_cgroups = stop_nodes;
                 let now = self.now();
@@ -2522,6 +2539,40 @@ mod tests {
                 .expect("the failure is reported");
             assert_eq!(what, "it panicked: asked to panic");
             assert!(!sup.ping(Duration::from_secs(1)).await);
+        });
+    }
+
+    #[test]
+    fn a_stuck_supervisor_task_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sup = Supervisor::start(SupervisorConfig {
+                instance: "agent-1".into(),
+                state_dir: dir.path().to_owned(),
+                logs: LogConfig::default(),
+                cgroup: CgroupSetting::None,
+            })
+            .unwrap();
+            let limit = Duration::from_millis(300);
+            // Answering: not stalled over several asks.
+            assert!(
+                tokio::time::timeout(limit * 4, sup.stalled(limit))
+                    .await
+                    .is_err(),
+                "an answering supervisor is not stalled"
+            );
+            sup.tx
+                .send(Command::Stall(Duration::from_secs(3)))
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(5), sup.stalled(limit))
+                .await
+                .expect("the stall is noticed before it ends");
         });
     }
 
