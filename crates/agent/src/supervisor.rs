@@ -463,9 +463,12 @@ fn write_record(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.set_len(bytes.len() as u64)
 }
 
-/// Writes the desired state: a temp file, synced, renamed over the old one, and the
-/// directory synced, so that once an Apply acts on it, it survives a crash or a power
-/// loss whole.
+/// Writes the desired state: a temp file renamed over the old one, so that an agent
+/// killed at any moment finds the old state or the new one, whole. It is not synced
+/// here: what an agent acts on must survive the agent, which the page cache does; only a
+/// host crash could lose it, and that ends the nodes too, while the controller (which
+/// syncs its own record before telling agents) brings the agent back to it on reconnect.
+/// [`sync_desired`] makes it durable afterwards, off the path to the first spawn.
 fn write_desired(path: &Path, desired: &Desired) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -478,8 +481,12 @@ fn write_desired(path: &Path, desired: &Desired) -> std::io::Result<()> {
         .mode(0o600)
         .open(&tmp)?;
     f.write_all(&bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Syncs the desired state [`write_desired`] wrote, and its directory.
+fn sync_desired(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()?;
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)?.sync_all()?;
     }
@@ -1032,7 +1039,14 @@ impl Core {
                             path.display()
                         )
                     });
+                let written = result.is_ok();
                 let _ = events.send(Event::DesiredWritten(result));
+                if written && let Err(err) = sync_desired(&path) {
+                    warn!(
+                        "cannot sync the desired state in {}: {err}; a host crash could lose it until the controller applies again",
+                        path.display()
+                    );
+                }
             });
             self.writing = Some((a, desired));
         }
