@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use std::fs::File;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::{debug, trace, warn};
 
@@ -58,17 +57,32 @@ fn pause(last: Option<(u64, Instant)>, len: u64, now: Instant, bound: u64) -> Du
 
 /// The watcher's thread; dropping this stops it.
 pub struct LogWatch {
-    stop: Arc<AtomicBool>,
+    /// Written to stop the thread: it waits on this beside inotify, so that it sleeps
+    /// until something happens instead of waking up to look at a flag.
+    stop: Arc<OwnedFd>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for LogWatch {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: the descriptor is an open eventfd and `one` 8 readable bytes.
+        let _ = unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), one.len()) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
+}
+
+/// An eventfd for [`LogWatch::stop`].
+fn stop_fd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; a negative result is an error.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor we own and nothing else refers to.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Starts watching the node directories under `nodes_dir`; see the module doc. `None`
@@ -84,7 +98,13 @@ pub fn spawn(nodes_dir: PathBuf, config: LogConfig) -> Option<LogWatch> {
             return None;
         }
     };
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = match stop_fd() {
+        Ok(fd) => Arc::new(fd),
+        Err(e) => {
+            warn!("cannot start the log watcher: {e}; log sizes are only checked periodically");
+            return None;
+        }
+    };
     let stopped = stop.clone();
     let thread = std::thread::Builder::new()
         .name("logwatch".into())
@@ -96,9 +116,6 @@ pub fn spawn(nodes_dir: PathBuf, config: LogConfig) -> Option<LogWatch> {
         thread: Some(thread),
     })
 }
-
-/// How often the thread looks at its stop flag while nothing happens.
-const STOP_POLL: Duration = Duration::from_millis(100);
 
 struct Watcher {
     inotify: Inotify,
@@ -129,7 +146,7 @@ impl Watcher {
         })
     }
 
-    fn run(mut self, stop: &AtomicBool) {
+    fn run(mut self, stop: &OwnedFd) {
         raise_priority();
         let syncer = Syncer::start();
         // Every node there now, checked once: what they wrote while no agent ran.
@@ -142,7 +159,7 @@ impl Watcher {
             }
         }
         let mut buf = vec![0u8; 64 * 1024];
-        while !stop.load(Ordering::Relaxed) {
+        loop {
             if !dirty.is_empty() {
                 let checked = check(std::mem::take(&mut dirty), self.config, &syncer);
                 let now = Instant::now();
@@ -163,8 +180,9 @@ impl Watcher {
                     .unwrap_or(MAX_PAUSE);
                 std::thread::sleep(next);
             }
-            let n = match self.inotify.read(&mut buf, STOP_POLL) {
-                Ok(n) => n,
+            let n = match self.inotify.read(&mut buf, stop) {
+                Ok(Some(n)) => n,
+                Ok(None) => return,
                 Err(e) => {
                     warn!("cannot read log events: {e}; log sizes are only checked periodically");
                     return;
@@ -330,35 +348,45 @@ impl Inotify {
         Ok(wd)
     }
 
-    /// Reads whole events into `buf`, waiting at most `wait` for them; 0 when none came.
-    fn read(&self, buf: &mut [u8], wait: Duration) -> io::Result<usize> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+    /// Reads whole events into `buf`, waiting for them as long as it takes; 0 when
+    /// woken without any, `None` once `stop` is readable.
+    fn read(&self, buf: &mut [u8], stop: &OwnedFd) -> io::Result<Option<usize>> {
+        let mut pfds = [
+            libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds.
+        let ready = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
         if ready < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(0)
+                Ok(Some(0))
             } else {
                 Err(e)
             };
         }
-        if ready == 0 {
-            return Ok(0);
+        if pfds[1].revents != 0 {
+            return Ok(None);
+        }
+        if pfds[0].revents == 0 {
+            return Ok(Some(0));
         }
         // SAFETY: `buf` is valid for writes of its length.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         match usize::try_from(n) {
-            Ok(n) => Ok(n),
+            Ok(n) => Ok(Some(n)),
             Err(_) => {
                 let e = io::Error::last_os_error();
                 match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(Some(0)),
                     _ => Err(e),
                 }
             }
@@ -507,5 +535,49 @@ mod tests {
         }
         assert!(late.disk_usage() <= 3 * config.max_bytes);
         drop(watch);
+    }
+
+    /// Voluntary context switches of this process's threads named `name`.
+    fn switches(name: &str) -> u64 {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .filter_map(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .sum()
+    }
+
+    #[test]
+    fn an_idle_watcher_sleeps_until_written_to_or_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = dir.path().join("nodes");
+        std::fs::create_dir_all(nodes.join("quiet")).unwrap();
+        let watch = spawn(nodes, LogConfig::default()).expect("inotify");
+        // Once it has settled into its wait, nothing wakes it while nothing is written.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut before = switches("logwatch");
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = switches("logwatch");
+            if now == before {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the watcher never settles");
+            before = now;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(switches("logwatch"), before, "woke up with nothing to do");
+        // And a drop still ends it at once.
+        let began = Instant::now();
+        drop(watch);
+        assert!(began.elapsed() < Duration::from_secs(5));
+        assert_eq!(switches("logwatch"), 0, "the thread is gone");
     }
 }
