@@ -733,7 +733,7 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ClusterRole, CpuAffinity, Readiness, RestartPolicy};
+    use crate::model::{ClusterRole, CpuAffinity, Readiness, RestartPolicy, Umask};
     use std::time::Duration;
 
     const GOOD: &str = r#"
@@ -1081,7 +1081,7 @@ no_new_privileges = true
         assert_eq!(m.user.as_deref(), Some("65534"));
         assert_eq!(m.group.as_deref(), Some("nogroup"));
         assert_eq!(m.supplementary_groups, ["adm"]);
-        assert_eq!(m.umask, Some(crate::exec::Umask(0o27)));
+        assert_eq!(m.umask, Some(Umask(0o27)));
         assert_eq!(m.capabilities.as_deref(), Some(&[][..]));
         assert!(m.no_new_privileges);
         let w = c.resolve(c.node("w").unwrap());
