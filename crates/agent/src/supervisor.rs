@@ -191,8 +191,12 @@ enum Event {
     },
     /// The desired state of the Apply in [`Core::writing`] is on disk and its new
     /// nodes' directories, logs and sockets are made, or it could not be written.
-    DesiredWritten(Result<Prepared, String>),
+    DesiredWritten(Result<(Prepared, Plans), String>),
 }
+
+/// The resolved identity, capabilities and limits of the nodes an Apply starts or
+/// restarts (see [`crate::exec`]), or why a node cannot have them.
+type Plans = BTreeMap<String, Result<std::sync::Arc<crate::exec::Plan>, String>>;
 
 /// A new node's name, directory and working directory to make before its first spawn.
 type PrepareJob = (String, PathBuf, Option<PathBuf>, PathBuf);
@@ -302,6 +306,8 @@ struct Entry {
     /// Why the last start failed (an exec error), until the node next runs.
     last_error: Option<String>,
     notify_task: Option<tokio::task::AbortHandle>,
+    /// What its child applies before exec, once resolved for `spec` (or why it cannot).
+    plan: Option<Result<std::sync::Arc<crate::exec::Plan>, String>>,
     /// The record as last written: an unchanged record is not written again (a deploy
     /// would otherwise write each new node's record three times, and file creation and
     /// renames are most of the agent's cost per spawned node).
@@ -981,9 +987,31 @@ impl Core {
             let path = self.desired_path();
             let events = self.events.clone();
             let to_write = desired.clone();
+            let exec_jobs: Vec<(String, Node, PathBuf, PathBuf)> = changes
+                .start
+                .iter()
+                .chain(&changes.restart)
+                .filter_map(|name| desired.nodes.get_key_value(name))
+                .filter(|(_, spec)| crate::exec::wanted(spec))
+                .map(|(name, spec)| {
+                    let dir = self.nodes_dir.join(name);
+                    let notify = Self::notify_path(&self.socks.dir(name));
+                    (name.clone(), spec.clone(), dir, notify)
+                })
+                .collect();
             tokio::task::spawn_blocking(move || {
                 let result = write_desired(&path, &to_write)
-                    .map(|()| Self::run_prepare(&jobs, logs, &socks, cgroups.as_ref()))
+                    .map(|()| {
+                        let prepared = Self::run_prepare(&jobs, logs, &socks, cgroups.as_ref());
+                        let plans = exec_jobs
+                            .iter()
+                            .map(|(name, spec, dir, notify)| {
+                                let plan = crate::exec::prepare(name, spec, dir, notify);
+                                (name.clone(), plan.map(std::sync::Arc::new))
+                            })
+                            .collect();
+                        (prepared, plans)
+                    })
                     .map_err(|err| {
                         format!(
                             "cannot record the desired state in {}: {err}",
@@ -997,7 +1025,13 @@ impl Core {
     }
 
     /// Carries out an Apply whose desired state is on disk.
-    fn carry_out(&mut self, a: PendingApply, desired: Desired, mut prepared: Prepared) {
+    fn carry_out(
+        &mut self,
+        a: PendingApply,
+        desired: Desired,
+        mut prepared: Prepared,
+        mut plans: Plans,
+    ) {
         let PendingApply {
             config,
             restart_all,
@@ -1045,6 +1079,7 @@ impl Core {
             };
             info!(node = %name, "node spec changed; restarting it");
             e.spec = spec;
+            e.plan = plans.remove(&name);
             e.config_id.clone_from(&config.id);
             e.deploy_gen = generation;
             e.removing = false;
@@ -1073,6 +1108,7 @@ impl Core {
                         .get_mut(&name)
                         .map(|e| {
                             e.deploy_gen = generation;
+                            e.plan = plans.remove(&name);
                             e.machine.start(now)
                         })
                         .unwrap_or_default();
@@ -1322,6 +1358,7 @@ impl Core {
             last_exit: None,
             last_error: None,
             notify_task: None,
+            plan: None,
             written: Vec::new(),
         };
         entry.notify_task = Some(self.listen_notify(name, sock)?);
@@ -1492,6 +1529,15 @@ impl Core {
         let args = args.to_vec();
         self.announce_spawn(name, token);
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
+        // Resolved when the Apply prepared the node; else (an adopted node's restart
+        // after an agent restart) here, once.
+        let plan = e
+            .plan
+            .get_or_insert_with(|| {
+                let notify = Self::notify_path(&sock_dir);
+                crate::exec::prepare(name, &e.spec, &e.dir, &notify).map(std::sync::Arc::new)
+            })
+            .clone()?;
         let spec = &e.spec;
         let launch = sys::SpawnSpec {
             program: &program,
@@ -1501,6 +1547,7 @@ impl Core {
             cwd: &workdir,
             stdout: std::os::fd::AsFd::as_fd(&out),
             stderr: std::os::fd::AsFd::as_fd(&err),
+            exec: Some(&plan),
         };
         let cpus: Option<Vec<usize>> = spec
             .cpu_affinity
@@ -1644,7 +1691,7 @@ impl Core {
                     return;
                 };
                 match result {
-                    Ok(prepared) => self.carry_out(a, desired, prepared),
+                    Ok((prepared, plans)) => self.carry_out(a, desired, prepared, plans),
                     Err(msg) => {
                         warn!("{msg}");
                         let instance = self.cfg.instance.clone();
@@ -2089,6 +2136,13 @@ impl Core {
             }
             let e = self.nodes.get_mut(&name).expect("just created");
             e.deploy_gen = desired.generation;
+            // Before serving, like the rest of recovery: an adopted node's socket and
+            // directory are given back to its user (making the node's entry reset them).
+            if crate::exec::wanted(&e.spec) {
+                let notify = Self::notify_path(&self.socks.dir(&name));
+                let plan = crate::exec::prepare(&name, &e.spec, &e.dir, &notify);
+                e.plan = Some(plan.map(std::sync::Arc::new));
+            }
             if let Some(r) = record {
                 e.restarts_base = r.restarts;
                 e.last_error.clone_from(&r.last_error);
