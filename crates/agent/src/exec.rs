@@ -341,10 +341,21 @@ pub fn last_cap() -> u32 {
     })
 }
 
+/// Where a node binds its query socket, below `sock_dir` (see [`crate::sockdir`]): in
+/// its directory, or, for a node running as its own user or group, which may not write
+/// there (its records are there), in `run/`, which is the node's.
+pub fn query_path(sock_dir: &std::path::Path, node: &Node) -> std::path::PathBuf {
+    if node.user.is_some() || node.group.is_some() {
+        sock_dir.join("run").join("query.sock")
+    } else {
+        sock_dir.join("query.sock")
+    }
+}
+
 /// Gives what a node with its own user must reach to it: its notify socket and its
-/// working directory to the node's user (mode 0600 and 0700), its directory to the
-/// agent and the node's group (0750, read and search only: the node's records are
-/// there). Other users reach none of them.
+/// working directory and `run/` (where it binds its query socket) to the node's user
+/// (mode 0600 and 0700), its directory to the agent and the node's group (0750, read
+/// and search only: the node's records are there). Other users reach none of them.
 pub fn own_node_paths(
     owner: (u32, u32),
     node_dir: &std::path::Path,
@@ -359,6 +370,9 @@ pub fn own_node_paths(
             .map_err(|e| with_path("setting the mode of", p, &e))
     };
     set(node_dir, None, Some(gid), 0o750)?;
+    let run = node_dir.join("run");
+    std::fs::create_dir_all(&run).map_err(|e| with_path("creating", &run, &e))?;
+    set(&run, Some(uid), Some(gid), 0o700)?;
     if let Some(w) = work {
         set(w, Some(uid), Some(gid), 0o700)?;
     }

@@ -886,7 +886,7 @@ impl Core {
                             Some(e) if e.machine.state() != machine::State::Running => {
                                 Err(format!("cluster node {n} not in running state"))
                             }
-                            Some(_) => Ok(self.socks.dir(&n).join("query.sock")),
+                            Some(e) => Ok(crate::exec::query_path(&self.socks.dir(&n), &e.spec)),
                         };
                         (n, r)
                     })
@@ -1509,7 +1509,7 @@ impl Core {
             .open_for_child()
             .map_err(|err| format!("cannot open log files in {}: {err}", e.dir.display()))?;
         let notify = Self::notify_path(&sock_dir);
-        let query = sock_dir.join("query.sock");
+        let query = crate::exec::query_path(&sock_dir, spec);
         let mut env: BTreeMap<&str, String> = BTreeMap::from([(
             "PATH",
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
