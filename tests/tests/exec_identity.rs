@@ -102,7 +102,10 @@ group = "65533"
     assert_eq!(status(pid, "NoNewPrivs:"), "1");
     assert_eq!(status(pid, "Umask:"), "0077");
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let nofile = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
     assert_eq!(
         nofile.split_whitespace().collect::<Vec<_>>()[3..5],
         ["1234", "2345"],
@@ -131,17 +134,31 @@ group = "65533"
     );
     let other = node_status(&c, addr, "other")["pid"].as_u64().unwrap();
     assert_eq!(status(other, "Uid:"), "65533\t65533\t65533\t65533");
-    assert_eq!(hex(other, "CapEff:"), 0, "a user switch drops root's capabilities");
+    assert_eq!(
+        hex(other, "CapEff:"),
+        0,
+        "a user switch drops root's capabilities"
+    );
     // What the node owns, and what it does not.
     let meta = |p: &str| std::fs::metadata(nodes.join(p)).unwrap();
     use std::os::unix::fs::MetadataExt;
     let dir = meta("other");
-    assert_eq!((dir.uid(), dir.gid(), dir.mode() & 0o7777), (0, 65533, 0o750));
+    assert_eq!(
+        (dir.uid(), dir.gid(), dir.mode() & 0o7777),
+        (0, 65533, 0o750)
+    );
     let run = meta("other/run");
-    assert_eq!((run.uid(), run.gid(), run.mode() & 0o7777), (65533, 65533, 0o700));
+    assert_eq!(
+        (run.uid(), run.gid(), run.mode() & 0o7777),
+        (65533, 65533, 0o700)
+    );
     let sock = meta("other/notify.sock");
     assert_eq!((sock.uid(), sock.mode() & 0o777), (65533, 0o600));
-    assert_eq!(meta("other/record.json").uid(), 0, "its record stays the agent's");
+    assert_eq!(
+        meta("other/record.json").uid(),
+        0,
+        "its record stays the agent's"
+    );
 
     // An unknown user is a deploy error naming node and user.
     let (code, v, _) = deploy(
@@ -151,11 +168,16 @@ group = "65533"
     );
     assert_eq!(code, Some(1), "{v}");
     let want = "node 'ghost': unknown user 'no-such-user-here' on this host";
-    let reply = v["results"]["nodes"]["ghost"]["stderr"].as_str().unwrap_or_default();
+    let reply = v["results"]["nodes"]["ghost"]["stderr"]
+        .as_str()
+        .unwrap_or_default();
     assert!(reply.contains(want), "{v}");
     let s = node_status(&c, addr, "ghost");
     assert_eq!(s["state"], "FAILED", "{s}");
-    assert!(s["last_error"].as_str().unwrap_or_default().contains(want), "{s}");
+    assert!(
+        s["last_error"].as_str().unwrap_or_default().contains(want),
+        "{s}"
+    );
 }
 
 #[test]
@@ -184,5 +206,63 @@ fn bad_settings_are_config_errors_with_line_and_key() {
     assert!(
         stderr.contains(":10: nodes.x.limits.nofile: limit nofile: 'many' is not a limit"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn an_agent_that_is_not_root_refuses_a_node_of_another_user() {
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: starting an agent as nobody needs root");
+        return;
+    }
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
+    // The agent runs as nobody: it needs its key, the way to it and its state dir.
+    let nobody = Some(65534);
+    for p in [c.dir.path(), c.pki.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    std::os::unix::fs::chown(c.pki_file("agent-1.key"), nobody, nobody).unwrap();
+    let state = c.dir.path().join("agent-agent-1");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, nobody, nobody).unwrap();
+    let mut cmd = std::process::Command::new(bin("drover-agent"));
+    c.agent_args(
+        &mut cmd,
+        "agent-1",
+        "agent-1",
+        &["--controller", &addr.to_string()],
+    );
+    cmd.uid(65534).gid(65534);
+    let _agent = drover_tests::Proc::spawn("agent agent-1", cmd, c.log_path("agent-agent-1"));
+    connect(&c, addr);
+    let (code, v, _) = deploy(
+        &c,
+        addr,
+        "[nodes.rooted]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nuser = \"root\"\n\n[nodes.own]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nuser = \"nobody\"\nlimits = { nofile = 100 }\n",
+    );
+    assert_eq!(code, Some(1), "{v}");
+    let want = "node 'rooted' asks for user 'root', but the agent runs as uid 65534 without \
+                CAP_SETUID and CAP_SETGID: run the agent as root to run nodes as other users";
+    let reply = v["results"]["nodes"]["rooted"]["stderr"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reply.contains(want), "{v}");
+    let s = node_status(&c, addr, "rooted");
+    assert_eq!(s["state"], "FAILED", "{s}");
+    assert!(s["pid"].is_null(), "nothing ran: {s}");
+    // Its own user needs no switch: that node runs, with its limit.
+    let own = node_status(&c, addr, "own");
+    assert_eq!(own["state"], "RUNNING", "{own}");
+    let pid = own["pid"].as_u64().unwrap();
+    assert_eq!(status(pid, "Uid:"), "65534\t65534\t65534\t65534");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(" 100 ")),
+        "{limits}"
     );
 }

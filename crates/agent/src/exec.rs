@@ -78,7 +78,7 @@ impl Plan {
 }
 
 /// The agent's own credentials, as far as switching is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Creds {
     /// Effective uid.
     pub euid: u32,
@@ -90,6 +90,8 @@ pub struct Creds {
     pub permitted: u64,
     /// Bounding set.
     pub bounding: u64,
+    /// Supplementary groups, sorted.
+    pub groups: Vec<u32>,
 }
 
 impl Creds {
@@ -109,6 +111,15 @@ impl Creds {
             effective: mask("CapEff:")?,
             permitted: mask("CapPrm:")?,
             bounding: mask("CapBnd:")?,
+            groups: {
+                let mut g: Vec<u32> = nix::unistd::getgroups()
+                    .map_err(io::Error::from)?
+                    .into_iter()
+                    .map(Gid::as_raw)
+                    .collect();
+                g.sort_unstable();
+                g
+            },
         })
     }
 }
@@ -187,6 +198,18 @@ pub fn resolve(name: &str, node: &Node, creds: &Creds) -> Result<Plan, String> {
             value.hard.unwrap_or(inf),
             canonical,
         ));
+    }
+    // The agent's own groups need no setgroups, which would need CAP_SETGID. The
+    // primary group counts whether or not the list repeats it.
+    if plan.gid.is_none_or(|g| g == creds.egid)
+        && let Some(groups) = &plan.groups
+    {
+        let without = |list: &[u32]| -> Vec<u32> {
+            list.iter().copied().filter(|g| *g != creds.egid).collect()
+        };
+        if without(groups) == without(&creds.groups) {
+            plan.groups = None;
+        }
     }
     check_privileges(name, node, &plan, creds)?;
     Ok(plan)
@@ -986,6 +1009,7 @@ mod tests {
             effective,
             permitted: effective,
             bounding: !0 >> (63 - last_cap()),
+            groups: Vec::new(),
         }
     }
 
