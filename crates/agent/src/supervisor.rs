@@ -503,7 +503,14 @@ fn write_node_files(workdir: &Path, files: &BTreeMap<String, String>) -> Result<
             continue;
         }
         let tmp = workdir.join(format!(".{name}.drover-tmp"));
-        std::fs::write(&tmp, text)
+        // A working directory may belong to the node's own user: never follow what
+        // it may have put in the temp file's place.
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
     }
