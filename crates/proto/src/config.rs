@@ -420,26 +420,6 @@ fn check_exec(issues: &mut Vec<Issue>, prefix: &str, e: exec::ExecRef<'_>) {
     }
 }
 
-fn exec_of_node(n: &Node) -> exec::ExecRef<'_> {
-    exec::ExecRef {
-        user: n.user.as_deref(),
-        group: n.group.as_deref(),
-        supplementary_groups: &n.supplementary_groups,
-        capabilities: n.capabilities.as_deref(),
-        limits: &n.limits,
-    }
-}
-
-fn exec_of_role(t: &RoleTemplate) -> exec::ExecRef<'_> {
-    exec::ExecRef {
-        user: t.user.as_deref(),
-        group: t.group.as_deref(),
-        supplementary_groups: &t.supplementary_groups,
-        capabilities: t.capabilities.as_deref(),
-        limits: &t.limits,
-    }
-}
-
 /// Checks a configuration, returning every problem found, sorted by message.
 ///
 /// Messages that Zeek's controller also produces use Zeek's exact wording, since scripts
@@ -493,11 +473,7 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 "a role template needs a non-empty command",
             ));
         }
-        check_exec(
-            &mut issues,
-            &format!("roles.{role}"),
-            exec_of_role(template),
-        );
+        check_exec(&mut issues, &format!("roles.{role}"), template.exec_ref());
     }
 
     // (instance, port) -> node names using it.
@@ -701,7 +677,7 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 format!("exit code {code} is outside 0..=255"),
             ));
         }
-        check_exec(&mut issues, &key, exec_of_node(node));
+        check_exec(&mut issues, &key, node.exec_ref());
         if let Some(aff) = &node.cpu_affinity {
             let cpus = aff.cpus();
             if cpus.is_empty() {

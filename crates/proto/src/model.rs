@@ -580,6 +580,32 @@ impl Configuration {
     }
 }
 
+impl Node {
+    /// Its identity, capabilities and limits, for [`crate::exec::check`].
+    pub fn exec_ref(&self) -> crate::exec::ExecRef<'_> {
+        crate::exec::ExecRef {
+            user: self.user.as_deref(),
+            group: self.group.as_deref(),
+            supplementary_groups: &self.supplementary_groups,
+            capabilities: self.capabilities.as_deref(),
+            limits: &self.limits,
+        }
+    }
+}
+
+impl RoleTemplate {
+    /// Its identity, capabilities and limits, for [`crate::exec::check`].
+    pub fn exec_ref(&self) -> crate::exec::ExecRef<'_> {
+        crate::exec::ExecRef {
+            user: self.user.as_deref(),
+            group: self.group.as_deref(),
+            supplementary_groups: &self.supplementary_groups,
+            capabilities: self.capabilities.as_deref(),
+            limits: &self.limits,
+        }
+    }
+}
+
 /// The identity, capabilities and limits a node leaves unset, from its role's template.
 fn inherit_exec(node: &mut Node, t: &RoleTemplate) {
     if node.user.is_none() {
