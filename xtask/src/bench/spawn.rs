@@ -4,7 +4,10 @@
 //! forces a `fork`, whose cost grows with the parent's memory. This prints the figures
 //! behind that choice: plain `posix_spawn`, `fork` (a no-op `pre_exec` hook) and
 //! `posix_spawn` with the thread pinned, at this process's size and again with
-//! `--ballast-mib` of memory touched.
+//! `--ballast-mib` of memory touched. Then the agent's own spawn (`sys::spawn_clean`)
+//! as it starts a node: plain (`posix_spawn`), and, when run as root, with a user
+//! switch (`nobody`) and with a user switch plus a capability, a limit and
+//! `no_new_privileges` (the vfork-style clone of `drover_agent::exec`).
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -79,6 +82,77 @@ fn round(n: u32) -> anyhow::Result<()> {
     ] {
         let (spawn_us, total_us) = measure(n, spawn).with_context(|| name.to_owned())?;
         println!("  {name:<24} spawn() {spawn_us:8.1} us   spawn+wait {total_us:8.1} us");
+    }
+    agent_spawns(n)
+}
+
+/// The agent's spawn of a node, plain and with the settings of `drover_agent::exec`.
+fn agent_spawns(n: u32) -> anyhow::Result<()> {
+    use drover_agent::exec::{self, Creds, Plan};
+    let creds = Creds::current().context("reading this process's credentials")?;
+    let plan = |f: &dyn Fn(&mut drover_proto::Node)| -> anyhow::Result<Plan> {
+        let mut node = drover_proto::Node::new("bench", "bench");
+        f(&mut node);
+        exec::resolve("bench", &node, &creds).map_err(anyhow::Error::msg)
+    };
+    let mut rows = vec![("drover: plain", Plan::default())];
+    if nix::unistd::Uid::effective().is_root() {
+        rows.push((
+            "drover: as nobody",
+            plan(&|n| n.user = Some("nobody".into()))?,
+        ));
+        let nofile = drover_proto::exec::Limit::parse("4096", false).map_err(anyhow::Error::msg)?;
+        rows.push((
+            "drover: nobody+cap+limit",
+            plan(&|n| {
+                n.user = Some("nobody".into());
+                n.capabilities = Some(vec!["CAP_NET_RAW".into()]);
+                n.no_new_privileges = true;
+                n.limits.insert("nofile".into(), nofile);
+            })?,
+        ));
+    } else {
+        println!("  (not root: the user-switch rows are left out)");
+    }
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    let cwd = std::env::temp_dir();
+    for (name, plan) in &rows {
+        let spawn = || -> io::Result<i32> {
+            use std::os::fd::AsFd;
+            drover_agent::sys::spawn_clean(&drover_agent::sys::SpawnSpec {
+                program: "/bin/true",
+                args: &[],
+                env: vec!["PATH=/usr/bin:/bin".to_owned()],
+                path: "/usr/bin:/bin",
+                cwd: &cwd,
+                stdout: null.as_fd(),
+                stderr: null.as_fd(),
+                exec: Some(plan),
+            })
+        };
+        let reap = |pid: i32| -> anyhow::Result<()> {
+            match nix::sys::wait::waitpid(Pid::from_raw(pid), None)? {
+                nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+                other => bail!("/bin/true ended with {other:?}"),
+            }
+        };
+        for _ in 0..10 {
+            reap(spawn()?)?;
+        }
+        let (mut in_spawn, mut total) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..n {
+            let t0 = Instant::now();
+            let pid = spawn().with_context(|| (*name).to_owned())?;
+            in_spawn += t0.elapsed();
+            reap(pid)?;
+            total += t0.elapsed();
+        }
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(n);
+        println!(
+            "  {name:<24} spawn() {:8.1} us   spawn+wait {:8.1} us",
+            us(in_spawn),
+            us(total)
+        );
     }
     Ok(())
 }
