@@ -116,45 +116,57 @@ fn agent_spawns(n: u32) -> anyhow::Result<()> {
     }
     let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
     let cwd = std::env::temp_dir();
-    for (name, plan) in &rows {
-        let spawn = || -> io::Result<i32> {
-            use std::os::fd::AsFd;
-            drover_agent::sys::spawn_clean(&drover_agent::sys::SpawnSpec {
-                program: "/bin/true",
-                args: &[],
-                env: vec!["PATH=/usr/bin:/bin".to_owned()],
-                path: "/usr/bin:/bin",
-                cwd: &cwd,
-                stdout: null.as_fd(),
-                stderr: null.as_fd(),
-                exec: Some(plan),
-            })
-        };
-        let reap = |pid: i32| -> anyhow::Result<()> {
-            match nix::sys::wait::waitpid(Pid::from_raw(pid), None)? {
-                nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
-                other => bail!("/bin/true ended with {other:?}"),
-            }
-        };
-        for _ in 0..10 {
-            reap(spawn()?)?;
+    let spawn = |plan: &Plan| -> io::Result<i32> {
+        use std::os::fd::AsFd;
+        drover_agent::sys::spawn_clean(&drover_agent::sys::SpawnSpec {
+            program: "/bin/true",
+            args: &[],
+            env: vec!["PATH=/usr/bin:/bin".to_owned()],
+            path: "/usr/bin:/bin",
+            cwd: &cwd,
+            stdout: null.as_fd(),
+            stderr: null.as_fd(),
+            exec: Some(plan),
+        })
+    };
+    let reap = |pid: i32| -> anyhow::Result<()> {
+        match nix::sys::wait::waitpid(Pid::from_raw(pid), None)? {
+            nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+            other => bail!("/bin/true ended with {other:?}"),
         }
-        let (mut in_spawn, mut total) = (Duration::ZERO, Duration::ZERO);
-        for _ in 0..n {
+    };
+    // The rows take turns, spawn by spawn, so that a busy moment of the machine falls
+    // on all of them alike.
+    let mut samples: Vec<(Vec<Duration>, Vec<Duration>)> = vec![Default::default(); rows.len()];
+    for round in 0..n + 10 {
+        for ((name, plan), (in_spawn, total)) in rows.iter().zip(&mut samples) {
             let t0 = Instant::now();
-            let pid = spawn().with_context(|| (*name).to_owned())?;
-            in_spawn += t0.elapsed();
+            let pid = spawn(plan).with_context(|| (*name).to_owned())?;
+            let spawned = t0.elapsed();
             reap(pid)?;
-            total += t0.elapsed();
+            if round >= 10 {
+                in_spawn.push(spawned);
+                total.push(t0.elapsed());
+            }
         }
-        let us = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(n);
+    }
+    let (plain_spawn, plain_total) = (median(&samples[0].0), median(&samples[0].1));
+    for ((name, _), (in_spawn, total)) in rows.iter().zip(&samples) {
+        let (s, t) = (median(in_spawn), median(total));
         println!(
-            "  {name:<24} spawn() {:8.1} us   spawn+wait {:8.1} us",
-            us(in_spawn),
-            us(total)
+            "  {name:<24} spawn() {s:8.1} us   spawn+wait {t:8.1} us   (medians; x{:.2} and x{:.2} of plain)",
+            s / plain_spawn,
+            t / plain_total
         );
     }
     Ok(())
+}
+
+/// The median, in µs.
+fn median(samples: &[Duration]) -> f64 {
+    let mut v: Vec<Duration> = samples.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).map_or(0.0, |d| d.as_secs_f64() * 1e6)
 }
 
 /// Mean µs per `spawn()` call and per spawn + wait, over `n` spawns after a warm-up.
