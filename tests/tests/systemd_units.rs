@@ -69,9 +69,24 @@ fn units_pass_systemd_analyze_verify() {
         std::fs::write(&path, text).expect("write unit");
         units.push(path);
     }
+    verify(dir.path(), &units);
+    // Again with the drop-in that runs nodes as users of their own.
+    let drop_in = dir.path().join("drover-agent.service.d");
+    std::fs::create_dir(&drop_in).expect("mkdir drop-in dir");
+    std::fs::copy(
+        deploy_dir().join("drover-agent-nodes-as-users.conf"),
+        drop_in.join("nodes-as-users.conf"),
+    )
+    .expect("copy drop-in");
+    verify(dir.path(), &units);
+}
+
+/// Runs `systemd-analyze verify` on `units` (in `dir`) and fails on any complaint about
+/// them.
+fn verify(dir: &Path, units: &[PathBuf]) {
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .args(&units)
+        .args(units)
         .env("SYSTEMD_LOG_LEVEL", "notice")
         .env("SYSTEMD_LOG_COLOR", "0")
         .output()
@@ -83,7 +98,7 @@ fn units_pass_systemd_analyze_verify() {
     let ours: Vec<&str> = stdout
         .lines()
         .chain(stderr.lines())
-        .filter(|l| l.contains("drover") || l.contains(&*dir.path().to_string_lossy()))
+        .filter(|l| l.contains("drover") || l.contains(&*dir.to_string_lossy()))
         .collect();
     for line in stdout.lines().chain(stderr.lines()) {
         if !ours.contains(&line) {
@@ -160,9 +175,9 @@ fn sysusers_and_tmpfiles_create_user_and_directories() {
     for (path, mode, user) in [
         ("etc/drover", 0o750, false),
         ("etc/drover/pki", 0o700, true),
-        ("var/lib/drover", 0o750, true),
+        ("var/lib/drover", 0o711, true),
         ("var/lib/drover/controller", 0o700, true),
-        ("var/lib/drover/agent", 0o750, true),
+        ("var/lib/drover/agent", 0o711, true),
     ] {
         let meta = std::fs::metadata(root.path().join(path))
             .unwrap_or_else(|e| panic!("/{path} was not created: {e}"));

@@ -23,6 +23,7 @@
 pub mod backoff;
 pub mod cgroup;
 pub mod converge;
+pub mod exec;
 pub mod logs;
 pub mod logwatch;
 pub mod machine;

@@ -21,8 +21,9 @@ use std::path::{Path, PathBuf};
 /// The longest path a Unix socket may have (`sun_path` less its terminating NUL).
 pub const SUN_PATH_MAX: usize = 107;
 
-/// The longest socket file name in a node's directory.
-const LONGEST_SOCKET: &str = "notify.sock";
+/// The longest socket path below a node's directory: the query socket of a node that
+/// runs as its own user (see `crate::exec::query_path`).
+const LONGEST_SOCKET: &str = "run/query.sock";
 
 /// Where each node's sockets are reached.
 #[derive(Debug, Clone)]
@@ -158,7 +159,7 @@ mod tests {
         again.ensure(&node).unwrap();
         assert_eq!(again.dir(&node), sock_dir);
         // A socket bound through the link lives in the long dir.
-        std::fs::create_dir(dir.join(&node)).unwrap();
+        std::fs::create_dir_all(dir.join(&node).join("run")).unwrap();
         let path = sock_dir.join(LONGEST_SOCKET);
         let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
         assert!(dir.join(&node).join(LONGEST_SOCKET).exists());

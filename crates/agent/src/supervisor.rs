@@ -196,8 +196,12 @@ enum Event {
     },
     /// The desired state of the Apply in [`Core::writing`] is on disk and its new
     /// nodes' directories, logs and sockets are made, or it could not be written.
-    DesiredWritten(Result<Prepared, String>),
+    DesiredWritten(Result<(Prepared, Plans), String>),
 }
+
+/// The resolved identity, capabilities and limits of the nodes an Apply starts or
+/// restarts (see [`crate::exec`]), or why a node cannot have them.
+type Plans = BTreeMap<String, Result<std::sync::Arc<crate::exec::Plan>, String>>;
 
 /// A new node's name, directory and working directory to make before its first spawn.
 type PrepareJob = (String, PathBuf, Option<PathBuf>, PathBuf);
@@ -319,6 +323,8 @@ struct Entry {
     /// Why the last start failed (an exec error), until the node next runs.
     last_error: Option<String>,
     notify_task: Option<tokio::task::AbortHandle>,
+    /// What its child applies before exec, once resolved for `spec` (or why it cannot).
+    plan: Option<Result<std::sync::Arc<crate::exec::Plan>, String>>,
     /// The record as last written: an unchanged record is not written again (a deploy
     /// would otherwise write each new node's record three times, and file creation and
     /// renames are most of the agent's cost per spawned node).
@@ -528,7 +534,14 @@ fn write_node_files(workdir: &Path, files: &BTreeMap<String, String>) -> Result<
             continue;
         }
         let tmp = workdir.join(format!(".{name}.drover-tmp"));
-        std::fs::write(&tmp, text)
+        // A working directory may belong to the node's own user: never follow what
+        // it may have put in the temp file's place.
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
     }
@@ -927,7 +940,7 @@ impl Core {
                             Some(e) if e.machine.state() != machine::State::Running => {
                                 Err(format!("cluster node {n} not in running state"))
                             }
-                            Some(_) => Ok(self.socks.dir(&n).join("query.sock")),
+                            Some(e) => Ok(crate::exec::query_path(&self.socks.dir(&n), &e.spec)),
                         };
                         (n, r)
                     })
@@ -1030,9 +1043,31 @@ impl Core {
             let path = self.desired_path();
             let events = self.events.clone();
             let to_write = desired.clone();
+            let exec_jobs: Vec<(String, Node, PathBuf, PathBuf)> = changes
+                .start
+                .iter()
+                .chain(&changes.restart)
+                .filter_map(|name| desired.nodes.get_key_value(name))
+                .filter(|(_, spec)| crate::exec::wanted(spec))
+                .map(|(name, spec)| {
+                    let dir = self.nodes_dir.join(name);
+                    let notify = Self::notify_path(&self.socks.dir(name));
+                    (name.clone(), spec.clone(), dir, notify)
+                })
+                .collect();
             tokio::task::spawn_blocking(move || {
                 let result = write_desired(&path, &to_write)
-                    .map(|()| Self::run_prepare(&jobs, logs, &socks, cgroups.as_ref()))
+                    .map(|()| {
+                        let prepared = Self::run_prepare(&jobs, logs, &socks, cgroups.as_ref());
+                        let plans = exec_jobs
+                            .iter()
+                            .map(|(name, spec, dir, notify)| {
+                                let plan = crate::exec::prepare(name, spec, dir, notify);
+                                (name.clone(), plan.map(std::sync::Arc::new))
+                            })
+                            .collect();
+                        (prepared, plans)
+                    })
                     .map_err(|err| {
                         format!(
                             "cannot record the desired state in {}: {err}",
@@ -1053,7 +1088,13 @@ impl Core {
     }
 
     /// Carries out an Apply whose desired state is on disk.
-    fn carry_out(&mut self, a: PendingApply, desired: Desired, mut prepared: Prepared) {
+    fn carry_out(
+        &mut self,
+        a: PendingApply,
+        desired: Desired,
+        mut prepared: Prepared,
+        mut plans: Plans,
+    ) {
         let PendingApply {
             config,
             restart_all,
@@ -1106,6 +1147,7 @@ impl Core {
             };
             info!(node = %name, "node spec changed; restarting it");
             e.spec = spec;
+            e.plan = plans.remove(&name);
             e.config_id.clone_from(&config.id);
             e.deploy_gen = generation;
             e.removing = false;
@@ -1134,6 +1176,7 @@ impl Core {
                         .get_mut(&name)
                         .map(|e| {
                             e.deploy_gen = generation;
+                            e.plan = plans.remove(&name);
                             e.machine.start(now)
                         })
                         .unwrap_or_default();
@@ -1391,6 +1434,7 @@ impl Core {
             last_exit: None,
             last_error: None,
             notify_task: None,
+            plan: None,
             written: Vec::new(),
         };
         entry.notify_task = Some(self.listen_notify(name, sock)?);
@@ -1541,7 +1585,7 @@ impl Core {
             .open_for_child()
             .map_err(|err| format!("cannot open log files in {}: {err}", e.dir.display()))?;
         let notify = Self::notify_path(&sock_dir);
-        let query = sock_dir.join("query.sock");
+        let query = crate::exec::query_path(&sock_dir, spec);
         let mut env: BTreeMap<&str, String> = BTreeMap::from([(
             "PATH",
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
@@ -1561,6 +1605,15 @@ impl Core {
         let args = args.to_vec();
         self.announce_spawn(name, token);
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
+        // Resolved when the Apply prepared the node; else (an adopted node's restart
+        // after an agent restart) here, once.
+        let plan = e
+            .plan
+            .get_or_insert_with(|| {
+                let notify = Self::notify_path(&sock_dir);
+                crate::exec::prepare(name, &e.spec, &e.dir, &notify).map(std::sync::Arc::new)
+            })
+            .clone()?;
         let spec = &e.spec;
         let launch = sys::SpawnSpec {
             program: &program,
@@ -1570,6 +1623,7 @@ impl Core {
             cwd: &workdir,
             stdout: std::os::fd::AsFd::as_fd(&out),
             stderr: std::os::fd::AsFd::as_fd(&err),
+            exec: Some(&plan),
         };
         let cpus: Option<Vec<usize>> = spec
             .cpu_affinity
@@ -1713,7 +1767,7 @@ impl Core {
                     return;
                 };
                 match result {
-                    Ok(prepared) => self.carry_out(a, desired, prepared),
+                    Ok((prepared, plans)) => self.carry_out(a, desired, prepared, plans),
                     Err(msg) => {
                         warn!("{msg}");
                         let instance = self.cfg.instance.clone();
@@ -2176,6 +2230,13 @@ impl Core {
             }
             let e = self.nodes.get_mut(&name).expect("just created");
             e.deploy_gen = desired.generation;
+            // Before serving, like the rest of recovery: an adopted node's socket and
+            // directory are given back to its user (making the node's entry reset them).
+            if crate::exec::wanted(&e.spec) {
+                let notify = Self::notify_path(&self.socks.dir(&name));
+                let plan = crate::exec::prepare(&name, &e.spec, &e.dir, &notify);
+                e.plan = Some(plan.map(std::sync::Arc::new));
+            }
             if let Some(r) = record {
                 e.restarts_base = r.restarts;
                 e.last_error.clone_from(&r.last_error);

@@ -539,6 +539,63 @@ pub struct SpawnSpec<'a> {
     pub stdout: BorrowedFd<'a>,
     /// See `stdout`.
     pub stderr: BorrowedFd<'a>,
+    /// User, groups, capabilities and limits to apply before exec (see
+    /// [`crate::exec`]); `None` or an empty plan spawns with `posix_spawn`.
+    pub exec: Option<&'a crate::exec::Plan>,
+}
+
+/// A [`SpawnSpec`]'s strings as C strings and the pointer arrays `execve` takes,
+/// prepared before the child exists.
+pub(crate) struct CArgs {
+    pub(crate) program: std::ffi::CString,
+    _argv: Vec<std::ffi::CString>,
+    _envp: Vec<std::ffi::CString>,
+    pub(crate) argv_p: Vec<*mut libc::c_char>,
+    pub(crate) envp_p: Vec<*mut libc::c_char>,
+    pub(crate) cwd: std::ffi::CString,
+}
+
+impl CArgs {
+    pub(crate) fn new(spec: &SpawnSpec<'_>) -> io::Result<Self> {
+        use std::ffi::CString;
+        let nul = |s: &str| {
+            CString::new(s).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{s:?} contains a NUL byte"),
+                )
+            })
+        };
+        let program = resolve_program(spec.program, spec.path)?;
+        let program =
+            CString::new(program.into_os_string().into_encoded_bytes()).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, "program contains a NUL byte")
+            })?;
+        let argv: Vec<CString> = std::iter::once(nul(spec.program))
+            .chain(spec.args.iter().map(|a| nul(a)))
+            .collect::<io::Result<_>>()?;
+        let envp: Vec<CString> = spec.env.iter().map(|e| nul(e)).collect::<io::Result<_>>()?;
+        let cwd = CString::new(spec.cwd.as_os_str().as_encoded_bytes()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "working directory contains a NUL byte",
+            )
+        })?;
+        let mut argv_p: Vec<*mut libc::c_char> =
+            argv.iter().map(|c| c.as_ptr().cast_mut()).collect();
+        argv_p.push(std::ptr::null_mut());
+        let mut envp_p: Vec<*mut libc::c_char> =
+            envp.iter().map(|c| c.as_ptr().cast_mut()).collect();
+        envp_p.push(std::ptr::null_mut());
+        Ok(Self {
+            program,
+            _argv: argv,
+            _envp: envp,
+            argv_p,
+            envp_p,
+            cwd,
+        })
+    }
 }
 
 /// A program name looked up in `path` as `execvp` would: the first directory holding
@@ -570,34 +627,14 @@ fn resolve_program(program: &str, path: &str) -> io::Result<std::path::PathBuf> 
 /// leave ignored what the agent ignores and set its two internal real-time signals to
 /// ignored, and std's `Command` resets only SIGPIPE. Returns the child's pid; exec
 /// errors (`ENOENT`, `EACCES`, `ENOEXEC`, ...) are the error. The child inherits the
-/// calling thread's CPU affinity. Reap it with [`wait_child`].
+/// calling thread's CPU affinity. Reap it with [`wait_child`]. A spec with a
+/// non-empty [`SpawnSpec::exec`] plan is spawned by [`crate::exec::spawn`] instead.
 pub fn spawn_clean(spec: &SpawnSpec<'_>) -> io::Result<i32> {
-    use std::ffi::CString;
-    let nul = |s: &str| {
-        CString::new(s).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{s:?} contains a NUL byte"),
-            )
-        })
-    };
-    let program = resolve_program(spec.program, spec.path)?;
-    let program = CString::new(program.into_os_string().into_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "program contains a NUL byte"))?;
-    let argv: Vec<CString> = std::iter::once(nul(spec.program))
-        .chain(spec.args.iter().map(|a| nul(a)))
-        .collect::<io::Result<_>>()?;
-    let envp: Vec<CString> = spec.env.iter().map(|e| nul(e)).collect::<io::Result<_>>()?;
-    let cwd = CString::new(spec.cwd.as_os_str().as_encoded_bytes()).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "working directory contains a NUL byte",
-        )
-    })?;
-    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|c| c.as_ptr().cast_mut()).collect();
-    argv_p.push(std::ptr::null_mut());
-    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|c| c.as_ptr().cast_mut()).collect();
-    envp_p.push(std::ptr::null_mut());
+    if let Some(plan) = spec.exec.filter(|p| !p.is_empty()) {
+        return crate::exec::spawn(spec, plan);
+    }
+    // Kept whole: the pointer arrays point into its strings.
+    let c = CArgs::new(spec)?;
     let check = |ret: libc::c_int| {
         if ret == 0 {
             Ok(())
@@ -638,7 +675,7 @@ pub fn spawn_clean(spec: &SpawnSpec<'_>) -> io::Result<i32> {
         ))?;
         check(libc::posix_spawn_file_actions_addchdir_np(
             actions.0,
-            cwd.as_ptr(),
+            c.cwd.as_ptr(),
         ))?;
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
@@ -663,11 +700,11 @@ pub fn spawn_clean(spec: &SpawnSpec<'_>) -> io::Result<i32> {
         let mut pid: libc::pid_t = 0;
         check(libc::posix_spawn(
             &mut pid,
-            program.as_ptr(),
+            c.program.as_ptr(),
             actions.0,
             attr.0,
-            argv_p.as_ptr(),
-            envp_p.as_ptr(),
+            c.argv_p.as_ptr(),
+            c.envp_p.as_ptr(),
         ))?;
         Ok(pid)
     }
@@ -1505,6 +1542,7 @@ mod tests {
             cwd,
             stdout: out.as_fd(),
             stderr: out.as_fd(),
+            exec: None,
         }
     }
 

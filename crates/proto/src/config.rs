@@ -22,7 +22,8 @@
 //!
 //! Node keys are the fields of [`Node`] (`port`, `metrics_port`, `interface`, `scripts`,
 //! `cpu_affinity`, `workdir`, `restart`, `backoff`, `max_failed_starts`,
-//! `success_exit_codes`, `readiness`, `stop_signal`, `stop_timeout`); unknown keys are
+//! `success_exit_codes`, `readiness`, `stop_signal`, `stop_timeout`, and the identity,
+//! capability and limit keys of [`crate::exec`]); unknown keys are
 //! errors. [`parse_toml`] reports every problem of a file at once (unknown keys, values
 //! of the wrong type, and what [`validate`] finds), sorted by line, each with the file,
 //! the key's line and its key path.
@@ -36,6 +37,7 @@ use serde::Deserialize;
 use serde::de::IntoDeserializer;
 use toml::de::DeTable;
 
+use crate::exec;
 use crate::model::{Configuration, Instance, Node, Readiness, RoleTemplate, new_id};
 use crate::name;
 use crate::schema::{self, Checked, Lines};
@@ -52,6 +54,15 @@ pub const NODE_KEYS: &[&str] = &[
     "interface",
     "scripts",
     "cpu_affinity",
+    // identity, capabilities and process limits (see `crate::exec`)
+    "user",
+    "group",
+    "supplementary_groups",
+    "umask",
+    "capabilities",
+    "no_new_privileges",
+    "limits",
+    // end of identity, capabilities and process limits
     "restart",
     "backoff",
     "max_failed_starts",
@@ -402,6 +413,13 @@ pub fn signal_number(name: &str) -> Option<i32> {
     SIGNALS.iter().find(|(n, _)| *n == bare).map(|(_, v)| *v)
 }
 
+/// Pushes the problems of a node's or template's identity, capabilities and limits.
+fn check_exec(issues: &mut Vec<Issue>, prefix: &str, e: exec::ExecRef<'_>) {
+    for (key, message) in exec::check(e) {
+        issues.push(Issue::at_key(format!("{prefix}.{key}"), message));
+    }
+}
+
 /// Checks a configuration, returning every problem found, sorted by message.
 ///
 /// Messages that Zeek's controller also produces use Zeek's exact wording, since scripts
@@ -455,6 +473,7 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 "a role template needs a non-empty command",
             ));
         }
+        check_exec(&mut issues, &format!("roles.{role}"), template.exec_ref());
     }
 
     // (instance, port) -> node names using it.
@@ -658,6 +677,7 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 format!("exit code {code} is outside 0..=255"),
             ));
         }
+        check_exec(&mut issues, &key, node.exec_ref());
         if let Some(aff) = &node.cpu_affinity {
             let cpus = aff.cpus();
             if cpus.is_empty() {
@@ -689,7 +709,7 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ClusterRole, CpuAffinity, Readiness, RestartPolicy};
+    use crate::model::{ClusterRole, CpuAffinity, Readiness, RestartPolicy, Umask};
     use std::time::Duration;
 
     const GOOD: &str = r#"
@@ -1004,6 +1024,92 @@ max_failed_starts = 1000
 readiness = { kind = "tcp", port = 1, timeout = "1h" }
 "#;
         parse_toml("c.toml", edges).unwrap();
+    }
+
+    #[test]
+    fn identity_capabilities_and_limits_parse_and_reach_templates() {
+        let text = r#"
+[instances.a]
+
+[roles.worker]
+command = ["/bin/zeek"]
+user = "zeek"
+capabilities = ["CAP_NET_RAW", "net_admin"]
+limits = { nofile = 65536, core = "unlimited" }
+
+[nodes.w]
+instance = "a"
+role = "worker"
+limits = { nofile = 1024, memlock = "64M", nproc = "100:200" }
+
+[nodes.m]
+instance = "a"
+command = ["/bin/zeek"]
+user = "65534"
+group = "nogroup"
+supplementary_groups = ["adm"]
+umask = "0027"
+capabilities = []
+no_new_privileges = true
+"#;
+        let c = parse_toml("c.toml", text).unwrap();
+        let m = c.node("m").unwrap();
+        assert_eq!(m.user.as_deref(), Some("65534"));
+        assert_eq!(m.group.as_deref(), Some("nogroup"));
+        assert_eq!(m.supplementary_groups, ["adm"]);
+        assert_eq!(m.umask, Some(Umask(0o27)));
+        assert_eq!(m.capabilities.as_deref(), Some(&[][..]));
+        assert!(m.no_new_privileges);
+        let w = c.resolve(c.node("w").unwrap());
+        assert_eq!(w.user.as_deref(), Some("zeek"), "from the template");
+        assert_eq!(w.capabilities.as_ref().unwrap().len(), 2);
+        let l = |s: &str| w.limits[s].to_string();
+        assert_eq!(l("nofile"), "1024", "the node's own wins");
+        assert_eq!(l("core"), "unlimited", "the template's fills in");
+        assert_eq!(l("memlock"), (64u64 << 20).to_string());
+        assert_eq!(l("nproc"), "100:200");
+        // Lossless through the TOML writer.
+        assert_eq!(
+            parse_toml("again.toml", &crate::ini::to_toml(&c)).unwrap(),
+            c
+        );
+    }
+
+    #[test]
+    fn bad_identity_capabilities_and_limits_name_line_and_key() {
+        let text = r#"[instances.a]
+[roles.worker]
+command = ["x"]
+capabilities = ["CAP_SYS_NOPE"]
+[nodes.x]
+instance = "a"
+command = ["x"]
+user = "a b"
+umask = "0999"
+capabilities = [
+  "CAP_NET_RAW",
+  "CAP_NET_RAWW",
+]
+no_new_privileges = "yes"
+limits = { nofile = "64M", core = "lots", nofiles = 5, nproc = -1 }
+group = ""
+supplementary_groups = ["ok", "x:y"]
+"#;
+        let err = parse_toml("c.toml", text).unwrap_err().to_string();
+        let want = [
+            "c.toml:4: roles.worker.capabilities: unknown capability 'CAP_SYS_NOPE' (did you mean 'CAP_SYS_NICE'?)",
+            "c.toml:8: nodes.x.user: user 'a b' is not a valid name",
+            "c.toml:9: nodes.x.umask: expected an octal umask string such as \"0027\" (0000-0777), found string \"0999\"",
+            "c.toml:12: nodes.x.capabilities: unknown capability 'CAP_NET_RAWW' (did you mean 'CAP_NET_RAW'?)",
+            "c.toml:14: nodes.x.no_new_privileges: expected true or false, found string \"yes\"",
+            "c.toml:15: nodes.x.limits.core: limit core: 'lots' is not a limit: expected a number, a size such as \"64M\", or \"unlimited\"",
+            "c.toml:15: nodes.x.limits.nofile: limit nofile: '64M' is not a limit: expected a number or \"unlimited\"",
+            "c.toml:15: nodes.x.limits.nofiles: unknown limit 'nofiles' (did you mean 'nofile'?)",
+            "c.toml:15: nodes.x.limits.nproc: limit nproc: expected a number, \"unlimited\" or \"SOFT:HARD\", found integer -1",
+            "c.toml:16: nodes.x.group: group '' is empty",
+            "c.toml:17: nodes.x.supplementary_groups: group 'x:y' is not a valid name",
+        ];
+        assert_eq!(err.lines().collect::<Vec<_>>(), want, "{err}");
     }
 
     #[test]

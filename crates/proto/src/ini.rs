@@ -34,7 +34,11 @@
 //! ```
 //!
 //! (The `;` comments above are for this page only: the format has full-line comments, no
-//! inline ones.) Nodes read from INI have no command and no drover-only settings: they take
+//! inline ones.) A node section may also carry drover's identity, capability and limit
+//! keys ([`INI_EXEC_KEYS`]: `user = zeek`, `group`, `supplementary_groups = pcap adm`,
+//! `umask = 0027`, `capabilities = CAP_NET_RAW CAP_NET_ADMIN`, `no_new_privileges = yes`,
+//! `limits = nofile=65536 core=unlimited`), which zeek-client ignores and [`to_ini`] does
+//! not print. Nodes read from INI have no command and no other drover-only settings: they take
 //! their command from the role templates of [`Configuration::roles`], which an INI file
 //! cannot state. The caller merges templates in before staging; that is why [`parse_ini`]
 //! validates with [`validate_without_commands`].
@@ -104,6 +108,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
 use crate::config::{self, Issue, Issues};
+use crate::exec::{self, Umask};
 use crate::model::{ClusterRole, Configuration, CpuAffinity, Instance, Node, RoleTemplate, new_id};
 
 /// Keys a node section may hold (besides `type`, an alias of `role`, and `state`, which is
@@ -122,6 +127,18 @@ pub const INI_NODE_KEYS: &[&str] = &[
 /// Keys zeek-client accepts besides [`INI_NODE_KEYS`]: `type` (an alias of `role`) and
 /// `state` (ignored).
 const INI_OTHER_KEYS: &[&str] = &["type", "state"];
+
+/// drover's identity, capability and limit keys (see [`crate::exec`]), which a node
+/// section may hold too; [`to_ini`] leaves them out, as Zeek knows none of them.
+pub const INI_EXEC_KEYS: &[&str] = &[
+    "user",
+    "group",
+    "supplementary_groups",
+    "umask",
+    "capabilities",
+    "no_new_privileges",
+    "limits",
+];
 
 /// configparser's limit on nested `%(name)s` references.
 const MAX_INTERPOLATION_DEPTH: usize = 10;
@@ -301,6 +318,7 @@ pub fn validate_without_commands(config: &Configuration) -> Vec<Issue> {
             RoleTemplate {
                 command: vec!["/bin/true".to_owned()],
                 env: BTreeMap::new(),
+                ..RoleTemplate::default()
             },
         );
     }
@@ -1070,7 +1088,8 @@ fn read_node(
             format!("{name}.{}", entry.key)
         };
         let known = INI_NODE_KEYS.contains(&entry.key.as_str())
-            || INI_OTHER_KEYS.contains(&entry.key.as_str());
+            || INI_OTHER_KEYS.contains(&entry.key.as_str())
+            || INI_EXEC_KEYS.contains(&entry.key.as_str());
         if !known {
             issues.push(issue(
                 Some(entry.line),
@@ -1181,8 +1200,93 @@ fn read_node(
             None => fail(*line, "env", format!("env value \"{text}\" is invalid")),
         }
     }
+    read_exec(&values, &mut node, &mut fail);
 
     (issues.len() == before).then_some(node)
+}
+
+/// The identity, capability and limit keys of a node section: `user = zeek`,
+/// `supplementary_groups = pcap adm`, `umask = 0027`,
+/// `capabilities = CAP_NET_RAW CAP_NET_ADMIN` (or comma-separated),
+/// `no_new_privileges = yes` (configparser's booleans) and
+/// `limits = nofile=65536 core=unlimited` (shell words).
+fn read_exec(
+    values: &BTreeMap<&str, (String, usize)>,
+    node: &mut Node,
+    fail: &mut impl FnMut(usize, &str, String),
+) {
+    if let Some((text, _)) = values.get("user") {
+        node.user = Some(text.clone());
+    }
+    if let Some((text, _)) = values.get("group") {
+        node.group = Some(text.clone());
+    }
+    if let Some((text, line)) = values.get("supplementary_groups") {
+        match shlex_split(text) {
+            Ok(groups) => node.supplementary_groups = groups,
+            Err(e) => fail(
+                *line,
+                "supplementary_groups",
+                format!("supplementary_groups value \"{text}\" is invalid: {e}"),
+            ),
+        }
+    }
+    if let Some((text, line)) = values.get("umask") {
+        match Umask::parse(text) {
+            Ok(u) => node.umask = Some(u),
+            Err(e) => fail(*line, "umask", e),
+        }
+    }
+    if let Some((text, line)) = values.get("capabilities") {
+        let caps: Vec<String> = text
+            .split(|c: char| c == ',' || py_space(c))
+            .filter(|w| !w.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for c in &caps {
+            if exec::capability_number(c).is_none() {
+                fail(*line, "capabilities", exec::unknown_capability(c));
+            }
+        }
+        node.capabilities = Some(caps);
+    }
+    if let Some((text, line)) = values.get("no_new_privileges") {
+        match text.to_ascii_lowercase().as_str() {
+            "1" | "yes" | "true" | "on" => node.no_new_privileges = true,
+            "0" | "no" | "false" | "off" => node.no_new_privileges = false,
+            _ => fail(*line, "no_new_privileges", format!("not a boolean: {text}")),
+        }
+    }
+    if let Some((text, line)) = values.get("limits") {
+        let Ok(words) = shlex_split(text) else {
+            fail(
+                *line,
+                "limits",
+                format!("limits value \"{text}\" is invalid"),
+            );
+            return;
+        };
+        for word in words {
+            let Some((name, value)) = word.split_once('=') else {
+                fail(*line, "limits", format!("limit '{word}' is not NAME=VALUE"));
+                continue;
+            };
+            match exec::LIMITS.iter().find(|(n, _)| *n == name) {
+                None => fail(
+                    *line,
+                    "limits",
+                    config::unknown_key_with_suggestion(name, exec::LIMITS.iter().map(|(n, _)| *n))
+                        .replace("unknown key", "unknown limit"),
+                ),
+                Some((_, bytes)) => match exec::Limit::parse(value, *bytes) {
+                    Ok(l) => {
+                        node.limits.insert(name.to_owned(), l);
+                    }
+                    Err(e) => fail(*line, "limits", format!("limit {name}: {e}")),
+                },
+            }
+        }
+    }
 }
 
 /// `cpu_affinity`: one CPU (Zeek), or several separated by commas or white space (drover).
@@ -1430,6 +1534,50 @@ mod tests {
     use crate::model::{Backoff, Readiness, RestartPolicy};
 
     #[test]
+    fn node_sections_carry_identity_capabilities_and_limits() {
+        let text = "[worker-01]\nrole = worker\nuser = zeek\ngroup = 65533\n\
+                    supplementary_groups = pcap \"adm\"\numask = 0027\n\
+                    capabilities = CAP_NET_RAW, CAP_NET_ADMIN\nno_new_privileges = yes\n\
+                    limits = nofile=65536 core=unlimited memlock=64M\n";
+        let c = parse_ini_with("c.ini", text, &sensor()).unwrap();
+        let w = node(&c, "worker-01");
+        assert_eq!(w.user.as_deref(), Some("zeek"));
+        assert_eq!(w.group.as_deref(), Some("65533"));
+        assert_eq!(w.supplementary_groups, ["pcap", "adm"]);
+        assert_eq!(w.umask, Some(Umask(0o27)));
+        assert_eq!(
+            w.capabilities.as_deref(),
+            Some(&["CAP_NET_RAW".to_owned(), "CAP_NET_ADMIN".to_owned()][..])
+        );
+        assert!(w.no_new_privileges);
+        assert_eq!(w.limits["nofile"].to_string(), "65536");
+        assert_eq!(w.limits["core"].to_string(), "unlimited");
+        assert_eq!(w.limits["memlock"].to_string(), (64u64 << 20).to_string());
+        assert!(
+            !to_ini(&c).contains("user"),
+            "zeek-client's output knows none of them"
+        );
+
+        let bad = "[w]\nrole = worker\nuser = nobody\numask = 9\ncapabilities = CAP_NOPE\n\
+                   no_new_privileges = maybe\nlimits = nofile=many nofiles=1 core\n";
+        let errs = errors(bad);
+        let want = [
+            "c.ini:4: w.umask: umask '9' is not an octal mask such as \"0027\" (0000-0777)",
+            "c.ini:5: w.capabilities: unknown capability 'CAP_NOPE'",
+            "c.ini:6: w.no_new_privileges: not a boolean: maybe",
+            "c.ini:7: w.limits: limit 'core' is not NAME=VALUE",
+            "c.ini:7: w.limits: limit nofile: 'many' is not a limit: expected a number or \"unlimited\"",
+            "c.ini:7: w.limits: unknown limit 'nofiles' (did you mean 'nofile'?)",
+        ];
+        assert_eq!(errs, want);
+        // What only validation finds, at its line too.
+        assert_eq!(
+            errors("[w]\nrole = worker\nuser = a:b\n"),
+            ["c.ini:3: w.user: user 'a:b' is not a valid name"]
+        );
+    }
+
+    #[test]
     fn a_roles_file_gives_ini_nodes_their_commands() {
         let ini = "[manager]\ninstance = agent-a\nrole = manager\nport = 5000\n\n\
                    [worker-01]\ninstance = agent-a\nrole = worker\ninterface = eth0\n";
@@ -1469,6 +1617,7 @@ mod tests {
             RoleTemplate {
                 command: vec!["/bin/mine".into()],
                 env: BTreeMap::new(),
+                ..RoleTemplate::default()
             },
         );
         let merged = with_roles(&own, "c.ini", "roles.toml", roles).unwrap();
@@ -1653,6 +1802,7 @@ mod tests {
             RoleTemplate {
                 command: vec!["zeek".into()],
                 env: BTreeMap::new(),
+                ..RoleTemplate::default()
             },
         );
         c.instances[0].host = Some("10.1.1.1".parse().unwrap());

@@ -9,6 +9,8 @@
 //! - [`msg`]: request, response and event messages of the native protocol, the API version
 //!   and the ALPN string, and the frame envelopes that carry request ids.
 //! - [`config`]: cluster files (TOML) and validation, which reports every error at once.
+//! - [`exec`]: a node's user, groups, umask, capabilities and rlimits: names, parsing
+//!   and checks.
 //! - [`ini`]: Zeek's INI cluster files as zeek-client reads and prints them, the TOML
 //!   writer (the lossless form), and format detection for files in either format.
 //! - [`name`]: the rules for instance and node names.
@@ -21,6 +23,7 @@
 //! depend on it. JSON (serde) is the wire encoding.
 
 pub mod config;
+pub mod exec;
 pub mod ini;
 pub mod model;
 pub mod msg;

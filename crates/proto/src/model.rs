@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::exec::{Limit, Umask};
+
 /// A node's lifecycle state (Zeek's `Management::State`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -282,6 +284,33 @@ pub struct Node {
     /// CPUs to pin the process to, applied before exec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_affinity: Option<CpuAffinity>,
+
+    // --- identity, capabilities and process limits (see `crate::exec`) ---
+    /// The user the process runs as (a name or a numeric id on the agent's host); the
+    /// agent's own when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Its group; the user's primary group when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Its supplementary groups; none when a user is given, else the agent's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supplementary_groups: Vec<String>,
+    /// Its file mode creation mask; the agent's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub umask: Option<Umask>,
+    /// Its capabilities: the bounding set is cut to these, and they are ambient for
+    /// a node running as an ordinary user. Absent: left as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
+    /// `PR_SET_NO_NEW_PRIVS`: exec can never grant more privileges (setuid bits, file
+    /// capabilities).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_new_privileges: bool,
+    /// rlimits by lower-case `RLIMIT_` name (`nofile`, `core`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, Limit>,
+    // --- end of identity, capabilities and process limits ---
     /// Files the agent writes into the working directory before every start: plain
     /// file name (no `/`) to contents. Not a cluster-file key: the controller fills it
     /// (Zeek's `cluster-layout.zeek`, see the controller's `zeek::layout`).
@@ -341,6 +370,13 @@ impl Node {
             interface: None,
             scripts: Vec::new(),
             cpu_affinity: None,
+            user: None,
+            group: None,
+            supplementary_groups: Vec::new(),
+            umask: None,
+            capabilities: None,
+            no_new_privileges: false,
+            limits: BTreeMap::new(),
             files: BTreeMap::new(),
             restart: RestartPolicy::default(),
             backoff: Backoff::default(),
@@ -368,6 +404,30 @@ pub struct RoleTemplate {
     /// Extra environment for every node of the role (a node's own env wins).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    // --- identity, capabilities and process limits: what a node of the role leaves
+    // unset (a limit: each name it does not set) it takes from here ---
+    /// See [`Node::user`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// See [`Node::group`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// See [`Node::supplementary_groups`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supplementary_groups: Vec<String>,
+    /// See [`Node::umask`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub umask: Option<Umask>,
+    /// See [`Node::capabilities`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
+    /// See [`Node::no_new_privileges`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_new_privileges: bool,
+    /// See [`Node::limits`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, Limit>,
+    // --- end of identity, capabilities and process limits ---
 }
 
 /// A whole cluster configuration (Zeek's `Management::Configuration`).
@@ -492,6 +552,7 @@ impl Configuration {
             for (k, v) in &t.env {
                 out.env.entry(k.clone()).or_insert_with(|| v.clone());
             }
+            inherit_exec(&mut out, t);
         }
         let port = node.port.map(|p| p.to_string()).unwrap_or_default();
         let scripts = node.scripts.join(" ");
@@ -516,6 +577,56 @@ impl Configuration {
             .collect();
         out.env = out.env.iter().map(|(k, v)| (k.clone(), fill(v))).collect();
         out
+    }
+}
+
+impl Node {
+    /// Its identity, capabilities and limits, for [`crate::exec::check`].
+    pub fn exec_ref(&self) -> crate::exec::ExecRef<'_> {
+        crate::exec::ExecRef {
+            user: self.user.as_deref(),
+            group: self.group.as_deref(),
+            supplementary_groups: &self.supplementary_groups,
+            capabilities: self.capabilities.as_deref(),
+            limits: &self.limits,
+        }
+    }
+}
+
+impl RoleTemplate {
+    /// Its identity, capabilities and limits, for [`crate::exec::check`].
+    pub fn exec_ref(&self) -> crate::exec::ExecRef<'_> {
+        crate::exec::ExecRef {
+            user: self.user.as_deref(),
+            group: self.group.as_deref(),
+            supplementary_groups: &self.supplementary_groups,
+            capabilities: self.capabilities.as_deref(),
+            limits: &self.limits,
+        }
+    }
+}
+
+/// The identity, capabilities and limits a node leaves unset, from its role's template.
+fn inherit_exec(node: &mut Node, t: &RoleTemplate) {
+    if node.user.is_none() {
+        node.user.clone_from(&t.user);
+    }
+    if node.group.is_none() {
+        node.group.clone_from(&t.group);
+    }
+    if node.supplementary_groups.is_empty() {
+        node.supplementary_groups
+            .clone_from(&t.supplementary_groups);
+    }
+    if node.umask.is_none() {
+        node.umask = t.umask;
+    }
+    if node.capabilities.is_none() {
+        node.capabilities.clone_from(&t.capabilities);
+    }
+    node.no_new_privileges |= t.no_new_privileges;
+    for (k, v) in &t.limits {
+        node.limits.entry(k.clone()).or_insert(*v);
     }
 }
 
@@ -800,6 +911,7 @@ mod tests {
                     ("NODE".into(), "{name}@{instance}".into()),
                     ("KEEP".into(), "template".into()),
                 ]),
+                ..RoleTemplate::default()
             },
         );
         let mut n = Node::new("w1", "a1");
@@ -823,6 +935,7 @@ mod tests {
             RoleTemplate {
                 command: vec!["zeek".into(), "local".into(), "{scripts}".into()],
                 env: BTreeMap::from([("SCRIPTS".into(), "[{scripts}]".into())]),
+                ..RoleTemplate::default()
             },
         );
         let mut n = Node::new("m", "a");

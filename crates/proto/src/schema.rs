@@ -14,6 +14,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::config::{Issue, NODE_KEYS, suggestion, unknown_key_with_suggestion};
+use crate::exec;
 
 /// Top-level keys of a cluster file.
 const TOP_KEYS: &[&str] = &["id", "defaults", "instances", "roles", "nodes"];
@@ -76,6 +77,14 @@ enum Ty {
     Cpus,
     Backoff,
     Readiness,
+    /// `true` or `false`.
+    Bool,
+    /// An octal umask string.
+    Umask,
+    /// An array of capability names.
+    Caps,
+    /// A table of rlimits.
+    Limits,
 }
 
 const PORT: Ty = Ty::Int(1, 65_535);
@@ -94,9 +103,36 @@ fn node_key_type(key: &str) -> Option<Ty> {
         "success_exit_codes" => Ty::IntArray(i64::from(i32::MIN), i64::from(i32::MAX)),
         "readiness" => Ty::Readiness,
         "stop_timeout" => Ty::Duration,
+        _ => return exec_key_type(key),
+    })
+}
+
+/// The identity, capability and limit keys (see `crate::exec`), which role templates
+/// take too.
+fn exec_key_type(key: &str) -> Option<Ty> {
+    Some(match key {
+        "user" | "group" => Ty::Str,
+        "supplementary_groups" => Ty::StrArray,
+        "umask" => Ty::Umask,
+        "capabilities" => Ty::Caps,
+        "no_new_privileges" => Ty::Bool,
+        "limits" => Ty::Limits,
         _ => return None,
     })
 }
+
+/// Keys a `[roles.NAME]` table may hold.
+const ROLE_KEYS: &[&str] = &[
+    "command",
+    "env",
+    "user",
+    "group",
+    "supplementary_groups",
+    "umask",
+    "capabilities",
+    "no_new_privileges",
+    "limits",
+];
 
 /// Checks the document's keys and value types, removing every bad entry from `doc`.
 pub(crate) fn check(doc: &mut DeTable<'_>, lines: &Lines) -> Checked {
@@ -206,11 +242,14 @@ impl Walk<'_> {
         self.filter(table, prefix, |w, path, key, line, value| match key {
             "command" => w.typed(path, line, value.get_ref(), Ty::StrArray),
             "env" => w.typed(path, line, value.get_ref(), Ty::StrTable),
-            _ => {
-                let message = unknown_key_with_suggestion(key, ["command", "env"]);
-                w.bad(line, path, message);
-                false
-            }
+            _ => match exec_key_type(key) {
+                Some(ty) => w.exec_value(path, line, value, ty),
+                None => {
+                    let message = unknown_key_with_suggestion(key, ROLE_KEYS.iter().copied());
+                    w.bad(line, path, message);
+                    false
+                }
+            },
         });
         let command = join(prefix, "command");
         if !table.contains_key("command") && !self.out.removed.contains(&command) {
@@ -249,6 +288,7 @@ impl Walk<'_> {
                 }
                 (Ty::Readiness, DeValue::Table(t)) => w.readiness(t, path, line),
                 (Ty::Backoff | Ty::Readiness, other) => w.mismatch(path, line, "a table", other),
+                (ty @ (Ty::Caps | Ty::Limits), _) => w.exec_value(path, line, value, ty),
                 (ty, other) => w.typed(path, line, other, ty),
             }
         });
@@ -323,6 +363,85 @@ impl Walk<'_> {
         true
     }
 
+    /// Checks a value of an identity, capability or limit key: capabilities one by one
+    /// and limits each at its own line, so that one bad name drops only itself.
+    fn exec_value(
+        &mut self,
+        path: &str,
+        line: usize,
+        value: &mut Spanned<DeValue<'_>>,
+        ty: Ty,
+    ) -> bool {
+        match (ty, value.get_mut()) {
+            (Ty::Caps, DeValue::Array(a)) => {
+                let mut ok = true;
+                for v in a.iter() {
+                    let line = self.line(v.span());
+                    match v.get_ref() {
+                        DeValue::String(name) if exec::capability_number(name).is_some() => {}
+                        DeValue::String(name) => {
+                            self.bad(line, path, exec::unknown_capability(name));
+                            ok = false;
+                        }
+                        other => {
+                            let message =
+                                format!("expected a capability name, found {}", describe(other));
+                            self.bad(line, path, message);
+                            ok = false;
+                        }
+                    }
+                }
+                ok
+            }
+            (Ty::Caps, other) => self.mismatch(
+                path,
+                line,
+                "an array of capability names such as [\"CAP_NET_RAW\"]",
+                other,
+            ),
+            (Ty::Limits, DeValue::Table(t)) => {
+                self.limits(t, path);
+                true
+            }
+            (Ty::Limits, other) => self.mismatch(path, line, "a table of limits", other),
+            (ty, other) => self.typed(path, line, other, ty),
+        }
+    }
+
+    fn limits(&mut self, table: &mut DeTable<'_>, prefix: &str) {
+        let names = || exec::LIMITS.iter().map(|(n, _)| *n);
+        self.filter(table, prefix, |w, path, key, line, value| {
+            let Some((_, bytes)) = exec::LIMITS.iter().find(|(n, _)| *n == key) else {
+                let message = unknown_key_with_suggestion(key, names())
+                    .replace("unknown key", "unknown limit");
+                w.bad(line, path, message);
+                return false;
+            };
+            let parsed = match value.get_ref() {
+                DeValue::String(s) => exec::Limit::parse(s, *bytes).map(|_| ()),
+                v => match integer(v) {
+                    Some(n) if n >= 0 => Ok(()),
+                    _ => Err(format!(
+                        "expected a number, {}\"unlimited\" or \"SOFT:HARD\", found {}",
+                        if *bytes {
+                            "a size such as \"64M\", "
+                        } else {
+                            ""
+                        },
+                        describe(v)
+                    )),
+                },
+            };
+            match parsed {
+                Ok(()) => true,
+                Err(why) => {
+                    w.bad(line, path, format!("limit {key}: {why}"));
+                    false
+                }
+            }
+        });
+    }
+
     /// Reports a value that is not what the key takes; always false (drop the entry).
     fn mismatch(&mut self, path: &str, line: usize, expected: &str, found: &DeValue<'_>) -> bool {
         self.bad(
@@ -365,6 +484,8 @@ fn fits(value: &DeValue<'_>, ty: Ty) -> Result<(), String> {
             .iter()
             .all(|v| integer(v.get_ref()).is_some_and(|n| (0..=CPU_MAX).contains(&n))),
         (Ty::Cpus, v) => integer(v).is_some_and(|n| (0..=CPU_MAX).contains(&n)),
+        (Ty::Bool, DeValue::Boolean(_)) => true,
+        (Ty::Umask, DeValue::String(s)) => exec::Umask::parse(s).is_ok(),
         _ => false,
     };
     if ok {
@@ -382,7 +503,10 @@ fn fits(value: &DeValue<'_>, ty: Ty) -> Result<(), String> {
         Ty::StrTable => "a table of strings".to_owned(),
         Ty::Ip => "an IP address".to_owned(),
         Ty::Cpus => format!("a CPU number 0-{CPU_MAX} or an array of them"),
-        Ty::Backoff | Ty::Readiness => "a table".to_owned(),
+        Ty::Backoff | Ty::Readiness | Ty::Limits => "a table".to_owned(),
+        Ty::Bool => "true or false".to_owned(),
+        Ty::Umask => "an octal umask string such as \"0027\" (0000-0777)".to_owned(),
+        Ty::Caps => "an array of capability names".to_owned(),
     })
 }
 

@@ -40,6 +40,10 @@ Durations are an integer with an optional suffix: ms, s or m (a bare number is s
   --print TEXT            print TEXT to stdout at start (repeatable)
   --eprint TEXT           print TEXT to stderr at start (repeatable)
   --value NAME=JSON       answer JSON for NAME in value queries (repeatable)
+  --raw-socket            at start, open a raw IPv4 ICMP socket (needs CAP_NET_RAW) and
+                          print \"raw socket: ok\" or \"raw socket: <error>\" to stdout
+  --read-file PATH        at start, read PATH and print \"read PATH: ok\" or
+                          \"read PATH: <error>\" to stdout (repeatable)
   -h, --help              print this help
 
 If $DROVER_QUERY_SOCKET is set, a value query server listens on that unix stream
@@ -58,6 +62,8 @@ pub(crate) struct Config {
     pub(crate) exit_after: Option<Duration>,
     pub(crate) exit_code: Option<i32>,
     pub(crate) crash_at_start: bool,
+    pub(crate) raw_socket: bool,
+    pub(crate) read_files: Vec<PathBuf>,
     pub(crate) ignore_sigterm: bool,
     pub(crate) term_exit_code: Option<i32>,
     pub(crate) spawn_children: Option<u32>,
@@ -156,6 +162,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
             "--stderr-rate" => set_once(&mut config.stderr_rate, &flag, number(&flag, &value()?)?)?,
             "--lines" => set_once(&mut config.lines, &flag, number(&flag, &value()?)?)?,
             "--print" => config.print.push(value()?),
+            "--read-file" => config.read_files.push(PathBuf::from(value()?)),
             "--eprint" => config.eprint.push(value()?),
             "--value" => {
                 let raw = value()?;
@@ -175,7 +182,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
                 }
             }
             "--crash-at-start" | "--ignore-sigterm" | "--setsid" | "--sleep-forever"
-            | "--own-session" => {
+            | "--own-session" | "--raw-socket" => {
                 if inline.is_some() {
                     return Err(err(format!("{flag} takes no value")));
                 }
@@ -184,6 +191,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
                     "--ignore-sigterm" => &mut config.ignore_sigterm,
                     "--setsid" => &mut config.setsid,
                     "--sleep-forever" => &mut config.sleep_forever,
+                    "--raw-socket" => &mut config.raw_socket,
                     _ => &mut config.own_session,
                 };
                 *switch = true;

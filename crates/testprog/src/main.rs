@@ -118,6 +118,28 @@ fn run(config: &Config) -> ! {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}").and_then(|()| out.flush());
     }
+    if config.raw_socket {
+        let raw = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Inet,
+            nix::sys::socket::SockType::Raw,
+            nix::sys::socket::SockFlag::empty(),
+            nix::sys::socket::SockProtocol::Icmp,
+        );
+        let text = match raw {
+            Ok(_) => "raw socket: ok".to_owned(),
+            Err(e) => format!("raw socket: {}", e.desc().to_lowercase()),
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+    }
+    for path in &config.read_files {
+        let text = match std::fs::read(path) {
+            Ok(_) => format!("read {}: ok", path.display()),
+            Err(e) => format!("read {}: {}", path.display(), e.kind()),
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+    }
     for line in &config.eprint {
         let _ = writeln!(std::io::stderr().lock(), "{line}");
     }

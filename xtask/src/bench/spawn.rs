@@ -4,7 +4,10 @@
 //! forces a `fork`, whose cost grows with the parent's memory. This prints the figures
 //! behind that choice: plain `posix_spawn`, `fork` (a no-op `pre_exec` hook) and
 //! `posix_spawn` with the thread pinned, at this process's size and again with
-//! `--ballast-mib` of memory touched.
+//! `--ballast-mib` of memory touched. Then the agent's own spawn (`sys::spawn_clean`)
+//! as it starts a node: plain (`posix_spawn`), and, when run as root, with a user
+//! switch (`nobody`) and with a user switch plus a capability, a limit and
+//! `no_new_privileges` (the vfork-style clone of `drover_agent::exec`).
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -80,7 +83,90 @@ fn round(n: u32) -> anyhow::Result<()> {
         let (spawn_us, total_us) = measure(n, spawn).with_context(|| name.to_owned())?;
         println!("  {name:<24} spawn() {spawn_us:8.1} us   spawn+wait {total_us:8.1} us");
     }
+    agent_spawns(n)
+}
+
+/// The agent's spawn of a node, plain and with the settings of `drover_agent::exec`.
+fn agent_spawns(n: u32) -> anyhow::Result<()> {
+    use drover_agent::exec::{self, Creds, Plan};
+    let creds = Creds::current().context("reading this process's credentials")?;
+    let plan = |f: &dyn Fn(&mut drover_proto::Node)| -> anyhow::Result<Plan> {
+        let mut node = drover_proto::Node::new("bench", "bench");
+        f(&mut node);
+        exec::resolve("bench", &node, &creds).map_err(anyhow::Error::msg)
+    };
+    let mut rows = vec![("drover: plain", Plan::default())];
+    if nix::unistd::Uid::effective().is_root() {
+        rows.push((
+            "drover: as nobody",
+            plan(&|n| n.user = Some("nobody".into()))?,
+        ));
+        let nofile = drover_proto::exec::Limit::parse("4096", false).map_err(anyhow::Error::msg)?;
+        rows.push((
+            "drover: nobody+cap+limit",
+            plan(&|n| {
+                n.user = Some("nobody".into());
+                n.capabilities = Some(vec!["CAP_NET_RAW".into()]);
+                n.no_new_privileges = true;
+                n.limits.insert("nofile".into(), nofile);
+            })?,
+        ));
+    } else {
+        println!("  (not root: the user-switch rows are left out)");
+    }
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    let cwd = std::env::temp_dir();
+    let spawn = |plan: &Plan| -> io::Result<i32> {
+        use std::os::fd::AsFd;
+        drover_agent::sys::spawn_clean(&drover_agent::sys::SpawnSpec {
+            program: "/bin/true",
+            args: &[],
+            env: vec!["PATH=/usr/bin:/bin".to_owned()],
+            path: "/usr/bin:/bin",
+            cwd: &cwd,
+            stdout: null.as_fd(),
+            stderr: null.as_fd(),
+            exec: Some(plan),
+        })
+    };
+    let reap = |pid: i32| -> anyhow::Result<()> {
+        match nix::sys::wait::waitpid(Pid::from_raw(pid), None)? {
+            nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+            other => bail!("/bin/true ended with {other:?}"),
+        }
+    };
+    // The rows take turns, spawn by spawn, so that a busy moment of the machine falls
+    // on all of them alike.
+    let mut samples: Vec<(Vec<Duration>, Vec<Duration>)> = vec![Default::default(); rows.len()];
+    for round in 0..n + 10 {
+        for ((name, plan), (in_spawn, total)) in rows.iter().zip(&mut samples) {
+            let t0 = Instant::now();
+            let pid = spawn(plan).with_context(|| (*name).to_owned())?;
+            let spawned = t0.elapsed();
+            reap(pid)?;
+            if round >= 10 {
+                in_spawn.push(spawned);
+                total.push(t0.elapsed());
+            }
+        }
+    }
+    let (plain_spawn, plain_total) = (median(&samples[0].0), median(&samples[0].1));
+    for ((name, _), (in_spawn, total)) in rows.iter().zip(&samples) {
+        let (s, t) = (median(in_spawn), median(total));
+        println!(
+            "  {name:<24} spawn() {s:8.1} us   spawn+wait {t:8.1} us   (medians; x{:.2} and x{:.2} of plain)",
+            s / plain_spawn,
+            t / plain_total
+        );
+    }
     Ok(())
+}
+
+/// The median, in µs.
+fn median(samples: &[Duration]) -> f64 {
+    let mut v: Vec<Duration> = samples.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).map_or(0.0, |d| d.as_secs_f64() * 1e6)
 }
 
 /// Mean µs per `spawn()` call and per spawn + wait, over `n` spawns after a warm-up.

@@ -68,6 +68,9 @@ impl Roles {
             if t.command.first().is_none_or(String::is_empty) {
                 return Err(format!("roles.{role}: a role template needs a command"));
             }
+            if let Some((key, message)) = drover_proto::exec::check(t.exec_ref()).first() {
+                return Err(format!("roles.{role}.{key}: {message}"));
+            }
         }
         let roles = Self {
             defaults: file.defaults,
@@ -233,6 +236,71 @@ command = ["/bin/zeek"]
         assert!(w.command.is_empty(), "the template gives it at deploy time");
         assert_eq!(c.resolve(w).command, ["/bin/zeek", "-i", "eth0"]);
         assert!(drover_proto::config::validate(&c).is_empty());
+    }
+
+    #[test]
+    fn templates_and_defaults_carry_identity_capabilities_and_limits() {
+        let roles = Roles::parse(
+            r#"
+[defaults]
+user = "zeek"
+limits = { nofile = 65536 }
+
+[roles.worker]
+command = ["/bin/zeek", "-i", "{interface}"]
+capabilities = ["CAP_NET_RAW", "CAP_NET_ADMIN"]
+limits = { memlock = "unlimited" }
+
+[roles.manager]
+command = ["/bin/zeek"]
+capabilities = []
+"#,
+        )
+        .unwrap();
+        let z = ZeekConfig {
+            id: "c".into(),
+            instances: vec![Instance {
+                name: "a".into(),
+                host: None,
+                port: None,
+            }],
+            nodes: vec![
+                ZeekNode {
+                    name: "w".into(),
+                    instance: "a".into(),
+                    role: ClusterRole::Worker,
+                    interface: Some("eth0".into()),
+                    ..ZeekNode::default()
+                },
+                ZeekNode {
+                    name: "m".into(),
+                    instance: "a".into(),
+                    role: ClusterRole::Manager,
+                    ..ZeekNode::default()
+                },
+            ],
+        };
+        let c = roles.configuration(z).unwrap();
+        assert!(drover_proto::config::validate(&c).is_empty());
+        let w = c.resolve(c.node("w").unwrap());
+        assert_eq!(w.user.as_deref(), Some("zeek"));
+        assert_eq!(w.capabilities.as_ref().map(Vec::len), Some(2));
+        assert_eq!(w.limits["nofile"].to_string(), "65536");
+        assert_eq!(w.limits["memlock"].to_string(), "unlimited");
+        let m = c.resolve(c.node("m").unwrap());
+        assert_eq!(m.user.as_deref(), Some("zeek"));
+        assert_eq!(m.capabilities.as_deref(), Some(&[][..]), "none at all");
+        assert!(!m.limits.contains_key("memlock"));
+        for (text, want) in [
+            (
+                "[roles.worker]\ncommand = [\"z\"]\ncapabilities = [\"CAP_NOPE\"]\n",
+                "roles.worker",
+            ),
+            ("[defaults]\nlimits = { nofile = \"x\" }\n", "defaults:"),
+        ] {
+            let e = Roles::parse(text).unwrap_err();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

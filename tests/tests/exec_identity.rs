@@ -1,0 +1,268 @@
+//! Nodes run as their own users, with capabilities and limits, through a real agent
+//! (root here): a node running as `nobody` has that uid and gid, its one capability
+//! (ambient, bounding set cut, and a raw socket opens with it and not without), no new
+//! privileges and its rlimits; it cannot read another node's logs; an unknown user is
+//! a deploy error naming node and user; bad settings are config errors with line.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+
+use drover_tests::{Cluster, PATIENCE, bin, eventually};
+use serde_json::Value;
+
+fn connect(c: &Cluster, addr: SocketAddr) {
+    eventually("agent connected", PATIENCE, || {
+        let out = c.drover(addr, &["get-instances"]);
+        (out.json().as_object().map(|o| o.len()) == Some(1)).then_some(())
+    });
+}
+
+/// Deploys `body` (node tables) to agent-1; the exit code, the JSON reply and the
+/// CLI's stderr.
+fn deploy(c: &Cluster, addr: SocketAddr, body: &str) -> (Option<i32>, Value, String) {
+    let text = format!(
+        "[defaults]\nbackoff = {{ initial = \"10ms\" }}\nmax_failed_starts = 1\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[instances.agent-1]\n{body}"
+    );
+    let path = c.dir.path().join(format!("cluster-{}.toml", text.len()));
+    std::fs::write(&path, text).unwrap();
+    let out = c.drover(addr, &["deploy-config", path.to_str().unwrap()]);
+    let json = out.json();
+    (out.code, json, out.stderr)
+}
+
+fn node_status(c: &Cluster, addr: SocketAddr, node: &str) -> Value {
+    c.drover(addr, &["get-nodes", "--fresh"]).json()["results"]["agent-1"][node].clone()
+}
+
+/// A field of `/proc/<pid>/status`, trimmed.
+fn status(pid: u64, field: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+fn hex(pid: u64, field: &str) -> u64 {
+    u64::from_str_radix(&status(pid, field), 16).unwrap()
+}
+
+const CAP_NET_RAW: u64 = 1 << 13;
+
+#[test]
+fn nodes_run_as_their_users_with_their_capabilities_and_limits() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: running nodes as other users needs a root agent");
+        return;
+    }
+    let c = Cluster::new();
+    // The nodes reach their sockets through the state dir, below this one.
+    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    connect(&c, addr);
+    let nodes = c.dir.path().join("agent-agent-1/nodes");
+    let other_log = nodes.join("other/stdout.log");
+    let prog = bin("drover-testprog");
+    let body = format!(
+        r#"
+[nodes.capture]
+instance = "agent-1"
+command = ["{p}", "--raw-socket", "--read-file", "{log}", "--ready-after", "0s"]
+readiness = {{ kind = "notify", timeout = "10s" }}
+user = "nobody"
+capabilities = ["CAP_NET_RAW"]
+no_new_privileges = true
+umask = "0077"
+limits = {{ nofile = "1234:2345", core = "unlimited" }}
+
+[nodes.plain]
+instance = "agent-1"
+command = ["{p}", "--raw-socket"]
+user = "nobody"
+
+[nodes.other]
+instance = "agent-1"
+command = ["{p}", "--print", "secret"]
+user = "65533"
+group = "65533"
+"#,
+        p = prog.display(),
+        log = other_log.display(),
+    );
+    let (code, v, stderr) = deploy(&c, addr, &body);
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    let pid = node_status(&c, addr, "capture")["pid"].as_u64().unwrap();
+    assert_eq!(status(pid, "Uid:"), "65534\t65534\t65534\t65534");
+    assert_eq!(status(pid, "Gid:"), "65534\t65534\t65534\t65534");
+    assert_eq!(hex(pid, "CapAmb:"), CAP_NET_RAW);
+    assert_eq!(hex(pid, "CapEff:"), CAP_NET_RAW);
+    assert_eq!(hex(pid, "CapBnd:"), CAP_NET_RAW, "bounding set cut");
+    assert_eq!(status(pid, "NoNewPrivs:"), "1");
+    assert_eq!(status(pid, "Umask:"), "0077");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        nofile.split_whitespace().collect::<Vec<_>>()[3..5],
+        ["1234", "2345"],
+        "{nofile}"
+    );
+    let core = limits.lines().find(|l| l.starts_with("Max core")).unwrap();
+    assert!(core.contains("unlimited            unlimited"), "{core}");
+
+    let log = |node: &str| std::fs::read_to_string(nodes.join(node).join("stdout.log")).unwrap();
+    let capture = eventually("capture's report", PATIENCE, || {
+        let l = log("capture");
+        l.contains("read ").then_some(l)
+    });
+    assert!(capture.contains("raw socket: ok"), "{capture}");
+    assert!(
+        capture.contains(&format!("read {}: permission denied", other_log.display())),
+        "another node's log is out of reach: {capture}"
+    );
+    let plain = eventually("plain's report", PATIENCE, || {
+        let l = log("plain");
+        l.contains("raw socket").then_some(l)
+    });
+    assert!(
+        plain.contains("raw socket: operation not permitted"),
+        "without the capability: {plain}"
+    );
+    let other = node_status(&c, addr, "other")["pid"].as_u64().unwrap();
+    assert_eq!(status(other, "Uid:"), "65533\t65533\t65533\t65533");
+    assert_eq!(
+        hex(other, "CapEff:"),
+        0,
+        "a user switch drops root's capabilities"
+    );
+    // What the node owns, and what it does not.
+    let meta = |p: &str| std::fs::metadata(nodes.join(p)).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let dir = meta("other");
+    assert_eq!(
+        (dir.uid(), dir.gid(), dir.mode() & 0o7777),
+        (0, 65533, 0o750)
+    );
+    let run = meta("other/run");
+    assert_eq!(
+        (run.uid(), run.gid(), run.mode() & 0o7777),
+        (65533, 65533, 0o700)
+    );
+    let sock = meta("other/notify.sock");
+    assert_eq!((sock.uid(), sock.mode() & 0o777), (65533, 0o600));
+    assert_eq!(
+        meta("other/record.json").uid(),
+        0,
+        "its record stays the agent's"
+    );
+
+    // An unknown user is a deploy error naming node and user.
+    let (code, v, _) = deploy(
+        &c,
+        addr,
+        "[nodes.ghost]\ninstance = \"agent-1\"\ncommand = [\"/bin/true\"]\nuser = \"no-such-user-here\"\n",
+    );
+    assert_eq!(code, Some(1), "{v}");
+    let want = "node 'ghost': unknown user 'no-such-user-here' on this host";
+    let reply = v["results"]["nodes"]["ghost"]["stderr"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reply.contains(want), "{v}");
+    let s = node_status(&c, addr, "ghost");
+    assert_eq!(s["state"], "FAILED", "{s}");
+    assert!(
+        s["last_error"].as_str().unwrap_or_default().contains(want),
+        "{s}"
+    );
+}
+
+#[test]
+fn bad_settings_are_config_errors_with_line_and_key() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let path = c.dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[instances.agent-1]\n\n[nodes.x]\ninstance = \"agent-1\"\ncommand = [\"/bin/true\"]\nuser = \"a b\"\n\n\ncapabilities = [\"CAP_NET_RAWW\"]\nlimits = { nofile = \"many\" }\n",
+    )
+    .unwrap();
+    let out = c.drover(addr, &["deploy-config", path.to_str().unwrap()]);
+    assert_ne!(out.code, Some(0));
+    let stderr = out.stderr;
+    assert!(
+        stderr.contains(":6: nodes.x.user: user 'a b' is not a valid name"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            ":9: nodes.x.capabilities: unknown capability 'CAP_NET_RAWW' (did you mean 'CAP_NET_RAW'?)"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(":10: nodes.x.limits.nofile: limit nofile: 'many' is not a limit"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_agent_that_is_not_root_refuses_a_node_of_another_user() {
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: starting an agent as nobody needs root");
+        return;
+    }
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
+    // The agent runs as nobody: it needs its key, the way to it and its state dir.
+    let nobody = Some(65534);
+    for p in [c.dir.path(), c.pki.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    std::os::unix::fs::chown(c.pki_file("agent-1.key"), nobody, nobody).unwrap();
+    let state = c.dir.path().join("agent-agent-1");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, nobody, nobody).unwrap();
+    let mut cmd = std::process::Command::new(bin("drover-agent"));
+    c.agent_args(
+        &mut cmd,
+        "agent-1",
+        "agent-1",
+        &["--controller", &addr.to_string()],
+    );
+    cmd.uid(65534).gid(65534);
+    let _agent = drover_tests::Proc::spawn("agent agent-1", cmd, c.log_path("agent-agent-1"));
+    connect(&c, addr);
+    let (code, v, _) = deploy(
+        &c,
+        addr,
+        "[nodes.rooted]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nuser = \"root\"\n\n[nodes.own]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nuser = \"nobody\"\nlimits = { nofile = 100 }\n",
+    );
+    assert_eq!(code, Some(1), "{v}");
+    let want = "node 'rooted' asks for user 'root', but the agent runs as uid 65534 without \
+                CAP_SETUID and CAP_SETGID: run the agent as root to run nodes as other users";
+    let reply = v["results"]["nodes"]["rooted"]["stderr"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reply.contains(want), "{v}");
+    let s = node_status(&c, addr, "rooted");
+    assert_eq!(s["state"], "FAILED", "{s}");
+    assert!(s["pid"].is_null(), "nothing ran: {s}");
+    // Its own user needs no switch: that node runs, with its limit.
+    let own = node_status(&c, addr, "own");
+    assert_eq!(own["state"], "RUNNING", "{own}");
+    let pid = own["pid"].as_u64().unwrap();
+    assert_eq!(status(pid, "Uid:"), "65534\t65534\t65534\t65534");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(" 100 ")),
+        "{limits}"
+    );
+}
