@@ -500,7 +500,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         warn!(%addr, "{w}");
     }
     let scope = client_scope(&conn, &identity);
-    let check = conn::check_hello(&hello, &identity, API_VERSION)
+    let check = conn::check_hello(&hello, &identity, API_VERSION, &software())
         .and_then(|()| scope.as_ref().map(|_| ()).map_err(Clone::clone))
         .and_then(|()| check_deny_list(&shared, &conn, &identity))
         .and_then(|()| {
