@@ -1369,6 +1369,20 @@ fn zeek_deploy_waits_for_every_instance_and_times_out_without_one() {
     let v = out.json();
     assert_eq!(v["errors"], serde_json::json!(["request timed out"]), "{v}");
     assert!(node_pids(&z).is_empty(), "no partial deployment");
+    // The failed deploy is in the audit trail, as the caller the ws:// front knows.
+    let out = c.drover(z.addr, &["audit", "--who", "zeek-client"]);
+    let last: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (&last["what"], &last["outcome"]),
+        (&"deploy".into(), &"failed".into())
+    );
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("request timed out"),
+        "{last}"
+    );
     // agent-2 comes while the deploy waits: the deploy goes through.
     std::thread::scope(|s| {
         let deploying = s.spawn(|| z.run(&["deploy-config", file]));

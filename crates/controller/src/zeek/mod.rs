@@ -336,6 +336,8 @@ async fn answer(
     {
         // Zeek's controller sends nothing until every instance of the configuration
         // has checked in, and answers a controller-side timeout after waiting in vain.
+        let message = "request timed out: not every instance of the staged configuration connected";
+        crate::api::record_failure(shared, caller, "deploy", message.to_owned()).await;
         let results = vec![MgmtResult::err(&reqid, "request timed out")];
         return Some(events::response(
             &reqid,
