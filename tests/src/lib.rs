@@ -5,7 +5,10 @@
 //! ([`Proc`]), drives them with the `drover` CLI ([`Cluster::drover`]) or with the
 //! transport library directly, and waits for conditions with a deadline
 //! ([`eventually`]), never with bare sleeps. When a test fails, the logs of its processes
-//! are printed; every process is killed when the test ends.
+//! are printed; every process is killed when the test ends. When a test ends without
+//! failing, every mutating request it made successfully with [`Cluster::drover_as`] must
+//! be in an audit trail of its directory ([`Cluster`]'s drop checks it), so that the
+//! whole suite proves that changes are audited.
 //!
 //! The binaries come from `DROVER_BIN_DIR`, or else from the target directory holding
 //! the test executable (`cargo xtask test` builds them first).
@@ -166,6 +169,44 @@ pub struct Cluster {
     /// Idle timeout passed to the daemons.
     pub idle_timeout: Duration,
     logs: std::cell::RefCell<Vec<PathBuf>>,
+    /// The audit kinds of the mutating CLI requests that succeeded, checked against the
+    /// audit trails in `dir` when the cluster is dropped.
+    audited: std::cell::RefCell<Vec<&'static str>>,
+    audit_unchecked: std::cell::RefCell<bool>,
+}
+
+/// The audit kinds of the requests a `drover` command line sends, if it changes
+/// something.
+fn audit_kinds(args: &[&str]) -> &'static [&'static str] {
+    for arg in args {
+        match *arg {
+            "stage-config" => return &["stage_config"],
+            "deploy" => return &["deploy"],
+            "deploy-config" => return &["stage_config", "deploy"],
+            "restart" => return &["restart"],
+            "stop" => return &["stop"],
+            "start" => return &["start"],
+            "signal" => return &["signal"],
+            "ca" => return &[],
+            _ => {}
+        }
+    }
+    &[]
+}
+
+/// Records in the audit trails (`audit.jsonl*`) under `dir`, up to three levels down.
+fn audit_records(dir: &Path, depth: usize, out: &mut Vec<serde_json::Value>) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            if depth > 0 {
+                audit_records(&path, depth - 1, out);
+            }
+        } else if e.file_name().to_string_lossy().starts_with("audit.jsonl") {
+            let text = fs::read_to_string(&path).unwrap_or_default();
+            out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+        }
+    }
 }
 
 impl Cluster {
@@ -189,6 +230,8 @@ impl Cluster {
             keep_alive: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(2),
             logs: std::cell::RefCell::default(),
+            audited: std::cell::RefCell::default(),
+            audit_unchecked: std::cell::RefCell::default(),
         };
         let mut spec = LeafSpec::new(PeerRole::Controller, "controller");
         spec.sans = sans.iter().map(|s| (*s).to_owned()).collect();
@@ -200,6 +243,13 @@ impl Cluster {
     /// Issues `NAME.crt`/`NAME.key` for a role.
     pub fn issue(&self, role: PeerRole, name: &str) {
         drover_pki::issue_in_dir(&self.pki, &LeafSpec::new(role, name)).expect("issue");
+    }
+
+    /// Issues `NAME.crt`/`NAME.key` for a client with `scope`.
+    pub fn issue_scoped(&self, name: &str, scope: drover_proto::access::Scope) {
+        let mut spec = LeafSpec::new(PeerRole::Client, name);
+        spec.scope = Some(scope);
+        drover_pki::issue_in_dir(&self.pki, &spec).expect("issue");
     }
 
     /// Issues a certificate with custom validity under another name, returning the paths.
@@ -216,6 +266,7 @@ impl Cluster {
             name: name.to_owned(),
             sans: Vec::new(),
             validity,
+            scope: None,
         };
         self.write_pem(file, &ca.issue(&spec).expect("issue"))
     }
@@ -397,7 +448,41 @@ impl Cluster {
     pub fn drover_as(&self, file: &str, controller: SocketAddr, args: &[&str]) -> CliOutput {
         let mut cmd = self.drover_command_as(file, controller);
         cmd.arg("--timeout").arg("10s").args(args);
-        run_cli(cmd, Duration::from_secs(30))
+        let out = run_cli(cmd, Duration::from_secs(30));
+        if out.code == Some(0) && !*self.audit_unchecked.borrow() {
+            self.audited.borrow_mut().extend(audit_kinds(args));
+        }
+        out
+    }
+
+    /// Stops checking the audit trail at drop: for a test that bounds the trail so
+    /// tightly that rotation drops records on purpose.
+    pub fn audit_trail_drops_records(&self) {
+        self.audited.borrow_mut().clear();
+        *self.audit_unchecked.borrow_mut() = true;
+    }
+
+    /// Checks that every mutating request made through [`Cluster::drover_as`] that
+    /// succeeded is in an audit trail under the test dir (as many records of each kind,
+    /// carried out, as successful requests of that kind at least).
+    pub fn check_audited(&self) {
+        let mut records = Vec::new();
+        audit_records(self.dir.path(), 3, &mut records);
+        let mut want = std::collections::BTreeMap::<&str, usize>::new();
+        for kind in self.audited.borrow().iter() {
+            *want.entry(kind).or_default() += 1;
+        }
+        for (kind, n) in want {
+            let found = records
+                .iter()
+                .filter(|r| r["what"] == kind && r["outcome"] != "refused")
+                .count();
+            assert!(
+                found >= n,
+                "{n} successful {kind} requests, but {found} carried-out {kind} records in the audit trails under {}",
+                self.dir.path().display()
+            );
+        }
     }
 
     /// The `drover` CLI as client `ops` against `controller`, for a test to add its
@@ -496,6 +581,9 @@ impl Drop for Cluster {
             .collect();
         logs.extend(self.logs.borrow().iter().cloned());
         remove_agent_cgroups(&logs);
+        if !std::thread::panicking() {
+            self.check_audited();
+        }
         if std::thread::panicking() {
             for log in self.logs.borrow().iter() {
                 eprintln!("===== {} =====", log.display());

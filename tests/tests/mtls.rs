@@ -241,8 +241,9 @@ fn api_version_mismatch() {
         hello(PeerRole::Client, "ops", API_VERSION + 1),
     );
     let want = format!(
-        "api version mismatch: peer speaks {}, this side speaks {API_VERSION}",
-        API_VERSION + 1
+        "api version mismatch: peer speaks {} (drover-tests), this side speaks {API_VERSION} (drover-controller {})",
+        API_VERSION + 1,
+        env!("CARGO_PKG_VERSION")
     );
     assert!(err.ends_with(&want), "{err}");
     controller.wait_log(&want);

@@ -1369,6 +1369,20 @@ fn zeek_deploy_waits_for_every_instance_and_times_out_without_one() {
     let v = out.json();
     assert_eq!(v["errors"], serde_json::json!(["request timed out"]), "{v}");
     assert!(node_pids(&z).is_empty(), "no partial deployment");
+    // The failed deploy is in the audit trail, as the caller the ws:// front knows.
+    let out = c.drover(z.addr, &["audit", "--who", "zeek-client"]);
+    let last: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (&last["what"], &last["outcome"]),
+        (&"deploy".into(), &"failed".into())
+    );
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("request timed out"),
+        "{last}"
+    );
     // agent-2 comes while the deploy waits: the deploy goes through.
     std::thread::scope(|s| {
         let deploying = s.spawn(|| z.run(&["deploy-config", file]));
@@ -1385,4 +1399,102 @@ fn zeek_deploy_waits_for_every_instance_and_times_out_without_one() {
         );
         eventually("both nodes running", PATIENCE, || all_running(&z, 2));
     });
+}
+
+/// Runs `drover audit --who WHO` as ops against the controller of `z`.
+fn audit_of(c: &Cluster, z: &Zeek, who: &str) -> Vec<Value> {
+    let out = c.drover(z.addr, &["audit", "--who", who]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn zeek_client_over_wss_acts_with_its_certificates_scope() {
+    use drover_proto::access::Scope;
+    let c = Cluster::new();
+    c.issue_scoped("dash", Scope::Viewer);
+    c.issue_scoped("oper", Scope::Operator);
+    let mut z = Zeek::start_running(&c, &["--zeek-websocket-tls"]);
+    let _a = c.start_agent("agent-1", z.addr);
+    z.settings = tls_settings(&c, "ops");
+    wait_instances(&z, 1);
+    let cluster = ini(&c, "deploy-error.ini");
+    let out = z.run(&["deploy-config", &cluster]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+
+    let attempts: [(&[&str], &str, Scope); 4] = [
+        (&["stage-config", &cluster], "stage-config", Scope::Admin),
+        (&["deploy"], "deploy", Scope::Admin),
+        (&["deploy-config", &cluster], "stage-config", Scope::Admin),
+        (&["restart", "manager"], "restart", Scope::Operator),
+    ];
+    for (name, have) in [("dash", Scope::Viewer), ("oper", Scope::Operator)] {
+        let settings = tls_settings(&c, name);
+        for (args, what, need) in attempts {
+            let out = z.run_set(20, &settings, args);
+            let text = format!("{}{}", out.stdout, out.stderr);
+            if have >= need {
+                assert_eq!(out.code, Some(0), "{name} {args:?}: {text}");
+                continue;
+            }
+            assert_eq!(out.code, Some(1), "{name} {args:?}: {text}");
+            let want =
+                format!("{what} needs scope {need}; this client's certificate has scope {have}");
+            assert!(text.contains(&want), "{name} {args:?}: {text}");
+        }
+        // Looking is always allowed.
+        for args in [&["get-instances"][..], &["get-nodes"], &["get-config"]] {
+            let out = z.run_set(20, &settings, args);
+            assert_eq!(out.code, Some(0), "{name} {args:?}: {}", out.stderr);
+        }
+    }
+    let dash = audit_of(&c, &z, "dash");
+    assert_eq!(dash.len(), 4, "{dash:#?}");
+    for r in &dash {
+        assert_eq!(r["outcome"], "refused", "{r}");
+        assert_eq!(r["front"], "zeek", "{r}");
+        assert_eq!(r["scope"], "viewer", "{r}");
+        assert!(!r["serial"].as_str().unwrap().is_empty(), "{r}");
+    }
+    let oper: Vec<(String, String)> = audit_of(&c, &z, "oper")
+        .iter()
+        .map(|r| (r["what"].to_string(), r["outcome"].to_string()))
+        .collect();
+    assert_eq!(oper.len(), 4, "{oper:?}");
+    assert_eq!(oper[3], ("\"restart\"".into(), "\"ok\"".into()));
+    // The admin's own deploy through zeek-client is in the trail too.
+    let ops = audit_of(&c, &z, "ops");
+    let kinds: Vec<&str> = ops.iter().map(|r| r["what"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["stage_config", "deploy"], "{ops:#?}");
+    assert!(ops.iter().all(|r| r["outcome"] == "ok"), "{ops:#?}");
+}
+
+#[test]
+fn zeek_client_over_plain_ws_acts_with_the_fronts_scope() {
+    let c = Cluster::new();
+    let z = Zeek::start_running(&c, &["--zeek-scope", "viewer"]);
+    let _a = c.start_agent("agent-1", z.addr);
+    wait_instances(&z, 1);
+    let cluster = ini(&c, "deploy-error.ini");
+    let out = z.run(&["deploy-config", &cluster]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        text.contains("stage-config needs scope admin; this client's certificate has scope viewer"),
+        "{text}"
+    );
+    assert_eq!(z.run(&["get-nodes"]).code, Some(0));
+    let records = audit_of(&c, &z, "zeek-client");
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0]["serial"], "");
+    assert_eq!(records[0]["front"], "zeek");
+    assert_eq!(records[0]["outcome"], "refused");
+    // The native CLI is not bound by the zeek front's scope.
+    let roles = c.dir.path().join("zeek-roles.toml");
+    let roles = roles.to_str().unwrap();
+    let out = c.drover(z.addr, &["deploy-config", "--roles", roles, &cluster]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
 }

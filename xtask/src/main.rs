@@ -44,11 +44,18 @@ enum Task {
     /// Local clusters for development and demos.
     #[command(subcommand)]
     Cluster(ClusterTask),
-    /// Shell completions (bash, zsh, fish) and a man page for `drover`, in target/dist.
+    /// Debian packages (drover, drover-controller, drover-agent) of a release build, with
+    /// the units, settings, completions and man page, in target/dist.
     Dist {
         /// Output directory [default: target/dist].
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Package the binaries in this directory instead of a release build.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Compression of the packages (dpkg-deb -Z): xz, gzip, zstd or none.
+        #[arg(long, default_value = "xz")]
+        compression: String,
     },
     /// Benchmarks (release builds) against peer tools.
     #[command(subcommand)]
@@ -193,7 +200,16 @@ fn main() -> std::process::ExitCode {
     let result = match cli.task {
         Task::Test { no_lint } => test::run(!no_lint),
         Task::Chaos { minutes, seed } => chaos::run(minutes, seed),
-        Task::Dist { out } => dist::run(&out.unwrap_or_else(|| project_root().join("target/dist"))),
+        Task::Dist {
+            out,
+            bin_dir,
+            compression,
+        } => dist::run(&dist::Options {
+            out: out.unwrap_or_else(|| project_root().join("target/dist")),
+            bin_dir,
+            compression,
+        })
+        .map(|_| ()),
         Task::Cluster(ClusterTask::Status { dir }) => {
             let root = project_root();
             cluster::status(

@@ -378,7 +378,7 @@ impl Agent {
                         return;
                     }
                 };
-                let check = conn::check_hello(&hello, &identity, API_VERSION).and_then(|()| {
+                let check = conn::check_hello(&hello, &identity, API_VERSION, &software()).and_then(|()| {
                     if identity.role == PeerRole::Controller {
                         Ok(())
                     } else {

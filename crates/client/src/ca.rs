@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Subcommand, ValueEnum};
 use drover_pki::{LeafSpec, Validity};
+use drover_proto::access::Scope;
 use drover_proto::msg::PeerRole;
 
 /// The `ca` subcommands.
@@ -36,6 +37,11 @@ pub enum CaCommand {
         /// Validity in days (1 to 36500).
         #[arg(long, default_value_t = 365, allow_negative_numbers = true)]
         days: i64,
+        /// For a client: what it may do. viewer: look (get-*, status, logs, monitor,
+        /// audit); operator: also restart, stop, start, signal; admin: everything. A
+        /// client certificate without a scope is admin.
+        #[arg(long, value_enum)]
+        scope: Option<ScopeArg>,
     },
 }
 
@@ -48,6 +54,27 @@ pub enum Role {
     Agent,
     /// An operator's client.
     Client,
+}
+
+/// Client scopes, as `--scope` takes them.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ScopeArg {
+    /// Look: get-*, status, logs, monitor, audit.
+    Viewer,
+    /// Also restart, stop, start, signal.
+    Operator,
+    /// Everything, staging and deploying included.
+    Admin,
+}
+
+impl From<ScopeArg> for Scope {
+    fn from(s: ScopeArg) -> Self {
+        match s {
+            ScopeArg::Viewer => Self::Viewer,
+            ScopeArg::Operator => Self::Operator,
+            ScopeArg::Admin => Self::Admin,
+        }
+    }
 }
 
 impl From<Role> for PeerRole {
@@ -73,12 +100,17 @@ pub fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
             name,
             sans,
             days,
+            scope,
         } => {
+            if scope.is_some() && !matches!(role, Role::Client) {
+                anyhow::bail!("--scope is for client certificates (--role client)");
+            }
             let spec = LeafSpec {
                 role: (*role).into(),
                 name: name.clone(),
                 sans: sans.clone(),
                 validity: validity(*days)?,
+                scope: scope.map(Scope::from),
             };
             let (cert, key) = drover_pki::issue_in_dir(dir, &spec)?;
             eprintln!("issued {} and {}", cert.display(), key.display());

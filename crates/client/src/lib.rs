@@ -181,6 +181,21 @@ pub enum Command {
         #[arg(long)]
         logs: bool,
     },
+    /// The controller's audit trail: every request that changed something or was
+    /// refused, oldest first, one JSON object per line.
+    Audit {
+        /// Only entries since this time: a duration back from now (`1h`, `30m`) or an
+        /// RFC 3339 time (`2026-01-31T12:00:00Z`).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<u64>,
+        /// Only entries of this client: its name, `client/NAME`, or a certificate
+        /// serial (`serial:HEX`).
+        #[arg(long)]
+        who: Option<String>,
+        /// At most this many entries, the newest.
+        #[arg(long, default_value_t = 1000, value_parser = at_least_one)]
+        limit: usize,
+    },
     /// Send a signal to nodes (all when none are named), e.g. `drover signal HUP w1`.
     Signal {
         /// The signal, by name (HUP, SIGUSR1) or number.
@@ -203,6 +218,25 @@ fn at_least_one(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// `--since`: a duration back from now or an RFC 3339 time, as milliseconds since the
+/// Unix epoch.
+fn parse_since(s: &str) -> Result<u64, String> {
+    let now = std::time::SystemTime::now();
+    let at = match humantime::parse_duration(s) {
+        Ok(back) => now.checked_sub(back).ok_or("reaches before 1970")?,
+        Err(_) => humantime::parse_rfc3339_weak(s).map_err(|_| {
+            format!(
+                "'{s}' is neither a duration such as 1h nor a time such as 2026-01-31T12:00:00Z"
+            )
+        })?,
+    };
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| "reaches before 1970".to_owned())?
+        .as_millis();
+    Ok(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
 /// Output formats.
@@ -428,6 +462,16 @@ async fn command(
         Command::Monitor { logs } => {
             let mut replies = session.request_stream(&R::Monitor { logs: *logs }).await?;
             return output::print_events(&mut replies).await.map(exit);
+        }
+        Command::Audit { since, who, limit } => {
+            let reply = session
+                .request(&R::GetAudit {
+                    since_ms: *since,
+                    who: who.clone(),
+                    limit: Some(*limit),
+                })
+                .await?;
+            return output::print_audit(&reply).map(exit);
         }
         Command::TestTimeout { with_state } => output::test_timeout(
             &session

@@ -28,7 +28,7 @@ fn single(reply: &ClientResponse) -> Option<&MgmtResult> {
     match reply {
         ClientResponse::Result(r) => Some(r),
         ClientResponse::Results(rs) => rs.first(),
-        ClientResponse::Event(_) | ClientResponse::Progress(_) => None,
+        ClientResponse::Event(_) | ClientResponse::Progress(_) | ClientResponse::Audit(_) => None,
     }
 }
 
@@ -90,7 +90,9 @@ pub fn results(reply: &ClientResponse) -> Vec<&MgmtResult> {
     match reply {
         ClientResponse::Result(r) => vec![r],
         ClientResponse::Results(rs) => rs.iter().collect(),
-        ClientResponse::Event(_) | ClientResponse::Progress(_) => Vec::new(),
+        ClientResponse::Event(_) | ClientResponse::Progress(_) | ClientResponse::Audit(_) => {
+            Vec::new()
+        }
     }
 }
 
@@ -374,6 +376,19 @@ pub async fn print_events(replies: &mut drover_net::conn::ReplyStream) -> anyhow
             out.flush()?;
         }
     }
+    Ok(true)
+}
+
+/// audit: one JSON object per entry and line, oldest first.
+pub fn print_audit(reply: &ClientResponse) -> anyhow::Result<bool> {
+    let ClientResponse::Audit(records) = reply else {
+        anyhow::bail!("the controller answered the audit request with something else");
+    };
+    let mut out = std::io::stdout().lock();
+    for record in records {
+        writeln!(out, "{}", serde_json::to_string(record)?)?;
+    }
+    out.flush()?;
     Ok(true)
 }
 

@@ -15,20 +15,216 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_net::conn::{self, Answer};
+use drover_proto::access::{self, AuditRecord, Outcome};
 use drover_proto::config::validate;
 use drover_proto::model::{
     Configuration, Instance, LogStream, MgmtResult, MgmtRole, NodeStatus, ResultData, State,
 };
 use drover_proto::msg::{
-    AgentResponse, ClientRequest, ClientResponse, ControllerRequest, Event, EventRecord, Progress,
-    Request,
+    AgentResponse, ClientRequest, ClientResponse, ControllerRequest, ErrorCode, Event, EventRecord,
+    Progress, Request, WireError,
 };
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::Shared;
+use crate::audit::{self, Caller};
 use crate::store::Deploy;
 use crate::view::Ask;
+
+/// Answers one request of `caller`: refused when its scope does not allow it, and
+/// written to the audit trail, before it is answered, when it changes something (or was
+/// refused).
+pub(crate) async fn handle_as(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    req: Request<ClientRequest>,
+) -> Result<Answer<ClientResponse>, WireError> {
+    let checked = access::check(&req.body, caller.scope);
+    if !access::mutates(&req.body) {
+        // Nothing to record; a viewer may do all of this.
+        checked.map_err(|m| WireError::new(ErrorCode::Forbidden, m))?;
+        return Ok(handle(shared, req).await);
+    }
+    let what = req.body.kind();
+    let args = audit::args(&req.body);
+    if let Err(message) = checked {
+        return Err(refuse(shared, caller, what, args, message).await);
+    }
+    let id = req.id.clone();
+    Ok(match handle(shared, req).await {
+        Answer::One(mut reply) => {
+            audit_answer(shared, caller, what, args, &id, &mut reply).await;
+            Answer::One(reply)
+        }
+        // A deploy with progress: its answer is the frame after the progress counts,
+        // recorded before it is passed on, like a single reply.
+        Answer::Stream(mut frames) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let shared = shared.clone();
+            let caller = caller.clone();
+            tokio::spawn(async move {
+                while let Some(mut frame) = frames.recv().await {
+                    if !matches!(frame, ClientResponse::Progress(_)) {
+                        audit_answer(&shared, &caller, what, args.clone(), &id, &mut frame).await;
+                    }
+                    if tx.send(frame).await.is_err() {
+                        // The client went away; the request still ran to its end.
+                        while let Some(mut frame) = frames.recv().await {
+                            if !matches!(frame, ClientResponse::Progress(_)) {
+                                audit_answer(&shared, &caller, what, args.clone(), &id, &mut frame)
+                                    .await;
+                            }
+                        }
+                        return;
+                    }
+                }
+            });
+            Answer::Stream(rx)
+        }
+    })
+}
+
+/// Writes the audit record of a carried-out request from its answer; a record that
+/// cannot be written turns into an error result of the answer.
+async fn audit_answer(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    what: &'static str,
+    args: String,
+    id: &str,
+    reply: &mut ClientResponse,
+) {
+    let (outcome, message) = outcome_of(reply);
+    let record = audit::record(
+        caller,
+        now_ms(),
+        what,
+        args,
+        generation(shared),
+        outcome,
+        message,
+    );
+    if let Err(e) = write_audit(shared, record).await {
+        let error = MgmtResult::err(id, format!("the request was carried out, but {e}"));
+        match reply {
+            ClientResponse::Results(rs) => rs.push(error),
+            other => *other = ClientResponse::Results(vec![error]),
+        }
+    }
+}
+
+/// Records a refused request in the audit trail; the error that answers it.
+pub(crate) async fn refuse(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    what: &str,
+    args: String,
+    message: String,
+) -> WireError {
+    warn!(client = %caller.name, addr = %caller.addr, front = caller.front, "refused: {message}");
+    let record = audit::record(
+        caller,
+        now_ms(),
+        what,
+        args,
+        generation(shared),
+        Outcome::Refused,
+        Some(message.clone()),
+    );
+    match write_audit(shared, record).await {
+        Ok(()) => WireError::new(ErrorCode::Forbidden, message),
+        Err(e) => WireError::new(ErrorCode::Forbidden, format!("{message} (and {e})")),
+    }
+}
+
+/// Records a request that failed before it reached the API (a zeek-client
+/// configuration its role templates cannot complete).
+pub(crate) async fn record_failure(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    what: &str,
+    message: String,
+) {
+    let record = audit::record(
+        caller,
+        now_ms(),
+        what,
+        String::new(),
+        generation(shared),
+        Outcome::Failed,
+        Some(message),
+    );
+    // A failure to write is logged and published by write_audit; the request fails
+    // anyway.
+    let _ = write_audit(shared, record).await;
+}
+
+/// The desired deploy generation, if there is one.
+fn generation(shared: &Shared) -> Option<u64> {
+    Some(shared.store.desired_generation()).filter(|g| *g > 0)
+}
+
+/// How a reply says its request ended: every result a success, or the first failure.
+fn outcome_of(reply: &ClientResponse) -> (Outcome, Option<String>) {
+    let results: Vec<&MgmtResult> = match reply {
+        ClientResponse::Result(r) => vec![r],
+        ClientResponse::Results(rs) => rs.iter().collect(),
+        ClientResponse::Event(_) | ClientResponse::Audit(_) | ClientResponse::Progress(_) => {
+            Vec::new()
+        }
+    };
+    match results.iter().find(|r| !r.success) {
+        None => (Outcome::Ok, None),
+        Some(r) => {
+            let node = r
+                .node
+                .as_deref()
+                .map(|n| format!("{n}: "))
+                .unwrap_or_default();
+            let error = r.error.as_deref().unwrap_or("failed");
+            (Outcome::Failed, Some(format!("{node}{error}")))
+        }
+    }
+}
+
+/// Appends a record to the audit trail (durably, off the async threads) and publishes
+/// it to `monitor`; `Err` says why it could not be written.
+pub(crate) async fn write_audit(shared: &Arc<Shared>, record: AuditRecord) -> Result<(), String> {
+    let writer = shared.clone();
+    let written = {
+        let record = record.clone();
+        tokio::task::spawn_blocking(move || writer.audit.append(&record)).await
+    };
+    let outcome = match record.outcome {
+        Outcome::Ok => "ok",
+        Outcome::Failed => "failed",
+        Outcome::Refused => "refused",
+    };
+    shared
+        .metrics
+        .counter(
+            "drover_audit_records_total",
+            "Requests written to the audit trail, by outcome.",
+            &[("outcome", outcome)],
+        )
+        .inc();
+    shared.emit(Event::Audit { record });
+    let failed = match written {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    let message = format!(
+        "the audit trail {} could not be written: {failed}",
+        shared.audit.path().display()
+    );
+    warn!("{message}");
+    shared.emit(Event::Error {
+        message: message.clone(),
+    });
+    Err(message)
+}
 
 /// Answers one client request.
 pub(crate) async fn handle(
@@ -198,6 +394,26 @@ async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> Client
         }
         ClientRequest::Logs { .. } | ClientRequest::Monitor { .. } => {
             unreachable!("streamed by handle")
+        }
+        ClientRequest::GetAudit {
+            since_ms,
+            who,
+            limit,
+        } => {
+            let reader = shared.clone();
+            let limit = limit.unwrap_or(audit::DEFAULT_READ_LIMIT);
+            let read = tokio::task::spawn_blocking(move || {
+                reader.audit.read(since_ms, who.as_deref(), limit)
+            })
+            .await;
+            match read {
+                Ok(Ok(records)) => ClientResponse::Audit(records),
+                Ok(Err(e)) => ClientResponse::Result(MgmtResult::err(
+                    id,
+                    format!("cannot read {}: {e}", shared.audit.path().display()),
+                )),
+                Err(e) => ClientResponse::Result(MgmtResult::err(id, e.to_string())),
+            }
         }
         ClientRequest::TestTimeout { with_state } => {
             if with_state {

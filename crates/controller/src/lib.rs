@@ -8,6 +8,7 @@
 //! - [`registry`]: the connected agents.
 //! - [`api`]: the client requests: staging and deploying configurations, node statuses,
 //!   actions on node subsets, fanned out to agents with timeouts.
+//! - [`audit`]: the audit trail of requests that change something, and who sent them.
 //! - [`store`]: the staged configuration and the desired and deployed deploys with their
 //!   generations, persisted atomically.
 //! - `view`: every agent's nodes as last reported, which answers get-nodes while it is
@@ -20,6 +21,7 @@
 //! controller serves), so tests run controllers in-process.
 
 pub mod api;
+pub mod audit;
 mod dial;
 pub mod registry;
 pub mod store;
@@ -34,6 +36,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drover_net::conn::{self, TransportSettings};
 use drover_net::{Credentials, Identity, NetError, TlsFiles};
+use drover_proto::access::Scope;
 use drover_proto::model::{MgmtRole, NodeStatus, State};
 use drover_proto::msg::{
     API_VERSION, AgentRequest, AgentResponse, ClientRequest, ControllerRequest, ErrorCode, Event,
@@ -89,6 +92,13 @@ pub struct Config {
     /// Port auto-assignment and checks for Zeek clusters ([`drover_proto::ports`]); the
     /// controller's own port is filled in when it binds.
     pub ports: drover_proto::ports::PortPolicy,
+    /// The most a zeek-client may do ([`zeek`]): the scope of every client of a `ws://`
+    /// front, which has no certificates, and a ceiling on a `wss://` client's own.
+    pub zeek_scope: Scope,
+    /// Size at which the audit trail ([`audit`]) is rotated.
+    pub audit_max_bytes: u64,
+    /// Rotated audit files kept.
+    pub audit_keep: u32,
 }
 
 /// Why a controller could not start.
@@ -111,6 +121,14 @@ pub enum Error {
     /// The persisted state is unusable.
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// The audit trail cannot be opened.
+    #[error("audit trail {path}: {source}")]
+    Audit {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// State shared by every connection task.
@@ -149,6 +167,8 @@ pub(crate) struct Shared {
     pub(crate) dialers: std::sync::Mutex<BTreeMap<String, (SocketAddr, tokio::task::AbortHandle)>>,
     /// Port auto-assignment and checks, with our own port.
     pub(crate) ports: drover_proto::ports::PortPolicy,
+    /// The audit trail.
+    pub(crate) audit: audit::AuditLog,
 }
 
 impl Shared {
@@ -317,6 +337,12 @@ impl Controller {
             });
         }
         let store = Store::open(&config.state_dir)?;
+        let audit =
+            audit::AuditLog::open(&config.state_dir, config.audit_max_bytes, config.audit_keep)
+                .map_err(|source| Error::Audit {
+                    path: config.state_dir.join(audit::FILE),
+                    source,
+                })?;
         let transport = TransportSettings {
             max_streams: config.transport.max_streams.min(PEER_STREAMS),
             ..config.transport
@@ -335,7 +361,13 @@ impl Controller {
             .zeek_websocket
             .map(|addr| {
                 let tls = config.zeek_websocket_tls.then_some(&creds);
-                zeek::Front::bind(addr, config.zeek_roles.as_deref(), tls, config.zeek_deploy)
+                zeek::Front::bind(
+                    addr,
+                    config.zeek_roles.as_deref(),
+                    tls,
+                    config.zeek_deploy,
+                    config.zeek_scope,
+                )
             })
             .transpose()?;
         let ports = drover_proto::ports::PortPolicy {
@@ -362,6 +394,7 @@ impl Controller {
                 metrics: drover_metrics::Registry::default(),
                 dialers: std::sync::Mutex::default(),
                 ports,
+                audit,
             }),
         })
     }
@@ -466,7 +499,9 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     {
         warn!(%addr, "{w}");
     }
-    let check = conn::check_hello(&hello, &identity, API_VERSION)
+    let scope = client_scope(&conn, &identity);
+    let check = conn::check_hello(&hello, &identity, API_VERSION, &software())
+        .and_then(|()| scope.as_ref().map(|_| ()).map_err(Clone::clone))
         .and_then(|()| check_deny_list(&shared, &conn, &identity))
         .and_then(|()| {
             if identity.role == PeerRole::Controller {
@@ -514,7 +549,11 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     }
     match identity.role {
         PeerRole::Agent => serve_agent(shared, conn, identity.name, hello.software).await,
-        PeerRole::Client => serve_client(shared, conn, identity).await,
+        PeerRole::Client => {
+            // Refused above when unreadable; the least scope is the safe fallback.
+            let scope = scope.unwrap_or(Scope::Viewer);
+            serve_client(shared, conn, identity, scope).await;
+        }
         PeerRole::Controller => unreachable!("refused above"),
     }
 }
@@ -647,15 +686,42 @@ pub(crate) async fn serve_agent(
     }
 }
 
-async fn serve_client(shared: Arc<Shared>, conn: quinn::Connection, identity: Identity) {
-    debug!(client = %identity.name, addr = %conn.remote_address(), "client connected");
+/// A client's scope from its certificate (`admin` when it carries none); an unreadable
+/// or unknown scope refuses the client. Not a client: unused, `admin`.
+fn client_scope(conn: &quinn::Connection, identity: &Identity) -> Result<Scope, WireError> {
+    if identity.role != PeerRole::Client {
+        return Ok(Scope::Admin);
+    }
+    drover_net::scope::peer_scope(conn)
+        .map(|s| s.unwrap_or(Scope::Admin))
+        .map_err(|e| WireError::new(ErrorCode::Forbidden, e.to_string()))
+}
+
+async fn serve_client(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    identity: Identity,
+    scope: Scope,
+) {
+    debug!(client = %identity.name, addr = %conn.remote_address(), %scope, "client connected");
+    let caller = Arc::new(audit::Caller {
+        role: identity.role,
+        name: identity.name,
+        serial: drover_net::tls::peer_cert_info(&conn)
+            .map(|i| i.serial)
+            .unwrap_or_default(),
+        scope,
+        addr: conn.remote_address(),
+        front: "native",
+    });
     let settings = shared.transport;
     let handler = move |req: Request<ClientRequest>| {
         let shared = shared.clone();
+        let caller = caller.clone();
         async move {
             let kind = req.body.kind();
             let started = std::time::Instant::now();
-            let answer = api::handle(&shared, req).await;
+            let answer = api::handle_as(&shared, &caller, req).await;
             shared
                 .metrics
                 .counter(
@@ -672,7 +738,7 @@ async fn serve_client(shared: Arc<Shared>, conn: quinn::Connection, identity: Id
                     &[("request", kind)],
                 )
                 .observe(started.elapsed());
-            Ok(answer)
+            answer
         }
     };
     let _ = conn::serve_answers(conn, settings, handler).await;

@@ -6,10 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use drover_controller::audit;
 use drover_controller::zeek::DeployMode;
 use drover_controller::{Config, Controller, DEFAULT_PORT};
 use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing, notify};
 use drover_net::{TlsFiles, TransportSettings};
+use drover_proto::access::Scope;
 use drover_proto::ports::PortPolicy;
 use serde::Deserialize;
 
@@ -73,6 +75,18 @@ struct Args {
     /// [default: restart-all].
     #[arg(long, env = "DROVER_ZEEK_DEPLOY", value_parser = parse_deploy_mode)]
     zeek_deploy: Option<DeployMode>,
+    /// The most a zeek-client may do: viewer, operator or admin. Every client of a ws://
+    /// front, which has no client certificates, acts with this scope; a wss:// client
+    /// with its certificate's scope, at most this one [default: admin].
+    #[arg(long, env = "DROVER_ZEEK_SCOPE", value_parser = parse_scope)]
+    zeek_scope: Option<Scope>,
+    /// Size at which the audit trail (<state dir>/audit.jsonl) is rotated, in bytes
+    /// (4096 to 1 TiB) [default: 10485760].
+    #[arg(long, env = "DROVER_AUDIT_MAX_BYTES")]
+    audit_max_bytes: Option<u64>,
+    /// Rotated audit files kept (0 to 1000) [default: 5].
+    #[arg(long, env = "DROVER_AUDIT_KEEP")]
+    audit_keep: Option<u32>,
     /// Give managers, loggers and proxies of Zeek clusters that lack a port one (Zeek's
     /// auto_assign_broker_ports); when false, staging such a cluster fails
     /// [default: true].
@@ -91,6 +105,10 @@ struct Args {
 }
 
 fn parse_deploy_mode(s: &str) -> Result<DeployMode, String> {
+    s.parse()
+}
+
+fn parse_scope(s: &str) -> Result<Scope, String> {
     s.parse()
 }
 
@@ -115,6 +133,9 @@ struct FileConfig {
     zeek_websocket_tls: bool,
     zeek_roles: Option<PathBuf>,
     zeek_deploy: Option<String>,
+    zeek_scope: Option<String>,
+    audit_max_bytes: Option<u64>,
+    audit_keep: Option<u32>,
     auto_assign_broker_ports: Option<bool>,
     auto_assign_broker_start_port: Option<u16>,
     auto_assign_metrics_ports: Option<bool>,
@@ -178,6 +199,38 @@ fn config(args: Args) -> anyhow::Result<Config> {
                     .map_err(|e: String| anyhow::anyhow!("zeek_deploy: {e}"))?,
                 None => DeployMode::default(),
             },
+        },
+        zeek_scope: match args.zeek_scope {
+            Some(s) => s,
+            None => match file.zeek_scope {
+                Some(s) => s
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("zeek_scope: {e}"))?,
+                None => Scope::Admin,
+            },
+        },
+        audit_max_bytes: {
+            let bytes = args
+                .audit_max_bytes
+                .or(file.audit_max_bytes)
+                .unwrap_or(audit::DEFAULT_MAX_BYTES);
+            anyhow::ensure!(
+                audit::MAX_BYTES_RANGE.contains(&bytes),
+                "audit_max_bytes {bytes} is out of range: 4096 to 1099511627776"
+            );
+            bytes
+        },
+        audit_keep: {
+            let keep = args
+                .audit_keep
+                .or(file.audit_keep)
+                .unwrap_or(audit::DEFAULT_KEEP);
+            anyhow::ensure!(
+                keep <= audit::MAX_KEEP,
+                "audit_keep {keep} is out of range: 0 to {}",
+                audit::MAX_KEEP
+            );
+            keep
         },
         ports: PortPolicy {
             broker_start: start(

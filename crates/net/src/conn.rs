@@ -468,14 +468,21 @@ pub async fn read_hello(
 }
 
 /// Checks a Hello against the certificate it came with: the role and name it claims must
-/// be those the certificate carries, and the API version ours.
-pub fn check_hello(hello: &Hello, cert: &Identity, our_version: u32) -> Result<(), WireError> {
+/// be those the certificate carries, and the API version ours. A refusal for the version
+/// names both sides' API versions and software (`our_software`, e.g.
+/// `drover-controller 0.1.0`), so that whoever reads it knows which side to upgrade.
+pub fn check_hello(
+    hello: &Hello,
+    cert: &Identity,
+    our_version: u32,
+    our_software: &str,
+) -> Result<(), WireError> {
     if hello.api_version != our_version {
         return Err(WireError::new(
             ErrorCode::VersionMismatch,
             format!(
-                "api version mismatch: peer speaks {}, this side speaks {our_version}",
-                hello.api_version
+                "api version mismatch: peer speaks {} ({}), this side speaks {our_version} ({our_software})",
+                hello.api_version, hello.software
             ),
         ));
     }

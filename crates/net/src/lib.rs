@@ -5,7 +5,8 @@
 //! keep-alive and idle timeout ([`TransportSettings`]); one bidirectional stream per
 //! request, carrying length-prefixed JSON frames ([`frame`]) with a hard size limit and a
 //! deadline ([`conn::call`], [`conn::serve`]); the peer's identity (role and name) read
-//! from its verified certificate ([`tls::Identity`]). The same mutual TLS over TCP
+//! from its verified certificate ([`tls::Identity`]), and a client's scope
+//! ([`scope`]). The same mutual TLS over TCP
 //! ([`tls::TcpTlsAcceptor`]) protects the controller's `wss://` front for zeek-client.
 //!
 //! Architecture invariant: this is the only crate that knows about quinn and rustls. The
@@ -13,6 +14,7 @@
 
 pub mod conn;
 pub mod frame;
+pub mod scope;
 pub mod tls;
 
 use std::time::Duration;

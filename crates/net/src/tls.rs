@@ -227,6 +227,8 @@ pub struct TlsPeer {
     pub identity: Identity,
     /// Serial and expiry, for deny lists and warnings.
     pub cert: CertInfo,
+    /// The client's scope, if its certificate carries one.
+    pub scope: Option<drover_proto::access::Scope>,
 }
 
 impl TcpTlsAcceptor {
@@ -259,6 +261,7 @@ impl TcpTlsAcceptor {
         let peer = TlsPeer {
             identity: identity_of_cert(leaf)?,
             cert: cert_info(leaf)?,
+            scope: crate::scope::scope_of_cert(leaf)?,
         };
         Ok((tls, peer))
     }

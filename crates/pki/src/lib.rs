@@ -16,6 +16,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use drover_proto::access::Scope;
 use drover_proto::msg::PeerRole;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -134,6 +135,9 @@ pub struct LeafSpec {
     pub sans: Vec<String>,
     /// Validity period.
     pub validity: Validity,
+    /// For a client: what it may do ([`Scope`]), carried as a URI SAN
+    /// `urn:drover:scope:<scope>`; a client certificate without one is `admin`.
+    pub scope: Option<Scope>,
 }
 
 impl LeafSpec {
@@ -144,6 +148,7 @@ impl LeafSpec {
             name: name.into(),
             sans: Vec::new(),
             validity: Validity::days(365),
+            scope: None,
         }
     }
 }
@@ -218,6 +223,14 @@ impl Ca {
     pub fn issue(&self, spec: &LeafSpec) -> Result<Pem, Error> {
         drover_proto::name::check(&spec.name)
             .map_err(|e| Error::Invalid(format!("invalid certificate name: {e}")))?;
+        if let Some(scope) = spec.scope
+            && spec.role != PeerRole::Client
+        {
+            return Err(Error::Invalid(format!(
+                "scope {scope} is for client certificates, not for a {}",
+                spec.role
+            )));
+        }
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
@@ -226,6 +239,9 @@ impl Ca {
         params.distinguished_name = dn;
         let uri = format!("{IDENTITY_PREFIX}{}/{}", spec.role.as_str(), spec.name);
         let mut sans = vec![SanType::URI(uri.try_into()?)];
+        if let Some(scope) = spec.scope {
+            sans.push(SanType::URI(scope.uri().try_into()?));
+        }
         // The name doubles as a DNS name so peers can verify it as a server name.
         sans.push(SanType::DnsName(spec.name.clone().try_into()?));
         if spec.role == PeerRole::Controller {
@@ -411,6 +427,29 @@ mod tests {
         ca.issue(&spec).unwrap();
         spec.validity = v;
         ca.issue(&spec).unwrap();
+    }
+
+    #[test]
+    fn a_client_scope_is_a_uri_san_and_only_clients_get_one() {
+        let ca = Ca::generate("t").unwrap();
+        let mut spec = LeafSpec::new(PeerRole::Client, "dash");
+        spec.scope = Some(Scope::Viewer);
+        let pem = ca.issue(&spec).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.cert.as_bytes()).unwrap();
+        let x509 = pem.parse_x509().unwrap();
+        let sans = x509.subject_alternative_name().unwrap().unwrap();
+        let text = format!("{:?}", sans.value.general_names);
+        assert!(text.contains("spiffe://drover/client/dash"), "{text}");
+        assert!(text.contains("urn:drover:scope:viewer"), "{text}");
+        for role in [PeerRole::Agent, PeerRole::Controller] {
+            let mut spec = LeafSpec::new(role, "x");
+            spec.scope = Some(Scope::Admin);
+            let err = ca.issue(&spec).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!("scope admin is for client certificates, not for a {role}")
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //!   policy, readiness, stop signal and timeout, CPU affinity).
 //! - [`msg`]: request, response and event messages of the native protocol, the API version
 //!   and the ALPN string, and the frame envelopes that carry request ids.
+//! - [`access`]: client scopes (viewer, operator, admin), the scope each request needs,
+//!   and the audit trail's records.
 //! - [`config`]: cluster files (TOML) and validation, which reports every error at once.
 //! - [`exec`]: a node's user, groups, umask, capabilities and rlimits: names, parsing
 //!   and checks.
@@ -22,6 +24,7 @@
 //! turns bytes and strings into values and back; everything else lives in the crates that
 //! depend on it. JSON (serde) is the wire encoding.
 
+pub mod access;
 pub mod config;
 pub mod exec;
 pub mod ini;

@@ -249,6 +249,20 @@ pub enum ClientRequest {
         #[serde(default)]
         logs: bool,
     },
+    /// Entries of the controller's audit trail, oldest first: the newest `limit` (1000
+    /// when absent) of those at or after `since_ms` by caller `who` (a name,
+    /// `role/name` or certificate serial).
+    GetAudit {
+        /// Only entries at or after this time, in milliseconds since the Unix epoch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since_ms: Option<u64>,
+        /// Only entries of this caller.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        who: Option<String>,
+        /// At most this many (the newest).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+    },
     /// Tests request timeouts: no answer until the controller's request timeout.
     TestTimeout {
         /// When true, the controller answers with a timeout result; when false, never.
@@ -272,6 +286,7 @@ impl ClientRequest {
             Self::Signal { .. } => "signal",
             Self::Logs { .. } => "logs",
             Self::Monitor { .. } => "monitor",
+            Self::GetAudit { .. } => "get_audit",
             Self::TestTimeout { .. } => "test_timeout",
         }
     }
@@ -289,6 +304,8 @@ pub enum ClientResponse {
     Event(EventRecord),
     /// How far a deploy asked with `progress` has got; the results follow.
     Progress(Progress),
+    /// Entries of the audit trail (to `GetAudit`).
+    Audit(Vec<crate::access::AuditRecord>),
 }
 
 /// How far an operation on many nodes has got, sent ahead of its results when the
@@ -383,6 +400,15 @@ pub enum Event {
         /// How many.
         missed: u64,
     },
+    /// A request that changes something was answered (or refused), as written to the
+    /// audit trail.
+    Audit {
+        /// The audit entry.
+        record: crate::access::AuditRecord,
+    },
+    /// An event of a newer controller this build does not know; subscribers skip it.
+    #[serde(other)]
+    Unknown,
 }
 
 /// Requests an agent sends to the controller after its Hello.

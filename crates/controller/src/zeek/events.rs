@@ -232,7 +232,9 @@ pub(crate) fn response(reqid: &str, req: &ZeekRequest, answer: ClientResponse) -
     let results: Vec<MgmtResult> = match answer {
         ClientResponse::Result(r) => vec![r],
         ClientResponse::Results(rs) => rs,
-        ClientResponse::Event(_) | ClientResponse::Progress(_) => Vec::new(),
+        ClientResponse::Event(_) | ClientResponse::Progress(_) | ClientResponse::Audit(_) => {
+            Vec::new()
+        }
     };
     let payload = if req.single_result() {
         let r = results

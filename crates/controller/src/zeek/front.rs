@@ -73,9 +73,20 @@ impl Default for Limits {
     }
 }
 
-/// Answers one request: its response event, or `None` for no response at all.
-pub(crate) type Handler =
-    Arc<dyn Fn(String, ZeekRequest) -> BoxFuture<'static, Option<Event>> + Send + Sync>;
+/// Who is connected: its address and, on `wss://`, its verified certificate.
+#[derive(Debug, Clone)]
+pub(crate) struct Client {
+    /// Where it connected from.
+    pub(crate) addr: SocketAddr,
+    /// Its certificate's identity, serial and scope; `None` on `ws://`.
+    pub(crate) tls: Option<TlsPeer>,
+}
+
+/// Answers one request of a client: its response event, or `None` for no response at
+/// all.
+pub(crate) type Handler = Arc<
+    dyn Fn(Arc<Client>, String, ZeekRequest) -> BoxFuture<'static, Option<Event>> + Send + Sync,
+>;
 
 /// Decides whether a client that completed the TLS handshake may go on: `Err` tells
 /// why not.
@@ -152,10 +163,20 @@ pub(crate) async fn serve(
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + ctx.limits.handshake_timeout;
             match &ctx.tls {
-                None => connection(&ctx, stream, peer, deadline, shutdown).await,
+                None => {
+                    let client = Arc::new(Client {
+                        addr: peer,
+                        tls: None,
+                    });
+                    connection(&ctx, stream, client, deadline, shutdown).await;
+                }
                 Some(tls) => {
-                    if let Some(stream) = secure(tls, stream, peer, deadline).await {
-                        connection(&ctx, stream, peer, deadline, shutdown).await;
+                    if let Some((stream, cert)) = secure(tls, stream, peer, deadline).await {
+                        let client = Arc::new(Client {
+                            addr: peer,
+                            tls: Some(cert),
+                        });
+                        connection(&ctx, stream, client, deadline, shutdown).await;
                     }
                 }
             }
@@ -178,7 +199,7 @@ async fn secure(
     stream: TcpStream,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
-) -> Option<drover_net::tls::TcpTlsStream> {
+) -> Option<(drover_net::tls::TcpTlsStream, TlsPeer)> {
     let (stream, client) =
         match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
             Ok(Ok(s)) => s,
@@ -196,7 +217,7 @@ async fn secure(
         return None;
     }
     debug!(%peer, client = %client.identity, "zeek websocket: tls client admitted");
-    Some(stream)
+    Some((stream, client))
 }
 
 /// Sends one message, giving up after the write timeout.
@@ -235,10 +256,11 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
 async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Ctx,
     stream: S,
-    peer: SocketAddr,
+    client: Arc<Client>,
     deadline: tokio::time::Instant,
     shutdown: CancellationToken,
 ) {
+    let peer = client.addr;
     let limits = ctx.limits;
     let mut path = String::new();
     let mut app = None;
@@ -392,8 +414,9 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                         debug!(%peer, request = req.kind(), %reqid, "zeek request");
                         let handler = ctx.handler.clone();
                         let bus = ctx.bus.clone();
+                        let client = client.clone();
                         tokio::spawn(async move {
-                            if let Some(ev) = handler(reqid, req).await {
+                            if let Some(ev) = handler(client, reqid, req).await {
                                 let data = ev.to_data(Some(SystemTime::now()));
                                 let frame = broker::data_message(TOPIC, &data);
                                 // Nobody listening is not an error.
@@ -499,7 +522,7 @@ mod tests {
     async fn server(limits: Limits) -> (SocketAddr, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let handler: Handler = Arc::new(|reqid, req| {
+        let handler: Handler = Arc::new(|_client, reqid, req| {
             Box::pin(async move {
                 match req {
                     ZeekRequest::GetNodes => Some(events::response(

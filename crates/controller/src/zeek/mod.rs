@@ -36,6 +36,12 @@
 //!   Zeek's `unknown id`, other node errors pass through as the node wrote them.
 //! - `wss://` requires a client certificate (zeek-client's `ssl.certificate`); Zeek's
 //!   anonymous TLS (`ssl.enable` alone) is refused.
+//! - Requests are held to a client scope as on the native protocol (stage and deploy
+//!   need `admin`, restart `operator`), refused with an error result naming the scope
+//!   needed, and those that change something are written to the audit trail. On
+//!   `wss://` a client acts with its certificate's scope, at most `--zeek-scope`; on
+//!   `ws://`, which has no client identity, every client acts as `zeek-client` with
+//!   `--zeek-scope` (default `admin`, as Zeek's own controller).
 
 pub(crate) mod broker;
 pub(crate) mod events;
@@ -51,6 +57,7 @@ use std::sync::Arc;
 use drover_net::Credentials;
 use drover_net::conn::Answer;
 use drover_net::tls::{TcpTlsAcceptor, TlsPeer};
+use drover_proto::access::Scope;
 use drover_proto::model::{Configuration, MgmtResult, MgmtRole, ResultData};
 use drover_proto::msg::{ClientRequest, ClientResponse, PeerRole, Request};
 use tokio_util::sync::CancellationToken;
@@ -59,6 +66,7 @@ use self::broker::Event;
 use self::events::ZeekRequest;
 use self::roles::Roles;
 use crate::Shared;
+use crate::audit::Caller;
 
 /// Zeek's WebSocket port for the controller.
 pub const DEFAULT_PORT: u16 = 2149;
@@ -119,6 +127,7 @@ pub struct Front {
     roles: Roles,
     tls: Option<TcpTlsAcceptor>,
     deploy: DeployMode,
+    scope: Scope,
 }
 
 impl Front {
@@ -130,6 +139,7 @@ impl Front {
         roles: Option<&Path>,
         tls: Option<&Credentials>,
         deploy: DeployMode,
+        scope: Scope,
     ) -> Result<Self, Error> {
         let tls = tls.map(TcpTlsAcceptor::new).transpose()?;
         let roles = match roles {
@@ -147,6 +157,7 @@ impl Front {
             roles,
             tls,
             deploy,
+            scope,
         })
     }
 
@@ -188,10 +199,12 @@ impl Front {
         let endpoint = drover_proto::model::new_id();
         let roles = Arc::new(self.roles);
         let deploy = self.deploy;
-        let handler: front::Handler = Arc::new(move |reqid, req| {
+        let ceiling = self.scope;
+        let handler: front::Handler = Arc::new(move |client, reqid, req| {
             let shared = shared.clone();
             let roles = roles.clone();
-            Box::pin(async move { answer(&shared, &roles, deploy, reqid, req).await })
+            let caller = caller(&client, ceiling);
+            Box::pin(async move { answer(&shared, &caller, &roles, deploy, reqid, req).await })
         });
         tokio::spawn(front::serve(
             listener,
@@ -205,15 +218,65 @@ impl Front {
     }
 }
 
+/// Who a zeek-client is: its certificate's identity and scope (at most `ceiling`) on
+/// `wss://`; `zeek-client` with scope `ceiling` on `ws://`.
+fn caller(client: &front::Client, ceiling: Scope) -> Caller {
+    match &client.tls {
+        Some(peer) => Caller {
+            role: peer.identity.role,
+            name: peer.identity.name.clone(),
+            serial: peer.cert.serial.clone(),
+            scope: peer.scope.unwrap_or(Scope::Admin).min(ceiling),
+            addr: client.addr,
+            front: "zeek",
+        },
+        None => Caller {
+            role: PeerRole::Client,
+            name: "zeek-client".to_owned(),
+            serial: String::new(),
+            scope: ceiling,
+            addr: client.addr,
+            front: "zeek",
+        },
+    }
+}
+
+/// The native request a Zeek request that changes something becomes, by kind, and the
+/// scope it needs.
+fn needs(req: &ZeekRequest) -> Option<(&'static str, Scope)> {
+    match req {
+        ZeekRequest::StageConfiguration(_) => Some(("stage_config", Scope::Admin)),
+        ZeekRequest::Deploy => Some(("deploy", Scope::Admin)),
+        ZeekRequest::Restart { .. } => Some(("restart", Scope::Operator)),
+        _ => None,
+    }
+}
+
+/// An error response to `req`.
+fn error_response(reqid: &str, req: &ZeekRequest, message: String) -> Event {
+    let results = vec![MgmtResult::err(reqid, message)];
+    events::response(reqid, req, ClientResponse::Results(results))
+}
+
 /// Runs one request through the controller's API; `None` when Zeek sends no response
 /// (`test_timeout_request` without state, `test_noop_request`).
 async fn answer(
     shared: &Arc<Shared>,
+    caller: &Caller,
     roles: &Roles,
     deploy: DeployMode,
     reqid: String,
     req: ZeekRequest,
 ) -> Option<Event> {
+    // Refused before anything else is looked at (a staged configuration's templates, a
+    // deploy's wait for agents).
+    if let Some((what, need)) = needs(&req)
+        && caller.scope < need
+    {
+        let message = drover_proto::access::refusal(what, need, caller.scope);
+        let error = crate::api::refuse(shared, caller, what, String::new(), message).await;
+        return Some(error_response(&reqid, &req, error.message));
+    }
     let body = match &req {
         ZeekRequest::GetInstances => ClientRequest::GetInstances,
         ZeekRequest::StageConfiguration(z) => match roles.configuration(z.clone()) {
@@ -221,6 +284,7 @@ async fn answer(
                 config: Box::new(config),
             },
             Err(errors) => {
+                crate::api::record_failure(shared, caller, "stage_config", errors.join("; ")).await;
                 let results = errors
                     .into_iter()
                     .map(|e| MgmtResult::err(&reqid, e))
@@ -274,6 +338,8 @@ async fn answer(
     {
         // Zeek's controller sends nothing until every instance of the configuration
         // has checked in, and answers a controller-side timeout after waiting in vain.
+        let message = "request timed out: not every instance of the staged configuration connected";
+        crate::api::record_failure(shared, caller, "deploy", message.to_owned()).await;
         let results = vec![MgmtResult::err(&reqid, "request timed out")];
         return Some(events::response(
             &reqid,
@@ -286,9 +352,10 @@ async fn answer(
         timeout_ms: None,
         body,
     };
-    let reply = match crate::api::handle(shared, request).await {
-        Answer::One(r) => r,
-        Answer::Stream(mut rx) => rx.recv().await?,
+    let reply = match crate::api::handle_as(shared, caller, request).await {
+        Ok(Answer::One(r)) => r,
+        Ok(Answer::Stream(mut rx)) => rx.recv().await?,
+        Err(e) => return Some(error_response(&reqid, &req, e.message)),
     };
     let reply = match req {
         ZeekRequest::GetNodes => {

@@ -1,0 +1,437 @@
+//! The audit trail: every client request that changes something (stage, deploy,
+//! restart, stop, start, signal), carried out, failed or refused, one JSON line each in
+//! `<state dir>/audit.jsonl`.
+//!
+//! A record is appended and synced to disk before its request is answered, so that a
+//! client never sees an answer the trail lacks; a record that cannot be written turns
+//! into an error result of that request (the change itself has happened by then). The
+//! file is rotated by size (`audit.jsonl.1` is the newest rotated file), so the trail
+//! takes at most `(keep + 1) x max_bytes`; every file has mode 0600, since the trail
+//! says who may do what and from where. Records are also published as `audit` events to
+//! `monitor` subscribers. `drover audit` reads them through the controller
+//! ([`AuditLog::read`]).
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use drover_proto::access::{AuditRecord, Outcome, Scope};
+use drover_proto::msg::{ClientRequest, PeerRole};
+
+/// The audit trail's file name in the state dir.
+pub const FILE: &str = "audit.jsonl";
+
+/// Default size at which the trail is rotated.
+pub const DEFAULT_MAX_BYTES: u64 = 10 * 1024 * 1024;
+
+/// Default number of rotated files kept.
+pub const DEFAULT_KEEP: u32 = 5;
+
+/// The smallest and largest `max_bytes` accepted.
+pub const MAX_BYTES_RANGE: std::ops::RangeInclusive<u64> = 4096..=(1 << 40);
+
+/// The largest `keep` accepted.
+pub const MAX_KEEP: u32 = 1000;
+
+/// Arguments longer than this are cut, so that one record stays well below `max_bytes`.
+const MAX_ARGS: usize = 1024;
+
+/// Entries `drover audit` gets when it names no limit.
+pub const DEFAULT_READ_LIMIT: usize = 1000;
+
+/// Who sent a request, as the controller knows it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The certificate's role.
+    pub role: PeerRole,
+    /// The certificate's name (`zeek-client` on a `ws://` front).
+    pub name: String,
+    /// The certificate's serial; empty without a certificate.
+    pub serial: String,
+    /// What the caller may do.
+    pub scope: Scope,
+    /// Where it connected from.
+    pub addr: SocketAddr,
+    /// `native` or `zeek`.
+    pub front: &'static str,
+}
+
+/// The trail on disk.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: u32,
+    /// The open file and its size; `None` until the first append (or after a failed
+    /// rotation, so the next append opens it again).
+    file: Mutex<Option<(File, u64)>>,
+}
+
+impl AuditLog {
+    /// The trail in `dir` (the state dir, which exists), rotated at `max_bytes` with
+    /// `keep` rotated files. Existing files with looser modes are tightened to 0600.
+    pub fn open(dir: &Path, max_bytes: u64, keep: u32) -> std::io::Result<Self> {
+        let log = Self {
+            path: dir.join(FILE),
+            max_bytes,
+            keep,
+            file: Mutex::new(None),
+        };
+        for path in log.files() {
+            match fs::metadata(&path) {
+                Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+                    tracing::warn!("tightened the mode of {} to 600", path.display());
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(log)
+    }
+
+    /// The trail's current file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Rotated file `n` (1 is the newest).
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    /// Every file of the trail, oldest first.
+    fn files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = (1..=self.keep).rev().map(|n| self.rotated(n)).collect();
+        files.push(self.path.clone());
+        files
+    }
+
+    /// Appends one record and syncs it to disk (blocking).
+    pub fn append(&self, record: &AuditRecord) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut slot = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let size = match slot.as_ref() {
+            Some((_, size)) => *size,
+            None => fs::metadata(&self.path).map_or(0, |m| m.len()),
+        };
+        if size > 0 && size + line.len() as u64 > self.max_bytes {
+            *slot = None;
+            self.rotate()?;
+        }
+        if slot.is_none() {
+            *slot = Some(self.open_for_append()?);
+        }
+        let (f, size) = slot.as_mut().expect("opened above");
+        if let Err(e) = f.write_all(&line).and_then(|()| f.sync_data()) {
+            // Reopen next time: the file may have been replaced or the disk freed.
+            *slot = None;
+            return Err(e);
+        }
+        *size += line.len() as u64;
+        Ok(())
+    }
+
+    /// Opens the current file for appending; a record a crash cut short is ended with a
+    /// newline first, so that it cannot swallow the next one.
+    fn open_for_append(&self) -> std::io::Result<(File, u64)> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&self.path)?;
+        let mut size = f.metadata()?.len();
+        if size > 0 {
+            let mut last = [0u8];
+            f.seek(SeekFrom::End(-1))?;
+            f.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                f.write_all(b"\n")?;
+                size += 1;
+            }
+        }
+        Ok((f, size))
+    }
+
+    /// Shifts `audit.jsonl` to `.1`, `.1` to `.2`, ..., dropping the oldest beyond
+    /// `keep` (with `keep` 0 the current file is dropped).
+    fn rotate(&self) -> std::io::Result<()> {
+        let gone = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        };
+        if self.keep == 0 {
+            gone(fs::remove_file(&self.path))?;
+        } else {
+            gone(fs::remove_file(self.rotated(self.keep)))?;
+            for n in (1..self.keep).rev() {
+                gone(fs::rename(self.rotated(n), self.rotated(n + 1)))?;
+            }
+            gone(fs::rename(&self.path, self.rotated(1)))?;
+        }
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// The newest `limit` records at or after `since_ms` by `who` (see
+    /// [`AuditRecord::is_by`]), oldest first (blocking). Lines that do not parse (a
+    /// record cut by a crash) are skipped.
+    pub fn read(
+        &self,
+        since_ms: Option<u64>,
+        who: Option<&str>,
+        limit: usize,
+    ) -> std::io::Result<Vec<AuditRecord>> {
+        // Appends wait meanwhile, so a rotation cannot move a file between reads.
+        let _slot = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = VecDeque::new();
+        for path in self.files() {
+            let f = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for line in BufReader::new(f).split(b'\n') {
+                let Ok(record) = serde_json::from_slice::<AuditRecord>(&line?) else {
+                    continue;
+                };
+                if since_ms.is_some_and(|s| record.at_ms < s)
+                    || who.is_some_and(|w| !record.is_by(w))
+                {
+                    continue;
+                }
+                if out.len() == limit {
+                    out.pop_front();
+                }
+                if limit > 0 {
+                    out.push_back(record);
+                }
+            }
+        }
+        Ok(out.into())
+    }
+}
+
+/// A request's arguments, briefly, for its record: nodes, signal, configuration id.
+pub fn args(req: &ClientRequest) -> String {
+    let nodes = |nodes: &[String]| {
+        if nodes.is_empty() {
+            "all nodes".to_owned()
+        } else {
+            nodes.join(" ")
+        }
+    };
+    let mut text = match req {
+        ClientRequest::StageConfig { config } => format!("config {}", config.id),
+        ClientRequest::Deploy {
+            restart_all,
+            expect_id,
+            progress: _,
+        } => {
+            let mut parts = Vec::new();
+            if let Some(id) = expect_id {
+                parts.push(format!("expect-id {id}"));
+            }
+            if *restart_all {
+                parts.push("restart-all".to_owned());
+            }
+            parts.join(" ")
+        }
+        ClientRequest::Restart { nodes: n, batch } => match batch {
+            Some(b) => format!("{} batch {b}", nodes(n)),
+            None => nodes(n),
+        },
+        ClientRequest::Stop { nodes: n } | ClientRequest::Start { nodes: n } => nodes(n),
+        ClientRequest::Signal { nodes: n, signal } => format!("{signal} {}", nodes(n)),
+        _ => String::new(),
+    };
+    if text.len() > MAX_ARGS {
+        let mut cut = MAX_ARGS;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(" ...");
+    }
+    text
+}
+
+/// A record of `caller`'s request `what` at `at_ms`.
+pub fn record(
+    caller: &Caller,
+    at_ms: u64,
+    what: &str,
+    args: String,
+    generation: Option<u64>,
+    outcome: Outcome,
+    message: Option<String>,
+) -> AuditRecord {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms);
+    AuditRecord {
+        at_ms,
+        time: humantime::format_rfc3339_millis(time).to_string(),
+        role: caller.role,
+        name: caller.name.clone(),
+        serial: caller.serial.clone(),
+        scope: caller.scope,
+        from: caller.addr.to_string(),
+        front: caller.front.to_owned(),
+        what: what.to_owned(),
+        args,
+        generation,
+        outcome,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(name: &str) -> Caller {
+        Caller {
+            role: PeerRole::Client,
+            name: name.to_owned(),
+            serial: "1a2b".to_owned(),
+            scope: Scope::Operator,
+            addr: "127.0.0.1:4000".parse().unwrap(),
+            front: "native",
+        }
+    }
+
+    fn rec(name: &str, at_ms: u64) -> AuditRecord {
+        record(
+            &caller(name),
+            at_ms,
+            "restart",
+            "w1".into(),
+            Some(3),
+            Outcome::Ok,
+            None,
+        )
+    }
+
+    fn total_size(dir: &Path) -> u64 {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    }
+
+    #[test]
+    fn records_are_appended_read_back_filtered_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), DEFAULT_MAX_BYTES, DEFAULT_KEEP).unwrap();
+        for (i, name) in ["ops", "dash", "ops"].iter().enumerate() {
+            log.append(&rec(name, 1000 + i as u64)).unwrap();
+        }
+        let mode = fs::metadata(log.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let all = log.read(None, None, 100).unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].time, "1970-01-01T00:00:01.000Z");
+        assert_eq!(log.read(None, Some("ops"), 100).unwrap().len(), 2);
+        assert_eq!(log.read(None, Some("client/dash"), 100).unwrap().len(), 1);
+        assert_eq!(log.read(None, Some("serial:001A2B"), 100).unwrap().len(), 3);
+        assert_eq!(log.read(None, Some("nobody"), 100).unwrap().len(), 0);
+        let since = log.read(Some(1001), None, 100).unwrap();
+        assert_eq!(
+            since.iter().map(|r| r.at_ms).collect::<Vec<_>>(),
+            [1001, 1002]
+        );
+        let newest = log.read(None, None, 1).unwrap();
+        assert_eq!(newest[0].at_ms, 1002);
+        assert!(log.read(None, None, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_torn_line_is_skipped_and_the_next_record_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), DEFAULT_MAX_BYTES, DEFAULT_KEEP).unwrap();
+        log.append(&rec("ops", 1)).unwrap();
+        let mut f = OpenOptions::new().append(true).open(log.path()).unwrap();
+        f.write_all(b"{\"at_ms\": 2, \"ro").unwrap();
+        drop(f);
+        // A new controller process appends after the torn line.
+        let log = AuditLog::open(dir.path(), DEFAULT_MAX_BYTES, DEFAULT_KEEP).unwrap();
+        log.append(&rec("ops", 3)).unwrap();
+        let at: Vec<u64> = log
+            .read(None, None, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.at_ms)
+            .collect();
+        assert_eq!(at, [1, 3]);
+    }
+
+    #[test]
+    fn rotation_keeps_the_trail_within_its_bound_and_the_newest_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 4096;
+        let keep = 2;
+        let log = AuditLog::open(dir.path(), max, keep).unwrap();
+        for i in 0..500 {
+            log.append(&rec("ops", i)).unwrap();
+            assert!(
+                total_size(dir.path()) <= u64::from(keep + 1) * max,
+                "after {i} records: {} bytes",
+                total_size(dir.path())
+            );
+        }
+        let files: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(files.len(), 3, "{files:?}");
+        for f in &files {
+            let mode = fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        let kept = log.read(None, None, usize::MAX).unwrap();
+        assert_eq!(kept.last().unwrap().at_ms, 499);
+        let at: Vec<u64> = kept.iter().map(|r| r.at_ms).collect();
+        assert!(at.windows(2).all(|w| w[1] == w[0] + 1), "{at:?}");
+    }
+
+    #[test]
+    fn loose_modes_are_tightened_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        fs::write(&path, "").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        AuditLog::open(dir.path(), DEFAULT_MAX_BYTES, DEFAULT_KEEP).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn an_unwritable_trail_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join(FILE)).unwrap();
+        let log = AuditLog::open(dir.path(), DEFAULT_MAX_BYTES, DEFAULT_KEEP).unwrap();
+        assert!(log.append(&rec("ops", 1)).is_err());
+    }
+
+    #[test]
+    fn long_arguments_are_cut() {
+        let nodes = (0..1000).map(|i| format!("node-{i}")).collect();
+        let text = args(&ClientRequest::Stop { nodes });
+        assert!(text.len() <= MAX_ARGS + 4, "{}", text.len());
+        assert!(text.ends_with(" ..."));
+    }
+}

@@ -1,0 +1,110 @@
+//! A client's scope, read from its verified certificate (see [`drover_proto::access`]).
+//!
+//! The scope is a URI subject alternative name `urn:drover:scope:<scope>`. A certificate
+//! without one has none (the controller treats such a client as `admin`); one with an
+//! unknown scope, or with more than one, is refused rather than guessed at: a typo must
+//! not widen or narrow what a client may do silently.
+
+use drover_proto::access::{SCOPE_URI_PREFIX, Scope};
+use rustls::pki_types::CertificateDer;
+
+use crate::NetError;
+
+/// The scope a certificate carries, if any.
+pub fn scope_of_cert(cert: &CertificateDer<'_>) -> Result<Option<Scope>, NetError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| NetError::Identity(format!("cannot parse certificate: {e}")))?;
+    let Some(sans) = x509
+        .subject_alternative_name()
+        .map_err(|e| NetError::Identity(format!("bad subject alternative names: {e}")))?
+    else {
+        return Ok(None);
+    };
+    let mut found = None;
+    for gn in &sans.value.general_names {
+        if let x509_parser::extensions::GeneralName::URI(uri) = gn
+            && let Some(name) = uri.strip_prefix(SCOPE_URI_PREFIX)
+        {
+            let scope = Scope::parse(name).ok_or_else(|| {
+                NetError::Identity(format!(
+                    "unknown scope '{name}' in certificate (expected viewer, operator or admin)"
+                ))
+            })?;
+            if found.is_some() {
+                return Err(NetError::Identity(
+                    "certificate carries more than one scope".into(),
+                ));
+            }
+            found = Some(scope);
+        }
+    }
+    Ok(found)
+}
+
+/// The scope of the peer's certificate on an established connection, if any.
+pub fn peer_scope(conn: &quinn::Connection) -> Result<Option<Scope>, NetError> {
+    let chain = conn
+        .peer_identity()
+        .ok_or_else(|| NetError::Identity("peer presented no certificate".into()))?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| NetError::Identity("unexpected peer identity type".into()))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| NetError::Identity("peer presented an empty chain".into()))?;
+    scope_of_cert(leaf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_pki::{Ca, LeafSpec};
+    use drover_proto::msg::PeerRole;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    use rustls::pki_types::pem::PemObject;
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn scopes_are_read_from_issued_certificates() {
+        let ca = Ca::generate("t").unwrap();
+        let plain = ca.issue(&LeafSpec::new(PeerRole::Client, "ops")).unwrap();
+        assert_eq!(scope_of_cert(&der(&plain.cert)).unwrap(), None);
+        for scope in Scope::ALL {
+            let mut spec = LeafSpec::new(PeerRole::Client, "c");
+            spec.scope = Some(scope);
+            let pem = ca.issue(&spec).unwrap();
+            assert_eq!(scope_of_cert(&der(&pem.cert)).unwrap(), Some(scope));
+        }
+    }
+
+    fn self_signed(uris: &[&str]) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).to_owned().try_into().unwrap()))
+            .collect();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn unknown_and_repeated_scopes_are_errors() {
+        let err = scope_of_cert(&self_signed(&[
+            "spiffe://drover/client/x",
+            "urn:drover:scope:root",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown scope 'root'"), "{err}");
+        let err = scope_of_cert(&self_signed(&[
+            "urn:drover:scope:viewer",
+            "urn:drover:scope:admin",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("more than one scope"), "{err}");
+        assert_eq!(scope_of_cert(&self_signed(&[])).unwrap(), None);
+    }
+}
