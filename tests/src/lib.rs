@@ -406,6 +406,16 @@ impl Cluster {
         self.drover_as("ops", controller, args)
     }
 
+    /// Waits until the controller at `addr` lists agent `name` as connected.
+    pub fn wait_for_agent(&self, addr: SocketAddr, name: &str) {
+        eventually(&format!("agent {name} connected"), PATIENCE, || {
+            self.drover(addr, &["get-instances"])
+                .json()
+                .get(name)
+                .map(|_| ())
+        });
+    }
+
     /// A connection of the `ops` client to the controller at `addr`, for tests that
     /// speak the protocol themselves. Close the endpoint when done.
     pub async fn client_connection(

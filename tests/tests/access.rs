@@ -33,12 +33,7 @@ fn cluster_file(c: &Cluster) -> PathBuf {
 fn start(c: &Cluster) -> (Proc, SocketAddr, Proc) {
     let (ctl, addr) = c.start_controller("127.0.0.1:0");
     let agent = c.start_agent("agent-1", addr);
-    eventually("agent connected", PATIENCE, || {
-        c.drover(addr, &["get-instances"])
-            .json()
-            .get("agent-1")
-            .map(|_| ())
-    });
+    c.wait_for_agent(addr, "agent-1");
     (ctl, addr, agent)
 }
 
@@ -329,6 +324,7 @@ fn the_trail_stays_within_its_bound_on_a_running_controller() {
     );
     c.audit_trail_drops_records();
     let _agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
     let file = cluster_file(&c);
     let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);

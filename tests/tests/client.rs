@@ -160,10 +160,7 @@ fn tables_and_compact_json() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let _a = c.start_agent("agent-1", addr);
-    eventually("agent", PATIENCE, || {
-        let v = c.drover(addr, &["get-instances"]).json();
-        v.get("agent-1").map(|_| ())
-    });
+    c.wait_for_agent(addr, "agent-1");
     let file = c.dir.path().join("t.toml");
     std::fs::write(
         &file,

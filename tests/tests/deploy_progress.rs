@@ -9,7 +9,7 @@ use std::time::Duration;
 use drover_net::conn;
 use drover_proto::model::MgmtResult;
 use drover_proto::msg::{ClientRequest, ClientResponse, Progress};
-use drover_tests::{Cluster, PATIENCE, bin, eventually};
+use drover_tests::{Cluster, PATIENCE, bin};
 
 /// The controller's request timeout in these tests; nodes take several times as long
 /// in all, each settling well within it after the one before.
@@ -47,12 +47,7 @@ fn start(c: &Cluster) -> (drover_tests::Proc, drover_tests::Proc, SocketAddr) {
     let (ctl, addr) =
         c.start_controller_with("127.0.0.1:0", &["--request-timeout", REQUEST_TIMEOUT]);
     let agent = c.start_agent("a", addr);
-    eventually("agent a connected", PATIENCE, || {
-        c.drover(addr, &["get-instances"])
-            .json()
-            .get("a")
-            .map(|_| ())
-    });
+    c.wait_for_agent(addr, "a");
     (ctl, agent, addr)
 }
 

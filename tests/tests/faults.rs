@@ -105,12 +105,7 @@ fn agent_sigkilled_twenty_times_restarts_no_node() {
     let mut agent = c.start_agent("agent-1", addr);
     let marker = format!("kill20-{}", std::process::id());
     let file = write_cluster(&c, "c.toml", "kill20", 5, &marker, "");
-    eventually("agent", PATIENCE, || {
-        c.drover(addr, &["get-instances"])
-            .json()
-            .get("agent-1")
-            .map(|_| ())
-    });
+    c.wait_for_agent(addr, "agent-1");
     let five = names(5);
     deploy_ok(
         &c,
@@ -151,12 +146,7 @@ fn controller_sigkilled_during_a_deploy_brings_agents_to_the_recorded_deploy() {
     let c = Cluster::new();
     let (mut ctl, addr) = c.start_controller("127.0.0.1:0");
     let _agent = c.start_agent("agent-1", addr);
-    eventually("agent", PATIENCE, || {
-        c.drover(addr, &["get-instances"])
-            .json()
-            .get("agent-1")
-            .map(|_| ())
-    });
+    c.wait_for_agent(addr, "agent-1");
     let marker = format!("ctlkill-{}", std::process::id());
     let old = write_cluster(&c, "old.toml", "old", 3, &marker, "");
     deploy_ok(&c, addr, &old, &["n01", "n02", "n03"]);
@@ -222,12 +212,7 @@ fn corrupt_state_file_is_reported_and_the_last_good_copy_used() {
     let marker = format!("corrupt-{}", std::process::id());
     let first = write_cluster(&c, "a.toml", "first", 1, &marker, "");
     let second = write_cluster(&c, "b.toml", "second", 2, &marker, "");
-    eventually("agent", PATIENCE, || {
-        c.drover(addr, &["get-instances"])
-            .json()
-            .get("agent-1")
-            .map(|_| ())
-    });
+    c.wait_for_agent(addr, "agent-1");
     deploy_ok(&c, addr, &first, &["n01"]);
     // n01 runs this configuration already: only n02 starts.
     deploy_ok(&c, addr, &second, &["n02"]);

@@ -53,12 +53,7 @@ fn environ(pid: u64) -> String {
 fn start(c: &Cluster, extra: &[&str]) -> (drover_tests::Proc, SocketAddr, drover_tests::Proc) {
     let (ctl, addr) = c.start_controller_with("127.0.0.1:0", extra);
     let agent = c.start_agent("agent-1", addr);
-    eventually("agent connected", PATIENCE, || {
-        c.drover(addr, &["get-instances"])
-            .json()
-            .get("agent-1")
-            .map(|_| ())
-    });
+    c.wait_for_agent(addr, "agent-1");
     (ctl, addr, agent)
 }
 

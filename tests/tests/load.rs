@@ -6,19 +6,14 @@ use std::time::{Duration, Instant};
 use drover_net::conn::{self, TransportSettings};
 use drover_net::{Credentials, TlsFiles};
 use drover_proto::msg::{API_VERSION, Hello, PeerRole};
-use drover_tests::{Cluster, PATIENCE, eventually};
+use drover_tests::Cluster;
 
 #[test]
 fn a_thousand_idle_connections_and_silent_streams_do_not_stall_the_controller() {
     let c = Cluster::new();
     let (ctl, addr) = c.start_controller("127.0.0.1:0");
     let _agent = c.start_agent("agent-1", addr);
-    eventually("agent", PATIENCE, || {
-        c.drover(addr, &["get-instances"])
-            .json()
-            .get("agent-1")
-            .map(|_| ())
-    });
+    c.wait_for_agent(addr, "agent-1");
     let baseline = {
         let t = Instant::now();
         assert_eq!(c.drover(addr, &["get-nodes"]).code, Some(0));
