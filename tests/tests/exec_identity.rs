@@ -160,6 +160,20 @@ group = "65533"
         "its record stays the agent's"
     );
 
+    // Back to the agent's user: the agent takes its files back.
+    let as_agent = body.replace("user = \"65533\"\ngroup = \"65533\"\n", "");
+    assert_ne!(as_agent, body);
+    let (code, v, stderr) = deploy(&c, addr, &as_agent);
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    let again = node_status(&c, addr, "other")["pid"].as_u64().unwrap();
+    assert_eq!(status(again, "Uid:"), "0\t0\t0\t0");
+    let dir = meta("other");
+    assert_eq!((dir.uid(), dir.gid(), dir.mode() & 0o7777), (0, 0, 0o700));
+    assert_eq!(
+        (meta("other/work").uid(), meta("other/notify.sock").uid()),
+        (0, 0)
+    );
+
     // An unknown user is a deploy error naming node and user.
     let (code, v, _) = deploy(
         &c,

@@ -10,7 +10,8 @@
 //! # Processes
 //!
 //! A node is spawned with `posix_spawn` ([`sys::spawn_clean`]: no `fork`, every signal at
-//! its default, an empty mask) in its own process group and, where the agent has a
+//! its default, an empty mask; a node with its own user, capabilities or limits through a
+//! vfork-style clone, see [`crate::exec`]) in its own process group and, where the agent has a
 //! cgroup subtree, moved into a cgroup of its own ([`crate::cgroup`]), with a clean
 //! environment plus the node's env and `DROVER_NODE`,
 //! `DROVER_INSTANCE`, `DROVER_ROLE`, `NOTIFY_SOCKET`, `DROVER_QUERY_SOCKET` and a
