@@ -132,6 +132,12 @@ group = "65533"
         plain.contains("raw socket: operation not permitted"),
         "without the capability: {plain}"
     );
+    // Its query socket is in `run/`, which it owns: value queries reach it.
+    let v = eventually("capture answers a value query", PATIENCE, || {
+        let v = c.drover(addr, &["get-id-value", "pid", "capture"]).json();
+        v["results"]["capture"].as_u64().map(|_| v)
+    });
+    assert_eq!(v["results"]["capture"].as_u64(), Some(pid), "{v}");
     let other = node_status(&c, addr, "other")["pid"].as_u64().unwrap();
     assert_eq!(status(other, "Uid:"), "65533\t65533\t65533\t65533");
     assert_eq!(
