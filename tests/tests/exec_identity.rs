@@ -286,3 +286,57 @@ fn an_agent_that_is_not_root_refuses_a_node_of_another_user() {
         "{limits}"
     );
 }
+
+/// Removes the user it names when dropped (`-f`: its processes may still be ending).
+struct TempUser(String);
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("userdel")
+            .arg("-f")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn a_user_created_after_a_failed_deploy_is_found_by_the_next_deploy() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: adding a user needs root");
+        return;
+    }
+    let name = format!("drvtest{}", std::process::id());
+    // Declared first, so dropped last: after the agent and its nodes.
+    let _user = TempUser(name.clone());
+    let c = Cluster::new();
+    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    connect(&c, addr);
+    let body = format!(
+        "[nodes.late]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nuser = \"{name}\"\n"
+    );
+    let (code, v, _) = deploy(&c, addr, &body);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(node_status(&c, addr, "late")["state"], "FAILED");
+    let added = std::process::Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+        ])
+        .arg(&name)
+        .status()
+        .unwrap();
+    assert!(added.success(), "useradd {name}");
+    // The same configuration again: the node is unchanged, but its user now exists.
+    let (code, v, stderr) = deploy(&c, addr, &body);
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    let s = node_status(&c, addr, "late");
+    assert_eq!(s["state"], "RUNNING", "{s}");
+    let pid = s["pid"].as_u64().unwrap();
+    let uid = nix::unistd::User::from_name(&name).unwrap().unwrap().uid;
+    assert_eq!(status(pid, "Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
+}

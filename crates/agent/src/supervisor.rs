@@ -999,6 +999,13 @@ impl Core {
                 .start
                 .iter()
                 .chain(&changes.restart)
+                // An unchanged node whose user or groups could not be resolved: again,
+                // as the host's user database may have changed since.
+                .chain(changes.keep.iter().filter(|name| {
+                    self.nodes
+                        .get(*name)
+                        .is_some_and(|e| matches!(e.plan, Some(Err(_))))
+                }))
                 .filter_map(|name| desired.nodes.get_key_value(name))
                 .filter(|(_, spec)| crate::exec::wanted(spec))
                 .map(|(name, spec)| {
@@ -1077,6 +1084,16 @@ impl Core {
                 e.deploy_gen = generation;
                 if let Some(p) = &mut e.proc {
                     p.deploy_gen = generation;
+                }
+                // It failed for want of its user or groups, which now resolve: start it.
+                if let Some(plan) = plans.remove(&name) {
+                    let retry = plan.is_ok() && e.machine.state() == machine::State::Failed;
+                    e.plan = Some(plan);
+                    if retry {
+                        let actions = e.machine.start(now);
+                        self.run_actions(&name, actions);
+                        wait.push((name.clone(), None));
+                    }
                 }
                 self.bump(&name);
             }
@@ -1537,8 +1554,8 @@ impl Core {
         let args = args.to_vec();
         self.announce_spawn(name, token);
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
-        // Resolved when the Apply prepared the node; else (an adopted node's restart
-        // after an agent restart) here, once.
+        // Resolved when the Apply prepared the node or at recovery; a node without such
+        // settings gets its empty plan here, once (a stat, see `exec::prepare`).
         let plan = e
             .plan
             .get_or_insert_with(|| {
