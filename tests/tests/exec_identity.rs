@@ -132,6 +132,12 @@ group = "65533"
         plain.contains("raw socket: operation not permitted"),
         "without the capability: {plain}"
     );
+    // Its query socket is in `run/`, which it owns: value queries reach it.
+    let v = eventually("capture answers a value query", PATIENCE, || {
+        let v = c.drover(addr, &["get-id-value", "pid", "capture"]).json();
+        v["results"]["capture"].as_u64().map(|_| v)
+    });
+    assert_eq!(v["results"]["capture"].as_u64(), Some(pid), "{v}");
     let other = node_status(&c, addr, "other")["pid"].as_u64().unwrap();
     assert_eq!(status(other, "Uid:"), "65533\t65533\t65533\t65533");
     assert_eq!(
@@ -158,6 +164,20 @@ group = "65533"
         meta("other/record.json").uid(),
         0,
         "its record stays the agent's"
+    );
+
+    // Back to the agent's user: the agent takes its files back.
+    let as_agent = body.replace("user = \"65533\"\ngroup = \"65533\"\n", "");
+    assert_ne!(as_agent, body);
+    let (code, v, stderr) = deploy(&c, addr, &as_agent);
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    let again = node_status(&c, addr, "other")["pid"].as_u64().unwrap();
+    assert_eq!(status(again, "Uid:"), "0\t0\t0\t0");
+    let dir = meta("other");
+    assert_eq!((dir.uid(), dir.gid(), dir.mode() & 0o7777), (0, 0, 0o700));
+    assert_eq!(
+        (meta("other/work").uid(), meta("other/notify.sock").uid()),
+        (0, 0)
     );
 
     // An unknown user is a deploy error naming node and user.
@@ -265,4 +285,58 @@ fn an_agent_that_is_not_root_refuses_a_node_of_another_user() {
             .any(|l| l.starts_with("Max open files") && l.contains(" 100 ")),
         "{limits}"
     );
+}
+
+/// Removes the user it names when dropped (`-f`: its processes may still be ending).
+struct TempUser(String);
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("userdel")
+            .arg("-f")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn a_user_created_after_a_failed_deploy_is_found_by_the_next_deploy() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: adding a user needs root");
+        return;
+    }
+    let name = format!("drvtest{}", std::process::id());
+    // Declared first, so dropped last: after the agent and its nodes.
+    let _user = TempUser(name.clone());
+    let c = Cluster::new();
+    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    connect(&c, addr);
+    let body = format!(
+        "[nodes.late]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nuser = \"{name}\"\n"
+    );
+    let (code, v, _) = deploy(&c, addr, &body);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(node_status(&c, addr, "late")["state"], "FAILED");
+    let added = std::process::Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+        ])
+        .arg(&name)
+        .status()
+        .unwrap();
+    assert!(added.success(), "useradd {name}");
+    // The same configuration again: the node is unchanged, but its user now exists.
+    let (code, v, stderr) = deploy(&c, addr, &body);
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    let s = node_status(&c, addr, "late");
+    assert_eq!(s["state"], "RUNNING", "{s}");
+    let pid = s["pid"].as_u64().unwrap();
+    let uid = nix::unistd::User::from_name(&name).unwrap().unwrap().uid;
+    assert_eq!(status(pid, "Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
 }

@@ -538,9 +538,9 @@ mod tests {
             ("etc/drover/agent.toml", 0o640, 0, gid, false),
             ("etc/drover", 0o750, 0, gid, true),
             ("etc/drover/pki", 0o700, uid, gid, true),
-            ("var/lib/drover", 0o750, uid, gid, true),
+            ("var/lib/drover", 0o711, uid, gid, true),
             ("var/lib/drover/controller", 0o700, uid, gid, true),
-            ("var/lib/drover/agent", 0o750, uid, gid, true),
+            ("var/lib/drover/agent", 0o711, uid, gid, true),
         ];
         for (path, mode, owner, group, dir) in expected {
             let meta = fs::metadata(root.join(path))

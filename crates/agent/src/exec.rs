@@ -335,6 +335,7 @@ pub fn prepare(
     notify: &std::path::Path,
 ) -> Result<Plan, String> {
     if !wanted(node) {
+        reclaim_node_paths(node, node_dir, notify).map_err(|e| format!("node '{name}': {e}"))?;
         return Ok(Plan::default());
     }
     let creds = Creds::current()
@@ -400,6 +401,34 @@ pub fn own_node_paths(
         set(w, Some(uid), Some(gid), 0o700)?;
     }
     set(notify, Some(uid), Some(gid), 0o600)
+}
+
+/// Takes back what [`own_node_paths`] gave a node that now runs as the agent: one
+/// `stat` when there is nothing to take back.
+fn reclaim_node_paths(
+    node: &Node,
+    node_dir: &std::path::Path,
+    notify: &std::path::Path,
+) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let egid = Gid::effective().as_raw();
+    match std::fs::metadata(node_dir) {
+        Ok(m) if m.gid() != egid => {}
+        _ => return Ok(()),
+    }
+    let me = (Uid::effective().as_raw(), egid);
+    let work = node_dir.join("work");
+    own_node_paths(
+        me,
+        node_dir,
+        node.workdir.is_none().then_some(work.as_path()),
+        notify,
+    )?;
+    std::fs::set_permissions(
+        node_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .map_err(|e| with_path("setting the mode of", node_dir, &e))
 }
 
 fn with_path(what: &str, p: &std::path::Path, e: &io::Error) -> io::Error {
@@ -934,6 +963,11 @@ mod tests {
         let s = proc_stat(pid).unwrap();
         assert_eq!(s.pgrp, pid, "a process group of its own");
         assert_eq!(sig_ignored(pid), 0, "nothing ignored");
+        assert_eq!(
+            status(pid, "SigBlk:"),
+            "0000000000000000",
+            "nothing blocked"
+        );
         assert_eq!(fs::read(format!("/proc/{pid}/environ")).unwrap(), b"A=b\0");
         assert_eq!(finish(pid), ExitKind::Signal(libc::SIGKILL));
     }

@@ -22,7 +22,7 @@ const MAX_ANSWER: u64 = 1024 * 1024;
 /// Asks one node for `id`; the value as a JSON document, or why there is none.
 pub async fn ask(socket: &std::path::Path, id: &str) -> Result<String, String> {
     let work = async {
-        let mut stream = UnixStream::connect(socket)
+        let mut stream = connect_no_follow(socket)
             .await
             .map_err(|e| format!("node does not answer value queries ({e})"))?;
         let mut req = serde_json::to_vec(&serde_json::json!({ "id": id })).expect("json");
@@ -53,6 +53,27 @@ pub async fn ask(socket: &std::path::Path, id: &str) -> Result<String, String> {
     }
 }
 
+/// Connects to the socket at `socket` itself, never to what a symlink there points to:
+/// a node running as its own user owns the directory of its query socket, and must
+/// not make the agent connect to another program's socket. The socket file is opened
+/// as a path without following (`O_PATH | O_NOFOLLOW`), checked to be a socket, and
+/// reached through that descriptor, so nothing can be swapped in between.
+async fn connect_no_follow(socket: &std::path::Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(socket)?;
+    if !file.metadata()?.file_type().is_socket() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a socket",
+            socket.display()
+        )));
+    }
+    UnixStream::connect(format!("/proc/self/fd/{}", file.as_raw_fd())).await
+}
+
 /// Asks every target at once; one result per node.
 pub async fn ask_all(
     instance: &str,
@@ -81,4 +102,34 @@ pub async fn ask_all(
     }
     out.sort_by(|a, b| a.node.cmp(&b.node));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn queries_reach_the_socket_itself_and_never_follow_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.sock");
+        let listener = tokio::net::UnixListener::bind(&real).unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            BufReader::new(read).read_line(&mut line).await.unwrap();
+            assert_eq!(line, "{\"id\":\"x\"}\n");
+            write.write_all(b"{\"value\": 7}\n").await.unwrap();
+        });
+        assert_eq!(ask(&real, "x").await, Ok("7".to_owned()));
+        server.await.unwrap();
+        let link = dir.path().join("query.sock");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = ask(&link, "x").await.unwrap_err();
+        assert!(err.contains("does not answer value queries"), "{err}");
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "").unwrap();
+        let err = ask(&plain, "x").await.unwrap_err();
+        assert!(err.contains("is not a socket"), "{err}");
+    }
 }

@@ -10,7 +10,8 @@
 //! # Processes
 //!
 //! A node is spawned with `posix_spawn` ([`sys::spawn_clean`]: no `fork`, every signal at
-//! its default, an empty mask) in its own process group and, where the agent has a
+//! its default, an empty mask; a node with its own user, capabilities or limits through a
+//! vfork-style clone, see [`crate::exec`]) in its own process group and, where the agent has a
 //! cgroup subtree, moved into a cgroup of its own ([`crate::cgroup`]), with a clean
 //! environment plus the node's env and `DROVER_NODE`,
 //! `DROVER_INSTANCE`, `DROVER_ROLE`, `NOTIFY_SOCKET`, `DROVER_QUERY_SOCKET` and a
@@ -1047,6 +1048,13 @@ impl Core {
                 .start
                 .iter()
                 .chain(&changes.restart)
+                // An unchanged node whose user or groups could not be resolved: again,
+                // as the host's user database may have changed since.
+                .chain(changes.keep.iter().filter(|name| {
+                    self.nodes
+                        .get(*name)
+                        .is_some_and(|e| matches!(e.plan, Some(Err(_))))
+                }))
                 .filter_map(|name| desired.nodes.get_key_value(name))
                 .filter(|(_, spec)| crate::exec::wanted(spec))
                 .map(|(name, spec)| {
@@ -1137,6 +1145,16 @@ impl Core {
                 e.deploy_gen = generation;
                 if let Some(p) = &mut e.proc {
                     p.deploy_gen = generation;
+                }
+                // It failed for want of its user or groups, which now resolve: start it.
+                if let Some(plan) = plans.remove(&name) {
+                    let retry = plan.is_ok() && e.machine.state() == machine::State::Failed;
+                    e.plan = Some(plan);
+                    if retry {
+                        let actions = e.machine.start(now);
+                        self.run_actions(&name, actions);
+                        wait.push((name.clone(), None));
+                    }
                 }
                 self.bump(&name);
             }
@@ -1605,8 +1623,8 @@ impl Core {
         let args = args.to_vec();
         self.announce_spawn(name, token);
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
-        // Resolved when the Apply prepared the node; else (an adopted node's restart
-        // after an agent restart) here, once.
+        // Resolved when the Apply prepared the node or at recovery; a node without such
+        // settings gets its empty plan here, once (a stat, see `exec::prepare`).
         let plan = e
             .plan
             .get_or_insert_with(|| {

@@ -293,7 +293,8 @@ pub struct Node {
     /// Its group; the user's primary group when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
-    /// Its supplementary groups; none when a user is given, else the agent's.
+    /// Supplementary groups on top of those the user is in (from the group database);
+    /// without a user, these replace the agent's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub supplementary_groups: Vec<String>,
     /// Its file mode creation mask; the agent's when absent.
