@@ -474,3 +474,69 @@ mod rcgen_like {
         );
     }
 }
+
+#[test]
+fn the_suite_wide_check_notices_a_change_missing_from_the_trail() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agent) = start(&c);
+    let file = cluster_file(&c);
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    c.check_audited();
+    // Without its records the same history fails the check that runs at drop.
+    let trail = c.dir.path().join("controller/audit.jsonl");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    let without_deploys: String = text
+        .lines()
+        .filter(|l| !l.contains("\"what\":\"deploy\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&trail, without_deploys).unwrap();
+    let missed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.check_audited()));
+    let message = missed.expect_err("a missing deploy record must fail the check");
+    let message = message
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        message.contains("1 successful deploy requests, but 0 carried-out deploy records"),
+        "{message}"
+    );
+    std::fs::write(&trail, text).unwrap();
+}
+
+#[test]
+fn scopes_are_for_client_certificates_only() {
+    let c = Cluster::new();
+    let pki = c.pki.to_str().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("drover"));
+        cmd.args(["ca", "issue", "--dir", &pki]).args(args);
+        drover_tests::run_cli(cmd, std::time::Duration::from_secs(20))
+    };
+    let out = run(&["--role", "agent", "--name", "a1", "--scope", "viewer"]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains("error: --scope is for client certificates (--role client)"),
+        "{}",
+        out.stderr
+    );
+    assert!(!c.pki_file("a1.crt").exists());
+    let out = run(&["--role", "client", "--name", "c1", "--scope", "root"]);
+    assert_eq!(out.code, Some(2));
+    assert!(
+        out.stderr
+            .contains("invalid value 'root' for '--scope <SCOPE>'")
+            && out.stderr.contains("viewer, operator, admin"),
+        "{}",
+        out.stderr
+    );
+    let out = run(&["--role", "client", "--name", "c1", "--scope", "operator"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let mode = std::fs::metadata(c.pki_file("c1.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
