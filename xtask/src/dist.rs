@@ -593,6 +593,25 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_binary_is_an_error_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let empty = tmp.path().join("bin");
+        fs::create_dir(&empty).unwrap();
+        let err = super::run(&super::Options {
+            out: tmp.path().join("dist"),
+            bin_dir: Some(empty.clone()),
+            compression: "none".into(),
+        })
+        .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(&format!("cannot copy {}", empty.join("drover").display())),
+            "{text}"
+        );
+        assert!(text.contains("No such file or directory"), "{text}");
+    }
+
+    #[test]
     fn completions_and_man_page_cover_the_commands() {
         let dir = tempfile::tempdir().unwrap();
         super::completions_and_man(dir.path()).unwrap();
