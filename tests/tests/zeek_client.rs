@@ -117,6 +117,9 @@ command = ["{p}", "--print", "proxy {{name}} starting", "--value", "bits_per_uid
 
 /// A controller with the Zeek front on an ephemeral port (or `ws` when given).
 struct Zeek {
+    /// The test cluster's list of successful changes, which its drop checks against the
+    /// audit trail.
+    audited: drover_tests::Audited,
     ctl: Proc,
     addr: SocketAddr,
     ws: SocketAddr,
@@ -150,6 +153,7 @@ impl Zeek {
         let log = ctl.wait_log("serving zeek-client");
         let ws = addr_in_log(&log, "serving zeek-client");
         Self {
+            audited: c.audited(),
             ctl,
             addr,
             ws,
@@ -177,7 +181,17 @@ impl Zeek {
             cmd.arg("--set").arg(s);
         }
         cmd.args(args);
-        run_cli(cmd, Duration::from_secs(60))
+        let out = run_cli(cmd, Duration::from_secs(60));
+        if out.code == Some(0) {
+            self.audited.expect(match args.first().copied() {
+                Some("deploy-config") => &["stage_config", "deploy"],
+                Some("stage-config") => &["stage_config"],
+                Some("deploy") => &["deploy"],
+                Some("restart") => &["restart"],
+                _ => &[],
+            });
+        }
+        out
     }
 
     fn run(&self, args: &[&str]) -> CliOutput {
