@@ -779,6 +779,10 @@ fn bad_roles_files_stop_the_controller_and_open_listeners_are_warned_about() {
             vec!["--auto-assign-metrics-ports", "maybe"],
             "invalid value 'maybe' for '--auto-assign-metrics-ports",
         ),
+        (
+            vec!["--zeek-scope", "root"],
+            "unknown scope 'root': expected viewer, operator or admin",
+        ),
     ] {
         let mut cmd = Command::new(bin("drover-controller"));
         cmd.args(&flags);
@@ -790,8 +794,13 @@ fn bad_roles_files_stop_the_controller_and_open_listeners_are_warned_about() {
     }
 
     let z = Zeek::start(&c, "127.0.0.1:0", "0.0.0.0:0", &[]);
+    z.ctl.wait_log(
+        "plain WebSocket without TLS or authentication; anyone who can reach it can deploy and restart nodes (scope admin)",
+    );
+    drop(z);
+    let z = Zeek::start(&c, "127.0.0.1:0", "0.0.0.0:0", &["--zeek-scope", "viewer"]);
     z.ctl
-        .wait_log("plain WebSocket without TLS or authentication");
+        .wait_log("anyone who can reach it can look at the cluster (scope viewer)");
 }
 
 #[test]
