@@ -6,7 +6,8 @@
 //! transport library directly, and waits for conditions with a deadline
 //! ([`eventually`]), never with bare sleeps. When a test fails, the logs of its processes
 //! are printed; every process is killed when the test ends. When a test ends without
-//! failing, every mutating request it made successfully with [`Cluster::drover_as`] must
+//! failing, every mutating request it made successfully with [`Cluster::drover_as`], or
+//! with another client whose helper reports to [`Cluster::audited`] (zeek-client), must
 //! be in an audit trail of its directory ([`Cluster`]'s drop checks it), so that the
 //! whole suite proves that changes are audited.
 //!
@@ -171,8 +172,40 @@ pub struct Cluster {
     logs: std::cell::RefCell<Vec<PathBuf>>,
     /// The audit kinds of the mutating CLI requests that succeeded, checked against the
     /// audit trails in `dir` when the cluster is dropped.
-    audited: std::cell::RefCell<Vec<&'static str>>,
-    audit_unchecked: std::cell::RefCell<bool>,
+    audited: Audited,
+}
+
+/// The audit kinds of requests that succeeded, shared with helpers that drive another
+/// client (zeek-client), also from other threads; `None` once a test opts out.
+#[derive(Debug, Clone)]
+pub struct Audited(std::sync::Arc<std::sync::Mutex<Option<Vec<&'static str>>>>);
+
+impl Audited {
+    /// Records requests of these audit kinds that succeeded.
+    pub fn expect(&self, kinds: &[&'static str]) {
+        let mut list = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(list) = list.as_mut() {
+            list.extend(kinds);
+        }
+    }
+
+    fn recorded(&self) -> Vec<&'static str> {
+        let list = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        list.clone().unwrap_or_default()
+    }
+
+    fn stop(&self) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
 }
 
 /// The audit kinds of the requests a `drover` command line sends, if it changes
@@ -202,7 +235,9 @@ fn audit_records(dir: &Path, depth: usize, out: &mut Vec<serde_json::Value>) {
             if depth > 0 {
                 audit_records(&path, depth - 1, out);
             }
-        } else if e.file_name().to_string_lossy().starts_with("audit.jsonl") {
+        } else if e.file_name().to_string_lossy().starts_with("audit.jsonl")
+            && fs::symlink_metadata(&path).is_ok_and(|m| m.is_file())
+        {
             let text = fs::read_to_string(&path).unwrap_or_default();
             out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
         }
@@ -230,8 +265,7 @@ impl Cluster {
             keep_alive: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(2),
             logs: std::cell::RefCell::default(),
-            audited: std::cell::RefCell::default(),
-            audit_unchecked: std::cell::RefCell::default(),
+            audited: Audited(std::sync::Arc::new(std::sync::Mutex::new(Some(Vec::new())))),
         };
         let mut spec = LeafSpec::new(PeerRole::Controller, "controller");
         spec.sans = sans.iter().map(|s| (*s).to_owned()).collect();
@@ -459,27 +493,36 @@ impl Cluster {
         let mut cmd = self.drover_command_as(file, controller);
         cmd.arg("--timeout").arg("10s").args(args);
         let out = run_cli(cmd, Duration::from_secs(30));
-        if out.code == Some(0) && !*self.audit_unchecked.borrow() {
-            self.audited.borrow_mut().extend(audit_kinds(args));
+        if out.code == Some(0) {
+            self.audited.expect(audit_kinds(args));
         }
         out
+    }
+
+    /// The list of successful changes checked at drop, for a helper that drives another
+    /// client (zeek-client) to add to.
+    pub fn audited(&self) -> Audited {
+        self.audited.clone()
     }
 
     /// Stops checking the audit trail at drop: for a test that bounds the trail so
     /// tightly that rotation drops records on purpose.
     pub fn audit_trail_drops_records(&self) {
-        self.audited.borrow_mut().clear();
-        *self.audit_unchecked.borrow_mut() = true;
+        self.audited.stop();
     }
 
     /// Checks that every mutating request made through [`Cluster::drover_as`] that
     /// succeeded is in an audit trail under the test dir (as many records of each kind,
     /// carried out, as successful requests of that kind at least).
     pub fn check_audited(&self) {
+        let audited = self.audited.recorded();
+        if audited.is_empty() {
+            return;
+        }
         let mut records = Vec::new();
         audit_records(self.dir.path(), 3, &mut records);
         let mut want = std::collections::BTreeMap::<&str, usize>::new();
-        for kind in self.audited.borrow().iter() {
+        for kind in &audited {
             *want.entry(kind).or_default() += 1;
         }
         for (kind, n) in want {

@@ -3,7 +3,8 @@
 //! may act on nodes but not deploy, a certificate without a scope is admin; every
 //! mutating request, carried out or refused, is in `<state dir>/audit.jsonl` (mode
 //! 0600) with who, from where, what, generation and outcome before it is answered, is
-//! published to `monitor`, and `drover audit --since/--who` reads it back.
+//! published to `monitor`, and `drover audit --since/--who` reads it back; a change the
+//! trail cannot record is answered with an error naming it.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -339,7 +340,7 @@ fn the_trail_stays_within_its_bound_on_a_running_controller() {
     };
     for i in 0..40 {
         let out = c.drover(addr, &["signal", "CONT", "w1"]);
-        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
         assert!(size() <= 2 * 4096, "after {i} signals: {} bytes", size());
     }
     assert!(dir.join("audit.jsonl.1").exists());
@@ -367,6 +368,61 @@ fn the_trail_stays_within_its_bound_on_a_running_controller() {
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn a_change_the_trail_cannot_record_is_answered_with_an_error_naming_the_trail() {
+    let c = Cluster::new();
+    c.audit_trail_drops_records();
+    // A full disk under the trail alone: the trail is a link to /dev/full. A rotated
+    // file is a link to a loose file of ours, which must keep its mode.
+    let state = c.dir.path().join("controller");
+    std::fs::create_dir_all(&state).unwrap();
+    let _restore = RestoreMode::of("/dev/full");
+    std::os::unix::fs::symlink("/dev/full", state.join("audit.jsonl")).unwrap();
+    let loose = c.dir.path().join("loose");
+    std::fs::write(&loose, "").unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::symlink(&loose, state.join("audit.jsonl.1")).unwrap();
+    let (ctl, addr, _agent) = start(&c);
+    let file = cluster_file(&c);
+    let trail = state.join("audit.jsonl").display().to_string();
+    let want = format!(
+        "the request was carried out, but the audit trail {trail} could not be written: No space left on device"
+    );
+    for args in [&["stage-config", file.to_str().unwrap()][..], &["deploy"]] {
+        let out = c.drover(addr, args);
+        assert_eq!(out.code, Some(1), "{args:?}: {}", out.stdout);
+        assert!(out.stdout.contains(&want), "{args:?}: {}", out.stdout);
+    }
+    // Both were carried out.
+    eventually("the deployed nodes running", PATIENCE, || {
+        let v = c.drover(addr, &["get-nodes"]).json();
+        let nodes = v["results"]["agent-1"].as_object()?.clone();
+        (["w1", "w2"]
+            .iter()
+            .all(|n| nodes.get(*n).is_some_and(|n| n["state"] == "RUNNING")))
+        .then_some(())
+    });
+    ctl.wait_log("could not be written: No space left on device");
+    // The controller tightens its own files only, never what a link points to.
+    let mode = std::fs::metadata(&loose).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o644);
+}
+
+/// Puts a file's mode back when dropped, should the code under test change it.
+struct RestoreMode(&'static str, u32);
+
+impl RestoreMode {
+    fn of(path: &'static str) -> Self {
+        Self(path, std::fs::metadata(path).unwrap().permissions().mode())
+    }
+}
+
+impl Drop for RestoreMode {
+    fn drop(&mut self) {
+        let _ = std::fs::set_permissions(self.0, std::fs::Permissions::from_mode(self.1));
+    }
 }
 
 #[test]
@@ -412,4 +468,70 @@ mod rcgen_like {
             },
         );
     }
+}
+
+#[test]
+fn the_suite_wide_check_notices_a_change_missing_from_the_trail() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agent) = start(&c);
+    let file = cluster_file(&c);
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    c.check_audited();
+    // Without its records the same history fails the check that runs at drop.
+    let trail = c.dir.path().join("controller/audit.jsonl");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    let without_deploys: String = text
+        .lines()
+        .filter(|l| !l.contains("\"what\":\"deploy\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&trail, without_deploys).unwrap();
+    let missed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.check_audited()));
+    let message = missed.expect_err("a missing deploy record must fail the check");
+    let message = message
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        message.contains("1 successful deploy requests, but 0 carried-out deploy records"),
+        "{message}"
+    );
+    std::fs::write(&trail, text).unwrap();
+}
+
+#[test]
+fn scopes_are_for_client_certificates_only() {
+    let c = Cluster::new();
+    let pki = c.pki.to_str().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("drover"));
+        cmd.args(["ca", "issue", "--dir", &pki]).args(args);
+        drover_tests::run_cli(cmd, std::time::Duration::from_secs(20))
+    };
+    let out = run(&["--role", "agent", "--name", "a1", "--scope", "viewer"]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains("error: --scope is for client certificates (--role client)"),
+        "{}",
+        out.stderr
+    );
+    assert!(!c.pki_file("a1.crt").exists());
+    let out = run(&["--role", "client", "--name", "c1", "--scope", "root"]);
+    assert_eq!(out.code, Some(2));
+    assert!(
+        out.stderr
+            .contains("invalid value 'root' for '--scope <SCOPE>'")
+            && out.stderr.contains("viewer, operator, admin"),
+        "{}",
+        out.stderr
+    );
+    let out = run(&["--role", "client", "--name", "c1", "--scope", "operator"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let mode = std::fs::metadata(c.pki_file("c1.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 }

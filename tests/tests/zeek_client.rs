@@ -117,6 +117,9 @@ command = ["{p}", "--print", "proxy {{name}} starting", "--value", "bits_per_uid
 
 /// A controller with the Zeek front on an ephemeral port (or `ws` when given).
 struct Zeek {
+    /// The test cluster's list of successful changes, which its drop checks against the
+    /// audit trail.
+    audited: drover_tests::Audited,
     ctl: Proc,
     addr: SocketAddr,
     ws: SocketAddr,
@@ -150,6 +153,7 @@ impl Zeek {
         let log = ctl.wait_log("serving zeek-client");
         let ws = addr_in_log(&log, "serving zeek-client");
         Self {
+            audited: c.audited(),
             ctl,
             addr,
             ws,
@@ -177,7 +181,17 @@ impl Zeek {
             cmd.arg("--set").arg(s);
         }
         cmd.args(args);
-        run_cli(cmd, Duration::from_secs(60))
+        let out = run_cli(cmd, Duration::from_secs(60));
+        if out.code == Some(0) {
+            self.audited.expect(match args.first().copied() {
+                Some("deploy-config") => &["stage_config", "deploy"],
+                Some("stage-config") => &["stage_config"],
+                Some("deploy") => &["deploy"],
+                Some("restart") => &["restart"],
+                _ => &[],
+            });
+        }
+        out
     }
 
     fn run(&self, args: &[&str]) -> CliOutput {
@@ -765,6 +779,10 @@ fn bad_roles_files_stop_the_controller_and_open_listeners_are_warned_about() {
             vec!["--auto-assign-metrics-ports", "maybe"],
             "invalid value 'maybe' for '--auto-assign-metrics-ports",
         ),
+        (
+            vec!["--zeek-scope", "root"],
+            "unknown scope 'root': expected viewer, operator or admin",
+        ),
     ] {
         let mut cmd = Command::new(bin("drover-controller"));
         cmd.args(&flags);
@@ -776,8 +794,13 @@ fn bad_roles_files_stop_the_controller_and_open_listeners_are_warned_about() {
     }
 
     let z = Zeek::start(&c, "127.0.0.1:0", "0.0.0.0:0", &[]);
+    z.ctl.wait_log(
+        "plain WebSocket without TLS or authentication; anyone who can reach it can deploy and restart nodes (scope admin)",
+    );
+    drop(z);
+    let z = Zeek::start(&c, "127.0.0.1:0", "0.0.0.0:0", &["--zeek-scope", "viewer"]);
     z.ctl
-        .wait_log("plain WebSocket without TLS or authentication");
+        .wait_log("anyone who can reach it can look at the cluster (scope viewer)");
 }
 
 #[test]

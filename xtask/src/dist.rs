@@ -40,7 +40,8 @@ pub(crate) struct Options {
     pub(crate) compression: String,
 }
 
-/// Writes `completions/{drover.bash,_drover,drover.fish}` and `man/drover.1` under `out`.
+/// Writes `completions/{drover.bash,_drover,drover.fish}`, `man/drover.1` and a page per
+/// subcommand (`man/drover-deploy.1`, `man/drover-ca-issue.1`, ...) under `out`.
 pub(crate) fn completions_and_man(out: &Path) -> anyhow::Result<()> {
     let completions = out.join("completions");
     let man = out.join("man");
@@ -53,11 +54,24 @@ pub(crate) fn completions_and_man(out: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write {shell} completions"))?;
         eprintln!("wrote {}", path.display());
     }
+    // Building names each subcommand as its page refers to it: `drover-audit`.
+    cmd.build();
+    man_pages(&cmd, &man)?;
+    Ok(())
+}
+
+/// Writes `NAME.1` for `cmd` and, as the page lists them under "SUBCOMMANDS",
+/// `NAME-SUB.1` for each of its subcommands, recursively.
+fn man_pages(cmd: &clap::Command, dir: &Path) -> anyhow::Result<()> {
+    let name = cmd.get_display_name().unwrap_or(cmd.get_name());
     let mut page = Vec::new();
-    clap_mangen::Man::new(cmd).render(&mut page)?;
-    let path = man.join("drover.1");
+    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    let path = dir.join(format!("{name}.1"));
     fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
     eprintln!("wrote {}", path.display());
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        man_pages(sub, dir)?;
+    }
     Ok(())
 }
 
@@ -92,7 +106,7 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<Vec<PathBuf>> {
     let version = env!("CARGO_PKG_VERSION");
     let arch = output(Command::new("dpkg").arg("--print-architecture"))?;
     let mut debs = Vec::new();
-    for pkg in packages(&root, &bin_dir, &opts.out) {
+    for pkg in packages(&root, &bin_dir, &opts.out)? {
         let stage = opts.out.join("stage").join(pkg.name);
         stage_package(&pkg, &stage, version, &arch)?;
         let deb = opts.out.join(format!("{}_{version}_{arch}.deb", pkg.name));
@@ -137,7 +151,7 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 #[derive(Debug)]
 struct Entry {
     from: PathBuf,
-    to: &'static str,
+    to: String,
     mode: u32,
     /// Compressed with `gzip -9n` on the way (man pages).
     gzip: bool,
@@ -157,10 +171,10 @@ struct Package {
     prerm: String,
 }
 
-fn entry(from: PathBuf, to: &'static str, mode: u32) -> Entry {
+fn entry(from: PathBuf, to: &str, mode: u32) -> Entry {
     Entry {
         from,
-        to,
+        to: to.to_owned(),
         mode,
         gzip: false,
     }
@@ -183,16 +197,24 @@ const RELOAD: &str = r#"if [ "$1" = configure ] && [ -z "$DPKG_ROOT" ] && [ -d /
 fi
 "#;
 
-fn packages(root: &Path, bin_dir: &Path, generated: &Path) -> Vec<Package> {
+fn packages(root: &Path, bin_dir: &Path, generated: &Path) -> anyhow::Result<Vec<Package>> {
     let deploy = root.join("deploy");
+    let mut pages = Vec::new();
+    let man = generated.join("man");
+    for e in fs::read_dir(&man).with_context(|| format!("cannot read {}", man.display()))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".1") {
+            pages.push(Entry {
+                from: man.join(&name),
+                to: format!("usr/share/man/man1/{name}.gz"),
+                mode: 0o644,
+                gzip: true,
+            });
+        }
+    }
+    pages.sort_by(|a, b| a.to.cmp(&b.to));
     let mut cli = vec![
         entry(bin_dir.join("drover"), "usr/bin/drover", 0o755),
-        Entry {
-            from: generated.join("man/drover.1"),
-            to: "usr/share/man/man1/drover.1.gz",
-            mode: 0o644,
-            gzip: true,
-        },
         entry(
             generated.join("completions/drover.bash"),
             "usr/share/bash-completion/completions/drover",
@@ -229,6 +251,7 @@ fn packages(root: &Path, bin_dir: &Path, generated: &Path) -> Vec<Package> {
             0o644,
         ),
     ];
+    cli.extend(pages);
     cli.push(entry(
         deploy.join("examples/local.toml"),
         "usr/share/doc/drover/examples/local.toml",
@@ -271,7 +294,7 @@ fi
             ),
         }
     };
-    vec![
+    Ok(vec![
         Package {
             name: "drover",
             summary: "multi-host process manager: command line and shared files",
@@ -316,7 +339,7 @@ fi
 fi
 "#,
         ),
-    ]
+    ])
 }
 
 /// Lays out a package's tree and `DEBIAN/` control files in `stage`.
@@ -324,7 +347,7 @@ fn stage_package(pkg: &Package, stage: &Path, version: &str, arch: &str) -> anyh
     let _ = fs::remove_dir_all(stage);
     let mut size = 0u64;
     for f in &pkg.files {
-        let to = stage.join(f.to);
+        let to = stage.join(&f.to);
         let parent = to.parent().expect("entries are below /");
         fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
@@ -505,6 +528,14 @@ mod tests {
             ("usr/lib/sysusers.d/drover.conf", 0o644, 0, 0, false),
             ("usr/lib/tmpfiles.d/drover.conf", 0o644, 0, 0, false),
             ("usr/share/man/man1/drover.1.gz", 0o644, 0, 0, false),
+            ("usr/share/man/man1/drover-audit.1.gz", 0o644, 0, 0, false),
+            (
+                "usr/share/man/man1/drover-ca-issue.1.gz",
+                0o644,
+                0,
+                0,
+                false,
+            ),
             (
                 "usr/share/bash-completion/completions/drover",
                 0o644,
@@ -593,6 +624,25 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_binary_is_an_error_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let empty = tmp.path().join("bin");
+        fs::create_dir(&empty).unwrap();
+        let err = super::run(&super::Options {
+            out: tmp.path().join("dist"),
+            bin_dir: Some(empty.clone()),
+            compression: "none".into(),
+        })
+        .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(&format!("cannot copy {}", empty.join("drover").display())),
+            "{text}"
+        );
+        assert!(text.contains("No such file or directory"), "{text}");
+    }
+
+    #[test]
     fn completions_and_man_page_cover_the_commands() {
         let dir = tempfile::tempdir().unwrap();
         super::completions_and_man(dir.path()).unwrap();
@@ -611,5 +661,24 @@ mod tests {
         assert!(dir.path().join("completions/drover.fish").exists());
         let man = fs::read_to_string(dir.path().join("man/drover.1")).unwrap();
         assert!(man.contains(".TH drover"), "{}", &man[..200.min(man.len())]);
+        // Every page the top page refers to exists, nested ones included.
+        for page in [
+            "drover-audit",
+            "drover-deploy-config",
+            "drover-ca",
+            "drover-ca-issue",
+        ] {
+            // roff escapes the hyphens.
+            let listed = format!("{}(1)", page.replace('-', "\\-"));
+            assert!(
+                man.contains(&listed) || page.starts_with("drover-ca-"),
+                "{page}"
+            );
+            let text = fs::read_to_string(dir.path().join(format!("man/{page}.1")))
+                .unwrap_or_else(|e| panic!("{page}.1: {e}"));
+            assert!(text.contains(&format!(".TH {page}")), "{page}: {text}");
+        }
+        let issue = fs::read_to_string(dir.path().join("man/drover-ca-issue.1")).unwrap();
+        assert!(issue.contains("scope"), "{issue}");
     }
 }

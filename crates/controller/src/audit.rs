@@ -73,7 +73,8 @@ pub struct AuditLog {
 
 impl AuditLog {
     /// The trail in `dir` (the state dir, which exists), rotated at `max_bytes` with
-    /// `keep` rotated files. Existing files with looser modes are tightened to 0600.
+    /// `keep` rotated files, its current file opened (so that one that cannot be is an
+    /// error at start-up). Existing files with looser modes are tightened to 0600.
     pub fn open(dir: &Path, max_bytes: u64, keep: u32) -> std::io::Result<Self> {
         let log = Self {
             path: dir.join(FILE),
@@ -82,8 +83,9 @@ impl AuditLog {
             file: Mutex::new(None),
         };
         for path in log.files() {
-            match fs::metadata(&path) {
-                Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+            // Regular files only: never chmod what a link points to.
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_file() && m.permissions().mode() & 0o077 != 0 => {
                     fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
                     tracing::warn!("tightened the mode of {} to 600", path.display());
                 }
@@ -92,6 +94,7 @@ impl AuditLog {
                 Err(e) => return Err(e),
             }
         }
+        *log.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(log.open_for_append()?);
         Ok(log)
     }
 
@@ -420,11 +423,29 @@ mod tests {
     }
 
     #[test]
-    fn an_unwritable_trail_is_an_error_not_a_panic() {
+    fn a_trail_that_cannot_be_opened_or_written_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir(dir.path().join(FILE)).unwrap();
+        let err = AuditLog::open(dir.path(), DEFAULT_MAX_BYTES, DEFAULT_KEEP).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::IsADirectory, "{err}");
+        let mode = fs::metadata(dir.path().join(FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_ne!(
+            mode & 0o777,
+            0o600,
+            "a directory is not a trail file to tighten"
+        );
+
+        // A full disk.
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/dev/full", dir.path().join(FILE)).unwrap();
         let log = AuditLog::open(dir.path(), DEFAULT_MAX_BYTES, DEFAULT_KEEP).unwrap();
-        assert!(log.append(&rec("ops", 1)).is_err());
+        let err = log.append(&rec("ops", 1)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::StorageFull, "{err}");
+        // And again: the file is opened afresh, and fails the same way.
+        assert!(log.append(&rec("ops", 2)).is_err());
     }
 
     #[test]

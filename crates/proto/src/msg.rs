@@ -531,6 +531,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn events_of_a_newer_controller_decode_as_unknown() {
+        let record: EventRecord = serde_json::from_str(
+            r#"{"at_ms":1,"event":{"type":"certificate_rotated","serial":"ab"}}"#,
+        )
+        .unwrap();
+        assert_eq!(record.event, Event::Unknown);
+        let audit = r#"{"type":"audit","record":{"at_ms":5,"role":"client","name":"ops","scope":"viewer","from":"127.0.0.1:1","front":"native","what":"deploy","outcome":"refused","some_new_field":1}}"#;
+        let Event::Audit { record } = serde_json::from_str::<Event>(audit).unwrap() else {
+            panic!("not an audit event");
+        };
+        assert_eq!(record.serial, "");
+        assert_eq!(record.outcome, crate::access::Outcome::Refused);
+    }
+
+    #[test]
     fn request_envelope_shape_is_stable() {
         let req = Request {
             id: "r1".into(),

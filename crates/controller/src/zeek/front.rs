@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use drover_net::tls::{TcpTlsAcceptor, TlsPeer};
+use drover_proto::access::Scope;
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -490,20 +491,27 @@ impl Callback for Peek<'_> {
 
 /// Logs where the listener is, warning when plain WebSocket is reachable from other
 /// hosts.
-pub(crate) fn announce(addr: SocketAddr, tls: bool) {
+pub(crate) fn announce(addr: SocketAddr, tls: bool, scope: Scope) {
     if tls {
         info!(
             %addr,
+            %scope,
             "serving zeek-client on wss://{addr}{PATH} (mutual tls: client certificates \
-             from the cluster ca)"
+             from the cluster ca, each acting with its scope, at most {scope})"
         );
     } else if addr.ip().is_loopback() {
-        info!(%addr, "serving zeek-client on ws://{addr}{PATH}");
+        info!(%addr, %scope, "serving zeek-client on ws://{addr}{PATH} (every client acts with scope {scope})");
     } else {
+        let may = match scope {
+            Scope::Viewer => "look at the cluster",
+            Scope::Operator => "restart nodes",
+            Scope::Admin => "deploy and restart nodes",
+        };
         warn!(
             %addr,
+            %scope,
             "serving zeek-client on ws://{addr}{PATH}: plain WebSocket without TLS or \
-             authentication; anyone who can reach it can deploy and restart nodes"
+             authentication; anyone who can reach it can {may} (scope {scope})"
         );
     }
 }

@@ -176,7 +176,7 @@ impl Front {
             }
         };
         if let Ok(addr) = listener.local_addr() {
-            front::announce(addr, self.tls.is_some());
+            front::announce(addr, self.tls.is_some(), self.scope);
         }
         let tls = self.tls.map(|acceptor| {
             let shared = shared.clone();
