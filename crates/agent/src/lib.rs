@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use drover_net::conn::Answer;
 use drover_net::conn::{self, TransportSettings};
-use drover_net::{Credentials, Identity, NetError, TlsFiles};
+use drover_net::{Identity, NetError, TlsFiles, Trust};
 use drover_proto::model::{LogChunk, LogStream, MgmtResult, MgmtRole, NodeStatus, State};
 use drover_proto::msg::{
     API_VERSION, AgentRequest, AgentResponse, ControllerRequest, ErrorCode, Hello, PeerRole,
@@ -85,6 +85,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Where the nodes' cgroups go.
     pub cgroup: cgroup::CgroupSetting,
+    /// Revoked identities and serials ([`drover_net::tls::DenyList`]) the controller's
+    /// certificate is checked against; read at start and at every reload.
+    pub deny_list: Option<PathBuf>,
 }
 
 /// Why an agent could not start.
@@ -139,7 +142,8 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Agent {
     config: Config,
-    creds: Credentials,
+    /// Credentials, deny list and the connections they admitted; reloadable.
+    trust: Arc<Trust>,
     /// The host part of `config.controller`, used as the TLS server name.
     server_name: Option<String>,
     /// The listening endpoint, when the controller dials this agent.
@@ -157,7 +161,8 @@ pub struct Agent {
 impl Agent {
     /// Loads and checks credentials and prepares the state dir.
     pub fn new(config: Config) -> Result<Self, Error> {
-        let creds = Credentials::load(&config.tls)?;
+        let trust = Arc::new(Trust::load(&config.tls, config.deny_list.as_deref())?);
+        let creds = trust.credentials().clone();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -224,13 +229,20 @@ impl Agent {
         };
         Ok(Self {
             config,
-            creds,
+            trust,
             server_name,
             listener,
             metrics: std::sync::Mutex::new(metrics),
             listened: tokio::sync::watch::Sender::new(0),
             _lock: lock,
         })
+    }
+
+    /// A handle that reloads this agent's certificates and deny list while it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            trust: self.trust.clone(),
+        }
     }
 
     /// Supervises the nodes and stays connected to the controller until `shutdown` is
@@ -278,10 +290,16 @@ impl Agent {
                 Ok(l) => {
                     let sup = supervisor.clone();
                     let nodes_dir = nodes_dir.clone();
+                    let trust = this.trust.clone();
                     let render: drover_metrics::Render = Arc::new(move || {
                         let sup = sup.clone();
                         let nodes_dir = nodes_dir.clone();
-                        Box::pin(async move { render_metrics(&sup, &nodes_dir).await })
+                        let trust = trust.clone();
+                        Box::pin(async move {
+                            let mut out = render_metrics(&sup, &nodes_dir).await;
+                            trust.render_metrics(&mut out);
+                            out
+                        })
                     });
                     tokio::spawn(drover_metrics::serve(l, render, shutdown.clone()));
                 }
@@ -357,6 +375,8 @@ impl Agent {
                         return;
                     }
                 };
+                // Tracked for the session's whole life, so that a reload can close it.
+                let tracked = this.trust.track_quic(&conn, None);
                 let check = conn::check_hello(&hello, &identity, API_VERSION).and_then(|()| {
                     if identity.role == PeerRole::Controller {
                         Ok(())
@@ -366,6 +386,12 @@ impl Agent {
                             format!("only the controller may connect to an agent, not a {}", identity.role),
                         ))
                     }
+                })
+                .and_then(|()| this.check_revoked(&conn, &identity))
+                .and_then(|()| {
+                    tracked.as_ref().map(|_| ()).map_err(|e| {
+                        WireError::new(ErrorCode::Forbidden, e.to_string())
+                    })
                 });
                 if let Err(e) = check {
                     warn!(peer = %identity, "refused connection: {}", e.message);
@@ -424,7 +450,7 @@ impl Agent {
                     Some(e) => e.clone(),
                     None => slot
                         .insert(conn::client_endpoint(
-                            &self.creds,
+                            self.trust.credentials(),
                             &self.config.transport,
                             addr,
                         )?)
@@ -452,8 +478,26 @@ impl Agent {
                 () = shutdown.cancelled() => break,
                 r = attempt => r,
             };
+            // The controller's certificate may be revoked, and a reload may have
+            // replaced the material this connection was verified with.
+            let result = result.and_then(|est| {
+                let checked = self
+                    .check_revoked(&est.conn, &est.peer)
+                    .map_err(NetError::Refused)
+                    .and_then(|()| self.trust.track_quic(&est.conn, Some(server_name)));
+                match checked {
+                    Ok(tracked) => Ok((est, tracked)),
+                    Err(e) => {
+                        est.conn.close(
+                            drover_net::peers::CLOSE_UNTRUSTED.into(),
+                            e.to_string().as_bytes(),
+                        );
+                        Err(e)
+                    }
+                }
+            });
             match result {
-                Ok(est) => {
+                Ok((est, _tracked)) => {
                     backoff.reset();
                     info!(
                         controller = %est.welcome.name,
@@ -484,6 +528,30 @@ impl Agent {
         for endpoint in endpoints.into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         }
+    }
+
+    /// Refuses a controller whose certificate the deny list in force names.
+    fn check_revoked(
+        &self,
+        conn: &quinn::Connection,
+        identity: &Identity,
+    ) -> Result<(), WireError> {
+        let deny = self.trust.deny();
+        if deny.is_empty() {
+            return Ok(());
+        }
+        let info = drover_net::tls::peer_cert_info(conn)
+            .map_err(|e| WireError::new(ErrorCode::Forbidden, e.to_string()))?;
+        if deny.denies(identity, &info) {
+            return Err(WireError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "the certificate of {identity} (serial {}) is revoked",
+                    info.serial
+                ),
+            ));
+        }
+        Ok(())
     }
 
     async fn serve(
@@ -562,6 +630,28 @@ impl Agent {
         let reason = conn::serve_answers(conn, self.config.transport, handler).await;
         reporter.abort();
         reason
+    }
+}
+
+/// Reloads a running agent's certificates and deny list; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    trust: Arc<Trust>,
+}
+
+impl Reloader {
+    /// Reads the files again (`cause` says why, for the log) and puts them in force,
+    /// closing a controller connection that is no longer trusted; or keeps the previous
+    /// material and returns why not (logged either way).
+    pub fn reload(&self, cause: &str) -> Result<(), String> {
+        self.trust
+            .reload_logged(cause, "this agent's certificate")
+            .map(drop)
+    }
+
+    /// The files a reload reads, for a daemon that watches them.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.trust.watched_files()
     }
 }
 

@@ -77,6 +77,14 @@ struct Args {
     /// groups only) [default: auto].
     #[arg(long, env = "DROVER_CGROUP_ROOT")]
     cgroup_root: Option<CgroupSetting>,
+    /// File of revoked certificates (lines `ROLE/NAME` or `serial:HEX`) the controller's
+    /// is checked against; read at start and on reload (SIGHUP, or --watch-certs).
+    #[arg(long, env = "DROVER_DENY_LIST")]
+    deny_list: Option<PathBuf>,
+    /// Reload the CA bundle, certificate, key and deny list when their files change, as
+    /// on SIGHUP.
+    #[arg(long, env = "DROVER_WATCH_CERTS")]
+    watch_certs: bool,
 }
 
 /// What happens to nodes when the agent exits on SIGTERM or SIGINT.
@@ -113,6 +121,9 @@ struct FileConfig {
     metrics_listen: Option<std::net::SocketAddr>,
     #[serde(default, deserialize_with = "cgroup_setting")]
     cgroup_root: Option<CgroupSetting>,
+    deny_list: Option<PathBuf>,
+    #[serde(default)]
+    watch_certs: bool,
 }
 
 fn cgroup_setting<'de, D: serde::Deserializer<'de>>(
@@ -123,7 +134,8 @@ fn cgroup_setting<'de, D: serde::Deserializer<'de>>(
         .transpose()
 }
 
-fn config(args: Args) -> anyhow::Result<Config> {
+/// The agent's settings, and whether to watch the certificate files.
+fn config(args: Args) -> anyhow::Result<(Config, bool)> {
     let file: FileConfig = match &args.config {
         Some(p) => load_config_file(p)?,
         None => FileConfig::default(),
@@ -154,7 +166,8 @@ fn config(args: Args) -> anyhow::Result<Config> {
         .reconnect_max
         .or(file.reconnect_max)
         .unwrap_or(Duration::from_secs(5));
-    Ok(Config {
+    let watch_certs = args.watch_certs || file.watch_certs;
+    let config = Config {
         name: args.name.or(file.name).ok_or_else(|| missing("name"))?,
         controller: args.controller.or(file.controller),
         listen: args.listen.or(file.listen),
@@ -176,14 +189,16 @@ fn config(args: Args) -> anyhow::Result<Config> {
         stop_nodes_on_exit: args.on_exit.or(file.on_exit).unwrap_or(OnExit::Stop) == OnExit::Stop,
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
         cgroup: args.cgroup_root.or(file.cgroup_root).unwrap_or_default(),
+        deny_list: args.deny_list.or(file.deny_list),
         logs,
-    })
+    };
+    Ok((config, watch_certs))
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     drover_daemon::main_with_own_watchdog(|shutdown| async move {
-        let config = config(args)?;
+        let (config, watch_certs) = config(args)?;
         let status = match (&config.controller, &config.listen) {
             (Some(c), Some(l)) => format!("dialling the controller at {c}, listening on {l}"),
             (Some(c), None) => format!("dialling the controller at {c}"),
@@ -191,6 +206,16 @@ fn main() -> std::process::ExitCode {
             (None, None) => String::new(),
         };
         let agent = Agent::new(config)?;
+        let reloader = agent.reloader();
+        drover_daemon::reload::spawn(
+            reloader.files(),
+            watch_certs,
+            shutdown.clone(),
+            move |cause| {
+                // The outcome is logged and counted.
+                let _ = reloader.reload(cause);
+            },
+        )?;
         agent
             .run_with_ready(shutdown, || {
                 notify::status(&status);

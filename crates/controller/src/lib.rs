@@ -14,6 +14,8 @@
 //!   current (no I/O, tested on its own).
 //! - `dial`: connections the controller makes itself, to agents that listen (instances
 //!   with a `port`), as Zeek's controller-to-agent mode.
+//! - `reload`: certificates, key, CA bundle and deny list read again on request
+//!   ([`Reloader`]), closing the connections of peers no longer trusted.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
 //! [`Controller::bind`] and [`Controller::run_with_ready`] (which tells systemd when the
@@ -22,9 +24,12 @@
 pub mod api;
 mod dial;
 pub mod registry;
+mod reload;
 pub mod store;
 mod view;
 pub mod zeek;
+
+pub use reload::Reloader;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -33,7 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drover_net::conn::{self, TransportSettings};
-use drover_net::{Credentials, Identity, NetError, TlsFiles};
+use drover_net::{Identity, NetError, TlsFiles, Trust};
 use drover_proto::model::{MgmtRole, NodeStatus, State};
 use drover_proto::msg::{
     API_VERSION, AgentRequest, AgentResponse, ClientRequest, ControllerRequest, ErrorCode, Event,
@@ -71,8 +76,8 @@ pub struct Config {
     /// How long a request fanned out to agents may take before it answers with a
     /// timeout (Zeek: 10 s; agents' own limit is shorter, clients' longer).
     pub request_timeout: Duration,
-    /// A file of revoked identities and serials ([`drover_net::tls::DenyList`]), read
-    /// afresh for every new connection.
+    /// A file of revoked identities and serials ([`drover_net::tls::DenyList`]), read at
+    /// start and at every reload.
     pub deny_list: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`/metrics`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
@@ -132,7 +137,8 @@ pub(crate) struct Shared {
     /// Streams a client may have open at once (the configured `max_streams`).
     pub(crate) client_streams: u32,
     pub(crate) request_timeout: Duration,
-    pub(crate) deny_list: Option<PathBuf>,
+    /// Credentials, deny list and the connections they admitted; reloadable.
+    pub(crate) trust: Arc<Trust>,
     /// Events for `monitor` subscribers; a subscriber that falls behind is told how
     /// many it missed rather than slowing anyone down.
     pub(crate) events: tokio::sync::broadcast::Sender<EventRecord>,
@@ -228,6 +234,7 @@ impl Shared {
             &[(String::new(), restarts)],
         );
         self.render_generations(&mut out);
+        self.trust.render_metrics(&mut out);
         out
     }
 
@@ -296,7 +303,8 @@ pub struct Controller {
 impl Controller {
     /// Loads credentials, prepares the state dir and binds the listening socket.
     pub fn bind(config: Config) -> Result<Self, Error> {
-        let creds = Credentials::load(&config.tls)?;
+        let trust = Arc::new(Trust::load(&config.tls, config.deny_list.as_deref())?);
+        let creds = trust.credentials().clone();
         if let Ok(info) = creds.cert_info()
             && let Some(w) = drover_net::tls::expiry_warning(
                 &format!(
@@ -355,7 +363,7 @@ impl Controller {
                 transport,
                 client_streams: config.transport.max_streams,
                 request_timeout: config.request_timeout,
-                deny_list: config.deny_list.clone(),
+                trust,
                 events: tokio::sync::broadcast::channel(4096).0,
                 view: std::sync::Mutex::default(),
                 endpoint,
@@ -364,6 +372,13 @@ impl Controller {
                 ports,
             }),
         })
+    }
+
+    /// A handle that reloads this controller's certificates and deny list while it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            shared: self.shared.clone(),
+        }
     }
 
     /// The address actually bound (useful with port 0).
@@ -446,6 +461,18 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         Ok(c) => c,
         Err(e) => {
             warn!("{e}");
+            return;
+        }
+    };
+    // Tracked for the connection's whole life, so that a reload can close it.
+    let _tracked = match shared.trust.track_quic(&conn, None) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(%addr, peer = %identity, "refused connection: {e}");
+            conn.close(
+                drover_net::peers::CLOSE_UNTRUSTED.into(),
+                e.to_string().as_bytes(),
+            );
             return;
         }
     };
@@ -690,7 +717,7 @@ fn check_deny_list(
     conn: &quinn::Connection,
     identity: &Identity,
 ) -> Result<(), WireError> {
-    if shared.deny_list.is_none() {
+    if shared.trust.deny().is_empty() {
         return Ok(());
     }
     let info = drover_net::tls::peer_cert_info(conn)
@@ -698,38 +725,13 @@ fn check_deny_list(
     check_revoked(shared, identity, &info)
 }
 
-/// Refuses a peer the deny list names, by identity or certificate serial. The list is
-/// read afresh for every connection; a configured list that cannot be read refuses
-/// everyone: failing open would let a revoked peer in.
+/// Refuses a peer the deny list in force names, by identity or certificate serial.
 pub(crate) fn check_revoked(
     shared: &Shared,
     identity: &Identity,
     info: &drover_net::tls::CertInfo,
 ) -> Result<(), WireError> {
-    let Some(path) = &shared.deny_list else {
-        return Ok(());
-    };
-    let unavailable = || {
-        WireError::new(
-            ErrorCode::Unavailable,
-            "the controller cannot check revocations",
-        )
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        warn!(
-            "cannot read the deny list {}: {e}; refusing connections",
-            path.display()
-        );
-        unavailable()
-    })?;
-    let list = drover_net::tls::DenyList::parse(&text).map_err(|e| {
-        warn!(
-            "invalid deny list {}: {e}; refusing connections",
-            path.display()
-        );
-        unavailable()
-    })?;
-    if list.denies(identity, info) {
+    if shared.trust.deny().denies(identity, info) {
         return Err(WireError::new(
             ErrorCode::Forbidden,
             format!(

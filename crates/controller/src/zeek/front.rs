@@ -78,8 +78,13 @@ pub(crate) type Handler =
     Arc<dyn Fn(String, ZeekRequest) -> BoxFuture<'static, Option<Event>> + Send + Sync>;
 
 /// Decides whether a client that completed the TLS handshake may go on: `Err` tells
-/// why not.
-pub(crate) type Authorize = Arc<dyn Fn(&TlsPeer) -> Result<(), String> + Send + Sync>;
+/// why not. An admitted connection is tracked while the guard lives, and cancelling the
+/// token (a reload found its client revoked or untrusted) ends it.
+pub(crate) type Authorize = Arc<
+    dyn Fn(&TlsPeer, SocketAddr, CancellationToken) -> Result<drover_net::peers::Tracked, String>
+        + Send
+        + Sync,
+>;
 
 /// TLS for the front: `wss://` instead of `ws://`.
 pub(crate) struct Tls {
@@ -154,8 +159,11 @@ pub(crate) async fn serve(
             match &ctx.tls {
                 None => connection(&ctx, stream, peer, deadline, shutdown).await,
                 Some(tls) => {
-                    if let Some(stream) = secure(tls, stream, peer, deadline).await {
-                        connection(&ctx, stream, peer, deadline, shutdown).await;
+                    let ended = shutdown.child_token();
+                    if let Some((stream, _tracked)) =
+                        secure(tls, stream, peer, deadline, ended.clone()).await
+                    {
+                        connection(&ctx, stream, peer, deadline, ended).await;
                     }
                 }
             }
@@ -178,7 +186,8 @@ async fn secure(
     stream: TcpStream,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
-) -> Option<drover_net::tls::TcpTlsStream> {
+    ended: CancellationToken,
+) -> Option<(drover_net::tls::TcpTlsStream, drover_net::peers::Tracked)> {
     let (stream, client) =
         match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
             Ok(Ok(s)) => s,
@@ -191,12 +200,15 @@ async fn secure(
                 return None;
             }
         };
-    if let Err(e) = (tls.authorize)(&client) {
-        warn!(%peer, client = %client.identity, "zeek websocket: refused connection: {e}");
-        return None;
-    }
+    let tracked = match (tls.authorize)(&client, peer, ended) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(%peer, client = %client.identity, "zeek websocket: refused connection: {e}");
+            return None;
+        }
+    };
     debug!(%peer, client = %client.identity, "zeek websocket: tls client admitted");
-    Some(stream)
+    Some((stream, tracked))
 }
 
 /// Sends one message, giving up after the write timeout.
