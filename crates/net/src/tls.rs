@@ -181,8 +181,19 @@ impl Credentials {
         let info = cert_info(leaf)?;
         let key = PrivateKeyDer::from_pem_slice(key)
             .map_err(|e| NetError::Credentials(format!("bad private key PEM: {e}")))?;
-        let certified = CertifiedKey::from_der(chain, key, &provider)
-            .map_err(|e| NetError::Credentials(format!("certificate and key do not match: {e}")))?;
+        let signing = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| NetError::Credentials(format!("unusable private key: {e}")))?;
+        let certified = CertifiedKey::new(chain, signing);
+        match certified.keys_match() {
+            Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(e) => {
+                return Err(NetError::Credentials(format!(
+                    "certificate and key do not match: {e}"
+                )));
+            }
+        }
         let roots = Arc::new(roots);
         let client_verifier =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())

@@ -363,7 +363,7 @@ mod tests {
             "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n",
         );
         let err = trust.reload().unwrap_err().to_string();
-        assert!(err.contains("private key"), "{err}");
+        assert!(err.starts_with("unusable private key"), "{err}");
         let other = Ca::generate("b").unwrap();
         let leaf = other
             .issue(&LeafSpec::new(PeerRole::Controller, "ctl"))
