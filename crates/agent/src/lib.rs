@@ -23,6 +23,7 @@
 pub mod backoff;
 pub mod cgroup;
 pub mod converge;
+mod handover;
 pub mod logs;
 pub mod logwatch;
 pub mod machine;
@@ -31,6 +32,7 @@ pub mod sockdir;
 pub mod supervisor;
 pub mod sys;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -153,6 +155,9 @@ pub struct Agent {
     /// How many sessions the controller opened by dialling this agent are live: while
     /// one is, the agent does not dial the controller too.
     listened: tokio::sync::watch::Sender<usize>,
+    /// Bumped when the connection to the controller should move to a new one (a reload
+    /// changed the material, or the controller asked).
+    refresh: Arc<tokio::sync::watch::Sender<u64>>,
     /// The state dir's lock, held for the life of the process (the kernel releases it
     /// when the process dies, however it dies).
     _lock: std::fs::File,
@@ -234,6 +239,7 @@ impl Agent {
             listener,
             metrics: std::sync::Mutex::new(metrics),
             listened: tokio::sync::watch::Sender::new(0),
+            refresh: Arc::new(tokio::sync::watch::Sender::new(0)),
             _lock: lock,
         })
     }
@@ -242,6 +248,7 @@ impl Agent {
     pub fn reloader(&self) -> Reloader {
         Reloader {
             trust: self.trust.clone(),
+            refresh: self.refresh.clone(),
         }
     }
 
@@ -409,7 +416,8 @@ impl Agent {
                 info!(controller = %identity.name, addr = %conn.remote_address(), "controller connected");
                 this.listened.send_modify(|n| *n += 1);
                 let _live = ListenedSession(&this.listened);
-                let reason = this.serve(conn, &supervisor).await;
+                let state = Arc::new(handover::SessionState::default());
+                let reason = this.serve(conn, &supervisor, state).await;
                 warn!("lost the controller: {}", conn::explain(&reason, "controller"));
             });
         }
@@ -424,13 +432,13 @@ impl Agent {
         // reconnecting does not churn UDP sockets.
         let mut endpoints: [Option<quinn::Endpoint>; 2] = [None, None];
         let name = &self.config.name;
-        let (Some(controller), Some(server_name)) = (&self.config.controller, &self.server_name)
-        else {
+        let Some(controller) = &self.config.controller else {
             return;
         };
         info!(agent = %name, %controller, "agent connecting");
         let mut listened = self.listened.subscribe();
-        loop {
+        let mut refresh = self.refresh.subscribe();
+        'dial: loop {
             // One connection to the controller is enough: while the controller's own
             // (it dialled our listener) lives, do not dial it too.
             if *listened.borrow_and_update() > 0 {
@@ -443,74 +451,37 @@ impl Agent {
                 }
                 backoff.reset();
             }
-            let attempt = async {
-                let addr = resolve(controller).await?;
-                let slot = &mut endpoints[usize::from(addr.is_ipv6())];
-                let endpoint = match slot {
-                    Some(e) => e.clone(),
-                    None => slot
-                        .insert(conn::client_endpoint(
-                            self.trust.credentials(),
-                            &self.config.transport,
-                            addr,
-                        )?)
-                        .clone(),
-                };
-                let hello = Hello {
-                    api_version: API_VERSION,
-                    role: PeerRole::Agent,
-                    name: name.clone(),
-                    software: software(),
-                };
-                conn::dial(
-                    &endpoint,
-                    None,
-                    addr,
-                    server_name,
-                    hello,
-                    PeerRole::Controller,
-                    None,
-                    self.config.transport.hello_timeout,
-                )
-                .await
-            };
             let result = tokio::select! {
                 () = shutdown.cancelled() => break,
-                r = attempt => r,
+                r = self.dial_controller(&mut endpoints) => r,
             };
-            // The controller's certificate may be revoked, and a reload may have
-            // replaced the material this connection was verified with.
-            let result = result.and_then(|est| {
-                let checked = self
-                    .check_revoked(&est.conn, &est.peer)
-                    .map_err(NetError::Refused)
-                    .and_then(|()| self.trust.track_quic(&est.conn, Some(server_name)));
-                match checked {
-                    Ok(tracked) => Ok((est, tracked)),
-                    Err(e) => {
-                        est.conn.close(
-                            drover_net::peers::CLOSE_UNTRUSTED.into(),
-                            e.to_string().as_bytes(),
-                        );
-                        Err(e)
-                    }
-                }
-            });
             match result {
-                Ok((est, _tracked)) => {
+                Ok((est, tracked)) => {
                     backoff.reset();
                     info!(
                         controller = %est.welcome.name,
                         addr = %est.conn.remote_address(),
                         "connected to controller"
                     );
-                    let conn = est.conn.clone();
-                    let reason = tokio::select! {
-                        () = shutdown.cancelled() => {
-                            conn.close(0u32.into(), b"agent shutting down");
-                            break;
+                    // A reload before this connection was made needs no new one.
+                    refresh.borrow_and_update();
+                    let mut live = self.start_serving(est.conn, tracked, supervisor);
+                    let reason = loop {
+                        tokio::select! {
+                            () = shutdown.cancelled() => {
+                                live.conn.close(0u32.into(), b"agent shutting down");
+                                break 'dial;
+                            }
+                            r = &mut live.task => {
+                                break r.unwrap_or(quinn::ConnectionError::LocallyClosed);
+                            }
+                            r = refresh.changed() => {
+                                if r.is_err() {
+                                    continue;
+                                }
+                                live = self.hand_over(live, &mut endpoints, supervisor).await;
+                            }
                         }
-                        reason = self.serve(est.conn, supervisor) => reason,
                     };
                     warn!(
                         "lost the controller: {}",
@@ -527,6 +498,112 @@ impl Agent {
         }
         for endpoint in endpoints.into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
+    }
+
+    /// Dials the controller, exchanges Hello/Welcome and checks its certificate against
+    /// the deny list and the material in force (which a reload may have replaced since
+    /// the handshake); the connection is tracked for later reloads.
+    async fn dial_controller(
+        &self,
+        endpoints: &mut [Option<quinn::Endpoint>; 2],
+    ) -> Result<(conn::Established, drover_net::peers::Tracked), NetError> {
+        let (Some(controller), Some(server_name)) = (&self.config.controller, &self.server_name)
+        else {
+            return Err(NetError::Connection("no controller to dial".into()));
+        };
+        let addr = resolve(controller).await?;
+        let slot = &mut endpoints[usize::from(addr.is_ipv6())];
+        let endpoint = match slot {
+            Some(e) => e.clone(),
+            None => slot
+                .insert(conn::client_endpoint(
+                    self.trust.credentials(),
+                    &self.config.transport,
+                    addr,
+                )?)
+                .clone(),
+        };
+        let hello = Hello {
+            api_version: API_VERSION,
+            role: PeerRole::Agent,
+            name: self.config.name.clone(),
+            software: software(),
+        };
+        let est = conn::dial(
+            &endpoint,
+            None,
+            addr,
+            server_name,
+            hello,
+            PeerRole::Controller,
+            None,
+            self.config.transport.hello_timeout,
+        )
+        .await?;
+        let checked = self
+            .check_revoked(&est.conn, &est.peer)
+            .map_err(NetError::Refused)
+            .and_then(|()| self.trust.track_quic(&est.conn, Some(server_name)));
+        match checked {
+            Ok(tracked) => Ok((est, tracked)),
+            Err(e) => {
+                est.conn.close(
+                    drover_net::peers::CLOSE_UNTRUSTED.into(),
+                    e.to_string().as_bytes(),
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Serves a connection in a task of its own.
+    fn start_serving(
+        &self,
+        conn: quinn::Connection,
+        tracked: drover_net::peers::Tracked,
+        supervisor: &Supervisor,
+    ) -> handover::Live {
+        let state = Arc::new(handover::SessionState::default());
+        let task = tokio::spawn(self.serve(conn.clone(), supervisor, state.clone()));
+        handover::Live {
+            conn,
+            state,
+            task,
+            _tracked: tracked,
+        }
+    }
+
+    /// Moves to a new connection made with the material in force (see [`handover`]);
+    /// keeps `live` when that fails.
+    async fn hand_over(
+        &self,
+        live: handover::Live,
+        endpoints: &mut [Option<quinn::Endpoint>; 2],
+        supervisor: &Supervisor,
+    ) -> handover::Live {
+        live.state
+            .handing_over
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        match self.dial_controller(endpoints).await {
+            Ok((est, tracked)) => {
+                info!(
+                    addr = %est.conn.remote_address(),
+                    "moved to a new connection to the controller, made with the certificates in force; the previous one closes once its requests are answered"
+                );
+                let next = self.start_serving(est.conn, tracked, supervisor);
+                tokio::spawn(live.retire(self.config.request_timeout));
+                next
+            }
+            Err(e) => {
+                live.state
+                    .handing_over
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                warn!(
+                    "cannot move to a new connection to the controller ({e}); keeping the current one"
+                );
+                live
+            }
         }
     }
 
@@ -554,23 +631,34 @@ impl Agent {
         Ok(())
     }
 
-    async fn serve(
+    /// Serves the controller's requests on `conn` and reports statuses over it, until
+    /// it ends (status reports also stop when `state` is retired).
+    fn serve(
         &self,
         conn: quinn::Connection,
         supervisor: &Supervisor,
-    ) -> quinn::ConnectionError {
-        let reporter = tokio::spawn(report_status(
-            conn.clone(),
-            supervisor.clone(),
-            self.config.name.clone(),
-        ));
+        state: Arc<handover::SessionState>,
+    ) -> impl Future<Output = quinn::ConnectionError> + Send + 'static {
+        let reporting = report_status(conn.clone(), supervisor.clone(), self.config.name.clone());
+        let retired = state.retired.clone();
+        let reporter = tokio::spawn(async move {
+            tokio::select! {
+                () = reporting => {}
+                () = retired.cancelled() => {}
+            }
+        });
         let name = self.config.name.clone();
         let sup = supervisor.clone();
         let limit = self.config.request_timeout;
+        let transport = self.config.transport;
+        let refresh = self.refresh.clone();
         let handler = move |req: Request<ControllerRequest>| {
             let name = name.clone();
             let sup = sup.clone();
+            let state = state.clone();
+            let refresh = refresh.clone();
             async move {
+                let _in_flight = state.enter();
                 // Answer before the requester gives up, so a timeout is a result.
                 let budget = req
                     .timeout_ms
@@ -601,7 +689,17 @@ impl Agent {
                         let targets = sup.queryable(nodes).await;
                         results(query::ask_all(&name, &id, targets).await)
                     }
-                    ControllerRequest::Ping => AgentResponse::Ack,
+                    ControllerRequest::Ping => {
+                        if state.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+                            AgentResponse::HandingOver
+                        } else {
+                            AgentResponse::Ack
+                        }
+                    }
+                    ControllerRequest::Reconnect => {
+                        refresh.send_modify(|n| *n += 1);
+                        AgentResponse::Ack
+                    }
                     ControllerRequest::GetNodes => {
                         let mut nodes = sup.status().await;
                         nodes.push(own_status(&name, sup.applied_generation()));
@@ -627,9 +725,11 @@ impl Agent {
                 }))
             }
         };
-        let reason = conn::serve_answers(conn, self.config.transport, handler).await;
-        reporter.abort();
-        reason
+        async move {
+            let reason = conn::serve_answers(conn, transport, handler).await;
+            reporter.abort();
+            reason
+        }
     }
 }
 
@@ -637,16 +737,22 @@ impl Agent {
 #[derive(Debug, Clone)]
 pub struct Reloader {
     trust: Arc<Trust>,
+    refresh: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Reloader {
     /// Reads the files again (`cause` says why, for the log) and puts them in force,
-    /// closing a controller connection that is no longer trusted; or keeps the previous
-    /// material and returns why not (logged either way).
+    /// closing a controller connection that is no longer trusted, and moving a trusted
+    /// one to a new connection when the certificate or CA bundle changed ([`handover`]);
+    /// or keeps the previous material and returns why not (logged either way).
     pub fn reload(&self, cause: &str) -> Result<(), String> {
-        self.trust
-            .reload_logged(cause, "this agent's certificate")
-            .map(drop)
+        let done = self
+            .trust
+            .reload_logged(cause, "this agent's certificate")?;
+        if done.adopted.cert_changed || done.adopted.roots_changed {
+            self.refresh.send_modify(|n| *n += 1);
+        }
+        Ok(())
     }
 
     /// The files a reload reads, for a daemon that watches them.

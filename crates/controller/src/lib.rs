@@ -584,6 +584,21 @@ pub(crate) async fn admit_agent(
         let probe =
             conn::call::<_, AgentResponse>(&old, &ControllerRequest::Ping, LIVENESS_PROBE).await;
         match probe {
+            // The agent itself moves to this connection (it reloaded its certificates):
+            // it closes the old one once its requests are answered.
+            Ok(AgentResponse::HandingOver) => {
+                if shared
+                    .registry
+                    .register(name, conn.clone(), dialled_port, Some(old.stable_id()))
+                {
+                    info!(
+                        agent = %name,
+                        "agent '{name}' moves from its connection from {old_addr} to a new one from {}",
+                        conn.remote_address()
+                    );
+                    return Ok(());
+                }
+            }
             // An error reply (an agent that does not know the request) is an answer too.
             Ok(_) | Err(NetError::Refused(_) | NetError::Protocol(_)) => {
                 return Err(format!("agent {name} is already connected from {old_addr}"));

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use drover_proto::msg::Event;
+use drover_proto::msg::{AgentResponse, ControllerRequest, Event};
 
 use crate::Shared;
 
@@ -28,9 +28,17 @@ impl Reloader {
             .trust
             .reload_logged(cause, "this controller's certificate")
         {
-            Ok(closed) => {
-                for message in closed {
-                    self.shared.emit(Event::Error { message });
+            Ok(done) => {
+                for c in &done.closed {
+                    self.shared.emit(Event::Error {
+                        message: c.message(),
+                    });
+                }
+                // Connections keep the certificates of their handshake: agents move to
+                // new connections, so that none depends on the old material when a CA
+                // is later removed.
+                if done.adopted.cert_changed || done.adopted.roots_changed {
+                    self.ask_agents_to_reconnect();
                 }
                 Ok(())
             }
@@ -40,6 +48,23 @@ impl Reloader {
                 });
                 Err(message)
             }
+        }
+    }
+
+    /// Asks every connected agent to move to a new connection ([`ControllerRequest::Reconnect`]).
+    fn ask_agents_to_reconnect(&self) {
+        for (name, conn) in self.shared.registry.connections() {
+            tokio::spawn(async move {
+                let asked = drover_net::conn::call::<_, AgentResponse>(
+                    &conn,
+                    &ControllerRequest::Reconnect,
+                    std::time::Duration::from_secs(5),
+                )
+                .await;
+                if let Err(e) = asked {
+                    tracing::debug!(agent = %name, "agent did not take the request to reconnect: {e}");
+                }
+            });
         }
     }
 

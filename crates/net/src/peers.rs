@@ -96,6 +96,16 @@ pub struct Closed {
     pub reason: String,
 }
 
+impl Closed {
+    /// One line for logs and events.
+    pub fn message(&self) -> String {
+        format!(
+            "closed the connection of {} from {}: {}",
+            self.peer.identity, self.peer.addr, self.reason
+        )
+    }
+}
+
 /// The chain a QUIC connection's peer presented.
 pub fn peer_chain(conn: &quinn::Connection) -> Result<Vec<CertificateDer<'static>>, NetError> {
     let chain = conn

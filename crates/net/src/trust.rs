@@ -259,9 +259,9 @@ impl Reloaded {
 impl Trust {
     /// [`Trust::reload`], logged: what is in force now and each connection closed, or
     /// why nothing changed. `cause` says what asked for it, `whose` names this process
-    /// in expiry warnings ("this agent's certificate"). Returns the messages of the
-    /// closed connections, or the failure's.
-    pub fn reload_logged(&self, cause: &str, whose: &str) -> Result<Vec<String>, String> {
+    /// in expiry warnings ("this agent's certificate"). Returns what changed, or the
+    /// failure's message.
+    pub fn reload_logged(&self, cause: &str, whose: &str) -> Result<Reloaded, String> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -271,18 +271,10 @@ impl Trust {
                 if let Some(w) = crate::tls::expiry_warning(whose, &done.adopted.cert, now, 30) {
                     tracing::warn!("{w}");
                 }
-                Ok(done
-                    .closed
-                    .iter()
-                    .map(|c| {
-                        let m = format!(
-                            "closed the connection of {} from {}: {}",
-                            c.peer.identity, c.peer.addr, c.reason
-                        );
-                        tracing::warn!("{m}");
-                        m
-                    })
-                    .collect())
+                for c in &done.closed {
+                    tracing::warn!("{}", c.message());
+                }
+                Ok(done)
             }
             Err(e) => {
                 let m = format!(
