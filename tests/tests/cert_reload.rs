@@ -271,3 +271,61 @@ fn an_agent_watching_its_files_picks_up_a_renewal_without_reconnecting() {
     assert!(!log.contains("reload failed"), "{log}");
     assert_eq!(count(&ctl, "agent 'agent-1' connected"), 1);
 }
+
+#[test]
+fn a_peer_whose_ca_leaves_the_bundle_is_closed_at_once_and_cannot_return() {
+    let c = Cluster::new();
+    let (ctl, addr) = c.start_controller("127.0.0.1:0");
+    let agent = c.start_agent("agent-1", addr);
+    ctl.wait_log("agent 'agent-1' connected");
+    // The controller moves to a new CA; the agent stays on the old one.
+    let next = c.dir.path().join("pki-next");
+    let run = |args: &[&str]| {
+        let out = Command::new(bin("drover")).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["ca", "init", "--dir", next.to_str().unwrap()]);
+    let ctl_ca = c.dir.path().join("controller-ca.crt");
+    let old = std::fs::read_to_string(c.pki_file("ca.crt")).unwrap();
+    let new = std::fs::read_to_string(next.join("ca.crt")).unwrap();
+    std::fs::write(&ctl_ca, format!("{old}{new}")).unwrap();
+    drop(ctl);
+    let ctl = {
+        // The controller again, on its own bundle file, holding both CAs.
+        let mut cmd = Command::new(bin("drover-controller"));
+        cmd.arg("--listen")
+            .arg(addr.to_string())
+            .arg("--state-dir")
+            .arg(c.dir.path().join("controller"))
+            .arg("--ca")
+            .arg(&ctl_ca)
+            .arg("--cert")
+            .arg(c.pki_file("controller.crt"))
+            .arg("--key")
+            .arg(c.pki_file("controller.key"));
+        let p = Proc::spawn("controller", cmd, c.log_path("controller-2"));
+        p.wait_log("controller listening");
+        p
+    };
+    ctl.wait_log("agent 'agent-1' connected");
+    std::fs::write(&ctl_ca, &new).unwrap();
+    let sent = Instant::now();
+    ctl.signal(Signal::SIGHUP);
+    let log = ctl.wait_log("closed the connection of agent 'agent-1'");
+    eprintln!(
+        "SIGHUP to the untrusted agent's connection closed: {:?}",
+        sent.elapsed()
+    );
+    assert!(
+        log.contains("the certificate is no longer trusted"),
+        "{log}"
+    );
+    agent.wait_log("lost the controller");
+    // Its next attempts are refused by the handshake.
+    agent.wait_log("rejected our certificate");
+    assert_eq!(count(&ctl, "agent 'agent-1' connected"), 1);
+}
