@@ -241,7 +241,7 @@ fn a_broken_key_or_certificate_keeps_the_material_in_use_and_says_why() {
 }
 
 #[test]
-fn an_agent_watching_its_files_picks_up_a_renewal_without_reconnecting() {
+fn an_agent_watching_its_files_picks_up_a_renewal_and_moves_to_a_new_connection_without_a_gap() {
     let c = Cluster::new();
     let (ctl, addr) = c.start_controller("127.0.0.1:0");
     c.issue(PeerRole::Agent, "agent-1");
@@ -269,7 +269,11 @@ fn an_agent_watching_its_files_picks_up_a_renewal_without_reconnecting() {
     assert!(log.contains("agent-1.crt"), "{log}");
     assert!(log.contains("new certificate serial"), "{log}");
     assert!(!log.contains("reload failed"), "{log}");
-    assert_eq!(count(&ctl, "agent 'agent-1' connected"), 1);
+    // The connection made with the old certificate is replaced, never lost.
+    ctl.wait_log("agent 'agent-1' moves from its connection from 127.0.0.1:");
+    let log = agent.wait_log("moved to a new connection to the controller");
+    assert!(!log.contains("lost the controller"), "{log}");
+    assert!(!ctl.log_text().contains("lost:"));
 }
 
 #[test]
@@ -328,4 +332,37 @@ fn a_peer_whose_ca_leaves_the_bundle_is_closed_at_once_and_cannot_return() {
     // Its next attempts are refused by the handshake.
     agent.wait_log("rejected our certificate");
     assert_eq!(count(&ctl, "agent 'agent-1' connected"), 1);
+}
+
+#[test]
+fn an_agent_reloading_its_deny_list_drops_a_revoked_controller() {
+    let c = Cluster::new();
+    let (ctl, addr) = c.start_controller("127.0.0.1:0");
+    let deny = c.dir.path().join("agent-deny.list");
+    std::fs::write(&deny, "").unwrap();
+    c.issue(PeerRole::Agent, "agent-1");
+    let agent = c.start_agent_args(
+        "agent-1",
+        "agent-1",
+        &[
+            "--controller",
+            &addr.to_string(),
+            "--deny-list",
+            deny.to_str().unwrap(),
+        ],
+    );
+    ctl.wait_log("agent 'agent-1' connected");
+    // A broken list first: refused, the connection stays.
+    std::fs::write(&deny, "controller\n").unwrap();
+    let log = reload(&agent);
+    assert!(log.contains("invalid deny list"), "{log}");
+    assert!(!log.contains("lost the controller"), "{log}");
+    std::fs::write(&deny, "controller/controller\n").unwrap();
+    reload(&agent);
+    agent.wait_log("closed the connection of controller 'controller'");
+    agent.wait_log("lost the controller");
+    let log = agent.wait_log(
+        "cannot connect to the controller: the certificate of controller 'controller' (serial ",
+    );
+    assert!(log.contains(") is revoked"), "{log}");
 }
