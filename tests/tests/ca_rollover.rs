@@ -88,11 +88,14 @@ fn running(json: &serde_json::Value, count: usize) -> Option<BTreeMap<String, u6
     (map.len() == count).then_some(map)
 }
 
-/// A client that asks the controller for every node, over and over, with whichever
-/// certificate it is given, and keeps what went wrong.
+/// A client that asks the controller for every node, over and over (every other time
+/// asking each agent directly), with whichever certificate it is given, and keeps what
+/// went wrong.
 struct ClientLoop {
     stop: Arc<AtomicBool>,
     cert: Arc<Mutex<String>>,
+    /// The certificate of the last request that completed.
+    last: Arc<Mutex<String>>,
     thread: std::thread::JoinHandle<(usize, Vec<String>)>,
 }
 
@@ -100,7 +103,8 @@ impl ClientLoop {
     fn start(pki: PathBuf, addr: SocketAddr, cert: &str, pids: BTreeMap<String, u64>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let cert = Arc::new(Mutex::new(cert.to_owned()));
-        let (s, c) = (stop.clone(), cert.clone());
+        let last = Arc::new(Mutex::new(String::new()));
+        let (s, c, l) = (stop.clone(), cert.clone(), last.clone());
         let thread = std::thread::spawn(move || {
             let mut failures = Vec::new();
             let mut requests = 0;
@@ -116,8 +120,14 @@ impl ClientLoop {
                     .arg("--key")
                     .arg(pki.join(format!("{name}.key")))
                     .args(["--timeout", "10s", "get-nodes"]);
+                // Every other request asks each agent directly, over whichever
+                // connection it has at that moment.
+                if requests % 2 == 1 {
+                    cmd.arg("--fresh");
+                }
                 let out = run_cli(cmd, Duration::from_secs(30));
                 requests += 1;
+                l.lock().unwrap().clone_from(&name);
                 if out.code != Some(0) {
                     failures.push(format!("as {name}: exit {:?}: {}", out.code, out.stderr));
                     continue;
@@ -135,11 +145,21 @@ impl ClientLoop {
             }
             (requests, failures)
         });
-        Self { stop, cert, thread }
+        Self {
+            stop,
+            cert,
+            last,
+            thread,
+        }
     }
 
+    /// Switches to another certificate, once the requests made with the previous one
+    /// are over.
     fn use_cert(&self, name: &str) {
         *self.cert.lock().unwrap() = name.to_owned();
+        eventually(&format!("a request made as {name}"), PATIENCE, || {
+            (*self.last.lock().unwrap() == name).then_some(())
+        });
     }
 
     fn finish(self) -> (usize, Vec<String>) {
