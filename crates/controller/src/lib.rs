@@ -661,6 +661,11 @@ pub(crate) async fn serve_agent(
             match req.body {
                 AgentRequest::Status { statuses, full } => {
                     debug!(count = statuses.len(), full, "status report");
+                    // A report still on its way over a connection the agent has moved
+                    // away from (a handover) is older than what the new one tells.
+                    if shared.registry.get(&instance).map(|c| c.stable_id()) != Some(conn_id) {
+                        return Ok(AgentResponse::Ack);
+                    }
                     let applied = statuses
                         .iter()
                         .any(|s| s.mgmt_role == MgmtRole::Agent && s.generation.is_some());
