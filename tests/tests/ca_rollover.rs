@@ -286,6 +286,39 @@ fn a_renewal_and_a_ca_rollover_restart_nothing_and_fail_no_request() {
     hup(&ctl);
     wait_agents(&agents, &before, "agents to reload the bundle");
 
+    // From here a monitor, with a certificate of the new CA, sees every event.
+    ca(&[
+        "issue",
+        "--dir",
+        next.to_str().unwrap(),
+        "--role",
+        "client",
+        "--name",
+        "watcher",
+    ]);
+    let events = c.dir.path().join("events.jsonl");
+    let mut monitor = {
+        let mut cmd = Command::new(bin("drover"));
+        cmd.arg("--controller")
+            .arg(addr.to_string())
+            .arg("--ca")
+            .arg(pki.join("ca.crt"))
+            .arg("--cert")
+            .arg(next.join("watcher.crt"))
+            .arg("--key")
+            .arg(next.join("watcher.key"))
+            .arg("monitor")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&events).unwrap())
+            .stderr(std::process::Stdio::null());
+        cmd.spawn().unwrap()
+    };
+    eventually("the monitor connected", PATIENCE, || {
+        scrape(metrics)
+            .contains("drover_peer_cert_expiry_seconds{peer=\"client/watcher\"}")
+            .then_some(())
+    });
+
     // 3. Every certificate moves over: the controller first, then the agents, then the
     //    clients.
     ca(&[
@@ -391,6 +424,8 @@ fn a_renewal_and_a_ca_rollover_restart_nothing_and_fail_no_request() {
     );
     let page = scrape(metrics);
     assert_eq!(value(&page, "drover_agents_connected"), Some(3.0));
+    // Each agent moved to new connections several times, and never joined again.
+    assert_eq!(value(&page, "drover_agent_connections_total"), Some(3.0));
     assert!(
         page.contains("drover_ca_cert_expiry_seconds{ca=\"drover cluster CA\""),
         "{page}"
@@ -400,4 +435,23 @@ fn a_renewal_and_a_ca_rollover_restart_nothing_and_fail_no_request() {
         1,
         "{page}"
     );
+    // The monitor saw no agent come or go and no error, though it sees events: one
+    // caused now, after the checks above.
+    assert!(
+        monitor.try_wait().unwrap().is_none(),
+        "the monitor was cut off"
+    );
+    let seen = std::fs::read_to_string(&events).unwrap();
+    for kind in ["agent_joined", "agent_lost", "error"] {
+        assert!(!seen.contains(&format!("\"{kind}\"")), "{seen}");
+    }
+    assert_eq!(c.drover(addr, &["restart", "w0"]).code, Some(0));
+    eventually("the monitor to see the restart", PATIENCE, || {
+        std::fs::read_to_string(&events)
+            .unwrap()
+            .contains("w0")
+            .then_some(())
+    });
+    monitor.kill().unwrap();
+    monitor.wait().unwrap();
 }

@@ -274,6 +274,7 @@ fn an_agent_watching_its_files_picks_up_a_renewal_and_moves_to_a_new_connection_
     let log = agent.wait_log("moved to a new connection to the controller");
     assert!(!log.contains("lost the controller"), "{log}");
     assert!(!ctl.log_text().contains("lost:"));
+    assert_eq!(count(&ctl, "agent 'agent-1' connected"), 1);
 }
 
 #[test]

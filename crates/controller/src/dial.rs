@@ -131,9 +131,15 @@ async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
                 // The agent may have dialled in while this connection was made: the
                 // connection that was first stays, this one is closed.
                 match admit_agent(&shared, &name, &est.conn, Some(addr.port())).await {
-                    Ok(()) => {
-                        serve_agent(shared.clone(), est.conn, name.clone(), est.welcome.software)
-                            .await;
+                    Ok(moved) => {
+                        serve_agent(
+                            shared.clone(),
+                            est.conn,
+                            name.clone(),
+                            est.welcome.software,
+                            moved,
+                        )
+                        .await;
                     }
                     Err(why) => {
                         debug!(agent = %name, %addr, "closing the connection just made: {why}");

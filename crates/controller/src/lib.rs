@@ -506,10 +506,12 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
             }
         });
     // An agent is admitted (and registered) last, once nothing else refuses it.
+    let mut moved = false;
     let check = match check {
         Ok(()) if identity.role == PeerRole::Agent => {
             admit_agent(&shared, &identity.name, &conn, None)
                 .await
+                .map(|m| moved = m)
                 .map_err(|message| {
                     shared.emit(Event::Error {
                         message: format!("{message}; refused another connection from {addr}"),
@@ -540,7 +542,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         return;
     }
     match identity.role {
-        PeerRole::Agent => serve_agent(shared, conn, identity.name, hello.software).await,
+        PeerRole::Agent => serve_agent(shared, conn, identity.name, hello.software, moved).await,
         PeerRole::Client => serve_client(shared, conn, identity).await,
         PeerRole::Controller => unreachable!("refused above"),
     }
@@ -554,6 +556,8 @@ const LIVENESS_PROBE: Duration = Duration::from_millis(500);
 
 /// Decides whether `conn` may become agent `name`'s connection: yes when none is
 /// registered; when one is, it is asked whether it is there ([`LIVENESS_PROBE`]).
+/// `Ok(true)` when the agent moves to `conn` from its registered connection itself
+/// (it answered `HandingOver`).
 /// If it answers, a second process holds this agent's certificate and `conn` is refused
 /// (the message says so), so that two agents never take turns being connected and
 /// every node does not run twice. If it does not answer, it is a connection whose end
@@ -564,7 +568,7 @@ pub(crate) async fn admit_agent(
     name: &str,
     conn: &quinn::Connection,
     dialled_port: Option<u16>,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     // Registering is a compare-and-set against what was probed, so two connections
     // admitted at once cannot both end up registered: the loser looks again.
     loop {
@@ -573,12 +577,12 @@ pub(crate) async fn admit_agent(
                 .registry
                 .register(name, conn.clone(), dialled_port, None)
             {
-                return Ok(());
+                return Ok(false);
             }
             continue;
         };
         if old.stable_id() == conn.stable_id() {
-            return Ok(());
+            return Ok(false);
         }
         let old_addr = old.remote_address();
         let probe =
@@ -596,7 +600,7 @@ pub(crate) async fn admit_agent(
                         "agent '{name}' moves from its connection from {old_addr} to a new one from {}",
                         conn.remote_address()
                     );
-                    return Ok(());
+                    return Ok(true);
                 }
             }
             // An error reply (an agent that does not know the request) is an answer too.
@@ -614,7 +618,7 @@ pub(crate) async fn admit_agent(
                         conn.remote_address()
                     );
                     old.close(5u32.into(), b"replaced: it did not answer");
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         }
@@ -622,27 +626,34 @@ pub(crate) async fn admit_agent(
 }
 
 /// Runs an admitted agent's session ([`admit_agent`] registered it) until its connection
-/// ends: re-applying the deployed configuration, status reports, loss.
+/// ends: re-applying the deployed configuration, status reports, loss. `moved`: the
+/// agent came over from its previous connection (a handover), which is no join.
 pub(crate) async fn serve_agent(
     shared: Arc<Shared>,
     conn: quinn::Connection,
     name: String,
     software: String,
+    moved: bool,
 ) {
     let addr = conn.remote_address();
-    info!(agent = %name, %addr, %software, "agent '{name}' connected from {addr}");
-    shared
-        .metrics
-        .counter(
-            "drover_agent_connections_total",
-            "Agent connections established.",
-            &[],
-        )
-        .inc();
-    shared.emit(Event::AgentJoined {
-        instance: name.clone(),
-        addr: addr.to_string(),
-    });
+    if moved {
+        // The agent did not leave: no event, not counted as a connection.
+        info!(agent = %name, %addr, "agent '{name}' continues on its new connection from {addr}");
+    } else {
+        info!(agent = %name, %addr, %software, "agent '{name}' connected from {addr}");
+        shared
+            .metrics
+            .counter(
+                "drover_agent_connections_total",
+                "Agent connections established.",
+                &[],
+            )
+            .inc();
+        shared.emit(Event::AgentJoined {
+            instance: name.clone(),
+            addr: addr.to_string(),
+        });
+    }
     // Bring a returning agent up to the desired deploy (Zeek's notify_agents_ready); it
     // restarts nothing that already runs that generation's spec.
     if let Some(desired) = shared.store.desired() {
