@@ -2,7 +2,9 @@
 //!
 //! A QUIC connection keeps the certificates of its handshake. After a reload that
 //! changed this agent's certificate or CA bundle (or when the controller asks, after
-//! its own changed), the agent dials a new connection while the old one keeps serving.
+//! its own changed: then at a random point within [`RECONNECT_SPREAD`], so that a
+//! fleet does not reconnect at once), the agent dials a new connection while the old
+//! one keeps serving.
 //! On the old one it answers the controller's liveness probe with `HandingOver`, so the
 //! controller registers the new connection at once instead of refusing it as a second
 //! process with the same certificate. The old connection is then retired: its status
@@ -51,6 +53,10 @@ pub(crate) struct Live {
     pub(crate) task: tokio::task::JoinHandle<quinn::ConnectionError>,
     pub(crate) _tracked: Tracked,
 }
+
+/// Longest delay before an agent the controller asked to reconnect does so, each
+/// picking a random point within it.
+pub(crate) const RECONNECT_SPREAD: Duration = Duration::from_secs(1);
 
 /// How long requests the controller sent before it switched may take to arrive.
 const IN_TRANSIT: Duration = Duration::from_millis(250);

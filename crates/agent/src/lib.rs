@@ -697,7 +697,13 @@ impl Agent {
                         }
                     }
                     ControllerRequest::Reconnect => {
-                        refresh.send_modify(|n| *n += 1);
+                        // The controller asks every agent at once: spread the new
+                        // handshakes rather than have them all arrive together.
+                        let delay = handover::RECONNECT_SPREAD.mul_f64(backoff::random_unit());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            refresh.send_modify(|n| *n += 1);
+                        });
                         AgentResponse::Ack
                     }
                     ControllerRequest::GetNodes => {
