@@ -212,3 +212,72 @@ impl Entry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_pki::{Ca, LeafSpec};
+    use drover_proto::msg::PeerRole;
+    use rustls::pki_types::pem::PemObject;
+
+    fn chain(ca: &Ca, role: PeerRole, name: &str) -> Vec<CertificateDer<'static>> {
+        let pem = ca.issue(&LeafSpec::new(role, name)).unwrap();
+        vec![CertificateDer::from_pem_slice(pem.cert.as_bytes()).unwrap()]
+    }
+
+    #[test]
+    fn a_sweep_closes_the_revoked_and_the_untrusted_and_nothing_else() {
+        let ca = Ca::generate("ours").unwrap();
+        let stranger = Ca::generate("theirs").unwrap();
+        let me = ca
+            .issue(&LeafSpec::new(PeerRole::Controller, "ctl"))
+            .unwrap();
+        let creds = Credentials::from_pem(
+            ca.pem().cert.as_bytes(),
+            me.cert.as_bytes(),
+            me.key.as_bytes(),
+        )
+        .unwrap();
+        let peers = Peers::default();
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let closes = Arc::new(Mutex::new(Vec::new()));
+        let track = |c: Vec<CertificateDer<'static>>, tag: &'static str| {
+            let closes = closes.clone();
+            peers
+                .track_accepted(c, addr, move |why| {
+                    closes.lock().unwrap().push(format!("{tag}: {why}"));
+                })
+                .unwrap()
+        };
+        let _kept = track(chain(&ca, PeerRole::Agent, "a1"), "a1");
+        let _revoked = track(chain(&ca, PeerRole::Client, "ops"), "ops");
+        let _untrusted = track(chain(&stranger, PeerRole::Agent, "a2"), "a2");
+        let gone = track(chain(&ca, PeerRole::Client, "gone"), "gone");
+        drop(gone);
+        assert_eq!(peers.list().len(), 3);
+
+        let deny = DenyList::parse("client/ops\nclient/gone\n").unwrap();
+        let closed = peers.sweep(&creds, &deny);
+        let mut names: Vec<&str> = closed
+            .iter()
+            .map(|c| c.peer.identity.name.as_str())
+            .collect();
+        names.sort_unstable();
+        assert_eq!(names, ["a2", "ops"]);
+        let mut seen = closes.lock().unwrap().clone();
+        seen.sort();
+        assert!(
+            seen[0].starts_with("a2: the certificate is no longer trusted"),
+            "{seen:?}"
+        );
+        assert!(
+            seen[1].starts_with("ops: the certificate (serial "),
+            "{seen:?}"
+        );
+        assert!(seen[1].ends_with(") is revoked"), "{seen:?}");
+        // What is left is tracked; a second sweep closes nothing more.
+        assert_eq!(peers.list().len(), 1);
+        assert!(peers.sweep(&creds, &deny).is_empty());
+        assert_eq!(seen.len(), 2);
+    }
+}
