@@ -79,6 +79,63 @@ fn ca_days_out_of_range_is_an_error_not_a_panic() {
 
 /// `stage-config FILE` against a port where nothing listens, with certificate paths that
 /// do not exist: whatever fails first shows how far the command got.
+#[test]
+fn ca_renew_refuses_what_it_cannot_renew_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let p = pki.to_str().unwrap();
+    assert_eq!(drover(&["ca", "init", "--dir", p]).code, Some(0));
+    let out = drover(&["ca", "issue", "--dir", p, "--role", "agent", "--name", "a1"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let cert = pki.join("a1.crt");
+    let c = cert.to_str().unwrap();
+    let before = std::fs::read(&cert).unwrap();
+    let missing = pki.join("nope.crt");
+    let out = drover(&[
+        "ca",
+        "renew",
+        "--dir",
+        p,
+        "--cert",
+        missing.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, "nope.crt");
+    let ca_cert = pki.join("ca.crt");
+    let out = drover(&[
+        "ca",
+        "renew",
+        "--dir",
+        p,
+        "--cert",
+        ca_cert.to_str().unwrap(),
+        "--key",
+        pki.join("ca.key").to_str().unwrap(),
+    ]);
+    assert_one_line_error(
+        &out,
+        "cannot renew: the certificate carries no drover identity",
+    );
+    let out = drover(&["ca", "renew", "--dir", p, "--cert", c, "--days", "0"]);
+    assert_one_line_error(&out, "--days 0 is out of range");
+    let out = drover(&[
+        "ca",
+        "renew",
+        "--dir",
+        p,
+        "--cert",
+        c,
+        "--key",
+        "/nonexistent/a1.key",
+    ]);
+    assert_one_line_error(&out, "/nonexistent/a1.key");
+    let other = dir.path().join("empty");
+    let out = drover(&["ca", "renew", "--dir", other.to_str().unwrap(), "--cert", c]);
+    assert_one_line_error(&out, "ca.crt");
+    assert_eq!(std::fs::read(&cert).unwrap(), before, "nothing changed");
+    assert!(!pki.join("a1.crt.prev").exists());
+    assert!(!pki.join("a1.key.new").exists());
+}
+
 fn stage(file: &std::path::Path) -> CliOutput {
     drover(&[
         "--controller",

@@ -292,7 +292,10 @@ fn revoked_certificates_are_refused_on_their_next_connection() {
         c.start_controller_with("127.0.0.1:0", &["--deny-list", deny.to_str().unwrap()]);
     assert_eq!(c.drover(addr, &["get-instances"]).code, Some(0));
 
+    // The list is read at start and on reload (SIGHUP).
     std::fs::write(&deny, "client/ops\n").unwrap();
+    assert_eq!(c.drover(addr, &["get-instances"]).code, Some(0));
+    hup(&controller);
     let out = c.drover(addr, &["get-instances"]);
     assert_eq!(out.code, Some(1));
     assert!(
@@ -312,11 +315,13 @@ fn revoked_certificates_are_refused_on_their_next_connection() {
         drover_pki::Validity::days(10),
     );
     std::fs::write(&deny, "").unwrap();
+    hup(&controller);
     assert_eq!(c.drover_as("ops2", addr, &["get-instances"]).code, Some(0));
     let pem = std::fs::read(c.pki_file("ops2.crt")).unwrap();
     let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
     let serial = drover_net::tls::cert_info(&der).unwrap().serial;
     std::fs::write(&deny, format!("serial:{serial}\n")).unwrap();
+    hup(&controller);
     assert_eq!(c.drover_as("ops2", addr, &["get-instances"]).code, Some(1));
     assert_eq!(
         c.drover_as("ops", addr, &["get-instances"]).code,
@@ -324,14 +329,12 @@ fn revoked_certificates_are_refused_on_their_next_connection() {
         "only that serial"
     );
 
-    // An unreadable deny list fails closed.
+    // An invalid deny list is not put in force: the one in force stays.
     std::fs::write(&deny, "nonsense\n").unwrap();
-    let out = c.drover(addr, &["get-instances"]);
-    assert!(
-        out.stderr.contains("cannot check revocations"),
-        "{}",
-        out.stderr
-    );
+    hup(&controller);
+    controller.wait_log("invalid deny list");
+    assert_eq!(c.drover_as("ops2", addr, &["get-instances"]).code, Some(1));
+    assert_eq!(c.drover(addr, &["get-instances"]).code, Some(0));
 
     // The expiry warning for a peer certificate close to its end.
     let log = controller.log_text();
@@ -343,4 +346,16 @@ fn revoked_certificates_are_refused_on_their_next_connection() {
         !log.contains("PRIVATE KEY") && !log.contains("BEGIN"),
         "no key material in logs"
     );
+}
+
+/// Sends SIGHUP to the controller and waits until it logged the reload's outcome.
+fn hup(controller: &drover_tests::Proc) {
+    let outcomes = |t: &str| {
+        t.matches("reloaded certificates (").count() + t.matches("reload failed (").count()
+    };
+    let before = outcomes(&controller.log_text());
+    controller.signal(nix::sys::signal::Signal::SIGHUP);
+    drover_tests::eventually("the reload", drover_tests::PATIENCE, || {
+        (outcomes(&controller.log_text()) > before).then_some(())
+    });
 }

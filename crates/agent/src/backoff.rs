@@ -53,7 +53,8 @@ impl Default for Backoff {
 }
 
 /// A random number in `[0, 1)` from the standard library's randomly keyed hasher.
-fn random_unit() -> f64 {
+/// A random number in `[0, 1)`.
+pub(crate) fn random_unit() -> f64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(0);
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64

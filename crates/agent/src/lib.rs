@@ -24,6 +24,7 @@ pub mod backoff;
 pub mod cgroup;
 pub mod converge;
 pub mod exec;
+mod handover;
 pub mod logs;
 pub mod logwatch;
 pub mod machine;
@@ -32,6 +33,7 @@ pub mod sockdir;
 pub mod supervisor;
 pub mod sys;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use drover_net::conn::Answer;
 use drover_net::conn::{self, TransportSettings};
-use drover_net::{Credentials, Identity, NetError, TlsFiles};
+use drover_net::{Identity, NetError, TlsFiles, Trust};
 use drover_proto::model::{LogChunk, LogStream, MgmtResult, MgmtRole, NodeStatus, State};
 use drover_proto::msg::{
     API_VERSION, AgentRequest, AgentResponse, ControllerRequest, ErrorCode, Hello, PeerRole,
@@ -89,6 +91,9 @@ pub struct Config {
     /// The agent exits with an error when its supervisor has not answered for this
     /// long (never when `None`); its nodes keep running for the next agent process.
     pub stall_timeout: Option<Duration>,
+    /// Revoked identities and serials ([`drover_net::tls::DenyList`]) the controller's
+    /// certificate is checked against; read at start and at every reload.
+    pub deny_list: Option<PathBuf>,
 }
 
 /// Why an agent could not start.
@@ -143,7 +148,8 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Agent {
     config: Config,
-    creds: Credentials,
+    /// Credentials, deny list and the connections they admitted; reloadable.
+    trust: Arc<Trust>,
     /// The host part of `config.controller`, used as the TLS server name.
     server_name: Option<String>,
     /// The listening endpoint, when the controller dials this agent.
@@ -153,6 +159,9 @@ pub struct Agent {
     /// How many sessions the controller opened by dialling this agent are live: while
     /// one is, the agent does not dial the controller too.
     listened: tokio::sync::watch::Sender<usize>,
+    /// Bumped when the connection to the controller should move to a new one (a reload
+    /// changed the material, or the controller asked).
+    refresh: Arc<tokio::sync::watch::Sender<u64>>,
     /// The state dir's lock, held for the life of the process (the kernel releases it
     /// when the process dies, however it dies).
     _lock: std::fs::File,
@@ -161,7 +170,8 @@ pub struct Agent {
 impl Agent {
     /// Loads and checks credentials and prepares the state dir.
     pub fn new(config: Config) -> Result<Self, Error> {
-        let creds = Credentials::load(&config.tls)?;
+        let trust = Arc::new(Trust::load(&config.tls, config.deny_list.as_deref())?);
+        let creds = trust.credentials().clone();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -228,13 +238,22 @@ impl Agent {
         };
         Ok(Self {
             config,
-            creds,
+            trust,
             server_name,
             listener,
             metrics: std::sync::Mutex::new(metrics),
             listened: tokio::sync::watch::Sender::new(0),
+            refresh: Arc::new(tokio::sync::watch::Sender::new(0)),
             _lock: lock,
         })
+    }
+
+    /// A handle that reloads this agent's certificates and deny list while it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            trust: self.trust.clone(),
+            refresh: self.refresh.clone(),
+        }
     }
 
     /// Supervises the nodes and stays connected to the controller until `shutdown` is
@@ -282,10 +301,16 @@ impl Agent {
                 Ok(l) => {
                     let sup = supervisor.clone();
                     let nodes_dir = nodes_dir.clone();
+                    let trust = this.trust.clone();
                     let render: drover_metrics::Render = Arc::new(move || {
                         let sup = sup.clone();
                         let nodes_dir = nodes_dir.clone();
-                        Box::pin(async move { render_metrics(&sup, &nodes_dir).await })
+                        let trust = trust.clone();
+                        Box::pin(async move {
+                            let mut out = render_metrics(&sup, &nodes_dir).await;
+                            trust.render_metrics(&mut out);
+                            out
+                        })
                     });
                     tokio::spawn(drover_metrics::serve(l, render, shutdown.clone()));
                 }
@@ -378,6 +403,8 @@ impl Agent {
                         return;
                     }
                 };
+                // Tracked for the session's whole life, so that a reload can close it.
+                let tracked = this.trust.track_quic(&conn, None);
                 let check = conn::check_hello(&hello, &identity, API_VERSION, &software()).and_then(|()| {
                     if identity.role == PeerRole::Controller {
                         Ok(())
@@ -387,6 +414,12 @@ impl Agent {
                             format!("only the controller may connect to an agent, not a {}", identity.role),
                         ))
                     }
+                })
+                .and_then(|()| this.check_revoked(&conn, &identity))
+                .and_then(|()| {
+                    tracked.as_ref().map(|_| ()).map_err(|e| {
+                        WireError::new(ErrorCode::Forbidden, e.to_string())
+                    })
                 });
                 if let Err(e) = check {
                     warn!(peer = %identity, "refused connection: {}", e.message);
@@ -404,7 +437,8 @@ impl Agent {
                 info!(controller = %identity.name, addr = %conn.remote_address(), "controller connected");
                 this.listened.send_modify(|n| *n += 1);
                 let _live = ListenedSession(&this.listened);
-                let reason = this.serve(conn, &supervisor).await;
+                let state = Arc::new(handover::SessionState::default());
+                let reason = this.serve(conn, &supervisor, state).await;
                 warn!("lost the controller: {}", conn::explain(&reason, "controller"));
             });
         }
@@ -419,13 +453,13 @@ impl Agent {
         // reconnecting does not churn UDP sockets.
         let mut endpoints: [Option<quinn::Endpoint>; 2] = [None, None];
         let name = &self.config.name;
-        let (Some(controller), Some(server_name)) = (&self.config.controller, &self.server_name)
-        else {
+        let Some(controller) = &self.config.controller else {
             return;
         };
         info!(agent = %name, %controller, "agent connecting");
         let mut listened = self.listened.subscribe();
-        loop {
+        let mut refresh = self.refresh.subscribe();
+        'dial: loop {
             // One connection to the controller is enough: while the controller's own
             // (it dialled our listener) lives, do not dial it too.
             if *listened.borrow_and_update() > 0 {
@@ -438,56 +472,37 @@ impl Agent {
                 }
                 backoff.reset();
             }
-            let attempt = async {
-                let addr = resolve(controller).await?;
-                let slot = &mut endpoints[usize::from(addr.is_ipv6())];
-                let endpoint = match slot {
-                    Some(e) => e.clone(),
-                    None => slot
-                        .insert(conn::client_endpoint(
-                            &self.creds,
-                            &self.config.transport,
-                            addr,
-                        )?)
-                        .clone(),
-                };
-                let hello = Hello {
-                    api_version: API_VERSION,
-                    role: PeerRole::Agent,
-                    name: name.clone(),
-                    software: software(),
-                };
-                conn::dial(
-                    &endpoint,
-                    None,
-                    addr,
-                    server_name,
-                    hello,
-                    PeerRole::Controller,
-                    None,
-                    self.config.transport.hello_timeout,
-                )
-                .await
-            };
             let result = tokio::select! {
                 () = shutdown.cancelled() => break,
-                r = attempt => r,
+                r = self.dial_controller(&mut endpoints) => r,
             };
             match result {
-                Ok(est) => {
+                Ok((est, tracked)) => {
                     backoff.reset();
                     info!(
                         controller = %est.welcome.name,
                         addr = %est.conn.remote_address(),
                         "connected to controller"
                     );
-                    let conn = est.conn.clone();
-                    let reason = tokio::select! {
-                        () = shutdown.cancelled() => {
-                            conn.close(0u32.into(), b"agent shutting down");
-                            break;
+                    // A reload before this connection was made needs no new one.
+                    refresh.borrow_and_update();
+                    let mut live = self.start_serving(est.conn, tracked, supervisor);
+                    let reason = loop {
+                        tokio::select! {
+                            () = shutdown.cancelled() => {
+                                live.conn.close(0u32.into(), b"agent shutting down");
+                                break 'dial;
+                            }
+                            r = &mut live.task => {
+                                break r.unwrap_or(quinn::ConnectionError::LocallyClosed);
+                            }
+                            r = refresh.changed() => {
+                                if r.is_err() {
+                                    continue;
+                                }
+                                live = self.hand_over(live, &mut endpoints, supervisor).await;
+                            }
                         }
-                        reason = self.serve(est.conn, supervisor) => reason,
                     };
                     warn!(
                         "lost the controller: {}",
@@ -507,23 +522,164 @@ impl Agent {
         }
     }
 
-    async fn serve(
+    /// Dials the controller, exchanges Hello/Welcome and checks its certificate against
+    /// the deny list and the material in force (which a reload may have replaced since
+    /// the handshake); the connection is tracked for later reloads.
+    async fn dial_controller(
+        &self,
+        endpoints: &mut [Option<quinn::Endpoint>; 2],
+    ) -> Result<(conn::Established, drover_net::peers::Tracked), NetError> {
+        let (Some(controller), Some(server_name)) = (&self.config.controller, &self.server_name)
+        else {
+            return Err(NetError::Connection("no controller to dial".into()));
+        };
+        let addr = resolve(controller).await?;
+        let slot = &mut endpoints[usize::from(addr.is_ipv6())];
+        let endpoint = match slot {
+            Some(e) => e.clone(),
+            None => slot
+                .insert(conn::client_endpoint(
+                    self.trust.credentials(),
+                    &self.config.transport,
+                    addr,
+                )?)
+                .clone(),
+        };
+        let hello = Hello {
+            api_version: API_VERSION,
+            role: PeerRole::Agent,
+            name: self.config.name.clone(),
+            software: software(),
+        };
+        let est = conn::dial(
+            &endpoint,
+            None,
+            addr,
+            server_name,
+            hello,
+            PeerRole::Controller,
+            None,
+            self.config.transport.hello_timeout,
+        )
+        .await?;
+        let checked = self
+            .check_revoked(&est.conn, &est.peer)
+            .map_err(NetError::Refused)
+            .and_then(|()| self.trust.track_quic(&est.conn, Some(server_name)));
+        match checked {
+            Ok(tracked) => Ok((est, tracked)),
+            Err(e) => {
+                est.conn.close(
+                    drover_net::peers::CLOSE_UNTRUSTED.into(),
+                    e.to_string().as_bytes(),
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Serves a connection in a task of its own.
+    fn start_serving(
+        &self,
+        conn: quinn::Connection,
+        tracked: drover_net::peers::Tracked,
+        supervisor: &Supervisor,
+    ) -> handover::Live {
+        let state = Arc::new(handover::SessionState::default());
+        let task = tokio::spawn(self.serve(conn.clone(), supervisor, state.clone()));
+        handover::Live {
+            conn,
+            state,
+            task,
+            _tracked: tracked,
+        }
+    }
+
+    /// Moves to a new connection made with the material in force (see [`handover`]);
+    /// keeps `live` when that fails.
+    async fn hand_over(
+        &self,
+        live: handover::Live,
+        endpoints: &mut [Option<quinn::Endpoint>; 2],
+        supervisor: &Supervisor,
+    ) -> handover::Live {
+        live.state
+            .handing_over
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        match self.dial_controller(endpoints).await {
+            Ok((est, tracked)) => {
+                info!(
+                    addr = %est.conn.remote_address(),
+                    "moved to a new connection to the controller, made with the certificates in force; the previous one closes once its requests are answered"
+                );
+                let next = self.start_serving(est.conn, tracked, supervisor);
+                tokio::spawn(live.retire(self.config.request_timeout));
+                next
+            }
+            Err(e) => {
+                live.state
+                    .handing_over
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                warn!(
+                    "cannot move to a new connection to the controller ({e}); keeping the current one"
+                );
+                live
+            }
+        }
+    }
+
+    /// Refuses a controller whose certificate the deny list in force names.
+    fn check_revoked(
+        &self,
+        conn: &quinn::Connection,
+        identity: &Identity,
+    ) -> Result<(), WireError> {
+        let deny = self.trust.deny();
+        if deny.is_empty() {
+            return Ok(());
+        }
+        let info = drover_net::tls::peer_cert_info(conn)
+            .map_err(|e| WireError::new(ErrorCode::Forbidden, e.to_string()))?;
+        if deny.denies(identity, &info) {
+            return Err(WireError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "the certificate of {identity} (serial {}) is revoked",
+                    info.serial
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Serves the controller's requests on `conn` and reports statuses over it, until
+    /// it ends (status reports also stop when `state` is retired).
+    fn serve(
         &self,
         conn: quinn::Connection,
         supervisor: &Supervisor,
-    ) -> quinn::ConnectionError {
-        let reporter = tokio::spawn(report_status(
-            conn.clone(),
-            supervisor.clone(),
-            self.config.name.clone(),
-        ));
+        state: Arc<handover::SessionState>,
+    ) -> impl Future<Output = quinn::ConnectionError> + Send + 'static {
+        let reporting = report_status(conn.clone(), supervisor.clone(), self.config.name.clone());
+        let retired = state.retired.clone();
+        let reporter = tokio::spawn(async move {
+            tokio::select! {
+                () = reporting => {}
+                () = retired.cancelled() => {}
+            }
+        });
         let name = self.config.name.clone();
         let sup = supervisor.clone();
         let limit = self.config.request_timeout;
+        let transport = self.config.transport;
+        let refresh = self.refresh.clone();
         let handler = move |req: Request<ControllerRequest>| {
             let name = name.clone();
             let sup = sup.clone();
+            let state = state.clone();
+            let refresh = refresh.clone();
             async move {
+                let _in_flight = state.enter();
                 // Answer before the requester gives up, so a timeout is a result.
                 let budget = req
                     .timeout_ms
@@ -554,7 +710,23 @@ impl Agent {
                         let targets = sup.queryable(nodes).await;
                         results(query::ask_all(&name, &id, targets).await)
                     }
-                    ControllerRequest::Ping => AgentResponse::Ack,
+                    ControllerRequest::Ping => {
+                        if state.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+                            AgentResponse::HandingOver
+                        } else {
+                            AgentResponse::Ack
+                        }
+                    }
+                    ControllerRequest::Reconnect => {
+                        // The controller asks every agent at once: spread the new
+                        // handshakes rather than have them all arrive together.
+                        let delay = handover::RECONNECT_SPREAD.mul_f64(backoff::random_unit());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            refresh.send_modify(|n| *n += 1);
+                        });
+                        AgentResponse::Ack
+                    }
                     ControllerRequest::GetNodes => {
                         let mut nodes = sup.status().await;
                         nodes.push(own_status(&name, sup.applied_generation()));
@@ -599,9 +771,39 @@ impl Agent {
                 }))
             }
         };
-        let reason = conn::serve_answers(conn, self.config.transport, handler).await;
-        reporter.abort();
-        reason
+        async move {
+            let reason = conn::serve_answers(conn, transport, handler).await;
+            reporter.abort();
+            reason
+        }
+    }
+}
+
+/// Reloads a running agent's certificates and deny list; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    trust: Arc<Trust>,
+    refresh: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Reloader {
+    /// Reads the files again (`cause` says why, for the log) and puts them in force,
+    /// closing a controller connection that is no longer trusted, and moving a trusted
+    /// one to a new connection when the certificate or CA bundle changed ([`handover`]);
+    /// or keeps the previous material and returns why not (logged either way).
+    pub fn reload(&self, cause: &str) -> Result<(), String> {
+        let done = self
+            .trust
+            .reload_logged(cause, "this agent's certificate")?;
+        if done.adopted.cert_changed || done.adopted.roots_changed {
+            self.refresh.send_modify(|n| *n += 1);
+        }
+        Ok(())
+    }
+
+    /// The files a reload reads, for a daemon that watches them.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.trust.watched_files()
     }
 }
 

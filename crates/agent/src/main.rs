@@ -82,6 +82,14 @@ struct Args {
     /// `0` never [default: 30s].
     #[arg(long, env = "DROVER_STALL_TIMEOUT", value_parser = humantime::parse_duration)]
     stall_timeout: Option<Duration>,
+    /// File of revoked certificates (lines `ROLE/NAME` or `serial:HEX`) the controller's
+    /// is checked against; read at start and on reload (SIGHUP, or --watch-certs).
+    #[arg(long, env = "DROVER_DENY_LIST")]
+    deny_list: Option<PathBuf>,
+    /// Reload the CA bundle, certificate, key and deny list when their files change, as
+    /// on SIGHUP.
+    #[arg(long, env = "DROVER_WATCH_CERTS")]
+    watch_certs: bool,
 }
 
 /// What happens to nodes when the agent exits on SIGTERM or SIGINT.
@@ -120,6 +128,9 @@ struct FileConfig {
     cgroup_root: Option<CgroupSetting>,
     #[serde(default, with = "humantime_opt")]
     stall_timeout: Option<Duration>,
+    deny_list: Option<PathBuf>,
+    #[serde(default)]
+    watch_certs: bool,
 }
 
 fn cgroup_setting<'de, D: serde::Deserializer<'de>>(
@@ -130,7 +141,8 @@ fn cgroup_setting<'de, D: serde::Deserializer<'de>>(
         .transpose()
 }
 
-fn config(args: Args) -> anyhow::Result<Config> {
+/// The agent's settings, and whether to watch the certificate files.
+fn config(args: Args) -> anyhow::Result<(Config, bool)> {
     let file: FileConfig = match &args.config {
         Some(p) => load_config_file(p)?,
         None => FileConfig::default(),
@@ -161,7 +173,8 @@ fn config(args: Args) -> anyhow::Result<Config> {
         .reconnect_max
         .or(file.reconnect_max)
         .unwrap_or(Duration::from_secs(5));
-    Ok(Config {
+    let watch_certs = args.watch_certs || file.watch_certs;
+    let config = Config {
         name: args.name.or(file.name).ok_or_else(|| missing("name"))?,
         controller: args.controller.or(file.controller),
         listen: args.listen.or(file.listen),
@@ -189,14 +202,16 @@ fn config(args: Args) -> anyhow::Result<Config> {
                 .unwrap_or(Duration::from_secs(30)),
         )
         .filter(|d| !d.is_zero()),
+        deny_list: args.deny_list.or(file.deny_list),
         logs,
-    })
+    };
+    Ok((config, watch_certs))
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     drover_daemon::main_with_own_watchdog(|shutdown| async move {
-        let config = config(args)?;
+        let (config, watch_certs) = config(args)?;
         let status = match (&config.controller, &config.listen) {
             (Some(c), Some(l)) => format!("dialling the controller at {c}, listening on {l}"),
             (Some(c), None) => format!("dialling the controller at {c}"),
@@ -204,6 +219,16 @@ fn main() -> std::process::ExitCode {
             (None, None) => String::new(),
         };
         let agent = Agent::new(config)?;
+        let reloader = agent.reloader();
+        drover_daemon::reload::spawn(
+            reloader.files(),
+            watch_certs,
+            shutdown.clone(),
+            move |cause| {
+                // The outcome is logged and counted.
+                let _ = reloader.reload(cause);
+            },
+        )?;
         agent
             .run_with_ready(shutdown, || {
                 notify::status(&status);

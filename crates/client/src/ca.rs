@@ -1,4 +1,4 @@
-//! `drover ca`: create the cluster CA and issue certificates.
+//! `drover ca`: create the cluster CA, issue certificates and renew them.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +42,24 @@ pub enum CaCommand {
         /// client certificate without a scope is admin.
         #[arg(long, value_enum)]
         scope: Option<ScopeArg>,
+    },
+    /// Renew a certificate in place with the CA in DIR (the same CA, or a new one during
+    /// a CA rollover): a new key and certificate with the same role, name, names and
+    /// extensions replace FILE and its key; the previous pair stays as `.prev`. Then
+    /// reload the daemon that uses it (SIGHUP, `systemctl reload`).
+    Renew {
+        /// Directory holding the issuing CA's ca.crt and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The certificate to renew (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key [default: the certificate's path with the extension `.key`].
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Validity of the successor in days (1 to 36500).
+        #[arg(long, default_value_t = 365, allow_negative_numbers = true)]
+        days: i64,
     },
 }
 
@@ -115,8 +133,37 @@ pub fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
             let (cert, key) = drover_pki::issue_in_dir(dir, &spec)?;
             eprintln!("issued {} and {}", cert.display(), key.display());
         }
+        CaCommand::Renew {
+            dir,
+            cert,
+            key,
+            days,
+        } => {
+            let key = key.clone().unwrap_or_else(|| cert.with_extension("key"));
+            let validity = validity(*days)?;
+            let before = describe(cert)?;
+            let (cert_prev, key_prev) = drover_pki::renew_in_place(dir, cert, &key, validity)?;
+            let after = describe(cert)?;
+            eprintln!(
+                "renewed {} ({}): serial {} -> {}, issued by {}; the previous pair is {} and {}",
+                cert.display(),
+                after.identity,
+                before.serial,
+                after.serial,
+                after.issuer,
+                cert_prev.display(),
+                key_prev.display()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serial, issuer and identity of a certificate file.
+fn describe(cert: &std::path::Path) -> anyhow::Result<drover_pki::Issued> {
+    let pem = std::fs::read_to_string(cert)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", cert.display()))?;
+    drover_pki::describe(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))
 }
 
 /// The validity `--days` asks for, or an error naming the flag and its range.

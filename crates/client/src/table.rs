@@ -102,7 +102,21 @@ fn generation(applied: Option<u64>, desired: Option<u64>) -> String {
 /// the deploy generation: a node's spec, an agent's applied one, the controller's
 /// desired one.
 pub fn nodes(results: &[&MgmtResult]) -> (String, bool) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    nodes_at(results, now)
+}
+
+/// Days before expiry from which `status` warns about a certificate.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// [`nodes`] as of `now` (Unix seconds), which decides the certificate warnings: one
+/// line for the controller's or an agent's certificate that expires within
+/// [`EXPIRY_WARNING_DAYS`] (or has expired).
+pub fn nodes_at(results: &[&MgmtResult], now: i64) -> (String, bool) {
     let colour = colour();
+    let mut warnings = Vec::new();
     let desired = desired_generation(results);
     let mut t = new_table(&[
         "INSTANCE", "NODE", "ROLE", "STATE", "PID", "RESTARTS", "UPTIME", "RSS MIB", "GEN",
@@ -129,6 +143,24 @@ pub fn nodes(results: &[&MgmtResult]) -> (String, bool) {
                 .then(a.node.cmp(&b.node))
         });
         for s in statuses {
+            if let Some(not_after) = s.cert_not_after
+                && matches!(s.mgmt_role, MgmtRole::Agent | MgmtRole::Controller)
+            {
+                let info = drover_net::tls::CertInfo {
+                    serial: String::new(),
+                    not_after,
+                };
+                let what = match s.mgmt_role {
+                    MgmtRole::Agent => format!("the certificate of agent '{}'", s.node),
+                    _ => format!("the certificate of controller '{}'", s.node),
+                };
+                warnings.extend(drover_net::tls::expiry_warning(
+                    &what,
+                    &info,
+                    now,
+                    EXPIRY_WARNING_DAYS,
+                ));
+            }
             let role = match s.mgmt_role {
                 MgmtRole::Agent => "(agent)".to_owned(),
                 MgmtRole::Controller => "(controller)".to_owned(),
@@ -161,6 +193,9 @@ pub fn nodes(results: &[&MgmtResult]) -> (String, bool) {
     for e in errors {
         out.push_str(&format!("\nerror: {e}"));
     }
+    for w in warnings {
+        out.push_str(&format!("\nwarning: {w}"));
+    }
     (out, ok)
 }
 
@@ -190,4 +225,41 @@ pub fn instances(result: Option<&MgmtResult>, nodes: &[&MgmtResult]) -> (String,
         ]);
     }
     (t.to_string(), true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_proto::model::ResultData;
+
+    #[test]
+    fn certificates_close_to_expiry_are_warned_about() {
+        let day = 86_400;
+        let now = 1_000 * day;
+        let mut ctl = NodeStatus::new("controller", State::Running, MgmtRole::Controller);
+        ctl.cert_not_after = Some(now + 300 * day);
+        let mut a1 = NodeStatus::new("a1", State::Running, MgmtRole::Agent);
+        a1.cert_not_after = Some(now + 12 * day + 5);
+        let mut a2 = NodeStatus::new("a2", State::Running, MgmtRole::Agent);
+        a2.cert_not_after = Some(now - 2 * day);
+        // A node's entry never carries one; an agent's without it is not warned about.
+        let a3 = NodeStatus::new("a3", State::Running, MgmtRole::Agent);
+        let results = [
+            MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![ctl]))),
+            MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![a1, a2, a3]))),
+        ];
+        let refs: Vec<&MgmtResult> = results.iter().collect();
+        let (text, ok) = nodes_at(&refs, now);
+        assert!(ok);
+        let warnings: Vec<&str> = text.lines().filter(|l| l.starts_with("warning:")).collect();
+        assert_eq!(
+            warnings,
+            [
+                "warning: the certificate of agent 'a1' expires in 12 days; renew it with `drover ca renew`",
+                "warning: the certificate of agent 'a2' expired 2 days ago",
+            ]
+        );
+        let (text, _) = nodes_at(&refs, now - 400 * day);
+        assert!(!text.contains("warning:"), "{text}");
+    }
 }

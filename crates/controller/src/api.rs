@@ -1350,11 +1350,17 @@ async fn get_nodes(
                 continue;
             };
             let applied = view.applied(instance);
+            // The certificate the agent's connection presented.
+            let cert = shared
+                .registry
+                .get(instance)
+                .and_then(|c| drover_net::tls::peer_cert_info(&c).ok());
             for s in statuses
                 .iter_mut()
                 .filter(|s| s.mgmt_role == MgmtRole::Agent)
             {
                 s.generation = applied;
+                s.cert_not_after = cert.as_ref().map(|c| c.not_after);
             }
         }
     }
@@ -1363,6 +1369,12 @@ async fn get_nodes(
     // The controller's own entry carries the desired generation, which every agent's
     // own entry is compared with.
     me.generation = Some(shared.store.desired_generation()).filter(|g| *g > 0);
+    me.cert_not_after = shared
+        .trust
+        .credentials()
+        .cert_info()
+        .ok()
+        .map(|c| c.not_after);
     results.push(
         MgmtResult::ok(id, Some(ResultData::NodeStatuses(vec![me]))).on_instance(&shared.name),
     );

@@ -116,12 +116,30 @@ async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
         match attempt {
             Ok(est) => {
                 delay = Duration::from_millis(200);
+                // Tracked while it lives, so that a reload can close it.
+                let _tracked = match shared.trust.track_quic(&est.conn, Some(&name)) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        warn!(agent = %name, %addr, "closing the connection just made: {e}");
+                        est.conn.close(
+                            drover_net::peers::CLOSE_UNTRUSTED.into(),
+                            e.to_string().as_bytes(),
+                        );
+                        continue;
+                    }
+                };
                 // The agent may have dialled in while this connection was made: the
                 // connection that was first stays, this one is closed.
                 match admit_agent(&shared, &name, &est.conn, Some(addr.port())).await {
-                    Ok(()) => {
-                        serve_agent(shared.clone(), est.conn, name.clone(), est.welcome.software)
-                            .await;
+                    Ok(moved) => {
+                        serve_agent(
+                            shared.clone(),
+                            est.conn,
+                            name.clone(),
+                            est.welcome.software,
+                            moved,
+                        )
+                        .await;
                     }
                     Err(why) => {
                         debug!(agent = %name, %addr, "closing the connection just made: {why}");

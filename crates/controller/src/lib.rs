@@ -15,6 +15,8 @@
 //!   current (no I/O, tested on its own).
 //! - `dial`: connections the controller makes itself, to agents that listen (instances
 //!   with a `port`), as Zeek's controller-to-agent mode.
+//! - `reload`: certificates, key, CA bundle and deny list read again on request
+//!   ([`Reloader`]), closing the connections of peers no longer trusted.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
 //! [`Controller::bind`] and [`Controller::run_with_ready`] (which tells systemd when the
@@ -24,9 +26,12 @@ pub mod api;
 pub mod audit;
 mod dial;
 pub mod registry;
+mod reload;
 pub mod store;
 mod view;
 pub mod zeek;
+
+pub use reload::Reloader;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,7 +40,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drover_net::conn::{self, TransportSettings};
-use drover_net::{Credentials, Identity, NetError, TlsFiles};
+use drover_net::{Identity, NetError, TlsFiles, Trust};
 use drover_proto::access::Scope;
 use drover_proto::model::{MgmtRole, NodeStatus, State};
 use drover_proto::msg::{
@@ -74,8 +79,8 @@ pub struct Config {
     /// How long a request fanned out to agents may take before it answers with a
     /// timeout (Zeek: 10 s; agents' own limit is shorter, clients' longer).
     pub request_timeout: Duration,
-    /// A file of revoked identities and serials ([`drover_net::tls::DenyList`]), read
-    /// afresh for every new connection.
+    /// A file of revoked identities and serials ([`drover_net::tls::DenyList`]), read at
+    /// start and at every reload.
     pub deny_list: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`/metrics`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
@@ -150,7 +155,8 @@ pub(crate) struct Shared {
     /// Streams a client may have open at once (the configured `max_streams`).
     pub(crate) client_streams: u32,
     pub(crate) request_timeout: Duration,
-    pub(crate) deny_list: Option<PathBuf>,
+    /// Credentials, deny list and the connections they admitted; reloadable.
+    pub(crate) trust: Arc<Trust>,
     /// Events for `monitor` subscribers; a subscriber that falls behind is told how
     /// many it missed rather than slowing anyone down.
     pub(crate) events: tokio::sync::broadcast::Sender<EventRecord>,
@@ -248,6 +254,7 @@ impl Shared {
             &[(String::new(), restarts)],
         );
         self.render_generations(&mut out);
+        self.trust.render_metrics(&mut out);
         out
     }
 
@@ -316,7 +323,8 @@ pub struct Controller {
 impl Controller {
     /// Loads credentials, prepares the state dir and binds the listening socket.
     pub fn bind(config: Config) -> Result<Self, Error> {
-        let creds = Credentials::load(&config.tls)?;
+        let trust = Arc::new(Trust::load(&config.tls, config.deny_list.as_deref())?);
+        let creds = trust.credentials().clone();
         if let Ok(info) = creds.cert_info()
             && let Some(w) = drover_net::tls::expiry_warning(
                 &format!(
@@ -387,7 +395,7 @@ impl Controller {
                 transport,
                 client_streams: config.transport.max_streams,
                 request_timeout: config.request_timeout,
-                deny_list: config.deny_list.clone(),
+                trust,
                 events: tokio::sync::broadcast::channel(4096).0,
                 view: std::sync::Mutex::default(),
                 endpoint,
@@ -397,6 +405,13 @@ impl Controller {
                 audit,
             }),
         })
+    }
+
+    /// A handle that reloads this controller's certificates and deny list while it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            shared: self.shared.clone(),
+        }
     }
 
     /// The address actually bound (useful with port 0).
@@ -482,6 +497,18 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
+    // Tracked for the connection's whole life, so that a reload can close it.
+    let _tracked = match shared.trust.track_quic(&conn, None) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(%addr, peer = %identity, "refused connection: {e}");
+            conn.close(
+                drover_net::peers::CLOSE_UNTRUSTED.into(),
+                e.to_string().as_bytes(),
+            );
+            return;
+        }
+    };
     let (hello, responder) = match conn::read_hello(&conn, timeout).await {
         Ok(h) => h,
         Err(e) => {
@@ -514,10 +541,12 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
             }
         });
     // An agent is admitted (and registered) last, once nothing else refuses it.
+    let mut moved = false;
     let check = match check {
         Ok(()) if identity.role == PeerRole::Agent => {
             admit_agent(&shared, &identity.name, &conn, None)
                 .await
+                .map(|m| moved = m)
                 .map_err(|message| {
                     shared.emit(Event::Error {
                         message: format!("{message}; refused another connection from {addr}"),
@@ -548,7 +577,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         return;
     }
     match identity.role {
-        PeerRole::Agent => serve_agent(shared, conn, identity.name, hello.software).await,
+        PeerRole::Agent => serve_agent(shared, conn, identity.name, hello.software, moved).await,
         PeerRole::Client => {
             // Refused above when unreadable; the least scope is the safe fallback.
             let scope = scope.unwrap_or(Scope::Viewer);
@@ -566,6 +595,8 @@ const LIVENESS_PROBE: Duration = Duration::from_millis(500);
 
 /// Decides whether `conn` may become agent `name`'s connection: yes when none is
 /// registered; when one is, it is asked whether it is there ([`LIVENESS_PROBE`]).
+/// `Ok(true)` when the agent moves to `conn` from its registered connection itself
+/// (it answered `HandingOver`).
 /// If it answers, a second process holds this agent's certificate and `conn` is refused
 /// (the message says so), so that two agents never take turns being connected and
 /// every node does not run twice. If it does not answer, it is a connection whose end
@@ -576,7 +607,7 @@ pub(crate) async fn admit_agent(
     name: &str,
     conn: &quinn::Connection,
     dialled_port: Option<u16>,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     // Registering is a compare-and-set against what was probed, so two connections
     // admitted at once cannot both end up registered: the loser looks again.
     loop {
@@ -585,17 +616,32 @@ pub(crate) async fn admit_agent(
                 .registry
                 .register(name, conn.clone(), dialled_port, None)
             {
-                return Ok(());
+                return Ok(false);
             }
             continue;
         };
         if old.stable_id() == conn.stable_id() {
-            return Ok(());
+            return Ok(false);
         }
         let old_addr = old.remote_address();
         let probe =
             conn::call::<_, AgentResponse>(&old, &ControllerRequest::Ping, LIVENESS_PROBE).await;
         match probe {
+            // The agent itself moves to this connection (it reloaded its certificates):
+            // it closes the old one once its requests are answered.
+            Ok(AgentResponse::HandingOver) => {
+                if shared
+                    .registry
+                    .register(name, conn.clone(), dialled_port, Some(old.stable_id()))
+                {
+                    info!(
+                        agent = %name,
+                        "agent '{name}' moves from its connection from {old_addr} to a new one from {}",
+                        conn.remote_address()
+                    );
+                    return Ok(true);
+                }
+            }
             // An error reply (an agent that does not know the request) is an answer too.
             Ok(_) | Err(NetError::Refused(_) | NetError::Protocol(_)) => {
                 return Err(format!("agent {name} is already connected from {old_addr}"));
@@ -611,7 +657,7 @@ pub(crate) async fn admit_agent(
                         conn.remote_address()
                     );
                     old.close(5u32.into(), b"replaced: it did not answer");
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         }
@@ -619,27 +665,34 @@ pub(crate) async fn admit_agent(
 }
 
 /// Runs an admitted agent's session ([`admit_agent`] registered it) until its connection
-/// ends: re-applying the deployed configuration, status reports, loss.
+/// ends: re-applying the deployed configuration, status reports, loss. `moved`: the
+/// agent came over from its previous connection (a handover), which is no join.
 pub(crate) async fn serve_agent(
     shared: Arc<Shared>,
     conn: quinn::Connection,
     name: String,
     software: String,
+    moved: bool,
 ) {
     let addr = conn.remote_address();
-    info!(agent = %name, %addr, %software, "agent '{name}' connected from {addr}");
-    shared
-        .metrics
-        .counter(
-            "drover_agent_connections_total",
-            "Agent connections established.",
-            &[],
-        )
-        .inc();
-    shared.emit(Event::AgentJoined {
-        instance: name.clone(),
-        addr: addr.to_string(),
-    });
+    if moved {
+        // The agent did not leave: no event, not counted as a connection.
+        info!(agent = %name, %addr, "agent '{name}' continues on its new connection from {addr}");
+    } else {
+        info!(agent = %name, %addr, %software, "agent '{name}' connected from {addr}");
+        shared
+            .metrics
+            .counter(
+                "drover_agent_connections_total",
+                "Agent connections established.",
+                &[],
+            )
+            .inc();
+        shared.emit(Event::AgentJoined {
+            instance: name.clone(),
+            addr: addr.to_string(),
+        });
+    }
     // Bring a returning agent up to the desired deploy (Zeek's notify_agents_ready); it
     // restarts nothing that already runs that generation's spec.
     if let Some(desired) = shared.store.desired() {
@@ -658,6 +711,11 @@ pub(crate) async fn serve_agent(
             match req.body {
                 AgentRequest::Status { statuses, full } => {
                     debug!(count = statuses.len(), full, "status report");
+                    // A report still on its way over a connection the agent has moved
+                    // away from (a handover) is older than what the new one tells.
+                    if shared.registry.get(&instance).map(|c| c.stable_id()) != Some(conn_id) {
+                        return Ok(AgentResponse::Ack);
+                    }
                     let applied = statuses
                         .iter()
                         .any(|s| s.mgmt_role == MgmtRole::Agent && s.generation.is_some());
@@ -756,7 +814,7 @@ fn check_deny_list(
     conn: &quinn::Connection,
     identity: &Identity,
 ) -> Result<(), WireError> {
-    if shared.deny_list.is_none() {
+    if shared.trust.deny().is_empty() {
         return Ok(());
     }
     let info = drover_net::tls::peer_cert_info(conn)
@@ -764,38 +822,13 @@ fn check_deny_list(
     check_revoked(shared, identity, &info)
 }
 
-/// Refuses a peer the deny list names, by identity or certificate serial. The list is
-/// read afresh for every connection; a configured list that cannot be read refuses
-/// everyone: failing open would let a revoked peer in.
+/// Refuses a peer the deny list in force names, by identity or certificate serial.
 pub(crate) fn check_revoked(
     shared: &Shared,
     identity: &Identity,
     info: &drover_net::tls::CertInfo,
 ) -> Result<(), WireError> {
-    let Some(path) = &shared.deny_list else {
-        return Ok(());
-    };
-    let unavailable = || {
-        WireError::new(
-            ErrorCode::Unavailable,
-            "the controller cannot check revocations",
-        )
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        warn!(
-            "cannot read the deny list {}: {e}; refusing connections",
-            path.display()
-        );
-        unavailable()
-    })?;
-    let list = drover_net::tls::DenyList::parse(&text).map_err(|e| {
-        warn!(
-            "invalid deny list {}: {e}; refusing connections",
-            path.display()
-        );
-        unavailable()
-    })?;
-    if list.denies(identity, info) {
+    if shared.trust.deny().denies(identity, info) {
         return Err(WireError::new(
             ErrorCode::Forbidden,
             format!(

@@ -51,9 +51,13 @@ struct Args {
     #[arg(long, env = "DROVER_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
     request_timeout: Option<Duration>,
     /// File of revoked certificates (lines `ROLE/NAME` or `serial:HEX`), checked on every
-    /// new connection.
+    /// new connection; read at start and on reload (SIGHUP, or --watch-certs).
     #[arg(long, env = "DROVER_DENY_LIST")]
     deny_list: Option<PathBuf>,
+    /// Reload the CA bundle, certificate, key and deny list when their files change, as
+    /// on SIGHUP.
+    #[arg(long, env = "DROVER_WATCH_CERTS")]
+    watch_certs: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics [default: off].
     #[arg(long, env = "DROVER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -127,6 +131,8 @@ struct FileConfig {
     #[serde(default, with = "humantime_opt")]
     request_timeout: Option<Duration>,
     deny_list: Option<PathBuf>,
+    #[serde(default)]
+    watch_certs: bool,
     metrics_listen: Option<SocketAddr>,
     zeek_websocket: Option<SocketAddr>,
     #[serde(default)]
@@ -149,7 +155,8 @@ fn start(on: Option<bool>, port: Option<u16>, default: u16) -> anyhow::Result<Op
     Ok(on.unwrap_or(true).then_some(port))
 }
 
-fn config(args: Args) -> anyhow::Result<Config> {
+/// The controller's settings, and whether to watch the certificate files.
+fn config(args: Args) -> anyhow::Result<(Config, bool)> {
     let file: FileConfig = match &args.config {
         Some(p) => load_config_file(p)?,
         None => FileConfig::default(),
@@ -167,7 +174,8 @@ fn config(args: Args) -> anyhow::Result<Config> {
         ..defaults
     };
     check_liveness(transport.keep_alive, transport.idle_timeout)?;
-    Ok(Config {
+    let watch_certs = args.watch_certs || file.watch_certs;
+    let config = Config {
         listen: args
             .listen
             .or(file.listen)
@@ -249,13 +257,25 @@ fn config(args: Args) -> anyhow::Result<Config> {
             )?,
             controller_port: None,
         },
-    })
+    };
+    Ok((config, watch_certs))
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     drover_daemon::main(|shutdown| async move {
-        let controller = Controller::bind(config(args)?)?;
+        let (config, watch_certs) = config(args)?;
+        let controller = Controller::bind(config)?;
+        let reloader = controller.reloader();
+        drover_daemon::reload::spawn(
+            reloader.files(),
+            watch_certs,
+            shutdown.clone(),
+            move |cause| {
+                // The outcome is logged, counted and published as an event.
+                let _ = reloader.reload(cause);
+            },
+        )?;
         let addr = controller.local_addr();
         controller
             .run_with_ready(shutdown, || {

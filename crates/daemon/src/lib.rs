@@ -2,10 +2,12 @@
 //!
 //! Config files (`--config FILE.toml`, whose keys mirror the long flags), logging to
 //! stderr with `RUST_LOG` filtering, the async runtime, SIGTERM/SIGINT turned into a
-//! cancellation token, and systemd's notification protocol ([`notify`]). The daemons'
+//! cancellation token, SIGHUP and watched files as reload requests ([`reload`]), and
+//! systemd's notification protocol ([`notify`]). The daemons'
 //! libraries do not use this crate; only their thin `main.rs` do.
 
 pub mod notify;
+pub mod reload;
 
 use std::future::Future;
 use std::path::Path;
@@ -136,6 +138,9 @@ where
         .context("cannot start the async runtime")
         .and_then(|rt| {
             rt.block_on(async {
+                // SIGHUP asks for a reload; until the daemon listens for it, it must not
+                // end the process (its default action). The handler stays installed.
+                let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
                 if watchdog {

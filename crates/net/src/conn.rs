@@ -218,7 +218,7 @@ fn alert_text(code: u64) -> Option<&'static str> {
 }
 
 /// Turns a local TLS error reason into a short cause.
-fn local_tls_text(reason: &str) -> String {
+pub(crate) fn tls_error_text(reason: &str) -> String {
     let r = reason.to_ascii_lowercase();
     let cause = if r.contains("unknownissuer") || r.contains("unknown issuer") {
         "unknown issuer"
@@ -257,7 +257,7 @@ pub fn explain(err: &quinn::ConnectionError, peer: &str) -> String {
         E::TransportError(te) => {
             let code = u64::from(te.code);
             if alert_text(code).is_some() {
-                let cause = local_tls_text(&te.reason);
+                let cause = tls_error_text(&te.reason);
                 if cause.contains("application protocol") {
                     format!("{peer} does not speak {} (alpn mismatch)", alpn_str())
                 } else {
@@ -289,7 +289,7 @@ pub fn explain_incoming(err: &quinn::ConnectionError, addr: SocketAddr) -> Strin
         quinn::ConnectionError::TransportError(te) if alert_text(u64::from(te.code)).is_some() => {
             format!(
                 "refused connection from {addr}: {}",
-                local_tls_text(&te.reason)
+                tls_error_text(&te.reason)
             )
         }
         other => format!("connection from {addr} failed: {}", explain(other, "peer")),

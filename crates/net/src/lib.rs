@@ -8,19 +8,24 @@
 //! from its verified certificate ([`tls::Identity`]), and a client's scope
 //! ([`scope`]). The same mutual TLS over TCP
 //! ([`tls::TcpTlsAcceptor`]) protects the controller's `wss://` front for zeek-client.
+//! Credentials and the deny list reload while connections live ([`trust::Trust`]).
 //!
 //! Architecture invariant: this is the only crate that knows about quinn and rustls. The
 //! daemons see connections, identities, requests and replies.
 
 pub mod conn;
 pub mod frame;
+mod live;
+pub mod peers;
 pub mod scope;
 pub mod tls;
+pub mod trust;
 
 use std::time::Duration;
 
 pub use conn::{Established, TransportSettings};
 pub use tls::{Credentials, Identity, TlsFiles};
+pub use trust::Trust;
 
 /// Errors of the transport layer. Messages are one line and name the cause.
 #[derive(Debug, thiserror::Error)]

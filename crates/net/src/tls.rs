@@ -1,5 +1,10 @@
 //! Mutual TLS: loading credentials, building rustls configurations, reading identities.
 //!
+//! [`Credentials`] can be reloaded while the process runs ([`Credentials::adopt`]): every
+//! configuration built from them resolves its certificate and verifies peers through the
+//! material of the moment (see [`crate::live`]), so new connections use what was loaded
+//! last and established ones are untouched.
+//!
 //! Only the ring crypto provider is used, always passed explicitly (never the process
 //! default), so a second provider in the dependency tree cannot make a builder panic.
 //! Only TLS 1.3 is offered. Server-side session tickets are off: a resumed session skips
@@ -14,12 +19,17 @@ use std::sync::Arc;
 
 use drover_proto::msg::{ALPN, PeerRole};
 use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::sign::CertifiedKey;
 
 use crate::NetError;
+use crate::live::{LiveClientCert, LiveClientVerifier, LiveServerCert, LiveServerVerifier, Slot};
 
 /// Who a peer is: the role and name its verified certificate carries.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -47,13 +57,12 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// A process's loaded credentials: the roots it trusts, its own chain and key, and the
-/// identity its certificate claims.
+/// A process's credentials: the roots it trusts, its own chain and key, and the identity
+/// its certificate claims. Clones share one slot of material, which
+/// [`Credentials::adopt`] replaces for every configuration built from any of them.
 #[derive(Clone)]
 pub struct Credentials {
-    roots: Arc<RootCertStore>,
-    chain: Vec<CertificateDer<'static>>,
-    key: Arc<PrivateKeyDer<'static>>,
+    slot: Arc<Slot>,
     identity: Identity,
 }
 
@@ -63,6 +72,48 @@ impl std::fmt::Debug for Credentials {
             .field("identity", &self.identity)
             .finish_non_exhaustive()
     }
+}
+
+/// One load of the PEM files, with the verifiers built from its roots.
+pub(crate) struct Material {
+    pub(crate) certified: Arc<CertifiedKey>,
+    pub(crate) client_verifier: Arc<dyn ClientCertVerifier>,
+    pub(crate) server_verifier: Arc<dyn ServerCertVerifier>,
+    /// Every CA of the bundle, in file order.
+    pub(crate) cas: Vec<CaInfo>,
+    /// Our own certificate.
+    pub(crate) info: CertInfo,
+}
+
+impl std::fmt::Debug for Material {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Material")
+            .field("info", &self.info)
+            .field("cas", &self.cas)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A CA certificate of the trusted bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaInfo {
+    /// Its subject's common name (or the whole subject when it has none).
+    pub subject: String,
+    /// Serial and expiry.
+    pub cert: CertInfo,
+}
+
+/// What a successful [`Credentials::adopt`] changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adopted {
+    /// Our own certificate is another one (renewed).
+    pub cert_changed: bool,
+    /// The trusted CA bundle changed.
+    pub roots_changed: bool,
+    /// Our certificate now.
+    pub cert: CertInfo,
+    /// The trusted CAs now.
+    pub cas: Vec<CaInfo>,
 }
 
 fn cred_err(path: &Path, what: &str, e: impl std::fmt::Display) -> NetError {
@@ -105,16 +156,17 @@ impl Credentials {
 
     /// Builds credentials from PEM text.
     pub fn from_pem(ca: &[u8], cert: &[u8], key: &[u8]) -> Result<Self, NetError> {
+        let provider = provider();
         let mut roots = RootCertStore::empty();
-        let mut any = false;
+        let mut cas = Vec::new();
         for c in CertificateDer::pem_slice_iter(ca) {
             let c = c.map_err(|e| NetError::Credentials(format!("bad CA certificate PEM: {e}")))?;
+            cas.push(ca_info(&c)?);
             roots
                 .add(c)
                 .map_err(|e| NetError::Credentials(format!("unusable CA certificate: {e}")))?;
-            any = true;
         }
-        if !any {
+        if cas.is_empty() {
             return Err(NetError::Credentials(
                 "the CA file holds no certificate".into(),
             ));
@@ -126,13 +178,60 @@ impl Credentials {
             NetError::Credentials("the certificate file holds no certificate".into())
         })?;
         let identity = identity_of_cert(leaf)?;
+        let info = cert_info(leaf)?;
         let key = PrivateKeyDer::from_pem_slice(key)
             .map_err(|e| NetError::Credentials(format!("bad private key PEM: {e}")))?;
+        let signing = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| NetError::Credentials(format!("unusable private key: {e}")))?;
+        let certified = CertifiedKey::new(chain, signing);
+        match certified.keys_match() {
+            Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(e) => {
+                return Err(NetError::Credentials(format!(
+                    "certificate and key do not match: {e}"
+                )));
+            }
+        }
+        let roots = Arc::new(roots);
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| NetError::Credentials(format!("cannot build client verifier: {e}")))?;
+        let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(|e| NetError::Credentials(format!("cannot build server verifier: {e}")))?;
+        let material = Material {
+            certified: Arc::new(certified),
+            client_verifier,
+            server_verifier,
+            cas,
+            info,
+        };
         Ok(Self {
-            roots: Arc::new(roots),
-            chain,
-            key: Arc::new(key),
+            slot: Arc::new(Slot::new(material)),
             identity,
+        })
+    }
+
+    /// Makes `next` (freshly loaded) this process's material, for every configuration
+    /// built from these credentials: new handshakes use it, established connections are
+    /// untouched. Refused, changing nothing, when `next` carries another identity.
+    pub fn adopt(&self, next: &Self) -> Result<Adopted, NetError> {
+        if next.identity != self.identity {
+            return Err(NetError::Credentials(format!(
+                "the new certificate belongs to {}, but this process is {}",
+                next.identity, self.identity
+            )));
+        }
+        let new = next.slot.get();
+        let old = self.slot.replace(new.clone());
+        Ok(Adopted {
+            cert_changed: old.certified.cert != new.certified.cert,
+            roots_changed: old.cas != new.cas,
+            cert: new.info.clone(),
+            cas: new.cas.clone(),
         })
     }
 
@@ -143,7 +242,38 @@ impl Credentials {
 
     /// Serial and expiry of this process's own certificate.
     pub fn cert_info(&self) -> Result<CertInfo, NetError> {
-        cert_info(&self.chain[0])
+        Ok(self.slot.get().info.clone())
+    }
+
+    /// The CAs trusted now.
+    pub fn cas(&self) -> Vec<CaInfo> {
+        self.slot.get().cas.clone()
+    }
+
+    /// Checks a peer's chain against the roots trusted now, as a new handshake would:
+    /// for a peer that dialled us as a client certificate, for one we dialled as a server
+    /// certificate for `dialled` (the name we dialled it by).
+    pub fn verify_peer(
+        &self,
+        chain: &[CertificateDer<'static>],
+        dialled: Option<&ServerName<'static>>,
+    ) -> Result<(), String> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| "it presented no certificate".to_owned())?;
+        let m = self.slot.get();
+        let now = UnixTime::now();
+        let r = match dialled {
+            None => m
+                .client_verifier
+                .verify_client_cert(leaf, intermediates, now)
+                .map(|_| ()),
+            Some(name) => m
+                .server_verifier
+                .verify_server_cert(leaf, intermediates, name, &[], now)
+                .map(|_| ()),
+        };
+        r.map_err(|e| crate::conn::tls_error_text(&e.to_string()))
     }
 
     /// A rustls server configuration that requires a client certificate from the CA.
@@ -156,17 +286,11 @@ impl Credentials {
     /// As [`Credentials::server_config`], with no ALPN id: for TLS over TCP to clients
     /// that send none (zeek-client's `wss://`).
     fn server_config_without_alpn(&self) -> Result<rustls::ServerConfig, NetError> {
-        let provider = provider();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
-                .build()
-                .map_err(|e| NetError::Credentials(format!("cannot build client verifier: {e}")))?;
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_err)?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| NetError::Credentials(format!("certificate and key do not match: {e}")))?;
+            .with_client_cert_verifier(Arc::new(LiveClientVerifier(self.slot.clone())))
+            .with_cert_resolver(Arc::new(LiveServerCert(self.slot.clone())));
         cfg.max_early_data_size = 0;
         cfg.send_tls13_tickets = 0;
         cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -183,9 +307,9 @@ impl Credentials {
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_err)?
-            .with_root_certificates(self.roots.clone())
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| NetError::Credentials(format!("certificate and key do not match: {e}")))?;
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(LiveServerVerifier(self.slot.clone())))
+            .with_client_cert_resolver(Arc::new(LiveClientCert(self.slot.clone())));
         cfg.alpn_protocols = vec![alpn.to_vec()];
         Ok(cfg)
     }
@@ -195,7 +319,8 @@ impl Credentials {
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_err)?
-            .with_root_certificates(self.roots.clone())
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(LiveServerVerifier(self.slot.clone())))
             .with_no_client_auth();
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         Ok(cfg)
@@ -229,6 +354,8 @@ pub struct TlsPeer {
     pub cert: CertInfo,
     /// The client's scope, if its certificate carries one.
     pub scope: Option<drover_proto::access::Scope>,
+    /// The chain it presented, for [`crate::peers::Peers::track_accepted`].
+    pub chain: Vec<CertificateDer<'static>>,
 }
 
 impl TcpTlsAcceptor {
@@ -252,16 +379,20 @@ impl TcpTlsAcceptor {
             .accept(stream)
             .await
             .map_err(|e| NetError::Connection(format!("tls handshake failed: {e}")))?;
-        let leaf = tls
+        let chain: Vec<CertificateDer<'static>> = tls
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|c| c.first())
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let leaf = chain
+            .first()
             .ok_or_else(|| NetError::Identity("peer presented no certificate".into()))?;
         let peer = TlsPeer {
             identity: identity_of_cert(leaf)?,
             cert: cert_info(leaf)?,
             scope: crate::scope::scope_of_cert(leaf)?,
+            chain: chain.clone(),
         };
         Ok((tls, peer))
     }
@@ -302,6 +433,22 @@ pub fn cert_info(cert: &CertificateDer<'_>) -> Result<CertInfo, NetError> {
     })
 }
 
+/// Subject and facts of a CA certificate.
+fn ca_info(cert: &CertificateDer<'_>) -> Result<CaInfo, NetError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| NetError::Credentials(format!("cannot parse CA certificate: {e}")))?;
+    let subject = x509
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map_or_else(|| x509.subject().to_string(), str::to_owned);
+    Ok(CaInfo {
+        subject,
+        cert: cert_info(cert)?,
+    })
+}
+
 /// A warning when a certificate expires within `within_days` of `now` (Unix seconds).
 pub fn expiry_warning(what: &str, info: &CertInfo, now: i64, within_days: i64) -> Option<String> {
     let left = info.not_after - now;
@@ -309,7 +456,7 @@ pub fn expiry_warning(what: &str, info: &CertInfo, now: i64, within_days: i64) -
         Some(format!("{what} expired {} days ago", -left / 86_400))
     } else if left < within_days * 86_400 {
         Some(format!(
-            "{what} expires in {} days; issue a new one with `drover ca issue`",
+            "{what} expires in {} days; renew it with `drover ca renew`",
             left / 86_400
         ))
     } else {
@@ -318,9 +465,9 @@ pub fn expiry_warning(what: &str, info: &CertInfo, now: i64, within_days: i64) -
 }
 
 /// Revoked identities and certificates, one per line: `ROLE/NAME` (e.g. `agent/sensor-3`)
-/// or `serial:HEX`; `#` starts a comment. Checked on every new connection, so a revocation
-/// takes effect at the peer's next connection (server-side session resumption is off, so
-/// it cannot be bypassed).
+/// or `serial:HEX`; `#` starts a comment. Read at start and at every reload; each new
+/// connection is checked against it (server-side session resumption is off, so this
+/// cannot be bypassed), and a reload closes the live connections it now names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DenyList {
     names: std::collections::BTreeSet<(PeerRole, String)>,
@@ -355,6 +502,25 @@ impl DenyList {
             }
         }
         Ok(list)
+    }
+
+    /// Reads and parses a deny-list file; errors name the file and the line.
+    pub fn load(path: &Path) -> Result<Self, NetError> {
+        let text =
+            fs::read_to_string(path).map_err(|e| cred_err(path, "cannot read the deny list", e))?;
+        Self::parse(&text).map_err(|e| {
+            NetError::Credentials(format!("invalid deny list {}: {e}", path.display()))
+        })
+    }
+
+    /// How many identities and serials it names.
+    pub fn len(&self) -> usize {
+        self.names.len() + self.serials.len()
+    }
+
+    /// Whether it names nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Whether a peer is revoked.
@@ -491,7 +657,7 @@ mod tests {
         assert!(expiry_warning("c", &info, 0, 30).is_none());
         assert_eq!(
             expiry_warning("c", &info, 80 * 86_400, 30).unwrap(),
-            "c expires in 20 days; issue a new one with `drover ca issue`"
+            "c expires in 20 days; renew it with `drover ca renew`"
         );
         assert_eq!(
             expiry_warning("c", &info, 101 * 86_400, 30).unwrap(),
@@ -556,7 +722,7 @@ mod tests {
     ) -> Result<(), String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)
             .await

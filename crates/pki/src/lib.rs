@@ -10,6 +10,10 @@
 //! Only the `drover` CLI (`drover ca ...`) and tests link this crate: the daemons only load
 //! PEM files.
 
+mod renew;
+
+pub use renew::{Issued, describe, renew_in_place};
+
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::net::IpAddr;

@@ -700,6 +700,11 @@ pub struct NodeStatus {
     /// For an agent's own entry: how many CPUs its nodes may be pinned to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
+    /// For the controller's and each agent's own entry in get-nodes: when the
+    /// certificate it holds (an agent's: the one its connection presented) expires,
+    /// in seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_not_after: Option<i64>,
 }
 
 impl NodeStatus {
@@ -723,6 +728,7 @@ impl NodeStatus {
             last_error: None,
             generation: None,
             cpus: None,
+            cert_not_after: None,
         }
     }
 }

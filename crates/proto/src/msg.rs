@@ -436,8 +436,14 @@ pub enum ControllerRequest {
     GetNodes,
     /// Are you there? Answered with `Ack` at once, without asking the supervisor. The
     /// controller asks a connected agent this when another connection claims its name;
-    /// an agent too old to know it answers with an error, which proves as much.
+    /// an agent too old to know it answers with an error, which proves as much. An
+    /// agent that is moving to a new connection answers `HandingOver` on the old one.
     Ping,
+    /// Open a new connection and move to it, as after reloading certificates: the
+    /// controller asks this of every agent after its own certificate or CA bundle
+    /// changed, so that established connections come to use the new material before an
+    /// old CA is removed. An agent too old to know it answers with an error.
+    Reconnect,
     /// Make this configuration's nodes for the agent's instance run: start new nodes,
     /// restart changed ones, stop removed ones, leave the rest alone. Answered with one
     /// result per node started or restarted, once each is running or has failed.
@@ -524,6 +530,9 @@ pub enum AgentResponse {
     Log(LogChunk),
     /// How far an Apply asked with `progress` has got; the results follow.
     Progress(Progress),
+    /// The answer to `Ping` on a connection the agent is replacing with a new one (after
+    /// a certificate reload): the new connection that claims its name is its own.
+    HandingOver,
 }
 
 #[cfg(test)]

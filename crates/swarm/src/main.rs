@@ -153,7 +153,7 @@ async fn run_agent(
         let reporter = reporter_conn.clone();
         async move {
             let reply = match req.body {
-                ControllerRequest::Ping => AgentResponse::Ack,
+                ControllerRequest::Ping | ControllerRequest::Reconnect => AgentResponse::Ack,
                 ControllerRequest::GetNodes => AgentResponse::Nodes(statuses(&h, &instance)),
                 ControllerRequest::Apply {
                     config, generation, ..

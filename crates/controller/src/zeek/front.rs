@@ -90,8 +90,13 @@ pub(crate) type Handler = Arc<
 >;
 
 /// Decides whether a client that completed the TLS handshake may go on: `Err` tells
-/// why not.
-pub(crate) type Authorize = Arc<dyn Fn(&TlsPeer) -> Result<(), String> + Send + Sync>;
+/// why not. An admitted connection is tracked while the guard lives, and cancelling the
+/// token (a reload found its client revoked or untrusted) ends it.
+pub(crate) type Authorize = Arc<
+    dyn Fn(&TlsPeer, SocketAddr, CancellationToken) -> Result<drover_net::peers::Tracked, String>
+        + Send
+        + Sync,
+>;
 
 /// TLS for the front: `wss://` instead of `ws://`.
 pub(crate) struct Tls {
@@ -172,12 +177,15 @@ pub(crate) async fn serve(
                     connection(&ctx, stream, client, deadline, shutdown).await;
                 }
                 Some(tls) => {
-                    if let Some((stream, cert)) = secure(tls, stream, peer, deadline).await {
+                    let ended = shutdown.child_token();
+                    if let Some((stream, cert, _tracked)) =
+                        secure(tls, stream, peer, deadline, ended.clone()).await
+                    {
                         let client = Arc::new(Client {
                             addr: peer,
                             tls: Some(cert),
                         });
-                        connection(&ctx, stream, client, deadline, shutdown).await;
+                        connection(&ctx, stream, client, deadline, ended).await;
                     }
                 }
             }
@@ -200,7 +208,12 @@ async fn secure(
     stream: TcpStream,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
-) -> Option<(drover_net::tls::TcpTlsStream, TlsPeer)> {
+    ended: CancellationToken,
+) -> Option<(
+    drover_net::tls::TcpTlsStream,
+    TlsPeer,
+    drover_net::peers::Tracked,
+)> {
     let (stream, client) =
         match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
             Ok(Ok(s)) => s,
@@ -213,12 +226,15 @@ async fn secure(
                 return None;
             }
         };
-    if let Err(e) = (tls.authorize)(&client) {
-        warn!(%peer, client = %client.identity, "zeek websocket: refused connection: {e}");
-        return None;
-    }
+    let tracked = match (tls.authorize)(&client, peer, ended) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(%peer, client = %client.identity, "zeek websocket: refused connection: {e}");
+            return None;
+        }
+    };
     debug!(%peer, client = %client.identity, "zeek websocket: tls client admitted");
-    Some((stream, client))
+    Some((stream, client, tracked))
 }
 
 /// Sends one message, giving up after the write timeout.

@@ -180,15 +180,24 @@ impl Front {
         }
         let tls = self.tls.map(|acceptor| {
             let shared = shared.clone();
-            let authorize: front::Authorize = Arc::new(move |peer: &TlsPeer| {
-                if peer.identity.role != PeerRole::Client {
-                    return Err(format!(
-                        "{} is not a client: zeek-client needs a client certificate",
-                        peer.identity
-                    ));
-                }
-                crate::check_revoked(&shared, &peer.identity, &peer.cert).map_err(|e| e.message)
-            });
+            let authorize: front::Authorize =
+                Arc::new(move |peer: &TlsPeer, addr, ended: CancellationToken| {
+                    if peer.identity.role != PeerRole::Client {
+                        return Err(format!(
+                            "{} is not a client: zeek-client needs a client certificate",
+                            peer.identity
+                        ));
+                    }
+                    // Tracked before the check, so that a reload meanwhile is not missed.
+                    let tracked = shared
+                        .trust
+                        .peers()
+                        .track_accepted(peer.chain.clone(), addr, move |_| ended.cancel())
+                        .map_err(|e| e.to_string())?;
+                    crate::check_revoked(&shared, &peer.identity, &peer.cert)
+                        .map_err(|e| e.message)?;
+                    Ok(tracked)
+                });
             front::Tls {
                 acceptor,
                 authorize,

@@ -1,0 +1,287 @@
+//! When a daemon reloads its certificates: on SIGHUP (`systemctl reload`), and, with
+//! `--watch-certs`, when the files change.
+//!
+//! Files are watched with inotify on their directories, not on the files: certificates
+//! are usually replaced by a rename (`drover ca renew`, `install`, editors, a symlink
+//! swapped by a secrets manager), which a watch on the old file would not see. Any
+//! event in those directories makes the watcher wait until they have been quiet for
+//! [`SETTLE`] (a certificate and its key are written one after the other) and compare
+//! the files' identities (device, inode, size, modification and change times, following
+//! symlinks) with those of the last reload; only a change triggers one. While nothing is
+//! written the watcher sleeps in the kernel: no timer, no wake-ups. Without inotify it
+//! falls back to comparing the identities every [`POLL`].
+
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio_util::sync::CancellationToken;
+
+/// Quiet time after the last change before a watched change triggers a reload.
+pub const SETTLE: Duration = Duration::from_millis(100);
+/// How often files are compared when inotify is not available.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// Runs `reload(cause)` on every SIGHUP and, when `watch`, whenever one of `files`
+/// changes, until `shutdown`. Installs the SIGHUP handler before it returns, so that a
+/// SIGHUP never ends the daemon (the default action).
+pub fn spawn(
+    files: Vec<PathBuf>,
+    watch: bool,
+    shutdown: CancellationToken,
+    reload: impl Fn(&str) + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup =
+        signal(SignalKind::hangup()).map_err(|e| anyhow::anyhow!("cannot handle SIGHUP: {e}"))?;
+    let reload = Arc::new(reload);
+    let r = reload.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            let r = r.clone();
+            let _ = tokio::task::spawn_blocking(move || r("SIGHUP")).await;
+        }
+    });
+    if watch {
+        tokio::spawn(Watch::new(files).run(shutdown, move |cause| {
+            let r = reload.clone();
+            let cause = cause.to_owned();
+            async move {
+                let _ = tokio::task::spawn_blocking(move || r(&cause)).await;
+            }
+        }));
+    }
+    Ok(())
+}
+
+/// What identifies a file's content without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp(Option<(u64, u64, u64, i64, i64, i64, i64)>);
+
+fn stamp(path: &Path) -> Stamp {
+    Stamp(std::fs::metadata(path).ok().map(|m| {
+        (
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        )
+    }))
+}
+
+fn stamps(files: &[PathBuf]) -> Vec<Stamp> {
+    files.iter().map(|f| stamp(f)).collect()
+}
+
+/// Names the files that changed between two sets of stamps.
+fn changed(files: &[PathBuf], before: &[Stamp], now: &[Stamp]) -> Option<String> {
+    let names: Vec<String> = files
+        .iter()
+        .zip(before.iter().zip(now))
+        .filter(|(_, (a, b))| a != b)
+        .map(|(f, _)| f.display().to_string())
+        .collect();
+    (!names.is_empty()).then(|| format!("{} changed", names.join(", ")))
+}
+
+/// Watches files for changes; see the module doc.
+struct Watch {
+    files: Vec<PathBuf>,
+    last: Vec<Stamp>,
+    inotify: Option<AsyncFd<Inotify>>,
+}
+
+impl Watch {
+    /// Sets the watches up now, so that nothing written after this returns is missed.
+    /// Must be called within a runtime.
+    fn new(files: Vec<PathBuf>) -> Self {
+        let dirs: BTreeSet<PathBuf> = files
+            .iter()
+            .map(|f| match f.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+                _ => PathBuf::from("."),
+            })
+            .collect();
+        let last = stamps(&files);
+        let inotify = Inotify::new().and_then(|i| {
+            for d in &dirs {
+                i.add(d)?;
+            }
+            // SAFETY: the AsyncFd owns the instance, whose descriptor stays open and
+            // keeps its number until the AsyncFd drops it.
+            unsafe { AsyncFd::register_with_interest(i, tokio::io::Interest::READABLE) }
+                .map_err(io::Error::from)
+        });
+        let inotify = match inotify {
+            Ok(i) => {
+                tracing::info!(dirs = ?dirs, "watching the certificate files for changes");
+                Some(i)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot watch the certificate files with inotify ({e}); checking them every {}s",
+                    POLL.as_secs()
+                );
+                None
+            }
+        };
+        Self {
+            files,
+            last,
+            inotify,
+        }
+    }
+
+    /// Calls `reload` with the names of the changed files after each change, until
+    /// `shutdown`.
+    async fn run<F, Fut>(mut self, shutdown: CancellationToken, reload: F)
+    where
+        F: Fn(&str) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match &self.inotify {
+                Some(fd) => {
+                    // Wait for a first event, then until the directories are quiet.
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        r = read_events(fd, &mut buf) => if r.is_err() { return },
+                    }
+                    loop {
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(SETTLE) => break,
+                            r = read_events(fd, &mut buf) => if r.is_err() { return },
+                        }
+                    }
+                }
+                None => tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(POLL) => {}
+                },
+            }
+            let now = stamps(&self.files);
+            if let Some(cause) = changed(&self.files, &self.last, &now) {
+                self.last = now;
+                reload(&cause).await;
+            }
+        }
+    }
+}
+
+/// Waits for and drains the pending events (their content does not matter).
+async fn read_events(fd: &AsyncFd<Inotify>, buf: &mut [u8]) -> io::Result<()> {
+    loop {
+        let mut guard = fd.readable().await?;
+        match guard.try_io(|i| i.get_ref().read(buf)) {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => {}
+        }
+    }
+}
+
+/// An inotify instance (non-blocking).
+struct Inotify {
+    fd: OwnedFd,
+}
+
+impl AsRawFd for Inotify {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Inotify {
+    fn new() -> io::Result<Self> {
+        // SAFETY: inotify_init1 takes no pointers; a negative result is an error.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a descriptor we own and nothing else refers to.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Self { fd })
+    }
+
+    /// Watches a directory for anything that may replace or change a file in it.
+    fn add(&self, dir: &Path) -> io::Result<()> {
+        let c = CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| io::Error::other("path contains a nul byte"))?;
+        let mask = libc::IN_CLOSE_WRITE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM
+            | libc::IN_CREATE
+            | libc::IN_DELETE
+            | libc::IN_ATTRIB
+            | libc::IN_MODIFY
+            | libc::IN_ONLYDIR;
+        // SAFETY: the descriptor is open and `c` a valid C string for the call.
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), mask) };
+        if wd < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display())));
+        }
+        Ok(())
+    }
+
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_renamed_file_triggers_one_reload_and_a_touch_of_another_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("a.crt");
+        std::fs::write(&cert, "one").unwrap();
+        std::fs::write(dir.path().join("other"), "x").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let watch = Watch::new(vec![cert.clone()]);
+        assert!(watch.inotify.is_some(), "inotify is available here");
+        let task = tokio::spawn(watch.run(shutdown.clone(), move |c| {
+            let _ = tx.send(c.to_owned());
+            async {}
+        }));
+        std::fs::write(dir.path().join("other"), "y").unwrap();
+        let tmp = dir.path().join("a.crt.tmp");
+        std::fs::write(&tmp, "two").unwrap();
+        std::fs::rename(&tmp, &cert).unwrap();
+        let cause = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a reload within 10 s")
+            .unwrap();
+        assert!(cause.contains("a.crt changed"), "{cause}");
+        // The other file's change alone triggered nothing more.
+        std::fs::write(dir.path().join("other"), "z").unwrap();
+        let more = tokio::time::timeout(SETTLE * 5, rx.recv()).await;
+        assert!(more.is_err(), "{more:?}");
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}
