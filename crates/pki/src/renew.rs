@@ -315,9 +315,7 @@ mod tests {
                 .general_names
                 .iter()
                 .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => {
-                        u.strip_prefix("urn:drover:scope:")
-                    }
+                    GeneralName::URI(u) => u.strip_prefix("urn:drover:scope:"),
                     _ => None,
                 })
                 .map(str::to_owned)
