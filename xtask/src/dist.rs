@@ -596,6 +596,10 @@ mod tests {
                 let _ = fs::copy(e.path(), units.join(&name));
             }
         }
+        // The host's kill(1) for ExecReload= (a scratch root has no /bin).
+        let bin = root.join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        fs::copy("/bin/kill", bin.join("kill")).unwrap();
         let out = Command::new("systemd-analyze")
             .arg("verify")
             .arg(format!("--root={}", root.display()))
