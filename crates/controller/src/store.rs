@@ -229,9 +229,17 @@ pub fn secure_dir(dir: &Path) -> Result<(), StoreError> {
             .map_err(io(dir))?;
     }
     let mut tightened = Vec::new();
-    let mut tighten = |path: &Path, mode: u32| -> Result<(), StoreError> {
-        let meta = match fs::metadata(path) {
-            Ok(m) => m,
+    // The directory may be a link to where the state lives; a state file is only ever a
+    // regular file this store wrote, and whatever a link there points to is not ours to
+    // change (a link to /dev/full would otherwise make a device private).
+    let mut tighten = |path: &Path, mode: u32, follow: bool| -> Result<(), StoreError> {
+        let meta = match if follow {
+            fs::metadata(path)
+        } else {
+            fs::symlink_metadata(path)
+        } {
+            Ok(m) if follow || m.is_file() => m,
+            Ok(_) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io(path)(e)),
         };
@@ -247,13 +255,13 @@ pub fn secure_dir(dir: &Path) -> Result<(), StoreError> {
         }
         Ok(())
     };
-    tighten(dir, DIR_MODE)?;
+    tighten(dir, DIR_MODE, true)?;
     for name in [STAGED, DESIRED, DEPLOYED] {
         let path = dir.join(name);
         for suffix in ["", ".prev", ".corrupt", ".tmp"] {
             let mut p = path.clone().into_os_string();
             p.push(suffix);
-            tighten(Path::new(&p), FILE_MODE)?;
+            tighten(Path::new(&p), FILE_MODE, false)?;
         }
     }
     if !tightened.is_empty() {
@@ -587,5 +595,18 @@ mod tests {
         .unwrap();
         store.set_desired(config("c"), 0).unwrap();
         assert_eq!(mode(&dir.join(DESIRED)), 0o600);
+    }
+
+    #[test]
+    fn a_link_in_place_of_a_state_file_leaves_its_target_alone() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("state");
+        Store::open(&dir).unwrap();
+        let elsewhere = parent.path().join("shared.txt");
+        fs::write(&elsewhere, b"not ours").unwrap();
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.join("staged.json.corrupt")).unwrap();
+        Store::open(&dir).unwrap();
+        assert_eq!(mode(&elsewhere), 0o644);
     }
 }
