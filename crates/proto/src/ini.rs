@@ -301,6 +301,7 @@ pub fn validate_without_commands(config: &Configuration) -> Vec<Issue> {
             RoleTemplate {
                 command: vec!["/bin/true".to_owned()],
                 env: BTreeMap::new(),
+                ..RoleTemplate::default()
             },
         );
     }
@@ -1469,6 +1470,7 @@ mod tests {
             RoleTemplate {
                 command: vec!["/bin/mine".into()],
                 env: BTreeMap::new(),
+                ..RoleTemplate::default()
             },
         );
         let merged = with_roles(&own, "c.ini", "roles.toml", roles).unwrap();
@@ -1653,6 +1655,7 @@ mod tests {
             RoleTemplate {
                 command: vec!["zeek".into()],
                 env: BTreeMap::new(),
+                ..RoleTemplate::default()
             },
         );
         c.instances[0].host = Some("10.1.1.1".parse().unwrap());

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::resources::{Liveness, Memory};
+
 /// A node's lifecycle state (Zeek's `Management::State`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -308,6 +310,34 @@ pub struct Node {
     /// How long to wait after the stop signal before SIGKILL.
     #[serde(with = "humantime_serde", default = "default_stop_timeout")]
     pub stop_timeout: Duration,
+    // --- resources and liveness (see [`crate::resources`]) ---
+    /// Memory limits, enforced through the node's cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Memory>,
+    /// CPU quota, in CPUs (`1.5` = 150 ms of CPU time per 100 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Relative CPU weight, 1-10000 (100 is the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
+    /// Most processes and threads the node may have at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u64>,
+    /// Relative block I/O weight, 1-10000 (100 is the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_weight: Option<u32>,
+    /// The node must send `WATCHDOG=1` on its notify socket at least this often once
+    /// ready (systemd's `WatchdogSec`), or it is restarted.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub watchdog: Option<Duration>,
+    /// A probe that must keep succeeding once the node is ready, or it is restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Liveness>,
+    // --- end of resources and liveness ---
 }
 
 fn default_max_failed_starts() -> u32 {
@@ -349,6 +379,14 @@ impl Node {
             readiness: Readiness::default(),
             stop_signal: default_stop_signal(),
             stop_timeout: default_stop_timeout(),
+            // --- resources and liveness ---
+            memory: None,
+            cpus: None,
+            cpu_weight: None,
+            pids_max: None,
+            io_weight: None,
+            watchdog: None,
+            liveness: None,
         }
     }
 }
@@ -360,7 +398,7 @@ impl Node {
 /// `{scripts}` becomes the node's scripts, one argument each (none when it has none), as
 /// Zeek's Supervisor appends them to a node's command line; elsewhere it is replaced by
 /// the scripts joined with spaces.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleTemplate {
     /// argv template.
@@ -368,6 +406,34 @@ pub struct RoleTemplate {
     /// Extra environment for every node of the role (a node's own env wins).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    // --- resources and liveness (see [`crate::resources`]) ---
+    /// Memory limits, for nodes of the role that set none; enforced through the node's cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Memory>,
+    /// CPU quota, in CPUs (`1.5` = 150 ms of CPU time per 100 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Relative CPU weight, 1-10000 (100 is the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
+    /// Most processes and threads the node may have at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u64>,
+    /// Relative block I/O weight, 1-10000 (100 is the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_weight: Option<u32>,
+    /// The node must send `WATCHDOG=1` on its notify socket at least this often once
+    /// ready (systemd's `WatchdogSec`), or it is restarted.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub watchdog: Option<Duration>,
+    /// A probe that must keep succeeding once the node is ready, or it is restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Liveness>,
+    // --- end of resources and liveness ---
 }
 
 /// A whole cluster configuration (Zeek's `Management::Configuration`).
@@ -491,6 +557,16 @@ impl Configuration {
             }
             for (k, v) in &t.env {
                 out.env.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            // --- resources and liveness: the node's own settings win ---
+            out.memory = out.memory.or(t.memory);
+            out.cpus = out.cpus.or(t.cpus);
+            out.cpu_weight = out.cpu_weight.or(t.cpu_weight);
+            out.pids_max = out.pids_max.or(t.pids_max);
+            out.io_weight = out.io_weight.or(t.io_weight);
+            out.watchdog = out.watchdog.or(t.watchdog);
+            if out.liveness.is_none() {
+                out.liveness.clone_from(&t.liveness);
             }
         }
         let port = node.port.map(|p| p.to_string()).unwrap_or_default();
@@ -800,6 +876,7 @@ mod tests {
                     ("NODE".into(), "{name}@{instance}".into()),
                     ("KEEP".into(), "template".into()),
                 ]),
+                ..RoleTemplate::default()
             },
         );
         let mut n = Node::new("w1", "a1");
@@ -823,6 +900,7 @@ mod tests {
             RoleTemplate {
                 command: vec!["zeek".into(), "local".into(), "{scripts}".into()],
                 env: BTreeMap::from([("SCRIPTS".into(), "[{scripts}]".into())]),
+                ..RoleTemplate::default()
             },
         );
         let mut n = Node::new("m", "a");
