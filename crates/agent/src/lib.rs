@@ -23,9 +23,11 @@
 pub mod backoff;
 pub mod cgroup;
 pub mod converge;
+pub mod limits;
 pub mod logs;
 pub mod logwatch;
 pub mod machine;
+pub mod probe;
 pub mod query;
 pub mod sockdir;
 pub mod supervisor;
