@@ -427,6 +427,24 @@ impl Host {
         )
     }
 
+    /// Removes the agent's (empty) v1 subtrees: the agent stopped its nodes and exits.
+    pub fn release(&self) {
+        for v in self.v1.values() {
+            if let Ok(dirs) = fs::read_dir(&v.nodes) {
+                for d in dirs
+                    .flatten()
+                    .filter(|d| d.file_type().is_ok_and(|t| t.is_dir()))
+                {
+                    let _ = fs::remove_dir(d.path());
+                }
+            }
+            let _ = fs::remove_dir(&v.nodes);
+            if let Some(subtree) = v.nodes.parent() {
+                let _ = fs::remove_dir(subtree);
+            }
+        }
+    }
+
     /// Removes the node's v1 cgroups (its v2 cgroup is removed with containment).
     pub fn remove(&self, node: &str) {
         for v in self.v1.values() {

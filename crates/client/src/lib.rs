@@ -669,6 +669,7 @@ mod tests {
             previous: None,
             pid: None,
             restarts: 0,
+            reason: None,
         }
     }
 

@@ -164,6 +164,7 @@ impl View {
                     previous: Some(s.state),
                     pid: s.pid,
                     restarts: s.restarts,
+                    reason: None,
                 });
                 s.state = State::Unknown;
             }
@@ -254,10 +255,20 @@ impl AgentView {
                 MgmtRole::None | MgmtRole::Node => {}
             }
             let previous = before.remove(&s.node);
-            let changed = previous
-                .as_ref()
-                .is_none_or(|p| p.state != s.state || p.restarts != s.restarts || p.pid != s.pid);
+            let changed = previous.as_ref().is_none_or(|p| {
+                p.state != s.state
+                    || p.restarts != s.restarts
+                    || p.pid != s.pid
+                    || p.last_failure != s.last_failure
+            });
             if changed {
+                let news = previous
+                    .as_ref()
+                    .is_none_or(|p| p.last_failure != s.last_failure);
+                let reason = s
+                    .last_failure
+                    .clone()
+                    .filter(|_| news || matches!(s.state, State::Crashed | State::Failed));
                 events.push(Event::NodeState {
                     instance: instance.to_owned(),
                     node: s.node.clone(),
@@ -265,6 +276,7 @@ impl AgentView {
                     previous: previous.map(|p| p.state),
                     pid: s.pid,
                     restarts: s.restarts,
+                    reason,
                 });
             }
             self.nodes.insert(s.node.clone(), s);

@@ -664,6 +664,31 @@ pub struct NodeStatus {
     /// For an agent's own entry: how many CPUs its nodes may be pinned to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
+    // --- resources and liveness ---
+    /// Memory charged to the node's cgroup, its children's included, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU time of the node's cgroup, its children's included, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_cpu_ms: Option<u64>,
+    /// Processes of the node the kernel killed for memory, since the agent started.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub oom_kills: u32,
+    /// Restarts forced by a failed watchdog or liveness probe, since the agent started.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub liveness_failures: u32,
+    /// Why the node's process last ended without being asked to (`oom-killed`, a
+    /// watchdog timeout, a failed probe), kept across its restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl NodeStatus {
@@ -687,6 +712,11 @@ impl NodeStatus {
             last_error: None,
             generation: None,
             cpus: None,
+            memory_bytes: None,
+            cgroup_cpu_ms: None,
+            oom_kills: 0,
+            liveness_failures: 0,
+            last_failure: None,
         }
     }
 }
