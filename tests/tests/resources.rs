@@ -167,7 +167,7 @@ fn v1_cgroup(pid: u64, ctl: &str) -> Option<String> {
 fn a_node_over_its_memory_limit_is_oom_killed_and_reported_as_such() {
     let s = setup();
     let body = format!(
-        "[nodes.hog]\ninstance = \"agent-1\"\ncommand = {}\nmemory = {{ max = \"48M\" }}\n[nodes.steady]\ninstance = \"agent-1\"\ncommand = {}\nmemory = {{ max = \"64M\", high = \"32M\" }}\n",
+        "[nodes.hog]\ninstance = \"agent-1\"\ncommand = {}\nmemory = {{ max = \"48M\" }}\n[nodes.steady]\ninstance = \"agent-1\"\ncommand = {}\nmemory = {{ max = \"64M\", high = \"32M\" }}\ncpus = 0.5\ncpu_weight = 50\npids_max = 64\n",
         testprog(&["--alloc-mib", "256"]),
         testprog(&["--alloc-mib", "8"]),
     );
@@ -224,6 +224,21 @@ fn a_node_over_its_memory_limit_is_oom_killed_and_reported_as_such() {
             !tasks.lines().any(|t| t == s.agent.pid().to_string()),
             "the spawning thread went back"
         );
+    }
+    // CPU and pids limits, where v1 holds them (written once the node runs).
+    let read = |ctl: &str, file: &str| {
+        let path = v1_cgroup(pid, ctl).filter(|p| p.ends_with("/nodes/steady"))?;
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{ctl}{path}/{file}"))
+            .ok()
+            .map(|t| t.trim().to_owned())
+    };
+    if let Some(quota) = read("cpu", "cpu.cfs_quota_us") {
+        assert_eq!(quota, "50000");
+        assert_eq!(read("cpu", "cpu.cfs_period_us").unwrap(), "100000");
+        assert_eq!(read("cpu", "cpu.shares").unwrap(), "512");
+    }
+    if let Some(max) = read("pids", "pids.max") {
+        assert_eq!(max, "64");
     }
     // Removed from the configuration, its cgroups go.
     let (code, v, _) = s.deploy("");

@@ -1880,11 +1880,15 @@ impl Core {
                     return;
                 };
                 p.monitors = None;
+                let actions = e.machine.unhealthy(now);
+                // Not ready, or being stopped: nothing to restart.
+                if actions.is_empty() {
+                    return;
+                }
                 warn!(node = %node, "{reason}; killing it, to be restarted under its policy");
                 e.liveness_failures = e.liveness_failures.saturating_add(1);
                 e.last_failure = Some(reason.clone());
                 e.last_error = Some(reason);
-                let actions = e.machine.unhealthy(now);
                 self.run_actions(&node, actions);
                 self.save_record(&node);
                 self.bump(&node);

@@ -441,6 +441,31 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_reason_travels_with_the_state_change_it_explains() {
+        let reason = |e: &[Event]| match e {
+            [Event::NodeState { reason, .. }] => reason.clone(),
+            other => panic!("{other:?}"),
+        };
+        let mut view = View::default();
+        view.report("a", 1, true, vec![node("n", State::Running, 10)]);
+        let mut killed = node("n", State::Crashed, 10);
+        killed.last_failure = Some("oom-killed".into());
+        let events = view.report("a", 1, true, vec![killed.clone()]);
+        assert_eq!(reason(&events).as_deref(), Some("oom-killed"));
+        // Running again: the reason is kept in the status but is no news.
+        let mut again = node("n", State::Running, 11);
+        again.last_failure = killed.last_failure.clone();
+        assert_eq!(
+            reason(&view.report("a", 1, true, vec![again.clone()])),
+            None
+        );
+        // A new reason while the state stays is an event of its own.
+        again.last_failure = Some("watchdog timeout".into());
+        let events = view.report("a", 1, true, vec![again]);
+        assert_eq!(reason(&events).as_deref(), Some("watchdog timeout"));
+    }
+
+    #[test]
     fn the_applied_generation_is_the_higher_of_report_and_acknowledgement() {
         let mut view = View::default();
         assert_eq!(view.applied("a"), None);
