@@ -222,6 +222,9 @@ pub struct Host {
     v1: BTreeMap<Ctl, V1>,
     /// Why a controller has no usable v1 hierarchy.
     v1_why: BTreeMap<Ctl, String>,
+    /// Nodes with a v1 memory cgroup: only theirs is read (status reports ask about
+    /// every node, most of which have none).
+    v1_memory: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Where one node's limits live: its v1 cgroups (the spawning thread enters them), and
@@ -359,6 +362,7 @@ impl Host {
         if limits.is_empty() {
             return Ok(placement);
         }
+        self.adopted(node, limits);
         let v2w = limits.writes(true);
         for w in limits.writes(false) {
             if self.v2.contains(&w.ctl) {
@@ -391,6 +395,29 @@ impl Host {
         Ok(placement)
     }
 
+    /// Notes the limits of a node found running (or about to start): whether it has a
+    /// memory cgroup of its own to account.
+    pub fn adopted(&self, node: &str, limits: &Limits) {
+        if self.v1_memory_of(limits) {
+            self.v1_memory
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(node.to_owned());
+        }
+    }
+
+    fn v1_memory_of(&self, limits: &Limits) -> bool {
+        !self.v2.contains(&Ctl::Memory)
+            && self.v1.contains_key(&Ctl::Memory)
+            && (limits.memory_max.is_some() || limits.memory_high.is_some())
+    }
+
+    /// True when a node with these limits has a memory cgroup of its own, which counts
+    /// its OOM kills.
+    pub fn counts_oom(&self, limits: &Limits) -> bool {
+        self.v2.contains(&Ctl::Memory) || self.v1_memory_of(limits)
+    }
+
     /// Memory charged to the node's cgroup (children included) and its CPU time in
     /// microseconds, where a cgroup accounts them.
     pub fn usage(&self, node: &str) -> (Option<u64>, Option<u64>) {
@@ -398,10 +425,17 @@ impl Host {
         let memory = if self.v2.contains(&Ctl::Memory) {
             v2.as_ref()
                 .and_then(|d| read_u64(&d.join("memory.current")))
-        } else {
+        } else if self
+            .v1_memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(node)
+        {
             self.v1
                 .get(&Ctl::Memory)
                 .and_then(|v| read_u64(&v.nodes.join(node).join("memory.usage_in_bytes")))
+        } else {
+            None
         };
         let cpu = v2
             .as_ref()
@@ -447,6 +481,10 @@ impl Host {
 
     /// Removes the node's v1 cgroups (its v2 cgroup is removed with containment).
     pub fn remove(&self, node: &str) {
+        self.v1_memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
         for v in self.v1.values() {
             let _ = fs::remove_dir(v.nodes.join(node));
         }

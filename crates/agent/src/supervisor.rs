@@ -531,7 +531,7 @@ fn write_node_files(workdir: &Path, files: &BTreeMap<String, String>) -> Result<
 fn add_usage(statuses: &mut [NodeStatus], host: &limits::Host) {
     for s in statuses
         .iter_mut()
-        .filter(|s| s.mgmt_role == MgmtRole::None)
+        .filter(|s| s.mgmt_role == MgmtRole::None && s.pid.is_some())
     {
         (s.memory_bytes, s.cgroup_cpu_ms) = host.usage(&s.node);
         s.cgroup_cpu_ms = s.cgroup_cpu_ms.map(|us| us / 1000);
@@ -1550,11 +1550,16 @@ impl Core {
         if let Some(w) = spec.watchdog {
             env.insert("WATCHDOG_USEC", w.as_micros().to_string());
         }
+        let limits = Limits::of(spec);
         let placement = self
             .host
-            .prepare(name, &Limits::of(spec))
+            .prepare(name, &limits)
             .map_err(|err| format!("node '{name}': cannot set its resource limits: {err}"))?;
-        let oom_base = self.host.oom_kills(name);
+        let oom_base = if self.host.counts_oom(&limits) {
+            self.host.oom_kills(name)
+        } else {
+            None
+        };
         // --- end of resources and liveness ---
         let env_list: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let path = env["PATH"].clone();
@@ -1812,10 +1817,10 @@ impl Core {
                 if let Some(probe) = &p.probe {
                     probe.abort();
                 }
-                let oom = match (p.oom_base, self.host.oom_kills(&node)) {
-                    (Some(before), Some(after)) => after.saturating_sub(before),
-                    _ => 0,
-                };
+                let oom = p
+                    .oom_base
+                    .and_then(|before| Some(self.host.oom_kills(&node)?.saturating_sub(before)))
+                    .unwrap_or(0);
                 // Whatever the main process left behind goes with it.
                 kill_remains(&p);
                 if p.child {
@@ -2453,7 +2458,13 @@ impl Core {
                 }
             };
         let fd = sys::PidFd::open_id(id)?;
-        let oom_base = self.host.oom_kills(name);
+        let limits = Limits::of(&record.spec);
+        self.host.adopted(name, &limits);
+        let oom_base = if self.host.counts_oom(&limits) {
+            self.host.oom_kills(name)
+        } else {
+            None
+        };
         let current = self
             .nodes
             .get(name)
