@@ -289,7 +289,7 @@ fn is_exiting(pid: u32) -> bool {
 }
 
 /// `drover-agent-<instance>-<FNV-1a of the state dir, 8 hex digits>`.
-fn subtree_name(instance: &str, state_dir: &Path) -> String {
+pub fn subtree_name(instance: &str, state_dir: &Path) -> String {
     let mut h: u32 = 0x811c_9dc5;
     for b in state_dir.as_os_str().as_encoded_bytes() {
         h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);

@@ -25,9 +25,11 @@ pub mod cgroup;
 pub mod converge;
 pub mod exec;
 mod handover;
+pub mod limits;
 pub mod logs;
 pub mod logwatch;
 pub mod machine;
+pub mod probe;
 pub mod query;
 pub mod sockdir;
 pub mod supervisor;
@@ -1093,6 +1095,38 @@ async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String
         "drover_agent_node_rss_bytes",
         "Resident memory per node.",
         &rss,
+    );
+    // --- resources and liveness ---
+    let per_node = |value: &dyn Fn(&NodeStatus) -> Option<f64>| -> Vec<(String, f64)> {
+        statuses
+            .iter()
+            .filter(|s| s.mgmt_role == MgmtRole::None)
+            .filter_map(|s| Some((drover_metrics::labels(&[("node", &s.node)]), value(s)?)))
+            .collect()
+    };
+    drover_metrics::gauge(
+        &mut out,
+        "drover_agent_node_memory_bytes",
+        "Memory charged to each node's cgroup, its children's included.",
+        &per_node(&|s| Some(s.memory_bytes? as f64)),
+    );
+    drover_metrics::counter_samples(
+        &mut out,
+        "drover_agent_node_cpu_seconds_total",
+        "CPU time of each node's cgroup, its children's included.",
+        &per_node(&|s| Some(s.cgroup_cpu_ms? as f64 / 1000.0)),
+    );
+    drover_metrics::counter_samples(
+        &mut out,
+        "drover_agent_node_oom_kills_total",
+        "Processes of each node the kernel killed for exceeding its memory limit, since the agent started.",
+        &per_node(&|s| Some(f64::from(s.oom_kills))),
+    );
+    drover_metrics::counter_samples(
+        &mut out,
+        "drover_agent_node_liveness_failures_total",
+        "Restarts of each node forced by its watchdog or liveness probe, since the agent started.",
+        &per_node(&|s| Some(f64::from(s.liveness_failures))),
     );
     let dropped: Vec<(String, f64)> = statuses
         .iter()

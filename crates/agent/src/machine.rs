@@ -57,6 +57,11 @@
 //!   [`Action::SignalStop`] and, if still alive after
 //!   [`MachineConfig::stop_timeout_ms`], [`Action::Kill`]; a scheduled
 //!   restart is cancelled; `Failed` becomes `Stopped`.
+//! * [`Machine::unhealthy`]: a liveness check (watchdog, probe) failed while
+//!   the node was ready. The process gets [`Action::Kill`], the failure is
+//!   counted, and its exit leads to a restart under the policy (or `Failed`),
+//!   exactly as a crash after ready would; the state stays `Running` until
+//!   the exit is seen.
 //! * [`Machine::adopt`]: a fresh agent found the node already running.
 //! * [`Machine::tick`]: timers. Calling it early, late or repeatedly is
 //!   harmless.
@@ -418,8 +423,9 @@ enum Phase {
     Starting { deadline: Millis },
     /// Process alive and ready. `Running`.
     Running,
-    /// Readiness timed out, `Kill` sent (failure already counted), waiting
-    /// for the exit. `Pending`.
+    /// Readiness timed out or a liveness check failed, `Kill` sent (failure
+    /// already counted), waiting for the exit. `Pending` or `Running`, as
+    /// before.
     Aborting,
     /// Requested stop in progress. Reports the state it had (`Pending` or
     /// `Running`).
@@ -662,6 +668,20 @@ impl Machine {
         self.step(now, |m, out| {
             if matches!(m.phase, Phase::Starting { .. }) && m.config.readiness.is_signalled() {
                 m.become_ready(now, out);
+            }
+        })
+    }
+
+    /// A liveness check failed (see the module docs). Ignored unless the node
+    /// is ready and not being stopped.
+    #[must_use = "the returned actions must be executed"]
+    pub fn unhealthy(&mut self, now: Millis) -> Vec<Action> {
+        self.step(now, |m, out| {
+            if m.phase == Phase::Running {
+                m.reset_streak_if_healthy(now);
+                out.push(Action::Kill);
+                m.record_failure();
+                m.phase = Phase::Aborting;
             }
         })
     }
@@ -1196,6 +1216,41 @@ mod tests {
     }
 
     #[test]
+    fn unhealthy_kills_then_restarts_under_the_policy() {
+        for (policy, after) in [
+            (RestartPolicy::OnFailure, State::Crashed),
+            (RestartPolicy::Always, State::Crashed),
+            (RestartPolicy::Never, State::Failed),
+        ] {
+            let mut m = machine(|c| c.restart = policy);
+            let t = running_at(&mut m, 0);
+            let restarts = m.restart_count();
+            assert_eq!(m.unhealthy(t + 5), vec![Kill], "{policy:?}");
+            assert_eq!(m.state(), State::Running, "until the exit is seen");
+            assert_eq!(m.consecutive_failures(), 1);
+            assert!(m.unhealthy(t + 6).is_empty(), "once");
+            // A clean exit on SIGTERM while being killed is still this failure.
+            let out = m.exited(t + 10, Code(0));
+            assert_eq!(out, vec![StateChanged(after)], "{policy:?}");
+            assert_eq!(m.consecutive_failures(), 1, "counted once");
+            if after == State::Crashed {
+                let due = m.next_restart_at().unwrap();
+                assert_eq!(m.tick(due), vec![StateChanged(State::Pending), Spawn]);
+                assert_eq!(m.restart_count(), restarts + 1);
+            }
+        }
+        // Not ready yet, stopping, or no process: nothing to do.
+        let mut m = machine(|c| c.readiness = Readiness::Notify { timeout_ms: 1_000 });
+        assert!(m.unhealthy(0).is_empty());
+        let _ = m.start(0);
+        let _ = m.spawned(1, 10);
+        assert!(m.unhealthy(2).is_empty());
+        let _ = m.ready(3);
+        let _ = m.stop(4);
+        assert!(m.unhealthy(5).is_empty());
+    }
+
+    #[test]
     fn stop_with_signal_ignored_kills_at_timeout() {
         let mut m = machine(|_| {});
         let t = running_at(&mut m, 0);
@@ -1550,6 +1605,7 @@ mod tests {
             Tick,
             TickAtDeadline,
             Adopt(u32, bool),
+            Unhealthy,
         }
 
         fn event() -> impl Strategy<Value = Ev> {
@@ -1563,6 +1619,7 @@ mod tests {
                 1 => Just(Ev::Tick),
                 3 => Just(Ev::TickAtDeadline),
                 1 => (1u32..100, any::<bool>()).prop_map(|(p, r)| Ev::Adopt(p, r)),
+                1 => Just(Ev::Unhealthy),
             ]
         }
 
@@ -1628,6 +1685,7 @@ mod tests {
                         Ev::Exited(e) => m.exited(t, e),
                         Ev::Tick | Ev::TickAtDeadline => m.tick(t),
                         Ev::Adopt(pid, ready) => m.adopt(t, pid, ready),
+                        Ev::Unhealthy => m.unhealthy(t),
                     };
                     prop_assert!(m.restart_count() >= restarts);
                     if out.contains(&Action::Spawn) {
@@ -1707,6 +1765,7 @@ mod tests {
                             t = t.max(m.next_deadline().unwrap_or(t));
                             m.tick(t)
                         }
+                        6 if w.alive.is_some() => m.unhealthy(t),
                         _ => m.tick(t),
                     };
                     apply(&mut w, &out)?;

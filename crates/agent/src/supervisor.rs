@@ -81,8 +81,10 @@ use tracing::{debug, info, warn};
 
 use crate::cgroup::{self, CgroupSetting, Cgroups};
 use crate::converge::{self, Desired, Found, Settled, Stray, Then, Verdict, Want};
+use crate::limits::{self, Limits};
 use crate::logs::{LogConfig, NodeLogs};
 use crate::machine::{self, Action, Machine, MachineConfig, Millis};
+use crate::probe;
 use crate::sockdir::SocketDirs;
 use crate::sys::{self, ProcId};
 
@@ -116,6 +118,8 @@ pub struct Supervisor {
     /// Set when the supervisor task ended other than by [`Supervisor::shutdown`]: a
     /// panic.
     failure: watch::Receiver<Option<String>>,
+    /// What the host's cgroups enforce and account (see [`crate::limits`]).
+    host: std::sync::Arc<limits::Host>,
 }
 
 #[derive(Debug)]
@@ -191,9 +195,17 @@ enum Event {
     Notify {
         node: String,
         text: String,
+        /// Who sent it (see [`probe::Sender`]).
+        sender: probe::Sender,
         /// One of the node's [`NOTIFY_QUEUE`] places in the queue, given back when the
         /// event has been handled.
         _queued: tokio::sync::OwnedSemaphorePermit,
+    },
+    /// A liveness check of the process of this generation failed.
+    Unhealthy {
+        node: String,
+        generation: u64,
+        reason: String,
     },
     /// The desired state of the Apply in [`Core::writing`] is on disk and its new
     /// nodes' directories, logs and sockets are made, or it could not be written.
@@ -298,6 +310,10 @@ struct Proc {
     cgroup: Option<PathBuf>,
     /// A pidfd of the process, to signal its process group when it has no cgroup.
     pidfd: Option<sys::PidFd>,
+    /// OOM kills in the node's memory cgroup when it started.
+    oom_base: Option<u64>,
+    /// Its watchdog and liveness probe, once it is ready.
+    monitors: Option<probe::Monitors>,
 }
 
 #[derive(Debug)]
@@ -323,6 +339,10 @@ struct Entry {
     last_exit: Option<model::ExitStatus>,
     /// Why the last start failed (an exec error), until the node next runs.
     last_error: Option<String>,
+    /// Why its process last ended unasked (OOM kill, liveness), and how often.
+    last_failure: Option<String>,
+    oom_kills: u32,
+    liveness_failures: u32,
     notify_task: Option<tokio::task::AbortHandle>,
     /// What its child applies before exec, once resolved for `spec` (or why it cannot).
     plan: Option<Result<std::sync::Arc<crate::exec::Plan>, String>>,
@@ -383,6 +403,8 @@ struct Core {
     cgroups: Option<Cgroups>,
     /// The agent stops its nodes on shutdown: remove its cgroup subtree at the end.
     release_cgroups: bool,
+    /// What the host's cgroups enforce and account (see [`crate::limits`]).
+    host: std::sync::Arc<limits::Host>,
 }
 
 /// A node count for [`Progress`].
@@ -549,8 +571,16 @@ fn write_node_files(workdir: &Path, files: &BTreeMap<String, String>) -> Result<
     Ok(())
 }
 
-/// Fills in RSS and CPU time from `/proc` for statuses with a process.
-fn add_usage(statuses: &mut [NodeStatus]) {
+/// Fills in RSS and CPU time from `/proc` for statuses with a process, and the memory
+/// and CPU time of their cgroups where these account them.
+fn add_usage(statuses: &mut [NodeStatus], host: &limits::Host) {
+    for s in statuses
+        .iter_mut()
+        .filter(|s| s.mgmt_role == MgmtRole::None && s.pid.is_some())
+    {
+        (s.memory_bytes, s.cgroup_cpu_ms) = host.usage(&s.node);
+        s.cgroup_cpu_ms = s.cgroup_cpu_ms.map(|us| us / 1000);
+    }
     for s in statuses {
         if let Some(st) = s
             .pid
@@ -612,6 +642,11 @@ impl Supervisor {
         if let Some(c) = &cgroups {
             info!(cgroup = %c.root().display(), "nodes are contained in cgroups");
         }
+        let host = std::sync::Arc::new(limits::Host::discover(
+            cgroups.as_ref(),
+            &cgroup::subtree_name(&cfg.instance, &cfg.state_dir),
+        ));
+        info!(controllers = %host.describe(), "cgroup controllers for node limits");
         let (tx, rx) = mpsc::channel(256);
         // Unbounded, but bounded by construction: each process sends at most one Exited
         // and one Ready, and each node at most NOTIFY_QUEUE Notify at a time.
@@ -638,6 +673,7 @@ impl Supervisor {
             membership_changed: true,
             cgroups,
             release_cgroups: false,
+            host: host.clone(),
         };
         core.recover();
         let task = tokio::spawn(core.run(rx, events_rx));
@@ -662,6 +698,7 @@ impl Supervisor {
             changes: changes_rx,
             applied: applied_rx,
             failure: failure_rx,
+            host,
         })
     }
 
@@ -714,7 +751,7 @@ impl Supervisor {
             .ask(|reply| Command::Status { reply })
             .await
             .unwrap_or_default();
-        add_usage(&mut statuses);
+        add_usage(&mut statuses, &self.host);
         statuses
     }
 
@@ -726,7 +763,7 @@ impl Supervisor {
             .ask(|reply| Command::Changes { full, reply })
             .await
             .unwrap_or_default();
-        add_usage(&mut statuses);
+        add_usage(&mut statuses, &self.host);
         (full, statuses)
     }
 
@@ -1004,6 +1041,23 @@ impl Core {
                         .send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
                     continue;
                 }
+            }
+            // Limits this host cannot enforce are refused before anything changes.
+            let refused: Vec<String> = a
+                .config
+                .nodes_on(&instance)
+                .filter_map(|n| {
+                    let n = a.config.resolve(n);
+                    self.host.check(&n.name, &Limits::of(&n)).err()
+                })
+                .collect();
+            if !refused.is_empty() {
+                let msg = format!("{}; nothing changed", refused.join("; "));
+                warn!("{msg}");
+                let _ = a
+                    .reply
+                    .send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
+                continue;
             }
             let desired = Desired {
                 generation,
@@ -1451,6 +1505,9 @@ impl Core {
             status_text: None,
             last_exit: None,
             last_error: None,
+            last_failure: None,
+            oom_kills: 0,
+            liveness_failures: 0,
             notify_task: None,
             plan: None,
             written: Vec::new(),
@@ -1471,6 +1528,7 @@ impl Core {
         name: &str,
         sock: std::os::unix::net::UnixDatagram,
     ) -> std::io::Result<tokio::task::AbortHandle> {
+        probe::pass_credentials(&sock)?;
         let sock = UnixDatagram::from_std(sock)?;
         let events = self.events.clone();
         let node = name.to_owned();
@@ -1481,7 +1539,7 @@ impl Core {
                 let Ok(queued) = queue.clone().acquire_owned().await else {
                     break;
                 };
-                let Ok(n) = sock.recv(&mut buf).await else {
+                let Ok((n, sender)) = probe::recv(&sock, &mut buf).await else {
                     break;
                 };
                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -1489,6 +1547,7 @@ impl Core {
                     .send(Event::Notify {
                         node: node.clone(),
                         text,
+                        sender,
                         _queued: queued,
                     })
                     .is_err()
@@ -1520,6 +1579,7 @@ impl Core {
                     // state change the record must learn of here.
                     if state == machine::State::Running {
                         self.save_record(name);
+                        self.start_monitors(name);
                     }
                     self.bump(name);
                 }
@@ -1617,10 +1677,43 @@ impl Core {
             ("DROVER_QUERY_SOCKET", query.display().to_string()),
             ("DROVER_NODE_TOKEN", token.to_string()),
         ]);
+        // --- resources and liveness ---
+        if let Some(w) = spec.watchdog {
+            env.insert("WATCHDOG_USEC", w.as_micros().to_string());
+        }
+        let limits = Limits::of(spec);
+        let placement = self
+            .host
+            .prepare(name, &limits)
+            .map_err(|err| format!("node '{name}': cannot set its resource limits: {err}"))?;
+        let oom_base = if self.host.counts_oom(&limits) {
+            self.host.oom_kills(name)
+        } else {
+            None
+        };
+        // --- end of resources and liveness ---
         let env_list: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let path = env["PATH"].clone();
-        let program = program.clone();
-        let args = args.to_vec();
+        let (program, args) = match spec.watchdog {
+            // WATCHDOG_PID must be the node's pid, known only once it runs: a shell
+            // sets it to its own and execs the node, which keeps that pid.
+            Some(_) => {
+                let resolved = sys::resolve_program(program, &path).map_err(|err| {
+                    format!(
+                        "node '{name}': cannot execute {program}: {}",
+                        sys::cause(&err)
+                    )
+                })?;
+                let mut shim = vec![
+                    "-c".to_owned(),
+                    "WATCHDOG_PID=$$; export WATCHDOG_PID; exec \"$0\" \"$@\"".to_owned(),
+                    resolved.display().to_string(),
+                ];
+                shim.extend(args.iter().cloned());
+                ("/bin/sh".to_owned(), shim)
+            }
+            None => (program.clone(), args.to_vec()),
+        };
         self.announce_spawn(name, token);
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
         // Resolved when the Apply prepared the node or at recovery; a node without such
@@ -1659,7 +1752,20 @@ impl Core {
             })?),
             None => None,
         };
+        // The spawning thread takes the node into its cgroup v1 limits (see
+        // [`crate::limits`]).
+        if !placement.is_empty()
+            && let Err(err) = placement.enter()
+        {
+            if let Some(prev) = &previous {
+                let _ = sys::restore_thread_affinity(prev);
+            }
+            return Err(format!(
+                "node '{name}': cannot set its resource limits: {err}"
+            ));
+        }
         let spawned = sys::spawn_clean(&launch);
+        placement.leave();
         if let Some(prev) = &previous
             && let Err(err) = sys::restore_thread_affinity(prev)
         {
@@ -1672,6 +1778,9 @@ impl Core {
             )
         })?;
         drop((out, err));
+        if let Err(err) = placement.finish() {
+            warn!(node = %name, "a resource limit could not be set once the node ran: {err}");
+        }
         let pid = u32::try_from(pid_i).map_err(|_| "pid out of range")?;
         let start_ticks = sys::proc_id(pid_i).map(|p| p.start_ticks).unwrap_or(0);
         let generation = e.generation;
@@ -1719,6 +1828,8 @@ impl Core {
             child: true,
             cgroup,
             pidfd,
+            oom_base,
+            monitors: None,
         });
         e.spawning = None;
         e.status_text = None;
@@ -1727,6 +1838,42 @@ impl Core {
         // agent killed now would start the node a second time.
         self.save_record(name);
         Ok(pid)
+    }
+
+    /// Starts the watchdog and liveness probe of the node's process, now ready, if its
+    /// spec has them. A failure comes back as [`Event::Unhealthy`], once per monitor.
+    fn start_monitors(&mut self, name: &str) {
+        let events = self.events.clone();
+        let Some(e) = self.nodes.get_mut(name) else {
+            return;
+        };
+        let Some(p) = e.proc.as_mut() else {
+            return;
+        };
+        if p.monitors.is_some() || (p.spec.watchdog.is_none() && p.spec.liveness.is_none()) {
+            return;
+        }
+        let workdir = p
+            .spec
+            .workdir
+            .as_ref()
+            .map_or_else(|| e.dir.join("work"), PathBuf::from);
+        let generation = p.generation;
+        let node = name.to_owned();
+        let report: probe::Report = std::sync::Arc::new(move |reason| {
+            let _ = events.send(Event::Unhealthy {
+                node: node.clone(),
+                generation,
+                reason,
+            });
+        });
+        p.monitors = Some(probe::Monitors::start(
+            p.spec.watchdog,
+            p.spec.liveness.as_ref(),
+            workdir,
+            u32::try_from(p.id.pid).unwrap_or(0),
+            report,
+        ));
     }
 
     /// Writes the token of the spawn about to happen into the node's record, so that an
@@ -1811,6 +1958,10 @@ impl Core {
                 if let Some(probe) = &p.probe {
                     probe.abort();
                 }
+                let oom = p
+                    .oom_base
+                    .and_then(|before| Some(self.host.oom_kills(&node)?.saturating_sub(before)))
+                    .unwrap_or(0);
                 // Whatever the main process left behind goes with it.
                 kill_remains(&p);
                 if p.child {
@@ -1840,6 +1991,14 @@ impl Core {
                 if !matches!(exit, machine::ExitStatus::Code(-1)) {
                     e.last_exit = Some(to_model_exit(exit));
                 }
+                if oom > 0 {
+                    warn!(node = %node, kills = oom, "the kernel killed processes of the node for exceeding its memory limit");
+                    e.oom_kills = e
+                        .oom_kills
+                        .saturating_add(u32::try_from(oom).unwrap_or(u32::MAX));
+                    e.last_failure = Some("oom-killed".to_owned());
+                    e.last_error = Some("oom-killed".to_owned());
+                }
                 info!(node = %node, pid = p.id.pid, ?exit, "process exited");
                 let actions = e.machine.exited(now, exit);
                 self.run_actions(&node, actions);
@@ -1855,13 +2014,53 @@ impl Core {
                     self.run_actions(&node, actions);
                 }
             }
-            Event::Notify { node, text, .. } => {
+            Event::Unhealthy {
+                node,
+                generation,
+                reason,
+            } => {
                 let Some(e) = self.nodes.get_mut(&node) else {
                     return;
                 };
+                let Some(p) = e.proc.as_mut().filter(|p| p.generation == generation) else {
+                    return;
+                };
+                p.monitors = None;
+                let actions = e.machine.unhealthy(now);
+                // Not ready, or being stopped: nothing to restart.
+                if actions.is_empty() {
+                    return;
+                }
+                warn!(node = %node, "{reason}; killing it, to be restarted under its policy");
+                e.liveness_failures = e.liveness_failures.saturating_add(1);
+                e.last_failure = Some(reason.clone());
+                e.last_error = Some(reason);
+                self.run_actions(&node, actions);
+                self.save_record(&node);
+                self.bump(&node);
+            }
+            Event::Notify {
+                node, text, sender, ..
+            } => {
+                let Some(e) = self.nodes.get_mut(&node) else {
+                    return;
+                };
+                let main = e.proc.as_ref().and_then(|p| u32::try_from(p.id.pid).ok());
+                let cg = e.proc.as_ref().and_then(|p| p.cgroup.clone());
+                if !sender.belongs(main, cg.as_deref()) {
+                    debug!(node = %node, pid = ?sender.pid, "ignoring a notify message from a process that is not the node's");
+                    return;
+                }
                 let mut ready = false;
+                let mut trigger = false;
                 for line in text.lines() {
-                    if line == "READY=1" {
+                    if line == "WATCHDOG=1" {
+                        if let Some(m) = e.proc.as_ref().and_then(|p| p.monitors.as_ref()) {
+                            m.ping();
+                        }
+                    } else if line == "WATCHDOG=trigger" {
+                        trigger = e.proc.as_ref().is_some_and(|p| p.spec.watchdog.is_some());
+                    } else if line == "READY=1" {
                         ready = true;
                     } else if let Some(s) = line.strip_prefix("STATUS=") {
                         e.status_text = Some(s.chars().take(256).collect());
@@ -1874,6 +2073,19 @@ impl Core {
                 {
                     let actions = e.machine.ready(now);
                     self.run_actions(&node, actions);
+                }
+                if trigger
+                    && let Some(generation) = self
+                        .nodes
+                        .get(&node)
+                        .and_then(|e| e.proc.as_ref())
+                        .map(|p| p.generation)
+                {
+                    self.event(Event::Unhealthy {
+                        node,
+                        generation,
+                        reason: "watchdog triggered by the node (WATCHDOG=trigger)".to_owned(),
+                    });
                 }
             }
         }
@@ -1936,7 +2148,8 @@ impl Core {
             .values()
             .filter_map(|e| e.proc.as_ref().filter(|p| p.child).map(|p| p.id.pid))
             .collect();
-        for (pid, exit) in sys::reap_orphans(&|pid| tracked.contains(&pid)) {
+        for (pid, exit) in sys::reap_orphans(&|pid| tracked.contains(&pid) || probe::is_probe(pid))
+        {
             debug!(pid, ?exit, "reaped an orphaned descendant of a node");
         }
         self.sweep_orphans();
@@ -1977,6 +2190,7 @@ impl Core {
             if let Some(c) = &self.cgroups {
                 remove_cgroup(c.node(name));
             }
+            self.host.remove(name);
             info!(node = %name, "node removed");
             self.membership_changed = true;
             self.bump(name);
@@ -2084,6 +2298,9 @@ impl Core {
             }
             c.release();
         }
+        if self.release_cgroups {
+            self.host.release();
+        }
         if let Some((_, reply)) = self.shutdown.take() {
             let _ = reply.send(());
         }
@@ -2120,6 +2337,9 @@ impl Core {
         s.status_text.clone_from(&e.status_text);
         s.generation = Some(e.deploy_gen);
         s.last_error.clone_from(&e.last_error);
+        s.last_failure.clone_from(&e.last_failure);
+        s.oom_kills = e.oom_kills;
+        s.liveness_failures = e.liveness_failures;
         if let Some(p) = &e.proc {
             s.pid = u32::try_from(p.id.pid).ok();
             s.started_at_ms = Some(p.started_at_ms);
@@ -2404,6 +2624,13 @@ impl Core {
                 }
             };
         let fd = sys::PidFd::open_id(id)?;
+        let limits = Limits::of(&record.spec);
+        self.host.adopted(name, &limits);
+        let oom_base = if self.host.counts_oom(&limits) {
+            self.host.oom_kills(name)
+        } else {
+            None
+        };
         let current = self
             .nodes
             .get(name)
@@ -2430,6 +2657,8 @@ impl Core {
             child: false,
             cgroup,
             pidfd: sys::PidFd::open_id(id).ok(),
+            oom_base,
+            monitors: None,
         });
         let events = self.events.clone();
         let node = name.to_owned();

@@ -600,7 +600,7 @@ impl CArgs {
 
 /// A program name looked up in `path` as `execvp` would: the first directory holding
 /// an executable file of that name; a name with a `/` is used as it is.
-fn resolve_program(program: &str, path: &str) -> io::Result<std::path::PathBuf> {
+pub fn resolve_program(program: &str, path: &str) -> io::Result<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     if program.contains('/') {
         return Ok(std::path::PathBuf::from(program));

@@ -265,6 +265,16 @@ pub fn get_nodes(reply: &ClientResponse) -> (Value, bool) {
             if let Some(e) = &s.last_error {
                 v.insert("last_error".into(), json!(e));
             }
+            // Likewise only there once the node failed a limit or a liveness check.
+            if let Some(f) = &s.last_failure {
+                v.insert("last_failure".into(), json!(f));
+            }
+            if s.oom_kills > 0 {
+                v.insert("oom_kills".into(), json!(s.oom_kills));
+            }
+            if s.liveness_failures > 0 {
+                v.insert("liveness_failures".into(), json!(s.liveness_failures));
+            }
             nodes.insert(s.node.clone(), Value::Object(v));
         }
         res.insert(r.instance.clone().unwrap_or_default(), Value::Object(nodes));

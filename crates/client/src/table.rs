@@ -119,8 +119,8 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64) -> (String, bool) {
     let mut warnings = Vec::new();
     let desired = desired_generation(results);
     let mut t = new_table(&[
-        "INSTANCE", "NODE", "ROLE", "STATE", "PID", "RESTARTS", "UPTIME", "RSS MIB", "GEN",
-        "STATUS",
+        "INSTANCE", "NODE", "ROLE", "STATE", "PID", "RESTARTS", "UPTIME", "MEM MIB", "CPU S",
+        "GEN", "STATUS",
     ]);
     let mut ok = true;
     let mut errors = Vec::new();
@@ -175,16 +175,23 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64) -> (String, bool) {
                 Cell::new(s.pid.map_or("-".into(), |p| p.to_string())),
                 Cell::new(s.restarts),
                 Cell::new(age(s.started_at_ms)),
-                Cell::new(mib(s.rss_bytes)),
+                // The cgroup's figures cover the node's children too.
+                Cell::new(mib(s.memory_bytes.or(s.rss_bytes))),
+                Cell::new(
+                    s.cgroup_cpu_ms
+                        .or(s.cpu_ms)
+                        .map_or("-".into(), |ms| format!("{:.1}", ms as f64 / 1000.0)),
+                ),
                 Cell::new(match s.mgmt_role {
                     MgmtRole::Agent => generation(s.generation, desired),
                     _ => generation(s.generation, None),
                 }),
                 // Why the last start failed says more than the node's own status.
-                Cell::new(match (&s.last_error, &s.status_text) {
-                    (Some(e), _) => format!("error: {e}"),
-                    (None, Some(t)) => t.clone(),
-                    (None, None) => String::new(),
+                Cell::new(match (&s.last_error, &s.last_failure, &s.status_text) {
+                    (Some(e), _, _) => format!("error: {e}"),
+                    (None, Some(f), _) => format!("last failure: {f}"),
+                    (None, None, Some(t)) => t.clone(),
+                    (None, None, None) => String::new(),
                 }),
             ]);
         }

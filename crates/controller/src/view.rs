@@ -164,6 +164,7 @@ impl View {
                     previous: Some(s.state),
                     pid: s.pid,
                     restarts: s.restarts,
+                    reason: None,
                 });
                 s.state = State::Unknown;
             }
@@ -254,10 +255,20 @@ impl AgentView {
                 MgmtRole::None | MgmtRole::Node => {}
             }
             let previous = before.remove(&s.node);
-            let changed = previous
-                .as_ref()
-                .is_none_or(|p| p.state != s.state || p.restarts != s.restarts || p.pid != s.pid);
+            let changed = previous.as_ref().is_none_or(|p| {
+                p.state != s.state
+                    || p.restarts != s.restarts
+                    || p.pid != s.pid
+                    || p.last_failure != s.last_failure
+            });
             if changed {
+                let news = previous
+                    .as_ref()
+                    .is_none_or(|p| p.last_failure != s.last_failure);
+                let reason = s
+                    .last_failure
+                    .clone()
+                    .filter(|_| news || matches!(s.state, State::Crashed | State::Failed));
                 events.push(Event::NodeState {
                     instance: instance.to_owned(),
                     node: s.node.clone(),
@@ -265,6 +276,7 @@ impl AgentView {
                     previous: previous.map(|p| p.state),
                     pid: s.pid,
                     restarts: s.restarts,
+                    reason,
                 });
             }
             self.nodes.insert(s.node.clone(), s);
@@ -426,6 +438,31 @@ mod tests {
         // A node gone from a full report is gone from the view.
         view.report("a", 1, true, Vec::new());
         assert!(view.last("a").is_empty());
+    }
+
+    #[test]
+    fn a_failure_reason_travels_with_the_state_change_it_explains() {
+        let reason = |e: &[Event]| match e {
+            [Event::NodeState { reason, .. }] => reason.clone(),
+            other => panic!("{other:?}"),
+        };
+        let mut view = View::default();
+        view.report("a", 1, true, vec![node("n", State::Running, 10)]);
+        let mut killed = node("n", State::Crashed, 10);
+        killed.last_failure = Some("oom-killed".into());
+        let events = view.report("a", 1, true, vec![killed.clone()]);
+        assert_eq!(reason(&events).as_deref(), Some("oom-killed"));
+        // Running again: the reason is kept in the status but is no news.
+        let mut again = node("n", State::Running, 11);
+        again.last_failure = killed.last_failure.clone();
+        assert_eq!(
+            reason(&view.report("a", 1, true, vec![again.clone()])),
+            None
+        );
+        // A new reason while the state stays is an event of its own.
+        again.last_failure = Some("watchdog timeout".into());
+        let events = view.report("a", 1, true, vec![again]);
+        assert_eq!(reason(&events).as_deref(), Some("watchdog timeout"));
     }
 
     #[test]

@@ -22,8 +22,9 @@
 //!
 //! Node keys are the fields of [`Node`] (`port`, `metrics_port`, `interface`, `scripts`,
 //! `cpu_affinity`, `workdir`, `restart`, `backoff`, `max_failed_starts`,
-//! `success_exit_codes`, `readiness`, `stop_signal`, `stop_timeout`, and the identity,
-//! capability and limit keys of [`crate::exec`]); unknown keys are
+//! `success_exit_codes`, `readiness`, `stop_signal`, `stop_timeout`, the identity,
+//! capability and limit keys of [`crate::exec`], and the resource and liveness keys of
+//! [`crate::resources`]); unknown keys are
 //! errors. [`parse_toml`] reports every problem of a file at once (unknown keys, values
 //! of the wrong type, and what [`validate`] finds), sorted by line, each with the file,
 //! the key's line and its key path.
@@ -70,6 +71,25 @@ pub const NODE_KEYS: &[&str] = &[
     "readiness",
     "stop_signal",
     "stop_timeout",
+    // --- resources and liveness ---
+    "memory",
+    "cpus",
+    "cpu_weight",
+    "pids_max",
+    "io_weight",
+    "watchdog",
+    "liveness",
+];
+
+/// Keys of a `[roles.NAME]` template besides `command` and `env`.
+pub const ROLE_RESOURCE_KEYS: &[&str] = &[
+    "memory",
+    "cpus",
+    "cpu_weight",
+    "pids_max",
+    "io_weight",
+    "watchdog",
+    "liveness",
 ];
 
 /// One problem in a cluster file or configuration.
@@ -474,6 +494,17 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
             ));
         }
         check_exec(&mut issues, &format!("roles.{role}"), template.exec_ref());
+        for (k, message) in crate::resources::check(
+            template.memory.as_ref(),
+            template.cpus,
+            template.cpu_weight,
+            template.pids_max,
+            template.io_weight,
+            template.watchdog,
+            template.liveness.as_ref(),
+        ) {
+            issues.push(Issue::at_key(format!("roles.{role}.{k}"), message));
+        }
     }
 
     // (instance, port) -> node names using it.
@@ -561,6 +592,17 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 format!("{key}.env"),
                 "an environment value contains a NUL byte",
             ));
+        }
+        for (k, message) in crate::resources::check(
+            node.memory.as_ref(),
+            node.cpus,
+            node.cpu_weight,
+            node.pids_max,
+            node.io_weight,
+            node.watchdog,
+            node.liveness.as_ref(),
+        ) {
+            issues.push(Issue::at_key(format!("{key}.{k}"), message));
         }
         if signal_number(&node.stop_signal).is_none() {
             issues.push(Issue::at_key(
@@ -966,6 +1008,100 @@ max_failed_starts = -1
             let err = parse_toml("c.toml", text).unwrap_err().to_string();
             assert_eq!(err, want, "{text}");
         }
+    }
+
+    #[test]
+    fn resource_and_liveness_keys_parse_and_bad_values_name_their_line() {
+        let good = r#"
+[instances.a]
+[roles.worker]
+command = ["zeek"]
+memory = { max = "2G" }
+watchdog = "20s"
+[nodes.x]
+instance = "a"
+command = ["x"]
+memory = { max = "4G", high = "3G" }
+cpus = 1.5
+cpu_weight = 200
+pids_max = 64
+io_weight = 50
+watchdog = "30s"
+liveness = { kind = "http", port = 8080, path = "/health", interval = "5s", failures = 2 }
+[nodes.w]
+instance = "a"
+role = "worker"
+liveness = { kind = "exec", command = ["check"] }
+"#;
+        let c = parse_toml("c.toml", good).unwrap();
+        let x = c.node("x").unwrap();
+        let m = x.memory.unwrap();
+        assert_eq!(m.max, Some(crate::resources::ByteSize(4 << 30)));
+        assert_eq!(m.high, Some(crate::resources::ByteSize(3 << 30)));
+        assert_eq!(x.cpus, Some(1.5));
+        assert_eq!(
+            (x.cpu_weight, x.pids_max, x.io_weight),
+            (Some(200), Some(64), Some(50))
+        );
+        assert_eq!(x.watchdog, Some(Duration::from_secs(30)));
+        assert_eq!(
+            x.liveness.as_ref().unwrap().timing(),
+            (Duration::from_secs(5), Duration::from_secs(1), 2)
+        );
+        let w = c.resolve(c.node("w").unwrap());
+        assert_eq!(
+            w.memory.unwrap().max,
+            Some(crate::resources::ByteSize(2 << 30))
+        );
+        assert_eq!(w.watchdog, Some(Duration::from_secs(20)));
+        assert_eq!(w.liveness.unwrap().kind(), "exec");
+        // The lossless TOML form reads back the same.
+        let again = parse_toml("again.toml", &crate::ini::to_toml(&c)).unwrap();
+        assert_eq!(again.nodes, c.nodes);
+        assert_eq!(again.roles, c.roles);
+
+        let bad = r#"[instances.a]
+[roles.worker]
+command = ["zeek"]
+pids_max = 0
+[nodes.x]
+instance = "a"
+command = ["x"]
+memory = { max = "4X", hgih = "1G" }
+cpus = "two"
+cpu_weight = 0
+io_weight = 10001
+watchdog = "soon"
+liveness = { kind = "http", path = "/" }
+[nodes.y]
+instance = "a"
+command = ["x"]
+memory = { max = "2M", high = "3M" }
+cpus = 0.001
+liveness = { kind = "tcp", port = 1, command = ["c"], failures = 0 }
+[nodes.z]
+instance = "a"
+command = ["x"]
+liveness = { kind = "exec", command = [""], interval = "1ms" }
+"#;
+        let err = parse_toml("c.toml", bad).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "c.toml:4: roles.worker.pids_max: expected an integer 1-4194304, found integer 0\n\
+             c.toml:8: nodes.x.memory.hgih: unknown key 'hgih' (did you mean 'high'?)\n\
+             c.toml:8: nodes.x.memory.max: expected a size such as \"512M\" or \"4G\" (K, M, G, T) or bytes, found string \"4X\"\n\
+             c.toml:9: nodes.x.cpus: expected a number, found string \"two\"\n\
+             c.toml:10: nodes.x.cpu_weight: expected an integer 1-10000, found integer 0\n\
+             c.toml:11: nodes.x.io_weight: expected an integer 1-10000, found integer 10001\n\
+             c.toml:12: nodes.x.watchdog: expected a duration such as \"10s\" or \"250ms\", found string \"soon\"\n\
+             c.toml:13: nodes.x.liveness: missing key 'port': a 'http' probe needs one\n\
+             c.toml:17: nodes.y.memory.high: memory.high 3M is above memory.max 2M\n\
+             c.toml:18: nodes.y.cpus: cpus 0.001 is out of range: allowed 0.01 to 4096\n\
+             c.toml:19: nodes.y.liveness.command: liveness kind 'tcp' takes no 'command'\n\
+             c.toml:19: nodes.y.liveness.failures: expected an integer 1-100, found integer 0\n\
+             c.toml:23: nodes.z.liveness.command: liveness.command needs a program and no NUL bytes\n\
+             c.toml:23: nodes.z.liveness.interval: liveness.interval 1ms is out of range: allowed 100ms to 1h"
+        );
     }
 
     #[test]

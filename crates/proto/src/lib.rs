@@ -19,6 +19,7 @@
 //! - `schema`: the keys of a TOML cluster file and the type each takes, checked before
 //!   deserializing so that every type error is reported at once.
 //! - [`ports`]: Zeek's Broker and metrics port auto-assignment and port checks.
+//! - [`resources`]: a node's cgroup resource limits and liveness checks, with their bounds.
 //!
 //! Architecture invariant: this crate does no I/O, reads no clock and spawns nothing. It
 //! turns bytes and strings into values and back; everything else lives in the crates that
@@ -32,6 +33,7 @@ pub mod model;
 pub mod msg;
 pub mod name;
 pub mod ports;
+pub mod resources;
 mod schema;
 
 pub use model::{

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::exec::{Limit, Umask};
+use crate::resources::{Liveness, Memory};
 
 /// A node's lifecycle state (Zeek's `Management::State`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -338,6 +339,34 @@ pub struct Node {
     /// How long to wait after the stop signal before SIGKILL.
     #[serde(with = "humantime_serde", default = "default_stop_timeout")]
     pub stop_timeout: Duration,
+    // --- resources and liveness (see [`crate::resources`]) ---
+    /// Memory limits, enforced through the node's cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Memory>,
+    /// CPU quota, in CPUs (`1.5` = 150 ms of CPU time per 100 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Relative CPU weight, 1-10000 (100 is the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
+    /// Most processes and threads the node may have at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u64>,
+    /// Relative block I/O weight, 1-10000 (100 is the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_weight: Option<u32>,
+    /// The node must send `WATCHDOG=1` on its notify socket at least this often once
+    /// ready (systemd's `WatchdogSec`), or it is restarted.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub watchdog: Option<Duration>,
+    /// A probe that must keep succeeding once the node is ready, or it is restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Liveness>,
+    // --- end of resources and liveness ---
 }
 
 fn default_max_failed_starts() -> u32 {
@@ -386,6 +415,14 @@ impl Node {
             readiness: Readiness::default(),
             stop_signal: default_stop_signal(),
             stop_timeout: default_stop_timeout(),
+            // --- resources and liveness ---
+            memory: None,
+            cpus: None,
+            cpu_weight: None,
+            pids_max: None,
+            io_weight: None,
+            watchdog: None,
+            liveness: None,
         }
     }
 }
@@ -397,7 +434,7 @@ impl Node {
 /// `{scripts}` becomes the node's scripts, one argument each (none when it has none), as
 /// Zeek's Supervisor appends them to a node's command line; elsewhere it is replaced by
 /// the scripts joined with spaces.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleTemplate {
     /// argv template.
@@ -429,6 +466,34 @@ pub struct RoleTemplate {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub limits: BTreeMap<String, Limit>,
     // --- end of identity, capabilities and process limits ---
+    // --- resources and liveness (see [`crate::resources`]) ---
+    /// Memory limits, for nodes of the role that set none; enforced through the node's cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Memory>,
+    /// CPU quota, in CPUs (`1.5` = 150 ms of CPU time per 100 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Relative CPU weight, 1-10000 (100 is the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
+    /// Most processes and threads the node may have at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u64>,
+    /// Relative block I/O weight, 1-10000 (100 is the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_weight: Option<u32>,
+    /// The node must send `WATCHDOG=1` on its notify socket at least this often once
+    /// ready (systemd's `WatchdogSec`), or it is restarted.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub watchdog: Option<Duration>,
+    /// A probe that must keep succeeding once the node is ready, or it is restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Liveness>,
+    // --- end of resources and liveness ---
 }
 
 /// A whole cluster configuration (Zeek's `Management::Configuration`).
@@ -554,6 +619,16 @@ impl Configuration {
                 out.env.entry(k.clone()).or_insert_with(|| v.clone());
             }
             inherit_exec(&mut out, t);
+            // --- resources and liveness: the node's own settings win ---
+            out.memory = out.memory.or(t.memory);
+            out.cpus = out.cpus.or(t.cpus);
+            out.cpu_weight = out.cpu_weight.or(t.cpu_weight);
+            out.pids_max = out.pids_max.or(t.pids_max);
+            out.io_weight = out.io_weight.or(t.io_weight);
+            out.watchdog = out.watchdog.or(t.watchdog);
+            if out.liveness.is_none() {
+                out.liveness.clone_from(&t.liveness);
+            }
         }
         let port = node.port.map(|p| p.to_string()).unwrap_or_default();
         let scripts = node.scripts.join(" ");
@@ -705,6 +780,31 @@ pub struct NodeStatus {
     /// in seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_not_after: Option<i64>,
+    // --- resources and liveness ---
+    /// Memory charged to the node's cgroup, its children's included, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU time of the node's cgroup, its children's included, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_cpu_ms: Option<u64>,
+    /// Processes of the node the kernel killed for memory, since the agent started.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub oom_kills: u32,
+    /// Restarts forced by a failed watchdog or liveness probe, since the agent started.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub liveness_failures: u32,
+    /// Why the node's process last ended without being asked to (`oom-killed`, a
+    /// watchdog timeout, a failed probe), kept across its restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl NodeStatus {
@@ -729,6 +829,11 @@ impl NodeStatus {
             generation: None,
             cpus: None,
             cert_not_after: None,
+            memory_bytes: None,
+            cgroup_cpu_ms: None,
+            oom_kills: 0,
+            liveness_failures: 0,
+            last_failure: None,
         }
     }
 }

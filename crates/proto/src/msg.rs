@@ -363,6 +363,10 @@ pub enum Event {
         /// every report finds it in the same state).
         #[serde(default)]
         restarts: u32,
+        /// Why its process last ended unasked (`oom-killed`, a watchdog timeout, a
+        /// failed liveness probe), when that is news or it is CRASHED or FAILED.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// A deploy started.
     DeployStarted {

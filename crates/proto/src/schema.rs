@@ -13,8 +13,11 @@ use std::net::IpAddr;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::config::{Issue, NODE_KEYS, suggestion, unknown_key_with_suggestion};
+use crate::config::{
+    Issue, NODE_KEYS, ROLE_RESOURCE_KEYS, suggestion, unknown_key_with_suggestion,
+};
 use crate::exec;
+use crate::resources::{ByteSize, LIVENESS_KINDS, MAX_PIDS, MAX_PROBE_FAILURES, WEIGHT_RANGE};
 
 /// Top-level keys of a cluster file.
 const TOP_KEYS: &[&str] = &["id", "defaults", "instances", "roles", "nodes"];
@@ -85,10 +88,22 @@ enum Ty {
     Caps,
     /// A table of rlimits.
     Limits,
+    // --- resources and liveness ---
+    /// A size: bytes, or a string such as `"512M"`.
+    Size,
+    /// `memory = { max, high }`.
+    Memory,
+    /// `liveness = { kind, ... }`.
+    Liveness,
 }
 
 const PORT: Ty = Ty::Int(1, 65_535);
 const CPU_MAX: i64 = 1023;
+#[expect(
+    clippy::cast_possible_wrap,
+    reason = "the kernel limit is far below i64::MAX"
+)]
+const MAX_PIDS_I64: i64 = MAX_PIDS as i64;
 
 fn node_key_type(key: &str) -> Option<Ty> {
     Some(match key {
@@ -103,6 +118,13 @@ fn node_key_type(key: &str) -> Option<Ty> {
         "success_exit_codes" => Ty::IntArray(i64::from(i32::MIN), i64::from(i32::MAX)),
         "readiness" => Ty::Readiness,
         "stop_timeout" => Ty::Duration,
+        // --- resources and liveness ---
+        "memory" => Ty::Memory,
+        "cpus" => Ty::Number,
+        "cpu_weight" | "io_weight" => Ty::Int(i64::from(WEIGHT_RANGE.0), i64::from(WEIGHT_RANGE.1)),
+        "pids_max" => Ty::Int(1, MAX_PIDS_I64),
+        "watchdog" => Ty::Duration,
+        "liveness" => Ty::Liveness,
         _ => return exec_key_type(key),
     })
 }
@@ -242,10 +264,15 @@ impl Walk<'_> {
         self.filter(table, prefix, |w, path, key, line, value| match key {
             "command" => w.typed(path, line, value.get_ref(), Ty::StrArray),
             "env" => w.typed(path, line, value.get_ref(), Ty::StrTable),
+            k if ROLE_RESOURCE_KEYS.contains(&k) => match node_key_type(k) {
+                Some(ty) => w.node_value(path, line, ty, value),
+                None => false,
+            },
             _ => match exec_key_type(key) {
                 Some(ty) => w.exec_value(path, line, value, ty),
                 None => {
-                    let message = unknown_key_with_suggestion(key, ROLE_KEYS.iter().copied());
+                    let known = ROLE_KEYS.iter().chain(ROLE_RESOURCE_KEYS).copied();
+                    let message = unknown_key_with_suggestion(key, known);
                     w.bad(line, path, message);
                     false
                 }
@@ -281,17 +308,114 @@ impl Walk<'_> {
                 }
                 return false;
             };
-            match (ty, value.get_mut()) {
-                (Ty::Backoff, DeValue::Table(t)) => {
-                    w.backoff(t, path);
-                    true
-                }
-                (Ty::Readiness, DeValue::Table(t)) => w.readiness(t, path, line),
-                (Ty::Backoff | Ty::Readiness, other) => w.mismatch(path, line, "a table", other),
-                (ty @ (Ty::Caps | Ty::Limits), _) => w.exec_value(path, line, value, ty),
-                (ty, other) => w.typed(path, line, other, ty),
+            w.node_value(path, line, ty, value)
+        });
+    }
+
+    /// Checks the value of a node key of type `ty`; false when it is to be dropped.
+    fn node_value(
+        &mut self,
+        path: &str,
+        line: usize,
+        ty: Ty,
+        value: &mut Spanned<DeValue<'_>>,
+    ) -> bool {
+        match (ty, value.get_mut()) {
+            (Ty::Backoff, DeValue::Table(t)) => {
+                self.backoff(t, path);
+                true
+            }
+            (Ty::Readiness, DeValue::Table(t)) => self.readiness(t, path, line),
+            (Ty::Memory, DeValue::Table(t)) => {
+                self.memory(t, path);
+                true
+            }
+            (Ty::Liveness, DeValue::Table(t)) => self.liveness(t, path, line),
+            (Ty::Backoff | Ty::Readiness | Ty::Memory | Ty::Liveness, other) => {
+                self.mismatch(path, line, "a table", other)
+            }
+            (ty @ (Ty::Caps | Ty::Limits), _) => self.exec_value(path, line, value, ty),
+            (ty, other) => self.typed(path, line, other, ty),
+        }
+    }
+
+    // --- resources and liveness ---
+
+    fn memory(&mut self, table: &mut DeTable<'_>, prefix: &str) {
+        const KEYS: [&str; 2] = ["max", "high"];
+        self.filter(table, prefix, |w, path, key, line, value| {
+            if KEYS.contains(&key) {
+                w.typed(path, line, value.get_ref(), Ty::Size)
+            } else {
+                w.bad(line, path, unknown_key_with_suggestion(key, KEYS));
+                false
             }
         });
+    }
+
+    /// Checks a liveness table; false when it is unusable (no valid `kind`, or a
+    /// required key missing or wrong).
+    fn liveness(&mut self, table: &mut DeTable<'_>, prefix: &str, line: usize) -> bool {
+        const TIMING: [&str; 3] = ["interval", "timeout", "failures"];
+        let kind = table
+            .get("kind")
+            .and_then(|v| v.get_ref().as_str())
+            .filter(|k| LIVENESS_KINDS.contains(k))
+            .map(str::to_owned);
+        let (own, required): (&[&str], Option<&str>) = match kind.as_deref() {
+            Some("http") => (&["port", "path"], Some("port")),
+            Some("tcp") => (&["port"], Some("port")),
+            Some("exec") => (&["command"], Some("command")),
+            _ => (&["port", "path", "command"], None),
+        };
+        let mut usable = true;
+        self.filter(table, prefix, |w, path, key, line, value| {
+            if !(key == "kind" || TIMING.contains(&key) || own.contains(&key)) {
+                let message = match kind.as_deref() {
+                    Some(kind) if ["port", "path", "command"].contains(&key) => {
+                        format!("liveness kind '{kind}' takes no '{key}'")
+                    }
+                    _ => unknown_key_with_suggestion(
+                        key,
+                        ["kind"].iter().chain(&TIMING).chain(own).copied(),
+                    ),
+                };
+                w.bad(line, path, message);
+                return false;
+            }
+            let ty = match key {
+                "kind" => Ty::OneOf(LIVENESS_KINDS),
+                "port" => PORT,
+                "path" => Ty::Str,
+                "command" => Ty::StrArray,
+                "failures" => Ty::Int(1, i64::from(MAX_PROBE_FAILURES)),
+                _ => Ty::Duration,
+            };
+            let ok = w.typed(path, line, value.get_ref(), ty);
+            if !ok && (key == "kind" || Some(key) == required) {
+                usable = false;
+            }
+            ok
+        });
+        if !usable {
+            self.out.removed.insert(prefix.to_owned());
+            return false;
+        }
+        let missing = match (kind.as_deref(), required) {
+            (None, _) => Some(format!(
+                "missing key 'kind' (one of {})",
+                quoted_list(LIVENESS_KINDS)
+            )),
+            (Some(k), Some(r)) if !table.contains_key(r) => {
+                Some(format!("missing key '{r}': a '{k}' probe needs one"))
+            }
+            _ => None,
+        };
+        if let Some(message) = missing {
+            self.bad(line, prefix, message);
+            return false;
+        }
+        true
     }
 
     fn backoff(&mut self, table: &mut DeTable<'_>, prefix: &str) {
@@ -486,6 +610,8 @@ fn fits(value: &DeValue<'_>, ty: Ty) -> Result<(), String> {
         (Ty::Cpus, v) => integer(v).is_some_and(|n| (0..=CPU_MAX).contains(&n)),
         (Ty::Bool, DeValue::Boolean(_)) => true,
         (Ty::Umask, DeValue::String(s)) => exec::Umask::parse(s).is_ok(),
+        (Ty::Size, DeValue::String(s)) => ByteSize::parse(s).is_some(),
+        (Ty::Size, v) => integer(v).is_some_and(|n| n >= 0),
         _ => false,
     };
     if ok {
@@ -503,10 +629,13 @@ fn fits(value: &DeValue<'_>, ty: Ty) -> Result<(), String> {
         Ty::StrTable => "a table of strings".to_owned(),
         Ty::Ip => "an IP address".to_owned(),
         Ty::Cpus => format!("a CPU number 0-{CPU_MAX} or an array of them"),
-        Ty::Backoff | Ty::Readiness | Ty::Limits => "a table".to_owned(),
+        Ty::Backoff | Ty::Readiness | Ty::Limits | Ty::Memory | Ty::Liveness => {
+            "a table".to_owned()
+        }
         Ty::Bool => "true or false".to_owned(),
         Ty::Umask => "an octal umask string such as \"0027\" (0000-0777)".to_owned(),
         Ty::Caps => "an array of capability names".to_owned(),
+        Ty::Size => "a size such as \"512M\" or \"4G\" (K, M, G, T) or bytes".to_owned(),
     })
 }
 

@@ -44,6 +44,14 @@ Durations are an integer with an optional suffix: ms, s or m (a bare number is s
                           print \"raw socket: ok\" or \"raw socket: <error>\" to stdout
   --read-file PATH        at start, read PATH and print \"read PATH: ok\" or
                           \"read PATH: <error>\" to stdout (repeatable)
+  --alloc-mib N           allocate N MiB at start and write to all of it
+  --fork-until-fail       start sleeping copies until a fork fails; print how many
+  --watchdog              send WATCHDOG=1 at a quarter of $WATCHDOG_USEC; print whether
+                          $WATCHDOG_PID is this process
+  --http ADDR             answer HTTP requests on TCP ADDR with 200 OK
+  --hang-after DUR        after DUR stop the watchdog pings, leave HTTP requests
+                          unanswered and close the --listen socket
+  --check-http ADDR       only GET / on ADDR: exit 0 on a 200 answer, 1 otherwise
   -h, --help              print this help
 
 If $DROVER_QUERY_SOCKET is set, a value query server listens on that unix stream
@@ -77,6 +85,12 @@ pub(crate) struct Config {
     pub(crate) print: Vec<String>,
     pub(crate) eprint: Vec<String>,
     pub(crate) values: BTreeMap<String, Value>,
+    pub(crate) alloc_mib: Option<u64>,
+    pub(crate) fork_until_fail: bool,
+    pub(crate) watchdog: bool,
+    pub(crate) http: Option<SocketAddr>,
+    pub(crate) hang_after: Option<Duration>,
+    pub(crate) check_http: Option<SocketAddr>,
 }
 
 /// The outcome of a successful parse.
@@ -142,6 +156,22 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
                 })?;
                 set_once(&mut config.listen, &flag, addr)?;
             }
+            "--http" | "--check-http" => {
+                let raw = value()?;
+                let addr = raw.parse().map_err(|_| {
+                    err(format!(
+                        "{flag}: '{raw}' is not a socket address like 127.0.0.1:7000"
+                    ))
+                })?;
+                let slot = if flag == "--http" {
+                    &mut config.http
+                } else {
+                    &mut config.check_http
+                };
+                set_once(slot, &flag, addr)?;
+            }
+            "--alloc-mib" => set_once(&mut config.alloc_mib, &flag, number(&flag, &value()?)?)?,
+            "--hang-after" => set_once(&mut config.hang_after, &flag, duration(&flag, &value()?)?)?,
             "--listen-after" => {
                 set_once(&mut config.listen_after, &flag, duration(&flag, &value()?)?)?
             }
@@ -182,7 +212,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
                 }
             }
             "--crash-at-start" | "--ignore-sigterm" | "--setsid" | "--sleep-forever"
-            | "--own-session" | "--raw-socket" => {
+            | "--own-session" | "--raw-socket" | "--fork-until-fail" | "--watchdog" => {
                 if inline.is_some() {
                     return Err(err(format!("{flag} takes no value")));
                 }
@@ -192,6 +222,8 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
                     "--setsid" => &mut config.setsid,
                     "--sleep-forever" => &mut config.sleep_forever,
                     "--raw-socket" => &mut config.raw_socket,
+                    "--fork-until-fail" => &mut config.fork_until_fail,
+                    "--watchdog" => &mut config.watchdog,
                     _ => &mut config.own_session,
                 };
                 *switch = true;

@@ -35,6 +35,15 @@
 //!   `--lines` per stream; writing stops quietly on `EPIPE`.
 //! - `--print TEXT`, `--eprint TEXT`: print a line at start (repeatable).
 //! - `--value NAME=JSON`: a value to answer in value queries (repeatable).
+//! - `--alloc-mib N`: allocate `N` MiB at start and write to all of it.
+//! - `--fork-until-fail`: start sleeping copies until a fork fails, then print
+//!   `testprog: forked <n> children, then: <error>`.
+//! - `--watchdog`: send `WATCHDOG=1` at a quarter of `$WATCHDOG_USEC`, and print
+//!   whether `$WATCHDOG_PID` is this process.
+//! - `--http ADDR`: answer HTTP requests with `200 OK`.
+//! - `--hang-after DUR`: after `DUR`, stop the watchdog pings, leave HTTP requests
+//!   unanswered and close the `--listen` socket.
+//! - `--check-http ADDR`: only `GET /` on `ADDR`; exit 0 on `200`, 1 otherwise.
 //!
 //! The main thread sleeps until `--exit-after` or forever, without waking up
 //! periodically.
@@ -60,6 +69,7 @@
 
 mod args;
 mod children;
+mod health;
 mod notify;
 mod output;
 mod query;
@@ -99,6 +109,9 @@ fn fail(what: impl Display) -> ! {
 }
 
 fn run(config: &Config) -> ! {
+    if let Some(addr) = config.check_http {
+        health::check_http(addr);
+    }
     if config.own_session
         && let Err(e) = nix::unistd::setsid()
     {
@@ -158,7 +171,22 @@ fn run(config: &Config) -> ! {
         fail(format_args!("--spawn-children: {e}"));
     }
     if let Some(addr) = config.listen {
-        listen(addr, config.listen_after);
+        listen(addr, config.listen_after, config.hang_after.is_some());
+    }
+    if let Some(mib) = config.alloc_mib {
+        health::allocate(mib);
+    }
+    if config.fork_until_fail {
+        health::fork_until_fail();
+    }
+    if config.watchdog {
+        health::ping_watchdog();
+    }
+    if let Some(addr) = config.http {
+        health::serve_http(addr);
+    }
+    if let Some(delay) = config.hang_after {
+        health::hang_after(delay);
     }
     if let Some(delay) = config.ready_after {
         spawn_thread("ready", move || {
@@ -221,18 +249,29 @@ fn setup_sigterm(config: &Config) {
 }
 
 /// Binds `addr` (after `delay`, in the background; at once otherwise, so the
-/// port is open before any READY) and answers each connection.
-fn listen(addr: SocketAddr, delay: Option<Duration>) {
+/// port is open before any READY) and answers each connection; with `may_hang`, closes
+/// the socket once the program hangs (polling, so only then).
+fn listen(addr: SocketAddr, delay: Option<Duration>, may_hang: bool) {
     let bind = move || match TcpListener::bind(addr) {
         Ok(listener) => listener,
         Err(e) => fail(format_args!("--listen: cannot listen on {addr}: {e}")),
     };
     let serve = move |listener: TcpListener| {
+        if may_hang {
+            let _ = listener.set_nonblocking(true);
+        }
         for connection in listener.incoming() {
+            if may_hang && health::hung() {
+                drop(listener);
+                return;
+            }
             match connection {
                 Ok(mut stream) => {
                     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
                     let _ = stream.write_all(b"drover-testprog\n");
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => {
                     eprintln!("drover-testprog: accept on {addr} failed: {e}");

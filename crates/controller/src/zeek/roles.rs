@@ -15,6 +15,9 @@
 //!
 //! [roles.manager]
 //! command = ["/usr/local/zeek/bin/zeek", "local"]
+//! # resources and liveness: for nodes of the role that set none
+//! memory = { max = "4G", high = "3G" }
+//! watchdog = "30s"
 //! ```
 //!
 //! `[defaults]` takes the keys of a cluster file's `[defaults]` (see `drover_proto::config`)
@@ -297,6 +300,60 @@ capabilities = []
                 "roles.worker",
             ),
             ("[defaults]\nlimits = { nofile = \"x\" }\n", "defaults:"),
+        ] {
+            let e = Roles::parse(text).unwrap_err();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn roles_and_defaults_carry_resource_limits_and_liveness() {
+        let text = r#"
+[defaults]
+cpus = 1.5
+pids_max = 512
+
+[roles.worker]
+command = ["/bin/zeek", "-i", "{interface}"]
+memory = { max = "4G", high = "3G" }
+watchdog = "30s"
+liveness = { kind = "tcp", port = 47761 }
+"#;
+        let roles = Roles::parse(text).unwrap();
+        let z = ZeekConfig {
+            id: "c".into(),
+            instances: vec![Instance {
+                name: "a".into(),
+                host: None,
+                port: None,
+            }],
+            nodes: vec![ZeekNode {
+                name: "w".into(),
+                instance: "a".into(),
+                role: ClusterRole::Worker,
+                ..ZeekNode::default()
+            }],
+        };
+        let c = roles.configuration(z).unwrap();
+        let w = c.resolve(&c.nodes[0]);
+        assert_eq!(w.cpus, Some(1.5));
+        assert_eq!(w.pids_max, Some(512));
+        let m = w.memory.unwrap();
+        assert_eq!(m.max.map(|b| b.0), Some(4 << 30));
+        assert_eq!(m.high.map(|b| b.0), Some(3 << 30));
+        assert_eq!(w.watchdog, Some(Duration::from_secs(30)));
+        assert_eq!(w.liveness.unwrap().kind(), "tcp");
+        assert!(drover_proto::config::validate(&c).is_empty());
+        for (text, want) in [
+            ("[defaults]\ncpus = \"lots\"\n", "defaults:"),
+            (
+                "[roles.worker]\ncommand = [\"z\"]\nmemory = { max = \"4X\" }\n",
+                "invalid size '4X'",
+            ),
+            (
+                "[roles.worker]\ncommand = [\"z\"]\nliveness = { kind = \"ping\" }\n",
+                "unknown variant",
+            ),
         ] {
             let e = Roles::parse(text).unwrap_err();
             assert!(e.contains(want), "{text}: {e}");

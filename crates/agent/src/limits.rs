@@ -1,0 +1,749 @@
+//! Per-node resource limits through cgroups: `memory`, `cpus`, `cpu_weight`,
+//! `pids_max` and `io_weight`, on cgroup v2 where the agent's subtree has the
+//! controller, else on the cgroup v1 hierarchy of that controller; and what the
+//! cgroups account: memory and CPU of the whole node (children included) and OOM kills.
+//!
+//! # Where each setting goes
+//!
+//! | setting       | cgroup v2                 | cgroup v1                                     |
+//! |---------------|---------------------------|-----------------------------------------------|
+//! | `memory.max`  | `memory.max`              | `memory.limit_in_bytes`                       |
+//! | `memory.high` | `memory.high`             | `memory.soft_limit_in_bytes` (reclaim target) |
+//! | `cpus`        | `cpu.max`                 | `cpu.cfs_quota_us` / `cpu.cfs_period_us`      |
+//! | `cpu_weight`  | `cpu.weight`              | `cpu.shares` (weight x 1024 / 100)            |
+//! | `pids_max`    | `pids.max`                | `pids.max`                                    |
+//! | `io_weight`   | `io.weight`               | `blkio.weight` (weight x 5, 10 to 1000)       |
+//!
+//! A controller is used on v2 when it can be enabled in the agent's subtree (see
+//! [`crate::cgroup`]: under systemd that takes `Delegate=yes`); otherwise on v1 in
+//! `<v1 mount>/<agent's own v1 cgroup>/<subtree name>/nodes/<node>`, beside the v2
+//! subtree. A setting neither can enforce (no such controller, or a v1 hierarchy
+//! without the file: `blkio.weight` needs a proportional I/O scheduler) is refused
+//! when the node is deployed, with the node, the setting and the reason: never ignored.
+//!
+//! # Placing a node in its v1 cgroups
+//!
+//! Before the exec, not after: cgroup v1 lets one thread change cgroups, so the agent
+//! moves the spawning thread into the node's v1 cgroups, spawns (the child is created
+//! in them, and its memory after `exec` is charged there, since a new address space
+//! belongs to the process that made it), and moves the thread back. Nothing the node
+//! forks or allocates escapes its limits. `pids.max` and the CPU quota are written only
+//! after the thread has left, so the agent's thread is never throttled by a node's
+//! quota nor counted against its pids. On v2 a node is moved after the spawn (see
+//! [`crate::cgroup`]); its limits are written before.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use drover_proto::model::Node;
+
+use crate::cgroup::Cgroups;
+
+/// A controller drover sets limits with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Ctl {
+    Memory,
+    Cpu,
+    Pids,
+    Io,
+}
+
+impl Ctl {
+    const ALL: [Self; 4] = [Self::Memory, Self::Cpu, Self::Pids, Self::Io];
+
+    fn v2(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Cpu => "cpu",
+            Self::Pids => "pids",
+            Self::Io => "io",
+        }
+    }
+
+    fn v1(self) -> &'static str {
+        match self {
+            Self::Io => "blkio",
+            other => other.v2(),
+        }
+    }
+}
+
+/// A node's limits, as numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    pub memory_max: Option<u64>,
+    pub memory_high: Option<u64>,
+    pub cpus: Option<f64>,
+    pub cpu_weight: Option<u32>,
+    pub pids_max: Option<u64>,
+    pub io_weight: Option<u32>,
+}
+
+/// The CFS period drover uses for a CPU quota (the kernel's default).
+const PERIOD_US: u64 = 100_000;
+
+/// One file to write in a node's cgroup: the controller, the setting it comes from, the
+/// file and the value; `late` files are written once the node runs (see the module
+/// docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    pub ctl: Ctl,
+    pub setting: &'static str,
+    pub file: &'static str,
+    pub value: String,
+    pub late: bool,
+}
+
+impl Limits {
+    pub fn of(n: &Node) -> Self {
+        Self {
+            memory_max: n.memory.and_then(|m| m.max).map(|b| b.0),
+            memory_high: n.memory.and_then(|m| m.high).map(|b| b.0),
+            cpus: n.cpus,
+            cpu_weight: n.cpu_weight,
+            pids_max: n.pids_max,
+            io_weight: n.io_weight,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn quota_us(cpus: f64) -> u64 {
+        // Validation bounds cpus to 0.01..=4096, so this is 1_000 or more and fits.
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "bounded by validation"
+        )]
+        let q = (cpus * PERIOD_US as f64).round() as u64;
+        q.max(1_000)
+    }
+
+    /// The files to write for these limits, on v2 (`v2`) or v1.
+    pub fn writes(&self, v2: bool) -> Vec<Write> {
+        let mut out = Vec::new();
+        let mut w = |ctl, setting, file, value: String, late| {
+            out.push(Write {
+                ctl,
+                setting,
+                file,
+                value,
+                late,
+            });
+        };
+        use Ctl::{Cpu, Io, Memory, Pids};
+        if v2 {
+            if let Some(m) = self.memory_max {
+                w(Memory, "memory.max", "memory.max", m.to_string(), false);
+            }
+            if let Some(m) = self.memory_high {
+                w(Memory, "memory.high", "memory.high", m.to_string(), false);
+            }
+            if let Some(c) = self.cpus {
+                let v = format!("{} {PERIOD_US}", Self::quota_us(c));
+                w(Cpu, "cpus", "cpu.max", v, false);
+            }
+            if let Some(c) = self.cpu_weight {
+                w(Cpu, "cpu_weight", "cpu.weight", c.to_string(), false);
+            }
+            if let Some(p) = self.pids_max {
+                w(Pids, "pids_max", "pids.max", p.to_string(), false);
+            }
+            if let Some(i) = self.io_weight {
+                w(Io, "io_weight", "io.weight", format!("default {i}"), false);
+            }
+        } else {
+            if let Some(m) = self.memory_max {
+                w(
+                    Memory,
+                    "memory.max",
+                    "memory.limit_in_bytes",
+                    m.to_string(),
+                    false,
+                );
+            }
+            if let Some(m) = self.memory_high {
+                let f = "memory.soft_limit_in_bytes";
+                w(Memory, "memory.high", f, m.to_string(), false);
+            }
+            if let Some(c) = self.cpus {
+                let p = PERIOD_US.to_string();
+                w(Cpu, "cpus", "cpu.cfs_period_us", p, false);
+                let q = Self::quota_us(c).to_string();
+                w(Cpu, "cpus", "cpu.cfs_quota_us", q, true);
+            }
+            if let Some(c) = self.cpu_weight {
+                let shares = (u64::from(c) * 1024 / 100).max(2);
+                w(Cpu, "cpu_weight", "cpu.shares", shares.to_string(), false);
+            }
+            if let Some(p) = self.pids_max {
+                w(Pids, "pids_max", "pids.max", p.to_string(), true);
+            }
+            if let Some(i) = self.io_weight {
+                let weight = (u64::from(i) * 5).clamp(10, 1000);
+                w(Io, "io_weight", "blkio.weight", weight.to_string(), false);
+            }
+        }
+        out
+    }
+
+    /// What a `late` file holds until it is written: no limit.
+    fn unlimited(file: &str) -> &'static str {
+        if file == "cpu.cfs_quota_us" {
+            "-1"
+        } else {
+            "max"
+        }
+    }
+}
+
+/// A v1 hierarchy the agent may use for one controller.
+#[derive(Debug, Clone)]
+struct V1 {
+    /// The agent's own cgroup in it, where the spawning thread goes back to.
+    own: PathBuf,
+    /// `<own>/<subtree name>/nodes`.
+    nodes: PathBuf,
+}
+
+/// What this host can enforce, found once at start-up.
+#[derive(Debug, Default)]
+pub struct Host {
+    /// The v2 node cgroups' parent, when there is a v2 subtree.
+    v2_nodes: Option<PathBuf>,
+    /// Controllers enabled for the v2 node cgroups.
+    v2: Vec<Ctl>,
+    /// Why a controller is not on v2.
+    v2_why: String,
+    v1: BTreeMap<Ctl, V1>,
+    /// Why a controller has no usable v1 hierarchy.
+    v1_why: BTreeMap<Ctl, String>,
+    /// Nodes with a v1 memory cgroup: only theirs is read (status reports ask about
+    /// every node, most of which have none).
+    v1_memory: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// Where one node's limits live: its v1 cgroups (the spawning thread enters them), and
+/// whether it has v2 limits.
+#[derive(Debug, Default)]
+pub struct Placement {
+    v1: Vec<(PathBuf, PathBuf)>,
+    late: Vec<(PathBuf, String)>,
+}
+
+impl Host {
+    /// Finds what `cgroups` (the agent's v2 subtree, if any) and the v1 hierarchies
+    /// mounted offer; `subtree` names the agent's directory in each v1 hierarchy.
+    pub fn discover(cgroups: Option<&Cgroups>, subtree: &str) -> Self {
+        let mut host = Self::default();
+        match cgroups {
+            Some(c) => {
+                let (on, why) = enable_v2(c.root());
+                host.v2 = on;
+                host.v2_why = why;
+                host.v2_nodes = Some(c.root().join("nodes"));
+            }
+            None => host.v2_why = "no cgroup v2 subtree (--cgroup-root)".to_owned(),
+        }
+        let mounts = v1_mounts();
+        let own = v1_own();
+        for ctl in Ctl::ALL {
+            if host.v2.contains(&ctl) {
+                continue;
+            }
+            let name = ctl.v1();
+            let Some((mount, root)) = mounts.get(name) else {
+                host.v1_why
+                    .insert(ctl, format!("no cgroup v1 {name} hierarchy is mounted"));
+                continue;
+            };
+            let rel = own.get(name).map_or("/", String::as_str);
+            let rel = rel.strip_prefix(root.as_str()).unwrap_or(rel);
+            let own_dir = Path::new(mount).join(rel.trim_start_matches('/'));
+            let nodes = own_dir.join(subtree).join("nodes");
+            match fs::create_dir_all(&nodes) {
+                Ok(()) => {
+                    host.v1.insert(
+                        ctl,
+                        V1 {
+                            own: own_dir,
+                            nodes,
+                        },
+                    );
+                }
+                Err(e) => {
+                    host.v1_why
+                        .insert(ctl, format!("cannot create {}: {e}", nodes.display()));
+                }
+            }
+        }
+        host
+    }
+
+    /// A line for the agent's log: where each controller is.
+    pub fn describe(&self) -> String {
+        Ctl::ALL
+            .iter()
+            .map(|c| {
+                let at = if self.v2.contains(c) {
+                    "v2"
+                } else if self.v1.contains_key(c) {
+                    "v1"
+                } else {
+                    "none"
+                };
+                format!("{}={at}", c.v2())
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Refuses limits this host cannot enforce: an error naming the node, the setting
+    /// and the reason.
+    pub fn check(&self, node: &str, limits: &Limits) -> Result<(), String> {
+        for w in limits.writes(true) {
+            if let (true, Some(nodes)) = (self.v2.contains(&w.ctl), &self.v2_nodes)
+                && !nodes.join(w.file).exists()
+            {
+                return Err(format!(
+                    "node '{node}': {} cannot be enforced on this host: {} does not exist in {}",
+                    w.setting,
+                    w.file,
+                    nodes.display()
+                ));
+            }
+        }
+        for w in limits.writes(false) {
+            if self.v2.contains(&w.ctl) {
+                continue;
+            }
+            let Some(v1) = self.v1.get(&w.ctl) else {
+                return Err(self.refusal(node, w.setting, w.ctl, None));
+            };
+            // The agent's v1 directory has every file a node's cgroup will have.
+            let probe = v1.nodes.parent().unwrap_or(&v1.nodes).join(w.file);
+            if !probe.exists() {
+                let why = format!(
+                    "{} does not exist in the cgroup v1 {} hierarchy{}",
+                    w.file,
+                    w.ctl.v1(),
+                    if w.ctl == Ctl::Io {
+                        " (the block devices' I/O scheduler has no proportional weights)"
+                    } else {
+                        ""
+                    }
+                );
+                return Err(self.refusal(node, w.setting, w.ctl, Some(why)));
+            }
+        }
+        Ok(())
+    }
+
+    fn refusal(&self, node: &str, setting: &str, ctl: Ctl, v1: Option<String>) -> String {
+        let v1 = v1
+            .or_else(|| self.v1_why.get(&ctl).cloned())
+            .unwrap_or_default();
+        format!(
+            "node '{node}': {setting} cannot be enforced on this host: the {} controller is not available on cgroup v2 ({}) and {v1}",
+            ctl.v2(),
+            self.v2_why
+        )
+    }
+
+    /// Writes the node's limits into its cgroups (v2: `v2_dir`, the node's v2 cgroup,
+    /// made ahead), creating its v1 cgroups. Call before each spawn; the returned
+    /// placement is entered around the spawn and finished after it.
+    pub fn prepare(&self, node: &str, limits: &Limits) -> io::Result<Placement> {
+        let mut placement = Placement::default();
+        if limits.is_empty() {
+            return Ok(placement);
+        }
+        self.adopted(node, limits);
+        let v2w = limits.writes(true);
+        for w in limits.writes(false) {
+            if self.v2.contains(&w.ctl) {
+                continue;
+            }
+            let v1 = self
+                .v1
+                .get(&w.ctl)
+                .ok_or_else(|| io::Error::other(self.refusal(node, w.setting, w.ctl, None)))?;
+            let dir = v1.nodes.join(node);
+            if !placement.v1.iter().any(|(d, _)| *d == dir) {
+                make_dir(&dir)?;
+                placement.v1.push((dir.clone(), v1.own.clone()));
+            }
+            let path = dir.join(w.file);
+            if w.late {
+                write(&path, Limits::unlimited(w.file))?;
+                placement.late.push((path, w.value));
+            } else {
+                write(&path, &w.value)?;
+            }
+        }
+        if let Some(nodes) = &self.v2_nodes {
+            let dir = nodes.join(node);
+            for w in v2w.iter().filter(|w| self.v2.contains(&w.ctl)) {
+                make_dir(&dir)?;
+                write(&dir.join(w.file), &w.value)?;
+            }
+        }
+        Ok(placement)
+    }
+
+    /// Notes the limits of a node found running (or about to start): whether it has a
+    /// memory cgroup of its own to account.
+    pub fn adopted(&self, node: &str, limits: &Limits) {
+        if self.v1_memory_of(limits) {
+            self.v1_memory
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(node.to_owned());
+        }
+    }
+
+    fn v1_memory_of(&self, limits: &Limits) -> bool {
+        !self.v2.contains(&Ctl::Memory)
+            && self.v1.contains_key(&Ctl::Memory)
+            && (limits.memory_max.is_some() || limits.memory_high.is_some())
+    }
+
+    /// True when a node with these limits has a memory cgroup of its own, which counts
+    /// its OOM kills.
+    pub fn counts_oom(&self, limits: &Limits) -> bool {
+        self.v2.contains(&Ctl::Memory) || self.v1_memory_of(limits)
+    }
+
+    /// Memory charged to the node's cgroup (children included) and its CPU time in
+    /// microseconds, where a cgroup accounts them.
+    pub fn usage(&self, node: &str) -> (Option<u64>, Option<u64>) {
+        let v2 = self.v2_nodes.as_ref().map(|n| n.join(node));
+        let memory = if self.v2.contains(&Ctl::Memory) {
+            v2.as_ref()
+                .and_then(|d| read_u64(&d.join("memory.current")))
+        } else if self
+            .v1_memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(node)
+        {
+            self.v1
+                .get(&Ctl::Memory)
+                .and_then(|v| read_u64(&v.nodes.join(node).join("memory.usage_in_bytes")))
+        } else {
+            None
+        };
+        let cpu = v2
+            .as_ref()
+            .and_then(|d| fs::read_to_string(d.join("cpu.stat")).ok())
+            .and_then(|t| keyed(&t, "usage_usec"));
+        (memory, cpu)
+    }
+
+    /// OOM kills in the node's cgroup so far (`oom_kill` of v2 `memory.events` or v1
+    /// `memory.oom_control`); `None` where the node has no memory cgroup.
+    pub fn oom_kills(&self, node: &str) -> Option<u64> {
+        if self.v2.contains(&Ctl::Memory) {
+            let d = self.v2_nodes.as_ref()?.join(node);
+            return keyed(
+                &fs::read_to_string(d.join("memory.events")).ok()?,
+                "oom_kill",
+            );
+        }
+        let d = self.v1.get(&Ctl::Memory)?.nodes.join(node);
+        keyed(
+            &fs::read_to_string(d.join("memory.oom_control")).ok()?,
+            "oom_kill",
+        )
+    }
+
+    /// Removes the agent's (empty) v1 subtrees: the agent stopped its nodes and exits.
+    pub fn release(&self) {
+        for v in self.v1.values() {
+            if let Ok(dirs) = fs::read_dir(&v.nodes) {
+                for d in dirs
+                    .flatten()
+                    .filter(|d| d.file_type().is_ok_and(|t| t.is_dir()))
+                {
+                    let _ = fs::remove_dir(d.path());
+                }
+            }
+            let _ = fs::remove_dir(&v.nodes);
+            if let Some(subtree) = v.nodes.parent() {
+                let _ = fs::remove_dir(subtree);
+            }
+        }
+    }
+
+    /// Removes the node's v1 cgroups (its v2 cgroup is removed with containment).
+    pub fn remove(&self, node: &str) {
+        self.v1_memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
+        for v in self.v1.values() {
+            let _ = fs::remove_dir(v.nodes.join(node));
+        }
+    }
+}
+
+impl Placement {
+    /// True when the spawning thread must enter v1 cgroups.
+    pub fn is_empty(&self) -> bool {
+        self.v1.is_empty() && self.late.is_empty()
+    }
+
+    /// Moves the calling thread into the node's v1 cgroups; on an error, back out.
+    pub fn enter(&self) -> io::Result<()> {
+        let tid = tid();
+        for (i, (dir, _)) in self.v1.iter().enumerate() {
+            if let Err(e) = write(&dir.join("tasks"), &tid) {
+                self.leave_first(i);
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot enter {}: {e}", dir.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn leave_first(&self, n: usize) {
+        let tid = tid();
+        for (_, own) in self.v1.iter().take(n) {
+            if let Err(e) = write(&own.join("tasks"), &tid) {
+                tracing::warn!(
+                    "cannot move the agent's thread back to {}: {e}",
+                    own.display()
+                );
+            }
+        }
+    }
+
+    /// Moves the calling thread back to the agent's own v1 cgroups.
+    pub fn leave(&self) {
+        self.leave_first(self.v1.len());
+    }
+
+    /// Writes the limits that wait for the node to run (`pids.max`, the CPU quota).
+    pub fn finish(&self) -> io::Result<()> {
+        for (path, value) in &self.late {
+            write(path, value)?;
+        }
+        Ok(())
+    }
+}
+
+fn tid() -> String {
+    nix::unistd::gettid().to_string()
+}
+
+fn make_dir(dir: &Path) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
+
+fn write(path: &Path, value: &str) -> io::Result<()> {
+    fs::write(path, value).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot write '{value}' to {}: {e}", path.display()),
+        )
+    })
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The value of `key` in a `key value` per line file.
+fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// Enables the controllers drover uses in the v2 subtree at `root` (and its parent,
+/// the agent's delegated cgroup, when they are not enabled there yet); returns those
+/// enabled for the node cgroups and why the others are not.
+fn enable_v2(root: &Path) -> (Vec<Ctl>, String) {
+    let has = |dir: &Path, ctl: Ctl| {
+        fs::read_to_string(dir.join("cgroup.controllers"))
+            .is_ok_and(|t| t.split_whitespace().any(|c| c == ctl.v2()))
+    };
+    let nodes = root.join("nodes");
+    let mut on = Vec::new();
+    let mut missing = Vec::new();
+    for ctl in Ctl::ALL {
+        let plus = format!("+{}", ctl.v2());
+        if !has(root, ctl)
+            && let Some(parent) = root.parent()
+        {
+            let _ = fs::write(parent.join("cgroup.subtree_control"), &plus);
+        }
+        let enabled = has(root, ctl)
+            && fs::write(root.join("cgroup.subtree_control"), &plus).is_ok()
+            && fs::write(nodes.join("cgroup.subtree_control"), &plus).is_ok();
+        if enabled {
+            on.push(ctl);
+        } else {
+            missing.push(ctl.v2());
+        }
+    }
+    let why = if missing.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "{} cannot be enabled in {}: not delegated to the agent",
+            missing.join(", "),
+            root.display()
+        )
+    };
+    (on, why)
+}
+
+/// v1 hierarchies by controller: the mount point and the mount's root in the
+/// hierarchy.
+fn v1_mounts() -> BTreeMap<String, (String, String)> {
+    let mut out = BTreeMap::new();
+    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+        return out;
+    };
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut r = right.split_whitespace();
+        if r.next() != Some("cgroup") {
+            continue;
+        }
+        let opts = r.nth(1).unwrap_or("");
+        let mut l = left.split_whitespace();
+        let (Some(root), Some(mount)) = (l.nth(3), l.next()) else {
+            continue;
+        };
+        for o in opts.split(',') {
+            out.entry(o.to_owned())
+                .or_insert_with(|| (mount.to_owned(), root.to_owned()));
+        }
+    }
+    out
+}
+
+/// This process's v1 cgroup path by controller, from `/proc/self/cgroup`.
+fn v1_own() -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Ok(text) = fs::read_to_string("/proc/self/cgroup") else {
+        return out;
+    };
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, Some(ctls), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        for c in ctls.split(',').filter(|c| !c.is_empty()) {
+            out.insert(c.to_owned(), path.to_owned());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use drover_proto::resources::{ByteSize, Memory};
+
+    fn limits() -> Limits {
+        let mut n = Node::new("n", "a");
+        n.memory = Some(Memory {
+            max: Some(ByteSize(64 << 20)),
+            high: Some(ByteSize(48 << 20)),
+        });
+        n.cpus = Some(1.5);
+        n.cpu_weight = Some(200);
+        n.pids_max = Some(32);
+        n.io_weight = Some(300);
+        Limits::of(&n)
+    }
+
+    #[test]
+    fn settings_map_to_v2_and_v1_files() {
+        let v2: Vec<(&str, String)> = limits()
+            .writes(true)
+            .into_iter()
+            .map(|w| (w.file, w.value))
+            .collect();
+        assert_eq!(
+            v2,
+            [
+                ("memory.max", "67108864".to_owned()),
+                ("memory.high", "50331648".to_owned()),
+                ("cpu.max", "150000 100000".to_owned()),
+                ("cpu.weight", "200".to_owned()),
+                ("pids.max", "32".to_owned()),
+                ("io.weight", "default 300".to_owned()),
+            ]
+        );
+        let v1: Vec<(&str, String, bool)> = limits()
+            .writes(false)
+            .into_iter()
+            .map(|w| (w.file, w.value, w.late))
+            .collect();
+        assert_eq!(
+            v1,
+            [
+                ("memory.limit_in_bytes", "67108864".to_owned(), false),
+                ("memory.soft_limit_in_bytes", "50331648".to_owned(), false),
+                ("cpu.cfs_period_us", "100000".to_owned(), false),
+                ("cpu.cfs_quota_us", "150000".to_owned(), true),
+                ("cpu.shares", "2048".to_owned(), false),
+                ("pids.max", "32".to_owned(), true),
+                ("blkio.weight", "1000".to_owned(), false),
+            ]
+        );
+        let tiny = Limits {
+            cpus: Some(0.004),
+            cpu_weight: Some(1),
+            io_weight: Some(1),
+            ..Limits::default()
+        };
+        let v: Vec<String> = tiny.writes(false).into_iter().map(|w| w.value).collect();
+        assert_eq!(v, ["100000", "1000", "10", "10"], "kernel minimums");
+        assert!(Limits::default().writes(true).is_empty());
+    }
+
+    #[test]
+    fn a_host_without_controllers_refuses_with_node_setting_and_reason() {
+        let host = Host {
+            v2_why: "memory cannot be enabled in /x: not delegated to the agent".into(),
+            v1_why: BTreeMap::from([(
+                Ctl::Memory,
+                "no cgroup v1 memory hierarchy is mounted".into(),
+            )]),
+            ..Host::default()
+        };
+        let e = host.check("w1", &limits()).unwrap_err();
+        assert_eq!(
+            e,
+            "node 'w1': memory.max cannot be enforced on this host: the memory controller is not available on cgroup v2 (memory cannot be enabled in /x: not delegated to the agent) and no cgroup v1 memory hierarchy is mounted"
+        );
+        assert!(host.check("w1", &Limits::default()).is_ok());
+        assert!(host.prepare("w1", &limits()).is_err());
+    }
+
+    #[test]
+    fn keyed_files_are_read() {
+        let t = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(keyed(t, "oom_kill"), Some(3));
+        assert_eq!(keyed(t, "oom"), None);
+        assert_eq!(keyed("usage_usec 12\n", "usage_usec"), Some(12));
+    }
+}

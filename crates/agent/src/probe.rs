@@ -1,0 +1,493 @@
+//! Liveness of running nodes: the watchdog (`WATCHDOG=1` on the notify socket, systemd's
+//! `WatchdogSec`), liveness probes (http, tcp, exec), and who may speak on a node's
+//! notify socket.
+//!
+//! A node's [`Monitors`] run from the moment it is ready until its process ends (they
+//! abort when dropped, with the process's record). Each reports at most one failure,
+//! through the callback it was given; the supervisor turns that into
+//! [`crate::machine::Machine::unhealthy`], so the restart goes through the node's
+//! restart policy, backoff and restart count like any other failure.
+//!
+//! Notify messages are accepted only from the node's own processes (systemd's
+//! `NotifyAccess=all`): the socket has `SO_PASSCRED`, every datagram carries its
+//! sender's pid (`SCM_CREDENTIALS`, filled in by the kernel), and the sender must be the
+//! node's main process or in the node's cgroup, or, without cgroups, a descendant of the
+//! main process. The sender's cgroup is read as soon as the datagram is received, so a
+//! helper that sends and exits at once (`systemd-notify`) is still recognised.
+
+use std::collections::BTreeSet;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use drover_proto::resources::Liveness;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+
+/// What a monitor calls when the node fails: the reason, for `last_error` and events.
+pub type Report = Arc<dyn Fn(String) + Send + Sync>;
+
+/// The watchdog and probe tasks of one running process.
+#[derive(Debug, Default)]
+pub struct Monitors {
+    tasks: Vec<AbortHandle>,
+    watchdog: Option<Arc<Notify>>,
+}
+
+impl Drop for Monitors {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Monitors {
+    /// Starts the watchdog (when `watchdog` is set) and the probe (when `liveness` is),
+    /// for a node whose process `pid` just became ready; `workdir` is where an exec
+    /// probe runs. `report` is called at most once per monitor.
+    pub fn start(
+        watchdog: Option<Duration>,
+        liveness: Option<&Liveness>,
+        workdir: PathBuf,
+        pid: u32,
+        report: Report,
+    ) -> Self {
+        let mut m = Self::default();
+        if let Some(period) = watchdog {
+            let pings = Arc::new(Notify::new());
+            m.watchdog = Some(pings.clone());
+            let report = report.clone();
+            m.tasks.push(
+                tokio::spawn(async move {
+                    loop {
+                        let pinged = pings.notified();
+                        if tokio::time::timeout(period, pinged).await.is_err() {
+                            report(format!(
+                                "watchdog timeout: no WATCHDOG=1 within {}",
+                                humantime::format_duration(period)
+                            ));
+                            return;
+                        }
+                    }
+                })
+                .abort_handle(),
+            );
+        }
+        if let Some(probe) = liveness.cloned() {
+            m.tasks.push(
+                tokio::spawn(async move {
+                    let (interval, timeout, failures) = probe.timing();
+                    let mut failed = 0;
+                    loop {
+                        tokio::time::sleep(interval).await;
+                        let result = tokio::time::timeout(timeout, attempt(&probe, &workdir, pid))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(format!(
+                                    "no answer within {}",
+                                    humantime::format_duration(timeout)
+                                ))
+                            });
+                        match result {
+                            Ok(()) => failed = 0,
+                            Err(why) => {
+                                failed += 1;
+                                if failed >= failures {
+                                    report(format!(
+                                        "liveness probe ({}) failed {failed} times in a row: {why}",
+                                        probe.kind()
+                                    ));
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                })
+                .abort_handle(),
+            );
+        }
+        m
+    }
+
+    /// True when the node has a watchdog.
+    pub fn has_watchdog(&self) -> bool {
+        self.watchdog.is_some()
+    }
+
+    /// A `WATCHDOG=1` from the node: its watchdog starts a new period.
+    pub fn ping(&self) {
+        if let Some(w) = &self.watchdog {
+            w.notify_one();
+        }
+    }
+}
+
+/// One probe attempt.
+async fn attempt(probe: &Liveness, workdir: &Path, pid: u32) -> Result<(), String> {
+    let local = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    match probe {
+        Liveness::Tcp { port, .. } => tokio::net::TcpStream::connect(local(*port))
+            .await
+            .map(drop)
+            .map_err(|e| format!("cannot connect to port {port}: {e}")),
+        Liveness::Http { port, path, .. } => {
+            let mut s = tokio::net::TcpStream::connect(local(*port))
+                .await
+                .map_err(|e| format!("cannot connect to port {port}: {e}"))?;
+            let request = format!(
+                "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: drover-agent\r\nConnection: close\r\n\r\n"
+            );
+            s.write_all(request.as_bytes())
+                .await
+                .map_err(|e| format!("cannot send the request: {e}"))?;
+            // The status line is all that matters; it fits in the first read or two.
+            let mut head = Vec::new();
+            let mut buf = [0u8; 512];
+            while !head.contains(&b'\n') && head.len() < 4096 {
+                let n = s
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| format!("cannot read the answer: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            let line = String::from_utf8_lossy(&head);
+            let line = line.lines().next().unwrap_or("");
+            let status = line
+                .strip_prefix("HTTP/")
+                .and_then(|r| r.split_whitespace().nth(1))
+                .and_then(|c| c.parse::<u16>().ok());
+            match status {
+                Some(code) if (200..400).contains(&code) => Ok(()),
+                Some(code) => Err(format!("GET {path} answered {code}")),
+                None => Err(format!("GET {path}: not an HTTP answer: {line:?}")),
+            }
+        }
+        Liveness::Exec { command, .. } => {
+            let (program, args) = command.split_first().ok_or("no command")?;
+            let mut child = {
+                // The agent reaps children it does not know as orphans: this one is
+                // registered before its exit can be seen (see [`is_probe`]).
+                let mut running = PROBES.lock().unwrap_or_else(|p| p.into_inner());
+                let child = tokio::process::Command::new(program)
+                    .args(args)
+                    .current_dir(workdir)
+                    .env("DROVER_NODE_PID", pid.to_string())
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .map_err(|e| format!("cannot run {program}: {e}"))?;
+                if let Some(id) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                    running.insert(id);
+                }
+                child
+            };
+            let _unregister = Unregister(child.id().and_then(|p| i32::try_from(p).ok()));
+            let status = child
+                .wait()
+                .await
+                .map_err(|e| format!("cannot wait for {program}: {e}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("{program} ended with {status}"))
+            }
+        }
+    }
+}
+
+/// Pids of exec probes running.
+static PROBES: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+struct Unregister(Option<i32>);
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            PROBES
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pid);
+        }
+    }
+}
+
+/// True while `pid` is an exec probe of this agent, which its own task reaps: the
+/// orphan reaper leaves it alone.
+pub fn is_probe(pid: i32) -> bool {
+    PROBES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&pid)
+}
+
+/// Who sent a notify message: its pid and, read at once, its cgroup v2 path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sender {
+    pub pid: Option<u32>,
+    pub cgroup: Option<String>,
+}
+
+impl Sender {
+    /// True when the sender is the node's process `main`, in the node's cgroup `cg`
+    /// (or below it), or, when the node has no cgroup, a descendant of `main`.
+    pub fn belongs(&self, main: Option<u32>, cg: Option<&Path>) -> bool {
+        let Some(pid) = self.pid else {
+            return false;
+        };
+        if Some(pid) == main {
+            return true;
+        }
+        match cg {
+            Some(cg) => self.cgroup.as_deref().is_some_and(|rel| in_cgroup(rel, cg)),
+            None => main.is_some_and(|m| descends_from(pid, m)),
+        }
+    }
+}
+
+/// True when the cgroup v2 path `rel` (as `/proc/PID/cgroup` gives it) is the node
+/// cgroup `cg` or below it: `cg`'s last three components (`<subtree>/nodes/<node>`,
+/// the subtree named after the agent's instance and state dir) appear in `rel` in a row.
+fn in_cgroup(rel: &str, cg: &Path) -> bool {
+    let tail: Vec<&std::ffi::OsStr> = cg.iter().collect();
+    if tail.len() < 3 {
+        return false;
+    }
+    let tail = &tail[tail.len() - 3..];
+    let parts: Vec<&std::ffi::OsStr> = Path::new(rel).iter().collect();
+    parts.windows(3).any(|w| w == tail)
+}
+
+/// True when `main` is an ancestor of `pid` (a few dozen generations at most).
+fn descends_from(pid: u32, main: u32) -> bool {
+    let mut p = pid;
+    for _ in 0..64 {
+        let Some(parent) = i32::try_from(p)
+            .ok()
+            .and_then(|p| crate::sys::proc_stat(p).ok())
+            .and_then(|s| u32::try_from(s.ppid).ok())
+        else {
+            return false;
+        };
+        if parent == main {
+            return true;
+        }
+        if parent <= 1 {
+            return false;
+        }
+        p = parent;
+    }
+    false
+}
+
+/// The cgroup v2 path of `pid` (the `0::` line of `/proc/PID/cgroup`).
+fn cgroup_of(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// Asks the kernel to attach the sender's credentials to every datagram on `sock`.
+pub fn pass_credentials(sock: &impl AsRawFd) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and a c_int option value of the right size.
+    let ret = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PASSCRED,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Receives one datagram from the notify socket: its length and its sender. File
+/// descriptors passed along are closed.
+pub async fn recv(
+    sock: &tokio::net::UnixDatagram,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Sender)> {
+    let (n, pid) = sock
+        .async_io(tokio::io::Interest::READABLE, || {
+            recv_cred(sock.as_raw_fd(), buf)
+        })
+        .await?;
+    let cgroup = pid.and_then(cgroup_of);
+    Ok((n, Sender { pid, cgroup }))
+}
+
+fn recv_cred(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<u32>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // Room for the credentials and a few descriptors, aligned for cmsghdr.
+    let mut control = [0u64; 32];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    // SAFETY: msg points at live buffers of the sizes given.
+    let n = unsafe {
+        libc::recvmsg(
+            fd,
+            &raw mut msg,
+            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut pid = None;
+    // SAFETY: walking the control messages the kernel wrote into `control`, with the
+    // libc macros, reading each payload unaligned.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !c.is_null() {
+            let h = &*c;
+            let data = libc::CMSG_DATA(c);
+            let len = h.cmsg_len as usize - (data as usize - c as usize);
+            if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_CREDENTIALS {
+                let cred = data.cast::<libc::ucred>().read_unaligned();
+                pid = u32::try_from(cred.pid).ok();
+            } else if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+                for i in 0..len / size_of::<RawFd>() {
+                    let fd = data.cast::<RawFd>().add(i).read_unaligned();
+                    libc::close(fd);
+                }
+            }
+            c = libc::CMSG_NXTHDR(&raw const msg, c);
+        }
+    }
+    Ok((usize::try_from(n).unwrap_or(0), pid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_membership_is_by_the_node_cgroups_tail() {
+        let cg = Path::new("/sys/fs/cgroup/x/drover-agent-a-1234abcd/nodes/w1");
+        assert!(in_cgroup("/x/drover-agent-a-1234abcd/nodes/w1", cg));
+        assert!(in_cgroup("/drover-agent-a-1234abcd/nodes/w1/child", cg));
+        assert!(!in_cgroup("/drover-agent-a-1234abcd/nodes/w2", cg));
+        assert!(!in_cgroup("/drover-agent-b-1234abcd/nodes/w1", cg));
+        assert!(!in_cgroup("/drover-agent-a-1234abcd/agent", cg));
+        assert!(!in_cgroup("/", Path::new("/a")));
+    }
+
+    #[test]
+    fn senders_are_checked_by_pid_cgroup_or_ancestry() {
+        let me = std::process::id();
+        let cg = Path::new("/c/drover-agent-a-1/nodes/n");
+        let s = |pid, cgroup: Option<&str>| Sender {
+            pid,
+            cgroup: cgroup.map(str::to_owned),
+        };
+        assert!(s(Some(7), None).belongs(Some(7), Some(cg)));
+        assert!(s(Some(8), Some("/drover-agent-a-1/nodes/n")).belongs(Some(7), Some(cg)));
+        assert!(!s(Some(8), Some("/elsewhere")).belongs(Some(7), Some(cg)));
+        assert!(!s(None, None).belongs(Some(7), None));
+        let mut child = std::process::Command::new("/bin/sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        assert!(s(Some(child.id()), None).belongs(Some(me), None));
+        assert!(!s(Some(me), None).belongs(Some(child.id()), None));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[tokio::test]
+    async fn credentials_name_the_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        pass_credentials(&sock).unwrap();
+        let sock = tokio::net::UnixDatagram::from_std(sock).unwrap();
+        let out = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        out.send_to(b"READY=1", &path).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, sender) = recv(&sock, &mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+        assert_eq!(sender.pid, Some(std::process::id()));
+        assert_eq!(sender.cgroup, cgroup_of(std::process::id()));
+    }
+
+    #[tokio::test]
+    async fn probes_tell_serving_from_hung() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dir = std::env::temp_dir();
+        let tcp = Liveness::Tcp {
+            port,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            failures: 1,
+        };
+        assert_eq!(attempt(&tcp, &dir, 1).await, Ok(()));
+        let http = Liveness::Http {
+            port,
+            path: "/h".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            failures: 1,
+        };
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            // The tcp attempt's connection.
+            drop(listener.accept().unwrap());
+            for answer in [
+                "HTTP/1.1 204 No Content\r\n\r\n",
+                "HTTP/1.0 503 Busy\r\n\r\n",
+                "SSH-2.0\r\n",
+            ] {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut req = [0u8; 1024];
+                let n = s.read(&mut req).unwrap();
+                assert!(req[..n].starts_with(b"GET /h HTTP/1.0\r\n"));
+                s.write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        assert_eq!(attempt(&http, &dir, 1).await, Ok(()));
+        assert_eq!(
+            attempt(&http, &dir, 1).await,
+            Err("GET /h answered 503".to_owned())
+        );
+        let e = attempt(&http, &dir, 1).await.unwrap_err();
+        assert!(e.contains("not an HTTP answer"), "{e}");
+        server.join().unwrap();
+        let exec = |cmd: &[&str]| Liveness::Exec {
+            command: cmd.iter().map(|s| (*s).to_owned()).collect(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            failures: 1,
+        };
+        assert_eq!(attempt(&exec(&["/bin/true"]), &dir, 1).await, Ok(()));
+        let e = attempt(&exec(&["/bin/false"]), &dir, 1).await.unwrap_err();
+        assert!(e.contains("/bin/false ended with exit status: 1"), "{e}");
+        let e = attempt(&exec(&["/nonexistent"]), &dir, 1)
+            .await
+            .unwrap_err();
+        assert!(e.starts_with("cannot run /nonexistent"), "{e}");
+        assert!(PROBES.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,468 @@
+//! Resource limits and liveness with real agents and real processes: a node over its
+//! memory limit is OOM-killed and reported as such; a node at its pids limit cannot
+//! fork further; a node that stops sending `WATCHDOG=1` is restarted within the
+//! watchdog period plus one second; http, tcp and exec probes each detect a hung node;
+//! a notify message from a process outside the node is ignored; a limit the host cannot
+//! enforce is refused at deploy.
+//!
+//! Limits go through cgroup v2 where the agent's subtree has the controller, else the
+//! cgroup v1 hierarchies (this machine's memory, cpu and pids). Where a test's limit
+//! cannot be enforced on a host at all, the deploy says so, and the test is skipped
+//! with that message.
+
+use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+fn free_tcp() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Setup {
+    c: Cluster,
+    addr: SocketAddr,
+    _ctl: Proc,
+    agent: Proc,
+    metrics: SocketAddr,
+}
+
+fn setup() -> Setup {
+    let c = Cluster::new();
+    let (ctl, addr) = c.start_controller("127.0.0.1:0");
+    let metrics = free_tcp();
+    c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
+    let agent = c.start_agent_args(
+        "agent-1",
+        "agent-1",
+        &[
+            "--controller",
+            &addr.to_string(),
+            "--metrics-listen",
+            &metrics.to_string(),
+        ],
+    );
+    eventually("agent connected", PATIENCE, || {
+        let out = c.drover(addr, &["get-instances"]);
+        (out.json().as_object().map(|o| o.len()) == Some(1)).then_some(())
+    });
+    Setup {
+        c,
+        addr,
+        _ctl: ctl,
+        agent,
+        metrics,
+    }
+}
+
+impl Setup {
+    /// Deploys `body` after common defaults; the exit code and the JSON reply.
+    fn deploy(&self, body: &str) -> (Option<i32>, Value, String) {
+        let text = format!(
+            "[defaults]\nbackoff = {{ initial = \"10ms\" }}\nmax_failed_starts = 0\nstop_timeout = \"1s\"\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[instances.agent-1]\n{body}"
+        );
+        let path = self
+            .c
+            .dir
+            .path()
+            .join(format!("cluster-{}.toml", text.len()));
+        std::fs::write(&path, text).unwrap();
+        let out = self
+            .c
+            .drover(self.addr, &["deploy-config", path.to_str().unwrap()]);
+        (out.code, out.json(), out.stderr)
+    }
+
+    /// Deploys `body`; `false` (with a message) when the host cannot enforce a limit.
+    fn deploy_or_skip(&self, body: &str) -> bool {
+        let (code, v, err) = self.deploy(body);
+        let text = format!("{v}{err}");
+        if text.contains("cannot be enforced on this host") {
+            eprintln!("skipped: {text}");
+            return false;
+        }
+        assert_eq!(code, Some(0), "{text}");
+        true
+    }
+
+    fn node(&self, node: &str) -> Value {
+        self.c.drover(self.addr, &["get-nodes", "--fresh"]).json()["results"]["agent-1"][node]
+            .clone()
+    }
+
+    fn stdout_of(&self, node: &str) -> String {
+        std::fs::read_to_string(
+            self.c
+                .dir
+                .path()
+                .join("agent-agent-1/nodes")
+                .join(node)
+                .join("stdout.log"),
+        )
+        .unwrap_or_default()
+    }
+
+    fn restarts(&self, node: &str) -> Option<f64> {
+        self.metric(&format!("drover_agent_node_restarts{{node=\"{node}\"}}"))
+    }
+
+    /// When the agent logged that it started `node`, in milliseconds of the day, each
+    /// start in order.
+    fn starts(&self, node: &str) -> Vec<u64> {
+        let needle = format!("started node={node} ");
+        self.agent
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .filter_map(|l| {
+                let time = l.split_once('T')?.1.split_once('Z')?.0;
+                let mut f = time.split(':');
+                let (h, m, sec) = (f.next()?, f.next()?, f.next()?);
+                let (h, m): (u64, u64) = (h.parse().ok()?, m.parse().ok()?);
+                let sec: f64 = sec.parse().ok()?;
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "milliseconds of a day"
+                )]
+                let ms = (sec * 1000.0) as u64;
+                Some((h * 60 + m) * 60_000 + ms)
+            })
+            .collect()
+    }
+
+    fn metric(&self, series: &str) -> Option<f64> {
+        let mut s = TcpStream::connect(self.metrics).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .ok()?;
+        let mut page = String::new();
+        s.read_to_string(&mut page).ok()?;
+        page.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+}
+
+fn testprog(args: &[&str]) -> String {
+    let mut argv = vec![Value::String(bin("drover-testprog").display().to_string())];
+    argv.extend(args.iter().map(|a| Value::String((*a).to_owned())));
+    Value::Array(argv).to_string()
+}
+
+/// The line of `/proc/PID/cgroup` for v1 controller `ctl` (`4:memory:/x` gives `/x`).
+fn v1_cgroup(pid: u64, ctl: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctls, path) = (f.next()?, f.next()?, f.next()?);
+            ctls.split(',').any(|c| c == ctl).then(|| path.to_owned())
+        })
+}
+
+#[test]
+fn a_node_over_its_memory_limit_is_oom_killed_and_reported_as_such() {
+    let s = setup();
+    let body = format!(
+        "[nodes.hog]\ninstance = \"agent-1\"\ncommand = {}\nmemory = {{ max = \"48M\" }}\n[nodes.steady]\ninstance = \"agent-1\"\ncommand = {}\nmemory = {{ max = \"64M\", high = \"32M\" }}\ncpus = 0.5\ncpu_weight = 50\npids_max = 64\n",
+        testprog(&["--alloc-mib", "256"]),
+        testprog(&["--alloc-mib", "8"]),
+    );
+    if !s.deploy_or_skip(&body) {
+        return;
+    }
+    let hog = eventually("hog oom-killed and restarted", PATIENCE, || {
+        let n = s.node("hog");
+        (n["last_failure"] == "oom-killed"
+            && n["oom_kills"].as_u64()? >= 1
+            && s.restarts("hog")? >= 1.0)
+            .then_some(n)
+    });
+    assert!(!s.stdout_of("hog").contains("allocated 256 MiB"), "{hog}");
+    let oom = eventually("the oom metric", PATIENCE, || {
+        s.metric("drover_agent_node_oom_kills_total{node=\"hog\"}")
+            .filter(|v| *v >= 1.0)
+    });
+    assert!(oom >= 1.0);
+    // The steady node's process is in its own limited memory cgroup, from its exec.
+    eventually(
+        "steady's memory, children included, from its cgroup",
+        PATIENCE,
+        || {
+            let m = s.metric("drover_agent_node_memory_bytes{node=\"steady\"}")?;
+            (m >= f64::from(8u32 << 20)).then_some(())
+        },
+    );
+    let steady = s.node("steady");
+    assert_eq!(steady["oom_kills"], Value::Null, "{steady}");
+    let pid = steady["pid"].as_u64().unwrap();
+    let v2_root = s
+        .agent
+        .wait_log("nodes are contained in cgroups")
+        .lines()
+        .find_map(|l| l.split("cgroup=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .map(str::to_owned);
+    let v1 = v1_cgroup(pid, "memory").filter(|p| p.ends_with("/nodes/steady"));
+    if v1.is_none() {
+        // Then cgroup v2 holds the limit.
+        let root = v2_root.expect("a memory cgroup, v1 or v2");
+        let max = std::fs::read_to_string(format!("{root}/nodes/steady/memory.max")).unwrap();
+        assert_eq!(max.trim(), (64u64 << 20).to_string());
+    }
+    if let Some(path) = v1 {
+        let dir = format!("/sys/fs/cgroup/memory{path}");
+        let limit = std::fs::read_to_string(format!("{dir}/memory.limit_in_bytes")).unwrap();
+        assert_eq!(limit.trim(), (64u64 << 20).to_string());
+        let soft = std::fs::read_to_string(format!("{dir}/memory.soft_limit_in_bytes")).unwrap();
+        assert_eq!(soft.trim(), (32u64 << 20).to_string());
+        let tasks = std::fs::read_to_string(format!("{dir}/tasks")).unwrap();
+        assert!(
+            !tasks.lines().any(|t| t == s.agent.pid().to_string()),
+            "the spawning thread went back"
+        );
+    }
+    // CPU and pids limits, where v1 holds them (written once the node runs).
+    let read = |ctl: &str, file: &str| {
+        let path = v1_cgroup(pid, ctl).filter(|p| p.ends_with("/nodes/steady"))?;
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{ctl}{path}/{file}"))
+            .ok()
+            .map(|t| t.trim().to_owned())
+    };
+    if let Some(quota) = read("cpu", "cpu.cfs_quota_us") {
+        assert_eq!(quota, "50000");
+        assert_eq!(read("cpu", "cpu.cfs_period_us").unwrap(), "100000");
+        assert_eq!(read("cpu", "cpu.shares").unwrap(), "512");
+    }
+    if let Some(max) = read("pids", "pids.max") {
+        assert_eq!(max, "64");
+    }
+    // Removed from the configuration, its cgroups go.
+    let (code, v, _) = s.deploy("");
+    assert_eq!(code, Some(0), "{v}");
+    let subtree = s
+        .agent
+        .wait_log("nodes are contained in cgroups")
+        .lines()
+        .find_map(|l| l.split("cgroup=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.rsplit('/').next())
+        .map(str::to_owned);
+    if let (Some(own), Some(subtree)) = (v1_cgroup(u64::from(s.agent.pid()), "memory"), subtree) {
+        let nodes = format!("/sys/fs/cgroup/memory{own}/{subtree}/nodes");
+        assert!(std::path::Path::new(&nodes).is_dir(), "{nodes}");
+        eventually("v1 node cgroups removed", PATIENCE, || {
+            let left = std::fs::read_dir(&nodes)
+                .ok()?
+                .flatten()
+                .filter(|d| d.file_type().is_ok_and(|t| t.is_dir()))
+                .count();
+            (left == 0).then_some(())
+        });
+    }
+}
+
+#[test]
+fn a_node_at_its_pids_limit_cannot_fork_further() {
+    let s = setup();
+    let body = format!(
+        "[nodes.forker]\ninstance = \"agent-1\"\nrestart = \"never\"\ncommand = {}\npids_max = 6\n",
+        testprog(&["--fork-until-fail"]),
+    );
+    if !s.deploy_or_skip(&body) {
+        return;
+    }
+    let line = eventually("the forker gave up", PATIENCE, || {
+        s.stdout_of("forker")
+            .lines()
+            .find(|l| l.starts_with("testprog: forked"))
+            .map(str::to_owned)
+    });
+    let n: u32 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    // The node itself (and the threads it runs) count: fewer than 6 children.
+    assert!((1..6).contains(&n), "{line}");
+    assert!(line.contains("Resource temporarily unavailable"), "{line}");
+    let node = s.node("forker");
+    assert_eq!(node["state"], "RUNNING", "{node}");
+}
+
+#[test]
+fn a_node_that_stops_pinging_its_watchdog_is_restarted_within_the_period_and_a_second() {
+    let s = setup();
+    let body = format!(
+        "[nodes.dog]\ninstance = \"agent-1\"\ncommand = {}\nwatchdog = \"2s\"\n[nodes.good]\ninstance = \"agent-1\"\ncommand = {}\nwatchdog = \"1s\"\n",
+        testprog(&["--watchdog", "--hang-after", "3s"]),
+        testprog(&["--watchdog"]),
+    );
+    let (code, v, err) = s.deploy(&body);
+    assert_eq!(code, Some(0), "{v}{err}");
+    let starts = eventually("dog restarted", PATIENCE, || {
+        let starts = s.starts("dog");
+        (starts.len() >= 2 && s.restarts("dog")? >= 1.0).then_some(starts)
+    });
+    let second = s.node("dog");
+    // It hangs 3 s after its start (a little later, counting its own start-up); its
+    // last ping came at most a quarter of the period before that.
+    let hang = starts[0] + 3_000;
+    let restarted = starts[1];
+    assert!(
+        restarted <= hang + 2_000 + 1_000,
+        "hung at {hang}, restarted {} ms later",
+        restarted.saturating_sub(hang)
+    );
+    assert!(
+        restarted >= hang + 1_400,
+        "not before the period ran out: {starts:?}"
+    );
+    eprintln!("restarted {} ms after the hang", restarted - hang);
+    let why = second["last_failure"].as_str().unwrap();
+    assert!(
+        why.starts_with("watchdog timeout: no WATCHDOG=1 within 2s"),
+        "{why}"
+    );
+    assert_eq!(second["liveness_failures"], 1, "{second}");
+    assert!(
+        s.stdout_of("dog")
+            .contains("testprog: WATCHDOG_PID matches")
+    );
+    // The node that keeps pinging a shorter watchdog ran all along.
+    let good = s.node("good");
+    assert_eq!(s.restarts("good"), Some(0.0), "{good}");
+    assert_eq!(good["state"], "RUNNING", "{good}");
+    assert!(s.metric("drover_agent_node_liveness_failures_total{node=\"dog\"}") >= Some(1.0));
+}
+
+#[test]
+fn http_tcp_and_exec_probes_each_detect_a_hung_node() {
+    let s = setup();
+    let (h, t, e, ok) = (free_tcp(), free_tcp(), free_tcp(), free_tcp());
+    let probe = "interval = \"300ms\", timeout = \"300ms\", failures = 2";
+    let exec = Value::Array(vec![
+        Value::String(bin("drover-testprog").display().to_string()),
+        Value::String("--check-http".into()),
+        Value::String(e.to_string()),
+    ]);
+    let body = format!(
+        "[nodes.h]\ninstance = \"agent-1\"\ncommand = {}\nliveness = {{ kind = \"http\", port = {}, path = \"/health\", {probe} }}\n\
+         [nodes.t]\ninstance = \"agent-1\"\ncommand = {}\nliveness = {{ kind = \"tcp\", port = {}, {probe} }}\n\
+         [nodes.e]\ninstance = \"agent-1\"\ncommand = {}\nliveness = {{ kind = \"exec\", command = {exec}, {probe} }}\n\
+         [nodes.ok]\ninstance = \"agent-1\"\ncommand = {}\nliveness = {{ kind = \"http\", port = {}, {probe} }}\n",
+        testprog(&["--http", &h.to_string(), "--hang-after", "1s"]),
+        h.port(),
+        testprog(&["--listen", &t.to_string(), "--hang-after", "1s"]),
+        t.port(),
+        testprog(&["--http", &e.to_string(), "--hang-after", "1s"]),
+        testprog(&["--http", &ok.to_string()]),
+        ok.port(),
+    );
+    let (code, v, err) = s.deploy(&body);
+    assert_eq!(code, Some(0), "{v}{err}");
+    for (node, kind) in [("h", "http"), ("t", "tcp"), ("e", "exec")] {
+        let n = eventually(&format!("{node} restarted by its probe"), PATIENCE, || {
+            let n = s.node(node);
+            (s.restarts(node)? >= 1.0 && n["liveness_failures"].as_u64()? >= 1).then_some(n)
+        });
+        let why = n["last_failure"].as_str().unwrap_or_default();
+        assert!(
+            why.starts_with(&format!("liveness probe ({kind}) failed 2 times in a row")),
+            "{node}: {n}"
+        );
+    }
+    assert_eq!(s.restarts("ok"), Some(0.0));
+    // The status table shows why.
+    let table = s.c.drover(s.addr, &["status"]);
+    assert!(table.stdout.contains("liveness probe"), "{}", table.stdout);
+}
+
+#[test]
+fn notify_messages_from_a_process_outside_the_node_are_ignored() {
+    let s = setup();
+    let c = &s.c;
+    let file = c.dir.path().join("n.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.agent-1]\n[nodes.n]\ninstance = \"agent-1\"\ncommand = {}\nreadiness = {{ kind = \"notify\", timeout = \"1h\" }}\n",
+            testprog(&["--sleep-forever"]),
+        ),
+    )
+    .unwrap();
+    // The deploy waits for readiness: it runs meanwhile.
+    let mut deploy = c.drover_command(s.addr);
+    deploy.args(["--timeout", "60s", "deploy-config", file.to_str().unwrap()]);
+    let deploy = std::thread::spawn(move || drover_tests::run_cli(deploy, PATIENCE * 3));
+    let pid = eventually("n spawned", PATIENCE, || s.node("n")["pid"].as_u64());
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let socket = env
+        .split(|b| *b == 0)
+        .find_map(|v| v.strip_prefix(b"NOTIFY_SOCKET="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap();
+    let foreign = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    foreign.send_to(b"READY=1\nSTATUS=forged", &socket).unwrap();
+    s.agent
+        .wait_log("ignoring a notify message from a process that is not the node's");
+    let n = s.node("n");
+    assert_eq!(n["state"], "PENDING", "{n}");
+    let table = s.c.drover(s.addr, &["status"]).stdout;
+    assert!(!table.contains("forged"), "{table}");
+    // A process of the node that is not its main process is heard: one that enters
+    // the node's cgroup, then sends READY=1.
+    let log = s.agent.wait_log("nodes are contained in cgroups");
+    let Some(root) = log
+        .lines()
+        .find_map(|l| l.split("cgroup=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+    else {
+        eprintln!("skipped the second half: no cgroup v2 subtree");
+        return;
+    };
+    let script = format!(
+        "echo $$ > {root}/nodes/n/cgroup.procs && exec {} --ready-after 0 --status mine --exit-after 2s",
+        bin("drover-testprog").display()
+    );
+    let st = std::process::Command::new("/bin/sh")
+        .args(["-c", &script])
+        .env("NOTIFY_SOCKET", &socket)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let n = eventually("ready from inside the node's cgroup", PATIENCE, || {
+        let n = s.node("n");
+        (n["state"] == "RUNNING").then_some(n)
+    });
+    assert_eq!(
+        n["pid"].as_u64(),
+        Some(pid),
+        "the main process still runs: {n}"
+    );
+    let table = s.c.drover(s.addr, &["status"]).stdout;
+    assert!(table.contains("ready"), "{table}");
+    let out = deploy.join().unwrap();
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+}
+
+#[test]
+fn limits_the_host_cannot_enforce_are_refused_at_deploy() {
+    let s = setup();
+    let body = format!(
+        "[nodes.io]\ninstance = \"agent-1\"\ncommand = {}\nio_weight = 200\n",
+        testprog(&[]),
+    );
+    let (code, v, err) = s.deploy(&body);
+    let text = format!("{v}{err}");
+    if code == Some(0) {
+        eprintln!("skipped: this host enforces io_weight");
+        return;
+    }
+    assert!(
+        text.contains("node 'io': io_weight cannot be enforced on this host"),
+        "{text}"
+    );
+    assert!(text.contains("nothing changed"), "{text}");
+    let nodes = s.c.drover(s.addr, &["get-nodes", "--fresh"]).json();
+    assert_eq!(nodes["results"]["agent-1"].get("io"), None, "{nodes}");
+}
