@@ -179,7 +179,8 @@ fn tables_and_compact_json() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let header = out.stdout.lines().next().unwrap();
     for col in [
-        "INSTANCE", "NODE", "ROLE", "STATE", "PID", "RESTARTS", "UPTIME", "RSS MIB", "STATUS",
+        "INSTANCE", "NODE", "ROLE", "STATE", "PID", "RESTARTS", "UPTIME", "MEM MIB", "CPU S",
+        "STATUS",
     ] {
         assert!(header.contains(col), "{header}");
     }

@@ -1625,7 +1625,7 @@ impl Core {
                 }
                 Action::Kill => {
                     if let Some(p) = &e.proc {
-                        warn!(node = %name, pid = p.id.pid, "stop timeout reached; killing the node");
+                        warn!(node = %name, pid = p.id.pid, "killing the node (a stop or readiness timeout, or a failed liveness check)");
                         kill_remains(p);
                     }
                 }
