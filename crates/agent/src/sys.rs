@@ -1567,7 +1567,13 @@ mod tests {
             let args = vec!["1000".to_owned()];
             let pid = spawn_clean(&spec("sleep", &args, dir.path(), &out)).unwrap();
             let fd = KillOnDrop(PidFd::open(pid).unwrap());
-            wait_until("exec", || proc_stat(pid).is_ok_and(|s| s.comm == "sleep"));
+            // The name changes early in exec, the environment's place in the new image
+            // is set later: wait for both.
+            let environ = format!("/proc/{pid}/environ");
+            wait_until("exec", || {
+                proc_stat(pid).is_ok_and(|s| s.comm == "sleep")
+                    && fs::read(&environ).is_ok_and(|e| !e.is_empty())
+            });
             assert_eq!(sig_mask(pid, "SigIgn:"), 0, "nothing ignored");
             assert_eq!(sig_mask(pid, "SigBlk:"), 0, "nothing blocked");
             let s = proc_stat(pid).unwrap();
@@ -1577,7 +1583,7 @@ mod tests {
                 fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
                 dir.path().canonicalize().unwrap()
             );
-            let env = fs::read(format!("/proc/{pid}/environ")).unwrap();
+            let env = fs::read(&environ).unwrap();
             assert_eq!(env, b"A=b\0", "exactly the environment given");
             fd.0.signal(Signal::SIGHUP).unwrap();
             let exit = block_on(async { tokio::time::timeout(DEADLINE, wait_child(&fd.0)).await });
