@@ -820,6 +820,14 @@ impl Drop for MuteAgent {
     }
 }
 
+/// A hex mask line (`SigIgn:`, `SigBlk:`, `CapAmb:` …) of `/proc/<pid>/status`; `None`
+/// when the process or the line is not there.
+pub fn status_mask(pid: u32, field: &str) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find_map(|l| l.strip_prefix(field))?;
+    u64::from_str_radix(line.trim(), 16).ok()
+}
+
 /// A UDP port that was free a moment ago on 127.0.0.1.
 pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")

@@ -38,14 +38,8 @@ fn cgroup_of(pid: u32) -> String {
         .to_owned()
 }
 
-/// A hex mask line (`SigIgn:` etc.) of `/proc/<pid>/status`.
 fn sig_mask(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = s
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .unwrap_or_else(|| panic!("no {field} in status of {pid}"));
-    u64::from_str_radix(line.trim(), 16).unwrap()
+    drover_tests::status_mask(pid, field).unwrap_or_else(|| panic!("no {field} in status of {pid}"))
 }
 
 /// The cgroup subtree an agent logged it uses, if any.

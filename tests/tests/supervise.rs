@@ -625,6 +625,12 @@ fn an_agent_killed_while_replacing_a_node_finishes_the_replacement() {
     };
     w.apply_gen(1, Some("one"), &node("v1", "30s"));
     let old = w.node("a").pid.unwrap();
+    // RUNNING comes with the spawn (start-period 0 s); the stop below is only slow once
+    // the program has got as far as ignoring SIGTERM.
+    drover_tests::eventually("SIGTERM ignored", drover_tests::PATIENCE, || {
+        let ignored = drover_tests::status_mask(old, "SigIgn:")?;
+        (ignored & (1 << (nix::libc::SIGTERM - 1)) != 0).then_some(())
+    });
     let text = format!("id = \"two\"\n[instances.agent-1]\n{}", node("v2", "1s"));
     let config = parse_toml("test.toml", &text).unwrap();
     let sup = w.sup.clone();
