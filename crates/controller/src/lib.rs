@@ -10,6 +10,8 @@
 //!   actions on node subsets, fanned out to agents with timeouts.
 //! - [`store`]: the staged configuration and the desired and deployed deploys with their
 //!   generations, persisted atomically.
+//! - [`ha`], [`etcd`], `etcd_store`: high availability on etcd (`--store etcd`): leader
+//!   election on a lease, the gate that lets only the leader serve, the fenced store.
 //! - `view`: every agent's nodes as last reported, which answers get-nodes while it is
 //!   current (no I/O, tested on its own).
 //! - `dial`: connections the controller makes itself, to agents that listen (instances
@@ -21,6 +23,9 @@
 
 pub mod api;
 mod dial;
+pub mod etcd;
+pub mod etcd_store;
+pub mod ha;
 pub mod registry;
 pub mod store;
 mod view;
@@ -86,6 +91,9 @@ pub struct Config {
     pub zeek_roles: Option<PathBuf>,
     /// What a deploy through zeek-client restarts ([`zeek::DeployMode`]).
     pub zeek_deploy: zeek::DeployMode,
+    /// High availability: the state in etcd and leader election (`--store etcd`); the
+    /// state dir is not used then.
+    pub ha: Option<ha::HaSettings>,
     /// Port auto-assignment and checks for Zeek clusters ([`drover_proto::ports`]); the
     /// controller's own port is filled in when it binds.
     pub ports: drover_proto::ports::PortPolicy,
@@ -122,6 +130,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     /// Staged and deployed configurations.
     pub(crate) store: Store,
+    /// With `--store etcd`: whether this controller leads, and its term.
+    pub(crate) gate: Option<Arc<ha::Gate>>,
     /// The id of the deploy in progress: only one runs at a time, and no stage while
     /// it runs.
     pub(crate) deploying: std::sync::Mutex<Option<String>>,
@@ -291,6 +301,8 @@ pub struct Controller {
     metrics: Option<std::net::TcpListener>,
     /// The zeek-client front, bound at start-up too.
     zeek: Option<zeek::Front>,
+    /// The election to run, with `--store etcd`.
+    ha: Option<ha::HaSettings>,
 }
 
 impl Controller {
@@ -316,7 +328,18 @@ impl Controller {
                 identity: creds.identity().clone(),
             });
         }
-        let store = Store::open(&config.state_dir)?;
+        let (store, gate) = match &config.ha {
+            Some(ha) => {
+                let gate = Arc::new(ha::Gate::new(ha.lease));
+                let etcd = etcd_store::EtcdStore::new(ha.etcd.clone(), &ha.prefix, gate.clone())
+                    .map_err(|e| store::StoreError::StateDir {
+                        path: "etcd client thread".into(),
+                        source: e,
+                    })?;
+                (Store::etcd(etcd), Some(gate))
+            }
+            None => (Store::open(&config.state_dir)?, None),
+        };
         let transport = TransportSettings {
             max_streams: config.transport.max_streams.min(PEER_STREAMS),
             ..config.transport
@@ -342,14 +365,24 @@ impl Controller {
             controller_port: endpoint.local_addr().ok().map(|a| a.port()),
             ..config.ports
         };
+        let ha = config.ha.clone().map(|mut ha| {
+            if ha.advertise.is_empty()
+                && let Ok(addr) = endpoint.local_addr()
+            {
+                ha.advertise = addr.to_string();
+            }
+            ha
+        });
         Ok(Self {
             metrics,
             zeek,
+            ha,
             endpoint: endpoint.clone(),
             shared: Arc::new(Shared {
                 name: creds.identity().name.clone(),
                 registry: Registry::default(),
                 store,
+                gate,
                 deploying: std::sync::Mutex::new(None),
                 config_ops: tokio::sync::Mutex::new(()),
                 transport,
@@ -410,6 +443,13 @@ impl Controller {
             dial::ensure(&self.shared, &config);
         }
         let tasks = TaskTracker::new();
+        if let (Some(settings), Some(gate)) = (self.ha.take(), self.shared.gate.clone()) {
+            let shared = self.shared.clone();
+            tasks.spawn(ha::run(settings, gate, shutdown.clone(), move || {
+                let shared = shared.clone();
+                async move { take_over(shared).await }
+            }));
+        }
         // Every socket was bound in `bind` and the servers of the side listeners are
         // spawned; the accept loop starts right below.
         on_ready();
@@ -439,6 +479,27 @@ impl Controller {
     }
 }
 
+/// Makes this controller the leader's state holder: the state as the last leader left
+/// it in etcd, and the agents of its configurations dialled (those that listen).
+async fn take_over(shared: Arc<Shared>) -> Result<(), String> {
+    let loaded = shared.clone();
+    tokio::task::spawn_blocking(move || loaded.store.reload())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    for config in [shared.store.desired_config(), shared.store.staged()]
+        .into_iter()
+        .flatten()
+    {
+        dial::ensure(&shared, &config);
+    }
+    info!(
+        generation = shared.store.desired_generation(),
+        "state loaded from etcd"
+    );
+    Ok(())
+}
+
 async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let addr = incoming.remote_address();
     let timeout = shared.transport.hello_timeout;
@@ -466,8 +527,16 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     {
         warn!(%addr, "{w}");
     }
+    let mut term = None;
     let check = conn::check_hello(&hello, &identity, API_VERSION)
         .and_then(|()| check_deny_list(&shared, &conn, &identity))
+        .and_then(|()| match &shared.gate {
+            Some(gate) => gate
+                .serving()
+                .map(|(token, _)| term = Some(token))
+                .map_err(|m| WireError::new(ErrorCode::Unavailable, m)),
+            None => Ok(()),
+        })
         .and_then(|()| {
             if identity.role == PeerRole::Controller {
                 Err(WireError::new(
@@ -493,7 +562,12 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         other => other,
     };
     if let Err(e) = check {
-        warn!(%addr, peer = %identity, "refused connection: {}", e.message);
+        if shared.gate.is_some() && e.message.starts_with("not the leader") {
+            // Every dialer tries every controller of the group: not worth a warning.
+            debug!(%addr, peer = %identity, "refused connection: {}", e.message);
+        } else {
+            warn!(%addr, peer = %identity, "refused connection: {}", e.message);
+        }
         responder.refuse(e).await;
         return;
     }
@@ -511,6 +585,22 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
             shared.registry.remove_if_same(&identity.name, &conn);
         }
         return;
+    }
+    if let Some(term) = term {
+        // A leader that steps down closes its term's connections; the peers dial again
+        // and are pointed at the new leader.
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = term.cancelled() => {
+                    // Long enough for the answer to a request that found out (a write
+                    // etcd refused) to leave.
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    conn.close(5u32.into(), b"controller stepped down: not the leader any more");
+                }
+                _ = conn.closed() => {}
+            }
+        });
     }
     match identity.role {
         PeerRole::Agent => serve_agent(shared, conn, identity.name, hello.software).await,
