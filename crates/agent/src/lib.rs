@@ -143,8 +143,9 @@ pub enum Error {
 pub struct Agent {
     config: Config,
     creds: Credentials,
-    /// The host part of `config.controller`, used as the TLS server name.
-    server_name: Option<String>,
+    /// The controllers of `config.controller` (comma-separated: the members of a
+    /// high-availability group), each `HOST:PORT`.
+    controllers: Vec<String>,
     /// The listening endpoint, when the controller dials this agent.
     listener: Option<quinn::Endpoint>,
     /// The metrics listener, bound at start-up.
@@ -182,13 +183,17 @@ impl Agent {
                 name: config.name.clone(),
             });
         }
-        let server_name = match &config.controller {
-            Some(c) => Some(
-                split_host(c)
-                    .ok_or_else(|| Error::ControllerAddr(c.clone()))?
-                    .to_owned(),
-            ),
-            None => None,
+        let controllers: Vec<String> = match &config.controller {
+            Some(list) => list
+                .split(',')
+                .map(|c| {
+                    let c = c.trim();
+                    split_host(c)
+                        .map(|_| c.to_owned())
+                        .ok_or_else(|| Error::ControllerAddr(c.to_owned()))
+                })
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
         };
         if config.controller.is_none() && config.listen.is_none() {
             return Err(Error::NoController);
@@ -228,7 +233,7 @@ impl Agent {
         Ok(Self {
             config,
             creds,
-            server_name,
+            controllers,
             listener,
             metrics: std::sync::Mutex::new(metrics),
             listened: tokio::sync::watch::Sender::new(0),
@@ -418,8 +423,7 @@ impl Agent {
         // reconnecting does not churn UDP sockets.
         let mut endpoints: [Option<quinn::Endpoint>; 2] = [None, None];
         let name = &self.config.name;
-        let (Some(controller), Some(server_name)) = (&self.config.controller, &self.server_name)
-        else {
+        let Some(controller) = &self.config.controller else {
             return;
         };
         info!(agent = %name, %controller, "agent connecting");
@@ -437,37 +441,49 @@ impl Agent {
                 }
                 backoff.reset();
             }
-            let attempt = async {
-                let addr = resolve(controller).await?;
-                let slot = &mut endpoints[usize::from(addr.is_ipv6())];
-                let endpoint = match slot {
-                    Some(e) => e.clone(),
-                    None => slot
-                        .insert(conn::client_endpoint(
-                            &self.creds,
-                            &self.config.transport,
-                            addr,
-                        )?)
-                        .clone(),
-                };
-                let hello = Hello {
-                    api_version: API_VERSION,
-                    role: PeerRole::Agent,
-                    name: name.clone(),
-                    software: software(),
-                };
-                conn::dial(
-                    &endpoint,
-                    None,
-                    addr,
-                    server_name,
-                    hello,
-                    PeerRole::Controller,
-                    None,
-                    self.config.transport.hello_timeout,
-                )
-                .await
-            };
+            let endpoints = std::sync::Mutex::new(&mut endpoints);
+            let attempt = conn::dial_leader(&self.controllers, |target| {
+                let endpoints = &endpoints;
+                async move {
+                    let server_name = split_host(&target)
+                        .ok_or_else(|| {
+                            NetError::Connection(format!("invalid controller address '{target}'"))
+                        })?
+                        .to_owned();
+                    let addr = resolve(&target).await?;
+                    let endpoint = {
+                        let mut slots = endpoints.lock().unwrap_or_else(|p| p.into_inner());
+                        let slot = &mut slots[usize::from(addr.is_ipv6())];
+                        match slot {
+                            Some(e) => e.clone(),
+                            None => slot
+                                .insert(conn::client_endpoint(
+                                    &self.creds,
+                                    &self.config.transport,
+                                    addr,
+                                )?)
+                                .clone(),
+                        }
+                    };
+                    let hello = Hello {
+                        api_version: API_VERSION,
+                        role: PeerRole::Agent,
+                        name: name.clone(),
+                        software: software(),
+                    };
+                    conn::dial(
+                        &endpoint,
+                        None,
+                        addr,
+                        &server_name,
+                        hello,
+                        PeerRole::Controller,
+                        None,
+                        self.config.transport.hello_timeout,
+                    )
+                    .await
+                }
+            });
             let result = tokio::select! {
                 () = shutdown.cancelled() => break,
                 r = attempt => r,
