@@ -1,0 +1,424 @@
+//! High availability on etcd with real etcd processes and real controllers: failover
+//! after a leader is killed, fencing of a paused or deposed leader, etcd going away, and
+//! a configuration larger than etcd's request limit.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use drover_proto::msg::{ClientRequest, ClientResponse, PeerRole};
+use drover_tests::etcd::{self, Etcd};
+use drover_tests::{Cluster, PATIENCE, Proc, eventually};
+use nix::sys::signal::Signal;
+
+const PREFIX: &str = "/drover-test/";
+const LEASE: &str = "2s";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The address the leader key names, if any.
+fn leader(rt: &tokio::runtime::Runtime, etcd: &Etcd) -> Option<SocketAddr> {
+    let kv = rt
+        .block_on(etcd.client().get(format!("{PREFIX}leader").as_bytes()))
+        .ok()??;
+    String::from_utf8(kv.value).ok()?.parse().ok()
+}
+
+/// The mod revision of every state key.
+fn state_revisions(rt: &tokio::runtime::Runtime, etcd: &Etcd) -> BTreeMap<String, i64> {
+    let kvs = rt
+        .block_on(
+            etcd.client()
+                .get_prefix(format!("{PREFIX}state/").as_bytes()),
+        )
+        .unwrap();
+    kvs.into_iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(&kv.key).into_owned(),
+                kv.mod_revision,
+            )
+        })
+        .collect()
+}
+
+fn config_file(c: &Cluster, name: &str, nodes: &[(&str, &str)]) -> PathBuf {
+    let mut text =
+        String::from("[defaults]\nreadiness = { kind = \"start-period\", period = \"0s\" }\n");
+    let instances: std::collections::BTreeSet<&str> = nodes.iter().map(|(_, i)| *i).collect();
+    for i in instances {
+        text.push_str(&format!("[instances.{i}]\n"));
+    }
+    for (node, instance) in nodes {
+        text.push_str(&format!(
+            "[nodes.{node}]\ninstance = \"{instance}\"\ncommand = [\"/usr/bin/sleep\", \"infinity\"]\n"
+        ));
+    }
+    let path = c.dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Running nodes and their pids, from get-nodes through any controller of the group.
+fn node_pids(c: &Cluster, controllers: &str) -> Option<BTreeMap<String, u64>> {
+    let out = etcd::drover(c, controllers, &["get-nodes"]);
+    if out.code != Some(0) {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+    let mut pids = BTreeMap::new();
+    for (_, nodes) in v["results"].as_object()? {
+        for (name, n) in nodes.as_object()? {
+            if n["mgmt_role"].is_null() && n["state"] == "RUNNING" {
+                pids.insert(name.clone(), n["pid"].as_u64()?);
+            }
+        }
+    }
+    Some(pids)
+}
+
+struct Group {
+    procs: Vec<Proc>,
+    addrs: Vec<SocketAddr>,
+}
+
+impl Group {
+    fn start(c: &Cluster, etcd: &Etcd, n: usize) -> Self {
+        let mut procs = Vec::new();
+        let mut addrs = Vec::new();
+        for i in 0..n {
+            let (p, a) = etcd::start_controller(
+                c,
+                &format!("controller-{i}"),
+                etcd,
+                PREFIX,
+                &["--leader-lease", LEASE],
+            );
+            procs.push(p);
+            addrs.push(a);
+        }
+        Self { procs, addrs }
+    }
+
+    fn list(&self) -> String {
+        etcd::addrs(&self.addrs)
+    }
+
+    /// Waits until the leader key names one of the group, and returns its index.
+    fn leader(&self, rt: &tokio::runtime::Runtime, etcd: &Etcd, not: Option<usize>) -> usize {
+        eventually("a controller of the group leads", PATIENCE, || {
+            let addr = leader(rt, etcd)?;
+            let i = self.addrs.iter().position(|a| *a == addr)?;
+            (Some(i) != not).then_some(i)
+        })
+    }
+}
+
+#[test]
+fn a_killed_leader_is_replaced_agents_follow_and_no_node_restarts() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let mut group = Group::start(&c, &etcd, 3);
+    let first = group.leader(&rt, &etcd, None);
+    let list = group.list();
+    for a in ["a1", "a2"] {
+        c.issue(PeerRole::Agent, a);
+    }
+    let _agents: Vec<Proc> = ["a1", "a2"]
+        .iter()
+        .map(|a| c.start_agent_args(a, a, &["--controller", &list]))
+        .collect();
+    let v1 = config_file(&c, "v1", &[("w1", "a1"), ("w2", "a2")]);
+    eventually(
+        "both agents connected and took the deploy",
+        PATIENCE,
+        || {
+            (etcd::drover(&c, &list, &["deploy-config", v1.to_str().unwrap()]).code == Some(0))
+                .then_some(())
+        },
+    );
+    let before = eventually("both nodes run", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 2)
+    });
+
+    let killed = Instant::now();
+    group.procs[first].kill();
+    let second = group.leader(&rt, &etcd, Some(first));
+    let answered = eventually("the new leader answers", PATIENCE, || {
+        (etcd::drover(&c, &list, &["get-instances"]).code == Some(0)).then(Instant::now)
+    });
+    let after = eventually("both agents are back, same nodes", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 2)
+    });
+    let complete = Instant::now();
+    eprintln!(
+        "failover: new leader answering after {:?}, get-nodes complete after {:?}",
+        answered - killed,
+        complete - killed
+    );
+    assert_eq!(before, after, "a node was restarted by the failover");
+    assert!(
+        group.procs[second]
+            .log_text()
+            .contains("state loaded from etcd generation=1"),
+        "the new leader did not load the deploy:\n{}",
+        group.procs[second].log_text()
+    );
+
+    // A deploy through every address works with the new leader, and leaves the nodes
+    // it does not change alone.
+    let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a2"), ("w3", "a1")]);
+    let out = etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let now = eventually("three nodes run", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 3)
+    });
+    assert_eq!(now["w1"], before["w1"]);
+    assert_eq!(now["w2"], before["w2"]);
+}
+
+#[test]
+fn a_leader_paused_past_its_lease_never_writes_again() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let group = Group::start(&c, &etcd, 2);
+    let old = group.leader(&rt, &etcd, None);
+    let list = group.list();
+    let v1 = config_file(&c, "v1", &[]);
+    let out = etcd::drover(&c, &list, &["stage-config", v1.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    // A client of the old leader, connected while it leads.
+    let (endpoint, conn) = rt.block_on(c.client_connection(group.addrs[old]));
+
+    group.procs[old].signal(Signal::SIGSTOP);
+    let new = group.leader(&rt, &etcd, Some(old));
+    let v2 = config_file(&c, "v2", &[("only-in-v2", "a1")]);
+    let out = etcd::drover(&c, &list, &["stage-config", v2.to_str().unwrap()]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "the new leader {new} takes writes: {}",
+        out.stderr
+    );
+    let written = state_revisions(&rt, &etcd);
+
+    // The paused leader wakes with a deploy waiting on its old connection.
+    let request = rt.spawn(async move {
+        let deploy = ClientRequest::Deploy {
+            restart_all: false,
+            expect_id: None,
+            progress: false,
+        };
+        drover_net::conn::call::<_, ClientResponse>(&conn, &deploy, Duration::from_secs(15)).await
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    group.procs[old].signal(Signal::SIGCONT);
+    match rt.block_on(request).unwrap() {
+        Err(_) => {}
+        Ok(ClientResponse::Results(rs)) => {
+            assert!(
+                rs.iter().all(|r| !r.success),
+                "the deposed leader deployed: {rs:?}"
+            );
+        }
+        Ok(other) => panic!("unexpected answer {other:?}"),
+    }
+    group.procs[old].wait_log("stepped down");
+    assert_eq!(
+        state_revisions(&rt, &etcd),
+        written,
+        "the deposed leader wrote to etcd"
+    );
+    // It follows now, and points clients at the leader.
+    let only_old = group.addrs[old].to_string();
+    let out = eventually("the old leader points at the new one", PATIENCE, || {
+        let out = etcd::drover(&c, &only_old, &["get-config", "--as-toml"]);
+        (out.code == Some(0)).then_some(out)
+    });
+    assert!(out.stdout.contains("only-in-v2"), "{}", out.stdout);
+    rt.block_on(endpoint.wait_idle());
+}
+
+#[test]
+fn a_leader_whose_key_is_taken_cannot_write_and_steps_down() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let group = Group::start(&c, &etcd, 1);
+    group.leader(&rt, &etcd, None);
+    let list = group.list();
+    let v1 = config_file(&c, "v1", &[]);
+    assert_eq!(
+        etcd::drover(&c, &list, &["stage-config", v1.to_str().unwrap()]).code,
+        Some(0)
+    );
+    let written = state_revisions(&rt, &etcd);
+    // Another leader's key, as if this one's lease had ended unseen.
+    let key = format!("{PREFIX}leader").into_bytes();
+    for op in [
+        drover_controller::etcd::Op::Delete {
+            key: key.clone(),
+            prefix: false,
+        },
+        drover_controller::etcd::Op::Put {
+            key,
+            value: b"127.0.0.1:9".to_vec(),
+            lease: 0,
+        },
+    ] {
+        rt.block_on(etcd.client().txn(&[], &[op], &[])).unwrap();
+    }
+    let v2 = config_file(&c, "v2", &[]);
+    let out = etcd::drover(&c, &list, &["stage-config", v2.to_str().unwrap()]);
+    assert_ne!(out.code, Some(0), "{}", out.stdout);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        text.contains("not the leader; the leader is 127.0.0.1:9")
+            || text.contains("etcd refused the write"),
+        "{text}"
+    );
+    assert_eq!(state_revisions(&rt, &etcd), written);
+    group.procs[0].wait_log("stepped down");
+    let out = etcd::drover(&c, &list, &["get-instances"]);
+    assert!(
+        out.stderr
+            .contains("not the leader; the leader is 127.0.0.1:9"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn without_etcd_writes_are_refused_naming_etcd_and_nodes_keep_running() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let mut etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let group = Group::start(&c, &etcd, 1);
+    group.leader(&rt, &etcd, None);
+    let list = group.list();
+    c.issue(PeerRole::Agent, "a1");
+    let _agent = c.start_agent_args("a1", "a1", &["--controller", &list]);
+    let v1 = config_file(&c, "v1", &[("w1", "a1")]);
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (etcd::drover(&c, &list, &["deploy-config", v1.to_str().unwrap()]).code == Some(0))
+            .then_some(())
+    });
+    let before = eventually("the node runs", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+
+    etcd.kill(0);
+    let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
+    let out = etcd::drover(&c, &list, &["stage-config", v2.to_str().unwrap()]);
+    assert_ne!(out.code, Some(0), "{}", out.stdout);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        text.contains("etcd"),
+        "the refusal does not name etcd: {text}"
+    );
+    group.procs[0].wait_log("stepping down");
+
+    etcd.restart(0);
+    eventually("the controller leads again", PATIENCE, || {
+        leader(&rt, &etcd).filter(|a| *a == group.addrs[0])
+    });
+    let after = eventually("the node is back in get-nodes", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+    assert_eq!(before, after, "the node was restarted");
+}
+
+#[test]
+fn a_configuration_of_20000_nodes_survives_a_failover() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let mut group = Group::start(&c, &etcd, 2);
+    let first = group.leader(&rt, &etcd, None);
+    let list = group.list();
+    // Random environment values, so that compression leaves more than one part.
+    let mut text = String::from("[instances.a1]\n[instances.a2]\n");
+    for i in 0..20_000 {
+        let noise: String = (0..8)
+            .map(|_| format!("{:016x}", rand::random::<u64>()))
+            .collect();
+        text.push_str(&format!(
+            "[nodes.n{i}]\ninstance = \"a{}\"\ncommand = [\"/usr/bin/sleep\", \"infinity\"]\nenv = {{ NOISE = \"{noise}\" }}\n",
+            1 + i % 2
+        ));
+    }
+    let big = c.dir.path().join("big.toml");
+    std::fs::write(&big, text).unwrap();
+    let out = etcd::drover(&c, &list, &["stage-config", big.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let parts = rt
+        .block_on(
+            etcd.client()
+                .get_prefix(format!("{PREFIX}state/staged/parts/").as_bytes()),
+        )
+        .unwrap();
+    assert!(
+        parts.len() >= 2,
+        "the value was not split: {} parts",
+        parts.len()
+    );
+
+    group.procs[first].kill();
+    group.leader(&rt, &etcd, Some(first));
+    let out = eventually("the new leader answers", PATIENCE, || {
+        let out = etcd::drover(&c, &list, &["get-config", "--as-toml"]);
+        (out.code == Some(0)).then_some(out)
+    });
+    let nodes = out.stdout.matches("[nodes.").count();
+    assert_eq!(
+        nodes,
+        20_000,
+        "{}",
+        &out.stdout[..out.stdout.len().min(400)]
+    );
+}
+
+#[test]
+fn a_bad_address_in_a_list_of_controllers_is_named() {
+    let c = Cluster::new();
+    let out = etcd::drover(&c, "127.0.0.1:2150,ctl:notaport", &["get-instances"]);
+    assert_ne!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("'ctl:notaport'") && out.stderr.contains("not a port"),
+        "{}",
+        out.stderr
+    );
+    c.issue(PeerRole::Agent, "a1");
+    let mut agent = c.start_agent_args("a1", "a1", &["--controller", "127.0.0.1:2150,:2150"]);
+    assert!(!agent.wait_exit(PATIENCE).success());
+    assert!(
+        agent
+            .log_text()
+            .contains("invalid controller address ':2150'"),
+        "{}",
+        agent.log_text()
+    );
+}
