@@ -21,6 +21,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+/// The longest one attempt of a call waits for one member.
+const ATTEMPT: Duration = Duration::from_millis(1500);
+
 /// The largest answer read from etcd.
 const MAX_RESPONSE: usize = 256 << 20;
 
@@ -311,25 +314,54 @@ impl Etcd {
     }
 
     /// Posts one gateway call, trying the endpoint that answered last first, then the
-    /// others. An answer with an error is final (etcd's cluster gave it); only an
-    /// endpoint that cannot be reached makes the next one be tried.
+    /// others in turn, until one answers or the client's timeout passed. Each attempt
+    /// gets at most [`ATTEMPT`]: a member that lost its etcd leader may hold a request
+    /// for seconds while another member, or the same one a moment later, answers at
+    /// once. Retrying is safe for every call the controller makes (reads, renewals, and
+    /// writes that put the same values under the same fence). An answer is final
+    /// unless etcd says it is unavailable or timed out (HTTP 503 or 504: no leader).
     async fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
         let body = serde_json::to_vec(body).expect("json serializes");
-        let first = self.preferred.load(Ordering::Relaxed) % self.endpoints.len();
-        let mut failures = Vec::new();
-        for i in 0..self.endpoints.len() {
-            let n = (first + i) % self.endpoints.len();
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let count = self.endpoints.len();
+        let mut n = self.preferred.load(Ordering::Relaxed) % count;
+        let mut failures: Vec<Option<String>> = vec![None; count];
+        let mut round = 0;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
             let ep = &self.endpoints[n];
-            match tokio::time::timeout(self.timeout, self.post(ep, path, &body)).await {
-                Ok(Ok((status, answer))) => {
+            let attempt = ATTEMPT.min(deadline - now);
+            match tokio::time::timeout(attempt, self.post(ep, path, &body)).await {
+                Ok(Ok((status, answer))) if status != 503 && status != 504 => {
                     self.preferred.store(n, Ordering::Relaxed);
                     return decode(ep, path, status, &answer);
                 }
-                Ok(Err(e)) => failures.push(format!("{}: {e}", ep.url)),
-                Err(_) => failures.push(format!("{}: no answer within {:?}", ep.url, self.timeout)),
+                Ok(Ok((status, answer))) => {
+                    let e = decode(ep, path, status, &answer)
+                        .err()
+                        .map(|e| e.to_string());
+                    failures[n] = Some(e.unwrap_or_else(|| format!("{}: http {status}", ep.url)));
+                }
+                Ok(Err(e)) => failures[n] = Some(format!("{}: {e}", ep.url)),
+                Err(_) => failures[n] = Some(format!("{}: no answer within {attempt:?}", ep.url)),
+            }
+            n = (n + 1) % count;
+            if n == self.preferred.load(Ordering::Relaxed) % count {
+                // Every member failed once: pause a little before the next round.
+                round += 1;
+                let pause = Duration::from_millis(50 * round.min(4));
+                tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline)).await;
             }
         }
-        Err(EtcdError::Unreachable(failures.join("; ")))
+        let failures: Vec<String> = failures.into_iter().flatten().collect();
+        Err(EtcdError::Unreachable(if failures.is_empty() {
+            format!("no answer within {:?}", self.timeout)
+        } else {
+            failures.join("; ")
+        }))
     }
 
     async fn post(

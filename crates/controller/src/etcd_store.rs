@@ -126,10 +126,13 @@ impl EtcdStore {
             Compare::CreateRevision(format!("{}leader", self.prefix).into_bytes(), revision);
         let key = self.key(name);
         let compressed = deflate(json);
-        let etcd = self.etcd.clone();
+        // A write that etcd has not taken by the time this controller must stop serving
+        // fails then, naming etcd, rather than outliving the term it was asked in.
+        let left = self.gate.time_left().max(Duration::from_millis(100));
+        let etcd = self.etcd.with_timeout(left);
         let part = self.part;
         let gate = self.gate.clone();
-        self.block(async move {
+        let write = async move {
             let fenced = |ok: bool| {
                 if ok {
                     Ok(())
@@ -152,14 +155,22 @@ impl EtcdStore {
                         value: chunk.to_vec(),
                         lease: 0,
                     };
-                    fenced(etcd.txn(std::slice::from_ref(&fence), &[put], &[]).await?.succeeded)?;
+                    fenced(
+                        etcd.txn(std::slice::from_ref(&fence), &[put], &[])
+                            .await?
+                            .succeeded,
+                    )?;
                 }
                 let manifest = Manifest {
                     id,
                     parts: chunks.len(),
                     len: compressed.len(),
                 };
-                [SPLIT, &serde_json::to_vec(&manifest).expect("json serializes")].concat()
+                [
+                    SPLIT,
+                    &serde_json::to_vec(&manifest).expect("json serializes"),
+                ]
+                .concat()
             };
             let get = Op::Get {
                 key: key.clone().into_bytes(),
@@ -169,7 +180,9 @@ impl EtcdStore {
                 value: head,
                 lease: 0,
             };
-            let r = etcd.txn(std::slice::from_ref(&fence), &[get, put], &[]).await?;
+            let r = etcd
+                .txn(std::slice::from_ref(&fence), &[get, put], &[])
+                .await?;
             fenced(r.succeeded)?;
             // The replaced value's parts are garbage now; failing to delete them costs
             // space, never correctness.
@@ -187,6 +200,14 @@ impl EtcdStore {
                 }
             }
             Ok(())
+        };
+        self.block(async move {
+            tokio::time::timeout(left, write).await.unwrap_or_else(|_| {
+                Err(EtcdError::Unreachable(format!(
+                    "no answer within {left:?}, the time this controller may still lead without renewing its lease"
+                ))
+                .into())
+            })
         })?
     }
 

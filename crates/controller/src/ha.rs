@@ -104,13 +104,21 @@ impl Gate {
         }
     }
 
-    fn lead(&self, create_revision: i64, granted_at: Instant) -> CancellationToken {
+    /// How long this controller may still serve without another renewal (zero when it
+    /// does not lead).
+    pub fn time_left(&self) -> Duration {
+        self.lock().term.as_ref().map_or(Duration::ZERO, |t| {
+            (t.renewed + self.serve_for()).saturating_duration_since(Instant::now())
+        })
+    }
+
+    fn lead(&self, create_revision: i64, renewed: Instant) -> CancellationToken {
         let token = CancellationToken::new();
         let mut state = self.lock();
         state.leader = None;
         state.term = Some(Term {
             create_revision,
-            renewed: granted_at,
+            renewed,
             token: token.clone(),
         });
         token
@@ -158,14 +166,11 @@ where
         .with_timeout((ha.lease / 3).max(Duration::from_millis(300)));
     let ttl = ha.lease.as_secs().max(1);
     let mut announced: Option<String> = None;
+    let mut failing: Option<String> = None;
     while !shutdown.is_cancelled() {
         match campaign(&etcd, &key, &ha.advertise, ttl).await {
-            Ok(Campaign::Won {
-                lease,
-                revision,
-                at,
-            }) => {
-                let _ = at;
+            Ok(Campaign::Won { lease, revision }) => {
+                failing = None;
                 // Loading may take a while (a large configuration): renew once it is
                 // done, and count the serving time from that renewal.
                 let loaded = on_lead().await;
@@ -205,6 +210,7 @@ where
                 continue;
             }
             Ok(Campaign::Lost { leader }) => {
+                failing = None;
                 if announced.as_ref() != Some(&leader) {
                     info!(%leader, "following");
                     announced = Some(leader.clone());
@@ -212,7 +218,12 @@ where
                 gate.follow(Some(leader));
             }
             Err(e) => {
-                warn!("cannot campaign for leadership: {e}");
+                // Said once per cause, not once per poll.
+                let e = e.to_string();
+                if failing.as_ref() != Some(&e) {
+                    warn!("cannot campaign for leadership: {e}");
+                    failing = Some(e);
+                }
                 announced = None;
                 gate.follow(None);
             }
@@ -226,14 +237,8 @@ where
 }
 
 enum Campaign {
-    Won {
-        lease: i64,
-        revision: i64,
-        at: Instant,
-    },
-    Lost {
-        leader: String,
-    },
+    Won { lease: i64, revision: i64 },
+    Lost { leader: String },
 }
 
 async fn campaign(
@@ -247,7 +252,6 @@ async fn campaign(
             leader: String::from_utf8_lossy(&kv.value).into_owned(),
         });
     }
-    let at = Instant::now();
     let (lease, _granted) = etcd.lease_grant(ttl).await?;
     let put = Op::Put {
         key: key.to_vec(),
@@ -269,7 +273,6 @@ async fn campaign(
         return Ok(Campaign::Won {
             lease,
             revision: r.revision,
-            at,
         });
     }
     let _ = etcd.lease_revoke(lease).await;
