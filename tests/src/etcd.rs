@@ -53,11 +53,37 @@ pub struct Member {
 pub struct Etcd {
     /// The members.
     pub members: Vec<Member>,
+    /// With TLS: the CA, and the client certificate and key controllers use.
+    pub tls: Option<drover_controller::etcd::EtcdTls>,
 }
 
 impl Etcd {
     /// Starts `n` members and waits until each serves clients.
     pub fn start(c: &Cluster, n: usize) -> Self {
+        Self::start_with(c, n, false)
+    }
+
+    /// As [`Etcd::start`], serving clients over TLS only, with client certificates
+    /// required (all from the cluster's CA: a server certificate `etcd` for 127.0.0.1,
+    /// a client certificate `etcd-client`).
+    pub fn start_tls(c: &Cluster, n: usize) -> Self {
+        Self::start_with(c, n, true)
+    }
+
+    fn start_with(c: &Cluster, n: usize, tls: bool) -> Self {
+        let tls = tls.then(|| {
+            let mut spec =
+                drover_pki::LeafSpec::new(drover_proto::msg::PeerRole::Controller, "etcd");
+            spec.sans = vec!["127.0.0.1".into()];
+            drover_pki::issue_in_dir(&c.pki, &spec).expect("issue etcd's certificate");
+            c.issue(drover_proto::msg::PeerRole::Client, "etcd-client");
+            drover_controller::etcd::EtcdTls {
+                ca: Some(c.pki_file("ca.crt")),
+                cert: Some(c.pki_file("etcd-client.crt")),
+                key: Some(c.pki_file("etcd-client.key")),
+            }
+        });
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_tcp_port(), free_tcp_port())).collect();
         let initial: Vec<String> = ports
             .iter()
@@ -66,8 +92,8 @@ impl Etcd {
             .collect();
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
-            let client_url = format!("http://127.0.0.1:{client}");
-            let args = vec![
+            let client_url = format!("{scheme}://127.0.0.1:{client}");
+            let mut args = vec![
                 format!("--name=m{i}"),
                 format!(
                     "--data-dir={}",
@@ -81,6 +107,14 @@ impl Etcd {
                 "--initial-cluster-token=drover-test".into(),
                 "--initial-cluster-state=new".into(),
             ];
+            if tls.is_some() {
+                args.extend([
+                    format!("--cert-file={}", c.pki_file("etcd.crt").display()),
+                    format!("--key-file={}", c.pki_file("etcd.key").display()),
+                    format!("--trusted-ca-file={}", c.pki_file("ca.crt").display()),
+                    "--client-cert-auth".into(),
+                ]);
+            }
             members.push(Member {
                 proc: None,
                 client_url,
@@ -88,7 +122,7 @@ impl Etcd {
                 log: c.log_path(&format!("etcd-m{i}")),
             });
         }
-        let mut etcd = Self { members };
+        let mut etcd = Self { members, tls };
         for i in 0..n {
             etcd.spawn(i);
         }
@@ -140,8 +174,12 @@ impl Etcd {
     /// A client of this cluster, for tests that look at the keys.
     pub fn client(&self) -> drover_controller::etcd::Etcd {
         let urls: Vec<String> = self.members.iter().map(|m| m.client_url.clone()).collect();
-        drover_controller::etcd::Etcd::new(&urls, &Default::default(), Duration::from_secs(5))
-            .expect("etcd client")
+        drover_controller::etcd::Etcd::new(
+            &urls,
+            &self.tls.clone().unwrap_or_default(),
+            Duration::from_secs(5),
+        )
+        .expect("etcd client")
     }
 }
 
@@ -156,8 +194,20 @@ pub fn start_controller(
     let mut cmd = Command::new(bin("drover-controller"));
     c.controller_args(&mut cmd, "127.0.0.1:0");
     cmd.args(["--store", "etcd", "--etcd-endpoints", &etcd.endpoints()])
-        .args(["--etcd-prefix", prefix])
-        .args(extra);
+        .args(["--etcd-prefix", prefix]);
+    if let Some(tls) = &etcd.tls {
+        for (flag, file) in [
+            ("--etcd-ca", &tls.ca),
+            ("--etcd-cert", &tls.cert),
+            ("--etcd-key", &tls.key),
+        ] {
+            // A flag the test gives in `extra` is left to it.
+            if !extra.contains(&flag) {
+                cmd.arg(flag).arg(file.as_ref().expect("tls file"));
+            }
+        }
+    }
+    cmd.args(extra);
     let p = Proc::spawn(name, cmd, c.log_path(name));
     let log = p.wait_log("controller listening");
     (p, addr_in_log(&log, "controller listening"))

@@ -13,7 +13,10 @@ use drover_tests::{Cluster, PATIENCE, Proc, eventually};
 use nix::sys::signal::Signal;
 
 const PREFIX: &str = "/drover-test/";
+/// Short, for quick failovers; an etcd leader election (a second or two) may make such a
+/// controller step down, so the test that kills etcd members uses [`LONG_LEASE`].
 const LEASE: &str = "2s";
+const LONG_LEASE: &str = "6s";
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -22,12 +25,15 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// The address the leader key names, if any.
-fn leader(rt: &tokio::runtime::Runtime, etcd: &Etcd) -> Option<SocketAddr> {
+/// The address the leader key names, and the term (its create revision), if any.
+fn leader_term(rt: &tokio::runtime::Runtime, etcd: &Etcd) -> Option<(SocketAddr, i64)> {
     let kv = rt
         .block_on(etcd.client().get(format!("{PREFIX}leader").as_bytes()))
         .ok()??;
-    String::from_utf8(kv.value).ok()?.parse().ok()
+    Some((
+        String::from_utf8(kv.value).ok()?.parse().ok()?,
+        kv.create_revision,
+    ))
 }
 
 /// The mod revision of every state key.
@@ -90,6 +96,10 @@ struct Group {
 
 impl Group {
     fn start(c: &Cluster, etcd: &Etcd, n: usize) -> Self {
+        Self::start_with(c, etcd, n, LEASE)
+    }
+
+    fn start_with(c: &Cluster, etcd: &Etcd, n: usize, lease: &str) -> Self {
         let mut procs = Vec::new();
         let mut addrs = Vec::new();
         for i in 0..n {
@@ -98,7 +108,7 @@ impl Group {
                 &format!("controller-{i}"),
                 etcd,
                 PREFIX,
-                &["--leader-lease", LEASE],
+                &["--leader-lease", lease],
             );
             procs.push(p);
             addrs.push(a);
@@ -110,12 +120,14 @@ impl Group {
         etcd::addrs(&self.addrs)
     }
 
-    /// Waits until the leader key names one of the group, and returns its index.
+    /// Waits until the leader key names one of the group (other than `not`) and that
+    /// controller serves the term, and returns its index.
     fn leader(&self, rt: &tokio::runtime::Runtime, etcd: &Etcd, not: Option<usize>) -> usize {
         eventually("a controller of the group leads", PATIENCE, || {
-            let addr = leader(rt, etcd)?;
+            let (addr, term) = leader_term(rt, etcd)?;
             let i = self.addrs.iter().position(|a| *a == addr)?;
-            (Some(i) != not).then_some(i)
+            let serving = format!("leading: serving clients and agents revision={term} ");
+            (Some(i) != not && self.procs[i].log_text().contains(&serving)).then_some(i)
         })
     }
 }
@@ -339,9 +351,11 @@ fn without_etcd_writes_are_refused_naming_etcd_and_nodes_keep_running() {
     group.procs[0].wait_log("stepping down");
 
     etcd.restart(0);
-    eventually("the controller leads again", PATIENCE, || {
-        leader(&rt, &etcd).filter(|a| *a == group.addrs[0])
-    });
+    assert_eq!(
+        group.leader(&rt, &etcd, None),
+        0,
+        "the controller leads again"
+    );
     let after = eventually("the node is back in get-nodes", PATIENCE, || {
         node_pids(&c, &list).filter(|p| p.len() == 1)
     });
@@ -421,4 +435,91 @@ fn a_bad_address_in_a_list_of_controllers_is_named() {
         "{}",
         agent.log_text()
     );
+}
+
+#[test]
+fn etcd_over_tls_with_a_client_certificate() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start_tls(&c, 1);
+    let rt = runtime();
+    let group = Group::start(&c, &etcd, 1);
+    group.leader(&rt, &etcd, None);
+    let v1 = config_file(&c, "v1", &[("w1", "a1")]);
+    let out = etcd::drover(&c, &group.list(), &["stage-config", v1.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(state_revisions(&rt, &etcd).len(), 1);
+
+    // A controller that does not trust etcd's certificate never leads, and says why.
+    let wrong_ca = c.pki_file("ops.crt");
+    let (p, _) = etcd::start_controller(
+        &c,
+        "distrustful",
+        &etcd,
+        PREFIX,
+        &["--etcd-ca", wrong_ca.to_str().unwrap()],
+    );
+    let log = p.wait_log("cannot campaign for leadership");
+    assert!(
+        log.contains("etcd is unreachable") && log.contains("certificate"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_lost_etcd_member_changes_nothing_and_a_lost_quorum_restarts_no_node() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let mut etcd = Etcd::start(&c, 3);
+    let rt = runtime();
+    let group = Group::start_with(&c, &etcd, 2, LONG_LEASE);
+    let first = group.leader(&rt, &etcd, None);
+    let list = group.list();
+    c.issue(PeerRole::Agent, "a1");
+    let _agent = c.start_agent_args("a1", "a1", &["--controller", &list]);
+    let v1 = config_file(&c, "v1", &[("w1", "a1")]);
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (etcd::drover(&c, &list, &["deploy-config", v1.to_str().unwrap()]).code == Some(0))
+            .then_some(())
+    });
+    let before = eventually("the node runs", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+
+    // One member of three: the controllers use the others; the leader stays.
+    etcd.kill(0);
+    let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
+    let out = etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(group.leader(&rt, &etcd, None), first);
+    assert!(
+        !group.procs[first].log_text().contains("stepping down"),
+        "{}",
+        group.procs[first].log_text()
+    );
+    let two = eventually("both nodes run", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 2)
+    });
+    assert_eq!(two["w1"], before["w1"]);
+
+    // Two of three: no quorum. Writes fail naming etcd, the leader steps down.
+    etcd.kill(1);
+    let v3 = config_file(&c, "v3", &[("w1", "a1")]);
+    let out = etcd::drover(&c, &list, &["stage-config", v3.to_str().unwrap()]);
+    assert_ne!(out.code, Some(0), "{}", out.stdout);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("etcd"), "{text}");
+    group.procs[first].wait_log("stepping down");
+
+    // Quorum back: a leader again, the same nodes, nothing restarted.
+    etcd.restart(0);
+    etcd.restart(1);
+    let after = eventually("get-nodes answers again, complete", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 2)
+    });
+    assert_eq!(after, two, "a node was restarted");
 }
