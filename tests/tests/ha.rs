@@ -523,3 +523,68 @@ fn a_lost_etcd_member_changes_nothing_and_a_lost_quorum_restarts_no_node() {
     });
     assert_eq!(after, two, "a node was restarted");
 }
+
+/// A zeek-client request to the WebSocket front at `ws`; returns the answer's text.
+fn zeek_get_instances(rt: &tokio::runtime::Runtime, ws: SocketAddr) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(ws).await.unwrap();
+        let req = format!("ws://{ws}/v1/messages/json")
+            .into_client_request()
+            .unwrap();
+        let mut c = tokio_tungstenite::client_async(req, stream).await.unwrap().0;
+        c.send(Message::text(r#"["zeek/management/controller"]"#))
+            .await
+            .unwrap();
+        let request = r#"{"type":"data-message","topic":"zeek/management/controller","@data-type":"vector","data":[{"@data-type":"count","data":1},{"@data-type":"count","data":1},{"@data-type":"vector","data":[{"@data-type":"string","data":"Management::Controller::API::get_instances_request"},{"@data-type":"vector","data":[{"@data-type":"string","data":"req-1"}]}]}]}"#;
+        c.send(Message::text(request)).await.unwrap();
+        let mut seen = String::new();
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), c.next()).await {
+            if let Message::Text(t) = m {
+                if t.contains("get_instances_response") {
+                    return t.to_string();
+                }
+                seen.push_str(&t);
+            }
+        }
+        panic!("no get_instances_response; got {seen}");
+    })
+}
+
+#[test]
+fn the_zeek_client_front_of_a_follower_names_the_leader() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let mut procs = Vec::new();
+    let mut addrs = Vec::new();
+    let mut fronts = Vec::new();
+    for i in 0..2 {
+        let (p, a) = etcd::start_controller(
+            &c,
+            &format!("controller-{i}"),
+            &etcd,
+            PREFIX,
+            &["--leader-lease", LEASE, "--zeek-websocket", "127.0.0.1:0"],
+        );
+        fronts.push(drover_tests::addr_in_log(
+            &p.wait_log("serving zeek-client"),
+            "serving zeek-client",
+        ));
+        procs.push(p);
+        addrs.push(a);
+    }
+    let group = Group { procs, addrs };
+    let leader = group.leader(&rt, &etcd, None);
+    let follower = 1 - leader;
+    let answer = zeek_get_instances(&rt, fronts[follower]);
+    let want = format!("not the leader; the leader is {}", group.addrs[leader]);
+    assert!(answer.contains(&want), "{answer}");
+    let answer = zeek_get_instances(&rt, fronts[leader]);
+    assert!(!answer.contains("not the leader"), "{answer}");
+}
