@@ -588,3 +588,76 @@ fn the_zeek_client_front_of_a_follower_names_the_leader() {
     let answer = zeek_get_instances(&rt, fronts[leader]);
     assert!(!answer.contains("not the leader"), "{answer}");
 }
+
+#[test]
+fn only_the_leader_dials_agents_that_listen() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let mut group = Group::start(&c, &etcd, 2);
+    let first = group.leader(&rt, &etcd, None);
+    let list = group.list();
+    let port = drover_tests::free_udp_port();
+    let agent = c.start_listening_agent("a1", format!("127.0.0.1:{port}").parse().unwrap());
+    agent.wait_log("listening for the controller");
+    let file = c.dir.path().join("listen.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.a1]\nhost = \"127.0.0.1\"\nport = {port}\n[nodes.w1]\ninstance = \"a1\"\ncommand = [\"/usr/bin/sleep\", \"infinity\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n"
+        ),
+    )
+    .unwrap();
+    let out = etcd::drover(&c, &list, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let before = eventually("the node runs", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+    let second = 1 - first;
+    assert!(!group.procs[second].log_text().contains("dialling agent"));
+
+    // The new leader dials the agent, from the state it loaded; the node stays.
+    group.procs[first].kill();
+    assert_eq!(group.leader(&rt, &etcd, Some(first)), second);
+    group.procs[second].wait_log("dialling agent 'a1'");
+    let after = eventually("the node is listed again", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+    assert_eq!(before, after);
+
+    // Deposed (its key taken), it stops dialling: the agent loses it for good.
+    let lost = |a: &Proc| a.log_text().matches("lost the controller").count();
+    let lost_before = lost(&agent);
+    let key = format!("{PREFIX}leader").into_bytes();
+    for op in [
+        drover_controller::etcd::Op::Delete {
+            key: key.clone(),
+            prefix: false,
+        },
+        drover_controller::etcd::Op::Put {
+            key,
+            value: b"127.0.0.1:9".to_vec(),
+            lease: 0,
+        },
+    ] {
+        rt.block_on(etcd.client().txn(&[], &[op], &[])).unwrap();
+    }
+    group.procs[second].wait_log("stepping down");
+    let n = eventually("the agent loses the deposed leader", PATIENCE, || {
+        Some(lost(&agent)).filter(|n| *n > lost_before)
+    });
+    let connected = agent.log_text().matches("controller connected").count();
+    // Nothing to wait for: no new connection may come within longer than the
+    // dialler's backoff.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lost(&agent), n, "{}", agent.log_text());
+    assert_eq!(
+        agent.log_text().matches("controller connected").count(),
+        connected,
+        "{}",
+        agent.log_text()
+    );
+}

@@ -154,8 +154,14 @@ impl Gate {
 
 /// Campaigns, leads and steps down until `shutdown`; `on_lead` runs (to load the state)
 /// after the election is won and before the gate opens; an error from it ends the term.
-pub async fn run<F, Fut>(ha: HaSettings, gate: Arc<Gate>, shutdown: CancellationToken, on_lead: F)
-where
+/// `on_step_down` runs when a term ends (to stop what only a leader does).
+pub async fn run<F, Fut>(
+    ha: HaSettings,
+    gate: Arc<Gate>,
+    shutdown: CancellationToken,
+    on_lead: F,
+    on_step_down: impl Fn(),
+) where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
@@ -197,6 +203,7 @@ where
                     };
                     lead(&etcd, &gate, &term, ha.lease, &token, &shutdown).await;
                     gate.step_down();
+                    on_step_down();
                     // Free the key at once, so that another controller takes over now
                     // rather than at the lease's end.
                     let _ = etcd.lease_revoke(lease).await;

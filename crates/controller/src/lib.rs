@@ -445,10 +445,23 @@ impl Controller {
         let tasks = TaskTracker::new();
         if let (Some(settings), Some(gate)) = (self.ha.take(), self.shared.gate.clone()) {
             let shared = self.shared.clone();
-            tasks.spawn(ha::run(settings, gate, shutdown.clone(), move || {
-                let shared = shared.clone();
-                async move { take_over(shared).await }
-            }));
+            let stepped = self.shared.clone();
+            tasks.spawn(ha::run(
+                settings,
+                gate,
+                shutdown.clone(),
+                move || {
+                    let shared = shared.clone();
+                    async move { take_over(shared).await }
+                },
+                move || {
+                    // Only the leader dials agents that listen.
+                    let mut dialers = stepped.dialers.lock().unwrap_or_else(|p| p.into_inner());
+                    for (_, (_, task)) in std::mem::take(&mut *dialers) {
+                        task.abort();
+                    }
+                },
+            ));
         }
         // Every socket was bound in `bind` and the servers of the side listeners are
         // spawned; the accept loop starts right below.
