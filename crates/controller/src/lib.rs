@@ -455,10 +455,18 @@ impl Controller {
                     async move { take_over(shared).await }
                 },
                 move || {
-                    // Only the leader dials agents that listen.
+                    // Only the leader dials agents that listen; and the connections of
+                    // its term go, dialled ones included, so that agents find the next.
                     let mut dialers = stepped.dialers.lock().unwrap_or_else(|p| p.into_inner());
                     for (_, (_, task)) in std::mem::take(&mut *dialers) {
                         task.abort();
+                    }
+                    for (name, conn) in stepped.registry.connections() {
+                        conn.close(
+                            5u32.into(),
+                            b"controller stepped down: not the leader any more",
+                        );
+                        stepped.registry.remove_if_same(&name, &conn);
                     }
                 },
             ));
