@@ -39,6 +39,9 @@ pub enum EtcdStoreError {
     /// This controller does not lead (any more): nothing was written.
     #[error("not written to etcd: {0}")]
     NotLeader(String),
+    /// The thread that talks to etcd cannot start.
+    #[error("cannot start the etcd client thread: {0}")]
+    Thread(std::io::Error),
     /// A stored value cannot be read back.
     #[error("etcd key {key}: {message}")]
     Corrupt {
@@ -70,11 +73,12 @@ pub struct EtcdStore {
 
 impl EtcdStore {
     /// A store under `prefix`, fenced by `gate`.
-    pub fn new(etcd: Etcd, prefix: &str, gate: Arc<Gate>) -> std::io::Result<Self> {
+    pub fn new(etcd: Etcd, prefix: &str, gate: Arc<Gate>) -> Result<Self, EtcdStoreError> {
         let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()?;
+            .build()
+            .map_err(EtcdStoreError::Thread)?;
         std::thread::Builder::new()
             .name("etcd-store".into())
             .spawn(move || {
@@ -83,7 +87,8 @@ impl EtcdStore {
                         tokio::spawn(job);
                     }
                 });
-            })?;
+            })
+            .map_err(EtcdStoreError::Thread)?;
         Ok(Self {
             etcd: etcd.with_timeout(Duration::from_secs(10)),
             prefix: prefix.to_owned(),

@@ -332,10 +332,7 @@ impl Controller {
             Some(ha) => {
                 let gate = Arc::new(ha::Gate::new(ha.lease));
                 let etcd = etcd_store::EtcdStore::new(ha.etcd.clone(), &ha.prefix, gate.clone())
-                    .map_err(|e| store::StoreError::StateDir {
-                        path: "etcd client thread".into(),
-                        source: e,
-                    })?;
+                    .map_err(store::StoreError::from)?;
                 (Store::etcd(etcd), Some(gate))
             }
             None => (Store::open(&config.state_dir)?, None),
