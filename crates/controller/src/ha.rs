@@ -355,3 +355,42 @@ async fn lead(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_serves_a_term_until_two_thirds_of_the_lease_pass_without_renewal() {
+        let gate = Gate::new(Duration::from_millis(600));
+        let closed = gate.serving().unwrap_err();
+        assert!(closed.contains("no leader is elected yet"), "{closed}");
+        gate.follow(Some("10.0.0.2:2150".into()));
+        assert_eq!(
+            gate.serving().unwrap_err(),
+            "not the leader; the leader is 10.0.0.2:2150"
+        );
+        assert_eq!(gate.time_left(), Duration::ZERO);
+
+        let token = gate.lead(7, Instant::now());
+        let (t, revision) = gate.serving().unwrap();
+        assert_eq!(revision, 7);
+        assert!(!t.is_cancelled());
+        assert!(gate.time_left() > Duration::from_millis(300));
+        // The time passing is what is tested here.
+        std::thread::sleep(Duration::from_millis(450));
+        let stale = gate.serving().unwrap_err();
+        assert!(stale.contains("could not be renewed in time"), "{stale}");
+        assert_eq!(gate.time_left(), Duration::ZERO);
+        // A renewal sent now opens it again; an older one never moves it back.
+        let now = Instant::now();
+        gate.renewed(now);
+        gate.renewed(now - Duration::from_secs(1));
+        assert!(gate.serving().is_ok());
+        assert_eq!(gate.renewed_at(), Some(now));
+
+        gate.step_down();
+        assert!(token.is_cancelled());
+        assert!(gate.serving().is_err());
+    }
+}
