@@ -661,3 +661,92 @@ fn only_the_leader_dials_agents_that_listen() {
         agent.log_text()
     );
 }
+
+#[test]
+fn bad_high_availability_settings_are_named() {
+    let c = Cluster::new();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--store", "etcd"], "--store etcd needs --etcd-endpoints"),
+        (
+            &["--etcd-endpoints", "http://127.0.0.1:2379"],
+            "add --store etcd",
+        ),
+        (
+            &["--store", "etcd", "--etcd-endpoints", "127.0.0.1:2379"],
+            "invalid etcd endpoint '127.0.0.1:2379': expected http://HOST:PORT",
+        ),
+        (
+            &[
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "http://127.0.0.1:2379",
+                "--leader-lease",
+                "1500ms",
+            ],
+            "leader_lease: 1s 500ms is not a whole number of seconds of at least 2s",
+        ),
+        (
+            &[
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "https://127.0.0.1:2379",
+            ],
+            "an https:// endpoint needs --etcd-ca",
+        ),
+        (&["--store", "raft"], "invalid value 'raft'"),
+    ];
+    for (i, (args, want)) in cases.iter().enumerate() {
+        let mut cmd = std::process::Command::new(drover_tests::bin("drover-controller"));
+        c.controller_args(&mut cmd, "127.0.0.1:0");
+        cmd.args(*args);
+        let mut p = Proc::spawn(&format!("bad-{i}"), cmd, c.log_path(&format!("bad-{i}")));
+        assert!(!p.wait_exit(PATIENCE).success(), "{args:?} started");
+        assert!(p.log_text().contains(want), "{args:?}: {}", p.log_text());
+    }
+    let mut cmd = std::process::Command::new(drover_tests::bin("drover-controller"));
+    c.controller_args(&mut cmd, "0.0.0.0:0");
+    cmd.args([
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        "http://127.0.0.1:2379",
+    ]);
+    let mut p = Proc::spawn("wildcard", cmd, c.log_path("wildcard"));
+    assert!(!p.wait_exit(PATIENCE).success());
+    assert!(
+        p.log_text().contains("needs --advertise HOST:PORT"),
+        "{}",
+        p.log_text()
+    );
+}
+
+#[test]
+fn the_settings_file_takes_the_high_availability_keys() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let file = c.dir.path().join("controller.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "store = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/from-file\"\nleader_lease = \"2s\"\nadvertise = \"ctl.example.net:2150\"\n",
+            etcd.members[0].client_url
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(drover_tests::bin("drover-controller"));
+    c.controller_args(&mut cmd, "127.0.0.1:0");
+    cmd.arg("--config").arg(&file);
+    let p = Proc::spawn("from-file", cmd, c.log_path("from-file"));
+    p.wait_log("leading: serving clients and agents");
+    let kv = rt
+        .block_on(etcd.client().get(b"/from-file/leader"))
+        .unwrap()
+        .expect("the leader key, under the prefix given (a slash added)");
+    assert_eq!(kv.value, b"ctl.example.net:2150");
+}
