@@ -222,15 +222,21 @@ pub fn addrs(addrs: &[SocketAddr]) -> String {
 /// Runs the `drover` CLI as client `ops` against the controllers `controllers`
 /// (comma-separated).
 pub fn drover(c: &Cluster, controllers: &str, args: &[&str]) -> CliOutput {
+    drover_in(&c.pki, controllers, args)
+}
+
+/// As [`drover`], with the PKI directory `pki` (for threads, which cannot share a
+/// [`Cluster`]).
+pub fn drover_in(pki: &std::path::Path, controllers: &str, args: &[&str]) -> CliOutput {
     let mut cmd = Command::new(bin("drover"));
     cmd.arg("--controller")
         .arg(controllers)
         .arg("--ca")
-        .arg(c.pki_file("ca.crt"))
+        .arg(pki.join("ca.crt"))
         .arg("--cert")
-        .arg(c.pki_file("ops.crt"))
+        .arg(pki.join("ops.crt"))
         .arg("--key")
-        .arg(c.pki_file("ops.key"))
+        .arg(pki.join("ops.key"))
         .arg("--timeout")
         .arg("10s")
         .args(args);

@@ -750,3 +750,150 @@ fn the_settings_file_takes_the_high_availability_keys() {
         .expect("the leader key, under the prefix given (a slash added)");
     assert_eq!(kv.value, b"ctl.example.net:2150");
 }
+
+/// The desired and deployed generations in etcd, read in one transaction.
+fn generations(
+    rt: &tokio::runtime::Runtime,
+    client: &drover_controller::etcd::Etcd,
+) -> Option<(u64, u64)> {
+    use drover_controller::etcd::Op;
+    let get = |name: &str| Op::Get {
+        key: format!("{PREFIX}state/{name}").into_bytes(),
+    };
+    let r = rt
+        .block_on(client.txn(&[], &[get("desired"), get("deployed")], &[]))
+        .ok()?;
+    let generation = |i: usize| -> u64 {
+        r.ranges[i].first().map_or(0, |kv| {
+            let json = drover_controller::etcd_store::decode_inline(&kv.value)
+                .expect("small values are stored whole");
+            serde_json::from_slice::<serde_json::Value>(&json).unwrap()["generation"]
+                .as_u64()
+                .unwrap()
+        })
+    };
+    Some((generation(0), generation(1)))
+}
+
+#[test]
+fn concurrent_deploys_across_leader_kills_lose_no_acknowledged_deploy() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let mut group = Group::start(&c, &etcd, 3);
+    let list = group.list();
+    c.issue(PeerRole::Agent, "a1");
+    let _agent = c.start_agent_args("a1", "a1", &["--controller", &list]);
+    let v0 = config_file(&c, "v0", &[("w", "a1")]);
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (etcd::drover(&c, &list, &["deploy-config", v0.to_str().unwrap()]).code == Some(0))
+            .then_some(())
+    });
+
+    // Two clients deploy configurations marked by a node of their own, while the
+    // leader is killed twice; etcd's generations are watched throughout.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let acked = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    let files: Vec<Vec<(String, PathBuf)>> = (0..2)
+        .map(|t| {
+            (0..8)
+                .map(|i| {
+                    let marker = format!("m{t}x{i}");
+                    let file = config_file(&c, &marker, &[(&marker, "a1")]);
+                    (marker, file)
+                })
+                .collect()
+        })
+        .collect();
+    let client = etcd.client();
+    let pki = c.pki.clone();
+    let (records, samples) = std::thread::scope(|s| {
+        let clients: Vec<_> = files
+            .iter()
+            .map(|files| {
+                let (pki, list, acked) = (&pki, &list, &acked);
+                s.spawn(move || {
+                    let mut records = Vec::new();
+                    for (marker, file) in files {
+                        let marker = marker.clone();
+                        let began = start.elapsed();
+                        let out =
+                            etcd::drover_in(pki, list, &["deploy-config", file.to_str().unwrap()]);
+                        let ok = out.code == Some(0);
+                        if ok {
+                            acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        records.push((marker, began, start.elapsed(), ok));
+                    }
+                    records
+                })
+            })
+            .collect();
+        let sampler = s.spawn(|| {
+            let rt = runtime();
+            let mut samples = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some(g) = generations(&rt, &client) {
+                    samples.push(g);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            samples
+        });
+        let mut killed = None;
+        for round in 1..=2 {
+            eventually(
+                "a deploy acknowledged since the last kill",
+                PATIENCE,
+                || (acked.load(std::sync::atomic::Ordering::SeqCst) >= round * 2).then_some(()),
+            );
+            let leader = group.leader(&rt, &etcd, killed);
+            group.procs[leader].kill();
+            killed = Some(leader);
+        }
+        let records: Vec<_> = clients
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (records, sampler.join().unwrap())
+    });
+
+    // Generations never go back, and the deployed one is never ahead of the desired.
+    assert!(samples.len() > 10, "{samples:?}");
+    for w in samples.windows(2) {
+        assert!(w[1].0 >= w[0].0 && w[1].1 >= w[0].1, "went back: {w:?}");
+    }
+    assert!(samples.iter().all(|(d, p)| p <= d), "{samples:?}");
+
+    // The deployed configuration is the last acknowledged deploy, or one that was
+    // still going when that one was acknowledged.
+    let last = records
+        .iter()
+        .filter(|r| r.3)
+        .max_by_key(|r| r.2)
+        .expect("some deploy was acknowledged");
+    let out = eventually("the deployed configuration", PATIENCE, || {
+        let out = etcd::drover(&c, &list, &["get-config", "--deployed", "--as-toml"]);
+        (out.code == Some(0)).then_some(out)
+    });
+    let deployed = records
+        .iter()
+        .find(|r| out.stdout.contains(&format!("[nodes.{}]", r.0)))
+        .unwrap_or_else(|| panic!("no client's configuration is deployed:\n{}", out.stdout));
+    let acks = records.iter().filter(|r| r.3).count();
+    eprintln!(
+        "{} deploys, {acks} acknowledged, {} generation samples; deployed {}",
+        records.len(),
+        samples.len(),
+        deployed.0
+    );
+    assert!(
+        deployed.0 == last.0 || (!deployed.3 && deployed.2 > last.2),
+        "deployed {deployed:?}, but {last:?} was acknowledged last; all: {records:?}"
+    );
+}

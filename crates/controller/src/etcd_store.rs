@@ -260,6 +260,12 @@ impl EtcdStore {
     }
 }
 
+/// The JSON of a value stored whole (not split), as [`EtcdStore::save`] wrote it; `None`
+/// for a split value or anything else. For tools and tests that read etcd directly.
+pub fn decode_inline(value: &[u8]) -> Option<Vec<u8>> {
+    inflate(value.strip_prefix(INLINE)?).ok()
+}
+
 fn deflate(bytes: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
     enc.write_all(bytes).expect("writing to memory");
