@@ -452,6 +452,27 @@ fn etcd_over_tls_with_a_client_certificate() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(state_revisions(&rt, &etcd).len(), 1);
 
+    // A key others may read is refused before anything is sent.
+    let loose = c.pki_file("loose.key");
+    std::fs::copy(c.pki_file("etcd-client.key"), &loose).unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let mut cmd = std::process::Command::new(drover_tests::bin("drover-controller"));
+    c.controller_args(&mut cmd, "127.0.0.1:0");
+    cmd.args(["--store", "etcd", "--etcd-endpoints", &etcd.endpoints()])
+        .arg("--etcd-ca")
+        .arg(c.pki_file("ca.crt"))
+        .arg("--etcd-cert")
+        .arg(c.pki_file("etcd-client.crt"))
+        .arg("--etcd-key")
+        .arg(&loose);
+    let mut p = Proc::spawn("loose-key", cmd, c.log_path("loose-key"));
+    assert!(!p.wait_exit(PATIENCE).success());
+    assert!(
+        p.log_text().contains("etcd tls: private key") && p.log_text().contains("chmod 600"),
+        "{}",
+        p.log_text()
+    );
+
     // A controller that does not trust etcd's certificate never leads, and says why.
     let wrong_ca = c.pki_file("ops.crt");
     let (p, _) = etcd::start_controller(

@@ -263,6 +263,8 @@ fn tls_config(tls: &EtcdTls) -> Result<rustls::ClientConfig, EtcdError> {
         .with_root_certificates(roots);
     match (&tls.cert, &tls.key) {
         (Some(cert), Some(key)) => {
+            drover_net::tls::check_key_permissions(key)
+                .map_err(|e| EtcdError::Tls(e.to_string()))?;
             let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(cert)?)
                 .collect::<Result<_, _>>()
                 .map_err(|e| EtcdError::Tls(format!("{}: {e}", cert.display())))?;
