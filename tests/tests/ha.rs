@@ -591,7 +591,14 @@ fn the_zeek_client_front_of_a_follower_names_the_leader() {
             &format!("controller-{i}"),
             &etcd,
             PREFIX,
-            &["--leader-lease", LEASE, "--zeek-websocket", "127.0.0.1:0"],
+            &[
+                "--leader-lease",
+                LEASE,
+                "--zeek-websocket",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
         );
         fronts.push(drover_tests::addr_in_log(
             &p.wait_log("serving zeek-client"),
@@ -603,6 +610,22 @@ fn the_zeek_client_front_of_a_follower_names_the_leader() {
     let group = Group { procs, addrs };
     let leader = group.leader(&rt, &etcd, None);
     let follower = 1 - leader;
+    // Followers serve metrics too, and say they do not lead.
+    let leading = |i: usize| {
+        use std::io::{Read, Write};
+        let log = group.procs[i].log_text();
+        let addr = drover_tests::addr_in_log(&log, "serving metrics");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut page = String::new();
+        s.read_to_string(&mut page).unwrap();
+        page.lines()
+            .find_map(|l| l.strip_prefix("drover_controller_leader "))
+            .map(str::to_owned)
+    };
+    assert_eq!(leading(leader).as_deref(), Some("1"));
+    assert_eq!(leading(follower).as_deref(), Some("0"));
     let answer = zeek_get_instances(&rt, fronts[follower]);
     let want = format!("not the leader; the leader is {}", group.addrs[leader]);
     assert!(answer.contains(&want), "{answer}");

@@ -207,6 +207,15 @@ impl Shared {
     /// The `/metrics` page: registered counters and histograms, plus gauges computed now.
     pub(crate) fn render_metrics(&self) -> String {
         let mut out = self.metrics.render();
+        if let Some(gate) = &self.gate {
+            let leading = if gate.serving().is_ok() { 1.0 } else { 0.0 };
+            drover_metrics::gauge(
+                &mut out,
+                "drover_controller_leader",
+                "1 while this controller leads its high-availability group and serves.",
+                &[(String::new(), leading)],
+            );
+        }
         let agents = self.registry.snapshot().len();
         drover_metrics::gauge(
             &mut out,
