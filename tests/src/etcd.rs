@@ -60,17 +60,22 @@ pub struct Etcd {
 impl Etcd {
     /// Starts `n` members and waits until each serves clients.
     pub fn start(c: &Cluster, n: usize) -> Self {
-        Self::start_with(c, n, false)
+        Self::start_with(c, n, false, "127.0.0.1")
+    }
+
+    /// As [`Etcd::start`], serving clients on `ip` (a network lab's bridge address).
+    pub fn start_on(c: &Cluster, n: usize, ip: &str) -> Self {
+        Self::start_with(c, n, false, ip)
     }
 
     /// As [`Etcd::start`], serving clients over TLS only, with client certificates
     /// required (all from the cluster's CA: a server certificate `etcd` for 127.0.0.1,
     /// a client certificate `etcd-client`).
     pub fn start_tls(c: &Cluster, n: usize) -> Self {
-        Self::start_with(c, n, true)
+        Self::start_with(c, n, true, "127.0.0.1")
     }
 
-    fn start_with(c: &Cluster, n: usize, tls: bool) -> Self {
+    fn start_with(c: &Cluster, n: usize, tls: bool, ip: &str) -> Self {
         let tls = tls.then(|| {
             let mut spec =
                 drover_pki::LeafSpec::new(drover_proto::msg::PeerRole::Controller, "etcd");
@@ -92,7 +97,7 @@ impl Etcd {
             .collect();
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
-            let client_url = format!("{scheme}://127.0.0.1:{client}");
+            let client_url = format!("{scheme}://{ip}:{client}");
             let mut args = vec![
                 format!("--name=m{i}"),
                 format!(
@@ -191,8 +196,22 @@ pub fn start_controller(
     prefix: &str,
     extra: &[&str],
 ) -> (Proc, SocketAddr) {
-    let mut cmd = Command::new(bin("drover-controller"));
-    c.controller_args(&mut cmd, "127.0.0.1:0");
+    let cmd = Command::new(bin("drover-controller"));
+    start_controller_cmd(c, cmd, name, etcd, prefix, "127.0.0.1:0", extra)
+}
+
+/// As [`start_controller`], from `cmd` (the controller binary, perhaps run in a network
+/// namespace), listening on `listen`.
+pub fn start_controller_cmd(
+    c: &Cluster,
+    mut cmd: Command,
+    name: &str,
+    etcd: &Etcd,
+    prefix: &str,
+    listen: &str,
+    extra: &[&str],
+) -> (Proc, SocketAddr) {
+    c.controller_args(&mut cmd, listen);
     cmd.args(["--store", "etcd", "--etcd-endpoints", &etcd.endpoints()])
         .args(["--etcd-prefix", prefix]);
     if let Some(tls) = &etcd.tls {

@@ -941,3 +941,80 @@ fn concurrent_deploys_across_leader_kills_lose_no_acknowledged_deploy() {
         "deployed {deployed:?}, but {last:?} was acknowledged last; all: {records:?}"
     );
 }
+
+#[test]
+fn a_leader_cut_off_from_etcd_and_agents_is_replaced_without_restarting_nodes() {
+    if !etcd::available() {
+        return;
+    }
+    let mut lab = drover_tests::netlab::NetLab::new();
+    let gw = lab.host_gateway().to_string();
+    let hosts = [lab.add_host(), lab.add_host()];
+    let ips: Vec<String> = hosts
+        .iter()
+        .map(|h| lab.host_addr(*h).to_string())
+        .collect();
+    let c = Cluster::with_controller_sans(&[&ips[0], &ips[1]]);
+    let etcd = Etcd::start_on(&c, 1, &gw);
+    let rt = runtime();
+    let mut procs = Vec::new();
+    let mut addrs = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let (p, a) = etcd::start_controller_cmd(
+            &c,
+            lab.command(*h, &drover_tests::bin("drover-controller")),
+            &format!("controller-{i}"),
+            &etcd,
+            PREFIX,
+            &format!("{}:0", ips[i]),
+            &["--leader-lease", LEASE],
+        );
+        if i == 0 {
+            // The first one leads, so that it is the one cut off.
+            p.wait_log("leading: serving");
+        }
+        procs.push(p);
+        addrs.push(a);
+    }
+    let group = Group { procs, addrs };
+    assert_eq!(group.leader(&rt, &etcd, None), 0);
+    let list = group.list();
+    c.issue(PeerRole::Agent, "a1");
+    let _agent = c.start_agent_args("a1", "a1", &["--controller", &list]);
+    let v1 = config_file(&c, "v1", &[("w1", "a1")]);
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (etcd::drover(&c, &list, &["deploy-config", v1.to_str().unwrap()]).code == Some(0))
+            .then_some(())
+    });
+    let before = eventually("the node runs", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+
+    // Cut off from etcd and from the agent at once.
+    lab.set_link(hosts[0], false);
+    group.procs[0].wait_log("stepping down");
+    assert_eq!(group.leader(&rt, &etcd, Some(0)), 1);
+    let after = eventually("the agent is with the new leader", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+    assert_eq!(before, after, "the node was restarted");
+    let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
+    let out = etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+
+    // Back on the network, it follows and points at the new leader.
+    lab.set_link(hosts[0], true);
+    let only_old = group.addrs[0].to_string();
+    let out = eventually("the old leader points at the new one", PATIENCE, || {
+        let out = etcd::drover(&c, &only_old, &["get-config", "--as-toml"]);
+        (out.code == Some(0)).then_some(out)
+    });
+    assert!(out.stdout.contains("[nodes.w2]"), "{}", out.stdout);
+    assert!(
+        group.procs[0]
+            .log_text()
+            .contains(&format!("following leader={}", group.addrs[1])),
+        "{}",
+        group.procs[0].log_text()
+    );
+}
