@@ -399,6 +399,17 @@ fn a_configuration_of_20000_nodes_survives_a_failover() {
         "the value was not split: {} parts",
         parts.len()
     );
+    // Staged again: the new parts replace the old ones, which are deleted.
+    let out = etcd::drover(&c, &list, &["stage-config", big.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let again = rt
+        .block_on(
+            etcd.client()
+                .get_prefix(format!("{PREFIX}state/staged/parts/").as_bytes()),
+        )
+        .unwrap();
+    assert_eq!(again.len(), parts.len(), "old parts were left behind");
+    assert!(again.iter().all(|p| !parts.iter().any(|q| q.key == p.key)));
 
     group.procs[first].kill();
     group.leader(&rt, &etcd, Some(first));
