@@ -1029,3 +1029,33 @@ fn a_leader_cut_off_from_etcd_and_agents_is_replaced_without_restarting_nodes() 
         group.procs[0].log_text()
     );
 }
+
+#[test]
+fn hollow_agents_follow_a_follower_to_the_leader() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let group = Group::start(&c, &etcd, 2);
+    let leader = group.leader(&rt, &etcd, None);
+    let follower = 1 - leader;
+    // The follower first: every hollow agent and client is sent on to the leader.
+    let list = etcd::addrs(&[group.addrs[follower], group.addrs[leader]]);
+    let mut cmd = std::process::Command::new(drover_tests::bin("drover-swarm"));
+    cmd.args(["--controller", &list, "--agents", "20", "--samples", "3"])
+        .args(["--monitors", "1", "--nodes-per-agent", "2"])
+        .arg("--pki")
+        .arg(&c.pki);
+    let out = drover_tests::run_cli(cmd, Duration::from_secs(120));
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let instances = etcd::drover(&c, &group.addrs[follower].to_string(), &["get-instances"]);
+    assert_eq!(instances.code, Some(0), "{}", instances.stderr);
+    assert!(
+        group.procs[follower]
+            .log_text()
+            .contains("refused connection: not the leader"),
+        "the follower was not asked first"
+    );
+}
