@@ -1059,3 +1059,43 @@ fn hollow_agents_follow_a_follower_to_the_leader() {
         "the follower was not asked first"
     );
 }
+
+#[test]
+fn the_example_high_availability_config_runs_against_etcd_over_tls() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start_tls(&c, 1);
+    let rt = runtime();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/config/controller-ha.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let pki = format!("{}/", c.pki.display());
+    let mut live = String::new();
+    for line in text.lines() {
+        let line = match line.split_once(" = ") {
+            Some(("etcd_endpoints", _)) => {
+                format!("etcd_endpoints = [\"{}\"]", etcd.members[0].client_url)
+            }
+            Some(("listen", _)) => "listen = \"127.0.0.1:0\"".into(),
+            Some(("etcd_prefix", _)) => format!("etcd_prefix = \"{PREFIX}\""),
+            Some(("etcd_ca", _)) => format!("etcd_ca = \"{pki}ca.crt\""),
+            _ => line.replace("/etc/drover/pki/", &pki),
+        };
+        live.push_str(&line);
+        live.push('\n');
+    }
+    assert!(live.contains("store = \"etcd\""), "{live}");
+    let file = c.dir.path().join("controller-ha.toml");
+    std::fs::write(&file, live).unwrap();
+    let mut cmd = std::process::Command::new(drover_tests::bin("drover-controller"));
+    cmd.arg("--config").arg(&file);
+    let p = Proc::spawn("example", cmd, c.log_path("example"));
+    p.wait_log("leading: serving clients and agents");
+    let kv = rt
+        .block_on(etcd.client().get(format!("{PREFIX}leader").as_bytes()))
+        .unwrap()
+        .expect("the leader key");
+    assert_eq!(kv.value, b"ctl-1.example.net:2150");
+}
