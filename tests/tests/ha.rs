@@ -848,14 +848,22 @@ fn concurrent_deploys_across_leader_kills_lose_no_acknowledged_deploy() {
             .then_some(())
     });
 
-    // Two clients deploy configurations marked by a node of their own, while the
-    // leader is killed twice; etcd's generations are watched throughout.
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let acked = std::sync::atomic::AtomicUsize::new(0);
+    // Two clients deploy configurations marked by a node of their own until told to
+    // stop, while the leader is killed twice; etcd's generations are watched throughout.
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    /// Stops the clients and the sampler however the scope ends (a failed wait too).
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, SeqCst);
+        }
+    }
+    let stop = AtomicBool::new(false);
+    let acked = AtomicUsize::new(0);
     let start = Instant::now();
     let files: Vec<Vec<(String, PathBuf)>> = (0..2)
         .map(|t| {
-            (0..8)
+            (0..30)
                 .map(|i| {
                     let marker = format!("m{t}x{i}");
                     let file = config_file(&c, &marker, &[(&marker, "a1")]);
@@ -870,19 +878,21 @@ fn concurrent_deploys_across_leader_kills_lose_no_acknowledged_deploy() {
         let clients: Vec<_> = files
             .iter()
             .map(|files| {
-                let (pki, list, acked) = (&pki, &list, &acked);
+                let (pki, list, acked, stop) = (&pki, &list, &acked, &stop);
                 s.spawn(move || {
                     let mut records = Vec::new();
                     for (marker, file) in files {
-                        let marker = marker.clone();
+                        if stop.load(SeqCst) {
+                            break;
+                        }
                         let began = start.elapsed();
                         let out =
                             etcd::drover_in(pki, list, &["deploy-config", file.to_str().unwrap()]);
                         let ok = out.code == Some(0);
                         if ok {
-                            acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            acked.fetch_add(1, SeqCst);
                         }
-                        records.push((marker, began, start.elapsed(), ok));
+                        records.push((marker.clone(), began, start.elapsed(), ok));
                     }
                     records
                 })
@@ -891,7 +901,7 @@ fn concurrent_deploys_across_leader_kills_lose_no_acknowledged_deploy() {
         let sampler = s.spawn(|| {
             let rt = runtime();
             let mut samples = Vec::new();
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            while !stop.load(SeqCst) {
                 if let Some(g) = generations(&rt, &client) {
                     samples.push(g);
                 }
@@ -899,22 +909,29 @@ fn concurrent_deploys_across_leader_kills_lose_no_acknowledged_deploy() {
             }
             samples
         });
+        let guard = Stop(&stop);
         let mut killed = None;
-        for round in 1..=2 {
-            eventually(
+        let mut acks_then = 0;
+        for _ in 0..2 {
+            acks_then = eventually(
                 "a deploy acknowledged since the last kill",
-                PATIENCE,
-                || (acked.load(std::sync::atomic::Ordering::SeqCst) >= round * 2).then_some(()),
+                Duration::from_secs(60),
+                || Some(acked.load(SeqCst)).filter(|n| *n > acks_then),
             );
             let leader = group.leader(&rt, &etcd, killed);
             group.procs[leader].kill();
             killed = Some(leader);
         }
+        eventually(
+            "a deploy acknowledged after the last kill",
+            Duration::from_secs(60),
+            || Some(acked.load(SeqCst)).filter(|n| *n > acks_then),
+        );
+        drop(guard);
         let records: Vec<_> = clients
             .into_iter()
             .flat_map(|h| h.join().unwrap())
             .collect();
-        done.store(true, std::sync::atomic::Ordering::SeqCst);
         (records, sampler.join().unwrap())
     });
 
