@@ -92,6 +92,9 @@ impl NetLab {
         let (ns, veth, peer) = (self.ns(i), self.veth(i), format!("dvp{}h{i}", self.tag));
         ip(&["netns", "add", &ns]);
         self.hosts.push(ns.clone());
+        // The bridge of this tag is ours, so a veth of this tag is what a lab killed
+        // before its cleanup left behind (with no bridge, hence its subnet looked free).
+        let _ = Command::new("ip").args(["link", "del", &veth]).output();
         ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
         ip(&["link", "set", &peer, "netns", &ns]);
         ip(&["link", "set", &veth, "master", &self.bridge(), "up"]);

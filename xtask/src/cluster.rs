@@ -43,6 +43,8 @@ pub(crate) struct Options {
     pub(crate) detach: bool,
     /// Run each agent in a network namespace of its own, as separate hosts.
     pub(crate) netns: bool,
+    /// Three controllers on a three-member etcd cluster instead of one controller.
+    pub(crate) ha: bool,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -278,17 +280,20 @@ impl Cluster {
         agents: u32,
         port: u16,
     ) -> anyhow::Result<Self> {
-        Self::start_in(dir, bin_dir, agents, port, None)
+        Self::start_in(dir, bin_dir, agents, port, None, false)
     }
 
     /// As [`Cluster::start`]; with a network lab, the controller listens on the lab's
-    /// bridge and each agent runs in a host (namespace) of its own.
+    /// bridge and each agent runs in a host (namespace) of its own. With `ha`, three
+    /// controllers (ports `port`, `port + 1`, `port + 2`) share a three-member etcd
+    /// cluster, and agents and the CLI are given all three.
     pub(crate) fn start_in(
         dir: &Path,
         bin_dir: &Path,
         agents: u32,
         port: u16,
         lab: Option<&NetLab>,
+        ha: bool,
     ) -> anyhow::Result<Self> {
         let drover = bin_dir.join("drover");
         let pki = dir.join("pki");
@@ -325,29 +330,45 @@ impl Cluster {
             list: Vec::new(),
             announce: false,
         };
-        daemons.list.push(spawn(
-            "controller",
-            Command::new(bin_dir.join("drover-controller"))
-                .arg("--listen")
+        let etcd = if ha {
+            Some(start_etcd(&state, &logs, &mut daemons)?)
+        } else {
+            None
+        };
+        let mut addrs = Vec::new();
+        for i in 0..if ha { 3 } else { 1 } {
+            let name = if ha {
+                format!("controller-{}", i + 1)
+            } else {
+                "controller".to_owned()
+            };
+            let mut cmd = Command::new(bin_dir.join("drover-controller"));
+            let port = if port == 0 { 0 } else { port + i };
+            cmd.arg("--listen")
                 .arg(format!("{listen_host}:{port}"))
                 .arg("--state-dir")
-                .arg(state.join("controller"))
-                .args(tls("controller")),
-            &logs,
-        )?);
-        let ctl_log = daemons.list[0].log.clone();
-        let controller = wait_for("the controller to listen", Duration::from_secs(20), || {
-            fs::read_to_string(&ctl_log).ok().and_then(|text| {
-                text.lines()
-                    .find(|l| l.contains("controller listening"))
-                    .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
-                    .map(str::to_owned)
+                .arg(state.join(&name))
+                .args(tls("controller"));
+            if let Some(endpoints) = &etcd {
+                cmd.args(["--store", "etcd", "--etcd-endpoints", endpoints]);
+            }
+            daemons.list.push(spawn(&name, &mut cmd, &logs)?);
+            let ctl_log = daemons.list.last().expect("just pushed").log.clone();
+            let addr = wait_for("the controller to listen", Duration::from_secs(20), || {
+                fs::read_to_string(&ctl_log).ok().and_then(|text| {
+                    text.lines()
+                        .find(|l| l.contains("controller listening"))
+                        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+                        .map(str::to_owned)
+                })
             })
-        })
-        .or_else(|e| {
-            check_alive(&mut daemons)?;
-            Err(e)
-        })?;
+            .or_else(|e| {
+                check_alive(&mut daemons)?;
+                Err(e)
+            })?;
+            addrs.push(addr);
+        }
+        let controller = addrs.join(",");
         for (i, n) in names.iter().enumerate() {
             let mut cmd = match lab {
                 Some(lab) => lab.command(i, &bin_dir.join("drover-agent")),
@@ -407,6 +428,91 @@ impl Cluster {
     pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
         check_alive(&mut self.daemons)
     }
+}
+
+/// Starts a three-member etcd cluster on free ports of 127.0.0.1, its data under
+/// `state/etcd-mN`; returns its client URLs once every member serves.
+fn start_etcd(state: &Path, logs: &Path, daemons: &mut Daemons) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        Command::new("etcd")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "--ha needs etcd on PATH (Debian: apt-get install etcd-server)"
+    );
+    let free = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let mut ports = Vec::new();
+    for _ in 0..3 {
+        ports.push((free()?, free()?));
+    }
+    let cluster: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+        .collect();
+    let mut urls = Vec::new();
+    let mut names = Vec::new();
+    for (i, (client, peer)) in ports.iter().enumerate() {
+        let url = format!("http://127.0.0.1:{client}");
+        let name = format!("etcd-m{i}");
+        // A fresh cluster each time: a member's data names its peers' old ports.
+        let data = state.join(&name);
+        let _ = fs::remove_dir_all(&data);
+        daemons.list.push(spawn(
+            &name,
+            Command::new("etcd")
+                .arg(format!("--name=m{i}"))
+                .arg(format!("--data-dir={}", data.display()))
+                .arg(format!("--listen-client-urls={url}"))
+                .arg(format!("--advertise-client-urls={url}"))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+                .arg(format!(
+                    "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+                ))
+                .arg(format!("--initial-cluster={}", cluster.join(",")))
+                .arg("--initial-cluster-state=new"),
+            logs,
+        )?);
+        urls.push(url);
+        names.push(logs.join(format!("{name}.log")));
+    }
+    wait_for("etcd to serve", Duration::from_secs(30), || {
+        names
+            .iter()
+            .all(|log| {
+                fs::read_to_string(log).is_ok_and(|t| t.contains("ready to serve client requests"))
+            })
+            .then_some(())
+    })
+    .or_else(|e| {
+        check_alive(daemons)?;
+        Err(e)
+    })?;
+    Ok(urls.join(","))
+}
+
+/// Which controller of a high-availability cluster leads, from their logs: the one whose
+/// last word on leadership is that it leads.
+fn leader_from_logs(logs: &Path) -> Option<String> {
+    (1..=3).find_map(|i| {
+        let name = format!("controller-{i}");
+        let text = fs::read_to_string(logs.join(format!("{name}.log"))).ok()?;
+        let last = text.lines().rev().find(|l| {
+            l.contains("leading: serving")
+                || l.contains("stepped down")
+                || l.contains("stepping down")
+                || l.contains("following")
+        })?;
+        let addr = last
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("advertise="))?;
+        last.contains("leading: serving")
+            .then(|| format!("{name} ({addr})"))
+    })
 }
 
 /// `--ca`, `--cert` and `--key` for the certificate `name` in `pki`.
@@ -479,12 +585,17 @@ pub(crate) fn up(opts: &Options) -> anyhow::Result<()> {
     } else {
         None
     };
+    anyhow::ensure!(
+        !(opts.ha && opts.netns),
+        "--ha and --netns cannot be combined yet"
+    );
     let mut cluster = Cluster::start_in(
         &opts.dir,
         &opts.bin_dir,
         opts.agents,
         opts.port,
         lab.as_ref(),
+        opts.ha,
     )?;
     if let Some(lab) = &lab {
         for i in 0..cluster.agents.len() {
@@ -503,6 +614,13 @@ pub(crate) fn up(opts: &Options) -> anyhow::Result<()> {
         cluster.controller,
         cluster.agents.len()
     );
+    if opts.ha
+        && let Ok(leader) = wait_for("a leader", Duration::from_secs(10), || {
+            leader_from_logs(&cluster.logs)
+        })
+    {
+        println!("leader: {leader}; etcd: 3 members (logs etcd-m0..2)\n");
+    }
     println!("$ drover get-instances\n{}", cluster.instances);
     println!("Talk to it from another shell:");
     println!("  export DROVER_CONTROLLER={}", cluster.controller);
@@ -601,6 +719,9 @@ fn detached(dir: &Path) -> anyhow::Result<(String, Vec<(String, i32)>)> {
 pub(crate) fn status(dir: &Path, bin_dir: &Path) -> anyhow::Result<()> {
     let (addr, _) = detached(dir)?;
     let pki = dir.join("pki");
+    if let Some(leader) = leader_from_logs(&dir.join("logs")) {
+        println!("leader: {leader}");
+    }
     let st = Command::new(bin_dir.join("drover"))
         .args(["--controller", &addr])
         .args(tls_args(&pki, "ops"))
@@ -623,9 +744,13 @@ pub(crate) fn down(dir: &Path) -> anyhow::Result<()> {
                 .is_some_and(|r| !r.trim_start().starts_with('Z'))
         })
     };
-    let (controllers, agents): (Vec<_>, Vec<_>) =
-        daemons.into_iter().partition(|(n, _)| n == "controller");
-    for group in [agents, controllers] {
+    // Agents first (they stop their nodes), then controllers, then etcd.
+    let (agents, rest): (Vec<_>, Vec<_>) = daemons
+        .into_iter()
+        .partition(|(n, _)| n.starts_with("agent-"));
+    let (etcd, controllers): (Vec<_>, Vec<_>) =
+        rest.into_iter().partition(|(n, _)| n.starts_with("etcd-"));
+    for group in [agents, controllers, etcd] {
         for (_, pid) in &group {
             let _ = signal::kill(Pid::from_raw(*pid), Signal::SIGTERM);
         }
@@ -669,6 +794,7 @@ mod tests {
             config: None,
             detach: false,
             netns: false,
+            ha: false,
         };
         up(&opts).unwrap();
         for name in ["controller", "agent-1", "agent-2"] {
@@ -699,5 +825,44 @@ mod tests {
                 "{name} still runs"
             );
         }
+    }
+
+    #[test]
+    fn up_ha_runs_three_controllers_on_etcd_and_names_the_leader() {
+        if !drover_tests::etcd::available() {
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let bin_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options {
+            agents: 2,
+            once: false,
+            dir: dir.path().to_owned(),
+            bin_dir,
+            build: false,
+            port: 0,
+            config: None,
+            detach: true,
+            netns: false,
+            ha: true,
+        };
+        up(&opts).unwrap();
+        let (addr, daemons) = detached(dir.path()).unwrap();
+        assert_eq!(addr.split(',').count(), 3, "{addr}");
+        let names: Vec<&str> = daemons.iter().map(|(n, _)| n.as_str()).collect();
+        for want in [
+            "etcd-m0",
+            "etcd-m2",
+            "controller-1",
+            "controller-3",
+            "agent-2",
+        ] {
+            assert!(names.contains(&want), "{names:?}");
+        }
+        let leader = leader_from_logs(&dir.path().join("logs")).expect("a leader");
+        assert!(leader.starts_with("controller-"), "{leader}");
+        status(dir.path(), &opts.bin_dir).unwrap();
+        down(dir.path()).unwrap();
     }
 }

@@ -180,6 +180,10 @@ enum ClusterTask {
         /// separate hosts (needs root).
         #[arg(long)]
         netns: bool,
+        /// High availability: three controllers (ports PORT, PORT+1, PORT+2) on a
+        /// three-member etcd cluster; needs etcd on PATH (Debian: etcd-server).
+        #[arg(long)]
+        ha: bool,
     },
     /// Show a detached cluster's nodes.
     Status {
@@ -228,6 +232,7 @@ fn main() -> std::process::ExitCode {
             config,
             detach,
             netns,
+            ha,
         }) => {
             let root = project_root();
             let opts = cluster::Options {
@@ -248,6 +253,7 @@ fn main() -> std::process::ExitCode {
                 config,
                 detach,
                 netns,
+                ha,
             };
             cluster::up(&opts)
         }

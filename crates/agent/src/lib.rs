@@ -152,8 +152,9 @@ pub struct Agent {
     config: Config,
     /// Credentials, deny list and the connections they admitted; reloadable.
     trust: Arc<Trust>,
-    /// The host part of `config.controller`, used as the TLS server name.
-    server_name: Option<String>,
+    /// The controllers of `config.controller` (comma-separated: the members of a
+    /// high-availability group), each `HOST:PORT`.
+    controllers: Vec<String>,
     /// The listening endpoint, when the controller dials this agent.
     listener: Option<quinn::Endpoint>,
     /// The metrics listener, bound at start-up.
@@ -195,13 +196,17 @@ impl Agent {
                 name: config.name.clone(),
             });
         }
-        let server_name = match &config.controller {
-            Some(c) => Some(
-                split_host(c)
-                    .ok_or_else(|| Error::ControllerAddr(c.clone()))?
-                    .to_owned(),
-            ),
-            None => None,
+        let controllers: Vec<String> = match &config.controller {
+            Some(list) => list
+                .split(',')
+                .map(|c| {
+                    let c = c.trim();
+                    split_host(c)
+                        .map(|_| c.to_owned())
+                        .ok_or_else(|| Error::ControllerAddr(c.to_owned()))
+                })
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
         };
         if config.controller.is_none() && config.listen.is_none() {
             return Err(Error::NoController);
@@ -241,7 +246,7 @@ impl Agent {
         Ok(Self {
             config,
             trust,
-            server_name,
+            controllers,
             listener,
             metrics: std::sync::Mutex::new(metrics),
             listened: tokio::sync::watch::Sender::new(0),
@@ -531,39 +536,66 @@ impl Agent {
         &self,
         endpoints: &mut [Option<quinn::Endpoint>; 2],
     ) -> Result<(conn::Established, drover_net::peers::Tracked), NetError> {
-        let (Some(controller), Some(server_name)) = (&self.config.controller, &self.server_name)
-        else {
+        if self.controllers.is_empty() {
             return Err(NetError::Connection("no controller to dial".into()));
-        };
-        let addr = resolve(controller).await?;
-        let slot = &mut endpoints[usize::from(addr.is_ipv6())];
-        let endpoint = match slot {
-            Some(e) => e.clone(),
-            None => slot
-                .insert(conn::client_endpoint(
-                    self.trust.credentials(),
-                    &self.config.transport,
+        }
+        let endpoints = std::sync::Mutex::new(endpoints);
+        // The name each connection was dialled by, for the checks of later reloads.
+        let names = std::sync::Mutex::new(std::collections::BTreeMap::<usize, String>::new());
+        let est = conn::dial_leader(&self.controllers, |target| {
+            let (endpoints, names) = (&endpoints, &names);
+            async move {
+                let server_name = split_host(&target)
+                    .ok_or_else(|| {
+                        NetError::Connection(format!("invalid controller address '{target}'"))
+                    })?
+                    .to_owned();
+                let addr = resolve(&target).await?;
+                let endpoint = {
+                    let mut slots = endpoints.lock().unwrap_or_else(|p| p.into_inner());
+                    let slot = &mut slots[usize::from(addr.is_ipv6())];
+                    match slot {
+                        Some(e) => e.clone(),
+                        None => slot
+                            .insert(conn::client_endpoint(
+                                self.trust.credentials(),
+                                &self.config.transport,
+                                addr,
+                            )?)
+                            .clone(),
+                    }
+                };
+                let hello = Hello {
+                    api_version: API_VERSION,
+                    role: PeerRole::Agent,
+                    name: self.config.name.clone(),
+                    software: software(),
+                };
+                let est = conn::dial(
+                    &endpoint,
+                    None,
                     addr,
-                )?)
-                .clone(),
-        };
-        let hello = Hello {
-            api_version: API_VERSION,
-            role: PeerRole::Agent,
-            name: self.config.name.clone(),
-            software: software(),
-        };
-        let est = conn::dial(
-            &endpoint,
-            None,
-            addr,
-            server_name,
-            hello,
-            PeerRole::Controller,
-            None,
-            self.config.transport.hello_timeout,
-        )
+                    &server_name,
+                    hello,
+                    PeerRole::Controller,
+                    None,
+                    self.config.transport.hello_timeout,
+                )
+                .await?;
+                names
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(est.conn.stable_id(), server_name);
+                Ok(est)
+            }
+        })
         .await?;
+        let server_name = names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&est.conn.stable_id())
+            .unwrap_or_default();
+        let server_name = server_name.as_str();
         let checked = self
             .check_revoked(&est.conn, &est.peer)
             .map_err(NetError::Refused)

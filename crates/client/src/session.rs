@@ -45,49 +45,86 @@ impl Session {
                 creds.identity()
             );
         }
-        let target = settings.controller_addr();
-        let addr = tokio::net::lookup_host(&target)
-            .await
-            .with_context(|| format!("cannot resolve controller address '{target}'"))?
-            .next()
-            .with_context(|| format!("controller address '{target}' resolves to nothing"))?;
-        let host = settings
-            .controller
-            .host
-            .trim_start_matches('[')
-            .trim_end_matches(']');
         let timeout = settings.timeout();
         let transport = TransportSettings {
             hello_timeout: timeout.min(Duration::from_secs(5)),
             ..TransportSettings::default()
         };
-        let endpoint = conn::client_endpoint(&creds, &transport, addr)?;
         let hello = Hello {
             api_version: API_VERSION,
             role: PeerRole::Client,
             name: creds.identity().name.clone(),
             software: format!("drover {}", env!("CARGO_PKG_VERSION")),
         };
-        let est = conn::dial(
-            &endpoint,
-            None,
-            addr,
-            host,
-            hello,
-            PeerRole::Controller,
-            None,
-            transport.hello_timeout,
-        )
+        // One endpoint per address family, shared by the dials.
+        let endpoints = std::sync::Mutex::new([None::<quinn::Endpoint>, None]);
+        let targets = settings.controller_addrs();
+        let several = targets.len() > 1;
+        let est = conn::dial_leader(&targets, |target| {
+            let (creds, transport, hello, endpoints) =
+                (&creds, &transport, hello.clone(), &endpoints);
+            async move {
+                let addr = tokio::net::lookup_host(&target)
+                    .await
+                    .map_err(|e| {
+                        drover_net::NetError::Connection(format!(
+                            "cannot resolve controller address '{target}': {e}"
+                        ))
+                    })?
+                    .next()
+                    .ok_or_else(|| {
+                        drover_net::NetError::Connection(format!(
+                            "controller address '{target}' resolves to nothing"
+                        ))
+                    })?;
+                let host = target
+                    .rsplit_once(':')
+                    .map_or(target.as_str(), |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned();
+                let endpoint = {
+                    let mut slots = endpoints.lock().unwrap_or_else(|p| p.into_inner());
+                    match &mut slots[usize::from(addr.is_ipv6())] {
+                        Some(e) => e.clone(),
+                        slot => slot
+                            .insert(conn::client_endpoint(creds, transport, addr)?)
+                            .clone(),
+                    }
+                };
+                conn::dial(
+                    &endpoint,
+                    None,
+                    addr,
+                    &host,
+                    hello,
+                    PeerRole::Controller,
+                    None,
+                    transport.hello_timeout,
+                )
+                .await
+                .map_err(|e| match e {
+                    drover_net::NetError::Timeout { .. } if !several => {
+                        drover_net::NetError::Connection(format!(
+                            "{e} (is the controller running at {target} and reachable?)"
+                        ))
+                    }
+                    other => other,
+                })
+            }
+        })
         .await
         .map_err(|e| match e {
-            drover_net::NetError::Timeout { .. } => {
-                anyhow::anyhow!("{e} (is the controller running at {target} and reachable?)")
-            }
             drover_net::NetError::Refused(w) => {
-                anyhow::anyhow!("controller {target} refused us: {}", w.message)
+                anyhow::anyhow!("controller {} refused us: {}", targets.join(","), w.message)
             }
             other => other.into(),
         })?;
+        // Only the endpoint of the connection made stays open.
+        let endpoint = endpoints.into_inner().unwrap_or_else(|p| p.into_inner())
+            [usize::from(est.conn.remote_address().is_ipv6())]
+        .take()
+        .context("no endpoint for the connection made")?;
         Ok(Self {
             endpoint,
             conn: est.conn,

@@ -25,6 +25,10 @@ pub struct Settings {
     pub controller: ControllerSettings,
     /// Certificates.
     pub tls: TlsSettings,
+    /// Every controller of `--controller A,B,...` (a high-availability group), as
+    /// `HOST:PORT`; empty when one was given (then `controller` says which).
+    #[serde(skip)]
+    pub controllers: Vec<String>,
 }
 
 /// `[client]`.
@@ -74,6 +78,7 @@ impl Default for Settings {
                 port: 2150,
             },
             tls: TlsSettings::default(),
+            controllers: Vec::new(),
         }
     }
 }
@@ -174,7 +179,17 @@ impl Settings {
         let mut s: Self = table.try_into().map_err(|e: toml::de::Error| {
             anyhow::anyhow!("invalid settings: {}", e.message().trim_end())
         })?;
+        if let Some(list) = cli.controller.as_ref().filter(|c| c.contains(',')) {
+            for c in list.split(',').map(str::trim) {
+                let (host, port) = split_controller(c)?;
+                let mut one = s.clone();
+                one.controller.host = host.unwrap_or(one.controller.host);
+                one.controller.port = port.unwrap_or(one.controller.port);
+                s.controllers.push(one.controller_addr());
+            }
+        }
         if let Some(c) = &cli.controller {
+            let c = c.split(',').next().unwrap_or_default().trim();
             let (host, port) = split_controller(c)?;
             if let Some(h) = host {
                 s.controller.host = h;
@@ -219,6 +234,15 @@ impl Settings {
             format!("[{host}]:{}", self.controller.port)
         } else {
             format!("{host}:{}", self.controller.port)
+        }
+    }
+
+    /// Every controller to try, as `HOST:PORT`.
+    pub fn controller_addrs(&self) -> Vec<String> {
+        if self.controllers.is_empty() {
+            vec![self.controller_addr()]
+        } else {
+            self.controllers.clone()
         }
     }
 

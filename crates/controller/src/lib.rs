@@ -11,6 +11,8 @@
 //! - [`audit`]: the audit trail of requests that change something, and who sent them.
 //! - [`store`]: the staged configuration and the desired and deployed deploys with their
 //!   generations, persisted atomically.
+//! - [`ha`], [`etcd`], `etcd_store`: high availability on etcd (`--store etcd`): leader
+//!   election on a lease, the gate that lets only the leader serve, the fenced store.
 //! - `view`: every agent's nodes as last reported, which answers get-nodes while it is
 //!   current (no I/O, tested on its own).
 //! - `dial`: connections the controller makes itself, to agents that listen (instances
@@ -25,6 +27,9 @@
 pub mod api;
 pub mod audit;
 mod dial;
+pub mod etcd;
+pub mod etcd_store;
+pub mod ha;
 pub mod registry;
 mod reload;
 pub mod store;
@@ -94,6 +99,9 @@ pub struct Config {
     pub zeek_roles: Option<PathBuf>,
     /// What a deploy through zeek-client restarts ([`zeek::DeployMode`]).
     pub zeek_deploy: zeek::DeployMode,
+    /// High availability: the state in etcd and leader election (`--store etcd`); the
+    /// state dir is not used then.
+    pub ha: Option<ha::HaSettings>,
     /// Port auto-assignment and checks for Zeek clusters ([`drover_proto::ports`]); the
     /// controller's own port is filled in when it binds.
     pub ports: drover_proto::ports::PortPolicy,
@@ -145,6 +153,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     /// Staged and deployed configurations.
     pub(crate) store: Store,
+    /// With `--store etcd`: whether this controller leads, and its term.
+    pub(crate) gate: Option<Arc<ha::Gate>>,
     /// The id of the deploy in progress: only one runs at a time, and no stage while
     /// it runs.
     pub(crate) deploying: std::sync::Mutex<Option<String>>,
@@ -223,6 +233,15 @@ impl Shared {
     /// The `/metrics` page: registered counters and histograms, plus gauges computed now.
     pub(crate) fn render_metrics(&self) -> String {
         let mut out = self.metrics.render();
+        if let Some(gate) = &self.gate {
+            let leading = if gate.serving().is_ok() { 1.0 } else { 0.0 };
+            drover_metrics::gauge(
+                &mut out,
+                "drover_controller_leader",
+                "1 while this controller leads its high-availability group and serves.",
+                &[(String::new(), leading)],
+            );
+        }
         let agents = self.registry.snapshot().len();
         drover_metrics::gauge(
             &mut out,
@@ -318,6 +337,8 @@ pub struct Controller {
     metrics: Option<std::net::TcpListener>,
     /// The zeek-client front, bound at start-up too.
     zeek: Option<zeek::Front>,
+    /// The election to run, with `--store etcd`.
+    ha: Option<ha::HaSettings>,
 }
 
 impl Controller {
@@ -344,7 +365,15 @@ impl Controller {
                 identity: creds.identity().clone(),
             });
         }
-        let store = Store::open(&config.state_dir)?;
+        let (store, gate) = match &config.ha {
+            Some(ha) => {
+                let gate = Arc::new(ha::Gate::new(ha.lease));
+                let etcd = etcd_store::EtcdStore::new(ha.etcd.clone(), &ha.prefix, gate.clone())
+                    .map_err(store::StoreError::from)?;
+                (Store::etcd(etcd), Some(gate))
+            }
+            None => (Store::open(&config.state_dir)?, None),
+        };
         let audit =
             audit::AuditLog::open(&config.state_dir, config.audit_max_bytes, config.audit_keep)
                 .map_err(|source| Error::Audit {
@@ -382,14 +411,24 @@ impl Controller {
             controller_port: endpoint.local_addr().ok().map(|a| a.port()),
             ..config.ports
         };
+        let ha = config.ha.clone().map(|mut ha| {
+            if ha.advertise.is_empty()
+                && let Ok(addr) = endpoint.local_addr()
+            {
+                ha.advertise = addr.to_string();
+            }
+            ha
+        });
         Ok(Self {
             metrics,
             zeek,
+            ha,
             endpoint: endpoint.clone(),
             shared: Arc::new(Shared {
                 name: creds.identity().name.clone(),
                 registry: Registry::default(),
                 store,
+                gate,
                 deploying: std::sync::Mutex::new(None),
                 config_ops: tokio::sync::Mutex::new(()),
                 transport,
@@ -458,6 +497,34 @@ impl Controller {
             dial::ensure(&self.shared, &config);
         }
         let tasks = TaskTracker::new();
+        if let (Some(settings), Some(gate)) = (self.ha.take(), self.shared.gate.clone()) {
+            let shared = self.shared.clone();
+            let stepped = self.shared.clone();
+            tasks.spawn(ha::run(
+                settings,
+                gate,
+                shutdown.clone(),
+                move || {
+                    let shared = shared.clone();
+                    async move { take_over(shared).await }
+                },
+                move || {
+                    // Only the leader dials agents that listen; and the connections of
+                    // its term go, dialled ones included, so that agents find the next.
+                    let mut dialers = stepped.dialers.lock().unwrap_or_else(|p| p.into_inner());
+                    for (_, (_, task)) in std::mem::take(&mut *dialers) {
+                        task.abort();
+                    }
+                    for (name, conn) in stepped.registry.connections() {
+                        conn.close(
+                            5u32.into(),
+                            b"controller stepped down: not the leader any more",
+                        );
+                        stepped.registry.remove_if_same(&name, &conn);
+                    }
+                },
+            ));
+        }
         // Every socket was bound in `bind` and the servers of the side listeners are
         // spawned; the accept loop starts right below.
         on_ready();
@@ -485,6 +552,27 @@ impl Controller {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         info!("controller stopped");
     }
+}
+
+/// Makes this controller the leader's state holder: the state as the last leader left
+/// it in etcd, and the agents of its configurations dialled (those that listen).
+async fn take_over(shared: Arc<Shared>) -> Result<(), String> {
+    let loaded = shared.clone();
+    tokio::task::spawn_blocking(move || loaded.store.reload())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    for config in [shared.store.desired_config(), shared.store.staged()]
+        .into_iter()
+        .flatten()
+    {
+        dial::ensure(&shared, &config);
+    }
+    info!(
+        generation = shared.store.desired_generation(),
+        "state loaded from etcd"
+    );
+    Ok(())
 }
 
 async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
@@ -526,10 +614,18 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     {
         warn!(%addr, "{w}");
     }
+    let mut term = None;
     let scope = client_scope(&conn, &identity);
     let check = conn::check_hello(&hello, &identity, API_VERSION, &software())
         .and_then(|()| scope.as_ref().map(|_| ()).map_err(Clone::clone))
         .and_then(|()| check_deny_list(&shared, &conn, &identity))
+        .and_then(|()| match &shared.gate {
+            Some(gate) => gate
+                .serving()
+                .map(|(token, _)| term = Some(token))
+                .map_err(|m| WireError::new(ErrorCode::Unavailable, m)),
+            None => Ok(()),
+        })
         .and_then(|()| {
             if identity.role == PeerRole::Controller {
                 Err(WireError::new(
@@ -557,7 +653,12 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         other => other,
     };
     if let Err(e) = check {
-        warn!(%addr, peer = %identity, "refused connection: {}", e.message);
+        if shared.gate.is_some() && e.message.starts_with("not the leader") {
+            // Every dialer tries every controller of the group: not worth a warning.
+            debug!(%addr, peer = %identity, "refused connection: {}", e.message);
+        } else {
+            warn!(%addr, peer = %identity, "refused connection: {}", e.message);
+        }
         responder.refuse(e).await;
         return;
     }
@@ -575,6 +676,22 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
             shared.registry.remove_if_same(&identity.name, &conn);
         }
         return;
+    }
+    if let Some(term) = term {
+        // A leader that steps down closes its term's connections; the peers dial again
+        // and are pointed at the new leader.
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = term.cancelled() => {
+                    // Long enough for the answer to a request that found out (a write
+                    // etcd refused) to leave.
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    conn.close(5u32.into(), b"controller stepped down: not the leader any more");
+                }
+                _ = conn.closed() => {}
+            }
+        });
     }
     match identity.role {
         PeerRole::Agent => serve_agent(shared, conn, identity.name, hello.software, moved).await,

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use drover_controller::audit;
+use drover_controller::etcd::{Etcd, EtcdTls};
+use drover_controller::ha::HaSettings;
 use drover_controller::zeek::DeployMode;
 use drover_controller::{Config, Controller, DEFAULT_PORT};
 use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing, notify};
@@ -106,6 +108,34 @@ struct Args {
     /// First auto-assigned metrics port [default: 9000].
     #[arg(long, env = "DROVER_AUTO_ASSIGN_METRICS_START_PORT")]
     auto_assign_metrics_start_port: Option<u16>,
+    /// Where the state lives: `file` (the state dir) or `etcd` (shared by the
+    /// controllers of a high-availability group, which elect a leader) [default: file].
+    #[arg(long, env = "DROVER_STORE", value_parser = ["file", "etcd"])]
+    store: Option<String>,
+    /// etcd endpoints, comma-separated (`http://HOST:2379` or `https://...`).
+    #[arg(long, env = "DROVER_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Prefix of every etcd key this group uses [default: /drover/].
+    #[arg(long, env = "DROVER_ETCD_PREFIX")]
+    etcd_prefix: Option<String>,
+    /// CA of etcd's server certificates (PEM), for https:// endpoints.
+    #[arg(long, env = "DROVER_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd (PEM), when etcd requires one.
+    #[arg(long, env = "DROVER_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    /// Key of the etcd client certificate (PEM).
+    #[arg(long, env = "DROVER_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
+    /// The leader's lease in etcd: a dead leader is replaced after at most this long; a
+    /// leader that cannot renew stops serving after two thirds of it; it should outlast an
+    /// etcd leader election (one to two seconds with etcd's defaults) [default: 5s].
+    #[arg(long, env = "DROVER_LEADER_LEASE", value_parser = humantime::parse_duration)]
+    leader_lease: Option<Duration>,
+    /// The address agents and clients dial to reach this controller, told to them by the
+    /// followers [default: the --listen address, unless it is a wildcard].
+    #[arg(long, env = "DROVER_ADVERTISE")]
+    advertise: Option<String>,
 }
 
 fn parse_deploy_mode(s: &str) -> Result<DeployMode, String> {
@@ -146,6 +176,82 @@ struct FileConfig {
     auto_assign_broker_start_port: Option<u16>,
     auto_assign_metrics_ports: Option<bool>,
     auto_assign_metrics_start_port: Option<u16>,
+    store: Option<String>,
+    #[serde(default)]
+    etcd_endpoints: Vec<String>,
+    etcd_prefix: Option<String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    #[serde(default, with = "humantime_opt")]
+    leader_lease: Option<Duration>,
+    advertise: Option<String>,
+}
+
+/// The HA settings, when the store is etcd.
+fn ha(
+    args: &mut Args,
+    file: &mut FileConfig,
+    listen: SocketAddr,
+) -> anyhow::Result<Option<HaSettings>> {
+    let store = args.store.take().or(file.store.take());
+    match store.as_deref() {
+        None | Some("file") => {
+            anyhow::ensure!(
+                args.etcd_endpoints.is_empty() && file.etcd_endpoints.is_empty(),
+                "etcd endpoints are given but the store is the state dir: add --store etcd"
+            );
+            return Ok(None);
+        }
+        Some("etcd") => {}
+        Some(other) => anyhow::bail!("store: '{other}' is not a store (file or etcd)"),
+    }
+    let endpoints = if args.etcd_endpoints.is_empty() {
+        std::mem::take(&mut file.etcd_endpoints)
+    } else {
+        std::mem::take(&mut args.etcd_endpoints)
+    };
+    anyhow::ensure!(
+        !endpoints.is_empty(),
+        "--store etcd needs --etcd-endpoints (for example http://127.0.0.1:2379)"
+    );
+    let tls = EtcdTls {
+        ca: args.etcd_ca.take().or(file.etcd_ca.take()),
+        cert: args.etcd_cert.take().or(file.etcd_cert.take()),
+        key: args.etcd_key.take().or(file.etcd_key.take()),
+    };
+    let lease = args
+        .leader_lease
+        .or(file.leader_lease)
+        .unwrap_or(Duration::from_secs(5));
+    anyhow::ensure!(
+        lease >= Duration::from_secs(2) && lease.subsec_nanos() == 0,
+        "leader_lease: {} is not a whole number of seconds of at least 2s (etcd leases count seconds)",
+        humantime::format_duration(lease)
+    );
+    let mut prefix = args
+        .etcd_prefix
+        .take()
+        .or(file.etcd_prefix.take())
+        .unwrap_or_else(|| "/drover/".into());
+    if !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    let advertise = match args.advertise.take().or(file.advertise.take()) {
+        Some(a) => a,
+        // Filled in with the address bound (the port may be 0 here).
+        None if !listen.ip().is_unspecified() => String::new(),
+        None => anyhow::bail!(
+            "--store etcd needs --advertise HOST:PORT (the address agents and clients dial to reach this controller) when --listen is a wildcard address"
+        ),
+    };
+    let etcd = Etcd::new(&endpoints, &tls, Duration::from_secs(2))?;
+    Ok(Some(HaSettings {
+        etcd,
+        prefix,
+        lease,
+        advertise,
+    }))
 }
 
 /// A start port when assignment is on.
@@ -156,8 +262,8 @@ fn start(on: Option<bool>, port: Option<u16>, default: u16) -> anyhow::Result<Op
 }
 
 /// The controller's settings, and whether to watch the certificate files.
-fn config(args: Args) -> anyhow::Result<(Config, bool)> {
-    let file: FileConfig = match &args.config {
+fn config(mut args: Args) -> anyhow::Result<(Config, bool)> {
+    let mut file: FileConfig = match &args.config {
         Some(p) => load_config_file(p)?,
         None => FileConfig::default(),
     };
@@ -175,11 +281,14 @@ fn config(args: Args) -> anyhow::Result<(Config, bool)> {
     };
     check_liveness(transport.keep_alive, transport.idle_timeout)?;
     let watch_certs = args.watch_certs || file.watch_certs;
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)));
+    let ha = ha(&mut args, &mut file, listen)?;
     let config = Config {
-        listen: args
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))),
+        listen,
+        ha,
         state_dir: args
             .state_dir
             .or(file.state_dir)

@@ -26,6 +26,10 @@
 //! aside as `<name>.corrupt` for inspection, and the last good copy is used; only when
 //! that is unusable too does the controller refuse to start. State is never lost
 //! silently.
+//!
+//! With `--store etcd` the same three values live in etcd instead ([`crate::etcd_store`]),
+//! loaded when this controller becomes the leader ([`Store::reload`]) and written only
+//! while it leads; the in-memory side below is shared by both.
 
 use std::fs;
 use std::io::Write;
@@ -67,6 +71,17 @@ pub enum StoreError {
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
+    },
+    /// The etcd store failed; nothing was written.
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd_store::EtcdStoreError),
+    /// A value in etcd holds something else than a configuration.
+    #[error("etcd value {name}: not a valid configuration ({source})")]
+    CorruptEtcd {
+        /// The value.
+        name: String,
+        /// The cause.
+        source: serde_json::Error,
     },
     /// A state file holds something else than a configuration.
     #[error("{path}: not a valid configuration ({source}); move it away to start without it")]
@@ -115,10 +130,20 @@ struct Slots {
     deployed: Option<Arc<Deploy>>,
 }
 
-/// The staged configuration and the desired and deployed deploys, in memory and on disk.
+/// Where the state persists.
+#[derive(Debug)]
+enum Backend {
+    /// The state dir.
+    File(PathBuf),
+    /// etcd, written under the leader's fence.
+    Etcd(crate::etcd_store::EtcdStore),
+}
+
+/// The staged configuration and the desired and deployed deploys, in memory and on disk
+/// (or in etcd).
 #[derive(Debug)]
 pub struct Store {
-    dir: PathBuf,
+    backend: Backend,
     /// A std mutex: held only to copy a value in or out, never across I/O or awaits.
     slots: Mutex<Slots>,
     /// Held across each write (and the check before it), so that writes of one file
@@ -293,10 +318,51 @@ impl Store {
             deployed: deployed.map(Arc::new),
         };
         Ok(Self {
-            dir: dir.to_owned(),
+            backend: Backend::File(dir.to_owned()),
             slots: Mutex::new(slots),
             writing: Mutex::new(()),
         })
+    }
+
+    /// A store in etcd, empty until [`Store::reload`] (done when leadership is won).
+    pub fn etcd(store: crate::etcd_store::EtcdStore) -> Self {
+        Self {
+            backend: Backend::Etcd(store),
+            slots: Mutex::default(),
+            writing: Mutex::new(()),
+        }
+    }
+
+    /// Reads the state afresh from etcd (a no-op for the state dir, read at open):
+    /// a new leader starts from what the last one wrote.
+    pub fn reload(&self) -> Result<(), StoreError> {
+        let Backend::Etcd(etcd) = &self.backend else {
+            return Ok(());
+        };
+        let _writing = self.writing();
+        fn parse<T: DeserializeOwned>(
+            etcd: &crate::etcd_store::EtcdStore,
+            name: &str,
+        ) -> Result<Option<T>, StoreError> {
+            match etcd.load(name)? {
+                Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| {
+                    StoreError::CorruptEtcd {
+                        name: name.trim_end_matches(".json").to_owned(),
+                        source,
+                    }
+                }),
+                None => Ok(None),
+            }
+        }
+        let staged = parse::<Configuration>(etcd, STAGED)?;
+        let desired = parse::<Deploy>(etcd, DESIRED)?;
+        let deployed = parse::<Deploy>(etcd, DEPLOYED)?;
+        *self.lock() = Slots {
+            staged: staged.map(Arc::new),
+            desired: desired.map(Arc::new),
+            deployed: deployed.map(Arc::new),
+        };
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
@@ -310,9 +376,17 @@ impl Store {
 
     /// Writes one state file; the caller holds [`Store::writing`].
     fn save(&self, file: &str, value: &impl Serialize) -> Result<(), StoreError> {
-        let path = self.dir.join(file);
-        let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
-        write_durable(&path, &bytes).map_err(|source| StoreError::Io { path, source })
+        match &self.backend {
+            Backend::File(dir) => {
+                let path = dir.join(file);
+                let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
+                write_durable(&path, &bytes).map_err(|source| StoreError::Io { path, source })
+            }
+            Backend::Etcd(etcd) => {
+                let bytes = serde_json::to_vec(value).expect("state serializes");
+                Ok(etcd.save(file, &bytes)?)
+            }
+        }
     }
 
     /// The staged configuration.
@@ -393,9 +467,12 @@ impl Store {
         Ok(())
     }
 
-    /// Where a state file lives.
-    pub fn path(&self, file: &str) -> PathBuf {
-        self.dir.join(file)
+    /// Where a state file lives (`None` with the etcd store).
+    pub fn path(&self, file: &str) -> Option<PathBuf> {
+        match &self.backend {
+            Backend::File(dir) => Some(dir.join(file)),
+            Backend::Etcd(_) => None,
+        }
     }
 }
 

@@ -370,6 +370,59 @@ pub async fn dial(
     }
 }
 
+/// Dials the controllers of `targets` (`HOST:PORT` each) through `dial_one`, all at
+/// once, and returns the first that welcomes us. A controller that does not lead
+/// refuses with the leader's address, which is dialled too (once). Dialling all at once
+/// means a dead member of a high-availability group costs no handshake timeout. With one
+/// target and no redirection the error is that dial's own; otherwise it lists what each
+/// target answered.
+pub async fn dial_leader<F, Fut>(
+    targets: &[String],
+    mut dial_one: F,
+) -> Result<Established, NetError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<Established, NetError>>,
+{
+    use futures_util::StreamExt as _;
+    async fn tagged<T, F: Future<Output = T>>(target: String, fut: F) -> (String, T) {
+        (target, fut.await)
+    }
+    let mut tried = std::collections::HashSet::new();
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    for target in targets {
+        if tried.insert(target.clone()) {
+            pending.push(tagged(target.clone(), dial_one(target.clone())));
+        }
+    }
+    let mut failures: Vec<(String, NetError)> = Vec::new();
+    while let Some((target, result)) = pending.next().await {
+        match result {
+            Ok(est) => return Ok(est),
+            Err(e) => {
+                if let NetError::Refused(w) = &e
+                    && let Some(leader) = drover_proto::msg::leader_hint(&w.message)
+                    && tried.insert(leader.to_owned())
+                {
+                    pending.push(tagged(leader.to_owned(), dial_one(leader.to_owned())));
+                }
+                failures.push((target, e));
+            }
+        }
+    }
+    if failures.len() == 1 {
+        return Err(failures.pop().expect("one").1);
+    }
+    if failures.is_empty() {
+        return Err(NetError::Connection("no controller address to dial".into()));
+    }
+    let all: Vec<String> = failures.iter().map(|(t, e)| format!("{t}: {e}")).collect();
+    Err(NetError::Connection(format!(
+        "no controller welcomed us as the leader ({})",
+        all.join("; ")
+    )))
+}
+
 /// Completes the handshake of an incoming connection and reads the peer's identity.
 pub async fn accept(
     incoming: quinn::Incoming,

@@ -20,6 +20,18 @@ use crate::model::{Configuration, LogChunk, LogStream, MgmtResult, NodeStatus, S
 /// The protocol version spoken by this build. Peers with another version are refused.
 pub const API_VERSION: u32 = 1;
 
+/// How a controller that does not lead its HA group starts its refusal of a Hello; the
+/// leader's address follows, and dialers try it next.
+pub const NOT_LEADER: &str = "not the leader; the leader is ";
+
+/// The leader's address in a refusal that starts with [`NOT_LEADER`].
+pub fn leader_hint(message: &str) -> Option<&str> {
+    message
+        .strip_prefix(NOT_LEADER)
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && !a.contains(char::is_whitespace))
+}
+
 /// The ALPN protocol id; its suffix is the major protocol version.
 pub const ALPN: &[u8] = b"drover/1";
 
@@ -556,6 +568,19 @@ mod tests {
         };
         assert_eq!(record.serial, "");
         assert_eq!(record.outcome, crate::access::Outcome::Refused);
+    }
+
+    #[test]
+    fn a_not_leader_refusal_names_the_leader_or_nothing() {
+        let m = format!("{NOT_LEADER}10.0.0.2:2150");
+        assert_eq!(leader_hint(&m), Some("10.0.0.2:2150"));
+        assert_eq!(
+            leader_hint("not the leader; no leader is elected yet"),
+            None
+        );
+        assert_eq!(leader_hint(NOT_LEADER), None);
+        assert_eq!(leader_hint(&format!("{NOT_LEADER}a b")), None);
+        assert_eq!(leader_hint("agent a1 is already connected"), None);
     }
 
     #[test]

@@ -28,9 +28,11 @@ use drover_proto::msg::{
 /// Hollow agents against a real controller.
 #[derive(Debug, Parser)]
 struct Args {
-    /// The controller.
-    #[arg(long)]
-    controller: SocketAddr,
+    /// The controller, or every controller of a high-availability group
+    /// (comma-separated): hollow agents and clients follow a follower's answer to the
+    /// leader, as real ones do.
+    #[arg(long, value_delimiter = ',', required = true)]
+    controller: Vec<SocketAddr>,
     /// PKI directory with ca.crt and ca.key (agent and client certificates are issued
     /// in memory).
     #[arg(long)]
@@ -97,7 +99,7 @@ fn statuses(h: &Mutex<Hollow>, instance: &str) -> Vec<NodeStatus> {
 async fn run_agent(
     endpoint: quinn::Endpoint,
     cfg: quinn::ClientConfig,
-    controller: SocketAddr,
+    controllers: Arc<[String]>,
     name: String,
     conns: Arc<Mutex<Vec<quinn::Connection>>>,
 ) -> anyhow::Result<()> {
@@ -114,18 +116,27 @@ async fn run_agent(
     let mut attempts = 0u32;
     let est = loop {
         attempts += 1;
-        match conn::dial(
-            &endpoint,
-            Some(cfg.clone()),
-            controller,
-            "127.0.0.1",
-            hello.clone(),
-            PeerRole::Controller,
-            None,
-            Duration::from_secs(10),
-        )
-        .await
-        {
+        let dialled = conn::dial_leader(&controllers, |target| {
+            let (endpoint, cfg, hello) = (&endpoint, cfg.clone(), hello.clone());
+            async move {
+                let addr: SocketAddr = target.parse().map_err(|_| {
+                    drover_net::NetError::Connection(format!("bad controller address {target}"))
+                })?;
+                conn::dial(
+                    endpoint,
+                    Some(cfg),
+                    addr,
+                    "127.0.0.1",
+                    hello,
+                    PeerRole::Controller,
+                    None,
+                    Duration::from_secs(10),
+                )
+                .await
+            }
+        })
+        .await;
+        match dialled {
             Ok(est) => break est,
             Err(_) if attempts < 30 => {
                 let jitter = {
@@ -227,28 +238,38 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 async fn client(
     ca: &Ca,
-    controller: SocketAddr,
+    controllers: &[SocketAddr],
     name: &str,
 ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
     let c = creds(ca, PeerRole::Client, name)?;
     let settings = TransportSettings::default();
-    let endpoint = conn::client_endpoint(&c, &settings, controller)?;
+    let endpoint = conn::client_endpoint(&c, &settings, controllers[0])?;
     let hello = Hello {
         api_version: API_VERSION,
         role: PeerRole::Client,
         name: name.into(),
         software: "drover-swarm".into(),
     };
-    let est = conn::dial(
-        &endpoint,
-        None,
-        controller,
-        "127.0.0.1",
-        hello,
-        PeerRole::Controller,
-        None,
-        Duration::from_secs(30),
-    )
+    let targets: Vec<String> = controllers.iter().map(ToString::to_string).collect();
+    let est = conn::dial_leader(&targets, |target| {
+        let (endpoint, hello) = (&endpoint, hello.clone());
+        async move {
+            let addr: SocketAddr = target.parse().map_err(|_| {
+                drover_net::NetError::Connection(format!("bad controller address {target}"))
+            })?;
+            conn::dial(
+                endpoint,
+                None,
+                addr,
+                "127.0.0.1",
+                hello,
+                PeerRole::Controller,
+                None,
+                Duration::from_secs(30),
+            )
+            .await
+        }
+    })
     .await?;
     Ok((endpoint, est.conn))
 }
@@ -293,7 +314,7 @@ async fn main() -> anyhow::Result<()> {
     let endpoints: Vec<quinn::Endpoint> = (0..args.agents.div_ceil(per_socket).max(1))
         .map(|_| {
             let any = creds(&ca, PeerRole::Agent, "any")?;
-            Ok(conn::client_endpoint(&any, &settings, args.controller)?)
+            Ok(conn::client_endpoint(&any, &settings, args.controller[0])?)
         })
         .collect::<anyhow::Result<_>>()?;
     let names: Vec<String> = (0..args.agents).map(|i| format!("hollow-{i:05}")).collect();
@@ -306,24 +327,25 @@ async fn main() -> anyhow::Result<()> {
         let mut conns = Vec::new();
         let mut ep = None;
         for i in 0..args.monitors {
-            let (e, c) = client(&ca, args.controller, &format!("monitor-{i}")).await?;
+            let (e, c) = client(&ca, &args.controller, &format!("monitor-{i}")).await?;
             ep.get_or_insert(e);
             conns.push(c);
         }
         (ep, conns)
     };
-    let (_client_ep, cl) = client(&ca, args.controller, "bench").await?;
+    let (_client_ep, cl) = client(&ca, &args.controller, "bench").await?;
 
     // Connect everyone.
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let agent_conns = Arc::new(Mutex::new(Vec::new()));
+    let targets: Arc<[String]> = args.controller.iter().map(ToString::to_string).collect();
     for (i, (name, cfg)) in names.iter().cloned().zip(configs).enumerate() {
         let ep = endpoints[i / per_socket].clone();
         tasks.spawn(run_agent(
             ep,
             cfg,
-            args.controller,
+            targets.clone(),
             name,
             agent_conns.clone(),
         ));

@@ -328,6 +328,18 @@ async fn answer(
         }
         ZeekRequest::TestTimeout { with_state: false } | ZeekRequest::TestNoop => return None,
     };
+    // A follower of a high-availability group answers every request with the leader's
+    // address rather than forwarding it: zeek-client is pointed at the leader.
+    if let Some(gate) = &shared.gate
+        && let Err(refusal) = gate.serving()
+    {
+        let result = MgmtResult::err(&reqid, refusal);
+        return Some(events::response(
+            &reqid,
+            &req,
+            ClientResponse::Results(vec![result]),
+        ));
+    }
     shared
         .metrics
         .counter(

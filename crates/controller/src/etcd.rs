@@ -1,0 +1,659 @@
+//! A small etcd v3 client over etcd's JSON gateway (`POST /v3/...`, keys and values in
+//! base64), on plain HTTP/1.1 or HTTPS with a client certificate.
+//!
+//! etcd's native API is gRPC; every Rust client for it generates its code from `.proto`
+//! files at build time, which needs `protoc` and a gRPC stack. The gateway serves the same
+//! calls as JSON on the same port, so the controller needs neither: one request per
+//! connection (`Connection: close`), which costs a TCP (and TLS) handshake per call, small
+//! next to etcd's own disk write on the paths that write.
+//!
+//! Only what the controller uses is here: range, transactions of puts, deletes and
+//! compares, and leases.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+/// The longest one attempt of a call waits for one member.
+const ATTEMPT: Duration = Duration::from_millis(1500);
+
+/// The largest answer read from etcd.
+const MAX_RESPONSE: usize = 256 << 20;
+
+/// Errors talking to etcd. Every message names etcd, so that a refused write tells the
+/// operator where to look.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// No endpoint answered.
+    #[error("etcd is unreachable ({0})")]
+    Unreachable(String),
+    /// etcd answered with an error.
+    #[error("etcd at {endpoint} refused {call}: {message}")]
+    Refused {
+        /// The endpoint.
+        endpoint: String,
+        /// The call.
+        call: String,
+        /// etcd's message.
+        message: String,
+    },
+    /// The answer was not what the gateway sends.
+    #[error("etcd at {endpoint}: unexpected answer to {call}: {message}")]
+    Protocol {
+        /// The endpoint.
+        endpoint: String,
+        /// The call.
+        call: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// The TLS files given for etcd are unusable.
+    #[error("etcd tls: {0}")]
+    Tls(String),
+    /// An endpoint URL is malformed.
+    #[error("invalid etcd endpoint '{0}': expected http://HOST:PORT or https://HOST:PORT")]
+    Endpoint(String),
+}
+
+/// TLS files for etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA that signed etcd's server certificates; the system's roots are not used.
+    pub ca: Option<PathBuf>,
+    /// A client certificate, when etcd requires one.
+    pub cert: Option<PathBuf>,
+    /// Its key.
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+struct Endpoint {
+    url: String,
+    host: String,
+    port: u16,
+    https: bool,
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> Result<Self, EtcdError> {
+        let bad = || EtcdError::Endpoint(url.to_owned());
+        let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(bad());
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') || port == 0 {
+            return Err(bad());
+        }
+        Ok(Self {
+            url: url.trim_end_matches('/').to_owned(),
+            host: host.to_owned(),
+            port,
+            https,
+        })
+    }
+}
+
+/// One key as etcd returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kv {
+    /// The key.
+    pub key: Vec<u8>,
+    /// Its value.
+    pub value: Vec<u8>,
+    /// The revision that created the key (0 when absent).
+    pub create_revision: i64,
+    /// The revision of its last change.
+    pub mod_revision: i64,
+    /// The lease attached, 0 for none.
+    pub lease: i64,
+}
+
+/// One operation of a transaction.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Put a value, optionally attached to a lease.
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The value.
+        value: Vec<u8>,
+        /// A lease id, 0 for none.
+        lease: i64,
+    },
+    /// Delete a key, or every key under a prefix.
+    Delete {
+        /// The key, or the prefix.
+        key: Vec<u8>,
+        /// Delete the whole prefix.
+        prefix: bool,
+    },
+    /// Read a key (answers appear in [`TxnResult::ranges`]).
+    Get {
+        /// The key.
+        key: Vec<u8>,
+    },
+}
+
+/// A comparison a transaction is conditional on.
+#[derive(Debug, Clone)]
+pub enum Compare {
+    /// The key's create revision equals this (0: the key does not exist).
+    CreateRevision(Vec<u8>, i64),
+}
+
+/// The outcome of a transaction.
+#[derive(Debug, Clone)]
+pub struct TxnResult {
+    /// Whether every comparison held (and the success branch ran).
+    pub succeeded: bool,
+    /// The store revision after the transaction.
+    pub revision: i64,
+    /// The answers of `Get` operations of the branch that ran, in order.
+    pub ranges: Vec<Vec<Kv>>,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The key just past every key that starts with `prefix` (etcd's range end).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// The gateway writes 64-bit numbers as strings, and leaves out zero values.
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::String(s) => s.parse().unwrap_or(0),
+        Value::Number(n) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn bytes(v: &Value) -> Result<Vec<u8>, String> {
+    match v {
+        Value::Null => Ok(Vec::new()),
+        Value::String(s) => base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(|e| format!("bad base64: {e}")),
+        other => Err(format!("expected base64, found {other}")),
+    }
+}
+
+fn kvs(v: &Value) -> Result<Vec<Kv>, String> {
+    let Some(list) = v.get("kvs").and_then(Value::as_array) else {
+        return Ok(Vec::new());
+    };
+    list.iter()
+        .map(|kv| {
+            Ok(Kv {
+                key: bytes(&kv["key"])?,
+                value: bytes(&kv["value"])?,
+                create_revision: int(&kv["create_revision"]),
+                mod_revision: int(&kv["mod_revision"]),
+                lease: int(&kv["lease"]),
+            })
+        })
+        .collect()
+}
+
+/// A client of one etcd cluster.
+#[derive(Clone)]
+pub struct Etcd {
+    endpoints: Arc<[Endpoint]>,
+    tls: Option<tokio_rustls::TlsConnector>,
+    /// The endpoint that answered last, tried first.
+    preferred: Arc<AtomicUsize>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<&str> = self.endpoints.iter().map(|e| e.url.as_str()).collect();
+        f.debug_struct("Etcd").field("endpoints", &urls).finish()
+    }
+}
+
+fn tls_config(tls: &EtcdTls) -> Result<rustls::ClientConfig, EtcdError> {
+    let read =
+        |p: &PathBuf| std::fs::read(p).map_err(|e| EtcdError::Tls(format!("{}: {e}", p.display())));
+    let mut roots = rustls::RootCertStore::empty();
+    let Some(ca) = &tls.ca else {
+        return Err(EtcdError::Tls(
+            "an https:// endpoint needs --etcd-ca (the CA of etcd's server certificates)".into(),
+        ));
+    };
+    for cert in CertificateDer::pem_slice_iter(&read(ca)?) {
+        let cert = cert.map_err(|e| EtcdError::Tls(format!("{}: {e}", ca.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| EtcdError::Tls(format!("{}: {e}", ca.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(EtcdError::Tls(format!(
+            "{}: no certificate in it",
+            ca.display()
+        )));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| EtcdError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            drover_net::tls::check_key_permissions(key)
+                .map_err(|e| EtcdError::Tls(e.to_string()))?;
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(cert)?)
+                .collect::<Result<_, _>>()
+                .map_err(|e| EtcdError::Tls(format!("{}: {e}", cert.display())))?;
+            let key_der = PrivateKeyDer::from_pem_slice(&read(key)?)
+                .map_err(|e| EtcdError::Tls(format!("{}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| EtcdError::Tls(format!("{}: {e}", cert.display())))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err(EtcdError::Tls(
+            "--etcd-cert and --etcd-key go together".into(),
+        )),
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+impl Etcd {
+    /// A client of the cluster at `endpoints` (`http://HOST:PORT` or `https://...`).
+    pub fn new(endpoints: &[String], tls: &EtcdTls, timeout: Duration) -> Result<Self, EtcdError> {
+        let endpoints: Vec<Endpoint> = endpoints
+            .iter()
+            .map(|e| Endpoint::parse(e))
+            .collect::<Result<_, _>>()?;
+        if endpoints.is_empty() {
+            return Err(EtcdError::Endpoint(String::new()));
+        }
+        let tls = if endpoints.iter().any(|e| e.https) {
+            Some(tokio_rustls::TlsConnector::from(Arc::new(tls_config(tls)?)))
+        } else {
+            None
+        };
+        Ok(Self {
+            endpoints: endpoints.into(),
+            tls,
+            preferred: Arc::new(AtomicUsize::new(0)),
+            timeout,
+        })
+    }
+
+    /// The same client with another per-call timeout.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        Self {
+            timeout,
+            ..self.clone()
+        }
+    }
+
+    /// Posts one gateway call, trying the endpoint that answered last first, then the
+    /// others in turn, until one answers or the client's timeout passed. Each attempt
+    /// gets at most [`ATTEMPT`]: a member that lost its etcd leader may hold a request
+    /// for seconds while another member, or the same one a moment later, answers at
+    /// once. Retrying is safe for every call the controller makes (reads, renewals, and
+    /// writes that put the same values under the same fence). An answer is final
+    /// unless etcd says it is unavailable or timed out (HTTP 503 or 504: no leader).
+    async fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        let body = serde_json::to_vec(body).expect("json serializes");
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let count = self.endpoints.len();
+        let mut n = self.preferred.load(Ordering::Relaxed) % count;
+        let mut failures: Vec<Option<String>> = vec![None; count];
+        let mut round = 0;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let ep = &self.endpoints[n];
+            let attempt = ATTEMPT.min(deadline - now);
+            match tokio::time::timeout(attempt, self.post(ep, path, &body)).await {
+                Ok(Ok((status, answer))) if status != 503 && status != 504 => {
+                    self.preferred.store(n, Ordering::Relaxed);
+                    return decode(ep, path, status, &answer);
+                }
+                Ok(Ok((status, answer))) => {
+                    let e = decode(ep, path, status, &answer)
+                        .err()
+                        .map(|e| e.to_string());
+                    failures[n] = Some(e.unwrap_or_else(|| format!("{}: http {status}", ep.url)));
+                }
+                Ok(Err(e)) => failures[n] = Some(format!("{}: {e}", ep.url)),
+                Err(_) => failures[n] = Some(format!("{}: no answer within {attempt:?}", ep.url)),
+            }
+            n = (n + 1) % count;
+            if n == self.preferred.load(Ordering::Relaxed) % count {
+                // Every member failed once: pause a little before the next round.
+                round += 1;
+                let pause = Duration::from_millis(50 * round.min(4));
+                tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline)).await;
+            }
+        }
+        let failures: Vec<String> = failures.into_iter().flatten().collect();
+        Err(EtcdError::Unreachable(if failures.is_empty() {
+            format!("no answer within {:?}", self.timeout)
+        } else {
+            failures.join("; ")
+        }))
+    }
+
+    async fn post(
+        &self,
+        ep: &Endpoint,
+        path: &str,
+        body: &[u8],
+    ) -> std::io::Result<(u16, Vec<u8>)> {
+        let tcp = tokio::net::TcpStream::connect((ep.host.as_str(), ep.port)).await?;
+        tcp.set_nodelay(true)?;
+        let mut stream: Box<dyn Stream> = match (&self.tls, ep.https) {
+            (Some(tls), true) => {
+                let name = ServerName::try_from(ep.host.clone())
+                    .map_err(|e| std::io::Error::other(format!("server name: {e}")))?;
+                Box::new(tls.connect(name, tcp).await?)
+            }
+            _ => Box::new(tcp),
+        };
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}:{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            ep.host,
+            ep.port,
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body).await?;
+        stream.flush().await?;
+        let mut answer = Vec::new();
+        let mut limited = (&mut stream).take(MAX_RESPONSE as u64);
+        // A TLS peer may close without close_notify; what arrived is complete when the
+        // framing below says so.
+        if let Err(e) = limited.read_to_end(&mut answer).await
+            && answer.is_empty()
+        {
+            return Err(e);
+        }
+        parse_http(&answer)
+    }
+
+    /// The value of `key`, if any.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Kv>, EtcdError> {
+        let v = self
+            .call("/v3/kv/range", &json!({ "key": b64(key) }))
+            .await?;
+        let list = kvs(&v).map_err(|m| self.protocol("/v3/kv/range", m))?;
+        Ok(list.into_iter().next())
+    }
+
+    /// Every key under `prefix`.
+    pub async fn get_prefix(&self, prefix: &[u8]) -> Result<Vec<Kv>, EtcdError> {
+        let v = self
+            .call(
+                "/v3/kv/range",
+                &json!({ "key": b64(prefix), "range_end": b64(&prefix_end(prefix)) }),
+            )
+            .await?;
+        kvs(&v).map_err(|m| self.protocol("/v3/kv/range", m))
+    }
+
+    fn protocol(&self, call: &str, message: String) -> EtcdError {
+        EtcdError::Protocol {
+            endpoint: self.endpoints[self.preferred.load(Ordering::Relaxed) % self.endpoints.len()]
+                .url
+                .clone(),
+            call: call.into(),
+            message,
+        }
+    }
+
+    /// Runs `success` if every comparison holds, `failure` otherwise, atomically.
+    pub async fn txn(
+        &self,
+        compare: &[Compare],
+        success: &[Op],
+        failure: &[Op],
+    ) -> Result<TxnResult, EtcdError> {
+        let cmp: Vec<Value> = compare
+            .iter()
+            .map(|c| match c {
+                Compare::CreateRevision(key, rev) => json!({
+                    "key": b64(key),
+                    "target": "CREATE",
+                    "result": "EQUAL",
+                    "create_revision": rev.to_string(),
+                }),
+            })
+            .collect();
+        let ops = |ops: &[Op]| -> Vec<Value> {
+            ops.iter()
+                .map(|op| match op {
+                    Op::Put { key, value, lease } => {
+                        let mut put = json!({ "key": b64(key), "value": b64(value) });
+                        if *lease != 0 {
+                            put["lease"] = json!(lease.to_string());
+                        }
+                        json!({ "request_put": put })
+                    }
+                    Op::Delete { key, prefix } => {
+                        let mut del = json!({ "key": b64(key) });
+                        if *prefix {
+                            del["range_end"] = json!(b64(&prefix_end(key)));
+                        }
+                        json!({ "request_delete_range": del })
+                    }
+                    Op::Get { key } => json!({ "request_range": { "key": b64(key) } }),
+                })
+                .collect()
+        };
+        let body = json!({ "compare": cmp, "success": ops(success), "failure": ops(failure) });
+        let v = self.call("/v3/kv/txn", &body).await?;
+        let mut ranges = Vec::new();
+        if let Some(responses) = v.get("responses").and_then(Value::as_array) {
+            for r in responses {
+                if let Some(range) = r.get("response_range") {
+                    ranges.push(kvs(range).map_err(|m| self.protocol("/v3/kv/txn", m))?);
+                }
+            }
+        }
+        Ok(TxnResult {
+            succeeded: v.get("succeeded").and_then(Value::as_bool).unwrap_or(false),
+            revision: int(&v["header"]["revision"]),
+            ranges,
+        })
+    }
+
+    /// A new lease of `ttl` seconds; returns its id and the TTL etcd granted.
+    pub async fn lease_grant(&self, ttl: u64) -> Result<(i64, i64), EtcdError> {
+        let v = self
+            .call("/v3/lease/grant", &json!({ "TTL": ttl.to_string() }))
+            .await?;
+        let id = int(&v["ID"]);
+        if id == 0 {
+            return Err(self.protocol("/v3/lease/grant", format!("no lease id in {v}")));
+        }
+        Ok((id, int(&v["TTL"])))
+    }
+
+    /// Renews a lease; returns the TTL it now has, 0 or less when it is gone.
+    pub async fn lease_keep_alive(&self, id: i64) -> Result<i64, EtcdError> {
+        let v = self
+            .call("/v3/lease/keepalive", &json!({ "ID": id.to_string() }))
+            .await?;
+        Ok(int(&v["result"]["TTL"]))
+    }
+
+    /// Ends a lease at once, deleting the keys attached to it.
+    pub async fn lease_revoke(&self, id: i64) -> Result<(), EtcdError> {
+        self.call("/v3/lease/revoke", &json!({ "ID": id.to_string() }))
+            .await
+            .map(drop)
+    }
+}
+
+/// Turns an HTTP answer into the gateway's JSON, or etcd's error.
+fn decode(ep: &Endpoint, call: &str, status: u16, body: &[u8]) -> Result<Value, EtcdError> {
+    // A streaming call answers with one object per message; the first is ours.
+    let first = serde_json::Deserializer::from_slice(body)
+        .into_iter::<Value>()
+        .next();
+    let value = match first {
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            return Err(EtcdError::Protocol {
+                endpoint: ep.url.clone(),
+                call: call.into(),
+                message: format!("http {status}, not json: {e}"),
+            });
+        }
+        None => Value::Null,
+    };
+    // A stream reports its error inside a 200 answer, as `{"error": {...}}`.
+    let error = value.get("error").map(|e| match e {
+        Value::String(s) => s.clone(),
+        other => other
+            .get("message")
+            .and_then(Value::as_str)
+            .map_or_else(|| other.to_string(), str::to_owned),
+    });
+    if status != 200 || error.is_some() {
+        return Err(EtcdError::Refused {
+            endpoint: ep.url.clone(),
+            call: call.into(),
+            message: error.unwrap_or_else(|| format!("http status {status}")),
+        });
+    }
+    Ok(value)
+}
+
+/// Splits an HTTP/1.1 answer read to its end into status and body (chunked or not).
+fn parse_http(raw: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    let bad = |m: &str| std::io::Error::other(format!("bad http answer: {m}"));
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("headers not utf-8"))?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status"))?;
+    let mut chunked = false;
+    let mut length = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked") {
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            length = value.parse::<usize>().ok();
+        }
+    }
+    let body = &raw[end + 4..];
+    if !chunked {
+        return match length {
+            Some(n) if body.len() < n => Err(bad("truncated body")),
+            Some(n) => Ok((status, body[..n].to_vec())),
+            None => Ok((status, body.to_vec())),
+        };
+    }
+    let mut out = Vec::new();
+    let mut rest = body;
+    loop {
+        let eol = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| bad("truncated chunk"))?;
+        let size = std::str::from_utf8(&rest[..eol])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok())
+            .ok_or_else(|| bad("bad chunk size"))?;
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return Ok((status, out));
+        }
+        if rest.len() < size + 2 {
+            // A streaming answer cut short still carries whole messages before the cut.
+            out.extend_from_slice(&rest[..rest.len().min(size)]);
+            return Ok((status, out));
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_or_say_what_is_expected() {
+        let e = Endpoint::parse("http://127.0.0.1:2379/").unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.port, e.https),
+            ("127.0.0.1", 2379, false)
+        );
+        let e = Endpoint::parse("https://[::1]:2379").unwrap();
+        assert_eq!((e.host.as_str(), e.https), ("::1", true));
+        for bad in [
+            "127.0.0.1:2379",
+            "http://host",
+            "http://:2379",
+            "ftp://h:1",
+            "http://h:0",
+        ] {
+            let err = Endpoint::parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains(bad) && err.contains("http://HOST:PORT"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn http_answers_are_split_chunked_or_not() {
+        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        assert_eq!(parse_http(plain).unwrap(), (200, b"{}".to_vec()));
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n";
+        assert_eq!(parse_http(chunked).unwrap(), (200, b"{\"a\":1}".to_vec()));
+        assert!(parse_http(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}").is_err());
+        assert!(parse_http(b"garbage").is_err());
+    }
+
+    #[test]
+    fn prefix_ends_are_the_next_key() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+}

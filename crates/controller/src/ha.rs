@@ -1,0 +1,396 @@
+//! Leader election on an etcd lease, and the gate that lets only the leader serve.
+//!
+//! Every controller of an HA group campaigns for one key, `<prefix>leader`, holding its
+//! advertised address and attached to a lease of `--leader-lease`. The one whose
+//! transaction creates the key leads; the key's create revision names its term. The
+//! others poll the key and answer every Hello with "not the leader; the leader is ADDR".
+//!
+//! The leader renews its lease every third of the lease and stops serving (every
+//! connection of its term is closed, every request refused) when two thirds of the lease
+//! passed since the last renewal it sent that etcd acknowledged, which is before etcd can
+//! expire the lease. Writes are fenced independently: each is a transaction conditional
+//! on the leader key still having this term's create revision (see `etcd_store`), so a
+//! controller that was paused past its lease cannot write even before it notices.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::etcd::{Compare, Etcd, Op};
+
+/// Refusal text of a follower; clients and agents follow the address after it.
+pub use drover_proto::msg::NOT_LEADER;
+
+/// How a controller of an HA group reaches etcd and names itself.
+#[derive(Debug, Clone)]
+pub struct HaSettings {
+    /// The etcd client.
+    pub etcd: Etcd,
+    /// Key prefix, ending in `/`.
+    pub prefix: String,
+    /// The leader lease.
+    pub lease: Duration,
+    /// The address clients and agents should dial to reach this controller.
+    pub advertise: String,
+}
+
+impl HaSettings {
+    /// The leader key.
+    pub fn leader_key(&self) -> Vec<u8> {
+        format!("{}leader", self.prefix).into_bytes()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Term {
+    create_revision: i64,
+    /// When the last acknowledged renewal was sent (or the lease granted).
+    renewed: Instant,
+    token: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    term: Option<Term>,
+    /// The leader's address as last read from etcd, when we do not lead.
+    leader: Option<String>,
+}
+
+/// Whether this controller may serve and write, and for which term.
+#[derive(Debug)]
+pub struct Gate {
+    lease: Duration,
+    state: Mutex<GateState>,
+}
+
+impl Gate {
+    /// A gate for a lease of `lease`, closed until a term begins.
+    pub fn new(lease: Duration) -> Self {
+        Self {
+            lease,
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long after the last renewal the leader stops serving.
+    pub fn serve_for(&self) -> Duration {
+        self.lease * 2 / 3
+    }
+
+    fn refusal(state: &GateState) -> String {
+        match &state.leader {
+            Some(addr) => format!("{NOT_LEADER}{addr}"),
+            None => "not the leader; no leader is elected yet (or etcd is unreachable)".into(),
+        }
+    }
+
+    /// The current term's token and create revision while this controller leads and its
+    /// lease is fresh; otherwise the refusal to answer.
+    pub fn serving(&self) -> Result<(CancellationToken, i64), String> {
+        let state = self.lock();
+        match &state.term {
+            Some(t) if t.renewed.elapsed() < self.serve_for() && !t.token.is_cancelled() => {
+                Ok((t.token.clone(), t.create_revision))
+            }
+            Some(_) => Err("not the leader any more: the leader lease could not be renewed in time; stepping down".into()),
+            None => Err(Self::refusal(&state)),
+        }
+    }
+
+    /// How long this controller may still serve without another renewal (zero when it
+    /// does not lead).
+    pub fn time_left(&self) -> Duration {
+        self.lock().term.as_ref().map_or(Duration::ZERO, |t| {
+            (t.renewed + self.serve_for()).saturating_duration_since(Instant::now())
+        })
+    }
+
+    fn lead(&self, create_revision: i64, renewed: Instant) -> CancellationToken {
+        let token = CancellationToken::new();
+        let mut state = self.lock();
+        state.leader = None;
+        state.term = Some(Term {
+            create_revision,
+            renewed,
+            token: token.clone(),
+        });
+        token
+    }
+
+    fn renewed(&self, sent: Instant) {
+        if let Some(t) = &mut self.lock().term
+            && sent > t.renewed
+        {
+            t.renewed = sent;
+        }
+    }
+
+    fn renewed_at(&self) -> Option<Instant> {
+        self.lock().term.as_ref().map(|t| t.renewed)
+    }
+
+    /// Ends the term (if any): its connections close, its writes are refused.
+    pub fn step_down(&self) {
+        if let Some(t) = self.lock().term.take() {
+            t.token.cancel();
+        }
+    }
+
+    fn follow(&self, leader: Option<String>) {
+        let mut state = self.lock();
+        if let Some(t) = state.term.take() {
+            t.token.cancel();
+        }
+        state.leader = leader;
+    }
+}
+
+/// Campaigns, leads and steps down until `shutdown`; `on_lead` runs (to load the state)
+/// after the election is won and before the gate opens; an error from it ends the term.
+/// `on_step_down` runs when a term ends (to stop what only a leader does).
+pub async fn run<F, Fut>(
+    ha: HaSettings,
+    gate: Arc<Gate>,
+    shutdown: CancellationToken,
+    on_lead: F,
+    on_step_down: impl Fn(),
+) where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let key = ha.leader_key();
+    let poll = (ha.lease / 6).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let etcd = ha
+        .etcd
+        .with_timeout((ha.lease / 3).max(Duration::from_millis(300)));
+    let ttl = ha.lease.as_secs().max(1);
+    let mut announced: Option<String> = None;
+    let mut failing: Option<String> = None;
+    while !shutdown.is_cancelled() {
+        match campaign(&etcd, &key, &ha.advertise, ttl).await {
+            Ok(Campaign::Won { lease, revision }) => {
+                failing = None;
+                // Loading may take a while (a large configuration): renew once it is
+                // done, and count the serving time from that renewal.
+                let loaded = on_lead().await;
+                let sent = Instant::now();
+                let renewed = match &loaded {
+                    Ok(()) => etcd.lease_keep_alive(lease).await,
+                    Err(_) => Ok(0),
+                };
+                if let Err(e) = loaded {
+                    warn!("won the election but cannot load the state from etcd: {e}");
+                    let _ = etcd.lease_revoke(lease).await;
+                } else if !matches!(renewed, Ok(ttl) if ttl > 0) {
+                    warn!(
+                        "won the election but lost the lease while loading the state: {renewed:?}"
+                    );
+                    let _ = etcd.lease_revoke(lease).await;
+                } else {
+                    let token = gate.lead(revision, sent);
+                    info!(revision, advertise = %ha.advertise, "leading: serving clients and agents");
+                    let term = TermKey {
+                        key: &key,
+                        revision,
+                        lease_id: lease,
+                    };
+                    lead(&etcd, &gate, &term, ha.lease, &token, &shutdown).await;
+                    gate.step_down();
+                    on_step_down();
+                    // Free the key at once, so that another controller takes over now
+                    // rather than at the lease's end.
+                    let _ = etcd.lease_revoke(lease).await;
+                    if shutdown.is_cancelled() {
+                        break;
+                    }
+                    warn!("stepped down; following the next leader");
+                }
+                announced = None;
+                // Learn the new leader at once, so that refusals name it.
+                continue;
+            }
+            Ok(Campaign::Lost { leader }) => {
+                failing = None;
+                if announced.as_ref() != Some(&leader) {
+                    info!(%leader, "following");
+                    announced = Some(leader.clone());
+                }
+                gate.follow(Some(leader));
+            }
+            Err(e) => {
+                // Said once per cause, not once per poll.
+                let e = e.to_string();
+                if failing.as_ref() != Some(&e) {
+                    warn!("cannot campaign for leadership: {e}");
+                    failing = Some(e);
+                }
+                announced = None;
+                gate.follow(None);
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(poll) => {}
+        }
+    }
+    gate.step_down();
+}
+
+enum Campaign {
+    Won { lease: i64, revision: i64 },
+    Lost { leader: String },
+}
+
+async fn campaign(
+    etcd: &Etcd,
+    key: &[u8],
+    advertise: &str,
+    ttl: u64,
+) -> Result<Campaign, crate::etcd::EtcdError> {
+    if let Some(kv) = etcd.get(key).await? {
+        return Ok(Campaign::Lost {
+            leader: String::from_utf8_lossy(&kv.value).into_owned(),
+        });
+    }
+    let (lease, _granted) = etcd.lease_grant(ttl).await?;
+    let put = Op::Put {
+        key: key.to_vec(),
+        value: advertise.as_bytes().to_vec(),
+        lease,
+    };
+    let get = Op::Get { key: key.to_vec() };
+    let r = match etcd
+        .txn(&[Compare::CreateRevision(key.to_vec(), 0)], &[put], &[get])
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = etcd.lease_revoke(lease).await;
+            return Err(e);
+        }
+    };
+    if r.succeeded {
+        return Ok(Campaign::Won {
+            lease,
+            revision: r.revision,
+        });
+    }
+    let _ = etcd.lease_revoke(lease).await;
+    let leader = r
+        .ranges
+        .first()
+        .and_then(|l| l.first())
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+        .unwrap_or_default();
+    Ok(Campaign::Lost { leader })
+}
+
+/// What names a term in etcd.
+struct TermKey<'a> {
+    key: &'a [u8],
+    revision: i64,
+    lease_id: i64,
+}
+
+/// Keeps the lease alive until it is lost, the leader key is not this term's any more,
+/// renewals stop succeeding for two thirds of the lease, or `shutdown`.
+async fn lead(
+    etcd: &Etcd,
+    gate: &Gate,
+    term: &TermKey<'_>,
+    lease: Duration,
+    token: &CancellationToken,
+    shutdown: &CancellationToken,
+) {
+    let every = lease / 3;
+    let mut next = gate.renewed_at().unwrap_or_else(Instant::now) + every;
+    loop {
+        let Some(renewed) = gate.renewed_at() else {
+            return;
+        };
+        let deadline = renewed + gate.serve_for();
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = token.cancelled() => return,
+            () = tokio::time::sleep_until(deadline) => {
+                if gate.renewed_at().is_some_and(|r| r + gate.serve_for() <= Instant::now()) {
+                    warn!(
+                        "no leader lease renewal acknowledged by etcd for {:?}; stepping down before the lease can expire",
+                        gate.serve_for()
+                    );
+                    return;
+                }
+            }
+            () = tokio::time::sleep_until(next) => {
+                let sent = Instant::now();
+                next = sent + every;
+                match etcd.lease_keep_alive(term.lease_id).await {
+                    Ok(ttl) if ttl > 0 => {
+                        // The key itself may have been removed (by hand, or by a
+                        // compaction of leases after an etcd restore): the term is over
+                        // even though the lease lives.
+                        match etcd.get(term.key).await {
+                            Ok(Some(kv)) if kv.create_revision == term.revision => gate.renewed(sent),
+                            Ok(_) => {
+                                warn!("the leader key is not this controller's any more; stepping down");
+                                return;
+                            }
+                            Err(e) => warn!("cannot read the leader key: {e}"),
+                        }
+                    }
+                    Ok(_) => {
+                        warn!("the leader lease expired in etcd; stepping down");
+                        return;
+                    }
+                    Err(e) => warn!("cannot renew the leader lease: {e}"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_serves_a_term_until_two_thirds_of_the_lease_pass_without_renewal() {
+        let gate = Gate::new(Duration::from_millis(600));
+        let closed = gate.serving().unwrap_err();
+        assert!(closed.contains("no leader is elected yet"), "{closed}");
+        gate.follow(Some("10.0.0.2:2150".into()));
+        assert_eq!(
+            gate.serving().unwrap_err(),
+            "not the leader; the leader is 10.0.0.2:2150"
+        );
+        assert_eq!(gate.time_left(), Duration::ZERO);
+
+        let token = gate.lead(7, Instant::now());
+        let (t, revision) = gate.serving().unwrap();
+        assert_eq!(revision, 7);
+        assert!(!t.is_cancelled());
+        assert!(gate.time_left() > Duration::from_millis(300));
+        // The time passing is what is tested here.
+        std::thread::sleep(Duration::from_millis(450));
+        let stale = gate.serving().unwrap_err();
+        assert!(stale.contains("could not be renewed in time"), "{stale}");
+        assert_eq!(gate.time_left(), Duration::ZERO);
+        // A renewal sent now opens it again; an older one never moves it back.
+        let now = Instant::now();
+        gate.renewed(now);
+        gate.renewed(now - Duration::from_secs(1));
+        assert!(gate.serving().is_ok());
+        assert_eq!(gate.renewed_at(), Some(now));
+
+        gate.step_down();
+        assert!(token.is_cancelled());
+        assert!(gate.serving().is_err());
+    }
+}

@@ -1,0 +1,1118 @@
+//! High availability on etcd with real etcd processes and real controllers: failover
+//! after a leader is killed, fencing of a paused or deposed leader, etcd going away, and
+//! a configuration larger than etcd's request limit.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use drover_proto::msg::{ClientRequest, ClientResponse, PeerRole};
+use drover_tests::etcd::{self, Etcd};
+use drover_tests::{Cluster, PATIENCE, Proc, eventually};
+use nix::sys::signal::Signal;
+
+const PREFIX: &str = "/drover-test/";
+/// Short, for quick failovers; an etcd leader election (a second or two) may make such a
+/// controller step down, so the test that kills etcd members uses [`LONG_LEASE`].
+const LEASE: &str = "2s";
+const LONG_LEASE: &str = "6s";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The address the leader key names, and the term (its create revision), if any.
+fn leader_term(rt: &tokio::runtime::Runtime, etcd: &Etcd) -> Option<(SocketAddr, i64)> {
+    let kv = rt
+        .block_on(etcd.client().get(format!("{PREFIX}leader").as_bytes()))
+        .ok()??;
+    Some((
+        String::from_utf8(kv.value).ok()?.parse().ok()?,
+        kv.create_revision,
+    ))
+}
+
+/// The mod revision of every state key.
+fn state_revisions(rt: &tokio::runtime::Runtime, etcd: &Etcd) -> BTreeMap<String, i64> {
+    let kvs = rt
+        .block_on(
+            etcd.client()
+                .get_prefix(format!("{PREFIX}state/").as_bytes()),
+        )
+        .unwrap();
+    kvs.into_iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(&kv.key).into_owned(),
+                kv.mod_revision,
+            )
+        })
+        .collect()
+}
+
+fn config_file(c: &Cluster, name: &str, nodes: &[(&str, &str)]) -> PathBuf {
+    let mut text =
+        String::from("[defaults]\nreadiness = { kind = \"start-period\", period = \"0s\" }\n");
+    let instances: std::collections::BTreeSet<&str> = nodes.iter().map(|(_, i)| *i).collect();
+    for i in instances {
+        text.push_str(&format!("[instances.{i}]\n"));
+    }
+    for (node, instance) in nodes {
+        text.push_str(&format!(
+            "[nodes.{node}]\ninstance = \"{instance}\"\ncommand = [\"/usr/bin/sleep\", \"infinity\"]\n"
+        ));
+    }
+    let path = c.dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Running nodes and their pids, from get-nodes through any controller of the group.
+fn node_pids(c: &Cluster, controllers: &str) -> Option<BTreeMap<String, u64>> {
+    let out = etcd::drover(c, controllers, &["get-nodes"]);
+    if out.code != Some(0) {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+    let mut pids = BTreeMap::new();
+    for (_, nodes) in v["results"].as_object()? {
+        for (name, n) in nodes.as_object()? {
+            if n["mgmt_role"].is_null() && n["state"] == "RUNNING" {
+                pids.insert(name.clone(), n["pid"].as_u64()?);
+            }
+        }
+    }
+    Some(pids)
+}
+
+struct Group {
+    procs: Vec<Proc>,
+    addrs: Vec<SocketAddr>,
+}
+
+impl Group {
+    fn start(c: &Cluster, etcd: &Etcd, n: usize) -> Self {
+        Self::start_with(c, etcd, n, LEASE)
+    }
+
+    fn start_with(c: &Cluster, etcd: &Etcd, n: usize, lease: &str) -> Self {
+        let mut procs = Vec::new();
+        let mut addrs = Vec::new();
+        for i in 0..n {
+            let (p, a) = etcd::start_controller(
+                c,
+                &format!("controller-{i}"),
+                etcd,
+                PREFIX,
+                &["--leader-lease", lease],
+            );
+            procs.push(p);
+            addrs.push(a);
+        }
+        Self { procs, addrs }
+    }
+
+    fn list(&self) -> String {
+        etcd::addrs(&self.addrs)
+    }
+
+    /// Waits until the leader key names one of the group (other than `not`) and that
+    /// controller serves the term, and returns its index.
+    fn leader(&self, rt: &tokio::runtime::Runtime, etcd: &Etcd, not: Option<usize>) -> usize {
+        eventually("a controller of the group leads", PATIENCE, || {
+            let (addr, term) = leader_term(rt, etcd)?;
+            let i = self.addrs.iter().position(|a| *a == addr)?;
+            let serving = format!("leading: serving clients and agents revision={term} ");
+            (Some(i) != not && self.procs[i].log_text().contains(&serving)).then_some(i)
+        })
+    }
+}
+
+#[test]
+fn a_killed_leader_is_replaced_agents_follow_and_no_node_restarts() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let mut group = Group::start(&c, &etcd, 3);
+    let first = group.leader(&rt, &etcd, None);
+    let list = group.list();
+    for a in ["a1", "a2"] {
+        c.issue(PeerRole::Agent, a);
+    }
+    let _agents: Vec<Proc> = ["a1", "a2"]
+        .iter()
+        .map(|a| c.start_agent_args(a, a, &["--controller", &list]))
+        .collect();
+    let v1 = config_file(&c, "v1", &[("w1", "a1"), ("w2", "a2")]);
+    eventually(
+        "both agents connected and took the deploy",
+        PATIENCE,
+        || {
+            (etcd::drover(&c, &list, &["deploy-config", v1.to_str().unwrap()]).code == Some(0))
+                .then_some(())
+        },
+    );
+    let before = eventually("both nodes run", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 2)
+    });
+
+    let killed = Instant::now();
+    group.procs[first].kill();
+    let second = group.leader(&rt, &etcd, Some(first));
+    let answered = eventually("the new leader answers", PATIENCE, || {
+        (etcd::drover(&c, &list, &["get-instances"]).code == Some(0)).then(Instant::now)
+    });
+    let after = eventually("both agents are back, same nodes", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 2)
+    });
+    let complete = Instant::now();
+    eprintln!(
+        "failover: new leader answering after {:?}, get-nodes complete after {:?}",
+        answered - killed,
+        complete - killed
+    );
+    assert_eq!(before, after, "a node was restarted by the failover");
+    assert!(
+        group.procs[second]
+            .log_text()
+            .contains("state loaded from etcd generation=1"),
+        "the new leader did not load the deploy:\n{}",
+        group.procs[second].log_text()
+    );
+
+    // A deploy through every address works with the new leader, and leaves the nodes
+    // it does not change alone.
+    let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a2"), ("w3", "a1")]);
+    let out = etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let now = eventually("three nodes run", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 3)
+    });
+    assert_eq!(now["w1"], before["w1"]);
+    assert_eq!(now["w2"], before["w2"]);
+}
+
+#[test]
+fn a_leader_paused_past_its_lease_never_writes_again() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let group = Group::start(&c, &etcd, 2);
+    let old = group.leader(&rt, &etcd, None);
+    let list = group.list();
+    let v1 = config_file(&c, "v1", &[]);
+    let out = etcd::drover(&c, &list, &["stage-config", v1.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    // A client of the old leader, connected while it leads.
+    let (endpoint, conn) = rt.block_on(c.client_connection(group.addrs[old]));
+
+    group.procs[old].signal(Signal::SIGSTOP);
+    let new = group.leader(&rt, &etcd, Some(old));
+    let v2 = config_file(&c, "v2", &[("only-in-v2", "a1")]);
+    let out = etcd::drover(&c, &list, &["stage-config", v2.to_str().unwrap()]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "the new leader {new} takes writes: {}",
+        out.stderr
+    );
+    let written = state_revisions(&rt, &etcd);
+
+    // The paused leader wakes with a deploy waiting on its old connection.
+    let request = rt.spawn(async move {
+        let deploy = ClientRequest::Deploy {
+            restart_all: false,
+            expect_id: None,
+            progress: false,
+        };
+        drover_net::conn::call::<_, ClientResponse>(&conn, &deploy, Duration::from_secs(15)).await
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    group.procs[old].signal(Signal::SIGCONT);
+    match rt.block_on(request).unwrap() {
+        Err(_) => {}
+        Ok(ClientResponse::Results(rs)) => {
+            assert!(
+                rs.iter().all(|r| !r.success),
+                "the deposed leader deployed: {rs:?}"
+            );
+        }
+        Ok(other) => panic!("unexpected answer {other:?}"),
+    }
+    group.procs[old].wait_log("stepped down");
+    assert_eq!(
+        state_revisions(&rt, &etcd),
+        written,
+        "the deposed leader wrote to etcd"
+    );
+    // It follows now, and points clients at the leader.
+    let only_old = group.addrs[old].to_string();
+    let out = eventually("the old leader points at the new one", PATIENCE, || {
+        let out = etcd::drover(&c, &only_old, &["get-config", "--as-toml"]);
+        (out.code == Some(0)).then_some(out)
+    });
+    assert!(out.stdout.contains("only-in-v2"), "{}", out.stdout);
+    rt.block_on(endpoint.wait_idle());
+}
+
+#[test]
+fn a_leader_whose_key_is_taken_cannot_write_and_steps_down() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let group = Group::start(&c, &etcd, 1);
+    group.leader(&rt, &etcd, None);
+    let list = group.list();
+    let v1 = config_file(&c, "v1", &[]);
+    assert_eq!(
+        etcd::drover(&c, &list, &["stage-config", v1.to_str().unwrap()]).code,
+        Some(0)
+    );
+    let written = state_revisions(&rt, &etcd);
+    // Another leader's key, as if this one's lease had ended unseen.
+    let key = format!("{PREFIX}leader").into_bytes();
+    for op in [
+        drover_controller::etcd::Op::Delete {
+            key: key.clone(),
+            prefix: false,
+        },
+        drover_controller::etcd::Op::Put {
+            key,
+            value: b"127.0.0.1:9".to_vec(),
+            lease: 0,
+        },
+    ] {
+        rt.block_on(etcd.client().txn(&[], &[op], &[])).unwrap();
+    }
+    let v2 = config_file(&c, "v2", &[]);
+    let out = etcd::drover(&c, &list, &["stage-config", v2.to_str().unwrap()]);
+    assert_ne!(out.code, Some(0), "{}", out.stdout);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        text.contains("not the leader; the leader is 127.0.0.1:9")
+            || text.contains("etcd refused the write"),
+        "{text}"
+    );
+    assert_eq!(state_revisions(&rt, &etcd), written);
+    group.procs[0].wait_log("stepped down");
+    let out = etcd::drover(&c, &list, &["get-instances"]);
+    assert!(
+        out.stderr
+            .contains("not the leader; the leader is 127.0.0.1:9"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn without_etcd_writes_are_refused_naming_etcd_and_nodes_keep_running() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let mut etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let group = Group::start(&c, &etcd, 1);
+    group.leader(&rt, &etcd, None);
+    let list = group.list();
+    c.issue(PeerRole::Agent, "a1");
+    let _agent = c.start_agent_args("a1", "a1", &["--controller", &list]);
+    let v1 = config_file(&c, "v1", &[("w1", "a1")]);
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (etcd::drover(&c, &list, &["deploy-config", v1.to_str().unwrap()]).code == Some(0))
+            .then_some(())
+    });
+    let before = eventually("the node runs", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+
+    etcd.kill(0);
+    let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
+    let out = etcd::drover(&c, &list, &["stage-config", v2.to_str().unwrap()]);
+    assert_ne!(out.code, Some(0), "{}", out.stdout);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        text.contains("etcd"),
+        "the refusal does not name etcd: {text}"
+    );
+    group.procs[0].wait_log("stepping down");
+
+    etcd.restart(0);
+    assert_eq!(
+        group.leader(&rt, &etcd, None),
+        0,
+        "the controller leads again"
+    );
+    let after = eventually("the node is back in get-nodes", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+    assert_eq!(before, after, "the node was restarted");
+}
+
+#[test]
+fn a_configuration_of_20000_nodes_survives_a_failover() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let mut group = Group::start(&c, &etcd, 2);
+    let first = group.leader(&rt, &etcd, None);
+    let list = group.list();
+    // Random environment values, so that compression leaves more than one part.
+    let mut text = String::from("[instances.a1]\n[instances.a2]\n");
+    for i in 0..20_000 {
+        let noise: String = (0..8)
+            .map(|_| format!("{:016x}", rand::random::<u64>()))
+            .collect();
+        text.push_str(&format!(
+            "[nodes.n{i}]\ninstance = \"a{}\"\ncommand = [\"/usr/bin/sleep\", \"infinity\"]\nenv = {{ NOISE = \"{noise}\" }}\n",
+            1 + i % 2
+        ));
+    }
+    let big = c.dir.path().join("big.toml");
+    std::fs::write(&big, text).unwrap();
+    let out = etcd::drover(&c, &list, &["stage-config", big.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let parts = rt
+        .block_on(
+            etcd.client()
+                .get_prefix(format!("{PREFIX}state/staged/parts/").as_bytes()),
+        )
+        .unwrap();
+    assert!(
+        parts.len() >= 2,
+        "the value was not split: {} parts",
+        parts.len()
+    );
+    // Staged again: the new parts replace the old ones, which are deleted.
+    let out = etcd::drover(&c, &list, &["stage-config", big.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let again = rt
+        .block_on(
+            etcd.client()
+                .get_prefix(format!("{PREFIX}state/staged/parts/").as_bytes()),
+        )
+        .unwrap();
+    assert_eq!(again.len(), parts.len(), "old parts were left behind");
+    assert!(again.iter().all(|p| !parts.iter().any(|q| q.key == p.key)));
+
+    group.procs[first].kill();
+    group.leader(&rt, &etcd, Some(first));
+    let out = eventually("the new leader answers", PATIENCE, || {
+        let out = etcd::drover(&c, &list, &["get-config", "--as-toml"]);
+        (out.code == Some(0)).then_some(out)
+    });
+    let nodes = out.stdout.matches("[nodes.").count();
+    assert_eq!(
+        nodes,
+        20_000,
+        "{}",
+        &out.stdout[..out.stdout.len().min(400)]
+    );
+}
+
+#[test]
+fn a_bad_address_in_a_list_of_controllers_is_named() {
+    let c = Cluster::new();
+    let out = etcd::drover(&c, "127.0.0.1:2150,ctl:notaport", &["get-instances"]);
+    assert_ne!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("'ctl:notaport'") && out.stderr.contains("not a port"),
+        "{}",
+        out.stderr
+    );
+    c.issue(PeerRole::Agent, "a1");
+    let mut agent = c.start_agent_args("a1", "a1", &["--controller", "127.0.0.1:2150,:2150"]);
+    assert!(!agent.wait_exit(PATIENCE).success());
+    assert!(
+        agent
+            .log_text()
+            .contains("invalid controller address ':2150'"),
+        "{}",
+        agent.log_text()
+    );
+}
+
+#[test]
+fn etcd_over_tls_with_a_client_certificate() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start_tls(&c, 1);
+    let rt = runtime();
+    let group = Group::start(&c, &etcd, 1);
+    group.leader(&rt, &etcd, None);
+    let v1 = config_file(&c, "v1", &[("w1", "a1")]);
+    let out = etcd::drover(&c, &group.list(), &["stage-config", v1.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(state_revisions(&rt, &etcd).len(), 1);
+
+    // A key others may read is refused before anything is sent.
+    let loose = c.pki_file("loose.key");
+    std::fs::copy(c.pki_file("etcd-client.key"), &loose).unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let mut cmd = std::process::Command::new(drover_tests::bin("drover-controller"));
+    c.controller_args(&mut cmd, "127.0.0.1:0");
+    cmd.args(["--store", "etcd", "--etcd-endpoints", &etcd.endpoints()])
+        .arg("--etcd-ca")
+        .arg(c.pki_file("ca.crt"))
+        .arg("--etcd-cert")
+        .arg(c.pki_file("etcd-client.crt"))
+        .arg("--etcd-key")
+        .arg(&loose);
+    let mut p = Proc::spawn("loose-key", cmd, c.log_path("loose-key"));
+    assert!(!p.wait_exit(PATIENCE).success());
+    assert!(
+        p.log_text().contains("etcd tls: private key") && p.log_text().contains("chmod 600"),
+        "{}",
+        p.log_text()
+    );
+
+    // A controller that does not trust etcd's certificate never leads, and says why.
+    let wrong_ca = c.pki_file("ops.crt");
+    let (p, _) = etcd::start_controller(
+        &c,
+        "distrustful",
+        &etcd,
+        PREFIX,
+        &["--etcd-ca", wrong_ca.to_str().unwrap()],
+    );
+    let log = p.wait_log("cannot campaign for leadership");
+    assert!(
+        log.contains("etcd is unreachable") && log.contains("certificate"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_lost_etcd_member_changes_nothing_and_a_lost_quorum_restarts_no_node() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let mut etcd = Etcd::start(&c, 3);
+    let rt = runtime();
+    let group = Group::start_with(&c, &etcd, 2, LONG_LEASE);
+    let first = group.leader(&rt, &etcd, None);
+    let list = group.list();
+    c.issue(PeerRole::Agent, "a1");
+    let _agent = c.start_agent_args("a1", "a1", &["--controller", &list]);
+    let v1 = config_file(&c, "v1", &[("w1", "a1")]);
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (etcd::drover(&c, &list, &["deploy-config", v1.to_str().unwrap()]).code == Some(0))
+            .then_some(())
+    });
+    let before = eventually("the node runs", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+
+    // One member of three: the controllers use the others; the leader stays.
+    etcd.kill(0);
+    let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
+    let out = etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(group.leader(&rt, &etcd, None), first);
+    assert!(
+        !group.procs[first].log_text().contains("stepping down"),
+        "{}",
+        group.procs[first].log_text()
+    );
+    let two = eventually("both nodes run", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 2)
+    });
+    assert_eq!(two["w1"], before["w1"]);
+
+    // Two of three: no quorum. Writes fail naming etcd, the leader steps down.
+    etcd.kill(1);
+    let v3 = config_file(&c, "v3", &[("w1", "a1")]);
+    let out = etcd::drover(&c, &list, &["stage-config", v3.to_str().unwrap()]);
+    assert_ne!(out.code, Some(0), "{}", out.stdout);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("etcd"), "{text}");
+    group.procs[first].wait_log("stepping down");
+
+    // Quorum back: a leader again, the same nodes, nothing restarted.
+    etcd.restart(0);
+    etcd.restart(1);
+    let after = eventually("get-nodes answers again, complete", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 2)
+    });
+    assert_eq!(after, two, "a node was restarted");
+}
+
+/// A zeek-client request to the WebSocket front at `ws`; returns the answer's text.
+fn zeek_get_instances(rt: &tokio::runtime::Runtime, ws: SocketAddr) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(ws).await.unwrap();
+        let req = format!("ws://{ws}/v1/messages/json")
+            .into_client_request()
+            .unwrap();
+        let mut c = tokio_tungstenite::client_async(req, stream).await.unwrap().0;
+        c.send(Message::text(r#"["zeek/management/controller"]"#))
+            .await
+            .unwrap();
+        let request = r#"{"type":"data-message","topic":"zeek/management/controller","@data-type":"vector","data":[{"@data-type":"count","data":1},{"@data-type":"count","data":1},{"@data-type":"vector","data":[{"@data-type":"string","data":"Management::Controller::API::get_instances_request"},{"@data-type":"vector","data":[{"@data-type":"string","data":"req-1"}]}]}]}"#;
+        c.send(Message::text(request)).await.unwrap();
+        let mut seen = String::new();
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), c.next()).await {
+            if let Message::Text(t) = m {
+                if t.contains("get_instances_response") {
+                    return t.to_string();
+                }
+                seen.push_str(&t);
+            }
+        }
+        panic!("no get_instances_response; got {seen}");
+    })
+}
+
+#[test]
+fn the_zeek_client_front_of_a_follower_names_the_leader() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let mut procs = Vec::new();
+    let mut addrs = Vec::new();
+    let mut fronts = Vec::new();
+    for i in 0..2 {
+        let (p, a) = etcd::start_controller(
+            &c,
+            &format!("controller-{i}"),
+            &etcd,
+            PREFIX,
+            &[
+                "--leader-lease",
+                LEASE,
+                "--zeek-websocket",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
+        );
+        fronts.push(drover_tests::addr_in_log(
+            &p.wait_log("serving zeek-client"),
+            "serving zeek-client",
+        ));
+        procs.push(p);
+        addrs.push(a);
+    }
+    let group = Group { procs, addrs };
+    let leader = group.leader(&rt, &etcd, None);
+    let follower = 1 - leader;
+    // Followers serve metrics too, and say they do not lead.
+    let leading = |i: usize| {
+        use std::io::{Read, Write};
+        let log = group.procs[i].log_text();
+        let addr = drover_tests::addr_in_log(&log, "serving metrics");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut page = String::new();
+        s.read_to_string(&mut page).unwrap();
+        page.lines()
+            .find_map(|l| l.strip_prefix("drover_controller_leader "))
+            .map(str::to_owned)
+    };
+    assert_eq!(leading(leader).as_deref(), Some("1"));
+    assert_eq!(leading(follower).as_deref(), Some("0"));
+    let answer = zeek_get_instances(&rt, fronts[follower]);
+    let want = format!("not the leader; the leader is {}", group.addrs[leader]);
+    assert!(answer.contains(&want), "{answer}");
+    let answer = zeek_get_instances(&rt, fronts[leader]);
+    assert!(!answer.contains("not the leader"), "{answer}");
+}
+
+#[test]
+fn only_the_leader_dials_agents_that_listen() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let mut group = Group::start(&c, &etcd, 2);
+    let first = group.leader(&rt, &etcd, None);
+    let list = group.list();
+    let port = drover_tests::free_udp_port();
+    let agent = c.start_listening_agent("a1", format!("127.0.0.1:{port}").parse().unwrap());
+    agent.wait_log("listening for the controller");
+    let file = c.dir.path().join("listen.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.a1]\nhost = \"127.0.0.1\"\nport = {port}\n[nodes.w1]\ninstance = \"a1\"\ncommand = [\"/usr/bin/sleep\", \"infinity\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n"
+        ),
+    )
+    .unwrap();
+    let out = etcd::drover(&c, &list, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let before = eventually("the node runs", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+    let second = 1 - first;
+    assert!(!group.procs[second].log_text().contains("dialling agent"));
+
+    // The new leader dials the agent, from the state it loaded; the node stays.
+    group.procs[first].kill();
+    assert_eq!(group.leader(&rt, &etcd, Some(first)), second);
+    group.procs[second].wait_log("dialling agent 'a1'");
+    let after = eventually("the node is listed again", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+    assert_eq!(before, after);
+
+    // Deposed (its key taken), it stops dialling: the agent loses it for good.
+    let lost = |a: &Proc| a.log_text().matches("lost the controller").count();
+    let lost_before = lost(&agent);
+    let key = format!("{PREFIX}leader").into_bytes();
+    for op in [
+        drover_controller::etcd::Op::Delete {
+            key: key.clone(),
+            prefix: false,
+        },
+        drover_controller::etcd::Op::Put {
+            key,
+            value: b"127.0.0.1:9".to_vec(),
+            lease: 0,
+        },
+    ] {
+        rt.block_on(etcd.client().txn(&[], &[op], &[])).unwrap();
+    }
+    group.procs[second].wait_log("stepping down");
+    let n = eventually("the agent loses the deposed leader", PATIENCE, || {
+        Some(lost(&agent)).filter(|n| *n > lost_before)
+    });
+    let connected = agent.log_text().matches("controller connected").count();
+    // Nothing to wait for: no new connection may come within longer than the
+    // dialler's backoff.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lost(&agent), n, "{}", agent.log_text());
+    assert_eq!(
+        agent.log_text().matches("controller connected").count(),
+        connected,
+        "{}",
+        agent.log_text()
+    );
+}
+
+#[test]
+fn bad_high_availability_settings_are_named() {
+    let c = Cluster::new();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--store", "etcd"], "--store etcd needs --etcd-endpoints"),
+        (
+            &["--etcd-endpoints", "http://127.0.0.1:2379"],
+            "add --store etcd",
+        ),
+        (
+            &["--store", "etcd", "--etcd-endpoints", "127.0.0.1:2379"],
+            "invalid etcd endpoint '127.0.0.1:2379': expected http://HOST:PORT",
+        ),
+        (
+            &[
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "http://127.0.0.1:2379",
+                "--leader-lease",
+                "1500ms",
+            ],
+            "leader_lease: 1s 500ms is not a whole number of seconds of at least 2s",
+        ),
+        (
+            &[
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "https://127.0.0.1:2379",
+            ],
+            "an https:// endpoint needs --etcd-ca",
+        ),
+        (&["--store", "raft"], "invalid value 'raft'"),
+    ];
+    for (i, (args, want)) in cases.iter().enumerate() {
+        let mut cmd = std::process::Command::new(drover_tests::bin("drover-controller"));
+        c.controller_args(&mut cmd, "127.0.0.1:0");
+        cmd.args(*args);
+        let mut p = Proc::spawn(&format!("bad-{i}"), cmd, c.log_path(&format!("bad-{i}")));
+        assert!(!p.wait_exit(PATIENCE).success(), "{args:?} started");
+        assert!(p.log_text().contains(want), "{args:?}: {}", p.log_text());
+    }
+    let mut cmd = std::process::Command::new(drover_tests::bin("drover-controller"));
+    c.controller_args(&mut cmd, "0.0.0.0:0");
+    cmd.args([
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        "http://127.0.0.1:2379",
+    ]);
+    let mut p = Proc::spawn("wildcard", cmd, c.log_path("wildcard"));
+    assert!(!p.wait_exit(PATIENCE).success());
+    assert!(
+        p.log_text().contains("needs --advertise HOST:PORT"),
+        "{}",
+        p.log_text()
+    );
+}
+
+#[test]
+fn the_settings_file_takes_the_high_availability_keys() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let file = c.dir.path().join("controller.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "store = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/from-file\"\nleader_lease = \"2s\"\nadvertise = \"ctl.example.net:2150\"\n",
+            etcd.members[0].client_url
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(drover_tests::bin("drover-controller"));
+    c.controller_args(&mut cmd, "127.0.0.1:0");
+    cmd.arg("--config").arg(&file);
+    let p = Proc::spawn("from-file", cmd, c.log_path("from-file"));
+    p.wait_log("leading: serving clients and agents");
+    let kv = rt
+        .block_on(etcd.client().get(b"/from-file/leader"))
+        .unwrap()
+        .expect("the leader key, under the prefix given (a slash added)");
+    assert_eq!(kv.value, b"ctl.example.net:2150");
+}
+
+/// The desired and deployed generations in etcd, read in one transaction.
+fn generations(
+    rt: &tokio::runtime::Runtime,
+    client: &drover_controller::etcd::Etcd,
+) -> Option<(u64, u64)> {
+    use drover_controller::etcd::Op;
+    let get = |name: &str| Op::Get {
+        key: format!("{PREFIX}state/{name}").into_bytes(),
+    };
+    let r = rt
+        .block_on(client.txn(&[], &[get("desired"), get("deployed")], &[]))
+        .ok()?;
+    let generation = |i: usize| -> u64 {
+        r.ranges[i].first().map_or(0, |kv| {
+            let json = drover_controller::etcd_store::decode_inline(&kv.value)
+                .expect("small values are stored whole");
+            serde_json::from_slice::<serde_json::Value>(&json).unwrap()["generation"]
+                .as_u64()
+                .unwrap()
+        })
+    };
+    Some((generation(0), generation(1)))
+}
+
+#[test]
+fn concurrent_deploys_across_leader_kills_lose_no_acknowledged_deploy() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let mut group = Group::start(&c, &etcd, 3);
+    let list = group.list();
+    c.issue(PeerRole::Agent, "a1");
+    let _agent = c.start_agent_args("a1", "a1", &["--controller", &list]);
+    let v0 = config_file(&c, "v0", &[("w", "a1")]);
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (etcd::drover(&c, &list, &["deploy-config", v0.to_str().unwrap()]).code == Some(0))
+            .then_some(())
+    });
+
+    // Two clients deploy configurations marked by a node of their own until told to
+    // stop, while the leader is killed twice; etcd's generations are watched throughout.
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    /// Stops the clients and the sampler however the scope ends (a failed wait too).
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, SeqCst);
+        }
+    }
+    let stop = AtomicBool::new(false);
+    let acked = AtomicUsize::new(0);
+    let start = Instant::now();
+    let files: Vec<Vec<(String, PathBuf)>> = (0..2)
+        .map(|t| {
+            (0..30)
+                .map(|i| {
+                    let marker = format!("m{t}x{i}");
+                    let file = config_file(&c, &marker, &[(&marker, "a1")]);
+                    (marker, file)
+                })
+                .collect()
+        })
+        .collect();
+    let client = etcd.client();
+    let pki = c.pki.clone();
+    let (records, samples) = std::thread::scope(|s| {
+        let clients: Vec<_> = files
+            .iter()
+            .map(|files| {
+                let (pki, list, acked, stop) = (&pki, &list, &acked, &stop);
+                s.spawn(move || {
+                    let mut records = Vec::new();
+                    for (marker, file) in files {
+                        if stop.load(SeqCst) {
+                            break;
+                        }
+                        let began = start.elapsed();
+                        let out =
+                            etcd::drover_in(pki, list, &["deploy-config", file.to_str().unwrap()]);
+                        let ok = out.code == Some(0);
+                        if ok {
+                            acked.fetch_add(1, SeqCst);
+                        }
+                        records.push((marker.clone(), began, start.elapsed(), ok));
+                    }
+                    records
+                })
+            })
+            .collect();
+        let sampler = s.spawn(|| {
+            let rt = runtime();
+            let mut samples = Vec::new();
+            while !stop.load(SeqCst) {
+                if let Some(g) = generations(&rt, &client) {
+                    samples.push(g);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            samples
+        });
+        let guard = Stop(&stop);
+        let mut killed = None;
+        let mut acks_then = 0;
+        for _ in 0..2 {
+            acks_then = eventually(
+                "a deploy acknowledged since the last kill",
+                Duration::from_secs(60),
+                || Some(acked.load(SeqCst)).filter(|n| *n > acks_then),
+            );
+            let leader = group.leader(&rt, &etcd, killed);
+            group.procs[leader].kill();
+            killed = Some(leader);
+        }
+        eventually(
+            "a deploy acknowledged after the last kill",
+            Duration::from_secs(60),
+            || Some(acked.load(SeqCst)).filter(|n| *n > acks_then),
+        );
+        drop(guard);
+        let records: Vec<_> = clients
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        (records, sampler.join().unwrap())
+    });
+
+    // Generations never go back, and the deployed one is never ahead of the desired.
+    assert!(samples.len() > 10, "{samples:?}");
+    for w in samples.windows(2) {
+        assert!(w[1].0 >= w[0].0 && w[1].1 >= w[0].1, "went back: {w:?}");
+    }
+    assert!(samples.iter().all(|(d, p)| p <= d), "{samples:?}");
+
+    // The deployed configuration is the last acknowledged deploy, or one that was
+    // still going when that one was acknowledged.
+    let last = records
+        .iter()
+        .filter(|r| r.3)
+        .max_by_key(|r| r.2)
+        .expect("some deploy was acknowledged");
+    let out = eventually("the deployed configuration", PATIENCE, || {
+        let out = etcd::drover(&c, &list, &["get-config", "--deployed", "--as-toml"]);
+        (out.code == Some(0)).then_some(out)
+    });
+    let deployed = records
+        .iter()
+        .find(|r| out.stdout.contains(&format!("[nodes.{}]", r.0)))
+        .unwrap_or_else(|| panic!("no client's configuration is deployed:\n{}", out.stdout));
+    let acks = records.iter().filter(|r| r.3).count();
+    eprintln!(
+        "{} deploys, {acks} acknowledged, {} generation samples; deployed {}",
+        records.len(),
+        samples.len(),
+        deployed.0
+    );
+    assert!(
+        deployed.0 == last.0 || (!deployed.3 && deployed.2 > last.2),
+        "deployed {deployed:?}, but {last:?} was acknowledged last; all: {records:?}"
+    );
+}
+
+#[test]
+fn a_leader_cut_off_from_etcd_and_agents_is_replaced_without_restarting_nodes() {
+    if !etcd::available() {
+        return;
+    }
+    let mut lab = drover_tests::netlab::NetLab::new();
+    let gw = lab.host_gateway().to_string();
+    let hosts = [lab.add_host(), lab.add_host()];
+    let ips: Vec<String> = hosts
+        .iter()
+        .map(|h| lab.host_addr(*h).to_string())
+        .collect();
+    let c = Cluster::with_controller_sans(&[&ips[0], &ips[1]]);
+    let etcd = Etcd::start_on(&c, 1, &gw);
+    let rt = runtime();
+    let mut procs = Vec::new();
+    let mut addrs = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let (p, a) = etcd::start_controller_cmd(
+            &c,
+            lab.command(*h, &drover_tests::bin("drover-controller")),
+            &format!("controller-{i}"),
+            &etcd,
+            PREFIX,
+            &format!("{}:0", ips[i]),
+            &["--leader-lease", LEASE],
+        );
+        if i == 0 {
+            // The first one leads, so that it is the one cut off.
+            p.wait_log("leading: serving");
+        }
+        procs.push(p);
+        addrs.push(a);
+    }
+    let group = Group { procs, addrs };
+    assert_eq!(group.leader(&rt, &etcd, None), 0);
+    let list = group.list();
+    c.issue(PeerRole::Agent, "a1");
+    let _agent = c.start_agent_args("a1", "a1", &["--controller", &list]);
+    let v1 = config_file(&c, "v1", &[("w1", "a1")]);
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (etcd::drover(&c, &list, &["deploy-config", v1.to_str().unwrap()]).code == Some(0))
+            .then_some(())
+    });
+    let before = eventually("the node runs", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+
+    // Cut off from etcd and from the agent at once.
+    lab.set_link(hosts[0], false);
+    group.procs[0].wait_log("stepping down");
+    assert_eq!(group.leader(&rt, &etcd, Some(0)), 1);
+    let after = eventually("the agent is with the new leader", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+    assert_eq!(before, after, "the node was restarted");
+    let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
+    let out = etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+
+    // Back on the network, it follows and points at the new leader.
+    lab.set_link(hosts[0], true);
+    let only_old = group.addrs[0].to_string();
+    let out = eventually("the old leader points at the new one", PATIENCE, || {
+        let out = etcd::drover(&c, &only_old, &["get-config", "--as-toml"]);
+        (out.code == Some(0)).then_some(out)
+    });
+    assert!(out.stdout.contains("[nodes.w2]"), "{}", out.stdout);
+    assert!(
+        group.procs[0]
+            .log_text()
+            .contains(&format!("following leader={}", group.addrs[1])),
+        "{}",
+        group.procs[0].log_text()
+    );
+}
+
+#[test]
+fn hollow_agents_follow_a_follower_to_the_leader() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let group = Group::start(&c, &etcd, 2);
+    let leader = group.leader(&rt, &etcd, None);
+    let follower = 1 - leader;
+    // The follower first: every hollow agent and client is sent on to the leader.
+    let list = etcd::addrs(&[group.addrs[follower], group.addrs[leader]]);
+    let mut cmd = std::process::Command::new(drover_tests::bin("drover-swarm"));
+    cmd.args(["--controller", &list, "--agents", "20", "--samples", "3"])
+        .args(["--monitors", "1", "--nodes-per-agent", "2"])
+        .arg("--pki")
+        .arg(&c.pki);
+    let out = drover_tests::run_cli(cmd, Duration::from_secs(120));
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let instances = etcd::drover(&c, &group.addrs[follower].to_string(), &["get-instances"]);
+    assert_eq!(instances.code, Some(0), "{}", instances.stderr);
+    assert!(
+        group.procs[follower]
+            .log_text()
+            .contains("refused connection: not the leader"),
+        "the follower was not asked first"
+    );
+}
+
+#[test]
+fn the_example_high_availability_config_runs_against_etcd_over_tls() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start_tls(&c, 1);
+    let rt = runtime();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/config/controller-ha.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let pki = format!("{}/", c.pki.display());
+    let mut live = String::new();
+    for line in text.lines() {
+        let line = match line.split_once(" = ") {
+            Some(("etcd_endpoints", _)) => {
+                format!("etcd_endpoints = [\"{}\"]", etcd.members[0].client_url)
+            }
+            Some(("listen", _)) => "listen = \"127.0.0.1:0\"".into(),
+            Some(("etcd_prefix", _)) => format!("etcd_prefix = \"{PREFIX}\""),
+            Some(("etcd_ca", _)) => format!("etcd_ca = \"{pki}ca.crt\""),
+            _ => line.replace("/etc/drover/pki/", &pki),
+        };
+        live.push_str(&line);
+        live.push('\n');
+    }
+    assert!(live.contains("store = \"etcd\""), "{live}");
+    let file = c.dir.path().join("controller-ha.toml");
+    std::fs::write(&file, live).unwrap();
+    let mut cmd = std::process::Command::new(drover_tests::bin("drover-controller"));
+    cmd.arg("--config").arg(&file);
+    let p = Proc::spawn("example", cmd, c.log_path("example"));
+    p.wait_log("leading: serving clients and agents");
+    let kv = rt
+        .block_on(etcd.client().get(format!("{PREFIX}leader").as_bytes()))
+        .unwrap()
+        .expect("the leader key");
+    assert_eq!(kv.value, b"ctl-1.example.net:2150");
+}
