@@ -374,6 +374,8 @@ impl Controller {
             }
             None => (Store::open(&config.state_dir)?, None),
         };
+        // With etcd the state dir holds only this controller's audit trail.
+        store::secure_dir(&config.state_dir)?;
         let audit =
             audit::AuditLog::open(&config.state_dir, config.audit_max_bytes, config.audit_keep)
                 .map_err(|source| Error::Audit {
