@@ -55,6 +55,10 @@ use tracing::{info, warn};
 use crate::backoff::Backoff;
 use crate::supervisor::{Op, ProgressTo, Supervisor, SupervisorConfig};
 
+/// The most often an Apply that reports progress sends a count: each costs every hop to
+/// the client a frame, and a deploy of hundreds of nodes settles many per millisecond.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
 /// How long the supervisor task may take to answer a watchdog ping.
 const WATCHDOG_PATIENCE: Duration = Duration::from_secs(5);
 
@@ -779,7 +783,19 @@ impl Agent {
                             sup.apply(*config, restart_all, generation, deadline, Some(progress))
                                 .await
                         };
-                        return Ok(Answer::Stream(with_progress(apply, rx, req.id)));
+                        let reqid = req.id;
+                        return Ok(Answer::Stream(conn::progress_stream(
+                            apply,
+                            rx,
+                            PROGRESS_EVERY,
+                            AgentResponse::Progress,
+                            move |mut rs: Vec<MgmtResult>| {
+                                for r in &mut rs {
+                                    r.reqid.clone_from(&reqid);
+                                }
+                                AgentResponse::Results(rs)
+                            },
+                        )));
                     }
                     ControllerRequest::Apply {
                         config,
@@ -839,42 +855,6 @@ impl Reloader {
     pub fn files(&self) -> Vec<PathBuf> {
         self.trust.watched_files()
     }
-}
-
-/// The replies of an Apply that reports progress: a [`AgentResponse::Progress`] for each
-/// count the supervisor publishes while `apply` runs, then its results. Ends early if the
-/// requester goes away (the Apply itself goes on in the supervisor).
-fn with_progress(
-    apply: impl Future<Output = Vec<MgmtResult>> + Send + 'static,
-    mut counts: tokio::sync::watch::Receiver<Progress>,
-    reqid: String,
-) -> tokio::sync::mpsc::Receiver<AgentResponse> {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        tokio::pin!(apply);
-        loop {
-            tokio::select! {
-                mut rs = &mut apply => {
-                    for r in &mut rs {
-                        r.reqid.clone_from(&reqid);
-                    }
-                    let _ = tx.send(AgentResponse::Results(rs)).await;
-                    return;
-                }
-                Ok(()) = counts.changed() => {
-                    // Skipped rather than waited for when the reader is behind: the
-                    // next count says as much.
-                    let p = *counts.borrow_and_update();
-                    if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
-                        tx.try_send(AgentResponse::Progress(p))
-                    {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    rx
 }
 
 /// Counts a session the controller opened through the listener as over when dropped,

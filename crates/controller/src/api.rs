@@ -270,7 +270,10 @@ fn budget(shared: &Shared, client_timeout_ms: Option<u64>) -> Duration {
     })
 }
 
-/// A deploy answered as a stream: a [`ClientResponse::Progress`] whenever the agents'
+/// The most often a deploy that reports progress sends the client a count.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// A deploy answered as a stream: a [`ClientResponse::Progress`] as the agents'
 /// counts of settled nodes move, then the results. It waits for each agent until that
 /// agent has gone `budget` without progress, however long the whole takes.
 fn deploy_with_progress(
@@ -280,40 +283,26 @@ fn deploy_with_progress(
     expect_id: Option<String>,
     budget: Duration,
 ) -> Answer<ClientResponse> {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let (counts_tx, mut counts) = tokio::sync::watch::channel(Progress::default());
+    let (counts_tx, counts) = tokio::sync::watch::channel(Progress::default());
     let shared = shared.clone();
-    tokio::spawn(async move {
-        let work = deploy(
+    let work = async move {
+        deploy(
             &shared,
             &id,
             restart_all,
             expect_id,
             budget,
             Some(counts_tx),
-        );
-        tokio::pin!(work);
-        // A client that went away no longer hears of progress; the deploy goes on to its
-        // end all the same, as one answered at once does. A count the client is too slow
-        // for is skipped rather than waited for, which would hold up the deploy.
-        let mut listening = true;
-        loop {
-            tokio::select! {
-                results = &mut work => {
-                    let _ = tx.send(ClientResponse::Results(results)).await;
-                    return;
-                }
-                Ok(()) = counts.changed(), if listening => {
-                    let p = *counts.borrow_and_update();
-                    if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
-                        tx.try_send(ClientResponse::Progress(p))
-                    {
-                        listening = false;
-                    }
-                }
-            }
-        }
-    });
+        )
+        .await
+    };
+    let rx = conn::progress_stream(
+        work,
+        counts,
+        PROGRESS_EVERY,
+        ClientResponse::Progress,
+        ClientResponse::Results,
+    );
     Answer::Stream(rx)
 }
 

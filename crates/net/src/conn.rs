@@ -634,6 +634,52 @@ pub enum Answer<R> {
     Stream(tokio::sync::mpsc::Receiver<R>),
 }
 
+/// The replies of a request that reports progress: a reply made by `progress` for the
+/// counts `work` publishes while it runs, at most one per `every` (a watch keeps only the
+/// latest, so a slow reader or a burst costs nothing but skipped counts), then the reply
+/// `answer` makes of its outcome. `work` runs to its end even when the requester goes
+/// away: what it does does not depend on who is listening.
+pub fn progress_stream<T, P, R>(
+    work: impl Future<Output = T> + Send + 'static,
+    mut counts: tokio::sync::watch::Receiver<P>,
+    every: Duration,
+    progress: impl Fn(P) -> R + Send + 'static,
+    answer: impl FnOnce(T) -> R + Send + 'static,
+) -> tokio::sync::mpsc::Receiver<R>
+where
+    T: Send + 'static,
+    P: Clone + Send + Sync + 'static,
+    R: Send + 'static,
+{
+    use tokio::sync::mpsc::error::TrySendError;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        tokio::pin!(work);
+        let mut listening = true;
+        let out = loop {
+            tokio::select! {
+                out = &mut work => break out,
+                changed = counts.changed(), if listening => {
+                    let sent = changed.is_ok() && {
+                        let p = counts.borrow_and_update().clone();
+                        !matches!(tx.try_send(progress(p)), Err(TrySendError::Closed(_)))
+                    };
+                    if !sent {
+                        listening = false;
+                        continue;
+                    }
+                    tokio::select! {
+                        out = &mut work => break out,
+                        () = tokio::time::sleep(every) => {}
+                    }
+                }
+            }
+        };
+        let _ = tx.send(answer(out)).await;
+    });
+    rx
+}
+
 /// Serves the streams a peer opens until the connection ends, returning why it ended.
 ///
 /// Each stream is handled in its own task: read one request frame (within
