@@ -43,15 +43,7 @@ pub fn scope_of_cert(cert: &CertificateDer<'_>) -> Result<Option<Scope>, NetErro
 
 /// The scope of the peer's certificate on an established connection, if any.
 pub fn peer_scope(conn: &quinn::Connection) -> Result<Option<Scope>, NetError> {
-    let chain = conn
-        .peer_identity()
-        .ok_or_else(|| NetError::Identity("peer presented no certificate".into()))?
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .map_err(|_| NetError::Identity("unexpected peer identity type".into()))?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| NetError::Identity("peer presented an empty chain".into()))?;
-    scope_of_cert(leaf)
+    scope_of_cert(&crate::tls::peer_leaf(conn)?)
 }
 
 #[cfg(test)]

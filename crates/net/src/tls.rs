@@ -569,28 +569,20 @@ pub const fn drover_pki_prefix() -> &'static str {
 
 /// Serial and expiry of the peer's certificate on an established connection.
 pub fn peer_cert_info(conn: &quinn::Connection) -> Result<CertInfo, NetError> {
-    let chain = conn
-        .peer_identity()
-        .ok_or_else(|| NetError::Identity("peer presented no certificate".into()))?
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .map_err(|_| NetError::Identity("unexpected peer identity type".into()))?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| NetError::Identity("peer presented an empty chain".into()))?;
-    cert_info(leaf)
+    cert_info(&peer_leaf(conn)?)
 }
 
 /// The verified identity of the peer of an established connection.
 pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, NetError> {
-    let chain = conn
-        .peer_identity()
-        .ok_or_else(|| NetError::Identity("peer presented no certificate".into()))?
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .map_err(|_| NetError::Identity("unexpected peer identity type".into()))?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| NetError::Identity("peer presented an empty chain".into()))?;
-    identity_of_cert(leaf)
+    identity_of_cert(&peer_leaf(conn)?)
+}
+
+/// The certificate the peer of an established connection presented for itself.
+pub(crate) fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'static>, NetError> {
+    crate::peers::peer_chain(conn)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| NetError::Identity("peer presented an empty chain".into()))
 }
 
 #[cfg(test)]
