@@ -821,6 +821,32 @@ impl Drop for MuteAgent {
     }
 }
 
+/// A TCP address on 127.0.0.1 that was free a moment ago (for metrics listeners).
+pub fn free_tcp() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free TCP port")
+}
+
+/// The page a daemon's metrics listener at `addr` serves (`GET /metrics`), headers
+/// included.
+pub fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("the metrics listener");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .expect("a metrics request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("a metrics page");
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
+/// The value of one series (name and labels exactly as printed) on a metrics page.
+pub fn metric_value(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// A hex mask line (`SigIgn:`, `SigBlk:`, `CapAmb:` …) of `/proc/<pid>/status`; `None`
 /// when the process or the line is not there.
 pub fn status_mask(pid: u32, field: &str) -> Option<u64> {

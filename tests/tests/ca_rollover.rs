@@ -3,8 +3,7 @@
 //! and all the while nothing restarts, no agent is lost and no client request fails.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,31 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use drover_proto::msg::PeerRole;
-use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually, run_cli};
+use drover_tests::{
+    Cluster, PATIENCE, Proc, bin, eventually, free_tcp, metric_value, run_cli, scrape,
+};
 use nix::sys::signal::Signal;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-
-fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-fn value(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
 
 /// Expiry (Unix time) of the certificate in a PEM file.
 fn not_after(path: &Path) -> i64 {
@@ -186,7 +166,7 @@ fn a_renewal_and_a_ca_rollover_restart_nothing_and_fail_no_request() {
         a.wait_log("watching the certificate files for changes");
     }
     eventually("three agents connected", PATIENCE, || {
-        (value(&scrape(metrics), "drover_agents_connected") == Some(3.0)).then_some(())
+        (metric_value(&scrape(metrics), "drover_agents_connected") == Some(3.0)).then_some(())
     });
     let mut config =
         String::from("[defaults]\nreadiness = { kind = \"start-period\", period = \"0s\" }\n");
@@ -245,7 +225,7 @@ fn a_renewal_and_a_ca_rollover_restart_nothing_and_fail_no_request() {
         eventually(what, PATIENCE, || {
             let page = scrape(metrics);
             want.iter()
-                .all(|(series, v)| value(&page, series) == Some(*v))
+                .all(|(series, v)| metric_value(&page, series) == Some(*v))
                 .then_some(())
         });
     };
@@ -423,9 +403,12 @@ fn a_renewal_and_a_ca_rollover_restart_nothing_and_fail_no_request() {
         out.stderr
     );
     let page = scrape(metrics);
-    assert_eq!(value(&page, "drover_agents_connected"), Some(3.0));
+    assert_eq!(metric_value(&page, "drover_agents_connected"), Some(3.0));
     // Each agent moved to new connections several times, and never joined again.
-    assert_eq!(value(&page, "drover_agent_connections_total"), Some(3.0));
+    assert_eq!(
+        metric_value(&page, "drover_agent_connections_total"),
+        Some(3.0)
+    );
     assert!(
         page.contains("drover_ca_cert_expiry_seconds{ca=\"drover cluster CA\""),
         "{page}"

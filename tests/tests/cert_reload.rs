@@ -2,35 +2,14 @@
 //! `--watch-certs`): what new connections use, which live ones are closed, and that a
 //! broken file changes nothing.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read;
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use drover_proto::msg::PeerRole;
-use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually};
+use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually, free_tcp, metric_value, scrape};
 use nix::sys::signal::Signal;
-
-fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-fn value(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
 
 /// How often `needle` is in the log of `p`.
 fn count(p: &Proc, needle: &str) -> usize {
@@ -78,7 +57,7 @@ fn a_revoked_clients_open_monitor_is_closed_on_reload_and_nothing_else() {
     let agent = c.start_agent("agent-1", addr);
     c.issue(PeerRole::Client, "viewer");
     eventually("the agent connected", PATIENCE, || {
-        (value(&scrape(metrics), "drover_agents_connected") == Some(1.0)).then_some(())
+        (metric_value(&scrape(metrics), "drover_agents_connected") == Some(1.0)).then_some(())
     });
     let mut revoked = monitor(&c, "ops", addr);
     let mut other = monitor(&c, "viewer", addr);
@@ -120,9 +99,12 @@ fn a_revoked_clients_open_monitor_is_closed_on_reload_and_nothing_else() {
         "the other monitor ended"
     );
     let page = scrape(metrics);
-    assert_eq!(value(&page, "drover_agent_connections_total"), Some(1.0));
     assert_eq!(
-        value(&page, "drover_cert_reloads_total{result=\"ok\"}"),
+        metric_value(&page, "drover_agent_connections_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&page, "drover_cert_reloads_total{result=\"ok\"}"),
         Some(1.0)
     );
     assert!(!agent.log_text().contains("lost the controller"));
@@ -171,9 +153,9 @@ fn a_broken_key_or_certificate_keeps_the_material_in_use_and_says_why() {
     );
     assert_eq!(c.drover(addr, &["get-instances"]).code, Some(0));
     let page = scrape(metrics);
-    assert_eq!(value(&page, "drover_cert_reload_failing"), Some(1.0));
+    assert_eq!(metric_value(&page, "drover_cert_reload_failing"), Some(1.0));
     assert_eq!(
-        value(&page, "drover_cert_reloads_total{result=\"failed\"}"),
+        metric_value(&page, "drover_cert_reloads_total{result=\"failed\"}"),
         Some(1.0)
     );
 
@@ -219,7 +201,7 @@ fn a_broken_key_or_certificate_keeps_the_material_in_use_and_says_why() {
     assert!(log.contains("new certificate serial"), "{log}");
     ctl.wait_log("this controller's certificate expires in ");
     let page = scrape(metrics);
-    assert_eq!(value(&page, "drover_cert_reload_failing"), Some(0.0));
+    assert_eq!(metric_value(&page, "drover_cert_reload_failing"), Some(0.0));
     let expiry = |p: &str| {
         p.lines()
             .find(|l| l.starts_with("drover_cert_expiry_seconds{"))

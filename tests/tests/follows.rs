@@ -8,14 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use drover_proto::msg::PeerRole;
-use drover_tests::{Cluster, PATIENCE, bin, eventually};
-
-fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+use drover_tests::{Cluster, PATIENCE, bin, eventually, free_tcp};
 
 fn served(metrics: SocketAddr) -> u64 {
     let mut s = TcpStream::connect(metrics).unwrap();

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use drover_tests::{Cluster, MuteAgent, PATIENCE, bin, eventually};
+use drover_tests::{Cluster, MuteAgent, PATIENCE, bin, eventually, scrape};
 
 /// A cluster file with id `id` and testprog nodes `n1`..`nN` on `agent-1`, each with
 /// `extra` in its table.
@@ -345,16 +345,6 @@ fn a_deploy_an_agent_does_not_acknowledge_is_desired_not_deployed_and_blocks_sta
         assert_eq!(got, Some(want), "{series} in\n{page}");
     }
     assert!(!page.contains("instance=\"mute\""), "{page}");
-}
-
-fn scrape(addr: SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 /// Needs agents that report their CPU count in their own status entry.

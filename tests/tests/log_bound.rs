@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use drover_proto::msg::PeerRole;
-use drover_tests::{Cluster, PATIENCE, bin, eventually};
+use drover_tests::{Cluster, PATIENCE, bin, eventually, free_tcp};
 
 const MAX_BYTES: u64 = 64 * 1024;
 const KEEP: u64 = 2;
@@ -17,13 +17,6 @@ const ONE_WRITE: u64 = 128;
 /// What a rotated file may hold past `MAX_BYTES`: what the node wrote while it was
 /// rotated, up to an eighth of the bound, and a drop marker.
 const ROTATION_SLACK: u64 = MAX_BYTES / 8 + 64;
-
-fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
     let mut s = TcpStream::connect(addr).unwrap();

@@ -1,31 +1,6 @@
 //! The Prometheus endpoints of the controller and the agent, scraped for real.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-
-use drover_tests::{Cluster, PATIENCE, bin, eventually};
-
-fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-    out
-}
-
-fn value(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
+use drover_tests::{Cluster, PATIENCE, bin, eventually, free_tcp, metric_value, scrape};
 
 #[test]
 fn controller_and_agent_metrics() {
@@ -45,7 +20,7 @@ fn controller_and_agent_metrics() {
         ],
     );
     eventually("agent connected", PATIENCE, || {
-        (value(&scrape(cm), "drover_agents_connected") == Some(1.0)).then_some(())
+        (metric_value(&scrape(cm), "drover_agents_connected") == Some(1.0)).then_some(())
     });
     let file = c.dir.path().join("m.toml");
     std::fs::write(
@@ -66,21 +41,21 @@ fn controller_and_agent_metrics() {
         PATIENCE,
         || {
             let page = scrape(cm);
-            (value(&page, "drover_nodes{state=\"RUNNING\"}") == Some(2.0)).then_some(page)
+            (metric_value(&page, "drover_nodes{state=\"RUNNING\"}") == Some(2.0)).then_some(page)
         },
     );
     assert_eq!(
-        value(&page, "drover_requests_total{request=\"deploy\"}"),
+        metric_value(&page, "drover_requests_total{request=\"deploy\"}"),
         Some(1.0),
         "{page}"
     );
     assert_eq!(
-        value(&page, "drover_deploy_duration_seconds_count"),
+        metric_value(&page, "drover_deploy_duration_seconds_count"),
         Some(1.0),
         "{page}"
     );
     assert_eq!(
-        value(&page, "drover_deploys_total{result=\"ok\"}"),
+        metric_value(&page, "drover_deploys_total{result=\"ok\"}"),
         Some(1.0),
         "{page}"
     );
@@ -88,10 +63,13 @@ fn controller_and_agent_metrics() {
 
     let agent_page = scrape(am);
     assert_eq!(
-        value(&agent_page, "drover_agent_nodes{state=\"RUNNING\"}"),
+        metric_value(&agent_page, "drover_agent_nodes{state=\"RUNNING\"}"),
         Some(2.0),
         "{agent_page}"
     );
-    assert!(value(&agent_page, "drover_agent_rss_bytes").is_some_and(|v| v > 0.0));
-    assert!(value(&agent_page, "drover_agent_node_rss_bytes{node=\"a\"}").is_some_and(|v| v > 0.0));
+    assert!(metric_value(&agent_page, "drover_agent_rss_bytes").is_some_and(|v| v > 0.0));
+    assert!(
+        metric_value(&agent_page, "drover_agent_node_rss_bytes{node=\"a\"}")
+            .is_some_and(|v| v > 0.0)
+    );
 }

@@ -10,17 +10,10 @@
 //! cannot be enforced on a host at all, the deploy says so, and the test is skipped
 //! with that message.
 
-use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually};
+use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually, free_tcp};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-
-fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 struct Setup {
     c: Cluster,
