@@ -10,10 +10,10 @@
 //! cannot be enforced on a host at all, the deploy says so, and the test is skipped
 //! with that message.
 
-use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually, free_tcp};
+use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually, free_tcp, metric_value, scrape};
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 struct Setup {
     c: Cluster,
@@ -128,13 +128,7 @@ impl Setup {
     }
 
     fn metric(&self, series: &str) -> Option<f64> {
-        let mut s = TcpStream::connect(self.metrics).ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-            .ok()?;
-        let mut page = String::new();
-        s.read_to_string(&mut page).ok()?;
-        page.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        metric_value(&scrape(self.metrics), series)
     }
 }
 
@@ -256,6 +250,40 @@ fn a_node_over_its_memory_limit_is_oom_killed_and_reported_as_such() {
             (left == 0).then_some(())
         });
     }
+}
+
+/// CPU time a process has used so far (user and system), from `/proc/PID/stat`.
+fn cpu_time(pid: u64) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // Clock ticks of 10 ms.
+    Duration::from_millis((f[0] + f[1]) * 10)
+}
+
+#[test]
+fn a_node_over_its_cpu_quota_is_throttled() {
+    let s = setup();
+    let body = "[nodes.spin]\ninstance = \"agent-1\"\ncommand = [\"/bin/sh\", \"-c\", \"while :; do :; done\"]\ncpus = 0.2\n";
+    if !s.deploy_or_skip(body) {
+        return;
+    }
+    let pid = s.node("spin")["pid"].as_u64().unwrap();
+    // A window to measure over, not a wait for anything: unthrottled, the loop would
+    // take a whole CPU of it (unless the machine is saturated, which only makes the
+    // check easier to pass, never harder).
+    let (before, began) = (cpu_time(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let (used, window) = (cpu_time(pid) - before, began.elapsed());
+    assert!(
+        used <= window.mul_f64(0.2) + Duration::from_millis(200),
+        "a fifth of a CPU allowed, {used:?} used in {window:?}"
+    );
 }
 
 #[test]
