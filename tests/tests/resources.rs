@@ -252,6 +252,44 @@ fn a_node_over_its_memory_limit_is_oom_killed_and_reported_as_such() {
     }
 }
 
+#[test]
+fn v1_cgroups_of_a_node_the_agent_no_longer_knows_are_removed_when_it_starts() {
+    let mut s = setup();
+    let body = format!(
+        "[nodes.lost]\ninstance = \"agent-1\"\ncommand = {}\nmemory = {{ max = \"64M\" }}\n",
+        testprog(&[]),
+    );
+    if !s.deploy_or_skip(&body) {
+        return;
+    }
+    let pid = s.node("lost")["pid"].as_u64().unwrap();
+    let Some(path) = v1_cgroup(pid, "memory").filter(|p| p.ends_with("/nodes/lost")) else {
+        eprintln!("skipped: the memory limit is on cgroup v2 here");
+        return;
+    };
+    let dir = std::path::PathBuf::from(format!("/sys/fs/cgroup/memory{path}"));
+    assert!(dir.is_dir());
+    // The agent dies, the node with it, and the node's state is lost meanwhile.
+    s.agent.kill();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("the node gone", PATIENCE, || {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    });
+    let state = s.c.dir.path().join("agent-agent-1");
+    std::fs::remove_dir_all(state.join("nodes/lost")).unwrap();
+    std::fs::remove_file(state.join("desired.json")).unwrap();
+    // No controller tells it of the node again: the node is unknown to the agent.
+    let _agent =
+        s.c.start_agent_args("agent-1", "agent-1", &["--listen", "127.0.0.1:0"]);
+    eventually("the lost node's v1 cgroup removed", PATIENCE, || {
+        (!dir.exists()).then_some(())
+    });
+}
+
 /// CPU time a process has used so far (user and system), from `/proc/PID/stat`.
 fn cpu_time(pid: u64) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -479,6 +479,37 @@ impl Host {
         }
     }
 
+    /// Removes the v1 cgroups of nodes `keep` does not know (left by an agent killed
+    /// while removing a node, or whose state dir was lost), killing what still runs in
+    /// them; the names it removed.
+    pub fn sweep(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut swept = std::collections::BTreeSet::new();
+        for v in self.v1.values() {
+            let Ok(dirs) = fs::read_dir(&v.nodes) else {
+                continue;
+            };
+            for d in dirs
+                .flatten()
+                .filter(|d| d.file_type().is_ok_and(|t| t.is_dir()))
+            {
+                let name = d.file_name().to_string_lossy().into_owned();
+                if keep(&name) {
+                    continue;
+                }
+                let procs = fs::read_to_string(d.path().join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    if let Ok(fd) = crate::sys::PidFd::open(pid) {
+                        let _ = fd.signal(nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+                if fs::remove_dir(d.path()).is_ok() {
+                    swept.insert(name);
+                }
+            }
+        }
+        swept.into_iter().collect()
+    }
+
     /// Removes the node's v1 cgroups (its v2 cgroup is removed with containment).
     pub fn remove(&self, node: &str) {
         self.v1_memory

@@ -2570,6 +2570,9 @@ impl Core {
     /// of nodes whose process ended, or whose record is gone, while no agent ran.
     /// Removes those of unknown nodes.
     fn sweep_stale_cgroups(&self) {
+        for name in self.host.sweep(|n| self.nodes.contains_key(n)) {
+            info!(node = %name, "removed the v1 cgroups of a node this agent no longer has");
+        }
         let Some(c) = &self.cgroups else {
             return;
         };
