@@ -253,6 +253,36 @@ fn a_node_over_its_memory_limit_is_oom_killed_and_reported_as_such() {
 }
 
 #[test]
+fn an_oom_kill_is_kept_in_the_node_record_for_the_next_agent() {
+    let mut s = setup();
+    let body = format!(
+        "[nodes.once]\ninstance = \"agent-1\"\nrestart = \"never\"\ncommand = {}\nmemory = {{ max = \"48M\" }}\n",
+        testprog(&["--alloc-mib", "256"]),
+    );
+    if !s.deploy_or_skip(&body) {
+        return;
+    }
+    eventually("once oom-killed", PATIENCE, || {
+        let n = s.node("once");
+        (n["last_failure"] == "oom-killed" && n["oom_kills"] == 1).then_some(())
+    });
+    // What the next agent reads.
+    let record = s.c.dir.path().join("agent-agent-1/nodes/once/record.json");
+    let r: Value = eventually("the oom kill recorded", PATIENCE, || {
+        let r: Value = serde_json::from_slice(&std::fs::read(&record).ok()?).ok()?;
+        (r["oom_kills"] == 1).then_some(r)
+    });
+    assert_eq!(r["last_failure"], "oom-killed", "{r}");
+    s.agent.kill();
+    let _agent =
+        s.c.start_agent_args("agent-1", "agent-1", &["--controller", &s.addr.to_string()]);
+    eventually("the next agent reports it", PATIENCE, || {
+        let n = s.node("once");
+        (n["last_failure"] == "oom-killed" && n["oom_kills"].as_u64()? >= 1).then_some(())
+    });
+}
+
+#[test]
 fn v1_cgroups_of_a_node_the_agent_no_longer_knows_are_removed_when_it_starts() {
     let mut s = setup();
     let body = format!(

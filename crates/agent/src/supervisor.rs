@@ -277,6 +277,22 @@ struct Record {
     /// Why its last start failed, until it next runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
+    /// Why its process last ended unasked (OOM kill, liveness), and how often each: what
+    /// status and metrics show is kept across agent restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_failure: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    oom_kills: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    liveness_failures: u32,
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -2369,6 +2385,9 @@ impl Core {
             restarts: e.restarts(),
             stopped: e.stopped_by_operator,
             last_error: e.last_error.clone(),
+            last_failure: e.last_failure.clone(),
+            oom_kills: e.oom_kills,
+            liveness_failures: e.liveness_failures,
         };
         let path = e.dir.join("record.json");
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialize");
@@ -2478,6 +2497,9 @@ impl Core {
             if let Some(r) = record {
                 e.restarts_base = r.restarts;
                 e.last_error.clone_from(&r.last_error);
+                e.last_failure.clone_from(&r.last_failure);
+                e.oom_kills = r.oom_kills;
+                e.liveness_failures = r.liveness_failures;
             }
             let adopt = match plan.then {
                 Then::Adopt { pid }
@@ -2792,6 +2814,9 @@ mod tests {
             restarts,
             stopped: false,
             last_error: None,
+            last_failure: None,
+            oom_kills: 0,
+            liveness_failures: 0,
         };
         let long = serde_json::to_vec_pretty(&record(1, "a-long-configuration-id")).unwrap();
         let short = serde_json::to_vec_pretty(&record(2, "short")).unwrap();
