@@ -787,10 +787,11 @@ pub struct NodeStatus {
     /// CPU time of the node's cgroup, its children's included, milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_cpu_ms: Option<u64>,
-    /// Processes of the node the kernel killed for memory, since the agent started.
+    /// Processes of the node the kernel killed for memory; kept in its record across agent
+    /// restarts.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub oom_kills: u32,
-    /// Restarts forced by a failed watchdog or liveness probe, since the agent started.
+    /// Restarts forced by a failed watchdog or liveness probe (kept like `oom_kills`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub liveness_failures: u32,
     /// Why the node's process last ended without being asked to (`oom-killed`, a
