@@ -375,6 +375,24 @@ impl Cluster {
         self.start_agent_with(name, name, controller)
     }
 
+    /// Starts agent `name` dialling `controller`, with a metrics listener (its address is
+    /// returned) and `extra` flags.
+    pub fn start_agent_with_metrics(
+        &self,
+        name: &str,
+        controller: SocketAddr,
+        extra: &[&str],
+    ) -> (Proc, SocketAddr) {
+        if !self.pki_file(&format!("{name}.crt")).exists() {
+            self.issue(PeerRole::Agent, name);
+        }
+        let metrics = free_tcp();
+        let (controller, listen) = (controller.to_string(), metrics.to_string());
+        let mut args = vec!["--controller", &controller, "--metrics-listen", &listen];
+        args.extend_from_slice(extra);
+        (self.start_agent_args(name, name, &args), metrics)
+    }
+
     /// Starts an agent named `name` with the certificate files `FILE.crt`/`FILE.key`.
     pub fn start_agent_with(&self, name: &str, file: &str, controller: SocketAddr) -> Proc {
         self.start_agent_args(name, file, &["--controller", &controller.to_string()])

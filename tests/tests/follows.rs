@@ -7,8 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use drover_proto::msg::PeerRole;
-use drover_tests::{Cluster, PATIENCE, bin, eventually, free_tcp};
+use drover_tests::{Cluster, PATIENCE, bin, eventually};
 
 fn served(metrics: SocketAddr) -> u64 {
     let mut s = TcpStream::connect(metrics).unwrap();
@@ -44,18 +43,7 @@ fn client(c: &Cluster, controller: SocketAddr, args: &[&str]) -> Child {
 fn abandoned_follows_on_a_quiet_node_are_released() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
-    let metrics = free_tcp();
-    c.issue(PeerRole::Agent, "a1");
-    let _agent = c.start_agent_args(
-        "a1",
-        "a1",
-        &[
-            "--controller",
-            &addr.to_string(),
-            "--metrics-listen",
-            &metrics.to_string(),
-        ],
-    );
+    let (_agent, metrics) = c.start_agent_with_metrics("a1", addr, &[]);
     let file = c.dir.path().join("quiet.toml");
     std::fs::write(
         &file,

@@ -7,8 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use drover_proto::msg::PeerRole;
-use drover_tests::{Cluster, PATIENCE, bin, eventually, free_tcp};
+use drover_tests::{Cluster, PATIENCE, bin, eventually};
 
 const MAX_BYTES: u64 = 64 * 1024;
 const KEEP: u64 = 2;
@@ -55,16 +54,10 @@ fn stdout_text(dir: &Path) -> String {
 fn logs_stay_bounded_at_any_write_rate() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
-    let metrics = free_tcp();
-    c.issue(PeerRole::Agent, "a1");
-    let _agent = c.start_agent_args(
+    let (_agent, metrics) = c.start_agent_with_metrics(
         "a1",
-        "a1",
+        addr,
         &[
-            "--controller",
-            &addr.to_string(),
-            "--metrics-listen",
-            &metrics.to_string(),
             "--log-max-bytes",
             &MAX_BYTES.to_string(),
             "--log-keep",

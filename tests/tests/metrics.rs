@@ -5,20 +5,10 @@ use drover_tests::{Cluster, PATIENCE, bin, eventually, free_tcp, metric_value, s
 #[test]
 fn controller_and_agent_metrics() {
     let c = Cluster::new();
-    let (cm, am) = (free_tcp(), free_tcp());
+    let cm = free_tcp();
     let (_ctl, addr) =
         c.start_controller_with("127.0.0.1:0", &["--metrics-listen", &cm.to_string()]);
-    c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
-    let _agent = c.start_agent_args(
-        "agent-1",
-        "agent-1",
-        &[
-            "--controller",
-            &addr.to_string(),
-            "--metrics-listen",
-            &am.to_string(),
-        ],
-    );
+    let (_agent, am) = c.start_agent_with_metrics("agent-1", addr, &[]);
     eventually("agent connected", PATIENCE, || {
         (metric_value(&scrape(cm), "drover_agents_connected") == Some(1.0)).then_some(())
     });

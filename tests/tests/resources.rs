@@ -26,22 +26,8 @@ struct Setup {
 fn setup() -> Setup {
     let c = Cluster::new();
     let (ctl, addr) = c.start_controller("127.0.0.1:0");
-    let metrics = free_tcp();
-    c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
-    let agent = c.start_agent_args(
-        "agent-1",
-        "agent-1",
-        &[
-            "--controller",
-            &addr.to_string(),
-            "--metrics-listen",
-            &metrics.to_string(),
-        ],
-    );
-    eventually("agent connected", PATIENCE, || {
-        let out = c.drover(addr, &["get-instances"]);
-        (out.json().as_object().map(|o| o.len()) == Some(1)).then_some(())
-    });
+    let (agent, metrics) = c.start_agent_with_metrics("agent-1", addr, &[]);
+    c.wait_for_agent(addr, "agent-1");
     Setup {
         c,
         addr,
