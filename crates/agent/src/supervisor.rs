@@ -2867,6 +2867,17 @@ mod tests {
         assert!(read_record(b"{\"spec\":").is_err());
     }
 
+    /// A supervisor without cgroups on state dir `dir`; call on a runtime.
+    fn bare_supervisor(dir: &Path) -> Supervisor {
+        Supervisor::start(SupervisorConfig {
+            instance: "agent-1".into(),
+            state_dir: dir.to_owned(),
+            logs: LogConfig::default(),
+            cgroup: CgroupSetting::None,
+        })
+        .unwrap()
+    }
+
     #[test]
     fn a_panic_of_the_supervisor_task_is_reported_and_stops_the_pings() {
         let dir = tempfile::tempdir().unwrap();
@@ -2875,13 +2886,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let sup = Supervisor::start(SupervisorConfig {
-                instance: "agent-1".into(),
-                state_dir: dir.path().to_owned(),
-                logs: LogConfig::default(),
-                cgroup: CgroupSetting::None,
-            })
-            .unwrap();
+            let sup = bare_supervisor(dir.path());
             assert!(sup.ping(Duration::from_secs(5)).await);
             sup.tx.send(Command::Panic).await.unwrap();
             let what = tokio::time::timeout(Duration::from_secs(5), sup.failed())
@@ -2901,13 +2906,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let sup = Supervisor::start(SupervisorConfig {
-                instance: "agent-1".into(),
-                state_dir: dir.path().to_owned(),
-                logs: LogConfig::default(),
-                cgroup: CgroupSetting::None,
-            })
-            .unwrap();
+            let sup = bare_supervisor(dir.path());
             let limit = Duration::from_millis(300);
             // Answering: not stalled over several asks.
             assert!(
