@@ -89,6 +89,22 @@ fn node_pids(c: &Cluster, controllers: &str) -> Option<BTreeMap<String, u64>> {
     Some(pids)
 }
 
+/// Agent `a1` dialling the controllers of `list`, with node `w1` deployed and running;
+/// the node's pid by name.
+fn agent_running_one_node(c: &Cluster, list: &str) -> (Proc, BTreeMap<String, u64>) {
+    c.issue(PeerRole::Agent, "a1");
+    let agent = c.start_agent_args("a1", "a1", &["--controller", list]);
+    let v1 = config_file(c, "v1", &[("w1", "a1")]);
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (etcd::drover(c, list, &["deploy-config", v1.to_str().unwrap()]).code == Some(0))
+            .then_some(())
+    });
+    let pids = eventually("the node runs", PATIENCE, || {
+        node_pids(c, list).filter(|p| p.len() == 1)
+    });
+    (agent, pids)
+}
+
 struct Group {
     procs: Vec<Proc>,
     addrs: Vec<SocketAddr>,
@@ -328,16 +344,7 @@ fn without_etcd_writes_are_refused_naming_etcd_and_nodes_keep_running() {
     let group = Group::start(&c, &etcd, 1);
     group.leader(&rt, &etcd, None);
     let list = group.list();
-    c.issue(PeerRole::Agent, "a1");
-    let _agent = c.start_agent_args("a1", "a1", &["--controller", &list]);
-    let v1 = config_file(&c, "v1", &[("w1", "a1")]);
-    eventually("the agent connected and took the deploy", PATIENCE, || {
-        (etcd::drover(&c, &list, &["deploy-config", v1.to_str().unwrap()]).code == Some(0))
-            .then_some(())
-    });
-    let before = eventually("the node runs", PATIENCE, || {
-        node_pids(&c, &list).filter(|p| p.len() == 1)
-    });
+    let (_agent, before) = agent_running_one_node(&c, &list);
 
     etcd.kill(0);
     let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
@@ -511,16 +518,7 @@ fn a_lost_etcd_member_changes_nothing_and_a_lost_quorum_restarts_no_node() {
     let group = Group::start_with(&c, &etcd, 2, LONG_LEASE);
     let first = group.leader(&rt, &etcd, None);
     let list = group.list();
-    c.issue(PeerRole::Agent, "a1");
-    let _agent = c.start_agent_args("a1", "a1", &["--controller", &list]);
-    let v1 = config_file(&c, "v1", &[("w1", "a1")]);
-    eventually("the agent connected and took the deploy", PATIENCE, || {
-        (etcd::drover(&c, &list, &["deploy-config", v1.to_str().unwrap()]).code == Some(0))
-            .then_some(())
-    });
-    let before = eventually("the node runs", PATIENCE, || {
-        node_pids(&c, &list).filter(|p| p.len() == 1)
-    });
+    let (_agent, before) = agent_running_one_node(&c, &list);
 
     // One member of three: the controllers use the others; the leader stays.
     etcd.kill(0);
@@ -1007,16 +1005,7 @@ fn a_leader_cut_off_from_etcd_and_agents_is_replaced_without_restarting_nodes() 
     let group = Group { procs, addrs };
     assert_eq!(group.leader(&rt, &etcd, None), 0);
     let list = group.list();
-    c.issue(PeerRole::Agent, "a1");
-    let _agent = c.start_agent_args("a1", "a1", &["--controller", &list]);
-    let v1 = config_file(&c, "v1", &[("w1", "a1")]);
-    eventually("the agent connected and took the deploy", PATIENCE, || {
-        (etcd::drover(&c, &list, &["deploy-config", v1.to_str().unwrap()]).code == Some(0))
-            .then_some(())
-    });
-    let before = eventually("the node runs", PATIENCE, || {
-        node_pids(&c, &list).filter(|p| p.len() == 1)
-    });
+    let (_agent, before) = agent_running_one_node(&c, &list);
 
     // Cut off from etcd and from the agent at once.
     lab.set_link(hosts[0], false);
