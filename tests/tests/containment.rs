@@ -495,3 +495,113 @@ fn what_a_node_left_while_no_agent_ran_is_killed_when_it_starts_again() {
     );
     drop(agent);
 }
+
+/// Without cgroups, a node's descendant in a session of its own outlives both the
+/// agent and the node's main process; the next agent finds it by the spawn token's
+/// prefix (its state dir's), also when the node's record is gone.
+fn without_cgroups_leftovers_of_a_dead_node_are_killed(remove_record: bool) {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
+    let args = ["--controller", &addr.to_string(), "--cgroup-root", "none"];
+    let mut agent = c.start_agent_args("agent-1", "agent-1", &args);
+    connect(&c, addr);
+    let (body, pidfile) = double_fork_node(c.dir.path(), false);
+    let (code, v) = deploy(&c, addr, &body);
+    assert_eq!(code, Some(0), "{v}");
+    let grandchild = read_pid(&pidfile);
+    let main = u32::try_from(node_status(&c, addr, "g")["pid"].as_u64().unwrap()).unwrap();
+    agent.kill();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(main).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("main gone", PATIENCE, || (!alive(main)).then_some(()));
+    assert!(
+        alive(grandchild),
+        "in a session of its own, not killed with main"
+    );
+    std::fs::remove_file(&pidfile).unwrap();
+    if remove_record {
+        let record = c.dir.path().join("agent-agent-1/nodes/g/record.json");
+        std::fs::remove_file(&record).unwrap();
+    }
+    let agent = c.start_agent_args("agent-1", "agent-1", &args);
+    eventually("old grandchild killed", PATIENCE, || {
+        (!alive(grandchild)).then_some(())
+    });
+    // The node itself runs again, with a new grandchild that is left alone.
+    let new_grandchild = read_pid(&pidfile);
+    assert_ne!(new_grandchild, grandchild);
+    assert!(alive(new_grandchild));
+    drop(agent);
+}
+
+#[test]
+fn without_cgroups_leftovers_of_a_node_that_died_with_the_agent_are_killed() {
+    without_cgroups_leftovers_of_a_dead_node_are_killed(false);
+}
+
+#[test]
+fn without_cgroups_leftovers_are_killed_even_without_the_nodes_record() {
+    without_cgroups_leftovers_of_a_dead_node_are_killed(true);
+}
+
+/// A node whose process ended for good under its policy (failed under `never`, or
+/// exited 0 under `on-failure`) stays so when the agent is SIGKILLed and restarted.
+#[test]
+fn a_node_that_ended_for_good_is_not_started_again_by_a_new_agent() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    connect(&c, addr);
+    let runs = |name: &str| c.dir.path().join(format!("{name}.runs"));
+    let node = |name: &str, policy: &str, code: i32| {
+        let script = format!("echo run >> {}; exit {code}", runs(name).display());
+        format!(
+            "[nodes.{name}]\ninstance = \"agent-1\"\nrestart = \"{policy}\"\ncommand = [\"/bin/sh\", \"-c\", {}]\n",
+            Value::String(script)
+        )
+    };
+    let body = format!(
+        "{}{}",
+        node("failed", "never", 3),
+        node("done", "on-failure", 0)
+    );
+    let _ = deploy(&c, addr, &body);
+    let settled = |c: &Cluster| {
+        let failed = node_status(c, addr, "failed");
+        let done = node_status(c, addr, "done");
+        (failed["state"] == "FAILED" && done["state"] == "STOPPED").then_some((failed, done))
+    };
+    eventually("both ended", PATIENCE, || settled(&c));
+    agent.kill();
+    let agent = c.start_agent("agent-1", addr);
+    eventually("the new agent connected", PATIENCE, || {
+        (agent.log_text().matches("connected to controller").count() >= 2).then_some(())
+    });
+    // The new agent decided before it connected: a start would show as a second run.
+    eventually("both still ended", PATIENCE, || settled(&c));
+    for name in ["failed", "done"] {
+        let text = std::fs::read_to_string(runs(name)).unwrap();
+        assert_eq!(text.lines().count(), 1, "{name} ran again: {text}");
+    }
+    // An operator's restart still starts it.
+    let out = c.drover(addr, &["restart", "failed"]);
+    assert!(
+        out.stdout.contains("\"failed\""),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    eventually("ran again", PATIENCE, || {
+        (std::fs::read_to_string(runs("failed"))
+            .ok()?
+            .lines()
+            .count()
+            == 2)
+            .then_some(())
+    });
+    drop(agent);
+}

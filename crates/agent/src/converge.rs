@@ -135,6 +135,10 @@ pub struct Found {
     pub epoch: u64,
     /// An operator stopped it.
     pub stopped: bool,
+    /// Its process had ended for good under its restart policy (failed, or exited
+    /// successfully under a policy that restarts only failures), with no operator
+    /// involved: it is not started again for the same spec.
+    pub ended: bool,
     /// The record named a process (alive or not).
     pub recorded: bool,
     /// The recorded process, if it still lives (pid and start time checked).
@@ -170,6 +174,9 @@ pub enum Then {
     },
     /// Leave the node stopped, as an operator left it.
     StayStopped,
+    /// Leave the node as its last process left it: failed, or done after a successful
+    /// exit (its policy does not restart it).
+    StayEnded,
     /// The node is no longer desired: remove its record.
     Remove,
     /// The node is no longer desired but its process lives: adopt it, stop it (its
@@ -224,6 +231,8 @@ pub fn recover(desired: &Desired, found: &BTreeMap<String, Found>) -> BTreeMap<S
                 } else {
                     let then = if f.stopped && current {
                         Then::StayStopped
+                    } else if f.ended && current && f.strays.is_empty() {
+                        Then::StayEnded
                     } else {
                         Then::Start {
                             lost: f.recorded || !f.strays.is_empty(),

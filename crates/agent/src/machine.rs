@@ -762,6 +762,33 @@ impl Machine {
         })
     }
 
+    /// Restores the end a previous agent process recorded for this node: its process
+    /// ended for good under its policy, as a failure (`failed`, [`State::Failed`]) or a
+    /// success ([`State::Stopped`]), with `last_exit`. Ignored unless the machine is
+    /// idle without a process.
+    #[must_use = "the returned actions must be executed"]
+    pub fn restore_ended(
+        &mut self,
+        now: Millis,
+        failed: bool,
+        last_exit: Option<ExitStatus>,
+    ) -> Vec<Action> {
+        self.step(now, |m, out| {
+            if m.phase != Phase::Idle || m.has_process() {
+                return;
+            }
+            m.last_exit = last_exit;
+            m.set_state(
+                if failed {
+                    State::Failed
+                } else {
+                    State::Stopped
+                },
+                out,
+            );
+        })
+    }
+
     /// Fire the timers due at `now`. Harmless at any time.
     #[must_use = "the returned actions must be executed"]
     pub fn tick(&mut self, now: Millis) -> Vec<Action> {

@@ -56,8 +56,15 @@
 //! through a pidfd, since they are not its children); outdated ones are adopted and
 //! restarted; those of nodes no longer desired are stopped and their records removed;
 //! desired nodes without a process are started (counted as one restart if a recorded
-//! process was lost; its exit status is unknown). A state dir without `desired.json`
-//! keeps the nodes of its records.
+//! process was lost; its exit status is unknown), except those whose record says their
+//! process ended for good under their policy (FAILED, or STOPPED after a successful
+//! exit), which stay so for the same spec. A state dir without `desired.json` keeps the
+//! nodes of its records.
+//!
+//! Spawn tokens start with a hash of the state dir. Without cgroups, a starting agent
+//! kills every process carrying a token of its state dir that belongs to no live
+//! recorded process: what a node left in sessions of its own when it died with the
+//! agent, even if its record is gone.
 //!
 //! # Liveness
 //!
@@ -274,6 +281,13 @@ struct Record {
     /// An operator stopped it: it stays stopped across agent restarts.
     #[serde(default)]
     stopped: bool,
+    /// Its process ended for good under its restart policy: it stays so across agent
+    /// restarts, until an operator or a new spec starts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ended: Option<Ended>,
+    /// How its last process ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_exit: Option<model::ExitStatus>,
     /// Why its last start failed, until it next runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
@@ -293,6 +307,16 @@ struct Record {
 )]
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+/// How a node's process ended for good (see [`Record::ended`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Ended {
+    /// It failed and its policy gave up: FAILED.
+    Failed,
+    /// It exited successfully under a policy that restarts only failures: STOPPED.
+    Done,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -669,6 +693,7 @@ impl Supervisor {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (changes_tx, changes_rx) = watch::channel(0);
         let (applied_tx, applied_rx) = watch::channel(0);
+        let state_dir_for_tokens = cfg.state_dir.clone();
         let mut core = Core {
             cfg,
             nodes_dir,
@@ -682,7 +707,7 @@ impl Supervisor {
             restart_epoch: 0,
             applies: std::collections::VecDeque::new(),
             writing: None,
-            next_token: u64::from(std::process::id()) << 32 | u64::from(rand_u32()),
+            next_token: token_prefix(&state_dir_for_tokens) << 32 | u64::from(rand_u32()),
             shutdown: None,
             sweep_pending: false,
             changed: BTreeSet::new(),
@@ -852,6 +877,27 @@ impl Supervisor {
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.clone()
     }
+}
+
+/// The upper half of every spawn token of the agents on one state dir: a hash of its
+/// path. Without cgroups, a starting agent finds what its predecessors left running by
+/// this prefix, without touching the nodes of other agents on the host.
+fn token_prefix(state_dir: &Path) -> u64 {
+    // FNV-1a: stable across builds and runs, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in state_dir.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h >> 32).max(1)
+}
+
+/// The token after `token`: the same prefix, the next lower half.
+fn next_token_after(token: u64) -> u64 {
+    let low = u32::try_from(token & 0xffff_ffff)
+        .unwrap_or(0)
+        .wrapping_add(1);
+    (token & !0xffff_ffff) | u64::from(low)
 }
 
 fn rand_u32() -> u32 {
@@ -1653,7 +1699,7 @@ impl Core {
     /// program and the cause.
     fn spawn(&mut self, name: &str) -> Result<u32, String> {
         let token = self.next_token;
-        self.next_token = self.next_token.wrapping_add(1);
+        self.next_token = next_token_after(token);
         let instance = self.cfg.instance.clone();
         let sock_dir = self.socks.dir(name);
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
@@ -1989,10 +2035,7 @@ impl Core {
                     // environment finds them (a scan of /proc, off this task).
                     let token = p.token;
                     tokio::task::spawn_blocking(move || {
-                        for stray in find_token_carriers(&BTreeSet::from([token]))
-                            .into_values()
-                            .flatten()
-                        {
+                        for stray in find_token_carriers(&|t| t == token).into_values().flatten() {
                             debug!(
                                 pid = stray.pid,
                                 "killing a leftover descendant of an adopted node"
@@ -2384,6 +2427,13 @@ impl Core {
             ready: e.machine.ready_at().is_some(),
             restarts: e.restarts(),
             stopped: e.stopped_by_operator,
+            ended: match e.machine.state() {
+                _ if e.proc.is_some() || e.stopped_by_operator || e.removing => None,
+                machine::State::Failed => Some(Ended::Failed),
+                machine::State::Stopped if e.last_exit.is_some() => Some(Ended::Done),
+                _ => None,
+            },
+            last_exit: e.last_exit,
             last_error: e.last_error.clone(),
             last_failure: e.last_failure.clone(),
             oom_kills: e.oom_kills,
@@ -2414,7 +2464,15 @@ impl Core {
             .filter(|r| r.process.is_none())
             .filter_map(|r| r.spawning)
             .collect();
-        let mut strays = find_token_carriers(&announced);
+        // Without cgroups, whatever carries a token of this state dir's agents is looked
+        // at too: a node's descendants in sessions of their own outlive its record when
+        // an agent died between the node's exit and their kill.
+        let prefix = self.cgroups.is_none().then_some(self.next_token >> 32);
+        let mut strays = if announced.is_empty() && prefix.is_none() {
+            BTreeMap::new()
+        } else {
+            find_token_carriers(&|t| announced.contains(&t) || prefix.is_some_and(|p| t >> 32 == p))
+        };
         let found: BTreeMap<String, Found> = records
             .iter()
             .map(|(name, r)| {
@@ -2432,6 +2490,7 @@ impl Core {
                     spec: r.spec.clone(),
                     epoch: r.epoch,
                     stopped: r.stopped,
+                    ended: r.ended.is_some(),
                     recorded: r.process.is_some(),
                     alive,
                     strays: r
@@ -2443,6 +2502,29 @@ impl Core {
                 (name.clone(), found)
             })
             .collect();
+        let live_tokens: BTreeSet<u64> = records
+            .values()
+            .filter_map(|r| r.process.as_ref())
+            .filter(|p| {
+                sys::is_alive(ProcId {
+                    pid: p.pid,
+                    start_ticks: p.start_ticks,
+                })
+            })
+            .map(|p| p.token)
+            .collect();
+        for (token, list) in &strays {
+            if live_tokens.contains(token) {
+                continue;
+            }
+            for stray in list {
+                info!(
+                    pid = stray.pid,
+                    "killing a leftover of a node whose process ended while no agent ran"
+                );
+                kill_pid(stray.pid);
+            }
+        }
         let desired = match read_desired(&self.desired_path()) {
             Ok(Some(d)) => d,
             Ok(None) => converge::legacy_desired(&found),
@@ -2500,13 +2582,14 @@ impl Core {
                 e.last_failure.clone_from(&r.last_failure);
                 e.oom_kills = r.oom_kills;
                 e.liveness_failures = r.liveness_failures;
+                e.last_exit = r.last_exit;
             }
             let adopt = match plan.then {
                 Then::Adopt { pid }
                 | Then::Stop { pid }
                 | Then::Restart { pid }
                 | Then::StopAndRemove { pid } => Some(pid),
-                Then::Start { .. } | Then::StayStopped | Then::Remove => None,
+                Then::Start { .. } | Then::StayStopped | Then::StayEnded | Then::Remove => None,
             };
             let mut actions = Vec::new();
             let mut adopted = true;
@@ -2553,6 +2636,14 @@ impl Core {
                     actions.extend(e.machine.start(now));
                 }
                 Then::StayStopped => e.stopped_by_operator = true,
+                Then::StayEnded => {
+                    let failed = record.and_then(|r| r.ended) == Some(Ended::Failed);
+                    let exit = e.last_exit.map(|x| match x {
+                        model::ExitStatus::Code(c) => machine::ExitStatus::Code(c),
+                        model::ExitStatus::Signal(s) => machine::ExitStatus::Signal(s),
+                    });
+                    actions.extend(e.machine.restore_ended(now, failed, exit));
+                }
                 Then::Remove => {}
             }
             self.run_actions(&name, actions);
@@ -2706,14 +2797,12 @@ fn kill_pid(pid: i32) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
 }
 
-/// The live processes carrying one of `tokens` as `DROVER_NODE_TOKEN`, by token: reads
-/// the environment of every process on the host, so it is done only when a record
-/// announced a spawn it never confirmed.
-fn find_token_carriers(tokens: &BTreeSet<u64>) -> BTreeMap<u64, Vec<Stray>> {
+/// The live processes carrying a `DROVER_NODE_TOKEN` that `wanted` accepts, by token:
+/// reads the environment of every process on the host, so it is done only at start-up
+/// (when a record announced a spawn it never confirmed, or without cgroups) and for an
+/// adopted node's remains.
+fn find_token_carriers(wanted: &dyn Fn(u64) -> bool) -> BTreeMap<u64, Vec<Stray>> {
     let mut out: BTreeMap<u64, Vec<Stray>> = BTreeMap::new();
-    if tokens.is_empty() {
-        return out;
-    }
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
     };
@@ -2725,7 +2814,7 @@ fn find_token_carriers(tokens: &BTreeSet<u64>) -> BTreeMap<u64, Vec<Stray>> {
         else {
             continue;
         };
-        let Some(token) = token_of(pid).filter(|t| tokens.contains(t)) else {
+        let Some(token) = token_of(pid).filter(|t| wanted(*t)) else {
             continue;
         };
         let Ok(stat) = sys::proc_stat(pid) else {
@@ -2813,6 +2902,8 @@ mod tests {
             ready: true,
             restarts,
             stopped: false,
+            ended: None,
+            last_exit: None,
             last_error: None,
             last_failure: None,
             oom_kills: 0,

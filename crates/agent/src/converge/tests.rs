@@ -212,6 +212,7 @@ impl World {
                     spec: r.spec.clone(),
                     epoch: r.epoch,
                     stopped: r.stopped,
+                    ended: false,
                     recorded: r.process.is_some(),
                     alive,
                     strays,
@@ -275,7 +276,7 @@ impl World {
                     let token = self.token();
                     steps.extend(spawn_steps(&name, &spec, desired.restart_epoch, token));
                 }
-                Then::StayStopped => {}
+                Then::StayStopped | Then::StayEnded => {}
             }
         }
         steps
@@ -638,6 +639,7 @@ fn a_stray_leader_is_adopted_and_its_descendants_spared() {
         spec: spec("a", 1, true),
         epoch: 0,
         stopped: false,
+        ended: false,
         recorded: false,
         alive: None,
         strays: vec![
@@ -682,6 +684,43 @@ fn a_stray_leader_is_adopted_and_its_descendants_spared() {
     let plans = recover(&Desired::default(), &[("a".to_owned(), recorded)].into());
     assert!(plans["a"].kill.is_empty());
     assert_eq!(plans["a"].then, Then::StopAndRemove { pid: 9 });
+}
+
+#[test]
+fn a_node_that_ended_for_good_stays_so_for_its_spec_only() {
+    let d = Desired {
+        generation: 2,
+        restart_epoch: 0,
+        nodes: [("a".to_owned(), spec("a", 1, true))].into(),
+    };
+    let ended = Found {
+        spec: spec("a", 1, true),
+        epoch: 0,
+        stopped: false,
+        ended: true,
+        recorded: true,
+        alive: None,
+        strays: Vec::new(),
+    };
+    let plans = recover(&d, &[("a".to_owned(), ended.clone())].into());
+    assert_eq!(plans["a"].then, Then::StayEnded);
+    // A new spec starts it, as an Apply would.
+    let outdated = Found {
+        spec: spec("a", 2, true),
+        ..ended.clone()
+    };
+    let plans = recover(&d, &[("a".to_owned(), outdated)].into());
+    assert_eq!(plans["a"].then, Then::Start { lost: true });
+    // So does a restart-all that came after it ended.
+    let restart_all = Desired {
+        restart_epoch: 1,
+        ..d.clone()
+    };
+    let plans = recover(&restart_all, &[("a".to_owned(), ended.clone())].into());
+    assert_eq!(plans["a"].then, Then::Start { lost: true });
+    // No longer desired: removed.
+    let plans = recover(&Desired::default(), &[("a".to_owned(), ended)].into());
+    assert_eq!(plans["a"].then, Then::Remove);
 }
 
 #[test]
