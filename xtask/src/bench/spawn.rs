@@ -6,8 +6,10 @@
 //! `posix_spawn` with the thread pinned, at this process's size and again with
 //! `--ballast-mib` of memory touched. Then the agent's own spawn (`sys::spawn_clean`)
 //! as it starts a node: plain (`posix_spawn`), and, when run as root, with a user
-//! switch (`nobody`) and with a user switch plus a capability, a limit and
-//! `no_new_privileges` (the vfork-style clone of `drover_agent::exec`).
+//! switch (`nobody`), with a user switch plus a capability, a limit and
+//! `no_new_privileges` (the vfork-style clone of `drover_agent::exec`), and with a user
+//! switch and the cgroups of a node with memory, CPU and pids limits (its own v2
+//! cgroup, and v1 cgroups where v2 lacks the controller), taken the agent's steps.
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -112,11 +114,18 @@ fn agent_spawns(n: u32) -> anyhow::Result<()> {
             })?,
         ));
     } else {
-        println!("  (not root: the user-switch rows are left out)");
+        println!("  (not root: the user-switch and cgroup rows are left out)");
+    }
+    let contained = Contained::setup()?;
+    if contained.is_some() {
+        rows.push((
+            "drover: nobody+cgroups",
+            plan(&|n| n.user = Some("nobody".into()))?,
+        ));
     }
     let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
     let cwd = std::env::temp_dir();
-    let spawn = |plan: &Plan| -> io::Result<i32> {
+    let spawn_only = |plan: &Plan| -> io::Result<i32> {
         use std::os::fd::AsFd;
         drover_agent::sys::spawn_clean(&drover_agent::sys::SpawnSpec {
             program: "/bin/true",
@@ -129,6 +138,15 @@ fn agent_spawns(n: u32) -> anyhow::Result<()> {
             exec: Some(plan),
         })
     };
+    // The last row, when there is one, goes through the agent's cgroup steps around
+    // the spawn, as the supervisor takes them for a node with limits.
+    let last = rows.len() - 1;
+    let spawn = |i: usize, plan: &Plan| -> io::Result<i32> {
+        match contained.as_ref().filter(|_| i == last) {
+            Some(c) => c.spawn(|| spawn_only(plan)),
+            None => spawn_only(plan),
+        }
+    };
     let reap = |pid: i32| -> anyhow::Result<()> {
         match nix::sys::wait::waitpid(Pid::from_raw(pid), None)? {
             nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
@@ -139,9 +157,9 @@ fn agent_spawns(n: u32) -> anyhow::Result<()> {
     // on all of them alike.
     let mut samples: Vec<(Vec<Duration>, Vec<Duration>)> = vec![Default::default(); rows.len()];
     for round in 0..n + 10 {
-        for ((name, plan), (in_spawn, total)) in rows.iter().zip(&mut samples) {
+        for (i, ((name, plan), (in_spawn, total))) in rows.iter().zip(&mut samples).enumerate() {
             let t0 = Instant::now();
-            let pid = spawn(plan).with_context(|| (*name).to_owned())?;
+            let pid = spawn(i, plan).with_context(|| (*name).to_owned())?;
             let spawned = t0.elapsed();
             reap(pid)?;
             if round >= 10 {
@@ -149,6 +167,10 @@ fn agent_spawns(n: u32) -> anyhow::Result<()> {
                 total.push(t0.elapsed());
             }
         }
+    }
+    if let Some(c) = contained {
+        println!("  (cgroups: {})", c.describe());
+        c.release();
     }
     let (plain_spawn, plain_total) = (median(&samples[0].0), median(&samples[0].1));
     for ((name, _), (in_spawn, total)) in rows.iter().zip(&samples) {
@@ -160,6 +182,84 @@ fn agent_spawns(n: u32) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A node's cgroups as the agent makes them: a v2 cgroup of its own (the containment)
+/// and, for its limits, the v1 memory, cpu and pids cgroups where v2 has no such
+/// controller. Set up in a subtree of this process's own, moved there as the agent
+/// moves itself.
+struct Contained {
+    cgroups: drover_agent::cgroup::Cgroups,
+    host: drover_agent::limits::Host,
+    limits: drover_agent::limits::Limits,
+    node: std::path::PathBuf,
+}
+
+impl Contained {
+    const NODE: &'static str = "bench";
+
+    /// `None` (and a line saying why) where this process cannot make cgroups.
+    fn setup() -> anyhow::Result<Option<Self>> {
+        use drover_agent::cgroup::{self, CgroupSetting, Cgroups};
+        use drover_agent::limits::{Host, Limits};
+        if !nix::unistd::Uid::effective().is_root() {
+            return Ok(None);
+        }
+        let state = std::env::temp_dir().join(format!("drover-bench-spawn-{}", std::process::id()));
+        let cgroups = match Cgroups::setup(&CgroupSetting::Auto, "bench", &state) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                println!("  (no cgroup row: {e})");
+                return Ok(None);
+            }
+        };
+        let host = Host::discover(Some(&cgroups), &cgroup::subtree_name("bench", &state));
+        let mut node = drover_proto::Node::new(Self::NODE, "bench");
+        node.memory = Some(drover_proto::resources::Memory {
+            max: Some(drover_proto::resources::ByteSize(256 << 20)),
+            high: None,
+        });
+        node.cpus = Some(1.0);
+        node.pids_max = Some(64);
+        let limits = Limits::of(&node);
+        if let Err(e) = host.check(Self::NODE, &limits) {
+            println!("  (no cgroup row: {e})");
+            cgroups.release();
+            return Ok(None);
+        }
+        let node = cgroups.create_node(Self::NODE)?;
+        Ok(Some(Self {
+            cgroups,
+            host,
+            limits,
+            node,
+        }))
+    }
+
+    /// The supervisor's steps: limits written, the thread in the v1 cgroups around the
+    /// spawn, the late limits, the child moved into its v2 cgroup.
+    fn spawn(&self, spawn: impl FnOnce() -> io::Result<i32>) -> io::Result<i32> {
+        let placement = self.host.prepare(Self::NODE, &self.limits)?;
+        placement.enter()?;
+        let pid = spawn();
+        placement.leave();
+        let pid = pid?;
+        placement.finish()?;
+        self.cgroups
+            .contain(&self.node, u32::try_from(pid).unwrap_or(0))?;
+        Ok(pid)
+    }
+
+    fn describe(&self) -> String {
+        self.host.describe()
+    }
+
+    fn release(self) {
+        self.host.remove(Self::NODE);
+        self.host.release();
+        self.cgroups.release();
+    }
 }
 
 /// The median, in µs.
