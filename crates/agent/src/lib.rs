@@ -32,6 +32,7 @@ pub mod machine;
 pub mod probe;
 pub mod query;
 pub mod sockdir;
+pub mod spawner;
 pub mod supervisor;
 pub mod sys;
 

@@ -9,7 +9,9 @@
 //!
 //! # Processes
 //!
-//! A node is spawned with `posix_spawn` ([`sys::spawn_clean`]: no `fork`, every signal at
+//! Spawns are carried out by the spawner thread ([`crate::spawner`]), never on this task:
+//! the node's machine waits in its spawning phase until the outcome comes back as an
+//! event. A node is spawned with `posix_spawn` ([`sys::spawn_clean`]: no `fork`, every signal at
 //! its default, an empty mask; a node with its own user, capabilities or limits through a
 //! vfork-style clone, see [`crate::exec`]) in its own process group and, where the agent has a
 //! cgroup subtree, moved into a cgroup of its own ([`crate::cgroup`]), with a clean
@@ -206,7 +208,7 @@ enum Event {
         sender: probe::Sender,
         /// One of the node's [`NOTIFY_QUEUE`] places in the queue, given back when the
         /// event has been handled.
-        _queued: tokio::sync::OwnedSemaphorePermit,
+        _queued: Option<tokio::sync::OwnedSemaphorePermit>,
     },
     /// A liveness check of the process of this generation failed.
     Unhealthy {
@@ -217,6 +219,8 @@ enum Event {
     /// The desired state of the Apply in [`Core::writing`] is on disk and its new
     /// nodes' directories, logs and sockets are made, or it could not be written.
     DesiredWritten(Result<(Prepared, Plans), String>),
+    /// The spawner carried out a spawn.
+    Spawned(Box<crate::spawner::Outcome>),
 }
 
 /// The resolved identity, capabilities and limits of the nodes an Apply starts or
@@ -376,6 +380,9 @@ struct Entry {
     /// Remove the node once it has stopped (it left the configuration).
     removing: bool,
     status_text: Option<String>,
+    /// Notify messages that came while the spawner was spawning the node's process,
+    /// before their sender could be checked against it; at most [`NOTIFY_QUEUE`].
+    held_notify: Vec<(String, probe::Sender)>,
     last_exit: Option<model::ExitStatus>,
     /// Why the last start failed (an exec error), until the node next runs.
     last_error: Option<String>,
@@ -445,6 +452,14 @@ struct Core {
     release_cgroups: bool,
     /// What the host's cgroups enforce and account (see [`crate::limits`]).
     host: std::sync::Arc<limits::Host>,
+    /// Spawns go to the spawner thread, so that this task never blocks on one.
+    /// Unbounded, but bounded by construction: a node has at most one spawn queued.
+    spawner: std::sync::mpsc::Sender<crate::spawner::Job>,
+    /// Children the spawner made that this task has not taken over yet: the orphan
+    /// reaper leaves them alone.
+    in_flight: crate::spawner::InFlight,
+    /// A reap was skipped while the spawner was spawning: do it once the spawn is in.
+    reap_pending: bool,
 }
 
 /// A node count for [`Progress`].
@@ -513,7 +528,7 @@ fn to_model_exit(e: machine::ExitStatus) -> model::ExitStatus {
 /// which [`read_record`] ignores. A larger record could be torn between pages, so it
 /// goes through a temp file and a rename. No fsync: a record only matters while its
 /// process lives, and no process survives a power loss.
-fn write_record(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_record(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if bytes.len() > IN_PLACE_MAX {
@@ -582,33 +597,6 @@ fn read_record(bytes: &[u8]) -> Result<Record, serde_json::Error> {
         .into_iter::<Record>()
         .next()
         .unwrap_or_else(|| Err(serde::de::Error::custom("empty record")))
-}
-
-/// Writes a node's `files` into its working directory (each through a temp file and a
-/// rename, so a node never reads half a file), leaving alone those that already hold
-/// the text, as on most restarts. Names must be plain file names.
-fn write_node_files(workdir: &Path, files: &BTreeMap<String, String>) -> Result<(), String> {
-    for (name, text) in files {
-        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
-            return Err(format!("node file name '{name}' is not a plain file name"));
-        }
-        let path = workdir.join(name);
-        if std::fs::read(&path).is_ok_and(|old| old == text.as_bytes()) {
-            continue;
-        }
-        let tmp = workdir.join(format!(".{name}.drover-tmp"));
-        // A working directory may belong to the node's own user: never follow what
-        // it may have put in the temp file's place.
-        let _ = std::fs::remove_file(&tmp);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
-    }
-    Ok(())
 }
 
 /// Fills in RSS and CPU time from `/proc` for statuses with a process, and the memory
@@ -694,6 +682,20 @@ impl Supervisor {
         let (changes_tx, changes_rx) = watch::channel(0);
         let (applied_tx, applied_rx) = watch::channel(0);
         let state_dir_for_tokens = cfg.state_dir.clone();
+        let in_flight = crate::spawner::InFlight::default();
+        let (spawner, jobs) = std::sync::mpsc::channel();
+        let spawned_to = events_tx.clone();
+        crate::spawner::start(
+            crate::spawner::Context {
+                cgroups: cgroups.clone(),
+                host: host.clone(),
+                in_flight: in_flight.clone(),
+            },
+            jobs,
+            move |outcome| {
+                let _ = spawned_to.send(Event::Spawned(Box::new(outcome)));
+            },
+        )?;
         let mut core = Core {
             cfg,
             nodes_dir,
@@ -715,6 +717,9 @@ impl Supervisor {
             cgroups,
             release_cgroups: false,
             host: host.clone(),
+            spawner,
+            in_flight,
+            reap_pending: false,
         };
         core.recover();
         let task = tokio::spawn(core.run(rx, events_rx));
@@ -939,7 +944,7 @@ impl Core {
                         self.event(ev);
                     }
                     if std::mem::take(&mut self.sweep_pending) {
-                        self.sweep_orphans();
+                        self.reap();
                     }
                 }
                 () = sleep_until(deadline) => self.tick(),
@@ -1565,6 +1570,7 @@ impl Core {
             stopped_by_operator: false,
             removing: false,
             status_text: None,
+            held_notify: Vec::new(),
             last_exit: None,
             last_error: None,
             last_failure: None,
@@ -1610,7 +1616,7 @@ impl Core {
                         node: node.clone(),
                         text,
                         sender,
-                        _queued: queued,
+                        _queued: Some(queued),
                     })
                     .is_err()
                 {
@@ -1646,15 +1652,8 @@ impl Core {
                     self.bump(name);
                 }
                 Action::Spawn => {
-                    let more = match self.spawn(name) {
-                        Ok(pid) => self
-                            .nodes
-                            .get_mut(name)
-                            .map(|e| {
-                                e.last_error = None;
-                                e.machine.spawned(now, pid)
-                            })
-                            .unwrap_or_default(),
+                    let more = match self.request_spawn(name) {
+                        Ok(()) => Vec::new(),
                         Err(err) => {
                             warn!(node = %name, "cannot start node: {err}");
                             self.bump(name);
@@ -1695,9 +1694,10 @@ impl Core {
         }
     }
 
-    /// Spawns the node's process; returns its pid. An error names the node, the
-    /// program and the cause.
-    fn spawn(&mut self, name: &str) -> Result<u32, String> {
+    /// Hands the node's spawn to the spawner thread (see [`crate::spawner`]); its
+    /// outcome comes back as [`Event::Spawned`]. An error (the node cannot be spawned
+    /// at all) names the node, the program and the cause.
+    fn request_spawn(&mut self, name: &str) -> Result<(), String> {
         let token = self.next_token;
         self.next_token = next_token_after(token);
         let instance = self.cfg.instance.clone();
@@ -1712,18 +1712,6 @@ impl Core {
             Some(w) => PathBuf::from(w),
             None => e.dir.join("work"),
         };
-        std::fs::create_dir_all(&workdir).map_err(|err| {
-            format!(
-                "cannot create working directory {}: {err}",
-                workdir.display()
-            )
-        })?;
-        write_node_files(&workdir, &spec.files)?;
-        let _ = e.logs.rotate_if_needed();
-        let (out, err) = e
-            .logs
-            .open_for_child()
-            .map_err(|err| format!("cannot open log files in {}: {err}", e.dir.display()))?;
         let notify = Self::notify_path(&sock_dir);
         let query = crate::exec::query_path(&sock_dir, spec);
         let mut env: BTreeMap<&str, String> = BTreeMap::from([(
@@ -1739,21 +1727,9 @@ impl Core {
             ("DROVER_QUERY_SOCKET", query.display().to_string()),
             ("DROVER_NODE_TOKEN", token.to_string()),
         ]);
-        // --- resources and liveness ---
         if let Some(w) = spec.watchdog {
             env.insert("WATCHDOG_USEC", w.as_micros().to_string());
         }
-        let limits = Limits::of(spec);
-        let placement = self
-            .host
-            .prepare(name, &limits)
-            .map_err(|err| format!("node '{name}': cannot set its resource limits: {err}"))?;
-        let oom_base = if self.host.counts_oom(&limits) {
-            self.host.oom_kills(name)
-        } else {
-            None
-        };
-        // --- end of resources and liveness ---
         let env_list: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let path = env["PATH"].clone();
         let (program, args) = match spec.watchdog {
@@ -1776,130 +1752,170 @@ impl Core {
             }
             None => (program.clone(), args.to_vec()),
         };
-        self.announce_spawn(name, token);
-        let e = self.nodes.get_mut(name).ok_or("no such node")?;
         // Resolved when the Apply prepared the node or at recovery; a node without such
         // settings gets its empty plan here, once (a stat, see `exec::prepare`).
         let plan = e
             .plan
             .get_or_insert_with(|| {
-                let notify = Self::notify_path(&sock_dir);
                 crate::exec::prepare(name, &e.spec, &e.dir, &notify).map(std::sync::Arc::new)
             })
             .clone()?;
-        let spec = &e.spec;
-        let launch = sys::SpawnSpec {
-            program: &program,
-            args: &args,
-            env: env_list,
-            path: &path,
-            cwd: &workdir,
-            stdout: std::os::fd::AsFd::as_fd(&out),
-            stderr: std::os::fd::AsFd::as_fd(&err),
-            exec: Some(&plan),
-        };
-        let cpus: Option<Vec<usize>> = spec
-            .cpu_affinity
-            .as_ref()
-            .map(|a| a.cpus().into_iter().map(|c| c as usize).collect());
-        let previous = match &cpus {
-            Some(c) => Some(sys::set_thread_affinity(c).map_err(|err| {
-                let list: Vec<String> = c.iter().map(ToString::to_string).collect();
-                format!(
-                    "node '{name}': cannot execute {program} on cpus {}: {} (this host has {} cpus online)",
-                    list.join(","),
-                    sys::cause(&err),
-                    sys::online_cpus()
-                )
-            })?),
-            None => None,
-        };
-        // The spawning thread takes the node into its cgroup v1 limits (see
-        // [`crate::limits`]).
-        if !placement.is_empty()
-            && let Err(err) = placement.enter()
-        {
-            if let Some(prev) = &previous {
-                let _ = sys::restore_thread_affinity(prev);
-            }
-            return Err(format!(
-                "node '{name}': cannot set its resource limits: {err}"
-            ));
-        }
-        let spawned = sys::spawn_clean(&launch);
-        placement.leave();
-        if let Some(prev) = &previous
-            && let Err(err) = sys::restore_thread_affinity(prev)
-        {
-            warn!("cannot restore the agent thread's cpu affinity: {err}");
-        }
-        let pid_i = spawned.map_err(|err| {
-            format!(
-                "node '{name}': cannot execute {program}: {}",
-                sys::cause(&err)
-            )
-        })?;
-        drop((out, err));
-        if let Err(err) = placement.finish() {
-            warn!(node = %name, "a resource limit could not be set once the node ran: {err}");
-        }
-        let pid = u32::try_from(pid_i).map_err(|_| "pid out of range")?;
-        let start_ticks = sys::proc_id(pid_i).map(|p| p.start_ticks).unwrap_or(0);
-        let generation = e.generation;
-        // Our unreaped child: the pid is still its own.
-        let pidfd = sys::PidFd::open(pid_i)
-            .map_err(|err| format!("node '{name}': cannot watch process {pid}: {err}"))?;
-        let waiter = pidfd.try_clone().ok();
-        let events = self.events.clone();
-        let node = name.to_owned();
-        tokio::spawn(async move {
-            let exit = match &waiter {
-                Some(fd) => match sys::wait_child(fd).await {
-                    Ok(sys::ExitKind::Code(c)) => machine::ExitStatus::Code(c),
-                    Ok(sys::ExitKind::Signal(s)) => machine::ExitStatus::Signal(s),
-                    Err(_) => machine::ExitStatus::Code(-1),
-                },
-                None => machine::ExitStatus::Code(-1),
-            };
-            let _ = events.send(Event::Exited {
-                node,
-                generation,
-                exit,
-            });
-        });
-        let pidfd = Some(pidfd);
-        let tcp_port = match &e.spec.readiness {
-            model::Readiness::Tcp { port, .. } => Some(*port),
-            _ => None,
-        };
-        let probe = tcp_port.map(|port| self.probe_tcp(name, generation, port));
-        let cgroup = self.contain(name, pid);
-        let e = self.nodes.get_mut(name).ok_or("no such node")?;
-        e.proc = Some(Proc {
-            id: ProcId {
-                pid: pid_i,
-                start_ticks,
-            },
-            generation,
-            token,
+        let job = crate::spawner::Job {
+            node: name.to_owned(),
+            generation: e.generation,
             spec: e.spec.clone(),
-            deploy_gen: e.deploy_gen,
-            epoch: self.restart_epoch,
-            started_at_ms: epoch_ms(),
-            probe,
-            child: true,
-            cgroup,
-            pidfd,
-            oom_base,
-            monitors: None,
-        });
-        e.spawning = None;
-        e.status_text = None;
-        info!(node = %name, pid, "started");
-        // The record must name the new process before anything else can happen, or an
-        // agent killed now would start the node a second time.
-        self.save_record(name);
-        Ok(pid)
+            program,
+            args,
+            env: env_list,
+            path,
+            workdir,
+            logs: e.logs.clone(),
+            plan,
+            cpus: e
+                .spec
+                .cpu_affinity
+                .as_ref()
+                .map(|a| a.cpus().into_iter().map(|c| c as usize).collect()),
+            limits: Limits::of(&e.spec),
+            announce: None,
+        };
+        // The spawner writes the record announcing the token before it spawns.
+        let announce = self.announce_spawn(name, token);
+        let job = crate::spawner::Job { announce, ..job };
+        self.spawner
+            .send(job)
+            .map_err(|_| "the spawner thread is gone".to_owned())
+    }
+
+    /// Takes over the process the spawner made for a node, or learns why it could
+    /// not, and tells the node's machine.
+    fn spawned(&mut self, outcome: crate::spawner::Outcome) {
+        let now = self.now();
+        let crate::spawner::Outcome {
+            node,
+            generation,
+            spec,
+            result,
+        } = outcome;
+        let pid_of =
+            |r: &Result<crate::spawner::Spawned, String>| r.as_ref().ok().map(|s| s.id.pid);
+        let current = self
+            .nodes
+            .get(&node)
+            .is_some_and(|e| e.generation == generation);
+        if !current {
+            // Unreachable while a node's machine waits for its spawn; never leave a
+            // process nobody watches.
+            if let Some(pid) = pid_of(&result) {
+                warn!(node = %node, pid, "killing a process spawned for a node that moved on");
+                kill_pid(pid);
+                self.in_flight_done(pid);
+            }
+            return;
+        }
+        let more = match result {
+            Ok(s) => {
+                let pid_i = s.id.pid;
+                let pid = u32::try_from(pid_i).unwrap_or(0);
+                let waiter = s.pidfd.try_clone().ok();
+                let events = self.events.clone();
+                let watched = node.clone();
+                tokio::spawn(async move {
+                    let exit = match &waiter {
+                        Some(fd) => match sys::wait_child(fd).await {
+                            Ok(sys::ExitKind::Code(c)) => machine::ExitStatus::Code(c),
+                            Ok(sys::ExitKind::Signal(s)) => machine::ExitStatus::Signal(s),
+                            Err(_) => machine::ExitStatus::Code(-1),
+                        },
+                        None => machine::ExitStatus::Code(-1),
+                    };
+                    let _ = events.send(Event::Exited {
+                        node: watched,
+                        generation,
+                        exit,
+                    });
+                });
+                let tcp_port = match &spec.readiness {
+                    model::Readiness::Tcp { port, .. } => Some(*port),
+                    _ => None,
+                };
+                let probe = tcp_port.map(|port| self.probe_tcp(&node, generation, port));
+                let restart_epoch = self.restart_epoch;
+                let e = self.nodes.get_mut(&node).expect("checked above");
+                let token = e.spawning.take().unwrap_or(0);
+                e.proc = Some(Proc {
+                    id: s.id,
+                    generation,
+                    token,
+                    deploy_gen: e.deploy_gen,
+                    spec,
+                    epoch: restart_epoch,
+                    started_at_ms: s.started_at_ms,
+                    probe,
+                    child: true,
+                    cgroup: s.cgroup,
+                    pidfd: Some(s.pidfd),
+                    oom_base: s.oom_base,
+                    monitors: None,
+                });
+                e.status_text = None;
+                e.last_error = None;
+                info!(node = %node, pid, "started");
+                // The record must name the new process before anything else can happen,
+                // or an agent killed now would look for it by its token only.
+                self.save_record(&node);
+                self.in_flight_done(pid_i);
+                let more = self
+                    .nodes
+                    .get_mut(&node)
+                    .map(|e| e.machine.spawned(now, pid))
+                    .unwrap_or_default();
+                self.run_actions(&node, more);
+                let held = self
+                    .nodes
+                    .get_mut(&node)
+                    .map(|e| std::mem::take(&mut e.held_notify))
+                    .unwrap_or_default();
+                for (text, sender) in held {
+                    self.event(Event::Notify {
+                        node: node.clone(),
+                        text,
+                        sender,
+                        _queued: None,
+                    });
+                }
+                Vec::new()
+            }
+            Err(err) => {
+                warn!(node = %node, "cannot start node: {err}");
+                self.bump(&node);
+                let more = self
+                    .nodes
+                    .get_mut(&node)
+                    .map(|e| {
+                        e.spawning = None;
+                        e.held_notify.clear();
+                        e.last_error = Some(err.clone());
+                        e.machine.spawn_failed(now, err)
+                    })
+                    .unwrap_or_default();
+                // A later agent process shows the error too.
+                self.save_record(&node);
+                more
+            }
+        };
+        self.run_actions(&node, more);
+    }
+
+    /// The supervisor has taken over `pid`: the orphan reaper may see it as ours.
+    fn in_flight_done(&mut self, pid: i32) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&pid);
+        if std::mem::take(&mut self.reap_pending) {
+            self.reap();
+        }
     }
 
     /// Starts the watchdog and liveness probe of the node's process, now ready, if its
@@ -1941,11 +1957,16 @@ impl Core {
     /// Writes the token of the spawn about to happen into the node's record, so that an
     /// agent killed between the spawn and the record of its pid finds the process (it
     /// carries the token in its environment) instead of leaving it untracked.
-    fn announce_spawn(&mut self, name: &str, token: u64) {
-        if let Some(e) = self.nodes.get_mut(name) {
-            e.spawning = Some(token);
+    /// Returns the record to write, for the spawner to write it before the spawn.
+    fn announce_spawn(&mut self, name: &str, token: u64) -> Option<(PathBuf, Vec<u8>)> {
+        self.nodes.get_mut(name)?.spawning = Some(token);
+        let (path, bytes) = self.record_of(name)?;
+        let e = self.nodes.get_mut(name)?;
+        if bytes == e.written {
+            return None;
         }
-        self.save_record(name);
+        e.written.clone_from(&bytes);
+        Some((path, bytes))
     }
 
     /// Moves a freshly spawned node process (and what it forked meanwhile) into the
@@ -1989,6 +2010,7 @@ impl Core {
     fn event(&mut self, ev: Event) {
         let now = self.now();
         match ev {
+            Event::Spawned(outcome) => self.spawned(*outcome),
             Event::DesiredWritten(result) => {
                 let Some((a, desired)) = self.writing.take() else {
                     return;
@@ -2104,6 +2126,13 @@ impl Core {
                 let Some(e) = self.nodes.get_mut(&node) else {
                     return;
                 };
+                if e.proc.is_none() && e.spawning.is_some() {
+                    // Its process may be the one being spawned: checked once it is in.
+                    if e.held_notify.len() < NOTIFY_QUEUE {
+                        e.held_notify.push((text, sender));
+                    }
+                    return;
+                }
                 let main = e.proc.as_ref().and_then(|p| u32::try_from(p.id.pid).ok());
                 let cg = e.proc.as_ref().and_then(|p| p.cgroup.clone());
                 if !sender.belongs(main, cg.as_deref()) {
@@ -2170,16 +2199,18 @@ impl Core {
     /// process group (a new session) are re-parented to the agent, a child subreaper,
     /// when their parent dies. Any such child whose spawn token belongs to no live node
     /// process is killed.
-    fn sweep_orphans(&self) {
-        let tracked: BTreeSet<i32> = self
-            .nodes
-            .values()
-            .filter_map(|e| e.proc.as_ref().filter(|p| p.child).map(|p| p.id.pid))
-            .collect();
+    fn sweep_orphans_except(&self, tracked: &BTreeSet<i32>) {
+        // A spawn under way carries the token its record announced.
         let live_tokens: BTreeSet<u64> = self
             .nodes
             .values()
-            .filter_map(|e| e.proc.as_ref().map(|p| p.token))
+            .flat_map(|e| {
+                e.proc
+                    .as_ref()
+                    .map(|p| p.token)
+                    .into_iter()
+                    .chain(e.spawning)
+            })
             .collect();
         for pid in sys::children() {
             if tracked.contains(&pid) {
@@ -2202,16 +2233,23 @@ impl Core {
     }
 
     fn reap(&mut self) {
-        let tracked: BTreeSet<i32> = self
+        let in_flight = self.in_flight.clone();
+        // Held by the spawner while it spawns: its child is not known here yet.
+        let Ok(in_flight) = in_flight.try_lock() else {
+            self.reap_pending = true;
+            return;
+        };
+        let mut tracked: BTreeSet<i32> = self
             .nodes
             .values()
             .filter_map(|e| e.proc.as_ref().filter(|p| p.child).map(|p| p.id.pid))
             .collect();
+        tracked.extend(in_flight.iter().copied());
         for (pid, exit) in sys::reap_orphans(&|pid| tracked.contains(&pid) || probe::is_probe(pid))
         {
             debug!(pid, ?exit, "reaped an orphaned descendant of a node");
         }
-        self.sweep_orphans();
+        self.sweep_orphans_except(&tracked);
     }
 
     /// Rotates oversized node logs, off the actor's thread (rotation copies files).
@@ -2408,9 +2446,24 @@ impl Core {
     }
 
     fn save_record(&mut self, name: &str) {
+        let Some((path, bytes)) = self.record_of(name) else {
+            return;
+        };
         let Some(e) = self.nodes.get_mut(name) else {
             return;
         };
+        if bytes == e.written {
+            return;
+        }
+        match write_record(&path, &bytes) {
+            Ok(()) => e.written = bytes,
+            Err(err) => warn!(node = %name, "cannot write {}: {err}", path.display()),
+        }
+    }
+
+    /// The node's record as it is to be written, and where.
+    fn record_of(&self, name: &str) -> Option<(PathBuf, Vec<u8>)> {
+        let e = self.nodes.get(name)?;
         let record = Record {
             spec: e.proc.as_ref().map_or(&e.spec, |p| &p.spec).clone(),
             config_id: e.config_id.clone(),
@@ -2439,15 +2492,8 @@ impl Core {
             oom_kills: e.oom_kills,
             liveness_failures: e.liveness_failures,
         };
-        let path = e.dir.join("record.json");
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialize");
-        if bytes == e.written {
-            return;
-        }
-        match write_record(&path, &bytes) {
-            Ok(()) => e.written = bytes,
-            Err(err) => warn!(node = %name, "cannot write {}: {err}", path.display()),
-        }
+        Some((e.dir.join("record.json"), bytes))
     }
 
     /// Converges on the desired state the last Apply wrote, from whatever a previous
@@ -3023,7 +3069,7 @@ mod tests {
             ("cluster-layout.zeek".to_owned(), "redef x;\n".to_owned()),
             ("empty".to_owned(), String::new()),
         ]);
-        write_node_files(dir.path(), &files).unwrap();
+        crate::spawner::write_node_files(dir.path(), &files).unwrap();
         let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
         assert_eq!(read("cluster-layout.zeek"), "redef x;\n");
         assert_eq!(read("empty"), "");
@@ -3038,7 +3084,7 @@ mod tests {
             ("cluster-layout.zeek".to_owned(), "redef x;\n".to_owned()),
             ("empty".to_owned(), "now".to_owned()),
         ]);
-        write_node_files(dir.path(), &files).unwrap();
+        crate::spawner::write_node_files(dir.path(), &files).unwrap();
         assert_eq!(read("empty"), "now");
         assert_ne!(ino("empty"), empty);
         assert_eq!(ino("cluster-layout.zeek"), layout);
@@ -3049,7 +3095,7 @@ mod tests {
         );
         for bad in ["", ".", "..", "../x", "a/b", "/etc/passwd"] {
             let files = BTreeMap::from([(bad.to_owned(), "x".to_owned())]);
-            let e = write_node_files(dir.path(), &files).unwrap_err();
+            let e = crate::spawner::write_node_files(dir.path(), &files).unwrap_err();
             assert!(e.contains("not a plain file name"), "{bad}: {e}");
         }
     }

@@ -1,0 +1,297 @@
+//! The spawner: one thread of the agent's that makes node processes, so that the
+//! supervisor task never blocks on a spawn.
+//!
+//! Spawning a node is blocking work: its working directory and files, log rotation and
+//! log files, the record that announces the spawn's token, cgroup limits and placement
+//! (a v1 migration waits for an RCU grace period), the affinity of the spawning thread,
+//! `posix_spawn` or the vfork-style clone, and the move into the node's cgroup. The
+//! supervisor task prepares a [`Job`] (cheap: names, environment, the resolved plan),
+//! hands it over and goes on answering requests and firing timers; the spawner carries
+//! jobs out in the order given and reports each as an [`Outcome`] through the
+//! supervisor's event queue. The node's machine waits in its spawning phase meanwhile
+//! (a stop asked for then is carried out once the spawn is known).
+//!
+//! One thread, in order: a node's announcement record is written before its spawn,
+//! and a node has at most one job at a time (its machine asks for no other spawn until
+//! it learns the outcome), so the queue holds at most one job per node.
+//!
+//! A child the spawner made is not yet known to the supervisor until its outcome is
+//! handled; the supervisor's reaper of orphaned zombies must not take it meanwhile. The
+//! spawner holds [`InFlight`] while it spawns and keeps the pid there until the
+//! supervisor has taken the process over.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use drover_proto::model::Node;
+use tracing::warn;
+
+use crate::cgroup::Cgroups;
+use crate::limits::{self, Limits};
+use crate::logs::NodeLogs;
+use crate::sys;
+
+/// Pids the spawner made that the supervisor has not taken over yet; locked while a
+/// spawn is under way.
+pub type InFlight = Arc<Mutex<BTreeSet<i32>>>;
+
+/// Everything one spawn needs, owned.
+#[derive(Debug)]
+pub struct Job {
+    /// The node.
+    pub node: String,
+    /// The node's spawn count this job is for.
+    pub generation: u64,
+    /// The spec spawned.
+    pub spec: Node,
+    /// The program (after the watchdog shim, if any) and its arguments.
+    pub program: String,
+    /// See `program`.
+    pub args: Vec<String>,
+    /// The whole environment, `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// The node's `PATH`, where a program name is looked up.
+    pub path: String,
+    /// The working directory, made if missing; the spec's `files` are written there.
+    pub workdir: PathBuf,
+    /// The node's logs: rotated if due, then opened as its stdout and stderr.
+    pub logs: NodeLogs,
+    /// User, groups, capabilities and limits.
+    pub plan: Arc<crate::exec::Plan>,
+    /// CPUs to pin the node to.
+    pub cpus: Option<Vec<usize>>,
+    /// Its cgroup resource limits.
+    pub limits: Limits,
+    /// The record announcing the spawn's token, written before the spawn.
+    pub announce: Option<(PathBuf, Vec<u8>)>,
+}
+
+/// A node process the spawner made.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Its pid and start time.
+    pub id: sys::ProcId,
+    /// A pidfd of it, the supervisor's child.
+    pub pidfd: sys::PidFd,
+    /// The node's cgroup it was moved into, if any.
+    pub cgroup: Option<PathBuf>,
+    /// OOM kills in its memory cgroup before it started.
+    pub oom_base: Option<u64>,
+    /// Milliseconds since the epoch when it was spawned.
+    pub started_at_ms: u64,
+}
+
+/// How a [`Job`] ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The job's node.
+    pub node: String,
+    /// The job's generation.
+    pub generation: u64,
+    /// The job's spec.
+    pub spec: Node,
+    /// The process, or why there is none (naming the node, the program and the cause).
+    pub result: Result<Spawned, String>,
+}
+
+/// What the spawner thread holds for all jobs.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The agent's cgroup subtree, for containment.
+    pub cgroups: Option<Cgroups>,
+    /// The host's cgroup controllers, for limits.
+    pub host: Arc<limits::Host>,
+    /// See [`InFlight`].
+    pub in_flight: InFlight,
+}
+
+/// Starts the spawner thread: it runs `jobs` in order and hands each outcome to
+/// `done`, and ends when the job sender is dropped.
+pub fn start(
+    cx: Context,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    done: impl Fn(Outcome) + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("drover-spawner".to_owned())
+        .spawn(move || {
+            while let Ok(job) = jobs.recv() {
+                let (node, generation) = (job.node.clone(), job.generation);
+                let spec = job.spec.clone();
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&cx, job)))
+                        .unwrap_or_else(|_| Err(format!("node '{node}': the spawn panicked")));
+                done(Outcome {
+                    node,
+                    generation,
+                    spec,
+                    result,
+                });
+            }
+        })
+}
+
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Writes a node's `files` into its working directory (each through a temp file and a
+/// rename, so a node never reads half a file), leaving alone those that already hold
+/// the text, as on most restarts. Names must be plain file names.
+pub(crate) fn write_node_files(
+    workdir: &std::path::Path,
+    files: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    for (name, text) in files {
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+            return Err(format!("node file name '{name}' is not a plain file name"));
+        }
+        let path = workdir.join(name);
+        if std::fs::read(&path).is_ok_and(|old| old == text.as_bytes()) {
+            continue;
+        }
+        let tmp = workdir.join(format!(".{name}.drover-tmp"));
+        // A working directory may belong to the node's own user: never follow what
+        // it may have put in the temp file's place.
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Carries out one job.
+fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
+    let name = job.node.as_str();
+    let program = job.program.as_str();
+    std::fs::create_dir_all(&job.workdir).map_err(|err| {
+        format!(
+            "cannot create working directory {}: {err}",
+            job.workdir.display()
+        )
+    })?;
+    write_node_files(&job.workdir, &job.spec.files)?;
+    let _ = job.logs.rotate_if_needed();
+    let (out, err) = job
+        .logs
+        .open_for_child()
+        .map_err(|err| format!("cannot open log files: {err}"))?;
+    if let Some((path, bytes)) = &job.announce
+        && let Err(err) = crate::supervisor::write_record(path, bytes)
+    {
+        warn!(node = %name, "cannot write {}: {err}", path.display());
+    }
+    let placement = cx
+        .host
+        .prepare(name, &job.limits)
+        .map_err(|err| format!("node '{name}': cannot set its resource limits: {err}"))?;
+    let oom_base = if cx.host.counts_oom(&job.limits) {
+        cx.host.oom_kills(name)
+    } else {
+        None
+    };
+    let launch = sys::SpawnSpec {
+        program,
+        args: &job.args,
+        env: job.env,
+        path: &job.path,
+        cwd: &job.workdir,
+        stdout: out.as_fd(),
+        stderr: err.as_fd(),
+        exec: Some(&job.plan),
+    };
+    let previous = match &job.cpus {
+        Some(c) => Some(sys::set_thread_affinity(c).map_err(|err| {
+            let list: Vec<String> = c.iter().map(ToString::to_string).collect();
+            format!(
+                "node '{name}': cannot execute {program} on cpus {}: {} (this host has {} cpus online)",
+                list.join(","),
+                sys::cause(&err),
+                sys::online_cpus()
+            )
+        })?),
+        None => None,
+    };
+    // The spawning thread takes the node into its cgroup v1 limits (see
+    // [`crate::limits`]).
+    if !placement.is_empty()
+        && let Err(err) = placement.enter()
+    {
+        if let Some(prev) = &previous {
+            let _ = sys::restore_thread_affinity(prev);
+        }
+        return Err(format!(
+            "node '{name}': cannot set its resource limits: {err}"
+        ));
+    }
+    let spawned = {
+        let mut in_flight = cx.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        let spawned = sys::spawn_clean(&launch);
+        if let Ok(pid) = spawned {
+            in_flight.insert(pid);
+        }
+        spawned
+    };
+    placement.leave();
+    if let Some(prev) = &previous
+        && let Err(err) = sys::restore_thread_affinity(prev)
+    {
+        warn!("cannot restore the spawner thread's cpu affinity: {err}");
+    }
+    let pid = spawned.map_err(|err| {
+        format!(
+            "node '{name}': cannot execute {program}: {}",
+            sys::cause(&err)
+        )
+    })?;
+    drop((out, err));
+    if let Err(err) = placement.finish() {
+        warn!(node = %name, "a resource limit could not be set once the node ran: {err}");
+    }
+    let started_at_ms = epoch_ms();
+    let start_ticks = sys::proc_id(pid).map(|p| p.start_ticks).unwrap_or(0);
+    // Our unreaped child: the pid is still its own.
+    let pidfd = match sys::PidFd::open(pid) {
+        Ok(fd) => fd,
+        Err(err) => {
+            cx.in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&pid);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(format!("node '{name}': cannot watch process {pid}: {err}"));
+        }
+    };
+    let cgroup = cx.cgroups.as_ref().and_then(|cgroups| {
+        let cg = cgroups.node(name);
+        let moved = u32::try_from(pid)
+            .map_err(std::io::Error::other)
+            .and_then(|p| cgroups.contain(&cg, p));
+        match moved {
+            Ok(()) => Some(cg),
+            Err(err) => {
+                warn!(node = %name, pid, "cannot move the node into {}: {err}", cg.display());
+                None
+            }
+        }
+    });
+    Ok(Spawned {
+        id: sys::ProcId { pid, start_ticks },
+        pidfd,
+        cgroup,
+        oom_base,
+        started_at_ms,
+    })
+}
