@@ -383,7 +383,7 @@ impl NodeLogs {
 
     /// Makes room for a new `.1`: keeps the newest `keep - 1` rotated files, renumbered
     /// `.2` … `.keep` without gaps, and deletes the others.
-    fn shift_rotated(&self, s: Stream) -> io::Result<()> {
+    pub(crate) fn shift_rotated(&self, s: Stream) -> io::Result<()> {
         let mut indices = self.rotated_indices(s)?;
         let room = usize::try_from(self.config.keep.saturating_sub(1)).unwrap_or(usize::MAX);
         for &i in indices.iter().skip(room) {
@@ -669,7 +669,7 @@ fn remove_if_exists(path: &Path) -> io::Result<()> {
 }
 
 /// Sets [`LOG_FILE_MODE`] on a file the agent created (the umask may have cut it).
-fn ensure_mode(f: &File) -> io::Result<()> {
+pub(crate) fn ensure_mode(f: &File) -> io::Result<()> {
     if f.metadata()?.permissions().mode() & 0o7777 != LOG_FILE_MODE {
         f.set_permissions(Permissions::from_mode(LOG_FILE_MODE))?;
     }

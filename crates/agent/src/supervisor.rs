@@ -18,7 +18,8 @@
 //! per-spawn `DROVER_NODE_TOKEN`. CPU affinity is set on the spawning thread just before
 //! the spawn and restored right after: a child inherits its parent thread's mask, so it is
 //! pinned from its first instruction without forcing a `fork`. stdout and stderr are
-//! files the node holds itself (see [`crate::logs`]).
+//! pipes to the log keeper ([`crate::keeper`]), or, without one, files the node holds
+//! itself (see [`crate::logs`]).
 //!
 //! Stopping sends the stop signal to every process in the node's cgroup, then kills the
 //! cgroup after the stop timeout. When the main process has exited, whatever is left of
@@ -81,6 +82,7 @@ use tracing::{debug, info, warn};
 
 use crate::cgroup::{self, CgroupSetting, Cgroups};
 use crate::converge::{self, Desired, Found, Settled, Stray, Then, Verdict, Want};
+use crate::keeper::output::ChildOutput;
 use crate::limits::{self, Limits};
 use crate::logs::{LogConfig, NodeLogs};
 use crate::machine::{self, Action, Machine, MachineConfig, Millis};
@@ -105,6 +107,9 @@ pub struct SupervisorConfig {
     pub logs: LogConfig,
     /// Where nodes' cgroups go (see [`crate::cgroup`]).
     pub cgroup: CgroupSetting,
+    /// The log keeper new processes' output goes to through pipes; without one they
+    /// write their log files themselves (see [`crate::keeper`]).
+    pub keeper: Option<crate::keeper::Keeper>,
 }
 
 /// A handle to the supervisor task; cheap to clone.
@@ -1673,11 +1678,12 @@ impl Core {
             )
         })?;
         write_node_files(&workdir, &spec.files)?;
-        let _ = e.logs.rotate_if_needed();
-        let (out, err) = e
-            .logs
-            .open_for_child()
-            .map_err(|err| format!("cannot open log files in {}: {err}", e.dir.display()))?;
+        let output = ChildOutput::open(&e.logs, self.cfg.keeper.as_ref()).map_err(|err| {
+            format!(
+                "cannot set up the output of node '{name}' in {}: {err}",
+                e.dir.display()
+            )
+        })?;
         let notify = Self::notify_path(&sock_dir);
         let query = crate::exec::query_path(&sock_dir, spec);
         let mut env: BTreeMap<&str, String> = BTreeMap::from([(
@@ -1748,8 +1754,8 @@ impl Core {
             env: env_list,
             path: &path,
             cwd: &workdir,
-            stdout: std::os::fd::AsFd::as_fd(&out),
-            stderr: std::os::fd::AsFd::as_fd(&err),
+            stdout: output.stdout(),
+            stderr: output.stderr(),
             exec: Some(&plan),
         };
         let cpus: Option<Vec<usize>> = spec
@@ -1793,7 +1799,7 @@ impl Core {
                 sys::cause(&err)
             )
         })?;
-        drop((out, err));
+        output.spawned(name, &e.logs, self.cfg.keeper.as_ref());
         if let Err(err) = placement.finish() {
             warn!(node = %name, "a resource limit could not be set once the node ran: {err}");
         }
@@ -2874,6 +2880,7 @@ mod tests {
             state_dir: dir.to_owned(),
             logs: LogConfig::default(),
             cgroup: CgroupSetting::None,
+            keeper: None,
         })
         .unwrap()
     }
