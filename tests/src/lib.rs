@@ -634,6 +634,13 @@ fn remove_agent_cgroups(logs: &[PathBuf]) {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+        // The log keeper's leaf: its keeper was killed with the nodes.
+        for _ in 0..500 {
+            if fs::remove_dir(root.join("keeper")).is_ok() || !root.join("keeper").exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         for dir in [nodes, root.join("agent"), root] {
             let _ = fs::remove_dir(dir);
         }

@@ -124,8 +124,8 @@ fn logs_stay_bounded_at_any_write_rate() {
         std::thread::sleep(Duration::from_micros(500));
     }
     eprintln!("{samples} samples, peak {peak} bytes, bound {bound}");
-    let keeper = std::fs::read_to_string(c.dir.path().join("agent-a1/log-keeper.log"))
-        .unwrap_or_default();
+    let keeper =
+        std::fs::read_to_string(c.dir.path().join("agent-a1/log-keeper.log")).unwrap_or_default();
     assert!(keeper.contains("log keeper started"), "{keeper}");
 
     // Stopped, the files are still: nothing was dropped, no line torn, the kept lines
@@ -140,7 +140,9 @@ fn logs_stay_bounded_at_any_write_rate() {
         assert_eq!(
             metric(
                 metrics,
-                &format!("drover_agent_log_dropped_bytes_total{{node=\"{node}\",stream=\"stdout\"}}")
+                &format!(
+                    "drover_agent_log_dropped_bytes_total{{node=\"{node}\",stream=\"stdout\"}}"
+                )
             ),
             Some(0.0)
         );

@@ -124,8 +124,13 @@ fn node_pid(dir: &Path) -> i32 {
 }
 
 fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
 }
 
 /// The pid of the keeper of `state_dir`.
@@ -238,7 +243,9 @@ fn a_follower_sees_every_line_across_rotations() {
     eventually("a first rotation", PATIENCE, || {
         dir.join("stdout.log.1").exists().then_some(())
     });
-    let rotated_before = std::fs::metadata(dir.join("stdout.log.1")).unwrap().ino_of();
+    let rotated_before = std::fs::metadata(dir.join("stdout.log.1"))
+        .unwrap()
+        .ino_of();
     let mut seqs: Vec<u64> = Vec::new();
     let mut rotations = 0;
     let mut last_rotated = rotated_before;

@@ -1836,7 +1836,7 @@ mod tests {
                 want.push(line);
             }
             if round % 2 == 0 {
-                tokio::time::sleep(POLL * 3).await;
+                time::sleep(POLL * 3).await;
             }
         }
         assert!(logs.rotated_path(Stream::Stdout, 3).exists(), "rotated");

@@ -17,6 +17,9 @@ use crate::logs::{LogConfig, Stream};
 
 /// Largest packet either side sends or accepts.
 pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Descriptors one receive takes at most (more than a message may carry, so that extra
+/// ones are received and closed rather than left in flight).
+const MAX_RECEIVED_FDS: usize = 8;
 /// Most descriptors one message carries.
 pub const MAX_FDS: usize = 1;
 
@@ -189,7 +192,8 @@ pub fn recv(sock: BorrowedFd<'_>) -> io::Result<Received> {
     // Room for a few more than we accept, so that extra ones are received and closed
     // rather than left in flight.
     // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE((8 * size_of::<RawFd>()) as u32) } as usize;
+    let space =
+        unsafe { libc::CMSG_SPACE((MAX_RECEIVED_FDS * size_of::<RawFd>()) as u32) } as usize;
     let mut control = vec![0u8; space];
     let mut fds: Vec<OwnedFd> = Vec::new();
     // SAFETY: the msghdr points into `iov`/`buf` and `control`, which outlive the call;

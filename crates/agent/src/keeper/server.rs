@@ -71,6 +71,7 @@ pub fn run(state_dir: &Path) -> io::Result<()> {
         info!("another log keeper serves {}", state_dir.display());
         return Ok(());
     };
+    leave_agent_leaf();
     let socket = super::socket_path(state_dir);
     let listener = super::listen(&socket)?;
     info!(socket = %socket.display(), "log keeper started");
@@ -293,6 +294,33 @@ async fn drain(shared: &Shared, pipe: &Pipe) {
         }
     }
     write(shared, pipe, &buf, &mut failing);
+}
+
+/// Moves the keeper out of the agent's cgroup leaf `agent/`, which must hold the agent
+/// alone (what else is found there is taken for a node's stray, see [`crate::cgroup`]),
+/// into a sibling leaf `keeper/` of the agent's subtree. Before the socket is bound, so
+/// before the agent spawns a node. Without such a leaf (no cgroup v2 subtree) nothing
+/// to do; a failure is logged.
+fn leave_agent_leaf() {
+    let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else {
+        return;
+    };
+    let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return;
+    };
+    let leaf = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    let Some(root) = leaf.parent().filter(|_| leaf.ends_with("agent")) else {
+        return;
+    };
+    if !root.join("nodes").is_dir() {
+        return;
+    }
+    let keeper = root.join("keeper");
+    let moved = std::fs::create_dir_all(&keeper)
+        .and_then(|()| std::fs::write(keeper.join("cgroup.procs"), std::process::id().to_string()));
+    if let Err(e) = moved {
+        warn!("cannot move the log keeper to {}: {e}", keeper.display());
+    }
 }
 
 /// Registers a descriptor with the runtime.
