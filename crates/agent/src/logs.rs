@@ -1,6 +1,15 @@
 //! Node output logs: the files a node's stdout and stderr go to, their size-bounded
 //! rotation, and reading them back ([`NodeLogs::tail`], [`NodeLogs::follow`]).
 //!
+//! # Pipes and the log keeper
+//!
+//! Where the agent runs a log keeper ([`crate::keeper`]) a node writes into pipes and
+//! the keeper alone writes these files, rotating by rename before a write would pass
+//! `max_bytes` (whole lines; see [`crate::keeper::writer`]): the files never exceed the
+//! bound and nothing is dropped. What follows describes the fallback, where there is no
+//! keeper, and nodes adopted from an agent without one: files the node writes itself.
+//! Reading is the same for both.
+//!
 //! # Files the node holds open
 //!
 //! Nodes outlive the agent: the agent may be SIGKILLed and restarted while its nodes run
