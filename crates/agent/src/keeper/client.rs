@@ -64,9 +64,17 @@ impl Keeper {
             config,
             state: Mutex::new(State::default()),
         });
-        let conn = inner.connect()?;
-        let held = inner.lock().held.len();
-        info!(pipes = held, "log keeper connected");
+        // A keeper that runs is greeted now (it holds the pipes of nodes a previous
+        // agent started); a new one is waited for by the watcher, so that the agent's
+        // start does not wait for it (pipes handed meanwhile are handed once it listens).
+        let conn = if super::connect(&super::socket_path(state_dir)).is_ok() {
+            let conn = inner.connect()?;
+            info!(pipes = inner.lock().held.len(), "log keeper connected");
+            Some(conn)
+        } else {
+            inner.spawn_keeper()?;
+            None
+        };
         let monitor = inner.clone();
         std::thread::Builder::new()
             .name("log-keeper".into())
@@ -228,7 +236,15 @@ impl Inner {
 
     /// Reads the keeper's notices until the connection ends, then starts another
     /// keeper; forever.
-    fn watch(self: Arc<Self>, mut conn: Arc<OwnedFd>) {
+    fn watch(self: Arc<Self>, conn: Option<Arc<OwnedFd>>) {
+        let mut conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = self.reconnect();
+                info!(pipes = self.lock().held.len(), "log keeper connected");
+                c
+            }
+        };
         loop {
             loop {
                 match proto::recv(conn.as_fd()) {
@@ -249,19 +265,26 @@ impl Inner {
                 }
             }
             warn!("lost the log keeper; starting another");
-            let mut wait = Duration::from_millis(50);
-            conn = loop {
-                match self.connect() {
-                    Ok(c) => break c,
-                    Err(e) => {
-                        warn!("cannot start the log keeper: {e}; trying again in {wait:?}");
-                        std::thread::sleep(wait);
-                        wait = (wait * 2).min(RETRY_MAX);
-                    }
-                }
-            };
+            conn = self.reconnect();
             RESTARTS.fetch_add(1, Ordering::Relaxed);
             info!(pipes = self.lock().held.len(), "log keeper connected again");
+        }
+    }
+}
+
+impl Inner {
+    /// Connects, starting a keeper when none answers, until that succeeds.
+    fn reconnect(&self) -> Arc<OwnedFd> {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.connect() {
+                Ok(c) => return c,
+                Err(e) => {
+                    warn!("cannot start the log keeper: {e}; trying again in {wait:?}");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(RETRY_MAX);
+                }
+            }
         }
     }
 }

@@ -308,7 +308,20 @@ fn leave_agent_leaf() {
     let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
         return;
     };
-    let leaf = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    // The cgroup v2 mount: /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host.
+    let Some(mount) = std::fs::read_to_string("/proc/self/mounts")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                let mut f = l.split_whitespace();
+                let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
+                (kind == "cgroup2").then(|| PathBuf::from(at))
+            })
+        })
+    else {
+        return;
+    };
+    let leaf = mount.join(path.trim_start_matches('/'));
     let Some(root) = leaf.parent().filter(|_| leaf.ends_with("agent")) else {
         return;
     };
