@@ -635,14 +635,16 @@ fn remove_agent_cgroups(logs: &[PathBuf]) {
             }
         }
         // A node spawned just before its agent was killed may not have been moved out
-        // of the agent's leaf yet; the agents are gone by now.
-        let leaf = root.join("agent");
-        let _ = fs::write(leaf.join("cgroup.kill"), "1");
-        for _ in 0..500 {
-            if fs::remove_dir(&leaf).is_ok() || !leaf.exists() {
-                break;
+        // of the agent's leaf yet, and the log keeper has a leaf of its own; the agents
+        // are gone by now.
+        for leaf in [root.join("agent"), root.join("keeper")] {
+            let _ = fs::write(leaf.join("cgroup.kill"), "1");
+            for _ in 0..500 {
+                if fs::remove_dir(&leaf).is_ok() || !leaf.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
         for dir in [nodes, root] {
             let _ = fs::remove_dir(dir);

@@ -397,6 +397,7 @@ fn a_failed_restart_returns_the_cause_and_the_last_output() {
             state_dir: dir.path().join("state"),
             logs: drover_agent::logs::LogConfig::default(),
             cgroup: drover_agent::cgroup::CgroupSetting::None,
+            keeper: None,
         })
         .unwrap()
     });

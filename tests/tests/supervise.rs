@@ -34,6 +34,7 @@ impl World {
                 state_dir: dir.path().to_owned(),
                 logs: LogConfig::default(),
                 cgroup: Default::default(),
+                keeper: None,
             })
             .unwrap()
         });
@@ -108,6 +109,7 @@ impl World {
                 state_dir: self.dir.path().to_owned(),
                 logs: LogConfig::default(),
                 cgroup: Default::default(),
+                keeper: None,
             })
             .unwrap()
         });

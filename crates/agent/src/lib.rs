@@ -12,7 +12,9 @@
 //!   decisions: applies by generation, spec diffs, recovery), with [`logs`] (per-node
 //!   files, rotation, tails), [`cgroup`] (a cgroup v2 subtree with one cgroup per node)
 //!   and [`sys`] (/proc, the spawn, process groups, pidfds, affinity).
-//! - [`logwatch`]: holds the nodes' log files to their bound as they grow (inotify).
+//! - [`keeper`]: the log keeper process that writes the nodes' log files from pipes.
+//! - [`logwatch`]: holds the log files of nodes that write them directly to their bound
+//!   as they grow (inotify).
 //! - [`query`]: asks running nodes for values (get-id-value) over their query sockets.
 //! - [`sockdir`]: short paths for the nodes' sockets when the state dir is long.
 //!
@@ -25,6 +27,7 @@ pub mod cgroup;
 pub mod converge;
 pub mod exec;
 mod handover;
+pub mod keeper;
 pub mod limits;
 pub mod logs;
 pub mod logwatch;
@@ -290,11 +293,13 @@ impl Agent {
         on_ready: impl FnOnce(),
     ) -> Result<(), Error> {
         let this = Arc::new(self);
+        let keeper = start_keeper(&this.config.state_dir, this.config.logs).await;
         let supervisor = Supervisor::start(SupervisorConfig {
             instance: this.config.name.clone(),
             state_dir: this.config.state_dir.clone(),
             logs: this.config.logs,
             cgroup: this.config.cgroup.clone(),
+            keeper,
         })
         .map_err(|e| Error::Supervisor(format!("cannot start: {e}")))?;
         let sup = supervisor.clone();
@@ -858,6 +863,29 @@ impl Reloader {
     }
 }
 
+/// Connects to the state dir's log keeper, starting it if needed; `None`, with a
+/// warning, when that fails: nodes then write their log files themselves.
+async fn start_keeper(
+    state_dir: &std::path::Path,
+    config: logs::LogConfig,
+) -> Option<keeper::Keeper> {
+    let dir = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
+    match tokio::task::spawn_blocking(move || keeper::Keeper::start(&dir, config)).await {
+        Ok(Ok(k)) => Some(k),
+        Ok(Err(e)) => {
+            warn!(
+                "cannot start the log keeper ({e}); nodes write their log files themselves, \
+                 rotated by copy and truncation, which a node writing fast can outrun"
+            );
+            None
+        }
+        Err(e) => {
+            warn!("cannot start the log keeper ({e}); nodes write their log files themselves");
+            None
+        }
+    }
+}
+
 /// Counts a session the controller opened through the listener as over when dropped,
 /// however the session's task ends.
 struct ListenedSession<'a>(&'a tokio::sync::watch::Sender<usize>);
@@ -1163,6 +1191,12 @@ async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String
         "drover_agent_log_dropped_bytes_total",
         "Bytes of node output dropped to hold the log bound (a marker line in the log says where).",
         &dropped,
+    );
+    drover_metrics::counter_samples(
+        &mut out,
+        "drover_agent_log_keeper_restarts_total",
+        "Log keepers the agent started again after losing one.",
+        &[(String::new(), keeper::client::restarts() as f64)],
     );
     drover_metrics::gauge(
         &mut out,

@@ -1,6 +1,15 @@
 //! Node output logs: the files a node's stdout and stderr go to, their size-bounded
 //! rotation, and reading them back ([`NodeLogs::tail`], [`NodeLogs::follow`]).
 //!
+//! # Pipes and the log keeper
+//!
+//! Where the agent runs a log keeper ([`crate::keeper`]) a node writes into pipes and
+//! the keeper alone writes these files, rotating by rename before a write would pass
+//! `max_bytes` (whole lines; see [`crate::keeper::writer`]): the files never exceed the
+//! bound and nothing is dropped. What follows describes the fallback, where there is no
+//! keeper, and nodes adopted from an agent without one: files the node writes itself.
+//! Reading is the same for both.
+//!
 //! # Files the node holds open
 //!
 //! Nodes outlive the agent: the agent may be SIGKILLed and restarted while its nodes run
@@ -142,6 +151,9 @@ const FOLLOW_READ_CHUNK: usize = 64 * 1024;
 const FOLLOW_MAX_READ_PER_POLL: u64 = 8 * 1024 * 1024;
 /// Bytes before its offset a follower re-reads to notice a truncated and regrown file.
 const FOLLOW_CHECK_BYTES: usize = 64;
+/// How many rotated files a follower looks through for the file it followed when that
+/// was rotated away by rename.
+const FOLLOW_ROTATED_SEARCH: u32 = 16;
 /// Shortest poll interval a follower accepts.
 const MIN_POLL: Duration = Duration::from_millis(10);
 
@@ -383,7 +395,7 @@ impl NodeLogs {
 
     /// Makes room for a new `.1`: keeps the newest `keep - 1` rotated files, renumbered
     /// `.2` … `.keep` without gaps, and deletes the others.
-    fn shift_rotated(&self, s: Stream) -> io::Result<()> {
+    pub(crate) fn shift_rotated(&self, s: Stream) -> io::Result<()> {
         let mut indices = self.rotated_indices(s)?;
         let room = usize::try_from(self.config.keep.saturating_sub(1)).unwrap_or(usize::MAX);
         for &i in indices.iter().skip(room) {
@@ -669,7 +681,7 @@ fn remove_if_exists(path: &Path) -> io::Result<()> {
 }
 
 /// Sets [`LOG_FILE_MODE`] on a file the agent created (the umask may have cut it).
-fn ensure_mode(f: &File) -> io::Result<()> {
+pub(crate) fn ensure_mode(f: &File) -> io::Result<()> {
     if f.metadata()?.permissions().mode() & 0o7777 != LOG_FILE_MODE {
         f.set_permissions(Permissions::from_mode(LOG_FILE_MODE))?;
     }
@@ -977,8 +989,12 @@ impl Follower {
             }
             return self.flush_dropped(tx);
         };
-        if self.ino.is_some_and(|ino| ino != meta.ino()) {
-            // Replaced by another file.
+        if let Some(old) = self.ino
+            && old != meta.ino()
+        {
+            // Replaced by another file: rotated by rename (the log keeper's way), or
+            // removed and created anew.
+            self.replaced(old, tx).await?;
             self.reset();
         }
         self.ino = Some(meta.ino());
@@ -996,6 +1012,45 @@ impl Follower {
         self.flush_dropped(tx)
     }
 
+    /// The followed file was replaced: when it was renamed to a rotated file, delivers
+    /// what it got past our offset, and every file rotated after it (a fast writer's
+    /// files can rotate more than once between two polls).
+    async fn replaced(&mut self, old: u64, tx: &mpsc::Sender<String>) -> Result<(), Gone> {
+        let base = self.path.clone();
+        let rotated = move |k: u32| {
+            let mut p = base.clone().into_os_string();
+            p.push(format!(".{k}"));
+            PathBuf::from(p)
+        };
+        let mut found = None;
+        for k in 1..=FOLLOW_ROTATED_SEARCH {
+            match tokio::fs::metadata(rotated(k)).await {
+                Ok(m) if m.ino() == old => {
+                    found = Some(k);
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let Some(k) = found else {
+            return Ok(());
+        };
+        let mut from = self.offset;
+        for j in (1..=k).rev() {
+            if let Ok(mut f) = tokio::fs::File::open(rotated(j)).await
+                && f.seek(SeekFrom::Start(from)).await.is_ok()
+            {
+                let mut buf = vec![0; FOLLOW_READ_CHUNK];
+                while let Ok(n @ 1..) = f.read(&mut buf).await {
+                    self.deliver_bytes(&buf[..n], tx).await?;
+                }
+            }
+            from = 0;
+        }
+        Ok(())
+    }
+
     fn reset(&mut self) {
         self.offset = 0;
         self.recent.clear();
@@ -1005,6 +1060,12 @@ impl Follower {
         let Ok(mut f) = tokio::fs::File::open(&self.path).await else {
             return Ok(());
         };
+        // Replaced since the poll looked: the next poll reads the rest of the one seen.
+        if let Ok(m) = f.metadata().await
+            && self.ino.is_some_and(|ino| ino != m.ino())
+        {
+            return Ok(());
+        }
         let mut buf = vec![0; FOLLOW_CHECK_BYTES + FOLLOW_READ_CHUNK];
         let mut budget = FOLLOW_MAX_READ_PER_POLL;
         while budget > 0 {
@@ -1767,6 +1828,30 @@ mod tests {
         let (mut node2, _) = logs.open_for_child().unwrap();
         node2.write_all(b"fresh\n").unwrap();
         assert_eq!(next(&mut rx).await, "fresh");
+    }
+
+    #[tokio::test]
+    async fn follow_sees_every_line_across_rename_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = logs(dir.path(), 200, 12);
+        let mut w = crate::keeper::writer::Writer::open(logs.clone(), Stream::Stdout).unwrap();
+        let mut rx = logs.follow(Stream::Stdout, POLL);
+        let mut want = Vec::new();
+        // Several rotations between two polls, and some with a poll between them.
+        for round in 0..6 {
+            for i in 0..30 {
+                let line = format!("round {round} line {i}");
+                w.write(format!("{line}\n").as_bytes()).unwrap();
+                want.push(line);
+            }
+            if round % 2 == 0 {
+                time::sleep(POLL * 3).await;
+            }
+        }
+        assert!(logs.rotated_path(Stream::Stdout, 3).exists(), "rotated");
+        for line in want {
+            assert_eq!(next(&mut rx).await, line);
+        }
     }
 
     #[tokio::test]

@@ -209,6 +209,9 @@ fn config(args: Args) -> anyhow::Result<(Config, bool)> {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(code) = drover_agent::keeper::run_if_keeper() {
+        return code;
+    }
     let args = Args::parse();
     drover_daemon::main_with_own_watchdog(|shutdown| async move {
         let (config, watch_certs) = config(args)?;

@@ -1,8 +1,8 @@
 //! The spawner: one thread of the agent's that makes node processes, so that the
 //! supervisor task never blocks on a spawn.
 //!
-//! Spawning a node is blocking work: its working directory and files, log rotation and
-//! log files, the record that announces the spawn's token, cgroup limits and placement
+//! Spawning a node is blocking work: its working directory and files, its output
+//! (pipes handed to the log keeper, or log files rotated and opened), the record that announces the spawn's token, cgroup limits and placement
 //! (a v1 migration waits for an RCU grace period), the affinity of the spawning thread,
 //! `posix_spawn` or the vfork-style clone, and the move into the node's cgroup. The
 //! supervisor task prepares a [`Job`] (cheap: names, environment, the resolved plan),
@@ -21,7 +21,6 @@
 //! supervisor has taken the process over.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -29,6 +28,7 @@ use drover_proto::model::Node;
 use tracing::warn;
 
 use crate::cgroup::Cgroups;
+use crate::keeper::output::ChildOutput;
 use crate::limits::{self, Limits};
 use crate::logs::NodeLogs;
 use crate::sys;
@@ -105,6 +105,8 @@ pub struct Context {
     pub host: Arc<limits::Host>,
     /// See [`InFlight`].
     pub in_flight: InFlight,
+    /// The log keeper new processes' output goes to, if any.
+    pub keeper: Option<crate::keeper::Keeper>,
 }
 
 /// Starts the spawner thread: it runs `jobs` in order and hands each outcome to
@@ -180,11 +182,12 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
         )
     })?;
     write_node_files(&job.workdir, &job.spec.files)?;
-    let _ = job.logs.rotate_if_needed();
-    let (out, err) = job
-        .logs
-        .open_for_child()
-        .map_err(|err| format!("cannot open log files: {err}"))?;
+    let output = ChildOutput::open(&job.logs, cx.keeper.as_ref()).map_err(|err| {
+        format!(
+            "cannot set up the output of node '{name}' in {}: {err}",
+            job.logs.dir().display()
+        )
+    })?;
     if let Some((path, bytes)) = &job.announce
         && let Err(err) = crate::supervisor::write_record(path, bytes)
     {
@@ -205,8 +208,8 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
         env: job.env,
         path: &job.path,
         cwd: &job.workdir,
-        stdout: out.as_fd(),
-        stderr: err.as_fd(),
+        stdout: output.stdout(),
+        stderr: output.stderr(),
         exec: Some(&job.plan),
     };
     let previous = match &job.cpus {
@@ -253,7 +256,7 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
             sys::cause(&err)
         )
     })?;
-    drop((out, err));
+    output.spawned(name, &job.logs, cx.keeper.as_ref());
     if let Err(err) = placement.finish() {
         warn!(node = %name, "a resource limit could not be set once the node ran: {err}");
     }

@@ -20,7 +20,8 @@
 //! per-spawn `DROVER_NODE_TOKEN`. CPU affinity is set on the spawning thread just before
 //! the spawn and restored right after: a child inherits its parent thread's mask, so it is
 //! pinned from its first instruction without forcing a `fork`. stdout and stderr are
-//! files the node holds itself (see [`crate::logs`]).
+//! pipes to the log keeper ([`crate::keeper`]), or, without one, files the node holds
+//! itself (see [`crate::logs`]).
 //!
 //! Stopping sends the stop signal to every process in the node's cgroup, then kills the
 //! cgroup after the stop timeout. When the main process has exited, whatever is left of
@@ -114,6 +115,9 @@ pub struct SupervisorConfig {
     pub logs: LogConfig,
     /// Where nodes' cgroups go (see [`crate::cgroup`]).
     pub cgroup: CgroupSetting,
+    /// The log keeper new processes' output goes to through pipes; without one they
+    /// write their log files themselves (see [`crate::keeper`]).
+    pub keeper: Option<crate::keeper::Keeper>,
 }
 
 /// A handle to the supervisor task; cheap to clone.
@@ -690,6 +694,7 @@ impl Supervisor {
                 cgroups: cgroups.clone(),
                 host: host.clone(),
                 in_flight: in_flight.clone(),
+                keeper: cfg.keeper.clone(),
             },
             jobs,
             move |outcome| {
@@ -3011,6 +3016,7 @@ mod tests {
             state_dir: dir.to_owned(),
             logs: LogConfig::default(),
             cgroup: CgroupSetting::None,
+            keeper: None,
         })
         .unwrap()
     }

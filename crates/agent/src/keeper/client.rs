@@ -1,0 +1,320 @@
+//! The agent's side of the log keeper: starting it, handing it pipes, and starting it
+//! again when it dies.
+//!
+//! [`Keeper::hand`] passes a new pipe's read end to the keeper and keeps it (see the
+//! module doc of [`crate::keeper`]). A thread of its own reads the connection: the
+//! keeper's `Closed` notices, which let the agent close its duplicate, and the end of
+//! the connection, which means the keeper died: the thread starts another and hands it
+//! every read end held.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use super::proto::{self, Msg, PipeInfo, Received};
+use crate::logs::LogConfig;
+
+/// How long the agent waits for a keeper it started to listen, and for its answers.
+const PATIENCE: Duration = Duration::from_secs(5);
+/// Longest wait between attempts to start a keeper again.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Keepers started again after one was lost, since the agent started.
+static RESTARTS: AtomicU64 = AtomicU64::new(0);
+
+/// Keepers this agent started again after losing one.
+pub fn restarts() -> u64 {
+    RESTARTS.load(Ordering::Relaxed)
+}
+
+/// A handle to the state dir's log keeper; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Keeper {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state_dir: PathBuf,
+    config: LogConfig,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The connection, while there is one.
+    conn: Option<Arc<OwnedFd>>,
+    /// The read end of every pipe handed over and not yet closed, by inode.
+    held: BTreeMap<u64, (PipeInfo, OwnedFd)>,
+}
+
+impl Keeper {
+    /// Connects to the state dir's keeper, starting one if none answers, and takes the
+    /// read ends it holds (of nodes a previous agent process started). Blocking.
+    pub fn start(state_dir: &Path, config: LogConfig) -> io::Result<Self> {
+        super::raise_nofile();
+        let inner = Arc::new(Inner {
+            state_dir: state_dir.to_owned(),
+            config,
+            state: Mutex::new(State::default()),
+        });
+        // A keeper that runs is greeted now (it holds the pipes of nodes a previous
+        // agent started); a new one is waited for by the watcher, so that the agent's
+        // start does not wait for it (pipes handed meanwhile are handed once it listens).
+        let conn = if super::connect(&super::socket_path(state_dir)).is_ok() {
+            let conn = inner.connect()?;
+            info!(pipes = inner.lock().held.len(), "log keeper connected");
+            Some(conn)
+        } else {
+            inner.spawn_keeper()?;
+            None
+        };
+        let monitor = inner.clone();
+        std::thread::Builder::new()
+            .name("log-keeper".into())
+            .spawn(move || monitor.watch(conn))?;
+        Ok(Self { inner })
+    }
+
+    /// Hands a node stream's pipe (its read end) to the keeper, and keeps it until the
+    /// keeper reports the pipe closed. Never fails: while no keeper runs, the pipe waits
+    /// for the next.
+    pub fn hand(&self, pipe: PipeInfo, read: OwnedFd) {
+        let ino = match super::pipe_ino(read.as_fd()) {
+            Ok(ino) => ino,
+            Err(e) => {
+                warn!(node = %pipe.node, "not a pipe for the log keeper: {e}");
+                return;
+            }
+        };
+        let mut state = self.inner.lock();
+        if let Some(conn) = &state.conn {
+            let msg = Msg::Pipe { pipe: pipe.clone() };
+            if let Err(e) = proto::send(conn.as_fd(), &msg, Some(read.as_fd())) {
+                warn!(node = %pipe.node, "cannot hand its output to the log keeper: {e}");
+                // The watcher wakes up to an ended connection and starts another keeper.
+                // SAFETY: shutdown takes no pointers.
+                unsafe { libc::shutdown(conn.as_raw_fd(), libc::SHUT_RDWR) };
+                state.conn = None;
+            }
+        }
+        state.held.insert(ino, (pipe, read));
+    }
+
+    /// Pipes held (handed over and not yet closed).
+    pub fn held(&self) -> usize {
+        self.inner.lock().held.len()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Connects (starting a keeper if none answers), greets, takes what it holds and
+    /// hands it what this agent holds. On success the connection is the current one.
+    fn connect(&self) -> io::Result<Arc<OwnedFd>> {
+        let path = super::socket_path(&self.state_dir);
+        let conn = match super::connect(&path) {
+            Ok(c) => c,
+            Err(_) => {
+                self.spawn_keeper()?;
+                let started = Instant::now();
+                loop {
+                    match super::connect(&path) {
+                        Ok(c) => break c,
+                        Err(e) if started.elapsed() > PATIENCE => {
+                            return Err(io::Error::new(
+                                e.kind(),
+                                format!("the log keeper did not listen on {}: {e}", path.display()),
+                            ));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            }
+        };
+        set_timeouts(&conn, PATIENCE)?;
+        proto::send(
+            conn.as_fd(),
+            &Msg::Hello {
+                max_bytes: self.config.max_bytes,
+                keep: self.config.keep,
+            },
+            None,
+        )?;
+        let mut theirs = BTreeMap::new();
+        loop {
+            match proto::recv(conn.as_fd())? {
+                Received::Eof => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the log keeper closed the connection",
+                    ));
+                }
+                Received::Packet(Ok((Msg::Holding { ino, pipe }, Some(fd)))) => {
+                    theirs.insert(ino, (pipe, fd));
+                }
+                Received::Packet(Ok((Msg::Ready, _))) => break,
+                Received::Packet(Ok((Msg::Closed { ino }, _))) => {
+                    theirs.remove(&ino);
+                }
+                Received::Packet(other) => warn!("ignoring a log keeper message: {other:?}"),
+            }
+        }
+        // Blocking reads from now on (the watcher waits for the keeper's messages);
+        // sends still time out.
+        set_timeouts(&conn, Duration::ZERO)?;
+        set_send_timeout(&conn, PATIENCE)?;
+        let conn = Arc::new(conn);
+        let mut state = self.lock();
+        for (ino, (pipe, fd)) in theirs {
+            state.held.entry(ino).or_insert((pipe, fd));
+        }
+        // What the keeper did not list (a new keeper lists nothing) goes to it again;
+        // it ignores pipes it already reads.
+        for (pipe, fd) in state.held.values() {
+            proto::send(
+                conn.as_fd(),
+                &Msg::Pipe { pipe: pipe.clone() },
+                Some(fd.as_fd()),
+            )?;
+        }
+        state.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Starts a keeper: this binary in keeper mode, in the state dir.
+    fn spawn_keeper(&self) -> io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let exe = std::env::current_exe()?;
+        let exe = exe.to_str().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the agent's path {} is not UTF-8", exe.display()),
+            )
+        })?;
+        let dir = self.state_dir.to_str().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the state dir {} is not UTF-8", self.state_dir.display()),
+            )
+        })?;
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(super::log_path(&self.state_dir))?;
+        let mut env = vec!["PATH=/usr/sbin:/usr/bin:/sbin:/bin".to_owned()];
+        for key in ["RUST_LOG", "NO_COLOR"] {
+            if let Some(v) = std::env::var_os(key).and_then(|v| v.into_string().ok()) {
+                env.push(format!("{key}={v}"));
+            }
+        }
+        let args = [super::KEEPER_ARG.to_owned(), dir.to_owned()];
+        let pid = crate::sys::spawn_clean(&crate::sys::SpawnSpec {
+            program: exe,
+            args: &args,
+            env,
+            path: "",
+            cwd: &self.state_dir,
+            stdout: log.as_fd(),
+            stderr: log.as_fd(),
+            exec: None,
+        })?;
+        debug!(pid, "started a log keeper");
+        Ok(())
+    }
+
+    /// Reads the keeper's notices until the connection ends, then starts another
+    /// keeper; forever.
+    fn watch(self: Arc<Self>, conn: Option<Arc<OwnedFd>>) {
+        let mut conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = self.reconnect();
+                info!(pipes = self.lock().held.len(), "log keeper connected");
+                c
+            }
+        };
+        loop {
+            loop {
+                match proto::recv(conn.as_fd()) {
+                    Ok(Received::Packet(Ok((Msg::Closed { ino }, _)))) => {
+                        self.lock().held.remove(&ino);
+                    }
+                    Ok(Received::Packet(other)) => {
+                        warn!("ignoring a log keeper message: {other:?}");
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Ok(Received::Eof) | Err(_) => break,
+                }
+            }
+            {
+                let mut state = self.lock();
+                if state.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+                    state.conn = None;
+                }
+            }
+            warn!("lost the log keeper; starting another");
+            conn = self.reconnect();
+            RESTARTS.fetch_add(1, Ordering::Relaxed);
+            info!(pipes = self.lock().held.len(), "log keeper connected again");
+        }
+    }
+}
+
+impl Inner {
+    /// Connects, starting a keeper when none answers, until that succeeds.
+    fn reconnect(&self) -> Arc<OwnedFd> {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.connect() {
+                Ok(c) => return c,
+                Err(e) => {
+                    warn!("cannot start the log keeper: {e}; trying again in {wait:?}");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+}
+
+fn set_timeouts(conn: &OwnedFd, t: Duration) -> io::Result<()> {
+    set_timeout(conn, libc::SO_RCVTIMEO, t)?;
+    set_timeout(conn, libc::SO_SNDTIMEO, t)
+}
+
+fn set_send_timeout(conn: &OwnedFd, t: Duration) -> io::Result<()> {
+    set_timeout(conn, libc::SO_SNDTIMEO, t)
+}
+
+fn set_timeout(conn: &OwnedFd, which: libc::c_int, t: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: libc::suseconds_t::from(t.subsec_micros().cast_signed()),
+    };
+    // SAFETY: `tv` is a valid timeval of the size passed.
+    let ret = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            which,
+            (&raw const tv).cast(),
+            libc::socklen_t::try_from(size_of::<libc::timeval>()).unwrap_or(0),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,388 @@
+//! The log keeper process: reads the nodes' pipes and writes their log files.
+//!
+//! One thread, one tokio current-thread runtime. A task per pipe waits for it to be
+//! readable, reads up to [`CHUNK`] bytes, and hands the whole lines to the stream's
+//! [`Writer`] (a trailing partial line waits for its end, at most [`HOLD_FOR`] or
+//! until it is [`HOLD_MAX`] long). A task per agent connection answers its messages.
+//! A pipe that reaches its end (the node and everything that inherited its stdout are
+//! gone) is closed and the agent told. With no pipe and no agent the keeper has nothing
+//! to do and exits.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::proto::{self, Msg, PipeInfo, Received};
+use super::writer::{Writer, whole_lines};
+use crate::logs::{LogConfig, NodeLogs, Stream};
+
+/// Bytes read from a pipe at once.
+pub const CHUNK: usize = 64 * 1024;
+/// A partial line at least this long is written without waiting for its end.
+const HOLD_MAX: usize = 64 * 1024;
+/// How long a partial line waits for its end before it is written as it is.
+const HOLD_FOR: Duration = Duration::from_millis(200);
+/// How often an idle keeper (no pipe, no agent) checks whether to exit.
+const IDLE_CHECK: Duration = Duration::from_secs(10);
+
+/// A pipe the keeper reads.
+struct Pipe {
+    info: RefCell<PipeInfo>,
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Pipe {
+    fn key(&self) -> (PathBuf, Stream) {
+        let info = self.info.borrow();
+        (info.dir.clone(), info.stream)
+    }
+}
+
+type Outbox = mpsc::UnboundedSender<(Msg, Option<Rc<Pipe>>)>;
+
+#[derive(Default)]
+struct State {
+    pipes: HashMap<u64, Rc<Pipe>>,
+    /// Each stream's writer and how many pipes write to it (a restarted node's new pipe
+    /// and its old one, still draining).
+    writers: HashMap<(PathBuf, Stream), (Option<Writer>, usize)>,
+    conns: HashMap<u64, Outbox>,
+    next_conn: u64,
+    socket: PathBuf,
+}
+
+type Shared = Rc<RefCell<State>>;
+
+/// Runs the keeper of `state_dir` until it has nothing left to do. Returns at once when
+/// another keeper holds the state dir's keeper lock.
+pub fn run(state_dir: &Path) -> io::Result<()> {
+    // SAFETY: setting a signal's disposition to SIG_IGN has no handler to be unsafe in.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    super::raise_nofile();
+    let Some(_lock) = super::lock(state_dir)? else {
+        info!("another log keeper serves {}", state_dir.display());
+        return Ok(());
+    };
+    leave_agent_leaf();
+    let socket = super::socket_path(state_dir);
+    let listener = super::listen(&socket)?;
+    info!(socket = %socket.display(), "log keeper started");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    let shared: Shared = Rc::new(RefCell::new(State {
+        socket,
+        ..State::default()
+    }));
+    local.block_on(&rt, serve(shared, listener))
+}
+
+async fn serve(shared: Shared, listener: OwnedFd) -> io::Result<()> {
+    let listener = register(listener)?;
+    let mut idle = tokio::time::interval(IDLE_CHECK);
+    idle.tick().await;
+    loop {
+        tokio::select! {
+            ready = listener.readable() => {
+                let mut guard = ready?;
+                match guard.try_io(|l| super::accept(l.as_fd())) {
+                    Ok(Ok(conn)) => {
+                        let shared = shared.clone();
+                        tokio::task::spawn_local(async move {
+                            if let Err(e) = serve_conn(shared.clone(), conn).await {
+                                warn!("agent connection: {e}");
+                            }
+                        });
+                    }
+                    Ok(Err(e)) => warn!("cannot accept an agent connection: {e}"),
+                    Err(_would_block) => {}
+                }
+            }
+            _ = idle.tick() => exit_if_idle(&shared),
+        }
+    }
+}
+
+/// Exits when there is nothing to keep and no agent to serve; the socket goes first,
+/// while the lock still keeps another keeper from binding it.
+fn exit_if_idle(shared: &Shared) {
+    let state = shared.borrow();
+    if state.pipes.is_empty() && state.conns.is_empty() {
+        info!("no pipes and no agent: the log keeper exits");
+        let _ = std::fs::remove_file(&state.socket);
+        std::process::exit(0);
+    }
+}
+
+async fn serve_conn(shared: Shared, conn: OwnedFd) -> io::Result<()> {
+    let conn = register(conn)?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let id = {
+        let mut state = shared.borrow_mut();
+        state.next_conn += 1;
+        let id = state.next_conn;
+        state.conns.insert(id, tx.clone());
+        id
+    };
+    let result = async {
+        loop {
+            tokio::select! {
+                ready = conn.readable() => {
+                    let mut guard = ready?;
+                    match guard.try_io(|c| proto::recv(c.as_fd())) {
+                        Ok(Ok(Received::Eof)) => return Ok(()),
+                        Ok(Ok(Received::Packet(Ok((msg, fd))))) => handle(&shared, &tx, msg, fd),
+                        Ok(Ok(Received::Packet(Err(e)))) => warn!("ignoring a message: {e}"),
+                        Ok(Err(e)) => return Err(e),
+                        Err(_would_block) => {}
+                    }
+                }
+                Some((msg, pipe)) = rx.recv() => send(&conn, &msg, pipe.as_deref()).await?,
+            }
+        }
+    }
+    .await;
+    shared.borrow_mut().conns.remove(&id);
+    exit_if_idle(&shared);
+    result
+}
+
+async fn send(conn: &AsyncFd<OwnedFd>, msg: &Msg, pipe: Option<&Pipe>) -> io::Result<()> {
+    loop {
+        let mut guard = conn.writable().await?;
+        let fd = pipe.map(|p| p.fd.get_ref().as_fd());
+        match guard.try_io(|c| proto::send(c.as_fd(), msg, fd)) {
+            Ok(result) => return result,
+            Err(_would_block) => {}
+        }
+    }
+}
+
+fn handle(shared: &Shared, tx: &Outbox, msg: Msg, fd: Option<OwnedFd>) {
+    match (msg, fd) {
+        (Msg::Hello { max_bytes, keep }, _) => {
+            let config = LogConfig { max_bytes, keep };
+            let mut state = shared.borrow_mut();
+            for w in state.writers.values_mut().filter_map(|(w, _)| w.as_mut()) {
+                w.set_config(config);
+            }
+            for (&ino, pipe) in &state.pipes {
+                {
+                    let mut info = pipe.info.borrow_mut();
+                    info.max_bytes = max_bytes;
+                    info.keep = keep;
+                }
+                let info = pipe.info.borrow().clone();
+                let _ = tx.send((Msg::Holding { ino, pipe: info }, Some(pipe.clone())));
+            }
+            let _ = tx.send((Msg::Ready, None));
+        }
+        (Msg::Pipe { pipe }, Some(fd)) => take_pipe(shared, pipe, fd),
+        (other, _) => warn!("ignoring an unexpected {other:?} message"),
+    }
+}
+
+fn take_pipe(shared: &Shared, info: PipeInfo, fd: OwnedFd) {
+    let ino = match super::pipe_ino(fd.as_fd()) {
+        Ok(ino) => ino,
+        Err(e) => {
+            warn!(node = %info.node, "ignoring a pipe: {e}");
+            return;
+        }
+    };
+    let mut state = shared.borrow_mut();
+    if let Some(held) = state.pipes.get(&ino) {
+        // Handed again (the agent re-hands what it holds after a reconnection).
+        *held.info.borrow_mut() = info;
+        return;
+    }
+    if let Err(e) = super::set_nonblocking(fd.as_fd()) {
+        warn!(node = %info.node, "ignoring a pipe: {e}");
+        return;
+    }
+    let fd = match register(fd) {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(node = %info.node, "ignoring a pipe: {e}");
+            return;
+        }
+    };
+    let pipe = Rc::new(Pipe {
+        info: RefCell::new(info),
+        fd,
+    });
+    state
+        .writers
+        .entry(pipe.key())
+        .or_insert_with(|| (None, 0))
+        .1 += 1;
+    state.pipes.insert(ino, pipe.clone());
+    drop(state);
+    let shared = shared.clone();
+    tokio::task::spawn_local(async move {
+        drain(&shared, &pipe).await;
+        let mut state = shared.borrow_mut();
+        state.pipes.remove(&ino);
+        if let Some(w) = state.writers.get_mut(&pipe.key()) {
+            w.1 -= 1;
+            if w.1 == 0 {
+                state.writers.remove(&pipe.key());
+            }
+        }
+        for tx in state.conns.values() {
+            let _ = tx.send((Msg::Closed { ino }, None));
+        }
+        drop(state);
+        exit_if_idle(&shared);
+    });
+}
+
+/// Copies a pipe into its files until its end.
+async fn drain(shared: &Shared, pipe: &Pipe) {
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + HOLD_MAX);
+    let mut failing = false;
+    loop {
+        let ready = if buf.is_empty() {
+            pipe.fd.readable().await.map(Some)
+        } else {
+            match tokio::time::timeout(HOLD_FOR, pipe.fd.readable()).await {
+                Ok(ready) => ready.map(Some),
+                Err(_elapsed) => Ok(None),
+            }
+        };
+        let mut guard = match ready {
+            Ok(Some(guard)) => guard,
+            Ok(None) => {
+                // A partial line waited long enough.
+                write(shared, pipe, &buf, &mut failing);
+                buf.clear();
+                continue;
+            }
+            Err(e) => {
+                warn!(node = %pipe.info.borrow().node, "cannot wait for its output: {e}");
+                break;
+            }
+        };
+        let start = buf.len();
+        buf.resize(start + CHUNK, 0);
+        match guard.try_io(|fd| read(fd.as_fd(), &mut buf[start..])) {
+            Err(_would_block) => buf.truncate(start),
+            Ok(Ok(0)) => {
+                buf.truncate(start);
+                break;
+            }
+            Ok(Ok(n)) => {
+                buf.truncate(start + n);
+                let whole = whole_lines(&buf, HOLD_MAX);
+                write(shared, pipe, &buf[..whole], &mut failing);
+                buf.drain(..whole);
+            }
+            Ok(Err(e)) => {
+                buf.truncate(start);
+                warn!(node = %pipe.info.borrow().node, "cannot read its output: {e}");
+                break;
+            }
+        }
+    }
+    write(shared, pipe, &buf, &mut failing);
+}
+
+/// Moves the keeper out of the agent's cgroup leaf `agent/`, which must hold the agent
+/// alone (what else is found there is taken for a node's stray, see [`crate::cgroup`]),
+/// into a sibling leaf `keeper/` of the agent's subtree. Before the socket is bound, so
+/// before the agent spawns a node. Without such a leaf (no cgroup v2 subtree) nothing
+/// to do; a failure is logged.
+fn leave_agent_leaf() {
+    let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else {
+        return;
+    };
+    let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return;
+    };
+    // The cgroup v2 mount: /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host.
+    let Some(mount) = std::fs::read_to_string("/proc/self/mounts")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                let mut f = l.split_whitespace();
+                let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
+                (kind == "cgroup2").then(|| PathBuf::from(at))
+            })
+        })
+    else {
+        return;
+    };
+    let leaf = mount.join(path.trim_start_matches('/'));
+    let Some(root) = leaf.parent().filter(|_| leaf.ends_with("agent")) else {
+        return;
+    };
+    if !root.join("nodes").is_dir() {
+        return;
+    }
+    let keeper = root.join("keeper");
+    let moved = std::fs::create_dir_all(&keeper)
+        .and_then(|()| std::fs::write(keeper.join("cgroup.procs"), std::process::id().to_string()));
+    if let Err(e) = moved {
+        warn!("cannot move the log keeper to {}: {e}", keeper.display());
+    }
+}
+
+/// Registers a descriptor with the runtime.
+fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the `OwnedFd` is a valid descriptor that the `AsyncFd` owns from now on:
+    // nothing else closes or replaces it while it is registered.
+    unsafe { AsyncFd::register(fd).map_err(io::Error::from) }
+}
+
+fn read(fd: std::os::fd::BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.cast_unsigned())
+}
+
+/// Writes to the pipe's stream; a failure (a full disk) loses `data`, warned of once
+/// until a write succeeds again.
+fn write(shared: &Shared, pipe: &Pipe, data: &[u8], failing: &mut bool) {
+    if data.is_empty() {
+        return;
+    }
+    let info = pipe.info.borrow().clone();
+    let mut state = shared.borrow_mut();
+    let Some((slot, _)) = state.writers.get_mut(&(info.dir.clone(), info.stream)) else {
+        return;
+    };
+    let result = match slot {
+        Some(w) => {
+            w.set_config(info.config());
+            w.write(data)
+        }
+        None => Writer::open(NodeLogs::new(&info.dir, info.config()), info.stream)
+            .and_then(|w| slot.insert(w).write(data)),
+    };
+    match result {
+        Ok(()) => *failing = false,
+        Err(e) => {
+            if !*failing {
+                warn!(
+                    node = %info.node,
+                    "cannot write its {} in {}: {e}; its output is lost until a write succeeds",
+                    info.stream.file_name(),
+                    info.dir.display()
+                );
+            }
+            *failing = true;
+        }
+    }
+}

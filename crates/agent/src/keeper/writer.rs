@@ -1,0 +1,243 @@
+//! The keeper's log files: appending a node's output and rotating by rename so that no
+//! file ever grows past the bound.
+//!
+//! [`cut`] decides, for a file of some length and the bytes to append, how much goes
+//! into the file before it must be rotated: everything when it fits; otherwise the
+//! whole lines that fit, and a rotation; a line that does not fit into what is left
+//! starts the next file; only a line longer than the whole bound is cut, at the bound.
+//! So every file holds at most `max_bytes`, and a stream's files at most
+//! `(keep + 1) * max_bytes`, whatever the rate. The pipes' readers
+//! ([`crate::keeper::server`]) hand over whole lines (they hold a trailing partial line
+//! back), so files end at line boundaries.
+//!
+//! Rotation shifts `.1` → `.2` … (dropping what would pass `keep`), renames the current
+//! file to `.1` and creates a new one (mode 0640), as a reader expects: the current
+//! file is replaced, never truncated. With `keep` 0 the current file is removed and
+//! created anew.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::logs::{LOG_FILE_MODE, LogConfig, NodeLogs, Stream};
+
+/// What to do with `data` appended to a file of `len` bytes bounded by `max`: the
+/// number of bytes to write before the file must be rotated, or `None` when all of it
+/// fits. The rest goes to the next file (and is cut again).
+pub fn cut(len: u64, max: u64, data: &[u8]) -> Option<usize> {
+    let max = max.max(1);
+    if len.saturating_add(data.len() as u64) <= max {
+        return None;
+    }
+    let room = usize::try_from(max.saturating_sub(len))
+        .unwrap_or(usize::MAX)
+        .min(data.len());
+    if let Some(i) = data[..room].iter().rposition(|&b| b == b'\n') {
+        return Some(i + 1);
+    }
+    if len > 0 {
+        // The line starts the next file.
+        return Some(0);
+    }
+    // A line longer than the bound: as much as fits.
+    Some(room)
+}
+
+/// Where a chunk read from a pipe ends its last whole line: the bytes up to it are
+/// written now, the rest is held until its line ends. A rest of `hold_max` or more is
+/// not held (a line that long is written as it comes).
+pub fn whole_lines(data: &[u8], hold_max: usize) -> usize {
+    match data.iter().rposition(|&b| b == b'\n') {
+        Some(i) if data.len() - (i + 1) < hold_max => i + 1,
+        None if data.len() < hold_max => 0,
+        _ => data.len(),
+    }
+}
+
+/// The current file of one stream, as the keeper writes it.
+#[derive(Debug)]
+pub struct Writer {
+    logs: NodeLogs,
+    stream: Stream,
+    file: File,
+    len: u64,
+}
+
+impl Writer {
+    /// Opens (creating) the stream's current file for appending.
+    pub fn open(logs: NodeLogs, stream: Stream) -> io::Result<Self> {
+        let file = open_current(&logs, stream)?;
+        let len = file.metadata()?.len();
+        Ok(Self {
+            logs,
+            stream,
+            file,
+            len,
+        })
+    }
+
+    /// Takes a new bound, for the next write.
+    pub fn set_config(&mut self, config: LogConfig) {
+        if config != self.logs.config() {
+            self.logs = NodeLogs::new(self.logs.dir(), config);
+        }
+    }
+
+    /// Appends `data`, rotating as [`cut`] says.
+    pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+        // What the file holds now, should anything else have changed it.
+        self.len = self.file.metadata()?.len();
+        while !data.is_empty() {
+            match cut(self.len, self.logs.config().max_bytes, data) {
+                None => {
+                    self.append(data)?;
+                    break;
+                }
+                Some(n) => {
+                    self.append(&data[..n])?;
+                    data = &data[n..];
+                    self.rotate()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        if !data.is_empty() {
+            self.file.write_all(data)?;
+            self.len += data.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Replaces the current file by a new, empty one (see the module doc).
+    fn rotate(&mut self) -> io::Result<()> {
+        let path = self.logs.path(self.stream);
+        if self.logs.config().keep > 0 {
+            self.logs.shift_rotated(self.stream)?;
+            std::fs::rename(&path, self.logs.rotated_path(self.stream, 1))?;
+        } else {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        self.file = open_current(&self.logs, self.stream)?;
+        self.len = self.file.metadata()?.len();
+        Ok(())
+    }
+}
+
+fn open_current(logs: &NodeLogs, stream: Stream) -> io::Result<File> {
+    let path = logs.path(stream);
+    let f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(LOG_FILE_MODE)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)?;
+    crate::logs::ensure_mode(&f)?;
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_keeps_whole_lines_and_never_passes_the_bound() {
+        // Fits.
+        assert_eq!(cut(0, 10, b"abc\n"), None);
+        assert_eq!(cut(6, 10, b"abc\n"), None);
+        // The whole lines that fit, then rotate.
+        assert_eq!(cut(4, 10, b"ab\ncd\nef\n"), Some(6));
+        // No line fits in what is left: rotate first.
+        assert_eq!(cut(8, 10, b"abcd\n"), Some(0));
+        // A line longer than the bound in an empty file: cut at the bound.
+        assert_eq!(cut(0, 4, b"abcdefgh\n"), Some(4));
+        // A file already past the bound (an older agent's): rotate first.
+        assert_eq!(cut(50, 10, b"a\n"), Some(0));
+    }
+
+    #[test]
+    fn cut_applied_repeatedly_never_makes_a_file_too_large() {
+        // Lines of many lengths, appended in chunks of many sizes.
+        let mut data = Vec::new();
+        for i in 0..500usize {
+            data.extend(std::iter::repeat_n(b'x', i * 7 % 97));
+            data.push(b'\n');
+        }
+        for max in [1u64, 5, 64, 100, 1000] {
+            for chunk in [1usize, 3, 64, 4096] {
+                let mut files = vec![0u64];
+                for mut piece in data.chunks(chunk) {
+                    while !piece.is_empty() {
+                        let len = *files.last().unwrap();
+                        match cut(len, max, piece) {
+                            None => {
+                                *files.last_mut().unwrap() += piece.len() as u64;
+                                piece = &[];
+                            }
+                            Some(n) => {
+                                *files.last_mut().unwrap() += n as u64;
+                                piece = &piece[n..];
+                                files.push(0);
+                            }
+                        }
+                    }
+                }
+                assert!(files.iter().all(|&f| f <= max), "max {max} chunk {chunk}");
+                assert_eq!(files.iter().sum::<u64>(), data.len() as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn whole_lines_holds_back_a_partial_line() {
+        assert_eq!(whole_lines(b"ab\ncd", 16), 3);
+        assert_eq!(whole_lines(b"ab\n", 16), 3);
+        assert_eq!(whole_lines(b"abcd", 16), 0);
+        // Too long to hold: written as it comes.
+        assert_eq!(whole_lines(b"abcd", 4), 4);
+        assert_eq!(whole_lines(b"a\nbcdef", 4), 7);
+    }
+
+    #[test]
+    fn writer_rotates_by_rename_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            max_bytes: 100,
+            keep: 2,
+        };
+        let logs = NodeLogs::new(dir.path(), config);
+        let mut w = Writer::open(logs.clone(), Stream::Stdout).unwrap();
+        let mut all = String::new();
+        for i in 0..100 {
+            let line = format!("line {i:04}\n");
+            all.push_str(&line);
+            w.write(line.as_bytes()).unwrap();
+            for f in [
+                logs.path(Stream::Stdout),
+                logs.rotated_path(Stream::Stdout, 1),
+                logs.rotated_path(Stream::Stdout, 2),
+            ] {
+                let len = std::fs::metadata(&f).map_or(0, |m| m.len());
+                assert!(len <= 100, "{} has {len} bytes", f.display());
+            }
+        }
+        assert!(!logs.rotated_path(Stream::Stdout, 3).exists());
+        let mut kept = String::new();
+        for f in [
+            logs.rotated_path(Stream::Stdout, 2),
+            logs.rotated_path(Stream::Stdout, 1),
+            logs.path(Stream::Stdout),
+        ] {
+            let text = std::fs::read_to_string(f).unwrap();
+            assert!(text.ends_with('\n'));
+            kept.push_str(&text);
+        }
+        assert!(all.ends_with(&kept), "the newest lines, in order");
+        assert!(kept.len() > 200);
+    }
+}

@@ -1,0 +1,288 @@
+//! The log keeper survives the agent and the agent survives the keeper: a node writing
+//! flat out keeps running and logging, within its bound, when either is SIGKILLed; and
+//! a follower sees every line of a node across rotations.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually};
+
+const MAX_BYTES: u64 = 64 * 1024;
+const KEEP: u64 = 2;
+/// What the keeper reads from a pipe at once.
+const CHUNK: u64 = 64 * 1024;
+const BOUND: u64 = (KEEP + 1) * MAX_BYTES + CHUNK;
+
+fn agent(c: &Cluster, addr: SocketAddr) -> Proc {
+    if !c.pki_file("a1.crt").exists() {
+        c.issue(drover_proto::msg::PeerRole::Agent, "a1");
+    }
+    c.start_agent_args(
+        "a1",
+        "a1",
+        &[
+            "--controller",
+            &addr.to_string(),
+            "--log-max-bytes",
+            &MAX_BYTES.to_string(),
+            "--log-keep",
+            &KEEP.to_string(),
+        ],
+    )
+}
+
+/// Deploys one node `name` running testprog writing `rate` lines a second; returns its
+/// directory.
+fn deploy(c: &Cluster, addr: SocketAddr, name: &str, rate: u64) -> PathBuf {
+    let prog = bin("drover-testprog").display().to_string();
+    let file = c.dir.path().join("writer.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
+             [nodes.{name}]\ninstance = \"a1\"\ncommand = [\"{prog}\", \"--stdout-rate\", \"{rate}\"]\n"
+        ),
+    )
+    .unwrap();
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code
+            == Some(0))
+        .then_some(())
+    });
+    c.dir.path().join("agent-a1/nodes").join(name)
+}
+
+fn stdout_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("stdout.log"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Samples a node's stdout files every half millisecond until dropped; the largest
+/// total seen.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start(dir: PathBuf) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(0));
+        let (s, p) = (stop.clone(), peak.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(stdout_bytes(&dir), Ordering::Relaxed);
+                // A sampling rate, not a wait.
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        });
+        Self {
+            stop,
+            peak,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+/// The last line number in the node's current stdout file.
+fn last_seq(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join("stdout.log")).ok()?;
+    text.lines().last()?.rsplit(' ').next()?.parse().ok()
+}
+
+/// Waits until the node wrote past line `after`; returns the line reached.
+fn lines_arrive(what: &str, dir: &Path, after: u64) -> u64 {
+    eventually(what, PATIENCE, || last_seq(dir).filter(|&s| s > after))
+}
+
+fn node_pid(dir: &Path) -> i32 {
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("record.json")).unwrap()).unwrap();
+    i32::try_from(record["process"]["pid"].as_i64().unwrap()).unwrap()
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// The pid of the keeper of `state_dir`.
+fn keeper_pid(state_dir: &Path) -> Option<i32> {
+    let state_dir = std::fs::canonicalize(state_dir).ok()?;
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        (args.get(1) == Some(&&b"log-keeper"[..])
+            && args.get(2) == Some(&state_dir.as_os_str().as_encoded_bytes())
+            && alive(pid))
+        .then_some(pid)
+    })
+}
+
+fn kill(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_node_writing_flat_out_outlives_a_killed_agent_and_keeps_logging() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut first = agent(&c, addr);
+    let dir = deploy(&c, addr, "fast", 1_000_000_000);
+    let state = c.dir.path().join("agent-a1");
+    eventually("rotated", PATIENCE, || {
+        dir.join("stdout.log.2").exists().then_some(())
+    });
+    let pid = node_pid(&dir);
+    let keeper = keeper_pid(&state).expect("a keeper runs");
+    let sampler = Sampler::start(dir.clone());
+
+    first.kill();
+    let seq = last_seq(&dir).unwrap_or(0);
+    let seq = lines_arrive("lines arrive with no agent", &dir, seq);
+    assert!(alive(pid), "the node died with the agent");
+    assert_eq!(keeper_pid(&state), Some(keeper), "the keeper carries on");
+
+    let second = agent(&c, addr);
+    second.wait_log("log keeper connected pipes=2");
+    lines_arrive("lines arrive after the restart", &dir, seq);
+    assert!(alive(pid), "the node died");
+    assert_eq!(node_pid(&dir), pid, "adopted, not restarted");
+    assert_eq!(keeper_pid(&state), Some(keeper), "the same keeper");
+
+    let peak = sampler.finish();
+    eprintln!("peak {peak} bytes, bound {BOUND}");
+    assert!(peak <= BOUND, "peak {peak} bytes, bound {BOUND}");
+}
+
+#[test]
+fn a_killed_keeper_is_replaced_and_its_nodes_keep_logging() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let agent = agent(&c, addr);
+    let dir = deploy(&c, addr, "fast", 1_000_000_000);
+    let state = c.dir.path().join("agent-a1");
+    eventually("rotated", PATIENCE, || {
+        dir.join("stdout.log.2").exists().then_some(())
+    });
+    let pid = node_pid(&dir);
+    let keeper = keeper_pid(&state).expect("a keeper runs");
+    let sampler = Sampler::start(dir.clone());
+
+    kill(keeper);
+    agent.wait_log("log keeper connected again pipes=2");
+    let replacement = eventually("another keeper", PATIENCE, || {
+        keeper_pid(&state).filter(|&k| k != keeper)
+    });
+    let seq = last_seq(&dir).unwrap_or(0);
+    lines_arrive("lines arrive through the new keeper", &dir, seq);
+    assert!(alive(pid), "the node died with the keeper");
+    assert_eq!(node_pid(&dir), pid, "not restarted");
+    assert_eq!(keeper_pid(&state), Some(replacement));
+
+    let peak = sampler.finish();
+    eprintln!("peak {peak} bytes, bound {BOUND}");
+    assert!(peak <= BOUND, "peak {peak} bytes, bound {BOUND}");
+}
+
+#[test]
+fn a_follower_sees_every_line_across_rotations() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = agent(&c, addr);
+    // About 45 bytes a line: a rotation every 0.7 seconds.
+    let dir = deploy(&c, addr, "steady", 2000);
+    eventually("it writes", PATIENCE, || last_seq(&dir));
+
+    let mut cmd = c.drover_command(addr);
+    cmd.args(["logs", "steady", "-n", "0", "-f", "--stream", "stdout"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    eventually("a first rotation", PATIENCE, || {
+        dir.join("stdout.log.1").exists().then_some(())
+    });
+    let rotated_before = std::fs::metadata(dir.join("stdout.log.1"))
+        .unwrap()
+        .ino_of();
+    let mut seqs: Vec<u64> = Vec::new();
+    let mut rotations = 0;
+    let mut last_rotated = rotated_before;
+    while rotations < 4 {
+        let line = rx
+            .recv_timeout(PATIENCE)
+            .expect("followed lines keep coming");
+        let seq: u64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("torn line {line:?}"));
+        seqs.push(seq);
+        if let Ok(m) = std::fs::metadata(dir.join("stdout.log.1"))
+            && m.ino_of() != last_rotated
+        {
+            last_rotated = m.ino_of();
+            rotations += 1;
+        }
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    eprintln!("{} lines followed across {rotations} rotations", seqs.len());
+    let bad = seqs.windows(2).position(|w| w[1] != w[0] + 1);
+    assert!(
+        bad.is_none(),
+        "lost, repeated or out of order at {:?}",
+        bad.map(|i| &seqs[i..i + 2])
+    );
+}
+
+trait Ino {
+    fn ino_of(&self) -> u64;
+}
+
+impl Ino for std::fs::Metadata {
+    fn ino_of(&self) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(self)
+    }
+}
