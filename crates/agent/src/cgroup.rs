@@ -252,7 +252,9 @@ impl Cgroups {
         for name in self.node_names() {
             let _ = fs::remove_dir(self.node(&name));
         }
-        for dir in [&self.nodes, &self.agent, &self.root] {
+        // The log keeper's leaf, if the keeper has exited.
+        let keeper = self.root.join("keeper");
+        for dir in [&self.nodes, &self.agent, &keeper, &self.root] {
             let _ = fs::remove_dir(dir);
         }
     }
