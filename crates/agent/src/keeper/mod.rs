@@ -11,7 +11,7 @@
 //! One keeper per state dir (a lock file, `log-keeper.lock`), listening on
 //! `log-keeper.sock` (mode 0600) in the state dir. The agent starts it when none
 //! answers (`posix_spawn`, its own process group, cwd the state dir, stdout and stderr
-//! to `log-keeper.log`; it stays in the agent's cgroup, in no node's) and it outlives
+//! to `log-keeper.log`; it moves itself to a `keeper/` leaf of the agent's cgroup subtree, in no node's) and it outlives
 //! the agent, as the nodes do. The agent hands it each new pipe's read end with
 //! `SCM_RIGHTS` ([`proto`]) and keeps a duplicate, which it never reads: a pipe whose
 //! last reader is gone would kill its node with SIGPIPE.
