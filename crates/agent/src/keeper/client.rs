@@ -2,7 +2,9 @@
 //! again when it dies.
 //!
 //! [`Keeper::hand`] passes a new pipe's read end to the keeper and keeps it (see the
-//! module doc of [`crate::keeper`]). A thread of its own reads the connection: the
+//! module doc of [`crate::keeper`]); it never waits for the keeper: when the socket is
+//! full (a burst of spawns while the keeper is busy), a thread of its own sends the
+//! rest as the keeper takes them. A thread of its own reads the connection: the
 //! keeper's `Closed` notices, which let the agent close its duplicate, and the end of
 //! the connection, which means the keeper died: the thread starts another and hands it
 //! every read end held.
@@ -12,7 +14,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -44,6 +46,8 @@ struct Inner {
     state_dir: PathBuf,
     config: LogConfig,
     state: Mutex<State>,
+    /// Wakes the flusher when a pipe could not be handed at once.
+    unsent_added: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -52,6 +56,9 @@ struct State {
     conn: Option<Arc<OwnedFd>>,
     /// The read end of every pipe handed over and not yet closed, by inode.
     held: BTreeMap<u64, (PipeInfo, OwnedFd)>,
+    /// Pipes held that the keeper has not been sent yet, because its socket was full
+    /// (the keeper is busy): the flusher sends them, so that a spawn never waits.
+    unsent: Vec<u64>,
 }
 
 impl Keeper {
@@ -63,6 +70,7 @@ impl Keeper {
             state_dir: state_dir.to_owned(),
             config,
             state: Mutex::new(State::default()),
+            unsent_added: Condvar::new(),
         });
         // A keeper that runs is greeted now (it holds the pipes of nodes a previous
         // agent started); a new one is waited for by the watcher, so that the agent's
@@ -79,6 +87,10 @@ impl Keeper {
         std::thread::Builder::new()
             .name("log-keeper".into())
             .spawn(move || monitor.watch(conn))?;
+        let flusher = inner.clone();
+        std::thread::Builder::new()
+            .name("log-keeper-send".into())
+            .spawn(move || flusher.flush())?;
         Ok(Self { inner })
     }
 
@@ -94,14 +106,23 @@ impl Keeper {
             }
         };
         let mut state = self.inner.lock();
-        if let Some(conn) = &state.conn {
+        if let Some(conn) = state.conn.clone() {
             let msg = Msg::Pipe { pipe: pipe.clone() };
-            if let Err(e) = proto::send(conn.as_fd(), &msg, Some(read.as_fd())) {
-                warn!(node = %pipe.node, "cannot hand its output to the log keeper: {e}");
-                // The watcher wakes up to an ended connection and starts another keeper.
-                // SAFETY: shutdown takes no pointers.
-                unsafe { libc::shutdown(conn.as_raw_fd(), libc::SHUT_RDWR) };
-                state.conn = None;
+            let sent = if state.unsent.is_empty() {
+                proto::try_send(conn.as_fd(), &msg, Some(read.as_fd()))
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            };
+            match sent {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    state.unsent.push(ino);
+                    self.inner.unsent_added.notify_one();
+                }
+                Err(e) => {
+                    warn!(node = %pipe.node, "cannot hand its output to the log keeper: {e}");
+                    lose(&mut state, &conn);
+                }
             }
         }
         state.held.insert(ino, (pipe, read));
@@ -113,9 +134,58 @@ impl Keeper {
     }
 }
 
+/// Ends the connection to a keeper that cannot take a pipe: the watcher wakes up to
+/// it, starts another keeper and hands it every pipe held.
+fn lose(state: &mut State, conn: &Arc<OwnedFd>) {
+    // SAFETY: shutdown takes no pointers.
+    unsafe { libc::shutdown(conn.as_raw_fd(), libc::SHUT_RDWR) };
+    if state.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+        state.conn = None;
+    }
+    state.unsent.clear();
+}
+
 impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends the pipes [`Keeper::hand`] could not, waiting for room in the socket
+    /// (within its send timeout), off the spawning thread; forever.
+    fn flush(&self) {
+        loop {
+            let (conn, batch) = {
+                let mut state = self.lock();
+                while state.unsent.is_empty() || state.conn.is_none() {
+                    state = self
+                        .unsent_added
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                let conn = state.conn.clone().expect("checked above");
+                let inos = std::mem::take(&mut state.unsent);
+                let batch: Vec<(PipeInfo, io::Result<OwnedFd>)> = inos
+                    .iter()
+                    .filter_map(|ino| state.held.get(ino))
+                    .map(|(pipe, fd)| (pipe.clone(), fd.try_clone()))
+                    .collect();
+                (conn, batch)
+            };
+            for (pipe, fd) in batch {
+                let sent = fd.and_then(|fd| {
+                    proto::send(
+                        conn.as_fd(),
+                        &Msg::Pipe { pipe: pipe.clone() },
+                        Some(fd.as_fd()),
+                    )
+                });
+                if let Err(e) = sent {
+                    warn!(node = %pipe.node, "cannot hand its output to the log keeper: {e}");
+                    lose(&mut self.lock(), &conn);
+                    break;
+                }
+            }
+        }
     }
 
     /// Connects (starting a keeper if none answers), greets, takes what it holds and
@@ -187,6 +257,7 @@ impl Inner {
                 Some(fd.as_fd()),
             )?;
         }
+        state.unsent.clear();
         state.conn = Some(conn.clone());
         Ok(conn)
     }

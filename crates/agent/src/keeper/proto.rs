@@ -138,6 +138,21 @@ fn kind(msg: &Msg) -> &'static str {
 /// Sends one packet, with `fd` if given. `MSG_NOSIGNAL`: a peer gone is an error, not a
 /// SIGPIPE. On a non-blocking socket `WouldBlock` means nothing was sent.
 pub fn send(sock: BorrowedFd<'_>, msg: &Msg, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    send_with(sock, msg, fd, libc::MSG_NOSIGNAL)
+}
+
+/// [`send`], but failing with [`io::ErrorKind::WouldBlock`] instead of waiting for room
+/// in the socket.
+pub fn try_send(sock: BorrowedFd<'_>, msg: &Msg, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    send_with(sock, msg, fd, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+}
+
+fn send_with(
+    sock: BorrowedFd<'_>,
+    msg: &Msg,
+    fd: Option<BorrowedFd<'_>>,
+    flags: libc::c_int,
+) -> io::Result<()> {
     let bytes = encode(msg);
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr().cast_mut().cast(),
@@ -164,7 +179,7 @@ pub fn send(sock: BorrowedFd<'_>, msg: &Msg, fd: Option<BorrowedFd<'_>>) -> io::
                 .cast::<RawFd>()
                 .write_unaligned(fd.as_raw_fd());
         }
-        libc::sendmsg(sock.as_raw_fd(), &raw const hdr, libc::MSG_NOSIGNAL)
+        libc::sendmsg(sock.as_raw_fd(), &raw const hdr, flags)
     };
     if ret < 0 {
         return Err(io::Error::last_os_error());
