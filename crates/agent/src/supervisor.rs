@@ -170,8 +170,12 @@ enum Command {
         stop_nodes: bool,
         reply: oneshot::Sender<()>,
     },
-    /// Answered at once: the task is alive and not stuck.
-    Ping { reply: oneshot::Sender<()> },
+    /// Answered at once: the task is alive and not stuck; left unanswered when the
+    /// spawner has had spawns waiting for longer than `patience` without finishing one.
+    Ping {
+        patience: Duration,
+        reply: oneshot::Sender<()>,
+    },
     /// Panics the task, to test what follows.
     #[cfg(test)]
     Panic,
@@ -464,6 +468,11 @@ struct Core {
     in_flight: crate::spawner::InFlight,
     /// A reap was skipped while the spawner was spawning: do it once the spawn is in.
     reap_pending: bool,
+    /// Spawns handed to the spawner whose outcome has not come back.
+    spawns_waiting: usize,
+    /// When the spawner last finished a spawn, or was handed one with none waiting: a
+    /// spawner stuck for the stall timeout ends the agent as a stuck task does.
+    spawner_moved: Instant,
 }
 
 /// A node count for [`Progress`].
@@ -725,6 +734,8 @@ impl Supervisor {
             spawner,
             in_flight,
             reap_pending: false,
+            spawns_waiting: 0,
+            spawner_moved: Instant::now(),
         };
         core.recover();
         let task = tokio::spawn(core.run(rx, events_rx));
@@ -845,9 +856,12 @@ impl Supervisor {
     /// True when the supervisor task answers within `patience`: it is neither gone nor
     /// stuck. For the systemd watchdog.
     pub async fn ping(&self, patience: Duration) -> bool {
-        tokio::time::timeout(patience, self.ask(|reply| Command::Ping { reply }))
-            .await
-            .is_ok_and(|r| r.is_some())
+        tokio::time::timeout(
+            patience,
+            self.ask(|reply| Command::Ping { patience, reply }),
+        )
+        .await
+        .is_ok_and(|r| r.is_some())
     }
 
     /// Resolves once the supervisor task has gone `limit` without answering a ping:
@@ -1057,8 +1071,17 @@ impl Core {
                     .collect();
                 let _ = reply.send(out);
             }
-            Command::Ping { reply } => {
-                let _ = reply.send(());
+            Command::Ping { patience, reply } => {
+                let stuck = self.spawns_waiting > 0 && self.spawner_moved.elapsed() > patience;
+                if stuck {
+                    warn!(
+                        waiting = self.spawns_waiting,
+                        "the spawner has finished no spawn for {:?}",
+                        self.spawner_moved.elapsed()
+                    );
+                } else {
+                    let _ = reply.send(());
+                }
             }
             #[cfg(test)]
             Command::Panic => panic!("asked to panic"),
@@ -1789,13 +1812,20 @@ impl Core {
         let job = crate::spawner::Job { announce, ..job };
         self.spawner
             .send(job)
-            .map_err(|_| "the spawner thread is gone".to_owned())
+            .map_err(|_| "the spawner thread is gone".to_owned())?;
+        if self.spawns_waiting == 0 {
+            self.spawner_moved = Instant::now();
+        }
+        self.spawns_waiting += 1;
+        Ok(())
     }
 
     /// Takes over the process the spawner made for a node, or learns why it could
     /// not, and tells the node's machine.
     fn spawned(&mut self, outcome: crate::spawner::Outcome) {
         let now = self.now();
+        self.spawns_waiting = self.spawns_waiting.saturating_sub(1);
+        self.spawner_moved = Instant::now();
         let crate::spawner::Outcome {
             node,
             generation,
@@ -3065,6 +3095,52 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(5), sup.stalled(limit))
                 .await
                 .expect("the stall is noticed before it ends");
+        });
+    }
+
+    #[test]
+    fn a_stuck_spawner_is_noticed_as_a_stall() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        // The node's file is a FIFO nobody writes: the spawner blocks reading it.
+        let work = dir.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        let fifo = work.join("f");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let text = format!(
+            "[instances.agent-1]\n[nodes.x]\ninstance = \"agent-1\"\ncommand = [\"/bin/true\"]\nworkdir = \"{}\"\n",
+            work.display()
+        );
+        let mut config = drover_proto::config::parse_toml("c.toml", &text).unwrap();
+        config.nodes[0].files.insert("f".into(), "x".into());
+        rt.block_on(async {
+            let sup = bare_supervisor(&dir.path().join("state"));
+            let limit = Duration::from_millis(300);
+            let apply = tokio::spawn({
+                let sup = sup.clone();
+                async move {
+                    sup.apply(
+                        config,
+                        false,
+                        1,
+                        Instant::now() + Duration::from_secs(30),
+                        None,
+                    )
+                    .await
+                }
+            });
+            tokio::time::timeout(Duration::from_secs(10), sup.stalled(limit))
+                .await
+                .expect("a spawner stuck for the limit is a stall");
+            // The task itself still answers a status request meanwhile.
+            assert_eq!(sup.status().await.len(), 1);
+            // Unblock the spawner: a writer opens the FIFO and goes.
+            drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+            apply.abort();
         });
     }
 
