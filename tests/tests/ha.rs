@@ -1,6 +1,6 @@
 //! High availability on etcd with real etcd processes and real controllers: failover
 //! after a leader is killed, fencing of a paused or deposed leader, etcd going away, and
-//! a configuration larger than etcd's request limit.
+//! a configuration larger than etcd's request limit (and parts of unfinished writes).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -418,12 +418,52 @@ fn a_configuration_of_20000_nodes_survives_a_failover() {
     assert_eq!(again.len(), parts.len(), "old parts were left behind");
     assert!(again.iter().all(|p| !parts.iter().any(|q| q.key == p.key)));
 
+    // Parts of writes a leader did not finish (it died between the parts and the value
+    // naming them): the next leader deletes them, and only them.
+    let orphans = [
+        format!("{PREFIX}state/staged/parts/0123abcd/000000"),
+        format!("{PREFIX}state/staged/parts/0123abcd/000001"),
+        format!("{PREFIX}state/desired/parts/4567cdef/000000"),
+    ];
+    let puts: Vec<_> = orphans
+        .iter()
+        .map(|k| drover_controller::etcd::Op::Put {
+            key: k.clone().into_bytes(),
+            value: b"half a write".to_vec(),
+            lease: 0,
+        })
+        .collect();
+    rt.block_on(etcd.client().txn(&[], &puts, &[])).unwrap();
+
     group.procs[first].kill();
-    group.leader(&rt, &etcd, Some(first));
+    let second = group.leader(&rt, &etcd, Some(first));
     let out = eventually("the new leader answers", PATIENCE, || {
         let out = etcd::drover(&c, &list, &["get-config", "--as-toml"]);
         (out.code == Some(0)).then_some(out)
     });
+    let left: Vec<Vec<u8>> = rt
+        .block_on(
+            etcd.client()
+                .get_prefix_keys(format!("{PREFIX}state/").as_bytes()),
+        )
+        .unwrap();
+    for orphan in &orphans {
+        assert!(
+            !left.contains(&orphan.clone().into_bytes()),
+            "{orphan} was not swept"
+        );
+    }
+    assert!(
+        again.iter().all(|p| left.contains(&p.key)),
+        "a live part was swept"
+    );
+    assert!(
+        group.procs[second]
+            .log_text()
+            .contains("deleted the parts of 2 unfinished or replaced values"),
+        "{}",
+        group.procs[second].log_text()
+    );
     let nodes = out.stdout.matches("[nodes.").count();
     assert_eq!(
         nodes,

@@ -423,6 +423,18 @@ impl Etcd {
         kvs(&v).map_err(|m| self.protocol("/v3/kv/range", m))
     }
 
+    /// The keys under `prefix`, without their values (cheap even over large values).
+    pub async fn get_prefix_keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, EtcdError> {
+        let v = self
+            .call(
+                "/v3/kv/range",
+                &json!({ "key": b64(prefix), "range_end": b64(&prefix_end(prefix)), "keys_only": true }),
+            )
+            .await?;
+        let list = kvs(&v).map_err(|m| self.protocol("/v3/kv/range", m))?;
+        Ok(list.into_iter().map(|kv| kv.key).collect())
+    }
+
     fn protocol(&self, call: &str, message: String) -> EtcdError {
         EtcdError::Protocol {
             endpoint: self.endpoints[self.preferred.load(Ordering::Relaxed) % self.endpoints.len()]

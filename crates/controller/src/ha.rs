@@ -152,8 +152,9 @@ impl Gate {
     }
 }
 
-/// Campaigns, leads and steps down until `shutdown`; `on_lead` runs (to load the state)
-/// after the election is won and before the gate opens; an error from it ends the term.
+/// Campaigns, leads and steps down until `shutdown`; `on_lead` runs (to load the state),
+/// with the term's revision, after the election is won and before the gate opens; an
+/// error from it ends the term.
 /// `on_step_down` runs when a term ends (to stop what only a leader does).
 pub async fn run<F, Fut>(
     ha: HaSettings,
@@ -162,7 +163,7 @@ pub async fn run<F, Fut>(
     on_lead: F,
     on_step_down: impl Fn(),
 ) where
-    F: Fn() -> Fut,
+    F: Fn(i64) -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
     let key = ha.leader_key();
@@ -179,7 +180,7 @@ pub async fn run<F, Fut>(
                 failing = None;
                 // Loading may take a while (a large configuration): renew once it is
                 // done, and count the serving time from that renewal.
-                let loaded = on_lead().await;
+                let loaded = on_lead(revision).await;
                 let sent = Instant::now();
                 let renewed = match &loaded {
                     Ok(()) => etcd.lease_keep_alive(lease).await,

@@ -506,9 +506,9 @@ impl Controller {
                 settings,
                 gate,
                 shutdown.clone(),
-                move || {
+                move |revision| {
                     let shared = shared.clone();
-                    async move { take_over(shared).await }
+                    async move { take_over(shared, revision).await }
                 },
                 move || {
                     // Only the leader dials agents that listen; and the connections of
@@ -556,14 +556,24 @@ impl Controller {
     }
 }
 
-/// Makes this controller the leader's state holder: the state as the last leader left
-/// it in etcd, and the agents of its configurations dialled (those that listen).
-async fn take_over(shared: Arc<Shared>) -> Result<(), String> {
+/// Makes this controller the leader's state holder for term `revision`: the state as
+/// the last leader left it in etcd, parts of values no value names deleted, and the
+/// agents of its configurations dialled (those that listen).
+async fn take_over(shared: Arc<Shared>, revision: i64) -> Result<(), String> {
     let loaded = shared.clone();
     tokio::task::spawn_blocking(move || loaded.store.reload())
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    // Orphaned parts cost space, never correctness: a failure to delete them is said,
+    // and the next leader tries again.
+    let sweeping = shared.clone();
+    match tokio::task::spawn_blocking(move || sweeping.store.sweep_parts(revision)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => info!("deleted the parts of {n} unfinished or replaced values from etcd"),
+        Ok(Err(e)) => warn!("cannot delete orphaned parts from etcd: {e}"),
+        Err(e) => warn!("cannot delete orphaned parts from etcd: {e}"),
+    }
     for config in [shared.store.desired_config(), shared.store.staged()]
         .into_iter()
         .flatten()
