@@ -333,8 +333,24 @@ fn a_leader_whose_key_is_taken_cannot_write_and_steps_down() {
     );
 }
 
+/// The running nodes' pids from get-nodes, and what the CLI said on stderr.
+fn node_pids_and_stderr(c: &Cluster, controllers: &str) -> (BTreeMap<String, u64>, String) {
+    let out = etcd::drover(c, controllers, &["get-nodes"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let mut pids = BTreeMap::new();
+    for (_, nodes) in v["results"].as_object().unwrap() {
+        for (name, n) in nodes.as_object().unwrap() {
+            if n["mgmt_role"].is_null() && n["state"] == "RUNNING" {
+                pids.insert(name.clone(), n["pid"].as_u64().unwrap());
+            }
+        }
+    }
+    (pids, format!("{}\n{}", out.stderr, out.stdout))
+}
+
 #[test]
-fn without_etcd_writes_are_refused_naming_etcd_and_nodes_keep_running() {
+fn without_etcd_the_leader_answers_reads_marked_stale_refuses_changes_and_restarts_no_node() {
     if !etcd::available() {
         return;
     }
@@ -347,26 +363,49 @@ fn without_etcd_writes_are_refused_naming_etcd_and_nodes_keep_running() {
     let (_agent, before) = agent_running_one_node(&c, &list);
 
     etcd.kill(0);
+    group.procs[0].wait_log("refusing changes and commands to agents");
     let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
-    let out = etcd::drover(&c, &list, &["stage-config", v2.to_str().unwrap()]);
+    let out = etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]);
     assert_ne!(out.code, Some(0), "{}", out.stdout);
-    let text = format!("{}{}", out.stdout, out.stderr);
     assert!(
-        text.contains("etcd"),
-        "the refusal does not name etcd: {text}"
+        out.stderr
+            .contains(&format!("no answer from etcd ({})", etcd.endpoints()))
+            && out.stderr.contains("refuses changes"),
+        "the refusal does not name etcd: {}",
+        out.stderr
     );
-    group.procs[0].wait_log("stepping down");
+    let out = etcd::drover(&c, &list, &["restart", "w1"]);
+    assert_ne!(out.code, Some(0), "{}", out.stdout);
+    assert!(out.stderr.contains("etcd"), "{}", out.stderr);
 
-    etcd.restart(0);
-    assert_eq!(
-        group.leader(&rt, &etcd, None),
-        0,
-        "the controller leads again"
+    // Reads answer, with a warning: while the agent is connected, and once the lease
+    // may have expired and the controller let it go.
+    let (pids, stderr) = node_pids_and_stderr(&c, &list);
+    assert_eq!(pids, before, "{stderr}");
+    assert!(
+        stderr.contains("warning: ") && stderr.contains("may be stale"),
+        "{stderr}"
     );
-    let after = eventually("the node is back in get-nodes", PATIENCE, || {
-        node_pids(&c, &list).filter(|p| p.len() == 1)
+    group.procs[0].wait_log("closed the agents' connections");
+    let (pids, stderr) = node_pids_and_stderr(&c, &list);
+    assert_eq!(pids, before, "{stderr}");
+    assert!(stderr.contains("may be stale"), "{stderr}");
+    let out = etcd::drover(&c, &list, &["get-config", "--as-toml"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains("[nodes.w1]") && out.stderr.contains("may be stale"));
+
+    // etcd back: the controller leads afresh, takes changes, and restarted nothing.
+    etcd.restart(0);
+    eventually("a deploy goes through once etcd is back", PATIENCE, || {
+        (etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]).code == Some(0))
+            .then_some(())
     });
-    assert_eq!(before, after, "the node was restarted");
+    let after = eventually("both nodes run", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 2)
+    });
+    assert_eq!(after["w1"], before["w1"], "the node was restarted");
+    let out = etcd::drover(&c, &list, &["get-nodes"]);
+    assert!(!out.stderr.contains("may be stale"), "{}", out.stderr);
 }
 
 #[test]
@@ -576,18 +615,24 @@ fn a_lost_etcd_member_changes_nothing_and_a_lost_quorum_restarts_no_node() {
     });
     assert_eq!(two["w1"], before["w1"]);
 
-    // Two of three: no quorum. Writes fail naming etcd, the leader steps down.
+    // Two of three: no quorum. Writes fail naming etcd, reads say they may be stale.
     etcd.kill(1);
+    group.procs[first].wait_log("refusing changes and commands to agents");
     let v3 = config_file(&c, "v3", &[("w1", "a1")]);
     let out = etcd::drover(&c, &list, &["stage-config", v3.to_str().unwrap()]);
     assert_ne!(out.code, Some(0), "{}", out.stdout);
-    let text = format!("{}{}", out.stdout, out.stderr);
-    assert!(text.contains("etcd"), "{text}");
-    group.procs[first].wait_log("stepping down");
+    assert!(out.stderr.contains("no answer from etcd"), "{}", out.stderr);
+    let (pids, stderr) = node_pids_and_stderr(&c, &list);
+    assert_eq!(pids, two, "{stderr}");
+    assert!(stderr.contains("may be stale"), "{stderr}");
 
     // Quorum back: a leader again, the same nodes, nothing restarted.
     etcd.restart(0);
     etcd.restart(1);
+    eventually("a write goes through once quorum is back", PATIENCE, || {
+        (etcd::drover(&c, &list, &["stage-config", v3.to_str().unwrap()]).code == Some(0))
+            .then_some(())
+    });
     let after = eventually("get-nodes answers again, complete", PATIENCE, || {
         node_pids(&c, &list).filter(|p| p.len() == 2)
     });
@@ -1049,7 +1094,7 @@ fn a_leader_cut_off_from_etcd_and_agents_is_replaced_without_restarting_nodes() 
 
     // Cut off from etcd and from the agent at once.
     lab.set_link(hosts[0], false);
-    group.procs[0].wait_log("stepping down");
+    group.procs[0].wait_log("closed the agents' connections");
     assert_eq!(group.leader(&rt, &etcd, Some(0)), 1);
     let after = eventually("the agent is with the new leader", PATIENCE, || {
         node_pids(&c, &list).filter(|p| p.len() == 1)
@@ -1062,9 +1107,10 @@ fn a_leader_cut_off_from_etcd_and_agents_is_replaced_without_restarting_nodes() 
     // Back on the network, it follows and points at the new leader.
     lab.set_link(hosts[0], true);
     let only_old = group.addrs[0].to_string();
+    // Until it reaches etcd again it answers from what it knew, marked stale.
     let out = eventually("the old leader points at the new one", PATIENCE, || {
         let out = etcd::drover(&c, &only_old, &["get-config", "--as-toml"]);
-        (out.code == Some(0)).then_some(out)
+        (out.code == Some(0) && !out.stderr.contains("may be stale")).then_some(out)
     });
     assert!(out.stdout.contains("[nodes.w2]"), "{}", out.stdout);
     assert!(

@@ -51,6 +51,14 @@ pub(crate) async fn handle_as(
     if let Err(message) = checked {
         return Err(refuse(shared, caller, what, args, message).await);
     }
+    // A leader cut off from etcd changes nothing: it may not lead any more. Not
+    // recorded: the audit trail is in etcd too.
+    if let Some(gate) = &shared.gate
+        && let Err(message) = gate.serving()
+    {
+        warn!(client = %caller.name, addr = %caller.addr, front = caller.front, "refused {what}: {message}");
+        return Err(WireError::new(ErrorCode::Unavailable, message));
+    }
     let id = req.id.clone();
     Ok(match handle(shared, req).await {
         Answer::One(mut reply) => {
@@ -729,6 +737,15 @@ impl Drop for Tracked<'_> {
     }
 }
 
+/// Past two thirds of its lease without a renewal another controller may lead soon:
+/// nothing that changes nodes leaves a controller unless it leads on a fresh lease.
+fn may_send(shared: &Shared, req: &ControllerRequest) -> Result<(), String> {
+    match &shared.gate {
+        Some(gate) if changes_nodes(req) => gate.serving().map(drop),
+        _ => Ok(()),
+    }
+}
+
 /// Sends one request to an agent; an operation that may change its nodes is tracked in
 /// the view from before it is sent until it ends, however it ends.
 pub(crate) async fn call_agent(
@@ -738,6 +755,7 @@ pub(crate) async fn call_agent(
     req: &ControllerRequest,
     budget: Duration,
 ) -> Result<AgentResponse, String> {
+    may_send(shared, req)?;
     let _tracked = Tracked::start(shared, name, req);
     conn::call::<_, AgentResponse>(conn, req, budget)
         .await
@@ -826,6 +844,7 @@ async fn call_agent_with_progress(
     budget: Duration,
     counts: &tokio::sync::mpsc::Sender<(String, Progress)>,
 ) -> Result<AgentResponse, String> {
+    may_send(shared, req)?;
     let _tracked = Tracked::start(shared, name, req);
     let explain = |e: drover_net::NetError| e.to_string();
     let mut replies = tokio::time::timeout(budget, conn::call_stream(conn, req, budget))
@@ -1236,6 +1255,7 @@ async fn get_nodes(
     budget: Duration,
 ) -> Vec<MgmtResult> {
     let agents = shared.registry.connections();
+    let stale = shared.gate.as_ref().is_some_and(|g| g.stale().is_some());
     // Deployed instances whose agent is away: their nodes are UNKNOWN, not gone.
     let mut away = Vec::new();
     if let Some(desired) = shared.store.desired() {
@@ -1259,6 +1279,15 @@ async fn get_nodes(
                 continue;
             };
             let mut nodes = shared.view().last(&inst.name);
+            if stale && !nodes.is_empty() {
+                // Cut off from etcd, this controller let its agents go; what they last
+                // reported is the best it knows, and the reply says it may be stale.
+                away.push(
+                    MgmtResult::ok(id, Some(ResultData::NodeStatuses(nodes)))
+                        .on_instance(&inst.name),
+                );
+                continue;
+            }
             let known: BTreeSet<String> = nodes.iter().map(|s| s.node.clone()).collect();
             for n in deployed_nodes {
                 if !known.contains(&n.name) {
@@ -1311,9 +1340,10 @@ async fn get_nodes(
                     .on_instance(instance)
             }
             Err(e) => {
-                // Unreachable right now: what we last knew, as UNKNOWN.
+                // Unreachable right now: what we last knew, as UNKNOWN (as it was when
+                // the reply says it may be stale anyway).
                 let mut nodes = shared.view().last(&instance);
-                for n in &mut nodes {
+                for n in nodes.iter_mut().filter(|_| !stale) {
                     n.state = State::Unknown;
                 }
                 let mut r = MgmtResult::err(id, e).on_instance(instance);

@@ -307,6 +307,12 @@ impl Etcd {
         })
     }
 
+    /// The endpoints, comma-separated, for messages.
+    pub fn endpoints(&self) -> String {
+        let urls: Vec<&str> = self.endpoints.iter().map(|e| e.url.as_str()).collect();
+        urls.join(",")
+    }
+
     /// The same client with another per-call timeout.
     pub fn with_timeout(&self, timeout: Duration) -> Self {
         Self {

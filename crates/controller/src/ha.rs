@@ -5,12 +5,16 @@
 //! transaction creates the key leads; the key's create revision names its term. The
 //! others poll the key and answer every Hello with "not the leader; the leader is ADDR".
 //!
-//! The leader renews its lease every third of the lease and stops serving (every
-//! connection of its term is closed, every request refused) when two thirds of the lease
-//! passed since the last renewal it sent that etcd acknowledged, which is before etcd can
-//! expire the lease. Writes are fenced independently: each is a transaction conditional
-//! on the leader key still having this term's create revision (see `etcd_store`), so a
-//! controller that was paused past its lease cannot write even before it notices.
+//! The leader renews its lease every third of the lease. When two thirds of the lease
+//! passed since the last renewal it sent that etcd acknowledged (before etcd can expire
+//! the lease), its term goes stale: no write and no command to agents passes the gate,
+//! clients are still answered with a warning that answers may be stale. When the whole
+//! lease passed, it closes its agents' connections (another controller may lead by then).
+//! A renewal acknowledged in time makes the term fresh again; learning that the lease or
+//! the key is gone ends it. Writes are fenced independently: each is a transaction
+//! conditional on the leader key still having this term's create revision (see
+//! `etcd_store`), so a controller that was paused past its lease cannot write even before
+//! it notices.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -63,14 +67,18 @@ struct GateState {
 #[derive(Debug)]
 pub struct Gate {
     lease: Duration,
+    /// etcd's endpoints, named in what a leader cut off from etcd answers.
+    endpoints: String,
     state: Mutex<GateState>,
 }
 
 impl Gate {
-    /// A gate for a lease of `lease`, closed until a term begins.
-    pub fn new(lease: Duration) -> Self {
+    /// A gate for a lease of `lease` on the etcd cluster at `endpoints`, closed until a
+    /// term begins.
+    pub fn new(lease: Duration, endpoints: impl Into<String>) -> Self {
         Self {
             lease,
+            endpoints: endpoints.into(),
             state: Mutex::default(),
         }
     }
@@ -79,7 +87,7 @@ impl Gate {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How long after the last renewal the leader stops serving.
+    /// How long after the last renewal the leader stops writing and commanding agents.
     pub fn serve_for(&self) -> Duration {
         self.lease * 2 / 3
     }
@@ -91,17 +99,46 @@ impl Gate {
         }
     }
 
+    fn stale_message(&self, t: &Term) -> String {
+        format!(
+            "this controller has had no answer from etcd ({}) for {:.1}s, so it cannot renew its leader lease: it refuses changes until etcd answers, and what it answers may be stale",
+            self.endpoints,
+            t.renewed.elapsed().as_secs_f64()
+        )
+    }
+
     /// The current term's token and create revision while this controller leads and its
-    /// lease is fresh; otherwise the refusal to answer.
+    /// lease is fresh: it may write and command agents. Otherwise why not.
     pub fn serving(&self) -> Result<(CancellationToken, i64), String> {
         let state = self.lock();
         match &state.term {
-            Some(t) if t.renewed.elapsed() < self.serve_for() && !t.token.is_cancelled() => {
+            Some(t) if t.token.is_cancelled() => Err(Self::refusal(&state)),
+            Some(t) if t.renewed.elapsed() < self.serve_for() => {
                 Ok((t.token.clone(), t.create_revision))
             }
-            Some(_) => Err("not the leader any more: the leader lease could not be renewed in time; stepping down".into()),
+            Some(t) => Err(self.stale_message(t)),
             None => Err(Self::refusal(&state)),
         }
+    }
+
+    /// The current term's token while this controller leads, fresh or not, with a
+    /// warning when its lease could not be renewed in time (its answers may be stale);
+    /// otherwise the refusal. Clients are served on this; agents and writes need
+    /// [`Gate::serving`].
+    pub fn answering(&self) -> Result<(CancellationToken, Option<String>), String> {
+        let state = self.lock();
+        match &state.term {
+            Some(t) if t.token.is_cancelled() => Err(Self::refusal(&state)),
+            Some(t) if t.renewed.elapsed() < self.serve_for() => Ok((t.token.clone(), None)),
+            Some(t) => Ok((t.token.clone(), Some(self.stale_message(t)))),
+            None => Err(Self::refusal(&state)),
+        }
+    }
+
+    /// Why this controller's answers may be stale: it leads on a lease it could not
+    /// renew in time. `None` when it leads normally or does not lead.
+    pub fn stale(&self) -> Option<String> {
+        self.answering().ok().and_then(|(_, w)| w)
     }
 
     /// How long this controller may still serve without another renewal (zero when it
@@ -155,12 +192,15 @@ impl Gate {
 /// Campaigns, leads and steps down until `shutdown`; `on_lead` runs (to load the state),
 /// with the term's revision, after the election is won and before the gate opens; an
 /// error from it ends the term.
-/// `on_step_down` runs when a term ends (to stop what only a leader does).
+/// `on_expired` runs when the lease may have expired without this controller learning
+/// so (etcd does not answer), and `on_step_down` when a term ends: both stop what only
+/// a leader does (its agents' connections, so that they can find another leader).
 pub async fn run<F, Fut>(
     ha: HaSettings,
     gate: Arc<Gate>,
     shutdown: CancellationToken,
     on_lead: F,
+    on_expired: impl Fn(),
     on_step_down: impl Fn(),
 ) where
     F: Fn(i64) -> Fut,
@@ -202,7 +242,16 @@ pub async fn run<F, Fut>(
                         revision,
                         lease_id: lease,
                     };
-                    lead(&etcd, &gate, &term, ha.lease, &token, &shutdown).await;
+                    lead(
+                        &etcd,
+                        &gate,
+                        &term,
+                        ha.lease,
+                        &token,
+                        &shutdown,
+                        &on_expired,
+                    )
+                    .await;
                     gate.step_down();
                     on_step_down();
                     // Free the key at once, so that another controller takes over now
@@ -301,7 +350,11 @@ struct TermKey<'a> {
 }
 
 /// Keeps the lease alive until it is lost, the leader key is not this term's any more,
-/// renewals stop succeeding for two thirds of the lease, or `shutdown`.
+/// or `shutdown`. While renewals fail the term goes on, stale: past two thirds of the
+/// lease the gate lets no write and no command to agents through (clients are still
+/// answered, with a warning); past the whole lease `on_expired` runs once (the agents'
+/// connections go), and a renewal that succeeds after that ends the term anyway, so
+/// that the next one starts afresh.
 async fn lead(
     etcd: &Etcd,
     gate: &Gate,
@@ -309,25 +362,32 @@ async fn lead(
     lease: Duration,
     token: &CancellationToken,
     shutdown: &CancellationToken,
+    on_expired: &impl Fn(),
 ) {
     let every = lease / 3;
     let mut next = gate.renewed_at().unwrap_or_else(Instant::now) + every;
+    let mut stale = false;
+    let mut expired = false;
     loop {
         let Some(renewed) = gate.renewed_at() else {
             return;
         };
-        let deadline = renewed + gate.serve_for();
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = token.cancelled() => return,
-            () = tokio::time::sleep_until(deadline) => {
-                if gate.renewed_at().is_some_and(|r| r + gate.serve_for() <= Instant::now()) {
-                    warn!(
-                        "no leader lease renewal acknowledged by etcd for {:?}; stepping down before the lease can expire",
-                        gate.serve_for()
-                    );
-                    return;
-                }
+            () = tokio::time::sleep_until(renewed + gate.serve_for()), if !stale => {
+                stale = true;
+                warn!(
+                    "no leader lease renewal acknowledged by etcd for {:?}: refusing changes and commands to agents, answering clients with a warning that answers may be stale",
+                    gate.serve_for()
+                );
+            }
+            () = tokio::time::sleep_until(renewed + lease), if !expired => {
+                expired = true;
+                on_expired();
+                warn!(
+                    "no leader lease renewal acknowledged by etcd for {lease:?}: the lease may have expired; closed the agents' connections so that they can find another leader"
+                );
             }
             () = tokio::time::sleep_until(next) => {
                 let sent = Instant::now();
@@ -338,7 +398,17 @@ async fn lead(
                         // compaction of leases after an etcd restore): the term is over
                         // even though the lease lives.
                         match etcd.get(term.key).await {
-                            Ok(Some(kv)) if kv.create_revision == term.revision => gate.renewed(sent),
+                            Ok(Some(kv)) if kv.create_revision == term.revision => {
+                                if expired {
+                                    info!("etcd answers again, after the lease could have expired; stepping down to campaign afresh");
+                                    return;
+                                }
+                                gate.renewed(sent);
+                                if stale {
+                                    stale = false;
+                                    info!("etcd answers again: leading normally");
+                                }
+                            }
                             Ok(_) => {
                                 warn!("the leader key is not this controller's any more; stepping down");
                                 return;
@@ -362,8 +432,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_gate_serves_a_term_until_two_thirds_of_the_lease_pass_without_renewal() {
-        let gate = Gate::new(Duration::from_millis(600));
+    fn the_gate_serves_a_term_until_two_thirds_of_the_lease_pass_then_only_answers_with_a_warning()
+    {
+        let gate = Gate::new(Duration::from_millis(600), "http://127.0.0.1:2379");
         let closed = gate.serving().unwrap_err();
         assert!(closed.contains("no leader is elected yet"), "{closed}");
         gate.follow(Some("10.0.0.2:2150".into()));
@@ -381,8 +452,17 @@ mod tests {
         // The time passing is what is tested here.
         std::thread::sleep(Duration::from_millis(450));
         let stale = gate.serving().unwrap_err();
-        assert!(stale.contains("could not be renewed in time"), "{stale}");
+        assert!(
+            stale.contains("no answer from etcd (http://127.0.0.1:2379)")
+                && stale.contains("refuses changes"),
+            "{stale}"
+        );
         assert_eq!(gate.time_left(), Duration::ZERO);
+        // Clients are still answered, with the same words as a warning.
+        let (t, warning) = gate.answering().unwrap();
+        assert!(!t.is_cancelled());
+        assert!(warning.unwrap().contains("may be stale"));
+        assert!(gate.stale().is_some());
         // A renewal sent now opens it again; an older one never moves it back.
         let now = Instant::now();
         gate.renewed(now);
@@ -390,8 +470,11 @@ mod tests {
         assert!(gate.serving().is_ok());
         assert_eq!(gate.renewed_at(), Some(now));
 
+        assert_eq!(gate.stale(), None);
+
         gate.step_down();
         assert!(token.is_cancelled());
         assert!(gate.serving().is_err());
+        assert!(gate.answering().is_err());
     }
 }

@@ -241,6 +241,13 @@ impl Shared {
                 "1 while this controller leads its high-availability group and serves.",
                 &[(String::new(), leading)],
             );
+            let stale = if gate.stale().is_some() { 1.0 } else { 0.0 };
+            drover_metrics::gauge(
+                &mut out,
+                "drover_controller_leader_stale",
+                "1 while this controller leads on a lease it could not renew in etcd: it answers clients, refuses changes.",
+                &[(String::new(), stale)],
+            );
         }
         let agents = self.registry.snapshot().len();
         drover_metrics::gauge(
@@ -367,7 +374,7 @@ impl Controller {
         }
         let (store, gate) = match &config.ha {
             Some(ha) => {
-                let gate = Arc::new(ha::Gate::new(ha.lease));
+                let gate = Arc::new(ha::Gate::new(ha.lease, ha.etcd.endpoints()));
                 let etcd = etcd_store::EtcdStore::new(ha.etcd.clone(), &ha.prefix, gate.clone())
                     .map_err(store::StoreError::from)?;
                 (Store::etcd(etcd), Some(gate))
@@ -502,6 +509,7 @@ impl Controller {
         if let (Some(settings), Some(gate)) = (self.ha.take(), self.shared.gate.clone()) {
             let shared = self.shared.clone();
             let stepped = self.shared.clone();
+            let expired = self.shared.clone();
             tasks.spawn(ha::run(
                 settings,
                 gate,
@@ -511,19 +519,16 @@ impl Controller {
                     async move { take_over(shared, revision).await }
                 },
                 move || {
-                    // Only the leader dials agents that listen; and the connections of
-                    // its term go, dialled ones included, so that agents find the next.
-                    let mut dialers = stepped.dialers.lock().unwrap_or_else(|p| p.into_inner());
-                    for (_, (_, task)) in std::mem::take(&mut *dialers) {
-                        task.abort();
-                    }
-                    for (name, conn) in stepped.registry.connections() {
-                        conn.close(
-                            5u32.into(),
-                            b"controller stepped down: not the leader any more",
-                        );
-                        stepped.registry.remove_if_same(&name, &conn);
-                    }
+                    let_agents_go(
+                        &expired,
+                        b"controller cut off from etcd: it may not lead any more",
+                    )
+                },
+                move || {
+                    let_agents_go(
+                        &stepped,
+                        b"controller stepped down: not the leader any more",
+                    )
                 },
             ));
         }
@@ -553,6 +558,23 @@ impl Controller {
         tasks.wait().await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         info!("controller stopped");
+    }
+}
+
+/// Stops what only a leader does toward agents: dialling those that listen, and every
+/// agent connection (dialled ones included), so that agents find the next leader. The
+/// view keeps their nodes as last reported (shown as such while the term is stale).
+fn let_agents_go(shared: &Shared, reason: &[u8]) {
+    let mut dialers = shared.dialers.lock().unwrap_or_else(|p| p.into_inner());
+    for (_, (_, task)) in std::mem::take(&mut *dialers) {
+        task.abort();
+    }
+    drop(dialers);
+    for (name, conn) in shared.registry.connections() {
+        // Out of the registry first, so that the agent's session, seeing its connection
+        // end, does not mark its nodes UNKNOWN.
+        shared.registry.remove_if_same(&name, &conn);
+        conn.close(5u32.into(), reason);
     }
 }
 
@@ -627,11 +649,22 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         warn!(%addr, "{w}");
     }
     let mut term = None;
+    let mut warning = None;
     let scope = client_scope(&conn, &identity);
     let check = conn::check_hello(&hello, &identity, API_VERSION, &software())
         .and_then(|()| scope.as_ref().map(|_| ()).map_err(Clone::clone))
         .and_then(|()| check_deny_list(&shared, &conn, &identity))
         .and_then(|()| match &shared.gate {
+            // A leader cut off from etcd still answers clients (with a warning), but
+            // takes no agent: it may not lead any more, and the agent should find the
+            // one that does.
+            Some(gate) if identity.role == PeerRole::Client => gate
+                .answering()
+                .map(|(token, w)| {
+                    term = Some(token);
+                    warning = w;
+                })
+                .map_err(|m| WireError::new(ErrorCode::Unavailable, m)),
             Some(gate) => gate
                 .serving()
                 .map(|(token, _)| term = Some(token))
@@ -681,6 +714,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         api_version: API_VERSION,
         name: shared.name.clone(),
         software: software(),
+        warning,
     };
     if let Err(e) = responder.welcome(welcome).await {
         warn!(%addr, peer = %identity, "hello failed: {e}");
@@ -902,6 +936,7 @@ async fn serve_client(
         front: "native",
     });
     let settings = shared.transport;
+    let gate = shared.gate.clone();
     let handler = move |req: Request<ClientRequest>| {
         let shared = shared.clone();
         let caller = caller.clone();
@@ -928,7 +963,10 @@ async fn serve_client(
             answer
         }
     };
-    let _ = conn::serve_answers(conn, settings, handler).await;
+    // Every answer of a leader cut off from etcd says that it may be stale.
+    let gate = gate.clone();
+    let warning = move || gate.as_ref().and_then(|g| g.stale());
+    let _ = conn::serve_answers_warned(conn, settings, handler, warning).await;
 }
 
 fn unix_now() -> i64 {
