@@ -323,7 +323,7 @@ impl Etcd {
 
     /// Posts one gateway call, trying the endpoint that answered last first, then the
     /// others in turn, until one answers or the client's timeout passed. Each attempt
-    /// gets at most [`ATTEMPT`]: a member that lost its etcd leader may hold a request
+    /// gets at most [`ATTEMPT`] (and half the timeout, with several members): a member that lost its etcd leader may hold a request
     /// for seconds while another member, or the same one a moment later, answers at
     /// once. Retrying is safe for every call the controller makes (reads, renewals, and
     /// writes that put the same values under the same fence). An answer is final
@@ -341,7 +341,15 @@ impl Etcd {
                 break;
             }
             let ep = &self.endpoints[n];
-            let attempt = ATTEMPT.min(deadline - now);
+            // With several members, at most half the call's time on one, so that a
+            // member without an etcd leader (it holds requests) leaves time to ask
+            // another.
+            let attempt = if count > 1 {
+                ATTEMPT.min(self.timeout / 2)
+            } else {
+                ATTEMPT
+            }
+            .min(deadline - now);
             match tokio::time::timeout(attempt, self.post(ep, path, &body)).await {
                 Ok(Ok((status, answer))) if status != 503 && status != 504 => {
                     self.preferred.store(n, Ordering::Relaxed);

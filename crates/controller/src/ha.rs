@@ -8,10 +8,12 @@
 //! The leader renews its lease every third of the lease. When two thirds of the lease
 //! passed since the last renewal it sent that etcd acknowledged (before etcd can expire
 //! the lease), its term goes stale: no write and no command to agents passes the gate,
-//! clients are still answered with a warning that answers may be stale. When the whole
-//! lease passed, it closes its agents' connections (another controller may lead by then).
-//! A renewal acknowledged in time makes the term fresh again; learning that the lease or
-//! the key is gone ends it. Writes are fenced independently: each is a transaction
+//! clients are still answered with a warning that answers may be stale. When twice the
+//! lease passed, it closes its agents' connections (another controller may lead by then,
+//! and they should find it; closing them is not what keeps two leaders apart, the gate
+//! is). A renewal acknowledged before then makes the term fresh again, so an etcd leader
+//! election (one to two seconds, during which etcd renews nothing) costs no step-down;
+//! learning that the lease or the key is gone ends the term. Writes are fenced independently: each is a transaction
 //! conditional on the leader key still having this term's create revision (see
 //! `etcd_store`), so a controller that was paused past its lease cannot write even before
 //! it notices.
@@ -207,7 +209,9 @@ pub async fn run<F, Fut>(
     Fut: Future<Output = Result<(), String>>,
 {
     let key = ha.leader_key();
-    let poll = (ha.lease / 6).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    // A follower finds the key gone within a poll: a tenth of the lease, so that a
+    // successor serves within about the lease plus a fifth of a second.
+    let poll = (ha.lease / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
     let etcd = ha
         .etcd
         .with_timeout((ha.lease / 3).max(Duration::from_millis(300)));
@@ -349,12 +353,17 @@ struct TermKey<'a> {
     lease_id: i64,
 }
 
+/// After how many leases without an acknowledged renewal a leader lets its agents go:
+/// more than one, so that an etcd leader election (during which etcd renews no lease,
+/// and after which it extends them all) does not cost every agent its connection.
+const RELEASE: u32 = 2;
+
 /// Keeps the lease alive until it is lost, the leader key is not this term's any more,
 /// or `shutdown`. While renewals fail the term goes on, stale: past two thirds of the
 /// lease the gate lets no write and no command to agents through (clients are still
-/// answered, with a warning); past the whole lease `on_expired` runs once (the agents'
-/// connections go), and a renewal that succeeds after that ends the term anyway, so
-/// that the next one starts afresh.
+/// answered, with a warning); past [`RELEASE`] leases `on_expired` runs once (the
+/// agents' connections go), and a renewal that succeeds after that ends the term
+/// anyway, so that the next one starts afresh.
 async fn lead(
     etcd: &Etcd,
     gate: &Gate,
@@ -382,11 +391,12 @@ async fn lead(
                     gate.serve_for()
                 );
             }
-            () = tokio::time::sleep_until(renewed + lease), if !expired => {
+            () = tokio::time::sleep_until(renewed + lease * RELEASE), if !expired => {
                 expired = true;
                 on_expired();
                 warn!(
-                    "no leader lease renewal acknowledged by etcd for {lease:?}: the lease may have expired; closed the agents' connections so that they can find another leader"
+                    "no leader lease renewal acknowledged by etcd for {:?}: the lease may have expired; closed the agents' connections so that they can find another leader",
+                    lease * RELEASE
                 );
             }
             () = tokio::time::sleep_until(next) => {
