@@ -207,6 +207,19 @@ fn a_killed_leader_is_replaced_agents_follow_and_no_node_restarts() {
     });
     assert_eq!(now["w1"], before["w1"]);
     assert_eq!(now["w2"], before["w2"]);
+
+    // One audit trail, in etcd: the deploy through the first leader and the one through
+    // the second, whichever answers.
+    let out = etcd::drover(&c, &list, &["audit"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let deploys: Vec<u64> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["what"] == "deploy" && r["outcome"] == "ok")
+        .filter_map(|r| r["generation"].as_u64())
+        .collect();
+    assert_eq!(deploys, [1, 2], "{}", out.stdout);
 }
 
 #[test]

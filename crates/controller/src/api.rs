@@ -199,11 +199,7 @@ fn outcome_of(reply: &ClientResponse) -> (Outcome, Option<String>) {
 /// Appends a record to the audit trail (durably, off the async threads) and publishes
 /// it to `monitor`; `Err` says why it could not be written.
 pub(crate) async fn write_audit(shared: &Arc<Shared>, record: AuditRecord) -> Result<(), String> {
-    let writer = shared.clone();
-    let written = {
-        let record = record.clone();
-        tokio::task::spawn_blocking(move || writer.audit.append(&record)).await
-    };
+    let written = shared.audit.append(&record).await;
     let outcome = match record.outcome {
         Outcome::Ok => "ok",
         Outcome::Failed => "failed",
@@ -219,13 +215,12 @@ pub(crate) async fn write_audit(shared: &Arc<Shared>, record: AuditRecord) -> Re
         .inc();
     shared.emit(Event::Audit { record });
     let failed = match written {
-        Ok(Ok(())) => return Ok(()),
-        Ok(Err(e)) => e.to_string(),
-        Err(e) => e.to_string(),
+        Ok(()) => return Ok(()),
+        Err(e) => e,
     };
     let message = format!(
         "the audit trail {} could not be written: {failed}",
-        shared.audit.path().display()
+        shared.audit.describe()
     );
     warn!("{message}");
     shared.emit(Event::Error {
@@ -397,19 +392,16 @@ async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> Client
             who,
             limit,
         } => {
-            let reader = shared.clone();
             let limit = limit.unwrap_or(audit::DEFAULT_READ_LIMIT);
-            let read = tokio::task::spawn_blocking(move || {
-                reader.audit.read(since_ms, who.as_deref(), limit)
-            })
-            .await;
-            match read {
-                Ok(Ok(records)) => ClientResponse::Audit(records),
-                Ok(Err(e)) => ClientResponse::Result(MgmtResult::err(
+            match shared.audit.read(since_ms, who, limit).await {
+                Ok(records) => ClientResponse::Audit(records),
+                Err(e) => ClientResponse::Result(MgmtResult::err(
                     id,
-                    format!("cannot read {}: {e}", shared.audit.path().display()),
+                    format!(
+                        "cannot read the audit trail {}: {e}",
+                        shared.audit.describe()
+                    ),
                 )),
-                Err(e) => ClientResponse::Result(MgmtResult::err(id, e.to_string())),
             }
         }
         ClientRequest::TestTimeout { with_state } => {

@@ -141,6 +141,13 @@ pub enum Op {
         /// Delete the whole prefix.
         prefix: bool,
     },
+    /// Delete every key from `key` (included) to `end` (excluded).
+    DeleteRange {
+        /// The first key.
+        key: Vec<u8>,
+        /// The key past the last.
+        end: Vec<u8>,
+    },
     /// Read a key (answers appear in [`TxnResult::ranges`]).
     Get {
         /// The key.
@@ -494,6 +501,9 @@ impl Etcd {
                         }
                         json!({ "request_delete_range": del })
                     }
+                    Op::DeleteRange { key, end } => json!({
+                        "request_delete_range": { "key": b64(key), "range_end": b64(end) }
+                    }),
                     Op::Get { key } => json!({ "request_range": { "key": b64(key) } }),
                 })
                 .collect()

@@ -8,7 +8,8 @@
 //! - [`registry`]: the connected agents.
 //! - [`api`]: the client requests: staging and deploying configurations, node statuses,
 //!   actions on node subsets, fanned out to agents with timeouts.
-//! - [`audit`]: the audit trail of requests that change something, and who sent them.
+//! - [`audit`]: the audit trail of requests that change something, and who sent them
+//!   (in the state dir, or in etcd: [`etcd_audit`]).
 //! - [`store`]: the staged configuration and the desired and deployed deploys with their
 //!   generations, persisted atomically.
 //! - [`ha`], [`etcd`], `etcd_store`: high availability on etcd (`--store etcd`): leader
@@ -28,6 +29,7 @@ pub mod api;
 pub mod audit;
 mod dial;
 pub mod etcd;
+pub mod etcd_audit;
 pub mod etcd_store;
 pub mod ha;
 pub mod registry;
@@ -184,7 +186,7 @@ pub(crate) struct Shared {
     /// Port auto-assignment and checks, with our own port.
     pub(crate) ports: drover_proto::ports::PortPolicy,
     /// The audit trail.
-    pub(crate) audit: audit::AuditLog,
+    pub(crate) audit: audit::Trail,
 }
 
 impl Shared {
@@ -381,14 +383,27 @@ impl Controller {
             }
             None => (Store::open(&config.state_dir)?, None),
         };
-        // With etcd the state dir holds only this controller's audit trail.
-        store::secure_dir(&config.state_dir)?;
-        let audit =
-            audit::AuditLog::open(&config.state_dir, config.audit_max_bytes, config.audit_keep)
+        let audit = match (&config.ha, &gate) {
+            // With etcd the trail is there too: one history for the whole group.
+            (Some(ha), Some(gate)) => audit::Trail::Etcd(etcd_audit::EtcdAudit::new(
+                ha.etcd.clone(),
+                &ha.prefix,
+                gate.clone(),
+            )),
+            _ => {
+                store::secure_dir(&config.state_dir)?;
+                let log = audit::AuditLog::open(
+                    &config.state_dir,
+                    config.audit_max_bytes,
+                    config.audit_keep,
+                )
                 .map_err(|source| Error::Audit {
                     path: config.state_dir.join(audit::FILE),
                     source,
                 })?;
+                audit::Trail::File(Arc::new(log))
+            }
+        };
         let transport = TransportSettings {
             max_streams: config.transport.max_streams.min(PEER_STREAMS),
             ..config.transport
