@@ -5,18 +5,18 @@
 //! transaction creates the key leads; the key's create revision names its term. The
 //! others poll the key and answer every Hello with "not the leader; the leader is ADDR".
 //!
-//! The leader renews its lease every third of the lease. When two thirds of the lease
-//! passed since the last renewal it sent that etcd acknowledged (before etcd can expire
-//! the lease), its term goes stale: no write and no command to agents passes the gate,
-//! clients are still answered with a warning that answers may be stale. When twice the
-//! lease passed, it closes its agents' connections (another controller may lead by then,
-//! and they should find it; closing them is not what keeps two leaders apart, the gate
-//! is). A renewal acknowledged before then makes the term fresh again, so an etcd leader
-//! election (one to two seconds, during which etcd renews nothing) costs no step-down;
-//! learning that the lease or the key is gone ends the term. Writes are fenced independently: each is a transaction
-//! conditional on the leader key still having this term's create revision (see
-//! `etcd_store`), so a controller that was paused past its lease cannot write even before
-//! it notices.
+//! The leader renews its lease every quarter of the lease (one renewal lost costs
+//! nothing). When two thirds of the lease passed since the last renewal it sent that etcd
+//! acknowledged (before etcd can expire the lease), its term goes stale: no write and no
+//! command to agents passes the gate, clients are still answered with a warning that
+//! answers may be stale. When twice the lease passed, it closes its agents' connections
+//! (another controller may lead by then, and they should find it; closing them is not
+//! what keeps two leaders apart, the gate is). A renewal acknowledged before then makes
+//! the term fresh again, so an etcd leader election (one to two seconds, during which
+//! etcd renews nothing) costs no step-down; learning that the lease or the key is gone
+//! ends the term. Writes are fenced independently: each is a transaction conditional on
+//! the leader key still having this term's create revision (see `etcd_store`), so a
+//! controller that was paused past its lease cannot write even before it notices.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -373,7 +373,9 @@ async fn lead(
     shutdown: &CancellationToken,
     on_expired: &impl Fn(),
 ) {
-    let every = lease / 3;
+    // A quarter: with one renewal lost (an etcd leader election), the next still comes
+    // before two thirds of the lease.
+    let every = lease / 4;
     let mut next = gate.renewed_at().unwrap_or_else(Instant::now) + every;
     let mut stale = false;
     let mut expired = false;
@@ -413,11 +415,14 @@ async fn lead(
                                     info!("etcd answers again, after the lease could have expired; stepping down to campaign afresh");
                                     return;
                                 }
-                                gate.renewed(sent);
                                 if stale {
                                     stale = false;
-                                    info!("etcd answers again: leading normally");
+                                    info!(
+                                        "etcd answers again after {:?} without a renewal: leading normally",
+                                        sent - renewed
+                                    );
                                 }
+                                gate.renewed(sent);
                             }
                             Ok(_) => {
                                 warn!("the leader key is not this controller's any more; stepping down");
