@@ -87,7 +87,10 @@ impl EtcdAudit {
                     .into(),
             );
         }
-        if self.appends.fetch_add(1, Ordering::Relaxed) % TRIM_EVERY == 0
+        if self
+            .appends
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(TRIM_EVERY)
             && let Err(e) = self.trim(&etcd, fence).await
         {
             // The next trim catches up; the record itself is written.

@@ -405,10 +405,10 @@ where
     let mut warned: Option<(Established, tokio::time::Instant)> = None;
     loop {
         let next = match &warned {
-            Some((_, until)) => match tokio::time::timeout_at(*until, pending.next()).await {
-                Ok(next) => next,
-                Err(_) => None,
-            },
+            // Past the grace: what has not answered yet is not waited for.
+            Some((_, until)) => tokio::time::timeout_at(*until, pending.next())
+                .await
+                .unwrap_or_default(),
             None => pending.next().await,
         };
         let Some((target, result)) = next else {
