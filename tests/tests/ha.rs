@@ -416,6 +416,66 @@ fn without_etcd_the_leader_answers_reads_marked_stale_refuses_changes_and_restar
 }
 
 #[test]
+fn a_leader_cut_off_from_etcd_alone_hands_clients_and_agents_to_the_next() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let mut etcd = Etcd::start(&c, 3);
+    let rt = runtime();
+    // controller-0 knows only member 0; controller-1 knows them all.
+    let only_first = etcd.members[0].client_url.clone();
+    let (p0, a0) = etcd::start_controller(
+        &c,
+        "controller-0",
+        &etcd,
+        PREFIX,
+        &["--etcd-endpoints", &only_first],
+    );
+    p0.wait_log("leading: serving");
+    let (p1, a1) = etcd::start_controller(&c, "controller-1", &etcd, PREFIX, &[]);
+    let group = Group {
+        procs: vec![p0, p1],
+        addrs: vec![a0, a1],
+    };
+    assert_eq!(group.leader(&rt, &etcd, None), 0);
+    let list = group.list();
+    let (_agent, before) = agent_running_one_node(&c, &list);
+
+    // Member 0 goes: controller-0 is cut off from etcd, which keeps its quorum and lets
+    // controller-1 lead once controller-0's lease expired.
+    etcd.kill(0);
+    assert_eq!(group.leader(&rt, &etcd, Some(0)), 1);
+    // Clients given both addresses get the new leader, unwarned; the agent, let go by
+    // the cut-off leader, moves over, and the node it runs is not restarted.
+    let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
+    let out = eventually("a deploy goes through the new leader", PATIENCE, || {
+        let out = etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]);
+        (out.code == Some(0)).then_some(out)
+    });
+    assert!(!out.stderr.contains("may be stale"), "{}", out.stderr);
+    let after = eventually("both nodes run", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 2)
+    });
+    assert_eq!(after["w1"], before["w1"], "the node was restarted");
+    assert!(
+        group.procs[0]
+            .log_text()
+            .contains("closed the agents' connections")
+    );
+    // Both welcome a client; it takes the one without a warning, every time.
+    for _ in 0..5 {
+        let out = etcd::drover(&c, &list, &["get-instances"]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        assert!(!out.stderr.contains("may be stale"), "{}", out.stderr);
+    }
+    // Asked alone, the cut-off controller still answers what it knew, marked stale.
+    let (pids, stderr) = node_pids_and_stderr(&c, &a0.to_string());
+    assert_eq!(pids, before, "{stderr}");
+    assert!(stderr.contains("may be stale"), "{stderr}");
+}
+
+#[test]
 fn a_configuration_of_20000_nodes_survives_a_failover() {
     if !etcd::available() {
         return;
