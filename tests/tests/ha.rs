@@ -580,6 +580,40 @@ fn a_configuration_of_20000_nodes_survives_a_failover() {
 }
 
 #[test]
+fn a_range_delete_in_etcd_stops_before_its_end() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let client = etcd.client();
+    use drover_controller::etcd::Op;
+    let puts: Vec<Op> = ["1", "2", "3", "4"]
+        .iter()
+        .map(|k| Op::Put {
+            key: format!("{PREFIX}audit/{k}").into_bytes(),
+            value: b"{}".to_vec(),
+            lease: 0,
+        })
+        .collect();
+    rt.block_on(client.txn(&[], &puts, &[])).unwrap();
+    let del = Op::DeleteRange {
+        key: format!("{PREFIX}audit/").into_bytes(),
+        end: format!("{PREFIX}audit/3").into_bytes(),
+    };
+    rt.block_on(client.txn(&[], &[del], &[])).unwrap();
+    let left = rt
+        .block_on(client.get_prefix_keys(format!("{PREFIX}audit/").as_bytes()))
+        .unwrap();
+    let want: Vec<Vec<u8>> = ["3", "4"]
+        .iter()
+        .map(|k| format!("{PREFIX}audit/{k}").into_bytes())
+        .collect();
+    assert_eq!(left, want);
+}
+
+#[test]
 fn a_bad_address_in_a_list_of_controllers_is_named() {
     let c = Cluster::new();
     let out = etcd::drover(&c, "127.0.0.1:2150,ctl:notaport", &["get-instances"]);

@@ -106,13 +106,12 @@ impl EtcdAudit {
             .get_prefix_keys(dir.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
-        if keys.len() <= self.keep {
+        let Some(cutoff) = cutoff(&keys, self.keep) else {
             return Ok(());
-        }
-        let cutoff = keys[keys.len() - self.keep].clone();
+        };
         let del = Op::DeleteRange {
             key: dir.into_bytes(),
-            end: cutoff,
+            end: cutoff.to_vec(),
         };
         etcd.txn(&[fence], &[del], &[])
             .await
@@ -140,5 +139,32 @@ impl EtcdAudit {
         let skip = out.len().saturating_sub(limit);
         out.drain(..skip);
         Ok(out)
+    }
+}
+
+/// The oldest key to keep among `keys` (sorted, oldest first) when only the newest `keep`
+/// are kept; `None` when all are.
+fn cutoff(keys: &[Vec<u8>], keep: usize) -> Option<&[u8]> {
+    keys.len()
+        .checked_sub(keep)
+        .filter(|n| *n > 0)
+        .map(|n| keys[n].as_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cutoff_keeps_the_newest_records() {
+        let keys: Vec<Vec<u8>> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|k| k.as_bytes().to_vec())
+            .collect();
+        assert_eq!(cutoff(&keys, 2), Some(&b"c"[..]));
+        assert_eq!(cutoff(&keys, 3), Some(&b"b"[..]));
+        assert_eq!(cutoff(&keys, 4), None);
+        assert_eq!(cutoff(&keys, 10), None);
+        assert_eq!(cutoff(&[], 1), None);
     }
 }
