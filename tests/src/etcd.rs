@@ -170,6 +170,33 @@ impl Etcd {
         });
     }
 
+    /// The member that is etcd's Raft leader now, if a live one says so (plain HTTP
+    /// members only).
+    pub fn raft_leader(&self) -> Option<usize> {
+        use std::io::{Read as _, Write as _};
+        let status = |url: &str| -> Option<serde_json::Value> {
+            let host = url.strip_prefix("http://")?.trim_end_matches('/');
+            let mut s = std::net::TcpStream::connect(host).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            let body = "{}";
+            write!(
+                s,
+                "POST /v3/maintenance/status HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .ok()?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).ok()?;
+            serde_json::from_str(answer.split_once("\r\n\r\n")?.1).ok()
+        };
+        self.members.iter().position(|m| {
+            m.proc.is_some()
+                && status(&m.client_url).is_some_and(|v| {
+                    v["leader"].as_str().is_some() && v["leader"] == v["header"]["member_id"]
+                })
+        })
+    }
+
     /// Every member's client URL, comma-separated (`--etcd-endpoints`).
     pub fn endpoints(&self) -> String {
         let urls: Vec<&str> = self.members.iter().map(|m| m.client_url.as_str()).collect();
@@ -212,8 +239,11 @@ pub fn start_controller_cmd(
     extra: &[&str],
 ) -> (Proc, SocketAddr) {
     c.controller_args(&mut cmd, listen);
-    cmd.args(["--store", "etcd", "--etcd-endpoints", &etcd.endpoints()])
-        .args(["--etcd-prefix", prefix]);
+    cmd.args(["--store", "etcd", "--etcd-prefix", prefix]);
+    // Endpoints the test gives in `extra` (a subset of the members) are left to it.
+    if !extra.contains(&"--etcd-endpoints") {
+        cmd.args(["--etcd-endpoints", &etcd.endpoints()]);
+    }
     if let Some(tls) = &etcd.tls {
         for (flag, file) in [
             ("--etcd-ca", &tls.ca),

@@ -1,6 +1,6 @@
 //! High availability on etcd with real etcd processes and real controllers: failover
 //! after a leader is killed, fencing of a paused or deposed leader, etcd going away, and
-//! a configuration larger than etcd's request limit.
+//! a configuration larger than etcd's request limit (and parts of unfinished writes).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,10 +13,8 @@ use drover_tests::{Cluster, PATIENCE, Proc, eventually};
 use nix::sys::signal::Signal;
 
 const PREFIX: &str = "/drover-test/";
-/// Short, for quick failovers; an etcd leader election (a second or two) may make such a
-/// controller step down, so the test that kills etcd members uses [`LONG_LEASE`].
+/// Short, for quick failovers (the default, said explicitly).
 const LEASE: &str = "2s";
-const LONG_LEASE: &str = "6s";
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -112,20 +110,16 @@ struct Group {
 
 impl Group {
     fn start(c: &Cluster, etcd: &Etcd, n: usize) -> Self {
-        Self::start_with(c, etcd, n, LEASE)
+        Self::start_with(c, etcd, n, Some(LEASE))
     }
 
-    fn start_with(c: &Cluster, etcd: &Etcd, n: usize, lease: &str) -> Self {
+    /// `n` controllers with `lease` (the default when `None`).
+    fn start_with(c: &Cluster, etcd: &Etcd, n: usize, lease: Option<&str>) -> Self {
         let mut procs = Vec::new();
         let mut addrs = Vec::new();
+        let args: Vec<&str> = lease.map_or(vec![], |l| vec!["--leader-lease", l]);
         for i in 0..n {
-            let (p, a) = etcd::start_controller(
-                c,
-                &format!("controller-{i}"),
-                etcd,
-                PREFIX,
-                &["--leader-lease", lease],
-            );
+            let (p, a) = etcd::start_controller(c, &format!("controller-{i}"), etcd, PREFIX, &args);
             procs.push(p);
             addrs.push(a);
         }
@@ -213,6 +207,19 @@ fn a_killed_leader_is_replaced_agents_follow_and_no_node_restarts() {
     });
     assert_eq!(now["w1"], before["w1"]);
     assert_eq!(now["w2"], before["w2"]);
+
+    // One audit trail, in etcd: the deploy through the first leader and the one through
+    // the second, whichever answers.
+    let out = etcd::drover(&c, &list, &["audit"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let deploys: Vec<u64> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["what"] == "deploy" && r["outcome"] == "ok")
+        .filter_map(|r| r["generation"].as_u64())
+        .collect();
+    assert_eq!(deploys, [1, 2], "{}", out.stdout);
 }
 
 #[test]
@@ -333,8 +340,24 @@ fn a_leader_whose_key_is_taken_cannot_write_and_steps_down() {
     );
 }
 
+/// The running nodes' pids from get-nodes, and what the CLI said on stderr.
+fn node_pids_and_stderr(c: &Cluster, controllers: &str) -> (BTreeMap<String, u64>, String) {
+    let out = etcd::drover(c, controllers, &["get-nodes"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let mut pids = BTreeMap::new();
+    for (_, nodes) in v["results"].as_object().unwrap() {
+        for (name, n) in nodes.as_object().unwrap() {
+            if n["mgmt_role"].is_null() && n["state"] == "RUNNING" {
+                pids.insert(name.clone(), n["pid"].as_u64().unwrap());
+            }
+        }
+    }
+    (pids, format!("{}\n{}", out.stderr, out.stdout))
+}
+
 #[test]
-fn without_etcd_writes_are_refused_naming_etcd_and_nodes_keep_running() {
+fn without_etcd_the_leader_answers_reads_marked_stale_refuses_changes_and_restarts_no_node() {
     if !etcd::available() {
         return;
     }
@@ -347,26 +370,109 @@ fn without_etcd_writes_are_refused_naming_etcd_and_nodes_keep_running() {
     let (_agent, before) = agent_running_one_node(&c, &list);
 
     etcd.kill(0);
+    group.procs[0].wait_log("refusing changes and commands to agents");
     let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
-    let out = etcd::drover(&c, &list, &["stage-config", v2.to_str().unwrap()]);
+    let out = etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]);
     assert_ne!(out.code, Some(0), "{}", out.stdout);
-    let text = format!("{}{}", out.stdout, out.stderr);
     assert!(
-        text.contains("etcd"),
-        "the refusal does not name etcd: {text}"
+        out.stderr
+            .contains(&format!("no answer from etcd ({})", etcd.endpoints()))
+            && out.stderr.contains("refuses changes"),
+        "the refusal does not name etcd: {}",
+        out.stderr
     );
-    group.procs[0].wait_log("stepping down");
+    let out = etcd::drover(&c, &list, &["restart", "w1"]);
+    assert_ne!(out.code, Some(0), "{}", out.stdout);
+    assert!(out.stderr.contains("etcd"), "{}", out.stderr);
 
-    etcd.restart(0);
-    assert_eq!(
-        group.leader(&rt, &etcd, None),
-        0,
-        "the controller leads again"
+    // Reads answer, with a warning: while the agent is connected, and once the lease
+    // may have expired and the controller let it go.
+    let (pids, stderr) = node_pids_and_stderr(&c, &list);
+    assert_eq!(pids, before, "{stderr}");
+    assert!(
+        stderr.contains("warning: ") && stderr.contains("may be stale"),
+        "{stderr}"
     );
-    let after = eventually("the node is back in get-nodes", PATIENCE, || {
-        node_pids(&c, &list).filter(|p| p.len() == 1)
+    group.procs[0].wait_log("closed the agents' connections");
+    let (pids, stderr) = node_pids_and_stderr(&c, &list);
+    assert_eq!(pids, before, "{stderr}");
+    assert!(stderr.contains("may be stale"), "{stderr}");
+    let out = etcd::drover(&c, &list, &["get-config", "--as-toml"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains("[nodes.w1]") && out.stderr.contains("may be stale"));
+
+    // etcd back: the controller leads afresh, takes changes, and restarted nothing.
+    etcd.restart(0);
+    eventually("a deploy goes through once etcd is back", PATIENCE, || {
+        (etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]).code == Some(0))
+            .then_some(())
     });
-    assert_eq!(before, after, "the node was restarted");
+    let after = eventually("both nodes run", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 2)
+    });
+    assert_eq!(after["w1"], before["w1"], "the node was restarted");
+    let out = etcd::drover(&c, &list, &["get-nodes"]);
+    assert!(!out.stderr.contains("may be stale"), "{}", out.stderr);
+}
+
+#[test]
+fn a_leader_cut_off_from_etcd_alone_hands_clients_and_agents_to_the_next() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let mut etcd = Etcd::start(&c, 3);
+    let rt = runtime();
+    // controller-0 knows only member 0; controller-1 knows them all.
+    let only_first = etcd.members[0].client_url.clone();
+    let (p0, a0) = etcd::start_controller(
+        &c,
+        "controller-0",
+        &etcd,
+        PREFIX,
+        &["--etcd-endpoints", &only_first],
+    );
+    p0.wait_log("leading: serving");
+    let (p1, a1) = etcd::start_controller(&c, "controller-1", &etcd, PREFIX, &[]);
+    let group = Group {
+        procs: vec![p0, p1],
+        addrs: vec![a0, a1],
+    };
+    assert_eq!(group.leader(&rt, &etcd, None), 0);
+    let list = group.list();
+    let (_agent, before) = agent_running_one_node(&c, &list);
+
+    // Member 0 goes: controller-0 is cut off from etcd, which keeps its quorum and lets
+    // controller-1 lead once controller-0's lease expired.
+    etcd.kill(0);
+    assert_eq!(group.leader(&rt, &etcd, Some(0)), 1);
+    // Clients given both addresses get the new leader, unwarned; the agent, let go by
+    // the cut-off leader, moves over, and the node it runs is not restarted.
+    let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
+    let out = eventually("a deploy goes through the new leader", PATIENCE, || {
+        let out = etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]);
+        (out.code == Some(0)).then_some(out)
+    });
+    assert!(!out.stderr.contains("may be stale"), "{}", out.stderr);
+    let after = eventually("both nodes run", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 2)
+    });
+    assert_eq!(after["w1"], before["w1"], "the node was restarted");
+    assert!(
+        group.procs[0]
+            .log_text()
+            .contains("closed the agents' connections")
+    );
+    // Both welcome a client; it takes the one without a warning, every time.
+    for _ in 0..5 {
+        let out = etcd::drover(&c, &list, &["get-instances"]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        assert!(!out.stderr.contains("may be stale"), "{}", out.stderr);
+    }
+    // Asked alone, the cut-off controller still answers what it knew, marked stale.
+    let (pids, stderr) = node_pids_and_stderr(&c, &a0.to_string());
+    assert_eq!(pids, before, "{stderr}");
+    assert!(stderr.contains("may be stale"), "{stderr}");
 }
 
 #[test]
@@ -418,12 +524,52 @@ fn a_configuration_of_20000_nodes_survives_a_failover() {
     assert_eq!(again.len(), parts.len(), "old parts were left behind");
     assert!(again.iter().all(|p| !parts.iter().any(|q| q.key == p.key)));
 
+    // Parts of writes a leader did not finish (it died between the parts and the value
+    // naming them): the next leader deletes them, and only them.
+    let orphans = [
+        format!("{PREFIX}state/staged/parts/0123abcd/000000"),
+        format!("{PREFIX}state/staged/parts/0123abcd/000001"),
+        format!("{PREFIX}state/desired/parts/4567cdef/000000"),
+    ];
+    let puts: Vec<_> = orphans
+        .iter()
+        .map(|k| drover_controller::etcd::Op::Put {
+            key: k.clone().into_bytes(),
+            value: b"half a write".to_vec(),
+            lease: 0,
+        })
+        .collect();
+    rt.block_on(etcd.client().txn(&[], &puts, &[])).unwrap();
+
     group.procs[first].kill();
-    group.leader(&rt, &etcd, Some(first));
+    let second = group.leader(&rt, &etcd, Some(first));
     let out = eventually("the new leader answers", PATIENCE, || {
         let out = etcd::drover(&c, &list, &["get-config", "--as-toml"]);
         (out.code == Some(0)).then_some(out)
     });
+    let left: Vec<Vec<u8>> = rt
+        .block_on(
+            etcd.client()
+                .get_prefix_keys(format!("{PREFIX}state/").as_bytes()),
+        )
+        .unwrap();
+    for orphan in &orphans {
+        assert!(
+            !left.contains(&orphan.clone().into_bytes()),
+            "{orphan} was not swept"
+        );
+    }
+    assert!(
+        again.iter().all(|p| left.contains(&p.key)),
+        "a live part was swept"
+    );
+    assert!(
+        group.procs[second]
+            .log_text()
+            .contains("deleted the parts of 2 unfinished or replaced values"),
+        "{}",
+        group.procs[second].log_text()
+    );
     let nodes = out.stdout.matches("[nodes.").count();
     assert_eq!(
         nodes,
@@ -431,6 +577,40 @@ fn a_configuration_of_20000_nodes_survives_a_failover() {
         "{}",
         &out.stdout[..out.stdout.len().min(400)]
     );
+}
+
+#[test]
+fn a_range_delete_in_etcd_stops_before_its_end() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let client = etcd.client();
+    use drover_controller::etcd::Op;
+    let puts: Vec<Op> = ["1", "2", "3", "4"]
+        .iter()
+        .map(|k| Op::Put {
+            key: format!("{PREFIX}audit/{k}").into_bytes(),
+            value: b"{}".to_vec(),
+            lease: 0,
+        })
+        .collect();
+    rt.block_on(client.txn(&[], &puts, &[])).unwrap();
+    let del = Op::DeleteRange {
+        key: format!("{PREFIX}audit/").into_bytes(),
+        end: format!("{PREFIX}audit/3").into_bytes(),
+    };
+    rt.block_on(client.txn(&[], &[del], &[])).unwrap();
+    let left = rt
+        .block_on(client.get_prefix_keys(format!("{PREFIX}audit/").as_bytes()))
+        .unwrap();
+    let want: Vec<Vec<u8>> = ["3", "4"]
+        .iter()
+        .map(|k| format!("{PREFIX}audit/{k}").into_bytes())
+        .collect();
+    assert_eq!(left, want);
 }
 
 #[test]
@@ -515,39 +695,54 @@ fn a_lost_etcd_member_changes_nothing_and_a_lost_quorum_restarts_no_node() {
     let c = Cluster::new();
     let mut etcd = Etcd::start(&c, 3);
     let rt = runtime();
-    let group = Group::start_with(&c, &etcd, 2, LONG_LEASE);
+    // The default lease.
+    let group = Group::start_with(&c, &etcd, 2, None);
     let first = group.leader(&rt, &etcd, None);
     let list = group.list();
     let (_agent, before) = agent_running_one_node(&c, &list);
 
-    // One member of three: the controllers use the others; the leader stays.
-    etcd.kill(0);
+    // One member of three, etcd's leader: the controllers use the others once they
+    // elected a new one; the leader stays, and keeps its agent.
+    let gone = eventually("etcd has a leader", PATIENCE, || etcd.raft_leader());
+    etcd.kill(gone);
     let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
-    let out = etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]);
-    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    eventually("a deploy goes through", PATIENCE, || {
+        let out = etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]);
+        (out.code == Some(0)).then_some(())
+    });
     assert_eq!(group.leader(&rt, &etcd, None), first);
+    let log = group.procs[first].log_text();
     assert!(
-        !group.procs[first].log_text().contains("stepping down"),
-        "{}",
-        group.procs[first].log_text()
+        !log.contains("stepping down") && !log.contains("closed the agents' connections"),
+        "{log}"
     );
+    for line in log.lines().filter(|l| l.contains("etcd answers again")) {
+        eprintln!("etcd leader killed: {line}");
+    }
     let two = eventually("both nodes run", PATIENCE, || {
         node_pids(&c, &list).filter(|p| p.len() == 2)
     });
     assert_eq!(two["w1"], before["w1"]);
 
-    // Two of three: no quorum. Writes fail naming etcd, the leader steps down.
-    etcd.kill(1);
+    // Two of three: no quorum. Writes fail naming etcd, reads say they may be stale.
+    let other = (gone + 1) % 3;
+    etcd.kill(other);
+    group.procs[first].wait_log("refusing changes and commands to agents");
     let v3 = config_file(&c, "v3", &[("w1", "a1")]);
     let out = etcd::drover(&c, &list, &["stage-config", v3.to_str().unwrap()]);
     assert_ne!(out.code, Some(0), "{}", out.stdout);
-    let text = format!("{}{}", out.stdout, out.stderr);
-    assert!(text.contains("etcd"), "{text}");
-    group.procs[first].wait_log("stepping down");
+    assert!(out.stderr.contains("no answer from etcd"), "{}", out.stderr);
+    let (pids, stderr) = node_pids_and_stderr(&c, &list);
+    assert_eq!(pids, two, "{stderr}");
+    assert!(stderr.contains("may be stale"), "{stderr}");
 
     // Quorum back: a leader again, the same nodes, nothing restarted.
-    etcd.restart(0);
-    etcd.restart(1);
+    etcd.restart(gone);
+    etcd.restart(other);
+    eventually("a write goes through once quorum is back", PATIENCE, || {
+        (etcd::drover(&c, &list, &["stage-config", v3.to_str().unwrap()]).code == Some(0))
+            .then_some(())
+    });
     let after = eventually("get-nodes answers again, complete", PATIENCE, || {
         node_pids(&c, &list).filter(|p| p.len() == 2)
     });
@@ -1009,7 +1204,7 @@ fn a_leader_cut_off_from_etcd_and_agents_is_replaced_without_restarting_nodes() 
 
     // Cut off from etcd and from the agent at once.
     lab.set_link(hosts[0], false);
-    group.procs[0].wait_log("stepping down");
+    group.procs[0].wait_log("closed the agents' connections");
     assert_eq!(group.leader(&rt, &etcd, Some(0)), 1);
     let after = eventually("the agent is with the new leader", PATIENCE, || {
         node_pids(&c, &list).filter(|p| p.len() == 1)
@@ -1022,9 +1217,10 @@ fn a_leader_cut_off_from_etcd_and_agents_is_replaced_without_restarting_nodes() 
     // Back on the network, it follows and points at the new leader.
     lab.set_link(hosts[0], true);
     let only_old = group.addrs[0].to_string();
+    // Until it reaches etcd again it answers from what it knew, marked stale.
     let out = eventually("the old leader points at the new one", PATIENCE, || {
         let out = etcd::drover(&c, &only_old, &["get-config", "--as-toml"]);
-        (out.code == Some(0)).then_some(out)
+        (out.code == Some(0) && !out.stderr.contains("may be stale")).then_some(out)
     });
     assert!(out.stdout.contains("[nodes.w2]"), "{}", out.stdout);
     assert!(

@@ -79,6 +79,15 @@ fn units_pass_systemd_analyze_verify() {
     )
     .expect("copy drop-in");
     verify(dir.path(), &units);
+    // And the controller's drop-in for a high-availability group.
+    let drop_in = dir.path().join("drover-controller.service.d");
+    std::fs::create_dir(&drop_in).expect("mkdir drop-in dir");
+    std::fs::copy(
+        deploy_dir().join("drover-controller-ha.conf"),
+        drop_in.join("ha.conf"),
+    )
+    .expect("copy drop-in");
+    verify(dir.path(), &units);
 }
 
 /// Runs `systemd-analyze verify` on `units` (in `dir`) and fails on any complaint about

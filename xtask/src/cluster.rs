@@ -176,8 +176,17 @@ fn ensure_cert_sans(
     name: &str,
     sans: &[String],
 ) -> anyhow::Result<()> {
-    if pki.join(format!("{name}.crt")).exists() {
+    // The lab's bridge address differs between runs: a certificate issued for another
+    // one is issued again (the SANs it was issued for are kept beside it).
+    let issued_for = pki.join(format!("{name}.sans"));
+    let want = sans.join(",");
+    if pki.join(format!("{name}.crt")).exists()
+        && fs::read_to_string(&issued_for).is_ok_and(|s| s == want)
+    {
         return Ok(());
+    }
+    for ext in ["crt", "key"] {
+        let _ = fs::remove_file(pki.join(format!("{name}.{ext}")));
     }
     let mut cmd = Command::new(drover);
     cmd.args(["ca", "issue", "--dir"])
@@ -187,6 +196,8 @@ fn ensure_cert_sans(
         cmd.args(["--san", s]);
     }
     run_ok(&mut cmd)?;
+    fs::write(&issued_for, want)
+        .with_context(|| format!("cannot write {}", issued_for.display()))?;
     Ok(())
 }
 
@@ -284,7 +295,8 @@ impl Cluster {
     }
 
     /// As [`Cluster::start`]; with a network lab, the controller listens on the lab's
-    /// bridge and each agent runs in a host (namespace) of its own. With `ha`, three
+    /// bridge and each agent runs in a host (namespace) of its own (with `ha` too: the
+    /// controllers and etcd stay in this namespace). With `ha`, three
     /// controllers (ports `port`, `port + 1`, `port + 2`) share a three-member etcd
     /// cluster, and agents and the CLI are given all three.
     pub(crate) fn start_in(
@@ -585,10 +597,6 @@ pub(crate) fn up(opts: &Options) -> anyhow::Result<()> {
     } else {
         None
     };
-    anyhow::ensure!(
-        !(opts.ha && opts.netns),
-        "--ha and --netns cannot be combined yet"
-    );
     let mut cluster = Cluster::start_in(
         &opts.dir,
         &opts.bin_dir,
@@ -864,5 +872,36 @@ mod tests {
         assert!(leader.starts_with("controller-"), "{leader}");
         status(dir.path(), &opts.bin_dir).unwrap();
         down(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn up_ha_with_agents_in_network_namespaces_deploys_and_stops() {
+        if !drover_tests::etcd::available() {
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let bin_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options {
+            agents: 2,
+            once: true,
+            dir: dir.path().to_owned(),
+            bin_dir,
+            build: false,
+            port: 0,
+            config: None,
+            detach: false,
+            netns: true,
+            ha: true,
+        };
+        // Twice: the second run's bridge has another address, which the controller
+        // certificate issued by the first does not name.
+        for _ in 0..2 {
+            up(&opts).unwrap();
+        }
+        let logs = dir.path().join("logs");
+        let agent = fs::read_to_string(logs.join("agent-1.log")).unwrap();
+        assert!(agent.contains("connected to controller"), "{agent}");
+        assert!(leader_from_logs(&logs).is_some());
     }
 }

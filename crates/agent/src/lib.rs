@@ -447,6 +447,7 @@ impl Agent {
                     api_version: API_VERSION,
                     name: this.config.name.clone(),
                     software: software(),
+                    warning: None,
                 };
                 if responder.welcome(welcome).await.is_err() {
                     return;

@@ -15,6 +15,8 @@ pub struct Session {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     timeout: Duration,
+    /// Whether a warning of the controller was printed (once is enough).
+    warned: std::sync::atomic::AtomicBool,
 }
 
 fn tls_files(s: &Settings) -> anyhow::Result<TlsFiles> {
@@ -125,16 +127,30 @@ impl Session {
             [usize::from(est.conn.remote_address().is_ipv6())]
         .take()
         .context("no endpoint for the connection made")?;
-        Ok(Self {
+        let session = Self {
             endpoint,
             conn: est.conn,
             timeout,
-        })
+            warned: std::sync::atomic::AtomicBool::new(false),
+        };
+        session.warn(est.welcome.warning.as_deref());
+        Ok(session)
+    }
+
+    /// Prints the controller's warning (its answers may be stale) on stderr, once.
+    fn warn(&self, warning: Option<&str>) {
+        if let Some(w) = warning
+            && !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            eprintln!("warning: {w}");
+        }
     }
 
     /// Sends one request and waits for its reply.
     pub async fn request(&self, req: &ClientRequest) -> anyhow::Result<ClientResponse> {
-        Ok(conn::call(&self.conn, req, self.timeout).await?)
+        let (reply, warning) = conn::call_warned(&self.conn, req, self.timeout).await?;
+        self.warn(warning.as_deref());
+        Ok(reply)
     }
 
     /// Sends a request that reports progress (a deploy with `progress`), passing each
@@ -155,6 +171,7 @@ impl Session {
             let reply = tokio::time::timeout(self.timeout, replies.next::<ClientResponse>())
                 .await
                 .map_err(|_| timed_out())??;
+            self.warn(replies.warning());
             match reply {
                 Some(ClientResponse::Progress(p)) => on_progress(p),
                 Some(answer) => return Ok(answer),

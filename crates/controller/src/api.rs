@@ -51,6 +51,14 @@ pub(crate) async fn handle_as(
     if let Err(message) = checked {
         return Err(refuse(shared, caller, what, args, message).await);
     }
+    // A leader cut off from etcd changes nothing: it may not lead any more. Not
+    // recorded: the audit trail is in etcd too.
+    if let Some(gate) = &shared.gate
+        && let Err(message) = gate.serving()
+    {
+        warn!(client = %caller.name, addr = %caller.addr, front = caller.front, "refused {what}: {message}");
+        return Err(WireError::new(ErrorCode::Unavailable, message));
+    }
     let id = req.id.clone();
     Ok(match handle(shared, req).await {
         Answer::One(mut reply) => {
@@ -191,11 +199,7 @@ fn outcome_of(reply: &ClientResponse) -> (Outcome, Option<String>) {
 /// Appends a record to the audit trail (durably, off the async threads) and publishes
 /// it to `monitor`; `Err` says why it could not be written.
 pub(crate) async fn write_audit(shared: &Arc<Shared>, record: AuditRecord) -> Result<(), String> {
-    let writer = shared.clone();
-    let written = {
-        let record = record.clone();
-        tokio::task::spawn_blocking(move || writer.audit.append(&record)).await
-    };
+    let written = shared.audit.append(&record).await;
     let outcome = match record.outcome {
         Outcome::Ok => "ok",
         Outcome::Failed => "failed",
@@ -211,13 +215,12 @@ pub(crate) async fn write_audit(shared: &Arc<Shared>, record: AuditRecord) -> Re
         .inc();
     shared.emit(Event::Audit { record });
     let failed = match written {
-        Ok(Ok(())) => return Ok(()),
-        Ok(Err(e)) => e.to_string(),
-        Err(e) => e.to_string(),
+        Ok(()) => return Ok(()),
+        Err(e) => e,
     };
     let message = format!(
         "the audit trail {} could not be written: {failed}",
-        shared.audit.path().display()
+        shared.audit.describe()
     );
     warn!("{message}");
     shared.emit(Event::Error {
@@ -389,19 +392,16 @@ async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> Client
             who,
             limit,
         } => {
-            let reader = shared.clone();
             let limit = limit.unwrap_or(audit::DEFAULT_READ_LIMIT);
-            let read = tokio::task::spawn_blocking(move || {
-                reader.audit.read(since_ms, who.as_deref(), limit)
-            })
-            .await;
-            match read {
-                Ok(Ok(records)) => ClientResponse::Audit(records),
-                Ok(Err(e)) => ClientResponse::Result(MgmtResult::err(
+            match shared.audit.read(since_ms, who, limit).await {
+                Ok(records) => ClientResponse::Audit(records),
+                Err(e) => ClientResponse::Result(MgmtResult::err(
                     id,
-                    format!("cannot read {}: {e}", shared.audit.path().display()),
+                    format!(
+                        "cannot read the audit trail {}: {e}",
+                        shared.audit.describe()
+                    ),
                 )),
-                Err(e) => ClientResponse::Result(MgmtResult::err(id, e.to_string())),
             }
         }
         ClientRequest::TestTimeout { with_state } => {
@@ -729,6 +729,15 @@ impl Drop for Tracked<'_> {
     }
 }
 
+/// Past two thirds of its lease without a renewal another controller may lead soon:
+/// nothing that changes nodes leaves a controller unless it leads on a fresh lease.
+fn may_send(shared: &Shared, req: &ControllerRequest) -> Result<(), String> {
+    match &shared.gate {
+        Some(gate) if changes_nodes(req) => gate.serving().map(drop),
+        _ => Ok(()),
+    }
+}
+
 /// Sends one request to an agent; an operation that may change its nodes is tracked in
 /// the view from before it is sent until it ends, however it ends.
 pub(crate) async fn call_agent(
@@ -738,6 +747,7 @@ pub(crate) async fn call_agent(
     req: &ControllerRequest,
     budget: Duration,
 ) -> Result<AgentResponse, String> {
+    may_send(shared, req)?;
     let _tracked = Tracked::start(shared, name, req);
     conn::call::<_, AgentResponse>(conn, req, budget)
         .await
@@ -826,6 +836,7 @@ async fn call_agent_with_progress(
     budget: Duration,
     counts: &tokio::sync::mpsc::Sender<(String, Progress)>,
 ) -> Result<AgentResponse, String> {
+    may_send(shared, req)?;
     let _tracked = Tracked::start(shared, name, req);
     let explain = |e: drover_net::NetError| e.to_string();
     let mut replies = tokio::time::timeout(budget, conn::call_stream(conn, req, budget))
@@ -1236,6 +1247,7 @@ async fn get_nodes(
     budget: Duration,
 ) -> Vec<MgmtResult> {
     let agents = shared.registry.connections();
+    let stale = shared.gate.as_ref().is_some_and(|g| g.stale().is_some());
     // Deployed instances whose agent is away: their nodes are UNKNOWN, not gone.
     let mut away = Vec::new();
     if let Some(desired) = shared.store.desired() {
@@ -1259,6 +1271,15 @@ async fn get_nodes(
                 continue;
             };
             let mut nodes = shared.view().last(&inst.name);
+            if stale && !nodes.is_empty() {
+                // Cut off from etcd, this controller let its agents go; what they last
+                // reported is the best it knows, and the reply says it may be stale.
+                away.push(
+                    MgmtResult::ok(id, Some(ResultData::NodeStatuses(nodes)))
+                        .on_instance(&inst.name),
+                );
+                continue;
+            }
             let known: BTreeSet<String> = nodes.iter().map(|s| s.node.clone()).collect();
             for n in deployed_nodes {
                 if !known.contains(&n.name) {
@@ -1311,9 +1332,10 @@ async fn get_nodes(
                     .on_instance(instance)
             }
             Err(e) => {
-                // Unreachable right now: what we last knew, as UNKNOWN.
+                // Unreachable right now: what we last knew, as UNKNOWN (as it was when
+                // the reply says it may be stale anyway).
                 let mut nodes = shared.view().last(&instance);
-                for n in &mut nodes {
+                for n in nodes.iter_mut().filter(|_| !stale) {
                     n.state = State::Unknown;
                 }
                 let mut r = MgmtResult::err(id, e).on_instance(instance);

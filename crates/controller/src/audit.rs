@@ -9,7 +9,8 @@
 //! takes at most `(keep + 1) x max_bytes`; every file has mode 0600, since the trail
 //! says who may do what and from where. Records are also published as `audit` events to
 //! `monitor` subscribers. `drover audit` reads them through the controller
-//! ([`AuditLog::read`]).
+//! ([`AuditLog::read`]). With `--store etcd` the trail is in etcd instead, one for the
+//! whole group ([`crate::etcd_audit`]); [`Trail`] is either.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -224,6 +225,58 @@ impl AuditLog {
             }
         }
         Ok(out.into())
+    }
+}
+
+/// Where the trail is kept: the state dir, or etcd with `--store etcd`.
+#[derive(Debug)]
+pub enum Trail {
+    /// Files in the state dir.
+    File(std::sync::Arc<AuditLog>),
+    /// Keys in etcd, shared by the controllers of a group.
+    Etcd(crate::etcd_audit::EtcdAudit),
+}
+
+impl Trail {
+    /// Where, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::File(log) => log.path().display().to_string(),
+            Self::Etcd(etcd) => etcd.describe(),
+        }
+    }
+
+    /// Appends one record, durably.
+    pub async fn append(&self, record: &AuditRecord) -> Result<(), String> {
+        match self {
+            Self::File(log) => {
+                let (log, record) = (log.clone(), record.clone());
+                tokio::task::spawn_blocking(move || log.append(&record))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
+            }
+            Self::Etcd(etcd) => etcd.append(record).await,
+        }
+    }
+
+    /// The newest `limit` records at or after `since_ms` by `who`, oldest first.
+    pub async fn read(
+        &self,
+        since_ms: Option<u64>,
+        who: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, String> {
+        match self {
+            Self::File(log) => {
+                let log = log.clone();
+                tokio::task::spawn_blocking(move || log.read(since_ms, who.as_deref(), limit))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
+            }
+            Self::Etcd(etcd) => etcd.read(since_ms, who.as_deref(), limit).await,
+        }
     }
 }
 

@@ -96,6 +96,11 @@ async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
             }
             continue;
         }
+        // A leader cut off from etcd takes no agent: another controller may lead soon.
+        if shared.gate.as_ref().is_some_and(|g| g.serving().is_err()) {
+            tokio::time::sleep(WATCH).await;
+            continue;
+        }
         let hello = Hello {
             api_version: API_VERSION,
             role: PeerRole::Controller,

@@ -141,6 +141,13 @@ pub enum Op {
         /// Delete the whole prefix.
         prefix: bool,
     },
+    /// Delete every key from `key` (included) to `end` (excluded).
+    DeleteRange {
+        /// The first key.
+        key: Vec<u8>,
+        /// The key past the last.
+        end: Vec<u8>,
+    },
     /// Read a key (answers appear in [`TxnResult::ranges`]).
     Get {
         /// The key.
@@ -307,6 +314,12 @@ impl Etcd {
         })
     }
 
+    /// The endpoints, comma-separated, for messages.
+    pub fn endpoints(&self) -> String {
+        let urls: Vec<&str> = self.endpoints.iter().map(|e| e.url.as_str()).collect();
+        urls.join(",")
+    }
+
     /// The same client with another per-call timeout.
     pub fn with_timeout(&self, timeout: Duration) -> Self {
         Self {
@@ -317,7 +330,7 @@ impl Etcd {
 
     /// Posts one gateway call, trying the endpoint that answered last first, then the
     /// others in turn, until one answers or the client's timeout passed. Each attempt
-    /// gets at most [`ATTEMPT`]: a member that lost its etcd leader may hold a request
+    /// gets at most [`ATTEMPT`] (and half the timeout, with several members): a member that lost its etcd leader may hold a request
     /// for seconds while another member, or the same one a moment later, answers at
     /// once. Retrying is safe for every call the controller makes (reads, renewals, and
     /// writes that put the same values under the same fence). An answer is final
@@ -335,7 +348,15 @@ impl Etcd {
                 break;
             }
             let ep = &self.endpoints[n];
-            let attempt = ATTEMPT.min(deadline - now);
+            // With several members, at most half the call's time on one, so that a
+            // member without an etcd leader (it holds requests) leaves time to ask
+            // another.
+            let attempt = if count > 1 {
+                ATTEMPT.min(self.timeout / 2)
+            } else {
+                ATTEMPT
+            }
+            .min(deadline - now);
             match tokio::time::timeout(attempt, self.post(ep, path, &body)).await {
                 Ok(Ok((status, answer))) if status != 503 && status != 504 => {
                     self.preferred.store(n, Ordering::Relaxed);
@@ -423,6 +444,18 @@ impl Etcd {
         kvs(&v).map_err(|m| self.protocol("/v3/kv/range", m))
     }
 
+    /// The keys under `prefix`, without their values (cheap even over large values).
+    pub async fn get_prefix_keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, EtcdError> {
+        let v = self
+            .call(
+                "/v3/kv/range",
+                &json!({ "key": b64(prefix), "range_end": b64(&prefix_end(prefix)), "keys_only": true }),
+            )
+            .await?;
+        let list = kvs(&v).map_err(|m| self.protocol("/v3/kv/range", m))?;
+        Ok(list.into_iter().map(|kv| kv.key).collect())
+    }
+
     fn protocol(&self, call: &str, message: String) -> EtcdError {
         EtcdError::Protocol {
             endpoint: self.endpoints[self.preferred.load(Ordering::Relaxed) % self.endpoints.len()]
@@ -468,6 +501,9 @@ impl Etcd {
                         }
                         json!({ "request_delete_range": del })
                     }
+                    Op::DeleteRange { key, end } => json!({
+                        "request_delete_range": { "key": b64(key), "range_end": b64(end) }
+                    }),
                     Op::Get { key } => json!({ "request_range": { "key": b64(key) } }),
                 })
                 .collect()

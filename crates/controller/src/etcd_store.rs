@@ -216,6 +216,62 @@ impl EtcdStore {
         })?
     }
 
+    /// Deletes the parts that no value names: those of a write whose leader died between
+    /// writing its parts and the value naming them, or of a replaced value whose parts
+    /// could not be deleted. Run by a new leader of term `revision` (the leader key's
+    /// create revision) before it serves; fenced like every write. Returns how many
+    /// unfinished values' parts were deleted.
+    pub fn sweep_parts(&self, revision: i64) -> Result<usize, EtcdStoreError> {
+        let etcd = self.etcd.clone();
+        let state = format!("{}state/", self.prefix);
+        let fence =
+            Compare::CreateRevision(format!("{}leader", self.prefix).into_bytes(), revision);
+        self.block(async move {
+            let keys = etcd.get_prefix_keys(state.as_bytes()).await?;
+            // Every `<value>/parts/<id>/` by its value's key.
+            let mut found: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+                std::collections::BTreeMap::new();
+            for key in &keys {
+                let key = String::from_utf8_lossy(key);
+                if let Some((value, rest)) = key.split_once("/parts/")
+                    && let Some((id, _)) = rest.split_once('/')
+                {
+                    found
+                        .entry(value.to_owned())
+                        .or_default()
+                        .insert(id.to_owned());
+                }
+            }
+            let mut swept = 0;
+            for (value, ids) in found {
+                let named = etcd
+                    .get(value.as_bytes())
+                    .await?
+                    .and_then(|kv| {
+                        let m = kv.value.strip_prefix(SPLIT)?;
+                        serde_json::from_slice::<Manifest>(m).ok()
+                    })
+                    .map(|m| m.id);
+                for id in ids.into_iter().filter(|id| Some(id) != named.as_ref()) {
+                    let del = Op::Delete {
+                        key: format!("{value}/parts/{id}/").into_bytes(),
+                        prefix: true,
+                    };
+                    let r = etcd.txn(std::slice::from_ref(&fence), &[del], &[]).await?;
+                    if !r.succeeded {
+                        return Err(EtcdStoreError::NotLeader(
+                            "etcd refused to delete orphaned parts: another controller leads"
+                                .into(),
+                        ));
+                    }
+                    tracing::info!(value = %value, id = %id, "deleted the parts of an unfinished or replaced value");
+                    swept += 1;
+                }
+            }
+            Ok(swept)
+        })?
+    }
+
     /// Reads the value `name` (JSON), if any.
     pub fn load(&self, name: &str) -> Result<Option<Vec<u8>>, EtcdStoreError> {
         let key = self.key(name);

@@ -5,11 +5,17 @@
 //! transaction creates the key leads; the key's create revision names its term. The
 //! others poll the key and answer every Hello with "not the leader; the leader is ADDR".
 //!
-//! The leader renews its lease every third of the lease and stops serving (every
-//! connection of its term is closed, every request refused) when two thirds of the lease
-//! passed since the last renewal it sent that etcd acknowledged, which is before etcd can
-//! expire the lease. Writes are fenced independently: each is a transaction conditional
-//! on the leader key still having this term's create revision (see `etcd_store`), so a
+//! The leader renews its lease every quarter of the lease (one renewal lost costs
+//! nothing). When two thirds of the lease passed since the last renewal it sent that etcd
+//! acknowledged (before etcd can expire the lease), its term goes stale: no write and no
+//! command to agents passes the gate, clients are still answered with a warning that
+//! answers may be stale. When twice the lease passed, it closes its agents' connections
+//! (another controller may lead by then, and they should find it; closing them is not
+//! what keeps two leaders apart, the gate is). A renewal acknowledged before then makes
+//! the term fresh again, so an etcd leader election (one to two seconds, during which
+//! etcd renews nothing) costs no step-down; learning that the lease or the key is gone
+//! ends the term. Writes are fenced independently: each is a transaction conditional on
+//! the leader key still having this term's create revision (see `etcd_store`), so a
 //! controller that was paused past its lease cannot write even before it notices.
 
 use std::sync::{Arc, Mutex};
@@ -63,14 +69,18 @@ struct GateState {
 #[derive(Debug)]
 pub struct Gate {
     lease: Duration,
+    /// etcd's endpoints, named in what a leader cut off from etcd answers.
+    endpoints: String,
     state: Mutex<GateState>,
 }
 
 impl Gate {
-    /// A gate for a lease of `lease`, closed until a term begins.
-    pub fn new(lease: Duration) -> Self {
+    /// A gate for a lease of `lease` on the etcd cluster at `endpoints`, closed until a
+    /// term begins.
+    pub fn new(lease: Duration, endpoints: impl Into<String>) -> Self {
         Self {
             lease,
+            endpoints: endpoints.into(),
             state: Mutex::default(),
         }
     }
@@ -79,7 +89,7 @@ impl Gate {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How long after the last renewal the leader stops serving.
+    /// How long after the last renewal the leader stops writing and commanding agents.
     pub fn serve_for(&self) -> Duration {
         self.lease * 2 / 3
     }
@@ -91,17 +101,46 @@ impl Gate {
         }
     }
 
+    fn stale_message(&self, t: &Term) -> String {
+        format!(
+            "this controller has had no answer from etcd ({}) for {:.1}s, so it cannot renew its leader lease: it refuses changes until etcd answers, and what it answers may be stale",
+            self.endpoints,
+            t.renewed.elapsed().as_secs_f64()
+        )
+    }
+
     /// The current term's token and create revision while this controller leads and its
-    /// lease is fresh; otherwise the refusal to answer.
+    /// lease is fresh: it may write and command agents. Otherwise why not.
     pub fn serving(&self) -> Result<(CancellationToken, i64), String> {
         let state = self.lock();
         match &state.term {
-            Some(t) if t.renewed.elapsed() < self.serve_for() && !t.token.is_cancelled() => {
+            Some(t) if t.token.is_cancelled() => Err(Self::refusal(&state)),
+            Some(t) if t.renewed.elapsed() < self.serve_for() => {
                 Ok((t.token.clone(), t.create_revision))
             }
-            Some(_) => Err("not the leader any more: the leader lease could not be renewed in time; stepping down".into()),
+            Some(t) => Err(self.stale_message(t)),
             None => Err(Self::refusal(&state)),
         }
+    }
+
+    /// The current term's token while this controller leads, fresh or not, with a
+    /// warning when its lease could not be renewed in time (its answers may be stale);
+    /// otherwise the refusal. Clients are served on this; agents and writes need
+    /// [`Gate::serving`].
+    pub fn answering(&self) -> Result<(CancellationToken, Option<String>), String> {
+        let state = self.lock();
+        match &state.term {
+            Some(t) if t.token.is_cancelled() => Err(Self::refusal(&state)),
+            Some(t) if t.renewed.elapsed() < self.serve_for() => Ok((t.token.clone(), None)),
+            Some(t) => Ok((t.token.clone(), Some(self.stale_message(t)))),
+            None => Err(Self::refusal(&state)),
+        }
+    }
+
+    /// Why this controller's answers may be stale: it leads on a lease it could not
+    /// renew in time. `None` when it leads normally or does not lead.
+    pub fn stale(&self) -> Option<String> {
+        self.answering().ok().and_then(|(_, w)| w)
     }
 
     /// How long this controller may still serve without another renewal (zero when it
@@ -152,21 +191,27 @@ impl Gate {
     }
 }
 
-/// Campaigns, leads and steps down until `shutdown`; `on_lead` runs (to load the state)
-/// after the election is won and before the gate opens; an error from it ends the term.
-/// `on_step_down` runs when a term ends (to stop what only a leader does).
+/// Campaigns, leads and steps down until `shutdown`; `on_lead` runs (to load the state),
+/// with the term's revision, after the election is won and before the gate opens; an
+/// error from it ends the term.
+/// `on_expired` runs when the lease may have expired without this controller learning
+/// so (etcd does not answer), and `on_step_down` when a term ends: both stop what only
+/// a leader does (its agents' connections, so that they can find another leader).
 pub async fn run<F, Fut>(
     ha: HaSettings,
     gate: Arc<Gate>,
     shutdown: CancellationToken,
     on_lead: F,
+    on_expired: impl Fn(),
     on_step_down: impl Fn(),
 ) where
-    F: Fn() -> Fut,
+    F: Fn(i64) -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
     let key = ha.leader_key();
-    let poll = (ha.lease / 6).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    // A follower finds the key gone within a poll: a tenth of the lease, so that a
+    // successor serves within about the lease plus a fifth of a second.
+    let poll = (ha.lease / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
     let etcd = ha
         .etcd
         .with_timeout((ha.lease / 3).max(Duration::from_millis(300)));
@@ -179,7 +224,7 @@ pub async fn run<F, Fut>(
                 failing = None;
                 // Loading may take a while (a large configuration): renew once it is
                 // done, and count the serving time from that renewal.
-                let loaded = on_lead().await;
+                let loaded = on_lead(revision).await;
                 let sent = Instant::now();
                 let renewed = match &loaded {
                     Ok(()) => etcd.lease_keep_alive(lease).await,
@@ -201,7 +246,16 @@ pub async fn run<F, Fut>(
                         revision,
                         lease_id: lease,
                     };
-                    lead(&etcd, &gate, &term, ha.lease, &token, &shutdown).await;
+                    lead(
+                        &etcd,
+                        &gate,
+                        &term,
+                        ha.lease,
+                        &token,
+                        &shutdown,
+                        &on_expired,
+                    )
+                    .await;
                     gate.step_down();
                     on_step_down();
                     // Free the key at once, so that another controller takes over now
@@ -299,8 +353,17 @@ struct TermKey<'a> {
     lease_id: i64,
 }
 
+/// After how many leases without an acknowledged renewal a leader lets its agents go:
+/// more than one, so that an etcd leader election (during which etcd renews no lease,
+/// and after which it extends them all) does not cost every agent its connection.
+const RELEASE: u32 = 2;
+
 /// Keeps the lease alive until it is lost, the leader key is not this term's any more,
-/// renewals stop succeeding for two thirds of the lease, or `shutdown`.
+/// or `shutdown`. While renewals fail the term goes on, stale: past two thirds of the
+/// lease the gate lets no write and no command to agents through (clients are still
+/// answered, with a warning); past [`RELEASE`] leases `on_expired` runs once (the
+/// agents' connections go), and a renewal that succeeds after that ends the term
+/// anyway, so that the next one starts afresh.
 async fn lead(
     etcd: &Etcd,
     gate: &Gate,
@@ -308,25 +371,35 @@ async fn lead(
     lease: Duration,
     token: &CancellationToken,
     shutdown: &CancellationToken,
+    on_expired: &impl Fn(),
 ) {
-    let every = lease / 3;
+    // A quarter: with one renewal lost (an etcd leader election), the next still comes
+    // before two thirds of the lease.
+    let every = lease / 4;
     let mut next = gate.renewed_at().unwrap_or_else(Instant::now) + every;
+    let mut stale = false;
+    let mut expired = false;
     loop {
         let Some(renewed) = gate.renewed_at() else {
             return;
         };
-        let deadline = renewed + gate.serve_for();
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = token.cancelled() => return,
-            () = tokio::time::sleep_until(deadline) => {
-                if gate.renewed_at().is_some_and(|r| r + gate.serve_for() <= Instant::now()) {
-                    warn!(
-                        "no leader lease renewal acknowledged by etcd for {:?}; stepping down before the lease can expire",
-                        gate.serve_for()
-                    );
-                    return;
-                }
+            () = tokio::time::sleep_until(renewed + gate.serve_for()), if !stale => {
+                stale = true;
+                warn!(
+                    "no leader lease renewal acknowledged by etcd for {:?}: refusing changes and commands to agents, answering clients with a warning that answers may be stale",
+                    gate.serve_for()
+                );
+            }
+            () = tokio::time::sleep_until(renewed + lease * RELEASE), if !expired => {
+                expired = true;
+                on_expired();
+                warn!(
+                    "no leader lease renewal acknowledged by etcd for {:?}: the lease may have expired; closed the agents' connections so that they can find another leader",
+                    lease * RELEASE
+                );
             }
             () = tokio::time::sleep_until(next) => {
                 let sent = Instant::now();
@@ -337,7 +410,20 @@ async fn lead(
                         // compaction of leases after an etcd restore): the term is over
                         // even though the lease lives.
                         match etcd.get(term.key).await {
-                            Ok(Some(kv)) if kv.create_revision == term.revision => gate.renewed(sent),
+                            Ok(Some(kv)) if kv.create_revision == term.revision => {
+                                if expired {
+                                    info!("etcd answers again, after the lease could have expired; stepping down to campaign afresh");
+                                    return;
+                                }
+                                if stale {
+                                    stale = false;
+                                    info!(
+                                        "etcd answers again after {:?} without a renewal: leading normally",
+                                        sent - renewed
+                                    );
+                                }
+                                gate.renewed(sent);
+                            }
                             Ok(_) => {
                                 warn!("the leader key is not this controller's any more; stepping down");
                                 return;
@@ -361,8 +447,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_gate_serves_a_term_until_two_thirds_of_the_lease_pass_without_renewal() {
-        let gate = Gate::new(Duration::from_millis(600));
+    fn the_gate_serves_a_term_until_two_thirds_of_the_lease_pass_then_only_answers_with_a_warning()
+    {
+        let gate = Gate::new(Duration::from_millis(600), "http://127.0.0.1:2379");
         let closed = gate.serving().unwrap_err();
         assert!(closed.contains("no leader is elected yet"), "{closed}");
         gate.follow(Some("10.0.0.2:2150".into()));
@@ -380,8 +467,17 @@ mod tests {
         // The time passing is what is tested here.
         std::thread::sleep(Duration::from_millis(450));
         let stale = gate.serving().unwrap_err();
-        assert!(stale.contains("could not be renewed in time"), "{stale}");
+        assert!(
+            stale.contains("no answer from etcd (http://127.0.0.1:2379)")
+                && stale.contains("refuses changes"),
+            "{stale}"
+        );
         assert_eq!(gate.time_left(), Duration::ZERO);
+        // Clients are still answered, with the same words as a warning.
+        let (t, warning) = gate.answering().unwrap();
+        assert!(!t.is_cancelled());
+        assert!(warning.unwrap().contains("may be stale"));
+        assert!(gate.stale().is_some());
         // A renewal sent now opens it again; an older one never moves it back.
         let now = Instant::now();
         gate.renewed(now);
@@ -389,8 +485,11 @@ mod tests {
         assert!(gate.serving().is_ok());
         assert_eq!(gate.renewed_at(), Some(now));
 
+        assert_eq!(gate.stale(), None);
+
         gate.step_down();
         assert!(token.is_cancelled());
         assert!(gate.serving().is_err());
+        assert!(gate.answering().is_err());
     }
 }

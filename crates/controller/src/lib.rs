@@ -8,7 +8,8 @@
 //! - [`registry`]: the connected agents.
 //! - [`api`]: the client requests: staging and deploying configurations, node statuses,
 //!   actions on node subsets, fanned out to agents with timeouts.
-//! - [`audit`]: the audit trail of requests that change something, and who sent them.
+//! - [`audit`]: the audit trail of requests that change something, and who sent them
+//!   (in the state dir, or in etcd: [`etcd_audit`]).
 //! - [`store`]: the staged configuration and the desired and deployed deploys with their
 //!   generations, persisted atomically.
 //! - [`ha`], [`etcd`], `etcd_store`: high availability on etcd (`--store etcd`): leader
@@ -28,6 +29,7 @@ pub mod api;
 pub mod audit;
 mod dial;
 pub mod etcd;
+pub mod etcd_audit;
 pub mod etcd_store;
 pub mod ha;
 pub mod registry;
@@ -184,7 +186,7 @@ pub(crate) struct Shared {
     /// Port auto-assignment and checks, with our own port.
     pub(crate) ports: drover_proto::ports::PortPolicy,
     /// The audit trail.
-    pub(crate) audit: audit::AuditLog,
+    pub(crate) audit: audit::Trail,
 }
 
 impl Shared {
@@ -240,6 +242,13 @@ impl Shared {
                 "drover_controller_leader",
                 "1 while this controller leads its high-availability group and serves.",
                 &[(String::new(), leading)],
+            );
+            let stale = if gate.stale().is_some() { 1.0 } else { 0.0 };
+            drover_metrics::gauge(
+                &mut out,
+                "drover_controller_leader_stale",
+                "1 while this controller leads on a lease it could not renew in etcd: it answers clients, refuses changes.",
+                &[(String::new(), stale)],
             );
         }
         let agents = self.registry.snapshot().len();
@@ -367,21 +376,34 @@ impl Controller {
         }
         let (store, gate) = match &config.ha {
             Some(ha) => {
-                let gate = Arc::new(ha::Gate::new(ha.lease));
+                let gate = Arc::new(ha::Gate::new(ha.lease, ha.etcd.endpoints()));
                 let etcd = etcd_store::EtcdStore::new(ha.etcd.clone(), &ha.prefix, gate.clone())
                     .map_err(store::StoreError::from)?;
                 (Store::etcd(etcd), Some(gate))
             }
             None => (Store::open(&config.state_dir)?, None),
         };
-        // With etcd the state dir holds only this controller's audit trail.
-        store::secure_dir(&config.state_dir)?;
-        let audit =
-            audit::AuditLog::open(&config.state_dir, config.audit_max_bytes, config.audit_keep)
+        let audit = match (&config.ha, &gate) {
+            // With etcd the trail is there too: one history for the whole group.
+            (Some(ha), Some(gate)) => audit::Trail::Etcd(etcd_audit::EtcdAudit::new(
+                ha.etcd.clone(),
+                &ha.prefix,
+                gate.clone(),
+            )),
+            _ => {
+                store::secure_dir(&config.state_dir)?;
+                let log = audit::AuditLog::open(
+                    &config.state_dir,
+                    config.audit_max_bytes,
+                    config.audit_keep,
+                )
                 .map_err(|source| Error::Audit {
                     path: config.state_dir.join(audit::FILE),
                     source,
                 })?;
+                audit::Trail::File(Arc::new(log))
+            }
+        };
         let transport = TransportSettings {
             max_streams: config.transport.max_streams.min(PEER_STREAMS),
             ..config.transport
@@ -502,28 +524,26 @@ impl Controller {
         if let (Some(settings), Some(gate)) = (self.ha.take(), self.shared.gate.clone()) {
             let shared = self.shared.clone();
             let stepped = self.shared.clone();
+            let expired = self.shared.clone();
             tasks.spawn(ha::run(
                 settings,
                 gate,
                 shutdown.clone(),
-                move || {
+                move |revision| {
                     let shared = shared.clone();
-                    async move { take_over(shared).await }
+                    async move { take_over(shared, revision).await }
                 },
                 move || {
-                    // Only the leader dials agents that listen; and the connections of
-                    // its term go, dialled ones included, so that agents find the next.
-                    let mut dialers = stepped.dialers.lock().unwrap_or_else(|p| p.into_inner());
-                    for (_, (_, task)) in std::mem::take(&mut *dialers) {
-                        task.abort();
-                    }
-                    for (name, conn) in stepped.registry.connections() {
-                        conn.close(
-                            5u32.into(),
-                            b"controller stepped down: not the leader any more",
-                        );
-                        stepped.registry.remove_if_same(&name, &conn);
-                    }
+                    let_agents_go(
+                        &expired,
+                        b"controller cut off from etcd: it may not lead any more",
+                    )
+                },
+                move || {
+                    let_agents_go(
+                        &stepped,
+                        b"controller stepped down: not the leader any more",
+                    )
                 },
             ));
         }
@@ -556,14 +576,41 @@ impl Controller {
     }
 }
 
-/// Makes this controller the leader's state holder: the state as the last leader left
-/// it in etcd, and the agents of its configurations dialled (those that listen).
-async fn take_over(shared: Arc<Shared>) -> Result<(), String> {
+/// Stops what only a leader does toward agents: dialling those that listen, and every
+/// agent connection (dialled ones included), so that agents find the next leader. The
+/// view keeps their nodes as last reported (shown as such while the term is stale).
+fn let_agents_go(shared: &Shared, reason: &[u8]) {
+    let mut dialers = shared.dialers.lock().unwrap_or_else(|p| p.into_inner());
+    for (_, (_, task)) in std::mem::take(&mut *dialers) {
+        task.abort();
+    }
+    drop(dialers);
+    for (name, conn) in shared.registry.connections() {
+        // Out of the registry first, so that the agent's session, seeing its connection
+        // end, does not mark its nodes UNKNOWN.
+        shared.registry.remove_if_same(&name, &conn);
+        conn.close(5u32.into(), reason);
+    }
+}
+
+/// Makes this controller the leader's state holder for term `revision`: the state as
+/// the last leader left it in etcd, parts of values no value names deleted, and the
+/// agents of its configurations dialled (those that listen).
+async fn take_over(shared: Arc<Shared>, revision: i64) -> Result<(), String> {
     let loaded = shared.clone();
     tokio::task::spawn_blocking(move || loaded.store.reload())
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    // Orphaned parts cost space, never correctness: a failure to delete them is said,
+    // and the next leader tries again.
+    let sweeping = shared.clone();
+    match tokio::task::spawn_blocking(move || sweeping.store.sweep_parts(revision)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => info!("deleted the parts of {n} unfinished or replaced values from etcd"),
+        Ok(Err(e)) => warn!("cannot delete orphaned parts from etcd: {e}"),
+        Err(e) => warn!("cannot delete orphaned parts from etcd: {e}"),
+    }
     for config in [shared.store.desired_config(), shared.store.staged()]
         .into_iter()
         .flatten()
@@ -617,11 +664,22 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         warn!(%addr, "{w}");
     }
     let mut term = None;
+    let mut warning = None;
     let scope = client_scope(&conn, &identity);
     let check = conn::check_hello(&hello, &identity, API_VERSION, &software())
         .and_then(|()| scope.as_ref().map(|_| ()).map_err(Clone::clone))
         .and_then(|()| check_deny_list(&shared, &conn, &identity))
         .and_then(|()| match &shared.gate {
+            // A leader cut off from etcd still answers clients (with a warning), but
+            // takes no agent: it may not lead any more, and the agent should find the
+            // one that does.
+            Some(gate) if identity.role == PeerRole::Client => gate
+                .answering()
+                .map(|(token, w)| {
+                    term = Some(token);
+                    warning = w;
+                })
+                .map_err(|m| WireError::new(ErrorCode::Unavailable, m)),
             Some(gate) => gate
                 .serving()
                 .map(|(token, _)| term = Some(token))
@@ -671,6 +729,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         api_version: API_VERSION,
         name: shared.name.clone(),
         software: software(),
+        warning,
     };
     if let Err(e) = responder.welcome(welcome).await {
         warn!(%addr, peer = %identity, "hello failed: {e}");
@@ -892,6 +951,7 @@ async fn serve_client(
         front: "native",
     });
     let settings = shared.transport;
+    let gate = shared.gate.clone();
     let handler = move |req: Request<ClientRequest>| {
         let shared = shared.clone();
         let caller = caller.clone();
@@ -918,7 +978,10 @@ async fn serve_client(
             answer
         }
     };
-    let _ = conn::serve_answers(conn, settings, handler).await;
+    // Every answer of a leader cut off from etcd says that it may be stale.
+    let gate = gate.clone();
+    let warning = move || gate.as_ref().and_then(|g| g.stale());
+    let _ = conn::serve_answers_warned(conn, settings, handler, warning).await;
 }
 
 fn unix_now() -> i64 {

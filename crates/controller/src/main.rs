@@ -128,8 +128,8 @@ struct Args {
     #[arg(long, env = "DROVER_ETCD_KEY")]
     etcd_key: Option<PathBuf>,
     /// The leader's lease in etcd: a dead leader is replaced after at most this long; a
-    /// leader that cannot renew stops serving after two thirds of it; it should outlast an
-    /// etcd leader election (one to two seconds with etcd's defaults) [default: 5s].
+    /// leader that cannot renew refuses changes after two thirds of it (still answering
+    /// reads, marked stale) and lets its agents go after twice it [default: 2s].
     #[arg(long, env = "DROVER_LEADER_LEASE", value_parser = humantime::parse_duration)]
     leader_lease: Option<Duration>,
     /// The address agents and clients dial to reach this controller, told to them by the
@@ -223,7 +223,7 @@ fn ha(
     let lease = args
         .leader_lease
         .or(file.leader_lease)
-        .unwrap_or(Duration::from_secs(5));
+        .unwrap_or(Duration::from_secs(2));
     anyhow::ensure!(
         lease >= Duration::from_secs(2) && lease.subsec_nanos() == 0,
         "leader_lease: {} is not a whole number of seconds of at least 2s (etcd leases count seconds)",

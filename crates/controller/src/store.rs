@@ -467,6 +467,19 @@ impl Store {
         Ok(())
     }
 
+    /// With the etcd store, deletes value parts that no value names (see
+    /// [`crate::etcd_store::EtcdStore::sweep_parts`]), fenced by term `revision`; a no-op
+    /// for the state dir.
+    pub fn sweep_parts(&self, revision: i64) -> Result<usize, StoreError> {
+        match &self.backend {
+            Backend::Etcd(etcd) => {
+                let _writing = self.writing();
+                Ok(etcd.sweep_parts(revision)?)
+            }
+            Backend::File(_) => Ok(0),
+        }
+    }
+
     /// Where a state file lives (`None` with the etcd store).
     pub fn path(&self, file: &str) -> Option<PathBuf> {
         match &self.backend {

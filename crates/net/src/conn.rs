@@ -347,7 +347,7 @@ pub async fn dial(
                 "{addr} presented the certificate of {peer}, expected {want}"
             )));
         }
-        let welcome: Welcome = call_on(&conn, &hello, &peer_desc, timeout).await?;
+        let (welcome, _): (Welcome, _) = call_on(&conn, &hello, &peer_desc, timeout).await?;
         if welcome.api_version != hello.api_version {
             conn.close(2u32.into(), b"api version mismatch");
             return Err(NetError::Protocol(format!(
@@ -370,8 +370,12 @@ pub async fn dial(
     }
 }
 
+/// How long [`dial_leader`] waits for a welcome without a warning once it has one with.
+const WARNED_GRACE: Duration = Duration::from_millis(500);
+
 /// Dials the controllers of `targets` (`HOST:PORT` each) through `dial_one`, all at
-/// once, and returns the first that welcomes us. A controller that does not lead
+/// once, and returns the first that welcomes us (preferring, for a moment, one whose
+/// welcome carries no warning). A controller that does not lead
 /// refuses with the leader's address, which is dialled too (once). Dialling all at once
 /// means a dead member of a high-availability group costs no handshake timeout. With one
 /// target and no redirection the error is that dial's own; otherwise it lists what each
@@ -396,8 +400,26 @@ where
         }
     }
     let mut failures: Vec<(String, NetError)> = Vec::new();
-    while let Some((target, result)) = pending.next().await {
+    // A welcome with a warning (a leader cut off from etcd) is taken only if no other
+    // target welcomes us without one soon: another controller may lead by now.
+    let mut warned: Option<(Established, tokio::time::Instant)> = None;
+    loop {
+        let next = match &warned {
+            // Past the grace: what has not answered yet is not waited for.
+            Some((_, until)) => tokio::time::timeout_at(*until, pending.next())
+                .await
+                .unwrap_or_default(),
+            None => pending.next().await,
+        };
+        let Some((target, result)) = next else {
+            break;
+        };
         match result {
+            Ok(est) if est.welcome.warning.is_some() => {
+                if warned.is_none() {
+                    warned = Some((est, tokio::time::Instant::now() + WARNED_GRACE));
+                }
+            }
             Ok(est) => return Ok(est),
             Err(e) => {
                 if let NetError::Refused(w) = &e
@@ -409,6 +431,9 @@ where
                 failures.push((target, e));
             }
         }
+    }
+    if let Some((est, _)) = warned {
+        return Ok(est);
     }
     if failures.len() == 1 {
         return Err(failures.pop().expect("one").1);
@@ -462,6 +487,7 @@ impl HelloResponder {
         let reply = Reply {
             id: self.id,
             result: Ok(welcome),
+            warning: None,
         };
         write_frame(&mut self.send, &reply).await?;
         let _ = self.send.finish();
@@ -475,6 +501,7 @@ impl HelloResponder {
         let reply: Reply<Welcome> = Reply {
             id: self.id,
             result: Err(error),
+            warning: None,
         };
         if write_frame(&mut self.send, &reply).await.is_ok() {
             let _ = self.send.finish();
@@ -568,7 +595,7 @@ async fn call_on<Req: Serialize, Resp: DeserializeOwned>(
     body: &Req,
     peer: &str,
     timeout: Duration,
-) -> Result<Resp, NetError> {
+) -> Result<(Resp, Option<String>), NetError> {
     let id = new_id();
     let work = async {
         let (mut send, mut recv) = conn
@@ -601,7 +628,11 @@ async fn call_on<Req: Serialize, Resp: DeserializeOwned>(
                 reply.id
             )));
         }
-        reply.result.map_err(NetError::Refused)
+        let warning = reply.warning;
+        reply
+            .result
+            .map(|r| (r, warning))
+            .map_err(NetError::Refused)
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
@@ -620,6 +651,17 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
 ) -> Result<Resp, NetError> {
     // The address, not the certificate's identity: parsing the certificate on every
     // request would cost more than the request itself.
+    let peer = format!("peer {}", conn.remote_address());
+    call_on(conn, body, &peer, timeout).await.map(|(r, _)| r)
+}
+
+/// As [`call`], with the reply's warning, if the peer sent one (see
+/// [`drover_proto::msg::Reply::warning`]).
+pub async fn call_warned<Req: Serialize, Resp: DeserializeOwned>(
+    conn: &quinn::Connection,
+    body: &Req,
+    timeout: Duration,
+) -> Result<(Resp, Option<String>), NetError> {
     let peer = format!("peer {}", conn.remote_address());
     call_on(conn, body, &peer, timeout).await
 }
@@ -717,6 +759,24 @@ where
     F: Fn(Request<Req>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Answer<Resp>, WireError>> + Send + 'static,
 {
+    serve_answers_warned(conn, settings, handler, || None).await
+}
+
+/// As [`serve_answers`]; every successful reply frame carries what `warning` says when
+/// it is written ([`drover_proto::msg::Reply::warning`]).
+pub async fn serve_answers_warned<Req, Resp, F, Fut, W>(
+    conn: quinn::Connection,
+    settings: TransportSettings,
+    handler: F,
+    warning: W,
+) -> quinn::ConnectionError
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    F: Fn(Request<Req>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Answer<Resp>, WireError>> + Send + 'static,
+    W: Fn() -> Option<String> + Clone + Send + Sync + 'static,
+{
     let budget = FrameBudget::connection();
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
@@ -725,6 +785,7 @@ where
         };
         let handler = handler.clone();
         let budget = budget.clone();
+        let warning = warning.clone();
         tokio::spawn(async move {
             let _serving = Serving::new();
             let read = tokio::time::timeout(
@@ -774,6 +835,7 @@ where
                         crate::frame::encode(&Reply {
                             id: id.clone(),
                             result: Ok::<_, WireError>(item),
+                            warning: warning(),
                         }),
                         &id,
                     );
@@ -782,12 +844,15 @@ where
                     }
                 },
                 other => {
+                    let result = other.map(|a| match a {
+                        Answer::One(r) => r,
+                        Answer::Stream(_) => unreachable!("matched above"),
+                    });
+                    let warning = result.as_ref().ok().and_then(|_| warning());
                     let reply: Reply<Resp> = Reply {
                         id,
-                        result: other.map(|a| match a {
-                            Answer::One(r) => r,
-                            Answer::Stream(_) => unreachable!("matched above"),
-                        }),
+                        result,
+                        warning,
                     };
                     let id = reply.id.clone();
                     let bytes = fit_frame(crate::frame::encode(&reply), &id);
@@ -815,6 +880,7 @@ fn fit_frame(bytes: Vec<u8>, id: &str) -> Vec<u8> {
             ErrorCode::Internal,
             format!("reply of {len} bytes exceeds the frame limit of {MAX_FRAME_LEN} bytes"),
         )),
+        warning: None,
     })
 }
 
@@ -827,9 +893,15 @@ pub struct ReplyStream {
     recv: quinn::RecvStream,
     /// Kept open so the peer does not see the request stream end early.
     _send: quinn::SendStream,
+    warning: Option<String>,
 }
 
 impl ReplyStream {
+    /// The last warning a reply of this stream carried, if any.
+    pub fn warning(&self) -> Option<&str> {
+        self.warning.as_deref()
+    }
+
     /// The next reply; `Ok(None)` when the peer ended the stream.
     pub async fn next<Resp: DeserializeOwned>(&mut self) -> Result<Option<Resp>, NetError> {
         match read_frame::<Reply<Resp>>(&mut self.recv, MAX_FRAME_LEN).await {
@@ -839,6 +911,9 @@ impl ReplyStream {
                         "{} answered request '{}' on the stream of request '{}'",
                         self.peer, reply.id, self.id
                     )));
+                }
+                if reply.warning.is_some() {
+                    self.warning = reply.warning;
                 }
                 reply.result.map(Some).map_err(NetError::Refused)
             }
@@ -880,6 +955,7 @@ pub async fn call_stream<Req: Serialize>(
         conn: conn.clone(),
         recv,
         _send: send,
+        warning: None,
     })
 }
 
@@ -893,12 +969,14 @@ mod tests {
         let small = encode(&Reply::<String> {
             id: "r1".into(),
             result: Ok("fine".into()),
+            warning: None,
         });
         assert_eq!(fit_frame(small.clone(), "r1"), small);
 
         let big = encode(&Reply::<String> {
             id: "r1".into(),
             result: Ok("x".repeat(MAX_FRAME_LEN)),
+            warning: None,
         });
         assert!(big.len() - HEADER_LEN > MAX_FRAME_LEN);
         let fitted = fit_frame(big, "r1");

@@ -47,6 +47,7 @@ fn server(creds: &Credentials, settings: TransportSettings) -> (quinn::Endpoint,
                         api_version: API_VERSION,
                         name: "srv".into(),
                         software: "test".into(),
+                        warning: None,
                     })
                     .await
                     .unwrap();

@@ -96,6 +96,11 @@ pub struct Reply<T> {
     pub id: String,
     /// The answer, or why there is none.
     pub result: Result<T, WireError>,
+    /// What the requester should know about the answer: a controller of a
+    /// high-availability group that cannot reach etcd says that its answer may be stale.
+    /// Absent otherwise, and ignored by peers that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// Why a request failed as a whole.
@@ -158,6 +163,11 @@ pub struct Welcome {
     pub name: String,
     /// Software and version, for logs.
     pub software: String,
+    /// A reason to prefer another peer: a controller of a high-availability group that
+    /// cannot reach etcd welcomes clients, but its answers may be stale and it refuses
+    /// changes. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// Requests an operator's client sends to the controller.
@@ -604,6 +614,7 @@ mod tests {
         let reply: Reply<Welcome> = Reply {
             id: "x".into(),
             result: Err(WireError::new(ErrorCode::VersionMismatch, "nope")),
+            warning: None,
         };
         let json = serde_json::to_string(&reply).unwrap();
         let back: Reply<Welcome> = serde_json::from_str(&json).unwrap();

@@ -330,8 +330,10 @@ async fn answer(
     };
     // A follower of a high-availability group answers every request with the leader's
     // address rather than forwarding it: zeek-client is pointed at the leader.
+    // A leader cut off from etcd answers reads (Zeek's result records have no room for
+    // a warning; its log says so) and refuses changes (in `api::handle_as`).
     if let Some(gate) = &shared.gate
-        && let Err(refusal) = gate.serving()
+        && let Err(refusal) = gate.answering()
     {
         let result = MgmtResult::err(&reqid, refusal);
         return Some(events::response(
