@@ -3,7 +3,8 @@
 //!
 //! - `cargo xtask test`: the whole test suite, as CI runs it (format, lints, every test).
 //! - `cargo xtask chaos [--minutes N] [--seed S]`: random faults against a cluster on
-//!   separate hosts, with the desired-state invariant checked after every heal.
+//!   separate hosts, with the desired-state invariant checked after every heal; with
+//!   `--ha [--lease 2s]`, deploys across leader failovers checked as a history.
 //! - `cargo xtask cluster up [--agents N]`: a local cluster on this machine.
 //! - `cargo xtask bench supervise [--nodes 100,500] [--peers supervisord,pm2] [--kills 10]
 //!   [--runs 3] [--quick]`: drover against peer supervisors on this machine.
@@ -71,6 +72,15 @@ enum Task {
         /// Seed for a repeatable run [default: the time].
         #[arg(long)]
         seed: Option<u64>,
+        /// The failover history check instead: three etcd members and three
+        /// controllers, leaders SIGKILLed and paused past their lease while clients
+        /// deploy; acknowledged deploys must never be lost, generations never go back,
+        /// no node restarts, a deposed leader never writes (needs etcd on PATH).
+        #[arg(long)]
+        ha: bool,
+        /// With --ha: the controllers' --leader-lease [default: 2s].
+        #[arg(long, requires = "ha")]
+        lease: Option<String>,
     },
 }
 
@@ -203,7 +213,12 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Test { no_lint } => test::run(!no_lint),
-        Task::Chaos { minutes, seed } => chaos::run(minutes, seed),
+        Task::Chaos {
+            minutes,
+            seed,
+            ha,
+            lease,
+        } => chaos::run(minutes, seed, ha, lease),
         Task::Dist {
             out,
             bin_dir,
