@@ -269,10 +269,7 @@ impl Etcd {
     pub fn versions(&self, key: &[u8]) -> Vec<(i64, Vec<u8>)> {
         let mut out = Vec::new();
         let mut revision = 0;
-        loop {
-            let Some((mod_revision, value)) = self.range_at(key, revision) else {
-                break;
-            };
+        while let Some((mod_revision, value)) = self.range_at(key, revision) {
             out.push((mod_revision, value));
             revision = mod_revision - 1;
             if revision < 1 {

@@ -522,7 +522,7 @@ pub fn run(opts: &Options) -> Report {
                 std::thread::sleep(Duration::from_millis(250));
             }
         });
-        let _stop = Stop(&stop);
+        let _stop = Stop(stop);
         let mut round = 0;
         while began.elapsed() < opts.duration {
             // Some deploys between faults, then one fault; the first three are one of
