@@ -325,22 +325,15 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
         "{:<40} {:>9} {:>9} {:>9}",
         "from the SIGKILL to", "p50", "p99", "max"
     );
-    let rows: [(&str, fn(&Kill) -> f64, &str); 5] = [
-        (
-            "a new leader answering (s)",
-            |k| k.answering.as_secs_f64(),
-            "s",
-        ),
-        (
-            "every agent reconnected (s)",
-            |k| k.agents.as_secs_f64(),
-            "s",
-        ),
-        ("get-nodes complete (s)", |k| k.nodes.as_secs_f64(), "s"),
-        ("new leader CPU until complete (s)", |k| k.cpu_s, "s"),
-        ("new leader peak RSS (MiB)", |k| k.hwm_mib, "MiB"),
+    type Figure = fn(&Kill) -> f64;
+    let rows: [(&str, Figure); 5] = [
+        ("a new leader answering (s)", |k| k.answering.as_secs_f64()),
+        ("every agent reconnected (s)", |k| k.agents.as_secs_f64()),
+        ("get-nodes complete (s)", |k| k.nodes.as_secs_f64()),
+        ("new leader CPU until complete (s)", |k| k.cpu_s),
+        ("new leader peak RSS (MiB)", |k| k.hwm_mib),
     ];
-    for (what, f, _) in rows {
+    for (what, f) in rows {
         let v = sorted(f);
         println!(
             "{what:<40} {:>9.2} {:>9.2} {:>9.2}",
