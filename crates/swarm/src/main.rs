@@ -127,7 +127,7 @@ async fn run_agent(
     loop {
         let est = dial_with_backoff(&endpoint, &cfg, &controllers, &name, &hello, first).await?;
         first = false;
-        let reason = serve_one(est.conn, &hollow, &name, &conns, settings.clone()).await;
+        let reason = serve_one(est.conn, &hollow, &name, &conns, settings).await;
         say_lost(&name, &reason);
     }
 }
@@ -403,7 +403,7 @@ async fn main() -> anyhow::Result<()> {
             targets.clone(),
             name,
             agent_conns.clone(),
-            settings.clone(),
+            settings,
         ));
     }
     let connected = loop {
