@@ -87,6 +87,9 @@ pub struct Report {
     pub nodes_compared: usize,
     /// Faults after which no deploy was acknowledged within the patience.
     pub stalls: usize,
+    /// What the clients were told when a deploy was not acknowledged (digits as `#`),
+    /// with how often.
+    pub reasons: BTreeMap<String, usize>,
     /// Every violation, described.
     pub violations: Vec<String>,
 }
@@ -123,6 +126,12 @@ impl std::fmt::Display for Report {
             "node pids compared across quiet failovers: {}; stalls (no deploy acknowledged {PATIENCE:?} after a fault): {}",
             self.nodes_compared, self.stalls
         )?;
+        let mut reasons: Vec<(&String, &usize)> = self.reasons.iter().collect();
+        reasons.sort_by(|a, b| b.1.cmp(a.1));
+        writeln!(f, "why deploys were not acknowledged (most frequent):")?;
+        for (reason, n) in reasons.iter().take(6) {
+            writeln!(f, "  {n:>5}  {reason}")?;
+        }
         writeln!(f, "violations: {}", self.violations.len())?;
         for v in &self.violations {
             writeln!(f, "  {v}")?;
@@ -211,6 +220,24 @@ fn outcome(out: &crate::CliOutput) -> Outcome {
     } else {
         Outcome::Unknown
     }
+}
+
+/// The gist of a failed CLI run: its last line of output, outcome-tagged, digits as `#`
+/// (so that the same reason from other addresses or ids counts once), at most 100
+/// characters.
+fn reason(out: &crate::CliOutput) -> String {
+    let text = format!("{}\n{}", out.stdout, out.stderr);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("(no output)");
+    let gist: String = line
+        .chars()
+        .map(|c| if c.is_ascii_digit() { '#' } else { c })
+        .take(100)
+        .collect();
+    format!("{:?}: {gist}", outcome(out))
 }
 
 /// Every node status the leader reports (get-nodes over the native protocol, following
@@ -381,6 +408,7 @@ struct Clients<'a> {
     gate: &'a RwLock<()>,
     acked: &'a AtomicUsize,
     records: &'a Mutex<Vec<Deploy>>,
+    reasons: &'a Mutex<BTreeMap<String, usize>>,
 }
 
 impl Clients<'_> {
@@ -403,6 +431,13 @@ impl Clients<'_> {
             let outcome = outcome(&out);
             if outcome == Outcome::Acked {
                 self.acked.fetch_add(1, SeqCst);
+            } else {
+                *self
+                    .reasons
+                    .lock()
+                    .expect("lock")
+                    .entry(reason(&out))
+                    .or_default() += 1;
             }
             self.records.lock().expect("lock").push(Deploy {
                 client,
@@ -480,6 +515,7 @@ pub fn run(opts: &Options) -> Report {
     let gate = RwLock::new(());
     let acked = AtomicUsize::new(0);
     let records = Mutex::new(Vec::new());
+    let reasons = Mutex::new(BTreeMap::new());
     let reads = Mutex::new(Vec::new());
     let clients = Clients {
         pki: c.pki.clone(),
@@ -490,6 +526,7 @@ pub fn run(opts: &Options) -> Report {
         gate: &gate,
         acked: &acked,
         records: &records,
+        reasons: &reasons,
     };
     /// Stops the clients and the reader however the scope ends (a panic too).
     struct Stop<'a>(&'a AtomicBool);
@@ -589,6 +626,7 @@ pub fn run(opts: &Options) -> Report {
     });
 
     let deploys = records.into_inner().expect("lock");
+    report.reasons = reasons.into_inner().expect("lock");
     (report.acked, report.failed, report.unknown) = history::outcomes(&deploys);
     let in_effect = match settled(&rt, &c.pki, &ctl.addrs, &etcd) {
         Ok((generation, running)) => {
