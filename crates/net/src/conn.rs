@@ -376,6 +376,14 @@ pub async fn dial(
 /// means a dead member of a high-availability group costs no handshake timeout. With one
 /// target and no redirection the error is that dial's own; otherwise it lists what each
 /// target answered.
+///
+/// A follower that refuses while another dial is still outstanding (typically to a
+/// leader that just died, which only its handshake timeout will tell) is asked again
+/// after a growing, jittered pause (at most [`REASK_LIMIT`] times): once a successor is
+/// elected, its answer names it (or it is the successor and welcomes us), so a client
+/// or agent that dialled during the election does not wait out the dead leader's
+/// timeout. Once no dial other than such a re-ask is outstanding, the refusals are the
+/// answer.
 pub async fn dial_leader<F, Fut>(
     targets: &[String],
     mut dial_one: F,
@@ -385,29 +393,68 @@ where
     Fut: Future<Output = Result<Established, NetError>>,
 {
     use futures_util::StreamExt as _;
-    async fn tagged<T, F: Future<Output = T>>(target: String, fut: F) -> (String, T) {
-        (target, fut.await)
+    use futures_util::future::Either;
+    async fn tagged<T, F: Future<Output = T>>(
+        target: String,
+        reask: u32,
+        fut: F,
+    ) -> (String, u32, T) {
+        (target, reask, fut.await)
     }
     let mut tried = std::collections::HashSet::new();
     let mut pending = futures_util::stream::FuturesUnordered::new();
+    // Dials that are not re-asks, still outstanding.
+    let mut live = 0usize;
     for target in targets {
         if tried.insert(target.clone()) {
-            pending.push(tagged(target.clone(), dial_one(target.clone())));
+            live += 1;
+            pending.push(tagged(
+                target.clone(),
+                0,
+                Either::Left(dial_one(target.clone())),
+            ));
         }
     }
     let mut failures: Vec<(String, NetError)> = Vec::new();
-    while let Some((target, result)) = pending.next().await {
+    while let Some((target, reask, result)) = pending.next().await {
+        if reask == 0 {
+            live -= 1;
+        }
         match result {
             Ok(est) => return Ok(est),
             Err(e) => {
-                if let NetError::Refused(w) = &e
-                    && let Some(leader) = drover_proto::msg::leader_hint(&w.message)
-                    && tried.insert(leader.to_owned())
-                {
-                    pending.push(tagged(leader.to_owned(), dial_one(leader.to_owned())));
+                if let NetError::Refused(w) = &e {
+                    match drover_proto::msg::leader_hint(&w.message) {
+                        Some(leader) if tried.insert(leader.to_owned()) => {
+                            live += 1;
+                            pending.push(tagged(
+                                leader.to_owned(),
+                                0,
+                                Either::Left(dial_one(leader.to_owned())),
+                            ));
+                        }
+                        _ if live > 0 && reask < REASK_LIMIT => {
+                            let pause = reask_pause(&target, reask);
+                            let again = dial_one(target.clone());
+                            pending.push(tagged(
+                                target.clone(),
+                                reask + 1,
+                                Either::Right(async move {
+                                    tokio::time::sleep(pause).await;
+                                    again.await
+                                }),
+                            ));
+                        }
+                        _ => {}
+                    }
                 }
+                failures.retain(|(t, _)| *t != target);
                 failures.push((target, e));
             }
+        }
+        if live == 0 {
+            // Only re-asks are left: nothing they could be waiting for.
+            break;
         }
     }
     if failures.len() == 1 {
@@ -421,6 +468,19 @@ where
         "no controller welcomed us as the leader ({})",
         all.join("; ")
     )))
+}
+
+/// How often [`dial_leader`] asks a refusing follower again while another dial is
+/// outstanding.
+pub const REASK_LIMIT: u32 = 4;
+
+/// The pause before re-ask number `n` (from 0) of `target`: 400 ms doubling, plus up to
+/// half as much again at random, so that a fleet does not ask in step.
+fn reask_pause(target: &str, n: u32) -> Duration {
+    use std::hash::{BuildHasher, RandomState};
+    let base = Duration::from_millis(400) * 2u32.pow(n.min(4));
+    let jitter = RandomState::new().hash_one((target, n, std::time::Instant::now())) % 1000;
+    base + base * u32::try_from(jitter).unwrap_or(0) / 2000
 }
 
 /// Completes the handshake of an incoming connection and reads the peer's identity.
