@@ -161,6 +161,13 @@ async fn dial_with_backoff(
     if !first {
         tokio::time::sleep(jitter(0, 500)).await;
     }
+    // A reconnection waits for a handshake as long as a real agent does (its default
+    // Hello timeout); the first connections of a fleet, all at once, longer.
+    let timeout = if first {
+        Duration::from_secs(10)
+    } else {
+        TransportSettings::default().hello_timeout
+    };
     let mut pause = Duration::from_millis(100);
     let mut attempts = 0u32;
     loop {
@@ -179,7 +186,7 @@ async fn dial_with_backoff(
                     hello,
                     PeerRole::Controller,
                     None,
-                    Duration::from_secs(10),
+                    timeout,
                 )
                 .await
             }
