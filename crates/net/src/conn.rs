@@ -947,6 +947,7 @@ pub async fn call_stream<Req: Serialize>(
 mod tests {
     use super::*;
     use crate::frame::{HEADER_LEN, decode_exact, encode};
+    use std::collections::BTreeMap;
 
     #[test]
     fn a_reply_over_the_frame_limit_becomes_an_error_reply() {
@@ -971,5 +972,57 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    /// `dial_leader` against fake controllers: `dead` answers nothing until its
+    /// timeout, the others refuse with `refusal`. Returns how often each was dialled
+    /// and the time taken.
+    fn dial_fakes(dead: Option<&str>, refusal: &str) -> (BTreeMap<String, usize>, Duration) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let calls = std::sync::Mutex::new(BTreeMap::<String, usize>::new());
+        let targets = vec!["a:1".to_owned(), "b:1".to_owned(), "c:1".to_owned()];
+        let start = tokio::time::Instant::now();
+        let result = rt.block_on(dial_leader(&targets, |t| {
+            let dead = dead == Some(t.as_str());
+            let (refusal, calls) = (refusal.to_owned(), &calls);
+            // Counted when dialled (polled), not when the dial is made ready.
+            async move {
+                *calls.lock().unwrap().entry(t.clone()).or_default() += 1;
+                if dead {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    return Err(NetError::Timeout {
+                        what: format!("connecting to {t}"),
+                        after: Duration::from_secs(5),
+                    });
+                }
+                Err(NetError::Refused(WireError::new(
+                    ErrorCode::Unavailable,
+                    refusal,
+                )))
+            }
+        }));
+        assert!(result.is_err());
+        (calls.into_inner().unwrap(), start.elapsed())
+    }
+
+    #[test]
+    fn followers_are_asked_again_while_a_dial_to_the_leader_they_name_is_outstanding() {
+        let (calls, took) = dial_fakes(Some("a:1"), "not the leader; the leader is a:1");
+        assert_eq!(calls["a:1"], 1, "{calls:?}");
+        assert!(calls["b:1"] > 1 && calls["c:1"] > 1, "{calls:?}");
+        assert!(calls["b:1"] <= 1 + REASK_LIMIT as usize, "{calls:?}");
+        // Nothing waits past the dead one's timeout for the re-asks.
+        assert!(took < Duration::from_secs(6), "{took:?}");
+    }
+
+    #[test]
+    fn refusals_with_nothing_outstanding_are_the_answer_at_once() {
+        let (calls, took) = dial_fakes(None, "not the leader; no leader is elected yet");
+        assert!(calls.values().all(|n| *n == 1), "{calls:?}");
+        assert!(took < Duration::from_millis(10), "{took:?}");
     }
 }
