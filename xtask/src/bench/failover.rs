@@ -10,7 +10,8 @@
 //! agent's nodes running; and the new leader's CPU time from the kill to (c) and its
 //! peak RSS. The killed controller is started again as a follower before the next kill.
 //! No peer runs in the same benchmark: the reference point is Kubernetes' default
-//! leader lease, 15 s.
+//! leader lease, 15 s. `DROVER_BENCH_TRACE=1` prints the count of reconnected agents at
+//! every poll.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -198,6 +199,13 @@ fn one_kill(g: &mut Group<'_>, pki: &Path, n: usize, nodes: usize) -> anyhow::Re
     let answering = first_answer(g.bin, pki, &list, killed, patience)?;
     cluster::wait_for("every agent with the new leader", patience, || {
         let v = cli(g.bin, pki, &list, &["get-instances"])?;
+        if std::env::var_os("DROVER_BENCH_TRACE").is_some() {
+            eprintln!(
+                "    {:?}: {} agents",
+                killed.elapsed(),
+                v.as_object()?.len()
+            );
+        }
         (v.as_object()?.len() >= n).then_some(())
     })?;
     let agents = killed.elapsed();
