@@ -214,6 +214,7 @@ fn outcome(out: &crate::CliOutput) -> Outcome {
         "still pending",
         "instances not connected",
         "as expected; nothing was deployed",
+        "cannot stage while",
     ];
     if refused.iter().any(|r| text.contains(r)) {
         Outcome::Failed
@@ -222,21 +223,42 @@ fn outcome(out: &crate::CliOutput) -> Outcome {
     }
 }
 
-/// The gist of a failed CLI run: its last line of output, outcome-tagged, digits as `#`
-/// (so that the same reason from other addresses or ids counts once), at most 100
-/// characters.
+/// The gist of a failed CLI run: its first error, outcome-tagged, ids and digits
+/// masked (so that the same reason from other addresses or ids counts once), at most
+/// 100 characters.
 fn reason(out: &crate::CliOutput) -> String {
-    let text = format!("{}\n{}", out.stdout, out.stderr);
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("(no output)");
-    let gist: String = line
-        .chars()
-        .map(|c| if c.is_ascii_digit() { '#' } else { c })
-        .take(100)
+    // A refusal in results is in the JSON's `errors`; a failure to talk is on stderr.
+    let from_json = serde_json::from_str::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| {
+            v["errors"].as_array()?.iter().find_map(|e| {
+                e.as_str()
+                    .or_else(|| e["error"].as_str())
+                    .map(str::to_owned)
+            })
+        });
+    let line = from_json.unwrap_or_else(|| {
+        let last = out.stderr.lines().rev().find(|l| !l.trim().is_empty());
+        last.map_or_else(
+            || out.stdout.split_whitespace().collect::<Vec<_>>().join(" "),
+            str::to_owned,
+        )
+    });
+    // Ids and addresses differ from one deploy to the next: words with eight or more
+    // hex digits are `<id>`, other digits `#`.
+    let words: Vec<String> = line
+        .split_whitespace()
+        .map(|w| {
+            if w.chars().filter(char::is_ascii_hexdigit).count() >= 8 {
+                "<id>".to_owned()
+            } else {
+                w.chars()
+                    .map(|c| if c.is_ascii_digit() { '#' } else { c })
+                    .collect()
+            }
+        })
         .collect();
+    let gist: String = words.join(" ").chars().take(100).collect();
     format!("{:?}: {gist}", outcome(out))
 }
 
