@@ -291,3 +291,71 @@ pub fn drover_in(pki: &std::path::Path, controllers: &str, args: &[&str]) -> Cli
         .args(args);
     run_cli(cmd, Duration::from_secs(30))
 }
+
+impl Etcd {
+    /// Every version of `key` still in etcd's history (nothing compacts it in the
+    /// tests), oldest first: its mod revision and value. Read from the first member that
+    /// answers, revision by revision (the controllers' client reads only the newest).
+    pub fn versions(&self, key: &[u8]) -> Vec<(i64, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut revision = 0;
+        while let Some((mod_revision, value)) = self.range_at(key, revision) {
+            out.push((mod_revision, value));
+            revision = mod_revision - 1;
+            if revision < 1 {
+                break;
+            }
+        }
+        out.reverse();
+        out
+    }
+
+    /// `key` as it was at `revision` (0: now), from the first member that answers.
+    fn range_at(&self, key: &[u8], revision: i64) -> Option<(i64, Vec<u8>)> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        assert!(self.tls.is_none(), "versions reads plain-HTTP members only");
+        let body = serde_json::json!({ "key": b64.encode(key), "revision": revision.to_string() })
+            .to_string();
+        for m in self.members.iter().filter(|m| m.proc.is_some()) {
+            let Some(hostport) = m.client_url.strip_prefix("http://") else {
+                continue;
+            };
+            let Some(answer) = http_post(hostport, "/v3/kv/range", &body) else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(&answer).ok()?;
+            let kv = v["kvs"].as_array()?.first()?;
+            let number = |f: &serde_json::Value| {
+                f.as_str()
+                    .and_then(|s| s.parse().ok())
+                    .or_else(|| f.as_i64())
+            };
+            let value = b64.decode(kv["value"].as_str().unwrap_or("")).ok()?;
+            return Some((number(&kv["mod_revision"])?, value));
+        }
+        None
+    }
+}
+
+/// The body of an HTTP/1.0 POST of `body` to `hostport` (HTTP/1.0, so that the answer is
+/// neither chunked nor kept alive); `None` on any error.
+fn http_post(hostport: &str, path: &str, body: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr: SocketAddr = hostport.parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    if !(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")) {
+        return None;
+    }
+    Some(body.to_owned())
+}

@@ -16,6 +16,8 @@
 
 pub mod chaos;
 pub mod etcd;
+pub mod ha_chaos;
+pub mod history;
 pub mod lossy;
 pub mod netlab;
 

@@ -115,17 +115,17 @@ pub(crate) fn build_binaries(release: bool, log: Option<&Path>) -> anyhow::Resul
 }
 
 /// A daemon started by the cluster.
-struct Daemon {
-    name: String,
-    log: PathBuf,
-    child: Child,
+pub(crate) struct Daemon {
+    pub(crate) name: String,
+    pub(crate) log: PathBuf,
+    pub(crate) child: Child,
 }
 
 /// Stops every daemon when dropped: SIGTERM, a grace period, then SIGKILL.
-struct Daemons {
-    list: Vec<Daemon>,
+pub(crate) struct Daemons {
+    pub(crate) list: Vec<Daemon>,
     /// Say so on stderr once they are stopped.
-    announce: bool,
+    pub(crate) announce: bool,
 }
 
 impl Drop for Daemons {
@@ -156,7 +156,7 @@ impl Drop for Daemons {
     }
 }
 
-fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
+pub(crate) fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run {cmd:?}"))?;
@@ -201,7 +201,7 @@ fn ensure_cert_sans(
     Ok(())
 }
 
-fn ensure_cert(drover: &Path, pki: &Path, role: &str, name: &str) -> anyhow::Result<()> {
+pub(crate) fn ensure_cert(drover: &Path, pki: &Path, role: &str, name: &str) -> anyhow::Result<()> {
     if pki.join(format!("{name}.crt")).exists() {
         return Ok(());
     }
@@ -214,7 +214,7 @@ fn ensure_cert(drover: &Path, pki: &Path, role: &str, name: &str) -> anyhow::Res
     Ok(())
 }
 
-fn spawn(name: &str, cmd: &mut Command, logs: &Path) -> anyhow::Result<Daemon> {
+pub(crate) fn spawn(name: &str, cmd: &mut Command, logs: &Path) -> anyhow::Result<Daemon> {
     let log = logs.join(format!("{name}.log"));
     let out = fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
     let err = out.try_clone()?;
@@ -233,7 +233,7 @@ fn spawn(name: &str, cmd: &mut Command, logs: &Path) -> anyhow::Result<Daemon> {
     })
 }
 
-fn wait_for<T>(
+pub(crate) fn wait_for<T>(
     what: &str,
     patience: Duration,
     mut f: impl FnMut() -> Option<T>,
@@ -444,7 +444,11 @@ impl Cluster {
 
 /// Starts a three-member etcd cluster on free ports of 127.0.0.1, its data under
 /// `state/etcd-mN`; returns its client URLs once every member serves.
-fn start_etcd(state: &Path, logs: &Path, daemons: &mut Daemons) -> anyhow::Result<String> {
+pub(crate) fn start_etcd(
+    state: &Path,
+    logs: &Path,
+    daemons: &mut Daemons,
+) -> anyhow::Result<String> {
     anyhow::ensure!(
         Command::new("etcd")
             .arg("--version")
@@ -528,7 +532,7 @@ fn leader_from_logs(logs: &Path) -> Option<String> {
 }
 
 /// `--ca`, `--cert` and `--key` for the certificate `name` in `pki`.
-fn tls_args(pki: &Path, name: &str) -> Vec<String> {
+pub(crate) fn tls_args(pki: &Path, name: &str) -> Vec<String> {
     vec![
         "--ca".into(),
         pki.join("ca.crt").display().to_string(),

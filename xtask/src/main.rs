@@ -3,12 +3,15 @@
 //!
 //! - `cargo xtask test`: the whole test suite, as CI runs it (format, lints, every test).
 //! - `cargo xtask chaos [--minutes N] [--seed S]`: random faults against a cluster on
-//!   separate hosts, with the desired-state invariant checked after every heal.
+//!   separate hosts, with the desired-state invariant checked after every heal; with
+//!   `--ha [--lease 2s]`, deploys across leader failovers checked as a history.
 //! - `cargo xtask cluster up [--agents N]`: a local cluster on this machine.
 //! - `cargo xtask bench supervise [--nodes 100,500] [--peers supervisord,pm2] [--kills 10]
 //!   [--runs 3] [--quick]`: drover against peer supervisors on this machine.
 //! - `cargo xtask bench control-plane [--agents 100,1000,5000]`: one controller against
 //!   hollow agents.
+//! - `cargo xtask bench failover [--agents 1000] [--kills 20] [--lease 2s]`: leader
+//!   SIGKILLs in a high-availability group with hollow agents.
 //! - `cargo xtask bench deploy [--runs 3] [--readiness start-period|notify]`: a real
 //!   deploy of 4 agents × 50 nodes against bare spawns and supervisord.
 //! - `cargo xtask bench spawn [--spawns 200] [--ballast-mib 512]`: the cost of one spawn
@@ -71,6 +74,15 @@ enum Task {
         /// Seed for a repeatable run [default: the time].
         #[arg(long)]
         seed: Option<u64>,
+        /// The failover history check instead: three etcd members and three
+        /// controllers, leaders SIGKILLed and paused past their lease while clients
+        /// deploy; acknowledged deploys must never be lost, generations never go back,
+        /// no node restarts, a deposed leader never writes (needs etcd on PATH).
+        #[arg(long)]
+        ha: bool,
+        /// With --ha: the controllers' --leader-lease [default: 2s].
+        #[arg(long, requires = "ha")]
+        lease: Option<String>,
     },
 }
 
@@ -128,6 +140,31 @@ enum BenchTask {
         /// Hollow agents per UDP socket in the swarm (its default when not given).
         #[arg(long)]
         agents_per_socket: Option<usize>,
+    },
+    /// Leader SIGKILLs in a high-availability group (three etcd members, three
+    /// controllers) with N hollow agents: time to a new leader answering, to every agent
+    /// reconnected and to a complete get-nodes (p50, p99), and the new leader's CPU and
+    /// peak memory; needs etcd on PATH.
+    Failover {
+        /// Hollow agents.
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        /// Simulated nodes per agent.
+        #[arg(long, default_value_t = 10)]
+        nodes_per_agent: usize,
+        /// Leader kills.
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        /// The controllers' --leader-lease [default: theirs, 5s].
+        #[arg(long)]
+        lease: Option<String>,
+        /// The hollow agents' idle timeout in milliseconds: how soon they notice a
+        /// leader that died without a word (as real agents' --idle-timeout).
+        #[arg(long, default_value_t = 2000)]
+        agent_idle_timeout_ms: u64,
+        /// Use the release binaries already built.
+        #[arg(long)]
+        no_build: bool,
     },
     /// A real deploy on loopback (a controller, 4 agents, 4 x 50 `drover-testprog` nodes)
     /// to all RUNNING, against spawning the same 200 programs from one process and
@@ -203,7 +240,12 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Test { no_lint } => test::run(!no_lint),
-        Task::Chaos { minutes, seed } => chaos::run(minutes, seed),
+        Task::Chaos {
+            minutes,
+            seed,
+            ha,
+            lease,
+        } => chaos::run(minutes, seed, ha, lease),
         Task::Dist {
             out,
             bin_dir,
@@ -276,6 +318,21 @@ fn main() -> std::process::ExitCode {
             idle: std::time::Duration::from_secs(idle_secs),
             build: !no_build,
             agents_per_socket,
+        }),
+        Task::Bench(BenchTask::Failover {
+            agents,
+            nodes_per_agent,
+            kills,
+            lease,
+            agent_idle_timeout_ms,
+            no_build,
+        }) => bench::failover::run(&bench::failover::Options {
+            agents,
+            nodes_per_agent,
+            kills: kills.max(1),
+            lease,
+            agent_idle_timeout: std::time::Duration::from_millis(agent_idle_timeout_ms),
+            build: !no_build,
         }),
         Task::Bench(BenchTask::Deploy {
             agents,

@@ -380,6 +380,14 @@ const WARNED_GRACE: Duration = Duration::from_millis(500);
 /// means a dead member of a high-availability group costs no handshake timeout. With one
 /// target and no redirection the error is that dial's own; otherwise it lists what each
 /// target answered.
+///
+/// A follower that refuses while another dial is still outstanding (typically to a
+/// leader that just died, which only its handshake timeout will tell) is asked again
+/// after a growing, jittered pause (at most [`REASK_LIMIT`] times): once a successor is
+/// elected, its answer names it (or it is the successor and welcomes us), so a client
+/// or agent that dialled during the election does not wait out the dead leader's
+/// timeout. Once no dial other than such a re-ask is outstanding, the refusals are the
+/// answer.
 pub async fn dial_leader<F, Fut>(
     targets: &[String],
     mut dial_one: F,
@@ -389,14 +397,26 @@ where
     Fut: Future<Output = Result<Established, NetError>>,
 {
     use futures_util::StreamExt as _;
-    async fn tagged<T, F: Future<Output = T>>(target: String, fut: F) -> (String, T) {
-        (target, fut.await)
+    use futures_util::future::Either;
+    async fn tagged<T, F: Future<Output = T>>(
+        target: String,
+        reask: u32,
+        fut: F,
+    ) -> (String, u32, T) {
+        (target, reask, fut.await)
     }
     let mut tried = std::collections::HashSet::new();
     let mut pending = futures_util::stream::FuturesUnordered::new();
+    // Dials that are not re-asks, still outstanding.
+    let mut live = 0usize;
     for target in targets {
         if tried.insert(target.clone()) {
-            pending.push(tagged(target.clone(), dial_one(target.clone())));
+            live += 1;
+            pending.push(tagged(
+                target.clone(),
+                0,
+                Either::Left(dial_one(target.clone())),
+            ));
         }
     }
     let mut failures: Vec<(String, NetError)> = Vec::new();
@@ -411,9 +431,12 @@ where
                 .unwrap_or_default(),
             None => pending.next().await,
         };
-        let Some((target, result)) = next else {
+        let Some((target, reask, result)) = next else {
             break;
         };
+        if reask == 0 {
+            live -= 1;
+        }
         match result {
             Ok(est) if est.welcome.warning.is_some() => {
                 if warned.is_none() {
@@ -422,14 +445,38 @@ where
             }
             Ok(est) => return Ok(est),
             Err(e) => {
-                if let NetError::Refused(w) = &e
-                    && let Some(leader) = drover_proto::msg::leader_hint(&w.message)
-                    && tried.insert(leader.to_owned())
-                {
-                    pending.push(tagged(leader.to_owned(), dial_one(leader.to_owned())));
+                if let NetError::Refused(w) = &e {
+                    match drover_proto::msg::leader_hint(&w.message) {
+                        Some(leader) if tried.insert(leader.to_owned()) => {
+                            live += 1;
+                            pending.push(tagged(
+                                leader.to_owned(),
+                                0,
+                                Either::Left(dial_one(leader.to_owned())),
+                            ));
+                        }
+                        _ if live > 0 && reask < REASK_LIMIT => {
+                            let pause = reask_pause(&target, reask);
+                            let again = dial_one(target.clone());
+                            pending.push(tagged(
+                                target.clone(),
+                                reask + 1,
+                                Either::Right(async move {
+                                    tokio::time::sleep(pause).await;
+                                    again.await
+                                }),
+                            ));
+                        }
+                        _ => {}
+                    }
                 }
+                failures.retain(|(t, _)| *t != target);
                 failures.push((target, e));
             }
+        }
+        if live == 0 {
+            // Only re-asks are left: nothing they could be waiting for.
+            break;
         }
     }
     if let Some((est, _)) = warned {
@@ -446,6 +493,19 @@ where
         "no controller welcomed us as the leader ({})",
         all.join("; ")
     )))
+}
+
+/// How often [`dial_leader`] asks a refusing follower again while another dial is
+/// outstanding.
+pub const REASK_LIMIT: u32 = 4;
+
+/// The pause before re-ask number `n` (from 0) of `target`: 400 ms doubling, plus up to
+/// half as much again at random, so that a fleet does not ask in step.
+fn reask_pause(target: &str, n: u32) -> Duration {
+    use std::hash::{BuildHasher, RandomState};
+    let base = Duration::from_millis(400) * 2u32.pow(n.min(4));
+    let jitter = RandomState::new().hash_one((target, n, std::time::Instant::now())) % 1000;
+    base + base * u32::try_from(jitter).unwrap_or(0) / 2000
 }
 
 /// Completes the handshake of an incoming connection and reads the peer's identity.
@@ -963,6 +1023,7 @@ pub async fn call_stream<Req: Serialize>(
 mod tests {
     use super::*;
     use crate::frame::{HEADER_LEN, decode_exact, encode};
+    use std::collections::BTreeMap;
 
     #[test]
     fn a_reply_over_the_frame_limit_becomes_an_error_reply() {
@@ -989,5 +1050,57 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    /// `dial_leader` against fake controllers: `dead` answers nothing until its
+    /// timeout, the others refuse with `refusal`. Returns how often each was dialled
+    /// and the time taken.
+    fn dial_fakes(dead: Option<&str>, refusal: &str) -> (BTreeMap<String, usize>, Duration) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let calls = std::sync::Mutex::new(BTreeMap::<String, usize>::new());
+        let targets = vec!["a:1".to_owned(), "b:1".to_owned(), "c:1".to_owned()];
+        let start = tokio::time::Instant::now();
+        let result = rt.block_on(dial_leader(&targets, |t| {
+            let dead = dead == Some(t.as_str());
+            let (refusal, calls) = (refusal.to_owned(), &calls);
+            // Counted when dialled (polled), not when the dial is made ready.
+            async move {
+                *calls.lock().unwrap().entry(t.clone()).or_default() += 1;
+                if dead {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    return Err(NetError::Timeout {
+                        what: format!("connecting to {t}"),
+                        after: Duration::from_secs(5),
+                    });
+                }
+                Err(NetError::Refused(WireError::new(
+                    ErrorCode::Unavailable,
+                    refusal,
+                )))
+            }
+        }));
+        assert!(result.is_err());
+        (calls.into_inner().unwrap(), start.elapsed())
+    }
+
+    #[test]
+    fn followers_are_asked_again_while_a_dial_to_the_leader_they_name_is_outstanding() {
+        let (calls, took) = dial_fakes(Some("a:1"), "not the leader; the leader is a:1");
+        assert_eq!(calls["a:1"], 1, "{calls:?}");
+        assert!(calls["b:1"] > 1 && calls["c:1"] > 1, "{calls:?}");
+        assert!(calls["b:1"] <= 1 + REASK_LIMIT as usize, "{calls:?}");
+        // Nothing waits past the dead one's timeout for the re-asks.
+        assert!(took < Duration::from_secs(6), "{took:?}");
+    }
+
+    #[test]
+    fn refusals_with_nothing_outstanding_are_the_answer_at_once() {
+        let (calls, took) = dial_fakes(None, "not the leader; no leader is elected yet");
+        assert!(calls.values().all(|n| *n == 1), "{calls:?}");
+        assert!(took < Duration::from_millis(10), "{took:?}");
     }
 }

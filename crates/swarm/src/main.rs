@@ -62,6 +62,14 @@ struct Args {
     /// on stderr), for the caller to measure the controller with idle agents.
     #[arg(long, default_value_t = 0)]
     settle_ms: u64,
+    /// Milliseconds between keep-alives of every connection (real agents' default:
+    /// 2000).
+    #[arg(long, default_value_t = 2000)]
+    keep_alive_ms: u64,
+    /// Milliseconds of silence after which a connection is lost (real agents' default:
+    /// 10000): how soon a hollow agent notices a controller that died without a word.
+    #[arg(long, default_value_t = 10_000)]
+    idle_timeout_ms: u64,
 }
 
 /// Hollow agents that needed more than one attempt to connect.
@@ -102,6 +110,7 @@ async fn run_agent(
     controllers: Arc<[String]>,
     name: String,
     conns: Arc<Mutex<Vec<quinn::Connection>>>,
+    settings: TransportSettings,
 ) -> anyhow::Result<()> {
     let hollow = Arc::new(Mutex::new(Hollow::default()));
     let hello = Hello {
@@ -111,13 +120,60 @@ async fn run_agent(
         software: "drover-swarm".into(),
     };
     // As real agents do: dial again with a growing, jittered pause when the
-    // controller is too busy to finish the handshake and Hello in time.
+    // controller is too busy to finish the handshake and Hello in time, and again
+    // whenever the connection is lost (a leader that died or stepped down): the
+    // simulated nodes and the applied generation are kept, as a real agent's are.
+    let mut first = true;
+    loop {
+        let est = dial_with_backoff(&endpoint, &cfg, &controllers, &name, &hello, first).await?;
+        first = false;
+        let reason = serve_one(est.conn, &hollow, &name, &conns, settings).await;
+        say_lost(&name, &reason);
+    }
+}
+
+/// Says on stderr, for the first few, that a hollow agent lost its controller.
+fn say_lost(name: &str, reason: &str) {
+    let n = LOST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if n < 3 {
+        eprintln!("agent {name} lost its controller ({reason}); reconnecting");
+    }
+}
+
+/// Hollow agents that lost their controller so far (and dialled again).
+static LOST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Dials the leader, again and again with a growing, jittered pause; after a lost
+/// connection (`first` false) forever, with a first pause of up to half a second so
+/// that a fleet does not come back all at once.
+async fn dial_with_backoff(
+    endpoint: &quinn::Endpoint,
+    cfg: &quinn::ClientConfig,
+    controllers: &[String],
+    name: &str,
+    hello: &Hello,
+    first: bool,
+) -> anyhow::Result<conn::Established> {
+    let jitter = |attempts: u32, range: u64| {
+        use std::hash::{BuildHasher, RandomState};
+        Duration::from_millis(RandomState::new().hash_one((name, attempts)) % range)
+    };
+    if !first {
+        tokio::time::sleep(jitter(0, 500)).await;
+    }
+    // A reconnection waits for a handshake as long as a real agent does (its default
+    // Hello timeout); the first connections of a fleet, all at once, longer.
+    let timeout = if first {
+        Duration::from_secs(10)
+    } else {
+        TransportSettings::default().hello_timeout
+    };
     let mut pause = Duration::from_millis(100);
     let mut attempts = 0u32;
-    let est = loop {
+    loop {
         attempts += 1;
-        let dialled = conn::dial_leader(&controllers, |target| {
-            let (endpoint, cfg, hello) = (&endpoint, cfg.clone(), hello.clone());
+        let dialled = conn::dial_leader(controllers, |target| {
+            let (endpoint, cfg, hello) = (endpoint, cfg.clone(), hello.clone());
             async move {
                 let addr: SocketAddr = target.parse().map_err(|_| {
                     drover_net::NetError::Connection(format!("bad controller address {target}"))
@@ -130,33 +186,39 @@ async fn run_agent(
                     hello,
                     PeerRole::Controller,
                     None,
-                    Duration::from_secs(10),
+                    timeout,
                 )
                 .await
             }
         })
         .await;
         match dialled {
-            Ok(est) => break est,
-            Err(_) if attempts < 30 => {
-                let jitter = {
-                    use std::hash::{BuildHasher, RandomState};
-                    RandomState::new().hash_one((&name, attempts)) % 100
-                };
-                tokio::time::sleep(pause + Duration::from_millis(jitter)).await;
+            Ok(est) => {
+                if attempts > 1 && first {
+                    RETRIED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                return Ok(est);
+            }
+            Err(_) if attempts < 30 || !first => {
+                tokio::time::sleep(pause + jitter(attempts, 100)).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
             Err(e) => return Err(e.into()),
         }
-    };
-    if attempts > 1 {
-        RETRIED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    let conn = est.conn.clone();
+}
+
+/// Serves one connection to the controller until it is lost; the reason.
+async fn serve_one(
+    conn: quinn::Connection,
+    hollow: &Arc<Mutex<Hollow>>,
+    name: &str,
+    conns: &Mutex<Vec<quinn::Connection>>,
+    settings: TransportSettings,
+) -> String {
     conns.lock().expect("lock").push(conn.clone());
     let h = hollow.clone();
-    let instance = name.clone();
-    let settings = TransportSettings::default();
+    let instance = name.to_owned();
     let reporter_conn = conn.clone();
     let handler = move |req: Request<ControllerRequest>| {
         let h = h.clone();
@@ -224,8 +286,7 @@ async fn run_agent(
             Ok::<_, WireError>(reply)
         }
     };
-    let reason = conn::serve(conn, settings, handler).await;
-    anyhow::bail!("agent {name} lost: {reason}")
+    conn::serve(conn, settings, handler).await.to_string()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -306,7 +367,8 @@ async fn main() -> anyhow::Result<()> {
     raise_fd_limit();
     let ca = Ca::load(&args.pki).context("cannot load the CA")?;
     let settings = TransportSettings {
-        // As production agents: keep-alives every 2 s, lost after 10 s of silence.
+        keep_alive: Duration::from_millis(args.keep_alive_ms),
+        idle_timeout: Duration::from_millis(args.idle_timeout_ms),
         ..TransportSettings::default()
     };
     // UDP sockets, each carrying a few agents' connections.
@@ -348,6 +410,7 @@ async fn main() -> anyhow::Result<()> {
             targets.clone(),
             name,
             agent_conns.clone(),
+            settings,
         ));
     }
     let connected = loop {
