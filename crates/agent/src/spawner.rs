@@ -1,4 +1,4 @@
-//! The spawner: one thread of the agent's that makes node processes, so that the
+//! The spawner: a thread of the agent's that makes node processes, so that the
 //! supervisor task never blocks on a spawn.
 //!
 //! Spawning a node is blocking work: its working directory and files, its output
@@ -6,23 +6,25 @@
 //! (a v1 migration waits for an RCU grace period), the affinity of the spawning thread,
 //! `posix_spawn` or the vfork-style clone, and the move into the node's cgroup. The
 //! supervisor task prepares a [`Job`] (cheap: names, environment, the resolved plan),
-//! hands it over and goes on answering requests and firing timers; the spawner carries
+//! hands it over and goes on answering requests and firing timers; the spawners carry
 //! jobs out in the order given and reports each as an [`Outcome`] through the
 //! supervisor's event queue. The node's machine waits in its spawning phase meanwhile
 //! (a stop asked for then is carried out once the spawn is known).
 //!
-//! One thread, in order: a node's announcement record is written before its spawn,
-//! and a node has at most one job at a time (its machine asks for no other spawn until
-//! it learns the outcome), so the queue holds at most one job per node.
+//! One thread, carrying out a job from start to end: a node's announcement record is
+//! written before its spawn, and a node has at most one job at a time (its machine asks
+//! for no other spawn until it learns the outcome), so the queue holds at most one job
+//! per node. While a job is out, the node's record names the spec being spawned (an
+//! Apply may change the node's spec meanwhile): the process carrying the announced
+//! token runs that one.
 //!
 //! A child the spawner made is not yet known to the supervisor until its outcome is
-//! handled; the supervisor's reaper of orphaned zombies must not take it meanwhile. The
-//! spawner holds [`InFlight`] while it spawns and keeps the pid there until the
-//! supervisor has taken the process over.
+//! handled; the supervisor's reaper of orphaned zombies must not take it meanwhile (see
+//! [`InFlightPids`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use drover_proto::model::Node;
 use tracing::warn;
@@ -33,9 +35,39 @@ use crate::limits::{self, Limits};
 use crate::logs::NodeLogs;
 use crate::sys;
 
-/// Pids the spawner made that the supervisor has not taken over yet; locked while a
-/// spawn is under way.
-pub type InFlight = Arc<Mutex<BTreeSet<i32>>>;
+/// Pids the spawners made that the supervisor has not taken over yet.
+pub type InFlight = Arc<InFlightPids>;
+
+/// See [`InFlight`].
+#[derive(Debug, Default)]
+pub struct InFlightPids {
+    /// Read-held by a spawner from its spawn until its child is in `pids` (spawners
+    /// spawn at once); the orphan reaper takes it for writing, so that it never sees a
+    /// child that is in neither place.
+    spawning: RwLock<()>,
+    pids: Mutex<BTreeSet<i32>>,
+}
+
+impl InFlightPids {
+    /// The pids, unless a spawn is under way (then `None`: reap later).
+    pub fn settled(&self) -> Option<BTreeSet<i32>> {
+        let _quiet = self.spawning.try_write().ok()?;
+        Some(
+            self.pids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+    }
+
+    /// The supervisor has taken `pid` over.
+    pub fn done(&self, pid: i32) {
+        self.pids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&pid);
+    }
+}
 
 /// Everything one spawn needs, owned.
 #[derive(Debug)]
@@ -114,25 +146,43 @@ pub struct Context {
 pub fn start(
     cx: Context,
     jobs: std::sync::mpsc::Receiver<Job>,
-    done: impl Fn(Outcome) + Send + 'static,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("drover-spawner".to_owned())
-        .spawn(move || {
-            while let Ok(job) = jobs.recv() {
-                let (node, generation) = (job.node.clone(), job.generation);
-                let spec = job.spec.clone();
-                let result =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&cx, job)))
-                        .unwrap_or_else(|_| Err(format!("node '{node}': the spawn panicked")));
-                done(Outcome {
-                    node,
-                    generation,
-                    spec,
-                    result,
-                });
-            }
-        })
+    done: impl Fn(Outcome) + Send + Sync + 'static,
+) -> std::io::Result<()> {
+    // One spawner, although a second would let one child's exec (which a spawn waits
+    // for) overlap the next spawn: moving a new process into its cgroup also moves
+    // whatever is left in the agent's leaf (what it forked before the move), which is
+    // right only while spawns do not overlap. Overlapping spawns would need those
+    // leftovers told apart by their spawn token.
+    let threads = 1;
+    let jobs = Arc::new(Mutex::new(jobs));
+    let done = Arc::new(done);
+    for _ in 0..threads {
+        let (cx, jobs, done) = (cx.clone(), jobs.clone(), done.clone());
+        std::thread::Builder::new()
+            .name("drover-spawner".to_owned())
+            .spawn(move || spawner(&cx, &jobs, &*done))?;
+    }
+    Ok(())
+}
+
+/// One spawner thread: jobs until the sender is gone.
+fn spawner(cx: &Context, jobs: &Mutex<std::sync::mpsc::Receiver<Job>>, done: &dyn Fn(Outcome)) {
+    loop {
+        let next = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let Ok(job) = next else {
+            return;
+        };
+        let (node, generation) = (job.node.clone(), job.generation);
+        let spec = job.spec.clone();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cx, job)))
+            .unwrap_or_else(|_| Err(format!("node '{node}': the spawn panicked")));
+        done(Outcome {
+            node,
+            generation,
+            spec,
+            result,
+        });
+    }
 }
 
 fn epoch_ms() -> u64 {
@@ -237,10 +287,18 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
         ));
     }
     let spawned = {
-        let mut in_flight = cx.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        let _spawning = cx
+            .in_flight
+            .spawning
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let spawned = sys::spawn_clean(&launch);
         if let Ok(pid) = spawned {
-            in_flight.insert(pid);
+            cx.in_flight
+                .pids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(pid);
         }
         spawned
     };
@@ -266,10 +324,7 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
     let pidfd = match sys::PidFd::open(pid) {
         Ok(fd) => fd,
         Err(err) => {
-            cx.in_flight
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&pid);
+            cx.in_flight.done(pid);
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,

@@ -267,6 +267,14 @@ pub struct ProgressTo {
 /// wait in the node's socket (whose kernel buffer is bounded).
 const NOTIFY_QUEUE: usize = 16;
 
+/// The spec, restart epoch and deploy generation of a spawn handed to the spawner.
+#[derive(Debug, Clone)]
+struct SpawnOf {
+    spec: Node,
+    epoch: u64,
+    deploy_gen: u64,
+}
+
 /// The record of a node on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
@@ -382,6 +390,10 @@ struct Entry {
     deploy_gen: u64,
     /// The token of the spawn under way, announced in the record before the spawn.
     spawning: Option<u64>,
+    /// What the spawn under way runs: until its outcome is in, the record names this
+    /// spec (an Apply may have changed `spec` meanwhile), for the process carrying the
+    /// token runs it.
+    spawn_of: Option<SpawnOf>,
     /// Restarts counted before this agent process (from the record).
     restarts_base: u64,
     stopped_by_operator: bool,
@@ -999,10 +1011,25 @@ impl Core {
 
     /// Notes that `node`'s status changed and wakes whoever watches for changes.
     fn bump(&mut self, node: &str) {
+        // A node whose spawn is under way changes again when it is in: one report for
+        // both steps (a crashed node's restart reaches the controller as RUNNING with
+        // its new pid, not as PENDING first and RUNNING a report interval later).
+        let spawning = self
+            .nodes
+            .get(node)
+            .is_some_and(|e| e.spawning.is_some() && e.proc.is_none());
+        self.note_change(node, !spawning);
+    }
+
+    /// Marks the node changed for the next status report; `now`: tell the reporter at
+    /// once (otherwise the next change that does tells it).
+    fn note_change(&mut self, node: &str, now: bool) {
         if !self.changed.contains(node) {
             self.changed.insert(node.to_owned());
         }
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        if now {
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     // === commands ===
@@ -1594,6 +1621,7 @@ impl Core {
             generation: 0,
             deploy_gen: *self.applied.borrow(),
             spawning: None,
+            spawn_of: None,
             restarts_base: 0,
             stopped_by_operator: false,
             removing: false,
@@ -1677,7 +1705,12 @@ impl Core {
                         self.save_record(name);
                         self.start_monitors(name);
                     }
-                    self.bump(name);
+                    if queue.contains(&Action::Spawn) {
+                        // PENDING, with the spawn next: reported with its outcome.
+                        self.note_change(name, false);
+                    } else {
+                        self.bump(name);
+                    }
                 }
                 Action::Spawn => {
                     let more = match self.request_spawn(name) {
@@ -1690,6 +1723,7 @@ impl Core {
                                 .get_mut(name)
                                 .map(|e| {
                                     e.spawning = None;
+                                    e.spawn_of = None;
                                     e.last_error = Some(err.clone());
                                     e.machine.spawn_failed(now, err)
                                 })
@@ -1807,6 +1841,11 @@ impl Core {
             limits: Limits::of(&e.spec),
             announce: None,
         };
+        e.spawn_of = Some(SpawnOf {
+            spec: e.spec.clone(),
+            epoch: self.restart_epoch,
+            deploy_gen: e.deploy_gen,
+        });
         // The spawner writes the record announcing the token before it spawns.
         let announce = self.announce_spawn(name, token);
         let job = crate::spawner::Job { announce, ..job };
@@ -1878,13 +1917,14 @@ impl Core {
                 let restart_epoch = self.restart_epoch;
                 let e = self.nodes.get_mut(&node).expect("checked above");
                 let token = e.spawning.take().unwrap_or(0);
+                let of = e.spawn_of.take();
                 e.proc = Some(Proc {
                     id: s.id,
                     generation,
                     token,
-                    deploy_gen: e.deploy_gen,
+                    deploy_gen: of.as_ref().map_or(e.deploy_gen, |o| o.deploy_gen),
                     spec,
-                    epoch: restart_epoch,
+                    epoch: of.as_ref().map_or(restart_epoch, |o| o.epoch),
                     started_at_ms: s.started_at_ms,
                     probe,
                     child: true,
@@ -1929,6 +1969,7 @@ impl Core {
                     .get_mut(&node)
                     .map(|e| {
                         e.spawning = None;
+                        e.spawn_of = None;
                         e.held_notify.clear();
                         e.last_error = Some(err.clone());
                         e.machine.spawn_failed(now, err)
@@ -1944,10 +1985,7 @@ impl Core {
 
     /// The supervisor has taken over `pid`: the orphan reaper may see it as ours.
     fn in_flight_done(&mut self, pid: i32) {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&pid);
+        self.in_flight.done(pid);
         if std::mem::take(&mut self.reap_pending) {
             self.reap();
         }
@@ -2268,9 +2306,8 @@ impl Core {
     }
 
     fn reap(&mut self) {
-        let in_flight = self.in_flight.clone();
-        // Held by the spawner while it spawns: its child is not known here yet.
-        let Ok(in_flight) = in_flight.try_lock() else {
+        // While a spawner spawns, its child is known neither here nor in the set.
+        let Some(in_flight) = self.in_flight.settled() else {
             self.reap_pending = true;
             return;
         };
@@ -2499,11 +2536,28 @@ impl Core {
     /// The node's record as it is to be written, and where.
     fn record_of(&self, name: &str) -> Option<(PathBuf, Vec<u8>)> {
         let e = self.nodes.get(name)?;
+        let of = e.spawn_of.as_ref();
         let record = Record {
-            spec: e.proc.as_ref().map_or(&e.spec, |p| &p.spec).clone(),
+            spec: e
+                .proc
+                .as_ref()
+                .map(|p| &p.spec)
+                .or(of.map(|o| &o.spec))
+                .unwrap_or(&e.spec)
+                .clone(),
             config_id: e.config_id.clone(),
-            generation: e.proc.as_ref().map_or(e.deploy_gen, |p| p.deploy_gen),
-            epoch: e.proc.as_ref().map_or(self.restart_epoch, |p| p.epoch),
+            generation: e
+                .proc
+                .as_ref()
+                .map(|p| p.deploy_gen)
+                .or(of.map(|o| o.deploy_gen))
+                .unwrap_or(e.deploy_gen),
+            epoch: e
+                .proc
+                .as_ref()
+                .map(|p| p.epoch)
+                .or(of.map(|o| o.epoch))
+                .unwrap_or(self.restart_epoch),
             spawning: e.spawning,
             process: e.proc.as_ref().map(|p| RecordedProcess {
                 pid: p.id.pid,
