@@ -149,10 +149,11 @@ pub fn start(
     done: impl Fn(Outcome) + Send + Sync + 'static,
 ) -> std::io::Result<()> {
     // One spawner, although a second would let one child's exec (which a spawn waits
-    // for) overlap the next spawn: moving a new process into its cgroup also moves
-    // whatever is left in the agent's leaf (what it forked before the move), which is
-    // right only while spawns do not overlap. Overlapping spawns would need those
-    // leftovers told apart by their spawn token.
+    // for) overlap the next spawn: with two, an agent killed in the middle of a deploy
+    // has left a node running untracked (see the README's performance notes). Moving a
+    // new process into its cgroup also takes whatever is left in the agent's leaf,
+    // which is right only while spawns do not overlap, but telling those apart by
+    // spawn token did not cure it.
     let threads = 1;
     let jobs = Arc::new(Mutex::new(jobs));
     let done = Arc::new(done);
