@@ -101,6 +101,10 @@ use crate::sys::{self, ProcId};
 /// Lines of each stream returned with a failed node's outputs (as Zeek).
 const OUTPUT_LINES: usize = 100;
 
+/// The longest a failed node's outputs wait for the log keeper to write what its
+/// process wrote last.
+const OUTPUT_DRAIN: Duration = Duration::from_millis(100);
+
 /// How often log sizes are checked for rotation while nodes run.
 const ROTATE_EVERY: Duration = Duration::from_secs(30);
 
@@ -2388,6 +2392,12 @@ impl Core {
                     (Settled::Done, _) => MgmtResult::ok("", None),
                     (Settled::Removed, _) | (_, None) => MgmtResult::err("", "node was removed"),
                     (Settled::Failed, Some(e)) => {
+                        // What the failed process wrote last may still be in its pipes:
+                        // wait (briefly, on this task, so that no restart of the node
+                        // can add its own output meanwhile) for the keeper to write it.
+                        if let Some(k) = &self.cfg.keeper {
+                            k.wait_drained(&name, OUTPUT_DRAIN);
+                        }
                         let (stdout, mut stderr) = e.logs.outputs(OUTPUT_LINES);
                         // An exec error is not in the node's output: the node never ran.
                         if let Some(err) = &e.last_error {

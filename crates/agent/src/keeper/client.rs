@@ -132,6 +132,29 @@ impl Keeper {
     pub fn held(&self) -> usize {
         self.inner.lock().held.len()
     }
+
+    /// Waits, at most `limit`, until the keeper has read every pipe `node` has now to
+    /// its end (and written what it read). Blocking.
+    pub fn wait_drained(&self, node: &str, limit: Duration) {
+        let pipes: Vec<u64> = {
+            let state = self.inner.lock();
+            state
+                .held
+                .iter()
+                .filter(|(_, (p, _))| p.node == node)
+                .map(|(ino, _)| *ino)
+                .collect()
+        };
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            let state = self.inner.lock();
+            if !pipes.iter().any(|ino| state.held.contains_key(ino)) {
+                return;
+            }
+            drop(state);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 /// Ends the connection to a keeper that cannot take a pipe: the watcher wakes up to
