@@ -229,6 +229,7 @@ fn agent_sigkilled_during_large_deploys_converges_on_the_deployed_nodes() {
     let c = Cluster::new();
     let (mut ctl, addr) = c.start_controller("127.0.0.1:0");
     let mut agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
     let marker = format!("crash-{}", std::process::id());
 
     let mut configs: BTreeMap<String, Wanted> = BTreeMap::new();
