@@ -104,6 +104,16 @@ fn double_fork_node(dir: &Path, hide_token: bool) -> (String, PathBuf) {
     (body, pidfile)
 }
 
+/// SIGKILLs a node's main process and waits until it is gone.
+fn sigkill_and_wait(main: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(main).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("main gone", PATIENCE, || (!alive(main)).then_some(()));
+}
+
 fn read_pid(file: &Path) -> u32 {
     eventually("grandchild pid file", PATIENCE, || {
         std::fs::read_to_string(file).ok()?.trim().parse().ok()
@@ -473,12 +483,7 @@ fn what_a_node_left_while_no_agent_ran_is_killed_when_it_starts_again() {
     let main = u32::try_from(node_status(&c, addr, "g")["pid"].as_u64().unwrap()).unwrap();
     agent.kill();
     // The node's main process dies while no agent runs; its grandchild stays.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(main).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    eventually("main gone", PATIENCE, || (!alive(main)).then_some(()));
+    sigkill_and_wait(main);
     assert!(alive(grandchild));
     std::fs::remove_file(&pidfile).unwrap();
     let agent = c.start_agent("agent-1", addr);
@@ -513,12 +518,7 @@ fn without_cgroups_leftovers_of_a_dead_node_are_killed(remove_record: bool) {
     let grandchild = read_pid(&pidfile);
     let main = u32::try_from(node_status(&c, addr, "g")["pid"].as_u64().unwrap()).unwrap();
     agent.kill();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(main).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    eventually("main gone", PATIENCE, || (!alive(main)).then_some(()));
+    sigkill_and_wait(main);
     assert!(
         alive(grandchild),
         "in a session of its own, not killed with main"
