@@ -21,18 +21,25 @@
 //!
 //! # Placing a node
 //!
-//! A node is spawned with `posix_spawn` (no `fork`: see [`crate::sys`]), so it starts
-//! in the agent's cgroup, `agent/`, and is moved to its own with one write of its pid
-//! to `cgroup.procs` ([`Cgroups::contain`]). Whatever it forked between its `exec` and
-//! that write is still in `agent/`, which otherwise holds the agent alone: those
-//! processes are moved after it, until `agent/` holds only the agent. A node process
-//! found in `agent/` at start-up was spawned by an agent that died before it moved and
-//! recorded it; no record names it, so it is killed. `clone3` with
-//! `CLONE_INTO_CGROUP` would place it from its first instruction, but neither std nor
-//! glibc before 2.39 offers it with `posix_spawn`'s `CLONE_VM | CLONE_VFORK`, and a
-//! `fork` costs in proportion to the agent's memory. A move can wait for an RCU grace
-//! period (about 10 ms here for an isolated spawn; microseconds within a burst), after
-//! the node has exec'd, not before.
+//! A node process is created in its own cgroup: `clone3` with `CLONE_INTO_CGROUP`
+//! (Linux 5.7) and `CLONE_VM | CLONE_VFORK`, as `posix_spawn` does without it (see
+//! [`crate::exec::spawn`]). It never runs anywhere else, so nothing it forks is left
+//! behind in the agent's leaf, two spawns under way at once cannot take each other's
+//! processes, and no migration (which can wait for an RCU grace period) is needed.
+//!
+//! Before each spawn the node's cgroup is made ready ([`Cgroups::prepare`]): what an
+//! earlier process of the node left is killed and, once gone, the cgroup is removed
+//! and made again. That is needed, not tidiness: the kernel kills a process created
+//! in a cgroup that `cgroup.kill` was used on since the cgroup was made (its fork
+//! compares the kill sequence of its parent's cgroup with the new one's). Where the
+//! leftovers do not die in time, or `clone3` is missing (older kernels, seccomp
+//! filters that hide it), the child moves itself in with a write of "0" to
+//! `cgroup.procs`, before it execs and before anything else.
+//!
+//! A node process found in `agent/` at start-up was spawned by an older agent version
+//! (which moved nodes after their exec) that died before it moved and recorded it; no
+//! record names it, so it is killed. One such process that is adopted is moved with
+//! whatever carries its spawn token ([`Cgroups::adopt`]).
 //!
 //! # Signals
 //!
@@ -48,6 +55,23 @@ use std::path::{Path, PathBuf};
 use nix::sys::signal::Signal;
 
 use crate::sys::PidFd;
+
+/// How long [`Cgroups::prepare`] waits for what it killed in a node's cgroup to be
+/// gone before the new process moves itself in instead.
+const DRAIN: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A node cgroup made ready for a new process by [`Cgroups::prepare`].
+#[derive(Debug)]
+pub struct Ready {
+    /// Its directory, open.
+    pub dir: std::os::fd::OwnedFd,
+    /// True when no process was ever killed in it, so a process may be created in it
+    /// (`clone3` with `CLONE_INTO_CGROUP`): the kernel kills a process created in a
+    /// cgroup that was killed through `cgroup.kill` since it was made (its fork sees
+    /// a kill sequence other than its parent's cgroup's). Otherwise the process moves
+    /// itself in before it execs.
+    pub fresh: bool,
+}
 
 /// Where the agent puts its nodes' cgroups.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -180,39 +204,48 @@ impl Cgroups {
         Ok(path)
     }
 
-    /// Moves the freshly spawned `pid` into the node cgroup `cg`, then whatever it
-    /// forked before the move (see the module docs). Creates `cg` if it is missing.
-    /// What is still in `cg` belongs to an earlier process of the node (left while no
-    /// agent ran, or still dying) and is killed first: a node's cgroup holds its
-    /// current process and its descendants only.
-    pub fn contain(&self, cg: &Path, pid: u32) -> io::Result<()> {
+    /// Makes node cgroup `cg` ready for a new process of the node (see the module
+    /// docs). What is still in `cg` belongs to an earlier process of the node (left
+    /// while no agent ran, or still dying) and is killed: a node's cgroup holds its
+    /// current process and its descendants only. Once empty (within [`DRAIN`]), the
+    /// cgroup is made anew, so the process can be created in it.
+    pub fn prepare(&self, cg: &Path) -> io::Result<Ready> {
         if populated(cg) {
             kill(cg)?;
-        }
-        match write_pid(cg, pid) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                make_dir(cg)?;
-                write_pid(cg, pid)?;
+            let until = std::time::Instant::now() + DRAIN;
+            let mut pause = std::time::Duration::from_micros(50);
+            while populated(cg) && std::time::Instant::now() < until {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(2));
             }
-            other => other?,
         }
+        let fresh = !populated(cg)
+            && match fs::remove_dir(cg) {
+                Ok(()) => true,
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            };
+        make_dir(cg)?;
+        let dir = fs::File::open(cg)?;
+        Ok(Ready {
+            dir: dir.into(),
+            fresh,
+        })
+    }
+
+    /// Moves `pid`, a node process the agent is adopting, into node cgroup `cg`,
+    /// unless it is there already (as every process spawned into its cgroup is), with
+    /// the processes in the agent's own leaf that carry its spawn `token`: those a
+    /// node spawned by moving it after its `exec` forked meanwhile. Nothing else moves:
+    /// another node's process may be on its way through the leaf.
+    pub fn adopt(&self, cg: &Path, pid: u32, token: u64) -> io::Result<()> {
+        if procs(cg).is_ok_and(|p| p.contains(&pid)) {
+            return Ok(());
+        }
+        make_dir(cg)?;
+        write_pid(cg, pid)?;
         let me = std::process::id();
-        // The kernel skips a process that is exiting without an error, so it would be
-        // listed round after round; it can fork no more, so it is left where it is.
-        let mut exiting = Vec::new();
-        for _ in 0..STRAGGLER_ROUNDS {
-            let strays: Vec<u32> = procs(&self.agent)?
-                .into_iter()
-                .filter(|&p| p != me && !exiting.contains(&p))
-                .collect();
-            if strays.is_empty() {
-                return Ok(());
-            }
-            for p in strays {
-                if is_exiting(p) {
-                    exiting.push(p);
-                    continue;
-                }
+        for p in procs(&self.agent)? {
+            if p != me && spawn_token(p) == Some(token) {
                 // ESRCH: it exited meanwhile.
                 if let Err(e) = write_pid(cg, p)
                     && e.raw_os_error() != Some(libc::ESRCH)
@@ -221,10 +254,7 @@ impl Cgroups {
                 }
             }
         }
-        Err(io::Error::other(format!(
-            "{} keeps forking into the agent's cgroup",
-            cg.display()
-        )))
+        Ok(())
     }
 
     /// Node cgroups present on disk, by name.
@@ -263,31 +293,15 @@ impl Cgroups {
 /// True if process `pid` has a `DROVER_NODE_TOKEN` in its environment, as every
 /// process the agent spawns has.
 fn has_spawn_token(pid: u32) -> bool {
-    fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-        env.split(|b| *b == 0)
-            .any(|v| v.starts_with(b"DROVER_NODE_TOKEN="))
-    })
+    spawn_token(pid).is_some()
 }
 
-/// True if process `pid` is gone, a zombie, or exiting (`PF_EXITING` in the flags,
-/// field 9 of `/proc/<pid>/stat`).
-fn is_exiting(pid: u32) -> bool {
-    /// `PF_EXITING` of `<linux/sched.h>`.
-    const PF_EXITING: u64 = 0x4;
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return true;
-    };
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return true;
-    };
-    // `rest` starts at field 3 (state).
-    let mut fields = rest.split_ascii_whitespace();
-    let state = fields.next().unwrap_or("X");
-    let flags = fields
-        .nth(5)
-        .and_then(|f| f.parse::<u64>().ok())
-        .unwrap_or(0);
-    matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0
+/// The `DROVER_NODE_TOKEN` in process `pid`'s environment, if any.
+pub(crate) fn spawn_token(pid: u32) -> Option<u64> {
+    let env = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|b| *b == 0)
+        .find_map(|v| v.strip_prefix(b"DROVER_NODE_TOKEN="))
+        .and_then(|t| std::str::from_utf8(t).ok()?.parse().ok())
 }
 
 /// `drover-agent-<instance>-<FNV-1a of the state dir, 8 hex digits>`.
@@ -443,16 +457,6 @@ mod tests {
     }
 
     #[test]
-    fn exiting_processes_are_told_apart() {
-        assert!(!is_exiting(std::process::id()));
-        let mut child = Command::new("/bin/true").spawn().unwrap();
-        let pid = child.id();
-        wait_until("zombie", || is_exiting(pid));
-        child.wait().unwrap();
-        assert!(is_exiting(pid), "reaped");
-    }
-
-    #[test]
     fn settings_parse() {
         assert_eq!("auto".parse(), Ok(CgroupSetting::Auto));
         assert_eq!("none".parse(), Ok(CgroupSetting::None));
@@ -505,6 +509,43 @@ mod tests {
         );
     }
 
+    /// `sh -c SCRIPT` spawned into the cgroup made `ready`.
+    fn spawn_into(ready: &Ready, script: &str) -> u32 {
+        use std::os::fd::AsFd;
+        let out = tempfile::tempfile().unwrap();
+        let args = ["-c".to_owned(), script.to_owned()];
+        let pid = crate::sys::spawn_clean(&crate::sys::SpawnSpec {
+            program: "/bin/sh",
+            args: &args,
+            env: vec!["PATH=/usr/bin:/bin".to_owned()],
+            path: "/usr/bin:/bin",
+            cwd: Path::new("/"),
+            stdout: out.as_fd(),
+            stderr: out.as_fd(),
+            exec: None,
+            cgroup: Some(crate::sys::IntoCgroup {
+                dir: ready.dir.as_fd(),
+                create: ready.fresh,
+            }),
+        })
+        .unwrap();
+        u32::try_from(pid).unwrap()
+    }
+
+    /// Kills what is in `cg`, our child `pid` among it, and reaps it.
+    fn reap_after_kill(cg: &Path, pid: u32) {
+        kill(cg).unwrap();
+        reap(pid);
+        wait_until("empty", || !populated(cg));
+    }
+
+    /// Waits for our child `pid` to end.
+    fn reap(pid: u32) {
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(i32::try_from(pid).unwrap(), &raw mut status, 0) };
+    }
+
     /// A real subtree: a shell that forks at once is contained with its children,
     /// signalled and killed through the cgroup, and the subtree removed. It moves the
     /// test process into the subtree's `agent/` leaf, so it runs only where each test
@@ -554,36 +595,79 @@ mod tests {
         let cg = c.create_node("n1").unwrap();
         assert_eq!(c.node_names(), vec!["n1".to_owned()]);
         assert!(!populated(&cg));
-        let mut sh = Command::new("/bin/sh")
-            .args(["-c", "sleep 1000 & sleep 1000 & wait"])
+        // A shell that forks at once, spawned into the node's cgroup: it and what it
+        // forked are there, never in the agent's leaf, whichever way the child gets
+        // there (`clone3`, or moving itself where that is missing).
+        for fallback in [false, true] {
+            if fallback {
+                crate::exec::forget_clone3();
+            }
+            let ready = c.prepare(&cg).unwrap();
+            assert!(ready.fresh);
+            let pid = spawn_into(&ready, "sleep 1000 & sleep 1000 & wait");
+            wait_until("sh and two sleeps", || procs(&cg).unwrap().len() == 3);
+            assert!(procs(&cg).unwrap().contains(&pid));
+            assert_eq!(procs(&c.agent).unwrap(), vec![std::process::id()]);
+            assert_eq!(signal(&cg, Signal::SIGCONT).unwrap(), 3);
+            // The next process of the node: what the last one left is killed first,
+            // and the cgroup made anew (the kernel would kill a process created in
+            // a cgroup killed before).
+            let ready = c.prepare(&cg).unwrap();
+            assert!(ready.fresh);
+            assert!(!populated(&cg));
+            let next = spawn_into(&ready, "exec sleep 1000");
+            assert_eq!(procs(&cg).unwrap(), vec![next]);
+            kill(&cg).unwrap();
+            wait_until("empty", || !populated(&cg));
+            // A process that cannot be created in a killed cgroup moves itself in.
+            let ready = Ready {
+                dir: fs::File::open(&cg).unwrap().into(),
+                fresh: false,
+            };
+            let moved = spawn_into(&ready, "exec sleep 1000");
+            assert_eq!(procs(&cg).unwrap(), vec![moved]);
+            assert_eq!(procs(&c.agent).unwrap(), vec![std::process::id()]);
+            reap_after_kill(&cg, moved);
+            kill(&cg).unwrap();
+            wait_until("empty", || !populated(&cg));
+            assert_eq!(signal(&cg, Signal::SIGCONT).unwrap(), 0);
+            reap(pid);
+            reap(next);
+        }
+        // Adopting a process spawned the old way (in the agent's leaf, then moved):
+        // what it forked with its token follows it, another node's process does not.
+        let mut old = Command::new("/bin/sh")
+            .args(["-c", "sleep 1000 & exec sleep 1000"])
+            .env("DROVER_NODE_TOKEN", "8")
             .spawn()
             .unwrap();
-        c.contain(&cg, sh.id()).unwrap();
-        // Whatever sh forked before the move followed it: the agent's leaf holds the
-        // test process alone, and the node's cgroup all three.
-        wait_until("sh and two sleeps", || procs(&cg).unwrap().len() == 3);
-        assert_eq!(procs(&c.agent).unwrap(), vec![std::process::id()]);
-        assert!(populated(&cg));
-        assert_eq!(signal(&cg, Signal::SIGCONT).unwrap(), 3);
-        kill(&cg).unwrap();
-        wait_until("empty", || !populated(&cg));
+        let mut passing = Command::new("/bin/sleep")
+            .arg("1000")
+            .env("DROVER_NODE_TOKEN", "9")
+            .spawn()
+            .unwrap();
+        wait_until("forked and exec'd", || {
+            procs(&c.agent).unwrap().len() == 4
+                && procs(&c.agent)
+                    .unwrap()
+                    .iter()
+                    .all(|&p| p == std::process::id() || spawn_token(p).is_some())
+        });
+        c.adopt(&cg, old.id(), 8).unwrap();
+        let mut there = procs(&cg).unwrap();
+        there.sort_unstable();
+        assert_eq!(there.len(), 2, "{there:?}");
+        assert!(there.contains(&old.id()));
         assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&sh.wait().unwrap()),
-            Some(libc::SIGKILL)
+            procs(&c.agent).unwrap(),
+            vec![std::process::id(), passing.id()]
         );
-        assert_eq!(signal(&cg, Signal::SIGCONT).unwrap(), 0);
-        // A leftover of an earlier process is killed when the next one moves in.
-        let mut old = Command::new("/bin/sleep").arg("1000").spawn().unwrap();
-        write_pid(&cg, old.id()).unwrap();
-        let mut new = Command::new("/bin/sleep").arg("1000").spawn().unwrap();
-        c.contain(&cg, new.id()).unwrap();
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&old.wait().unwrap()),
-            Some(libc::SIGKILL)
-        );
-        assert_eq!(procs(&cg).unwrap(), vec![new.id()]);
+        c.adopt(&cg, old.id(), 8).unwrap();
+        assert_eq!(procs(&cg).unwrap().len(), 2, "adopting again moves nothing");
+        passing.kill().unwrap();
+        passing.wait().unwrap();
         kill(&cg).unwrap();
-        new.wait().unwrap();
+        old.wait().unwrap();
         wait_until("empty again", || !populated(&cg));
         remove(&cg).unwrap();
         remove(&cg).unwrap();

@@ -14,13 +14,16 @@
 //!
 //! # The child ([`spawn`])
 //!
-//! `posix_spawn` cannot switch users, raise capabilities or set rlimits, and a `fork`
-//! copies the agent's page tables. So a node with any of these settings is started
-//! like glibc's `posix_spawn` starts a child: `clone(CLONE_VM | CLONE_VFORK)` on a
-//! stack of its own, every signal blocked in the parent meanwhile. The child shares the
+//! `posix_spawn` cannot switch users, raise capabilities, set rlimits or start a child
+//! in a cgroup, and a `fork` copies the agent's page tables. So a node with any of
+//! these settings is started like glibc's `posix_spawn` starts a child:
+//! `clone(CLONE_VM | CLONE_VFORK)` on a stack of its own, every signal blocked in the
+//! parent meanwhile; `clone3` with `CLONE_INTO_CGROUP` as well for a node with a
+//! cgroup. The child shares the
 //! agent's memory until it execs, so it only makes raw system calls on data prepared
 //! beforehand: no allocation, no lock, no libc wrapper that touches shared state
-//! (glibc's `setuid` would signal the agent's threads). In order: every signal to its
+//! (glibc's `setuid` would signal the agent's threads). In order: into its cgroup
+//! where `clone3` did not create it there, every signal to its
 //! default, its own process group, stdio, working directory, rlimits (while still
 //! privileged, so hard limits may rise), umask, the bounding set cut (needs
 //! `CAP_SETPCAP`), `PR_SET_KEEPCAPS`, `setgroups`, `setresgid`, `setresuid`, `capset`
@@ -442,6 +445,7 @@ fn with_path(what: &str, p: &std::path::Path, e: &io::Error) -> io::Error {
 #[repr(u32)]
 enum Stage {
     None = 0,
+    Cgroup,
     Pgroup,
     Stdio,
     Chdir,
@@ -458,8 +462,9 @@ enum Stage {
 }
 
 impl Stage {
-    const ALL: [Self; 14] = [
+    const ALL: [Self; 15] = [
         Self::None,
+        Self::Cgroup,
         Self::Pgroup,
         Self::Stdio,
         Self::Chdir,
@@ -478,6 +483,7 @@ impl Stage {
     fn what(self, plan: &Plan, index: u32) -> String {
         match self {
             Self::None | Self::Exec => String::new(),
+            Self::Cgroup => "cannot enter its cgroup".to_owned(),
             Self::Pgroup => "cannot make a process group".to_owned(),
             Self::Stdio => "cannot set up stdin, stdout and stderr".to_owned(),
             Self::Chdir => "cannot enter the working directory".to_owned(),
@@ -507,6 +513,9 @@ struct Child<'a> {
     stderr: libc::c_int,
     plan: &'a Plan,
     last_cap: u32,
+    /// The `cgroup.procs` of the cgroup the child moves itself into first, or -1:
+    /// where `clone3` cannot start it there.
+    cgroup_procs: libc::c_int,
     /// stage << 48 | index << 16 | errno; 0 while nothing failed.
     failure: AtomicU64,
 }
@@ -571,6 +580,14 @@ impl Child<'_> {
                 restorer: 0,
                 mask: 0,
             };
+            if self.cgroup_procs >= 0 {
+                // Before anything can fork: "0" is the writing process.
+                try_sys!(
+                    Stage::Cgroup,
+                    0,
+                    libc::syscall(libc::SYS_write, self.cgroup_procs, c"0".as_ptr(), 1usize)
+                );
+            }
             for sig in 1..=64 {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                     libc::syscall(
@@ -736,25 +753,185 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     127
 }
 
+/// `struct clone_args` of `<linux/sched.h>`, up to `cgroup` (version 2).
+#[repr(C)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Whether `clone3` with `CLONE_INTO_CGROUP` is worth trying: [`CLONE3_NO`] once it
+/// was found missing.
+static CLONE3: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+const CLONE3_NO: u8 = 1;
+
+/// Makes the next spawns do without `clone3`, as on a kernel without it (for tests).
+#[cfg(test)]
+pub(crate) fn forget_clone3() {
+    CLONE3.store(CLONE3_NO, Ordering::Relaxed);
+}
+
+fn clone3_works() -> bool {
+    cfg!(target_arch = "x86_64") && CLONE3.load(Ordering::Relaxed) != CLONE3_NO
+}
+
+/// True for the errors of a kernel without `clone3` or `CLONE_INTO_CGROUP` (or a
+/// seccomp filter that hides it, as container runtimes' defaults do).
+fn clone3_unsupported(errno: i32) -> bool {
+    matches!(errno, libc::ENOSYS | libc::EINVAL | libc::E2BIG)
+}
+
+/// Opens the `cgroup.procs` of the cgroup directory `dir`.
+fn open_procs(dir: libc::c_int) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a plain openat on a path we own; the fd returned is ours.
+    let fd = unsafe {
+        libc::openat(
+            dir,
+            c"cgroup.procs".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just opened, owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// `clone(CLONE_VM | CLONE_VFORK)` running `child_main(child)` on the stack below
+/// `top`; the pid, or the errno.
+///
+/// # Safety
+///
+/// `child` and the stack must stay valid until the child execs or exits, which
+/// `CLONE_VFORK` waits for.
+unsafe fn clone_vfork(child: &Child<'_>, top: usize) -> Result<i32, i32> {
+    // SAFETY: see the function's contract.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::from_ref(child).cast_mut().cast(),
+        )
+    };
+    if pid < 0 {
+        Err(io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO))
+    } else {
+        Ok(pid)
+    }
+}
+
+/// As [`clone_vfork`], the child created in the cgroup whose directory is open as
+/// `cgroup` (`clone3` with `CLONE_INTO_CGROUP`): it never runs anywhere else, so
+/// nothing it forks can be left behind, and no migration (which may wait for an RCU
+/// grace period) is needed. glibc offers no `clone3` wrapper that runs a function on
+/// a new stack, hence the few instructions of assembly: in the child, which starts
+/// on the stack `base..base + size` with the parent's registers, they call
+/// `child_main(child)`, which never returns.
+///
+/// # Safety
+///
+/// As [`clone_vfork`]; `base` 16-byte aligned, `size` a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3_vfork_into(
+    cgroup: libc::c_int,
+    child: &Child<'_>,
+    base: usize,
+    size: usize,
+) -> Result<i32, i32> {
+    let args = CloneArgs {
+        flags: (libc::CLONE_VM | libc::CLONE_VFORK) as u64 | CLONE_INTO_CGROUP,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: base as u64,
+        stack_size: size as u64,
+        tls: 0,
+        set_tid: 0,
+        set_tid_size: 0,
+        cgroup: u64::try_from(cgroup).unwrap_or(u64::MAX),
+    };
+    let entry: extern "C" fn(*mut libc::c_void) -> libc::c_int = child_main;
+    let ret: libc::c_long;
+    // SAFETY: the parent returns from the system call as from any other; the child
+    // (rax 0) only calls `child_main` on its own stack, which ends it.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") &raw const args,
+            in("rsi") size_of::<CloneArgs>(),
+            in("r12") std::ptr::from_ref(child),
+            in("r13") entry,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    if ret < 0 {
+        Err(i32::try_from(-ret).unwrap_or(libc::EIO))
+    } else {
+        Ok(i32::try_from(ret).unwrap_or(-1))
+    }
+}
+
+/// Elsewhere the child moves itself (see [`clone3_works`]).
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn clone3_vfork_into(_: libc::c_int, _: &Child<'_>, _: usize, _: usize) -> Result<i32, i32> {
+    Err(libc::ENOSYS)
+}
+
 /// The child's stack: enough for [`Child::run`], which calls nothing deep.
 const STACK: usize = 64 * 1024;
 
 /// Spawns `spec` carrying out `plan` in the child (see the module docs): in a process
-/// group of its own, every signal at its default, an empty mask. Returns the pid; a
+/// group of its own, every signal at its default, an empty mask, and in the cgroup
+/// `spec.cgroup` from its first instruction when one is given. Returns the pid; a
 /// failed step is the error (exec errors keep their errno, as with `posix_spawn`).
 pub fn spawn(spec: &SpawnSpec<'_>, plan: &Plan) -> io::Result<i32> {
     let args = CArgs::new(spec)?;
-    let child = Child {
+    let into = spec.cgroup.map(|c| c.dir.as_raw_fd());
+    // Where `clone3` cannot start the child in its cgroup, the child moves itself
+    // there before anything else: through this, opened beforehand.
+    let procs = match spec.cgroup {
+        Some(c) if !c.create || !clone3_works() => Some(open_procs(c.dir.as_raw_fd())?),
+        _ => None,
+    };
+    let mut child = Child {
         args: &args,
         stdout: spec.stdout.as_raw_fd(),
         stderr: spec.stderr.as_raw_fd(),
         plan,
         last_cap: last_cap(),
+        cgroup_procs: procs.as_ref().map_or(-1, AsRawFd::as_raw_fd),
         failure: AtomicU64::new(0),
     };
-    let mut stack: Vec<u8> = Vec::with_capacity(STACK);
-    // The stack grows down from its end, 16-byte aligned.
-    let top = (stack.as_mut_ptr() as usize + STACK) & !15;
+    let mut stack: Vec<u8> = Vec::with_capacity(STACK + 16);
+    // The stack grows down from its top, 16-byte aligned.
+    let base = (stack.as_mut_ptr() as usize + 15) & !15;
+    let top = base + STACK;
     let all = !0u64;
     let mut old = 0u64;
     // SAFETY: blocks every signal of this thread (the child must not run a handler
@@ -768,18 +945,39 @@ pub fn spawn(spec: &SpawnSpec<'_>, plan: &Plan) -> io::Result<i32> {
             8usize,
         );
     }
-    // SAFETY: CLONE_VFORK suspends this thread until the child execs or exits, so
-    // `child`, `args`, `plan` and the stack outlive every use the child makes of them;
-    // the child runs only `child_main`.
-    let pid = unsafe {
-        libc::clone(
-            child_main,
-            top as *mut libc::c_void,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            (&raw const child).cast_mut().cast(),
-        )
-    };
-    let clone_err = io::Error::last_os_error();
+    let mut result = Err(libc::ENOSYS);
+    let mut cloned = false;
+    let mut opened = None;
+    if let Some(dir) = into
+        && child.cgroup_procs < 0
+    {
+        // SAFETY: as for `clone_vfork` below; `base..top` is the child's stack.
+        result = unsafe { clone3_vfork_into(dir, &child, base, STACK) };
+        match result {
+            Err(errno) if clone3_unsupported(errno) => {
+                // A kernel (or a seccomp filter) without it: remembered, and this
+                // child moves itself.
+                CLONE3.store(CLONE3_NO, Ordering::Relaxed);
+                match open_procs(dir) {
+                    Ok(fd) => {
+                        child.cgroup_procs = fd.as_raw_fd();
+                        opened = Some(fd);
+                    }
+                    Err(e) => {
+                        result = Err(e.raw_os_error().unwrap_or(libc::EIO));
+                        cloned = true;
+                    }
+                }
+            }
+            _ => cloned = true,
+        }
+    }
+    if !cloned {
+        // SAFETY: CLONE_VFORK suspends this thread until the child execs or exits, so
+        // `child`, `args`, `plan` and the stack outlive every use the child makes of
+        // them; the child runs only `child_main`.
+        result = unsafe { clone_vfork(&child, top) };
+    }
     // SAFETY: puts back the mask saved above.
     unsafe {
         libc::syscall(
@@ -790,10 +988,17 @@ pub fn spawn(spec: &SpawnSpec<'_>, plan: &Plan) -> io::Result<i32> {
             8usize,
         );
     }
-    drop(stack);
-    if pid < 0 {
-        return Err(clone_err);
-    }
+    drop((stack, procs, opened));
+    let pid = result.map_err(|errno| {
+        let err = io::Error::from_raw_os_error(errno);
+        match into {
+            Some(_) => io::Error::new(
+                err.kind(),
+                format!("cannot start it in its cgroup: {}", crate::sys::cause(&err)),
+            ),
+            None => err,
+        }
+    })?;
     let failure = child.failure.load(Ordering::Acquire);
     if failure == 0 {
         return Ok(pid);
@@ -880,6 +1085,7 @@ mod tests {
                 stdout: out.as_fd(),
                 stderr: out.as_fd(),
                 exec: Some(plan),
+                cgroup: None,
             },
             plan,
         )

@@ -29,8 +29,8 @@
 //! belongs to the process that made it), and moves the thread back. Nothing the node
 //! forks or allocates escapes its limits. `pids.max` and the CPU quota are written only
 //! after the thread has left, so the agent's thread is never throttled by a node's
-//! quota nor counted against its pids. On v2 a node is moved after the spawn (see
-//! [`crate::cgroup`]); its limits are written before.
+//! quota nor counted against its pids. On v2 a node is created in its cgroup (see
+//! [`crate::cgroup`]), whose limits are written before.
 
 use std::collections::BTreeMap;
 use std::fs;

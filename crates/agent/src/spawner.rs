@@ -1,22 +1,25 @@
-//! The spawner: a thread of the agent's that makes node processes, so that the
+//! The spawners: threads of the agent's that make node processes, so that the
 //! supervisor task never blocks on a spawn.
 //!
 //! Spawning a node is blocking work: its working directory and files, its output
-//! (pipes handed to the log keeper, or log files rotated and opened), the record that announces the spawn's token, cgroup limits and placement
-//! (a v1 migration waits for an RCU grace period), the affinity of the spawning thread,
-//! `posix_spawn` or the vfork-style clone, and the move into the node's cgroup. The
-//! supervisor task prepares a [`Job`] (cheap: names, environment, the resolved plan),
-//! hands it over and goes on answering requests and firing timers; the spawners carry
-//! jobs out in the order given and reports each as an [`Outcome`] through the
-//! supervisor's event queue. The node's machine waits in its spawning phase meanwhile
-//! (a stop asked for then is carried out once the spawn is known).
+//! (pipes handed to the log keeper, or log files rotated and opened), the record that
+//! announces the spawn's token, cgroup limits and placement (a v1 migration waits for
+//! an RCU grace period), the affinity of the spawning thread, and `posix_spawn` or the
+//! vfork-style clone into the node's cgroup. The supervisor task prepares a [`Job`]
+//! (cheap: names, environment, the resolved plan), hands it over and goes on answering
+//! requests and firing timers; the spawners take jobs in the order given and report
+//! each as an [`Outcome`] through the supervisor's event queue. The node's machine
+//! waits in its spawning phase meanwhile (a stop asked for then is carried out once the
+//! spawn is known).
 //!
-//! One thread, carrying out a job from start to end: a node's announcement record is
-//! written before its spawn, and a node has at most one job at a time (its machine asks
-//! for no other spawn until it learns the outcome), so the queue holds at most one job
-//! per node. While a job is out, the node's record names the spec being spawned (an
-//! Apply may change the node's spec meanwhile): the process carrying the announced
-//! token runs that one.
+//! Two threads, each carrying out a job from start to end, so that one child's exec
+//! (which a vfork-style spawn waits for) overlaps the next spawn. A node's announcement
+//! record is written before its spawn, and a node has at most one job at a time (its
+//! machine asks for no other spawn until it learns the outcome), so the queue holds at
+//! most one job per node and two jobs under way are for different nodes. Each child is
+//! created in its own node's cgroup, so two spawns under way never mix processes. While
+//! a job is out, the node's record names the spec being spawned (an Apply may change
+//! the node's spec meanwhile): the process carrying the announced token runs that one.
 //!
 //! A child the spawner made is not yet known to the supervisor until its outcome is
 //! handled; the supervisor's reaper of orphaned zombies must not take it meanwhile (see
@@ -128,7 +131,7 @@ pub struct Outcome {
     pub result: Result<Spawned, String>,
 }
 
-/// What the spawner thread holds for all jobs.
+/// What the spawner threads hold for all jobs.
 #[derive(Debug, Clone)]
 pub struct Context {
     /// The agent's cgroup subtree, for containment.
@@ -141,19 +144,14 @@ pub struct Context {
     pub keeper: Option<crate::keeper::Keeper>,
 }
 
-/// Starts the spawner thread: it runs `jobs` in order and hands each outcome to
-/// `done`, and ends when the job sender is dropped.
+/// Starts the spawner threads: they take `jobs` in order and hand each outcome to
+/// `done`, and end when the job sender is dropped.
 pub fn start(
     cx: Context,
     jobs: std::sync::mpsc::Receiver<Job>,
     done: impl Fn(Outcome) + Send + Sync + 'static,
 ) -> std::io::Result<()> {
-    // One spawner, although a second would let one child's exec (which a spawn waits
-    // for) overlap the next spawn: with two, an agent killed in the middle of a deploy
-    // has left a node running untracked (see the README's performance notes). Moving a
-    // new process into its cgroup also takes whatever is left in the agent's leaf,
-    // which is right only while spawns do not overlap, but telling those apart by
-    // spawn token did not cure it.
+    // See the module docs.
     let threads = 1;
     let jobs = Arc::new(Mutex::new(jobs));
     let done = Arc::new(done);
@@ -244,6 +242,18 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
     {
         warn!(node = %name, "cannot write {}: {err}", path.display());
     }
+    // The node's cgroup, emptied of what an earlier process of it left (and made
+    // anew, so before its limits are written): the child starts in it.
+    let cgroup = cx.cgroups.as_ref().and_then(|cgroups| {
+        let cg = cgroups.node(name);
+        match cgroups.prepare(&cg) {
+            Ok(ready) => Some((cg, ready)),
+            Err(err) => {
+                warn!(node = %name, "cannot prepare {} for the node; it runs uncontained: {err}", cg.display());
+                None
+            }
+        }
+    });
     let placement = cx
         .host
         .prepare(name, &job.limits)
@@ -262,6 +272,10 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
         stdout: output.stdout(),
         stderr: output.stderr(),
         exec: Some(&job.plan),
+        cgroup: cgroup.as_ref().map(|(_, ready)| sys::IntoCgroup {
+            dir: std::os::fd::AsFd::as_fd(&ready.dir),
+            create: ready.fresh,
+        }),
     };
     let previous = match &job.cpus {
         Some(c) => Some(sys::set_thread_affinity(c).map_err(|err| {
@@ -333,24 +347,11 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
             return Err(format!("node '{name}': cannot watch process {pid}: {err}"));
         }
     };
-    let cgroup = cx.cgroups.as_ref().and_then(|cgroups| {
-        let cg = cgroups.node(name);
-        let moved = u32::try_from(pid)
-            .map_err(std::io::Error::other)
-            .and_then(|p| cgroups.contain(&cg, p));
-        match moved {
-            Ok(()) => Some(cg),
-            Err(err) => {
-                warn!(node = %name, pid, "cannot move the node into {}: {err}", cg.display());
-                None
-            }
-        }
-    });
     Ok(Spawned {
         id: sys::ProcId { pid, start_ticks },
         pidfd,
-        cgroup,
         oom_base,
         started_at_ms,
+        cgroup: cgroup.map(|(cg, _)| cg),
     })
 }

@@ -650,17 +650,6 @@ fn add_usage(statuses: &mut [NodeStatus], host: &limits::Host) {
     }
 }
 
-/// The `DROVER_NODE_TOKEN` in a process's environment, if any.
-fn token_of(pid: i32) -> Option<u64> {
-    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    env.split(|b| *b == 0).find_map(|var| {
-        std::str::from_utf8(var.strip_prefix(b"DROVER_NODE_TOKEN=")?)
-            .ok()?
-            .parse()
-            .ok()
-    })
-}
-
 impl Supervisor {
     /// Starts the supervisor task: adopts or restarts the nodes recorded in the state dir,
     /// then serves commands.
@@ -2046,13 +2035,13 @@ impl Core {
         Some((path, bytes))
     }
 
-    /// Moves a freshly spawned node process (and what it forked meanwhile) into the
-    /// node's cgroup; the cgroup, or `None` without containment or when the move
+    /// Makes sure an adopted process of an unrecorded spawn (and what it forked) is in
+    /// the node's cgroup; the cgroup, or `None` without containment or when the move
     /// failed (then the node runs uncontained, as without cgroups).
-    fn contain(&self, name: &str, pid: u32) -> Option<PathBuf> {
+    fn contain_adopted(&self, name: &str, pid: u32, token: u64) -> Option<PathBuf> {
         let cgroups = self.cgroups.as_ref()?;
         let cg = cgroups.node(name);
-        match cgroups.contain(&cg, pid) {
+        match cgroups.adopt(&cg, pid, token) {
             Ok(()) => Some(cg),
             Err(err) => {
                 warn!(node = %name, pid, "cannot move the node into {}: {err}", cg.display());
@@ -2293,7 +2282,7 @@ impl Core {
             if tracked.contains(&pid) {
                 continue;
             }
-            if let Some(token) = token_of(pid)
+            if let Some(token) = u32::try_from(pid).ok().and_then(cgroup::spawn_token)
                 && !live_tokens.contains(&token)
             {
                 debug!(pid, "killing a leftover descendant of a stopped node");
@@ -2879,9 +2868,9 @@ impl Core {
                 None => {
                     let id = sys::proc_id(pid)?;
                     let started = sys::start_time_epoch_ms(id).unwrap_or_else(epoch_ms);
-                    // An unrecorded spawn may not have been moved into its cgroup yet.
-                    let cgroup = self.contain(name, u32::try_from(pid).unwrap_or(0));
-                    (id, record.spawning.unwrap_or(0), started, false, cgroup)
+                    let token = record.spawning.unwrap_or(0);
+                    let cgroup = self.contain_adopted(name, u32::try_from(pid).unwrap_or(0), token);
+                    (id, token, started, false, cgroup)
                 }
             };
         let fd = sys::PidFd::open_id(id)?;
@@ -2959,7 +2948,11 @@ fn find_token_carriers(wanted: &dyn Fn(u64) -> bool) -> BTreeMap<u64, Vec<Stray>
         else {
             continue;
         };
-        let Some(token) = token_of(pid).filter(|t| wanted(*t)) else {
+        let Some(token) = u32::try_from(pid)
+            .ok()
+            .and_then(cgroup::spawn_token)
+            .filter(|t| wanted(*t))
+        else {
             continue;
         };
         let Ok(stat) = sys::proc_stat(pid) else {

@@ -540,8 +540,21 @@ pub struct SpawnSpec<'a> {
     /// See `stdout`.
     pub stderr: BorrowedFd<'a>,
     /// User, groups, capabilities and limits to apply before exec (see
-    /// [`crate::exec`]); `None` or an empty plan spawns with `posix_spawn`.
+    /// [`crate::exec`]); `None` or an empty plan spawns with `posix_spawn` (unless
+    /// `cgroup` is given).
     pub exec: Option<&'a crate::exec::Plan>,
+    /// The cgroup v2 the child is to start in (see [`crate::exec::spawn`]), if any.
+    pub cgroup: Option<IntoCgroup<'a>>,
+}
+
+/// Where [`SpawnSpec::cgroup`] puts the child.
+#[derive(Debug, Clone, Copy)]
+pub struct IntoCgroup<'a> {
+    /// The cgroup's directory.
+    pub dir: BorrowedFd<'a>,
+    /// Whether the child may be created in it (see [`crate::cgroup::Ready::fresh`]);
+    /// otherwise it moves itself in before it execs.
+    pub create: bool,
 }
 
 /// A [`SpawnSpec`]'s strings as C strings and the pointer arrays `execve` takes,
@@ -628,10 +641,14 @@ pub fn resolve_program(program: &str, path: &str) -> io::Result<std::path::PathB
 /// ignored, and std's `Command` resets only SIGPIPE. Returns the child's pid; exec
 /// errors (`ENOENT`, `EACCES`, `ENOEXEC`, ...) are the error. The child inherits the
 /// calling thread's CPU affinity. Reap it with [`wait_child`]. A spec with a
-/// non-empty [`SpawnSpec::exec`] plan is spawned by [`crate::exec::spawn`] instead.
+/// non-empty [`SpawnSpec::exec`] plan or a [`SpawnSpec::cgroup`] is spawned by
+/// [`crate::exec::spawn`] instead.
 pub fn spawn_clean(spec: &SpawnSpec<'_>) -> io::Result<i32> {
     if let Some(plan) = spec.exec.filter(|p| !p.is_empty()) {
         return crate::exec::spawn(spec, plan);
+    }
+    if spec.cgroup.is_some() {
+        return crate::exec::spawn(spec, &crate::exec::Plan::default());
     }
     // Kept whole: the pointer arrays point into its strings.
     let c = CArgs::new(spec)?;
@@ -1543,6 +1560,7 @@ mod tests {
             stdout: out.as_fd(),
             stderr: out.as_fd(),
             exec: None,
+            cgroup: None,
         }
     }
 

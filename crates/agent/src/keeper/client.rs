@@ -323,6 +323,7 @@ impl Inner {
             stdout: log.as_fd(),
             stderr: log.as_fd(),
             exec: None,
+            cgroup: None,
         })?;
         debug!(pid, "started a log keeper");
         Ok(())
