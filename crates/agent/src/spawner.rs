@@ -152,7 +152,7 @@ pub fn start(
     done: impl Fn(Outcome) + Send + Sync + 'static,
 ) -> std::io::Result<()> {
     // See the module docs.
-    let threads = 1;
+    let threads = 2;
     let jobs = Arc::new(Mutex::new(jobs));
     let done = Arc::new(done);
     for _ in 0..threads {
