@@ -1209,7 +1209,6 @@ impl Core {
             );
             let logs = self.cfg.logs;
             let socks = self.socks.clone();
-            let cgroups = self.cgroups.clone();
             let path = self.desired_path();
             let events = self.events.clone();
             let to_write = desired.clone();
@@ -1235,7 +1234,7 @@ impl Core {
             tokio::task::spawn_blocking(move || {
                 let result = write_desired(&path, &to_write)
                     .map(|()| {
-                        let prepared = Self::run_prepare(&jobs, logs, &socks, cgroups.as_ref());
+                        let prepared = Self::run_prepare(&jobs, logs, &socks);
                         let plans = exec_jobs
                             .iter()
                             .map(|(name, spec, dir, notify)| {
@@ -1487,12 +1486,7 @@ impl Core {
     /// Makes the directories, empty log files and bound notify sockets of new nodes, on
     /// this thread (see [`Core::prepare_jobs`] and [`Core::run_prepare`]).
     fn prepare<'a>(&self, nodes: impl Iterator<Item = (&'a str, &'a Node)>) -> Prepared {
-        Self::run_prepare(
-            &self.prepare_jobs(nodes),
-            self.cfg.logs,
-            &self.socks,
-            self.cgroups.as_ref(),
-        )
+        Self::run_prepare(&self.prepare_jobs(nodes), self.cfg.logs, &self.socks)
     }
 
     /// What [`Core::run_prepare`] makes for these nodes: name, directory, and working
@@ -1518,15 +1512,12 @@ impl Core {
         jobs: &[PrepareJob],
         logs: LogConfig,
         socks: &SocketDirs,
-        cgroups: Option<&Cgroups>,
     ) -> Prepared {
         if jobs.is_empty() {
             return BTreeMap::new();
         }
+        // The node's cgroup is made by its spawn (see [`Cgroups::prepare`]).
         let prepare_one = |name: &str, dir: &Path, work: Option<&Path>, sock_dir: &Path| {
-            if let Some(c) = cgroups {
-                c.create_node(name)?;
-            }
             Self::make_node_dir(dir)?;
             if let Some(w) = work {
                 std::fs::create_dir_all(w)?;
@@ -1594,9 +1585,6 @@ impl Core {
         let sock = match prepared {
             Some(sock) => sock?,
             None => {
-                if let Some(c) = &self.cgroups {
-                    c.create_node(name)?;
-                }
                 Self::make_node_dir(&dir)?;
                 self.socks.ensure(name)?;
                 Self::bind_notify(&self.socks.dir(name))?
