@@ -116,6 +116,8 @@ pub struct Spawned {
     pub oom_base: Option<u64>,
     /// Milliseconds since the epoch when it was spawned.
     pub started_at_ms: u64,
+    /// The inode numbers of its stdout and stderr pipes to the log keeper, if any.
+    pub pipes: Option<[u64; 2]>,
 }
 
 /// How a [`Job`] ended.
@@ -329,7 +331,7 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
             sys::cause(&err)
         )
     })?;
-    output.spawned(name, &job.logs, cx.keeper.as_ref());
+    let pipes = output.spawned(name, &job.logs, cx.keeper.as_ref());
     if let Err(err) = placement.finish() {
         warn!(node = %name, "a resource limit could not be set once the node ran: {err}");
     }
@@ -353,5 +355,6 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
         oom_base,
         started_at_ms,
         cgroup: cgroup.map(|(cg, _)| cg),
+        pipes,
     })
 }

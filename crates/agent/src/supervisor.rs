@@ -91,6 +91,7 @@ use tracing::{debug, info, warn};
 
 use crate::cgroup::{self, CgroupSetting, Cgroups};
 use crate::converge::{self, Desired, Found, Settled, Stray, Then, Verdict, Want};
+use crate::keeper::PipeEnd;
 use crate::limits::{self, Limits};
 use crate::logs::{LogConfig, NodeLogs};
 use crate::machine::{self, Action, Machine, MachineConfig, Millis};
@@ -101,9 +102,10 @@ use crate::sys::{self, ProcId};
 /// Lines of each stream returned with a failed node's outputs (as Zeek).
 const OUTPUT_LINES: usize = 100;
 
-/// The longest a failed node's outputs wait for the log keeper to write what its
-/// process wrote last.
-const OUTPUT_DRAIN: Duration = Duration::from_millis(100);
+/// The longest a failed node's outputs wait for the log keeper to close its process's
+/// pipes (and tell what came through them last) before they are read from its log
+/// files. Only that request waits: the supervisor goes on meanwhile.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
 
 /// How often log sizes are checked for rotation while nodes run.
 const ROTATE_EVERY: Duration = Duration::from_secs(30);
@@ -233,6 +235,8 @@ enum Event {
     DesiredWritten(Result<(Prepared, Plans), String>),
     /// The spawner carried out a spawn.
     Spawned(Box<crate::spawner::Outcome>),
+    /// The log keeper closed a pipe (a waiter may want what came through it last).
+    OutputClosed,
 }
 
 /// The resolved identity, capabilities and limits of the nodes an Apply starts or
@@ -421,6 +425,9 @@ struct Entry {
     /// would otherwise write each new node's record three times, and file creation and
     /// renames are most of the agent's cost per spawned node).
     written: Vec<u8>,
+    /// The stdout and stderr pipes (inode numbers) of its last process this agent
+    /// spawned with a log keeper, for that process's last words should it fail.
+    last_pipes: Option<[u64; 2]>,
 }
 
 impl Entry {
@@ -440,6 +447,9 @@ struct Waiter {
     progress: Option<ProgressTo>,
     reply: oneshot::Sender<Vec<MgmtResult>>,
     results: Vec<MgmtResult>,
+    /// Nodes found failed whose outputs wait for the keeper to close the failed
+    /// process's pipes: the pipes, and until when to wait.
+    failing: BTreeMap<String, ([u64; 2], Instant)>,
 }
 
 struct Core {
@@ -695,8 +705,15 @@ impl Supervisor {
         info!(controllers = %host.describe(), "cgroup controllers for node limits");
         let (tx, rx) = mpsc::channel(256);
         // Unbounded, but bounded by construction: each process sends at most one Exited
-        // and one Ready, and each node at most NOTIFY_QUEUE Notify at a time.
+        // and one Ready, its pipes one OutputClosed each, and each node at most
+        // NOTIFY_QUEUE Notify at a time.
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        if let Some(k) = &cfg.keeper {
+            let closed_to = events_tx.clone();
+            k.on_closed(move || {
+                let _ = closed_to.send(Event::OutputClosed);
+            });
+        }
         let (changes_tx, changes_rx) = watch::channel(0);
         let (applied_tx, applied_rx) = watch::channel(0);
         let state_dir_for_tokens = cfg.state_dir.clone();
@@ -997,7 +1014,11 @@ impl Core {
             .filter_map(|e| e.machine.next_deadline())
             .min()
             .map(|at| self.instant_of(at));
-        let waiters = self.waiters.iter().map(|w| w.deadline).min();
+        let waiters = self
+            .waiters
+            .iter()
+            .flat_map(|w| std::iter::once(w.deadline).chain(w.failing.values().map(|f| f.1)))
+            .min();
         let shutdown = self.shutdown.as_ref().map(|(d, _)| *d);
         [machines, waiters, shutdown].into_iter().flatten().min()
     }
@@ -1392,6 +1413,7 @@ impl Core {
             progress,
             reply,
             results,
+            failing: BTreeMap::new(),
         });
     }
 
@@ -1480,6 +1502,7 @@ impl Core {
             progress: None,
             reply,
             results,
+            failing: BTreeMap::new(),
         });
     }
 
@@ -1508,11 +1531,7 @@ impl Core {
     /// Makes the directories, empty log files and bound notify sockets of new nodes,
     /// spread over a few threads, for [`Core::create`] and the first spawn to find in
     /// place. Blocking; an Apply runs it on the blocking pool.
-    fn run_prepare(
-        jobs: &[PrepareJob],
-        logs: LogConfig,
-        socks: &SocketDirs,
-    ) -> Prepared {
+    fn run_prepare(jobs: &[PrepareJob], logs: LogConfig, socks: &SocketDirs) -> Prepared {
         if jobs.is_empty() {
             return BTreeMap::new();
         }
@@ -1616,6 +1635,7 @@ impl Core {
             notify_task: None,
             plan: None,
             written: Vec::new(),
+            last_pipes: None,
         };
         entry.notify_task = Some(self.listen_notify(name, sock)?);
         self.nodes.insert(name.to_owned(), entry);
@@ -1914,6 +1934,7 @@ impl Core {
                     oom_base: s.oom_base,
                     monitors: None,
                 });
+                e.last_pipes = s.pipes;
                 e.status_text = None;
                 e.last_error = None;
                 info!(node = %node, pid, "started");
@@ -2065,6 +2086,8 @@ impl Core {
         let now = self.now();
         match ev {
             Event::Spawned(outcome) => self.spawned(*outcome),
+            // The waiters are looked at after every event.
+            Event::OutputClosed => {}
             Event::DesiredWritten(result) => {
                 let Some((a, desired)) = self.writing.take() else {
                     return;
@@ -2359,33 +2382,50 @@ impl Core {
             let mut pending = Vec::new();
             for (name, past) in std::mem::take(&mut w.nodes) {
                 let e = self.nodes.get(&name);
-                let seen = e.map(|e| converge::Seen {
-                    state: e.machine.state(),
-                    has_process: e.machine.has_process(),
-                    stopping: e.machine.is_stopping(),
-                    spawns: e.generation,
-                });
-                let result = match (converge::settle(w.want, past, seen), e) {
+                let verdict = if w.failing.contains_key(&name) {
+                    // Found failed before: its verdict stands while its outputs come.
+                    Settled::Failed
+                } else {
+                    let seen = e.map(|e| converge::Seen {
+                        state: e.machine.state(),
+                        has_process: e.machine.has_process(),
+                        stopping: e.machine.is_stopping(),
+                        spawns: e.generation,
+                    });
+                    converge::settle(w.want, past, seen)
+                };
+                let result = match (verdict, e) {
                     (Settled::Done, _) => MgmtResult::ok("", None),
                     (Settled::Removed, _) | (_, None) => MgmtResult::err("", "node was removed"),
                     (Settled::Failed, Some(e)) => {
                         // What the failed process wrote last may still be in its pipes:
-                        // wait (briefly, on this task, so that no restart of the node
-                        // can add its own output meanwhile) for the keeper to write it.
-                        if let Some(k) = &self.cfg.keeper {
-                            k.wait_drained(&name, OUTPUT_DRAIN);
-                        }
-                        let (stdout, mut stderr) = e.logs.outputs(OUTPUT_LINES);
-                        // An exec error is not in the node's output: the node never ran.
-                        if let Some(err) = &e.last_error {
-                            if !stderr.is_empty() {
-                                stderr.push('\n');
+                        // the keeper tells it when it has closed them, its own lines
+                        // and no later process's.
+                        let (pipes, until) = *w.failing.entry(name.clone()).or_insert_with(|| {
+                            let pipes = e.last_pipes.filter(|_| self.cfg.keeper.is_some());
+                            (pipes.unwrap_or_default(), now + OUTPUT_DRAIN)
+                        });
+                        let ends = self
+                            .cfg
+                            .keeper
+                            .as_ref()
+                            .filter(|_| pipes != [0, 0])
+                            .map(|k| pipes.map(|ino| k.pipe_end(ino)));
+                        let outputs = match ends {
+                            Some([PipeEnd::Tail(out), PipeEnd::Tail(err)]) => (
+                                last_lines(&out, OUTPUT_LINES),
+                                last_lines(&err, OUTPUT_LINES),
+                            ),
+                            Some(ends) if ends.contains(&PipeEnd::Open) && now < until => {
+                                pending.push((name, past));
+                                continue;
                             }
-                            stderr.push_str(&format!("drover-agent: {err}"));
-                        }
-                        let mut r = MgmtResult::err("", failure_text(e));
-                        r.data = Some(ResultData::NodeOutputs(NodeOutputs { stdout, stderr }));
-                        r
+                            // No keeper, or one that does not tell, or that took too long:
+                            // the log files.
+                            _ => e.logs.outputs(OUTPUT_LINES),
+                        };
+                        w.failing.remove(&name);
+                        failed_result(e, outputs)
                     }
                     (Settled::Pending, Some(_)) => {
                         pending.push((name, past));
@@ -2898,6 +2938,7 @@ impl Core {
             oom_base,
             monitors: None,
         });
+        e.last_pipes = None;
         let events = self.events.clone();
         let node = name.to_owned();
         tokio::spawn(async move {
@@ -2992,6 +3033,28 @@ fn remove_cgroup(cg: PathBuf) {
         }
         warn!("cgroup {} is still populated; leaving it", cg.display());
     });
+}
+
+/// The result of a request for node `e`, which failed, with its `outputs` (stdout and
+/// stderr) and, in its stderr, why the agent could not run it, if it could not.
+fn failed_result(e: &Entry, outputs: (String, String)) -> MgmtResult {
+    let (stdout, mut stderr) = outputs;
+    // An exec error is not in the node's output: the node never ran.
+    if let Some(err) = &e.last_error {
+        if !stderr.is_empty() {
+            stderr.push('\n');
+        }
+        stderr.push_str(&format!("drover-agent: {err}"));
+    }
+    let mut r = MgmtResult::err("", failure_text(e));
+    r.data = Some(ResultData::NodeOutputs(NodeOutputs { stdout, stderr }));
+    r
+}
+
+/// The last `n` lines of `text`, joined by newlines (as [`NodeLogs::outputs`] gives).
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn failure_text(e: &Entry) -> String {

@@ -48,6 +48,32 @@ struct Inner {
     state: Mutex<State>,
     /// Wakes the flusher when a pipe could not be handed at once.
     unsent_added: Condvar,
+    /// Told of every pipe the keeper closed (the supervisor, which may be waiting for a
+    /// failed process's output).
+    on_closed: Mutex<Option<OnClosed>>,
+}
+
+/// See [`Inner::on_closed`].
+struct OnClosed(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for OnClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnClosed")
+    }
+}
+
+/// How many closed pipes' tails are kept (the oldest go first).
+const TAILS_KEPT: usize = 1024;
+
+/// A pipe handed to the keeper, as far as its end is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PipeEnd {
+    /// Still open, or not known to have closed.
+    Open,
+    /// Closed; what came through it last (see [`proto::Msg::Closed`]).
+    Tail(String),
+    /// Closed by a keeper that does not tell what came last.
+    Closed,
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +85,9 @@ struct State {
     /// Pipes held that the keeper has not been sent yet, because its socket was full
     /// (the keeper is busy): the flusher sends them, so that a spawn never waits.
     unsent: Vec<u64>,
+    /// The tails of the last [`TAILS_KEPT`] pipes closed, by inode, and their order.
+    tails: BTreeMap<u64, Option<String>>,
+    tail_order: std::collections::VecDeque<u64>,
 }
 
 impl Keeper {
@@ -71,6 +100,7 @@ impl Keeper {
             config,
             state: Mutex::new(State::default()),
             unsent_added: Condvar::new(),
+            on_closed: Mutex::new(None),
         });
         // A keeper that runs is greeted now (it holds the pipes of nodes a previous
         // agent started); a new one is waited for by the watcher, so that the agent's
@@ -133,27 +163,27 @@ impl Keeper {
         self.inner.lock().held.len()
     }
 
-    /// Waits, at most `limit`, until the keeper has read every pipe `node` has now to
-    /// its end (and written what it read). Blocking.
-    pub fn wait_drained(&self, node: &str, limit: Duration) {
-        let pipes: Vec<u64> = {
-            let state = self.inner.lock();
-            state
-                .held
-                .iter()
-                .filter(|(_, (p, _))| p.node == node)
-                .map(|(ino, _)| *ino)
-                .collect()
-        };
-        let until = Instant::now() + limit;
-        while Instant::now() < until {
-            let state = self.inner.lock();
-            if !pipes.iter().any(|ino| state.held.contains_key(ino)) {
-                return;
-            }
-            drop(state);
-            std::thread::sleep(Duration::from_millis(1));
+    /// Whether the pipe `ino` (handed with [`Keeper::hand`]) has closed, and what came
+    /// through it last.
+    pub fn pipe_end(&self, ino: u64) -> PipeEnd {
+        let state = self.inner.lock();
+        match state.tails.get(&ino) {
+            Some(Some(tail)) => PipeEnd::Tail(tail.clone()),
+            Some(None) => PipeEnd::Closed,
+            None if state.held.contains_key(&ino) => PipeEnd::Open,
+            // Neither held nor told closed: a pipe of a keeper that died meanwhile,
+            // whose tail is lost.
+            None => PipeEnd::Closed,
         }
+    }
+
+    /// Calls `f` (from a thread of the keeper's) whenever a pipe has closed.
+    pub fn on_closed(&self, f: impl Fn() + Send + Sync + 'static) {
+        *self
+            .inner
+            .on_closed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(OnClosed(Box::new(f)));
     }
 }
 
@@ -171,6 +201,29 @@ fn lose(state: &mut State, conn: &Arc<OwnedFd>) {
 impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The keeper closed pipe `ino`: its duplicate goes, its tail is kept for a while.
+    fn closed(&self, ino: u64, tail: Option<String>) {
+        {
+            let mut state = self.lock();
+            state.held.remove(&ino);
+            if state.tails.insert(ino, tail).is_none() {
+                state.tail_order.push_back(ino);
+            }
+            while state.tail_order.len() > TAILS_KEPT {
+                if let Some(old) = state.tail_order.pop_front() {
+                    state.tails.remove(&old);
+                }
+            }
+        }
+        if let Some(f) = &*self
+            .on_closed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            (f.0)();
+        }
     }
 
     /// Sends the pipes [`Keeper::hand`] could not, waiting for room in the socket
@@ -256,8 +309,9 @@ impl Inner {
                     theirs.insert(ino, (pipe, fd));
                 }
                 Received::Packet(Ok((Msg::Ready, _))) => break,
-                Received::Packet(Ok((Msg::Closed { ino }, _))) => {
+                Received::Packet(Ok((Msg::Closed { ino, tail }, _))) => {
                     theirs.remove(&ino);
+                    self.closed(ino, tail);
                 }
                 Received::Packet(other) => warn!("ignoring a log keeper message: {other:?}"),
             }
@@ -343,8 +397,8 @@ impl Inner {
         loop {
             loop {
                 match proto::recv(conn.as_fd()) {
-                    Ok(Received::Packet(Ok((Msg::Closed { ino }, _)))) => {
-                        self.lock().held.remove(&ino);
+                    Ok(Received::Packet(Ok((Msg::Closed { ino, tail }, _)))) => {
+                        self.closed(ino, tail);
                     }
                     Ok(Received::Packet(other)) => {
                         warn!("ignoring a log keeper message: {other:?}");

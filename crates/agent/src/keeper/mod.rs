@@ -39,7 +39,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-pub use client::Keeper;
+pub use client::{Keeper, PipeEnd};
 
 /// The first argument that makes the agent binary a log keeper.
 pub const KEEPER_ARG: &str = "log-keeper";

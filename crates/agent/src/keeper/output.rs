@@ -60,13 +60,18 @@ impl ChildOutput {
     }
 
     /// After a successful spawn: closes the agent's write ends and hands the read ends
-    /// to the keeper. Whether the node writes to pipes.
-    pub fn spawned(self, node: &str, logs: &NodeLogs, keeper: Option<&Keeper>) -> bool {
+    /// to the keeper. The inode numbers of the stdout and stderr pipes, when the node
+    /// writes to pipes.
+    pub fn spawned(self, node: &str, logs: &NodeLogs, keeper: Option<&Keeper>) -> Option<[u64; 2]> {
         let (Self::Pipes { out, err }, Some(keeper)) = (self, keeper) else {
-            return false;
+            return None;
         };
         let dir = std::path::absolute(logs.dir()).unwrap_or_else(|_| logs.dir().to_owned());
         let config = logs.config();
+        let inos = [
+            super::pipe_ino(out.0.as_fd()).unwrap_or(0),
+            super::pipe_ino(err.0.as_fd()).unwrap_or(0),
+        ];
         for (stream, (read, write)) in [(Stream::Stdout, out), (Stream::Stderr, err)] {
             drop(write);
             keeper.hand(
@@ -80,6 +85,6 @@ impl ChildOutput {
                 read,
             );
         }
-        true
+        Some(inos)
     }
 }

@@ -17,6 +17,9 @@ use crate::logs::{LogConfig, Stream};
 
 /// Largest packet either side sends or accepts.
 pub const MAX_MESSAGE: usize = 64 * 1024;
+/// The most a [`Msg::Closed`] tail holds, in bytes of output: escaped as JSON (at
+/// worst six bytes for one) it stays within [`MAX_MESSAGE`].
+pub const TAIL_MAX: usize = 8 * 1024;
 /// Descriptors one receive takes at most (more than a message may carry, so that extra
 /// ones are received and closed rather than left in flight).
 const MAX_RECEIVED_FDS: usize = 8;
@@ -78,6 +81,12 @@ pub enum Msg {
     Closed {
         /// The pipe's inode number.
         ino: u64,
+        /// The end of what came through it (at most [`TAIL_MAX`] bytes, from a line
+        /// start where it was cut), sent once all of it was written out: a failed
+        /// process's last words, its own and no later process's. Absent from keepers
+        /// that predate it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tail: Option<String>,
     },
 }
 

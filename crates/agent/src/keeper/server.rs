@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::proto::{self, Msg, PipeInfo, Received};
-use super::writer::{Writer, whole_lines};
+use super::writer::{Tail, Writer, whole_lines};
 use crate::logs::{LogConfig, NodeLogs, Stream};
 
 /// Bytes read from a pipe at once.
@@ -229,7 +229,7 @@ fn take_pipe(shared: &Shared, info: PipeInfo, fd: OwnedFd) {
     drop(state);
     let shared = shared.clone();
     tokio::task::spawn_local(async move {
-        drain(&shared, &pipe).await;
+        let tail = drain(&shared, &pipe).await;
         let mut state = shared.borrow_mut();
         state.pipes.remove(&ino);
         if let Some(w) = state.writers.get_mut(&pipe.key()) {
@@ -239,17 +239,29 @@ fn take_pipe(shared: &Shared, info: PipeInfo, fd: OwnedFd) {
             }
         }
         for tx in state.conns.values() {
-            let _ = tx.send((Msg::Closed { ino }, None));
+            let _ = tx.send((
+                Msg::Closed {
+                    ino,
+                    tail: Some(tail.clone()),
+                },
+                None,
+            ));
         }
         drop(state);
         exit_if_idle(&shared);
     });
 }
 
-/// Copies a pipe into its files until its end.
-async fn drain(shared: &Shared, pipe: &Pipe) {
+/// Copies a pipe into its files until its end; the end of what it wrote (see
+/// [`Msg::Closed`]).
+async fn drain(shared: &Shared, pipe: &Pipe) -> String {
     let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + HOLD_MAX);
     let mut failing = false;
+    let mut tail = Tail::new(proto::TAIL_MAX);
+    let mut put = |shared: &Shared, pipe: &Pipe, data: &[u8], failing: &mut bool| {
+        tail.push(data);
+        write(shared, pipe, data, failing);
+    };
     loop {
         let ready = if buf.is_empty() {
             pipe.fd.readable().await.map(Some)
@@ -263,7 +275,7 @@ async fn drain(shared: &Shared, pipe: &Pipe) {
             Ok(Some(guard)) => guard,
             Ok(None) => {
                 // A partial line waited long enough.
-                write(shared, pipe, &buf, &mut failing);
+                put(shared, pipe, &buf, &mut failing);
                 buf.clear();
                 continue;
             }
@@ -283,7 +295,7 @@ async fn drain(shared: &Shared, pipe: &Pipe) {
             Ok(Ok(n)) => {
                 buf.truncate(start + n);
                 let whole = whole_lines(&buf, HOLD_MAX);
-                write(shared, pipe, &buf[..whole], &mut failing);
+                put(shared, pipe, &buf[..whole], &mut failing);
                 buf.drain(..whole);
             }
             Ok(Err(e)) => {
@@ -293,7 +305,8 @@ async fn drain(shared: &Shared, pipe: &Pipe) {
             }
         }
     }
-    write(shared, pipe, &buf, &mut failing);
+    put(shared, pipe, &buf, &mut failing);
+    tail.text()
 }
 
 /// Moves the keeper out of the agent's cgroup leaf `agent/`, which must hold the agent

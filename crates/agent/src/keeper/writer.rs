@@ -43,6 +43,53 @@ pub fn cut(len: u64, max: u64, data: &[u8]) -> Option<usize> {
     Some(room)
 }
 
+/// The end of what came through a pipe, at most `max` bytes, kept for the notice of
+/// its close (see [`crate::keeper::proto::Msg::Closed`]).
+#[derive(Debug)]
+pub struct Tail {
+    bytes: Vec<u8>,
+    max: usize,
+    /// Whether anything was dropped from the front.
+    cut: bool,
+}
+
+impl Tail {
+    /// An empty tail of at most `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self {
+            bytes: Vec::new(),
+            max,
+            cut: false,
+        }
+    }
+
+    /// Adds what was written.
+    pub fn push(&mut self, data: &[u8]) {
+        if data.len() >= self.max {
+            self.bytes.clear();
+            self.bytes.extend_from_slice(&data[data.len() - self.max..]);
+            self.cut = true;
+            return;
+        }
+        self.bytes.extend_from_slice(data);
+        if self.bytes.len() > self.max {
+            let excess = self.bytes.len() - self.max;
+            self.bytes.drain(..excess);
+            self.cut = true;
+        }
+    }
+
+    /// The tail as text: from its first line start when its front was dropped (unless
+    /// that leaves nothing of a long last line), invalid UTF-8 replaced.
+    pub fn text(&self) -> String {
+        let from = match self.bytes.iter().position(|&b| b == b'\n') {
+            Some(i) if self.cut && i + 1 < self.bytes.len() => i + 1,
+            _ => 0,
+        };
+        String::from_utf8_lossy(&self.bytes[from..]).into_owned()
+    }
+}
+
 /// Where a chunk read from a pipe ends its last whole line: the bytes up to it are
 /// written now, the rest is held until its line ends. A rest of `hold_max` or more is
 /// not held (a line that long is written as it comes).
@@ -191,6 +238,23 @@ mod tests {
                 assert_eq!(files.iter().sum::<u64>(), data.len() as u64);
             }
         }
+    }
+
+    #[test]
+    fn a_tail_keeps_the_last_whole_lines_within_its_bound() {
+        let mut t = Tail::new(10);
+        assert_eq!(t.text(), "");
+        t.push(b"one\n");
+        t.push(b"two\n");
+        assert_eq!(t.text(), "one\ntwo\n", "nothing dropped: all of it");
+        t.push(b"three\n");
+        // "one\ntwo\nthree\n" is 14 bytes: the front goes, from the next line start.
+        assert_eq!(t.text(), "three\n");
+        t.push(b"a very long line\n");
+        assert_eq!(t.text(), "long line\n", "a long last line: its end");
+        let mut t = Tail::new(4);
+        t.push(b"ab\ncd\n\xff");
+        assert_eq!(t.text(), "cd\n\u{fffd}");
     }
 
     #[test]
