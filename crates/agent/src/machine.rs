@@ -486,6 +486,13 @@ impl Machine {
         &self.config
     }
 
+    /// Takes the settings of a changed spec, after [`Machine::stop`] of its old
+    /// process: the stop under way keeps the deadline it was given, and the next spawn
+    /// (its readiness) and every exit and restart after it follow `config`.
+    pub fn reconfigure(&mut self, config: MachineConfig) {
+        self.config = config;
+    }
+
     /// The state as last reported through [`Action::StateChanged`].
     pub fn state(&self) -> State {
         self.state
@@ -946,6 +953,37 @@ mod tests {
         f(&mut config);
         config.validate().expect("test config is valid");
         Machine::new(config)
+    }
+
+    #[test]
+    fn a_restart_for_a_changed_spec_follows_the_new_settings() {
+        // Old settings: ready at once, a long stop timeout.
+        let mut m = machine(|c| {
+            c.readiness = Readiness::StartPeriod { ms: 0 };
+            c.stop_timeout_ms = 5_000;
+        });
+        let _ = m.start(0);
+        let _ = m.spawned(0, 7);
+        assert_eq!(m.state(), State::Running);
+        assert_eq!(m.stop(100), vec![SignalStop]);
+        m.reconfigure(MachineConfig {
+            readiness: Readiness::StartPeriod { ms: 1_000 },
+            stop_timeout_ms: 50,
+            ..MachineConfig::default()
+        });
+        let _ = m.start(100);
+        // The stop keeps its own deadline.
+        assert_eq!(m.next_deadline(), Some(5_100));
+        assert_eq!(
+            m.exited(200, Signal(15)),
+            vec![StateChanged(State::Pending), Spawn]
+        );
+        let _ = m.spawned(200, 8);
+        // The new process must survive the new start period, and an exit meanwhile is
+        // a failed start.
+        assert_eq!(m.state(), State::Pending);
+        assert_eq!(m.exited(210, Code(1)), vec![StateChanged(State::Crashed)]);
+        assert_eq!(m.consecutive_failures(), 1);
     }
 
     /// Start (or adopt) and bring to Running under the default start period.

@@ -1361,10 +1361,13 @@ impl Core {
             e.stopped_by_operator = false;
             let old_generation = e.generation;
             let had_process = e.machine.has_process();
-            // A new machine takes the new restart policy; a running process is
-            // stopped first and the new one started once it is gone.
+            // The new spec's readiness, restart policy and backoff apply from its
+            // first process on; a running process is stopped first (as the old
+            // spec says) and the new one started once it is gone.
             let mut actions = e.machine.stop(now);
-            if !had_process {
+            if had_process {
+                e.machine.reconfigure(machine_config(&e.spec));
+            } else {
                 e.machine = Machine::new(machine_config(&e.spec));
                 e.restarts_base = 0;
             }
