@@ -1,6 +1,7 @@
 //! The log keeper survives the agent and the agent survives the keeper: a node writing
 //! flat out keeps running and logging, within its bound, when either is SIGKILLed; and
-//! a follower sees every line of a node across rotations.
+//! a follower sees every line of a node across rotations; a failed process's outputs in
+//! a reply are its own.
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -285,4 +286,60 @@ impl Ino for std::fs::Metadata {
     fn ino_of(&self) -> u64 {
         std::os::unix::fs::MetadataExt::ino(self)
     }
+}
+
+/// The outputs of a node that failed, in the deploy's reply, are what its failed
+/// process wrote last: all of it (its last lines may still be in its pipes when its
+/// exit is seen), and none of what the node's earlier process wrote to the same log
+/// files, nor what its next one, started a millisecond later, writes there.
+#[test]
+fn a_failed_process_outputs_are_its_own_and_not_its_successors() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = agent(&c, addr);
+    c.wait_for_agent(addr, "a1");
+    let deploy = |script: &str, extra: &str| {
+        let text = format!(
+            "[instances.a1]\n[nodes.looping]\ninstance = \"a1\"\ncommand = [\"/bin/sh\", \"-c\", \"{script}\"]\n{extra}"
+        );
+        let file = c.dir.path().join("looping.toml");
+        std::fs::write(&file, text).unwrap();
+        c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+    };
+    let out = deploy(
+        "echo old-$$; echo old-err-$$ >&2; exec sleep 1000",
+        "readiness = { kind = \"start-period\", period = \"0s\" }\n",
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let out = deploy(
+        "echo out-$$; echo err-$$ >&2; exit 1",
+        "backoff = { initial = \"1ms\", multiplier = 1.0 }\nmax_failed_starts = 1000\n",
+    );
+    assert_eq!(out.code, Some(1), "{} {}", out.stdout, out.stderr);
+    let v = out.json();
+    let n = &v["results"]["nodes"]["looping"];
+    assert_eq!(n["success"], false, "{v}");
+    let stdout = n["stdout"].as_str().unwrap();
+    let stderr = n["stderr"].as_str().unwrap();
+    let pid = stdout
+        .strip_prefix("out-")
+        .filter(|p| p.parse::<u32>().is_ok())
+        .unwrap_or_else(|| panic!("one line of one process expected: {n}"));
+    assert_eq!(
+        stderr,
+        format!("err-{pid}"),
+        "the same process's stderr: {n}"
+    );
+    // The log files have the other processes' lines.
+    let log = c.dir.path().join("agent-a1/nodes/looping/stdout.log");
+    eventually(
+        "the earlier and a later process's lines in the log",
+        PATIENCE,
+        || {
+            std::fs::read_to_string(&log).ok().filter(|log| {
+                log.lines().any(|l| l.starts_with("old-"))
+                    && log.lines().any(|l| l.starts_with("out-") && l != stdout)
+            })
+        },
+    );
 }
