@@ -448,6 +448,7 @@ impl Agent {
                     name: this.config.name.clone(),
                     software: software(),
                     warning: None,
+                    term: None,
                 };
                 if responder.welcome(welcome).await.is_err() {
                     return;
@@ -581,6 +582,7 @@ impl Agent {
                     role: PeerRole::Agent,
                     name: self.config.name.clone(),
                     software: software(),
+                    lost_term: None,
                 };
                 let est = conn::dial(
                     &endpoint,

@@ -730,6 +730,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         name: shared.name.clone(),
         software: software(),
         warning,
+        term: None,
     };
     if let Err(e) = responder.welcome(welcome).await {
         warn!(%addr, peer = %identity, "hello failed: {e}");

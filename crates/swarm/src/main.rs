@@ -118,6 +118,7 @@ async fn run_agent(
         role: PeerRole::Agent,
         name: name.clone(),
         software: "drover-swarm".into(),
+        lost_term: None,
     };
     // As real agents do: dial again with a growing, jittered pause when the
     // controller is too busy to finish the handshake and Hello in time, and again
@@ -310,6 +311,7 @@ async fn client(
         role: PeerRole::Client,
         name: name.into(),
         software: "drover-swarm".into(),
+        lost_term: None,
     };
     let targets: Vec<String> = controllers.iter().map(ToString::to_string).collect();
     let est = conn::dial_leader(&targets, |target| {
