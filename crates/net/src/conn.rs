@@ -539,9 +539,15 @@ pub struct HelloResponder {
     conn: quinn::Connection,
     send: quinn::SendStream,
     id: String,
+    timeout: Option<Duration>,
 }
 
 impl HelloResponder {
+    /// How long the dialer said it waits for the answer, if it said.
+    pub fn dialer_timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
     /// Accepts the peer.
     pub async fn welcome(mut self, welcome: Welcome) -> Result<(), NetError> {
         let reply = Reply {
@@ -592,6 +598,7 @@ pub async fn read_hello(
                 conn: conn.clone(),
                 send,
                 id: req.id,
+                timeout: req.timeout_ms.map(Duration::from_millis),
             },
         ))
     };
