@@ -156,7 +156,7 @@ enum BenchTask {
         /// Leader kills.
         #[arg(long, default_value_t = 20)]
         kills: usize,
-        /// The controllers' --leader-lease [default: theirs, 5s].
+        /// The controllers' --leader-lease [default: theirs, 2s].
         #[arg(long)]
         lease: Option<String>,
         /// The hollow agents' idle timeout in milliseconds: how soon they notice a
