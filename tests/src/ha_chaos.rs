@@ -280,6 +280,7 @@ async fn leader_nodes(pki: &Path, addrs: &[SocketAddr]) -> Option<Vec<NodeStatus
         role: PeerRole::Client,
         name: "ops".into(),
         software: "the failover history check".into(),
+        lost_term: None,
     };
     let targets: Vec<String> = addrs.iter().map(ToString::to_string).collect();
     let dialled = conn::dial_leader(&targets, |target| {

@@ -493,6 +493,7 @@ impl Cluster {
             role: PeerRole::Client,
             name: "ops".into(),
             software: "a test client".into(),
+            lost_term: None,
         };
         let est = conn::dial(
             &endpoint,
@@ -821,6 +822,7 @@ impl MuteAgent {
                 role: PeerRole::Agent,
                 name: "mute".into(),
                 software: "a mute agent".into(),
+                lost_term: None,
             };
             let est = conn::dial(
                 &endpoint,

@@ -29,6 +29,7 @@ async fn follow_once(endpoint: &quinn::Endpoint, addr: SocketAddr) -> String {
         role: PeerRole::Client,
         name: "ops".into(),
         software: "a follower".into(),
+        lost_term: None,
     };
     let est = conn::dial(
         endpoint,

@@ -76,6 +76,7 @@ fn only_the_controller_may_connect_to_a_listening_agent() {
             role: PeerRole::Client,
             name: "ops".into(),
             software: "test".into(),
+            lost_term: None,
         };
         conn::dial(
             &endpoint,

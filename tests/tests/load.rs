@@ -50,6 +50,7 @@ fn a_thousand_idle_connections_and_silent_streams_do_not_stall_the_controller() 
             role: PeerRole::Client,
             name: "ops".into(),
             software: "load test".into(),
+            lost_term: None,
         };
         let est = conn::dial(
             &endpoint,
@@ -115,6 +116,7 @@ fn oversize_and_garbage_frames_fail_their_stream_only() {
             role: PeerRole::Client,
             name: "ops".into(),
             software: "bad frames".into(),
+            lost_term: None,
         };
         let est = conn::dial(
             &endpoint,

@@ -30,6 +30,7 @@ fn hello(role: PeerRole, name: &str, api_version: u32) -> Hello {
         role,
         name: name.to_owned(),
         software: "drover-tests".into(),
+        lost_term: None,
     }
 }
 

@@ -196,6 +196,7 @@ fn dial_next_version(
             role,
             name: file.to_owned(),
             software: "drover-next 9.0.0".into(),
+            lost_term: None,
         };
         tokio::time::timeout(
             Duration::from_secs(15),

@@ -13,7 +13,8 @@
 //! - `cargo xtask bench failover [--agents 1000] [--kills 20] [--lease 2s]`: leader
 //!   SIGKILLs in a high-availability group with hollow agents.
 //! - `cargo xtask bench deploy [--runs 3] [--readiness start-period|notify]`: a real
-//!   deploy of 4 agents × 50 nodes against bare spawns and supervisord.
+//!   deploy of 4 agents × 50 nodes against bare spawns and supervisord; with
+//!   `--store etcd`, a deploy's cost with the etcd store against the state dir.
 //! - `cargo xtask bench spawn [--spawns 200] [--ballast-mib 512]`: the cost of one spawn
 //!   by posix_spawn, fork, and posix_spawn with the spawning thread pinned.
 
@@ -155,7 +156,7 @@ enum BenchTask {
         /// Leader kills.
         #[arg(long, default_value_t = 20)]
         kills: usize,
-        /// The controllers' --leader-lease [default: theirs, 5s].
+        /// The controllers' --leader-lease [default: theirs, 2s].
         #[arg(long)]
         lease: Option<String>,
         /// The hollow agents' idle timeout in milliseconds: how soon they notice a
@@ -185,6 +186,14 @@ enum BenchTask {
         /// Leave supervisord out.
         #[arg(long)]
         no_supervisord: bool,
+        /// `etcd`: instead, time a deploy of an unchanged configuration with the state
+        /// dir and with three controllers on a three-member etcd cluster, and print both
+        /// and the difference (needs etcd on PATH).
+        #[arg(long, value_parser = ["file", "etcd"])]
+        store: Option<String>,
+        /// With --store etcd: deploys timed per store.
+        #[arg(long, default_value_t = bench::store::RUNS)]
+        store_runs: usize,
         /// Use the release binaries already built.
         #[arg(long)]
         no_build: bool,
@@ -335,12 +344,28 @@ fn main() -> std::process::ExitCode {
             build: !no_build,
         }),
         Task::Bench(BenchTask::Deploy {
+            store: Some(store),
+            store_runs,
+            no_build,
+            ..
+        }) if store == "etcd" => {
+            let built = if no_build {
+                Ok(())
+            } else {
+                cluster::build_binaries(true, None)
+            };
+            built.and_then(|()| {
+                bench::store::run(&project_root().join("target/release"), store_runs.max(1))
+            })
+        }
+        Task::Bench(BenchTask::Deploy {
             agents,
             nodes_per_agent,
             runs,
             readiness,
             no_supervisord,
             no_build,
+            ..
         }) => bench::deploy::run(&bench::deploy::Options {
             agents,
             nodes_per_agent,

@@ -66,6 +66,14 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// How long the supervisor task may take to answer a watchdog ping.
 const WATCHDOG_PATIENCE: Duration = Duration::from_secs(5);
 
+/// After the connection to a controller of a high-availability group is lost (most
+/// likely a failover), this many attempts pause at most [`FAILOVER_PAUSE`] (jittered)
+/// whatever the backoff has reached: the successor serves within about a lease.
+const FAILOVER_ATTEMPTS: u32 = 5;
+
+/// The longest pause of the first attempts after a failover.
+const FAILOVER_PAUSE: Duration = Duration::from_millis(800);
+
 /// The port an agent listens on when the controller dials it.
 pub const DEFAULT_PORT: u16 = 2151;
 
@@ -163,6 +171,9 @@ pub struct Agent {
     /// The controllers of `config.controller` (comma-separated: the members of a
     /// high-availability group), each `HOST:PORT`.
     controllers: Vec<String>,
+    /// Which controller of the group led when last heard of, to dial it first (or,
+    /// once its connection is lost, last).
+    leader: std::sync::Mutex<conn::LeaderMemory>,
     /// The listening endpoint, when the controller dials this agent.
     listener: Option<quinn::Endpoint>,
     /// The metrics listener, bound at start-up.
@@ -255,6 +266,7 @@ impl Agent {
             config,
             trust,
             controllers,
+            leader: std::sync::Mutex::default(),
             listener,
             metrics: std::sync::Mutex::new(metrics),
             listened: tokio::sync::watch::Sender::new(0),
@@ -448,6 +460,7 @@ impl Agent {
                     name: this.config.name.clone(),
                     software: software(),
                     warning: None,
+                    term: None,
                 };
                 if responder.welcome(welcome).await.is_err() {
                     return;
@@ -477,6 +490,8 @@ impl Agent {
         info!(agent = %name, %controller, "agent connecting");
         let mut listened = self.listened.subscribe();
         let mut refresh = self.refresh.subscribe();
+        // Attempts left whose pause is at most FAILOVER_PAUSE.
+        let mut quick = 0u32;
         'dial: loop {
             // One connection to the controller is enough: while the controller's own
             // (it dialled our listener) lives, do not dial it too.
@@ -526,10 +541,20 @@ impl Agent {
                         "lost the controller: {}",
                         conn::explain(&reason, "controller")
                     );
+                    if self.controllers.len() > 1 {
+                        // Probably a failover: its successor is being elected, and the
+                        // first attempts come quickly.
+                        self.leader_memory().lost();
+                        quick = FAILOVER_ATTEMPTS;
+                    }
                 }
                 Err(e) => warn!("cannot connect to the controller: {e}"),
             }
-            let delay = backoff.next_delay();
+            let mut delay = backoff.next_delay();
+            if quick > 0 {
+                quick -= 1;
+                delay = delay.min(FAILOVER_PAUSE.mul_f64(0.5 + 0.5 * backoff::random_unit()));
+            }
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(delay) => {}
@@ -538,6 +563,10 @@ impl Agent {
         for endpoint in endpoints.into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         }
+    }
+
+    fn leader_memory(&self) -> std::sync::MutexGuard<'_, conn::LeaderMemory> {
+        self.leader.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Dials the controller, exchanges Hello/Welcome and checks its certificate against
@@ -553,7 +582,9 @@ impl Agent {
         let endpoints = std::sync::Mutex::new(endpoints);
         // The name each connection was dialled by, for the checks of later reloads.
         let names = std::sync::Mutex::new(std::collections::BTreeMap::<usize, String>::new());
-        let est = conn::dial_leader(&self.controllers, |target| {
+        let mut memory = self.leader_memory().clone();
+        let lost_term = memory.lost_term();
+        let est = conn::dial_leader_with(&self.controllers, &mut memory, |target| {
             let (endpoints, names) = (&endpoints, &names);
             async move {
                 let server_name = split_host(&target)
@@ -581,6 +612,7 @@ impl Agent {
                     role: PeerRole::Agent,
                     name: self.config.name.clone(),
                     software: software(),
+                    lost_term,
                 };
                 let est = conn::dial(
                     &endpoint,
@@ -600,7 +632,9 @@ impl Agent {
                 Ok(est)
             }
         })
-        .await?;
+        .await;
+        *self.leader_memory() = memory;
+        let est = est?;
         let server_name = names
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -57,6 +57,7 @@ impl Session {
             role: PeerRole::Client,
             name: creds.identity().name.clone(),
             software: format!("drover {}", env!("CARGO_PKG_VERSION")),
+            lost_term: None,
         };
         // One endpoint per address family, shared by the dials.
         let endpoints = std::sync::Mutex::new([None::<quinn::Endpoint>, None]);

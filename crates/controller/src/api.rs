@@ -60,9 +60,12 @@ pub(crate) async fn handle_as(
         return Err(WireError::new(ErrorCode::Unavailable, message));
     }
     let id = req.id.clone();
-    Ok(match handle(shared, req).await {
+    // A deploy's record may be written with its deployed deploy, in one etcd write.
+    let fold = (matches!(req.body, ClientRequest::Deploy { .. }) && shared.audit.folds())
+        .then(|| audit::Fold::new(caller, what, args.clone()));
+    Ok(match handle_folding(shared, req, fold.clone()).await {
         Answer::One(mut reply) => {
-            audit_answer(shared, caller, what, args, &id, &mut reply).await;
+            audit_answer(shared, caller, what, args, &id, &mut reply, fold.as_deref()).await;
             Answer::One(reply)
         }
         // A deploy with progress: its answer is the frame after the progress counts,
@@ -74,14 +77,25 @@ pub(crate) async fn handle_as(
             tokio::spawn(async move {
                 while let Some(mut frame) = frames.recv().await {
                     if !matches!(frame, ClientResponse::Progress(_)) {
-                        audit_answer(&shared, &caller, what, args.clone(), &id, &mut frame).await;
+                        let fold = fold.as_deref();
+                        audit_answer(&shared, &caller, what, args.clone(), &id, &mut frame, fold)
+                            .await;
                     }
                     if tx.send(frame).await.is_err() {
                         // The client went away; the request still ran to its end.
                         while let Some(mut frame) = frames.recv().await {
                             if !matches!(frame, ClientResponse::Progress(_)) {
-                                audit_answer(&shared, &caller, what, args.clone(), &id, &mut frame)
-                                    .await;
+                                let fold = fold.as_deref();
+                                audit_answer(
+                                    &shared,
+                                    &caller,
+                                    what,
+                                    args.clone(),
+                                    &id,
+                                    &mut frame,
+                                    fold,
+                                )
+                                .await;
                             }
                         }
                         return;
@@ -93,8 +107,9 @@ pub(crate) async fn handle_as(
     })
 }
 
-/// Writes the audit record of a carried-out request from its answer; a record that
-/// cannot be written turns into an error result of the answer.
+/// Writes the audit record of a carried-out request from its answer (unless the
+/// request's own last write carried it, `fold`); a record that cannot be written turns
+/// into an error result of the answer.
 async fn audit_answer(
     shared: &Arc<Shared>,
     caller: &Caller,
@@ -102,7 +117,13 @@ async fn audit_answer(
     args: String,
     id: &str,
     reply: &mut ClientResponse,
+    fold: Option<&audit::Fold>,
 ) {
+    if let Some(record) = fold.and_then(audit::Fold::take_written) {
+        shared.audit.folded().await;
+        published(shared, record);
+        return;
+    }
     let (outcome, message) = outcome_of(reply);
     let record = audit::record(
         caller,
@@ -200,20 +221,7 @@ fn outcome_of(reply: &ClientResponse) -> (Outcome, Option<String>) {
 /// it to `monitor`; `Err` says why it could not be written.
 pub(crate) async fn write_audit(shared: &Arc<Shared>, record: AuditRecord) -> Result<(), String> {
     let written = shared.audit.append(&record).await;
-    let outcome = match record.outcome {
-        Outcome::Ok => "ok",
-        Outcome::Failed => "failed",
-        Outcome::Refused => "refused",
-    };
-    shared
-        .metrics
-        .counter(
-            "drover_audit_records_total",
-            "Requests written to the audit trail, by outcome.",
-            &[("outcome", outcome)],
-        )
-        .inc();
-    shared.emit(Event::Audit { record });
+    published(shared, record);
     let failed = match written {
         Ok(()) => return Ok(()),
         Err(e) => e,
@@ -229,10 +237,39 @@ pub(crate) async fn write_audit(shared: &Arc<Shared>, record: AuditRecord) -> Re
     Err(message)
 }
 
+/// Counts a record written (or attempted) to the audit trail and publishes it to
+/// `monitor`.
+fn published(shared: &Shared, record: AuditRecord) {
+    let outcome = match record.outcome {
+        Outcome::Ok => "ok",
+        Outcome::Failed => "failed",
+        Outcome::Refused => "refused",
+    };
+    shared
+        .metrics
+        .counter(
+            "drover_audit_records_total",
+            "Requests written to the audit trail, by outcome.",
+            &[("outcome", outcome)],
+        )
+        .inc();
+    shared.emit(Event::Audit { record });
+}
+
 /// Answers one client request.
 pub(crate) async fn handle(
     shared: &Arc<Shared>,
     req: Request<ClientRequest>,
+) -> Answer<ClientResponse> {
+    handle_folding(shared, req, None).await
+}
+
+/// As [`handle`]; a deploy writes its audit record through `fold` when it can (see
+/// [`audit::Fold`]).
+async fn handle_folding(
+    shared: &Arc<Shared>,
+    req: Request<ClientRequest>,
+    fold: Option<Arc<audit::Fold>>,
 ) -> Answer<ClientResponse> {
     if let ClientRequest::Logs {
         node,
@@ -258,9 +295,10 @@ pub(crate) async fn handle(
             restart_all,
             expect_id,
             budget(shared, req.timeout_ms),
+            fold,
         );
     }
-    Answer::One(handle_one(shared, req).await)
+    Answer::One(handle_one(shared, req, fold).await)
 }
 
 /// How long the controller may take over a request: its own limit, shortened to answer
@@ -285,6 +323,7 @@ fn deploy_with_progress(
     restart_all: bool,
     expect_id: Option<String>,
     budget: Duration,
+    fold: Option<Arc<audit::Fold>>,
 ) -> Answer<ClientResponse> {
     let (counts_tx, counts) = tokio::sync::watch::channel(Progress::default());
     let shared = shared.clone();
@@ -296,6 +335,7 @@ fn deploy_with_progress(
             expect_id,
             budget,
             Some(counts_tx),
+            fold.as_deref(),
         )
         .await
     };
@@ -310,7 +350,11 @@ fn deploy_with_progress(
 }
 
 /// Answers a request with one reply.
-async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> ClientResponse {
+async fn handle_one(
+    shared: &Arc<Shared>,
+    req: Request<ClientRequest>,
+    fold: Option<Arc<audit::Fold>>,
+) -> ClientResponse {
     let id = req.id.clone();
     let budget = budget(shared, req.timeout_ms);
     match req.body {
@@ -337,7 +381,10 @@ async fn handle_one(shared: &Arc<Shared>, req: Request<ClientRequest>) -> Client
             expect_id,
             progress: _,
         } => {
-            ClientResponse::Results(deploy(shared, &id, restart_all, expect_id, budget, None).await)
+            let fold = fold.as_deref();
+            ClientResponse::Results(
+                deploy(shared, &id, restart_all, expect_id, budget, None, fold).await,
+            )
         }
         ClientRequest::GetNodes { fresh } => {
             ClientResponse::Results(get_nodes(shared, &id, fresh, budget).await)
@@ -900,6 +947,7 @@ async fn deploy(
     expect_id: Option<String>,
     budget: Duration,
     progress: Option<tokio::sync::watch::Sender<Progress>>,
+    fold: Option<&audit::Fold>,
 ) -> Vec<MgmtResult> {
     if shared.store.staged().is_none() {
         return vec![MgmtResult::err(id, "no configuration available to deploy")];
@@ -931,7 +979,7 @@ async fn deploy(
             ),
         )];
     }
-    deploy_locked(shared, id, config, restart_all, budget, progress).await
+    deploy_locked(shared, id, config, restart_all, budget, progress, fold).await
 }
 
 /// Nodes pinned to a CPU their instance does not have (`cpus`: how many an instance's
@@ -966,6 +1014,7 @@ async fn deploy_locked(
     restart_all: bool,
     budget: Duration,
     progress: Option<tokio::sync::watch::Sender<Progress>>,
+    fold: Option<&audit::Fold>,
 ) -> Vec<MgmtResult> {
     // zeek: wait for agents the controller dials (bounded by the budget), as Zeek's
     // controller does; the rest of the budget is the agents'.
@@ -1101,13 +1150,23 @@ async fn deploy_locked(
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let mut ok = failed == 0;
     if unacknowledged.is_empty() {
-        match shared.store.set_deployed(&deploy) {
-            Ok(()) => {
+        let done = MgmtResult::ok(id, Some(ResultData::ConfigId(config.id.clone())));
+        // The request's audit record, as its answer will read, in the same write: the
+        // answer waits for one etcd write, not two.
+        let record = fold.map(|f| {
+            let mut answer = results.clone();
+            answer.push(done.clone());
+            let (outcome, message) = outcome_of(&ClientResponse::Results(answer));
+            f.record(now_ms(), Some(generation), outcome, message)
+        });
+        let also = record.as_ref().and_then(|r| shared.audit.put(r));
+        match shared.store.set_deployed_with(&deploy, also) {
+            Ok(carried) => {
                 info!(config = %config.id, generation, failed, elapsed_ms, "deployed");
-                results.push(MgmtResult::ok(
-                    id,
-                    Some(ResultData::ConfigId(config.id.clone())),
-                ));
+                if carried && let (Some(f), Some(r)) = (fold, record) {
+                    f.written(r);
+                }
+                results.push(done);
             }
             Err(e) => {
                 ok = false;

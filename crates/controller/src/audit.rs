@@ -18,7 +18,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use drover_proto::access::{AuditRecord, Outcome, Scope};
 use drover_proto::msg::{ClientRequest, PeerRole};
@@ -228,11 +228,68 @@ impl AuditLog {
     }
 }
 
+/// A request whose audit record may be written by the request's own last state write
+/// (with `--store etcd`, a successful deploy's: the deployed deploy and the record in
+/// one fenced transaction, one etcd write fewer). The request's answer then finds the
+/// record written ([`Fold::take_written`]) instead of appending it.
+#[derive(Debug)]
+pub struct Fold {
+    caller: Caller,
+    what: &'static str,
+    args: String,
+    written: Mutex<Option<AuditRecord>>,
+}
+
+impl Fold {
+    /// For `caller`'s request `what` with `args`.
+    pub fn new(caller: &Caller, what: &'static str, args: String) -> Arc<Self> {
+        Arc::new(Self {
+            caller: caller.clone(),
+            what,
+            args,
+            written: Mutex::default(),
+        })
+    }
+
+    /// The record of this request ending so, made now.
+    pub fn record(
+        &self,
+        at_ms: u64,
+        generation: Option<u64>,
+        outcome: Outcome,
+        message: Option<String>,
+    ) -> AuditRecord {
+        record(
+            &self.caller,
+            at_ms,
+            self.what,
+            self.args.clone(),
+            generation,
+            outcome,
+            message,
+        )
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<AuditRecord>> {
+        self.written.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `record` is written (durably, with the state).
+    pub fn written(&self, record: AuditRecord) {
+        *self.slot() = Some(record);
+    }
+
+    /// The record written for this request, if one was.
+    pub fn take_written(&self) -> Option<AuditRecord> {
+        self.slot().take()
+    }
+}
+
 /// Where the trail is kept: the state dir, or etcd with `--store etcd`.
 #[derive(Debug)]
 pub enum Trail {
     /// Files in the state dir.
-    File(std::sync::Arc<AuditLog>),
+    File(Arc<AuditLog>),
     /// Keys in etcd, shared by the controllers of a group.
     Etcd(crate::etcd_audit::EtcdAudit),
 }
@@ -244,6 +301,26 @@ impl Trail {
             Self::File(log) => log.path().display().to_string(),
             Self::Etcd(etcd) => etcd.describe(),
         }
+    }
+
+    /// The put of `record` for a state write to carry, when the trail is in etcd.
+    pub fn put(&self, record: &AuditRecord) -> Option<crate::etcd::Op> {
+        match self {
+            Self::File(_) => None,
+            Self::Etcd(etcd) => etcd.put(record).ok(),
+        }
+    }
+
+    /// Counts a record that a state write carried (see [`Trail::put`]).
+    pub async fn folded(&self) {
+        if let Self::Etcd(etcd) = self {
+            etcd.folded().await;
+        }
+    }
+
+    /// Whether a state write can carry records ([`Trail::put`]).
+    pub fn folds(&self) -> bool {
+        matches!(self, Self::Etcd(_))
     }
 
     /// Appends one record, durably.

@@ -106,6 +106,7 @@ async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
             role: PeerRole::Controller,
             name: shared.name.clone(),
             software: software(),
+            lost_term: None,
         };
         let attempt = conn::dial(
             &shared.endpoint,

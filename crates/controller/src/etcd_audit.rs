@@ -53,6 +53,24 @@ impl EtcdAudit {
         format!("in etcd under {}", self.dir())
     }
 
+    /// The put that writes `record`, for a transaction of this trail's own or one that
+    /// writes it together with the state (fenced the same way; see
+    /// [`EtcdAudit::folded`]).
+    pub fn put(&self, record: &AuditRecord) -> Result<Op, String> {
+        let key = format!(
+            "{}{:016}-{}",
+            self.dir(),
+            record.at_ms,
+            uuid::Uuid::now_v7().simple()
+        );
+        let value = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+        Ok(Op::Put {
+            key: key.into_bytes(),
+            value,
+            lease: 0,
+        })
+    }
+
     /// Writes `record` if this controller still leads; `Err` names etcd.
     pub async fn append(&self, record: &AuditRecord) -> Result<(), String> {
         let (_, revision) = self
@@ -61,21 +79,10 @@ impl EtcdAudit {
             .map_err(|m| format!("not written to etcd: {m}"))?;
         let fence =
             Compare::CreateRevision(format!("{}leader", self.prefix).into_bytes(), revision);
-        let key = format!(
-            "{}{:016}-{}",
-            self.dir(),
-            record.at_ms,
-            uuid::Uuid::now_v7().simple()
-        );
-        let value = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+        let put = self.put(record)?;
         let etcd = self
             .etcd
             .with_timeout(self.gate.time_left().max(Duration::from_millis(100)));
-        let put = Op::Put {
-            key: key.into_bytes(),
-            value,
-            lease: 0,
-        };
         let r = etcd
             .txn(std::slice::from_ref(&fence), &[put], &[])
             .await
@@ -87,16 +94,36 @@ impl EtcdAudit {
                     .into(),
             );
         }
+        self.counted(&etcd, fence).await;
+        Ok(())
+    }
+
+    /// Counts a record that a state write carried ([`EtcdAudit::put`]), trimming when
+    /// one is due as [`EtcdAudit::append`] does.
+    pub async fn folded(&self) {
+        let Ok((_, revision)) = self.gate.serving() else {
+            // The next append trims.
+            return;
+        };
+        let fence =
+            Compare::CreateRevision(format!("{}leader", self.prefix).into_bytes(), revision);
+        let etcd = self
+            .etcd
+            .with_timeout(self.gate.time_left().max(Duration::from_millis(100)));
+        self.counted(&etcd, fence).await;
+    }
+
+    /// Counts one appended record; every [`TRIM_EVERY`]-th trims.
+    async fn counted(&self, etcd: &Etcd, fence: Compare) {
         if self
             .appends
             .fetch_add(1, Ordering::Relaxed)
             .is_multiple_of(TRIM_EVERY)
-            && let Err(e) = self.trim(&etcd, fence).await
+            && let Err(e) = self.trim(etcd, fence).await
         {
             // The next trim catches up; the record itself is written.
             tracing::warn!("cannot trim the audit trail in etcd: {e}");
         }
-        Ok(())
     }
 
     /// Deletes all but the newest `keep` records.

@@ -126,6 +126,12 @@ impl EtcdStore {
 
     /// Writes `json` as the value `name`, if this controller still leads.
     pub fn save(&self, name: &str, json: &[u8]) -> Result<(), EtcdStoreError> {
+        self.save_with(name, json, Vec::new())
+    }
+
+    /// As [`EtcdStore::save`], with `also` (puts of other keys, such as the request's
+    /// audit record) in the same fenced transaction as the value: all or nothing.
+    pub fn save_with(&self, name: &str, json: &[u8], also: Vec<Op>) -> Result<(), EtcdStoreError> {
         let (_, revision) = self.gate.serving().map_err(EtcdStoreError::NotLeader)?;
         let fence =
             Compare::CreateRevision(format!("{}leader", self.prefix).into_bytes(), revision);
@@ -185,9 +191,8 @@ impl EtcdStore {
                 value: head,
                 lease: 0,
             };
-            let r = etcd
-                .txn(std::slice::from_ref(&fence), &[get, put], &[])
-                .await?;
+            let ops: Vec<Op> = [get, put].into_iter().chain(also).collect();
+            let r = etcd.txn(std::slice::from_ref(&fence), &ops, &[]).await?;
             fenced(r.succeeded)?;
             // The replaced value's parts are garbage now; failing to delete them costs
             // space, never correctness.

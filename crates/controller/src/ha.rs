@@ -61,8 +61,9 @@ struct Term {
 #[derive(Debug, Default)]
 struct GateState {
     term: Option<Term>,
-    /// The leader's address as last read from etcd, when we do not lead.
-    leader: Option<String>,
+    /// The leader's address and term (its key's create revision) as last read from
+    /// etcd, when we do not lead.
+    leader: Option<(String, i64)>,
 }
 
 /// Whether this controller may serve and write, and for which term.
@@ -72,6 +73,9 @@ pub struct Gate {
     /// etcd's endpoints, named in what a leader cut off from etcd answers.
     endpoints: String,
     state: Mutex<GateState>,
+    /// Bumped whenever this controller starts or ends a term or learns of another
+    /// leader, for Hellos held until then ([`Gate::holds`]).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Gate {
@@ -82,11 +86,37 @@ impl Gate {
             lease,
             endpoints: endpoints.into(),
             state: Mutex::default(),
+            changed: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Wakes (`changed()`) at the next start or end of a term or news of another
+    /// leader; subscribe before reading the gate, so that no change is missed.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Whether a Hello from a dialer that lost the leader of term `lost` should wait
+    /// for news rather than be refused now: this controller does not lead, and the
+    /// leader it knows is that very term's (probably gone: its lease has not expired
+    /// yet) or it knows none (an election is under way, or etcd is away). Its answer
+    /// then names the successor, or welcomes the dialer when this controller is it.
+    pub fn holds(&self, lost: i64) -> bool {
+        let state = self.lock();
+        state.term.is_none() && state.leader.as_ref().is_none_or(|(_, term)| *term == lost)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The leader lease.
+    pub fn lease(&self) -> Duration {
+        self.lease
     }
 
     /// How long after the last renewal the leader stops writing and commanding agents.
@@ -96,7 +126,7 @@ impl Gate {
 
     fn refusal(state: &GateState) -> String {
         match &state.leader {
-            Some(addr) => format!("{NOT_LEADER}{addr}"),
+            Some((addr, _)) => format!("{NOT_LEADER}{addr}"),
             None => "not the leader; no leader is elected yet (or etcd is unreachable)".into(),
         }
     }
@@ -153,13 +183,16 @@ impl Gate {
 
     fn lead(&self, create_revision: i64, renewed: Instant) -> CancellationToken {
         let token = CancellationToken::new();
-        let mut state = self.lock();
-        state.leader = None;
-        state.term = Some(Term {
-            create_revision,
-            renewed,
-            token: token.clone(),
-        });
+        {
+            let mut state = self.lock();
+            state.leader = None;
+            state.term = Some(Term {
+                create_revision,
+                renewed,
+                token: token.clone(),
+            });
+        }
+        self.bump();
         token
     }
 
@@ -177,17 +210,28 @@ impl Gate {
 
     /// Ends the term (if any): its connections close, its writes are refused.
     pub fn step_down(&self) {
-        if let Some(t) = self.lock().term.take() {
+        let ended = self.lock().term.take();
+        if let Some(t) = ended {
             t.token.cancel();
+            self.bump();
         }
     }
 
-    fn follow(&self, leader: Option<String>) {
-        let mut state = self.lock();
-        if let Some(t) = state.term.take() {
-            t.token.cancel();
+    /// Follows `leader` (its address and term), or none known.
+    fn follow(&self, leader: Option<(String, i64)>) {
+        let changed = {
+            let mut state = self.lock();
+            let ended = state.term.take();
+            if let Some(t) = &ended {
+                t.token.cancel();
+            }
+            let changed = ended.is_some() || state.leader != leader;
+            state.leader = leader;
+            changed
+        };
+        if changed {
+            self.bump();
         }
-        state.leader = leader;
     }
 }
 
@@ -270,13 +314,13 @@ pub async fn run<F, Fut>(
                 // Learn the new leader at once, so that refusals name it.
                 continue;
             }
-            Ok(Campaign::Lost { leader }) => {
+            Ok(Campaign::Lost { leader, revision }) => {
                 failing = None;
                 if announced.as_ref() != Some(&leader) {
                     info!(%leader, "following");
                     announced = Some(leader.clone());
                 }
-                gate.follow(Some(leader));
+                gate.follow(Some((leader, revision)));
             }
             Err(e) => {
                 // Said once per cause, not once per poll.
@@ -299,7 +343,7 @@ pub async fn run<F, Fut>(
 
 enum Campaign {
     Won { lease: i64, revision: i64 },
-    Lost { leader: String },
+    Lost { leader: String, revision: i64 },
 }
 
 async fn campaign(
@@ -311,6 +355,7 @@ async fn campaign(
     if let Some(kv) = etcd.get(key).await? {
         return Ok(Campaign::Lost {
             leader: String::from_utf8_lossy(&kv.value).into_owned(),
+            revision: kv.create_revision,
         });
     }
     let (lease, _granted) = etcd.lease_grant(ttl).await?;
@@ -337,13 +382,18 @@ async fn campaign(
         });
     }
     let _ = etcd.lease_revoke(lease).await;
-    let leader = r
+    let (leader, revision) = r
         .ranges
         .first()
         .and_then(|l| l.first())
-        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(&kv.value).into_owned(),
+                kv.create_revision,
+            )
+        })
         .unwrap_or_default();
-    Ok(Campaign::Lost { leader })
+    Ok(Campaign::Lost { leader, revision })
 }
 
 /// What names a term in etcd.
@@ -447,12 +497,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_hello_that_lost_the_known_leader_is_held_until_news_of_another() {
+        let gate = Gate::new(Duration::from_secs(2), "http://127.0.0.1:2379");
+        let mut news = gate.subscribe();
+        // No leader known: an election is under way.
+        assert!(gate.holds(5));
+        gate.follow(Some(("10.0.0.2:2150".into(), 5)));
+        assert!(news.has_changed().unwrap());
+        news.borrow_and_update();
+        // The leader it knows is the one the dialer lost.
+        assert!(gate.holds(5));
+        // Another term: its refusal names the successor at once.
+        assert!(!gate.holds(4));
+        // Polling the same leader again is no news.
+        gate.follow(Some(("10.0.0.2:2150".into(), 5)));
+        assert!(!news.has_changed().unwrap());
+        gate.follow(Some(("10.0.0.3:2150".into(), 9)));
+        assert!(news.has_changed().unwrap());
+        assert!(!gate.holds(5));
+        news.borrow_and_update();
+        // Leading: nothing is held, the dialer is welcomed.
+        let _token = gate.lead(11, Instant::now());
+        assert!(news.has_changed().unwrap());
+        assert!(!gate.holds(9));
+    }
+
+    #[test]
     fn the_gate_serves_a_term_until_two_thirds_of_the_lease_pass_then_only_answers_with_a_warning()
     {
         let gate = Gate::new(Duration::from_millis(600), "http://127.0.0.1:2379");
         let closed = gate.serving().unwrap_err();
         assert!(closed.contains("no leader is elected yet"), "{closed}");
-        gate.follow(Some("10.0.0.2:2150".into()));
+        gate.follow(Some(("10.0.0.2:2150".into(), 5)));
         assert_eq!(
             gate.serving().unwrap_err(),
             "not the leader; the leader is 10.0.0.2:2150"

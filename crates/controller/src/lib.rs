@@ -665,11 +665,39 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     }
     let mut term = None;
     let mut warning = None;
+    let mut revision = None;
     let scope = client_scope(&conn, &identity);
-    let check = conn::check_hello(&hello, &identity, API_VERSION, &software())
+    let checked = conn::check_hello(&hello, &identity, API_VERSION, &software())
         .and_then(|()| scope.as_ref().map(|_| ()).map_err(Clone::clone))
         .and_then(|()| check_deny_list(&shared, &conn, &identity))
-        .and_then(|()| match &shared.gate {
+        .and_then(|()| {
+            if identity.role == PeerRole::Controller {
+                Err(WireError::new(
+                    ErrorCode::Forbidden,
+                    "a controller certificate cannot connect to a controller",
+                ))
+            } else {
+                Ok(())
+            }
+        });
+    // A dialer that lost the leader this controller still knows (its lease has not
+    // expired yet), or that asks during an election, waits for the outcome here rather
+    // than be told a leader that is probably gone and ask again: one handshake, and the
+    // answer names the successor or, if this controller is it, welcomes the dialer.
+    let mut hold_until = match (&shared.gate, hello.lost_term) {
+        (Some(gate), Some(_)) => {
+            let wait = responder
+                .dialer_timeout()
+                .unwrap_or(shared.transport.hello_timeout)
+                * 3
+                / 5;
+            Some(tokio::time::Instant::now() + wait.min(gate.lease() * 2))
+        }
+        _ => None,
+    };
+    let check = loop {
+        let news = shared.gate.as_ref().map(|g| g.subscribe());
+        let check = checked.clone().and_then(|()| match &shared.gate {
             // A leader cut off from etcd still answers clients (with a warning), but
             // takes no agent: it may not lead any more, and the agent should find the
             // one that does.
@@ -682,20 +710,29 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
                 .map_err(|m| WireError::new(ErrorCode::Unavailable, m)),
             Some(gate) => gate
                 .serving()
-                .map(|(token, _)| term = Some(token))
+                .map(|(token, r)| {
+                    term = Some(token);
+                    revision = Some(r);
+                })
                 .map_err(|m| WireError::new(ErrorCode::Unavailable, m)),
             None => Ok(()),
-        })
-        .and_then(|()| {
-            if identity.role == PeerRole::Controller {
-                Err(WireError::new(
-                    ErrorCode::Forbidden,
-                    "a controller certificate cannot connect to a controller",
-                ))
-            } else {
-                Ok(())
-            }
         });
+        if checked.is_ok()
+            && check.is_err()
+            && let (Some(gate), Some(lost), Some(until), Some(mut news)) =
+                (&shared.gate, hello.lost_term, hold_until, news)
+            && gate.holds(lost)
+        {
+            tokio::select! {
+                _ = news.changed() => {}
+                // One more look, then the answer.
+                () = tokio::time::sleep_until(until) => hold_until = None,
+                _ = conn.closed() => return,
+            }
+            continue;
+        }
+        break check;
+    };
     // An agent is admitted (and registered) last, once nothing else refuses it.
     let mut moved = false;
     let check = match check {
@@ -730,6 +767,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         name: shared.name.clone(),
         software: software(),
         warning,
+        term: revision,
     };
     if let Err(e) = responder.welcome(welcome).await {
         warn!(%addr, peer = %identity, "hello failed: {e}");

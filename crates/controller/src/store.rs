@@ -453,6 +453,18 @@ impl Store {
     /// Records `deploy` as the deployed one (on disk first), unless a newer one is
     /// recorded already.
     pub fn set_deployed(&self, deploy: &Arc<Deploy>) -> Result<(), StoreError> {
+        self.set_deployed_with(deploy, None).map(drop)
+    }
+
+    /// As [`Store::set_deployed`]; with the etcd store, `also` (an audit record's put)
+    /// goes in the same fenced transaction. `Ok(true)` when `also` was written with it;
+    /// `Ok(false)` when nothing was written (a newer deploy is recorded, or the state
+    /// dir, which takes nothing else).
+    pub fn set_deployed_with(
+        &self,
+        deploy: &Arc<Deploy>,
+        also: Option<crate::etcd::Op>,
+    ) -> Result<bool, StoreError> {
         let _writing = self.writing();
         if self
             .lock()
@@ -460,11 +472,21 @@ impl Store {
             .as_ref()
             .is_some_and(|d| d.generation >= deploy.generation)
         {
-            return Ok(());
+            return Ok(false);
         }
-        self.save(DEPLOYED, &**deploy)?;
+        let carried = match (&self.backend, also) {
+            (Backend::Etcd(etcd), Some(op)) => {
+                let bytes = serde_json::to_vec(&**deploy).expect("state serializes");
+                etcd.save_with(DEPLOYED, &bytes, vec![op])?;
+                true
+            }
+            _ => {
+                self.save(DEPLOYED, &**deploy)?;
+                false
+            }
+        };
         self.lock().deployed = Some(deploy.clone());
-        Ok(())
+        Ok(carried)
     }
 
     /// With the etcd store, deletes value parts that no value names (see

@@ -373,23 +373,121 @@ pub async fn dial(
 /// How long [`dial_leader`] waits for a welcome without a warning once it has one with.
 const WARNED_GRACE: Duration = Duration::from_millis(500);
 
+/// What a dialer remembers of a high-availability group between dials: the controller
+/// that welcomed it last (or the leader a refusal named), whether its connection to
+/// that leader was lost, and that leader's term. [`dial_leader_with`] dials the
+/// remembered leader first and the others [`STAGGER`] later; after a loss, the others
+/// first and the lost one last.
+#[derive(Debug, Clone, Default)]
+pub struct LeaderMemory {
+    leader: Option<String>,
+    term: Option<i64>,
+    lost: bool,
+}
+
+impl LeaderMemory {
+    /// The connection to the remembered leader ended (it died, stepped down, or the
+    /// network failed): it is dialled last, and its term is what
+    /// [`LeaderMemory::lost_term`] tells the others.
+    pub fn lost(&mut self) {
+        self.lost = self.leader.is_some();
+    }
+
+    /// The term of the leader whose connection was lost, for [`Hello::lost_term`].
+    pub fn lost_term(&self) -> Option<i64> {
+        self.term.filter(|_| self.lost)
+    }
+
+    /// The leader remembered, and whether its connection was lost.
+    pub fn leader(&self) -> Option<(&str, bool)> {
+        self.leader.as_deref().map(|l| (l, self.lost))
+    }
+
+    /// When to start dialling each target (and the remembered leader, if it is not
+    /// one of them), after the start of a dial, in order.
+    fn schedule(&self, targets: &[String]) -> Vec<(String, Duration)> {
+        let mut out: Vec<(String, Duration)> = Vec::new();
+        let mut add = |t: &str, at: Duration| {
+            if !out.iter().any(|(o, _)| o == t) {
+                out.push((t.to_owned(), at));
+            }
+        };
+        match (&self.leader, self.lost) {
+            (Some(leader), false) => {
+                add(leader, Duration::ZERO);
+                for t in targets {
+                    add(t, STAGGER);
+                }
+            }
+            (Some(leader), true) => {
+                for t in targets.iter().filter(|t| *t != leader) {
+                    add(t, Duration::ZERO);
+                }
+                add(leader, STAGGER);
+            }
+            (None, _) => {
+                for t in targets {
+                    add(t, Duration::ZERO);
+                }
+            }
+        }
+        out
+    }
+
+    fn welcomed(&mut self, target: &str, term: Option<i64>) {
+        self.leader = Some(target.to_owned());
+        self.term = term;
+        self.lost = false;
+    }
+
+    fn hint(&mut self, leader: &str) {
+        // Followers name the lost leader until its lease expires: that is no news.
+        if self.leader.as_deref() != Some(leader) {
+            self.leader = Some(leader.to_owned());
+            self.term = None;
+            self.lost = false;
+        }
+    }
+}
+
+/// How long [`dial_leader_with`] waits after dialling the likely leader before it
+/// dials the other controllers too (unless the first attempts failed sooner).
+pub const STAGGER: Duration = Duration::from_millis(250);
+
 /// Dials the controllers of `targets` (`HOST:PORT` each) through `dial_one`, all at
-/// once, and returns the first that welcomes us (preferring, for a moment, one whose
-/// welcome carries no warning). A controller that does not lead
-/// refuses with the leader's address, which is dialled too (once). Dialling all at once
-/// means a dead member of a high-availability group costs no handshake timeout. With one
-/// target and no redirection the error is that dial's own; otherwise it lists what each
-/// target answered.
+/// once: [`dial_leader_with`] for a dialer that remembers nothing.
+pub async fn dial_leader<F, Fut>(targets: &[String], dial_one: F) -> Result<Established, NetError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<Established, NetError>>,
+{
+    dial_leader_with(targets, &mut LeaderMemory::default(), dial_one).await
+}
+
+/// Dials the controllers of `targets` (`HOST:PORT` each) through `dial_one` and returns
+/// the first that welcomes us (preferring, for a moment, one whose welcome carries no
+/// warning). A controller that does not lead refuses with the leader's address, which
+/// is dialled too (at once, and once). With one target and no redirection the error is
+/// that dial's own; otherwise it lists what each target answered.
+///
+/// The order comes from `memory` ([`LeaderMemory`]), which is updated with the outcome:
+/// with nothing remembered, every target at once; with a leader remembered, that one
+/// first and the others [`STAGGER`] later, so that the followers are spared handshakes
+/// only to refuse; after its connection was lost, the others first and the lost one
+/// last. Whenever every attempt started so far has failed, the next ones start at once,
+/// so a dead member of a high-availability group costs at most [`STAGGER`], never a
+/// handshake timeout.
 ///
 /// A follower that refuses while another dial is still outstanding (typically to a
 /// leader that just died, which only its handshake timeout will tell) is asked again
 /// after a growing, jittered pause (at most [`REASK_LIMIT`] times): once a successor is
 /// elected, its answer names it (or it is the successor and welcomes us), so a client
 /// or agent that dialled during the election does not wait out the dead leader's
-/// timeout. Once no dial other than such a re-ask is outstanding, the refusals are the
-/// answer.
-pub async fn dial_leader<F, Fut>(
+/// timeout. Once no dial other than such a re-ask is outstanding or waiting to start,
+/// the refusals are the answer.
+pub async fn dial_leader_with<F, Fut>(
     targets: &[String],
+    memory: &mut LeaderMemory,
     mut dial_one: F,
 ) -> Result<Established, NetError>
 where
@@ -405,34 +503,58 @@ where
     ) -> (String, u32, T) {
         (target, reask, fut.await)
     }
+    let began = tokio::time::Instant::now();
     let mut tried = std::collections::HashSet::new();
+    // Targets not dialled yet, by when they start.
+    let mut waiting: std::collections::VecDeque<(String, tokio::time::Instant)> = memory
+        .schedule(targets)
+        .into_iter()
+        .filter(|(t, _)| tried.insert(t.clone()))
+        .map(|(t, at)| (t, began + at))
+        .collect();
     let mut pending = futures_util::stream::FuturesUnordered::new();
     // Dials that are not re-asks, still outstanding.
     let mut live = 0usize;
-    for target in targets {
-        if tried.insert(target.clone()) {
-            live += 1;
-            pending.push(tagged(
-                target.clone(),
-                0,
-                Either::Left(dial_one(target.clone())),
-            ));
-        }
-    }
     let mut failures: Vec<(String, NetError)> = Vec::new();
     // A welcome with a warning (a leader cut off from etcd) is taken only if no other
     // target welcomes us without one soon: another controller may lead by now.
-    let mut warned: Option<(Established, tokio::time::Instant)> = None;
+    let mut warned: Option<(Established, String, tokio::time::Instant)> = None;
     loop {
-        let next = match &warned {
-            // Past the grace: what has not answered yet is not waited for.
-            Some((_, until)) => tokio::time::timeout_at(*until, pending.next())
-                .await
-                .unwrap_or_default(),
+        // Start what is due, and everything next in line when nothing is outstanding.
+        let now = tokio::time::Instant::now();
+        let next_due = waiting.front().map(|(_, at)| *at);
+        if let Some(due) = next_due
+            && (due <= now || live == 0)
+        {
+            while let Some((target, _)) = waiting.pop_front_if(|(_, at)| *at <= due.max(now)) {
+                live += 1;
+                let dial = dial_one(target.clone());
+                pending.push(tagged(target, 0, Either::Left(dial)));
+            }
+        }
+        if live == 0 && waiting.is_empty() {
+            // Only re-asks are left (or nothing): nothing they could be waiting for.
+            break;
+        }
+        let wake = match (&warned, waiting.front()) {
+            (Some((_, _, until)), Some((_, at))) => Some((*until).min(*at)),
+            (Some((_, _, until)), None) => Some(*until),
+            (None, Some((_, at))) => Some(*at),
+            (None, None) => None,
+        };
+        let next = match wake {
+            Some(wake) => match tokio::time::timeout_at(wake, pending.next()).await {
+                Ok(next) => next,
+                Err(_) if warned.as_ref().is_some_and(|(_, _, u)| *u <= wake) => break,
+                Err(_) => continue,
+            },
             None => pending.next().await,
         };
         let Some((target, reask, result)) = next else {
-            break;
+            if waiting.is_empty() {
+                break;
+            }
+            continue;
         };
         if reask == 0 {
             live -= 1;
@@ -440,13 +562,29 @@ where
         match result {
             Ok(est) if est.welcome.warning.is_some() => {
                 if warned.is_none() {
-                    warned = Some((est, tokio::time::Instant::now() + WARNED_GRACE));
+                    let until = tokio::time::Instant::now() + WARNED_GRACE;
+                    warned = Some((est, target, until));
                 }
             }
-            Ok(est) => return Ok(est),
+            Ok(est) => {
+                memory.welcomed(&target, est.welcome.term);
+                return Ok(est);
+            }
             Err(e) => {
                 if let NetError::Refused(w) = &e {
-                    match drover_proto::msg::leader_hint(&w.message) {
+                    let hint = drover_proto::msg::leader_hint(&w.message);
+                    if let Some(leader) = hint {
+                        memory.hint(leader);
+                    }
+                    let waits = hint.and_then(|l| waiting.iter().position(|(t, _)| t == l));
+                    match hint {
+                        // Named, and waiting for its turn: its turn is now.
+                        Some(_) if waits.is_some() => {
+                            let (leader, _) = waiting.remove(waits.expect("found")).expect("found");
+                            live += 1;
+                            let dial = dial_one(leader.clone());
+                            pending.push(tagged(leader, 0, Either::Left(dial)));
+                        }
                         Some(leader) if tried.insert(leader.to_owned()) => {
                             live += 1;
                             pending.push(tagged(
@@ -474,12 +612,9 @@ where
                 failures.push((target, e));
             }
         }
-        if live == 0 {
-            // Only re-asks are left: nothing they could be waiting for.
-            break;
-        }
     }
-    if let Some((est, _)) = warned {
+    if let Some((est, target, _)) = warned {
+        memory.welcomed(&target, est.welcome.term);
         return Ok(est);
     }
     if failures.len() == 1 {
@@ -539,9 +674,15 @@ pub struct HelloResponder {
     conn: quinn::Connection,
     send: quinn::SendStream,
     id: String,
+    timeout: Option<Duration>,
 }
 
 impl HelloResponder {
+    /// How long the dialer said it waits for the answer, if it said.
+    pub fn dialer_timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
     /// Accepts the peer.
     pub async fn welcome(mut self, welcome: Welcome) -> Result<(), NetError> {
         let reply = Reply {
@@ -592,6 +733,7 @@ pub async fn read_hello(
                 conn: conn.clone(),
                 send,
                 id: req.id,
+                timeout: req.timeout_ms.map(Duration::from_millis),
             },
         ))
     };
@@ -1085,6 +1227,108 @@ mod tests {
         }));
         assert!(result.is_err());
         (calls.into_inner().unwrap(), start.elapsed())
+    }
+
+    /// `dial_leader_with` against fake controllers with `memory`: each target answers
+    /// as `answer` says (`None`: nothing until a 5 s timeout; `Some(m)`: a refusal with
+    /// `m` after 1 ms). Returns every dial with when it started, in order.
+    fn dial_in_order(
+        memory: &mut LeaderMemory,
+        answer: impl Fn(&str) -> Option<String>,
+    ) -> Vec<(String, Duration)> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let dials = std::sync::Mutex::new(Vec::new());
+        let targets = vec!["a:1".to_owned(), "b:1".to_owned(), "c:1".to_owned()];
+        let start = rt.block_on(async { tokio::time::Instant::now() });
+        let result = rt.block_on(dial_leader_with(&targets, memory, |t| {
+            let (answer, dials) = (answer(&t), &dials);
+            async move {
+                dials.lock().unwrap().push((t.clone(), start.elapsed()));
+                match answer {
+                    None => {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        Err(NetError::Timeout {
+                            what: format!("connecting to {t}"),
+                            after: Duration::from_secs(5),
+                        })
+                    }
+                    Some(m) => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        Err(NetError::Refused(WireError::new(ErrorCode::Unavailable, m)))
+                    }
+                }
+            }
+        }));
+        let err = result.unwrap_err().to_string();
+        for t in &targets {
+            assert!(err.contains(t.as_str()), "{err}");
+        }
+        dials.into_inner().unwrap()
+    }
+
+    /// When `target` was first dialled, to the millisecond.
+    fn started(dials: &[(String, Duration)], target: &str) -> Duration {
+        let at = dials
+            .iter()
+            .find(|(t, _)| t == target)
+            .map(|(_, at)| *at)
+            .unwrap_or_else(|| panic!("{target} was not dialled: {dials:?}"));
+        Duration::from_millis(u64::try_from((at.as_micros() + 500) / 1000).unwrap())
+    }
+
+    #[test]
+    fn the_remembered_leader_is_dialled_first_and_the_others_a_stagger_later() {
+        let mut memory = LeaderMemory::default();
+        memory.welcomed("b:1", Some(7));
+        assert_eq!(memory.lost_term(), None);
+        // b is gone without a word; a and c know no leader.
+        let dials = dial_in_order(&mut memory, |t| {
+            (t != "b:1").then(|| "not the leader; no leader is elected yet".to_owned())
+        });
+        assert_eq!(started(&dials, "b:1"), Duration::ZERO, "{dials:?}");
+        assert_eq!(started(&dials, "a:1"), STAGGER, "{dials:?}");
+        assert_eq!(started(&dials, "c:1"), STAGGER, "{dials:?}");
+    }
+
+    #[test]
+    fn after_a_loss_the_others_are_dialled_first_and_told_the_lost_term() {
+        let mut memory = LeaderMemory::default();
+        memory.welcomed("b:1", Some(7));
+        memory.lost();
+        assert_eq!(memory.lost_term(), Some(7));
+        assert_eq!(memory.leader(), Some(("b:1", true)));
+        let dials = dial_in_order(&mut memory, |t| {
+            (t != "b:1").then(|| "not the leader; no leader is elected yet".to_owned())
+        });
+        assert_eq!(started(&dials, "a:1"), Duration::ZERO, "{dials:?}");
+        assert_eq!(started(&dials, "c:1"), Duration::ZERO, "{dials:?}");
+        // Both refused at once: the lost one is next, without waiting for its turn.
+        assert!(started(&dials, "b:1") < STAGGER, "{dials:?}");
+        // The followers named no leader: the lost one is still remembered as lost.
+        assert_eq!(memory.lost_term(), Some(7));
+    }
+
+    #[test]
+    fn a_refusal_naming_a_waiting_target_starts_it_at_once_and_is_remembered() {
+        let mut memory = LeaderMemory::default();
+        memory.welcomed("a:1", None);
+        // a refuses at once naming c, which is then dialled before its turn.
+        let dials = dial_in_order(&mut memory, |t| match t {
+            "a:1" => Some("not the leader; the leader is c:1".to_owned()),
+            "c:1" => None,
+            _ => Some("not the leader; the leader is c:1".to_owned()),
+        });
+        assert_eq!(started(&dials, "a:1"), Duration::ZERO, "{dials:?}");
+        assert!(started(&dials, "c:1") < STAGGER, "{dials:?}");
+        // b still waits for its turn (a dial to c is outstanding).
+        assert_eq!(started(&dials, "b:1"), STAGGER, "{dials:?}");
+        assert_eq!(memory.leader(), Some(("c:1", false)));
+        // Each target dialled once apart from re-asks of refusing followers.
+        assert_eq!(dials.iter().filter(|(t, _)| t == "c:1").count(), 1);
     }
 
     #[test]

@@ -310,6 +310,7 @@ mod tests {
                 role: PeerRole::Agent,
                 name,
                 software: "drover test".into(),
+                lost_term: None,
             },
         }
     }

@@ -48,6 +48,7 @@ fn server(creds: &Credentials, settings: TransportSettings) -> (quinn::Endpoint,
                         name: "srv".into(),
                         software: "test".into(),
                         warning: None,
+                        term: None,
                     })
                     .await
                     .unwrap();
@@ -70,6 +71,7 @@ async fn dial(creds: &Credentials, addr: SocketAddr, settings: &TransportSetting
         role: PeerRole::Client,
         name: "ops".into(),
         software: "test".into(),
+        lost_term: None,
     };
     conn::dial(
         &endpoint,

@@ -152,6 +152,12 @@ pub struct Hello {
     pub name: String,
     /// Software and version, for logs.
     pub software: String,
+    /// The term (see [`Welcome::term`]) of a leader whose connection the dialer just
+    /// lost. A follower that still knows that term as the leader's, or knows no leader,
+    /// holds its answer until it learns of another (or leads itself), rather than name
+    /// a leader that is probably gone. Absent on a first connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_term: Option<i64>,
 }
 
 /// The answer to a [`Hello`]: the connection is established.
@@ -168,6 +174,10 @@ pub struct Welcome {
     /// changes. Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// The leader's term in a high-availability group (the create revision of its
+    /// leader key in etcd); absent with one controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<i64>,
 }
 
 /// Requests an operator's client sends to the controller.

@@ -113,22 +113,35 @@ async fn run_agent(
     settings: TransportSettings,
 ) -> anyhow::Result<()> {
     let hollow = Arc::new(Mutex::new(Hollow::default()));
-    let hello = Hello {
+    let mut hello = Hello {
         api_version: API_VERSION,
         role: PeerRole::Agent,
         name: name.clone(),
         software: "drover-swarm".into(),
+        lost_term: None,
     };
+    let mut memory = conn::LeaderMemory::default();
     // As real agents do: dial again with a growing, jittered pause when the
     // controller is too busy to finish the handshake and Hello in time, and again
     // whenever the connection is lost (a leader that died or stepped down): the
     // simulated nodes and the applied generation are kept, as a real agent's are.
     let mut first = true;
     loop {
-        let est = dial_with_backoff(&endpoint, &cfg, &controllers, &name, &hello, first).await?;
+        hello.lost_term = memory.lost_term();
+        let est = dial_with_backoff(
+            &endpoint,
+            &cfg,
+            &controllers,
+            &name,
+            &hello,
+            first,
+            &mut memory,
+        )
+        .await?;
         first = false;
         let reason = serve_one(est.conn, &hollow, &name, &conns, settings).await;
         say_lost(&name, &reason);
+        memory.lost();
     }
 }
 
@@ -145,7 +158,8 @@ static LOST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::ne
 
 /// Dials the leader, again and again with a growing, jittered pause; after a lost
 /// connection (`first` false) forever, with a first pause of up to half a second so
-/// that a fleet does not come back all at once.
+/// that a fleet does not come back all at once, and, as a real agent of a group, with
+/// the first pauses at most 0.8 s (a failover's successor serves within about a lease).
 async fn dial_with_backoff(
     endpoint: &quinn::Endpoint,
     cfg: &quinn::ClientConfig,
@@ -153,6 +167,7 @@ async fn dial_with_backoff(
     name: &str,
     hello: &Hello,
     first: bool,
+    memory: &mut conn::LeaderMemory,
 ) -> anyhow::Result<conn::Established> {
     let jitter = |attempts: u32, range: u64| {
         use std::hash::{BuildHasher, RandomState};
@@ -172,7 +187,7 @@ async fn dial_with_backoff(
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let dialled = conn::dial_leader(controllers, |target| {
+        let dialled = conn::dial_leader_with(controllers, memory, |target| {
             let (endpoint, cfg, hello) = (endpoint, cfg.clone(), hello.clone());
             async move {
                 let addr: SocketAddr = target.parse().map_err(|_| {
@@ -200,7 +215,11 @@ async fn dial_with_backoff(
                 return Ok(est);
             }
             Err(_) if attempts < 30 || !first => {
-                tokio::time::sleep(pause + jitter(attempts, 100)).await;
+                let mut wait = pause + jitter(attempts, 100);
+                if !first && attempts <= 5 && controllers.len() > 1 {
+                    wait = wait.min(Duration::from_millis(400) + jitter(attempts, 400));
+                }
+                tokio::time::sleep(wait).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
             Err(e) => return Err(e.into()),
@@ -310,6 +329,7 @@ async fn client(
         role: PeerRole::Client,
         name: name.into(),
         software: "drover-swarm".into(),
+        lost_term: None,
     };
     let targets: Vec<String> = controllers.iter().map(ToString::to_string).collect();
     let est = conn::dial_leader(&targets, |target| {

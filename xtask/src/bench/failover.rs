@@ -313,7 +313,7 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
         "failover: {} hollow agents x {} nodes, lease {}, agents' idle timeout {:?}",
         opts.agents,
         opts.nodes_per_agent,
-        opts.lease.as_deref().unwrap_or("default (5s)"),
+        opts.lease.as_deref().unwrap_or("default (2s)"),
         opts.agent_idle_timeout
     );
     if rx.recv_timeout(Duration::from_secs(600)).is_err() {
@@ -362,7 +362,7 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
         opts.agents,
         opts.nodes_per_agent,
         kills.len(),
-        opts.lease.as_deref().unwrap_or("5s (default)"),
+        opts.lease.as_deref().unwrap_or("2s (default)"),
         idle_ms
     );
     println!(

@@ -28,6 +28,7 @@ mod procfs;
 mod scenario;
 pub(crate) mod spawn;
 mod stats;
+pub(crate) mod store;
 mod supervisord;
 mod system;
 
