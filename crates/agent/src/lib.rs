@@ -38,6 +38,7 @@ pub mod sockdir;
 pub mod spawner;
 pub mod supervisor;
 pub mod sys;
+pub mod waiters;
 
 use std::future::Future;
 use std::net::SocketAddr;

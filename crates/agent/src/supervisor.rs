@@ -79,9 +79,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drover_proto::config::signal_number;
-use drover_proto::model::{
-    self as model, Configuration, MgmtResult, MgmtRole, Node, NodeOutputs, NodeStatus, ResultData,
-};
+use drover_proto::model::{self as model, Configuration, MgmtResult, MgmtRole, Node, NodeStatus};
 use drover_proto::msg::Progress;
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
@@ -90,7 +88,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::cgroup::{self, CgroupSetting, Cgroups};
-use crate::converge::{self, Desired, Found, Settled, Stray, Then, Verdict, Want};
+use crate::converge::{self, Desired, Found, Stray, Then, Verdict, Want};
 use crate::keeper::PipeEnd;
 use crate::limits::{self, Limits};
 use crate::logs::{LogConfig, NodeLogs};
@@ -98,14 +96,7 @@ use crate::machine::{self, Action, Machine, MachineConfig, Millis};
 use crate::probe;
 use crate::sockdir::SocketDirs;
 use crate::sys::{self, ProcId};
-
-/// Lines of each stream returned with a failed node's outputs (as Zeek).
-const OUTPUT_LINES: usize = 100;
-
-/// The longest a failed node's outputs wait for the log keeper to close its process's
-/// pipes (and tell what came through them last) before they are read from its log
-/// files. Only that request waits: the supervisor goes on meanwhile.
-const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
+use crate::waiters::{self, Waiters};
 
 /// How often log sizes are checked for rotation while nodes run.
 const ROTATE_EVERY: Duration = Duration::from_secs(30);
@@ -436,20 +427,12 @@ impl Entry {
     }
 }
 
-/// Someone waiting for nodes to settle.
+/// Who waits for nodes to settle (see [`crate::waiters`]): where the answer goes, and
+/// the progress, for requests that report it.
 #[derive(Debug)]
-struct Waiter {
-    /// Node name and the generation it must move past (for restarts), or None.
-    nodes: Vec<(String, Option<u64>)>,
-    want: Want,
-    deadline: Instant,
-    /// For waits that report progress: moves `deadline` on whenever a node settles.
-    progress: Option<ProgressTo>,
+struct Requester {
     reply: oneshot::Sender<Vec<MgmtResult>>,
-    results: Vec<MgmtResult>,
-    /// Nodes found failed whose outputs wait for the keeper to close the failed
-    /// process's pipes: the pipes, and until when to wait.
-    failing: BTreeMap<String, ([u64; 2], Instant)>,
+    progress: Option<watch::Sender<Progress>>,
 }
 
 struct Core {
@@ -460,7 +443,7 @@ struct Core {
     socks: SocketDirs,
     epoch: Instant,
     nodes: BTreeMap<String, Entry>,
-    waiters: Vec<Waiter>,
+    waiters: Waiters<Requester>,
     events: mpsc::UnboundedSender<Event>,
     changes: watch::Sender<u64>,
     /// The deploy generation applied, and the restart epoch of the desired state.
@@ -738,7 +721,7 @@ impl Supervisor {
             socks,
             epoch: Instant::now(),
             nodes: BTreeMap::new(),
-            waiters: Vec::new(),
+            waiters: Waiters::default(),
             events: events_tx,
             changes: changes_tx,
             applied: applied_tx,
@@ -958,6 +941,11 @@ impl Core {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// `at` on the clock of [`Core::now`].
+    fn millis_of(&self, at: Instant) -> Millis {
+        millis(at.saturating_duration_since(self.epoch))
+    }
+
     fn instant_of(&self, at: Millis) -> Instant {
         self.epoch + Duration::from_millis(at)
     }
@@ -1014,11 +1002,7 @@ impl Core {
             .filter_map(|e| e.machine.next_deadline())
             .min()
             .map(|at| self.instant_of(at));
-        let waiters = self
-            .waiters
-            .iter()
-            .flat_map(|w| std::iter::once(w.deadline).chain(w.failing.values().map(|f| f.1)))
-            .min();
+        let waiters = self.waiters.next_deadline().map(|at| self.instant_of(at));
         let shutdown = self.shutdown.as_ref().map(|(d, _)| *d);
         [machines, waiters, shutdown].into_iter().flatten().min()
     }
@@ -1409,15 +1393,19 @@ impl Core {
                 total: count(results.len() + wait.len()),
             });
         }
-        self.waiters.push(Waiter {
-            nodes: wait,
-            want: Want::Running,
+        let deadline = self.millis_of(deadline);
+        let idle = progress.as_ref().map(|p| millis(p.idle));
+        self.waiters.add(
+            wait,
+            Want::Running,
             deadline,
-            progress,
-            reply,
+            idle,
             results,
-            failing: BTreeMap::new(),
-        });
+            Requester {
+                reply,
+                progress: progress.map(|p| p.tx),
+            },
+        );
     }
 
     fn desired_path(&self) -> PathBuf {
@@ -1494,19 +1482,23 @@ impl Core {
             self.save_record(&name);
             wait.push((name, (op == Op::Restart).then_some(generation)));
         }
-        self.waiters.push(Waiter {
-            nodes: wait,
-            want: if op == Op::Stop {
-                Want::Stopped
-            } else {
-                Want::Running
-            },
+        let want = if op == Op::Stop {
+            Want::Stopped
+        } else {
+            Want::Running
+        };
+        let deadline = self.millis_of(deadline);
+        self.waiters.add(
+            wait,
+            want,
             deadline,
-            progress: None,
-            reply,
+            None,
             results,
-            failing: BTreeMap::new(),
-        });
+            Requester {
+                reply,
+                progress: None,
+            },
+        );
     }
 
     /// Makes the directories, empty log files and bound notify sockets of new nodes, on
@@ -2376,99 +2368,30 @@ impl Core {
     // === waiters ===
 
     fn settle_waiters(&mut self) {
-        let now = Instant::now();
-        let instance = self.cfg.instance.clone();
-        let mut i = 0;
-        while i < self.waiters.len() {
-            let w = &mut self.waiters[i];
-            let before = w.results.len();
-            let mut pending = Vec::new();
-            for (name, past) in std::mem::take(&mut w.nodes) {
-                let e = self.nodes.get(&name);
-                let verdict = if w.failing.contains_key(&name) {
-                    // Found failed before: its verdict stands while its outputs come.
-                    Settled::Failed
-                } else {
-                    let seen = e.map(|e| converge::Seen {
-                        state: e.machine.state(),
-                        has_process: e.machine.has_process(),
-                        stopping: e.machine.is_stopping(),
-                        spawns: e.generation,
-                    });
-                    converge::settle(w.want, past, seen)
-                };
-                let result = match (verdict, e) {
-                    (Settled::Done, _) => MgmtResult::ok("", None),
-                    (Settled::Removed, _) | (_, None) => MgmtResult::err("", "node was removed"),
-                    (Settled::Failed, Some(e)) => {
-                        // What the failed process wrote last may still be in its pipes:
-                        // the keeper tells it when it has closed them, its own lines
-                        // and no later process's.
-                        let (pipes, until) = *w.failing.entry(name.clone()).or_insert_with(|| {
-                            let pipes = e.last_pipes.filter(|_| self.cfg.keeper.is_some());
-                            (pipes.unwrap_or_default(), now + OUTPUT_DRAIN)
-                        });
-                        let ends = self
-                            .cfg
-                            .keeper
-                            .as_ref()
-                            .filter(|_| pipes != [0, 0])
-                            .map(|k| pipes.map(|ino| k.pipe_end(ino)));
-                        let outputs = match ends {
-                            Some([PipeEnd::Tail(out), PipeEnd::Tail(err)]) => (
-                                last_lines(&out, OUTPUT_LINES),
-                                last_lines(&err, OUTPUT_LINES),
-                            ),
-                            Some(ends) if ends.contains(&PipeEnd::Open) && now < until => {
-                                pending.push((name, past));
-                                continue;
-                            }
-                            // No keeper, or one that does not tell, or that took too long:
-                            // the log files.
-                            _ => e.logs.outputs(OUTPUT_LINES),
-                        };
-                        w.failing.remove(&name);
-                        failed_result(e, outputs)
-                    }
-                    (Settled::Pending, Some(_)) => {
-                        pending.push((name, past));
-                        continue;
-                    }
-                };
-                w.results.push(result.on_instance(&instance).on_node(&name));
+        if self.waiters.is_empty() {
+            return;
+        }
+        let now = self.now();
+        let view = WaitView {
+            nodes: &self.nodes,
+            keeper: self.cfg.keeper.as_ref(),
+        };
+        let step = self.waiters.settle(now, &self.cfg.instance, &view);
+        for at in &step.read_outputs {
+            let outputs = self
+                .nodes
+                .get(&at.node)
+                .map(|e| e.logs.outputs(waiters::OUTPUT_LINES))
+                .unwrap_or_default();
+            self.waiters.fill(at, outputs);
+        }
+        for (id, progress) in step.progress {
+            if let Some(tx) = self.waiters.handle(id).and_then(|r| r.progress.as_ref()) {
+                tx.send_replace(progress);
             }
-            if let Some(p) = &w.progress
-                && w.results.len() > before
-            {
-                w.deadline = now + p.idle;
-                p.tx.send_replace(Progress {
-                    done: count(w.results.len()),
-                    total: count(w.results.len() + pending.len()),
-                });
-            }
-            if now >= w.deadline {
-                for (name, _) in pending.drain(..) {
-                    let state = self
-                        .nodes
-                        .get(&name)
-                        .map_or("gone", |e| to_model_state(e.machine.state()).as_str());
-                    w.results.push(
-                        MgmtResult::err(
-                            "",
-                            format!("timed out waiting for node '{name}' (state {state})"),
-                        )
-                        .on_instance(&instance)
-                        .on_node(&name),
-                    );
-                }
-            }
-            w.nodes = pending;
-            if w.nodes.is_empty() {
-                let w = self.waiters.swap_remove(i);
-                let _ = w.reply.send(w.results);
-            } else {
-                i += 1;
-            }
+        }
+        for (r, results) in self.waiters.answers() {
+            let _ = r.reply.send(results);
         }
     }
 
@@ -3038,26 +2961,47 @@ fn remove_cgroup(cg: PathBuf) {
     });
 }
 
-/// The result of a request for node `e`, which failed, with its `outputs` (stdout and
-/// stderr) and, in its stderr, why the agent could not run it, if it could not.
-fn failed_result(e: &Entry, outputs: (String, String)) -> MgmtResult {
-    let (stdout, mut stderr) = outputs;
-    // An exec error is not in the node's output: the node never ran.
-    if let Some(err) = &e.last_error {
-        if !stderr.is_empty() {
-            stderr.push('\n');
-        }
-        stderr.push_str(&format!("drover-agent: {err}"));
-    }
-    let mut r = MgmtResult::err("", failure_text(e));
-    r.data = Some(ResultData::NodeOutputs(NodeOutputs { stdout, stderr }));
-    r
+/// What [`Waiters`] sees of the supervisor's nodes and the log keeper.
+struct WaitView<'a> {
+    nodes: &'a BTreeMap<String, Entry>,
+    keeper: Option<&'a crate::keeper::Keeper>,
 }
 
-/// The last `n` lines of `text`, joined by newlines (as [`NodeLogs::outputs`] gives).
-fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+impl waiters::View for WaitView<'_> {
+    fn seen(&self, node: &str) -> Option<converge::Seen> {
+        self.nodes.get(node).map(|e| converge::Seen {
+            state: e.machine.state(),
+            has_process: e.machine.has_process(),
+            stopping: e.machine.is_stopping(),
+            spawns: e.generation,
+        })
+    }
+
+    fn state_name(&self, node: &str) -> &'static str {
+        self.nodes
+            .get(node)
+            .map_or("gone", |e| to_model_state(e.machine.state()).as_str())
+    }
+
+    fn failure(&self, node: &str) -> waiters::Failure {
+        self.nodes
+            .get(node)
+            .map(|e| waiters::Failure {
+                text: failure_text(e),
+                last_error: e.last_error.clone(),
+                pipes: e.last_pipes.filter(|_| self.keeper.is_some()),
+            })
+            .unwrap_or_default()
+    }
+
+    fn pipe_end(&self, ino: u64) -> PipeEnd {
+        self.keeper.map_or(PipeEnd::Closed, |k| k.pipe_end(ino))
+    }
+}
+
+/// Whole milliseconds of `d`, as the pure cores count time.
+fn millis(d: Duration) -> Millis {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn failure_text(e: &Entry) -> String {
