@@ -787,10 +787,12 @@ fn clone3_works() -> bool {
     cfg!(target_arch = "x86_64") && CLONE3.load(Ordering::Relaxed) != CLONE3_NO
 }
 
-/// True for the errors of a kernel without `clone3` or `CLONE_INTO_CGROUP` (or a
-/// seccomp filter that hides it, as container runtimes' defaults do).
+/// True for the errors of a kernel without `clone3` or `CLONE_INTO_CGROUP`, or of a
+/// seccomp filter that hides it (container runtimes' defaults answer `ENOSYS`, some
+/// older ones `EPERM`). The child then moves itself, which fails with a clear error
+/// where the move itself is not allowed.
 fn clone3_unsupported(errno: i32) -> bool {
-    matches!(errno, libc::ENOSYS | libc::EINVAL | libc::E2BIG)
+    matches!(errno, libc::ENOSYS | libc::EINVAL | libc::E2BIG | libc::EPERM)
 }
 
 /// Opens the `cgroup.procs` of the cgroup directory `dir`.
