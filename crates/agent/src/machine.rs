@@ -418,6 +418,9 @@ enum Phase {
     Spawning {
         /// `stop` arrived meanwhile: stop the process as soon as it exists.
         stop_requested: bool,
+        /// `start` arrived after that `stop`: once the process is gone, spawn again
+        /// (a restart asked for during a spawn wants a process spawned after it).
+        then_start: bool,
     },
     /// Process alive, not ready; readiness deadline armed. `Pending`.
     Starting { deadline: Millis },
@@ -553,7 +556,8 @@ impl Machine {
             self.phase,
             Phase::Stopping { .. }
                 | Phase::Spawning {
-                    stop_requested: true
+                    stop_requested: true,
+                    ..
                 }
         )
     }
@@ -584,11 +588,16 @@ impl Machine {
                 m.spawn(out);
             }
             Phase::Backoff { .. } => m.spawn(out),
-            Phase::Spawning { .. } => {
+            Phase::Spawning {
+                stop_requested: true,
+                ..
+            } => {
                 m.phase = Phase::Spawning {
-                    stop_requested: false,
+                    stop_requested: true,
+                    then_start: true,
                 };
             }
+            Phase::Spawning { .. } => {}
             Phase::Stopping { kill_at, .. } => {
                 m.phase = Phase::Stopping {
                     kill_at,
@@ -607,6 +616,7 @@ impl Machine {
             Phase::Spawning { .. } => {
                 m.phase = Phase::Spawning {
                     stop_requested: true,
+                    then_start: false,
                 };
             }
             Phase::Starting { .. } | Phase::Running => m.begin_stop(now, out),
@@ -634,13 +644,23 @@ impl Machine {
     #[must_use = "the returned actions must be executed"]
     pub fn spawned(&mut self, now: Millis, pid: u32) -> Vec<Action> {
         self.step(now, |m, out| {
-            if let Phase::Spawning { stop_requested } = m.phase {
+            if let Phase::Spawning {
+                stop_requested,
+                then_start,
+            } = m.phase
+            {
                 m.pid = Some(pid);
                 m.started_at = Some(now);
                 m.last_spawn = Some(now);
                 m.ready_at = None;
                 if stop_requested {
                     m.begin_stop(now, out);
+                    if let Phase::Stopping { kill_at, .. } = m.phase {
+                        m.phase = Phase::Stopping {
+                            kill_at,
+                            then_start,
+                        };
+                    }
                 } else {
                     m.arm_readiness(now);
                 }
@@ -653,10 +673,19 @@ impl Machine {
     #[must_use = "the returned actions must be executed"]
     pub fn spawn_failed(&mut self, now: Millis, error: String) -> Vec<Action> {
         self.step(now, |m, out| {
-            if let Phase::Spawning { stop_requested } = m.phase {
+            if let Phase::Spawning {
+                stop_requested,
+                then_start,
+            } = m.phase
+            {
                 m.last_spawn_error = Some(error);
                 m.last_spawn = Some(now);
-                if stop_requested {
+                if stop_requested && then_start {
+                    // The spawn that failed was asked for before the restart: the
+                    // restart's own spawn comes now.
+                    m.consecutive_failures = 0;
+                    m.spawn(out);
+                } else if stop_requested {
                     m.phase = Phase::Idle;
                     m.set_state(State::Stopped, out);
                 } else {
@@ -867,6 +896,7 @@ impl Machine {
     fn spawn(&mut self, out: &mut Vec<Action>) {
         self.phase = Phase::Spawning {
             stop_requested: false,
+            then_start: false,
         };
         self.pid = None;
         self.started_at = None;
@@ -953,6 +983,40 @@ mod tests {
         f(&mut config);
         config.validate().expect("test config is valid");
         Machine::new(config)
+    }
+
+    #[test]
+    fn a_restart_asked_for_while_a_spawn_is_under_way_gets_a_process_spawned_after_it() {
+        let mut m = machine(|_| {});
+        assert_eq!(m.start(0), vec![StateChanged(State::Pending), Spawn]);
+        // Restart (stop, then start) before the spawn's answer.
+        assert!(m.stop(1).is_empty());
+        assert!(m.is_stopping());
+        assert!(m.start(1).is_empty());
+        // The process spawned for the earlier request is stopped once it exists…
+        assert_eq!(m.spawned(2, 7), vec![SignalStop]);
+        // …and a new one spawned once it is gone.
+        assert_eq!(m.exited(3, Signal(15)), vec![Spawn]);
+        assert_eq!(m.spawned(4, 8), vec![]);
+        assert!(!m.is_stopping());
+        assert_eq!(m.pid(), Some(8));
+        // A stop alone during a spawn stops it; a start alone changes nothing.
+        let mut m = machine(|_| {});
+        let _ = m.start(0);
+        assert!(m.start(1).is_empty());
+        assert!(m.spawned(2, 9).is_empty());
+        let mut m = machine(|_| {});
+        let _ = m.start(0);
+        let _ = m.stop(1);
+        assert_eq!(m.spawned(2, 10), vec![SignalStop]);
+        assert_eq!(m.exited(3, Signal(15)), vec![StateChanged(State::Stopped)]);
+        // The earlier request's spawn failing: the restart's spawn follows at once.
+        let mut m = machine(|_| {});
+        let _ = m.start(0);
+        let _ = m.stop(1);
+        let _ = m.start(1);
+        assert_eq!(m.spawn_failed(2, "no such file".into()), vec![Spawn]);
+        assert_eq!(m.consecutive_failures(), 0);
     }
 
     #[test]
