@@ -413,6 +413,56 @@ fn two_nodes(p: &str, a: &str, b: &str) -> String {
     )
 }
 
+/// An Apply that changes nodes whose spawns for the previous Apply are still under
+/// way: each ends up running the new spec (the process spawned for the old one is
+/// stopped once it exists), and the new Apply's answer waits for that, not for a
+/// deadline.
+#[test]
+fn an_apply_that_changes_nodes_being_spawned_runs_the_new_spec() {
+    let w = World::new();
+    const N: usize = 40;
+    let nodes = |version: &str| -> String {
+        (0..N)
+            .map(|i| {
+                format!(
+                    "[nodes.n{i:02}]\ninstance = \"agent-1\"\ncommand = [\"{}\", \"--print\", \"{version}\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+                    prog()
+                )
+            })
+            .collect()
+    };
+    let config = |generation: u64, version: &str| {
+        let text = format!("[instances.agent-1]\n{}", nodes(version));
+        let c = parse_toml("test.toml", &text).unwrap();
+        (c, generation)
+    };
+    let (c1, g1) = config(1, "first");
+    let (c2, g2) = config(2, "second");
+    let started = Instant::now();
+    let (r1, r2) = w.rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Both handed over at once: the second is carried out while the first's
+        // spawns are still under way.
+        tokio::join!(
+            w.sup.apply(c1, false, g1, deadline, None),
+            w.sup.apply(c2, false, g2, deadline, None)
+        )
+    });
+    assert_eq!(r1.len(), N, "{r1:?}");
+    assert!(r2.iter().all(|r| r.success), "{r2:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "answered when the nodes ran, not at the deadline"
+    );
+    for (name, s) in w.status() {
+        assert_eq!(s.state, State::Running, "{name}");
+        let pid = s.pid.unwrap();
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let cmd = String::from_utf8_lossy(&cmd);
+        assert!(cmd.contains("second"), "{name} runs {cmd:?}");
+    }
+}
+
 #[test]
 fn apply_by_generation_repeats_nothing_refuses_older_and_diffs_specs() {
     let w = World::new();
