@@ -792,7 +792,10 @@ fn clone3_works() -> bool {
 /// older ones `EPERM`). The child then moves itself, which fails with a clear error
 /// where the move itself is not allowed.
 fn clone3_unsupported(errno: i32) -> bool {
-    matches!(errno, libc::ENOSYS | libc::EINVAL | libc::E2BIG | libc::EPERM)
+    matches!(
+        errno,
+        libc::ENOSYS | libc::EINVAL | libc::E2BIG | libc::EPERM
+    )
 }
 
 /// Opens the `cgroup.procs` of the cgroup directory `dir`.

@@ -42,8 +42,11 @@
 //!   `Stopped`/`Failed` it resets the failure streak and issues `Spawn`; from
 //!   `Crashed` it spawns at once (skipping the rest of the backoff) but keeps
 //!   the streak; while a stop is in progress it schedules a fresh spawn for
-//!   when the old process has exited (operator "restart" = `stop` + `start`).
-//!   Otherwise a no-op.
+//!   when the old process has exited (operator "restart" = `stop` + `start`),
+//!   also when the stop came while a spawn was under way: the process of that
+//!   spawn is stopped once it exists, and a new one spawned after it. Otherwise
+//!   a no-op. [`Machine::reconfigure`] gives a restart for a changed spec the
+//!   new settings.
 //! * [`Machine::spawned`] / [`Machine::spawn_failed`]: the shell's answer to
 //!   exactly one `Spawn`. A spawn failure (e.g. `ENOENT`) counts as a failed
 //!   start and goes through backoff like any other; there is no
