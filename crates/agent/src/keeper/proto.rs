@@ -319,6 +319,26 @@ mod tests {
     }
 
     #[test]
+    fn a_closed_notice_carries_its_tail_and_reads_without_one() {
+        let msg = Msg::Closed {
+            ino: 7,
+            tail: Some("last words\n".into()),
+        };
+        assert_eq!(decode(&encode(&msg), 0).unwrap(), msg);
+        // From a keeper that predates tails.
+        assert_eq!(
+            decode(br#"{"type":"closed","ino":7}"#, 0).unwrap(),
+            Msg::Closed { ino: 7, tail: None }
+        );
+        // The largest tail, every byte escaped, still fits a message.
+        let worst = Msg::Closed {
+            ino: u64::MAX,
+            tail: Some("\u{1}".repeat(TAIL_MAX)),
+        };
+        assert!(encode(&worst).len() <= MAX_MESSAGE);
+    }
+
+    #[test]
     fn bad_packets_are_errors_not_panics() {
         assert!(matches!(decode(b"", 0), Err(BadMessage::Invalid(_))));
         assert!(matches!(
