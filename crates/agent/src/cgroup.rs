@@ -527,6 +527,7 @@ mod tests {
                 dir: ready.dir.as_fd(),
                 create: ready.fresh,
             }),
+            join: &[],
         })
         .unwrap();
         u32::try_from(pid).unwrap()

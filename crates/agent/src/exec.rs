@@ -483,7 +483,7 @@ impl Stage {
     fn what(self, plan: &Plan, index: u32) -> String {
         match self {
             Self::None | Self::Exec => String::new(),
-            Self::Cgroup => "cannot enter its cgroup".to_owned(),
+            Self::Cgroup => "cannot enter its cgroups".to_owned(),
             Self::Pgroup => "cannot make a process group".to_owned(),
             Self::Stdio => "cannot set up stdin, stdout and stderr".to_owned(),
             Self::Chdir => "cannot enter the working directory".to_owned(),
@@ -513,9 +513,10 @@ struct Child<'a> {
     stderr: libc::c_int,
     plan: &'a Plan,
     last_cap: u32,
-    /// The `cgroup.procs` of the cgroup the child moves itself into first, or -1:
-    /// where `clone3` cannot start it there.
-    cgroup_procs: libc::c_int,
+    /// The `cgroup.procs` files the child moves itself into first (its v1 cgroups, and
+    /// its v2 one where `clone3` cannot start it there): the first `joins` of them.
+    join: [libc::c_int; MAX_JOIN],
+    joins: usize,
     /// stage << 48 | index << 16 | errno; 0 while nothing failed.
     failure: AtomicU64,
 }
@@ -580,12 +581,12 @@ impl Child<'_> {
                 restorer: 0,
                 mask: 0,
             };
-            if self.cgroup_procs >= 0 {
-                // Before anything can fork: "0" is the writing process.
+            // Before anything can fork: "0" is the writing process.
+            for (i, fd) in self.join[..self.joins].iter().enumerate() {
                 try_sys!(
                     Stage::Cgroup,
-                    0,
-                    libc::syscall(libc::SYS_write, self.cgroup_procs, c"0".as_ptr(), 1usize)
+                    i as u32,
+                    libc::syscall(libc::SYS_write, *fd, c"0".as_ptr(), 1usize)
                 );
             }
             for sig in 1..=64 {
@@ -908,6 +909,10 @@ unsafe fn clone3_vfork_into(_: libc::c_int, _: &Child<'_>, _: usize, _: usize) -
     Err(libc::ENOSYS)
 }
 
+/// The most `cgroup.procs` files a child moves itself into: one per cgroup v1
+/// hierarchy with a controller for limits, and its v2 cgroup.
+const MAX_JOIN: usize = 8;
+
 /// The child's stack: enough for [`Child::run`], which calls nothing deep.
 const STACK: usize = 64 * 1024;
 
@@ -924,15 +929,28 @@ pub fn spawn(spec: &SpawnSpec<'_>, plan: &Plan) -> io::Result<i32> {
         Some(c) if !c.create || !clone3_works() => Some(open_procs(c.dir.as_raw_fd())?),
         _ => None,
     };
+    if spec.join.len() + 2 > MAX_JOIN {
+        return Err(io::Error::other("too many cgroups to join"));
+    }
+    let mut join = [-1; MAX_JOIN];
+    for (slot, fd) in join.iter_mut().zip(spec.join) {
+        *slot = fd.as_raw_fd();
+    }
     let mut child = Child {
         args: &args,
         stdout: spec.stdout.as_raw_fd(),
         stderr: spec.stderr.as_raw_fd(),
         plan,
         last_cap: last_cap(),
-        cgroup_procs: procs.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+        join,
+        joins: spec.join.len(),
         failure: AtomicU64::new(0),
     };
+    let moves_itself = procs.is_some();
+    if let Some(fd) = &procs {
+        child.join[child.joins] = fd.as_raw_fd();
+        child.joins += 1;
+    }
     let mut stack: Vec<u8> = Vec::with_capacity(STACK + 16);
     // The stack grows down from its top, 16-byte aligned.
     let base = (stack.as_mut_ptr() as usize + 15) & !15;
@@ -954,7 +972,7 @@ pub fn spawn(spec: &SpawnSpec<'_>, plan: &Plan) -> io::Result<i32> {
     let mut cloned = false;
     let mut opened = None;
     if let Some(dir) = into
-        && child.cgroup_procs < 0
+        && !moves_itself
     {
         // SAFETY: as for `clone_vfork` below; `base..top` is the child's stack.
         result = unsafe { clone3_vfork_into(dir, &child, base, STACK) };
@@ -965,7 +983,8 @@ pub fn spawn(spec: &SpawnSpec<'_>, plan: &Plan) -> io::Result<i32> {
                 CLONE3.store(CLONE3_NO, Ordering::Relaxed);
                 match open_procs(dir) {
                     Ok(fd) => {
-                        child.cgroup_procs = fd.as_raw_fd();
+                        child.join[child.joins] = fd.as_raw_fd();
+                        child.joins += 1;
                         opened = Some(fd);
                     }
                     Err(e) => {
@@ -1091,6 +1110,7 @@ mod tests {
                 stderr: out.as_fd(),
                 exec: Some(plan),
                 cgroup: None,
+                join: &[],
             },
             plan,
         )

@@ -23,18 +23,21 @@
 //!
 //! # Placing a node in its v1 cgroups
 //!
-//! Before the exec, not after: cgroup v1 lets one thread change cgroups, so the agent
-//! moves the spawning thread into the node's v1 cgroups, spawns (the child is created
-//! in them, and its memory after `exec` is charged there, since a new address space
-//! belongs to the process that made it), and moves the thread back. Nothing the node
-//! forks or allocates escapes its limits. `pids.max` and the CPU quota are written only
-//! after the thread has left, so the agent's thread is never throttled by a node's
-//! quota nor counted against its pids. On v2 a node is created in its cgroup (see
+//! Before the exec, not after: the child moves itself into the node's v1 cgroups as
+//! the first thing it does (a write of "0" to each one's `cgroup.procs`, opened by the
+//! agent beforehand, see [`crate::exec::spawn`]), so its memory after `exec` is charged
+//! there (a new address space belongs to the process that made it) and nothing the
+//! node forks or allocates escapes its limits. The agent's own threads never change
+//! cgroups: each move waits for an RCU grace period, and moving the spawning thread in
+//! and out took two per hierarchy. `pids.max` and the CPU quota are written only once
+//! the node runs, so its first steps are never throttled by its quota while the
+//! spawning thread waits for them. On v2 a node is created in its cgroup (see
 //! [`crate::cgroup`]), whose limits are written before.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use drover_proto::model::Node;
@@ -204,9 +207,7 @@ impl Limits {
 /// A v1 hierarchy the agent may use for one controller.
 #[derive(Debug, Clone)]
 struct V1 {
-    /// The agent's own cgroup in it, where the spawning thread goes back to.
-    own: PathBuf,
-    /// `<own>/<subtree name>/nodes`.
+    /// `<the agent's own cgroup in it>/<subtree name>/nodes`.
     nodes: PathBuf,
 }
 
@@ -231,7 +232,7 @@ pub struct Host {
 /// whether it has v2 limits.
 #[derive(Debug, Default)]
 pub struct Placement {
-    v1: Vec<(PathBuf, PathBuf)>,
+    v1: Vec<PathBuf>,
     late: Vec<(PathBuf, String)>,
 }
 
@@ -267,13 +268,7 @@ impl Host {
             let nodes = own_dir.join(subtree).join("nodes");
             match fs::create_dir_all(&nodes) {
                 Ok(()) => {
-                    host.v1.insert(
-                        ctl,
-                        V1 {
-                            own: own_dir,
-                            nodes,
-                        },
-                    );
+                    host.v1.insert(ctl, V1 { nodes });
                 }
                 Err(e) => {
                     host.v1_why
@@ -373,9 +368,9 @@ impl Host {
                 .get(&w.ctl)
                 .ok_or_else(|| io::Error::other(self.refusal(node, w.setting, w.ctl, None)))?;
             let dir = v1.nodes.join(node);
-            if !placement.v1.iter().any(|(d, _)| *d == dir) {
+            if !placement.v1.contains(&dir) {
                 make_dir(&dir)?;
-                placement.v1.push((dir.clone(), v1.own.clone()));
+                placement.v1.push(dir.clone());
             }
             let path = dir.join(w.file);
             if w.late {
@@ -523,41 +518,22 @@ impl Host {
 }
 
 impl Placement {
-    /// True when the spawning thread must enter v1 cgroups.
-    pub fn is_empty(&self) -> bool {
-        self.v1.is_empty() && self.late.is_empty()
-    }
-
-    /// Moves the calling thread into the node's v1 cgroups; on an error, back out.
-    pub fn enter(&self) -> io::Result<()> {
-        let tid = tid();
-        for (i, (dir, _)) in self.v1.iter().enumerate() {
-            if let Err(e) = write(&dir.join("tasks"), &tid) {
-                self.leave_first(i);
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot enter {}: {e}", dir.display()),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn leave_first(&self, n: usize) {
-        let tid = tid();
-        for (_, own) in self.v1.iter().take(n) {
-            if let Err(e) = write(&own.join("tasks"), &tid) {
-                tracing::warn!(
-                    "cannot move the agent's thread back to {}: {e}",
-                    own.display()
-                );
-            }
-        }
-    }
-
-    /// Moves the calling thread back to the agent's own v1 cgroups.
-    pub fn leave(&self) {
-        self.leave_first(self.v1.len());
+    /// Opens the `cgroup.procs` of each of the node's v1 cgroups, for the child to move
+    /// itself into them before it execs (see [`crate::exec::spawn`]).
+    pub fn open_procs(&self) -> io::Result<Vec<std::os::fd::OwnedFd>> {
+        self.v1
+            .iter()
+            .map(|dir| {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(dir.join("cgroup.procs"))
+                    .map(std::os::fd::OwnedFd::from)
+                    .map_err(|e| {
+                        io::Error::new(e.kind(), format!("cannot enter {}: {e}", dir.display()))
+                    })
+            })
+            .collect()
     }
 
     /// Writes the limits that wait for the node to run (`pids.max`, the CPU quota).
@@ -567,10 +543,6 @@ impl Placement {
         }
         Ok(())
     }
-}
-
-fn tid() -> String {
-    nix::unistd::gettid().to_string()
 }
 
 fn make_dir(dir: &Path) -> io::Result<()> {

@@ -3,9 +3,8 @@
 //!
 //! Spawning a node is blocking work: its working directory and files, its output
 //! (pipes handed to the log keeper, or log files rotated and opened), the record that
-//! announces the spawn's token, cgroup limits and placement (a v1 migration waits for
-//! an RCU grace period), the affinity of the spawning thread, and `posix_spawn` or the
-//! vfork-style clone into the node's cgroup. The supervisor task prepares a [`Job`]
+//! announces the spawn's token, cgroup limits, the affinity of the spawning thread,
+//! and `posix_spawn` or the vfork-style clone into the node's cgroups. The supervisor task prepares a [`Job`]
 //! (cheap: names, environment, the resolved plan), hands it over and goes on answering
 //! requests and firing timers; the spawners take jobs in the order given and report
 //! each as an [`Outcome`] through the supervisor's event queue. The node's machine
@@ -265,6 +264,11 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
     } else {
         None
     };
+    // The child moves itself into its cgroup v1 limits (see [`crate::limits`]).
+    let v1 = placement
+        .open_procs()
+        .map_err(|err| format!("node '{name}': cannot set its resource limits: {err}"))?;
+    let join: Vec<std::os::fd::BorrowedFd<'_>> = v1.iter().map(std::os::fd::AsFd::as_fd).collect();
     let launch = sys::SpawnSpec {
         program,
         args: &job.args,
@@ -278,6 +282,7 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
             dir: std::os::fd::AsFd::as_fd(&ready.dir),
             create: ready.fresh,
         }),
+        join: &join,
     };
     let previous = match &job.cpus {
         Some(c) => Some(sys::set_thread_affinity(c).map_err(|err| {
@@ -291,18 +296,6 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
         })?),
         None => None,
     };
-    // The spawning thread takes the node into its cgroup v1 limits (see
-    // [`crate::limits`]).
-    if !placement.is_empty()
-        && let Err(err) = placement.enter()
-    {
-        if let Some(prev) = &previous {
-            let _ = sys::restore_thread_affinity(prev);
-        }
-        return Err(format!(
-            "node '{name}': cannot set its resource limits: {err}"
-        ));
-    }
     let spawned = {
         let _spawning = cx
             .in_flight
@@ -319,7 +312,6 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
         }
         spawned
     };
-    placement.leave();
     if let Some(prev) = &previous
         && let Err(err) = sys::restore_thread_affinity(prev)
     {

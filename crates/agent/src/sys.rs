@@ -545,6 +545,9 @@ pub struct SpawnSpec<'a> {
     pub exec: Option<&'a crate::exec::Plan>,
     /// The cgroup v2 the child is to start in (see [`crate::exec::spawn`]), if any.
     pub cgroup: Option<IntoCgroup<'a>>,
+    /// `cgroup.procs` files (cgroup v1) the child moves itself into before anything
+    /// else (see [`crate::limits`]).
+    pub join: &'a [BorrowedFd<'a>],
 }
 
 /// Where [`SpawnSpec::cgroup`] puts the child.
@@ -641,13 +644,13 @@ pub fn resolve_program(program: &str, path: &str) -> io::Result<std::path::PathB
 /// ignored, and std's `Command` resets only SIGPIPE. Returns the child's pid; exec
 /// errors (`ENOENT`, `EACCES`, `ENOEXEC`, ...) are the error. The child inherits the
 /// calling thread's CPU affinity. Reap it with [`wait_child`]. A spec with a
-/// non-empty [`SpawnSpec::exec`] plan or a [`SpawnSpec::cgroup`] is spawned by
-/// [`crate::exec::spawn`] instead.
+/// non-empty [`SpawnSpec::exec`] plan, a [`SpawnSpec::cgroup`] or cgroups to
+/// [`SpawnSpec::join`] is spawned by [`crate::exec::spawn`] instead.
 pub fn spawn_clean(spec: &SpawnSpec<'_>) -> io::Result<i32> {
     if let Some(plan) = spec.exec.filter(|p| !p.is_empty()) {
         return crate::exec::spawn(spec, plan);
     }
-    if spec.cgroup.is_some() {
+    if spec.cgroup.is_some() || !spec.join.is_empty() {
         return crate::exec::spawn(spec, &crate::exec::Plan::default());
     }
     // Kept whole: the pointer arrays point into its strings.
@@ -1561,6 +1564,7 @@ mod tests {
             stderr: out.as_fd(),
             exec: None,
             cgroup: None,
+            join: &[],
         }
     }
 

@@ -125,28 +125,31 @@ fn agent_spawns(n: u32) -> anyhow::Result<()> {
     }
     let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
     let cwd = std::env::temp_dir();
-    let spawn_only =
-        |plan: &Plan, cgroup: Option<drover_agent::sys::IntoCgroup<'_>>| -> io::Result<i32> {
-            use std::os::fd::AsFd;
-            drover_agent::sys::spawn_clean(&drover_agent::sys::SpawnSpec {
-                program: "/bin/true",
-                args: &[],
-                env: vec!["PATH=/usr/bin:/bin".to_owned()],
-                path: "/usr/bin:/bin",
-                cwd: &cwd,
-                stdout: null.as_fd(),
-                stderr: null.as_fd(),
-                exec: Some(plan),
-                cgroup,
-            })
-        };
+    let spawn_only = |plan: &Plan,
+                      cgroup: Option<drover_agent::sys::IntoCgroup<'_>>,
+                      join: &[std::os::fd::BorrowedFd<'_>]|
+     -> io::Result<i32> {
+        use std::os::fd::AsFd;
+        drover_agent::sys::spawn_clean(&drover_agent::sys::SpawnSpec {
+            program: "/bin/true",
+            args: &[],
+            env: vec!["PATH=/usr/bin:/bin".to_owned()],
+            path: "/usr/bin:/bin",
+            cwd: &cwd,
+            stdout: null.as_fd(),
+            stderr: null.as_fd(),
+            exec: Some(plan),
+            cgroup,
+            join,
+        })
+    };
     // The last row, when there is one, goes through the agent's cgroup steps around
     // the spawn, as the supervisor takes them for a node with limits.
     let last = rows.len() - 1;
     let spawn = |i: usize, plan: &Plan| -> io::Result<i32> {
         match contained.as_ref().filter(|_| i == last) {
-            Some(c) => c.spawn(|into| spawn_only(plan, Some(into))),
-            None => spawn_only(plan, None),
+            Some(c) => c.spawn(|into, join| spawn_only(plan, Some(into), join)),
+            None => spawn_only(plan, None, &[]),
         }
     };
     let reap = |pid: i32| -> anyhow::Result<()> {
@@ -239,23 +242,28 @@ impl Contained {
         }))
     }
 
-    /// The supervisor's steps: the v2 cgroup made ready, limits written, the thread
-    /// in the v1 cgroups around the spawn (which creates the child in its v2 cgroup),
-    /// the late limits.
+    /// The supervisor's steps: the v2 cgroup made ready, limits written, the spawn
+    /// (which creates the child in its v2 cgroup, and in which it moves itself into
+    /// its v1 cgroups before it execs), the late limits.
     fn spawn(
         &self,
-        spawn: impl FnOnce(drover_agent::sys::IntoCgroup<'_>) -> io::Result<i32>,
+        spawn: impl FnOnce(
+            drover_agent::sys::IntoCgroup<'_>,
+            &[std::os::fd::BorrowedFd<'_>],
+        ) -> io::Result<i32>,
     ) -> io::Result<i32> {
         use std::os::fd::AsFd;
         let ready = self.cgroups.prepare(&self.node)?;
         let placement = self.host.prepare(Self::NODE, &self.limits)?;
-        placement.enter()?;
-        let pid = spawn(drover_agent::sys::IntoCgroup {
-            dir: ready.dir.as_fd(),
-            create: ready.fresh,
-        });
-        placement.leave();
-        let pid = pid?;
+        let v1 = placement.open_procs()?;
+        let join: Vec<_> = v1.iter().map(AsFd::as_fd).collect();
+        let pid = spawn(
+            drover_agent::sys::IntoCgroup {
+                dir: ready.dir.as_fd(),
+                create: ready.fresh,
+            },
+            &join,
+        )?;
         placement.finish()?;
         Ok(pid)
     }

@@ -378,6 +378,7 @@ impl Inner {
             stderr: log.as_fd(),
             exec: None,
             cgroup: None,
+            join: &[],
         })?;
         debug!(pid, "started a log keeper");
         Ok(())
