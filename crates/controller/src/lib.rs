@@ -627,6 +627,9 @@ async fn take_over(shared: Arc<Shared>, revision: i64) -> Result<(), String> {
 async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let addr = incoming.remote_address();
     let timeout = shared.transport.hello_timeout;
+    // Before the handshake verifies the peer: unless a reload happens meanwhile, that
+    // verification stands and the peer is not checked a second time when tracked.
+    let epoch = shared.trust.credentials().epoch();
     let (conn, identity) = match conn::accept(incoming, timeout).await {
         Ok(c) => c,
         Err(e) => {
@@ -635,7 +638,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     };
     // Tracked for the connection's whole life, so that a reload can close it.
-    let _tracked = match shared.trust.track_quic(&conn, None) {
+    let _tracked = match shared.trust.track_quic_since(&conn, None, &epoch) {
         Ok(t) => t,
         Err(e) => {
             warn!(%addr, peer = %identity, "refused connection: {e}");
