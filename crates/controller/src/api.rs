@@ -1219,11 +1219,11 @@ pub(crate) async fn reapply(
     shared: &Arc<Shared>,
     name: &str,
     conn: &quinn::Connection,
-    desired: &Deploy,
+    desired: &Arc<Deploy>,
 ) {
     let req = ControllerRequest::Apply {
         generation: desired.generation,
-        config: Box::new(crate::zeek::layout::share_for(&desired.config, name)),
+        config: Box::new(shared.share_of(desired, name)),
         restart_all: false,
         progress: false,
     };

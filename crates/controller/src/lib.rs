@@ -187,6 +187,18 @@ pub(crate) struct Shared {
     pub(crate) ports: drover_proto::ports::PortPolicy,
     /// The audit trail.
     pub(crate) audit: audit::Trail,
+    /// Every instance's share of the desired deploy, made once per deploy for the
+    /// re-applies of returning agents: made for each agent on its own, a reconnect
+    /// storm of N agents would scan the whole configuration N times.
+    pub(crate) shares: std::sync::Mutex<Option<DeployShares>>,
+}
+
+/// The shares of one deploy, by instance; the deploy is held so that its address
+/// identifies it.
+#[derive(Debug)]
+pub(crate) struct DeployShares {
+    deploy: Arc<store::Deploy>,
+    shares: BTreeMap<String, drover_proto::model::Configuration>,
 }
 
 impl Shared {
@@ -204,6 +216,30 @@ impl Shared {
         // Every change to the view is made under one lock call that cannot panic
         // half-way, so poisoning is ignored.
         self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `instance`'s share of `deploy` (see [`Shared::shares`]).
+    pub(crate) fn share_of(
+        &self,
+        deploy: &Arc<store::Deploy>,
+        instance: &str,
+    ) -> drover_proto::model::Configuration {
+        let mut cached = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = cached
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.deploy, deploy));
+        if !fresh {
+            let names = deploy.config.instances.iter().map(|i| i.name.as_str());
+            *cached = Some(DeployShares {
+                deploy: deploy.clone(),
+                shares: zeek::layout::shares(&deploy.config, names),
+            });
+        }
+        match cached.as_ref().and_then(|c| c.shares.get(instance)) {
+            Some(share) => share.clone(),
+            // Not an instance of the deploy: its (empty) share, as a deploy sends it.
+            None => zeek::layout::share_for(&deploy.config, instance),
+        }
     }
 
     /// Publishes events produced under the view's lock, once it is released.
@@ -466,6 +502,7 @@ impl Controller {
                 dialers: std::sync::Mutex::default(),
                 ports,
                 audit,
+                shares: std::sync::Mutex::default(),
             }),
         })
     }
