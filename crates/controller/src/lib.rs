@@ -201,6 +201,33 @@ pub(crate) struct DeployShares {
     shares: BTreeMap<String, drover_proto::model::Configuration>,
 }
 
+impl DeployShares {
+    /// `instance`'s share of `deploy`, from `cache`, which is made anew (in one pass over
+    /// the configuration) when it holds another deploy's shares or none.
+    fn share(
+        cache: &std::sync::Mutex<Option<Self>>,
+        deploy: &Arc<store::Deploy>,
+        instance: &str,
+    ) -> drover_proto::model::Configuration {
+        let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = cached
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.deploy, deploy));
+        if !fresh {
+            let names = deploy.config.instances.iter().map(|i| i.name.as_str());
+            *cached = Some(Self {
+                deploy: deploy.clone(),
+                shares: zeek::layout::shares(&deploy.config, names),
+            });
+        }
+        match cached.as_ref().and_then(|c| c.shares.get(instance)) {
+            Some(share) => share.clone(),
+            // Not an instance of the deploy: its (empty) share, as a deploy sends it.
+            None => zeek::layout::share_for(&deploy.config, instance),
+        }
+    }
+}
+
 impl Shared {
     /// Publishes an event to every `monitor` subscriber.
     pub(crate) fn emit(&self, event: Event) {
@@ -224,22 +251,7 @@ impl Shared {
         deploy: &Arc<store::Deploy>,
         instance: &str,
     ) -> drover_proto::model::Configuration {
-        let mut cached = self.shares.lock().unwrap_or_else(|p| p.into_inner());
-        let fresh = cached
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(&c.deploy, deploy));
-        if !fresh {
-            let names = deploy.config.instances.iter().map(|i| i.name.as_str());
-            *cached = Some(DeployShares {
-                deploy: deploy.clone(),
-                shares: zeek::layout::shares(&deploy.config, names),
-            });
-        }
-        match cached.as_ref().and_then(|c| c.shares.get(instance)) {
-            Some(share) => share.clone(),
-            // Not an instance of the deploy: its (empty) share, as a deploy sends it.
-            None => zeek::layout::share_for(&deploy.config, instance),
-        }
+        DeployShares::share(&self.shares, deploy, instance)
     }
 
     /// Publishes events produced under the view's lock, once it is released.
@@ -1103,4 +1115,50 @@ pub(crate) fn check_revoked(
 /// Name and version of this build, as told to peers.
 pub fn software() -> String {
     format!("drover-controller {}", env!("CARGO_PKG_VERSION"))
+}
+
+#[cfg(test)]
+mod tests {
+    use drover_proto::model::{Configuration, Instance, Node};
+
+    use super::*;
+
+    fn deploy(generation: u64, nodes: &[(&str, &str)]) -> Arc<store::Deploy> {
+        let mut config = Configuration::empty();
+        config.instances = ["a", "b"]
+            .iter()
+            .map(|name| Instance {
+                name: (*name).into(),
+                host: None,
+                port: None,
+            })
+            .collect();
+        config.nodes = nodes.iter().map(|&(n, i)| Node::new(n, i)).collect();
+        Arc::new(store::Deploy { generation, config })
+    }
+
+    #[test]
+    fn a_reapplied_share_is_the_instances_share_of_the_deploy_of_the_moment() {
+        let cache = std::sync::Mutex::default();
+        let first = deploy(1, &[("n1", "a"), ("n2", "b"), ("n3", "a")]);
+        for name in ["a", "b", "not-an-instance"] {
+            assert_eq!(
+                DeployShares::share(&cache, &first, name),
+                zeek::layout::share_for(&first.config, name),
+                "{name}"
+            );
+        }
+        // Another deploy is shared out afresh.
+        let second = deploy(2, &[("n1", "b")]);
+        assert_eq!(
+            DeployShares::share(&cache, &second, "b"),
+            zeek::layout::share_for(&second.config, "b")
+        );
+        assert!(DeployShares::share(&cache, &second, "a").nodes.is_empty());
+        assert_eq!(
+            DeployShares::share(&cache, &first, "a").nodes.len(),
+            2,
+            "the first deploy again"
+        );
+    }
 }
