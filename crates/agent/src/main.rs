@@ -296,14 +296,20 @@ mod tests {
     fn an_agent_of_one_controller_keeps_the_transport_defaults() {
         let d = TransportSettings::default();
         assert_eq!(liveness(None, None, false), (d.keep_alive, d.idle_timeout));
-        assert_eq!(liveness(Some(ms(700)), None, false), (ms(700), d.idle_timeout));
+        assert_eq!(
+            liveness(Some(ms(700)), None, false),
+            (ms(700), d.idle_timeout)
+        );
     }
 
     #[test]
     fn an_agent_of_a_group_notices_a_silent_controller_within_about_a_lease() {
         assert_eq!(liveness(None, None, true), (ms(500), ms(2000)));
         // What is given stands; the other follows it.
-        assert_eq!(liveness(None, Some(ms(10_000)), true), (ms(2000), ms(10_000)));
+        assert_eq!(
+            liveness(None, Some(ms(10_000)), true),
+            (ms(2000), ms(10_000))
+        );
         assert_eq!(liveness(None, Some(ms(1000)), true), (ms(250), ms(1000)));
         assert_eq!(liveness(Some(ms(1500)), None, true), (ms(1500), ms(6000)));
         assert_eq!(liveness(Some(ms(300)), None, true), (ms(300), ms(2000)));

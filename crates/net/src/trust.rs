@@ -440,7 +440,9 @@ mod tests {
         assert!(before.is_current(creds));
         // Once one takes effect, connections verified under the old material are
         // checked again when tracked ([`Trust::track_quic_since`]).
-        let leaf = ca.issue(&LeafSpec::new(PeerRole::Controller, "ctl")).unwrap();
+        let leaf = ca
+            .issue(&LeafSpec::new(PeerRole::Controller, "ctl"))
+            .unwrap();
         std::fs::write(&f.files.cert, &leaf.cert).unwrap();
         write_key(&f.files.key, &leaf.key);
         trust.reload().unwrap();

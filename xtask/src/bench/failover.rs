@@ -199,7 +199,10 @@ fn one_kill(g: &mut Group<'_>, pki: &Path, n: usize, nodes: usize) -> anyhow::Re
         let unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        eprintln!("    killing controller-{leader} at {:.3} (unix)", unix.as_secs_f64());
+        eprintln!(
+            "    killing controller-{leader} at {:.3} (unix)",
+            unix.as_secs_f64()
+        );
     }
     old.child.kill()?;
     old.child.wait()?;
