@@ -585,6 +585,9 @@ impl Agent {
         let names = std::sync::Mutex::new(std::collections::BTreeMap::<usize, String>::new());
         let mut memory = self.leader_memory().clone();
         let lost_term = memory.lost_term();
+        // Before the handshakes verify the controllers: unless a reload happens
+        // meanwhile, that verification stands and is not repeated when tracked.
+        let epoch = self.trust.credentials().epoch();
         let est = conn::dial_leader_with(&self.controllers, &mut memory, |target| {
             let (endpoints, names) = (&endpoints, &names);
             async move {
@@ -645,7 +648,10 @@ impl Agent {
         let checked = self
             .check_revoked(&est.conn, &est.peer)
             .map_err(NetError::Refused)
-            .and_then(|()| self.trust.track_quic(&est.conn, Some(server_name)));
+            .and_then(|()| {
+                self.trust
+                    .track_quic_since(&est.conn, Some(server_name), &epoch)
+            });
         match checked {
             Ok(tracked) => Ok((est, tracked)),
             Err(e) => {

@@ -46,10 +46,12 @@ struct Args {
     /// This agent's private key (PEM, mode 0600).
     #[arg(long, env = "DROVER_KEY")]
     key: Option<PathBuf>,
-    /// Keep-alive interval of the connection [default: 2s].
+    /// Keep-alive interval of the connection [default: 2s; with several controllers, a
+    /// quarter of the idle timeout, at most 2s].
     #[arg(long, env = "DROVER_KEEP_ALIVE", value_parser = humantime::parse_duration)]
     keep_alive: Option<Duration>,
-    /// The controller is lost after this long without hearing from it [default: 10s].
+    /// The controller is lost after this long without hearing from it [default: 10s;
+    /// with several controllers 2s, or four keep-alives if that is longer].
     #[arg(long, env = "DROVER_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
     /// Longest delay between reconnection attempts [default: 5s].
@@ -141,6 +143,42 @@ fn cgroup_setting<'de, D: serde::Deserializer<'de>>(
         .transpose()
 }
 
+/// How soon an agent of a high-availability group (several `--controller` addresses)
+/// gives up on a silent controller, unless told otherwise: about the controllers'
+/// default leader lease, so that an agent whose leader died without a word (SIGKILL,
+/// power loss) dials the others while the successor is being elected, and its handshake
+/// is done by the time the successor serves. A single controller has no successor to
+/// find, and keeps the longer default.
+///
+/// The price: a controller (or a path to it) silent for 2 s costs each agent its
+/// connection and a reconnect (one handshake, a re-apply that changes nothing, a full
+/// report; no node is touched), and the agent sends a keep-alive every half second
+/// (four per timeout, so that one or two lost ones do not end the connection) where a
+/// single controller's agents send one every 2 s.
+const GROUP_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The keep-alive interval and idle timeout: those given, and for the others the
+/// defaults, which depend on whether the agent has several controllers (`group`).
+fn liveness(
+    keep_alive: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    group: bool,
+) -> (Duration, Duration) {
+    let defaults = TransportSettings::default();
+    if !group {
+        return (
+            keep_alive.unwrap_or(defaults.keep_alive),
+            idle_timeout.unwrap_or(defaults.idle_timeout),
+        );
+    }
+    let idle = idle_timeout.unwrap_or_else(|| match keep_alive {
+        Some(k) => GROUP_IDLE_TIMEOUT.max(k * 4),
+        None => GROUP_IDLE_TIMEOUT,
+    });
+    let keep_alive = keep_alive.unwrap_or_else(|| (idle / 4).min(defaults.keep_alive));
+    (keep_alive, idle)
+}
+
 /// The agent's settings, and whether to watch the certificate files.
 fn config(args: Args) -> anyhow::Result<(Config, bool)> {
     let file: FileConfig = match &args.config {
@@ -148,15 +186,19 @@ fn config(args: Args) -> anyhow::Result<(Config, bool)> {
         None => FileConfig::default(),
     };
     let defaults = TransportSettings::default();
+    let group = args
+        .controller
+        .as_deref()
+        .or(file.controller.as_deref())
+        .is_some_and(|c| c.contains(','));
+    let (keep_alive, idle_timeout) = liveness(
+        args.keep_alive.or(file.keep_alive),
+        args.idle_timeout.or(file.idle_timeout),
+        group,
+    );
     let transport = TransportSettings {
-        keep_alive: args
-            .keep_alive
-            .or(file.keep_alive)
-            .unwrap_or(defaults.keep_alive),
-        idle_timeout: args
-            .idle_timeout
-            .or(file.idle_timeout)
-            .unwrap_or(defaults.idle_timeout),
+        keep_alive,
+        idle_timeout,
         ..defaults
     };
     check_liveness(transport.keep_alive, transport.idle_timeout)?;
@@ -240,4 +282,40 @@ fn main() -> std::process::ExitCode {
             .await?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn an_agent_of_one_controller_keeps_the_transport_defaults() {
+        let d = TransportSettings::default();
+        assert_eq!(liveness(None, None, false), (d.keep_alive, d.idle_timeout));
+        assert_eq!(
+            liveness(Some(ms(700)), None, false),
+            (ms(700), d.idle_timeout)
+        );
+    }
+
+    #[test]
+    fn an_agent_of_a_group_notices_a_silent_controller_within_about_a_lease() {
+        assert_eq!(liveness(None, None, true), (ms(500), ms(2000)));
+        // What is given stands; the other follows it.
+        assert_eq!(
+            liveness(None, Some(ms(10_000)), true),
+            (ms(2000), ms(10_000))
+        );
+        assert_eq!(liveness(None, Some(ms(1000)), true), (ms(250), ms(1000)));
+        assert_eq!(liveness(Some(ms(1500)), None, true), (ms(1500), ms(6000)));
+        assert_eq!(liveness(Some(ms(300)), None, true), (ms(300), ms(2000)));
+        assert_eq!(
+            liveness(Some(ms(100)), Some(ms(900)), true),
+            (ms(100), ms(900))
+        );
+    }
 }

@@ -25,7 +25,7 @@ use drover_proto::msg::{
     Progress, Request, WireError,
 };
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::Shared;
 use crate::audit::{self, Caller};
@@ -1219,17 +1219,19 @@ pub(crate) async fn reapply(
     shared: &Arc<Shared>,
     name: &str,
     conn: &quinn::Connection,
-    desired: &Deploy,
+    desired: &Arc<Deploy>,
 ) {
     let req = ControllerRequest::Apply {
         generation: desired.generation,
-        config: Box::new(crate::zeek::layout::share_for(&desired.config, name)),
+        config: Box::new(shared.share_of(desired, name)),
         restart_all: false,
         progress: false,
     };
     match call_agent(shared, name, conn, &req, shared.request_timeout).await {
         Ok(AgentResponse::Results(rs)) => {
-            info!(
+            // Every returning agent gets here: after a failover, a thousand lines at once
+            // that say nothing the agent's connection line did not.
+            debug!(
                 agent = %name,
                 generation = desired.generation,
                 "agent '{name}' brought to the desired generation {}",

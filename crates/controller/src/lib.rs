@@ -187,6 +187,45 @@ pub(crate) struct Shared {
     pub(crate) ports: drover_proto::ports::PortPolicy,
     /// The audit trail.
     pub(crate) audit: audit::Trail,
+    /// Every instance's share of the desired deploy, made once per deploy for the
+    /// re-applies of returning agents: made for each agent on its own, a reconnect
+    /// storm of N agents would scan the whole configuration N times.
+    pub(crate) shares: std::sync::Mutex<Option<DeployShares>>,
+}
+
+/// The shares of one deploy, by instance; the deploy is held so that its address
+/// identifies it.
+#[derive(Debug)]
+pub(crate) struct DeployShares {
+    deploy: Arc<store::Deploy>,
+    shares: BTreeMap<String, drover_proto::model::Configuration>,
+}
+
+impl DeployShares {
+    /// `instance`'s share of `deploy`, from `cache`, which is made anew (in one pass over
+    /// the configuration) when it holds another deploy's shares or none.
+    fn share(
+        cache: &std::sync::Mutex<Option<Self>>,
+        deploy: &Arc<store::Deploy>,
+        instance: &str,
+    ) -> drover_proto::model::Configuration {
+        let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = cached
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.deploy, deploy));
+        if !fresh {
+            let names = deploy.config.instances.iter().map(|i| i.name.as_str());
+            *cached = Some(Self {
+                deploy: deploy.clone(),
+                shares: zeek::layout::shares(&deploy.config, names),
+            });
+        }
+        match cached.as_ref().and_then(|c| c.shares.get(instance)) {
+            Some(share) => share.clone(),
+            // Not an instance of the deploy: its (empty) share, as a deploy sends it.
+            None => zeek::layout::share_for(&deploy.config, instance),
+        }
+    }
 }
 
 impl Shared {
@@ -204,6 +243,15 @@ impl Shared {
         // Every change to the view is made under one lock call that cannot panic
         // half-way, so poisoning is ignored.
         self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `instance`'s share of `deploy` (see [`Shared::shares`]).
+    pub(crate) fn share_of(
+        &self,
+        deploy: &Arc<store::Deploy>,
+        instance: &str,
+    ) -> drover_proto::model::Configuration {
+        DeployShares::share(&self.shares, deploy, instance)
     }
 
     /// Publishes events produced under the view's lock, once it is released.
@@ -466,6 +514,7 @@ impl Controller {
                 dialers: std::sync::Mutex::default(),
                 ports,
                 audit,
+                shares: std::sync::Mutex::default(),
             }),
         })
     }
@@ -627,6 +676,9 @@ async fn take_over(shared: Arc<Shared>, revision: i64) -> Result<(), String> {
 async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let addr = incoming.remote_address();
     let timeout = shared.transport.hello_timeout;
+    // Before the handshake verifies the peer: unless a reload happens meanwhile, that
+    // verification stands and the peer is not checked a second time when tracked.
+    let epoch = shared.trust.credentials().epoch();
     let (conn, identity) = match conn::accept(incoming, timeout).await {
         Ok(c) => c,
         Err(e) => {
@@ -635,7 +687,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     };
     // Tracked for the connection's whole life, so that a reload can close it.
-    let _tracked = match shared.trust.track_quic(&conn, None) {
+    let _tracked = match shared.trust.track_quic_since(&conn, None, &epoch) {
         Ok(t) => t,
         Err(e) => {
             warn!(%addr, peer = %identity, "refused connection: {e}");
@@ -1063,4 +1115,50 @@ pub(crate) fn check_revoked(
 /// Name and version of this build, as told to peers.
 pub fn software() -> String {
     format!("drover-controller {}", env!("CARGO_PKG_VERSION"))
+}
+
+#[cfg(test)]
+mod tests {
+    use drover_proto::model::{Configuration, Instance, Node};
+
+    use super::*;
+
+    fn deploy(generation: u64, nodes: &[(&str, &str)]) -> Arc<store::Deploy> {
+        let mut config = Configuration::empty();
+        config.instances = ["a", "b"]
+            .iter()
+            .map(|name| Instance {
+                name: (*name).into(),
+                host: None,
+                port: None,
+            })
+            .collect();
+        config.nodes = nodes.iter().map(|&(n, i)| Node::new(n, i)).collect();
+        Arc::new(store::Deploy { generation, config })
+    }
+
+    #[test]
+    fn a_reapplied_share_is_the_instances_share_of_the_deploy_of_the_moment() {
+        let cache = std::sync::Mutex::default();
+        let first = deploy(1, &[("n1", "a"), ("n2", "b"), ("n3", "a")]);
+        for name in ["a", "b", "not-an-instance"] {
+            assert_eq!(
+                DeployShares::share(&cache, &first, name),
+                zeek::layout::share_for(&first.config, name),
+                "{name}"
+            );
+        }
+        // Another deploy is shared out afresh.
+        let second = deploy(2, &[("n1", "b")]);
+        assert_eq!(
+            DeployShares::share(&cache, &second, "b"),
+            zeek::layout::share_for(&second.config, "b")
+        );
+        assert!(DeployShares::share(&cache, &second, "a").nodes.is_empty());
+        assert_eq!(
+            DeployShares::share(&cache, &first, "a").nodes.len(),
+            2,
+            "the first deploy again"
+        );
+    }
 }

@@ -74,6 +74,24 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// The material in force at one moment ([`Credentials::epoch`]). Holding it keeps it
+/// alive, so a later reload's material is never mistaken for it.
+#[derive(Clone)]
+pub struct Epoch(Arc<Material>);
+
+impl Epoch {
+    /// Whether `creds` still verify handshakes with this material.
+    pub(crate) fn is_current(&self, creds: &Credentials) -> bool {
+        Arc::ptr_eq(&self.0, &creds.slot.get())
+    }
+}
+
+impl std::fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Epoch").finish_non_exhaustive()
+    }
+}
+
 /// One load of the PEM files, with the verifiers built from its roots.
 pub(crate) struct Material {
     pub(crate) certified: Arc<CertifiedKey>,
@@ -233,6 +251,13 @@ impl Credentials {
             cert: new.info.clone(),
             cas: new.cas.clone(),
         })
+    }
+
+    /// The material new handshakes are verified with now. Taken before a handshake, it
+    /// lets [`crate::Trust::track_quic_since`] tell whether a reload replaced the
+    /// material while the handshake ran.
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.slot.get())
     }
 
     /// The identity this process's own certificate claims.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::NetError;
 use crate::peers::{Closed, Peers, Tracked};
-use crate::tls::{Adopted, Credentials, DenyList, TlsFiles};
+use crate::tls::{Adopted, Credentials, DenyList, Epoch, TlsFiles};
 
 /// Credentials, deny list and live connections of a daemon.
 #[derive(Debug)]
@@ -109,6 +109,34 @@ impl Trust {
         dialled: Option<&str>,
     ) -> Result<Tracked, NetError> {
         let tracked = self.peers.track_quic(conn, dialled)?;
+        self.check_chain(conn, dialled)?;
+        Ok(tracked)
+    }
+
+    /// As [`Trust::track_quic`] for a connection whose handshake started after
+    /// `before` was taken ([`Credentials::epoch`]): when the material is still the same,
+    /// the handshake's verifier checked the peer with what is trusted now, and a reload
+    /// that replaces it later sweeps the connection, which is tracked by then; so the
+    /// chain is checked again only when a reload happened meanwhile. Checking it again
+    /// costs as much as the handshake's own verification, which shows when hundreds of
+    /// agents reconnect at once.
+    pub fn track_quic_since(
+        &self,
+        conn: &quinn::Connection,
+        dialled: Option<&str>,
+        before: &Epoch,
+    ) -> Result<Tracked, NetError> {
+        let tracked = self.peers.track_quic(conn, dialled)?;
+        // Read after tracking: a reload whose new material this misses replaces it
+        // only afterwards, and then sweeps what is tracked.
+        if !before.is_current(&self.creds) {
+            self.check_chain(conn, dialled)?;
+        }
+        Ok(tracked)
+    }
+
+    /// Checks a connection's peer chain against the material in force now.
+    fn check_chain(&self, conn: &quinn::Connection, dialled: Option<&str>) -> Result<(), NetError> {
         let chain = crate::peers::peer_chain(conn)?;
         let dialled = dialled
             .map(|n| rustls::pki_types::ServerName::try_from(n.to_owned()))
@@ -118,8 +146,7 @@ impl Trust {
             .verify_peer(&chain, dialled.as_ref())
             .map_err(|cause| {
                 NetError::Identity(format!("the certificate is no longer trusted: {cause}"))
-            })?;
-        Ok(tracked)
+            })
     }
 
     /// Reads every file again and, if all are usable, puts them in force and closes the
@@ -397,6 +424,30 @@ mod tests {
             "{page}"
         );
         assert!(page.contains("drover_cert_reload_failing 0"), "{page}");
+    }
+
+    #[test]
+    fn an_epoch_is_current_until_a_reload_puts_new_material_in_force() {
+        let ca = Ca::generate("a").unwrap();
+        let f = files(&ca, PeerRole::Controller, "ctl");
+        let trust = Trust::load(&f.files, None).unwrap();
+        let creds = trust.credentials();
+        let before = creds.epoch();
+        assert!(before.is_current(creds));
+        // A refused reload changes nothing, so what was verified before stands.
+        write_key(&f.files.key, "not a key");
+        trust.reload().unwrap_err();
+        assert!(before.is_current(creds));
+        // Once one takes effect, connections verified under the old material are
+        // checked again when tracked ([`Trust::track_quic_since`]).
+        let leaf = ca
+            .issue(&LeafSpec::new(PeerRole::Controller, "ctl"))
+            .unwrap();
+        std::fs::write(&f.files.cert, &leaf.cert).unwrap();
+        write_key(&f.files.key, &leaf.key);
+        trust.reload().unwrap();
+        assert!(!before.is_current(creds));
+        assert!(creds.epoch().is_current(creds));
     }
 
     #[test]

@@ -10,8 +10,9 @@
 //! agent's nodes running; and the new leader's CPU time from the kill to (c) and its
 //! peak RSS. The killed controller is started again as a follower before the next kill.
 //! No peer runs in the same benchmark: the reference point is Kubernetes' default
-//! leader lease, 15 s. `DROVER_BENCH_TRACE=1` prints the count of reconnected agents at
-//! every poll.
+//! leader lease, 15 s. `DROVER_BENCH_TRACE=1` prints when each kill happens (Unix time,
+//! to line up with the controllers' logs) and the count of reconnected agents at every
+//! poll.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -193,6 +194,16 @@ fn one_kill(g: &mut Group<'_>, pki: &Path, n: usize, nodes: usize) -> anyhow::Re
         .collect();
     let mut old = g.procs[leader].take().context("leader running")?;
     let killed = Instant::now();
+    if std::env::var_os("DROVER_BENCH_TRACE").is_some() {
+        // Wall-clock, to line up with the controllers' logs and a profiler's samples.
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        eprintln!(
+            "    killing controller-{leader} at {:.3} (unix)",
+            unix.as_secs_f64()
+        );
+    }
     old.child.kill()?;
     old.child.wait()?;
     let patience = Duration::from_secs(120);
