@@ -20,6 +20,7 @@ pub mod ha_chaos;
 pub mod history;
 pub mod lossy;
 pub mod netlab;
+pub mod nodelogs;
 
 use std::fs;
 use std::io::Read;
@@ -578,6 +579,31 @@ impl Cluster {
             .arg("--key")
             .arg(self.pki_file(&format!("{file}.key")));
         cmd
+    }
+
+    /// `drover logs NODE -n 0 -f --stream stdout`, running: the process, and the lines
+    /// it prints as they come (a thread of its own reads them).
+    pub fn follow_stdout(
+        &self,
+        controller: SocketAddr,
+        node: &str,
+    ) -> (Child, std::sync::mpsc::Receiver<String>) {
+        use std::io::BufRead;
+        let mut cmd = self.drover_command(controller);
+        cmd.args(["logs", node, "-n", "0", "-f", "--stream", "stdout"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                if tx.send(line.unwrap_or_default()).is_err() {
+                    break;
+                }
+            }
+        });
+        (child, rx)
     }
 }
 

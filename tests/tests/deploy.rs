@@ -337,7 +337,6 @@ fn sigterm_to_the_agent_stops_its_nodes() {
 
 #[test]
 fn logs_tail_and_follow() {
-    use std::io::BufRead;
     let c = Cluster::new();
     let (_ctl, addr, _agents) = start(&c, &["agent-1"]);
     let prog = bin("drover-testprog");
@@ -371,20 +370,7 @@ fn logs_tail_and_follow() {
     );
 
     // Follow: new lines keep arriving until we hang up.
-    let mut cmd = c.drover_command(addr);
-    cmd.args(["logs", "chatty", "-n", "0", "-f", "--stream", "stdout"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap_or_default()).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx) = c.follow_stdout(addr, "chatty");
     let mut seqs = Vec::new();
     while seqs.len() < 20 {
         let line = rx

@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use drover_tests::nodelogs::stdout_bytes;
 use drover_tests::{Cluster, PATIENCE, bin, eventually};
 
 const MAX_BYTES: u64 = 64 * 1024;
@@ -23,20 +24,6 @@ fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
     s.read_to_string(&mut page).unwrap();
     page.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-/// Bytes in a node's stdout files: current, rotated and any rotation copy.
-fn stdout_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("stdout.log"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// The stdout files of a node, oldest first.

@@ -3,13 +3,10 @@
 //! a follower sees every line of a node across rotations; a failed process's outputs in
 //! a reply are its own.
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
+use drover_tests::nodelogs::Sampler;
 use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually};
 
 const MAX_BYTES: u64 = 64 * 1024;
@@ -56,55 +53,6 @@ fn deploy(c: &Cluster, addr: SocketAddr, name: &str, rate: u64) -> PathBuf {
         .then_some(())
     });
     c.dir.path().join("agent-a1/nodes").join(name)
-}
-
-fn stdout_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("stdout.log"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-/// Samples a node's stdout files every half millisecond until dropped; the largest
-/// total seen.
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Sampler {
-    fn start(dir: PathBuf) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(0));
-        let (s, p) = (stop.clone(), peak.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                p.fetch_max(stdout_bytes(&dir), Ordering::Relaxed);
-                // A sampling rate, not a wait.
-                std::thread::sleep(Duration::from_micros(500));
-            }
-        });
-        Self {
-            stop,
-            peak,
-            thread: Some(thread),
-        }
-    }
-
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        self.peak.load(Ordering::Relaxed)
-    }
 }
 
 /// The last line number in the node's current stdout file.
@@ -156,36 +104,64 @@ fn kill(pid: i32) {
     .unwrap();
 }
 
+/// A node writing flat out, its files rotated twice already: its directory, its pid,
+/// its keeper's pid, and a sampler of its stdout files.
+struct FlatOut {
+    dir: PathBuf,
+    state: PathBuf,
+    pid: i32,
+    keeper: i32,
+    sampler: Sampler,
+}
+
+impl FlatOut {
+    fn deploy(c: &Cluster, addr: SocketAddr) -> Self {
+        let dir = deploy(c, addr, "fast", 1_000_000_000);
+        let state = c.dir.path().join("agent-a1");
+        eventually("rotated", PATIENCE, || {
+            dir.join("stdout.log.2").exists().then_some(())
+        });
+        let pid = node_pid(&dir);
+        let keeper = keeper_pid(&state).expect("a keeper runs");
+        let sampler = Sampler::start(dir.clone());
+        Self {
+            dir,
+            state,
+            pid,
+            keeper,
+            sampler,
+        }
+    }
+
+    /// Its files stayed within their bound all along.
+    fn check_bound(self) {
+        let (peak, samples) = self.sampler.finish();
+        eprintln!("peak {peak} bytes over {samples} samples, bound {BOUND}");
+        assert!(peak <= BOUND, "peak {peak} bytes, bound {BOUND}");
+    }
+}
+
 #[test]
 fn a_node_writing_flat_out_outlives_a_killed_agent_and_keeps_logging() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let mut first = agent(&c, addr);
-    let dir = deploy(&c, addr, "fast", 1_000_000_000);
-    let state = c.dir.path().join("agent-a1");
-    eventually("rotated", PATIENCE, || {
-        dir.join("stdout.log.2").exists().then_some(())
-    });
-    let pid = node_pid(&dir);
-    let keeper = keeper_pid(&state).expect("a keeper runs");
-    let sampler = Sampler::start(dir.clone());
+    let n = FlatOut::deploy(&c, addr);
+    let (dir, state, pid, keeper) = (&n.dir, &n.state, n.pid, n.keeper);
 
     first.kill();
-    let seq = last_seq(&dir).unwrap_or(0);
-    let seq = lines_arrive("lines arrive with no agent", &dir, seq);
+    let seq = last_seq(dir).unwrap_or(0);
+    let seq = lines_arrive("lines arrive with no agent", dir, seq);
     assert!(alive(pid), "the node died with the agent");
-    assert_eq!(keeper_pid(&state), Some(keeper), "the keeper carries on");
+    assert_eq!(keeper_pid(state), Some(keeper), "the keeper carries on");
 
     let second = agent(&c, addr);
     second.wait_log("log keeper connected pipes=2");
-    lines_arrive("lines arrive after the restart", &dir, seq);
+    lines_arrive("lines arrive after the restart", dir, seq);
     assert!(alive(pid), "the node died");
-    assert_eq!(node_pid(&dir), pid, "adopted, not restarted");
-    assert_eq!(keeper_pid(&state), Some(keeper), "the same keeper");
-
-    let peak = sampler.finish();
-    eprintln!("peak {peak} bytes, bound {BOUND}");
-    assert!(peak <= BOUND, "peak {peak} bytes, bound {BOUND}");
+    assert_eq!(node_pid(dir), pid, "adopted, not restarted");
+    assert_eq!(keeper_pid(state), Some(keeper), "the same keeper");
+    n.check_bound();
 }
 
 #[test]
@@ -193,29 +169,20 @@ fn a_killed_keeper_is_replaced_and_its_nodes_keep_logging() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let agent = agent(&c, addr);
-    let dir = deploy(&c, addr, "fast", 1_000_000_000);
-    let state = c.dir.path().join("agent-a1");
-    eventually("rotated", PATIENCE, || {
-        dir.join("stdout.log.2").exists().then_some(())
-    });
-    let pid = node_pid(&dir);
-    let keeper = keeper_pid(&state).expect("a keeper runs");
-    let sampler = Sampler::start(dir.clone());
+    let n = FlatOut::deploy(&c, addr);
+    let (dir, state, pid, keeper) = (&n.dir, &n.state, n.pid, n.keeper);
 
     kill(keeper);
     agent.wait_log("log keeper connected again pipes=2");
     let replacement = eventually("another keeper", PATIENCE, || {
-        keeper_pid(&state).filter(|&k| k != keeper)
+        keeper_pid(state).filter(|&k| k != keeper)
     });
-    let seq = last_seq(&dir).unwrap_or(0);
-    lines_arrive("lines arrive through the new keeper", &dir, seq);
+    let seq = last_seq(dir).unwrap_or(0);
+    lines_arrive("lines arrive through the new keeper", dir, seq);
     assert!(alive(pid), "the node died with the keeper");
-    assert_eq!(node_pid(&dir), pid, "not restarted");
-    assert_eq!(keeper_pid(&state), Some(replacement));
-
-    let peak = sampler.finish();
-    eprintln!("peak {peak} bytes, bound {BOUND}");
-    assert!(peak <= BOUND, "peak {peak} bytes, bound {BOUND}");
+    assert_eq!(node_pid(dir), pid, "not restarted");
+    assert_eq!(keeper_pid(state), Some(replacement));
+    n.check_bound();
 }
 
 #[test]
@@ -227,20 +194,7 @@ fn a_follower_sees_every_line_across_rotations() {
     let dir = deploy(&c, addr, "steady", 2000);
     eventually("it writes", PATIENCE, || last_seq(&dir));
 
-    let mut cmd = c.drover_command(addr);
-    cmd.args(["logs", "steady", "-n", "0", "-f", "--stream", "stdout"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap_or_default()).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx) = c.follow_stdout(addr, "steady");
     eventually("a first rotation", PATIENCE, || {
         dir.join("stdout.log.1").exists().then_some(())
     });
