@@ -3125,14 +3125,19 @@ mod tests {
         });
     }
 
-    #[test]
-    fn a_stuck_supervisor_task_is_noticed() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
+    /// A runtime with two workers, as the agent's.
+    fn two_workers() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn a_stuck_supervisor_task_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = two_workers();
         rt.block_on(async {
             let sup = bare_supervisor(dir.path());
             let limit = Duration::from_millis(300);
@@ -3156,11 +3161,7 @@ mod tests {
     #[test]
     fn a_stuck_spawner_is_noticed_as_a_stall() {
         let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = two_workers();
         // The node's file is a FIFO nobody writes: the spawner blocks reading it.
         let work = dir.path().join("work");
         std::fs::create_dir(&work).unwrap();
