@@ -46,6 +46,24 @@ pub struct Options {
     pub settle: Duration,
 }
 
+/// A chaos test's length and seed from `DROVER_CHAOS_SECS` (else `default_secs`) and
+/// `DROVER_CHAOS_SEED` (else the time), so that a failing run can be repeated.
+pub fn secs_and_seed_from_env(default_secs: u64) -> (u64, u64) {
+    let secs = std::env::var("DROVER_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default_secs);
+    let seed = std::env::var("DROVER_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_secs())
+        });
+    (secs, seed)
+}
+
 impl Options {
     /// The defaults, with a duration.
     pub fn new(duration: Duration, seed: u64) -> Self {

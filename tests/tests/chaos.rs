@@ -8,18 +8,7 @@ use drover_tests::chaos::{Options, run};
 
 #[test]
 fn random_faults_never_leave_hosts_running_other_than_a_deploy_in_effect() {
-    let secs = std::env::var("DROVER_CHAOS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(45);
-    let seed = std::env::var("DROVER_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_secs())
-        });
+    let (secs, seed) = drover_tests::chaos::secs_and_seed_from_env(45);
     let report = run(Options::new(Duration::from_secs(secs), seed));
     eprintln!("chaos (seed {seed}):\n{report}");
     assert!(

@@ -12,18 +12,7 @@ fn deploys_across_leader_failovers_lose_nothing_acknowledged() {
     if !drover_tests::etcd::available() {
         return;
     }
-    let secs = std::env::var("DROVER_CHAOS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(15);
-    let seed = std::env::var("DROVER_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_secs())
-        });
+    let (secs, seed) = drover_tests::chaos::secs_and_seed_from_env(15);
     let mut opts = Options::new(Duration::from_secs(secs), seed);
     if let Ok(lease) = std::env::var("DROVER_CHAOS_LEASE") {
         opts.lease = lease;
