@@ -163,6 +163,13 @@ enum BenchTask {
         /// leader that died without a word (as real agents' --idle-timeout).
         #[arg(long, default_value_t = 2000)]
         agent_idle_timeout_ms: u64,
+        /// Seconds the group runs undisturbed before each kill, as a fleet does between
+        /// failures (connections made in a reconnect storm carry inflated round-trip
+        /// estimates for a while, and QUIC's idle timeout is at least three probe
+        /// timeouts, so a kill right after a storm is noticed late); 0 kills as soon as
+        /// the group is whole again.
+        #[arg(long, default_value_t = 15)]
+        settle_secs: u64,
         /// Use the release binaries already built.
         #[arg(long)]
         no_build: bool,
@@ -334,6 +341,7 @@ fn main() -> std::process::ExitCode {
             kills,
             lease,
             agent_idle_timeout_ms,
+            settle_secs,
             no_build,
         }) => bench::failover::run(&bench::failover::Options {
             agents,
@@ -341,6 +349,7 @@ fn main() -> std::process::ExitCode {
             kills: kills.max(1),
             lease,
             agent_idle_timeout: std::time::Duration::from_millis(agent_idle_timeout_ms),
+            settle: std::time::Duration::from_secs(settle_secs),
             build: !no_build,
         }),
         Task::Bench(BenchTask::Deploy {

@@ -39,6 +39,8 @@ pub(crate) struct Options {
     /// The hollow agents' idle timeout: how soon they notice a leader that died without
     /// a word (real agents' `--idle-timeout`).
     pub(crate) agent_idle_timeout: Duration,
+    /// How long the group runs undisturbed before each kill.
+    pub(crate) settle: Duration,
     /// Build the release binaries first.
     pub(crate) build: bool,
 }
@@ -321,11 +323,12 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
         }
     });
     eprintln!(
-        "failover: {} hollow agents x {} nodes, lease {}, agents' idle timeout {:?}",
+        "failover: {} hollow agents x {} nodes, lease {}, agents' idle timeout {:?}, {:?} undisturbed before each kill",
         opts.agents,
         opts.nodes_per_agent,
         opts.lease.as_deref().unwrap_or("default (2s)"),
-        opts.agent_idle_timeout
+        opts.agent_idle_timeout,
+        opts.settle
     );
     if rx.recv_timeout(Duration::from_secs(600)).is_err() {
         let _ = swarm.kill();
@@ -333,6 +336,8 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
     }
     let mut kills = Vec::new();
     for k in 0..opts.kills {
+        // A steady state to fail from (see the option's help).
+        std::thread::sleep(opts.settle);
         let r = one_kill(&mut g, &pki, opts.agents, opts.nodes_per_agent);
         let r = match r {
             Ok(r) => r,
@@ -369,12 +374,13 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
         v
     };
     println!(
-        "\nfailover: {} hollow agents x {} nodes, {} leader SIGKILLs, lease {}, agents' idle timeout {} ms",
+        "\nfailover: {} hollow agents x {} nodes, {} leader SIGKILLs, lease {}, agents' idle timeout {} ms, {} s undisturbed before each kill",
         opts.agents,
         opts.nodes_per_agent,
         kills.len(),
         opts.lease.as_deref().unwrap_or("2s (default)"),
-        idle_ms
+        idle_ms,
+        opts.settle.as_secs()
     );
     println!(
         "{:<40} {:>9} {:>9} {:>9}",
