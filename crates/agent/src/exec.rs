@@ -22,8 +22,8 @@
 //! cgroup. The child shares the
 //! agent's memory until it execs, so it only makes raw system calls on data prepared
 //! beforehand: no allocation, no lock, no libc wrapper that touches shared state
-//! (glibc's `setuid` would signal the agent's threads). In order: into its cgroup
-//! where `clone3` did not create it there, every signal to its
+//! (glibc's `setuid` would signal the agent's threads). In order: into its cgroup v1
+//! limits, and its v2 cgroup where `clone3` did not create it there, every signal to its
 //! default, its own process group, stdio, working directory, rlimits (while still
 //! privileged, so hard limits may rise), umask, the bounding set cut (needs
 //! `CAP_SETPCAP`), `PR_SET_KEEPCAPS`, `setgroups`, `setresgid`, `setresuid`, `capset`

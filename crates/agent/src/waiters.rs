@@ -160,11 +160,13 @@ impl<T> Waiters<T> {
             let before = w.results.len();
             let mut pending = Vec::new();
             for (name, past) in std::mem::take(&mut w.nodes) {
-                let verdict = if w.failing.contains_key(&name) {
+                let seen = view.seen(&name);
+                let verdict = if seen.is_some() && w.failing.contains_key(&name) {
                     // Found failed before: that stands while its outputs come.
                     Settled::Failed
                 } else {
-                    converge::settle(w.want, past, view.seen(&name))
+                    w.failing.remove(&name);
+                    converge::settle(w.want, past, seen)
                 };
                 let result = match verdict {
                     Settled::Done => MgmtResult::ok("", None),

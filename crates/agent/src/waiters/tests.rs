@@ -16,6 +16,17 @@ struct Fake {
 }
 
 impl Fake {
+    fn fail(&mut self, name: &str, text: &str, last_error: Option<&str>, pipes: Option<[u64; 2]>) {
+        self.failures.insert(
+            name.to_owned(),
+            Failure {
+                text: text.into(),
+                last_error: last_error.map(Into::into),
+                pipes,
+            },
+        );
+    }
+
     fn node(&mut self, name: &str, state: State, spawns: u64) {
         let has_process = matches!(state, State::Pending | State::Running);
         self.nodes.insert(
@@ -117,14 +128,7 @@ fn a_restart_waits_for_a_new_process() {
 fn a_failed_node_is_answered_with_its_processs_own_tails_once_the_keeper_has_them() {
     let mut v = Fake::default();
     v.node("a", State::Crashed, 1);
-    v.failures.insert(
-        "a".into(),
-        Failure {
-            text: "failed to start".into(),
-            last_error: None,
-            pipes: Some([11, 12]),
-        },
-    );
+    v.fail("a", "failed to start", None, Some([11, 12]));
     let mut w = Waiters::default();
     w.add(
         one(&["a"], None),
@@ -157,22 +161,8 @@ fn outputs_come_from_the_log_files_without_a_keeper_or_after_the_wait() {
     let mut v = Fake::default();
     v.node("a", State::Failed, 1);
     v.node("b", State::Failed, 1);
-    v.failures.insert(
-        "a".into(),
-        Failure {
-            text: "failed".into(),
-            last_error: Some("cannot execute /x: no such file".into()),
-            pipes: None,
-        },
-    );
-    v.failures.insert(
-        "b".into(),
-        Failure {
-            text: "failed".into(),
-            last_error: None,
-            pipes: Some([21, 22]),
-        },
-    );
+    v.fail("a", "failed", Some("cannot execute /x: no such file"), None);
+    v.fail("b", "failed", None, Some([21, 22]));
     let mut w = Waiters::default();
     let id = w.add(
         one(&["a", "b"], None),
@@ -219,14 +209,7 @@ fn at_its_deadline_a_request_answers_what_is_left() {
     let mut v = Fake::default();
     v.node("slow", State::Pending, 1);
     v.node("failing", State::Crashed, 1);
-    v.failures.insert(
-        "failing".into(),
-        Failure {
-            text: "crashed".into(),
-            last_error: None,
-            pipes: Some([1, 2]),
-        },
-    );
+    v.fail("failing", "crashed", None, Some([1, 2]));
     let mut w = Waiters::default();
     w.add(
         one(&["slow", "failing"], None),
@@ -251,6 +234,29 @@ fn at_its_deadline_a_request_answers_what_is_left() {
         Some("timed out waiting for node 'slow' (state PENDING)")
     );
     assert_eq!(results[1].error.as_deref(), Some("crashed"));
+}
+
+#[test]
+fn a_failed_node_removed_while_its_outputs_are_awaited_is_answered_as_removed() {
+    let mut v = Fake::default();
+    v.node("a", State::Crashed, 1);
+    v.fail("a", "crashed", None, Some([1, 2]));
+    let mut w = Waiters::default();
+    w.add(
+        one(&["a"], None),
+        Want::Running,
+        10_000,
+        None,
+        Vec::new(),
+        (),
+    );
+    w.settle(0, "i", &v);
+    assert!(w.answers().is_empty(), "its pipes are open");
+    v.nodes.remove("a");
+    w.settle(5, "i", &v);
+    let answers = w.answers();
+    assert_eq!(answers[0].1[0].error.as_deref(), Some("node was removed"));
+    assert_eq!(w.next_deadline(), None);
 }
 
 #[test]
