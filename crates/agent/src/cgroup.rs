@@ -110,7 +110,8 @@ pub struct Cgroups {
     origin: Option<PathBuf>,
 }
 
-/// How many rounds [`Cgroups::contain`] moves stragglers before giving up.
+/// How many rounds [`kill`] signals what is listed before giving up, on kernels
+/// without `cgroup.kill`.
 const STRAGGLER_ROUNDS: usize = 64;
 
 impl Cgroups {

@@ -9,7 +9,7 @@
 //!
 //! # Processes
 //!
-//! Spawns are carried out by the spawner thread ([`crate::spawner`]), never on this task:
+//! Spawns are carried out by the spawner threads ([`crate::spawner`]), never on this task:
 //! the node's machine waits in its spawning phase until the outcome comes back as an
 //! event. A node is spawned with `posix_spawn` ([`sys::spawn_clean`]: no `fork`, every signal at
 //! its default, an empty mask; a node with its own user, capabilities or limits through a
@@ -469,7 +469,7 @@ struct Core {
     release_cgroups: bool,
     /// What the host's cgroups enforce and account (see [`crate::limits`]).
     host: std::sync::Arc<limits::Host>,
-    /// Spawns go to the spawner thread, so that this task never blocks on one.
+    /// Spawns go to the spawner threads, so that this task never blocks on one.
     /// Unbounded, but bounded by construction: a node has at most one spawn queued.
     spawner: std::sync::mpsc::Sender<crate::spawner::Job>,
     /// Children the spawner made that this task has not taken over yet: the orphan
@@ -1752,7 +1752,7 @@ impl Core {
         }
     }
 
-    /// Hands the node's spawn to the spawner thread (see [`crate::spawner`]); its
+    /// Hands the node's spawn to the spawner threads (see [`crate::spawner`]); its
     /// outcome comes back as [`Event::Spawned`]. An error (the node cannot be spawned
     /// at all) names the node, the program and the cause.
     fn request_spawn(&mut self, name: &str) -> Result<(), String> {
@@ -1847,7 +1847,7 @@ impl Core {
         let job = crate::spawner::Job { announce, ..job };
         self.spawner
             .send(job)
-            .map_err(|_| "the spawner thread is gone".to_owned())?;
+            .map_err(|_| "the spawner threads are gone".to_owned())?;
         if self.spawns_waiting == 0 {
             self.spawner_moved = Instant::now();
         }
