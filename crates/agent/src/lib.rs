@@ -22,6 +22,7 @@
 //! [`Agent::new`] and [`Agent::run_with_ready`] (which tells systemd when the agent
 //! serves), so tests run agents in-process.
 
+pub mod apply;
 pub mod backoff;
 pub mod cgroup;
 pub mod converge;

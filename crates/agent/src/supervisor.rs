@@ -87,8 +87,9 @@ use tokio::net::UnixDatagram;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::apply::{self, Applies, CarryOut, Step};
 use crate::cgroup::{self, CgroupSetting, Cgroups};
-use crate::converge::{self, Desired, Found, Stray, Then, Verdict, Want};
+use crate::converge::{self, Desired, Found, Stray, Then, Want};
 use crate::keeper::PipeEnd;
 use crate::limits::{self, Limits};
 use crate::logs::{LogConfig, NodeLogs};
@@ -240,12 +241,11 @@ type PrepareJob = (String, PathBuf, Option<PathBuf>, PathBuf);
 /// New nodes' bound notify sockets (or why they could not be made), by name.
 type Prepared = BTreeMap<String, std::io::Result<std::os::unix::net::UnixDatagram>>;
 
-/// An Apply waiting for its turn, or for its desired state to be written.
+/// Who asked for an Apply, handed to [`crate::apply`] and back with its answer or
+/// its carry-out.
 #[derive(Debug)]
-struct PendingApply {
-    config: Box<Configuration>,
-    restart_all: bool,
-    generation: u64,
+struct Requested {
+    config_id: String,
     deadline: Instant,
     progress: Option<ProgressTo>,
     reply: oneshot::Sender<Vec<MgmtResult>>,
@@ -449,10 +449,9 @@ struct Core {
     /// The deploy generation applied, and the restart epoch of the desired state.
     applied: watch::Sender<u64>,
     restart_epoch: u64,
-    /// Applies in arrival order, carried out one at a time.
-    applies: std::collections::VecDeque<PendingApply>,
-    /// The Apply whose desired state is being written (off this task: it is synced).
-    writing: Option<(PendingApply, Desired)>,
+    /// Applies in arrival order, carried out one at a time, and the one whose desired
+    /// state is being written (off this task: it is synced).
+    applies: Applies<Requested>,
     next_token: u64,
     shutdown: Option<(Instant, oneshot::Sender<()>)>,
     /// An exit happened: look for orphaned descendants once the burst is handled.
@@ -726,8 +725,7 @@ impl Supervisor {
             changes: changes_tx,
             applied: applied_tx,
             restart_epoch: 0,
-            applies: std::collections::VecDeque::new(),
-            writing: None,
+            applies: Applies::default(),
             next_token: token_prefix(&state_dir_for_tokens) << 32 | u64::from(rand_u32()),
             shutdown: None,
             sweep_pending: false,
@@ -1042,15 +1040,31 @@ impl Core {
                 progress,
                 reply,
             } => {
-                self.applies.push_back(PendingApply {
-                    config,
-                    restart_all,
+                let instance = &self.cfg.instance;
+                let nodes: BTreeMap<String, Node> = config
+                    .nodes_on(instance)
+                    .map(|n| (n.name.clone(), config.resolve(n)))
+                    .collect();
+                // Limits this host cannot enforce are refused before anything changes.
+                let refused = nodes
+                    .values()
+                    .filter_map(|n| self.host.check(&n.name, &Limits::of(n)).err())
+                    .collect();
+                let incoming = apply::Incoming {
                     generation,
-                    deadline,
-                    progress,
-                    reply,
-                });
-                self.next_apply();
+                    restart_all,
+                    nodes,
+                    refused,
+                    with: Requested {
+                        config_id: config.id.clone(),
+                        deadline,
+                        progress,
+                        reply,
+                    },
+                };
+                let table = ApplyTable::of(&self.nodes, &self.applied, self.restart_epoch);
+                let out = self.applies.push(incoming, &table);
+                self.apply_out(out);
             }
             Command::Act {
                 op,
@@ -1135,253 +1149,212 @@ impl Core {
         }
     }
 
-    /// Takes the next Apply: answers a repeat or a stale one at once, and has the
-    /// desired state of one to carry out written (and synced) off this task; it is
-    /// carried out once written ([`Core::carry_out`]), and only then is the next taken.
-    fn next_apply(&mut self) {
-        while self.writing.is_none() {
-            let Some(a) = self.applies.pop_front() else {
-                return;
-            };
-            let instance = self.cfg.instance.clone();
-            let generation = a.generation;
-            match converge::judge(*self.applied.borrow(), generation, a.restart_all) {
-                Verdict::Apply => {}
-                Verdict::Repeat => {
-                    let _ = a.reply.send(Vec::new());
-                    continue;
+    /// What [`crate::apply`] has the supervisor do for Applies: answer them, or have
+    /// the desired state of one written (and synced) off this task, with its new
+    /// nodes' directories, log files and notify sockets made and their exec settings
+    /// resolved meanwhile; it is carried out once written ([`Core::carry_out`]), and
+    /// only then is the next one taken.
+    fn apply_out(&mut self, out: Vec<apply::Out<Requested>>) {
+        for o in out {
+            match o {
+                apply::Out::Answer { with, errors } => {
+                    let instance = &self.cfg.instance;
+                    let results = errors
+                        .into_iter()
+                        .map(|msg| {
+                            warn!("{msg}");
+                            MgmtResult::err("", msg).on_instance(instance)
+                        })
+                        .collect();
+                    let _ = with.reply.send(results);
                 }
-                Verdict::Stale { applied } => {
-                    let msg = format!(
-                        "deploy generation {generation} is older than generation {applied}, which this agent has applied; nothing changed"
-                    );
-                    warn!("{msg}");
-                    let _ = a
-                        .reply
-                        .send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
-                    continue;
-                }
+                apply::Out::Write(w) => self.start_write(w),
             }
-            // Limits this host cannot enforce are refused before anything changes.
-            let refused: Vec<String> = a
-                .config
-                .nodes_on(&instance)
-                .filter_map(|n| {
-                    let n = a.config.resolve(n);
-                    self.host.check(&n.name, &Limits::of(&n)).err()
-                })
-                .collect();
-            if !refused.is_empty() {
-                let msg = format!("{}; nothing changed", refused.join("; "));
-                warn!("{msg}");
-                let _ = a
-                    .reply
-                    .send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
-                continue;
-            }
-            let desired = Desired {
-                generation,
-                restart_epoch: self.restart_epoch + u64::from(a.restart_all),
-                nodes: a
-                    .config
-                    .nodes_on(&instance)
-                    .map(|n| (n.name.clone(), a.config.resolve(n)))
-                    .collect(),
-            };
-            let changes = converge::diff(
-                self.nodes.iter().map(|(n, e)| (n.as_str(), &e.spec)),
-                &desired.nodes,
-                a.restart_all,
-            );
-            if generation == 0 && changes.is_empty() && !self.nodes.values().any(|e| e.removing) {
-                // A controller without generations re-applying what runs (it does so
-                // whenever an agent connects): nothing to do, and the generation
-                // applied stays what it was.
-                let _ = a.reply.send(Vec::new());
-                continue;
-            }
-            // Before any node is touched: an agent killed from here on finds what it
-            // was doing and finishes it (see [`Core::recover`]).
-            // New nodes' directories, log files and notify sockets are made there too,
-            // on every core at once: creating inodes is most of what starting hundreds
-            // of nodes costs.
-            let jobs = self.prepare_jobs(
-                changes
-                    .start
-                    .iter()
-                    .filter_map(|name| desired.nodes.get_key_value(name))
-                    .map(|(name, spec)| (name.as_str(), spec)),
-            );
-            let logs = self.cfg.logs;
-            let socks = self.socks.clone();
-            let path = self.desired_path();
-            let events = self.events.clone();
-            let to_write = desired.clone();
-            let exec_jobs: Vec<(String, Node, PathBuf, PathBuf)> = changes
-                .start
-                .iter()
-                .chain(&changes.restart)
-                // An unchanged node whose user or groups could not be resolved: again,
-                // as the host's user database may have changed since.
-                .chain(changes.keep.iter().filter(|name| {
-                    self.nodes
-                        .get(*name)
-                        .is_some_and(|e| matches!(e.plan, Some(Err(_))))
-                }))
-                .filter_map(|name| desired.nodes.get_key_value(name))
-                .filter(|(_, spec)| crate::exec::wanted(spec))
-                .map(|(name, spec)| {
-                    let dir = self.nodes_dir.join(name);
-                    let notify = Self::notify_path(&self.socks.dir(name));
-                    (name.clone(), spec.clone(), dir, notify)
-                })
-                .collect();
-            tokio::task::spawn_blocking(move || {
-                let result = write_desired(&path, &to_write)
-                    .map(|()| {
-                        let prepared = Self::run_prepare(&jobs, logs, &socks);
-                        let plans = exec_jobs
-                            .iter()
-                            .map(|(name, spec, dir, notify)| {
-                                let plan = crate::exec::prepare(name, spec, dir, notify);
-                                (name.clone(), plan.map(std::sync::Arc::new))
-                            })
-                            .collect();
-                        (prepared, plans)
-                    })
-                    .map_err(|err| {
-                        format!(
-                            "cannot record the desired state in {}: {err}",
-                            path.display()
-                        )
-                    });
-                let written = result.is_ok();
-                let _ = events.send(Event::DesiredWritten(result));
-                if written && let Err(err) = sync_desired(&path) {
-                    warn!(
-                        "cannot sync the desired state in {}: {err}; a host crash could lose it until the controller applies again",
-                        path.display()
-                    );
-                }
-            });
-            self.writing = Some((a, desired));
         }
     }
 
-    /// Carries out an Apply whose desired state is on disk.
-    fn carry_out(
-        &mut self,
-        a: PendingApply,
-        desired: Desired,
-        mut prepared: Prepared,
-        mut plans: Plans,
-    ) {
-        let PendingApply {
-            config,
-            restart_all,
+    /// Writes an Apply's desired state on the blocking pool, then makes what its new
+    /// nodes need there too, on every core at once: creating inodes is most of what
+    /// starting hundreds of nodes costs. Reported as [`Event::DesiredWritten`].
+    fn start_write(&mut self, w: apply::Write) {
+        let apply::Write {
+            desired,
+            create,
+            resolve,
+        } = w;
+        debug!(
+            generation = desired.generation,
+            nodes = desired.nodes.len(),
+            new = create.len(),
+            "applying a deploy"
+        );
+        let jobs = self.prepare_jobs(
+            create
+                .iter()
+                .filter_map(|name| desired.nodes.get_key_value(name))
+                .map(|(name, spec)| (name.as_str(), spec)),
+        );
+        let exec_jobs: Vec<(String, Node, PathBuf, PathBuf)> = resolve
+            .iter()
+            .filter_map(|name| desired.nodes.get_key_value(name))
+            .map(|(name, spec)| {
+                let dir = self.nodes_dir.join(name);
+                let notify = Self::notify_path(&self.socks.dir(name));
+                (name.clone(), spec.clone(), dir, notify)
+            })
+            .collect();
+        let logs = self.cfg.logs;
+        let socks = self.socks.clone();
+        let path = self.desired_path();
+        let events = self.events.clone();
+        let generation = desired.generation;
+        tokio::task::spawn_blocking(move || {
+            let began = Instant::now();
+            let result = write_desired(&path, &desired)
+                .map(|()| {
+                    let written = began.elapsed();
+                    let prepared = Self::run_prepare(&jobs, logs, &socks);
+                    let made = began.elapsed();
+                    let plans = exec_jobs
+                        .iter()
+                        .map(|(name, spec, dir, notify)| {
+                            let plan = crate::exec::prepare(name, spec, dir, notify);
+                            (name.clone(), plan.map(std::sync::Arc::new))
+                        })
+                        .collect();
+                    debug!(
+                        generation,
+                        written_us = written.as_micros(),
+                        prepared = jobs.len(),
+                        prepared_us = (made - written).as_micros(),
+                        resolved_us = (began.elapsed() - made).as_micros(),
+                        "desired state written, new nodes prepared"
+                    );
+                    (prepared, plans)
+                })
+                .map_err(|err| {
+                    format!(
+                        "cannot record the desired state in {}: {err}",
+                        path.display()
+                    )
+                });
+            let written = result.is_ok();
+            let _ = events.send(Event::DesiredWritten(result));
+            if written && let Err(err) = sync_desired(&path) {
+                warn!(
+                    "cannot sync the desired state in {}: {err}; a host crash could lose it until the controller applies again",
+                    path.display()
+                );
+            }
+        });
+    }
+
+    /// Carries out an Apply whose desired state is on disk, step by step as
+    /// [`crate::apply`] decided.
+    fn carry_out(&mut self, c: CarryOut<Requested>, mut prepared: Prepared, mut plans: Plans) {
+        let CarryOut {
+            with:
+                Requested {
+                    config_id,
+                    mut deadline,
+                    progress,
+                    reply,
+                },
             generation,
-            mut deadline,
-            progress,
-            reply,
-        } = a;
+            restart_epoch,
+            steps,
+        } = c;
         if let Some(p) = &progress {
             // Writing the desired state and preparing the nodes was progress too.
             deadline = deadline.max(Instant::now() + p.idle);
         }
         let instance = self.cfg.instance.clone();
         let now = self.now();
-        self.restart_epoch = desired.restart_epoch;
+        self.restart_epoch = restart_epoch;
         self.applied.send_replace(generation);
-        let changes = converge::diff(
-            self.nodes.iter().map(|(n, e)| (n.as_str(), &e.spec)),
-            &desired.nodes,
-            restart_all,
-        );
-        let mut desired = desired.nodes;
         let mut wait = Vec::new();
         let mut results = Vec::new();
-        for name in changes.remove {
-            info!(node = %name, "node removed from the configuration; stopping it");
-            if let Some(e) = self.nodes.get_mut(&name) {
-                e.removing = true;
-                let actions = e.machine.stop(now);
-                self.run_actions(&name, actions);
-            }
-            self.remove_if_done(&name);
-        }
-        for name in changes.keep {
-            // Unchanged: leave it alone, whatever its state; it now runs this
-            // generation's spec.
-            if let Some(e) = self.nodes.get_mut(&name) {
-                e.config_id.clone_from(&config.id);
-                e.removing = false;
-                e.deploy_gen = generation;
-                if let Some(p) = &mut e.proc {
-                    p.deploy_gen = generation;
+        for (name, step) in steps {
+            match step {
+                Step::Remove => {
+                    info!(node = %name, "node removed from the configuration; stopping it");
+                    if let Some(e) = self.nodes.get_mut(&name) {
+                        e.removing = true;
+                        let actions = e.machine.stop(now);
+                        self.run_actions(&name, actions);
+                    }
+                    self.remove_if_done(&name);
                 }
-                // It failed for want of its user or groups, which now resolve: start it.
-                if let Some(plan) = plans.remove(&name) {
-                    let retry = plan.is_ok() && e.machine.state() == machine::State::Failed;
-                    e.plan = Some(plan);
+                Step::Keep { retry } => {
+                    // Unchanged: leave it alone, whatever its state; it now runs this
+                    // generation's spec.
+                    let Some(e) = self.nodes.get_mut(&name) else {
+                        continue;
+                    };
+                    e.config_id.clone_from(&config_id);
+                    e.removing = false;
+                    e.deploy_gen = generation;
+                    if let Some(p) = &mut e.proc {
+                        p.deploy_gen = generation;
+                    }
+                    if let Some(plan) = plans.remove(&name) {
+                        e.plan = Some(plan);
+                    }
+                    // It failed for want of its user or groups, which now resolve.
                     if retry {
                         let actions = e.machine.start(now);
                         self.run_actions(&name, actions);
                         wait.push((name.clone(), None));
                     }
+                    self.bump(&name);
                 }
-                self.bump(&name);
-            }
-        }
-        for name in changes.restart {
-            let (Some(spec), Some(e)) = (desired.remove(&name), self.nodes.get_mut(&name)) else {
-                continue;
-            };
-            info!(node = %name, "node spec changed; restarting it");
-            e.spec = spec;
-            e.plan = plans.remove(&name);
-            e.config_id.clone_from(&config.id);
-            e.deploy_gen = generation;
-            e.removing = false;
-            e.stopped_by_operator = false;
-            let old_generation = e.generation;
-            let had_process = e.machine.has_process();
-            // The new spec's readiness, restart policy and backoff apply from its
-            // first process on; a running process is stopped first (as the old
-            // spec says) and the new one started once it is gone.
-            let mut actions = e.machine.stop(now);
-            if had_process {
-                e.machine.reconfigure(machine_config(&e.spec));
-            } else {
-                e.machine = Machine::new(machine_config(&e.spec));
-                e.restarts_base = 0;
-            }
-            actions.extend(e.machine.start(now));
-            self.run_actions(&name, actions);
-            wait.push((name, Some(old_generation)));
-        }
-        for name in changes.start {
-            let Some(spec) = desired.remove(&name) else {
-                continue;
-            };
-            match self.create(&name, spec, &config.id, prepared.remove(&name)) {
-                Ok(()) => {
-                    let actions = self
-                        .nodes
-                        .get_mut(&name)
-                        .map(|e| {
-                            e.deploy_gen = generation;
-                            e.plan = plans.remove(&name);
-                            e.machine.start(now)
-                        })
-                        .unwrap_or_default();
+                Step::Restart { spec, renew } => {
+                    let Some(e) = self.nodes.get_mut(&name) else {
+                        continue;
+                    };
+                    info!(node = %name, "node spec changed; restarting it");
+                    e.spec = spec;
+                    e.plan = plans.remove(&name);
+                    e.config_id.clone_from(&config_id);
+                    e.deploy_gen = generation;
+                    e.removing = false;
+                    e.stopped_by_operator = false;
+                    let old_generation = e.generation;
+                    // A running process is stopped first (as the old spec says) and
+                    // the new one started once it is gone.
+                    let mut actions = e.machine.stop(now);
+                    if renew {
+                        e.machine = Machine::new(machine_config(&e.spec));
+                        e.restarts_base = 0;
+                    } else {
+                        e.machine.reconfigure(machine_config(&e.spec));
+                    }
+                    actions.extend(e.machine.start(now));
                     self.run_actions(&name, actions);
-                    wait.push((name, None));
+                    wait.push((name, Some(old_generation)));
                 }
-                Err(e) => results.push(
-                    MgmtResult::err("", format!("cannot set up node '{name}': {e}"))
-                        .on_instance(&instance)
-                        .on_node(&name),
-                ),
+                Step::Create { spec } => {
+                    match self.create(&name, spec, &config_id, prepared.remove(&name)) {
+                        Ok(()) => {
+                            let actions = self
+                                .nodes
+                                .get_mut(&name)
+                                .map(|e| {
+                                    e.deploy_gen = generation;
+                                    e.plan = plans.remove(&name);
+                                    e.machine.start(now)
+                                })
+                                .unwrap_or_default();
+                            self.run_actions(&name, actions);
+                            wait.push((name, None));
+                        }
+                        Err(e) => results.push(
+                            MgmtResult::err("", format!("cannot set up node '{name}': {e}"))
+                                .on_instance(&instance)
+                                .on_node(&name),
+                        ),
+                    }
+                }
             }
         }
         for name in self.nodes.keys().cloned().collect::<Vec<_>>() {
@@ -2084,20 +2057,37 @@ impl Core {
             // The waiters are looked at after every event.
             Event::OutputClosed => {}
             Event::DesiredWritten(result) => {
-                let Some((a, desired)) = self.writing.take() else {
-                    return;
+                let (outputs, result) = match result {
+                    Ok((prepared, plans)) => {
+                        let resolved = plans
+                            .iter()
+                            .filter(|(_, p)| p.is_ok())
+                            .map(|(n, _)| n.clone())
+                            .collect();
+                        (Some((prepared, plans)), Ok(resolved))
+                    }
+                    Err(msg) => (None, Err(msg)),
                 };
-                match result {
-                    Ok((prepared, plans)) => self.carry_out(a, desired, prepared, plans),
-                    Err(msg) => {
-                        warn!("{msg}");
-                        let instance = self.cfg.instance.clone();
-                        let _ = a
-                            .reply
-                            .send(vec![MgmtResult::err("", msg).on_instance(&instance)]);
+                let table = ApplyTable::of(&self.nodes, &self.applied, self.restart_epoch);
+                match self
+                    .applies
+                    .written(result.as_ref().map_err(Clone::clone), &table)
+                {
+                    apply::Written::Nothing => {}
+                    apply::Written::CarryOut(c) => {
+                        let (prepared, plans) = outputs.unwrap_or_default();
+                        self.carry_out(c, prepared, plans);
+                    }
+                    apply::Written::Failed { with, error } => {
+                        self.apply_out(vec![apply::Out::Answer {
+                            with,
+                            errors: vec![error],
+                        }]);
                     }
                 }
-                self.next_apply();
+                let table = ApplyTable::of(&self.nodes, &self.applied, self.restart_epoch);
+                let out = self.applies.next(&table);
+                self.apply_out(out);
             }
             Event::Exited {
                 node,
@@ -2959,6 +2949,50 @@ fn remove_cgroup(cg: PathBuf) {
         }
         warn!("cgroup {} is still populated; leaving it", cg.display());
     });
+}
+
+/// What [`crate::apply`] sees of the nodes.
+struct ApplyTable<'a> {
+    nodes: &'a BTreeMap<String, Entry>,
+    applied: u64,
+    restart_epoch: u64,
+}
+
+impl<'a> ApplyTable<'a> {
+    fn of(nodes: &'a BTreeMap<String, Entry>, applied: &watch::Sender<u64>, epoch: u64) -> Self {
+        Self {
+            nodes,
+            applied: *applied.borrow(),
+            restart_epoch: epoch,
+        }
+    }
+}
+
+impl apply::Table for ApplyTable<'_> {
+    fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    fn restart_epoch(&self) -> u64 {
+        self.restart_epoch
+    }
+
+    fn specs(&self) -> Vec<(&str, &Node)> {
+        self.nodes
+            .iter()
+            .map(|(n, e)| (n.as_str(), &e.spec))
+            .collect()
+    }
+
+    fn facts(&self, node: &str) -> Option<apply::Facts> {
+        let e = self.nodes.get(node)?;
+        Some(apply::Facts {
+            plan_failed: matches!(e.plan, Some(Err(_))),
+            failed: e.machine.state() == machine::State::Failed,
+            has_process: e.machine.has_process(),
+            removing: e.removing,
+        })
+    }
 }
 
 /// What [`Waiters`] sees of the supervisor's nodes and the log keeper.
