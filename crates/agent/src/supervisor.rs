@@ -33,16 +33,16 @@
 //!
 //! # Applies
 //!
-//! An Apply carries a deploy generation. [`converge::judge`] decides: a repeat of the
+//! An Apply carries a deploy generation. What becomes of it is decided by a pure core,
+//! [`crate::apply`]: Applies are taken one at a time in arrival order; a repeat of the
 //! applied generation changes nothing (unless restart-all), an older one is refused
 //! with one error result, generation 0 (a controller without generations) is always
 //! carried out. Before any node is touched, the desired state (generation, restart-all
 //! epoch, resolved specs) is written to `<state-dir>/desired.json` and synced, and the
 //! new nodes' directories, log files and notify sockets are made, on the blocking pool
-//! so that the task keeps answering and firing timers meanwhile; Applies
-//! are carried out one at a time in arrival order. Then [`converge::diff`] of the specs
-//! (not the configuration's id) says which nodes start, restart, stop and go, or stay
-//! untouched.
+//! so that the task keeps answering and firing timers meanwhile. Then each node's step,
+//! from [`converge::diff`] of the specs (not the configuration's id), is carried out
+//! here: start, restart, stop and go, or stay untouched.
 //!
 //! # Records, adoption and recovery
 //!
