@@ -33,6 +33,7 @@ pub mod limits;
 pub mod logs;
 pub mod logwatch;
 pub mod machine;
+pub mod ops;
 pub mod probe;
 pub mod query;
 pub mod sockdir;

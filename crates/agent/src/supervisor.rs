@@ -94,6 +94,7 @@ use crate::keeper::PipeEnd;
 use crate::limits::{self, Limits};
 use crate::logs::{LogConfig, NodeLogs};
 use crate::machine::{self, Action, Machine, MachineConfig, Millis};
+use crate::ops;
 use crate::probe;
 use crate::sockdir::SocketDirs;
 use crate::sys::{self, ProcId};
@@ -182,19 +183,7 @@ enum Command {
     Stall(Duration),
 }
 
-/// Operator actions on existing nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// Stop and start again.
-    Restart,
-    /// Stop; the node stays stopped.
-    Stop,
-    /// Start a stopped node.
-    Start,
-    /// Send this signal to the node's process group; its state machine is not involved
-    /// (a node that dies of it is restarted under its policy).
-    Signal(i32),
-}
+pub use crate::ops::Op;
 
 #[derive(Debug)]
 enum Event {
@@ -1385,6 +1374,7 @@ impl Core {
         self.cfg.state_dir.join("desired.json")
     }
 
+    /// Carries out an operator action as [`crate::ops`] decided it.
     fn act(
         &mut self,
         op: Op,
@@ -1394,57 +1384,47 @@ impl Core {
     ) {
         let instance = self.cfg.instance.clone();
         let now = self.now();
-        let names: Vec<String> = if nodes.is_empty() {
-            self.nodes
-                .iter()
-                .filter(|(_, e)| !e.removing)
-                .map(|(n, _)| n.clone())
-                .collect()
-        } else {
-            nodes
-        };
+        let plan = ops::plan(op, nodes, &OpsTable(&self.nodes));
         let mut results = Vec::new();
-        let mut wait = Vec::new();
-        for name in names {
+        let answer = |name: &str, r: Result<(), String>| {
+            match r {
+                Ok(()) => MgmtResult::ok("", None),
+                Err(msg) => MgmtResult::err("", msg),
+            }
+            .on_instance(&instance)
+            .on_node(name)
+        };
+        for (name, step) in plan.steps {
+            let step = match step {
+                Ok(step) => step,
+                Err(why) => {
+                    results.push(answer(&name, Err(why)));
+                    continue;
+                }
+            };
             let Some(e) = self.nodes.get_mut(&name) else {
-                results.push(
-                    MgmtResult::err("", "unknown cluster node")
-                        .on_instance(&instance)
-                        .on_node(&name),
-                );
                 continue;
             };
-            if let Op::Signal(sig) = op {
-                let result = match (&e.proc, Signal::try_from(sig)) {
-                    (Some(p), Ok(sig)) => match signal_node(p, sig) {
-                        Ok(()) => Ok(()),
-                        Err(err) => Err(format!("cannot signal node: {err}")),
-                    },
-                    (None, _) => Err(format!("node {name} is not running")),
-                    (_, Err(_)) => Err(format!("invalid signal {sig}")),
-                };
-                results.push(
-                    match result {
-                        Ok(()) => MgmtResult::ok("", None),
-                        Err(msg) => MgmtResult::err("", msg),
-                    }
-                    .on_instance(&instance)
-                    .on_node(&name),
-                );
-                continue;
-            }
-            let generation = e.generation;
-            let actions = match op {
-                Op::Signal(_) => unreachable!("handled above"),
-                Op::Stop => {
+            let actions = match step {
+                ops::Step::Signal(sig) => {
+                    let sent = match &e.proc {
+                        Some(p) => {
+                            signal_node(p, sig).map_err(|err| format!("cannot signal node: {err}"))
+                        }
+                        None => Err(format!("node {name} is not running")),
+                    };
+                    results.push(answer(&name, sent));
+                    continue;
+                }
+                ops::Step::Stop => {
                     e.stopped_by_operator = true;
                     e.machine.stop(now)
                 }
-                Op::Start => {
+                ops::Step::Start => {
                     e.stopped_by_operator = false;
                     e.machine.start(now)
                 }
-                Op::Restart => {
+                ops::Step::Restart => {
                     e.stopped_by_operator = false;
                     let mut a = e.machine.stop(now);
                     a.extend(e.machine.start(now));
@@ -1453,17 +1433,11 @@ impl Core {
             };
             self.run_actions(&name, actions);
             self.save_record(&name);
-            wait.push((name, (op == Op::Restart).then_some(generation)));
         }
-        let want = if op == Op::Stop {
-            Want::Stopped
-        } else {
-            Want::Running
-        };
         let deadline = self.millis_of(deadline);
         self.waiters.add(
-            wait,
-            want,
+            plan.wait,
+            plan.want,
             deadline,
             None,
             results,
@@ -2949,6 +2923,26 @@ fn remove_cgroup(cg: PathBuf) {
         }
         warn!("cgroup {} is still populated; leaving it", cg.display());
     });
+}
+
+/// What [`crate::ops`] sees of the nodes.
+struct OpsTable<'a>(&'a BTreeMap<String, Entry>);
+
+impl ops::Nodes for OpsTable<'_> {
+    fn all(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(_, e)| !e.removing)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    fn node(&self, name: &str) -> Option<ops::Facts> {
+        self.0.get(name).map(|e| ops::Facts {
+            has_process: e.proc.is_some(),
+            spawns: e.generation,
+        })
+    }
 }
 
 /// What [`crate::apply`] sees of the nodes.
