@@ -269,6 +269,17 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The JSON of a reply that acts on nodes, with why each failed node failed (and, with
+/// `outputs`, its last lines) told on stderr first.
+fn told(
+    reply: &drover_proto::msg::ClientResponse,
+    outputs: bool,
+    json: impl FnOnce(&drover_proto::msg::ClientResponse) -> (serde_json::Value, bool),
+) -> (serde_json::Value, bool) {
+    eprint!("{}", output::node_failures(reply, outputs));
+    json(reply)
+}
+
 /// Runs one command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Ca(cmd) = &cli.command {
@@ -344,7 +355,11 @@ async fn command(
         Command::Deploy {
             restart_all,
             expect_id,
-        } => output::deploy(&deploy(session, *restart_all, expect_id.clone()).await?),
+        } => told(
+            &deploy(session, *restart_all, expect_id.clone()).await?,
+            false,
+            output::deploy,
+        ),
         Command::DeployConfig { restart_all, .. } => {
             let config = Box::new(staged.expect("read above"));
             let reply = session.request(&R::StageConfig { config }).await?;
@@ -355,7 +370,11 @@ async fn command(
             }
             // Deploy what was just staged, not what another client staged since.
             let staged_id = json["results"]["id"].as_str().map(str::to_owned);
-            output::deploy(&deploy(session, *restart_all, staged_id).await?)
+            told(
+                &deploy(session, *restart_all, staged_id).await?,
+                false,
+                output::deploy,
+            )
         }
         Command::GetConfig {
             deployed,
@@ -407,30 +426,33 @@ async fn command(
                 })
                 .await?,
         ),
-        Command::Restart { nodes, batch, .. } => output::node_results(
+        Command::Restart { nodes, batch, .. } => told(
             &session
                 .request(&R::Restart {
                     nodes: nodes.clone(),
                     batch: *batch,
                 })
                 .await?,
-            batch.is_some(),
+            true,
+            |r| output::node_results(r, batch.is_some()),
         ),
-        Command::Stop { nodes } => output::node_results(
+        Command::Stop { nodes } => told(
             &session
                 .request(&R::Stop {
                     nodes: nodes.clone(),
                 })
                 .await?,
             true,
+            |r| output::node_results(r, true),
         ),
-        Command::Start { nodes } => output::node_results(
+        Command::Start { nodes } => told(
             &session
                 .request(&R::Start {
                     nodes: nodes.clone(),
                 })
                 .await?,
             true,
+            |r| output::node_results(r, true),
         ),
         Command::Logs {
             node,
@@ -450,14 +472,15 @@ async fn command(
             let mut replies = session.request_stream(&req).await?;
             return output::print_logs(&mut replies).await.map(exit);
         }
-        Command::Signal { signal, nodes } => output::node_results(
+        Command::Signal { signal, nodes } => told(
             &session
                 .request(&R::Signal {
                     nodes: nodes.clone(),
                     signal: signal.clone(),
                 })
                 .await?,
-            true,
+            false,
+            |r| output::node_results(r, true),
         ),
         Command::Monitor { logs } => {
             let mut replies = session.request_stream(&R::Monitor { logs: *logs }).await?;

@@ -307,6 +307,48 @@ pub fn node_results(reply: &ClientResponse, strict: bool) -> (Value, bool) {
     (json!({"errors": errors, "results": res}), ok)
 }
 
+/// Lines of each stream [`node_failures`] shows of a failed node's output.
+const FAILURE_LINES: usize = 5;
+
+/// Why each node of a reply failed, for a person: one line per failed node with its
+/// instance and the agent's reason (how its process ended, or why it could not start),
+/// followed, with `outputs`, by the last lines of its stdout and stderr when the reply
+/// carries them. Printed to stderr by drover's own commands; the JSON on stdout keeps
+/// zeek-client's shape, which has no room for either.
+pub fn node_failures(reply: &ClientResponse, outputs: bool) -> String {
+    let mut out = String::new();
+    for r in results(reply) {
+        let (false, Some(node)) = (r.success, &r.node) else {
+            continue;
+        };
+        let at = r
+            .instance
+            .as_deref()
+            .map(|i| format!(" on {i}"))
+            .unwrap_or_default();
+        let why = r.error.as_deref().unwrap_or("no reason given");
+        out.push_str(&format!("error: {node}{at}: {why}\n"));
+        if !outputs {
+            continue;
+        }
+        let Some(ResultData::NodeOutputs(o)) = &r.data else {
+            continue;
+        };
+        for (name, text) in [("stdout", &o.stdout), ("stderr", &o.stderr)] {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(FAILURE_LINES)..];
+            if tail.is_empty() {
+                continue;
+            }
+            out.push_str(&format!("  its last {name}:\n"));
+            for line in tail {
+                out.push_str(&format!("    {line}\n"));
+            }
+        }
+    }
+    out
+}
+
 /// logs: prints each batch of lines to stdout or stderr, as the node wrote them.
 /// Returns false if the controller or agent reported an error.
 pub async fn print_logs(replies: &mut drover_net::conn::ReplyStream) -> anyhow::Result<bool> {

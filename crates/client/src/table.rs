@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal;
 
 use comfy_table::{Cell, Color, ContentArrangement, Table, presets};
-use drover_proto::model::{MgmtResult, MgmtRole, NodeStatus, ResultData, State};
+use drover_proto::model::{ExitStatus, MgmtResult, MgmtRole, NodeStatus, ResultData, State};
 
 fn colour() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
@@ -186,12 +186,16 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64) -> (String, bool) {
                     MgmtRole::Agent => generation(s.generation, desired),
                     _ => generation(s.generation, None),
                 }),
-                // Why the last start failed says more than the node's own status.
+                // Why the last start failed says more than the node's own status; a
+                // crashed or failed node without either says how its process ended.
                 Cell::new(match (&s.last_error, &s.last_failure, &s.status_text) {
                     (Some(e), _, _) => format!("error: {e}"),
                     (None, Some(f), _) => format!("last failure: {f}"),
                     (None, None, Some(t)) => t.clone(),
-                    (None, None, None) => String::new(),
+                    (None, None, None) => match (s.state, s.last_exit) {
+                        (State::Crashed | State::Failed, Some(exit)) => exit_text(exit),
+                        _ => String::new(),
+                    },
                 }),
             ]);
         }
@@ -204,6 +208,30 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64) -> (String, bool) {
         out.push_str(&format!("\nwarning: {w}"));
     }
     (out, ok)
+}
+
+/// How a node's last process ended, for the STATUS column.
+fn exit_text(exit: ExitStatus) -> String {
+    const NAMES: &[(i32, &str)] = &[
+        (1, "SIGHUP"),
+        (2, "SIGINT"),
+        (3, "SIGQUIT"),
+        (4, "SIGILL"),
+        (6, "SIGABRT"),
+        (7, "SIGBUS"),
+        (8, "SIGFPE"),
+        (9, "SIGKILL"),
+        (11, "SIGSEGV"),
+        (13, "SIGPIPE"),
+        (15, "SIGTERM"),
+    ];
+    match exit {
+        ExitStatus::Code(c) => format!("exited with code {c}"),
+        ExitStatus::Signal(n) => match NAMES.iter().find(|(v, _)| *v == n) {
+            Some((_, name)) => format!("killed by {name}"),
+            None => format!("killed by signal {n}"),
+        },
+    }
 }
 
 /// get-instances as a table, with each instance's applied deploy generation (from a
@@ -268,5 +296,50 @@ mod tests {
         );
         let (text, _) = nodes_at(&refs, now - 400 * day);
         assert!(!text.contains("warning:"), "{text}");
+    }
+
+    #[test]
+    fn a_crashed_or_failed_node_shows_how_its_process_ended_unless_something_says_more() {
+        let node = |name: &str, state, exit, error: Option<&str>| {
+            let mut n = NodeStatus::new(name, state, MgmtRole::None);
+            n.last_exit = exit;
+            n.last_error = error.map(str::to_owned);
+            n
+        };
+        let statuses = vec![
+            node("a-crashed", State::Crashed, Some(ExitStatus::Code(3)), None),
+            node(
+                "b-failed",
+                State::Failed,
+                Some(ExitStatus::Signal(11)),
+                None,
+            ),
+            node("c-odd", State::Failed, Some(ExitStatus::Signal(40)), None),
+            node(
+                "d-exec",
+                State::Failed,
+                None,
+                Some("cannot execute /x: no such file"),
+            ),
+            // Stopped by an operator: its SIGTERM is no news.
+            node(
+                "e-stopped",
+                State::Stopped,
+                Some(ExitStatus::Signal(15)),
+                None,
+            ),
+        ];
+        let results = [MgmtResult::ok(
+            "r",
+            Some(ResultData::NodeStatuses(statuses)),
+        )];
+        let refs: Vec<&MgmtResult> = results.iter().collect();
+        let (text, _) = nodes_at(&refs, 0);
+        let row = |name: &str| text.lines().find(|l| l.contains(name)).unwrap().to_owned();
+        assert!(row("a-crashed").contains("exited with code 3"), "{text}");
+        assert!(row("b-failed").contains("killed by SIGSEGV"), "{text}");
+        assert!(row("c-odd").contains("killed by signal 40"), "{text}");
+        assert!(row("d-exec").contains("error: cannot execute /x"), "{text}");
+        assert!(!row("e-stopped").contains("killed"), "{text}");
     }
 }
