@@ -756,6 +756,19 @@ impl Agent {
                 () = retired.cancelled() => {}
             }
         });
+        // A controller that died without a word is noticed after the idle timeout, even
+        // on a connection whose round-trip estimates are still those of a reconnect
+        // storm (see `drover_net::silence`).
+        let idle = self.config.transport.idle_timeout;
+        let watched = conn.clone();
+        let silence = tokio::spawn(async move {
+            if drover_net::silence::close_when_silent(watched, idle).await {
+                warn!(
+                    "no word from the controller for {}; closing the connection",
+                    drover_net::humanize(idle)
+                );
+            }
+        });
         let name = self.config.name.clone();
         let sup = supervisor.clone();
         let limit = self.config.request_timeout;
@@ -874,6 +887,7 @@ impl Agent {
         async move {
             let reason = conn::serve_answers(conn, transport, handler).await;
             reporter.abort();
+            silence.abort();
             reason
         }
     }

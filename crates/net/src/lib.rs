@@ -18,6 +18,7 @@ pub mod frame;
 mod live;
 pub mod peers;
 pub mod scope;
+pub mod silence;
 pub mod tls;
 pub mod trust;
 

@@ -305,7 +305,14 @@ async fn serve_one(
             Ok::<_, WireError>(reply)
         }
     };
-    conn::serve(conn, settings, handler).await.to_string()
+    // As a real agent does: a silent controller is given up after the idle timeout.
+    let silence = tokio::spawn(drover_net::silence::close_when_silent(
+        conn.clone(),
+        settings.idle_timeout,
+    ));
+    let reason = conn::serve(conn, settings, handler).await.to_string();
+    silence.abort();
+    reason
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
