@@ -318,16 +318,12 @@ const FAILURE_LINES: usize = 5;
 pub fn node_failures(reply: &ClientResponse, outputs: bool) -> String {
     let mut out = String::new();
     for r in results(reply) {
-        let (false, Some(node)) = (r.success, &r.node) else {
+        // One without an instance (an unknown node, say) is in the JSON's errors.
+        let (false, Some(node), Some(instance)) = (r.success, &r.node, &r.instance) else {
             continue;
         };
-        let at = r
-            .instance
-            .as_deref()
-            .map(|i| format!(" on {i}"))
-            .unwrap_or_default();
         let why = r.error.as_deref().unwrap_or("no reason given");
-        out.push_str(&format!("error: {node}{at}: {why}\n"));
+        out.push_str(&format!("error: {node} on {instance}: {why}\n"));
         if !outputs {
             continue;
         }
