@@ -23,7 +23,9 @@ fn failed_nodes_are_explained_on_stderr_and_in_status() {
          [nodes.crash]\ninstance = \"agent-1\"\n\
          command = [\"sh\", \"-c\", \"echo early; echo out-line; echo err-line >&2; exit 3\"]\n\
          [nodes.missing]\ninstance = \"agent-1\"\ncommand = [\"/nonexistent/prog\"]\n\
-         [nodes.fine]\ninstance = \"agent-1\"\ncommand = [\"sleep\", \"1000\"]\n",
+         [nodes.fine]\ninstance = \"agent-1\"\ncommand = [\"sleep\", \"1000\"]\n\
+         [nodes.nowhere]\ninstance = \"agent-1\"\ncommand = [\"sleep\", \"1000\"]\n\
+         workdir = \"/proc/no-such-dir\"\n",
     )
     .unwrap();
 
@@ -49,12 +51,19 @@ fn failed_nodes_are_explained_on_stderr_and_in_status() {
         "{}",
         out.stderr
     );
+    assert!(
+        lines.contains(
+            &"error: nowhere on agent-1: node 'nowhere': cannot create its working directory /proc/no-such-dir: no such file or directory"
+        ),
+        "{}",
+        out.stderr
+    );
     assert!(!out.stderr.contains("fine"), "{}", out.stderr);
 
-    let status = eventually("both failed nodes FAILED", PATIENCE, || {
+    let status = eventually("the failed nodes FAILED", PATIENCE, || {
         let out = c.drover(addr, &["status"]);
         let failed = out.stdout.lines().filter(|l| l.contains("FAILED")).count();
-        (failed == 2).then_some(out.stdout)
+        (failed == 3).then_some(out.stdout)
     });
     let row = |name: &str| {
         status

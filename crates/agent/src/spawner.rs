@@ -216,7 +216,7 @@ pub(crate) fn write_node_files(
             .open(&tmp)
             .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
             .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+            .map_err(|err| format!("cannot write {}: {}", path.display(), sys::cause(&err)))?;
     }
     Ok(())
 }
@@ -227,11 +227,13 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
     let program = job.program.as_str();
     std::fs::create_dir_all(&job.workdir).map_err(|err| {
         format!(
-            "cannot create working directory {}: {err}",
-            job.workdir.display()
+            "node '{name}': cannot create its working directory {}: {}",
+            job.workdir.display(),
+            sys::cause(&err)
         )
     })?;
-    write_node_files(&job.workdir, &job.spec.files)?;
+    write_node_files(&job.workdir, &job.spec.files)
+        .map_err(|err| format!("node '{name}': {err}"))?;
     let output = ChildOutput::open(&job.logs, cx.keeper.as_ref()).map_err(|err| {
         format!(
             "cannot set up the output of node '{name}' in {}: {err}",
