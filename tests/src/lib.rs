@@ -429,7 +429,15 @@ impl Cluster {
         self.start_agent_cmd(cmd, name, name, &["--controller", &controller.to_string()])
     }
 
-    fn start_agent_cmd(&self, mut cmd: Command, name: &str, file: &str, extra: &[&str]) -> Proc {
+    /// Starts an agent from `cmd` (another copy of the binary, say), with the arguments
+    /// of [`Cluster::start_agent_args`].
+    pub fn start_agent_cmd(
+        &self,
+        mut cmd: Command,
+        name: &str,
+        file: &str,
+        extra: &[&str],
+    ) -> Proc {
         self.agent_args(&mut cmd, name, file, extra);
         Proc::spawn(
             &format!("agent {name}"),

@@ -186,6 +186,46 @@ fn a_killed_keeper_is_replaced_and_its_nodes_keep_logging() {
 }
 
 #[test]
+fn a_keeper_is_replaced_after_the_agent_binary_was_replaced_on_disk() {
+    // As a package upgrade does while the agent runs: the file it runs is unlinked and
+    // another put at its path (here: none).
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let copy = c.dir.path().join("drover-agent");
+    std::fs::copy(bin("drover-agent"), &copy).unwrap();
+    c.issue(drover_proto::msg::PeerRole::Agent, "a1");
+    let agent = c.start_agent_cmd(
+        std::process::Command::new(&copy),
+        "a1",
+        "a1",
+        &[
+            "--controller",
+            &addr.to_string(),
+            "--log-max-bytes",
+            &MAX_BYTES.to_string(),
+            "--log-keep",
+            &KEEP.to_string(),
+        ],
+    );
+    let n = FlatOut::deploy(&c, addr);
+    let (dir, state, pid, keeper) = (&n.dir, &n.state, n.pid, n.keeper);
+    std::fs::remove_file(&copy).unwrap();
+
+    kill(keeper);
+    agent.wait_log("log keeper connected again pipes=2");
+    let replacement = eventually("another keeper", PATIENCE, || {
+        keeper_pid(state).filter(|&k| k != keeper)
+    });
+    let seq = last_seq(dir).unwrap_or(0);
+    lines_arrive("lines arrive through the new keeper", dir, seq);
+    assert!(alive(pid), "the node died with the keeper");
+    // It carries a name of its own, not /proc/self/exe's.
+    let comm = std::fs::read_to_string(format!("/proc/{replacement}/comm")).unwrap();
+    assert_eq!(comm.trim(), "log-keeper");
+    n.check_bound();
+}
+
+#[test]
 fn a_follower_sees_every_line_across_rotations() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");

@@ -517,6 +517,7 @@ mod tests {
         let args = ["-c".to_owned(), script.to_owned()];
         let pid = crate::sys::spawn_clean(&crate::sys::SpawnSpec {
             program: "/bin/sh",
+            argv0: None,
             args: &args,
             env: vec!["PATH=/usr/bin:/bin".to_owned()],
             path: "/usr/bin:/bin",

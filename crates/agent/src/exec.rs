@@ -1102,6 +1102,7 @@ mod tests {
         spawn(
             &SpawnSpec {
                 program,
+                argv0: None,
                 args: &args,
                 env: vec!["A=b".to_owned()],
                 path: "/usr/bin:/bin",

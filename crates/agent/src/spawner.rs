@@ -273,6 +273,7 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
     let join: Vec<std::os::fd::BorrowedFd<'_>> = v1.iter().map(std::os::fd::AsFd::as_fd).collect();
     let launch = sys::SpawnSpec {
         program,
+        argv0: None,
         args: &job.args,
         env: job.env,
         path: &job.path,

@@ -527,6 +527,9 @@ fn reset_reserved_signal(sig: libc::c_int) -> bool {
 pub struct SpawnSpec<'a> {
     /// The program: a path, or a name looked up in `path` (the node's `PATH`).
     pub program: &'a str,
+    /// The child's `argv[0]`, when it is not `program` (a program run through
+    /// `/proc/self/exe` keeps its own name in `ps`).
+    pub argv0: Option<&'a str>,
     /// The arguments after the program.
     pub args: &'a [String],
     /// The whole environment, as `KEY=VALUE`.
@@ -587,7 +590,7 @@ impl CArgs {
             CString::new(program.into_os_string().into_encoded_bytes()).map_err(|_| {
                 io::Error::new(io::ErrorKind::InvalidInput, "program contains a NUL byte")
             })?;
-        let argv: Vec<CString> = std::iter::once(nul(spec.program))
+        let argv: Vec<CString> = std::iter::once(nul(spec.argv0.unwrap_or(spec.program)))
             .chain(spec.args.iter().map(|a| nul(a)))
             .collect::<io::Result<_>>()?;
         let envp: Vec<CString> = spec.env.iter().map(|e| nul(e)).collect::<io::Result<_>>()?;
@@ -1556,6 +1559,7 @@ mod tests {
     ) -> SpawnSpec<'a> {
         SpawnSpec {
             program,
+            argv0: None,
             args,
             env: vec!["A=b".to_owned()],
             path: "/nonexistent:/usr/bin:/bin",

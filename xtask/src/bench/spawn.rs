@@ -132,6 +132,7 @@ fn agent_spawns(n: u32) -> anyhow::Result<()> {
         use std::os::fd::AsFd;
         drover_agent::sys::spawn_clean(&drover_agent::sys::SpawnSpec {
             program: "/bin/true",
+            argv0: None,
             args: &[],
             env: vec!["PATH=/usr/bin:/bin".to_owned()],
             path: "/usr/bin:/bin",

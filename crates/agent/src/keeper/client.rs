@@ -339,7 +339,11 @@ impl Inner {
         Ok(conn)
     }
 
-    /// Starts a keeper: this binary in keeper mode, in the state dir.
+    /// Starts a keeper: this binary in keeper mode, in the state dir. The very file
+    /// this agent runs, through `/proc/self/exe`: its path may name another file by now
+    /// (a package upgrade replaced it) or none, and a keeper started later must still
+    /// start, and speak this agent's protocol. The path is only the fallback, without
+    /// `/proc`, and the keeper's name in `ps`.
     fn spawn_keeper(&self) -> io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         let exe = std::env::current_exe()?;
@@ -349,6 +353,8 @@ impl Inner {
                 format!("the agent's path {} is not UTF-8", exe.display()),
             )
         })?;
+        // What Linux shows for a file that was unlinked.
+        let exe = exe.strip_suffix(" (deleted)").unwrap_or(exe);
         let dir = self.state_dir.to_str().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -368,18 +374,22 @@ impl Inner {
             }
         }
         let args = [super::KEEPER_ARG.to_owned(), dir.to_owned()];
-        let pid = crate::sys::spawn_clean(&crate::sys::SpawnSpec {
-            program: exe,
-            args: &args,
-            env,
-            path: "",
-            cwd: &self.state_dir,
-            stdout: log.as_fd(),
-            stderr: log.as_fd(),
-            exec: None,
-            cgroup: None,
-            join: &[],
-        })?;
+        let spawn = |program: &str| {
+            crate::sys::spawn_clean(&crate::sys::SpawnSpec {
+                program,
+                argv0: Some(exe),
+                args: &args,
+                env: env.clone(),
+                path: "",
+                cwd: &self.state_dir,
+                stdout: log.as_fd(),
+                stderr: log.as_fd(),
+                exec: None,
+                cgroup: None,
+                join: &[],
+            })
+        };
+        let pid = spawn("/proc/self/exe").or_else(|_| spawn(exe))?;
         debug!(pid, "started a log keeper");
         Ok(())
     }

@@ -60,6 +60,9 @@ pub fn run_if_keeper() -> Option<std::process::ExitCode> {
         eprintln!("usage: drover-agent {KEEPER_ARG} STATE_DIR");
         return Some(std::process::ExitCode::from(2));
     };
+    // Its own name in `ps` and `top`, whether started by the agent's path or through
+    // `/proc/self/exe` (which would name it `exe`); its threads inherit it.
+    let _ = nix::sys::prctl::set_name(c"log-keeper");
     drover_daemon::init_logging();
     Some(match server::run(Path::new(&dir)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
