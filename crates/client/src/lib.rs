@@ -269,14 +269,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The JSON of a reply that acts on nodes, with why each failed node failed (and, with
-/// `outputs`, its last lines) told on stderr first.
+/// The JSON of a reply that acts on nodes, with why each failed node failed told on
+/// stderr first (see [`output::node_failures`]).
 fn told(
     reply: &drover_proto::msg::ClientResponse,
-    outputs: bool,
+    what: output::Told,
     json: impl FnOnce(&drover_proto::msg::ClientResponse) -> (serde_json::Value, bool),
 ) -> (serde_json::Value, bool) {
-    eprint!("{}", output::node_failures(reply, outputs));
+    eprint!("{}", output::node_failures(reply, what));
     json(reply)
 }
 
@@ -357,7 +357,7 @@ async fn command(
             expect_id,
         } => told(
             &deploy(session, *restart_all, expect_id.clone()).await?,
-            false,
+            output::Told::Deploy,
             output::deploy,
         ),
         Command::DeployConfig { restart_all, .. } => {
@@ -372,7 +372,7 @@ async fn command(
             let staged_id = json["results"]["id"].as_str().map(str::to_owned);
             told(
                 &deploy(session, *restart_all, staged_id).await?,
-                false,
+                output::Told::Deploy,
                 output::deploy,
             )
         }
@@ -433,7 +433,7 @@ async fn command(
                     batch: *batch,
                 })
                 .await?,
-            true,
+            output::Told::Start,
             |r| output::node_results(r, batch.is_some()),
         ),
         Command::Stop { nodes } => told(
@@ -442,7 +442,7 @@ async fn command(
                     nodes: nodes.clone(),
                 })
                 .await?,
-            true,
+            output::Told::Plain,
             |r| output::node_results(r, true),
         ),
         Command::Start { nodes } => told(
@@ -451,7 +451,7 @@ async fn command(
                     nodes: nodes.clone(),
                 })
                 .await?,
-            true,
+            output::Told::Start,
             |r| output::node_results(r, true),
         ),
         Command::Logs {
@@ -479,7 +479,7 @@ async fn command(
                     signal: signal.clone(),
                 })
                 .await?,
-            false,
+            output::Told::Plain,
             |r| output::node_results(r, true),
         ),
         Command::Monitor { logs } => {

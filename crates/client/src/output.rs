@@ -307,24 +307,44 @@ pub fn node_results(reply: &ClientResponse, strict: bool) -> (Value, bool) {
     (json!({"errors": errors, "results": res}), ok)
 }
 
+/// What [`node_failures`] tells, by the command's JSON shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Told {
+    /// deploy, deploy-config: the JSON's errors are bare strings, so instances that
+    /// failed as a whole are named too; the nodes' outputs are in the JSON.
+    Deploy,
+    /// start, restart: the failed nodes' last lines too.
+    Start,
+    /// stop, signal: the reasons alone.
+    Plain,
+}
+
 /// Lines of each stream [`node_failures`] shows of a failed node's output.
 const FAILURE_LINES: usize = 5;
 
 /// Why each node of a reply failed, for a person: one line per failed node with its
 /// instance and the agent's reason (how its process ended, or why it could not start),
-/// followed, with `outputs`, by the last lines of its stdout and stderr when the reply
-/// carries them. Printed to stderr by drover's own commands; the JSON on stdout keeps
+/// and, after a deploy, one per instance that failed as a whole (it did not answer,
+/// say); after a start or restart, each failed node's last lines of stdout and stderr
+/// when the reply carries them. Printed to stderr by drover's own commands; the JSON on stdout keeps
 /// zeek-client's shape, which has no room for either.
-pub fn node_failures(reply: &ClientResponse, outputs: bool) -> String {
+pub fn node_failures(reply: &ClientResponse, told: Told) -> String {
     let mut out = String::new();
     for r in results(reply) {
-        // One without an instance (an unknown node, say) is in the JSON's errors.
-        let (false, Some(node), Some(instance)) = (r.success, &r.node, &r.instance) else {
+        // One without an instance (an unknown node, say) is in the JSON's errors as it
+        // is; one of an instance without a node (it did not answer) is named here.
+        let (false, Some(instance)) = (r.success, &r.instance) else {
             continue;
         };
         let why = r.error.as_deref().unwrap_or("no reason given");
+        let Some(node) = &r.node else {
+            if told == Told::Deploy {
+                out.push_str(&format!("error: {instance}: {why}\n"));
+            }
+            continue;
+        };
         out.push_str(&format!("error: {node} on {instance}: {why}\n"));
-        if !outputs {
+        if told != Told::Start {
             continue;
         }
         let Some(ResultData::NodeOutputs(o)) = &r.data else {
@@ -489,5 +509,42 @@ mod tests {
         let (v, ok) = get_instances(&reply);
         assert!(!ok);
         assert_eq!(v, json!({}));
+    }
+
+    #[test]
+    fn failures_are_told_as_each_shape_lacks_them() {
+        use drover_proto::model::NodeOutputs;
+        let outputs = NodeOutputs {
+            stdout: "a\nb\nc\nd\ne\nf".into(),
+            stderr: String::new(),
+        };
+        let mut crashed = MgmtResult::err("r", "node exited with code 3")
+            .on_instance("i1")
+            .on_node("n1");
+        crashed.data = Some(ResultData::NodeOutputs(outputs));
+        let reply = ClientResponse::Results(vec![
+            crashed,
+            MgmtResult::ok("r", None).on_instance("i1").on_node("fine"),
+            // Unknown: the JSON's errors name it already.
+            MgmtResult::err("r", "unknown cluster node").on_node("nope"),
+            // An instance that did not answer.
+            MgmtResult::err("r", "request timed out").on_instance("i2"),
+        ]);
+        assert_eq!(
+            node_failures(&reply, Told::Start),
+            "error: n1 on i1: node exited with code 3\n  its last stdout:\n    b\n    c\n    d\n    e\n    f\n"
+        );
+        assert_eq!(
+            node_failures(&reply, Told::Plain),
+            "error: n1 on i1: node exited with code 3\n"
+        );
+        assert_eq!(
+            node_failures(&reply, Told::Deploy),
+            "error: n1 on i1: node exited with code 3\nerror: i2: request timed out\n"
+        );
+        let ok = ClientResponse::Results(vec![
+            MgmtResult::ok("r", None).on_instance("i1").on_node("n"),
+        ]);
+        assert_eq!(node_failures(&ok, Told::Deploy), "");
     }
 }
