@@ -720,7 +720,7 @@ async fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<Mgm
     let _ops = shared.config_ops.lock().await;
     let config_id = config.id.clone();
     let listening = config.clone();
-    match shared.store.set_staged(config) {
+    match blocking(|| shared.store.set_staged(config)) {
         Ok(()) => {
             crate::dial::ensure(shared, &listening);
             info!(config = %config_id, "configuration staged");
@@ -733,6 +733,18 @@ async fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<Mgm
                 format!("cannot store the configuration: {e}"),
             )]
         }
+    }
+}
+
+/// Runs a blocking store write (a file synced, or an etcd transaction waited for) from
+/// a request's task, having the runtime move its other tasks to other threads first:
+/// a large configuration takes seconds to serialize and compress in a debug build, and
+/// with every worker held, the QUIC endpoints stop acknowledging and clients' and
+/// agents' connections reach their idle timeout.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -1077,7 +1089,7 @@ async fn deploy_locked(
         .map(|(_, g)| g)
         .max()
         .unwrap_or(0);
-    let deploy = match shared.store.set_desired(config, floor) {
+    let deploy = match blocking(|| shared.store.set_desired(config, floor)) {
         Ok(d) => d,
         Err(e) => {
             let message = format!("cannot record the deploy, nothing was deployed: {e}");
@@ -1160,7 +1172,7 @@ async fn deploy_locked(
             f.record(now_ms(), Some(generation), outcome, message)
         });
         let also = record.as_ref().and_then(|r| shared.audit.put(r));
-        match shared.store.set_deployed_with(&deploy, also) {
+        match blocking(|| shared.store.set_deployed_with(&deploy, also)) {
             Ok(carried) => {
                 info!(config = %config.id, generation, failed, elapsed_ms, "deployed");
                 if carried && let (Some(f), Some(r)) = (fold, record) {
