@@ -295,6 +295,44 @@ fn cgroup_of(pid: u32) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// What one notify datagram says (systemd's `sd_notify` protocol, the lines drover
+/// acts on; others are ignored).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Notice {
+    /// `READY=1`.
+    pub ready: bool,
+    /// `WATCHDOG=1`: the node is alive.
+    pub watchdog: bool,
+    /// `WATCHDOG=trigger`: the node asks to be treated as hung.
+    pub trigger: bool,
+    /// The last `STATUS=` text, cut to [`STATUS_MAX`] characters.
+    pub status: Option<String>,
+}
+
+/// The longest `STATUS=` text kept, in characters.
+pub const STATUS_MAX: usize = 256;
+
+impl Notice {
+    /// Reads a datagram, one assignment per line.
+    #[must_use]
+    pub fn parse(text: &str) -> Self {
+        let mut n = Self::default();
+        for line in text.lines() {
+            match line {
+                "READY=1" => n.ready = true,
+                "WATCHDOG=1" => n.watchdog = true,
+                "WATCHDOG=trigger" => n.trigger = true,
+                _ => {
+                    if let Some(s) = line.strip_prefix("STATUS=") {
+                        n.status = Some(s.chars().take(STATUS_MAX).collect());
+                    }
+                }
+            }
+        }
+        n
+    }
+}
+
 /// Asks the kernel to attach the sender's credentials to every datagram on `sock`.
 pub fn pass_credentials(sock: &impl AsRawFd) -> std::io::Result<()> {
     let on: libc::c_int = 1;
@@ -489,5 +527,28 @@ mod tests {
             .unwrap_err();
         assert!(e.starts_with("cannot run /nonexistent"), "{e}");
         assert!(PROBES.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn notices_read_the_lines_acted_on_and_ignore_the_rest() {
+        let n = Notice::parse("READY=1\nSTATUS=warming up\nMAINPID=4\nWATCHDOG=1\n");
+        assert_eq!(
+            n,
+            Notice {
+                ready: true,
+                watchdog: true,
+                trigger: false,
+                status: Some("warming up".into()),
+            }
+        );
+        assert_eq!(Notice::parse("READY=0\nready=1"), Notice::default());
+        let long = format!("STATUS={}\nSTATUS=x{}", "a".repeat(10), "é".repeat(300));
+        let n = Notice::parse(&long);
+        assert_eq!(
+            n.status.as_deref().map(|s| s.chars().count()),
+            Some(STATUS_MAX)
+        );
+        assert!(n.status.unwrap().starts_with('x'), "the last STATUS= wins");
+        assert!(Notice::parse("WATCHDOG=trigger").trigger);
     }
 }

@@ -2175,21 +2175,18 @@ impl Core {
                     debug!(node = %node, pid = ?sender.pid, "ignoring a notify message from a process that is not the node's");
                     return;
                 }
-                let mut ready = false;
-                let mut trigger = false;
-                for line in text.lines() {
-                    if line == "WATCHDOG=1" {
-                        if let Some(m) = e.proc.as_ref().and_then(|p| p.monitors.as_ref()) {
-                            m.ping();
-                        }
-                    } else if line == "WATCHDOG=trigger" {
-                        trigger = e.proc.as_ref().is_some_and(|p| p.spec.watchdog.is_some());
-                    } else if line == "READY=1" {
-                        ready = true;
-                    } else if let Some(s) = line.strip_prefix("STATUS=") {
-                        e.status_text = Some(s.chars().take(256).collect());
-                        self.changes.send_modify(|n| *n = n.wrapping_add(1));
-                    }
+                let notice = probe::Notice::parse(&text);
+                if notice.watchdog
+                    && let Some(m) = e.proc.as_ref().and_then(|p| p.monitors.as_ref())
+                {
+                    m.ping();
+                }
+                let trigger =
+                    notice.trigger && e.proc.as_ref().is_some_and(|p| p.spec.watchdog.is_some());
+                let ready = notice.ready;
+                if let Some(status) = notice.status {
+                    e.status_text = Some(status);
+                    self.changes.send_modify(|n| *n = n.wrapping_add(1));
                 }
                 if ready
                     && let Some(e) = self.nodes.get_mut(&node)
