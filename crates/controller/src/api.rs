@@ -704,9 +704,13 @@ fn instances(shared: &Shared) -> Vec<Instance> {
 /// Validates and records a staged configuration. A stage while a deploy runs is
 /// refused (the deploy sends what was staged when it began); stages wait for each other.
 async fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<MgmtResult> {
-    let mut issues = validate(&config);
-    // zeek: port checks that depend on the controller's settings (drover_proto::ports).
-    issues.extend(drover_proto::ports::check(&config, &shared.ports));
+    // Thousands of nodes take a while to check: off the runtime's workers, as writes.
+    let mut issues = blocking(|| {
+        let mut issues = validate(&config);
+        // zeek: port checks that depend on the controller's settings (drover_proto::ports).
+        issues.extend(drover_proto::ports::check(&config, &shared.ports));
+        issues
+    });
     issues.sort_by(|a, b| a.message.cmp(&b.message).then_with(|| a.key.cmp(&b.key)));
     if !issues.is_empty() {
         return issues
@@ -736,11 +740,12 @@ async fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<Mgm
     }
 }
 
-/// Runs a blocking store write (a file synced, or an etcd transaction waited for) from
-/// a request's task, having the runtime move its other tasks to other threads first:
-/// a large configuration takes seconds to serialize and compress in a debug build, and
-/// with every worker held, the QUIC endpoints stop acknowledging and clients' and
-/// agents' connections reach their idle timeout.
+/// Runs blocking work (a store write: a file synced, or an etcd transaction waited for;
+/// the checks of a large configuration) from a request's task, having the runtime move
+/// its other tasks to other threads first: a large configuration takes seconds to check,
+/// serialize and compress in a debug build, and with every worker held, the QUIC
+/// endpoints stop acknowledging and clients' and agents' connections reach their idle
+/// timeout.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
