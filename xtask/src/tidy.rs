@@ -180,3 +180,49 @@ fn xtask_spawns_cargo_only_through_cargo_command() {
         "spawn cargo with crate::cargo_command(), which drops cargo run's package variables: {offenders:?}"
     );
 }
+
+#[test]
+fn the_agents_pure_cores_do_no_io_and_read_no_clock() {
+    // What would let them touch the world; their tests are held to the same.
+    const FORBIDDEN: &[&str] = &[
+        "std::fs",
+        "std::net",
+        "std::process",
+        "std::thread",
+        "std::io::",
+        "std::os::",
+        "tokio",
+        "Instant::now",
+        "SystemTime",
+        "libc::",
+        "nix::unistd",
+        "nix::sys::signal::kill",
+        "crate::sys",
+        "crate::cgroup",
+        "crate::keeper::client",
+        "crate::supervisor",
+        "crate::spawner",
+    ];
+    let src = project_root().join("crates/agent/src");
+    let mut files = Vec::new();
+    for core in ["machine", "converge", "apply", "ops", "waiters"] {
+        files.push(src.join(format!("{core}.rs")));
+        rust_files(&src.join(core), &mut files);
+    }
+    let mut found = Vec::new();
+    for f in &files {
+        let text = fs::read_to_string(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for word in FORBIDDEN.iter().filter(|w| code.contains(*w)) {
+                found.push(format!("{}:{}: {word}", f.display(), n + 1));
+            }
+        }
+    }
+    assert!(files.len() >= 7, "the pure cores moved: {files:?}");
+    assert!(
+        found.is_empty(),
+        "I/O or the clock in a pure core:\n{}",
+        found.join("\n")
+    );
+}
