@@ -149,7 +149,7 @@ fn invalid_cluster_file_is_reported_before_connecting() {
     );
     assert!(
         out.stderr
-            .contains("cannot read cluster file /nonexistent.toml"),
+            .contains("cannot read cluster file /nonexistent.toml: no such file or directory\n"),
         "{}",
         out.stderr
     );

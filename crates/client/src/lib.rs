@@ -280,6 +280,19 @@ fn told(
     json(reply)
 }
 
+/// An I/O error as a message part: lower case, without Rust's "(os error N)".
+fn io_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    let text = text
+        .rfind(" (os error ")
+        .map_or(text.as_str(), |i| &text[..i])
+        .to_owned();
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map_or_else(String::new, |c| c.to_lowercase().chain(chars).collect())
+}
+
 /// Runs one command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Ca(cmd) = &cli.command {
@@ -404,13 +417,14 @@ async fn command(
                 drover_proto::ini::to_ini(config)
             };
             match filename {
-                Some(path) => std::fs::write(path, text)
-                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,
+                Some(path) => std::fs::write(path, text).map_err(|e| {
+                    anyhow::anyhow!("cannot write {}: {}", path.display(), io_text(&e))
+                })?,
                 None => {
                     use std::io::Write;
-                    std::io::stdout()
-                        .write_all(text.as_bytes())
-                        .map_err(|e| anyhow::anyhow!("cannot write to standard output: {e}"))?;
+                    std::io::stdout().write_all(text.as_bytes()).map_err(|e| {
+                        anyhow::anyhow!("cannot write to standard output: {}", io_text(&e))
+                    })?;
                 }
             }
             return Ok(exit(true));
@@ -572,11 +586,11 @@ fn read_cluster_file(
         let mut text = String::new();
         std::io::stdin()
             .read_to_string(&mut text)
-            .map_err(|e| anyhow::anyhow!("cannot read standard input: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("cannot read standard input: {}", io_text(&e)))?;
         ("<stdin>".to_owned(), text)
     } else {
         let text = std::fs::read_to_string(file)
-            .map_err(|e| anyhow::anyhow!("cannot read cluster file {file}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("cannot read cluster file {file}: {}", io_text(&e)))?;
         (file.to_owned(), text)
     };
     let refuse = |issues| anyhow::anyhow!("configuration has errors, not sending:\n{issues}");
@@ -589,8 +603,13 @@ fn read_cluster_file(
         // templates of its own; it validates everything again before staging.
         return Ok(config);
     };
-    let roles_text = std::fs::read_to_string(roles)
-        .map_err(|e| anyhow::anyhow!("cannot read roles file {}: {e}", roles.display()))?;
+    let roles_text = std::fs::read_to_string(roles).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read roles file {}: {}",
+            roles.display(),
+            io_text(&e)
+        )
+    })?;
     drover_proto::ini::with_roles(&config, &name, &roles.display().to_string(), &roles_text)
         .map_err(refuse)
 }
