@@ -535,6 +535,56 @@ fn apply_by_generation_repeats_nothing_refuses_older_and_diffs_specs() {
     assert_eq!(w.sup.applied_generation(), 2);
 }
 
+#[test]
+fn an_apply_whose_desired_state_cannot_be_written_changes_nothing() {
+    let w = World::new();
+    let p = prog();
+    let r = w.apply_gen(
+        3,
+        Some("one"),
+        &two_nodes(&p, "--sleep-forever", "--sleep-forever"),
+    );
+    assert_eq!(r.len(), 2, "{r:?}");
+    let before: BTreeMap<String, Option<u32>> =
+        w.status().into_iter().map(|(k, v)| (k, v.pid)).collect();
+    let desired = std::fs::read(w.dir.path().join("desired.json")).unwrap();
+    // The temp file it is written through cannot be made: a directory is in the way.
+    let tmp = w.dir.path().join("desired.json.tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let r = w.apply_gen(
+        4,
+        Some("two"),
+        &two_nodes(&p, "--print=x", "--sleep-forever"),
+    );
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert!(!r[0].success);
+    let err = r[0].error.as_deref().unwrap_or_default();
+    assert!(
+        err.contains("cannot record the desired state in") && err.contains("desired.json"),
+        "{err}"
+    );
+    // Nothing changed: the processes, the generation applied, the file on disk.
+    let now: BTreeMap<String, Option<u32>> =
+        w.status().into_iter().map(|(k, v)| (k, v.pid)).collect();
+    assert_eq!(now, before);
+    assert_eq!(w.sup.applied_generation(), 3);
+    assert_eq!(
+        std::fs::read(w.dir.path().join("desired.json")).unwrap(),
+        desired
+    );
+    // Once it can be written, the same generation is carried out (it was no repeat).
+    std::fs::remove_dir(&tmp).unwrap();
+    let r = w.apply_gen(
+        4,
+        Some("two"),
+        &two_nodes(&p, "--print=x", "--sleep-forever"),
+    );
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].node.as_deref(), Some("a"));
+    assert_eq!(w.sup.applied_generation(), 4);
+    assert_ne!(w.status()["a"].pid, before["a"]);
+}
+
 /// Forges the record of a node whose spawn was announced (`token`) but whose pid was
 /// never written, as an agent killed between the two leaves it.
 fn write_announced_record(dir: &Path, spec: &drover_proto::model::Node, token: u64) {
