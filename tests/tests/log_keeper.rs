@@ -16,10 +16,16 @@ const CHUNK: u64 = 64 * 1024;
 const BOUND: u64 = (KEEP + 1) * MAX_BYTES + CHUNK;
 
 fn agent(c: &Cluster, addr: SocketAddr) -> Proc {
+    agent_from(c, addr, std::process::Command::new(bin("drover-agent")))
+}
+
+/// Agent `a1` run by `cmd`, with small log files.
+fn agent_from(c: &Cluster, addr: SocketAddr, cmd: std::process::Command) -> Proc {
     if !c.pki_file("a1.crt").exists() {
         c.issue(drover_proto::msg::PeerRole::Agent, "a1");
     }
-    c.start_agent_args(
+    c.start_agent_cmd(
+        cmd,
         "a1",
         "a1",
         &[
@@ -193,20 +199,7 @@ fn a_keeper_is_replaced_after_the_agent_binary_was_replaced_on_disk() {
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let copy = c.dir.path().join("drover-agent");
     std::fs::copy(bin("drover-agent"), &copy).unwrap();
-    c.issue(drover_proto::msg::PeerRole::Agent, "a1");
-    let agent = c.start_agent_cmd(
-        std::process::Command::new(&copy),
-        "a1",
-        "a1",
-        &[
-            "--controller",
-            &addr.to_string(),
-            "--log-max-bytes",
-            &MAX_BYTES.to_string(),
-            "--log-keep",
-            &KEEP.to_string(),
-        ],
-    );
+    let agent = agent_from(&c, addr, std::process::Command::new(&copy));
     let n = FlatOut::deploy(&c, addr);
     let (dir, state, pid, keeper) = (&n.dir, &n.state, n.pid, n.keeper);
     std::fs::remove_file(&copy).unwrap();

@@ -9,26 +9,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::creds;
+use drover_net::Credentials;
 use drover_net::conn::{self, TransportSettings};
 use drover_net::frame::{self, CONNECTION_BUDGET};
-use drover_net::{Credentials, Established};
-use drover_pki::{Ca, LeafSpec};
-use drover_proto::msg::{API_VERSION, Hello, MAX_FRAME_LEN, PeerRole, Reply, Welcome};
+use drover_pki::Ca;
+use drover_proto::msg::{MAX_FRAME_LEN, PeerRole, Reply};
 use serde_json::{Value, json};
 
-const MIB: usize = 1024 * 1024;
+mod common;
 
-fn creds(ca: &Ca, role: PeerRole, name: &str, sans: &[&str]) -> Credentials {
-    let mut spec = LeafSpec::new(role, name);
-    spec.sans = sans.iter().map(|s| (*s).to_owned()).collect();
-    let leaf = ca.issue(&spec).unwrap();
-    Credentials::from_pem(
-        ca.pem().cert.as_bytes(),
-        leaf.cert.as_bytes(),
-        leaf.key.as_bytes(),
-    )
-    .unwrap()
-}
+const MIB: usize = 1024 * 1024;
 
 /// A server that welcomes everyone and echoes each request's body.
 fn server(creds: &Credentials, settings: TransportSettings) -> (quinn::Endpoint, SocketAddr) {
@@ -38,20 +29,7 @@ fn server(creds: &Credentials, settings: TransportSettings) -> (quinn::Endpoint,
     tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
             tokio::spawn(async move {
-                let (c, _) = conn::accept(incoming, Duration::from_secs(5))
-                    .await
-                    .unwrap();
-                let (_, responder) = conn::read_hello(&c, Duration::from_secs(5)).await.unwrap();
-                responder
-                    .welcome(Welcome {
-                        api_version: API_VERSION,
-                        name: "srv".into(),
-                        software: "test".into(),
-                        warning: None,
-                        term: None,
-                    })
-                    .await
-                    .unwrap();
+                let c = common::welcome(incoming).await;
                 conn::serve(
                     c,
                     settings,
@@ -62,29 +40,6 @@ fn server(creds: &Credentials, settings: TransportSettings) -> (quinn::Endpoint,
         }
     });
     (endpoint, addr)
-}
-
-async fn dial(creds: &Credentials, addr: SocketAddr, settings: &TransportSettings) -> Established {
-    let endpoint = conn::client_endpoint(creds, settings, addr).unwrap();
-    let hello = Hello {
-        api_version: API_VERSION,
-        role: PeerRole::Client,
-        name: "ops".into(),
-        software: "test".into(),
-        lost_term: None,
-    };
-    conn::dial(
-        &endpoint,
-        None,
-        addr,
-        "127.0.0.1",
-        hello,
-        PeerRole::Controller,
-        None,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap()
 }
 
 fn rss_bytes() -> usize {
@@ -119,8 +74,8 @@ async fn announced_frames_cannot_take_more_memory_than_the_budget() {
         ..TransportSettings::default()
     };
     let (_server, addr) = server(&srv, settings);
-    let hog = dial(&cli, addr, &settings).await;
-    let other = dial(&cli, addr, &settings).await;
+    let hog = common::dial(&cli, addr, &settings).await;
+    let other = common::dial(&cli, addr, &settings).await;
 
     // Oversize: refused from the header, at once, and only that stream.
     let started = Instant::now();

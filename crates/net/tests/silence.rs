@@ -6,22 +6,13 @@ use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::creds;
 use drover_net::conn::{self, TransportSettings};
 use drover_net::{Credentials, silence};
-use drover_pki::{Ca, LeafSpec};
-use drover_proto::msg::{API_VERSION, Hello, PeerRole, Welcome};
+use drover_pki::Ca;
+use drover_proto::msg::PeerRole;
 
-fn creds(ca: &Ca, role: PeerRole, name: &str, sans: &[&str]) -> Credentials {
-    let mut spec = LeafSpec::new(role, name);
-    spec.sans = sans.iter().map(|s| (*s).to_owned()).collect();
-    let leaf = ca.issue(&spec).unwrap();
-    Credentials::from_pem(
-        ca.pem().cert.as_bytes(),
-        leaf.cert.as_bytes(),
-        leaf.key.as_bytes(),
-    )
-    .unwrap()
-}
+mod common;
 
 /// A server on a runtime of its own thread that welcomes one peer and serves it, then
 /// freezes its whole runtime (no acknowledgement goes out, as from a stopped process)
@@ -39,20 +30,7 @@ fn frozen_later(creds: Credentials, settings: TransportSettings) -> (SocketAddr,
                 conn::server_endpoint(&creds, "127.0.0.1:0".parse().unwrap(), &settings).unwrap();
             addr_tx.send(endpoint.local_addr().unwrap()).unwrap();
             let incoming = endpoint.accept().await.unwrap();
-            let (c, _) = conn::accept(incoming, Duration::from_secs(5))
-                .await
-                .unwrap();
-            let (_, responder) = conn::read_hello(&c, Duration::from_secs(5)).await.unwrap();
-            responder
-                .welcome(Welcome {
-                    api_version: API_VERSION,
-                    name: "srv".into(),
-                    software: "test".into(),
-                    warning: None,
-                    term: None,
-                })
-                .await
-                .unwrap();
+            let _c = common::welcome(incoming).await;
             // Serve (acknowledge keep-alives) until told to freeze, then block the
             // runtime's only thread.
             loop {
@@ -78,26 +56,7 @@ async fn a_silent_peer_is_given_up_after_the_limit_and_a_quiet_live_one_never() 
         ..TransportSettings::default()
     };
     let (addr, freeze) = frozen_later(srv, settings);
-    let endpoint = conn::client_endpoint(&cli, &settings, addr).unwrap();
-    let hello = Hello {
-        api_version: API_VERSION,
-        role: PeerRole::Client,
-        name: "ops".into(),
-        software: "test".into(),
-        lost_term: None,
-    };
-    let est = conn::dial(
-        &endpoint,
-        None,
-        addr,
-        "127.0.0.1",
-        hello,
-        PeerRole::Controller,
-        None,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let est = common::dial(&cli, addr, &settings).await;
     let limit = Duration::from_millis(600);
 
     // Live and quiet: still open after several limits.
