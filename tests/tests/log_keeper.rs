@@ -139,6 +139,20 @@ impl FlatOut {
         }
     }
 
+    /// SIGKILLs its keeper and waits for `agent` to start another and for lines to
+    /// arrive through it, the node alive all along; the new keeper's pid.
+    fn keeper_killed_and_replaced(&self, agent: &Proc) -> i32 {
+        kill(self.keeper);
+        agent.wait_log("log keeper connected again pipes=2");
+        let replacement = eventually("another keeper", PATIENCE, || {
+            keeper_pid(&self.state).filter(|&k| k != self.keeper)
+        });
+        let seq = last_seq(&self.dir).unwrap_or(0);
+        lines_arrive("lines arrive through the new keeper", &self.dir, seq);
+        assert!(alive(self.pid), "the node died with the keeper");
+        replacement
+    }
+
     /// Its files stayed within their bound all along.
     fn check_bound(self) {
         let (peak, samples) = self.sampler.finish();
@@ -176,18 +190,9 @@ fn a_killed_keeper_is_replaced_and_its_nodes_keep_logging() {
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let agent = agent(&c, addr);
     let n = FlatOut::deploy(&c, addr);
-    let (dir, state, pid, keeper) = (&n.dir, &n.state, n.pid, n.keeper);
-
-    kill(keeper);
-    agent.wait_log("log keeper connected again pipes=2");
-    let replacement = eventually("another keeper", PATIENCE, || {
-        keeper_pid(state).filter(|&k| k != keeper)
-    });
-    let seq = last_seq(dir).unwrap_or(0);
-    lines_arrive("lines arrive through the new keeper", dir, seq);
-    assert!(alive(pid), "the node died with the keeper");
-    assert_eq!(node_pid(dir), pid, "not restarted");
-    assert_eq!(keeper_pid(state), Some(replacement));
+    let replacement = n.keeper_killed_and_replaced(&agent);
+    assert_eq!(node_pid(&n.dir), n.pid, "not restarted");
+    assert_eq!(keeper_pid(&n.state), Some(replacement));
     n.check_bound();
 }
 
@@ -201,17 +206,9 @@ fn a_keeper_is_replaced_after_the_agent_binary_was_replaced_on_disk() {
     std::fs::copy(bin("drover-agent"), &copy).unwrap();
     let agent = agent_from(&c, addr, std::process::Command::new(&copy));
     let n = FlatOut::deploy(&c, addr);
-    let (dir, state, pid, keeper) = (&n.dir, &n.state, n.pid, n.keeper);
     std::fs::remove_file(&copy).unwrap();
 
-    kill(keeper);
-    agent.wait_log("log keeper connected again pipes=2");
-    let replacement = eventually("another keeper", PATIENCE, || {
-        keeper_pid(state).filter(|&k| k != keeper)
-    });
-    let seq = last_seq(dir).unwrap_or(0);
-    lines_arrive("lines arrive through the new keeper", dir, seq);
-    assert!(alive(pid), "the node died with the keeper");
+    let replacement = n.keeper_killed_and_replaced(&agent);
     // It carries a name of its own, not /proc/self/exe's.
     let comm = std::fs::read_to_string(format!("/proc/{replacement}/comm")).unwrap();
     assert_eq!(comm.trim(), "log-keeper");
