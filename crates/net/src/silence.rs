@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// The code and reason a connection closed for silence carries.
+/// The reason a connection closed for silence carries (its peer logs it).
 pub const SILENT_REASON: &[u8] = b"peer silent";
 
 /// Tracks when a connection last received a datagram.
