@@ -299,7 +299,7 @@ fn has_spawn_token(pid: u32) -> bool {
 
 /// The `DROVER_NODE_TOKEN` in process `pid`'s environment, if any.
 pub(crate) fn spawn_token(pid: u32) -> Option<u64> {
-    let env = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let env = crate::sys::read_pseudo(Path::new(&format!("/proc/{pid}/environ"))).ok()?;
     env.split(|b| *b == 0)
         .find_map(|v| v.strip_prefix(b"DROVER_NODE_TOKEN="))
         .and_then(|t| std::str::from_utf8(t).ok()?.parse().ok())
@@ -369,7 +369,7 @@ fn write_pid(cg: &Path, pid: u32) -> io::Result<()> {
 
 /// The processes in cgroup `cg` (not its descendants).
 pub fn procs(cg: &Path) -> io::Result<Vec<u32>> {
-    Ok(fs::read_to_string(cg.join("cgroup.procs"))?
+    Ok(crate::sys::read_pseudo_text(&cg.join("cgroup.procs"))?
         .split_ascii_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect())
@@ -378,7 +378,7 @@ pub fn procs(cg: &Path) -> io::Result<Vec<u32>> {
 /// True while a process lives in `cg` or below (`populated 1` in `cgroup.events`).
 /// False for a cgroup that does not exist.
 pub fn populated(cg: &Path) -> bool {
-    fs::read_to_string(cg.join("cgroup.events"))
+    crate::sys::read_pseudo_text(&cg.join("cgroup.events"))
         .is_ok_and(|t| t.lines().any(|l| l.trim() == "populated 1"))
 }
 

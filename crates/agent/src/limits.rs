@@ -434,7 +434,7 @@ impl Host {
         };
         let cpu = v2
             .as_ref()
-            .and_then(|d| fs::read_to_string(d.join("cpu.stat")).ok())
+            .and_then(|d| crate::sys::read_pseudo_text(&d.join("cpu.stat")).ok())
             .and_then(|t| keyed(&t, "usage_usec"));
         (memory, cpu)
     }
@@ -445,13 +445,13 @@ impl Host {
         if self.v2.contains(&Ctl::Memory) {
             let d = self.v2_nodes.as_ref()?.join(node);
             return keyed(
-                &fs::read_to_string(d.join("memory.events")).ok()?,
+                &crate::sys::read_pseudo_text(&d.join("memory.events")).ok()?,
                 "oom_kill",
             );
         }
         let d = self.v1.get(&Ctl::Memory)?.nodes.join(node);
         keyed(
-            &fs::read_to_string(d.join("memory.oom_control")).ok()?,
+            &crate::sys::read_pseudo_text(&d.join("memory.oom_control")).ok()?,
             "oom_kill",
         )
     }
@@ -562,7 +562,7 @@ fn write(path: &Path, value: &str) -> io::Result<()> {
 }
 
 fn read_u64(path: &Path) -> Option<u64> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
+    crate::sys::read_pseudo_text(path).ok()?.trim().parse().ok()
 }
 
 /// The value of `key` in a `key value` per line file.

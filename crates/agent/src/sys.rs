@@ -63,6 +63,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use nix::errno::Errno;
@@ -101,6 +102,37 @@ pub struct ProcStat {
     pub rss_pages: i64,
 }
 
+/// Reads a small file of `/proc` or of a cgroup: these report a size of 0, which makes
+/// `fs::read` probe with reads of 32 bytes and grow from there (five or six reads for a
+/// `stat` line); one buffer of a page takes such a file in one read and one more for the
+/// end.
+pub fn read_pseudo(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = fs::File::open(path)?;
+    let mut out = Vec::with_capacity(PAGE);
+    loop {
+        let len = out.len();
+        out.resize(len + PAGE, 0);
+        match f.read(&mut out[len..]) {
+            Ok(0) => {
+                out.truncate(len);
+                return Ok(out);
+            }
+            Ok(n) => out.truncate(len + n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => out.truncate(len),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// [`read_pseudo`] as text; invalid UTF-8 is an error, as with `fs::read_to_string`.
+pub fn read_pseudo_text(path: &Path) -> io::Result<String> {
+    String::from_utf8(read_pseudo(path)?).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// The buffer [`read_pseudo`] reads with.
+const PAGE: usize = 4096;
+
 /// Reads and parses `/proc/<pid>/stat`.
 ///
 /// Fails with `NotFound` (or `ESRCH`) once the process has been reaped, and with
@@ -112,7 +144,7 @@ pub fn proc_stat(pid: i32) -> io::Result<ProcStat> {
             format!("invalid pid {pid}"),
         ));
     }
-    parse_stat(&fs::read(format!("/proc/{pid}/stat"))?)
+    parse_stat(&read_pseudo(Path::new(&format!("/proc/{pid}/stat")))?)
 }
 
 fn parse_stat(raw: &[u8]) -> io::Result<ProcStat> {
@@ -537,7 +569,7 @@ pub struct SpawnSpec<'a> {
     /// The directories a program name is looked up in.
     pub path: &'a str,
     /// The working directory.
-    pub cwd: &'a std::path::Path,
+    pub cwd: &'a Path,
     /// What becomes the child's stdout and stderr (stdin is `/dev/null`).
     pub stdout: BorrowedFd<'a>,
     /// See `stdout`.
@@ -626,7 +658,7 @@ pub fn resolve_program(program: &str, path: &str) -> io::Result<std::path::PathB
     }
     let mut found_any = None;
     for dir in path.split(':').filter(|d| !d.is_empty()) {
-        let candidate = std::path::Path::new(dir).join(program);
+        let candidate = Path::new(dir).join(program);
         if let Ok(meta) = fs::metadata(&candidate)
             && meta.is_file()
         {
@@ -1235,6 +1267,31 @@ mod tests {
     }
 
     #[test]
+    fn pseudo_files_are_read_whole_at_any_size() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [0, 1, PAGE - 1, PAGE, PAGE + 1, 3 * PAGE + 7] {
+            let path = dir.path().join(format!("f{len}"));
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            fs::write(&path, &bytes).unwrap();
+            assert_eq!(read_pseudo(&path).unwrap(), bytes, "{len} bytes");
+        }
+        // A file that reports no size, larger than one buffer.
+        let maps = read_pseudo_text(Path::new("/proc/self/maps")).unwrap();
+        assert!(maps.lines().count() > 5, "{maps}");
+        assert_eq!(
+            read_pseudo(&dir.path().join("missing")).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        fs::write(dir.path().join("bad"), [0xff, 0xfe]).unwrap();
+        assert_eq!(
+            read_pseudo_text(&dir.path().join("bad"))
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::InvalidData
+        );
+    }
+
+    #[test]
     fn proc_stat_of_self() {
         let s = proc_stat(me()).expect("own stat");
         let comm = fs::read_to_string("/proc/self/comm").unwrap();
@@ -1554,7 +1611,7 @@ mod tests {
     fn spec<'a>(
         program: &'a str,
         args: &'a [String],
-        cwd: &'a std::path::Path,
+        cwd: &'a Path,
         out: &'a fs::File,
     ) -> SpawnSpec<'a> {
         SpawnSpec {
