@@ -211,6 +211,17 @@ impl Cgroups {
     /// current process and its descendants only. Once empty (within [`DRAIN`]), the
     /// cgroup is made anew, so the process can be created in it.
     pub fn prepare(&self, cg: &Path) -> io::Result<Ready> {
+        // A node's first process: nothing earlier to clear.
+        match fs::create_dir(cg) {
+            Ok(()) => {
+                return Ok(Ready {
+                    dir: fs::File::open(cg)?.into(),
+                    fresh: true,
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
         if populated(cg) {
             kill(cg)?;
             let until = std::time::Instant::now() + DRAIN;
