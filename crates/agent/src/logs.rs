@@ -263,6 +263,16 @@ impl NodeLogs {
         Ok((open(Stream::Stdout)?, open(Stream::Stderr)?))
     }
 
+    /// Creates both files as [`NodeLogs::open_for_child`] would, in the node directory,
+    /// which must exist: they are there before the node's first spawn.
+    pub fn create_files(&self) -> io::Result<()> {
+        for s in Stream::ALL {
+            let path = self.path(s);
+            open_append(&path).map_err(|e| with_path("creating", &path, e))?;
+        }
+        Ok(())
+    }
+
     /// Rotates each stream whose current file is larger than `max_bytes` (see the module
     /// doc), and returns the streams rotated. One `stat` per stream when there is nothing
     /// to do. Blocking.

@@ -221,11 +221,21 @@ pub(crate) fn write_node_files(
     Ok(())
 }
 
+/// Makes a node's working directory if it is missing: one `mkdir` when it is there, as
+/// on every spawn but the first.
+pub(crate) fn make_workdir(dir: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
+
 /// Carries out one job.
 fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
     let name = job.node.as_str();
     let program = job.program.as_str();
-    std::fs::create_dir_all(&job.workdir).map_err(|err| {
+    make_workdir(&job.workdir).map_err(|err| {
         format!(
             "node '{name}': cannot create its working directory {}: {}",
             job.workdir.display(),

@@ -1481,9 +1481,9 @@ impl Core {
         let prepare_one = |name: &str, dir: &Path, work: Option<&Path>, sock_dir: &Path| {
             Self::make_node_dir(dir)?;
             if let Some(w) = work {
-                std::fs::create_dir_all(w)?;
+                crate::spawner::make_workdir(w)?;
             }
-            NodeLogs::new(dir, logs).open_for_child()?;
+            NodeLogs::new(dir, logs).create_files()?;
             socks.ensure(name)?;
             Self::bind_notify(sock_dir)
         };
@@ -1517,7 +1517,14 @@ impl Core {
     /// Creates a node's directory, for the agent and the node only (its sockets and
     /// records are there).
     fn make_node_dir(dir: &Path) -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
+        use std::os::unix::fs::DirBuilderExt;
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            // The umask can only have taken bits away.
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
     }
 
