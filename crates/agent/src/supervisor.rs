@@ -1887,15 +1887,18 @@ impl Core {
                 e.status_text = None;
                 e.last_error = None;
                 info!(node = %node, pid, "started");
-                // The record must name the new process before anything else can happen,
-                // or an agent killed now would look for it by its token only.
-                self.save_record(&node);
-                self.in_flight_done(pid_i);
                 let more = self
                     .nodes
                     .get_mut(&node)
                     .map(|e| e.machine.spawned(now, pid))
                     .unwrap_or_default();
+                // The record must name the new process before anything else can happen,
+                // or an agent killed now would look for it by its token only. Written
+                // after the machine learnt of the spawn, it says at once whether the
+                // node is ready (a start period of 0), and its readiness needs no second
+                // write.
+                self.save_record(&node);
+                self.in_flight_done(pid_i);
                 self.run_actions(&node, more);
                 let held = self
                     .nodes
