@@ -207,8 +207,25 @@ impl Limits {
 /// A v1 hierarchy the agent may use for one controller.
 #[derive(Debug, Clone)]
 struct V1 {
-    /// `<the agent's own cgroup in it>/<subtree name>/nodes`.
+    /// `<the agent's own cgroup in it>/<subtree name>/nodes`, made by [`V1::make`].
     nodes: PathBuf,
+}
+
+impl V1 {
+    /// Makes the agent's directory in this hierarchy, if missing.
+    fn make(&self) -> io::Result<()> {
+        if self.nodes.is_dir() {
+            return Ok(());
+        }
+        fs::create_dir_all(&self.nodes).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot create {}: {e}", self.nodes.display()),
+            )
+        })?;
+        tracing::info!(dir = %self.nodes.display(), "node limits use cgroup v1 here");
+        Ok(())
+    }
 }
 
 /// What this host can enforce, found once at start-up.
@@ -266,13 +283,17 @@ impl Host {
             let rel = rel.strip_prefix(root.as_str()).unwrap_or(rel);
             let own_dir = Path::new(mount).join(rel.trim_start_matches('/'));
             let nodes = own_dir.join(subtree).join("nodes");
-            match fs::create_dir_all(&nodes) {
+            // Made when a node first needs it: most agents set no limit that v2 cannot,
+            // and a v1 cgroup (a memory one above all) is not free to keep.
+            match nix::unistd::access(&own_dir, nix::unistd::AccessFlags::W_OK) {
                 Ok(()) => {
                     host.v1.insert(ctl, V1 { nodes });
                 }
                 Err(e) => {
-                    host.v1_why
-                        .insert(ctl, format!("cannot create {}: {e}", nodes.display()));
+                    host.v1_why.insert(
+                        ctl,
+                        format!("cannot create {}: {}", nodes.display(), io::Error::from(e)),
+                    );
                 }
             }
         }
@@ -319,6 +340,9 @@ impl Host {
             let Some(v1) = self.v1.get(&w.ctl) else {
                 return Err(self.refusal(node, w.setting, w.ctl, None));
             };
+            if let Err(e) = v1.make() {
+                return Err(self.refusal(node, w.setting, w.ctl, Some(e.to_string())));
+            }
             // The agent's v1 directory has every file a node's cgroup will have.
             let probe = v1.nodes.parent().unwrap_or(&v1.nodes).join(w.file);
             if !probe.exists() {
@@ -369,6 +393,7 @@ impl Host {
                 .ok_or_else(|| io::Error::other(self.refusal(node, w.setting, w.ctl, None)))?;
             let dir = v1.nodes.join(node);
             if !placement.v1.contains(&dir) {
+                v1.make()?;
                 make_dir(&dir)?;
                 placement.v1.push(dir.clone());
             }
