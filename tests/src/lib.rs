@@ -687,6 +687,43 @@ fn remove_agent_cgroups(logs: &[PathBuf]) {
             let _ = fs::remove_dir(dir);
         }
     }
+    remove_v1_cgroups(logs);
+}
+
+/// As [`remove_agent_cgroups`], for the cgroup v1 directories the agents made for node
+/// limits (`<dir>` is `<subtree>/nodes`).
+fn remove_v1_cgroups(logs: &[PathBuf]) {
+    const MARK: &str = "node limits use cgroup v1 here dir=";
+    let dirs: std::collections::BTreeSet<PathBuf> = logs
+        .iter()
+        .filter_map(|l| fs::read_to_string(l).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| {
+                    Some(PathBuf::from(
+                        l.split(MARK).nth(1)?.split_whitespace().next()?,
+                    ))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for nodes in dirs {
+        let cgroups = fs::read_dir(&nodes).into_iter().flatten().flatten();
+        for d in cgroups.filter(|d| d.file_type().is_ok_and(|t| t.is_dir())) {
+            // The nodes were killed through their v2 cgroups or process groups; a
+            // moment may pass before they leave.
+            for _ in 0..500 {
+                if fs::remove_dir(d.path()).is_ok() || !d.path().exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let _ = fs::remove_dir(&nodes);
+        if let Some(subtree) = nodes.parent() {
+            let _ = fs::remove_dir(subtree);
+        }
+    }
 }
 
 impl Drop for Cluster {
