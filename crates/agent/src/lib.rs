@@ -17,6 +17,8 @@
 //!   as they grow (inotify).
 //! - [`query`]: asks running nodes for values (get-id-value) over their query sockets.
 //! - [`sockdir`]: short paths for the nodes' sockets when the state dir is long.
+//! - [`records`]: node records written in the order the supervisor made them, from the
+//!   supervisor task and the spawner threads.
 //!
 //! The daemon binary (`main.rs`) only parses flags, sets up logging and signals, and calls
 //! [`Agent::new`] and [`Agent::run_with_ready`] (which tells systemd when the agent
@@ -36,6 +38,7 @@ pub mod machine;
 pub mod ops;
 pub mod probe;
 pub mod query;
+pub mod records;
 pub mod sockdir;
 pub mod spawner;
 pub mod supervisor;

@@ -99,7 +99,7 @@ pub struct Job {
     /// Its cgroup resource limits.
     pub limits: Limits,
     /// The record announcing the spawn's token, written before the spawn.
-    pub announce: Option<(PathBuf, Vec<u8>)>,
+    pub announce: Option<crate::records::Write>,
 }
 
 /// A node process the spawner made.
@@ -143,6 +143,8 @@ pub struct Context {
     pub in_flight: InFlight,
     /// The log keeper new processes' output goes to, if any.
     pub keeper: Option<crate::keeper::Keeper>,
+    /// Keeps an announcement from overwriting a newer record of its node.
+    pub records: Arc<crate::records::Records>,
 }
 
 /// Starts the spawner threads: they take `jobs` in order and hand each outcome to
@@ -250,10 +252,10 @@ fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
             job.logs.dir().display()
         )
     })?;
-    if let Some((path, bytes)) = &job.announce
-        && let Err(err) = crate::supervisor::write_record(path, bytes)
+    if let Some(w) = &job.announce
+        && let Err(err) = cx.records.write(w, crate::supervisor::write_record)
     {
-        warn!(node = %name, "cannot write {}: {err}", path.display());
+        warn!(node = %name, "cannot write {}: {err}", w.path.display());
     }
     // The node's cgroup, emptied of what an earlier process of it left (and made
     // anew, so before its limits are written): the child starts in it.

@@ -463,6 +463,11 @@ struct Core {
     /// Children the spawner made that this task has not taken over yet: the orphan
     /// reaper leaves them alone.
     in_flight: crate::spawner::InFlight,
+    /// Shared with the spawners, which write the records announcing spawns: see
+    /// [`crate::records`].
+    records: std::sync::Arc<crate::records::Records>,
+    /// The sequence number of the last record made.
+    record_seq: u64,
     /// A reap was skipped while the spawner was spawning: do it once the spawn is in.
     reap_pending: bool,
     /// Spawns handed to the spawner whose outcome has not come back.
@@ -689,6 +694,7 @@ impl Supervisor {
         let (applied_tx, applied_rx) = watch::channel(0);
         let state_dir_for_tokens = cfg.state_dir.clone();
         let in_flight = crate::spawner::InFlight::default();
+        let records = std::sync::Arc::new(crate::records::Records::default());
         let (spawner, jobs) = std::sync::mpsc::channel();
         let spawned_to = events_tx.clone();
         crate::spawner::start(
@@ -697,6 +703,7 @@ impl Supervisor {
                 host: host.clone(),
                 in_flight: in_flight.clone(),
                 keeper: cfg.keeper.clone(),
+                records: records.clone(),
             },
             jobs,
             move |outcome| {
@@ -728,6 +735,8 @@ impl Supervisor {
             reap_pending: false,
             spawns_waiting: 0,
             spawner_moved: Instant::now(),
+            records,
+            record_seq: 0,
         };
         core.recover();
         let task = tokio::spawn(core.run(rx, events_rx));
@@ -1985,7 +1994,7 @@ impl Core {
     /// agent killed between the spawn and the record of its pid finds the process (it
     /// carries the token in its environment) instead of leaving it untracked.
     /// Returns the record to write, for the spawner to write it before the spawn.
-    fn announce_spawn(&mut self, name: &str, token: u64) -> Option<(PathBuf, Vec<u8>)> {
+    fn announce_spawn(&mut self, name: &str, token: u64) -> Option<crate::records::Write> {
         self.nodes.get_mut(name)?.spawning = Some(token);
         let (path, bytes) = self.record_of(name)?;
         let e = self.nodes.get_mut(name)?;
@@ -1993,7 +2002,12 @@ impl Core {
             return None;
         }
         e.written.clone_from(&bytes);
-        Some((path, bytes))
+        self.record_seq += 1;
+        Some(crate::records::Write {
+            path,
+            seq: self.record_seq,
+            bytes,
+        })
     }
 
     /// Makes sure an adopted process of an unrecorded spawn (and what it forked) is in
@@ -2451,9 +2465,16 @@ impl Core {
         if bytes == e.written {
             return;
         }
-        match write_record(&path, &bytes) {
-            Ok(()) => e.written = bytes,
-            Err(err) => warn!(node = %name, "cannot write {}: {err}", path.display()),
+        self.record_seq += 1;
+        let w = crate::records::Write {
+            path,
+            seq: self.record_seq,
+            bytes,
+        };
+        // Made last, it is the newest: written.
+        match self.records.write(&w, write_record) {
+            Ok(_) => e.written = w.bytes,
+            Err(err) => warn!(node = %name, "cannot write {}: {err}", w.path.display()),
         }
     }
 
