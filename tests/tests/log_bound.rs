@@ -143,3 +143,83 @@ fn logs_stay_bounded_at_any_write_rate() {
     assert!(stdout_bytes(&steady) <= (KEEP + 1) * MAX_BYTES);
     drop(agent);
 }
+
+/// The pid of `node` if get-nodes shows it RUNNING.
+fn running_pid(c: &Cluster, addr: SocketAddr, node: &str) -> Option<i32> {
+    let out = c.drover(addr, &["get-nodes"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+    v["results"].as_object()?.values().find_map(|nodes| {
+        let n = &nodes[node];
+        (n["state"] == "RUNNING").then(|| i32::try_from(n["pid"].as_i64()?).ok())?
+    })
+}
+
+/// A node started by an agent whose log keeper could not start writes its log files
+/// itself. The next agent, with a keeper, adopts it: its files are still held to their
+/// bound (by the agent's log watcher, which watches only such nodes).
+#[test]
+fn a_node_adopted_from_an_agent_without_a_keeper_stays_bounded() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    c.issue(drover_proto::msg::PeerRole::Agent, "a1");
+    let state = c.dir.path().join("agent-a1");
+    // A directory where the keeper's log goes: the first agent cannot start a keeper.
+    let blocker = state.join("log-keeper.log");
+    std::fs::create_dir_all(&blocker).unwrap();
+    let limits = [
+        "--controller".to_owned(),
+        addr.to_string(),
+        "--log-max-bytes".to_owned(),
+        MAX_BYTES.to_string(),
+        "--log-keep".to_owned(),
+        KEEP.to_string(),
+    ];
+    let limits: Vec<&str> = limits.iter().map(String::as_str).collect();
+    let mut first = c.start_agent_args("a1", "a1", &limits);
+    first.wait_log("cannot start the log keeper");
+    let prog = bin("drover-testprog").display().to_string();
+    let file = c.dir.path().join("writer.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
+             [nodes.direct]\ninstance = \"a1\"\ncommand = [\"{prog}\", \"--stdout-rate\", \"5000\"]\n"
+        ),
+    )
+    .unwrap();
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code
+            == Some(0))
+        .then_some(())
+    });
+    let dir = state.join("nodes/direct");
+    let rotated = || std::fs::metadata(dir.join("stdout.log.1")).and_then(|m| m.modified());
+    eventually("the node's own files rotated", PATIENCE, || rotated().ok());
+    let fd1 = |pid: i32| std::fs::read_link(format!("/proc/{pid}/fd/1")).unwrap();
+    let pid = eventually("the node running", PATIENCE, || {
+        running_pid(&c, addr, "direct")
+    });
+    assert!(fd1(pid).ends_with("stdout.log"), "{:?}", fd1(pid));
+
+    first.kill();
+    std::fs::remove_dir(&blocker).unwrap();
+    let second = c.start_agent_args("a1", "a1", &limits);
+    second.wait_log("log keeper connected");
+    eventually("the node adopted", PATIENCE, || {
+        (running_pid(&c, addr, "direct") == Some(pid)).then_some(())
+    });
+    // Rotated again by the new agent, and within the bound all along.
+    let before = rotated().unwrap();
+    eventually("rotated by the new agent", PATIENCE, || {
+        (rotated().ok()? > before).then_some(())
+    });
+    let bound = (KEEP + 1) * MAX_BYTES + CHUNK;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        let bytes = stdout_bytes(&dir);
+        assert!(bytes <= bound, "{bytes} bytes, bound {bound}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(fd1(pid).ends_with("stdout.log"), "still its own writer");
+}

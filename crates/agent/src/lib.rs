@@ -312,6 +312,7 @@ impl Agent {
     ) -> Result<(), Error> {
         let this = Arc::new(self);
         let keeper = start_keeper(&this.config.state_dir, this.config.logs).await;
+        let has_keeper = keeper.is_some();
         let supervisor = Supervisor::start(SupervisorConfig {
             instance: this.config.name.clone(),
             state_dir: this.config.state_dir.clone(),
@@ -329,7 +330,14 @@ impl Agent {
         let nodes_dir = std::fs::canonicalize(&this.config.state_dir)
             .unwrap_or_else(|_| this.config.state_dir.clone())
             .join("nodes");
-        let watch = logwatch::spawn(nodes_dir.clone(), this.config.logs);
+        // The keeper holds the files it writes to their bound: the watcher is for the
+        // nodes that write theirs themselves.
+        let scope = if has_keeper {
+            logwatch::Scope::Only(supervisor.direct_log_writers())
+        } else {
+            logwatch::Scope::All
+        };
+        let watch = logwatch::spawn(nodes_dir.clone(), this.config.logs, scope);
         let metrics_listener = this.metrics.lock().ok().and_then(|mut m| m.take());
         if let Some(l) = metrics_listener {
             match tokio::net::TcpListener::from_std(l) {

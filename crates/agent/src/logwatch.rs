@@ -1,9 +1,14 @@
-//! Holds node logs to their bound while nodes write, at any rate.
+//! Holds the logs of nodes that write their files themselves to their bound while they
+//! write, at any rate.
 //!
-//! Nodes write their log files themselves (see [`crate::logs`]), so nothing tells the
-//! agent that a file grew except the kernel: one inotify instance watches `IN_MODIFY` in
-//! every node directory under `<state-dir>/nodes/` (and that directory itself for new
-//! nodes). Each event on a `stdout.log` or `stderr.log` makes the watcher check that
+//! With a log keeper (see [`crate::keeper`]) the keeper writes the files and bounds them
+//! itself: only nodes adopted from an agent that ran without one are watched
+//! ([`Scope::Only`]). Without a keeper every node writes its files itself
+//! ([`Scope::All`]).
+//!
+//! Nothing tells the agent that a file grew except the kernel: one inotify instance
+//! watches `IN_MODIFY` in each watched node directory under `<state-dir>/nodes/` (and,
+//! for [`Scope::All`], that directory itself for new nodes). Each event on a `stdout.log` or `stderr.log` makes the watcher check that
 //! file's size and rotate it when it is over the bound
 //! ([`NodeLogs::check`]). It all runs on one thread of its own, blocked in `poll` while
 //! nothing is written: under CPU contention every hand-over between threads waits for a
@@ -16,8 +21,8 @@
 //! checks a second, one writing flat out is checked every [`MIN_PAUSE`] near its bound,
 //! and a quiet node costs nothing: there is no timer.
 //!
-//! At start-up every node's files are checked once, which bounds what nodes wrote while
-//! no agent ran. Without inotify (no instance, or the per-user watch limit reached) the
+//! At start-up every watched node's files are checked once, which bounds what nodes
+//! wrote while no agent ran. Without inotify (no instance, or the per-user watch limit reached) the
 //! supervisor's periodic check is what remains; the watcher says so in the log.
 
 use std::collections::{BTreeSet, HashMap};
@@ -85,10 +90,28 @@ fn stop_fd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// Starts watching the node directories under `nodes_dir`; see the module doc. `None`
-/// (with a warning) when inotify is not available.
-pub fn spawn(nodes_dir: PathBuf, config: LogConfig) -> Option<LogWatch> {
-    let watcher = match Watcher::new(&nodes_dir, config) {
+/// Which node directories the watcher watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every node directory under `nodes_dir`, those made later too: the nodes write
+    /// their log files themselves (there is no log keeper).
+    All,
+    /// Only these: the log keeper writes every other node's files and holds them to
+    /// their bound itself, so their writes need no watching (and would wake the watcher
+    /// for nothing). These are nodes adopted from an agent that ran without a keeper,
+    /// which still write their files themselves.
+    Only(Vec<PathBuf>),
+}
+
+/// Starts watching node directories under `nodes_dir` as `scope` says; see the module
+/// doc. `None` when there is nothing to watch, or (with a warning) when inotify is not
+/// available.
+pub fn spawn(nodes_dir: PathBuf, config: LogConfig, scope: Scope) -> Option<LogWatch> {
+    if scope == Scope::Only(Vec::new()) {
+        debug!("no node writes its log files itself: no log watcher");
+        return None;
+    }
+    let watcher = match Watcher::new(&nodes_dir, config, scope) {
         Ok(w) => w,
         Err(e) => {
             warn!(
@@ -120,8 +143,10 @@ pub fn spawn(nodes_dir: PathBuf, config: LogConfig) -> Option<LogWatch> {
 struct Watcher {
     inotify: Inotify,
     nodes_dir: PathBuf,
-    /// The watch on `nodes_dir`.
-    top: i32,
+    /// The watch on `nodes_dir`, when every node directory is watched.
+    top: Option<i32>,
+    /// The directories watched from the start: `None` for all of them.
+    only: Option<Vec<PathBuf>>,
     /// Node directories by watch descriptor.
     dirs: HashMap<i32, PathBuf>,
     /// Size and time of each file's last check, and the pause it asked for then.
@@ -130,16 +155,23 @@ struct Watcher {
 }
 
 impl Watcher {
-    fn new(nodes_dir: &Path, config: LogConfig) -> io::Result<Self> {
+    fn new(nodes_dir: &Path, config: LogConfig, scope: Scope) -> io::Result<Self> {
         let inotify = Inotify::new()?;
-        let top = inotify.add(
-            nodes_dir,
-            libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_ONLYDIR,
-        )?;
+        let (top, only) = match scope {
+            Scope::All => (
+                Some(inotify.add(
+                    nodes_dir,
+                    libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_ONLYDIR,
+                )?),
+                None,
+            ),
+            Scope::Only(dirs) => (None, Some(dirs)),
+        };
         Ok(Self {
             inotify,
             nodes_dir: nodes_dir.to_owned(),
             top,
+            only,
             dirs: HashMap::new(),
             seen: HashMap::new(),
             config,
@@ -151,10 +183,19 @@ impl Watcher {
         let syncer = Syncer::start();
         // Every node there now, checked once: what they wrote while no agent ran.
         let mut dirty = BTreeSet::new();
-        if let Ok(entries) = std::fs::read_dir(&self.nodes_dir) {
-            for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    self.watch(e.path(), &mut dirty);
+        match self.only.take() {
+            Some(dirs) => {
+                for dir in dirs {
+                    self.watch(dir, &mut dirty);
+                }
+            }
+            None => {
+                if let Ok(entries) = std::fs::read_dir(&self.nodes_dir) {
+                    for e in entries.flatten() {
+                        if e.file_type().is_ok_and(|t| t.is_dir()) {
+                            self.watch(e.path(), &mut dirty);
+                        }
+                    }
                 }
             }
         }
@@ -210,7 +251,7 @@ impl Watcher {
             }
             return;
         }
-        if ev.wd == self.top {
+        if Some(ev.wd) == self.top {
             if ev.mask & libc::IN_ISDIR != 0
                 && let Some(name) = ev.name
             {
@@ -504,7 +545,7 @@ mod tests {
         let (_out, mut err) = early.open_for_child().unwrap();
         err.write_all("x\n".repeat(5000).as_bytes()).unwrap();
 
-        let watch = spawn(nodes.clone(), config).expect("inotify");
+        let watch = spawn(nodes.clone(), config, Scope::All).expect("inotify");
         let deadline = Instant::now() + Duration::from_secs(10);
         while early.dropped(Stream::Stderr) == 0 {
             assert!(Instant::now() < deadline, "not rotated at start");
@@ -537,6 +578,61 @@ mod tests {
         drop(watch);
     }
 
+    #[tokio::test]
+    async fn a_watcher_of_listed_directories_leaves_the_others_to_the_keeper() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = dir.path().join("nodes");
+        let config = LogConfig {
+            max_bytes: 1000,
+            keep: 2,
+        };
+        let over = "x\n".repeat(1000);
+        let direct = NodeLogs::new(nodes.join("direct"), config);
+        let kept = NodeLogs::new(nodes.join("kept"), config);
+        let (mut direct_out, _) = direct.open_for_child().unwrap();
+        let (mut kept_out, _) = kept.open_for_child().unwrap();
+        // Over the bound before the start: the listed one is checked at once.
+        kept_out.write_all(over.as_bytes()).unwrap();
+        direct_out.write_all(over.as_bytes()).unwrap();
+        let watch = spawn(
+            nodes.clone(),
+            config,
+            Scope::Only(vec![nodes.join("direct")]),
+        )
+        .expect("inotify");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while size(&direct, Stream::Stdout) > config.max_bytes {
+            assert!(
+                Instant::now() < deadline,
+                "the listed node was not checked at start"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Written while watched, each time before the listed one: had the watcher
+        // looked at them, they would have been rotated by the time the listed one was.
+        let later = NodeLogs::new(nodes.join("later"), config);
+        let (mut later_out, _) = later.open_for_child().unwrap();
+        for _ in 0..2 {
+            kept_out.write_all(over.as_bytes()).unwrap();
+            later_out.write_all(over.as_bytes()).unwrap();
+            direct_out.write_all(over.as_bytes()).unwrap();
+            while size(&direct, Stream::Stdout) > config.max_bytes {
+                assert!(Instant::now() < deadline, "the listed node was not rotated");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        for (what, logs) in [("kept", &kept), ("later", &later)] {
+            assert!(
+                size(logs, Stream::Stdout) > config.max_bytes,
+                "{what} was rotated"
+            );
+            assert!(!logs.rotated_path(Stream::Stdout, 1).exists(), "{what}");
+        }
+        drop(watch);
+        // Nothing listed: no thread at all.
+        assert!(spawn(nodes, config, Scope::Only(Vec::new())).is_none());
+    }
+
     /// Voluntary context switches of this process's threads named `name`.
     fn switches(name: &str) -> u64 {
         std::fs::read_dir("/proc/self/task")
@@ -559,7 +655,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let nodes = dir.path().join("nodes");
         std::fs::create_dir_all(nodes.join("quiet")).unwrap();
-        let watch = spawn(nodes, LogConfig::default()).expect("inotify");
+        let watch = spawn(nodes, LogConfig::default(), Scope::All).expect("inotify");
         // Once it has settled into its wait, nothing wakes it while nothing is written.
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut before = switches("logwatch");

@@ -92,7 +92,7 @@ use crate::cgroup::{self, CgroupSetting, Cgroups};
 use crate::converge::{self, Desired, Found, Stray, Then, Want};
 use crate::keeper::PipeEnd;
 use crate::limits::{self, Limits};
-use crate::logs::{LogConfig, NodeLogs};
+use crate::logs::{LogConfig, NodeLogs, Stream};
 use crate::machine::{self, Action, Machine, MachineConfig, Millis};
 use crate::ops;
 use crate::probe;
@@ -132,6 +132,8 @@ pub struct Supervisor {
     failure: watch::Receiver<Option<String>>,
     /// What the host's cgroups enforce and account (see [`crate::limits`]).
     host: std::sync::Arc<limits::Host>,
+    /// The directories of adopted nodes whose process writes its log files itself.
+    direct_log_writers: std::sync::Arc<Vec<PathBuf>>,
 }
 
 #[derive(Debug)]
@@ -739,6 +741,7 @@ impl Supervisor {
             record_seq: 0,
         };
         core.recover();
+        let direct_log_writers = std::sync::Arc::new(core.direct_log_writers());
         let task = tokio::spawn(core.run(rx, events_rx));
         let (failure_tx, failure_rx) = watch::channel(None);
         tokio::spawn(async move {
@@ -762,7 +765,15 @@ impl Supervisor {
             applied: applied_rx,
             failure: failure_rx,
             host,
+            direct_log_writers,
         })
+    }
+
+    /// The directories of nodes found running at start-up whose process writes its log
+    /// files itself (spawned by an agent without a log keeper): with a keeper, the only
+    /// logs the log watcher must hold to their bound.
+    pub fn direct_log_writers(&self) -> Vec<PathBuf> {
+        self.direct_log_writers.to_vec()
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
@@ -2528,6 +2539,31 @@ impl Core {
         };
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialize");
         Some((e.dir.join("record.json"), bytes))
+    }
+
+    /// See [`Supervisor::direct_log_writers`]: adopted processes whose stdout or
+    /// stderr is one of their node's log files.
+    fn direct_log_writers(&self) -> Vec<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let id = |m: std::fs::Metadata| (m.dev(), m.ino());
+        self.nodes
+            .values()
+            .filter(|e| {
+                let Some(p) = e.proc.as_ref().filter(|p| !p.child) else {
+                    return false;
+                };
+                let files: Vec<_> = [Stream::Stdout, Stream::Stderr]
+                    .into_iter()
+                    .filter_map(|s| std::fs::metadata(e.logs.path(s)).ok().map(id))
+                    .collect();
+                // Following the links: the files the descriptors are open on.
+                [1, 2].into_iter().any(|fd| {
+                    std::fs::metadata(format!("/proc/{}/fd/{fd}", p.id.pid))
+                        .is_ok_and(|m| files.contains(&id(m)))
+                })
+            })
+            .map(|e| e.dir.clone())
+            .collect()
     }
 
     /// Converges on the desired state the last Apply wrote, from whatever a previous
