@@ -327,3 +327,31 @@ fn a_failed_process_outputs_are_its_own_and_not_its_successors() {
         },
     );
 }
+
+#[test]
+fn an_agent_with_no_keeper_running_starts_exactly_one() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    // Several at once, so that each keeper takes a while to listen.
+    let names = ["k1", "k2", "k3", "k4"];
+    let agents: Vec<Proc> = names
+        .iter()
+        .map(|name| {
+            c.issue(drover_proto::msg::PeerRole::Agent, name);
+            c.start_agent(name, addr)
+        })
+        .collect();
+    for (name, agent) in names.iter().zip(&agents) {
+        agent.wait_log("log keeper connected pipes=0");
+        let state = c.dir.path().join(format!("agent-{name}"));
+        let keeper = eventually("the keeper", PATIENCE, || keeper_pid(&state));
+        assert!(alive(keeper));
+        // A second keeper would find the lock taken and leave, but only after a spawn
+        // that costs as much as the first.
+        assert_eq!(
+            agent.log_text().matches("started a log keeper").count(),
+            1,
+            "{name}"
+        );
+    }
+}

@@ -267,11 +267,19 @@ impl Inner {
     /// Connects (starting a keeper if none answers), greets, takes what it holds and
     /// hands it what this agent holds. On success the connection is the current one.
     fn connect(&self) -> io::Result<Arc<OwnedFd>> {
+        self.connect_to(Started::NotYet)
+    }
+
+    /// As [`Inner::connect`]; with [`Started::Already`], a keeper that does not answer
+    /// yet was just started and is waited for instead of started again.
+    fn connect_to(&self, started: Started) -> io::Result<Arc<OwnedFd>> {
         let path = super::socket_path(&self.state_dir);
         let conn = match super::connect(&path) {
             Ok(c) => c,
             Err(_) => {
-                self.spawn_keeper()?;
+                if started == Started::NotYet {
+                    self.spawn_keeper()?;
+                }
                 let started = Instant::now();
                 loop {
                     match super::connect(&path) {
@@ -400,7 +408,11 @@ impl Inner {
         let mut conn = match conn {
             Some(c) => c,
             None => {
-                let c = self.reconnect();
+                // The keeper `start` started: waited for, not started again.
+                let c = self.connect_to(Started::Already).unwrap_or_else(|e| {
+                    warn!("the log keeper did not come up: {e}; starting another");
+                    self.reconnect()
+                });
                 info!(pipes = self.lock().held.len(), "log keeper connected");
                 c
             }
@@ -430,6 +442,15 @@ impl Inner {
             info!(pipes = self.lock().held.len(), "log keeper connected again");
         }
     }
+}
+
+/// Whether a keeper was started for the connection about to be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Started {
+    /// Start one if none answers.
+    NotYet,
+    /// One was started: wait for it to listen.
+    Already,
 }
 
 impl Inner {
