@@ -100,6 +100,17 @@ pub struct Job {
     pub limits: Limits,
     /// The record announcing the spawn's token, written before the spawn.
     pub announce: Option<crate::records::Write>,
+    /// A node's first spawn makes its directory, log files and notify socket first.
+    pub fresh: Option<Fresh>,
+}
+
+/// What a new node needs before its first spawn (see [`prepare_fresh`]).
+#[derive(Debug, Clone)]
+pub struct Fresh {
+    /// `<state-dir>/nodes/<name>`.
+    pub dir: PathBuf,
+    /// Where its sockets go (see [`crate::sockdir`]).
+    pub socks: crate::sockdir::SocketDirs,
 }
 
 /// A node process the spawner made.
@@ -130,6 +141,8 @@ pub struct Outcome {
     pub spec: Node,
     /// The process, or why there is none (naming the node, the program and the cause).
     pub result: Result<Spawned, String>,
+    /// The notify socket a first spawn bound, whether the spawn itself worked or not.
+    pub notify: Option<std::os::unix::net::UnixDatagram>,
 }
 
 /// What the spawner threads hold for all jobs.
@@ -176,13 +189,16 @@ fn spawner(cx: &Context, jobs: &Mutex<std::sync::mpsc::Receiver<Job>>, done: &dy
         };
         let (node, generation) = (job.node.clone(), job.generation);
         let spec = job.spec.clone();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cx, job)))
-            .unwrap_or_else(|_| Err(format!("node '{node}': the spawn panicked")));
+        let mut notify = None;
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cx, job, &mut notify)))
+                .unwrap_or_else(|_| Err(format!("node '{node}': the spawn panicked")));
         done(Outcome {
             node,
             generation,
             spec,
             result,
+            notify,
         });
     }
 }
@@ -233,10 +249,41 @@ pub(crate) fn make_workdir(dir: &std::path::Path) -> std::io::Result<()> {
     }
 }
 
-/// Carries out one job.
-fn run(cx: &Context, job: Job) -> Result<Spawned, String> {
+/// Makes a new node's directory (for the agent and the node only), its empty log files
+/// and its bound notify socket, which receives the sender's credentials from the
+/// first datagram on.
+pub(crate) fn prepare_fresh(
+    name: &str,
+    dir: &std::path::Path,
+    logs: &NodeLogs,
+    socks: &crate::sockdir::SocketDirs,
+) -> std::io::Result<std::os::unix::net::UnixDatagram> {
+    crate::supervisor::make_node_dir(dir)?;
+    logs.create_files()?;
+    socks.ensure(name)?;
+    let sock = crate::supervisor::bind_notify(&socks.dir(name))?;
+    crate::probe::pass_credentials(&sock)?;
+    Ok(sock)
+}
+
+/// Carries out one job; a first spawn's notify socket goes to `notify`.
+fn run(
+    cx: &Context,
+    job: Job,
+    notify: &mut Option<std::os::unix::net::UnixDatagram>,
+) -> Result<Spawned, String> {
     let name = job.node.as_str();
     let program = job.program.as_str();
+    if let Some(fresh) = &job.fresh {
+        let sock = prepare_fresh(name, &fresh.dir, &job.logs, &fresh.socks).map_err(|err| {
+            format!(
+                "cannot set up node '{name}' in {}: {}",
+                fresh.dir.display(),
+                sys::cause(&err)
+            )
+        })?;
+        *notify = Some(sock);
+    }
     make_workdir(&job.workdir).map_err(|err| {
         format!(
             "node '{name}': cannot create its working directory {}: {}",

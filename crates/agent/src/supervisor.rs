@@ -227,7 +227,7 @@ enum Event {
 type Plans = BTreeMap<String, Result<std::sync::Arc<crate::exec::Plan>, String>>;
 
 /// A new node's name, directory and working directory to make before its first spawn.
-type PrepareJob = (String, PathBuf, Option<PathBuf>, PathBuf);
+type PrepareJob = (String, PathBuf, Option<PathBuf>);
 
 /// New nodes' bound notify sockets (or why they could not be made), by name.
 type Prepared = BTreeMap<String, std::io::Result<std::os::unix::net::UnixDatagram>>;
@@ -410,6 +410,9 @@ struct Entry {
     /// The stdout and stderr pipes (inode numbers) of its last process this agent
     /// spawned with a log keeper, for that process's last words should it fail.
     last_pipes: Option<[u64; 2]>,
+    /// Its directory, log files and notify socket are still to be made, by its next
+    /// spawn (see [`crate::spawner::Fresh`]).
+    fresh: bool,
 }
 
 impl Entry {
@@ -534,6 +537,35 @@ fn to_model_exit(e: machine::ExitStatus) -> model::ExitStatus {
         machine::ExitStatus::Code(c) => model::ExitStatus::Code(c),
         machine::ExitStatus::Signal(s) => model::ExitStatus::Signal(s),
     }
+}
+
+/// Creates a node's directory, for the agent and the node only (its sockets and
+/// records are there).
+pub(crate) fn make_node_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        // The umask can only have taken bits away.
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir)?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+}
+
+/// A node's notify socket in `dir` (as [`crate::sockdir`] names it).
+fn notify_path(dir: &Path) -> PathBuf {
+    dir.join("notify.sock")
+}
+
+/// Binds a node's notify socket in `dir` (as [`crate::sockdir`] names it), replacing a
+/// stale one.
+pub(crate) fn bind_notify(dir: &Path) -> std::io::Result<std::os::unix::net::UnixDatagram> {
+    let path = notify_path(dir);
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock)
 }
 
 /// Writes a record over the previous one. A record of up to [`IN_PLACE_MAX`] bytes
@@ -1182,9 +1214,12 @@ impl Core {
         }
     }
 
-    /// Writes an Apply's desired state on the blocking pool, then makes what its new
-    /// nodes need there too, on every core at once: creating inodes is most of what
-    /// starting hundreds of nodes costs. Reported as [`Event::DesiredWritten`].
+    /// Writes an Apply's desired state on the blocking pool and resolves the exec
+    /// settings of the nodes it starts there too. Reported as [`Event::DesiredWritten`].
+    /// New nodes' directories, log files and notify sockets are made by their first
+    /// spawn ([`crate::spawner::Fresh`]): creating inodes is most of what starting
+    /// hundreds of nodes costs, and so the first node starts while later ones are still
+    /// being made, on the spawner threads.
     fn start_write(&mut self, w: apply::Write) {
         let apply::Write {
             desired,
@@ -1197,23 +1232,15 @@ impl Core {
             new = create.len(),
             "applying a deploy"
         );
-        let jobs = self.prepare_jobs(
-            create
-                .iter()
-                .filter_map(|name| desired.nodes.get_key_value(name))
-                .map(|(name, spec)| (name.as_str(), spec)),
-        );
         let exec_jobs: Vec<(String, Node, PathBuf, PathBuf)> = resolve
             .iter()
             .filter_map(|name| desired.nodes.get_key_value(name))
             .map(|(name, spec)| {
                 let dir = self.nodes_dir.join(name);
-                let notify = Self::notify_path(&self.socks.dir(name));
+                let notify = notify_path(&self.socks.dir(name));
                 (name.clone(), spec.clone(), dir, notify)
             })
             .collect();
-        let logs = self.cfg.logs;
-        let socks = self.socks.clone();
         let path = self.desired_path();
         let events = self.events.clone();
         let generation = desired.generation;
@@ -1222,8 +1249,6 @@ impl Core {
             let result = write_desired(&path, &desired)
                 .map(|()| {
                     let written = began.elapsed();
-                    let prepared = Self::run_prepare(&jobs, logs, &socks);
-                    let made = began.elapsed();
                     let plans = exec_jobs
                         .iter()
                         .map(|(name, spec, dir, notify)| {
@@ -1234,12 +1259,10 @@ impl Core {
                     debug!(
                         generation,
                         written_us = written.as_micros(),
-                        prepared = jobs.len(),
-                        prepared_us = (made - written).as_micros(),
-                        resolved_us = (began.elapsed() - made).as_micros(),
-                        "desired state written, new nodes prepared"
+                        resolved_us = (began.elapsed() - written).as_micros(),
+                        "desired state written"
                     );
-                    (prepared, plans)
+                    (Prepared::new(), plans)
                 })
                 .map_err(|err| {
                     format!(
@@ -1485,7 +1508,7 @@ impl Core {
             .map(|(name, spec)| {
                 let dir = self.nodes_dir.join(name);
                 let work = spec.workdir.is_none().then(|| dir.join("work"));
-                (name.to_owned(), dir, work, self.socks.dir(name))
+                (name.to_owned(), dir, work)
             })
             .collect()
     }
@@ -1498,14 +1521,12 @@ impl Core {
             return BTreeMap::new();
         }
         // The node's cgroup is made by its spawn (see [`Cgroups::prepare`]).
-        let prepare_one = |name: &str, dir: &Path, work: Option<&Path>, sock_dir: &Path| {
-            Self::make_node_dir(dir)?;
+        let prepare_one = |name: &str, dir: &Path, work: Option<&Path>| {
+            let sock = crate::spawner::prepare_fresh(name, dir, &NodeLogs::new(dir, logs), socks)?;
             if let Some(w) = work {
                 crate::spawner::make_workdir(w)?;
             }
-            NodeLogs::new(dir, logs).create_files()?;
-            socks.ensure(name)?;
-            Self::bind_notify(sock_dir)
+            Ok(sock)
         };
         let threads = std::thread::available_parallelism()
             .map_or(1, usize::from)
@@ -1517,11 +1538,8 @@ impl Core {
                 .map(|part| {
                     scope.spawn(move || {
                         part.iter()
-                            .map(|(name, dir, work, sock_dir)| {
-                                (
-                                    name.clone(),
-                                    prepare_one(name, dir, work.as_deref(), sock_dir),
-                                )
+                            .map(|(name, dir, work)| {
+                                (name.clone(), prepare_one(name, dir, work.as_deref()))
                             })
                             .collect::<Vec<_>>()
                     })
@@ -1534,32 +1552,9 @@ impl Core {
         })
     }
 
-    /// Creates a node's directory, for the agent and the node only (its sockets and
-    /// records are there).
-    fn make_node_dir(dir: &Path) -> std::io::Result<()> {
-        use std::os::unix::fs::DirBuilderExt;
-        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-            // The umask can only have taken bits away.
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir)?,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-    }
-
-    /// Binds a node's notify socket in `dir` (as [`crate::sockdir`] names it),
-    /// replacing a stale one.
-    fn bind_notify(dir: &Path) -> std::io::Result<std::os::unix::net::UnixDatagram> {
-        let path = Self::notify_path(dir);
-        let _ = std::fs::remove_file(&path);
-        let sock = std::os::unix::net::UnixDatagram::bind(&path)?;
-        sock.set_nonblocking(true)?;
-        Ok(sock)
-    }
-
-    /// Creates the entry of a new node: its directory, logs and notify socket, unless
-    /// [`Core::prepare`] made them (`prepared`: its notify socket).
+    /// Creates the entry of a new node. With `prepared` (its notify socket, as
+    /// [`Core::prepare`] made it with its directory and logs) it is ready; without, its
+    /// first spawn makes them (the entry is `fresh`).
     fn create(
         &mut self,
         name: &str,
@@ -1570,14 +1565,8 @@ impl Core {
         drover_proto::name::check(name)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let dir = self.nodes_dir.join(name);
-        let sock = match prepared {
-            Some(sock) => sock?,
-            None => {
-                Self::make_node_dir(&dir)?;
-                self.socks.ensure(name)?;
-                Self::bind_notify(&self.socks.dir(name))?
-            }
-        };
+        // Without one, its first spawn makes what the node needs.
+        let sock = prepared.transpose()?;
         let logs = NodeLogs::new(&dir, self.cfg.logs);
         let machine = Machine::new(machine_config(&spec));
         let mut entry = Entry {
@@ -1605,15 +1594,13 @@ impl Core {
             plan: None,
             written: Vec::new(),
             last_pipes: None,
+            fresh: false,
         };
-        entry.notify_task = Some(self.listen_notify(name, sock)?);
+        entry.notify_task = sock.map(|s| self.listen_notify(name, s)).transpose()?;
+        entry.fresh = entry.notify_task.is_none();
         self.nodes.insert(name.to_owned(), entry);
         self.membership_changed = true;
         Ok(())
-    }
-
-    fn notify_path(dir: &Path) -> PathBuf {
-        dir.join("notify.sock")
     }
 
     /// Forwards what the node's notify socket receives.
@@ -1734,6 +1721,11 @@ impl Core {
         self.next_token = next_token_after(token);
         let instance = self.cfg.instance.clone();
         let sock_dir = self.socks.dir(name);
+        let fresh_socks = self
+            .nodes
+            .get(name)
+            .is_some_and(|e| e.fresh)
+            .then(|| self.socks.clone());
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
         // Every attempt counts, so that a restart whose spawn fails is told apart
         // from the process before it.
@@ -1744,7 +1736,7 @@ impl Core {
             Some(w) => PathBuf::from(w),
             None => e.dir.join("work"),
         };
-        let notify = Self::notify_path(&sock_dir);
+        let notify = notify_path(&sock_dir);
         let query = crate::exec::query_path(&sock_dir, spec);
         let mut env: BTreeMap<&str, String> = BTreeMap::from([(
             "PATH",
@@ -1810,6 +1802,10 @@ impl Core {
                 .map(|a| a.cpus().into_iter().map(|c| c as usize).collect()),
             limits: Limits::of(&e.spec),
             announce: None,
+            fresh: fresh_socks.map(|socks| crate::spawner::Fresh {
+                dir: e.dir.clone(),
+                socks,
+            }),
         };
         e.spawn_of = Some(SpawnOf {
             spec: e.spec.clone(),
@@ -1840,7 +1836,11 @@ impl Core {
             generation,
             spec,
             result,
+            notify,
         } = outcome;
+        if let Some(sock) = notify {
+            self.prepared(&node, sock);
+        }
         let pid_of =
             |r: &Result<crate::spawner::Spawned, String>| r.as_ref().ok().map(|s| s.id.pid);
         let current = self
@@ -1955,6 +1955,24 @@ impl Core {
             }
         };
         self.run_actions(&node, more);
+    }
+
+    /// The first spawn of a `fresh` node made its directory, logs and notify socket:
+    /// what the node sends there is read from now on (what it sent already waits in the
+    /// socket).
+    fn prepared(&mut self, name: &str, sock: std::os::unix::net::UnixDatagram) {
+        if !self.nodes.get(name).is_some_and(|e| e.fresh) {
+            return;
+        }
+        match self.listen_notify(name, sock) {
+            Ok(task) => {
+                if let Some(e) = self.nodes.get_mut(name) {
+                    e.fresh = false;
+                    e.notify_task = Some(task);
+                }
+            }
+            Err(err) => warn!(node = %name, "cannot read the node's notify socket: {err}"),
+        }
     }
 
     /// The supervisor has taken over `pid`: the orphan reaper may see it as ours.
@@ -2350,7 +2368,7 @@ impl Core {
                 t.abort();
             }
             let _ = std::fs::remove_file(e.dir.join("record.json"));
-            let _ = std::fs::remove_file(Self::notify_path(&e.dir));
+            let _ = std::fs::remove_file(notify_path(&e.dir));
             if let Some(c) = &self.cgroups {
                 remove_cgroup(c.node(name));
             }
@@ -2482,6 +2500,13 @@ impl Core {
             seq: self.record_seq,
             bytes,
         };
+        // A node whose first spawn failed before making its directory (its record
+        // keeps the error for a later agent process).
+        if e.fresh
+            && let Err(err) = make_node_dir(&e.dir)
+        {
+            warn!(node = %name, "cannot create {}: {err}", e.dir.display());
+        }
         // Made last, it is the newest: written.
         match self.records.write(&w, write_record) {
             Ok(_) => e.written = w.bytes,
@@ -2675,7 +2700,7 @@ impl Core {
                 info!(node = %name, "node is no longer desired; removing it");
                 let dir = self.nodes_dir.join(&name);
                 let _ = std::fs::remove_file(dir.join("record.json"));
-                let _ = std::fs::remove_file(Self::notify_path(&dir));
+                let _ = std::fs::remove_file(notify_path(&dir));
                 continue;
             }
             let config_id = record.map(|r| r.config_id.clone()).unwrap_or_default();
@@ -2688,7 +2713,7 @@ impl Core {
             // Before serving, like the rest of recovery: an adopted node's socket and
             // directory are given back to its user (making the node's entry reset them).
             if crate::exec::wanted(&e.spec) {
-                let notify = Self::notify_path(&self.socks.dir(&name));
+                let notify = notify_path(&self.socks.dir(&name));
                 let plan = crate::exec::prepare(&name, &e.spec, &e.dir, &notify);
                 e.plan = Some(plan.map(std::sync::Arc::new));
             }
