@@ -130,9 +130,9 @@ struct Attempt {
 }
 
 /// The run's world.
+/// Fields drop in order: the daemons before their network and the cluster, whose drop
+/// kills what is left in the agents' cgroups.
 struct World {
-    c: Cluster,
-    lab: NetLab,
     addr: SocketAddr,
     controller: Option<Proc>,
     agents: Vec<Option<Proc>>,
@@ -144,6 +144,8 @@ struct World {
     floor: Option<usize>,
     next_rev: u64,
     report: Report,
+    lab: NetLab,
+    c: Cluster,
 }
 
 const REQUEST_TIMEOUT: &str = "3s";

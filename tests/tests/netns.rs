@@ -10,11 +10,14 @@ use drover_tests::netlab::NetLab;
 use drover_tests::{Cluster, PATIENCE, bin, eventually};
 use serde_json::Value;
 
+/// Fields drop in order: the daemons, then their network, then the cluster, whose drop
+/// kills what is left in the agents' cgroups (an agent still running would start its
+/// nodes again).
 struct Setup {
-    c: Cluster,
-    lab: NetLab,
     addr: SocketAddr,
     _procs: Vec<drover_tests::Proc>,
+    lab: NetLab,
+    c: Cluster,
 }
 
 fn setup(agents: usize) -> Setup {

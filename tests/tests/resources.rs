@@ -15,12 +15,14 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+/// Fields drop in order: the agent before the cluster, whose drop kills what is left in
+/// the agent's cgroups (an agent still running would start its nodes again).
 struct Setup {
-    c: Cluster,
     addr: SocketAddr,
     _ctl: Proc,
     agent: Proc,
     metrics: SocketAddr,
+    c: Cluster,
 }
 
 fn setup() -> Setup {
