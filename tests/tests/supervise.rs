@@ -770,3 +770,41 @@ fn an_agent_killed_while_replacing_a_node_finishes_the_replacement() {
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", s.pid.unwrap())).unwrap();
     assert!(String::from_utf8_lossy(&cmdline).contains("--print=v2"));
 }
+
+/// The cgroup v2 directory this process is in, if the unified hierarchy is mounted.
+fn own_cgroup_v2() -> Option<std::path::PathBuf> {
+    let line = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = line.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2").then(|| left.split_whitespace().nth(4))?
+    })?;
+    Some(Path::new(mount).join(rel.trim_start_matches('/')))
+}
+
+#[test]
+fn a_supervisor_started_inside_its_subtree_removes_it_when_it_stops_its_nodes() {
+    let Some(base) = own_cgroup_v2() else {
+        eprintln!("skipped: no cgroup v2 hierarchy");
+        return;
+    };
+    let mut w = World::new();
+    let subtree = base.join(drover_agent::cgroup::subtree_name("agent-1", w.dir.path()));
+    if !subtree.join("agent").exists() {
+        eprintln!("skipped: nodes are not contained in cgroups here");
+        return;
+    }
+    w.apply(&format!(
+        "[nodes.a]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\n",
+        prog()
+    ));
+    w.wait("running", |s| s.state == State::Running, "a");
+    // As an agent started by its predecessor's leaf: this process is in it now.
+    w.restart_supervisor();
+    w.wait("adopted", |s| s.state == State::Running, "a");
+    w.rt.block_on(w.sup.shutdown(true));
+    assert!(!subtree.exists(), "{} left behind", subtree.display());
+    let now = own_cgroup_v2().unwrap();
+    assert_eq!(now, base, "back where the subtree was");
+}

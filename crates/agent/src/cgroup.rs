@@ -106,7 +106,8 @@ pub struct Cgroups {
     root: PathBuf,
     agent: PathBuf,
     nodes: PathBuf,
-    /// The cgroup the agent started in, to go back to when it removes its subtree.
+    /// The cgroup the agent started in (for one started inside its subtree, the cgroup
+    /// the subtree is in), to go back to when it removes its subtree.
     origin: Option<PathBuf>,
 }
 
@@ -124,18 +125,20 @@ impl Cgroups {
         state_dir: &Path,
     ) -> Result<Option<Self>, String> {
         let name = subtree_name(instance, state_dir);
-        let own = own_cgroup();
+        let mut own = own_cgroup();
         let root = match setting {
             CgroupSetting::None => return Ok(None),
             CgroupSetting::Path(p) => p.clone(),
             CgroupSetting::Auto => {
                 let base = own.clone().ok_or("no cgroup v2 hierarchy is mounted")?;
                 // An agent that was already inside its subtree (started by its
-                // predecessor's leaf) reuses that subtree.
+                // predecessor's leaf) reuses that subtree, and goes back to where the
+                // subtree hangs when it releases it.
                 match (base.file_name(), base.parent()) {
                     (Some(leaf), Some(parent))
                         if leaf == "agent" && parent.file_name() == Some(name.as_ref()) =>
                     {
+                        own = parent.parent().map(Path::to_owned);
                         parent.to_owned()
                     }
                     _ => base.join(&name),
