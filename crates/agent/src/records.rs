@@ -72,6 +72,24 @@ impl Records {
         *last = w.seq;
         Ok(Written::Written)
     }
+
+    /// Forgets a record file: its node is gone, with no spawn of it under way, so no
+    /// write of it can come any more (a node of the same name later gets newer
+    /// sequence numbers anyway). Keeps the table to the nodes that exist.
+    pub fn forget(&self, path: &Path) {
+        self.files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(path);
+    }
+
+    /// Record files with a write on record.
+    pub fn held(&self) -> usize {
+        self.files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
 }
 
 #[cfg(test)]
@@ -129,6 +147,22 @@ mod tests {
         let files = files.into_inner().unwrap();
         assert_eq!(files[Path::new("a")], b"running");
         assert_eq!(files[Path::new("b")], b"spawning");
+    }
+
+    #[test]
+    fn a_forgotten_file_is_no_longer_held() {
+        let records = Records::default();
+        let files = Mutex::new(HashMap::new());
+        records.write(&w("a", 3, "x"), into(&files)).unwrap();
+        records.write(&w("b", 4, "y"), into(&files)).unwrap();
+        assert_eq!(records.held(), 2);
+        records.forget(Path::new("a"));
+        assert_eq!(records.held(), 1);
+        // A node of the same name made later writes newer records; they go through.
+        assert_eq!(
+            records.write(&w("a", 5, "z"), into(&files)).unwrap(),
+            Written::Written
+        );
     }
 
     #[test]

@@ -2395,7 +2395,9 @@ impl Core {
             if let Some(t) = &e.notify_task {
                 t.abort();
             }
-            let _ = std::fs::remove_file(e.dir.join("record.json"));
+            let record = e.dir.join("record.json");
+            let _ = std::fs::remove_file(&record);
+            self.records.forget(&record);
             let _ = std::fs::remove_file(notify_path(&e.dir));
             if let Some(c) = &self.cgroups {
                 remove_cgroup(c.node(name));
