@@ -330,7 +330,9 @@ pub fn wanted(node: &Node) -> bool {
 
 /// [`resolve`]s the node's settings against this agent's credentials and gives the
 /// node's files to its user ([`own_node_paths`]): `node_dir` is its directory (its
-/// default working directory `work` below it), `notify` its notify socket. Blocking.
+/// default working directory `work` below it), `notify` its notify socket. A node whose
+/// files are not made yet gets them from its next spawn, which makes them (see
+/// [`crate::spawner::Fresh`]). Blocking.
 pub fn prepare(
     name: &str,
     node: &Node,
@@ -344,7 +346,8 @@ pub fn prepare(
     let creds = Creds::current()
         .map_err(|e| format!("node '{name}': cannot read the agent's credentials: {e}"))?;
     let plan = resolve(name, node, &creds)?;
-    if let Some(owner) = plan.owner() {
+    // The notify socket is the last of them a first spawn makes.
+    if let Some(owner) = plan.owner().filter(|_| notify.exists()) {
         let work = node_dir.join("work");
         let work = node.workdir.is_none().then_some(work.as_path());
         if let Some(w) = work {

@@ -283,6 +283,20 @@ fn run(
             )
         })?;
         *notify = Some(sock);
+        // What the Apply could not give the node's user before they existed.
+        if let Some(owner) = job.plan.owner() {
+            let work = job.spec.workdir.is_none().then_some(job.workdir.as_path());
+            make_workdir(&job.workdir)
+                .and_then(|()| {
+                    crate::exec::own_node_paths(
+                        owner,
+                        &fresh.dir,
+                        work,
+                        &crate::supervisor::notify_path(&fresh.socks.dir(name)),
+                    )
+                })
+                .map_err(|err| format!("node '{name}': {}", sys::cause(&err)))?;
+        }
     }
     make_workdir(&job.workdir).map_err(|err| {
         format!(

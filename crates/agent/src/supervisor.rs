@@ -554,7 +554,7 @@ pub(crate) fn make_node_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// A node's notify socket in `dir` (as [`crate::sockdir`] names it).
-fn notify_path(dir: &Path) -> PathBuf {
+pub(crate) fn notify_path(dir: &Path) -> PathBuf {
     dir.join("notify.sock")
 }
 
@@ -1217,11 +1217,10 @@ impl Core {
     /// Writes an Apply's desired state on the blocking pool and resolves the exec
     /// settings of the nodes it starts there too. Reported as [`Event::DesiredWritten`].
     /// New nodes' directories, log files and notify sockets are made by their first
-    /// spawn ([`crate::spawner::Fresh`]): creating inodes is most of what starting
-    /// hundreds of nodes costs, and so the first node starts while later ones are still
-    /// being made, on the spawner threads. Those of nodes whose settings are resolved
-    /// here are made here, before the resolution, which may give them to the node's
-    /// user.
+    /// spawn ([`crate::spawner::Fresh`]), which also gives them to the node's user:
+    /// creating inodes is most of what starting hundreds of nodes costs, and so the
+    /// first node starts while later ones are still being made, on the spawner
+    /// threads.
     fn start_write(&mut self, w: apply::Write) {
         let apply::Write {
             desired,
@@ -1234,16 +1233,6 @@ impl Core {
             new = create.len(),
             "applying a deploy"
         );
-        // A new node whose settings are resolved here may be given to its own user,
-        // which takes its directory and notify socket to exist: those are made here,
-        // before the resolution, as their first spawn would.
-        let jobs = self.prepare_jobs(
-            resolve
-                .iter()
-                .filter(|name| self.nodes.get(*name).is_none_or(|e| e.fresh))
-                .filter_map(|name| desired.nodes.get_key_value(name))
-                .map(|(name, spec)| (name.as_str(), spec)),
-        );
         let exec_jobs: Vec<(String, Node, PathBuf, PathBuf)> = resolve
             .iter()
             .filter_map(|name| desired.nodes.get_key_value(name))
@@ -1253,8 +1242,6 @@ impl Core {
                 (name.clone(), spec.clone(), dir, notify)
             })
             .collect();
-        let logs = self.cfg.logs;
-        let socks = self.socks.clone();
         let path = self.desired_path();
         let events = self.events.clone();
         let generation = desired.generation;
@@ -1263,7 +1250,6 @@ impl Core {
             let result = write_desired(&path, &desired)
                 .map(|()| {
                     let written = began.elapsed();
-                    let prepared = Self::run_prepare(&jobs, logs, &socks);
                     let plans = exec_jobs
                         .iter()
                         .map(|(name, spec, dir, notify)| {
@@ -1274,11 +1260,10 @@ impl Core {
                     debug!(
                         generation,
                         written_us = written.as_micros(),
-                        prepared = jobs.len(),
-                        prepared_and_resolved_us = (began.elapsed() - written).as_micros(),
+                        resolved_us = (began.elapsed() - written).as_micros(),
                         "desired state written"
                     );
-                    (prepared, plans)
+                    (Prepared::new(), plans)
                 })
                 .map_err(|err| {
                     format!(
@@ -1322,18 +1307,6 @@ impl Core {
         self.applied.send_replace(generation);
         let mut wait = Vec::new();
         let mut results = Vec::new();
-        // Existing nodes still to be made, made for their settings' sake (see
-        // [`Core::start_write`]).
-        let made: Vec<String> = prepared
-            .keys()
-            .filter(|n| self.nodes.get(*n).is_some_and(|e| e.fresh))
-            .cloned()
-            .collect();
-        for name in made {
-            if let Some(Ok(sock)) = prepared.remove(&name) {
-                self.prepared(&name, sock);
-            }
-        }
         for (name, step) in steps {
             match step {
                 Step::Remove => {
