@@ -644,21 +644,7 @@ fn kill_processes_under(dir: &Path) {
 /// removes the subtrees (once their agents are gone), so that tests leave none behind.
 /// Runs when the cluster is dropped, after the processes the test declared later.
 fn remove_agent_cgroups(logs: &[PathBuf]) {
-    const MARK: &str = "nodes are contained in cgroups cgroup=";
-    let roots: std::collections::BTreeSet<PathBuf> = logs
-        .iter()
-        .filter_map(|l| fs::read_to_string(l).ok())
-        .flat_map(|text| {
-            text.lines()
-                .filter_map(|l| {
-                    Some(PathBuf::from(
-                        l.split(MARK).nth(1)?.split_whitespace().next()?,
-                    ))
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    for root in roots {
+    for root in logged_paths(logs, "nodes are contained in cgroups cgroup=") {
         let nodes = root.join("nodes");
         let dirs = fs::read_dir(&nodes).into_iter().flatten().flatten();
         for d in dirs.filter(|d| d.file_type().is_ok_and(|t| t.is_dir())) {
@@ -690,24 +676,26 @@ fn remove_agent_cgroups(logs: &[PathBuf]) {
     remove_v1_cgroups(logs);
 }
 
-/// As [`remove_agent_cgroups`], for the cgroup v1 directories the agents made for node
-/// limits (`<dir>` is `<subtree>/nodes`).
-fn remove_v1_cgroups(logs: &[PathBuf]) {
-    const MARK: &str = "node limits use cgroup v1 here dir=";
-    let dirs: std::collections::BTreeSet<PathBuf> = logs
-        .iter()
+/// The paths that follow `mark` on the lines of these logs.
+fn logged_paths(logs: &[PathBuf], mark: &str) -> std::collections::BTreeSet<PathBuf> {
+    logs.iter()
         .filter_map(|l| fs::read_to_string(l).ok())
         .flat_map(|text| {
             text.lines()
                 .filter_map(|l| {
                     Some(PathBuf::from(
-                        l.split(MARK).nth(1)?.split_whitespace().next()?,
+                        l.split(mark).nth(1)?.split_whitespace().next()?,
                     ))
                 })
                 .collect::<Vec<_>>()
         })
-        .collect();
-    for nodes in dirs {
+        .collect()
+}
+
+/// As [`remove_agent_cgroups`], for the cgroup v1 directories the agents made for node
+/// limits (`<dir>` is `<subtree>/nodes`).
+fn remove_v1_cgroups(logs: &[PathBuf]) {
+    for nodes in logged_paths(logs, "node limits use cgroup v1 here dir=") {
         let cgroups = fs::read_dir(&nodes).into_iter().flatten().flatten();
         for d in cgroups.filter(|d| d.file_type().is_ok_and(|t| t.is_dir())) {
             // The nodes were killed through their v2 cgroups or process groups; a

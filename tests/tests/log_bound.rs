@@ -57,6 +57,28 @@ fn assert_contiguous(what: &str, seqs: &[u64]) {
     );
 }
 
+/// Deploys to agent `a1` nodes running testprog writing stdout lines at their rates
+/// (a second), once the agent has connected.
+fn deploy_writers(c: &Cluster, addr: SocketAddr, nodes: &[(&str, u64)]) {
+    let prog = bin("drover-testprog").display().to_string();
+    let mut text =
+        "[instances.a1]\n[defaults]\nreadiness = { kind = \"start-period\", period = \"0s\" }\n"
+            .to_owned();
+    for (name, rate) in nodes {
+        text.push_str(&format!(
+            "[nodes.{name}]\ninstance = \"a1\"\ncommand = [\"{prog}\", \"--stdout-rate\", \"{rate}\"]\n"
+        ));
+    }
+    let file = c.dir.path().join("writers.toml");
+    std::fs::write(&file, text).unwrap();
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code
+            == Some(0))
+        .then_some(())
+    });
+}
+
 #[test]
 fn logs_stay_bounded_at_any_write_rate() {
     let c = Cluster::new();
@@ -71,23 +93,7 @@ fn logs_stay_bounded_at_any_write_rate() {
             &KEEP.to_string(),
         ],
     );
-    let prog = bin("drover-testprog").display().to_string();
-    let file = c.dir.path().join("writers.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
-             [nodes.fast]\ninstance = \"a1\"\ncommand = [\"{prog}\", \"--stdout-rate\", \"1000000000\"]\n\
-             [nodes.steady]\ninstance = \"a1\"\ncommand = [\"{prog}\", \"--stdout-rate\", \"2000\"]\n"
-        ),
-    )
-    .unwrap();
-    eventually("the agent connected and took the deploy", PATIENCE, || {
-        (c.drover(addr, &["deploy-config", file.to_str().unwrap()])
-            .code
-            == Some(0))
-        .then_some(())
-    });
+    deploy_writers(&c, addr, &[("fast", 1_000_000_000), ("steady", 2000)]);
     let nodes = c.dir.path().join("agent-a1/nodes");
     let (fast, steady) = (nodes.join("fast"), nodes.join("steady"));
     eventually("the fast writer rotated", PATIENCE, || {
@@ -177,22 +183,7 @@ fn a_node_adopted_from_an_agent_without_a_keeper_stays_bounded() {
     let limits: Vec<&str> = limits.iter().map(String::as_str).collect();
     let mut first = c.start_agent_args("a1", "a1", &limits);
     first.wait_log("cannot start the log keeper");
-    let prog = bin("drover-testprog").display().to_string();
-    let file = c.dir.path().join("writer.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
-             [nodes.direct]\ninstance = \"a1\"\ncommand = [\"{prog}\", \"--stdout-rate\", \"5000\"]\n"
-        ),
-    )
-    .unwrap();
-    eventually("the agent connected and took the deploy", PATIENCE, || {
-        (c.drover(addr, &["deploy-config", file.to_str().unwrap()])
-            .code
-            == Some(0))
-        .then_some(())
-    });
+    deploy_writers(&c, addr, &[("direct", 5000)]);
     let dir = state.join("nodes/direct");
     let rotated = || std::fs::metadata(dir.join("stdout.log.1")).and_then(|m| m.modified());
     eventually("the node's own files rotated", PATIENCE, || rotated().ok());
