@@ -213,9 +213,9 @@ enum Event {
         generation: u64,
         reason: String,
     },
-    /// The desired state of the Apply in [`Core::writing`] is on disk and its new
-    /// nodes' directories, logs and sockets are made, or it could not be written.
-    DesiredWritten(Result<(Prepared, Plans), String>),
+    /// The desired state of the Apply in [`Core::writing`] is on disk and the exec
+    /// settings of the nodes it starts are resolved, or it could not be written.
+    DesiredWritten(Result<Plans, String>),
     /// The spawner carried out a spawn.
     Spawned(Box<crate::spawner::Outcome>),
     /// The log keeper closed a pipe (a waiter may want what came through it last).
@@ -1263,7 +1263,7 @@ impl Core {
                         resolved_us = (began.elapsed() - written).as_micros(),
                         "desired state written"
                     );
-                    (Prepared::new(), plans)
+                    plans
                 })
                 .map_err(|err| {
                     format!(
@@ -1284,7 +1284,7 @@ impl Core {
 
     /// Carries out an Apply whose desired state is on disk, step by step as
     /// [`crate::apply`] decided.
-    fn carry_out(&mut self, c: CarryOut<Requested>, mut prepared: Prepared, mut plans: Plans) {
+    fn carry_out(&mut self, c: CarryOut<Requested>, mut plans: Plans) {
         let CarryOut {
             with:
                 Requested {
@@ -1366,28 +1366,26 @@ impl Core {
                     self.run_actions(&name, actions);
                     wait.push((name, Some(old_generation)));
                 }
-                Step::Create { spec } => {
-                    match self.create(&name, spec, &config_id, prepared.remove(&name)) {
-                        Ok(()) => {
-                            let actions = self
-                                .nodes
-                                .get_mut(&name)
-                                .map(|e| {
-                                    e.deploy_gen = generation;
-                                    e.plan = plans.remove(&name);
-                                    e.machine.start(now)
-                                })
-                                .unwrap_or_default();
-                            self.run_actions(&name, actions);
-                            wait.push((name, None));
-                        }
-                        Err(e) => results.push(
-                            MgmtResult::err("", format!("cannot set up node '{name}': {e}"))
-                                .on_instance(&instance)
-                                .on_node(&name),
-                        ),
+                Step::Create { spec } => match self.create(&name, spec, &config_id, None) {
+                    Ok(()) => {
+                        let actions = self
+                            .nodes
+                            .get_mut(&name)
+                            .map(|e| {
+                                e.deploy_gen = generation;
+                                e.plan = plans.remove(&name);
+                                e.machine.start(now)
+                            })
+                            .unwrap_or_default();
+                        self.run_actions(&name, actions);
+                        wait.push((name, None));
                     }
-                }
+                    Err(e) => results.push(
+                        MgmtResult::err("", format!("cannot set up node '{name}': {e}"))
+                            .on_instance(&instance)
+                            .on_node(&name),
+                    ),
+                },
             }
         }
         for name in self.nodes.keys().cloned().collect::<Vec<_>>() {
@@ -1777,7 +1775,7 @@ impl Core {
             }
             None => (program.clone(), args.to_vec()),
         };
-        // Resolved when the Apply prepared the node or at recovery; a node without such
+        // Resolved when the Apply started the node or at recovery; a node without such
         // settings gets its empty plan here, once (a stat, see `exec::prepare`).
         let plan = e
             .plan
@@ -2085,16 +2083,16 @@ impl Core {
             // The waiters are looked at after every event.
             Event::OutputClosed => {}
             Event::DesiredWritten(result) => {
-                let (outputs, result) = match result {
-                    Ok((prepared, plans)) => {
+                let (plans, result) = match result {
+                    Ok(plans) => {
                         let resolved = plans
                             .iter()
                             .filter(|(_, p)| p.is_ok())
                             .map(|(n, _)| n.clone())
                             .collect();
-                        (Some((prepared, plans)), Ok(resolved))
+                        (plans, Ok(resolved))
                     }
-                    Err(msg) => (None, Err(msg)),
+                    Err(msg) => (Plans::new(), Err(msg)),
                 };
                 let table = ApplyTable::of(&self.nodes, &self.applied, self.restart_epoch);
                 match self
@@ -2102,10 +2100,7 @@ impl Core {
                     .written(result.as_ref().map_err(Clone::clone), &table)
                 {
                     apply::Written::Nothing => {}
-                    apply::Written::CarryOut(c) => {
-                        let (prepared, plans) = outputs.unwrap_or_default();
-                        self.carry_out(c, prepared, plans);
-                    }
+                    apply::Written::CarryOut(c) => self.carry_out(c, plans),
                     apply::Written::Failed { with, error } => {
                         self.apply_out(vec![apply::Out::Answer {
                             with,
