@@ -274,30 +274,19 @@ fn run(
 ) -> Result<Spawned, String> {
     let name = job.node.as_str();
     let program = job.program.as_str();
-    if let Some(fresh) = &job.fresh {
-        let sock = prepare_fresh(name, &fresh.dir, &job.logs, &fresh.socks).map_err(|err| {
-            format!(
-                "cannot set up node '{name}' in {}: {}",
-                fresh.dir.display(),
-                sys::cause(&err)
-            )
-        })?;
-        *notify = Some(sock);
-        // What the Apply could not give the node's user before they existed.
-        if let Some(owner) = job.plan.owner() {
-            let work = job.spec.workdir.is_none().then_some(job.workdir.as_path());
-            make_workdir(&job.workdir)
-                .and_then(|()| {
-                    crate::exec::own_node_paths(
-                        owner,
-                        &fresh.dir,
-                        work,
-                        &crate::supervisor::notify_path(&fresh.socks.dir(name)),
-                    )
-                })
-                .map_err(|err| format!("node '{name}': {}", sys::cause(&err)))?;
-        }
-    }
+    let fresh = match &job.fresh {
+        Some(fresh) => Some((
+            fresh,
+            prepare_fresh(name, &fresh.dir, &job.logs, &fresh.socks).map_err(|err| {
+                format!(
+                    "cannot set up node '{name}' in {}: {}",
+                    fresh.dir.display(),
+                    sys::cause(&err)
+                )
+            })?,
+        )),
+        None => None,
+    };
     make_workdir(&job.workdir).map_err(|err| {
         format!(
             "node '{name}': cannot create its working directory {}: {}",
@@ -305,6 +294,18 @@ fn run(
             sys::cause(&err)
         )
     })?;
+    if let Some((fresh, sock)) = fresh {
+        // What the Apply could not give the node's user before they existed. Until
+        // that is done the node stays to be made: its socket is handed back only then,
+        // so a failure here is tried again by its next spawn.
+        if let Some(owner) = job.plan.owner() {
+            let work = job.spec.workdir.is_none().then_some(job.workdir.as_path());
+            let socket = crate::supervisor::notify_path(&fresh.socks.dir(name));
+            crate::exec::own_node_paths(owner, &fresh.dir, work, &socket)
+                .map_err(|err| format!("node '{name}': {}", sys::cause(&err)))?;
+        }
+        *notify = Some(sock);
+    }
     write_node_files(&job.workdir, &job.spec.files)
         .map_err(|err| format!("node '{name}': {err}"))?;
     let output = ChildOutput::open(&job.logs, cx.keeper.as_ref()).map_err(|err| {
