@@ -84,7 +84,8 @@ impl Records {
     }
 
     /// Record files with a write on record.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.files
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
