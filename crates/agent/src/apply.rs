@@ -85,7 +85,8 @@ pub enum Out<T> {
 pub struct Write {
     /// To write, atomically, and to sync.
     pub desired: Desired,
-    /// New nodes: make their directories, log files and notify sockets.
+    /// New nodes, created once the state is written (each first spawn makes the node's
+    /// files, see [`crate::spawner::Fresh`]).
     pub create: Vec<String>,
     /// Nodes whose user, groups, capabilities or limits are to be resolved
     /// ([`crate::exec::prepare`]): the new and changed ones that have such settings,
