@@ -183,7 +183,7 @@ fn a_node_adopted_from_an_agent_without_a_keeper_stays_bounded() {
     let limits: Vec<&str> = limits.iter().map(String::as_str).collect();
     let mut first = c.start_agent_args("a1", "a1", &limits);
     first.wait_log("cannot start the log keeper");
-    deploy_writers(&c, addr, &[("direct", 5000)]);
+    deploy_writers(&c, addr, &[("direct", 2000)]);
     let dir = state.join("nodes/direct");
     let rotated = || std::fs::metadata(dir.join("stdout.log.1")).and_then(|m| m.modified());
     eventually("the node's own files rotated", PATIENCE, || rotated().ok());
