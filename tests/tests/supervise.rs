@@ -808,3 +808,36 @@ fn a_supervisor_started_inside_its_subtree_removes_it_when_it_stops_its_nodes() 
     let now = own_cgroup_v2().unwrap();
     assert_eq!(now, base, "back where the subtree was");
 }
+
+#[test]
+fn a_new_node_whose_files_cannot_be_made_fails_alone_and_starts_once_they_can() {
+    let w = World::new();
+    // A file where the node's directory goes, as a full or broken disk would refuse it.
+    let nodes = w.dir.path().join("nodes");
+    std::fs::create_dir_all(&nodes).unwrap();
+    std::fs::write(nodes.join("blocked"), "in the way").unwrap();
+    let p = prog();
+    let node = |name: &str| {
+        format!(
+            "[nodes.{name}]\ninstance = \"agent-1\"\ncommand = [\"{p}\"]\n\
+             readiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
+             backoff = {{ initial = \"50ms\", max = \"50ms\" }}\nmax_failed_starts = 0\n"
+        )
+    };
+    let r = w.apply(&format!("{}{}", node("ok"), node("blocked")));
+    let failed: Vec<_> = r.iter().filter(|r| !r.success).collect();
+    assert_eq!(failed.len(), 1, "{r:?}");
+    assert_eq!(failed[0].node.as_deref(), Some("blocked"), "{r:?}");
+    let error = failed[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("cannot set up node 'blocked'") && error.contains("nodes/blocked"),
+        "{error}"
+    );
+    assert_eq!(w.node("ok").state, State::Running);
+    // Its restarts make it once the way is clear.
+    std::fs::remove_file(nodes.join("blocked")).unwrap();
+    let s = w.wait("blocked running", |s| s.state == State::Running, "blocked");
+    let pid = s.pid.unwrap();
+    assert!(alive(pid));
+    assert!(nodes.join("blocked/notify.sock").exists());
+}
