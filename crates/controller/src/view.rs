@@ -48,6 +48,9 @@ struct AgentView {
     /// Operations answered so far; a direct answer only clears `dirty` when no
     /// operation ended while it was on its way.
     finished: u64,
+    /// Reports taken in so far; a direct answer taken before a report that arrived
+    /// first may be older than it, and must not replace it.
+    reports: u64,
     /// The highest deploy generation the agent answered an apply of (0: none).
     acknowledged: u64,
 }
@@ -57,6 +60,7 @@ struct AgentView {
 pub(crate) struct Ask {
     finished: u64,
     idle: bool,
+    reports: u64,
 }
 
 impl View {
@@ -78,8 +82,10 @@ impl View {
         let view = self.agents.entry(instance.to_owned()).or_default();
         if full {
             view.conn = Some(conn);
+            view.reports += 1;
             view.replace(instance, statuses)
         } else if view.conn == Some(conn) {
+            view.reports += 1;
             view.merge(instance, statuses)
         } else {
             Vec::new()
@@ -92,15 +98,19 @@ impl View {
             Ask {
                 finished: 0,
                 idle: true,
+                reports: 0,
             },
             |v| Ask {
                 finished: v.finished,
                 idle: v.in_flight == 0,
+                reports: v.reports,
             },
         )
     }
 
-    /// Records a direct answer from `instance` over `conn` to the ask `ask`.
+    /// Records a direct answer from `instance` over `conn` to the ask `ask`. One that a
+    /// report overtook is left out: the agent may have taken it before that report, and
+    /// the view stays as the reports made it, to be asked again.
     pub(crate) fn answered(
         &mut self,
         instance: &str,
@@ -109,6 +119,10 @@ impl View {
         statuses: Vec<NodeStatus>,
     ) -> Vec<Event> {
         let view = self.agents.entry(instance.to_owned()).or_default();
+        if view.reports != ask.reports && view.conn == Some(conn) {
+            view.dirty = true;
+            return Vec::new();
+        }
         view.conn = Some(conn);
         if ask.idle && view.in_flight == 0 && ask.finished == view.finished {
             view.dirty = false;
@@ -353,6 +367,30 @@ mod tests {
             pids(&view.current("a", 1).expect("current again"))[0],
             ("n1".into(), Some(11))
         );
+    }
+
+    #[test]
+    fn an_answer_a_report_overtook_does_not_replace_it() {
+        let mut view = View::default();
+        view.report("a", 1, true, vec![node("n1", State::Running, 10)]);
+        // An operation (a signal) restarts n1: the next get-nodes asks the agent.
+        view.op_started("a");
+        view.op_finished("a");
+        let ask = view.ask("a");
+        // The agent answers while n1 is being started again, and reports it running
+        // with its new pid; the report lands first.
+        let mut pending = NodeStatus::new("n1", State::Pending, MgmtRole::None);
+        pending.pid = None;
+        view.report("a", 1, false, vec![node("n1", State::Running, 11)]);
+        let events = view.answered("a", 1, ask, vec![pending]);
+        assert!(events.is_empty(), "{events:?}");
+        assert_eq!(pids(&view.last("a")), vec![("n1".into(), Some(11))]);
+        assert!(view.current("a", 1).is_none(), "asked again");
+        // Asked again with no report in between: current, as answered.
+        let ask = view.ask("a");
+        view.answered("a", 1, ask, vec![node("n1", State::Running, 11)]);
+        let now = view.current("a", 1).expect("current");
+        assert_eq!(now[0].pid, Some(11));
     }
 
     #[test]
