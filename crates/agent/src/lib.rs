@@ -26,6 +26,7 @@
 
 pub mod apply;
 pub mod backoff;
+pub mod book;
 pub mod cgroup;
 pub mod converge;
 pub mod exec;
