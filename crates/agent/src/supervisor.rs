@@ -1,7 +1,8 @@
 //! The supervisor: the async shell around the per-node state machines.
 //!
-//! One task (the actor, [`Supervisor::start`]) owns every node: its [`Machine`], its
-//! process, its logs and its record on disk. It reacts to commands (apply a
+//! One task (the actor, [`Supervisor::start`]) owns every node: its [`Machine`] and the
+//! process it follows, both in the node's [`Book`] (which decides what each event about
+//! the node's processes changes), its logs and its record on disk. It reacts to commands (apply a
 //! configuration, stop, start, restart, report), to process exits, to readiness
 //! (`READY=1` on the node's `NOTIFY_SOCKET`, a TCP port that accepts, or the start
 //! period), and to the one timer it keeps: the earliest deadline any machine asked for.
@@ -38,9 +39,10 @@
 //! applied generation changes nothing (unless restart-all), an older one is refused
 //! with one error result, generation 0 (a controller without generations) is always
 //! carried out. Before any node is touched, the desired state (generation, restart-all
-//! epoch, resolved specs) is written to `<state-dir>/desired.json` and synced, and the
-//! new nodes' directories, log files and notify sockets are made, on the blocking pool
-//! so that the task keeps answering and firing timers meanwhile. Then each node's step,
+//! epoch, resolved specs) is written to `<state-dir>/desired.json` and synced, on the
+//! blocking pool so that the task keeps answering and firing timers meanwhile (a new
+//! node's directory, log files and notify socket are made by its first spawn). Then
+//! each node's step,
 //! from [`converge::diff`] of the specs (not the configuration's id), is carried out
 //! here: start, restart, stop and go, or stay untouched.
 //!
@@ -88,6 +90,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::apply::{self, Applies, CarryOut, Step};
+use crate::book::{Book, NOTIFY_QUEUE, Spawned};
 use crate::cgroup::{self, CgroupSetting, Cgroups};
 use crate::converge::{self, Desired, Found, Stray, Then, Want};
 use crate::keeper::PipeEnd;
@@ -253,10 +256,6 @@ pub struct ProgressTo {
     pub idle: Duration,
 }
 
-/// Notify messages of one node that may wait in the supervisor's queue; further ones
-/// wait in the node's socket (whose kernel buffer is bounded).
-const NOTIFY_QUEUE: usize = 16;
-
 /// The spec, restart epoch and deploy generation of a spawn handed to the spawner.
 #[derive(Debug, Clone)]
 struct SpawnOf {
@@ -344,7 +343,6 @@ struct RecordedProcess {
 #[derive(Debug)]
 struct Proc {
     id: ProcId,
-    generation: u64,
     token: u64,
     /// The spec it runs, its deploy generation and the restart epoch it started under.
     spec: Node,
@@ -370,16 +368,13 @@ struct Proc {
 struct Entry {
     spec: Node,
     config_id: String,
-    machine: Machine,
+    /// The node's machine, the process it follows and what status shows of its past
+    /// (see [`crate::book`]).
+    book: Book<Proc, probe::Sender>,
     logs: NodeLogs,
     dir: PathBuf,
-    proc: Option<Proc>,
-    /// Counts spawns, so events from an old process are told apart.
-    generation: u64,
     /// The deploy generation of `spec`.
     deploy_gen: u64,
-    /// The token of the spawn under way, announced in the record before the spawn.
-    spawning: Option<u64>,
     /// What the spawn under way runs: until its outcome is in, the record names this
     /// spec (an Apply may have changed `spec` meanwhile), for the process carrying the
     /// token runs it.
@@ -389,17 +384,6 @@ struct Entry {
     stopped_by_operator: bool,
     /// Remove the node once it has stopped (it left the configuration).
     removing: bool,
-    status_text: Option<String>,
-    /// Notify messages that came while the spawner was spawning the node's process,
-    /// before their sender could be checked against it; at most [`NOTIFY_QUEUE`].
-    held_notify: Vec<(String, probe::Sender)>,
-    last_exit: Option<model::ExitStatus>,
-    /// Why the last start failed (an exec error), until the node next runs.
-    last_error: Option<String>,
-    /// Why its process last ended unasked (OOM kill, liveness), and how often.
-    last_failure: Option<String>,
-    oom_kills: u32,
-    liveness_failures: u32,
     notify_task: Option<tokio::task::AbortHandle>,
     /// What its child applies before exec, once resolved for `spec` (or why it cannot).
     plan: Option<Result<std::sync::Arc<crate::exec::Plan>, String>>,
@@ -417,7 +401,12 @@ struct Entry {
 
 impl Entry {
     fn restarts(&self) -> u64 {
-        self.restarts_base + self.machine.restart_count()
+        self.restarts_base + self.book.machine.restart_count()
+    }
+
+    /// The followed process.
+    fn proc(&self) -> Option<&Proc> {
+        self.book.process()
     }
 }
 
@@ -529,13 +518,6 @@ fn to_model_state(s: machine::State) -> model::State {
         machine::State::Stopped => model::State::Stopped,
         machine::State::Crashed => model::State::Crashed,
         machine::State::Failed => model::State::Failed,
-    }
-}
-
-fn to_model_exit(e: machine::ExitStatus) -> model::ExitStatus {
-    match e {
-        machine::ExitStatus::Code(c) => model::ExitStatus::Code(c),
-        machine::ExitStatus::Signal(s) => model::ExitStatus::Signal(s),
     }
 }
 
@@ -1019,7 +1001,7 @@ impl Core {
                 Some(()) = async { match sigchld.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
                     self.reap();
                 }
-                _ = rotate.tick(), if self.nodes.values().any(|e| e.proc.is_some()) => self.rotate_logs(),
+                _ = rotate.tick(), if self.nodes.values().any(|e| e.proc().is_some()) => self.rotate_logs(),
             }
             self.settle_waiters();
             if self.shutdown_done() {
@@ -1038,7 +1020,7 @@ impl Core {
         let machines = self
             .nodes
             .values()
-            .filter_map(|e| e.machine.next_deadline())
+            .filter_map(|e| e.book.machine.next_deadline())
             .min()
             .map(|at| self.instant_of(at));
         let waiters = self.waiters.next_deadline().map(|at| self.instant_of(at));
@@ -1051,10 +1033,7 @@ impl Core {
         // A node whose spawn is under way changes again when it is in: one report for
         // both steps (a crashed node's restart reaches the controller as RUNNING with
         // its new pid, not as PENDING first and RUNNING a report interval later).
-        let spawning = self
-            .nodes
-            .get(node)
-            .is_some_and(|e| e.spawning.is_some() && e.proc.is_none());
+        let spawning = self.nodes.get(node).is_some_and(|e| e.book.awaits_spawn());
         self.note_change(node, !spawning);
     }
 
@@ -1141,7 +1120,7 @@ impl Core {
                     .map(|n| {
                         let r = match self.nodes.get(&n) {
                             None => Err("unknown cluster node".to_owned()),
-                            Some(e) if e.machine.state() != machine::State::Running => {
+                            Some(e) if e.book.machine.state() != machine::State::Running => {
                                 Err(format!("cluster node {n} not in running state"))
                             }
                             Some(e) => Ok(crate::exec::query_path(&self.socks.dir(&n), &e.spec)),
@@ -1176,7 +1155,7 @@ impl Core {
                     for name in names {
                         if let Some(e) = self.nodes.get_mut(&name) {
                             longest = longest.max(e.spec.stop_timeout);
-                            let actions = e.machine.stop(now);
+                            let actions = e.book.machine.stop(now);
                             self.run_actions(&name, actions);
                         }
                     }
@@ -1313,7 +1292,7 @@ impl Core {
                     info!(node = %name, "node removed from the configuration; stopping it");
                     if let Some(e) = self.nodes.get_mut(&name) {
                         e.removing = true;
-                        let actions = e.machine.stop(now);
+                        let actions = e.book.machine.stop(now);
                         self.run_actions(&name, actions);
                     }
                     self.remove_if_done(&name);
@@ -1327,7 +1306,7 @@ impl Core {
                     e.config_id.clone_from(&config_id);
                     e.removing = false;
                     e.deploy_gen = generation;
-                    if let Some(p) = &mut e.proc {
+                    if let Some(p) = e.book.process_mut() {
                         p.deploy_gen = generation;
                     }
                     if let Some(plan) = plans.remove(&name) {
@@ -1335,7 +1314,7 @@ impl Core {
                     }
                     // It failed for want of its user or groups, which now resolve.
                     if retry {
-                        let actions = e.machine.start(now);
+                        let actions = e.book.machine.start(now);
                         self.run_actions(&name, actions);
                         wait.push((name.clone(), None));
                     }
@@ -1352,17 +1331,17 @@ impl Core {
                     e.deploy_gen = generation;
                     e.removing = false;
                     e.stopped_by_operator = false;
-                    let old_generation = e.generation;
+                    let old_generation = e.book.spawns();
                     // A running process is stopped first (as the old spec says) and
                     // the new one started once it is gone.
-                    let mut actions = e.machine.stop(now);
+                    let mut actions = e.book.machine.stop(now);
                     if renew {
-                        e.machine = Machine::new(machine_config(&e.spec));
+                        e.book.machine = Machine::new(machine_config(&e.spec));
                         e.restarts_base = 0;
                     } else {
-                        e.machine.reconfigure(machine_config(&e.spec));
+                        e.book.machine.reconfigure(machine_config(&e.spec));
                     }
-                    actions.extend(e.machine.start(now));
+                    actions.extend(e.book.machine.start(now));
                     self.run_actions(&name, actions);
                     wait.push((name, Some(old_generation)));
                 }
@@ -1374,7 +1353,7 @@ impl Core {
                             .map(|e| {
                                 e.deploy_gen = generation;
                                 e.plan = plans.remove(&name);
-                                e.machine.start(now)
+                                e.book.machine.start(now)
                             })
                             .unwrap_or_default();
                         self.run_actions(&name, actions);
@@ -1449,7 +1428,7 @@ impl Core {
             };
             let actions = match step {
                 ops::Step::Signal(sig) => {
-                    let sent = match &e.proc {
+                    let sent = match e.proc() {
                         Some(p) => {
                             signal_node(p, sig).map_err(|err| format!("cannot signal node: {err}"))
                         }
@@ -1460,16 +1439,16 @@ impl Core {
                 }
                 ops::Step::Stop => {
                     e.stopped_by_operator = true;
-                    e.machine.stop(now)
+                    e.book.machine.stop(now)
                 }
                 ops::Step::Start => {
                     e.stopped_by_operator = false;
-                    e.machine.start(now)
+                    e.book.machine.start(now)
                 }
                 ops::Step::Restart => {
                     e.stopped_by_operator = false;
-                    let mut a = e.machine.stop(now);
-                    a.extend(e.machine.start(now));
+                    let mut a = e.book.machine.stop(now);
+                    a.extend(e.book.machine.start(now));
                     a
                 }
             };
@@ -1571,24 +1550,14 @@ impl Core {
         let mut entry = Entry {
             spec,
             config_id: config_id.to_owned(),
-            machine,
+            book: Book::new(machine),
             logs,
             dir,
-            proc: None,
-            generation: 0,
             deploy_gen: *self.applied.borrow(),
-            spawning: None,
             spawn_of: None,
             restarts_base: 0,
             stopped_by_operator: false,
             removing: false,
-            status_text: None,
-            held_notify: Vec::new(),
-            last_exit: None,
-            last_error: None,
-            last_failure: None,
-            oom_kills: 0,
-            liveness_failures: 0,
             notify_task: None,
             plan: None,
             written: Vec::new(),
@@ -1652,7 +1621,7 @@ impl Core {
                 Action::StateChanged(state) => {
                     debug!(node = %name, state = %state, "state changed");
                     if matches!(state, machine::State::Crashed | machine::State::Failed) {
-                        let exit = e.last_exit;
+                        let exit = e.book.last_exit;
                         warn!(node = %name, ?exit, restarts = e.restarts(), "node {}", state.as_str().to_lowercase());
                     }
                     // Spawns and exits write the record themselves; readiness is the one
@@ -1677,11 +1646,10 @@ impl Core {
                             let more = self
                                 .nodes
                                 .get_mut(name)
-                                .map(|e| {
-                                    e.spawning = None;
+                                .and_then(|e| {
                                     e.spawn_of = None;
-                                    e.last_error = Some(err.clone());
-                                    e.machine.spawn_failed(now, err)
+                                    let spawn = e.book.spawns();
+                                    e.book.spawn_failed(now, spawn, err)
                                 })
                                 .unwrap_or_default();
                             // A later agent process shows the error too.
@@ -1692,7 +1660,7 @@ impl Core {
                     queue.extend(more);
                 }
                 Action::SignalStop => {
-                    if let Some(p) = &e.proc {
+                    if let Some(p) = e.proc() {
                         let sig = signal_number(&e.spec.stop_signal)
                             .and_then(|n| Signal::try_from(n).ok())
                             .unwrap_or(Signal::SIGTERM);
@@ -1703,7 +1671,7 @@ impl Core {
                     }
                 }
                 Action::Kill => {
-                    if let Some(p) = &e.proc {
+                    if let Some(p) = e.proc() {
                         warn!(node = %name, pid = p.id.pid, "killing the node (a stop or readiness timeout, or a failed liveness check)");
                         kill_remains(p);
                     }
@@ -1726,9 +1694,7 @@ impl Core {
             .is_some_and(|e| e.fresh)
             .then(|| self.socks.clone());
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
-        // Every attempt counts, so that a restart whose spawn fails is told apart
-        // from the process before it.
-        e.generation += 1;
+        let generation = e.book.next_spawn();
         let spec = &e.spec;
         let (program, args) = spec.command.split_first().ok_or("node has no command")?;
         let workdir = match &spec.workdir {
@@ -1785,7 +1751,7 @@ impl Core {
             .clone()?;
         let job = crate::spawner::Job {
             node: name.to_owned(),
-            generation: e.generation,
+            generation,
             spec: e.spec.clone(),
             program,
             args,
@@ -1840,120 +1806,104 @@ impl Core {
         if let Some(sock) = notify {
             self.prepared(&node, sock);
         }
-        let pid_of =
-            |r: &Result<crate::spawner::Spawned, String>| r.as_ref().ok().map(|s| s.id.pid);
-        let current = self
-            .nodes
-            .get(&node)
-            .is_some_and(|e| e.generation == generation);
-        if !current {
-            // Unreachable while a node's machine waits for its spawn; never leave a
-            // process nobody watches.
-            if let Some(pid) = pid_of(&result) {
-                warn!(node = %node, pid, "killing a process spawned for a node that moved on");
-                kill_pid(pid);
-                self.in_flight_done(pid);
-            }
-            return;
-        }
-        let more = match result {
-            Ok(s) => {
-                let pid_i = s.id.pid;
-                let pid = u32::try_from(pid_i).unwrap_or(0);
-                let waiter = s.pidfd.try_clone().ok();
-                let events = self.events.clone();
-                let watched = node.clone();
-                tokio::spawn(async move {
-                    let exit = match &waiter {
-                        Some(fd) => match sys::wait_child(fd).await {
-                            Ok(sys::ExitKind::Code(c)) => machine::ExitStatus::Code(c),
-                            Ok(sys::ExitKind::Signal(s)) => machine::ExitStatus::Signal(s),
-                            Err(_) => machine::ExitStatus::Code(-1),
-                        },
-                        None => machine::ExitStatus::Code(-1),
-                    };
-                    let _ = events.send(Event::Exited {
-                        node: watched,
-                        generation,
-                        exit,
-                    });
-                });
-                let tcp_port = match &spec.readiness {
-                    model::Readiness::Tcp { port, .. } => Some(*port),
-                    _ => None,
-                };
-                let probe = tcp_port.map(|port| self.probe_tcp(&node, generation, port));
-                let restart_epoch = self.restart_epoch;
-                let e = self.nodes.get_mut(&node).expect("checked above");
-                let token = e.spawning.take().unwrap_or(0);
-                let of = e.spawn_of.take();
-                e.proc = Some(Proc {
-                    id: s.id,
-                    generation,
-                    token,
-                    deploy_gen: of.as_ref().map_or(e.deploy_gen, |o| o.deploy_gen),
-                    spec,
-                    epoch: of.as_ref().map_or(restart_epoch, |o| o.epoch),
-                    started_at_ms: s.started_at_ms,
-                    probe,
-                    child: true,
-                    cgroup: s.cgroup,
-                    pidfd: Some(s.pidfd),
-                    oom_base: s.oom_base,
-                    monitors: None,
-                });
-                e.last_pipes = s.pipes;
-                e.status_text = None;
-                e.last_error = None;
-                info!(node = %node, pid, "started");
-                let more = self
-                    .nodes
-                    .get_mut(&node)
-                    .map(|e| e.machine.spawned(now, pid))
-                    .unwrap_or_default();
-                // The record must name the new process before anything else can happen,
-                // or an agent killed now would look for it by its token only. Written
-                // after the machine learnt of the spawn, it says at once whether the
-                // node is ready (a start period of 0), and its readiness needs no second
-                // write.
-                self.save_record(&node);
-                self.in_flight_done(pid_i);
-                self.run_actions(&node, more);
-                let held = self
-                    .nodes
-                    .get_mut(&node)
-                    .map(|e| std::mem::take(&mut e.held_notify))
-                    .unwrap_or_default();
-                for (text, sender) in held {
-                    self.event(Event::Notify {
-                        node: node.clone(),
-                        text,
-                        sender,
-                        _queued: None,
-                    });
-                }
-                Vec::new()
-            }
+        let s = match result {
+            Ok(s) => s,
             Err(err) => {
+                let Some(e) = self.nodes.get_mut(&node) else {
+                    return;
+                };
+                let Some(more) = e.book.spawn_failed(now, generation, err.clone()) else {
+                    return;
+                };
+                e.spawn_of = None;
                 warn!(node = %node, "cannot start node: {err}");
                 self.bump(&node);
-                let more = self
-                    .nodes
-                    .get_mut(&node)
-                    .map(|e| {
-                        e.spawning = None;
-                        e.spawn_of = None;
-                        e.held_notify.clear();
-                        e.last_error = Some(err.clone());
-                        e.machine.spawn_failed(now, err)
-                    })
-                    .unwrap_or_default();
                 // A later agent process shows the error too.
                 self.save_record(&node);
-                more
+                self.run_actions(&node, more);
+                return;
             }
         };
+        let pid_i = s.id.pid;
+        let pid = u32::try_from(pid_i).unwrap_or(0);
+        let restart_epoch = self.restart_epoch;
+        let Some(e) = self.nodes.get_mut(&node) else {
+            // Never leave a process nobody watches.
+            warn!(node = %node, pid, "killing a process spawned for a node that is gone");
+            kill_pid(pid_i);
+            self.in_flight_done(pid_i);
+            return;
+        };
+        let of = e.spawn_of.as_ref();
+        let proc = Proc {
+            id: s.id,
+            token: e.book.spawning().unwrap_or(0),
+            deploy_gen: of.map_or(e.deploy_gen, |o| o.deploy_gen),
+            spec,
+            epoch: of.map_or(restart_epoch, |o| o.epoch),
+            started_at_ms: s.started_at_ms,
+            probe: None,
+            child: true,
+            cgroup: s.cgroup,
+            pidfd: Some(s.pidfd),
+            oom_base: s.oom_base,
+            monitors: None,
+        };
+        let (more, held) = match e.book.spawned(now, generation, pid, proc) {
+            Spawned::Stale(p) => {
+                // Unreachable while a node's machine waits for its spawn; never leave a
+                // process nobody watches.
+                warn!(node = %node, pid, "killing a process spawned for a node that moved on");
+                kill_pid(p.id.pid);
+                self.in_flight_done(pid_i);
+                return;
+            }
+            Spawned::Taken { actions, held } => (actions, held),
+        };
+        e.spawn_of = None;
+        e.last_pipes = s.pipes;
+        let tcp_port = match &e.proc().expect("just taken").spec.readiness {
+            model::Readiness::Tcp { port, .. } => Some(*port),
+            _ => None,
+        };
+        let waiter = e.proc().and_then(|p| p.pidfd.as_ref()?.try_clone().ok());
+        let events = self.events.clone();
+        let watched = node.clone();
+        tokio::spawn(async move {
+            let exit = match &waiter {
+                Some(fd) => match sys::wait_child(fd).await {
+                    Ok(sys::ExitKind::Code(c)) => machine::ExitStatus::Code(c),
+                    Ok(sys::ExitKind::Signal(s)) => machine::ExitStatus::Signal(s),
+                    Err(_) => machine::ExitStatus::Code(-1),
+                },
+                None => machine::ExitStatus::Code(-1),
+            };
+            let _ = events.send(Event::Exited {
+                node: watched,
+                generation,
+                exit,
+            });
+        });
+        let probe = tcp_port.map(|port| self.probe_tcp(&node, generation, port));
+        if let Some(p) = self.nodes.get_mut(&node).and_then(|e| e.book.process_mut()) {
+            p.probe = probe;
+        }
+        info!(node = %node, pid, "started");
+        // The record must name the new process before anything else can happen, or an
+        // agent killed now would look for it by its token only. Written after the
+        // machine learnt of the spawn, it says at once whether the node is ready (a
+        // start period of 0), and its readiness needs no second write.
+        self.save_record(&node);
+        self.in_flight_done(pid_i);
         self.run_actions(&node, more);
+        for (text, sender) in held {
+            self.event(Event::Notify {
+                node: node.clone(),
+                text,
+                sender,
+                _queued: None,
+            });
+        }
     }
 
     /// The first spawn of a `fresh` node made its directory, logs and notify socket:
@@ -1989,7 +1939,11 @@ impl Core {
         let Some(e) = self.nodes.get_mut(name) else {
             return;
         };
-        let Some(p) = e.proc.as_mut() else {
+        let Some(generation) = e.book.live_spawn() else {
+            return;
+        };
+        let dir = e.dir.clone();
+        let Some(p) = e.book.process_mut() else {
             return;
         };
         if p.monitors.is_some() || (p.spec.watchdog.is_none() && p.spec.liveness.is_none()) {
@@ -1999,8 +1953,7 @@ impl Core {
             .spec
             .workdir
             .as_ref()
-            .map_or_else(|| e.dir.join("work"), PathBuf::from);
-        let generation = p.generation;
+            .map_or_else(|| dir.join("work"), PathBuf::from);
         let node = name.to_owned();
         let report: probe::Report = std::sync::Arc::new(move |reason| {
             let _ = events.send(Event::Unhealthy {
@@ -2023,7 +1976,7 @@ impl Core {
     /// carries the token in its environment) instead of leaving it untracked.
     /// Returns the record to write, for the spawner to write it before the spawn.
     fn announce_spawn(&mut self, name: &str, token: u64) -> Option<crate::records::Write> {
-        self.nodes.get_mut(name)?.spawning = Some(token);
+        self.nodes.get_mut(name)?.book.announce(token);
         let (path, bytes) = self.record_of(name)?;
         let e = self.nodes.get_mut(name)?;
         if bytes == e.written {
@@ -2117,20 +2070,25 @@ impl Core {
                 generation,
                 exit,
             } => {
-                let Some(e) = self.nodes.get_mut(&node) else {
+                let Some(e) = self.nodes.get(&node) else {
                     return;
                 };
-                if e.proc.as_ref().map(|p| p.generation) != Some(generation) {
+                let Some(p) = e.book.process_of(generation) else {
                     return;
-                }
-                let p = e.proc.take().expect("checked above");
-                if let Some(probe) = &p.probe {
-                    probe.abort();
-                }
+                };
                 let oom = p
                     .oom_base
                     .and_then(|before| Some(self.host.oom_kills(&node)?.saturating_sub(before)))
                     .unwrap_or(0);
+                let Some(e) = self.nodes.get_mut(&node) else {
+                    return;
+                };
+                let Some((p, actions)) = e.book.exited(now, generation, exit, oom) else {
+                    return;
+                };
+                if let Some(probe) = &p.probe {
+                    probe.abort();
+                }
                 // Whatever the main process left behind goes with it.
                 kill_remains(&p);
                 if p.child {
@@ -2151,32 +2109,18 @@ impl Core {
                         }
                     });
                 }
-                let Some(e) = self.nodes.get_mut(&node) else {
-                    return;
-                };
-                if !matches!(exit, machine::ExitStatus::Code(-1)) {
-                    e.last_exit = Some(to_model_exit(exit));
-                }
                 if oom > 0 {
                     warn!(node = %node, kills = oom, "the kernel killed processes of the node for exceeding its memory limit");
-                    e.oom_kills = e
-                        .oom_kills
-                        .saturating_add(u32::try_from(oom).unwrap_or(u32::MAX));
-                    e.last_failure = Some("oom-killed".to_owned());
-                    e.last_error = Some("oom-killed".to_owned());
                 }
                 info!(node = %node, pid = p.id.pid, ?exit, "process exited");
-                let actions = e.machine.exited(now, exit);
                 self.run_actions(&node, actions);
                 self.save_record(&node);
                 self.remove_if_done(&node);
                 self.bump(&node);
             }
             Event::Ready { node, generation } => {
-                if let Some(e) = self.nodes.get_mut(&node)
-                    && e.proc.as_ref().map(|p| p.generation) == Some(generation)
-                {
-                    let actions = e.machine.ready(now);
+                if let Some(e) = self.nodes.get_mut(&node) {
+                    let actions = e.book.ready(now, generation);
                     self.run_actions(&node, actions);
                 }
             }
@@ -2188,19 +2132,20 @@ impl Core {
                 let Some(e) = self.nodes.get_mut(&node) else {
                     return;
                 };
-                let Some(p) = e.proc.as_mut().filter(|p| p.generation == generation) else {
+                if e.book.live_spawn() != Some(generation) {
+                    return;
+                }
+                if let Some(p) = e.book.process_mut() {
+                    p.monitors = None;
+                }
+                let Some(actions) = e.book.unhealthy(now, generation, reason.clone()) else {
                     return;
                 };
-                p.monitors = None;
-                let actions = e.machine.unhealthy(now);
                 // Not ready, or being stopped: nothing to restart.
                 if actions.is_empty() {
                     return;
                 }
                 warn!(node = %node, "{reason}; killing it, to be restarted under its policy");
-                e.liveness_failures = e.liveness_failures.saturating_add(1);
-                e.last_failure = Some(reason.clone());
-                e.last_error = Some(reason);
                 self.run_actions(&node, actions);
                 self.save_record(&node);
                 self.bump(&node);
@@ -2211,45 +2156,33 @@ impl Core {
                 let Some(e) = self.nodes.get_mut(&node) else {
                     return;
                 };
-                if e.proc.is_none() && e.spawning.is_some() {
-                    // Its process may be the one being spawned: checked once it is in.
-                    if e.held_notify.len() < NOTIFY_QUEUE {
-                        e.held_notify.push((text, sender));
-                    }
+                // Its process may be the one being spawned: checked once it is in.
+                let Some((text, sender)) = e.book.notified(text, sender) else {
                     return;
-                }
-                let main = e.proc.as_ref().and_then(|p| u32::try_from(p.id.pid).ok());
-                let cg = e.proc.as_ref().and_then(|p| p.cgroup.clone());
+                };
+                let main = e.book.pid();
+                let cg = e.proc().and_then(|p| p.cgroup.clone());
                 if !sender.belongs(main, cg.as_deref()) {
                     debug!(node = %node, pid = ?sender.pid, "ignoring a notify message from a process that is not the node's");
                     return;
                 }
-                let notice = probe::Notice::parse(&text);
-                if notice.watchdog
-                    && let Some(m) = e.proc.as_ref().and_then(|p| p.monitors.as_ref())
+                let by_notify = matches!(e.spec.readiness, model::Readiness::Notify { .. });
+                let watchdog = e.proc().is_some_and(|p| p.spec.watchdog.is_some());
+                let out = e
+                    .book
+                    .notice(now, probe::Notice::parse(&text), by_notify, watchdog);
+                if out.ping
+                    && let Some(m) = e.proc().and_then(|p| p.monitors.as_ref())
                 {
                     m.ping();
                 }
-                let trigger =
-                    notice.trigger && e.proc.as_ref().is_some_and(|p| p.spec.watchdog.is_some());
-                let ready = notice.ready;
-                if let Some(status) = notice.status {
-                    e.status_text = Some(status);
+                if out.status_changed {
                     self.changes.send_modify(|n| *n = n.wrapping_add(1));
                 }
-                if ready
-                    && let Some(e) = self.nodes.get_mut(&node)
-                    && matches!(e.spec.readiness, model::Readiness::Notify { .. })
-                {
-                    let actions = e.machine.ready(now);
-                    self.run_actions(&node, actions);
-                }
-                if trigger
-                    && let Some(generation) = self
-                        .nodes
-                        .get(&node)
-                        .and_then(|e| e.proc.as_ref())
-                        .map(|p| p.generation)
+                self.run_actions(&node, out.actions);
+                if out.trigger
+                    && let Some(generation) =
+                        self.nodes.get(&node).and_then(|e| e.book.live_spawn())
                 {
                     self.event(Event::Unhealthy {
                         node,
@@ -2266,12 +2199,12 @@ impl Core {
         let due: Vec<String> = self
             .nodes
             .iter()
-            .filter(|(_, e)| e.machine.next_deadline().is_some_and(|d| d <= now))
+            .filter(|(_, e)| e.book.machine.next_deadline().is_some_and(|d| d <= now))
             .map(|(n, _)| n.clone())
             .collect();
         for name in due {
             if let Some(e) = self.nodes.get_mut(&name) {
-                let actions = e.machine.tick(now);
+                let actions = e.book.machine.tick(now);
                 self.run_actions(&name, actions);
             }
         }
@@ -2287,11 +2220,10 @@ impl Core {
             .nodes
             .values()
             .flat_map(|e| {
-                e.proc
-                    .as_ref()
+                e.proc()
                     .map(|p| p.token)
                     .into_iter()
-                    .chain(e.spawning)
+                    .chain(e.book.spawning())
             })
             .collect();
         for pid in sys::children() {
@@ -2323,7 +2255,7 @@ impl Core {
         let mut tracked: BTreeSet<i32> = self
             .nodes
             .values()
-            .filter_map(|e| e.proc.as_ref().filter(|p| p.child).map(|p| p.id.pid))
+            .filter_map(|e| e.proc().filter(|p| p.child).map(|p| p.id.pid))
             .collect();
         tracked.extend(in_flight.iter().copied());
         for (pid, exit) in sys::reap_orphans(&|pid| tracked.contains(&pid) || probe::is_probe(pid))
@@ -2338,7 +2270,7 @@ impl Core {
         let logs: Vec<(String, NodeLogs)> = self
             .nodes
             .iter()
-            .filter(|(_, e)| e.proc.is_some())
+            .filter(|(_, e)| e.proc().is_some())
             .map(|(n, e)| (n.clone(), e.logs.clone()))
             .collect();
         tokio::task::spawn_blocking(move || {
@@ -2358,7 +2290,7 @@ impl Core {
         let done = self
             .nodes
             .get(name)
-            .is_some_and(|e| e.removing && !e.machine.has_process());
+            .is_some_and(|e| e.removing && !e.book.machine.has_process());
         if done && let Some(e) = self.nodes.remove(name) {
             if let Some(t) = &e.notify_task {
                 t.abort();
@@ -2411,14 +2343,14 @@ impl Core {
         let Some((deadline, _)) = &self.shutdown else {
             return false;
         };
-        let busy = self.nodes.values().any(|e| e.machine.has_process());
+        let busy = self.nodes.values().any(|e| e.book.machine.has_process());
         if busy && Instant::now() < *deadline {
             return false;
         }
         if busy {
             warn!("nodes still running at the end of the shutdown grace period; killing them");
             for e in self.nodes.values() {
-                if let Some(p) = &e.proc {
+                if let Some(p) = e.proc() {
                     kill_remains(p);
                 }
             }
@@ -2461,20 +2393,20 @@ impl Core {
 
     /// A node's status, without resource figures (see [`Supervisor::status`]).
     fn status_of(name: &str, e: &Entry) -> NodeStatus {
-        let mut s = NodeStatus::new(name, to_model_state(e.machine.state()), MgmtRole::None);
+        let mut s = NodeStatus::new(name, to_model_state(e.book.machine.state()), MgmtRole::None);
         s.cluster_role = e.spec.role.clone();
         s.port = e.spec.port;
         s.metrics_port = e.spec.metrics_port;
         s.restarts = u32::try_from(e.restarts()).unwrap_or(u32::MAX);
-        s.last_exit = e.last_exit;
-        s.ready = e.machine.ready_at().is_some();
-        s.status_text.clone_from(&e.status_text);
+        s.last_exit = e.book.last_exit;
+        s.ready = e.book.machine.ready_at().is_some();
+        s.status_text.clone_from(&e.book.status_text);
         s.generation = Some(e.deploy_gen);
-        s.last_error.clone_from(&e.last_error);
-        s.last_failure.clone_from(&e.last_failure);
-        s.oom_kills = e.oom_kills;
-        s.liveness_failures = e.liveness_failures;
-        if let Some(p) = &e.proc {
+        s.last_error.clone_from(&e.book.last_error);
+        s.last_failure.clone_from(&e.book.last_failure);
+        s.oom_kills = e.book.oom_kills;
+        s.liveness_failures = e.book.liveness_failures;
+        if let Some(p) = e.proc() {
             s.pid = u32::try_from(p.id.pid).ok();
             s.started_at_ms = Some(p.started_at_ms);
             s.generation = Some(p.deploy_gen);
@@ -2518,7 +2450,7 @@ impl Core {
         let of = e.spawn_of.as_ref();
         let record = Record {
             spec: e
-                .proc
+                .proc()
                 .as_ref()
                 .map(|p| &p.spec)
                 .or(of.map(|o| &o.spec))
@@ -2526,39 +2458,39 @@ impl Core {
                 .clone(),
             config_id: e.config_id.clone(),
             generation: e
-                .proc
+                .proc()
                 .as_ref()
                 .map(|p| p.deploy_gen)
                 .or(of.map(|o| o.deploy_gen))
                 .unwrap_or(e.deploy_gen),
             epoch: e
-                .proc
+                .proc()
                 .as_ref()
                 .map(|p| p.epoch)
                 .or(of.map(|o| o.epoch))
                 .unwrap_or(self.restart_epoch),
-            spawning: e.spawning,
-            process: e.proc.as_ref().map(|p| RecordedProcess {
+            spawning: e.book.spawning(),
+            process: e.proc().map(|p| RecordedProcess {
                 pid: p.id.pid,
                 start_ticks: p.id.start_ticks,
                 started_at_ms: p.started_at_ms,
                 token: p.token,
                 cgroup: p.cgroup.clone(),
             }),
-            ready: e.machine.ready_at().is_some(),
+            ready: e.book.machine.ready_at().is_some(),
             restarts: e.restarts(),
             stopped: e.stopped_by_operator,
-            ended: match e.machine.state() {
-                _ if e.proc.is_some() || e.stopped_by_operator || e.removing => None,
+            ended: match e.book.machine.state() {
+                _ if e.proc().is_some() || e.stopped_by_operator || e.removing => None,
                 machine::State::Failed => Some(Ended::Failed),
-                machine::State::Stopped if e.last_exit.is_some() => Some(Ended::Done),
+                machine::State::Stopped if e.book.last_exit.is_some() => Some(Ended::Done),
                 _ => None,
             },
-            last_exit: e.last_exit,
-            last_error: e.last_error.clone(),
-            last_failure: e.last_failure.clone(),
-            oom_kills: e.oom_kills,
-            liveness_failures: e.liveness_failures,
+            last_exit: e.book.last_exit,
+            last_error: e.book.last_error.clone(),
+            last_failure: e.book.last_failure.clone(),
+            oom_kills: e.book.oom_kills,
+            liveness_failures: e.book.liveness_failures,
         };
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialize");
         Some((e.dir.join("record.json"), bytes))
@@ -2572,7 +2504,7 @@ impl Core {
         self.nodes
             .values()
             .filter(|e| {
-                let Some(p) = e.proc.as_ref().filter(|p| !p.child) else {
+                let Some(p) = e.proc().filter(|p| !p.child) else {
                     return false;
                 };
                 let files: Vec<_> = [Stream::Stdout, Stream::Stderr]
@@ -2717,11 +2649,11 @@ impl Core {
             }
             if let Some(r) = record {
                 e.restarts_base = r.restarts;
-                e.last_error.clone_from(&r.last_error);
-                e.last_failure.clone_from(&r.last_failure);
-                e.oom_kills = r.oom_kills;
-                e.liveness_failures = r.liveness_failures;
-                e.last_exit = r.last_exit;
+                e.book.last_error.clone_from(&r.last_error);
+                e.book.last_failure.clone_from(&r.last_failure);
+                e.book.oom_kills = r.oom_kills;
+                e.book.liveness_failures = r.liveness_failures;
+                e.book.last_exit = r.last_exit;
             }
             let adopt = match plan.then {
                 Then::Adopt { pid }
@@ -2750,38 +2682,38 @@ impl Core {
                 Then::Adopt { .. } => {
                     if !adopted {
                         e.restarts_base += 1;
-                        actions.extend(e.machine.start(now));
+                        actions.extend(e.book.machine.start(now));
                     }
                 }
                 Then::Stop { .. } => {
                     e.stopped_by_operator = true;
-                    actions.extend(e.machine.stop(now));
+                    actions.extend(e.book.machine.stop(now));
                 }
                 Then::Restart { .. } => {
                     info!(node = %name, "node runs an outdated spec; restarting it");
-                    actions.extend(e.machine.stop(now));
-                    actions.extend(e.machine.start(now));
+                    actions.extend(e.book.machine.stop(now));
+                    actions.extend(e.book.machine.start(now));
                 }
                 Then::StopAndRemove { .. } => {
                     info!(node = %name, "node is no longer desired; stopping it");
                     e.removing = true;
-                    actions.extend(e.machine.stop(now));
+                    actions.extend(e.book.machine.stop(now));
                 }
                 Then::Start { lost } => {
                     if lost {
                         info!(node = %name, "node's process ended while no agent ran; starting it again");
                         e.restarts_base += 1;
                     }
-                    actions.extend(e.machine.start(now));
+                    actions.extend(e.book.machine.start(now));
                 }
                 Then::StayStopped => e.stopped_by_operator = true,
                 Then::StayEnded => {
                     let failed = record.and_then(|r| r.ended) == Some(Ended::Failed);
-                    let exit = e.last_exit.map(|x| match x {
+                    let exit = e.book.last_exit.map(|x| match x {
                         model::ExitStatus::Code(c) => machine::ExitStatus::Code(c),
                         model::ExitStatus::Signal(s) => machine::ExitStatus::Signal(s),
                     });
-                    actions.extend(e.machine.restore_ended(now, failed, exit));
+                    actions.extend(e.book.machine.restore_ended(now, failed, exit));
                 }
                 Then::Remove => {}
             }
@@ -2834,7 +2766,7 @@ impl Core {
             let owned = self
                 .nodes
                 .get(&name)
-                .is_some_and(|e| e.proc.as_ref().and_then(|p| p.cgroup.as_ref()) == Some(&cg));
+                .is_some_and(|e| e.proc().and_then(|p| p.cgroup.as_ref()) == Some(&cg));
             if owned {
                 continue;
             }
@@ -2894,11 +2826,8 @@ impl Core {
         let Some(e) = self.nodes.get_mut(name) else {
             return Ok(Vec::new());
         };
-        e.generation += 1;
-        let spawn_generation = e.generation;
-        e.proc = Some(Proc {
+        let proc = Proc {
             id,
-            generation: spawn_generation,
             token,
             spec: record.spec.clone(),
             deploy_gen: if current {
@@ -2914,7 +2843,11 @@ impl Core {
             pidfd: sys::PidFd::open_id(id).ok(),
             oom_base,
             monitors: None,
-        });
+        };
+        let actions = e
+            .book
+            .adopted(now, u32::try_from(pid).unwrap_or(0), ready, proc);
+        let spawn_generation = e.book.spawns();
         e.last_pipes = None;
         let events = self.events.clone();
         let node = name.to_owned();
@@ -2927,7 +2860,7 @@ impl Core {
             });
         });
         info!(node = %name, pid, "adopted running node");
-        Ok(e.machine.adopt(now, u32::try_from(pid).unwrap_or(0), ready))
+        Ok(actions)
     }
 }
 
@@ -3026,8 +2959,8 @@ impl ops::Nodes for OpsTable<'_> {
 
     fn node(&self, name: &str) -> Option<ops::Facts> {
         self.0.get(name).map(|e| ops::Facts {
-            has_process: e.proc.is_some(),
-            spawns: e.generation,
+            has_process: e.proc().is_some(),
+            spawns: e.book.spawns(),
         })
     }
 }
@@ -3069,8 +3002,8 @@ impl apply::Table for ApplyTable<'_> {
         let e = self.nodes.get(node)?;
         Some(apply::Facts {
             plan_failed: matches!(e.plan, Some(Err(_))),
-            failed: e.machine.state() == machine::State::Failed,
-            has_process: e.machine.has_process(),
+            failed: e.book.machine.state() == machine::State::Failed,
+            has_process: e.book.machine.has_process(),
             removing: e.removing,
         })
     }
@@ -3085,17 +3018,17 @@ struct WaitView<'a> {
 impl waiters::View for WaitView<'_> {
     fn seen(&self, node: &str) -> Option<converge::Seen> {
         self.nodes.get(node).map(|e| converge::Seen {
-            state: e.machine.state(),
-            has_process: e.machine.has_process(),
-            stopping: e.machine.is_stopping(),
-            spawns: e.generation,
+            state: e.book.machine.state(),
+            has_process: e.book.machine.has_process(),
+            stopping: e.book.machine.is_stopping(),
+            spawns: e.book.spawns(),
         })
     }
 
     fn state_name(&self, node: &str) -> &'static str {
         self.nodes
             .get(node)
-            .map_or("gone", |e| to_model_state(e.machine.state()).as_str())
+            .map_or("gone", |e| to_model_state(e.book.machine.state()).as_str())
     }
 
     fn failure(&self, node: &str) -> waiters::Failure {
@@ -3103,7 +3036,7 @@ impl waiters::View for WaitView<'_> {
             .get(node)
             .map(|e| waiters::Failure {
                 text: failure_text(e),
-                last_error: e.last_error.clone(),
+                last_error: e.book.last_error.clone(),
                 pipes: e.last_pipes.filter(|_| self.keeper.is_some()),
             })
             .unwrap_or_default()
@@ -3120,7 +3053,7 @@ fn millis(d: Duration) -> Millis {
 }
 
 fn failure_text(e: &Entry) -> String {
-    match (e.last_error.as_deref(), e.last_exit) {
+    match (e.book.last_error.as_deref(), e.book.last_exit) {
         (Some(err), _) => err.to_owned(),
         (None, Some(model::ExitStatus::Code(c))) => format!("node exited with code {c}"),
         (None, Some(model::ExitStatus::Signal(s))) => format!("node was killed by signal {s}"),
