@@ -196,6 +196,9 @@ enum Event {
         node: String,
         generation: u64,
         exit: machine::ExitStatus,
+        /// OOM kills in the node's memory cgroup while the process ran (read by the
+        /// task that waited for the exit, not by the supervisor's).
+        oom: u64,
     },
     Ready {
         node: String,
@@ -1867,6 +1870,8 @@ impl Core {
             _ => None,
         };
         let waiter = e.proc().and_then(|p| p.pidfd.as_ref()?.try_clone().ok());
+        let oom_base = e.proc().and_then(|p| p.oom_base);
+        let host = self.host.clone();
         let events = self.events.clone();
         let watched = node.clone();
         tokio::spawn(async move {
@@ -1878,10 +1883,12 @@ impl Core {
                 },
                 None => machine::ExitStatus::Code(-1),
             };
+            let oom = oom_since(&host, &watched, oom_base);
             let _ = events.send(Event::Exited {
                 node: watched,
                 generation,
                 exit,
+                oom,
             });
         });
         let probe = tcp_port.map(|port| self.probe_tcp(&node, generation, port));
@@ -2069,17 +2076,8 @@ impl Core {
                 node,
                 generation,
                 exit,
+                oom,
             } => {
-                let Some(e) = self.nodes.get(&node) else {
-                    return;
-                };
-                let Some(p) = e.book.process_of(generation) else {
-                    return;
-                };
-                let oom = p
-                    .oom_base
-                    .and_then(|before| Some(self.host.oom_kills(&node)?.saturating_sub(before)))
-                    .unwrap_or(0);
                 let Some(e) = self.nodes.get_mut(&node) else {
                     return;
                 };
@@ -2850,18 +2848,27 @@ impl Core {
         let spawn_generation = e.book.spawns();
         e.last_pipes = None;
         let events = self.events.clone();
+        let host = self.host.clone();
         let node = name.to_owned();
         tokio::spawn(async move {
             let _ = fd.exited().await;
+            let oom = oom_since(&host, &node, oom_base);
             let _ = events.send(Event::Exited {
                 node,
                 generation: spawn_generation,
                 exit: machine::ExitStatus::Code(-1),
+                oom,
             });
         });
         info!(node = %name, pid, "adopted running node");
         Ok(actions)
     }
+}
+
+/// OOM kills in `node`'s memory cgroup since there were `base` (none without a base).
+fn oom_since(host: &limits::Host, node: &str, base: Option<u64>) -> u64 {
+    base.and_then(|before| Some(host.oom_kills(node)?.saturating_sub(before)))
+        .unwrap_or(0)
 }
 
 /// SIGKILL to a process and to the process group it leads, if it leads one.
