@@ -973,6 +973,7 @@ impl Drop for ListenedSession<'_> {
 /// reports, not hundreds.
 async fn report_status(conn: quinn::Connection, supervisor: Supervisor, name: String) {
     let mut changes = supervisor.changes();
+    let mut answered = supervisor.answered();
     // A full report at once, so a controller that just met us knows our nodes; then
     // only the nodes that changed, unless a report failed (the next is full again).
     let mut full = true;
@@ -982,27 +983,24 @@ async fn report_status(conn: quinn::Connection, supervisor: Supervisor, name: St
             None => {}
             Some(t) if full => tokio::time::sleep_until(t + REPORT_INTERVAL).await,
             Some(t) => {
-                if changes.changed().await.is_err() {
+                let settled = settle(&mut changes, t);
+                let open = tokio::select! {
+                    open = settled => open,
+                    // A request waiting for nodes was answered: the controller (and
+                    // whoever follows its events) learns of their states with the
+                    // answer, not a report interval later.
+                    r = answered.changed() => {
+                        tokio::time::sleep_until(t + REPORT_ANSWERED_GAP).await;
+                        r.is_ok()
+                    }
+                };
+                if !open {
                     return;
                 }
-                // Settle: wait until no change came for REPORT_QUIET (the steps of a
-                // restart come within a few milliseconds), but no longer than
-                // REPORT_SETTLE_MAX, and no sooner than REPORT_INTERVAL after the last.
-                let first = tokio::time::Instant::now();
-                loop {
-                    let quiet = tokio::time::sleep(REPORT_QUIET);
-                    tokio::select! {
-                        () = quiet => break,
-                        r = changes.changed() => if r.is_err() { return },
-                    }
-                    if first.elapsed() >= REPORT_SETTLE_MAX {
-                        break;
-                    }
-                }
-                tokio::time::sleep_until(t + REPORT_INTERVAL).await;
             }
         }
         changes.borrow_and_update();
+        answered.borrow_and_update();
         let (sent_full, mut statuses) = supervisor.changes_since_last(full).await;
         statuses.push(own_status(&name, supervisor.applied_generation()));
         last_sent = Some(tokio::time::Instant::now());
@@ -1018,6 +1016,32 @@ async fn report_status(conn: quinn::Connection, supervisor: Supervisor, name: St
             }
         };
     }
+}
+
+/// Waits for node changes to report, after a report sent at `last`: until no change
+/// came for [`REPORT_QUIET`] (the steps of a restart come within a few milliseconds),
+/// but no longer than [`REPORT_SETTLE_MAX`], and no sooner than [`REPORT_INTERVAL`]
+/// after `last`. False when the supervisor is gone.
+async fn settle(
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    last: tokio::time::Instant,
+) -> bool {
+    if changes.changed().await.is_err() {
+        return false;
+    }
+    let first = tokio::time::Instant::now();
+    loop {
+        let quiet = tokio::time::sleep(REPORT_QUIET);
+        tokio::select! {
+            () = quiet => break,
+            r = changes.changed() => if r.is_err() { return false },
+        }
+        if first.elapsed() >= REPORT_SETTLE_MAX {
+            break;
+        }
+    }
+    tokio::time::sleep_until(last + REPORT_INTERVAL).await;
+    true
 }
 
 /// How often a followed log file is checked for new lines.
@@ -1154,8 +1178,11 @@ const REPORT_QUIET: Duration = Duration::from_millis(3);
 /// ...but not longer than this after the first change.
 const REPORT_SETTLE_MAX: Duration = Duration::from_millis(20);
 
-/// The least time between two status reports.
+/// The least time between two status reports...
 const REPORT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// ...unless requests waiting for nodes were answered: then this.
+const REPORT_ANSWERED_GAP: Duration = Duration::from_millis(2);
 
 /// The agent's `/metrics` page, computed from the supervisor's current statuses.
 async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String {

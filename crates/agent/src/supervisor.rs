@@ -128,6 +128,9 @@ pub struct Supervisor {
     tx: mpsc::Sender<Command>,
     /// Bumped on every node state change, for status reporting.
     changes: watch::Receiver<u64>,
+    /// Bumped when requests waiting for nodes were answered, so that the controller
+    /// learns of the nodes' states with the answer, not a report interval later.
+    answered: watch::Receiver<u64>,
     /// The deploy generation applied.
     applied: watch::Receiver<u64>,
     /// Set when the supervisor task ended other than by [`Supervisor::shutdown`]: a
@@ -432,6 +435,8 @@ struct Core {
     waiters: Waiters<Requester>,
     events: mpsc::UnboundedSender<Event>,
     changes: watch::Sender<u64>,
+    /// See [`Supervisor::answered`].
+    answered: watch::Sender<u64>,
     /// The deploy generation applied, and the restart epoch of the desired state.
     applied: watch::Sender<u64>,
     restart_epoch: u64,
@@ -710,6 +715,7 @@ impl Supervisor {
             });
         }
         let (changes_tx, changes_rx) = watch::channel(0);
+        let (answered_tx, answered_rx) = watch::channel(0);
         let (applied_tx, applied_rx) = watch::channel(0);
         let state_dir_for_tokens = cfg.state_dir.clone();
         let in_flight = crate::spawner::InFlight::default();
@@ -738,6 +744,7 @@ impl Supervisor {
             waiters: Waiters::default(),
             events: events_tx,
             changes: changes_tx,
+            answered: answered_tx,
             applied: applied_tx,
             restart_epoch: 0,
             applies: Applies::default(),
@@ -779,6 +786,7 @@ impl Supervisor {
         Ok(Self {
             tx,
             changes: changes_rx,
+            answered: answered_rx,
             applied: applied_rx,
             failure: failure_rx,
             host,
@@ -929,6 +937,12 @@ impl Supervisor {
     /// A receiver that changes whenever a node's state changes.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.clone()
+    }
+
+    /// A receiver that changes whenever requests waiting for nodes (deploy, start, stop,
+    /// restart) were answered.
+    pub fn answered(&self) -> watch::Receiver<u64> {
+        self.answered.clone()
     }
 }
 
@@ -2332,8 +2346,13 @@ impl Core {
                 tx.send_replace(progress);
             }
         }
+        let mut answered = false;
         for (r, results) in self.waiters.answers() {
             let _ = r.reply.send(results);
+            answered = true;
+        }
+        if answered {
+            self.answered.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 
