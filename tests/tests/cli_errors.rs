@@ -267,7 +267,7 @@ fn bad_settings_are_errors_naming_the_setting_not_panics() {
 }
 
 #[test]
-fn agent_log_limits_out_of_range_stop_it_at_start() {
+fn agent_limits_out_of_range_stop_it_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().to_str().unwrap();
     for (flag, value, needle) in [
@@ -285,6 +285,16 @@ fn agent_log_limits_out_of_range_stop_it_at_start() {
             "--log-keep",
             "1001",
             "log_keep 1001 is out of range: allowed 0 to 1000",
+        ),
+        (
+            "--report-interval",
+            "0s",
+            "report_interval 0s is out of range: allowed 10ms to 10min",
+        ),
+        (
+            "--report-interval",
+            "11min",
+            "report_interval 11m is out of range: allowed 10ms to 10min",
         ),
     ] {
         let mut cmd = Command::new(bin("drover-agent"));

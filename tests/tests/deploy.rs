@@ -748,3 +748,71 @@ fn get_nodes_answers_from_reports_and_fresh_asks_the_agents() {
         (c.drover(addr, &["get-nodes", "--fresh"]).code == Some(0)).then_some(())
     });
 }
+
+/// An agent allowed one status report every ten minutes still reports the nodes a deploy
+/// started as soon as it has answered the deploy: the controller's view, and the events
+/// of `monitor`, are not a report interval behind the answer.
+#[test]
+fn an_answered_deploy_is_reported_at_once_whatever_the_report_interval() {
+    use std::io::BufRead;
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
+    let _agent = c.start_agent_args(
+        "agent-1",
+        "agent-1",
+        &[
+            "--controller",
+            &addr.to_string(),
+            "--report-interval",
+            "10min",
+        ],
+    );
+    c.wait_for_agent(addr, "agent-1");
+    let mut cmd = c.drover_command(addr);
+    cmd.arg("monitor")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    // The subscription is live once a deploy (of no nodes) is seen.
+    let empty = cluster_file(&c, &["agent-1"], 0, "");
+    eventually("monitor subscribed", PATIENCE, || {
+        let out = c.drover(addr, &["deploy-config", empty.to_str().unwrap()]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        let ev = rx
+            .recv_timeout(std::time::Duration::from_millis(500))
+            .ok()?;
+        (ev["event"]["type"] == "deploy_started").then_some(())
+    });
+    let file = cluster_file(&c, &["agent-1"], 3, "");
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let mut running = std::collections::BTreeSet::new();
+    let mut seen = Vec::new();
+    while running.len() < 3 {
+        let ev = rx
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("not every node reported RUNNING; events: {seen:?}"));
+        let e = &ev["event"];
+        if e["type"] == "node_state" && e["state"] == "RUNNING" {
+            running.insert(e["node"].as_str().unwrap_or_default().to_owned());
+        }
+        seen.push(ev);
+    }
+    assert_eq!(
+        running.into_iter().collect::<Vec<_>>(),
+        ["agent-1-n1", "agent-1-n2", "agent-1-n3"]
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

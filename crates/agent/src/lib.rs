@@ -119,6 +119,8 @@ pub struct Config {
     /// Revoked identities and serials ([`drover_net::tls::DenyList`]) the controller's
     /// certificate is checked against; read at start and at every reload.
     pub deny_list: Option<PathBuf>,
+    /// The least time between two status reports (see [`DEFAULT_REPORT_INTERVAL`]).
+    pub report_interval: Duration,
 }
 
 /// Why an agent could not start.
@@ -760,7 +762,12 @@ impl Agent {
         supervisor: &Supervisor,
         state: Arc<handover::SessionState>,
     ) -> impl Future<Output = quinn::ConnectionError> + Send + 'static {
-        let reporting = report_status(conn.clone(), supervisor.clone(), self.config.name.clone());
+        let reporting = report_status(
+            conn.clone(),
+            supervisor.clone(),
+            self.config.name.clone(),
+            self.config.report_interval,
+        );
         let retired = state.retired.clone();
         let reporter = tokio::spawn(async move {
             tokio::select! {
@@ -969,9 +976,15 @@ impl Drop for ListenedSession<'_> {
 /// Sends node statuses (and the agent's own entry) to the controller whenever they
 /// change: once changes have settled for [`REPORT_QUIET`], so that the steps of one
 /// restart (exit, spawn, ready) make one report, and at most one report per
-/// [`REPORT_INTERVAL`], so that a burst of changes (500 nodes starting) costs a few
-/// reports, not hundreds.
-async fn report_status(conn: quinn::Connection, supervisor: Supervisor, name: String) {
+/// report interval, so that a burst of changes (500 nodes starting) costs a few
+/// reports, not hundreds; but within [`REPORT_ANSWERED_GAP`] of an answer to a request
+/// waiting for nodes, so that the controller's view is not behind what it answered.
+async fn report_status(
+    conn: quinn::Connection,
+    supervisor: Supervisor,
+    name: String,
+    interval: Duration,
+) {
     let mut changes = supervisor.changes();
     let mut answered = supervisor.answered();
     // A full report at once, so a controller that just met us knows our nodes; then
@@ -981,9 +994,9 @@ async fn report_status(conn: quinn::Connection, supervisor: Supervisor, name: St
     loop {
         match last_sent {
             None => {}
-            Some(t) if full => tokio::time::sleep_until(t + REPORT_INTERVAL).await,
+            Some(t) if full => tokio::time::sleep_until(t + interval).await,
             Some(t) => {
-                let settled = settle(&mut changes, t);
+                let settled = settle(&mut changes, t + interval);
                 let open = tokio::select! {
                     open = settled => open,
                     // A request waiting for nodes was answered: the controller (and
@@ -1018,13 +1031,12 @@ async fn report_status(conn: quinn::Connection, supervisor: Supervisor, name: St
     }
 }
 
-/// Waits for node changes to report, after a report sent at `last`: until no change
-/// came for [`REPORT_QUIET`] (the steps of a restart come within a few milliseconds),
-/// but no longer than [`REPORT_SETTLE_MAX`], and no sooner than [`REPORT_INTERVAL`]
-/// after `last`. False when the supervisor is gone.
+/// Waits for node changes to report: until no change came for [`REPORT_QUIET`] (the
+/// steps of a restart come within a few milliseconds), but no longer than
+/// [`REPORT_SETTLE_MAX`], and not before `not_before`. False when the supervisor is gone.
 async fn settle(
     changes: &mut tokio::sync::watch::Receiver<u64>,
-    last: tokio::time::Instant,
+    not_before: tokio::time::Instant,
 ) -> bool {
     if changes.changed().await.is_err() {
         return false;
@@ -1040,7 +1052,7 @@ async fn settle(
             break;
         }
     }
-    tokio::time::sleep_until(last + REPORT_INTERVAL).await;
+    tokio::time::sleep_until(not_before).await;
     true
 }
 
@@ -1178,10 +1190,11 @@ const REPORT_QUIET: Duration = Duration::from_millis(3);
 /// ...but not longer than this after the first change.
 const REPORT_SETTLE_MAX: Duration = Duration::from_millis(20);
 
-/// The least time between two status reports...
-const REPORT_INTERVAL: Duration = Duration::from_millis(50);
+/// The least time between two status reports unless told otherwise
+/// ([`Config::report_interval`])...
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_millis(50);
 
-/// ...unless requests waiting for nodes were answered: then this.
+/// ...and, when requests waiting for nodes were answered, this.
 const REPORT_ANSWERED_GAP: Duration = Duration::from_millis(2);
 
 /// The agent's `/metrics` page, computed from the supervisor's current statuses.

@@ -84,6 +84,12 @@ struct Args {
     /// `0` never [default: 30s].
     #[arg(long, env = "DROVER_STALL_TIMEOUT", value_parser = humantime::parse_duration)]
     stall_timeout: Option<Duration>,
+    /// The least time between two reports of node states to the controller; the answer
+    /// to a deploy, start, stop or restart is followed by a report at once all the same.
+    /// Longer spares a controller whose agents' nodes change often; 10ms to 10min
+    /// [default: 50ms].
+    #[arg(long, env = "DROVER_REPORT_INTERVAL", value_parser = humantime::parse_duration)]
+    report_interval: Option<Duration>,
     /// File of revoked certificates (lines `ROLE/NAME` or `serial:HEX`) the controller's
     /// is checked against; read at start and on reload (SIGHUP, or --watch-certs).
     #[arg(long, env = "DROVER_DENY_LIST")]
@@ -130,6 +136,8 @@ struct FileConfig {
     cgroup_root: Option<CgroupSetting>,
     #[serde(default, with = "humantime_opt")]
     stall_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_opt")]
+    report_interval: Option<Duration>,
     deny_list: Option<PathBuf>,
     #[serde(default)]
     watch_certs: bool,
@@ -156,6 +164,11 @@ fn cgroup_setting<'de, D: serde::Deserializer<'de>>(
 /// (four per timeout, so that one or two lost ones do not end the connection) where a
 /// single controller's agents send one every 2 s.
 const GROUP_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bounds of `--report-interval`: reports more often than every 10 ms would only cost
+/// CPU, and a controller ten minutes behind is of no use.
+const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(10);
+const MAX_REPORT_INTERVAL: Duration = Duration::from_secs(600);
 
 /// The keep-alive interval and idle timeout: those given, and for the others the
 /// defaults, which depend on whether the agent has several controllers (`group`).
@@ -216,6 +229,15 @@ fn config(args: Args) -> anyhow::Result<(Config, bool)> {
         .or(file.reconnect_max)
         .unwrap_or(Duration::from_secs(5));
     let watch_certs = args.watch_certs || file.watch_certs;
+    let report_interval = args
+        .report_interval
+        .or(file.report_interval)
+        .unwrap_or(drover_agent::DEFAULT_REPORT_INTERVAL);
+    anyhow::ensure!(
+        (MIN_REPORT_INTERVAL..=MAX_REPORT_INTERVAL).contains(&report_interval),
+        "report_interval {} is out of range: allowed 10ms to 10min",
+        humantime::format_duration(report_interval)
+    );
     let config = Config {
         name: args.name.or(file.name).ok_or_else(|| missing("name"))?,
         controller: args.controller.or(file.controller),
@@ -245,6 +267,7 @@ fn config(args: Args) -> anyhow::Result<(Config, bool)> {
         )
         .filter(|d| !d.is_zero()),
         deny_list: args.deny_list.or(file.deny_list),
+        report_interval,
         logs,
     };
     Ok((config, watch_certs))
