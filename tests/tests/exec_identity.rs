@@ -65,6 +65,21 @@ fn nodes_run_as_their_users_with_their_capabilities_and_limits() {
     let nodes = c.dir.path().join("agent-agent-1/nodes");
     let other_log = nodes.join("other/stdout.log");
     let prog = bin("drover-testprog");
+    // `other` first, on its own: a node's files are made by its first spawn, and
+    // `capture` is to find its log there, out of reach.
+    let other = format!(
+        r#"
+[nodes.other]
+instance = "agent-1"
+command = ["{p}", "--print", "secret"]
+user = "65533"
+group = "65533"
+"#,
+        p = prog.display(),
+    );
+    let (code, v, stderr) = deploy(&c, addr, &other);
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    assert!(other_log.exists(), "{}", other_log.display());
     let body = format!(
         r#"
 [nodes.capture]
