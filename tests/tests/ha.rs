@@ -53,6 +53,11 @@ fn state_revisions(rt: &tokio::runtime::Runtime, etcd: &Etcd) -> BTreeMap<String
 }
 
 fn config_file(c: &Cluster, name: &str, nodes: &[(&str, &str)]) -> PathBuf {
+    config_in(c.dir.path(), name, nodes)
+}
+
+/// [`config_file`] in `dir`.
+fn config_in(dir: &std::path::Path, name: &str, nodes: &[(&str, &str)]) -> PathBuf {
     let mut text =
         String::from("[defaults]\nreadiness = { kind = \"start-period\", period = \"0s\" }\n");
     let instances: std::collections::BTreeSet<&str> = nodes.iter().map(|(_, i)| *i).collect();
@@ -64,7 +69,7 @@ fn config_file(c: &Cluster, name: &str, nodes: &[(&str, &str)]) -> PathBuf {
             "[nodes.{node}]\ninstance = \"{instance}\"\ncommand = [\"/usr/bin/sleep\", \"infinity\"]\n"
         ));
     }
-    let path = c.dir.path().join(format!("{name}.toml"));
+    let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -1054,30 +1059,23 @@ fn concurrent_deploys_across_leader_kills_lose_no_acknowledged_deploy() {
     let stop = AtomicBool::new(false);
     let acked = AtomicUsize::new(0);
     let start = Instant::now();
-    let files: Vec<Vec<(String, PathBuf)>> = (0..2)
-        .map(|t| {
-            (0..30)
-                .map(|i| {
-                    let marker = format!("m{t}x{i}");
-                    let file = config_file(&c, &marker, &[(&marker, "a1")]);
-                    (marker, file)
-                })
-                .collect()
-        })
-        .collect();
     let client = etcd.client();
     let pki = c.pki.clone();
     let (records, samples) = std::thread::scope(|s| {
-        let clients: Vec<_> = files
-            .iter()
-            .map(|files| {
+        // Each client goes on until told to stop (a deploy refused while the agent is
+        // away takes milliseconds, so a fixed number of them could run out first).
+        let clients: Vec<_> = (0..2)
+            .map(|t| {
+                let dir = c.dir.path();
                 let (pki, list, acked, stop) = (&pki, &list, &acked, &stop);
                 s.spawn(move || {
                     let mut records = Vec::new();
-                    for (marker, file) in files {
+                    for i in 0.. {
                         if stop.load(SeqCst) {
                             break;
                         }
+                        let marker = format!("m{t}x{i}");
+                        let file = config_in(dir, &marker, &[(&marker, "a1")]);
                         let began = start.elapsed();
                         let out =
                             etcd::drover_in(pki, list, &["deploy-config", file.to_str().unwrap()]);
@@ -1085,7 +1083,7 @@ fn concurrent_deploys_across_leader_kills_lose_no_acknowledged_deploy() {
                         if ok {
                             acked.fetch_add(1, SeqCst);
                         }
-                        records.push((marker.clone(), began, start.elapsed(), ok));
+                        records.push((marker, began, start.elapsed(), ok));
                     }
                     records
                 })
