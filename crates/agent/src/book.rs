@@ -134,14 +134,6 @@ impl<P, S> Book<P, S> {
         self.live.as_mut().map(|l| &mut l.process)
     }
 
-    /// The followed process, if it is the one of spawn (or adoption) `spawn`.
-    pub fn process_of(&self, spawn: u64) -> Option<&P> {
-        self.live
-            .as_ref()
-            .filter(|l| l.spawn == spawn)
-            .map(|l| &l.process)
-    }
-
     /// The number of the followed process.
     pub fn live_spawn(&self) -> Option<u64> {
         self.live.as_ref().map(|l| l.spawn)
