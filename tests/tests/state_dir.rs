@@ -12,6 +12,18 @@ use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually};
 /// Starts agent `name` (its certificate issued if needed) on `state_dir`, dialling
 /// `controller`, logging to `<log>.log`.
 fn agent(c: &Cluster, name: &str, log: &str, state_dir: &Path, controller: SocketAddr) -> Proc {
+    agent_exiting(c, name, log, state_dir, controller, "keep")
+}
+
+/// [`agent`] with `--on-exit on_exit`.
+fn agent_exiting(
+    c: &Cluster,
+    name: &str,
+    log: &str,
+    state_dir: &Path,
+    controller: SocketAddr,
+    on_exit: &str,
+) -> Proc {
     if !c.pki_file(&format!("{name}.crt")).exists() {
         c.issue(PeerRole::Agent, name);
     }
@@ -29,7 +41,7 @@ fn agent(c: &Cluster, name: &str, log: &str, state_dir: &Path, controller: Socke
         .arg("--key")
         .arg(c.pki_file(&format!("{name}.key")))
         .args(["--reconnect-max", "500ms", "--keep-alive", "500ms"])
-        .args(["--idle-timeout", "2s", "--on-exit", "keep"]);
+        .args(["--idle-timeout", "2s", "--on-exit", on_exit]);
     Proc::spawn(name, cmd, c.dir.path().join(format!("{log}.log")))
 }
 
@@ -160,12 +172,26 @@ fn a_long_state_dir_gets_short_socket_paths_and_nodes_start() {
     assert_eq!(ready_pid(&c, addr, &node), pid);
     let v = c.drover(addr, &["get-id-value", "answer"]).json();
     assert_eq!(v["results"][&node], 42, "{v}");
-    // The short link outlives the test dir; remove it.
+    // The short link stays while a node uses it: after a SIGKILL, and after a SIGTERM
+    // that leaves the nodes running. An agent that stops its nodes on SIGTERM removes
+    // it, so that it does not outlive the state dir.
     let link = Path::new(&var("NOTIFY_SOCKET"))
         .ancestors()
         .nth(2)
         .unwrap()
         .to_owned();
     assert!(link.starts_with("/tmp"), "{}", link.display());
-    std::fs::remove_file(&link).unwrap();
+    let mut second = second;
+    second.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(second.wait_exit(PATIENCE).success());
+    let kept = std::fs::symlink_metadata(&link).is_ok();
+    let mut third = agent_exiting(&c, "agent-1", "agent-long-3", &state, addr, "stop");
+    third.wait_log("connected to controller");
+    assert_eq!(ready_pid(&c, addr, &node), pid);
+    third.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(third.wait_exit(PATIENCE).success());
+    let left = std::fs::symlink_metadata(&link).is_ok();
+    let _ = std::fs::remove_file(&link);
+    assert!(kept, "{} went while its node ran", link.display());
+    assert!(!left, "{} is left behind", link.display());
 }

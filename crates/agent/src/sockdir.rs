@@ -8,7 +8,9 @@
 //! nodes directory: the sockets stay where they were (in the node's own directory),
 //! only the name given to `bind`, `connect` and the node is short. Which name a node
 //! gets depends only on the nodes directory and the node's name, so the next agent
-//! process finds the same paths its adopted nodes were given.
+//! process finds the same paths its adopted nodes were given. An agent that stops its
+//! nodes on exit removes the link ([`SocketDirs::release`]); one that leaves them
+//! running keeps it for them.
 //!
 //! `/tmp` is shared, so a link is used only if it is this user's symlink to this very
 //! directory; anything else there is an error (at start-up, or when the node is made),
@@ -67,6 +69,18 @@ impl SocketDirs {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => self.check_link(name),
             Err(e) => Err(self.refuse(name, &e.to_string())),
+        }
+    }
+
+    /// Removes the link, if it is ours: the agent stopped its nodes, so no process was
+    /// given a path through it, and a later agent makes it again when a node needs it.
+    /// A link left behind would outlive the state dir in `/tmp`.
+    pub fn release(&self) {
+        let ours = std::fs::symlink_metadata(&self.link).is_ok_and(|m| {
+            m.file_type().is_symlink() && m.uid() == nix::unistd::geteuid().as_raw()
+        }) && std::fs::read_link(&self.link).is_ok_and(|t| t == self.nodes_dir);
+        if ours {
+            let _ = std::fs::remove_file(&self.link);
         }
     }
 
@@ -168,6 +182,32 @@ mod tests {
         let mut buf = [0u8; 16];
         let n = sock.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
+    }
+
+    #[test]
+    fn releasing_removes_only_our_own_link() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = long_dir(base.path());
+        let socks = SocketDirs::new(&dir).unwrap();
+        let node = "n".repeat(drover_proto::name::MAX_LEN);
+        socks.ensure(&node).unwrap();
+        let link = link_path(&dir);
+        let _cleanup = Unlink(link.clone());
+        assert!(std::fs::symlink_metadata(&link).is_ok());
+        socks.release();
+        assert!(
+            std::fs::symlink_metadata(&link).is_err(),
+            "our link is removed"
+        );
+        // Made again when a node needs it.
+        socks.ensure(&node).unwrap();
+        assert_eq!(std::fs::read_link(&link).unwrap(), dir);
+        // Someone else's link at that place is left alone.
+        std::fs::remove_file(&link).unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), &link).unwrap();
+        socks.release();
+        assert_eq!(std::fs::read_link(&link).unwrap(), elsewhere.path());
     }
 
     #[test]

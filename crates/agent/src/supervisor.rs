@@ -2383,6 +2383,7 @@ impl Core {
         }
         if self.release_cgroups {
             self.host.release();
+            self.socks.release();
         }
         if let Some((_, reply)) = self.shutdown.take() {
             let _ = reply.send(());
