@@ -613,6 +613,33 @@ impl Cluster {
         });
         (child, rx)
     }
+
+    /// `drover monitor` against `controller` with `extra` flags: the process and its
+    /// events, one JSON value each, as they arrive.
+    pub fn monitor(
+        &self,
+        controller: SocketAddr,
+        extra: &[&str],
+    ) -> (Child, std::sync::mpsc::Receiver<serde_json::Value>) {
+        use std::io::BufRead;
+        let mut cmd = self.drover_command(controller);
+        cmd.arg("monitor")
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                    break;
+                }
+            }
+        });
+        (child, rx)
+    }
 }
 
 impl Default for Cluster {

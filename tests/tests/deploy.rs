@@ -449,24 +449,9 @@ fn get_id_value_asks_running_nodes() {
 
 #[test]
 fn monitor_sees_deploys_node_states_and_agent_loss_with_unknown_nodes() {
-    use std::io::BufRead;
     let c = Cluster::new();
     let (_ctl, addr, mut agents) = start(&c, &["agent-1"]);
-    let mut cmd = c.drover_command(addr);
-    cmd.arg("monitor")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<Value>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx) = c.monitor(addr, &[]);
     // Events are kept once received, so each wait looks at everything seen so far:
     // the order of events from different sources (deploy replies, status reports) is
     // not fixed.
@@ -644,7 +629,6 @@ fn targets_by_role_and_instance_and_signals() {
 
 #[test]
 fn monitor_with_logs_streams_node_output() {
-    use std::io::BufRead;
     let c = Cluster::new();
     let (_ctl, addr, _agents) = start(&c, &["agent-1"]);
     let text = format!(
@@ -658,21 +642,7 @@ fn monitor_with_logs_streams_node_output() {
             .code,
         Some(0)
     );
-    let mut cmd = c.drover_command(addr);
-    cmd.args(["monitor", "--logs"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<Value>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx) = c.monitor(addr, &["--logs"]);
     let ev = loop {
         let ev = rx.recv_timeout(PATIENCE).expect("log events");
         if ev["event"]["type"] == "log_lines" {
@@ -754,7 +724,6 @@ fn get_nodes_answers_from_reports_and_fresh_asks_the_agents() {
 /// of `monitor`, are not a report interval behind the answer.
 #[test]
 fn an_answered_deploy_is_reported_at_once_whatever_the_report_interval() {
-    use std::io::BufRead;
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
@@ -769,21 +738,7 @@ fn an_answered_deploy_is_reported_at_once_whatever_the_report_interval() {
         ],
     );
     c.wait_for_agent(addr, "agent-1");
-    let mut cmd = c.drover_command(addr);
-    cmd.arg("monitor")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<Value>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx) = c.monitor(addr, &[]);
     // The subscription is live once a deploy (of no nodes) is seen.
     let empty = cluster_file(&c, &["agent-1"], 0, "");
     eventually("monitor subscribed", PATIENCE, || {

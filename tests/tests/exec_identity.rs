@@ -96,13 +96,7 @@ limits = {{ nofile = "1234:2345", core = "unlimited" }}
 instance = "agent-1"
 command = ["{p}", "--raw-socket"]
 user = "nobody"
-
-[nodes.other]
-instance = "agent-1"
-command = ["{p}", "--print", "secret"]
-user = "65533"
-group = "65533"
-"#,
+{other}"#,
         p = prog.display(),
         log = other_log.display(),
     );

@@ -3,17 +3,14 @@
 //! reconnect of the same agent is not refused, and an agent that both dials and listens
 //! keeps one connection.
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc::Receiver;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use drover_tests::lossy::{Impairment, LossyLink};
 use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually, free_udp_port};
 use nix::sys::signal::Signal;
-use serde_json::Value;
 
 /// Starts agent-1 (certificate `agent-1.*`) on `state_dir`, logging to `<log>.log`, with
 /// `extra` flags (its controller, its listener).
@@ -35,26 +32,6 @@ fn agent_1(c: &Cluster, log: &str, state_dir: &Path, extra: &[&str]) -> Proc {
         .args(["--reconnect-max", "500ms", "--keep-alive", "500ms"])
         .args(["--idle-timeout", "2s", "--on-exit", "keep"]);
     Proc::spawn(log, cmd, c.dir.path().join(format!("{log}.log")))
-}
-
-/// `drover monitor`'s events, one JSON value each.
-fn monitor(c: &Cluster, addr: SocketAddr) -> (std::process::Child, Receiver<Value>) {
-    let mut cmd = c.drover_command(addr);
-    cmd.arg("monitor")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<Value>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
-                break;
-            }
-        }
-    });
-    (child, rx)
 }
 
 fn cluster_file(c: &Cluster, instance_extra: &str) -> std::path::PathBuf {
@@ -108,7 +85,7 @@ fn a_second_agent_with_the_same_certificate_is_refused_while_the_first_answers()
         &["--controller", &ctl_addr],
     );
     first.wait_log("connected to controller");
-    let (mut mon, events) = monitor(&c, addr);
+    let (mut mon, events) = c.monitor(addr, &[]);
     // The subscription is live once a deploy's start is seen.
     let file = cluster_file(&c, "");
     eventually("monitor subscribed", PATIENCE, || {
