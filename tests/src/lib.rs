@@ -596,22 +596,9 @@ impl Cluster {
         controller: SocketAddr,
         node: &str,
     ) -> (Child, std::sync::mpsc::Receiver<String>) {
-        use std::io::BufRead;
         let mut cmd = self.drover_command(controller);
-        cmd.args(["logs", node, "-n", "0", "-f", "--stream", "stdout"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                if tx.send(line.unwrap_or_default()).is_err() {
-                    break;
-                }
-            }
-        });
-        (child, rx)
+        cmd.args(["logs", node, "-n", "0", "-f", "--stream", "stdout"]);
+        spawn_reading_lines(cmd, |line| line)
     }
 
     /// `drover monitor` against `controller` with `extra` flags: the process and its
@@ -621,25 +608,32 @@ impl Cluster {
         controller: SocketAddr,
         extra: &[&str],
     ) -> (Child, std::sync::mpsc::Receiver<serde_json::Value>) {
-        use std::io::BufRead;
         let mut cmd = self.drover_command(controller);
-        cmd.arg("monitor")
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
-                    break;
-                }
-            }
-        });
-        (child, rx)
+        cmd.arg("monitor").args(extra);
+        spawn_reading_lines(cmd, |line| serde_json::from_str(&line).unwrap())
     }
+}
+
+/// Starts `cmd` and a thread that sends each line of its stdout, made into a `T` by
+/// `parse`, until the output ends or the receiver is dropped.
+fn spawn_reading_lines<T: Send + 'static>(
+    mut cmd: Command,
+    parse: impl Fn(String) -> T + Send + 'static,
+) -> (Child, std::sync::mpsc::Receiver<T>) {
+    use std::io::BufRead;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(parse(line)).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
 }
 
 impl Default for Cluster {
