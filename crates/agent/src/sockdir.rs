@@ -76,10 +76,7 @@ impl SocketDirs {
     /// given a path through it, and a later agent makes it again when a node needs it.
     /// A link left behind would outlive the state dir in `/tmp`.
     pub fn release(&self) {
-        let ours = std::fs::symlink_metadata(&self.link).is_ok_and(|m| {
-            m.file_type().is_symlink() && m.uid() == nix::unistd::geteuid().as_raw()
-        }) && std::fs::read_link(&self.link).is_ok_and(|t| t == self.nodes_dir);
-        if ours {
+        if self.not_ours().is_none() {
             let _ = std::fs::remove_file(&self.link);
         }
     }
@@ -90,21 +87,32 @@ impl SocketDirs {
 
     /// Whether the link is this user's symlink to the nodes directory.
     fn check_link(&self, name: &str) -> std::io::Result<()> {
-        let meta =
-            std::fs::symlink_metadata(&self.link).map_err(|e| self.refuse(name, &e.to_string()))?;
+        match self.not_ours() {
+            None => Ok(()),
+            Some(why) => Err(self.refuse(name, &why)),
+        }
+    }
+
+    /// Why the link is not this user's symlink to the nodes directory; `None` when it is.
+    fn not_ours(&self) -> Option<String> {
+        let meta = match std::fs::symlink_metadata(&self.link) {
+            Ok(meta) => meta,
+            Err(e) => return Some(e.to_string()),
+        };
         if !meta.file_type().is_symlink() {
-            return Err(self.refuse(name, "it exists and is not a symlink"));
+            return Some("it exists and is not a symlink".to_owned());
         }
         if meta.uid() != nix::unistd::geteuid().as_raw() {
-            let why = format!("it belongs to uid {}, not to this user", meta.uid());
-            return Err(self.refuse(name, &why));
+            return Some(format!(
+                "it belongs to uid {}, not to this user",
+                meta.uid()
+            ));
         }
-        let target =
-            std::fs::read_link(&self.link).map_err(|e| self.refuse(name, &e.to_string()))?;
-        if target != self.nodes_dir {
-            return Err(self.refuse(name, &format!("it points to {}", target.display())));
+        match std::fs::read_link(&self.link) {
+            Ok(target) if target == self.nodes_dir => None,
+            Ok(target) => Some(format!("it points to {}", target.display())),
+            Err(e) => Some(e.to_string()),
         }
-        Ok(())
     }
 
     fn refuse(&self, name: &str, why: &str) -> std::io::Error {
