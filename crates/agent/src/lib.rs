@@ -994,7 +994,11 @@ async fn report_status(
     loop {
         match last_sent {
             None => {}
-            Some(t) if full => tokio::time::sleep_until(t + interval).await,
+            // A failed report is retried as soon as the default allows, not a long
+            // configured interval later: the controller's view is stale meanwhile.
+            Some(t) if full => {
+                tokio::time::sleep_until(t + interval.min(DEFAULT_REPORT_INTERVAL)).await;
+            }
             Some(t) => {
                 let settled = settle(&mut changes, t + interval);
                 let open = tokio::select! {
