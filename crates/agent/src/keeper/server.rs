@@ -1,9 +1,10 @@
 //! The log keeper process: reads the nodes' pipes and writes their log files.
 //!
 //! One thread, one tokio current-thread runtime. A task per pipe waits for it to be
-//! readable, reads up to [`CHUNK`] bytes, and hands the whole lines to the stream's
-//! [`Writer`] (a trailing partial line waits for its end, at most [`HOLD_FOR`] or
-//! until it is [`HOLD_MAX`] long). A task per agent connection answers its messages.
+//! readable, reads up to [`CHUNK`] bytes into the one buffer all pipes share, and
+//! hands the whole lines to the stream's [`Writer`] (a trailing partial line waits for
+//! its end, at most [`HOLD_FOR`] or until it is [`HOLD_MAX`] long, in the pipe's own
+//! buffer). A task per agent connection answers its messages.
 //! A pipe that reaches its end (the node and everything that inherited its stdout are
 //! gone) is closed and the agent told. With no pipe and no agent the keeper has nothing
 //! to do and exits.
@@ -252,10 +253,29 @@ fn take_pipe(shared: &Shared, info: PipeInfo, fd: OwnedFd) {
     });
 }
 
+thread_local! {
+    /// The one buffer pipes are read into: the keeper's single thread reads one pipe at
+    /// a time, so a pipe holds memory only for a partial line waiting for its end, and
+    /// the many quiet ones hold none.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; CHUNK]);
+}
+
+/// What one read of a pipe came to.
+enum Read {
+    /// Nothing to read after all.
+    Again,
+    /// Data, handled.
+    Data,
+    /// The pipe's end.
+    End,
+    Failed(io::Error),
+}
+
 /// Copies a pipe into its files until its end; the end of what it wrote (see
 /// [`Msg::Closed`]).
 async fn drain(shared: &Shared, pipe: &Pipe) -> String {
-    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + HOLD_MAX);
+    // A trailing partial line waiting for its end.
+    let mut held: Vec<u8> = Vec::new();
     let mut failing = false;
     let mut tail = Tail::new(proto::TAIL_MAX);
     let mut put = |shared: &Shared, pipe: &Pipe, data: &[u8], failing: &mut bool| {
@@ -263,7 +283,7 @@ async fn drain(shared: &Shared, pipe: &Pipe) -> String {
         write(shared, pipe, data, failing);
     };
     loop {
-        let ready = if buf.is_empty() {
+        let ready = if held.is_empty() {
             pipe.fd.readable().await.map(Some)
         } else {
             match tokio::time::timeout(HOLD_FOR, pipe.fd.readable()).await {
@@ -275,8 +295,8 @@ async fn drain(shared: &Shared, pipe: &Pipe) -> String {
             Ok(Some(guard)) => guard,
             Ok(None) => {
                 // A partial line waited long enough.
-                put(shared, pipe, &buf, &mut failing);
-                buf.clear();
+                put(shared, pipe, &held, &mut failing);
+                held = Vec::new();
                 continue;
             }
             Err(e) => {
@@ -284,28 +304,38 @@ async fn drain(shared: &Shared, pipe: &Pipe) -> String {
                 break;
             }
         };
-        let start = buf.len();
-        buf.resize(start + CHUNK, 0);
-        match guard.try_io(|fd| read(fd.as_fd(), &mut buf[start..])) {
-            Err(_would_block) => buf.truncate(start),
-            Ok(Ok(0)) => {
-                buf.truncate(start);
-                break;
-            }
-            Ok(Ok(n)) => {
-                buf.truncate(start + n);
-                let whole = whole_lines(&buf, HOLD_MAX);
-                put(shared, pipe, &buf[..whole], &mut failing);
-                buf.drain(..whole);
-            }
-            Ok(Err(e)) => {
-                buf.truncate(start);
+        let outcome =
+            SCRATCH.with_borrow_mut(
+                |scratch| match guard.try_io(|fd| read(fd.as_fd(), scratch)) {
+                    Err(_would_block) => Read::Again,
+                    Ok(Ok(0)) => Read::End,
+                    Ok(Ok(n)) => {
+                        let data = &scratch[..n];
+                        if held.is_empty() {
+                            let whole = whole_lines(data, HOLD_MAX);
+                            put(shared, pipe, &data[..whole], &mut failing);
+                            held.extend_from_slice(&data[whole..]);
+                        } else {
+                            held.extend_from_slice(data);
+                            let whole = whole_lines(&held, HOLD_MAX);
+                            put(shared, pipe, &held[..whole], &mut failing);
+                            held.drain(..whole);
+                        }
+                        Read::Data
+                    }
+                    Ok(Err(e)) => Read::Failed(e),
+                },
+            );
+        match outcome {
+            Read::Again | Read::Data => {}
+            Read::End => break,
+            Read::Failed(e) => {
                 warn!(node = %pipe.info.borrow().node, "cannot read its output: {e}");
                 break;
             }
         }
     }
-    put(shared, pipe, &buf, &mut failing);
+    put(shared, pipe, &held, &mut failing);
     tail.text()
 }
 
