@@ -21,6 +21,7 @@
 pub(crate) mod control_plane;
 pub(crate) mod deploy;
 mod drover;
+mod execevents;
 pub(crate) mod failover;
 mod install;
 mod pm2;

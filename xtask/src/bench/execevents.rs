@@ -1,0 +1,234 @@
+//! Exec events from the kernel's process connector (netlink `NETLINK_CONNECTOR`, group
+//! `CN_IDX_PROC`): every `execve` on the machine, with the pid and the kernel's
+//! `CLOCK_MONOTONIC` time of it.
+//!
+//! The benches time when programs are exec'd. Polling `/proc` for that costs CPU in
+//! proportion to the supervisor's threads (each lists its own children), and the CPU it
+//! takes is the measured system's on a busy machine; these events cost nothing until an
+//! exec happens, and carry the exact time. Listening needs `CAP_NET_ADMIN`; without it
+//! [`ExecEvents::open`] fails and the caller polls instead.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use nix::time::{ClockId, clock_gettime};
+
+const NETLINK_CONNECTOR: libc::c_int = 11;
+const CN_IDX_PROC: u32 = 1;
+const CN_VAL_PROC: u32 = 1;
+const PROC_CN_MCAST_LISTEN: u32 = 1;
+const PROC_EVENT_EXEC: u32 = 2;
+/// `struct nlmsghdr`.
+const NLMSG_HDR: usize = 16;
+/// `struct cn_msg` without its data.
+const CN_MSG: usize = 20;
+/// Where the `struct proc_event` starts in a message.
+const EVENT: usize = NLMSG_HDR + CN_MSG;
+
+/// One `execve`: the process (thread group leader's pid) and when, on `CLOCK_MONOTONIC`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Exec {
+    pub(crate) pid: u32,
+    pub(crate) at: Duration,
+}
+
+/// A subscription to the machine's exec events.
+#[derive(Debug)]
+pub(crate) struct ExecEvents {
+    fd: OwnedFd,
+}
+
+impl ExecEvents {
+    /// Subscribes; events are queued from now on. `recv_timeout` bounds each
+    /// [`ExecEvents::next`], so that a caller can check whether to stop.
+    pub(crate) fn open(recv_timeout: Duration) -> io::Result<Self> {
+        // SAFETY: plain socket calls on an fd this function owns.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                NETLINK_CONNECTOR,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new fd nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // A burst of process events must not overflow the queue (root may force it).
+        let size: libc::c_int = 8 << 20;
+        let timeout = libc::timeval {
+            tv_sec: libc::time_t::try_from(recv_timeout.as_secs()).unwrap_or(1),
+            tv_usec: libc::suseconds_t::from(recv_timeout.subsec_micros()),
+        };
+        // SAFETY: the option values outlive the calls; their sizes are given.
+        unsafe {
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&raw const size).cast(),
+                size_of_val(&size) as libc::socklen_t,
+            );
+            if libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast(),
+                size_of_val(&timeout) as libc::socklen_t,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // SAFETY: all-zero is a valid sockaddr_nl.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups = CN_IDX_PROC;
+        // SAFETY: `addr` is a valid sockaddr_nl of the given size.
+        if unsafe {
+            libc::bind(
+                raw,
+                (&raw const addr).cast(),
+                size_of_val(&addr) as libc::socklen_t,
+            )
+        } != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let mut msg = Vec::with_capacity(EVENT + 4);
+        let len = u32::try_from(EVENT + 4).unwrap_or(u32::MAX);
+        msg.extend_from_slice(&len.to_ne_bytes());
+        msg.extend_from_slice(&(libc::NLMSG_DONE as u16).to_ne_bytes());
+        msg.extend_from_slice(&0u16.to_ne_bytes()); // flags
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // seq
+        msg.extend_from_slice(&std::process::id().to_ne_bytes());
+        msg.extend_from_slice(&CN_IDX_PROC.to_ne_bytes());
+        msg.extend_from_slice(&CN_VAL_PROC.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // seq
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // ack
+        msg.extend_from_slice(&4u16.to_ne_bytes()); // data length
+        msg.extend_from_slice(&0u16.to_ne_bytes()); // flags
+        msg.extend_from_slice(&PROC_CN_MCAST_LISTEN.to_ne_bytes());
+        // SAFETY: `msg` is valid for its length.
+        if unsafe { libc::send(raw, msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { fd })
+    }
+
+    /// The next exec event; `None` when none came within the receive timeout. An error
+    /// (`ENOBUFS`: events were lost) ends the subscription's usefulness.
+    pub(crate) fn next(&self) -> io::Result<Option<Exec>> {
+        let mut buf = [0u8; 256];
+        loop {
+            // SAFETY: `buf` is valid for its length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Ok(None),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => Err(e),
+                };
+            }
+            let n = usize::try_from(n).unwrap_or(0);
+            if let Some(exec) = parse(&buf[..n]) {
+                return Ok(Some(exec));
+            }
+        }
+    }
+}
+
+/// The exec in one process-connector message, if it is one (and the process, not a
+/// thread of it, exec'd).
+fn parse(msg: &[u8]) -> Option<Exec> {
+    let u32_at = |off: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(msg.get(off..off + 4)?.try_into().ok()?))
+    };
+    // proc_event: what (u32), cpu (u32), timestamp_ns (u64), then the event's data;
+    // for an exec: process_pid, process_tgid.
+    if u32_at(EVENT)? != PROC_EVENT_EXEC {
+        return None;
+    }
+    let ns = u64::from_ne_bytes(msg.get(EVENT + 8..EVENT + 16)?.try_into().ok()?);
+    let pid = u32_at(EVENT + 16)?;
+    let tgid = u32_at(EVENT + 20)?;
+    (pid == tgid).then_some(Exec {
+        pid,
+        at: Duration::from_nanos(ns),
+    })
+}
+
+/// `CLOCK_MONOTONIC` now, the clock of [`Exec::at`].
+pub(crate) fn monotonic_now() -> Duration {
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(Duration::ZERO, |ts| {
+        Duration::new(
+            u64::try_from(ts.tv_sec()).unwrap_or(0),
+            u32::try_from(ts.tv_nsec()).unwrap_or(0),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(what: u32, ns: u64, pid: u32, tgid: u32) -> Vec<u8> {
+        let mut m = vec![0u8; EVENT];
+        m.extend_from_slice(&what.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&ns.to_ne_bytes());
+        m.extend_from_slice(&pid.to_ne_bytes());
+        m.extend_from_slice(&tgid.to_ne_bytes());
+        m
+    }
+
+    #[test]
+    fn only_a_processs_own_exec_is_an_exec() {
+        assert_eq!(
+            parse(&message(PROC_EVENT_EXEC, 1_500, 42, 42)),
+            Some(Exec {
+                pid: 42,
+                at: Duration::from_nanos(1_500)
+            })
+        );
+        // A fork event, a thread's exec, a cut message.
+        assert_eq!(parse(&message(1, 1_500, 42, 42)), None);
+        assert_eq!(parse(&message(PROC_EVENT_EXEC, 1_500, 43, 42)), None);
+        assert_eq!(
+            parse(&message(PROC_EVENT_EXEC, 1_500, 42, 42)[..EVENT + 12]),
+            None
+        );
+    }
+
+    #[test]
+    fn a_child_exec_is_seen_with_its_time_when_events_can_be_had() {
+        let Ok(events) = ExecEvents::open(Duration::from_millis(200)) else {
+            // No CAP_NET_ADMIN: the benches poll /proc instead.
+            return;
+        };
+        let before = monotonic_now();
+        let child = std::process::Command::new("/bin/true")
+            .spawn()
+            .expect("/bin/true runs");
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let seen = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exec event for {pid}"
+            );
+            if let Some(e) = events.next().expect("events")
+                && e.pid == pid
+            {
+                break e;
+            }
+        };
+        let mut child = child;
+        child.wait().expect("reaped");
+        assert!(seen.at >= before && seen.at <= monotonic_now(), "{seen:?}");
+    }
+}
