@@ -36,10 +36,7 @@ use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -47,7 +44,7 @@ use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use serde_json::{Map, Value, json};
 
-use super::execevents::{self, ExecEvents};
+use super::execevents::{self, ExecWatch};
 use super::stats::{Summary, fmt_count, fmt_num, ratio, render_table};
 use super::system::{Pending, PidSource, System};
 use super::{drover, install, names, procfs, reason, release_dir, supervisord, timestamp};
@@ -174,114 +171,13 @@ fn pause(d: Duration) -> anyhow::Result<()> {
 
 // === the exec watcher ===
 
-/// A thread that records when each program child of the supervising processes was
-/// exec'd: from the kernel's exec events ([`execevents`]) where the bench may listen
-/// to them, else by polling `/proc` every 1 ms. Dropping it stops the thread.
-struct ExecWatch {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<Vec<(u32, Duration)>>>,
-}
-
-impl Drop for ExecWatch {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-/// How the exec watcher learns of execs: whether this process may listen to the
-/// kernel's exec events (`CAP_NET_ADMIN`).
-fn exec_source() -> &'static str {
-    if ExecEvents::open(Duration::from_millis(1)).is_ok() {
-        "the kernel's exec events (process connector), timed by the kernel"
-    } else {
-        "/proc polled every 1 ms for children of the supervising processes"
-    }
-}
-
-impl ExecWatch {
-    fn start(t0: Instant, sources: Vec<PidSource>, argv: &[String], n: usize) -> Self {
-        let program = Path::new(&argv[0])
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let args: Vec<String> = argv[1..].to_vec();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        // Subscribed before this returns, so before the first exec of the run.
-        let events = ExecEvents::open(Duration::from_millis(20)).ok();
-        // The monotonic time of `t0`, the clock of the events.
-        let mono_t0 = execevents::monotonic_now().saturating_sub(t0.elapsed());
-        let handle = std::thread::spawn(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let mut seen: BTreeMap<u32, Duration> = BTreeMap::new();
-            let mut sups: Vec<Option<u32>> = vec![None; sources.len()];
-            let resolve = |sups: &mut Vec<Option<u32>>| {
-                for (src, sup) in sources.iter().zip(sups.iter_mut()) {
-                    if sup.is_none() {
-                        *sup = src.get();
-                    }
-                }
-            };
-            let ours = |pid: u32, sups: &[Option<u32>]| {
-                procfs::is_program(&procfs::cmdline(pid), &program, &args)
-                    && procfs::stat(pid).is_some_and(|st| sups.contains(&Some(st.ppid)))
-            };
-            match events {
-                Some(events) => {
-                    while seen.len() < n && !flag.load(Ordering::SeqCst) {
-                        let Ok(next) = events.next() else { break };
-                        let Some(exec) = next else { continue };
-                        resolve(&mut sups);
-                        if ours(exec.pid, &sups) {
-                            seen.insert(exec.pid, exec.at.saturating_sub(mono_t0));
-                        }
-                    }
-                }
-                None => {
-                    while seen.len() < n && !flag.load(Ordering::SeqCst) {
-                        resolve(&mut sups);
-                        for sup in sups.iter().flatten() {
-                            for pid in procfs::children(*sup) {
-                                if !seen.contains_key(&pid)
-                                    && procfs::is_program(&procfs::cmdline(pid), &program, &args)
-                                {
-                                    seen.insert(pid, t0.elapsed());
-                                }
-                            }
-                        }
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-            }
-            let mut v: Vec<(u32, Duration)> = seen.into_iter().collect();
-            v.sort_by_key(|(_, d)| *d);
-            v
-        });
-        Self {
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    /// Waits up to 5 s for the watcher to have seen all (it may lag by a poll), then
-    /// stops it; fails unless it saw `n`. Pushes the first and last exec times.
-    fn finish(mut self, n: usize, s: &mut Samples) -> anyhow::Result<BTreeSet<u32>> {
-        let handle = self.handle.take().context("the exec watcher is gone")?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !handle.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        self.stop.store(true, Ordering::SeqCst);
-        let seen = handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("the exec watcher panicked"))?;
-        if seen.len() < n {
-            bail!("the exec watcher saw {} of {n} programs", seen.len());
-        }
-        push(s, "first_exec_ms", ms(seen[0].1));
-        push(s, "last_exec_ms", ms(seen[n - 1].1));
-        Ok(seen.into_iter().map(|(p, _)| p).collect())
-    }
+/// Waits for the watcher (see [`ExecWatch::finish`]); fails unless it saw `n`. Pushes
+/// the first and last exec times.
+fn finish_watch(watch: ExecWatch, n: usize, s: &mut Samples) -> anyhow::Result<BTreeSet<u32>> {
+    let seen = watch.finish(n)?;
+    push(s, "first_exec_ms", ms(seen[0].1));
+    push(s, "last_exec_ms", ms(seen[n - 1].1));
+    Ok(seen.into_iter().map(|(p, _)| p).collect())
 }
 
 // === leftovers ===
@@ -452,7 +348,7 @@ fn measure_drover(
         agents.iter().map(|p| PidSource::Pid(*p)).collect(),
         &ctx.argv,
         n,
-    );
+    )?;
     let mut cmd = cluster.client();
     cmd.arg("deploy-config").arg(file);
     let mut deploy =
@@ -518,7 +414,7 @@ fn measure_drover(
     push(&mut s, "cpu_ms", ticks_ms(agents1 + ctl1 - agents0 - ctl0));
     push(&mut s, "cpu_controller_ms", ticks_ms(ctl1 - ctl0));
     push(&mut s, "machine_busy_ms", ticks_ms(busy1 - busy0));
-    let pids = watch.finish(n, &mut s)?;
+    let pids = finish_watch(watch, n, &mut s)?;
 
     // What get-nodes says: every node RUNNING, with a pid the watcher saw exec.
     let out = cluster
@@ -589,7 +485,7 @@ fn run_bare(ctx: &Ctx, dir: &Path, marker: &str) -> anyhow::Result<Samples> {
     let marker = marker.to_owned();
     let (busy0, _) = procfs::machine_ticks()?;
     let t0 = Instant::now();
-    let watch = ExecWatch::start(t0, vec![PidSource::Pid(std::process::id())], &ctx.argv, n);
+    let watch = ExecWatch::start(t0, vec![PidSource::Pid(std::process::id())], &ctx.argv, n)?;
     let spawner = std::thread::spawn(move || {
         let cpu0 = thread_cpu_ticks();
         let mut kids = Vec::with_capacity(n);
@@ -667,7 +563,7 @@ fn run_bare(ctx: &Ctx, dir: &Path, marker: &str) -> anyhow::Result<Samples> {
     }
     push(&mut s, "cpu_ms", ticks_ms(spawned.cpu_ticks));
     push(&mut s, "machine_busy_ms", ticks_ms(busy1 - busy0));
-    watch.finish(n, &mut s)?;
+    finish_watch(watch, n, &mut s)?;
     // Dropping the children kills and reaps them.
     drop(spawned.kids);
     Ok(s)
@@ -683,7 +579,7 @@ fn run_supervisord(ctx: &Ctx, venv: &Path, dir: &Path, marker: &str) -> anyhow::
     let mut sv = supervisord::Supervisord::with_env(dir, venv, &ctx.names, &argv, &env)?;
     let result = (|| {
         let t0 = Instant::now();
-        let watch = ExecWatch::start(t0, vec![sv.supervisor_source()], &ctx.argv, n);
+        let watch = ExecWatch::start(t0, vec![sv.supervisor_source()], &ctx.argv, n)?;
         let mut start = sv.start()?.in_background();
         let mut returned = None;
         let mut running = None;
@@ -720,7 +616,7 @@ fn run_supervisord(ctx: &Ctx, venv: &Path, dir: &Path, marker: &str) -> anyhow::
         push(&mut s, "cpu_ms", ticks_ms(procfs::cpu_ticks(sup)?));
         push(&mut s, "returned_ms", ms(returned.unwrap_or_default()));
         push(&mut s, "running_ms", ms(running.unwrap_or_default()));
-        watch.finish(n, &mut s)?;
+        finish_watch(watch, n, &mut s)?;
         Ok(s)
     })();
     if let Err(e) = sv.shutdown() {
@@ -736,7 +632,7 @@ fn settings(readiness: Readiness) -> BTreeMap<&'static str, String> {
     let mut m = BTreeMap::new();
     m.insert(
         "exec times",
-        format!("for all three, from {}", exec_source()),
+        format!("for all three, from {}", execevents::source()),
     );
     m.insert(
         "drover",

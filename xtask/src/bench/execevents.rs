@@ -8,11 +8,20 @@
 //! exec happens, and carry the exact time. Listening needs `CAP_NET_ADMIN`; without it
 //! [`ExecEvents::open`] fails and the caller polls instead.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::Duration;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use anyhow::{Context, bail};
 use nix::time::{ClockId, clock_gettime};
+
+use super::procfs;
+use super::system::PidSource;
 
 const NETLINK_CONNECTOR: libc::c_int = 11;
 const CN_IDX_PROC: u32 = 1;
@@ -172,6 +181,129 @@ pub(crate) fn monotonic_now() -> Duration {
     })
 }
 
+/// How [`ExecWatch`] learns of execs here, for the report.
+pub(crate) fn source() -> &'static str {
+    if ExecEvents::open(Duration::from_millis(1)).is_ok() {
+        "the kernel's exec events (process connector), timed by the kernel"
+    } else {
+        "/proc polled every 1 ms for children of the supervising processes"
+    }
+}
+
+/// A thread that records when each child of the supervising processes that runs the
+/// program was exec'd: from [`ExecEvents`] where this process may listen to them, else
+/// by polling `/proc` every 1 ms. Dropping it stops the thread.
+pub(crate) struct ExecWatch {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Vec<(u32, Duration)>>>,
+}
+
+impl Drop for ExecWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+impl ExecWatch {
+    /// Watches for `n` children of `sources` exec'ing `argv` (its first element's base
+    /// name, then exactly the rest), with times from `t0`. The events are subscribed
+    /// to before this returns, so before any exec the caller starts next.
+    pub(crate) fn start(
+        t0: Instant,
+        sources: Vec<PidSource>,
+        argv: &[String],
+        n: usize,
+    ) -> anyhow::Result<Self> {
+        let program = Path::new(argv.first().context("no program")?)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let args: Vec<String> = argv[1..].to_vec();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let events = ExecEvents::open(Duration::from_millis(20)).ok();
+        // `t0` on the events' clock.
+        let mono_t0 = monotonic_now().saturating_sub(t0.elapsed());
+        let handle = std::thread::spawn(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let is_program = |pid: u32| procfs::is_program(&procfs::cmdline(pid), &program, &args);
+            let mut seen: BTreeMap<u32, Duration> = BTreeMap::new();
+            let mut sups: Vec<Option<u32>> = vec![None; sources.len()];
+            let resolve = |sups: &mut Vec<Option<u32>>| {
+                for (src, sup) in sources.iter().zip(sups.iter_mut()) {
+                    if sup.is_none() {
+                        *sup = src.get();
+                    }
+                }
+            };
+            match events {
+                Some(events) => {
+                    // Execs seen before their supervisor's pid was known (a pidfile).
+                    let mut pending: Vec<(u32, Duration)> = Vec::new();
+                    while seen.len() < n && !flag.load(Ordering::SeqCst) {
+                        let Ok(next) = events.next() else { break };
+                        if let Some(exec) = next
+                            && is_program(exec.pid)
+                        {
+                            pending.push((exec.pid, exec.at.saturating_sub(mono_t0)));
+                        }
+                        resolve(&mut sups);
+                        pending.retain(|(pid, at)| {
+                            let Some(st) = procfs::stat(*pid) else {
+                                return false;
+                            };
+                            if sups.contains(&Some(st.ppid)) {
+                                seen.insert(*pid, *at);
+                                return false;
+                            }
+                            sups.iter().any(Option::is_none)
+                        });
+                    }
+                }
+                None => {
+                    while seen.len() < n && !flag.load(Ordering::SeqCst) {
+                        resolve(&mut sups);
+                        for sup in sups.iter().flatten() {
+                            for pid in procfs::children(*sup) {
+                                if !seen.contains_key(&pid) && is_program(pid) {
+                                    seen.insert(pid, t0.elapsed());
+                                }
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+            let mut v: Vec<(u32, Duration)> = seen.into_iter().collect();
+            v.sort_by_key(|(_, d)| *d);
+            v
+        });
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Waits up to 5 s for the watcher to have seen all `n` (polling may lag by a
+    /// poll), then stops it: the (pid, exec time) of each, by time. Fails unless it saw
+    /// `n`.
+    pub(crate) fn finish(mut self, n: usize) -> anyhow::Result<Vec<(u32, Duration)>> {
+        let handle = self.handle.take().context("the exec watcher is gone")?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !handle.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        let seen = handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the exec watcher panicked"))?;
+        if seen.len() < n {
+            bail!("the exec watcher saw {} of {n} programs", seen.len());
+        }
+        Ok(seen)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,12 +347,9 @@ mod tests {
             .spawn()
             .expect("/bin/true runs");
         let pid = child.id();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         let seen = loop {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no exec event for {pid}"
-            );
+            assert!(Instant::now() < deadline, "no exec event for {pid}");
             if let Some(e) = events.next().expect("events")
                 && e.pid == pid
             {

@@ -138,11 +138,7 @@ const METRICS: &[Metric] = &[
         "start: all N reported running, status polled every 50 ms (ms)",
         true,
     ),
-    metric(
-        "start_exec_ms",
-        "start: last of N exec'd, /proc polled every 1 ms (ms)",
-        true,
-    ),
+    metric("start_exec_ms", "start: last of N exec'd (ms)", true),
     metric(
         "start_forked_ms",
         "start: last of N forked, /proc start time, 10 ms ticks (ms)",
@@ -154,11 +150,7 @@ const METRICS: &[Metric] = &[
         true,
     ),
     metric("kill_reaped_ms", "kill -9: old pid reaped (ms)", true),
-    metric(
-        "kill_exec_ms",
-        "kill -9: replacement exec'd, /proc polled every 1 ms (ms)",
-        true,
-    ),
+    metric("kill_exec_ms", "kill -9: replacement exec'd (ms)", true),
     metric(
         "kill_running_ms",
         "kill -9: status shows the new pid running (ms)",
@@ -438,9 +430,10 @@ notes:
   drover-controller. CPU has a resolution of one tick (10 ms) over the window; context
   switches are summed over the supervisor's threads (a thread that ends in the window
   loses its count).
-- last exec'd = when a thread polling /proc every 1 ms saw the N-th program child of the
-  supervisor; last forked = their largest /proc start time, 10 ms ticks rounded down, the
-  measure of peer-bench.md.";
+- exec'd = when the N-th program child of the supervisor (or the replacement) exec'd,
+  from the kernel's exec events (process connector, root only), else when a thread
+  polling /proc every 1 ms saw it; last forked = their largest /proc start time, 10 ms
+  ticks rounded down, the measure of peer-bench.md.";
 
 fn header(opts: &Options, entries: &[Entry], load: Option<f64>, run_root: &Path) -> String {
     let mut s = String::new();

@@ -2,31 +2,31 @@
 //! timed the same way for every system (the method of `peer-bench.md`).
 //!
 //! 1. **start**: the clock starts right before the start command. The status API is
-//!    polled every 50 ms until every program is running. A watcher thread polls `/proc`
-//!    every 1 ms for `sleep` children of the supervisor: the last program's exec is when
-//!    it saw the N-th; the largest `/proc` start time of the N (fork time, 10 ms ticks,
+//!    polled every 50 ms until every program is running. A watcher
+//!    ([`super::execevents::ExecWatch`]) records when each `sleep` child of the supervisor
+//!    exec'd: the last program's exec is the N-th; the largest `/proc` start time of the N (fork time, 10 ms ticks,
 //!    as in `peer-bench.md`) is reported too.
 //! 2. **idle**: 1 s after that, the supervisor's VmRSS; then a window with no client
 //!    traffic: its CPU (utime + stime) and voluntary context switches (all threads).
 //!    Then 20 status calls (5 with `--quick`), one after another, each timed.
 //! 3. **kill → replacement** (first run only): SIGKILL one program, a different one
-//!    each time; `/proc` is polled every 1 ms for the old pid's reaping and for a new
-//!    `sleep` child of the supervisor, then the status API every 10 ms until it shows
+//!    each time; `/proc` is polled every 1 ms for the old pid's reaping, and the kernel's
+//!    exec events (or `/proc`, every 1 ms, without them) tell when a new `sleep` child
+//!    of the supervisor exec'd; then the status API every 10 ms until it shows
 //!    the program running with the new pid; a random pause follows.
 //! 4. **stop-all**: the stop command, then every 1 ms until all N pids have exited
 //!    (zombie or gone), and until the command returns.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
+use super::execevents::{self, ExecEvents, ExecWatch};
 use super::procfs::{self, ProgramScan};
-use super::system::{Leftovers, Listing, PidSource, System};
+use super::system::{Leftovers, Listing, System};
 use crate::cluster::interrupted;
 
 /// The managed program.
@@ -111,41 +111,6 @@ pub(crate) fn all_running(listing: &Listing, names: &[String]) -> bool {
         .all(|n| listing.get(n).is_some_and(|p| p.running && p.pid.is_some()))
 }
 
-/// Sets the flag when dropped.
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-/// Polls `/proc` every 1 ms from `t0` for children of the supervisor running the
-/// program; returns when `n` were seen (or `stop` is set) the sorted times at which
-/// each was first seen exec'd.
-fn watch_execs(t0: Instant, source: &PidSource, n: usize, stop: &AtomicBool) -> Vec<Duration> {
-    let mut first_seen: HashMap<u32, Duration> = HashMap::new();
-    let mut sup = None;
-    while first_seen.len() < n && !stop.load(Ordering::SeqCst) {
-        if sup.is_none() {
-            sup = source.get();
-        }
-        if let Some(sup) = sup {
-            for pid in procfs::children(sup) {
-                if !first_seen.contains_key(&pid)
-                    && procfs::is_program(&procfs::cmdline(pid), "sleep", &PROGRAM[1..])
-                {
-                    first_seen.insert(pid, t0.elapsed());
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let mut times: Vec<Duration> = first_seen.into_values().collect();
-    times.sort();
-    times
-}
-
 fn kill9(pid: u32) -> anyhow::Result<()> {
     let raw = i32::try_from(pid).context("pid out of range")?;
     signal::kill(Pid::from_raw(raw), Signal::SIGKILL).with_context(|| format!("kill -9 {pid}"))
@@ -184,15 +149,10 @@ fn phases(
 
     // 1. start
     let tck = procfs::clk_tck() as f64;
-    let stop_watch = Arc::new(AtomicBool::new(false));
     let t0_boot = procfs::boottime()?;
     let t0 = Instant::now();
-    let watcher = {
-        let (source, stop) = (sys.supervisor_source(), Arc::clone(&stop_watch));
-        std::thread::spawn(move || watch_execs(t0, &source, n, &stop))
-    };
-    // Stops the watcher however this function ends.
-    let _stop_watch = StopOnDrop(Arc::clone(&stop_watch));
+    let argv: Vec<String> = PROGRAM.iter().map(|a| (*a).to_owned()).collect();
+    let watcher = ExecWatch::start(t0, vec![sys.supervisor_source()], &argv, n)?;
     let mut start = sys.start()?.in_background();
     let patience = Duration::from_secs(60) + Duration::from_millis(100) * n as u32;
     let mut returned: Option<Instant> = None;
@@ -266,20 +226,8 @@ fn phases(
         "start_forked_ms",
         (last_start as f64 / tck - t0_boot.as_secs_f64()) * 1000.0,
     );
-    // The watcher stops by itself once it saw N; it may lag the scan above by a poll.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !watcher.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    stop_watch.store(true, Ordering::SeqCst);
-    let seen = watcher
-        .join()
-        .map_err(|_| anyhow::anyhow!("the exec watcher panicked"))?;
-    if seen.len() >= n {
-        push(&mut s, "start_exec_ms", ms(seen[n - 1]));
-    } else {
-        bail!("the exec watcher saw {} of {n} programs", seen.len());
-    }
+    let seen = watcher.finish(n)?;
+    push(&mut s, "start_exec_ms", ms(seen[n - 1].1));
 
     // 2. idle
     sleep(Duration::from_secs(1))?;
@@ -338,7 +286,10 @@ fn phases(
         if !before.contains(&old) {
             bail!("{name}'s pid {old} is not a `sleep` child of the supervisor (pid {sup})");
         }
+        // Subscribed before the kill; each wait for an event is the loop's pause.
+        let events = ExecEvents::open(Duration::from_millis(1)).ok();
         let t = Instant::now();
+        let mono_t = execevents::monotonic_now();
         kill9(old)?;
         let mut reaped = None;
         let mut new = None;
@@ -347,17 +298,30 @@ fn phases(
             if reaped.is_none() && procfs::gone(old) {
                 reaped = Some(t.elapsed());
             }
-            if new.is_none() {
-                let now: BTreeSet<u32> = scan.scan(sup);
-                if let Some(pid) = now.difference(&before).next() {
-                    new = Some((*pid, t.elapsed()));
+            match (&events, new.is_none()) {
+                (Some(events), true) => {
+                    if let Some(exec) = events.next().context("exec events")?
+                        && !before.contains(&exec.pid)
+                        && procfs::is_program(&procfs::cmdline(exec.pid), "sleep", &PROGRAM[1..])
+                        && procfs::stat(exec.pid).is_some_and(|st| st.ppid == sup)
+                    {
+                        new = Some((exec.pid, exec.at.saturating_sub(mono_t)));
+                    }
                 }
+                (None, true) => {
+                    let now: BTreeSet<u32> = scan.scan(sup);
+                    if let Some(pid) = now.difference(&before).next() {
+                        new = Some((*pid, t.elapsed()));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                (_, false) => std::thread::sleep(Duration::from_millis(1)),
             }
             if Instant::now() > deadline {
                 bail!("no replacement for {name} (pid {old}) within 30s of kill -9");
             }
-            std::thread::sleep(Duration::from_millis(1));
         }
+        scan.scan(sup);
         left.extend(scan.matched());
         let (new_pid, exec_at) = new.context("no replacement")?;
         loop {
