@@ -578,6 +578,7 @@ fn run_supervisord(ctx: &Ctx, venv: &Path, dir: &Path, marker: &str) -> anyhow::
     let env = [(MARKER.to_owned(), marker.to_owned())];
     let mut sv = supervisord::Supervisord::with_env(dir, venv, &ctx.names, &argv, &env)?;
     let result = (|| {
+        let (busy0, _) = procfs::machine_ticks()?;
         let t0 = Instant::now();
         let watch = ExecWatch::start(t0, vec![sv.supervisor_source()], &ctx.argv, n)?;
         let mut start = sv.start()?.in_background();
@@ -610,10 +611,12 @@ fn run_supervisord(ctx: &Ctx, venv: &Path, dir: &Path, marker: &str) -> anyhow::
                 std::thread::sleep(d);
             }
         }
+        let (busy1, _) = procfs::machine_ticks()?;
         let sup = sv
             .supervisor_pid()
             .context("supervisord's pid is unknown")?;
         push(&mut s, "cpu_ms", ticks_ms(procfs::cpu_ticks(sup)?));
+        push(&mut s, "machine_busy_ms", ticks_ms(busy1 - busy0));
         push(&mut s, "returned_ms", ms(returned.unwrap_or_default()));
         push(&mut s, "running_ms", ms(running.unwrap_or_default()));
         finish_watch(watch, n, &mut s)?;
