@@ -1,7 +1,7 @@
 //! The log keeper survives the agent and the agent survives the keeper: a node writing
 //! flat out keeps running and logging, within its bound, when either is SIGKILLed; and
 //! a follower sees every line of a node across rotations; a failed process's outputs in
-//! a reply are its own.
+//! a reply are its own; lines of nodes writing at once stay whole and apart.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -354,4 +354,59 @@ fn an_agent_with_no_keeper_running_starts_exactly_one() {
             "{name}"
         );
     }
+}
+
+/// The keeper reads every pipe into one buffer: lines of nodes writing at once each go
+/// whole, in order, to their own node's file only; a line written in two parts is one
+/// line; and a last line without its end is written once it has waited.
+#[test]
+fn lines_of_nodes_writing_at_once_stay_whole_and_apart_and_a_partial_line_is_kept() {
+    const WRITERS: usize = 4;
+    const LINES: u64 = 2000;
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = agent(&c, addr);
+    let prog = bin("drover-testprog").display().to_string();
+    let mut text = String::from(
+        "[instances.a1]\n[defaults]\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
+    );
+    for w in 0..WRITERS {
+        text.push_str(&format!(
+            "[nodes.w{w}]\ninstance = \"a1\"\ncommand = [\"{prog}\", \"--stdout-rate\", \"20000\", \"--lines\", \"{LINES}\"]\n"
+        ));
+    }
+    text.push_str(
+        "[nodes.split]\ninstance = \"a1\"\ncommand = [\"/bin/sh\", \"-c\", \
+         \"printf 'first '; sleep 0.05; printf 'half\\\\n'; printf unended; exec sleep 1000\"]\n",
+    );
+    let file = c.dir.path().join("writers.toml");
+    std::fs::write(&file, text).unwrap();
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (c.drover(addr, &["deploy-config", file.to_str().unwrap()])
+            .code
+            == Some(0))
+        .then_some(())
+    });
+    let nodes = c.dir.path().join("agent-a1/nodes");
+    for w in 0..WRITERS {
+        let dir = nodes.join(format!("w{w}"));
+        eventually("every line written", PATIENCE, || {
+            (last_seq(&dir) == Some(LINES)).then_some(())
+        });
+        let pid = node_pid(&dir);
+        let text = std::fs::read_to_string(dir.join("stdout.log")).unwrap();
+        let want: String = (1..=LINES)
+            .map(|seq| format!("testprog {pid} stdout line {seq}\n"))
+            .collect();
+        assert!(
+            text == want,
+            "w{w}'s file is not its {LINES} lines in order:\n{text}"
+        );
+    }
+    let split = nodes.join("split/stdout.log");
+    eventually("the partial line written after its wait", PATIENCE, || {
+        std::fs::read_to_string(&split)
+            .is_ok_and(|t| t == "first half\nunended")
+            .then_some(())
+    });
 }
