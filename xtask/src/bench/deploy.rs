@@ -18,10 +18,11 @@
 //! For all three, a thread records when each child of the supervising processes that
 //! runs the program (its argv is the program's) was exec'd: from the kernel's exec
 //! events where the bench may listen to them (root), else by polling `/proc` every
-//! 1 ms. Polling costs CPU in proportion to the supervisor's threads, which on a busy
-//! machine is taken from the system measured; the events cost none. Every program carries an environment marker; after each run the
-//! bench looks through `/proc` for processes with it, counts and kills them (the
-//! "left after teardown" row), and a guard does the same however the bench ends.
+//! 1 ms ([`ExecWatch`]). Polling costs CPU in proportion to the supervisor's threads,
+//! which on a busy machine is taken from the system measured; the events cost none.
+//! Every program carries an environment marker; after each run the bench looks through
+//! `/proc` for processes with it, counts and kills them (the "left after teardown"
+//! row), and a guard does the same however the bench ends.
 //!
 //! Readiness is `start-period` 0 s by default (RUNNING once spawned, like supervisord's
 //! `startsecs=0`), or with `--readiness notify` `READY=1` from the program

@@ -3,9 +3,10 @@
 //!
 //! 1. **start**: the clock starts right before the start command. The status API is
 //!    polled every 50 ms until every program is running. A watcher
-//!    ([`super::execevents::ExecWatch`]) records when each `sleep` child of the supervisor
-//!    exec'd: the last program's exec is the N-th; the largest `/proc` start time of the N (fork time, 10 ms ticks,
-//!    as in `peer-bench.md`) is reported too.
+//!    ([`super::execevents::ExecWatch`]) records when each `sleep` child of the
+//!    supervisor exec'd: the last program's exec is the N-th's; the largest `/proc`
+//!    start time of the N (fork time, 10 ms ticks, as in `peer-bench.md`) is reported
+//!    too.
 //! 2. **idle**: 1 s after that, the supervisor's VmRSS; then a window with no client
 //!    traffic: its CPU (utime + stime) and voluntary context switches (all threads).
 //!    Then 20 status calls (5 with `--quick`), one after another, each timed.
