@@ -46,12 +46,16 @@ pub(crate) struct Exec {
 #[derive(Debug)]
 pub(crate) struct ExecEvents {
     fd: OwnedFd,
+    /// The longest [`ExecEvents::next`] waits.
+    wait: Duration,
 }
 
 impl ExecEvents {
-    /// Subscribes; events are queued from now on. `recv_timeout` bounds each
-    /// [`ExecEvents::next`], so that a caller can check whether to stop.
-    pub(crate) fn open(recv_timeout: Duration) -> io::Result<Self> {
+    /// Subscribes; events are queued from now on. `wait` bounds each
+    /// [`ExecEvents::next`], so that a caller can check whether to stop; it is waited
+    /// for with `poll`, whose timeout is precise (a socket's receive timeout is rounded
+    /// up to whole clock ticks: 8 ms for 1 ms at 250 Hz).
+    pub(crate) fn open(wait: Duration) -> io::Result<Self> {
         // SAFETY: plain socket calls on an fd this function owns.
         let raw = unsafe {
             libc::socket(
@@ -67,11 +71,7 @@ impl ExecEvents {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // A burst of process events must not overflow the queue (root may force it).
         let size: libc::c_int = 8 << 20;
-        let timeout = libc::timeval {
-            tv_sec: libc::time_t::try_from(recv_timeout.as_secs()).unwrap_or(1),
-            tv_usec: libc::suseconds_t::from(recv_timeout.subsec_micros()),
-        };
-        // SAFETY: the option values outlive the calls; their sizes are given.
+        // SAFETY: the option value outlives the call; its size is given.
         unsafe {
             libc::setsockopt(
                 raw,
@@ -80,16 +80,6 @@ impl ExecEvents {
                 (&raw const size).cast(),
                 size_of_val(&size) as libc::socklen_t,
             );
-            if libc::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                size_of_val(&timeout) as libc::socklen_t,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
         }
         // SAFETY: all-zero is a valid sockaddr_nl.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
@@ -124,22 +114,49 @@ impl ExecEvents {
         if unsafe { libc::send(raw, msg.as_ptr().cast(), msg.len(), 0) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self { fd })
+        Ok(Self { fd, wait })
     }
 
-    /// The next exec event; `None` when none came within the receive timeout. An error
-    /// (`ENOBUFS`: events were lost) ends the subscription's usefulness.
+    /// The next exec event; `None` when none came within the wait given to
+    /// [`ExecEvents::open`]. An error (`ENOBUFS`: events were lost) ends the
+    /// subscription's usefulness.
     pub(crate) fn next(&self) -> io::Result<Option<Exec>> {
         let mut buf = [0u8; 256];
+        let until = Instant::now() + self.wait;
         loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // Whole milliseconds, rounded up.
+            let ms = libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(1000);
+            // SAFETY: one valid pollfd.
+            let ready = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+            if ready < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if ready == 0 {
+                return Ok(None);
+            }
             // SAFETY: `buf` is valid for its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 return match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Ok(None),
-                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => continue,
                     _ => Err(e),
                 };
             }
