@@ -258,7 +258,15 @@ impl ExecWatch {
                     // Execs seen before their supervisor's pid was known (a pidfile).
                     let mut pending: Vec<(u32, Duration)> = Vec::new();
                     while seen.len() < n && !flag.load(Ordering::SeqCst) {
-                        let Ok(next) = events.next() else { break };
+                        let next = match events.next() {
+                            Ok(next) => next,
+                            Err(e) => {
+                                eprintln!(
+                                    "  exec events lost ({e}): this run's exec times are incomplete"
+                                );
+                                break;
+                            }
+                        };
                         if let Some(exec) = next
                             && is_program(exec.pid)
                         {
