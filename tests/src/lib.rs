@@ -470,6 +470,22 @@ impl Cluster {
         self.drover_as("ops", controller, args)
     }
 
+    /// Writes cluster file `name` with `text` in the test's directory and deploys it,
+    /// again and again until a deploy succeeds (the agents may still be connecting);
+    /// the file's path.
+    pub fn deploy_text(&self, controller: SocketAddr, name: &str, text: &str) -> PathBuf {
+        let file = self.dir.path().join(name);
+        fs::write(&file, text).unwrap();
+        eventually("the agent connected and took the deploy", PATIENCE, || {
+            (self
+                .drover(controller, &["deploy-config", file.to_str().unwrap()])
+                .code
+                == Some(0))
+            .then_some(())
+        });
+        file
+    }
+
     /// Waits until the controller at `addr` lists agent `name` as connected.
     pub fn wait_for_agent(&self, addr: SocketAddr, name: &str) {
         eventually(&format!("agent {name} connected"), PATIENCE, || {

@@ -44,21 +44,10 @@ fn abandoned_follows_on_a_quiet_node_are_released() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let (_agent, metrics) = c.start_agent_with_metrics("a1", addr, &[]);
-    let file = c.dir.path().join("quiet.toml");
-    std::fs::write(
-        &file,
-        format!(
+    c.deploy_text(addr, "quiet.toml", &format!(
             "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[nodes.quiet]\ninstance = \"a1\"\ncommand = [\"{}\"]\n",
             bin("drover-testprog").display()
-        ),
-    )
-    .unwrap();
-    eventually("the agent connected and took the deploy", PATIENCE, || {
-        (c.drover(addr, &["deploy-config", file.to_str().unwrap()])
-            .code
-            == Some(0))
-        .then_some(())
-    });
+        ));
     let baseline = served(metrics);
 
     // Three waves of 100 (more than the agent's 256 streams in all): two thirds

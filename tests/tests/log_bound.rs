@@ -69,14 +69,7 @@ fn deploy_writers(c: &Cluster, addr: SocketAddr, nodes: &[(&str, u64)]) {
             "[nodes.{name}]\ninstance = \"a1\"\ncommand = [\"{prog}\", \"--stdout-rate\", \"{rate}\"]\n"
         ));
     }
-    let file = c.dir.path().join("writers.toml");
-    std::fs::write(&file, text).unwrap();
-    eventually("the agent connected and took the deploy", PATIENCE, || {
-        (c.drover(addr, &["deploy-config", file.to_str().unwrap()])
-            .code
-            == Some(0))
-        .then_some(())
-    });
+    c.deploy_text(addr, "writers.toml", &text);
 }
 
 #[test]

@@ -43,21 +43,10 @@ fn agent_from(c: &Cluster, addr: SocketAddr, cmd: std::process::Command) -> Proc
 /// directory.
 fn deploy(c: &Cluster, addr: SocketAddr, name: &str, rate: u64) -> PathBuf {
     let prog = bin("drover-testprog").display().to_string();
-    let file = c.dir.path().join("writer.toml");
-    std::fs::write(
-        &file,
-        format!(
+    c.deploy_text(addr, "writer.toml", &format!(
             "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
              [nodes.{name}]\ninstance = \"a1\"\ncommand = [\"{prog}\", \"--stdout-rate\", \"{rate}\"]\n"
-        ),
-    )
-    .unwrap();
-    eventually("the agent connected and took the deploy", PATIENCE, || {
-        (c.drover(addr, &["deploy-config", file.to_str().unwrap()])
-            .code
-            == Some(0))
-        .then_some(())
-    });
+        ));
     c.dir.path().join("agent-a1/nodes").join(name)
 }
 
@@ -379,14 +368,7 @@ fn lines_of_nodes_writing_at_once_stay_whole_and_apart_and_a_partial_line_is_kep
         "[nodes.split]\ninstance = \"a1\"\ncommand = [\"/bin/sh\", \"-c\", \
          \"printf 'first '; sleep 0.05; printf 'half\\\\n'; printf unended; exec sleep 1000\"]\n",
     );
-    let file = c.dir.path().join("writers.toml");
-    std::fs::write(&file, text).unwrap();
-    eventually("the agent connected and took the deploy", PATIENCE, || {
-        (c.drover(addr, &["deploy-config", file.to_str().unwrap()])
-            .code
-            == Some(0))
-        .then_some(())
-    });
+    c.deploy_text(addr, "writers.toml", &text);
     let nodes = c.dir.path().join("agent-a1/nodes");
     for w in 0..WRITERS {
         let dir = nodes.join(format!("w{w}"));

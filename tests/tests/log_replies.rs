@@ -20,20 +20,9 @@ fn a_tail_larger_than_a_frame_arrives_whole() {
         ],
     );
     // 20 MB in lines of 60 000 bytes: more than the 16 MiB frame limit in one tail.
-    let file = c.dir.path().join("big.toml");
-    std::fs::write(
-        &file,
-        "[instances.a1]\n[defaults]\nreadiness = { kind = \"start-period\", period = \"0s\" }\n\
+    c.deploy_text(addr, "big.toml", "[instances.a1]\n[defaults]\nreadiness = { kind = \"start-period\", period = \"0s\" }\n\
          [nodes.big]\ninstance = \"a1\"\n\
-         command = [\"sh\", \"-c\", \"head -c 20000000 /dev/zero | tr '\\\\0' x | fold -w 60000; echo; echo done; exec sleep 1000\"]\n",
-    )
-    .unwrap();
-    eventually("the agent connected and took the deploy", PATIENCE, || {
-        (c.drover(addr, &["deploy-config", file.to_str().unwrap()])
-            .code
-            == Some(0))
-        .then_some(())
-    });
+         command = [\"sh\", \"-c\", \"head -c 20000000 /dev/zero | tr '\\\\0' x | fold -w 60000; echo; echo done; exec sleep 1000\"]\n");
     let dir = c.dir.path().join("agent-a1/nodes/big");
     eventually("the node wrote everything", PATIENCE, || {
         std::fs::read_to_string(dir.join("stdout.log"))
