@@ -379,8 +379,8 @@ fn run(
             .spawning
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        let spawned = sys::spawn_clean(&launch);
-        if let Ok(pid) = spawned {
+        let spawned = sys::spawn_timed(|| sys::spawn_clean(&launch));
+        if let Ok((pid, _)) = spawned {
             cx.in_flight
                 .pids
                 .lock()
@@ -394,7 +394,7 @@ fn run(
     {
         warn!("cannot restore the spawner thread's cpu affinity: {err}");
     }
-    let pid = spawned.map_err(|err| {
+    let (pid, start_ticks) = spawned.map_err(|err| {
         format!(
             "node '{name}': cannot execute {program}: {}",
             sys::cause(&err)
@@ -405,7 +405,9 @@ fn run(
         warn!(node = %name, "a resource limit could not be set once the node ran: {err}");
     }
     let started_at_ms = epoch_ms();
-    let start_ticks = sys::proc_id(pid).map(|p| p.start_ticks).unwrap_or(0);
+    let start_ticks = start_ticks
+        .or_else(|| sys::proc_id(pid).ok().map(|p| p.start_ticks))
+        .unwrap_or(0);
     // Our unreaped child: the pid is still its own.
     let pidfd = match sys::PidFd::open(pid) {
         Ok(fd) => fd,

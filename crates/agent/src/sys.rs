@@ -277,6 +277,41 @@ pub fn proc_id(pid: i32) -> io::Result<ProcId> {
     })
 }
 
+/// `CLOCK_BOOTTIME` in clock ticks: the clock and unit of [`ProcStat::starttime_ticks`]
+/// (the kernel stamps a new process with the boot-time clock and `/proc` divides it down
+/// to ticks, both in the reader's time namespace, as this clock is).
+fn boottime_ticks() -> Option<u64> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is valid for writes.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut now) } != 0 {
+        return None;
+    }
+    let ns = u64::try_from(now.tv_sec)
+        .ok()?
+        .checked_mul(1_000_000_000)?
+        .checked_add(u64::try_from(now.tv_nsec).ok()?)?;
+    Some(ns / (1_000_000_000 / clock_ticks_per_sec()))
+}
+
+/// Runs `spawn`, which creates one process and returns its pid, and gives that pid
+/// with the process's start time ([`ProcStat::starttime_ticks`]) when the clock read
+/// the same tick before and after `spawn`: the process was created between the two
+/// readings, so no `/proc` read is needed. `None` when the clock crossed a tick
+/// meanwhile (then [`proc_id`] reads it). A `/proc` read is most of what a spawn costs
+/// the agent besides the spawn itself.
+pub fn spawn_timed(spawn: impl FnOnce() -> io::Result<i32>) -> io::Result<(i32, Option<u64>)> {
+    let before = boottime_ticks();
+    let pid = spawn()?;
+    let start = match (before, boottime_ticks()) {
+        (Some(b), Some(a)) if a == b => Some(b),
+        _ => None,
+    };
+    Ok((pid, start))
+}
+
 /// True if a process with this pid exists, has this start time (so a recycled PID is
 /// never mistaken for it), and is not a zombie.
 pub fn is_alive(id: ProcId) -> bool {
@@ -1675,6 +1710,34 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn spawn_timed_gives_the_start_time_proc_reports() {
+        let _g = shared();
+        let dir = tempfile::tempdir().unwrap();
+        let out = fs::File::create(dir.path().join("out")).unwrap();
+        let (mut known, mut checked) = (0, 0);
+        // Enough spawns that some cross a tick and most do not, whatever the machine.
+        for _ in 0..300 {
+            let (pid, start) =
+                spawn_timed(|| spawn_clean(&spec("true", &[], dir.path(), &out))).unwrap();
+            // Unreaped, the child's stat stays readable after it exits.
+            let proc = proc_stat(pid).unwrap().starttime_ticks;
+            if let Some(start) = start {
+                assert_eq!(start, proc, "the start time of pid {pid}");
+                known += 1;
+            }
+            checked += 1;
+            nix::sys::wait::waitpid(Pid::from_raw(pid), None).unwrap();
+        }
+        assert!(
+            known > 0,
+            "no start time known by the clock in {checked} spawns"
+        );
+        let err = spawn_timed(|| spawn_clean(&spec("/nonexistent/x", &[], dir.path(), &out)))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     }
 
     #[test]
