@@ -2510,7 +2510,7 @@ impl Core {
             oom_kills: e.book.oom_kills,
             liveness_failures: e.book.liveness_failures,
         };
-        let bytes = serde_json::to_vec_pretty(&record).expect("records serialize");
+        let bytes = serde_json::to_vec(&record).expect("records serialize");
         Some((e.dir.join("record.json"), bytes))
     }
 
