@@ -379,7 +379,7 @@ impl Store {
         match &self.backend {
             Backend::File(dir) => {
                 let path = dir.join(file);
-                let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
+                let bytes = serde_json::to_vec(value).expect("state serializes");
                 write_durable(&path, &bytes).map_err(|source| StoreError::Io { path, source })
             }
             Backend::Etcd(etcd) => {
