@@ -161,10 +161,12 @@ async fn announced_frames_cannot_take_more_memory_than_the_budget() {
     sampling.store(false, Ordering::Relaxed);
     let peak_rss = sampler.await.unwrap();
     let peak = peak.load(Ordering::Relaxed);
+    // The sampled figure is the process's: the other connection's ping (well under
+    // 1 KiB) may be in it beside a full budget.
     assert!(
-        peak <= CONNECTION_BUDGET,
-        "{} MiB buffered on one connection",
-        peak / MIB
+        peak <= CONNECTION_BUDGET + 1024,
+        "{} bytes buffered, over one connection's {CONNECTION_BUDGET}",
+        peak
     );
     assert!(peak >= CONNECTION_BUDGET / 2, "peak {} MiB", peak / MIB);
     // The budget, plus what QUIC itself buffers on both ends of the loopback (the
