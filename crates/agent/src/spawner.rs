@@ -397,7 +397,7 @@ fn run(
     let (pid, start_ticks) = spawned.map_err(|err| {
         format!(
             "node '{name}': cannot execute {program}: {}",
-            sys::cause(&err)
+            sys::exec_cause(&err, program, &job.path, &job.workdir)
         )
     })?;
     let pipes = output.spawned(name, &job.logs, cx.keeper.as_ref());

@@ -861,6 +861,74 @@ pub fn cause(err: &io::Error) -> String {
     }
 }
 
+/// [`cause`] of a failed exec of `program` (searched in `path` when it has no `/`,
+/// relative to `cwd` when it has one). An exec of a file that is there fails with
+/// "no such file or directory" when the interpreter its `#!` line or its ELF header
+/// names is missing; that interpreter is then named, since the program is not what
+/// is missing.
+pub fn exec_cause(err: &io::Error, program: &str, path: &str, cwd: &Path) -> String {
+    let cause = cause(err);
+    if err.raw_os_error() != Some(libc::ENOENT) {
+        return cause;
+    }
+    let file = match resolve_program(program, path) {
+        Ok(p) => cwd.join(p),
+        Err(_) => return cause,
+    };
+    match missing_interpreter(&file) {
+        Some(interp) => format!("{cause} (the file is there; its interpreter {interp} is not)"),
+        None => cause,
+    }
+}
+
+/// The interpreter that `file`'s `#!` line or ELF `PT_INTERP` header names, if that
+/// interpreter does not exist.
+fn missing_interpreter(file: &Path) -> Option<String> {
+    interpreter(file).filter(|i| !Path::new(i).exists())
+}
+
+/// The interpreter that `file`'s `#!` line or ELF `PT_INTERP` header (ELF64,
+/// little-endian) names.
+fn interpreter(file: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::File::open(file).ok()?;
+    let mut head = [0u8; 256];
+    let n = f.read(&mut head).ok()?;
+    let head = &head[..n];
+    let interp = if let Some(line) = head.strip_prefix(b"#!") {
+        let line = line.split(|&b| b == b'\n').next()?;
+        let word = line
+            .split(u8::is_ascii_whitespace)
+            .find(|w| !w.is_empty())?;
+        String::from_utf8_lossy(word).into_owned()
+    } else if head.starts_with(b"\x7fELF\x02\x01") && head.len() >= 0x40 {
+        // ELF64, little-endian: the program headers, for the PT_INTERP one.
+        let u16_at = |o: usize| u16::from_le_bytes([head[o], head[o + 1]]);
+        let u64_of = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+        let phoff = u64_of(&head[0x20..0x28]);
+        let (phentsize, phnum) = (u64::from(u16_at(0x36)), u64::from(u16_at(0x38)));
+        let mut found = None;
+        for i in 0..phnum.min(64) {
+            let mut ph = [0u8; 56];
+            f.seek(SeekFrom::Start(phoff + i * phentsize)).ok()?;
+            f.read_exact(&mut ph).ok()?;
+            if u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == libc::PT_INTERP {
+                let (offset, size) = (u64_of(&ph[8..16]), u64_of(&ph[32..40]).min(4096));
+                let mut name = vec![0u8; usize::try_from(size).ok()?];
+                f.seek(SeekFrom::Start(offset)).ok()?;
+                f.read_exact(&mut name).ok()?;
+                let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+                found = Some(String::from_utf8_lossy(&name[..end]).into_owned());
+                break;
+            }
+        }
+        found?
+    } else {
+        return None;
+    };
+    Some(interp)
+}
+
 impl AsFd for PidFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
@@ -1738,6 +1806,62 @@ mod tests {
         let err = spawn_timed(|| spawn_clean(&spec("/nonexistent/x", &[], dir.path(), &out)))
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+    }
+
+    #[test]
+    fn an_exec_error_names_the_missing_interpreter_of_a_file_that_is_there() {
+        use std::os::unix::fs::PermissionsExt;
+        let _g = shared();
+        let dir = tempfile::tempdir().unwrap();
+        let out = fs::File::create(dir.path().join("out")).unwrap();
+        let exec = |program: &Path| {
+            fs::set_permissions(program, fs::Permissions::from_mode(0o755)).unwrap();
+            let program = program.to_str().unwrap();
+            // A child another test forks while the file is open for writing holds it
+            // open until it execs: "text file busy" for a moment.
+            let deadline = Instant::now() + DEADLINE;
+            loop {
+                let err = spawn_clean(&spec(program, &[], dir.path(), &out)).unwrap_err();
+                if err.raw_os_error() != Some(libc::ETXTBSY) || Instant::now() > deadline {
+                    break exec_cause(&err, program, "/usr/bin:/bin", dir.path());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let script = dir.path().join("script");
+        fs::write(&script, "#!/nonexistent/interp -x\necho hi\n").unwrap();
+        assert_eq!(
+            exec(&script),
+            "no such file or directory (the file is there; its interpreter /nonexistent/interp is not)"
+        );
+        // A binary linked for a loader this host lacks: /bin/true with its loader's
+        // name changed, same length.
+        let loader = interpreter(Path::new("/bin/true")).expect("/bin/true is dynamically linked");
+        let other = format!("{}X", &loader[..loader.len() - 1]);
+        let mut bytes = fs::read("/bin/true").unwrap();
+        let at = bytes
+            .windows(loader.len())
+            .position(|w| w == loader.as_bytes())
+            .unwrap();
+        bytes[at..at + loader.len()].copy_from_slice(other.as_bytes());
+        let binary = dir.path().join("binary");
+        fs::write(&binary, bytes).unwrap();
+        assert_eq!(
+            exec(&binary),
+            format!(
+                "no such file or directory (the file is there; its interpreter {other} is not)"
+            )
+        );
+        // What is missing is the program itself: the cause alone.
+        let err = spawn_clean(&spec("no-such-program-here", &[], dir.path(), &out)).unwrap_err();
+        assert_eq!(
+            exec_cause(&err, "no-such-program-here", "/usr/bin:/bin", dir.path()),
+            "no such file or directory"
+        );
+        // Other errors are left as they are.
+        let plain = dir.path().join("plain");
+        fs::write(&plain, "echo hi\n").unwrap();
+        assert_eq!(exec(&plain), "exec format error");
     }
 
     #[test]
