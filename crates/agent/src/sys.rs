@@ -910,7 +910,8 @@ fn interpreter(file: &Path) -> Option<String> {
         let mut found = None;
         for i in 0..phnum.min(64) {
             let mut ph = [0u8; 56];
-            f.seek(SeekFrom::Start(phoff + i * phentsize)).ok()?;
+            let at = i.checked_mul(phentsize)?.checked_add(phoff)?;
+            f.seek(SeekFrom::Start(at)).ok()?;
             f.read_exact(&mut ph).ok()?;
             if u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == libc::PT_INTERP {
                 let (offset, size) = (u64_of(&ph[8..16]), u64_of(&ph[32..40]).min(4096));
