@@ -1859,6 +1859,15 @@ mod tests {
             exec_cause(&err, "no-such-program-here", "/usr/bin:/bin", dir.path()),
             "no such file or directory"
         );
+        // A header whose program headers lie past the end of any file names nothing.
+        let mut bad = b"\x7fELF\x02\x01".to_vec();
+        bad.resize(0x40, 0);
+        bad[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        bad[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        bad[0x38..0x3a].copy_from_slice(&3u16.to_le_bytes());
+        let malformed = dir.path().join("malformed");
+        fs::write(&malformed, bad).unwrap();
+        assert_eq!(interpreter(&malformed), None);
         // Other errors are left as they are.
         let plain = dir.path().join("plain");
         fs::write(&plain, "echo hi\n").unwrap();
