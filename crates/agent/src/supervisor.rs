@@ -1889,8 +1889,8 @@ impl Core {
         let events = self.events.clone();
         let watched = node.clone();
         tokio::spawn(async move {
-            let exit = match &waiter {
-                Some(fd) => match sys::wait_child(fd).await {
+            let exit = match waiter {
+                Some(fd) => match sys::wait_child_owned(fd).await {
                     Ok(sys::ExitKind::Code(c)) => machine::ExitStatus::Code(c),
                     Ok(sys::ExitKind::Signal(s)) => machine::ExitStatus::Signal(s),
                     Err(_) => machine::ExitStatus::Code(-1),

@@ -813,27 +813,34 @@ impl<T> Drop for Guard<T> {
 /// Waits for the child behind `fd` (spawned by this process) to exit and reaps it.
 /// Cancel-safe until the exit; then the status is collected at once.
 pub async fn wait_child(fd: &PidFd) -> io::Result<ExitKind> {
+    wait_child_owned(fd.try_clone()?).await
+}
+
+/// As [`wait_child`], on a descriptor given to it, which it registers as it is: an
+/// exit watcher holds one per node, and a duplicate would be one more descriptor in
+/// the table every spawn copies.
+pub async fn wait_child_owned(fd: PidFd) -> io::Result<ExitKind> {
+    let id = libc::id_t::try_from(fd.as_raw_fd()).map_err(io::Error::other)?;
+    // SAFETY: the OwnedFd moves into the AsyncFd: it stays open and keeps its number
+    // (`id`) until the AsyncFd drops it at the end of this function.
+    let fd = unsafe { AsyncFd::register_with_interest(fd.0, Interest::READABLE) }?;
     loop {
-        fd.exited().await?;
-        let id = libc::id_t::try_from(fd.as_raw_fd()).map_err(io::Error::other)?;
+        let _ready = fd.readable().await?;
         if let Some(kind) = wait_exited(libc::P_PIDFD, id) {
             return Ok(kind);
         }
         // Readable but not collectable: someone else reaped it.
-        if !fd_is_child(fd) {
+        if !is_child(id) {
             return Err(io::Error::other("the child was reaped elsewhere"));
         }
         tokio::task::yield_now().await;
     }
 }
 
-/// True while waitid still knows the child (it has not been reaped).
-fn fd_is_child(fd: &PidFd) -> bool {
+/// True while waitid still knows the child behind pidfd `id` (it has not been reaped).
+fn is_child(id: libc::id_t) -> bool {
     // SAFETY: siginfo_t is plain old data.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    let Ok(id) = libc::id_t::try_from(fd.as_raw_fd()) else {
-        return false;
-    };
     // SAFETY: `info` is valid and writable; WNOWAIT leaves the child waitable.
     unsafe {
         libc::waitid(
