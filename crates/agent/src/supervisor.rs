@@ -1594,7 +1594,8 @@ impl Core {
         name: &str,
         sock: std::os::unix::net::UnixDatagram,
     ) -> std::io::Result<tokio::task::AbortHandle> {
-        probe::pass_credentials(&sock)?;
+        // Every notify socket passes credentials from its bind on
+        // ([`crate::spawner::prepare_fresh`]), before the node can send.
         let sock = UnixDatagram::from_std(sock)?;
         let events = self.events.clone();
         let node = name.to_owned();
