@@ -293,8 +293,9 @@ fn boottime_ticks() -> Option<u64> {
         .ok()?
         .checked_mul(1_000_000_000)?
         .checked_add(u64::try_from(now.tv_nsec).ok()?)?;
-    // The kernel divides exactly so only where a tick is a whole number of
-    // nanoseconds (100 a second everywhere Linux runs today); elsewhere `/proc` says.
+    // The kernel converts this way only where a tick is a whole number of nanoseconds
+    // (100 ticks a second, as on every architecture Linux runs on today); elsewhere
+    // `/proc` says.
     let ticks = clock_ticks_per_sec();
     (ticks > 0 && 1_000_000_000 % ticks == 0).then(|| ns / (1_000_000_000 / ticks))
 }
