@@ -1147,7 +1147,7 @@ async fn deploy_locked(
     }
     // An agent that answered acknowledged the generation, even if some of its nodes
     // failed (those are results of their own, as in Zeek); one that did not answer in
-    // time or could not be reached did not. The deploy is the deployed one once every
+    // time, could not be reached, or answered that it did not apply it, did not. The deploy is the deployed one once every
     // instance it names acknowledged it; other agents' failures are reported, and they
     // are brought to it when they reconnect.
     let mut unacknowledged = Vec::new();
@@ -1155,7 +1155,7 @@ async fn deploy_locked(
         let named: BTreeSet<&str> = config.instances.iter().map(|i| i.name.as_str()).collect();
         let mut view = shared.view();
         for (name, answer) in &answers {
-            if matches!(answer, Ok(AgentResponse::Results(_))) {
+            if matches!(answer, Ok(AgentResponse::Results(rs)) if acknowledges(rs)) {
                 view.acknowledged(name, generation);
             } else if named.contains(name.as_str()) {
                 unacknowledged.push(name.clone());
@@ -1231,7 +1231,15 @@ async fn deploy_locked(
     results
 }
 
-/// Brings an agent that (re)connected up to the desired deploy.
+/// Whether an agent's answer to an Apply says it applied the Apply's generation. Failed
+/// nodes are results of their own and do not change that; an error about the agent
+/// rather than a node (it could not write its desired state, it refused the Apply) says
+/// it did not, and it still lags.
+pub(crate) fn acknowledges(results: &[MgmtResult]) -> bool {
+    results.iter().all(|r| r.success || r.node.is_some())
+}
+
+/// Brings an agent that (re)connected, or still lags, up to the desired deploy.
 pub(crate) async fn reapply(
     shared: &Arc<Shared>,
     name: &str,
@@ -1245,6 +1253,17 @@ pub(crate) async fn reapply(
         progress: false,
     };
     match call_agent(shared, name, conn, &req, shared.request_timeout).await {
+        Ok(AgentResponse::Results(rs)) if !acknowledges(&rs) => {
+            for r in rs.iter().filter(|r| !r.success && r.node.is_none()) {
+                warn!(
+                    agent = %name,
+                    generation = desired.generation,
+                    "agent '{name}' did not apply the desired generation {}: {}; it is sent it again later",
+                    desired.generation,
+                    r.error.as_deref().unwrap_or("no reason given")
+                );
+            }
+        }
         Ok(AgentResponse::Results(rs)) => {
             // Every returning agent gets here: after a failover, a thousand lines at once
             // that say nothing the agent's connection line did not.
@@ -1649,6 +1668,20 @@ mod tests {
     use drover_proto::model::{CpuAffinity, Node};
 
     use super::*;
+
+    #[test]
+    fn an_apply_answer_acknowledges_unless_an_error_is_about_the_agent() {
+        let ok = MgmtResult::ok("", None).on_instance("a").on_node("n1");
+        let node_failed = MgmtResult::err("", "node exited with code 3")
+            .on_instance("a")
+            .on_node("n2");
+        let not_written =
+            MgmtResult::err("", "cannot record the desired state: no space").on_instance("a");
+        assert!(acknowledges(&[]), "an agent without nodes");
+        assert!(acknowledges(&[ok.clone(), node_failed.clone()]));
+        assert!(!acknowledges(std::slice::from_ref(&not_written)));
+        assert!(!acknowledges(&[ok, node_failed, not_written]));
+    }
 
     #[test]
     fn pinning_beyond_an_instances_cpus_is_refused_naming_node_cpu_and_count() {
