@@ -154,6 +154,86 @@ fn a_deploy_that_cannot_be_recorded_changes_nothing_even_after_a_controller_rest
     );
 }
 
+/// An agent that answers an Apply without applying it (its desired state cannot be
+/// written) has not acknowledged the generation: the deploy says so, the deployed
+/// configuration stays the old one, the agent shows as lagging, and once it can write
+/// again the controller brings it to the desired deploy by itself, without a reconnect
+/// or another deploy.
+#[test]
+fn an_agent_that_cannot_record_a_deploy_lags_and_is_brought_to_it_once_it_can() {
+    let c = Cluster::new();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (ctl, addr, agent) = start(&c, &["--metrics-listen", &metrics.to_string()]);
+    let old = cluster_file(&c, "old.toml", "old", 1, "env = { WHICH = \"old\" }\n");
+    let out = c.drover(addr, &["deploy-config", old.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let before = eventually("1 running", PATIENCE, || running(&c, addr, 1));
+
+    // The agent cannot write its desired state: a directory where its temp file goes.
+    let blocker = c.dir.path().join("agent-agent-1").join("desired.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let new = cluster_file(&c, "new.toml", "new", 2, "env = { WHICH = \"new\" }\n");
+    let out = c.drover(addr, &["deploy-config", new.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    let errors = out.json()["errors"].to_string();
+    assert!(
+        errors.contains("cannot record the desired state")
+            && errors.contains("generation 2")
+            && errors.contains("no acknowledgement from agent-1"),
+        "{errors}"
+    );
+    let deployed = c.drover(addr, &["get-config", "--deployed", "--as-json"]);
+    assert_eq!(deployed.json()["id"], "old");
+    assert_eq!(
+        status_generation(&c, addr, "agent-1").as_deref(),
+        Some("1"),
+        "the applied generation"
+    );
+    let row = c
+        .drover(addr, &["status"])
+        .stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("agent-1"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(row.contains("1 (lags 2)"), "{row}");
+    let lagging = |page: &str| {
+        page.lines().find_map(|l| {
+            l.strip_prefix("drover_agents_lagging ")?
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    assert_eq!(lagging(&scrape(metrics)), Some(1.0));
+    assert_eq!(
+        running(&c, addr, 1),
+        Some(before.clone()),
+        "nothing changed"
+    );
+    // It is sent the deploy again while it lags, and says why it cannot apply it.
+    ctl.wait_log("agent 'agent-1' did not apply the desired generation 2");
+    agent.wait_log("cannot record the desired state");
+    assert_eq!(running(&c, addr, 1), Some(before));
+
+    // Writable again: the agent is brought to generation 2, which becomes the deployed
+    // configuration.
+    std::fs::remove_dir(&blocker).unwrap();
+    eventually("2 new running", PATIENCE, || {
+        running(&c, addr, 2).filter(|m| m.values().all(|p| environ(*p).contains("WHICH=new")))
+    });
+    eventually("agent-1 at generation 2", PATIENCE, || {
+        (status_generation(&c, addr, "agent-1").as_deref() == Some("2")).then_some(())
+    });
+    eventually("the new configuration deployed", PATIENCE, || {
+        let deployed = c.drover(addr, &["get-config", "--deployed", "--as-json"]);
+        (deployed.json()["id"] == "new").then_some(())
+    });
+    assert_eq!(lagging(&scrape(metrics)), Some(0.0));
+}
+
 /// Needs agents that apply by generation: with agents that skip an Apply whose config
 /// id they already have, the edited node keeps running its old command.
 #[test]

@@ -16,6 +16,8 @@
 //!   election on a lease, the gate that lets only the leader serve, the fenced store.
 //! - `view`: every agent's nodes as last reported, which answers get-nodes while it is
 //!   current (no I/O, tested on its own).
+//! - `catchup`: connected agents that lag the desired deploy (they answered an Apply
+//!   without applying it) are sent it again, with backoff.
 //! - `dial`: connections the controller makes itself, to agents that listen (instances
 //!   with a `port`), as Zeek's controller-to-agent mode.
 //! - `reload`: certificates, key, CA bundle and deny list read again on request
@@ -27,6 +29,7 @@
 
 pub mod api;
 pub mod audit;
+mod catchup;
 mod dial;
 pub mod etcd;
 pub mod etcd_audit;
@@ -570,6 +573,7 @@ impl Controller {
             dial::ensure(&self.shared, &config);
         }
         let tasks = TaskTracker::new();
+        tasks.spawn(catchup::run(self.shared.clone(), shutdown.clone()));
         if let (Some(settings), Some(gate)) = (self.ha.take(), self.shared.gate.clone()) {
             let shared = self.shared.clone();
             let stepped = self.shared.clone();
