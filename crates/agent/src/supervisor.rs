@@ -122,6 +122,16 @@ pub struct SupervisorConfig {
     pub keeper: Option<crate::keeper::Keeper>,
 }
 
+/// The answer to a request the supervisor task ended before answering: an error about
+/// the agent, not a node, so that an Apply answered so is not taken as applied (and an
+/// empty answer is not taken as success).
+fn unanswered(what: &str) -> Vec<MgmtResult> {
+    vec![MgmtResult::err(
+        "",
+        format!("the agent's supervisor ended before it answered {what}"),
+    )]
+}
+
 /// A handle to the supervisor task; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Supervisor {
@@ -827,7 +837,7 @@ impl Supervisor {
             reply,
         })
         .await
-        .unwrap_or_default()
+        .unwrap_or_else(|| unanswered("the deploy"))
     }
 
     /// Stops, starts or restarts nodes (all when `nodes` is empty).
@@ -839,7 +849,7 @@ impl Supervisor {
             reply,
         })
         .await
-        .unwrap_or_default()
+        .unwrap_or_else(|| unanswered("the request"))
     }
 
     /// Every node's status, with RSS and CPU time from `/proc`. Those are read here, by
@@ -3198,6 +3208,18 @@ mod tests {
                 .expect("the failure is reported");
             assert_eq!(what, "it panicked: asked to panic");
             assert!(!sup.ping(Duration::from_secs(1)).await);
+            // Requests to it get an error about the agent, not an empty (successful)
+            // answer: the controller must not take the Apply as applied.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            let rs = sup
+                .apply(Configuration::empty(), false, 7, deadline, None)
+                .await;
+            assert!(
+                rs.len() == 1 && !rs[0].success && rs[0].node.is_none(),
+                "{rs:?}"
+            );
+            let rs = sup.act(Op::Restart, Vec::new(), deadline).await;
+            assert!(rs.len() == 1 && !rs[0].success, "{rs:?}");
         });
     }
 
