@@ -1254,7 +1254,22 @@ pub(crate) async fn reapply(
     };
     match call_agent(shared, name, conn, &req, shared.request_timeout).await {
         Ok(AgentResponse::Results(rs)) if !acknowledges(&rs) => {
+            // A deploy that came meanwhile may have reached the agent first, which then
+            // refuses this older generation, rightly: nothing to warn about.
+            let superseded = shared
+                .store
+                .desired()
+                .is_some_and(|d| d.generation > desired.generation);
             for r in rs.iter().filter(|r| !r.success && r.node.is_none()) {
+                if superseded {
+                    debug!(
+                        agent = %name,
+                        generation = desired.generation,
+                        "a superseded re-apply was not applied: {}",
+                        r.error.as_deref().unwrap_or("no reason given")
+                    );
+                    continue;
+                }
                 warn!(
                     agent = %name,
                     generation = desired.generation,
