@@ -1320,12 +1320,7 @@ pub(crate) fn converge(shared: &Arc<Shared>) {
     {
         return;
     }
-    if shared
-        .deploying
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .is_some()
-    {
+    if shared.is_deploying() {
         return;
     }
     let caught_up = {

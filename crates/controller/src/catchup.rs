@@ -82,12 +82,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         let Some(desired) = shared.store.desired() else {
             continue;
         };
-        if shared
-            .deploying
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-        {
+        if shared.is_deploying() {
             continue;
         }
         let connections = shared.registry.connections();

@@ -241,6 +241,14 @@ impl Shared {
         let _ = self.events.send(EventRecord { at_ms, event });
     }
 
+    /// Whether a deploy is in progress.
+    pub(crate) fn is_deploying(&self) -> bool {
+        self.deploying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// The view of every agent's nodes, locked.
     pub(crate) fn view(&self) -> std::sync::MutexGuard<'_, View> {
         // Every change to the view is made under one lock call that cannot panic
