@@ -1147,9 +1147,10 @@ async fn deploy_locked(
     }
     // An agent that answered acknowledged the generation, even if some of its nodes
     // failed (those are results of their own, as in Zeek); one that did not answer in
-    // time, could not be reached, or answered that it did not apply it, did not. The deploy is the deployed one once every
-    // instance it names acknowledged it; other agents' failures are reported, and they
-    // are brought to it when they reconnect.
+    // time, could not be reached, or answered that it did not apply it, did not. The
+    // deploy is the deployed one once every instance it names acknowledged it; other
+    // agents' failures are reported, and they are brought to it when they reconnect, or
+    // while they lag (`catchup`).
     let mut unacknowledged = Vec::new();
     {
         let named: BTreeSet<&str> = config.instances.iter().map(|i| i.name.as_str()).collect();
