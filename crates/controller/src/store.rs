@@ -220,21 +220,25 @@ pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(&tmp)?;
+    let placed = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| match fs::rename(path, prev_path(path)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => fs::rename(&tmp, path),
+        });
+    drop(f);
+    if let Err(e) = placed {
+        // On a full disk the partial file holds what space there was: every other
+        // writer there would fail until the next write removed it.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    match fs::rename(path, prev_path(path)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    fs::rename(&tmp, path)?;
     fs::File::open(dir)?.sync_all()
 }
 
@@ -606,6 +610,19 @@ mod tests {
         store.set_deployed(&newer).unwrap();
         store.set_deployed(&d).unwrap();
         assert_eq!(store.deployed(), Some(newer));
+    }
+
+    #[test]
+    fn a_write_that_fails_leaves_no_temp_file_and_the_old_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("staged.json");
+        write_durable(&path, b"old").unwrap();
+        // The previous copy cannot be put aside: a non-empty directory in its place.
+        fs::create_dir(dir.path().join("staged.json.prev")).unwrap();
+        fs::write(dir.path().join("staged.json.prev/x"), b"").unwrap();
+        write_durable(&path, b"new").unwrap_err();
+        assert!(!dir.path().join("staged.json.tmp").exists());
+        assert_eq!(fs::read(&path).unwrap(), b"old");
     }
 
     #[test]
