@@ -613,8 +613,16 @@ fn write_desired(path: &Path, desired: &Desired) -> std::io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(&bytes)?;
-    std::fs::rename(&tmp, path)
+    let placed = f
+        .write_all(&bytes)
+        .and_then(|()| std::fs::rename(&tmp, path));
+    drop(f);
+    if placed.is_err() {
+        // On a full disk the partial file holds what space there was, which the nodes'
+        // logs and records need.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    placed
 }
 
 /// Syncs the desired state [`write_desired`] wrote, and its directory.
@@ -3109,6 +3117,25 @@ async fn sleep_until(deadline: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_desired_state_that_cannot_be_put_in_place_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("desired.json");
+        // A non-empty directory where the file goes: the rename fails, even for root.
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("x"), b"").unwrap();
+        let desired = Desired {
+            generation: 3,
+            restart_epoch: 0,
+            nodes: BTreeMap::new(),
+        };
+        write_desired(&path, &desired).unwrap_err();
+        assert!(!dir.path().join("desired.json.tmp").exists());
+        std::fs::remove_dir_all(&path).unwrap();
+        write_desired(&path, &desired).unwrap();
+        assert_eq!(read_desired(&path).unwrap(), Some(desired));
+    }
 
     #[test]
     fn records_are_rewritten_in_place_and_read_past_a_stale_tail() {
