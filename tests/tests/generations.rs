@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use drover_tests::{Cluster, MuteAgent, PATIENCE, bin, eventually, scrape};
+use drover_tests::{Cluster, MuteAgent, PATIENCE, bin, eventually, free_tcp, metric_value, scrape};
 
 /// A cluster file with id `id` and testprog nodes `n1`..`nN` on `agent-1`, each with
 /// `extra` in its table.
@@ -55,6 +55,11 @@ fn start(c: &Cluster, extra: &[&str]) -> (drover_tests::Proc, SocketAddr, drover
     let agent = c.start_agent("agent-1", addr);
     c.wait_for_agent(addr, "agent-1");
     (ctl, addr, agent)
+}
+
+/// `drover_agents_lagging` on the metrics page at `addr`.
+fn lagging(addr: SocketAddr) -> Option<f64> {
+    metric_value(&scrape(addr), "drover_agents_lagging")
 }
 
 /// The GEN column of the `status` row of `node`.
@@ -162,10 +167,7 @@ fn a_deploy_that_cannot_be_recorded_changes_nothing_even_after_a_controller_rest
 #[test]
 fn an_agent_that_cannot_record_a_deploy_lags_and_is_brought_to_it_once_it_can() {
     let c = Cluster::new();
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let metrics = free_tcp();
     let (ctl, addr, agent) = start(&c, &["--metrics-listen", &metrics.to_string()]);
     let old = cluster_file(&c, "old.toml", "old", 1, "env = { WHICH = \"old\" }\n");
     let out = c.drover(addr, &["deploy-config", old.to_str().unwrap()]);
@@ -200,14 +202,7 @@ fn an_agent_that_cannot_record_a_deploy_lags_and_is_brought_to_it_once_it_can() 
         .map(str::to_owned)
         .unwrap_or_default();
     assert!(row.contains("1 (lags 2)"), "{row}");
-    let lagging = |page: &str| {
-        page.lines().find_map(|l| {
-            l.strip_prefix("drover_agents_lagging ")?
-                .parse::<f64>()
-                .ok()
-        })
-    };
-    assert_eq!(lagging(&scrape(metrics)), Some(1.0));
+    assert_eq!(lagging(metrics), Some(1.0));
     assert_eq!(
         running(&c, addr, 1),
         Some(before.clone()),
@@ -231,7 +226,7 @@ fn an_agent_that_cannot_record_a_deploy_lags_and_is_brought_to_it_once_it_can() 
         let deployed = c.drover(addr, &["get-config", "--deployed", "--as-json"]);
         (deployed.json()["id"] == "new").then_some(())
     });
-    assert_eq!(lagging(&scrape(metrics)), Some(0.0));
+    assert_eq!(lagging(metrics), Some(0.0));
 }
 
 /// Needs agents that apply by generation: with agents that skip an Apply whose config
