@@ -425,7 +425,13 @@ fn a_failed_restart_returns_the_cause_and_the_last_output() {
     );
     let config = drover_proto::config::parse_toml("c.toml", &text).unwrap();
     let deadline = || Instant::now() + Duration::from_secs(20);
-    let r = rt.block_on(sup.apply(config, false, 0, deadline(), None));
+    let r = rt.block_on(sup.apply(
+        config,
+        drover_agent::converge::Restart::default(),
+        0,
+        deadline(),
+        None,
+    ));
     assert!(r.iter().all(|r| r.success), "{r:?}");
     let log = dir.path().join("state/nodes/x/stdout.log");
     eventually("output written", PATIENCE, || {

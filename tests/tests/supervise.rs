@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use drover_agent::converge::Restart;
 use drover_agent::logs::LogConfig;
 use drover_agent::supervisor::{Op, Supervisor, SupervisorConfig};
 use drover_proto::config::parse_toml;
@@ -63,7 +64,7 @@ impl World {
         let config = parse_toml("test.toml", &text).unwrap_or_else(|e| panic!("{e}"));
         self.rt.block_on(self.sup.apply(
             config,
-            false,
+            Restart::default(),
             generation,
             Instant::now() + Duration::from_secs(20),
             None,
@@ -444,8 +445,8 @@ fn an_apply_that_changes_nodes_being_spawned_runs_the_new_spec() {
         // Both handed over at once: the second is carried out while the first's
         // spawns are still under way.
         tokio::join!(
-            w.sup.apply(c1, false, g1, deadline, None),
-            w.sup.apply(c2, false, g2, deadline, None)
+            w.sup.apply(c1, Restart::default(), g1, deadline, None),
+            w.sup.apply(c2, Restart::default(), g2, deadline, None)
         )
     });
     assert_eq!(r1.len(), N, "{r1:?}");
@@ -739,7 +740,7 @@ fn an_agent_killed_while_replacing_a_node_finishes_the_replacement() {
     w.rt.spawn(async move {
         sup.apply(
             config,
-            false,
+            Restart::default(),
             2,
             Instant::now() + Duration::from_secs(60),
             None,

@@ -27,8 +27,8 @@ use crate::converge::{self, Desired, Verdict};
 pub struct Incoming<T> {
     /// Its deploy generation (0: from a controller without generations).
     pub generation: u64,
-    /// Restart every node, changed or not.
-    pub restart_all: bool,
+    /// Whether it restarts every node, changed or not (see [`converge::Restart`]).
+    pub restart: converge::Restart,
     /// This agent's share of the configuration, resolved.
     pub nodes: BTreeMap<String, Node>,
     /// Why some of those nodes cannot run on this host (limits it cannot enforce): the
@@ -204,7 +204,8 @@ impl<T> Applies<T> {
                 break;
             };
             let generation = a.generation;
-            match converge::judge(table.applied(), generation, a.restart_all) {
+            let restart_all = a.restart.all_given(table.applied());
+            match converge::judge(table.applied(), generation, restart_all) {
                 Verdict::Apply => {}
                 Verdict::Repeat => {
                     out.push(Out::Answer {
@@ -232,10 +233,10 @@ impl<T> Applies<T> {
             }
             let desired = Desired {
                 generation,
-                restart_epoch: table.restart_epoch() + u64::from(a.restart_all),
+                restart_epoch: table.restart_epoch() + u64::from(restart_all),
                 nodes: a.nodes,
             };
-            let changes = converge::diff(table.specs(), &desired.nodes, a.restart_all);
+            let changes = converge::diff(table.specs(), &desired.nodes, restart_all);
             let removing = || {
                 table
                     .specs()
@@ -268,7 +269,7 @@ impl<T> Applies<T> {
             }));
             self.writing = Some(Writing {
                 with: a.with,
-                restart_all: a.restart_all,
+                restart_all,
                 desired,
             });
         }

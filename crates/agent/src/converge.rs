@@ -52,6 +52,33 @@ pub enum Verdict {
     },
 }
 
+/// Whether an Apply restarts every node, changed or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Restart {
+    /// The Apply's own deploy asked for it (all a controller that predates `since`
+    /// tells).
+    pub all: bool,
+    /// The generation of the latest deploy, up to the Apply's, that asked for it (0:
+    /// none, or not told).
+    pub since: u64,
+}
+
+impl Restart {
+    /// Whether an agent that has applied generation `applied` restarts every node for
+    /// this Apply. With `since` known: exactly when it has applied neither that
+    /// generation nor a later one, so that a deploy which restarted everything is
+    /// carried out once per agent, whether the agent had it first hand, missed it and
+    /// is brought to a later one, or is sent it again after a reconnect.
+    #[must_use]
+    pub fn all_given(self, applied: u64) -> bool {
+        if self.since > 0 {
+            self.since > applied
+        } else {
+            self.all
+        }
+    }
+}
+
 /// Judges an Apply of generation `incoming` when `applied` is applied (0: none, or one
 /// from a controller without generations). Generation 0 is always carried out by spec
 /// diff, which changes nothing that already runs its spec (the supervisor answers one

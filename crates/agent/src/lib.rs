@@ -64,6 +64,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
+use crate::converge::Restart;
 use crate::supervisor::{Op, ProgressTo, Supervisor, SupervisorConfig};
 
 /// The most often an Apply that reports progress sends a count: each costs every hop to
@@ -856,13 +857,18 @@ impl Agent {
                         config,
                         restart_all,
                         generation,
+                        restart_since,
                         progress: true,
                     } => {
                         let (tx, rx) = tokio::sync::watch::channel(Progress::default());
                         let progress = ProgressTo { tx, idle: budget };
                         let sup = sup.clone();
+                        let restart = Restart {
+                            all: restart_all,
+                            since: restart_since,
+                        };
                         let apply = async move {
-                            sup.apply(*config, restart_all, generation, deadline, Some(progress))
+                            sup.apply(*config, restart, generation, deadline, Some(progress))
                                 .await
                         };
                         let reqid = req.id;
@@ -883,11 +889,18 @@ impl Agent {
                         config,
                         restart_all,
                         generation,
+                        restart_since,
                         progress: false,
-                    } => results(
-                        sup.apply(*config, restart_all, generation, deadline, None)
-                            .await,
-                    ),
+                    } => {
+                        let restart = Restart {
+                            all: restart_all,
+                            since: restart_since,
+                        };
+                        results(
+                            sup.apply(*config, restart, generation, deadline, None)
+                                .await,
+                        )
+                    }
                     ControllerRequest::Restart { nodes } => {
                         results(sup.act(Op::Restart, nodes, deadline).await)
                     }

@@ -92,7 +92,7 @@ use tracing::{debug, info, warn};
 use crate::apply::{self, Applies, CarryOut, Step};
 use crate::book::{Book, NOTIFY_QUEUE, Spawned};
 use crate::cgroup::{self, CgroupSetting, Cgroups};
-use crate::converge::{self, Desired, Found, Stray, Then, Want};
+use crate::converge::{self, Desired, Found, Restart, Stray, Then, Want};
 use crate::keeper::PipeEnd;
 use crate::limits::{self, Limits};
 use crate::logs::{LogConfig, NodeLogs, Stream};
@@ -156,7 +156,7 @@ pub struct Supervisor {
 enum Command {
     Apply {
         config: Box<Configuration>,
-        restart_all: bool,
+        restart: Restart,
         generation: u64,
         deadline: Instant,
         progress: Option<ProgressTo>,
@@ -827,18 +827,19 @@ impl Supervisor {
 
     /// Applies `config`, deploy generation `generation`, for this instance; one result
     /// per node started or restarted. A repeat of the applied generation changes nothing
-    /// (unless `restart_all`); an older generation is refused with one error result.
+    /// (unless `restart` says to restart every node); an older generation is refused
+    /// with one error result.
     pub async fn apply(
         &self,
         config: Configuration,
-        restart_all: bool,
+        restart: Restart,
         generation: u64,
         deadline: Instant,
         progress: Option<ProgressTo>,
     ) -> Vec<MgmtResult> {
         self.ask(|reply| Command::Apply {
             config: Box::new(config),
-            restart_all,
+            restart,
             generation,
             deadline,
             progress,
@@ -1089,7 +1090,7 @@ impl Core {
         match cmd {
             Command::Apply {
                 config,
-                restart_all,
+                restart,
                 generation,
                 deadline,
                 progress,
@@ -1107,7 +1108,7 @@ impl Core {
                     .collect();
                 let incoming = apply::Incoming {
                     generation,
-                    restart_all,
+                    restart,
                     nodes,
                     refused,
                     with: Requested {
@@ -3239,7 +3240,13 @@ mod tests {
             // answer: the controller must not take the Apply as applied.
             let deadline = Instant::now() + Duration::from_secs(1);
             let rs = sup
-                .apply(Configuration::empty(), false, 7, deadline, None)
+                .apply(
+                    Configuration::empty(),
+                    Restart::default(),
+                    7,
+                    deadline,
+                    None,
+                )
                 .await;
             assert!(
                 rs.len() == 1 && !rs[0].success && rs[0].node.is_none(),
@@ -3306,7 +3313,7 @@ mod tests {
                 async move {
                     sup.apply(
                         config,
-                        false,
+                        Restart::default(),
                         1,
                         Instant::now() + Duration::from_secs(30),
                         None,

@@ -486,7 +486,8 @@ pub enum ControllerRequest {
     Apply {
         /// The whole configuration; the agent picks its own nodes.
         config: Box<Configuration>,
-        /// Restart every node even if unchanged.
+        /// Restart every node even if unchanged: this generation's deploy asked for it.
+        /// For agents that predate `restart_since`.
         #[serde(default)]
         restart_all: bool,
         /// The deploy generation, strictly increasing per controller history: an agent
@@ -494,6 +495,14 @@ pub enum ControllerRequest {
         /// lets an older one override a newer. 0 from peers that predate generations.
         #[serde(default)]
         generation: u64,
+        /// The generation of the latest deploy, up to this one, that asked for every
+        /// node to be restarted (0: none, or a controller that predates it). An agent
+        /// that has applied neither it nor a later generation restarts every node, as
+        /// it would have had that deploy reached it; one that has restarts none for it,
+        /// so a deploy that restarted everything is carried out once per agent, however
+        /// often it is sent again.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        restart_since: u64,
         /// Answer with a stream: [`AgentResponse::Progress`] whenever another node
         /// settles, then the results; the wait for nodes then ends only once none has
         /// settled for the request's timeout. Agents that predate it answer once.
@@ -569,6 +578,10 @@ pub enum AgentResponse {
     /// The answer to `Ping` on a connection the agent is replacing with a new one (after
     /// a certificate reload): the new connection that claims its name is its own.
     HandingOver,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use drover_proto::model::Node;
 use proptest::prelude::*;
 
 use super::*;
+use crate::converge::Restart;
 
 #[derive(Debug, Default, Clone)]
 struct Fake {
@@ -73,7 +74,7 @@ fn spec(name: &str, version: u32) -> Node {
 fn incoming(generation: u64, nodes: &[(&str, u32)], with: u32) -> Incoming<u32> {
     Incoming {
         generation,
-        restart_all: false,
+        restart: Restart::default(),
         nodes: nodes
             .iter()
             .map(|(n, v)| ((*n).to_owned(), spec(n, *v)))
@@ -189,7 +190,7 @@ fn applies_queued_behind_a_write_are_judged_after_it_is_carried_out() {
 }
 
 #[test]
-fn a_repeat_with_restart_all_restarts_everything_under_a_new_epoch() {
+fn a_repeat_with_restart_all_and_no_since_restarts_everything_under_a_new_epoch() {
     let mut t = Fake::default();
     let mut a = Applies::default();
     write(a.push(incoming(1, &[("a", 1), ("b", 1)], 1), &t));
@@ -197,12 +198,68 @@ fn a_repeat_with_restart_all_restarts_everything_under_a_new_epoch() {
     // "b" has no process (stopped by an operator, say).
     t.nodes.get_mut("b").unwrap().1.has_process = false;
     let mut again = incoming(1, &[("a", 1), ("b", 1)], 2);
-    again.restart_all = true;
+    again.restart = Restart {
+        all: true,
+        since: 0,
+    };
     let w = write(a.push(again, &t));
     assert_eq!(w.desired.restart_epoch, 1);
     let c = carried(a.written(Ok(NONE), &t));
     assert_eq!(c.restart_epoch, 1);
     assert_eq!(names(&c.steps), [("a", "restart"), ("b", "renew")]);
+}
+
+#[test]
+fn a_deploy_that_restarts_everything_is_carried_out_once_however_often_it_comes() {
+    let mut t = Fake::default();
+    let mut a = Applies::default();
+    write(a.push(incoming(1, &[("a", 1), ("b", 1)], 1), &t));
+    t.carry(&carried(a.written(Ok(NONE), &t)));
+    let restart = Restart {
+        all: true,
+        since: 2,
+    };
+    let mut first = incoming(2, &[("a", 1), ("b", 1)], 2);
+    first.restart = restart;
+    let w = write(a.push(first, &t));
+    assert_eq!(w.desired.restart_epoch, 1);
+    let c = carried(a.written(Ok(NONE), &t));
+    assert_eq!(names(&c.steps), [("a", "restart"), ("b", "restart")]);
+    t.carry(&c);
+    // Sent again (a reconnect, a retry after a lost answer): a repeat.
+    let mut again = incoming(2, &[("a", 1), ("b", 1)], 3);
+    again.restart = restart;
+    assert_eq!(answer(a.push(again, &t)), (3, vec![]));
+    // A later deploy that restarts nothing itself carries the same `since`: only the
+    // changed node restarts.
+    let mut later = incoming(3, &[("a", 2), ("b", 1)], 4);
+    later.restart = Restart {
+        all: false,
+        since: 2,
+    };
+    write(a.push(later, &t));
+    let c = carried(a.written(Ok(NONE), &t));
+    assert_eq!(c.restart_epoch, 1);
+    assert_eq!(names(&c.steps), [("b", "keep"), ("a", "restart")]);
+}
+
+#[test]
+fn an_agent_that_missed_a_restart_of_everything_restarts_everything_when_it_catches_up() {
+    let mut t = Fake::default();
+    let mut a = Applies::default();
+    write(a.push(incoming(1, &[("a", 1), ("b", 1)], 1), &t));
+    t.carry(&carried(a.written(Ok(NONE), &t)));
+    // Generation 2 restarted everything; this agent never had it. Generation 3, which
+    // only changes "a", brings it up to date: "b" restarts too, as it would have then.
+    let mut catch_up = incoming(3, &[("a", 2), ("b", 1)], 2);
+    catch_up.restart = Restart {
+        all: false,
+        since: 2,
+    };
+    let w = write(a.push(catch_up, &t));
+    assert_eq!(w.desired.restart_epoch, 1);
+    let c = carried(a.written(Ok(NONE), &t));
+    assert_eq!(names(&c.steps), [("a", "restart"), ("b", "restart")]);
 }
 
 #[test]
@@ -254,8 +311,7 @@ fn generation_zero_changing_nothing_is_answered_at_once_unless_a_node_is_being_r
     t.nodes
         .insert("old".into(), (spec("old", 1), Facts::default()));
     t.nodes.get_mut("old").unwrap().1.removing = true;
-    let mut with_old = incoming(0, &[("a", 1), ("old", 1)], 3);
-    with_old.restart_all = false;
+    let with_old = incoming(0, &[("a", 1), ("old", 1)], 3);
     let w = write(a.push(with_old, &t));
     assert!(w.create.is_empty());
     let c = carried(a.written(Ok(NONE), &t));
@@ -301,7 +357,7 @@ impl Incoming<u32> {
     fn clone_shape(&self, with: u32) -> Self {
         Incoming {
             generation: self.generation,
-            restart_all: self.restart_all,
+            restart: self.restart,
             nodes: self.nodes.clone(),
             refused: self.refused.clone(),
             with,
@@ -363,7 +419,7 @@ fn arb_nodes() -> impl Strategy<Value = BTreeMap<String, u32>> {
 #[derive(Debug, Clone)]
 struct Arrival {
     generation: u64,
-    restart_all: bool,
+    restart: Restart,
     nodes: BTreeMap<String, u32>,
     refused: bool,
     /// Its desired state cannot be written.
@@ -371,10 +427,10 @@ struct Arrival {
 }
 
 fn arb_arrival() -> impl Strategy<Value = Arrival> {
-    (0u64..6, any::<bool>(), arb_nodes(), 0u8..8, 0u8..8).prop_map(
-        |(generation, restart_all, nodes, refused, unwritable)| Arrival {
+    (0u64..6, any::<bool>(), 0u64..6, arb_nodes(), 0u8..8, 0u8..8).prop_map(
+        |(generation, all, since, nodes, refused, unwritable)| Arrival {
             generation,
-            restart_all,
+            restart: Restart { all, since },
             nodes,
             refused: refused == 0,
             unwritable: unwritable == 0,
@@ -447,9 +503,9 @@ impl Run {
             prop_assert!(
                 c.generation == 0
                     || c.generation > before
-                    || (c.generation == before && x.restart_all)
+                    || (c.generation == before && x.restart.all_given(before))
             );
-            if x.restart_all {
+            if x.restart.all_given(before) {
                 let kept = c.steps.iter().any(|(_, s)| matches!(s, Step::Keep { .. }));
                 prop_assert!(!kept, "a restart-all kept a node");
             }
@@ -486,7 +542,7 @@ proptest! {
             let id = u32::try_from(i).unwrap();
             let inc = Incoming {
                 generation: x.generation,
-                restart_all: x.restart_all,
+                restart: x.restart,
                 nodes: x.nodes.iter().map(|(n, v)| (n.clone(), spec(n, *v))).collect(),
                 refused: if x.refused { vec!["refused".into()] } else { Vec::new() },
                 with: id,
