@@ -229,6 +229,77 @@ fn an_agent_that_cannot_record_a_deploy_lags_and_is_brought_to_it_once_it_can() 
     assert_eq!(lagging(metrics), Some(0.0));
 }
 
+/// How often the controller logged bringing `agent-1` to generation `generation`.
+fn brought_to(ctl: &drover_tests::Proc, generation: u64) -> usize {
+    ctl.log_text()
+        .matches(&format!(
+            "agent 'agent-1' brought to the desired generation {generation}"
+        ))
+        .count()
+}
+
+/// A deploy that restarts every node (zeek-client's deploys do, to load new scripts)
+/// and that an agent misses is carried out when the agent is brought to it later, not
+/// turned into a deploy of the changed nodes alone; and once only, however often it is
+/// sent again.
+#[test]
+fn an_agent_that_missed_a_restart_of_every_node_restarts_them_when_brought_to_it_and_once() {
+    let c = Cluster::new();
+    let (ctl, addr, mut agent) = start(&c, &[]);
+    let file = cluster_file(&c, "a.toml", "same", 2, "");
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let before = eventually("2 running", PATIENCE, || running(&c, addr, 2));
+
+    // The agent cannot record generation 2, which restarts every node of an unchanged
+    // configuration.
+    let blocker = c.dir.path().join("agent-agent-1").join("desired.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let out = c.drover(addr, &["deploy", "--restart-all"]);
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.json()["errors"]
+            .to_string()
+            .contains("no acknowledgement from agent-1"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        running(&c, addr, 2),
+        Some(before.clone()),
+        "nothing restarted"
+    );
+
+    // Brought to it by the controller's retry: every node restarts, although no spec
+    // changed.
+    std::fs::remove_dir(&blocker).unwrap();
+    let after = eventually("both nodes restarted", PATIENCE, || {
+        running(&c, addr, 2).filter(|m| m.iter().all(|(n, pid)| before.get(n) != Some(pid)))
+    });
+    eventually("agent-1 at generation 2", PATIENCE, || {
+        (status_generation(&c, addr, "agent-1").as_deref() == Some("2")).then_some(())
+    });
+    let brought = eventually("the retry answered", PATIENCE, || {
+        let n = brought_to(&ctl, 2);
+        (n > 0).then_some(n)
+    });
+
+    // A new agent process adopts the nodes and is sent generation 2 again on connecting:
+    // it has carried it out, so nothing restarts.
+    agent.kill();
+    let _agent = c.start_agent("agent-1", addr);
+    eventually(
+        "the reconnected agent brought to generation 2",
+        PATIENCE,
+        || (brought_to(&ctl, 2) > brought).then_some(()),
+    );
+    assert_eq!(
+        running(&c, addr, 2),
+        Some(after),
+        "a repeat restarted nodes"
+    );
+}
+
 /// Needs agents that apply by generation: with agents that skip an Apply whose config
 /// id they already have, the edited node keeps running its old command.
 #[test]

@@ -1094,7 +1094,7 @@ async fn deploy_locked(
         .map(|(_, g)| g)
         .max()
         .unwrap_or(0);
-    let deploy = match blocking(|| shared.store.set_desired(config, floor)) {
+    let deploy = match blocking(|| shared.store.set_desired(config, floor, restart_all)) {
         Ok(d) => d,
         Err(e) => {
             let message = format!("cannot record the deploy, nothing was deployed: {e}");
@@ -1127,6 +1127,7 @@ async fn deploy_locked(
                 generation,
                 config: Box::new(share),
                 restart_all,
+                restart_since: deploy.restart_since,
                 progress: progress.is_some(),
             };
             (name, conn, req)
@@ -1247,10 +1248,14 @@ pub(crate) async fn reapply(
     conn: &quinn::Connection,
     desired: &Arc<Deploy>,
 ) {
+    // An agent that missed a deploy restarting every node restarts them now (agents
+    // that predate `restart_since` restart only what changed); one that has the deploy
+    // restarts nothing.
     let req = ControllerRequest::Apply {
         generation: desired.generation,
         config: Box::new(shared.share_of(desired, name)),
         restart_all: false,
+        restart_since: desired.restart_since,
         progress: false,
     };
     match call_agent(shared, name, conn, &req, shared.request_timeout).await {

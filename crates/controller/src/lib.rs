@@ -1146,7 +1146,11 @@ mod tests {
             })
             .collect();
         config.nodes = nodes.iter().map(|&(n, i)| Node::new(n, i)).collect();
-        Arc::new(store::Deploy { generation, config })
+        Arc::new(store::Deploy {
+            generation,
+            config,
+            restart_since: 0,
+        })
     }
 
     #[test]

@@ -100,6 +100,15 @@ pub struct Deploy {
     pub generation: u64,
     /// The configuration as sent to agents (instance hosts filled in).
     pub config: Configuration,
+    /// The generation of the latest deploy, up to this one, that restarted every node
+    /// (0: none): an agent brought to this deploy later, having missed that one,
+    /// restarts every node too (see `ControllerRequest::Apply`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restart_since: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `deployed.json` as written before generations existed, or now.
@@ -117,6 +126,7 @@ impl From<DeployFile> for Deploy {
             DeployFile::Legacy(config) => Deploy {
                 generation: 1,
                 config,
+                restart_since: 0,
             },
         }
     }
@@ -432,22 +442,34 @@ impl Store {
     }
 
     /// Records `config` as the desired deploy, durably, under a new generation above
-    /// every recorded one and above `floor` (the highest an agent reported). On error
-    /// nothing changed, in memory or on disk.
+    /// every recorded one and above `floor` (the highest an agent reported); with
+    /// `restart_all`, as one that restarts every node. On error nothing changed, in
+    /// memory or on disk.
     pub fn set_desired(
         &self,
         config: Configuration,
         floor: u64,
+        restart_all: bool,
     ) -> Result<Arc<Deploy>, StoreError> {
         let _writing = self.writing();
-        let last = {
+        let (last, restart_since) = {
             let slots = self.lock();
             let g = |d: &Option<Arc<Deploy>>| d.as_ref().map_or(0, |d| d.generation);
-            g(&slots.desired).max(g(&slots.deployed))
+            let r = |d: &Option<Arc<Deploy>>| d.as_ref().map_or(0, |d| d.restart_since);
+            (
+                g(&slots.desired).max(g(&slots.deployed)),
+                r(&slots.desired).max(r(&slots.deployed)),
+            )
         };
+        let generation = last.max(floor) + 1;
         let deploy = Arc::new(Deploy {
-            generation: last.max(floor) + 1,
+            generation,
             config,
+            restart_since: if restart_all {
+                generation
+            } else {
+                restart_since
+            },
         });
         self.save(DESIRED, &*deploy)?;
         self.lock().desired = Some(deploy.clone());
@@ -536,7 +558,7 @@ mod tests {
         assert!(store.staged().is_none());
         let c = Configuration::empty();
         store.set_staged(c.clone()).unwrap();
-        let d = store.set_desired(c.clone(), 0).unwrap();
+        let d = store.set_desired(c.clone(), 0, false).unwrap();
         store.set_deployed(&d).unwrap();
         let again = Store::open(dir.path()).unwrap();
         assert_eq!(again.staged(), Some(c.clone()));
@@ -558,9 +580,9 @@ mod tests {
     fn a_corrupt_or_missing_file_falls_back_to_the_last_good_copy() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let first = store.set_desired(config("first"), 0).unwrap();
+        let first = store.set_desired(config("first"), 0, false).unwrap();
         store.set_deployed(&first).unwrap();
-        let second = store.set_desired(config("second"), 0).unwrap();
+        let second = store.set_desired(config("second"), 0, false).unwrap();
         store.set_deployed(&second).unwrap();
         assert_eq!(Store::open(dir.path()).unwrap().deployed(), Some(second));
 
@@ -586,7 +608,7 @@ mod tests {
         for round in 0..4 {
             let store = Store::open(dir.path()).unwrap();
             assert_eq!(store.desired_generation(), last);
-            let d = store.set_desired(config("same-id"), 0).unwrap();
+            let d = store.set_desired(config("same-id"), 0, false).unwrap();
             assert!(
                 d.generation > last,
                 "round {round}: {} after {last}",
@@ -603,13 +625,32 @@ mod tests {
         assert_eq!(store.desired().unwrap().generation, last);
         // An agent that remembers a generation from a lost state dir is not sent an
         // older one.
-        let d = store.set_desired(config("x"), last + 40).unwrap();
+        let d = store.set_desired(config("x"), last + 40, false).unwrap();
         assert_eq!(d.generation, last + 41);
         // An older deploy never replaces a newer deployed one.
-        let newer = store.set_desired(config("newer"), 0).unwrap();
+        let newer = store.set_desired(config("newer"), 0, false).unwrap();
         store.set_deployed(&newer).unwrap();
         store.set_deployed(&d).unwrap();
         assert_eq!(store.deployed(), Some(newer));
+    }
+
+    #[test]
+    fn the_last_restart_of_every_node_is_carried_to_later_deploys_and_across_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let plain = store.set_desired(config("a"), 0, false).unwrap();
+        assert_eq!(plain.restart_since, 0);
+        let all = store.set_desired(config("a"), 0, true).unwrap();
+        assert_eq!(all.restart_since, all.generation);
+        let later = store.set_desired(config("b"), 0, false).unwrap();
+        assert_eq!(later.restart_since, all.generation);
+        // Read back after a restart, and carried on by the next deploy.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.desired(), Some(later));
+        let next = store.set_desired(config("c"), 0, false).unwrap();
+        assert_eq!(next.restart_since, all.generation);
+        let again = store.set_desired(config("c"), 0, true).unwrap();
+        assert_eq!(again.restart_since, again.generation);
     }
 
     #[test]
@@ -629,7 +670,7 @@ mod tests {
     fn a_failed_record_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let old = store.set_desired(config("old"), 0).unwrap();
+        let old = store.set_desired(config("old"), 0, false).unwrap();
         store.set_deployed(&old).unwrap();
         let before: Vec<_> = [DESIRED, DEPLOYED]
             .iter()
@@ -637,7 +678,10 @@ mod tests {
             .collect();
         // A directory where the temp file goes: the write fails even for root.
         fs::create_dir(dir.path().join("desired.json.tmp")).unwrap();
-        let err = store.set_desired(config("new"), 0).unwrap_err().to_string();
+        let err = store
+            .set_desired(config("new"), 0, false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("desired.json"), "{err}");
         assert_eq!(store.desired(), Some(old.clone()));
         assert_eq!(store.deployed(), Some(old.clone()));
@@ -651,7 +695,10 @@ mod tests {
         assert_eq!(again.desired(), Some(old.clone()));
         // The failed attempt used up no generation anyone saw; the next is one above.
         assert_eq!(
-            again.set_desired(config("new"), 0).unwrap().generation,
+            again
+                .set_desired(config("new"), 0, false)
+                .unwrap()
+                .generation,
             old.generation + 1
         );
     }
@@ -666,11 +713,18 @@ mod tests {
         let want = Arc::new(Deploy {
             generation: 1,
             config: c.clone(),
+            restart_since: 0,
         });
         assert_eq!(store.deployed(), Some(want.clone()));
         assert_eq!(store.desired(), Some(want));
         assert_eq!(store.staged(), Some(c));
-        assert_eq!(store.set_desired(config("next"), 0).unwrap().generation, 2);
+        assert_eq!(
+            store
+                .set_desired(config("next"), 0, false)
+                .unwrap()
+                .generation,
+            2
+        );
     }
 
     #[test]
@@ -693,7 +747,7 @@ mod tests {
         assert_eq!(mode(&dir), 0o700);
         store.set_staged(config("a")).unwrap();
         store.set_staged(config("b")).unwrap();
-        store.set_desired(config("b"), 0).unwrap();
+        store.set_desired(config("b"), 0, false).unwrap();
         for f in [STAGED, "staged.json.prev", DESIRED] {
             assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
         }
@@ -722,7 +776,7 @@ mod tests {
             fs::Permissions::from_mode(0o666),
         )
         .unwrap();
-        store.set_desired(config("c"), 0).unwrap();
+        store.set_desired(config("c"), 0, false).unwrap();
         assert_eq!(mode(&dir.join(DESIRED)), 0o600);
     }
 
