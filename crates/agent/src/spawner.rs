@@ -228,13 +228,24 @@ pub(crate) fn write_node_files(
         // A working directory may belong to the node's own user: never follow what
         // it may have put in the temp file's place.
         let _ = std::fs::remove_file(&tmp);
+        let mut made = false;
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .and_then(|mut f| {
+                made = true;
+                std::io::Write::write_all(&mut f, text.as_bytes())
+            })
             .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|err| format!("cannot write {}: {}", path.display(), sys::cause(&err)))?;
+            .map_err(|err| {
+                // A partly written temp file would hold space (on a full disk, the last
+                // of it) until the next spawn.
+                if made {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                format!("cannot write {}: {}", path.display(), sys::cause(&err))
+            })?;
     }
     Ok(())
 }

@@ -3369,4 +3369,19 @@ mod tests {
             assert!(e.contains("not a plain file name"), "{bad}: {e}");
         }
     }
+
+    #[test]
+    fn a_node_file_that_cannot_be_put_in_place_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // A non-empty directory where the file goes: the rename fails, even for root.
+        std::fs::create_dir_all(dir.path().join("layout").join("in-the-way")).unwrap();
+        let files = BTreeMap::from([("layout".to_owned(), "redef x;\n".to_owned())]);
+        let e = crate::spawner::write_node_files(dir.path(), &files).unwrap_err();
+        assert!(e.contains("cannot write") && e.contains("layout"), "{e}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["layout"], "only what was there");
+    }
 }
