@@ -300,6 +300,56 @@ fn an_agent_that_missed_a_restart_of_every_node_restarts_them_when_brought_to_it
     );
 }
 
+/// An agent restarts while the controller still holds its old connection, and a deploy
+/// goes out on that one: once the new connection replaces it, the deploy reaches the
+/// agent there and succeeds, rather than failing with the old connection's end.
+#[test]
+fn a_deploy_sent_on_an_agents_stale_connection_reaches_it_on_its_new_one() {
+    let c = Cluster::new();
+    let (ctl, addr) = c.start_controller_with("127.0.0.1:0", &["--request-timeout", "20s"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The old connection: it takes requests and never answers, as one whose agent died
+    // a moment ago.
+    let _stale = MuteAgent::connect(&c, addr, &rt);
+    c.wait_for_agent(addr, "mute");
+    let prog = bin("drover-testprog");
+    let file = c.dir.path().join("mute.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.mute]\n[nodes.n1]\ninstance = \"mute\"\ncommand = [\"{}\", \"--sleep-forever\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+            prog.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = c.drover_command(addr);
+    cmd.args(["--timeout", "30s", "deploy-config"]).arg(&file);
+    let (out, _agent) = std::thread::scope(|s| {
+        let deploy = s.spawn(|| drover_tests::run_cli(cmd, std::time::Duration::from_secs(60)));
+        ctl.wait_log("deploying");
+        // The agent comes back: its new connection replaces the old, which does not
+        // answer the controller's probe.
+        let agent = c.start_agent("mute", addr);
+        let out = deploy.join().unwrap();
+        ctl.wait_log("a new connection from");
+        (out, agent)
+    });
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.json()["results"].to_string().contains("n1"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(running(&c, addr, 1).map(|m| m.len()), Some(1));
+    let deployed = c.drover(addr, &["get-config", "--deployed", "--as-json"]);
+    assert_eq!(
+        deployed.json()["nodes"][0]["name"],
+        "n1",
+        "{}",
+        deployed.stdout
+    );
+}
+
 /// Needs agents that apply by generation: with agents that skip an Apply whose config
 /// id they already have, the edited node keeps running its old command.
 #[test]

@@ -813,12 +813,57 @@ pub(crate) async fn call_agent(
 ) -> Result<AgentResponse, String> {
     may_send(shared, req)?;
     let _tracked = Tracked::start(shared, name, req);
-    conn::call::<_, AgentResponse>(conn, req, budget)
-        .await
-        .map_err(|e| match e {
-            drover_net::NetError::Timeout { .. } => "request timed out".to_owned(),
-            other => other.to_string(),
-        })
+    let deadline = tokio::time::Instant::now() + budget;
+    let mut conn = conn.clone();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match conn::call::<_, AgentResponse>(&conn, req, left).await {
+            Ok(answer) => return Ok(answer),
+            Err(e) => match replacement(shared, name, &conn, req) {
+                Some(newer) => conn = newer,
+                None => {
+                    return Err(match e {
+                        drover_net::NetError::Timeout { .. } => "request timed out".to_owned(),
+                        other => other.to_string(),
+                    });
+                }
+            },
+        }
+    }
+}
+
+/// The agent's new connection, when `conn` closed under a request that may be sent
+/// again: an agent that restarted, or moved after a network change, while the
+/// controller was giving up its old connection gets the request there, rather than the
+/// request failing with the old connection's end. Only requests the agent carries out
+/// once however often they come (an Apply of a generation) or that only read.
+fn replacement(
+    shared: &Shared,
+    name: &str,
+    conn: &quinn::Connection,
+    req: &ControllerRequest,
+) -> Option<quinn::Connection> {
+    let repeatable = match req {
+        ControllerRequest::Apply { generation, .. } => *generation > 0,
+        ControllerRequest::GetNodes
+        | ControllerRequest::Ping
+        | ControllerRequest::GetIdValue { .. } => true,
+        _ => false,
+    };
+    if !repeatable || conn.close_reason().is_none() {
+        return None;
+    }
+    let newer = shared
+        .registry
+        .get(name)
+        .filter(|c| c.stable_id() != conn.stable_id())?;
+    debug!(
+        agent = %name,
+        "the connection of agent '{name}' from {} closed under a request; sending it again on its connection from {}",
+        conn.remote_address(),
+        newer.remote_address()
+    );
+    Some(newer)
 }
 
 /// Sends each agent its request, concurrently, and waits at most `budget` for all
@@ -902,6 +947,26 @@ async fn call_agent_with_progress(
 ) -> Result<AgentResponse, String> {
     may_send(shared, req)?;
     let _tracked = Tracked::start(shared, name, req);
+    let mut conn = conn.clone();
+    loop {
+        match stream_from(name, &conn, req, budget, counts).await {
+            Err(e) => match replacement(shared, name, &conn, req) {
+                Some(newer) => conn = newer,
+                None => return Err(e),
+            },
+            answer => return answer,
+        }
+    }
+}
+
+/// One try of [`call_agent_with_progress`] on one connection.
+async fn stream_from(
+    name: &str,
+    conn: &quinn::Connection,
+    req: &ControllerRequest,
+    budget: Duration,
+    counts: &tokio::sync::mpsc::Sender<(String, Progress)>,
+) -> Result<AgentResponse, String> {
     let explain = |e: drover_net::NetError| e.to_string();
     let mut replies = tokio::time::timeout(budget, conn::call_stream(conn, req, budget))
         .await
