@@ -14,7 +14,10 @@
 //!   duplicate, no process left from a removed node or an older spec;
 //! - the deploy is the last acknowledged one or a later attempt (an attempt that failed
 //!   may still have been recorded and applied), and never older than the deploy matched
-//!   by the previous check: what runs never goes back.
+//!   by the previous check: what runs never goes back;
+//! - some deploys restart every node (`--restart-all`): every node process started after
+//!   the latest such deploy that is acknowledged or is the one matched was asked for, on
+//!   agents that missed it too.
 //!
 //! Processes are found through `/proc`: a node's environment carries `DROVER_INSTANCE`,
 //! `DROVER_NODE` and the run's revision variable, and its working directory lies under
@@ -86,6 +89,8 @@ pub struct Report {
     pub acked: usize,
     /// Deploys that failed or were cut short.
     pub unacked: usize,
+    /// Deploys that asked to restart every node, acknowledged or not.
+    pub restart_all: usize,
     /// Invariant checks made (one after every heal).
     pub checks: usize,
     /// Every violation, described.
@@ -101,8 +106,8 @@ impl std::fmt::Display for Report {
         }
         writeln!(
             f,
-            "deploys: {} acknowledged, {} failed or cut short",
-            self.acked, self.unacked
+            "deploys: {} acknowledged, {} failed or cut short; {} of them restarting every node",
+            self.acked, self.unacked, self.restart_all
         )?;
         writeln!(f, "invariant checks: {}", self.checks)?;
         writeln!(f, "invariant violations: {}", self.violations.len())?;
@@ -127,6 +132,10 @@ type Share = BTreeMap<String, BTreeMap<String, NodeSpec>>;
 struct Attempt {
     share: Share,
     acked: bool,
+    /// Asked to restart every node.
+    restart_all: bool,
+    /// The clock-tick count since boot just before it was asked for.
+    asked_at: u64,
 }
 
 /// The run's world.
@@ -296,6 +305,7 @@ impl World {
     /// A new random deploy, possibly with a daemon SIGKILLed `delay` ms into it.
     fn deploy(&mut self, victim: Option<(Victim, u64)>) {
         let share = self.random_share();
+        let restart_all = self.rng.random_bool(0.25);
         let file = self
             .c
             .dir
@@ -307,6 +317,11 @@ impl World {
             .arg(CLI_TIMEOUT)
             .arg("deploy-config")
             .arg(&file);
+        if restart_all {
+            cmd.arg("--restart-all");
+            self.report.restart_all += 1;
+        }
+        let asked_at = ticks_since_boot();
         let cli = std::thread::spawn(move || run_cli(cmd, Duration::from_secs(30)));
         if let Some((victim, delay)) = victim {
             // The moment of the kill is the fault being injected.
@@ -319,16 +334,27 @@ impl World {
         let out = cli.join().expect("deploy thread");
         let acked = out.code == Some(0);
         eprintln!(
-            "chaos: deploy #{} {}",
+            "chaos: deploy #{}{} {}",
             self.attempts.len(),
+            if restart_all { " (restart all)" } else { "" },
             if acked { "acknowledged" } else { "failed" }
         );
+        if !acked {
+            for line in out.stderr.lines().take(4) {
+                eprintln!("chaos:   {line}");
+            }
+        }
         if acked {
             self.report.acked += 1;
         } else {
             self.report.unacked += 1;
         }
-        self.attempts.push(Attempt { share, acked });
+        self.attempts.push(Attempt {
+            share,
+            acked,
+            restart_all,
+            asked_at,
+        });
     }
 
     /// Some nodes on each agent: some kept with their spec, some with a new revision,
@@ -425,11 +451,16 @@ impl World {
         let lowest = last_acked.max(self.floor).unwrap_or(0);
         let deadline = Instant::now() + self.opts.settle;
         let mut seen;
+        let mut oldest;
         loop {
-            seen = observed(self.c.dir.path());
-            let matched = (lowest..self.attempts.len())
-                .rev()
-                .find(|&i| matches(&self.attempts[i].share, &seen));
+            let procs = node_processes(self.c.dir.path());
+            oldest = procs.iter().map(|p| p.started).min().unwrap_or(u64::MAX);
+            seen = observed(procs);
+            // Every process must have started since the deploy that restarted every node
+            // last; the one matched counts, as does any acknowledged one before it.
+            let matched = (lowest..self.attempts.len()).rev().find(|&i| {
+                matches(&self.attempts[i].share, &seen) && oldest >= self.restarted_since(i)
+            });
             if let Some(i) = matched {
                 self.floor = Some(i);
                 return;
@@ -439,6 +470,16 @@ impl World {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let restart_lag = (lowest..self.attempts.len())
+            .rev()
+            .find(|&i| matches(&self.attempts[i].share, &seen))
+            .map(|i| {
+                format!(
+                    "; the processes match #{i} but one started at tick {oldest}, before tick {} of the deploy that restarted every node",
+                    self.restarted_since(i)
+                )
+            })
+            .unwrap_or_default();
         let last = &self.attempts[self.attempts.len() - 1].share;
         let acked = last_acked.map_or_else(
             || "none acknowledged".to_owned(),
@@ -446,7 +487,7 @@ impl World {
         );
         let v = format!(
             "after {after} (check {}): processes match no deploy in effect since #{lowest} \
-             of {}; against the last attempt: {}; against the last acknowledged: {acked}",
+             of {}; against the last attempt: {}; against the last acknowledged: {acked}{restart_lag}",
             self.report.checks,
             self.attempts.len(),
             describe_diff(last, &seen)
@@ -466,6 +507,39 @@ impl World {
         }
         self.report.violations.push(v);
     }
+
+    /// The tick since which every process must run if deploy `i` is in effect: when the
+    /// latest deploy up to `i` that restarted every node was asked for, counting only
+    /// `i` itself and acknowledged ones (a failed one may never have been recorded).
+    fn restarted_since(&self, i: usize) -> u64 {
+        self.attempts[..=i]
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(j, a)| a.restart_all && (*j == i || a.acked))
+            .map_or(0, |(_, a)| a.asked_at)
+    }
+}
+
+/// Clock ticks since boot, as process start times in `/proc/PID/stat` count them.
+fn ticks_since_boot() -> u64 {
+    let text = std::fs::read_to_string("/proc/uptime").expect("read /proc/uptime");
+    let secs: f64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("uptime in /proc/uptime");
+    // Truncated, as the kernel's start times are: a process started after this moment
+    // has a start time at least this.
+    (secs * clock_ticks_per_sec() as f64) as u64
+}
+
+fn clock_ticks_per_sec() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .unwrap_or(100)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -509,14 +583,16 @@ struct NodeProc {
     rev: Option<u64>,
     /// A child the node forked (`--spawn-children`), not its main process.
     child: bool,
+    /// Its start time, in clock ticks since boot.
+    started: u64,
 }
 
 /// What runs: per instance, per node, the revisions of its processes.
 type Seen = BTreeMap<String, BTreeMap<String, Vec<Option<u64>>>>;
 
-fn observed(dir: &Path) -> Seen {
+fn observed(procs: Vec<NodeProc>) -> Seen {
     let mut seen = Seen::new();
-    for p in node_processes(dir) {
+    for p in procs {
         seen.entry(p.instance)
             .or_default()
             .entry(p.node)
@@ -590,14 +666,22 @@ fn node_processes(dir: &Path) -> Vec<NodeProc> {
         if !std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir)) {
             continue;
         }
-        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        });
-        if zombie {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command's closing parenthesis: the state (field 3), then on to the
+        // start time (field 22).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        if fields.first().is_none_or(|state| *state == "Z") {
             continue;
         }
+        let Some(started) = fields.get(19).and_then(|t| t.parse().ok()) else {
+            continue;
+        };
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
@@ -623,6 +707,7 @@ fn node_processes(dir: &Path) -> Vec<NodeProc> {
                 node,
                 rev,
                 child,
+                started,
             });
         }
     }
