@@ -414,6 +414,47 @@ fn two_nodes(p: &str, a: &str, b: &str) -> String {
     )
 }
 
+/// A repeat of a generation whose Apply still waits for its nodes (the controller sent
+/// it again on the agent's new connection, say) is answered with that Apply, once the
+/// nodes run, with their results; not at once, as if there were nothing to wait for.
+#[test]
+fn a_repeat_of_a_generation_being_carried_out_is_answered_once_its_nodes_run() {
+    let w = World::new();
+    let text = format!(
+        "[instances.agent-1]\n[nodes.n]\ninstance = \"agent-1\"\ncommand = [\"{}\", \"--ready-after\", \"400ms\"]\nreadiness = {{ kind = \"notify\", timeout = \"10s\" }}\n",
+        prog()
+    );
+    let config = parse_toml("test.toml", &text).unwrap();
+    let (first, again) = w.rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let first = w
+            .sup
+            .apply(config.clone(), Restart::default(), 3, deadline, None);
+        let again = async {
+            // Once generation 3 is applied, as a repeat.
+            while w.sup.applied_generation() != 3 {
+                tokio::task::yield_now().await;
+            }
+            let r = w
+                .sup
+                .apply(config.clone(), Restart::default(), 3, deadline, None)
+                .await;
+            let states: Vec<State> = w.sup.status().await.iter().map(|s| s.state).collect();
+            (r, states)
+        };
+        tokio::join!(first, again)
+    });
+    assert_eq!(first.len(), 1, "{first:?}");
+    let (again, states) = again;
+    assert_eq!(again.len(), 1, "the node's result: {again:?}");
+    assert!(again[0].success, "{again:?}");
+    assert_eq!(again[0].node.as_deref(), Some("n"));
+    assert_eq!(states, [State::Running], "answered before the node ran");
+    // Once that is done, a repeat is answered at once, without results.
+    let r = w.apply_gen(3, None, &text.replace("[instances.agent-1]\n", ""));
+    assert!(r.is_empty(), "{r:?}");
+}
+
 /// An Apply that changes nodes whose spawns for the previous Apply are still under
 /// way: each ends up running the new spec (the process spawned for the old one is
 /// stopped once it exists), and the new Apply's answer waits for that, not for a

@@ -9,8 +9,9 @@
 //! - Applies are taken in arrival order, one at a time. The next one is judged only
 //!   once the one before has been carried out, so each is judged against the
 //!   generation in effect.
-//! - A repeat, a stale generation and an Apply the host cannot honour are answered
-//!   at once and change nothing, not even the desired state on disk.
+//! - A repeat, a stale generation and an Apply the host cannot honour change nothing,
+//!   not even the desired state on disk, and are answered at once (a repeat, along
+//!   with the Apply that carried its generation out, if that one still waits).
 //! - The desired state is written (atomically, synced) before any node is touched:
 //!   an agent killed at any moment finds on disk the generation it was acting on.
 //! - What each node goes through is decided from its spec alone ([`converge::diff`]),
@@ -66,8 +67,16 @@ pub struct Facts {
 /// What the supervisor does next for an Apply.
 #[derive(Debug)]
 pub enum Out<T> {
-    /// Answer it now, with these errors (none: a repeat, or one that changes nothing).
-    /// Nothing changed.
+    /// A repeat of the generation applied: nothing changes. It is answered as the Apply
+    /// that carried that generation out is, if that one still waits for its nodes (a
+    /// controller that sent it again on an agent's new connection must not take it as
+    /// done before they run), else now.
+    Repeat {
+        /// The requester's.
+        with: T,
+    },
+    /// Answer it now, with these errors (none: one that changes nothing). Nothing
+    /// changed.
     Answer {
         /// The requester's.
         with: T,
@@ -208,10 +217,7 @@ impl<T> Applies<T> {
             match converge::judge(table.applied(), generation, restart_all) {
                 Verdict::Apply => {}
                 Verdict::Repeat => {
-                    out.push(Out::Answer {
-                        with: a.with,
-                        errors: Vec::new(),
-                    });
+                    out.push(Out::Repeat { with: a.with });
                     continue;
                 }
                 Verdict::Stale { applied } => {

@@ -453,6 +453,9 @@ struct Core {
     /// Applies in arrival order, carried out one at a time, and the one whose desired
     /// state is being written (off this task: it is synced).
     applies: Applies<Requested>,
+    /// The generation last carried out and the waiter of its Apply, which a repeat of
+    /// that generation joins while it waits.
+    apply_wait: Option<(u64, u64)>,
     next_token: u64,
     shutdown: Option<(Instant, oneshot::Sender<()>)>,
     /// An exit happened: look for orphaned descendants once the burst is handled.
@@ -766,6 +769,7 @@ impl Supervisor {
             applied: applied_tx,
             restart_epoch: 0,
             applies: Applies::default(),
+            apply_wait: None,
             next_token: token_prefix(&state_dir_for_tokens) << 32 | u64::from(rand_u32()),
             shutdown: None,
             sweep_pending: false,
@@ -1213,6 +1217,7 @@ impl Core {
     fn apply_out(&mut self, out: Vec<apply::Out<Requested>>) {
         for o in out {
             match o {
+                apply::Out::Repeat { with } => self.repeat(with),
                 apply::Out::Answer { with, errors } => {
                     let instance = &self.cfg.instance;
                     let results = errors
@@ -1414,7 +1419,7 @@ impl Core {
         }
         let deadline = self.millis_of(deadline);
         let idle = progress.as_ref().map(|p| millis(p.idle));
-        self.waiters.add(
+        let id = self.waiters.add(
             wait,
             Want::Running,
             deadline,
@@ -1425,6 +1430,40 @@ impl Core {
                 progress: progress.map(|p| p.tx),
             },
         );
+        self.apply_wait = Some((generation, id));
+    }
+
+    /// Answers a repeat of the generation applied along with the Apply that carried it
+    /// out, while that one waits for its nodes; now, without changes, once it is done.
+    fn repeat(&mut self, with: Requested) {
+        let Requested {
+            mut deadline,
+            progress,
+            reply,
+            ..
+        } = with;
+        if let Some(p) = &progress {
+            deadline = deadline.max(Instant::now() + p.idle);
+        }
+        let deadline = self.millis_of(deadline);
+        let idle = progress.as_ref().map(|p| millis(p.idle));
+        let requester = Requester {
+            reply,
+            progress: progress.map(|p| p.tx),
+        };
+        let applied = *self.applied.borrow();
+        let joined = match self.apply_wait {
+            Some((generation, id)) if generation == applied => {
+                self.waiters.add_like(id, deadline, idle, requester)
+            }
+            _ => Err(requester),
+        };
+        match joined {
+            Ok(_) => self.settle_waiters(),
+            Err(requester) => {
+                let _ = requester.reply.send(Vec::new());
+            }
+        }
     }
 
     fn desired_path(&self) -> PathBuf {

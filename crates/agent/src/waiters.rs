@@ -136,6 +136,33 @@ impl<T> Waiters<T> {
         id
     }
 
+    /// A request that waits for what request `of` still waits for, and is answered as
+    /// it will be: with the results it has so far and those to come (an Apply repeated
+    /// while the first of its generation still waits for its nodes, say), until
+    /// `deadline`. Its id; the handle back when `of` is answered already.
+    pub fn add_like(
+        &mut self,
+        of: u64,
+        deadline: Millis,
+        idle: Option<Millis>,
+        handle: T,
+    ) -> Result<u64, T> {
+        let Some(w) = self.waits.iter().find(|w| w.id == of) else {
+            return Err(handle);
+        };
+        let (nodes, want, results, failing) = (
+            w.nodes.clone(),
+            w.want,
+            w.results.clone(),
+            w.failing.clone(),
+        );
+        let id = self.add(nodes, want, deadline, idle, results, handle);
+        if let Some(w) = self.waits.last_mut() {
+            w.failing = failing;
+        }
+        Ok(id)
+    }
+
     /// The requester's handle of request `wait`.
     pub fn handle(&self, wait: u64) -> Option<&T> {
         self.waits.iter().find(|w| w.id == wait).map(|w| &w.handle)

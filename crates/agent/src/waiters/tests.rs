@@ -317,3 +317,36 @@ fn a_tail_longer_than_the_lines_kept_is_cut_to_the_last_ones() {
     assert!(kept.starts_with("line 5\n"));
     assert!(kept.ends_with(&format!("line {}", OUTPUT_LINES + 4)));
 }
+
+#[test]
+fn a_request_added_like_another_is_answered_with_it_and_alike() {
+    let mut v = Fake::default();
+    v.node("a", State::Pending, 1);
+    v.node("b", State::Pending, 1);
+    let mut w = Waiters::default();
+    let first = w.add(
+        one(&["a", "b"], None),
+        Want::Running,
+        10_000,
+        None,
+        Vec::new(),
+        "first",
+    );
+    v.node("a", State::Running, 1);
+    w.settle(10, "i", &v);
+    // Joins once "a" has settled: it still gets its result.
+    assert!(w.add_like(first, 10_000, None, "again").is_ok());
+    assert!(w.answers().is_empty());
+    v.node("b", State::Running, 1);
+    w.settle(20, "i", &v);
+    let answers = w.answers();
+    assert_eq!(answers.len(), 2);
+    for (handle, results) in &answers {
+        let nodes: Vec<_> = results.iter().map(|r| r.node.as_deref()).collect();
+        assert_eq!(nodes, [Some("a"), Some("b")], "{handle}");
+        assert!(results.iter().all(|r| r.success), "{handle}: {results:?}");
+    }
+    // Once the first is answered there is nothing to join.
+    assert_eq!(w.add_like(first, 10_000, None, "late"), Err("late"));
+    assert!(w.is_empty());
+}
