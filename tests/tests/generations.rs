@@ -208,9 +208,17 @@ fn an_agent_that_cannot_record_a_deploy_lags_and_is_brought_to_it_once_it_can() 
         Some(before.clone()),
         "nothing changed"
     );
-    // It is sent the deploy again while it lags, and says why it cannot apply it.
+    // It is sent the deploy again while it lags, and says why it cannot apply it; the
+    // same refusal again is not warned about again.
     ctl.wait_log("agent 'agent-1' did not apply the desired generation 2");
     agent.wait_log("cannot record the desired state");
+    let log = ctl.wait_log("agent 'agent-1' still does not apply the desired generation 2");
+    assert_eq!(
+        log.matches("did not apply the desired generation 2")
+            .count(),
+        1,
+        "{log}"
+    );
     assert_eq!(running(&c, addr, 1), Some(before));
 
     // Writable again: the agent is brought to generation 2, which becomes the deployed

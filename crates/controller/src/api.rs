@@ -1341,12 +1341,27 @@ pub(crate) async fn reapply(
                     );
                     continue;
                 }
+                let reason = r.error.as_deref().unwrap_or("no reason given");
+                let again = shared
+                    .refusals
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(name.to_owned(), (desired.generation, reason.to_owned()))
+                    .is_some_and(|last| last == (desired.generation, reason.to_owned()));
+                if again {
+                    debug!(
+                        agent = %name,
+                        generation = desired.generation,
+                        "agent '{name}' still does not apply the desired generation {}: {reason}",
+                        desired.generation
+                    );
+                    continue;
+                }
                 warn!(
                     agent = %name,
                     generation = desired.generation,
-                    "agent '{name}' did not apply the desired generation {}: {}; it is sent it again later",
-                    desired.generation,
-                    r.error.as_deref().unwrap_or("no reason given")
+                    "agent '{name}' did not apply the desired generation {}: {reason}; it is sent it again later",
+                    desired.generation
                 );
             }
         }
@@ -1359,6 +1374,11 @@ pub(crate) async fn reapply(
                 "agent '{name}' brought to the desired generation {}",
                 desired.generation
             );
+            shared
+                .refusals
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(name);
             shared.view().acknowledged(name, desired.generation);
             converge(shared);
             for r in rs.iter().filter(|r| !r.success) {

@@ -194,6 +194,10 @@ pub(crate) struct Shared {
     /// re-applies of returning agents: made for each agent on its own, a reconnect
     /// storm of N agents would scan the whole configuration N times.
     pub(crate) shares: std::sync::Mutex<Option<DeployShares>>,
+    /// The last reason each agent gave for not applying the desired generation, so that
+    /// a retry that meets the same refusal (every 30 s, while it lasts) is logged at
+    /// debug level rather than warned about again.
+    pub(crate) refusals: std::sync::Mutex<BTreeMap<String, (u64, String)>>,
 }
 
 /// The shares of one deploy, by instance; the deploy is held so that its address
@@ -526,6 +530,7 @@ impl Controller {
                 ports,
                 audit,
                 shares: std::sync::Mutex::default(),
+                refusals: std::sync::Mutex::default(),
             }),
         })
     }
