@@ -30,11 +30,16 @@ pub fn available() -> bool {
     );
 }
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+/// `count` distinct TCP ports on 127.0.0.1 that were free a moment ago: all are held at
+/// once while they are picked, so that the kernel cannot hand out one twice (a cluster
+/// given one URL for two members does not start).
+fn free_tcp_ports(count: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("a bound address").port())
+        .collect()
 }
 
 /// One etcd member.
@@ -89,7 +94,10 @@ impl Etcd {
             }
         });
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_tcp_port(), free_tcp_port())).collect();
+        let ports: Vec<(u16, u16)> = free_tcp_ports(2 * n)
+            .chunks(2)
+            .map(|p| (p[0], p[1]))
+            .collect();
         let initial: Vec<String> = ports
             .iter()
             .enumerate()

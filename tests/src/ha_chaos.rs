@@ -499,8 +499,9 @@ pub fn run(opts: &Options) -> Report {
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let mut ctl = Controllers {
         procs: vec![None, None, None],
-        addrs: (0..3)
-            .map(|_| SocketAddr::from(([127, 0, 0, 1], crate::free_udp_port())))
+        addrs: crate::free_udp_ports(3)
+            .into_iter()
+            .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
             .collect(),
         lease: opts.lease.clone(),
     };

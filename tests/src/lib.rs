@@ -987,10 +987,18 @@ pub fn status_mask(pid: u32, field: &str) -> Option<u64> {
 
 /// A UDP port that was free a moment ago on 127.0.0.1.
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+    free_udp_ports(1)[0]
+}
+
+/// `count` distinct UDP ports on 127.0.0.1 that were free a moment ago, all held at once
+/// while picked so that none is handed out twice.
+pub fn free_udp_ports(count: usize) -> Vec<u16> {
+    let held: Vec<std::net::UdpSocket> = (0..count)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    held.iter()
+        .map(|s| s.local_addr().expect("a bound address").port())
+        .collect()
 }
 
 /// Validity that ended yesterday.
