@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{CliOutput, Cluster, Proc, addr_in_log, bin, run_cli};
+use crate::{CliOutput, Cluster, Proc, addr_in_log, bin, free_tcp_ports, run_cli};
 
 /// Whether the etcd tests can run: `false` only when etcd is missing and skipping was
 /// asked for; a missing etcd is otherwise a failure that says how to install it.
@@ -28,18 +28,6 @@ pub fn available() -> bool {
         "etcd is not on PATH: install it (Debian: apt-get install etcd-server; .ci/run does), \
          or set DROVER_SKIP_ETCD_TESTS=1 to skip the high-availability tests"
     );
-}
-
-/// `count` distinct TCP ports on 127.0.0.1 that were free a moment ago: all are held at
-/// once while they are picked, so that the kernel cannot hand out one twice (a cluster
-/// given one URL for two members does not start).
-fn free_tcp_ports(count: usize) -> Vec<u16> {
-    let held: Vec<std::net::TcpListener> = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().expect("a bound address").port())
-        .collect()
 }
 
 /// One etcd member.

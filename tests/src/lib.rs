@@ -953,9 +953,19 @@ impl Drop for MuteAgent {
 
 /// A TCP address on 127.0.0.1 that was free a moment ago (for metrics listeners).
 pub fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free TCP port")
+    SocketAddr::from(([127, 0, 0, 1], free_tcp_ports(1)[0]))
+}
+
+/// `count` distinct TCP ports on 127.0.0.1 that were free a moment ago: all are held at
+/// once while they are picked, so that the kernel cannot hand out one twice (an etcd
+/// cluster given one URL for two members does not start).
+pub fn free_tcp_ports(count: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("a bound address").port())
+        .collect()
 }
 
 /// The page a daemon's metrics listener at `addr` serves (`GET /metrics`), headers

@@ -432,9 +432,13 @@ fn a_repeat_of_a_generation_being_carried_out_is_answered_once_its_nodes_run() {
             .apply(config.clone(), Restart::default(), 3, deadline, None);
         let again = async {
             // Once generation 3 is applied, as a repeat.
-            while w.sup.applied_generation() != 3 {
-                tokio::task::yield_now().await;
-            }
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while w.sup.applied_generation() != 3 {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("generation 3 applied within 10 s");
             let r = w
                 .sup
                 .apply(config.clone(), Restart::default(), 3, deadline, None)
