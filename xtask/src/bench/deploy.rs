@@ -7,7 +7,9 @@
 //!   then `drover deploy-config` of 4 × 50 nodes running `drover-testprog`. Timed from
 //!   just before the CLI starts: when it returns (its reply waits until every node is
 //!   RUNNING, i.e. ready), and when a `drover monitor` stream subscribed beforehand has
-//!   seen every node RUNNING (no polling).
+//!   seen every node RUNNING (no polling). Then the same file is deployed again: a new
+//!   generation with nothing to start, so its time is what a deploy costs before its
+//!   first spawn, whatever the number of nodes (it must restart none).
 //! - **bare**: the same 200 programs spawned with `std::process::Command` (posix_spawn)
 //!   from one thread of this process: the physical floor. Each gets the variables of
 //!   an agent's environment that the program acts on (its node name, instance and query
@@ -103,6 +105,11 @@ const METRICS: &[(&str, &str, bool)] = &[
         false,
     ),
     ("last_exec_ms", "request → last program exec'd (ms)", false),
+    (
+        "again_ms",
+        "the same deploy again → command returns: the per-request cost, nothing to start (ms)",
+        false,
+    ),
     (
         "cpu_ms",
         "CPU of the supervising processes meanwhile (ms, 10 ms ticks)",
@@ -428,6 +435,41 @@ fn measure_drover(
         match listing.get(name) {
             Some(p) if p.running && p.pid.is_some_and(|pid| pids.contains(&pid)) => {}
             other => bail!("get-nodes after the deploy: {name} is {other:?}"),
+        }
+    }
+
+    // The same file again: a new generation whose nodes all run already. What it takes
+    // is what every deploy costs before its first spawn (a CLI process, the handshake,
+    // staging and deploying, each recorded durably, the agents' answers).
+    let t1 = Instant::now();
+    let mut cmd = cluster.client();
+    cmd.arg("deploy-config").arg(file);
+    let mut again =
+        Pending::spawn(&mut cmd, dir, "again", "drover deploy-config (again)")?.in_background();
+    let (at, done) = loop {
+        if let Some(done) = again.try_done() {
+            break done;
+        }
+        if interrupted() {
+            bail!("interrupted");
+        }
+        if t1.elapsed() > patience {
+            bail!("the same deploy again did not finish within {patience:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    drover::check_reply(&done?)?;
+    push(&mut s, "again_ms", ms(at - t1));
+    let out = cluster
+        .client()
+        .arg("get-nodes")
+        .output()
+        .context("cannot run `drover get-nodes`")?;
+    let after = drover::parse_get_nodes(&serde_json::from_slice(&out.stdout)?)?;
+    for name in &ctx.names {
+        let (before, now) = (listing.get(name), after.get(name));
+        if before.map(|p| p.pid) != now.map(|p| p.pid) {
+            bail!("the same deploy again restarted {name}: {before:?}, then {now:?}");
         }
     }
     Ok(s)
