@@ -895,6 +895,9 @@ pub fn canon_pids_and_ids(text: &str) -> String {
 pub struct MuteAgent {
     /// Held so the connection lives; closed on drop.
     endpoint: quinn::Endpoint,
+    /// The type of each request received, in order: what a test waits for before it
+    /// changes the scene.
+    received: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl MuteAgent {
@@ -903,13 +906,17 @@ impl MuteAgent {
         use drover_net::conn::{self, TransportSettings};
         use drover_net::{Credentials, TlsFiles};
         use drover_proto::msg::{API_VERSION, ControllerRequest, Hello, Request, WireError};
-        c.issue(PeerRole::Agent, "mute");
+        if !c.pki_file("mute.crt").exists() {
+            c.issue(PeerRole::Agent, "mute");
+        }
         let creds = Credentials::load(&TlsFiles {
             ca: c.pki_file("ca.crt"),
             cert: c.pki_file("mute.crt"),
             key: c.pki_file("mute.key"),
         })
         .expect("mute agent credentials");
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = received.clone();
         let endpoint = rt.block_on(async {
             let settings = TransportSettings::default();
             let endpoint = conn::client_endpoint(&creds, &settings, addr).expect("endpoint");
@@ -935,13 +942,23 @@ impl MuteAgent {
             tokio::spawn(conn::serve(
                 est.conn,
                 settings,
-                |_req: Request<ControllerRequest>| async {
-                    std::future::pending::<Result<(), WireError>>().await
+                move |req: Request<ControllerRequest>| {
+                    let kind = serde_json::to_value(&req.body)
+                        .ok()
+                        .and_then(|v| v["type"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    log.lock().expect("request log").push(kind);
+                    std::future::pending::<Result<(), WireError>>()
                 },
             ));
             endpoint
         });
-        Self { endpoint }
+        Self { endpoint, received }
+    }
+
+    /// The type of each request received so far (`apply`, `stop`, ...), in order.
+    pub fn received(&self) -> Vec<String> {
+        self.received.lock().expect("request log").clone()
     }
 }
 
