@@ -358,6 +358,64 @@ fn a_deploy_sent_on_an_agents_stale_connection_reaches_it_on_its_new_one() {
     );
 }
 
+/// An operator's stop that goes out on the connection of an agent that has just died is
+/// sent again on the connection of the agent process that takes its place, which adopted
+/// the node: the stop succeeds and the node stops, rather than the command failing with
+/// the old connection's end while the node runs on.
+#[test]
+fn a_stop_sent_on_an_agents_stale_connection_reaches_it_on_its_new_one() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller_with("127.0.0.1:0", &["--request-timeout", "20s"]);
+    let mut agent = c.start_agent("mute", addr);
+    c.wait_for_agent(addr, "mute");
+    let prog = bin("drover-testprog");
+    let file = c.dir.path().join("mute.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.mute]\n[nodes.n1]\ninstance = \"mute\"\ncommand = [\"{}\", \"--sleep-forever\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+            prog.display()
+        ),
+    )
+    .unwrap();
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let pid = eventually("n1 running", PATIENCE, || running(&c, addr, 1))["n1"];
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+
+    // The agent dies (its node runs on); a connection that takes requests and answers
+    // none holds its name, as the dead agent's own would until its idle timeout.
+    agent.kill();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mute = MuteAgent::connect(&c, addr, &rt);
+    let mut cmd = c.drover_command(addr);
+    cmd.args(["--timeout", "30s", "stop", "n1"]);
+    let (out, _agent) = std::thread::scope(|s| {
+        let stop = s.spawn(|| drover_tests::run_cli(cmd, std::time::Duration::from_secs(60)));
+        eventually("the stop on the old connection", PATIENCE, || {
+            mute.received().iter().any(|r| r == "stop").then_some(())
+        });
+        assert!(
+            nix::sys::signal::kill(pid, None).is_ok(),
+            "the node runs while the stop waits"
+        );
+        // A new agent process adopts the node; its connection replaces the old one,
+        // which does not answer the controller's probe.
+        let agent = c.start_agent("mute", addr);
+        (stop.join().unwrap(), agent)
+    });
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.json()["results"]["n1"], true, "{}", out.stdout);
+    eventually("n1 gone", PATIENCE, || {
+        nix::sys::signal::kill(pid, None).is_err().then_some(())
+    });
+    let nodes = c.drover(addr, &["get-nodes"]).json();
+    assert_eq!(
+        nodes["results"]["mute"]["n1"]["state"], "STOPPED",
+        "{nodes}"
+    );
+}
+
 /// Needs agents that apply by generation: with agents that skip an Apply whose config
 /// id they already have, the edited node keeps running its old command.
 #[test]

@@ -835,8 +835,11 @@ pub(crate) async fn call_agent(
 /// The agent's new connection, when `conn` closed under a request that may be sent
 /// again: an agent that restarted, or moved after a network change, while the
 /// controller was giving up its old connection gets the request there, rather than the
-/// request failing with the old connection's end. Only requests the agent carries out
-/// once however often they come (an Apply of a generation) or that only read.
+/// request failing with the old connection's end. Only requests whose second copy
+/// changes nothing the first did: an Apply of a generation (carried out once however
+/// often it comes), a stop or a start (each brings its nodes to a state, which a node
+/// already in it keeps), and those that only read. A restart or a signal acts each
+/// time, and the agent may have had the first copy, so those fail as before.
 fn replacement(
     shared: &Shared,
     name: &str,
@@ -845,7 +848,9 @@ fn replacement(
 ) -> Option<quinn::Connection> {
     let repeatable = match req {
         ControllerRequest::Apply { generation, .. } => *generation > 0,
-        ControllerRequest::GetNodes
+        ControllerRequest::Stop { .. }
+        | ControllerRequest::Start { .. }
+        | ControllerRequest::GetNodes
         | ControllerRequest::Ping
         | ControllerRequest::GetIdValue { .. } => true,
         _ => false,
