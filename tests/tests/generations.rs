@@ -361,7 +361,9 @@ fn a_deploy_sent_on_an_agents_stale_connection_reaches_it_on_its_new_one() {
 /// An operator's stop that goes out on the connection of an agent that has just died is
 /// sent again on the connection of the agent process that takes its place, which adopted
 /// the node: the stop succeeds and the node stops, rather than the command failing with
-/// the old connection's end while the node runs on.
+/// the old connection's end while the node runs on. A restart sent alongside is not sent
+/// again, since the agent may have carried out its first copy: it fails, naming the
+/// instance.
 #[test]
 fn a_stop_sent_on_an_agents_stale_connection_reaches_it_on_its_new_one() {
     let c = Cluster::new();
@@ -388,10 +390,17 @@ fn a_stop_sent_on_an_agents_stale_connection_reaches_it_on_its_new_one() {
     agent.kill();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mute = MuteAgent::connect(&c, addr, &rt);
-    let mut cmd = c.drover_command(addr);
-    cmd.args(["--timeout", "30s", "stop", "n1"]);
-    let (out, _agent) = std::thread::scope(|s| {
-        let stop = s.spawn(|| drover_tests::run_cli(cmd, std::time::Duration::from_secs(60)));
+    let mut restart = c.drover_command(addr);
+    restart.args(["--timeout", "30s", "restart", "n1"]);
+    let mut stop = c.drover_command(addr);
+    stop.args(["--timeout", "30s", "stop", "n1"]);
+    let patience = std::time::Duration::from_secs(60);
+    let (restarted, out, _agent) = std::thread::scope(|s| {
+        let restart = s.spawn(|| drover_tests::run_cli(restart, patience));
+        eventually("the restart on the old connection", PATIENCE, || {
+            mute.received().iter().any(|r| r == "restart").then_some(())
+        });
+        let stop = s.spawn(|| drover_tests::run_cli(stop, patience));
         eventually("the stop on the old connection", PATIENCE, || {
             mute.received().iter().any(|r| r == "stop").then_some(())
         });
@@ -402,8 +411,14 @@ fn a_stop_sent_on_an_agents_stale_connection_reaches_it_on_its_new_one() {
         // A new agent process adopts the node; its connection replaces the old one,
         // which does not answer the controller's probe.
         let agent = c.start_agent("mute", addr);
-        (stop.join().unwrap(), agent)
+        (restart.join().unwrap(), stop.join().unwrap(), agent)
     });
+    assert_ne!(restarted.code, Some(0), "{}", restarted.stdout);
+    assert!(
+        restarted.stdout.contains("mute") && restarted.stdout.contains("connection closed"),
+        "{}",
+        restarted.stdout
+    );
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     assert_eq!(out.json()["results"]["n1"], true, "{}", out.stdout);
     eventually("n1 gone", PATIENCE, || {
