@@ -106,12 +106,61 @@ pub fn server_endpoint(
     addr: SocketAddr,
     settings: &TransportSettings,
 ) -> Result<quinn::Endpoint, NetError> {
+    server_endpoint_keyed(creds, addr, settings, None)
+}
+
+/// The length of a stateless reset key.
+pub const RESET_KEY_LEN: usize = 32;
+
+/// A new random stateless reset key, for [`server_endpoint_keyed`].
+pub fn new_reset_key() -> Result<[u8; RESET_KEY_LEN], NetError> {
+    let mut key = [0u8; RESET_KEY_LEN];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| NetError::Credentials("no random numbers for a reset key".to_owned()))?;
+    Ok(key)
+}
+
+/// As [`server_endpoint`], with the stateless resets keyed by `reset_key` when given.
+///
+/// A packet for a connection the endpoint does not know (it restarted after a crash, so
+/// its connections are gone) is answered with a stateless reset, which a peer believes
+/// only if it carries the token the connection's first endpoint announced: an HMAC of
+/// the connection id under this key. With new random keys per process, a restarted
+/// daemon dropped such packets (it could not tell its own connection ids from noise) or
+/// sent resets the peer ignored, and every peer waited out its idle timeout before it
+/// dialled again; with the key kept across restarts, peers learn at their next packet
+/// (a keep-alive at the latest) that the connection is gone.
+pub fn server_endpoint_keyed(
+    creds: &Credentials,
+    addr: SocketAddr,
+    settings: &TransportSettings,
+    reset_key: Option<&[u8; RESET_KEY_LEN]>,
+) -> Result<quinn::Endpoint, NetError> {
     let tls = creds.server_config()?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| NetError::Credentials(format!("tls configuration unusable for quic: {e}")))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(settings.transport_config()?));
-    let mut endpoint = bind_endpoint(addr, Some(cfg))?;
+    let endpoint_config = match reset_key {
+        Some(key) => {
+            let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+            // The connection ids carry a hash under a key of their own, which is how an
+            // endpoint tells a packet of a connection it lost from noise; it must
+            // outlive the process too, or the restarted endpoint drops the packets
+            // instead of resetting their connections.
+            let tag = ring::hmac::sign(&hmac, b"drover connection ids");
+            let mut cid_key = [0u8; 8];
+            cid_key.copy_from_slice(&tag.as_ref()[..8]);
+            let cid_key = u64::from_le_bytes(cid_key);
+            let mut config = quinn::EndpointConfig::new(Arc::new(hmac));
+            config.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            config
+        }
+        None => quinn::EndpointConfig::default(),
+    };
+    let mut endpoint = bind_endpoint(addr, Some(cfg), endpoint_config)?;
     endpoint.set_default_client_config(client_config(creds, settings)?);
     Ok(endpoint)
 }
@@ -128,6 +177,7 @@ pub const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 fn bind_endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
+    config: quinn::EndpointConfig,
 ) -> Result<quinn::Endpoint, NetError> {
     let bind_err = |source| NetError::Bind { addr, source };
     let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
@@ -145,8 +195,7 @@ fn bind_endpoint(
     }
     let runtime = quinn::default_runtime()
         .ok_or_else(|| bind_err(std::io::Error::other("no async runtime found")))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
-        .map_err(bind_err)
+    quinn::Endpoint::new(config, server, socket, runtime).map_err(bind_err)
 }
 
 /// A client-only endpoint bound to an ephemeral port of the right address family.
@@ -160,7 +209,7 @@ pub fn client_endpoint(
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let mut endpoint = bind_endpoint(bind, None)?;
+    let mut endpoint = bind_endpoint(bind, None, quinn::EndpointConfig::default())?;
     endpoint.set_default_client_config(client_config(creds, settings)?);
     Ok(endpoint)
 }

@@ -1,0 +1,119 @@
+//! The key of a daemon's QUIC stateless resets, kept in its state dir so that a daemon
+//! started again after a crash ends its peers' old connections at their next keep-alive,
+//! rather than each peer waiting out its idle timeout before it dials again (see
+//! [`crate::conn::server_endpoint_keyed`]).
+//!
+//! Whoever holds the key can end others' connections to this daemon, so it is a secret:
+//! mode 0600 in the state dir, never logged. It is made once, written whole (a temp
+//! file renamed into place) and read at every start.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::conn::{RESET_KEY_LEN, new_reset_key};
+
+/// The key's file in the state dir.
+pub const FILE: &str = "quic-reset.key";
+
+/// Why the key cannot be had.
+#[derive(Debug, thiserror::Error)]
+#[error("stateless reset key {path}: {reason}")]
+pub struct Error {
+    /// The key's file.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Reads the key from `dir` (a secured state dir), making it first if there is none.
+pub fn load_or_create(dir: &Path) -> Result<[u8; RESET_KEY_LEN], Error> {
+    let path = dir.join(FILE);
+    let fail = |reason: String| Error {
+        path: path.clone(),
+        reason,
+    };
+    match fs::read(&path) {
+        Ok(bytes) => {
+            let key = <[u8; RESET_KEY_LEN]>::try_from(bytes.as_slice()).map_err(|_| {
+                fail(format!(
+                    "holds {} bytes, not {RESET_KEY_LEN}: remove it and a new key is made \
+                     (agents connected at the time then reconnect after their idle timeout)",
+                    bytes.len()
+                ))
+            })?;
+            let meta = fs::metadata(&path).map_err(|e| fail(e.to_string()))?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                    .map_err(|e| fail(format!("cannot make it private: {e}")))?;
+                tracing::warn!("tightened the mode of {} to 600", path.display());
+            }
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = new_reset_key().map_err(|e| fail(e.to_string()))?;
+            write(dir, &path, &key).map_err(|e| fail(format!("cannot write it: {e}")))?;
+            Ok(key)
+        }
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+/// Writes the key through a temp file, so that a crash leaves no partial key.
+fn write(dir: &Path, path: &Path, key: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{FILE}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    let result = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(key).and_then(|()| f.sync_all()))
+        .and_then(|()| fs::rename(&tmp, path))
+        .and_then(|()| fs::File::open(dir)?.sync_all());
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_made_once_private_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create(dir.path()).unwrap();
+        let path = dir.path().join(FILE);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(load_or_create(dir.path()).unwrap(), first, "read back");
+        assert!(!dir.path().join(format!("{FILE}.tmp")).exists());
+        // Another state dir, another key.
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(load_or_create(other.path()).unwrap(), first);
+    }
+
+    #[test]
+    fn a_loose_mode_is_tightened_and_a_wrong_size_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = load_or_create(dir.path()).unwrap();
+        let path = dir.path().join(FILE);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(load_or_create(dir.path()).unwrap(), key);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        fs::write(&path, b"short").unwrap();
+        let err = load_or_create(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(FILE) && err.contains("holds 5 bytes, not 32"),
+            "{err}"
+        );
+    }
+}
