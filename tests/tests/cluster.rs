@@ -81,6 +81,51 @@ fn agents_reconnect_when_the_controller_restarts() {
     );
 }
 
+/// A controller killed and started again on its address and state dir answers the
+/// agents' next keep-alive with a stateless reset they believe (its key is kept in the
+/// state dir), so they dial again at once instead of waiting out their idle timeout,
+/// which here is a minute.
+#[test]
+fn agents_learn_at_once_that_a_controller_started_again_after_a_crash_lost_them() {
+    let mut c = Cluster::new();
+    c.idle_timeout = Duration::from_secs(60);
+    let (mut controller, addr) = c.start_controller("127.0.0.1:0");
+    let a1 = c.start_agent("agent-1", addr);
+    eventually("agent listed", PATIENCE, || {
+        (instance_names(&c, addr) == ["agent-1"]).then_some(())
+    });
+    let key = c.dir.path().join("controller").join("quic-reset.key");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+
+    controller.kill();
+    let restarted = Instant::now();
+    let (_controller, addr2) = c.start_controller(&addr.to_string());
+    assert_eq!(addr, addr2);
+    let log = a1.wait_log("reset the connection");
+    let lost = log
+        .lines()
+        .find(|l| l.contains("lost the controller"))
+        .unwrap_or_default()
+        .to_owned();
+    eventually("agent back after the restart", PATIENCE, || {
+        (instance_names(&c, addr) == ["agent-1"]).then_some(())
+    });
+    // Well within the idle timeout: the reset came at the next keep-alive.
+    assert!(
+        restarted.elapsed() < Duration::from_secs(20),
+        "back after {:?}; {lost}",
+        restarted.elapsed()
+    );
+    assert_eq!(
+        a1.log_text().matches("connected to controller").count(),
+        2,
+        "{}",
+        a1.log_text()
+    );
+}
+
 #[test]
 fn agent_started_before_the_controller_connects_once_it_is_up() {
     let c = Cluster::new();

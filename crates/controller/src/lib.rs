@@ -139,6 +139,9 @@ pub enum Error {
     /// The persisted state is unusable.
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// The key of the stateless resets cannot be read or made.
+    #[error(transparent)]
+    ResetKey(#[from] drover_net::reset_key::Error),
     /// The audit trail cannot be opened.
     #[error("audit trail {path}: {source}")]
     Audit {
@@ -471,7 +474,15 @@ impl Controller {
             max_streams: config.transport.max_streams.min(PEER_STREAMS),
             ..config.transport
         };
-        let endpoint = conn::server_endpoint(&creds, config.listen, &transport)?;
+        // Kept with the state, so that agents of a controller started again after a
+        // crash learn at once that their connections are gone. Controllers on etcd
+        // have no state dir of their own; their agents' idle timeout is short anyway.
+        let reset_key = match &config.ha {
+            None => Some(drover_net::reset_key::load_or_create(&config.state_dir)?),
+            Some(_) => None,
+        };
+        let endpoint =
+            conn::server_endpoint_keyed(&creds, config.listen, &transport, reset_key.as_ref())?;
         let metrics = match config.metrics_listen {
             Some(addr) => {
                 let l = std::net::TcpListener::bind(addr)
