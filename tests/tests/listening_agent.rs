@@ -55,6 +55,44 @@ fn controller_dials_a_listening_agent_deploys_and_redials_after_restart() {
     drop(agent);
 }
 
+/// A listening agent killed and started again on its address and state dir answers the
+/// controller's next keep-alive with a stateless reset the controller believes (the
+/// agent keeps its key in its state dir), so the controller dials it again at once
+/// rather than after its idle timeout, which here is a minute.
+#[test]
+fn a_controller_learns_at_once_that_a_listening_agent_started_again_lost_it() {
+    let mut c = Cluster::new();
+    c.idle_timeout = Duration::from_secs(60);
+    let (ctl, addr) = c.start_controller("127.0.0.1:0");
+    let port = free_udp_port();
+    let agent_addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut agent = c.start_listening_agent("agent-1", agent_addr);
+    agent.wait_log("listening for the controller");
+    let file = c.dir.path().join("listen.toml");
+    std::fs::write(
+        &file,
+        format!("[instances.agent-1]\nhost = \"127.0.0.1\"\nport = {port}\n"),
+    )
+    .unwrap();
+    let out = c.drover(addr, &["stage-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    ctl.wait_log("agent 'agent-1' connected");
+
+    agent.kill();
+    let restarted = std::time::Instant::now();
+    let agent = c.start_listening_agent("agent-1", agent_addr);
+    agent.wait_log("listening for the controller");
+    let log = ctl.wait_log("reset the connection");
+    eventually("the controller dialled the new agent", PATIENCE, || {
+        (ctl.log_text().matches("agent 'agent-1' connected").count() == 2).then_some(())
+    });
+    assert!(
+        restarted.elapsed() < Duration::from_secs(20),
+        "back after {:?}:\n{log}",
+        restarted.elapsed()
+    );
+}
+
 #[test]
 fn only_the_controller_may_connect_to_a_listening_agent() {
     let c = Cluster::new();

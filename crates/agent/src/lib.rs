@@ -150,6 +150,9 @@ pub enum Error {
     /// the next agent process to adopt).
     #[error("the supervisor {0}")]
     Supervisor(String),
+    /// The key of the stateless resets cannot be read or made.
+    #[error(transparent)]
+    ResetKey(#[from] drover_net::reset_key::Error),
     /// The state directory is unusable.
     #[error("state dir {path}: {source}")]
     StateDir {
@@ -261,7 +264,17 @@ impl Agent {
             source,
         })?;
         let listener = match config.listen {
-            Some(addr) => Some(conn::server_endpoint(&creds, addr, &config.transport)?),
+            // Kept with the state: a controller that dials this agent learns at once
+            // that an agent started again after a crash lost its connection.
+            Some(addr) => {
+                let key = drover_net::reset_key::load_or_create(&config.state_dir)?;
+                Some(conn::server_endpoint_keyed(
+                    &creds,
+                    addr,
+                    &config.transport,
+                    Some(&key),
+                )?)
+            }
             None => None,
         };
         let metrics = match config.metrics_listen {
