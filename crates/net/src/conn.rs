@@ -113,10 +113,10 @@ pub fn server_endpoint(
 pub const RESET_KEY_LEN: usize = 32;
 
 /// A new random stateless reset key, for [`server_endpoint_keyed`].
-pub fn new_reset_key() -> Result<[u8; RESET_KEY_LEN], NetError> {
+pub fn new_reset_key() -> std::io::Result<[u8; RESET_KEY_LEN]> {
     let mut key = [0u8; RESET_KEY_LEN];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
-        .map_err(|_| NetError::Credentials("no random numbers for a reset key".to_owned()))?;
+        .map_err(|_| std::io::Error::other("the system gave no random bytes"))?;
     Ok(key)
 }
 
