@@ -308,6 +308,20 @@ fn an_agent_that_missed_a_restart_of_every_node_restarts_them_when_brought_to_it
     );
 }
 
+/// A cluster file with one node, `n1`, on instance `mute`, that runs until stopped.
+fn mute_file(c: &Cluster) -> PathBuf {
+    let file = c.dir.path().join("mute.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.mute]\n[nodes.n1]\ninstance = \"mute\"\ncommand = [\"{}\", \"--sleep-forever\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+            bin("drover-testprog").display()
+        ),
+    )
+    .unwrap();
+    file
+}
+
 /// An agent restarts while the controller still holds its old connection, and a deploy
 /// goes out on that one: once the new connection replaces it, the deploy reaches the
 /// agent there and succeeds, rather than failing with the old connection's end.
@@ -320,16 +334,7 @@ fn a_deploy_sent_on_an_agents_stale_connection_reaches_it_on_its_new_one() {
     // a moment ago.
     let _stale = MuteAgent::connect(&c, addr, &rt);
     c.wait_for_agent(addr, "mute");
-    let prog = bin("drover-testprog");
-    let file = c.dir.path().join("mute.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[instances.mute]\n[nodes.n1]\ninstance = \"mute\"\ncommand = [\"{}\", \"--sleep-forever\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
-            prog.display()
-        ),
-    )
-    .unwrap();
+    let file = mute_file(&c);
     let mut cmd = c.drover_command(addr);
     cmd.args(["--timeout", "30s", "deploy-config"]).arg(&file);
     let (out, _agent) = std::thread::scope(|s| {
@@ -370,16 +375,7 @@ fn a_stop_sent_on_an_agents_stale_connection_reaches_it_on_its_new_one() {
     let (_ctl, addr) = c.start_controller_with("127.0.0.1:0", &["--request-timeout", "20s"]);
     let mut agent = c.start_agent("mute", addr);
     c.wait_for_agent(addr, "mute");
-    let prog = bin("drover-testprog");
-    let file = c.dir.path().join("mute.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[instances.mute]\n[nodes.n1]\ninstance = \"mute\"\ncommand = [\"{}\", \"--sleep-forever\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
-            prog.display()
-        ),
-    )
-    .unwrap();
+    let file = mute_file(&c);
     let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     let pid = eventually("n1 running", PATIENCE, || running(&c, addr, 1))["n1"];
