@@ -425,12 +425,7 @@ fn measure_drover(
     let pids = finish_watch(watch, n, &mut s)?;
 
     // What get-nodes says: every node RUNNING, with a pid the watcher saw exec.
-    let out = cluster
-        .client()
-        .arg("get-nodes")
-        .output()
-        .context("cannot run `drover get-nodes`")?;
-    let listing = drover::parse_get_nodes(&serde_json::from_slice(&out.stdout)?)?;
+    let listing = get_nodes(cluster)?;
     for name in &ctx.names {
         match listing.get(name) {
             Some(p) if p.running && p.pid.is_some_and(|pid| pids.contains(&pid)) => {}
@@ -460,12 +455,7 @@ fn measure_drover(
     };
     drover::check_reply(&done?)?;
     push(&mut s, "again_ms", ms(at - t1));
-    let out = cluster
-        .client()
-        .arg("get-nodes")
-        .output()
-        .context("cannot run `drover get-nodes`")?;
-    let after = drover::parse_get_nodes(&serde_json::from_slice(&out.stdout)?)?;
+    let after = get_nodes(cluster)?;
     for name in &ctx.names {
         let (before, now) = (listing.get(name), after.get(name));
         if before.map(|p| p.pid) != now.map(|p| p.pid) {
@@ -473,6 +463,16 @@ fn measure_drover(
         }
     }
     Ok(s)
+}
+
+/// What `drover get-nodes` says of every node.
+fn get_nodes(cluster: &Cluster) -> anyhow::Result<super::system::Listing> {
+    let out = cluster
+        .client()
+        .arg("get-nodes")
+        .output()
+        .context("cannot run `drover get-nodes`")?;
+    drover::parse_get_nodes(&serde_json::from_slice(&out.stdout)?)
 }
 
 // === bare ===
