@@ -112,17 +112,6 @@ pub fn server_endpoint(
 /// The least time between two stateless resets of a keyed endpoint.
 const RESET_INTERVAL: Duration = Duration::from_millis(1);
 
-/// The length of a stateless reset key.
-pub const RESET_KEY_LEN: usize = 32;
-
-/// A new random stateless reset key, for [`server_endpoint_keyed`].
-pub fn new_reset_key() -> std::io::Result<[u8; RESET_KEY_LEN]> {
-    let mut key = [0u8; RESET_KEY_LEN];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
-        .map_err(|_| std::io::Error::other("the system gave no random bytes"))?;
-    Ok(key)
-}
-
 /// As [`server_endpoint`], with the stateless resets keyed by `reset_key` when given.
 ///
 /// A packet for a connection the endpoint does not know (it restarted after a crash, so
@@ -137,7 +126,7 @@ pub fn server_endpoint_keyed(
     creds: &Credentials,
     addr: SocketAddr,
     settings: &TransportSettings,
-    reset_key: Option<&[u8; RESET_KEY_LEN]>,
+    reset_key: Option<&[u8; crate::reset_key::LEN]>,
 ) -> Result<quinn::Endpoint, NetError> {
     let tls = creds.server_config()?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)

@@ -12,10 +12,11 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::conn::{RESET_KEY_LEN, new_reset_key};
-
 /// The key's file in the state dir.
 pub const FILE: &str = "quic-reset.key";
+
+/// The length of a key.
+pub const LEN: usize = 32;
 
 /// Why the key cannot be had.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +29,7 @@ pub struct Error {
 }
 
 /// Reads the key from `dir` (a secured state dir), making it first if there is none.
-pub fn load_or_create(dir: &Path) -> Result<[u8; RESET_KEY_LEN], Error> {
+pub fn load_or_create(dir: &Path) -> Result<[u8; LEN], Error> {
     let path = dir.join(FILE);
     let fail = |reason: String| Error {
         path: path.clone(),
@@ -36,9 +37,9 @@ pub fn load_or_create(dir: &Path) -> Result<[u8; RESET_KEY_LEN], Error> {
     };
     match fs::read(&path) {
         Ok(bytes) => {
-            let key = <[u8; RESET_KEY_LEN]>::try_from(bytes.as_slice()).map_err(|_| {
+            let key = <[u8; LEN]>::try_from(bytes.as_slice()).map_err(|_| {
                 fail(format!(
-                    "holds {} bytes, not {RESET_KEY_LEN}: remove it and a new key is made \
+                    "holds {} bytes, not {LEN}: remove it and a new key is made \
                      (agents connected at the time then reconnect after their idle timeout)",
                     bytes.len()
                 ))
@@ -52,12 +53,20 @@ pub fn load_or_create(dir: &Path) -> Result<[u8; RESET_KEY_LEN], Error> {
             Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = new_reset_key().map_err(|e| fail(e.to_string()))?;
+            let key = generate().map_err(|e| fail(e.to_string()))?;
             write(dir, &path, &key).map_err(|e| fail(format!("cannot write it: {e}")))?;
             Ok(key)
         }
         Err(e) => Err(fail(e.to_string())),
     }
+}
+
+/// A new random key.
+fn generate() -> std::io::Result<[u8; LEN]> {
+    let mut key = [0u8; LEN];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| std::io::Error::other("the system gave no random bytes"))?;
+    Ok(key)
 }
 
 /// Writes the key through a temp file, so that a crash leaves no partial key.
