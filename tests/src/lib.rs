@@ -84,6 +84,9 @@ pub struct Proc {
     pub name: String,
     /// Where its stdout and stderr go.
     pub log: PathBuf,
+    /// The log's length when this process started: a process started again on the same
+    /// log must not be taken for ready on its predecessor's lines.
+    log_start: usize,
     child: Option<Child>,
 }
 
@@ -95,6 +98,11 @@ impl Proc {
             .append(true)
             .open(&log)
             .expect("open log file");
+        let log_start = out
+            .metadata()
+            .ok()
+            .and_then(|m| usize::try_from(m.len()).ok())
+            .unwrap_or(0);
         let err = out.try_clone().expect("clone log file");
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         cmd.env("RUST_LOG", "info,drover=debug")
@@ -105,6 +113,7 @@ impl Proc {
         Self {
             name: name.to_owned(),
             log,
+            log_start,
             child: Some(child),
         }
     }
@@ -119,14 +128,18 @@ impl Proc {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the log contains `needle`; returns the log.
+    /// Waits until this process has logged `needle` (lines of earlier processes on the
+    /// same log do not count); returns the whole log.
     pub fn wait_log(&self, needle: &str) -> String {
         eventually(
             &format!("{} to log {needle:?}", self.name),
             PATIENCE,
             || {
-                let text = self.log_text();
-                text.contains(needle).then_some(text)
+                let text = fs::read(&self.log).unwrap_or_default();
+                let own = text.get(self.log_start..).unwrap_or_default();
+                String::from_utf8_lossy(own)
+                    .contains(needle)
+                    .then(|| String::from_utf8_lossy(&text).into_owned())
             },
         )
     }
