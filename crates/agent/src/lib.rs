@@ -161,18 +161,9 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
-    /// Another agent process holds the state directory.
-    #[error(
-        "state dir {path} is in use by another agent (pid {holder}, lock {lock}); one agent per state dir"
-    )]
-    StateDirInUse {
-        /// The directory.
-        path: PathBuf,
-        /// The lock file.
-        lock: PathBuf,
-        /// The holder's pid as it wrote it, or `unknown`.
-        holder: String,
-    },
+    /// Another agent process holds the state directory, or its lock cannot be taken.
+    #[error(transparent)]
+    StateDirLock(#[from] drover_net::state_lock::Error),
 }
 
 /// A configured agent, ready to run.
@@ -249,7 +240,7 @@ impl Agent {
         })?;
         // Before anything reads the node records: a second agent on the same state dir
         // would adopt the first one's nodes and both would supervise them.
-        let lock = lock_state_dir(&config.state_dir)?;
+        let lock = drover_net::state_lock::lock(&config.state_dir, "agent")?;
         // A state dir too long for the nodes' socket paths is an error now, not a node
         // that cannot start later.
         let nodes_dir = std::fs::canonicalize(&config.state_dir)
@@ -1390,47 +1381,6 @@ fn process_start_ms() -> Option<u64> {
     sys::start_time_epoch_ms(sys::proc_id(pid).ok()?)
 }
 
-/// Takes the exclusive lock of `dir` (`flock` on `dir/agent.lock`, released by the kernel
-/// when this process dies) and writes this process's pid into the lock file, so that a
-/// second agent can name the holder.
-fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, Error> {
-    use std::io::{Read, Seek, Write};
-    let path = dir.join("agent.lock");
-    let io = |source| Error::StateDir {
-        path: path.clone(),
-        source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut text = String::new();
-            let _ = file.read_to_string(&mut text);
-            let holder = text.trim();
-            return Err(Error::StateDirInUse {
-                path: dir.to_owned(),
-                lock: path.clone(),
-                holder: if holder.is_empty() {
-                    "unknown".to_owned()
-                } else {
-                    holder.to_owned()
-                },
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
-    }
-    file.set_len(0).map_err(io)?;
-    file.rewind().map_err(io)?;
-    writeln!(file, "{}", std::process::id()).map_err(io)?;
-    Ok(file)
-}
-
 /// The host part of `HOST:PORT` or `[V6]:PORT`.
 fn split_host(addr: &str) -> Option<&str> {
     let (host, port) = addr.rsplit_once(':')?;
@@ -1459,36 +1409,11 @@ pub fn software() -> String {
 #[cfg(test)]
 mod tests {
     use super::{
-        Error, LOG_BATCH_BYTES, LOG_BATCH_LINES, json_str_len, lock_state_dir, log_batches,
-        own_status, split_host,
+        LOG_BATCH_BYTES, LOG_BATCH_LINES, json_str_len, log_batches, own_status, split_host,
     };
     use drover_proto::model::{LogChunk, LogStream};
     use drover_proto::msg::{AgentResponse, MAX_FRAME_LEN};
     use proptest::prelude::*;
-
-    #[test]
-    fn a_locked_state_dir_names_its_holder_and_is_free_once_released() {
-        let dir = tempfile::tempdir().unwrap();
-        let held = lock_state_dir(dir.path()).unwrap();
-        let text = std::fs::read_to_string(dir.path().join("agent.lock")).unwrap();
-        assert_eq!(text.trim(), std::process::id().to_string());
-        // flock locks belong to the open file, so a second open in this process
-        // conflicts as another process's would.
-        match lock_state_dir(dir.path()) {
-            Err(e @ Error::StateDirInUse { .. }) => {
-                let msg = e.to_string();
-                assert!(
-                    msg.contains(&format!("pid {}", std::process::id())),
-                    "{msg}"
-                );
-                assert!(msg.contains("agent.lock"), "{msg}");
-            }
-            other => panic!("expected the dir to be in use, got {other:?}"),
-        }
-        drop(held);
-        let again = lock_state_dir(dir.path()).unwrap();
-        drop(again);
-    }
 
     #[test]
     fn own_status_carries_the_applied_generation_and_the_cpus() {

@@ -20,6 +20,7 @@ pub mod peers;
 pub mod reset_key;
 pub mod scope;
 pub mod silence;
+pub mod state_lock;
 pub mod tls;
 pub mod trust;
 

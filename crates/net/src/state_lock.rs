@@ -1,0 +1,121 @@
+//! One daemon process per state dir: an exclusive `flock` on a lock file in the dir,
+//! holding the holder's pid so that a second process can name it.
+//!
+//! Two processes on one state dir would each rewrite the other's files (an agent's node
+//! records, a controller's deploy records and reset key) and each act on what it last
+//! read. The kernel releases the lock when its holder dies, however it dies, so a crash
+//! never leaves a dir locked. It lives here, beside [`crate::reset_key`], because both
+//! daemons' libraries take it and neither depends on the other.
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+/// Why the lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another live process holds it.
+    #[error(
+        "state dir {path} is in use by another {role} (pid {holder}, lock {lock}); \
+         one {role} per state dir"
+    )]
+    InUse {
+        /// The directory.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// The holder's pid as it wrote it, or `unknown`.
+        holder: String,
+        /// What kind of daemon locks it (`agent`, `controller`).
+        role: &'static str,
+    },
+    /// The lock file cannot be opened, locked or written.
+    #[error("state dir lock {path}: {source}")]
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Takes the exclusive lock of `dir` through `dir/<role>.lock` and writes this process's
+/// pid into it. The lock lasts as long as the returned file is open.
+pub fn lock(dir: &Path, role: &'static str) -> Result<File, Error> {
+    let path = dir.join(format!("{role}.lock"));
+    let io = |source| Error::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = text.trim();
+            return Err(Error::InUse {
+                path: dir.to_owned(),
+                lock: path.clone(),
+                holder: if holder.is_empty() {
+                    "unknown".to_owned()
+                } else {
+                    holder.to_owned()
+                },
+                role,
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Error, lock};
+
+    #[test]
+    fn a_locked_dir_names_its_holder_and_is_free_once_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock(dir.path(), "controller").unwrap();
+        let text = std::fs::read_to_string(dir.path().join("controller.lock")).unwrap();
+        assert_eq!(text.trim(), std::process::id().to_string());
+        // flock locks belong to the open file, so a second open in this process
+        // conflicts as another process's would.
+        match lock(dir.path(), "controller") {
+            Err(e @ Error::InUse { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&format!(
+                        "in use by another controller (pid {}",
+                        std::process::id()
+                    )),
+                    "{msg}"
+                );
+                assert!(msg.contains("controller.lock"), "{msg}");
+            }
+            other => panic!("expected the dir to be in use, got {other:?}"),
+        }
+        // Each role has its own lock file.
+        drop(lock(dir.path(), "agent").unwrap());
+        drop(held);
+        drop(lock(dir.path(), "controller").unwrap());
+    }
+
+    #[test]
+    fn a_dir_that_cannot_hold_the_lock_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let msg = lock(&missing, "agent").unwrap_err().to_string();
+        assert!(msg.contains("missing/agent.lock"), "{msg}");
+    }
+}
