@@ -1,6 +1,6 @@
-//! The agent's state dir: one agent process per dir (a second one refuses to start and
-//! names the holder, without touching its nodes; a SIGKILLed holder frees it), and node
-//! sockets that work however long the dir's path is.
+//! The daemons' state dirs: one agent or controller process per dir (a second one refuses
+//! to start and names the holder, without touching its nodes or records; a SIGKILLed
+//! holder frees it), and node sockets that work however long the dir's path is.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -110,6 +110,84 @@ fn a_second_agent_on_the_same_state_dir_refuses_to_start_and_names_the_holder() 
     assert_eq!(ready_pid(&c, addr, "n1"), pid, "adopted, not restarted");
     let lock = std::fs::read_to_string(state.join("agent.lock")).unwrap();
     assert_eq!(lock.trim(), third.pid().to_string());
+}
+
+/// Every file in the controller's state dir, with its contents.
+fn controller_files(c: &Cluster) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(c.dir.path().join("controller"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name() != "controller.lock")
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_second_controller_on_the_same_state_dir_refuses_to_start_and_names_the_holder() {
+    let c = Cluster::new();
+    let (mut first, addr) = c.start_controller("127.0.0.1:0");
+    let state = c.dir.path().join("agent-state");
+    let agent1 = agent(&c, "agent-1", "agent", &state, addr);
+    agent1.wait_log("connected to controller");
+    deploy(
+        &c,
+        addr,
+        &format!(
+            "[nodes.n1]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+            bin("drover-testprog").display()
+        ),
+    );
+    let pid = ready_pid(&c, addr, "n1");
+    let deployed = c.drover(addr, &["get-config", "--deployed"]).stdout;
+    let files = controller_files(&c);
+    assert!(
+        files.iter().any(|(name, _)| name == "deployed.json"),
+        "{files:?}"
+    );
+
+    // Another port, so that only the state dir is shared.
+    let mut cmd = Command::new(bin("drover-controller"));
+    c.controller_args(&mut cmd, "127.0.0.1:0");
+    let mut second = Proc::spawn("controller-2", cmd, c.log_path("controller-2"));
+    let status = second.wait_exit(PATIENCE);
+    assert!(
+        !status.success(),
+        "the second controller must fail: {status}"
+    );
+    let log = second.log_text();
+    assert!(
+        log.contains(&format!(
+            "is in use by another controller (pid {}",
+            first.pid()
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("controller listening"), "{log}");
+    // Nothing in the dir was touched, and the first controller serves as before.
+    assert_eq!(controller_files(&c), files);
+    assert_eq!(
+        c.drover(addr, &["get-config", "--deployed"]).stdout,
+        deployed
+    );
+    assert_eq!(ready_pid(&c, addr, "n1"), pid);
+
+    // SIGKILL leaves no chance to unlock: the kernel releases the lock, and a new
+    // controller starts on the dir with the deploy it holds.
+    first.kill();
+    let (third, addr) = c.start_controller("127.0.0.1:0");
+    let lock = std::fs::read_to_string(c.dir.path().join("controller/controller.lock")).unwrap();
+    assert_eq!(lock.trim(), third.pid().to_string());
+    assert_eq!(
+        c.drover(addr, &["get-config", "--deployed"]).stdout,
+        deployed
+    );
 }
 
 /// A directory under the test's dir whose path is about 150 bytes long.

@@ -142,6 +142,9 @@ pub enum Error {
     /// The key of the stateless resets cannot be read or made.
     #[error(transparent)]
     ResetKey(#[from] drover_net::reset_key::Error),
+    /// Another controller holds the state dir, or its lock cannot be taken.
+    #[error(transparent)]
+    StateDirLock(#[from] drover_net::state_lock::Error),
     /// The audit trail cannot be opened.
     #[error("audit trail {path}: {source}")]
     Audit {
@@ -414,6 +417,9 @@ pub struct Controller {
     zeek: Option<zeek::Front>,
     /// The election to run, with `--store etcd`.
     ha: Option<ha::HaSettings>,
+    /// The state dir's lock, held while the controller lives (none on etcd, whose
+    /// controllers keep no state dir of their own).
+    _state_lock: Option<std::fs::File>,
 }
 
 impl Controller {
@@ -440,6 +446,19 @@ impl Controller {
                 identity: creds.identity().clone(),
             });
         }
+        // Before anything reads the state files: a second controller on the same dir
+        // would overwrite the first one's deploys (and set aside a file it found
+        // half-written while the first was writing it).
+        let state_lock = match &config.ha {
+            None => {
+                store::secure_dir(&config.state_dir)?;
+                Some(drover_net::state_lock::lock(
+                    &config.state_dir,
+                    "controller",
+                )?)
+            }
+            Some(_) => None,
+        };
         let (store, gate) = match &config.ha {
             Some(ha) => {
                 let gate = Arc::new(ha::Gate::new(ha.lease, ha.etcd.endpoints()));
@@ -521,6 +540,7 @@ impl Controller {
             metrics,
             zeek,
             ha,
+            _state_lock: state_lock,
             endpoint: endpoint.clone(),
             shared: Arc::new(Shared {
                 name: creds.identity().name.clone(),
