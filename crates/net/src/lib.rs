@@ -17,6 +17,7 @@ pub mod conn;
 pub mod frame;
 mod live;
 pub mod peers;
+pub mod refusal;
 pub mod reset_key;
 pub mod scope;
 pub mod silence;
