@@ -267,15 +267,33 @@ fn world_readable_key_is_refused_by_every_binary() {
 }
 
 #[test]
-fn unreachable_controller_is_a_clear_error_not_a_hang() {
+fn a_stopped_controller_is_told_at_once_not_after_the_timeout() {
     let c = Cluster::new();
-    // Nothing listens on this port.
+    // Bound, then closed: nothing listens on this port.
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let out = c.drover(([127, 0, 0, 1], port).into(), &["get-instances"]);
+    assert_eq!(out.code, Some(1));
+    // Not the handshake's timeout: loopback answers a closed port at once.
+    assert!(
+        out.stderr.contains(&format!(
+            "nothing listens at udp 127.0.0.1:{port}: connection refused"
+        )) && out.stderr.contains("is the controller running")
+            && !out.stderr.contains("timed out"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_silent_controller_address_is_a_clear_error_not_a_hang() {
+    let c = Cluster::new();
+    // Something holds the port and never answers: the handshake's timeout decides.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let out = c.drover(silent.local_addr().unwrap(), &["get-instances"]);
     assert_eq!(out.code, Some(1));
     assert!(
         out.stderr.contains("timed out") && out.stderr.contains("is the controller running"),

@@ -63,9 +63,10 @@ impl Session {
         let endpoints = std::sync::Mutex::new([None::<quinn::Endpoint>, None]);
         let targets = settings.controller_addrs();
         let several = targets.len() > 1;
+        let sole = (!several).then(|| targets.first().cloned()).flatten();
         let est = conn::dial_leader(&targets, |target| {
-            let (creds, transport, hello, endpoints) =
-                (&creds, &transport, hello.clone(), &endpoints);
+            let (creds, transport, hello, endpoints, sole) =
+                (&creds, &transport, hello.clone(), &endpoints, &sole);
             async move {
                 let addr = tokio::net::lookup_host(&target)
                     .await
@@ -95,7 +96,7 @@ impl Session {
                             .clone(),
                     }
                 };
-                conn::dial(
+                let dial = conn::dial(
                     &endpoint,
                     None,
                     addr,
@@ -104,8 +105,33 @@ impl Session {
                     PeerRole::Controller,
                     None,
                     transport.hello_timeout,
-                )
-                .await
+                );
+                // A stopped controller is told at once, not after the handshake's
+                // timeout (where the host answers that nothing listens). Not among
+                // several, nor for a leader a refusal named: while a dead leader's
+                // handshake is outstanding, the followers are asked again until one
+                // of them is elected, which a quick failure would cut short.
+                let only = sole.as_ref() == Some(&target);
+                tokio::select! {
+                    biased;
+                    r = dial => r,
+                    () = async {
+                        if !only {
+                            std::future::pending::<()>().await;
+                        }
+                        drover_net::refusal::nothing_listens(addr).await;
+                    } => {
+                        let at = if target == addr.to_string() {
+                            format!("udp {addr}")
+                        } else {
+                            format!("{target} (udp {addr})")
+                        };
+                        Err(drover_net::NetError::Connection(format!(
+                            "nothing listens at {at}: connection refused \
+                             (is the controller running there?)"
+                        )))
+                    }
+                }
                 .map_err(|e| match e {
                     drover_net::NetError::Timeout { .. } if !several => {
                         drover_net::NetError::Connection(format!(
