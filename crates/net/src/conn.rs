@@ -109,9 +109,6 @@ pub fn server_endpoint(
     server_endpoint_keyed(creds, addr, settings, None)
 }
 
-/// The least time between two stateless resets of a keyed endpoint.
-const RESET_INTERVAL: Duration = Duration::from_millis(1);
-
 /// As [`server_endpoint`], with the stateless resets keyed by `reset_key` when given.
 ///
 /// A packet for a connection the endpoint does not know (it restarted after a crash, so
@@ -133,33 +130,38 @@ pub fn server_endpoint_keyed(
         .map_err(|e| NetError::Credentials(format!("tls configuration unusable for quic: {e}")))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(settings.transport_config()?));
-    let endpoint_config = match reset_key {
-        Some(key) => {
-            let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
-            // The connection ids carry a hash under a key of their own, which is how an
-            // endpoint tells a packet of a connection it lost from noise; it must
-            // outlive the process too, or the restarted endpoint drops the packets
-            // instead of resetting their connections.
-            let tag = ring::hmac::sign(&hmac, b"drover connection ids");
-            let mut cid_key = [0u8; 8];
-            cid_key.copy_from_slice(&tag.as_ref()[..8]);
-            let cid_key = u64::from_le_bytes(cid_key);
-            let mut config = quinn::EndpointConfig::new(Arc::new(hmac));
-            config.cid_generator(move || {
-                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-            });
-            // quinn's default of one reset per 20 ms let a restarted controller reset
-            // only about 50 agents a second, so most of a large fleet still waited out
-            // its idle timeout. A reset is always smaller than the packet it answers,
-            // so a faster rate amplifies nothing.
-            config.min_reset_interval(RESET_INTERVAL);
-            config
-        }
-        None => quinn::EndpointConfig::default(),
-    };
+    let endpoint_config = reset_key.map_or_else(quinn::EndpointConfig::default, keyed_config);
     let mut endpoint = bind_endpoint(addr, Some(cfg), endpoint_config)?;
     endpoint.set_default_client_config(client_config(creds, settings)?);
     Ok(endpoint)
+}
+
+/// The endpoint config of a keyed endpoint: resets signed, and connection ids hashed,
+/// under keys derived from `key`.
+fn keyed_config(key: &[u8; crate::reset_key::LEN]) -> quinn::EndpointConfig {
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    let cid_key = cid_key(&hmac);
+    let mut config = quinn::EndpointConfig::new(Arc::new(hmac));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    // quinn's default of one reset per 20 ms let a restarted controller reset only about
+    // 50 agents a second, and even one per millisecond left the agents whose packets
+    // came in a burst to wait out their idle timeout. A reset answers only a packet
+    // whose connection id carries this key's hash (others are dropped as noise), and it
+    // is always smaller than that packet, so answering every one amplifies nothing.
+    config.min_reset_interval(Duration::ZERO);
+    config
+}
+
+/// The key of the hash in a keyed endpoint's connection ids, which is how an endpoint
+/// tells a packet of a connection it lost from noise. It must outlive the process too,
+/// or the restarted endpoint drops the packets instead of resetting their connections.
+fn cid_key(reset_hmac: &ring::hmac::Key) -> u64 {
+    let tag = ring::hmac::sign(reset_hmac, b"drover connection ids");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    u64::from_le_bytes(cid_key)
 }
 
 /// What we ask of the kernel for each UDP socket's receive and send buffers. Linux caps
@@ -1238,6 +1240,73 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    /// A controller's credentials from a new CA.
+    fn controller_creds() -> Credentials {
+        let ca = drover_pki::Ca::generate("t").unwrap();
+        let leaf = ca
+            .issue(&drover_pki::LeafSpec::new(PeerRole::Controller, "ctl"))
+            .unwrap();
+        Credentials::from_pem(
+            ca.pem().cert.as_bytes(),
+            leaf.cert.as_bytes(),
+            leaf.key.as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_keyed_endpoint_resets_every_lost_connection_whose_packets_come_at_once() {
+        use quinn_proto::ConnectionIdGenerator as _;
+        let key = [7u8; crate::reset_key::LEN];
+        let endpoint = server_endpoint_keyed(
+            &controller_creds(),
+            "127.0.0.1:0".parse().unwrap(),
+            &TransportSettings::default(),
+            Some(&key),
+        )
+        .unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        // Packets of connections an endpoint with this key made before a restart: short
+        // headers whose connection ids carry the key's hash, sent in one burst, as the
+        // keep-alives of a fleet's agents reach a restarted controller.
+        let mut ids = quinn_proto::HashedConnectionIdGenerator::from_key(cid_key(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+        ));
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        const LOST: usize = 64;
+        const LEN: usize = 100;
+        for _ in 0..LOST {
+            let mut packet = vec![0x41u8];
+            packet.extend_from_slice(&ids.generate_cid());
+            packet.resize(LEN, 0xab);
+            sock.send_to(&packet, addr).await.unwrap();
+        }
+        // One reset each (the endpoint sends nothing else to this socket), each
+        // smaller than its packet.
+        let mut buf = [0u8; 2048];
+        let mut resets = 0;
+        while resets < LOST {
+            match tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf)).await {
+                Ok(Ok((len, from))) => {
+                    assert_eq!(from, addr);
+                    assert!(len < LEN, "a reset of {len} bytes answered {LEN}");
+                    resets += 1;
+                }
+                Ok(Err(e)) => panic!("{e}"),
+                Err(_) => break,
+            }
+        }
+        assert_eq!(resets, LOST, "lost connections left to their idle timeout");
+
+        // A packet whose connection id does not carry the hash is noise: no reset.
+        let mut packet = vec![0x41u8];
+        packet.extend_from_slice(&[0x5a; 8]);
+        packet.resize(LEN, 0xab);
+        sock.send_to(&packet, addr).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await;
+        assert!(got.is_err(), "noise was answered: {got:?}");
     }
 
     /// `dial_leader` against fake controllers: `dead` answers nothing until its
