@@ -269,12 +269,7 @@ fn world_readable_key_is_refused_by_every_binary() {
 #[test]
 fn a_stopped_controller_is_told_at_once_not_after_the_timeout() {
     let c = Cluster::new();
-    // Bound, then closed: nothing listens on this port.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = closed_port();
     let out = c.drover(([127, 0, 0, 1], port).into(), &["get-instances"]);
     assert_eq!(out.code, Some(1));
     // Not the handshake's timeout: loopback answers a closed port at once.
@@ -286,6 +281,40 @@ fn a_stopped_controller_is_told_at_once_not_after_the_timeout() {
         "{}",
         out.stderr
     );
+}
+
+/// A port of 127.0.0.1 where nothing listens (bound, then closed).
+fn closed_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn several_stopped_controllers_are_told_at_once_and_a_live_one_among_them_answers() {
+    let c = Cluster::new();
+    let (a, b) = (closed_port(), closed_port());
+    let both = format!("127.0.0.1:{a},127.0.0.1:{b}");
+    let out = drover_tests::etcd::drover(&c, &both, &["get-instances"]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains(&format!(
+            "nothing listens at any controller address (udp 127.0.0.1:{a}, udp 127.0.0.1:{b})"
+        )) && !out.stderr.contains("timed out"),
+        "{}",
+        out.stderr
+    );
+    // One live controller among stopped ones is found, whatever the order.
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    for list in [
+        format!("127.0.0.1:{a},{addr}"),
+        format!("{addr},127.0.0.1:{b}"),
+    ] {
+        let out = drover_tests::etcd::drover(&c, &list, &["get-instances"]);
+        assert_eq!(out.code, Some(0), "{list}: {}", out.stderr);
+    }
 }
 
 #[test]

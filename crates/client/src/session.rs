@@ -35,6 +35,38 @@ fn tls_files(s: &Settings) -> anyhow::Result<TlsFiles> {
     })
 }
 
+/// Resolves, with the error to show, once the host of every address of `targets` has
+/// answered that nothing listens on its port; never if one cannot be resolved or its
+/// host stays silent.
+async fn nothing_listens_at_any(targets: &[String]) -> String {
+    let probes = targets.iter().map(|target| async move {
+        let Some(addr) = tokio::net::lookup_host(target)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+        else {
+            return std::future::pending().await;
+        };
+        drover_net::refusal::nothing_listens(addr).await;
+        if *target == addr.to_string() {
+            format!("udp {addr}")
+        } else {
+            format!("{target} (udp {addr})")
+        }
+    });
+    let at = futures_util::future::join_all(probes).await;
+    match at.as_slice() {
+        [one] => format!(
+            "nothing listens at {one}: connection refused (is the controller running there?)"
+        ),
+        several => format!(
+            "nothing listens at any controller address ({}): connection refused \
+             (are the controllers running there?)",
+            several.join(", ")
+        ),
+    }
+}
+
 impl Session {
     /// Connects, verifies the controller, and exchanges Hello/Welcome.
     pub async fn connect(settings: &Settings) -> anyhow::Result<Self> {
@@ -63,10 +95,9 @@ impl Session {
         let endpoints = std::sync::Mutex::new([None::<quinn::Endpoint>, None]);
         let targets = settings.controller_addrs();
         let several = targets.len() > 1;
-        let sole = (!several).then(|| targets.first().cloned()).flatten();
-        let est = conn::dial_leader(&targets, |target| {
-            let (creds, transport, hello, endpoints, sole) =
-                (&creds, &transport, hello.clone(), &endpoints, &sole);
+        let dials = conn::dial_leader(&targets, |target| {
+            let (creds, transport, hello, endpoints) =
+                (&creds, &transport, hello.clone(), &endpoints);
             async move {
                 let addr = tokio::net::lookup_host(&target)
                     .await
@@ -96,7 +127,7 @@ impl Session {
                             .clone(),
                     }
                 };
-                let dial = conn::dial(
+                conn::dial(
                     &endpoint,
                     None,
                     addr,
@@ -105,33 +136,8 @@ impl Session {
                     PeerRole::Controller,
                     None,
                     transport.hello_timeout,
-                );
-                // A stopped controller is told at once, not after the handshake's
-                // timeout (where the host answers that nothing listens). Not among
-                // several, nor for a leader a refusal named: while a dead leader's
-                // handshake is outstanding, the followers are asked again until one
-                // of them is elected, which a quick failure would cut short.
-                let only = sole.as_ref() == Some(&target);
-                tokio::select! {
-                    biased;
-                    r = dial => r,
-                    () = async {
-                        if !only {
-                            std::future::pending::<()>().await;
-                        }
-                        drover_net::refusal::nothing_listens(addr).await;
-                    } => {
-                        let at = if target == addr.to_string() {
-                            format!("udp {addr}")
-                        } else {
-                            format!("{target} (udp {addr})")
-                        };
-                        Err(drover_net::NetError::Connection(format!(
-                            "nothing listens at {at}: connection refused \
-                             (is the controller running there?)"
-                        )))
-                    }
-                }
+                )
+                .await
                 .map_err(|e| match e {
                     drover_net::NetError::Timeout { .. } if !several => {
                         drover_net::NetError::Connection(format!(
@@ -141,8 +147,17 @@ impl Session {
                     other => other,
                 })
             }
-        })
-        .await
+        });
+        // Stopped controllers are told at once, not after the handshake's timeout,
+        // where their hosts answer that nothing listens. Only once that is so of every
+        // address: while a dead leader's handshake is outstanding, its followers are
+        // asked again until one of them is elected, which a quick failure would cut
+        // short.
+        let est = tokio::select! {
+            biased;
+            r = dials => r,
+            nowhere = nothing_listens_at_any(&targets) => Err(drover_net::NetError::Connection(nowhere)),
+        }
         .map_err(|e| match e {
             drover_net::NetError::Refused(w) => {
                 anyhow::anyhow!("controller {} refused us: {}", targets.join(","), w.message)
