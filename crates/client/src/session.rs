@@ -156,7 +156,9 @@ impl Session {
         let est = tokio::select! {
             biased;
             r = dials => r,
-            nowhere = nothing_listens_at_any(&targets) => Err(drover_net::NetError::Connection(nowhere)),
+            nowhere = nothing_listens_at_any(&targets) => {
+                Err(drover_net::NetError::Connection(nowhere))
+            }
         }
         .map_err(|e| match e {
             drover_net::NetError::Refused(w) => {
