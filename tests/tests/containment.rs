@@ -408,6 +408,7 @@ fn a_failed_restart_returns_the_cause_and_the_last_output() {
             logs: drover_agent::logs::LogConfig::default(),
             cgroup: drover_agent::cgroup::CgroupSetting::None,
             keeper: None,
+            removed_node_retention: None,
         })
         .unwrap()
     });

@@ -24,6 +24,18 @@ fn agent_exiting(
     controller: SocketAddr,
     on_exit: &str,
 ) -> Proc {
+    agent_with(c, name, log, state_dir, controller, &["--on-exit", on_exit])
+}
+
+/// [`agent`] with `extra` flags.
+fn agent_with(
+    c: &Cluster,
+    name: &str,
+    log: &str,
+    state_dir: &Path,
+    controller: SocketAddr,
+    extra: &[&str],
+) -> Proc {
     if !c.pki_file(&format!("{name}.crt")).exists() {
         c.issue(PeerRole::Agent, name);
     }
@@ -41,8 +53,85 @@ fn agent_exiting(
         .arg("--key")
         .arg(c.pki_file(&format!("{name}.key")))
         .args(["--reconnect-max", "500ms", "--keep-alive", "500ms"])
-        .args(["--idle-timeout", "2s", "--on-exit", on_exit]);
+        .args(["--idle-timeout", "2s"])
+        .args(extra);
     Proc::spawn(name, cmd, c.dir.path().join(format!("{log}.log")))
+}
+
+/// Two nodes of `drover-testprog` on agent-1, `keep` and `gone`, or `keep` alone.
+fn keep_and_gone(both: bool) -> String {
+    let node = |name: &str| {
+        format!(
+            "[nodes.{name}]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+            bin("drover-testprog").display()
+        )
+    };
+    if both {
+        node("keep") + &node("gone")
+    } else {
+        node("keep")
+    }
+}
+
+#[test]
+fn a_removed_nodes_directory_stays_by_default_and_goes_after_the_retention_set() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let state = c.dir.path().join("agent-state");
+    let nodes = state.join("nodes");
+    let mut first = agent(&c, "agent-1", "agent-keeping", &state, addr);
+    first.wait_log("connected to controller");
+    deploy(&c, addr, &keep_and_gone(true));
+    let gone_pid = ready_pid(&c, addr, "gone");
+    assert!(nodes.join("gone/stdout.log").exists());
+    deploy(&c, addr, &keep_and_gone(false));
+    eventually("gone's process to end", PATIENCE, || {
+        (!Path::new(&format!("/proc/{gone_pid}")).exists()).then_some(())
+    });
+    assert!(!nodes.join("gone/record.json").exists());
+    // By default a removed node's directory stays, however long ago it was removed
+    // (here: a day, by its mtime).
+    first.kill();
+    std::fs::File::open(nodes.join("gone"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(86_400))
+        .unwrap();
+    let mut second = agent(&c, "agent-1", "agent-default", &state, addr);
+    second.wait_log("connected to controller");
+    let keep_pid = ready_pid(&c, addr, "keep");
+    deploy(&c, addr, &keep_and_gone(false));
+    assert!(nodes.join("gone/stdout.log").exists());
+    assert!(!second.log_text().contains("deleting the directory"));
+    second.kill();
+
+    // With a retention, it goes once removed that long; the live node's stays.
+    let third = agent_with(
+        &c,
+        "agent-1",
+        "agent-pruning",
+        &state,
+        addr,
+        &["--removed-node-retention", "1s"],
+    );
+    third.wait_log("connected to controller");
+    third.wait_log("deleting the directory of a node removed more than 1s ago");
+    eventually("gone's directory to be deleted", PATIENCE, || {
+        let left: Vec<_> = std::fs::read_dir(&nodes)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        (left == ["keep"]).then_some(())
+    });
+    assert_eq!(
+        ready_pid(&c, addr, "keep"),
+        keep_pid,
+        "the live node was touched"
+    );
+    assert!(nodes.join("keep/record.json").exists());
+    // Deployed again under its name, the node gets a new directory and runs.
+    deploy(&c, addr, &keep_and_gone(true));
+    ready_pid(&c, addr, "gone");
+    assert!(nodes.join("gone/record.json").exists());
 }
 
 fn deploy(c: &Cluster, addr: SocketAddr, nodes: &str) {

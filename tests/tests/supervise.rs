@@ -36,6 +36,7 @@ impl World {
                 logs: LogConfig::default(),
                 cgroup: Default::default(),
                 keeper: None,
+                removed_node_retention: None,
             })
             .unwrap()
         });
@@ -111,6 +112,7 @@ impl World {
                 logs: LogConfig::default(),
                 cgroup: Default::default(),
                 keeper: None,
+                removed_node_retention: None,
             })
             .unwrap()
         });

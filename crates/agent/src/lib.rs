@@ -38,6 +38,7 @@ pub mod logwatch;
 pub mod machine;
 pub mod ops;
 pub mod probe;
+pub mod prune;
 pub mod query;
 pub mod records;
 pub mod sockdir;
@@ -122,6 +123,9 @@ pub struct Config {
     pub deny_list: Option<PathBuf>,
     /// The least time between two status reports (see [`DEFAULT_REPORT_INTERVAL`]).
     pub report_interval: Duration,
+    /// How long a removed node's directory is kept before it is deleted; for good when
+    /// `None` (see [`prune`]).
+    pub removed_node_retention: Option<Duration>,
 }
 
 /// Why an agent could not start.
@@ -327,6 +331,7 @@ impl Agent {
             logs: this.config.logs,
             cgroup: this.config.cgroup.clone(),
             keeper,
+            removed_node_retention: this.config.removed_node_retention,
         })
         .map_err(|e| Error::Supervisor(format!("cannot start: {e}")))?;
         let sup = supervisor.clone();

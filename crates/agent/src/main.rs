@@ -90,6 +90,10 @@ struct Args {
     /// [default: 50ms].
     #[arg(long, env = "DROVER_REPORT_INTERVAL", value_parser = humantime::parse_duration)]
     report_interval: Option<Duration>,
+    /// Delete the directory of a node removed by a deploy (its logs, its working
+    /// directory) once it has been removed this long; 1s or more [default: keep it].
+    #[arg(long, env = "DROVER_REMOVED_NODE_RETENTION", value_parser = humantime::parse_duration)]
+    removed_node_retention: Option<Duration>,
     /// File of revoked certificates (lines `ROLE/NAME` or `serial:HEX`) the controller's
     /// is checked against; read at start and on reload (SIGHUP, or --watch-certs).
     #[arg(long, env = "DROVER_DENY_LIST")]
@@ -138,6 +142,8 @@ struct FileConfig {
     stall_timeout: Option<Duration>,
     #[serde(default, with = "humantime_opt")]
     report_interval: Option<Duration>,
+    #[serde(default, with = "humantime_opt")]
+    removed_node_retention: Option<Duration>,
     deny_list: Option<PathBuf>,
     #[serde(default)]
     watch_certs: bool,
@@ -229,6 +235,14 @@ fn config(args: Args) -> anyhow::Result<(Config, bool)> {
         .or(file.reconnect_max)
         .unwrap_or(Duration::from_secs(5));
     let watch_certs = args.watch_certs || file.watch_certs;
+    let removed_node_retention = args.removed_node_retention.or(file.removed_node_retention);
+    if let Some(r) = removed_node_retention {
+        anyhow::ensure!(
+            r >= Duration::from_secs(1),
+            "removed_node_retention {} is too short: allowed 1s or more",
+            humantime::format_duration(r)
+        );
+    }
     let report_interval = args
         .report_interval
         .or(file.report_interval)
@@ -268,6 +282,7 @@ fn config(args: Args) -> anyhow::Result<(Config, bool)> {
         .filter(|d| !d.is_zero()),
         deny_list: args.deny_list.or(file.deny_list),
         report_interval,
+        removed_node_retention,
         logs,
     };
     Ok((config, watch_certs))

@@ -120,6 +120,9 @@ pub struct SupervisorConfig {
     /// The log keeper new processes' output goes to through pipes; without one they
     /// write their log files themselves (see [`crate::keeper`]).
     pub keeper: Option<crate::keeper::Keeper>,
+    /// How long a removed node's directory is kept before it is deleted; kept for good
+    /// when `None` (see [`crate::prune`]).
+    pub removed_node_retention: Option<Duration>,
 }
 
 /// The answer to a request the supervisor task ended before answering: an error about
@@ -239,6 +242,8 @@ enum Event {
     Spawned(Box<crate::spawner::Outcome>),
     /// The log keeper closed a pipe (a waiter may want what came through it last).
     OutputClosed,
+    /// The node directories, listed for pruning (see [`crate::prune`]).
+    Scanned(crate::prune::Scan),
 }
 
 /// The resolved identity, capabilities and limits of the nodes an Apply starts or
@@ -1020,6 +1025,11 @@ impl Core {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).ok();
         let mut rotate = tokio::time::interval(ROTATE_EVERY);
         rotate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let retention = self.cfg.removed_node_retention;
+        let mut prune = tokio::time::interval(
+            retention.map_or(Duration::from_secs(3600), crate::prune::interval),
+        );
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.next_deadline();
             tokio::select! {
@@ -1042,6 +1052,7 @@ impl Core {
                     self.reap();
                 }
                 _ = rotate.tick(), if self.nodes.values().any(|e| e.proc().is_some()) => self.rotate_logs(),
+                _ = prune.tick(), if retention.is_some() => self.scan_for_pruning(),
             }
             self.settle_waiters();
             if self.shutdown_done() {
@@ -2115,6 +2126,7 @@ impl Core {
             Event::Spawned(outcome) => self.spawned(*outcome),
             // The waiters are looked at after every event.
             Event::OutputClosed => {}
+            Event::Scanned(scan) => self.prune(scan),
             Event::DesiredWritten(result) => {
                 let (plans, result) = match result {
                     Ok(plans) => {
@@ -2355,6 +2367,47 @@ impl Core {
                 }
             }
         });
+    }
+
+    /// Lists the node directories off this task; [`Event::Scanned`] brings the list.
+    fn scan_for_pruning(&self) {
+        let (dir, events) = (self.nodes_dir.clone(), self.events.clone());
+        tokio::task::spawn_blocking(move || {
+            let scan = crate::prune::scan(&dir, SystemTime::now());
+            let _ = events.send(Event::Scanned(scan));
+        });
+    }
+
+    /// Renames the expired directories of removed nodes out of the way here, where no
+    /// node can be added meanwhile (one deployed again under such a name gets a new
+    /// directory), and deletes them, with any earlier leftovers, off this task.
+    fn prune(&mut self, scan: crate::prune::Scan) {
+        let Some(retention) = self.cfg.removed_node_retention else {
+            return;
+        };
+        let mut doomed = scan.leftovers;
+        for name in crate::prune::expired(&scan.dirs, &self.nodes, retention) {
+            let from = self.nodes_dir.join(name);
+            let to = self.nodes_dir.join(format!(
+                "{}{name}-{:08x}",
+                crate::prune::PRUNED_PREFIX,
+                rand_u32()
+            ));
+            match std::fs::rename(&from, &to) {
+                Ok(()) => {
+                    info!(
+                        node = %name,
+                        "deleting the directory of a node removed more than {} ago",
+                        humantime::format_duration(retention)
+                    );
+                    doomed.push(to);
+                }
+                Err(e) => warn!(node = %name, "cannot delete {}: {e}", from.display()),
+            }
+        }
+        if !doomed.is_empty() {
+            tokio::task::spawn_blocking(move || crate::prune::remove(doomed));
+        }
     }
 
     fn remove_if_done(&mut self, name: &str) {
@@ -3255,6 +3308,7 @@ mod tests {
             logs: LogConfig::default(),
             cgroup: CgroupSetting::None,
             keeper: None,
+            removed_node_retention: None,
         })
         .unwrap()
     }
