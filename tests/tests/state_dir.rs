@@ -104,7 +104,12 @@ fn a_removed_nodes_directory_stays_by_default_and_goes_after_the_retention_set()
     assert!(!second.log_text().contains("deleting the directory"));
     second.kill();
 
-    // With a retention, it goes once removed that long; the live node's stays.
+    // What an agent killed while deleting left behind.
+    std::fs::create_dir_all(nodes.join(".pruned-old-0000abcd/work")).unwrap();
+    std::fs::write(nodes.join(".pruned-old-0000abcd/stdout.log"), "x\n").unwrap();
+
+    // With a retention, it goes once removed that long, and so do the leftovers; the
+    // live node's stays.
     let third = agent_with(
         &c,
         "agent-1",

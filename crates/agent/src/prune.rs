@@ -9,8 +9,8 @@
 //! it is made or rotated). The supervisor renames each such directory to a hidden name
 //! on its own task, where no node can be added meanwhile, so a node deployed again under
 //! that name gets a new directory; the renamed ones are deleted off that task
-//! ([`remove`]), and leftovers of an agent killed while deleting are deleted at the next
-//! scan ([`scan`]).
+//! ([`remove`]), and leftovers of an agent killed while deleting are deleted after the
+//! next agent's first scan ([`scan`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -465,6 +465,9 @@ struct Core {
     shutdown: Option<(Instant, oneshot::Sender<()>)>,
     /// An exit happened: look for orphaned descendants once the burst is handled.
     sweep_pending: bool,
+    /// The first scan for pruning was handled: later ones find this process's own
+    /// deletions under way among the leftovers, and leave them to it.
+    pruned_once: bool,
     /// Nodes whose status changed since [`Command::Changes`] last asked, so that a
     /// status report carries those alone.
     changed: BTreeSet<String>,
@@ -778,6 +781,7 @@ impl Supervisor {
             next_token: token_prefix(&state_dir_for_tokens) << 32 | u64::from(rand_u32()),
             shutdown: None,
             sweep_pending: false,
+            pruned_once: false,
             changed: BTreeSet::new(),
             membership_changed: true,
             cgroups,
@@ -2385,7 +2389,12 @@ impl Core {
         let Some(retention) = self.cfg.removed_node_retention else {
             return;
         };
-        let mut doomed = scan.leftovers;
+        // Leftovers of an earlier agent process; later ones are our own, being deleted.
+        let mut doomed = if std::mem::replace(&mut self.pruned_once, true) {
+            Vec::new()
+        } else {
+            scan.leftovers
+        };
         for name in crate::prune::expired(&scan.dirs, &self.nodes, retention) {
             let from = self.nodes_dir.join(name);
             let to = self.nodes_dir.join(format!(
