@@ -58,18 +58,20 @@ fn agent_with(
     Proc::spawn(name, cmd, c.dir.path().join(format!("{log}.log")))
 }
 
-/// Two nodes of `drover-testprog` on agent-1, `keep` and `gone`, or `keep` alone.
+/// Node `name` of agent-1 running `drover-testprog`, RUNNING once spawned.
+fn testprog_node(name: &str) -> String {
+    format!(
+        "[nodes.{name}]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+        bin("drover-testprog").display()
+    )
+}
+
+/// Two nodes on agent-1, `keep` and `gone`, or `keep` alone.
 fn keep_and_gone(both: bool) -> String {
-    let node = |name: &str| {
-        format!(
-            "[nodes.{name}]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
-            bin("drover-testprog").display()
-        )
-    };
     if both {
-        node("keep") + &node("gone")
+        testprog_node("keep") + &testprog_node("gone")
     } else {
-        node("keep")
+        testprog_node("keep")
     }
 }
 
@@ -164,14 +166,7 @@ fn a_second_agent_on_the_same_state_dir_refuses_to_start_and_names_the_holder() 
     let state = c.dir.path().join("agent-state");
     let mut first = agent(&c, "agent-1", "agent-first", &state, addr);
     first.wait_log("connected to controller");
-    deploy(
-        &c,
-        addr,
-        &format!(
-            "[nodes.n1]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
-            bin("drover-testprog").display()
-        ),
-    );
+    deploy(&c, addr, &testprog_node("n1"));
     let pid = ready_pid(&c, addr, "n1");
     let record_before = std::fs::read(state.join("nodes/n1/record.json")).unwrap();
 
@@ -230,14 +225,7 @@ fn a_second_controller_on_the_same_state_dir_refuses_to_start_and_names_the_hold
     let state = c.dir.path().join("agent-state");
     let agent1 = agent(&c, "agent-1", "agent", &state, addr);
     agent1.wait_log("connected to controller");
-    deploy(
-        &c,
-        addr,
-        &format!(
-            "[nodes.n1]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
-            bin("drover-testprog").display()
-        ),
-    );
+    deploy(&c, addr, &testprog_node("n1"));
     let pid = ready_pid(&c, addr, "n1");
     let deployed = c.drover(addr, &["get-config", "--deployed"]).stdout;
     let files = controller_files(&c);
