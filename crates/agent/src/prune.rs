@@ -6,8 +6,9 @@
 //! directory, what its program left. [`expired`] decides (no I/O) which directories may
 //! go: not a node the supervisor has, holding no record, unchanged for the retention (a
 //! directory's mtime moves when its record is deleted at removal, and whenever a file in
-//! it is made or rotated). The supervisor renames each such directory to a hidden name
-//! on its own task, where no node can be added meanwhile, so a node deployed again under
+//! it is made or rotated). The supervisor looks at each such directory once more
+//! ([`look`]: a node may have come and gone under its name since the scan) and renames
+//! it to a hidden name on its own task, where no node can be added meanwhile, so a node deployed again under
 //! that name gets a new directory; the renamed ones are deleted off that task
 //! ([`remove`]), and leftovers of an agent killed while deleting are deleted after the
 //! next agent's first scan ([`scan`]).
@@ -71,32 +72,33 @@ pub fn scan(nodes_dir: &Path, now: SystemTime) -> Scan {
         return scan;
     };
     for entry in entries.flatten() {
-        let Ok(meta) = entry.path().symlink_metadata() else {
-            continue;
-        };
-        if !meta.is_dir() {
-            continue;
-        }
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
         if name.starts_with(PRUNED_PREFIX) {
-            scan.leftovers.push(entry.path());
-            continue;
+            if entry.path().symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                scan.leftovers.push(entry.path());
+            }
+        } else if !name.starts_with('.') {
+            scan.dirs.extend(look(&entry.path(), name, now));
         }
-        if name.starts_with('.') {
-            continue;
-        }
-        let Ok(mtime) = meta.modified() else {
-            continue;
-        };
-        scan.dirs.push(Dir {
-            has_record: entry.path().join("record.json").symlink_metadata().is_ok(),
-            unchanged_for: now.duration_since(mtime).ok(),
-            name,
-        });
     }
     scan
+}
+
+/// Node directory `dir` (named `name`) as it is now; `None` when it is no directory or
+/// its mtime cannot be read. One `stat` of it and one of its record.
+pub fn look(dir: &Path, name: String, now: SystemTime) -> Option<Dir> {
+    let meta = dir
+        .symlink_metadata()
+        .ok()
+        .filter(std::fs::Metadata::is_dir)?;
+    let mtime = meta.modified().ok()?;
+    Some(Dir {
+        has_record: dir.join("record.json").symlink_metadata().is_ok(),
+        unchanged_for: now.duration_since(mtime).ok(),
+        name,
+    })
 }
 
 /// Deletes `dirs` and all they hold (blocking); what cannot be deleted is logged.

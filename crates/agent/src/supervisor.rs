@@ -2397,6 +2397,14 @@ impl Core {
         };
         for name in crate::prune::expired(&scan.dirs, &self.nodes, retention) {
             let from = self.nodes_dir.join(name);
+            // Looked at again: since the scan, a node may have been deployed under that
+            // name and removed again, making the directory young.
+            let now = crate::prune::look(&from, name.to_owned(), SystemTime::now());
+            if now.is_none_or(|d| {
+                crate::prune::expired(std::slice::from_ref(&d), &self.nodes, retention).is_empty()
+            }) {
+                continue;
+            }
             let to = self.nodes_dir.join(format!(
                 "{}{name}-{:08x}",
                 crate::prune::PRUNED_PREFIX,
