@@ -8,10 +8,10 @@
 //! directory's mtime moves when its record is deleted at removal, and whenever a file in
 //! it is made or rotated). The supervisor looks at each such directory once more
 //! ([`look`]: a node may have come and gone under its name since the scan) and renames
-//! it to a hidden name on its own task, where no node can be added meanwhile, so a node deployed again under
-//! that name gets a new directory; the renamed ones are deleted off that task
-//! ([`remove`]), and leftovers of an agent killed while deleting are deleted after the
-//! next agent's first scan ([`scan`]).
+//! it to a hidden name on its own task, where no node can be added meanwhile, so a
+//! node deployed again under that name gets a new directory; the renamed ones are
+//! deleted off that task ([`remove`]), and leftovers of an agent killed while deleting
+//! are deleted after the next agent's first scan ([`scan`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
