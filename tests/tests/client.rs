@@ -378,3 +378,124 @@ fn the_same_cluster_in_toml_and_zeek_ini_deploys_the_same_nodes() {
         out.stderr
     );
 }
+
+/// Runs `cmd` with its stdout a pipe whose reader has gone before it starts, as in
+/// `drover status | head -0`: its exit code and stderr.
+fn with_stdout_gone(mut cmd: Command) -> (Option<i32>, String) {
+    use std::io::Read;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    cmd.arg("--timeout")
+        .arg("10s")
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let status = eventually("the command ends", PATIENCE, || child.try_wait().unwrap());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.code(), stderr)
+}
+
+/// Starts `args` with stdout a pipe that the test reads until a line with all of
+/// `wanted` appears (calling `poke` until then), then closes: with nothing more to
+/// print, the command must see its reader gone and end, quietly and with status 0.
+fn ends_when_its_reader_goes(
+    c: &Cluster,
+    addr: std::net::SocketAddr,
+    args: &[&str],
+    wanted: &'static [&'static str],
+    mut poke: impl FnMut(),
+) {
+    use std::io::BufRead;
+    let mut cmd = c.drover_command_as("ops", addr);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (seen_tx, seen) = std::sync::mpsc::channel();
+    // Reads until the line, then drops the pipe's only read end.
+    std::thread::spawn(move || {
+        let line = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| wanted.iter().all(|w| l.contains(w)));
+        let _ = seen_tx.send(line);
+    });
+    let line = eventually(&format!("{args:?} printed {wanted:?}"), PATIENCE, || {
+        poke();
+        seen.recv_timeout(Duration::from_secs(1)).ok()
+    });
+    assert!(line.is_some(), "{args:?} ended before printing {wanted:?}");
+    let status = eventually(
+        &format!("{args:?} ends once its reader went away"),
+        PATIENCE,
+        || child.try_wait().unwrap(),
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(0), "{args:?}: {stderr}");
+    assert_eq!(stderr, "", "{args:?}");
+}
+
+/// `drover status | head` and the like: a reader that goes away is no error. The
+/// command neither panics nor complains, ends with the status it would have had, and a
+/// stream without end (`monitor`, `logs -f`) ends as soon as its reader goes, even
+/// when there is nothing more to print.
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _a = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    c.deploy_text(
+        addr,
+        "t.toml",
+        &format!(
+            "[instances.agent-1]\n[nodes.web]\ninstance = \"agent-1\"\ncommand = [\"{}\", \"--print\", \"web-says-hello\"]\n",
+            bin("drover-testprog").display()
+        ),
+    );
+    for args in [
+        &["status"][..],
+        &["get-nodes"],
+        &["get-instances"],
+        &["-o", "table", "get-instances"],
+        &["-o", "table", "get-nodes"],
+        &["get-config", "--deployed"],
+        &["get-config", "--deployed", "--as-toml"],
+        &["audit"],
+        &["logs", "web"],
+        &["show-settings"],
+        &["restart", "web"],
+    ] {
+        let mut cmd = c.drover_command_as("ops", addr);
+        cmd.args(args);
+        let (code, stderr) = with_stdout_gone(cmd);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        assert_eq!(stderr, "", "{args:?}");
+    }
+    // A command that fails keeps its status; what it tells on stderr still comes.
+    let mut cmd = c.drover_command_as("ops", addr);
+    cmd.args(["restart", "nosuch"]);
+    let (code, stderr) = with_stdout_gone(cmd);
+    assert_eq!((code, stderr.as_str()), (Some(1), ""));
+    let mut cmd = c.drover_command_as("ops", addr);
+    cmd.args(["logs", "nosuch"]);
+    let (code, stderr) = with_stdout_gone(cmd);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: nosuch: "), "{stderr}");
+
+    ends_when_its_reader_goes(&c, addr, &["logs", "-f", "web"], &["web-says-hello"], || {});
+    // The restart's last event is the node RUNNING again; the cluster is quiet after it.
+    ends_when_its_reader_goes(&c, addr, &["monitor"], &["\"web\"", "RUNNING"], || {
+        assert_eq!(c.drover(addr, &["restart", "web"]).code, Some(0));
+    });
+}

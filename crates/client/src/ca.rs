@@ -110,7 +110,7 @@ pub fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         CaCommand::Init { dir, days } => {
             let (cert, key) = drover_pki::init_dir_for(dir, validity(*days)?)?;
-            eprintln!("created {} and {}", cert.display(), key.display());
+            crate::stdio::errln(&format!("created {} and {}", cert.display(), key.display()));
         }
         CaCommand::Issue {
             dir,
@@ -131,7 +131,7 @@ pub fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
                 scope: scope.map(Scope::from),
             };
             let (cert, key) = drover_pki::issue_in_dir(dir, &spec)?;
-            eprintln!("issued {} and {}", cert.display(), key.display());
+            crate::stdio::errln(&format!("issued {} and {}", cert.display(), key.display()));
         }
         CaCommand::Renew {
             dir,
@@ -144,7 +144,7 @@ pub fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
             let before = describe(cert)?;
             let (cert_prev, key_prev) = drover_pki::renew_in_place(dir, cert, &key, validity)?;
             let after = describe(cert)?;
-            eprintln!(
+            crate::stdio::errln(&format!(
                 "renewed {} ({}): serial {} -> {}, issued by {}; the previous pair is {} and {}",
                 cert.display(),
                 after.identity,
@@ -153,7 +153,7 @@ pub fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
                 after.issuer,
                 cert_prev.display(),
                 key_prev.display()
-            );
+            ));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -9,14 +9,19 @@
 //! - [`settings`]: defaults, config file, environment and flags, with zeek-client's
 //!   precedence.
 //! - [`table`]: human-readable tables (`-o table`, `status`).
+//! - [`stdio`]: stdout and stderr, whose readers may go away (`drover status | head`).
 //!
 //! Errors are printed as one line on stderr (`error: ...`) with exit status 1; never a
 //! backtrace.
+
+// Output goes through `stdio`, which survives a reader that went away.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod ca;
 pub mod output;
 pub mod session;
 pub mod settings;
+pub mod stdio;
 pub mod table;
 
 use std::path::PathBuf;
@@ -263,7 +268,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            stdio::errln(&format!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -276,7 +281,7 @@ fn told(
     what: output::Told,
     json: impl FnOnce(&drover_proto::msg::ClientResponse) -> (serde_json::Value, bool),
 ) -> (serde_json::Value, bool) {
-    eprint!("{}", output::node_failures(reply, what));
+    stdio::err(&output::node_failures(reply, what));
     json(reply)
 }
 
@@ -300,7 +305,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let settings = Settings::load(&cli)?;
     if let Command::ShowSettings = &cli.command {
-        println!("{}", settings.render()?.trim_end());
+        stdio::outln(settings.render()?.trim_end())?;
         return Ok(ExitCode::SUCCESS);
     }
     let rt = runtime()?;
@@ -344,7 +349,7 @@ async fn command(
             let nodes = session.request(&R::GetNodes { fresh: false }).await.ok();
             let nodes = nodes.as_ref().map(output::results).unwrap_or_default();
             let (text, ok) = table::instances(output::results(&reply).first().copied(), &nodes);
-            println!("{text}");
+            stdio::outln(&text)?;
             return Ok(exit(ok));
         }
         Command::GetNodes { .. } | Command::Status
@@ -356,7 +361,7 @@ async fn command(
             };
             let reply = session.request(&R::GetNodes { fresh }).await?;
             let (text, ok) = table::nodes(&output::results(&reply));
-            println!("{text}");
+            stdio::outln(&text)?;
             return Ok(exit(ok));
         }
         Command::Status => unreachable!("always a table"),
@@ -420,12 +425,7 @@ async fn command(
                 Some(path) => std::fs::write(path, text).map_err(|e| {
                     anyhow::anyhow!("cannot write {}: {}", path.display(), io_text(&e))
                 })?,
-                None => {
-                    use std::io::Write;
-                    std::io::stdout().write_all(text.as_bytes()).map_err(|e| {
-                        anyhow::anyhow!("cannot write to standard output: {}", io_text(&e))
-                    })?;
-                }
+                None => stdio::out(&text)?,
             }
             return Ok(exit(true));
         }
@@ -484,7 +484,7 @@ async fn command(
                 }),
             };
             let mut replies = session.request_stream(&req).await?;
-            return output::print_logs(&mut replies).await.map(exit);
+            return output::print_logs(&mut replies, *follow).await.map(exit);
         }
         Command::Signal { signal, nodes } => told(
             &session

@@ -4,24 +4,21 @@
 //! parse that. serde_json's pretty printer with a sorted map produces the same text for
 //! the ASCII data drover emits.
 
-use std::io::Write;
-
 use drover_proto::model::{MgmtResult, ResultData};
 use drover_proto::msg::ClientResponse;
 use serde_json::{Map, Value, json};
 
+use crate::stdio;
+
 /// Prints a JSON value with sorted keys and 2-space indentation (one line when not
 /// `pretty`), plus a newline.
 pub fn print_json(v: &Value, pretty: bool) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
     let text = if pretty {
         serde_json::to_string_pretty(v)?
     } else {
         zeek_compact(v)
     };
-    writeln!(out, "{text}")?;
-    out.flush()?;
-    Ok(())
+    stdio::outln(&text)
 }
 
 fn single(reply: &ClientResponse) -> Option<&MgmtResult> {
@@ -42,7 +39,7 @@ pub fn get_instances(reply: &ClientResponse) -> (Value, bool) {
     let Some(ResultData::Instances(instances)) = result.data.as_ref().filter(|_| result.success)
     else {
         if let Some(e) = &result.error {
-            eprintln!("error: {e}");
+            stdio::errln(&format!("error: {e}"));
         }
         return (json!({}), false);
     };
@@ -155,12 +152,12 @@ pub fn configuration(reply: &ClientResponse) -> Option<&drover_proto::Configurat
     match &r.data {
         Some(ResultData::Configuration(c)) => Some(c),
         _ => {
-            eprintln!(
+            stdio::errln(&format!(
                 "error: {}",
                 r.error
                     .as_deref()
                     .unwrap_or("no configuration in the reply")
-            );
+            ));
             None
         }
     }
@@ -366,40 +363,47 @@ pub fn node_failures(reply: &ClientResponse, told: Told) -> String {
 }
 
 /// logs: prints each batch of lines to stdout or stderr, as the node wrote them.
-/// Returns false if the controller or agent reported an error.
-pub async fn print_logs(replies: &mut drover_net::conn::ReplyStream) -> anyhow::Result<bool> {
+/// Returns false if the controller or agent reported an error. With `follow`, it also
+/// ends (returning true) once stdout's reader goes away, e.g. `logs -f | head`.
+pub async fn print_logs(
+    replies: &mut drover_net::conn::ReplyStream,
+    follow: bool,
+) -> anyhow::Result<bool> {
     use drover_proto::model::LogStream;
-    while let Some(reply) = replies.next::<ClientResponse>().await? {
+    let closed = stdio::stdout_closed();
+    tokio::pin!(closed);
+    loop {
+        let reply = tokio::select! {
+            reply = replies.next::<ClientResponse>() => reply?,
+            () = &mut closed, if follow => return Ok(true),
+        };
+        let Some(reply) = reply else {
+            return Ok(true);
+        };
         for r in results(&reply) {
             if !r.success {
-                eprintln!(
+                stdio::errln(&format!(
                     "error: {}{}",
                     r.node
                         .as_deref()
                         .map(|n| format!("{n}: "))
                         .unwrap_or_default(),
                     r.error.as_deref().unwrap_or("no reason given")
-                );
+                ));
                 return Ok(false);
             }
             if let Some(ResultData::Log(chunk)) = &r.data {
                 let text: String = chunk.lines.iter().map(|l| format!("{l}\n")).collect();
                 match chunk.stream {
-                    LogStream::Stdout => {
-                        let mut out = std::io::stdout().lock();
-                        out.write_all(text.as_bytes())?;
-                        out.flush()?;
-                    }
-                    LogStream::Stderr => {
-                        let mut err = std::io::stderr().lock();
-                        err.write_all(text.as_bytes())?;
-                        err.flush()?;
-                    }
+                    LogStream::Stdout => stdio::out(&text)?,
+                    LogStream::Stderr => stdio::err(&text),
                 }
             }
         }
+        if follow && stdio::stdout_gone() {
+            return Ok(true);
+        }
     }
-    Ok(true)
 }
 
 /// get-id-value: `{"errors": [{"source", "error"}], "results": {node: <value>}}`.
@@ -435,16 +439,26 @@ pub fn get_id_value(reply: &ClientResponse) -> (Value, bool) {
     (json!({"errors": errors, "results": res}), ok)
 }
 
-/// monitor: one JSON object per line for each event, until interrupted.
+/// monitor: one JSON object per line for each event, until interrupted or until
+/// stdout's reader goes away (`monitor | head -5`).
 pub async fn print_events(replies: &mut drover_net::conn::ReplyStream) -> anyhow::Result<bool> {
-    while let Some(reply) = replies.next::<ClientResponse>().await? {
+    let closed = stdio::stdout_closed();
+    tokio::pin!(closed);
+    loop {
+        let reply = tokio::select! {
+            reply = replies.next::<ClientResponse>() => reply?,
+            () = &mut closed => return Ok(true),
+        };
+        let Some(reply) = reply else {
+            return Ok(true);
+        };
         if let ClientResponse::Event(record) = reply {
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "{}", serde_json::to_string(&record)?)?;
-            out.flush()?;
+            stdio::outln(&serde_json::to_string(&record)?)?;
+            if stdio::stdout_gone() {
+                return Ok(true);
+            }
         }
     }
-    Ok(true)
 }
 
 /// audit: one JSON object per entry and line, oldest first.
@@ -452,11 +466,12 @@ pub fn print_audit(reply: &ClientResponse) -> anyhow::Result<bool> {
     let ClientResponse::Audit(records) = reply else {
         anyhow::bail!("the controller answered the audit request with something else");
     };
-    let mut out = std::io::stdout().lock();
+    let mut text = String::new();
     for record in records {
-        writeln!(out, "{}", serde_json::to_string(record)?)?;
+        text.push_str(&serde_json::to_string(record)?);
+        text.push('\n');
     }
-    out.flush()?;
+    stdio::out(&text)?;
     Ok(true)
 }
 

@@ -186,7 +186,7 @@ impl Session {
         if let Some(w) = warning
             && !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed)
         {
-            eprintln!("warning: {w}");
+            crate::stdio::errln(&format!("warning: {w}"));
         }
     }
 
