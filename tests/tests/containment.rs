@@ -295,6 +295,120 @@ fn nodes_start_with_default_signals_and_an_empty_mask() {
     });
 }
 
+/// The processes, other than this one, whose descriptor tables hold the file that
+/// `/proc/self/fd/FD` links to (`pipe:[N]`).
+fn holders_of(link: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_str() == Some(link)))
+            })
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// An agent started by a script that waits for the end of a pipe it handed down (a
+/// `$(...)`, an ssh session, a CI step): the agent inherits the pipe's write end, but
+/// no node and no log keeper does, so once the agent is gone the pipe ends, though the
+/// nodes run on.
+#[test]
+fn nodes_inherit_no_descriptor_the_agent_inherited() {
+    use std::os::fd::AsRawFd;
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
+    let (reader, writer) = std::io::pipe().unwrap();
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", writer.as_raw_fd()))
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut cmd = Command::new(bin("drover-agent"));
+    c.agent_args(
+        &mut cmd,
+        "agent-1",
+        "agent-1",
+        &["--controller", &addr.to_string(), "--on-exit", "keep"],
+    );
+    let w = writer.as_raw_fd();
+    // SAFETY: dup2 is async-signal-safe; it leaves the copy without FD_CLOEXEC, as a
+    // shell hands a descriptor down.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::dup2(w, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut agent = Proc::spawn("agent agent-1", cmd, c.log_path("agent-agent-1"));
+    drop(writer);
+    connect(&c, addr);
+    let (code, v) = deploy(
+        &c,
+        addr,
+        "[nodes.s]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\n\
+         [nodes.t]\ninstance = \"agent-1\"\ncommand = [\"/bin/sh\", \"-c\", \"echo hi; exec sleep 1000\"]\n",
+    );
+    assert_eq!(code, Some(0), "{v}");
+    let s = u32::try_from(node_status(&c, addr, "s")["pid"].as_u64().unwrap()).unwrap();
+    let t = u32::try_from(node_status(&c, addr, "t")["pid"].as_u64().unwrap()).unwrap();
+    // The keeper has written the node's output by the time logs shows it.
+    eventually("t's output logged", PATIENCE, || {
+        c.drover(addr, &["logs", "t"])
+            .stdout
+            .contains("hi")
+            .then_some(())
+    });
+    assert_eq!(
+        holders_of(&link),
+        vec![agent.pid()],
+        "only the agent holds the pipe"
+    );
+
+    // The agent goes, leaving its nodes (and its log keeper) running: the pipe ends.
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    agent.wait_exit(PATIENCE);
+    assert!(alive(s) && alive(t), "the nodes run on");
+    // SAFETY: a flag change on a descriptor this test owns.
+    assert_eq!(
+        unsafe {
+            nix::libc::fcntl(
+                reader.as_raw_fd(),
+                nix::libc::F_SETFL,
+                nix::libc::O_NONBLOCK,
+            )
+        },
+        0
+    );
+    let mut reader = reader;
+    eventually(
+        "the end of the pipe",
+        PATIENCE,
+        || match std::io::Read::read(&mut reader, &mut [0u8; 16]) {
+            Ok(0) => Some(()),
+            Ok(_) => panic!("nothing writes into the pipe"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) => panic!("{e}"),
+        },
+    );
+    // What the agent left running is killed by the test's end: stop the nodes now.
+    for pid in [s, t] {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 fn libc_sigusr1() -> i32 {
     nix::sys::signal::Signal::SIGUSR1 as i32
 }

@@ -323,6 +323,16 @@ impl Agent {
         on_ready: impl FnOnce(),
     ) -> Result<(), Error> {
         let this = Arc::new(self);
+        // Before the first child (the log keeper) is started.
+        match sys::cloexec_inherited() {
+            Ok(fds) if !fds.is_empty() => {
+                info!(?fds, "descriptors inherited open are kept from the nodes");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(
+                "cannot list this process's descriptors ({e}); nodes may inherit some it inherited"
+            ),
+        }
         let keeper = start_keeper(&this.config.state_dir, this.config.logs).await;
         let has_keeper = keeper.is_some();
         let supervisor = Supervisor::start(SupervisorConfig {

@@ -505,6 +505,37 @@ fn signal_members(leader: ProcId, sig: Signal) -> io::Result<bool> {
     Ok(any)
 }
 
+/// Marks close-on-exec every descriptor from 3 up that this process holds without the
+/// flag: those it inherited (a pipe a shell, `ssh` or a CI step handed down and waits
+/// to see closed), as its own all have it. No node, log keeper or probe then inherits
+/// one, and such a pipe ends with the agent, not with the last node. Returns the
+/// descriptors changed.
+pub fn cloexec_inherited() -> io::Result<Vec<RawFd>> {
+    let mut changed = Vec::new();
+    for entry in fs::read_dir("/proc/self/fd")? {
+        let Some(fd) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+            .filter(|&fd| fd > 2)
+        else {
+            continue;
+        };
+        // SAFETY: F_GETFD and F_SETFD only read and set the descriptor's flags; one
+        // that was closed meanwhile (the listing's own) fails harmlessly.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0
+                && flags & libc::FD_CLOEXEC == 0
+                && libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) == 0
+            {
+                changed.push(fd);
+            }
+        }
+    }
+    Ok(changed)
+}
+
 /// Makes every signal this process inherited as ignored (`SIG_IGN`, e.g. SIGHUP under
 /// `nohup`) handled by a handler that does nothing instead: the agent still ignores
 /// it, but `exec` resets a handled signal to its default in the nodes, where an
@@ -1242,6 +1273,28 @@ mod tests {
     use std::process::{Child, Command, Stdio};
     use std::sync::{Once, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
     use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn inherited_descriptors_become_close_on_exec_and_own_ones_stay() {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe writes.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let own = fs::File::open("/dev/null").unwrap();
+        let changed = cloexec_inherited().unwrap();
+        assert!(
+            changed.contains(&fds[0]) && changed.contains(&fds[1]),
+            "{changed:?}"
+        );
+        assert!(!changed.contains(&own.as_raw_fd()), "{changed:?}");
+        for fd in fds {
+            // SAFETY: reads the flags of a descriptor this test owns, then closes it.
+            unsafe {
+                assert_ne!(libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC, 0);
+                libc::close(fd);
+            }
+        }
+        assert_eq!(cloexec_inherited().unwrap(), Vec::<RawFd>::new());
+    }
 
     const DEADLINE: Duration = Duration::from_secs(10);
 
