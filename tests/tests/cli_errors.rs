@@ -320,3 +320,62 @@ fn agent_limits_out_of_range_stop_it_at_start() {
         assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
     }
 }
+
+/// Errors that name their cause and also carry it as their source: the cause is said
+/// once, by the CLI and by a daemon that cannot start alike.
+#[test]
+fn a_cause_is_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let out = drover(&[
+        "ca",
+        "issue",
+        "--dir",
+        missing.to_str().unwrap(),
+        "--role",
+        "agent",
+        "--name",
+        "x",
+    ]);
+    assert_one_line_error(&out, &missing.display().to_string());
+    assert_eq!(
+        out.stderr.matches("No such file or directory").count(),
+        1,
+        "{}",
+        out.stderr
+    );
+
+    let c = drover_tests::Cluster::new();
+    // Held until the end, so that the controller finds its port taken.
+    let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap();
+    let state = dir.path().join("state");
+    for (listen, state_dir, cause) in [
+        (taken.to_string(), state.clone(), "Address already in use"),
+        (
+            "127.0.0.1:0".to_owned(),
+            std::path::PathBuf::from("/proc/no/such/dir"),
+            "No such file or directory",
+        ),
+    ] {
+        let mut cmd = Command::new(bin("drover-controller"));
+        cmd.arg("--listen")
+            .arg(&listen)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--ca")
+            .arg(c.pki_file("ca.crt"))
+            .arg("--cert")
+            .arg(c.pki_file("controller.crt"))
+            .arg("--key")
+            .arg(c.pki_file("controller.key"));
+        let out = run_cli(cmd, Duration::from_secs(30));
+        assert_eq!(out.code, Some(1), "{}", out.stderr);
+        let error = out
+            .stderr
+            .lines()
+            .find(|l| l.contains("ERROR"))
+            .unwrap_or_else(|| panic!("no error logged: {}", out.stderr));
+        assert_eq!(error.matches(cause).count(), 1, "{error}");
+    }
+}

@@ -268,7 +268,10 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            stdio::errln(&format!("error: {e:#}"));
+            stdio::errln(&format!(
+                "error: {}",
+                drover_proto::error_text::one_line(e.as_ref())
+            ));
             ExitCode::FAILURE
         }
     }

@@ -152,7 +152,7 @@ where
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", drover_proto::error_text::one_line(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -11,6 +11,7 @@
 //! - [`access`]: client scopes (viewer, operator, admin), the scope each request needs,
 //!   and the audit trail's records.
 //! - [`config`]: cluster files (TOML) and validation, which reports every error at once.
+//! - [`error_text`]: an error and its causes as one line, each cause said once.
 //! - [`exec`]: a node's user, groups, umask, capabilities and rlimits: names, parsing
 //!   and checks.
 //! - [`ini`]: Zeek's INI cluster files as zeek-client reads and prints them, the TOML
@@ -27,6 +28,7 @@
 
 pub mod access;
 pub mod config;
+pub mod error_text;
 pub mod exec;
 pub mod ini;
 pub mod model;
