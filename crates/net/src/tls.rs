@@ -206,6 +206,11 @@ impl Credentials {
         let certified = CertifiedKey::new(chain, signing);
         match certified.keys_match() {
             Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+                return Err(NetError::Credentials(
+                    "certificate and key do not match: the key is not the certificate's".into(),
+                ));
+            }
             Err(e) => {
                 return Err(NetError::Credentials(format!(
                     "certificate and key do not match: {e}"

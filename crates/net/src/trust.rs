@@ -395,7 +395,10 @@ mod tests {
                 .key,
         );
         let err = trust.reload().unwrap_err().to_string();
-        assert!(err.contains("certificate and key do not match"), "{err}");
+        assert!(
+            err.contains("certificate and key do not match: the key is not the certificate's"),
+            "{err}"
+        );
         write_key(&f.files.key, &leaf.key);
         std::fs::write(&f.deny, "agent/a1\nnonsense\n").unwrap();
         let err = trust.reload().unwrap_err().to_string();
