@@ -499,3 +499,31 @@ fn a_reader_that_goes_away_ends_the_output_quietly() {
         assert_eq!(c.drover(addr, &["restart", "web"]).code, Some(0));
     });
 }
+
+/// `logs` of a node whose agent is gone says which node and which instance, as the
+/// other node commands do.
+#[test]
+fn a_failed_logs_names_the_node_and_its_instance() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    c.deploy_text(
+        addr,
+        "t.toml",
+        &format!(
+            "[instances.agent-1]\n[nodes.web]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\n",
+            bin("drover-testprog").display()
+        ),
+    );
+    agent.kill();
+    let out = eventually("the agent's departure is noticed", PATIENCE, || {
+        let out = c.drover(addr, &["logs", "web"]);
+        out.stderr.contains("not connected").then_some(out)
+    });
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.stderr,
+        "error: web on agent-1: instance 'agent-1' is not connected\n"
+    );
+}

@@ -382,12 +382,14 @@ pub async fn print_logs(
         };
         for r in results(&reply) {
             if !r.success {
+                // Which agent failed to answer, as other node commands say it.
+                let on = match (r.node.as_deref(), r.instance.as_deref()) {
+                    (Some(n), Some(i)) => format!("{n} on {i}: "),
+                    (Some(n), None) => format!("{n}: "),
+                    (None, _) => String::new(),
+                };
                 stdio::errln(&format!(
-                    "error: {}{}",
-                    r.node
-                        .as_deref()
-                        .map(|n| format!("{n}: "))
-                        .unwrap_or_default(),
+                    "error: {on}{}",
                     r.error.as_deref().unwrap_or("no reason given")
                 ));
                 return Ok(false);
