@@ -390,6 +390,82 @@ fn logs_tail_and_follow() {
     assert_eq!(c.drover(addr, &["get-nodes"]).code, Some(0));
 }
 
+/// `logs -f` of a node that a deploy removes, or moves to another instance, ends with
+/// the reason; a deploy that restarts it where it is keeps the follow going.
+#[test]
+fn a_follow_ends_when_a_deploy_takes_its_node_away() {
+    use std::io::BufRead;
+    let c = Cluster::new();
+    let (_ctl, addr, _agents) = start(&c, &["agent-1", "agent-2"]);
+    let prog = bin("drover-testprog");
+    let deploy = |talk: Option<(&str, u32)>| {
+        let mut text = String::from(
+            "[instances.agent-1]\n[instances.agent-2]\n\
+             [nodes.stay]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\n",
+        );
+        if let Some((instance, rate)) = talk {
+            text.push_str(&format!(
+                "[nodes.talk]\ninstance = \"{instance}\"\ncommand = [\"{}\", \"--stdout-rate\", \"{rate}\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+                prog.display()
+            ));
+        }
+        let file = c.dir.path().join(format!("talk-{}.toml", text.len()));
+        std::fs::write(&file, text).unwrap();
+        let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+    };
+    for (then, why) in [
+        (None, "node 'talk' was removed by deploy generation"),
+        (
+            Some(("agent-2", 50)),
+            "node 'talk' moved to instance 'agent-2' with deploy generation",
+        ),
+    ] {
+        deploy(Some(("agent-1", 50)));
+        let mut cmd = c.drover_command(addr);
+        cmd.args(["logs", "talk", "-f", "-n", "0", "--stream", "stdout"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<u64>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let seq = line.rsplit(' ').next().and_then(|n| n.parse().ok());
+                if tx.send(seq.unwrap_or(u64::MAX)).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = lines.recv_timeout(PATIENCE).expect("followed lines come");
+        // A changed spec restarts the node where it is: the follow goes on into the new
+        // process's output, whose line numbers start again.
+        deploy(Some(("agent-1", 40)));
+        let mut last = first;
+        loop {
+            let seq = lines
+                .recv_timeout(PATIENCE)
+                .expect("the follow goes on across the restart");
+            if seq < last {
+                break;
+            }
+            last = seq;
+        }
+        deploy(then);
+        let status = eventually("the follow ends", PATIENCE, || child.try_wait().unwrap());
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.starts_with(&format!("error: talk on agent-1: {why} ")),
+            "{stderr}"
+        );
+    }
+}
+
 #[test]
 fn get_id_value_asks_running_nodes() {
     let c = Cluster::new();

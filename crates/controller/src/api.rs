@@ -498,7 +498,7 @@ fn too_many_follows(instance: &str) -> String {
 /// A node's output from its agent, relayed frame by frame; the relay ends when either
 /// side goes away.
 fn logs(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     id: String,
     node: String,
     lines: usize,
@@ -536,8 +536,12 @@ fn logs(
         None
     };
     let timeout = shared.request_timeout;
+    // A follow ends when a deploy takes its node away from that instance.
+    let deploys = follow.then(|| (shared.events.subscribe(), Arc::clone(shared)));
     tokio::spawn(async move {
         let _permit = permit;
+        let gone = deployed_away(deploys, &instance, &node);
+        tokio::pin!(gone);
         let req = ControllerRequest::Logs {
             node: node.clone(),
             lines,
@@ -555,6 +559,13 @@ fn logs(
                 let reply = tokio::select! {
                     reply = replies.next::<AgentResponse>() => reply?,
                     () = tx.closed() => break,
+                    why = &mut gone => {
+                        let r = MgmtResult::err(&id, why)
+                            .on_instance(&instance)
+                            .on_node(&node);
+                        let _ = tx.send(ClientResponse::Result(r)).await;
+                        break;
+                    }
                 };
                 let Some(reply) = reply else { break };
                 if let AgentResponse::Log(chunk) = reply {
@@ -577,6 +588,49 @@ fn logs(
         }
     });
     Answer::Stream(rx)
+}
+
+/// Resolves, with the reason, once a deploy has taken `node` away from `instance`:
+/// removed it, or moved it to another instance. Never without `deploys` (a follow's
+/// subscription to the events, and where the desired deploy is read).
+async fn deployed_away(
+    deploys: Option<(tokio::sync::broadcast::Receiver<EventRecord>, Arc<Shared>)>,
+    instance: &str,
+    node: &str,
+) -> String {
+    use tokio::sync::broadcast::error::RecvError;
+    let Some((mut events, shared)) = deploys else {
+        return std::future::pending().await;
+    };
+    loop {
+        match events.recv().await {
+            Ok(EventRecord {
+                event: Event::DeployStarted { .. },
+                ..
+            })
+            | Err(RecvError::Lagged(_)) => {}
+            Ok(_) => continue,
+            Err(RecvError::Closed) => return std::future::pending().await,
+        }
+        let Some(desired) = shared.store.desired() else {
+            continue;
+        };
+        match desired.config.node(node).map(|n| n.instance.as_str()) {
+            None => {
+                return format!(
+                    "node '{node}' was removed by deploy generation {}; nothing more to follow",
+                    desired.generation
+                );
+            }
+            Some(other) if other != instance => {
+                return format!(
+                    "node '{node}' moved to instance '{other}' with deploy generation {}; follow it again",
+                    desired.generation
+                );
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 /// Relays cluster events to one subscriber until it goes away; with `logs`, also the
