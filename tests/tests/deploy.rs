@@ -738,6 +738,71 @@ fn monitor_with_logs_streams_node_output() {
     child.wait().unwrap();
 }
 
+/// `monitor --logs` follows what is deployed now, not what was deployed when it
+/// subscribed: nodes deployed later, and a node's output again once its agent is back.
+#[test]
+fn monitor_with_logs_follows_later_deploys_and_returning_agents() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let deploy = |name: &str, node: Option<&str>| {
+        let mut text = String::from("[instances.agent-1]\n");
+        if let Some(node) = node {
+            text.push_str(&format!(
+                "[nodes.{node}]\ninstance = \"agent-1\"\ncommand = [\"{}\", \"--stdout-rate\", \"20\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+                bin("drover-testprog").display()
+            ));
+        }
+        let file = c.dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+    };
+    let (mut child, rx) = c.monitor(addr, &["--logs"]);
+    let wait_for = |what: &str, pred: &dyn Fn(&Value) -> bool| {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ev = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {what} within {PATIENCE:?}"));
+            if pred(&ev["event"]) {
+                return;
+            }
+        }
+    };
+    let lines_of =
+        |node: &'static str| move |e: &Value| e["type"] == "log_lines" && e["node"] == node;
+    // Subscribed, with nothing deployed: an empty deploy shows the monitor is there.
+    eventually("the monitor sees a deploy", PATIENCE, || {
+        deploy("empty.toml", None);
+        rx.recv_timeout(std::time::Duration::from_secs(1))
+            .ok()
+            .filter(|ev| ev["event"]["type"] == "deploy_started")
+    });
+    deploy("a.toml", Some("a"));
+    wait_for(
+        "output of a node deployed after subscribing",
+        &lines_of("a"),
+    );
+
+    // The agent dies and comes back; its node runs on, and its output is followed
+    // again on the new connection.
+    agent.kill();
+    wait_for("the agent's loss", &|e| e["type"] == "agent_lost");
+    agent = c.start_agent("agent-1", addr);
+    wait_for("the agent's return", &|e| e["type"] == "agent_joined");
+    wait_for("output after the agent's return", &lines_of("a"));
+
+    // A node that replaces another is followed too.
+    deploy("b.toml", Some("b"));
+    wait_for("output of the replacing node", &lines_of("b"));
+    drop(agent);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// get-nodes answers from the statuses agents report as they change; `--fresh` asks
 /// the agents. A paused agent shows the difference: its last report is still there,
 /// while asking it times out.

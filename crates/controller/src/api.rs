@@ -635,28 +635,28 @@ async fn deployed_away(
 
 /// Relays cluster events to one subscriber until it goes away; with `logs`, also the
 /// output of every deployed node (followed on its agent only while someone listens).
-fn monitor(shared: &Shared, logs: bool) -> Answer<ClientResponse> {
+fn monitor(shared: &Arc<Shared>, logs: bool) -> Answer<ClientResponse> {
     let mut events = shared.events.subscribe();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    if logs && let Some(desired) = shared.store.desired() {
-        for node in &desired.config.nodes {
-            let Some(conn) = shared.registry.get(&node.instance) else {
-                continue;
-            };
-            tokio::spawn(follow_into_events(
-                conn,
-                node.instance.clone(),
-                node.name.clone(),
-                tx.clone(),
-                shared.request_timeout,
-            ));
-        }
+    let mut follows = logs.then(|| LogFollows::new(Arc::clone(shared), tx.clone()));
+    if let Some(f) = &mut follows {
+        f.sync(true);
     }
     tokio::spawn(async move {
+        // Besides the events that change what to follow: a connection handed over to a
+        // new one (no event) ends the follows on the old one.
+        let mut resync = tokio::time::interval(LogFollows::RESYNC);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let received = tokio::select! {
                 r = events.recv() => r,
                 () = tx.closed() => return,
+                _ = resync.tick(), if follows.is_some() => {
+                    if let Some(f) = &mut follows {
+                        f.sync(false);
+                    }
+                    continue;
+                }
             };
             let record = match received {
                 Ok(r) => r,
@@ -666,12 +666,103 @@ fn monitor(shared: &Shared, logs: bool) -> Answer<ClientResponse> {
                 },
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
+            // A deploy's new nodes exist on their agents once it finished; its removed
+            // ones go at its start.
+            if let Some(f) = &mut follows
+                && matches!(
+                    record.event,
+                    Event::DeployStarted { .. }
+                        | Event::DeployFinished { .. }
+                        | Event::AgentJoined { .. }
+                        | Event::Lagged { .. }
+                )
+            {
+                f.sync(true);
+            }
             if tx.send(ClientResponse::Event(record)).await.is_err() {
                 return;
             }
         }
     });
     Answer::Stream(rx)
+}
+
+/// The log follows of one `monitor --logs` subscriber: one per node of the desired
+/// deploy whose agent is connected, each on that agent's current connection. Dropped
+/// with the subscriber's task, which ends them all.
+struct LogFollows {
+    shared: Arc<Shared>,
+    tx: tokio::sync::mpsc::Sender<ClientResponse>,
+    /// (instance, node) to the follow's task and the connection it runs on.
+    running: BTreeMap<(String, String), (tokio::task::AbortHandle, usize)>,
+}
+
+impl LogFollows {
+    /// How often the follows are checked against the agents' connections anyway.
+    const RESYNC: Duration = Duration::from_secs(2);
+
+    fn new(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<ClientResponse>) -> Self {
+        Self {
+            shared,
+            tx,
+            running: BTreeMap::new(),
+        }
+    }
+
+    /// Ends the follows of nodes no longer deployed there, or on a connection the agent
+    /// no longer uses; starts the missing ones, and with `retry` those that ended (the
+    /// node was not there yet, or the agent refused: too many follows). Without it, an
+    /// ended follow stays ended while its connection lasts, so that a refusal is not
+    /// repeated at every look.
+    fn sync(&mut self, retry: bool) {
+        let wanted: BTreeSet<(String, String)> = self
+            .shared
+            .store
+            .desired()
+            .map(|d| {
+                d.config
+                    .nodes
+                    .iter()
+                    .map(|n| (n.instance.clone(), n.name.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let registry = &self.shared.registry;
+        self.running.retain(|key, (task, conn_id)| {
+            let current = registry.get(&key.0).map(|c| c.stable_id());
+            let keep =
+                wanted.contains(key) && current == Some(*conn_id) && !(retry && task.is_finished());
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for key in wanted {
+            if self.running.contains_key(&key) {
+                continue;
+            }
+            let Some(conn) = registry.get(&key.0) else {
+                continue;
+            };
+            let conn_id = conn.stable_id();
+            let task = tokio::spawn(follow_into_events(
+                conn,
+                key.0.clone(),
+                key.1.clone(),
+                self.tx.clone(),
+                self.shared.request_timeout,
+            ));
+            self.running.insert(key, (task.abort_handle(), conn_id));
+        }
+    }
+}
+
+impl Drop for LogFollows {
+    fn drop(&mut self) {
+        for (task, _) in self.running.values() {
+            task.abort();
+        }
+    }
 }
 
 /// Follows one node's output and sends it as events until the subscriber leaves.
