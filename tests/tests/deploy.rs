@@ -2,7 +2,7 @@
 //! processes, and acting on them: get-nodes, restart, stop, start; agent and controller
 //! restarts that leave the nodes alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use drover_tests::{Cluster, PATIENCE, bin, eventually};
@@ -803,6 +803,105 @@ fn monitor_with_logs_follows_later_deploys_and_returning_agents() {
     child.wait().unwrap();
 }
 
+/// `monitor --logs` shows the first lines of a node a deploy adds: they were written
+/// before the deploy finished and its follow could begin. Those of a node that fails at
+/// once too, and none of what an earlier node of that name left in its directory.
+#[test]
+fn monitor_with_logs_shows_the_first_lines_of_added_nodes() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let prog = bin("drover-testprog");
+    let node = |name: &str, args: &str, extra: &str| {
+        format!(
+            "[nodes.{name}]\ninstance = \"agent-1\"\ncommand = [\"{}\", {args}]\n{extra}\n",
+            prog.display()
+        )
+    };
+    let deploy = |file: &str, nodes: &[String]| {
+        let path = c.dir.path().join(file);
+        std::fs::write(&path, format!("[instances.agent-1]\n{}", nodes.concat())).unwrap();
+        c.drover(addr, &["deploy-config", path.to_str().unwrap()])
+    };
+    // An earlier node named `w` leaves output in the directory the next one reuses.
+    let out = deploy(
+        "earlier.toml",
+        &[node(
+            "w",
+            r#""--print", "earlier-out", "--eprint", "earlier-err""#,
+            "",
+        )],
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    eventually("the earlier node's output on disk", PATIENCE, || {
+        let out = c.drover(addr, &["logs", "w"]);
+        let both = format!("{}{}", out.stdout, out.stderr);
+        (both.contains("earlier-out") && both.contains("earlier-err")).then_some(())
+    });
+    let out = deploy("none.toml", &[]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+
+    let (mut child, rx) = c.monitor(addr, &["--logs"]);
+    eventually("the monitor sees a deploy", PATIENCE, || {
+        assert_eq!(deploy("none.toml", &[]).code, Some(0));
+        rx.recv_timeout(std::time::Duration::from_secs(1))
+            .ok()
+            .filter(|ev| ev["event"]["type"] == "deploy_started")
+    });
+    // Both print at once; `w` is ready a second later, `crash` exits and fails.
+    let slow_ready = r#"readiness = { kind = "start-period", period = "1s" }"#;
+    let out = deploy(
+        "added.toml",
+        &[
+            node(
+                "w",
+                r#""--print", "w-out", "--eprint", "w-err""#,
+                slow_ready,
+            ),
+            node(
+                "crash",
+                r#""--print", "crash-out", "--eprint", "crash-err", "--exit-after", "0", "--exit-code", "3""#,
+                &format!("{slow_ready}\nmax_failed_starts = 1"),
+            ),
+        ],
+    );
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("crash"), "{}", out.stderr);
+
+    let mut want: BTreeSet<(&str, &str, &str)> = [
+        ("w", "stdout", "w-out"),
+        ("w", "stderr", "w-err"),
+        ("crash", "stdout", "crash-out"),
+        ("crash", "stderr", "crash-err"),
+    ]
+    .into();
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !want.is_empty() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ev = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("still missing {want:?}; log lines seen: {seen:?}"));
+        let e = &ev["event"];
+        if e["type"] != "log_lines" {
+            continue;
+        }
+        let (node, stream) = (e["node"].as_str().unwrap(), e["stream"].as_str().unwrap());
+        for line in e["lines"].as_array().unwrap() {
+            let line = line.as_str().unwrap().to_owned();
+            want.retain(|w| (w.0, w.1, w.2) != (node, stream, line.as_str()));
+            seen.push(format!("{node} {stream}: {line}"));
+        }
+    }
+    assert!(
+        !seen.iter().any(|l| l.contains("earlier")),
+        "an earlier node's output shown as the new one's: {seen:?}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// get-nodes answers from the statuses agents report as they change; `--fresh` asks
 /// the agents. A paused agent shows the difference: its last report is still there,
 /// while asking it times out.
@@ -893,7 +992,7 @@ fn an_answered_deploy_is_reported_at_once_whatever_the_report_interval() {
     let file = cluster_file(&c, &["agent-1"], 3, "");
     let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    let mut running = std::collections::BTreeSet::new();
+    let mut running = BTreeSet::new();
     let mut seen = Vec::new();
     while running.len() < 3 {
         let ev = rx

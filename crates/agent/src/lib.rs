@@ -837,14 +837,18 @@ impl Agent {
                         lines,
                         follow,
                         stream,
+                        from_start,
                     } => {
-                        let Some(logs) = sup.logs(&node).await else {
+                        let Some((logs, marks)) = sup.logs(&node).await else {
                             return Err(WireError::new(
                                 ErrorCode::BadRequest,
                                 format!("unknown cluster node '{node}'"),
                             ));
                         };
-                        return Ok(Answer::Stream(stream_logs(logs, lines, follow, stream)));
+                        let from = marks.filter(|_| from_start && follow);
+                        return Ok(Answer::Stream(stream_logs(
+                            logs, lines, follow, stream, from,
+                        )));
                     }
                     ControllerRequest::GetIdValue { id, nodes } => {
                         let targets = sup.queryable(nodes).await;
@@ -1107,12 +1111,16 @@ pub const LOG_BATCH_BYTES: usize = 1024 * 1024;
 /// no line falls between the two; a line written in that instant may come twice. Every
 /// reply holds at most [`LOG_BATCH_LINES`] lines and [`LOG_BATCH_BYTES`] bytes plus one
 /// line (a line is at most [`logs::MAX_LINE_BYTES`]), so it always fits in a frame.
+/// With `from` (where the files ended before the node first ran), the followers begin
+/// there instead, and no tail is sent.
 fn stream_logs(
     logs: logs::NodeLogs,
     lines: usize,
     follow: bool,
     only: Option<LogStream>,
+    from: Option<[logs::Mark; 2]>,
 ) -> tokio::sync::mpsc::Receiver<AgentResponse> {
+    let lines = if from.is_some() { 0 } else { lines };
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let streams: Vec<LogStream> = match only {
         Some(s) => vec![s],
@@ -1125,7 +1133,17 @@ fn stream_logs(
     let followers: Vec<_> = if follow {
         streams
             .iter()
-            .map(|s| (*s, logs.follow(file_stream(*s), FOLLOW_POLL)))
+            .map(|s| {
+                let fs = file_stream(*s);
+                let rx = match from {
+                    Some([out, err]) => {
+                        let mark = if fs == logs::Stream::Stdout { out } else { err };
+                        logs.follow_from(fs, FOLLOW_POLL, mark)
+                    }
+                    None => logs.follow(fs, FOLLOW_POLL),
+                };
+                (*s, rx)
+            })
             .collect()
     } else {
         Vec::new()

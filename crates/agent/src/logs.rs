@@ -157,6 +157,18 @@ const FOLLOW_ROTATED_SEARCH: u32 = 16;
 /// Shortest poll interval a follower accepts.
 const MIN_POLL: Duration = Duration::from_millis(10);
 
+/// Most bytes [`NodeLogs::follow_from`] sends of what was written before it started.
+pub const FROM_MARK_MAX_BYTES: u64 = 1024 * 1024;
+
+/// Where a stream's file ended at some moment: its inode and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    /// The file's inode number (a rotation by rename gives the stream a new one).
+    pub ino: u64,
+    /// The file's length then.
+    pub len: u64,
+}
+
 /// Size bound of a node's logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -264,13 +276,21 @@ impl NodeLogs {
     }
 
     /// Creates both files as [`NodeLogs::open_for_child`] would, in the node directory,
-    /// which must exist: they are there before the node's first spawn.
-    pub fn create_files(&self) -> io::Result<()> {
-        for s in Stream::ALL {
+    /// which must exist: they are there before the node's first spawn. Returns where
+    /// each stream's file ends now (stdout, stderr), which is where the node's own
+    /// output will begin: the directory of a node deployed again holds its earlier
+    /// output.
+    pub fn create_files(&self) -> io::Result<[Mark; 2]> {
+        let mark = |s: Stream| {
             let path = self.path(s);
-            open_append(&path).map_err(|e| with_path("creating", &path, e))?;
-        }
-        Ok(())
+            let f = open_append(&path).map_err(|e| with_path("creating", &path, e))?;
+            let meta = f.metadata().map_err(|e| with_path("reading", &path, e))?;
+            Ok::<_, io::Error>(Mark {
+                ino: meta.ino(),
+                len: meta.len(),
+            })
+        };
+        Ok([mark(Stream::Stdout)?, mark(Stream::Stderr)?])
     }
 
     /// Rotates each stream whose current file is larger than `max_bytes` (see the module
@@ -517,6 +537,26 @@ impl NodeLogs {
             poll,
             FOLLOW_SEND_WAIT,
             (),
+            None,
+        )
+    }
+
+    /// Follows a stream from `mark` on, as [`NodeLogs::follow`] does from the end: the
+    /// lines written since the file ended at `mark` come first, at most the last
+    /// [`FROM_MARK_MAX_BYTES`] of them. Once the file was rotated since `mark` was
+    /// taken, from the start of the current file.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn follow_from(&self, s: Stream, poll: Duration, mark: Mark) -> mpsc::Receiver<String> {
+        spawn_follower(
+            self.path(s),
+            self.rotated_path(s, 1),
+            poll,
+            FOLLOW_SEND_WAIT,
+            (),
+            Some(mark),
         )
     }
 
@@ -902,13 +942,15 @@ impl LineSplitter {
 /// The receiver of a follower's channel is gone.
 struct Gone;
 
-/// Spawns the task behind [`NodeLogs::follow`]; it holds `guard` until it ends.
+/// Spawns the task behind [`NodeLogs::follow`] (from the end) and
+/// [`NodeLogs::follow_from`] (from `from`); it holds `guard` until it ends.
 fn spawn_follower<G: Send + 'static>(
     path: PathBuf,
     rotated: PathBuf,
     poll: Duration,
     send_wait: Duration,
     guard: G,
+    from: Option<Mark>,
 ) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel(FOLLOW_CHANNEL_CAPACITY);
     // The starting point is taken now, not when the task first runs.
@@ -924,7 +966,18 @@ fn spawn_follower<G: Send + 'static>(
         dropped: 0,
         send_wait,
     };
-    let start_len = start.map_or(0, |m| m.len());
+    let start_len = match (start, from) {
+        (None, _) => 0,
+        (Some(m), None) => m.len(),
+        (Some(m), Some(mark)) => {
+            let from = if m.ino() == mark.ino && m.len() >= mark.len {
+                mark.len
+            } else {
+                0
+            };
+            from.max(m.len().saturating_sub(FROM_MARK_MAX_BYTES))
+        }
+    };
     tokio::spawn(async move {
         let _guard = guard;
         follower.run(tx, poll, start_len).await;
@@ -1771,6 +1824,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn follow_from_a_mark_sends_what_was_written_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = logs(dir.path(), 1 << 20, 5);
+        let path = logs.path(Stream::Stdout);
+        append(&path, b"earlier node 1\nearlier node 2\n");
+        let [mark, _] = logs.create_files().unwrap();
+        assert_eq!(mark.len, 30);
+        append(&path, b"first\nsecond\n");
+        let mut rx = logs.follow_from(Stream::Stdout, POLL, mark);
+        assert_eq!(next(&mut rx).await, "first");
+        assert_eq!(next(&mut rx).await, "second");
+        append(&path, b"third\n");
+        assert_eq!(next(&mut rx).await, "third");
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
+
+        // Rotated since the mark: the whole current file.
+        fs::rename(&path, logs.rotated_path(Stream::Stdout, 1)).unwrap();
+        append(&path, b"after rotation\n");
+        let mut rx = logs.follow_from(Stream::Stdout, POLL, mark);
+        assert_eq!(next(&mut rx).await, "after rotation");
+
+        // A lot since the mark: only the last FROM_MARK_MAX_BYTES, from a line start.
+        let [mark, _] = logs.create_files().unwrap();
+        let line = format!("{}\n", "x".repeat(99));
+        let lines = usize::try_from(2 * FROM_MARK_MAX_BYTES).unwrap() / line.len();
+        append(&path, line.repeat(lines).as_bytes());
+        append(&path, b"last\n");
+        let mut rx = logs.follow_from(Stream::Stdout, POLL, mark);
+        let mut got = Vec::new();
+        while got.last().map(String::as_str) != Some("last") {
+            got.push(next(&mut rx).await);
+        }
+        let max = usize::try_from(FROM_MARK_MAX_BYTES).unwrap() / line.len() + 2;
+        assert!(got.len() <= max, "{} lines sent", got.len());
+        assert!(got.len() >= max - 3, "{} lines sent", got.len());
+        assert!(got[..got.len() - 1].iter().all(|l| l.len() == 99));
+    }
+
+    #[tokio::test]
     async fn follow_holds_partial_lines() {
         let dir = tempfile::tempdir().unwrap();
         let logs = logs(dir.path(), 1 << 20, 5);
@@ -1879,6 +1971,7 @@ mod tests {
                 Duration::from_secs(3600),
                 FOLLOW_SEND_WAIT,
                 guard,
+                None,
             );
             drop(rx);
             // The task drops the guard's sender when it ends.
@@ -1902,6 +1995,7 @@ mod tests {
             POLL,
             Duration::from_secs(3600),
             guard,
+            None,
         );
         let mut data = String::new();
         for i in 0..FOLLOW_CHANNEL_CAPACITY + 10 {
@@ -1931,6 +2025,7 @@ mod tests {
             POLL,
             Duration::ZERO,
             (),
+            None,
         );
         let total = 5000;
         let mut data = String::new();

@@ -141,8 +141,18 @@ pub struct Outcome {
     pub spec: Node,
     /// The process, or why there is none (naming the node, the program and the cause).
     pub result: Result<Spawned, String>,
-    /// The notify socket a first spawn bound, whether the spawn itself worked or not.
-    pub notify: Option<std::os::unix::net::UnixDatagram>,
+    /// What a first spawn made for the node, whether the spawn itself worked or not.
+    pub made: Option<Made>,
+}
+
+/// What [`prepare_fresh`] made for a new node.
+#[derive(Debug)]
+pub struct Made {
+    /// Its notify socket, bound.
+    pub sock: std::os::unix::net::UnixDatagram,
+    /// Where its log files (stdout, stderr) ended before it ran: its own output starts
+    /// there, after what an earlier node of that name left.
+    pub marks: [crate::logs::Mark; 2],
 }
 
 /// What the spawner threads hold for all jobs.
@@ -189,16 +199,16 @@ fn spawner(cx: &Context, jobs: &Mutex<std::sync::mpsc::Receiver<Job>>, done: &dy
         };
         let (node, generation) = (job.node.clone(), job.generation);
         let spec = job.spec.clone();
-        let mut notify = None;
+        let mut made = None;
         let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cx, job, &mut notify)))
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cx, job, &mut made)))
                 .unwrap_or_else(|_| Err(format!("node '{node}': the spawn panicked")));
         done(Outcome {
             node,
             generation,
             spec,
             result,
-            notify,
+            made,
         });
     }
 }
@@ -268,21 +278,17 @@ pub(crate) fn prepare_fresh(
     dir: &std::path::Path,
     logs: &NodeLogs,
     socks: &crate::sockdir::SocketDirs,
-) -> std::io::Result<std::os::unix::net::UnixDatagram> {
+) -> std::io::Result<Made> {
     crate::supervisor::make_node_dir(dir)?;
-    logs.create_files()?;
+    let marks = logs.create_files()?;
     socks.ensure(name)?;
     let sock = crate::supervisor::bind_notify(&socks.dir(name))?;
     crate::probe::pass_credentials(&sock)?;
-    Ok(sock)
+    Ok(Made { sock, marks })
 }
 
-/// Carries out one job; a first spawn's notify socket goes to `notify`.
-fn run(
-    cx: &Context,
-    job: Job,
-    notify: &mut Option<std::os::unix::net::UnixDatagram>,
-) -> Result<Spawned, String> {
+/// Carries out one job; what a first spawn made goes to `made`.
+fn run(cx: &Context, job: Job, made: &mut Option<Made>) -> Result<Spawned, String> {
     let name = job.node.as_str();
     let program = job.program.as_str();
     let fresh = match &job.fresh {
@@ -305,7 +311,7 @@ fn run(
             sys::cause(&err)
         )
     })?;
-    if let Some((fresh, sock)) = fresh {
+    if let Some((fresh, prepared)) = fresh {
         // What the Apply could not give the node's user before they existed. Until
         // that is done the node stays to be made: its socket is handed back only then,
         // so a failure here is tried again by its next spawn.
@@ -315,7 +321,7 @@ fn run(
             crate::exec::own_node_paths(owner, &fresh.dir, work, &socket)
                 .map_err(|err| format!("node '{name}': {}", sys::cause(&err)))?;
         }
-        *notify = Some(sock);
+        *made = Some(prepared);
     }
     write_node_files(&job.workdir, &job.spec.files)
         .map_err(|err| format!("node '{name}': {err}"))?;

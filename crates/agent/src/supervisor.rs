@@ -180,7 +180,7 @@ enum Command {
     },
     Logs {
         node: String,
-        reply: oneshot::Sender<Option<NodeLogs>>,
+        reply: oneshot::Sender<Option<(NodeLogs, Option<[crate::logs::Mark; 2]>)>>,
     },
     Queryable {
         nodes: Vec<String>,
@@ -254,7 +254,7 @@ type Plans = BTreeMap<String, Result<std::sync::Arc<crate::exec::Plan>, String>>
 type PrepareJob = (String, PathBuf, Option<PathBuf>);
 
 /// New nodes' bound notify sockets (or why they could not be made), by name.
-type Prepared = BTreeMap<String, std::io::Result<std::os::unix::net::UnixDatagram>>;
+type Prepared = BTreeMap<String, std::io::Result<crate::spawner::Made>>;
 
 /// Who asked for an Apply, handed to [`crate::apply`] and back with its answer or
 /// its carry-out.
@@ -418,6 +418,10 @@ struct Entry {
     /// Its directory, log files and notify socket are still to be made, by its next
     /// spawn (see [`crate::spawner::Fresh`]).
     fresh: bool,
+    /// Where its log files ended when this agent process made the node: a follow of
+    /// its output since it was first started begins there (see
+    /// [`crate::logs::NodeLogs::follow_from`]). Unknown for an adopted node.
+    output_marks: Option<[crate::logs::Mark; 2]>,
 }
 
 impl Entry {
@@ -898,8 +902,9 @@ impl Supervisor {
         (full, statuses)
     }
 
-    /// The log files of a node, if it exists.
-    pub async fn logs(&self, node: &str) -> Option<NodeLogs> {
+    /// The log files of a node, if it exists, and where they ended before this agent
+    /// process first started it (stdout, stderr), when it did.
+    pub async fn logs(&self, node: &str) -> Option<(NodeLogs, Option<[crate::logs::Mark; 2]>)> {
         let node = node.to_owned();
         self.ask(|reply| Command::Logs { node, reply })
             .await
@@ -1162,7 +1167,11 @@ impl Core {
                 let _ = reply.send((full, statuses));
             }
             Command::Logs { node, reply } => {
-                let _ = reply.send(self.nodes.get(&node).map(|e| e.logs.clone()));
+                let _ = reply.send(
+                    self.nodes
+                        .get(&node)
+                        .map(|e| (e.logs.clone(), e.output_marks)),
+                );
             }
             Command::Queryable { nodes, reply } => {
                 let names: Vec<String> = if nodes.is_empty() {
@@ -1590,11 +1599,11 @@ impl Core {
         }
         // The node's cgroup is made by its spawn (see [`Cgroups::prepare`]).
         let prepare_one = |name: &str, dir: &Path, work: Option<&Path>| {
-            let sock = crate::spawner::prepare_fresh(name, dir, &NodeLogs::new(dir, logs), socks)?;
+            let made = crate::spawner::prepare_fresh(name, dir, &NodeLogs::new(dir, logs), socks)?;
             if let Some(w) = work {
                 crate::spawner::make_workdir(w)?;
             }
-            Ok(sock)
+            Ok(made)
         };
         let threads = std::thread::available_parallelism()
             .map_or(1, usize::from)
@@ -1628,13 +1637,13 @@ impl Core {
         name: &str,
         spec: Node,
         config_id: &str,
-        prepared: Option<std::io::Result<std::os::unix::net::UnixDatagram>>,
+        prepared: Option<std::io::Result<crate::spawner::Made>>,
     ) -> std::io::Result<()> {
         drover_proto::name::check(name)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let dir = self.nodes_dir.join(name);
         // Without one, its first spawn makes what the node needs.
-        let sock = prepared.transpose()?;
+        let made = prepared.transpose()?;
         let logs = NodeLogs::new(&dir, self.cfg.logs);
         let machine = Machine::new(machine_config(&spec));
         let mut entry = Entry {
@@ -1653,8 +1662,9 @@ impl Core {
             written: Vec::new(),
             last_pipes: None,
             fresh: false,
+            output_marks: made.as_ref().map(|m| m.marks),
         };
-        entry.notify_task = sock.map(|s| self.listen_notify(name, s)).transpose()?;
+        entry.notify_task = made.map(|m| self.listen_notify(name, m.sock)).transpose()?;
         entry.fresh = entry.notify_task.is_none();
         self.nodes.insert(name.to_owned(), entry);
         self.membership_changed = true;
@@ -1892,10 +1902,10 @@ impl Core {
             generation,
             spec,
             result,
-            notify,
+            made,
         } = outcome;
-        if let Some(sock) = notify {
-            self.prepared(&node, sock);
+        if let Some(made) = made {
+            self.prepared(&node, made);
         }
         let s = match result {
             Ok(s) => s,
@@ -2004,15 +2014,16 @@ impl Core {
     /// The first spawn of a `fresh` node made its directory, logs and notify socket:
     /// what the node sends there is read from now on (what it sent already waits in the
     /// socket).
-    fn prepared(&mut self, name: &str, sock: std::os::unix::net::UnixDatagram) {
+    fn prepared(&mut self, name: &str, made: crate::spawner::Made) {
         if !self.nodes.get(name).is_some_and(|e| e.fresh) {
             return;
         }
-        match self.listen_notify(name, sock) {
+        match self.listen_notify(name, made.sock) {
             Ok(task) => {
                 if let Some(e) = self.nodes.get_mut(name) {
                     e.fresh = false;
                     e.notify_task = Some(task);
+                    e.output_marks = Some(made.marks);
                 }
             }
             Err(err) => warn!(node = %name, "cannot read the node's notify socket: {err}"),

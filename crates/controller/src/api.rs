@@ -547,6 +547,7 @@ fn logs(
             lines,
             follow,
             stream,
+            from_start: false,
         };
         let result = async {
             let mut replies = tokio::select! {
@@ -690,12 +691,26 @@ fn monitor(shared: &Arc<Shared>, logs: bool) -> Answer<ClientResponse> {
 /// The log follows of one `monitor --logs` subscriber: one per node of the desired
 /// deploy whose agent is connected, each on that agent's current connection. Dropped
 /// with the subscriber's task, which ends them all.
+///
+/// The nodes deployed when the subscriber came are followed from where their output
+/// stood then. A node a later deploy adds (or moves to another instance) is new to the
+/// subscriber: its first follow begins with the node's first output, which it wrote
+/// before the deploy finished and the follow could begin. A later follow of it (its
+/// agent came back) begins where its output stands.
 struct LogFollows {
     shared: Arc<Shared>,
     tx: tokio::sync::mpsc::Sender<ClientResponse>,
     /// (instance, node) to the follow's task and the connection it runs on.
     running: BTreeMap<(String, String), (tokio::task::AbortHandle, usize)>,
+    /// The nodes deployed when the subscriber came (still deployed), once known.
+    initial: Option<BTreeSet<(String, String)>>,
+    /// The nodes (still deployed) whose follow the agent has begun, set by the follow
+    /// tasks.
+    begun: Begun,
 }
+
+/// See [`LogFollows::begun`].
+type Begun = Arc<std::sync::Mutex<BTreeSet<(String, String)>>>;
 
 impl LogFollows {
     /// How often the follows are checked against the agents' connections anyway.
@@ -706,6 +721,8 @@ impl LogFollows {
             shared,
             tx,
             running: BTreeMap::new(),
+            initial: None,
+            begun: Arc::default(),
         }
     }
 
@@ -727,6 +744,14 @@ impl LogFollows {
                     .collect()
             })
             .unwrap_or_default();
+        let initial = self.initial.get_or_insert_with(|| wanted.clone());
+        // A node deployed again after a deploy removed it is new again.
+        initial.retain(|key| wanted.contains(key));
+        let mut begun = self
+            .begun
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        begun.retain(|key| wanted.contains(key));
         let registry = &self.shared.registry;
         self.running.retain(|key, (task, conn_id)| {
             let current = registry.get(&key.0).map(|c| c.stable_id());
@@ -745,10 +770,11 @@ impl LogFollows {
                 continue;
             };
             let conn_id = conn.stable_id();
+            let from_start = !initial.contains(&key) && !begun.contains(&key);
             let task = tokio::spawn(follow_into_events(
                 conn,
-                key.0.clone(),
-                key.1.clone(),
+                key.clone(),
+                from_start.then(|| Arc::clone(&self.begun)),
                 self.tx.clone(),
                 self.shared.request_timeout,
             ));
@@ -765,11 +791,12 @@ impl Drop for LogFollows {
     }
 }
 
-/// Follows one node's output and sends it as events until the subscriber leaves.
+/// Follows one node's output and sends it as events until the subscriber leaves. With
+/// `begun`, from the node's first output, noting in `begun` once the agent began.
 async fn follow_into_events(
     conn: quinn::Connection,
-    instance: String,
-    node: String,
+    (instance, node): (String, String),
+    begun: Option<Begun>,
     tx: tokio::sync::mpsc::Sender<ClientResponse>,
     timeout: Duration,
 ) {
@@ -791,7 +818,9 @@ async fn follow_into_events(
         lines: 0,
         follow: true,
         stream: None,
+        from_start: begun.is_some(),
     };
+    let mut begun = begun;
     let replies = tokio::select! {
         r = conn::call_stream(&conn, &req, timeout) => r,
         () = tx.closed() => return,
@@ -809,6 +838,12 @@ async fn follow_into_events(
         let Ok(Some(AgentResponse::Log(chunk))) = reply else {
             return;
         };
+        if let Some(begun) = begun.take() {
+            begun
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert((instance.clone(), node.clone()));
+        }
         if chunk.lines.is_empty() {
             continue;
         }

@@ -553,6 +553,12 @@ pub enum ControllerRequest {
         follow: bool,
         /// Only this stream (both when absent).
         stream: Option<LogStream>,
+        /// With `follow` and no `lines`: begin with what the node wrote since the agent
+        /// first started it (at most the last MiB), not at the end. For nodes new to a
+        /// follower, whose first lines came before the follow did. An agent that does
+        /// not know where that is (it adopted the node) begins at the end.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        from_start: bool,
     },
 }
 
