@@ -466,6 +466,100 @@ fn a_follow_ends_when_a_deploy_takes_its_node_away() {
     }
 }
 
+/// `logs -f` goes on when the node's agent goes away and comes back (the node runs
+/// on, adopted), saying so on stderr; a deploy that removes the node while its agent
+/// is away still ends it.
+#[test]
+fn a_follow_goes_on_when_its_agent_comes_back() {
+    use std::io::BufRead;
+    let c = Cluster::new();
+    let (_ctl, addr, mut agents) = start(&c, &["agent-1", "agent-2"]);
+    let file = c.dir.path().join("talk.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.agent-1]\n[instances.agent-2]\n[nodes.talk]\ninstance = \"agent-1\"\ncommand = [\"{}\", \"--stdout-rate\", \"50\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+            bin("drover-testprog").display()
+        ),
+    )
+    .unwrap();
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let pid = || {
+        let out = c.drover(addr, &["get-nodes"]);
+        out.json()["results"]["agent-1"]["talk"]["pid"].as_u64()
+    };
+    let before = eventually("talk runs", PATIENCE, pid);
+
+    let mut cmd = c.drover_command(addr);
+    cmd.args(["logs", "talk", "-f", "-n", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let read_lines = |from: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    let out_lines = read_lines(Box::new(child.stdout.take().unwrap()));
+    let err_lines = read_lines(Box::new(child.stderr.take().unwrap()));
+    out_lines
+        .recv_timeout(PATIENCE)
+        .expect("followed lines come");
+
+    // SIGKILLed and started again: the follow waits for it, then goes on.
+    agents[0].kill();
+    agents[0] = c.start_agent("agent-1", addr);
+    let away = err_lines
+        .recv_timeout(PATIENCE)
+        .expect("a line on the agent's absence");
+    assert!(
+        away.starts_with("[drover: instance 'agent-1' went away (")
+            && away.ends_with("); following again once it is back]"),
+        "{away}"
+    );
+    let back = err_lines
+        .recv_timeout(PATIENCE)
+        .expect("a line on the agent's return");
+    assert_eq!(
+        back,
+        "[drover: instance 'agent-1' is back; what the node wrote while it was away is not shown]"
+    );
+    // Whatever came before, lines come after the return, from the same process.
+    while out_lines.try_recv().is_ok() {}
+    out_lines
+        .recv_timeout(PATIENCE)
+        .expect("lines after the agent's return");
+    assert_eq!(pid(), Some(before), "the node was adopted, not restarted");
+    assert_eq!(child.try_wait().unwrap(), None, "the follow goes on");
+
+    // Stopped (its node with it), the agent is away while a deploy removes the node
+    // (and the instance, which a deploy needs connected): the follow ends, saying why.
+    agents[0].signal(nix::sys::signal::Signal::SIGTERM);
+    agents[0].wait_exit(PATIENCE);
+    let away = err_lines
+        .recv_timeout(PATIENCE)
+        .expect("a line on the agent's absence");
+    assert!(away.contains("went away"), "{away}");
+    let other = c.dir.path().join("other.toml");
+    std::fs::write(&other, "[instances.agent-2]\n").unwrap();
+    let out = c.drover(addr, &["deploy-config", other.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let status = eventually("the follow ends", PATIENCE, || child.try_wait().unwrap());
+    assert_eq!(status.code(), Some(1));
+    let end = err_lines.recv_timeout(PATIENCE).expect("why it ended");
+    assert!(
+        end.starts_with("error: talk on agent-1: node 'talk' was removed by deploy generation 2;"),
+        "{end}"
+    );
+}
+
 #[test]
 fn get_id_value_asks_running_nodes() {
     let c = Cluster::new();

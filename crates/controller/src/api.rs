@@ -495,8 +495,10 @@ fn too_many_follows(instance: &str) -> String {
     )
 }
 
-/// A node's output from its agent, relayed frame by frame; the relay ends when either
-/// side goes away.
+/// A node's output from its agent, relayed frame by frame; the relay ends when the
+/// client goes away. A follow goes on when the agent goes away and comes back (its
+/// nodes run on, adopted by its next process), saying so in marker lines; it ends when
+/// a deploy takes the node away from its instance.
 fn logs(
     shared: &Arc<Shared>,
     id: String,
@@ -538,57 +540,168 @@ fn logs(
     let timeout = shared.request_timeout;
     // A follow ends when a deploy takes its node away from that instance.
     let deploys = follow.then(|| (shared.events.subscribe(), Arc::clone(shared)));
+    let shared = Arc::clone(shared);
     tokio::spawn(async move {
-        let _permit = permit;
+        let mut permit = permit;
         let gone = deployed_away(deploys, &instance, &node);
         tokio::pin!(gone);
-        let req = ControllerRequest::Logs {
-            node: node.clone(),
-            lines,
-            follow,
-            stream,
-            from_start: false,
-        };
-        let result = async {
-            let mut replies = tokio::select! {
-                r = conn::call_stream(&conn, &req, timeout) => r?,
-                () = tx.closed() => return Ok(()),
+        let (mut conn, mut lines) = (conn, lines);
+        let to_client =
+            |r: MgmtResult| ClientResponse::Result(r.on_instance(&instance).on_node(&node));
+        loop {
+            let req = ControllerRequest::Logs {
+                node: node.clone(),
+                lines,
+                follow,
+                stream,
+                from_start: false,
             };
-            loop {
-                // A quiet node sends nothing that would fail on a client that left: watch
-                // for it too, so that the agent's stream is let go at once.
-                let reply = tokio::select! {
-                    reply = replies.next::<AgentResponse>() => reply?,
-                    () = tx.closed() => break,
-                    why = &mut gone => {
-                        let r = MgmtResult::err(&id, why)
-                            .on_instance(&instance)
-                            .on_node(&node);
-                        let _ = tx.send(ClientResponse::Result(r)).await;
-                        break;
-                    }
-                };
-                let Some(reply) = reply else { break };
-                if let AgentResponse::Log(chunk) = reply {
-                    let r = MgmtResult::ok(&id, Some(ResultData::Log(chunk)))
-                        .on_instance(&instance)
-                        .on_node(&node);
-                    if tx.send(ClientResponse::Result(r)).await.is_err() {
-                        break;
-                    }
+            let ended = relay_logs(&conn, &req, timeout, &tx, &id, &to_client, &mut gone).await;
+            let lost = match ended {
+                Relayed::ClientLeft => return,
+                Relayed::Failed(why) => {
+                    let _ = tx.send(to_client(MgmtResult::err(&id, why))).await;
+                    return;
                 }
+                // An agent's follow stream ends only with its connection.
+                Relayed::Ended if !follow || conn.close_reason().is_none() => return,
+                Relayed::Ended => None,
+                Relayed::Lost(e) if !follow => {
+                    let _ = tx
+                        .send(to_client(MgmtResult::err(&id, e.to_string())))
+                        .await;
+                    return;
+                }
+                Relayed::Lost(e) => Some(e),
+            };
+            // The agent went away (restarted, upgraded, its network lost): the node
+            // runs on, adopted by the next agent process, and so does the follow.
+            let _ = permit.take();
+            let old = conn.stable_id();
+            let anew = shared
+                .registry
+                .get(&instance)
+                .is_some_and(|c| c.stable_id() != old);
+            let why = match lost {
+                // The old connection was closed for the new one.
+                _ if anew => "it connected anew".to_owned(),
+                Some(e) => e.to_string(),
+                None => "its connection ended".to_owned(),
+            };
+            debug!(instance = %instance, node = %node, "a relayed follow waits for its agent: {why}");
+            let note = |text: String| {
+                let chunk = drover_proto::model::LogChunk {
+                    stream: stream.unwrap_or(LogStream::Stderr),
+                    lines: vec![text],
+                };
+                to_client(MgmtResult::ok(&id, Some(ResultData::Log(chunk))))
+            };
+            let away = note(format!(
+                "[drover: instance '{instance}' went away ({why}); following again once it is back]"
+            ));
+            if tx.send(away).await.is_err() {
+                return;
             }
-            Ok::<_, drover_net::NetError>(())
-        }
-        .await;
-        if let Err(e) = result {
-            let r = MgmtResult::err(&id, e.to_string())
-                .on_instance(&instance)
-                .on_node(&node);
-            let _ = tx.send(ClientResponse::Result(r)).await;
+            let back = tokio::select! {
+                c = agent_back(&shared, &instance, old) => c,
+                () = tx.closed() => return,
+                why = &mut gone => {
+                    let _ = tx.send(to_client(MgmtResult::err(&id, why))).await;
+                    return;
+                }
+            };
+            let Some(p) = follow_permit(&back) else {
+                let r = MgmtResult::err(&id, too_many_follows(&instance));
+                let _ = tx.send(to_client(r)).await;
+                return;
+            };
+            permit = Some(p);
+            conn = back;
+            // What it wrote while the agent was away is not known to this relay.
+            lines = 0;
+            let again = note(format!(
+                "[drover: instance '{instance}' is back; what the node wrote while it was away is not shown]"
+            ));
+            if tx.send(again).await.is_err() {
+                return;
+            }
         }
     });
     Answer::Stream(rx)
+}
+
+/// How a relay of a node's output from its agent ended.
+enum Relayed {
+    /// The client went away.
+    ClientLeft,
+    /// The agent's stream ended.
+    Ended,
+    /// The agent's connection failed under it.
+    Lost(drover_net::NetError),
+    /// The agent refused, or a deploy took the node away: the reason.
+    Failed(String),
+}
+
+/// Relays one request's output frames from the agent to the client until one side
+/// goes away, or `gone` (a deploy took the node away) resolves.
+async fn relay_logs(
+    conn: &quinn::Connection,
+    req: &ControllerRequest,
+    timeout: Duration,
+    tx: &tokio::sync::mpsc::Sender<ClientResponse>,
+    id: &str,
+    to_client: &(dyn Fn(MgmtResult) -> ClientResponse + Sync),
+    gone: &mut std::pin::Pin<&mut impl Future<Output = String>>,
+) -> Relayed {
+    let failed = |e: drover_net::NetError| {
+        if conn.close_reason().is_some() {
+            Relayed::Lost(e)
+        } else {
+            Relayed::Failed(e.to_string())
+        }
+    };
+    let mut replies = tokio::select! {
+        r = conn::call_stream(conn, req, timeout) => match r {
+            Ok(r) => r,
+            Err(e) => return failed(e),
+        },
+        () = tx.closed() => return Relayed::ClientLeft,
+    };
+    loop {
+        // A quiet node sends nothing that would fail on a client that left: watch for
+        // it too, so that the agent's stream is let go at once.
+        let reply = tokio::select! {
+            reply = replies.next::<AgentResponse>() => reply,
+            () = tx.closed() => return Relayed::ClientLeft,
+            why = gone.as_mut() => return Relayed::Failed(why),
+        };
+        let reply = match reply {
+            Ok(Some(reply)) => reply,
+            Ok(None) => return Relayed::Ended,
+            Err(e) => return failed(e),
+        };
+        if let AgentResponse::Log(chunk) = reply {
+            let r = to_client(MgmtResult::ok(id, Some(ResultData::Log(chunk))));
+            if tx.send(r).await.is_err() {
+                return Relayed::ClientLeft;
+            }
+        }
+    }
+}
+
+/// Resolves to the agent's connection once it is back: connected anew, not on `old`.
+async fn agent_back(shared: &Shared, instance: &str, old: usize) -> quinn::Connection {
+    let mut events = shared.events.subscribe();
+    loop {
+        if let Some(c) = shared.registry.get(instance)
+            && c.stable_id() != old
+            && c.close_reason().is_none()
+        {
+            return c;
+        }
+        // Its return is an event; a second's wait covers a race with it, and a lag.
+        let _ = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
+    }
 }
 
 /// Resolves, with the reason, once a deploy has taken `node` away from `instance`:
