@@ -700,7 +700,11 @@ async fn agent_back(shared: &Shared, instance: &str, old: usize) -> quinn::Conne
             return c;
         }
         // Its return is an event; a second's wait covers a race with it, and a lag.
-        let _ = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
+        let waited = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
+        if let Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) = waited {
+            // No more events (the controller is stopping): look every second.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }
 
