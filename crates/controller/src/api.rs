@@ -563,8 +563,9 @@ fn logs(
                     let _ = tx.send(to_client(MgmtResult::err(&id, why))).await;
                     return;
                 }
-                // An agent's follow stream ends only with its connection.
-                Relayed::Ended if !follow || conn.close_reason().is_none() => return,
+                Relayed::Ended if !follow => return,
+                // An agent ends a follow's stream only as it goes away (its connection
+                // may close a moment later).
                 Relayed::Ended => None,
                 Relayed::Lost(e) if !follow => {
                     let _ = tx
