@@ -328,3 +328,47 @@ fn a_crash_loop_keeps_to_its_backoff_and_its_events_stay_bounded() {
         "state events: {state_events}"
     );
 }
+
+/// A restart cut off by its agent's return (SIGKILLed while it waited for the node to
+/// stop, started again at once) is not sent again, since the agent may have carried it
+/// out; the error says what happened rather than how the old connection ended.
+#[test]
+fn a_restart_cut_off_by_the_agents_return_says_so() {
+    let mut c = Cluster::new();
+    // The agent's return, not the old connection's silence, must end the request.
+    c.idle_timeout = Duration::from_secs(30);
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let file = c.dir.path().join("stub.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.agent-1]\n[nodes.stub]\ninstance = \"agent-1\"\ncommand = [\"/bin/sh\", \"-c\", \"trap 'echo got-term' TERM; while :; do sleep 0.1; done\"]\nstop_timeout = \"60s\"\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+        ),
+    )
+    .unwrap();
+    deploy_ok(&c, addr, &file, &["stub"]);
+    let mut restart = c.drover_command(addr);
+    restart
+        .args(["restart", "stub"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = restart.spawn().unwrap();
+    // It outlives SIGTERM, saying so: the restart waits for it to stop.
+    eventually("the node's SIGTERM", PATIENCE, || {
+        let out = c.drover(addr, &["logs", "stub"]);
+        out.stdout.contains("got-term").then_some(())
+    });
+    agent.kill();
+    let _agent = c.start_agent("agent-1", addr);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    let error = v["errors"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("agent 'agent-1' connected anew while the request was under way"),
+        "{v}"
+    );
+}

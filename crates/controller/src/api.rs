@@ -579,10 +579,7 @@ fn logs(
             // runs on, adopted by the next agent process, and so does the follow.
             let _ = permit.take();
             let old = conn.stable_id();
-            let anew = shared
-                .registry
-                .get(&instance)
-                .is_some_and(|c| c.stable_id() != old);
+            let anew = replaced(&shared, &instance, &conn);
             let why = match lost {
                 // The old connection was closed for the new one.
                 _ if anew => "it connected anew".to_owned(),
@@ -1119,6 +1116,13 @@ pub(crate) async fn call_agent(
             Ok(answer) => return Ok(answer),
             Err(e) => match replacement(shared, name, &conn, req) {
                 Some(newer) => conn = newer,
+                None if replaced(shared, name, &conn) => {
+                    // Closed here for the agent's new connection: "closed locally" would
+                    // say nothing to the operator.
+                    return Err(format!(
+                        "agent '{name}' connected anew while the request was under way (it restarted, or its address changed), so whether it was carried out is not known; `drover status` shows its nodes"
+                    ));
+                }
                 None => {
                     return Err(match e {
                         drover_net::NetError::Timeout { .. } => "request timed out".to_owned(),
@@ -1128,6 +1132,15 @@ pub(crate) async fn call_agent(
             },
         }
     }
+}
+
+/// Whether `conn` is closed and the agent `name` has another connection now.
+fn replaced(shared: &Shared, name: &str, conn: &quinn::Connection) -> bool {
+    conn.close_reason().is_some()
+        && shared
+            .registry
+            .get(name)
+            .is_some_and(|c| c.stable_id() != conn.stable_id())
 }
 
 /// The agent's new connection, when `conn` closed under a request that may be sent
