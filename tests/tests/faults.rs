@@ -343,9 +343,7 @@ fn a_restart_cut_off_by_the_agents_return_says_so() {
     let file = c.dir.path().join("stub.toml");
     std::fs::write(
         &file,
-        format!(
-            "[instances.agent-1]\n[nodes.stub]\ninstance = \"agent-1\"\ncommand = [\"/bin/sh\", \"-c\", \"trap 'echo got-term' TERM; while :; do sleep 0.1; done\"]\nstop_timeout = \"60s\"\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
-        ),
+        "[instances.agent-1]\n[nodes.stub]\ninstance = \"agent-1\"\ncommand = [\"/bin/sh\", \"-c\", \"trap 'echo got-term' TERM; while :; do sleep 0.1; done\"]\nstop_timeout = \"60s\"\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
     )
     .unwrap();
     deploy_ok(&c, addr, &file, &["stub"]);

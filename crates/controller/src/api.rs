@@ -1120,7 +1120,7 @@ pub(crate) async fn call_agent(
                     // Closed here for the agent's new connection: "closed locally" would
                     // say nothing to the operator.
                     return Err(format!(
-                        "agent '{name}' connected anew while the request was under way (it restarted, or its address changed), so whether it was carried out is not known; `drover status` shows its nodes"
+                        "agent '{name}' connected anew while the request was under way (it restarted, or its address changed): its old connection closed, so whether the request was carried out is not known; `drover status` shows its nodes"
                     ));
                 }
                 None => {
