@@ -509,12 +509,33 @@ fn a_follow_goes_on_when_its_agent_comes_back() {
     };
     let out_lines = read_lines(Box::new(child.stdout.take().unwrap()));
     let err_lines = read_lines(Box::new(child.stderr.take().unwrap()));
-    out_lines
+    let seq = |line: &str| -> u64 {
+        line.rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not a numbered line: {line}"))
+    };
+    let mut seqs = vec![seq(&out_lines
         .recv_timeout(PATIENCE)
-        .expect("followed lines come");
+        .expect("followed lines come"))];
 
-    // SIGKILLed and started again: the follow waits for it, then goes on.
+    // SIGKILLed and started again: the follow waits for it, then goes on from where
+    // the old agent left off, with what the node wrote meanwhile.
     agents[0].kill();
+    // The node writes on (into the log keeper, which outlives the agent).
+    let written = seqs[0] + 30;
+    eventually(
+        "the node's output while its agent is away",
+        PATIENCE,
+        || {
+            let log =
+                std::fs::read_to_string(c.dir.path().join("agent-agent-1/nodes/talk/stdout.log"))
+                    .ok()?;
+            log.lines()
+                .any(|l| l.ends_with(&format!(" {written}")))
+                .then_some(())
+        },
+    );
     agents[0] = c.start_agent("agent-1", addr);
     let away = err_lines
         .recv_timeout(PATIENCE)
@@ -529,13 +550,19 @@ fn a_follow_goes_on_when_its_agent_comes_back() {
         .expect("a line on the agent's return");
     assert_eq!(
         back,
-        "[drover: instance 'agent-1' is back; what the node wrote while it was away is not shown]"
+        "[drover: instance 'agent-1' is back; what the node wrote while it was away follows]"
     );
-    // Whatever came before, lines come after the return, from the same process.
-    while out_lines.try_recv().is_ok() {}
-    out_lines
-        .recv_timeout(PATIENCE)
-        .expect("lines after the agent's return");
+    // Every line once, in order, across the absence: nothing lost, nothing twice.
+    while seqs.last().is_some_and(|&s| s < written + 10) {
+        let line = out_lines
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("lines stopped after {seqs:?}"));
+        seqs.push(seq(&line));
+    }
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "lines lost or repeated: {seqs:?}"
+    );
     assert_eq!(pid(), Some(before), "the node was adopted, not restarted");
     assert_eq!(child.try_wait().unwrap(), None, "the follow goes on");
 

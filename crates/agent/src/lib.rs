@@ -838,6 +838,7 @@ impl Agent {
                         follow,
                         stream,
                         from_start,
+                        resume,
                     } => {
                         let Some((logs, marks)) = sup.logs(&node).await else {
                             return Err(WireError::new(
@@ -845,7 +846,15 @@ impl Agent {
                                 format!("unknown cluster node '{node}'"),
                             ));
                         };
-                        let from = marks.filter(|_| from_start && follow);
+                        // Where each stream's follow begins, when not at its end.
+                        let from = match (follow, resume, marks) {
+                            (false, _, _) => None,
+                            (true, Some(r), _) => Some([r.stdout, r.stderr]),
+                            (true, None, Some([out, err])) if from_start => {
+                                Some([Some(out), Some(err)])
+                            }
+                            (true, None, _) => None,
+                        };
                         return Ok(Answer::Stream(stream_logs(
                             logs, lines, follow, stream, from,
                         )));
@@ -1111,14 +1120,16 @@ pub const LOG_BATCH_BYTES: usize = 1024 * 1024;
 /// no line falls between the two; a line written in that instant may come twice. Every
 /// reply holds at most [`LOG_BATCH_LINES`] lines and [`LOG_BATCH_BYTES`] bytes plus one
 /// line (a line is at most [`logs::MAX_LINE_BYTES`]), so it always fits in a frame.
-/// With `from` (where the files ended before the node first ran), the followers begin
-/// there instead, and no tail is sent.
+/// With `from` (for stdout and stderr: where the node first ran, or where a broken-off
+/// follow stood), the followers of the streams it has a mark for begin there instead,
+/// and no tail is sent. Each reply says where its stream's file stands after it, when
+/// known ([`LogChunk::end`]).
 fn stream_logs(
     logs: logs::NodeLogs,
     lines: usize,
     follow: bool,
     only: Option<LogStream>,
-    from: Option<[logs::Mark; 2]>,
+    from: Option<[Option<logs::Mark>; 2]>,
 ) -> tokio::sync::mpsc::Receiver<AgentResponse> {
     let lines = if from.is_some() { 0 } else { lines };
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -1130,18 +1141,15 @@ fn stream_logs(
         LogStream::Stdout => logs::Stream::Stdout,
         LogStream::Stderr => logs::Stream::Stderr,
     };
+    let mut begins = [None, None];
     let followers: Vec<_> = if follow {
         streams
             .iter()
             .map(|s| {
-                let fs = file_stream(*s);
-                let rx = match from {
-                    Some([out, err]) => {
-                        let mark = if fs == logs::Stream::Stdout { out } else { err };
-                        logs.follow_from(fs, FOLLOW_POLL, mark)
-                    }
-                    None => logs.follow(fs, FOLLOW_POLL),
-                };
+                let i = usize::from(*s == LogStream::Stderr);
+                let mark = from.and_then(|f| f[i]);
+                let (rx, begin) = logs.follow_marked(file_stream(*s), FOLLOW_POLL, mark);
+                begins[i] = begin;
                 (*s, rx)
             })
             .collect()
@@ -1157,11 +1165,17 @@ fn stream_logs(
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_default();
-            // An empty tail still answers, so that the client sees the stream.
-            for batch in log_batches(tail) {
+            // An empty tail still answers, so that the client sees the stream. The
+            // follower goes on from where the last batch says the file stands.
+            let batches = log_batches(tail);
+            let last = batches.len() - 1;
+            for (k, batch) in batches.into_iter().enumerate() {
                 let chunk = LogChunk {
                     stream: *s,
                     lines: batch,
+                    end: (k == last)
+                        .then(|| begins[usize::from(*s == LogStream::Stderr)])
+                        .flatten(),
                 };
                 if tx.send(AgentResponse::Log(chunk)).await.is_err() {
                     return;
@@ -1180,18 +1194,20 @@ fn stream_logs(
                         () = tx.closed() => None,
                     };
                     let Some(first) = first else { return };
-                    let mut bytes = json_str_len(&first);
-                    let mut lines = vec![first];
+                    let mut bytes = json_str_len(&first.text);
+                    let mut end = first.end;
+                    let mut lines = vec![first.text];
                     while lines.len() < LOG_BATCH_LINES && bytes < LOG_BATCH_BYTES {
                         match rx.try_recv() {
                             Ok(l) => {
-                                bytes += json_str_len(&l);
-                                lines.push(l);
+                                bytes += json_str_len(&l.text);
+                                end = l.end.or(end);
+                                lines.push(l.text);
                             }
                             Err(_) => break,
                         }
                     }
-                    let chunk = LogChunk { stream, lines };
+                    let chunk = LogChunk { stream, lines, end };
                     if tx.send(AgentResponse::Log(chunk)).await.is_err() {
                         return;
                     }
@@ -1472,6 +1488,10 @@ mod tests {
         serde_json::to_vec(&AgentResponse::Log(LogChunk {
             stream: LogStream::Stdout,
             lines: lines.to_vec(),
+            end: Some(crate::logs::Mark {
+                ino: u64::MAX,
+                len: u64::MAX,
+            }),
         }))
         .unwrap()
         .len()

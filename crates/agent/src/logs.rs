@@ -160,13 +160,30 @@ const MIN_POLL: Duration = Duration::from_millis(10);
 /// Most bytes [`NodeLogs::follow_from`] sends of what was written before it started.
 pub const FROM_MARK_MAX_BYTES: u64 = 1024 * 1024;
 
-/// Where a stream's file ended at some moment: its inode and length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Mark {
-    /// The file's inode number (a rotation by rename gives the stream a new one).
-    pub ino: u64,
-    /// The file's length then.
-    pub len: u64,
+/// A place in a stream's file: its inode number (a rotation by rename gives the stream a
+/// new one) and a length of it.
+pub use drover_proto::model::LogMark as Mark;
+
+/// A line a follower delivers, and where its stream's file stands after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// The line, without its newline.
+    pub text: String,
+    /// Just past its newline in the current file; `None` for a line read from a
+    /// rotated or truncated file's rest, and for one the follower made (a notice).
+    pub end: Option<Mark>,
+}
+
+impl Line {
+    fn notice(text: String) -> Self {
+        Self { text, end: None }
+    }
+}
+
+impl PartialEq<&str> for Line {
+    fn eq(&self, other: &&str) -> bool {
+        self.text == *other
+    }
 }
 
 /// Size bound of a node's logs.
@@ -530,15 +547,8 @@ impl NodeLogs {
     /// # Panics
     ///
     /// Outside a tokio runtime.
-    pub fn follow(&self, s: Stream, poll: Duration) -> mpsc::Receiver<String> {
-        spawn_follower(
-            self.path(s),
-            self.rotated_path(s, 1),
-            poll,
-            FOLLOW_SEND_WAIT,
-            (),
-            None,
-        )
+    pub fn follow(&self, s: Stream, poll: Duration) -> mpsc::Receiver<Line> {
+        self.follow_marked(s, poll, None).0
     }
 
     /// Follows a stream from `mark` on, as [`NodeLogs::follow`] does from the end: the
@@ -549,14 +559,30 @@ impl NodeLogs {
     /// # Panics
     ///
     /// Outside a tokio runtime.
-    pub fn follow_from(&self, s: Stream, poll: Duration, mark: Mark) -> mpsc::Receiver<String> {
+    pub fn follow_from(&self, s: Stream, poll: Duration, mark: Mark) -> mpsc::Receiver<Line> {
+        self.follow_marked(s, poll, Some(mark)).0
+    }
+
+    /// [`NodeLogs::follow`] (without `from`) or [`NodeLogs::follow_from`], and where the
+    /// follow begins (`None` while the file does not exist). When `from` is too far
+    /// back, the first line says how many bytes were skipped.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn follow_marked(
+        &self,
+        s: Stream,
+        poll: Duration,
+        from: Option<Mark>,
+    ) -> (mpsc::Receiver<Line>, Option<Mark>) {
         spawn_follower(
             self.path(s),
             self.rotated_path(s, 1),
             poll,
             FOLLOW_SEND_WAIT,
             (),
-            Some(mark),
+            from,
         )
     }
 
@@ -918,7 +944,15 @@ struct LineSplitter {
 }
 
 impl LineSplitter {
+    #[cfg(test)]
     fn push(&mut self, data: &[u8], lines: &mut Vec<String>) {
+        let mut ends = Vec::new();
+        self.push_ends(data, &mut ends);
+        lines.extend(ends.into_iter().map(|(l, _)| l));
+    }
+
+    /// The lines `data` completes, each with how far into `data` its newline ends.
+    fn push_ends(&mut self, data: &[u8], lines: &mut Vec<(String, usize)>) {
         let mut rest = data;
         while let Some(i) = rest.iter().position(|&b| b == b'\n') {
             self.extend(&rest[..i]);
@@ -926,8 +960,9 @@ impl LineSplitter {
             let cr = held_all && self.buf.last() == Some(&b'\r');
             let len = self.len - usize::from(cr);
             self.len = 0;
-            lines.push(finish_line(std::mem::take(&mut self.buf), len));
             rest = &rest[i + 1..];
+            let line = finish_line(std::mem::take(&mut self.buf), len);
+            lines.push((line, data.len() - rest.len()));
         }
         self.extend(rest);
     }
@@ -951,7 +986,7 @@ fn spawn_follower<G: Send + 'static>(
     send_wait: Duration,
     guard: G,
     from: Option<Mark>,
-) -> mpsc::Receiver<String> {
+) -> (mpsc::Receiver<Line>, Option<Mark>) {
     let (tx, rx) = mpsc::channel(FOLLOW_CHANNEL_CAPACITY);
     // The starting point is taken now, not when the task first runs.
     let start = fs::metadata(&path).ok();
@@ -966,7 +1001,7 @@ fn spawn_follower<G: Send + 'static>(
         dropped: 0,
         send_wait,
     };
-    let start_len = match (start, from) {
+    let start_len = match (&start, from) {
         (None, _) => 0,
         (Some(m), None) => m.len(),
         (Some(m), Some(mark)) => {
@@ -975,14 +1010,26 @@ fn spawn_follower<G: Send + 'static>(
             } else {
                 0
             };
-            from.max(m.len().saturating_sub(FROM_MARK_MAX_BYTES))
+            let start_len = from.max(m.len().saturating_sub(FROM_MARK_MAX_BYTES));
+            if start_len > from {
+                // The channel is empty: this cannot fail.
+                let _ = tx.try_send(Line::notice(format!(
+                    "[drover: {} bytes skipped]",
+                    start_len - from
+                )));
+            }
+            start_len
         }
     };
+    let begins = start.map(|m| Mark {
+        ino: m.ino(),
+        len: start_len,
+    });
     tokio::spawn(async move {
         let _guard = guard;
         follower.run(tx, poll, start_len).await;
     });
-    rx
+    (rx, begins)
 }
 
 struct Follower {
@@ -1005,7 +1052,7 @@ struct Follower {
 }
 
 impl Follower {
-    async fn run(mut self, tx: mpsc::Sender<String>, poll: Duration, start_len: u64) {
+    async fn run(mut self, tx: mpsc::Sender<Line>, poll: Duration, start_len: u64) {
         self.seed(start_len).await;
         let mut tick = time::interval(poll.max(MIN_POLL));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -1037,14 +1084,14 @@ impl Follower {
         self.recent = window[window.len().saturating_sub(FOLLOW_CHECK_BYTES)..].to_vec();
         let mut none = Vec::new();
         match window.iter().rposition(|&b| b == b'\n') {
-            Some(i) => self.lines.push(&window[i + 1..], &mut none),
-            None if from == 0 => self.lines.push(&window, &mut none),
+            Some(i) => self.lines.push_ends(&window[i + 1..], &mut none),
+            None if from == 0 => self.lines.push_ends(&window, &mut none),
             // The partial line started before the window: only its rest will show.
             None => {}
         }
     }
 
-    async fn poll_once(&mut self, tx: &mpsc::Sender<String>) -> Result<(), Gone> {
+    async fn poll_once(&mut self, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
         let Ok(meta) = tokio::fs::metadata(&self.path).await else {
             if self.ino.take().is_some() {
                 // Removed: whatever appears next is new.
@@ -1078,7 +1125,7 @@ impl Follower {
     /// The followed file was replaced: when it was renamed to a rotated file, delivers
     /// what it got past our offset, and every file rotated after it (a fast writer's
     /// files can rotate more than once between two polls).
-    async fn replaced(&mut self, old: u64, tx: &mpsc::Sender<String>) -> Result<(), Gone> {
+    async fn replaced(&mut self, old: u64, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
         let base = self.path.clone();
         let rotated = move |k: u32| {
             let mut p = base.clone().into_os_string();
@@ -1106,7 +1153,7 @@ impl Follower {
             {
                 let mut buf = vec![0; FOLLOW_READ_CHUNK];
                 while let Ok(n @ 1..) = f.read(&mut buf).await {
-                    self.deliver_bytes(&buf[..n], tx).await?;
+                    self.deliver_bytes(&buf[..n], None, tx).await?;
                 }
             }
             from = 0;
@@ -1119,7 +1166,7 @@ impl Follower {
         self.recent.clear();
     }
 
-    async fn read_new(&mut self, tx: &mpsc::Sender<String>) -> Result<(), Gone> {
+    async fn read_new(&mut self, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
         let Ok(mut f) = tokio::fs::File::open(&self.path).await else {
             return Ok(());
         };
@@ -1154,15 +1201,19 @@ impl Follower {
                 break;
             }
             budget = budget.saturating_sub((n - k) as u64);
+            let at = self.ino.map(|ino| Mark {
+                ino,
+                len: self.offset,
+            });
             self.advance(&buf[k..n]);
-            self.deliver_bytes(&buf[k..n], tx).await?;
+            self.deliver_bytes(&buf[k..n], at, tx).await?;
         }
         Ok(())
     }
 
     /// The file was truncated: deliver what it held past our offset from its copy in
     /// `.1` (if `.1` is that copy), then start over at offset 0.
-    async fn truncated(&mut self, tx: &mpsc::Sender<String>) -> Result<(), Gone> {
+    async fn truncated(&mut self, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
         if !self.recent.is_empty()
             && let Ok(mut f) = tokio::fs::File::open(&self.rotated).await
         {
@@ -1173,7 +1224,7 @@ impl Follower {
             if is_copy {
                 let mut buf = vec![0; FOLLOW_READ_CHUNK];
                 while let Ok(n @ 1..) = f.read(&mut buf).await {
-                    self.deliver_bytes(&buf[..n], tx).await?;
+                    self.deliver_bytes(&buf[..n], None, tx).await?;
                 }
             }
         }
@@ -1189,18 +1240,29 @@ impl Follower {
         self.recent.drain(..excess);
     }
 
-    async fn deliver_bytes(&mut self, data: &[u8], tx: &mpsc::Sender<String>) -> Result<(), Gone> {
+    /// Delivers the lines `data` completes; `at` is where `data` begins in the current
+    /// file, if it was read from there.
+    async fn deliver_bytes(
+        &mut self,
+        data: &[u8],
+        at: Option<Mark>,
+        tx: &mpsc::Sender<Line>,
+    ) -> Result<(), Gone> {
         let mut lines = Vec::new();
-        self.lines.push(data, &mut lines);
-        for line in lines {
-            self.deliver(line, tx).await?;
+        self.lines.push_ends(data, &mut lines);
+        for (text, end) in lines {
+            let end = at.map(|m| Mark {
+                ino: m.ino,
+                len: m.len + end as u64,
+            });
+            self.deliver(Line { text, end }, tx).await?;
         }
         Ok(())
     }
 
     /// Sends a line, waiting up to `send_wait` for room; drops it instead once the
     /// channel stayed full that long, and until the drop notice could be sent.
-    async fn deliver(&mut self, line: String, tx: &mpsc::Sender<String>) -> Result<(), Gone> {
+    async fn deliver(&mut self, line: Line, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
         self.flush_dropped(tx)?;
         if self.dropped > 0 {
             self.dropped += 1;
@@ -1227,11 +1289,14 @@ impl Follower {
     }
 
     /// Sends the drop notice if lines were dropped and there is room.
-    fn flush_dropped(&mut self, tx: &mpsc::Sender<String>) -> Result<(), Gone> {
+    fn flush_dropped(&mut self, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
         if self.dropped == 0 {
             return Ok(());
         }
-        match tx.try_send(format!("[drover: {} lines dropped]", self.dropped)) {
+        match tx.try_send(Line::notice(format!(
+            "[drover: {} lines dropped]",
+            self.dropped
+        ))) {
             Ok(()) => self.dropped = 0,
             Err(TrySendError::Full(_)) => {}
             Err(TrySendError::Closed(_)) => return Err(Gone),
@@ -1314,7 +1379,11 @@ mod tests {
         lines
     }
 
-    async fn next(rx: &mut mpsc::Receiver<String>) -> String {
+    async fn next(rx: &mut mpsc::Receiver<Line>) -> String {
+        next_line(rx).await.text
+    }
+
+    async fn next_line(rx: &mut mpsc::Receiver<Line>) -> Line {
         time::timeout(WAIT, rx.recv())
             .await
             .expect("no line within the deadline")
@@ -1852,6 +1921,16 @@ mod tests {
         append(&path, line.repeat(lines).as_bytes());
         append(&path, b"last\n");
         let mut rx = logs.follow_from(Stream::Stdout, POLL, mark);
+        let skipped = next(&mut rx).await;
+        let n: u64 = skipped
+            .strip_prefix("[drover: ")
+            .and_then(|l| l.strip_suffix(" bytes skipped]"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{skipped}"));
+        assert!(
+            n > FROM_MARK_MAX_BYTES / 2 && n < FROM_MARK_MAX_BYTES + 200,
+            "{n}"
+        );
         let mut got = Vec::new();
         while got.last().map(String::as_str) != Some("last") {
             got.push(next(&mut rx).await);
@@ -1860,6 +1939,52 @@ mod tests {
         assert!(got.len() <= max, "{} lines sent", got.len());
         assert!(got.len() >= max - 3, "{} lines sent", got.len());
         assert!(got[..got.len() - 1].iter().all(|l| l.len() == 99));
+    }
+
+    #[tokio::test]
+    async fn followed_lines_say_where_the_file_stands_after_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = logs(dir.path(), 1 << 20, 5);
+        let path = logs.path(Stream::Stdout);
+        append(&path, b"before\n");
+        let ino = fs::metadata(&path).unwrap().ino();
+        let at = |len| Some(Mark { ino, len });
+        let (mut rx, begins) = logs.follow_marked(Stream::Stdout, POLL, None);
+        assert_eq!(begins, at(7));
+        append(&path, b"one\ntwo\r\n");
+        let one = next_line(&mut rx).await;
+        assert_eq!((one.text.as_str(), one.end), ("one", at(11)));
+        let two = next_line(&mut rx).await;
+        assert_eq!((two.text.as_str(), two.end), ("two", at(16)));
+        // A follow taken up after `one` sends `two` again, then what came since.
+        append(&path, b"three\n");
+        let mut again = logs.follow_from(Stream::Stdout, POLL, one.end.unwrap());
+        assert_eq!(next(&mut again).await, "two");
+        assert_eq!(next(&mut again).await, "three");
+        // Rotated by rename under the follower: the rest of the old file comes without
+        // a mark (it is no longer the current file), the new file's lines with theirs.
+        append(&path, b"four\n");
+        let four = next_line(&mut rx).await;
+        assert_eq!(four.text, "three");
+        let four = next_line(&mut rx).await;
+        assert_eq!(four.text, "four");
+        append(&path, b"five\n");
+        fs::rename(&path, logs.rotated_path(Stream::Stdout, 1)).unwrap();
+        append(&path, b"six\n");
+        let new_ino = fs::metadata(&path).unwrap().ino();
+        let five = next_line(&mut rx).await;
+        assert_eq!((five.text.as_str(), five.end), ("five", None));
+        let six = next_line(&mut rx).await;
+        assert_eq!(
+            (six.text.as_str(), six.end),
+            (
+                "six",
+                Some(Mark {
+                    ino: new_ino,
+                    len: 4
+                })
+            )
+        );
     }
 
     #[tokio::test]
@@ -1972,7 +2097,8 @@ mod tests {
                 FOLLOW_SEND_WAIT,
                 guard,
                 None,
-            );
+            )
+            .0;
             drop(rx);
             // The task drops the guard's sender when it ends.
             let ended = time::timeout(WAIT, ended).await;
@@ -1996,7 +2122,8 @@ mod tests {
             Duration::from_secs(3600),
             guard,
             None,
-        );
+        )
+        .0;
         let mut data = String::new();
         for i in 0..FOLLOW_CHANNEL_CAPACITY + 10 {
             data.push_str(&format!("{i}\n"));
@@ -2026,7 +2153,8 @@ mod tests {
             Duration::ZERO,
             (),
             None,
-        );
+        )
+        .0;
         let total = 5000;
         let mut data = String::new();
         for i in 0..total {
@@ -2071,17 +2199,18 @@ mod tests {
             dropped: 0,
             send_wait: Duration::ZERO,
         };
+        let line = |text: String| Line { text, end: None };
         for i in 0..5 {
-            assert!(follower.deliver(i.to_string(), &tx).await.is_ok());
+            assert!(follower.deliver(line(i.to_string()), &tx).await.is_ok());
         }
         assert_eq!(follower.dropped, 3);
         assert_eq!(rx.recv().await.unwrap(), "0");
         assert_eq!(rx.recv().await.unwrap(), "1");
-        assert!(follower.deliver("5".to_owned(), &tx).await.is_ok());
+        assert!(follower.deliver(line("5".to_owned()), &tx).await.is_ok());
         assert_eq!(rx.recv().await.unwrap(), "[drover: 3 lines dropped]");
         assert_eq!(rx.recv().await.unwrap(), "5");
         drop(rx);
-        assert!(follower.deliver("6".to_owned(), &tx).await.is_err());
+        assert!(follower.deliver(line("6".to_owned()), &tx).await.is_err());
     }
 
     #[test]

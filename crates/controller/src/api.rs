@@ -546,6 +546,9 @@ fn logs(
         let gone = deployed_away(deploys, &instance, &node);
         tokio::pin!(gone);
         let (mut conn, mut lines) = (conn, lines);
+        // Where the agent said each stream stands after the lines relayed so far.
+        let mut stands = drover_proto::model::LogResume::default();
+        let mut resume = None;
         let to_client =
             |r: MgmtResult| ClientResponse::Result(r.on_instance(&instance).on_node(&node));
         loop {
@@ -555,8 +558,17 @@ fn logs(
                 follow,
                 stream,
                 from_start: false,
+                resume,
             };
-            let ended = relay_logs(&conn, &req, timeout, &tx, &id, &to_client, &mut gone).await;
+            let ended = relay_logs(
+                &conn,
+                &req,
+                timeout,
+                (&tx, &id, &to_client),
+                &mut stands,
+                &mut gone,
+            )
+            .await;
             let lost = match ended {
                 Relayed::ClientLeft => return,
                 Relayed::Failed(why) => {
@@ -591,6 +603,7 @@ fn logs(
                 let chunk = drover_proto::model::LogChunk {
                     stream: stream.unwrap_or(LogStream::Stderr),
                     lines: vec![text],
+                    end: None,
                 };
                 to_client(MgmtResult::ok(&id, Some(ResultData::Log(chunk))))
             };
@@ -615,11 +628,24 @@ fn logs(
             };
             permit = Some(p);
             conn = back;
-            // What it wrote while the agent was away is not known to this relay.
             lines = 0;
-            let again = note(format!(
-                "[drover: instance '{instance}' is back; what the node wrote while it was away is not shown]"
-            ));
+            // Taken up where the agent said it stood: what the node wrote meanwhile
+            // comes first (an agent that did not say begins at the end).
+            let followed = match stream {
+                Some(LogStream::Stdout) => [stands.stdout].to_vec(),
+                Some(LogStream::Stderr) => [stands.stderr].to_vec(),
+                None => [stands.stdout, stands.stderr].to_vec(),
+            };
+            resume = Some(stands);
+            let again = if followed.iter().all(Option::is_some) {
+                note(format!(
+                    "[drover: instance '{instance}' is back; what the node wrote while it was away follows]"
+                ))
+            } else {
+                note(format!(
+                    "[drover: instance '{instance}' is back; what the node wrote while it was away is not shown]"
+                ))
+            };
             if tx.send(again).await.is_err() {
                 return;
             }
@@ -642,13 +668,17 @@ enum Relayed {
 
 /// Relays one request's output frames from the agent to the client until one side
 /// goes away, or `gone` (a deploy took the node away) resolves.
+/// `stands` keeps where the agent said each stream stands after what was relayed.
 async fn relay_logs(
     conn: &quinn::Connection,
     req: &ControllerRequest,
     timeout: Duration,
-    tx: &tokio::sync::mpsc::Sender<ClientResponse>,
-    id: &str,
-    to_client: &(dyn Fn(MgmtResult) -> ClientResponse + Sync),
+    (tx, id, to_client): (
+        &tokio::sync::mpsc::Sender<ClientResponse>,
+        &str,
+        &(dyn Fn(MgmtResult) -> ClientResponse + Sync),
+    ),
+    stands: &mut drover_proto::model::LogResume,
     gone: &mut std::pin::Pin<&mut impl Future<Output = String>>,
 ) -> Relayed {
     let failed = |e: drover_net::NetError| {
@@ -678,10 +708,18 @@ async fn relay_logs(
             Ok(None) => return Relayed::Ended,
             Err(e) => return failed(e),
         };
-        if let AgentResponse::Log(chunk) = reply {
+        if let AgentResponse::Log(mut chunk) = reply {
+            // Kept here, not shown to the client.
+            let (end, of) = (chunk.end.take(), chunk.stream);
             let r = to_client(MgmtResult::ok(id, Some(ResultData::Log(chunk))));
             if tx.send(r).await.is_err() {
                 return Relayed::ClientLeft;
+            }
+            if end.is_some() {
+                match of {
+                    LogStream::Stdout => stands.stdout = end,
+                    LogStream::Stderr => stands.stderr = end,
+                }
             }
         }
     }
@@ -934,6 +972,7 @@ async fn follow_into_events(
         follow: true,
         stream: None,
         from_start: begun.is_some(),
+        resume: None,
     };
     let mut begun = begun;
     let replies = tokio::select! {
@@ -950,9 +989,10 @@ async fn follow_into_events(
             r = replies.next::<AgentResponse>() => r,
             () = tx.closed() => return,
         };
-        let Ok(Some(AgentResponse::Log(chunk))) = reply else {
+        let Ok(Some(AgentResponse::Log(mut chunk))) = reply else {
             return;
         };
+        chunk.end = None;
         if let Some(begun) = begun.take() {
             begun
                 .lock()

@@ -885,6 +885,32 @@ pub struct LogChunk {
     pub stream: LogStream,
     /// Complete lines, oldest first, without their newline.
     pub lines: Vec<String>,
+    /// Where in the stream's file the sender stands after these lines, when it knows:
+    /// a follow broken off (its agent restarted) is taken up again from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<LogMark>,
+}
+
+/// A place in a node's log file: the file (its inode number, which a rotation by
+/// rename changes) and a length of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogMark {
+    /// The file's inode number.
+    pub ino: u64,
+    /// Bytes from the file's start.
+    pub len: u64,
+}
+
+/// Where to take up a follow of each stream (see [`LogChunk::end`]); a stream without a
+/// mark is followed from its end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogResume {
+    /// Standard output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<LogMark>,
+    /// Standard error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<LogMark>,
 }
 
 /// The universal answer to a management request (Zeek's `Management::Result`).

@@ -559,6 +559,11 @@ pub enum ControllerRequest {
         /// not know where that is (it adopted the node) begins at the end.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         from_start: bool,
+        /// With `follow` and no `lines`: take up a follow broken off, from where its
+        /// last reply said it stood in each stream (see [`crate::model::LogChunk::end`]),
+        /// at most the last MiB of what came since.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<crate::model::LogResume>,
     },
 }
 
