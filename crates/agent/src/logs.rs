@@ -1961,8 +1961,10 @@ mod tests {
         let mut again = logs.follow_from(Stream::Stdout, POLL, one.end.unwrap());
         assert_eq!(next(&mut again).await, "two");
         assert_eq!(next(&mut again).await, "three");
-        // Rotated by rename under the follower: the rest of the old file comes without
-        // a mark (it is no longer the current file), the new file's lines with theirs.
+        // Rotated by rename under the follower: the new file's lines come with marks in
+        // it. (`five` comes with its mark when the follower read it before the rename,
+        // which its reads on the blocking pool may do, and without one when it read it
+        // from the rotated file.)
         append(&path, b"four\n");
         let four = next_line(&mut rx).await;
         assert_eq!(four.text, "three");
@@ -1973,7 +1975,8 @@ mod tests {
         append(&path, b"six\n");
         let new_ino = fs::metadata(&path).unwrap().ino();
         let five = next_line(&mut rx).await;
-        assert_eq!((five.text.as_str(), five.end), ("five", None));
+        assert_eq!(five.text, "five");
+        assert!(five.end.is_none() || five.end == at(32), "{five:?}");
         let six = next_line(&mut rx).await;
         assert_eq!(
             (six.text.as_str(), six.end),
