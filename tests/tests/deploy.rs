@@ -881,6 +881,8 @@ fn monitor_with_logs_follows_later_deploys_and_returning_agents() {
         assert_eq!(out.code, Some(0), "{}", out.stderr);
     };
     let (mut child, rx) = c.monitor(addr, &["--logs"]);
+    // The numbers of node a's stdout lines, as the monitor showed them.
+    let a_seqs = std::cell::RefCell::new(Vec::<u64>::new());
     let wait_for = |what: &str, pred: &dyn Fn(&Value) -> bool| {
         let deadline = std::time::Instant::now() + PATIENCE;
         loop {
@@ -888,7 +890,14 @@ fn monitor_with_logs_follows_later_deploys_and_returning_agents() {
             let ev = rx
                 .recv_timeout(left)
                 .unwrap_or_else(|_| panic!("no {what} within {PATIENCE:?}"));
-            if pred(&ev["event"]) {
+            let e = &ev["event"];
+            if e["type"] == "log_lines" && e["node"] == "a" && e["stream"] == "stdout" {
+                for l in e["lines"].as_array().unwrap() {
+                    let n = l.as_str().unwrap().rsplit(' ').next().unwrap();
+                    a_seqs.borrow_mut().push(n.parse().unwrap());
+                }
+            }
+            if pred(e) {
                 return;
             }
         }
@@ -909,12 +918,32 @@ fn monitor_with_logs_follows_later_deploys_and_returning_agents() {
     );
 
     // The agent dies and comes back; its node runs on, and its output is followed
-    // again on the new connection.
+    // again on the new connection, from where the follow stood: what the node wrote
+    // meanwhile too, each line once.
     agent.kill();
     wait_for("the agent's loss", &|e| e["type"] == "agent_lost");
+    let written = a_seqs.borrow().last().copied().unwrap() + 20;
+    let log = c.dir.path().join("agent-agent-1/nodes/a/stdout.log");
+    eventually(
+        "the node's output while its agent is away",
+        PATIENCE,
+        || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.lines()
+                .any(|l| l.ends_with(&format!(" {written}")))
+                .then_some(())
+        },
+    );
     agent = c.start_agent("agent-1", addr);
     wait_for("the agent's return", &|e| e["type"] == "agent_joined");
-    wait_for("output after the agent's return", &lines_of("a"));
+    while a_seqs.borrow().last().is_none_or(|&n| n < written + 5) {
+        wait_for("output after the agent's return", &lines_of("a"));
+    }
+    let seqs = a_seqs.borrow().clone();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "lines lost or repeated: {seqs:?}"
+    );
 
     // A node that replaces another is followed too.
     deploy("b.toml", Some("b"));

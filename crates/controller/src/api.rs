@@ -848,8 +848,9 @@ fn monitor(shared: &Arc<Shared>, logs: bool) -> Answer<ClientResponse> {
 /// The nodes deployed when the subscriber came are followed from where their output
 /// stood then. A node a later deploy adds (or moves to another instance) is new to the
 /// subscriber: its first follow begins with the node's first output, which it wrote
-/// before the deploy finished and the follow could begin. A later follow of it (its
-/// agent came back) begins where its output stands.
+/// before the deploy finished and the follow could begin. A later follow of a node (its
+/// agent came back) takes up where the last one stood, so that nothing it wrote
+/// meanwhile is missed.
 struct LogFollows {
     shared: Arc<Shared>,
     tx: tokio::sync::mpsc::Sender<ClientResponse>,
@@ -857,13 +858,13 @@ struct LogFollows {
     running: BTreeMap<(String, String), (tokio::task::AbortHandle, usize)>,
     /// The nodes deployed when the subscriber came (still deployed), once known.
     initial: Option<BTreeSet<(String, String)>>,
-    /// The nodes (still deployed) whose follow the agent has begun, set by the follow
-    /// tasks.
-    begun: Begun,
+    /// The nodes (still deployed) whose follow an agent has begun, and where in their
+    /// streams the last one stood: kept by the follow tasks.
+    stood: Stood,
 }
 
-/// See [`LogFollows::begun`].
-type Begun = Arc<std::sync::Mutex<BTreeSet<(String, String)>>>;
+/// See [`LogFollows::stood`].
+type Stood = Arc<std::sync::Mutex<BTreeMap<(String, String), drover_proto::model::LogResume>>>;
 
 impl LogFollows {
     /// How often the follows are checked against the agents' connections anyway.
@@ -875,7 +876,7 @@ impl LogFollows {
             tx,
             running: BTreeMap::new(),
             initial: None,
-            begun: Arc::default(),
+            stood: Arc::default(),
         }
     }
 
@@ -900,11 +901,11 @@ impl LogFollows {
         let initial = self.initial.get_or_insert_with(|| wanted.clone());
         // A node deployed again after a deploy removed it is new again.
         initial.retain(|key| wanted.contains(key));
-        let mut begun = self
-            .begun
+        let mut stood = self
+            .stood
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        begun.retain(|key| wanted.contains(key));
+        stood.retain(|key, _| wanted.contains(key));
         let registry = &self.shared.registry;
         self.running.retain(|key, (task, conn_id)| {
             let current = registry.get(&key.0).map(|c| c.stable_id());
@@ -923,11 +924,15 @@ impl LogFollows {
                 continue;
             };
             let conn_id = conn.stable_id();
-            let from_start = !initial.contains(&key) && !begun.contains(&key);
+            let begin = match stood.get(&key) {
+                Some(at) => Begin::Resume(*at),
+                None if initial.contains(&key) => Begin::End,
+                None => Begin::FirstOutput,
+            };
             let task = tokio::spawn(follow_into_events(
                 conn,
                 key.clone(),
-                from_start.then(|| Arc::clone(&self.begun)),
+                (begin, Arc::clone(&self.stood)),
                 self.tx.clone(),
                 self.shared.request_timeout,
             ));
@@ -944,12 +949,23 @@ impl Drop for LogFollows {
     }
 }
 
-/// Follows one node's output and sends it as events until the subscriber leaves. With
-/// `begun`, from the node's first output, noting in `begun` once the agent began.
+/// Where a follow of `monitor --logs` begins.
+#[derive(Debug, Clone, Copy)]
+enum Begin {
+    /// At the end of the node's output.
+    End,
+    /// With the node's first output.
+    FirstOutput,
+    /// Where an earlier follow of the node stood.
+    Resume(drover_proto::model::LogResume),
+}
+
+/// Follows one node's output from `begin` and sends it as events until the subscriber
+/// leaves, keeping where it stands in `stood`.
 async fn follow_into_events(
     conn: quinn::Connection,
     (instance, node): (String, String),
-    begun: Option<Begun>,
+    (begin, stood): (Begin, Stood),
     tx: tokio::sync::mpsc::Sender<ClientResponse>,
     timeout: Duration,
 ) {
@@ -971,10 +987,13 @@ async fn follow_into_events(
         lines: 0,
         follow: true,
         stream: None,
-        from_start: begun.is_some(),
-        resume: None,
+        from_start: matches!(begin, Begin::FirstOutput),
+        resume: match begin {
+            Begin::Resume(at) => Some(at),
+            Begin::End | Begin::FirstOutput => None,
+        },
     };
-    let mut begun = begun;
+    let key = (instance.clone(), node.clone());
     let replies = tokio::select! {
         r = conn::call_stream(&conn, &req, timeout) => r,
         () = tx.closed() => return,
@@ -992,14 +1011,25 @@ async fn follow_into_events(
         let Ok(Some(AgentResponse::Log(mut chunk))) = reply else {
             return;
         };
-        chunk.end = None;
-        if let Some(begun) = begun.take() {
-            begun
+        // Kept for a later follow (once the lines are out), not shown to the subscriber.
+        let (end, of) = (chunk.end.take(), chunk.stream);
+        let keep = || {
+            let mut stood = stood
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert((instance.clone(), node.clone()));
-        }
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let at = stood.entry(key.clone()).or_insert_with(|| match begin {
+                Begin::Resume(at) => at,
+                Begin::End | Begin::FirstOutput => Default::default(),
+            });
+            if end.is_some() {
+                match of {
+                    LogStream::Stdout => at.stdout = end,
+                    LogStream::Stderr => at.stderr = end,
+                }
+            }
+        };
         if chunk.lines.is_empty() {
+            keep();
             continue;
         }
         let record = EventRecord {
@@ -1013,6 +1043,7 @@ async fn follow_into_events(
         if tx.send(ClientResponse::Event(record)).await.is_err() {
             return;
         }
+        keep();
     }
 }
 
