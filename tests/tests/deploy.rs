@@ -492,7 +492,8 @@ fn a_follow_goes_on_when_its_agent_comes_back() {
     let before = eventually("talk runs", PATIENCE, pid);
 
     let mut cmd = c.drover_command(addr);
-    cmd.args(["logs", "talk", "-f", "-n", "0"])
+    // Only stdout is followed: the notes about the agent still come on stderr.
+    cmd.args(["logs", "talk", "-f", "-n", "0", "--stream", "stdout"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();

@@ -599,9 +599,10 @@ fn logs(
                 None => "its connection ended".to_owned(),
             };
             debug!(instance = %instance, node = %node, "a relayed follow waits for its agent: {why}");
+            // On stderr whatever is followed: drover's words, not the node's output.
             let note = |text: String| {
                 let chunk = drover_proto::model::LogChunk {
-                    stream: stream.unwrap_or(LogStream::Stderr),
+                    stream: LogStream::Stderr,
                     lines: vec![text],
                     end: None,
                 };
