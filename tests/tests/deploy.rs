@@ -861,7 +861,8 @@ fn monitor_with_logs_streams_node_output() {
 }
 
 /// `monitor --logs` follows what is deployed now, not what was deployed when it
-/// subscribed: nodes deployed later, and a node's output again once its agent is back.
+/// subscribed: nodes deployed later, and a node's output again once its agent is back,
+/// from where it stood (what the node wrote meanwhile included, each line once).
 #[test]
 fn monitor_with_logs_follows_later_deploys_and_returning_agents() {
     let c = Cluster::new();
