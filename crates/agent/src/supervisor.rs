@@ -253,7 +253,8 @@ type Plans = BTreeMap<String, Result<std::sync::Arc<crate::exec::Plan>, String>>
 /// A new node's name, directory and working directory to make before its first spawn.
 type PrepareJob = (String, PathBuf, Option<PathBuf>);
 
-/// New nodes' bound notify sockets (or why they could not be made), by name.
+/// What was made for new nodes (their bound notify sockets and where their log files
+/// ended), or why it could not be, by name.
 type Prepared = BTreeMap<String, std::io::Result<crate::spawner::Made>>;
 
 /// Who asked for an Apply, handed to [`crate::apply`] and back with its answer or
