@@ -193,6 +193,11 @@ enum BenchTask {
         /// Leave supervisord out.
         #[arg(long)]
         no_supervisord: bool,
+        /// Where the runs' directories go (state dirs, logs, sockets: the same for every
+        /// system); the default is `target/bench`. Inode allocation on the filesystem
+        /// there is part of what a deploy costs.
+        #[arg(long)]
+        scratch: Option<PathBuf>,
         /// `etcd`: instead, time a deploy of an unchanged configuration with the state
         /// dir and with three controllers on a three-member etcd cluster, and print both
         /// and the difference (needs etcd on PATH).
@@ -374,6 +379,7 @@ fn main() -> std::process::ExitCode {
             readiness,
             no_supervisord,
             no_build,
+            scratch,
             ..
         }) => bench::deploy::run(&bench::deploy::Options {
             agents,
@@ -382,6 +388,7 @@ fn main() -> std::process::ExitCode {
             readiness,
             supervisord: !no_supervisord,
             build: !no_build,
+            scratch,
         }),
         Task::Bench(BenchTask::Supervise {
             nodes,

@@ -87,6 +87,8 @@ pub(crate) struct Options {
     pub(crate) supervisord: bool,
     /// Build the release binaries first.
     pub(crate) build: bool,
+    /// Where the runs' directories go, if not under `target/bench`.
+    pub(crate) scratch: Option<PathBuf>,
 }
 
 /// The environment variable that marks every program of this bench.
@@ -475,6 +477,26 @@ fn get_nodes(cluster: &Cluster) -> anyhow::Result<super::system::Listing> {
     drover::parse_get_nodes(&serde_json::from_slice(&out.stdout)?)
 }
 
+/// The filesystem `path` is (or would be) on, from `/proc/self/mounts`: its type and
+/// device, since how fast it allocates inodes shows in every figure.
+fn filesystem_of(path: &Path) -> String {
+    let mut at = path.to_path_buf();
+    while !at.exists() && at.pop() {}
+    let at = fs::canonicalize(&at).unwrap_or(at);
+    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
+        return "filesystem unknown".to_owned();
+    };
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() > 2 && at.starts_with(f[1]))
+                .then(|| (f[1].len(), format!("{} on {}", f[2], f[0])))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map_or_else(|| "filesystem unknown".to_owned(), |(_, fs)| fs)
+}
+
 // === bare ===
 
 fn thread_cpu_ticks() -> u64 {
@@ -739,7 +761,11 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
         .unwrap_or_default()
         .as_secs();
     let stamp = timestamp(now);
-    let run_root = bench.join(format!("deploy-run-{stamp}"));
+    let run_root = opts
+        .scratch
+        .as_ref()
+        .unwrap_or(&bench)
+        .join(format!("deploy-run-{stamp}"));
     let _guard = SweepGuard(format!("{stamp}/"));
 
     if opts.build {
@@ -792,10 +818,11 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
         opts.runs
     );
     println!(
-        "machine: {} CPU(s), load {} at start; {version}; scratch: {}",
+        "machine: {} CPU(s), load {} at start; {version}; scratch: {} ({})",
         std::thread::available_parallelism().map_or(0, usize::from),
         load_at_start.map_or_else(|| "?".to_owned(), |l| format!("{l:.2}")),
-        run_root.display()
+        run_root.display(),
+        filesystem_of(&run_root)
     );
 
     let mut acc: BTreeMap<&'static str, Result<Samples, String>> = BTreeMap::new();
