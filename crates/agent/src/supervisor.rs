@@ -423,6 +423,10 @@ struct Entry {
     /// its output since it was first started begins there (see
     /// [`crate::logs::NodeLogs::follow_from`]). Unknown for an adopted node.
     output_marks: Option<[crate::logs::Mark; 2]>,
+    /// When this agent process sent the stop signal to its process (epoch ms), so that
+    /// status shows a stop under way; cleared by the next state change (the process
+    /// is gone by then).
+    stop_sent_ms: Option<u64>,
 }
 
 impl Entry {
@@ -1664,6 +1668,7 @@ impl Core {
             last_pipes: None,
             fresh: false,
             output_marks: made.as_ref().map(|m| m.marks),
+            stop_sent_ms: None,
         };
         entry.notify_task = made.map(|m| self.listen_notify(name, m.sock)).transpose()?;
         entry.fresh = entry.notify_task.is_none();
@@ -1722,6 +1727,7 @@ impl Core {
             match action {
                 Action::StateChanged(state) => {
                     debug!(node = %name, state = %state, "state changed");
+                    e.stop_sent_ms = None;
                     if matches!(state, machine::State::Crashed | machine::State::Failed) {
                         let exit = e.book.last_exit;
                         warn!(node = %name, ?exit, restarts = e.restarts(), "node {}", state.as_str().to_lowercase());
@@ -1770,6 +1776,8 @@ impl Core {
                         if let Err(err) = signal_node(p, sig) {
                             warn!(node = %name, "cannot send {sig} to the node: {err}");
                         }
+                        e.stop_sent_ms = Some(epoch_ms());
+                        self.bump(name);
                     }
                 }
                 Action::Kill => {
@@ -2569,6 +2577,7 @@ impl Core {
             s.pid = u32::try_from(p.id.pid).ok();
             s.started_at_ms = Some(p.started_at_ms);
             s.generation = Some(p.deploy_gen);
+            s.stopping_since_ms = e.stop_sent_ms.filter(|_| e.book.machine.is_stopping());
         }
         s
     }

@@ -767,6 +767,11 @@ pub struct NodeStatus {
     /// non-executable program), until it next runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// While a stop of its process is under way (a stop, restart or redeploy sent its
+    /// stop signal and the process has not ended yet): when the signal was sent, in
+    /// milliseconds since the Unix epoch. The state meanwhile stays what it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopping_since_ms: Option<u64>,
     /// The deploy generation: for a node, the generation whose spec it runs; for an
     /// agent's own entry, the generation the agent has applied; for the controller's own
     /// entry in get-nodes, the desired generation.
@@ -827,6 +832,7 @@ impl NodeStatus {
             rss_bytes: None,
             cpu_ms: None,
             last_error: None,
+            stopping_since_ms: None,
             generation: None,
             cpus: None,
             cert_not_after: None,
