@@ -370,3 +370,89 @@ fn a_restart_cut_off_by_the_agents_return_says_so() {
         "{v}"
     );
 }
+
+/// A stop that waits for a node slow to go shows in `status` and `get-nodes` while it
+/// waits (the state stays RUNNING until the process has ended), and no longer once the
+/// node is gone.
+#[test]
+fn a_stop_under_way_shows_while_it_waits() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let file = c.dir.path().join("stub.toml");
+    std::fs::write(
+        &file,
+        "[instances.agent-1]\n[nodes.stub]\ninstance = \"agent-1\"\ncommand = [\"/bin/sh\", \"-c\", \"trap 'echo got-term' TERM; while :; do sleep 0.1; done\"]\nstop_timeout = \"60s\"\nreadiness = { kind = \"start-period\", period = \"0s\" }\n[nodes.other]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
+    )
+    .unwrap();
+    deploy_ok(&c, addr, &file, &["other", "stub"]);
+    let row = |name: &str| {
+        let status = c.drover(addr, &["status"]).stdout;
+        status
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no row for {name} in\n{status}"))
+    };
+    assert!(!row("stub").contains("stopping"), "{}", row("stub"));
+    let pid = node_table(&c, addr)["stub"]["pid"].as_u64().unwrap();
+
+    let mut stop = c.drover_command(addr);
+    stop.args(["stop", "stub"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = stop.spawn().unwrap();
+    // get-nodes answers from the agent's reports: the stop's start is one.
+    let since = eventually("get-nodes to show the stop under way", PATIENCE, || {
+        let n = node_table(&c, addr).remove("stub")?;
+        n["stopping_since_ms"].as_u64().map(|since| (since, n))
+    });
+    let (since, n) = since;
+    assert_eq!(n["state"], "RUNNING", "{n}");
+    assert_eq!(n["pid"].as_u64(), Some(pid), "{n}");
+    let now_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    assert!(
+        since <= now_ms && now_ms - since < PATIENCE.as_millis() as u64,
+        "{since} against {now_ms}"
+    );
+    let line = row("stub");
+    assert!(
+        line.contains("RUNNING") && line.contains("stopping for"),
+        "{line}"
+    );
+    assert!(!row("other").contains("stopping"), "{}", row("other"));
+    eventually("the node's SIGTERM", PATIENCE, || {
+        let out = c.drover(addr, &["logs", "stub"]);
+        out.stdout.contains("got-term").then_some(())
+    });
+
+    // The node goes: the stop is done, and says so.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n = node_table(&c, addr).remove("stub").unwrap();
+    assert_eq!(n["state"], "STOPPED", "{n}");
+    assert!(n.get("stopping_since_ms").is_none(), "{n}");
+    let line = row("stub");
+    assert!(
+        line.contains("STOPPED") && !line.contains("stopping"),
+        "{line}"
+    );
+}

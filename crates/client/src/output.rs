@@ -266,6 +266,10 @@ pub fn get_nodes(reply: &ClientResponse) -> (Value, bool) {
             if let Some(f) = &s.last_failure {
                 v.insert("last_failure".into(), json!(f));
             }
+            // And while a stop is under way: when its signal was sent (epoch ms).
+            if let Some(since) = s.stopping_since_ms {
+                v.insert("stopping_since_ms".into(), json!(since));
+            }
             if s.oom_kills > 0 {
                 v.insert("oom_kills".into(), json!(s.oom_kills));
             }

@@ -186,9 +186,14 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64) -> (String, bool) {
                     MgmtRole::Agent => generation(s.generation, desired),
                     _ => generation(s.generation, None),
                 }),
-                // Why the last start failed says more than the node's own status; a
-                // crashed or failed node without either says how its process ended.
+                // A stop under way first: the state stays RUNNING until the process
+                // has ended. Why the last start failed says more than the node's own
+                // status; a crashed or failed node without either says how its
+                // process ended.
                 Cell::new(match (&s.last_error, &s.last_failure, &s.status_text) {
+                    _ if s.stopping_since_ms.is_some() => {
+                        format!("stopping for {}", age(s.stopping_since_ms))
+                    }
                     (Some(e), _, _) => format!("error: {e}"),
                     (None, Some(f), _) => format!("last failure: {f}"),
                     (None, None, Some(t)) => t.clone(),
@@ -341,5 +346,33 @@ mod tests {
         assert!(row("c-odd").contains("killed by signal 40"), "{text}");
         assert!(row("d-exec").contains("error: cannot execute /x"), "{text}");
         assert!(!row("e-stopped").contains("killed"), "{text}");
+    }
+
+    #[test]
+    fn a_stop_under_way_shows_how_long_it_has_taken() {
+        let now_ms = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        let mut stopping = NodeStatus::new("a-stopping", State::Running, MgmtRole::None);
+        stopping.pid = Some(7);
+        stopping.status_text = Some("serving".into());
+        stopping.stopping_since_ms = Some(now_ms - 125_000);
+        let mut running = NodeStatus::new("b-running", State::Running, MgmtRole::None);
+        running.status_text = Some("serving".into());
+        let results = [MgmtResult::ok(
+            "r",
+            Some(ResultData::NodeStatuses(vec![stopping, running])),
+        )];
+        let refs: Vec<&MgmtResult> = results.iter().collect();
+        let (text, _) = nodes_at(&refs, 0);
+        let row = |name: &str| text.lines().find(|l| l.contains(name)).unwrap().to_owned();
+        assert!(row("a-stopping").contains("stopping for 2m"), "{text}");
+        assert!(row("a-stopping").contains("RUNNING"), "{text}");
+        assert!(!row("b-running").contains("stopping"), "{text}");
+        assert!(row("b-running").contains("serving"), "{text}");
     }
 }
