@@ -18,6 +18,7 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod ca;
+mod interrupt;
 pub mod output;
 pub mod session;
 pub mod settings;
@@ -265,7 +266,9 @@ pub enum StreamArg {
 /// Parses the command line, runs it, and reports errors; the exit code of `drover`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let ran = run(cli);
+    interrupt::await_death_if_signalled();
+    match ran {
         Ok(code) => code,
         Err(e) => {
             stdio::errln(&format!(
@@ -311,6 +314,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         stdio::outln(settings.render()?.trim_end())?;
         return Ok(ExitCode::SUCCESS);
     }
+    // Before the runtime starts its threads, which inherit the blocked signals.
+    interrupt::install();
     let rt = runtime()?;
     rt.block_on(async {
         // Read input files before connecting, so that a bad file costs no connection.

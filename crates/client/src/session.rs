@@ -178,6 +178,7 @@ impl Session {
             warned: std::sync::atomic::AtomicBool::new(false),
         };
         session.warn(est.welcome.warning.as_deref());
+        crate::interrupt::watch(&session.conn);
         Ok(session)
     }
 
@@ -235,6 +236,7 @@ impl Session {
     /// frame left, which the connection's datagram counter tells: it moves once the
     /// driver task has handed the close packet to the socket (waited for at most 5 ms).
     pub async fn close(self) {
+        crate::interrupt::forget();
         let before = self.conn.stats().udp_tx.datagrams;
         self.conn.close(0u32.into(), b"done");
         let sent = async {
