@@ -39,6 +39,67 @@ fn client(c: &Cluster, controller: SocketAddr, args: &[&str]) -> Child {
         .unwrap()
 }
 
+/// A client ended by Ctrl-C, `kill` or its terminal closing closes its connection
+/// first: the controller lets go of its follows at once, not after the connection's
+/// idle timeout, and the client dies of the signal as a program that handles none does.
+#[test]
+fn follows_of_clients_ended_by_a_signal_are_released_at_once() {
+    use std::os::unix::process::ExitStatusExt as _;
+
+    let mut c = Cluster::new();
+    // The controller's is longer than the client's (10 s by default), which is then
+    // the connection's: what the controller would wait for without the close.
+    c.idle_timeout = Duration::from_secs(30);
+    let idle = Duration::from_secs(10);
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let (_agent, metrics) = c.start_agent_with_metrics("a1", addr, &[]);
+    c.deploy_text(addr, "quiet.toml", &format!(
+            "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[nodes.quiet]\ninstance = \"a1\"\ncommand = [\"{}\"]\n",
+            bin("drover-testprog").display()
+        ));
+    let baseline = served(metrics);
+    for (sig, args) in [
+        (
+            nix::sys::signal::Signal::SIGINT,
+            &["logs", "-f", "quiet"][..],
+        ),
+        (
+            nix::sys::signal::Signal::SIGTERM,
+            &["monitor", "--logs"][..],
+        ),
+        (
+            nix::sys::signal::Signal::SIGHUP,
+            &["logs", "-f", "quiet"][..],
+        ),
+    ] {
+        let mut child = client(&c, addr, args);
+        eventually(
+            &format!("{args:?}: its follow on the agent"),
+            PATIENCE,
+            || (served(metrics) > baseline).then_some(()),
+        );
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, sig).unwrap();
+        let sent = Instant::now();
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(sig as i32), "{args:?}: {status:?}");
+        eventually(
+            &format!("{args:?}: the agent's streams back to {baseline}"),
+            PATIENCE,
+            || (served(metrics) <= baseline).then_some(()),
+        );
+        eprintln!(
+            "{sig}: {args:?} released {:?} after the signal",
+            sent.elapsed()
+        );
+        assert!(
+            sent.elapsed() < idle / 2,
+            "{args:?}: released {:?} after {sig}, as late as an idle timeout",
+            sent.elapsed()
+        );
+    }
+}
+
 #[test]
 fn abandoned_follows_on_a_quiet_node_are_released() {
     let c = Cluster::new();
