@@ -287,10 +287,21 @@ impl AgentView {
                     instance: instance.to_owned(),
                     node: s.node.clone(),
                     state: s.state,
-                    previous: previous.map(|p| p.state),
+                    previous: previous.as_ref().map(|p| p.state),
                     pid: s.pid,
                     restarts: s.restarts,
                     reason,
+                });
+            }
+            // A stop that began since (its signal's time tells a later stop apart).
+            if let Some(since_ms) = s.stopping_since_ms
+                && previous.is_none_or(|p| p.stopping_since_ms != Some(since_ms))
+            {
+                events.push(Event::NodeStopping {
+                    instance: instance.to_owned(),
+                    node: s.node.clone(),
+                    pid: s.pid,
+                    since_ms,
                 });
             }
             self.nodes.insert(s.node.clone(), s);
@@ -476,6 +487,58 @@ mod tests {
         // A node gone from a full report is gone from the view.
         view.report("a", 1, true, Vec::new());
         assert!(view.last("a").is_empty());
+    }
+
+    #[test]
+    fn a_stop_under_way_is_one_event_and_its_end_a_state_change() {
+        let mut view = View::default();
+        view.report("a", 1, true, vec![node("n", State::Running, 10)]);
+        let mut stopping = node("n", State::Running, 10);
+        stopping.stopping_since_ms = Some(1_000);
+        let events = view.report("a", 1, false, vec![stopping.clone()]);
+        assert_eq!(
+            events,
+            vec![Event::NodeStopping {
+                instance: "a".into(),
+                node: "n".into(),
+                pid: Some(10),
+                since_ms: 1_000,
+            }]
+        );
+        // Reported again (its memory moved): no news.
+        stopping.rss_bytes = Some(4096);
+        assert!(
+            view.report("a", 1, false, vec![stopping.clone()])
+                .is_empty()
+        );
+        // The process ended: a state change, and no stop under way.
+        let events = view.report("a", 1, false, vec![node("n", State::Stopped, 0)]);
+        assert!(
+            matches!(
+                &events[..],
+                [Event::NodeState {
+                    state: State::Stopped,
+                    previous: Some(State::Running),
+                    ..
+                }]
+            ),
+            "{events:?}"
+        );
+        // A later stop is news again.
+        view.report("a", 1, false, vec![node("n", State::Running, 11)]);
+        let mut again = node("n", State::Running, 11);
+        again.stopping_since_ms = Some(9_000);
+        let events = view.report("a", 1, false, vec![again]);
+        assert!(
+            matches!(
+                &events[..],
+                [Event::NodeStopping {
+                    since_ms: 9_000,
+                    ..
+                }]
+            ),
+            "{events:?}"
+        );
     }
 
     #[test]

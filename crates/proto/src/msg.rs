@@ -400,6 +400,20 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// A stop of a node's process began (a stop, restart or redeploy sent its stop
+    /// signal). Its state stays what it was until the process has ended, which a
+    /// [`Event::NodeState`] then tells.
+    NodeStopping {
+        /// Its instance.
+        instance: String,
+        /// The node.
+        node: String,
+        /// Its process.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+        /// When the stop signal was sent, in milliseconds since the Unix epoch.
+        since_ms: u64,
+    },
     /// A deploy started.
     DeployStarted {
         /// The configuration.
