@@ -397,6 +397,24 @@ fn a_stop_under_way_shows_while_it_waits() {
     };
     assert!(!row("stub").contains("stopping"), "{}", row("stub"));
     let pid = node_table(&c, addr)["stub"]["pid"].as_u64().unwrap();
+    // A monitor, subscribed once a deploy's event reaches it (the same file again
+    // restarts nothing).
+    let (mut monitor, events) = c.monitor(addr, &[]);
+    eventually("the monitor subscribed", PATIENCE, || {
+        let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        let started = std::iter::from_fn(|| events.recv_timeout(Duration::from_millis(500)).ok())
+            .any(|e| e["event"]["type"] == "deploy_started");
+        started.then_some(())
+    });
+    let next_event = |what: &str, pred: &dyn Fn(&Value) -> bool| loop {
+        let e = events
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("no event: {what}"));
+        if pred(&e["event"]) {
+            return e["event"].clone();
+        }
+    };
 
     let mut stop = c.drover_command(addr);
     stop.args(["stop", "stub"])
@@ -428,6 +446,11 @@ fn a_stop_under_way_shows_while_it_waits() {
         "{line}"
     );
     assert!(!row("other").contains("stopping"), "{}", row("other"));
+    let e = next_event("the stop's start", &|e| e["type"] == "node_stopping");
+    assert_eq!(e["node"], "stub", "{e}");
+    assert_eq!(e["instance"], "agent-1", "{e}");
+    assert_eq!(e["pid"].as_u64(), Some(pid), "{e}");
+    assert_eq!(e["since_ms"].as_u64(), Some(since), "{e}");
     eventually("the node's SIGTERM", PATIENCE, || {
         let out = c.drover(addr, &["logs", "stub"]);
         out.stdout.contains("got-term").then_some(())
@@ -455,4 +478,11 @@ fn a_stop_under_way_shows_while_it_waits() {
         line.contains("STOPPED") && !line.contains("stopping"),
         "{line}"
     );
+    let e = next_event("the stop's end", &|e| {
+        e["type"] == "node_state" && e["node"] == "stub"
+    });
+    assert_eq!(e["state"], "STOPPED", "{e}");
+    assert_eq!(e["previous"], "RUNNING", "{e}");
+    let _ = monitor.kill();
+    let _ = monitor.wait();
 }
