@@ -20,6 +20,14 @@ fn served(metrics: SocketAddr) -> u64 {
         .expect("the agent reports its served streams")
 }
 
+/// Deploys `quiet`, a node on instance `a1` that writes nothing after its start.
+fn deploy_quiet(c: &Cluster, addr: SocketAddr) {
+    c.deploy_text(addr, "quiet.toml", &format!(
+            "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[nodes.quiet]\ninstance = \"a1\"\ncommand = [\"{}\"]\n",
+            bin("drover-testprog").display()
+        ));
+}
+
 /// A `drover` client that runs until killed.
 fn client(c: &Cluster, controller: SocketAddr, args: &[&str]) -> Child {
     Command::new(bin("drover"))
@@ -53,10 +61,7 @@ fn follows_of_clients_ended_by_a_signal_are_released_at_once() {
     let idle = Duration::from_secs(10);
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let (_agent, metrics) = c.start_agent_with_metrics("a1", addr, &[]);
-    c.deploy_text(addr, "quiet.toml", &format!(
-            "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[nodes.quiet]\ninstance = \"a1\"\ncommand = [\"{}\"]\n",
-            bin("drover-testprog").display()
-        ));
+    deploy_quiet(&c, addr);
     let baseline = served(metrics);
     for (sig, args) in [
         (
@@ -105,10 +110,7 @@ fn abandoned_follows_on_a_quiet_node_are_released() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let (_agent, metrics) = c.start_agent_with_metrics("a1", addr, &[]);
-    c.deploy_text(addr, "quiet.toml", &format!(
-            "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[nodes.quiet]\ninstance = \"a1\"\ncommand = [\"{}\"]\n",
-            bin("drover-testprog").display()
-        ));
+    deploy_quiet(&c, addr);
     let baseline = served(metrics);
 
     // Three waves of 100 (more than the agent's 256 streams in all): two thirds
