@@ -32,6 +32,19 @@ fn running_pids(c: &Cluster, addr: SocketAddr, count: usize) -> Option<BTreeMap<
     })
 }
 
+/// A cluster file with node `stub` on `agent-1`, which outlives SIGTERM (it prints
+/// `got-term` and runs on) for its minute of `stop_timeout`.
+const SLOW_TO_STOP: &str = "[instances.agent-1]\n[nodes.stub]\ninstance = \"agent-1\"\ncommand = [\"/bin/sh\", \"-c\", \"trap 'echo got-term' TERM; while :; do sleep 0.1; done\"]\nstop_timeout = \"60s\"\nreadiness = { kind = \"start-period\", period = \"0s\" }\n";
+
+/// Waits until `stub` of [`SLOW_TO_STOP`] has said it got its SIGTERM: a stop or
+/// restart of it is then waiting for it.
+fn wait_for_got_term(c: &Cluster, addr: SocketAddr) {
+    eventually("the node's SIGTERM", PATIENCE, || {
+        let out = c.drover(addr, &["logs", "stub"]);
+        out.stdout.contains("got-term").then_some(())
+    });
+}
+
 /// Deploys `file` and checks the result: exit 0, every one of `nodes` reported started,
 /// no error.
 fn deploy_ok(c: &Cluster, addr: SocketAddr, file: &std::path::Path, nodes: &[&str]) {
@@ -341,11 +354,7 @@ fn a_restart_cut_off_by_the_agents_return_says_so() {
     let mut agent = c.start_agent("agent-1", addr);
     c.wait_for_agent(addr, "agent-1");
     let file = c.dir.path().join("stub.toml");
-    std::fs::write(
-        &file,
-        "[instances.agent-1]\n[nodes.stub]\ninstance = \"agent-1\"\ncommand = [\"/bin/sh\", \"-c\", \"trap 'echo got-term' TERM; while :; do sleep 0.1; done\"]\nstop_timeout = \"60s\"\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
-    )
-    .unwrap();
+    std::fs::write(&file, SLOW_TO_STOP).unwrap();
     deploy_ok(&c, addr, &file, &["stub"]);
     let mut restart = c.drover_command(addr);
     restart
@@ -354,10 +363,7 @@ fn a_restart_cut_off_by_the_agents_return_says_so() {
         .stderr(std::process::Stdio::piped());
     let child = restart.spawn().unwrap();
     // It outlives SIGTERM, saying so: the restart waits for it to stop.
-    eventually("the node's SIGTERM", PATIENCE, || {
-        let out = c.drover(addr, &["logs", "stub"]);
-        out.stdout.contains("got-term").then_some(())
-    });
+    wait_for_got_term(&c, addr);
     agent.kill();
     let _agent = c.start_agent("agent-1", addr);
     let out = child.wait_with_output().unwrap();
@@ -383,7 +389,7 @@ fn a_stop_under_way_shows_while_it_waits() {
     let file = c.dir.path().join("stub.toml");
     std::fs::write(
         &file,
-        "[instances.agent-1]\n[nodes.stub]\ninstance = \"agent-1\"\ncommand = [\"/bin/sh\", \"-c\", \"trap 'echo got-term' TERM; while :; do sleep 0.1; done\"]\nstop_timeout = \"60s\"\nreadiness = { kind = \"start-period\", period = \"0s\" }\n[nodes.other]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
+        format!("{SLOW_TO_STOP}[nodes.other]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n"),
     )
     .unwrap();
     deploy_ok(&c, addr, &file, &["other", "stub"]);
@@ -451,10 +457,7 @@ fn a_stop_under_way_shows_while_it_waits() {
     assert_eq!(e["instance"], "agent-1", "{e}");
     assert_eq!(e["pid"].as_u64(), Some(pid), "{e}");
     assert_eq!(e["since_ms"].as_u64(), Some(since), "{e}");
-    eventually("the node's SIGTERM", PATIENCE, || {
-        let out = c.drover(addr, &["logs", "stub"]);
-        out.stdout.contains("got-term").then_some(())
-    });
+    wait_for_got_term(&c, addr);
 
     // The node goes: the stop is done, and says so.
     nix::sys::signal::kill(
