@@ -1,7 +1,8 @@
 //! Nodes run as their own users, with capabilities and limits, through a real agent
 //! (root here): a node running as `nobody` has that uid and gid, its one capability
 //! (ambient, bounding set cut, and a raw socket opens with it and not without), no new
-//! privileges and its rlimits; it cannot read another node's logs; an unknown user is
+//! privileges and its rlimits; its exec probe runs as that user too; it cannot read
+//! another node's logs; an unknown user is
 //! a deploy error naming node and user; bad settings are config errors with line.
 
 use std::net::SocketAddr;
@@ -96,6 +97,7 @@ limits = {{ nofile = "1234:2345", core = "unlimited" }}
 instance = "agent-1"
 command = ["{p}", "--raw-socket"]
 user = "nobody"
+liveness = {{ kind = "exec", command = ["sh", "-c", "id -u > probe.uid"], interval = "100ms" }}
 {other}"#,
         p = prog.display(),
         log = other_log.display(),
@@ -141,6 +143,13 @@ user = "nobody"
         plain.contains("raw socket: operation not permitted"),
         "without the capability: {plain}"
     );
+    // Its exec probe runs as the node does.
+    let probe_uid = eventually("plain's probe ran", PATIENCE, || {
+        std::fs::read_to_string(nodes.join("plain/work/probe.uid"))
+            .ok()
+            .filter(|t| t.ends_with('\n'))
+    });
+    assert_eq!(probe_uid.trim(), "65534", "the probe's user");
     // Its query socket is in `run/`, which it owns: value queries reach it.
     let v = eventually("capture answers a value query", PATIENCE, || {
         let v = c.drover(addr, &["get-id-value", "pid", "capture"]).json();

@@ -26,9 +26,14 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(&[])
+}
+
+/// As [`setup`], the agent started with `extra` flags.
+fn setup_with(extra: &[&str]) -> Setup {
     let c = Cluster::new();
     let (ctl, addr) = c.start_controller("127.0.0.1:0");
-    let (agent, metrics) = c.start_agent_with_metrics("agent-1", addr, &[]);
+    let (agent, metrics) = c.start_agent_with_metrics("agent-1", addr, extra);
     c.wait_for_agent(addr, "agent-1");
     Setup {
         c,
@@ -452,6 +457,138 @@ fn http_tcp_and_exec_probes_each_detect_a_hung_node() {
     // The status table shows why.
     let table = s.c.drover(s.addr, &["status"]);
     assert!(table.stdout.contains("liveness probe"), "{}", table.stdout);
+}
+
+/// Pids of live processes whose command line is `sleep <arg>`.
+fn sleeping(arg: &str) -> Vec<u32> {
+    let want = format!("sleep\0{arg}\0");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want.as_bytes())
+                && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+                    !st.rsplit_once(") ")
+                        .is_some_and(|(_, r)| r.starts_with('Z'))
+                })
+        })
+        .collect()
+}
+
+/// The agent's cgroup v2 subtree, where it has one.
+fn agent_subtree(agent: u32) -> Option<std::path::PathBuf> {
+    let own = std::fs::read_to_string(format!("/proc/{agent}/cgroup")).ok()?;
+    let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let rel = rel.strip_suffix("/agent")?.trim_start_matches('/');
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let mount = mounts
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")?[1]
+        .to_owned();
+    Some(std::path::Path::new(&mount).join(rel))
+}
+
+#[test]
+fn exec_probes_run_as_their_node_and_leave_nothing_running() {
+    exec_probes_leave_nothing(&[]);
+}
+
+/// Without cgroups a probe leads a process group of its own, and that is killed.
+#[test]
+fn exec_probes_leave_nothing_running_without_cgroups() {
+    exec_probes_leave_nothing(&["--cgroup-root", "none"]);
+}
+
+fn exec_probes_leave_nothing(extra: &[&str]) {
+    let mut s = setup_with(extra);
+    let nodes = s.c.dir.path().join("agent-agent-1/nodes");
+    let work = |node: &str| nodes.join(node).join("work");
+    let runs = |node: &str| {
+        std::fs::read_to_string(work(node).join("runs")).map_or(0, |t| t.lines().count())
+    };
+    // Each probe notes its run in the node's working directory and leaves a process
+    // behind: `hung`'s by timing out with a child, `quick`'s by exiting with one in
+    // the background.
+    // Sleeps of this test process's own (tests run side by side).
+    let (hung_arg, quick_arg) = (
+        format!("{}.25", std::process::id()),
+        format!("{}.75", std::process::id()),
+    );
+    let body = r#"
+[nodes.hung]
+instance = "agent-1"
+command = ["sleep", "10000"]
+env = { PROBE_MARK = "from-the-node" }
+liveness = { kind = "exec", command = ["sh", "-c", "echo run >> runs; env > probe.env; sleep HUNG & sleep HUNG"], interval = "100ms", timeout = "200ms", failures = 100 }
+
+[nodes.quick]
+instance = "agent-1"
+command = ["sleep", "10000"]
+liveness = { kind = "exec", command = ["sh", "-c", "echo run >> runs; sleep QUICK & exit 0"], interval = "100ms", timeout = "5s" }
+"#
+    .replace("HUNG", &hung_arg)
+    .replace("QUICK", &quick_arg);
+    let (code, v, err) = s.deploy(&body);
+    assert_eq!(code, Some(0), "{v}{err}");
+    eventually("four runs of each probe", PATIENCE, || {
+        (runs("hung") >= 4 && runs("quick") >= 4).then_some(())
+    });
+    // One run at a time: what is left is the current run's, two sleeps at most.
+    let hung = sleeping(&hung_arg);
+    assert!(hung.len() <= 2, "timed-out probes left {hung:?}");
+    eventually("the quick probe's leftovers killed", PATIENCE, || {
+        sleeping(&quick_arg).is_empty().then_some(())
+    });
+    assert_eq!(
+        s.restarts("quick"),
+        Some(0.0),
+        "a probe that exits 0 passes"
+    );
+
+    // The probe has the node's environment, not the agent's.
+    let env = std::fs::read_to_string(work("hung").join("probe.env")).unwrap();
+    let pid = s.node("hung")["pid"].as_u64().unwrap();
+    for line in [
+        "PROBE_MARK=from-the-node".to_owned(),
+        "DROVER_NODE=hung".to_owned(),
+        format!("DROVER_NODE_PID={pid}"),
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line} not in {env}");
+    }
+    assert!(!env.contains("RUST_LOG="), "the agent's environment: {env}");
+
+    // An agent SIGKILLed mid-run leaves its run behind; the next agent kills it.
+    let before = runs("hung");
+    eventually("a hung probe under way", PATIENCE, || {
+        (!sleeping(&hung_arg).is_empty()).then_some(())
+    });
+    s.agent.kill();
+    let orphans = sleeping(&hung_arg);
+    (s.agent, s.metrics) = s.c.start_agent_with_metrics("agent-1", s.addr, extra);
+    eventually("the dead agent's probe run killed", PATIENCE, || {
+        orphans
+            .iter()
+            .all(|p| !sleeping(&hung_arg).contains(p))
+            .then_some(())
+    });
+    eventually("the probe running again", PATIENCE, || {
+        (runs("hung") > before).then_some(())
+    });
+
+    // Nodes removed: nothing of their probes is left, their cgroups neither.
+    let (code, v, err) = s.deploy("");
+    assert_eq!(code, Some(0), "{v}{err}");
+    eventually("no probe process left", PATIENCE, || {
+        (sleeping(&hung_arg).is_empty() && sleeping(&quick_arg).is_empty()).then_some(())
+    });
+    if let Some(subtree) = agent_subtree(s.agent.pid()) {
+        eventually("the probe cgroups removed", PATIENCE, || {
+            (!subtree.join("probes/hung").exists() && !subtree.join("probes/quick").exists())
+                .then_some(())
+        });
+    }
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //! <base>/drover-agent-<instance>-<hash of the state dir>/   the agent's subtree
 //!     agent/            the agent process itself, alone
 //!     nodes/<node>/     one cgroup per node
+//!     probes/<node>/    the node's exec liveness probe while it runs
 //! ```
 //!
 //! `<base>` is the cgroup the agent started in (under systemd, the service's cgroup,
@@ -201,6 +202,24 @@ impl Cgroups {
         self.nodes.join(name)
     }
 
+    /// The cgroup of node `name`'s exec probe (which may not exist yet): a sibling of
+    /// `nodes/`, so that a probe is neither killed nor counted as the node.
+    pub fn probe(&self, name: &str) -> PathBuf {
+        self.root.join("probes").join(name)
+    }
+
+    /// Probe cgroups present on disk.
+    pub fn probe_dirs(&self) -> Vec<PathBuf> {
+        fs::read_dir(self.root.join("probes"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Creates node `name`'s cgroup if it does not exist; returns its path.
     pub fn create_node(&self, name: &str) -> io::Result<PathBuf> {
         let path = self.node(name);
@@ -297,9 +316,13 @@ impl Cgroups {
         for name in self.node_names() {
             let _ = fs::remove_dir(self.node(&name));
         }
+        for dir in self.probe_dirs() {
+            let _ = fs::remove_dir(dir);
+        }
         // The log keeper's leaf, if the keeper has exited.
         let keeper = self.root.join("keeper");
-        for dir in [&self.nodes, &self.agent, &keeper, &self.root] {
+        let probes = self.root.join("probes");
+        for dir in [&self.nodes, &probes, &self.agent, &keeper, &self.root] {
             let _ = fs::remove_dir(dir);
         }
     }

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +25,10 @@ use drover_proto::resources::Liveness;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
+
+mod exec;
+
+pub use exec::{ExecAs, kill_orphans};
 
 /// What a monitor calls when the node fails: the reason, for `last_error` and events.
 pub type Report = Arc<dyn Fn(String) + Send + Sync>;
@@ -46,12 +50,12 @@ impl Drop for Monitors {
 
 impl Monitors {
     /// Starts the watchdog (when `watchdog` is set) and the probe (when `liveness` is),
-    /// for a node whose process `pid` just became ready; `workdir` is where an exec
-    /// probe runs. `report` is called at most once per monitor.
+    /// for a node whose process `pid` just became ready; `how` says how an exec probe
+    /// runs. `report` is called at most once per monitor.
     pub fn start(
         watchdog: Option<Duration>,
         liveness: Option<&Liveness>,
-        workdir: PathBuf,
+        how: ExecAs,
         pid: u32,
         report: Report,
     ) -> Self {
@@ -83,7 +87,7 @@ impl Monitors {
                     let mut failed = 0;
                     loop {
                         tokio::time::sleep(interval).await;
-                        let result = tokio::time::timeout(timeout, attempt(&probe, &workdir, pid))
+                        let result = tokio::time::timeout(timeout, attempt(&probe, &how, pid))
                             .await
                             .unwrap_or_else(|_| {
                                 Err(format!(
@@ -126,7 +130,7 @@ impl Monitors {
 }
 
 /// One probe attempt.
-async fn attempt(probe: &Liveness, workdir: &Path, pid: u32) -> Result<(), String> {
+async fn attempt(probe: &Liveness, how: &ExecAs, pid: u32) -> Result<(), String> {
     let local = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
     match probe {
         Liveness::Tcp { port, .. } => tokio::net::TcpStream::connect(local(*port))
@@ -169,55 +173,22 @@ async fn attempt(probe: &Liveness, workdir: &Path, pid: u32) -> Result<(), Strin
             }
         }
         Liveness::Exec { command, .. } => {
-            let (program, args) = command.split_first().ok_or("no command")?;
-            let mut child = {
-                // The agent reaps children it does not know as orphans: this one is
-                // registered before its exit can be seen (see [`is_probe`]).
-                let mut running = PROBES.lock().unwrap_or_else(|p| p.into_inner());
-                let child = tokio::process::Command::new(program)
-                    .args(args)
-                    .current_dir(workdir)
-                    .env("DROVER_NODE_PID", pid.to_string())
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .kill_on_drop(true)
-                    .spawn()
-                    .map_err(|e| format!("cannot run {program}: {e}"))?;
-                if let Some(id) = child.id().and_then(|p| i32::try_from(p).ok()) {
-                    running.insert(id);
-                }
-                child
-            };
-            let _unregister = Unregister(child.id().and_then(|p| i32::try_from(p).ok()));
-            let status = child
-                .wait()
-                .await
-                .map_err(|e| format!("cannot wait for {program}: {e}"))?;
-            if status.success() {
-                Ok(())
-            } else {
-                Err(format!("{program} ended with {status}"))
-            }
+            let program = command.first().cloned().unwrap_or_default();
+            let (command, how) = (command.clone(), how.clone());
+            // Started off the runtime: a cgroup the last run left populated is waited
+            // for. A run this attempt no longer waits for (a timeout) is dropped, and
+            // so killed, where it ends up.
+            let mut run =
+                tokio::task::spawn_blocking(move || exec::Run::start(&command, &how, pid))
+                    .await
+                    .map_err(|_| "the probe's start panicked".to_owned())??;
+            exec::describe(&program, run.finish().await?)
         }
     }
 }
 
-/// Pids of exec probes running.
+/// Pids of exec probes running, not yet reaped.
 static PROBES: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
-
-struct Unregister(Option<i32>);
-
-impl Drop for Unregister {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            PROBES
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&pid);
-        }
-    }
-}
 
 /// True while `pid` is an exec probe of this agent, which its own task reaps: the
 /// orphan reaper leaves it alone.
@@ -481,7 +452,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             failures: 1,
         };
-        assert_eq!(attempt(&tcp, &dir, 1).await, Ok(()));
+        assert_eq!(attempt(&tcp, &plain(&dir), 1).await, Ok(()));
         let http = Liveness::Http {
             port,
             path: "/h".into(),
@@ -505,28 +476,102 @@ mod tests {
                 s.write_all(answer.as_bytes()).unwrap();
             }
         });
-        assert_eq!(attempt(&http, &dir, 1).await, Ok(()));
+        assert_eq!(attempt(&http, &plain(&dir), 1).await, Ok(()));
         assert_eq!(
-            attempt(&http, &dir, 1).await,
+            attempt(&http, &plain(&dir), 1).await,
             Err("GET /h answered 503".to_owned())
         );
-        let e = attempt(&http, &dir, 1).await.unwrap_err();
+        let e = attempt(&http, &plain(&dir), 1).await.unwrap_err();
         assert!(e.contains("not an HTTP answer"), "{e}");
         server.join().unwrap();
-        let exec = |cmd: &[&str]| Liveness::Exec {
+        let how = plain(&dir);
+        assert_eq!(attempt(&exec(&["/bin/true"]), &how, 1).await, Ok(()));
+        let e = attempt(&exec(&["false"]), &how, 1).await.unwrap_err();
+        assert_eq!(e, "false ended with exit status 1");
+        let e = attempt(&exec(&["sh", "-c", "kill -9 $$"]), &how, 1)
+            .await
+            .unwrap_err();
+        assert_eq!(e, "sh was killed by SIGKILL");
+        let e = attempt(&exec(&["/nonexistent"]), &how, 1)
+            .await
+            .unwrap_err();
+        assert!(e.starts_with("cannot run /nonexistent"), "{e}");
+    }
+
+    fn exec(cmd: &[&str]) -> Liveness {
+        Liveness::Exec {
             command: cmd.iter().map(|s| (*s).to_owned()).collect(),
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             failures: 1,
-        };
-        assert_eq!(attempt(&exec(&["/bin/true"]), &dir, 1).await, Ok(()));
-        let e = attempt(&exec(&["/bin/false"]), &dir, 1).await.unwrap_err();
-        assert!(e.contains("/bin/false ended with exit status: 1"), "{e}");
-        let e = attempt(&exec(&["/nonexistent"]), &dir, 1)
-            .await
-            .unwrap_err();
-        assert!(e.starts_with("cannot run /nonexistent"), "{e}");
-        assert!(PROBES.lock().unwrap().is_empty());
+        }
+    }
+
+    /// As the agent's own user, without cgroups.
+    fn plain(dir: &Path) -> ExecAs {
+        ExecAs {
+            path: "/usr/bin:/bin".into(),
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            workdir: dir.to_owned(),
+            ..ExecAs::default()
+        }
+    }
+
+    fn alive(pid: i32) -> bool {
+        crate::sys::proc_stat(pid).is_ok_and(|s| s.state != 'Z')
+    }
+
+    /// Pids of live processes whose command line is `sleep <arg>`.
+    fn sleeping(arg: &str) -> Vec<i32> {
+        crate::sys::scan_procs()
+            .into_iter()
+            .filter(|s| s.state != 'Z')
+            .filter(|s| {
+                std::fs::read(format!("/proc/{}/cmdline", s.pid))
+                    .is_ok_and(|c| c == format!("sleep\0{arg}\0").as_bytes())
+            })
+            .map(|s| s.pid)
+            .collect()
+    }
+
+    async fn none_sleeping(arg: &str) {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !sleeping(arg).is_empty() {
+            assert!(
+                std::time::Instant::now() < until,
+                "left running: {:?}",
+                sleeping(arg)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn what_an_exec_probe_leaves_running_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let how = plain(dir.path());
+        // Ends at once, leaving a child behind in its process group.
+        let left = exec(&["sh", "-c", "sleep 4711.25 & echo $! > left; exit 0"]);
+        assert_eq!(attempt(&left, &how, 1).await, Ok(()));
+        let pid: i32 = std::fs::read_to_string(dir.path().join("left"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        none_sleeping("4711.25").await;
+        assert!(!alive(pid));
+        // Times out with a child of its own: both go.
+        let hung = exec(&["sh", "-c", "sleep 4711.5 & sleep 4711.5"]);
+        let cut = tokio::time::timeout(Duration::from_millis(300), attempt(&hung, &how, 1)).await;
+        assert!(cut.is_err(), "{cut:?}");
+        none_sleeping("4711.5").await;
+        // The node's pid and environment reach the command.
+        let env = exec(&[
+            "sh",
+            "-c",
+            "test \"$DROVER_NODE_PID\" = 42 && test -z \"$HOME\"",
+        ]);
+        assert_eq!(attempt(&env, &how, 42).await, Ok(()));
     }
 
     #[test]

@@ -1813,15 +1813,8 @@ impl Core {
         };
         let notify = notify_path(&sock_dir);
         let query = crate::exec::query_path(&sock_dir, spec);
-        let mut env: BTreeMap<&str, String> = BTreeMap::from([(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
-        )]);
-        env.extend(spec.env.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        let mut env = node_env(name, &instance, spec);
         env.extend([
-            ("DROVER_NODE", name.to_owned()),
-            ("DROVER_INSTANCE", instance.clone()),
-            ("DROVER_ROLE", spec.role.as_str().to_owned()),
             ("NOTIFY_SOCKET", notify.display().to_string()),
             ("DROVER_QUERY_SOCKET", query.display().to_string()),
             ("DROVER_NODE_TOKEN", token.to_string()),
@@ -2069,6 +2062,22 @@ impl Core {
             .workdir
             .as_ref()
             .map_or_else(|| dir.join("work"), PathBuf::from);
+        let mut env = node_env(name, &self.cfg.instance, &p.spec);
+        let query = crate::exec::query_path(&self.socks.dir(name), &p.spec);
+        env.insert("DROVER_QUERY_SOCKET", query.display().to_string());
+        let how = probe::ExecAs {
+            plan: e
+                .plan
+                .as_ref()
+                .and_then(|p| p.as_ref().ok())
+                .cloned()
+                .unwrap_or_default(),
+            path: env["PATH"].clone(),
+            env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            workdir,
+            cgroup: self.cgroups.as_ref().map(|c| (c.clone(), c.probe(name))),
+            owner: cgroup::subtree_name(&self.cfg.instance, &self.cfg.state_dir),
+        };
         let node = name.to_owned();
         let report: probe::Report = std::sync::Arc::new(move |reason| {
             let _ = events.send(Event::Unhealthy {
@@ -2080,7 +2089,7 @@ impl Core {
         p.monitors = Some(probe::Monitors::start(
             p.spec.watchdog,
             p.spec.liveness.as_ref(),
-            workdir,
+            how,
             u32::try_from(p.id.pid).unwrap_or(0),
             report,
         ));
@@ -2462,6 +2471,7 @@ impl Core {
             let _ = std::fs::remove_file(notify_path(&e.dir));
             if let Some(c) = &self.cgroups {
                 remove_cgroup(c.node(name));
+                remove_cgroup(c.probe(name));
             }
             self.host.remove(name);
             info!(node = %name, "node removed");
@@ -2527,6 +2537,9 @@ impl Core {
             // Nodes were stopped (not left to the next agent): remove the subtree.
             for name in c.node_names() {
                 let _ = cgroup::kill(&c.node(&name));
+            }
+            for cg in c.probe_dirs() {
+                let _ = cgroup::kill(&cg);
             }
             c.release();
         }
@@ -2918,6 +2931,11 @@ impl Core {
         out
     }
 
+    /// What marks this agent's probe runs (see [`probe::kill_orphans`]).
+    fn probe_owner(&self) -> String {
+        cgroup::subtree_name(&self.cfg.instance, &self.cfg.state_dir)
+    }
+
     /// Kills what runs in node cgroups that no live node process owns: the leftovers
     /// of nodes whose process ended, or whose record is gone, while no agent ran.
     /// Removes those of unknown nodes.
@@ -2926,9 +2944,20 @@ impl Core {
             info!(node = %name, "removed the v1 cgroups of a node this agent no longer has");
         }
         let Some(c) = &self.cgroups else {
+            let killed = probe::kill_orphans(&self.probe_owner());
+            if killed > 0 {
+                info!(
+                    killed,
+                    "killed what probes of the last agent process left running"
+                );
+            }
             return;
         };
         c.kill_strays();
+        // No probe outlives the agent process that ran it.
+        for cg in c.probe_dirs() {
+            remove_cgroup(cg);
+        }
         for name in c.node_names() {
             let cg = c.node(&name);
             let owned = self
@@ -3083,6 +3112,22 @@ fn find_token_carriers(wanted: &dyn Fn(u64) -> bool) -> BTreeMap<u64, Vec<Stray>
         });
     }
     out
+}
+
+/// The environment every process of node `name` starts with: the node adds its notify
+/// socket, query socket and spawn token, an exec probe the node's pid.
+fn node_env<'a>(name: &str, instance: &str, spec: &'a Node) -> BTreeMap<&'a str, String> {
+    let mut env: BTreeMap<&str, String> = BTreeMap::from([(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+    )]);
+    env.extend(spec.env.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    env.extend([
+        ("DROVER_NODE", name.to_owned()),
+        ("DROVER_INSTANCE", instance.to_owned()),
+        ("DROVER_ROLE", spec.role.as_str().to_owned()),
+    ]);
+    env
 }
 
 /// Kills what is left of a node: everything in its cgroup, or else its process group.

@@ -213,7 +213,7 @@ fn is_dead_state(state: char) -> bool {
 
 /// Every process in `/proc` that could be read (processes that vanish mid-scan are
 /// skipped). Threads other than thread-group leaders are not listed.
-fn scan_procs() -> Vec<ProcStat> {
+pub(crate) fn scan_procs() -> Vec<ProcStat> {
     let Ok(dir) = fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -870,6 +870,13 @@ pub async fn wait_child_owned(fd: PidFd) -> io::Result<ExitKind> {
         }
         tokio::task::yield_now().await;
     }
+}
+
+/// Reaps the child behind `fd` if it has exited; `None` while it runs (or once it
+/// has been reaped).
+pub fn reap_exited(fd: &PidFd) -> Option<ExitKind> {
+    let id = libc::id_t::try_from(fd.as_raw_fd()).ok()?;
+    wait_exited(libc::P_PIDFD, id)
 }
 
 /// True while waitid still knows the child behind pidfd `id` (it has not been reaped).

@@ -1,0 +1,227 @@
+//! One run of an exec liveness probe: started as its node is (the node's user, groups,
+//! capabilities, rlimits and environment, in the node's working directory), contained
+//! like a node, and taken down whole when it ends, times out or is dropped.
+//!
+//! A probe command that forks (`sh -c "check &"`, a hung `curl` under a shell) must
+//! not leave processes behind at every interval: the run has a cgroup of its own,
+//! `<subtree>/probes/<node>` (see [`crate::cgroup`]), made ready before each run as a
+//! node's is, and killed through `cgroup.kill` once the command has exited, before its
+//! status is collected. Without cgroups the command leads a process group of its own,
+//! which is signalled through the leader's pidfd, or with `killpg` while the unreaped
+//! leader still holds the group's id ([`crate::sys::signal_led_group`]): never a group
+//! id that may have been reused. What leaves its process group as well escapes there.
+//!
+//! A run outlives an agent killed meanwhile. Its next agent process kills it: the
+//! probe cgroups it finds, or, without cgroups, the processes whose environment has
+//! `DROVER_PROBE` set to the agent's identity ([`kill_orphans`]), which a probe's
+//! descendants inherit.
+//!
+//! The run's pid is registered (see [`super::is_probe`]) from before its exit can be
+//! seen until it is reaped, so the agent's orphan reaper leaves it to this module; a
+//! run dropped before its end (a timeout, a node that stops) unregisters it after the
+//! kill, and the reaper collects it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nix::sys::signal::Signal;
+
+use crate::cgroup::{self, Cgroups};
+use crate::sys::{self, ExitKind, PidFd, ProcId};
+
+/// How a node's exec probe runs: as the node does.
+#[derive(Debug, Clone, Default)]
+pub struct ExecAs {
+    /// The node's user, groups, capabilities and rlimits.
+    pub plan: Arc<crate::exec::Plan>,
+    /// The node's environment, `KEY=VALUE`, with `DROVER_NODE_PID` added per run.
+    pub env: Vec<String>,
+    /// Where a program name is looked up (the node's `PATH`).
+    pub path: String,
+    /// The node's working directory.
+    pub workdir: PathBuf,
+    /// The agent's cgroups and the probe's cgroup in them, where the agent has any.
+    pub cgroup: Option<(Cgroups, PathBuf)>,
+    /// The agent's identity (its cgroup subtree's name, which names its instance and
+    /// state dir): every run has it as `DROVER_PROBE`.
+    pub owner: String,
+}
+
+/// A probe command started and not yet reaped.
+pub(super) struct Run {
+    id: ProcId,
+    pidfd: PidFd,
+    /// The probe's cgroup, when it runs in one.
+    cgroup: Option<PathBuf>,
+    /// Set once the command's status is collected: nothing is left to do at drop.
+    reaped: bool,
+}
+
+impl Run {
+    /// Starts `command` for the node whose main process is `node_pid`. Blocks (a
+    /// cgroup left populated by the last run is waited for): call it off the runtime.
+    pub(super) fn start(command: &[String], how: &ExecAs, node_pid: u32) -> Result<Self, String> {
+        let (program, args) = command.split_first().ok_or("no command")?;
+        let cgroup = match &how.cgroup {
+            Some((cgroups, cg)) => {
+                if let Some(parent) = cg.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| {
+                        format!(
+                            "cannot create cgroup {}: {}",
+                            parent.display(),
+                            sys::cause(&e)
+                        )
+                    })?;
+                }
+                let ready = cgroups.prepare(cg).map_err(|e| {
+                    format!("cannot prepare cgroup {}: {}", cg.display(), sys::cause(&e))
+                })?;
+                Some((cg.clone(), ready))
+            }
+            None => None,
+        };
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| format!("cannot open /dev/null: {}", sys::cause(&e)))?;
+        let mut env = how.env.clone();
+        env.push(format!("DROVER_NODE_PID={node_pid}"));
+        env.push(format!("{MARK}={}", how.owner));
+        let spec = sys::SpawnSpec {
+            program,
+            argv0: None,
+            args,
+            env,
+            path: &how.path,
+            cwd: &how.workdir,
+            stdout: std::os::fd::AsFd::as_fd(&null),
+            stderr: std::os::fd::AsFd::as_fd(&null),
+            exec: Some(&how.plan),
+            cgroup: cgroup.as_ref().map(|(_, ready)| sys::IntoCgroup {
+                dir: std::os::fd::AsFd::as_fd(&ready.dir),
+                create: ready.fresh,
+            }),
+            join: &[],
+        };
+        // Registered before its exit can be seen (see the module docs).
+        let mut running = super::PROBES.lock().unwrap_or_else(|p| p.into_inner());
+        let pid = sys::spawn_clean(&spec).map_err(|e| {
+            format!(
+                "cannot run {program}: {}",
+                sys::exec_cause(&e, program, &how.path, &how.workdir)
+            )
+        })?;
+        running.insert(pid);
+        drop(running);
+        // Our unreaped child: the pid is its own until we collect it.
+        let opened = PidFd::open(pid).and_then(|fd| Ok((fd, sys::proc_id(pid)?)));
+        let (pidfd, id) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                unregister(pid);
+                return Err(format!(
+                    "cannot watch probe process {pid}: {}",
+                    sys::cause(&e)
+                ));
+            }
+        };
+        Ok(Self {
+            id,
+            pidfd,
+            cgroup: cgroup.map(|(cg, _)| cg),
+            reaped: false,
+        })
+    }
+
+    /// Waits for the command to exit, kills what it left running, and collects its
+    /// status. Cancel-safe: a run dropped while it waits is killed whole.
+    pub(super) async fn finish(&mut self) -> Result<ExitKind, String> {
+        self.pidfd
+            .exited()
+            .await
+            .map_err(|e| format!("cannot wait for the probe: {e}"))?;
+        // The leader is a zombie, not reaped: its group id cannot have been reused.
+        self.kill_rest();
+        let status = sys::wait_child(&self.pidfd)
+            .await
+            .map_err(|e| format!("cannot collect the probe's status: {e}"))?;
+        self.reaped = true;
+        unregister(self.id.pid);
+        Ok(status)
+    }
+
+    /// SIGKILL to everything in the run's cgroup, or in its process group.
+    fn kill_rest(&self) {
+        let _ = match &self.cgroup {
+            Some(cg) => cgroup::kill(cg),
+            None => sys::signal_led_group(self.id, Some(&self.pidfd), Signal::SIGKILL).map(drop),
+        };
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        self.kill_rest();
+        let _ = self.pidfd.signal(Signal::SIGKILL);
+        // From here the orphan reaper may collect it (its death is a SIGCHLD to come);
+        // one already dead is collected now.
+        unregister(self.id.pid);
+        let _ = sys::reap_exited(&self.pidfd);
+    }
+}
+
+/// The variable that marks a probe's processes, with its agent's identity.
+const MARK: &str = "DROVER_PROBE";
+
+/// Kills the processes left by probes of an earlier process of the agent `owner` (see
+/// the module docs): each through a pidfd, checked after the open to still carry the
+/// mark. For agents without cgroups, once at start-up, before any probe runs.
+pub fn kill_orphans(owner: &str) -> usize {
+    let me = std::process::id();
+    let marked = |pid: i32| {
+        sys::read_pseudo(std::path::Path::new(&format!("/proc/{pid}/environ"))).is_ok_and(|env| {
+            env.split(|b| *b == 0).any(|v| {
+                v.strip_prefix(MARK.as_bytes())
+                    .and_then(|r| r.strip_prefix(b"="))
+                    == Some(owner.as_bytes())
+            })
+        })
+    };
+    let mut killed = 0;
+    for s in sys::scan_procs() {
+        if u32::try_from(s.pid).is_ok_and(|p| p == me) || s.state == 'Z' || !marked(s.pid) {
+            continue;
+        }
+        if let Ok(fd) = PidFd::open(s.pid)
+            && marked(s.pid)
+            && fd.signal(Signal::SIGKILL).is_ok()
+        {
+            killed += 1;
+        }
+    }
+    killed
+}
+
+fn unregister(pid: i32) {
+    super::PROBES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&pid);
+}
+
+/// How a probe's command ended, as its failure says it.
+pub(super) fn describe(program: &str, status: ExitKind) -> Result<(), String> {
+    match status {
+        ExitKind::Code(0) => Ok(()),
+        ExitKind::Code(code) => Err(format!("{program} ended with exit status {code}")),
+        ExitKind::Signal(sig) => {
+            let name =
+                Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.to_string());
+            Err(format!("{program} was killed by {name}"))
+        }
+    }
+}
