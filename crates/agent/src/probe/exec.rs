@@ -62,24 +62,27 @@ impl Run {
     /// cgroup left populated by the last run is waited for): call it off the runtime.
     pub(super) fn start(command: &[String], how: &ExecAs, node_pid: u32) -> Result<Self, String> {
         let (program, args) = command.split_first().ok_or("no command")?;
-        let cgroup = match &how.cgroup {
-            Some((cgroups, cg)) => {
-                if let Some(parent) = cg.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| {
-                        format!(
-                            "cannot create cgroup {}: {}",
-                            parent.display(),
+        // Without its cgroup the run still goes, in a process group of its own: a
+        // probe that cannot be contained is no reason to restart its node.
+        let cgroup = how.cgroup.as_ref().and_then(|(cgroups, cg)| {
+            let ready = cg
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| cgroups.prepare(cg));
+            match ready {
+                Ok(ready) => Some((cg.clone(), ready)),
+                Err(e) => {
+                    if !UNCONTAINED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(
+                            "cannot prepare cgroup {} for an exec probe; probes run in process groups of their own: {}",
+                            cg.display(),
                             sys::cause(&e)
-                        )
-                    })?;
+                        );
+                    }
+                    None
                 }
-                let ready = cgroups.prepare(cg).map_err(|e| {
-                    format!("cannot prepare cgroup {}: {}", cg.display(), sys::cause(&e))
-                })?;
-                Some((cg.clone(), ready))
             }
-            None => None,
-        };
+        });
         let null = std::fs::OpenOptions::new()
             .write(true)
             .open("/dev/null")
@@ -173,6 +176,9 @@ impl Drop for Run {
         let _ = sys::reap_exited(&self.pidfd);
     }
 }
+
+/// Set once a probe could not be given its cgroup (and that was logged).
+static UNCONTAINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The variable that marks a probe's processes, with its agent's identity.
 const MARK: &str = "DROVER_PROBE";
