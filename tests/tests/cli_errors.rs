@@ -282,6 +282,16 @@ fn agent_limits_out_of_range_stop_it_at_start() {
             "log_max_bytes 4095 is out of range",
         ),
         (
+            "--log-max-bytes",
+            "10Q",
+            "'10Q' is not a size: bytes, or a number with K, M, G or T",
+        ),
+        (
+            "--log-max-bytes",
+            "2T",
+            "log_max_bytes 2199023255552 is out of range",
+        ),
+        (
             "--log-keep",
             "1001",
             "log_keep 1001 is out of range: allowed 0 to 1000",
@@ -319,6 +329,19 @@ fn agent_limits_out_of_range_stop_it_at_start() {
         assert!(out.stderr.contains(needle), "{}", out.stderr);
         assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
     }
+    // A settings file takes a size with a suffix too: 3K is read, and is too small.
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, "log_max_bytes = \"3K\"\n").unwrap();
+    let mut cmd = Command::new(bin("drover-agent"));
+    cmd.args(["--name", "a", "--ca", "x", "--cert", "x", "--key", "x"])
+        .args(["--state-dir", state, "--listen", "127.0.0.1:0", "--config"])
+        .arg(&file);
+    let out = run_cli(cmd, Duration::from_secs(30));
+    assert!(
+        out.stderr.contains("log_max_bytes 3072 is out of range"),
+        "{}",
+        out.stderr
+    );
 }
 
 /// Errors that name their cause and also carry it as their source: the cause is said

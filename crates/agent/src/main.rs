@@ -65,8 +65,9 @@ struct Args {
     /// agent process to adopt (for upgrades) [default: stop].
     #[arg(long, env = "DROVER_ON_EXIT")]
     on_exit: Option<OnExit>,
-    /// Size at which a node's stdout or stderr file is rotated, in bytes [default: 10 MiB].
-    #[arg(long, env = "DROVER_LOG_MAX_BYTES")]
+    /// Size at which a node's stdout or stderr file is rotated: bytes, or with K, M, G
+    /// or T (powers of 1024) [default: 10M].
+    #[arg(long, env = "DROVER_LOG_MAX_BYTES", value_parser = drover_daemon::parse_byte_size)]
     log_max_bytes: Option<u64>,
     /// Rotated files kept per stream [default: 5].
     #[arg(long, env = "DROVER_LOG_KEEP")]
@@ -133,7 +134,7 @@ struct FileConfig {
     #[serde(default, with = "humantime_opt")]
     request_timeout: Option<Duration>,
     on_exit: Option<OnExit>,
-    log_max_bytes: Option<u64>,
+    log_max_bytes: Option<drover_proto::resources::ByteSize>,
     log_keep: Option<u32>,
     metrics_listen: Option<std::net::SocketAddr>,
     #[serde(default, deserialize_with = "cgroup_setting")]
@@ -225,7 +226,7 @@ fn config(args: Args) -> anyhow::Result<(Config, bool)> {
     let logs = LogConfig {
         max_bytes: args
             .log_max_bytes
-            .or(file.log_max_bytes)
+            .or(file.log_max_bytes.map(|b| b.0))
             .unwrap_or(defaults_log.max_bytes),
         keep: args.log_keep.or(file.log_keep).unwrap_or(defaults_log.keep),
     };

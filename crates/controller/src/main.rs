@@ -86,9 +86,9 @@ struct Args {
     /// with its certificate's scope, at most this one [default: admin].
     #[arg(long, env = "DROVER_ZEEK_SCOPE", value_parser = parse_scope)]
     zeek_scope: Option<Scope>,
-    /// Size at which the audit trail (<state dir>/audit.jsonl) is rotated, in bytes
-    /// (4096 to 1 TiB) [default: 10485760].
-    #[arg(long, env = "DROVER_AUDIT_MAX_BYTES")]
+    /// Size at which the audit trail (<state dir>/audit.jsonl) is rotated: bytes, or
+    /// with K, M, G or T (powers of 1024), 4K to 1T [default: 10M].
+    #[arg(long, env = "DROVER_AUDIT_MAX_BYTES", value_parser = drover_daemon::parse_byte_size)]
     audit_max_bytes: Option<u64>,
     /// Rotated audit files kept (0 to 1000) [default: 5].
     #[arg(long, env = "DROVER_AUDIT_KEEP")]
@@ -170,7 +170,7 @@ struct FileConfig {
     zeek_roles: Option<PathBuf>,
     zeek_deploy: Option<String>,
     zeek_scope: Option<String>,
-    audit_max_bytes: Option<u64>,
+    audit_max_bytes: Option<drover_proto::resources::ByteSize>,
     audit_keep: Option<u32>,
     auto_assign_broker_ports: Option<bool>,
     auto_assign_broker_start_port: Option<u16>,
@@ -329,7 +329,7 @@ fn config(mut args: Args) -> anyhow::Result<(Config, bool)> {
         audit_max_bytes: {
             let bytes = args
                 .audit_max_bytes
-                .or(file.audit_max_bytes)
+                .or(file.audit_max_bytes.map(|b| b.0))
                 .unwrap_or(audit::DEFAULT_MAX_BYTES);
             anyhow::ensure!(
                 audit::MAX_BYTES_RANGE.contains(&bytes),

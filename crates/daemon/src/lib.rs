@@ -74,6 +74,14 @@ pub const MAX_LOG_MAX_BYTES: u64 = 1 << 40;
 /// Most rotated files kept per stream.
 pub const MAX_LOG_KEEP: u32 = 1000;
 
+/// Reads a size flag (`--log-max-bytes`, `--audit-max-bytes`): bytes, or a number with
+/// a K, M, G or T suffix (powers of 1024), as sizes in cluster files.
+pub fn parse_byte_size(s: &str) -> Result<u64, String> {
+    drover_proto::resources::ByteSize::parse(s)
+        .map(|b| b.0)
+        .ok_or_else(|| format!("'{s}' is not a size: bytes, or a number with K, M, G or T (powers of 1024), such as 10M"))
+}
+
 /// Checks the bounds of node log rotation (`--log-max-bytes`, `--log-keep`).
 pub fn check_log_limits(max_bytes: u64, keep: u32) -> anyhow::Result<()> {
     anyhow::ensure!(
