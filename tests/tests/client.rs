@@ -191,6 +191,25 @@ fn tables_and_compact_json() {
         "no colour when not a terminal"
     );
     assert!(out.stdout.contains("(controller)") && out.stdout.contains("(agent)"));
+    // Named nodes only; a name that matches none fails the command.
+    let out = c.drover(addr, &["status", "w*"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout.lines().count(), 2, "{}", out.stdout);
+    assert!(
+        out.stdout.lines().nth(1).unwrap().contains(" web "),
+        "{}",
+        out.stdout
+    );
+    let out = c.drover(addr, &["status", "role:web"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout.lines().count(), 2, "{}", out.stdout);
+    let out = c.drover(addr, &["status", "web", "db"]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("error: no node matches 'db'"),
+        "{}",
+        out.stdout
+    );
 
     let out = c.drover(addr, &["-o", "table", "get-instances"]);
     assert!(

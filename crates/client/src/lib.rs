@@ -178,7 +178,12 @@ pub enum Command {
     },
     /// A human overview: every instance and node with state, pid, restarts, uptime and
     /// current memory (it asks every agent, as `get-nodes --fresh`).
-    Status,
+    Status {
+        /// Only these: node names (`*` matches any run of characters and `?` any one;
+        /// quote them from the shell), role:ROLE or instance:NAME. A target that
+        /// matches no node is an error.
+        targets: Vec<String>,
+    },
     /// Print the effective client settings.
     ShowSettings,
     /// Print cluster events as they happen, one JSON object per line, until interrupted.
@@ -360,19 +365,20 @@ async fn command(
             stdio::outln(&text)?;
             return Ok(exit(ok));
         }
-        Command::GetNodes { .. } | Command::Status
-            if cli.output == Format::Table || matches!(cli.command, Command::Status) =>
+        Command::GetNodes { .. } | Command::Status { .. }
+            if cli.output == Format::Table || matches!(cli.command, Command::Status { .. }) =>
         {
-            let fresh = match cli.command {
-                Command::GetNodes { fresh } => fresh,
-                _ => true,
+            let (fresh, only) = match &cli.command {
+                Command::GetNodes { fresh } => (*fresh, &[][..]),
+                Command::Status { targets } => (true, &targets[..]),
+                _ => (true, &[][..]),
             };
             let reply = session.request(&R::GetNodes { fresh }).await?;
-            let (text, ok) = table::nodes(&output::results(&reply));
+            let (text, ok) = table::nodes(&output::results(&reply), only);
             stdio::outln(&text)?;
             return Ok(exit(ok));
         }
-        Command::Status => unreachable!("always a table"),
+        Command::Status { .. } => unreachable!("always a table"),
         Command::GetInstances => output::get_instances(&session.request(&R::GetInstances).await?),
         Command::StageConfig { .. } => {
             let config = Box::new(staged.expect("read above"));

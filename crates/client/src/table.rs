@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal;
 
 use comfy_table::{Cell, Color, ContentArrangement, Table, presets};
-use drover_proto::model::{ExitStatus, MgmtResult, MgmtRole, NodeStatus, ResultData, State};
+use drover_proto::model::{
+    ClusterRole, ExitStatus, MgmtResult, MgmtRole, NodeStatus, ResultData, State,
+};
 
 fn colour() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
@@ -101,20 +103,59 @@ fn generation(applied: Option<u64>, desired: Option<u64>) -> String {
 /// get-nodes as a table: one row per node, agents and the controller included. GEN is
 /// the deploy generation: a node's spec, an agent's applied one, the controller's
 /// desired one.
-pub fn nodes(results: &[&MgmtResult]) -> (String, bool) {
+pub fn nodes(results: &[&MgmtResult], only: &[String]) -> (String, bool) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    nodes_at(results, now)
+    nodes_at(results, now, only)
+}
+
+/// True when `name` matches `pattern`, in which `*` stands for any run of characters
+/// and `?` for any one (a shell's wildcards, without brackets).
+pub fn wildcard(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // The classic two-pointer match, backtracking to the last `*` only.
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < n.len() {
+        if i < p.len() && (p[i] == '?' || p[i] == n[j]) {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == '*' {
+            star = Some((i, j));
+            i += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|c| *c == '*')
 }
 
 /// Days before expiry from which `status` warns about a certificate.
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
 
+/// Whether `target` picks node `s` of `instance`: as the targets of `restart` and the
+/// like (a name, `role:ROLE`, `instance:NAME`), and a name may hold [`wildcard`]s.
+fn selects(target: &str, instance: Option<&str>, s: &NodeStatus) -> bool {
+    if let Some(role) = target.strip_prefix("role:") {
+        s.mgmt_role == MgmtRole::None && s.cluster_role == ClusterRole::parse(role)
+    } else if let Some(name) = target.strip_prefix("instance:") {
+        instance == Some(name)
+    } else {
+        wildcard(target, &s.node)
+    }
+}
+
 /// [`nodes`] as of `now` (Unix seconds), which decides the certificate warnings: one
 /// line for the controller's or an agent's certificate that expires within
-/// [`EXPIRY_WARNING_DAYS`] (or has expired).
-pub fn nodes_at(results: &[&MgmtResult], now: i64) -> (String, bool) {
+/// [`EXPIRY_WARNING_DAYS`] (or has expired). With `only` (targets, see [`selects`]),
+/// the rows they pick; a target that picks none is an error.
+pub fn nodes_at(results: &[&MgmtResult], now: i64, only: &[String]) -> (String, bool) {
+    let mut matched = vec![false; only.len()];
     let colour = colour();
     let mut warnings = Vec::new();
     let desired = desired_generation(results);
@@ -143,6 +184,15 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64) -> (String, bool) {
                 .then(a.node.cmp(&b.node))
         });
         for s in statuses {
+            let hits: Vec<usize> = (0..only.len())
+                .filter(|&i| selects(&only[i], r.instance.as_deref(), s))
+                .collect();
+            if !only.is_empty() && hits.is_empty() {
+                continue;
+            }
+            for i in hits {
+                matched[i] = true;
+            }
             if let Some(not_after) = s.cert_not_after
                 && matches!(s.mgmt_role, MgmtRole::Agent | MgmtRole::Controller)
             {
@@ -204,6 +254,10 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64) -> (String, bool) {
                 }),
             ]);
         }
+    }
+    for (pattern, _) in only.iter().zip(&matched).filter(|(_, m)| !**m) {
+        ok = false;
+        errors.push(format!("no node matches '{pattern}'"));
     }
     let mut out = t.to_string();
     for e in errors {
@@ -289,7 +343,7 @@ mod tests {
             MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![a1, a2, a3]))),
         ];
         let refs: Vec<&MgmtResult> = results.iter().collect();
-        let (text, ok) = nodes_at(&refs, now);
+        let (text, ok) = nodes_at(&refs, now, &[]);
         assert!(ok);
         let warnings: Vec<&str> = text.lines().filter(|l| l.starts_with("warning:")).collect();
         assert_eq!(
@@ -299,7 +353,7 @@ mod tests {
                 "warning: the certificate of agent 'a2' expired 2 days ago",
             ]
         );
-        let (text, _) = nodes_at(&refs, now - 400 * day);
+        let (text, _) = nodes_at(&refs, now - 400 * day, &[]);
         assert!(!text.contains("warning:"), "{text}");
     }
 
@@ -339,13 +393,97 @@ mod tests {
             Some(ResultData::NodeStatuses(statuses)),
         )];
         let refs: Vec<&MgmtResult> = results.iter().collect();
-        let (text, _) = nodes_at(&refs, 0);
+        let (text, _) = nodes_at(&refs, 0, &[]);
         let row = |name: &str| text.lines().find(|l| l.contains(name)).unwrap().to_owned();
         assert!(row("a-crashed").contains("exited with code 3"), "{text}");
         assert!(row("b-failed").contains("killed by SIGSEGV"), "{text}");
         assert!(row("c-odd").contains("killed by signal 40"), "{text}");
         assert!(row("d-exec").contains("error: cannot execute /x"), "{text}");
         assert!(!row("e-stopped").contains("killed"), "{text}");
+    }
+
+    #[test]
+    fn wildcards_match_as_a_shells() {
+        for (p, n) in [
+            ("w1", "w1"),
+            ("w*", "w1"),
+            ("w*", "w"),
+            ("*-1", "worker-1"),
+            ("w?-*", "w1-x"),
+            ("*", ""),
+            ("a*b*c", "axxbyyc"),
+            ("a*b", "abab"),
+        ] {
+            assert!(wildcard(p, n), "{p} {n}");
+        }
+        for (p, n) in [
+            ("w1", "w10"),
+            ("w?", "w"),
+            ("*-1", "worker-10"),
+            ("a*b*c", "axxbyy"),
+            ("", "a"),
+        ] {
+            assert!(!wildcard(p, n), "{p} {n}");
+        }
+    }
+
+    #[test]
+    fn targets_pick_rows_and_one_picking_none_is_an_error() {
+        let node = |name: &str, role: &str| {
+            let mut n = NodeStatus::new(name, State::Running, MgmtRole::None);
+            n.cluster_role = ClusterRole::parse(role);
+            n
+        };
+        let mut on_1 = MgmtResult::ok(
+            "r",
+            Some(ResultData::NodeStatuses(vec![
+                NodeStatus::new("agent-1", State::Running, MgmtRole::Agent),
+                node("worker-1", "worker"),
+                node("worker-2", "worker"),
+            ])),
+        );
+        on_1.instance = Some("agent-1".into());
+        let mut on_2 = MgmtResult::ok(
+            "r",
+            Some(ResultData::NodeStatuses(vec![
+                NodeStatus::new("agent-2", State::Running, MgmtRole::Agent),
+                node("logger", "logger"),
+            ])),
+        );
+        on_2.instance = Some("agent-2".into());
+        let results = [on_1, on_2];
+        let refs: Vec<&MgmtResult> = results.iter().collect();
+        let rows = |text: &str| -> Vec<String> {
+            text.lines()
+                .skip(1)
+                .filter(|l| !l.starts_with("error:"))
+                .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+                .collect()
+        };
+        let only = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        let (text, ok) = nodes_at(&refs, 0, &only(&["worker-*", "logger"]));
+        assert!(ok, "{text}");
+        assert_eq!(rows(&text), ["worker-1", "worker-2", "logger"], "{text}");
+        let (text, ok) = nodes_at(&refs, 0, &only(&["worker-2", "proxy*"]));
+        assert!(!ok, "{text}");
+        assert_eq!(rows(&text), ["worker-2"], "{text}");
+        assert!(
+            text.ends_with("\nerror: no node matches 'proxy*'"),
+            "{text}"
+        );
+        let (text, ok) = nodes_at(&refs, 0, &only(&["role:worker"]));
+        assert!(ok, "{text}");
+        assert_eq!(rows(&text), ["worker-1", "worker-2"], "{text}");
+        let (text, ok) = nodes_at(&refs, 0, &only(&["instance:agent-2", "role:proxy"]));
+        assert!(!ok, "{text}");
+        assert_eq!(rows(&text), ["agent-2", "logger"], "{text}");
+        assert!(
+            text.contains("error: no node matches 'role:proxy'"),
+            "{text}"
+        );
+        let (text, ok) = nodes_at(&refs, 0, &[]);
+        assert!(ok);
+        assert_eq!(rows(&text).len(), 5, "{text}");
     }
 
     #[test]
@@ -368,7 +506,7 @@ mod tests {
             Some(ResultData::NodeStatuses(vec![stopping, running])),
         )];
         let refs: Vec<&MgmtResult> = results.iter().collect();
-        let (text, _) = nodes_at(&refs, 0);
+        let (text, _) = nodes_at(&refs, 0, &[]);
         let row = |name: &str| text.lines().find(|l| l.contains(name)).unwrap().to_owned();
         assert!(row("a-stopping").contains("stopping for 2m"), "{text}");
         assert!(row("a-stopping").contains("RUNNING"), "{text}");
