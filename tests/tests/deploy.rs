@@ -823,6 +823,21 @@ fn targets_by_role_and_instance_and_signals() {
     let n = nodes(&c, addr);
     assert_eq!(n["w2"].0, "STOPPED");
     assert_eq!(n["w1"].0, "RUNNING");
+
+    // Names with wildcards pick every node they match.
+    let out = c.drover(addr, &["start", "w?"]);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    assert_eq!(
+        out.json()["results"],
+        serde_json::json!({"w1": true, "w2": true})
+    );
+    let out = c.drover(addr, &["restart", "x*"]);
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.json()["errors"],
+        serde_json::json!([{"source": "x*", "error": "no node matches 'x*'"}])
+    );
+    assert_eq!(nodes(&c, addr)["w2"].0, "RUNNING");
 }
 
 #[test]

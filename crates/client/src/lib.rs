@@ -136,12 +136,14 @@ pub enum Command {
     GetIdValue {
         /// The identifier.
         id: String,
-        /// Targets: node names, role:ROLE or instance:NAME.
+        /// Targets: node names (`*` and `?` match as in a shell), role:ROLE or
+        /// instance:NAME.
         nodes: Vec<String>,
     },
     /// Restart nodes (all when none are named); each is reported once ready again.
     Restart {
-        /// Targets: node names, role:ROLE or instance:NAME.
+        /// Targets: node names (`*` and `?` match as in a shell), role:ROLE or
+        /// instance:NAME.
         nodes: Vec<String>,
         /// Rolling restart: this many nodes at a time, stopping at the first failure.
         #[arg(long, value_parser = at_least_one)]
@@ -153,12 +155,14 @@ pub enum Command {
     },
     /// Stop nodes (all when none are named); they stay stopped until started.
     Stop {
-        /// Targets: node names, role:ROLE or instance:NAME.
+        /// Targets: node names (`*` and `?` match as in a shell), role:ROLE or
+        /// instance:NAME.
         nodes: Vec<String>,
     },
     /// Start stopped nodes (all when none are named).
     Start {
-        /// Targets: node names, role:ROLE or instance:NAME.
+        /// Targets: node names (`*` and `?` match as in a shell), role:ROLE or
+        /// instance:NAME.
         nodes: Vec<String>,
     },
     /// Show a node's output: the last lines of its stdout (on stdout) and stderr (on
@@ -211,7 +215,8 @@ pub enum Command {
     Signal {
         /// The signal, by name (HUP, SIGUSR1) or number.
         signal: String,
-        /// Targets: node names, role:ROLE or instance:NAME.
+        /// Targets: node names (`*` and `?` match as in a shell), role:ROLE or
+        /// instance:NAME.
         nodes: Vec<String>,
     },
     /// Test request timeouts.

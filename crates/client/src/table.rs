@@ -110,43 +110,18 @@ pub fn nodes(results: &[&MgmtResult], only: &[String]) -> (String, bool) {
     nodes_at(results, now, only)
 }
 
-/// True when `name` matches `pattern`, in which `*` stands for any run of characters
-/// and `?` for any one (a shell's wildcards, without brackets).
-pub fn wildcard(pattern: &str, name: &str) -> bool {
-    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
-    // The classic two-pointer match, backtracking to the last `*` only.
-    let (mut i, mut j) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while j < n.len() {
-        if i < p.len() && (p[i] == '?' || p[i] == n[j]) {
-            i += 1;
-            j += 1;
-        } else if i < p.len() && p[i] == '*' {
-            star = Some((i, j));
-            i += 1;
-        } else if let Some((si, sj)) = star {
-            i = si + 1;
-            j = sj + 1;
-            star = Some((si, sj + 1));
-        } else {
-            return false;
-        }
-    }
-    p[i..].iter().all(|c| *c == '*')
-}
-
 /// Days before expiry from which `status` warns about a certificate.
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// Whether `target` picks node `s` of `instance`: as the targets of `restart` and the
-/// like (a name, `role:ROLE`, `instance:NAME`), and a name may hold [`wildcard`]s.
+/// like (a name or a pattern of names, `role:ROLE`, `instance:NAME`).
 fn selects(target: &str, instance: Option<&str>, s: &NodeStatus) -> bool {
     if let Some(role) = target.strip_prefix("role:") {
         s.mgmt_role == MgmtRole::None && s.cluster_role == ClusterRole::parse(role)
     } else if let Some(name) = target.strip_prefix("instance:") {
         instance == Some(name)
     } else {
-        wildcard(target, &s.node)
+        drover_proto::model::wildcard(target, &s.node)
     }
 }
 
@@ -400,31 +375,6 @@ mod tests {
         assert!(row("c-odd").contains("killed by signal 40"), "{text}");
         assert!(row("d-exec").contains("error: cannot execute /x"), "{text}");
         assert!(!row("e-stopped").contains("killed"), "{text}");
-    }
-
-    #[test]
-    fn wildcards_match_as_a_shells() {
-        for (p, n) in [
-            ("w1", "w1"),
-            ("w*", "w1"),
-            ("w*", "w"),
-            ("*-1", "worker-1"),
-            ("w?-*", "w1-x"),
-            ("*", ""),
-            ("a*b*c", "axxbyyc"),
-            ("a*b", "abab"),
-        ] {
-            assert!(wildcard(p, n), "{p} {n}");
-        }
-        for (p, n) in [
-            ("w1", "w10"),
-            ("w?", "w"),
-            ("*-1", "worker-10"),
-            ("a*b*c", "axxbyy"),
-            ("", "a"),
-        ] {
-            assert!(!wildcard(p, n), "{p} {n}");
-        }
     }
 
     #[test]

@@ -2075,9 +2075,9 @@ async fn rolling_restart(
 }
 
 /// The error result for a target that matched no node: Zeek's wording for a plain
-/// name, a clearer one for a selector.
+/// name, a clearer one for a selector or a pattern.
 fn unmatched_target(id: &str, target: String) -> MgmtResult {
-    if target.contains(':') {
+    if target.contains([':', '*', '?']) {
         MgmtResult::err(id, format!("no node matches '{target}'")).on_node(target)
     } else {
         MgmtResult::err(id, "unknown cluster node").on_node(target)

@@ -512,6 +512,33 @@ pub struct Configuration {
     pub roles: BTreeMap<String, RoleTemplate>,
 }
 
+/// True when `name` matches `pattern`, in which `*` stands for any run of characters
+/// and `?` for any one (a shell's wildcards, without brackets). Node names hold
+/// neither, so a target with one is a pattern.
+pub fn wildcard(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // Two pointers, going back to the last `*` only: linear for patterns without
+    // several stars, never exponential.
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < n.len() {
+        if i < p.len() && (p[i] == '?' || p[i] == n[j]) {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == '*' {
+            star = Some((i, j));
+            i += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|c| *c == '*')
+}
+
 impl Configuration {
     /// A fresh, empty configuration with a new id.
     pub fn empty() -> Self {
@@ -528,9 +555,10 @@ impl Configuration {
         self.nodes.iter().filter(move |n| n.instance == instance)
     }
 
-    /// Expands targets into node names: a node name, `role:ROLE` (every node of that
-    /// role) or `instance:NAME` (every node on that instance). Returns the names, sorted
-    /// and without duplicates, and the targets that matched nothing.
+    /// Expands targets into node names: a node name, a pattern of names ([`wildcard`]),
+    /// `role:ROLE` (every node of that role) or `instance:NAME` (every node on that
+    /// instance). Returns the names, sorted and without duplicates, and the targets
+    /// that matched nothing.
     pub fn select(&self, targets: &[String]) -> (Vec<String>, Vec<String>) {
         let mut names = std::collections::BTreeSet::new();
         let mut unmatched = Vec::new();
@@ -540,6 +568,8 @@ impl Configuration {
                 self.nodes.iter().filter(|n| n.role == role).collect()
             } else if let Some(inst) = t.strip_prefix("instance:") {
                 self.nodes_on(inst).collect()
+            } else if t.contains(['*', '?']) {
+                self.nodes.iter().filter(|n| wildcard(t, &n.name)).collect()
             } else {
                 self.node(t).into_iter().collect()
             };
@@ -1120,6 +1150,38 @@ mod tests {
             t(&["m", "nope", "role:proxy"]),
             (vec!["m".into()], vec!["nope".into(), "role:proxy".into()])
         );
+        assert_eq!(
+            t(&["w*", "?", "x*"]),
+            (
+                vec!["m".into(), "w1".into(), "w2".into()],
+                vec!["x*".into()]
+            )
+        );
+    }
+
+    #[test]
+    fn wildcards_match_as_a_shells() {
+        for (p, n) in [
+            ("w1", "w1"),
+            ("w*", "w1"),
+            ("w*", "w"),
+            ("*-1", "worker-1"),
+            ("w?-*", "w1-x"),
+            ("*", ""),
+            ("a*b*c", "axxbyyc"),
+            ("a*b", "abab"),
+        ] {
+            assert!(wildcard(p, n), "{p} {n}");
+        }
+        for (p, n) in [
+            ("w1", "w10"),
+            ("w?", "w"),
+            ("*-1", "worker-10"),
+            ("a*b*c", "axxbyy"),
+            ("", "a"),
+        ] {
+            assert!(!wildcard(p, n), "{p} {n}");
+        }
     }
 
     #[test]
