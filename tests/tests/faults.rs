@@ -380,6 +380,59 @@ fn a_restart_cut_off_by_the_agents_return_says_so() {
 /// A stop that waits for a node slow to go shows in `status` and `get-nodes` while it
 /// waits (the state stays RUNNING until the process has ended), and no longer once the
 /// node is gone.
+/// Milliseconds since the Unix epoch.
+fn epoch_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_crashed_node_shows_when_it_restarts() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let file = c.dir.path().join("crash.toml");
+    // Fails until its working directory has `go`; a long backoff after each failure.
+    std::fs::write(
+        &file,
+        "[instances.agent-1]\n[nodes.crash]\ninstance = \"agent-1\"\n\
+         command = [\"/bin/sh\", \"-c\", \"test -e go || exit 3; exec sleep 1000\"]\n\
+         backoff = { initial = \"25s\" }\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
+    )
+    .unwrap();
+    let sent = epoch_ms();
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    let n = eventually("the node crashed, its restart scheduled", PATIENCE, || {
+        let n = node_table(&c, addr).remove("crash")?;
+        (n["state"] == "CRASHED" && n["restart_at_ms"].is_u64()).then_some(n)
+    });
+    let at = n["restart_at_ms"].as_u64().unwrap();
+    assert!(
+        at >= sent + 20_000 && at <= epoch_ms() + 26_000,
+        "restart at {at}, deploy sent at {sent}: {n}"
+    );
+    let status = c.drover(addr, &["status", "crash"]).stdout;
+    let row = status.lines().nth(1).unwrap_or_default();
+    assert!(row.contains("exited with code 3; restart in "), "{status}");
+    // Started by hand, it runs at once: no restart is pending any more.
+    std::fs::write(c.dir.path().join("agent-agent-1/nodes/crash/work/go"), "").unwrap();
+    let out = c.drover(addr, &["start", "crash"]);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    let n = eventually("the node running", PATIENCE, || {
+        let n = node_table(&c, addr).remove("crash")?;
+        (n["state"] == "RUNNING").then_some(n)
+    });
+    assert!(n.get("restart_at_ms").is_none(), "{n}");
+    assert!(!c.drover(addr, &["status"]).stdout.contains("restart in"));
+}
+
 #[test]
 fn a_stop_under_way_shows_while_it_waits() {
     let c = Cluster::new();
@@ -435,13 +488,7 @@ fn a_stop_under_way_shows_while_it_waits() {
     let (since, n) = since;
     assert_eq!(n["state"], "RUNNING", "{n}");
     assert_eq!(n["pid"].as_u64(), Some(pid), "{n}");
-    let now_ms = u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap();
+    let now_ms = epoch_ms();
     assert!(
         since <= now_ms && now_ms - since < PATIENCE.as_millis() as u64,
         "{since} against {now_ms}"

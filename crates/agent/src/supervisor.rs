@@ -2556,23 +2556,32 @@ impl Core {
     // === status and records ===
 
     fn statuses(&self) -> Vec<NodeStatus> {
+        let clock = self.wall_clock();
         self.nodes
             .iter()
-            .map(|(name, e)| Self::status_of(name, e))
+            .map(|(name, e)| Self::status_of(name, e, clock))
             .collect()
     }
 
     /// The statuses of those of `names` that still exist.
     fn statuses_of(&self, names: &BTreeSet<String>) -> Vec<NodeStatus> {
+        let clock = self.wall_clock();
         names
             .iter()
             .filter_map(|n| self.nodes.get_key_value(n))
-            .map(|(name, e)| Self::status_of(name, e))
+            .map(|(name, e)| Self::status_of(name, e, clock))
             .collect()
     }
 
-    /// A node's status, without resource figures (see [`Supervisor::status`]).
-    fn status_of(name: &str, e: &Entry) -> NodeStatus {
+    /// This clock's now and the wall clock's (epoch ms), to tell a machine's deadline
+    /// as a time of day.
+    fn wall_clock(&self) -> (Millis, u64) {
+        (self.now(), epoch_ms())
+    }
+
+    /// A node's status, without resource figures (see [`Supervisor::status`]); `clock`
+    /// from [`Core::wall_clock`].
+    fn status_of(name: &str, e: &Entry, (now, epoch_now): (Millis, u64)) -> NodeStatus {
         let mut s = NodeStatus::new(name, to_model_state(e.book.machine.state()), MgmtRole::None);
         s.cluster_role = e.spec.role.clone();
         s.port = e.spec.port;
@@ -2592,6 +2601,11 @@ impl Core {
             s.generation = Some(p.deploy_gen);
             s.stopping_since_ms = e.stop_sent_ms.filter(|_| e.book.machine.is_stopping());
         }
+        s.restart_at_ms = e
+            .book
+            .machine
+            .next_restart_at()
+            .map(|at| epoch_now.saturating_add(at.saturating_sub(now)));
         s
     }
 

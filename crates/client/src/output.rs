@@ -270,6 +270,10 @@ pub fn get_nodes(reply: &ClientResponse) -> (Value, bool) {
             if let Some(since) = s.stopping_since_ms {
                 v.insert("stopping_since_ms".into(), json!(since));
             }
+            // And while a crashed node waits out its backoff: when it starts again.
+            if let Some(at) = s.restart_at_ms {
+                v.insert("restart_at_ms".into(), json!(at));
+            }
             if s.oom_kills > 0 {
                 v.insert("oom_kills".into(), json!(s.oom_kills));
             }

@@ -52,6 +52,27 @@ fn age(started_at_ms: Option<u64>) -> String {
     }
 }
 
+/// `text`, and when a crashed node is to start again (`at`, epoch ms): "restart in
+/// 12s", or "restart due" once that time has come.
+fn with_restart(text: String, at: Option<u64>) -> String {
+    let Some(at) = at else {
+        return text;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let when = match at.saturating_sub(now).div_ceil(1000) {
+        0 => "restart due".to_owned(),
+        secs @ 1..60 => format!("restart in {secs}s"),
+        secs => format!("restart in {}m{}s", secs / 60, secs % 60),
+    };
+    if text.is_empty() {
+        when
+    } else {
+        format!("{text}; {when}")
+    }
+}
+
 fn mib(bytes: Option<u64>) -> String {
     bytes.map_or("-".into(), |b| {
         format!("{:.1}", b as f64 / (1024.0 * 1024.0))
@@ -215,18 +236,21 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64, only: &[String]) -> (String, 
                 // has ended. Why the last start failed says more than the node's own
                 // status; a crashed or failed node without either says how its
                 // process ended.
-                Cell::new(match (&s.last_error, &s.last_failure, &s.status_text) {
-                    _ if s.stopping_since_ms.is_some() => {
-                        format!("stopping for {}", age(s.stopping_since_ms))
-                    }
-                    (Some(e), _, _) => format!("error: {e}"),
-                    (None, Some(f), _) => format!("last failure: {f}"),
-                    (None, None, Some(t)) => t.clone(),
-                    (None, None, None) => match (s.state, s.last_exit) {
-                        (State::Crashed | State::Failed, Some(exit)) => exit_text(exit),
-                        _ => String::new(),
+                Cell::new(with_restart(
+                    match (&s.last_error, &s.last_failure, &s.status_text) {
+                        _ if s.stopping_since_ms.is_some() => {
+                            format!("stopping for {}", age(s.stopping_since_ms))
+                        }
+                        (Some(e), _, _) => format!("error: {e}"),
+                        (None, Some(f), _) => format!("last failure: {f}"),
+                        (None, None, Some(t)) => t.clone(),
+                        (None, None, None) => match (s.state, s.last_exit) {
+                            (State::Crashed | State::Failed, Some(exit)) => exit_text(exit),
+                            _ => String::new(),
+                        },
                     },
-                }),
+                    s.restart_at_ms,
+                )),
             ]);
         }
     }
@@ -434,6 +458,30 @@ mod tests {
         let (text, ok) = nodes_at(&refs, 0, &[]);
         assert!(ok);
         assert_eq!(rows(&text).len(), 5, "{text}");
+    }
+
+    #[test]
+    fn a_pending_restart_shows_when_it_comes() {
+        let now_ms = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        assert_eq!(with_restart("x".into(), None), "x");
+        assert_eq!(
+            with_restart("exited with code 3".into(), Some(now_ms + 89_500)),
+            "exited with code 3; restart in 1m30s"
+        );
+        assert_eq!(
+            with_restart(String::new(), Some(now_ms + 4_200)),
+            "restart in 5s"
+        );
+        assert_eq!(
+            with_restart("x".into(), Some(now_ms - 10)),
+            "x; restart due"
+        );
     }
 
     #[test]

@@ -802,6 +802,10 @@ pub struct NodeStatus {
     /// milliseconds since the Unix epoch. The state meanwhile stays what it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopping_since_ms: Option<u64>,
+    /// While a crashed node waits out its backoff: when it is to be started again, in
+    /// milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_at_ms: Option<u64>,
     /// The deploy generation: for a node, the generation whose spec it runs; for an
     /// agent's own entry, the generation the agent has applied; for the controller's own
     /// entry in get-nodes, the desired generation.
@@ -863,6 +867,7 @@ impl NodeStatus {
             cpu_ms: None,
             last_error: None,
             stopping_since_ms: None,
+            restart_at_ms: None,
             generation: None,
             cpus: None,
             cert_not_after: None,
