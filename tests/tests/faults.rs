@@ -398,11 +398,12 @@ fn a_crashed_node_shows_when_it_restarts() {
     let _agent = c.start_agent("agent-1", addr);
     c.wait_for_agent(addr, "agent-1");
     let file = c.dir.path().join("crash.toml");
-    // Fails until its working directory has `go`; a long backoff after each failure.
+    // Fails two seconds after it started (its deploy has succeeded by then) until its
+    // working directory has `go`; a long backoff after each failure.
     std::fs::write(
         &file,
         "[instances.agent-1]\n[nodes.crash]\ninstance = \"agent-1\"\n\
-         command = [\"/bin/sh\", \"-c\", \"test -e go || exit 3; exec sleep 1000\"]\n\
+         command = [\"/bin/sh\", \"-c\", \"test -e go || { sleep 2; exit 3; }; exec sleep 1000\"]\n\
          backoff = { initial = \"25s\" }\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
     )
     .unwrap();
