@@ -34,7 +34,8 @@ use crate::sys::{self, ExitKind, PidFd, ProcId};
 pub struct ExecAs {
     /// The node's user, groups, capabilities and rlimits.
     pub plan: Arc<crate::exec::Plan>,
-    /// The node's environment, `KEY=VALUE`, with `DROVER_NODE_PID` added per run.
+    /// The node's environment, `KEY=VALUE`; each run adds `DROVER_NODE_PID` and
+    /// `DROVER_PROBE`.
     pub env: Vec<String>,
     /// Where a program name is looked up (the node's `PATH`).
     pub path: String,
