@@ -407,6 +407,17 @@ fn a_crashed_node_shows_when_it_restarts() {
          backoff = { initial = \"25s\" }\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
     )
     .unwrap();
+    // A monitor, subscribed once a deploy's event reaches it (of the instance alone).
+    let empty = c.dir.path().join("empty.toml");
+    std::fs::write(&empty, "[instances.agent-1]\n").unwrap();
+    let (mut monitor, events) = c.monitor(addr, &[]);
+    eventually("the monitor subscribed", PATIENCE, || {
+        let out = c.drover(addr, &["deploy-config", empty.to_str().unwrap()]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        let started = std::iter::from_fn(|| events.recv_timeout(Duration::from_millis(500)).ok())
+            .any(|e| e["event"]["type"] == "deploy_started");
+        started.then_some(())
+    });
     let sent = epoch_ms();
     let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
@@ -419,6 +430,20 @@ fn a_crashed_node_shows_when_it_restarts() {
         at >= sent + 20_000 && at <= epoch_ms() + 26_000,
         "restart at {at}, deploy sent at {sent}: {n}"
     );
+    // The crash's event says the same.
+    let crashed = loop {
+        let e = events.recv_timeout(PATIENCE).expect("a CRASHED event");
+        if e["event"]["type"] == "node_state" && e["event"]["state"] == "CRASHED" {
+            break e;
+        }
+    };
+    assert_eq!(
+        crashed["event"]["restart_at_ms"].as_u64(),
+        Some(at),
+        "{crashed}"
+    );
+    let _ = monitor.kill();
+    let _ = monitor.wait();
     let status = c.drover(addr, &["status", "crash"]).stdout;
     let row = status.lines().nth(1).unwrap_or_default();
     assert!(row.contains("exited with code 3; restart in "), "{status}");

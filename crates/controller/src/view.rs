@@ -179,6 +179,7 @@ impl View {
                     pid: s.pid,
                     restarts: s.restarts,
                     reason: None,
+                    restart_at_ms: None,
                 });
                 s.state = State::Unknown;
             }
@@ -291,6 +292,7 @@ impl AgentView {
                     pid: s.pid,
                     restarts: s.restarts,
                     reason,
+                    restart_at_ms: s.restart_at_ms,
                 });
             }
             // A stop that began since (its signal's time tells a later stop apart).
@@ -453,12 +455,15 @@ mod tests {
         let mut same = node("n1", State::Running, 10);
         same.rss_bytes = Some(4096);
         assert!(view.report("a", 1, true, vec![same]).is_empty());
-        let events = view.report("a", 1, true, vec![node("n1", State::Crashed, 10)]);
+        let mut crashed = node("n1", State::Crashed, 10);
+        crashed.restart_at_ms = Some(5_000);
+        let events = view.report("a", 1, true, vec![crashed]);
         assert!(matches!(
             &events[..],
             [Event::NodeState {
                 state: State::Crashed,
                 previous: Some(State::Running),
+                restart_at_ms: Some(5_000),
                 ..
             }]
         ));

@@ -399,6 +399,10 @@ pub enum Event {
         /// failed liveness probe), when that is news or it is CRASHED or FAILED.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// For a CRASHED node waiting out its backoff: when it is to be started again,
+        /// in milliseconds since the Unix epoch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        restart_at_ms: Option<u64>,
     },
     /// A stop of a node's process began (a stop, restart or redeploy sent its stop
     /// signal). Its state stays what it was until the process has ended, which a
