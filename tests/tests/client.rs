@@ -200,6 +200,25 @@ fn tables_and_compact_json() {
         "{}",
         out.stdout
     );
+    // zeek-client's shape by default; every reported field with --full.
+    let plain = c.drover(addr, &["get-nodes"]).json();
+    let web = &plain["results"]["agent-1"]["web"];
+    assert_eq!(web["state"], "RUNNING", "{plain}");
+    assert!(web.get("restarts").is_none(), "{plain}");
+    let full = c.drover(addr, &["get-nodes", "--full"]).json();
+    let web = &full["results"]["agent-1"]["web"];
+    assert_eq!(web["state"], "RUNNING", "zeek-client's form kept: {full}");
+    assert_eq!(web["restarts"], 0, "{full}");
+    assert_eq!(web["ready"], true, "{full}");
+    assert_eq!(web["status_text"], "ready", "{full}");
+    assert_eq!(web["generation"], 1, "{full}");
+    assert!(
+        web["started_at_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms > 1_700_000_000_000),
+        "{full}"
+    );
+    assert!(web.get("node").is_none(), "{full}");
     let out = c.drover(addr, &["status", "role:web"]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(out.stdout.lines().count(), 2, "{}", out.stdout);

@@ -131,6 +131,11 @@ pub enum Command {
         /// Ask every agent now, for current RSS and CPU figures.
         #[arg(long)]
         fresh: bool,
+        /// Every field agents report for each node (restarts, start time, memory and
+        /// CPU, generation, how it last ended, its status text, ...), not only those
+        /// of zeek-client's shape.
+        #[arg(long)]
+        full: bool,
     },
     /// Ask running nodes for the value of an identifier (all nodes when none are named).
     GetIdValue {
@@ -374,7 +379,7 @@ async fn command(
             if cli.output == Format::Table || matches!(cli.command, Command::Status { .. }) =>
         {
             let (fresh, only) = match &cli.command {
-                Command::GetNodes { fresh } => (*fresh, &[][..]),
+                Command::GetNodes { fresh, .. } => (*fresh, &[][..]),
                 Command::Status { targets } => (true, &targets[..]),
                 _ => (true, &[][..]),
             };
@@ -448,9 +453,10 @@ async fn command(
             }
             return Ok(exit(true));
         }
-        Command::GetNodes { fresh } => {
-            output::get_nodes(&session.request(&R::GetNodes { fresh: *fresh }).await?)
-        }
+        Command::GetNodes { fresh, full } => output::get_nodes(
+            &session.request(&R::GetNodes { fresh: *fresh }).await?,
+            *full,
+        ),
         Command::GetIdValue { id, nodes } => output::get_id_value(
             &session
                 .request(&R::GetIdValue {

@@ -217,7 +217,7 @@ fn zeek_role(role: &drover_proto::ClusterRole) -> Value {
 }
 
 /// get-nodes: `{"errors": [{"source", "error"}], "results": {instance: {node: {...}}}}`.
-pub fn get_nodes(reply: &ClientResponse) -> (Value, bool) {
+pub fn get_nodes(reply: &ClientResponse, full: bool) -> (Value, bool) {
     use drover_proto::MgmtRole;
     let mut errors = Vec::new();
     let mut res = Map::new();
@@ -279,6 +279,15 @@ pub fn get_nodes(reply: &ClientResponse) -> (Value, bool) {
             }
             if s.liveness_failures > 0 {
                 v.insert("liveness_failures".into(), json!(s.liveness_failures));
+            }
+            // With `full`, the rest of what the agent reported, under the protocol's
+            // names; zeek-client's keys keep their own form.
+            if full && let Ok(Value::Object(all)) = serde_json::to_value(s) {
+                for (k, value) in all {
+                    if k != "node" && !v.contains_key(&k) {
+                        v.insert(k, value);
+                    }
+                }
             }
             nodes.insert(s.node.clone(), Value::Object(v));
         }
