@@ -485,6 +485,9 @@ struct Core {
     /// The agent's cgroup subtree; `None` when nodes are contained by process group
     /// and spawn token only.
     cgroups: Option<Cgroups>,
+    /// What marks this agent's exec probe runs (see [`probe::kill_orphans`]): its
+    /// instance and state dir, as its cgroup subtree's name.
+    probe_owner: String,
     /// The agent stops its nodes on shutdown: remove its cgroup subtree at the end.
     release_cgroups: bool,
     /// What the host's cgroups enforce and account (see [`crate::limits`]).
@@ -736,10 +739,8 @@ impl Supervisor {
         if let Some(c) = &cgroups {
             info!(cgroup = %c.root().display(), "nodes are contained in cgroups");
         }
-        let host = std::sync::Arc::new(limits::Host::discover(
-            cgroups.as_ref(),
-            &cgroup::subtree_name(&cfg.instance, &cfg.state_dir),
-        ));
+        let identity = cgroup::subtree_name(&cfg.instance, &cfg.state_dir);
+        let host = std::sync::Arc::new(limits::Host::discover(cgroups.as_ref(), &identity));
         info!(controllers = %host.describe(), "cgroup controllers for node limits");
         let (tx, rx) = mpsc::channel(256);
         // Unbounded, but bounded by construction: each process sends at most one Exited
@@ -794,6 +795,7 @@ impl Supervisor {
             changed: BTreeSet::new(),
             membership_changed: true,
             cgroups,
+            probe_owner: identity,
             release_cgroups: false,
             host: host.clone(),
             spawner,
@@ -2076,7 +2078,7 @@ impl Core {
             env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
             workdir,
             cgroup: self.cgroups.as_ref().map(|c| (c.clone(), c.probe(name))),
-            owner: cgroup::subtree_name(&self.cfg.instance, &self.cfg.state_dir),
+            owner: self.probe_owner.clone(),
         };
         let node = name.to_owned();
         let report: probe::Report = std::sync::Arc::new(move |reason| {
@@ -2945,11 +2947,6 @@ impl Core {
         out
     }
 
-    /// What marks this agent's probe runs (see [`probe::kill_orphans`]).
-    fn probe_owner(&self) -> String {
-        cgroup::subtree_name(&self.cfg.instance, &self.cfg.state_dir)
-    }
-
     /// Kills what runs in node cgroups that no live node process owns: the leftovers
     /// of nodes whose process ended, or whose record is gone, while no agent ran.
     /// Removes those of unknown nodes.
@@ -2958,7 +2955,7 @@ impl Core {
             info!(node = %name, "removed the v1 cgroups of a node this agent no longer has");
         }
         let Some(c) = &self.cgroups else {
-            let killed = probe::kill_orphans(&self.probe_owner());
+            let killed = probe::kill_orphans(&self.probe_owner);
             if killed > 0 {
                 info!(
                     killed,
