@@ -527,6 +527,11 @@ liveness = { kind = "exec", command = ["sh", "-c", "echo run >> runs; env > prob
 instance = "agent-1"
 command = ["sleep", "10000"]
 liveness = { kind = "exec", command = ["sh", "-c", "echo run >> runs; sleep QUICK & exit 0"], interval = "100ms", timeout = "5s" }
+
+[nodes.says]
+instance = "agent-1"
+command = ["sleep", "10000"]
+liveness = { kind = "exec", command = ["sh", "-c", "echo checking; echo 'not healthy: disk full' >&2; exit 1"], interval = "300ms", failures = 1 }
 "#
     .replace("HUNG", &hung_arg)
     .replace("QUICK", &quick_arg);
@@ -545,6 +550,15 @@ liveness = { kind = "exec", command = ["sh", "-c", "echo run >> runs; sleep QUIC
         s.restarts("quick"),
         Some(0.0),
         "a probe that exits 0 passes"
+    );
+    // A failed check says why in the last line it wrote.
+    let says = eventually("says failed its check", PATIENCE, || {
+        let n = s.node("says");
+        n["last_failure"].as_str().map(str::to_owned)
+    });
+    assert_eq!(
+        says,
+        "liveness probe (exec) failed once: sh ended with exit status 1: not healthy: disk full"
     );
 
     // The probe has the node's environment, not the agent's.

@@ -100,8 +100,12 @@ impl Monitors {
                             Err(why) => {
                                 failed += 1;
                                 if failed >= failures {
+                                    let times = match failed {
+                                        1 => "once".to_owned(),
+                                        n => format!("{n} times in a row"),
+                                    };
                                     report(format!(
-                                        "liveness probe ({}) failed {failed} times in a row: {why}",
+                                        "liveness probe ({}) failed {times}: {why}",
                                         probe.kind()
                                     ));
                                     return;
@@ -182,7 +186,8 @@ async fn attempt(probe: &Liveness, how: &ExecAs, pid: u32) -> Result<(), String>
                 tokio::task::spawn_blocking(move || exec::Run::start(&command, &how, pid))
                     .await
                     .map_err(|_| "the probe's start panicked".to_owned())??;
-            exec::describe(&program, run.finish().await?)
+            let status = run.finish().await?;
+            exec::describe(&program, status, run.last_line())
         }
     }
 }
@@ -492,6 +497,33 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e, "sh was killed by SIGKILL");
+        // The last line with something in it, from stdout or stderr, says why.
+        let e = attempt(
+            &exec(&[
+                "sh",
+                "-c",
+                "echo checking; echo 'db: connection refused' >&2; echo; exit 2",
+            ]),
+            &how,
+            1,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e, "sh ended with exit status 2: db: connection refused");
+        // Output is read as it comes: a check writing far more than a pipe holds ends.
+        let chatty = exec(&[
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 4000 ]; do echo line $i of a chatty check; i=$((i+1)); done; exit 1",
+        ]);
+        let e = tokio::time::timeout(Duration::from_secs(20), attempt(&chatty, &how, 1))
+            .await
+            .expect("not blocked on a full pipe")
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "sh ended with exit status 1: line 3999 of a chatty check"
+        );
         let e = attempt(&exec(&["/nonexistent"]), &how, 1)
             .await
             .unwrap_err();

@@ -16,6 +16,11 @@
 //! `DROVER_PROBE` set to the agent's identity ([`kill_orphans`]), which a probe's
 //! descendants inherit.
 //!
+//! What the command writes (stdout and stderr, one pipe) is read as it comes, so a
+//! chatty check never blocks on a full pipe, and only its last [`TAIL`] bytes are kept:
+//! a failure's reason ends with the last line of them (`check ended with exit status
+//! 2: connection refused`), as `systemctl status` shows a unit's last lines.
+//!
 //! The run's pid is registered (see [`super::is_probe`]) from before its exit can be
 //! seen until it is reaped, so the agent's orphan reaper leaves it to this module; a
 //! run dropped before its end (a timeout, a node that stops) unregisters it after the
@@ -48,10 +53,21 @@ pub struct ExecAs {
     pub owner: String,
 }
 
+/// The most of a run's output kept, from its end.
+const TAIL: usize = 1024;
+
+/// How long a run's output is read after it exited and what it left was killed: a
+/// process that escaped the kill may hold the pipe open.
+const DRAIN: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A probe command started and not yet reaped.
 pub(super) struct Run {
     id: ProcId,
     pidfd: PidFd,
+    /// The read end of the command's stdout and stderr.
+    output: Option<std::os::fd::OwnedFd>,
+    /// The last [`TAIL`] bytes read from it.
+    tail: Vec<u8>,
     /// The probe's cgroup, when it runs in one.
     cgroup: Option<PathBuf>,
     /// Set once the command's status is collected: nothing is left to do at drop.
@@ -84,10 +100,8 @@ impl Run {
                 }
             }
         });
-        let null = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/null")
-            .map_err(|e| format!("cannot open /dev/null: {}", sys::cause(&e)))?;
+        let (output, sink) =
+            pipe().map_err(|e| format!("cannot make a pipe: {}", sys::cause(&e)))?;
         let mut env = how.env.clone();
         env.push(format!("DROVER_NODE_PID={node_pid}"));
         env.push(format!("{MARK}={}", how.owner));
@@ -98,8 +112,8 @@ impl Run {
             env,
             path: &how.path,
             cwd: &how.workdir,
-            stdout: std::os::fd::AsFd::as_fd(&null),
-            stderr: std::os::fd::AsFd::as_fd(&null),
+            stdout: std::os::fd::AsFd::as_fd(&sink),
+            stderr: std::os::fd::AsFd::as_fd(&sink),
             exec: Some(&how.plan),
             cgroup: cgroup.as_ref().map(|(_, ready)| sys::IntoCgroup {
                 dir: std::os::fd::AsFd::as_fd(&ready.dir),
@@ -117,6 +131,8 @@ impl Run {
         })?;
         running.insert(pid);
         drop(running);
+        // The child has its copy: the read end sees EOF once the run's processes are gone.
+        drop(sink);
         // Our unreaped child: the pid is its own until we collect it.
         let opened = PidFd::open(pid).and_then(|fd| Ok((fd, sys::proc_id(pid)?)));
         let (pidfd, id) = match opened {
@@ -133,6 +149,8 @@ impl Run {
         Ok(Self {
             id,
             pidfd,
+            output: Some(output),
+            tail: Vec::new(),
             cgroup: cgroup.map(|(cg, _)| cg),
             reaped: false,
         })
@@ -141,18 +159,70 @@ impl Run {
     /// Waits for the command to exit, kills what it left running, and collects its
     /// status. Cancel-safe: a run dropped while it waits is killed whole.
     pub(super) async fn finish(&mut self) -> Result<ExitKind, String> {
-        self.pidfd
-            .exited()
-            .await
+        let mut output = match self.output.take() {
+            Some(fd) => Some(
+                tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+                    .map_err(|e| format!("cannot read the probe's output: {e}"))?,
+            ),
+            None => None,
+        };
+        let mut buf = vec![0u8; 16 * 1024];
+        let pidfd = self
+            .pidfd
+            .try_clone()
             .map_err(|e| format!("cannot wait for the probe: {e}"))?;
+        let exited = pidfd.exited();
+        tokio::pin!(exited);
+        loop {
+            tokio::select! {
+                r = &mut exited => {
+                    r.map_err(|e| format!("cannot wait for the probe: {e}"))?;
+                    break;
+                }
+                n = read_some(output.as_mut(), &mut buf) => {
+                    self.keep(&buf[..n]);
+                    if n == 0 {
+                        output = None;
+                    }
+                }
+            }
+        }
         // The leader is a zombie, not reaped: its group id cannot have been reused.
         self.kill_rest();
+        // What is still in the pipe; a process that escaped the kill may hold it open.
+        if output.is_some() {
+            let _ = tokio::time::timeout(DRAIN, async {
+                loop {
+                    let n = read_some(output.as_mut(), &mut buf).await;
+                    if n == 0 {
+                        return;
+                    }
+                    self.keep(&buf[..n]);
+                }
+            })
+            .await;
+        }
         let status = sys::wait_child(&self.pidfd)
             .await
             .map_err(|e| format!("cannot collect the probe's status: {e}"))?;
         self.reaped = true;
         unregister(self.id.pid);
         Ok(status)
+    }
+
+    /// Keeps `bytes` at the end of the run's output tail.
+    fn keep(&mut self, bytes: &[u8]) {
+        self.tail.extend_from_slice(bytes);
+        let excess = self.tail.len().saturating_sub(TAIL);
+        self.tail.drain(..excess);
+    }
+
+    /// The last line the command wrote that holds anything but white space, cut to
+    /// 200 characters, control characters dropped.
+    pub(super) fn last_line(&self) -> Option<String> {
+        let text = String::from_utf8_lossy(&self.tail);
+        let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+        Some(line.chars().filter(|c| !c.is_control()).take(200).collect())
     }
 
     /// SIGKILL to everything in the run's cgroup, or in its process group.
@@ -176,6 +246,36 @@ impl Drop for Run {
         unregister(self.id.pid);
         let _ = sys::reap_exited(&self.pidfd);
     }
+}
+
+/// Reads what is there from `output` (0 at its end); never resolves without one, or
+/// on an error, so that a `select!` goes on waiting for the exit.
+async fn read_some(output: Option<&mut tokio::net::unix::pipe::Receiver>, buf: &mut [u8]) -> usize {
+    use tokio::io::AsyncReadExt;
+    match output {
+        Some(rx) => match rx.read(buf).await {
+            Ok(n) => n,
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// A pipe for a run's output: (read end, write end), both close-on-exec.
+fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: two new descriptors this process owns.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
 }
 
 /// Set once a probe could not be given its cgroup (and that was logged).
@@ -220,15 +320,24 @@ fn unregister(pid: i32) {
         .remove(&pid);
 }
 
-/// How a probe's command ended, as its failure says it.
-pub(super) fn describe(program: &str, status: ExitKind) -> Result<(), String> {
-    match status {
-        ExitKind::Code(0) => Ok(()),
-        ExitKind::Code(code) => Err(format!("{program} ended with exit status {code}")),
+/// How a probe's command ended, as its failure says it, with the last line of its
+/// output when there is one.
+pub(super) fn describe(
+    program: &str,
+    status: ExitKind,
+    last: Option<String>,
+) -> Result<(), String> {
+    let how = match status {
+        ExitKind::Code(0) => return Ok(()),
+        ExitKind::Code(code) => format!("{program} ended with exit status {code}"),
         ExitKind::Signal(sig) => {
             let name =
                 Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.to_string());
-            Err(format!("{program} was killed by {name}"))
+            format!("{program} was killed by {name}")
         }
-    }
+    };
+    Err(match last {
+        Some(line) => format!("{how}: {line}"),
+        None => how,
+    })
 }
