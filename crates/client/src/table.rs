@@ -40,10 +40,7 @@ fn age(started_at_ms: Option<u64>) -> String {
     let Some(start) = started_at_ms else {
         return "-".into();
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let secs = now.saturating_sub(start) / 1000;
+    let secs = now_ms().saturating_sub(start) / 1000;
     match secs {
         0..60 => format!("{secs}s"),
         60..3600 => format!("{}m{}s", secs / 60, secs % 60),
@@ -58,10 +55,7 @@ fn with_restart(text: String, at: Option<u64>) -> String {
     let Some(at) = at else {
         return text;
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let when = match at.saturating_sub(now).div_ceil(1000) {
+    let when = match at.saturating_sub(now_ms()).div_ceil(1000) {
         0 => "restart due".to_owned(),
         secs @ 1..60 => format!("restart in {secs}s"),
         secs => format!("restart in {}m{}s", secs / 60, secs % 60),
@@ -71,6 +65,13 @@ fn with_restart(text: String, at: Option<u64>) -> String {
     } else {
         format!("{text}; {when}")
     }
+}
+
+/// Milliseconds since the Unix epoch, as nodes' times are given.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn mib(bytes: Option<u64>) -> String {
@@ -462,13 +463,7 @@ mod tests {
 
     #[test]
     fn a_pending_restart_shows_when_it_comes() {
-        let now_ms = u64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis(),
-        )
-        .unwrap();
+        let now_ms = now_ms();
         assert_eq!(with_restart("x".into(), None), "x");
         assert_eq!(
             with_restart("exited with code 3".into(), Some(now_ms + 89_500)),
@@ -486,13 +481,7 @@ mod tests {
 
     #[test]
     fn a_stop_under_way_shows_how_long_it_has_taken() {
-        let now_ms = u64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis(),
-        )
-        .unwrap();
+        let now_ms = now_ms();
         let mut stopping = NodeStatus::new("a-stopping", State::Running, MgmtRole::None);
         stopping.pid = Some(7);
         stopping.status_text = Some("serving".into());
