@@ -8,7 +8,13 @@ use crate::project_root;
 
 pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
     eprintln!("$ cargo {}", args.join(" "));
-    let status = crate::cargo_command()
+    let mut cmd = crate::cargo_command();
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_user_setting) {
+            cmd.env_remove(name);
+        }
+    }
+    let status = cmd
         .args(args)
         .current_dir(project_root())
         .status()
@@ -17,6 +23,14 @@ pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
     Ok(())
+}
+
+/// Whether `name` is a setting of the daemons or the CLI that the caller's shell may
+/// hold (`DROVER_CA`, `DROVER_CONTROLLER`, `DROVER_LOG_MAX_BYTES`, ...): the tests make
+/// their own PKI and daemons, which must not pick those up. The test harness's own
+/// variables stay.
+fn is_user_setting(name: &str) -> bool {
+    name.starts_with("DROVER_") && !matches!(name, "DROVER_BIN_DIR" | "DROVER_KEEP_TEST_DIR")
 }
 
 fn have_nextest() -> bool {
@@ -57,4 +71,29 @@ pub(crate) fn run(lint: bool) -> anyhow::Result<()> {
         cargo(&["test", "--workspace", "--locked", "--no-fail-fast"])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_user_setting;
+
+    #[test]
+    fn the_shells_drover_settings_are_kept_from_the_tests() {
+        for name in [
+            "DROVER_CA",
+            "DROVER_CERT",
+            "DROVER_CONTROLLER",
+            "DROVER_CONFIG",
+        ] {
+            assert!(is_user_setting(name), "{name}");
+        }
+        for name in [
+            "DROVER_BIN_DIR",
+            "DROVER_KEEP_TEST_DIR",
+            "RUST_LOG",
+            "CARGO",
+        ] {
+            assert!(!is_user_setting(name), "{name}");
+        }
+    }
 }
