@@ -380,6 +380,25 @@ fn a_restart_cut_off_by_the_agents_return_says_so() {
 /// A stop that waits for a node slow to go shows in `status` and `get-nodes` while it
 /// waits (the state stays RUNNING until the process has ended), and no longer once the
 /// node is gone.
+/// A `drover monitor` and its events, known to be subscribed: a deploy of `file`
+/// (which must change nothing running) is repeated until its `deploy_started` event
+/// reaches the monitor.
+fn subscribed_monitor(
+    c: &Cluster,
+    addr: SocketAddr,
+    file: &std::path::Path,
+) -> (std::process::Child, std::sync::mpsc::Receiver<Value>) {
+    let (monitor, events) = c.monitor(addr, &[]);
+    eventually("the monitor subscribed", PATIENCE, || {
+        let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        let started = std::iter::from_fn(|| events.recv_timeout(Duration::from_millis(500)).ok())
+            .any(|e| e["event"]["type"] == "deploy_started");
+        started.then_some(())
+    });
+    (monitor, events)
+}
+
 /// Milliseconds since the Unix epoch.
 fn epoch_ms() -> u64 {
     u64::try_from(
@@ -398,26 +417,19 @@ fn a_crashed_node_shows_when_it_restarts() {
     let _agent = c.start_agent("agent-1", addr);
     c.wait_for_agent(addr, "agent-1");
     let file = c.dir.path().join("crash.toml");
-    // Fails two seconds after it started (its deploy has succeeded by then) until its
+    // Fails five seconds after it started (its deploy has succeeded by then) until its
     // working directory has `go`; a long backoff after each failure.
     std::fs::write(
         &file,
         "[instances.agent-1]\n[nodes.crash]\ninstance = \"agent-1\"\n\
-         command = [\"/bin/sh\", \"-c\", \"test -e go || { sleep 2; exit 3; }; exec sleep 1000\"]\n\
+         command = [\"/bin/sh\", \"-c\", \"test -e go || { sleep 5; exit 3; }; exec sleep 1000\"]\n\
          backoff = { initial = \"25s\" }\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
     )
     .unwrap();
-    // A monitor, subscribed once a deploy's event reaches it (of the instance alone).
+    // A monitor (subscribed through a deploy of the instance alone).
     let empty = c.dir.path().join("empty.toml");
     std::fs::write(&empty, "[instances.agent-1]\n").unwrap();
-    let (mut monitor, events) = c.monitor(addr, &[]);
-    eventually("the monitor subscribed", PATIENCE, || {
-        let out = c.drover(addr, &["deploy-config", empty.to_str().unwrap()]);
-        assert_eq!(out.code, Some(0), "{}", out.stderr);
-        let started = std::iter::from_fn(|| events.recv_timeout(Duration::from_millis(500)).ok())
-            .any(|e| e["event"]["type"] == "deploy_started");
-        started.then_some(())
-    });
+    let (mut monitor, events) = subscribed_monitor(&c, addr, &empty);
     let sent = epoch_ms();
     let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
@@ -482,16 +494,8 @@ fn a_stop_under_way_shows_while_it_waits() {
     };
     assert!(!row("stub").contains("stopping"), "{}", row("stub"));
     let pid = node_table(&c, addr)["stub"]["pid"].as_u64().unwrap();
-    // A monitor, subscribed once a deploy's event reaches it (the same file again
-    // restarts nothing).
-    let (mut monitor, events) = c.monitor(addr, &[]);
-    eventually("the monitor subscribed", PATIENCE, || {
-        let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
-        assert_eq!(out.code, Some(0), "{}", out.stderr);
-        let started = std::iter::from_fn(|| events.recv_timeout(Duration::from_millis(500)).ok())
-            .any(|e| e["event"]["type"] == "deploy_started");
-        started.then_some(())
-    });
+    // A monitor (the same file again restarts nothing).
+    let (mut monitor, events) = subscribed_monitor(&c, addr, &file);
     let next_event = |what: &str, pred: &dyn Fn(&Value) -> bool| loop {
         let e = events
             .recv_timeout(PATIENCE)
