@@ -167,11 +167,7 @@ impl Run {
             None => None,
         };
         let mut buf = vec![0u8; 16 * 1024];
-        let pidfd = self
-            .pidfd
-            .try_clone()
-            .map_err(|e| format!("cannot wait for the probe: {e}"))?;
-        let exited = pidfd.exited();
+        let exited = self.pidfd.exited();
         tokio::pin!(exited);
         loop {
             tokio::select! {
@@ -180,7 +176,7 @@ impl Run {
                     break;
                 }
                 n = read_some(output.as_mut(), &mut buf) => {
-                    self.keep(&buf[..n]);
+                    keep(&mut self.tail, &buf[..n]);
                     if n == 0 {
                         output = None;
                     }
@@ -197,7 +193,7 @@ impl Run {
                     if n == 0 {
                         return;
                     }
-                    self.keep(&buf[..n]);
+                    keep(&mut self.tail, &buf[..n]);
                 }
             })
             .await;
@@ -208,13 +204,6 @@ impl Run {
         self.reaped = true;
         unregister(self.id.pid);
         Ok(status)
-    }
-
-    /// Keeps `bytes` at the end of the run's output tail.
-    fn keep(&mut self, bytes: &[u8]) {
-        self.tail.extend_from_slice(bytes);
-        let excess = self.tail.len().saturating_sub(TAIL);
-        self.tail.drain(..excess);
     }
 
     /// The last line the command wrote that holds anything but white space, cut to
@@ -246,6 +235,13 @@ impl Drop for Run {
         unregister(self.id.pid);
         let _ = sys::reap_exited(&self.pidfd);
     }
+}
+
+/// Keeps `bytes` at the end of a run's output `tail`, at most [`TAIL`] bytes.
+fn keep(tail: &mut Vec<u8>, bytes: &[u8]) {
+    tail.extend_from_slice(bytes);
+    let excess = tail.len().saturating_sub(TAIL);
+    tail.drain(..excess);
 }
 
 /// Reads what is there from `output` (0 at its end); never resolves without one, or
