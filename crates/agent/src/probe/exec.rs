@@ -4,9 +4,9 @@
 //!
 //! A probe command that forks (`sh -c "check &"`, a hung `curl` under a shell) must
 //! not leave processes behind at every interval: the run has a cgroup of its own,
-//! `<subtree>/probes/<node>` (see [`crate::cgroup`]), made ready before each run as a
-//! node's is, and killed through `cgroup.kill` once the command has exited, before its
-//! status is collected. Without cgroups the command leads a process group of its own,
+//! `<subtree>/probes/<node>` (see [`crate::cgroup`]), made for each run as a node's is
+//! made ready, killed through `cgroup.kill` once the command has exited (before its
+//! status is collected) or the run is dropped, and removed after it. Without cgroups the command leads a process group of its own,
 //! which is signalled through the leader's pidfd, or with `killpg` while the unreaped
 //! leader still holds the group's id ([`crate::sys::signal_led_group`]): never a group
 //! id that may have been reused. What leaves its process group as well escapes there.
@@ -225,17 +225,49 @@ impl Run {
 
 impl Drop for Run {
     fn drop(&mut self) {
-        if self.reaped {
-            return;
+        if !self.reaped {
+            self.kill_rest();
+            let _ = self.pidfd.signal(Signal::SIGKILL);
+            // From here the orphan reaper may collect it (its death is a SIGCHLD to
+            // come); one already dead is collected now.
+            unregister(self.id.pid);
+            let _ = sys::reap_exited(&self.pidfd);
         }
-        self.kill_rest();
-        let _ = self.pidfd.signal(Signal::SIGKILL);
-        // From here the orphan reaper may collect it (its death is a SIGCHLD to come);
-        // one already dead is collected now.
-        unregister(self.id.pid);
-        let _ = sys::reap_exited(&self.pidfd);
+        if let Some(cg) = self.cgroup.take() {
+            retire(cg);
+        }
     }
 }
+
+/// Removes a run's cgroup, once what was killed in it is gone: at once as a rule,
+/// else from a thread of its own that waits up to [`RETIRE`] and removes the cgroup
+/// only if it is still the one this run had (the node's next run may have made it
+/// anew meanwhile). A cgroup is per run: one left behind (a node removed while its
+/// check was being started, which made it again) would stay for good.
+fn retire(cg: PathBuf) {
+    use std::os::unix::fs::MetadataExt;
+    let _ = cgroup::kill(&cg);
+    if cgroup::remove(&cg).is_ok() {
+        return;
+    }
+    let Ok(ino) = std::fs::metadata(&cg).map(|m| m.ino()) else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("probe-cgroup".to_owned())
+        .spawn(move || {
+            let until = std::time::Instant::now() + RETIRE;
+            while cgroup::populated(&cg) && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if std::fs::metadata(&cg).is_ok_and(|m| m.ino() == ino) {
+                let _ = cgroup::remove(&cg);
+            }
+        });
+}
+
+/// How long [`retire`] waits for what was killed in a run's cgroup to be gone.
+const RETIRE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Keeps `bytes` at the end of a run's output `tail`, at most [`TAIL`] bytes.
 fn keep(tail: &mut Vec<u8>, bytes: &[u8]) {
