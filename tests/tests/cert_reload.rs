@@ -214,8 +214,9 @@ fn a_broken_key_or_certificate_keeps_the_material_in_use_and_says_why() {
         "warning: the certificate of controller 'controller' expires in ",
         "warning: the certificate of agent 'agent-1' expires in ",
     ] {
-        assert!(out.stdout.contains(warning), "{}", out.stdout);
+        assert!(out.stderr.contains(warning), "{}", out.stderr);
     }
+    assert!(!out.stdout.contains("warning"), "{}", out.stdout);
     assert!(
         !ctl.log_text().contains("PRIVATE KEY"),
         "no key material in logs"

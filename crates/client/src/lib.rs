@@ -356,6 +356,17 @@ fn exit(ok: bool) -> ExitCode {
     }
 }
 
+/// Prints a table on stdout, then its errors and warnings on stderr.
+fn show(shown: &table::Shown) -> anyhow::Result<ExitCode> {
+    if !shown.table.is_empty() {
+        stdio::outln(&shown.table)?;
+    }
+    for note in shown.notes() {
+        stdio::errln(&note);
+    }
+    Ok(exit(shown.ok()))
+}
+
 async fn command(
     cli: &Cli,
     settings: &Settings,
@@ -371,9 +382,8 @@ async fn command(
             // table goes without them if that request fails.
             let nodes = session.request(&R::GetNodes { fresh: false }).await.ok();
             let nodes = nodes.as_ref().map(output::results).unwrap_or_default();
-            let (text, ok) = table::instances(output::results(&reply).first().copied(), &nodes);
-            stdio::outln(&text)?;
-            return Ok(exit(ok));
+            let shown = table::instances(output::results(&reply).first().copied(), &nodes);
+            return show(&shown);
         }
         Command::GetNodes { .. } | Command::Status { .. }
             if cli.output == Format::Table || matches!(cli.command, Command::Status { .. }) =>
@@ -384,9 +394,7 @@ async fn command(
                 _ => (true, &[][..]),
             };
             let reply = session.request(&R::GetNodes { fresh }).await?;
-            let (text, ok) = table::nodes(&output::results(&reply), only);
-            stdio::outln(&text)?;
-            return Ok(exit(ok));
+            return show(&table::nodes(&output::results(&reply), only));
         }
         Command::Status { .. } => unreachable!("always a table"),
         Command::GetInstances => output::get_instances(&session.request(&R::GetInstances).await?),

@@ -122,10 +122,34 @@ fn generation(applied: Option<u64>, desired: Option<u64>) -> String {
     }
 }
 
+/// A table and what goes with it: errors and warnings, one line each (`error: ...`,
+/// `warning: ...`), which go to stderr so that the table on stdout stays the table.
+#[derive(Debug, Default)]
+pub struct Shown {
+    pub table: String,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+impl Shown {
+    /// Whether the command succeeded: no error.
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+
+    /// The error and warning lines, errors first.
+    pub fn notes(&self) -> impl Iterator<Item = String> + '_ {
+        self.errors
+            .iter()
+            .map(|e| format!("error: {e}"))
+            .chain(self.warnings.iter().map(|w| format!("warning: {w}")))
+    }
+}
+
 /// get-nodes as a table: one row per node, agents and the controller included. GEN is
 /// the deploy generation: a node's spec, an agent's applied one, the controller's
 /// desired one.
-pub fn nodes(results: &[&MgmtResult], only: &[String]) -> (String, bool) {
+pub fn nodes(results: &[&MgmtResult], only: &[String]) -> Shown {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -151,7 +175,7 @@ fn selects(target: &str, instance: Option<&str>, s: &NodeStatus) -> bool {
 /// line for the controller's or an agent's certificate that expires within
 /// [`EXPIRY_WARNING_DAYS`] (or has expired). With `only` (targets, see [`selects`]),
 /// the rows they pick; a target that picks none is an error.
-pub fn nodes_at(results: &[&MgmtResult], now: i64, only: &[String]) -> (String, bool) {
+pub fn nodes_at(results: &[&MgmtResult], now: i64, only: &[String]) -> Shown {
     let mut matched = vec![false; only.len()];
     let colour = colour();
     let mut warnings = Vec::new();
@@ -160,11 +184,9 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64, only: &[String]) -> (String, 
         "INSTANCE", "NODE", "ROLE", "STATE", "PID", "RESTARTS", "UPTIME", "MEM MIB", "CPU S",
         "GEN", "STATUS",
     ]);
-    let mut ok = true;
     let mut errors = Vec::new();
     for r in results {
         if !r.success {
-            ok = false;
             errors.push(format!(
                 "{}: {}",
                 r.instance.as_deref().unwrap_or("controller"),
@@ -256,17 +278,13 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64, only: &[String]) -> (String, 
         }
     }
     for (pattern, _) in only.iter().zip(&matched).filter(|(_, m)| !**m) {
-        ok = false;
         errors.push(format!("no node matches '{pattern}'"));
     }
-    let mut out = t.to_string();
-    for e in errors {
-        out.push_str(&format!("\nerror: {e}"));
+    Shown {
+        table: t.to_string(),
+        errors,
+        warnings,
     }
-    for w in warnings {
-        out.push_str(&format!("\nwarning: {w}"));
-    }
-    (out, ok)
 }
 
 /// How a node's last process ended, for the STATUS column.
@@ -295,20 +313,20 @@ fn exit_text(exit: ExitStatus) -> String {
 
 /// get-instances as a table, with each instance's applied deploy generation (from a
 /// get-nodes reply, when there is one).
-pub fn instances(result: Option<&MgmtResult>, nodes: &[&MgmtResult]) -> (String, bool) {
+pub fn instances(result: Option<&MgmtResult>, nodes: &[&MgmtResult]) -> Shown {
     let desired = desired_generation(nodes);
     let applied = applied_generations(nodes);
     let mut t = new_table(&["INSTANCE", "HOST", "PORT", "GENERATION"]);
     let Some(ResultData::Instances(list)) = result.and_then(|r| r.data.as_ref()) else {
-        return (
-            format!(
-                "error: {}",
+        return Shown {
+            errors: vec![
                 result
                     .and_then(|r| r.error.as_deref())
                     .unwrap_or("no instances in the reply")
-            ),
-            false,
-        );
+                    .to_owned(),
+            ],
+            ..Shown::default()
+        };
     };
     for i in list {
         t.add_row(vec![
@@ -318,7 +336,10 @@ pub fn instances(result: Option<&MgmtResult>, nodes: &[&MgmtResult]) -> (String,
             generation(applied.get(&i.name).copied(), desired),
         ]);
     }
-    (t.to_string(), true)
+    Shown {
+        table: t.to_string(),
+        ..Shown::default()
+    }
 }
 
 #[cfg(test)]
@@ -343,9 +364,10 @@ mod tests {
             MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![a1, a2, a3]))),
         ];
         let refs: Vec<&MgmtResult> = results.iter().collect();
-        let (text, ok) = nodes_at(&refs, now, &[]);
-        assert!(ok);
-        let warnings: Vec<&str> = text.lines().filter(|l| l.starts_with("warning:")).collect();
+        let shown = nodes_at(&refs, now, &[]);
+        assert!(shown.ok());
+        assert!(!shown.table.contains("warning"), "{}", shown.table);
+        let warnings: Vec<String> = shown.notes().collect();
         assert_eq!(
             warnings,
             [
@@ -353,8 +375,8 @@ mod tests {
                 "warning: the certificate of agent 'a2' expired 2 days ago",
             ]
         );
-        let (text, _) = nodes_at(&refs, now - 400 * day, &[]);
-        assert!(!text.contains("warning:"), "{text}");
+        let shown = nodes_at(&refs, now - 400 * day, &[]);
+        assert!(shown.warnings.is_empty(), "{shown:?}");
     }
 
     #[test]
@@ -393,7 +415,7 @@ mod tests {
             Some(ResultData::NodeStatuses(statuses)),
         )];
         let refs: Vec<&MgmtResult> = results.iter().collect();
-        let (text, _) = nodes_at(&refs, 0, &[]);
+        let text = nodes_at(&refs, 0, &[]).table;
         let row = |name: &str| text.lines().find(|l| l.contains(name)).unwrap().to_owned();
         assert!(row("a-crashed").contains("exited with code 3"), "{text}");
         assert!(row("b-failed").contains("killed by SIGSEGV"), "{text}");
@@ -428,37 +450,39 @@ mod tests {
         on_2.instance = Some("agent-2".into());
         let results = [on_1, on_2];
         let refs: Vec<&MgmtResult> = results.iter().collect();
-        let rows = |text: &str| -> Vec<String> {
-            text.lines()
+        let rows = |shown: &Shown| -> Vec<String> {
+            shown
+                .table
+                .lines()
                 .skip(1)
-                .filter(|l| !l.starts_with("error:"))
                 .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
                 .collect()
         };
         let only = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
-        let (text, ok) = nodes_at(&refs, 0, &only(&["worker-*", "logger"]));
-        assert!(ok, "{text}");
-        assert_eq!(rows(&text), ["worker-1", "worker-2", "logger"], "{text}");
-        let (text, ok) = nodes_at(&refs, 0, &only(&["worker-2", "proxy*"]));
-        assert!(!ok, "{text}");
-        assert_eq!(rows(&text), ["worker-2"], "{text}");
-        assert!(
-            text.ends_with("\nerror: no node matches 'proxy*'"),
-            "{text}"
+        let shown = nodes_at(&refs, 0, &only(&["worker-*", "logger"]));
+        assert!(shown.ok(), "{shown:?}");
+        assert_eq!(
+            rows(&shown),
+            ["worker-1", "worker-2", "logger"],
+            "{shown:?}"
         );
-        let (text, ok) = nodes_at(&refs, 0, &only(&["role:worker"]));
-        assert!(ok, "{text}");
-        assert_eq!(rows(&text), ["worker-1", "worker-2"], "{text}");
-        let (text, ok) = nodes_at(&refs, 0, &only(&["instance:agent-2", "role:proxy"]));
-        assert!(!ok, "{text}");
-        assert_eq!(rows(&text), ["agent-2", "logger"], "{text}");
-        assert!(
-            text.contains("error: no node matches 'role:proxy'"),
-            "{text}"
+        let shown = nodes_at(&refs, 0, &only(&["worker-2", "proxy*"]));
+        assert!(!shown.ok(), "{shown:?}");
+        assert_eq!(rows(&shown), ["worker-2"], "{shown:?}");
+        assert_eq!(
+            shown.notes().collect::<Vec<_>>(),
+            ["error: no node matches 'proxy*'"]
         );
-        let (text, ok) = nodes_at(&refs, 0, &[]);
-        assert!(ok);
-        assert_eq!(rows(&text).len(), 5, "{text}");
+        let shown = nodes_at(&refs, 0, &only(&["role:worker"]));
+        assert!(shown.ok(), "{shown:?}");
+        assert_eq!(rows(&shown), ["worker-1", "worker-2"], "{shown:?}");
+        let shown = nodes_at(&refs, 0, &only(&["instance:agent-2", "role:proxy"]));
+        assert!(!shown.ok(), "{shown:?}");
+        assert_eq!(rows(&shown), ["agent-2", "logger"], "{shown:?}");
+        assert_eq!(shown.errors, ["no node matches 'role:proxy'"]);
+        let shown = nodes_at(&refs, 0, &[]);
+        assert!(shown.ok());
+        assert_eq!(rows(&shown).len(), 5, "{shown:?}");
     }
 
     #[test]
@@ -493,7 +517,7 @@ mod tests {
             Some(ResultData::NodeStatuses(vec![stopping, running])),
         )];
         let refs: Vec<&MgmtResult> = results.iter().collect();
-        let (text, _) = nodes_at(&refs, 0, &[]);
+        let text = nodes_at(&refs, 0, &[]).table;
         let row = |name: &str| text.lines().find(|l| l.contains(name)).unwrap().to_owned();
         assert!(row("a-stopping").contains("stopping for 2m"), "{text}");
         assert!(row("a-stopping").contains("RUNNING"), "{text}");
