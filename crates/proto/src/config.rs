@@ -593,6 +593,19 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 "an environment value contains a NUL byte",
             ));
         }
+        // A relative one would be taken from the agent's own working directory, which
+        // is no place a cluster file can know (`/` under systemd).
+        if let Some(dir) = &node.workdir
+            && (dir.contains('\0') || !dir.starts_with('/'))
+        {
+            issues.push(Issue::at_key(
+                format!("{key}.workdir"),
+                format!(
+                    "workdir must be an absolute path without NUL bytes, not '{}'",
+                    dir.escape_default()
+                ),
+            ));
+        }
         for (k, message) in crate::resources::check(
             node.memory.as_ref(),
             node.cpus,
@@ -1102,6 +1115,35 @@ liveness = { kind = "exec", command = [""], interval = "1ms" }
              c.toml:23: nodes.z.liveness.command: liveness.command needs a program and no NUL bytes\n\
              c.toml:23: nodes.z.liveness.interval: liveness.interval 1ms is out of range: allowed 100ms to 1h"
         );
+    }
+
+    #[test]
+    fn a_workdir_is_an_absolute_path() {
+        let text = r#"[instances.a]
+[nodes.x]
+instance = "a"
+command = ["x"]
+workdir = "data"
+[nodes.y]
+instance = "a"
+command = ["x"]
+workdir = "/srv/y\u0000"
+[nodes.z]
+instance = "a"
+command = ["x"]
+workdir = "/srv/z"
+"#;
+        let err = parse_toml("c.toml", text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "c.toml:5: nodes.x.workdir: workdir must be an absolute path without NUL bytes, not 'data'\n\
+             c.toml:9: nodes.y.workdir: workdir must be an absolute path without NUL bytes, not '/srv/y\\u{0}'"
+        );
+        let fixed = text
+            .replace("\"data\"", "\"/srv/x\"")
+            .replace("\\u0000", "");
+        let c = parse_toml("c.toml", &fixed).unwrap();
+        assert_eq!(c.node("z").unwrap().workdir.as_deref(), Some("/srv/z"));
     }
 
     #[test]
