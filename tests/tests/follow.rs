@@ -48,6 +48,7 @@ async fn follow_once(endpoint: &quinn::Endpoint, addr: SocketAddr) -> String {
         lines: 1,
         follow: true,
         stream: Some(LogStream::Stdout),
+        resume: None,
     };
     let mut replies = conn::call_stream(&est.conn, &req, PATIENCE)
         .await

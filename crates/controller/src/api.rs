@@ -276,9 +276,10 @@ async fn handle_folding(
         lines,
         follow,
         stream,
+        resume,
     } = req.body
     {
-        return logs(shared, req.id, node, lines, follow, stream);
+        return logs(shared, req.id, node, (lines, follow, stream), resume);
     }
     if let ClientRequest::Monitor { logs } = req.body {
         return monitor(shared, logs);
@@ -498,14 +499,15 @@ fn too_many_follows(instance: &str) -> String {
 /// A node's output from its agent, relayed frame by frame; the relay ends when the
 /// client goes away. A follow goes on when the agent goes away and comes back (its
 /// nodes run on, adopted by its next process), saying so in marker lines; it ends when
-/// a deploy takes the node away from its instance.
+/// a deploy takes the node away from its instance. Each chunk carries where its stream
+/// stands after it, so that a client whose controller went away takes up the follow,
+/// through the next one, with `resume`.
 fn logs(
     shared: &Arc<Shared>,
     id: String,
     node: String,
-    lines: usize,
-    follow: bool,
-    stream: Option<LogStream>,
+    (lines, follow, stream): (usize, bool, Option<LogStream>),
+    resume: Option<drover_proto::model::LogResume>,
 ) -> Answer<ClientResponse> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let one = |r: MgmtResult| {
@@ -520,22 +522,27 @@ fn logs(
     else {
         return one(MgmtResult::err(id, "unknown cluster node").on_node(node));
     };
-    let Some(conn) = shared.registry.get(&instance) else {
+    // A follow taken up by a client whose controller went away may come to one that
+    // has just started, before the agent is back: it waits for it.
+    let taken_up = follow && resume.is_some();
+    let conn = shared.registry.get(&instance);
+    if conn.is_none() && !taken_up {
         return one(
             MgmtResult::err(id, format!("instance '{instance}' is not connected"))
                 .on_instance(instance)
                 .on_node(node),
         );
-    };
-    let permit = if follow {
-        let Some(permit) = follow_permit(&conn) else {
-            return one(MgmtResult::err(id, too_many_follows(&instance))
-                .on_instance(instance)
-                .on_node(node));
-        };
-        Some(permit)
-    } else {
-        None
+    }
+    let permit = match &conn {
+        Some(c) if follow => {
+            let Some(permit) = follow_permit(c) else {
+                return one(MgmtResult::err(id, too_many_follows(&instance))
+                    .on_instance(instance)
+                    .on_node(node));
+            };
+            Some(permit)
+        }
+        _ => None,
     };
     let timeout = shared.request_timeout;
     // A follow ends when a deploy takes its node away from that instance.
@@ -545,12 +552,32 @@ fn logs(
         let mut permit = permit;
         let gone = deployed_away(deploys, &instance, &node);
         tokio::pin!(gone);
-        let (mut conn, mut lines) = (conn, lines);
-        // Where the agent said each stream stands after the lines relayed so far.
-        let mut stands = drover_proto::model::LogResume::default();
-        let mut resume = None;
         let to_client =
             |r: MgmtResult| ClientResponse::Result(r.on_instance(&instance).on_node(&node));
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                let back = tokio::select! {
+                    c = agent_back(&shared, &instance, None) => c,
+                    () = tx.closed() => return,
+                    why = &mut gone => {
+                        let _ = tx.send(to_client(MgmtResult::err(&id, why))).await;
+                        return;
+                    }
+                };
+                let Some(p) = follow_permit(&back) else {
+                    let r = MgmtResult::err(&id, too_many_follows(&instance));
+                    let _ = tx.send(to_client(r)).await;
+                    return;
+                };
+                permit = Some(p);
+                back
+            }
+        };
+        let (mut conn, mut lines) = (conn, lines);
+        // Where the agent said each stream stands after the lines relayed so far.
+        let mut stands = resume.unwrap_or_default();
+        let mut resume = resume.filter(|_| follow);
         loop {
             let req = ControllerRequest::Logs {
                 node: node.clone(),
@@ -615,7 +642,7 @@ fn logs(
                 return;
             }
             let back = tokio::select! {
-                c = agent_back(&shared, &instance, old) => c,
+                c = agent_back(&shared, &instance, Some(old)) => c,
                 () = tx.closed() => return,
                 why = &mut gone => {
                     let _ = tx.send(to_client(MgmtResult::err(&id, why))).await;
@@ -709,9 +736,9 @@ async fn relay_logs(
             Ok(None) => return Relayed::Ended,
             Err(e) => return failed(e),
         };
-        if let AgentResponse::Log(mut chunk) = reply {
-            // Kept here, not shown to the client.
-            let (end, of) = (chunk.end.take(), chunk.stream);
+        if let AgentResponse::Log(chunk) = reply {
+            // Kept here too, for a follow taken up after its agent's absence.
+            let (end, of) = (chunk.end, chunk.stream);
             let r = to_client(MgmtResult::ok(id, Some(ResultData::Log(chunk))));
             if tx.send(r).await.is_err() {
                 return Relayed::ClientLeft;
@@ -727,11 +754,11 @@ async fn relay_logs(
 }
 
 /// Resolves to the agent's connection once it is back: connected anew, not on `old`.
-async fn agent_back(shared: &Shared, instance: &str, old: usize) -> quinn::Connection {
+async fn agent_back(shared: &Shared, instance: &str, old: Option<usize>) -> quinn::Connection {
     let mut events = shared.events.subscribe();
     loop {
         if let Some(c) = shared.registry.get(instance)
-            && c.stable_id() != old
+            && Some(c.stable_id()) != old
             && c.close_reason().is_none()
         {
             return c;

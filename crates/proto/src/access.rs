@@ -215,6 +215,7 @@ mod tests {
                 lines: 10,
                 follow: false,
                 stream: None,
+                resume: None,
             },
             ClientRequest::Monitor { logs: false },
             ClientRequest::GetAudit {

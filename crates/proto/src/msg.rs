@@ -273,6 +273,11 @@ pub enum ClientRequest {
         /// Only this stream (both when absent).
         #[serde(default)]
         stream: Option<LogStream>,
+        /// With `follow` and no `lines`: take up a follow broken off (its controller
+        /// went away), from where its last reply said it stood in each stream (see
+        /// [`crate::model::LogChunk::end`]), at most the last MiB of what came since.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<crate::model::LogResume>,
     },
     /// Subscribe to cluster events: one reply frame per event until the client closes
     /// the stream.
