@@ -665,8 +665,10 @@ impl Controller {
             });
         }
         tasks.close();
-        self.endpoint
-            .close(0u32.into(), b"controller shutting down");
+        self.endpoint.close(
+            drover_net::peers::CLOSE_STOPPING.into(),
+            b"controller shutting down",
+        );
         tasks.wait().await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         info!("controller stopped");
@@ -686,7 +688,7 @@ fn let_agents_go(shared: &Shared, reason: &[u8]) {
         // Out of the registry first, so that the agent's session, seeing its connection
         // end, does not mark its nodes UNKNOWN.
         shared.registry.remove_if_same(&name, &conn);
-        conn.close(5u32.into(), reason);
+        conn.close(drover_net::peers::CLOSE_LET_GO.into(), reason);
     }
 }
 
@@ -886,7 +888,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
                     // Long enough for the answer to a request that found out (a write
                     // etcd refused) to leave.
                     tokio::time::sleep(Duration::from_millis(250)).await;
-                    conn.close(5u32.into(), b"controller stepped down: not the leader any more");
+                    conn.close(drover_net::peers::CLOSE_LET_GO.into(), b"controller stepped down: not the leader any more");
                 }
                 _ = conn.closed() => {}
             }
@@ -972,7 +974,10 @@ pub(crate) async fn admit_agent(
                         "the connection of agent '{name}' from {old_addr} does not answer ({e}); a new connection from {} replaces it",
                         conn.remote_address()
                     );
-                    old.close(5u32.into(), b"replaced: it did not answer");
+                    old.close(
+                        drover_net::peers::CLOSE_LET_GO.into(),
+                        b"replaced: it did not answer",
+                    );
                     return Ok(false);
                 }
             }

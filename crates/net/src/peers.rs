@@ -20,6 +20,13 @@ use crate::tls::{CertInfo, Credentials, DenyList, Identity, cert_info, identity_
 /// no longer trusted.
 pub const CLOSE_UNTRUSTED: u32 = 6;
 
+/// The close code of every connection of a controller that stops.
+pub const CLOSE_STOPPING: u32 = 0;
+
+/// The close code of a connection a controller lets go of while it runs on: it stepped
+/// down as leader, or the connection was replaced by a newer one of the same peer.
+pub const CLOSE_LET_GO: u32 = 5;
+
 type Closer = Box<dyn Fn(&str) + Send + Sync>;
 
 struct Entry {
