@@ -18,6 +18,7 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod ca;
+mod follow;
 mod interrupt;
 pub mod output;
 pub mod session;
@@ -278,6 +279,15 @@ pub enum StreamArg {
     Stderr,
 }
 
+impl StreamArg {
+    fn stream(self) -> drover_proto::model::LogStream {
+        match self {
+            Self::Stdout => drover_proto::model::LogStream::Stdout,
+            Self::Stderr => drover_proto::model::LogStream::Stderr,
+        }
+    }
+}
+
 /// Parses the command line, runs it, and reports errors; the exit code of `drover`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -342,17 +352,38 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             _ => None,
         };
         let session = Session::connect(&settings).await?;
+        if let Some(what) = following(&cli.command) {
+            return follow::run(&settings, session, &what).await;
+        }
         let result = command(&cli, &settings, &session, staged).await;
         session.close().await;
         result
     })
 }
 
-fn exit(ok: bool) -> ExitCode {
+pub(crate) fn exit(ok: bool) -> ExitCode {
     if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// The commands that follow until interrupted, through a change of controller.
+fn following(command: &Command) -> Option<follow::Follow> {
+    match command {
+        Command::Logs {
+            node,
+            lines,
+            follow: true,
+            stream,
+        } => Some(follow::Follow::Logs {
+            node: node.clone(),
+            lines: *lines,
+            stream: stream.map(StreamArg::stream),
+        }),
+        Command::Monitor { logs } => Some(follow::Follow::Monitor { logs: *logs }),
+        _ => None,
     }
 }
 
@@ -504,20 +535,24 @@ async fn command(
         Command::Logs {
             node,
             lines,
-            follow,
+            follow: false,
             stream,
         } => {
             let req = R::Logs {
                 node: node.clone(),
                 lines: *lines,
-                follow: *follow,
-                stream: stream.map(|s| match s {
-                    StreamArg::Stdout => drover_proto::model::LogStream::Stdout,
-                    StreamArg::Stderr => drover_proto::model::LogStream::Stderr,
-                }),
+                follow: false,
+                stream: stream.map(StreamArg::stream),
+                resume: None,
             };
             let mut replies = session.request_stream(&req).await?;
-            return output::print_logs(&mut replies, *follow).await.map(exit);
+            let mut stands = drover_proto::model::LogResume::default();
+            return match output::print_logs(&mut replies, false, &mut stands).await? {
+                output::Ended::Done(ok) => Ok(exit(ok)),
+                output::Ended::Broken(e) => Err(e.unwrap_or_else(|| {
+                    anyhow::anyhow!("the controller ended the request without an answer")
+                })),
+            };
         }
         Command::Signal { signal, nodes } => told(
             &session
@@ -529,9 +564,8 @@ async fn command(
             output::Told::Plain,
             |r| output::node_results(r, true),
         ),
-        Command::Monitor { logs } => {
-            let mut replies = session.request_stream(&R::Monitor { logs: *logs }).await?;
-            return output::print_events(&mut replies).await.map(exit);
+        Command::Logs { follow: true, .. } | Command::Monitor { .. } => {
+            unreachable!("followed by `follow::run`")
         }
         Command::Audit { since, who, limit } => {
             let reply = session

@@ -379,23 +379,29 @@ pub fn node_failures(reply: &ClientResponse, told: Told) -> String {
     out
 }
 
-/// logs: prints each batch of lines to stdout or stderr, as the node wrote them.
-/// Returns false if the controller or agent reported an error. With `follow`, it also
-/// ends (returning true) once stdout's reader goes away, e.g. `logs -f | head`.
+/// logs: prints each batch of lines to stdout or stderr, as the node wrote them, and
+/// keeps in `stands` where each stream stands after them. Done with false if the
+/// controller or agent reported an error. With `follow`, it also ends (done with true)
+/// once stdout's reader goes away, e.g. `logs -f | head`, and any other end of the
+/// stream is a break (see [`Ended`]).
 pub async fn print_logs(
     replies: &mut drover_net::conn::ReplyStream,
     follow: bool,
-) -> anyhow::Result<bool> {
+    stands: &mut drover_proto::model::LogResume,
+) -> anyhow::Result<Ended> {
     use drover_proto::model::LogStream;
     let closed = stdio::stdout_closed();
     tokio::pin!(closed);
     loop {
         let reply = tokio::select! {
-            reply = replies.next::<ClientResponse>() => reply?,
-            () = &mut closed, if follow => return Ok(true),
+            reply = replies.next::<ClientResponse>() => reply,
+            () = &mut closed, if follow => return Ok(Ended::Done(true)),
         };
-        let Some(reply) = reply else {
-            return Ok(true);
+        let reply = match reply {
+            Ok(Some(reply)) => reply,
+            Ok(None) if follow => return Ok(Ended::Broken(None)),
+            Ok(None) => return Ok(Ended::Done(true)),
+            Err(e) => return Ok(Ended::Broken(Some(e.into()))),
         };
         for r in results(&reply) {
             if !r.success {
@@ -409,7 +415,7 @@ pub async fn print_logs(
                     "error: {on}{}",
                     r.error.as_deref().unwrap_or("no reason given")
                 ));
-                return Ok(false);
+                return Ok(Ended::Done(false));
             }
             if let Some(ResultData::Log(chunk)) = &r.data {
                 let text: String = chunk.lines.iter().map(|l| format!("{l}\n")).collect();
@@ -417,12 +423,28 @@ pub async fn print_logs(
                     LogStream::Stdout => stdio::out(&text)?,
                     LogStream::Stderr => stdio::err(&text),
                 }
+                if let Some(end) = chunk.end {
+                    match chunk.stream {
+                        LogStream::Stdout => stands.stdout = Some(end),
+                        LogStream::Stderr => stands.stderr = Some(end),
+                    }
+                }
             }
         }
         if follow && stdio::stdout_gone() {
-            return Ok(true);
+            return Ok(Ended::Done(true));
         }
     }
+}
+
+/// How printing a stream of replies ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The command is over: whether it succeeded.
+    Done(bool),
+    /// The stream broke off under a follow: it failed (the error), or the controller
+    /// ended it without a word, which it does only as it stops.
+    Broken(Option<anyhow::Error>),
 }
 
 /// get-id-value: `{"errors": [{"source", "error"}], "results": {node: <value>}}`.
@@ -459,22 +481,24 @@ pub fn get_id_value(reply: &ClientResponse) -> (Value, bool) {
 }
 
 /// monitor: one JSON object per line for each event, until interrupted or until
-/// stdout's reader goes away (`monitor | head -5`).
-pub async fn print_events(replies: &mut drover_net::conn::ReplyStream) -> anyhow::Result<bool> {
+/// stdout's reader goes away (`monitor | head -5`); any other end is a break.
+pub async fn print_events(replies: &mut drover_net::conn::ReplyStream) -> anyhow::Result<Ended> {
     let closed = stdio::stdout_closed();
     tokio::pin!(closed);
     loop {
         let reply = tokio::select! {
-            reply = replies.next::<ClientResponse>() => reply?,
-            () = &mut closed => return Ok(true),
+            reply = replies.next::<ClientResponse>() => reply,
+            () = &mut closed => return Ok(Ended::Done(true)),
         };
-        let Some(reply) = reply else {
-            return Ok(true);
+        let reply = match reply {
+            Ok(Some(reply)) => reply,
+            Ok(None) => return Ok(Ended::Broken(None)),
+            Err(e) => return Ok(Ended::Broken(Some(e.into()))),
         };
         if let ClientResponse::Event(record) = reply {
             stdio::outln(&serde_json::to_string(&record)?)?;
             if stdio::stdout_gone() {
-                return Ok(true);
+                return Ok(Ended::Done(true));
             }
         }
     }

@@ -4,10 +4,23 @@ use std::time::Duration;
 
 use anyhow::Context;
 use drover_net::conn::{self, TransportSettings};
+use drover_net::peers::{CLOSE_LET_GO, CLOSE_STOPPING};
 use drover_net::{Credentials, TlsFiles};
 use drover_proto::msg::{API_VERSION, ClientRequest, ClientResponse, Hello, PeerRole, Progress};
 
 use crate::settings::Settings;
+
+/// How soon a client given several controllers (a high-availability group) gives up on
+/// a silent one, the agents' default in a group: about the default leader lease.
+const GROUP_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The controller answered our Hello with a refusal: asking again will not help.
+#[derive(Debug, thiserror::Error)]
+#[error("controller {at} refused us: {message}")]
+pub struct Refused {
+    at: String,
+    message: String,
+}
 
 /// An established connection to the controller.
 #[derive(Debug)]
@@ -80,10 +93,18 @@ impl Session {
             );
         }
         let timeout = settings.timeout();
-        let transport = TransportSettings {
+        let targets = settings.controller_addrs();
+        let several = targets.len() > 1;
+        let mut transport = TransportSettings {
             hello_timeout: timeout.min(Duration::from_secs(5)),
             ..TransportSettings::default()
         };
+        if several {
+            // As an agent of a group: a leader that died without a word is given up
+            // within about the leader lease, so that a follow moves to its successor.
+            transport.idle_timeout = GROUP_IDLE_TIMEOUT;
+            transport.keep_alive = GROUP_IDLE_TIMEOUT / 4;
+        }
         let hello = Hello {
             api_version: API_VERSION,
             role: PeerRole::Client,
@@ -93,8 +114,6 @@ impl Session {
         };
         // One endpoint per address family, shared by the dials.
         let endpoints = std::sync::Mutex::new([None::<quinn::Endpoint>, None]);
-        let targets = settings.controller_addrs();
-        let several = targets.len() > 1;
         let dials = conn::dial_leader(&targets, |target| {
             let (creds, transport, hello, endpoints) =
                 (&creds, &transport, hello.clone(), &endpoints);
@@ -161,9 +180,10 @@ impl Session {
             }
         }
         .map_err(|e| match e {
-            drover_net::NetError::Refused(w) => {
-                anyhow::anyhow!("controller {} refused us: {}", targets.join(","), w.message)
-            }
+            drover_net::NetError::Refused(w) => anyhow::Error::new(Refused {
+                at: targets.join(","),
+                message: w.message,
+            }),
             other => other.into(),
         })?;
         // Only the endpoint of the connection made stays open.
@@ -180,6 +200,40 @@ impl Session {
         session.warn(est.welcome.warning.as_deref());
         crate::interrupt::watch(&session.conn);
         Ok(session)
+    }
+
+    /// The controller's address.
+    pub fn peer(&self) -> std::net::SocketAddr {
+        self.conn.remote_address()
+    }
+
+    /// Why the connection ended, when the controller went away and another (or the same,
+    /// started again) may take over: it stopped or stepped down, restarted (a stateless
+    /// reset), or fell silent. None when it is still open after `patience`, or ended
+    /// otherwise (our certificate distrusted, Ctrl-C): a follow then ends with it.
+    pub async fn gone(&self, patience: Duration) -> Option<String> {
+        use quinn::ConnectionError as E;
+        let reason = match self.conn.close_reason() {
+            Some(r) => r,
+            None => tokio::time::timeout(patience, self.conn.closed())
+                .await
+                .ok()?,
+        };
+        let worth_a_retry = match &reason {
+            E::ApplicationClosed(close) => [CLOSE_STOPPING, CLOSE_LET_GO]
+                .map(u64::from)
+                .contains(&u64::from(close.error_code)),
+            E::TimedOut | E::Reset | E::ConnectionClosed(_) => true,
+            E::LocallyClosed | E::TransportError(_) | E::VersionMismatch | E::CidsExhausted => {
+                false
+            }
+        };
+        worth_a_retry.then(|| match &reason {
+            E::ApplicationClosed(close) => String::from_utf8_lossy(&close.reason).into_owned(),
+            E::TimedOut => "no answer within the idle timeout".to_owned(),
+            E::Reset => "it reset the connection: it restarted".to_owned(),
+            other => other.to_string(),
+        })
     }
 
     /// Prints the controller's warning (its answers may be stale) on stderr, once.

@@ -59,8 +59,25 @@ pub fn stdout_gone() -> bool {
 ///
 /// A thread waits in `poll(2)` for no event at all: the kernel reports `POLLERR` (a
 /// pipe without readers) and `POLLHUP` (a socket shut down) whatever was asked for.
+/// One thread for the process, however many wait (a follow taken up through another
+/// controller waits anew).
 pub async fn stdout_closed() {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    static CLOSED: std::sync::OnceLock<Option<tokio::sync::watch::Receiver<bool>>> =
+        std::sync::OnceLock::new();
+    let Some(mut closed) = CLOSED.get_or_init(watch_stdout).clone() else {
+        return std::future::pending().await;
+    };
+    if closed.wait_for(|c| *c).await.is_ok() {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+        return;
+    }
+    std::future::pending().await
+}
+
+/// Starts the thread of [`stdout_closed`]: its receiver turns true once stdout's
+/// reader went away (none when the thread cannot be started).
+fn watch_stdout() -> Option<tokio::sync::watch::Receiver<bool>> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
     let watch = std::thread::Builder::new()
         .name("stdout-watch".into())
         .spawn(move || {
@@ -82,14 +99,10 @@ pub async fn stdout_closed() {
                     return;
                 }
                 if fd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
-                    let _ = tx.send(());
+                    let _ = tx.send(true);
                     return;
                 }
             }
         });
-    if watch.is_ok() && rx.await.is_ok() {
-        STDOUT_GONE.store(true, Ordering::Relaxed);
-        return;
-    }
-    std::future::pending().await
+    watch.is_ok().then_some(rx)
 }

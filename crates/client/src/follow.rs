@@ -1,0 +1,248 @@
+//! `logs -f` and `monitor` through a controller's restart or a leader's failover.
+//!
+//! A follow is a stream on one controller connection. When that controller goes away
+//! (it stops or restarts, steps down as leader, or its host falls silent) while others
+//! may take over, the follow goes on: the client says so on stderr, dials again (every
+//! address it was given, following a follower's pointer to the leader) until a
+//! controller answers, and asks anew. A log follow is taken up from where the last
+//! lines it showed left each stream (the agent sends what the node wrote meanwhile, at
+//! most its last MiB); a monitor subscribes again, and the events of the gap are lost.
+//! A connection ended for another reason (our certificate no longer trusted, Ctrl-C)
+//! ends the command, as does a refusal when dialling again.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use drover_proto::model::{LogResume, LogStream};
+use drover_proto::msg::ClientRequest;
+
+use crate::output::{self, Ended};
+use crate::session::{Refused, Session};
+use crate::settings::Settings;
+use crate::stdio;
+
+/// How long a stream that ended without an error waits for its connection to close
+/// before it is taken for a plain end: a stopping controller ends its streams first.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// The pauses between attempts to dial again: from the first to the longest, doubling.
+const FIRST_PAUSE: Duration = Duration::from_millis(250);
+const LONGEST_PAUSE: Duration = Duration::from_secs(2);
+
+/// What is followed.
+pub(crate) enum Follow {
+    /// `logs NODE -f`: the lines first shown of each stream, and the stream.
+    Logs {
+        node: String,
+        lines: usize,
+        stream: Option<LogStream>,
+    },
+    /// `monitor [--logs]`.
+    Monitor { logs: bool },
+}
+
+impl Follow {
+    /// The request, the first time (`resume` none) or taken up again.
+    fn request(&self, resume: Option<LogResume>) -> ClientRequest {
+        match self {
+            Self::Logs {
+                node,
+                lines,
+                stream,
+            } => ClientRequest::Logs {
+                node: node.clone(),
+                lines: if resume.is_some() { 0 } else { *lines },
+                follow: true,
+                stream: *stream,
+                resume,
+            },
+            Self::Monitor { logs } => ClientRequest::Monitor { logs: *logs },
+        }
+    }
+
+    /// What the note of a follow taken up again says of the gap.
+    fn gap(&self, stands: &LogResume) -> &'static str {
+        match self {
+            Self::Logs { stream, .. } => {
+                let known = match stream {
+                    Some(LogStream::Stdout) => stands.stdout.is_some(),
+                    Some(LogStream::Stderr) => stands.stderr.is_some(),
+                    None => stands.stdout.is_some() && stands.stderr.is_some(),
+                };
+                if known {
+                    "what the node wrote meanwhile follows"
+                } else {
+                    "what the node wrote meanwhile is not shown"
+                }
+            }
+            Self::Monitor { .. } => "events meanwhile are not shown",
+        }
+    }
+}
+
+/// Runs `what` on `session`, and on the sessions that take over from it, until it ends.
+pub(crate) async fn run(
+    settings: &Settings,
+    session: Session,
+    what: &Follow,
+) -> anyhow::Result<ExitCode> {
+    let mut session = session;
+    let mut stands = LogResume::default();
+    let mut resume = None;
+    loop {
+        let req = what.request(resume);
+        let ended = match session.request_stream(&req).await {
+            Ok(mut replies) => match what {
+                Follow::Logs { .. } => output::print_logs(&mut replies, true, &mut stands).await?,
+                Follow::Monitor { .. } => output::print_events(&mut replies).await?,
+            },
+            Err(e) => Ended::Broken(Some(e)),
+        };
+        let broken = match ended {
+            Ended::Done(ok) => {
+                session.close().await;
+                return Ok(crate::exit(ok));
+            }
+            Ended::Broken(e) => e,
+        };
+        let Some(why) = session.gone(CLOSE_PATIENCE).await else {
+            session.close().await;
+            return match broken {
+                Some(e) => Err(e),
+                None => Ok(ExitCode::SUCCESS),
+            };
+        };
+        let was = session.peer();
+        drop(session);
+        stdio::errln(&format!(
+            "[drover: controller {was} went away ({why}); following again once a controller answers]"
+        ));
+        session = match dial_again(settings).await? {
+            Some(s) => s,
+            // Stdout's reader went away meanwhile: nothing more to show.
+            None => return Ok(ExitCode::SUCCESS),
+        };
+        stdio::errln(&format!(
+            "[drover: following again through controller {}; {}]",
+            session.peer(),
+            what.gap(&stands)
+        ));
+        resume = Some(stands);
+    }
+}
+
+/// Dials until a controller answers (None once stdout's reader went away); a refusal
+/// ends it, since asking again would be refused again.
+async fn dial_again(settings: &Settings) -> anyhow::Result<Option<Session>> {
+    let closed = stdio::stdout_closed();
+    tokio::pin!(closed);
+    let mut pause = FIRST_PAUSE;
+    let mut told = false;
+    loop {
+        let attempt = tokio::select! {
+            s = Session::connect(settings) => s,
+            () = &mut closed => return Ok(None),
+        };
+        match attempt {
+            Ok(s) => return Ok(Some(s)),
+            Err(e) if permanent(&e) => return Err(e),
+            Err(e) if !told => {
+                told = true;
+                stdio::errln(&format!(
+                    "[drover: no controller answers yet ({}); trying again]",
+                    drover_proto::error_text::one_line(e.as_ref())
+                ));
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = &mut closed => return Ok(None),
+        }
+        pause = (pause * 2).min(LONGEST_PAUSE);
+    }
+}
+
+/// Whether a failure to connect would come again however often we tried: a refusal,
+/// or certificates that cannot be used.
+fn permanent(e: &anyhow::Error) -> bool {
+    use drover_net::NetError;
+    e.downcast_ref::<Refused>().is_some()
+        || matches!(
+            e.downcast_ref::<NetError>(),
+            Some(NetError::Credentials(_) | NetError::Identity(_) | NetError::Refused(_))
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_proto::model::LogMark;
+
+    #[test]
+    fn a_follow_taken_up_again_asks_from_where_it_stood() {
+        let what = Follow::Logs {
+            node: "w".into(),
+            lines: 10,
+            stream: None,
+        };
+        let first = what.request(None);
+        assert!(
+            matches!(
+                &first,
+                ClientRequest::Logs {
+                    lines: 10,
+                    follow: true,
+                    resume: None,
+                    ..
+                }
+            ),
+            "{first:?}"
+        );
+        let mark = LogMark { ino: 7, len: 120 };
+        let stands = LogResume {
+            stdout: Some(mark),
+            stderr: None,
+        };
+        let again = what.request(Some(stands));
+        assert!(
+            matches!(
+                &again,
+                ClientRequest::Logs { lines: 0, follow: true, resume: Some(r), .. } if *r == stands
+            ),
+            "{again:?}"
+        );
+        // Only stdout's place is known: what stderr got meanwhile is not shown.
+        assert_eq!(
+            what.gap(&stands),
+            "what the node wrote meanwhile is not shown"
+        );
+        let only_stdout = Follow::Logs {
+            node: "w".into(),
+            lines: 10,
+            stream: Some(LogStream::Stdout),
+        };
+        assert_eq!(
+            only_stdout.gap(&stands),
+            "what the node wrote meanwhile follows"
+        );
+        assert_eq!(
+            Follow::Monitor { logs: true }.gap(&stands),
+            "events meanwhile are not shown"
+        );
+    }
+
+    #[test]
+    fn refusals_and_unusable_certificates_are_not_tried_again() {
+        let refused = anyhow::Error::new(drover_net::NetError::Refused(
+            drover_proto::msg::WireError::new(drover_proto::msg::ErrorCode::Forbidden, "no"),
+        ));
+        assert!(permanent(&refused));
+        let creds = anyhow::Error::new(drover_net::NetError::Credentials("bad key".into()));
+        assert!(permanent(&creds));
+        let away = anyhow::Error::new(drover_net::NetError::Connection(
+            "nothing listens at udp 127.0.0.1:1: connection refused".into(),
+        ));
+        assert!(!permanent(&away));
+    }
+}
