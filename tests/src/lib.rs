@@ -793,6 +793,63 @@ impl Drop for Cluster {
     }
 }
 
+/// A `drover` command running in the background (`logs -f`, `monitor`), its stdout
+/// and stderr going to files of the test's directory; killed when dropped.
+pub struct Background {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Background {
+    /// Starts `drover ARGS` as client `ops` against `controllers` (one address, or a
+    /// comma-separated group), writing to `NAME.out` and `NAME.err`.
+    pub fn start(c: &Cluster, controllers: &str, args: &[&str], name: &str) -> Self {
+        let (out, err) = (
+            c.dir.path().join(format!("{name}.out")),
+            c.dir.path().join(format!("{name}.err")),
+        );
+        let child = Command::new(bin("drover"))
+            .arg("--controller")
+            .arg(controllers)
+            .arg("--ca")
+            .arg(c.pki_file("ca.crt"))
+            .arg("--cert")
+            .arg(c.pki_file("ops.crt"))
+            .arg("--key")
+            .arg(c.pki_file("ops.key"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, out, err }
+    }
+
+    /// What it wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// What it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Its exit status, once it has ended.
+    pub fn ended(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// What a CLI run printed.
 #[derive(Debug)]
 pub struct CliOutput {

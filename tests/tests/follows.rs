@@ -198,3 +198,175 @@ fn abandoned_follows_on_a_quiet_node_are_released() {
     let out = c.drover(addr, &["logs", "quiet"]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
 }
+
+/// The numbers of the lines `PREFIX-N` of `text`, in order.
+fn numbered(text: &str, prefix: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(prefix)?.parse().ok())
+        .collect()
+}
+
+/// A node that writes `out-N` on stdout and `err-N` on stderr twenty times a second,
+/// and a quiet one, on instance `a1`.
+fn deploy_talking(c: &Cluster, addr: SocketAddr) {
+    c.deploy_text(addr, "talk.toml", &format!(
+        "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
+         [nodes.talk]\ninstance = \"a1\"\ncommand = [\"/bin/sh\", \"-c\", \"i=0; while :; do i=$((i+1)); echo out-$i; echo err-$i >&2; sleep 0.05; done\"]\n\
+         [nodes.quiet]\ninstance = \"a1\"\ncommand = [\"{}\"]\n",
+        bin("drover-testprog").display()
+    ));
+}
+
+/// `logs -f` and `monitor` go on when their controller stops and starts again (SIGTERM,
+/// SIGKILL, and SIGTERM while the agent is stopped, so that the new controller has no
+/// agent yet when the follow is taken up): the follow takes up where it stood, each line
+/// once and none missing, and the monitor subscribes again; both say so on stderr.
+#[test]
+fn follows_go_on_through_their_controllers_restart() {
+    use drover_tests::Background;
+    use nix::sys::signal::Signal;
+
+    let c = Cluster::new();
+    let (mut ctl, addr) = c.start_controller("127.0.0.1:0");
+    let agent = c.start_agent("a1", addr);
+    deploy_talking(&c, addr);
+    let at = addr.to_string();
+    let logs = Background::start(&c, &at, &["logs", "-f", "talk", "-n", "0"], "logs");
+    let monitor = Background::start(&c, &at, &["monitor"], "monitor");
+    eventually("the follow shows lines", PATIENCE, || {
+        (numbered(&logs.stdout(), "out-").len() >= 5).then_some(())
+    });
+    let node_events = |text: &str| {
+        text.lines()
+            .filter(|l| l.contains("\"node_state\"") && l.contains("\"quiet\""))
+            .count()
+    };
+    for (round, how) in [(1, Signal::SIGTERM), (2, Signal::SIGKILL)] {
+        let before = *numbered(&logs.stdout(), "out-").last().unwrap();
+        if how == Signal::SIGKILL {
+            ctl.kill();
+        } else {
+            ctl.signal(how);
+            ctl.wait_exit(PATIENCE);
+        }
+        // Started again on its address and state dir.
+        ctl = c.start_controller(&at).0;
+        eventually(
+            &format!("round {round}: the follow goes on"),
+            PATIENCE,
+            || {
+                let taken_up = logs
+                    .stderr()
+                    .matches("following again through controller")
+                    .count();
+                let last = *numbered(&logs.stdout(), "out-").last().unwrap();
+                (taken_up == round && last > before + 20).then_some(())
+            },
+        );
+        // The monitor subscribed again: what happens now shows.
+        eventually(
+            &format!("round {round}: the monitor subscribed again"),
+            PATIENCE,
+            || {
+                (monitor
+                    .stderr()
+                    .matches("following again through controller")
+                    .count()
+                    == round)
+                    .then_some(())
+            },
+        );
+        let seen = node_events(&monitor.stdout());
+        let out = c.drover(addr, &["restart", "quiet"]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        eventually(
+            &format!("round {round}: the monitor shows the restart"),
+            PATIENCE,
+            || (node_events(&monitor.stdout()) > seen).then_some(()),
+        );
+    }
+    // Once more with the agent stopped meanwhile: the new controller has no agent when
+    // the follow is taken up, and holds it until the agent is back.
+    let before = *numbered(&logs.stdout(), "out-").last().unwrap();
+    agent.signal(Signal::SIGSTOP);
+    ctl.signal(Signal::SIGTERM);
+    ctl.wait_exit(PATIENCE);
+    let _ctl = c.start_controller(&at).0;
+    eventually("round 3: the follow taken up", PATIENCE, || {
+        (logs
+            .stderr()
+            .matches("following again through controller")
+            .count()
+            == 3)
+            .then_some(())
+    });
+    agent.signal(Signal::SIGCONT);
+    eventually(
+        "round 3: the follow goes on once the agent is back",
+        PATIENCE,
+        || (*numbered(&logs.stdout(), "out-").last().unwrap() > before + 20).then_some(()),
+    );
+
+    let (out, err) = (logs.stdout(), logs.stderr());
+    for (text, prefix) in [(&out, "out-"), (&err, "err-")] {
+        let nums = numbered(text, prefix);
+        let broken: Vec<(u64, u64)> = nums
+            .windows(2)
+            .map(|w| (w[0], w[1]))
+            .filter(|(a, b)| *b != a + 1)
+            .collect();
+        assert!(
+            broken.is_empty(),
+            "{prefix} lines skipped or repeated at {broken:?}"
+        );
+    }
+    assert!(
+        err.contains(
+            "went away (controller shutting down); following again once a controller answers]"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("what the node wrote meanwhile follows]")
+            .count(),
+        3,
+        "{err}"
+    );
+    let said = monitor.stderr();
+    assert_eq!(
+        said.matches("events meanwhile are not shown]").count(),
+        3,
+        "{said}"
+    );
+    for (what, mut bg) in [("logs -f", logs), ("monitor", monitor)] {
+        assert!(bg.ended().is_none(), "{what} ended: {}", bg.stderr());
+    }
+}
+
+/// A follow whose connection the controller ends for another reason than going away
+/// ends with it: here its client's certificate, revoked.
+#[test]
+fn a_follow_whose_client_is_revoked_ends() {
+    use drover_tests::Background;
+
+    let c = Cluster::new();
+    let deny = c.dir.path().join("deny.list");
+    std::fs::write(&deny, "# nothing revoked\n").unwrap();
+    let (ctl, addr) =
+        c.start_controller_with("127.0.0.1:0", &["--deny-list", deny.to_str().unwrap()]);
+    let _agent = c.start_agent("a1", addr);
+    deploy_talking(&c, addr);
+    let mut logs = Background::start(&c, &addr.to_string(), &["logs", "-f", "talk"], "logs");
+    eventually("the follow shows lines", PATIENCE, || {
+        (numbered(&logs.stdout(), "out-").len() >= 3).then_some(())
+    });
+    std::fs::write(&deny, "client/ops\n").unwrap();
+    ctl.signal(nix::sys::signal::Signal::SIGHUP);
+    let status = eventually("the follow ends", PATIENCE, || logs.ended());
+    assert_eq!(status.code(), Some(1), "{}", logs.stderr());
+    assert!(
+        !logs.stderr().contains("following again"),
+        "{}",
+        logs.stderr()
+    );
+}

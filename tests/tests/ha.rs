@@ -1299,3 +1299,92 @@ fn the_example_high_availability_config_runs_against_etcd_over_tls() {
         .expect("the leader key");
     assert_eq!(kv.value, b"ctl-1.example.net:2150");
 }
+
+/// `logs -f` and `monitor`, given the group's addresses, move to the new leader when
+/// theirs is SIGKILLed, then when the next one stops (SIGTERM, as in a rolling
+/// upgrade): the follow takes up where it stood, each line once and none missing.
+#[test]
+fn follows_move_to_the_new_leader() {
+    use drover_tests::Background;
+
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let mut group = Group::start(&c, &etcd, 3);
+    let mut leader = group.leader(&rt, &etcd, None);
+    let list = group.list();
+    c.issue(PeerRole::Agent, "a1");
+    let _agent = c.start_agent_args("a1", "a1", &["--controller", &list]);
+    let file = c.dir.path().join("talk.toml");
+    std::fs::write(
+        &file,
+        "[instances.a1]\n[defaults]\nreadiness = { kind = \"start-period\", period = \"0s\" }\n\
+         [nodes.talk]\ninstance = \"a1\"\ncommand = [\"/bin/sh\", \"-c\", \"i=0; while :; do i=$((i+1)); echo out-$i; sleep 0.05; done\"]\n",
+    )
+    .unwrap();
+    eventually("the agent connected and took the deploy", PATIENCE, || {
+        (etcd::drover(&c, &list, &["deploy-config", file.to_str().unwrap()]).code == Some(0))
+            .then_some(())
+    });
+    let numbers = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("out-")?.parse().ok())
+            .collect()
+    };
+    let logs = Background::start(&c, &list, &["logs", "-f", "talk", "-n", "0"], "logs");
+    let monitor = Background::start(&c, &list, &["monitor"], "monitor");
+    eventually("the follow shows lines", PATIENCE, || {
+        (numbers(&logs.stdout()).len() >= 5).then_some(())
+    });
+    for (round, how) in [(1, Signal::SIGKILL), (2, Signal::SIGTERM)] {
+        let before = *numbers(&logs.stdout()).last().unwrap();
+        let old = group.addrs[leader];
+        if how == Signal::SIGKILL {
+            group.procs[leader].kill();
+        } else {
+            group.procs[leader].signal(how);
+        }
+        let next = group.leader(&rt, &etcd, Some(leader));
+        let new = group.addrs[next];
+        eventually(
+            &format!("round {round}: the follow goes on through {new}"),
+            PATIENCE,
+            || {
+                let err = logs.stderr();
+                let last = *numbers(&logs.stdout()).last().unwrap();
+                (err.contains(&format!("following again through controller {new}"))
+                    && last > before + 20)
+                    .then_some(())
+            },
+        );
+        let said = logs.stderr();
+        assert!(
+            said.contains(&format!("controller {old} went away")),
+            "{said}"
+        );
+        eventually(
+            &format!("round {round}: the monitor moved to {new}"),
+            PATIENCE,
+            || {
+                monitor
+                    .stderr()
+                    .contains(&format!("following again through controller {new}"))
+                    .then_some(())
+            },
+        );
+        leader = next;
+    }
+    let nums = numbers(&logs.stdout());
+    let broken: Vec<(u64, u64)> = nums
+        .windows(2)
+        .map(|w| (w[0], w[1]))
+        .filter(|(a, b)| *b != a + 1)
+        .collect();
+    assert!(broken.is_empty(), "lines skipped or repeated at {broken:?}");
+    for (what, mut bg) in [("logs -f", logs), ("monitor", monitor)] {
+        assert!(bg.ended().is_none(), "{what} ended: {}", bg.stderr());
+    }
+}
