@@ -332,6 +332,19 @@ fn follows_go_on_through_their_controllers_restart() {
         3,
         "{err}"
     );
+    // A program reading the events learns of each gap in their own form.
+    let resubscribed: Vec<serde_json::Value> = monitor
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"]["type"] == "resubscribed")
+        .collect();
+    assert_eq!(resubscribed.len(), 3, "{resubscribed:?}");
+    assert_eq!(resubscribed[0]["event"]["controller"], at.as_str());
+    assert_eq!(
+        resubscribed[0]["event"]["reason"], "controller shutting down",
+        "{resubscribed:?}"
+    );
     let said = monitor.stderr();
     assert_eq!(
         said.matches("events meanwhile are not shown]").count(),

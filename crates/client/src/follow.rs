@@ -6,7 +6,8 @@
 //! address it was given, following a follower's pointer to the leader) until a
 //! controller answers, and asks anew. A log follow is taken up from where the last
 //! lines it showed left each stream (the agent sends what the node wrote meanwhile, at
-//! most its last MiB); a monitor subscribes again, and the events of the gap are lost.
+//! most its last MiB); a monitor subscribes again, and the events of the gap are lost:
+//! it writes a `resubscribed` event where they would have been.
 //! A connection ended for another reason (our certificate no longer trusted, Ctrl-C)
 //! ends the command, as does a refusal when dialling again.
 
@@ -14,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use drover_proto::model::{LogResume, LogStream};
-use drover_proto::msg::ClientRequest;
+use drover_proto::msg::{ClientRequest, Event, EventRecord};
 
 use crate::output::{self, Ended};
 use crate::session::{Refused, Session};
@@ -127,8 +128,25 @@ pub(crate) async fn run(
             session.peer(),
             what.gap(&stands)
         ));
+        if let Follow::Monitor { .. } = what {
+            // For a program reading the events: the gap, in their own form.
+            let record = EventRecord {
+                at_ms: now_ms(),
+                event: Event::Resubscribed {
+                    controller: session.peer().to_string(),
+                    reason: why,
+                },
+            };
+            stdio::outln(&serde_json::to_string(&record)?)?;
+        }
         resume = Some(stands);
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Dials until a controller answers (None once stdout's reader went away); a refusal

@@ -459,6 +459,16 @@ pub enum Event {
         /// How many.
         missed: u64,
     },
+    /// Written by `drover monitor` itself, never sent by a controller: its controller
+    /// went away and it subscribed again through `controller`. The events of the gap
+    /// are missing, so a consumer that keeps state reads it afresh (as after
+    /// [`Event::Lagged`]).
+    Resubscribed {
+        /// The controller subscribed to now.
+        controller: String,
+        /// Why the last one was left.
+        reason: String,
+    },
     /// A request that changes something was answered (or refused), as written to the
     /// audit trail.
     Audit {
