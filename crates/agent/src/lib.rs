@@ -1132,7 +1132,7 @@ fn stream_logs(
     from: Option<[Option<logs::Mark>; 2]>,
 ) -> tokio::sync::mpsc::Receiver<AgentResponse> {
     let lines = if from.is_some() { 0 } else { lines };
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
     let streams: Vec<LogStream> = match only {
         Some(s) => vec![s],
         None => vec![LogStream::Stdout, LogStream::Stderr],
@@ -1158,28 +1158,40 @@ fn stream_logs(
     };
     tokio::spawn(async move {
         for s in &streams {
-            let l = logs.clone();
-            let fs = file_stream(*s);
-            let tail = tokio::task::spawn_blocking(move || l.tail(fs, lines))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default();
+            let (l, fs, stream, out) = (logs.clone(), file_stream(*s), *s, tx.clone());
+            // Sent batch by batch as the files are read, so that a tail of millions of
+            // lines never sits in memory whole; the channel's bound holds the reading
+            // back while the client takes its time.
+            let read = tokio::task::spawn_blocking(move || {
+                let mut batch = Batch::default();
+                let mut open = true;
+                let read = l.tail_each(fs, lines, |line| {
+                    if let Some(full) = batch.push(line) {
+                        let chunk = LogChunk {
+                            stream,
+                            lines: full,
+                            end: None,
+                        };
+                        open = out.blocking_send(AgentResponse::Log(chunk)).is_ok();
+                    }
+                    open
+                });
+                if let Err(e) = read {
+                    tracing::debug!(file = fs.file_name(), "cannot read the tail of a log: {e}");
+                }
+                open.then(|| batch.take())
+            })
+            .await;
+            let Ok(Some(last)) = read else { return };
             // An empty tail still answers, so that the client sees the stream. The
             // follower goes on from where the last batch says the file stands.
-            let batches = log_batches(tail);
-            let last = batches.len() - 1;
-            for (k, batch) in batches.into_iter().enumerate() {
-                let chunk = LogChunk {
-                    stream: *s,
-                    lines: batch,
-                    end: (k == last)
-                        .then(|| begins[usize::from(*s == LogStream::Stderr)])
-                        .flatten(),
-                };
-                if tx.send(AgentResponse::Log(chunk)).await.is_err() {
-                    return;
-                }
+            let chunk = LogChunk {
+                stream: *s,
+                lines: last,
+                end: begins[usize::from(*s == LogStream::Stderr)],
+            };
+            if tx.send(AgentResponse::Log(chunk)).await.is_err() {
+                return;
             }
         }
         let mut tasks = tokio::task::JoinSet::new();
@@ -1220,23 +1232,37 @@ fn stream_logs(
     rx
 }
 
-/// Splits lines into batches of at most [`LOG_BATCH_LINES`] lines and about
-/// [`LOG_BATCH_BYTES`] bytes as JSON (a batch ends after the line that reached it); no
-/// lines make one empty batch.
-fn log_batches(lines: Vec<String>) -> Vec<Vec<String>> {
-    let mut batches = vec![Vec::new()];
-    let mut bytes = 0;
-    for line in lines {
-        let full = batches
-            .last()
-            .is_some_and(|b| b.len() >= LOG_BATCH_LINES || bytes >= LOG_BATCH_BYTES);
-        if full {
-            batches.push(Vec::new());
-            bytes = 0;
-        }
-        bytes += json_str_len(&line);
-        batches.last_mut().expect("never empty").push(line);
+/// Lines gathered into batches of at most [`LOG_BATCH_LINES`] lines and about
+/// [`LOG_BATCH_BYTES`] bytes as JSON (a batch ends after the line that reached it).
+#[derive(Default)]
+struct Batch {
+    lines: Vec<String>,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Adds `line`; the batch it completed, if it was full.
+    fn push(&mut self, line: String) -> Option<Vec<String>> {
+        let full = (self.lines.len() >= LOG_BATCH_LINES || self.bytes >= LOG_BATCH_BYTES)
+            .then(|| self.take());
+        self.bytes += json_str_len(&line);
+        self.lines.push(line);
+        full
     }
+
+    /// The lines gathered, the batch left empty.
+    fn take(&mut self) -> Vec<String> {
+        self.bytes = 0;
+        std::mem::take(&mut self.lines)
+    }
+}
+
+/// Splits lines into batches as [`Batch`] does; no lines make one empty batch.
+#[cfg(test)]
+fn log_batches(lines: Vec<String>) -> Vec<Vec<String>> {
+    let mut batch = Batch::default();
+    let mut batches: Vec<Vec<String>> = lines.into_iter().filter_map(|l| batch.push(l)).collect();
+    batches.push(batch.take());
     batches
 }
 

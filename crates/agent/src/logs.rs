@@ -515,6 +515,91 @@ impl NodeLogs {
         Ok(newest_first)
     }
 
+    /// The last `n` lines of a stream, oldest first, as [`NodeLogs::tail`] has them, each
+    /// handed to `each` as it is read, until `each` says stop (returns false). What it
+    /// holds stays bounded whatever `n` (a chunk and a line): the lines' start is found
+    /// by counting backwards, then they are read forwards from there, each file up to
+    /// the length it had when counted.
+    pub fn tail_each(
+        &self,
+        s: Stream,
+        n: usize,
+        each: impl FnMut(String) -> bool,
+    ) -> io::Result<()> {
+        self.tail_each_in(s, n, TAIL_CHUNK, each)
+    }
+
+    /// [`NodeLogs::tail_each`], reading `chunk` bytes at a time.
+    fn tail_each_in(
+        &self,
+        s: Stream,
+        n: usize,
+        chunk: usize,
+        mut each: impl FnMut(String) -> bool,
+    ) -> io::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        // Newest first: (file, offset of the first wanted byte, length when counted).
+        let mut spans = Vec::new();
+        let mut found = 0;
+        let files = std::iter::once(self.path(s)).chain(
+            self.rotated_indices(s)?
+                .into_iter()
+                .map(|i| self.rotated_path(s, i)),
+        );
+        for path in files {
+            let mut f = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(with_path("opening", &path, e)),
+            };
+            let len = f.metadata()?.len();
+            let (lines, start) = line_starts_back(&mut f, len, n - found, chunk)
+                .map_err(|e| with_path("reading", &path, e))?;
+            spans.push((path, start, len));
+            found += lines;
+            if found >= n {
+                break;
+            }
+        }
+        let mut buf = vec![0; chunk.max(1)];
+        for (path, start, len) in spans.into_iter().rev() {
+            let mut f = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(with_path("opening", &path, e)),
+            };
+            f.seek(SeekFrom::Start(start))?;
+            let mut left = len - start;
+            let mut split = LineSplitter::default();
+            let mut lines = Vec::new();
+            while left > 0 {
+                let want = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+                let got = read_full(&mut f, &mut buf[..want])
+                    .map_err(|e| with_path("reading", &path, e))?;
+                lines.clear();
+                split.push_ends(&buf[..got], &mut lines);
+                for (line, _) in lines.drain(..) {
+                    if !each(line) {
+                        return Ok(());
+                    }
+                }
+                if got < want {
+                    // Truncated under us (a rotation): what was complete was given.
+                    break;
+                }
+                left -= got as u64;
+            }
+            if let Some(line) = split.finish()
+                && !each(line)
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
     /// The last `n` lines of each stream joined with `'\n'` (Zeek's `NodeOutputs`):
     /// (stdout, stderr). A stream that cannot be read yields a one-line error note.
     pub fn outputs(&self, n: usize) -> (String, String) {
@@ -855,6 +940,56 @@ fn tail_reader<R: Read + Seek>(
     Ok(())
 }
 
+/// Reads `r` (of length `len`) backwards in chunks of `chunk` bytes for the start of its
+/// `want`-th last line, lines counted as [`tail_reader`] does: how many lines it found
+/// (at most `want`) and the offset where the earliest of them begins.
+fn line_starts_back<R: Read + Seek>(
+    r: &mut R,
+    len: u64,
+    want: usize,
+    chunk: usize,
+) -> io::Result<(usize, u64)> {
+    if want == 0 || len == 0 {
+        return Ok((0, len));
+    }
+    let chunk = chunk.max(1);
+    let mut buf = vec![0; usize::try_from(len).map_or(chunk, |l| l.min(chunk))];
+    let (mut found, mut start, mut pos) = (0, len, len);
+    // Whether the line being crossed ends with '\n', and whether it has any byte.
+    let (mut terminated, mut any) = (false, false);
+    while pos > 0 {
+        let n = usize::try_from(pos).map_or(chunk, |p| p.min(chunk));
+        pos -= n as u64;
+        r.seek(SeekFrom::Start(pos))?;
+        if read_full(r, &mut buf[..n])? < n {
+            // Truncated under us (a rotation): keep what was complete.
+            return Ok((found, start));
+        }
+        let data = &buf[..n];
+        let mut end = n;
+        while let Some(i) = data[..end].iter().rposition(|&b| b == b'\n') {
+            any |= i + 1 < end;
+            // The empty "line" after a final '\n' is not a line.
+            if terminated || any {
+                found += 1;
+                start = pos + i as u64 + 1;
+                if found >= want {
+                    return Ok((found, start));
+                }
+            }
+            terminated = true;
+            any = false;
+            end = i;
+        }
+        any |= end > 0;
+    }
+    if terminated || any {
+        found += 1;
+        start = 0;
+    }
+    Ok((found, start))
+}
+
 /// Reads until `buf` is full or the end of the input; returns the bytes read.
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
@@ -965,6 +1100,18 @@ impl LineSplitter {
             lines.push((line, data.len() - rest.len()));
         }
         self.extend(rest);
+    }
+
+    /// The pending line, which no `'\n'` ended (the end of a file), if it has a byte.
+    fn finish(&mut self) -> Option<String> {
+        if self.len == 0 {
+            return None;
+        }
+        let held_all = self.len == self.buf.len();
+        let cr = held_all && self.buf.last() == Some(&b'\r');
+        let len = self.len - usize::from(cr);
+        self.len = 0;
+        Some(finish_line(std::mem::take(&mut self.buf), len))
     }
 
     fn extend(&mut self, bytes: &[u8]) {
@@ -1482,6 +1629,78 @@ mod tests {
             .into_iter()
             .map(|l| String::from_utf8_lossy(l.strip_suffix(b"\r").unwrap_or(l)).into_owned())
             .collect()
+    }
+
+    /// What `tail_each` hands out is what `tail` returns, for any count, across rotated
+    /// files with and without a final newline, CRLF, long lines and odd bytes, at any
+    /// chunk size.
+    #[test]
+    fn tail_each_gives_what_tail_returns() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let logs = logs(dir.path(), 1 << 20, 5);
+        let s = Stream::Stdout;
+        for round in 0..120 {
+            for i in 0..4 {
+                let path = if i == 0 {
+                    logs.path(s)
+                } else {
+                    logs.rotated_path(s, i)
+                };
+                let _ = fs::remove_file(&path);
+                if random() % 5 == 0 {
+                    continue;
+                }
+                let len = usize::try_from(random() % 40).unwrap();
+                let mut data: Vec<u8> = (0..len)
+                    .map(|_| match random() % 8 {
+                        0 | 1 => b'\n',
+                        2 => b'\r',
+                        3 => 0xc3,
+                        _ => b'a' + u8::try_from(random() % 3).unwrap(),
+                    })
+                    .collect();
+                if round % 10 == 0 {
+                    // A line past the cap.
+                    data.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES + 2));
+                    data.extend_from_slice(b"\r\n");
+                }
+                fs::write(&path, &data).unwrap();
+            }
+            let all = logs.tail(s, usize::MAX).unwrap();
+            // Byte by byte through the long line would take long for nothing.
+            let chunks: &[usize] = if round % 10 == 0 {
+                &[4096, TAIL_CHUNK]
+            } else {
+                &[1, 3, 16, TAIL_CHUNK]
+            };
+            for n in (0..=all.len() + 2).chain([usize::MAX]) {
+                let want = logs.tail(s, n).unwrap();
+                for &chunk in chunks {
+                    let mut got = Vec::new();
+                    logs.tail_each_in(s, n, chunk, |l| {
+                        got.push(l);
+                        true
+                    })
+                    .unwrap();
+                    assert_eq!(got, want, "round {round}, n {n}, chunk {chunk}");
+                }
+            }
+            // A consumer that stops is not handed more.
+            let mut got = 0;
+            logs.tail_each(s, usize::MAX, |_| {
+                got += 1;
+                got < 2
+            })
+            .unwrap();
+            assert_eq!(got, all.len().min(2));
+        }
     }
 
     #[test]
