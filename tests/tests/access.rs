@@ -535,3 +535,55 @@ fn scopes_are_for_client_certificates_only() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// A trail larger than a frame is read whole: the controller answers in batches.
+#[test]
+fn a_trail_larger_than_a_frame_is_read_whole() {
+    let c = Cluster::new();
+    let bound = ["--audit-max-bytes", "64M"];
+    let (mut ctl, addr) = c.start_controller_with("127.0.0.1:0", &bound);
+    let _agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let file = cluster_file(&c);
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    ctl.signal(nix::sys::signal::Signal::SIGTERM);
+    ctl.wait_exit(PATIENCE);
+
+    // 60,000 more records of about 350 bytes: 20 MB, more than the 16 MiB frame limit.
+    let trail = c.dir.path().join("controller/audit.jsonl");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    let mut record: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let first_ms = record["at_ms"].as_u64().unwrap();
+    let mut more = String::new();
+    for i in 1..=60_000u64 {
+        record["at_ms"] = (first_ms + i).into();
+        record["args"] = format!("{}{i}", "x".repeat(200)).into();
+        more.push_str(&serde_json::to_string(&record).unwrap());
+        more.push('\n');
+    }
+    assert!(more.len() > 16 << 20);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&trail)
+        .unwrap();
+    std::io::Write::write_all(&mut f, more.as_bytes()).unwrap();
+    drop(f);
+
+    let (_ctl, addr) = c.start_controller_with(&addr.to_string(), &bound);
+    let records = audit(&c, addr, &["--limit", "100000"]);
+    let total = text.lines().count() + 60_000;
+    assert_eq!(records.len(), total);
+    assert!(
+        records
+            .windows(2)
+            .all(|w| w[0]["at_ms"].as_u64() <= w[1]["at_ms"].as_u64()),
+        "out of order"
+    );
+    assert_eq!(
+        records.last().unwrap()["args"],
+        format!("{}60000", "x".repeat(200))
+    );
+    let newest = audit(&c, addr, &["--limit", "3"]);
+    assert_eq!(newest, records[total - 3..]);
+}

@@ -568,14 +568,17 @@ async fn command(
             unreachable!("followed by `follow::run`")
         }
         Command::Audit { since, who, limit } => {
-            let reply = session
-                .request(&R::GetAudit {
+            let mut replies = session
+                .request_stream(&R::GetAudit {
                     since_ms: *since,
                     who: who.clone(),
                     limit: Some(*limit),
+                    batches: true,
                 })
                 .await?;
-            return output::print_audit(&reply).map(exit);
+            return output::print_audit(&mut replies, session.timeout())
+                .await
+                .map(exit);
         }
         Command::TestTimeout { with_state } => output::test_timeout(
             &session

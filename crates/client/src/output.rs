@@ -504,17 +504,45 @@ pub async fn print_events(replies: &mut drover_net::conn::ReplyStream) -> anyhow
     }
 }
 
-/// audit: one JSON object per entry and line, oldest first.
-pub fn print_audit(reply: &ClientResponse) -> anyhow::Result<bool> {
-    let ClientResponse::Audit(records) = reply else {
-        anyhow::bail!("the controller answered the audit request with something else");
-    };
-    let mut text = String::new();
-    for record in records {
-        text.push_str(&serde_json::to_string(record)?);
-        text.push('\n');
+/// audit: one JSON object per entry and line, oldest first, printed batch by batch as
+/// the replies come (a controller that predates batches sends one); each within
+/// `timeout` of the last.
+pub async fn print_audit(
+    replies: &mut drover_net::conn::ReplyStream,
+    timeout: std::time::Duration,
+) -> anyhow::Result<bool> {
+    let mut any = false;
+    loop {
+        let Ok(reply) = tokio::time::timeout(timeout, replies.next::<ClientResponse>()).await
+        else {
+            anyhow::bail!(
+                "the audit request timed out after {}",
+                drover_net::humanize(timeout)
+            );
+        };
+        let Some(reply) = reply? else { break };
+        let records = match reply {
+            ClientResponse::Audit(records) => records,
+            ClientResponse::Result(r) if !r.success => {
+                anyhow::bail!("{}", r.error.as_deref().unwrap_or("no reason given"))
+            }
+            _ => anyhow::bail!("the controller answered the audit request with something else"),
+        };
+        any = true;
+        let mut text = String::new();
+        for record in records {
+            text.push_str(&serde_json::to_string(&record)?);
+            text.push('\n');
+        }
+        stdio::out(&text)?;
+        if stdio::stdout_gone() {
+            return Ok(true);
+        }
     }
-    stdio::out(&text)?;
+    anyhow::ensure!(
+        any,
+        "the controller ended the audit request without an answer"
+    );
     Ok(true)
 }
 

@@ -202,6 +202,11 @@ impl Session {
         Ok(session)
     }
 
+    /// How long a request may take (between two replies, for a stream of them).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The controller's address.
     pub fn peer(&self) -> std::net::SocketAddr {
         self.conn.remote_address()

@@ -284,6 +284,15 @@ async fn handle_folding(
     if let ClientRequest::Monitor { logs } = req.body {
         return monitor(shared, logs);
     }
+    if let ClientRequest::GetAudit {
+        since_ms,
+        who,
+        limit,
+        batches: true,
+    } = req.body
+    {
+        return audit_in_batches(shared, req.id, since_ms, who, limit);
+    }
     if let ClientRequest::Deploy {
         progress: true,
         restart_all,
@@ -439,6 +448,7 @@ async fn handle_one(
             since_ms,
             who,
             limit,
+            ..
         } => {
             let limit = limit.unwrap_or(audit::DEFAULT_READ_LIMIT);
             match shared.audit.read(since_ms, who, limit).await {
@@ -464,6 +474,58 @@ async fn handle_one(
             ClientResponse::Result(MgmtResult::err(id, "request timed out"))
         }
     }
+}
+
+/// Most bytes (as JSON) of the records in one batch of an audit reply: far below the
+/// frame limit.
+const AUDIT_BATCH_BYTES: usize = 1024 * 1024;
+
+/// The audit records asked for, in batches of about [`AUDIT_BATCH_BYTES`] (see
+/// `ClientRequest::GetAudit::batches`); none make one empty batch.
+fn audit_in_batches(
+    shared: &Arc<Shared>,
+    id: String,
+    since_ms: Option<u64>,
+    who: Option<String>,
+    limit: Option<usize>,
+) -> Answer<ClientResponse> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let limit = limit.unwrap_or(audit::DEFAULT_READ_LIMIT);
+        let records = match shared.audit.read(since_ms, who, limit).await {
+            Ok(records) => records,
+            Err(e) => {
+                let why = format!(
+                    "cannot read the audit trail {}: {e}",
+                    shared.audit.describe()
+                );
+                let _ = tx
+                    .send(ClientResponse::Result(MgmtResult::err(id, why)))
+                    .await;
+                return;
+            }
+        };
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for record in records {
+            let size = serde_json::to_vec(&record).map_or(0, |v| v.len() + 1);
+            if !batch.is_empty() && bytes + size > AUDIT_BATCH_BYTES {
+                if tx
+                    .send(ClientResponse::Audit(std::mem::take(&mut batch)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                bytes = 0;
+            }
+            bytes += size;
+            batch.push(record);
+        }
+        let _ = tx.send(ClientResponse::Audit(batch)).await;
+    });
+    Answer::Stream(rx)
 }
 
 /// Log follows the controller keeps open to one agent at most: an agent serves at most

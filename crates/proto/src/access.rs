@@ -222,6 +222,7 @@ mod tests {
                 since_ms: None,
                 who: None,
                 limit: None,
+                batches: false,
             },
             ClientRequest::TestTimeout { with_state: false },
         ]

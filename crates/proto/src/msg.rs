@@ -299,6 +299,12 @@ pub enum ClientRequest {
         /// At most this many (the newest).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<usize>,
+        /// Answer in batches: several [`ClientResponse::Audit`] replies, oldest first,
+        /// each well under the frame limit, the stream ending after the last, so that
+        /// a trail of any size can be read. A controller that predates this answers
+        /// with one reply.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        batches: bool,
     },
     /// Tests request timeouts: no answer until the controller's request timeout.
     TestTimeout {
