@@ -198,15 +198,23 @@ impl AuditLog {
         who: Option<&str>,
         limit: usize,
     ) -> std::io::Result<Vec<AuditRecord>> {
-        // Appends wait meanwhile, so a rotation cannot move a file between reads.
-        let _slot = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        // The files are opened while appends wait, so that a rotation cannot move one
+        // between two opens; they are read after, so that a long read holds no change
+        // up (a rotation renames: an open file stays the same file).
+        let files = {
+            let _slot = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            let mut files = Vec::new();
+            for path in self.files() {
+                match File::open(&path) {
+                    Ok(f) => files.push(f),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            files
+        };
         let mut out = VecDeque::new();
-        for path in self.files() {
-            let f = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
+        for f in files {
             for line in BufReader::new(f).split(b'\n') {
                 let Ok(record) = serde_json::from_slice::<AuditRecord>(&line?) else {
                     continue;
