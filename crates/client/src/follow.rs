@@ -9,7 +9,8 @@
 //! most its last MiB); a monitor subscribes again, and the events of the gap are lost:
 //! it writes a `resubscribed` event where they would have been.
 //! A connection ended for another reason (our certificate no longer trusted, Ctrl-C)
-//! ends the command, as does a refusal when dialling again.
+//! ends the command, as does a refusal when dialling again; any other failure to dial
+//! is told (each reason once) and tried again.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -155,7 +156,10 @@ async fn dial_again(settings: &Settings) -> anyhow::Result<Option<Session>> {
     let closed = stdio::stdout_closed();
     tokio::pin!(closed);
     let mut pause = FIRST_PAUSE;
-    let mut told = false;
+    // The last reason told: each is told once, a new one as it comes (a certificate
+    // that expired meanwhile, say, which its renewal on disk mends: the files are read
+    // again at each attempt).
+    let mut told = None;
     loop {
         let attempt = tokio::select! {
             s = Session::connect(settings) => s,
@@ -164,14 +168,15 @@ async fn dial_again(settings: &Settings) -> anyhow::Result<Option<Session>> {
         match attempt {
             Ok(s) => return Ok(Some(s)),
             Err(e) if permanent(&e) => return Err(e),
-            Err(e) if !told => {
-                told = true;
-                stdio::errln(&format!(
-                    "[drover: no controller answers yet ({}); trying again]",
-                    drover_proto::error_text::one_line(e.as_ref())
-                ));
+            Err(e) => {
+                let why = drover_proto::error_text::one_line(e.as_ref());
+                if told.as_ref() != Some(&why) {
+                    stdio::errln(&format!(
+                        "[drover: no controller answers yet ({why}); trying again]"
+                    ));
+                    told = Some(why);
+                }
             }
-            Err(_) => {}
         }
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
@@ -181,14 +186,15 @@ async fn dial_again(settings: &Settings) -> anyhow::Result<Option<Session>> {
     }
 }
 
-/// Whether a failure to connect would come again however often we tried: a refusal,
-/// or certificates that cannot be used.
+/// Whether a failure to connect would come again however often we tried: the
+/// controller refused us, or something else than a controller answers there. Not our
+/// certificate files failing to load, which a renewal under way mends.
 fn permanent(e: &anyhow::Error) -> bool {
     use drover_net::NetError;
     e.downcast_ref::<Refused>().is_some()
         || matches!(
             e.downcast_ref::<NetError>(),
-            Some(NetError::Credentials(_) | NetError::Identity(_) | NetError::Refused(_))
+            Some(NetError::Identity(_) | NetError::Refused(_))
         )
 }
 
@@ -251,13 +257,13 @@ mod tests {
     }
 
     #[test]
-    fn refusals_and_unusable_certificates_are_not_tried_again() {
+    fn refusals_are_not_tried_again() {
         let refused = anyhow::Error::new(drover_net::NetError::Refused(
             drover_proto::msg::WireError::new(drover_proto::msg::ErrorCode::Forbidden, "no"),
         ));
         assert!(permanent(&refused));
         let creds = anyhow::Error::new(drover_net::NetError::Credentials("bad key".into()));
-        assert!(permanent(&creds));
+        assert!(!permanent(&creds), "a renewal may be under way");
         let away = anyhow::Error::new(drover_net::NetError::Connection(
             "nothing listens at udp 127.0.0.1:1: connection refused".into(),
         ));
