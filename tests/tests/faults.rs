@@ -191,6 +191,11 @@ fn controller_sigkilled_during_a_deploy_brings_agents_to_the_recorded_deploy() {
         "no node of the cut-off deploy is reported started: {stdout}"
     );
     assert!(stderr.starts_with("error: "), "{stderr}");
+    // ...and that whether it was recorded is not known, and where to look.
+    assert!(
+        stderr.contains("whether the deploy was recorded is not known: `drover status` shows the generation in effect"),
+        "{stderr}"
+    );
 
     let (_ctl2, addr2) = c.start_controller(&addr.to_string());
     let desired = c.dir.path().join("controller/desired.json");

@@ -355,10 +355,44 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         if let Some(what) = following(&cli.command) {
             return follow::run(&settings, session, &what).await;
         }
-        let result = command(&cli, &settings, &session, staged).await;
+        let result = command(&cli, &settings, &session, staged)
+            .await
+            .map_err(
+                |e| match (session.lost_under_way(), unknown_outcome(&cli.command)) {
+                    (true, Some(hint)) => anyhow::anyhow!(
+                        "{}; {hint}",
+                        drover_proto::error_text::one_line(e.as_ref())
+                    ),
+                    _ => e,
+                },
+            );
         session.close().await;
         result
     })
+}
+
+/// For a command that changes something, what to tell when its connection was lost
+/// before the answer came: it may have been carried out.
+fn unknown_outcome(command: &Command) -> Option<&'static str> {
+    match command {
+        Command::Deploy { .. } | Command::DeployConfig { .. } => Some(
+            "it went away before it answered, so whether the deploy was recorded is not \
+             known: `drover status` shows the generation in effect and `drover get-config \
+             --deployed` its configuration",
+        ),
+        Command::StageConfig { .. } => Some(
+            "it went away before it answered, so whether the configuration was staged is \
+             not known: `drover get-config` shows the staged one",
+        ),
+        Command::Restart { .. }
+        | Command::Stop { .. }
+        | Command::Start { .. }
+        | Command::Signal { .. } => Some(
+            "it went away before it answered, so whether the request was carried out is \
+             not known: `drover status` shows the nodes",
+        ),
+        _ => None,
+    }
 }
 
 pub(crate) fn exit(ok: bool) -> ExitCode {

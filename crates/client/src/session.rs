@@ -207,6 +207,14 @@ impl Session {
         self.timeout
     }
 
+    /// Whether the connection ended under a request, by the controller's doing or the
+    /// network's (not ours: Ctrl-C, or the command's end).
+    pub fn lost_under_way(&self) -> bool {
+        self.conn
+            .close_reason()
+            .is_some_and(|r| !matches!(r, quinn::ConnectionError::LocallyClosed))
+    }
+
     /// The controller's address.
     pub fn peer(&self) -> std::net::SocketAddr {
         self.conn.remote_address()
