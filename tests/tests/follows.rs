@@ -383,3 +383,41 @@ fn a_follow_whose_client_is_revoked_ends() {
         logs.stderr()
     );
 }
+
+/// `logs -f` of a node whose agent is away waits for it, saying so, then shows the last
+/// lines and follows, as a follow under way does when its agent goes.
+#[test]
+fn a_follow_begun_while_its_agent_is_away_waits_for_it() {
+    use drover_tests::Background;
+
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("a1", addr);
+    deploy_talking(&c, addr);
+    agent.kill();
+    eventually("the agent's departure is noticed", PATIENCE, || {
+        let out = c.drover(addr, &["logs", "talk"]);
+        out.stderr.contains("not connected").then_some(())
+    });
+    let mut logs = Background::start(
+        &c,
+        &addr.to_string(),
+        &["logs", "-f", "talk", "-n", "3"],
+        "logs",
+    );
+    eventually("the follow says it waits", PATIENCE, || {
+        logs.stderr()
+            .contains("[drover: instance 'a1' is not connected; following once it is]")
+            .then_some(())
+    });
+    assert!(logs.ended().is_none(), "{}", logs.stderr());
+    let _agent = c.start_agent("a1", addr);
+    eventually("the follow shows the node's lines", PATIENCE, || {
+        (numbered(&logs.stdout(), "out-").len() >= 10).then_some(())
+    });
+    let nums = numbered(&logs.stdout(), "out-");
+    assert!(
+        nums.windows(2).all(|w| w[1] == w[0] + 1),
+        "lines skipped or repeated: {nums:?}"
+    );
+}

@@ -584,11 +584,11 @@ fn logs(
     else {
         return one(MgmtResult::err(id, "unknown cluster node").on_node(node));
     };
-    // A follow taken up by a client whose controller went away may come to one that
-    // has just started, before the agent is back: it waits for it.
-    let taken_up = follow && resume.is_some();
+    // A follow of a node whose agent is away waits for it, as a follow under way does
+    // when its agent goes (and one taken up by a client whose controller went away
+    // may come to one that has just started, before the agent is back).
     let conn = shared.registry.get(&instance);
-    if conn.is_none() && !taken_up {
+    if conn.is_none() && !follow {
         return one(
             MgmtResult::err(id, format!("instance '{instance}' is not connected"))
                 .on_instance(instance)
@@ -619,6 +619,20 @@ fn logs(
         let conn = match conn {
             Some(c) => c,
             None => {
+                if resume.is_none() {
+                    // On stderr whatever is followed: drover's words, not the node's.
+                    let chunk = drover_proto::model::LogChunk {
+                        stream: LogStream::Stderr,
+                        lines: vec![format!(
+                            "[drover: instance '{instance}' is not connected; following once it is]"
+                        )],
+                        end: None,
+                    };
+                    let note = to_client(MgmtResult::ok(&id, Some(ResultData::Log(chunk))));
+                    if tx.send(note).await.is_err() {
+                        return;
+                    }
+                }
                 let back = tokio::select! {
                     c = agent_back(&shared, &instance, None) => c,
                     () = tx.closed() => return,
