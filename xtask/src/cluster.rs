@@ -686,20 +686,30 @@ pub(crate) fn up(opts: &Options) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("Events follow; press Ctrl-C to stop the cluster.\n");
-    let mut monitor = cluster
+    let monitor = cluster
         .client()
         .arg("monitor")
         .process_group(0)
         .spawn()
         .context("cannot run drover monitor")?;
+    // Killed however this ends: a monitor outlives its controller, waiting for another.
+    let _monitor = Killed(monitor);
     while !interrupted() {
         cluster.check_alive()?;
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = monitor.kill();
-    let _ = monitor.wait();
     eprintln!("\nstopping the cluster");
     Ok(())
+}
+
+/// A child process killed and reaped when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Reads a detached cluster's record.
