@@ -607,6 +607,7 @@ impl Cluster {
     /// As [`Cluster::drover_command`], with the certificate files `FILE.crt`/`FILE.key`.
     pub fn drover_command_as(&self, file: &str, controller: SocketAddr) -> Command {
         let mut cmd = Command::new(bin("drover"));
+        dies_with_its_test(&mut cmd);
         cmd.arg("--controller")
             .arg(controller.to_string())
             .arg("--ca")
@@ -809,7 +810,9 @@ impl Background {
             c.dir.path().join(format!("{name}.out")),
             c.dir.path().join(format!("{name}.err")),
         );
-        let child = Command::new(bin("drover"))
+        let mut cmd = Command::new(bin("drover"));
+        dies_with_its_test(&mut cmd);
+        let child = cmd
             .arg("--controller")
             .arg(controllers)
             .arg("--ca")
@@ -847,6 +850,23 @@ impl Drop for Background {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Makes the process `cmd` starts die (SIGKILL) when the thread that starts it ends:
+/// for clients that run until stopped (`monitor`, `logs -f`), which go on through a
+/// controller's absence, waiting for one to answer, and so would outlive a test that
+/// failed before it stopped them.
+pub fn dies_with_its_test(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl(2) is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        cmd.pre_exec(|| {
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
     }
 }
 

@@ -279,6 +279,7 @@ fn a_renewal_and_a_ca_rollover_restart_nothing_and_fail_no_request() {
     let events = c.dir.path().join("events.jsonl");
     let mut monitor = {
         let mut cmd = Command::new(bin("drover"));
+        drover_tests::dies_with_its_test(&mut cmd);
         cmd.arg("--controller")
             .arg(addr.to_string())
             .arg("--ca")

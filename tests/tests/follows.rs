@@ -30,7 +30,8 @@ fn deploy_quiet(c: &Cluster, addr: SocketAddr) {
 
 /// A `drover` client that runs until killed.
 fn client(c: &Cluster, controller: SocketAddr, args: &[&str]) -> Child {
-    Command::new(bin("drover"))
+    let mut cmd = Command::new(bin("drover"));
+    drover_tests::dies_with_its_test(&mut cmd)
         .arg("--controller")
         .arg(controller.to_string())
         .arg("--ca")
