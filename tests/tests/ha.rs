@@ -446,11 +446,31 @@ fn a_leader_cut_off_from_etcd_alone_hands_clients_and_agents_to_the_next() {
     assert_eq!(group.leader(&rt, &etcd, None), 0);
     let list = group.list();
     let (_agent, before) = agent_running_one_node(&c, &list);
+    let monitor = drover_tests::Background::start(&c, &list, &["monitor"], "monitor");
+    eventually("the monitor subscribed to controller-0", PATIENCE, || {
+        group.procs[0]
+            .log_text()
+            .contains("client connected client=ops")
+            .then_some(())
+    });
 
     // Member 0 goes: controller-0 is cut off from etcd, which keeps its quorum and lets
     // controller-1 lead once controller-0's lease expired.
     etcd.kill(0);
     assert_eq!(group.leader(&rt, &etcd, Some(0)), 1);
+    // The cut-off leader lets its clients go with its agents: the monitor follows the
+    // new leader instead of waiting on the old one for agents that left it.
+    let moved = format!("following again through controller {a1}");
+    eventually("the monitor moved to the new leader", PATIENCE, || {
+        monitor.stderr().contains(&moved).then_some(())
+    });
+    assert!(
+        monitor
+            .stderr()
+            .contains("went away (controller cut off from etcd: it may not lead any more)"),
+        "{}",
+        monitor.stderr()
+    );
     // Clients given both addresses get the new leader, unwarned; the agent, let go by
     // the cut-off leader, moves over, and the node it runs is not restarted.
     let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);

@@ -181,6 +181,10 @@ pub(crate) struct Shared {
     /// Events for `monitor` subscribers; a subscriber that falls behind is told how
     /// many it missed rather than slowing anyone down.
     pub(crate) events: tokio::sync::broadcast::Sender<EventRecord>,
+    /// How often, and last why, this controller let its agents go while keeping its term
+    /// (cut off from etcd): its clients' connections close then too, so that their
+    /// follows (`logs -f`, `monitor`) look for the leader elsewhere.
+    pub(crate) let_go: tokio::sync::watch::Sender<(u64, &'static [u8])>,
     /// Every agent's nodes as last reported. Written by status reports, direct answers,
     /// operations and agent loss; read by get-nodes and `/metrics`. A std mutex: no
     /// critical section awaits.
@@ -554,6 +558,7 @@ impl Controller {
                 request_timeout: config.request_timeout,
                 trust,
                 events: tokio::sync::broadcast::channel(4096).0,
+                let_go: tokio::sync::watch::channel((0, &b""[..])).0,
                 view: std::sync::Mutex::default(),
                 endpoint,
                 metrics: drover_metrics::Registry::default(),
@@ -631,10 +636,14 @@ impl Controller {
                     async move { take_over(shared, revision).await }
                 },
                 move || {
-                    let_agents_go(
-                        &expired,
-                        b"controller cut off from etcd: it may not lead any more",
-                    )
+                    let why = b"controller cut off from etcd: it may not lead any more";
+                    let_agents_go(&expired, why);
+                    // A leader that steps down closes its clients' connections with its
+                    // term's; one cut off keeps its term, so it lets them go here.
+                    expired.let_go.send_modify(|(n, reason)| {
+                        *n += 1;
+                        *reason = why;
+                    });
                 },
                 move || {
                     let_agents_go(
@@ -1083,6 +1092,25 @@ async fn serve_client(
     scope: Scope,
 ) {
     debug!(client = %identity.name, addr = %conn.remote_address(), %scope, "client connected");
+    // A client following here (`logs -f`, `monitor`) would wait for agents that went to
+    // another leader: let go of it too, so that it looks for them there. Dialling
+    // again, it prefers a controller that does not warn of a stale term.
+    let mut let_go = shared.let_go.subscribe();
+    let_go.mark_unchanged();
+    let closing = conn.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            changed = let_go.changed() => {
+                if changed.is_ok() {
+                    let why = let_go.borrow().1;
+                    // As for a term's end: answers under way leave first.
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    closing.close(drover_net::peers::CLOSE_LET_GO.into(), why);
+                }
+            }
+            _ = closing.closed() => {}
+        }
+    });
     let caller = Arc::new(audit::Caller {
         role: identity.role,
         name: identity.name,
