@@ -207,6 +207,11 @@ fn outcome(out: &crate::CliOutput) -> Outcome {
         return Outcome::Acked;
     }
     let text = format!("{}{}", out.stdout, out.stderr);
+    // A connection closed under the request, whatever the reason says (a leader that
+    // stepped down: "not the leader any more"), leaves the outcome unknown.
+    if text.contains("closed the connection") || text.contains("is not known") {
+        return Outcome::Unknown;
+    }
     // Refusals before anything is written; anything else (a timeout, a lost connection,
     // "cannot record": etcd may have applied a write whose answer was lost) is unknown.
     let refused = [
@@ -745,4 +750,38 @@ fn pause(
     }
     drop(endpoint);
     violation
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(code: i32, stderr: &str) -> crate::CliOutput {
+        crate::CliOutput {
+            code: Some(code),
+            stdout: String::new(),
+            stderr: stderr.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_deploy_cut_off_by_a_stepping_down_leader_has_an_unknown_outcome() {
+        assert_eq!(
+            outcome(&out(
+                1,
+                "error: not the leader; the leader is 127.0.0.1:9\n"
+            )),
+            Outcome::Failed
+        );
+        assert_eq!(
+            outcome(&out(
+                1,
+                "error: peer 127.0.0.1:9 closed the connection: controller stepped down: not \
+                 the leader any more; it went away before it answered, so whether the deploy \
+                 was recorded is not known: ...\n"
+            )),
+            Outcome::Unknown
+        );
+        assert_eq!(outcome(&out(0, "")), Outcome::Acked);
+    }
 }
