@@ -1408,3 +1408,59 @@ fn follows_move_to_the_new_leader() {
         assert!(bg.ended().is_none(), "{what} ended: {}", bg.stderr());
     }
 }
+
+/// A follow welcomed by a controller that warns it may not lead any more (cut off from
+/// etcd) moves, without a break in its connection, to a controller of its list that
+/// leads and welcomes it without a warning, once there is one.
+#[test]
+fn a_follow_on_a_cut_off_controller_moves_once_a_leader_answers() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let mut etcd = Etcd::start(&c, 3);
+    let only_first = etcd.members[0].client_url.clone();
+    let (p0, a0) = etcd::start_controller(
+        &c,
+        "controller-0",
+        &etcd,
+        PREFIX,
+        &["--etcd-endpoints", &only_first],
+    );
+    p0.wait_log("leading: serving");
+    // The second controller's address is in the list from the start; it starts later.
+    let a1: SocketAddr = format!("127.0.0.1:{}", drover_tests::free_udp_port())
+        .parse()
+        .unwrap();
+    let list = etcd::addrs(&[a0, a1]);
+    let (_agent, _) = agent_running_one_node(&c, &list);
+    etcd.kill(0);
+    p0.wait_log("closed the agents' connections");
+    // Only the cut-off controller answers: it welcomes the monitor, warning.
+    let monitor = drover_tests::Background::start(&c, &list, &["monitor"], "monitor");
+    eventually("the monitor warned", PATIENCE, || {
+        monitor.stderr().contains("may be stale").then_some(())
+    });
+    let (_p1, _) = etcd::start_controller_cmd(
+        &c,
+        std::process::Command::new(drover_tests::bin("drover-controller")),
+        "controller-1",
+        &etcd,
+        PREFIX,
+        &a1.to_string(),
+        &[],
+    );
+    eventually("the monitor moved to the leader", PATIENCE, || {
+        monitor
+            .stderr()
+            .contains(&format!(
+                "[drover: controller {a0} may not lead any more; following again through controller {a1}; events meanwhile are not shown]"
+            ))
+            .then_some(())
+    });
+    let events = monitor.stdout();
+    assert!(
+        events.contains("\"type\":\"resubscribed\"") && events.contains(&a1.to_string()),
+        "{events}"
+    );
+}

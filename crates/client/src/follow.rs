@@ -91,14 +91,46 @@ pub(crate) async fn run(
     let mut session = session;
     let mut stands = LogResume::default();
     let mut resume = None;
+    let several = settings.controller_addrs().len() > 1;
     loop {
         let req = what.request(resume);
-        let ended = match session.request_stream(&req).await {
-            Ok(mut replies) => match what {
-                Follow::Logs { .. } => output::print_logs(&mut replies, true, &mut stands).await?,
-                Follow::Monitor { .. } => output::print_events(&mut replies).await?,
-            },
-            Err(e) => Ended::Broken(Some(e)),
+        let printed = async {
+            match session.request_stream(&req).await {
+                Ok(mut replies) => match what {
+                    Follow::Logs { .. } => {
+                        output::print_logs(&mut replies, true, &mut stands).await
+                    }
+                    Follow::Monitor { .. } => output::print_events(&mut replies).await,
+                },
+                Err(e) => Ok(Ended::Broken(Some(e))),
+            }
+        };
+        // A controller that welcomed us warning that it may not lead any more (cut off
+        // from etcd) is left as soon as another welcomes us without: the leader its
+        // agents went to.
+        let moved = tokio::select! {
+            ended = printed => Err(ended?),
+            better = leader_elsewhere(settings, &session), if several && session.stale() => {
+                Ok(better)
+            }
+        };
+        let ended = match moved {
+            Ok(better) => {
+                stdio::errln(&format!(
+                    "[drover: controller {} may not lead any more; following again through \
+                     controller {}; {}]",
+                    session.peer(),
+                    better.peer(),
+                    what.gap(&stands)
+                ));
+                session.close().await;
+                session = better;
+                session.watch_interrupts();
+                say_resubscribed(what, &session, "it may not lead any more".to_owned())?;
+                resume = Some(stands);
+                continue;
+            }
+            Err(ended) => ended,
         };
         let broken = match ended {
             Ended::Done(ok) => {
@@ -129,25 +161,45 @@ pub(crate) async fn run(
             session.peer(),
             what.gap(&stands)
         ));
-        if let Follow::Monitor { .. } = what {
-            // For a program reading the events: the gap, in their own form.
-            let record = EventRecord {
-                at_ms: now_ms(),
-                event: Event::Resubscribed {
-                    controller: session.peer().to_string(),
-                    reason: why,
-                },
-            };
-            stdio::outln(&serde_json::to_string(&record)?)?;
-        }
+        say_resubscribed(what, &session, why)?;
         resume = Some(stands);
     }
+}
+
+/// For a program reading a monitor's events: the gap, in their own form.
+fn say_resubscribed(what: &Follow, session: &Session, reason: String) -> anyhow::Result<()> {
+    if let Follow::Monitor { .. } = what {
+        let record = EventRecord {
+            at_ms: now_ms(),
+            event: Event::Resubscribed {
+                controller: session.peer().to_string(),
+                reason,
+            },
+        };
+        stdio::outln(&serde_json::to_string(&record)?)?;
+    }
+    Ok(())
 }
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Resolves to a session with a controller other than `current` that welcomes us without
+/// a warning, looking every second.
+async fn leader_elsewhere(settings: &Settings, current: &Session) -> Session {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(s) = Session::connect_saying(settings, false).await {
+            if !s.stale() && s.peer() != current.peer() {
+                return s;
+            }
+            s.close().await;
+        }
+        current.watch_interrupts();
+    }
 }
 
 /// Dials until a controller answers (None once stdout's reader went away); a refusal

@@ -30,6 +30,9 @@ pub struct Session {
     timeout: Duration,
     /// Whether a warning of the controller was printed (once is enough).
     warned: std::sync::atomic::AtomicBool,
+    /// Whether the controller welcomed us with a warning: it is cut off from etcd and
+    /// may not lead any more.
+    stale: bool,
 }
 
 fn tls_files(s: &Settings) -> anyhow::Result<TlsFiles> {
@@ -83,6 +86,11 @@ async fn nothing_listens_at_any(targets: &[String]) -> String {
 impl Session {
     /// Connects, verifies the controller, and exchanges Hello/Welcome.
     pub async fn connect(settings: &Settings) -> anyhow::Result<Self> {
+        Self::connect_saying(settings, true).await
+    }
+
+    /// As [`Session::connect`]; the controller's warning is printed only when `say`.
+    pub async fn connect_saying(settings: &Settings, say: bool) -> anyhow::Result<Self> {
         let files = tls_files(settings)?;
         let creds = Credentials::load(&files)?;
         if creds.identity().role != PeerRole::Client {
@@ -195,11 +203,22 @@ impl Session {
             endpoint,
             conn: est.conn,
             timeout,
-            warned: std::sync::atomic::AtomicBool::new(false),
+            warned: std::sync::atomic::AtomicBool::new(!say),
+            stale: est.welcome.warning.is_some(),
         };
         session.warn(est.welcome.warning.as_deref());
         crate::interrupt::watch(&session.conn);
         Ok(session)
+    }
+
+    /// Makes this connection the one Ctrl-C closes (again, after another was made).
+    pub(crate) fn watch_interrupts(&self) {
+        crate::interrupt::watch(&self.conn);
+    }
+
+    /// Whether the controller welcomed us with a warning that it may not lead any more.
+    pub fn stale(&self) -> bool {
+        self.stale
     }
 
     /// How long a request may take (between two replies, for a stream of them).
