@@ -616,34 +616,29 @@ fn logs(
         tokio::pin!(gone);
         let to_client =
             |r: MgmtResult| ClientResponse::Result(r.on_instance(&instance).on_node(&node));
+        // On stderr whatever is followed: drover's words, not the node's output.
+        let note = |text: String| {
+            let chunk = drover_proto::model::LogChunk {
+                stream: LogStream::Stderr,
+                lines: vec![text],
+                end: None,
+            };
+            to_client(MgmtResult::ok(&id, Some(ResultData::Log(chunk))))
+        };
+        let reply: (_, _, &(dyn Fn(MgmtResult) -> ClientResponse + Sync)) =
+            (&tx, id.as_str(), &to_client);
         let conn = match conn {
             Some(c) => c,
             None => {
-                if resume.is_none() {
-                    // On stderr whatever is followed: drover's words, not the node's.
-                    let chunk = drover_proto::model::LogChunk {
-                        stream: LogStream::Stderr,
-                        lines: vec![format!(
-                            "[drover: instance '{instance}' is not connected; following once it is]"
-                        )],
-                        end: None,
-                    };
-                    let note = to_client(MgmtResult::ok(&id, Some(ResultData::Log(chunk))));
-                    if tx.send(note).await.is_err() {
-                        return;
-                    }
+                let waits = format!(
+                    "[drover: instance '{instance}' is not connected; following once it is]"
+                );
+                if resume.is_none() && tx.send(note(waits)).await.is_err() {
+                    return;
                 }
-                let back = tokio::select! {
-                    c = agent_back(&shared, &instance, None) => c,
-                    () = tx.closed() => return,
-                    why = &mut gone => {
-                        let _ = tx.send(to_client(MgmtResult::err(&id, why))).await;
-                        return;
-                    }
-                };
-                let Some(p) = follow_permit(&back) else {
-                    let r = MgmtResult::err(&id, too_many_follows(&instance));
-                    let _ = tx.send(to_client(r)).await;
+                let Some((back, p)) =
+                    follow_again(&shared, &instance, None, reply, &mut gone).await
+                else {
                     return;
                 };
                 permit = Some(p);
@@ -702,32 +697,15 @@ fn logs(
                 None => "its connection ended".to_owned(),
             };
             debug!(instance = %instance, node = %node, "a relayed follow waits for its agent: {why}");
-            // On stderr whatever is followed: drover's words, not the node's output.
-            let note = |text: String| {
-                let chunk = drover_proto::model::LogChunk {
-                    stream: LogStream::Stderr,
-                    lines: vec![text],
-                    end: None,
-                };
-                to_client(MgmtResult::ok(&id, Some(ResultData::Log(chunk))))
-            };
             let away = note(format!(
                 "[drover: instance '{instance}' went away ({why}); following again once it is back]"
             ));
             if tx.send(away).await.is_err() {
                 return;
             }
-            let back = tokio::select! {
-                c = agent_back(&shared, &instance, Some(old)) => c,
-                () = tx.closed() => return,
-                why = &mut gone => {
-                    let _ = tx.send(to_client(MgmtResult::err(&id, why))).await;
-                    return;
-                }
-            };
-            let Some(p) = follow_permit(&back) else {
-                let r = MgmtResult::err(&id, too_many_follows(&instance));
-                let _ = tx.send(to_client(r)).await;
+            let Some((back, p)) =
+                follow_again(&shared, &instance, Some(old), reply, &mut gone).await
+            else {
                 return;
             };
             permit = Some(p);
@@ -827,6 +805,36 @@ async fn relay_logs(
             }
         }
     }
+}
+
+/// The agent's connection once it is back (connected anew, not on `old`), with one of
+/// its follows; None once the client left, or once told why the follow ends: a deploy
+/// took the node away (`gone`), or the agent serves the most follows it may.
+async fn follow_again(
+    shared: &Shared,
+    instance: &str,
+    old: Option<usize>,
+    (tx, id, to_client): (
+        &tokio::sync::mpsc::Sender<ClientResponse>,
+        &str,
+        &(dyn Fn(MgmtResult) -> ClientResponse + Sync),
+    ),
+    gone: &mut std::pin::Pin<&mut impl Future<Output = String>>,
+) -> Option<(quinn::Connection, tokio::sync::OwnedSemaphorePermit)> {
+    let back = tokio::select! {
+        c = agent_back(shared, instance, old) => c,
+        () = tx.closed() => return None,
+        why = gone.as_mut() => {
+            let _ = tx.send(to_client(MgmtResult::err(id, why))).await;
+            return None;
+        }
+    };
+    let Some(permit) = follow_permit(&back) else {
+        let r = MgmtResult::err(id, too_many_follows(instance));
+        let _ = tx.send(to_client(r)).await;
+        return None;
+    };
+    Some((back, permit))
 }
 
 /// Resolves to the agent's connection once it is back: connected anew, not on `old`.
