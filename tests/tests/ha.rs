@@ -108,6 +108,21 @@ fn agent_running_one_node(c: &Cluster, list: &str) -> (Proc, BTreeMap<String, u6
     (agent, pids)
 }
 
+/// `controller-0`, which knows only etcd member 0, leading: losing that member cuts it
+/// off while etcd keeps its quorum.
+fn leader_on_member_0_only(c: &Cluster, etcd: &Etcd) -> (Proc, SocketAddr) {
+    let only_first = etcd.members[0].client_url.clone();
+    let (p0, a0) = etcd::start_controller(
+        c,
+        "controller-0",
+        etcd,
+        PREFIX,
+        &["--etcd-endpoints", &only_first],
+    );
+    p0.wait_log("leading: serving");
+    (p0, a0)
+}
+
 struct Group {
     procs: Vec<Proc>,
     addrs: Vec<SocketAddr>,
@@ -429,15 +444,7 @@ fn a_leader_cut_off_from_etcd_alone_hands_clients_and_agents_to_the_next() {
     let mut etcd = Etcd::start(&c, 3);
     let rt = runtime();
     // controller-0 knows only member 0; controller-1 knows them all.
-    let only_first = etcd.members[0].client_url.clone();
-    let (p0, a0) = etcd::start_controller(
-        &c,
-        "controller-0",
-        &etcd,
-        PREFIX,
-        &["--etcd-endpoints", &only_first],
-    );
-    p0.wait_log("leading: serving");
+    let (p0, a0) = leader_on_member_0_only(&c, &etcd);
     let (p1, a1) = etcd::start_controller(&c, "controller-1", &etcd, PREFIX, &[]);
     let group = Group {
         procs: vec![p0, p1],
@@ -1419,15 +1426,7 @@ fn a_follow_on_a_cut_off_controller_moves_once_a_leader_answers() {
     }
     let c = Cluster::new();
     let mut etcd = Etcd::start(&c, 3);
-    let only_first = etcd.members[0].client_url.clone();
-    let (p0, a0) = etcd::start_controller(
-        &c,
-        "controller-0",
-        &etcd,
-        PREFIX,
-        &["--etcd-endpoints", &only_first],
-    );
-    p0.wait_log("leading: serving");
+    let (p0, a0) = leader_on_member_0_only(&c, &etcd);
     // The second controller's address is in the list from the start; it starts later.
     let a1: SocketAddr = format!("127.0.0.1:{}", drover_tests::free_udp_port())
         .parse()
