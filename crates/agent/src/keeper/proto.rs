@@ -88,6 +88,29 @@ pub enum Msg {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tail: Option<String>,
     },
+    /// Keeper → agent: a stream's file cannot be written (a full disk): what comes
+    /// through its pipes is lost until a write succeeds. Sent when that begins, and on
+    /// an agent's [`Msg::Hello`] while it lasts.
+    WriteFailing {
+        /// The node.
+        node: String,
+        /// Which of its streams.
+        stream: Stream,
+        /// Why.
+        error: String,
+    },
+    /// Keeper → agent: a stream's file is written again after [`Msg::WriteFailing`];
+    /// `bytes` of output were lost meanwhile, where a marker line in the file says.
+    Lost {
+        /// The node.
+        node: String,
+        /// Which of its streams.
+        stream: Stream,
+        /// Bytes of output lost.
+        bytes: u64,
+        /// Why the writes failed.
+        error: String,
+    },
 }
 
 /// Why a packet is not a message.
@@ -141,6 +164,8 @@ fn kind(msg: &Msg) -> &'static str {
         Msg::Holding { .. } => "holding",
         Msg::Ready => "ready",
         Msg::Closed { .. } => "closed",
+        Msg::WriteFailing { .. } => "write_failing",
+        Msg::Lost { .. } => "lost",
     }
 }
 
@@ -344,6 +369,28 @@ mod tests {
             tail: Some("\u{1}".repeat(TAIL_MAX)),
         };
         assert!(encode(&worst).len() <= MAX_MESSAGE);
+    }
+
+    #[test]
+    fn loss_notices_round_trip_and_need_no_descriptor() {
+        let failing = Msg::WriteFailing {
+            node: "n".into(),
+            stream: Stream::Stderr,
+            error: "No space left on device (os error 28)".into(),
+        };
+        let lost = Msg::Lost {
+            node: "n".into(),
+            stream: Stream::Stdout,
+            bytes: 123,
+            error: "No space left on device (os error 28)".into(),
+        };
+        for msg in [failing, lost] {
+            assert_eq!(decode(&encode(&msg), 0).unwrap(), msg);
+            assert!(matches!(
+                decode(&encode(&msg), 1),
+                Err(BadMessage::Descriptors(_))
+            ));
+        }
     }
 
     #[test]

@@ -49,12 +49,38 @@ impl Pipe {
 
 type Outbox = mpsc::UnboundedSender<(Msg, Option<Rc<Pipe>>)>;
 
+/// One stream's current file as the keeper writes it.
+#[derive(Default)]
+struct Slot {
+    /// Its writer, once the file could be opened.
+    writer: Option<Writer>,
+    /// The pipes writing to it.
+    pipes: usize,
+    /// While writes fail (a full disk): the bytes lost since the first failure and
+    /// why. The next write that succeeds puts a marker line before its data, so that a
+    /// reader of the file sees where output is missing, and ends this.
+    lost: Option<Loss>,
+}
+
+/// Output lost because a stream's file could not be written.
+struct Loss {
+    /// The node, for messages.
+    node: String,
+    bytes: u64,
+    error: String,
+}
+
+/// The line that stands where output was lost to failed writes.
+pub fn loss_marker(bytes: u64, error: &str) -> String {
+    format!("[drover: {bytes} bytes of output lost: cannot write the log file: {error}]\n")
+}
+
 #[derive(Default)]
 struct State {
     pipes: HashMap<u64, Rc<Pipe>>,
-    /// Each stream's writer and how many pipes write to it (a restarted node's new pipe
-    /// and its old one, still draining).
-    writers: HashMap<(PathBuf, Stream), (Option<Writer>, usize)>,
+    /// Each stream's file, written by one or more pipes (a restarted node's new pipe and
+    /// its old one, still draining).
+    writers: HashMap<(PathBuf, Stream), Slot>,
     conns: HashMap<u64, Outbox>,
     next_conn: u64,
     socket: PathBuf,
@@ -173,9 +199,10 @@ fn handle(shared: &Shared, tx: &Outbox, msg: Msg, fd: Option<OwnedFd>) {
         (Msg::Hello { max_bytes, keep }, _) => {
             let config = LogConfig { max_bytes, keep };
             let mut state = shared.borrow_mut();
-            for w in state.writers.values_mut().filter_map(|(w, _)| w.as_mut()) {
+            for w in state.writers.values_mut().filter_map(|s| s.writer.as_mut()) {
                 w.set_config(config);
             }
+
             for (&ino, pipe) in &state.pipes {
                 {
                     let mut info = pipe.info.borrow_mut();
@@ -186,6 +213,17 @@ fn handle(shared: &Shared, tx: &Outbox, msg: Msg, fd: Option<OwnedFd>) {
                 let _ = tx.send((Msg::Holding { ino, pipe: info }, Some(pipe.clone())));
             }
             let _ = tx.send((Msg::Ready, None));
+            // Losses under way, after the hand-over, where the agent reads notices.
+            for ((_, stream), slot) in &state.writers {
+                if let Some(loss) = &slot.lost {
+                    let msg = Msg::WriteFailing {
+                        node: loss.node.clone(),
+                        stream: *stream,
+                        error: loss.error.clone(),
+                    };
+                    let _ = tx.send((msg, None));
+                }
+            }
         }
         (Msg::Pipe { pipe }, Some(fd)) => take_pipe(shared, pipe, fd),
         (other, _) => warn!("ignoring an unexpected {other:?} message"),
@@ -221,11 +259,7 @@ fn take_pipe(shared: &Shared, info: PipeInfo, fd: OwnedFd) {
         info: RefCell::new(info),
         fd,
     });
-    state
-        .writers
-        .entry(pipe.key())
-        .or_insert_with(|| (None, 0))
-        .1 += 1;
+    state.writers.entry(pipe.key()).or_default().pipes += 1;
     state.pipes.insert(ino, pipe.clone());
     drop(state);
     let shared = shared.clone();
@@ -234,8 +268,8 @@ fn take_pipe(shared: &Shared, info: PipeInfo, fd: OwnedFd) {
         let mut state = shared.borrow_mut();
         state.pipes.remove(&ino);
         if let Some(w) = state.writers.get_mut(&pipe.key()) {
-            w.1 -= 1;
-            if w.1 == 0 {
+            w.pipes -= 1;
+            if w.pipes == 0 {
                 state.writers.remove(&pipe.key());
             }
         }
@@ -276,11 +310,10 @@ enum Read {
 async fn drain(shared: &Shared, pipe: &Pipe) -> String {
     // A trailing partial line waiting for its end.
     let mut held: Vec<u8> = Vec::new();
-    let mut failing = false;
     let mut tail = Tail::new(proto::TAIL_MAX);
-    let mut put = |shared: &Shared, pipe: &Pipe, data: &[u8], failing: &mut bool| {
+    let mut put = |shared: &Shared, pipe: &Pipe, data: &[u8]| {
         tail.push(data);
-        write(shared, pipe, data, failing);
+        write(shared, pipe, data);
     };
     loop {
         let ready = if held.is_empty() {
@@ -295,7 +328,7 @@ async fn drain(shared: &Shared, pipe: &Pipe) -> String {
             Ok(Some(guard)) => guard,
             Ok(None) => {
                 // A partial line waited long enough.
-                put(shared, pipe, &held, &mut failing);
+                put(shared, pipe, &held);
                 held = Vec::new();
                 continue;
             }
@@ -313,12 +346,12 @@ async fn drain(shared: &Shared, pipe: &Pipe) -> String {
                         let data = &scratch[..n];
                         if held.is_empty() {
                             let whole = whole_lines(data, HOLD_MAX);
-                            put(shared, pipe, &data[..whole], &mut failing);
+                            put(shared, pipe, &data[..whole]);
                             held.extend_from_slice(&data[whole..]);
                         } else {
                             held.extend_from_slice(data);
                             let whole = whole_lines(&held, HOLD_MAX);
-                            put(shared, pipe, &held[..whole], &mut failing);
+                            put(shared, pipe, &held[..whole]);
                             held.drain(..whole);
                         }
                         Read::Data
@@ -335,7 +368,7 @@ async fn drain(shared: &Shared, pipe: &Pipe) -> String {
             }
         }
     }
-    put(shared, pipe, &held, &mut failing);
+    put(shared, pipe, &held);
     tail.text()
 }
 
@@ -395,37 +428,76 @@ fn read(fd: std::os::fd::BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n.cast_unsigned())
 }
 
-/// Writes to the pipe's stream; a failure (a full disk) loses `data`, warned of once
-/// until a write succeeds again.
-fn write(shared: &Shared, pipe: &Pipe, data: &[u8], failing: &mut bool) {
+/// Writes to the pipe's stream. A failure (a full disk) loses `data`: the agents are
+/// told when that begins and when a write succeeds again, which first writes a marker
+/// line saying how much was lost.
+fn write(shared: &Shared, pipe: &Pipe, data: &[u8]) {
     if data.is_empty() {
         return;
     }
     let info = pipe.info.borrow().clone();
     let mut state = shared.borrow_mut();
-    let Some((slot, _)) = state.writers.get_mut(&(info.dir.clone(), info.stream)) else {
+    let state = &mut *state;
+    let Some(slot) = state.writers.get_mut(&(info.dir.clone(), info.stream)) else {
         return;
     };
-    let result = match slot {
+    let marked;
+    let (bytes, after_loss) = match &slot.lost {
+        Some(loss) => {
+            marked = [loss_marker(loss.bytes, &loss.error).as_bytes(), data].concat();
+            (&marked[..], true)
+        }
+        None => (data, false),
+    };
+    let result = match &mut slot.writer {
         Some(w) => {
             w.set_config(info.config());
-            w.write(data)
+            if after_loss {
+                w.write_on_new_line(bytes)
+            } else {
+                w.write(bytes)
+            }
         }
         None => Writer::open(NodeLogs::new(&info.dir, info.config()), info.stream)
-            .and_then(|w| slot.insert(w).write(data)),
+            .and_then(|w| slot.writer.insert(w).write_on_new_line(bytes)),
     };
-    match result {
-        Ok(()) => *failing = false,
-        Err(e) => {
-            if !*failing {
-                warn!(
-                    node = %info.node,
-                    "cannot write its {} in {}: {e}; its output is lost until a write succeeds",
-                    info.stream.file_name(),
-                    info.dir.display()
-                );
+    let file = info.stream.file_name();
+    let msg = match (result, &mut slot.lost) {
+        (Ok(()), None) => return,
+        (Ok(()), lost @ Some(_)) => {
+            let Some(loss) = lost.take() else { return };
+            info!(node = %info.node, bytes = loss.bytes, "its {file} is written again; output was lost meanwhile");
+            Msg::Lost {
+                node: info.node,
+                stream: info.stream,
+                bytes: loss.bytes,
+                error: loss.error,
             }
-            *failing = true;
         }
+        (Err(_), Some(loss)) => {
+            loss.bytes += data.len() as u64;
+            return;
+        }
+        (Err(e), lost @ None) => {
+            let error = e.to_string();
+            warn!(
+                node = %info.node,
+                "cannot write its {file} in {}: {error}; its output is lost until a write succeeds",
+                info.dir.display()
+            );
+            *lost = Some(Loss {
+                node: info.node.clone(),
+                bytes: data.len() as u64,
+                error: error.clone(),
+            });
+            Msg::WriteFailing {
+                node: info.node,
+                stream: info.stream,
+                error,
+            }
+        }
+    };
+    for tx in state.conns.values() {
+        let _ = tx.send((msg.clone(), None));
     }
 }

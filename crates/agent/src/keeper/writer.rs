@@ -130,6 +130,21 @@ impl Writer {
         }
     }
 
+    /// Appends `data` as [`Writer::write`] does, on a line of its own: after a newline
+    /// when the file ends inside a line (a write that failed part way, a full disk).
+    pub fn write_on_new_line(&mut self, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let len = self.file.metadata()?.len();
+        let mut last = [b'\n'];
+        if len > 0 {
+            self.file.read_exact_at(&mut last, len - 1)?;
+        }
+        if last[0] == b'\n' {
+            return self.write(data);
+        }
+        self.write(&[b"\n", data].concat())
+    }
+
     /// Appends `data`, rotating as [`cut`] says.
     pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
         // What the file holds now, should anything else have changed it.
@@ -150,9 +165,14 @@ impl Writer {
         Ok(())
     }
 
+    /// Appends `data` whole or not at all: a write that fails part way (a full disk) is
+    /// cut off again, so that the file holds no torn line.
     fn append(&mut self, data: &[u8]) -> io::Result<()> {
         if !data.is_empty() {
-            self.file.write_all(data)?;
+            if let Err(e) = self.file.write_all(data) {
+                let _ = self.file.set_len(self.len);
+                return Err(e);
+            }
             self.len += data.len() as u64;
         }
         Ok(())
@@ -178,7 +198,9 @@ impl Writer {
 
 fn open_current(logs: &NodeLogs, stream: Stream) -> io::Result<File> {
     let path = logs.path(stream);
+    // Readable too, so that a write after a failed one can see how the file ends.
     let f = OpenOptions::new()
+        .read(true)
         .append(true)
         .create(true)
         .mode(LOG_FILE_MODE)
