@@ -1398,6 +1398,34 @@ async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String
         "Bytes of node output dropped to hold the log bound (a marker line in the log says where).",
         &dropped,
     );
+    let losses = keeper::client::losses();
+    let stream_labels = |node: &str, stream: logs::Stream| {
+        let name = match stream {
+            logs::Stream::Stdout => "stdout",
+            logs::Stream::Stderr => "stderr",
+        };
+        drover_metrics::labels(&[("node", node), ("stream", name)])
+    };
+    let lost: Vec<(String, f64)> = losses
+        .iter()
+        .map(|((node, stream), l)| (stream_labels(node, *stream), l.bytes as f64))
+        .collect();
+    drover_metrics::counter_samples(
+        &mut out,
+        "drover_agent_log_lost_bytes_total",
+        "Bytes of node output lost because the log file could not be written (a full disk), counted once writes succeed again (a marker line in the log says where).",
+        &lost,
+    );
+    let failing: Vec<(String, f64)> = losses
+        .iter()
+        .map(|((node, stream), l)| (stream_labels(node, *stream), f64::from(u8::from(l.failing))))
+        .collect();
+    drover_metrics::gauge(
+        &mut out,
+        "drover_agent_log_write_failing",
+        "1 while a node stream's log file cannot be written (a full disk) and its output is lost.",
+        &failing,
+    );
     drover_metrics::counter_samples(
         &mut out,
         "drover_agent_log_keeper_restarts_total",

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::proto::{self, Msg, PipeInfo, Received};
-use crate::logs::LogConfig;
+use crate::logs::{LogConfig, Stream};
 
 /// How long the agent waits for a keeper it started to listen, and for its answers.
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -33,6 +33,64 @@ static RESTARTS: AtomicU64 = AtomicU64::new(0);
 /// Keepers this agent started again after losing one.
 pub fn restarts() -> u64 {
     RESTARTS.load(Ordering::Relaxed)
+}
+
+/// Node output lost because its log file could not be written (a full disk), by node
+/// and stream, as the keeper tells: bytes lost so far, and whether writes fail now.
+static LOSSES: Mutex<BTreeMap<(String, Stream), Losses>> = Mutex::new(BTreeMap::new());
+
+/// What the keeper told of one stream's failed writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Losses {
+    /// Bytes lost in failures that have ended.
+    pub bytes: u64,
+    /// Whether its writes fail now.
+    pub failing: bool,
+}
+
+/// Every stream whose writes failed since the agent started.
+pub fn losses() -> Vec<((String, Stream), Losses)> {
+    LOSSES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
+}
+
+/// Takes the keeper's word on a stream's failed writes.
+fn note_loss(msg: Msg) {
+    let mut losses = LOSSES.lock().unwrap_or_else(PoisonError::into_inner);
+    match msg {
+        Msg::WriteFailing {
+            node,
+            stream,
+            error,
+        } => {
+            warn!(
+                node = %node,
+                "the log keeper cannot write its {}: {error}; its output is lost until a write succeeds",
+                stream.file_name()
+            );
+            losses.entry((node, stream)).or_default().failing = true;
+        }
+        Msg::Lost {
+            node,
+            stream,
+            bytes,
+            error,
+        } => {
+            warn!(
+                node = %node,
+                "its {} is written again; {bytes} bytes of its output were lost ({error}), where a marker line says",
+                stream.file_name()
+            );
+            let l = losses.entry((node, stream)).or_default();
+            l.failing = false;
+            l.bytes += bytes;
+        }
+        _ => {}
+    }
 }
 
 /// A handle to the state dir's log keeper; cheap to clone.
@@ -423,6 +481,10 @@ impl Inner {
                     Ok(Received::Packet(Ok((Msg::Closed { ino, tail }, _)))) => {
                         self.closed(ino, tail);
                     }
+                    Ok(Received::Packet(Ok((
+                        msg @ (Msg::WriteFailing { .. } | Msg::Lost { .. }),
+                        _,
+                    )))) => note_loss(msg),
                     Ok(Received::Packet(other)) => {
                         warn!("ignoring a log keeper message: {other:?}");
                     }
