@@ -207,3 +207,124 @@ fn a_node_adopted_from_an_agent_without_a_keeper_stays_bounded() {
     }
     assert!(fd1(pid).ends_with("stdout.log"), "still its own writer");
 }
+
+/// A tmpfs mounted for a test, unmounted (lazily: the agent's nodes may still hold it)
+/// however the test ends.
+struct Mounted(std::path::PathBuf);
+
+impl Mounted {
+    fn tmpfs(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount a tmpfs (the test runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(at.to_owned())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the file system of `dir` with a file there, until a write fails for want of
+/// space.
+fn fill(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 4096];
+    loop {
+        if let Err(e) = f.write_all(&chunk) {
+            assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
+            return path;
+        }
+    }
+}
+
+/// A node's log on a full disk: its output is lost, not held (the node runs on), the
+/// agent warns and shows it in its metrics, and once there is room again the files say
+/// where and how much is missing, on a line of its own, every other line whole.
+#[test]
+fn output_lost_to_a_full_disk_is_marked_counted_and_warned_of() {
+    let c = Cluster::new();
+    let (ctl, addr) = c.start_controller("127.0.0.1:0");
+    let state = c.dir.path().join("agent-a1");
+    let _mount = Mounted::tmpfs(&state, "2m");
+    let (agent, metrics) =
+        c.start_agent_with_metrics("a1", addr, &["--log-max-bytes", "64K", "--log-keep", "2"]);
+    deploy_writers(&c, addr, &[("steady", 200)]);
+    let dir = state.join("nodes/steady");
+    eventually("the node wrote lines", PATIENCE, || {
+        (stdout_bytes(&dir) > 1000).then_some(())
+    });
+    let pid = running_pid(&c, addr, "steady").expect("steady runs");
+
+    let filler = fill(&state);
+    let failing = "drover_agent_log_write_failing{node=\"steady\",stream=\"stdout\"}";
+    let lost = "drover_agent_log_lost_bytes_total{node=\"steady\",stream=\"stdout\"}";
+    eventually("the agent shows the writes failing", PATIENCE, || {
+        (metric(metrics, failing) == Some(1.0)).then_some(())
+    });
+    eventually("the agent warned", PATIENCE, || {
+        agent
+            .log_text()
+            .contains("the log keeper cannot write its stdout.log")
+            .then_some(())
+    });
+    assert_eq!(metric(metrics, lost), Some(0.0));
+
+    // Room again: the next write says what was lost, and the agent counts it.
+    std::fs::remove_file(&filler).unwrap();
+    eventually("writes succeed again", PATIENCE, || {
+        (metric(metrics, failing) == Some(0.0)).then_some(())
+    });
+    let lost_bytes = metric(metrics, lost).unwrap();
+    assert!(lost_bytes > 0.0, "{lost_bytes} bytes counted lost");
+    assert!(
+        agent.log_text().contains("stdout.log is written again"),
+        "{}",
+        agent.log_text()
+    );
+    let marker = eventually("the marker and lines after it", PATIENCE, || {
+        let text = stdout_text(&dir);
+        let (before, after) = text.split_once("[drover: ")?;
+        let (marker, rest) = after.split_once('\n')?;
+        (rest.lines().count() > 10).then(|| (before.to_owned(), marker.to_owned(), rest.to_owned()))
+    });
+    assert_eq!(
+        running_pid(&c, addr, "steady"),
+        Some(pid),
+        "the node ran on"
+    );
+    let (before, marker, after) = marker;
+    assert!(
+        marker.ends_with("bytes of output lost: cannot write the log file: No space left on device (os error 28)]"),
+        "{marker}"
+    );
+    let counted: f64 = marker.split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(counted, lost_bytes, "the marker and the metric agree");
+    // Every other line is whole (`seqs` panics on a torn one); the numbers go on after
+    // a gap.
+    let (before, after) = (seqs(&before), seqs(&after));
+    assert!(!before.is_empty());
+    assert_contiguous("after the loss", &after);
+    assert!(
+        after[0] > before[before.len() - 1] + 1,
+        "a gap at the marker: {} then {}",
+        before[before.len() - 1],
+        after[0]
+    );
+    drop(agent);
+    drop(ctl);
+}
