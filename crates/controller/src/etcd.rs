@@ -8,7 +8,7 @@
 //! next to etcd's own disk write on the paths that write.
 //!
 //! Only what the controller uses is here: range, transactions of puts, deletes and
-//! compares, and leases.
+//! compares, leases, and compaction.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -523,6 +523,42 @@ impl Etcd {
             revision: int(&v["header"]["revision"]),
             ranges,
         })
+    }
+
+    /// etcd's current revision (of its whole key space).
+    pub async fn revision(&self, key: &[u8]) -> Result<i64, EtcdError> {
+        let v = self
+            .call(
+                "/v3/kv/range",
+                &json!({ "key": b64(key), "count_only": true }),
+            )
+            .await?;
+        match int(&v["header"]["revision"]) {
+            0 => Err(self.protocol("/v3/kv/range", format!("no revision in {v}"))),
+            r => Ok(r),
+        }
+    }
+
+    /// Drops the history before `revision`: every key keeps its value as of then and
+    /// later, older versions go (etcd keeps them all until asked, or until its own
+    /// `--auto-compaction-retention`). `Ok(false)` when etcd had already compacted past
+    /// it.
+    pub async fn compact(&self, revision: i64) -> Result<bool, EtcdError> {
+        match self
+            .call(
+                "/v3/kv/compaction",
+                &json!({ "revision": revision.to_string() }),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(EtcdError::Refused { message, .. })
+                if message.contains("required revision has been compacted") =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// A new lease of `ttl` seconds; returns its id and the TTL etcd granted.
