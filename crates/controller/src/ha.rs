@@ -41,6 +41,8 @@ pub struct HaSettings {
     pub lease: Duration,
     /// The address clients and agents should dial to reach this controller.
     pub advertise: String,
+    /// How often the leader compacts etcd's history ([`compact`]); `None`: never.
+    pub compact_every: Option<Duration>,
 }
 
 impl HaSettings {
@@ -486,6 +488,63 @@ async fn lead(
                         return;
                     }
                     Err(e) => warn!("cannot renew the leader lease: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Compacts etcd's history every `every` while this controller leads, up to the
+/// revision etcd had one interval before, so that the last interval's history stays
+/// (as Kubernetes' API server does). etcd keeps every version of every key until
+/// compacted: each deploy writes the state's keys anew, so without this its database
+/// grows until its quota refuses every write. Only the leader compacts; a follower, or a
+/// leader cut off, skips its turn.
+pub async fn compact(
+    etcd: Etcd,
+    key: Vec<u8>,
+    gate: Arc<Gate>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let etcd = etcd.with_timeout(Duration::from_secs(5));
+    let mut previous: Option<i64> = None;
+    let mut compacted = 0;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        if gate.serving().is_err() {
+            previous = None;
+            continue;
+        }
+        let result = async {
+            let now = etcd.revision(&key).await?;
+            let done = match previous {
+                Some(r) if r > compacted => Some((r, etcd.compact(r).await?)),
+                _ => None,
+            };
+            Ok::<_, crate::etcd::EtcdError>((now, done))
+        }
+        .await;
+        match result {
+            Ok((now, done)) => {
+                if failing {
+                    info!("etcd's history is compacted again");
+                    failing = false;
+                }
+                if let Some((r, done)) = done {
+                    tracing::debug!(revision = r, done, "compacted etcd's history");
+                    compacted = r;
+                }
+                previous = Some(now);
+            }
+            Err(e) => {
+                if !failing {
+                    warn!("cannot compact etcd's history: {e}; trying again in {every:?}");
+                    failing = true;
                 }
             }
         }

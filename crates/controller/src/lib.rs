@@ -624,6 +624,15 @@ impl Controller {
         let tasks = TaskTracker::new();
         tasks.spawn(catchup::run(self.shared.clone(), shutdown.clone()));
         if let (Some(settings), Some(gate)) = (self.ha.take(), self.shared.gate.clone()) {
+            if let Some(every) = settings.compact_every {
+                tasks.spawn(ha::compact(
+                    settings.etcd.clone(),
+                    settings.leader_key(),
+                    gate.clone(),
+                    every,
+                    shutdown.clone(),
+                ));
+            }
             let shared = self.shared.clone();
             let stepped = self.shared.clone();
             let expired = self.shared.clone();

@@ -132,6 +132,12 @@ struct Args {
     /// reads, marked stale) and lets its agents go after twice it [default: 2s].
     #[arg(long, env = "DROVER_LEADER_LEASE", value_parser = humantime::parse_duration)]
     leader_lease: Option<Duration>,
+    /// How often the leader compacts etcd's history, keeping one interval of it: etcd
+    /// keeps every version of every key until compacted, so without it (or etcd's own
+    /// `--auto-compaction-retention`) each deploy grows etcd's database until its
+    /// quota stops every write. `0s` leaves compaction to etcd [default: 5m].
+    #[arg(long, env = "DROVER_ETCD_COMPACT_EVERY", value_parser = humantime::parse_duration)]
+    etcd_compact_every: Option<Duration>,
     /// The address agents and clients dial to reach this controller, told to them by the
     /// followers [default: the --listen address, unless it is a wildcard].
     #[arg(long, env = "DROVER_ADVERTISE")]
@@ -185,6 +191,8 @@ struct FileConfig {
     etcd_key: Option<PathBuf>,
     #[serde(default, with = "humantime_opt")]
     leader_lease: Option<Duration>,
+    #[serde(default, with = "humantime_opt")]
+    etcd_compact_every: Option<Duration>,
     advertise: Option<String>,
 }
 
@@ -245,12 +253,22 @@ fn ha(
             "--store etcd needs --advertise HOST:PORT (the address agents and clients dial to reach this controller) when --listen is a wildcard address"
         ),
     };
+    let compact_every = args
+        .etcd_compact_every
+        .or(file.etcd_compact_every)
+        .unwrap_or(Duration::from_secs(300));
+    anyhow::ensure!(
+        compact_every.is_zero() || compact_every >= Duration::from_secs(1),
+        "etcd_compact_every: {} is neither 0s (off) nor at least 1s",
+        humantime::format_duration(compact_every)
+    );
     let etcd = Etcd::new(&endpoints, &tls, Duration::from_secs(2))?;
     Ok(Some(HaSettings {
         etcd,
         prefix,
         lease,
         advertise,
+        compact_every: (!compact_every.is_zero()).then_some(compact_every),
     }))
 }
 
