@@ -289,8 +289,21 @@ pub fn drover_in(pki: &std::path::Path, controllers: &str, args: &[&str]) -> Cli
 }
 
 impl Etcd {
-    /// Every version of `key` still in etcd's history (nothing compacts it in the
-    /// tests), oldest first: its mod revision and value. Read from the first member that
+    /// Whether etcd's history before `revision` is compacted away: a read at it is
+    /// refused as compacted, by the first member that answers.
+    pub fn compacted_past(&self, revision: i64) -> bool {
+        assert!(self.tls.is_none(), "reads plain-HTTP members only");
+        let body =
+            serde_json::json!({ "key": "AA==", "revision": revision.to_string() }).to_string();
+        self.members
+            .iter()
+            .filter(|m| m.proc.is_some())
+            .find_map(|m| http_answer(m.client_url.strip_prefix("http://")?, "/v3/kv/range", &body))
+            .is_some_and(|(_, answer)| answer.contains("required revision has been compacted"))
+    }
+
+    /// Every version of `key` still in etcd's history (the history checks run their
+    /// controllers with compaction off), oldest first: its mod revision and value. Read from the first member that
     /// answers, revision by revision (the controllers' client reads only the newest).
     pub fn versions(&self, key: &[u8]) -> Vec<(i64, Vec<u8>)> {
         let mut out = Vec::new();
@@ -337,6 +350,12 @@ impl Etcd {
 /// The body of an HTTP/1.0 POST of `body` to `hostport` (HTTP/1.0, so that the answer is
 /// neither chunked nor kept alive); `None` on any error.
 fn http_post(hostport: &str, path: &str, body: &str) -> Option<String> {
+    let (ok, body) = http_answer(hostport, path, body)?;
+    ok.then_some(body)
+}
+
+/// As [`http_post`], whatever the status: whether it was 200, and the body.
+fn http_answer(hostport: &str, path: &str, body: &str) -> Option<(bool, String)> {
     use std::io::{Read, Write};
     let addr: SocketAddr = hostport.parse().ok()?;
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
@@ -350,8 +369,6 @@ fn http_post(hostport: &str, path: &str, body: &str) -> Option<String> {
     let mut answer = String::new();
     s.read_to_string(&mut answer).ok()?;
     let (head, body) = answer.split_once("\r\n\r\n")?;
-    if !(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")) {
-        return None;
-    }
-    Some(body.to_owned())
+    let ok = head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200");
+    Some((ok, body.to_owned()))
 }

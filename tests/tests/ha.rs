@@ -1463,3 +1463,71 @@ fn a_follow_on_a_cut_off_controller_moves_once_a_leader_answers() {
         "{events}"
     );
 }
+
+/// The leader compacts etcd's history (`--etcd-compact-every`), keeping one interval of
+/// it; the state survives it whole: a new leader loads the last deploy, and nodes keep
+/// running.
+#[test]
+fn the_leader_compacts_etcds_history_and_the_state_survives_it() {
+    if !etcd::available() {
+        return;
+    }
+    let c = Cluster::new();
+    let etcd = Etcd::start(&c, 1);
+    let rt = runtime();
+    let compact = ["--leader-lease", LEASE, "--etcd-compact-every", "1s"];
+    let (mut first, a0) = etcd::start_controller(&c, "controller-0", &etcd, PREFIX, &compact);
+    first.wait_log("leading: serving");
+    let list = etcd::addrs(&[a0]);
+    let (_agent, pids) = agent_running_one_node(&c, &list);
+    let revision = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(etcd.client().revision(PREFIX.as_bytes()))
+            .unwrap()
+    };
+    let early = revision(&rt);
+    assert!(!etcd.compacted_past(early));
+    // More history: deploys that each write the state's keys anew.
+    for i in 0..5 {
+        let v = config_file(&c, &format!("more{i}"), &[("w1", "a1")]);
+        let out = etcd::drover(&c, &list, &["deploy-config", v.to_str().unwrap()]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+    }
+    let deployed = etcd::drover(&c, &list, &["get-config", "--deployed", "--as-json"]);
+    assert_eq!(deployed.code, Some(0), "{}", deployed.stderr);
+    assert!(revision(&rt) > early + 5, "the deploys wrote");
+    eventually(
+        "the leader compacted past the early revision",
+        PATIENCE,
+        || etcd.compacted_past(early).then_some(()),
+    );
+
+    // A new leader loads the state from what is left: the same deploy, no restart.
+    first.kill();
+    let (second, _) = etcd::start_controller_cmd(
+        &c,
+        std::process::Command::new(drover_tests::bin("drover-controller")),
+        "controller-1",
+        &etcd,
+        PREFIX,
+        &a0.to_string(),
+        &compact,
+    );
+    second.wait_log("leading: serving");
+    let again = etcd::drover(&c, &list, &["get-config", "--deployed", "--as-json"]);
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    assert_eq!(again.stdout, deployed.stdout);
+    let now = eventually("the node is reported again", PATIENCE, || {
+        node_pids(&c, &list).filter(|p| p.len() == 1)
+    });
+    assert_eq!(now, pids, "no node restarted");
+    // It compacts on: the history up to its own first revision goes too.
+    let later = revision(&rt);
+    let v = config_file(&c, "last", &[("w1", "a1")]);
+    assert_eq!(
+        etcd::drover(&c, &list, &["deploy-config", v.to_str().unwrap()]).code,
+        Some(0)
+    );
+    eventually("the new leader compacts too", PATIENCE, || {
+        etcd.compacted_past(later).then_some(())
+    });
+}
