@@ -125,7 +125,7 @@ async fn audit_answer(
         return;
     }
     let (outcome, message) = outcome_of(reply);
-    let record = audit::record(
+    let mut record = audit::record(
         caller,
         now_ms(),
         what,
@@ -134,6 +134,7 @@ async fn audit_answer(
         outcome,
         message,
     );
+    record.nodes = acted_on(what, reply);
     if let Err(e) = write_audit(shared, record).await {
         let error = MgmtResult::err(id, format!("the request was carried out, but {e}"));
         match reply {
@@ -192,6 +193,25 @@ pub(crate) async fn record_failure(
 /// The desired deploy generation, if there is one.
 fn generation(shared: &Shared) -> Option<u64> {
     Some(shared.store.desired_generation()).filter(|g| *g > 0)
+}
+
+/// The nodes a restart, stop, start or signal reached, by the results of its reply:
+/// what an auditor asks after (`restart 'w*'` names no node). Sorted, at most
+/// [`drover_proto::access::AUDIT_NODES_MAX`], then `...`.
+fn acted_on(what: &str, reply: &ClientResponse) -> Vec<String> {
+    if !matches!(what, "restart" | "stop" | "start" | "signal") {
+        return Vec::new();
+    }
+    let ClientResponse::Results(results) = reply else {
+        return Vec::new();
+    };
+    let names: BTreeSet<&str> = results.iter().filter_map(|r| r.node.as_deref()).collect();
+    let max = access::AUDIT_NODES_MAX;
+    let mut nodes: Vec<String> = names.iter().take(max).map(|n| (*n).to_owned()).collect();
+    if names.len() > max {
+        nodes.push("...".to_owned());
+    }
+    nodes
 }
 
 /// How a reply says its request ended: every result a success, or the first failure.
@@ -2268,6 +2288,30 @@ mod tests {
     use drover_proto::model::{CpuAffinity, Node};
 
     use super::*;
+
+    #[test]
+    fn the_audit_lists_the_nodes_an_operation_reached_sorted_and_capped() {
+        let reply = ClientResponse::Results(vec![
+            MgmtResult::ok("", None).on_instance("a").on_node("w2"),
+            MgmtResult::err("", "not running")
+                .on_instance("b")
+                .on_node("w1"),
+            MgmtResult::err("", "instance 'c' is not connected").on_instance("c"),
+            MgmtResult::ok("", None).on_instance("a").on_node("w2"),
+        ]);
+        assert_eq!(acted_on("restart", &reply), ["w1", "w2"]);
+        assert_eq!(acted_on("signal", &reply), ["w1", "w2"]);
+        assert!(acted_on("deploy", &reply).is_empty(), "a deploy lists none");
+        let many = ClientResponse::Results(
+            (0..access::AUDIT_NODES_MAX + 5)
+                .map(|i| MgmtResult::ok("", None).on_node(format!("n{i:05}")))
+                .collect(),
+        );
+        let listed = acted_on("stop", &many);
+        assert_eq!(listed.len(), access::AUDIT_NODES_MAX + 1);
+        assert_eq!(listed[0], "n00000");
+        assert_eq!(listed.last().map(String::as_str), Some("..."));
+    }
 
     #[test]
     fn an_apply_answer_acknowledges_unless_an_error_is_about_the_agent() {

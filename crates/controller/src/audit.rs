@@ -431,6 +431,7 @@ pub fn record(
         front: caller.front.to_owned(),
         what: what.to_owned(),
         args,
+        nodes: Vec::new(),
         generation,
         outcome,
         message,

@@ -155,6 +155,11 @@ pub struct AuditRecord {
     /// Its arguments, briefly: nodes, signal, configuration id.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub args: String,
+    /// The nodes a restart, stop, start or signal acted on, as the agents answered
+    /// (what `args` picked, wildcards and roles expanded), sorted; at most
+    /// [`AUDIT_NODES_MAX`], then `...`. Empty for other requests and when none answered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
     /// The desired deploy generation once the request was answered (for a deploy, the
     /// generation it created).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -165,6 +170,9 @@ pub struct AuditRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
+
+/// The most node names an [`AuditRecord`] lists.
+pub const AUDIT_NODES_MAX: usize = 1000;
 
 impl AuditRecord {
     /// Whether `who` names this record's caller: its name, `role/name`, or its
