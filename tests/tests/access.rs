@@ -279,7 +279,10 @@ fn every_change_is_audited_before_it_is_answered_and_published_to_monitor() {
     assert_eq!(records[1]["generation"], 1, "{}", records[1]);
     assert_eq!(records[2]["generation"], 1, "{}", records[2]);
     assert_eq!(records[2]["args"], "w1");
+    assert_eq!(records[2]["nodes"], serde_json::json!(["w1"]));
     assert_eq!(records[5]["args"], "CONT w1");
+    assert_eq!(records[5]["nodes"], serde_json::json!(["w1"]));
+    assert!(records[1]["nodes"].is_null(), "a deploy lists none");
     assert_eq!(records[6]["outcome"], "failed");
     assert!(
         records[6]["message"].as_str().unwrap().contains("nosuch"),
@@ -314,6 +317,18 @@ fn every_change_is_audited_before_it_is_answered_and_published_to_monitor() {
     assert_eq!(seen, what);
     let _ = monitor.kill();
     let _ = monitor.wait();
+
+    // A wildcard is recorded as given, with the nodes it picked.
+    let out = c.drover(addr, &["restart", "w*"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let last = audit(&c, addr, &["--limit", "1"]);
+    assert_eq!(last[0]["args"], "w*", "{}", last[0]);
+    assert_eq!(
+        last[0]["nodes"],
+        serde_json::json!(["w1", "w2"]),
+        "{}",
+        last[0]
+    );
 }
 
 #[test]
