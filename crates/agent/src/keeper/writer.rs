@@ -148,7 +148,14 @@ impl Writer {
     /// Appends `data`, rotating as [`cut`] says.
     pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
         // What the file holds now, should anything else have changed it.
-        self.len = self.file.metadata()?.len();
+        let held = self.file.metadata()?;
+        self.len = held.len();
+        if self.replaced(&held) {
+            // Deleted or moved away (an operator freeing a full disk): writing on into
+            // the unlinked file would keep its space taken and its lines out of reach.
+            self.file = open_current(&self.logs, self.stream)?;
+            self.len = self.file.metadata()?.len();
+        }
         while !data.is_empty() {
             match cut(self.len, self.logs.config().max_bytes, data) {
                 None => {
@@ -178,12 +185,25 @@ impl Writer {
         Ok(())
     }
 
+    /// Whether the path no longer names the file held open (`held` its metadata).
+    fn replaced(&self, held: &std::fs::Metadata) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(self.logs.path(self.stream)) {
+            Ok(now) => now.ino() != held.ino() || now.dev() != held.dev(),
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        }
+    }
+
     /// Replaces the current file by a new, empty one (see the module doc).
     fn rotate(&mut self) -> io::Result<()> {
         let path = self.logs.path(self.stream);
         if self.logs.config().keep > 0 {
             self.logs.shift_rotated(self.stream)?;
-            std::fs::rename(&path, self.logs.rotated_path(self.stream, 1))?;
+            match std::fs::rename(&path, self.logs.rotated_path(self.stream, 1)) {
+                // Deleted meanwhile: nothing to keep, a new file follows.
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         } else {
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -326,5 +346,48 @@ mod tests {
         }
         assert!(all.ends_with(&kept), "the newest lines, in order");
         assert!(kept.len() > 200);
+    }
+
+    #[test]
+    fn a_file_deleted_or_moved_away_is_created_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            max_bytes: 1000,
+            keep: 2,
+        };
+        let logs = NodeLogs::new(dir.path(), config);
+        let path = logs.path(Stream::Stdout);
+        let mut w = Writer::open(logs.clone(), Stream::Stdout).unwrap();
+        w.write(b"one\n").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        w.write(b"two\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "two\n");
+        let moved = dir.path().join("saved.log");
+        std::fs::rename(&path, &moved).unwrap();
+        w.write(b"three\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "three\n");
+        assert_eq!(std::fs::read_to_string(&moved).unwrap(), "two\n");
+        // Deleted when nearly full: the new file starts empty, nothing is rotated.
+        w.write(&[b'x'; 990]).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        w.write(&[b'y'; 20]).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), [b'y'; 20]);
+        assert!(!logs.rotated_path(Stream::Stdout, 1).exists());
+    }
+
+    #[test]
+    fn a_write_after_a_torn_line_starts_a_line_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = NodeLogs::new(dir.path(), LogConfig::default());
+        let path = logs.path(Stream::Stdout);
+        let mut w = Writer::open(logs, Stream::Stdout).unwrap();
+        w.write_on_new_line(b"first\n").unwrap();
+        w.write(b"cut sho").unwrap();
+        w.write_on_new_line(b"[marker]\n").unwrap();
+        w.write_on_new_line(b"next\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "first\ncut sho\n[marker]\nnext\n"
+        );
     }
 }
