@@ -393,3 +393,76 @@ fn lines_of_nodes_writing_at_once_stay_whole_and_apart_and_a_partial_line_is_kep
             .then_some(())
     });
 }
+
+/// The files the keeper holds open that were deleted.
+fn deleted_files_held(keeper: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{keeper}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .map(|target| target.display().to_string())
+                .filter(|t| t.ends_with(" (deleted)"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An operator deletes a node's log file (to free a full disk) or moves it away: the
+/// keeper lets go of it, so that its space is freed, and writes the node's next lines to
+/// a new file, where `logs` finds them.
+#[test]
+fn a_log_file_deleted_or_moved_away_is_let_go_and_created_anew() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = agent(&c, addr);
+    let dir = deploy(&c, addr, "steady", 200);
+    let seen = lines_arrive("the node's first lines", &dir, 10);
+    let keeper = keeper_pid(&c.dir.path().join("agent-a1")).expect("a keeper runs");
+
+    std::fs::remove_file(dir.join("stdout.log")).unwrap();
+    let after = lines_arrive("lines in a new stdout.log", &dir, seen);
+    let first = std::fs::read_to_string(dir.join("stdout.log")).unwrap();
+    let first: u64 = first
+        .lines()
+        .next()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        first > seen,
+        "the new file holds what came after: {first} after {seen}"
+    );
+    eventually("the keeper let the deleted file go", PATIENCE, || {
+        deleted_files_held(keeper).is_empty().then_some(())
+    });
+    let out = c.drover(addr, &["logs", "steady", "-n", "1"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let shown: u64 = out
+        .stdout
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(shown >= after, "logs shows the new file's lines: {shown}");
+
+    let moved = dir.join("saved.log");
+    std::fs::rename(dir.join("stdout.log"), &moved).unwrap();
+    let later = lines_arrive("lines in a newer stdout.log", &dir, after);
+    let kept = std::fs::read_to_string(&moved).unwrap();
+    let last_kept: u64 = kept
+        .lines()
+        .last()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(last_kept < later, "the moved file is left as it was");
+    assert_eq!(keeper_pid(&c.dir.path().join("agent-a1")), Some(keeper));
+}
