@@ -79,12 +79,20 @@ fn note_loss(msg: Msg) {
             stream,
             bytes,
             error,
+            ended,
         } => {
-            warn!(
-                node = %node,
-                "its {} is written again; {bytes} bytes of its output were lost ({error}), where a marker line says",
-                stream.file_name()
-            );
+            let file = stream.file_name();
+            if ended {
+                warn!(
+                    node = %node,
+                    "its output ended while its {file} could not be written; {bytes} bytes of it were lost ({error})"
+                );
+            } else {
+                warn!(
+                    node = %node,
+                    "its {file} is written again; {bytes} bytes of its output were lost ({error}), where a marker line says"
+                );
+            }
             let l = losses.entry((node, stream)).or_default();
             l.failing = false;
             l.bytes += bytes;

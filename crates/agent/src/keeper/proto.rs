@@ -99,8 +99,9 @@ pub enum Msg {
         /// Why.
         error: String,
     },
-    /// Keeper → agent: a stream's file is written again after [`Msg::WriteFailing`];
-    /// `bytes` of output were lost meanwhile, where a marker line in the file says.
+    /// Keeper → agent: a stream's file is written again after [`Msg::WriteFailing`]
+    /// (or its last pipe closed first, `ended`); `bytes` of output were lost meanwhile,
+    /// where a marker line in the file says (if it could be written).
     Lost {
         /// The node.
         node: String,
@@ -110,6 +111,9 @@ pub enum Msg {
         bytes: u64,
         /// Why the writes failed.
         error: String,
+        /// The stream's pipes all closed (its process ended) before a write succeeded.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ended: bool,
     },
 }
 
@@ -383,6 +387,7 @@ mod tests {
             stream: Stream::Stdout,
             bytes: 123,
             error: "No space left on device (os error 28)".into(),
+            ended: false,
         };
         for msg in [failing, lost] {
             assert_eq!(decode(&encode(&msg), 0).unwrap(), msg);

@@ -71,7 +71,7 @@ struct Loss {
 }
 
 /// The line that stands where output was lost to failed writes.
-pub fn loss_marker(bytes: u64, error: &str) -> String {
+fn loss_marker(bytes: u64, error: &str) -> String {
     format!("[drover: {bytes} bytes of output lost: cannot write the log file: {error}]\n")
 }
 
@@ -202,7 +202,6 @@ fn handle(shared: &Shared, tx: &Outbox, msg: Msg, fd: Option<OwnedFd>) {
             for w in state.writers.values_mut().filter_map(|s| s.writer.as_mut()) {
                 w.set_config(config);
             }
-
             for (&ino, pipe) in &state.pipes {
                 {
                     let mut info = pipe.info.borrow_mut();
@@ -269,8 +268,10 @@ fn take_pipe(shared: &Shared, info: PipeInfo, fd: OwnedFd) {
         state.pipes.remove(&ino);
         if let Some(w) = state.writers.get_mut(&pipe.key()) {
             w.pipes -= 1;
-            if w.pipes == 0 {
-                state.writers.remove(&pipe.key());
+            if w.pipes == 0
+                && let Some(slot) = state.writers.remove(&pipe.key())
+            {
+                ended(&state, slot, pipe.info.borrow().stream);
             }
         }
         for tx in state.conns.values() {
@@ -428,6 +429,28 @@ fn read(fd: std::os::fd::BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n.cast_unsigned())
 }
 
+/// A stream's last pipe closed. Output lost to writes that failed until then is marked
+/// in the file if it can be written now, and told to the agents either way, so that they
+/// do not take the stream for failing still.
+fn ended(state: &State, mut slot: Slot, stream: Stream) {
+    let Some(loss) = slot.lost.take() else {
+        return;
+    };
+    if let Some(w) = &mut slot.writer {
+        let _ = w.write_on_new_line(loss_marker(loss.bytes, &loss.error).as_bytes());
+    }
+    let msg = Msg::Lost {
+        node: loss.node,
+        stream,
+        bytes: loss.bytes,
+        error: loss.error,
+        ended: true,
+    };
+    for tx in state.conns.values() {
+        let _ = tx.send((msg.clone(), None));
+    }
+}
+
 /// Writes to the pipe's stream. A failure (a full disk) loses `data`: the agents are
 /// told when that begins and when a write succeeds again, which first writes a marker
 /// line saying how much was lost.
@@ -472,6 +495,7 @@ fn write(shared: &Shared, pipe: &Pipe, data: &[u8]) {
                 stream: info.stream,
                 bytes: loss.bytes,
                 error: loss.error,
+                ended: false,
             }
         }
         (Err(_), Some(loss)) => {
