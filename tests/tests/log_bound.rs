@@ -263,7 +263,7 @@ fn output_lost_to_a_full_disk_is_marked_counted_and_warned_of() {
     let _mount = Mounted::tmpfs(&state, "2m");
     let (agent, metrics) =
         c.start_agent_with_metrics("a1", addr, &["--log-max-bytes", "64K", "--log-keep", "2"]);
-    deploy_writers(&c, addr, &[("steady", 200)]);
+    deploy_writers(&c, addr, &[("steady", 200), ("brief", 200)]);
     let dir = state.join("nodes/steady");
     eventually("the node wrote lines", PATIENCE, || {
         (stdout_bytes(&dir) > 1000).then_some(())
@@ -283,6 +283,21 @@ fn output_lost_to_a_full_disk_is_marked_counted_and_warned_of() {
             .then_some(())
     });
     assert_eq!(metric(metrics, lost), Some(0.0));
+
+    // A node stopped meanwhile: its loss ends with it, counted, and it is not shown as
+    // failing for good. The stop itself works on the full disk.
+    let brief_failing = "drover_agent_log_write_failing{node=\"brief\",stream=\"stdout\"}";
+    let brief_lost = "drover_agent_log_lost_bytes_total{node=\"brief\",stream=\"stdout\"}";
+    eventually("brief's writes fail too", PATIENCE, || {
+        (metric(metrics, brief_failing) == Some(1.0)).then_some(())
+    });
+    let out = c.drover(addr, &["stop", "brief"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    eventually("brief's loss ended with it", PATIENCE, || {
+        (metric(metrics, brief_failing) == Some(0.0)).then_some(())
+    });
+    assert!(metric(metrics, brief_lost).unwrap() > 0.0);
+    assert_eq!(metric(metrics, failing), Some(1.0), "steady still fails");
 
     // Room again: the next write says what was lost, and the agent counts it.
     std::fs::remove_file(&filler).unwrap();
