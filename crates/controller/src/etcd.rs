@@ -615,14 +615,23 @@ fn decode(ep: &Endpoint, call: &str, status: u16, body: &[u8]) -> Result<Value, 
             .map_or_else(|| other.to_string(), str::to_owned),
     });
     if status != 200 || error.is_some() {
+        let mut message = error.unwrap_or_else(|| format!("http status {status}"));
+        if message.contains("database space exceeded") {
+            message.push_str(NOSPACE_HINT);
+        }
         return Err(EtcdError::Refused {
             endpoint: ep.url.clone(),
             call: call.into(),
-            message: error.unwrap_or_else(|| format!("http status {status}")),
+            message,
         });
     }
     Ok(value)
 }
+
+/// What an operator does once etcd's database reached its quota: etcd then refuses every
+/// write (its NOSPACE alarm) until it is compacted, defragmented and the alarm disarmed,
+/// which it does not do by itself.
+const NOSPACE_HINT: &str = " (etcd's database reached its quota, --quota-backend-bytes, and etcd refuses writes until an operator compacts it, runs `etcdctl defrag` and `etcdctl alarm disarm`)";
 
 /// Splits an HTTP/1.1 answer read to its end into status and body (chunked or not).
 fn parse_http(raw: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
@@ -687,6 +696,18 @@ fn parse_http(raw: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_database_is_refused_with_what_to_do() {
+        let ep = Endpoint::parse("http://127.0.0.1:2379").unwrap();
+        let body = br#"{"error":"etcdserver: mvcc: database space exceeded","code":8}"#;
+        let e = decode(&ep, "/v3/kv/txn", 400, body).unwrap_err().to_string();
+        assert!(e.contains("database space exceeded"), "{e}");
+        assert!(e.contains("etcdctl alarm disarm"), "{e}");
+        let other = br#"{"error":"etcdserver: request timed out","code":14}"#;
+        let e = decode(&ep, "/v3/kv/txn", 503, other).unwrap_err().to_string();
+        assert!(!e.contains("alarm"), "{e}");
+    }
 
     #[test]
     fn endpoints_parse_or_say_what_is_expected() {
