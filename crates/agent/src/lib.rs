@@ -1293,6 +1293,11 @@ pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_millis(50);
 /// ...and, when requests waiting for nodes were answered, this.
 const REPORT_ANSWERED_GAP: Duration = Duration::from_millis(2);
 
+/// The labels of a node stream's series.
+fn stream_labels(node: &str, stream: logs::Stream) -> String {
+    drover_metrics::labels(&[("node", node), ("stream", stream.name())])
+}
+
 /// The agent's `/metrics` page, computed from the supervisor's current statuses.
 async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String {
     let statuses = sup.status().await;
@@ -1381,12 +1386,8 @@ async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String
         .flat_map(|s| {
             logs::Stream::ALL.map(|stream| {
                 let path = nodes_dir.join(&s.node).join(stream.file_name());
-                let name = match stream {
-                    logs::Stream::Stdout => "stdout",
-                    logs::Stream::Stderr => "stderr",
-                };
                 (
-                    drover_metrics::labels(&[("node", &s.node), ("stream", name)]),
+                    stream_labels(&s.node, stream),
                     logs::dropped_bytes(&path) as f64,
                 )
             })
@@ -1399,13 +1400,6 @@ async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String
         &dropped,
     );
     let losses = keeper::client::losses();
-    let stream_labels = |node: &str, stream: logs::Stream| {
-        let name = match stream {
-            logs::Stream::Stdout => "stdout",
-            logs::Stream::Stderr => "stderr",
-        };
-        drover_metrics::labels(&[("node", node), ("stream", name)])
-    };
     let lost: Vec<(String, f64)> = losses
         .iter()
         .map(|((node, stream), l)| (stream_labels(node, *stream), l.bytes as f64))

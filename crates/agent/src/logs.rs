@@ -220,6 +220,14 @@ impl Stream {
     /// Both streams, stdout first.
     pub const ALL: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
 
+    /// The stream's name, `stdout` or `stderr`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+
     /// The name of the stream's current file in the node directory.
     pub fn file_name(self) -> &'static str {
         match self {
