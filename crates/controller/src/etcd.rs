@@ -701,11 +701,15 @@ mod tests {
     fn a_full_database_is_refused_with_what_to_do() {
         let ep = Endpoint::parse("http://127.0.0.1:2379").unwrap();
         let body = br#"{"error":"etcdserver: mvcc: database space exceeded","code":8}"#;
-        let e = decode(&ep, "/v3/kv/txn", 400, body).unwrap_err().to_string();
+        let e = decode(&ep, "/v3/kv/txn", 400, body)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("database space exceeded"), "{e}");
         assert!(e.contains("etcdctl alarm disarm"), "{e}");
         let other = br#"{"error":"etcdserver: request timed out","code":14}"#;
-        let e = decode(&ep, "/v3/kv/txn", 503, other).unwrap_err().to_string();
+        let e = decode(&ep, "/v3/kv/txn", 503, other)
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("alarm"), "{e}");
     }
 
