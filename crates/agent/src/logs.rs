@@ -1037,6 +1037,7 @@ fn spawn_follower<G: Send + 'static>(
         rotated,
         offset: 0,
         ino: start.as_ref().map(MetadataExt::ino),
+        held: None,
         mtime: None,
         recent: Vec::new(),
         lines: LineSplitter::default(),
@@ -1082,6 +1083,10 @@ struct Follower {
     offset: u64,
     /// Inode of the file, once seen.
     ino: Option<u64>,
+    /// The file read last and its inode, held open between polls: once the path names
+    /// another file (rotated by rename, or deleted and created anew), what was written
+    /// to this one after the last read is still read from here, even if it was deleted.
+    held: Option<(u64, tokio::fs::File)>,
     /// Modification time at the last poll.
     mtime: Option<SystemTime>,
     /// The last (up to FOLLOW_CHECK_BYTES) bytes of the file before `offset`.
@@ -1135,14 +1140,20 @@ impl Follower {
 
     async fn poll_once(&mut self, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
         let Ok(meta) = tokio::fs::metadata(&self.path).await else {
-            if self.ino.take().is_some() {
-                // Removed: whatever appears next is new.
+            if let Some(old) = self.ino.take() {
+                // Removed: the rest of it, then whatever appears next is new.
+                self.drain_held(old, tx).await?;
                 self.reset();
             }
             return self.flush_dropped(tx);
         };
+        // The file held was deleted: a new file at the path may have its inode number.
+        let held_deleted = match &self.held {
+            Some((_, f)) => f.metadata().await.is_ok_and(|m| m.nlink() == 0),
+            None => false,
+        };
         if let Some(old) = self.ino
-            && old != meta.ino()
+            && (old != meta.ino() || held_deleted)
         {
             // Replaced by another file: rotated by rename (the log keeper's way), or
             // removed and created anew.
@@ -1164,10 +1175,27 @@ impl Follower {
         self.flush_dropped(tx)
     }
 
-    /// The followed file was replaced: when it was renamed to a rotated file, delivers
-    /// what it got past our offset, and every file rotated after it (a fast writer's
-    /// files can rotate more than once between two polls).
+    /// Delivers what the held file `old` got past our offset (it may be deleted by now);
+    /// whether it was held.
+    async fn drain_held(&mut self, old: u64, tx: &mpsc::Sender<Line>) -> Result<bool, Gone> {
+        let Some((ino, mut f)) = self.held.take() else {
+            return Ok(false);
+        };
+        if ino != old || f.seek(SeekFrom::Start(self.offset)).await.is_err() {
+            return Ok(false);
+        }
+        let mut buf = vec![0; FOLLOW_READ_CHUNK];
+        while let Ok(n @ 1..) = f.read(&mut buf).await {
+            self.deliver_bytes(&buf[..n], None, tx).await?;
+        }
+        Ok(true)
+    }
+
+    /// The followed file was replaced: delivers what it got past our offset (from the
+    /// file held open, or else from where it was renamed to), and every file rotated
+    /// after it (a fast writer's files can rotate more than once between two polls).
     async fn replaced(&mut self, old: u64, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
+        let drained = self.drain_held(old, tx).await?;
         let base = self.path.clone();
         let rotated = move |k: u32| {
             let mut p = base.clone().into_os_string();
@@ -1188,8 +1216,12 @@ impl Follower {
         let Some(k) = found else {
             return Ok(());
         };
-        let mut from = self.offset;
-        for j in (1..=k).rev() {
+        let (mut from, newest_first) = if drained {
+            (0, k - 1)
+        } else {
+            (self.offset, k)
+        };
+        for j in (1..=newest_first).rev() {
             if let Ok(mut f) = tokio::fs::File::open(rotated(j)).await
                 && f.seek(SeekFrom::Start(from)).await.is_ok()
             {
@@ -1209,15 +1241,20 @@ impl Follower {
     }
 
     async fn read_new(&mut self, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
-        let Ok(mut f) = tokio::fs::File::open(&self.path).await else {
-            return Ok(());
+        let mut f = match self.held.take() {
+            Some((ino, f)) if Some(ino) == self.ino => f,
+            _ => {
+                let Ok(f) = tokio::fs::File::open(&self.path).await else {
+                    return Ok(());
+                };
+                // Replaced since the poll looked: the next poll reads the rest of the one
+                // seen.
+                match f.metadata().await {
+                    Ok(m) if self.ino.is_some_and(|ino| ino != m.ino()) => return Ok(()),
+                    _ => f,
+                }
+            }
         };
-        // Replaced since the poll looked: the next poll reads the rest of the one seen.
-        if let Ok(m) = f.metadata().await
-            && self.ino.is_some_and(|ino| ino != m.ino())
-        {
-            return Ok(());
-        }
         let mut buf = vec![0; FOLLOW_CHECK_BYTES + FOLLOW_READ_CHUNK];
         let mut budget = FOLLOW_MAX_READ_PER_POLL;
         while budget > 0 {
@@ -1250,6 +1287,7 @@ impl Follower {
             self.advance(&buf[k..n]);
             self.deliver_bytes(&buf[k..n], at, tx).await?;
         }
+        self.held = self.ino.map(|ino| (ino, f));
         Ok(())
     }
 
@@ -2182,6 +2220,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn follow_reads_the_rest_of_a_deleted_file_then_its_successor() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = logs(dir.path(), 1 << 20, 2);
+        let path = logs.path(Stream::Stdout);
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        // Polls far apart, so that what follows each line seen is done between two.
+        let mut rx = logs.follow(Stream::Stdout, POLL * 30);
+        writeln!(f, "a1").unwrap();
+        assert_eq!(next(&mut rx).await, "a1");
+        // Written, then deleted before a poll read them (or after, on a stalled machine:
+        // the same lines), and a new file in its place.
+        writeln!(f, "b1\nb2").unwrap();
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, "c1\n").unwrap();
+        for want in ["b1", "b2", "c1"] {
+            assert_eq!(next(&mut rx).await, want);
+        }
+        // Deleted with nothing in its place for a while: the rest, then the new file.
+        writeln!(f, "d1").unwrap();
+        drop(f);
+        let mut g = OpenOptions::new().append(true).open(&path).unwrap();
+        writeln!(g, "c2").unwrap();
+        fs::remove_file(&path).unwrap();
+        assert_eq!(next(&mut rx).await, "c2");
+        fs::write(&path, "e1\n").unwrap();
+        assert_eq!(next(&mut rx).await, "e1");
+    }
+
+    #[tokio::test]
     async fn follow_task_ends_when_the_receiver_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let logs = logs(dir.path(), 1 << 20, 5);
@@ -2293,6 +2364,7 @@ mod tests {
             rotated: PathBuf::new(),
             offset: 0,
             ino: None,
+            held: None,
             mtime: None,
             recent: Vec::new(),
             lines: LineSplitter::default(),
