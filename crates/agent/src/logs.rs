@@ -1030,14 +1030,19 @@ fn spawn_follower<G: Send + 'static>(
     from: Option<Mark>,
 ) -> (mpsc::Receiver<Line>, Option<Mark>) {
     let (tx, rx) = mpsc::channel(FOLLOW_CHANNEL_CAPACITY);
-    // The starting point is taken now, not when the task first runs.
-    let start = fs::metadata(&path).ok();
+    // The starting point is taken now, not when the task first runs, and the file held
+    // from now on: lines written before its first read are read even if it is deleted.
+    let opened = File::open(&path).ok();
+    let start = opened.as_ref().and_then(|f| f.metadata().ok());
+    let held = opened
+        .zip(start.as_ref())
+        .map(|(f, m)| (m.ino(), tokio::fs::File::from_std(f)));
     let follower = Follower {
         path,
         rotated,
         offset: 0,
         ino: start.as_ref().map(MetadataExt::ino),
-        held: None,
+        held,
         mtime: None,
         recent: Vec::new(),
         lines: LineSplitter::default(),
