@@ -418,6 +418,11 @@ fn a_log_file_deleted_or_moved_away_is_let_go_and_created_anew() {
     let dir = deploy(&c, addr, "steady", 200);
     let seen = lines_arrive("the node's first lines", &dir, 10);
     let keeper = keeper_pid(&c.dir.path().join("agent-a1")).expect("a keeper runs");
+    let follow =
+        drover_tests::Background::start(&c, &addr.to_string(), &["logs", "-f", "steady"], "follow");
+    eventually("the follow shows lines", PATIENCE, || {
+        (follow.stdout().lines().count() > 5).then_some(())
+    });
 
     std::fs::remove_file(dir.join("stdout.log")).unwrap();
     let after = lines_arrive("lines in a new stdout.log", &dir, seen);
@@ -450,6 +455,15 @@ fn a_log_file_deleted_or_moved_away_is_let_go_and_created_anew() {
         .unwrap();
     assert!(shown >= after, "logs shows the new file's lines: {shown}");
 
+    // The follow has read the new file (two replacements within one of its polls would
+    // leave the first replacement's lines at a path it cannot know).
+    eventually("the follow shows the new file's lines", PATIENCE, || {
+        follow
+            .stdout()
+            .lines()
+            .any(|l| l.ends_with(&format!(" line {after}")))
+            .then_some(())
+    });
     let moved = dir.join("saved.log");
     std::fs::rename(dir.join("stdout.log"), &moved).unwrap();
     let later = lines_arrive("lines in a newer stdout.log", &dir, after);
@@ -465,4 +479,20 @@ fn a_log_file_deleted_or_moved_away_is_let_go_and_created_anew() {
         .unwrap();
     assert!(last_kept < later, "the moved file is left as it was");
     assert_eq!(keeper_pid(&c.dir.path().join("agent-a1")), Some(keeper));
+
+    // The follow went on across both, every line once and in order.
+    let seqs = eventually(
+        "the follow reached the newer file's lines",
+        PATIENCE,
+        || {
+            let seqs: Vec<u64> = follow
+                .stdout()
+                .lines()
+                .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+                .collect();
+            (seqs.last() >= Some(&later)).then_some(seqs)
+        },
+    );
+    let gap = seqs.windows(2).find(|w| w[1] != w[0] + 1);
+    assert!(gap.is_none(), "lost or repeated across the files: {gap:?}");
 }
