@@ -16,8 +16,10 @@ const KEEP: u64 = 2;
 /// What the keeper reads from a pipe at once.
 const CHUNK: u64 = 64 * 1024;
 
+/// A series' value on the agent's metrics page; `None` also while the page does not
+/// answer yet (an agent just started).
 fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
-    let mut s = TcpStream::connect(addr).unwrap();
+    let mut s = TcpStream::connect(addr).ok()?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
         .unwrap();
     let mut page = String::new();
@@ -298,6 +300,18 @@ fn output_lost_to_a_full_disk_is_marked_counted_and_warned_of() {
     });
     assert!(metric(metrics, brief_lost).unwrap() > 0.0);
     assert_eq!(metric(metrics, failing), Some(1.0), "steady still fails");
+
+    // An agent killed and started again meanwhile, on the full disk, adopts the node and
+    // learns of the loss under way from the keeper.
+    drop(agent);
+    let (agent, metrics) =
+        c.start_agent_with_metrics("a1", addr, &["--log-max-bytes", "64K", "--log-keep", "2"]);
+    eventually("the new agent shows the writes failing", PATIENCE, || {
+        (metric(metrics, failing) == Some(1.0)).then_some(())
+    });
+    eventually("the new agent adopted the node", PATIENCE, || {
+        (running_pid(&c, addr, "steady") == Some(pid)).then_some(())
+    });
 
     // Room again: the next write says what was lost, and the agent counts it.
     std::fs::remove_file(&filler).unwrap();
