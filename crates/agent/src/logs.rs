@@ -1152,13 +1152,10 @@ impl Follower {
             }
             return self.flush_dropped(tx);
         };
-        // The file held was deleted: a new file at the path may have its inode number.
-        let held_deleted = match &self.held {
-            Some((_, f)) => f.metadata().await.is_ok_and(|m| m.nlink() == 0),
-            None => false,
-        };
+        // A deleted file held open keeps its inode number taken, so a new file at the
+        // path always has another one.
         if let Some(old) = self.ino
-            && (old != meta.ino() || held_deleted)
+            && old != meta.ino()
         {
             // Replaced by another file: rotated by rename (the log keeper's way), or
             // removed and created anew.
