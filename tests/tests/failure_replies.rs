@@ -25,7 +25,11 @@ fn failed_nodes_are_explained_on_stderr_and_in_status() {
          [nodes.missing]\ninstance = \"agent-1\"\ncommand = [\"/nonexistent/prog\"]\n\
          [nodes.fine]\ninstance = \"agent-1\"\ncommand = [\"sleep\", \"1000\"]\n\
          [nodes.nowhere]\ninstance = \"agent-1\"\ncommand = [\"sleep\", \"1000\"]\n\
-         workdir = \"/proc/no-such-dir\"\n",
+         workdir = \"/proc/no-such-dir\"\n\
+         [nodes.silent]\ninstance = \"agent-1\"\ncommand = [\"sleep\", \"1000\"]\n\
+         readiness = { kind = \"notify\", timeout = \"1s\" }\n\
+         [nodes.deaf]\ninstance = \"agent-1\"\ncommand = [\"sleep\", \"1000\"]\n\
+         readiness = { kind = \"tcp\", port = 9, timeout = \"1500ms\" }\n",
     )
     .unwrap();
 
@@ -58,12 +62,33 @@ fn failed_nodes_are_explained_on_stderr_and_in_status() {
         "{}",
         out.stderr
     );
+    // Killed for not being ready in time: why, not the signal the agent sent.
+    assert!(
+        lines.contains(
+            &"error: silent on agent-1: not ready within 1s: it sent no READY=1 on its NOTIFY_SOCKET; killed"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        lines.contains(
+            &"error: deaf on agent-1: not ready within 1.5s: its readiness port accepted no connection; killed"
+        ),
+        "{}",
+        out.stderr
+    );
     assert!(!out.stderr.contains("fine"), "{}", out.stderr);
+    let nodes = c.drover(addr, &["get-nodes"]).json();
+    assert_eq!(
+        nodes["results"]["agent-1"]["silent"]["last_error"],
+        "not ready within 1s: it sent no READY=1 on its NOTIFY_SOCKET; killed",
+        "{nodes}"
+    );
 
     let status = eventually("the failed nodes FAILED", PATIENCE, || {
         let out = c.drover(addr, &["status"]);
         let failed = out.stdout.lines().filter(|l| l.contains("FAILED")).count();
-        (failed == 3).then_some(out.stdout)
+        (failed == 5).then_some(out.stdout)
     });
     let row = |name: &str| {
         status
@@ -78,6 +103,7 @@ fn failed_nodes_are_explained_on_stderr_and_in_status() {
         "{status}"
     );
     assert!(!row("fine").contains("exited"), "{status}");
+    assert!(row("silent").contains("not ready within 1s"), "{status}");
 
     // A restart that fails again: the reason and the failed process's last lines.
     let out = c.drover(addr, &["restart", "crash"]);

@@ -25,7 +25,7 @@
 
 use drover_proto::model;
 
-use crate::machine::{Action, ExitStatus, Machine, Millis};
+use crate::machine::{Action, ExitStatus, Machine, Millis, Readiness};
 use crate::probe::Notice;
 
 /// Notify messages of one node that may wait, in the supervisor's queue or here while
@@ -156,6 +156,27 @@ impl<P, S> Book<P, S> {
     /// The record of the spawn under way announces `token`.
     pub fn announce(&mut self, token: u64) {
         self.spawning = Some(token);
+    }
+
+    /// Why its last start failed, or why its last process was killed, until it next
+    /// runs: what it is told ([`Book::last_error`]), or the readiness its process did
+    /// not reach in time.
+    pub fn error(&self) -> Option<String> {
+        self.last_error.clone().or_else(|| {
+            self.machine.unready().map(|readiness| {
+                let within = drover_net::humanize(std::time::Duration::from_millis(
+                    readiness.deadline_ms(),
+                ));
+                match readiness {
+                    Readiness::Tcp { .. } => format!(
+                        "not ready within {within}: its readiness port accepted no connection; killed"
+                    ),
+                    Readiness::Notify { .. } | Readiness::StartPeriod { .. } => format!(
+                        "not ready within {within}: it sent no READY=1 on its NOTIFY_SOCKET; killed"
+                    ),
+                }
+            })
+        })
     }
 
     /// Whether the node's status is about to change again: its spawn is under way and

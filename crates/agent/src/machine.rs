@@ -458,6 +458,9 @@ pub struct Machine {
     ready_at: Option<Millis>,
     last_exit: Option<ExitStatus>,
     last_spawn_error: Option<String>,
+    /// The readiness that the current or last process was killed for not reaching in
+    /// time; until a process is spawned or adopted again.
+    unready: Option<Readiness>,
     restart_count: u64,
     consecutive_failures: u32,
 }
@@ -482,6 +485,7 @@ impl Machine {
             ready_at: None,
             last_exit: None,
             last_spawn_error: None,
+            unready: None,
             restart_count: 0,
             consecutive_failures: 0,
         }
@@ -525,6 +529,12 @@ impl Machine {
     /// The error of the most recent [`Machine::spawn_failed`], if any.
     pub fn last_spawn_error(&self) -> Option<&str> {
         self.last_spawn_error.as_deref()
+    }
+
+    /// The readiness the current or last process was killed for not reaching within
+    /// its timeout, until a process is spawned or adopted again: why the start failed.
+    pub fn unready(&self) -> Option<Readiness> {
+        self.unready
     }
 
     /// Pid of the current process (also while it is being stopped or
@@ -656,6 +666,7 @@ impl Machine {
                 m.started_at = Some(now);
                 m.last_spawn = Some(now);
                 m.ready_at = None;
+                m.unready = None;
                 if stop_requested {
                     m.begin_stop(now, out);
                     if let Phase::Stopping { kill_at, .. } = m.phase {
@@ -792,6 +803,7 @@ impl Machine {
             m.pid = Some(pid);
             m.started_at = Some(now);
             m.ready_at = None;
+            m.unready = None;
             if was_ready {
                 m.become_ready(now, out);
             } else {
@@ -868,6 +880,7 @@ impl Machine {
             Phase::Starting { .. } => {
                 if self.config.readiness.is_signalled() {
                     out.push(Action::Kill);
+                    self.unready = Some(self.config.readiness);
                     self.record_failure();
                     self.phase = Phase::Aborting;
                 } else {
@@ -1461,6 +1474,36 @@ mod tests {
         );
         assert_eq!(m.consecutive_failures(), 1, "counted once");
         assert_eq!(m.next_restart_at(), Some(5_102));
+    }
+
+    #[test]
+    fn a_readiness_timeout_is_told_until_a_process_runs_again() {
+        for readiness in [
+            Readiness::Notify { timeout_ms: 500 },
+            Readiness::Tcp { timeout_ms: 500 },
+        ] {
+            let mut m = machine(|c| c.readiness = readiness);
+            let _ = m.start(0);
+            let _ = m.spawned(0, 9);
+            assert_eq!(m.unready(), None);
+            assert_eq!(m.tick(500), vec![Kill]);
+            assert_eq!(m.unready(), Some(readiness));
+            let _ = m.exited(501, Signal(9));
+            let _ = m.tick(1_000);
+            assert_eq!(m.unready(), Some(readiness), "while it waits to restart");
+            let _ = m.spawned(1_000, 10);
+            assert_eq!(m.unready(), None, "a new process");
+            // Killed for a failed liveness check, or at the end of a stop: not this.
+            let _ = m.ready(1_001);
+            let _ = m.unhealthy(1_002);
+            assert_eq!(m.unready(), None);
+            let _ = m.exited(1_003, Signal(9));
+            let _ = m.tick(5_000);
+            let _ = m.spawned(5_000, 11);
+            let _ = m.stop(5_001);
+            let _ = m.tick(20_000);
+            assert_eq!(m.unready(), None);
+        }
     }
 
     #[test]

@@ -1784,7 +1784,14 @@ impl Core {
                 }
                 Action::Kill => {
                     if let Some(p) = e.proc() {
-                        warn!(node = %name, pid = p.id.pid, "killing the node (a stop or readiness timeout, or a failed liveness check)");
+                        let why = if e.book.machine.is_stopping() {
+                            "it did not end within its stop_timeout".to_owned()
+                        } else {
+                            e.book
+                                .error()
+                                .unwrap_or_else(|| "a failed check".to_owned())
+                        };
+                        warn!(node = %name, pid = p.id.pid, "killing the node: {why}");
                         kill_remains(p);
                     }
                 }
@@ -2593,7 +2600,7 @@ impl Core {
         s.ready = e.book.machine.ready_at().is_some();
         s.status_text.clone_from(&e.book.status_text);
         s.generation = Some(e.deploy_gen);
-        s.last_error.clone_from(&e.book.last_error);
+        s.last_error = e.book.error();
         s.last_failure.clone_from(&e.book.last_failure);
         s.oom_kills = e.book.oom_kills;
         s.liveness_failures = e.book.liveness_failures;
@@ -2684,7 +2691,7 @@ impl Core {
                 _ => None,
             },
             last_exit: e.book.last_exit,
-            last_error: e.book.last_error.clone(),
+            last_error: e.book.error(),
             last_failure: e.book.last_failure.clone(),
             oom_kills: e.book.oom_kills,
             liveness_failures: e.book.liveness_failures,
@@ -3269,7 +3276,7 @@ impl waiters::View for WaitView<'_> {
             .get(node)
             .map(|e| waiters::Failure {
                 text: failure_text(e),
-                last_error: e.book.last_error.clone(),
+                last_error: e.book.error(),
                 pipes: e.last_pipes.filter(|_| self.keeper.is_some()),
             })
             .unwrap_or_default()
@@ -3286,8 +3293,8 @@ fn millis(d: Duration) -> Millis {
 }
 
 fn failure_text(e: &Entry) -> String {
-    match (e.book.last_error.as_deref(), e.book.last_exit) {
-        (Some(err), _) => err.to_owned(),
+    match (e.book.error(), e.book.last_exit) {
+        (Some(err), _) => err,
         (None, Some(model::ExitStatus::Code(c))) => format!("node exited with code {c}"),
         (None, Some(model::ExitStatus::Signal(s))) => format!("node was killed by signal {s}"),
         (None, None) => "node failed".to_owned(),

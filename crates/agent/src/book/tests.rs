@@ -410,3 +410,39 @@ mod simulation {
         }
     }
 }
+
+#[test]
+fn a_start_killed_for_want_of_readiness_says_why_until_its_next_process() {
+    for (readiness, why) in [
+        (
+            Readiness::Notify { timeout_ms: 1_500 },
+            "not ready within 1.5s: it sent no READY=1 on its NOTIFY_SOCKET; killed",
+        ),
+        (
+            Readiness::Tcp { timeout_ms: 2_000 },
+            "not ready within 2s: its readiness port accepted no connection; killed",
+        ),
+    ] {
+        let (mut b, n) = started(readiness);
+        assert!(matches!(b.spawned(0, n, 9, 9), Spawned::Taken { .. }));
+        assert_eq!(b.error(), None);
+        assert_eq!(b.machine.tick(2_000), vec![Action::Kill]);
+        assert_eq!(b.error().as_deref(), Some(why));
+        let _ = b.exited(2_001, n, ExitStatus::Signal(9), 0);
+        assert_eq!(b.error().as_deref(), Some(why), "after the kill");
+        // An error the book was told comes first: the spawn's own.
+        let _ = b.machine.tick(3_000);
+        let m = b.next_spawn();
+        b.announce(8);
+        let _ = b.spawn_failed(3_000, m, "cannot execute /x".to_owned());
+        assert_eq!(b.error().as_deref(), Some("cannot execute /x"));
+        let _ = b.machine.tick(10_000);
+        let k = b.next_spawn();
+        b.announce(9);
+        assert!(matches!(
+            b.spawned(10_000, k, 10, 10),
+            Spawned::Taken { .. }
+        ));
+        assert_eq!(b.error(), None, "a new process runs");
+    }
+}
