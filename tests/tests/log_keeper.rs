@@ -496,3 +496,54 @@ fn a_log_file_deleted_or_moved_away_is_let_go_and_created_anew() {
     let gap = seqs.windows(2).find(|w| w[1] != w[0] + 1);
     assert!(gap.is_none(), "lost or repeated across the files: {gap:?}");
 }
+
+/// An operator deletes a running node's whole directory (its logs, its notify socket,
+/// its record): its output goes on into a directory made again, and its next process
+/// gets a notify socket again, so that a node that says when it is ready can still
+/// start.
+#[test]
+fn a_node_directory_deleted_by_hand_is_made_again() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let agent = agent(&c, addr);
+    let prog = bin("drover-testprog").display().to_string();
+    c.deploy_text(
+        addr,
+        "notify.toml",
+        &format!(
+            "[instances.a1]\n[nodes.steady]\ninstance = \"a1\"\n\
+             command = [\"{prog}\", \"--stdout-rate\", \"200\", \"--ready-after\", \"0ms\"]\n\
+             readiness = {{ kind = \"notify\", timeout = \"5s\" }}\n"
+        ),
+    );
+    let dir = c.dir.path().join("agent-a1/nodes/steady");
+    let seen = lines_arrive("the node's first lines", &dir, 10);
+    let pid = node_pid(&dir);
+
+    std::fs::remove_dir_all(&dir).unwrap();
+    let after = lines_arrive("lines in a stdout.log made again", &dir, seen);
+    assert!(alive(pid), "the node runs on");
+    let out = c.drover(addr, &["logs", "steady", "-n", "1"]);
+    let shown: Option<u64> = out
+        .stdout
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok());
+    assert!(shown >= Some(after), "logs shows the new file: {out:?}");
+
+    let out = c.drover(addr, &["restart", "steady"]);
+    assert_eq!(out.json()["results"]["steady"], true, "{out:?}");
+    assert_eq!(out.stderr, "", "{out:?}");
+    assert!(
+        dir.join("notify.sock").exists(),
+        "its notify socket is back"
+    );
+    assert!(!alive(pid), "the old process was restarted");
+    assert!(
+        std::fs::read_to_string(&agent.log)
+            .unwrap()
+            .contains("is gone (its directory deleted?); making it again"),
+        "the agent says what it found"
+    );
+}

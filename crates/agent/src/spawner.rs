@@ -100,17 +100,21 @@ pub struct Job {
     pub limits: Limits,
     /// The record announcing the spawn's token, written before the spawn.
     pub announce: Option<crate::records::Write>,
-    /// A node's first spawn makes its directory, log files and notify socket first.
+    /// A node's first spawn makes its directory, log files and notify socket first;
+    /// a later one makes them again if its notify socket is gone.
     pub fresh: Option<Fresh>,
 }
 
-/// What a new node needs before its first spawn (see [`prepare_fresh`]).
+/// What a node needs before its first spawn (see [`prepare_fresh`]).
 #[derive(Debug, Clone)]
 pub struct Fresh {
     /// `<state-dir>/nodes/<name>`.
     pub dir: PathBuf,
     /// Where its sockets go (see [`crate::sockdir`]).
     pub socks: crate::sockdir::SocketDirs,
+    /// Made before: made again only if its notify socket is gone (the node's directory
+    /// deleted by hand), which would leave the node unable to say it is ready.
+    pub if_gone: bool,
 }
 
 /// A node process the spawner made.
@@ -287,11 +291,29 @@ pub(crate) fn prepare_fresh(
     Ok(Made { sock, marks })
 }
 
-/// Carries out one job; what a first spawn made goes to `made`.
+/// Whether the notify socket of a node made before is gone (its directory deleted by
+/// hand): one `stat`.
+fn notify_gone(name: &str, fresh: &Fresh) -> bool {
+    let path = crate::supervisor::notify_path(&fresh.socks.dir(name));
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            warn!(
+                node = %name,
+                "its notify socket {} is gone (its directory deleted?); making it again",
+                path.display()
+            );
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Carries out one job; what a first spawn made (or made again) goes to `made`.
 fn run(cx: &Context, job: Job, made: &mut Option<Made>) -> Result<Spawned, String> {
     let name = job.node.as_str();
     let program = job.program.as_str();
     let fresh = match &job.fresh {
+        Some(fresh) if fresh.if_gone && !notify_gone(name, fresh) => None,
         Some(fresh) => Some((
             fresh,
             prepare_fresh(name, &fresh.dir, &job.logs, &fresh.socks).map_err(|err| {

@@ -1807,11 +1807,7 @@ impl Core {
         self.next_token = next_token_after(token);
         let instance = self.cfg.instance.clone();
         let sock_dir = self.socks.dir(name);
-        let fresh_socks = self
-            .nodes
-            .get(name)
-            .is_some_and(|e| e.fresh)
-            .then(|| self.socks.clone());
+        let socks = self.socks.clone();
         let e = self.nodes.get_mut(name).ok_or("no such node")?;
         let generation = e.book.next_spawn();
         let spec = &e.spec;
@@ -1879,9 +1875,10 @@ impl Core {
                 .map(|a| a.cpus().into_iter().map(|c| c as usize).collect()),
             limits: Limits::of(&e.spec),
             announce: None,
-            fresh: fresh_socks.map(|socks| crate::spawner::Fresh {
+            fresh: Some(crate::spawner::Fresh {
                 dir: e.dir.clone(),
                 socks,
+                if_gone: !e.fresh,
             }),
         };
         e.spawn_of = Some(SpawnOf {
@@ -2022,18 +2019,20 @@ impl Core {
         }
     }
 
-    /// The first spawn of a `fresh` node made its directory, logs and notify socket:
-    /// what the node sends there is read from now on (what it sent already waits in the
-    /// socket).
+    /// The first spawn of a `fresh` node made its directory, logs and notify socket, or
+    /// a later one made them again (they were deleted): what the node sends there is
+    /// read from now on (what it sent already waits in the socket).
     fn prepared(&mut self, name: &str, made: crate::spawner::Made) {
-        if !self.nodes.get(name).is_some_and(|e| e.fresh) {
+        if !self.nodes.contains_key(name) {
             return;
         }
         match self.listen_notify(name, made.sock) {
             Ok(task) => {
                 if let Some(e) = self.nodes.get_mut(name) {
                     e.fresh = false;
-                    e.notify_task = Some(task);
+                    if let Some(old) = e.notify_task.replace(task) {
+                        old.abort();
+                    }
                     e.output_marks = Some(made.marks);
                 }
             }

@@ -13,7 +13,8 @@
 //! Rotation shifts `.1` → `.2` … (dropping what would pass `keep`), renames the current
 //! file to `.1` and creates a new one (mode 0640), as a reader expects: the current
 //! file is replaced, never truncated. With `keep` 0 the current file is removed and
-//! created anew.
+//! created anew. A current file deleted or moved away by someone else is let go and
+//! created anew at the next write, as is the node's directory, should it be gone.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -219,13 +220,28 @@ impl Writer {
 fn open_current(logs: &NodeLogs, stream: Stream) -> io::Result<File> {
     let path = logs.path(stream);
     // Readable too, so that a write after a failed one can see how the file ends.
-    let f = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .mode(LOG_FILE_MODE)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&path)?;
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(LOG_FILE_MODE)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+    };
+    let f = match open() {
+        // The node's directory deleted by hand (to free a disk): made again, as the
+        // agent makes it, so that its output is not lost until it restarts. Only the
+        // node's own directory: a state dir deleted whole is not made again piecemeal.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            use std::os::unix::fs::DirBuilderExt;
+            match std::fs::DirBuilder::new().mode(0o700).create(logs.dir()) {
+                Err(d) if d.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => open()?,
+            }
+        }
+        other => other?,
+    };
     crate::logs::ensure_mode(&f)?;
     Ok(f)
 }
@@ -373,6 +389,30 @@ mod tests {
         w.write(&[b'y'; 20]).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), [b'y'; 20]);
         assert!(!logs.rotated_path(Stream::Stdout, 1).exists());
+    }
+
+    #[test]
+    fn a_node_directory_deleted_is_made_again_but_not_its_parent() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("nodes").join("w1");
+        std::fs::create_dir_all(&node).unwrap();
+        let logs = NodeLogs::new(&node, LogConfig::default());
+        let mut w = Writer::open(logs.clone(), Stream::Stdout).unwrap();
+        w.write(b"one\n").unwrap();
+        std::fs::remove_dir_all(&node).unwrap();
+        w.write(b"two\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(logs.path(Stream::Stdout)).unwrap(),
+            "two\n"
+        );
+        let mode = std::fs::metadata(&node).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "for the agent and the node only");
+        // The whole state dir gone: not made again piecemeal.
+        std::fs::remove_dir_all(dir.path().join("nodes")).unwrap();
+        let e = w.write(b"three\n").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(!node.exists());
     }
 
     #[test]
