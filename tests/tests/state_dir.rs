@@ -355,3 +355,80 @@ fn a_long_state_dir_gets_short_socket_paths_and_nodes_start() {
     assert!(kept, "{} went while its node ran", link.display());
     assert!(!left, "{} is left behind", link.display());
 }
+
+/// A host rebooted: its nodes died with it, and a record's pid and start time (ticks
+/// since boot) may now name another program's process, as a boot much like the last one
+/// hands out the same pids at the same moments. The agent must not take that process
+/// for its node: it starts the node anew and never signals the other process.
+#[test]
+fn after_a_reboot_a_recorded_pid_naming_another_process_is_not_adopted() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let state = c.dir.path().join("agent-state");
+    let mut first = agent(&c, "agent-1", "agent-first", &state, addr);
+    first.wait_log("connected to controller");
+    deploy(&c, addr, &testprog_node("n1"));
+    let old = ready_pid(&c, addr, "n1");
+    let record_path = state.join("nodes/n1/record.json");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(
+        record["process"]["boot"],
+        boot.trim(),
+        "the record names its boot"
+    );
+
+    // The "reboot": the agent and the node die; another program runs under a pid the
+    // record will name, with that program's own start time.
+    first.kill();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(old).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut other = Reaped(Command::new("sleep").arg("1000").spawn().unwrap());
+    let other_pid = other.0.id();
+    let stat = std::fs::read_to_string(format!("/proc/{other_pid}/stat")).unwrap();
+    let ticks: u64 = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut record = record;
+    record["process"]["pid"] = other_pid.into();
+    record["process"]["start_ticks"] = ticks.into();
+    record["process"]["boot"] = "00000000-0000-4000-8000-000000000000".into();
+    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
+
+    let second = agent(&c, "agent-1", "agent-second", &state, addr);
+    second.wait_log("connected to controller");
+    let new = ready_pid(&c, addr, "n1");
+    assert_ne!(new, u64::from(other_pid), "another boot's pid was adopted");
+    assert_ne!(new, old);
+    let out = c.drover(addr, &["stop", "n1"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        other.0.try_wait().unwrap().is_none(),
+        "the other program was signalled"
+    );
+    assert!(
+        !second.log_text().contains("adopted running node"),
+        "{}",
+        second.log_text()
+    );
+}
+
+/// A child killed and reaped when the test ends, however it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

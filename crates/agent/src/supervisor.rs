@@ -359,6 +359,26 @@ struct RecordedProcess {
     /// The node's cgroup, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cgroup: Option<PathBuf>,
+    /// The boot it was started in ([`sys::boot_id`]): after a reboot, its pid and start
+    /// time may name another program's process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boot: Option<String>,
+}
+
+impl RecordedProcess {
+    /// Whether the process still runs: of this boot (a record without a boot, from an
+    /// older agent, is taken to be), and its pid has its start time.
+    fn alive(&self) -> bool {
+        let this_boot = match (&self.boot, sys::boot_id()) {
+            (Some(then), Some(now)) => then == now,
+            _ => true,
+        };
+        this_boot
+            && sys::is_alive(ProcId {
+                pid: self.pid,
+                start_ticks: self.start_ticks,
+            })
+    }
 }
 
 /// A live process of a node.
@@ -2679,6 +2699,7 @@ impl Core {
                 started_at_ms: p.started_at_ms,
                 token: p.token,
                 cgroup: p.cgroup.clone(),
+                boot: sys::boot_id().map(str::to_owned),
             }),
             ready: e.book.machine.ready_at().is_some(),
             restarts: e.restarts(),
@@ -2750,16 +2771,7 @@ impl Core {
         let found: BTreeMap<String, Found> = records
             .iter()
             .map(|(name, r)| {
-                let alive = r
-                    .process
-                    .as_ref()
-                    .filter(|p| {
-                        sys::is_alive(ProcId {
-                            pid: p.pid,
-                            start_ticks: p.start_ticks,
-                        })
-                    })
-                    .map(|p| p.pid);
+                let alive = r.process.as_ref().filter(|p| p.alive()).map(|p| p.pid);
                 let found = Found {
                     spec: r.spec.clone(),
                     epoch: r.epoch,
@@ -2779,12 +2791,7 @@ impl Core {
         let live_tokens: BTreeSet<u64> = records
             .values()
             .filter_map(|r| r.process.as_ref())
-            .filter(|p| {
-                sys::is_alive(ProcId {
-                    pid: p.pid,
-                    start_ticks: p.start_ticks,
-                })
-            })
+            .filter(|p| p.alive())
             .map(|p| p.token)
             .collect();
         for (token, list) in &strays {

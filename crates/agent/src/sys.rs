@@ -10,8 +10,10 @@
 //! A bare pid is not an identity: once a process is reaped, its pid can be handed to
 //! an unrelated process (`kernel.pid_max` is often only 32768). [`ProcId`] pairs the
 //! pid with the process's start time in clock ticks since boot, which never changes
-//! for a process and practically never repeats for a pid, so [`is_alive`] cannot
-//! mistake a recycled pid for the process the agent started. For processes that are
+//! for a process and practically never repeats for a pid within one boot, so
+//! [`is_alive`] cannot mistake a recycled pid for the process the agent started. Across
+//! a reboot it can (ticks start again at zero): what is kept on disk names the boot too
+//! ([`boot_id`]). For processes that are
 //! not the agent's children (adopted after an agent restart), [`PidFd::open_id`] pins
 //! the identity in a pidfd: the kernel then tells us of the exit ([`PidFd::exited`])
 //! and signals sent through it ([`PidFd::signal`]) can never reach a pid's next owner.
@@ -320,6 +322,22 @@ pub fn spawn_timed(spawn: impl FnOnce() -> io::Result<i32>) -> io::Result<(i32, 
 /// never mistaken for it), and is not a zombie.
 pub fn is_alive(id: ProcId) -> bool {
     proc_stat(id.pid).is_ok_and(|s| s.starttime_ticks == id.start_ticks && !is_dead_state(s.state))
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`, a random UUID the kernel makes
+/// at boot), read once. A [`ProcId`] only names a process within one boot: after a
+/// reboot, start times since boot begin again at zero, and a boot much like the last
+/// one hands out the same pids at the same ticks to other programs.
+pub fn boot_id() -> Option<&'static str> {
+    static BOOT_ID: OnceLock<Option<String>> = OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        })
+        .as_deref()
 }
 
 /// Boot time in milliseconds since the Unix epoch, from the `btime` line of
@@ -1535,6 +1553,13 @@ mod tests {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
         let skew = u128::from(started).abs_diff(now.as_millis());
         assert!(skew < 5000, "start time off by {skew} ms");
+    }
+
+    #[test]
+    fn the_boot_id_is_read_and_stays() {
+        let id = boot_id().expect("a boot id");
+        assert_eq!(id.len(), 36, "a UUID: {id}");
+        assert_eq!(boot_id(), Some(id));
     }
 
     #[test]
