@@ -738,3 +738,82 @@ fn a_deploy_on_a_terminal_shows_its_progress() {
     assert!(out.stdout.contains("\"id\": \"slow\""), "{}", out.stdout);
     eventually("2 running", PATIENCE, || running(&c, addr, 2));
 }
+
+/// An operator restores the controller's state dir from an older copy (a backup): its
+/// desired generation is older than what the agents applied. No agent takes an older
+/// generation, so nothing changes; `status` shows each such agent ahead and warns, the
+/// controller says what happened, the metrics count them, and the next deploy (of the
+/// restored configuration, here) is a newer generation every agent takes.
+#[test]
+fn a_controller_state_restored_from_an_older_copy_changes_nothing_until_a_deploy() {
+    let c = Cluster::new();
+    let metrics = free_tcp();
+    let metrics_arg = metrics.to_string();
+    let (mut ctl, addr, _agent) = start(&c, &["--metrics-listen", &metrics_arg]);
+    let old = cluster_file(&c, "old.toml", "old", 1, "env = { WHICH = \"old\" }\n");
+    let out = c.drover(addr, &["deploy-config", old.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    eventually("n1 running", PATIENCE, || running(&c, addr, 1));
+    let state = c.dir.path().join("controller");
+    let backup = c.dir.path().join("backup");
+    std::fs::create_dir(&backup).unwrap();
+    for name in ["staged.json", "desired.json", "deployed.json"] {
+        std::fs::copy(state.join(name), backup.join(name)).unwrap();
+    }
+    let new = cluster_file(&c, "new.toml", "new", 2, "env = { WHICH = \"new\" }\n");
+    let out = c.drover(addr, &["deploy-config", new.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let before = eventually("n1, n2 running", PATIENCE, || {
+        running(&c, addr, 2).filter(|m| m.values().all(|p| environ(*p).contains("WHICH=new")))
+    });
+
+    ctl.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(ctl.wait_exit(PATIENCE).success());
+    for name in ["staged.json", "desired.json", "deployed.json"] {
+        std::fs::copy(backup.join(name), state.join(name)).unwrap();
+    }
+    let (ctl2, addr2) =
+        c.start_controller_with(&addr.to_string(), &["--metrics-listen", &metrics_arg]);
+    ctl2.wait_log("agent 'agent-1' has applied generation 2, newer than the desired generation 1");
+    assert_eq!(
+        running(&c, addr2, 2),
+        Some(before.clone()),
+        "nothing changed"
+    );
+    assert_eq!(
+        status_generation(&c, addr2, "agent-1").as_deref(),
+        Some("2")
+    );
+    let out = c.drover(addr2, &["status"]);
+    assert!(out.stdout.contains("2 (ahead of 1)"), "{}", out.stdout);
+    assert!(
+        out.stderr.contains(
+            "warning: agent 'agent-1' has applied generation 2, newer than the controller's desired generation 1"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        metric_value(&scrape(metrics), "drover_agents_ahead"),
+        Some(1.0)
+    );
+    assert_eq!(lagging(metrics), Some(0.0));
+
+    // The restored configuration, deployed: generation 3, which the agent takes.
+    let out = c.drover(addr2, &["deploy"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let after = eventually("the restored n1 alone", PATIENCE, || {
+        running(&c, addr2, 1).filter(|m| m.values().all(|p| environ(*p).contains("WHICH=old")))
+    });
+    assert!(!before.values().any(|p| after.values().any(|a| a == p)));
+    assert_eq!(
+        status_generation(&c, addr2, "agent-1").as_deref(),
+        Some("3")
+    );
+    let out = c.drover(addr2, &["status"]);
+    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
+    assert_eq!(
+        metric_value(&scrape(metrics), "drover_agents_ahead"),
+        Some(0.0)
+    );
+}

@@ -113,13 +113,25 @@ pub fn applied_generations(results: &[&MgmtResult]) -> BTreeMap<String, u64> {
 }
 
 /// A generation for the GEN column: an agent's applied one says when it lags the
-/// desired one.
+/// desired one, or is ahead of it.
 fn generation(applied: Option<u64>, desired: Option<u64>) -> String {
     match (applied, desired) {
         (None, _) => "-".into(),
         (Some(g), Some(d)) if g < d => format!("{g} (lags {d})"),
+        (Some(g), Some(d)) if g > d => format!("{g} (ahead of {d})"),
         (Some(g), _) => g.to_string(),
     }
+}
+
+/// The warning for an agent that applied a generation newer than the desired one: the
+/// controller's state is older than what was deployed.
+fn ahead_warning(agent: &str, applied: Option<u64>, desired: Option<u64>) -> Option<String> {
+    let (g, d) = (applied?, desired?);
+    (g > d).then(|| {
+        format!(
+            "agent '{agent}' has applied generation {g}, newer than the controller's desired generation {d}: the controller's state is older than what was deployed (restored from an older copy?); the agent keeps what it runs until a deploy makes a newer generation"
+        )
+    })
 }
 
 /// A table and what goes with it: errors and warnings, one line each (`error: ...`,
@@ -229,6 +241,9 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64, only: &[String]) -> Shown {
                     now,
                     EXPIRY_WARNING_DAYS,
                 ));
+            }
+            if s.mgmt_role == MgmtRole::Agent {
+                warnings.extend(ahead_warning(&s.node, s.generation, desired));
             }
             let role = match s.mgmt_role {
                 MgmtRole::Agent => "(agent)".to_owned(),
@@ -377,6 +392,47 @@ mod tests {
         );
         let shown = nodes_at(&refs, now - 400 * day, &[]);
         assert!(shown.warnings.is_empty(), "{shown:?}");
+    }
+
+    #[test]
+    fn an_agent_ahead_of_the_desired_generation_is_shown_and_warned_about() {
+        let mut ctl = NodeStatus::new("controller", State::Running, MgmtRole::Controller);
+        ctl.generation = Some(5);
+        let agent = |name: &str, g: u64| {
+            let mut a = NodeStatus::new(name, State::Running, MgmtRole::Agent);
+            a.generation = Some(g);
+            a
+        };
+        let results = [
+            MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![ctl]))),
+            MgmtResult::ok(
+                "r",
+                Some(ResultData::NodeStatuses(vec![
+                    agent("a1", 4),
+                    agent("a2", 5),
+                    agent("a3", 7),
+                ])),
+            ),
+        ];
+        let refs: Vec<&MgmtResult> = results.iter().collect();
+        let shown = nodes_at(&refs, 0, &[]);
+        let row = |name: &str| {
+            shown
+                .table
+                .lines()
+                .find(|l| l.split_whitespace().nth(1) == Some(name))
+                .unwrap()
+                .to_owned()
+        };
+        assert!(row("a1").contains("4 (lags 5)"), "{}", shown.table);
+        assert!(row("a2").contains(" 5 "), "{}", shown.table);
+        assert!(row("a3").contains("7 (ahead of 5)"), "{}", shown.table);
+        assert_eq!(
+            shown.warnings,
+            [
+                "agent 'a3' has applied generation 7, newer than the controller's desired generation 5: the controller's state is older than what was deployed (restored from an older copy?); the agent keeps what it runs until a deploy makes a newer generation"
+            ]
+        );
     }
 
     #[test]

@@ -1861,6 +1861,10 @@ pub(crate) async fn reapply(
                     continue;
                 }
                 let reason = r.error.as_deref().unwrap_or("no reason given");
+                let ahead = shared
+                    .view()
+                    .applied(name)
+                    .filter(|&g| g > desired.generation);
                 let again = shared
                     .refusals
                     .lock()
@@ -1872,6 +1876,18 @@ pub(crate) async fn reapply(
                         agent = %name,
                         generation = desired.generation,
                         "agent '{name}' still does not apply the desired generation {}: {reason}",
+                        desired.generation
+                    );
+                    continue;
+                }
+                if let Some(applied) = ahead {
+                    // Never sent again: no agent takes an older generation. The
+                    // controller's state is older than what was deployed (restored
+                    // from a backup, say); what runs stays until a new deploy.
+                    warn!(
+                        agent = %name,
+                        generation = desired.generation,
+                        "agent '{name}' has applied generation {applied}, newer than the desired generation {}: this controller's state is older than the deploys the agents have seen (restored from an older copy?); the agent keeps what it runs until a deploy (`drover deploy` or `drover deploy-config`) makes a newer generation",
                         desired.generation
                     );
                     continue;

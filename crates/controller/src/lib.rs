@@ -380,12 +380,16 @@ impl Shared {
         let view = self.view();
         let mut applied = Vec::new();
         let mut lagging = 0.0;
+        let mut ahead = 0.0;
         for agent in &connected {
             // An agent that neither reported nor acknowledged any generation lags once
             // there is a desired one; it has no applied sample.
             let g = view.applied(&agent.name);
             if g.unwrap_or(0) < desired {
                 lagging += 1.0;
+            }
+            if g.unwrap_or(0) > desired {
+                ahead += 1.0;
             }
             if let Some(g) = g {
                 applied.push((
@@ -406,6 +410,12 @@ impl Shared {
             "drover_agents_lagging",
             "Connected agents whose applied generation is below the desired one.",
             &[(String::new(), lagging)],
+        );
+        drover_metrics::gauge(
+            out,
+            "drover_agents_ahead",
+            "Connected agents whose applied generation is above the desired one: the controller's state is older than what was deployed (restored from an older copy); a deploy ends it.",
+            &[(String::new(), ahead)],
         );
     }
 }
