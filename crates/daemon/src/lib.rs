@@ -98,6 +98,11 @@ pub fn check_log_limits(max_bytes: u64, keep: u32) -> anyhow::Result<()> {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`); colour only on a terminal
 /// and never when `NO_COLOR` is set.
+///
+/// A line that cannot be written is dropped: the subscriber's default is to report the
+/// failure with `eprintln!`, which panics when stderr is the broken pipe itself (the
+/// `ssh` session or `| logger` the daemon was started from went away), and a daemon
+/// must not end because nobody reads its log.
 pub fn init_logging() {
     use std::io::IsTerminal;
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
@@ -107,6 +112,7 @@ pub fn init_logging() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .init();
 }
 
