@@ -817,3 +817,54 @@ fn a_controller_state_restored_from_an_older_copy_changes_nothing_until_a_deploy
         Some(0.0)
     );
 }
+
+/// An agent whose open-file limit leaves room for fewer nodes than a deploy gives it
+/// (each running node holds descriptors in it): the deploy is refused before anything
+/// changes, naming the instance, the count and the room, instead of nodes failing to
+/// start one by one with "too many open files"; the agent warns of its limit at start.
+#[test]
+fn more_nodes_than_an_agents_open_file_limit_allows_are_refused_before_anything_changes() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg("ulimit -n 200 && exec \"$0\" \"$@\"")
+        .arg(bin("drover-agent"));
+    let agent = c.start_agent_cmd(
+        cmd,
+        "agent-1",
+        "agent-1",
+        &["--controller", &addr.to_string()],
+    );
+    c.wait_for_agent(addr, "agent-1");
+    // (200 - 64) / 5
+    let room = 27;
+    assert!(
+        agent.log_text().contains(&format!(
+            "the open-file limit (200) leaves room for {room} nodes on this agent"
+        )),
+        "{}",
+        agent.log_text()
+    );
+    let fits = cluster_file(&c, "fits.toml", "fits", 20, "");
+    let out = c.drover(addr, &["deploy-config", fits.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let before = eventually("20 running", PATIENCE, || running(&c, addr, 20));
+
+    let over = cluster_file(&c, "over.toml", "over", 40, "env = { WHICH = \"over\" }\n");
+    let out = c.drover(addr, &["deploy-config", over.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    let errors = out.json()["errors"].to_string();
+    assert!(
+        errors.contains(&format!(
+            "instance 'agent-1' is given 40 nodes, but its agent's open-file limit leaves room for {room}"
+        )),
+        "{errors}"
+    );
+    assert_eq!(running(&c, addr, 20), Some(before), "nothing changed");
+    assert_eq!(
+        status_generation(&c, addr, "controller").as_deref(),
+        Some("1")
+    );
+}

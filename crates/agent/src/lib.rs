@@ -335,6 +335,16 @@ impl Agent {
         }
         let keeper = start_keeper(&this.config.state_dir, this.config.logs).await;
         let has_keeper = keeper.is_some();
+        // Known once the keeper's start raised the limit as far as it goes.
+        let room = nodes_max();
+        if room < NODES_MAX_WARN {
+            warn!(
+                "the open-file limit ({}) leaves room for {room} nodes on this agent, and a deploy \
+                 that gives it more is refused; raise it to run more (LimitNOFILE= in its unit, \
+                 `ulimit -n`)",
+                sys::open_file_limit()
+            );
+        }
         let supervisor = Supervisor::start(SupervisorConfig {
             instance: this.config.name.clone(),
             state_dir: this.config.state_dir.clone(),
@@ -1450,6 +1460,7 @@ fn own_status(name: &str, generation: u64) -> NodeStatus {
     s.ready = true;
     s.generation = Some(generation);
     s.cpus = Some(cpu_count());
+    s.nodes_max = Some(nodes_max());
     s.started_at_ms = process_start_ms();
     if let Some(stat) = i32::try_from(std::process::id())
         .ok()
@@ -1463,6 +1474,24 @@ fn own_status(name: &str, generation: u64) -> NodeStatus {
 
 /// The CPUs this process may run on (its affinity mask), which its nodes inherit and
 /// may be pinned to; what std says is available when the mask cannot be read.
+/// Descriptors the agent holds per running node: the read ends of its two pipes to the
+/// log keeper, two pidfds (one of them watches for the exit) and its notify socket. The
+/// keeper, under the same limit, holds two.
+const FDS_PER_NODE: u64 = 5;
+
+/// Descriptors the agent holds whatever its nodes: its sockets, files and the like.
+const FDS_BASE: u64 = 64;
+
+/// Below this many nodes of room, the agent warns at start.
+const NODES_MAX_WARN: u32 = 1000;
+
+/// How many nodes the agent's open-file limit leaves room for: more cannot run, so the
+/// controller refuses a deploy that gives the agent more.
+fn nodes_max() -> u32 {
+    let room = sys::open_file_limit().saturating_sub(FDS_BASE) / FDS_PER_NODE;
+    u32::try_from(room).unwrap_or(u32::MAX)
+}
+
 fn cpu_count() -> u32 {
     let n = i32::try_from(std::process::id())
         .ok()

@@ -324,6 +324,22 @@ pub fn is_alive(id: ProcId) -> bool {
     proc_stat(id.pid).is_ok_and(|s| s.starttime_ticks == id.start_ticks && !is_dead_state(s.state))
 }
 
+/// The process's soft limit on open files (`u64::MAX` when unlimited).
+pub fn open_file_limit() -> u64 {
+    // SAFETY: getrlimit writes the limits into the struct it is given.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) != 0 {
+            return u64::MAX;
+        }
+        if lim.rlim_cur == libc::RLIM_INFINITY {
+            u64::MAX
+        } else {
+            lim.rlim_cur
+        }
+    }
+}
+
 /// This boot's id (`/proc/sys/kernel/random/boot_id`, a random UUID the kernel makes
 /// at boot), read once. A [`ProcId`] only names a process within one boot: after a
 /// reboot, start times since boot begin again at zero, and a boot much like the last

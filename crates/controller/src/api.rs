@@ -1608,6 +1608,30 @@ fn impossible_affinities(
     out
 }
 
+/// Instances given more nodes than their agent said it has room for (`nodes_max`: its
+/// open-file limit), as error messages. Instances whose agent did not say (older
+/// agents) are not checked.
+fn overfull_instances(
+    config: &Configuration,
+    nodes_max: impl Fn(&str) -> Option<u32>,
+) -> Vec<String> {
+    let mut count: BTreeMap<&str, u64> = BTreeMap::new();
+    for node in &config.nodes {
+        *count.entry(node.instance.as_str()).or_default() += 1;
+    }
+    count
+        .into_iter()
+        .filter_map(|(instance, n)| {
+            let max = nodes_max(instance)?;
+            (n > u64::from(max)).then(|| {
+                format!(
+                    "instance '{instance}' is given {n} nodes, but its agent's open-file limit leaves room for {max}; raise the agent's limit (LimitNOFILE= in its unit, `ulimit -n`) or spread the nodes; nothing was deployed"
+                )
+            })
+        })
+        .collect()
+}
+
 async fn deploy_locked(
     shared: &Arc<Shared>,
     id: &str,
@@ -1661,7 +1685,11 @@ async fn deploy_locked(
     }
     let refusals = {
         let view = shared.view();
-        impossible_affinities(&config, |instance| view.cpus(instance))
+        let mut refusals = impossible_affinities(&config, |instance| view.cpus(instance));
+        refusals.extend(overfull_instances(&config, |instance| {
+            view.nodes_max(instance)
+        }));
+        refusals
     };
     if !refusals.is_empty() {
         return refusals
@@ -2341,6 +2369,31 @@ mod tests {
         assert!(acknowledges(&[ok.clone(), node_failed.clone()]));
         assert!(!acknowledges(std::slice::from_ref(&not_written)));
         assert!(!acknowledges(&[ok, node_failed, not_written]));
+    }
+
+    #[test]
+    fn more_nodes_than_an_agents_open_file_limit_allows_are_refused() {
+        let mut config = Configuration::empty();
+        for (name, instance) in [
+            ("a1", "a"),
+            ("a2", "a"),
+            ("a3", "a"),
+            ("b1", "b"),
+            ("o1", "old"),
+        ] {
+            config.nodes.push(Node::new(name, instance));
+        }
+        let room = |instance: &str| match instance {
+            "a" | "b" => Some(2),
+            _ => None,
+        };
+        assert_eq!(
+            overfull_instances(&config, room),
+            [
+                "instance 'a' is given 3 nodes, but its agent's open-file limit leaves room for 2; raise the agent's limit (LimitNOFILE= in its unit, `ulimit -n`) or spread the nodes; nothing was deployed"
+            ]
+        );
+        assert!(overfull_instances(&config, |_| Some(3)).is_empty());
     }
 
     #[test]

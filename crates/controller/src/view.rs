@@ -221,6 +221,14 @@ impl View {
             .and_then(|a| a.cpus)
     }
 
+    /// How many nodes `instance`'s agent said its open-file limit leaves room for.
+    pub(crate) fn nodes_max(&self, instance: &str) -> Option<u32> {
+        self.agents
+            .get(instance)
+            .and_then(|v| v.agent.as_ref())
+            .and_then(|a| a.nodes_max)
+    }
+
     /// Every agent's applied generation (see [`View::applied`]), where known.
     pub(crate) fn applied_all(&self) -> impl Iterator<Item = (&str, u64)> {
         self.agents

@@ -814,6 +814,10 @@ pub struct NodeStatus {
     /// For an agent's own entry: how many CPUs its nodes may be pinned to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
+    /// For an agent's own entry: how many nodes its open-file limit leaves room for
+    /// (each running node holds descriptors in the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_max: Option<u32>,
     /// For the controller's and each agent's own entry in get-nodes: when the
     /// certificate it holds (an agent's: the one its connection presented) expires,
     /// in seconds since the Unix epoch.
@@ -870,6 +874,7 @@ impl NodeStatus {
             restart_at_ms: None,
             generation: None,
             cpus: None,
+            nodes_max: None,
             cert_not_after: None,
             memory_bytes: None,
             cgroup_cpu_ms: None,
