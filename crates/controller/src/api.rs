@@ -1908,16 +1908,9 @@ pub(crate) async fn reapply(
                     );
                     continue;
                 }
-                if let Some(applied) = ahead {
-                    // Never sent again: no agent takes an older generation. The
-                    // controller's state is older than what was deployed (restored
-                    // from a backup, say); what runs stays until a new deploy.
-                    warn!(
-                        agent = %name,
-                        generation = desired.generation,
-                        "agent '{name}' has applied generation {applied}, newer than the desired generation {}: this controller's state is older than the deploys the agents have seen (restored from an older copy?); the agent keeps what it runs until a deploy (`drover deploy` or `drover deploy-config`) makes a newer generation",
-                        desired.generation
-                    );
+                if ahead.is_some() {
+                    // Never sent again: no agent takes an older generation. Its reports
+                    // say so (see `Shared::note_ahead`), also when they come after this.
                     continue;
                 }
                 warn!(

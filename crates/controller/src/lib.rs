@@ -208,6 +208,9 @@ pub(crate) struct Shared {
     /// a retry that meets the same refusal (every 30 s, while it lasts) is logged at
     /// debug level rather than warned about again.
     pub(crate) refusals: std::sync::Mutex<BTreeMap<String, (u64, String)>>,
+    /// The desired generation each agent was last warned to be ahead of, so that its
+    /// reports, which come every report interval while anything changes, warn once.
+    pub(crate) ahead: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 /// The shares of one deploy, by instance; the deploy is held so that its address
@@ -295,8 +298,39 @@ impl Shared {
         full: bool,
         statuses: Vec<NodeStatus>,
     ) {
-        let events = self.view().report(instance, conn, full, statuses);
+        let (events, applied) = {
+            let mut view = self.view();
+            let events = view.report(instance, conn, full, statuses);
+            (events, view.applied(instance))
+        };
         self.emit_all(events);
+        self.note_ahead(instance, applied);
+    }
+
+    /// Warns, once per desired generation, of an agent that applied a newer generation
+    /// than the desired one: no agent takes an older generation, so the controller's
+    /// state is older than what was deployed (restored from an older copy, say), and
+    /// what the agent runs stays until a deploy makes a newer one.
+    fn note_ahead(&self, instance: &str, applied: Option<u64>) {
+        let desired = self.store.desired_generation();
+        let mut ahead = self
+            .ahead
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match applied {
+            Some(applied) if desired > 0 && applied > desired => {
+                if ahead.insert(instance.to_owned(), desired) != Some(desired) {
+                    warn!(
+                        agent = %instance,
+                        generation = desired,
+                        "agent '{instance}' has applied generation {applied}, newer than the desired generation {desired}: this controller's state is older than the deploys the agents have seen (restored from an older copy?); the agent keeps what it runs until a deploy (`drover deploy` or `drover deploy-config`) makes a newer generation"
+                    );
+                }
+            }
+            _ => {
+                ahead.remove(instance);
+            }
+        }
     }
 
     /// Marks every node of a lost agent UNKNOWN (their processes are untouched).
@@ -577,6 +611,7 @@ impl Controller {
                 audit,
                 shares: std::sync::Mutex::default(),
                 refusals: std::sync::Mutex::default(),
+                ahead: std::sync::Mutex::default(),
             }),
         })
     }
