@@ -90,7 +90,10 @@ fn a_removed_nodes_directory_stays_by_default_and_goes_after_the_retention_set()
     eventually("gone's process to end", PATIENCE, || {
         (!Path::new(&format!("/proc/{gone_pid}")).exists()).then_some(())
     });
-    assert!(!nodes.join("gone/record.json").exists());
+    // The agent learns of the exit a moment after the process is gone.
+    eventually("gone's record to go", PATIENCE, || {
+        (!nodes.join("gone/record.json").exists()).then_some(())
+    });
     // By default a removed node's directory stays, however long ago it was removed
     // (here: a day, by its mtime).
     first.kill();
