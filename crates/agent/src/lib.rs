@@ -1472,8 +1472,6 @@ fn own_status(name: &str, generation: u64) -> NodeStatus {
     s
 }
 
-/// The CPUs this process may run on (its affinity mask), which its nodes inherit and
-/// may be pinned to; what std says is available when the mask cannot be read.
 /// Descriptors the agent holds per running node: the read ends of its two pipes to the
 /// log keeper, two pidfds (one of them watches for the exit) and its notify socket. The
 /// keeper, under the same limit, holds two.
@@ -1492,6 +1490,8 @@ fn nodes_max() -> u32 {
     u32::try_from(room).unwrap_or(u32::MAX)
 }
 
+/// The CPUs this process may run on (its affinity mask), which its nodes inherit and
+/// may be pinned to; what std says is available when the mask cannot be read.
 fn cpu_count() -> u32 {
     let n = i32::try_from(std::process::id())
         .ok()
