@@ -422,7 +422,7 @@ impl Shared {
             if g.unwrap_or(0) < desired {
                 lagging += 1.0;
             }
-            if g.unwrap_or(0) > desired {
+            if desired > 0 && g.unwrap_or(0) > desired {
                 ahead += 1.0;
             }
             if let Some(g) = g {
