@@ -359,6 +359,65 @@ fn a_long_state_dir_gets_short_socket_paths_and_nodes_start() {
     assert!(!left, "{} is left behind", link.display());
 }
 
+/// `systemctl restart drover-agent`, or a reboot, under the default `--on-exit stop`:
+/// SIGTERM makes the agent stop its nodes, and the next agent process starts again every
+/// node that was running or about to run, since the deploy still wants it; a node that
+/// had ended for good under its policy, or that an operator stopped, stays stopped.
+#[test]
+fn nodes_stopped_with_their_agent_run_again_with_the_next_one() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let state = c.dir.path().join("agent-state");
+    let mut first = agent_exiting(&c, "agent-1", "agent-first", &state, addr, "stop");
+    first.wait_log("connected to controller");
+    let done = "[nodes.done]\ninstance = \"agent-1\"\ncommand = [\"true\"]\n\
+                readiness = { kind = \"start-period\", period = \"0s\" }\n";
+    deploy(
+        &c,
+        addr,
+        &(testprog_node("run") + &testprog_node("held") + done),
+    );
+    let run = ready_pid(&c, addr, "run");
+    ready_pid(&c, addr, "held");
+    let out = c.drover(addr, &["stop", "held"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let state_of = |node: &str| {
+        let v = c.drover(addr, &["get-nodes", "--fresh"]).json();
+        v["results"]["agent-1"][node]["state"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    eventually("done and held STOPPED", PATIENCE, || {
+        (state_of("done").as_deref() == Some("STOPPED")
+            && state_of("held").as_deref() == Some("STOPPED"))
+        .then_some(())
+    });
+
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(first.wait_exit(PATIENCE).success());
+    assert!(
+        !Path::new(&format!("/proc/{run}")).exists(),
+        "the agent stopped its node on exit"
+    );
+    let second = agent_exiting(&c, "agent-1", "agent-second", &state, addr, "stop");
+    second.wait_log("connected to controller");
+    let again = ready_pid(&c, addr, "run");
+    assert_ne!(again, run, "started anew");
+    assert_eq!(
+        state_of("held").as_deref(),
+        Some("STOPPED"),
+        "the operator's stop holds"
+    );
+    assert_eq!(
+        state_of("done").as_deref(),
+        Some("STOPPED"),
+        "it ended for good"
+    );
+    let v = c.drover(addr, &["get-nodes"]).json();
+    assert!(v["results"]["agent-1"]["held"]["pid"].is_null(), "{v}");
+    assert!(v["results"]["agent-1"]["done"]["pid"].is_null(), "{v}");
+}
+
 /// A host rebooted: its nodes died with it, and a record's pid and start time (ticks
 /// since boot) may now name another program's process, as a boot much like the last one
 /// hands out the same pids at the same moments. The agent must not take that process

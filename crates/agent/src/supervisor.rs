@@ -424,6 +424,9 @@ struct Entry {
     /// Restarts counted before this agent process (from the record).
     restarts_base: u64,
     stopped_by_operator: bool,
+    /// Stopped because the agent is exiting (`--on-exit stop`): desired to run still, so
+    /// its record does not say it ended, and the next agent process starts it again.
+    stopped_with_agent: bool,
     /// Remove the node once it has stopped (it left the configuration).
     removing: bool,
     notify_task: Option<tokio::task::AbortHandle>,
@@ -1246,6 +1249,14 @@ impl Core {
                     for name in names {
                         if let Some(e) = self.nodes.get_mut(&name) {
                             longest = longest.max(e.spec.stop_timeout);
+                            // One that ran or was to run again runs again with the next
+                            // agent; one that ended for good, or an operator stopped,
+                            // stays as it is.
+                            e.stopped_with_agent = !e.stopped_by_operator
+                                && !matches!(
+                                    e.book.machine.state(),
+                                    machine::State::Stopped | machine::State::Failed
+                                );
                             let actions = e.book.machine.stop(now);
                             self.run_actions(&name, actions);
                         }
@@ -1683,6 +1694,7 @@ impl Core {
             spawn_of: None,
             restarts_base: 0,
             stopped_by_operator: false,
+            stopped_with_agent: false,
             removing: false,
             notify_task: None,
             plan: None,
@@ -2705,7 +2717,13 @@ impl Core {
             restarts: e.restarts(),
             stopped: e.stopped_by_operator,
             ended: match e.book.machine.state() {
-                _ if e.proc().is_some() || e.stopped_by_operator || e.removing => None,
+                _ if e.proc().is_some()
+                    || e.stopped_by_operator
+                    || e.removing
+                    || e.stopped_with_agent =>
+                {
+                    None
+                }
                 machine::State::Failed => Some(Ended::Failed),
                 machine::State::Stopped if e.book.last_exit.is_some() => Some(Ended::Done),
                 _ => None,
