@@ -2,8 +2,8 @@
 //! (root here): a node running as `nobody` has that uid and gid, its one capability
 //! (ambient, bounding set cut, and a raw socket opens with it and not without), no new
 //! privileges and its rlimits; its exec probe runs as that user too; it cannot read
-//! another node's logs; an unknown user is
-//! a deploy error naming node and user; bad settings are config errors with line.
+//! another node's logs; it enters its working directory as its user, not the agent's;
+//! an unknown user is a deploy error naming node and user; bad settings are config errors with line.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -216,6 +216,79 @@ liveness = {{ kind = "exec", command = ["sh", "-c", "id -u > probe.uid"], interv
         s["last_error"].as_str().unwrap_or_default().contains(want),
         "{s}"
     );
+}
+
+#[test]
+fn a_node_enters_its_working_directory_as_its_own_user() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: running nodes as other users needs a root agent");
+        return;
+    }
+    let c = Cluster::new();
+    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    // Only root may enter `closed`; `mine` is nobody's own, as a home directory.
+    let closed = c.dir.path().join("closed");
+    let mine = c.dir.path().join("mine");
+    for (dir, owner) in [(&closed, 0), (&mine, 65534)] {
+        std::fs::create_dir(dir).unwrap();
+        std::os::unix::fs::chown(dir, Some(owner), Some(owner)).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    connect(&c, addr);
+    let body = format!(
+        r#"
+[nodes.home]
+instance = "agent-1"
+command = ["/bin/sleep", "1000"]
+user = "nobody"
+workdir = "{mine}"
+
+[nodes.barred]
+instance = "agent-1"
+command = ["/bin/sleep", "1000"]
+user = "nobody"
+workdir = "{closed}"
+
+[nodes.rooted]
+instance = "agent-1"
+command = ["/bin/sleep", "1000"]
+workdir = "{closed}"
+"#,
+        mine = mine.display(),
+        closed = closed.display(),
+    );
+    let (code, v, stderr) = deploy(&c, addr, &body);
+    assert_eq!(code, Some(1), "{v} {stderr}");
+    let nodes = &v["results"]["nodes"];
+    assert_eq!(nodes["home"]["success"], true, "{v}");
+    assert_eq!(nodes["rooted"]["success"], true, "{v}");
+    assert_eq!(nodes["barred"]["success"], false, "{v}");
+    let want = "node 'barred': cannot execute /bin/sleep: cannot enter the working directory: permission denied";
+    let reply = nodes["barred"]["stderr"].as_str().unwrap_or_default();
+    assert!(reply.contains(want), "{v}");
+    let s = node_status(&c, addr, "barred");
+    assert!(
+        s["pid"].is_null(),
+        "nothing runs in a directory its user may not enter: {s}"
+    );
+    assert!(
+        s["last_error"].as_str().unwrap_or_default().contains(want),
+        "{s}"
+    );
+    let cwd = |node: &str| {
+        let pid = node_status(&c, addr, node)["pid"].as_u64().unwrap();
+        (pid, std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap())
+    };
+    let (home, at) = cwd("home");
+    assert_eq!(at, mine);
+    assert_eq!(status(home, "Uid:"), "65534\t65534\t65534\t65534");
+    assert_eq!(cwd("rooted").1, closed, "the agent's own user enters it");
+    // The directories are left as they were.
+    let meta = std::fs::metadata(&closed).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o700));
 }
 
 #[test]

@@ -625,11 +625,6 @@ impl Child<'_> {
             if null > 2 {
                 libc::syscall(libc::SYS_close, null);
             }
-            try_sys!(
-                Stage::Chdir,
-                0,
-                libc::syscall(libc::SYS_chdir, self.args.cwd.as_ptr())
-            );
             let plan = self.plan;
             for (i, (resource, soft, hard, _)) in plan.limits.iter().enumerate() {
                 let lim = libc::rlimit64 {
@@ -722,6 +717,14 @@ impl Child<'_> {
                     libc::syscall(libc::SYS_prctl, libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
                 );
             }
+            // As the node's user, as systemd does: a directory only that user may
+            // enter (a home on NFS with root squashed) works, and one the user may not
+            // enter is refused rather than held open for it by the agent's rights.
+            try_sys!(
+                Stage::Chdir,
+                0,
+                libc::syscall(libc::SYS_chdir, self.args.cwd.as_ptr())
+            );
             let empty = 0u64;
             libc::syscall(
                 libc::SYS_rt_sigprocmask,

@@ -326,7 +326,17 @@ fn run(cx: &Context, job: Job, made: &mut Option<Made>) -> Result<Spawned, Strin
         )),
         None => None,
     };
-    make_workdir(&job.workdir).map_err(|err| {
+    match make_workdir(&job.workdir) {
+        // A directory the cluster file names may be one only the node's user can reach
+        // (a home on NFS with root squashed): the node's own `chdir` decides.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::PermissionDenied && job.spec.workdir.is_some() =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+    .map_err(|err| {
         format!(
             "node '{name}': cannot create its working directory {}: {}",
             job.workdir.display(),
