@@ -1810,6 +1810,12 @@ impl Core {
                         if let Err(err) = signal_node(p, sig) {
                             warn!(node = %name, "cannot send {sig} to the node: {err}");
                         }
+                        // A node paused (SIGSTOP, or a debugger's stop) would see its
+                        // stop signal only when resumed, and be killed at its
+                        // stop_timeout instead of ending cleanly: resume it, as systemd does.
+                        if !matches!(sig, Signal::SIGCONT | Signal::SIGKILL) {
+                            let _ = signal_node(p, Signal::SIGCONT);
+                        }
                         e.stop_sent_ms = Some(epoch_ms());
                         self.bump(name);
                     }
