@@ -555,7 +555,7 @@ fn a_failed_restart_returns_the_cause_and_the_last_output() {
             .then_some(())
     });
     mode(0o644);
-    let r = rt.block_on(sup.act(Op::Restart, vec!["x".into()], deadline()));
+    let r = rt.block_on(sup.act(Op::Restart, vec!["x".into()], deadline(), deadline()));
     assert_eq!(r.len(), 1);
     assert!(!r[0].success);
     let want = format!(
@@ -582,7 +582,7 @@ fn a_failed_restart_returns_the_cause_and_the_last_output() {
     assert_eq!(s.last_error.as_deref(), Some(want.as_str()));
     // Fixed: the next start runs it and clears the error.
     mode(0o755);
-    let r = rt.block_on(sup.act(Op::Start, vec!["x".into()], deadline()));
+    let r = rt.block_on(sup.act(Op::Start, vec!["x".into()], deadline(), deadline()));
     assert!(r.iter().all(|r| r.success), "{r:?}");
     let s = status(&rt);
     assert_eq!(s.state, State::Running);

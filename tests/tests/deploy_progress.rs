@@ -1,7 +1,9 @@
 //! A deploy that takes longer than the request timeout succeeds as long as nodes keep
 //! settling: the agent reports progress, the controller passes it on, and each side's
-//! timeout runs from the last progress, not from the start. A node that never settles
-//! still ends the deploy, one timeout after the last progress.
+//! timeout runs from the last progress, not from the start. A node is waited for as
+//! long as its own readiness timeout and stop_timeout allow, however short the request
+//! timeout: a deploy, start, stop or restart reports what the node did, not that the
+//! request gave up on it. A node that never gets ready fails at its readiness timeout.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -34,7 +36,7 @@ fn staggered(c: &Cluster, stuck: bool) -> std::path::PathBuf {
     }
     if stuck {
         text.push_str(&format!(
-            "[nodes.stuck]\ninstance = \"a\"\ncommand = [\"{}\", \"--sleep-forever\"]\n",
+            "[nodes.stuck]\ninstance = \"a\"\ncommand = [\"{}\", \"--sleep-forever\"]\nreadiness = {{ kind = \"notify\", timeout = \"3s\" }}\n",
             prog.display()
         ));
     }
@@ -149,7 +151,7 @@ fn without_progress_a_deploy_is_timed_out_as_a_whole() {
 }
 
 #[test]
-fn a_node_that_never_settles_ends_the_deploy_one_timeout_after_the_last_progress() {
+fn a_node_that_never_gets_ready_fails_the_deploy_at_its_readiness_timeout() {
     let c = Cluster::new();
     let (_ctl, _agent, addr) = start(&c);
     let file = staggered(&c, true);
@@ -167,7 +169,107 @@ fn a_node_that_never_settles_ends_the_deploy_one_timeout_after_the_last_progress
         stuck
             .error
             .as_deref()
-            .is_some_and(|e| e.contains("timed out waiting for node 'stuck'")),
+            .is_some_and(|e| e.contains("not ready within 3s: it sent no READY=1")),
         "{stuck:?}"
     );
+}
+
+#[test]
+fn stops_starts_and_restarts_wait_for_their_nodes_own_timeouts() {
+    let c = Cluster::new();
+    let (_ctl, agent, addr) = start(&c);
+    let prog = bin("drover-testprog");
+    // Each takes twice the request timeout: `slow` to get ready, `stubborn` to stop
+    // (it ignores SIGTERM and is killed at its stop_timeout). `paused` would take its
+    // whole stop_timeout if its stop signal waited for it to be resumed.
+    let text = format!(
+        r#"[instances.a]
+[nodes.slow]
+instance = "a"
+command = ["{p}", "--ready-after", "4s"]
+readiness = {{ kind = "notify", timeout = "120s" }}
+[nodes.stubborn]
+instance = "a"
+command = ["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"]
+stop_timeout = "4s"
+[nodes.paused]
+instance = "a"
+command = ["/bin/sleep", "1000"]
+stop_timeout = "60s"
+"#,
+        p = prog.display()
+    );
+    let file = c.dir.path().join("slow.toml");
+    std::fs::write(&file, text).unwrap();
+    let succeeded = |out: &drover_tests::CliOutput, node: &str| {
+        assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+        let v = out.json();
+        let r = &v["results"];
+        assert!(
+            r["nodes"][node]["success"] == true || r[node] == true,
+            "{}",
+            out.stdout
+        );
+    };
+    let timed = |args: &[&str]| {
+        let began = std::time::Instant::now();
+        let out = c.drover(addr, args);
+        (out, began.elapsed())
+    };
+
+    let (out, took) = timed(&["deploy-config", file.to_str().unwrap()]);
+    succeeded(&out, "slow");
+    assert!(
+        took > Duration::from_secs(3),
+        "slow was to take 4 s: {took:?}"
+    );
+
+    let (out, took) = timed(&["restart", "slow"]);
+    succeeded(&out, "slow");
+    assert!(
+        took > Duration::from_secs(3),
+        "slow was to take 4 s: {took:?}"
+    );
+    let (out, _) = timed(&["stop", "slow"]);
+    succeeded(&out, "slow");
+    let (out, took) = timed(&["start", "slow"]);
+    succeeded(&out, "slow");
+    assert!(
+        took > Duration::from_secs(3),
+        "slow was to take 4 s: {took:?}"
+    );
+
+    let (out, took) = timed(&["stop", "stubborn"]);
+    succeeded(&out, "stubborn");
+    assert!(
+        took > Duration::from_secs(3),
+        "stubborn was to take 4 s: {took:?}"
+    );
+    assert!(
+        agent.log_text().lines().any(|l| l
+            .contains("killing the node: it did not end within its stop_timeout")
+            && l.contains("node=stubborn")),
+        "{}",
+        agent.log_text()
+    );
+
+    let out = c.drover(addr, &["signal", "SIGSTOP", "paused"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let (out, _) = timed(&["stop", "paused"]);
+    succeeded(&out, "paused");
+    let killed = agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("killing the node") && l.contains("node=paused"))
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    assert!(
+        killed.is_empty(),
+        "a paused node is resumed to see its stop signal, not killed at its stop_timeout: {killed:?}"
+    );
+    let v = c.drover(addr, &["get-nodes"]).json();
+    for node in ["slow", "stubborn", "paused"] {
+        let want = if node == "slow" { "RUNNING" } else { "STOPPED" };
+        assert_eq!(v["results"]["a"][node]["state"], want, "{v}");
+    }
 }

@@ -74,10 +74,9 @@ impl World {
 
     fn act(&self, op: Op, nodes: &[&str]) -> Vec<drover_proto::MgmtResult> {
         let nodes = nodes.iter().map(|s| (*s).to_owned()).collect();
-        self.rt.block_on(
-            self.sup
-                .act(op, nodes, Instant::now() + Duration::from_secs(20)),
-        )
+        let deadline = Instant::now() + Duration::from_secs(20);
+        self.rt
+            .block_on(self.sup.act(op, nodes, deadline, deadline))
     }
 
     fn status(&self) -> BTreeMap<String, NodeStatus> {

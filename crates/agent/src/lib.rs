@@ -72,6 +72,9 @@ use crate::supervisor::{Op, ProgressTo, Supervisor, SupervisorConfig};
 /// the client a frame, and a deploy of hundreds of nodes settles many per millisecond.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
+/// The most time between two frames of a deploy's progress stream while it waits.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
 /// How long the supervisor task may take to answer a watchdog ping.
 const WATCHDOG_PATIENCE: Duration = Duration::from_secs(5);
 
@@ -831,10 +834,16 @@ impl Agent {
             async move {
                 let _in_flight = state.enter();
                 // Answer before the requester gives up, so a timeout is a result.
-                let budget = req
-                    .timeout_ms
-                    .map_or(limit, |ms| limit.min(Duration::from_millis(ms * 4 / 5)));
+                let budget = req.timeout_ms.map_or(limit, |ms| {
+                    limit.min(Duration::from_millis(ms.saturating_mul(4) / 5))
+                });
                 let deadline = Instant::now() + budget;
+                // The longest the requester waits: a stop or restart may wait up to it
+                // for its nodes' own stop and readiness timeouts.
+                let cap = Instant::now()
+                    + req
+                        .timeout_ms
+                        .map_or(budget, |ms| Duration::from_millis(ms.saturating_mul(4) / 5));
                 let results = |mut rs: Vec<MgmtResult>| {
                     for r in &mut rs {
                         r.reqid.clone_from(&req.id);
@@ -903,15 +912,23 @@ impl Agent {
                         progress: true,
                     } => {
                         let (tx, rx) = tokio::sync::watch::channel(Progress::default());
+                        let beats = tx.clone();
                         let progress = ProgressTo { tx, idle: budget };
                         let sup = sup.clone();
                         let restart = Restart {
                             all: restart_all,
                             since: restart_since,
                         };
+                        // Frames at least every second: the deploy may wait for its
+                        // nodes' readiness timeouts, longer than the requester waits
+                        // between two frames.
+                        let every = HEARTBEAT_EVERY
+                            .min(budget / 2)
+                            .max(Duration::from_millis(10));
                         let apply = async move {
-                            sup.apply(*config, restart, generation, deadline, Some(progress))
-                                .await
+                            let work =
+                                sup.apply(*config, restart, generation, deadline, Some(progress));
+                            conn::with_heartbeats(work, beats, every).await
                         };
                         let reqid = req.id;
                         return Ok(Answer::Stream(conn::progress_stream(
@@ -944,16 +961,16 @@ impl Agent {
                         )
                     }
                     ControllerRequest::Restart { nodes } => {
-                        results(sup.act(Op::Restart, nodes, deadline).await)
+                        results(sup.act(Op::Restart, nodes, deadline, cap).await)
                     }
                     ControllerRequest::Stop { nodes } => {
-                        results(sup.act(Op::Stop, nodes, deadline).await)
+                        results(sup.act(Op::Stop, nodes, deadline, cap).await)
                     }
                     ControllerRequest::Start { nodes } => {
-                        results(sup.act(Op::Start, nodes, deadline).await)
+                        results(sup.act(Op::Start, nodes, deadline, cap).await)
                     }
                     ControllerRequest::Signal { nodes, signal } => {
-                        results(sup.act(Op::Signal(signal), nodes, deadline).await)
+                        results(sup.act(Op::Signal(signal), nodes, deadline, deadline).await)
                     }
                 }))
             }

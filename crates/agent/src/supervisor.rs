@@ -106,6 +106,10 @@ use crate::waiters::{self, Waiters};
 /// How often log sizes are checked for rotation while nodes run.
 const ROTATE_EVERY: Duration = Duration::from_secs(30);
 
+/// What a stop, start or restart waits beyond its nodes' own timeouts: the kill that
+/// follows a stop_timeout and the exit it brings, or a failed start's report.
+const SETTLE_GRACE: Duration = Duration::from_secs(2);
+
 /// What a supervisor needs to know.
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
@@ -169,6 +173,7 @@ enum Command {
         op: Op,
         nodes: Vec<String>,
         deadline: Instant,
+        cap: Instant,
         reply: oneshot::Sender<Vec<MgmtResult>>,
     },
     Status {
@@ -896,12 +901,21 @@ impl Supervisor {
         .unwrap_or_else(|| unanswered("the deploy"))
     }
 
-    /// Stops, starts or restarts nodes (all when `nodes` is empty).
-    pub async fn act(&self, op: Op, nodes: Vec<String>, deadline: Instant) -> Vec<MgmtResult> {
+    /// Stops, starts or restarts nodes (all when `nodes` is empty), answering by
+    /// `deadline`, or later, up to `cap`, while the nodes are within their own stop and
+    /// readiness timeouts (see [`Node::settle_within`]).
+    pub async fn act(
+        &self,
+        op: Op,
+        nodes: Vec<String>,
+        deadline: Instant,
+        cap: Instant,
+    ) -> Vec<MgmtResult> {
         self.ask(|reply| Command::Act {
             op,
             nodes,
             deadline,
+            cap,
             reply,
         })
         .await
@@ -1180,8 +1194,9 @@ impl Core {
                 op,
                 nodes,
                 deadline,
+                cap,
                 reply,
-            } => self.act(op, nodes, deadline, reply),
+            } => self.act(op, nodes, (deadline, cap), reply),
             Command::Status { reply } => {
                 let _ = reply.send(self.statuses());
             }
@@ -1389,6 +1404,8 @@ impl Core {
         self.applied.send_replace(generation);
         let mut wait = Vec::new();
         let mut results = Vec::new();
+        // The longest a node waited for may take by its own stop and readiness timeouts.
+        let mut settle = Duration::ZERO;
         for (name, step) in steps {
             match step {
                 Step::Remove => {
@@ -1417,6 +1434,7 @@ impl Core {
                     }
                     // It failed for want of its user or groups, which now resolve.
                     if retry {
+                        settle = settle.max(e.spec.settle_within(false, true));
                         let actions = e.book.machine.start(now);
                         self.run_actions(&name, actions);
                         wait.push((name.clone(), None));
@@ -1428,6 +1446,13 @@ impl Core {
                         continue;
                     };
                     info!(node = %name, "node spec changed; restarting it");
+                    // Stopped as the old spec says, started as the new one does.
+                    let stop = if e.proc().is_some() {
+                        e.spec.stop_timeout
+                    } else {
+                        Duration::ZERO
+                    };
+                    settle = settle.max(stop + spec.settle_within(false, true));
                     e.spec = spec;
                     e.plan = plans.remove(&name);
                     e.config_id.clone_from(&config_id);
@@ -1448,26 +1473,23 @@ impl Core {
                     self.run_actions(&name, actions);
                     wait.push((name, Some(old_generation)));
                 }
-                Step::Create { spec } => match self.create(&name, spec, &config_id, None) {
-                    Ok(()) => {
-                        let actions = self
-                            .nodes
-                            .get_mut(&name)
-                            .map(|e| {
-                                e.deploy_gen = generation;
-                                e.plan = plans.remove(&name);
-                                e.book.machine.start(now)
-                            })
-                            .unwrap_or_default();
-                        self.run_actions(&name, actions);
-                        wait.push((name, None));
-                    }
-                    Err(e) => results.push(
-                        MgmtResult::err("", format!("cannot set up node '{name}': {e}"))
-                            .on_instance(&instance)
-                            .on_node(&name),
-                    ),
-                },
+                Step::Create { spec } => {
+                    settle = settle.max(spec.settle_within(false, true));
+                    self.create_for(&name, spec, &config_id, generation, &mut plans)
+                        .map_or_else(
+                            |e| {
+                                results.push(
+                                    MgmtResult::err(
+                                        "",
+                                        format!("cannot set up node '{name}': {e}"),
+                                    )
+                                    .on_instance(&instance)
+                                    .on_node(&name),
+                                );
+                            },
+                            |()| wait.push((name.clone(), None)),
+                        );
+                }
             }
         }
         for name in self.nodes.keys().cloned().collect::<Vec<_>>() {
@@ -1478,6 +1500,12 @@ impl Core {
                 done: count(results.len()),
                 total: count(results.len() + wait.len()),
             });
+            // Its requester waits as long as frames come (the request handler sends
+            // them at least every second): long enough for every node to start, or
+            // fail, as its configuration allows.
+            if !settle.is_zero() {
+                deadline = deadline.max(Instant::now() + settle + SETTLE_GRACE);
+            }
         }
         let deadline = self.millis_of(deadline);
         let idle = progress.as_ref().map(|p| millis(p.idle));
@@ -1493,6 +1521,30 @@ impl Core {
             },
         );
         self.apply_wait = Some((generation, id));
+    }
+
+    /// Makes a node an Apply adds and starts it, as generation `generation`.
+    fn create_for(
+        &mut self,
+        name: &str,
+        spec: Node,
+        config_id: &str,
+        generation: u64,
+        plans: &mut Plans,
+    ) -> std::io::Result<()> {
+        self.create(name, spec, config_id, None)?;
+        let now = self.now();
+        let actions = self
+            .nodes
+            .get_mut(name)
+            .map(|e| {
+                e.deploy_gen = generation;
+                e.plan = plans.remove(name);
+                e.book.machine.start(now)
+            })
+            .unwrap_or_default();
+        self.run_actions(name, actions);
+        Ok(())
     }
 
     /// Answers a repeat of the generation applied along with the Apply that carried it
@@ -1537,12 +1589,33 @@ impl Core {
         &mut self,
         op: Op,
         nodes: Vec<String>,
-        deadline: Instant,
+        (mut deadline, cap): (Instant, Instant),
         reply: oneshot::Sender<Vec<MgmtResult>>,
     ) {
         let instance = self.cfg.instance.clone();
         let now = self.now();
         let plan = ops::plan(op, nodes, &OpsTable(&self.nodes));
+        // A node may take its stop_timeout to stop and its readiness timeout to start:
+        // the answer waits for that, as far as the requester waits, rather than calling
+        // a stop or start that is going as configured a failure.
+        let allowed = plan
+            .steps
+            .iter()
+            .filter_map(|(name, step)| {
+                let e = self.nodes.get(name)?;
+                let (stops, starts) = match step.as_ref().ok()? {
+                    ops::Step::Stop => (true, false),
+                    ops::Step::Start => (false, true),
+                    ops::Step::Restart => (true, true),
+                    ops::Step::Signal(_) => return None,
+                };
+                Some(e.spec.settle_within(stops && e.proc().is_some(), starts))
+            })
+            .max()
+            .unwrap_or_default();
+        if !allowed.is_zero() {
+            deadline = deadline.max((deadline + allowed + SETTLE_GRACE).min(cap));
+        }
         let mut results = Vec::new();
         let answer = |name: &str, r: Result<(), String>| {
             match r {
@@ -3476,7 +3549,7 @@ mod tests {
                 rs.len() == 1 && !rs[0].success && rs[0].node.is_none(),
                 "{rs:?}"
             );
-            let rs = sup.act(Op::Restart, Vec::new(), deadline).await;
+            let rs = sup.act(Op::Restart, Vec::new(), deadline, deadline).await;
             assert!(rs.len() == 1 && !rs[0].success, "{rs:?}");
         });
     }

@@ -236,7 +236,7 @@ impl<T> Waiters<T> {
             if let Some(idle) = w.idle
                 && w.results.len() > before
             {
-                w.deadline = now + idle;
+                w.deadline = w.deadline.max(now + idle);
                 step.progress.push((
                     w.id,
                     Progress {

@@ -146,7 +146,8 @@ pub enum Command {
         /// instance:NAME.
         nodes: Vec<String>,
     },
-    /// Restart nodes (all when none are named); each is reported once ready again.
+    /// Restart nodes (all when none are named); each is reported once ready again,
+    /// waited for as long as its stop_timeout and readiness timeout allow.
     Restart {
         /// Targets: node names (`*` and `?` match as in a shell), role:ROLE or
         /// instance:NAME.
@@ -159,13 +160,15 @@ pub enum Command {
         #[arg(long)]
         wait_ready: bool,
     },
-    /// Stop nodes (all when none are named); they stay stopped until started.
+    /// Stop nodes (all when none are named); they stay stopped until started. Each is
+    /// reported once its processes have ended: at most its stop_timeout, then killed.
     Stop {
         /// Targets: node names (`*` and `?` match as in a shell), role:ROLE or
         /// instance:NAME.
         nodes: Vec<String>,
     },
-    /// Start stopped nodes (all when none are named).
+    /// Start stopped nodes (all when none are named); each is reported once ready,
+    /// waited for as long as its readiness timeout allows.
     Start {
         /// Targets: node names (`*` and `?` match as in a shell), role:ROLE or
         /// instance:NAME.
@@ -538,30 +541,44 @@ async fn command(
                 })
                 .await?,
         ),
+        // As streams with heartbeats: a node may take its stop_timeout to stop and its
+        // readiness timeout to start, however long those are.
         Command::Restart { nodes, batch, .. } => told(
             &session
-                .request(&R::Restart {
-                    nodes: nodes.clone(),
-                    batch: *batch,
-                })
+                .request_with_progress(
+                    &R::Restart {
+                        nodes: nodes.clone(),
+                        batch: *batch,
+                        progress: true,
+                    },
+                    drop,
+                )
                 .await?,
             output::Told::Start,
             |r| output::node_results(r, batch.is_some()),
         ),
         Command::Stop { nodes } => told(
             &session
-                .request(&R::Stop {
-                    nodes: nodes.clone(),
-                })
+                .request_with_progress(
+                    &R::Stop {
+                        nodes: nodes.clone(),
+                        progress: true,
+                    },
+                    drop,
+                )
                 .await?,
             output::Told::Plain,
             |r| output::node_results(r, true),
         ),
         Command::Start { nodes } => told(
             &session
-                .request(&R::Start {
-                    nodes: nodes.clone(),
-                })
+                .request_with_progress(
+                    &R::Start {
+                        nodes: nodes.clone(),
+                        progress: true,
+                    },
+                    drop,
+                )
                 .await?,
             output::Told::Start,
             |r| output::node_results(r, true),

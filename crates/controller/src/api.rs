@@ -313,6 +313,12 @@ async fn handle_folding(
     {
         return audit_in_batches(shared, req.id, since_ms, who, limit);
     }
+    if let ClientRequest::Restart { progress: true, .. }
+    | ClientRequest::Stop { progress: true, .. }
+    | ClientRequest::Start { progress: true, .. } = req.body
+    {
+        return act_with_heartbeats(shared, req);
+    }
     if let ClientRequest::Deploy {
         progress: true,
         restart_all,
@@ -343,6 +349,83 @@ fn budget(shared: &Shared, client_timeout_ms: Option<u64>) -> Duration {
 
 /// The most often a deploy that reports progress sends the client a count.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// How long a stop, start or restart may wait for its agents.
+#[derive(Debug, Clone, Copy)]
+enum Waits {
+    /// The request's budget, whatever its nodes' timeouts (a signal).
+    Budget,
+    /// Longer, for nodes' own stop and readiness timeouts, up to this (what the client
+    /// waits for a single answer), or without a bound when the client is sent
+    /// heartbeats.
+    Settle(Option<Duration>),
+}
+
+impl Waits {
+    /// For a client that waits `timeout_ms` for its single answer; one that says
+    /// nothing (zeek-client) gets the controller's own timeout, as from Zeek's.
+    fn until(timeout_ms: Option<u64>) -> Self {
+        timeout_ms.map_or(Self::Budget, |ms| {
+            Self::Settle(Some(Duration::from_millis(ms.saturating_mul(9) / 10)))
+        })
+    }
+}
+
+/// What the controller allows an agent beyond its nodes' own timeouts: the agent's
+/// grace for the kill and the report that follow them, and the answer's way back. The
+/// agent answers by four fifths of the time it is given, hence the factor.
+fn agent_allowance(settle: Duration) -> Duration {
+    (settle + Duration::from_secs(3)).mul_f64(1.25)
+}
+
+/// The most time between two frames of a stop, start or restart answered as a stream
+/// (see [`act_with_heartbeats`]).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// A stop, start or restart answered as a stream: a [`ClientResponse::Progress`] frame
+/// at least every [`HEARTBEAT_EVERY`] (or a third of the client's timeout) while it
+/// waits, then the results. The client's timeout then applies between frames, so the
+/// request may wait as long as its nodes' stop and readiness timeouts allow.
+fn act_with_heartbeats(
+    shared: &Arc<Shared>,
+    req: Request<ClientRequest>,
+) -> Answer<ClientResponse> {
+    let shared = shared.clone();
+    let id = req.id.clone();
+    let budget = budget(&shared, req.timeout_ms);
+    let every = req.timeout_ms.map_or(HEARTBEAT_EVERY, |ms| {
+        HEARTBEAT_EVERY.min(Duration::from_millis(ms / 3).max(Duration::from_millis(10)))
+    });
+    let work = async move {
+        let waits = Waits::Settle(None);
+        match req.body {
+            ClientRequest::Restart { nodes, batch, .. } => {
+                restart(&shared, &id, nodes, batch, budget, waits).await
+            }
+            ClientRequest::Stop { nodes, .. } => {
+                act(&shared, &id, nodes, budget, waits, |nodes| {
+                    ControllerRequest::Stop { nodes }
+                })
+                .await
+            }
+            ClientRequest::Start { nodes, .. } => {
+                act(&shared, &id, nodes, budget, waits, |nodes| {
+                    ControllerRequest::Start { nodes }
+                })
+                .await
+            }
+            _ => vec![MgmtResult::err(id, "not a stop, start or restart")],
+        }
+    };
+    let (beats, rx) = tokio::sync::watch::channel(Progress::default());
+    Answer::Stream(conn::progress_stream(
+        conn::with_heartbeats(work, beats, every),
+        rx,
+        every,
+        ClientResponse::Progress,
+        ClientResponse::Results,
+    ))
+}
 
 /// A deploy answered as a stream: a [`ClientResponse::Progress`] as the agents'
 /// counts of settled nodes move, then the results. It waits for each agent until that
@@ -422,26 +505,30 @@ async fn handle_one(
         ClientRequest::GetIdValue { id: ident, nodes } => {
             ClientResponse::Results(get_id_value(shared, &id, ident, nodes, budget).await)
         }
-        ClientRequest::Restart {
-            nodes,
-            batch: Some(batch),
-        } => ClientResponse::Results(rolling_restart(shared, &id, nodes, batch, budget).await),
-        ClientRequest::Restart { nodes, batch: None } => ClientResponse::Results(
-            act(shared, &id, nodes, budget, |nodes| {
-                ControllerRequest::Restart { nodes }
-            })
+        ClientRequest::Restart { nodes, batch, .. } => {
+            let waits = Waits::until(req.timeout_ms);
+            ClientResponse::Results(restart(shared, &id, nodes, batch, budget, waits).await)
+        }
+        ClientRequest::Stop { nodes, .. } => ClientResponse::Results(
+            act(
+                shared,
+                &id,
+                nodes,
+                budget,
+                Waits::until(req.timeout_ms),
+                |nodes| ControllerRequest::Stop { nodes },
+            )
             .await,
         ),
-        ClientRequest::Stop { nodes } => ClientResponse::Results(
-            act(shared, &id, nodes, budget, |nodes| {
-                ControllerRequest::Stop { nodes }
-            })
-            .await,
-        ),
-        ClientRequest::Start { nodes } => ClientResponse::Results(
-            act(shared, &id, nodes, budget, |nodes| {
-                ControllerRequest::Start { nodes }
-            })
+        ClientRequest::Start { nodes, .. } => ClientResponse::Results(
+            act(
+                shared,
+                &id,
+                nodes,
+                budget,
+                Waits::until(req.timeout_ms),
+                |nodes| ControllerRequest::Start { nodes },
+            )
             .await,
         ),
         ClientRequest::Signal { nodes, signal } => {
@@ -452,7 +539,7 @@ async fn handle_one(
                 )]);
             };
             ClientResponse::Results(
-                act(shared, &id, nodes, budget, |nodes| {
+                act(shared, &id, nodes, budget, Waits::Budget, |nodes| {
                     ControllerRequest::Signal {
                         nodes,
                         signal: number,
@@ -2200,15 +2287,37 @@ async fn get_id_value(
     results
 }
 
+/// Restarts nodes, all at once or `batch` at a time; see [`rolling_restart`].
+async fn restart(
+    shared: &Arc<Shared>,
+    id: &str,
+    nodes: Vec<String>,
+    batch: Option<usize>,
+    budget: Duration,
+    waits: Waits,
+) -> Vec<MgmtResult> {
+    match batch {
+        Some(batch) => rolling_restart(shared, id, nodes, batch, budget, waits).await,
+        None => {
+            act(shared, id, nodes, budget, waits, |nodes| {
+                ControllerRequest::Restart { nodes }
+            })
+            .await
+        }
+    }
+}
+
 /// Restarts nodes `batch` at a time; a batch starts once the previous one is ready
 /// again, and the first batch with a failure ends the rollout (the rest are reported as
-/// not restarted).
+/// not restarted). For a client sent heartbeats, each batch has the whole budget (and
+/// its nodes' timeouts); otherwise they share it.
 async fn rolling_restart(
     shared: &Arc<Shared>,
     id: &str,
     nodes: Vec<String>,
     batch: usize,
     budget: Duration,
+    waits: Waits,
 ) -> Vec<MgmtResult> {
     let Some(deployed) = shared.store.desired_config() else {
         return vec![MgmtResult::err(id, "no active cluster deployment")];
@@ -2221,7 +2330,7 @@ async fn rolling_restart(
         results.extend(unmatched.into_iter().map(|t| unmatched_target(id, t)));
         names
     };
-    let deadline = tokio::time::Instant::now() + budget;
+    let began = tokio::time::Instant::now();
     let mut failed = false;
     for chunk in names.chunks(batch.max(1)) {
         if failed {
@@ -2230,8 +2339,16 @@ async fn rolling_restart(
             }));
             continue;
         }
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let batch_results = act(shared, id, chunk.to_vec(), left, |nodes| {
+        let spent = began.elapsed();
+        let (left, waits) = match waits {
+            Waits::Settle(None) => (budget, waits),
+            Waits::Settle(Some(limit)) => (
+                budget.saturating_sub(spent),
+                Waits::Settle(Some(limit.saturating_sub(spent))),
+            ),
+            Waits::Budget => (budget.saturating_sub(spent), waits),
+        };
+        let batch_results = act(shared, id, chunk.to_vec(), left, waits, |nodes| {
             ControllerRequest::Restart { nodes }
         })
         .await;
@@ -2259,6 +2376,7 @@ async fn act(
     id: &str,
     nodes: Vec<String>,
     budget: Duration,
+    waits: Waits,
     make: impl Fn(Vec<String>) -> ControllerRequest,
 ) -> Vec<MgmtResult> {
     if shared.registry.snapshot().is_empty() {
@@ -2315,6 +2433,31 @@ async fn act(
             }
         }
     }
+    // Its nodes may take their stop_timeout to stop and readiness timeout to start,
+    // and the agents wait for that: so does the controller, as far as its client does.
+    let settles = match requests.first().map(|(_, _, req)| req) {
+        Some(ControllerRequest::Stop { .. }) => Some((true, false)),
+        Some(ControllerRequest::Start { .. }) => Some((false, true)),
+        Some(ControllerRequest::Restart { .. }) => Some((true, true)),
+        _ => None,
+    };
+    let budget = match (waits, settles) {
+        (Waits::Settle(limit), Some((stops, starts))) => {
+            let asked: BTreeSet<&str> = requests.iter().map(|(i, _, _)| i.as_str()).collect();
+            let named: BTreeSet<&str> = nodes.iter().map(String::as_str).collect();
+            let settle = deployed
+                .nodes
+                .iter()
+                .filter(|n| asked.contains(n.instance.as_str()))
+                .filter(|n| nodes.is_empty() || named.contains(n.name.as_str()))
+                .map(|n| n.settle_within(stops, starts))
+                .max()
+                .unwrap_or_default();
+            let longer = budget.max(budget + agent_allowance(settle));
+            limit.map_or(longer, |l| longer.min(l.max(budget)))
+        }
+        _ => budget,
+    };
     let answers = fan_out(shared, requests, budget).await;
     results.extend(agent_results(id, answers));
     results

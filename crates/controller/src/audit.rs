@@ -390,11 +390,13 @@ pub fn args(req: &ClientRequest) -> String {
             }
             parts.join(" ")
         }
-        ClientRequest::Restart { nodes: n, batch } => match batch {
+        ClientRequest::Restart {
+            nodes: n, batch, ..
+        } => match batch {
             Some(b) => format!("{} batch {b}", nodes(n)),
             None => nodes(n),
         },
-        ClientRequest::Stop { nodes: n } | ClientRequest::Start { nodes: n } => nodes(n),
+        ClientRequest::Stop { nodes: n, .. } | ClientRequest::Start { nodes: n, .. } => nodes(n),
         ClientRequest::Signal { nodes: n, signal } => format!("{signal} {}", nodes(n)),
         _ => String::new(),
     };
@@ -590,7 +592,10 @@ mod tests {
     #[test]
     fn long_arguments_are_cut() {
         let nodes = (0..1000).map(|i| format!("node-{i}")).collect();
-        let text = args(&ClientRequest::Stop { nodes });
+        let text = args(&ClientRequest::Stop {
+            nodes,
+            progress: false,
+        });
         assert!(text.len() <= MAX_ARGS + 4, "{}", text.len());
         assert!(text.ends_with(" ..."));
     }

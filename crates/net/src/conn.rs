@@ -972,6 +972,26 @@ where
     rx
 }
 
+/// Runs `work`, marking `beats` as changed every `every` until it ends, so that a
+/// [`progress_stream`] over it sends a frame at least that often: its requester, which
+/// waits a timeout between two frames, waits as long as the work goes on.
+pub async fn with_heartbeats<T, P>(
+    work: impl Future<Output = T>,
+    beats: tokio::sync::watch::Sender<P>,
+    every: Duration,
+) -> T {
+    tokio::pin!(work);
+    let mut beat = tokio::time::interval(every);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat.tick().await;
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = beat.tick() => beats.send_modify(|_| {}),
+        }
+    }
+}
+
 /// Serves the streams a peer opens until the connection ends, returning why it ended.
 ///
 /// Each stream is handled in its own task: read one request frame (within

@@ -207,13 +207,20 @@ mod tests {
             ClientRequest::Restart {
                 nodes: vec![],
                 batch: None,
+                progress: true,
             },
             ClientRequest::GetIdValue {
                 id: "x".into(),
                 nodes: vec![],
             },
-            ClientRequest::Stop { nodes: vec![] },
-            ClientRequest::Start { nodes: vec![] },
+            ClientRequest::Stop {
+                nodes: vec![],
+                progress: true,
+            },
+            ClientRequest::Start {
+                nodes: vec![],
+                progress: false,
+            },
             ClientRequest::Signal {
                 nodes: vec![],
                 signal: "HUP".into(),

@@ -687,6 +687,26 @@ impl Configuration {
 }
 
 impl Node {
+    /// How long its agent may take to settle it, by its own settings: its
+    /// `stop_timeout` when it is stopped (after which it is killed), and its readiness
+    /// timeout (or start period) when it is started (after which it is ready, or killed
+    /// and failed). A request that stops, starts or restarts it waits this long, however
+    /// short its own timeout, so that it does not report a failure while the node is
+    /// still within what its configuration allows.
+    pub fn settle_within(&self, stops: bool, starts: bool) -> Duration {
+        let stop = if stops {
+            self.stop_timeout
+        } else {
+            Duration::ZERO
+        };
+        let start = match (starts, &self.readiness) {
+            (false, _) => Duration::ZERO,
+            (true, Readiness::StartPeriod { period }) => *period,
+            (true, Readiness::Notify { timeout } | Readiness::Tcp { timeout, .. }) => *timeout,
+        };
+        stop + start
+    }
+
     /// Its identity, capabilities and limits, for [`crate::exec::check`].
     pub fn exec_ref(&self) -> crate::exec::ExecRef<'_> {
         crate::exec::ExecRef {
@@ -1026,6 +1046,25 @@ impl MgmtResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_settles_within_its_stop_and_readiness_timeouts() {
+        let mut n = Node::new("w", "a");
+        n.stop_timeout = Duration::from_secs(7);
+        assert_eq!(n.settle_within(false, false), Duration::ZERO);
+        assert_eq!(n.settle_within(true, false), Duration::from_secs(7));
+        // The default readiness: a start period of 1 s.
+        assert_eq!(n.settle_within(false, true), Duration::from_secs(1));
+        n.readiness = Readiness::Notify {
+            timeout: Duration::from_secs(30),
+        };
+        assert_eq!(n.settle_within(true, true), Duration::from_secs(37));
+        n.readiness = Readiness::Tcp {
+            port: 80,
+            timeout: Duration::from_millis(1500),
+        };
+        assert_eq!(n.settle_within(false, true), Duration::from_millis(1500));
+    }
 
     #[test]
     fn state_names_are_upper_case_on_the_wire() {

@@ -229,6 +229,11 @@ pub enum ClientRequest {
         /// batch with a failure (a rolling restart); all at once when absent.
         #[serde(default)]
         batch: Option<usize>,
+        /// Answer with a stream: [`ClientResponse::Progress`] frames at least every
+        /// second while it waits, then the results. Such a request waits for its nodes'
+        /// `stop_timeout` however long it is, instead of ending at the request timeout.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        progress: bool,
     },
     /// Ask running nodes for a value (Zeek's get_id_value); all nodes when the list is
     /// empty. Nodes answer through the value-query protocol on `DROVER_QUERY_SOCKET`.
@@ -244,12 +249,22 @@ pub enum ClientRequest {
         /// Node names.
         #[serde(default)]
         nodes: Vec<String>,
+        /// Answer with a stream: [`ClientResponse::Progress`] frames at least every
+        /// second while it waits, then the results. Such a request waits for its nodes'
+        /// `stop_timeout` however long it is, instead of ending at the request timeout.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        progress: bool,
     },
     /// Start stopped nodes (all when the list is empty).
     Start {
         /// Node names.
         #[serde(default)]
         nodes: Vec<String>,
+        /// Answer with a stream: [`ClientResponse::Progress`] frames at least every
+        /// second while it waits, then the results. Such a request waits for its nodes'
+        /// `stop_timeout` however long it is, instead of ending at the request timeout.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        progress: bool,
     },
     /// Send a signal to nodes' process groups (all nodes when the list is empty).
     Signal {

@@ -319,9 +319,11 @@ async fn answer(
             id: id.clone(),
             nodes: nodes.clone(),
         },
+        // As Zeek's: within the request timeout, one answer.
         ZeekRequest::Restart { nodes } => ClientRequest::Restart {
             nodes: nodes.clone(),
             batch: None,
+            progress: false,
         },
         ZeekRequest::TestTimeout { with_state: true } => {
             ClientRequest::TestTimeout { with_state: true }
