@@ -494,7 +494,17 @@ fn a_log_file_deleted_or_moved_away_is_let_go_and_created_anew() {
         },
     );
     let gap = seqs.windows(2).find(|w| w[1] != w[0] + 1);
-    assert!(gap.is_none(), "lost or repeated across the files: {gap:?}");
+    assert!(
+        gap.is_none(),
+        "lost or repeated across the files: {gap:?}\n{}\n{}",
+        follow
+            .stdout()
+            .lines()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n"),
+        follow.stderr()
+    );
 }
 
 /// An operator deletes a running node's whole directory (its logs, its notify socket,

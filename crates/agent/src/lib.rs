@@ -1186,13 +1186,15 @@ fn stream_logs(
     tokio::spawn(async move {
         for s in &streams {
             let (l, fs, stream, out) = (logs.clone(), file_stream(*s), *s, tx.clone());
+            // The tail ends where the follower began, which delivers what came since.
+            let until = begins[usize::from(*s == LogStream::Stderr)];
             // Sent batch by batch as the files are read, so that a tail of millions of
             // lines never sits in memory whole; the channel's bound holds the reading
             // back while the client takes its time.
             let read = tokio::task::spawn_blocking(move || {
                 let mut batch = Batch::default();
                 let mut open = true;
-                let read = l.tail_each(fs, lines, |line| {
+                let read = l.tail_each_until(fs, lines, until, |line| {
                     if let Some(full) = batch.push(line) {
                         let chunk = LogChunk {
                             stream,

@@ -526,35 +526,69 @@ impl NodeLogs {
         n: usize,
         each: impl FnMut(String) -> bool,
     ) -> io::Result<()> {
-        self.tail_each_in(s, n, TAIL_CHUNK, each)
+        self.tail_each_in(s, n, TAIL_CHUNK, None, each)
     }
 
-    /// [`NodeLogs::tail_each`], reading `chunk` bytes at a time.
+    /// [`NodeLogs::tail_each`], ending at `until` (where a follower began: see
+    /// [`NodeLogs::follow_marked`]) rather than at the files' current end, so that a
+    /// line written between the follower's start and this read is shown once, by the
+    /// follower. Without the file `until` names (deleted since), as `tail_each`.
+    pub fn tail_each_until(
+        &self,
+        s: Stream,
+        n: usize,
+        until: Option<Mark>,
+        each: impl FnMut(String) -> bool,
+    ) -> io::Result<()> {
+        self.tail_each_in(s, n, TAIL_CHUNK, until, each)
+    }
+
+    /// [`NodeLogs::tail_each_until`], reading `chunk` bytes at a time.
     fn tail_each_in(
         &self,
         s: Stream,
         n: usize,
         chunk: usize,
+        until: Option<Mark>,
         mut each: impl FnMut(String) -> bool,
     ) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
         if n == 0 {
             return Ok(());
         }
         // Newest first: (file, offset of the first wanted byte, length when counted).
         let mut spans = Vec::new();
         let mut found = 0;
-        let files = std::iter::once(self.path(s)).chain(
-            self.rotated_indices(s)?
-                .into_iter()
-                .map(|i| self.rotated_path(s, i)),
-        );
+        let mut files: Vec<PathBuf> = std::iter::once(self.path(s))
+            .chain(
+                self.rotated_indices(s)?
+                    .into_iter()
+                    .map(|i| self.rotated_path(s, i)),
+            )
+            .collect();
+        // Files newer than the one `until` names hold only what the follower delivers.
+        let mut cap = None;
+        if let Some(m) = until
+            && let Some(i) = files
+                .iter()
+                .position(|p| fs::metadata(p).is_ok_and(|meta| meta.ino() == m.ino))
+        {
+            files.drain(..i);
+            cap = Some(m);
+        }
         for path in files {
             let mut f = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(with_path("opening", &path, e)),
             };
-            let len = f.metadata()?.len();
+            let meta = f.metadata()?;
+            let mut len = meta.len();
+            if let Some(m) = cap.take()
+                && meta.ino() == m.ino
+            {
+                len = len.min(m.len);
+            }
             let (lines, start) = line_starts_back(&mut f, len, n - found, chunk)
                 .map_err(|e| with_path("reading", &path, e))?;
             spans.push((path, start, len));
@@ -1634,7 +1668,7 @@ mod tests {
                 assert_eq!(logs.tail(s, n).unwrap(), want, "round {round}, n {n}");
                 for &chunk in chunks {
                     let mut got = Vec::new();
-                    logs.tail_each_in(s, n, chunk, |l| {
+                    logs.tail_each_in(s, n, chunk, None, |l| {
                         got.push(l);
                         true
                     })
@@ -1654,6 +1688,43 @@ mod tests {
     }
 
     #[test]
+    fn a_tail_ends_where_its_follower_began() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let logs = logs(dir.path(), 1 << 30, 5);
+        let (cur, old) = (
+            logs.path(Stream::Stdout),
+            logs.rotated_path(Stream::Stdout, 1),
+        );
+        let tail = |until: Option<Mark>| {
+            let mut got = Vec::new();
+            logs.tail_each_until(Stream::Stdout, 10, until, |l| {
+                got.push(l);
+                true
+            })
+            .unwrap();
+            got
+        };
+        fs::write(&old, "a\nb\n").unwrap();
+        fs::write(&cur, "c\nd\n").unwrap();
+        let mark = |p: &Path, len| Mark {
+            ino: fs::metadata(p).unwrap().ino(),
+            len,
+        };
+        // Begun after `c`: `d`, written since, is the follower's to show.
+        assert_eq!(tail(Some(mark(&cur, 2))), ["a", "b", "c"]);
+        assert_eq!(tail(None), ["a", "b", "c", "d"]);
+        // Begun in a file rotated since: nothing of the newer one either.
+        assert_eq!(tail(Some(mark(&old, 2))), ["a"]);
+        // A file gone since: the whole tail.
+        let gone = Mark {
+            ino: u64::MAX,
+            len: 0,
+        };
+        assert_eq!(tail(Some(gone)), ["a", "b", "c", "d"]);
+    }
+
+    #[test]
     fn tail_caps_long_lines() {
         let dir = tempfile::tempdir().unwrap();
         let logs = logs(dir.path(), 1 << 30, 5);
@@ -1670,7 +1741,7 @@ mod tests {
 
         for chunk in [TAIL_CHUNK, 1000, 4096 + 3] {
             let mut out = Vec::new();
-            logs.tail_each_in(Stream::Stdout, 10, chunk, |l| {
+            logs.tail_each_in(Stream::Stdout, 10, chunk, None, |l| {
                 out.push(l);
                 true
             })
