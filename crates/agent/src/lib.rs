@@ -925,10 +925,21 @@ impl Agent {
                         let every = HEARTBEAT_EVERY
                             .min(budget / 2)
                             .max(Duration::from_millis(10));
+                        // As long as its nodes may take, and no longer: an Apply stuck
+                        // (on a write that never returns) lets the controller time out.
+                        let quiet = config
+                            .nodes
+                            .iter()
+                            .filter(|n| n.instance == name)
+                            .map(|n| n.settle_within(true, true))
+                            .max()
+                            .unwrap_or_default()
+                            + supervisor::SETTLE_GRACE
+                            + budget;
                         let apply = async move {
                             let work =
                                 sup.apply(*config, restart, generation, deadline, Some(progress));
-                            conn::with_heartbeats(work, beats, every).await
+                            conn::with_heartbeats(work, beats, every, Some(quiet)).await
                         };
                         let reqid = req.id;
                         return Ok(Answer::Stream(conn::progress_stream(

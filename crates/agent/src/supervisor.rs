@@ -108,7 +108,7 @@ const ROTATE_EVERY: Duration = Duration::from_secs(30);
 
 /// What a stop, start or restart waits beyond its nodes' own timeouts: the kill that
 /// follows a stop_timeout and the exit it brings, or a failed start's report.
-const SETTLE_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const SETTLE_GRACE: Duration = Duration::from_secs(2);
 
 /// What a supervisor needs to know.
 #[derive(Debug, Clone)]

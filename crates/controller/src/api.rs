@@ -419,7 +419,7 @@ fn act_with_heartbeats(
     };
     let (beats, rx) = tokio::sync::watch::channel(Progress::default());
     Answer::Stream(conn::progress_stream(
-        conn::with_heartbeats(work, beats, every),
+        conn::with_heartbeats(work, beats, every, None),
         rx,
         every,
         ClientResponse::Progress,

@@ -974,20 +974,35 @@ where
 
 /// Runs `work`, marking `beats` as changed every `every` until it ends, so that a
 /// [`progress_stream`] over it sends a frame at least that often: its requester, which
-/// waits a timeout between two frames, waits as long as the work goes on.
-pub async fn with_heartbeats<T, P>(
+/// waits a timeout between two frames, waits as long as the work goes on. With `quiet`,
+/// only while the value in `beats` changed (real progress) within that time: work stuck
+/// for longer (a write that never returns) lets its requester time out as without
+/// heartbeats.
+pub async fn with_heartbeats<T, P: Clone + PartialEq>(
     work: impl Future<Output = T>,
     beats: tokio::sync::watch::Sender<P>,
     every: Duration,
+    quiet: Option<Duration>,
 ) -> T {
     tokio::pin!(work);
     let mut beat = tokio::time::interval(every);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     beat.tick().await;
+    let mut last = beats.borrow().clone();
+    let mut moved = tokio::time::Instant::now();
     loop {
         tokio::select! {
             out = &mut work => return out,
-            _ = beat.tick() => beats.send_modify(|_| {}),
+            _ = beat.tick() => {
+                let now = beats.borrow().clone();
+                if now != last {
+                    last = now;
+                    moved = tokio::time::Instant::now();
+                }
+                if quiet.is_none_or(|q| moved.elapsed() < q) {
+                    beats.send_modify(|_| {});
+                }
+            }
         }
     }
 }
@@ -1327,6 +1342,56 @@ mod tests {
         sock.send_to(&packet, addr).await.unwrap();
         let got = tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await;
         assert!(got.is_err(), "noise was answered: {got:?}");
+    }
+
+    /// When the frames of [`with_heartbeats`] come, for work that makes progress once,
+    /// after 0.5 s, and then none, forever: watched on a paused clock for 20 s.
+    fn heartbeats(quiet: Option<Duration>) -> Vec<Duration> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (tx, mut rx) = tokio::sync::watch::channel(0u32);
+            let progress = tx.clone();
+            let work = async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                progress.send_replace(1);
+                std::future::pending::<()>().await;
+            };
+            let every = Duration::from_secs(1);
+            let task = tokio::spawn(with_heartbeats(work, tx, every, quiet));
+            let start = tokio::time::Instant::now();
+            let mut seen = Vec::new();
+            while start.elapsed() < Duration::from_secs(20) {
+                if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await
+                {
+                    seen.push(start.elapsed());
+                }
+            }
+            task.abort();
+            seen
+        })
+    }
+
+    #[test]
+    fn heartbeats_come_every_period_and_stop_once_the_work_is_quiet_too_long() {
+        let endless = heartbeats(None);
+        assert!(endless.len() >= 19, "{endless:?}");
+        assert!(
+            endless
+                .windows(2)
+                .all(|w| w[1] - w[0] <= Duration::from_secs(1)),
+            "{endless:?}"
+        );
+        // The progress at 0.5 s is seen at the beat of 1 s: beats until 3 s after that.
+        let bounded = heartbeats(Some(Duration::from_secs(3)));
+        let last = *bounded.last().unwrap();
+        assert!(
+            last >= Duration::from_secs(3) && last <= Duration::from_secs(4),
+            "{bounded:?}"
+        );
     }
 
     /// `dial_leader` against fake controllers: `dead` answers nothing until its
