@@ -235,6 +235,8 @@ fn a_node_enters_its_working_directory_as_its_own_user() {
         std::os::unix::fs::chown(dir, Some(owner), Some(owner)).unwrap();
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     }
+    // Missing: made for the node, the last directory its user's.
+    let fresh = c.dir.path().join("srv/fresh");
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let _agent = c.start_agent("agent-1", addr);
     connect(&c, addr);
@@ -256,9 +258,16 @@ workdir = "{closed}"
 instance = "agent-1"
 command = ["/bin/sleep", "1000"]
 workdir = "{closed}"
+
+[nodes.fresh]
+instance = "agent-1"
+command = ["/bin/sh", "-c", "echo here > made.txt; exec sleep 1000"]
+user = "nobody"
+workdir = "{fresh}"
 "#,
         mine = mine.display(),
         closed = closed.display(),
+        fresh = fresh.display(),
     );
     let (code, v, stderr) = deploy(&c, addr, &body);
     assert_eq!(code, Some(1), "{v} {stderr}");
@@ -289,6 +298,14 @@ workdir = "{closed}"
     // The directories are left as they were.
     let meta = std::fs::metadata(&closed).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o700));
+    // The one made for `fresh` is its user's, who writes there; its parent is not.
+    assert_eq!(nodes["fresh"]["success"], true, "{v}");
+    assert_eq!(std::fs::metadata(&fresh).unwrap().uid(), 65534);
+    assert_eq!(std::fs::metadata(fresh.parent().unwrap()).unwrap().uid(), 0);
+    let made = eventually("fresh wrote its file", PATIENCE, || {
+        std::fs::metadata(fresh.join("made.txt")).ok()
+    });
+    assert_eq!(made.uid(), 65534);
 }
 
 #[test]

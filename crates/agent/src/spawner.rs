@@ -265,12 +265,14 @@ pub(crate) fn write_node_files(
 }
 
 /// Makes a node's working directory if it is missing: one `mkdir` when it is there, as
-/// on every spawn but the first.
-pub(crate) fn make_workdir(dir: &std::path::Path) -> std::io::Result<()> {
+/// on every spawn but the first. Whether it made it.
+pub(crate) fn make_workdir(dir: &std::path::Path) -> std::io::Result<bool> {
     match std::fs::create_dir(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        other => other,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map(|()| true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        other => other.map(|()| true),
     }
 }
 
@@ -326,13 +328,13 @@ fn run(cx: &Context, job: Job, made: &mut Option<Made>) -> Result<Spawned, Strin
         )),
         None => None,
     };
-    match make_workdir(&job.workdir) {
+    let made_workdir = match make_workdir(&job.workdir) {
         // A directory the cluster file names may be one only the node's user can reach
         // (a home on NFS with root squashed): the node's own `chdir` decides.
         Err(e)
             if e.kind() == std::io::ErrorKind::PermissionDenied && job.spec.workdir.is_some() =>
         {
-            Ok(())
+            Ok(false)
         }
         other => other,
     }
@@ -343,6 +345,20 @@ fn run(cx: &Context, job: Job, made: &mut Option<Made>) -> Result<Spawned, Strin
             sys::cause(&err)
         )
     })?;
+    // One the cluster file names and the agent made is the node's, as systemd's
+    // `StateDirectory=` is: a node running as its own user can write where it runs.
+    if made_workdir
+        && job.spec.workdir.is_some()
+        && let Some((uid, gid)) = job.plan.owner()
+    {
+        std::os::unix::fs::chown(&job.workdir, Some(uid), Some(gid)).map_err(|err| {
+            format!(
+                "node '{name}': cannot give its working directory {} to its user: {}",
+                job.workdir.display(),
+                sys::cause(&err)
+            )
+        })?;
+    }
     if let Some((fresh, prepared)) = fresh {
         // What the Apply could not give the node's user before they existed. Until
         // that is done the node stays to be made: its socket is handed back only then,
