@@ -1,5 +1,5 @@
 //! Timeouts are results, never hangs: an agent that accepts requests but never answers,
-//! and zeek-client's test-timeout request.
+//! one lost under an operator's stop, and zeek-client's test-timeout request.
 
 use std::time::{Duration, Instant};
 
@@ -64,4 +64,50 @@ fn test_timeout_with_and_without_state() {
     let out = drover_tests::run_cli(cmd, Duration::from_secs(30));
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("timed out after 2s"), "{}", out.stderr);
+}
+
+/// An agent paused (SIGSTOP) under a stop: its connection is lost at the idle timeout
+/// (2 s here), and the stop fails saying that whether it was carried out is not known:
+/// the agent may have read it before it was paused, or may read it once resumed.
+#[test]
+fn a_stop_whose_agent_is_lost_under_it_is_of_unknown_outcome() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    c.deploy_text(
+        addr,
+        "paused.toml",
+        "[instances.agent-1]\n[nodes.n]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\n",
+    );
+    eventually("n running", PATIENCE, || {
+        let v = c.drover(addr, &["get-nodes"]).json();
+        (v["results"]["agent-1"]["n"]["state"] == "RUNNING").then_some(())
+    });
+    agent.signal(nix::sys::signal::Signal::SIGSTOP);
+    let out = c.drover(addr, &["stop", "n"]);
+    agent.signal(nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    let v = out.json();
+    let error = v["errors"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the connection to agent 'agent-1' was lost under the request, so whether it was carried out is not known"),
+        "{v}"
+    );
+    // Back, the agent says which it was, and what it says is what runs.
+    let n = eventually("the agent back with its node", PATIENCE, || {
+        let v = c.drover(addr, &["get-nodes", "--fresh"]);
+        (v.code == Some(0)).then(|| v.json()["results"]["agent-1"]["n"].clone())
+    });
+    match n["state"].as_str() {
+        Some("STOPPED") => assert!(n["pid"].is_null(), "{n}"),
+        Some("RUNNING") => {
+            let pid = n["pid"].as_u64().unwrap();
+            assert!(
+                std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                "{n}"
+            );
+        }
+        _ => panic!("neither stopped nor running: {n}"),
+    }
 }

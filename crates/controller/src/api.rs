@@ -1359,6 +1359,17 @@ fn changes_nodes(req: &ControllerRequest) -> bool {
     )
 }
 
+/// An operator's action on nodes: a stop, start, restart or signal.
+fn acts_on_nodes(req: &ControllerRequest) -> bool {
+    matches!(
+        req,
+        ControllerRequest::Stop { .. }
+            | ControllerRequest::Start { .. }
+            | ControllerRequest::Restart { .. }
+            | ControllerRequest::Signal { .. }
+    )
+}
+
 /// An operation that may change an agent's nodes, tracked in the view from before it is
 /// sent until it ends; the tracking ends even if the calling task is dropped half-way.
 struct Tracked<'a>(&'a Shared, &'a str);
@@ -1416,6 +1427,14 @@ pub(crate) async fn call_agent(
                 None => {
                     return Err(match e {
                         drover_net::NetError::Timeout { .. } => "request timed out".to_owned(),
+                        // The agent may have carried it out before its connection went
+                        // (or will, if it was only paused): say so, rather than leave
+                        // "failed" to be read as "not done".
+                        other @ drover_net::NetError::Connection(_) if acts_on_nodes(req) => {
+                            format!(
+                                "{other}: the connection to agent '{name}' was lost under the request, so whether it was carried out is not known; `drover status` shows its nodes once it is back"
+                            )
+                        }
                         other => other.to_string(),
                     });
                 }
