@@ -1457,11 +1457,12 @@ fn a_follow_on_a_cut_off_controller_moves_once_a_leader_answers() {
             ))
             .then_some(())
     });
-    let events = monitor.stdout();
-    assert!(
-        events.contains("\"type\":\"resubscribed\"") && events.contains(&a1.to_string()),
-        "{events}"
-    );
+    // Its event follows the line on stderr: written one after the other, not at once.
+    eventually("the monitor wrote its resubscribed event", PATIENCE, || {
+        let events = monitor.stdout();
+        (events.contains("\"type\":\"resubscribed\"") && events.contains(&a1.to_string()))
+            .then_some(())
+    });
 }
 
 /// The leader compacts etcd's history (`--etcd-compact-every`), keeping one interval of
