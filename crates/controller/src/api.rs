@@ -2429,6 +2429,36 @@ async fn act(
             }
         }
     }
+    // Its nodes may take their stop_timeout to stop and readiness timeout to start,
+    // and the agents wait for that: so does the controller, as far as its client does.
+    let budget = match (waits, make(Vec::new())) {
+        (Waits::Settle(limit), kind) => {
+            let (stops, starts) = match kind {
+                ControllerRequest::Stop { .. } => (true, false),
+                ControllerRequest::Start { .. } => (false, true),
+                ControllerRequest::Restart { .. } => (true, true),
+                _ => (false, false),
+            };
+            let settle = deployed
+                .nodes
+                .iter()
+                .filter(|n| {
+                    by_instance
+                        .get(&n.instance)
+                        .is_some_and(|names| names.is_empty() || names.contains(&n.name))
+                })
+                .map(|n| n.settle_within(stops, starts))
+                .max()
+                .unwrap_or_default();
+            let longer = if settle.is_zero() {
+                budget
+            } else {
+                budget + agent_allowance(settle)
+            };
+            limit.map_or(longer, |l| longer.min(l.max(budget)))
+        }
+        (Waits::Budget, _) => budget,
+    };
     let mut requests = Vec::new();
     for (instance, names) in by_instance {
         match shared.registry.get(&instance) {
@@ -2452,31 +2482,6 @@ async fn act(
             }
         }
     }
-    // Its nodes may take their stop_timeout to stop and readiness timeout to start,
-    // and the agents wait for that: so does the controller, as far as its client does.
-    let settles = match requests.first().map(|(_, _, req)| req) {
-        Some(ControllerRequest::Stop { .. }) => Some((true, false)),
-        Some(ControllerRequest::Start { .. }) => Some((false, true)),
-        Some(ControllerRequest::Restart { .. }) => Some((true, true)),
-        _ => None,
-    };
-    let budget = match (waits, settles) {
-        (Waits::Settle(limit), Some((stops, starts))) => {
-            let asked: BTreeSet<&str> = requests.iter().map(|(i, _, _)| i.as_str()).collect();
-            let named: BTreeSet<&str> = nodes.iter().map(String::as_str).collect();
-            let settle = deployed
-                .nodes
-                .iter()
-                .filter(|n| asked.contains(n.instance.as_str()))
-                .filter(|n| nodes.is_empty() || named.contains(n.name.as_str()))
-                .map(|n| n.settle_within(stops, starts))
-                .max()
-                .unwrap_or_default();
-            let longer = budget.max(budget + agent_allowance(settle));
-            limit.map_or(longer, |l| longer.min(l.max(budget)))
-        }
-        _ => budget,
-    };
     let answers = fan_out(shared, requests, budget).await;
     results.extend(agent_results(id, answers));
     results
