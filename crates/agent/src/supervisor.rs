@@ -1475,20 +1475,26 @@ impl Core {
                 }
                 Step::Create { spec } => {
                     settle = settle.max(spec.settle_within(false, true));
-                    self.create_for(&name, spec, &config_id, generation, &mut plans)
-                        .map_or_else(
-                            |e| {
-                                results.push(
-                                    MgmtResult::err(
-                                        "",
-                                        format!("cannot set up node '{name}': {e}"),
-                                    )
-                                    .on_instance(&instance)
-                                    .on_node(&name),
-                                );
-                            },
-                            |()| wait.push((name.clone(), None)),
-                        );
+                    match self.create(&name, spec, &config_id, None) {
+                        Ok(()) => {
+                            let actions = self
+                                .nodes
+                                .get_mut(&name)
+                                .map(|e| {
+                                    e.deploy_gen = generation;
+                                    e.plan = plans.remove(&name);
+                                    e.book.machine.start(now)
+                                })
+                                .unwrap_or_default();
+                            self.run_actions(&name, actions);
+                            wait.push((name, None));
+                        }
+                        Err(e) => results.push(
+                            MgmtResult::err("", format!("cannot set up node '{name}': {e}"))
+                                .on_instance(&instance)
+                                .on_node(&name),
+                        ),
+                    }
                 }
             }
         }
@@ -1521,30 +1527,6 @@ impl Core {
             },
         );
         self.apply_wait = Some((generation, id));
-    }
-
-    /// Makes a node an Apply adds and starts it, as generation `generation`.
-    fn create_for(
-        &mut self,
-        name: &str,
-        spec: Node,
-        config_id: &str,
-        generation: u64,
-        plans: &mut Plans,
-    ) -> std::io::Result<()> {
-        self.create(name, spec, config_id, None)?;
-        let now = self.now();
-        let actions = self
-            .nodes
-            .get_mut(name)
-            .map(|e| {
-                e.deploy_gen = generation;
-                e.plan = plans.remove(name);
-                e.book.machine.start(now)
-            })
-            .unwrap_or_default();
-        self.run_actions(name, actions);
-        Ok(())
     }
 
     /// Answers a repeat of the generation applied along with the Apply that carried it
