@@ -397,25 +397,7 @@ fn act_with_heartbeats(
         HEARTBEAT_EVERY.min(Duration::from_millis(ms / 3).max(Duration::from_millis(10)))
     });
     let work = async move {
-        let waits = Waits::Settle(None);
-        match req.body {
-            ClientRequest::Restart { nodes, batch, .. } => {
-                restart(&shared, &id, nodes, batch, budget, waits).await
-            }
-            ClientRequest::Stop { nodes, .. } => {
-                act(&shared, &id, nodes, budget, waits, |nodes| {
-                    ControllerRequest::Stop { nodes }
-                })
-                .await
-            }
-            ClientRequest::Start { nodes, .. } => {
-                act(&shared, &id, nodes, budget, waits, |nodes| {
-                    ControllerRequest::Start { nodes }
-                })
-                .await
-            }
-            _ => vec![MgmtResult::err(id, "not a stop, start or restart")],
-        }
+        stop_start_restart(&shared, &id, req.body, budget, Waits::Settle(None)).await
     };
     let (beats, rx) = tokio::sync::watch::channel(Progress::default());
     Answer::Stream(conn::progress_stream(
@@ -425,6 +407,25 @@ fn act_with_heartbeats(
         ClientResponse::Progress,
         ClientResponse::Results,
     ))
+}
+
+/// Carries out a stop, start or restart (a rolling one with `batch`).
+async fn stop_start_restart(
+    shared: &Arc<Shared>,
+    id: &str,
+    body: ClientRequest,
+    budget: Duration,
+    waits: Waits,
+) -> Vec<MgmtResult> {
+    let (nodes, make): (_, fn(Vec<String>) -> ControllerRequest) = match body {
+        ClientRequest::Restart { nodes, batch, .. } => {
+            return restart(shared, id, nodes, batch, budget, waits).await;
+        }
+        ClientRequest::Stop { nodes, .. } => (nodes, |nodes| ControllerRequest::Stop { nodes }),
+        ClientRequest::Start { nodes, .. } => (nodes, |nodes| ControllerRequest::Start { nodes }),
+        _ => return vec![MgmtResult::err(id, "not a stop, start or restart")],
+    };
+    act(shared, id, nodes, budget, waits, make).await
 }
 
 /// A deploy answered as a stream: a [`ClientResponse::Progress`] as the agents'
@@ -505,32 +506,12 @@ async fn handle_one(
         ClientRequest::GetIdValue { id: ident, nodes } => {
             ClientResponse::Results(get_id_value(shared, &id, ident, nodes, budget).await)
         }
-        ClientRequest::Restart { nodes, batch, .. } => {
+        body @ (ClientRequest::Restart { .. }
+        | ClientRequest::Stop { .. }
+        | ClientRequest::Start { .. }) => {
             let waits = Waits::until(req.timeout_ms);
-            ClientResponse::Results(restart(shared, &id, nodes, batch, budget, waits).await)
+            ClientResponse::Results(stop_start_restart(shared, &id, body, budget, waits).await)
         }
-        ClientRequest::Stop { nodes, .. } => ClientResponse::Results(
-            act(
-                shared,
-                &id,
-                nodes,
-                budget,
-                Waits::until(req.timeout_ms),
-                |nodes| ControllerRequest::Stop { nodes },
-            )
-            .await,
-        ),
-        ClientRequest::Start { nodes, .. } => ClientResponse::Results(
-            act(
-                shared,
-                &id,
-                nodes,
-                budget,
-                Waits::until(req.timeout_ms),
-                |nodes| ControllerRequest::Start { nodes },
-            )
-            .await,
-        ),
         ClientRequest::Signal { nodes, signal } => {
             let Some(number) = drover_proto::config::signal_number(&signal) else {
                 return ClientResponse::Results(vec![MgmtResult::err(
