@@ -77,6 +77,23 @@ pub fn eventually<T>(what: &str, patience: Duration, mut cond: impl FnMut() -> O
     }
 }
 
+/// As [`eventually`], but `None` at the deadline, so that the caller can say what it
+/// found instead.
+pub fn eventually_or_none<T>(patience: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + patience;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(v) = cond() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
 /// A running child process with its log file; killed (SIGKILL) on drop.
 #[derive(Debug)]
 pub struct Proc {

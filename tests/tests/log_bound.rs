@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use drover_tests::nodelogs::stdout_bytes;
-use drover_tests::{Cluster, PATIENCE, bin, eventually};
+use drover_tests::{Cluster, PATIENCE, bin, eventually, eventually_or_none};
 
 const MAX_BYTES: u64 = 64 * 1024;
 const KEEP: u64 = 2;
@@ -311,9 +311,16 @@ fn output_lost_to_a_full_disk_is_marked_counted_and_warned_of() {
     drop(agent);
     let (agent, metrics) =
         c.start_agent_with_metrics("a1", addr, &["--log-max-bytes", "64K", "--log-keep", "2"]);
-    eventually("the new agent shows the writes failing", PATIENCE, || {
+    let shown = eventually_or_none(PATIENCE, || {
         (metric(metrics, failing) == Some(1.0)).then_some(())
     });
+    assert!(
+        shown.is_some(),
+        "the new agent does not show the writes failing ({:?}); its log:\n{}\nthe keeper's:\n{}",
+        metric(metrics, failing),
+        agent.log_text(),
+        std::fs::read_to_string(state.join("log-keeper.log")).unwrap_or_default()
+    );
     eventually("the new agent adopted the node", PATIENCE, || {
         (running_pid(&c, addr, "steady") == Some(pid)).then_some(())
     });
