@@ -38,6 +38,8 @@ pub(crate) enum Follow {
         node: String,
         lines: usize,
         stream: Option<LogStream>,
+        /// Where control characters are written out (see [`crate::visible`]).
+        escapes: crate::visible::Escapes,
     },
     /// `monitor [--logs]`.
     Monitor { logs: bool },
@@ -51,6 +53,7 @@ impl Follow {
                 node,
                 lines,
                 stream,
+                ..
             } => ClientRequest::Logs {
                 node: node.clone(),
                 lines: if resume.is_some() { 0 } else { *lines },
@@ -97,8 +100,8 @@ pub(crate) async fn run(
         let printed = async {
             match session.request_stream(&req).await {
                 Ok(mut replies) => match what {
-                    Follow::Logs { .. } => {
-                        output::print_logs(&mut replies, true, &mut stands).await
+                    Follow::Logs { escapes, .. } => {
+                        output::print_logs(&mut replies, true, &mut stands, *escapes).await
                     }
                     Follow::Monitor { .. } => output::print_events(&mut replies).await,
                 },
@@ -261,6 +264,7 @@ mod tests {
             node: "w".into(),
             lines: 10,
             stream: None,
+            escapes: crate::visible::Escapes::RAW,
         };
         let first = what.request(None);
         assert!(
@@ -297,6 +301,7 @@ mod tests {
             node: "w".into(),
             lines: 10,
             stream: Some(LogStream::Stdout),
+            escapes: crate::visible::Escapes::RAW,
         };
         assert_eq!(
             only_stdout.gap(&stands),

@@ -10,6 +10,7 @@
 //!   precedence.
 //! - [`table`]: human-readable tables (`-o table`, `status`).
 //! - [`stdio`]: stdout and stderr, whose readers may go away (`drover status | head`).
+//! - [`visible`]: text from nodes made safe to show on a terminal.
 //!
 //! Errors are printed as one line on stderr (`error: ...`) with exit status 1; never a
 //! backtrace.
@@ -25,6 +26,7 @@ pub mod session;
 pub mod settings;
 pub mod stdio;
 pub mod table;
+pub mod visible;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -188,6 +190,12 @@ pub enum Command {
         /// Only this stream.
         #[arg(long, value_enum)]
         stream: Option<StreamArg>,
+        /// Print the lines exactly as written, also to a terminal. Without it, control
+        /// characters other than tab (escape sequences, carriage returns) and
+        /// bidirectional overrides are printed written out, as `\x1b`, where the output
+        /// is a terminal; to a pipe or a file the lines always go as written.
+        #[arg(long)]
+        raw: bool,
     },
     /// A human overview: every instance and node with state, pid, restarts, uptime and
     /// current memory (it asks every agent, as `get-nodes --fresh`).
@@ -414,10 +422,12 @@ fn following(command: &Command) -> Option<follow::Follow> {
             lines,
             follow: true,
             stream,
+            raw,
         } => Some(follow::Follow::Logs {
             node: node.clone(),
             lines: *lines,
             stream: stream.map(StreamArg::stream),
+            escapes: visible::Escapes::for_terminals(*raw),
         }),
         Command::Monitor { logs } => Some(follow::Follow::Monitor { logs: *logs }),
         _ => None,
@@ -588,6 +598,7 @@ async fn command(
             lines,
             follow: false,
             stream,
+            raw,
         } => {
             let req = R::Logs {
                 node: node.clone(),
@@ -598,7 +609,8 @@ async fn command(
             };
             let mut replies = session.request_stream(&req).await?;
             let mut stands = drover_proto::model::LogResume::default();
-            return match output::print_logs(&mut replies, false, &mut stands).await? {
+            let escapes = visible::Escapes::for_terminals(*raw);
+            return match output::print_logs(&mut replies, false, &mut stands, escapes).await? {
                 output::Ended::Done(ok) => Ok(exit(ok)),
                 output::Ended::Broken(e) => Err(e.unwrap_or_else(|| {
                     anyhow::anyhow!("the controller ended the request without an answer")

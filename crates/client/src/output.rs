@@ -9,6 +9,7 @@ use drover_proto::msg::ClientResponse;
 use serde_json::{Map, Value, json};
 
 use crate::stdio;
+use crate::visible::visible;
 
 /// Prints a JSON value with sorted keys and 2-space indentation (one line when not
 /// `pretty`), plus a newline.
@@ -350,7 +351,7 @@ pub fn node_failures(reply: &ClientResponse, told: Told) -> String {
         let (false, Some(instance)) = (r.success, &r.instance) else {
             continue;
         };
-        let why = r.error.as_deref().unwrap_or("no reason given");
+        let why = visible(r.error.as_deref().unwrap_or("no reason given"));
         let Some(node) = &r.node else {
             if told == Told::Deploy {
                 out.push_str(&format!("error: {instance}: {why}\n"));
@@ -372,14 +373,15 @@ pub fn node_failures(reply: &ClientResponse, told: Told) -> String {
             }
             out.push_str(&format!("  its last {name}:\n"));
             for line in tail {
-                out.push_str(&format!("    {line}\n"));
+                out.push_str(&format!("    {}\n", visible(line)));
             }
         }
     }
     out
 }
 
-/// logs: prints each batch of lines to stdout or stderr, as the node wrote them, and
+/// logs: prints each batch of lines to stdout or stderr, as the node wrote them (with
+/// control characters written out where `escapes` says, see [`crate::visible`]), and
 /// keeps in `stands` where each stream stands after them. Done with false if the
 /// controller or agent reported an error. With `follow`, it also ends (done with true)
 /// once stdout's reader goes away, e.g. `logs -f | head`, and any other end of the
@@ -388,6 +390,7 @@ pub async fn print_logs(
     replies: &mut drover_net::conn::ReplyStream,
     follow: bool,
     stands: &mut drover_proto::model::LogResume,
+    escapes: crate::visible::Escapes,
 ) -> anyhow::Result<Ended> {
     use drover_proto::model::LogStream;
     let closed = stdio::stdout_closed();
@@ -418,7 +421,21 @@ pub async fn print_logs(
                 return Ok(Ended::Done(false));
             }
             if let Some(ResultData::Log(chunk)) = &r.data {
-                let text: String = chunk.lines.iter().map(|l| format!("{l}\n")).collect();
+                let escape = match chunk.stream {
+                    LogStream::Stdout => escapes.stdout,
+                    LogStream::Stderr => escapes.stderr,
+                };
+                let text: String = chunk
+                    .lines
+                    .iter()
+                    .map(|l| {
+                        if escape {
+                            format!("{}\n", visible(l))
+                        } else {
+                            format!("{l}\n")
+                        }
+                    })
+                    .collect();
                 match chunk.stream {
                     LogStream::Stdout => stdio::out(&text)?,
                     LogStream::Stderr => stdio::err(&text),

@@ -274,7 +274,8 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64, only: &[String]) -> Shown {
                 // has ended. Why the last start failed says more than the node's own
                 // status; a crashed or failed node without either says how its
                 // process ended.
-                Cell::new(with_restart(
+                // What a node wrote, shown with its control characters written out.
+                Cell::new(crate::visible::visible(&with_restart(
                     match (&s.last_error, &s.last_failure, &s.status_text) {
                         _ if s.stopping_since_ms.is_some() => {
                             format!("stopping for {}", age(s.stopping_since_ms))
@@ -288,7 +289,7 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64, only: &[String]) -> Shown {
                         },
                     },
                     s.restart_at_ms,
-                )),
+                ))),
             ]);
         }
     }
