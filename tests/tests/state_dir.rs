@@ -494,3 +494,48 @@ impl Drop for Reaped {
         let _ = self.0.wait();
     }
 }
+
+/// A node's `STATUS=` text belongs to its process: an agent started again shows what the
+/// adopted process last said (a program that says it once, at start, would otherwise
+/// show nothing for the rest of its life).
+#[test]
+fn a_nodes_status_text_outlives_its_agents_restart() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let state = c.dir.path().join("agent-state");
+    let mut first = agent(&c, "agent-1", "agent-first", &state, addr);
+    first.wait_log("connected to controller");
+    let prog = bin("drover-testprog").display().to_string();
+    deploy(
+        &c,
+        addr,
+        &format!(
+            "[nodes.talker]\ninstance = \"agent-1\"\ncommand = [\"{prog}\", \"--status\", \"serving 3 interfaces\"]\n"
+        ),
+    );
+    // Its pid and status text, once it has a pid.
+    let shown = || {
+        let v = c.drover(addr, &["get-nodes", "--fresh", "--full"]).json();
+        let n = &v["results"]["agent-1"]["talker"];
+        Some((
+            n["pid"].as_u64()?,
+            n["status_text"].as_str().map(str::to_owned),
+        ))
+    };
+    let (pid, _) = eventually("talker's status", PATIENCE, || {
+        shown().filter(|(_, text)| text.is_some())
+    });
+
+    first.kill();
+    let second = agent(&c, "agent-1", "agent-second", &state, addr);
+    second.wait_log("connected to controller");
+    let (_, text) = eventually("talker adopted", PATIENCE, || {
+        shown().filter(|(p, _)| *p == pid)
+    });
+    assert_eq!(
+        text.as_deref(),
+        Some("serving 3 interfaces"),
+        "{}",
+        second.log_text()
+    );
+}

@@ -335,6 +335,10 @@ struct Record {
     oom_kills: u32,
     #[serde(default, skip_serializing_if = "is_zero")]
     liveness_failures: u32,
+    /// The last `STATUS=` its process sent: what `status` shows of it is kept across
+    /// agent restarts, as long as that process runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    status_text: Option<String>,
 }
 
 #[expect(
@@ -2394,6 +2398,8 @@ impl Core {
                     m.ping();
                 }
                 if out.status_changed {
+                    // Kept for the next agent process (a repeated text writes nothing).
+                    self.save_record(&node);
                     self.changes.send_modify(|n| *n = n.wrapping_add(1));
                 }
                 self.run_actions(&node, out.actions);
@@ -2794,6 +2800,7 @@ impl Core {
             last_failure: e.book.last_failure.clone(),
             oom_kills: e.book.oom_kills,
             liveness_failures: e.book.liveness_failures,
+            status_text: e.proc().and(e.book.status_text.clone()),
         };
         let bytes = serde_json::to_vec(&record).expect("records serialize");
         Some((e.dir.join("record.json"), bytes))
@@ -3147,6 +3154,12 @@ impl Core {
         let actions = e
             .book
             .adopted(now, u32::try_from(pid).unwrap_or(0), ready, proc);
+        // The recorded process's own status; another process found instead has none yet.
+        e.book.status_text = record
+            .process
+            .as_ref()
+            .filter(|p| p.pid == pid)
+            .and(record.status_text.clone());
         let spawn_generation = e.book.spawns();
         e.last_pipes = None;
         let events = self.events.clone();
@@ -3436,6 +3449,7 @@ mod tests {
             last_failure: None,
             oom_kills: 0,
             liveness_failures: 0,
+            status_text: None,
         };
         let long = serde_json::to_vec_pretty(&record(1, "a-long-configuration-id")).unwrap();
         let short = serde_json::to_vec_pretty(&record(2, "short")).unwrap();
