@@ -15,6 +15,7 @@
 //! the test executable (`cargo xtask test` builds them first).
 
 pub mod chaos;
+pub mod disk;
 pub mod etcd;
 pub mod ha_chaos;
 pub mod history;

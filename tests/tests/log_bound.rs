@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use drover_tests::disk::{Mounted, fill};
 use drover_tests::nodelogs::stdout_bytes;
 use drover_tests::{Cluster, PATIENCE, bin, eventually, eventually_or_none};
 
@@ -208,50 +209,6 @@ fn a_node_adopted_from_an_agent_without_a_keeper_stays_bounded() {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(fd1(pid).ends_with("stdout.log"), "still its own writer");
-}
-
-/// A tmpfs mounted for a test, unmounted (lazily: the agent's nodes may still hold it)
-/// however the test ends.
-struct Mounted(std::path::PathBuf);
-
-impl Mounted {
-    fn tmpfs(at: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(at).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount a tmpfs (the test runs as root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(at.to_owned())
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-/// Fills the file system of `dir` with a file there, until a write fails for want of
-/// space.
-fn fill(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("filler");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0u8; 4096];
-    loop {
-        if let Err(e) = f.write_all(&chunk) {
-            assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
-            return path;
-        }
-    }
 }
 
 /// A node's log on a full disk: its output is lost, not held (the node runs on), the
