@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use drover_proto::msg::PeerRole;
+use drover_tests::disk::{Mounted, fill};
 use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually};
 
 /// Starts agent `name` (its certificate issued if needed) on `state_dir`, dialling
@@ -538,4 +539,56 @@ fn a_nodes_status_text_outlives_its_agents_restart() {
         "{}",
         second.log_text()
     );
+}
+
+/// A full disk keeps no agent from running: one started again on it adopts its nodes
+/// (the pid in its lock file is written over the last one's, needing no new block), and
+/// one on a disk without room even for its pid runs, warns, and refuses a deploy it
+/// cannot record, saying why.
+#[test]
+fn agents_start_on_a_full_disk() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let disk = c.dir.path().join("disk");
+    let _mount = Mounted::tmpfs(&disk, "1m");
+    let state = disk.join("agent-1");
+    let mut first = agent(&c, "agent-1", "agent-first", &state, addr);
+    first.wait_log("connected to controller");
+    deploy(&c, addr, &testprog_node("steady"));
+    let pid = ready_pid(&c, addr, "steady");
+
+    first.kill();
+    let _filler = fill(&disk);
+    let second = agent(&c, "agent-1", "agent-second", &state, addr);
+    second.wait_log("connected to controller");
+    assert_eq!(ready_pid(&c, addr, "steady"), pid, "adopted");
+    let lock = std::fs::read_to_string(state.join("agent.lock")).unwrap();
+    assert_eq!(lock.trim(), second.pid().to_string());
+
+    let fresh = disk.join("agent-2");
+    std::fs::create_dir(&fresh).unwrap();
+    let other = agent(&c, "agent-2", "agent-2", &fresh, addr);
+    other.wait_log("connected to controller");
+    assert!(
+        other.log_text().contains("cannot write this process's pid"),
+        "{}",
+        other.log_text()
+    );
+    let file = c.dir.path().join("two.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.agent-1]\n[instances.agent-2]\n{}[nodes.new]\ninstance = \"agent-2\"\ncommand = [\"sleep\", \"100\"]\n",
+            testprog_node("steady")
+        ),
+    )
+    .unwrap();
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("No space left on device"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(ready_pid(&c, addr, "steady"), pid, "untouched");
 }

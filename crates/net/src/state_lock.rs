@@ -73,9 +73,22 @@ pub fn lock(dir: &Path, role: &'static str) -> Result<File, Error> {
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
     }
-    file.set_len(0).map_err(io)?;
-    file.rewind().map_err(io)?;
-    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    // Written in place, then cut to length: a file that held a pid keeps its block, so
+    // a full disk does not need a new one. The pid only serves messages (the flock is
+    // the lock), so a file that cannot take it is no reason for a daemon not to run: on
+    // a full disk its nodes need their agent more than ever.
+    let pid = format!("{}\n", std::process::id());
+    let written = file
+        .rewind()
+        .and_then(|()| file.write_all(pid.as_bytes()))
+        .and_then(|()| file.set_len(pid.len() as u64));
+    if let Err(e) = written {
+        let _ = file.set_len(0);
+        tracing::warn!(
+            "cannot write this process's pid into {}: {e}; a second {role} will not be able to name it",
+            path.display()
+        );
+    }
     Ok(file)
 }
 
@@ -109,6 +122,18 @@ mod tests {
         drop(lock(dir.path(), "agent").unwrap());
         drop(held);
         drop(lock(dir.path(), "controller").unwrap());
+    }
+
+    #[test]
+    fn the_pid_is_written_over_the_last_holders() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.lock");
+        std::fs::write(&path, "12345678901234567890\nleft by an older holder\n").unwrap();
+        let _held = lock(dir.path(), "agent").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", std::process::id())
+        );
     }
 
     #[test]
