@@ -592,3 +592,102 @@ fn agents_start_on_a_full_disk() {
     );
     assert_eq!(ready_pid(&c, addr, "steady"), pid, "untouched");
 }
+
+/// Log keeper processes serving `state`.
+fn keepers_of(state: &Path) -> usize {
+    let needle = format!("log-keeper\0{}", state.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmd| String::from_utf8_lossy(cmd).contains(&needle))
+        .count()
+}
+
+/// The state dir removed under a running agent (a cleanup script): within seconds the
+/// agent makes it again (its lock, the node directories, log files, notify sockets and
+/// records) and its log keeper takes back its socket. A second agent still cannot start
+/// on it, a node pinging its watchdog is not killed for the pings it could not send
+/// meanwhile, a node's output reaches its file again, and an agent started again adopts
+/// every node with its pid, through the same keeper.
+#[test]
+fn a_state_dir_removed_under_its_agent_is_made_again() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let state = c.dir.path().join("agent-state");
+    let mut first = agent(&c, "agent-1", "agent-first", &state, addr);
+    first.wait_log("connected to controller");
+    let prog = bin("drover-testprog").display().to_string();
+    deploy(
+        &c,
+        addr,
+        &format!(
+            "[nodes.chatty]\ninstance = \"agent-1\"\ncommand = [\"{prog}\", \"--stdout-rate\", \"20\"]\n\
+             readiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
+             [nodes.dog]\ninstance = \"agent-1\"\ncommand = [\"{prog}\", \"--ready-after\", \"0ms\", \"--watchdog\"]\n\
+             readiness = {{ kind = \"notify\" }}\nwatchdog = \"4s\"\n"
+        ),
+    );
+    let chatty = ready_pid(&c, addr, "chatty");
+    let dog = ready_pid(&c, addr, "dog");
+    assert_eq!(keepers_of(&state), 1);
+
+    // Removed while the keeper writes there: taken again until it is gone once.
+    eventually(
+        "the state dir removed",
+        PATIENCE,
+        || match std::fs::remove_dir_all(&state) {
+            Ok(()) => Some(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(()),
+            Err(_) => None,
+        },
+    );
+    eventually("the state dir made again", PATIENCE, || {
+        [
+            "agent.lock",
+            "log-keeper.sock",
+            "nodes/chatty/record.json",
+            "nodes/dog/record.json",
+            "nodes/dog/notify.sock",
+        ]
+        .iter()
+        .all(|f| state.join(f).exists())
+        .then_some(())
+    });
+    assert!(
+        first
+            .log_text()
+            .contains("was removed or replaced under this agent"),
+        "{}",
+        first.log_text()
+    );
+
+    let mut second = agent(&c, "agent-1", "agent-second", &state, addr);
+    assert!(!second.wait_exit(PATIENCE).success());
+    assert!(
+        second.log_text().contains("is in use by another agent"),
+        "{}",
+        second.log_text()
+    );
+    let log = state.join("nodes/chatty/stdout.log");
+    eventually("chatty's lines in its new file", PATIENCE, || {
+        (std::fs::read_to_string(&log).ok()?.lines().count() >= 5).then_some(())
+    });
+
+    first.kill();
+    let third = agent(&c, "agent-1", "agent-third", &state, addr);
+    third.wait_log("connected to controller");
+    assert_eq!(ready_pid(&c, addr, "chatty"), chatty, "chatty adopted");
+    assert_eq!(ready_pid(&c, addr, "dog"), dog, "dog adopted, never killed");
+    assert!(
+        third.log_text().contains("log keeper connected pipes=4"),
+        "{}",
+        third.log_text()
+    );
+    assert_eq!(keepers_of(&state), 1, "the same keeper");
+    let v = c.drover(addr, &["get-nodes", "--full"]).json();
+    assert!(
+        v["results"]["agent-1"]["dog"]["last_failure"].is_null(),
+        "{v}"
+    );
+}

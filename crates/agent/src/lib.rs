@@ -30,6 +30,7 @@ pub mod book;
 pub mod cgroup;
 pub mod converge;
 pub mod exec;
+pub mod guard;
 mod handover;
 pub mod keeper;
 pub mod limits;
@@ -171,6 +172,9 @@ pub enum Error {
     /// Another agent process holds the state directory, or its lock cannot be taken.
     #[error(transparent)]
     StateDirLock(#[from] drover_net::state_lock::Error),
+    /// Another agent process took the state directory while its lock file was gone.
+    #[error("{0}")]
+    StateDirTaken(String),
 }
 
 /// A configured agent, ready to run.
@@ -195,9 +199,9 @@ pub struct Agent {
     /// Bumped when the connection to the controller should move to a new one (a reload
     /// changed the material, or the controller asked).
     refresh: Arc<tokio::sync::watch::Sender<u64>>,
-    /// The state dir's lock, held for the life of the process (the kernel releases it
-    /// when the process dies, however it dies).
-    _lock: std::fs::File,
+    /// The state dir's lock, held for the life of the process, and taken anew should
+    /// the directory be removed under it (see [`guard`]).
+    state: Arc<guard::StateDir>,
 }
 
 impl Agent {
@@ -247,7 +251,7 @@ impl Agent {
         })?;
         // Before anything reads the node records: a second agent on the same state dir
         // would adopt the first one's nodes and both would supervise them.
-        let lock = drover_net::state_lock::lock(&config.state_dir, "agent")?;
+        let state = Arc::new(guard::StateDir::lock(&config.state_dir)?);
         // A state dir too long for the nodes' socket paths is an error now, not a node
         // that cannot start later.
         let nodes_dir = std::fs::canonicalize(&config.state_dir)
@@ -292,7 +296,7 @@ impl Agent {
             metrics: std::sync::Mutex::new(metrics),
             listened: tokio::sync::watch::Sender::new(0),
             refresh: Arc::new(tokio::sync::watch::Sender::new(0)),
-            _lock: lock,
+            state,
         })
     }
 
@@ -417,6 +421,10 @@ impl Agent {
         on_ready();
         tokio::select! {
             _ = async { tokio::join!(dial, listen) } => {}
+            why = guard::watch(this.state.clone(), supervisor.clone()) => {
+                tracing::error!("exiting, leaving the nodes to the agent that took the state dir");
+                return Err(Error::StateDirTaken(why));
+            }
             what = supervisor.failed() => {
                 tracing::error!("the supervisor ended: {what}; exiting, leaving the nodes to the next agent process");
                 return Err(Error::Supervisor(format!("ended: {what}")));

@@ -195,6 +195,12 @@ enum Command {
         stop_nodes: bool,
         reply: oneshot::Sender<()>,
     },
+    /// The state dir was removed or replaced under the agent: every node's directory,
+    /// log files and notify socket are made again and every record written anew.
+    /// Answered with the nodes that could not be restored, and why.
+    Restore {
+        reply: oneshot::Sender<Vec<(String, String)>>,
+    },
     /// Answered at once: the task is alive and not stuck; left unanswered when the
     /// spawner has had spawns waiting for longer than `patience` without finishing one.
     Ping {
@@ -243,6 +249,8 @@ enum Event {
     /// The desired state of the Apply in [`Core::writing`] is on disk and the exec
     /// settings of the nodes it starts are resolved, or it could not be written.
     DesiredWritten(Result<Plans, String>),
+    /// What [`Command::Restore`] made again, off this task, and whom to tell.
+    Restored(Prepared, oneshot::Sender<Vec<(String, String)>>),
     /// The spawner carried out a spawn.
     Spawned(Box<crate::spawner::Outcome>),
     /// The log keeper closed a pipe (a waiter may want what came through it last).
@@ -969,6 +977,16 @@ impl Supervisor {
 
     /// Ends the supervisor; with `stop_nodes`, stops every node first (bounded by the
     /// longest stop timeout), otherwise leaves them running for the next agent process.
+    /// Makes every node's directory, log files and notify socket again, and writes
+    /// every record anew, after the state dir was removed or replaced under the agent:
+    /// the nodes run on, say when they are ready, log, and are adopted by the next agent
+    /// process. Returns the nodes that could not be restored, and why.
+    pub async fn restore(&self) -> Vec<(String, String)> {
+        self.ask(|reply| Command::Restore { reply })
+            .await
+            .unwrap_or_default()
+    }
+
     pub async fn shutdown(&self, stop_nodes: bool) {
         let _ = self
             .ask(|reply| Command::Shutdown { stop_nodes, reply })
@@ -1259,6 +1277,19 @@ impl Core {
             Command::Panic => panic!("asked to panic"),
             #[cfg(test)]
             Command::Stall(d) => std::thread::sleep(d),
+            Command::Restore { reply } => {
+                let jobs: Vec<PrepareJob> = self
+                    .nodes
+                    .keys()
+                    .map(|name| (name.clone(), self.nodes_dir.join(name), None))
+                    .collect();
+                let (logs, socks, events) =
+                    (self.cfg.logs, self.socks.clone(), self.events.clone());
+                tokio::task::spawn_blocking(move || {
+                    let made = Self::run_prepare(&jobs, logs, &socks);
+                    let _ = events.send(Event::Restored(made, reply));
+                });
+            }
             Command::Shutdown { stop_nodes, reply } => {
                 self.release_cgroups = stop_nodes;
                 let now = self.now();
@@ -2137,6 +2168,36 @@ impl Core {
         }
     }
 
+    /// Takes what [`Command::Restore`] made again: each node reads its new notify socket
+    /// and gets its directory back for its user, and every record is written anew. The
+    /// nodes that could not be restored, and why.
+    fn restored(&mut self, made: Prepared) -> Vec<(String, String)> {
+        let mut failed = Vec::new();
+        for (name, made) in made {
+            match made {
+                Ok(made) => {
+                    self.prepared(&name, made);
+                    if let Some(e) = self.nodes.get_mut(&name)
+                        && crate::exec::wanted(&e.spec)
+                    {
+                        let notify = notify_path(&self.socks.dir(&name));
+                        let plan = crate::exec::prepare(&name, &e.spec, &e.dir, &notify);
+                        e.plan = Some(plan.map(std::sync::Arc::new));
+                    }
+                }
+                Err(err) => failed.push((name, err.to_string())),
+            }
+        }
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for name in names {
+            if let Some(e) = self.nodes.get_mut(&name) {
+                e.written.clear();
+            }
+            self.save_record(&name);
+        }
+        failed
+    }
+
     /// The supervisor has taken over `pid`: the orphan reaper may see it as ours.
     fn in_flight_done(&mut self, pid: i32) {
         self.in_flight.done(pid);
@@ -2265,6 +2326,9 @@ impl Core {
             // The waiters are looked at after every event.
             Event::OutputClosed => {}
             Event::Scanned(scan) => self.prune(scan),
+            Event::Restored(made, reply) => {
+                let _ = reply.send(self.restored(made));
+            }
             Event::DesiredWritten(result) => {
                 let (plans, result) = match result {
                     Ok(plans) => {

@@ -8,6 +8,13 @@
 //! A pipe that reaches its end (the node and everything that inherited its stdout are
 //! gone) is closed and the agent told. With no pipe and no agent the keeper has nothing
 //! to do and exits.
+//!
+//! Every [`SOCKET_CHECK`] it looks for its lock file and socket where agents look for
+//! them: if the state dir was removed or replaced under it (a cleanup script), it takes
+//! the lock and binds the socket again, so that the next agent process finds it, and
+//! the output of the nodes it reads goes on to their files (which the agent makes
+//! again). Should another keeper have taken the lock meanwhile, that one serves new
+//! agents and this one only drains the pipes it holds.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -33,6 +40,8 @@ const HOLD_MAX: usize = 64 * 1024;
 const HOLD_FOR: Duration = Duration::from_millis(200);
 /// How often an idle keeper (no pipe, no agent) checks whether to exit.
 const IDLE_CHECK: Duration = Duration::from_secs(10);
+/// How often the keeper checks that its lock file and socket are still in place.
+const SOCKET_CHECK: Duration = Duration::from_secs(1);
 
 /// A pipe the keeper reads.
 struct Pipe {
@@ -84,6 +93,10 @@ struct State {
     conns: HashMap<u64, Outbox>,
     next_conn: u64,
     socket: PathBuf,
+    state_dir: PathBuf,
+    /// The keeper lock while this keeper holds it; `None` once another keeper took the
+    /// state dir (see the module docs).
+    lock: Option<std::fs::File>,
 }
 
 type Shared = Rc<RefCell<State>>;
@@ -94,7 +107,7 @@ pub fn run(state_dir: &Path) -> io::Result<()> {
     // SAFETY: setting a signal's disposition to SIG_IGN has no handler to be unsafe in.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     super::raise_nofile();
-    let Some(_lock) = super::lock(state_dir)? else {
+    let Some(lock) = super::lock(state_dir)? else {
         info!("another log keeper serves {}", state_dir.display());
         return Ok(());
     };
@@ -108,18 +121,27 @@ pub fn run(state_dir: &Path) -> io::Result<()> {
     let local = tokio::task::LocalSet::new();
     let shared: Shared = Rc::new(RefCell::new(State {
         socket,
+        state_dir: state_dir.to_owned(),
+        lock: Some(lock),
         ..State::default()
     }));
     local.block_on(&rt, serve(shared, listener))
 }
 
 async fn serve(shared: Shared, listener: OwnedFd) -> io::Result<()> {
-    let listener = register(listener)?;
+    let mut listener = Some(register(listener)?);
     let mut idle = tokio::time::interval(IDLE_CHECK);
     idle.tick().await;
+    let mut check = tokio::time::interval(SOCKET_CHECK);
+    check.tick().await;
     loop {
         tokio::select! {
-            ready = listener.readable() => {
+            _ = check.tick() => {
+                if let Some(now) = still_in_place(&shared, listener.is_some()) {
+                    listener = now;
+                }
+            }
+            ready = readable(listener.as_ref()) => {
                 let mut guard = ready?;
                 match guard.try_io(|l| super::accept(l.as_fd())) {
                     Ok(Ok(conn)) => {
@@ -139,13 +161,79 @@ async fn serve(shared: Shared, listener: OwnedFd) -> io::Result<()> {
     }
 }
 
+/// Resolves once the listener is readable; never without one.
+async fn readable(
+    listener: Option<&AsyncFd<OwnedFd>>,
+) -> io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>> {
+    match listener {
+        Some(l) => l.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether the lock file and socket are still where agents look for them (see the
+/// module docs). `None` when nothing changes; otherwise the listener from now on: a
+/// new one, or none once another keeper holds the state dir.
+fn still_in_place(shared: &Shared, listening: bool) -> Option<Option<AsyncFd<OwnedFd>>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut state = shared.borrow_mut();
+    let held = state.lock.as_ref()?.metadata().ok()?;
+    let lock_path = state.state_dir.join("log-keeper.lock");
+    let lock_kept =
+        std::fs::metadata(&lock_path).is_ok_and(|m| m.ino() == held.ino() && m.dev() == held.dev());
+    if lock_kept && std::fs::symlink_metadata(&state.socket).is_ok() {
+        return None;
+    }
+    if state.pipes.is_empty() && state.conns.is_empty() {
+        // Nothing to keep (an uninstall removing the state dir, say): not made again.
+        info!(
+            "the log keeper's lock file or socket was removed, and it has nothing to keep: it exits"
+        );
+        std::process::exit(0);
+    }
+    warn!(
+        "the log keeper's lock file or socket in {} was removed; taking them again",
+        state.state_dir.display()
+    );
+    if let Err(e) = std::fs::create_dir_all(&state.state_dir) {
+        warn!("cannot make {} again: {e}", state.state_dir.display());
+        return None;
+    }
+    if !lock_kept {
+        match super::lock(&state.state_dir) {
+            Ok(Some(lock)) => state.lock = Some(lock),
+            Ok(None) => {
+                warn!(
+                    "another log keeper took the state dir; this one only drains the pipes it holds"
+                );
+                state.lock = None;
+                return listening.then_some(None);
+            }
+            Err(e) => {
+                warn!("cannot take the keeper lock again: {e}");
+                return None;
+            }
+        }
+    }
+    match super::listen(&state.socket).and_then(register) {
+        Ok(l) => Some(Some(l)),
+        Err(e) => {
+            warn!("cannot listen on {} again: {e}", state.socket.display());
+            None
+        }
+    }
+}
+
 /// Exits when there is nothing to keep and no agent to serve; the socket goes first,
-/// while the lock still keeps another keeper from binding it.
+/// while the lock still keeps another keeper from binding it (not when another keeper
+/// holds the state dir: the socket is that one's).
 fn exit_if_idle(shared: &Shared) {
     let state = shared.borrow();
     if state.pipes.is_empty() && state.conns.is_empty() {
         info!("no pipes and no agent: the log keeper exits");
-        let _ = std::fs::remove_file(&state.socket);
+        if state.lock.is_some() {
+            let _ = std::fs::remove_file(&state.socket);
+        }
         std::process::exit(0);
     }
 }
