@@ -975,8 +975,6 @@ impl Supervisor {
             .unwrap_or_default()
     }
 
-    /// Ends the supervisor; with `stop_nodes`, stops every node first (bounded by the
-    /// longest stop timeout), otherwise leaves them running for the next agent process.
     /// Makes every node's directory, log files and notify socket again, and writes
     /// every record anew, after the state dir was removed or replaced under the agent:
     /// the nodes run on, say when they are ready, log, and are adopted by the next agent
@@ -987,6 +985,8 @@ impl Supervisor {
             .unwrap_or_default()
     }
 
+    /// Ends the supervisor; with `stop_nodes`, stops every node first (bounded by the
+    /// longest stop timeout), otherwise leaves them running for the next agent process.
     pub async fn shutdown(&self, stop_nodes: bool) {
         let _ = self
             .ask(|reply| Command::Shutdown { stop_nodes, reply })
