@@ -122,10 +122,15 @@ impl FrameBudget {
 }
 
 /// Budget taken for one frame; given back when dropped.
+///
+/// Taken connection first, given back process first (fields drop in order): at no
+/// moment does a connection's frame hold more of the process's budget than of its
+/// connection's, so another stream of the connection cannot take the connection's
+/// share while the process's is still counted for this one.
 #[derive(Default)]
 struct Held {
-    connection: Option<OwnedSemaphorePermit>,
     process: Option<SemaphorePermit<'static>>,
+    connection: Option<OwnedSemaphorePermit>,
 }
 
 /// Why a frame could not be read.
