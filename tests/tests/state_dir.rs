@@ -59,6 +59,14 @@ fn agent_with(
     Proc::spawn(name, cmd, c.dir.path().join(format!("{log}.log")))
 }
 
+/// Agent-1 on `<test dir>/agent-state`, logging to `agent-first.log`, once connected.
+fn first_agent(c: &Cluster, controller: SocketAddr) -> (PathBuf, Proc) {
+    let state = c.dir.path().join("agent-state");
+    let first = agent(c, "agent-1", "agent-first", &state, controller);
+    first.wait_log("connected to controller");
+    (state, first)
+}
+
 /// Node `name` of agent-1 running `drover-testprog`, RUNNING once spawned.
 fn testprog_node(name: &str) -> String {
     format!(
@@ -167,9 +175,7 @@ fn ready_pid(c: &Cluster, addr: SocketAddr, node: &str) -> u64 {
 fn a_second_agent_on_the_same_state_dir_refuses_to_start_and_names_the_holder() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
-    let state = c.dir.path().join("agent-state");
-    let mut first = agent(&c, "agent-1", "agent-first", &state, addr);
-    first.wait_log("connected to controller");
+    let (state, mut first) = first_agent(&c, addr);
     deploy(&c, addr, &testprog_node("n1"));
     let pid = ready_pid(&c, addr, "n1");
     let record_before = std::fs::read(state.join("nodes/n1/record.json")).unwrap();
@@ -427,9 +433,7 @@ fn nodes_stopped_with_their_agent_run_again_with_the_next_one() {
 fn after_a_reboot_a_recorded_pid_naming_another_process_is_not_adopted() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
-    let state = c.dir.path().join("agent-state");
-    let mut first = agent(&c, "agent-1", "agent-first", &state, addr);
-    first.wait_log("connected to controller");
+    let (state, mut first) = first_agent(&c, addr);
     deploy(&c, addr, &testprog_node("n1"));
     let old = ready_pid(&c, addr, "n1");
     let record_path = state.join("nodes/n1/record.json");
@@ -503,9 +507,7 @@ impl Drop for Reaped {
 fn a_nodes_status_text_outlives_its_agents_restart() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
-    let state = c.dir.path().join("agent-state");
-    let mut first = agent(&c, "agent-1", "agent-first", &state, addr);
-    first.wait_log("connected to controller");
+    let (state, mut first) = first_agent(&c, addr);
     let prog = bin("drover-testprog").display().to_string();
     deploy(
         &c,
@@ -614,9 +616,7 @@ fn keepers_of(state: &Path) -> usize {
 fn a_state_dir_removed_under_its_agent_is_made_again() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
-    let state = c.dir.path().join("agent-state");
-    let mut first = agent(&c, "agent-1", "agent-first", &state, addr);
-    first.wait_log("connected to controller");
+    let (state, mut first) = first_agent(&c, addr);
     let prog = bin("drover-testprog").display().to_string();
     deploy(
         &c,
