@@ -62,7 +62,7 @@ impl StateDir {
     /// directory again and takes the lock anew. Blocking.
     fn check(&self) -> Found {
         let mut held = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        let path = self.dir.join("agent.lock");
+        let path = drover_net::state_lock::lock_path(&self.dir, "agent");
         let in_place = match (held.metadata(), std::fs::metadata(&path)) {
             (Ok(h), Ok(p)) => h.ino() == p.ino() && h.dev() == p.dev(),
             // Unknowable: nothing to do about it.

@@ -39,10 +39,15 @@ pub enum Error {
     },
 }
 
+/// The lock file of `role` (`agent`, `controller`) in `dir`.
+pub fn lock_path(dir: &Path, role: &str) -> PathBuf {
+    dir.join(format!("{role}.lock"))
+}
+
 /// Takes the exclusive lock of `dir` through `dir/<role>.lock` and writes this process's
 /// pid into it. The lock lasts as long as the returned file is open.
 pub fn lock(dir: &Path, role: &'static str) -> Result<File, Error> {
-    let path = dir.join(format!("{role}.lock"));
+    let path = lock_path(dir, role);
     let io = |source| Error::Io {
         path: path.clone(),
         source,

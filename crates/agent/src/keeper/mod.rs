@@ -83,10 +83,15 @@ pub fn log_path(state_dir: &Path) -> PathBuf {
     state_dir.join("log-keeper.log")
 }
 
+/// The keeper's lock file in a state dir.
+fn lock_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("log-keeper.lock")
+}
+
 /// Takes the state dir's keeper lock, or `None` when another keeper holds it.
 fn lock(state_dir: &Path) -> io::Result<Option<std::fs::File>> {
     use std::os::unix::fs::OpenOptionsExt;
-    let path = state_dir.join("log-keeper.lock");
+    let path = lock_path(state_dir);
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

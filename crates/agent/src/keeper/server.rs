@@ -178,7 +178,7 @@ fn still_in_place(shared: &Shared, listening: bool) -> Option<Option<AsyncFd<Own
     use std::os::unix::fs::MetadataExt;
     let mut state = shared.borrow_mut();
     let held = state.lock.as_ref()?.metadata().ok()?;
-    let lock_path = state.state_dir.join("log-keeper.lock");
+    let lock_path = super::lock_path(&state.state_dir);
     let lock_kept =
         std::fs::metadata(&lock_path).is_ok_and(|m| m.ino() == held.ino() && m.dev() == held.dev());
     if lock_kept && std::fs::symlink_metadata(&state.socket).is_ok() {
