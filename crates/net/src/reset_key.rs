@@ -61,6 +61,26 @@ pub fn load_or_create(dir: &Path) -> Result<[u8; LEN], Error> {
     }
 }
 
+/// Writes `key` to `dir` again if its file is missing (a state dir removed under the
+/// running daemon): the next start must read the key the daemon's peers know. `Ok(true)`
+/// when it was written.
+pub fn restore(dir: &Path, key: &[u8; LEN]) -> Result<bool, Error> {
+    let path = dir.join(FILE);
+    match fs::symlink_metadata(&path) {
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            write(dir, &path, key).map(|()| true).map_err(|e| Error {
+                path: path.clone(),
+                reason: format!("cannot write it: {e}"),
+            })
+        }
+        Err(e) => Err(Error {
+            path: path.clone(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
 /// A new random key.
 fn generate() -> std::io::Result<[u8; LEN]> {
     let mut key = [0u8; LEN];
@@ -105,6 +125,32 @@ mod tests {
         // Another state dir, another key.
         let other = tempfile::tempdir().unwrap();
         assert_ne!(load_or_create(other.path()).unwrap(), first);
+    }
+
+    #[test]
+    fn a_removed_key_is_written_back_and_a_present_one_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = load_or_create(dir.path()).unwrap();
+        assert!(!restore(dir.path(), &[7; LEN]).unwrap(), "present: left");
+        assert_eq!(load_or_create(dir.path()).unwrap(), key);
+        fs::remove_file(dir.path().join(FILE)).unwrap();
+        assert!(restore(dir.path(), &key).unwrap());
+        assert_eq!(
+            load_or_create(dir.path()).unwrap(),
+            key,
+            "the same key back"
+        );
+        assert_eq!(
+            fs::metadata(dir.path().join(FILE))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        let gone = dir.path().join("gone");
+        let err = restore(&gone, &key).unwrap_err();
+        assert!(err.to_string().contains("cannot write it"), "{err}");
     }
 
     #[test]
