@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -123,6 +123,18 @@ impl AuditLog {
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut slot = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        // A file removed under the controller (by hand, a misconfigured logrotate, the
+        // whole state dir) would take every later record with it: open it anew.
+        if slot
+            .as_ref()
+            .is_some_and(|(f, _)| f.metadata().is_ok_and(|m| m.nlink() == 0))
+        {
+            tracing::warn!(
+                "the audit trail {} was removed; writing a new one",
+                self.path.display()
+            );
+            *slot = None;
+        }
         let size = match slot.as_ref() {
             Some((_, size)) => *size,
             None => fs::metadata(&self.path).map_or(0, |m| m.len()),
@@ -498,6 +510,24 @@ mod tests {
         let newest = log.read(None, None, 1).unwrap();
         assert_eq!(newest[0].at_ms, 1002);
         assert!(log.read(None, None, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_trail_removed_under_the_log_is_written_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), DEFAULT_MAX_BYTES, DEFAULT_KEEP).unwrap();
+        log.append(&rec("ops", 1)).unwrap();
+        fs::remove_file(log.path()).unwrap();
+        log.append(&rec("ops", 2)).unwrap();
+        let at: Vec<u64> = log
+            .read(None, None, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.at_ms)
+            .collect();
+        assert_eq!(at, [2], "the record after the removal is in the new file");
+        let mode = fs::metadata(log.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]
