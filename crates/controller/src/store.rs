@@ -515,6 +515,37 @@ impl Store {
         Ok(carried)
     }
 
+    /// Writes every value held in memory to the state dir again (see
+    /// [`crate::guard`]); nothing for etcd. Returns the files written.
+    pub fn rewrite(&self) -> Result<Vec<&'static str>, StoreError> {
+        if matches!(self.backend, Backend::Etcd(_)) {
+            return Ok(Vec::new());
+        }
+        let _writing = self.writing();
+        let (staged, desired, deployed) = {
+            let slots = self.lock();
+            (
+                slots.staged.clone(),
+                slots.desired.clone(),
+                slots.deployed.clone(),
+            )
+        };
+        let mut written = Vec::new();
+        if let Some(c) = staged {
+            self.save(STAGED, &*c)?;
+            written.push(STAGED);
+        }
+        if let Some(d) = desired {
+            self.save(DESIRED, &*d)?;
+            written.push(DESIRED);
+        }
+        if let Some(d) = deployed {
+            self.save(DEPLOYED, &*d)?;
+            written.push(DEPLOYED);
+        }
+        Ok(written)
+    }
+
     /// With the etcd store, deletes value parts that no value names (see
     /// [`crate::etcd_store::EtcdStore::sweep_parts`]), fenced by term `revision`; a no-op
     /// for the state dir.
