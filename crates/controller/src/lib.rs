@@ -20,6 +20,8 @@
 //!   without applying it) are sent it again, with backoff.
 //! - `dial`: connections the controller makes itself, to agents that listen (instances
 //!   with a `port`), as Zeek's controller-to-agent mode.
+//! - [`guard`]: the state dir made again, with its lock and records, when it is removed
+//!   under the running controller.
 //! - `reload`: certificates, key, CA bundle and deny list read again on request
 //!   ([`Reloader`]), closing the connections of peers no longer trusted.
 //!
@@ -34,6 +36,7 @@ mod dial;
 pub mod etcd;
 pub mod etcd_audit;
 pub mod etcd_store;
+pub mod guard;
 pub mod ha;
 pub mod registry;
 mod reload;
@@ -145,6 +148,9 @@ pub enum Error {
     /// Another controller holds the state dir, or its lock cannot be taken.
     #[error(transparent)]
     StateDirLock(#[from] drover_net::state_lock::Error),
+    /// Another controller took the state dir while its lock file was gone ([`guard`]).
+    #[error("{0}")]
+    StateDirTaken(String),
     /// The audit trail cannot be opened.
     #[error("audit trail {path}: {source}")]
     Audit {
@@ -465,9 +471,9 @@ pub struct Controller {
     zeek: Option<zeek::Front>,
     /// The election to run, with `--store etcd`.
     ha: Option<ha::HaSettings>,
-    /// The state dir's lock, held while the controller lives (none on etcd, whose
-    /// controllers keep no state dir of their own).
-    _state_lock: Option<std::fs::File>,
+    /// The state dir's lock and reset key, held while the controller lives and watched
+    /// by [`guard`] (none on etcd, whose controllers keep no state dir of their own).
+    state_dir: Option<Arc<guard::StateDir>>,
 }
 
 impl Controller {
@@ -497,14 +503,8 @@ impl Controller {
         // Before anything reads the state files: a second controller on the same dir
         // would overwrite the first one's deploys (and set aside a file it found
         // half-written while the first was writing it).
-        let state_lock = match &config.ha {
-            None => {
-                store::secure_dir(&config.state_dir)?;
-                Some(drover_net::state_lock::lock(
-                    &config.state_dir,
-                    "controller",
-                )?)
-            }
+        let state_dir = match &config.ha {
+            None => Some(Arc::new(guard::StateDir::lock(&config.state_dir)?)),
             Some(_) => None,
         };
         let (store, gate) = match &config.ha {
@@ -544,12 +544,8 @@ impl Controller {
         // Kept with the state, so that agents of a controller started again after a
         // crash learn at once that their connections are gone. Controllers on etcd
         // have no state dir of their own; their agents' idle timeout is short anyway.
-        let reset_key = match &config.ha {
-            None => Some(drover_net::reset_key::load_or_create(&config.state_dir)?),
-            Some(_) => None,
-        };
-        let endpoint =
-            conn::server_endpoint_keyed(&creds, config.listen, &transport, reset_key.as_ref())?;
+        let reset_key = state_dir.as_ref().map(|s| s.reset_key());
+        let endpoint = conn::server_endpoint_keyed(&creds, config.listen, &transport, reset_key)?;
         let metrics = match config.metrics_listen {
             Some(addr) => {
                 let l = std::net::TcpListener::bind(addr)
@@ -588,7 +584,7 @@ impl Controller {
             metrics,
             zeek,
             ha,
-            _state_lock: state_lock,
+            state_dir,
             endpoint: endpoint.clone(),
             shared: Arc::new(Shared {
                 name: creds.identity().name.clone(),
@@ -630,15 +626,22 @@ impl Controller {
             .expect("a bound endpoint has an address")
     }
 
-    /// Serves until `shutdown` is cancelled, then closes every connection.
-    pub async fn run(self, shutdown: CancellationToken) {
-        self.run_with_ready(shutdown, || {}).await;
+    /// Serves until `shutdown` is cancelled, then closes every connection. Ends early,
+    /// with an error, only when another controller took the state dir ([`guard`]).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        self.run_with_ready(shutdown, || {}).await
     }
 
     /// As [`Controller::run`], calling `on_ready` once, when the QUIC endpoint and the
     /// metrics and zeek-client listeners (those configured) are serving: the daemon tells
     /// systemd `READY=1` there.
-    pub async fn run_with_ready(mut self, shutdown: CancellationToken, on_ready: impl FnOnce()) {
+    pub async fn run_with_ready(
+        mut self,
+        shutdown: CancellationToken,
+        on_ready: impl FnOnce(),
+    ) -> Result<(), Error> {
+        // Its own, so that losing the state dir stops every task started here too.
+        let shutdown = shutdown.child_token();
         info!(addr = %self.local_addr(), name = %self.shared.name, "controller listening");
         if let Some(listener) = self.metrics.take() {
             match tokio::net::TcpListener::from_std(listener) {
@@ -707,12 +710,26 @@ impl Controller {
                 },
             ));
         }
+        let taken = async {
+            match self.state_dir.clone() {
+                Some(dir) => guard::watch(dir, self.shared.clone()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(taken);
+        let mut outcome = Ok(());
         // Every socket was bound in `bind` and the servers of the side listeners are
         // spawned; the accept loop starts right below.
         on_ready();
         loop {
             let incoming = tokio::select! {
                 () = shutdown.cancelled() => break,
+                why = &mut taken => {
+                    tracing::error!("stopping: the state dir is another controller's now");
+                    outcome = Err(Error::StateDirTaken(why));
+                    shutdown.cancel();
+                    break;
+                }
                 incoming = self.endpoint.accept() => match incoming {
                     Some(i) => i,
                     None => break,
@@ -735,6 +752,7 @@ impl Controller {
         tasks.wait().await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         info!("controller stopped");
+        outcome
     }
 }
 

@@ -409,7 +409,7 @@ fn main() -> std::process::ExitCode {
                 notify::status(&format!("listening on {addr}"));
                 notify::ready();
             })
-            .await;
+            .await?;
         Ok(())
     })
 }
