@@ -691,3 +691,98 @@ fn a_state_dir_removed_under_its_agent_is_made_again() {
         "{v}"
     );
 }
+
+/// The controller's state dir removed under it (a cleanup script): within seconds it is
+/// made again, private, with the lock, the deploy records and the reset key. A second
+/// controller still cannot start on it, a deploy is recorded and audited in a new trail,
+/// and a controller started again on it has the deployed configuration.
+#[test]
+fn a_state_dir_removed_under_its_controller_is_made_again() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::new();
+    let (mut ctl, addr) = c.start_controller("127.0.0.1:0");
+    let (_state, _agent) = first_agent(&c, addr);
+    deploy(&c, addr, &testprog_node("n1"));
+    let pid = ready_pid(&c, addr, "n1");
+    let dir = c.dir.path().join("controller");
+    let key = std::fs::read(dir.join("quic-reset.key")).unwrap();
+
+    // The trail goes with the directory, the first deploy's records with it.
+    c.audit_trail_drops_records();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let files = [
+        "controller.lock",
+        "staged.json",
+        "desired.json",
+        "deployed.json",
+        "quic-reset.key",
+    ];
+    eventually("the controller's state dir made again", PATIENCE, || {
+        files.iter().all(|f| dir.join(f).exists()).then_some(())
+    });
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    for f in files.iter().filter(|f| **f != "controller.lock") {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+    assert_eq!(std::fs::read(dir.join("quic-reset.key")).unwrap(), key);
+    assert!(
+        ctl.log_text()
+            .contains("was removed or replaced under this controller"),
+        "{}",
+        ctl.log_text()
+    );
+    let lock = std::fs::read_to_string(dir.join("controller.lock")).unwrap();
+    assert_eq!(lock.trim(), ctl.pid().to_string());
+
+    let mut cmd = Command::new(bin("drover-controller"));
+    c.controller_args(&mut cmd, "127.0.0.1:0");
+    let mut second = Proc::spawn("controller-2", cmd, c.log_path("controller-2"));
+    assert!(!second.wait_exit(PATIENCE).success());
+    assert!(
+        second.log_text().contains(&format!(
+            "is in use by another controller (pid {}",
+            ctl.pid()
+        )),
+        "{}",
+        second.log_text()
+    );
+
+    // A deploy after the removal is recorded and audited.
+    deploy(
+        &c,
+        addr,
+        &format!("{}{}", testprog_node("n1"), testprog_node("n2")),
+    );
+    ready_pid(&c, addr, "n2");
+    let out = c.drover(addr, &["audit"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let records: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let what: Vec<(&str, u64)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["what"].as_str().unwrap(),
+                r["generation"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        what,
+        [("stage_config", 1), ("deploy", 2)],
+        "only what came after the removal: {records:?}"
+    );
+    let deployed = c.drover(addr, &["get-config", "--deployed"]).stdout;
+
+    ctl.kill();
+    let (_again, addr) = c.start_controller(&addr.to_string());
+    assert_eq!(
+        c.drover(addr, &["get-config", "--deployed"]).stdout,
+        deployed
+    );
+    assert_eq!(ready_pid(&c, addr, "n1"), pid, "n1 never restarted");
+}
