@@ -123,17 +123,19 @@ impl AuditLog {
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut slot = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        // A file removed under the controller (by hand, a misconfigured logrotate, the
-        // whole state dir) would take every later record with it: open it anew.
-        if slot
-            .as_ref()
-            .is_some_and(|(f, _)| f.metadata().is_ok_and(|m| m.nlink() == 0))
-        {
-            tracing::warn!(
-                "the audit trail {} was removed; writing a new one",
-                self.path.display()
-            );
-            *slot = None;
+        // A file removed or moved away under the controller (by hand, logrotate, the
+        // whole state dir removed) would take every later record with it: open the
+        // path anew.
+        if let Some((f, _)) = slot.as_ref() {
+            let held = f.metadata().ok().map(|m| (m.dev(), m.ino()));
+            let named = fs::metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
+            if held.is_some() && held != named {
+                tracing::warn!(
+                    "the audit trail {} was removed or replaced; writing to the file at its path",
+                    self.path.display()
+                );
+                *slot = None;
+            }
         }
         let size = match slot.as_ref() {
             Some((_, size)) => *size,
@@ -513,7 +515,7 @@ mod tests {
     }
 
     #[test]
-    fn a_trail_removed_under_the_log_is_written_anew() {
+    fn a_trail_removed_or_moved_under_the_log_is_written_anew() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path(), DEFAULT_MAX_BYTES, DEFAULT_KEEP).unwrap();
         log.append(&rec("ops", 1)).unwrap();
@@ -528,6 +530,12 @@ mod tests {
         assert_eq!(at, [2], "the record after the removal is in the new file");
         let mode = fs::metadata(log.path()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        // Moved away (as logrotate does): the next record goes to the path.
+        let moved = dir.path().join("moved.jsonl");
+        fs::rename(log.path(), &moved).unwrap();
+        log.append(&rec("ops", 3)).unwrap();
+        assert_eq!(log.read(None, None, 10).unwrap()[0].at_ms, 3);
+        assert_eq!(fs::read_to_string(&moved).unwrap().lines().count(), 1);
     }
 
     #[test]
