@@ -35,6 +35,8 @@ pub struct StateDir {
     /// The lock file, held for the life of the process (the kernel releases it when
     /// the process dies, however it dies); replaced when it is taken anew.
     lock: Mutex<std::fs::File>,
+    /// The last failure to make the directory again, said once rather than every check.
+    failing: Mutex<Option<String>>,
 }
 
 /// What a check found.
@@ -55,7 +57,23 @@ impl StateDir {
         Ok(Self {
             dir: dir.to_owned(),
             lock: Mutex::new(lock),
+            failing: Mutex::new(None),
         })
+    }
+
+    /// The failure last said, if the directory is not back yet.
+    fn failing(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.failing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Says `why` unless it was the last thing said: a directory that cannot be made
+    /// again is tried every check, and one warning a second would bury the log.
+    fn fail(&self, why: String) {
+        let mut last = self.failing();
+        if last.as_deref() != Some(&why) {
+            warn!("{why}");
+            *last = Some(why);
+        }
     }
 
     /// Whether the lock file at its path is the one held, and if not, makes the
@@ -72,22 +90,25 @@ impl StateDir {
         if in_place {
             return Found::InPlace;
         }
-        warn!(
-            "the state dir lock {} was removed or replaced under this agent; making the state dir again",
-            path.display()
-        );
+        if self.failing().is_none() {
+            warn!(
+                "the state dir lock {} was removed or replaced under this agent; making the state dir again",
+                path.display()
+            );
+        }
         if let Err(e) = std::fs::create_dir_all(self.dir.join("nodes")) {
-            warn!("cannot make {} again: {e}", self.dir.display());
+            self.fail(format!("cannot make {} again: {e}", self.dir.display()));
             return Found::InPlace;
         }
         match drover_net::state_lock::lock(&self.dir, "agent") {
             Ok(lock) => {
                 *held = lock;
+                *self.failing() = None;
                 Found::Retaken
             }
             Err(e @ drover_net::state_lock::Error::InUse { .. }) => Found::Taken(e.to_string()),
             Err(e) => {
-                warn!("{e}; trying again");
+                self.fail(format!("{e}; trying again every {}s", CHECK.as_secs()));
                 Found::InPlace
             }
         }
@@ -123,5 +144,33 @@ pub async fn watch(state: std::sync::Arc<StateDir>, supervisor: Supervisor) -> S
                 return why;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dir_that_cannot_be_made_again_is_tried_until_it_can() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("state");
+        std::fs::create_dir(&dir).unwrap();
+        let state = StateDir::lock(&dir).unwrap();
+        assert!(matches!(state.check(), Found::InPlace));
+
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, b"in the way").unwrap();
+        for _ in 0..3 {
+            assert!(matches!(state.check(), Found::InPlace));
+        }
+        let said = state.failing().clone().expect("the failure is kept");
+        assert!(said.contains("cannot make"), "{said}");
+
+        std::fs::remove_file(&dir).unwrap();
+        assert!(matches!(state.check(), Found::Retaken));
+        assert!(state.failing().is_none());
+        assert!(dir.join("nodes").is_dir());
+        assert!(matches!(state.check(), Found::InPlace));
     }
 }

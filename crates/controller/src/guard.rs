@@ -39,6 +39,8 @@ pub struct StateDir {
     lock: Mutex<std::fs::File>,
     /// The key of the stateless resets, written back if its file goes.
     reset_key: [u8; reset_key::LEN],
+    /// The last failure to make the directory again, said once rather than every check.
+    failing: Mutex<Option<String>>,
 }
 
 /// What a check found.
@@ -63,12 +65,28 @@ impl StateDir {
             dir: dir.to_owned(),
             lock: Mutex::new(lock),
             reset_key,
+            failing: Mutex::new(None),
         })
     }
 
     /// The key of the stateless resets kept in the directory.
     pub fn reset_key(&self) -> &[u8; reset_key::LEN] {
         &self.reset_key
+    }
+
+    /// The failure last said, if the directory is not back yet.
+    fn failing(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.failing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Says `why` unless it was the last thing said: a directory that cannot be made
+    /// again is tried every check, and one warning a second would bury the log.
+    fn fail(&self, why: String) {
+        let mut last = self.failing();
+        if last.as_deref() != Some(&why) {
+            warn!("{why}");
+            *last = Some(why);
+        }
     }
 
     /// Whether the lock file at its path is the one held, and if not, makes the
@@ -85,22 +103,25 @@ impl StateDir {
         if in_place {
             return Found::InPlace;
         }
-        warn!(
-            "the state dir lock {} was removed or replaced under this controller; making the state dir again",
-            path.display()
-        );
+        if self.failing().is_none() {
+            warn!(
+                "the state dir lock {} was removed or replaced under this controller; making the state dir again",
+                path.display()
+            );
+        }
         if let Err(e) = crate::store::secure_dir(&self.dir) {
-            warn!("cannot make {} again: {e}", self.dir.display());
+            self.fail(format!("cannot make {} again: {e}", self.dir.display()));
             return Found::InPlace;
         }
         match state_lock::lock(&self.dir, ROLE) {
             Ok(lock) => {
                 *held = lock;
+                *self.failing() = None;
                 Found::Retaken
             }
             Err(e @ state_lock::Error::InUse { .. }) => Found::Taken(e.to_string()),
             Err(e) => {
-                warn!("{e}; trying again");
+                self.fail(format!("{e}; trying again every {}s", CHECK.as_secs()));
                 Found::InPlace
             }
         }
@@ -149,6 +170,55 @@ pub(crate) async fn watch(state: Arc<StateDir>, shared: Arc<crate::Shared>) -> S
         if let Found::Taken(why) = found {
             error!("{why}; another controller took this state dir while its lock was gone");
             return why;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dir_that_cannot_be_made_again_is_tried_until_it_can() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("state");
+        let state = StateDir::lock(&dir).unwrap();
+        assert!(matches!(state.check(), Found::InPlace));
+        assert!(state.failing().is_none());
+
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, b"in the way").unwrap();
+        for _ in 0..3 {
+            assert!(matches!(state.check(), Found::InPlace));
+        }
+        let said = state.failing().clone().expect("the failure is kept");
+        assert!(said.contains("cannot make"), "{said}");
+
+        std::fs::remove_file(&dir).unwrap();
+        assert!(matches!(state.check(), Found::Retaken));
+        assert!(state.failing().is_none(), "said again should it fail again");
+        assert!(matches!(state.check(), Found::InPlace));
+        let store = Store::open(&dir).unwrap();
+        state.restore(&store);
+        assert_eq!(
+            std::fs::read(dir.join(reset_key::FILE)).unwrap(),
+            state.reset_key()
+        );
+    }
+
+    #[test]
+    fn a_dir_taken_by_another_process_meanwhile_is_left_to_it() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("state");
+        let state = StateDir::lock(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Another controller made it again first (an open file description of its own
+        // conflicts with this one's, as another process's would).
+        std::fs::create_dir_all(&dir).unwrap();
+        let _other = state_lock::lock(&dir, ROLE).unwrap();
+        match state.check() {
+            Found::Taken(why) => assert!(why.contains("is in use by another controller"), "{why}"),
+            other => panic!("{other:?}"),
         }
     }
 }
