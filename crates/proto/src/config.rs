@@ -722,10 +722,10 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 ),
             ));
         }
-        if let Some(code) = node
+        for code in node
             .success_exit_codes
             .iter()
-            .find(|c| !(0..=255).contains(*c))
+            .filter(|c| !(0..=255).contains(*c))
         {
             issues.push(Issue::at_key(
                 format!("{key}.success_exit_codes"),
@@ -764,7 +764,7 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ClusterRole, CpuAffinity, Readiness, RestartPolicy, Umask};
+    use crate::model::{Backoff, ClusterRole, CpuAffinity, Readiness, RestartPolicy, Umask};
     use std::time::Duration;
 
     const GOOD: &str = r#"
@@ -1202,6 +1202,61 @@ max_failed_starts = 1000
 readiness = { kind = "tcp", port = 1, timeout = "1h" }
 "#;
         parse_toml("c.toml", edges).unwrap();
+    }
+
+    #[test]
+    fn a_backoff_max_not_given_is_never_below_the_initial_given() {
+        let node = |backoff: &str| {
+            let text = format!(
+                "[instances.a]\n[nodes.x]\ninstance = \"a\"\ncommand = [\"x\"]\nbackoff = {backoff}\n"
+            );
+            parse_toml("c.toml", &text).map(|c| c.nodes[0].backoff.clone())
+        };
+        let b = node(r#"{ initial = "1m" }"#).unwrap();
+        assert_eq!(
+            (b.initial, b.max),
+            (Duration::from_secs(60), Duration::from_secs(60))
+        );
+        assert_eq!(b.multiplier, Backoff::default().multiplier);
+        let b = node(r#"{ initial = "1s" }"#).unwrap();
+        assert_eq!(
+            b.max,
+            Backoff::default().max,
+            "the default max when it is longer"
+        );
+        let b = node(r#"{ multiplier = 3 }"#).unwrap();
+        assert_eq!(
+            b,
+            Backoff {
+                multiplier: 3.0,
+                ..Backoff::default()
+            }
+        );
+        // Given both, a max below the initial is the user's own mistake, and named.
+        let err = node(r#"{ initial = "1m", max = "10s" }"#).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "c.toml:5: nodes.x.backoff.max: backoff max is smaller than backoff initial"
+        );
+        let err = node(r#"{ initial = "1s", colour = "red" }"#).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn success_exit_codes_outside_a_byte_are_named() {
+        let text = r#"[instances.a]
+[nodes.x]
+instance = "a"
+command = ["x"]
+success_exit_codes = [0, 256, -1]
+"#;
+        let err = parse_toml("c.toml", text).unwrap_err().to_string();
+        assert!(
+            err.contains("c.toml:5: nodes.x.success_exit_codes"),
+            "{err}"
+        );
+        assert!(err.contains("exit code 256 is outside 0..=255"), "{err}");
+        assert!(err.contains("exit code -1 is outside 0..=255"), "{err}");
     }
 
     #[test]

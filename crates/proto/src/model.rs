@@ -163,7 +163,7 @@ pub enum RestartPolicy {
 
 /// Exponential backoff between automatic restarts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(from = "BackoffFields")]
 pub struct Backoff {
     /// Delay before the first restart of a failure streak.
     #[serde(with = "humantime_serde")]
@@ -185,6 +185,35 @@ impl Default for Backoff {
             multiplier: 2.0,
             max: Duration::from_secs(30),
             reset_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// [`Backoff`] as written, each field optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackoffFields {
+    #[serde(default, with = "humantime_serde")]
+    initial: Option<Duration>,
+    multiplier: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    max: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    reset_after: Option<Duration>,
+}
+
+impl From<BackoffFields> for Backoff {
+    /// The defaults for what is not given, except that a `max` not given is never below
+    /// the `initial` given: `initial = "1m"` alone means waits of a minute, not an error
+    /// about a `max` the user never wrote.
+    fn from(f: BackoffFields) -> Self {
+        let d = Self::default();
+        let initial = f.initial.unwrap_or(d.initial);
+        Self {
+            initial,
+            multiplier: f.multiplier.unwrap_or(d.multiplier),
+            max: f.max.unwrap_or(d.max.max(initial)),
+            reset_after: f.reset_after.unwrap_or(d.reset_after),
         }
     }
 }
