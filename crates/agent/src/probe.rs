@@ -471,6 +471,10 @@ mod tests {
             drop(listener.accept().unwrap());
             for answer in [
                 "HTTP/1.1 204 No Content\r\n\r\n",
+                "HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\n\r\n",
+                "HTTP/1.1 399 Odd\r\n\r\n",
+                "HTTP/1.1 400 Bad Request\r\n\r\n",
+                "HTTP/1.1 199 Early\r\n\r\n",
                 "HTTP/1.0 503 Busy\r\n\r\n",
                 "SSH-2.0\r\n",
             ] {
@@ -481,11 +485,16 @@ mod tests {
                 s.write_all(answer.as_bytes()).unwrap();
             }
         });
-        assert_eq!(attempt(&http, &plain(&dir), 1).await, Ok(()));
-        assert_eq!(
-            attempt(&http, &plain(&dir), 1).await,
-            Err("GET /h answered 503".to_owned())
-        );
+        // 2xx and 3xx are healthy (a redirect is not followed), anything else is not.
+        for _ in 0..3 {
+            assert_eq!(attempt(&http, &plain(&dir), 1).await, Ok(()));
+        }
+        for code in [400, 199, 503] {
+            assert_eq!(
+                attempt(&http, &plain(&dir), 1).await,
+                Err(format!("GET /h answered {code}"))
+            );
+        }
         let e = attempt(&http, &plain(&dir), 1).await.unwrap_err();
         assert!(e.contains("not an HTTP answer"), "{e}");
         server.join().unwrap();
