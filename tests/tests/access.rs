@@ -383,6 +383,17 @@ fn the_trail_stays_within_its_bound_on_a_running_controller() {
         "{}",
         out.stderr
     );
+    let mut cmd = std::process::Command::new(bin("drover-controller"));
+    cmd.args(["--audit-keep", "1001"]);
+    c.controller_args(&mut cmd, "127.0.0.1:0");
+    let out = drover_tests::run_cli(cmd, std::time::Duration::from_secs(20));
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains("audit_keep 1001 is out of range: 0 to 1000"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

@@ -34,6 +34,56 @@ fn assert_one_line_error(out: &CliOutput, needle: &str) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// Days from now to the expiry of the certificate in a PEM file.
+fn days_left(path: &std::path::Path) -> f64 {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_file(path).unwrap();
+    let not_after = drover_net::tls::cert_info(&der).unwrap().not_after;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    (not_after - now) as f64 / 86_400.0
+}
+
+#[test]
+fn ca_certificates_last_as_documented_by_default_and_as_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let p = pki.to_str().unwrap();
+    assert_eq!(drover(&["ca", "init", "--dir", p]).code, Some(0));
+    let issue = |name: &str, extra: &[&str]| {
+        let mut args = vec!["ca", "issue", "--dir", p, "--role", "agent", "--name", name];
+        args.extend_from_slice(extra);
+        let out = drover(&args);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+    };
+    issue("a1", &[]);
+    issue("a2", &["--days", "7"]);
+    let near = |got: f64, want: f64| (got - want).abs() < 1.5;
+    let ca = days_left(&pki.join("ca.crt"));
+    assert!(near(ca, 3650.0), "the CA lasts 3650 days, not {ca}");
+    let a1 = days_left(&pki.join("a1.crt"));
+    assert!(near(a1, 365.0), "a certificate lasts 365 days, not {a1}");
+    let a2 = days_left(&pki.join("a2.crt"));
+    assert!(near(a2, 7.0), "--days 7 gave {a2}");
+    let out = drover(&[
+        "ca",
+        "renew",
+        "--dir",
+        p,
+        "--cert",
+        pki.join("a2.crt").to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let renewed = days_left(&pki.join("a2.crt"));
+    assert!(
+        near(renewed, 365.0),
+        "a renewal lasts 365 days, not {renewed}"
+    );
+}
+
 #[test]
 fn ca_days_out_of_range_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
@@ -305,6 +355,11 @@ fn agent_limits_out_of_range_stop_it_at_start() {
             "--report-interval",
             "11min",
             "report_interval 11m is out of range: allowed 10ms to 10min",
+        ),
+        (
+            "--removed-node-retention",
+            "500ms",
+            "removed_node_retention 500ms is too short: allowed 1s or more",
         ),
     ] {
         let mut cmd = Command::new(bin("drover-agent"));
