@@ -563,3 +563,76 @@ fn a_failed_logs_names_the_node_and_its_instance() {
         "error: web on agent-1: instance 'agent-1' is not connected\n"
     );
 }
+
+/// Flags from the environment alone: an agent started with only `DROVER_*` variables
+/// joins, and the CLI, given none of its flags, finds the controller and its certificates
+/// in `DROVER_CONTROLLER`, `DROVER_CA`, `DROVER_CERT` and `DROVER_KEY`, and its settings
+/// in `~/.config/drover/client.toml` (or the file `DROVER_CLIENT_CONFIG` names).
+#[test]
+fn flags_come_from_the_environment_and_settings_from_the_home_file() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
+    let mut cmd = Command::new(bin("drover-agent"));
+    cmd.env("DROVER_NAME", "agent-1")
+        .env("DROVER_CONTROLLER", addr.to_string())
+        .env("DROVER_STATE_DIR", c.dir.path().join("agent-from-env"))
+        .env("DROVER_CA", c.pki_file("ca.crt"))
+        .env("DROVER_CERT", c.pki_file("agent-1.crt"))
+        .env("DROVER_KEY", c.pki_file("agent-1.key"))
+        .env("DROVER_RECONNECT_MAX", "500ms");
+    let agent = drover_tests::Proc::spawn("agent-1", cmd, c.log_path("agent-1"));
+    agent.wait_log("connected to controller");
+    assert!(c.dir.path().join("agent-from-env/agent.lock").exists());
+
+    let home = c.dir.path().join("home");
+    std::fs::create_dir_all(home.join(".config/drover")).unwrap();
+    std::fs::write(
+        home.join(".config/drover/client.toml"),
+        "[client]\npretty_json = false\n",
+    )
+    .unwrap();
+    let other = c.dir.path().join("other.toml");
+    std::fs::write(&other, "[client]\npretty_json = true\n").unwrap();
+    let cli = |env: &[(&str, &std::ffi::OsStr)]| {
+        let mut cmd = Command::new(bin("drover"));
+        cmd.env_remove("DROVER_CLIENT_CONFIG")
+            .env_remove("DROVER_CLIENT_SETTINGS")
+            .env_remove("DROVER_TIMEOUT")
+            .env("HOME", &home)
+            .env("DROVER_CONTROLLER", addr.to_string())
+            .env("DROVER_CA", c.pki_file("ca.crt"))
+            .env("DROVER_CERT", c.pki_file("ops.crt"))
+            .env("DROVER_KEY", c.pki_file("ops.key"))
+            .arg("get-instances");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = run_cli(cmd, Duration::from_secs(60));
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        assert!(out.stdout.contains("\"agent-1\""), "{}", out.stdout);
+        out.stdout.trim_end().lines().count()
+    };
+    assert_eq!(cli(&[]), 1, "compact, as the home file says");
+    assert!(
+        cli(&[("DROVER_CLIENT_CONFIG", other.as_os_str())]) > 1,
+        "DROVER_CLIENT_CONFIG names the file instead"
+    );
+    assert!(
+        cli(&[(
+            "DROVER_CLIENT_SETTINGS",
+            std::ffi::OsStr::new("client.pretty_json=true")
+        )]) > 1,
+        "DROVER_CLIENT_SETTINGS over the file"
+    );
+    // A wrong certificate in the environment is what the CLI uses: refused.
+    let mut cmd = Command::new(bin("drover"));
+    cmd.env("HOME", &home)
+        .env("DROVER_CONTROLLER", addr.to_string())
+        .env("DROVER_CA", c.pki_file("ca.crt"))
+        .env("DROVER_CERT", c.pki_file("agent-1.crt"))
+        .env("DROVER_KEY", c.pki_file("agent-1.key"))
+        .arg("get-instances");
+    let out = run_cli(cmd, Duration::from_secs(60));
+    assert_ne!(out.code, Some(0), "an agent's certificate is no client's");
+}
