@@ -1178,3 +1178,69 @@ fn an_answered_deploy_is_reported_at_once_whatever_the_report_interval() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A deploy that moves a followed node to another instance ends the follow of its old
+/// place, saying where it went; following it again reads it there.
+#[test]
+fn a_follow_ends_when_its_node_moves_to_another_instance() {
+    use std::io::BufRead;
+    let c = Cluster::new();
+    let (_ctl, addr, _agents) = start(&c, &["agent-1", "agent-2"]);
+    let file = c.dir.path().join("talk.toml");
+    let on = |instance: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[instances.agent-1]\n[instances.agent-2]\n[nodes.talk]\ninstance = \"{instance}\"\ncommand = [\"{}\", \"--stdout-rate\", \"20\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+                bin("drover-testprog").display()
+            ),
+        )
+        .unwrap();
+        let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+    };
+    on("agent-1");
+    eventually("talk runs on agent-1", PATIENCE, || {
+        let v = c.drover(addr, &["get-nodes"]).json();
+        (v["results"]["agent-1"]["talk"]["state"] == "RUNNING").then_some(())
+    });
+    let mut cmd = c.drover_command(addr);
+    cmd.args(["logs", "talk", "-f", "-n", "0", "--stream", "stdout"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let read_lines = |from: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    let out_lines = read_lines(Box::new(child.stdout.take().unwrap()));
+    let err_lines = read_lines(Box::new(child.stderr.take().unwrap()));
+    out_lines
+        .recv_timeout(PATIENCE)
+        .expect("the follow reads the node's output");
+
+    on("agent-2");
+    let status = eventually("the follow ends", PATIENCE, || child.try_wait().unwrap());
+    assert_eq!(status.code(), Some(1));
+    let end = err_lines.recv_timeout(PATIENCE).expect("why it ended");
+    assert!(
+        end.starts_with(
+            "error: talk on agent-1: node 'talk' moved to instance 'agent-2' with deploy generation 2; follow it again"
+        ),
+        "{end}"
+    );
+    let (mut again, lines) = c.follow_stdout(addr, "talk");
+    let line = lines
+        .recv_timeout(PATIENCE)
+        .expect("talk's output on agent-2");
+    assert!(!line.is_empty());
+    let _ = again.kill();
+    let _ = again.wait();
+}
