@@ -196,3 +196,39 @@ fn sysusers_and_tmpfiles_create_user_and_directories() {
         assert_eq!(meta.gid(), gid, "group of /{path}");
     }
 }
+
+/// The last value of each key of `[Service]` in a unit file, as systemd reads it.
+fn service_keys(unit: &Path) -> std::collections::BTreeMap<String, String> {
+    let text = std::fs::read_to_string(unit).unwrap();
+    let mut section = String::new();
+    let mut keys = std::collections::BTreeMap::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.starts_with(';') || line.is_empty() {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+        } else if section == "Service"
+            && let Some((k, v)) = line.split_once('=')
+        {
+            keys.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+    }
+    keys
+}
+
+/// The agent's unit leaves the nodes to the agent: systemd signals only the agent
+/// (`KillMode=process`, so an agent stopped or failed does not take its nodes down with
+/// it) and delegates its cgroup subtree to it (`Delegate=yes`, with the cgroup tree
+/// writable), so each node gets a cgroup of its own.
+#[test]
+fn the_agent_unit_leaves_its_nodes_and_their_cgroups_to_the_agent() {
+    let keys = service_keys(&deploy_dir().join("drover-agent.service"));
+    assert_eq!(keys.get("KillMode").map(String::as_str), Some("process"));
+    assert_eq!(keys.get("Delegate").map(String::as_str), Some("yes"));
+    let protect = keys.get("ProtectControlGroups").map(String::as_str);
+    assert!(
+        matches!(protect, None | Some("no" | "false")),
+        "ProtectControlGroups={protect:?} makes the delegated tree read-only"
+    );
+}
