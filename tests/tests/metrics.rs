@@ -16,7 +16,7 @@ fn controller_and_agent_metrics() {
     std::fs::write(
         &file,
         format!(
-            "[instances.agent-1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[nodes.a]\ninstance = \"agent-1\"\ncommand = [\"{p}\"]\n[nodes.b]\ninstance = \"agent-1\"\ncommand = [\"{p}\"]\n",
+            "[instances.agent-1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n[nodes.a]\ninstance = \"agent-1\"\ncommand = [\"{p}\"]\n[nodes.b]\ninstance = \"agent-1\"\ncommand = [\"{p}\", \"--stdout-rate\", \"1000\"]\n",
             p = bin("drover-testprog").display()
         ),
     )
@@ -61,5 +61,31 @@ fn controller_and_agent_metrics() {
     assert!(
         metric_value(&agent_page, "drover_agent_node_rss_bytes{node=\"a\"}")
             .is_some_and(|v| v > 0.0)
+    );
+    // The CPU a busy node's cgroup used.
+    eventually("the busy node's CPU time counted", PATIENCE, || {
+        metric_value(
+            &scrape(am),
+            "drover_agent_node_cpu_seconds_total{node=\"b\"}",
+        )
+        .is_some_and(|v| v > 0.0)
+        .then_some(())
+    });
+
+    // Audit records by outcome: the stage and the deploy, then a request the caller's
+    // scope lacks.
+    c.issue_scoped("viewer", drover_proto::access::Scope::Viewer);
+    let out = c.drover_as("viewer", addr, &["restart", "a"]);
+    assert_ne!(out.code, Some(0), "a viewer may not restart");
+    let page = scrape(cm);
+    assert_eq!(
+        metric_value(&page, "drover_audit_records_total{outcome=\"ok\"}"),
+        Some(2.0),
+        "{page}"
+    );
+    assert_eq!(
+        metric_value(&page, "drover_audit_records_total{outcome=\"refused\"}"),
+        Some(1.0),
+        "{page}"
     );
 }
