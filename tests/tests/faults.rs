@@ -571,3 +571,65 @@ fn a_stop_under_way_shows_while_it_waits() {
     let _ = monitor.kill();
     let _ = monitor.wait();
 }
+
+/// A `stop` whose controller is SIGKILLed before it answers fails, saying that whether
+/// it was carried out is not known and where to look; a `stage-config` that never
+/// reached a controller says no such thing.
+#[test]
+fn requests_cut_off_by_the_controller_say_their_outcome_is_not_known() {
+    let c = Cluster::new();
+    let (mut ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    // A node that says when it is asked to stop, and does not: its stop takes the whole
+    // stop_timeout.
+    let file = c.dir.path().join("slow.toml");
+    std::fs::write(
+        &file,
+        "[instances.agent-1]\n[nodes.slow]\ninstance = \"agent-1\"\n\
+         command = [\"/bin/sh\", \"-c\", \"trap 'echo got-term' TERM; while :; do sleep 0.05; done\"]\n\
+         stop_timeout = \"1h\"\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
+    )
+    .unwrap();
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    eventually("slow runs", PATIENCE, || {
+        let v = c.drover(addr, &["get-nodes"]).json();
+        (v["results"]["agent-1"]["slow"]["state"] == "RUNNING").then_some(())
+    });
+    let mut cmd = c.drover_command(addr);
+    cmd.args(["stop", "slow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let stopping = cmd.spawn().unwrap();
+    let log = c.dir.path().join("agent-agent-1/nodes/slow/stdout.log");
+    eventually("slow asked to stop", PATIENCE, || {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains("got-term")
+            .then_some(())
+    });
+    ctl.kill();
+    let out = stopping.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(
+        stderr.contains(
+            "whether the request was carried out is not known: `drover status` shows the nodes"
+        ),
+        "{stderr}"
+    );
+
+    // Nothing answers at all: the request was never sent, so its outcome is known.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut cmd = c.drover_command(silent.local_addr().unwrap());
+    cmd.args(["--timeout", "2s", "stage-config", file.to_str().unwrap()]);
+    let out = drover_tests::run_cli(cmd, PATIENCE);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("whether the configuration was staged"),
+        "nothing was sent: the outcome is known: {}",
+        out.stderr
+    );
+}
