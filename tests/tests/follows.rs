@@ -422,3 +422,74 @@ fn a_follow_begun_while_its_agent_is_away_waits_for_it() {
         "lines skipped or repeated: {nums:?}"
     );
 }
+
+/// The serial of client certificate `ops`, as a deny list names it.
+fn ops_serial(c: &Cluster) -> String {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_file(c.pki_file("ops.crt")).unwrap();
+    drover_net::tls::cert_info(&der).unwrap().serial
+}
+
+/// While no controller answers, a follow says so, each reason once, and reads its
+/// certificate files again at each attempt: renewed meanwhile, with the old certificate
+/// revoked by the controller that comes back, the follow goes on with the new one.
+#[test]
+fn a_follow_waiting_for_its_controller_says_why_once_and_takes_a_renewed_certificate() {
+    use drover_tests::Background;
+
+    let c = Cluster::new();
+    let deny = c.dir.path().join("deny.list");
+    std::fs::write(&deny, "# nothing revoked\n").unwrap();
+    let deny_flag = ["--deny-list", deny.to_str().unwrap()];
+    let (mut ctl, addr) = c.start_controller_with("127.0.0.1:0", &deny_flag);
+    let _agent = c.start_agent("a1", addr);
+    deploy_talking(&c, addr);
+    let at = addr.to_string();
+    let logs = Background::start(&c, &at, &["logs", "-f", "talk", "-n", "0"], "logs");
+    eventually("the follow shows lines", PATIENCE, || {
+        (numbered(&logs.stdout(), "out-").len() >= 3).then_some(())
+    });
+
+    ctl.kill();
+    eventually("the follow says no controller answers", PATIENCE, || {
+        logs.stderr()
+            .contains("[drover: no controller answers yet (")
+            .then_some(())
+    });
+    let old = ops_serial(&c);
+    let out = Command::new(bin("drover"))
+        .args(["ca", "renew", "--dir"])
+        .arg(c.pki_file("ca.crt").parent().unwrap())
+        .arg("--cert")
+        .arg(c.pki_file("ops.crt"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(ops_serial(&c), old, "renewed");
+    std::fs::write(&deny, format!("serial:{old}\n")).unwrap();
+    let before = *numbered(&logs.stdout(), "out-").last().unwrap();
+    let _ctl = c.start_controller_with(&at, &deny_flag).0;
+    eventually("the follow goes on", PATIENCE, || {
+        let taken_up = logs
+            .stderr()
+            .matches("following again through controller")
+            .count();
+        let last = *numbered(&logs.stdout(), "out-").last().unwrap();
+        (taken_up == 1 && last > before + 10).then_some(())
+    });
+    let stderr = logs.stderr();
+    let waits: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("no controller answers yet"))
+        .collect();
+    assert!(
+        waits.windows(2).all(|w| w[0] != w[1]),
+        "a reason said twice in a row: {stderr}"
+    );
+    assert!(!stderr.contains("error:"), "{stderr}");
+}
