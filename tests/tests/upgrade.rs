@@ -258,3 +258,81 @@ fn a_peer_of_another_api_version_is_refused_naming_both_versions() {
     assert!(err.ends_with(&want), "{err}");
     agent.wait_log(&want);
 }
+
+/// Within one API version, peers of different releases understand each other: on a live
+/// controller, a field it does not know is ignored, and a request type it does not know
+/// gets an error reply naming it, while the connection serves on.
+#[test]
+fn unknown_fields_are_ignored_and_unknown_requests_refused_within_a_version() {
+    use drover_net::frame::{read_frame, write_frame};
+    use serde_json::{Value, json};
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let creds = Credentials::load(&TlsFiles {
+        ca: c.pki_file("ca.crt"),
+        cert: c.pki_file("ops.crt"),
+        key: c.pki_file("ops.key"),
+    })
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let endpoint = conn::client_endpoint(&creds, &TransportSettings::default(), addr).unwrap();
+        let hello = Hello {
+            api_version: API_VERSION,
+            role: PeerRole::Client,
+            name: "ops".into(),
+            software: "drover 0.99.0".into(),
+            lost_term: None,
+        };
+        let est = conn::dial(
+            &endpoint,
+            None,
+            addr,
+            "127.0.0.1",
+            hello,
+            PeerRole::Controller,
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("welcomed");
+        let ask = |frame: Value| {
+            let conn = est.conn.clone();
+            async move {
+                let (mut send, mut recv) = conn.open_bi().await.unwrap();
+                write_frame(&mut send, &frame).await.unwrap();
+                send.finish().unwrap();
+                tokio::time::timeout(
+                    Duration::from_secs(15),
+                    read_frame::<Value>(&mut recv, 16 << 20),
+                )
+                .await
+                .expect("an answer in time")
+                .unwrap()
+                .expect("a reply frame")
+            }
+        };
+        let reply = ask(json!({
+            "id": "a",
+            "body": {"type": "get_instances", "colour": "red"},
+            "priority": 3,
+        }))
+        .await;
+        assert_eq!(reply["id"], "a", "{reply}");
+        assert!(reply["result"].get("Ok").is_some(), "{reply}");
+
+        let reply = ask(json!({"id": "b", "body": {"type": "teleport_nodes"}})).await;
+        let err = &reply["result"]["Err"];
+        assert!(err.is_object(), "{reply}");
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("teleport_nodes"),
+            "the error names the request type: {reply}"
+        );
+
+        let reply = ask(json!({"id": "c", "body": {"type": "get_instances"}})).await;
+        assert!(reply["result"].get("Ok").is_some(), "still served: {reply}");
+    });
+}
