@@ -17,19 +17,54 @@ use anyhow::Context;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-/// Reads a TOML config file into `T`; errors name the file and the line.
+/// Reads a TOML config file into `T` (whose fields are all optional, as the flags they
+/// mirror); errors name the file, the line and the key. Every bad key is reported in
+/// one pass, sorted by line, so that a file is mended in one go.
 pub fn load_config_file<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-        match line {
-            Some(line) => anyhow::anyhow!("{}:{line}: {}", path.display(), e.message().trim_end()),
-            None => anyhow::anyhow!("{}: {}", path.display(), e.message().trim_end()),
-        }
-    })
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let whole: toml::Table = toml::from_str(&text).map_err(|e| match e.span() {
+        Some(s) => anyhow::anyhow!(
+            "{}:{}: {}",
+            path.display(),
+            line_of(s.start),
+            e.message().trim_end()
+        ),
+        None => anyhow::anyhow!("{}: {}", path.display(), e.message().trim_end()),
+    })?;
+    // Where each key is written; the file parsed above, so this parses too.
+    let lines: std::collections::BTreeMap<String, usize> = toml::de::DeTable::parse(&text)
+        .map(|doc| {
+            doc.get_ref()
+                .iter()
+                .map(|(k, _)| (k.get_ref().to_string(), line_of(k.span().start)))
+                .collect()
+        })
+        .unwrap_or_default();
+    // Each key on its own: serde stops at the first error, which would hide the others.
+    let mut errors: Vec<(usize, String)> = whole
+        .iter()
+        .filter_map(|(key, value)| {
+            let mut one = toml::Table::new();
+            one.insert(key.clone(), value.clone());
+            toml::Value::Table(one).try_into::<T>().err().map(|e| {
+                let line = lines.get(key).copied().unwrap_or(0);
+                (line, format!("{key}: {}", e.message().trim_end()))
+            })
+        })
+        .collect();
+    if !errors.is_empty() {
+        errors.sort();
+        let all: Vec<String> = errors
+            .into_iter()
+            .map(|(line, e)| format!("{}:{line}: {e}", path.display()))
+            .collect();
+        anyhow::bail!("{}", all.join("\n"));
+    }
+    toml::Value::Table(whole)
+        .try_into()
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message().trim_end()))
 }
 
 /// The error for a setting given nowhere.
@@ -49,9 +84,11 @@ pub mod humantime_opt {
     /// Deserializes `"250ms"`, `"10s"`, `"1m"`.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(Some)
-            .map_err(serde::de::Error::custom)
+        humantime::parse_duration(&s).map(Some).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "'{s}' is not a duration such as \"10s\" or \"250ms\" ({e})"
+            ))
+        })
     }
 }
 
@@ -208,11 +245,48 @@ mod tests {
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "idle_timeout = \"5s\"\nbogus = 1\n").unwrap();
         let err = load_config_file::<T>(&p).unwrap_err().to_string();
-        assert!(err.contains("c.toml:2:"), "{err}");
-        assert!(err.contains("bogus"), "{err}");
+        assert!(
+            err.contains("c.toml:2: bogus: unknown field `bogus`"),
+            "{err}"
+        );
         std::fs::write(&p, "idle_timeout = \"5s\"\n").unwrap();
         let t: T = load_config_file(&p).unwrap();
         assert_eq!(t.idle_timeout, Some(Duration::from_secs(5)));
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[expect(dead_code, reason = "only the errors of reading it are looked at")]
+    struct Many {
+        keep: Option<u32>,
+        name: Option<String>,
+        #[serde(default, with = "humantime_opt")]
+        idle_timeout: Option<Duration>,
+    }
+
+    #[test]
+    fn every_bad_key_is_named_at_its_line_in_one_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "# settings\nname = \"a\"\nkeep = \"five\"\ncolour = 1\nidle_timeout = \"soon\"\n\nkeep2 = -1\n",
+        )
+        .unwrap();
+        let err = load_config_file::<Many>(&p).unwrap_err().to_string();
+        let lines: Vec<&str> = err.lines().collect();
+        let at = |n: usize, key: &str| format!("{}:{n}: {key}: ", p.display());
+        assert_eq!(lines.len(), 4, "{err}");
+        assert!(lines[0].starts_with(&at(3, "keep")), "{err}");
+        assert!(lines[1].starts_with(&at(4, "colour")), "{err}");
+        assert!(lines[2].starts_with(&at(5, "idle_timeout")), "{err}");
+        assert!(lines[2].contains("soon"), "{err}");
+        assert!(lines[3].starts_with(&at(7, "keep2")), "{err}");
+        // A syntax error is one line, where it is.
+        std::fs::write(&p, "name = \"a\"\nkeep = \n").unwrap();
+        let err = load_config_file::<Many>(&p).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{}:2: ", p.display())), "{err}");
+        assert!(!err.contains('\n'), "{err}");
     }
 
     #[test]
