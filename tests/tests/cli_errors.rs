@@ -457,3 +457,46 @@ fn a_cause_is_said_once() {
         assert_eq!(error.matches(cause).count(), 1, "{error}");
     }
 }
+
+/// A daemon's settings file with several mistakes: each is named at its line with its
+/// key, all in one go, and the daemon does not start.
+#[test]
+fn a_daemons_settings_file_names_every_bad_key_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for (daemon, text, want) in [
+        (
+            "drover-agent",
+            "name = \"a\"\nlog_keep = \"five\"\ncolour = 1\nidle_timeout = \"soon\"\n",
+            vec![
+                "agent.toml:2: log_keep: invalid type: string \"five\", expected u32",
+                "agent.toml:3: colour: unknown field `colour`",
+                "agent.toml:4: idle_timeout: 'soon' is not a duration",
+            ],
+        ),
+        (
+            "drover-controller",
+            "audit_keep = -1\n\nzeek_websocket = \"nowhere\"\n",
+            vec![
+                "controller.toml:1: audit_keep: invalid value: integer `-1`",
+                "controller.toml:3: zeek_websocket: invalid socket address syntax",
+            ],
+        ),
+    ] {
+        let file = dir
+            .path()
+            .join(format!("{}.toml", daemon.trim_start_matches("drover-")));
+        std::fs::write(&file, text).unwrap();
+        let mut cmd = Command::new(bin(daemon));
+        cmd.arg("--config").arg(&file);
+        let out = run_cli(cmd, Duration::from_secs(30));
+        assert_ne!(out.code, Some(0), "{daemon}: {}", out.stderr);
+        for line in want {
+            assert!(
+                out.stderr.contains(line),
+                "{daemon}: {line}\n{}",
+                out.stderr
+            );
+        }
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    }
+}
