@@ -14,12 +14,12 @@
 //! this one stops serving and exits with an error. Controllers on etcd keep no state dir
 //! and run no guard.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use drover_net::{reset_key, state_lock};
+use drover_net::reset_key;
+use drover_net::state_lock::{Check, Held};
 use tracing::{error, info, warn};
 
 use crate::store::Store;
@@ -33,40 +33,19 @@ const ROLE: &str = "controller";
 /// The state dir's lock as the controller holds it.
 #[derive(Debug)]
 pub struct StateDir {
-    dir: PathBuf,
-    /// The lock file, held for the life of the process (the kernel releases it when the
-    /// process dies, however it dies); replaced when it is taken anew.
-    lock: Mutex<std::fs::File>,
+    held: Held,
     /// The key of the stateless resets, written back if its file goes.
     reset_key: [u8; reset_key::LEN],
-    /// The last failure to make the directory again, said once rather than every check.
-    failing: Mutex<Option<String>>,
-}
-
-/// What a check found.
-#[derive(Debug)]
-enum Found {
-    /// The lock file is the one held.
-    InPlace,
-    /// It was gone or another file; the directory is made again and the lock taken anew.
-    Retaken,
-    /// Another controller holds the directory now.
-    Taken(String),
 }
 
 impl StateDir {
-    /// Makes `dir` private (creating it), takes its lock (see [`state_lock`]) and reads
-    /// or makes its reset key.
+    /// Makes `dir` private (creating it), takes its lock (see
+    /// [`drover_net::state_lock`]) and reads or makes its reset key.
     pub fn lock(dir: &Path) -> Result<Self, crate::Error> {
         crate::store::secure_dir(dir)?;
-        let lock = state_lock::lock(dir, ROLE)?;
+        let held = Held::take(dir, ROLE)?;
         let reset_key = reset_key::load_or_create(dir)?;
-        Ok(Self {
-            dir: dir.to_owned(),
-            lock: Mutex::new(lock),
-            reset_key,
-            failing: Mutex::new(None),
-        })
+        Ok(Self { held, reset_key })
     }
 
     /// The key of the stateless resets kept in the directory.
@@ -74,57 +53,11 @@ impl StateDir {
         &self.reset_key
     }
 
-    /// The failure last said, if the directory is not back yet.
-    fn failing(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        self.failing.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Says `why` unless it was the last thing said: a directory that cannot be made
-    /// again is tried every check, and one warning a second would bury the log.
-    fn fail(&self, why: String) {
-        let mut last = self.failing();
-        if last.as_deref() != Some(&why) {
-            warn!("{why}");
-            *last = Some(why);
-        }
-    }
-
-    /// Whether the lock file at its path is the one held, and if not, makes the
-    /// directory again and takes the lock anew. Blocking.
-    fn check(&self) -> Found {
-        let mut held = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        let path = state_lock::lock_path(&self.dir, ROLE);
-        let in_place = match (held.metadata(), std::fs::metadata(&path)) {
-            (Ok(h), Ok(p)) => h.ino() == p.ino() && h.dev() == p.dev(),
-            // Unknowable: nothing to do about it.
-            (Err(_), _) => true,
-            (Ok(_), Err(_)) => false,
-        };
-        if in_place {
-            return Found::InPlace;
-        }
-        if self.failing().is_none() {
-            warn!(
-                "the state dir lock {} was removed or replaced under this controller; making the state dir again",
-                path.display()
-            );
-        }
-        if let Err(e) = crate::store::secure_dir(&self.dir) {
-            self.fail(format!("cannot make {} again: {e}", self.dir.display()));
-            return Found::InPlace;
-        }
-        match state_lock::lock(&self.dir, ROLE) {
-            Ok(lock) => {
-                *held = lock;
-                *self.failing() = None;
-                Found::Retaken
-            }
-            Err(e @ state_lock::Error::InUse { .. }) => Found::Taken(e.to_string()),
-            Err(e) => {
-                self.fail(format!("{e}; trying again every {}s", CHECK.as_secs()));
-                Found::InPlace
-            }
-        }
+    /// Whether the lock file is in place, making the directory (0700) again and taking
+    /// the lock anew if not. Blocking.
+    fn check(&self) -> Check {
+        self.held
+            .check(|dir| crate::store::secure_dir(dir).map_err(|e| e.to_string()))
     }
 
     /// Writes the store's values and the reset key into the directory again. Blocking.
@@ -136,11 +69,11 @@ impl StateDir {
                 Vec::new()
             }
         };
-        if let Err(e) = reset_key::restore(&self.dir, &self.reset_key) {
+        if let Err(e) = reset_key::restore(self.held.dir(), &self.reset_key) {
             warn!("{e}");
         }
         info!(
-            dir = %self.dir.display(),
+            dir = %self.held.dir().display(),
             records = ?written,
             "state dir made again: lock, state records and reset key"
         );
@@ -158,7 +91,7 @@ pub(crate) async fn watch(state: Arc<StateDir>, shared: Arc<crate::Shared>) -> S
         let shared = shared.clone();
         let Ok(found) = tokio::task::spawn_blocking(move || {
             let found = s.check();
-            if matches!(found, Found::Retaken) {
+            if matches!(found, Check::Retaken) {
                 s.restore(&shared.store);
             }
             found
@@ -167,7 +100,7 @@ pub(crate) async fn watch(state: Arc<StateDir>, shared: Arc<crate::Shared>) -> S
         else {
             continue;
         };
-        if let Found::Taken(why) = found {
+        if let Check::Taken(why) = found {
             error!("{why}; another controller took this state dir while its lock was gone");
             return why;
         }
@@ -177,48 +110,27 @@ pub(crate) async fn watch(state: Arc<StateDir>, shared: Arc<crate::Shared>) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn a_dir_that_cannot_be_made_again_is_tried_until_it_can() {
+    fn a_removed_dir_comes_back_private_with_its_key() {
         let base = tempfile::tempdir().unwrap();
         let dir = base.path().join("state");
         let state = StateDir::lock(&dir).unwrap();
-        assert!(matches!(state.check(), Found::InPlace));
-        assert!(state.failing().is_none());
+        let store = Store::open(&dir).unwrap();
+        assert!(matches!(state.check(), Check::InPlace));
 
         std::fs::remove_dir_all(&dir).unwrap();
-        std::fs::write(&dir, b"in the way").unwrap();
-        for _ in 0..3 {
-            assert!(matches!(state.check(), Found::InPlace));
-        }
-        let said = state.failing().clone().expect("the failure is kept");
-        assert!(said.contains("cannot make"), "{said}");
-
-        std::fs::remove_file(&dir).unwrap();
-        assert!(matches!(state.check(), Found::Retaken));
-        assert!(state.failing().is_none(), "said again should it fail again");
-        assert!(matches!(state.check(), Found::InPlace));
-        let store = Store::open(&dir).unwrap();
+        assert!(matches!(state.check(), Check::Retaken));
         state.restore(&store);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
         assert_eq!(
             std::fs::read(dir.join(reset_key::FILE)).unwrap(),
-            state.reset_key()
+            state.reset_key(),
+            "the key the peers know"
         );
-    }
-
-    #[test]
-    fn a_dir_taken_by_another_process_meanwhile_is_left_to_it() {
-        let base = tempfile::tempdir().unwrap();
-        let dir = base.path().join("state");
-        let state = StateDir::lock(&dir).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-        // Another controller made it again first (an open file description of its own
-        // conflicts with this one's, as another process's would).
-        std::fs::create_dir_all(&dir).unwrap();
-        let _other = state_lock::lock(&dir, ROLE).unwrap();
-        match state.check() {
-            Found::Taken(why) => assert!(why.contains("is in use by another controller"), "{why}"),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(mode(&dir.join(reset_key::FILE)), 0o600);
+        assert!(matches!(state.check(), Check::InPlace));
     }
 }
