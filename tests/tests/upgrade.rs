@@ -268,36 +268,11 @@ fn unknown_fields_are_ignored_and_unknown_requests_refused_within_a_version() {
     use serde_json::{Value, json};
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
-    let creds = Credentials::load(&TlsFiles {
-        ca: c.pki_file("ca.crt"),
-        cert: c.pki_file("ops.crt"),
-        key: c.pki_file("ops.key"),
-    })
-    .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let endpoint = conn::client_endpoint(&creds, &TransportSettings::default(), addr).unwrap();
-        let hello = Hello {
-            api_version: API_VERSION,
-            role: PeerRole::Client,
-            name: "ops".into(),
-            software: "drover 0.99.0".into(),
-            lost_term: None,
-        };
-        let est = conn::dial(
-            &endpoint,
-            None,
-            addr,
-            "127.0.0.1",
-            hello,
-            PeerRole::Controller,
-            None,
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("welcomed");
+        let (endpoint, conn) = c.client_connection(addr).await;
         let ask = |frame: Value| {
-            let conn = est.conn.clone();
+            let conn = conn.clone();
             async move {
                 let (mut send, mut recv) = conn.open_bi().await.unwrap();
                 write_frame(&mut send, &frame).await.unwrap();
@@ -334,5 +309,6 @@ fn unknown_fields_are_ignored_and_unknown_requests_refused_within_a_version() {
 
         let reply = ask(json!({"id": "c", "body": {"type": "get_instances"}})).await;
         assert!(reply["result"].get("Ok").is_some(), "still served: {reply}");
+        endpoint.close(0u32.into(), b"done");
     });
 }
