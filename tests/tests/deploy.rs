@@ -466,12 +466,25 @@ fn a_follow_ends_when_a_deploy_takes_its_node_away() {
     }
 }
 
+/// The lines `from` gives, as they come (a thread of its own reads them).
+fn read_lines(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// `logs -f` goes on when the node's agent goes away and comes back (the node runs
 /// on, adopted), saying so on stderr; a deploy that removes the node while its agent
 /// is away still ends it.
 #[test]
 fn a_follow_goes_on_when_its_agent_comes_back() {
-    use std::io::BufRead;
     let c = Cluster::new();
     let (_ctl, addr, mut agents) = start(&c, &["agent-1", "agent-2"]);
     let file = c.dir.path().join("talk.toml");
@@ -497,19 +510,8 @@ fn a_follow_goes_on_when_its_agent_comes_back() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
-    let read_lines = |from: Box<dyn std::io::Read + Send>| {
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        rx
-    };
-    let out_lines = read_lines(Box::new(child.stdout.take().unwrap()));
-    let err_lines = read_lines(Box::new(child.stderr.take().unwrap()));
+    let out_lines = read_lines(child.stdout.take().unwrap());
+    let err_lines = read_lines(child.stderr.take().unwrap());
     let seq = |line: &str| -> u64 {
         line.rsplit(' ')
             .next()
@@ -1183,7 +1185,6 @@ fn an_answered_deploy_is_reported_at_once_whatever_the_report_interval() {
 /// place, saying where it went; following it again reads it there.
 #[test]
 fn a_follow_ends_when_its_node_moves_to_another_instance() {
-    use std::io::BufRead;
     let c = Cluster::new();
     let (_ctl, addr, _agents) = start(&c, &["agent-1", "agent-2"]);
     let file = c.dir.path().join("talk.toml");
@@ -1209,19 +1210,8 @@ fn a_follow_ends_when_its_node_moves_to_another_instance() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
-    let read_lines = |from: Box<dyn std::io::Read + Send>| {
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        rx
-    };
-    let out_lines = read_lines(Box::new(child.stdout.take().unwrap()));
-    let err_lines = read_lines(Box::new(child.stderr.take().unwrap()));
+    let out_lines = read_lines(child.stdout.take().unwrap());
+    let err_lines = read_lines(child.stderr.take().unwrap());
     out_lines
         .recv_timeout(PATIENCE)
         .expect("the follow reads the node's output");
