@@ -94,7 +94,7 @@ fn a_removed_nodes_directory_stays_by_default_and_goes_after_the_retention_set()
     first.wait_log("connected to controller");
     deploy(&c, addr, &keep_and_gone(true));
     let gone_pid = ready_pid(&c, addr, "gone");
-    assert!(nodes.join("gone/stdout.log").exists());
+    assert!(nodes.join("gone/work").is_dir());
     deploy(&c, addr, &keep_and_gone(false));
     eventually("gone's process to end", PATIENCE, || {
         (!Path::new(&format!("/proc/{gone_pid}")).exists()).then_some(())
@@ -114,7 +114,7 @@ fn a_removed_nodes_directory_stays_by_default_and_goes_after_the_retention_set()
     second.wait_log("connected to controller");
     let keep_pid = ready_pid(&c, addr, "keep");
     deploy(&c, addr, &keep_and_gone(false));
-    assert!(nodes.join("gone/stdout.log").exists());
+    assert!(nodes.join("gone/work").is_dir());
     assert!(!second.log_text().contains("deleting the directory"));
     second.kill();
 

@@ -8,8 +8,8 @@
 //! the log files' directories are gone, so their output would be lost. Every
 //! [`CHECK`] the agent compares its lock file's path with the file it holds locked; once
 //! they differ it makes the directory again, takes the lock anew and has the supervisor
-//! make every node's directory, log files and notify socket again and write every
-//! record anew. The log keeper does the same for its own lock and socket. What the
+//! make every node's directory and notify socket again and write every record anew
+//! (a node's log files come back with the next line it writes). The log keeper does the same for its own lock and socket. What the
 //! nodes made there themselves (a query socket bound at start, files in a working
 //! directory the agent made) is theirs to make again: it comes back when they restart.
 //!
@@ -69,7 +69,7 @@ pub async fn watch(state: Arc<StateDir>, supervisor: Supervisor) -> String {
                 info!(
                     dir = %state.0.dir().display(),
                     failed = failed.len(),
-                    "state dir made again: lock, node directories, log files, notify sockets and records"
+                    "state dir made again: lock, node directories, notify sockets and records"
                 );
             }
             Check::Taken(why) => {

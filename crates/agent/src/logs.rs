@@ -300,20 +300,23 @@ impl NodeLogs {
         Ok((open(Stream::Stdout)?, open(Stream::Stderr)?))
     }
 
-    /// Creates both files as [`NodeLogs::open_for_child`] would, in the node directory,
-    /// which must exist: they are there before the node's first spawn. Returns where
-    /// each stream's file ends now (stdout, stderr), which is where the node's own
-    /// output will begin: the directory of a node deployed again holds its earlier
-    /// output.
-    pub fn create_files(&self) -> io::Result<[Mark; 2]> {
+    /// Where each stream's current file ends now (stdout, stderr), which is where the
+    /// node's own output will begin: the directory of a node deployed again holds its
+    /// earlier output. One `stat` per stream; nothing is made. A file not there yet (the
+    /// log keeper makes it with the first line the node writes, so a new node that stays
+    /// quiet costs no inodes) ends at its start: inode 0, which no file has, so a
+    /// follower from this mark reads the file that appears from its first byte.
+    pub fn marks(&self) -> io::Result<[Mark; 2]> {
         let mark = |s: Stream| {
             let path = self.path(s);
-            let f = open_append(&path).map_err(|e| with_path("creating", &path, e))?;
-            let meta = f.metadata().map_err(|e| with_path("reading", &path, e))?;
-            Ok::<_, io::Error>(Mark {
-                ino: meta.ino(),
-                len: meta.len(),
-            })
+            match fs::metadata(&path) {
+                Ok(meta) => Ok(Mark {
+                    ino: meta.ino(),
+                    len: meta.len(),
+                }),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Mark { ino: 0, len: 0 }),
+                Err(e) => Err(with_path("reading", &path, e)),
+            }
         };
         Ok([mark(Stream::Stdout)?, mark(Stream::Stderr)?])
     }
@@ -2101,12 +2104,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_mark_taken_before_the_file_exists_makes_none_and_follows_from_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = logs(dir.path(), 1 << 20, 5);
+        let marks = logs.marks().unwrap();
+        assert_eq!(marks, [Mark { ino: 0, len: 0 }; 2]);
+        assert!(!logs.path(Stream::Stdout).exists(), "a mark makes no file");
+        assert!(!logs.path(Stream::Stderr).exists(), "a mark makes no file");
+        let mut rx = logs.follow_from(Stream::Stdout, POLL, marks[0]);
+        append(&logs.path(Stream::Stdout), b"first\nsecond\n");
+        assert_eq!(next(&mut rx).await, "first");
+        assert_eq!(next(&mut rx).await, "second");
+        // Made after the mark: the whole file, also when it is there before the follow.
+        let mut rx = logs.follow_from(Stream::Stdout, POLL, marks[0]);
+        assert_eq!(next(&mut rx).await, "first");
+        // A directory that cannot be read is an error naming the file, not an empty log.
+        let blocked = NodeLogs::new(dir.path().join("file/below"), logs.config());
+        fs::write(dir.path().join("file"), b"").unwrap();
+        let err = blocked.marks().unwrap_err();
+        assert!(err.to_string().contains("stdout.log"), "{err}");
+    }
+
+    #[tokio::test]
     async fn follow_from_a_mark_sends_what_was_written_since() {
         let dir = tempfile::tempdir().unwrap();
         let logs = logs(dir.path(), 1 << 20, 5);
         let path = logs.path(Stream::Stdout);
         append(&path, b"earlier node 1\nearlier node 2\n");
-        let [mark, _] = logs.create_files().unwrap();
+        let [mark, _] = logs.marks().unwrap();
         assert_eq!(mark.len, 30);
         append(&path, b"first\nsecond\n");
         let mut rx = logs.follow_from(Stream::Stdout, POLL, mark);
@@ -2123,7 +2148,7 @@ mod tests {
         assert_eq!(next(&mut rx).await, "after rotation");
 
         // A lot since the mark: only the last FROM_MARK_MAX_BYTES, from a line start.
-        let [mark, _] = logs.create_files().unwrap();
+        let [mark, _] = logs.marks().unwrap();
         let line = format!("{}\n", "x".repeat(99));
         let lines = usize::try_from(2 * FROM_MARK_MAX_BYTES).unwrap() / line.len();
         append(&path, line.repeat(lines).as_bytes());

@@ -100,8 +100,8 @@ pub struct Job {
     pub limits: Limits,
     /// The record announcing the spawn's token, written before the spawn.
     pub announce: Option<crate::records::Write>,
-    /// A node's first spawn makes its directory, log files and notify socket first;
-    /// a later one makes them again if its notify socket is gone.
+    /// A node's first spawn makes its directory and notify socket first; a later one
+    /// makes them again if its notify socket is gone.
     pub fresh: Option<Fresh>,
 }
 
@@ -276,9 +276,9 @@ pub(crate) fn make_workdir(dir: &std::path::Path) -> std::io::Result<bool> {
     }
 }
 
-/// Makes a new node's directory (for the agent and the node only), its empty log files
-/// and its bound notify socket, which receives the sender's credentials from the
-/// first datagram on.
+/// Makes a new node's directory (for the agent and the node only) and its bound notify
+/// socket, which receives the sender's credentials from the first datagram on, and
+/// notes where its log files end (they are made by the first line written to them).
 pub(crate) fn prepare_fresh(
     name: &str,
     dir: &std::path::Path,
@@ -286,7 +286,7 @@ pub(crate) fn prepare_fresh(
     socks: &crate::sockdir::SocketDirs,
 ) -> std::io::Result<Made> {
     crate::supervisor::make_node_dir(dir)?;
-    let marks = logs.create_files()?;
+    let marks = logs.marks()?;
     socks.ensure(name)?;
     let sock = crate::supervisor::bind_notify(&socks.dir(name))?;
     crate::probe::pass_credentials(&sock)?;

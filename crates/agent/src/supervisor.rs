@@ -41,7 +41,7 @@
 //! carried out. Before any node is touched, the desired state (generation, restart-all
 //! epoch, resolved specs) is written to `<state-dir>/desired.json` and synced, on the
 //! blocking pool so that the task keeps answering and firing timers meanwhile (a new
-//! node's directory, log files and notify socket are made by its first spawn). Then
+//! node's directory and notify socket are made by its first spawn). Then
 //! each node's step,
 //! from [`converge::diff`] of the specs (not the configuration's id), is carried out
 //! here: start, restart, stop and go, or stay untouched.
@@ -195,8 +195,8 @@ enum Command {
         stop_nodes: bool,
         reply: oneshot::Sender<()>,
     },
-    /// The state dir was removed or replaced under the agent: every node's directory,
-    /// log files and notify socket are made again and every record written anew.
+    /// The state dir was removed or replaced under the agent: every node's directory
+    /// and notify socket are made again and every record written anew.
     /// Answered with the nodes that could not be restored, and why.
     Restore {
         reply: oneshot::Sender<Vec<(String, String)>>,
@@ -456,7 +456,7 @@ struct Entry {
     /// The stdout and stderr pipes (inode numbers) of its last process this agent
     /// spawned with a log keeper, for that process's last words should it fail.
     last_pipes: Option<[u64; 2]>,
-    /// Its directory, log files and notify socket are still to be made, by its next
+    /// Its directory and notify socket are still to be made, by its next
     /// spawn (see [`crate::spawner::Fresh`]).
     fresh: bool,
     /// Where its log files ended when this agent process made the node: a follow of
@@ -975,7 +975,7 @@ impl Supervisor {
             .unwrap_or_default()
     }
 
-    /// Makes every node's directory, log files and notify socket again, and writes
+    /// Makes every node's directory and notify socket again, and writes
     /// every record anew, after the state dir was removed or replaced under the agent:
     /// the nodes run on, say when they are ready, log, and are adopted by the next agent
     /// process. Returns the nodes that could not be restored, and why.
@@ -1323,7 +1323,7 @@ impl Core {
 
     /// What [`crate::apply`] has the supervisor do for Applies: answer them, or have
     /// the desired state of one written (and synced) off this task, with its new
-    /// nodes' directories, log files and notify sockets made and their exec settings
+    /// nodes' directories and notify sockets made and their exec settings
     /// resolved meanwhile; it is carried out once written ([`Core::carry_out`]), and
     /// only then is the next one taken.
     fn apply_out(&mut self, out: Vec<apply::Out<Requested>>) {
@@ -1348,7 +1348,7 @@ impl Core {
 
     /// Writes an Apply's desired state on the blocking pool and resolves the exec
     /// settings of the nodes it starts there too. Reported as [`Event::DesiredWritten`].
-    /// New nodes' directories, log files and notify sockets are made by their first
+    /// New nodes' directories and notify sockets are made by their first
     /// spawn ([`crate::spawner::Fresh`]), which also gives them to the node's user:
     /// creating inodes is most of what starting hundreds of nodes costs, and so the
     /// first node starts while later ones are still being made, on the spawner
@@ -1696,7 +1696,7 @@ impl Core {
         );
     }
 
-    /// Makes the directories, empty log files and bound notify sockets of new nodes, on
+    /// Makes the directories and bound notify sockets of new nodes, on
     /// this thread (see [`Core::prepare_jobs`] and [`Core::run_prepare`]).
     fn prepare<'a>(&self, nodes: impl Iterator<Item = (&'a str, &'a Node)>) -> Prepared {
         Self::run_prepare(&self.prepare_jobs(nodes), self.cfg.logs, &self.socks)
