@@ -176,6 +176,11 @@ impl Proc {
         }
     }
 
+    /// Its exit status once it has exited by itself; `None` while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().expect("wait")
+    }
+
     /// Waits for the process to exit by itself, up to `patience`.
     pub fn wait_exit(&mut self, patience: Duration) -> std::process::ExitStatus {
         let child = self.child.as_mut().expect("running");
