@@ -384,13 +384,40 @@ fn without_etcd_the_leader_answers_reads_marked_stale_refuses_changes_and_restar
     let c = Cluster::new();
     let mut etcd = Etcd::start(&c, 1);
     let rt = runtime();
-    let group = Group::start(&c, &etcd, 1);
+    let metrics = drover_tests::free_tcp();
+    let (p, a) = etcd::start_controller(
+        &c,
+        "controller-0",
+        &etcd,
+        PREFIX,
+        &[
+            "--leader-lease",
+            LEASE,
+            "--metrics-listen",
+            &metrics.to_string(),
+        ],
+    );
+    let group = Group {
+        procs: vec![p],
+        addrs: vec![a],
+    };
     group.leader(&rt, &etcd, None);
     let list = group.list();
     let (_agent, before) = agent_running_one_node(&c, &list);
+    let gauges = || {
+        let page = drover_tests::scrape(metrics);
+        (
+            drover_tests::metric_value(&page, "drover_controller_leader"),
+            drover_tests::metric_value(&page, "drover_controller_leader_stale"),
+        )
+    };
+    assert_eq!(gauges(), (Some(1.0), Some(0.0)), "leading on a fresh lease");
 
     etcd.kill(0);
     group.procs[0].wait_log("refusing changes and commands to agents");
+    eventually("the stale gauge up while etcd is away", PATIENCE, || {
+        (gauges().1 == Some(1.0)).then_some(())
+    });
     let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
     let out = etcd::drover(&c, &list, &["deploy-config", v2.to_str().unwrap()]);
     assert_ne!(out.code, Some(0), "{}", out.stdout);
@@ -433,6 +460,7 @@ fn without_etcd_the_leader_answers_reads_marked_stale_refuses_changes_and_restar
     assert_eq!(after["w1"], before["w1"], "the node was restarted");
     let out = etcd::drover(&c, &list, &["get-nodes"]);
     assert!(!out.stderr.contains("may be stale"), "{}", out.stderr);
+    assert_eq!(gauges(), (Some(1.0), Some(0.0)), "leading afresh");
 }
 
 #[test]
