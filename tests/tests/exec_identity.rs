@@ -66,8 +66,8 @@ fn nodes_run_as_their_users_with_their_capabilities_and_limits() {
     let nodes = c.dir.path().join("agent-agent-1/nodes");
     let other_log = nodes.join("other/stdout.log");
     let prog = bin("drover-testprog");
-    // `other` first, on its own: a node's files are made by its first spawn, and
-    // `capture` is to find its log there, out of reach.
+    // `other` first, on its own: its log file is made by its first line, and `capture`
+    // is to find it there, out of reach.
     let other = format!(
         r#"
 [nodes.other]
@@ -80,7 +80,9 @@ group = "65533"
     );
     let (code, v, stderr) = deploy(&c, addr, &other);
     assert_eq!(code, Some(0), "{v} {stderr}");
-    assert!(other_log.exists(), "{}", other_log.display());
+    eventually("other's log file", PATIENCE, || {
+        other_log.exists().then_some(())
+    });
     let body = format!(
         r#"
 [nodes.capture]
@@ -125,7 +127,9 @@ liveness = {{ kind = "exec", command = ["sh", "-c", "id -u > probe.uid"], interv
     let core = limits.lines().find(|l| l.starts_with("Max core")).unwrap();
     assert!(core.contains("unlimited            unlimited"), "{core}");
 
-    let log = |node: &str| std::fs::read_to_string(nodes.join(node).join("stdout.log")).unwrap();
+    let log = |node: &str| {
+        std::fs::read_to_string(nodes.join(node).join("stdout.log")).unwrap_or_default()
+    };
     let capture = eventually("capture's report", PATIENCE, || {
         let l = log("capture");
         l.contains("read ").then_some(l)

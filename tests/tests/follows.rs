@@ -357,6 +357,64 @@ fn follows_go_on_through_their_controllers_restart() {
     }
 }
 
+/// A follow of a node that has written nothing yet (its log files are made by its first
+/// line) goes on through its controller's restart like any other: the node's first
+/// lines, written while no controller was there, are shown, once, and the gap is said
+/// to be filled, not lost, although neither of its streams had a file when it began.
+#[test]
+fn a_follow_of_a_node_yet_to_write_is_taken_up_from_its_first_line() {
+    use drover_tests::Background;
+    use nix::sys::signal::Signal;
+
+    let c = Cluster::new();
+    let (mut ctl, addr) = c.start_controller("127.0.0.1:0");
+    let (_agent, metrics) = c.start_agent_with_metrics("a1", addr, &[]);
+    let go = c.dir.path().join("go");
+    c.deploy_text(addr, "late.toml", &format!(
+        "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
+         [nodes.late]\ninstance = \"a1\"\ncommand = [\"/bin/sh\", \"-c\", \"while [ ! -e {go} ]; do sleep 0.02; done; i=0; while :; do i=$((i+1)); echo late-$i; sleep 0.05; done\"]\n",
+        go = go.display()
+    ));
+    let baseline = served(metrics);
+    let at = addr.to_string();
+    let logs = Background::start(&c, &at, &["logs", "-f", "late", "-n", "0"], "logs");
+    eventually("the agent serves the follow", PATIENCE, || {
+        (served(metrics) > baseline).then_some(())
+    });
+    assert!(
+        !c.dir.path().join("agent-a1/nodes/late/stdout.log").exists(),
+        "the node has no log file yet"
+    );
+
+    ctl.signal(Signal::SIGTERM);
+    ctl.wait_exit(PATIENCE);
+    std::fs::write(&go, "").unwrap();
+    eventually(
+        "the node writes while no controller is there",
+        PATIENCE,
+        || {
+            std::fs::read_to_string(c.dir.path().join("agent-a1/nodes/late/stdout.log"))
+                .is_ok_and(|t| t.contains("late-3\n"))
+                .then_some(())
+        },
+    );
+    let _ctl = c.start_controller(&at).0;
+    eventually("the follow goes on", PATIENCE, || {
+        (numbered(&logs.stdout(), "late-").len() >= 10).then_some(())
+    });
+    let nums = numbered(&logs.stdout(), "late-");
+    assert_eq!(nums[0], 1, "the first lines are shown: {nums:?}");
+    assert!(
+        nums.windows(2).all(|w| w[1] == w[0] + 1),
+        "lines skipped or repeated: {nums:?}"
+    );
+    let said = logs.stderr();
+    assert!(
+        said.contains("what the node wrote meanwhile follows]") && !said.contains("not shown"),
+        "{said}"
+    );
+}
+
 /// A follow whose connection the controller ends for another reason than going away
 /// ends with it: here its client's certificate, revoked.
 #[test]

@@ -569,15 +569,19 @@ impl NodeLogs {
                     .map(|i| self.rotated_path(s, i)),
             )
             .collect();
-        // Files newer than the one `until` names hold only what the follower delivers.
+        // Files newer than the one `until` names hold only what the follower delivers;
+        // one that began before the current file existed (inode 0) delivers all of it.
         let mut cap = None;
-        if let Some(m) = until
-            && let Some(i) = files
+        if let Some(m) = until {
+            if m.ino == 0 {
+                files.remove(0);
+            } else if let Some(i) = files
                 .iter()
                 .position(|p| fs::metadata(p).is_ok_and(|meta| meta.ino() == m.ino))
-        {
-            files.drain(..i);
-            cap = Some(m);
+            {
+                files.drain(..i);
+                cap = Some(m);
+            }
         }
         for path in files {
             let mut f = match File::open(&path) {
@@ -686,7 +690,8 @@ impl NodeLogs {
     }
 
     /// [`NodeLogs::follow`] (without `from`) or [`NodeLogs::follow_from`], and where the
-    /// follow begins (`None` while the file does not exist). When `from` is too far
+    /// follow begins (inode 0 while the file does not exist: the follower reads the file
+    /// that appears from its first byte). When `from` is too far
     /// back, the first line says how many bytes were skipped.
     ///
     /// # Panics
@@ -1106,10 +1111,12 @@ fn spawn_follower<G: Send + 'static>(
             start_len
         }
     };
-    let begins = start.map(|m| Mark {
+    // A file not there yet is read from its first byte once it appears: a follow
+    // taken up again from this mark (inode 0, which no file has) does the same.
+    let begins = Some(start.map_or(Mark { ino: 0, len: 0 }, |m| Mark {
         ino: m.ino(),
         len: start_len,
-    });
+    }));
     tokio::spawn(async move {
         let _guard = guard;
         follower.run(tx, poll, start_len).await;
@@ -2123,6 +2130,38 @@ mod tests {
         fs::write(dir.path().join("file"), b"").unwrap();
         let err = blocked.marks().unwrap_err();
         assert!(err.to_string().contains("stdout.log"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_follow_begun_before_its_file_exists_is_taken_up_and_ends_its_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = logs(dir.path(), 1 << 20, 5);
+        let path = logs.path(Stream::Stdout);
+        // An earlier node's rotated output: a tail still shows that.
+        append(&logs.rotated_path(Stream::Stdout, 1), b"earlier\n");
+        let (mut rx, begins) = logs.follow_marked(Stream::Stdout, POLL, None);
+        assert_eq!(
+            begins,
+            Some(Mark { ino: 0, len: 0 }),
+            "a place to take it up from"
+        );
+        append(&path, b"first\n");
+        // The tail ends where the follow began, before the file existed: what is in it
+        // is the follower's to send, once.
+        let mut tail = Vec::new();
+        logs.tail_each_until(Stream::Stdout, 10, begins, |l| {
+            tail.push(l);
+            true
+        })
+        .unwrap();
+        assert_eq!(tail, ["earlier"]);
+        assert_eq!(next(&mut rx).await, "first");
+        // Taken up again from where it began (its connection lost meanwhile): the file
+        // that appeared, from its first line.
+        append(&path, b"second\n");
+        let (mut again, _) = logs.follow_marked(Stream::Stdout, POLL, begins);
+        assert_eq!(next(&mut again).await, "first");
+        assert_eq!(next(&mut again).await, "second");
     }
 
     #[tokio::test]

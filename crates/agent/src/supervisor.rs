@@ -1718,7 +1718,7 @@ impl Core {
             .collect()
     }
 
-    /// Makes the directories, empty log files and bound notify sockets of new nodes,
+    /// Makes the directories and bound notify sockets of new nodes,
     /// spread over a few threads, for [`Core::create`] and the first spawn to find in
     /// place. Blocking; an Apply runs it on the blocking pool.
     fn run_prepare(jobs: &[PrepareJob], logs: LogConfig, socks: &SocketDirs) -> Prepared {
