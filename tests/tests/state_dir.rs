@@ -608,10 +608,10 @@ fn keepers_of(state: &Path) -> usize {
 
 /// The state dir removed under a running agent (a cleanup script): within seconds the
 /// agent makes it again (its lock, the node directories, notify sockets and records) and
-/// its log keeper takes back its socket (the log files come back with the next line). A second agent still cannot start
-/// on it, a node pinging its watchdog is not killed for the pings it could not send
-/// meanwhile, a node's output reaches its file again, and an agent started again adopts
-/// every node with its pid, through the same keeper.
+/// its log keeper takes back its socket (the log files come back with the next line).
+/// A second agent still cannot start on it, a node pinging its watchdog is not killed
+/// for the pings it could not send meanwhile, a node's output reaches its file again,
+/// and an agent started again adopts every node with its pid, through the same keeper.
 #[test]
 fn a_state_dir_removed_under_its_agent_is_made_again() {
     let c = Cluster::new();

@@ -9,9 +9,10 @@
 //! [`CHECK`] the agent compares its lock file's path with the file it holds locked; once
 //! they differ it makes the directory again, takes the lock anew and has the supervisor
 //! make every node's directory and notify socket again and write every record anew
-//! (a node's log files come back with the next line it writes). The log keeper does the same for its own lock and socket. What the
-//! nodes made there themselves (a query socket bound at start, files in a working
-//! directory the agent made) is theirs to make again: it comes back when they restart.
+//! (a node's log files come back with the next line it writes). The log keeper does
+//! the same for its own lock and socket. What the nodes made there themselves (a query
+//! socket bound at start, files in a working directory the agent made) is theirs to
+//! make again: it comes back when they restart.
 //!
 //! Should another agent have taken the directory meanwhile, that one owns it now: this
 //! one exits, leaving the nodes to it.

@@ -13,8 +13,9 @@
 //! them: if the state dir was removed or replaced under it (a cleanup script), it takes
 //! the lock and binds the socket again, so that the next agent process finds it, and
 //! the output of the nodes it reads goes on to their files (which it makes again,
-//! with the node's directory if need be, at the next line). Should another keeper have taken the lock meanwhile, that one serves new
-//! agents and this one only drains the pipes it holds.
+//! with the node's directory if need be, at the next line). Should another keeper have
+//! taken the lock meanwhile, that one serves new agents and this one only drains the
+//! pipes it holds.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
