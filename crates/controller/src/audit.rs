@@ -481,6 +481,11 @@ mod tests {
         )
     }
 
+    /// The times of `records`, in their order.
+    fn stamps(records: &[AuditRecord]) -> Vec<u64> {
+        records.iter().map(|r| r.at_ms).collect()
+    }
+
     fn total_size(dir: &Path) -> u64 {
         fs::read_dir(dir)
             .unwrap()
@@ -505,10 +510,7 @@ mod tests {
         assert_eq!(log.read(None, Some("serial:001A2B"), 100).unwrap().len(), 3);
         assert_eq!(log.read(None, Some("nobody"), 100).unwrap().len(), 0);
         let since = log.read(Some(1001), None, 100).unwrap();
-        assert_eq!(
-            since.iter().map(|r| r.at_ms).collect::<Vec<_>>(),
-            [1001, 1002]
-        );
+        assert_eq!(stamps(&since), [1001, 1002]);
         let newest = log.read(None, None, 1).unwrap();
         assert_eq!(newest[0].at_ms, 1002);
         assert!(log.read(None, None, 0).unwrap().is_empty());
@@ -521,13 +523,11 @@ mod tests {
         log.append(&rec("ops", 1)).unwrap();
         fs::remove_file(log.path()).unwrap();
         log.append(&rec("ops", 2)).unwrap();
-        let at: Vec<u64> = log
-            .read(None, None, 10)
-            .unwrap()
-            .iter()
-            .map(|r| r.at_ms)
-            .collect();
-        assert_eq!(at, [2], "the record after the removal is in the new file");
+        assert_eq!(
+            stamps(&log.read(None, None, 10).unwrap()),
+            [2],
+            "the record after the removal is in the new file"
+        );
         let mode = fs::metadata(log.path()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         // Moved away (as logrotate does): the next record goes to the path.
@@ -549,13 +549,7 @@ mod tests {
         // A new controller process appends after the torn line.
         let log = AuditLog::open(dir.path(), DEFAULT_MAX_BYTES, DEFAULT_KEEP).unwrap();
         log.append(&rec("ops", 3)).unwrap();
-        let at: Vec<u64> = log
-            .read(None, None, 10)
-            .unwrap()
-            .iter()
-            .map(|r| r.at_ms)
-            .collect();
-        assert_eq!(at, [1, 3]);
+        assert_eq!(stamps(&log.read(None, None, 10).unwrap()), [1, 3]);
     }
 
     #[test]
@@ -586,7 +580,7 @@ mod tests {
         }
         let kept = log.read(None, None, usize::MAX).unwrap();
         assert_eq!(kept.last().unwrap().at_ms, 499);
-        let at: Vec<u64> = kept.iter().map(|r| r.at_ms).collect();
+        let at = stamps(&kept);
         assert!(at.windows(2).all(|w| w[1] == w[0] + 1), "{at:?}");
     }
 
