@@ -583,16 +583,13 @@ fn requests_cut_off_by_the_controller_say_their_outcome_is_not_known() {
     c.wait_for_agent(addr, "agent-1");
     // A node that says when it is asked to stop, and does not: its stop takes the whole
     // stop_timeout.
-    let file = c.dir.path().join("slow.toml");
-    std::fs::write(
-        &file,
+    let file = c.deploy_text(
+        addr,
+        "slow.toml",
         "[instances.agent-1]\n[nodes.slow]\ninstance = \"agent-1\"\n\
          command = [\"/bin/sh\", \"-c\", \"trap 'echo got-term' TERM; while :; do sleep 0.05; done\"]\n\
          stop_timeout = \"1h\"\nreadiness = { kind = \"start-period\", period = \"0s\" }\n",
-    )
-    .unwrap();
-    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    );
     eventually("slow runs", PATIENCE, || {
         let v = c.drover(addr, &["get-nodes"]).json();
         (v["results"]["agent-1"]["slow"]["state"] == "RUNNING").then_some(())
