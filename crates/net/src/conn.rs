@@ -253,7 +253,7 @@ fn alert_text(code: u64) -> Option<&'static str> {
         42 => "bad certificate",
         43 => "unsupported certificate",
         44 => "certificate revoked",
-        45 => "certificate expired",
+        45 => "certificate expired or not valid yet",
         46 => "certificate unknown",
         48 => "unknown issuer",
         49 => "access denied",
