@@ -300,6 +300,16 @@ fn a_peer_whose_ca_leaves_the_bundle_is_closed_at_once_and_cannot_return() {
         p
     };
     ctl.wait_log("agent 'agent-1' connected");
+    // The controller's certificate moves to the new CA with its bundle: a bundle that
+    // does not verify the daemon's own certificate is refused.
+    run(&[
+        "ca",
+        "renew",
+        "--dir",
+        next.to_str().unwrap(),
+        "--cert",
+        c.pki_file("controller.crt").to_str().unwrap(),
+    ]);
     std::fs::write(&ctl_ca, &new).unwrap();
     let sent = Instant::now();
     ctl.signal(Signal::SIGHUP);
@@ -313,8 +323,8 @@ fn a_peer_whose_ca_leaves_the_bundle_is_closed_at_once_and_cannot_return() {
         "{log}"
     );
     agent.wait_log("lost the controller");
-    // Its next attempts are refused by the handshake.
-    agent.wait_log("rejected our certificate");
+    // Its next attempts fail in the handshake: neither trusts the other's CA now.
+    agent.wait_log("cannot verify controller");
     assert_eq!(count(&ctl, "agent 'agent-1' connected"), 1);
 }
 
@@ -349,4 +359,110 @@ fn an_agent_reloading_its_deny_list_drops_a_revoked_controller() {
         "cannot connect to the controller: the certificate of controller 'controller' (serial ",
     );
     assert!(log.contains(") is revoked"), "{log}");
+}
+
+#[test]
+fn a_certificate_peers_would_refuse_is_not_put_in_force_and_one_not_valid_yet_is_taken_when_it_is()
+{
+    let c = Cluster::new();
+    let metrics = free_tcp();
+    let (ctl, addr) =
+        c.start_controller_with("127.0.0.1:0", &["--metrics-listen", &metrics.to_string()]);
+    let ok = |why: &str| {
+        let out = c.drover(addr, &["get-instances"]);
+        assert_eq!(out.code, Some(0), "{why}: {}", out.stderr);
+    };
+
+    // Expired: peers would refuse every new connection.
+    c.issue_with(
+        PeerRole::Controller,
+        "controller",
+        "controller",
+        drover_tests::expired(),
+    );
+    let log = reload(&ctl);
+    assert!(log.contains("controller.crt expired at "), "{log}");
+    ok("after an expired certificate");
+    assert_eq!(
+        metric_value(&scrape(metrics), "drover_cert_reload_failing"),
+        Some(1.0)
+    );
+
+    // Issued by a CA the bundle does not hold: peers sharing the bundle would refuse it.
+    let other = drover_pki::Ca::generate("another CA").unwrap();
+    let pem = other
+        .issue(&drover_pki::LeafSpec::new(
+            PeerRole::Controller,
+            "controller",
+        ))
+        .unwrap();
+    c.write_pem("controller", &pem);
+    let log = reload(&ctl);
+    assert!(
+        log.contains("does not verify against its own CA bundle: unknown issuer"),
+        "{log}"
+    );
+    ok("after a certificate of another CA");
+
+    // Not valid yet, as when the issuing machine's clock is ahead: refused, and taken
+    // without another signal once it is valid.
+    let now = time::OffsetDateTime::now_utc();
+    let from = now + time::Duration::seconds(4);
+    c.issue_with(
+        PeerRole::Controller,
+        "controller",
+        "controller",
+        drover_pki::Validity {
+            not_before: from,
+            not_after: now + time::Duration::days(90),
+        },
+    );
+    let log = reload(&ctl);
+    assert!(log.contains("controller.crt is not valid before "), "{log}");
+    ok("after a certificate not valid yet");
+    let log = ctl.wait_log(
+        "reloaded certificates (trying again: the certificate refused was not valid yet): new",
+    );
+    assert!(
+        time::OffsetDateTime::now_utc() >= from,
+        "taken before it was valid: {log}"
+    );
+    ok("with the certificate now valid");
+    assert_eq!(
+        metric_value(&scrape(metrics), "drover_cert_reload_failing"),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn a_daemon_warns_when_its_certificate_comes_within_30_days_of_its_end_while_it_runs() {
+    let c = Cluster::new();
+    let end =
+        time::OffsetDateTime::now_utc() + time::Duration::days(30) + time::Duration::seconds(8);
+    c.issue_with(
+        PeerRole::Controller,
+        "controller",
+        "controller",
+        drover_pki::Validity {
+            not_before: time::OffsetDateTime::now_utc() - time::Duration::minutes(1),
+            not_after: end,
+        },
+    );
+    let (ctl, addr) = c.start_controller("127.0.0.1:0");
+    c.issue_with(
+        PeerRole::Agent,
+        "agent-1",
+        "agent-1",
+        drover_pki::Validity {
+            not_before: time::OffsetDateTime::now_utc() - time::Duration::minutes(1),
+            not_after: end,
+        },
+    );
+    let agent = c.start_agent("agent-1", addr);
+    agent.wait_log("connected to controller");
+    for p in [&ctl, &agent] {
+        assert!(!p.log_text().contains("expires in"), "{}", p.log_text());
+    }
+    ctl.wait_log("controller.crt expires in 29 days; renew it with `drover ca renew`");
+    agent.wait_log("agent-1.crt expires in 29 days; renew it with `drover ca renew`");
 }

@@ -127,7 +127,7 @@ fn expired_certificate() {
     assert!(
         out.stderr
             .trim_end()
-            .ends_with("rejected our certificate: certificate expired"),
+            .ends_with("rejected our certificate: certificate expired or not valid yet"),
         "{}",
         out.stderr
     );
@@ -406,4 +406,36 @@ fn hup(controller: &drover_tests::Proc) {
     drover_tests::eventually("the reload", drover_tests::PATIENCE, || {
         (outcomes(&controller.log_text()) > before).then_some(())
     });
+}
+
+#[test]
+fn a_daemon_whose_own_ca_bundle_does_not_verify_its_certificate_refuses_to_start() {
+    let c = Cluster::new();
+    let other = Ca::generate("another CA").unwrap();
+    for (role, name) in [
+        (PeerRole::Controller, "controller"),
+        (PeerRole::Agent, "agent-1"),
+    ] {
+        c.write_pem(name, &other.issue(&LeafSpec::new(role, name)).unwrap());
+    }
+    let mut cmd = std::process::Command::new(drover_tests::bin("drover-controller"));
+    c.controller_args(&mut cmd, "127.0.0.1:0");
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("this controller's certificate ")
+            && err.contains(
+                "controller.crt does not verify against its own CA bundle: unknown issuer (ca "
+            ),
+        "{err}"
+    );
+    let mut agent = c.start_agent_args("agent-1", "agent-1", &["--controller", "127.0.0.1:9"]);
+    let code = agent.wait_exit(drover_tests::PATIENCE).code();
+    let log = agent.log_text();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("agent-1.crt does not verify against its own CA bundle: unknown issuer"),
+        "{log}"
+    );
 }

@@ -209,19 +209,6 @@ impl Agent {
     pub fn new(config: Config) -> Result<Self, Error> {
         let trust = Arc::new(Trust::load(&config.tls, config.deny_list.as_deref())?);
         let creds = trust.credentials().clone();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        if let Ok(info) = creds.cert_info()
-            && let Some(w) = drover_net::tls::expiry_warning(
-                &format!("this agent's certificate {}", config.tls.cert.display()),
-                &info,
-                now,
-                30,
-            )
-        {
-            tracing::warn!("{w}");
-        }
         let id = creds.identity();
         if id.role != PeerRole::Agent || id.name != config.name {
             return Err(Error::WrongIdentity {
@@ -230,6 +217,7 @@ impl Agent {
                 name: config.name.clone(),
             });
         }
+        trust.check_at_start("this agent's certificate")?;
         let controllers: Vec<String> = match &config.controller {
             Some(list) => list
                 .split(',')
@@ -330,6 +318,17 @@ impl Agent {
         on_ready: impl FnOnce(),
     ) -> Result<(), Error> {
         let this = Arc::new(self);
+        let expiry = this.trust.clone().warn_of_expiry(format!(
+            "this agent's certificate {}",
+            this.config.tls.cert.display()
+        ));
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = expiry => {}
+            }
+        });
         // Before the first child (the log keeper) is started.
         match sys::cloexec_inherited() {
             Ok(fds) if !fds.is_empty() => {
@@ -1023,6 +1022,12 @@ impl Reloader {
             self.refresh.send_modify(|n| *n += 1);
         }
         Ok(())
+    }
+
+    /// When a reload is worth trying again: the last one refused a certificate not
+    /// valid yet.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.trust.retry_after(drover_net::trust::unix_now())
     }
 
     /// The files a reload reads, for a daemon that watches them.

@@ -311,6 +311,7 @@ fn main() -> std::process::ExitCode {
             move |cause| {
                 // The outcome is logged and counted.
                 let _ = reloader.reload(cause);
+                reloader.retry_after()
             },
         )?;
         agent

@@ -481,25 +481,13 @@ impl Controller {
     pub fn bind(config: Config) -> Result<Self, Error> {
         let trust = Arc::new(Trust::load(&config.tls, config.deny_list.as_deref())?);
         let creds = trust.credentials().clone();
-        if let Ok(info) = creds.cert_info()
-            && let Some(w) = drover_net::tls::expiry_warning(
-                &format!(
-                    "this controller's certificate {}",
-                    config.tls.cert.display()
-                ),
-                &info,
-                unix_now(),
-                30,
-            )
-        {
-            warn!("{w}");
-        }
         if creds.identity().role != PeerRole::Controller {
             return Err(Error::WrongRole {
                 cert: config.tls.cert.clone(),
                 identity: creds.identity().clone(),
             });
         }
+        trust.check_at_start("this controller's certificate")?;
         // Before anything reads the state files: a second controller on the same dir
         // would overwrite the first one's deploys (and set aside a file it found
         // half-written while the first was writing it).
@@ -643,6 +631,18 @@ impl Controller {
         // Its own, so that losing the state dir stops every task started here too.
         let shutdown = shutdown.child_token();
         info!(addr = %self.local_addr(), name = %self.shared.name, "controller listening");
+        let trust = self.shared.trust.clone();
+        let whose = format!(
+            "this controller's certificate {}",
+            trust.files().cert.display()
+        );
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = trust.warn_of_expiry(whose) => {}
+            }
+        });
         if let Some(listener) = self.metrics.take() {
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(l) => {

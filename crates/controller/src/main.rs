@@ -401,6 +401,7 @@ fn main() -> std::process::ExitCode {
             move |cause| {
                 // The outcome is logged, counted and published as an event.
                 let _ = reloader.reload(cause);
+                reloader.retry_after()
             },
         )?;
         let addr = controller.local_addr();

@@ -68,6 +68,12 @@ impl Reloader {
         }
     }
 
+    /// When a reload is worth trying again: the last one refused a certificate not
+    /// valid yet.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.shared.trust.retry_after(drover_net::trust::unix_now())
+    }
+
     /// The files a reload reads, for a daemon that watches them.
     pub fn files(&self) -> Vec<std::path::PathBuf> {
         self.shared.trust.watched_files()

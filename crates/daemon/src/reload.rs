@@ -32,18 +32,24 @@ pub const POLL: Duration = Duration::from_secs(1);
 
 /// Runs `reload(cause)` on every SIGHUP and, when `watch`, whenever one of `files`
 /// changes, until `shutdown`. Installs the SIGHUP handler before it returns, so that a
-/// SIGHUP never ends the daemon (the default action).
+/// SIGHUP never ends the daemon (the default action). `reload` returns when it is worth
+/// trying again (a certificate refused as not valid yet); the try is made then, unless
+/// another reload came first.
 pub fn spawn(
     files: Vec<PathBuf>,
     watch: bool,
     shutdown: CancellationToken,
-    reload: impl Fn(&str) + Send + Sync + 'static,
+    reload: impl Fn(&str) -> Option<Duration> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup =
         signal(SignalKind::hangup()).map_err(|e| anyhow::anyhow!("cannot handle SIGHUP: {e}"))?;
-    let reload = Arc::new(reload);
-    let r = reload.clone();
+    let reloads = Reloads {
+        reload: Arc::new(reload),
+        latest: Arc::default(),
+        shutdown: shutdown.clone(),
+    };
+    let r = reloads.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {
         loop {
@@ -51,20 +57,73 @@ pub fn spawn(
                 () = stop.cancelled() => return,
                 got = hup.recv() => if got.is_none() { return },
             }
-            let r = r.clone();
-            let _ = tokio::task::spawn_blocking(move || r("SIGHUP")).await;
+            r.start("SIGHUP".to_owned()).await;
         }
     });
     if watch {
         tokio::spawn(Watch::new(files).run(shutdown, move |cause| {
-            let r = reload.clone();
+            let r = reloads.clone();
             let cause = cause.to_owned();
-            async move {
-                let _ = tokio::task::spawn_blocking(move || r(&cause)).await;
-            }
+            async move { r.start(cause).await }
         }));
     }
     Ok(())
+}
+
+/// Reloads, and the tries again they ask for.
+struct Reloads<R> {
+    reload: Arc<R>,
+    /// Counts reloads begun: a try again is made only if no reload began since.
+    latest: Arc<std::sync::atomic::AtomicU64>,
+    shutdown: CancellationToken,
+}
+
+impl<R> Clone for Reloads<R> {
+    fn clone(&self) -> Self {
+        Self {
+            reload: self.reload.clone(),
+            latest: self.latest.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
+
+impl<R: Fn(&str) -> Option<Duration> + Send + Sync + 'static> Reloads<R> {
+    /// Runs a reload (on a blocking thread: it reads files) and returns once it is done;
+    /// a try again it asks for waits in a task of its own.
+    async fn start(&self, cause: String) {
+        use std::sync::atomic::Ordering;
+        let mine = self.latest.fetch_add(1, Ordering::SeqCst) + 1;
+        let Some(wait) = self.once(cause).await else {
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut wait = wait;
+            loop {
+                tokio::select! {
+                    () = me.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                if me.latest.load(Ordering::SeqCst) != mine {
+                    return;
+                }
+                let cause = "trying again: the certificate refused was not valid yet".to_owned();
+                match me.once(cause).await {
+                    Some(w) => wait = w,
+                    None => return,
+                }
+            }
+        });
+    }
+
+    async fn once(&self, cause: String) -> Option<Duration> {
+        let r = self.reload.clone();
+        tokio::task::spawn_blocking(move || r(&cause))
+            .await
+            .ok()
+            .flatten()
+    }
 }
 
 /// What identifies a file's content without reading it.

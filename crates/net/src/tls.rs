@@ -101,6 +101,8 @@ pub(crate) struct Material {
     pub(crate) cas: Vec<CaInfo>,
     /// Our own certificate.
     pub(crate) info: CertInfo,
+    /// Start of our own certificate's validity, seconds since the Unix epoch.
+    pub(crate) not_before: i64,
 }
 
 impl std::fmt::Debug for Material {
@@ -197,6 +199,9 @@ impl Credentials {
         })?;
         let identity = identity_of_cert(leaf)?;
         let info = cert_info(leaf)?;
+        let not_before = x509_parser::parse_x509_certificate(leaf.as_ref())
+            .map(|(_, x)| x.validity().not_before.timestamp())
+            .map_err(|e| NetError::Identity(format!("cannot parse certificate: {e}")))?;
         let key = PrivateKeyDer::from_pem_slice(key)
             .map_err(|e| NetError::Credentials(format!("bad private key PEM: {e}")))?;
         let signing = provider
@@ -231,6 +236,7 @@ impl Credentials {
             server_verifier,
             cas,
             info,
+            not_before,
         };
         Ok(Self {
             slot: Arc::new(Slot::new(material)),
@@ -273,6 +279,37 @@ impl Credentials {
     /// Serial and expiry of this process's own certificate.
     pub fn cert_info(&self) -> Result<CertInfo, NetError> {
         Ok(self.slot.get().info.clone())
+    }
+
+    /// Whether this process's own certificate can serve at `now` (Unix seconds), by this
+    /// host's clock and its own CA bundle: peers that share the bundle refuse one that
+    /// does not verify against it, and any peer refuses one outside its validity.
+    pub fn check_own(&self, now: i64) -> Result<(), Unusable> {
+        let m = self.slot.get();
+        if now < m.not_before {
+            return Err(Unusable::NotYetValid {
+                from: m.not_before,
+                now,
+            });
+        }
+        if now > m.info.not_after {
+            return Err(Unusable::Expired {
+                at: m.info.not_after,
+                now,
+            });
+        }
+        let (leaf, intermediates) = m
+            .certified
+            .cert
+            .split_first()
+            .ok_or_else(|| Unusable::Untrusted("it holds no certificate".to_owned()))?;
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            u64::try_from(now).unwrap_or(0),
+        ));
+        m.client_verifier
+            .verify_client_cert(leaf, intermediates, at)
+            .map(|_| ())
+            .map_err(|e| Unusable::Untrusted(crate::conn::tls_error_text(&e.to_string())))
     }
 
     /// The CAs trusted now.
@@ -444,6 +481,85 @@ pub struct CertInfo {
     pub serial: String,
     /// End of validity, seconds since the Unix epoch.
     pub not_after: i64,
+}
+
+/// Why a process's own certificate cannot serve ([`Credentials::check_own`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unusable {
+    /// Its validity begins later, by this host's clock.
+    NotYetValid {
+        /// When it begins (Unix seconds).
+        from: i64,
+        /// Now, as checked.
+        now: i64,
+    },
+    /// Its validity ended.
+    Expired {
+        /// When it ended (Unix seconds).
+        at: i64,
+        /// Now, as checked.
+        now: i64,
+    },
+    /// The CA bundle does not verify it; why.
+    Untrusted(String),
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotYetValid { from, now } => write!(
+                f,
+                "is not valid before {} (in {}; is the clock of this host or of the \
+                 machine that issued it wrong?)",
+                utc(*from),
+                humanize_secs(from - now)
+            ),
+            Self::Expired { at, now } => write!(
+                f,
+                "expired at {} ({} ago)",
+                utc(*at),
+                humanize_secs(now - at)
+            ),
+            Self::Untrusted(why) => {
+                write!(f, "does not verify against its own CA bundle: {why}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Unusable {}
+
+/// A Unix time as `2026-12-07 04:30:00 UTC`.
+fn utc(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t).map_or_else(
+        |_| format!("{t} (Unix time)"),
+        |d| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+                d.year(),
+                u8::from(d.month()),
+                d.day(),
+                d.hour(),
+                d.minute(),
+                d.second()
+            )
+        },
+    )
+}
+
+/// A span of seconds as `3d 4h`, `2h 5m`, `7m 3s` or `12s`.
+fn humanize_secs(secs: i64) -> String {
+    let s = secs.max(0);
+    let (d, h, m, sec) = (s / 86_400, s % 86_400 / 3600, s % 3600 / 60, s % 60);
+    if d > 0 {
+        format!("{d}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {sec}s")
+    } else {
+        format!("{sec}s")
+    }
 }
 
 /// Reads serial and expiry from a certificate.

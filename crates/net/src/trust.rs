@@ -35,6 +35,9 @@ pub struct ReloadStats {
     pub failed: u64,
     /// Why the last reload failed, while no later one succeeded.
     pub failing: Option<String>,
+    /// When the certificate the last reload refused as not valid yet becomes valid (Unix
+    /// seconds): a reload is worth trying again then.
+    pub valid_from: Option<i64>,
 }
 
 /// What a reload changed.
@@ -46,6 +49,16 @@ pub struct Reloaded {
     pub deny_entries: usize,
     /// Connections closed because their peer is revoked or no longer trusted.
     pub closed: Vec<Closed>,
+}
+
+/// How many days before its end a daemon warns that its certificate expires.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// Now, in seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 impl Trust {
@@ -153,7 +166,8 @@ impl Trust {
     /// connections of peers now revoked or untrusted. On error nothing changed.
     pub fn reload(&self) -> Result<Reloaded, NetError> {
         let mut stats = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
-        let result = self.reload_locked();
+        stats.valid_from = None;
+        let result = self.reload_locked(&mut stats);
         match &result {
             Ok(_) => {
                 stats.succeeded += 1;
@@ -167,8 +181,27 @@ impl Trust {
         result
     }
 
-    fn reload_locked(&self) -> Result<Reloaded, NetError> {
+    /// How long until a reload is worth trying again, when the last one refused a
+    /// certificate not valid yet: until it is (at most five minutes, so that a clock
+    /// set right meanwhile is noticed).
+    pub fn retry_after(&self, now: i64) -> Option<std::time::Duration> {
+        let from = self.stats().valid_from?;
+        let wait = (from - now).clamp(0, 299) + 1;
+        Some(std::time::Duration::from_secs(wait.unsigned_abs()))
+    }
+
+    fn reload_locked(&self, stats: &mut ReloadStats) -> Result<Reloaded, NetError> {
         let next = Credentials::load(&self.files)?;
+        // A certificate that peers would refuse must not replace one they accept.
+        if let Err(why) = next.check_own(unix_now()) {
+            if let crate::tls::Unusable::NotYetValid { from, .. } = why {
+                stats.valid_from = Some(from);
+            }
+            return Err(NetError::Credentials(format!(
+                "certificate {} {why}",
+                self.files.cert.display()
+            )));
+        }
         let deny = match &self.deny_path {
             Some(p) => DenyList::load(p)?,
             None => DenyList::default(),
@@ -289,13 +322,13 @@ impl Trust {
     /// in expiry warnings ("this agent's certificate"). Returns what changed, or the
     /// failure's message.
     pub fn reload_logged(&self, cause: &str, whose: &str) -> Result<Reloaded, String> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let now = unix_now();
         match self.reload() {
             Ok(done) => {
                 tracing::info!("reloaded certificates ({cause}): {}", done.summary(now));
-                if let Some(w) = crate::tls::expiry_warning(whose, &done.adopted.cert, now, 30) {
+                if let Some(w) =
+                    crate::tls::expiry_warning(whose, &done.adopted.cert, now, EXPIRY_WARNING_DAYS)
+                {
                     tracing::warn!("{w}");
                 }
                 for c in &done.closed {
@@ -309,6 +342,72 @@ impl Trust {
                 );
                 tracing::error!("{m}");
                 Err(m)
+            }
+        }
+    }
+
+    /// Checks this daemon's own certificate as it starts (`whose` names it in messages):
+    /// one its own CA bundle does not verify is an error, as peers sharing the bundle
+    /// would refuse every connection; one outside its validity or expiring within 30
+    /// days is a warning, as the daemon still has nodes to look after and a reload can
+    /// bring a good certificate.
+    pub fn check_at_start(&self, whose: &str) -> Result<(), NetError> {
+        let now = unix_now();
+        match self.creds.check_own(now) {
+            Err(why @ crate::tls::Unusable::Untrusted(_)) => Err(NetError::Credentials(format!(
+                "{whose} {} {why} (ca {})",
+                self.files.cert.display(),
+                self.files.ca.display()
+            ))),
+            Err(why) => {
+                tracing::warn!(
+                    "{whose} {} {why}: peers refuse it; install a valid one and reload",
+                    self.files.cert.display()
+                );
+                Ok(())
+            }
+            Ok(()) => {
+                if let Ok(info) = self.creds.cert_info()
+                    && let Some(w) = crate::tls::expiry_warning(
+                        &format!("{whose} {}", self.files.cert.display()),
+                        &info,
+                        now,
+                        EXPIRY_WARNING_DAYS,
+                    )
+                {
+                    tracing::warn!("{w}");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs for the life of the daemon: warns in the log once this daemon's certificate
+    /// (whichever is in force) comes within 30 days of its end, and again every day
+    /// while it is, as the warning at start says nothing to a daemon that runs for
+    /// months.
+    pub async fn warn_of_expiry(self: Arc<Self>, whose: String) {
+        const DAY: i64 = 86_400;
+        let mut now = unix_now();
+        loop {
+            let Ok(info) = self.creds.cert_info() else {
+                return;
+            };
+            let window = info.not_after - EXPIRY_WARNING_DAYS * DAY;
+            // Past the window's start (which is not in it), and a day at most, so that a
+            // renewal or a clock change is seen.
+            let wait = if now >= window {
+                DAY
+            } else {
+                (window - now + 1).min(DAY)
+            };
+            tokio::time::sleep(std::time::Duration::from_secs(wait.unsigned_abs())).await;
+            now = unix_now();
+            let Ok(info) = self.creds.cert_info() else {
+                return;
+            };
+            if let Some(w) = crate::tls::expiry_warning(&whose, &info, now, EXPIRY_WARNING_DAYS) {
+                tracing::warn!("{w}");
             }
         }
     }
@@ -376,7 +475,7 @@ mod tests {
         let peer = chain(&ca, PeerRole::Agent, "a1");
 
         // A key that is not a key; then a certificate of another CA with a key that
-        // does not match it; then a deny list with a bad line.
+        // does not match it, then with its own; then a deny list with a bad line.
         write_key(
             &f.files.key,
             "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n",
@@ -399,7 +498,19 @@ mod tests {
             err.contains("certificate and key do not match: the key is not the certificate's"),
             "{err}"
         );
+        // Its own key now: a certificate the bundle does not verify, which peers sharing
+        // the bundle would refuse.
         write_key(&f.files.key, &leaf.key);
+        let err = trust.reload().unwrap_err().to_string();
+        assert!(
+            err.contains("does not verify against its own CA bundle: unknown issuer"),
+            "{err}"
+        );
+        let renewed = ca
+            .issue(&LeafSpec::new(PeerRole::Controller, "ctl"))
+            .unwrap();
+        std::fs::write(&f.files.cert, &renewed.cert).unwrap();
+        write_key(&f.files.key, &renewed.key);
         std::fs::write(&f.deny, "agent/a1\nnonsense\n").unwrap();
         let err = trust.reload().unwrap_err().to_string();
         assert!(
@@ -411,7 +522,7 @@ mod tests {
         assert!(trust.deny().is_empty());
         trust.credentials().verify_peer(&peer, None).unwrap();
         let stats = trust.stats();
-        assert_eq!((stats.succeeded, stats.failed), (0, 3));
+        assert_eq!((stats.succeeded, stats.failed), (0, 4));
         assert!(stats.failing.unwrap().contains("invalid deny list"));
 
         // Fixed: all of it in force at once.
@@ -423,7 +534,7 @@ mod tests {
         let mut page = String::new();
         trust.render_metrics(&mut page);
         assert!(
-            page.contains("drover_cert_reloads_total{result=\"failed\"} 3"),
+            page.contains("drover_cert_reloads_total{result=\"failed\"} 4"),
             "{page}"
         );
         assert!(page.contains("drover_cert_reload_failing 0"), "{page}");
