@@ -313,3 +313,84 @@ fn agent_sigkilled_during_large_deploys_converges_on_the_deployed_nodes() {
         node_processes(&marker).is_empty().then_some(())
     });
 }
+
+/// Nodes that talk to their agent after it was SIGKILLed: one pinging a 1 s watchdog,
+/// one adopted before it sent READY=1, one adopted before its port opened.
+#[test]
+fn nodes_adopted_by_the_next_agent_are_heard_watchdog_readiness_and_port() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let prog = bin("drover-testprog").display().to_string();
+    let port = drover_tests::free_tcp().port();
+    let dog = format!(
+        "[instances.agent-1]\n[nodes.dog]\ninstance = \"agent-1\"\ncommand = [\"{prog}\", \"--watchdog\", \
+         \"--ready-after\", \"0ms\"]\nreadiness = {{ kind = \"notify\" }}\nwatchdog = \"1s\"\n"
+    );
+    c.deploy_text(addr, "dog.toml", &dog);
+    let both = format!(
+        "{dog}[nodes.late]\ninstance = \"agent-1\"\ncommand = [\"{prog}\", \"--ready-after\", \
+         \"4s\"]\nreadiness = {{ kind = \"notify\", timeout = \"60s\" }}\n\
+         [nodes.port]\ninstance = \"agent-1\"\ncommand = [\"{prog}\", \"--listen\", \
+         \"127.0.0.1:{port}\", \"--listen-after\", \"4s\"]\n\
+         readiness = {{ kind = \"tcp\", port = {port}, timeout = \"60s\" }}\n"
+    );
+    let file = c.dir.path().join("both.toml");
+    std::fs::write(&file, both).unwrap();
+    let deploy = drover_tests::Background::start(
+        &c,
+        &addr.to_string(),
+        &["deploy-config", file.to_str().unwrap()],
+        "deploy",
+    );
+    // Both started, neither ready: the agent goes now.
+    let pids = eventually("late and port started", PATIENCE, || {
+        let nodes = get_nodes(&c, addr);
+        let pid = |n: &str| match nodes.get(n) {
+            Some((state, Some(pid))) if state == "PENDING" => Some(*pid),
+            _ => None,
+        };
+        Some((
+            pid("dog").or(nodes.get("dog")?.1)?,
+            pid("late")?,
+            pid("port")?,
+        ))
+    });
+    agent.kill();
+    drop(deploy);
+    let agent = c.start_agent("agent-1", addr);
+    agent.wait_log("adopted running node");
+    let ready = eventually(
+        "late and port ready in the adopting agent",
+        PATIENCE,
+        || {
+            let nodes = get_nodes(&c, addr);
+            let running = |n: &str| {
+                nodes
+                    .get(n)
+                    .filter(|(s, _)| s == "RUNNING")
+                    .and_then(|n| n.1)
+            };
+            Some((running("dog")?, running("late")?, running("port")?))
+        },
+    );
+    assert_eq!(ready, pids, "each node kept its process");
+    // Four watchdog periods of the adopted dog: it pings the new agent, which keeps it.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let nodes = get_nodes(&c, addr);
+        assert_eq!(
+            nodes.get("dog"),
+            Some(&("RUNNING".to_owned(), Some(pids.0))),
+            "{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !agent.log_text().contains("watchdog timeout"),
+        "{}",
+        agent.log_text()
+    );
+}

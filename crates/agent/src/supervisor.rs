@@ -2967,12 +2967,23 @@ impl Core {
         self.applied.send_replace(desired.generation);
         self.restart_epoch = desired.restart_epoch;
         let plans = converge::recover(&desired, &found);
+        // New nodes get their directories and notify sockets made; a node whose process
+        // lives gets its notify socket bound anew (the last agent's went with it), so
+        // that its READY=1, WATCHDOG=1 and STATUS= reach this agent.
         let mut prepared = self.prepare(
             desired
                 .nodes
                 .iter()
                 .filter(|(name, _)| !records.contains_key(*name))
-                .map(|(name, spec)| (name.as_str(), spec)),
+                .map(|(name, spec)| (name.as_str(), spec))
+                .chain(
+                    found
+                        .iter()
+                        .filter(|(_, f)| f.alive.is_some())
+                        .map(|(name, f)| {
+                            (name.as_str(), desired.nodes.get(name).unwrap_or(&f.spec))
+                        }),
+                ),
         );
         let now = self.now();
         for (name, plan) in plans {
@@ -3000,6 +3011,10 @@ impl Core {
             }
             let e = self.nodes.get_mut(&name).expect("just created");
             e.deploy_gen = desired.generation;
+            if record.is_some() {
+                // Where a recorded node's output began is not known to this agent process.
+                e.output_marks = None;
+            }
             // Before serving, like the rest of recovery: an adopted node's socket and
             // directory are given back to its user (making the node's entry reset them).
             if crate::exec::wanted(&e.spec) {
@@ -3226,6 +3241,15 @@ impl Core {
             .and(record.status_text.clone());
         let spawn_generation = e.book.spawns();
         e.last_pipes = None;
+        // A node adopted while it was starting is still watched for its port.
+        let port = match &record.spec.readiness {
+            model::Readiness::Tcp { port, .. } if !ready => Some(*port),
+            _ => None,
+        };
+        let probe = port.map(|port| self.probe_tcp(name, spawn_generation, port));
+        if let Some(p) = self.nodes.get_mut(name).and_then(|e| e.book.process_mut()) {
+            p.probe = probe;
+        }
         let events = self.events.clone();
         let host = self.host.clone();
         let node = name.to_owned();
