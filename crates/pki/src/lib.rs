@@ -86,6 +86,16 @@ impl std::fmt::Debug for Pem {
     }
 }
 
+/// Whether `key` is the key of the first certificate in `cert_pem` (false when that is
+/// not a certificate).
+pub(crate) fn key_matches_cert(key: &KeyPair, cert_pem: &str) -> bool {
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) else {
+        return false;
+    };
+    pem.parse_x509()
+        .is_ok_and(|x| x.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
+}
+
 /// Validity of a certificate.
 #[derive(Debug, Clone, Copy)]
 pub struct Validity {
@@ -199,6 +209,11 @@ impl Ca {
     /// Loads a CA from PEM text.
     pub fn from_pem(cert: &str, key: &str) -> Result<Self, Error> {
         let key_pair = KeyPair::from_pem(key)?;
+        if !key_matches_cert(&key_pair, cert) {
+            return Err(Error::Invalid(
+                "the CA key is not the CA certificate's key".to_owned(),
+            ));
+        }
         let issuer = Issuer::from_ca_cert_pem(cert, key_pair)?;
         Ok(Self {
             issuer,
@@ -215,7 +230,14 @@ impl Ca {
         let key_path = dir.join(CA_KEY);
         let cert = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
         let key = fs::read_to_string(&key_path).map_err(io(&key_path))?;
-        Self::from_pem(&cert, &key)
+        Self::from_pem(&cert, &key).map_err(|e| match e {
+            Error::Invalid(m) => Error::Invalid(format!(
+                "{m} ({}, {})",
+                cert_path.display(),
+                key_path.display()
+            )),
+            other => other,
+        })
     }
 
     /// The CA certificate and key.

@@ -179,7 +179,19 @@ pub fn renew_in_place(
 ) -> Result<(PathBuf, PathBuf), Error> {
     let ca = Ca::load(dir)?;
     let old = fs::read_to_string(cert).map_err(io(cert))?;
-    fs::metadata(key).map_err(io(key))?;
+    // The file replaced must be this certificate's key: renewing a pair with another
+    // file's path (another holder's key, the CA's own) would replace that file.
+    let old_key = fs::read_to_string(key).map_err(io(key))?;
+    let pair = KeyPair::from_pem(&old_key)
+        .map_err(|e| Error::Invalid(format!("{}: not a private key: {e}", key.display())))?;
+    if !crate::key_matches_cert(&pair, &old) {
+        return Err(Error::Invalid(format!(
+            "{} is not the key of {}: renewing would replace another key; give the \
+             certificate's own key with --key",
+            key.display(),
+            cert.display()
+        )));
+    }
     let pem = ca.renew(&old, validity).map_err(|e| match e {
         Error::Invalid(m) => Error::Invalid(format!("{}: {m}", cert.display())),
         other => other,
@@ -323,6 +335,60 @@ mod tests {
         };
         assert_eq!(scope(&issued.cert), ["viewer"]);
         assert_eq!(scope(&next.cert), ["viewer"], "a viewer stays a viewer");
+    }
+
+    #[test]
+    fn a_renewal_given_another_files_key_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::init_dir(dir.path()).unwrap();
+        let (cert, _) =
+            crate::issue_in_dir(dir.path(), &LeafSpec::new(PeerRole::Agent, "a1")).unwrap();
+        let (_, other_key) =
+            crate::issue_in_dir(dir.path(), &LeafSpec::new(PeerRole::Client, "ops")).unwrap();
+        let ca_key = dir.path().join(crate::CA_KEY);
+        let listing = || {
+            let mut v: Vec<(String, Vec<u8>)> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        fs::read(e.path()).unwrap_or_default(),
+                    )
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let before = listing();
+        for key in [&other_key, &ca_key] {
+            let err = renew_in_place(dir.path(), &cert, key, Validity::days(5))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!(
+                    "{} is not the key of {}",
+                    key.display(),
+                    cert.display()
+                )),
+                "{err}"
+            );
+            assert_eq!(listing(), before, "nothing written");
+        }
+        let err = renew_in_place(dir.path(), &cert, dir.path(), Validity::days(5))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+        assert_eq!(listing(), before, "nothing written");
+        // A CA directory whose key is not its certificate's issues nothing.
+        fs::copy(&other_key, &ca_key).unwrap();
+        let err = crate::issue_in_dir(dir.path(), &LeafSpec::new(PeerRole::Agent, "a2"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("the CA key is not the CA certificate's key ("),
+            "{err}"
+        );
     }
 
     #[test]
