@@ -500,3 +500,60 @@ fn a_daemons_settings_file_names_every_bad_key_at_once() {
         assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
     }
 }
+
+/// Durations a daemon cannot live with: a keep-alive of nothing (it would do nothing
+/// else) and one so long that clock arithmetic would overflow, on the command line and
+/// in a settings file. Each is refused at start naming the setting; no panic.
+#[test]
+fn daemons_refuse_a_zero_keep_alive_and_durations_beyond_ten_years() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        "name = \"a\"\nremoved_node_retention = \"20000days\"\n",
+    )
+    .unwrap();
+    for (daemon, args, want) in [
+        (
+            "drover-agent",
+            vec![
+                "--name",
+                "a",
+                "--controller",
+                "127.0.0.1:9",
+                "--keep-alive",
+                "0s",
+            ],
+            "keep-alive (0s) must be at least 100ms",
+        ),
+        (
+            "drover-agent",
+            vec!["--keep-alive", "5000000000000000000s"],
+            "'5000000000000000000s' is longer than the longest duration a setting takes (3650 days)",
+        ),
+        (
+            "drover-controller",
+            vec!["--request-timeout", "10000000000000000000s"],
+            "is longer than the longest duration a setting takes",
+        ),
+        (
+            "drover-agent",
+            vec!["--config", file.to_str().unwrap()],
+            "agent.toml:2: removed_node_retention: '20000days' is longer than the longest",
+        ),
+    ] {
+        let mut cmd = Command::new(bin(daemon));
+        cmd.args(&args)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(["--ca", "ca.crt", "--cert", "x.crt", "--key", "x.key"]);
+        let out = run_cli(cmd, Duration::from_secs(30));
+        assert_ne!(out.code, Some(0), "{daemon} {args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(want),
+            "{daemon} {args:?}: {}",
+            out.stderr
+        );
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    }
+}

@@ -48,18 +48,18 @@ struct Args {
     key: Option<PathBuf>,
     /// Keep-alive interval of the connection [default: 2s; with several controllers, a
     /// quarter of the idle timeout, at most 2s].
-    #[arg(long, env = "DROVER_KEEP_ALIVE", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DROVER_KEEP_ALIVE", value_parser = drover_daemon::parse_duration)]
     keep_alive: Option<Duration>,
     /// The controller is lost after this long without hearing from it [default: 10s;
     /// with several controllers 2s, or four keep-alives if that is longer].
-    #[arg(long, env = "DROVER_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DROVER_IDLE_TIMEOUT", value_parser = drover_daemon::parse_duration)]
     idle_timeout: Option<Duration>,
     /// Longest delay between reconnection attempts [default: 5s].
-    #[arg(long, env = "DROVER_RECONNECT_MAX", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DROVER_RECONNECT_MAX", value_parser = drover_daemon::parse_duration)]
     reconnect_max: Option<Duration>,
     /// Longest time an operation on nodes may take before it answers with a timeout
     /// [default: 5s].
-    #[arg(long, env = "DROVER_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DROVER_REQUEST_TIMEOUT", value_parser = drover_daemon::parse_duration)]
     request_timeout: Option<Duration>,
     /// What SIGTERM does to the nodes: `stop` them, or `keep` them running for the next
     /// agent process to adopt (for upgrades) [default: stop].
@@ -83,17 +83,17 @@ struct Args {
     /// Exit (non-zero, leaving the nodes to the next agent process) when the supervisor
     /// has not answered for this long: a stuck agent is worse than a restarted one;
     /// `0` never [default: 30s].
-    #[arg(long, env = "DROVER_STALL_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DROVER_STALL_TIMEOUT", value_parser = drover_daemon::parse_duration)]
     stall_timeout: Option<Duration>,
     /// The least time between two reports of node states to the controller; the answer
     /// to a deploy, start, stop or restart is followed by a report at once all the same.
     /// Longer spares a controller whose agents' nodes change often; 10ms to 10min
     /// [default: 50ms].
-    #[arg(long, env = "DROVER_REPORT_INTERVAL", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DROVER_REPORT_INTERVAL", value_parser = drover_daemon::parse_duration)]
     report_interval: Option<Duration>,
     /// Delete the directory of a node removed by a deploy (its logs, its working
     /// directory) once it has been removed this long; 1s or more [default: keep it].
-    #[arg(long, env = "DROVER_REMOVED_NODE_RETENTION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DROVER_REMOVED_NODE_RETENTION", value_parser = drover_daemon::parse_duration)]
     removed_node_retention: Option<Duration>,
     /// File of revoked certificates (lines `ROLE/NAME` or `serial:HEX`) the controller's
     /// is checked against; read at start and on reload (SIGHUP, or --watch-certs).

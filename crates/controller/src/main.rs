@@ -43,14 +43,14 @@ struct Args {
     #[arg(long, env = "DROVER_KEY")]
     key: Option<PathBuf>,
     /// Keep-alive interval of connections [default: 2s].
-    #[arg(long, env = "DROVER_KEEP_ALIVE", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DROVER_KEEP_ALIVE", value_parser = drover_daemon::parse_duration)]
     keep_alive: Option<Duration>,
     /// A peer silent for this long is lost [default: 10s].
-    #[arg(long, env = "DROVER_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DROVER_IDLE_TIMEOUT", value_parser = drover_daemon::parse_duration)]
     idle_timeout: Option<Duration>,
     /// Longest wait for agents' answers before a request answers with a timeout
     /// [default: 10s].
-    #[arg(long, env = "DROVER_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DROVER_REQUEST_TIMEOUT", value_parser = drover_daemon::parse_duration)]
     request_timeout: Option<Duration>,
     /// File of revoked certificates (lines `ROLE/NAME` or `serial:HEX`), checked on every
     /// new connection; read at start and on reload (SIGHUP, or --watch-certs).
@@ -130,13 +130,13 @@ struct Args {
     /// The leader's lease in etcd: a dead leader is replaced after at most this long; a
     /// leader that cannot renew refuses changes after two thirds of it (still answering
     /// reads, marked stale) and lets its agents go after twice it [default: 2s].
-    #[arg(long, env = "DROVER_LEADER_LEASE", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DROVER_LEADER_LEASE", value_parser = drover_daemon::parse_duration)]
     leader_lease: Option<Duration>,
     /// How often the leader compacts etcd's history, keeping one interval of it: etcd
     /// keeps every version of every key until compacted, so without it (or etcd's own
     /// `--auto-compaction-retention`) each deploy grows etcd's database until its
     /// quota stops every write. `0s` leaves compaction to etcd [default: 5m].
-    #[arg(long, env = "DROVER_ETCD_COMPACT_EVERY", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DROVER_ETCD_COMPACT_EVERY", value_parser = drover_daemon::parse_duration)]
     etcd_compact_every: Option<Duration>,
     /// The address agents and clients dial to reach this controller, told to them by the
     /// followers [default: the --listen address, unless it is a wildcard].

@@ -84,16 +84,43 @@ pub mod humantime_opt {
     /// Deserializes `"250ms"`, `"10s"`, `"1m"`.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map(Some).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "'{s}' is not a duration such as \"10s\" or \"250ms\" ({e})"
-            ))
-        })
+        super::parse_duration(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
     }
 }
 
-/// Checks that keep-alives are sent well within the idle timeout.
+/// The longest duration a daemon setting takes: ten years, far beyond any timeout or
+/// retention, and far from where adding it to a clock reading or multiplying it a few
+/// times would overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// Reads a duration setting (`"10s"`, `"250ms"`, `"1m"`), of at most [`MAX_DURATION`].
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration such as \"10s\" or \"250ms\" ({e})"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "'{s}' is longer than the longest duration a setting takes ({} days)",
+            MAX_DURATION.as_secs() / 86_400
+        ));
+    }
+    Ok(d)
+}
+
+/// The shortest keep-alive interval: shorter ones would have the daemons spend their
+/// time on keep-alives.
+pub const MIN_KEEP_ALIVE: Duration = Duration::from_millis(100);
+
+/// Checks that keep-alives are sent well within the idle timeout, and not so often
+/// that they are all the daemons do.
 pub fn check_liveness(keep_alive: Duration, idle_timeout: Duration) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        keep_alive >= MIN_KEEP_ALIVE,
+        "keep-alive ({}) must be at least {}",
+        humantime::format_duration(keep_alive),
+        humantime::format_duration(MIN_KEEP_ALIVE)
+    );
     anyhow::ensure!(
         keep_alive < idle_timeout,
         "keep-alive ({}) must be shorter than the idle timeout ({})",
@@ -312,5 +339,18 @@ mod tests {
     fn liveness_check() {
         assert!(check_liveness(Duration::from_secs(2), Duration::from_secs(10)).is_ok());
         assert!(check_liveness(Duration::from_secs(10), Duration::from_secs(10)).is_err());
+        assert!(check_liveness(Duration::ZERO, Duration::from_secs(10)).is_err());
+        assert!(check_liveness(Duration::from_millis(100), Duration::from_secs(10)).is_ok());
+        assert!(parse_duration("3650days").is_ok());
+        let err = parse_duration("5000000000000000000s").unwrap_err();
+        assert!(
+            err.contains("longer than the longest duration a setting takes"),
+            "{err}"
+        );
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .starts_with("'soon' is not a duration")
+        );
     }
 }
