@@ -22,8 +22,22 @@ pub fn scope_of_cert(cert: &CertificateDer<'_>) -> Result<Option<Scope>, NetErro
     };
     let mut found = None;
     for gn in &sans.value.general_names {
-        if let x509_parser::extensions::GeneralName::URI(uri) = gn
-            && let Some(name) = uri.strip_prefix(SCOPE_URI_PREFIX)
+        let x509_parser::extensions::GeneralName::URI(uri) = gn else {
+            continue;
+        };
+        // URNs compare their "urn" and namespace case-insensitively (RFC 8141), and a
+        // URN of drover's namespace that is not a scope is a misspelt one: either way
+        // it must not leave the client unscoped, which would make it an admin.
+        let lower = uri.to_ascii_lowercase();
+        if !lower.starts_with("urn:drover:") {
+            continue;
+        }
+        let Some(name) = lower.strip_prefix(SCOPE_URI_PREFIX) else {
+            return Err(NetError::Identity(format!(
+                "certificate carries '{uri}', which is not a scope (expected \
+                 {SCOPE_URI_PREFIX}viewer, operator or admin)"
+            )));
+        };
         {
             let scope = Scope::parse(name).ok_or_else(|| {
                 NetError::Identity(format!(
@@ -98,5 +112,26 @@ mod tests {
         .to_string();
         assert!(err.contains("more than one scope"), "{err}");
         assert_eq!(scope_of_cert(&self_signed(&[])).unwrap(), None);
+    }
+
+    #[test]
+    fn a_scope_urn_spelt_otherwise_is_read_or_refused_never_ignored() {
+        // The same URN (RFC 8141 compares "urn" and the namespace case-insensitively).
+        assert_eq!(
+            scope_of_cert(&self_signed(&["URN:DROVER:SCOPE:viewer"])).unwrap(),
+            Some(Scope::Viewer)
+        );
+        assert_eq!(
+            scope_of_cert(&self_signed(&["urn:Drover:scope:Operator"])).unwrap(),
+            Some(Scope::Operator)
+        );
+        // A misspelt one: without a scope the client would be an admin.
+        for uri in ["urn:drover:scopes:viewer", "URN:drover:role:viewer"] {
+            let err = scope_of_cert(&self_signed(&[uri])).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("carries '{uri}', which is not a scope")),
+                "{err}"
+            );
+        }
     }
 }
