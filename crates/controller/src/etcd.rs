@@ -60,6 +60,20 @@ pub enum EtcdError {
     /// An endpoint URL is malformed.
     #[error("invalid etcd endpoint '{0}': expected http://HOST:PORT or https://HOST:PORT")]
     Endpoint(String),
+    /// An endpoint URL carries a user name or password, which is not how drover
+    /// authenticates to etcd (and would end up in logs).
+    #[error(
+        "invalid etcd endpoint '{0}': it carries credentials; drover authenticates to etcd \
+         with a client certificate (--etcd-cert, --etcd-key), so give http://HOST:PORT or \
+         https://HOST:PORT"
+    )]
+    EndpointCredentials(String),
+    /// TLS files were given for etcd, but no endpoint uses TLS.
+    #[error(
+        "--etcd-ca, --etcd-cert and --etcd-key are for https:// endpoints, but every \
+         --etcd-endpoints URL is http://: use https:// to have them used"
+    )]
+    TlsUnused,
 }
 
 /// TLS files for etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
@@ -92,10 +106,26 @@ impl Endpoint {
             return Err(bad());
         };
         let rest = rest.trim_end_matches('/');
+        if let Some((_, at)) = rest.rsplit_once('@') {
+            // Named without what precedes the '@': it may be a password.
+            let scheme = if https { "https" } else { "http" };
+            return Err(EtcdError::EndpointCredentials(format!(
+                "{scheme}://...@{at}"
+            )));
+        }
         let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
+        let bracketed = host.starts_with('[') && host.ends_with(']');
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains('/') || port == 0 {
+        let host_ok = if bracketed {
+            host.parse::<std::net::Ipv6Addr>().is_ok()
+        } else {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+        };
+        if !host_ok || port == 0 {
             return Err(bad());
         }
         Ok(Self {
@@ -303,6 +333,9 @@ impl Etcd {
         }
         let tls = if endpoints.iter().any(|e| e.https) {
             Some(tokio_rustls::TlsConnector::from(Arc::new(tls_config(tls)?)))
+        } else if tls.ca.is_some() || tls.cert.is_some() || tls.key.is_some() {
+            // Silently unused, they would leave etcd's traffic in the clear unawares.
+            return Err(EtcdError::TlsUnused);
         } else {
             None
         };
@@ -728,6 +761,8 @@ mod tests {
             "http://:2379",
             "ftp://h:1",
             "http://h:0",
+            "http://no such host:2379",
+            "http://[not-v6]:2379",
         ] {
             let err = Endpoint::parse(bad).unwrap_err().to_string();
             assert!(
@@ -735,6 +770,30 @@ mod tests {
                 "{err}"
             );
         }
+        let err = Endpoint::parse("http://user:s3cret@127.0.0.1:2379")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'http://...@127.0.0.1:2379': it carries credentials")
+                && !err.contains("s3cret"),
+            "{err}"
+        );
+        let tls = EtcdTls {
+            ca: Some("ca.crt".into()),
+            cert: None,
+            key: None,
+        };
+        let err = Etcd::new(
+            &["http://127.0.0.1:2379".into()],
+            &tls,
+            Duration::from_secs(1),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("every --etcd-endpoints URL is http://"),
+            "{err}"
+        );
     }
 
     #[test]
