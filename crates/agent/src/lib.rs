@@ -152,7 +152,10 @@ pub enum Error {
     #[error("no --controller to dial and no --listen address: the agent needs at least one")]
     NoController,
     /// The controller address is malformed.
-    #[error("invalid controller address '{0}': expected HOST:PORT")]
+    #[error(
+        "invalid controller address '{0}': expected HOST:PORT (an IPv6 address in brackets, \
+         [ADDRESS]:PORT)"
+    )]
     ControllerAddr(String),
     /// The supervisor could not start, or ended by a panic (the nodes keep running for
     /// the next agent process to adopt).
@@ -1550,15 +1553,9 @@ fn process_start_ms() -> Option<u64> {
     sys::start_time_epoch_ms(sys::proc_id(pid).ok()?)
 }
 
-/// The host part of `HOST:PORT` or `[V6]:PORT`.
+/// The host part of `HOST:PORT` or `[V6]:PORT` ([`drover_proto::name::host_of`]).
 fn split_host(addr: &str) -> Option<&str> {
-    let (host, port) = addr.rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    (!host.is_empty()).then_some(host)
+    drover_proto::name::host_of(addr)
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, NetError> {
@@ -1654,5 +1651,9 @@ mod tests {
         assert_eq!(split_host("ctl.example"), None);
         assert_eq!(split_host(":2150"), None);
         assert_eq!(split_host("h:99999"), None);
+        assert_eq!(split_host("::1"), None, "an IPv6 address out of brackets");
+        assert_eq!(split_host("[nope]:1"), None);
+        assert_eq!(split_host("no such host:1"), None);
+        assert_eq!(split_host("h:0"), None);
     }
 }

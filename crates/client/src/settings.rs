@@ -138,6 +138,20 @@ fn split_controller(s: &str) -> anyhow::Result<(Option<String>, Option<u16>)> {
             None => (s.to_owned(), None),
         }
     };
+    let bracketed = s.starts_with('[');
+    if bracketed && !host.is_empty() && host.parse::<std::net::Ipv6Addr>().is_err() {
+        bail!("--controller '{s}': '{host}' in brackets is not an IPv6 address");
+    }
+    if !bracketed && host.contains(':') {
+        bail!("--controller '{s}': an IPv6 address goes in brackets, as [ADDRESS]:PORT");
+    }
+    if !bracketed
+        && !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    {
+        bail!("--controller '{s}': '{host}' is not a host name or address");
+    }
     let port = match port.filter(|p| !p.is_empty()) {
         Some(p) => Some(
             p.parse()
@@ -181,6 +195,10 @@ impl Settings {
         })?;
         if let Some(list) = cli.controller.as_ref().filter(|c| c.contains(',')) {
             for c in list.split(',').map(str::trim) {
+                anyhow::ensure!(
+                    !c.is_empty(),
+                    "--controller '{list}': an empty entry in the list of controllers"
+                );
                 let (host, port) = split_controller(c)?;
                 let mut one = s.clone();
                 one.controller.host = host.unwrap_or(one.controller.host);
@@ -359,6 +377,14 @@ mod tests {
             (Some("foo".into()), None)
         );
         assert_eq!(split_controller(":2222").unwrap(), (None, Some(2222)));
+        for (bad, why) in [
+            ("::1", "an IPv6 address goes in brackets, as [ADDRESS]:PORT"),
+            ("[nope]:1", "'nope' in brackets is not an IPv6 address"),
+            ("no such:1", "'no such' is not a host name or address"),
+        ] {
+            let err = split_controller(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
         assert_eq!(
             split_controller("[fe80::1]:2222").unwrap(),
             (Some("fe80::1".into()), Some(2222))

@@ -246,7 +246,14 @@ fn ha(
         prefix.push('/');
     }
     let advertise = match args.advertise.take().or(file.advertise.take()) {
-        Some(a) => a,
+        Some(a) => {
+            anyhow::ensure!(
+                drover_proto::name::host_of(&a).is_some(),
+                "--advertise '{a}' is not HOST:PORT (an IPv6 address in brackets, [ADDRESS]:PORT): \
+                 agents and clients dial it"
+            );
+            a
+        }
         // Filled in with the address bound (the port may be 0 here).
         None if !listen.ip().is_unspecified() => String::new(),
         None => anyhow::bail!(

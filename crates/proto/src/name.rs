@@ -32,6 +32,22 @@ pub fn check(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The host part of a `HOST:PORT` or `[IPV6]:PORT` address: a host name or IPv4
+/// address of letters, digits, `.`, `-` and `_`, or an IPv6 address in brackets, and a
+/// port from 1. None for anything else, such as an IPv6 address out of brackets.
+pub fn host_of(addr: &str) -> Option<&str> {
+    let (host, port) = addr.rsplit_once(':')?;
+    port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok().then_some(v6),
+        None => (!host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+        .then_some(host),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::check;
