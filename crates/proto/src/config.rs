@@ -423,10 +423,11 @@ const SIGNALS: &[(&str, i32)] = &[
     ("WINCH", 28),
 ];
 
-/// The number of a signal named `TERM`, `SIGTERM` or `sigterm`, or given as a number.
+/// The number of a signal named `TERM`, `SIGTERM` or `sigterm`, or given as a number
+/// of a standard signal (1 to 31: real-time signals are not sent).
 pub fn signal_number(name: &str) -> Option<i32> {
     if let Ok(n) = name.parse::<i32>() {
-        return (1..=64).contains(&n).then_some(n);
+        return (1..=31).contains(&n).then_some(n);
     }
     let upper = name.to_ascii_uppercase();
     let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
@@ -620,7 +621,10 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
         if signal_number(&node.stop_signal).is_none() {
             issues.push(Issue::at_key(
                 format!("{key}.stop_signal"),
-                format!("unknown signal '{}'", node.stop_signal),
+                format!(
+                    "unknown signal '{}': a name such as TERM or INT, or a number from 1 to 31",
+                    node.stop_signal
+                ),
             ));
         }
         let b = &node.backoff;
@@ -897,7 +901,10 @@ backoff = { multiplier = 0.5 }
                     Some(13),
                     "node 'w3' port 2151/tcp conflicts with agent port on instance 'a'"
                 ),
-                (Some(15), "unknown signal 'SIGNOPE'"),
+                (
+                    Some(15),
+                    "unknown signal 'SIGNOPE': a name such as TERM or INT, or a number from 1 to 31"
+                ),
                 (
                     Some(16),
                     "multiple nodes on instance 'a' using port 2151/tcp"
@@ -967,7 +974,7 @@ max_failed_starts = -1
                 "c.toml:16: nodes.w1.backoff.multiplier: backoff multiplier must be at least 1, not 0.5",
                 "c.toml:18: nodes.w2.instance: node 'w2' has undeclared instance name 'nowhere'",
                 "c.toml:20: nodes.w2.readiness: missing key 'port' (the port to probe)",
-                "c.toml:21: nodes.w2.stop_signal: unknown signal 'SIGNOPE'",
+                "c.toml:21: nodes.w2.stop_signal: unknown signal 'SIGNOPE': a name such as TERM or INT, or a number from 1 to 31",
                 "c.toml:25: nodes.w3.restart: expected one of \"never\", \"on-failure\", \"always\", found string \"sometimes\"",
                 "c.toml:26: nodes.w3.success_exit_codes: expected an array of integers, found string \"1\" in the array",
                 "c.toml:27: nodes.w3.max_failed_starts: expected an integer 0 or more, found integer -1",
@@ -1395,6 +1402,8 @@ supplementary_groups = ["ok", "x:y"]
         assert_eq!(signal_number("term"), Some(15));
         assert_eq!(signal_number("9"), Some(9));
         assert_eq!(signal_number("0"), None);
+        assert_eq!(signal_number("31"), Some(31));
+        assert_eq!(signal_number("40"), None, "real-time signals are not sent");
         assert_eq!(signal_number("SIGFOO"), None);
     }
 
