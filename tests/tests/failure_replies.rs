@@ -127,3 +127,75 @@ fn failed_nodes_are_explained_on_stderr_and_in_status() {
     assert_eq!(out.json()["results"]["fine"], true, "{out:?}");
     assert_eq!(out.stderr, "", "a success tells nothing on stderr");
 }
+
+/// A node with a watchdog starts through a shell that gives it its pid as
+/// `WATCHDOG_PID`; what would stop its program's exec is said as for any other node,
+/// not turned into the shell's exit code.
+#[test]
+fn exec_errors_of_nodes_with_a_watchdog_are_said_as_for_any_node() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let script = c.dir.path().join("orphan.sh");
+    std::fs::write(&script, "#!/nonexistent/interp\necho hi\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let plain = c.dir.path().join("plain.txt");
+    std::fs::write(&plain, "not a program\n").unwrap();
+    let file = c.dir.path().join("cluster.toml");
+    let node = |name: &str, program: &str| {
+        format!(
+            "[nodes.{name}]\ninstance = \"agent-1\"\ncommand = [\"{program}\"]\nwatchdog = \"1s\"\n"
+        )
+    };
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.agent-1]\n[defaults]\nmax_failed_starts = 1\n{}{}{}",
+            node("gone", "/nonexistent/dogprog"),
+            node("script", script.to_str().unwrap()),
+            node("plain", plain.to_str().unwrap()),
+        ),
+    )
+    .unwrap();
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let want = [
+        (
+            "gone",
+            "node 'gone': cannot execute /nonexistent/dogprog: no such file or directory"
+                .to_owned(),
+        ),
+        (
+            "script",
+            format!(
+                "node 'script': cannot execute {}: no such file or directory (the file is \
+                 there; its interpreter /nonexistent/interp is not)",
+                script.display()
+            ),
+        ),
+        (
+            "plain",
+            format!(
+                "node 'plain': cannot execute {}: permission denied",
+                plain.display()
+            ),
+        ),
+    ];
+    for (name, why) in &want {
+        let line = format!("error: {name} on agent-1: {why}");
+        assert!(
+            out.stderr.lines().any(|l| l == line),
+            "{line}\n{}",
+            out.stderr
+        );
+    }
+    let nodes = c.drover(addr, &["get-nodes"]).json();
+    for (name, why) in &want {
+        assert_eq!(
+            nodes["results"]["agent-1"][name]["last_error"], *why,
+            "{nodes}"
+        );
+    }
+}

@@ -1960,11 +1960,13 @@ impl Core {
         let (program, args) = match spec.watchdog {
             // WATCHDOG_PID must be the node's pid, known only once it runs: a shell
             // sets it to its own and execs the node, which keeps that pid.
+            // Its exec errors are found here, or the shell's exec would turn them into an
+            // exit code.
             Some(_) => {
-                let resolved = sys::resolve_program(program, &path).map_err(|err| {
+                let resolved = sys::check_executable(program, &path).map_err(|err| {
                     format!(
                         "node '{name}': cannot execute {program}: {}",
-                        sys::cause(&err)
+                        sys::exec_cause(&err, program, &path, &workdir)
                     )
                 })?;
                 let mut shim = vec![

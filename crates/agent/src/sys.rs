@@ -776,6 +776,27 @@ pub fn resolve_program(program: &str, path: &str) -> io::Result<std::path::PathB
     found_any.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
 }
 
+/// What an exec of `program` (searched in `path` when it has no `/`) would find wrong
+/// before running it: no such file (or its interpreter missing, ENOENT), or not an
+/// executable file (EACCES). For a node started through a shell, whose own exec would
+/// turn those into an exit code. A relative path with a `/` is left to the exec: it
+/// may name a file the spawn is yet to write in the working directory.
+pub fn check_executable(program: &str, path: &str) -> io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = resolve_program(program, path)?;
+    if file.is_relative() {
+        return Ok(file);
+    }
+    let meta = fs::metadata(&file)?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(io::Error::from_raw_os_error(libc::EACCES));
+    }
+    if missing_interpreter(&file).is_some() {
+        return Err(io::Error::from_raw_os_error(libc::ENOENT));
+    }
+    Ok(file)
+}
+
 /// Spawns a child with `posix_spawn` (`CLONE_VM | CLONE_VFORK`: no copy of the
 /// agent's page tables) in a process group of its own, with an empty signal mask and
 /// EVERY signal at its default disposition: glibc's `posix_spawn` would otherwise
