@@ -557,3 +557,44 @@ fn daemons_refuse_a_zero_keep_alive_and_durations_beyond_ten_years() {
         assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
     }
 }
+
+/// Files read whole are read up to a bound: a device or a runaway file named by mistake
+/// is an error naming it, not a process growing until the machine runs out of memory.
+#[test]
+fn a_cluster_or_settings_file_without_end_is_refused_not_read_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = drover_tests::Cluster::new();
+    let nowhere: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let out = c.drover(nowhere, &["stage-config", "/dev/zero"]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert_eq!(
+        out.stderr,
+        "error: cluster file /dev/zero is larger than 64.0 MiB (67108864 bytes): no \
+         configuration that large can be sent\n"
+    );
+    let mut cmd = c.drover_command_as("ops", nowhere);
+    let out = cmd
+        .args(["stage-config", "-"])
+        .stdin(std::fs::File::open("/dev/zero").unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: standard input is larger than 64.0 MiB"),
+        "{err}"
+    );
+    for daemon in ["drover-agent", "drover-controller"] {
+        let mut cmd = Command::new(bin(daemon));
+        cmd.args(["--config", "/dev/zero", "--state-dir"])
+            .arg(dir.path().join("state"));
+        let out = run_cli(cmd, Duration::from_secs(60));
+        assert_ne!(out.code, Some(0), "{daemon}: {}", out.stderr);
+        assert!(
+            out.stderr
+                .contains("config file /dev/zero is larger than 1048576 bytes"),
+            "{daemon}: {}",
+            out.stderr
+        );
+    }
+}

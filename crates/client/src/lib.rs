@@ -714,16 +714,13 @@ fn read_cluster_file(
     file: &str,
     roles: Option<&std::path::Path>,
 ) -> anyhow::Result<drover_proto::Configuration> {
-    use std::io::Read;
     let (name, text) = if file == "-" {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .map_err(|e| anyhow::anyhow!("cannot read standard input: {}", io_text(&e)))?;
+        let text = read_bounded(std::io::stdin().lock(), "standard input")?;
         ("<stdin>".to_owned(), text)
     } else {
-        let text = std::fs::read_to_string(file)
+        let f = std::fs::File::open(file)
             .map_err(|e| anyhow::anyhow!("cannot read cluster file {file}: {}", io_text(&e)))?;
+        let text = read_bounded(f, &format!("cluster file {file}"))?;
         (file.to_owned(), text)
     };
     let refuse = |issues| anyhow::anyhow!("configuration has errors, not sending:\n{issues}");
@@ -736,15 +733,39 @@ fn read_cluster_file(
         // templates of its own; it validates everything again before staging.
         return Ok(config);
     };
-    let roles_text = std::fs::read_to_string(roles).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot read roles file {}: {}",
-            roles.display(),
-            io_text(&e)
-        )
-    })?;
+    let what = format!("roles file {}", roles.display());
+    let roles_text = std::fs::File::open(roles)
+        .map_err(|e| anyhow::anyhow!("cannot read {what}: {}", io_text(&e)))
+        .and_then(|f| read_bounded(f, &what))?;
     drover_proto::ini::with_roles(&config, &name, &roles.display().to_string(), &roles_text)
         .map_err(refuse)
+}
+
+/// The most a cluster or roles file may hold: a few times what one request may carry,
+/// so that a file the request limit refuses is read and measured, but reading a
+/// device or a runaway file does not eat the machine's memory first.
+const MAX_INPUT_FILE: u64 = 4 * drover_proto::msg::MAX_FRAME_LEN as u64;
+
+/// Reads UTF-8 text of at most [`MAX_INPUT_FILE`] bytes; `what` names it in errors.
+fn read_bounded(r: impl std::io::Read, what: &str) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    r.take(MAX_INPUT_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("cannot read {what}: {}", io_text(&e)))?;
+    if bytes.len() as u64 > MAX_INPUT_FILE {
+        anyhow::bail!(
+            "{what} is larger than {} ({MAX_INPUT_FILE} bytes): no configuration that large \
+             can be sent",
+            mebibytes(usize::try_from(MAX_INPUT_FILE).unwrap_or(usize::MAX))
+        );
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read {what}: it is not UTF-8 text (at byte {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 /// The configuration back when its stage-config request fits in one frame; else an

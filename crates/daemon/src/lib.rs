@@ -21,8 +21,18 @@ use tokio_util::sync::CancellationToken;
 /// mirror); errors name the file, the line and the key. Every bad key is reported in
 /// one pass, sorted by line, so that a file is mended in one go.
 pub fn load_config_file<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path)
+    use std::io::Read;
+    // A settings file is a few lines; reading a device named by mistake must end.
+    const MAX: u64 = 1 << 20;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX + 1).read_to_string(&mut text))
         .with_context(|| format!("cannot read config file {}", path.display()))?;
+    anyhow::ensure!(
+        text.len() as u64 <= MAX,
+        "config file {} is larger than {MAX} bytes: not a settings file",
+        path.display()
+    );
     let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
     let whole: toml::Table = toml::from_str(&text).map_err(|e| match e.span() {
         Some(s) => anyhow::anyhow!(
