@@ -120,7 +120,7 @@ impl AuditLog {
 
     /// Appends one record and syncs it to disk (blocking).
     pub fn append(&self, record: &AuditRecord) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        let mut line = fit(record, self.max_bytes)?;
         line.push(b'\n');
         let mut slot = self.file.lock().unwrap_or_else(|p| p.into_inner());
         // A file removed or moved away under the controller (by hand, logrotate, the
@@ -415,14 +415,53 @@ pub fn args(req: &ClientRequest) -> String {
         _ => String::new(),
     };
     if text.len() > MAX_ARGS {
-        let mut cut = MAX_ARGS;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push_str(" ...");
+        text = cut(&text, MAX_ARGS);
     }
     text
+}
+
+/// `record` as one JSON line (without its newline) of fewer than `max_bytes`, so that
+/// every file of the trail stays within `max_bytes`: a record too long for it has its
+/// message and arguments cut, and lists fewer nodes (the list then ends with `...`).
+fn fit(record: &AuditRecord, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    let max = usize::try_from(max_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(1);
+    let mut r = std::borrow::Cow::Borrowed(record);
+    loop {
+        let line = serde_json::to_vec(&r).map_err(std::io::Error::other)?;
+        if line.len() <= max {
+            return Ok(line);
+        }
+        let r = r.to_mut();
+        let listed = r.nodes.iter().filter(|n| *n != "...").count();
+        if r.message.as_ref().is_some_and(|m| m.len() > 256) {
+            r.message = r.message.as_deref().map(|m| cut(m, 256));
+        } else if r.args.len() > 256 {
+            r.args = cut(&r.args, 256);
+        } else if listed > 0 {
+            r.nodes.truncate(listed / 2);
+            r.nodes.push("...".to_owned());
+        } else if r.message.as_ref().is_some_and(|m| m.len() > 64) {
+            let m = r.message.take().unwrap_or_default();
+            r.message = Some(cut(&m, m.len() / 2));
+        } else if r.args.len() > 64 {
+            r.args = cut(&r.args, r.args.len() / 2);
+        } else {
+            // What is left is the caller's identity and the request's name, which a
+            // trail of the smallest size holds many times over.
+            return Ok(line);
+        }
+    }
+}
+
+/// `text` cut at a character boundary and marked with ` ...`, at most `len` bytes in all.
+fn cut(text: &str, len: usize) -> String {
+    let mut at = len.saturating_sub(4).min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    format!("{} ...", &text[..at])
 }
 
 /// A record of `caller`'s request `what` at `at_ms`.
@@ -582,6 +621,33 @@ mod tests {
         assert_eq!(kept.last().unwrap().at_ms, 499);
         let at = stamps(&kept);
         assert!(at.windows(2).all(|w| w[1] == w[0] + 1), "{at:?}");
+    }
+
+    #[test]
+    fn records_too_long_for_the_smallest_trail_are_cut_to_fit_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (max, keep) = (4096, 0);
+        let log = AuditLog::open(dir.path(), max, keep).unwrap();
+        for i in 0..20 {
+            let mut r = rec("ops", i);
+            r.nodes = (0..drover_proto::access::AUDIT_NODES_MAX)
+                .map(|n| format!("{n:0>60}"))
+                .collect();
+            r.message = Some("é".repeat(3000));
+            r.args = "x".repeat(MAX_ARGS);
+            log.append(&r).unwrap();
+            assert!(
+                total_size(dir.path()) <= u64::from(keep + 1) * max,
+                "after {i} records: {} bytes",
+                total_size(dir.path())
+            );
+        }
+        let kept = log.read(None, None, usize::MAX).unwrap();
+        let last = kept.last().unwrap();
+        assert_eq!(last.at_ms, 19);
+        assert_eq!(last.nodes.last().map(String::as_str), Some("..."));
+        assert!(last.nodes.len() > 1, "{:?}", last.nodes);
+        assert!(last.message.as_ref().unwrap().ends_with(" ..."));
     }
 
     #[test]
