@@ -3,8 +3,9 @@
 //!
 //! Files are watched with inotify on their directories, not on the files: certificates
 //! are usually replaced by a rename (`drover ca renew`, `install`, editors, a symlink
-//! swapped by a secrets manager), which a watch on the old file would not see. Any
-//! event in those directories makes the watcher wait until they have been quiet for
+//! swapped by a secrets manager), which a watch on the old file would not see. A file
+//! reached through a symlink has the directory of the file it leads to watched too
+//! (and, when the link is swapped, the new one's). Any event in those directories makes the watcher wait until they have been quiet for
 //! [`SETTLE`] (a certificate and its key are written one after the other) and compare
 //! the files' identities (device, inode, size, modification and change times, following
 //! symlinks) with those of the last reload; only a change triggers one. While nothing is
@@ -159,24 +160,38 @@ fn changed(files: &[PathBuf], before: &[Stamp], now: &[Stamp]) -> Option<String>
     (!names.is_empty()).then(|| format!("{} changed", names.join(", ")))
 }
 
+/// The directories to watch for `files`: each file's own, and, for a file reached
+/// through symlinks, the directory of the file it leads to now, where a secrets manager
+/// may replace the file and leave the link alone.
+fn watched_dirs(files: &[PathBuf]) -> BTreeSet<PathBuf> {
+    let parent = |f: &Path| match f.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let mut dirs = BTreeSet::new();
+    for f in files {
+        dirs.insert(parent(f));
+        if let Ok(real) = std::fs::canonicalize(f) {
+            dirs.insert(parent(&real));
+        }
+    }
+    dirs
+}
+
 /// Watches files for changes; see the module doc.
 struct Watch {
     files: Vec<PathBuf>,
     last: Vec<Stamp>,
     inotify: Option<AsyncFd<Inotify>>,
+    /// The directories watched, to which a link swapped to another one adds.
+    dirs: BTreeSet<PathBuf>,
 }
 
 impl Watch {
     /// Sets the watches up now, so that nothing written after this returns is missed.
     /// Must be called within a runtime.
     fn new(files: Vec<PathBuf>) -> Self {
-        let dirs: BTreeSet<PathBuf> = files
-            .iter()
-            .map(|f| match f.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-                _ => PathBuf::from("."),
-            })
-            .collect();
+        let dirs = watched_dirs(&files);
         let last = stamps(&files);
         let inotify = Inotify::new().and_then(|i| {
             for d in &dirs {
@@ -204,6 +219,7 @@ impl Watch {
             files,
             last,
             inotify,
+            dirs,
         }
     }
 
@@ -235,6 +251,13 @@ impl Watch {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(POLL) => {}
                 },
+            }
+            if let Some(fd) = &self.inotify {
+                for d in watched_dirs(&self.files) {
+                    if !self.dirs.contains(&d) && fd.get_ref().add(&d).is_ok() {
+                        self.dirs.insert(d);
+                    }
+                }
             }
             let now = stamps(&self.files);
             if let Some(cause) = changed(&self.files, &self.last, &now) {
@@ -340,6 +363,52 @@ mod tests {
         std::fs::write(dir.path().join("other"), "z").unwrap();
         let more = tokio::time::timeout(SETTLE * 5, rx.recv()).await;
         assert!(more.is_err(), "{more:?}");
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_file_replaced_behind_a_symlink_into_another_directory_triggers_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let (links, store, next) = (
+            dir.path().join("links"),
+            dir.path().join("store"),
+            dir.path().join("next"),
+        );
+        for d in [&links, &store, &next] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let cert = links.join("a.crt");
+        std::fs::write(store.join("a.crt"), "one").unwrap();
+        std::os::unix::fs::symlink(store.join("a.crt"), &cert).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(
+            Watch::new(vec![cert.clone()]).run(shutdown.clone(), move |c| {
+                let _ = tx.send(c.to_owned());
+                async {}
+            }),
+        );
+        // The target replaced where it is, the link untouched.
+        std::fs::write(store.join("a.crt.tmp"), "two").unwrap();
+        std::fs::rename(store.join("a.crt.tmp"), store.join("a.crt")).unwrap();
+        let cause = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a reload within 10 s")
+            .unwrap();
+        assert!(cause.contains("a.crt changed"), "{cause}");
+        // The link swapped to a file in a third directory; then that file replaced.
+        std::fs::write(next.join("a.crt"), "three").unwrap();
+        std::os::unix::fs::symlink(next.join("a.crt"), links.join("tmp")).unwrap();
+        std::fs::rename(links.join("tmp"), &cert).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a reload within 10 s");
+        std::fs::write(next.join("a.crt.tmp"), "four").unwrap();
+        std::fs::rename(next.join("a.crt.tmp"), next.join("a.crt")).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a reload within 10 s of the swapped link's target being replaced");
         shutdown.cancel();
         task.await.unwrap();
     }
