@@ -703,12 +703,44 @@ fn etcd_over_tls_with_a_client_certificate() {
     let c = Cluster::new();
     let etcd = Etcd::start_tls(&c, 1);
     let rt = runtime();
+    // A client certificate about to end, renewed while the controller runs: new
+    // connections to etcd use the renewed one, with no restart.
+    let ends = time::OffsetDateTime::now_utc() + time::Duration::seconds(12);
+    c.issue_with(
+        PeerRole::Client,
+        "etcd-client",
+        "etcd-client",
+        drover_pki::Validity {
+            not_before: time::OffsetDateTime::now_utc() - time::Duration::minutes(1),
+            not_after: ends,
+        },
+    );
     let group = Group::start(&c, &etcd, 1);
     group.leader(&rt, &etcd, None);
     let v1 = config_file(&c, "v1", &[("w1", "a1")]);
     let out = etcd::drover(&c, &group.list(), &["stage-config", v1.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(state_revisions(&rt, &etcd).len(), 1);
+    group.procs[0].wait_log("the etcd client certificate");
+    let renew = std::process::Command::new(drover_tests::bin("drover"))
+        .args(["ca", "renew", "--dir"])
+        .arg(&c.pki)
+        .arg("--cert")
+        .arg(c.pki_file("etcd-client.crt"))
+        .output()
+        .unwrap();
+    assert!(
+        renew.status.success(),
+        "{}",
+        String::from_utf8_lossy(&renew.stderr)
+    );
+    eventually("the first certificate's end", PATIENCE, || {
+        (time::OffsetDateTime::now_utc() > ends + time::Duration::seconds(1)).then_some(())
+    });
+    let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
+    let out = etcd::drover(&c, &group.list(), &["stage-config", v2.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    group.procs[0].wait_log("the etcd tls files changed; new connections to etcd use them");
 
     // A key others may read is refused before anything is sent.
     let loose = c.pki_file("loose.key");

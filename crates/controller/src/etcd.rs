@@ -255,11 +255,67 @@ fn kvs(v: &Value) -> Result<Vec<Kv>, String> {
         .collect()
 }
 
+/// What identifies a file's content without reading it.
+type Stamp = Option<(u64, u64, i64, i64)>;
+
+fn stamps(files: &EtcdTls) -> [Stamp; 3] {
+    use std::os::unix::fs::MetadataExt;
+    let stamp = |p: &Option<PathBuf>| {
+        let m = std::fs::metadata(p.as_ref()?).ok()?;
+        Some((m.dev(), m.ino(), m.mtime(), m.mtime_nsec()))
+    };
+    [stamp(&files.ca), stamp(&files.cert), stamp(&files.key)]
+}
+
+/// The TLS files for etcd, read again when one changes: every request opens a new
+/// connection, which then uses the renewed client certificate or CA, with no restart
+/// (a certificate issued for a year would otherwise cut every controller off etcd at
+/// once when it ends).
+struct TlsSource {
+    files: EtcdTls,
+    /// The files' stamps when last read, and the connector built from them.
+    current: std::sync::Mutex<([Stamp; 3], tokio_rustls::TlsConnector)>,
+}
+
+impl TlsSource {
+    fn new(files: &EtcdTls) -> Result<Self, EtcdError> {
+        let stamps = stamps(files);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(files)?));
+        Ok(Self {
+            files: files.clone(),
+            current: std::sync::Mutex::new((stamps, connector)),
+        })
+    }
+
+    /// The connector for a new connection, from the files as they are now; files that
+    /// changed into something unusable keep the previous ones in use, said once.
+    fn connector(&self) -> tokio_rustls::TlsConnector {
+        let now = stamps(&self.files);
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.0 != now {
+            current.0 = now;
+            match tls_config(&self.files) {
+                Ok(c) => {
+                    tracing::info!("the etcd tls files changed; new connections to etcd use them");
+                    current.1 = tokio_rustls::TlsConnector::from(Arc::new(c));
+                }
+                Err(e) => tracing::warn!(
+                    "the etcd tls files changed but cannot be used ({e}); keeping the ones in use"
+                ),
+            }
+        }
+        current.1.clone()
+    }
+}
+
 /// A client of one etcd cluster.
 #[derive(Clone)]
 pub struct Etcd {
     endpoints: Arc<[Endpoint]>,
-    tls: Option<tokio_rustls::TlsConnector>,
+    tls: Option<Arc<TlsSource>>,
     /// The endpoint that answered last, tried first.
     preferred: Arc<AtomicUsize>,
     timeout: Duration,
@@ -307,6 +363,17 @@ fn tls_config(tls: &EtcdTls) -> Result<rustls::ClientConfig, EtcdError> {
                 .map_err(|e| EtcdError::Tls(format!("{}: {e}", cert.display())))?;
             let key_der = PrivateKeyDer::from_pem_slice(&read(key)?)
                 .map_err(|e| EtcdError::Tls(format!("{}: {e}", key.display())))?;
+            if let Some(leaf) = chain.first()
+                && let Ok(info) = drover_net::tls::cert_info(leaf)
+                && let Some(w) = drover_net::tls::expiry_warning(
+                    &format!("the etcd client certificate {}", cert.display()),
+                    &info,
+                    drover_net::trust::unix_now(),
+                    drover_net::trust::EXPIRY_WARNING_DAYS,
+                )
+            {
+                tracing::warn!("{w}");
+            }
             builder
                 .with_client_auth_cert(chain, key_der)
                 .map_err(|e| EtcdError::Tls(format!("{}: {e}", cert.display())))
@@ -332,7 +399,7 @@ impl Etcd {
             return Err(EtcdError::Endpoint(String::new()));
         }
         let tls = if endpoints.iter().any(|e| e.https) {
-            Some(tokio_rustls::TlsConnector::from(Arc::new(tls_config(tls)?)))
+            Some(Arc::new(TlsSource::new(tls)?))
         } else if tls.ca.is_some() || tls.cert.is_some() || tls.key.is_some() {
             // Silently unused, they would leave etcd's traffic in the clear unawares.
             return Err(EtcdError::TlsUnused);
@@ -432,7 +499,7 @@ impl Etcd {
             (Some(tls), true) => {
                 let name = ServerName::try_from(ep.host.clone())
                     .map_err(|e| std::io::Error::other(format!("server name: {e}")))?;
-                Box::new(tls.connect(name, tcp).await?)
+                Box::new(tls.connector().connect(name, tcp).await?)
             }
             _ => Box::new(tcp),
         };
