@@ -314,6 +314,15 @@ fn bad_settings_are_errors_naming_the_setting_not_panics() {
     let out = drover(&["restart", "--batch", "0", "w1"]);
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("must be at least 1"), "{}", out.stderr);
+
+    // A mistyped serial would find nobody and look like an empty trail.
+    let out = drover(&["audit", "--who", "serial:zz"]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("'zz' is not a hex serial"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -466,19 +475,31 @@ fn a_daemons_settings_file_names_every_bad_key_at_once() {
     for (daemon, text, want) in [
         (
             "drover-agent",
-            "name = \"a\"\nlog_keep = \"five\"\ncolour = 1\nidle_timeout = \"soon\"\n",
+            "name = \"a\"\nlog_keep = \"five\"\ncolour = 1\nidle_timeout = \"soon\"\n\
+             report_interval = \"1h\"\nlog_max_bytes = \"1K\"\nkeep_alive = \"0s\"\n\
+             controller = \"::1\"\n",
             vec![
                 "agent.toml:2: log_keep: invalid type: string \"five\", expected u32",
                 "agent.toml:3: colour: unknown field `colour`",
                 "agent.toml:4: idle_timeout: 'soon' is not a duration",
+                "agent.toml:5: report_interval: report_interval 1h is out of range",
+                "agent.toml:6: log_max_bytes: log_max_bytes 1024 is out of range",
+                "agent.toml:7: keep_alive: keep-alive (0s) must be at least 100ms",
+                "agent.toml:8: controller: '::1' is not HOST:PORT",
             ],
         ),
         (
             "drover-controller",
-            "audit_keep = -1\n\nzeek_websocket = \"nowhere\"\n",
+            "audit_keep = -1\n\nzeek_websocket = \"nowhere\"\nzeek_deploy = \"sometimes\"\n\
+             audit_max_bytes = 10\nauto_assign_broker_start_port = 0\nstore = \"disk\"\n",
             vec![
                 "controller.toml:1: audit_keep: invalid value: integer `-1`",
                 "controller.toml:3: zeek_websocket: invalid socket address syntax",
+                "controller.toml:4: zeek_deploy: ",
+                "controller.toml:5: audit_max_bytes: 10 is out of range: 4096 to 1099511627776",
+                "controller.toml:6: auto_assign_broker_start_port: an auto-assignment start port \
+                 must not be 0",
+                "controller.toml:7: store: 'disk' is not a store (file or etcd)",
             ],
         ),
     ] {

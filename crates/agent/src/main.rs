@@ -9,7 +9,7 @@ use drover_agent::backoff::Backoff;
 use drover_agent::cgroup::CgroupSetting;
 use drover_agent::logs::LogConfig;
 use drover_agent::{Agent, Config};
-use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing, notify};
+use drover_daemon::{check_liveness, humantime_opt, missing, notify};
 use drover_net::{TlsFiles, TransportSettings};
 use serde::Deserialize;
 
@@ -199,10 +199,57 @@ fn liveness(
     (keep_alive, idle)
 }
 
+fn check_retention(r: Duration) -> Result<(), String> {
+    if r < Duration::from_secs(1) {
+        return Err(format!(
+            "removed_node_retention {} is too short: allowed 1s or more",
+            humantime::format_duration(r)
+        ));
+    }
+    Ok(())
+}
+
+fn check_report_interval(d: Duration) -> Result<(), String> {
+    if !(MIN_REPORT_INTERVAL..=MAX_REPORT_INTERVAL).contains(&d) {
+        return Err(format!(
+            "report_interval {} is out of range: allowed 10ms to 10min",
+            humantime::format_duration(d)
+        ));
+    }
+    Ok(())
+}
+
+/// What is wrong with a settings file's key whose value has the right type, for the
+/// error naming its line (the same checks run on the flags after loading).
+fn check_file_key(key: &str, v: &toml::Value) -> Option<String> {
+    let dur = drover_daemon::duration_value(v);
+    let defaults = LogConfig::default();
+    let err = |r: anyhow::Result<()>| r.err().map(|e| e.to_string());
+    match key {
+        "keep_alive" => drover_daemon::check_keep_alive(dur?).err(),
+        "removed_node_retention" => check_retention(dur?).err(),
+        "report_interval" => check_report_interval(dur?).err(),
+        "log_max_bytes" => {
+            let b: drover_proto::resources::ByteSize = v.clone().try_into().ok()?;
+            err(drover_daemon::check_log_limits(b.0, defaults.keep))
+        }
+        "log_keep" => {
+            let keep = u32::try_from(v.as_integer()?).ok()?;
+            err(drover_daemon::check_log_limits(defaults.max_bytes, keep))
+        }
+        "controller" => v.as_str()?.split(',').map(str::trim).find_map(|c| {
+            drover_proto::name::host_of(c).is_none().then(|| {
+                format!("'{c}' is not HOST:PORT (an IPv6 address in brackets, [ADDRESS]:PORT)")
+            })
+        }),
+        _ => None,
+    }
+}
+
 /// The agent's settings, and whether to watch the certificate files.
 fn config(args: Args) -> anyhow::Result<(Config, bool)> {
     let file: FileConfig = match &args.config {
-        Some(p) => load_config_file(p)?,
+        Some(p) => drover_daemon::load_config_file_checked(p, check_file_key)?,
         None => FileConfig::default(),
     };
     let defaults = TransportSettings::default();
@@ -238,21 +285,13 @@ fn config(args: Args) -> anyhow::Result<(Config, bool)> {
     let watch_certs = args.watch_certs || file.watch_certs;
     let removed_node_retention = args.removed_node_retention.or(file.removed_node_retention);
     if let Some(r) = removed_node_retention {
-        anyhow::ensure!(
-            r >= Duration::from_secs(1),
-            "removed_node_retention {} is too short: allowed 1s or more",
-            humantime::format_duration(r)
-        );
+        check_retention(r).map_err(anyhow::Error::msg)?;
     }
     let report_interval = args
         .report_interval
         .or(file.report_interval)
         .unwrap_or(drover_agent::DEFAULT_REPORT_INTERVAL);
-    anyhow::ensure!(
-        (MIN_REPORT_INTERVAL..=MAX_REPORT_INTERVAL).contains(&report_interval),
-        "report_interval {} is out of range: allowed 10ms to 10min",
-        humantime::format_duration(report_interval)
-    );
+    check_report_interval(report_interval).map_err(anyhow::Error::msg)?;
     let config = Config {
         name: args.name.or(file.name).ok_or_else(|| missing("name"))?,
         controller: args.controller.or(file.controller),

@@ -222,7 +222,7 @@ pub enum Command {
         since: Option<u64>,
         /// Only entries of this client: its name, `client/NAME`, or a certificate
         /// serial (`serial:HEX`).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_who)]
         who: Option<String>,
         /// At most this many entries, the newest.
         #[arg(long, default_value_t = 1000, value_parser = at_least_one)]
@@ -245,6 +245,23 @@ pub enum Command {
 }
 
 /// A count of at least 1.
+/// A `--who`: a name, `ROLE/NAME`, or `serial:HEX` whose serial is hex, so that a
+/// mistyped serial is an error rather than an empty answer.
+fn parse_who(s: &str) -> Result<String, String> {
+    if let Some(serial) = s.strip_prefix("serial:") {
+        let hex = serial.replace(':', "");
+        if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "'{serial}' is not a hex serial (such as 1a2b or 1A:2B)"
+            ));
+        }
+    }
+    if s.is_empty() {
+        return Err("names nobody".to_owned());
+    }
+    Ok(s.to_owned())
+}
+
 fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_owned()),

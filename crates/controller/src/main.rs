@@ -11,7 +11,7 @@ use drover_controller::etcd::{Etcd, EtcdTls};
 use drover_controller::ha::HaSettings;
 use drover_controller::zeek::DeployMode;
 use drover_controller::{Config, Controller, DEFAULT_PORT};
-use drover_daemon::{check_liveness, humantime_opt, load_config_file, missing, notify};
+use drover_daemon::{check_liveness, humantime_opt, missing, notify};
 use drover_net::{TlsFiles, TransportSettings};
 use drover_proto::access::Scope;
 use drover_proto::ports::PortPolicy;
@@ -232,11 +232,7 @@ fn ha(
         .leader_lease
         .or(file.leader_lease)
         .unwrap_or(Duration::from_secs(2));
-    anyhow::ensure!(
-        lease >= Duration::from_secs(2) && lease.subsec_nanos() == 0,
-        "leader_lease: {} is not a whole number of seconds of at least 2s (etcd leases count seconds)",
-        humantime::format_duration(lease)
-    );
+    check_lease(lease).map_err(|e| anyhow::anyhow!("leader_lease: {e}"))?;
     let mut prefix = args
         .etcd_prefix
         .take()
@@ -247,11 +243,7 @@ fn ha(
     }
     let advertise = match args.advertise.take().or(file.advertise.take()) {
         Some(a) => {
-            anyhow::ensure!(
-                drover_proto::name::host_of(&a).is_some(),
-                "--advertise '{a}' is not HOST:PORT (an IPv6 address in brackets, [ADDRESS]:PORT): \
-                 agents and clients dial it"
-            );
+            check_advertise(&a).map_err(|e| anyhow::anyhow!("--advertise {e}"))?;
             a
         }
         // Filled in with the address bound (the port may be 0 here).
@@ -264,11 +256,7 @@ fn ha(
         .etcd_compact_every
         .or(file.etcd_compact_every)
         .unwrap_or(Duration::from_secs(300));
-    anyhow::ensure!(
-        compact_every.is_zero() || compact_every >= Duration::from_secs(1),
-        "etcd_compact_every: {} is neither 0s (off) nor at least 1s",
-        humantime::format_duration(compact_every)
-    );
+    check_compact_every(compact_every).map_err(|e| anyhow::anyhow!("etcd_compact_every: {e}"))?;
     let etcd = Etcd::new(&endpoints, &tls, Duration::from_secs(2))?;
     Ok(Some(HaSettings {
         etcd,
@@ -277,6 +265,70 @@ fn ha(
         advertise,
         compact_every: (!compact_every.is_zero()).then_some(compact_every),
     }))
+}
+
+fn check_lease(lease: Duration) -> Result<(), String> {
+    if lease < Duration::from_secs(2) || lease.subsec_nanos() != 0 {
+        return Err(format!(
+            "{} is not a whole number of seconds of at least 2s (etcd leases count seconds)",
+            humantime::format_duration(lease)
+        ));
+    }
+    Ok(())
+}
+
+fn check_compact_every(every: Duration) -> Result<(), String> {
+    if !every.is_zero() && every < Duration::from_secs(1) {
+        return Err(format!(
+            "{} is neither 0s (off) nor at least 1s",
+            humantime::format_duration(every)
+        ));
+    }
+    Ok(())
+}
+
+fn check_advertise(a: &str) -> Result<(), String> {
+    if drover_proto::name::host_of(a).is_none() {
+        return Err(format!(
+            "'{a}' is not HOST:PORT (an IPv6 address in brackets, [ADDRESS]:PORT): agents \
+             and clients dial it"
+        ));
+    }
+    Ok(())
+}
+
+/// What is wrong with a settings file's key whose value has the right type, for the
+/// error naming its line (the same checks run on the flags after loading).
+fn check_file_key(key: &str, v: &toml::Value) -> Option<String> {
+    let dur = drover_daemon::duration_value(v);
+    match key {
+        "keep_alive" => drover_daemon::check_keep_alive(dur?).err(),
+        "leader_lease" => check_lease(dur?).err(),
+        "etcd_compact_every" => check_compact_every(dur?).err(),
+        "advertise" => check_advertise(v.as_str()?).err(),
+        "zeek_deploy" => parse_deploy_mode(v.as_str()?).err(),
+        "zeek_scope" => parse_scope(v.as_str()?).err(),
+        "store" => (!matches!(v.as_str()?, "file" | "etcd")).then(|| {
+            format!(
+                "'{}' is not a store (file or etcd)",
+                v.as_str().unwrap_or("")
+            )
+        }),
+        "audit_max_bytes" => {
+            let b: drover_proto::resources::ByteSize = v.clone().try_into().ok()?;
+            (!audit::MAX_BYTES_RANGE.contains(&b.0))
+                .then(|| format!("{} is out of range: 4096 to 1099511627776", b.0))
+        }
+        "audit_keep" => {
+            let keep = v.as_integer()?;
+            (keep > i64::from(audit::MAX_KEEP))
+                .then(|| format!("{keep} is out of range: 0 to {}", audit::MAX_KEEP))
+        }
+        "auto_assign_broker_start_port" | "auto_assign_metrics_start_port" => {
+            (v.as_integer()? == 0).then(|| "an auto-assignment start port must not be 0".to_owned())
+        }
+        _ => None,
+    }
 }
 
 /// A start port when assignment is on.
@@ -289,7 +341,7 @@ fn start(on: Option<bool>, port: Option<u16>, default: u16) -> anyhow::Result<Op
 /// The controller's settings, and whether to watch the certificate files.
 fn config(mut args: Args) -> anyhow::Result<(Config, bool)> {
     let mut file: FileConfig = match &args.config {
-        Some(p) => load_config_file(p)?,
+        Some(p) => drover_daemon::load_config_file_checked(p, check_file_key)?,
         None => FileConfig::default(),
     };
     let defaults = TransportSettings::default();

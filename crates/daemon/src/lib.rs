@@ -21,6 +21,16 @@ use tokio_util::sync::CancellationToken;
 /// mirror); errors name the file, the line and the key. Every bad key is reported in
 /// one pass, sorted by line, so that a file is mended in one go.
 pub fn load_config_file<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    load_config_file_checked(path, |_, _| None)
+}
+
+/// As [`load_config_file`], with `check` asked about each key whose value has the right
+/// type: what is wrong with it (out of range, not one of the names it may be), reported
+/// with every other bad key at the key's own line.
+pub fn load_config_file_checked<T: DeserializeOwned>(
+    path: &Path,
+    check: impl Fn(&str, &toml::Value) -> Option<String>,
+) -> anyhow::Result<T> {
     use std::io::Read;
     // A settings file is a few lines; reading a device named by mistake must end.
     const MAX: u64 = 1 << 20;
@@ -58,10 +68,11 @@ pub fn load_config_file<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
         .filter_map(|(key, value)| {
             let mut one = toml::Table::new();
             one.insert(key.clone(), value.clone());
-            toml::Value::Table(one).try_into::<T>().err().map(|e| {
-                let line = lines.get(key).copied().unwrap_or(0);
-                (line, format!("{key}: {}", e.message().trim_end()))
-            })
+            let line = lines.get(key).copied().unwrap_or(0);
+            match toml::Value::Table(one).try_into::<T>() {
+                Err(e) => Some((line, format!("{key}: {}", e.message().trim_end()))),
+                Ok(_) => check(key, value).map(|why| (line, format!("{key}: {why}"))),
+            }
         })
         .collect();
     if !errors.is_empty() {
@@ -122,15 +133,28 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// time on keep-alives.
 pub const MIN_KEEP_ALIVE: Duration = Duration::from_millis(100);
 
+/// Checks that keep-alives are not so frequent that they are all the daemons do.
+pub fn check_keep_alive(keep_alive: Duration) -> Result<(), String> {
+    if keep_alive < MIN_KEEP_ALIVE {
+        return Err(format!(
+            "keep-alive ({}) must be at least {}",
+            humantime::format_duration(keep_alive),
+            humantime::format_duration(MIN_KEEP_ALIVE)
+        ));
+    }
+    Ok(())
+}
+
+/// A duration setting's value, for the checks of [`load_config_file_checked`] (which
+/// see only values of the right type).
+pub fn duration_value(v: &toml::Value) -> Option<Duration> {
+    v.as_str().and_then(|s| parse_duration(s).ok())
+}
+
 /// Checks that keep-alives are sent well within the idle timeout, and not so often
 /// that they are all the daemons do.
 pub fn check_liveness(keep_alive: Duration, idle_timeout: Duration) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        keep_alive >= MIN_KEEP_ALIVE,
-        "keep-alive ({}) must be at least {}",
-        humantime::format_duration(keep_alive),
-        humantime::format_duration(MIN_KEEP_ALIVE)
-    );
+    check_keep_alive(keep_alive).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(
         keep_alive < idle_timeout,
         "keep-alive ({}) must be shorter than the idle timeout ({})",
