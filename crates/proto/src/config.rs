@@ -228,7 +228,19 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
             .or_insert_with(|| toml::Value::Array(Vec::new()));
         match toml::Value::Table(table).try_into::<RoleTemplate>() {
             Ok(t) => {
-                roles.insert(role.to_ascii_lowercase(), t);
+                // Role names are compared without case: two spellings of one would
+                // leave one template unused without a word.
+                if roles.insert(role.to_ascii_lowercase(), t).is_some() {
+                    issues.push(Issue {
+                        file: None,
+                        line: Some(line),
+                        key: Some(key),
+                        message: format!(
+                            "role '{role}' is given a second time (role names are compared \
+                             without case)"
+                        ),
+                    });
+                }
             }
             Err(e) => issues.push(Issue {
                 file: None,
@@ -298,22 +310,42 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
     if issues.is_empty() {
         return Ok(config);
     }
+    // The longest key path written in the file that is `k` or a parent of it.
+    let written = |k: &str| {
+        line_of_key
+            .iter()
+            .filter(|(known, _)| {
+                k == known.as_str()
+                    || k.strip_prefix(known.as_str())
+                        .is_some_and(|rest| rest.starts_with('.'))
+            })
+            .max_by_key(|(known, _)| known.len())
+            .map(|(known, line)| (known.clone(), *line))
+    };
+    let node_names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
     let mut issues: Vec<Issue> = issues
         .into_iter()
         .map(|mut issue| {
-            if issue.line.is_none() {
-                issue.line = issue.key.as_deref().and_then(|k| {
-                    // The longest known key path that is a prefix of the key gives the line.
-                    line_of_key
-                        .iter()
-                        .filter(|(known, _)| {
-                            k == known.as_str()
-                                || k.strip_prefix(known.as_str())
-                                    .is_some_and(|rest| rest.starts_with('.'))
-                        })
-                        .max_by_key(|(known, _)| known.len())
-                        .map(|(_, line)| *line)
+            if issue.line.is_none()
+                && let Some(k) = issue.key.clone()
+            {
+                // A node's value the node does not write came from `[defaults]`: the
+                // problem is said once, there, not at every node that inherits it.
+                let inherited = node_names.iter().find_map(|name| {
+                    let node = format!("nodes.{name}");
+                    let rest = k.strip_prefix(&node)?.strip_prefix('.')?;
+                    let at_node = written(&k).is_some_and(|(known, _)| known.len() > node.len());
+                    let in_defaults = format!("defaults.{rest}");
+                    let (known, line) = written(&in_defaults)?;
+                    (!at_node && known != "defaults").then_some((in_defaults, line))
                 });
+                match inherited {
+                    Some((key, line)) => {
+                        issue.key = Some(key);
+                        issue.line = Some(line);
+                    }
+                    None => issue.line = written(&k).map(|(_, line)| line),
+                }
             }
             with_file(issue)
         })
@@ -1209,6 +1241,49 @@ max_failed_starts = 1000
 readiness = { kind = "tcp", port = 1, timeout = "1h" }
 "#;
         parse_toml("c.toml", edges).unwrap();
+    }
+
+    #[test]
+    fn a_role_given_twice_in_two_cases_is_an_error() {
+        let text = "[roles.Worker]\ncommand = [\"a\"]\n[roles.worker]\ncommand = [\"b\"]\n";
+        let err = parse_toml("c.toml", text).unwrap_err();
+        let lines: Vec<String> = err.0.iter().map(ToString::to_string).collect();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].ends_with("is given a second time (role names are compared without case)"),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn a_bad_default_is_said_once_at_its_own_line_not_at_each_node() {
+        let text = r#"[instances.a]
+[defaults]
+stop_timeout = "2h"
+backoff = { initial = "2h" }
+[nodes."w.1"]
+instance = "a"
+command = ["x"]
+[nodes.w2]
+instance = "a"
+command = ["x"]
+stop_timeout = "3h"
+[nodes.w3]
+instance = "a"
+command = ["x"]
+"#;
+        let err = parse_toml("c.toml", text).unwrap_err();
+        let lines: Vec<String> = err.0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "c.toml:3: defaults.stop_timeout: stop_timeout 2h is out of range: allowed 1ms to 1h",
+                "c.toml:4: defaults.backoff.initial: backoff.initial 2h is out of range: allowed 0s to 1h",
+                // Not given, it follows the initial delay given.
+                "c.toml:4: defaults.backoff.max: backoff.max 2h is out of range: allowed 0s to 1h",
+                "c.toml:11: nodes.w2.stop_timeout: stop_timeout 3h is out of range: allowed 1ms to 1h",
+            ]
+        );
     }
 
     #[test]
