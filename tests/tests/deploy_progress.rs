@@ -274,3 +274,36 @@ stop_timeout = "60s"
         assert_eq!(v["results"]["a"][node]["state"], want, "{v}");
     }
 }
+
+/// A start asked for while a stop waits for its node to end: the node is stopped (killed
+/// at its stop_timeout) and started again at once, and both requests say they succeeded
+/// (before: the stop timed out, waiting for a node without a process, which the start
+/// never left).
+#[test]
+fn a_start_during_a_stop_lets_both_succeed() {
+    let c = Cluster::new();
+    let (_ctl, _agent, addr) = start(&c);
+    c.deploy_text(
+        addr,
+        "stubborn.toml",
+        "[instances.a]\n[nodes.stubborn]\ninstance = \"a\"\n\
+         command = [\"/bin/sh\", \"-c\", \"trap '' TERM; while :; do sleep 0.1; done\"]\n\
+         stop_timeout = \"3s\"\n",
+    );
+    let mut stop =
+        drover_tests::Background::start(&c, &addr.to_string(), &["stop", "stubborn"], "stop");
+    drover_tests::eventually("the stop under way", PATIENCE, || {
+        let v = c.drover(addr, &["get-nodes", "--fresh"]).json();
+        v["results"]["a"]["stubborn"]["stopping_since_ms"]
+            .as_u64()
+            .map(|_| ())
+    });
+    let out = c.drover(addr, &["start", "stubborn"]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    let status = drover_tests::eventually("the stop answered", PATIENCE, || stop.ended());
+    assert!(status.success(), "{}{}", stop.stdout(), stop.stderr());
+    let answer: serde_json::Value = serde_json::from_str(&stop.stdout()).unwrap();
+    assert_eq!(answer["results"]["stubborn"], true, "{answer}");
+    let v = c.drover(addr, &["get-nodes", "--fresh"]).json();
+    assert_eq!(v["results"]["a"]["stubborn"]["state"], "RUNNING", "{v}");
+}

@@ -325,7 +325,8 @@ pub enum Settled {
 
 /// Whether a request that wants `want` of a node is settled, given what it sees of the
 /// node (`None`: the node is gone). `past` is the number of processes the node had when
-/// a restart was asked for: only a later process counts.
+/// a restart (or stop) was asked for: only a later process counts (a stop is over once
+/// there is one).
 #[must_use]
 pub fn settle(want: Want, past: Option<u64>, node: Option<Seen>) -> Settled {
     use crate::machine::State;
@@ -337,7 +338,9 @@ pub fn settle(want: Want, past: Option<u64>, node: Option<Seen>) -> Settled {
     };
     let moved_on = past.is_none_or(|p| n.spawns > p);
     match want {
-        Want::Stopped if !n.has_process => Settled::Done,
+        // A later process than the one to stop means that one ended (a start came
+        // after the stop).
+        Want::Stopped if !n.has_process || moved_on && past.is_some() => Settled::Done,
         Want::Stopped => Settled::Pending,
         Want::Running => match n.state {
             State::Running if moved_on && !n.stopping => Settled::Done,

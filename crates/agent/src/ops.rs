@@ -59,8 +59,9 @@ pub struct Plan {
     /// Every node, in the order asked: what it goes through, or why it is refused
     /// (unknown, not running, a bad signal) and answered at once.
     pub steps: Vec<(String, Result<Step, String>)>,
-    /// The nodes the request then waits for, with the spawn count a restart must
-    /// move past; none for a signal, whose answer is whether it was sent.
+    /// The nodes the request then waits for, with the spawn count a restart must move
+    /// past (and a stop is done at); none for a signal, whose answer is whether it was
+    /// sent.
     pub wait: Vec<(String, Option<u64>)>,
     /// What the request waits for them to be.
     pub want: Want,
@@ -104,7 +105,9 @@ pub fn plan(op: Op, names: Vec<String>, nodes: &impl Nodes) -> Plan {
             Op::Restart => Step::Restart,
         };
         if !matches!(step, Step::Signal(_)) {
-            let past = (op == Op::Restart).then_some(facts.spawns);
+            // A restart waits for a process past the current one; a stop for the
+            // current one's end, which a start asked for meanwhile may follow at once.
+            let past = matches!(op, Op::Restart | Op::Stop).then_some(facts.spawns);
             out.wait.push((name.clone(), past));
         }
         out.steps.push((name, Ok(step)));
@@ -162,7 +165,10 @@ mod tests {
         let p = plan(Op::Stop, Vec::new(), &fake());
         assert_eq!(p.steps, [ok("a", Step::Stop), ok("b", Step::Stop)]);
         assert_eq!(p.want, Want::Stopped);
-        assert_eq!(p.wait, [("a".to_owned(), None), ("b".to_owned(), None)]);
+        assert_eq!(
+            p.wait,
+            [("a".to_owned(), Some(3)), ("b".to_owned(), Some(0))]
+        );
     }
 
     #[test]

@@ -1482,7 +1482,7 @@ impl Core {
                     };
                     info!(node = %name, "node spec changed; restarting it");
                     // Stopped as the old spec says, started as the new one does.
-                    let stop = if e.proc().is_some() {
+                    let stop = if e.proc().is_some() || e.spawn_of.is_some() {
                         e.spec.stop_timeout
                     } else {
                         Duration::ZERO
@@ -1626,7 +1626,9 @@ impl Core {
                     ops::Step::Restart => (true, true),
                     ops::Step::Signal(_) => return None,
                 };
-                Some(e.spec.settle_within(stops && e.proc().is_some(), starts))
+                // A process whose spawn is under way is one to stop too.
+                let live = e.proc().is_some() || e.spawn_of.is_some();
+                Some(e.spec.settle_within(stops && live, starts))
             })
             .max()
             .unwrap_or_default();

@@ -784,6 +784,15 @@ fn waiting_requests_settle_on_a_later_process_only() {
         Settled::Done
     );
     assert_eq!(settle(Want::Stopped, None, None), Settled::Done);
+    // A stop of process 1 is over once process 2 runs (a start came after it).
+    assert_eq!(
+        settle(Want::Stopped, Some(1), seen(State::Running, true, true, 1)),
+        Settled::Pending
+    );
+    assert_eq!(
+        settle(Want::Stopped, Some(1), seen(State::Running, true, false, 2)),
+        Settled::Done
+    );
 }
 
 fn arb_desired(generation: u64) -> impl Strategy<Value = Desired> {
