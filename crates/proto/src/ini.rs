@@ -199,6 +199,8 @@ pub fn parse_ini_with(
 
     let mut declared: Option<(usize, Vec<Instance>)> = None;
     let mut nodes = Vec::new();
+    // Keys of node values that could not be read (see below).
+    let mut unread: Vec<String> = Vec::new();
     let mut node_sections = 0usize;
     let mut instance_free = BTreeSet::new();
     for section in &doc.sections {
@@ -221,7 +223,23 @@ pub fn parse_ini_with(
         if !entries.iter().any(|(e, _)| e.key == "instance") {
             instance_free.insert(section.name.clone());
         }
+        let before = issues.len();
         if let Some(node) = read_node(section, &doc.defaults, options, &mut issues) {
+            // A value that could not be read was left at its default: what validation
+            // would say of that default is noise next to the error already reported (a
+            // bad role, of the whole node).
+            for found in &issues[before..] {
+                let Some(key) = &found.key else { continue };
+                let field = key
+                    .strip_prefix("DEFAULT.")
+                    .or_else(|| key.strip_prefix(&format!("{}.", node.name)))
+                    .unwrap_or(key);
+                unread.push(if matches!(field, "role" | "type") {
+                    node.name.clone()
+                } else {
+                    format!("{}.{field}", node.name)
+                });
+            }
             nodes.push(node);
         }
     }
@@ -286,7 +304,17 @@ pub fn parse_ini_with(
     for mut found in validate_without_commands(&config) {
         if let Some(key) = found.key.take() {
             found.message.push_str(&case_hint(&config, &key));
-            found.key = Some(key.strip_prefix("nodes.").unwrap_or(&key).to_owned());
+            let key = key.strip_prefix("nodes.").unwrap_or(&key).to_owned();
+            let below = |p: &String| {
+                key == *p
+                    || key
+                        .strip_prefix(p.as_str())
+                        .is_some_and(|rest| rest.starts_with('.'))
+            };
+            if unread.iter().any(below) {
+                continue;
+            }
+            found.key = Some(key);
         }
         issues.push(found);
     }
@@ -1078,7 +1106,6 @@ fn read_node(
     issues: &mut Vec<Issue>,
 ) -> Option<Node> {
     let name = section.name.as_str();
-    let before = issues.len();
     // key -> (interpolated value, line)
     let mut values: BTreeMap<&str, (String, usize)> = BTreeMap::new();
     for (entry, from_default) in effective(&section.entries, defaults) {
@@ -1202,7 +1229,9 @@ fn read_node(
     }
     read_exec(&values, &mut node, &mut fail);
 
-    (issues.len() == before).then_some(node)
+    // Read errors are reported; the node is kept for the rest of its checks, so that a
+    // file's every problem is reported in one pass.
+    Some(node)
 }
 
 /// The identity, capability and limit keys of a node section: `user = zeek`,
@@ -2284,6 +2313,22 @@ mod tests {
                 "c.ini:10: c.foo: unknown key 'foo'",
             ]
         );
+    }
+
+    #[test]
+    fn a_node_with_a_bad_key_still_has_its_other_problems_reported() {
+        let text = "[instances]\ni = 127.0.0.1:2151\n\
+                    [w1]\nrole = worker\ninstance = i\ninterface = eth0\nbogus = 1\ncpu_affinity = 5000\n\
+                    [w2]\nrole = worker\ninstance = nowhere\ninterface = eth0\nenv = \"unclosed\n";
+        let all = errors(text);
+        for want in [
+            "c.ini:7: w1.bogus: unknown key 'bogus'",
+            "c.ini:8: w1.cpu_affinity:",
+            "w2.instance: node 'w2' has undeclared instance name 'nowhere'",
+            "c.ini:13: w2.env: env value",
+        ] {
+            assert!(all.iter().any(|e| e.contains(want)), "{want}\n{all:#?}");
+        }
     }
 
     #[test]
