@@ -868,3 +868,54 @@ fn more_nodes_than_an_agents_open_file_limit_allows_are_refused_before_anything_
         Some("1")
     );
 }
+
+/// Two files exported from one configuration carry one id: what `deploy-config`
+/// deploys is checked by content, so a client never deploys (and reports as its own)
+/// what another client staged meanwhile under the same id.
+#[test]
+fn a_deploy_expecting_what_it_staged_is_refused_when_another_client_staged_the_same_id() {
+    use drover_proto::msg::{ClientRequest, ClientResponse};
+    let c = Cluster::new();
+    let (_ctl, addr, _agent) = start(&c, &[]);
+    let read = |path: &PathBuf| {
+        drover_proto::config::parse_toml("f.toml", &std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let mine = read(&cluster_file(&c, "mine.toml", "shared", 1, ""));
+    let theirs = read(&cluster_file(&c, "theirs.toml", "shared", 2, ""));
+    assert_eq!(mine.id, theirs.id);
+    assert_ne!(mine.digest(), theirs.digest());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let call = |req: ClientRequest| {
+        rt.block_on(async {
+            let (endpoint, conn) = c.client_connection(addr).await;
+            let reply: ClientResponse =
+                drover_net::conn::call(&conn, &req, PATIENCE).await.unwrap();
+            endpoint.close(0u32.into(), b"");
+            reply
+        })
+    };
+    let deploy = |digest: String| ClientRequest::Deploy {
+        restart_all: false,
+        expect_id: Some("shared".to_owned()),
+        expect_digest: Some(digest),
+        progress: false,
+    };
+    let stage = |config: &drover_proto::Configuration| ClientRequest::StageConfig {
+        config: Box::new(config.clone()),
+    };
+    call(stage(&mine));
+    // Another client stages its own file with the same id meanwhile.
+    call(stage(&theirs));
+    let reply = format!("{:?}", call(deploy(mine.digest())));
+    assert!(
+        reply.contains("is not the one this client staged")
+            && reply.contains("nothing was deployed"),
+        "{reply}"
+    );
+    let out = c.drover(addr, &["get-config", "--deployed", "--as-json"]);
+    assert_eq!(out.code, Some(1), "nothing deployed: {}", out.stdout);
+    // Theirs, as they staged it, deploys.
+    let reply = format!("{:?}", call(deploy(theirs.digest())));
+    assert!(!reply.contains("error: Some"), "{reply}");
+    eventually("2 running", PATIENCE, || running(&c, addr, 2));
+}

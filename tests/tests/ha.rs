@@ -276,6 +276,7 @@ fn a_leader_paused_past_its_lease_never_writes_again() {
         let deploy = ClientRequest::Deploy {
             restart_all: false,
             expect_id: None,
+            expect_digest: None,
             progress: false,
         };
         drover_net::conn::call::<_, ClientResponse>(&conn, &deploy, Duration::from_secs(15)).await

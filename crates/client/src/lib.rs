@@ -501,22 +501,36 @@ async fn command(
             restart_all,
             expect_id,
         } => told(
-            &deploy(session, *restart_all, expect_id.clone()).await?,
+            &deploy(
+                session,
+                *restart_all,
+                Expect {
+                    id: expect_id.clone(),
+                    digest: None,
+                },
+            )
+            .await?,
             output::Told::Deploy,
             output::deploy,
         ),
         Command::DeployConfig { restart_all, .. } => {
             let config = Box::new(staged.expect("read above"));
+            let digest = config.digest();
             let reply = session.request(&R::StageConfig { config }).await?;
             let (json, ok) = output::stage_config(&reply);
             if !ok {
                 output::print_json(&json, settings.client.pretty_json)?;
                 return Ok(exit(false));
             }
-            // Deploy what was just staged, not what another client staged since.
-            let staged_id = json["results"]["id"].as_str().map(str::to_owned);
+            // Deploy what was just staged, not what another client staged since: by
+            // content, as two files may carry one id (an older controller, which does not
+            // know the digest, compares the id only).
+            let expect = Expect {
+                id: json["results"]["id"].as_str().map(str::to_owned),
+                digest: Some(digest),
+            };
             told(
-                &deploy(session, *restart_all, staged_id).await?,
+                &deploy(session, *restart_all, expect).await?,
                 output::Told::Deploy,
                 output::deploy,
             )
@@ -672,18 +686,25 @@ async fn command(
     Ok(exit(ok))
 }
 
+/// What a deploy expects the staged configuration to be: its id, its content.
+struct Expect {
+    id: Option<String>,
+    digest: Option<String>,
+}
+
 /// Deploys the staged configuration, showing on a terminal how many nodes have settled
 /// so far; waits as long as the deploy makes progress (see
 /// [`Session::request_with_progress`]).
 async fn deploy(
     session: &Session,
     restart_all: bool,
-    expect_id: Option<String>,
+    expect: Expect,
 ) -> anyhow::Result<drover_proto::msg::ClientResponse> {
     let spinner = Spinner::start("deploying");
     let req = drover_proto::msg::ClientRequest::Deploy {
         restart_all,
-        expect_id,
+        expect_id: expect.id,
+        expect_digest: expect.digest,
         progress: true,
     };
     session

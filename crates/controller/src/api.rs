@@ -323,13 +323,17 @@ async fn handle_folding(
         progress: true,
         restart_all,
         expect_id,
+        expect_digest,
     } = req.body
     {
         return deploy_with_progress(
             shared,
             req.id,
             restart_all,
-            expect_id,
+            Expect {
+                id: expect_id,
+                digest: expect_digest,
+            },
             budget(shared, req.timeout_ms),
             fold,
         );
@@ -435,7 +439,7 @@ fn deploy_with_progress(
     shared: &Arc<Shared>,
     id: String,
     restart_all: bool,
-    expect_id: Option<String>,
+    expect: Expect,
     budget: Duration,
     fold: Option<Arc<audit::Fold>>,
 ) -> Answer<ClientResponse> {
@@ -446,7 +450,7 @@ fn deploy_with_progress(
             &shared,
             &id,
             restart_all,
-            expect_id,
+            expect,
             budget,
             Some(counts_tx),
             fold.as_deref(),
@@ -493,11 +497,16 @@ async fn handle_one(
         ClientRequest::Deploy {
             restart_all,
             expect_id,
+            expect_digest,
             progress: _,
         } => {
             let fold = fold.as_deref();
+            let expect = Expect {
+                id: expect_id,
+                digest: expect_digest,
+            };
             ClientResponse::Results(
-                deploy(shared, &id, restart_all, expect_id, budget, None, fold).await,
+                deploy(shared, &id, restart_all, expect, budget, None, fold).await,
             )
         }
         ClientRequest::GetNodes { fresh } => {
@@ -1625,14 +1634,23 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// What a deploy expects of the staged configuration (compare and swap).
+#[derive(Debug, Default)]
+struct Expect {
+    /// Its id (`drover deploy --expect-id`).
+    id: Option<String>,
+    /// Its content ([`Configuration::digest`]): what `deploy-config` staged.
+    digest: Option<String>,
+}
+
 /// deploy: the staged configuration becomes the desired deploy under a new generation,
-/// recorded before any agent is told, then goes to every connected agent. With
-/// `expect_id`, only if the staged configuration still has that id.
+/// recorded before any agent is told, then goes to every connected agent; only if the
+/// staged configuration is what `expect` says.
 async fn deploy(
     shared: &Arc<Shared>,
     id: &str,
     restart_all: bool,
-    expect_id: Option<String>,
+    expect: Expect,
     budget: Duration,
     progress: Option<tokio::sync::watch::Sender<Progress>>,
     fold: Option<&audit::Fold>,
@@ -1656,13 +1674,25 @@ async fn deploy(
     let Some(config) = shared.store.staged() else {
         return vec![MgmtResult::err(id, "no configuration available to deploy")];
     };
-    if let Some(expected) = expect_id
+    if let Some(expected) = expect.id
         && config.id != expected
     {
         return vec![MgmtResult::err(
             id,
             format!(
                 "the staged configuration is '{}', not '{expected}' as expected; nothing was deployed",
+                config.id
+            ),
+        )];
+    }
+    if let Some(expected) = expect.digest
+        && blocking(|| config.digest()) != expected
+    {
+        return vec![MgmtResult::err(
+            id,
+            format!(
+                "the staged configuration '{}' is not the one this client staged: another \
+                 client staged one meanwhile (perhaps with the same id); nothing was deployed",
                 config.id
             ),
         )];

@@ -393,7 +393,7 @@ pub fn args(req: &ClientRequest) -> String {
         ClientRequest::Deploy {
             restart_all,
             expect_id,
-            progress: _,
+            ..
         } => {
             let mut parts = Vec::new();
             if let Some(id) = expect_id {

@@ -201,6 +201,7 @@ mod tests {
             ClientRequest::Deploy {
                 restart_all: false,
                 expect_id: None,
+                expect_digest: None,
                 progress: true,
             },
             ClientRequest::GetNodes { fresh: false },
