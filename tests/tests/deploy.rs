@@ -590,6 +590,83 @@ fn a_follow_goes_on_when_its_agent_comes_back() {
     );
 }
 
+/// A follow taken up after its agent's absence, during which the node's output was
+/// rotated several times (4 KiB files): what the node wrote meanwhile comes from the
+/// rotated files, every line once and in order (before: from the start of the current
+/// file, the rotated lines silently skipped).
+#[test]
+fn a_follow_goes_on_through_rotations_while_its_agent_was_away() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let args = ["--log-max-bytes", "4K", "--log-keep", "20"];
+    c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
+    let mut agent = c.start_agent_args(
+        "agent-1",
+        "agent-1",
+        &[&["--controller", &addr.to_string()][..], &args[..]].concat(),
+    );
+    c.wait_for_agent(addr, "agent-1");
+    c.deploy_text(
+        addr,
+        "talk.toml",
+        &format!(
+            "[instances.agent-1]\n[nodes.talk]\ninstance = \"agent-1\"\ncommand = [\"{}\", \"--stdout-rate\", \"300\"]\n",
+            bin("drover-testprog").display()
+        ),
+    );
+    let mut cmd = c.drover_command(addr);
+    cmd.args(["logs", "talk", "-f", "-n", "0", "--stream", "stdout"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let out_lines = read_lines(child.stdout.take().unwrap());
+    let _err_lines = read_lines(child.stderr.take().unwrap());
+    let seq = |line: &str| -> u64 {
+        line.rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not a numbered line: {line}"))
+    };
+    let mut seqs = vec![seq(&out_lines
+        .recv_timeout(PATIENCE)
+        .expect("followed lines come"))];
+    agent.kill();
+    // Over 16 KiB meanwhile: at least three rotations of 4 KiB files.
+    let written = seqs[0] + 700;
+    let dir = c.dir.path().join("agent-agent-1/nodes/talk");
+    eventually(
+        "the node's output while its agent is away",
+        PATIENCE,
+        || {
+            std::fs::read_dir(&dir)
+                .ok()?
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("stdout.log"))
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .any(|text| text.lines().any(|l| l.ends_with(&format!(" {written}"))))
+                .then_some(())
+        },
+    );
+    let _agent = c.start_agent_args(
+        "agent-1",
+        "agent-1",
+        &[&["--controller", &addr.to_string()][..], &args[..]].concat(),
+    );
+    while seqs.last().is_some_and(|&s| s < written + 10) {
+        let line = out_lines.recv_timeout(PATIENCE).unwrap_or_else(|_| {
+            panic!(
+                "lines stopped after {:?}",
+                &seqs[seqs.len().saturating_sub(5)..]
+            )
+        });
+        seqs.push(seq(&line));
+    }
+    let gaps: Vec<_> = seqs.windows(2).filter(|w| w[1] != w[0] + 1).collect();
+    assert!(gaps.is_empty(), "lines lost or repeated: {gaps:?}");
+    assert_eq!(child.try_wait().unwrap(), None, "the follow goes on");
+    let _ = child.kill();
+}
+
 #[test]
 fn get_id_value_asks_running_nodes() {
     let c = Cluster::new();

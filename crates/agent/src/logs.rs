@@ -680,7 +680,9 @@ impl NodeLogs {
     /// Follows a stream from `mark` on, as [`NodeLogs::follow`] does from the end: the
     /// lines written since the file ended at `mark` come first, at most the last
     /// [`FROM_MARK_MAX_BYTES`] of them. Once the file was rotated since `mark` was
-    /// taken, from the start of the current file.
+    /// taken, the rest of the rotated file `mark` is in and of the newer rotated files
+    /// come first (or, past that bound or rotated away, a notice that they are skipped),
+    /// then the current file from its start.
     ///
     /// # Panics
     ///
@@ -1091,6 +1093,7 @@ fn spawn_follower<G: Send + 'static>(
         dropped: 0,
         send_wait,
     };
+    let mut catch_up = Vec::new();
     let start_len = match (&start, from) {
         (None, _) => 0,
         (Some(m), None) => m.len(),
@@ -1100,13 +1103,34 @@ fn spawn_follower<G: Send + 'static>(
             } else {
                 0
             };
+            // Rotated since the mark: what followed it in the rotated files comes first,
+            // as long as that is within the bound; else a notice says it is skipped.
+            let mut skipped = 0;
+            if m.ino() != mark.ino && mark.ino != 0 {
+                match rotated_since(&follower.path, mark, m.ino()) {
+                    Some(files) => {
+                        let rest: u64 = files.iter().map(|f| f.len - f.from).sum();
+                        if rest + m.len() <= FROM_MARK_MAX_BYTES {
+                            catch_up = files;
+                        } else {
+                            skipped = rest;
+                        }
+                    }
+                    None => {
+                        // The channel is empty: this cannot fail.
+                        let _ = tx.try_send(Line::notice(
+                            "[drover: what was written since the last line shown was rotated \
+                             away; it is skipped]"
+                                .to_owned(),
+                        ));
+                    }
+                }
+            }
             let start_len = from.max(m.len().saturating_sub(FROM_MARK_MAX_BYTES));
-            if start_len > from {
-                // The channel is empty: this cannot fail.
-                let _ = tx.try_send(Line::notice(format!(
-                    "[drover: {} bytes skipped]",
-                    start_len - from
-                )));
+            skipped += start_len - from;
+            if skipped > 0 {
+                // The channel holds one notice at most: this cannot fail.
+                let _ = tx.try_send(Line::notice(format!("[drover: {skipped} bytes skipped]")));
             }
             start_len
         }
@@ -1119,10 +1143,59 @@ fn spawn_follower<G: Send + 'static>(
     }));
     tokio::spawn(async move {
         let _guard = guard;
+        let mut follower = follower;
+        if follower.catch_up(catch_up, &tx).await.is_err() {
+            return;
+        }
         follower.run(tx, poll, start_len).await;
     });
     (rx, begins)
 }
+
+/// The rest of a rotated file a follow resumes in: held open, read from `from`.
+struct Rotated {
+    file: File,
+    ino: u64,
+    from: u64,
+    len: u64,
+}
+
+/// The rotated files of the stream at `path` that hold what was written after `mark`,
+/// oldest first (the one `mark` is in, read from it, then the newer ones whole), held
+/// open so that a rotation meanwhile cannot take them away; none past `current` (the
+/// file followed now). `None` when `mark`'s file is no longer among them.
+fn rotated_since(path: &Path, mark: Mark, current: u64) -> Option<Vec<Rotated>> {
+    let mut newer_first = Vec::new();
+    for index in 1..=MAX_ROTATED_SCAN {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".{index}"));
+        let Ok(file) = File::open(PathBuf::from(name)) else {
+            break;
+        };
+        let meta = file.metadata().ok()?;
+        if meta.ino() == current {
+            // Rotated since the current file was opened: it is read as the current one.
+            newer_first.clear();
+            continue;
+        }
+        let found = meta.ino() == mark.ino;
+        newer_first.push(Rotated {
+            file,
+            ino: meta.ino(),
+            from: if found { mark.len.min(meta.len()) } else { 0 },
+            len: meta.len(),
+        });
+        if found {
+            newer_first.reverse();
+            return Some(newer_first);
+        }
+    }
+    None
+}
+
+/// How many rotated files a resumed follow looks through for its mark's: as many as a
+/// stream may keep.
+const MAX_ROTATED_SCAN: u32 = drover_daemon::MAX_LOG_KEEP;
 
 struct Follower {
     path: PathBuf,
@@ -1148,6 +1221,35 @@ struct Follower {
 }
 
 impl Follower {
+    /// Sends the rest of each rotated file, lines marked in that file, before the
+    /// current file is followed.
+    async fn catch_up(&mut self, files: Vec<Rotated>, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
+        for r in files {
+            let mut f = tokio::fs::File::from_std(r.file);
+            if f.seek(SeekFrom::Start(r.from)).await.is_err() {
+                continue;
+            }
+            let mut at = r.from;
+            let mut buf = vec![0u8; 64 * 1024];
+            while at < r.len {
+                let want = usize::try_from(r.len - at)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
+                let n = match f.read(&mut buf[..want]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mark = Mark {
+                    ino: r.ino,
+                    len: at,
+                };
+                self.deliver_bytes(&buf[..n], Some(mark), tx).await?;
+                at += n as u64;
+            }
+        }
+        Ok(())
+    }
+
     async fn run(mut self, tx: mpsc::Sender<Line>, poll: Duration, start_len: u64) {
         self.seed(start_len).await;
         let mut tick = time::interval(poll.max(MIN_POLL));
@@ -2180,11 +2282,40 @@ mod tests {
         assert_eq!(next(&mut rx).await, "third");
         assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
 
-        // Rotated since the mark: the whole current file.
+        // Rotated since the mark: the rest of the rotated file, then the current one.
         fs::rename(&path, logs.rotated_path(Stream::Stdout, 1)).unwrap();
         append(&path, b"after rotation\n");
         let mut rx = logs.follow_from(Stream::Stdout, POLL, mark);
-        assert_eq!(next(&mut rx).await, "after rotation");
+        for want in ["first", "second", "third", "after rotation"] {
+            assert_eq!(next(&mut rx).await, want);
+        }
+        // Rotated twice: both rotated files' rests, oldest first.
+        fs::rename(
+            logs.rotated_path(Stream::Stdout, 1),
+            logs.rotated_path(Stream::Stdout, 2),
+        )
+        .unwrap();
+        fs::rename(&path, logs.rotated_path(Stream::Stdout, 1)).unwrap();
+        append(&path, b"after the second\n");
+        let mut rx = logs.follow_from(Stream::Stdout, POLL, mark);
+        for want in [
+            "first",
+            "second",
+            "third",
+            "after rotation",
+            "after the second",
+        ] {
+            assert_eq!(next(&mut rx).await, want);
+        }
+        // Rotated away: a notice, then the current file.
+        fs::remove_file(logs.rotated_path(Stream::Stdout, 2)).unwrap();
+        let mut rx = logs.follow_from(Stream::Stdout, POLL, mark);
+        assert_eq!(
+            next(&mut rx).await,
+            "[drover: what was written since the last line shown was rotated away; it is skipped]"
+        );
+        assert_eq!(next(&mut rx).await, "after the second");
+        fs::rename(logs.rotated_path(Stream::Stdout, 1), &path).unwrap();
 
         // A lot since the mark: only the last FROM_MARK_MAX_BYTES, from a line start.
         let [mark, _] = logs.marks().unwrap();
