@@ -157,6 +157,10 @@ const FOLLOW_ROTATED_SEARCH: u32 = 16;
 /// Shortest poll interval a follower accepts.
 const MIN_POLL: Duration = Duration::from_millis(10);
 
+/// How long a followed line without its newline waits, the file not growing, before it
+/// is shown as it is.
+const PARTIAL_AFTER: Duration = Duration::from_secs(1);
+
 /// Most bytes [`NodeLogs::follow_from`] sends of what was written before it started.
 pub const FROM_MARK_MAX_BYTES: u64 = 1024 * 1024;
 
@@ -1092,6 +1096,7 @@ fn spawn_follower<G: Send + 'static>(
         lines: LineSplitter::default(),
         dropped: 0,
         send_wait,
+        partial_since: None,
     };
     let mut catch_up = Vec::new();
     let start_len = match (&start, from) {
@@ -1218,6 +1223,8 @@ struct Follower {
     dropped: u64,
     /// How long to wait for room in the channel before dropping.
     send_wait: Duration,
+    /// Since when a line without its newline has waited with the file not growing.
+    partial_since: Option<std::time::Instant>,
 }
 
 impl Follower {
@@ -1317,10 +1324,38 @@ impl Follower {
         }
         // Same size but written to: truncated and regrown to exactly our offset?
         // `read_new` checks the bytes before the offset.
-        if meta.len() > self.offset || (touched && self.offset > 0) {
+        let grows = meta.len() > self.offset;
+        if grows || (touched && self.offset > 0) {
             self.read_new(tx).await?;
         }
+        self.show_partial(grows, tx).await?;
         self.flush_dropped(tx)
+    }
+
+    /// A line without its newline (a prompt, or the last words of a node that failed)
+    /// is shown once the file has not grown for [`PARTIAL_AFTER`], as `tail -f` shows
+    /// it, rather than held for a newline that may never come; what the node writes to
+    /// it later comes as a line of its own.
+    async fn show_partial(&mut self, grew: bool, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
+        if grew || self.lines.len == 0 {
+            self.partial_since = None;
+            return Ok(());
+        }
+        let since = *self
+            .partial_since
+            .get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() < PARTIAL_AFTER {
+            return Ok(());
+        }
+        self.partial_since = None;
+        let Some(text) = self.lines.finish() else {
+            return Ok(());
+        };
+        let end = self.ino.map(|ino| Mark {
+            ino,
+            len: self.offset,
+        });
+        self.deliver(Line { text, end }, tx).await
     }
 
     /// Delivers what the held file `old` got past our offset (it may be deleted by now);
@@ -2267,6 +2302,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_line_without_its_newline_is_shown_once_the_file_stops_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = logs(dir.path(), 1 << 20, 5);
+        let path = logs.path(Stream::Stdout);
+        append(&path, b"before\n");
+        let ino = fs::metadata(&path).unwrap().ino();
+        let (mut rx, _) = logs.follow_marked(Stream::Stdout, POLL, None);
+        append(&path, b"whole\nfatal: no newline");
+        assert_eq!(next(&mut rx).await, "whole");
+        let started = Instant::now();
+        let partial = next_line(&mut rx).await;
+        assert!(started.elapsed() >= PARTIAL_AFTER / 2, "shown at once");
+        assert_eq!(partial.text, "fatal: no newline");
+        assert_eq!(partial.end, Some(Mark { ino, len: 30 }));
+        // What follows on that line later comes as a line of its own.
+        append(&path, b" (more)\nnext\n");
+        assert_eq!(next(&mut rx).await, " (more)");
+        assert_eq!(next(&mut rx).await, "next");
+    }
+
+    #[tokio::test]
     async fn follow_from_a_mark_sends_what_was_written_since() {
         let dir = tempfile::tempdir().unwrap();
         let logs = logs(dir.path(), 1 << 20, 5);
@@ -2638,6 +2694,7 @@ mod tests {
             lines: LineSplitter::default(),
             dropped: 0,
             send_wait: Duration::ZERO,
+            partial_since: None,
         };
         let line = |text: String| Line { text, end: None };
         for i in 0..5 {
