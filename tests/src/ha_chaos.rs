@@ -727,7 +727,7 @@ fn pause(
         let deploy = ClientRequest::Deploy {
             restart_all: false,
             expect_id: None,
-            expect_digest: None,
+            expect_stage: None,
             progress: false,
         };
         drover_net::conn::call::<_, ClientResponse>(&conn, &deploy, Duration::from_secs(15)).await

@@ -61,7 +61,7 @@ fn deploy_raw(c: &Cluster, addr: SocketAddr, progress: bool) -> (Vec<Progress>, 
         let req = ClientRequest::Deploy {
             restart_all: true,
             expect_id: None,
-            expect_digest: None,
+            expect_stage: None,
             progress,
         };
         let mut replies = conn::call_stream(&conn, &req, PATIENCE).await.unwrap();

@@ -870,10 +870,10 @@ fn more_nodes_than_an_agents_open_file_limit_allows_are_refused_before_anything_
 }
 
 /// Two files exported from one configuration carry one id: what `deploy-config`
-/// deploys is checked by content, so a client never deploys (and reports as its own)
-/// what another client staged meanwhile under the same id.
+/// deploys is checked by the stage request that staged it, so a client never deploys
+/// (and reports as its own) what another client staged meanwhile under the same id.
 #[test]
-fn a_deploy_expecting_what_it_staged_is_refused_when_another_client_staged_the_same_id() {
+fn a_deploy_expecting_its_own_stage_is_refused_when_another_client_staged_the_same_id() {
     use drover_proto::msg::{ClientRequest, ClientResponse};
     let c = Cluster::new();
     let (_ctl, addr, _agent) = start(&c, &[]);
@@ -883,7 +883,6 @@ fn a_deploy_expecting_what_it_staged_is_refused_when_another_client_staged_the_s
     let mine = read(&cluster_file(&c, "mine.toml", "shared", 1, ""));
     let theirs = read(&cluster_file(&c, "theirs.toml", "shared", 2, ""));
     assert_eq!(mine.id, theirs.id);
-    assert_ne!(mine.digest(), theirs.digest());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let call = |req: ClientRequest| {
         rt.block_on(async {
@@ -894,19 +893,27 @@ fn a_deploy_expecting_what_it_staged_is_refused_when_another_client_staged_the_s
             reply
         })
     };
-    let deploy = |digest: String| ClientRequest::Deploy {
+    let stage = |config: &drover_proto::Configuration| {
+        let reply = call(ClientRequest::StageConfig {
+            config: Box::new(config.clone()),
+        });
+        let ClientResponse::Results(results) = reply else {
+            panic!("{reply:?}")
+        };
+        assert!(results[0].success, "{results:?}");
+        results[0].reqid.clone()
+    };
+    let deploy = |stage: String| ClientRequest::Deploy {
         restart_all: false,
         expect_id: Some("shared".to_owned()),
-        expect_digest: Some(digest),
+        expect_stage: Some(stage),
         progress: false,
     };
-    let stage = |config: &drover_proto::Configuration| ClientRequest::StageConfig {
-        config: Box::new(config.clone()),
-    };
-    call(stage(&mine));
+    let my_stage = stage(&mine);
     // Another client stages its own file with the same id meanwhile.
-    call(stage(&theirs));
-    let reply = format!("{:?}", call(deploy(mine.digest())));
+    let their_stage = stage(&theirs);
+    assert_ne!(my_stage, their_stage);
+    let reply = format!("{:?}", call(deploy(my_stage)));
     assert!(
         reply.contains("is not the one this client staged")
             && reply.contains("nothing was deployed"),
@@ -915,7 +922,7 @@ fn a_deploy_expecting_what_it_staged_is_refused_when_another_client_staged_the_s
     let out = c.drover(addr, &["get-config", "--deployed", "--as-json"]);
     assert_eq!(out.code, Some(1), "nothing deployed: {}", out.stdout);
     // Theirs, as they staged it, deploys.
-    let reply = format!("{:?}", call(deploy(theirs.digest())));
+    let reply = format!("{:?}", call(deploy(their_stage)));
     assert!(!reply.contains("error: Some"), "{reply}");
     eventually("2 running", PATIENCE, || running(&c, addr, 2));
 }

@@ -244,7 +244,6 @@ pub enum Command {
     },
 }
 
-/// A count of at least 1.
 /// A `--who`: a name, `ROLE/NAME`, or `serial:HEX` whose serial is hex, so that a
 /// mistyped serial is an error rather than an empty answer.
 fn parse_who(s: &str) -> Result<String, String> {
@@ -262,6 +261,7 @@ fn parse_who(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// A count of at least 1.
 fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_owned()),
@@ -506,7 +506,7 @@ async fn command(
                 *restart_all,
                 Expect {
                     id: expect_id.clone(),
-                    digest: None,
+                    stage: None,
                 },
             )
             .await?,
@@ -515,19 +515,23 @@ async fn command(
         ),
         Command::DeployConfig { restart_all, .. } => {
             let config = Box::new(staged.expect("read above"));
-            let digest = config.digest();
             let reply = session.request(&R::StageConfig { config }).await?;
             let (json, ok) = output::stage_config(&reply);
             if !ok {
                 output::print_json(&json, settings.client.pretty_json)?;
                 return Ok(exit(false));
             }
-            // Deploy what was just staged, not what another client staged since: by
-            // content, as two files may carry one id (an older controller, which does not
-            // know the digest, compares the id only).
+            // Deploy what was just staged, not what another client staged since: by the
+            // stage request, as two files may carry one id (an older controller, which
+            // does not know it, compares the id only).
+            let stage = match &reply {
+                drover_proto::msg::ClientResponse::Results(r) => r.first().map(|m| m.reqid.clone()),
+                drover_proto::msg::ClientResponse::Result(m) => Some(m.reqid.clone()),
+                _ => None,
+            };
             let expect = Expect {
                 id: json["results"]["id"].as_str().map(str::to_owned),
-                digest: Some(digest),
+                stage,
             };
             told(
                 &deploy(session, *restart_all, expect).await?,
@@ -686,10 +690,11 @@ async fn command(
     Ok(exit(ok))
 }
 
-/// What a deploy expects the staged configuration to be: its id, its content.
+/// What a deploy expects of the staged configuration: its id, the request that
+/// staged it.
 struct Expect {
     id: Option<String>,
-    digest: Option<String>,
+    stage: Option<String>,
 }
 
 /// Deploys the staged configuration, showing on a terminal how many nodes have settled
@@ -704,7 +709,7 @@ async fn deploy(
     let req = drover_proto::msg::ClientRequest::Deploy {
         restart_all,
         expect_id: expect.id,
-        expect_digest: expect.digest,
+        expect_stage: expect.stage,
         progress: true,
     };
     session

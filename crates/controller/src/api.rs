@@ -323,7 +323,7 @@ async fn handle_folding(
         progress: true,
         restart_all,
         expect_id,
-        expect_digest,
+        expect_stage,
     } = req.body
     {
         return deploy_with_progress(
@@ -332,7 +332,7 @@ async fn handle_folding(
             restart_all,
             Expect {
                 id: expect_id,
-                digest: expect_digest,
+                stage: expect_stage,
             },
             budget(shared, req.timeout_ms),
             fold,
@@ -497,13 +497,13 @@ async fn handle_one(
         ClientRequest::Deploy {
             restart_all,
             expect_id,
-            expect_digest,
+            expect_stage,
             progress: _,
         } => {
             let fold = fold.as_deref();
             let expect = Expect {
                 id: expect_id,
-                digest: expect_digest,
+                stage: expect_stage,
             };
             ClientResponse::Results(
                 deploy(shared, &id, restart_all, expect, budget, None, fold).await,
@@ -1301,6 +1301,10 @@ async fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<Mgm
     let listening = config.clone();
     match blocking(|| shared.store.set_staged(config)) {
         Ok(()) => {
+            *shared
+                .staged_by
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(id.to_owned());
             crate::dial::ensure(shared, &listening);
             info!(config = %config_id, "configuration staged");
             vec![MgmtResult::ok(id, Some(ResultData::ConfigId(config_id)))]
@@ -1639,8 +1643,8 @@ impl Drop for Pending<'_> {
 struct Expect {
     /// Its id (`drover deploy --expect-id`).
     id: Option<String>,
-    /// Its content ([`Configuration::digest`]): what `deploy-config` staged.
-    digest: Option<String>,
+    /// The request that staged it: what `deploy-config` staged itself.
+    stage: Option<String>,
 }
 
 /// deploy: the staged configuration becomes the desired deploy under a new generation,
@@ -1685,8 +1689,13 @@ async fn deploy(
             ),
         )];
     }
-    if let Some(expected) = expect.digest
-        && blocking(|| config.digest()) != expected
+    let staged_by = shared
+        .staged_by
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    if let (Some(expected), Some(by)) = (expect.stage, staged_by)
+        && by != expected
     {
         return vec![MgmtResult::err(
             id,

@@ -175,6 +175,10 @@ pub(crate) struct Shared {
     /// The id of the deploy in progress: only one runs at a time, and no stage while
     /// it runs.
     pub(crate) deploying: std::sync::Mutex<Option<String>>,
+    /// The request that staged the staged configuration, so that a deploy can expect
+    /// its own stage (`expect_stage`); unknown after a restart or a failover. Written
+    /// and read under `config_ops`.
+    pub(crate) staged_by: std::sync::Mutex<Option<String>>,
     /// Held by a stage and by a deploy for their whole duration, so that they never
     /// overlap (a deploy sends exactly what was staged when it began).
     pub(crate) config_ops: tokio::sync::Mutex<()>,
@@ -580,6 +584,7 @@ impl Controller {
                 store,
                 gate,
                 deploying: std::sync::Mutex::new(None),
+                staged_by: std::sync::Mutex::new(None),
                 config_ops: tokio::sync::Mutex::new(()),
                 transport,
                 client_streams: config.transport.max_streams,

@@ -201,7 +201,7 @@ mod tests {
             ClientRequest::Deploy {
                 restart_all: false,
                 expect_id: None,
-                expect_digest: None,
+                expect_stage: None,
                 progress: true,
             },
             ClientRequest::GetNodes { fresh: false },

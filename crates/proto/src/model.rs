@@ -541,20 +541,6 @@ pub struct Configuration {
     pub roles: BTreeMap<String, RoleTemplate>,
 }
 
-impl Configuration {
-    /// The hex SHA-256 of its JSON encoding: the same for two copies of one
-    /// configuration (the encoding is deterministic: fields in declaration order, maps
-    /// sorted), different for any change, whatever its `id`.
-    pub fn digest(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        ring::digest::digest(&ring::digest::SHA256, &json)
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
-}
-
 /// True when `name` matches `pattern`, in which `*` stands for any run of characters
 /// and `?` for any one (a shell's wildcards, without brackets). Node names hold
 /// neither, so a target with one is a pattern.

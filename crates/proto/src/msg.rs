@@ -205,12 +205,13 @@ pub enum ClientRequest {
         /// swap); any staged configuration when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         expect_id: Option<String>,
-        /// Deploy only if the staged configuration is exactly this one
-        /// ([`crate::Configuration::digest`]): ids are labels a file carries, so two
-        /// files exported from one configuration share theirs, and only the content
-        /// tells what one client staged from what another staged meanwhile.
+        /// Deploy only if the staged configuration was staged by the request with this
+        /// id (the `reqid` of its stage-config reply): ids are labels a file carries, so
+        /// two files exported from one configuration share theirs, and only the stage
+        /// tells what one client staged from what another staged meanwhile. A controller
+        /// that does not know which request staged it (started since) checks the id only.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        expect_digest: Option<String>,
+        expect_stage: Option<String>,
         /// Answer with a stream: [`ClientResponse::Progress`] frames while nodes start,
         /// then the results. Such a deploy times out only once no node has settled for
         /// the request timeout, however long the whole takes.

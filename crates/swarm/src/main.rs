@@ -511,7 +511,7 @@ async fn main() -> anyhow::Result<()> {
         &ClientRequest::Deploy {
             restart_all: false,
             expect_id: Some(config_id.clone()),
-            expect_digest: None,
+            expect_stage: None,
             progress: false,
         },
         Duration::from_secs(300),

@@ -311,7 +311,7 @@ async fn answer(
         ZeekRequest::Deploy => ClientRequest::Deploy {
             restart_all: deploy == DeployMode::RestartAll && is_new(shared),
             expect_id: None,
-            expect_digest: None,
+            expect_stage: None,
             // Zeek's controller times a deploy out as a whole.
             progress: false,
         },
