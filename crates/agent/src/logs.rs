@@ -173,8 +173,9 @@ pub use drover_proto::model::LogMark as Mark;
 pub struct Line {
     /// The line, without its newline.
     pub text: String,
-    /// Just past its newline in the current file; `None` for a line read from a
-    /// rotated or truncated file's rest, and for one the follower made (a notice).
+    /// Just past its newline in its file (the current one, or a rotated one a resumed
+    /// follow reads first); `None` for a line read from the rest of a file rotated or
+    /// truncated under the follower, and for one the follower made (a notice).
     pub end: Option<Mark>,
 }
 
@@ -1097,6 +1098,7 @@ fn spawn_follower<G: Send + 'static>(
         dropped: 0,
         send_wait,
         partial_since: None,
+        partial_seen: 0,
     };
     let mut catch_up = Vec::new();
     let start_len = match (&start, from) {
@@ -1168,34 +1170,50 @@ struct Rotated {
 /// The rotated files of the stream at `path` that hold what was written after `mark`,
 /// oldest first (the one `mark` is in, read from it, then the newer ones whole), held
 /// open so that a rotation meanwhile cannot take them away; none past `current` (the
-/// file followed now). `None` when `mark`'s file is no longer among them.
+/// file followed now). `None` when `mark`'s file is no longer among them (or moved
+/// while they were opened). Looks with `stat`; opens only the files it returns.
 fn rotated_since(path: &Path, mark: Mark, current: u64) -> Option<Vec<Rotated>> {
-    let mut newer_first = Vec::new();
-    for index in 1..=MAX_ROTATED_SCAN {
+    let name = |index: u32| {
         let mut name = path.as_os_str().to_owned();
         name.push(format!(".{index}"));
-        let Ok(file) = File::open(PathBuf::from(name)) else {
-            break;
-        };
-        let meta = file.metadata().ok()?;
+        PathBuf::from(name)
+    };
+    // Newest first, up to the mark's file.
+    let mut wanted = Vec::new();
+    for index in 1..=MAX_ROTATED_SCAN {
+        let meta = fs::metadata(name(index)).ok()?;
         if meta.ino() == current {
             // Rotated since the current file was opened: it is read as the current one.
-            newer_first.clear();
+            wanted.clear();
             continue;
         }
-        let found = meta.ino() == mark.ino;
-        newer_first.push(Rotated {
-            file,
-            ino: meta.ino(),
-            from: if found { mark.len.min(meta.len()) } else { 0 },
-            len: meta.len(),
-        });
-        if found {
-            newer_first.reverse();
-            return Some(newer_first);
+        wanted.push((index, meta.ino()));
+        if meta.ino() == mark.ino {
+            break;
         }
     }
-    None
+    if wanted.last().map(|(_, ino)| *ino) != Some(mark.ino) {
+        return None;
+    }
+    let mut files = Vec::new();
+    for (index, ino) in wanted.into_iter().rev() {
+        let file = File::open(name(index)).ok()?;
+        let meta = file.metadata().ok()?;
+        if meta.ino() != ino {
+            return None;
+        }
+        files.push(Rotated {
+            file,
+            ino,
+            from: if ino == mark.ino {
+                mark.len.min(meta.len())
+            } else {
+                0
+            },
+            len: meta.len(),
+        });
+    }
+    Some(files)
 }
 
 /// How many rotated files a resumed follow looks through for its mark's: as many as a
@@ -1225,6 +1243,9 @@ struct Follower {
     send_wait: Duration,
     /// Since when a line without its newline has waited with the file not growing.
     partial_since: Option<std::time::Instant>,
+    /// How many bytes of the pending line the reader has had already (the tail sent
+    /// before the follow, or the mark it resumes from, ends inside it): not shown again.
+    partial_seen: usize,
 }
 
 impl Follower {
@@ -1294,6 +1315,7 @@ impl Follower {
             // The partial line started before the window: only its rest will show.
             None => {}
         }
+        self.partial_seen = self.lines.len;
     }
 
     async fn poll_once(&mut self, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
@@ -1337,7 +1359,7 @@ impl Follower {
     /// it, rather than held for a newline that may never come; what the node writes to
     /// it later comes as a line of its own.
     async fn show_partial(&mut self, grew: bool, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
-        if grew || self.lines.len == 0 {
+        if grew || self.lines.len <= self.partial_seen {
             self.partial_since = None;
             return Ok(());
         }
@@ -1348,9 +1370,16 @@ impl Follower {
             return Ok(());
         }
         self.partial_since = None;
-        let Some(text) = self.lines.finish() else {
+        let seen = std::mem::take(&mut self.partial_seen);
+        let Some(whole) = self.lines.finish() else {
             return Ok(());
         };
+        // Only what the reader has not had.
+        let mut cut = seen.min(whole.len());
+        while !whole.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let text = whole[cut..].to_owned();
         let end = self.ino.map(|ino| Mark {
             ino,
             len: self.offset,
@@ -1513,6 +1542,10 @@ impl Follower {
     ) -> Result<(), Gone> {
         let mut lines = Vec::new();
         self.lines.push_ends(data, &mut lines);
+        if !lines.is_empty() {
+            // The pending line now is a new one.
+            self.partial_seen = 0;
+        }
         for (text, end) in lines {
             let end = at.map(|m| Mark {
                 ino: m.ino,
@@ -2320,6 +2353,14 @@ mod tests {
         append(&path, b" (more)\nnext\n");
         assert_eq!(next(&mut rx).await, " (more)");
         assert_eq!(next(&mut rx).await, "next");
+        // A partial line the reader had already (the follow begins inside it) is not
+        // shown again on its own; completed, it comes whole, as before.
+        append(&path, b"old partial");
+        let (mut rx, _) = logs.follow_marked(Stream::Stdout, POLL, None);
+        let quiet = time::timeout(PARTIAL_AFTER * 2, rx.recv()).await;
+        assert!(quiet.is_err(), "{quiet:?}");
+        append(&path, b" rest\n");
+        assert_eq!(next(&mut rx).await, "old partial rest");
     }
 
     #[tokio::test]
@@ -2695,6 +2736,7 @@ mod tests {
             dropped: 0,
             send_wait: Duration::ZERO,
             partial_since: None,
+            partial_seen: 0,
         };
         let line = |text: String| Line { text, end: None };
         for i in 0..5 {
