@@ -331,9 +331,9 @@ fn nodes_adopted_by_the_next_agent_are_heard_watchdog_readiness_and_port() {
     c.deploy_text(addr, "dog.toml", &dog);
     let both = format!(
         "{dog}[nodes.late]\ninstance = \"agent-1\"\ncommand = [\"{prog}\", \"--ready-after\", \
-         \"4s\"]\nreadiness = {{ kind = \"notify\", timeout = \"60s\" }}\n\
+         \"6s\"]\nreadiness = {{ kind = \"notify\", timeout = \"60s\" }}\n\
          [nodes.port]\ninstance = \"agent-1\"\ncommand = [\"{prog}\", \"--listen\", \
-         \"127.0.0.1:{port}\", \"--listen-after\", \"4s\"]\n\
+         \"127.0.0.1:{port}\", \"--listen-after\", \"6s\"]\n\
          readiness = {{ kind = \"tcp\", port = {port}, timeout = \"60s\" }}\n"
     );
     let file = c.dir.path().join("both.toml");

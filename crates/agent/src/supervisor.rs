@@ -2971,24 +2971,42 @@ impl Core {
         self.applied.send_replace(desired.generation);
         self.restart_epoch = desired.restart_epoch;
         let plans = converge::recover(&desired, &found);
-        // New nodes get their directories and notify sockets made; a node whose process
-        // lives gets its notify socket bound anew (the last agent's went with it), so
-        // that its READY=1, WATCHDOG=1 and STATUS= reach this agent.
         let mut prepared = self.prepare(
             desired
                 .nodes
                 .iter()
                 .filter(|(name, _)| !records.contains_key(*name))
-                .map(|(name, spec)| (name.as_str(), spec))
-                .chain(
-                    found
-                        .iter()
-                        .filter(|(_, f)| f.alive.is_some())
-                        .map(|(name, f)| {
-                            (name.as_str(), desired.nodes.get(name).unwrap_or(&f.spec))
-                        }),
-                ),
+                .map(|(name, spec)| (name.as_str(), spec)),
         );
+        // A node whose process lives gets its notify socket bound anew (the last agent's
+        // went with it), so that its READY=1, WATCHDOG=1 and STATUS= reach this agent;
+        // only the socket: its directory keeps the owner and mode it has. A socket that
+        // cannot be bound costs the node its notifications, not its adoption.
+        for (name, f) in &found {
+            if f.alive.is_none() || drover_proto::name::check(name).is_err() {
+                continue;
+            }
+            let rebound = self
+                .socks
+                .ensure(name)
+                .and_then(|()| bind_notify(&self.socks.dir(name)))
+                .and_then(|sock| {
+                    probe::pass_credentials(&sock)?;
+                    Ok(crate::spawner::Made {
+                        sock,
+                        marks: [crate::logs::Mark { ino: 0, len: 0 }; 2],
+                    })
+                });
+            match rebound {
+                Ok(made) => {
+                    prepared.insert(name.clone(), Ok(made));
+                }
+                Err(err) => warn!(
+                    node = %name,
+                    "cannot bind the node's notify socket again ({err}); what it sends there is lost"
+                ),
+            }
+        }
         let now = self.now();
         for (name, plan) in plans {
             for pid in &plan.kill {
