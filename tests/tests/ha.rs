@@ -276,7 +276,7 @@ fn a_leader_paused_past_its_lease_never_writes_again() {
         let deploy = ClientRequest::Deploy {
             restart_all: false,
             expect_id: None,
-            expect_digest: None,
+            expect_stage: None,
             progress: false,
         };
         drover_net::conn::call::<_, ClientResponse>(&conn, &deploy, Duration::from_secs(15)).await
@@ -706,7 +706,7 @@ fn etcd_over_tls_with_a_client_certificate() {
     let rt = runtime();
     // A client certificate about to end, renewed while the controller runs: new
     // connections to etcd use the renewed one, with no restart.
-    let ends = time::OffsetDateTime::now_utc() + time::Duration::seconds(12);
+    let ends = time::OffsetDateTime::now_utc() + time::Duration::seconds(20);
     c.issue_with(
         PeerRole::Client,
         "etcd-client",
@@ -735,9 +735,11 @@ fn etcd_over_tls_with_a_client_certificate() {
         "{}",
         String::from_utf8_lossy(&renew.stderr)
     );
-    eventually("the first certificate's end", PATIENCE, || {
-        (time::OffsetDateTime::now_utc() > ends + time::Duration::seconds(1)).then_some(())
-    });
+    eventually(
+        "the first certificate's end",
+        Duration::from_secs(40),
+        || (time::OffsetDateTime::now_utc() > ends + time::Duration::seconds(1)).then_some(()),
+    );
     let v2 = config_file(&c, "v2", &[("w1", "a1"), ("w2", "a1")]);
     let out = etcd::drover(&c, &group.list(), &["stage-config", v2.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);

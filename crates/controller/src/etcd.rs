@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
+use drover_daemon::reload::{Stamp, stamp};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::{Value, json};
@@ -255,16 +256,24 @@ fn kvs(v: &Value) -> Result<Vec<Kv>, String> {
         .collect()
 }
 
-/// What identifies a file's content without reading it.
-type Stamp = Option<(u64, u64, i64, i64)>;
+/// Warns when the etcd client certificate `leaf` (from `path`) is within 30 days of its
+/// end, or past it.
+fn warn_if_ending(path: &std::path::Path, leaf: &CertificateDer<'_>) {
+    if let Ok(info) = drover_net::tls::cert_info(leaf)
+        && let Some(w) = drover_net::tls::expiry_warning(
+            &format!("the etcd client certificate {}", path.display()),
+            &info,
+            drover_net::trust::unix_now(),
+            drover_net::trust::EXPIRY_WARNING_DAYS,
+        )
+    {
+        tracing::warn!("{w}");
+    }
+}
 
 fn stamps(files: &EtcdTls) -> [Stamp; 3] {
-    use std::os::unix::fs::MetadataExt;
-    let stamp = |p: &Option<PathBuf>| {
-        let m = std::fs::metadata(p.as_ref()?).ok()?;
-        Some((m.dev(), m.ino(), m.mtime(), m.mtime_nsec()))
-    };
-    [stamp(&files.ca), stamp(&files.cert), stamp(&files.key)]
+    let one = |p: &Option<PathBuf>| stamp(p.as_deref().unwrap_or(std::path::Path::new("")));
+    [one(&files.ca), one(&files.cert), one(&files.key)]
 }
 
 /// The TLS files for etcd, read again when one changes: every request opens a new
@@ -275,6 +284,9 @@ struct TlsSource {
     files: EtcdTls,
     /// The files' stamps when last read, and the connector built from them.
     current: std::sync::Mutex<([Stamp; 3], tokio_rustls::TlsConnector)>,
+    /// When the client certificate's end was last looked at: once a day, as the
+    /// warning when it is read says nothing to a controller that runs for months.
+    checked: std::sync::Mutex<std::time::Instant>,
 }
 
 impl TlsSource {
@@ -284,12 +296,32 @@ impl TlsSource {
         Ok(Self {
             files: files.clone(),
             current: std::sync::Mutex::new((stamps, connector)),
+            checked: std::sync::Mutex::new(std::time::Instant::now()),
         })
+    }
+
+    /// Warns (see [`warn_if_ending`]) once a day.
+    fn check_daily(&self) {
+        let mut checked = self
+            .checked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if checked.elapsed() < Duration::from_secs(86_400) {
+            return;
+        }
+        *checked = std::time::Instant::now();
+        if let Some(cert) = &self.files.cert
+            && let Ok(pem) = std::fs::read(cert)
+            && let Some(Ok(leaf)) = CertificateDer::pem_slice_iter(&pem).next()
+        {
+            warn_if_ending(cert, &leaf);
+        }
     }
 
     /// The connector for a new connection, from the files as they are now; files that
     /// changed into something unusable keep the previous ones in use, said once.
     fn connector(&self) -> tokio_rustls::TlsConnector {
+        self.check_daily();
         let now = stamps(&self.files);
         let mut current = self
             .current
@@ -363,16 +395,8 @@ fn tls_config(tls: &EtcdTls) -> Result<rustls::ClientConfig, EtcdError> {
                 .map_err(|e| EtcdError::Tls(format!("{}: {e}", cert.display())))?;
             let key_der = PrivateKeyDer::from_pem_slice(&read(key)?)
                 .map_err(|e| EtcdError::Tls(format!("{}: {e}", key.display())))?;
-            if let Some(leaf) = chain.first()
-                && let Ok(info) = drover_net::tls::cert_info(leaf)
-                && let Some(w) = drover_net::tls::expiry_warning(
-                    &format!("the etcd client certificate {}", cert.display()),
-                    &info,
-                    drover_net::trust::unix_now(),
-                    drover_net::trust::EXPIRY_WARNING_DAYS,
-                )
-            {
-                tracing::warn!("{w}");
+            if let Some(leaf) = chain.first() {
+                warn_if_ending(cert, leaf);
             }
             builder
                 .with_client_auth_cert(chain, key_der)

@@ -127,11 +127,12 @@ impl<R: Fn(&str) -> Option<Duration> + Send + Sync + 'static> Reloads<R> {
     }
 }
 
-/// What identifies a file's content without reading it.
+/// What identifies a file's content without reading it (none for a missing file).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp(Option<(u64, u64, u64, i64, i64, i64, i64)>);
+pub struct Stamp(Option<(u64, u64, u64, i64, i64, i64, i64)>);
 
-fn stamp(path: &Path) -> Stamp {
+/// The [`Stamp`] of the file at `path` now, following symlinks.
+pub fn stamp(path: &Path) -> Stamp {
     Stamp(std::fs::metadata(path).ok().map(|m| {
         (
             m.dev(),
@@ -183,8 +184,6 @@ struct Watch {
     files: Vec<PathBuf>,
     last: Vec<Stamp>,
     inotify: Option<AsyncFd<Inotify>>,
-    /// The directories watched, to which a link swapped to another one adds.
-    dirs: BTreeSet<PathBuf>,
 }
 
 impl Watch {
@@ -219,7 +218,6 @@ impl Watch {
             files,
             last,
             inotify,
-            dirs,
         }
     }
 
@@ -253,10 +251,10 @@ impl Watch {
                 },
             }
             if let Some(fd) = &self.inotify {
+                // Watched again each time: a link may lead elsewhere now, and a directory
+                // removed and made again lost its watch (adding one twice changes nothing).
                 for d in watched_dirs(&self.files) {
-                    if !self.dirs.contains(&d) && fd.get_ref().add(&d).is_ok() {
-                        self.dirs.insert(d);
-                    }
+                    let _ = fd.get_ref().add(&d);
                 }
             }
             let now = stamps(&self.files);
