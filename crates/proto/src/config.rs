@@ -217,6 +217,7 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
         .collect();
 
     let mut roles = BTreeMap::new();
+    let mut seen_roles: BTreeMap<String, (usize, String)> = BTreeMap::new();
     for (role, spanned) in parsed.roles {
         let key = format!("roles.{role}");
         let line = lines.line_of(spanned.span().start);
@@ -230,16 +231,27 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
             Ok(t) => {
                 // Role names are compared without case: two spellings of one would
                 // leave one template unused without a word.
-                if roles.insert(role.to_ascii_lowercase(), t).is_some() {
-                    issues.push(Issue {
-                        file: None,
-                        line: Some(line),
-                        key: Some(key),
-                        message: format!(
-                            "role '{role}' is given a second time (role names are compared \
-                             without case)"
-                        ),
-                    });
+                // Said at the later of the two.
+                match seen_roles.insert(role.to_ascii_lowercase(), (line, role.clone())) {
+                    Some((first, first_role)) => {
+                        let (line, role) = if first > line {
+                            (first, first_role)
+                        } else {
+                            (line, role.clone())
+                        };
+                        issues.push(Issue {
+                            file: None,
+                            line: Some(line),
+                            key: Some(format!("roles.{role}")),
+                            message: format!(
+                                "role '{role}' is given a second time (role names are \
+                                 compared without case)"
+                            ),
+                        });
+                    }
+                    None => {
+                        roles.insert(role.to_ascii_lowercase(), t);
+                    }
                 }
             }
             Err(e) => issues.push(Issue {
@@ -1245,13 +1257,16 @@ readiness = { kind = "tcp", port = 1, timeout = "1h" }
 
     #[test]
     fn a_role_given_twice_in_two_cases_is_an_error() {
-        let text = "[roles.Worker]\ncommand = [\"a\"]\n[roles.worker]\ncommand = [\"b\"]\n";
+        // At the later one, whichever spelling sorts first.
+        let text = "[roles.worker]\ncommand = [\"a\"]\n[roles.Worker]\ncommand = [\"b\"]\n";
         let err = parse_toml("c.toml", text).unwrap_err();
         let lines: Vec<String> = err.0.iter().map(ToString::to_string).collect();
-        assert_eq!(lines.len(), 1, "{lines:?}");
-        assert!(
-            lines[0].ends_with("is given a second time (role names are compared without case)"),
-            "{lines:?}"
+        assert_eq!(
+            lines,
+            [
+                "c.toml:3: roles.Worker: role 'Worker' is given a second time (role names are \
+              compared without case)"
+            ]
         );
     }
 

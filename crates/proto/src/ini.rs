@@ -1098,7 +1098,8 @@ fn zeek_role(text: &str) -> Option<ClusterRole> {
     }
 }
 
-/// One node section; `None` (with issues) when it is not usable.
+/// One node section, with issues for what could not be read (such values are left at
+/// their defaults); `None` when it is not usable at all.
 fn read_node(
     section: &Section,
     defaults: &[Entry],
