@@ -438,7 +438,7 @@ fn a_certificate_peers_would_refuse_is_not_put_in_force_and_one_not_valid_yet_is
 fn a_daemon_warns_when_its_certificate_comes_within_30_days_of_its_end_while_it_runs() {
     let c = Cluster::new();
     let end =
-        time::OffsetDateTime::now_utc() + time::Duration::days(30) + time::Duration::seconds(8);
+        time::OffsetDateTime::now_utc() + time::Duration::days(30) + time::Duration::seconds(12);
     c.issue_with(
         PeerRole::Controller,
         "controller",
