@@ -322,18 +322,7 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
     if issues.is_empty() {
         return Ok(config);
     }
-    // The longest key path written in the file that is `k` or a parent of it.
-    let written = |k: &str| {
-        line_of_key
-            .iter()
-            .filter(|(known, _)| {
-                k == known.as_str()
-                    || k.strip_prefix(known.as_str())
-                        .is_some_and(|rest| rest.starts_with('.'))
-            })
-            .max_by_key(|(known, _)| known.len())
-            .map(|(known, line)| (known.clone(), *line))
-    };
+    let written = |k: &str| written_at(&line_of_key, k);
     let node_names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
     let mut issues: Vec<Issue> = issues
         .into_iter()
@@ -365,6 +354,24 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
     issues.sort();
     issues.dedup();
     Err(Issues(issues))
+}
+
+/// The longest key path of `lines` (key path to line) that is `key` or a parent of it,
+/// and its line: where a problem of `key` is said.
+pub(crate) fn written_at<'a>(
+    lines: &'a BTreeMap<String, usize>,
+    key: &str,
+) -> Option<(&'a str, usize)> {
+    lines
+        .iter()
+        .filter(|(known, _)| {
+            key == known.as_str()
+                || key
+                    .strip_prefix(known.as_str())
+                    .is_some_and(|rest| rest.starts_with('.'))
+        })
+        .max_by_key(|(known, _)| known.len())
+        .map(|(known, line)| (known.as_str(), *line))
 }
 
 /// "unknown key 'x'", with the closest of `known` as a suggestion when it is at most two

@@ -1378,17 +1378,11 @@ fn finish(file: &str, issues: Vec<Issue>, lines: &BTreeMap<String, usize>) -> Is
         .map(|mut found| {
             found.file = Some(file.to_owned());
             if found.line.is_none() {
-                found.line = found.key.as_deref().and_then(|k| {
-                    lines
-                        .iter()
-                        .filter(|(known, _)| {
-                            k == known.as_str()
-                                || k.strip_prefix(known.as_str())
-                                    .is_some_and(|rest| rest.starts_with('.'))
-                        })
-                        .max_by_key(|(known, _)| known.len())
-                        .map(|(_, line)| *line)
-                });
+                found.line = found
+                    .key
+                    .as_deref()
+                    .and_then(|k| config::written_at(lines, k))
+                    .map(|(_, line)| line);
             }
             found
         })
