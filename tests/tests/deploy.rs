@@ -483,6 +483,35 @@ fn read_lines(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Rec
 /// `logs -f` goes on when the node's agent goes away and comes back (the node runs
 /// on, adopted), saying so on stderr; a deploy that removes the node while its agent
 /// is away still ends it.
+/// `drover logs NODE -f -n 0 --stream stdout`: the client, its stdout lines and its
+/// stderr lines (only stdout is followed: the notes about the agent come on stderr).
+fn follow_stdout(
+    c: &Cluster,
+    addr: SocketAddr,
+    node: &str,
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let mut cmd = c.drover_command(addr);
+    cmd.args(["logs", node, "-f", "-n", "0", "--stream", "stdout"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let out = read_lines(child.stdout.take().unwrap());
+    let err = read_lines(child.stderr.take().unwrap());
+    (child, out, err)
+}
+
+/// The number ending one of `drover-testprog --stdout-rate`'s lines.
+fn seq(line: &str) -> u64 {
+    line.rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a numbered line: {line}"))
+}
+
 #[test]
 fn a_follow_goes_on_when_its_agent_comes_back() {
     let c = Cluster::new();
@@ -504,20 +533,7 @@ fn a_follow_goes_on_when_its_agent_comes_back() {
     };
     let before = eventually("talk runs", PATIENCE, pid);
 
-    let mut cmd = c.drover_command(addr);
-    // Only stdout is followed: the notes about the agent still come on stderr.
-    cmd.args(["logs", "talk", "-f", "-n", "0", "--stream", "stdout"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let out_lines = read_lines(child.stdout.take().unwrap());
-    let err_lines = read_lines(child.stderr.take().unwrap());
-    let seq = |line: &str| -> u64 {
-        line.rsplit(' ')
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("not a numbered line: {line}"))
-    };
+    let (mut child, out_lines, err_lines) = follow_stdout(&c, addr, "talk");
     let mut seqs = vec![seq(&out_lines
         .recv_timeout(PATIENCE)
         .expect("followed lines come"))];
@@ -614,19 +630,7 @@ fn a_follow_goes_on_through_rotations_while_its_agent_was_away() {
             bin("drover-testprog").display()
         ),
     );
-    let mut cmd = c.drover_command(addr);
-    cmd.args(["logs", "talk", "-f", "-n", "0", "--stream", "stdout"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let out_lines = read_lines(child.stdout.take().unwrap());
-    let _err_lines = read_lines(child.stderr.take().unwrap());
-    let seq = |line: &str| -> u64 {
-        line.rsplit(' ')
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("not a numbered line: {line}"))
-    };
+    let (mut child, out_lines, _err_lines) = follow_stdout(&c, addr, "talk");
     let mut seqs = vec![seq(&out_lines
         .recv_timeout(PATIENCE)
         .expect("followed lines come"))];
