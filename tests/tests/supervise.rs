@@ -455,9 +455,54 @@ fn a_repeat_of_a_generation_being_carried_out_is_answered_once_its_nodes_run() {
     assert!(again[0].success, "{again:?}");
     assert_eq!(again[0].node.as_deref(), Some("n"));
     assert_eq!(states, [State::Running], "answered before the node ran");
-    // Once that is done, a repeat is answered at once, without results.
+    // Once that is done, a repeat is answered with the node as it is now: a deploy sent
+    // again after a catch-up carried it out still learns of its node.
     let r = w.apply_gen(3, None, &text.replace("[instances.agent-1]\n", ""));
-    assert!(r.is_empty(), "{r:?}");
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert!(r[0].success, "{r:?}");
+    assert_eq!(r[0].node.as_deref(), Some("n"));
+}
+
+/// A repeat of a generation whose Apply was answered is answered with that Apply's
+/// nodes as they are now: a node that failed since is reported failed, with its output,
+/// not as the success the first answer was; a node it did not change is not named.
+#[test]
+fn a_repeat_of_a_generation_carried_out_reports_its_nodes_as_they_are_now() {
+    let mut w = World::new();
+    let p = prog();
+    let steady = format!(
+        "[nodes.steady]\ninstance = \"agent-1\"\ncommand = [\"{p}\", \"--sleep-forever\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n"
+    );
+    let r = w.apply_gen(1, None, &steady);
+    assert_eq!(r.len(), 1, "{r:?}");
+    let failing = format!(
+        "{steady}[nodes.brief]\ninstance = \"agent-1\"\nrestart = \"never\"\ncommand = [\"{p}\", \"--eprint\", \"brief-was-here\", \"--exit-after\", \"300ms\", \"--exit-code\", \"3\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n"
+    );
+    let r = w.apply_gen(2, None, &failing);
+    assert_eq!(r.len(), 1, "only the node generation 2 added: {r:?}");
+    assert!(r[0].success, "{r:?}");
+    w.wait("brief failed", |s| s.state == State::Failed, "brief");
+    let r = w.apply_gen(2, None, &failing);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].node.as_deref(), Some("brief"));
+    assert!(!r[0].success, "{r:?}");
+    let Some(ResultData::NodeOutputs(o)) = &r[0].data else {
+        panic!("no outputs: {r:?}");
+    };
+    assert!(o.stderr.contains("brief-was-here"), "{o:?}");
+    // Carried out by an earlier agent process: what that Apply changed is not known,
+    // so every node is named, as it is now.
+    w.restart_supervisor();
+    let r = w.apply_gen(2, None, &failing);
+    let named: BTreeMap<_, _> = r
+        .iter()
+        .map(|r| (r.node.clone().unwrap_or_default(), r.success))
+        .collect();
+    assert_eq!(
+        named,
+        BTreeMap::from([("brief".to_owned(), false), ("steady".to_owned(), true)]),
+        "{r:?}"
+    );
 }
 
 /// An Apply that changes nodes whose spawns for the previous Apply are still under
@@ -527,13 +572,15 @@ fn apply_by_generation_repeats_nothing_refuses_older_and_diffs_specs() {
         .collect();
     assert!(w.status().values().all(|s| s.generation == Some(5)));
     assert_eq!(w.sup.applied_generation(), 5);
-    // A repeat of generation 5, even with an edited spec: nothing changes.
+    // A repeat of generation 5, even with an edited spec: nothing changes, and it is
+    // answered as generation 5 was, with its nodes as they are.
     let r = w.apply_gen(
         5,
         Some("one"),
         &two_nodes(&p, "--sleep-forever", "--print=x"),
     );
-    assert!(r.is_empty(), "{r:?}");
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert!(r.iter().all(|r| r.success), "{r:?}");
     assert_eq!(w.status()["b"].pid, Some(pids["b"]));
     // An older generation is refused as a whole, and changes nothing.
     let r = w.apply_gen(4, Some("old"), &two_nodes(&p, "--print=y", "--print=y"));

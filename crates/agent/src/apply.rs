@@ -11,7 +11,8 @@
 //!   generation in effect.
 //! - A repeat, a stale generation and an Apply the host cannot honour change nothing,
 //!   not even the desired state on disk, and are answered at once (a repeat, along
-//!   with the Apply that carried its generation out, if that one still waits).
+//!   with the Apply that carried its generation out, if that one still waits, else
+//!   with that Apply's nodes as they are: the supervisor's part).
 //! - The desired state is written (atomically, synced) before any node is touched:
 //!   an agent killed at any moment finds on disk the generation it was acting on.
 //! - What each node goes through is decided from its spec alone ([`converge::diff`]),
@@ -70,7 +71,7 @@ pub enum Out<T> {
     /// A repeat of the generation applied: nothing changes. It is answered as the Apply
     /// that carried that generation out is, if that one still waits for its nodes (a
     /// controller that sent it again on an agent's new connection must not take it as
-    /// done before they run), else now.
+    /// done before they run), else with that Apply's nodes as they are now.
     Repeat {
         /// The requester's.
         with: T,

@@ -488,6 +488,18 @@ struct Requester {
     progress: Option<watch::Sender<Progress>>,
 }
 
+/// The Apply last carried out (see [`Core::repeat`]).
+#[derive(Debug)]
+struct LastApply {
+    generation: u64,
+    /// Its waiter, while it waits.
+    wait: u64,
+    /// The nodes it started or changed, which its answer is about.
+    nodes: Vec<String>,
+    /// Its answers known at once (nodes it could not set up).
+    errors: Vec<MgmtResult>,
+}
+
 struct Core {
     cfg: SupervisorConfig,
     nodes_dir: PathBuf,
@@ -507,9 +519,9 @@ struct Core {
     /// Applies in arrival order, carried out one at a time, and the one whose desired
     /// state is being written (off this task: it is synced).
     applies: Applies<Requested>,
-    /// The generation last carried out and the waiter of its Apply, which a repeat of
-    /// that generation joins while it waits.
-    apply_wait: Option<(u64, u64)>,
+    /// The Apply last carried out, which a repeat of its generation joins while it
+    /// waits, and is answered like once it is done.
+    last_apply: Option<LastApply>,
     next_token: u64,
     shutdown: Option<(Instant, oneshot::Sender<()>)>,
     /// An exit happened: look for orphaned descendants once the burst is handled.
@@ -827,7 +839,7 @@ impl Supervisor {
             applied: applied_tx,
             restart_epoch: 0,
             applies: Applies::default(),
-            apply_wait: None,
+            last_apply: None,
             next_token: token_prefix(&state_dir_for_tokens) << 32 | u64::from(rand_u32()),
             shutdown: None,
             sweep_pending: false,
@@ -891,8 +903,9 @@ impl Supervisor {
 
     /// Applies `config`, deploy generation `generation`, for this instance; one result
     /// per node started or restarted. A repeat of the applied generation changes nothing
-    /// (unless `restart` says to restart every node); an older generation is refused
-    /// with one error result.
+    /// (unless `restart` says to restart every node) and is answered with the nodes the
+    /// first Apply of it started or restarted, as they are; an older generation is
+    /// refused with one error result.
     pub async fn apply(
         &self,
         config: Configuration,
@@ -1550,6 +1563,12 @@ impl Core {
         }
         let deadline = self.millis_of(deadline);
         let idle = progress.as_ref().map(|p| millis(p.idle));
+        let last = LastApply {
+            generation,
+            wait: 0,
+            nodes: wait.iter().map(|(name, _)| name.clone()).collect(),
+            errors: results.clone(),
+        };
         let id = self.waiters.add(
             wait,
             Want::Running,
@@ -1561,11 +1580,14 @@ impl Core {
                 progress: progress.map(|p| p.tx),
             },
         );
-        self.apply_wait = Some((generation, id));
+        self.last_apply = Some(LastApply { wait: id, ..last });
     }
 
     /// Answers a repeat of the generation applied along with the Apply that carried it
-    /// out, while that one waits for its nodes; now, without changes, once it is done.
+    /// out, while that one waits for its nodes; once that one is answered (or when the
+    /// generation was put in effect by an earlier agent process), with what its nodes
+    /// show now, as that Apply would be answered now: the requester of a deploy sent
+    /// again (on an agent's new connection, say) learns of every node, not of none.
     fn repeat(&mut self, with: Requested) {
         let Requested {
             mut deadline,
@@ -1583,18 +1605,30 @@ impl Core {
             progress: progress.map(|p| p.tx),
         };
         let applied = *self.applied.borrow();
-        let joined = match self.apply_wait {
-            Some((generation, id)) if generation == applied => {
-                self.waiters.add_like(id, deadline, idle, requester)
-            }
-            _ => Err(requester),
+        let last = self.last_apply.as_ref().filter(|l| l.generation == applied);
+        let joined = match last {
+            Some(l) => self.waiters.add_like(l.wait, deadline, idle, requester),
+            None => Err(requester),
         };
-        match joined {
-            Ok(_) => self.settle_waiters(),
-            Err(requester) => {
-                let _ = requester.reply.send(Vec::new());
-            }
+        if let Err(requester) = joined {
+            // The nodes that Apply started or changed, as they are now; every node when
+            // an earlier agent process carried it out.
+            let (nodes, errors) = match last {
+                Some(l) => (l.nodes.clone(), l.errors.clone()),
+                None => (
+                    self.nodes
+                        .iter()
+                        .filter(|(_, e)| !e.removing)
+                        .map(|(name, _)| name.clone())
+                        .collect(),
+                    Vec::new(),
+                ),
+            };
+            let nodes = nodes.into_iter().map(|name| (name, None)).collect();
+            self.waiters
+                .add(nodes, Want::Running, deadline, idle, errors, requester);
         }
+        self.settle_waiters();
     }
 
     fn desired_path(&self) -> PathBuf {
