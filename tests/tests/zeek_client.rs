@@ -760,10 +760,31 @@ fn bad_roles_files_stop_the_controller_and_open_listeners_are_warned_about() {
     assert!(!p.wait_exit(PATIENCE).success());
     let log = p.log_text();
     assert!(
-        log.contains("zeek roles file")
-            && log.contains("roles.worker: a role template needs a command"),
+        log.contains(&format!(
+            "zeek roles file {}: 1 problem(s):\n{}:2: roles.worker.command: a role template needs a non-empty command",
+            bad.display(),
+            bad.display()
+        )),
         "{log}"
     );
+    // Given without the websocket it serves, it is still read, and refused when bad.
+    let mut cmd = Command::new(bin("drover-controller"));
+    cmd.arg("--zeek-roles").arg(&bad);
+    c.controller_args(&mut cmd, "127.0.0.1:0");
+    let mut p = Proc::spawn("controller", cmd, c.dir.path().join("bad-unused.log"));
+    assert!(!p.wait_exit(PATIENCE).success());
+    assert!(
+        p.log_text().contains("roles.worker.command"),
+        "{}",
+        p.log_text()
+    );
+    // A good one without the websocket: the controller runs, and says it is unused.
+    let good = c.dir.path().join("good-roles.toml");
+    std::fs::write(&good, "[roles.worker]\ncommand = [\"zeek\"]\n").unwrap();
+    let (ctl, _) =
+        c.start_controller_with("127.0.0.1:0", &["--zeek-roles", good.to_str().unwrap()]);
+    ctl.wait_log("is not used: it serves zeek-client");
+    drop(ctl);
 
     // Bad zeek settings stop it too, naming the setting.
     for (flags, want) in [

@@ -560,6 +560,13 @@ impl Controller {
                 )
             })
             .transpose()?;
+        if let (None, Some(roles)) = (config.zeek_websocket, &config.zeek_roles) {
+            zeek::Front::check_roles(roles)?;
+            warn!(
+                "the zeek roles file {} is not used: it serves zeek-client, and no zeek websocket is configured",
+                roles.display()
+            );
+        }
         let ports = drover_proto::ports::PortPolicy {
             controller_port: endpoint.local_addr().ok().map(|a| a.port()),
             ..config.ports

@@ -86,11 +86,12 @@ pub enum Error {
     #[error("cannot serve zeek-client over tls: {0}")]
     Tls(#[from] drover_net::NetError),
     /// The roles file.
-    #[error("zeek roles file {path}: {message}")]
+    #[error("zeek roles file {}: {message}", path.display())]
     Roles {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
+        /// What is wrong: its problems, each on a line of its own with the file's
+        /// name and its line, or why it cannot be read.
         message: String,
     },
 }
@@ -158,6 +159,15 @@ impl Front {
             tls,
             deploy,
             scope,
+        })
+    }
+
+    /// Reads a roles file given without the front that uses it: a bad one is found at
+    /// start-up, not when the front is turned on later.
+    pub fn check_roles(path: &Path) -> Result<(), Error> {
+        Roles::load(path).map(drop).map_err(|message| Error::Roles {
+            path: path.to_owned(),
+            message,
         })
     }
 
@@ -581,7 +591,8 @@ pub mod fuzzing {
     fn roles() -> &'static Roles {
         static ROLES: std::sync::OnceLock<Roles> = std::sync::OnceLock::new();
         ROLES.get_or_init(|| {
-            Roles::parse(
+            Roles::parse_named(
+                "fuzzing-roles.toml",
                 "[roles.manager]\ncommand = [\"zeek\"]\n\
                  [roles.logger]\ncommand = [\"zeek\"]\n\
                  [roles.proxy]\ncommand = [\"zeek\"]\n\
