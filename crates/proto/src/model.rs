@@ -191,7 +191,6 @@ impl Default for Backoff {
 
 /// [`Backoff`] as written, each field optional.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct BackoffFields {
     #[serde(default, with = "humantime_serde")]
     initial: Option<Duration>,
@@ -220,7 +219,7 @@ impl From<BackoffFields> for Backoff {
 
 /// How an agent decides that a started node is ready.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Readiness {
     /// Ready once it stayed alive this long (the default, 1 s).
     StartPeriod {
@@ -464,7 +463,6 @@ impl Node {
 /// Zeek's Supervisor appends them to a node's command line; elsewhere it is replaced by
 /// the scripts joined with spaces.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RoleTemplate {
     /// argv template.
     pub command: Vec<String>,

@@ -675,6 +675,46 @@ mod tests {
         assert_eq!(record.outcome, crate::access::Outcome::Refused);
     }
 
+    /// A later release adds fields anywhere in a configuration, nested tables too; an
+    /// older peer takes its Apply and ignores them, rather than refusing every node.
+    #[test]
+    fn a_configuration_with_fields_of_a_later_release_decodes() {
+        let text = r#"
+[instances.a]
+[roles.worker]
+command = ["z"]
+memory = { max = "1G" }
+[nodes.w]
+instance = "a"
+role = "worker"
+readiness = { kind = "notify", timeout = "5s" }
+backoff = { initial = "1s" }
+memory = { max = "2G" }
+liveness = { kind = "tcp", port = 9 }
+"#;
+        let config = crate::config::parse_toml("c.toml", text).unwrap();
+        let mut json = serde_json::to_value(&config).unwrap();
+        let later = |v: &mut serde_json::Value| {
+            v.as_object_mut()
+                .unwrap()
+                .insert("from_a_later_release".into(), true.into());
+        };
+        later(&mut json);
+        later(&mut json["roles"]["worker"]);
+        later(&mut json["roles"]["worker"]["memory"]);
+        let node = &mut json["nodes"][0];
+        later(node);
+        for key in ["readiness", "backoff", "memory", "liveness"] {
+            later(&mut node[key]);
+        }
+        let req = serde_json::json!({ "type": "apply", "generation": 3, "config": json });
+        let decoded: ControllerRequest = serde_json::from_value(req).unwrap();
+        let ControllerRequest::Apply { config: got, .. } = decoded else {
+            panic!("not an apply");
+        };
+        assert_eq!(*got, config);
+    }
+
     #[test]
     fn a_not_leader_refusal_names_the_leader_or_nothing() {
         let m = format!("{NOT_LEADER}10.0.0.2:2150");

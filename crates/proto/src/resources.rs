@@ -81,7 +81,6 @@ impl<'de> Deserialize<'de> for ByteSize {
 
 /// `memory = { max = "4G", high = "3G" }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Memory {
     /// The hard limit: past it the kernel reclaims, then OOM-kills within the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -94,7 +93,7 @@ pub struct Memory {
 
 /// A liveness probe: a node that fails it `failures` times in a row is restarted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Liveness {
     /// `GET path` on the loopback address and this port answers with a 2xx or 3xx status.
     Http {
