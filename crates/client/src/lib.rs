@@ -556,11 +556,7 @@ async fn command(
             };
             let text = if *as_json {
                 let json = output::get_config(config);
-                if settings.client.pretty_json {
-                    serde_json::to_string_pretty(&json)? + "\n"
-                } else {
-                    serde_json::to_string(&json)? + "\n"
-                }
+                output::json_text(&json, settings.client.pretty_json)? + "\n"
             } else if *as_toml {
                 drover_proto::ini::to_toml(config)
             } else {

@@ -1,8 +1,9 @@
 //! Output in zeek-client's JSON shapes.
 //!
 //! zeek-client prints `json.dumps(obj, sort_keys=True, indent=2)` plus a newline; scripts
-//! parse that. serde_json's pretty printer with a sorted map produces the same text for
-//! the ASCII data drover emits.
+//! parse that. serde_json's pretty printer with a sorted map produces the same text once
+//! non-ASCII characters are escaped as Python's `ensure_ascii` does (a command line or
+//! environment value in a configuration may hold them).
 
 use drover_proto::model::{MgmtResult, ResultData};
 use drover_proto::msg::ClientResponse;
@@ -14,12 +15,39 @@ use crate::visible::visible;
 /// Prints a JSON value with sorted keys and 2-space indentation (one line when not
 /// `pretty`), plus a newline.
 pub fn print_json(v: &Value, pretty: bool) -> anyhow::Result<()> {
+    stdio::outln(&json_text(v, pretty)?)
+}
+
+/// The text zeek-client prints for `v` (without the newline): 2-space indentation, or
+/// `json.dumps`'s one-line spacing (`{"a": 1, "b": 2}`) when not `pretty`.
+pub fn json_text(v: &Value, pretty: bool) -> anyhow::Result<String> {
     let text = if pretty {
         serde_json::to_string_pretty(v)?
     } else {
         zeek_compact(v)
     };
-    stdio::outln(&text)
+    Ok(ascii_escaped(&text))
+}
+
+/// `text` with every non-ASCII character written as `\uXXXX` (a surrogate pair beyond
+/// the basic plane), as Python's JSON encoder writes them. Such characters occur only
+/// inside JSON strings, where the escape means the same character.
+fn ascii_escaped(text: &str) -> String {
+    if text.is_ascii() {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{u:04x}"));
+            }
+        }
+    }
+    out
 }
 
 fn single(reply: &ClientResponse) -> Option<&MgmtResult> {
@@ -603,6 +631,20 @@ mod tests {
         assert_eq!(
             serde_json::to_string_pretty(&v).unwrap(),
             "{\n  \"a\": {\n    \"host\": \"127.0.0.1\"\n  },\n  \"b\": {\n    \"host\": \"127.0.0.1\",\n    \"port\": 2152\n  },\n  \"c\": {}\n}"
+        );
+    }
+
+    /// The texts Python's `json.dumps(v, sort_keys=True)` and `indent=2` give.
+    #[test]
+    fn json_text_is_pythons() {
+        let v = json!({"a": ["é", "😀", "x\"y"], "b": 1, "c": {}});
+        assert_eq!(
+            json_text(&v, false).unwrap(),
+            r#"{"a": ["\u00e9", "\ud83d\ude00", "x\"y"], "b": 1, "c": {}}"#
+        );
+        assert_eq!(
+            json_text(&json!({"a": ["é"]}), true).unwrap(),
+            "{\n  \"a\": [\n    \"\\u00e9\"\n  ]\n}"
         );
     }
 
