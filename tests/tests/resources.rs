@@ -245,6 +245,62 @@ fn a_node_over_its_memory_limit_is_oom_killed_and_reported_as_such() {
     }
 }
 
+/// A redeploy that drops a limit runs the node without it: the cgroups the node keeps
+/// from one spec to the next hold no value of the old one.
+#[test]
+fn limits_dropped_by_a_redeploy_are_lifted() {
+    let s = setup();
+    let node = |limits: &str| {
+        format!(
+            "[nodes.steady]\ninstance = \"agent-1\"\ncommand = {}\n{limits}",
+            testprog(&["--sleep-forever"]),
+        )
+    };
+    let all =
+        "memory = { max = \"64M\", high = \"32M\" }\ncpus = 0.5\ncpu_weight = 50\npids_max = 64\n";
+    if !s.deploy_or_skip(&node(all)) {
+        return;
+    }
+    let first = eventually("steady running", PATIENCE, || {
+        s.node("steady")["pid"].as_u64()
+    });
+    let (code, v, _) = s.deploy(&node("memory = { high = \"512M\" }\ncpu_weight = 50\n"));
+    assert_eq!(code, Some(0), "{v}");
+    let pid = eventually("steady running again", PATIENCE, || {
+        s.node("steady")["pid"].as_u64().filter(|p| *p != first)
+    });
+    let v2_root = s
+        .agent
+        .wait_log("nodes are contained in cgroups")
+        .lines()
+        .find_map(|l| l.split("cgroup=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .map(str::to_owned);
+    // Each file where the node's cgroup holds it: v1 if the node is in one, else v2.
+    let read = |ctl: &str, v1: &str, v2: &str| {
+        let at = match v1_cgroup(pid, ctl).filter(|p| p.ends_with("/nodes/steady")) {
+            Some(path) => format!("/sys/fs/cgroup/{ctl}{path}/{v1}"),
+            None => format!("{}/nodes/steady/{v2}", v2_root.as_deref()?),
+        };
+        std::fs::read_to_string(at)
+            .ok()
+            .map(|t| t.trim().to_owned())
+    };
+    let unlimited = |v: Option<String>| {
+        v.is_none_or(|v| v == "max" || v == "-1" || v.starts_with("max ") || v.len() >= 18)
+    };
+    let max = read("memory", "memory.limit_in_bytes", "memory.max");
+    assert!(unlimited(max.clone()), "memory max still {max:?}");
+    let quota = read("cpu", "cpu.cfs_quota_us", "cpu.max");
+    assert!(unlimited(quota.clone()), "cpu quota still {quota:?}");
+    let pids = read("pids", "pids.max", "pids.max");
+    assert!(unlimited(pids.clone()), "pids max still {pids:?}");
+    // What the new spec keeps is still in force.
+    if let Some(shares) = read("cpu", "cpu.shares", "cpu.weight") {
+        assert!(shares == "512" || shares == "50", "{shares}");
+    }
+}
+
 #[test]
 fn an_oom_kill_is_kept_in_the_node_record_for_the_next_agent() {
     let mut s = setup();

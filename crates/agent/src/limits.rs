@@ -194,6 +194,46 @@ impl Limits {
         out
     }
 
+    /// The files of the settings these limits leave unset, with what each holds
+    /// without a limit (the kernel's defaults), on v2 (`v2`) or v1: written into a
+    /// node cgroup that outlives the node's process, over what an earlier spec of the
+    /// node set, since a redeploy that drops a limit means the node runs without it.
+    pub fn resets(&self, v2: bool) -> Vec<(Ctl, &'static str, &'static str)> {
+        use Ctl::{Cpu, Io, Memory, Pids};
+        let unset = [
+            self.memory_max.is_none(),
+            self.memory_high.is_none(),
+            self.cpus.is_none(),
+            self.cpu_weight.is_none(),
+            self.pids_max.is_none(),
+            self.io_weight.is_none(),
+        ];
+        let files = if v2 {
+            [
+                (Memory, "memory.max", "max"),
+                (Memory, "memory.high", "max"),
+                (Cpu, "cpu.max", "max"),
+                (Cpu, "cpu.weight", "100"),
+                (Pids, "pids.max", "max"),
+                (Io, "io.weight", "default 100"),
+            ]
+        } else {
+            [
+                (Memory, "memory.limit_in_bytes", "-1"),
+                (Memory, "memory.soft_limit_in_bytes", "-1"),
+                (Cpu, "cpu.cfs_quota_us", "-1"),
+                (Cpu, "cpu.shares", "1024"),
+                (Pids, "pids.max", "max"),
+                (Io, "blkio.weight", "500"),
+            ]
+        };
+        unset
+            .into_iter()
+            .zip(files)
+            .filter_map(|(unset, f)| unset.then_some(f))
+            .collect()
+    }
+
     /// What a `late` file holds until it is written: no limit.
     fn unlimited(file: &str) -> &'static str {
         if file == "cpu.cfs_quota_us" {
@@ -373,11 +413,25 @@ impl Host {
         )
     }
 
-    /// Writes the node's limits into its cgroups (v2: `v2_dir`, the node's v2 cgroup,
-    /// made ahead), creating its v1 cgroups. Call before each spawn; the returned
-    /// placement is entered around the spawn and finished after it.
-    pub fn prepare(&self, node: &str, limits: &Limits) -> io::Result<Placement> {
+    /// Writes the node's limits into its cgroups (v2: the node's v2 cgroup, made
+    /// ahead; `v2_fresh` when it was made anew for this process, so it holds no
+    /// earlier spec's limits), creating its v1 cgroups; a setting the node no longer
+    /// has is set back to no limit in the cgroups it keeps. Call before each spawn; the
+    /// returned placement is entered around the spawn and finished after it.
+    pub fn prepare(&self, node: &str, limits: &Limits, v2_fresh: bool) -> io::Result<Placement> {
         let mut placement = Placement::default();
+        if let (false, Some(nodes)) = (v2_fresh, &self.v2_nodes) {
+            let dir = nodes.join(node);
+            if dir.is_dir() {
+                for (_, file, value) in limits
+                    .resets(true)
+                    .into_iter()
+                    .filter(|(ctl, _, _)| self.v2.contains(ctl))
+                {
+                    write_existing(&dir.join(file), value)?;
+                }
+            }
+        }
         if limits.is_empty() {
             return Ok(placement);
         }
@@ -403,6 +457,15 @@ impl Host {
                 placement.late.push((path, w.value));
             } else {
                 write(&path, &w.value)?;
+            }
+        }
+        // The v1 cgroups the node enters are kept from one spec to the next.
+        for (ctl, file, value) in limits.resets(false) {
+            if let Some(v1) = self.v1.get(&ctl).filter(|_| !self.v2.contains(&ctl)) {
+                let dir = v1.nodes.join(node);
+                if placement.v1.contains(&dir) {
+                    write_existing(&dir.join(file), value)?;
+                }
             }
         }
         if let Some(nodes) = &self.v2_nodes {
@@ -586,6 +649,15 @@ fn write(path: &Path, value: &str) -> io::Result<()> {
     })
 }
 
+/// As [`write`], for a file the kernel may not offer (a controller's optional file):
+/// nothing to do without it.
+fn write_existing(path: &Path, value: &str) -> io::Result<()> {
+    match write(path, value) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
     crate::sys::read_pseudo_text(path).ok()?.trim().parse().ok()
 }
@@ -764,7 +836,7 @@ mod tests {
             "node 'w1': memory.max cannot be enforced on this host: the memory controller is not available on cgroup v2 (memory cannot be enabled in /x: not delegated to the agent) and no cgroup v1 memory hierarchy is mounted"
         );
         assert!(host.check("w1", &Limits::default()).is_ok());
-        assert!(host.prepare("w1", &limits()).is_err());
+        assert!(host.prepare("w1", &limits(), true).is_err());
     }
 
     #[test]

@@ -398,7 +398,11 @@ fn run(cx: &Context, job: Job, made: &mut Option<Made>) -> Result<Spawned, Strin
     });
     let placement = cx
         .host
-        .prepare(name, &job.limits)
+        .prepare(
+            name,
+            &job.limits,
+            cgroup.as_ref().is_none_or(|(_, ready)| ready.fresh),
+        )
         .map_err(|err| format!("node '{name}': cannot set its resource limits: {err}"))?;
     let oom_base = if cx.host.counts_oom(&job.limits) {
         cx.host.oom_kills(name)

@@ -255,7 +255,7 @@ impl Contained {
     ) -> io::Result<i32> {
         use std::os::fd::AsFd;
         let ready = self.cgroups.prepare(&self.node)?;
-        let placement = self.host.prepare(Self::NODE, &self.limits)?;
+        let placement = self.host.prepare(Self::NODE, &self.limits, ready.fresh)?;
         let v1 = placement.open_procs()?;
         let join: Vec<_> = v1.iter().map(AsFd::as_fd).collect();
         let pid = spawn(
