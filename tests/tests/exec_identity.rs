@@ -412,6 +412,100 @@ impl Drop for TempUser {
     }
 }
 
+/// Adds system user `name`, trying again while another test holds the user database.
+fn add_user(name: &str) {
+    eventually(&format!("useradd {name}"), PATIENCE, || {
+        std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .arg(name)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+            .then_some(())
+    });
+}
+
+/// A node that failed for want of its user is looked up again by an operator's
+/// restart once the user exists, and by the next deploy after the agent itself was
+/// restarted meanwhile (which the node's record tells the new agent process).
+#[test]
+fn a_node_that_failed_for_want_of_its_user_starts_on_restart_and_after_an_agent_restart() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: adding a user needs root");
+        return;
+    }
+    let pid = std::process::id();
+    let (first, second) = (format!("drvre{pid}"), format!("drvdp{pid}"));
+    let _users = (TempUser(first.clone()), TempUser(second.clone()));
+    let c = Cluster::new();
+    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    connect(&c, addr);
+    let body = format!(
+        "[nodes.first]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nuser = \"{first}\"\n\
+         [nodes.second]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nuser = \"{second}\"\n"
+    );
+    let (code, v, _) = deploy(&c, addr, &body);
+    assert_eq!(code, Some(1), "{v}");
+    for node in ["first", "second"] {
+        assert_eq!(node_status(&c, addr, node)["state"], "FAILED");
+    }
+    add_user(&first);
+    let out = c.drover(addr, &["restart", "first"]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert_eq!(node_status(&c, addr, "first")["state"], "RUNNING");
+
+    agent.kill();
+    add_user(&second);
+    let _agent = c.start_agent("agent-1", addr);
+    connect(&c, addr);
+    eventually("the new agent reports", PATIENCE, || {
+        (node_status(&c, addr, "second")["state"] == "FAILED").then_some(())
+    });
+    let (code, v, stderr) = deploy(&c, addr, &body);
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    let s = node_status(&c, addr, "second");
+    assert_eq!(s["state"], "RUNNING", "{s}");
+    let uid = nix::unistd::User::from_name(&second).unwrap().unwrap().uid;
+    let pid = s["pid"].as_u64().unwrap();
+    assert_eq!(status(pid, "Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
+}
+
+/// A node that ran as a user of its own, removed and deployed again under its name
+/// without a user, runs as the agent: its directory is taken back though it holds no
+/// notify socket or working directory yet.
+#[test]
+fn a_node_deployed_again_without_its_user_runs_as_the_agent() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: running nodes as other users needs a root agent");
+        return;
+    }
+    let c = Cluster::new();
+    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    connect(&c, addr);
+    let node = |user: &str| {
+        format!("[nodes.re]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\n{user}")
+    };
+    let (code, v, _) = deploy(&c, addr, &node("user = \"nobody\"\n"));
+    assert_eq!(code, Some(0), "{v}");
+    let (code, v, _) = deploy(&c, addr, "");
+    assert_eq!(code, Some(0), "{v}");
+    let (code, v, stderr) = deploy(&c, addr, &node(""));
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    let s = node_status(&c, addr, "re");
+    assert_eq!(s["state"], "RUNNING", "{s}");
+    assert!(status(s["pid"].as_u64().unwrap(), "Uid:").starts_with("0\t"));
+}
+
 #[test]
 fn a_user_created_after_a_failed_deploy_is_found_by_the_next_deploy() {
     if !nix::unistd::Uid::effective().is_root() {
@@ -432,17 +526,7 @@ fn a_user_created_after_a_failed_deploy_is_found_by_the_next_deploy() {
     let (code, v, _) = deploy(&c, addr, &body);
     assert_eq!(code, Some(1), "{v}");
     assert_eq!(node_status(&c, addr, "late")["state"], "FAILED");
-    let added = std::process::Command::new("useradd")
-        .args([
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-        ])
-        .arg(&name)
-        .status()
-        .unwrap();
-    assert!(added.success(), "useradd {name}");
+    add_user(&name);
     // The same configuration again: the node is unchanged, but its user now exists.
     let (code, v, stderr) = deploy(&c, addr, &body);
     assert_eq!(code, Some(0), "{v} {stderr}");

@@ -354,7 +354,8 @@ pub fn prepare(
             std::fs::create_dir_all(w)
                 .map_err(|e| format!("node '{name}': cannot create {}: {e}", w.display()))?;
         }
-        own_node_paths(owner, node_dir, work, notify).map_err(|e| format!("node '{name}': {e}"))?;
+        own_node_paths(owner, node_dir, work, Some(notify))
+            .map_err(|e| format!("node '{name}': {e}"))?;
     }
     Ok(plan)
 }
@@ -390,7 +391,7 @@ pub fn own_node_paths(
     owner: (u32, u32),
     node_dir: &std::path::Path,
     work: Option<&std::path::Path>,
-    notify: &std::path::Path,
+    notify: Option<&std::path::Path>,
 ) -> io::Result<()> {
     use std::os::unix::fs::{PermissionsExt, chown};
     let (uid, gid) = owner;
@@ -406,7 +407,10 @@ pub fn own_node_paths(
     if let Some(w) = work {
         set(w, Some(uid), Some(gid), 0o700)?;
     }
-    set(notify, Some(uid), Some(gid), 0o600)
+    match notify {
+        Some(n) => set(n, Some(uid), Some(gid), 0o600),
+        None => Ok(()),
+    }
 }
 
 /// Takes back what [`own_node_paths`] gave a node that now runs as the agent: one
@@ -423,12 +427,14 @@ fn reclaim_node_paths(
         _ => return Ok(()),
     }
     let me = (Uid::effective().as_raw(), egid);
+    // A node removed and deployed again under its name has its directory, owned as
+    // its user left it, but not yet its working directory or notify socket.
     let work = node_dir.join("work");
     own_node_paths(
         me,
         node_dir,
-        node.workdir.is_none().then_some(work.as_path()),
-        notify,
+        (node.workdir.is_none() && work.exists()).then_some(work.as_path()),
+        notify.exists().then_some(notify),
     )?;
     std::fs::set_permissions(
         node_dir,

@@ -366,7 +366,7 @@ fn run(cx: &Context, job: Job, made: &mut Option<Made>) -> Result<Spawned, Strin
         if let Some(owner) = job.plan.owner() {
             let work = job.spec.workdir.is_none().then_some(job.workdir.as_path());
             let socket = crate::supervisor::notify_path(&fresh.socks.dir(name));
-            crate::exec::own_node_paths(owner, &fresh.dir, work, &socket)
+            crate::exec::own_node_paths(owner, &fresh.dir, work, Some(&socket))
                 .map_err(|err| format!("node '{name}': {}", sys::cause(&err)))?;
         }
         *made = Some(prepared);

@@ -339,6 +339,10 @@ struct Record {
     /// status and metrics show is kept across agent restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_failure: Option<String>,
+    /// Its last start failed for want of its user, groups or other exec settings: the
+    /// next deploy looks them up again and starts it, also under a later agent process.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    plan_failed: bool,
     #[serde(default, skip_serializing_if = "is_zero")]
     oom_kills: u32,
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -449,6 +453,9 @@ struct Entry {
     notify_task: Option<tokio::task::AbortHandle>,
     /// What its child applies before exec, once resolved for `spec` (or why it cannot).
     plan: Option<Result<std::sync::Arc<crate::exec::Plan>, String>>,
+    /// An earlier agent process could not resolve its exec settings, and it has not run
+    /// since (see [`Record::plan_failed`]).
+    plan_failed_before: bool,
     /// The record as last written: an unchanged record is not written again (a deploy
     /// would otherwise write each new node's record three times, and file creation and
     /// renames are most of the agent's cost per spawned node).
@@ -477,6 +484,12 @@ impl Entry {
     /// The followed process.
     fn proc(&self) -> Option<&Proc> {
         self.book.process()
+    }
+
+    /// Its last start failed for want of its exec settings (in this agent process or
+    /// an earlier one), and nothing started it since.
+    fn plan_failed(&self) -> bool {
+        matches!(self.plan, Some(Err(_))) || self.plan_failed_before
     }
 }
 
@@ -1824,6 +1837,7 @@ impl Core {
             removing: false,
             notify_task: None,
             plan: None,
+            plan_failed_before: false,
             written: Vec::new(),
             last_pipes: None,
             fresh: false,
@@ -2016,13 +2030,18 @@ impl Core {
             None => (program.clone(), args.to_vec()),
         };
         // Resolved when the Apply started the node or at recovery; a node without such
-        // settings gets its empty plan here, once (a stat, see `exec::prepare`).
+        // settings gets its empty plan here, once (a stat, see `exec::prepare`). One
+        // that could not be resolved is looked up again: its user may exist now.
+        if matches!(e.plan, Some(Err(_))) {
+            e.plan = None;
+        }
         let plan = e
             .plan
             .get_or_insert_with(|| {
                 crate::exec::prepare(name, &e.spec, &e.dir, &notify).map(std::sync::Arc::new)
             })
             .clone()?;
+        e.plan_failed_before = false;
         let job = crate::spawner::Job {
             node: name.to_owned(),
             generation,
@@ -2900,6 +2919,7 @@ impl Core {
             last_exit: e.book.last_exit,
             last_error: e.book.error(),
             last_failure: e.book.last_failure.clone(),
+            plan_failed: e.plan_failed(),
             oom_kills: e.book.oom_kills,
             liveness_failures: e.book.liveness_failures,
             status_text: e.proc().and(e.book.status_text.clone()),
@@ -3082,6 +3102,7 @@ impl Core {
                 e.restarts_base = r.restarts;
                 e.book.last_error.clone_from(&r.last_error);
                 e.book.last_failure.clone_from(&r.last_failure);
+                e.plan_failed_before = r.plan_failed;
                 e.book.oom_kills = r.oom_kills;
                 e.book.liveness_failures = r.liveness_failures;
                 e.book.last_exit = r.last_exit;
@@ -3483,7 +3504,7 @@ impl apply::Table for ApplyTable<'_> {
     fn facts(&self, node: &str) -> Option<apply::Facts> {
         let e = self.nodes.get(node)?;
         Some(apply::Facts {
-            plan_failed: matches!(e.plan, Some(Err(_))),
+            plan_failed: e.plan_failed(),
             failed: e.book.machine.state() == machine::State::Failed,
             has_process: e.book.machine.has_process(),
             removing: e.removing,
@@ -3591,6 +3612,7 @@ mod tests {
             last_exit: None,
             last_error: None,
             last_failure: None,
+            plan_failed: false,
             oom_kills: 0,
             liveness_failures: 0,
             status_text: None,
