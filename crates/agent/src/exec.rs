@@ -6,7 +6,8 @@
 //! `user`, `group` and `supplementary_groups` are looked up in the host's user and group
 //! databases (NSS: `getpwnam_r`, `getgrnam_r`, `getgrouplist`), which may block on a
 //! directory service: callers run it on a blocking thread. A user brings its primary
-//! group and the groups the group database lists it in, as `login` and systemd do. The
+//! group (or `group` in its place) and the groups the group database lists it in, as
+//! `login` and systemd do. The
 //! agent's own privileges are checked at the same time: an agent that cannot switch to
 //! the user (no `CAP_SETUID`/`CAP_SETGID`, i.e. not root), drop from the bounding set
 //! (`CAP_SETPCAP`) or hand out a capability it does not hold refuses the node, and the
@@ -148,8 +149,13 @@ pub fn resolve(name: &str, node: &Node, creds: &Creds) -> Result<Plan, String> {
             .map_err(|e| format!("node '{name}': cannot look up user '{user}': {e}"))?
             .ok_or_else(|| format!("node '{name}': unknown user '{user}' on this host"))?;
         plan.uid = Some(uid);
-        plan.gid = primary;
-        let mut groups = match (&username, primary) {
+        // `group` takes the primary group's place, in the group list too (as systemd's
+        // `Group=`: `initgroups(user, group)`).
+        plan.gid = match &node.group {
+            Some(group) => Some(lookup_group(name, group)?),
+            None => primary,
+        };
+        let mut groups = match (&username, plan.gid) {
             (Some(u), Some(g)) => {
                 let c = CString::new(u.as_str()).map_err(|e| e.to_string())?;
                 nix::unistd::getgrouplist(&c, Gid::from_raw(g))
@@ -164,7 +170,7 @@ pub fn resolve(name: &str, node: &Node, creds: &Creds) -> Result<Plan, String> {
         groups.dedup();
         plan.groups = Some(groups);
     }
-    if let Some(group) = &node.group {
+    if let (Some(group), None) = (&node.group, &node.user) {
         plan.gid = Some(lookup_group(name, group)?);
     }
     if plan.uid.is_some() && plan.gid.is_none() {
@@ -194,7 +200,23 @@ pub fn resolve(name: &str, node: &Node, creds: &Creds) -> Result<Plan, String> {
     for (limit, value) in &node.limits {
         let (resource, canonical) =
             resource(limit).ok_or_else(|| format!("node '{name}': unknown limit '{limit}'"))?;
-        let inf = libc::RLIM_INFINITY;
+        // The kernel refuses an open-file limit above fs.nr_open, even to root:
+        // "unlimited" means that ceiling, as systemd's LimitNOFILE=infinity does.
+        let inf = if resource == libc::RLIMIT_NOFILE {
+            let most = nr_open();
+            if let Some(v) = [value.soft, value.hard]
+                .into_iter()
+                .flatten()
+                .find(|v| *v > most)
+            {
+                return Err(format!(
+                    "node '{name}': limit nofile {v} is above this host's fs.nr_open ({most})"
+                ));
+            }
+            most
+        } else {
+            libc::RLIM_INFINITY
+        };
         plan.limits.push((
             resource,
             value.soft.unwrap_or(inf),
@@ -358,6 +380,14 @@ pub fn prepare(
             .map_err(|e| format!("node '{name}': {e}"))?;
     }
     Ok(plan)
+}
+
+/// The most open files a process may be allowed (`/proc/sys/fs/nr_open`).
+fn nr_open() -> u64 {
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20)
 }
 
 /// The highest capability number this kernel knows (`/proc/sys/kernel/cap_last_cap`).
@@ -1137,6 +1167,56 @@ mod tests {
             .build()
             .unwrap()
             .block_on(async { wait_child(&fd).await.unwrap() })
+    }
+
+    /// `group` takes the user's primary group's place in the group list too, as
+    /// systemd's `Group=` does.
+    #[test]
+    fn a_group_replaces_the_users_primary_group() {
+        if !is_root() {
+            eprintln!("skipped: switching users needs root");
+            return;
+        }
+        let n = node(|n| {
+            n.user = Some("nobody".into());
+            n.group = Some("65533".into());
+        });
+        let plan = resolve("n", &n, &Creds::current().unwrap()).unwrap();
+        assert_eq!(plan.gid, Some(65533));
+        let groups = plan.groups.unwrap();
+        assert!(groups.contains(&65533), "{groups:?}");
+        assert!(
+            !groups.contains(&NOBODY),
+            "the primary group stays: {groups:?}"
+        );
+    }
+
+    /// An unlimited open-file limit is the most the kernel allows (fs.nr_open); a
+    /// number above it, which the kernel would refuse at every start, is refused here.
+    #[test]
+    fn nofile_is_bounded_by_nr_open() {
+        if !is_root() {
+            eprintln!("skipped: raising a hard limit needs root");
+            return;
+        }
+        let limit = |text: &str| {
+            let n = node(|n| {
+                n.limits =
+                    BTreeMap::from([("nofile".to_owned(), Limit::parse(text, false).unwrap())]);
+            });
+            resolve("n", &n, &Creds::current().unwrap())
+        };
+        let plan = limit("unlimited").unwrap();
+        assert_eq!(plan.limits[0].1, nr_open());
+        assert_eq!(plan.limits[0].2, nr_open());
+        let over = nr_open() + 1;
+        let e = limit(&over.to_string()).unwrap_err();
+        assert!(
+            e.contains(&format!(
+                "limit nofile {over} is above this host's fs.nr_open"
+            )),
+            "{e}"
+        );
     }
 
     #[test]
