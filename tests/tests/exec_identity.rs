@@ -526,6 +526,10 @@ fn a_user_created_after_a_failed_deploy_is_found_by_the_next_deploy() {
     let (code, v, _) = deploy(&c, addr, &body);
     assert_eq!(code, Some(1), "{v}");
     assert_eq!(node_status(&c, addr, "late")["state"], "FAILED");
+    // Deployed again while the user is still missing: the deploy says so.
+    let (code, v, _) = deploy(&c, addr, &body);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["results"]["nodes"]["late"]["success"], false, "{v}");
     add_user(&name);
     // The same configuration again: the node is unchanged, but its user now exists.
     let (code, v, stderr) = deploy(&c, addr, &body);

@@ -1499,6 +1499,16 @@ impl Core {
                         let actions = e.book.machine.start(now);
                         self.run_actions(&name, actions);
                         wait.push((name.clone(), None));
+                    } else if let Some(Err(err)) = &e.plan
+                        && e.book.machine.state() == machine::State::Failed
+                    {
+                        // Still not: the deploy says so rather than succeed while the
+                        // node stays FAILED.
+                        results.push(
+                            MgmtResult::err("", err.clone())
+                                .on_instance(&instance)
+                                .on_node(&name),
+                        );
                     }
                     self.bump(&name);
                 }
