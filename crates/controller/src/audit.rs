@@ -95,8 +95,57 @@ impl AuditLog {
                 Err(e) => return Err(e),
             }
         }
+        log.trim()?;
         *log.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(log.open_for_append()?);
         Ok(log)
+    }
+
+    /// Holds the trail to its bound after `keep` or `max_bytes` was lowered: rotated
+    /// files beyond `keep` are removed, a current file over `max_bytes` is rotated,
+    /// and the oldest rotated files are removed while the trail is over its bound.
+    fn trim(&self) -> std::io::Result<()> {
+        let (Some(dir), Some(name)) = (self.path.parent(), self.path.file_name()) else {
+            return Ok(());
+        };
+        let prefix = format!("{}.", name.to_string_lossy());
+        for entry in fs::read_dir(dir)?.flatten() {
+            let file = entry.file_name();
+            let beyond = file
+                .to_string_lossy()
+                .strip_prefix(&prefix)
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n > self.keep);
+            if beyond && entry.file_type().is_ok_and(|t| t.is_file()) {
+                fs::remove_file(entry.path())?;
+                tracing::info!(
+                    "removed {}: the audit trail keeps {} rotated files",
+                    entry.path().display(),
+                    self.keep
+                );
+            }
+        }
+        if fs::metadata(&self.path).is_ok_and(|m| m.len() > self.max_bytes) {
+            self.rotate()?;
+        }
+        // Files rotated under a larger `max_bytes`: the oldest go until the bound holds.
+        let bound = (u64::from(self.keep) + 1).saturating_mul(self.max_bytes);
+        let size = |p: &PathBuf| fs::metadata(p).map_or(0, |m| m.len());
+        let mut total: u64 = self.files().iter().map(size).sum();
+        for oldest in (1..=self.keep).rev().map(|n| self.rotated(n)) {
+            if total <= bound {
+                break;
+            }
+            let len = size(&oldest);
+            if len > 0 {
+                fs::remove_file(&oldest)?;
+                total -= len;
+                tracing::info!(
+                    "removed {}: the audit trail takes at most {bound} bytes",
+                    oldest.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The trail's current file.
@@ -168,7 +217,20 @@ impl AuditLog {
             .create(true)
             .mode(0o600)
             .open(&self.path)?;
-        let mut size = f.metadata()?.len();
+        let meta = f.metadata()?;
+        // One made anew by someone else (logrotate's `create 0644`) is made private;
+        // never what a link points to.
+        let regular = fs::symlink_metadata(&self.path).is_ok_and(|m| m.is_file());
+        if regular && meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+            match f.set_permissions(fs::Permissions::from_mode(0o600)) {
+                Ok(()) => tracing::warn!("tightened the mode of {} to 600", self.path.display()),
+                Err(e) => tracing::warn!(
+                    "the audit trail {} is readable by others, and its mode cannot be tightened: {e}",
+                    self.path.display()
+                ),
+            }
+        }
+        let mut size = meta.len();
         if size > 0 {
             let mut last = [0u8];
             f.seek(SeekFrom::End(-1))?;
@@ -575,6 +637,51 @@ mod tests {
         log.append(&rec("ops", 3)).unwrap();
         assert_eq!(log.read(None, None, 10).unwrap()[0].at_ms, 3);
         assert_eq!(fs::read_to_string(&moved).unwrap().lines().count(), 1);
+        // Moved away and made anew by someone else, readable by all (logrotate's
+        // `create 0644`): the next record makes it private.
+        fs::rename(log.path(), &moved).unwrap();
+        fs::write(log.path(), b"").unwrap();
+        fs::set_permissions(log.path(), fs::Permissions::from_mode(0o644)).unwrap();
+        log.append(&rec("ops", 4)).unwrap();
+        let mode = fs::metadata(log.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(stamps(&log.read(None, None, 10).unwrap()), [4]);
+    }
+
+    /// Lowered `keep` and `max_bytes` hold at the next start: rotated files beyond
+    /// `keep` are removed, a current file over `max_bytes` is rotated, and the oldest
+    /// rotated files go while the trail is over its bound.
+    #[test]
+    fn a_lowered_bound_holds_from_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = AuditLog::open(dir.path(), 4096, 5).unwrap();
+            for at in 0..200 {
+                log.append(&rec("ops", at)).unwrap();
+            }
+        }
+        assert!(dir.path().join("audit.jsonl.5").exists());
+        let log = AuditLog::open(dir.path(), 4096, 1).unwrap();
+        assert!(!dir.path().join("audit.jsonl.2").exists());
+        assert!(!dir.path().join("audit.jsonl.5").exists());
+        assert!(
+            total_size(dir.path()) <= 2 * 4096,
+            "{}",
+            total_size(dir.path())
+        );
+        drop(log);
+        // The same with a smaller size: the current file, now too large, is rotated.
+        let big = fs::metadata(dir.path().join("audit.jsonl")).unwrap().len();
+        assert!(big > 1024, "{big}");
+        let log = AuditLog::open(dir.path(), 1024, 1).unwrap();
+        assert_eq!(fs::metadata(log.path()).unwrap().len(), 0);
+        assert!(
+            total_size(dir.path()) <= 2 * 1024,
+            "{}",
+            total_size(dir.path())
+        );
+        log.append(&rec("ops", 500)).unwrap();
+        assert_eq!(stamps(&log.read(None, None, 10).unwrap()), [500]);
     }
 
     #[test]
