@@ -179,7 +179,7 @@ fn say_resubscribed(what: &Follow, session: &Session, reason: String) -> anyhow:
                 reason,
             },
         };
-        stdio::outln(&serde_json::to_string(&record)?)?;
+        stdio::outln(&crate::visible::json_line(&record)?)?;
     }
     Ok(())
 }

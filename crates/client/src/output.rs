@@ -541,7 +541,7 @@ pub async fn print_events(replies: &mut drover_net::conn::ReplyStream) -> anyhow
             Err(e) => return Ok(Ended::Broken(Some(e.into()))),
         };
         if let ClientResponse::Event(record) = reply {
-            stdio::outln(&serde_json::to_string(&record)?)?;
+            stdio::outln(&crate::visible::json_line(&record)?)?;
             if stdio::stdout_gone() {
                 return Ok(Ended::Done(true));
             }
@@ -576,7 +576,7 @@ pub async fn print_audit(
         any = true;
         let mut text = String::new();
         for record in records {
-            text.push_str(&serde_json::to_string(&record)?);
+            text.push_str(&crate::visible::json_line(&record)?);
             text.push('\n');
         }
         stdio::out(&text)?;

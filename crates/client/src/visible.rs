@@ -20,6 +20,28 @@ fn hidden(c: char) -> bool {
     (c.is_control() && c != '\t') || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
+/// A JSON value's text with every character [`hidden`] would keep from view as a JSON
+/// escape (`\u009b`): the same value to a JSON reader, harmless on a terminal. serde
+/// escapes the C0 controls; C1 controls and bidirectional overrides it writes raw.
+pub fn json_line(value: &impl serde::Serialize) -> serde_json::Result<String> {
+    let text = serde_json::to_string(value)?;
+    if !text.chars().any(hidden) {
+        return Ok(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if hidden(c) {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{u:04x}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
 /// `text` with every character [`hidden`] would keep from view written out: `\x1b` for
 /// an ASCII one, `\u{9b}` for another. Borrowed when there is none.
 pub fn visible(text: &str) -> Cow<'_, str> {
@@ -67,6 +89,20 @@ impl Escapes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_lines_escape_what_a_terminal_would_act_on_and_read_back_the_same() {
+        let value = serde_json::json!({"node": "w1\u{202e}\u{9b}2J\u{1b}[0m", "plain": "é"});
+        let line = json_line(&value).unwrap();
+        assert!(!line.chars().any(hidden), "{line}");
+        assert!(
+            line.contains(r"\u202e") && line.contains(r"\u009b"),
+            "{line}"
+        );
+        assert!(line.contains('é'), "other text stays as it is: {line}");
+        let back: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, value);
+    }
 
     #[test]
     fn plain_text_is_borrowed_as_it_is() {
