@@ -1485,8 +1485,9 @@ fn zeek_client_over_wss_acts_with_its_certificates_scope() {
                 continue;
             }
             assert_eq!(out.code, Some(1), "{name} {args:?}: {text}");
-            let want =
-                format!("{what} needs scope {need}; this client's certificate has scope {have}");
+            let want = format!(
+                "{what} needs scope {need}; this zeek-client connection has scope {have} (its certificate's scope, at most the front's --zeek-scope)"
+            );
             assert!(text.contains(&want), "{name} {args:?}: {text}");
         }
         // Looking is always allowed.
@@ -1497,6 +1498,13 @@ fn zeek_client_over_wss_acts_with_its_certificates_scope() {
     }
     let dash = audit_of(&c, &z, "dash");
     assert_eq!(dash.len(), 4, "{dash:#?}");
+    // What was asked is recorded as for a request carried out.
+    assert_eq!(dash[3]["what"], "restart", "{dash:#?}");
+    assert_eq!(dash[3]["args"], "manager", "{dash:#?}");
+    assert!(
+        dash[0]["args"].as_str().unwrap().starts_with("config "),
+        "{dash:#?}"
+    );
     for r in &dash {
         assert_eq!(r["outcome"], "refused", "{r}");
         assert_eq!(r["front"], "zeek", "{r}");
@@ -1527,7 +1535,7 @@ fn zeek_client_over_plain_ws_acts_with_the_fronts_scope() {
     assert_eq!(out.code, Some(1), "{}", out.stdout);
     let text = format!("{}{}", out.stdout, out.stderr);
     assert!(
-        text.contains("stage-config needs scope admin; this client's certificate has scope viewer"),
+        text.contains("stage-config needs scope admin; this zeek-client connection has scope viewer (the front's --zeek-scope)"),
         "{text}"
     );
     assert_eq!(z.run(&["get-nodes"]).code, Some(0));

@@ -292,8 +292,27 @@ async fn answer(
     if let Some((what, need)) = needs(&req)
         && caller.scope < need
     {
-        let message = drover_proto::access::refusal(what, need, caller.scope);
-        let error = crate::api::refuse(shared, caller, what, String::new(), message).await;
+        // Over ws:// there is no certificate: the front's scope is what counts.
+        let whose = if caller.serial.is_empty() {
+            "the front's --zeek-scope"
+        } else {
+            "its certificate's scope, at most the front's --zeek-scope"
+        };
+        let message = format!(
+            "{} needs scope {need}; this zeek-client connection has scope {} ({whose})",
+            what.replace('_', "-"),
+            caller.scope
+        );
+        let args = match &req {
+            ZeekRequest::StageConfiguration(z) => format!("config {}", z.id),
+            ZeekRequest::Restart { nodes } => crate::audit::args(&ClientRequest::Restart {
+                nodes: nodes.clone(),
+                batch: None,
+                progress: false,
+            }),
+            _ => String::new(),
+        };
+        let error = crate::api::refuse(shared, caller, what, args, message).await;
         return Some(error_response(&reqid, &req, error.message));
     }
     let body = match &req {
