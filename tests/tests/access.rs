@@ -180,6 +180,25 @@ fn each_scope_is_refused_exactly_what_it_lacks_and_every_refusal_is_audited() {
         ]
     );
     ctl.wait_log("refused: deploy needs scope admin");
+    // The serial as `openssl x509 -text` prints it (upper case, colons between bytes)
+    // names the same records.
+    let hex = serial(&c, "oper");
+    let hex = if hex.len() % 2 == 1 {
+        format!("0{hex}")
+    } else {
+        hex
+    };
+    let colons: Vec<String> = hex
+        .as_bytes()
+        .chunks(2)
+        .map(|b| String::from_utf8_lossy(b).to_ascii_uppercase())
+        .collect();
+    let by_colons = audit(
+        &c,
+        addr,
+        &["--who", &format!("serial:{}", colons.join(":"))],
+    );
+    assert_eq!(by_colons, oper);
 
     let trail = c.dir.path().join("controller").join("audit.jsonl");
     let mode = std::fs::metadata(&trail).unwrap().permissions().mode();
@@ -410,7 +429,11 @@ fn a_change_the_trail_cannot_record_is_answered_with_an_error_naming_the_trail()
     std::fs::write(&loose, "").unwrap();
     std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::os::unix::fs::symlink(&loose, state.join("audit.jsonl.1")).unwrap();
-    let (ctl, addr, _agent) = start(&c);
+    let metrics = drover_tests::free_tcp();
+    let (ctl, addr) =
+        c.start_controller_with("127.0.0.1:0", &["--metrics-listen", &metrics.to_string()]);
+    let _agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
     let file = cluster_file(&c);
     let trail = state.join("audit.jsonl").display().to_string();
     let want = format!(
@@ -431,6 +454,18 @@ fn a_change_the_trail_cannot_record_is_answered_with_an_error_naming_the_trail()
         .then_some(())
     });
     ctl.wait_log("could not be written: No space left on device");
+    // Counted as failures, not as records the trail holds.
+    let page = drover_tests::scrape(metrics);
+    assert_eq!(
+        drover_tests::metric_value(&page, "drover_audit_write_failures_total"),
+        Some(2.0),
+        "{page}"
+    );
+    assert_eq!(
+        drover_tests::metric_value(&page, "drover_audit_records_total{outcome=\"ok\"}"),
+        None,
+        "{page}"
+    );
     // The controller tightens its own files only, never what a link points to.
     let mode = std::fs::metadata(&loose).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o644);

@@ -254,6 +254,8 @@ fn parse_who(s: &str) -> Result<String, String> {
                 "'{serial}' is not a hex serial (such as 1a2b or 1A:2B)"
             ));
         }
+        // A controller that predates colons in serials compares the bare hex.
+        return Ok(format!("serial:{hex}"));
     }
     if s.is_empty() {
         return Err("names nobody".to_owned());

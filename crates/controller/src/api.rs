@@ -195,8 +195,9 @@ fn generation(shared: &Shared) -> Option<u64> {
     Some(shared.store.desired_generation()).filter(|g| *g > 0)
 }
 
-/// The nodes a restart, stop, start or signal reached, by the results of its reply:
-/// what an auditor asks after (`restart 'w*'` names no node). Sorted, at most
+/// The deployed nodes a restart, stop, start or signal targeted, by the results of its
+/// reply: what an auditor asks after (`restart 'w*'` names no node). A name that is no
+/// node's has a result without an instance, and is not one. Sorted, at most
 /// [`drover_proto::access::AUDIT_NODES_MAX`], then `...`.
 fn acted_on(what: &str, reply: &ClientResponse) -> Vec<String> {
     if !matches!(what, "restart" | "stop" | "start" | "signal") {
@@ -205,7 +206,11 @@ fn acted_on(what: &str, reply: &ClientResponse) -> Vec<String> {
     let ClientResponse::Results(results) = reply else {
         return Vec::new();
     };
-    let names: BTreeSet<&str> = results.iter().filter_map(|r| r.node.as_deref()).collect();
+    let names: BTreeSet<&str> = results
+        .iter()
+        .filter(|r| r.instance.is_some())
+        .filter_map(|r| r.node.as_deref())
+        .collect();
     let max = access::AUDIT_NODES_MAX;
     let mut nodes: Vec<String> = names.iter().take(max).map(|n| (*n).to_owned()).collect();
     if names.len() > max {
@@ -241,7 +246,21 @@ fn outcome_of(reply: &ClientResponse) -> (Outcome, Option<String>) {
 /// it to `monitor`; `Err` says why it could not be written.
 pub(crate) async fn write_audit(shared: &Arc<Shared>, record: AuditRecord) -> Result<(), String> {
     let written = shared.audit.append(&record).await;
-    published(shared, record);
+    if written.is_ok() {
+        published(shared, record);
+    } else {
+        // The change was made: `monitor` still hears of it; the count is of records
+        // the trail holds, its failures counted apart.
+        shared
+            .metrics
+            .counter(
+                "drover_audit_write_failures_total",
+                "Audit records that could not be written to the trail.",
+                &[],
+            )
+            .inc();
+        shared.emit(Event::Audit { record });
+    }
     let failed = match written {
         Ok(()) => return Ok(()),
         Err(e) => e,
@@ -257,8 +276,7 @@ pub(crate) async fn write_audit(shared: &Arc<Shared>, record: AuditRecord) -> Re
     Err(message)
 }
 
-/// Counts a record written (or attempted) to the audit trail and publishes it to
-/// `monitor`.
+/// Counts a record written to the audit trail and publishes it to `monitor`.
 fn published(shared: &Shared, record: AuditRecord) {
     let outcome = match record.outcome {
         Outcome::Ok => "ok",
@@ -2522,13 +2540,19 @@ mod tests {
                 .on_node("w1"),
             MgmtResult::err("", "instance 'c' is not connected").on_instance("c"),
             MgmtResult::ok("", None).on_instance("a").on_node("w2"),
+            // A name that is no node's.
+            MgmtResult::err("", "unknown cluster node").on_node("nosuch"),
         ]);
         assert_eq!(acted_on("restart", &reply), ["w1", "w2"]);
         assert_eq!(acted_on("signal", &reply), ["w1", "w2"]);
         assert!(acted_on("deploy", &reply).is_empty(), "a deploy lists none");
         let many = ClientResponse::Results(
             (0..access::AUDIT_NODES_MAX + 5)
-                .map(|i| MgmtResult::ok("", None).on_node(format!("n{i:05}")))
+                .map(|i| {
+                    MgmtResult::ok("", None)
+                        .on_instance("a")
+                        .on_node(format!("n{i:05}"))
+                })
                 .collect(),
         );
         let listed = acted_on("stop", &many);

@@ -176,9 +176,10 @@ pub const AUDIT_NODES_MAX: usize = 1000;
 
 impl AuditRecord {
     /// Whether `who` names this record's caller: its name, `role/name`, or its
-    /// certificate serial (`serial:HEX` or the bare hex).
+    /// certificate serial (`serial:HEX` or the bare hex, in either case, with or
+    /// without the colons `openssl x509 -text` writes between bytes).
     pub fn is_by(&self, who: &str) -> bool {
-        let serial = who.strip_prefix("serial:").unwrap_or(who);
+        let serial = who.strip_prefix("serial:").unwrap_or(who).replace(':', "");
         who == self.name
             || who == format!("{}/{}", self.role, self.name)
             || (!self.serial.is_empty()
