@@ -415,6 +415,59 @@ fn the_trail_stays_within_its_bound_on_a_running_controller() {
     );
 }
 
+/// A client's refused requests in a loop are recorded up to its budget and counted
+/// past it, so that the least of clients cannot rotate everyone else's records out of
+/// the trail (the record that says how many were not, which comes a refill later, is
+/// the budget's unit tests').
+#[test]
+fn a_flood_of_refused_requests_is_recorded_within_the_clients_budget() {
+    use drover_controller::refused::{BURST, REFILL_MS};
+    let c = Cluster::new();
+    c.issue_scoped("dash", Scope::Viewer);
+    let metrics = drover_tests::free_tcp();
+    let (_ctl, addr) =
+        c.start_controller_with("127.0.0.1:0", &["--metrics-listen", &metrics.to_string()]);
+    const SENT: u64 = 64;
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            let cmds: Vec<std::process::Command> = (0..SENT / 8)
+                .map(|_| {
+                    let mut cmd = c.drover_command_as("dash", addr);
+                    cmd.args(["restart", "w1"]);
+                    cmd
+                })
+                .collect();
+            s.spawn(move || {
+                for cmd in cmds {
+                    let out = drover_tests::run_cli(cmd, PATIENCE);
+                    assert_eq!(out.code, Some(1), "{}", out.stdout);
+                    let text = format!("{}{}", out.stdout, out.stderr);
+                    assert!(text.contains("restart needs scope operator"), "{text}");
+                }
+            });
+        }
+    });
+    let elapsed = u64::try_from(started.elapsed().as_millis()).unwrap();
+    // Summaries of the unrecorded come only with a refusal recorded after a refill.
+    let dash = audit(&c, addr, &["--who", "dash"]);
+    let one_by_one = dash.len() as u64;
+    assert!(one_by_one >= u64::from(BURST), "{one_by_one}");
+    assert!(
+        one_by_one <= u64::from(BURST) + elapsed / REFILL_MS + 1,
+        "{one_by_one} recorded in {elapsed} ms"
+    );
+    let page = drover_tests::scrape(metrics);
+    let unrecorded =
+        drover_tests::metric_value(&page, "drover_audit_refusals_unrecorded_total").unwrap();
+    assert_eq!(one_by_one + unrecorded as u64, SENT, "{page}");
+    // The budget is each client's own: another viewer's refusal is recorded.
+    c.issue_scoped("dash2", Scope::Viewer);
+    let out = c.drover_as("dash2", addr, &["stop", "w2"]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    assert_eq!(audit(&c, addr, &["--who", "dash2"]).len(), 1);
+}
+
 #[test]
 fn a_change_the_trail_cannot_record_is_answered_with_an_error_naming_the_trail() {
     let c = Cluster::new();

@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::Shared;
 use crate::audit::{self, Caller};
+use crate::refused;
 use crate::store::Deploy;
 use crate::view::Ask;
 
@@ -152,10 +153,48 @@ pub(crate) async fn refuse(
     args: String,
     message: String,
 ) -> WireError {
+    let at_ms = now_ms();
+    let client = format!("{}/{}/{}", caller.role, caller.name, caller.serial);
+    let admit = shared
+        .refused
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .admit(&client, at_ms);
+    let unrecorded = match admit {
+        refused::Admit::Record { unrecorded } => unrecorded,
+        refused::Admit::Skip => {
+            debug!(client = %caller.name, addr = %caller.addr, front = caller.front, "refused (not recorded one by one): {message}");
+            shared
+                .metrics
+                .counter(
+                    "drover_audit_refusals_unrecorded_total",
+                    "Refused requests counted but not recorded one by one: their client's budget was spent.",
+                    &[],
+                )
+                .inc();
+            return WireError::new(ErrorCode::Forbidden, message);
+        }
+    };
     warn!(client = %caller.name, addr = %caller.addr, front = caller.front, "refused: {message}");
+    if let Some((count, since_ms)) = unrecorded {
+        let summary = audit::record(
+            caller,
+            at_ms,
+            what,
+            String::new(),
+            generation(shared),
+            Outcome::Refused,
+            Some(format!(
+                "{count} more refused requests of this client in the {} before this record were not recorded one by one (at most {} in a row, then one a minute, are)",
+                drover_net::humanize(Duration::from_millis(at_ms.saturating_sub(since_ms))),
+                refused::BURST,
+            )),
+        );
+        let _ = write_audit(shared, summary).await;
+    }
     let record = audit::record(
         caller,
-        now_ms(),
+        at_ms,
         what,
         args,
         generation(shared),

@@ -38,6 +38,7 @@ pub mod etcd_audit;
 pub mod etcd_store;
 pub mod guard;
 pub mod ha;
+pub mod refused;
 pub mod registry;
 mod reload;
 pub mod store;
@@ -221,6 +222,9 @@ pub(crate) struct Shared {
     /// The desired generation each agent was last warned to be ahead of, so that its
     /// reports, which come every report interval while anything changes, warn once.
     pub(crate) ahead: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// Each client's budget of refusals recorded one by one, so that the least of
+    /// clients cannot rotate everyone else's records out of the audit trail.
+    pub(crate) refused: std::sync::Mutex<refused::Budget>,
 }
 
 /// The shares of one deploy, by instance; the deploy is held so that its address
@@ -607,6 +611,7 @@ impl Controller {
                 audit,
                 shares: std::sync::Mutex::default(),
                 refusals: std::sync::Mutex::default(),
+                refused: std::sync::Mutex::default(),
                 ahead: std::sync::Mutex::default(),
             }),
         })
