@@ -228,61 +228,94 @@ pub fn counter_samples(out: &mut String, name: &str, help: &str, samples: &[(Str
 /// Produces the page served at `/metrics`.
 pub type Render = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
+/// Connections served at once; more wait in the listen backlog, taking none of the
+/// daemon's file descriptors, until one ends.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The longest one connection is served: its request head, then the page.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `GET /metrics` until `shutdown`; anything else is a 404. One short-lived task
-/// per connection, with a read timeout, so slow clients cannot pile up.
+/// per connection, at most [`MAX_CONNECTIONS`] at once and each for at most
+/// [`CONNECTION_TIMEOUT`], so that clients that connect and send nothing (or read
+/// nothing) cannot use up the daemon's file descriptors, which it needs for its state
+/// files and its nodes.
 pub async fn serve(listener: TcpListener, render: Render, shutdown: CancellationToken) {
+    serve_at_most(listener, render, shutdown, MAX_CONNECTIONS).await;
+}
+
+async fn serve_at_most(
+    listener: TcpListener,
+    render: Render,
+    shutdown: CancellationToken,
+    max: usize,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    // An accept that fails (out of file descriptors, say) fails again at once: pause,
+    // and say so once until one succeeds.
+    let mut failing = false;
     loop {
-        let (mut stream, _) = tokio::select! {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => return,
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+        };
+        let (stream, _) = tokio::select! {
             () = shutdown.cancelled() => return,
             r = listener.accept() => match r {
-                Ok(s) => s,
+                Ok(s) => {
+                    failing = false;
+                    s
+                }
                 Err(e) => {
-                    tracing::warn!("metrics listener: {e}");
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!("metrics listener: {e}; pausing between accepts until one succeeds");
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
                     continue;
                 }
             },
         };
         let render = render.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut got = 0;
-            let head = async {
-                loop {
-                    let n = stream.read(&mut buf[got..]).await.ok()?;
-                    if n == 0 {
-                        return None;
-                    }
-                    got += n;
-                    if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") || got == buf.len() {
-                        return Some(());
-                    }
-                }
-            };
-            if tokio::time::timeout(Duration::from_secs(5), head)
-                .await
-                .ok()
-                .flatten()
-                .is_none()
-            {
-                return;
-            }
-            let request = String::from_utf8_lossy(&buf[..got]);
-            let path = request.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = if request.starts_with("GET ")
-                && (path == "/metrics" || path.starts_with("/metrics?"))
-            {
-                ("200 OK", render().await)
-            } else {
-                ("404 Not Found", "not found\n".to_owned())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let _slot = slot;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, answer(stream, render)).await;
         });
     }
+}
+
+/// Reads one request head from `stream` and answers it.
+async fn answer(mut stream: tokio::net::TcpStream, render: Render) {
+    let mut buf = vec![0u8; 4096];
+    let mut got = 0;
+    loop {
+        let Ok(n) = stream.read(&mut buf[got..]).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        got += n;
+        if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") || got == buf.len() {
+            break;
+        }
+    }
+    let request = String::from_utf8_lossy(&buf[..got]);
+    let path = request.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) =
+        if request.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
+            ("200 OK", render().await)
+        } else {
+            ("404 Not Found", "not found\n".to_owned())
+        };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 #[cfg(test)]
@@ -361,6 +394,48 @@ mod tests {
         assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
         assert!(ok.ends_with("\r\n\r\nup 1\n"), "{ok}");
         assert!(get("/other").await.starts_with("HTTP/1.1 404"));
+        shutdown.cancel();
+    }
+
+    /// Connections that send nothing hold at most the cap of the daemon's descriptors;
+    /// a scrape waits in the backlog meanwhile and is served once one ends.
+    #[tokio::test]
+    async fn idle_connections_are_capped_and_a_scrape_is_served_once_one_ends() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let render: Render = Arc::new(|| Box::pin(async { "up 1\n".to_owned() }));
+        tokio::spawn(serve_at_most(listener, render, shutdown.clone(), 2));
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+            idle.push(s);
+        }
+        let scrape = tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        });
+        let scrape = match tokio::time::timeout(Duration::from_millis(300), scrape).await {
+            Ok(answered) => panic!("served past the cap: {answered:?}"),
+            Err(_) => {
+                // Not answered while both slots are held: one idle client goes away.
+                drop(idle.pop());
+                // The same request, now let through.
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+                let mut out = String::new();
+                tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+                    .await
+                    .expect("served once a slot is free")
+                    .unwrap();
+                out
+            }
+        };
+        assert!(scrape.starts_with("HTTP/1.1 200 OK"), "{scrape}");
         shutdown.cancel();
     }
 }
