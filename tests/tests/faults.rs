@@ -630,3 +630,57 @@ fn requests_cut_off_by_the_controller_say_their_outcome_is_not_known() {
         out.stderr
     );
 }
+
+/// A node's kill that cannot be sent (the agent out of file descriptors: the cgroup's
+/// `cgroup.kill` cannot be opened) is sent again once it can, rather than the node
+/// staying "stopping" for good with nothing coming to end it.
+#[test]
+fn a_kill_that_cannot_be_sent_is_sent_again_once_it_can() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    if !agent.log_text().contains("nodes are contained in cgroups") {
+        eprintln!("skipped: without cgroups a kill goes through the pidfd the agent holds");
+        return;
+    }
+    let file = c.dir.path().join("slow.toml");
+    std::fs::write(&file, SLOW_TO_STOP.replace("\"60s\"", "\"1s\"")).unwrap();
+    deploy_ok(&c, addr, &file, &["stub"]);
+    let pid = eventually("stub running", PATIENCE, || running_pids(&c, addr, 1))["stub"];
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+    let prlimit = |soft: &str| {
+        let status = std::process::Command::new("prlimit")
+            .arg("--pid")
+            .arg(agent.pid().to_string())
+            .arg(format!("--nofile={soft}:"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "prlimit {soft}");
+    };
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.pid())).unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .to_owned();
+    // No descriptor free below 3: every file the agent opens from now on fails.
+    prlimit("3");
+    let mut stop = c.drover_command(addr);
+    stop.args(["--timeout", "30s", "stop", "stub"]);
+    let stopping = std::thread::spawn(move || drover_tests::run_cli(stop, PATIENCE));
+    agent.wait_log("killing the node: it did not end within its stop_timeout");
+    assert!(
+        nix::sys::signal::kill(pid, None).is_ok(),
+        "the node runs while its kill cannot be sent"
+    );
+    prlimit(&soft);
+    eventually("the node killed", PATIENCE, || {
+        nix::sys::signal::kill(pid, None).is_err().then_some(())
+    });
+    let _ = stopping.join();
+    eventually("stub stopped", PATIENCE, || {
+        (node_table(&c, addr)["stub"]["state"] == "STOPPED").then_some(())
+    });
+}

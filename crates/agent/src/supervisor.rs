@@ -106,6 +106,9 @@ use crate::waiters::{self, Waiters};
 /// How often log sizes are checked for rotation while nodes run.
 const ROTATE_EVERY: Duration = Duration::from_secs(30);
 
+/// How often a kill that could not be sent is tried again.
+const KILL_RETRY: Duration = Duration::from_secs(1);
+
 /// What a stop, start or restart waits beyond its nodes' own timeouts: the kill that
 /// follows a stop_timeout and the exit it brings, or a failed start's report.
 pub(crate) const SETTLE_GRACE: Duration = Duration::from_secs(2);
@@ -539,6 +542,10 @@ struct Core {
     shutdown: Option<(Instant, oneshot::Sender<()>)>,
     /// An exit happened: look for orphaned descendants once the burst is handled.
     sweep_pending: bool,
+    /// Nodes whose kill could not be sent (out of file descriptors, say), and when to
+    /// try again: the machine sends its `Kill` once and then waits for the exit, which
+    /// would never come.
+    kill_retry: Option<(Instant, BTreeSet<String>)>,
     /// The first scan for pruning was handled: later ones find this process's own
     /// deletions under way among the leftovers, and leave them to it.
     pruned_once: bool,
@@ -856,6 +863,7 @@ impl Supervisor {
             next_token: token_prefix(&state_dir_for_tokens) << 32 | u64::from(rand_u32()),
             shutdown: None,
             sweep_pending: false,
+            kill_retry: None,
             pruned_once: false,
             changed: BTreeSet::new(),
             membership_changed: true,
@@ -1177,7 +1185,11 @@ impl Core {
             .map(|at| self.instant_of(at));
         let waiters = self.waiters.next_deadline().map(|at| self.instant_of(at));
         let shutdown = self.shutdown.as_ref().map(|(d, _)| *d);
-        [machines, waiters, shutdown].into_iter().flatten().min()
+        let kills = self.kill_retry.as_ref().map(|(at, _)| *at);
+        [machines, waiters, shutdown, kills]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Notes that `node`'s status changed and wakes whoever watches for changes.
@@ -1980,7 +1992,13 @@ impl Core {
                                 .unwrap_or_else(|| "a failed check".to_owned())
                         };
                         warn!(node = %name, pid = p.id.pid, "killing the node: {why}");
-                        kill_remains(p);
+                        if let Err(err) = signal_node(p, Signal::SIGKILL) {
+                            warn!(node = %name, "cannot kill the node: {err}; trying again every second");
+                            let (_, nodes) = self.kill_retry.get_or_insert_with(|| {
+                                (Instant::now() + KILL_RETRY, BTreeSet::new())
+                            });
+                            nodes.insert(name.to_owned());
+                        }
                     }
                 }
             }
@@ -2549,6 +2567,11 @@ impl Core {
     }
 
     fn tick(&mut self) {
+        if let Some((at, _)) = &self.kill_retry
+            && *at <= Instant::now()
+        {
+            self.retry_kills();
+        }
         let now = self.now();
         let due: Vec<String> = self
             .nodes
@@ -2561,6 +2584,30 @@ impl Core {
                 let actions = e.book.machine.tick(now);
                 self.run_actions(&name, actions);
             }
+        }
+    }
+
+    /// Sends again the kills that could not be sent; those that still cannot be are
+    /// tried again a second later, until they go or their process is gone.
+    fn retry_kills(&mut self) {
+        let Some((_, nodes)) = self.kill_retry.take() else {
+            return;
+        };
+        let mut left = BTreeSet::new();
+        for name in nodes {
+            let Some(p) = self.nodes.get(&name).and_then(Entry::proc) else {
+                continue;
+            };
+            match signal_node(p, Signal::SIGKILL) {
+                Ok(()) => info!(node = %name, "killed the node"),
+                Err(err) => {
+                    debug!(node = %name, "cannot kill the node yet: {err}");
+                    left.insert(name);
+                }
+            }
+        }
+        if !left.is_empty() {
+            self.kill_retry = Some((Instant::now() + KILL_RETRY, left));
         }
     }
 
