@@ -546,7 +546,7 @@ fn a_nodes_status_text_outlives_its_agents_restart() {
 /// A full disk keeps no agent from running: one started again on it adopts its nodes
 /// (the pid in its lock file is written over the last one's, needing no new block), and
 /// one on a disk without room even for its pid runs, warns, and refuses a deploy it
-/// cannot record, saying why.
+/// cannot record, saying why. A controller on a fresh state dir there starts too.
 #[test]
 fn agents_start_on_a_full_disk() {
     let c = Cluster::new();
@@ -593,6 +593,25 @@ fn agents_start_on_a_full_disk() {
         out.stdout
     );
     assert_eq!(ready_pid(&c, addr, "steady"), pid, "untouched");
+
+    // A controller on a fresh state dir there starts too, its stateless reset key kept
+    // for the run only.
+    let mut cmd = Command::new(bin("drover-controller"));
+    cmd.args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(disk.join("controller"))
+        .arg("--ca")
+        .arg(c.pki_file("ca.crt"))
+        .arg("--cert")
+        .arg(c.pki_file("controller.crt"))
+        .arg("--key")
+        .arg(c.pki_file("controller.key"));
+    let ctl = Proc::spawn("controller-full", cmd, c.dir.path().join("ctl-full.log"));
+    ctl.wait_log("controller listening");
+    assert!(
+        ctl.log_text().contains("using one for this run only"),
+        "{}",
+        ctl.log_text()
+    );
 }
 
 /// Log keeper processes serving `state`.

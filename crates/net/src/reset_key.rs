@@ -36,14 +36,18 @@ pub fn load_or_create(dir: &Path) -> Result<[u8; LEN], Error> {
         reason,
     };
     match fs::read(&path) {
+        Ok(bytes) if bytes.len() != LEN => {
+            // Not one this daemon wrote whole: as good as none.
+            tracing::warn!(
+                "stateless reset key {} holds {} bytes, not {LEN}: making a new one \
+                 (peers connected before this start reconnect after their idle timeout)",
+                path.display(),
+                bytes.len()
+            );
+            fresh(dir, &path).map_err(|e| fail(e.to_string()))
+        }
         Ok(bytes) => {
-            let key = <[u8; LEN]>::try_from(bytes.as_slice()).map_err(|_| {
-                fail(format!(
-                    "holds {} bytes, not {LEN}: remove it and a new key is made \
-                     (agents connected at the time then reconnect after their idle timeout)",
-                    bytes.len()
-                ))
-            })?;
+            let key = <[u8; LEN]>::try_from(bytes.as_slice()).expect("length checked");
             let meta = fs::metadata(&path).map_err(|e| fail(e.to_string()))?;
             if meta.permissions().mode() & 0o077 != 0 {
                 fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
@@ -53,12 +57,25 @@ pub fn load_or_create(dir: &Path) -> Result<[u8; LEN], Error> {
             Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = generate().map_err(|e| fail(e.to_string()))?;
-            write(dir, &path, &key).map_err(|e| fail(format!("cannot write it: {e}")))?;
-            Ok(key)
+            fresh(dir, &path).map_err(|e| fail(e.to_string()))
         }
         Err(e) => Err(fail(e.to_string())),
     }
+}
+
+/// A new key, written to `path` if it can be. One that cannot be (a full disk) is
+/// used all the same: the daemon runs, and only the prompt end of its peers' old
+/// connections after its next restart is lost.
+fn fresh(dir: &Path, path: &Path) -> std::io::Result<[u8; LEN]> {
+    let key = generate()?;
+    if let Err(e) = write(dir, path, &key) {
+        tracing::warn!(
+            "cannot write the stateless reset key {}: {e}; using one for this run only \
+             (after a restart, peers reconnect after their idle timeout)",
+            path.display()
+        );
+    }
+    Ok(key)
 }
 
 /// Writes `key` to `dir` again if its file is missing (a state dir removed under the
@@ -154,7 +171,7 @@ mod tests {
     }
 
     #[test]
-    fn a_loose_mode_is_tightened_and_a_wrong_size_named() {
+    fn a_loose_mode_is_tightened_and_a_wrong_size_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let key = load_or_create(dir.path()).unwrap();
         let path = dir.path().join(FILE);
@@ -165,10 +182,24 @@ mod tests {
             0o600
         );
         fs::write(&path, b"short").unwrap();
-        let err = load_or_create(dir.path()).unwrap_err().to_string();
-        assert!(
-            err.contains(FILE) && err.contains("holds 5 bytes, not 32"),
-            "{err}"
+        let new = load_or_create(dir.path()).unwrap();
+        assert_ne!(new, key);
+        assert_eq!(fs::read(&path).unwrap(), new, "written in its place");
+    }
+
+    /// A key that cannot be written (no room, or a directory where its file goes) is
+    /// used for the run all the same: the daemon starts.
+    #[test]
+    fn a_key_that_cannot_be_written_is_used_for_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join(format!("{FILE}.tmp"));
+        fs::create_dir(&tmp).unwrap();
+        fs::write(tmp.join("x"), b"").unwrap();
+        let key = load_or_create(dir.path()).unwrap();
+        assert!(!dir.path().join(FILE).exists());
+        assert_ne!(
+            load_or_create(tempfile::tempdir().unwrap().path()).unwrap(),
+            key
         );
     }
 }
