@@ -557,3 +557,23 @@ fn a_node_directory_deleted_by_hand_is_made_again() {
         "the agent says what it found"
     );
 }
+
+/// A keeper that cannot come up (its lock path is taken by a directory) does not leave
+/// nodes blocked on pipes nobody reads: once none has answered for a moment, nodes
+/// started write their own files, within their bound, and run on.
+#[test]
+fn nodes_write_their_own_files_while_no_keeper_can_come_up() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let state = c.dir.path().join("agent-a1");
+    std::fs::create_dir_all(state.join("log-keeper.lock")).unwrap();
+    let agent = agent(&c, addr);
+    c.wait_for_agent(addr, "a1");
+    agent.wait_log("cannot start the log keeper");
+    let dir = deploy(&c, addr, "writer", 5000);
+    // Through a pipe nobody reads, none would reach the file.
+    lines_arrive("the node's lines in its own file", &dir, 2_000);
+    assert!(alive(node_pid(&dir)));
+    agent.wait_log("write their log files themselves");
+    assert!(keeper_pid(&state).is_none());
+}

@@ -26,6 +26,11 @@ use crate::logs::{LogConfig, Stream};
 const PATIENCE: Duration = Duration::from_secs(5);
 /// Longest wait between attempts to start a keeper again.
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long no keeper may answer before nodes started meanwhile write their own log
+/// files: a keeper starts in milliseconds; one that does not come up (it cannot take
+/// its lock, say) must not leave every node started after it blocked on a pipe nobody
+/// reads.
+const DOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Keepers started again after one was lost, since the agent started.
 static RESTARTS: AtomicU64 = AtomicU64::new(0);
@@ -146,6 +151,9 @@ pub enum PipeEnd {
 struct State {
     /// The connection, while there is one.
     conn: Option<Arc<OwnedFd>>,
+    /// Since when there has been none (see [`Keeper::available`]), and whether that was
+    /// said in the log.
+    down_since: Option<(Instant, bool)>,
     /// The read end of every pipe handed over and not yet closed, by inode.
     held: BTreeMap<u64, (PipeInfo, OwnedFd)>,
     /// Pipes held that the keeper has not been sent yet, because its socket was full
@@ -177,6 +185,7 @@ impl Keeper {
             Some(conn)
         } else {
             inner.spawn_keeper()?;
+            inner.lock().down_since = Some((Instant::now(), false));
             None
         };
         let monitor = inner.clone();
@@ -222,6 +231,28 @@ impl Keeper {
             }
         }
         state.held.insert(ino, (pipe, read));
+    }
+
+    /// Whether nodes started now write to pipes for the keeper: false once no keeper
+    /// has answered for [`DOWN_GRACE`], when they write their files themselves
+    /// (bounded by rotation, as without a keeper) until one answers again.
+    pub fn available(&self) -> bool {
+        let mut state = self.inner.lock();
+        if state.conn.is_some() {
+            return true;
+        }
+        match &mut state.down_since {
+            Some((since, said)) if since.elapsed() >= DOWN_GRACE => {
+                if !std::mem::replace(said, true) {
+                    warn!(
+                        "no log keeper for {:?}; nodes started until one answers write their log files themselves",
+                        since.elapsed()
+                    );
+                }
+                false
+            }
+            _ => true,
+        }
     }
 
     /// Pipes held (handed over and not yet closed).
@@ -410,6 +441,12 @@ impl Inner {
         }
         state.unsent.clear();
         state.conn = Some(conn.clone());
+        if let Some((since, true)) = state.down_since.take() {
+            info!(
+                "a log keeper answers again after {:?}; nodes started from now on write through it",
+                since.elapsed()
+            );
+        }
         Ok(conn)
     }
 
@@ -504,6 +541,7 @@ impl Inner {
                 let mut state = self.lock();
                 if state.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
                     state.conn = None;
+                    state.down_since = Some((Instant::now(), false));
                 }
             }
             warn!("lost the log keeper; starting another");

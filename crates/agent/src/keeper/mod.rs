@@ -20,6 +20,8 @@
 //!   keeper and hands it every read end again. Lost is what the dead keeper had read
 //!   and not yet written (at most a chunk and a partial line per pipe); while no keeper
 //!   runs the pipes (1 MiB each where the system allows) fill and the nodes then block.
+//!   Nodes started once none has answered for a second (one that cannot come up at
+//!   all) write their own files, as without a keeper ([`client::Keeper::available`]).
 //! - The agent dies: the keeper writes on. The next agent connects, and the keeper
 //!   sends it a duplicate of every read end it holds, so that the agent holds them
 //!   again.

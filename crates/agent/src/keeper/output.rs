@@ -32,7 +32,7 @@ impl ChildOutput {
     /// Pipes when there is a keeper; otherwise the files, rotated first if over the
     /// bound. Creates the node directory if missing.
     pub fn open(logs: &NodeLogs, keeper: Option<&Keeper>) -> io::Result<Self> {
-        if keeper.is_none() {
+        if !keeper.is_some_and(Keeper::available) {
             let _ = logs.rotate_if_needed();
             let (out, err) = logs.open_for_child()?;
             return Ok(Self::Files { out, err });
