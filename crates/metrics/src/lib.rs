@@ -228,38 +228,66 @@ pub fn counter_samples(out: &mut String, name: &str, help: &str, samples: &[(Str
 /// Produces the page served at `/metrics`.
 pub type Render = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
-/// Connections served at once; more wait in the listen backlog, taking none of the
-/// daemon's file descriptors, until one ends.
+/// Connections served at once, and from one address: one past either is closed as soon
+/// as it is accepted, so that clients that connect and send nothing (or read nothing)
+/// can neither use up the daemon's file descriptors, which it needs for its state files
+/// and its nodes, nor, from one address, keep a scraper elsewhere out.
 pub const MAX_CONNECTIONS: usize = 64;
+/// See [`MAX_CONNECTIONS`].
+pub const MAX_PER_PEER: usize = 16;
 
-/// The longest one connection is served: its request head, then the page.
+/// The longest a connection may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest one connection is served, the page's writing included.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `GET /metrics` until `shutdown`; anything else is a 404. One short-lived task
-/// per connection, at most [`MAX_CONNECTIONS`] at once and each for at most
-/// [`CONNECTION_TIMEOUT`], so that clients that connect and send nothing (or read
-/// nothing) cannot use up the daemon's file descriptors, which it needs for its state
-/// files and its nodes.
+/// per connection, within [`MAX_CONNECTIONS`] and [`MAX_PER_PEER`].
 pub async fn serve(listener: TcpListener, render: Render, shutdown: CancellationToken) {
-    serve_at_most(listener, render, shutdown, MAX_CONNECTIONS).await;
+    serve_at_most(listener, render, shutdown, (MAX_CONNECTIONS, MAX_PER_PEER)).await;
+}
+
+/// Connections served, in all and by peer address.
+#[derive(Default)]
+struct Served {
+    all: usize,
+    by_peer: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+/// One connection's place in [`Served`], given back when it ends.
+struct Slot {
+    served: Arc<Mutex<Served>>,
+    peer: std::net::IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = self
+            .served
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.all -= 1;
+        if let std::collections::hash_map::Entry::Occupied(mut e) = s.by_peer.entry(self.peer) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
 }
 
 async fn serve_at_most(
     listener: TcpListener,
     render: Render,
     shutdown: CancellationToken,
-    max: usize,
+    (max, per_peer): (usize, usize),
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let served = Arc::new(Mutex::new(Served::default()));
     // An accept that fails (out of file descriptors, say) fails again at once: pause,
     // and say so once until one succeeds.
     let mut failing = false;
     loop {
-        let slot = tokio::select! {
-            () = shutdown.cancelled() => return,
-            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
-        };
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(s) => {
@@ -278,6 +306,25 @@ async fn serve_at_most(
                 }
             },
         };
+        let peer = peer.ip();
+        let slot = {
+            let mut s = served
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mine = s.by_peer.get(&peer).copied().unwrap_or(0);
+            if s.all >= max || mine >= per_peer {
+                None
+            } else {
+                s.all += 1;
+                *s.by_peer.entry(peer).or_insert(0) += 1;
+                Some(Slot {
+                    served: served.clone(),
+                    peer,
+                })
+            }
+        };
+        // Over the limits: closed at once (dropped).
+        let Some(slot) = slot else { continue };
         let render = render.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -290,17 +337,25 @@ async fn serve_at_most(
 async fn answer(mut stream: tokio::net::TcpStream, render: Render) {
     let mut buf = vec![0u8; 4096];
     let mut got = 0;
-    loop {
-        let Ok(n) = stream.read(&mut buf[got..]).await else {
-            return;
-        };
-        if n == 0 {
-            return;
+    let head = async {
+        loop {
+            let n = stream.read(&mut buf[got..]).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            got += n;
+            if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") || got == buf.len() {
+                return Some(());
+            }
         }
-        got += n;
-        if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") || got == buf.len() {
-            break;
-        }
+    };
+    if tokio::time::timeout(HEAD_TIMEOUT, head)
+        .await
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        return;
     }
     let request = String::from_utf8_lossy(&buf[..got]);
     let path = request.split_whitespace().nth(1).unwrap_or("");
@@ -397,45 +452,56 @@ mod tests {
         shutdown.cancel();
     }
 
-    /// Connections that send nothing hold at most the cap of the daemon's descriptors;
-    /// a scrape waits in the backlog meanwhile and is served once one ends.
+    /// Connections that send nothing hold at most the caps of the daemon's descriptors:
+    /// one past its address's cap is closed at once, unserved; once one ends, a scrape
+    /// is served again.
     #[tokio::test]
     async fn idle_connections_are_capped_and_a_scrape_is_served_once_one_ends() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let render: Render = Arc::new(|| Box::pin(async { "up 1\n".to_owned() }));
-        tokio::spawn(serve_at_most(listener, render, shutdown.clone(), 2));
+        tokio::spawn(serve_at_most(listener, render, shutdown.clone(), (4, 2)));
+        let scrape = || async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            // The server may have closed it already.
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
+            let mut out = String::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+                .await
+                .expect("answered or closed, not left waiting");
+            out
+        };
         let mut idle = Vec::new();
         for _ in 0..2 {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
             s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
             idle.push(s);
         }
-        let scrape = tokio::spawn(async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        });
-        let scrape = match tokio::time::timeout(Duration::from_millis(300), scrape).await {
-            Ok(answered) => panic!("served past the cap: {answered:?}"),
-            Err(_) => {
-                // Not answered while both slots are held: one idle client goes away.
-                drop(idle.pop());
-                // The same request, now let through.
-                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-                s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
-                let mut out = String::new();
-                tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-                    .await
-                    .expect("served once a slot is free")
-                    .unwrap();
-                out
-            }
-        };
-        assert!(scrape.starts_with("HTTP/1.1 200 OK"), "{scrape}");
+        // Both of this address's places are held: closed unserved, at once.
+        let refused = scrape().await;
+        assert!(refused.is_empty(), "{refused}");
+        // One idle client goes away: served again.
+        drop(idle.pop());
+        let served = until_answered(scrape).await;
+        assert!(served.starts_with("HTTP/1.1 200 OK"), "{served}");
         shutdown.cancel();
+    }
+
+    /// Scrapes until one is answered (the server learns of the closed connection a
+    /// moment after it is closed).
+    async fn until_answered<F, Fut>(scrape: F) -> String
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = String>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = scrape().await;
+            if !out.is_empty() || tokio::time::Instant::now() > deadline {
+                return out;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
