@@ -33,12 +33,14 @@ pub fn json_text(v: &Value, pretty: bool) -> anyhow::Result<String> {
 /// the basic plane), as Python's JSON encoder writes them. Such characters occur only
 /// inside JSON strings, where the escape means the same character.
 fn ascii_escaped(text: &str) -> String {
-    if text.is_ascii() {
+    // Python escapes DEL too, which serde writes as it is.
+    let plain = |c: char| c.is_ascii() && c != '\x7f';
+    if text.chars().all(plain) {
         return text.to_owned();
     }
     let mut out = String::with_capacity(text.len() + 16);
     for c in text.chars() {
-        if c.is_ascii() {
+        if plain(c) {
             out.push(c);
         } else {
             let mut units = [0u16; 2];
@@ -637,10 +639,10 @@ mod tests {
     /// The texts Python's `json.dumps(v, sort_keys=True)` and `indent=2` give.
     #[test]
     fn json_text_is_pythons() {
-        let v = json!({"a": ["é", "😀", "x\"y"], "b": 1, "c": {}});
+        let v = json!({"a": ["é", "😀", "x\"y", "\u{7f}"], "b": 1, "c": {}});
         assert_eq!(
             json_text(&v, false).unwrap(),
-            r#"{"a": ["\u00e9", "\ud83d\ude00", "x\"y"], "b": 1, "c": {}}"#
+            r#"{"a": ["\u00e9", "\ud83d\ude00", "x\"y", "\u007f"], "b": 1, "c": {}}"#
         );
         assert_eq!(
             json_text(&json!({"a": ["é"]}), true).unwrap(),
