@@ -84,12 +84,20 @@ pub enum StoreError {
         source: serde_json::Error,
     },
     /// A state file holds something else than a configuration.
-    #[error("{path}: not a valid configuration ({source}); move it away to start without it")]
+    #[error("{path}: not a valid configuration ({source})")]
     Corrupt {
         /// The file.
         path: PathBuf,
         /// The cause.
         source: serde_json::Error,
+    },
+    /// A corrupt state file whose last good copy cannot stand in for it.
+    #[error("{corrupt}; {copy}")]
+    NoGoodCopy {
+        /// What is wrong with the file.
+        corrupt: String,
+        /// What is wrong with its copy, and what to do.
+        copy: String,
     },
 }
 
@@ -181,22 +189,31 @@ fn load<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
             }
             Ok(found)
         }
-        Err(err @ StoreError::Corrupt { .. }) => {
-            tracing::error!("{err}");
-            match load_one(&prev) {
-                Ok(Some(c)) => {
-                    let aside = path.with_extension("json.corrupt");
-                    let _ = fs::rename(path, &aside);
-                    tracing::warn!(
-                        "using the last good copy {} (the corrupt file is kept as {})",
-                        prev.display(),
-                        aside.display()
-                    );
-                    Ok(Some(c))
-                }
-                _ => Err(err),
+        Err(err @ StoreError::Corrupt { .. }) => match load_one(&prev) {
+            Ok(Some(c)) => {
+                let aside = path.with_extension("json.corrupt");
+                let _ = fs::rename(path, &aside);
+                tracing::error!(
+                    "{err}; using the last good copy {} (the corrupt file is kept as {})",
+                    prev.display(),
+                    aside.display()
+                );
+                Ok(Some(c))
             }
-        }
+            Ok(None) => Err(StoreError::NoGoodCopy {
+                corrupt: err.to_string(),
+                copy: format!(
+                    "there is no last good copy {}; move it away to start without it",
+                    prev.display()
+                ),
+            }),
+            Err(copy) => Err(StoreError::NoGoodCopy {
+                corrupt: err.to_string(),
+                copy: format!(
+                    "nor can its last good copy be used: {copy}; move both away to start without them"
+                ),
+            }),
+        },
         Err(err) => Err(err),
     }
 }
@@ -602,7 +619,17 @@ mod tests {
         fs::write(dir.path().join("deployed.json.prev"), b"garbage").unwrap();
         let err = Store::open(dir.path()).unwrap_err().to_string();
         assert!(
-            err.contains("deployed.json: not a valid configuration"),
+            err.contains("deployed.json: not a valid configuration")
+                && err.contains("deployed.json.prev: not a valid configuration")
+                && err.ends_with("move both away to start without them"),
+            "{err}"
+        );
+        // Without a copy at all: the one file to move is named.
+        fs::remove_file(dir.path().join("deployed.json.prev")).unwrap();
+        let err = Store::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("there is no last good copy")
+                && err.ends_with("move it away to start without it"),
             "{err}"
         );
     }
