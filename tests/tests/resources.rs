@@ -290,6 +290,10 @@ fn limits_dropped_by_a_redeploy_are_lifted() {
         v.is_none_or(|v| v == "max" || v == "-1" || v.starts_with("max ") || v.len() >= 18)
     };
     let max = read("memory", "memory.limit_in_bytes", "memory.max");
+    assert!(
+        max.is_some(),
+        "the node's memory cgroup holds its memory.max"
+    );
     assert!(unlimited(max.clone()), "memory max still {max:?}");
     let quota = read("cpu", "cpu.cfs_quota_us", "cpu.max");
     assert!(unlimited(quota.clone()), "cpu quota still {quota:?}");

@@ -839,6 +839,64 @@ mod tests {
         assert!(host.prepare("w1", &limits(), true).is_err());
     }
 
+    /// A setting the node no longer has is set back to no limit in a v2 cgroup that
+    /// was not made anew, and in the v1 cgroups the node enters; the settings it has
+    /// are written.
+    #[test]
+    fn settings_dropped_are_set_back_to_no_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let v2 = dir.path().join("v2");
+        let node = v2.join("w1");
+        fs::create_dir_all(&node).unwrap();
+        for (file, old) in [
+            ("memory.max", "1000"),
+            ("cpu.max", "5000 100000"),
+            ("pids.max", "9"),
+        ] {
+            fs::write(node.join(file), old).unwrap();
+        }
+        let host = Host {
+            v2_nodes: Some(v2),
+            v2: vec![Ctl::Memory, Ctl::Cpu, Ctl::Pids],
+            ..Host::default()
+        };
+        let kept = Limits {
+            memory_high: Some(4096),
+            ..Limits::default()
+        };
+        // Made anew for this process: nothing of an earlier spec to undo.
+        host.prepare("w1", &kept, true).unwrap();
+        assert_eq!(fs::read_to_string(node.join("pids.max")).unwrap(), "9");
+        host.prepare("w1", &kept, false).unwrap();
+        let read = |f: &str| fs::read_to_string(node.join(f)).unwrap();
+        assert_eq!(read("memory.max"), "max");
+        assert_eq!(read("cpu.max"), "max");
+        assert_eq!(read("pids.max"), "max");
+        assert_eq!(read("memory.high"), "4096");
+        // On v1: the hierarchies the node enters.
+        let mem = dir.path().join("v1-memory");
+        let host = Host {
+            v1: BTreeMap::from([(
+                Ctl::Memory,
+                V1 {
+                    nodes: mem.join("nodes"),
+                },
+            )]),
+            ..Host::default()
+        };
+        let both = Limits {
+            memory_max: Some(1 << 20),
+            memory_high: Some(4096),
+            ..Limits::default()
+        };
+        host.prepare("w1", &both, true).unwrap();
+        let v1 = |f: &str| fs::read_to_string(mem.join("nodes/w1").join(f)).unwrap();
+        assert_eq!(v1("memory.limit_in_bytes"), (1 << 20).to_string());
+        host.prepare("w1", &kept, true).unwrap();
+        assert_eq!(v1("memory.limit_in_bytes"), "-1");
+        assert_eq!(v1("memory.soft_limit_in_bytes"), "4096");
+    }
+
     #[test]
     fn keyed_files_are_read() {
         let t = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
