@@ -497,6 +497,13 @@ fn a_change_the_trail_cannot_record_is_answered_with_an_error_naming_the_trail()
         assert_eq!(out.code, Some(1), "{args:?}: {}", out.stdout);
         assert!(out.stdout.contains(&want), "{args:?}: {}", out.stdout);
     }
+    // One that failed keeps its own error, and is not said to be carried out.
+    let out = c.drover(addr, &["deploy", "--expect-id", "not-staged"]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    let errors = out.json()["errors"].to_string();
+    assert!(errors.contains("'not-staged'"), "{errors}");
+    assert!(errors.contains("could not be written"), "{errors}");
+    assert!(!errors.contains("was carried out"), "{errors}");
     // Both were carried out.
     eventually("the deployed nodes running", PATIENCE, || {
         let v = c.drover(addr, &["get-nodes"]).json();
@@ -511,7 +518,7 @@ fn a_change_the_trail_cannot_record_is_answered_with_an_error_naming_the_trail()
     let page = drover_tests::scrape(metrics);
     assert_eq!(
         drover_tests::metric_value(&page, "drover_audit_write_failures_total"),
-        Some(2.0),
+        Some(3.0),
         "{page}"
     );
     assert_eq!(

@@ -394,3 +394,42 @@ fn nodes_adopted_by_the_next_agent_are_heard_watchdog_readiness_and_port() {
         agent.log_text()
     );
 }
+
+/// A node waiting out its restart backoff when its agent goes is started by the next
+/// agent process: that start is its restart, and is counted as one.
+#[test]
+fn a_restart_due_when_the_agent_went_is_counted_by_the_next_agent() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let prog = bin("drover-testprog").display().to_string();
+    c.deploy_text(
+        addr,
+        "crasher.toml",
+        &format!(
+            "[instances.agent-1]\n[nodes.crasher]\ninstance = \"agent-1\"\n\
+             command = [\"{prog}\", \"--exit-after\", \"300ms\", \"--exit-code\", \"3\"]\n\
+             readiness = {{ kind = \"start-period\", period = \"0s\" }}\nbackoff = {{ initial = \"10m\" }}\n"
+        ),
+    );
+    let node = |c: &Cluster| {
+        c.drover(addr, &["get-nodes", "--full"]).json()["results"]["agent-1"]["crasher"].clone()
+    };
+    let first = eventually(
+        "crasher crashed, its restart due in 10 minutes",
+        PATIENCE,
+        || {
+            let n = node(&c);
+            (n["state"] == "CRASHED").then_some(n)
+        },
+    );
+    assert_eq!(first["restarts"], 0, "{first}");
+    agent.kill();
+    let _agent = c.start_agent("agent-1", addr);
+    let again = eventually("crasher started by the next agent", PATIENCE, || {
+        let n = node(&c);
+        (n["restarts"].as_u64()? >= 1).then_some(n)
+    });
+    assert_eq!(again["restarts"], 1, "{again}");
+}

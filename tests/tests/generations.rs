@@ -926,3 +926,42 @@ fn a_deploy_expecting_its_own_stage_is_refused_when_another_client_staged_the_sa
     assert!(!reply.contains("error: Some"), "{reply}");
     eventually("2 running", PATIENCE, || running(&c, addr, 2));
 }
+
+/// An agent that comes back with the desired generation applied is answered at once by
+/// the controller's catch-up: no wait for its nodes, and no warning about a node that
+/// failed long before (the catch-up is not a deploy; `status` tells of that node).
+#[test]
+fn the_catch_up_of_an_agent_that_has_the_generation_waits_for_no_node() {
+    let c = Cluster::new();
+    let (ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let prog = bin("drover-testprog").display().to_string();
+    let file = c.dir.path().join("failing.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.agent-1]\n[nodes.broken]\ninstance = \"agent-1\"\nrestart = \"never\"\n\
+             command = [\"{prog}\", \"--exit-after\", \"100ms\", \"--exit-code\", \"3\"]\n\
+             readiness = {{ kind = \"start-period\", period = \"0s\" }}\n"
+        ),
+    )
+    .unwrap();
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    eventually("broken failed", PATIENCE, || {
+        let v = c.drover(addr, &["get-nodes"]).json();
+        (v["results"]["agent-1"]["broken"]["state"] == "FAILED").then_some(())
+    });
+    agent.kill();
+    let _agent = c.start_agent("agent-1", addr);
+    ctl.wait_log("agent 'agent-1' brought to the desired generation");
+    // A round trip, for what the catch-up would log right after.
+    assert_eq!(c.drover(addr, &["get-instances"]).code, Some(0));
+    assert!(
+        !ctl.log_text()
+            .contains("re-applying the desired configuration"),
+        "{}",
+        ctl.log_text()
+    );
+}

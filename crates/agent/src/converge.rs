@@ -166,7 +166,8 @@ pub struct Found {
     /// successfully under a policy that restarts only failures), with no operator
     /// involved: it is not started again for the same spec.
     pub ended: bool,
-    /// The record named a process (alive or not).
+    /// The record named a process (alive or not), or said its process had crashed and
+    /// it awaited its restart: starting it counts as a restart.
     pub recorded: bool,
     /// The recorded process, if it still lives (pid and start time checked).
     pub alive: Option<i32>,

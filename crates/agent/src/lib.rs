@@ -920,6 +920,7 @@ impl Agent {
                         generation,
                         restart_since,
                         progress: true,
+                        ..
                     } => {
                         let (tx, rx) = tokio::sync::watch::channel(Progress::default());
                         let beats = tx.clone();
@@ -966,11 +967,20 @@ impl Agent {
                         )));
                     }
                     ControllerRequest::Apply {
+                        generation,
+                        catch_up: true,
+                        ..
+                    } if generation != 0 && generation == sup.applied_generation() => {
+                        // Already there: nothing to wait for on the controller's behalf.
+                        AgentResponse::Results(Vec::new())
+                    }
+                    ControllerRequest::Apply {
                         config,
                         restart_all,
                         generation,
                         restart_since,
                         progress: false,
+                        ..
                     } => {
                         let restart = Restart {
                             all: restart_all,

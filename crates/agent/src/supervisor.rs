@@ -335,6 +335,10 @@ struct Record {
     /// How its last process ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_exit: Option<model::ExitStatus>,
+    /// Its process crashed and it waits out its backoff: the start a later agent
+    /// process gives it is that restart, and counts as one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    restart_due: bool,
     /// Why its last start failed, until it next runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
@@ -545,7 +549,8 @@ struct Core {
     /// Nodes whose kill could not be sent (out of file descriptors, say), and when to
     /// try again: the machine sends its `Kill` once and then waits for the exit, which
     /// would never come.
-    kill_retry: Option<(Instant, BTreeSet<String>)>,
+    /// The process each was to end: a node's next process is not killed for it.
+    kill_retry: Option<(Instant, BTreeMap<String, ProcId>)>,
     /// The first scan for pruning was handled: later ones find this process's own
     /// deletions under way among the leftovers, and leave them to it.
     pruned_once: bool,
@@ -1649,7 +1654,22 @@ impl Core {
             // The nodes that Apply started or changed, as they are now; every node when
             // an earlier agent process carried it out.
             let (nodes, errors) = match last {
-                Some(l) => (l.nodes.clone(), l.errors.clone()),
+                // Its errors as they stand now: a node it could not start for want of
+                // its user may run since.
+                Some(l) => (
+                    l.nodes.clone(),
+                    l.errors
+                        .iter()
+                        .filter(|r| {
+                            r.node.as_ref().is_none_or(|n| {
+                                self.nodes.get(n).is_none_or(|e| {
+                                    e.book.machine.state() == machine::State::Failed
+                                })
+                            })
+                        })
+                        .cloned()
+                        .collect(),
+                ),
                 None => (
                     self.nodes
                         .iter()
@@ -1995,9 +2015,9 @@ impl Core {
                         if let Err(err) = signal_node(p, Signal::SIGKILL) {
                             warn!(node = %name, "cannot kill the node: {err}; trying again every second");
                             let (_, nodes) = self.kill_retry.get_or_insert_with(|| {
-                                (Instant::now() + KILL_RETRY, BTreeSet::new())
+                                (Instant::now() + KILL_RETRY, BTreeMap::new())
                             });
-                            nodes.insert(name.to_owned());
+                            nodes.insert(name.to_owned(), p.id);
                         }
                     }
                 }
@@ -2059,17 +2079,18 @@ impl Core {
         };
         // Resolved when the Apply started the node or at recovery; a node without such
         // settings gets its empty plan here, once (a stat, see `exec::prepare`). One
-        // that could not be resolved is looked up again: its user may exist now.
-        if matches!(e.plan, Some(Err(_))) {
-            e.plan = None;
-        }
-        let plan = e
-            .plan
-            .get_or_insert_with(|| {
-                crate::exec::prepare(name, &e.spec, &e.dir, &notify).map(std::sync::Arc::new)
-            })
-            .clone()?;
-        e.plan_failed_before = false;
+        // whose lookup failed is looked up again by the spawner (its user may exist
+        // now), off this task.
+        let resolve_again = matches!(e.plan, Some(Err(_))).then(|| (e.dir.clone(), notify.clone()));
+        let plan = if resolve_again.is_some() {
+            std::sync::Arc::default()
+        } else {
+            e.plan
+                .get_or_insert_with(|| {
+                    crate::exec::prepare(name, &e.spec, &e.dir, &notify).map(std::sync::Arc::new)
+                })
+                .clone()?
+        };
         let job = crate::spawner::Job {
             node: name.to_owned(),
             generation,
@@ -2087,6 +2108,7 @@ impl Core {
                 .as_ref()
                 .map(|a| a.cpus().into_iter().map(|c| c as usize).collect()),
             limits: Limits::of(&e.spec),
+            resolve_again,
             announce: None,
             fresh: Some(crate::spawner::Fresh {
                 dir: e.dir.clone(),
@@ -2124,9 +2146,22 @@ impl Core {
             spec,
             result,
             made,
+            resolved,
         } = outcome;
         if let Some(made) = made {
             self.prepared(&node, made);
+        }
+        if let Some(plan) = resolved
+            && let Some(e) = self.nodes.get_mut(&node)
+            && e.spec == spec
+        {
+            e.plan = Some(plan);
+        }
+        if result.is_ok()
+            && let Some(e) = self.nodes.get_mut(&node)
+        {
+            // It runs: whatever kept it from starting before is over.
+            e.plan_failed_before = false;
         }
         let s = match result {
             Ok(s) => s,
@@ -2593,16 +2628,22 @@ impl Core {
         let Some((_, nodes)) = self.kill_retry.take() else {
             return;
         };
-        let mut left = BTreeSet::new();
-        for name in nodes {
-            let Some(p) = self.nodes.get(&name).and_then(Entry::proc) else {
+        let mut left = BTreeMap::new();
+        for (name, id) in nodes {
+            // Gone, or another process of the node by now: nothing of it to kill.
+            let Some(p) = self
+                .nodes
+                .get(&name)
+                .and_then(Entry::proc)
+                .filter(|p| p.id == id)
+            else {
                 continue;
             };
             match signal_node(p, Signal::SIGKILL) {
                 Ok(()) => info!(node = %name, "killed the node"),
                 Err(err) => {
                     debug!(node = %name, "cannot kill the node yet: {err}");
-                    left.insert(name);
+                    left.insert(name, id);
                 }
             }
         }
@@ -2974,6 +3015,7 @@ impl Core {
                 _ => None,
             },
             last_exit: e.book.last_exit,
+            restart_due: e.book.machine.state() == machine::State::Crashed,
             last_error: e.book.error(),
             last_failure: e.book.last_failure.clone(),
             plan_failed: e.plan_failed(),
@@ -3042,7 +3084,7 @@ impl Core {
                     epoch: r.epoch,
                     stopped: r.stopped,
                     ended: r.ended.is_some(),
-                    recorded: r.process.is_some(),
+                    recorded: r.process.is_some() || r.restart_due,
                     alive,
                     strays: r
                         .spawning
@@ -3669,6 +3711,7 @@ mod tests {
             last_exit: None,
             last_error: None,
             last_failure: None,
+            restart_due: false,
             plan_failed: false,
             oom_kills: 0,
             liveness_failures: 0,

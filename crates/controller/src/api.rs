@@ -137,9 +137,18 @@ async fn audit_answer(
     );
     record.nodes = acted_on(what, reply);
     if let Err(e) = write_audit(shared, record).await {
-        let error = MgmtResult::err(id, format!("the request was carried out, but {e}"));
+        // Said after the request's own results, which stay: a request that failed
+        // (a stage that could not be stored, on the same full disk) says why.
+        let text = match outcome {
+            Outcome::Ok => format!("the request was carried out, but {e}"),
+            Outcome::Failed | Outcome::Refused => e,
+        };
+        let error = MgmtResult::err(id, text);
         match reply {
             ClientResponse::Results(rs) => rs.push(error),
+            ClientResponse::Result(r) => {
+                *reply = ClientResponse::Results(vec![r.clone(), error]);
+            }
             other => *other = ClientResponse::Results(vec![error]),
         }
     }
@@ -236,7 +245,7 @@ fn generation(shared: &Shared) -> Option<u64> {
 
 /// The deployed nodes a restart, stop, start or signal targeted, by the results of its
 /// reply: what an auditor asks after (`restart 'w*'` names no node). A name that is no
-/// node's has a result without an instance, and is not one. Sorted, at most
+/// node's ([`unmatched_target`]'s results) is not one. Sorted, at most
 /// [`drover_proto::access::AUDIT_NODES_MAX`], then `...`.
 fn acted_on(what: &str, reply: &ClientResponse) -> Vec<String> {
     if !matches!(what, "restart" | "stop" | "start" | "signal") {
@@ -247,7 +256,11 @@ fn acted_on(what: &str, reply: &ClientResponse) -> Vec<String> {
     };
     let names: BTreeSet<&str> = results
         .iter()
-        .filter(|r| r.instance.is_some())
+        .filter(|r| {
+            !r.error
+                .as_deref()
+                .is_some_and(|e| e == UNKNOWN_NODE || e.starts_with(NO_MATCH))
+        })
         .filter_map(|r| r.node.as_deref())
         .collect();
     let max = access::AUDIT_NODES_MAX;
@@ -1924,6 +1937,7 @@ async fn deploy_locked(
                 restart_all,
                 restart_since: deploy.restart_since,
                 progress: progress.is_some(),
+                catch_up: false,
             };
             (name, conn, req)
         })
@@ -2052,6 +2066,7 @@ pub(crate) async fn reapply(
         restart_all: false,
         restart_since: desired.restart_since,
         progress: false,
+        catch_up: true,
     };
     match call_agent(shared, name, conn, &req, shared.request_timeout).await {
         Ok(AgentResponse::Results(rs)) if !acknowledges(&rs) => {
@@ -2459,11 +2474,16 @@ async fn rolling_restart(
 /// name, a clearer one for a selector or a pattern.
 fn unmatched_target(id: &str, target: String) -> MgmtResult {
     if target.contains([':', '*', '?']) {
-        MgmtResult::err(id, format!("no node matches '{target}'")).on_node(target)
+        MgmtResult::err(id, format!("{NO_MATCH}'{target}'")).on_node(target)
     } else {
-        MgmtResult::err(id, "unknown cluster node").on_node(target)
+        MgmtResult::err(id, UNKNOWN_NODE).on_node(target)
     }
 }
+
+/// The error of a name that is no node's (Zeek's wording).
+const UNKNOWN_NODE: &str = "unknown cluster node";
+/// The start of the error of a selector or pattern that matches no node.
+const NO_MATCH: &str = "no node matches ";
 
 /// Stop, start or restart: unknown names are per-node errors; the rest goes to the
 /// agents that run them.
@@ -2502,7 +2522,7 @@ async fn act(
                     .entry(n.instance.clone())
                     .or_default()
                     .push(name),
-                None => results.push(MgmtResult::err(id, "unknown cluster node").on_node(name)),
+                None => results.push(MgmtResult::err(id, UNKNOWN_NODE).on_node(name)),
             }
         }
     }
@@ -2579,11 +2599,14 @@ mod tests {
                 .on_node("w1"),
             MgmtResult::err("", "instance 'c' is not connected").on_instance("c"),
             MgmtResult::ok("", None).on_instance("a").on_node("w2"),
-            // A name that is no node's.
+            // A name that is no node's, and one matching none.
             MgmtResult::err("", "unknown cluster node").on_node("nosuch"),
+            MgmtResult::err("", "no node matches 'x*'").on_node("x*"),
+            // A deployed node a rolling restart did not get to.
+            MgmtResult::err("", "not restarted: an earlier batch failed").on_node("w3"),
         ]);
-        assert_eq!(acted_on("restart", &reply), ["w1", "w2"]);
-        assert_eq!(acted_on("signal", &reply), ["w1", "w2"]);
+        assert_eq!(acted_on("restart", &reply), ["w1", "w2", "w3"]);
+        assert_eq!(acted_on("signal", &reply), ["w1", "w2", "w3"]);
         assert!(acted_on("deploy", &reply).is_empty(), "a deploy lists none");
         let many = ClientResponse::Results(
             (0..access::AUDIT_NODES_MAX + 5)

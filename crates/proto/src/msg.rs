@@ -569,6 +569,12 @@ pub enum ControllerRequest {
         /// settled for the request's timeout. Agents that predate it answer once.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         progress: bool,
+        /// Sent to bring a (re)connecting agent to the desired deploy, not on behalf of
+        /// a client: a repeat of the generation the agent has applied is answered at
+        /// once, without results, rather than with its nodes once they settle. Agents
+        /// that predate it answer as for a deploy.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        catch_up: bool,
     },
     /// Restart nodes (all of the agent's when empty).
     Restart {
