@@ -164,11 +164,12 @@ pub(crate) async fn refuse(
 ) -> WireError {
     let at_ms = now_ms();
     let client = format!("{}/{}/{}", caller.role, caller.name, caller.serial);
+    let clock = refused::clock_ms();
     let admit = shared
         .refused
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .admit(&client, at_ms);
+        .admit(&client, clock);
     let unrecorded = match admit {
         refused::Admit::Record { unrecorded } => unrecorded,
         refused::Admit::Skip => {
@@ -195,7 +196,7 @@ pub(crate) async fn refuse(
             Outcome::Refused,
             Some(format!(
                 "{count} more refused requests of this client in the {} before this record were not recorded one by one (at most {} in a row, then one a minute, are)",
-                drover_net::humanize(Duration::from_millis(at_ms.saturating_sub(since_ms))),
+                drover_net::humanize(Duration::from_millis(clock.saturating_sub(since_ms))),
                 refused::BURST,
             )),
         );

@@ -78,6 +78,14 @@ impl Budget {
     }
 }
 
+/// Milliseconds on a clock that never goes back (since its first reading), for
+/// [`Budget::admit`]: a wall clock set back would hold budgets empty meanwhile.
+pub fn clock_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 fn full() -> u64 {
     u64::from(BURST) * REFILL_MS
 }
