@@ -1664,6 +1664,7 @@ impl Core {
                             r.node.as_ref().is_none_or(|n| {
                                 self.nodes.get(n).is_none_or(|e| {
                                     e.book.machine.state() == machine::State::Failed
+                                        && matches!(e.plan, Some(Err(_)))
                                 })
                             })
                         })
@@ -2091,6 +2092,9 @@ impl Core {
                 })
                 .clone()?
         };
+        if resolve_again.is_none() {
+            e.plan_failed_before = false;
+        }
         let job = crate::spawner::Job {
             node: name.to_owned(),
             generation,
@@ -2151,10 +2155,16 @@ impl Core {
         if let Some(made) = made {
             self.prepared(&node, made);
         }
+        // Taken only in place of the failed lookup the job started from: a deploy may
+        // have looked the node up again meanwhile, with a later answer.
         if let Some(plan) = resolved
             && let Some(e) = self.nodes.get_mut(&node)
             && e.spec == spec
+            && matches!(e.plan, Some(Err(_)))
         {
+            if plan.is_ok() {
+                e.plan_failed_before = false;
+            }
             e.plan = Some(plan);
         }
         if result.is_ok()
@@ -3252,7 +3262,11 @@ impl Core {
                 }
                 Then::Start { lost } => {
                     if lost {
-                        info!(node = %name, "node's process ended while no agent ran; starting it again");
+                        if record.is_some_and(|r| r.restart_due) {
+                            info!(node = %name, "node's restart was due when the last agent ended; starting it");
+                        } else {
+                            info!(node = %name, "node's process ended while no agent ran; starting it again");
+                        }
                         e.restarts_base += 1;
                     }
                     actions.extend(e.book.machine.start(now));

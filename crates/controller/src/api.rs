@@ -139,8 +139,13 @@ async fn audit_answer(
     if let Err(e) = write_audit(shared, record).await {
         // Said after the request's own results, which stay: a request that failed
         // (a stage that could not be stored, on the same full disk) says why.
+        let some_done = match reply {
+            ClientResponse::Results(rs) => rs.iter().any(|r| r.success),
+            _ => false,
+        };
         let text = match outcome {
             Outcome::Ok => format!("the request was carried out, but {e}"),
+            Outcome::Failed if some_done => format!("the request was carried out in part, but {e}"),
             Outcome::Failed | Outcome::Refused => e,
         };
         let error = MgmtResult::err(id, text);

@@ -179,7 +179,16 @@ fn load<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
     match load_one(path) {
         Ok(Some(c)) => Ok(Some(c)),
         Ok(None) => {
-            let found = load_one(&prev)?;
+            let found = load_one(&prev).map_err(|err| match err {
+                StoreError::Corrupt { .. } => StoreError::NoGoodCopy {
+                    corrupt: err.to_string(),
+                    copy: format!(
+                        "and {} itself is missing; move the copy away to start without it",
+                        path.display()
+                    ),
+                },
+                other => other,
+            })?;
             if found.is_some() {
                 tracing::warn!(
                     "{} is missing (interrupted write?); using the last good copy {}",
@@ -624,6 +633,15 @@ mod tests {
                 && err.ends_with("move both away to start without them"),
             "{err}"
         );
+        // The file missing and its copy corrupt: the copy is named, with what to do.
+        fs::remove_file(dir.path().join(DEPLOYED)).unwrap();
+        let err = Store::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("deployed.json.prev: not a valid configuration")
+                && err.ends_with("itself is missing; move the copy away to start without it"),
+            "{err}"
+        );
+        fs::write(dir.path().join(DEPLOYED), b"{\"id\": ").unwrap();
         // Without a copy at all: the one file to move is named.
         fs::remove_file(dir.path().join("deployed.json.prev")).unwrap();
         let err = Store::open(dir.path()).unwrap_err().to_string();

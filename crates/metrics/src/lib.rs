@@ -486,6 +486,33 @@ mod tests {
         let served = until_answered(scrape).await;
         assert!(served.starts_with("HTTP/1.1 200 OK"), "{served}");
         shutdown.cancel();
+
+        // The cap over all addresses holds the same way.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let render: Render = Arc::new(|| Box::pin(async { "up 1\n".to_owned() }));
+        tokio::spawn(serve_at_most(listener, render, shutdown.clone(), (2, 16)));
+        let scrape = || async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
+            let mut out = String::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+                .await
+                .expect("answered or closed, not left waiting");
+            out
+        };
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+            idle.push(s);
+        }
+        assert!(scrape().await.is_empty());
+        drop(idle);
+        let served = until_answered(scrape).await;
+        assert!(served.starts_with("HTTP/1.1 200 OK"), "{served}");
+        shutdown.cancel();
     }
 
     /// Scrapes until one is answered (the server learns of the closed connection a
