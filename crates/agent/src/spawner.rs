@@ -94,10 +94,6 @@ pub struct Job {
     pub logs: NodeLogs,
     /// User, groups, capabilities and limits.
     pub plan: Arc<crate::exec::Plan>,
-    /// Their last lookup failed (the user did not exist, say): looked up again here,
-    /// off the supervisor's task (a directory service may take its time), instead of
-    /// `plan`: the node's directory and notify socket.
-    pub resolve_again: Option<(PathBuf, PathBuf)>,
     /// CPUs to pin the node to.
     pub cpus: Option<Vec<usize>>,
     /// Its cgroup resource limits.
@@ -151,8 +147,6 @@ pub struct Outcome {
     pub result: Result<Spawned, String>,
     /// What a first spawn made for the node, whether the spawn itself worked or not.
     pub made: Option<Made>,
-    /// The exec settings looked up again ([`Job::resolve_again`]), and how that went.
-    pub resolved: Option<Result<Arc<crate::exec::Plan>, String>>,
 }
 
 /// What [`prepare_fresh`] made for a new node.
@@ -210,24 +204,15 @@ fn spawner(cx: &Context, jobs: &Mutex<std::sync::mpsc::Receiver<Job>>, done: &dy
         let (node, generation) = (job.node.clone(), job.generation);
         let spec = job.spec.clone();
         let mut made = None;
-        let mut resolved = None;
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut job = job;
-            if let Some((dir, notify)) = job.resolve_again.take() {
-                let plan = crate::exec::prepare(&job.node, &job.spec, &dir, &notify).map(Arc::new);
-                resolved = Some(plan.clone());
-                job.plan = plan?;
-            }
-            run(cx, job, &mut made)
-        }))
-        .unwrap_or_else(|_| Err(format!("node '{node}': the spawn panicked")));
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cx, job, &mut made)))
+                .unwrap_or_else(|_| Err(format!("node '{node}': the spawn panicked")));
         done(Outcome {
             node,
             generation,
             spec,
             result,
             made,
-            resolved,
         });
     }
 }

@@ -256,6 +256,14 @@ enum Event {
     Restored(Prepared, oneshot::Sender<Vec<(String, String)>>),
     /// The spawner carried out a spawn.
     Spawned(Box<crate::spawner::Outcome>),
+    /// The exec settings of a node whose last lookup failed were looked up again, off
+    /// this task, for the spawn `job` (sent to the spawner once they resolve).
+    LookedUp(
+        Box<(
+            crate::spawner::Job,
+            Result<std::sync::Arc<crate::exec::Plan>, String>,
+        )>,
+    ),
     /// The log keeper closed a pipe (a waiter may want what came through it last).
     OutputClosed,
     /// The node directories, listed for pruning (see [`crate::prune`]).
@@ -2080,8 +2088,9 @@ impl Core {
         };
         // Resolved when the Apply started the node or at recovery; a node without such
         // settings gets its empty plan here, once (a stat, see `exec::prepare`). One
-        // whose lookup failed is looked up again by the spawner (its user may exist
-        // now), off this task.
+        // whose lookup failed is looked up again (its user may exist now) on a blocking
+        // thread: a directory service may take its time, and neither this task nor the
+        // spawner threads wait for it.
         let resolve_again = matches!(e.plan, Some(Err(_))).then(|| (e.dir.clone(), notify.clone()));
         let plan = if resolve_again.is_some() {
             std::sync::Arc::default()
@@ -2112,7 +2121,6 @@ impl Core {
                 .as_ref()
                 .map(|a| a.cpus().into_iter().map(|c| c as usize).collect()),
             limits: Limits::of(&e.spec),
-            resolve_again,
             announce: None,
             fresh: Some(crate::spawner::Fresh {
                 dir: e.dir.clone(),
@@ -2128,6 +2136,20 @@ impl Core {
         // The spawner writes the record announcing the token before it spawns.
         let announce = self.announce_spawn(name, token);
         let job = crate::spawner::Job { announce, ..job };
+        if let Some((dir, notify)) = resolve_again {
+            let events = self.events.clone();
+            tokio::task::spawn_blocking(move || {
+                let plan = crate::exec::prepare(&job.node, &job.spec, &dir, &notify)
+                    .map(std::sync::Arc::new);
+                let _ = events.send(Event::LookedUp(Box::new((job, plan))));
+            });
+            return Ok(());
+        }
+        self.send_job(job)
+    }
+
+    /// Hands `job` to the spawner threads, counting it as waiting for them.
+    fn send_job(&mut self, job: crate::spawner::Job) -> Result<(), String> {
         self.spawner
             .send(job)
             .map_err(|_| "the spawner threads are gone".to_owned())?;
@@ -2136,6 +2158,45 @@ impl Core {
         }
         self.spawns_waiting += 1;
         Ok(())
+    }
+
+    /// A spawn's exec settings, looked up again: the job goes to the spawner with them,
+    /// or the spawn fails with why they cannot be had. The answer replaces only the
+    /// failed lookup the spawn started from (a deploy may have looked again meanwhile).
+    fn looked_up(
+        &mut self,
+        mut job: crate::spawner::Job,
+        plan: Result<std::sync::Arc<crate::exec::Plan>, String>,
+    ) {
+        if let Some(e) = self.nodes.get_mut(&job.node)
+            && e.spec == job.spec
+            && matches!(e.plan, Some(Err(_)))
+        {
+            if plan.is_ok() {
+                e.plan_failed_before = false;
+            }
+            e.plan = Some(plan.clone());
+        }
+        let (node, generation, spec) = (job.node.clone(), job.generation, job.spec.clone());
+        let result = match plan {
+            Ok(plan) => {
+                job.plan = plan;
+                match self.send_job(job) {
+                    Ok(()) => return,
+                    Err(err) => Err(err),
+                }
+            }
+            Err(err) => Err(err),
+        };
+        // Answered as a spawn the spawner could not carry out.
+        self.spawns_waiting += 1;
+        self.spawned(crate::spawner::Outcome {
+            node,
+            generation,
+            spec,
+            result,
+            made: None,
+        });
     }
 
     /// Takes over the process the spawner made for a node, or learns why it could
@@ -2150,22 +2211,9 @@ impl Core {
             spec,
             result,
             made,
-            resolved,
         } = outcome;
         if let Some(made) = made {
             self.prepared(&node, made);
-        }
-        // Taken only in place of the failed lookup the job started from: a deploy may
-        // have looked the node up again meanwhile, with a later answer.
-        if let Some(plan) = resolved
-            && let Some(e) = self.nodes.get_mut(&node)
-            && e.spec == spec
-            && matches!(e.plan, Some(Err(_)))
-        {
-            if plan.is_ok() {
-                e.plan_failed_before = false;
-            }
-            e.plan = Some(plan);
         }
         if result.is_ok()
             && let Some(e) = self.nodes.get_mut(&node)
@@ -2453,6 +2501,10 @@ impl Core {
         let now = self.now();
         match ev {
             Event::Spawned(outcome) => self.spawned(*outcome),
+            Event::LookedUp(looked) => {
+                let (job, plan) = *looked;
+                self.looked_up(job, plan);
+            }
             // The waiters are looked at after every event.
             Event::OutputClosed => {}
             Event::Scanned(scan) => self.prune(scan),
