@@ -380,6 +380,9 @@ impl Agent {
             logwatch::Scope::All
         };
         let watch = logwatch::spawn(nodes_dir.clone(), this.config.logs, scope);
+        if let Some(w) = &watch {
+            supervisor.watch_own_writers_with(w.adder());
+        }
         let metrics_listener = this.metrics.lock().ok().and_then(|mut m| m.take());
         if let Some(l) = metrics_listener {
             match tokio::net::TcpListener::from_std(l) {

@@ -3,8 +3,8 @@
 //!
 //! With a log keeper (see [`crate::keeper`]) the keeper writes the files and bounds them
 //! itself: only nodes adopted from an agent that ran without one are watched
-//! ([`Scope::Only`]). Without a keeper every node writes its files itself
-//! ([`Scope::All`]).
+//! ([`Scope::Only`]), and nodes started while no keeper answered, added as they start
+//! ([`Adder`]). Without a keeper every node writes its files itself ([`Scope::All`]).
 //!
 //! Nothing tells the agent that a file grew except the kernel: one inotify instance
 //! watches `IN_MODIFY` in each watched node directory under `<state-dir>/nodes/` (and,
@@ -66,6 +66,50 @@ pub struct LogWatch {
     /// until something happens instead of waking up to look at a flag.
     stop: Arc<OwnedFd>,
     thread: Option<std::thread::JoinHandle<()>>,
+    adder: Adder,
+}
+
+impl LogWatch {
+    /// What adds node directories to watch while the watcher runs.
+    pub fn adder(&self) -> Adder {
+        self.adder.clone()
+    }
+}
+
+/// Adds a node directory to the watch from another thread (under [`Scope::Only`], a
+/// node that writes its files itself because no log keeper answered when it started):
+/// the watch is added to the watcher's inotify instance at once, so that no write goes
+/// unseen, and the watcher learns of it with its next wake-up, before the events.
+#[derive(Clone)]
+pub struct Adder {
+    inotify: Arc<OwnedFd>,
+    pending: Arc<std::sync::Mutex<Vec<(i32, PathBuf)>>>,
+}
+
+impl std::fmt::Debug for Adder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adder").finish_non_exhaustive()
+    }
+}
+
+impl Adder {
+    /// Watches node directory `dir` (again: a directory watched already stays so).
+    pub fn watch(&self, dir: &Path) {
+        let inotify = Inotify {
+            fd: self.inotify.clone(),
+        };
+        match inotify.add(dir, libc::IN_MODIFY | libc::IN_ONLYDIR) {
+            Ok(wd) => self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((wd, dir.to_owned())),
+            Err(e) => warn!(
+                "cannot watch the logs in {} ({e}); their sizes are only checked periodically",
+                dir.display()
+            ),
+        }
+    }
 }
 
 impl Drop for LogWatch {
@@ -107,10 +151,8 @@ pub enum Scope {
 /// doc. `None` when there is nothing to watch, or (with a warning) when inotify is not
 /// available.
 pub fn spawn(nodes_dir: PathBuf, config: LogConfig, scope: Scope) -> Option<LogWatch> {
-    if scope == Scope::Only(Vec::new()) {
-        debug!("no node writes its log files itself: no log watcher");
-        return None;
-    }
+    // Also with nothing to watch yet: a node started while no log keeper answers
+    // writes its files itself (see [`Adder`]). Blocked in `poll`, it costs nothing.
     let watcher = match Watcher::new(&nodes_dir, config, scope) {
         Ok(w) => w,
         Err(e) => {
@@ -129,6 +171,10 @@ pub fn spawn(nodes_dir: PathBuf, config: LogConfig, scope: Scope) -> Option<LogW
         }
     };
     let stopped = stop.clone();
+    let adder = Adder {
+        inotify: watcher.inotify.fd.clone(),
+        pending: watcher.pending.clone(),
+    };
     let thread = std::thread::Builder::new()
         .name("logwatch".into())
         .spawn(move || watcher.run(&stopped))
@@ -136,6 +182,7 @@ pub fn spawn(nodes_dir: PathBuf, config: LogConfig, scope: Scope) -> Option<LogW
         .ok()?;
     Some(LogWatch {
         stop,
+        adder,
         thread: Some(thread),
     })
 }
@@ -152,6 +199,8 @@ struct Watcher {
     /// Size and time of each file's last check, and the pause it asked for then.
     seen: HashMap<(PathBuf, Stream), (u64, Instant, Duration)>,
     config: LogConfig,
+    /// Directories an [`Adder`] watched, to be told of at the next wake-up.
+    pending: Arc<std::sync::Mutex<Vec<(i32, PathBuf)>>>,
 }
 
 impl Watcher {
@@ -175,6 +224,7 @@ impl Watcher {
             dirs: HashMap::new(),
             seen: HashMap::new(),
             config,
+            pending: Arc::default(),
         })
     }
 
@@ -229,6 +279,18 @@ impl Watcher {
                     return;
                 }
             };
+            let added = std::mem::take(
+                &mut *self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            for (wd, dir) in added {
+                for s in Stream::ALL {
+                    dirty.insert((dir.clone(), s));
+                }
+                self.dirs.insert(wd, dir);
+            }
             for ev in events(&buf[..n]) {
                 self.event(ev, &mut dirty);
             }
@@ -362,7 +424,7 @@ impl Syncer {
 
 /// An inotify instance.
 struct Inotify {
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
 }
 
 impl Inotify {
@@ -373,7 +435,7 @@ impl Inotify {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `raw` is a descriptor we own and nothing else refers to.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
         Ok(Self { fd })
     }
 
@@ -628,9 +690,24 @@ mod tests {
             );
             assert!(!logs.rotated_path(Stream::Stdout, 1).exists(), "{what}");
         }
+        // Added while it runs (a node started while no keeper answered): held to its
+        // bound from then on.
+        watch.adder().watch(&nodes.join("later"));
+        for _ in 0..2 {
+            later_out.write_all(over.as_bytes()).unwrap();
+            while size(&later, Stream::Stdout) > config.max_bytes {
+                assert!(Instant::now() < deadline, "the added node was not rotated");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        assert!(later.rotated_path(Stream::Stdout, 1).exists());
+        assert!(
+            size(&kept, Stream::Stdout) > config.max_bytes,
+            "kept stays unwatched"
+        );
         drop(watch);
-        // Nothing listed: no thread at all.
-        assert!(spawn(nodes, config, Scope::Only(Vec::new())).is_none());
+        // Nothing listed yet: a watcher all the same, for nodes added later.
+        assert!(spawn(nodes, config, Scope::Only(Vec::new())).is_some());
     }
 
     /// Voluntary context switches of this process's threads named `name`.

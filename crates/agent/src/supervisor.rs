@@ -160,6 +160,8 @@ pub struct Supervisor {
     host: std::sync::Arc<limits::Host>,
     /// The directories of adopted nodes whose process writes its log files itself.
     direct_log_writers: std::sync::Arc<Vec<PathBuf>>,
+    /// See [`Core::log_watch`].
+    log_watch: std::sync::Arc<std::sync::OnceLock<crate::logwatch::Adder>>,
 }
 
 #[derive(Debug)]
@@ -588,6 +590,10 @@ struct Core {
     records: std::sync::Arc<crate::records::Records>,
     /// The sequence number of the last record made.
     record_seq: u64,
+    /// Set once the agent's log watcher runs: with a log keeper it watches only nodes
+    /// that write their files themselves, and a node started while no keeper answers
+    /// is one (see [`crate::keeper::Keeper::available`]).
+    log_watch: std::sync::Arc<std::sync::OnceLock<crate::logwatch::Adder>>,
     /// A reap was skipped while the spawner was spawning: do it once the spawn is in.
     reap_pending: bool,
     /// Spawns handed to the spawner whose outcome has not come back.
@@ -891,7 +897,9 @@ impl Supervisor {
             spawner_moved: Instant::now(),
             records,
             record_seq: 0,
+            log_watch: std::sync::Arc::default(),
         };
+        let log_watch = core.log_watch.clone();
         core.recover();
         let direct_log_writers = std::sync::Arc::new(core.direct_log_writers());
         let task = tokio::spawn(core.run(rx, events_rx));
@@ -919,7 +927,15 @@ impl Supervisor {
             failure: failure_rx,
             host,
             direct_log_writers,
+            log_watch,
         })
+    }
+
+    /// Has the log watcher (which, with a log keeper, watches only the nodes that write
+    /// their files themselves) watch each node started from now on that writes its
+    /// files itself because no keeper answered.
+    pub fn watch_own_writers_with(&self, adder: crate::logwatch::Adder) {
+        let _ = self.log_watch.set(adder);
     }
 
     /// The directories of nodes found running at start-up whose process writes its log
@@ -2277,6 +2293,14 @@ impl Core {
         };
         e.spawn_of = None;
         e.last_pipes = s.pipes;
+        if s.pipes.is_none()
+            && self.cfg.keeper.is_some()
+            && let Some(watch) = self.log_watch.get()
+        {
+            // No keeper answered: it writes its files itself, and is held to their
+            // bound as they grow.
+            watch.watch(e.logs.dir());
+        }
         let tcp_port = match &e.proc().expect("just taken").spec.readiness {
             model::Readiness::Tcp { port, .. } => Some(*port),
             _ => None,
