@@ -120,6 +120,16 @@ impl Setup {
             .collect()
     }
 
+    /// The agent's cgroup v2 subtree, as its log names it.
+    fn v2_root(&self) -> Option<String> {
+        self.agent
+            .wait_log("nodes are contained in cgroups")
+            .lines()
+            .find_map(|l| l.split("cgroup=").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_owned)
+    }
+
     fn metric(&self, series: &str) -> Option<f64> {
         metric_value(&scrape(self.metrics), series)
     }
@@ -179,13 +189,7 @@ fn a_node_over_its_memory_limit_is_oom_killed_and_reported_as_such() {
     let steady = s.node("steady");
     assert_eq!(steady["oom_kills"], Value::Null, "{steady}");
     let pid = steady["pid"].as_u64().unwrap();
-    let v2_root = s
-        .agent
-        .wait_log("nodes are contained in cgroups")
-        .lines()
-        .find_map(|l| l.split("cgroup=").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .map(str::to_owned);
+    let v2_root = s.v2_root();
     let v1 = v1_cgroup(pid, "memory").filter(|p| p.ends_with("/nodes/steady"));
     if v1.is_none() {
         // Then cgroup v2 holds the limit.
@@ -224,13 +228,8 @@ fn a_node_over_its_memory_limit_is_oom_killed_and_reported_as_such() {
     let (code, v, _) = s.deploy("");
     assert_eq!(code, Some(0), "{v}");
     let subtree = s
-        .agent
-        .wait_log("nodes are contained in cgroups")
-        .lines()
-        .find_map(|l| l.split("cgroup=").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|r| r.rsplit('/').next())
-        .map(str::to_owned);
+        .v2_root()
+        .and_then(|r| r.rsplit('/').next().map(str::to_owned));
     if let (Some(own), Some(subtree)) = (v1_cgroup(u64::from(s.agent.pid()), "memory"), subtree) {
         let nodes = format!("/sys/fs/cgroup/memory{own}/{subtree}/nodes");
         assert!(std::path::Path::new(&nodes).is_dir(), "{nodes}");
@@ -269,13 +268,7 @@ fn limits_dropped_by_a_redeploy_are_lifted() {
     let pid = eventually("steady running again", PATIENCE, || {
         s.node("steady")["pid"].as_u64().filter(|p| *p != first)
     });
-    let v2_root = s
-        .agent
-        .wait_log("nodes are contained in cgroups")
-        .lines()
-        .find_map(|l| l.split("cgroup=").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .map(str::to_owned);
+    let v2_root = s.v2_root();
     // Each file where the node's cgroup holds it: v1 if the node is in one, else v2.
     let read = |ctl: &str, v1: &str, v2: &str| {
         let at = match v1_cgroup(pid, ctl).filter(|p| p.ends_with("/nodes/steady")) {

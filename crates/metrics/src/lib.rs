@@ -453,78 +453,51 @@ mod tests {
     }
 
     /// Connections that send nothing hold at most the caps of the daemon's descriptors:
-    /// one past its address's cap is closed at once, unserved; once one ends, a scrape
-    /// is served again.
+    /// one past its address's cap, or past the cap over all addresses, is closed at
+    /// once, unserved; once one ends, a scrape is served again.
     #[tokio::test]
     async fn idle_connections_are_capped_and_a_scrape_is_served_once_one_ends() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let render: Render = Arc::new(|| Box::pin(async { "up 1\n".to_owned() }));
-        tokio::spawn(serve_at_most(listener, render, shutdown.clone(), (4, 2)));
-        let scrape = || async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            // The server may have closed it already.
-            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
-            let mut out = String::new();
-            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-                .await
-                .expect("answered or closed, not left waiting");
-            out
-        };
-        let mut idle = Vec::new();
-        for _ in 0..2 {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
-            idle.push(s);
+        // (all, per address): the address's cap is reached first, then the overall one.
+        for caps in [(4, 2), (2, 16)] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let shutdown = CancellationToken::new();
+            let render: Render = Arc::new(|| Box::pin(async { "up 1\n".to_owned() }));
+            tokio::spawn(serve_at_most(listener, render, shutdown.clone(), caps));
+            let mut idle = Vec::new();
+            for _ in 0..2 {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+                idle.push(s);
+            }
+            let refused = scrape(addr).await;
+            assert!(refused.is_empty(), "{caps:?}: {refused}");
+            // One idle client goes away: served again.
+            drop(idle.pop());
+            let served = until_answered(addr).await;
+            assert!(served.starts_with("HTTP/1.1 200 OK"), "{caps:?}: {served}");
+            shutdown.cancel();
         }
-        // Both of this address's places are held: closed unserved, at once.
-        let refused = scrape().await;
-        assert!(refused.is_empty(), "{refused}");
-        // One idle client goes away: served again.
-        drop(idle.pop());
-        let served = until_answered(scrape).await;
-        assert!(served.starts_with("HTTP/1.1 200 OK"), "{served}");
-        shutdown.cancel();
-
-        // The cap over all addresses holds the same way.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let render: Render = Arc::new(|| Box::pin(async { "up 1\n".to_owned() }));
-        tokio::spawn(serve_at_most(listener, render, shutdown.clone(), (2, 16)));
-        let scrape = || async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
-            let mut out = String::new();
-            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-                .await
-                .expect("answered or closed, not left waiting");
-            out
-        };
-        let mut idle = Vec::new();
-        for _ in 0..2 {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
-            idle.push(s);
-        }
-        assert!(scrape().await.is_empty());
-        drop(idle);
-        let served = until_answered(scrape).await;
-        assert!(served.starts_with("HTTP/1.1 200 OK"), "{served}");
-        shutdown.cancel();
     }
 
-    /// Scrapes until one is answered (the server learns of the closed connection a
+    /// One scrape: the answer, or nothing when the server closed the connection.
+    async fn scrape(addr: std::net::SocketAddr) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The server may have closed it already.
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+            .await
+            .expect("answered or closed, not left waiting");
+        out
+    }
+
+    /// Scrapes until one is answered (the server learns of a closed connection a
     /// moment after it is closed).
-    async fn until_answered<F, Fut>(scrape: F) -> String
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = String>,
-    {
+    async fn until_answered(addr: std::net::SocketAddr) -> String {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let out = scrape().await;
+            let out = scrape(addr).await;
             if !out.is_empty() || tokio::time::Instant::now() > deadline {
                 return out;
             }
