@@ -393,10 +393,15 @@ impl Cluster {
     /// Adds the flags of this cluster's controller listening on `listen`: its state
     /// dir, certificates and liveness settings.
     pub fn controller_args(&self, cmd: &mut Command, listen: &str) {
+        self.controller_args_in(cmd, listen, &self.dir.path().join("controller"));
+    }
+
+    /// As [`Cluster::controller_args`], with state dir `state_dir`.
+    pub fn controller_args_in(&self, cmd: &mut Command, listen: &str, state_dir: &Path) {
         cmd.arg("--listen")
             .arg(listen)
             .arg("--state-dir")
-            .arg(self.dir.path().join("controller"))
+            .arg(state_dir)
             .arg("--ca")
             .arg(self.pki_file("ca.crt"))
             .arg("--cert")

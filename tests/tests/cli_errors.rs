@@ -446,16 +446,7 @@ fn a_cause_is_said_once() {
         ),
     ] {
         let mut cmd = Command::new(bin("drover-controller"));
-        cmd.arg("--listen")
-            .arg(&listen)
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--ca")
-            .arg(c.pki_file("ca.crt"))
-            .arg("--cert")
-            .arg(c.pki_file("controller.crt"))
-            .arg("--key")
-            .arg(c.pki_file("controller.key"));
+        c.controller_args_in(&mut cmd, &listen, &state_dir);
         let out = run_cli(cmd, Duration::from_secs(30));
         assert_eq!(out.code, Some(1), "{}", out.stderr);
         let error = out

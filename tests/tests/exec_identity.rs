@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 
-use drover_tests::{Cluster, PATIENCE, bin, eventually};
+use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually};
 use serde_json::Value;
 
 fn connect(c: &Cluster, addr: SocketAddr) {
@@ -49,6 +49,17 @@ fn hex(pid: u64, field: &str) -> u64 {
     u64::from_str_radix(&status(pid, field), 16).unwrap()
 }
 
+/// A controller and agent `agent-1`, connected, in a test dir other users may pass
+/// through: the nodes reach their sockets through the state dir, below it.
+fn root_cluster() -> (Cluster, Proc, SocketAddr, Proc) {
+    let c = Cluster::new();
+    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (ctl, addr) = c.start_controller("127.0.0.1:0");
+    let agent = c.start_agent("agent-1", addr);
+    connect(&c, addr);
+    (c, ctl, addr, agent)
+}
+
 const CAP_NET_RAW: u64 = 1 << 13;
 
 #[test]
@@ -57,12 +68,7 @@ fn nodes_run_as_their_users_with_their_capabilities_and_limits() {
         eprintln!("skipped: running nodes as other users needs a root agent");
         return;
     }
-    let c = Cluster::new();
-    // The nodes reach their sockets through the state dir, below this one.
-    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
-    let _agent = c.start_agent("agent-1", addr);
-    connect(&c, addr);
+    let (c, _ctl, addr, _agent) = root_cluster();
     let nodes = c.dir.path().join("agent-agent-1/nodes");
     let other_log = nodes.join("other/stdout.log");
     let prog = bin("drover-testprog");
@@ -368,7 +374,7 @@ fn an_agent_that_is_not_root_refuses_a_node_of_another_user() {
         &["--controller", &addr.to_string()],
     );
     cmd.uid(65534).gid(65534);
-    let _agent = drover_tests::Proc::spawn("agent agent-1", cmd, c.log_path("agent-agent-1"));
+    let _agent = Proc::spawn("agent agent-1", cmd, c.log_path("agent-agent-1"));
     connect(&c, addr);
     let (code, v, _) = deploy(
         &c,
@@ -443,11 +449,7 @@ fn a_node_that_failed_for_want_of_its_user_starts_on_restart_and_after_an_agent_
     let pid = std::process::id();
     let (first, second) = (format!("drvre{pid}"), format!("drvdp{pid}"));
     let _users = (TempUser(first.clone()), TempUser(second.clone()));
-    let c = Cluster::new();
-    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
-    let mut agent = c.start_agent("agent-1", addr);
-    connect(&c, addr);
+    let (c, _ctl, addr, mut agent) = root_cluster();
     let body = format!(
         "[nodes.first]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nuser = \"{first}\"\n\
          [nodes.second]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nuser = \"{second}\"\n"
@@ -487,11 +489,7 @@ fn a_node_deployed_again_without_its_user_runs_as_the_agent() {
         eprintln!("skipped: running nodes as other users needs a root agent");
         return;
     }
-    let c = Cluster::new();
-    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
-    let _agent = c.start_agent("agent-1", addr);
-    connect(&c, addr);
+    let (c, _ctl, addr, _agent) = root_cluster();
     let node = |user: &str| {
         format!("[nodes.re]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\n{user}")
     };
@@ -515,11 +513,7 @@ fn a_user_created_after_a_failed_deploy_is_found_by_the_next_deploy() {
     let name = format!("drvtest{}", std::process::id());
     // Declared first, so dropped last: after the agent and its nodes.
     let _user = TempUser(name.clone());
-    let c = Cluster::new();
-    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
-    let _agent = c.start_agent("agent-1", addr);
-    connect(&c, addr);
+    let (c, _ctl, addr, _agent) = root_cluster();
     let body = format!(
         "[nodes.late]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\nuser = \"{name}\"\n"
     );

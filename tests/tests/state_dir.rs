@@ -597,14 +597,7 @@ fn agents_start_on_a_full_disk() {
     // A controller on a fresh state dir there starts too, its stateless reset key kept
     // for the run only.
     let mut cmd = Command::new(bin("drover-controller"));
-    cmd.args(["--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(disk.join("controller"))
-        .arg("--ca")
-        .arg(c.pki_file("ca.crt"))
-        .arg("--cert")
-        .arg(c.pki_file("controller.crt"))
-        .arg("--key")
-        .arg(c.pki_file("controller.key"));
+    c.controller_args_in(&mut cmd, "127.0.0.1:0", &disk.join("controller"));
     let ctl = Proc::spawn("controller-full", cmd, c.dir.path().join("ctl-full.log"));
     ctl.wait_log("controller listening");
     assert!(
