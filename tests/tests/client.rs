@@ -155,6 +155,53 @@ fn invalid_cluster_file_is_reported_before_connecting() {
     );
 }
 
+/// The file is read while the connection is being made: a bad one is still told alone
+/// and at once, not after the handshake gives up on a controller that does not answer.
+#[test]
+fn a_bad_file_is_told_at_once_while_the_controller_does_not_answer() {
+    let c = Cluster::new();
+    // A UDP socket that never answers: the handshake waits out its timeout (5 s).
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let file = c.dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[instances.a]\n[nodes.n]\ninstance = \"a\"\ncomand = [\"x\"]\n",
+    )
+    .unwrap();
+    for command in ["stage-config", "deploy-config"] {
+        let mut cmd = c.drover_command(addr);
+        cmd.args(["--timeout", "60s", command]).arg(&file);
+        let started = std::time::Instant::now();
+        let out = run_cli(cmd, Duration::from_secs(30));
+        let took = started.elapsed();
+        assert_eq!(out.code, Some(1), "{command}: {}", out.stderr);
+        assert_eq!(
+            out.stderr.lines().next(),
+            Some("error: configuration has errors, not sending:"),
+            "{command}: {}",
+            out.stderr
+        );
+        assert!(
+            !out.stderr.contains("controller"),
+            "{command}: only the file is told: {}",
+            out.stderr
+        );
+        assert!(
+            took < Duration::from_secs(4),
+            "{command}: the file error took {took:?}, as long as the handshake's timeout"
+        );
+    }
+    // A good file goes on to the connection, and its failure is told.
+    let good = c.dir.path().join("good.toml");
+    std::fs::write(&good, "[instances.a]\n").unwrap();
+    let mut cmd = c.drover_command(addr);
+    cmd.args(["--timeout", "60s", "stage-config"]).arg(&good);
+    let out = run_cli(cmd, Duration::from_secs(30));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains(&addr.to_string()), "{}", out.stderr);
+}
+
 #[test]
 fn tables_and_compact_json() {
     let c = Cluster::new();

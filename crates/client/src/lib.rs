@@ -373,15 +373,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     interrupt::install();
     let rt = runtime()?;
     rt.block_on(async {
-        // Read input files before connecting, so that a bad file costs no connection.
-        let staged = match &cli.command {
+        let (staged, session) = match &cli.command {
             Command::StageConfig { file, roles } | Command::DeployConfig { file, roles, .. } => {
-                let config = read_cluster_file(file, roles.as_deref())?;
-                Some(fits_in_a_frame(config)?)
+                let (file, roles) = (file.clone(), roles.clone());
+                let read =
+                    move || read_cluster_file(&file, roles.as_deref()).and_then(fits_in_a_frame);
+                let (config, session) = read_while_connecting(&settings, read).await?;
+                (Some(config), session)
             }
-            _ => None,
+            _ => (None, Session::connect(&settings).await?),
         };
-        let session = Session::connect(&settings).await?;
         if let Some(what) = following(&cli.command) {
             return follow::run(&settings, session, &what).await;
         }
@@ -399,6 +400,33 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         session.close().await;
         result
     })
+}
+
+/// Reads and checks a cluster file (`read`, on a thread of its own) while the connection
+/// is made, which takes about as long: a deploy starts sooner. A bad file is told
+/// alone, at once, whatever becomes of the connection (dropped unused), as if it had
+/// been read first; so is the controller's warning, only once the file is good.
+async fn read_while_connecting<T: Send + 'static>(
+    settings: &Settings,
+    read: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<(T, Session)> {
+    let mut reading = tokio::task::spawn_blocking(read);
+    let mut connecting = std::pin::pin!(Session::connect_untold(settings));
+    let mut connected = None;
+    let read = loop {
+        tokio::select! {
+            read = &mut reading => {
+                break read.map_err(|e| anyhow::anyhow!("reading the cluster file failed: {e}"))??;
+            }
+            session = &mut connecting, if connected.is_none() => connected = Some(session),
+        }
+    };
+    let session = match connected {
+        Some(session) => session?,
+        None => connecting.await?,
+    };
+    session.tell_welcome();
+    Ok((read, session))
 }
 
 /// For a command that changes something, what to tell when its connection was lost

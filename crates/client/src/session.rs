@@ -33,6 +33,8 @@ pub struct Session {
     /// Whether the controller welcomed us with a warning: it is cut off from etcd and
     /// may not lead any more.
     stale: bool,
+    /// That warning, until [`Session::tell_welcome`] prints it.
+    welcome: Option<String>,
 }
 
 fn tls_files(s: &Settings) -> anyhow::Result<TlsFiles> {
@@ -91,6 +93,21 @@ impl Session {
 
     /// As [`Session::connect`]; the controller's warning is printed only when `say`.
     pub async fn connect_saying(settings: &Settings, say: bool) -> anyhow::Result<Self> {
+        let session = Self::connect_untold(settings).await?;
+        if say {
+            session.tell_welcome();
+        } else {
+            session
+                .warned
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(session)
+    }
+
+    /// As [`Session::connect`], but the controller's warning waits for
+    /// [`Session::tell_welcome`]: for a connection made while something else is under
+    /// way whose failure should be told alone.
+    pub async fn connect_untold(settings: &Settings) -> anyhow::Result<Self> {
         let files = tls_files(settings)?;
         let creds = Credentials::load(&files)?;
         if creds.identity().role != PeerRole::Client {
@@ -203,12 +220,18 @@ impl Session {
             endpoint,
             conn: est.conn,
             timeout,
-            warned: std::sync::atomic::AtomicBool::new(!say),
+            warned: std::sync::atomic::AtomicBool::new(false),
             stale: est.welcome.warning.is_some(),
+            welcome: est.welcome.warning,
         };
-        session.warn(est.welcome.warning.as_deref());
         crate::interrupt::watch(&session.conn);
         Ok(session)
+    }
+
+    /// Prints the controller's warning in its welcome, if it gave one and no warning
+    /// was printed yet.
+    pub fn tell_welcome(&self) {
+        self.warn(self.welcome.as_deref());
     }
 
     /// Makes this connection the one Ctrl-C closes (again, after another was made).
