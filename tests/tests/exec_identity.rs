@@ -3,7 +3,8 @@
 //! (ambient, bounding set cut, and a raw socket opens with it and not without), no new
 //! privileges and its rlimits; its exec probe runs as that user too; it cannot read
 //! another node's logs; it enters its working directory as its user, not the agent's;
-//! an unknown user is a deploy error naming node and user; bad settings are config errors with line.
+//! an unknown user is a deploy error naming node and user; bad settings are config errors with line;
+//! the files the agent writes for a node are written with the node's rights.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -533,4 +534,60 @@ fn a_user_created_after_a_failed_deploy_is_found_by_the_next_deploy() {
     let pid = s["pid"].as_u64().unwrap();
     let uid = nix::unistd::User::from_name(&name).unwrap().unwrap().uid;
     assert_eq!(status(pid, "Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
+}
+
+/// A node's `files` (a Zeek node's cluster layout) are written with its user's rights:
+/// they are its own, and a working directory it may not write gets none, its start
+/// failing with the reason, instead of a file of root's.
+#[test]
+fn a_nodes_files_are_written_with_its_users_rights() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: running nodes as other users needs a root agent");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let (c, _ctl, addr, _agent) = root_cluster();
+    let open = c.dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::os::unix::fs::chown(&open, Some(65534), Some(65534)).unwrap();
+    let shut = c.dir.path().join("shut");
+    std::fs::create_dir(&shut).unwrap();
+    std::fs::set_permissions(&shut, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let manager = |workdir: &std::path::Path| {
+        format!(
+            "[nodes.mgr]\ninstance = \"agent-1\"\nrole = \"manager\"\ncommand = [\"{}\"]\n\
+             user = \"65534\"\ngroup = \"65534\"\nworkdir = \"{}\"\n",
+            bin("drover-testprog").display(),
+            workdir.display()
+        )
+    };
+    let (code, v, stderr) = deploy(&c, addr, &manager(&open));
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    let layout = std::fs::metadata(open.join("cluster-layout.zeek")).unwrap();
+    assert_eq!(
+        (layout.uid(), layout.gid()),
+        (65534, 65534),
+        "the node's file"
+    );
+
+    let (code, v, stderr) = deploy(&c, addr, &manager(&shut));
+    assert_ne!(code, Some(0), "{v} {stderr}");
+    let said = format!("{v} {stderr}");
+    assert!(
+        said.contains(&format!(
+            "cannot write {}: permission denied",
+            shut.join("cluster-layout.zeek").display()
+        )),
+        "{said}"
+    );
+    assert!(
+        !shut.join("cluster-layout.zeek").exists()
+            && !shut.join(".cluster-layout.zeek.drover-tmp").exists(),
+        "nothing of root's in a directory the node may not write"
+    );
+    let last_error = node_status(&c, addr, "mgr")["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(last_error.contains("permission denied"), "{last_error}");
 }

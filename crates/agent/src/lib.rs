@@ -30,6 +30,7 @@ pub mod book;
 pub mod cgroup;
 pub mod converge;
 pub mod exec;
+pub mod fsident;
 pub mod guard;
 mod handover;
 pub mod keeper;

@@ -371,8 +371,24 @@ fn run(cx: &Context, job: Job, made: &mut Option<Made>) -> Result<Spawned, Strin
         }
         *made = Some(prepared);
     }
-    write_node_files(&job.workdir, &job.spec.files)
-        .map_err(|err| format!("node '{name}': {err}"))?;
+    if !job.spec.files.is_empty() {
+        let as_node = crate::fsident::FsIdentity::assume(&job.plan).map_err(|err| {
+            format!(
+                "node '{name}': cannot take its user's identity to write its files: {}",
+                sys::cause(&err)
+            )
+        })?;
+        let written = write_node_files(&job.workdir, &job.spec.files);
+        let by_node = as_node.is_some();
+        drop(as_node);
+        written.map_err(|err| {
+            if by_node {
+                format!("node '{name}': {err} (its files are written with its user's rights)")
+            } else {
+                format!("node '{name}': {err}")
+            }
+        })?;
+    }
     let output = ChildOutput::open(&job.logs, cx.keeper.as_ref()).map_err(|err| {
         format!(
             "cannot set up the output of node '{name}' in {}: {err}",
