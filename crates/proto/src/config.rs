@@ -269,11 +269,7 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
         let key = format!("nodes.{name}");
         let line = lines.line_of(spanned.span().start);
         let mut table = spanned.into_inner();
-        for (k, v) in &defaults {
-            if !table.contains_key(k) {
-                table.insert(k.clone(), v.clone());
-            }
-        }
+        inherit_defaults(&mut table, &defaults);
         if !table.contains_key("instance") {
             if !removed.contains(&format!("{key}.instance")) {
                 issues.push(Issue {
@@ -335,10 +331,13 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
                 let inherited = node_names.iter().find_map(|name| {
                     let node = format!("nodes.{name}");
                     let rest = k.strip_prefix(&node)?.strip_prefix('.')?;
-                    let at_node = written(&k).is_some_and(|(known, _)| known.len() > node.len());
                     let in_defaults = format!("defaults.{rest}");
                     let (known, line) = written(&in_defaults)?;
-                    (!at_node && known != "defaults").then_some((in_defaults, line))
+                    // Whichever writes more of the key's path wrote it: a node's own
+                    // `env` table, say, and `[defaults]`' variable merged into it.
+                    let at_node = written(&k).map_or(0, |(at, _)| at.len() - node.len());
+                    let in_defaults_len = known.len() - "defaults".len();
+                    (in_defaults_len > at_node).then_some((in_defaults, line))
                 });
                 match inherited {
                     Some((key, line)) => {
@@ -354,6 +353,30 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
     issues.sort();
     issues.dedup();
     Err(Issues(issues))
+}
+
+/// The tables of `[defaults]` a node's own table of the same key is merged with, name
+/// by name (the node's own entries win), as a role template's are: a node that sets
+/// one variable or limit of its own keeps the others every node is given.
+const MERGED_DEFAULTS: [&str; 2] = ["env", "limits"];
+
+/// Gives a node's table what `[defaults]` has and it leaves unset.
+fn inherit_defaults(node: &mut toml::Table, defaults: &toml::Table) {
+    for (k, v) in defaults {
+        match (node.get_mut(k), v) {
+            (None, _) => {
+                node.insert(k.clone(), v.clone());
+            }
+            (Some(toml::Value::Table(own)), toml::Value::Table(inherited))
+                if MERGED_DEFAULTS.contains(&k.as_str()) =>
+            {
+                for (name, value) in inherited {
+                    own.entry(name.clone()).or_insert_with(|| value.clone());
+                }
+            }
+            (Some(_), _) => {}
+        }
+    }
 }
 
 /// The longest key path of `lines` (key path to line) that is `key` or a parent of it,
@@ -628,22 +651,24 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 "command contains a NUL byte",
             ));
         }
-        for var in node.env.keys() {
+        // Each at its variable's own key, so that one merged from `[defaults]` is told
+        // there, once.
+        for (var, value) in &node.env {
             if var.is_empty() || var.contains('=') || var.contains('\0') {
                 issues.push(Issue::at_key(
-                    format!("{key}.env"),
+                    format!("{key}.env.{var}"),
                     format!(
                         "invalid environment variable name '{}'",
                         var.escape_default()
                     ),
                 ));
             }
-        }
-        if node.env.values().any(|v| v.contains('\0')) {
-            issues.push(Issue::at_key(
-                format!("{key}.env"),
-                "an environment value contains a NUL byte",
-            ));
+            if value.contains('\0') {
+                issues.push(Issue::at_key(
+                    format!("{key}.env.{var}"),
+                    "an environment value contains a NUL byte",
+                ));
+            }
         }
         // A relative one would be taken from the agent's own working directory, which
         // is no place a cluster file can know (`/` under systemd).
@@ -878,6 +903,60 @@ stop_timeout = "2s"
             }
         );
         assert_eq!(w2.stop_timeout, Duration::from_secs(2));
+    }
+
+    /// `env` and `limits` of `[defaults]` are merged into a node's own, name by name,
+    /// as a role template's are; other keys a node sets replace the default whole.
+    #[test]
+    fn defaults_env_and_limits_merge_name_by_name() {
+        let text = r#"
+[defaults]
+env = { A = "1", B = "defaults" }
+limits = { core = 0, nofile = 1024 }
+memory = { max = "1G" }
+
+[instances.a]
+
+[nodes.own]
+instance = "a"
+command = ["/bin/true"]
+env = { B = "own", C = "3" }
+limits = { nofile = 4096 }
+memory = { high = "512M" }
+
+[nodes.plain]
+instance = "a"
+command = ["/bin/true"]
+"#;
+        let c = parse_toml("c.toml", text).unwrap();
+        let own = c.node("own").unwrap();
+        let env: Vec<(&str, &str)> = own
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(env, [("A", "1"), ("B", "own"), ("C", "3")]);
+        let limits: Vec<&str> = own.limits.keys().map(String::as_str).collect();
+        assert_eq!(limits, ["core", "nofile"]);
+        assert_eq!(own.limits["nofile"].soft, Some(4096), "its own wins");
+        assert_eq!(c.node("plain").unwrap().limits["nofile"].soft, Some(1024));
+        let memory = own.memory.unwrap();
+        assert!(memory.max.is_none() && memory.high.is_some(), "{memory:?}");
+        let plain = c.node("plain").unwrap();
+        assert_eq!(plain.env.len(), 2);
+        assert!(plain.memory.unwrap().max.is_some());
+
+        // A bad value merged from `[defaults]` is told once, at its own line there.
+        let bad = text.replace("core = 0", "core = \"lots\"");
+        let err = parse_toml("c.toml", &bad).unwrap_err().to_string();
+        assert!(err.starts_with("c.toml:4: defaults.limits.core: "), "{err}");
+        assert!(!err.contains("nodes."), "{err}");
+        let bad = text.replace("B = \"defaults\"", "\"B=X\" = \"defaults\"");
+        let err = parse_toml("c.toml", &bad).unwrap_err().to_string();
+        assert_eq!(
+            err, "c.toml:3: defaults.env.B=X: invalid environment variable name 'B=X'",
+            "once, where it is written"
+        );
     }
 
     #[test]

@@ -578,6 +578,16 @@ impl Walk<'_> {
 
     /// Checks `value` against `ty`; false (with an issue) when it does not fit.
     fn typed(&mut self, path: &str, line: usize, value: &DeValue<'_>, ty: Ty) -> bool {
+        // A table of strings (`env`) has its entries' lines too: a problem with one
+        // entry is told at its own line, and one merged from `[defaults]` there.
+        if matches!(ty, Ty::StrTable)
+            && let DeValue::Table(t) = value
+        {
+            for key in t.keys() {
+                let at = self.line(key.span());
+                self.out.lines.insert(join(path, key.get_ref()), at);
+            }
+        }
         match fits(value, ty) {
             Ok(()) => true,
             Err(expected) => {
