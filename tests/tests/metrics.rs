@@ -12,6 +12,20 @@ fn controller_and_agent_metrics() {
     eventually("agent connected", PATIENCE, || {
         (metric_value(&scrape(cm), "drover_agents_connected") == Some(1.0)).then_some(())
     });
+    // The audit trail's counters are there from the start, at zero: an alert on their
+    // increase sees the first failure.
+    let fresh = scrape(cm);
+    for counter in [
+        "drover_audit_write_failures_total",
+        "drover_audit_refusals_unrecorded_total",
+        "drover_audit_records_total{outcome=\"failed\"}",
+    ] {
+        assert_eq!(
+            metric_value(&fresh, counter),
+            Some(0.0),
+            "{counter}: {fresh}"
+        );
+    }
     let file = c.dir.path().join("m.toml");
     std::fs::write(
         &file,

@@ -179,14 +179,7 @@ pub(crate) async fn refuse(
         refused::Admit::Record { unrecorded } => unrecorded,
         refused::Admit::Skip => {
             debug!(client = %caller.name, addr = %caller.addr, front = caller.front, "refused (not recorded one by one): {message}");
-            shared
-                .metrics
-                .counter(
-                    "drover_audit_refusals_unrecorded_total",
-                    "Refused requests counted but not recorded one by one: their client's budget was spent.",
-                    &[],
-                )
-                .inc();
+            unrecorded_refusals(&shared.metrics).inc();
             return WireError::new(ErrorCode::Forbidden, message);
         }
     };
@@ -309,14 +302,7 @@ pub(crate) async fn write_audit(shared: &Arc<Shared>, record: AuditRecord) -> Re
     } else {
         // The change was made: `monitor` still hears of it; the count is of records
         // the trail holds, its failures counted apart.
-        shared
-            .metrics
-            .counter(
-                "drover_audit_write_failures_total",
-                "Audit records that could not be written to the trail.",
-                &[],
-            )
-            .inc();
+        audit_write_failures(&shared.metrics).inc();
         shared.emit(Event::Audit { record });
     }
     let failed = match written {
@@ -341,15 +327,42 @@ fn published(shared: &Shared, record: AuditRecord) {
         Outcome::Failed => "failed",
         Outcome::Refused => "refused",
     };
-    shared
-        .metrics
-        .counter(
-            "drover_audit_records_total",
-            "Requests written to the audit trail, by outcome.",
-            &[("outcome", outcome)],
-        )
-        .inc();
+    audit_records(&shared.metrics, outcome).inc();
     shared.emit(Event::Audit { record });
+}
+
+fn audit_records(metrics: &drover_metrics::Registry, outcome: &str) -> drover_metrics::Counter {
+    metrics.counter(
+        "drover_audit_records_total",
+        "Requests written to the audit trail, by outcome.",
+        &[("outcome", outcome)],
+    )
+}
+
+fn audit_write_failures(metrics: &drover_metrics::Registry) -> drover_metrics::Counter {
+    metrics.counter(
+        "drover_audit_write_failures_total",
+        "Audit records that could not be written to the trail.",
+        &[],
+    )
+}
+
+fn unrecorded_refusals(metrics: &drover_metrics::Registry) -> drover_metrics::Counter {
+    metrics.counter(
+        "drover_audit_refusals_unrecorded_total",
+        "Refused requests counted but not recorded one by one: their client's budget was spent.",
+        &[],
+    )
+}
+
+/// Makes the audit trail's counters, at zero: an alert on their increase (a trail that
+/// cannot be written) must see the first one.
+pub(crate) fn register_audit_metrics(metrics: &drover_metrics::Registry) {
+    for outcome in ["ok", "failed", "refused"] {
+        audit_records(metrics, outcome);
+    }
+    audit_write_failures(metrics);
+    unrecorded_refusals(metrics);
 }
 
 /// Answers one client request.

@@ -605,7 +605,11 @@ impl Controller {
                 let_go: tokio::sync::watch::channel((0, &b""[..])).0,
                 view: std::sync::Mutex::default(),
                 endpoint,
-                metrics: drover_metrics::Registry::default(),
+                metrics: {
+                    let metrics = drover_metrics::Registry::default();
+                    api::register_audit_metrics(&metrics);
+                    metrics
+                },
                 dialers: std::sync::Mutex::default(),
                 ports,
                 audit,
