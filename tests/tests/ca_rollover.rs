@@ -395,11 +395,38 @@ fn a_renewal_and_a_ca_rollover_restart_nothing_and_fail_no_request() {
             "{log}"
         );
     }
-    // The old CA is gone: a certificate of it is refused.
-    let out = c.drover_as("stale", addr, &["get-instances"]);
+    // The old CA is gone: a certificate of it is refused, by a controller that is
+    // dialled by a client still trusting both CAs (a client with the cluster's bundle
+    // says itself that its certificate does not verify).
+    let both = c.dir.path().join("both-cas.crt");
+    std::fs::write(&both, format!("{old_ca}{new_ca}")).unwrap();
+    let out = run_cli(
+        {
+            let mut cmd = Command::new(bin("drover"));
+            cmd.arg("--controller")
+                .arg(addr.to_string())
+                .arg("--ca")
+                .arg(&both)
+                .arg("--cert")
+                .arg(c.pki_file("stale.crt"))
+                .arg("--key")
+                .arg(c.pki_file("stale.key"))
+                .arg("get-instances");
+            cmd
+        },
+        PATIENCE,
+    );
     assert_eq!(out.code, Some(1));
     assert!(
         out.stderr.contains("rejected our certificate"),
+        "{}",
+        out.stderr
+    );
+    let out = c.drover_as("stale", addr, &["get-instances"]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains("does not verify against its own CA bundle"),
         "{}",
         out.stderr
     );

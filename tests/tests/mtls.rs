@@ -104,17 +104,34 @@ fn certificate_from_another_ca() {
         .issue(&LeafSpec::new(PeerRole::Client, "intruder"))
         .unwrap();
     c.write_pem("intruder", &pem);
+    // The controller refuses it.
+    let err = dial_err(
+        &creds(&c, "intruder"),
+        None,
+        addr,
+        hello(PeerRole::Client, "intruder", API_VERSION),
+    );
+    assert!(
+        err.ends_with("rejected our certificate: unknown issuer"),
+        "{err}"
+    );
+    controller.wait_log("unknown issuer");
+    // The CLI, whose CA bundle does not verify its own certificate either, says so
+    // before dialling.
     let out = c.drover_as("intruder", addr, &["get-instances"]);
     assert_eq!(out.code, Some(1), "{out:?}");
     assert_eq!(out.stdout, "");
     let line = out.stderr.trim_end();
     assert!(!line.contains('\n'), "one line: {line}");
-    assert!(
-        line.starts_with("error: controller 127.0.0.1:")
-            && line.ends_with("rejected our certificate: unknown issuer"),
-        "{line}"
+    assert_eq!(
+        line,
+        format!(
+            "error: the client certificate {} does not verify against its own CA bundle: \
+             unknown issuer; is --ca ({}) the cluster's CA bundle?",
+            c.pki_file("intruder.crt").display(),
+            c.pki_file("ca.crt").display()
+        )
     );
-    controller.wait_log("unknown issuer");
 }
 
 #[test]
@@ -122,16 +139,31 @@ fn expired_certificate() {
     let c = Cluster::new();
     let (controller, addr) = c.start_controller("127.0.0.1:0");
     c.issue_with(PeerRole::Client, "old-ops", "old-ops", expired());
-    let out = c.drover_as("old-ops", addr, &["get-instances"]);
-    assert_eq!(out.code, Some(1), "{out:?}");
+    // The controller refuses it.
+    let err = dial_err(
+        &creds(&c, "old-ops"),
+        None,
+        addr,
+        hello(PeerRole::Client, "old-ops", API_VERSION),
+    );
     assert!(
-        out.stderr
-            .trim_end()
-            .ends_with("rejected our certificate: certificate expired or not valid yet"),
-        "{}",
-        out.stderr
+        err.ends_with("rejected our certificate: certificate expired or not valid yet"),
+        "{err}"
     );
     controller.wait_log("certificate expired");
+    // The CLI says so itself, before dialling: which certificate, and since when.
+    let out = c.drover_as("old-ops", addr, &["get-instances"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let line = out.stderr.trim_end();
+    assert!(!line.contains('\n'), "one line: {line}");
+    let cert = c.pki_file("old-ops.crt");
+    assert!(
+        line.starts_with(&format!(
+            "error: the client certificate {} expired at ",
+            cert.display()
+        )) && line.contains(" (1d 0h ago); renew it with `drover ca renew --dir CA_DIR --cert "),
+        "{line}"
+    );
 }
 
 #[test]

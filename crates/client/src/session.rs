@@ -117,6 +117,23 @@ impl Session {
                 creds.identity()
             );
         }
+        // The controller would refuse it with a TLS alert that says neither which
+        // certificate nor when: said here, with the dates.
+        if let Err(why) = creds.check_own(drover_net::trust::unix_now()) {
+            let remedy = match why {
+                drover_net::tls::Unusable::Untrusted(_) => {
+                    format!("is --ca ({}) the cluster's CA bundle?", files.ca.display())
+                }
+                _ => format!(
+                    "renew it with `drover ca renew --dir CA_DIR --cert {}`",
+                    files.cert.display()
+                ),
+            };
+            anyhow::bail!(
+                "the client certificate {} {why}; {remedy}",
+                files.cert.display()
+            );
+        }
         let timeout = settings.timeout();
         let targets = settings.controller_addrs();
         let several = targets.len() > 1;
