@@ -260,7 +260,17 @@ fn parse_who(s: &str) -> Result<String, String> {
     if s.is_empty() {
         return Err("names nobody".to_owned());
     }
-    Ok(s.to_owned())
+    let (role, name) = s.split_once('/').unwrap_or(("client", s));
+    let hex_with_colons = s.contains(':') && s.chars().all(|c| c == ':' || c.is_ascii_hexdigit());
+    let known = ["client", "agent", "controller"].contains(&role)
+        && drover_proto::name::check(name).is_ok();
+    if known || hex_with_colons {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "'{s}' names no certificate: give its name, ROLE/NAME (client/ops) or serial:HEX"
+        ))
+    }
 }
 
 /// A count of at least 1.
