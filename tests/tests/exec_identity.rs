@@ -591,3 +591,47 @@ fn a_nodes_files_are_written_with_its_users_rights() {
         .to_owned();
     assert!(last_error.contains("permission denied"), "{last_error}");
 }
+
+/// A hard limit above the agent's own is refused by the deploy, naming both, where the
+/// agent cannot raise it (root without `CAP_SYS_RESOURCE`, as in many containers):
+/// not left to fail every start at exec.
+#[test]
+fn a_hard_limit_the_agent_cannot_raise_is_refused_by_the_deploy() {
+    let eff = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
+        .unwrap()
+        .1;
+    if eff & (1 << 24) != 0 || hard == nix::sys::resource::RLIM_INFINITY {
+        eprintln!("skipped: this agent may raise its memlock limit");
+        return;
+    }
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = c.start_agent("agent-1", addr);
+    connect(&c, addr);
+    let (code, v, stderr) = deploy(
+        &c,
+        addr,
+        &format!(
+            "[nodes.locked]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\nlimits = {{ memlock = \"unlimited\" }}\n",
+            bin("drover-testprog").display()
+        ),
+    );
+    assert_ne!(code, Some(0), "{v}");
+    let said = format!("{v} {stderr}");
+    assert!(
+        said.contains(&format!(
+            "node 'locked' asks for limit memlock up to unlimited, above the agent's own hard limit {hard}"
+        )),
+        "{said}"
+    );
+    assert!(
+        node_status(&c, addr, "locked")["pid"].is_null(),
+        "nothing ran"
+    );
+}

@@ -96,6 +96,9 @@ pub struct Creds {
     pub bounding: u64,
     /// Supplementary groups, sorted.
     pub groups: Vec<u32>,
+    /// Hard rlimits (resource, limit; `RLIM_INFINITY` for unlimited): without
+    /// `CAP_SYS_RESOURCE` a node's may not be higher.
+    pub hard_limits: Vec<(u32, u64)>,
 }
 
 impl Creds {
@@ -124,6 +127,18 @@ impl Creds {
                 g.sort_unstable();
                 g
             },
+            hard_limits: LIMITS
+                .iter()
+                .filter_map(|(name, _)| {
+                    let (r, _) = resource(name)?;
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    // SAFETY: getrlimit writes the limits into `lim`.
+                    (unsafe { libc::getrlimit(r, &raw mut lim) } == 0).then_some((r, lim.rlim_max))
+                })
+                .collect(),
         })
     }
 }
@@ -131,6 +146,7 @@ impl Creds {
 const CAP_SETGID: u32 = 6;
 const CAP_SETUID: u32 = 7;
 const CAP_SETPCAP: u32 = 8;
+const CAP_SYS_RESOURCE: u32 = 24;
 
 fn has(mask: u64, cap: u32) -> bool {
     mask & (1 << cap) != 0
@@ -266,6 +282,31 @@ pub fn check_privileges(name: &str, node: &Node, plan: &Plan, creds: &Creds) -> 
              agent as root to run nodes as other users",
             missing.join(" and ")
         ));
+    }
+    if !has(creds.effective, CAP_SYS_RESOURCE) {
+        for (resource, _, hard, limit) in &plan.limits {
+            let own = creds
+                .hard_limits
+                .iter()
+                .find(|(r, _)| r == resource)
+                .map(|(_, h)| *h);
+            if let Some(own) = own.filter(|own| hard > own) {
+                let shown = |v: u64| {
+                    if v == libc::RLIM_INFINITY {
+                        "unlimited".to_owned()
+                    } else {
+                        v.to_string()
+                    }
+                };
+                return Err(format!(
+                    "node '{name}' asks for limit {limit} up to {}, above the agent's own hard \
+                     limit {}, which it cannot raise without CAP_SYS_RESOURCE: ask for at most \
+                     that (\"SOFT:HARD\") or give the agent CAP_SYS_RESOURCE",
+                    shown(*hard),
+                    shown(own)
+                ));
+            }
+        }
     }
     if let Some(caps) = plan.caps {
         let full = !0u64 >> (63 - last_cap());
@@ -1204,7 +1245,10 @@ mod tests {
                 n.limits =
                     BTreeMap::from([("nofile".to_owned(), Limit::parse(text, false).unwrap())]);
             });
-            resolve("n", &n, &Creds::current().unwrap())
+            // As an agent that may raise hard limits (see the test of CAP_SYS_RESOURCE).
+            let mut creds = Creds::current().unwrap();
+            creds.effective |= 1 << CAP_SYS_RESOURCE;
+            resolve("n", &n, &creds)
         };
         let plan = limit("unlimited").unwrap();
         assert_eq!(plan.limits[0].1, nr_open());
@@ -1368,7 +1412,30 @@ mod tests {
             permitted: effective,
             bounding: !0 >> (63 - last_cap()),
             groups: Vec::new(),
+            hard_limits: vec![(libc::RLIMIT_MEMLOCK, 8 << 20)],
         }
+    }
+
+    #[test]
+    fn a_hard_limit_above_the_agents_needs_cap_sys_resource() {
+        let n = node(|_| {});
+        let plan = |hard: u64| Plan {
+            limits: vec![(libc::RLIMIT_MEMLOCK, 1 << 20, hard, "memlock")],
+            ..Plan::default()
+        };
+        let all = !0u64 >> (63 - last_cap());
+        let without = all & !(1 << CAP_SYS_RESOURCE);
+        assert!(check_privileges("w", &n, &plan(8 << 20), &creds(0, without)).is_ok());
+        let err = check_privileges("w", &n, &plan(64 << 20), &creds(0, without)).unwrap_err();
+        assert_eq!(
+            err,
+            "node 'w' asks for limit memlock up to 67108864, above the agent's own hard limit \
+             8388608, which it cannot raise without CAP_SYS_RESOURCE: ask for at most that \
+             (\"SOFT:HARD\") or give the agent CAP_SYS_RESOURCE"
+        );
+        let err = check_privileges("w", &n, &plan(libc::RLIM_INFINITY), &creds(1000, 0));
+        assert!(err.unwrap_err().contains("up to unlimited"));
+        assert!(check_privileges("w", &n, &plan(64 << 20), &creds(0, all)).is_ok());
     }
 
     #[test]
