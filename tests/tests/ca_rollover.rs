@@ -438,7 +438,7 @@ fn a_renewal_and_a_ca_rollover_restart_nothing_and_fail_no_request() {
         Some(3.0)
     );
     assert!(
-        page.contains("drover_ca_cert_expiry_seconds{ca=\"drover cluster CA\""),
+        page.contains("drover_ca_cert_expiry_seconds{ca=\"drover cluster CA 20"),
         "{page}"
     );
     assert_eq!(

@@ -181,7 +181,33 @@ impl Ca {
 
     /// Generates a new CA valid for `validity`.
     pub fn generate_for(common_name: &str, validity: Validity) -> Result<Self, Error> {
+        Self::generate_with(KeyPair::generate()?, common_name, validity)
+    }
+
+    /// A new cluster CA: named `drover cluster CA`, the day it begins and the start of
+    /// its public key in hex, so that the CAs of a bundle during a rollover (and in a
+    /// metric's `ca` label, and in "issued by") can be told apart.
+    pub fn generate_cluster(validity: Validity) -> Result<Self, Error> {
         let key = KeyPair::generate()?;
+        // An uncompressed EC point: a constant tag, then the key's x coordinate.
+        let id: String = key
+            .public_key_raw()
+            .iter()
+            .skip(1)
+            .take(4)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let day = validity.not_before.date();
+        let name = format!(
+            "drover cluster CA {:04}-{:02}-{:02} {id}",
+            day.year(),
+            u8::from(day.month()),
+            day.day()
+        );
+        Self::generate_with(key, &name, validity)
+    }
+
+    fn generate_with(key: KeyPair, common_name: &str, validity: Validity) -> Result<Self, Error> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
@@ -358,7 +384,7 @@ pub fn init_dir_for(dir: &Path, validity: Validity) -> Result<(PathBuf, PathBuf)
             return Err(Error::Exists(p.clone()));
         }
     }
-    let ca = Ca::generate_for("drover cluster CA", validity)?;
+    let ca = Ca::generate_cluster(validity)?;
     write_new(&key_path, &ca.pem.key, 0o600)?;
     write_new(&cert_path, &ca.pem.cert, 0o644)?;
     Ok((cert_path, key_path))
@@ -397,6 +423,47 @@ mod tests {
                 .contains("BEGIN CERTIFICATE")
         );
         assert!(matches!(init_dir(dir.path()), Err(Error::Exists(_))));
+    }
+
+    /// Two CAs, as during a rollover, have names that tell them apart.
+    #[test]
+    fn each_cluster_ca_has_a_name_of_its_own() {
+        // Its common name, and the prefix it should have: the day its validity begins.
+        let cn = |dir: &Path| -> (String, String) {
+            let pem = fs::read(dir.join(CA_CERT)).unwrap();
+            let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+            let cert = pem.parse_x509().unwrap();
+            let cn = cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let day = cert.validity().not_before.to_datetime().date();
+            let prefix = format!(
+                "drover cluster CA {:04}-{:02}-{:02} ",
+                day.year(),
+                u8::from(day.month()),
+                day.day()
+            );
+            (cn, prefix)
+        };
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        init_dir(a.path()).unwrap();
+        init_dir(b.path()).unwrap();
+        let (a, b) = (cn(a.path()), cn(b.path()));
+        assert_ne!(a.0, b.0);
+        for (cn, prefix) in [&a, &b] {
+            let id = cn
+                .strip_prefix(prefix.as_str())
+                .unwrap_or_else(|| panic!("{cn}"));
+            assert!(
+                id.len() == 8 && id.chars().all(|c| c.is_ascii_hexdigit()),
+                "{cn}"
+            );
+        }
     }
 
     #[test]
