@@ -481,6 +481,53 @@ fn a_follow_begun_while_its_agent_is_away_waits_for_it() {
     );
 }
 
+/// `logs -f -n N` begun on an agent's connection that is already dead (the agent was
+/// SIGKILLed a moment ago, and the controller has not noticed yet) got nothing: once the
+/// agent is back it is asked again as it was, so the last lines are shown, not skipped
+/// as if they had been.
+#[test]
+fn a_follow_begun_on_a_connection_already_dead_still_shows_its_last_lines() {
+    use drover_tests::Background;
+
+    let mut c = Cluster::new();
+    // Long enough for the follow to reach the dead connection before it is given up.
+    c.idle_timeout = Duration::from_secs(5);
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("a1", addr);
+    deploy_talking(&c, addr);
+    eventually("the node has written", PATIENCE, || {
+        let out = c.drover(addr, &["logs", "talk", "-n", "3"]);
+        (numbered(&out.stdout, "out-").len() == 3).then_some(())
+    });
+    agent.kill();
+    let logs = Background::start(
+        &c,
+        &addr.to_string(),
+        &["logs", "-f", "talk", "-n", "3", "--stream", "stdout"],
+        "logs",
+    );
+    eventually("the follow learns its agent went away", PATIENCE, || {
+        logs.stderr()
+            .contains("[drover: instance 'a1' went away")
+            .then_some(())
+    });
+    assert_eq!(numbered(&logs.stdout(), "out-"), Vec::<u64>::new());
+    let _agent = c.start_agent("a1", addr);
+    eventually("the follow shows the node's lines", PATIENCE, || {
+        (numbered(&logs.stdout(), "out-").len() >= 10).then_some(())
+    });
+    let err = logs.stderr();
+    assert!(
+        err.contains("[drover: instance 'a1' is back]\n") && !err.contains("not shown"),
+        "{err}"
+    );
+    let nums = numbered(&logs.stdout(), "out-");
+    assert!(
+        nums.windows(2).all(|w| w[1] == w[0] + 1),
+        "lines skipped or repeated: {nums:?}"
+    );
+}
+
 /// The serial of client certificate `ops`, as a deny list names it.
 fn ops_serial(c: &Cluster) -> String {
     use rustls::pki_types::CertificateDer;

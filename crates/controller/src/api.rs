@@ -835,6 +835,10 @@ fn logs(
         // Where the agent said each stream stands after the lines relayed so far.
         let mut stands = resume.unwrap_or_default();
         let mut resume = resume.filter(|_| follow);
+        // Whether the agent answered anything of this follow yet: until it has, a follow
+        // whose agent went away is asked again as it was first asked (its last lines
+        // included), since nothing of it reached the client.
+        let mut answered = false;
         loop {
             let req = ControllerRequest::Logs {
                 node: node.clone(),
@@ -849,7 +853,7 @@ fn logs(
                 &req,
                 timeout,
                 (&tx, &id, &to_client),
-                &mut stands,
+                (&mut stands, &mut answered),
                 &mut gone,
             )
             .await;
@@ -896,6 +900,13 @@ fn logs(
             };
             permit = Some(p);
             conn = back;
+            if !answered {
+                let back = note(format!("[drover: instance '{instance}' is back]"));
+                if tx.send(back).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             lines = 0;
             // Taken up where the agent said it stood: what the node wrote meanwhile
             // comes first (an agent that did not say begins at the end).
@@ -936,7 +947,8 @@ enum Relayed {
 
 /// Relays one request's output frames from the agent to the client until one side
 /// goes away, or `gone` (a deploy took the node away) resolves.
-/// `stands` keeps where the agent said each stream stands after what was relayed.
+/// `stands` keeps where the agent said each stream stands after what was relayed;
+/// `answered` becomes true with the agent's first output frame.
 async fn relay_logs(
     conn: &quinn::Connection,
     req: &ControllerRequest,
@@ -946,7 +958,7 @@ async fn relay_logs(
         &str,
         &(dyn Fn(MgmtResult) -> ClientResponse + Sync),
     ),
-    stands: &mut drover_proto::model::LogResume,
+    (stands, answered): (&mut drover_proto::model::LogResume, &mut bool),
     gone: &mut std::pin::Pin<&mut impl Future<Output = String>>,
 ) -> Relayed {
     let failed = |e: drover_net::NetError| {
@@ -977,6 +989,7 @@ async fn relay_logs(
             Err(e) => return failed(e),
         };
         if let AgentResponse::Log(chunk) = reply {
+            *answered = true;
             // Kept here too, for a follow taken up after its agent's absence.
             let (end, of) = (chunk.end, chunk.stream);
             let r = to_client(MgmtResult::ok(id, Some(ResultData::Log(chunk))));
