@@ -323,6 +323,15 @@ fn bad_settings_are_errors_naming_the_setting_not_panics() {
         "{}",
         out.stderr
     );
+    // A node name no node can have is told by the CLI, not sent.
+    let out = drover(&["logs", ""]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("invalid value '' for '<NODE>': name is empty"),
+        "{}",
+        out.stderr
+    );
     // So would anything that is no certificate's name, ROLE/NAME or serial.
     for who in ["bogus:x", "nobody/ops", "client/", "a b"] {
         let out = drover(&["audit", "--who", who]);
@@ -620,4 +629,53 @@ fn a_cluster_or_settings_file_without_end_is_refused_not_read_forever() {
             out.stderr
         );
     }
+}
+
+/// Credential files that cannot serve: a missing one is named with the cause as the
+/// other messages say causes (lower case, no "os error"), and a certificate that is no
+/// drover identity (the CA's own) is said to be ours, not the controller's.
+#[test]
+fn unusable_credential_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let out = drover(&["ca", "init", "--dir", pki.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let (ca, key) = (pki.join("ca.crt"), pki.join("ca.key"));
+    let (ca, key) = (ca.to_str().unwrap(), key.to_str().unwrap());
+    let missing = dir.path().join("missing.crt");
+    let out = drover(&[
+        "--controller",
+        "127.0.0.1:9",
+        "--ca",
+        missing.to_str().unwrap(),
+        "--cert",
+        ca,
+        "--key",
+        key,
+        "get-instances",
+    ]);
+    assert_one_line_error(
+        &out,
+        &format!(
+            "cannot read CA {}: no such file or directory",
+            missing.display()
+        ),
+    );
+    assert!(!out.stderr.contains("os error"), "{}", out.stderr);
+    let out = drover(&[
+        "--controller",
+        "127.0.0.1:9",
+        "--ca",
+        ca,
+        "--cert",
+        ca,
+        "--key",
+        key,
+        "get-instances",
+    ]);
+    assert_one_line_error(
+        &out,
+        "the certificate is not a drover certificate of a role and name: ",
+    );
+    assert!(!out.stderr.contains("peer"), "{}", out.stderr);
 }

@@ -180,6 +180,7 @@ pub enum Command {
     /// stderr); with -f, keep following new lines until interrupted.
     Logs {
         /// The node.
+        #[arg(value_parser = node_name)]
         node: String,
         /// How many lines of each stream to show first.
         #[arg(short = 'n', long, default_value_t = 10)]
@@ -271,6 +272,11 @@ fn parse_who(s: &str) -> Result<String, String> {
             "'{s}' names no certificate: give its name, ROLE/NAME (client/ops) or serial:HEX"
         ))
     }
+}
+
+/// A node's name, as cluster files allow them.
+fn node_name(s: &str) -> Result<String, String> {
+    drover_proto::name::check(s).map(|()| s.to_owned())
 }
 
 /// A count of at least 1.

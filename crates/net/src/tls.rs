@@ -136,13 +136,22 @@ pub struct Adopted {
     pub cas: Vec<CaInfo>,
 }
 
-fn cred_err(path: &Path, what: &str, e: impl std::fmt::Display) -> NetError {
-    NetError::Credentials(format!("{what} {}: {e}", path.display()))
+fn cred_err(path: &Path, what: &str, e: &std::io::Error) -> NetError {
+    // As the other messages: lower case, without Rust's "(os error N)".
+    let text = e.to_string();
+    let text = text
+        .rfind(" (os error ")
+        .map_or(text.as_str(), |i| &text[..i]);
+    let mut chars = text.chars();
+    let text: String = chars
+        .next()
+        .map_or_else(String::new, |c| c.to_lowercase().chain(chars).collect());
+    NetError::Credentials(format!("{what} {}: {text}", path.display()))
 }
 
 /// Refuses a private key file that group or others may read.
 pub fn check_key_permissions(path: &Path) -> Result<(), NetError> {
-    let meta = fs::metadata(path).map_err(|e| cred_err(path, "cannot read private key", e))?;
+    let meta = fs::metadata(path).map_err(|e| cred_err(path, "cannot read private key", &e))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(NetError::Credentials(format!(
@@ -158,11 +167,11 @@ impl Credentials {
     /// Loads and checks the PEM files.
     pub fn load(files: &TlsFiles) -> Result<Self, NetError> {
         check_key_permissions(&files.key)?;
-        let ca = fs::read(&files.ca).map_err(|e| cred_err(&files.ca, "cannot read CA", e))?;
+        let ca = fs::read(&files.ca).map_err(|e| cred_err(&files.ca, "cannot read CA", &e))?;
         let cert = fs::read(&files.cert)
-            .map_err(|e| cred_err(&files.cert, "cannot read certificate", e))?;
-        let key =
-            fs::read(&files.key).map_err(|e| cred_err(&files.key, "cannot read private key", e))?;
+            .map_err(|e| cred_err(&files.cert, "cannot read certificate", &e))?;
+        let key = fs::read(&files.key)
+            .map_err(|e| cred_err(&files.key, "cannot read private key", &e))?;
         Self::from_pem(&ca, &cert, &key).map_err(|e| match e {
             NetError::Credentials(m) => NetError::Credentials(format!(
                 "{m} (ca {}, cert {}, key {})",
@@ -197,7 +206,13 @@ impl Credentials {
         let leaf = chain.first().ok_or_else(|| {
             NetError::Credentials("the certificate file holds no certificate".into())
         })?;
-        let identity = identity_of_cert(leaf)?;
+        // Our own certificate, not a peer's: said as such.
+        let identity = identity_of_cert(leaf).map_err(|e| match e {
+            NetError::Identity(why) => NetError::Credentials(format!(
+                "the certificate is not a drover certificate of a role and name: {why}"
+            )),
+            other => other,
+        })?;
         let info = cert_info(leaf)?;
         let not_before = x509_parser::parse_x509_certificate(leaf.as_ref())
             .map(|(_, x)| x.validity().not_before.timestamp())
@@ -652,8 +667,8 @@ impl DenyList {
 
     /// Reads and parses a deny-list file; errors name the file and the line.
     pub fn load(path: &Path) -> Result<Self, NetError> {
-        let text =
-            fs::read_to_string(path).map_err(|e| cred_err(path, "cannot read the deny list", e))?;
+        let text = fs::read_to_string(path)
+            .map_err(|e| cred_err(path, "cannot read the deny list", &e))?;
         Self::parse(&text).map_err(|e| {
             NetError::Credentials(format!("invalid deny list {}: {e}", path.display()))
         })
