@@ -959,6 +959,19 @@ command = ["/bin/true"]
         );
     }
 
+    /// A misspelling of a key that is there too hides none of that key's problems.
+    #[test]
+    fn a_misspelt_key_beside_the_right_one_hides_nothing_of_it() {
+        let text = "[instances.a]\n[nodes.w]\ninstance = \"a\"\ncommand = [\"/bin/true\"]\n\
+                    memory = { max = \"512K\" }\nmemroy = 1\n";
+        let err = parse_toml("c.toml", text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "c.toml:5: nodes.w.memory.max: memory.max 512K is too small: at least 1M\n\
+             c.toml:6: nodes.w.memroy: unknown key 'memroy' (did you mean 'memory'?)"
+        );
+    }
+
     #[test]
     fn missing_id_gets_a_fresh_one() {
         let a = parse_toml("a.toml", "[instances.a]\n").unwrap();

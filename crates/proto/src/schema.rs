@@ -291,6 +291,7 @@ impl Walk<'_> {
 
     /// A `[nodes.NAME]` table, or `[defaults]` (where `instance` is not allowed).
     fn node_table(&mut self, table: &mut DeTable<'_>, prefix: &str, defaults: bool) {
+        let present: Vec<String> = table.keys().map(|k| k.get_ref().to_string()).collect();
         self.filter(table, prefix, |w, path, key, line, value| {
             let ty = node_key_type(key).filter(|_| !(defaults && key == "instance"));
             let Some(ty) = ty else {
@@ -302,8 +303,11 @@ impl Walk<'_> {
                 };
                 w.bad(line, path, unknown_key_with_suggestion(key, known()));
                 // A misspelt key is a missing one: what validation says about the key it
-                // was meant to be repeats this problem.
-                if let Some(meant) = suggestion(key, known()) {
+                // was meant to be repeats this problem. Not so when that key is there
+                // too: its own problems are its own.
+                if let Some(meant) = suggestion(key, known())
+                    && !present.iter().any(|p| p == meant)
+                {
                     w.out.removed.insert(join(prefix, meant));
                 }
                 return false;
