@@ -527,12 +527,14 @@ where
 /// handshake timeout.
 ///
 /// A follower that refuses while another dial is still outstanding (typically to a
-/// leader that just died, which only its handshake timeout will tell) is asked again
-/// after a growing, jittered pause (at most [`REASK_LIMIT`] times): once a successor is
-/// elected, its answer names it (or it is the successor and welcomes us), so a client
-/// or agent that dialled during the election does not wait out the dead leader's
-/// timeout. Once no dial other than such a re-ask is outstanding or waiting to start,
-/// the refusals are the answer.
+/// leader that just died, which only its handshake timeout will tell), or once any
+/// follower has named a leader, is asked again after a growing, jittered pause (at most
+/// [`REASK_LIMIT`] times): once a successor is elected, its answer names it (or it is
+/// the successor and welcomes us), so a client or agent that dialled during the
+/// election neither waits out the dead leader's timeout nor gives up when that timeout
+/// (or a stopping leader's refusal) ends its last other dial before the election. When
+/// no follower named a leader (none is elected, etcd is unreachable), the refusals are
+/// the answer once no other dial is outstanding or waiting to start.
 pub async fn dial_leader_with<F, Fut>(
     targets: &[String],
     memory: &mut LeaderMemory,
@@ -567,6 +569,10 @@ where
     // A welcome with a warning (a leader cut off from etcd) is taken only if no other
     // target welcomes us without one soon: another controller may lead by now.
     let mut warned: Option<(Established, String, tokio::time::Instant)> = None;
+    // A follower named a leader: the group is or was led, and if that leader is gone,
+    // its successor may be moments from being elected (its lease runs out), so the
+    // followers are asked again even with nothing else outstanding.
+    let mut failover = false;
     loop {
         // Start what is due, and everything next in line when nothing is outstanding.
         let now = tokio::time::Instant::now();
@@ -580,8 +586,9 @@ where
                 pending.push(tagged(target, 0, Either::Left(dial)));
             }
         }
-        if live == 0 && waiting.is_empty() {
-            // Only re-asks are left (or nothing): nothing they could be waiting for.
+        if live == 0 && waiting.is_empty() && (!failover || pending.is_empty()) {
+            // Only re-asks are left (or nothing), and no leader was named whose
+            // successor they could be waiting for.
             break;
         }
         let wake = match (&warned, waiting.front()) {
@@ -623,6 +630,7 @@ where
                     let hint = drover_proto::msg::leader_hint(&w.message);
                     if let Some(leader) = hint {
                         memory.hint(leader);
+                        failover = true;
                     }
                     let waits = hint.and_then(|l| waiting.iter().position(|(t, _)| t == l));
                     match hint {
@@ -641,7 +649,7 @@ where
                                 Either::Left(dial_one(leader.to_owned())),
                             ));
                         }
-                        _ if live > 0 && reask < REASK_LIMIT => {
+                        _ if (live > 0 || failover) && reask < REASK_LIMIT => {
                             let pause = reask_pause(&target, reask);
                             let again = dial_one(target.clone());
                             pending.push(tagged(
@@ -1532,13 +1540,69 @@ mod tests {
     }
 
     #[test]
-    fn followers_are_asked_again_while_a_dial_to_the_leader_they_name_is_outstanding() {
+    fn followers_naming_a_leader_are_asked_again_as_long_as_the_limit_allows() {
         let (calls, took) = dial_fakes(Some("a:1"), "not the leader; the leader is a:1");
         assert_eq!(calls["a:1"], 1, "{calls:?}");
-        assert!(calls["b:1"] > 1 && calls["c:1"] > 1, "{calls:?}");
-        assert!(calls["b:1"] <= 1 + REASK_LIMIT as usize, "{calls:?}");
-        // Nothing waits past the dead one's timeout for the re-asks.
-        assert!(took < Duration::from_secs(6), "{took:?}");
+        // The named leader never answers and no successor is named: every re-ask is
+        // made, then the refusals are the answer.
+        assert_eq!(calls["b:1"], 1 + REASK_LIMIT as usize, "{calls:?}");
+        assert_eq!(calls["c:1"], 1 + REASK_LIMIT as usize, "{calls:?}");
+        let most: Duration = (0..REASK_LIMIT).map(reask_pause_most).sum();
+        assert!(took <= most + Duration::from_millis(10), "{took:?}");
+    }
+
+    /// The longest [`reask_pause`] number `n` may be.
+    fn reask_pause_most(n: u32) -> Duration {
+        let base = Duration::from_millis(400) * 2u32.pow(n.min(4));
+        base + base / 2
+    }
+
+    /// The leader dies: its followers name it until its lease runs out (2 s), then one
+    /// of them leads. The dial to the dead one times out (2.5 s) before the re-asks that
+    /// would find the successor are due: they are still made, and reach it.
+    #[test]
+    fn a_dial_during_an_election_reaches_the_successor_after_the_dead_leaders_timeout() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let targets = vec!["a:1".to_owned(), "b:1".to_owned(), "c:1".to_owned()];
+        let start = rt.block_on(async { tokio::time::Instant::now() });
+        let elected = Duration::from_secs(2);
+        let dials = std::sync::Mutex::new(Vec::new());
+        let result = rt.block_on(dial_leader(&targets, |t| {
+            let dials = &dials;
+            async move {
+                let now = start.elapsed();
+                dials.lock().unwrap().push((t.clone(), now));
+                let refuse = |m: &str| {
+                    Err(NetError::Refused(WireError::new(
+                        ErrorCode::Unavailable,
+                        m.to_owned(),
+                    )))
+                };
+                match t.as_str() {
+                    "a:1" => {
+                        tokio::time::sleep(Duration::from_millis(2500)).await;
+                        Err(NetError::Timeout {
+                            what: "connecting to a:1".into(),
+                            after: Duration::from_millis(2500),
+                        })
+                    }
+                    _ if now < elected => refuse("not the leader; the leader is a:1"),
+                    // The successor (a fake cannot make a welcome: it fails otherwise).
+                    "b:1" => Err(NetError::Connection("the successor".into())),
+                    _ => refuse("not the leader; the leader is b:1"),
+                }
+            }
+        }));
+        assert!(result.is_err());
+        let dials = dials.into_inner().unwrap();
+        assert!(
+            dials.iter().any(|(t, at)| t == "b:1" && *at >= elected),
+            "the successor was not asked once elected: {dials:?}"
+        );
     }
 
     #[test]
