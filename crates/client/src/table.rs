@@ -296,8 +296,14 @@ pub fn nodes_at(results: &[&MgmtResult], now: i64, only: &[String]) -> Shown {
     for (pattern, _) in only.iter().zip(&matched).filter(|(_, m)| !**m) {
         errors.push(format!("no node matches '{pattern}'"));
     }
+    // Targets that pick nothing show no table, only why.
+    let picked = !only.is_empty() && matched.iter().any(|m| *m);
     Shown {
-        table: t.to_string(),
+        table: if only.is_empty() || picked {
+            t.to_string()
+        } else {
+            String::new()
+        },
         errors,
         warnings,
     }
@@ -540,6 +546,11 @@ mod tests {
         let shown = nodes_at(&refs, 0, &[]);
         assert!(shown.ok());
         assert_eq!(rows(&shown).len(), 5, "{shown:?}");
+        // Targets that pick nothing: no table, only why.
+        let shown = nodes_at(&refs, 0, &only(&["nope"]));
+        assert!(!shown.ok());
+        assert_eq!(shown.table, "", "{shown:?}");
+        assert_eq!(shown.errors, ["no node matches 'nope'"]);
     }
 
     #[test]
