@@ -231,8 +231,7 @@ pub type Render = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> +
 /// Connections served at once, and from one address: one past either is closed as soon
 /// as it is accepted, so that clients that connect and send nothing (or read nothing)
 /// can neither use up the daemon's file descriptors, which it needs for its state files
-/// and its nodes, nor, from one address, keep a scraper elsewhere out. An IPv6 /64
-/// counts as one address ([`peer_key`]): one host is usually given a whole /64.
+/// and its nodes, nor, from one address, keep a scraper elsewhere out.
 pub const MAX_CONNECTIONS: usize = 64;
 /// See [`MAX_CONNECTIONS`].
 pub const MAX_PER_PEER: usize = 16;
@@ -277,20 +276,6 @@ impl Drop for Slot {
     }
 }
 
-/// What [`MAX_PER_PEER`] counts by: an IPv4 address (one mapped into IPv6 too), or an
-/// IPv6 address's /64.
-fn peer_key(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip {
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => std::net::IpAddr::V4(v4),
-            None => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
-                u128::from(v6) & !u128::from(u64::MAX),
-            )),
-        },
-        v4 @ std::net::IpAddr::V4(_) => v4,
-    }
-}
-
 async fn serve_at_most(
     listener: TcpListener,
     render: Render,
@@ -321,7 +306,7 @@ async fn serve_at_most(
                 }
             },
         };
-        let peer = peer_key(peer.ip());
+        let peer = peer.ip();
         let slot = {
             let mut s = served
                 .lock()
@@ -391,23 +376,6 @@ async fn answer(mut stream: tokio::net::TcpStream, render: Render) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_ipv6_64_counts_as_one_peer_and_mapped_ipv4_as_its_address() {
-        let ip = |t: &str| t.parse::<std::net::IpAddr>().unwrap();
-        assert_eq!(peer_key(ip("192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(peer_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(peer_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
-        assert_eq!(
-            peer_key(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
-            peer_key(ip("2001:db8:1:2::9"))
-        );
-        assert_ne!(
-            peer_key(ip("2001:db8:1:3::1")),
-            peer_key(ip("2001:db8:1:2::1"))
-        );
-        assert_eq!(peer_key(ip("::1")), ip("::"));
-    }
 
     #[test]
     fn renders_counters_and_histograms() {
