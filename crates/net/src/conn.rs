@@ -527,9 +527,10 @@ where
 /// handshake timeout.
 ///
 /// A follower that refuses while another dial is still outstanding (typically to a
-/// leader that just died, which only its handshake timeout will tell), or once any
-/// follower has named a leader, is asked again after a growing, jittered pause (at most
-/// [`REASK_LIMIT`] times): once a successor is elected, its answer names it (or it is
+/// leader that just died, which only its handshake timeout will tell), or once a
+/// follower has named a leader that did not itself refuse us for good (as a live leader
+/// refuses an agent already connected), is asked again after a growing, jittered pause
+/// (at most [`REASK_LIMIT`] times): once a successor is elected, its answer names it (or it is
 /// the successor and welcomes us), so a client or agent that dialled during the
 /// election neither waits out the dead leader's timeout nor gives up when that timeout
 /// (or a stopping leader's refusal) ends its last other dial before the election. When
@@ -569,10 +570,16 @@ where
     // A welcome with a warning (a leader cut off from etcd) is taken only if no other
     // target welcomes us without one soon: another controller may lead by now.
     let mut warned: Option<(Established, String, tokio::time::Instant)> = None;
-    // A follower named a leader: the group is or was led, and if that leader is gone,
-    // its successor may be moments from being elected (its lease runs out), so the
-    // followers are asked again even with nothing else outstanding.
-    let mut failover = false;
+    // Leaders the followers named, and targets that refused us for good (a live
+    // controller's answer that is not "not the leader"). A named leader that did not
+    // refuse for good may be gone, its successor moments from being elected (its lease
+    // runs out): the followers are then asked again even with nothing else outstanding.
+    let mut named = std::collections::HashSet::<String>::new();
+    let mut refused_for_good = std::collections::HashSet::<String>::new();
+    let failover = |named: &std::collections::HashSet<String>,
+                    refused: &std::collections::HashSet<String>| {
+        named.iter().any(|l| !refused.contains(l))
+    };
     loop {
         // Start what is due, and everything next in line when nothing is outstanding.
         let now = tokio::time::Instant::now();
@@ -586,7 +593,10 @@ where
                 pending.push(tagged(target, 0, Either::Left(dial)));
             }
         }
-        if live == 0 && waiting.is_empty() && (!failover || pending.is_empty()) {
+        if live == 0
+            && waiting.is_empty()
+            && (!failover(&named, &refused_for_good) || pending.is_empty())
+        {
             // Only re-asks are left (or nothing), and no leader was named whose
             // successor they could be waiting for.
             break;
@@ -630,7 +640,9 @@ where
                     let hint = drover_proto::msg::leader_hint(&w.message);
                     if let Some(leader) = hint {
                         memory.hint(leader);
-                        failover = true;
+                        named.insert(leader.to_owned());
+                    } else if !w.message.starts_with("not the leader") {
+                        refused_for_good.insert(target.clone());
                     }
                     let waits = hint.and_then(|l| waiting.iter().position(|(t, _)| t == l));
                     match hint {
@@ -649,7 +661,9 @@ where
                                 Either::Left(dial_one(leader.to_owned())),
                             ));
                         }
-                        _ if (live > 0 || failover) && reask < REASK_LIMIT => {
+                        _ if (live > 0 || failover(&named, &refused_for_good))
+                            && reask < REASK_LIMIT =>
+                        {
                             let pause = reask_pause(&target, reask);
                             let again = dial_one(target.clone());
                             pending.push(tagged(
@@ -1413,7 +1427,8 @@ mod tests {
             .unwrap();
         let calls = std::sync::Mutex::new(BTreeMap::<String, usize>::new());
         let targets = vec!["a:1".to_owned(), "b:1".to_owned(), "c:1".to_owned()];
-        let start = tokio::time::Instant::now();
+        // The paused runtime's clock, which only its own `now` reads.
+        let start = rt.block_on(async { tokio::time::Instant::now() });
         let result = rt.block_on(dial_leader(&targets, |t| {
             let dead = dead == Some(t.as_str());
             let (refusal, calls) = (refusal.to_owned(), &calls);
@@ -1434,7 +1449,8 @@ mod tests {
             }
         }));
         assert!(result.is_err());
-        (calls.into_inner().unwrap(), start.elapsed())
+        let took = rt.block_on(async { start.elapsed() });
+        (calls.into_inner().unwrap(), took)
     }
 
     /// `dial_leader_with` against fake controllers with `memory`: each target answers
@@ -1602,6 +1618,21 @@ mod tests {
         assert!(
             dials.iter().any(|(t, at)| t == "b:1" && *at >= elected),
             "the successor was not asked once elected: {dials:?}"
+        );
+    }
+
+    /// The leader the followers name answers, refusing us for good (an agent already
+    /// connected, say): no election is under way, so nobody is asked again.
+    #[test]
+    fn a_named_leader_that_refuses_for_good_is_the_answer_at_once() {
+        let mut memory = LeaderMemory::default();
+        let dials = dial_in_order(&mut memory, |t| match t {
+            "a:1" => Some("agent a1 is already connected from 10.0.0.9:4000".to_owned()),
+            _ => Some("not the leader; the leader is a:1".to_owned()),
+        });
+        assert!(
+            dials.iter().all(|(_, at)| *at < Duration::from_millis(100)),
+            "asked again: {dials:?}"
         );
     }
 
