@@ -433,3 +433,55 @@ fn a_restart_due_when_the_agent_went_is_counted_by_the_next_agent() {
     });
     assert_eq!(again["restarts"], 1, "{again}");
 }
+
+/// An agent stopped with SIGTERM (its nodes stopped with it, as `systemctl restart`
+/// does) and started again on its state dir starts every node again and leaves them
+/// running: its sweep of the cgroups no live node owns must not take one whose spawn
+/// is under way (its new process is in its cgroup before the spawn's outcome is in).
+#[test]
+fn nodes_started_again_by_the_next_agent_are_left_running() {
+    use nix::sys::signal::Signal;
+
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let prog = bin("drover-testprog").display().to_string();
+    let names: Vec<String> = (1..=12).map(|i| format!("s{i}")).collect();
+    let mut text = "[instances.agent-1]\n[defaults]\nrestart = \"never\"\n\
+                    readiness = { kind = \"start-period\", period = \"0s\" }\n"
+        .to_owned();
+    for n in &names {
+        text.push_str(&format!(
+            "[nodes.{n}]\ninstance = \"agent-1\"\ncommand = [\"{prog}\"]\n"
+        ));
+    }
+    c.deploy_text(addr, "sleepers.toml", &text);
+    let all_running = |c: &Cluster| {
+        let nodes = get_nodes(c, addr);
+        names
+            .iter()
+            .all(|n| {
+                nodes
+                    .get(n)
+                    .is_some_and(|(state, pid)| state == "RUNNING" && pid.is_some())
+            })
+            .then_some(())
+    };
+    eventually("every node running", PATIENCE, || all_running(&c));
+    for round in 0..3 {
+        agent.signal(Signal::SIGTERM);
+        agent.wait_exit(PATIENCE);
+        agent = c.start_agent("agent-1", addr);
+        eventually(
+            &format!("round {round}: every node running again"),
+            PATIENCE,
+            || all_running(&c),
+        );
+        let log = agent.log_text();
+        assert!(
+            !log.contains("killing what is left in"),
+            "round {round}: the next agent killed a node it had just started:\n{log}"
+        );
+    }
+}

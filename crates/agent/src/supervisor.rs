@@ -3415,10 +3415,14 @@ impl Core {
         }
         for name in c.node_names() {
             let cg = c.node(&name);
-            let owned = self
-                .nodes
-                .get(&name)
-                .is_some_and(|e| e.proc().and_then(|p| p.cgroup.as_ref()) == Some(&cg));
+            // A node with a spawn under way (recovery starts nodes before this sweep)
+            // may have its new child in the cgroup already: the spawn emptied the
+            // cgroup of what was left before it made the child there.
+            let owned = self.nodes.get(&name).is_some_and(|e| {
+                e.proc().and_then(|p| p.cgroup.as_ref()) == Some(&cg)
+                    || e.book.spawning().is_some()
+                    || e.spawn_of.is_some()
+            });
             if owned {
                 continue;
             }
