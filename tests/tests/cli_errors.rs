@@ -333,7 +333,7 @@ fn bad_settings_are_errors_naming_the_setting_not_panics() {
         out.stderr
     );
     // So would anything that is no certificate's name, ROLE/NAME or serial.
-    for who in ["bogus:x", "nobody/ops", "client/", "a b"] {
+    for who in ["bogus:x", "nobody/ops", "client/", "a b", ":", "::"] {
         let out = drover(&["audit", "--who", who]);
         assert_eq!(out.code, Some(2), "{who}: {}", out.stderr);
         assert!(

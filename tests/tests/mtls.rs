@@ -127,7 +127,8 @@ fn certificate_from_another_ca() {
         line,
         format!(
             "error: the client certificate {} does not verify against its own CA bundle: \
-             unknown issuer; is --ca ({}) the cluster's CA bundle?",
+             unknown issuer; renew it from a CA of --ca ({}), or give the bundle that \
+             holds its CA",
             c.pki_file("intruder.crt").display(),
             c.pki_file("ca.crt").display()
         )

@@ -96,9 +96,13 @@ pub struct Creds {
     pub bounding: u64,
     /// Supplementary groups, sorted.
     pub groups: Vec<u32>,
-    /// Hard rlimits (resource, limit; `RLIM_INFINITY` for unlimited): without
-    /// `CAP_SYS_RESOURCE` a node's may not be higher.
+    /// Hard rlimits (resource, limit; `RLIM_INFINITY` for unlimited): a node's may be
+    /// higher only with `raises_hard_limits`.
     pub hard_limits: Vec<(u32, u64)>,
+    /// Whether it may raise a hard rlimit: `CAP_SYS_RESOURCE`, held in the host's own
+    /// user namespace (the kernel asks for it there: root of a user-namespaced
+    /// container holds it in name only).
+    pub raises_hard_limits: bool,
 }
 
 impl Creds {
@@ -112,10 +116,12 @@ impl Creds {
                 .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
                 .ok_or_else(|| io::Error::other(format!("no {field} in /proc/self/status")))
         };
+        let effective = mask("CapEff:")?;
         Ok(Self {
             euid: Uid::effective().as_raw(),
             egid: Gid::effective().as_raw(),
-            effective: mask("CapEff:")?,
+            effective,
+            raises_hard_limits: has(effective, CAP_SYS_RESOURCE) && in_the_hosts_user_namespace(),
             permitted: mask("CapPrm:")?,
             bounding: mask("CapBnd:")?,
             groups: {
@@ -141,6 +147,14 @@ impl Creds {
                 .collect(),
         })
     }
+}
+
+/// Whether this process is in the host's own user namespace: its uid map is the
+/// identity over every id, as only there (or in a namespace mapped as such) it is.
+fn in_the_hosts_user_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map").map_or(true, |m| {
+        m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"]
+    })
 }
 
 const CAP_SETGID: u32 = 6;
@@ -283,7 +297,7 @@ pub fn check_privileges(name: &str, node: &Node, plan: &Plan, creds: &Creds) -> 
             missing.join(" and ")
         ));
     }
-    if !has(creds.effective, CAP_SYS_RESOURCE) {
+    if !creds.raises_hard_limits {
         for (resource, _, hard, limit) in &plan.limits {
             let own = creds
                 .hard_limits
@@ -300,8 +314,9 @@ pub fn check_privileges(name: &str, node: &Node, plan: &Plan, creds: &Creds) -> 
                 };
                 return Err(format!(
                     "node '{name}' asks for limit {limit} up to {}, above the agent's own hard \
-                     limit {}, which it cannot raise without CAP_SYS_RESOURCE: ask for at most \
-                     that (\"SOFT:HARD\") or give the agent CAP_SYS_RESOURCE",
+                     limit {}, which it cannot raise without CAP_SYS_RESOURCE (in the host's \
+                     user namespace): ask for at most that (\"SOFT:HARD\") or give the agent \
+                     CAP_SYS_RESOURCE",
                     shown(*hard),
                     shown(own)
                 ));
@@ -1247,7 +1262,7 @@ mod tests {
             });
             // As an agent that may raise hard limits (see the test of CAP_SYS_RESOURCE).
             let mut creds = Creds::current().unwrap();
-            creds.effective |= 1 << CAP_SYS_RESOURCE;
+            creds.raises_hard_limits = true;
             resolve("n", &n, &creds)
         };
         let plan = limit("unlimited").unwrap();
@@ -1413,6 +1428,7 @@ mod tests {
             bounding: !0 >> (63 - last_cap()),
             groups: Vec::new(),
             hard_limits: vec![(libc::RLIMIT_MEMLOCK, 8 << 20)],
+            raises_hard_limits: has(effective, CAP_SYS_RESOURCE),
         }
     }
 
@@ -1430,8 +1446,9 @@ mod tests {
         assert_eq!(
             err,
             "node 'w' asks for limit memlock up to 67108864, above the agent's own hard limit \
-             8388608, which it cannot raise without CAP_SYS_RESOURCE: ask for at most that \
-             (\"SOFT:HARD\") or give the agent CAP_SYS_RESOURCE"
+             8388608, which it cannot raise without CAP_SYS_RESOURCE (in the host's user \
+             namespace): ask for at most that (\"SOFT:HARD\") or give the agent \
+             CAP_SYS_RESOURCE"
         );
         let err = check_privileges("w", &n, &plan(libc::RLIM_INFINITY), &creds(1000, 0));
         assert!(err.unwrap_err().contains("up to unlimited"));

@@ -262,7 +262,9 @@ fn parse_who(s: &str) -> Result<String, String> {
         return Err("names nobody".to_owned());
     }
     let (role, name) = s.split_once('/').unwrap_or(("client", s));
-    let hex_with_colons = s.contains(':') && s.chars().all(|c| c == ':' || c.is_ascii_hexdigit());
+    let hex_with_colons = s.contains(':')
+        && s.chars().all(|c| c == ':' || c.is_ascii_hexdigit())
+        && s.chars().any(|c| c.is_ascii_hexdigit());
     let known = ["client", "agent", "controller"].contains(&role)
         && drover_proto::name::check(name).is_ok();
     if known || hex_with_colons {

@@ -121,16 +121,20 @@ impl Session {
         // certificate nor when: said here, with the dates.
         if let Err(why) = creds.check_own(drover_net::trust::unix_now()) {
             let remedy = match why {
-                drover_net::tls::Unusable::Untrusted(_) => {
-                    format!("is --ca ({}) the cluster's CA bundle?", files.ca.display())
-                }
-                _ => format!(
-                    "renew it with `drover ca renew --dir CA_DIR --cert {}`",
+                // Its CA left the bundle (a rollover), or the bundle is not the cluster's.
+                drover_net::tls::Unusable::Untrusted(_) => format!(
+                    "; renew it from a CA of --ca ({}), or give the bundle that holds its CA",
+                    files.ca.display()
+                ),
+                drover_net::tls::Unusable::Expired { .. } => format!(
+                    "; renew it with `drover ca renew --dir CA_DIR --cert {}`",
                     files.cert.display()
                 ),
+                // It says to look at the clocks.
+                drover_net::tls::Unusable::NotYetValid { .. } => String::new(),
             };
             anyhow::bail!(
-                "the client certificate {} {why}; {remedy}",
+                "the client certificate {} {why}{remedy}",
                 files.cert.display()
             );
         }
