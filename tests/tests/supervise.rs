@@ -206,6 +206,12 @@ fn notify_readiness_and_status_text() {
     assert_eq!(s.state, State::Running);
     assert!(s.ready);
     assert_eq!(s.status_text.as_deref(), Some("ready"));
+    // What a process said of itself goes with it: a stopped node shows none, now or
+    // after an agent restart (its record keeps none).
+    let r = w.act(Op::Stop, &["n"]);
+    assert!(r.iter().all(|r| r.success), "{r:?}");
+    let s = w.wait("stopped", |s| s.state == State::Stopped, "n");
+    assert_eq!(s.status_text, None, "{s:?}");
 }
 
 #[test]

@@ -3001,7 +3001,8 @@ impl Core {
         s.restarts = u32::try_from(e.restarts()).unwrap_or(u32::MAX);
         s.last_exit = e.book.last_exit;
         s.ready = e.book.machine.ready_at().is_some();
-        s.status_text.clone_from(&e.book.status_text);
+        // What a process said of itself, while it runs (as its record keeps it).
+        s.status_text = e.proc().and(e.book.status_text.clone());
         s.generation = Some(e.deploy_gen);
         s.last_error = e.book.error();
         s.last_failure.clone_from(&e.book.last_failure);
