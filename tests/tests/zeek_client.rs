@@ -561,6 +561,103 @@ fn zeek_client_errors_match_zeeks() {
         serde_json::from_str::<Value>(&out.stdout).unwrap(),
         serde_json::json!({"errors": ["cpu 4096 is out of range (0..1024)"], "results": {}})
     );
+    // A CPU Zeek's record can hold but no machine has: refused in an answer, not left
+    // for zeek-client to time out on.
+    let file = c.dir.path().join("negative-cpu.ini");
+    std::fs::write(
+        &file,
+        "[instances]\nagent-1\n\n[w1]\ninstance = agent-1\nrole = worker\ncpu_affinity = -1\n",
+    )
+    .unwrap();
+    let out = z.run_with(5, &["stage-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert_eq!(
+        out.json(),
+        serde_json::json!({"errors": ["node 'w1': its cpu_affinity -1 is not a CPU"], "results": {}})
+    );
+    // The empty configuration deployed above manages no cluster.
+    let out = z.run(&["get-id-value", "bits_per_uid"]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert_eq!(
+        out.json(),
+        serde_json::json!({"errors": [{"error": "no cluster deployed", "source": null}], "results": {}})
+    );
+}
+
+/// What Zeek's controller answers when an agent is away or goes under a request, and
+/// that node names are literal: zeek-client never sees drover's own texts or selectors.
+#[test]
+fn zeek_client_away_agents_and_literal_node_names() {
+    let mut c = Cluster::new();
+    // A frozen agent is dropped well within the request timeout.
+    c.idle_timeout = Duration::from_secs(2);
+    c.keep_alive = Duration::from_millis(500);
+    let z = Zeek::start_roles(
+        &c,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--request-timeout", "8s"],
+        true,
+    );
+    let mut a1 = c.start_agent("agent-1", z.addr);
+    let mut a2 = c.start_agent("agent-2", z.addr);
+    wait_instances(&z, 2);
+    let out = z.run(&["deploy-config", &ini(&c, "cluster.ini")]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    eventually("4 nodes running", PATIENCE, || all_running(&z, 4));
+    let pids = all_running(&z, 4).unwrap();
+
+    // A pattern or a selector is a name no node has.
+    let out = z.run(&["restart", "w*"]);
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.json(),
+        serde_json::json!({"errors": [{"error": "unknown cluster node", "source": "w*"}], "results": {}})
+    );
+    let out = z.run(&["restart", "role:worker", "logger"]);
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.json(),
+        serde_json::json!({
+            "errors": [{"error": "unknown cluster node", "source": "role:worker"}],
+            "results": {"logger": true}
+        })
+    );
+    eventually("logger restarted", PATIENCE, || {
+        let now = all_running(&z, 4)?;
+        (now["logger"] != pids["logger"] && now["worker-1"] == pids["worker-1"]).then_some(())
+    });
+
+    // agent-2 freezes under a restart: its connection is lost, and zeek-client hears
+    // Zeek's controller-side timeout, not a result it cannot read.
+    a2.signal(nix::sys::signal::Signal::SIGSTOP);
+    let out = z.run(&["restart", "logger", "worker-2"]);
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.json(),
+        serde_json::json!({
+            "errors": [{"error": "request timed out", "source": null}],
+            "results": {"logger": true}
+        })
+    );
+    // Away, it is left out of get-nodes, as Zeek's controller asks only the agents it has.
+    wait_instances(&z, 1);
+    let out = z.run(&["get-nodes"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert_eq!(v["errors"], serde_json::json!([]), "{v}");
+    let instances: Vec<&String> = v["results"].as_object().unwrap().keys().collect();
+    assert_eq!(instances, ["agent-1"], "{v}");
+    // With no agent at all, Zeek's text.
+    a2.kill();
+    a1.kill();
+    wait_instances(&z, 0);
+    let out = z.run(&["get-nodes"]);
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.json(),
+        serde_json::json!({"errors": [{"error": "no instances connected", "source": null}], "results": {}})
+    );
 }
 
 #[test]
@@ -1433,6 +1530,17 @@ fn zeek_deploy_waits_for_every_instance_and_times_out_without_one() {
         eventually("the deploy is waiting", PATIENCE, || {
             (z.ctl.log_text().matches("request=\"deploy\"").count() >= 2).then_some(())
         });
+        // One deploy at a time, also while the first waits for its agents: Zeek's
+        // controller answers a second at once.
+        let out = z.run(&["deploy"]);
+        assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+        let errors = out.json()["errors"].clone();
+        assert!(
+            errors[0].as_str().is_some_and(
+                |e| e.starts_with("earlier deployment ") && e.ends_with(" still pending")
+            ),
+            "{errors}"
+        );
         let _a2 = c.start_agent("agent-2", z.addr);
         let out = deploying.join().unwrap();
         assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);

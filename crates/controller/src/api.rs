@@ -775,11 +775,9 @@ fn logs(
     // may come to one that has just started, before the agent is back).
     let conn = shared.registry.get(&instance);
     if conn.is_none() && !follow {
-        return one(
-            MgmtResult::err(id, format!("instance '{instance}' is not connected"))
-                .on_instance(instance)
-                .on_node(node),
-        );
+        return one(MgmtResult::err(id, not_connected(&instance))
+            .on_instance(instance)
+            .on_node(node));
     }
     let permit = match &conn {
         Some(c) if follow => {
@@ -1730,9 +1728,27 @@ fn agent_results(
     results
 }
 
+/// The error of a request's part for an agent that is not connected.
+pub(crate) fn not_connected(instance: &str) -> String {
+    format!("instance '{instance}' is not connected")
+}
+
 /// Clears the deploy-in-progress marker however the deploy ends, also when its task is
 /// dropped half-way.
-struct Pending<'a>(&'a Shared);
+pub(crate) struct Pending<'a>(&'a Shared);
+
+impl<'a> Pending<'a> {
+    /// Marks deploy `id` as under way, or says which earlier one still is (Zeek's
+    /// text): one deploy at a time.
+    pub(crate) fn claim(shared: &'a Shared, id: &str) -> Result<Self, String> {
+        let mut deploying = shared.deploying.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pending) = deploying.as_ref() {
+            return Err(format!("earlier deployment {pending} still pending"));
+        }
+        *deploying = Some(id.to_owned());
+        Ok(Self(shared))
+    }
+}
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
@@ -1764,17 +1780,10 @@ async fn deploy(
     if shared.store.staged().is_none() {
         return vec![MgmtResult::err(id, "no configuration available to deploy")];
     }
-    {
-        let mut deploying = shared.deploying.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pending) = deploying.as_ref() {
-            return vec![MgmtResult::err(
-                id,
-                format!("earlier deployment {pending} still pending"),
-            )];
-        }
-        *deploying = Some(id.to_owned());
-    }
-    let _pending = Pending(shared);
+    let _pending = match Pending::claim(shared, id) {
+        Ok(p) => p,
+        Err(e) => return vec![MgmtResult::err(id, e)],
+    };
     // A stage that began before this deploy ends first; later ones are refused.
     let _ops = shared.config_ops.lock().await;
     let Some(config) = shared.store.staged() else {
@@ -2275,8 +2284,7 @@ async fn get_nodes(
             for s in &mut nodes {
                 s.state = State::Unknown;
             }
-            let mut r = MgmtResult::err(id, format!("instance '{}' is not connected", inst.name))
-                .on_instance(&inst.name);
+            let mut r = MgmtResult::err(id, not_connected(&inst.name)).on_instance(&inst.name);
             r.data = Some(ResultData::NodeStatuses(nodes));
             away.push(r);
         }
@@ -2386,7 +2394,12 @@ async fn get_id_value(
     nodes: Vec<String>,
     budget: Duration,
 ) -> Vec<MgmtResult> {
-    let Some(deployed) = shared.store.desired_config() else {
+    // As Zeek's: a deployed configuration without instances manages no cluster.
+    let Some(deployed) = shared
+        .store
+        .desired_config()
+        .filter(|d| !d.instances.is_empty())
+    else {
         return vec![MgmtResult::err(id, "no cluster deployed")];
     };
     let (known, unmatched) = deployed.select(&nodes);
@@ -2420,7 +2433,7 @@ async fn get_id_value(
                 },
             )),
             None => results.extend(names.into_iter().map(|n| {
-                MgmtResult::err(id, format!("instance '{instance}' is not connected"))
+                MgmtResult::err(id, not_connected(&instance))
                     .on_instance(&instance)
                     .on_node(n)
             })),
@@ -2603,7 +2616,7 @@ async fn act(
                 };
                 for n in names {
                     results.push(
-                        MgmtResult::err(id, format!("instance '{instance}' is not connected"))
+                        MgmtResult::err(id, not_connected(&instance))
                             .on_instance(&instance)
                             .on_node(n),
                     );

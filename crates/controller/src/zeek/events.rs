@@ -9,7 +9,7 @@
 use drover_proto::model::MgmtResult;
 use drover_proto::msg::ClientResponse;
 
-use super::broker::{Data, DecodeError, Event};
+use super::broker::{Data, Event};
 use super::records::{self, ZeekConfig};
 
 /// The topic requests and responses travel on.
@@ -25,6 +25,10 @@ pub(crate) enum ZeekRequest {
     GetInstances,
     /// `stage_configuration_request(reqid, config)`.
     StageConfiguration(ZeekConfig),
+    /// `stage_configuration_request(reqid, config)` whose configuration drover cannot
+    /// take (a `cpu_affinity` of -1, say): the request has an id and zeek-client waits
+    /// for its answer, so it is refused in one, with what is wrong, not by silence.
+    StageRefused(String),
     /// `get_configuration_request(reqid, deployed)`.
     GetConfiguration {
         /// True for the deployed configuration.
@@ -60,7 +64,7 @@ impl ZeekRequest {
     pub(crate) fn kind(&self) -> &'static str {
         match self {
             Self::GetInstances => "get_instances",
-            Self::StageConfiguration(_) => "stage_configuration",
+            Self::StageConfiguration(_) | Self::StageRefused(_) => "stage_configuration",
             Self::GetConfiguration { .. } => "get_configuration",
             Self::Deploy => "deploy",
             Self::GetNodes => "get_nodes",
@@ -197,10 +201,10 @@ pub(crate) fn decode(ev: &Event) -> Result<Incoming, RequestError> {
         "deploy_request" => ZeekRequest::Deploy,
         "get_nodes_request" => ZeekRequest::GetNodes,
         "test_noop_request" => ZeekRequest::TestNoop,
-        "stage_configuration_request" => ZeekRequest::StageConfiguration(
-            records::parse_configuration(&ev.args[1])
-                .map_err(|e: DecodeError| bad(e.to_string()))?,
-        ),
+        "stage_configuration_request" => match records::parse_configuration(&ev.args[1]) {
+            Ok(config) => ZeekRequest::StageConfiguration(config),
+            Err(e) => ZeekRequest::StageRefused(e.to_string()),
+        },
         "get_configuration_request" => ZeekRequest::GetConfiguration {
             deployed: boolean(1)?,
         },

@@ -264,7 +264,9 @@ fn caller(client: &front::Client, ceiling: Scope) -> Caller {
 /// scope it needs.
 fn needs(req: &ZeekRequest) -> Option<(&'static str, Scope)> {
     match req {
-        ZeekRequest::StageConfiguration(_) => Some(("stage_config", Scope::Admin)),
+        ZeekRequest::StageConfiguration(_) | ZeekRequest::StageRefused(_) => {
+            Some(("stage_config", Scope::Admin))
+        }
         ZeekRequest::Deploy => Some(("deploy", Scope::Admin)),
         ZeekRequest::Restart { .. } => Some(("restart", Scope::Operator)),
         _ => None,
@@ -315,6 +317,17 @@ async fn answer(
         let error = crate::api::refuse(shared, caller, what, args, message).await;
         return Some(error_response(&reqid, &req, error.message));
     }
+    let restart = matches!(req, ZeekRequest::Restart { .. });
+    let (req, unknown) = match literal_nodes(shared, &reqid, req) {
+        Ok(split) => split,
+        Err(unknown) => {
+            if restart {
+                let message = "no node of the deployed configuration named".to_owned();
+                crate::api::record_failure(shared, caller, "restart", message).await;
+            }
+            return Some(unknown);
+        }
+    };
     let body = match &req {
         ZeekRequest::GetInstances => ClientRequest::GetInstances,
         ZeekRequest::StageConfiguration(z) => match roles.configuration(z.clone()) {
@@ -334,6 +347,10 @@ async fn answer(
                 ));
             }
         },
+        ZeekRequest::StageRefused(error) => {
+            crate::api::record_failure(shared, caller, "stage_config", error.clone()).await;
+            return Some(error_response(&reqid, &req, error.clone()));
+        }
         ZeekRequest::GetConfiguration { deployed } => ClientRequest::GetConfig {
             deployed: *deployed,
         },
@@ -384,23 +401,32 @@ async fn answer(
         .inc();
     if matches!(req, ZeekRequest::Deploy)
         && let Some(staged) = shared.store.staged()
-        && !all_connected(
-            shared,
-            &staged,
-            tokio::time::Instant::now() + shared.request_timeout,
-        )
-        .await
     {
-        // Zeek's controller sends nothing until every instance of the configuration
-        // has checked in, and answers a controller-side timeout after waiting in vain.
-        let message = "request timed out: not every instance of the staged configuration connected";
-        crate::api::record_failure(shared, caller, "deploy", message.to_owned()).await;
-        let results = vec![MgmtResult::err(&reqid, "request timed out")];
-        return Some(events::response(
-            &reqid,
-            &req,
-            ClientResponse::Results(results),
-        ));
+        // Pending from now, as on Zeek's controller: a second deploy while this one
+        // waits for its agents is told so at once.
+        let pending = match crate::api::Pending::claim(shared, &reqid) {
+            Ok(p) => p,
+            Err(e) => {
+                crate::api::record_failure(shared, caller, "deploy", e.clone()).await;
+                return Some(error_response(&reqid, &req, e));
+            }
+        };
+        let deadline = tokio::time::Instant::now() + shared.request_timeout;
+        let connected = all_connected(shared, &staged, deadline).await;
+        drop(pending);
+        if !connected {
+            // Zeek's controller sends nothing until every instance of the configuration
+            // has checked in, and answers a controller-side timeout after waiting in vain.
+            let message =
+                "request timed out: not every instance of the staged configuration connected";
+            crate::api::record_failure(shared, caller, "deploy", message.to_owned()).await;
+            let results = vec![MgmtResult::err(&reqid, "request timed out")];
+            return Some(events::response(
+                &reqid,
+                &req,
+                ClientResponse::Results(results),
+            ));
+        }
     }
     let request = Request {
         id: reqid.clone(),
@@ -412,14 +438,23 @@ async fn answer(
         Ok(Answer::Stream(mut rx)) => rx.recv().await?,
         Err(e) => return Some(error_response(&reqid, &req, e.message)),
     };
+    let reply = match (reply, unknown.is_empty()) {
+        (ClientResponse::Results(rs), false) => {
+            ClientResponse::Results(unknown.into_iter().chain(rs).collect())
+        }
+        (reply, _) => reply,
+    };
     let reply = match req {
         ZeekRequest::GetNodes => {
             let home = controller_home(shared);
-            controller_under(
-                &shared.name,
-                home.as_deref(),
-                shared.ports.controller_port,
-                reply,
+            zeek_nodes(
+                &reqid,
+                controller_under(
+                    &shared.name,
+                    home.as_deref(),
+                    shared.ports.controller_port,
+                    reply,
+                ),
             )
         }
         ZeekRequest::GetIdValue { .. } => zeek_id_errors(reply),
@@ -510,19 +545,96 @@ fn controller_under(
     ClientResponse::Results(rest)
 }
 
-/// An agent that did not answer a deploy or restart in time is, as on Zeek's
-/// controller, one `request timed out` without an instance (zeek-client reports it as
-/// an error rather than as a result that lacks a node).
+/// Zeek's node names are literal: in a restart or get-id-value, a name that is no node
+/// of the deployed configuration is `unknown cluster node` (drover's selectors and
+/// patterns, `role:worker` or `w*`, are its own CLI's). The request with the known names
+/// and the errors of the others; the whole response when no name is left. Untouched
+/// while there is no deployment (or for a restart, no agent): the controller's answer
+/// to that comes first, as on Zeek's.
+fn literal_nodes(
+    shared: &Shared,
+    reqid: &str,
+    req: ZeekRequest,
+) -> Result<(ZeekRequest, Vec<MgmtResult>), Event> {
+    let (ZeekRequest::Restart { nodes } | ZeekRequest::GetIdValue { nodes, .. }) = &req else {
+        return Ok((req, Vec::new()));
+    };
+    let deployed = match shared.store.desired_config() {
+        Some(d) if !nodes.is_empty() && !d.instances.is_empty() => d,
+        _ => return Ok((req, Vec::new())),
+    };
+    if matches!(req, ZeekRequest::Restart { .. }) && shared.registry.snapshot().is_empty() {
+        return Ok((req, Vec::new()));
+    }
+    let (known, unknown): (Vec<String>, Vec<String>) = nodes
+        .iter()
+        .cloned()
+        .partition(|n| deployed.node(n).is_some());
+    let unknown: Vec<MgmtResult> = unknown
+        .into_iter()
+        .map(|n| MgmtResult::err(reqid, "unknown cluster node").on_node(n))
+        .collect();
+    if known.is_empty() {
+        return Err(events::response(
+            reqid,
+            &req,
+            ClientResponse::Results(unknown),
+        ));
+    }
+    let req = match req {
+        ZeekRequest::Restart { .. } => ZeekRequest::Restart { nodes: known },
+        ZeekRequest::GetIdValue { id, .. } => ZeekRequest::GetIdValue { id, nodes: known },
+        other => other,
+    };
+    Ok((req, unknown))
+}
+
+/// get-nodes as Zeek's controller answers it: from the agents connected, so deployed
+/// instances whose agent is away are left out (with none at all, `no instances
+/// connected`); an agent that did not answer, or went while it was asked, is the
+/// timeout Zeek's would report, under its instance's name.
+fn zeek_nodes(reqid: &str, reply: ClientResponse) -> ClientResponse {
+    let ClientResponse::Results(rs) = reply else {
+        return reply;
+    };
+    let rs: Vec<MgmtResult> = rs
+        .into_iter()
+        .filter(|r| {
+            r.success
+                || r.instance
+                    .as_deref()
+                    .is_none_or(|i| r.error.as_deref() != Some(&crate::api::not_connected(i)))
+        })
+        .map(|mut r| {
+            if !r.success && r.instance.is_some() && r.node.is_none() {
+                r.error = Some("request timed out".to_owned());
+            }
+            r
+        })
+        .collect();
+    if rs.is_empty() {
+        return ClientResponse::Results(vec![MgmtResult::err(reqid, "no instances connected")]);
+    }
+    ClientResponse::Results(rs)
+}
+
+/// An agent that did not answer a deploy or restart in time, or went while it was asked
+/// (a lost connection, an agent started again), is, as on Zeek's controller, one
+/// `request timed out` without an instance: zeek-client reports it as an error rather
+/// than as a result that lacks a node. What drover knows beyond that is in the
+/// controller's log, the audit trail and `drover monitor`.
 fn controller_timeout(reqid: &str, reply: ClientResponse) -> ClientResponse {
     let ClientResponse::Results(rs) = reply else {
         return reply;
     };
-    let late = |r: &MgmtResult| {
-        !r.success
-            && r.node.is_none()
-            && r.instance.is_some()
-            && r.error.as_deref() == Some("request timed out")
-    };
+    let late = |r: &MgmtResult| !r.success && r.node.is_none() && r.instance.is_some();
+    for r in rs.iter().filter(|r| late(r)) {
+        tracing::info!(
+            instance = r.instance.as_deref().unwrap_or_default(),
+            "zeek-client told 'request timed out' for: {}",
+            r.error.as_deref().unwrap_or_default()
+        );
+    }
     let timed_out = rs.iter().any(late);
     // Zeek's controller answers a timed-out request with the timeout alone: drover's
     // own whole-request error (the deploy is not acknowledged yet) says the same.
