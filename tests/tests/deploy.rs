@@ -127,6 +127,43 @@ fn deploy_get_nodes_and_minimal_redeploy() {
     }
 }
 
+/// A redeploy that changes a node stops its process as the spec it was started under
+/// says: with that spec's stop signal, not the new spec's.
+#[test]
+fn a_changed_node_is_stopped_with_its_old_stop_signal() {
+    let c = Cluster::new();
+    let (ctl, addr, agents) = start(&c, &["agent-1"]);
+    let prog = bin("drover-testprog");
+    let file = |extra: &str, stop: &str| {
+        format!(
+            "[instances.agent-1]\n[nodes.n]\ninstance = \"agent-1\"\n\
+             command = [\"{}\", \"--ignore-sigterm\"{extra}]\n{stop}\
+             readiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+            prog.display()
+        )
+    };
+    // It ignores SIGTERM; SIGINT ends it.
+    let old = file("", "stop_signal = \"SIGINT\"\nstop_timeout = \"120s\"\n");
+    c.deploy_text(addr, "old.toml", &old);
+    let before = eventually("n running", PATIENCE, || all_running(&c, addr, 1));
+    // The new spec stops with SIGTERM, which the old process ignores: sent that, it
+    // would be killed only at the old spec's 120 s.
+    let new = file(", \"--print\", \"v2\"", "stop_timeout = \"1s\"\n");
+    let path = c.dir.path().join("new.toml");
+    std::fs::write(&path, new).unwrap();
+    let out = c.drover(addr, &["deploy-config", path.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let after = all_running(&c, addr, 1).expect("the new process runs");
+    assert_ne!(after["n"], before["n"]);
+    assert!(!pid_alive(before["n"]));
+    let log = agents[0].log_text();
+    assert!(
+        !log.contains("did not end within its stop_timeout"),
+        "{log}"
+    );
+    drop(ctl);
+}
+
 #[test]
 fn restart_stop_start_subsets_and_unknown_names() {
     let c = Cluster::new();

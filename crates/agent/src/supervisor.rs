@@ -1565,16 +1565,22 @@ impl Core {
                         Duration::ZERO
                     };
                     settle = settle.max(stop + spec.settle_within(false, true));
-                    e.spec = spec;
-                    e.plan = plans.remove(&name);
+                    let old_generation = e.book.spawns();
                     e.config_id.clone_from(&config_id);
                     e.deploy_gen = generation;
                     e.removing = false;
                     e.stopped_by_operator = false;
-                    let old_generation = e.book.spawns();
-                    // A running process is stopped first (as the old spec says) and
-                    // the new one started once it is gone.
-                    let mut actions = e.book.machine.stop(now);
+                    // A running process is stopped first, with the old spec's stop
+                    // signal (its stop_timeout is the machine's until reconfigured),
+                    // and the new one started once it is gone.
+                    let stop = e.book.machine.stop(now);
+                    self.run_actions(&name, stop);
+                    let Some(e) = self.nodes.get_mut(&name) else {
+                        continue;
+                    };
+                    e.spec = spec;
+                    e.plan = plans.remove(&name);
+                    let mut actions = Vec::new();
                     if renew {
                         e.book.machine = Machine::new(machine_config(&e.spec));
                         e.restarts_base = 0;
