@@ -203,6 +203,8 @@ pub(crate) fn decode(ev: &Event) -> Result<Incoming, RequestError> {
         "test_noop_request" => ZeekRequest::TestNoop,
         "stage_configuration_request" => match records::parse_configuration(&ev.args[1]) {
             Ok(config) => ZeekRequest::StageConfiguration(config),
+            // Not a record at all: Zeek cannot make the event either.
+            Err(e) if !matches!(ev.args[1], Data::Vector(_)) => return Err(bad(e.to_string())),
             Err(e) => ZeekRequest::StageRefused(e.to_string()),
         },
         "get_configuration_request" => ZeekRequest::GetConfiguration {
@@ -422,6 +424,14 @@ mod tests {
         };
         let id = || Data::string("r");
         let cases = [
+            // A record the controller cannot take is answered, not dropped.
+            (
+                ev(
+                    "stage_configuration_request",
+                    vec![id(), Data::Vector(vec![Data::Count(1)])],
+                ),
+                ZeekRequest::StageRefused("the configuration id is a count, not a string".into()),
+            ),
             (
                 ev("get_configuration_request", vec![id(), Data::Boolean(true)]),
                 ZeekRequest::GetConfiguration { deployed: true },
