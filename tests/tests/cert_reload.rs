@@ -180,6 +180,26 @@ fn a_broken_key_or_certificate_keeps_the_material_in_use_and_says_why() {
     );
     assert_eq!(c.drover(addr, &["get-instances"]).code, Some(0));
 
+    // A FIFO in the key's place (nothing ever writes to it), twice: refused at once,
+    // and neither the next reload nor `/metrics` waits on it.
+    std::fs::write(&cert, &good_cert).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    nix::unistd::mkfifo(&key, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    for _ in 0..2 {
+        let log = reload(&ctl);
+        assert!(
+            log.contains("cannot read private key ")
+                && log.contains("controller.key: not a regular file"),
+            "{log}"
+        );
+        assert_eq!(
+            metric_value(&scrape(metrics), "drover_cert_reload_failing"),
+            Some(1.0)
+        );
+    }
+    assert_eq!(c.drover(addr, &["get-instances"]).code, Some(0));
+    std::fs::remove_file(&key).unwrap();
+
     // Fixed by a renewal: in force at once, for new connections.
     std::fs::write(&cert, &good_cert).unwrap();
     std::fs::write(&key, &good_key).unwrap();

@@ -149,6 +149,41 @@ fn cred_err(path: &Path, what: &str, e: &std::io::Error) -> NetError {
     NetError::Credentials(format!("{what} {}: {text}", path.display()))
 }
 
+/// The largest certificate, key, CA bundle or deny list read: far above any real one,
+/// and a bound on what a wrong path (a device, a log) can make a daemon hold.
+const MAX_MATERIAL_BYTES: u64 = 16 << 20;
+
+/// Reads a credential file that must be a regular file: opened without blocking, so
+/// that a FIFO or a device put in its place is refused at once instead of holding up
+/// the reload (and whatever waits for it) until something writes to it.
+pub(crate) fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > MAX_MATERIAL_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} bytes, more than the {MAX_MATERIAL_BYTES} read",
+                meta.len()
+            ),
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_MATERIAL_BYTES).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Refuses a private key file that group or others may read.
 pub fn check_key_permissions(path: &Path) -> Result<(), NetError> {
     let meta = fs::metadata(path).map_err(|e| cred_err(path, "cannot read private key", &e))?;
@@ -167,10 +202,10 @@ impl Credentials {
     /// Loads and checks the PEM files.
     pub fn load(files: &TlsFiles) -> Result<Self, NetError> {
         check_key_permissions(&files.key)?;
-        let ca = fs::read(&files.ca).map_err(|e| cred_err(&files.ca, "cannot read CA", &e))?;
-        let cert = fs::read(&files.cert)
+        let ca = read_regular(&files.ca).map_err(|e| cred_err(&files.ca, "cannot read CA", &e))?;
+        let cert = read_regular(&files.cert)
             .map_err(|e| cred_err(&files.cert, "cannot read certificate", &e))?;
-        let key = fs::read(&files.key)
+        let key = read_regular(&files.key)
             .map_err(|e| cred_err(&files.key, "cannot read private key", &e))?;
         Self::from_pem(&ca, &cert, &key).map_err(|e| match e {
             NetError::Credentials(m) => NetError::Credentials(format!(
@@ -667,8 +702,14 @@ impl DenyList {
 
     /// Reads and parses a deny-list file; errors name the file and the line.
     pub fn load(path: &Path) -> Result<Self, NetError> {
-        let text = fs::read_to_string(path)
-            .map_err(|e| cred_err(path, "cannot read the deny list", &e))?;
+        let bytes =
+            read_regular(path).map_err(|e| cred_err(path, "cannot read the deny list", &e))?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            NetError::Credentials(format!(
+                "invalid deny list {}: it is not UTF-8 text",
+                path.display()
+            ))
+        })?;
         Self::parse(&text).map_err(|e| {
             NetError::Credentials(format!("invalid deny list {}: {e}", path.display()))
         })

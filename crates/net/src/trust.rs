@@ -23,7 +23,10 @@ pub struct Trust {
     deny: RwLock<Arc<DenyList>>,
     peers: Peers,
     /// Held for a whole reload, so that two never interleave.
-    reloading: Mutex<ReloadStats>,
+    reloading: Mutex<()>,
+    /// How reloads went: a lock of its own, taken only briefly, so that `/metrics`
+    /// never waits for a reload that is reading files.
+    stats: Mutex<ReloadStats>,
 }
 
 /// How reloads went so far.
@@ -76,6 +79,7 @@ impl Trust {
             deny: RwLock::new(Arc::new(deny)),
             peers: Peers::default(),
             reloading: Mutex::default(),
+            stats: Mutex::default(),
         })
     }
 
@@ -106,10 +110,7 @@ impl Trust {
 
     /// How reloads went so far.
     pub fn stats(&self) -> ReloadStats {
-        self.reloading
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Tracks an authenticated QUIC connection (see [`Peers::track_quic`]) and checks it
@@ -165,9 +166,11 @@ impl Trust {
     /// Reads every file again and, if all are usable, puts them in force and closes the
     /// connections of peers now revoked or untrusted. On error nothing changed.
     pub fn reload(&self) -> Result<Reloaded, NetError> {
-        let mut stats = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
-        stats.valid_from = None;
-        let result = self.reload_locked(&mut stats);
+        let _one = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let mut valid_from = None;
+        let result = self.reload_locked(&mut valid_from);
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.valid_from = valid_from;
         match &result {
             Ok(_) => {
                 stats.succeeded += 1;
@@ -190,12 +193,12 @@ impl Trust {
         Some(std::time::Duration::from_secs(wait.unsigned_abs()))
     }
 
-    fn reload_locked(&self, stats: &mut ReloadStats) -> Result<Reloaded, NetError> {
+    fn reload_locked(&self, valid_from: &mut Option<i64>) -> Result<Reloaded, NetError> {
         let next = Credentials::load(&self.files)?;
         // A certificate that peers would refuse must not replace one they accept.
         if let Err(why) = next.check_own(unix_now()) {
             if let crate::tls::Unusable::NotYetValid { from, .. } = why {
-                stats.valid_from = Some(from);
+                *valid_from = Some(from);
             }
             return Err(NetError::Credentials(format!(
                 "certificate {} {why}",
