@@ -164,6 +164,39 @@ fn a_changed_node_is_stopped_with_its_old_stop_signal() {
     drop(ctl);
 }
 
+/// A crashed node started again is reported as soon as its new process runs, PENDING
+/// with its new pid, not only once it is ready.
+#[test]
+fn a_restarted_node_is_reported_pending_before_it_is_ready() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agents) = start(&c, &["agent-1"]);
+    let marker = c.dir.path().join("started-once");
+    // Ready at once the first time; the second process takes a minute to be ready.
+    let script = format!(
+        "if [ -e {m} ]; then exec {p} --ready-after 60s; else touch {m}; exec {p} --ready-after 0ms; fi",
+        m = marker.display(),
+        p = bin("drover-testprog").display()
+    );
+    let text = format!(
+        "[instances.agent-1]\n[nodes.n]\ninstance = \"agent-1\"\n\
+         command = [\"/bin/sh\", \"-c\", {script:?}]\nrestart = \"always\"\n\
+         backoff = {{ initial = \"100ms\" }}\n\
+         readiness = {{ kind = \"notify\", timeout = \"120s\" }}\n"
+    );
+    c.deploy_text(addr, "n.toml", &text);
+    let first = eventually("n running", PATIENCE, || all_running(&c, addr, 1))["n"];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(first).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("the new process reported, not ready yet", PATIENCE, || {
+        let n = nodes(&c, addr);
+        let (state, pid) = n.get("n")?;
+        (state == "PENDING" && pid.is_some_and(|p| p != first)).then_some(())
+    });
+}
+
 #[test]
 fn restart_stop_start_subsets_and_unknown_names() {
     let c = Cluster::new();

@@ -2345,6 +2345,9 @@ impl Core {
         self.save_record(&node);
         self.in_flight_done(pid_i);
         self.run_actions(&node, more);
+        // Its change (a pid, PENDING for a node that was CRASHED) was held back while
+        // the spawn was under way: it is in now, whether or not the node is ready yet.
+        self.note_change(&node, true);
         for (text, sender) in held {
             self.event(Event::Notify {
                 node: node.clone(),
