@@ -197,6 +197,38 @@ fn a_restarted_node_is_reported_pending_before_it_is_ready() {
     });
 }
 
+/// A start sent while a stop of the node is under way waits for that stop to end (up
+/// to its stop_timeout) and then starts it: it succeeds, also past the request timeout.
+#[test]
+fn a_start_during_a_stop_waits_for_the_stop() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agents) = start(&c, &["agent-1"]);
+    let text = format!(
+        "[instances.agent-1]\n[nodes.n]\ninstance = \"agent-1\"\n\
+         command = [\"{}\", \"--ignore-sigterm\"]\nstop_timeout = \"4s\"\n\
+         readiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+        bin("drover-testprog").display()
+    );
+    c.deploy_text(addr, "n.toml", &text);
+    let first = eventually("n running", PATIENCE, || all_running(&c, addr, 1))["n"];
+    let mut stop = drover_tests::Background::start(&c, &addr.to_string(), &["stop", "n"], "stop");
+    eventually("the stop under way", PATIENCE, || {
+        let v = c.drover(addr, &["get-nodes", "--fresh"]).json();
+        v["results"]["agent-1"]["n"]["stopping_since_ms"]
+            .is_u64()
+            .then_some(())
+    });
+    let mut cmd = c.drover_command(addr);
+    cmd.args(["--timeout", "1s", "start", "n"]);
+    let out = drover_tests::run_cli(cmd, PATIENCE);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.json()["results"]["n"], true, "{}", out.stdout);
+    let after = all_running(&c, addr, 1).expect("n runs again");
+    assert_ne!(after["n"], first);
+    assert!(!pid_alive(first));
+    eventually("the stop ended", PATIENCE, || stop.ended());
+}
+
 #[test]
 fn restart_stop_start_subsets_and_unknown_names() {
     let c = Cluster::new();

@@ -1742,7 +1742,8 @@ impl Core {
                 let e = self.nodes.get(name)?;
                 let (stops, starts) = match step.as_ref().ok()? {
                     ops::Step::Stop => (true, false),
-                    ops::Step::Start => (false, true),
+                    // A start while a stop is under way starts once it is done.
+                    ops::Step::Start => (e.book.machine.is_stopping(), true),
                     ops::Step::Restart => (true, true),
                     ops::Step::Signal(_) => return None,
                 };

@@ -2577,8 +2577,8 @@ async fn act(
         (Waits::Settle(limit), kind) => {
             let (stops, starts) = match kind {
                 ControllerRequest::Stop { .. } => (true, false),
-                ControllerRequest::Start { .. } => (false, true),
-                ControllerRequest::Restart { .. } => (true, true),
+                // A stop may be under way: the start comes once it is done.
+                ControllerRequest::Start { .. } | ControllerRequest::Restart { .. } => (true, true),
                 _ => (false, false),
             };
             let settle = deployed
