@@ -737,7 +737,8 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 format!("{key}.backoff.max"),
                 "backoff max is smaller than backoff initial",
             ));
-        } else {
+        } else if b.max != b.initial || b.initial <= MAX_BACKOFF {
+            // Left out, max follows an initial above 30 s: that one is the error.
             in_range(&mut issues, "backoff.max", b.max, MIN_BACKOFF, MAX_BACKOFF);
         }
         in_range(
@@ -1341,6 +1342,16 @@ readiness = { kind = "start-period", period = "61m" }
                 "c.toml:13: nodes.y.readiness.period: readiness.period 1h 1m is out of range: allowed 0s to 1h",
             ]
         );
+        // A max left out follows initial: only initial is named.
+        let text = "[instances.a]\n[nodes.x]\ninstance = \"a\"\ncommand = [\"x\"]\nbackoff = { initial = \"2h\" }\n";
+        let err = parse_toml("c.toml", text).unwrap_err();
+        let lines: Vec<String> = err.0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "c.toml:5: nodes.x.backoff.initial: backoff.initial 2h is out of range: allowed 0s to 1h"
+            ]
+        );
         // The edges themselves are allowed.
         let edges = r#"[instances.a]
 [nodes.x]
@@ -1394,7 +1405,6 @@ command = ["x"]
                 "c.toml:3: defaults.stop_timeout: stop_timeout 2h is out of range: allowed 1ms to 1h",
                 "c.toml:4: defaults.backoff.initial: backoff.initial 2h is out of range: allowed 0s to 1h",
                 // Not given, it follows the initial delay given.
-                "c.toml:4: defaults.backoff.max: backoff.max 2h is out of range: allowed 0s to 1h",
                 "c.toml:11: nodes.w2.stop_timeout: stop_timeout 3h is out of range: allowed 1ms to 1h",
             ]
         );
