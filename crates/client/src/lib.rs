@@ -338,7 +338,20 @@ impl StreamArg {
 
 /// Parses the command line, runs it, and reports errors; the exit code of `drover`.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `ca renew --key` names the key to renew; DROVER_KEY is the client's own key
+    // (the global `--key`), which must not stand in for it.
+    if let Command::Ca(ca::CaCommand::Renew { key, .. }) = &mut cli.command
+        && matches
+            .subcommand_matches("ca")
+            .and_then(|m| m.subcommand_matches("renew"))
+            .and_then(|m| m.value_source("key"))
+            == Some(clap::parser::ValueSource::EnvVariable)
+    {
+        *key = None;
+    }
     let ran = run(cli);
     interrupt::await_death_if_signalled();
     match ran {

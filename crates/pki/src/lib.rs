@@ -255,6 +255,22 @@ impl Ca {
         let cert_path = dir.join(CA_CERT);
         let key_path = dir.join(CA_KEY);
         let cert = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        // As the daemons refuse their own keys: the CA's key is the cluster's.
+        let mode = {
+            use std::os::unix::fs::PermissionsExt as _;
+            fs::metadata(&key_path)
+                .map_err(io(&key_path))?
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        if mode & 0o077 != 0 {
+            return Err(Error::Invalid(format!(
+                "CA key {} is accessible by group or others (mode {mode:04o}); run: chmod 600 {}",
+                key_path.display(),
+                key_path.display()
+            )));
+        }
         let key = fs::read_to_string(&key_path).map_err(io(&key_path))?;
         Self::from_pem(&cert, &key).map_err(|e| match e {
             Error::Invalid(m) => Error::Invalid(format!(
@@ -503,6 +519,26 @@ mod tests {
         assert!(
             err.contains("neither an IP address nor a DNS name"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_ca_key_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (_, key) = init_dir(dir.path()).unwrap();
+        Ca::load(dir.path()).unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o640)).unwrap();
+        let Err(err) = Ca::load(dir.path()) else {
+            panic!("a CA key of mode 0640 was taken");
+        };
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "CA key {} is accessible by group or others (mode 0640); run: chmod 600 {}",
+                key.display(),
+                key.display()
+            )
         );
     }
 
