@@ -453,8 +453,10 @@ fn a_readiness_sent_while_no_agent_runs_reaches_the_next_agent() {
     assert_eq!(running, pid, "{}", agent.log_text());
 }
 
-/// A node waiting out its restart backoff when its agent goes is started by the next
-/// agent process: that start is its restart, and is counted as one.
+/// A node waiting out its restart backoff when its agent goes waits out the rest of it
+/// under the next agent process (restarting the agent neither hurries a crash loop nor
+/// resets it), and one whose restart came due meanwhile is started by the next agent:
+/// that start is its restart, and is counted as one.
 #[test]
 fn a_restart_due_when_the_agent_went_is_counted_by_the_next_agent() {
     let c = Cluster::new();
@@ -462,34 +464,65 @@ fn a_restart_due_when_the_agent_went_is_counted_by_the_next_agent() {
     let mut agent = c.start_agent("agent-1", addr);
     c.wait_for_agent(addr, "agent-1");
     let prog = bin("drover-testprog").display().to_string();
+    let crasher = |name: &str, initial: &str| {
+        format!(
+            "[nodes.{name}]\ninstance = \"agent-1\"\n\
+             command = [\"{prog}\", \"--exit-after\", \"300ms\", \"--exit-code\", \"3\"]\n\
+             readiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
+             backoff = {{ initial = \"{initial}\", multiplier = 3.0 }}\nmax_failed_starts = 0\n"
+        )
+    };
     c.deploy_text(
         addr,
         "crasher.toml",
         &format!(
-            "[instances.agent-1]\n[nodes.crasher]\ninstance = \"agent-1\"\n\
-             command = [\"{prog}\", \"--exit-after\", \"300ms\", \"--exit-code\", \"3\"]\n\
-             readiness = {{ kind = \"start-period\", period = \"0s\" }}\nbackoff = {{ initial = \"10m\" }}\n"
+            "[instances.agent-1]\n{}{}",
+            crasher("slow", "10m"),
+            crasher("soon", "2s")
         ),
     );
-    let node = |c: &Cluster| {
-        c.drover(addr, &["get-nodes", "--full"]).json()["results"]["agent-1"]["crasher"].clone()
+    let node = |c: &Cluster, name: &str| {
+        c.drover(addr, &["get-nodes", "--full"]).json()["results"]["agent-1"][name].clone()
     };
-    let first = eventually(
-        "crasher crashed, its restart due in 10 minutes",
+    let crashed = |c: &Cluster, name: &str| {
+        let n = node(c, name);
+        (n["state"] == "CRASHED" && n["restart_at_ms"].is_u64()).then_some(n)
+    };
+    let slow = eventually(
+        "slow crashed, its restart due in 10 minutes",
         PATIENCE,
-        || {
-            let n = node(&c);
-            (n["state"] == "CRASHED").then_some(n)
-        },
+        || crashed(&c, "slow"),
     );
-    assert_eq!(first["restarts"], 0, "{first}");
+    let soon = eventually("soon crashed", PATIENCE, || crashed(&c, "soon"));
+    assert_eq!(
+        (&slow["restarts"], &soon["restarts"]),
+        (&0.into(), &0.into())
+    );
     agent.kill();
+    // soon's restart comes due while no agent runs.
+    let due = soon["restart_at_ms"].as_u64().unwrap();
+    eventually("soon's restart due", PATIENCE, || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        (now > u128::from(due)).then_some(())
+    });
     let _agent = c.start_agent("agent-1", addr);
-    let again = eventually("crasher started by the next agent", PATIENCE, || {
-        let n = node(&c);
+    let again = eventually("soon started by the next agent", PATIENCE, || {
+        let n = node(&c, "soon");
         (n["restarts"].as_u64()? >= 1).then_some(n)
     });
     assert_eq!(again["restarts"], 1, "{again}");
+    // slow still waits, for the time the last agent gave it, as its first failure.
+    let still = node(&c, "slow");
+    assert_eq!(still["state"], "CRASHED", "{still}");
+    assert_eq!(still["restarts"], 0, "{still}");
+    let (was, now) = (
+        slow["restart_at_ms"].as_u64().unwrap(),
+        still["restart_at_ms"].as_u64().unwrap(),
+    );
+    assert!(was.abs_diff(now) < 2_000, "restart at {now}, was {was}");
 }
 
 /// An agent stopped with SIGTERM (its nodes stopped with it, as `systemctl restart`

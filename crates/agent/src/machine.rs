@@ -813,6 +813,30 @@ impl Machine {
         })
     }
 
+    /// Restores the backoff a previous agent process recorded for this node: its process
+    /// crashed, `streak` failures in a row, and its restart is due at `restart_at`
+    /// (`now` or earlier: at once). [`State::Crashed`] until then, and the streak goes
+    /// on, so that restarting the agent neither hurries a crash-looping node nor saves
+    /// it from [`State::Failed`]. Ignored unless the machine is idle without a process.
+    #[must_use = "the returned actions must be executed"]
+    pub fn restore_backoff(
+        &mut self,
+        now: Millis,
+        streak: u32,
+        restart_at: Millis,
+        last_exit: Option<ExitStatus>,
+    ) -> Vec<Action> {
+        self.step(now, |m, out| {
+            if m.phase != Phase::Idle || m.has_process() {
+                return;
+            }
+            m.consecutive_failures = streak;
+            m.last_exit = last_exit;
+            m.phase = Phase::Backoff { restart_at };
+            m.set_state(State::Crashed, out);
+        })
+    }
+
     /// Restores the end a previous agent process recorded for this node: its process
     /// ended for good under its policy, as a failure (`failed`, [`State::Failed`]) or a
     /// success ([`State::Stopped`]), with `last_exit`. Ignored unless the machine is
@@ -1103,6 +1127,37 @@ mod tests {
             spawns += 1;
         }
         (delays, spawns)
+    }
+
+    #[test]
+    fn a_restored_backoff_waits_its_rest_and_keeps_its_streak() {
+        // Defaults: backoff 100 ms doubling; 5 failures in a row make it FAILED.
+        let mut m = machine(|_| {});
+        assert_eq!(
+            m.restore_backoff(1_000, 3, 1_400, Some(Code(1))),
+            vec![StateChanged(State::Crashed)]
+        );
+        assert_eq!(m.next_restart_at(), Some(1_400));
+        assert_eq!(m.last_exit(), Some(Code(1)));
+        assert!(m.tick(1_399).is_empty());
+        assert_eq!(m.tick(1_400), vec![StateChanged(State::Pending), Spawn]);
+        assert_eq!(m.restart_count(), 1);
+        let _ = m.spawned(1_401, 9);
+        // Its fourth failure in a row: the fourth delay, 800 ms.
+        assert_eq!(m.exited(1_402, Code(1)), vec![StateChanged(State::Crashed)]);
+        assert_eq!(m.next_restart_at(), Some(2_202));
+        // A restart due already is made at once; one with a process is ignored.
+        let mut m = machine(|_| {});
+        assert_eq!(
+            m.restore_backoff(5_000, 1, 4_000, None),
+            vec![
+                StateChanged(State::Crashed),
+                StateChanged(State::Pending),
+                Spawn
+            ]
+        );
+        let _ = m.spawned(5_001, 9);
+        assert!(m.restore_backoff(6_000, 1, 7_000, None).is_empty());
     }
 
     #[test]

@@ -349,6 +349,12 @@ struct Record {
     /// process gives it is that restart, and counts as one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     restart_due: bool,
+    /// When that restart is due (Unix ms), and the failures in a row so far: a later
+    /// agent process goes on with the same backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    restart_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    failures: u32,
     /// Why its last start failed, until it next runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
@@ -3134,6 +3140,11 @@ impl Core {
             },
             last_exit: e.book.last_exit,
             restart_due: e.book.machine.state() == machine::State::Crashed,
+            restart_at_ms: e.book.machine.next_restart_at().map(|at| {
+                let now = self.now();
+                epoch_ms().saturating_add(at.saturating_sub(now))
+            }),
+            failures: e.book.machine.consecutive_failures(),
             last_error: e.book.error(),
             last_failure: e.book.last_failure.clone(),
             plan_failed: e.plan_failed(),
@@ -3383,6 +3394,27 @@ impl Core {
                     actions.extend(e.book.machine.stop(now));
                 }
                 Then::Start { lost } => {
+                    let backoff = record
+                        .filter(|r| lost && r.restart_due)
+                        .and_then(|r| Some((r.restart_at_ms?, r.failures)));
+                    if let Some((at_ms, streak)) = backoff {
+                        // Its backoff goes on where the last agent left it.
+                        let wait = at_ms.saturating_sub(epoch_ms());
+                        info!(node = %name, wait_ms = wait, "node's restart was due when the last agent ended; it waits out the rest of its backoff");
+                        let exit = e.book.last_exit.map(|x| match x {
+                            model::ExitStatus::Code(c) => machine::ExitStatus::Code(c),
+                            model::ExitStatus::Signal(s) => machine::ExitStatus::Signal(s),
+                        });
+                        actions.extend(e.book.machine.restore_backoff(
+                            now,
+                            streak,
+                            now.saturating_add(wait),
+                            exit,
+                        ));
+                        self.run_actions(&name, actions);
+                        self.save_record(&name);
+                        continue;
+                    }
                     if lost {
                         if record.is_some_and(|r| r.restart_due) {
                             info!(node = %name, "node's restart was due when the last agent ended; starting it");
@@ -3852,6 +3884,8 @@ mod tests {
             last_error: None,
             last_failure: None,
             restart_due: false,
+            restart_at_ms: None,
+            failures: 0,
             plan_failed: false,
             oom_kills: 0,
             liveness_failures: 0,
