@@ -540,6 +540,9 @@ fn controller_under(
         .find(|r| r.instance.as_deref() == home && home.is_some())
         && let Some(ResultData::NodeStatuses(s)) = &mut target.data
     {
+        // zeek-client keys an instance's entries by name: a cluster node named as the
+        // controller is, keeps its entry.
+        me.retain(|m| s.iter().all(|n| n.node != m.node));
         s.extend(me);
     }
     ClientResponse::Results(rest)
@@ -845,5 +848,75 @@ mod tests {
         let last = &rs[2];
         assert!(!last.success && last.instance.is_none() && last.node.is_none());
         assert_eq!(last.error.as_deref(), Some("request timed out"));
+        // An agent lost under the request, and drover's own whole-request error: one
+        // timeout of the controller's, no result without a node.
+        let reply = ClientResponse::Results(vec![
+            MgmtResult::ok("a1", None).on_instance("a").on_node("n1"),
+            MgmtResult::err(
+                "r",
+                "no answer from peer 127.0.0.1:1 within the idle timeout",
+            )
+            .on_instance("b"),
+            MgmtResult::err("r", "configuration 'x' (generation 3) is not deployed yet"),
+        ]);
+        let ClientResponse::Results(rs) = controller_timeout("r", reply) else {
+            panic!("results stay results");
+        };
+        assert_eq!(rs.len(), 2, "{rs:?}");
+        assert_eq!(rs[0].node.as_deref(), Some("n1"));
+        assert_eq!(rs[1].error.as_deref(), Some("request timed out"));
+        assert!(rs[1].instance.is_none());
+    }
+
+    #[test]
+    fn get_nodes_leaves_out_away_agents_as_zeeks_controller_asks_only_those_it_has() {
+        let away = |i: &str| MgmtResult::err("r", crate::api::not_connected(i)).on_instance(i);
+        let reply = ClientResponse::Results(vec![
+            MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![]))).on_instance("a"),
+            away("b"),
+            MgmtResult::err(
+                "r",
+                "no answer from peer 127.0.0.1:1 within the idle timeout",
+            )
+            .on_instance("c"),
+        ]);
+        let ClientResponse::Results(rs) = zeek_nodes("r", reply) else {
+            panic!("results stay results");
+        };
+        let seen: Vec<_> = rs
+            .iter()
+            .map(|r| (r.instance.as_deref(), r.error.as_deref()))
+            .collect();
+        assert_eq!(
+            seen,
+            [(Some("a"), None), (Some("c"), Some("request timed out"))]
+        );
+        let ClientResponse::Results(rs) = zeek_nodes("r", ClientResponse::Results(vec![away("b")]))
+        else {
+            panic!("results stay results");
+        };
+        assert_eq!(rs.len(), 1);
+        assert_eq!(rs[0].error.as_deref(), Some("no instances connected"));
+        assert!(rs[0].instance.is_none());
+    }
+
+    #[test]
+    fn a_cluster_node_named_as_the_controller_keeps_its_entry() {
+        let mut node = NodeStatus::new("ctl", State::Running, MgmtRole::None);
+        node.pid = Some(7);
+        let me = NodeStatus::new("ctl", State::Running, MgmtRole::Controller);
+        let reply = ClientResponse::Results(vec![
+            MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![node]))).on_instance("b"),
+            MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![me]))).on_instance("ctl"),
+        ]);
+        let ClientResponse::Results(rs) = controller_under("ctl", Some("b"), Some(2150), reply)
+        else {
+            panic!("results stay results");
+        };
+        let Some(ResultData::NodeStatuses(s)) = &rs[0].data else {
+            panic!("statuses");
+        };
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].mgmt_role, s[0].pid), (MgmtRole::None, Some(7)));
     }
 }
