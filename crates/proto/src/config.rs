@@ -582,8 +582,8 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
         }
     }
 
-    // (instance, port) -> node names using it.
-    let mut ports: BTreeMap<(&str, u16), Vec<&str>> = BTreeMap::new();
+    // (instance, port) -> the nodes using it, and as which key.
+    let mut ports: BTreeMap<(&str, u16), Vec<(&str, &str)>> = BTreeMap::new();
     for node in &config.nodes {
         let key = format!("nodes.{}", node.name);
         if let Err(e) = name::check(&node.name) {
@@ -612,10 +612,11 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 }
             }
         }
-        for port in [node.port, node.metrics_port].into_iter().flatten() {
+        for (field, port) in [("port", node.port), ("metrics_port", node.metrics_port)] {
+            let Some(port) = port else { continue };
             let users = ports.entry((node.instance.as_str(), port)).or_default();
-            if !users.contains(&node.name.as_str()) {
-                users.push(&node.name);
+            if !users.iter().any(|(n, _)| *n == node.name) {
+                users.push((&node.name, field));
             }
         }
         if node.port.is_some() && node.port == node.metrics_port {
@@ -830,9 +831,9 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
         }
     }
     for ((instance, port), users) in ports {
-        if users.len() > 1 {
+        if let Some((second, field)) = users.get(1) {
             issues.push(Issue::at_key(
-                format!("nodes.{}", users[1]),
+                format!("nodes.{second}.{field}"),
                 format!("multiple nodes on instance '{instance}' using port {port}/tcp"),
             ));
         }
@@ -1051,11 +1052,12 @@ backoff = { multiplier = 0.5 }
                 ),
                 (
                     Some(16),
-                    "multiple nodes on instance 'a' using port 2151/tcp"
-                ),
-                (
-                    Some(16),
                     "node 'w4' has no command and role 'worker' has no command template"
+                ),
+                // At the second user's own `port` line.
+                (
+                    Some(18),
+                    "multiple nodes on instance 'a' using port 2151/tcp"
                 ),
                 (
                     Some(18),
