@@ -395,64 +395,6 @@ fn nodes_adopted_by_the_next_agent_are_heard_watchdog_readiness_and_port() {
     );
 }
 
-/// The names of the threads of process `pid`.
-fn thread_names(pid: u64) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|dir| {
-            dir.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .map(|n| n.trim().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// A node that says it is ready while no agent runs (an upgrade, a crash) is RUNNING
-/// under the next agent with the same process: its READY=1 waited in its notify socket,
-/// which the log keeper held.
-#[test]
-fn a_readiness_sent_while_no_agent_runs_reaches_the_next_agent() {
-    let c = Cluster::new();
-    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
-    let mut agent = c.start_agent("agent-1", addr);
-    c.wait_for_agent(addr, "agent-1");
-    let prog = bin("drover-testprog").display().to_string();
-    let text = format!(
-        "[instances.agent-1]\n[nodes.late]\ninstance = \"agent-1\"\ncommand = [\"{prog}\", \
-         \"--ready-after\", \"1s\"]\nreadiness = {{ kind = \"notify\", timeout = \"90s\" }}\n"
-    );
-    let file = c.dir.path().join("late.toml");
-    std::fs::write(&file, text).unwrap();
-    let deploy = drover_tests::Background::start(
-        &c,
-        &addr.to_string(),
-        &["deploy-config", file.to_str().unwrap()],
-        "deploy",
-    );
-    let pid = eventually("late started", PATIENCE, || {
-        match get_nodes(&c, addr).get("late") {
-            Some((state, Some(pid))) if state == "PENDING" => Some(*pid),
-            _ => None,
-        }
-    });
-    agent.kill();
-    drop(deploy);
-    // Its thread that sends READY=1 has done so, to no agent.
-    eventually("late said it is ready", PATIENCE, || {
-        let names = thread_names(pid);
-        (!names.is_empty() && !names.iter().any(|n| n == "ready")).then_some(())
-    });
-    let agent = c.start_agent("agent-1", addr);
-    let running = eventually(
-        "late RUNNING under the next agent",
-        PATIENCE,
-        || match get_nodes(&c, addr).get("late") {
-            Some((state, pid)) if state == "RUNNING" => *pid,
-            _ => None,
-        },
-    );
-    assert_eq!(running, pid, "{}", agent.log_text());
-}
-
 /// A node waiting out its restart backoff when its agent goes waits out the rest of it
 /// under the next agent process (restarting the agent neither hurries a crash loop nor
 /// resets it), and one whose restart came due meanwhile is started by the next agent:

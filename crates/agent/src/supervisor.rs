@@ -678,19 +678,6 @@ pub(crate) fn notify_path(dir: &Path) -> PathBuf {
     dir.join("notify.sock")
 }
 
-/// A notify socket held for a node (by the log keeper, past the agent that bound it),
-/// if it is still the one its path names: the path is there and the socket is bound
-/// to it. Otherwise the node gets a new one.
-fn still_bound(fd: std::os::fd::OwnedFd, path: &Path) -> Option<std::os::unix::net::UnixDatagram> {
-    use std::os::unix::fs::FileTypeExt as _;
-    let sock = std::os::unix::net::UnixDatagram::from(fd);
-    let addr = sock.local_addr().ok()?;
-    let there = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
-    (there && addr.as_pathname() == Some(path)).then_some(())?;
-    sock.set_nonblocking(true).ok()?;
-    Some(sock)
-}
-
 /// Binds a node's notify socket in `dir` (as [`crate::sockdir`] names it), replacing a
 /// stale one.
 pub(crate) fn bind_notify(dir: &Path) -> std::io::Result<std::os::unix::net::UnixDatagram> {
@@ -1952,11 +1939,6 @@ impl Core {
     ) -> std::io::Result<tokio::task::AbortHandle> {
         // Every notify socket passes credentials from its bind on
         // ([`crate::spawner::prepare_fresh`]), before the node can send.
-        // The keeper holds it too, so that it outlives this agent (an upgrade, a
-        // crash) with what the node sends meanwhile, for the next agent to read.
-        if let Some(k) = &self.cfg.keeper {
-            k.hold_notify(name, std::os::fd::AsFd::as_fd(&sock));
-        }
         let sock = UnixDatagram::from_std(sock)?;
         let events = self.events.clone();
         let node = name.to_owned();
@@ -2915,9 +2897,6 @@ impl Core {
             let _ = std::fs::remove_file(&record);
             self.records.forget(&record);
             let _ = std::fs::remove_file(notify_path(&e.dir));
-            if let Some(k) = &self.cfg.keeper {
-                k.forget_notify(name);
-            }
             if let Some(c) = &self.cgroups {
                 remove_cgroup(c.node(name));
                 remove_cgroup(c.probe(name));
@@ -3268,24 +3247,10 @@ impl Core {
             if f.alive.is_none() || drover_proto::name::check(name).is_err() {
                 continue;
             }
-            let kept = self
-                .cfg
-                .keeper
-                .as_ref()
-                .and_then(|k| k.take_notify(name))
-                .and_then(|fd| still_bound(fd, &notify_path(&self.socks.dir(name))));
-            if kept.is_some() {
-                debug!(node = %name, "reading the notify socket the log keeper held");
-            }
-            let rebound = kept
-                .map_or_else(
-                    || {
-                        self.socks
-                            .ensure(name)
-                            .and_then(|()| bind_notify(&self.socks.dir(name)))
-                    },
-                    Ok,
-                )
+            let rebound = self
+                .socks
+                .ensure(name)
+                .and_then(|()| bind_notify(&self.socks.dir(name)))
                 .and_then(|sock| {
                     probe::pass_credentials(&sock)?;
                     Ok(crate::spawner::Made {

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -156,12 +156,6 @@ struct State {
     down_since: Option<(Instant, bool)>,
     /// The read end of every pipe handed over and not yet closed, by inode.
     held: BTreeMap<u64, (PipeInfo, OwnedFd)>,
-    /// A duplicate of each node's notify socket handed over, to hand it again to a
-    /// keeper started anew.
-    notify_held: BTreeMap<String, OwnedFd>,
-    /// The notify sockets a keeper held when this agent first met it (of nodes a
-    /// previous agent process started), until the supervisor takes them.
-    notify_found: BTreeMap<String, OwnedFd>,
     /// Pipes held that the keeper has not been sent yet, because its socket was full
     /// (the keeper is busy): the flusher sends them, so that a spawn never waits.
     unsent: Vec<u64>,
@@ -237,57 +231,6 @@ impl Keeper {
             }
         }
         state.held.insert(ino, (pipe, read));
-    }
-
-    /// Hands a node's notify socket to the keeper, which holds it past this agent's
-    /// end (see [`proto::Msg::Notify`]). Never blocks: one the keeper cannot take now
-    /// goes to it when it is next connected.
-    pub fn hold_notify(&self, node: &str, sock: BorrowedFd<'_>) {
-        let fd = match sock.try_clone_to_owned() {
-            Ok(fd) => fd,
-            Err(e) => {
-                warn!(%node, "cannot hand the node's notify socket to the log keeper: {e}");
-                return;
-            }
-        };
-        let mut state = self.inner.lock();
-        if let Some(conn) = state.conn.clone() {
-            let msg = Msg::Notify {
-                node: node.to_owned(),
-            };
-            if let Err(e) = proto::try_send(conn.as_fd(), &msg, Some(fd.as_fd()))
-                && e.kind() != io::ErrorKind::WouldBlock
-            {
-                warn!(%node, "cannot hand the node's notify socket to the log keeper: {e}");
-                lose(&mut state, &conn);
-            }
-        }
-        state.notify_held.insert(node.to_owned(), fd);
-    }
-
-    /// Lets the keeper close a removed node's notify socket.
-    pub fn forget_notify(&self, node: &str) {
-        let mut state = self.inner.lock();
-        state.notify_found.remove(node);
-        if state.notify_held.remove(node).is_none() {
-            return;
-        }
-        if let Some(conn) = state.conn.clone() {
-            let msg = Msg::Forget {
-                node: node.to_owned(),
-            };
-            if let Err(e) = proto::try_send(conn.as_fd(), &msg, None)
-                && e.kind() != io::ErrorKind::WouldBlock
-            {
-                lose(&mut state, &conn);
-            }
-        }
-    }
-
-    /// The notify socket of `node` the keeper held when this agent met it: the socket
-    /// a previous agent process bound, with what the node sent since.
-    pub fn take_notify(&self, node: &str) -> Option<OwnedFd> {
-        self.inner.lock().notify_found.remove(node)
     }
 
     /// Whether nodes started now write to pipes for the keeper: false once no keeper
@@ -459,7 +402,6 @@ impl Inner {
             None,
         )?;
         let mut theirs = BTreeMap::new();
-        let mut notify = BTreeMap::new();
         loop {
             match proto::recv(conn.as_fd())? {
                 Received::Eof => {
@@ -470,9 +412,6 @@ impl Inner {
                 }
                 Received::Packet(Ok((Msg::Holding { ino, pipe }, Some(fd)))) => {
                     theirs.insert(ino, (pipe, fd));
-                }
-                Received::Packet(Ok((Msg::HoldingNotify { node }, Some(fd)))) => {
-                    notify.insert(node, fd);
                 }
                 Received::Packet(Ok((Msg::Ready, _))) => break,
                 Received::Packet(Ok((Msg::Closed { ino, tail }, _))) => {
@@ -499,17 +438,6 @@ impl Inner {
                 &Msg::Pipe { pipe: pipe.clone() },
                 Some(fd.as_fd()),
             )?;
-        }
-        for (node, fd) in &state.notify_held {
-            let msg = Msg::Notify { node: node.clone() };
-            proto::send(conn.as_fd(), &msg, Some(fd.as_fd()))?;
-        }
-        // Met again (a keeper started anew holds none), sockets this agent handed over
-        // are its own already.
-        for (node, fd) in notify {
-            if !state.notify_held.contains_key(&node) {
-                state.notify_found.insert(node, fd);
-            }
         }
         state.unsent.clear();
         state.conn = Some(conn.clone());

@@ -75,23 +75,6 @@ pub enum Msg {
         /// Where it goes.
         pipe: PipeInfo,
     },
-    /// Agent → keeper, with a node's notify socket: hold it (replacing the one held
-    /// for that node), so that it outlives the agent and what the node sends while no
-    /// agent runs (a `READY=1` during an upgrade) waits in it for the next agent.
-    Notify {
-        /// The node.
-        node: String,
-    },
-    /// Agent → keeper: the node is gone; close its notify socket.
-    Forget {
-        /// The node.
-        node: String,
-    },
-    /// Keeper → agent, on [`Msg::Hello`], with a duplicate of a node's notify socket.
-    HoldingNotify {
-        /// The node.
-        node: String,
-    },
     /// Keeper → agent: every pipe held was told.
     Ready,
     /// Keeper → agent: a pipe reached its end (every writer is gone) and is closed.
@@ -153,17 +136,14 @@ pub fn encode(msg: &Msg) -> Vec<u8> {
     serde_json::to_vec(msg).expect("messages serialize")
 }
 
-/// A packet's message, checked against the descriptors that came with it: `Pipe`,
-/// `Holding`, `Notify` and `HoldingNotify` need exactly one, the others none.
+/// A packet's message, checked against the descriptors that came with it: `Pipe` and
+/// `Holding` need exactly one, the others none.
 pub fn decode(bytes: &[u8], fds: usize) -> Result<Msg, BadMessage> {
     if bytes.len() > MAX_MESSAGE {
         return Err(BadMessage::TooLong);
     }
     let msg: Msg = serde_json::from_slice(bytes).map_err(|e| BadMessage::Invalid(e.to_string()))?;
-    let wants = usize::from(matches!(
-        msg,
-        Msg::Pipe { .. } | Msg::Holding { .. } | Msg::Notify { .. } | Msg::HoldingNotify { .. }
-    ));
+    let wants = usize::from(matches!(msg, Msg::Pipe { .. } | Msg::Holding { .. }));
     if fds != wants {
         return Err(BadMessage::Descriptors(format!(
             "a {} message came with {fds} descriptors, not {wants}",
@@ -186,9 +166,6 @@ fn kind(msg: &Msg) -> &'static str {
         Msg::Hello { .. } => "hello",
         Msg::Pipe { .. } => "pipe",
         Msg::Holding { .. } => "holding",
-        Msg::Notify { .. } => "notify",
-        Msg::Forget { .. } => "forget",
-        Msg::HoldingNotify { .. } => "holding_notify",
         Msg::Ready => "ready",
         Msg::Closed { .. } => "closed",
         Msg::WriteFailing { .. } => "write_failing",

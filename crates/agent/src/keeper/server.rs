@@ -20,7 +20,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
@@ -57,22 +57,7 @@ impl Pipe {
     }
 }
 
-/// A descriptor travelling with a message to an agent.
-enum Carried {
-    Pipe(Rc<Pipe>),
-    Notify(OwnedFd),
-}
-
-impl Carried {
-    fn fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Self::Pipe(p) => p.fd.get_ref().as_fd(),
-            Self::Notify(fd) => fd.as_fd(),
-        }
-    }
-}
-
-type Outbox = mpsc::UnboundedSender<(Msg, Option<Carried>)>;
+type Outbox = mpsc::UnboundedSender<(Msg, Option<Rc<Pipe>>)>;
 
 /// One stream's current file as the keeper writes it.
 #[derive(Default)]
@@ -107,9 +92,6 @@ struct State {
     /// its old one, still draining).
     writers: HashMap<(PathBuf, Stream), Slot>,
     conns: HashMap<u64, Outbox>,
-    /// Nodes' notify sockets, held so that they outlive the agent (see
-    /// [`Msg::Notify`]); never read here.
-    notify: HashMap<String, OwnedFd>,
     next_conn: u64,
     socket: PathBuf,
     state_dir: PathBuf,
@@ -280,7 +262,7 @@ async fn serve_conn(shared: Shared, conn: OwnedFd) -> io::Result<()> {
                         Err(_would_block) => {}
                     }
                 }
-                Some((msg, fd)) = rx.recv() => send(&conn, &msg, fd.as_ref()).await?,
+                Some((msg, pipe)) = rx.recv() => send(&conn, &msg, pipe.as_deref()).await?,
             }
         }
     }
@@ -290,10 +272,10 @@ async fn serve_conn(shared: Shared, conn: OwnedFd) -> io::Result<()> {
     result
 }
 
-async fn send(conn: &AsyncFd<OwnedFd>, msg: &Msg, carried: Option<&Carried>) -> io::Result<()> {
+async fn send(conn: &AsyncFd<OwnedFd>, msg: &Msg, pipe: Option<&Pipe>) -> io::Result<()> {
     loop {
         let mut guard = conn.writable().await?;
-        let fd = carried.map(Carried::fd);
+        let fd = pipe.map(|p| p.fd.get_ref().as_fd());
         match guard.try_io(|c| proto::send(c.as_fd(), msg, fd)) {
             Ok(result) => return result,
             Err(_would_block) => {}
@@ -316,19 +298,7 @@ fn handle(shared: &Shared, tx: &Outbox, msg: Msg, fd: Option<OwnedFd>) {
                     info.keep = keep;
                 }
                 let info = pipe.info.borrow().clone();
-                let _ = tx.send((
-                    Msg::Holding { ino, pipe: info },
-                    Some(Carried::Pipe(pipe.clone())),
-                ));
-            }
-            for (node, fd) in &state.notify {
-                match fd.try_clone() {
-                    Ok(fd) => {
-                        let msg = Msg::HoldingNotify { node: node.clone() };
-                        let _ = tx.send((msg, Some(Carried::Notify(fd))));
-                    }
-                    Err(e) => warn!(%node, "cannot pass on the node's notify socket: {e}"),
-                }
+                let _ = tx.send((Msg::Holding { ino, pipe: info }, Some(pipe.clone())));
             }
             let _ = tx.send((Msg::Ready, None));
             // Losses under way, after the hand-over, where the agent reads notices.
@@ -344,12 +314,6 @@ fn handle(shared: &Shared, tx: &Outbox, msg: Msg, fd: Option<OwnedFd>) {
             }
         }
         (Msg::Pipe { pipe }, Some(fd)) => take_pipe(shared, pipe, fd),
-        (Msg::Notify { node }, Some(fd)) => {
-            shared.borrow_mut().notify.insert(node, fd);
-        }
-        (Msg::Forget { node }, _) => {
-            shared.borrow_mut().notify.remove(&node);
-        }
         (other, _) => warn!("ignoring an unexpected {other:?} message"),
     }
 }
@@ -545,7 +509,7 @@ fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register(fd).map_err(io::Error::from) }
 }
 
-fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+fn read(fd: std::os::fd::BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of its length.
     let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
