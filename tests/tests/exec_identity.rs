@@ -406,6 +406,55 @@ fn an_agent_that_is_not_root_refuses_a_node_of_another_user() {
     );
 }
 
+/// An agent that is not root and whose bounding set is already what a node lists
+/// (here: nothing) runs that node: there is nothing to cut, so no CAP_SETPCAP is needed.
+#[test]
+fn a_node_listing_the_agents_own_bounding_set_runs_under_an_agent_that_cannot_cut_it() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: starting an agent as nobody needs root");
+        return;
+    }
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
+    let nobody = Some(65534);
+    for p in [c.dir.path(), c.pki.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    std::os::unix::fs::chown(c.pki_file("agent-1.key"), nobody, nobody).unwrap();
+    let state = c.dir.path().join("agent-agent-1");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, nobody, nobody).unwrap();
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--bounding-set=-all",
+        "--",
+    ])
+    .arg(bin("drover-agent"));
+    c.agent_args(
+        &mut cmd,
+        "agent-1",
+        "agent-1",
+        &["--controller", &addr.to_string()],
+    );
+    let _agent = Proc::spawn("agent agent-1", cmd, c.log_path("agent-agent-1"));
+    connect(&c, addr);
+    let (code, v, stderr) = deploy(
+        &c,
+        addr,
+        "[nodes.bare]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\ncapabilities = []\n",
+    );
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    let s = node_status(&c, addr, "bare");
+    assert_eq!(s["state"], "RUNNING", "{s}");
+    let pid = s["pid"].as_u64().unwrap();
+    assert_eq!(hex(pid, "CapBnd:"), 0);
+    assert_eq!(hex(pid, "CapEff:"), 0);
+}
+
 /// Removes the user it names when dropped (`-f`: its processes may still be ending).
 struct TempUser(String);
 
