@@ -455,6 +455,49 @@ fn a_node_listing_the_agents_own_bounding_set_runs_under_an_agent_that_cannot_cu
     assert_eq!(hex(pid, "CapEff:"), 0);
 }
 
+/// A start that fails before its program runs (its user does not exist) answers with
+/// the reason, and with no output: the earlier process's lines are not its.
+#[test]
+fn a_start_that_never_ran_returns_no_earlier_output() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: running nodes as other users needs a root agent");
+        return;
+    }
+    let (c, _ctl, addr, _agent) = root_cluster();
+    let node = |user: &str| {
+        format!(
+            "[nodes.prev]\ninstance = \"agent-1\"\ncommand = [\"/bin/sh\", \"-c\", \
+             \"echo OLD-PROCESS-LINE; echo OLD-ERR-LINE >&2; exec sleep 1000\"]\n{user}"
+        )
+    };
+    let (code, v, stderr) = deploy(&c, addr, &node(""));
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    eventually("prev's lines in its logs", PATIENCE, || {
+        let out = c.drover(addr, &["logs", "prev", "-n", "5"]);
+        out.stdout.contains("OLD-PROCESS-LINE").then_some(())
+    });
+    let (code, v, stderr) = deploy(&c, addr, &node("user = \"drvnosuchuser\"\n"));
+    assert_eq!(code, Some(1), "{v}");
+    let n = &v["results"]["nodes"]["prev"];
+    assert_eq!(n["success"], false, "{v}");
+    let all = format!("{v} {stderr}");
+    assert!(
+        !all.contains("OLD-PROCESS-LINE") && !all.contains("OLD-ERR-LINE"),
+        "{all}"
+    );
+    assert!(
+        n["stderr"]
+            .as_str()
+            .is_some_and(|e| e.contains("drvnosuchuser")),
+        "{v}"
+    );
+    // As zeek-client's, restart exits 0 with the node's result false.
+    let out = c.drover(addr, &["restart", "prev"]);
+    assert_eq!(out.json()["results"]["prev"], false, "{}", out.stdout);
+    assert!(out.stderr.contains("drvnosuchuser"), "{}", out.stderr);
+    assert!(!out.stderr.contains("OLD-PROCESS-LINE"), "{}", out.stderr);
+}
+
 /// Removes the user it names when dropped (`-f`: its processes may still be ending).
 struct TempUser(String);
 
@@ -574,6 +617,19 @@ fn a_user_created_after_a_failed_deploy_is_found_by_the_next_deploy() {
     let (code, v, _) = deploy(&c, addr, &body);
     assert_eq!(code, Some(1), "{v}");
     assert_eq!(v["results"]["nodes"]["late"]["success"], false, "{v}");
+    // One that never gives up is CRASHED between its attempts: the deploy says so too.
+    let looping = format!(
+        "[nodes.looping]\ninstance = \"agent-1\"\ncommand = [\"/bin/sleep\", \"1000\"]\n\
+         user = \"{name}x\"\nmax_failed_starts = 0\nbackoff = {{ initial = \"1h\" }}\n"
+    );
+    let (code, v, _) = deploy(&c, addr, &format!("{body}{looping}"));
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(node_status(&c, addr, "looping")["state"], "CRASHED");
+    let (code, v, _) = deploy(&c, addr, &format!("{body}{looping}"));
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["results"]["nodes"]["looping"]["success"], false, "{v}");
+    let (code, v, _) = deploy(&c, addr, &body);
+    assert_eq!(code, Some(1), "{v}");
     add_user(&name);
     // The same configuration again: the node is unchanged, but its user now exists.
     let (code, v, stderr) = deploy(&c, addr, &body);

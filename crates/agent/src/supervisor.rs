@@ -486,6 +486,9 @@ struct Entry {
     /// The stdout and stderr pipes (inode numbers) of its last process this agent
     /// spawned with a log keeper, for that process's last words should it fail.
     last_pipes: Option<[u64; 2]>,
+    /// Its last start failed before its program ran: a failure's answer carries no
+    /// output (see [`waiters::Failure::never_ran`]).
+    start_failed: bool,
     /// Its directory and notify socket are still to be made, by its next
     /// spawn (see [`crate::spawner::Fresh`]).
     fresh: bool,
@@ -1547,10 +1550,13 @@ impl Core {
                         self.run_actions(&name, actions);
                         wait.push((name.clone(), None));
                     } else if let Some(Err(err)) = &e.plan
-                        && e.book.machine.state() == machine::State::Failed
+                        && e.proc().is_none()
+                        && e.spawn_of.is_none()
+                        && !e.stopped_by_operator
                     {
                         // Still not: the deploy says so rather than succeed while the
-                        // node stays FAILED.
+                        // node cannot run (FAILED, or CRASHED between attempts that
+                        // fail the same way).
                         results.push(
                             MgmtResult::err("", err.clone())
                                 .on_instance(&instance)
@@ -1920,6 +1926,7 @@ impl Core {
             plan_failed_before: false,
             written: Vec::new(),
             last_pipes: None,
+            start_failed: false,
             fresh: false,
             output_marks: made.as_ref().map(|m| m.marks),
             stop_sent_ms: None,
@@ -2010,6 +2017,7 @@ impl Core {
                                 .get_mut(name)
                                 .and_then(|e| {
                                     e.spawn_of = None;
+                                    e.start_failed = true;
                                     let spawn = e.book.spawns();
                                     e.book.spawn_failed(now, spawn, err)
                                 })
@@ -2260,6 +2268,7 @@ impl Core {
                     return;
                 };
                 e.spawn_of = None;
+                e.start_failed = true;
                 warn!(node = %node, "cannot start node: {err}");
                 self.bump(&node);
                 // A later agent process shows the error too.
@@ -2305,6 +2314,7 @@ impl Core {
             Spawned::Taken { actions, held } => (actions, held),
         };
         e.spawn_of = None;
+        e.start_failed = false;
         e.last_pipes = s.pipes;
         if s.pipes.is_none()
             && self.cfg.keeper.is_some()
@@ -3777,6 +3787,7 @@ impl waiters::View for WaitView<'_> {
                 text: failure_text(e),
                 last_error: e.book.error(),
                 pipes: e.last_pipes.filter(|_| self.keeper.is_some()),
+                never_ran: e.start_failed,
             })
             .unwrap_or_default()
     }

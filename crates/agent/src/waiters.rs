@@ -49,6 +49,9 @@ pub struct Failure {
     /// The stdout and stderr pipes (inode numbers) of its last process, when it wrote
     /// to pipes read by the keeper.
     pub pipes: Option<[u64; 2]>,
+    /// Its last start failed before its program ran (an exec error, a user that does not
+    /// exist): it has no output of its own, and an earlier process's is not its.
+    pub never_ran: bool,
 }
 
 /// One waiting request.
@@ -204,6 +207,12 @@ impl<T> Waiters<T> {
                     }
                     Settled::Failed => {
                         let failure = view.failure(&name);
+                        if failure.never_ran {
+                            w.failing.remove(&name);
+                            let result = failed(&failure, (String::new(), String::new()));
+                            w.results.push(result.on_instance(instance).on_node(&name));
+                            continue;
+                        }
                         let (pipes, until) = *w.failing.entry(name.clone()).or_insert_with(|| {
                             (failure.pipes.unwrap_or_default(), now + OUTPUT_WAIT_MS)
                         });

@@ -23,6 +23,7 @@ impl Fake {
                 text: text.into(),
                 last_error: last_error.map(Into::into),
                 pipes,
+                never_ran: false,
             },
         );
     }
