@@ -66,6 +66,10 @@ struct GateState {
     /// The leader's address and term (its key's create revision) as last read from
     /// etcd, when we do not lead.
     leader: Option<(String, i64)>,
+    /// When this controller last ended a term of its own: until it learns who leads
+    /// now, a dialer is held for the answer rather than told no leader is elected
+    /// (one most likely is: the term ended because another took over).
+    stepped_down: Option<Instant>,
 }
 
 /// Whether this controller may serve and write, and for which term.
@@ -110,6 +114,18 @@ impl Gate {
     pub fn holds(&self, lost: i64) -> bool {
         let state = self.lock();
         state.term.is_none() && state.leader.as_ref().is_none_or(|(_, term)| *term == lost)
+    }
+
+    /// Whether this controller ended its own term within two leases and has not learnt
+    /// the next leader yet: a dialer that knows of no lost term is held for the answer
+    /// too (see [`Gate::holds`]).
+    pub fn learning_leader(&self) -> bool {
+        let state = self.lock();
+        state.term.is_none()
+            && state.leader.is_none()
+            && state
+                .stepped_down
+                .is_some_and(|t| t.elapsed() < self.lease * 2)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
@@ -212,7 +228,14 @@ impl Gate {
 
     /// Ends the term (if any): its connections close, its writes are refused.
     pub fn step_down(&self) {
-        let ended = self.lock().term.take();
+        let ended = {
+            let mut state = self.lock();
+            let ended = state.term.take();
+            if ended.is_some() {
+                state.stepped_down = Some(Instant::now());
+            }
+            ended
+        };
         if let Some(t) = ended {
             t.token.cancel();
             self.bump();
@@ -579,6 +602,22 @@ mod tests {
         let _token = gate.lead(11, Instant::now());
         assert!(news.has_changed().unwrap());
         assert!(!gate.holds(9));
+    }
+
+    #[test]
+    fn a_controller_that_stepped_down_holds_dialers_until_it_learns_the_next_leader() {
+        let gate = Gate::new(Duration::from_secs(3), "http://127.0.0.1:2379");
+        // Never led: no leader known is an election, or etcd away; nothing to wait for.
+        assert!(!gate.learning_leader());
+        let _token = gate.lead(7, Instant::now());
+        assert!(!gate.learning_leader(), "it leads");
+        gate.step_down();
+        assert!(gate.learning_leader());
+        gate.follow(Some(("10.0.0.3:2150".into(), 9)));
+        assert!(
+            !gate.learning_leader(),
+            "the refusal names the successor now"
+        );
     }
 
     #[test]

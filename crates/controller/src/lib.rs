@@ -357,11 +357,13 @@ impl Shared {
     pub(crate) fn render_metrics(&self) -> String {
         let mut out = self.metrics.render();
         if let Some(gate) = &self.gate {
-            let leading = if gate.serving().is_ok() { 1.0 } else { 0.0 };
+            // Its term, renewed in time or not (that is `_stale`): a group whose etcd is
+            // slow for a moment still has a leader on this gauge.
+            let leading = if gate.answering().is_ok() { 1.0 } else { 0.0 };
             drover_metrics::gauge(
                 &mut out,
                 "drover_controller_leader",
-                "1 while this controller leads its high-availability group and serves.",
+                "1 while this controller holds the leader term of its high-availability group (with drover_controller_leader_stale 1 when it could not renew it in time).",
                 &[(String::new(), leading)],
             );
             let stale = if gate.stale().is_some() { 1.0 } else { 0.0 };
@@ -888,8 +890,9 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     // expired yet), or that asks during an election, waits for the outcome here rather
     // than be told a leader that is probably gone and ask again: one handshake, and the
     // answer names the successor or, if this controller is it, welcomes the dialer.
+    let learning = shared.gate.as_ref().is_some_and(|g| g.learning_leader());
     let mut hold_until = match (&shared.gate, hello.lost_term) {
-        (Some(gate), Some(_)) => {
+        (Some(gate), lost) if lost.is_some() || learning => {
             let wait = responder
                 .dialer_timeout()
                 .unwrap_or(shared.transport.hello_timeout)
@@ -923,9 +926,10 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         });
         if checked.is_ok()
             && check.is_err()
-            && let (Some(gate), Some(lost), Some(until), Some(mut news)) =
-                (&shared.gate, hello.lost_term, hold_until, news)
-            && gate.holds(lost)
+            && let (Some(gate), Some(until), Some(mut news)) = (&shared.gate, hold_until, news)
+            && hello
+                .lost_term
+                .map_or_else(|| gate.learning_leader(), |lost| gate.holds(lost))
         {
             tokio::select! {
                 _ = news.changed() => {}

@@ -661,21 +661,22 @@ where
                                 Either::Left(dial_one(leader.to_owned())),
                             ));
                         }
-                        _ if (live > 0 || failover(&named, &refused_for_good))
-                            && reask < REASK_LIMIT =>
-                        {
-                            let pause = reask_pause(&target, reask);
-                            let again = dial_one(target.clone());
-                            pending.push(tagged(
-                                target.clone(),
-                                reask + 1,
-                                Either::Right(async move {
-                                    tokio::time::sleep(pause).await;
-                                    again.await
-                                }),
-                            ));
-                        }
                         _ => {}
+                    }
+                    // Asked again while something is outstanding, or a named leader may
+                    // be gone: also a follower that named a leader just dialled, which
+                    // may be dead, this follower its successor.
+                    if (live > 0 || failover(&named, &refused_for_good)) && reask < REASK_LIMIT {
+                        let pause = reask_pause(&target, reask);
+                        let again = dial_one(target.clone());
+                        pending.push(tagged(
+                            target.clone(),
+                            reask + 1,
+                            Either::Right(async move {
+                                tokio::time::sleep(pause).await;
+                                again.await
+                            }),
+                        ));
                     }
                 }
                 failures.retain(|(t, _)| *t != target);
@@ -1618,6 +1619,52 @@ mod tests {
         assert!(
             dials.iter().any(|(t, at)| t == "b:1" && *at >= elected),
             "the successor was not asked once elected: {dials:?}"
+        );
+    }
+
+    /// Given one follower's address only: it names the dead leader, whose dial hangs
+    /// past the election, and is asked again meanwhile, so its answer as the successor
+    /// is heard.
+    #[test]
+    fn one_follower_given_is_asked_again_while_the_leader_it_named_is_dialled() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let targets = vec!["b:1".to_owned()];
+        let start = rt.block_on(async { tokio::time::Instant::now() });
+        let elected = Duration::from_secs(2);
+        let dials = std::sync::Mutex::new(Vec::new());
+        let result = rt.block_on(dial_leader(&targets, |t| {
+            let dials = &dials;
+            async move {
+                let now = start.elapsed();
+                dials.lock().unwrap().push((t.clone(), now));
+                match t.as_str() {
+                    "a:1" => {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        Err(NetError::Timeout {
+                            what: "connecting to a:1".into(),
+                            after: Duration::from_secs(5),
+                        })
+                    }
+                    _ if now < elected => Err(NetError::Refused(WireError::new(
+                        ErrorCode::Unavailable,
+                        "not the leader; the leader is a:1".to_owned(),
+                    ))),
+                    // The successor (a fake cannot make a welcome: it fails otherwise).
+                    _ => Err(NetError::Connection("the successor".into())),
+                }
+            }
+        }));
+        assert!(result.is_err());
+        let dials = dials.into_inner().unwrap();
+        assert!(
+            dials
+                .iter()
+                .any(|(t, at)| t == "b:1" && *at >= elected && *at < Duration::from_secs(5)),
+            "the follower was not asked again before the dead leader's timeout: {dials:?}"
         );
     }
 
