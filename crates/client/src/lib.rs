@@ -341,14 +341,16 @@ pub fn main() -> ExitCode {
     use clap::{CommandFactory as _, FromArgMatches as _};
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    // `ca renew --key` names the key to renew; DROVER_KEY is the client's own key
-    // (the global `--key`), which must not stand in for it.
+    // `ca renew --key` names the key to renew; the client's own key (DROVER_KEY, or
+    // `--key` before the command) must not stand in for it.
     if let Command::Ca(ca::CaCommand::Renew { key, .. }) = &mut cli.command
-        && matches
-            .subcommand_matches("ca")
-            .and_then(|m| m.subcommand_matches("renew"))
-            .and_then(|m| m.value_source("key"))
-            == Some(clap::parser::ValueSource::EnvVariable)
+        && !renew_key_given(
+            matches
+                .subcommand_matches("ca")
+                .and_then(|m| m.subcommand_matches("renew"))
+                .and_then(|m| m.value_source("key")),
+            std::env::args_os(),
+        )
     {
         *key = None;
     }
@@ -364,6 +366,20 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `--key` was given to `ca renew` itself: on its command line after `renew`,
+/// not from DROVER_KEY or as the client's own `--key` before the command (clap takes
+/// both for one argument).
+fn renew_key_given(
+    source: Option<clap::parser::ValueSource>,
+    args: impl Iterator<Item = std::ffi::OsString>,
+) -> bool {
+    if source != Some(clap::parser::ValueSource::CommandLine) {
+        return false;
+    }
+    args.skip_while(|a| a != "renew")
+        .any(|a| a == "--key" || a.to_string_lossy().starts_with("--key="))
 }
 
 /// The JSON of a reply that acts on nodes, with why each failed node failed told on
@@ -948,5 +964,34 @@ mod tests {
             total: 2000,
         };
         assert_eq!(progress_message(p), "deploying: 3 of 2000 nodes settled");
+    }
+
+    #[test]
+    fn only_a_key_given_after_renew_is_the_key_to_renew() {
+        use clap::parser::ValueSource::{CommandLine, EnvVariable};
+        let args = |s: &str| {
+            s.split(' ')
+                .map(std::ffi::OsString::from)
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        let line = Some(CommandLine);
+        assert!(renew_key_given(
+            line,
+            args("drover ca renew --cert a.crt --key a.key")
+        ));
+        assert!(renew_key_given(
+            line,
+            args("drover ca renew --key=a.key --cert a.crt")
+        ));
+        assert!(!renew_key_given(
+            line,
+            args("drover --key ops.key ca renew --cert a.crt")
+        ));
+        assert!(!renew_key_given(
+            Some(EnvVariable),
+            args("drover ca renew --cert a.crt")
+        ));
+        assert!(!renew_key_given(None, args("drover ca renew --cert a.crt")));
     }
 }

@@ -739,7 +739,7 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 "backoff max is smaller than backoff initial",
             ));
         } else if b.max != b.initial || b.initial <= MAX_BACKOFF {
-            // Left out, max follows an initial above 30 s: that one is the error.
+            // Left out, max is initial when that is above 30 s: initial's error says it.
             in_range(&mut issues, "backoff.max", b.max, MIN_BACKOFF, MAX_BACKOFF);
         }
         in_range(
