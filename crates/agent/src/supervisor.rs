@@ -2031,7 +2031,9 @@ impl Core {
                 }
                 Action::SignalStop => {
                     if let Some(p) = e.proc() {
-                        let sig = signal_number(&e.spec.stop_signal)
+                        // The process's own spec: a redeploy may have replaced the
+                        // node's while it ran, or while its spawn was under way.
+                        let sig = signal_number(&p.spec.stop_signal)
                             .and_then(|n| Signal::try_from(n).ok())
                             .unwrap_or(Signal::SIGTERM);
                         debug!(node = %name, pid = p.id.pid, %sig, "stopping");
