@@ -1553,6 +1553,10 @@ impl Core {
                         && e.proc().is_none()
                         && e.spawn_of.is_none()
                         && !e.stopped_by_operator
+                        && matches!(
+                            e.book.machine.state(),
+                            machine::State::Failed | machine::State::Crashed
+                        )
                     {
                         // Still not: the deploy says so rather than succeed while the
                         // node cannot run (FAILED, or CRASHED between attempts that
@@ -3371,12 +3375,16 @@ impl Core {
                     actions.extend(e.book.machine.stop(now));
                 }
                 Then::Start { lost } => {
+                    // Only for the spec the backoff was for: a new one starts afresh.
                     let backoff = record
-                        .filter(|r| lost && r.restart_due)
+                        .filter(|r| lost && r.restart_due && r.spec == e.spec)
                         .and_then(|r| Some((r.restart_at_ms?, r.failures)));
                     if let Some((at_ms, streak)) = backoff {
-                        // Its backoff goes on where the last agent left it.
-                        let wait = at_ms.saturating_sub(epoch_ms());
+                        // Its backoff goes on where the last agent left it, no longer
+                        // than its longest (a clock set back since is not waited out).
+                        let wait = at_ms
+                            .saturating_sub(epoch_ms())
+                            .min(millis(e.spec.backoff.max));
                         info!(node = %name, wait_ms = wait, "node's restart was due when the last agent ended; it waits out the rest of its backoff");
                         let exit = e.book.last_exit.map(|x| match x {
                             model::ExitStatus::Code(c) => machine::ExitStatus::Code(c),
@@ -3753,7 +3761,13 @@ impl apply::Table for ApplyTable<'_> {
         let e = self.nodes.get(node)?;
         Some(apply::Facts {
             plan_failed: e.plan_failed(),
-            failed: e.book.machine.state() == machine::State::Failed,
+            // CRASHED too when its last start failed for its plan: a deploy that finds
+            // its user now starts it at once, not a backoff later.
+            failed: match e.book.machine.state() {
+                machine::State::Failed => true,
+                machine::State::Crashed => e.plan_failed(),
+                _ => false,
+            },
             has_process: e.book.machine.has_process(),
             removing: e.removing,
         })

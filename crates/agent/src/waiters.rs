@@ -207,7 +207,9 @@ impl<T> Waiters<T> {
                     }
                     Settled::Failed => {
                         let failure = view.failure(&name);
-                        if failure.never_ran {
+                        // Told once, when it is first found failed: a start that fails
+                        // later does not take away the output of the process that did.
+                        if failure.never_ran && !w.failing.contains_key(&name) {
                             w.failing.remove(&name);
                             let result = failed(&failure, (String::new(), String::new()));
                             w.results.push(result.on_instance(instance).on_node(&name));

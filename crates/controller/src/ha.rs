@@ -185,6 +185,16 @@ impl Gate {
         }
     }
 
+    /// Whether this controller holds a term whose lease has not run out by its own
+    /// count (renewed in time or not): once it has, another may lead.
+    pub fn leads(&self) -> bool {
+        let state = self.lock();
+        state
+            .term
+            .as_ref()
+            .is_some_and(|t| !t.token.is_cancelled() && t.renewed.elapsed() < self.lease)
+    }
+
     /// Why this controller's answers may be stale: it leads on a lease it could not
     /// renew in time. `None` when it leads normally or does not lead.
     pub fn stale(&self) -> Option<String> {
@@ -602,6 +612,26 @@ mod tests {
         let _token = gate.lead(11, Instant::now());
         assert!(news.has_changed().unwrap());
         assert!(!gate.holds(9));
+    }
+
+    #[test]
+    fn a_stale_leader_leads_on_the_gauge_until_its_lease_runs_out() {
+        let lease = Duration::from_secs(60);
+        let gate = Gate::new(lease, "http://127.0.0.1:2379");
+        assert!(!gate.leads());
+        let _t = gate.lead(7, Instant::now() - lease / 2);
+        assert!(gate.leads());
+        let stale = Gate::new(lease, "http://127.0.0.1:2379");
+        let _t = stale.lead(7, Instant::now() - lease * 5 / 6);
+        assert!(stale.serving().is_err() && stale.stale().is_some());
+        assert!(stale.leads(), "late on its lease, still the leader");
+        let gone = Gate::new(lease, "http://127.0.0.1:2379");
+        let _t = gone.lead(7, Instant::now() - lease * 7 / 6);
+        assert!(!gone.leads(), "its lease ran out: another may lead");
+        assert!(
+            gone.answering().is_ok(),
+            "clients are still answered, warned"
+        );
     }
 
     #[test]

@@ -357,9 +357,10 @@ impl Shared {
     pub(crate) fn render_metrics(&self) -> String {
         let mut out = self.metrics.render();
         if let Some(gate) = &self.gate {
-            // Its term, renewed in time or not (that is `_stale`): a group whose etcd is
-            // slow for a moment still has a leader on this gauge.
-            let leading = if gate.answering().is_ok() { 1.0 } else { 0.0 };
+            // Its term, renewed in time or not (that is `_stale`), until its lease runs
+            // out: a group whose etcd is slow for a moment still has one leader here,
+            // and one cut off from etcd gives way on the gauge when a successor may lead.
+            let leading = if gate.leads() { 1.0 } else { 0.0 };
             drover_metrics::gauge(
                 &mut out,
                 "drover_controller_leader",
