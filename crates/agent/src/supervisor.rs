@@ -1581,22 +1581,17 @@ impl Core {
                         Duration::ZERO
                     };
                     settle = settle.max(stop + spec.settle_within(false, true));
-                    let old_generation = e.book.spawns();
+                    e.spec = spec;
+                    e.plan = plans.remove(&name);
                     e.config_id.clone_from(&config_id);
                     e.deploy_gen = generation;
                     e.removing = false;
                     e.stopped_by_operator = false;
-                    // A running process is stopped first, with the old spec's stop
-                    // signal (its stop_timeout is the machine's until reconfigured),
-                    // and the new one started once it is gone.
-                    let stop = e.book.machine.stop(now);
-                    self.run_actions(&name, stop);
-                    let Some(e) = self.nodes.get_mut(&name) else {
-                        continue;
-                    };
-                    e.spec = spec;
-                    e.plan = plans.remove(&name);
-                    let mut actions = Vec::new();
+                    let old_generation = e.book.spawns();
+                    // A running process is stopped first (with its own spec's stop
+                    // signal, see `Action::SignalStop`) and the new one started once it
+                    // is gone.
+                    let mut actions = e.book.machine.stop(now);
                     if renew {
                         e.book.machine = Machine::new(machine_config(&e.spec));
                         e.restarts_base = 0;
