@@ -348,17 +348,11 @@ fn bad_settings_are_config_errors_with_line_and_key() {
     );
 }
 
-#[test]
-fn an_agent_that_is_not_root_refuses_a_node_of_another_user() {
+/// Starts agent `agent-1` as nobody, made able to read its key, reach it and write its
+/// state dir; through `setpriv` with `setpriv` (its bounding set, say) when given.
+fn nobody_agent(c: &Cluster, addr: SocketAddr, setpriv: Option<&str>) -> Proc {
     use std::os::unix::process::CommandExt;
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: starting an agent as nobody needs root");
-        return;
-    }
-    let c = Cluster::new();
-    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
-    // The agent runs as nobody: it needs its key, the way to it and its state dir.
     let nobody = Some(65534);
     for p in [c.dir.path(), c.pki.as_path()] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711)).unwrap();
@@ -367,16 +361,45 @@ fn an_agent_that_is_not_root_refuses_a_node_of_another_user() {
     let state = c.dir.path().join("agent-agent-1");
     std::fs::create_dir(&state).unwrap();
     std::os::unix::fs::chown(&state, nobody, nobody).unwrap();
-    let mut cmd = std::process::Command::new(bin("drover-agent"));
+    let mut cmd = match setpriv {
+        Some(arg) => {
+            let mut cmd = std::process::Command::new("setpriv");
+            cmd.args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                arg,
+                "--",
+            ])
+            .arg(bin("drover-agent"));
+            cmd
+        }
+        None => {
+            let mut cmd = std::process::Command::new(bin("drover-agent"));
+            cmd.uid(65534).gid(65534);
+            cmd
+        }
+    };
     c.agent_args(
         &mut cmd,
         "agent-1",
         "agent-1",
         &["--controller", &addr.to_string()],
     );
-    cmd.uid(65534).gid(65534);
-    let _agent = Proc::spawn("agent agent-1", cmd, c.log_path("agent-agent-1"));
-    connect(&c, addr);
+    let agent = Proc::spawn("agent agent-1", cmd, c.log_path("agent-agent-1"));
+    connect(c, addr);
+    agent
+}
+
+#[test]
+fn an_agent_that_is_not_root_refuses_a_node_of_another_user() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: starting an agent as nobody needs root");
+        return;
+    }
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let _agent = nobody_agent(&c, addr, None);
     let (code, v, _) = deploy(
         &c,
         addr,
@@ -416,32 +439,7 @@ fn a_node_listing_the_agents_own_bounding_set_runs_under_an_agent_that_cannot_cu
     }
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
-    c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
-    let nobody = Some(65534);
-    for p in [c.dir.path(), c.pki.as_path()] {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711)).unwrap();
-    }
-    std::os::unix::fs::chown(c.pki_file("agent-1.key"), nobody, nobody).unwrap();
-    let state = c.dir.path().join("agent-agent-1");
-    std::fs::create_dir(&state).unwrap();
-    std::os::unix::fs::chown(&state, nobody, nobody).unwrap();
-    let mut cmd = std::process::Command::new("setpriv");
-    cmd.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--bounding-set=-all",
-        "--",
-    ])
-    .arg(bin("drover-agent"));
-    c.agent_args(
-        &mut cmd,
-        "agent-1",
-        "agent-1",
-        &["--controller", &addr.to_string()],
-    );
-    let _agent = Proc::spawn("agent agent-1", cmd, c.log_path("agent-agent-1"));
-    connect(&c, addr);
+    let _agent = nobody_agent(&c, addr, Some("--bounding-set=-all"));
     let (code, v, stderr) = deploy(
         &c,
         addr,

@@ -1574,19 +1574,18 @@ mod tests {
         base + base / 2
     }
 
-    /// The leader dies: its followers name it until its lease runs out (2 s), then one
-    /// of them leads. The dial to the dead one times out (2.5 s) before the re-asks that
-    /// would find the successor are due: they are still made, and reach it.
-    #[test]
-    fn a_dial_during_an_election_reaches_the_successor_after_the_dead_leaders_timeout() {
+    /// Dials `targets` on a paused clock while the leader `a:1` is dead: its dial times
+    /// out after `dead_for`. Until `elected` (2 s) every other target refuses naming it;
+    /// from then on `b:1` is its successor (a fake cannot make a welcome: it fails
+    /// otherwise) and the rest name `b:1`. When each target was dialled.
+    fn during_election(targets: &[&str], dead_for: Duration) -> Vec<(String, Duration)> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(true)
             .build()
             .unwrap();
-        let targets = vec!["a:1".to_owned(), "b:1".to_owned(), "c:1".to_owned()];
+        let targets: Vec<String> = targets.iter().map(|t| (*t).to_owned()).collect();
         let start = rt.block_on(async { tokio::time::Instant::now() });
-        let elected = Duration::from_secs(2);
         let dials = std::sync::Mutex::new(Vec::new());
         let result = rt.block_on(dial_leader(&targets, |t| {
             let dials = &dials;
@@ -1601,23 +1600,33 @@ mod tests {
                 };
                 match t.as_str() {
                     "a:1" => {
-                        tokio::time::sleep(Duration::from_millis(2500)).await;
+                        tokio::time::sleep(dead_for).await;
                         Err(NetError::Timeout {
                             what: "connecting to a:1".into(),
-                            after: Duration::from_millis(2500),
+                            after: dead_for,
                         })
                     }
-                    _ if now < elected => refuse("not the leader; the leader is a:1"),
-                    // The successor (a fake cannot make a welcome: it fails otherwise).
+                    _ if now < ELECTED => refuse("not the leader; the leader is a:1"),
                     "b:1" => Err(NetError::Connection("the successor".into())),
                     _ => refuse("not the leader; the leader is b:1"),
                 }
             }
         }));
         assert!(result.is_err());
-        let dials = dials.into_inner().unwrap();
+        dials.into_inner().unwrap()
+    }
+
+    /// When the successor is elected in [`during_election`].
+    const ELECTED: Duration = Duration::from_secs(2);
+
+    /// The leader dies: its followers name it until its lease runs out (2 s), then one
+    /// of them leads. The dial to the dead one times out (2.5 s) before the re-asks that
+    /// would find the successor are due: they are still made, and reach it.
+    #[test]
+    fn a_dial_during_an_election_reaches_the_successor_after_the_dead_leaders_timeout() {
+        let dials = during_election(&["a:1", "b:1", "c:1"], Duration::from_millis(2500));
         assert!(
-            dials.iter().any(|(t, at)| t == "b:1" && *at >= elected),
+            dials.iter().any(|(t, at)| t == "b:1" && *at >= ELECTED),
             "the successor was not asked once elected: {dials:?}"
         );
     }
@@ -1627,43 +1636,11 @@ mod tests {
     /// is heard.
     #[test]
     fn one_follower_given_is_asked_again_while_the_leader_it_named_is_dialled() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        let targets = vec!["b:1".to_owned()];
-        let start = rt.block_on(async { tokio::time::Instant::now() });
-        let elected = Duration::from_secs(2);
-        let dials = std::sync::Mutex::new(Vec::new());
-        let result = rt.block_on(dial_leader(&targets, |t| {
-            let dials = &dials;
-            async move {
-                let now = start.elapsed();
-                dials.lock().unwrap().push((t.clone(), now));
-                match t.as_str() {
-                    "a:1" => {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        Err(NetError::Timeout {
-                            what: "connecting to a:1".into(),
-                            after: Duration::from_secs(5),
-                        })
-                    }
-                    _ if now < elected => Err(NetError::Refused(WireError::new(
-                        ErrorCode::Unavailable,
-                        "not the leader; the leader is a:1".to_owned(),
-                    ))),
-                    // The successor (a fake cannot make a welcome: it fails otherwise).
-                    _ => Err(NetError::Connection("the successor".into())),
-                }
-            }
-        }));
-        assert!(result.is_err());
-        let dials = dials.into_inner().unwrap();
+        let dials = during_election(&["b:1"], Duration::from_secs(5));
         assert!(
             dials
                 .iter()
-                .any(|(t, at)| t == "b:1" && *at >= elected && *at < Duration::from_secs(5)),
+                .any(|(t, at)| t == "b:1" && *at >= ELECTED && *at < Duration::from_secs(5)),
             "the follower was not asked again before the dead leader's timeout: {dials:?}"
         );
     }
