@@ -395,6 +395,104 @@ fn nodes_adopted_by_the_next_agent_are_heard_watchdog_readiness_and_port() {
     );
 }
 
+/// The threads of process `pid`: name and voluntary context switches.
+fn threads(pid: u64) -> Vec<(String, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|t| {
+        let t = t.ok()?.path();
+        let name = std::fs::read_to_string(t.join("comm")).ok()?;
+        let status = std::fs::read_to_string(t.join("status")).ok()?;
+        let switches = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((name.trim().to_owned(), switches))
+    })
+    .collect()
+}
+
+/// A node that says it is ready while no agent runs (an upgrade, a crash) is RUNNING
+/// under the next agent with the same process: the log keeper held its notify socket
+/// and read it meanwhile. A node pinging its watchdog ten times a second with a
+/// blocking send goes on pinging while no agent runs: the keeper reads what it sends
+/// (a socket held unread fills after ten datagrams, and the send then blocks).
+#[test]
+fn what_nodes_say_while_no_agent_runs_reaches_the_next_agent_and_never_blocks_them() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let prog = bin("drover-testprog").display().to_string();
+    let text = format!(
+        "[instances.agent-1]\n[nodes.late]\ninstance = \"agent-1\"\ncommand = [\"{prog}\", \
+         \"--ready-after\", \"2s\"]\nreadiness = {{ kind = \"notify\", timeout = \"90s\" }}\n\
+         [nodes.chatty]\ninstance = \"agent-1\"\ncommand = [\"{prog}\", \"--watchdog\"]\n\
+         watchdog = \"400ms\"\n"
+    );
+    let file = c.dir.path().join("late.toml");
+    std::fs::write(&file, text).unwrap();
+    let deploy = drover_tests::Background::start(
+        &c,
+        &addr.to_string(),
+        &["deploy-config", file.to_str().unwrap()],
+        "deploy",
+    );
+    let (late, chatty) = eventually("late started, chatty running", PATIENCE, || {
+        let nodes = get_nodes(&c, addr);
+        match (nodes.get("late")?, nodes.get("chatty")?) {
+            ((l, Some(late)), (r, Some(chatty))) if l == "PENDING" && r == "RUNNING" => {
+                Some((*late, *chatty))
+            }
+            _ => None,
+        }
+    });
+    agent.kill();
+    drop(deploy);
+    let pings = |pid| {
+        threads(pid)
+            .into_iter()
+            .find(|(name, _)| name == "watchdog")
+            .map(|(_, n)| n)
+    };
+    let before = pings(chatty).expect("chatty has a watchdog thread");
+    // Its thread that sends READY=1 has done so, to no agent.
+    eventually("late said it is ready", PATIENCE, || {
+        let names = threads(late);
+        (!names.is_empty() && !names.iter().any(|(n, _)| n == "ready")).then_some(())
+    });
+    // Thirty more pings (a sleep between two): none blocked.
+    eventually("chatty pinging on while no agent runs", PATIENCE, || {
+        (pings(chatty)? >= before + 30).then_some(())
+    });
+    let agent = c.start_agent("agent-1", addr);
+    let running = eventually("both RUNNING under the next agent", PATIENCE, || {
+        let nodes = get_nodes(&c, addr);
+        match (nodes.get("late")?, nodes.get("chatty")?) {
+            ((l, Some(late)), (r, Some(chatty))) if l == "RUNNING" && r == "RUNNING" => {
+                Some((*late, *chatty))
+            }
+            _ => None,
+        }
+    });
+    assert_eq!(running, (late, chatty), "{}", agent.log_text());
+    // The adopted chatty is watched and fed by the new agent: still its process after
+    // ten of its watchdog periods.
+    let since = pings(chatty).expect("chatty runs");
+    eventually("chatty pinging the next agent", PATIENCE, || {
+        (pings(chatty)? >= since + 40).then_some(())
+    });
+    assert_eq!(
+        get_nodes(&c, addr).get("chatty"),
+        Some(&("RUNNING".to_owned(), Some(chatty))),
+        "{}",
+        agent.log_text()
+    );
+}
+
 /// A node waiting out its restart backoff when its agent goes waits out the rest of it
 /// under the next agent process (restarting the agent neither hurries a crash loop nor
 /// resets it), and one whose restart came due meanwhile is started by the next agent:

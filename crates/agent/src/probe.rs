@@ -264,7 +264,7 @@ fn descends_from(pid: u32, main: u32) -> bool {
 }
 
 /// The cgroup v2 path of `pid` (the `0::` line of `/proc/PID/cgroup`).
-fn cgroup_of(pid: u32) -> Option<String> {
+pub(crate) fn cgroup_of(pid: u32) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
@@ -344,7 +344,7 @@ pub async fn recv(
     Ok((n, Sender { pid, cgroup }))
 }
 
-fn recv_cred(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<u32>)> {
+pub(crate) fn recv_cred(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<u32>)> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),

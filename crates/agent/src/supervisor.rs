@@ -681,6 +681,32 @@ pub(crate) fn notify_path(dir: &Path) -> PathBuf {
     dir.join("notify.sock")
 }
 
+/// A notify socket the log keeper held for a node, if it is still the one its path
+/// names (the path is there and the socket is bound to it); otherwise the node gets a
+/// new one.
+fn still_bound(fd: std::os::fd::OwnedFd, path: &Path) -> Option<std::os::unix::net::UnixDatagram> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let sock = std::os::unix::net::UnixDatagram::from(fd);
+    let addr = sock.local_addr().ok()?;
+    let there = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    (there && addr.as_pathname() == Some(path)).then_some(())?;
+    sock.set_nonblocking(true).ok()?;
+    Some(sock)
+}
+
+/// What the log keeper heard on a node's notify socket, as the datagram it was.
+fn heard_event(node: &str, h: crate::keeper::notify::Heard) -> Event {
+    Event::Notify {
+        node: node.to_owned(),
+        text: h.text,
+        sender: probe::Sender {
+            pid: h.pid,
+            cgroup: h.cgroup,
+        },
+        _queued: None,
+    }
+}
+
 /// Binds a node's notify socket in `dir` (as [`crate::sockdir`] names it), replacing a
 /// stale one.
 pub(crate) fn bind_notify(dir: &Path) -> std::io::Result<std::os::unix::net::UnixDatagram> {
@@ -851,6 +877,12 @@ impl Supervisor {
             let closed_to = events_tx.clone();
             k.on_closed(move || {
                 let _ = closed_to.send(Event::OutputClosed);
+            });
+            let heard_to = events_tx.clone();
+            k.on_heard(move |node, heard| {
+                for h in heard {
+                    let _ = heard_to.send(heard_event(node, h));
+                }
             });
         }
         let (changes_tx, changes_rx) = watch::channel(0);
@@ -1945,6 +1977,11 @@ impl Core {
     ) -> std::io::Result<tokio::task::AbortHandle> {
         // Every notify socket passes credentials from its bind on
         // ([`crate::spawner::prepare_fresh`]), before the node can send.
+        // The keeper holds it too, and reads it while no agent runs (an upgrade, a
+        // crash), for the next agent (see [`crate::keeper::notify`]).
+        if let Some(k) = &self.cfg.keeper {
+            k.hold_notify(name, std::os::fd::AsFd::as_fd(&sock));
+        }
         let sock = UnixDatagram::from_std(sock)?;
         let events = self.events.clone();
         let node = name.to_owned();
@@ -2908,6 +2945,9 @@ impl Core {
             let _ = std::fs::remove_file(&record);
             self.records.forget(&record);
             let _ = std::fs::remove_file(notify_path(&e.dir));
+            if let Some(k) = &self.cfg.keeper {
+                k.forget_notify(name);
+            }
             if let Some(c) = &self.cgroups {
                 remove_cgroup(c.node(name));
                 remove_cgroup(c.probe(name));
@@ -3250,18 +3290,33 @@ impl Core {
                 .filter(|(name, _)| !records.contains_key(*name))
                 .map(|(name, spec)| (name.as_str(), spec)),
         );
-        // A node whose process lives gets its notify socket bound anew (the last agent's
-        // went with it), so that its READY=1, WATCHDOG=1 and STATUS= reach this agent;
-        // only the socket: its directory keeps the owner and mode it has. A socket that
-        // cannot be bound costs the node its notifications, not its adoption.
+        // A node whose process lives reads on the notify socket the log keeper held
+        // for it, with what the keeper heard there meanwhile (see
+        // [`crate::keeper::notify`]); without one (no keeper, or it was started anew)
+        // the socket is bound anew, so that its READY=1, WATCHDOG=1 and STATUS= reach
+        // this agent from now on; only the socket: its directory keeps the owner and
+        // mode it has. A socket that cannot be bound costs the node its notifications,
+        // not its adoption.
+        let mut heard = BTreeMap::new();
         for (name, f) in &found {
             if f.alive.is_none() || drover_proto::name::check(name).is_err() {
                 continue;
             }
-            let rebound = self
-                .socks
-                .ensure(name)
-                .and_then(|()| bind_notify(&self.socks.dir(name)))
+            let kept = self.cfg.keeper.as_ref().and_then(|k| k.take_notify(name));
+            let kept = kept.and_then(|(fd, h)| {
+                let sock = still_bound(fd, &notify_path(&self.socks.dir(name)))?;
+                heard.insert(name.clone(), h);
+                Some(sock)
+            });
+            let rebound = kept
+                .map_or_else(
+                    || {
+                        self.socks
+                            .ensure(name)
+                            .and_then(|()| bind_notify(&self.socks.dir(name)))
+                    },
+                    Ok,
+                )
                 .and_then(|sock| {
                     probe::pass_credentials(&sock)?;
                     Ok(crate::spawner::Made {
@@ -3296,6 +3351,9 @@ impl Core {
                 let dir = self.nodes_dir.join(&name);
                 let _ = std::fs::remove_file(dir.join("record.json"));
                 let _ = std::fs::remove_file(notify_path(&dir));
+                if let Some(k) = &self.cfg.keeper {
+                    k.forget_notify(&name);
+                }
                 continue;
             }
             let config_id = record.map(|r| r.config_id.clone()).unwrap_or_default();
@@ -3418,6 +3476,10 @@ impl Core {
             }
             self.run_actions(&name, actions);
             self.save_record(&name);
+            // What it said while no agent ran, before what it says from now on.
+            for h in heard.remove(&name).unwrap_or_default() {
+                self.event(heard_event(&name, h));
+            }
             self.remove_if_done(&name);
         }
         self.sweep_stale_cgroups();

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use super::proto::{self, Msg, PipeInfo, Received};
+use super::proto::{self, Heard, Msg, PipeInfo, Received};
 use crate::logs::{LogConfig, Stream};
 
 /// How long the agent waits for a keeper it started to listen, and for its answers.
@@ -122,6 +122,10 @@ struct Inner {
     /// Told of every pipe the keeper closed (the supervisor, which may be waiting for a
     /// failed process's output).
     on_closed: Mutex<Option<OnClosed>>,
+    /// Told what the keeper heard on a node's notify socket while this agent was not
+    /// connected to it (a lost connection, not a lost agent: the supervisor reads the
+    /// socket again).
+    on_heard: Mutex<Option<OnHeard>>,
 }
 
 /// See [`Inner::on_closed`].
@@ -130,6 +134,18 @@ struct OnClosed(Box<dyn Fn() + Send + Sync>);
 impl std::fmt::Debug for OnClosed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("OnClosed")
+    }
+}
+
+/// What [`Inner::on_heard`] calls: a node, and what was heard on its notify socket.
+type HeardFn = dyn Fn(&str, Vec<Heard>) + Send + Sync;
+
+/// See [`Inner::on_heard`].
+struct OnHeard(Box<HeardFn>);
+
+impl std::fmt::Debug for OnHeard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnHeard")
     }
 }
 
@@ -156,6 +172,13 @@ struct State {
     down_since: Option<(Instant, bool)>,
     /// The read end of every pipe handed over and not yet closed, by inode.
     held: BTreeMap<u64, (PipeInfo, OwnedFd)>,
+    /// A duplicate of each node's notify socket handed over, to hand it again to a
+    /// keeper started anew.
+    notify_held: BTreeMap<String, OwnedFd>,
+    /// The notify sockets the keeper held when this agent first met it (of nodes a
+    /// previous agent process started) and what it heard on them, until the supervisor
+    /// takes them.
+    notify_found: BTreeMap<String, (OwnedFd, Vec<Heard>)>,
     /// Pipes held that the keeper has not been sent yet, because its socket was full
     /// (the keeper is busy): the flusher sends them, so that a spawn never waits.
     unsent: Vec<u64>,
@@ -175,6 +198,7 @@ impl Keeper {
             state: Mutex::new(State::default()),
             unsent_added: Condvar::new(),
             on_closed: Mutex::new(None),
+            on_heard: Mutex::new(None),
         });
         // A keeper that runs is greeted now (it holds the pipes of nodes a previous
         // agent started); a new one is waited for by the watcher, so that the agent's
@@ -231,6 +255,68 @@ impl Keeper {
             }
         }
         state.held.insert(ino, (pipe, read));
+    }
+
+    /// Hands a node's notify socket to the keeper, which holds it past this agent's
+    /// end (see [`super::notify`]). Never blocks: one the keeper cannot take now goes to
+    /// it when it is next connected.
+    pub fn hold_notify(&self, node: &str, sock: BorrowedFd<'_>) {
+        let fd = match sock.try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(%node, "cannot hand the node's notify socket to the log keeper: {e}");
+                return;
+            }
+        };
+        let mut state = self.inner.lock();
+        if let Some(conn) = state.conn.clone() {
+            let msg = Msg::Notify {
+                node: node.to_owned(),
+            };
+            if let Err(e) = proto::try_send(conn.as_fd(), &msg, Some(fd.as_fd()))
+                && e.kind() != io::ErrorKind::WouldBlock
+            {
+                warn!(%node, "cannot hand the node's notify socket to the log keeper: {e}");
+                lose(&mut state, &conn);
+            }
+        }
+        state.notify_held.insert(node.to_owned(), fd);
+    }
+
+    /// Lets the keeper close a removed node's notify socket.
+    pub fn forget_notify(&self, node: &str) {
+        let mut state = self.inner.lock();
+        let found = state.notify_found.remove(node).is_some();
+        if state.notify_held.remove(node).is_none() && !found {
+            return;
+        }
+        if let Some(conn) = state.conn.clone() {
+            let msg = Msg::Forget {
+                node: node.to_owned(),
+            };
+            if let Err(e) = proto::try_send(conn.as_fd(), &msg, None)
+                && e.kind() != io::ErrorKind::WouldBlock
+            {
+                lose(&mut state, &conn);
+            }
+        }
+    }
+
+    /// The notify socket of `node` the keeper held when this agent met it (the socket a
+    /// previous agent process bound) and what the keeper heard there meanwhile, oldest
+    /// first.
+    pub fn take_notify(&self, node: &str) -> Option<(OwnedFd, Vec<Heard>)> {
+        self.inner.lock().notify_found.remove(node)
+    }
+
+    /// Calls `f` (from a thread of the keeper's) with what the keeper heard on a node's
+    /// notify socket while it had lost this agent's connection.
+    pub fn on_heard(&self, f: impl Fn(&str, Vec<Heard>) + Send + Sync + 'static) {
+        *self
+            .inner
+            .on_heard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(OnHeard(Box::new(f)));
     }
 
     /// Whether nodes started now write to pipes for the keeper: false once no keeper
@@ -402,6 +488,7 @@ impl Inner {
             None,
         )?;
         let mut theirs = BTreeMap::new();
+        let mut notify = Vec::new();
         loop {
             match proto::recv(conn.as_fd())? {
                 Received::Eof => {
@@ -412,6 +499,9 @@ impl Inner {
                 }
                 Received::Packet(Ok((Msg::Holding { ino, pipe }, Some(fd)))) => {
                     theirs.insert(ino, (pipe, fd));
+                }
+                Received::Packet(Ok((Msg::HoldingNotify { node, heard }, Some(fd)))) => {
+                    notify.push((node, fd, heard));
                 }
                 Received::Packet(Ok((Msg::Ready, _))) => break,
                 Received::Packet(Ok((Msg::Closed { ino, tail }, _))) => {
@@ -439,6 +529,23 @@ impl Inner {
                 Some(fd.as_fd()),
             )?;
         }
+        for (node, fd) in &state.notify_held {
+            let msg = Msg::Notify { node: node.clone() };
+            proto::send(conn.as_fd(), &msg, Some(fd.as_fd()))?;
+        }
+        // A socket this agent handed over is read by its supervisor already: what the
+        // keeper heard there while the connection was down goes to it. The others are
+        // of nodes a previous agent process started.
+        let mut heard_again = Vec::new();
+        for (node, fd, heard) in notify {
+            if state.notify_held.contains_key(&node) {
+                if !heard.is_empty() {
+                    heard_again.push((node, heard));
+                }
+            } else {
+                state.notify_found.insert(node, (fd, heard));
+            }
+        }
         state.unsent.clear();
         state.conn = Some(conn.clone());
         if let Some((since, true)) = state.down_since.take() {
@@ -446,6 +553,12 @@ impl Inner {
                 "a log keeper answers again after {:?}; nodes started from now on write through it",
                 since.elapsed()
             );
+        }
+        drop(state);
+        if let Some(f) = &*self.on_heard.lock().unwrap_or_else(PoisonError::into_inner) {
+            for (node, heard) in heard_again {
+                (f.0)(&node, heard);
+            }
         }
         Ok(conn)
     }

@@ -24,13 +24,15 @@
 //!   all) write their own files, as without a keeper ([`client::Keeper::available`]).
 //! - The agent dies: the keeper writes on. The next agent connects, and the keeper
 //!   sends it a duplicate of every read end it holds, so that the agent holds them
-//!   again.
+//!   again. It holds the nodes' notify sockets too, reads them while no agent is
+//!   connected and hands them to the next with what it heard ([`notify`]).
 //! - Both die at once: the nodes get SIGPIPE on their next write (or EPIPE where they
 //!   ignore it), as they would with a supervisor's pipe anywhere.
 //!
 //! With no pipe left and no agent connected the keeper exits.
 
 pub mod client;
+pub mod notify;
 pub mod output;
 pub mod proto;
 pub mod server;

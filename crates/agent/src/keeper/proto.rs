@@ -75,6 +75,27 @@ pub enum Msg {
         /// Where it goes.
         pipe: PipeInfo,
     },
+    /// Agent → keeper, with a node's notify socket: hold it (in place of the one held
+    /// for that node), so that it outlives the agent; while no agent is connected the
+    /// keeper reads it (see [`super::notify`]).
+    Notify {
+        /// The node.
+        node: String,
+    },
+    /// Agent → keeper: the node is gone; close its notify socket.
+    Forget {
+        /// The node.
+        node: String,
+    },
+    /// Keeper → agent, on [`Msg::Hello`], with a duplicate of a node's notify socket:
+    /// one the keeper holds, and what it read there while no agent was connected.
+    HoldingNotify {
+        /// The node.
+        node: String,
+        /// What was read, oldest first.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        heard: Vec<Heard>,
+    },
     /// Keeper → agent: every pipe held was told.
     Ready,
     /// Keeper → agent: a pipe reached its end (every writer is gone) and is closed.
@@ -117,6 +138,20 @@ pub enum Msg {
     },
 }
 
+/// A notify datagram the keeper read while no agent was connected: the lines of it an
+/// agent acts on, and who sent it (as [`crate::probe::Sender`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heard {
+    /// The datagram's lines an agent acts on, one per line.
+    pub text: String,
+    /// The sender's pid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The sender's cgroup, read when the datagram came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
 /// Why a packet is not a message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BadMessage {
@@ -136,14 +171,17 @@ pub fn encode(msg: &Msg) -> Vec<u8> {
     serde_json::to_vec(msg).expect("messages serialize")
 }
 
-/// A packet's message, checked against the descriptors that came with it: `Pipe` and
-/// `Holding` need exactly one, the others none.
+/// A packet's message, checked against the descriptors that came with it: `Pipe`,
+/// `Holding`, `Notify` and `HoldingNotify` need exactly one, the others none.
 pub fn decode(bytes: &[u8], fds: usize) -> Result<Msg, BadMessage> {
     if bytes.len() > MAX_MESSAGE {
         return Err(BadMessage::TooLong);
     }
     let msg: Msg = serde_json::from_slice(bytes).map_err(|e| BadMessage::Invalid(e.to_string()))?;
-    let wants = usize::from(matches!(msg, Msg::Pipe { .. } | Msg::Holding { .. }));
+    let wants = usize::from(matches!(
+        msg,
+        Msg::Pipe { .. } | Msg::Holding { .. } | Msg::Notify { .. } | Msg::HoldingNotify { .. }
+    ));
     if fds != wants {
         return Err(BadMessage::Descriptors(format!(
             "a {} message came with {fds} descriptors, not {wants}",
@@ -166,6 +204,9 @@ fn kind(msg: &Msg) -> &'static str {
         Msg::Hello { .. } => "hello",
         Msg::Pipe { .. } => "pipe",
         Msg::Holding { .. } => "holding",
+        Msg::Notify { .. } => "notify",
+        Msg::Forget { .. } => "forget",
+        Msg::HoldingNotify { .. } => "holding_notify",
         Msg::Ready => "ready",
         Msg::Closed { .. } => "closed",
         Msg::WriteFailing { .. } => "write_failing",

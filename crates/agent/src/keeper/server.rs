@@ -26,9 +26,10 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use super::notify::Held;
 use super::proto::{self, Msg, PipeInfo, Received};
 use super::writer::{Tail, Writer, whole_lines};
 use crate::logs::{LogConfig, NodeLogs, Stream};
@@ -57,7 +58,32 @@ impl Pipe {
     }
 }
 
-type Outbox = mpsc::UnboundedSender<(Msg, Option<Rc<Pipe>>)>;
+/// A descriptor travelling with a message to an agent.
+enum Carried {
+    Pipe(Rc<Pipe>),
+    Notify(OwnedFd),
+}
+
+impl Carried {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Self::Pipe(p) => p.fd.get_ref().as_fd(),
+            Self::Notify(fd) => fd.as_fd(),
+        }
+    }
+}
+
+type Outbox = mpsc::UnboundedSender<(Msg, Option<Carried>)>;
+
+/// How many agents are connected, for the notify sockets' readers (see
+/// [`super::notify`]), which read only while none is.
+struct Agents(watch::Sender<usize>);
+
+impl Default for Agents {
+    fn default() -> Self {
+        Self(watch::channel(0).0)
+    }
+}
 
 /// One stream's current file as the keeper writes it.
 #[derive(Default)]
@@ -92,6 +118,11 @@ struct State {
     /// its old one, still draining).
     writers: HashMap<(PathBuf, Stream), Slot>,
     conns: HashMap<u64, Outbox>,
+    /// `conns.len()`, watched by the notify sockets' readers.
+    agents: Agents,
+    /// Nodes' notify sockets, held past the agent (see [`super::notify`]), with their
+    /// readers.
+    notify: HashMap<String, (Rc<Held>, tokio::task::AbortHandle)>,
     next_conn: u64,
     socket: PathBuf,
     state_dir: PathBuf,
@@ -247,6 +278,7 @@ async fn serve_conn(shared: Shared, conn: OwnedFd) -> io::Result<()> {
         state.next_conn += 1;
         let id = state.next_conn;
         state.conns.insert(id, tx.clone());
+        state.agents.0.send_replace(state.conns.len());
         id
     };
     let result = async {
@@ -262,20 +294,24 @@ async fn serve_conn(shared: Shared, conn: OwnedFd) -> io::Result<()> {
                         Err(_would_block) => {}
                     }
                 }
-                Some((msg, pipe)) = rx.recv() => send(&conn, &msg, pipe.as_deref()).await?,
+                Some((msg, fd)) = rx.recv() => send(&conn, &msg, fd.as_ref()).await?,
             }
         }
     }
     .await;
-    shared.borrow_mut().conns.remove(&id);
+    {
+        let mut state = shared.borrow_mut();
+        state.conns.remove(&id);
+        state.agents.0.send_replace(state.conns.len());
+    }
     exit_if_idle(&shared);
     result
 }
 
-async fn send(conn: &AsyncFd<OwnedFd>, msg: &Msg, pipe: Option<&Pipe>) -> io::Result<()> {
+async fn send(conn: &AsyncFd<OwnedFd>, msg: &Msg, carried: Option<&Carried>) -> io::Result<()> {
     loop {
         let mut guard = conn.writable().await?;
-        let fd = pipe.map(|p| p.fd.get_ref().as_fd());
+        let fd = carried.map(Carried::fd);
         match guard.try_io(|c| proto::send(c.as_fd(), msg, fd)) {
             Ok(result) => return result,
             Err(_would_block) => {}
@@ -298,7 +334,24 @@ fn handle(shared: &Shared, tx: &Outbox, msg: Msg, fd: Option<OwnedFd>) {
                     info.keep = keep;
                 }
                 let info = pipe.info.borrow().clone();
-                let _ = tx.send((Msg::Holding { ino, pipe: info }, Some(pipe.clone())));
+                let _ = tx.send((
+                    Msg::Holding { ino, pipe: info },
+                    Some(Carried::Pipe(pipe.clone())),
+                ));
+            }
+            // This agent reads the sockets from now on (their readers stopped when it
+            // connected), after what was heard before.
+            for (node, (held, _)) in &state.notify {
+                match held.dup() {
+                    Ok(fd) => {
+                        let msg = Msg::HoldingNotify {
+                            node: node.clone(),
+                            heard: held.take_heard(),
+                        };
+                        let _ = tx.send((msg, Some(Carried::Notify(fd))));
+                    }
+                    Err(e) => warn!(%node, "cannot pass on the node's notify socket: {e}"),
+                }
             }
             let _ = tx.send((Msg::Ready, None));
             // Losses under way, after the hand-over, where the agent reads notices.
@@ -314,6 +367,23 @@ fn handle(shared: &Shared, tx: &Outbox, msg: Msg, fd: Option<OwnedFd>) {
             }
         }
         (Msg::Pipe { pipe }, Some(fd)) => take_pipe(shared, pipe, fd),
+        (Msg::Notify { node }, Some(fd)) => {
+            let mut state = shared.borrow_mut();
+            let agents = state.agents.0.subscribe();
+            match Held::start(fd, agents) {
+                Ok(held) => {
+                    if let Some((_, old)) = state.notify.insert(node, held) {
+                        old.abort();
+                    }
+                }
+                Err(e) => warn!(%node, "cannot hold the node's notify socket: {e}"),
+            }
+        }
+        (Msg::Forget { node }, _) => {
+            if let Some((_, reader)) = shared.borrow_mut().notify.remove(&node) {
+                reader.abort();
+            }
+        }
         (other, _) => warn!("ignoring an unexpected {other:?} message"),
     }
 }
@@ -503,7 +573,7 @@ fn leave_agent_leaf() {
 }
 
 /// Registers a descriptor with the runtime.
-fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+pub(super) fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the `OwnedFd` is a valid descriptor that the `AsyncFd` owns from now on:
     // nothing else closes or replaces it while it is registered.
     unsafe { AsyncFd::register(fd).map_err(io::Error::from) }
