@@ -168,6 +168,60 @@ struct InstanceToml {
     port: Option<u16>,
 }
 
+/// The key path of a key the TOML parser found twice, `span` being the last part of
+/// it: the table header above it, the inline table it is in and its dotted prefix
+/// (`nodes.w1.env.A`); for a table header given twice, the header.
+fn duplicate_key_path(text: &str, span: std::ops::Range<usize>) -> Option<String> {
+    let unquote = |k: &str| {
+        k.split('.')
+            .map(|p| p.trim().trim_matches(['"', '\'']))
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    let line_start = text.get(..span.start)?.rfind('\n').map_or(0, |i| i + 1);
+    let head = text.get(line_start..span.start)?;
+    let token = text.get(span.clone())?;
+    if head.trim_start().starts_with('[') {
+        return Some(unquote(&format!(
+            "{}{token}",
+            head.trim_start().trim_start_matches('[')
+        )));
+    }
+    let section = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|h| {
+            unquote(
+                h.trim_start_matches('[')
+                    .split(']')
+                    .next()
+                    .unwrap_or_default(),
+            )
+        })
+        .unwrap_or_default();
+    let (outer, inner) = match head.find('{') {
+        Some(at) => {
+            let after = &head[at + 1..];
+            let inner = after.rsplit([',', '{']).next().unwrap_or_default();
+            (head[..at].trim().trim_end_matches('=').to_owned(), inner)
+        }
+        None => (String::new(), head),
+    };
+    let path = [
+        section,
+        unquote(&outer),
+        unquote(&format!("{inner}{token}")),
+    ]
+    .into_iter()
+    .filter(|p| !p.is_empty())
+    .collect::<Vec<_>>()
+    .join(".");
+    Some(path)
+}
+
 /// Parses and validates a TOML cluster file. `file` names it in error messages.
 ///
 /// Every problem is reported in one pass, sorted by line: unknown keys and values of the
@@ -182,7 +236,10 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
     let syntax = |e: toml::de::Error| Issue {
         file: Some(file.to_owned()),
         line: e.span().map(|s| lines.line_of(s.start)),
-        key: None,
+        key: e
+            .span()
+            .filter(|_| e.message().trim_end() == "duplicate key")
+            .and_then(|s| duplicate_key_path(text, s)),
         message: e.message().trim_end().to_owned(),
     };
     let mut doc = DeTable::parse(text).map_err(|e| Issues(vec![syntax(e)]))?;
@@ -1654,5 +1711,33 @@ supplementary_groups = ["ok", "x:y"]
         ) {
             let _ = parse_toml("f.toml", &text);
         }
+    }
+
+    #[test]
+    fn a_duplicate_key_is_named_by_its_path() {
+        let err = |t: &str| parse_toml("d.toml", t).unwrap_err().to_string();
+        let node = "[instances.a]\n[nodes.w1]\ninstance = \"a\"\ncommand = [\"/bin/sleep\"]\n";
+        assert_eq!(
+            err(&format!("{node}command = [\"/bin/true\"]\n")),
+            "d.toml:5: nodes.w1.command: duplicate key"
+        );
+        assert_eq!(
+            err(&format!("{node}env = {{ A = \"1\", A = \"2\" }}\n")),
+            "d.toml:5: nodes.w1.env.A: duplicate key"
+        );
+        assert_eq!(
+            err(&format!("{node}[nodes.w1]\ninstance = \"a\"\n")),
+            "d.toml:5: nodes.w1: duplicate key"
+        );
+        assert_eq!(
+            err(&format!(
+                "{node}backoff.initial = \"1s\"\nbackoff.initial = \"2s\"\n"
+            )),
+            "d.toml:6: nodes.w1.backoff.initial: duplicate key"
+        );
+        assert_eq!(
+            err("[instances.\"a\"]\n[instances.\"a\"]\n"),
+            "d.toml:2: instances.a: duplicate key"
+        );
     }
 }
