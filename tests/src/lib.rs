@@ -1154,3 +1154,13 @@ pub fn expired() -> Validity {
         not_after: now - time::Duration::days(1),
     }
 }
+
+/// True while process `pid` exists and is not a zombie (an adopted node's process that
+/// ended is reaped by whoever inherited it, not by the agent).
+pub fn alive(pid: impl std::fmt::Display) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use drover_tests::{Cluster, PATIENCE, bin, eventually};
+use drover_tests::{Cluster, PATIENCE, alive, bin, eventually};
 
 /// Node names drawn from; each round deploys about three quarters of them.
 const NAMES: usize = 200;
@@ -489,6 +489,61 @@ fn what_nodes_say_while_no_agent_runs_reaches_the_next_agent_and_never_blocks_th
         get_nodes(&c, addr).get("chatty"),
         Some(&("RUNNING".to_owned(), Some(chatty))),
         "{}",
+        agent.log_text()
+    );
+}
+
+/// A restart cut short by the agent's SIGKILL (its stop signal sent, the process still
+/// running: it ignores SIGTERM) is finished by the next agent: the node runs a new
+/// process and the old one is gone, rather than being adopted as RUNNING.
+#[test]
+fn a_restart_cut_short_by_the_agents_death_is_finished_by_the_next_agent() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let prog = bin("drover-testprog").display().to_string();
+    c.deploy_text(
+        addr,
+        "stubborn.toml",
+        &format!(
+            "[instances.agent-1]\n[nodes.stubborn]\ninstance = \"agent-1\"\n\
+             command = [\"{prog}\", \"--ignore-sigterm\"]\nstop_timeout = \"3s\"\n"
+        ),
+    );
+    let old = eventually("stubborn running", PATIENCE, || {
+        match get_nodes(&c, addr).get("stubborn") {
+            Some((state, Some(pid))) if state == "RUNNING" => Some(*pid),
+            _ => None,
+        }
+    });
+    let restart =
+        drover_tests::Background::start(&c, &addr.to_string(), &["restart", "stubborn"], "restart");
+    let record = c
+        .dir
+        .path()
+        .join("agent-agent-1/nodes/stubborn/record.json");
+    eventually("the restart recorded", PATIENCE, || {
+        std::fs::read_to_string(&record)
+            .ok()?
+            .contains("\"restarting\":true")
+            .then_some(())
+    });
+    agent.kill();
+    drop(restart);
+    assert!(alive(old), "the old process ignores SIGTERM");
+    let agent = c.start_agent("agent-1", addr);
+    let new = eventually(
+        "stubborn running a new process",
+        PATIENCE,
+        || match get_nodes(&c, addr).get("stubborn") {
+            Some((state, Some(pid))) if state == "RUNNING" && *pid != old => Some(*pid),
+            _ => None,
+        },
+    );
+    assert!(
+        !alive(old),
+        "the old process {old} is gone (new {new}): {}",
         agent.log_text()
     );
 }

@@ -9,17 +9,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually};
+use drover_tests::{Cluster, PATIENCE, Proc, alive, bin, eventually};
 use serde_json::Value;
-
-/// True while `pid` exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
-}
 
 /// Field `n` (1-based, as proc_pid_stat(5)) of `/proc/<pid>/stat`.
 fn stat_field(pid: u32, n: usize) -> i64 {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use drover_tests::nodelogs::Sampler;
-use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually};
+use drover_tests::{Cluster, PATIENCE, Proc, alive, bin, eventually};
 
 const MAX_BYTES: u64 = 64 * 1024;
 const KEEP: u64 = 2;
@@ -65,16 +65,6 @@ fn node_pid(dir: &Path) -> i32 {
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("record.json")).unwrap()).unwrap();
     i32::try_from(record["process"]["pid"].as_i64().unwrap()).unwrap()
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
 }
 
 /// The pid of the keeper of `state_dir`.

@@ -13,7 +13,7 @@ use drover_agent::logs::LogConfig;
 use drover_agent::supervisor::{Op, Supervisor, SupervisorConfig};
 use drover_proto::config::parse_toml;
 use drover_proto::model::{NodeStatus, ResultData, State};
-use drover_tests::bin;
+use drover_tests::{alive, bin};
 
 struct World {
     dir: tempfile::TempDir,
@@ -138,14 +138,6 @@ fn query(sock: &Path, id: &str) -> serde_json::Value {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).unwrap();
     serde_json::from_str(&line).unwrap()
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
 }
 
 #[test]

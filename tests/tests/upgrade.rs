@@ -15,7 +15,7 @@ use std::time::Duration;
 use drover_net::conn::{self, TransportSettings};
 use drover_net::{Credentials, TlsFiles};
 use drover_proto::msg::{API_VERSION, Hello, PeerRole};
-use drover_tests::{Cluster, PATIENCE, Proc, addr_in_log, bin, eventually, free_udp_port};
+use drover_tests::{Cluster, PATIENCE, Proc, addr_in_log, alive, bin, eventually, free_udp_port};
 use nix::sys::signal::Signal;
 
 /// A copy of binary `name` at `<test dir>/<release>/name`: a release being installed.
@@ -66,11 +66,6 @@ fn running(c: &Cluster, addr: SocketAddr) -> BTreeMap<String, (u64, u64)> {
         }
         (found.len() == 3).then_some(found)
     })
-}
-
-fn alive(pid: u64) -> bool {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
-    nix::sys::signal::kill(pid, None).is_ok()
 }
 
 fn agent_from(c: &Cluster, exe: &PathBuf, addr: SocketAddr, log: &str) -> Proc {

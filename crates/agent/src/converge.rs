@@ -162,6 +162,9 @@ pub struct Found {
     pub epoch: u64,
     /// An operator stopped it.
     pub stopped: bool,
+    /// An operator's restart was under way (its process told to stop, to be started
+    /// again): a process still alive is stopped and the node started anew.
+    pub restarting: bool,
     /// Its process had ended for good under its restart policy (failed, or exited
     /// successfully under a policy that restarts only failures), with no operator
     /// involved: it is not started again for the same spec.
@@ -189,7 +192,8 @@ pub enum Then {
         /// Its pid.
         pid: i32,
     },
-    /// Adopt this process, then restart it: it runs an outdated spec.
+    /// Adopt this process, then restart it: it runs an outdated spec, or an
+    /// operator's restart of it was cut short.
     Restart {
         /// Its pid.
         pid: i32,
@@ -241,6 +245,7 @@ pub fn recover(desired: &Desired, found: &BTreeMap<String, Found>) -> BTreeMap<S
             Some(spec) => {
                 let current = &f.spec == spec && f.epoch >= desired.restart_epoch;
                 let keep = |pid| match (current, f.stopped) {
+                    (true, false) if f.restarting => Then::Restart { pid },
                     (true, false) => Then::Adopt { pid },
                     (true, true) => Then::Stop { pid },
                     (false, _) => Then::Restart { pid },

@@ -575,6 +575,21 @@ impl Machine {
         )
     }
 
+    /// Whether a requested stop is in progress that is to be followed by a start (a
+    /// restart).
+    pub fn is_restarting(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Stopping {
+                then_start: true,
+                ..
+            } | Phase::Spawning {
+                stop_requested: true,
+                then_start: true,
+            }
+        )
+    }
+
     /// Whether the machine believes a process exists or is being spawned.
     /// While this is true it never issues [`Action::Spawn`].
     pub fn has_process(&self) -> bool {
@@ -1032,11 +1047,15 @@ mod tests {
         // Restart (stop, then start) before the spawn's answer.
         assert!(m.stop(1).is_empty());
         assert!(m.is_stopping());
+        assert!(!m.is_restarting());
         assert!(m.start(1).is_empty());
+        assert!(m.is_restarting());
         // The process spawned for the earlier request is stopped once it exists…
         assert_eq!(m.spawned(2, 7), vec![SignalStop]);
+        assert!(m.is_restarting());
         // …and a new one spawned once it is gone.
         assert_eq!(m.exited(3, Signal(15)), vec![Spawn]);
+        assert!(!m.is_restarting());
         assert_eq!(m.spawned(4, 8), vec![]);
         assert!(!m.is_stopping());
         assert_eq!(m.pid(), Some(8));

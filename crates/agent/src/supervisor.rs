@@ -338,6 +338,10 @@ struct Record {
     /// An operator stopped it: it stays stopped across agent restarts.
     #[serde(default)]
     stopped: bool,
+    /// An operator's restart of it is under way (its process told to stop, to be
+    /// started again): a later agent process finishes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    restarting: bool,
     /// Its process ended for good under its restart policy: it stays so across agent
     /// restarts, until an operator or a new spec starts it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1845,6 +1849,10 @@ impl Core {
                     a
                 }
             };
+            // Recorded before the stop signal goes: an agent killed right after it
+            // leaves a record that says so, and the next one finishes the stop or
+            // restart rather than adopting a process that was told to go.
+            self.save_record(&name);
             self.run_actions(&name, actions);
             self.save_record(&name);
         }
@@ -3156,6 +3164,7 @@ impl Core {
             ready: e.book.machine.ready_at().is_some(),
             restarts: e.restarts(),
             stopped: e.stopped_by_operator,
+            restarting: e.book.machine.is_restarting(),
             ended: match e.book.machine.state() {
                 _ if e.proc().is_some()
                     || e.stopped_by_operator
@@ -3242,6 +3251,7 @@ impl Core {
                     spec: r.spec.clone(),
                     epoch: r.epoch,
                     stopped: r.stopped,
+                    restarting: r.restarting,
                     ended: r.ended.is_some(),
                     recorded: r.process.is_some() || r.restart_due,
                     alive,
@@ -3418,7 +3428,11 @@ impl Core {
                     actions.extend(e.book.machine.stop(now));
                 }
                 Then::Restart { .. } => {
-                    info!(node = %name, "node runs an outdated spec; restarting it");
+                    if record.is_some_and(|r| r.restarting && r.spec == e.spec) {
+                        info!(node = %name, "a restart of the node was under way when the last agent ended; finishing it");
+                    } else {
+                        info!(node = %name, "node runs an outdated spec; restarting it");
+                    }
                     actions.extend(e.book.machine.stop(now));
                     actions.extend(e.book.machine.start(now));
                 }
@@ -3928,6 +3942,7 @@ mod tests {
             ready: true,
             restarts,
             stopped: false,
+            restarting: false,
             ended: None,
             last_exit: None,
             last_error: None,

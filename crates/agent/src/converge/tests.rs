@@ -212,6 +212,7 @@ impl World {
                     spec: r.spec.clone(),
                     epoch: r.epoch,
                     stopped: r.stopped,
+                    restarting: false,
                     ended: false,
                     recorded: r.process.is_some(),
                     alive,
@@ -639,6 +640,7 @@ fn a_stray_leader_is_adopted_and_its_descendants_spared() {
         spec: spec("a", 1, true),
         epoch: 0,
         stopped: false,
+        restarting: false,
         ended: false,
         recorded: false,
         alive: None,
@@ -697,6 +699,7 @@ fn a_node_that_ended_for_good_stays_so_for_its_spec_only() {
         spec: spec("a", 1, true),
         epoch: 0,
         stopped: false,
+        restarting: false,
         ended: true,
         recorded: true,
         alive: None,
@@ -842,4 +845,45 @@ proptest! {
         let cut = (cut_frac * n as f64) as usize;
         s.run(&w, cut, cut2);
     }
+}
+
+#[test]
+fn a_restart_cut_short_is_finished_and_a_stop_wins_over_it() {
+    let d = Desired {
+        generation: 1,
+        restart_epoch: 0,
+        nodes: [("a".to_owned(), spec("a", 1, true))].into(),
+    };
+    let restarting = Found {
+        spec: spec("a", 1, true),
+        epoch: 0,
+        stopped: false,
+        restarting: true,
+        ended: false,
+        recorded: true,
+        alive: Some(7),
+        strays: Vec::new(),
+    };
+    let plans = recover(&d, &[("a".to_owned(), restarting.clone())].into());
+    assert_eq!(plans["a"].then, Then::Restart { pid: 7 });
+    // Its process gone meanwhile: started, as one lost.
+    let gone = Found {
+        alive: None,
+        ..restarting.clone()
+    };
+    let plans = recover(&d, &[("a".to_owned(), gone)].into());
+    assert_eq!(plans["a"].then, Then::Start { lost: true });
+    // No longer desired: stopped and removed, not started again.
+    let plans = recover(
+        &Desired::default(),
+        &[("a".to_owned(), restarting.clone())].into(),
+    );
+    assert_eq!(plans["a"].then, Then::StopAndRemove { pid: 7 });
+    // Stopped by an operator after all: stays stopped.
+    let stopped = Found {
+        stopped: true,
+        ..restarting
+    };
+    let plans = recover(&d, &[("a".to_owned(), stopped)].into());
+    assert_eq!(plans["a"].then, Then::Stop { pid: 7 });
 }
