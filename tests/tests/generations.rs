@@ -965,3 +965,62 @@ fn the_catch_up_of_an_agent_that_has_the_generation_waits_for_no_node() {
         ctl.log_text()
     );
 }
+
+/// The `deploy` records of the audit trail.
+fn deploy_records(c: &Cluster, addr: SocketAddr) -> Vec<serde_json::Value> {
+    c.drover(addr, &["audit"])
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["what"] == "deploy")
+        .collect()
+}
+
+/// A deploy whose controller was SIGKILLed before it answered (recorded, told to the
+/// agent, the node still in its start period) becomes the deployed one under the next
+/// controller process, and the audit trail says so: one record, under its requester,
+/// with its generation. Before, the trail had no record of it at all.
+#[test]
+fn a_deploy_whose_controller_died_before_answering_is_in_the_audit_trail_once_deployed() {
+    let c = Cluster::new();
+    let (mut ctl, addr, _agent) = start(&c, &[]);
+    let file = cluster_file(
+        &c,
+        "slow.toml",
+        "slow",
+        1,
+        "readiness = { kind = \"start-period\", period = \"4s\" }\n",
+    );
+    let deploy = drover_tests::Background::start(
+        &c,
+        &addr.to_string(),
+        &["deploy-config", file.to_str().unwrap()],
+        "deploy",
+    );
+    eventually("n1 started, not yet ready", PATIENCE, || {
+        let v = c.drover(addr, &["get-nodes"]).json();
+        (v["results"]["agent-1"]["n1"]["state"] == "PENDING").then_some(())
+    });
+    ctl.kill();
+    drop(deploy);
+    let (_ctl, addr) = c.start_controller(&addr.to_string());
+    let records = eventually("the deploy's record", PATIENCE, || {
+        let records = deploy_records(&c, addr);
+        (!records.is_empty()).then_some(records)
+    });
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(r["name"], "ops", "{r}");
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(r["generation"], 1, "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("after its request had ended")),
+        "{r}"
+    );
+    eventually("n1 running", PATIENCE, || running(&c, addr, 1));
+    // A later deploy is recorded once, by its own answer.
+    c.drover(addr, &["deploy"]);
+    assert_eq!(deploy_records(&c, addr).len(), 2);
+}

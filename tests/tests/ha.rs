@@ -1254,6 +1254,19 @@ fn concurrent_deploys_across_leader_kills_lose_no_acknowledged_deploy() {
         deployed.0 == last.0 || (!deployed.3 && deployed.2 > last.2),
         "deployed {deployed:?}, but {last:?} was acknowledged last; all: {records:?}"
     );
+
+    // The audit trail says who deployed the deployed generation, also when its
+    // request's leader was killed before answering and a successor completed it.
+    let (_, generation) = generations(&rt, &client).expect("etcd answers");
+    let audit = etcd::drover(&c, &list, &["audit"]);
+    assert!(
+        audit.stdout.lines().any(|l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            r["what"] == "deploy" && r["outcome"] == "ok" && r["generation"] == generation
+        }),
+        "no ok deploy record of generation {generation}:\n{}",
+        audit.stdout
+    );
 }
 
 #[test]

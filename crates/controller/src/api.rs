@@ -61,8 +61,9 @@ pub(crate) async fn handle_as(
         return Err(WireError::new(ErrorCode::Unavailable, message));
     }
     let id = req.id.clone();
-    // A deploy's record may be written with its deployed deploy, in one etcd write.
-    let fold = (matches!(req.body, ClientRequest::Deploy { .. }) && shared.audit.folds())
+    // A deploy's record may be written with its deployed deploy, in one etcd write; the
+    // desired deploy keeps who asked for it (see `store::Deploy::by`).
+    let fold = matches!(req.body, ClientRequest::Deploy { .. })
         .then(|| audit::Fold::new(caller, what, args.clone()));
     Ok(match handle_folding(shared, req, fold.clone()).await {
         Answer::One(mut reply) => {
@@ -1943,7 +1944,8 @@ async fn deploy_locked(
         .map(|(_, g)| g)
         .max()
         .unwrap_or(0);
-    let deploy = match blocking(|| shared.store.set_desired(config, floor, restart_all)) {
+    let by = fold.map(|f| Box::new(f.record(now_ms(), None, Outcome::Ok, None)));
+    let deploy = match blocking(|| shared.store.set_desired(config, floor, restart_all, by)) {
         Ok(d) => d,
         Err(e) => {
             let message = format!("cannot record the deploy, nothing was deployed: {e}");
@@ -2022,7 +2024,7 @@ async fn deploy_locked(
         let done = MgmtResult::ok(id, Some(ResultData::ConfigId(config.id.clone())));
         // The request's audit record, as its answer will read, in the same write: the
         // answer waits for one etcd write, not two.
-        let record = fold.map(|f| {
+        let record = fold.filter(|_| shared.audit.folds()).map(|f| {
             let mut answer = results.clone();
             answer.push(done.clone());
             let (outcome, message) = outcome_of(&ClientResponse::Results(answer));
@@ -2032,7 +2034,9 @@ async fn deploy_locked(
         match blocking(|| shared.store.set_deployed_with(&deploy, also)) {
             Ok(carried) => {
                 info!(config = %config.id, generation, failed, elapsed_ms, "deployed");
-                if carried && let (Some(f), Some(r)) = (fold, record) {
+                if carried == Some(true)
+                    && let (Some(f), Some(r)) = (fold, record)
+                {
                     f.written(r);
                 }
                 results.push(done);
@@ -2220,13 +2224,52 @@ pub(crate) fn converge(shared: &Arc<Shared>) {
         return;
     }
     let shared = shared.clone();
-    tokio::task::spawn_blocking(move || match shared.store.set_deployed(&desired) {
-        Ok(()) => info!(
-            config = %desired.config.id,
-            generation = desired.generation,
-            "every instance applied the desired configuration; it is the deployed one now"
-        ),
-        Err(e) => warn!("cannot record the deployed configuration: {e}"),
+    tokio::spawn(async move {
+        // The request that made it has ended: its requester's record says so now, with
+        // the deployed deploy in one etcd write, or after it in the state dir's trail.
+        let record = desired.by.as_deref().cloned().map(|mut r| {
+            let at_ms = now_ms();
+            let time = std::time::UNIX_EPOCH + Duration::from_millis(at_ms);
+            r.at_ms = at_ms;
+            r.time = humantime::format_rfc3339_millis(time).to_string();
+            r.generation = Some(desired.generation);
+            r.outcome = Outcome::Ok;
+            r.message = Some(format!(
+                "generation {} is deployed: every instance it names applied it after its request had ended",
+                desired.generation
+            ));
+            r
+        });
+        let also = record.as_ref().and_then(|r| shared.audit.put(r));
+        let written = {
+            let shared = shared.clone();
+            let desired = desired.clone();
+            tokio::task::spawn_blocking(move || shared.store.set_deployed_with(&desired, also))
+                .await
+        };
+        match written {
+            // Another call recorded it meanwhile.
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(carried))) => {
+                info!(
+                    config = %desired.config.id,
+                    generation = desired.generation,
+                    "every instance applied the desired configuration; it is the deployed one now"
+                );
+                let Some(record) = record else { return };
+                if carried {
+                    shared.audit.folded().await;
+                    published(&shared, record);
+                } else if let Err(e) = write_audit(&shared, record).await {
+                    warn!(
+                        generation = desired.generation,
+                        "cannot write the audit record of the deploy: {e}"
+                    );
+                }
+            }
+            Ok(Err(e)) => warn!("cannot record the deployed configuration: {e}"),
+            Err(e) => warn!("cannot record the deployed configuration: {e}"),
+        }
     });
 }
 

@@ -1317,6 +1317,7 @@ mod tests {
             generation,
             config,
             restart_since: 0,
+            by: None,
         })
     }
 

@@ -113,6 +113,12 @@ pub struct Deploy {
     /// restarts every node too (see `ControllerRequest::Apply`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub restart_since: u64,
+    /// The audit record of the request that made it, as it began (its outcome and
+    /// generation are set when it ends): a deploy that becomes the deployed one after
+    /// its request ended (the controller died or restarted meanwhile, or an agent
+    /// acknowledged it late) is recorded in the trail with its requester.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<Box<drover_proto::access::AuditRecord>>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -135,6 +141,7 @@ impl From<DeployFile> for Deploy {
                 generation: 1,
                 config,
                 restart_since: 0,
+                by: None,
             },
         }
     }
@@ -469,13 +476,14 @@ impl Store {
 
     /// Records `config` as the desired deploy, durably, under a new generation above
     /// every recorded one and above `floor` (the highest an agent reported); with
-    /// `restart_all`, as one that restarts every node. On error nothing changed, in
-    /// memory or on disk.
+    /// `restart_all`, as one that restarts every node; `by`, the request's audit record
+    /// (see [`Deploy::by`]). On error nothing changed, in memory or on disk.
     pub fn set_desired(
         &self,
         config: Configuration,
         floor: u64,
         restart_all: bool,
+        by: Option<Box<drover_proto::access::AuditRecord>>,
     ) -> Result<Arc<Deploy>, StoreError> {
         let _writing = self.writing();
         let (last, restart_since) = {
@@ -496,6 +504,7 @@ impl Store {
             } else {
                 restart_since
             },
+            by,
         });
         self.save(DESIRED, &*deploy)?;
         self.lock().desired = Some(deploy.clone());
@@ -509,14 +518,14 @@ impl Store {
     }
 
     /// As [`Store::set_deployed`]; with the etcd store, `also` (an audit record's put)
-    /// goes in the same fenced transaction. `Ok(true)` when `also` was written with it;
-    /// `Ok(false)` when nothing was written (a newer deploy is recorded, or the state
-    /// dir, which takes nothing else).
+    /// goes in the same fenced transaction. `Ok(None)` when nothing was written (as new a
+    /// deploy is recorded already); `Ok(Some(true))` when `also` was written with it,
+    /// `Ok(Some(false))` when it was not (the state dir takes nothing else).
     pub fn set_deployed_with(
         &self,
         deploy: &Arc<Deploy>,
         also: Option<crate::etcd::Op>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<bool>, StoreError> {
         let _writing = self.writing();
         if self
             .lock()
@@ -524,7 +533,7 @@ impl Store {
             .as_ref()
             .is_some_and(|d| d.generation >= deploy.generation)
         {
-            return Ok(false);
+            return Ok(None);
         }
         let carried = match (&self.backend, also) {
             (Backend::Etcd(etcd), Some(op)) => {
@@ -538,7 +547,7 @@ impl Store {
             }
         };
         self.lock().deployed = Some(deploy.clone());
-        Ok(carried)
+        Ok(Some(carried))
     }
 
     /// Writes every value held in memory to the state dir again (see
@@ -615,7 +624,7 @@ mod tests {
         assert!(store.staged().is_none());
         let c = Configuration::empty();
         store.set_staged(c.clone()).unwrap();
-        let d = store.set_desired(c.clone(), 0, false).unwrap();
+        let d = store.set_desired(c.clone(), 0, false, None).unwrap();
         store.set_deployed(&d).unwrap();
         let again = Store::open(dir.path()).unwrap();
         assert_eq!(again.staged(), Some(c.clone()));
@@ -656,9 +665,9 @@ mod tests {
     fn a_corrupt_or_missing_file_falls_back_to_the_last_good_copy() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let first = store.set_desired(config("first"), 0, false).unwrap();
+        let first = store.set_desired(config("first"), 0, false, None).unwrap();
         store.set_deployed(&first).unwrap();
-        let second = store.set_desired(config("second"), 0, false).unwrap();
+        let second = store.set_desired(config("second"), 0, false, None).unwrap();
         store.set_deployed(&second).unwrap();
         assert_eq!(Store::open(dir.path()).unwrap().deployed(), Some(second));
 
@@ -684,7 +693,9 @@ mod tests {
         for round in 0..4 {
             let store = Store::open(dir.path()).unwrap();
             assert_eq!(store.desired_generation(), last);
-            let d = store.set_desired(config("same-id"), 0, false).unwrap();
+            let d = store
+                .set_desired(config("same-id"), 0, false, None)
+                .unwrap();
             assert!(
                 d.generation > last,
                 "round {round}: {} after {last}",
@@ -701,10 +712,12 @@ mod tests {
         assert_eq!(store.desired().unwrap().generation, last);
         // An agent that remembers a generation from a lost state dir is not sent an
         // older one.
-        let d = store.set_desired(config("x"), last + 40, false).unwrap();
+        let d = store
+            .set_desired(config("x"), last + 40, false, None)
+            .unwrap();
         assert_eq!(d.generation, last + 41);
         // An older deploy never replaces a newer deployed one.
-        let newer = store.set_desired(config("newer"), 0, false).unwrap();
+        let newer = store.set_desired(config("newer"), 0, false, None).unwrap();
         store.set_deployed(&newer).unwrap();
         store.set_deployed(&d).unwrap();
         assert_eq!(store.deployed(), Some(newer));
@@ -714,18 +727,18 @@ mod tests {
     fn the_last_restart_of_every_node_is_carried_to_later_deploys_and_across_reopens() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let plain = store.set_desired(config("a"), 0, false).unwrap();
+        let plain = store.set_desired(config("a"), 0, false, None).unwrap();
         assert_eq!(plain.restart_since, 0);
-        let all = store.set_desired(config("a"), 0, true).unwrap();
+        let all = store.set_desired(config("a"), 0, true, None).unwrap();
         assert_eq!(all.restart_since, all.generation);
-        let later = store.set_desired(config("b"), 0, false).unwrap();
+        let later = store.set_desired(config("b"), 0, false, None).unwrap();
         assert_eq!(later.restart_since, all.generation);
         // Read back after a restart, and carried on by the next deploy.
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.desired(), Some(later));
-        let next = store.set_desired(config("c"), 0, false).unwrap();
+        let next = store.set_desired(config("c"), 0, false, None).unwrap();
         assert_eq!(next.restart_since, all.generation);
-        let again = store.set_desired(config("c"), 0, true).unwrap();
+        let again = store.set_desired(config("c"), 0, true, None).unwrap();
         assert_eq!(again.restart_since, again.generation);
     }
 
@@ -746,7 +759,7 @@ mod tests {
     fn a_failed_record_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let old = store.set_desired(config("old"), 0, false).unwrap();
+        let old = store.set_desired(config("old"), 0, false, None).unwrap();
         store.set_deployed(&old).unwrap();
         let before: Vec<_> = [DESIRED, DEPLOYED]
             .iter()
@@ -755,7 +768,7 @@ mod tests {
         // A directory where the temp file goes: the write fails even for root.
         fs::create_dir(dir.path().join("desired.json.tmp")).unwrap();
         let err = store
-            .set_desired(config("new"), 0, false)
+            .set_desired(config("new"), 0, false, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("desired.json"), "{err}");
@@ -772,7 +785,7 @@ mod tests {
         // The failed attempt used up no generation anyone saw; the next is one above.
         assert_eq!(
             again
-                .set_desired(config("new"), 0, false)
+                .set_desired(config("new"), 0, false, None)
                 .unwrap()
                 .generation,
             old.generation + 1
@@ -790,13 +803,14 @@ mod tests {
             generation: 1,
             config: c.clone(),
             restart_since: 0,
+            by: None,
         });
         assert_eq!(store.deployed(), Some(want.clone()));
         assert_eq!(store.desired(), Some(want));
         assert_eq!(store.staged(), Some(c));
         assert_eq!(
             store
-                .set_desired(config("next"), 0, false)
+                .set_desired(config("next"), 0, false, None)
                 .unwrap()
                 .generation,
             2
@@ -823,7 +837,7 @@ mod tests {
         assert_eq!(mode(&dir), 0o700);
         store.set_staged(config("a")).unwrap();
         store.set_staged(config("b")).unwrap();
-        store.set_desired(config("b"), 0, false).unwrap();
+        store.set_desired(config("b"), 0, false, None).unwrap();
         for f in [STAGED, "staged.json.prev", DESIRED] {
             assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
         }
@@ -852,7 +866,7 @@ mod tests {
             fs::Permissions::from_mode(0o666),
         )
         .unwrap();
-        store.set_desired(config("c"), 0, false).unwrap();
+        store.set_desired(config("c"), 0, false, None).unwrap();
         assert_eq!(mode(&dir.join(DESIRED)), 0o600);
     }
 
