@@ -1024,3 +1024,41 @@ fn a_deploy_whose_controller_died_before_answering_is_in_the_audit_trail_once_de
     c.drover(addr, &["deploy"]);
     assert_eq!(deploy_records(&c, addr).len(), 2);
 }
+
+/// A deploy that removes a node answers once that node's process is gone: a node that
+/// ignores SIGTERM is killed at its stop_timeout, and only then does the deploy return.
+/// Before, the deploy returned at once and the old process ran on for its stop_timeout.
+#[test]
+fn a_deploy_that_removes_a_node_returns_once_it_is_gone() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agent) = start(&c, &[]);
+    let prog = bin("drover-testprog").display().to_string();
+    let keep = format!(
+        "[instances.agent-1]\n[nodes.keep]\ninstance = \"agent-1\"\n\
+         command = [\"{prog}\", \"--sleep-forever\"]\n"
+    );
+    c.deploy_text(
+        addr,
+        "both.toml",
+        &format!(
+            "{keep}[nodes.stubborn]\ninstance = \"agent-1\"\n\
+             command = [\"{prog}\", \"--ignore-sigterm\"]\nstop_timeout = \"3s\"\n"
+        ),
+    );
+    let pids = eventually("both running", PATIENCE, || running(&c, addr, 2));
+    let file = c.dir.path().join("keep.toml");
+    std::fs::write(&file, keep).unwrap();
+    let began = std::time::Instant::now();
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    let took = began.elapsed();
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        !drover_tests::alive(pids["stubborn"]),
+        "the removed node's process is gone when the deploy returns ({took:?})"
+    );
+    assert!(drover_tests::alive(pids["keep"]));
+    assert!(
+        took >= std::time::Duration::from_secs(2),
+        "it waited for the stop_timeout: {took:?}"
+    );
+}

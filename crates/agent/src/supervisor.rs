@@ -1551,6 +1551,9 @@ impl Core {
         self.applied.send_replace(generation);
         let mut wait = Vec::new();
         let mut results = Vec::new();
+        // Removed nodes still stopping: the answer waits for them to be gone, so that a
+        // deploy that succeeded leaves nothing of the old configuration running.
+        let mut leaving = Vec::new();
         // The longest a node waited for may take by its own stop and readiness timeouts.
         let mut settle = Duration::ZERO;
         for (name, step) in steps {
@@ -1559,10 +1562,14 @@ impl Core {
                     info!(node = %name, "node removed from the configuration; stopping it");
                     if let Some(e) = self.nodes.get_mut(&name) {
                         e.removing = true;
+                        settle = settle.max(e.spec.stop_timeout);
                         let actions = e.book.machine.stop(now);
                         self.run_actions(&name, actions);
                     }
                     self.remove_if_done(&name);
+                    if self.nodes.contains_key(&name) {
+                        leaving.push(name);
+                    }
                 }
                 Step::Keep { retry } => {
                     // Unchanged: leave it alone, whatever its state; it now runs this
@@ -1697,6 +1704,7 @@ impl Core {
                 progress: progress.map(|p| p.tx),
             },
         );
+        self.waiters.also_gone(id, leaving);
         self.last_apply = Some(LastApply { wait: id, ..last });
     }
 

@@ -70,6 +70,9 @@ struct Wait<T> {
     /// Nodes found failed, waiting for their process's outputs: the pipes, and until
     /// when to wait for them.
     failing: BTreeMap<String, ([u64; 2], Millis)>,
+    /// Nodes that must be gone before the answer (those an Apply removed, still
+    /// stopping); they have no result unless still there at the deadline.
+    leaving: Vec<String>,
     /// The requester's handle, given back with the answer.
     handle: T,
 }
@@ -134,9 +137,17 @@ impl<T> Waiters<T> {
             idle,
             results,
             failing: BTreeMap::new(),
+            leaving: Vec::new(),
             handle,
         });
         id
+    }
+
+    /// Request `wait` is answered only once `nodes` are gone too (see [`Wait::leaving`]).
+    pub fn also_gone(&mut self, wait: u64, nodes: Vec<String>) {
+        if let Some(w) = self.waits.iter_mut().find(|w| w.id == wait) {
+            w.leaving.extend(nodes);
+        }
     }
 
     /// A request that waits for what request `of` still waits for, and is answered as
@@ -153,15 +164,17 @@ impl<T> Waiters<T> {
         let Some(w) = self.waits.iter().find(|w| w.id == of) else {
             return Err(handle);
         };
-        let (nodes, want, results, failing) = (
+        let (nodes, want, results, failing, leaving) = (
             w.nodes.clone(),
             w.want,
             w.results.clone(),
             w.failing.clone(),
+            w.leaving.clone(),
         );
         let id = self.add(nodes, want, deadline, idle, results, handle);
         if let Some(w) = self.waits.last_mut() {
             w.failing = failing;
+            w.leaving = leaving;
         }
         Ok(id)
     }
@@ -256,7 +269,18 @@ impl<T> Waiters<T> {
                     },
                 ));
             }
+            w.leaving.retain(|name| view.seen(name).is_some());
             if now >= w.deadline {
+                for name in w.leaving.drain(..) {
+                    let state = view.state_name(&name);
+                    let result = MgmtResult::err(
+                        "",
+                        format!(
+                            "timed out waiting for removed node '{name}' to stop (state {state})"
+                        ),
+                    );
+                    w.results.push(result.on_instance(instance).on_node(&name));
+                }
                 for (name, _) in pending.drain(..) {
                     let result = if w.failing.remove(&name).is_some() {
                         // Failed, its outputs not yet in: those of the log files.
@@ -304,7 +328,7 @@ impl<T> Waiters<T> {
     pub fn answers(&mut self) -> Vec<(T, Vec<MgmtResult>)> {
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waits)
             .into_iter()
-            .partition(|w| w.nodes.is_empty());
+            .partition(|w| w.nodes.is_empty() && w.leaving.is_empty());
         self.waits = waiting;
         done.into_iter().map(|w| (w.handle, w.results)).collect()
     }

@@ -351,3 +351,39 @@ fn a_request_added_like_another_is_answered_with_it_and_alike() {
     assert_eq!(w.add_like(first, 10_000, None, "late"), Err("late"));
     assert!(w.is_empty());
 }
+
+#[test]
+fn an_apply_is_answered_once_the_nodes_it_removed_are_gone() {
+    let mut v = Fake::default();
+    v.node("new", State::Running, 1);
+    v.node("old", State::Running, 1);
+    let mut w: Waiters<u8> = Waiters::default();
+    let id = w.add(one(&["new"], None), Want::Running, 100, None, Vec::new(), 1);
+    w.also_gone(id, vec!["old".to_owned()]);
+    w.settle(10, "i", &v);
+    assert!(w.answers().is_empty(), "the removed node still stops");
+    v.nodes.remove("old");
+    w.settle(20, "i", &v);
+    let answers = w.answers();
+    assert_eq!(answers.len(), 1);
+    // The removed node has no result of its own.
+    assert_eq!(answers[0].1.len(), 1);
+    assert_eq!(answers[0].1[0].node.as_deref(), Some("new"));
+
+    // Still there at the deadline: an error names it.
+    v.node("old", State::Running, 1);
+    let id = w.add(one(&["new"], None), Want::Running, 100, None, Vec::new(), 2);
+    w.also_gone(id, vec!["old".to_owned()]);
+    w.settle(100, "i", &v);
+    let answers = w.answers();
+    assert_eq!(answers.len(), 1);
+    let errors: Vec<_> = answers[0].1.iter().filter(|r| !r.success).collect();
+    assert_eq!(errors.len(), 1, "{:?}", answers[0].1);
+    assert!(
+        errors[0].error.as_deref().is_some_and(
+            |e| e.contains("timed out waiting for removed node 'old' to stop (state RUNNING)")
+        ),
+        "{:?}",
+        errors[0]
+    );
+}
