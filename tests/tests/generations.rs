@@ -701,6 +701,21 @@ fn state_files_are_private() {
         status_generation(&c, addr, "controller").as_deref(),
         Some("2")
     );
+    // An export made by the client is private too.
+    let export = c.dir.path().join("export.toml");
+    let out = c.drover(
+        addr,
+        &[
+            "get-config",
+            "--deployed",
+            "--as-toml",
+            "-f",
+            export.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(std::fs::read_to_string(&export).unwrap().contains("SECRET"));
+    assert_eq!(mode(export), 0o600);
 }
 
 /// On a terminal, the deploy's spinner says how many of its nodes have settled so far.

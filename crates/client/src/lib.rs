@@ -640,7 +640,8 @@ async fn command(
                 drover_proto::ini::to_ini(config)
             };
             match filename {
-                Some(path) => std::fs::write(path, text).map_err(|e| {
+                // Private when made here: a configuration holds node environments.
+                Some(path) => write_private(path, text.as_bytes()).map_err(|e| {
                     anyhow::anyhow!("cannot write {}: {}", path.display(), io_text(&e))
                 })?,
                 None => stdio::out(&text)?,
@@ -951,6 +952,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+}
+
+/// Writes `bytes` to `path`, creating it with mode 0600 (an existing file keeps its
+/// mode).
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(bytes)
 }
 
 #[cfg(test)]
