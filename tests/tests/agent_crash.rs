@@ -603,7 +603,7 @@ fn a_restart_due_when_the_agent_went_is_counted_by_the_next_agent() {
             .as_millis();
         (now > u128::from(due)).then_some(())
     });
-    let _agent = c.start_agent("agent-1", addr);
+    let mut agent = c.start_agent("agent-1", addr);
     let again = eventually("soon started by the next agent", PATIENCE, || {
         let n = node(&c, "soon");
         (n["restarts"].as_u64()? >= 1).then_some(n)
@@ -618,6 +618,15 @@ fn a_restart_due_when_the_agent_went_is_counted_by_the_next_agent() {
         still["restart_at_ms"].as_u64().unwrap(),
     );
     assert!(was.abs_diff(now) < 2_000, "restart at {now}, was {was}");
+    // An agent stopped with SIGTERM (`--on-exit stop`) stops its nodes: the next one
+    // starts slow afresh (it crashes again, later), rather than waiting out the rest.
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    agent.wait_exit(PATIENCE);
+    let _agent = c.start_agent("agent-1", addr);
+    eventually("slow started afresh and crashed again", PATIENCE, || {
+        let n = crashed(&c, "slow")?;
+        (n["restart_at_ms"].as_u64()? > was + 1_000).then_some(())
+    });
 }
 
 /// An agent stopped with SIGTERM (its nodes stopped with it, as `systemctl restart`

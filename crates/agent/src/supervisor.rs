@@ -1421,6 +1421,9 @@ impl Core {
                                 );
                             let actions = e.book.machine.stop(now);
                             self.run_actions(&name, actions);
+                            // One waiting out its backoff has no process whose end
+                            // would write its record: the next agent starts it afresh.
+                            self.save_record(&name);
                         }
                     }
                 } else {
