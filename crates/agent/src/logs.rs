@@ -390,6 +390,7 @@ impl NodeLogs {
             return Ok(None);
         }
         if self.config.keep == 0 {
+            self.drop_extra_rotated(s)?;
             src.set_len(0)?;
             return Ok(Some(src));
         }
@@ -458,6 +459,17 @@ impl NodeLogs {
 
     /// Makes room for a new `.1`: keeps the newest `keep - 1` rotated files, renumbered
     /// `.2` … `.keep` without gaps, and deletes the others.
+    /// Removes a stream's rotated files beyond `keep` (left by a larger `keep` before):
+    /// the bound holds from the moment a stream is written under the smaller one.
+    pub(crate) fn drop_extra_rotated(&self, s: Stream) -> io::Result<()> {
+        for i in self.rotated_indices(s)? {
+            if i > self.config.keep {
+                remove_if_exists(&self.rotated_path(s, i))?;
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn shift_rotated(&self, s: Stream) -> io::Result<()> {
         let mut indices = self.rotated_indices(s)?;
         let room = usize::try_from(self.config.keep.saturating_sub(1)).unwrap_or(usize::MAX);

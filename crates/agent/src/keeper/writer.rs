@@ -114,6 +114,8 @@ pub struct Writer {
 impl Writer {
     /// Opens (creating) the stream's current file for appending.
     pub fn open(logs: NodeLogs, stream: Stream) -> io::Result<Self> {
+        // A smaller `keep` than the files were rotated with holds from now on.
+        logs.drop_extra_rotated(stream)?;
         let file = open_current(&logs, stream)?;
         let len = file.metadata()?.len();
         Ok(Self {
@@ -128,6 +130,9 @@ impl Writer {
     pub fn set_config(&mut self, config: LogConfig) {
         if config != self.logs.config() {
             self.logs = NodeLogs::new(self.logs.dir(), config);
+            if let Err(e) = self.logs.drop_extra_rotated(self.stream) {
+                tracing::warn!("cannot remove rotated log files beyond log_keep: {e}");
+            }
         }
     }
 
@@ -206,6 +211,7 @@ impl Writer {
                 _ => {}
             }
         } else {
+            self.logs.drop_extra_rotated(self.stream)?;
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
@@ -362,6 +368,45 @@ mod tests {
         }
         assert!(all.ends_with(&kept), "the newest lines, in order");
         assert!(kept.len() > 200);
+    }
+
+    #[test]
+    fn a_smaller_keep_removes_the_rotated_files_beyond_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let wide = NodeLogs::new(
+            dir.path(),
+            LogConfig {
+                max_bytes: 10,
+                keep: 3,
+            },
+        );
+        let mut w = Writer::open(wide.clone(), Stream::Stdout).unwrap();
+        for _ in 0..5 {
+            w.write(b"0123456789\n").unwrap();
+        }
+        assert!(wide.rotated_path(Stream::Stdout, 3).exists());
+        // Taken by a running writer: the files beyond the new keep go at once.
+        w.set_config(LogConfig {
+            max_bytes: 10,
+            keep: 1,
+        });
+        assert!(wide.rotated_path(Stream::Stdout, 1).exists());
+        assert!(!wide.rotated_path(Stream::Stdout, 2).exists());
+        assert!(!wide.rotated_path(Stream::Stdout, 3).exists());
+        // A writer opened with none kept (the agent started again with log_keep 0).
+        let none = NodeLogs::new(
+            dir.path(),
+            LogConfig {
+                max_bytes: 10,
+                keep: 0,
+            },
+        );
+        let mut w = Writer::open(none.clone(), Stream::Stdout).unwrap();
+        assert!(!none.rotated_path(Stream::Stdout, 1).exists());
+        for _ in 0..3 {
+            w.write(b"0123456789\n").unwrap();
+            assert!(!none.rotated_path(Stream::Stdout, 1).exists());
+        }
     }
 
     #[test]
