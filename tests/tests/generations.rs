@@ -844,7 +844,7 @@ fn more_nodes_than_an_agents_open_file_limit_allows_are_refused_before_anything_
     c.issue(drover_proto::msg::PeerRole::Agent, "agent-1");
     let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c")
-        .arg("ulimit -n 200 && exec \"$0\" \"$@\"")
+        .arg("ulimit -n 600 && exec \"$0\" \"$@\"")
         .arg(bin("drover-agent"));
     let agent = c.start_agent_cmd(
         cmd,
@@ -853,11 +853,11 @@ fn more_nodes_than_an_agents_open_file_limit_allows_are_refused_before_anything_
         &["--controller", &addr.to_string()],
     );
     c.wait_for_agent(addr, "agent-1");
-    // (200 - 64) / 5
-    let room = 27;
+    // (600 - 64 - 2 x 192 follows) / 5
+    let room = 30;
     assert!(
         agent.log_text().contains(&format!(
-            "the open-file limit (200) leaves room for {room} nodes on this agent"
+            "the open-file limit (600) leaves room for {room} nodes on this agent"
         )),
         "{}",
         agent.log_text()

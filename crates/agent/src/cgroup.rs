@@ -426,10 +426,17 @@ pub fn signal(cg: &Path, sig: Signal) -> io::Result<usize> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         other => other?,
     };
-    let fds: Vec<(u32, PidFd)> = listed
-        .into_iter()
-        .filter_map(|p| Some((p, PidFd::open(i32::try_from(p).ok()?).ok()?)))
-        .collect();
+    let mut fds: Vec<(u32, PidFd)> = Vec::with_capacity(listed.len());
+    for p in listed {
+        let Ok(pid) = i32::try_from(p) else { continue };
+        match PidFd::open(pid) {
+            Ok(fd) => fds.push((p, fd)),
+            // Out of descriptors: said, so that the caller signals another way, rather
+            // than taken for a process that is gone.
+            Err(e) if crate::sys::out_of_fds(&e) => return Err(e),
+            Err(_) => {}
+        }
+    }
     // A pid still listed after its pidfd was opened was in `cg` when opened.
     let still = procs(cg).unwrap_or_default();
     let mut n = 0;

@@ -1537,8 +1537,10 @@ fn own_status(name: &str, generation: u64) -> NodeStatus {
 /// keeper, under the same limit, holds two.
 const FDS_PER_NODE: u64 = 5;
 
-/// Descriptors the agent holds whatever its nodes: its sockets, files and the like.
-const FDS_BASE: u64 = 64;
+/// Descriptors the agent holds whatever its nodes: its sockets, files and the like,
+/// and the two log files each of the most log follows a controller keeps open to it
+/// (so that an agent at its capacity can still follow, and still stop its nodes).
+const FDS_BASE: u64 = 64 + 2 * drover_proto::msg::FOLLOWS_PER_AGENT as u64;
 
 /// Below this many nodes of room, the agent warns at start.
 const NODES_MAX_WARN: u32 = 1000;

@@ -3757,10 +3757,30 @@ fn kill_remains(p: &Proc) {
 /// Sends `sig` to a node: every process in its cgroup, or without one its process
 /// group; never to a bare process group id (see [`sys::signal_led_group`]).
 fn signal_node(p: &Proc, sig: Signal) -> std::io::Result<()> {
-    match &p.cgroup {
+    let group = || sys::signal_led_group(p.id, p.pidfd.as_ref(), sig);
+    let via_cgroup = match &p.cgroup {
         Some(cg) if sig == Signal::SIGKILL => cgroup::kill(cg),
         Some(cg) => cgroup::signal(cg, sig).map(|_| ()),
-        None => sys::signal_led_group(p.id, p.pidfd.as_ref(), sig).map(|_| ()),
+        None => return group().map(|_| ()),
+    };
+    match via_cgroup {
+        // The cgroup's files and the processes' pidfds take descriptors the agent has
+        // run out of (log follows, probes): its process group, through the pidfd held
+        // for it, needs none. What left the group is reached once descriptors are free
+        // (a stop's kill is tried again every second).
+        Err(e) if sys::out_of_fds(&e) => {
+            warn!(
+                pid = p.id.pid,
+                "out of file descriptors: signalling the node's process group instead of its cgroup ({e})"
+            );
+            // Failing that too, its main process through the pidfd held for it.
+            match (group(), &p.pidfd) {
+                (Ok(true), _) => Ok(()),
+                (_, Some(fd)) => fd.signal(sig),
+                (other, None) => other.map(|_| ()),
+            }
+        }
+        other => other,
     }
 }
 
@@ -3919,6 +3939,68 @@ async fn sleep_until(deadline: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent out of file descriptors cannot open a node's cgroup files, nor pidfds
+    /// for its processes: the stop still reaches the node, through the pidfd it holds.
+    /// (nextest runs each test in a process of its own, whose descriptors this one may
+    /// use up.)
+    #[test]
+    fn a_node_is_signalled_when_the_agent_is_out_of_file_descriptors() {
+        use std::os::unix::process::CommandExt as _;
+        let cgroup = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let p = Proc {
+            id: sys::proc_id(pid).unwrap(),
+            token: 0,
+            spec: Node::new("n1", "agent-1"),
+            deploy_gen: 0,
+            epoch: 0,
+            started_at_ms: 0,
+            probe: None,
+            child: true,
+            cgroup: Some(cgroup.path().to_owned()),
+            pidfd: Some(sys::PidFd::open(pid).unwrap()),
+            oom_base: None,
+            monitors: None,
+        };
+        // Every descriptor taken, under a small limit.
+        let limit = libc::rlimit {
+            rlim_cur: 256,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        let mut hard = limit;
+        // SAFETY: valid rlimit structs of the right type.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut hard), 0);
+            let soft = libc::rlimit {
+                rlim_max: hard.rlim_max,
+                ..limit
+            };
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const soft), 0);
+        }
+        let mut held = Vec::new();
+        let exhausted = loop {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => held.push(f),
+                Err(e) => break e,
+            }
+            assert!(held.len() <= 256, "the limit holds");
+        };
+        assert!(sys::out_of_fds(&exhausted), "{exhausted}");
+        let sent = signal_node(&p, Signal::SIGKILL);
+        drop(held);
+        sent.unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+    }
 
     #[test]
     fn a_desired_state_that_cannot_be_put_in_place_leaves_no_temp_file() {

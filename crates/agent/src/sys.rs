@@ -1326,6 +1326,12 @@ fn parse_cpu_list(list: &str) -> io::Result<Vec<usize>> {
     Ok(cpus)
 }
 
+/// Whether `e` says the process (EMFILE) or the system (ENFILE) is out of file
+/// descriptors.
+pub fn out_of_fds(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

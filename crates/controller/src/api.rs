@@ -20,6 +20,7 @@ use drover_proto::config::validate;
 use drover_proto::model::{
     Configuration, Instance, LogStream, MgmtResult, MgmtRole, NodeStatus, ResultData, State,
 };
+use drover_proto::msg::FOLLOWS_PER_AGENT;
 use drover_proto::msg::{
     AgentResponse, ClientRequest, ClientResponse, ControllerRequest, ErrorCode, Event, EventRecord,
     Progress, Request, WireError,
@@ -714,10 +715,6 @@ fn audit_in_batches(
     });
     Answer::Stream(rx)
 }
-
-/// Log follows the controller keeps open to one agent at most: an agent serves at most
-/// 256 streams of the controller, and its other requests need some of them.
-pub(crate) const FOLLOWS_PER_AGENT: usize = 192;
 
 /// Log follows open per agent connection (by quinn's stable id).
 static FOLLOWS: std::sync::Mutex<BTreeMap<usize, Arc<tokio::sync::Semaphore>>> =

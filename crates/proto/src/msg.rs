@@ -38,6 +38,11 @@ pub const ALPN: &[u8] = b"drover/1";
 /// The largest frame accepted, in bytes. A larger one is an error for that stream only.
 pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
 
+/// Log follows a controller keeps open to one agent at most: an agent serves at most
+/// 256 streams of the controller, and its other requests need some of them. The agent
+/// keeps room in its open-file limit for this many.
+pub const FOLLOWS_PER_AGENT: usize = 192;
+
 /// Who a peer is, as its certificate says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
