@@ -209,7 +209,8 @@ fn a_node_over_its_memory_limit_is_oom_killed_and_reported_as_such() {
             "the spawning thread went back"
         );
     }
-    // CPU and pids limits, where v1 holds them (written once the node runs).
+    // CPU and pids limits, where v1 holds them (the CPU quota written once the node
+    // runs, pids.max before).
     let read = |ctl: &str, file: &str| {
         let path = v1_cgroup(pid, ctl).filter(|p| p.ends_with("/nodes/steady"))?;
         std::fs::read_to_string(format!("/sys/fs/cgroup/{ctl}{path}/{file}"))

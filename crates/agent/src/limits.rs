@@ -29,9 +29,10 @@
 //! there (a new address space belongs to the process that made it) and nothing the
 //! node forks or allocates escapes its limits. The agent's own threads never change
 //! cgroups: each move waits for an RCU grace period, and moving the spawning thread in
-//! and out took two per hierarchy. `pids.max` and the CPU quota are written only once
-//! the node runs, so its first steps are never throttled by its quota while the
-//! spawning thread waits for them. On v2 a node is created in its cgroup (see
+//! and out took two per hierarchy. The CPU quota is written only once the node runs,
+//! so its first steps are never throttled by its quota while the spawning thread waits
+//! for them; `pids.max` is written before, so that a node forking at once cannot pass
+//! it. On v2 a node is created in its cgroup (see
 //! [`crate::cgroup`]), whose limits are written before.
 
 use std::collections::BTreeMap;
@@ -183,8 +184,9 @@ impl Limits {
                 let shares = (u64::from(c) * 1024 / 100).max(2);
                 w(Cpu, "cpu_weight", "cpu.shares", shares.to_string(), false);
             }
+            // Before the node runs: what it forks at once counts.
             if let Some(p) = self.pids_max {
-                w(Pids, "pids_max", "pids.max", p.to_string(), true);
+                w(Pids, "pids_max", "pids.max", p.to_string(), false);
             }
             if let Some(i) = self.io_weight {
                 let weight = (u64::from(i) * 5).clamp(10, 1000);
@@ -624,7 +626,7 @@ impl Placement {
             .collect()
     }
 
-    /// Writes the limits that wait for the node to run (`pids.max`, the CPU quota).
+    /// Writes the limits that wait for the node to run (the CPU quota).
     pub fn finish(&self) -> io::Result<()> {
         for (path, value) in &self.late {
             write(path, value)?;
@@ -805,7 +807,7 @@ mod tests {
                 ("cpu.cfs_period_us", "100000".to_owned(), false),
                 ("cpu.cfs_quota_us", "150000".to_owned(), true),
                 ("cpu.shares", "2048".to_owned(), false),
-                ("pids.max", "32".to_owned(), true),
+                ("pids.max", "32".to_owned(), false),
                 ("blkio.weight", "1000".to_owned(), false),
             ]
         );
