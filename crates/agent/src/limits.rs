@@ -434,10 +434,10 @@ impl Host {
                 }
             }
         }
+        self.adopted(node, limits);
         if limits.is_empty() {
             return Ok(placement);
         }
-        self.adopted(node, limits);
         let v2w = limits.writes(true);
         for w in limits.writes(false) {
             if self.v2.contains(&w.ctl) {
@@ -481,13 +481,20 @@ impl Host {
     }
 
     /// Notes the limits of a node found running (or about to start): whether it has a
-    /// memory cgroup of its own to account.
+    /// memory cgroup of its own to account. One whose spec no longer limits its memory
+    /// runs outside its v1 memory cgroup, whose figures are no longer its own: that
+    /// cgroup goes (once empty).
     pub fn adopted(&self, node: &str, limits: &Limits) {
+        let mut accounted = self
+            .v1_memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.v1_memory_of(limits) {
-            self.v1_memory
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(node.to_owned());
+            accounted.insert(node.to_owned());
+        } else if accounted.remove(node)
+            && let Some(v) = self.v1.get(&Ctl::Memory)
+        {
+            let _ = fs::remove_dir(v.nodes.join(node));
         }
     }
 
@@ -897,6 +904,12 @@ mod tests {
         host.prepare("w1", &kept, true).unwrap();
         assert_eq!(v1("memory.limit_in_bytes"), "-1");
         assert_eq!(v1("memory.soft_limit_in_bytes"), "4096");
+        fs::write(mem.join("nodes/w1/memory.usage_in_bytes"), "1234").unwrap();
+        assert_eq!(host.usage("w1").0, Some(1234));
+        // No memory limit at all: the node runs outside that cgroup, whose figures are
+        // not its own any more.
+        host.prepare("w1", &Limits::default(), true).unwrap();
+        assert_eq!(host.usage("w1").0, None);
     }
 
     #[test]
