@@ -66,6 +66,9 @@ struct Live<P> {
     spawn: u64,
     pid: u32,
     process: P,
+    /// OOM kills in its memory cgroup counted already, while it ran (of a process of
+    /// the node other than the main one).
+    oom_seen: u64,
 }
 
 /// What a spawn's outcome does (see [`Book::spawned`]).
@@ -198,6 +201,7 @@ impl<P, S> Book<P, S> {
             spawn,
             pid,
             process,
+            oom_seen: 0,
         });
         let actions = self.machine.spawned(now, pid);
         Spawned::Taken {
@@ -227,6 +231,7 @@ impl<P, S> Book<P, S> {
             spawn,
             pid,
             process,
+            oom_seen: 0,
         });
         self.machine.adopt(now, pid, was_ready)
     }
@@ -249,14 +254,39 @@ impl<P, S> Book<P, S> {
         if exit != ExitStatus::Code(-1) {
             self.last_exit = Some(to_model_exit(exit));
         }
-        if oom > 0 {
+        // Those not counted while it ran: its own end, most likely, unless a stop was
+        // asked for (a process of the node killed just before is no reason the node
+        // stopped).
+        let new = oom.saturating_sub(live.oom_seen);
+        if new > 0 {
             self.oom_kills = self
                 .oom_kills
-                .saturating_add(u32::try_from(oom).unwrap_or(u32::MAX));
-            self.last_failure = Some("oom-killed".to_owned());
-            self.last_error = Some("oom-killed".to_owned());
+                .saturating_add(u32::try_from(new).unwrap_or(u32::MAX));
+            if !self.machine.is_stopping() {
+                self.last_failure = Some("oom-killed".to_owned());
+                self.last_error = Some("oom-killed".to_owned());
+            }
         }
         Some((live.process, self.machine.exited(now, exit)))
+    }
+
+    /// The memory cgroup of process `spawn`, still running, has seen `oom` OOM kills
+    /// since it started: a process of the node other than its main one was killed (the
+    /// node runs on). The kills not counted yet, now counted; 0 when it is not the
+    /// followed process.
+    pub fn oom_while_running(&mut self, spawn: u64, oom: u64) -> u64 {
+        let Some(live) = self.live.as_mut().filter(|l| l.spawn == spawn) else {
+            return 0;
+        };
+        let new = oom.saturating_sub(live.oom_seen);
+        live.oom_seen = live.oom_seen.max(oom);
+        if new > 0 {
+            self.oom_kills = self
+                .oom_kills
+                .saturating_add(u32::try_from(new).unwrap_or(u32::MAX));
+            self.last_failure = Some("oom-killed: a process of the node".to_owned());
+        }
+        new
     }
 
     /// Process `spawn` is ready (its TCP port answered).

@@ -106,6 +106,10 @@ use crate::waiters::{self, Waiters};
 /// How often log sizes are checked for rotation while nodes run.
 const ROTATE_EVERY: Duration = Duration::from_secs(30);
 
+/// How often the memory cgroups of running nodes with one are checked for OOM kills of
+/// processes other than the main one (which is seen when it ends).
+const OOM_CHECK_EVERY: Duration = Duration::from_secs(5);
+
 /// How often a kill that could not be sent is tried again.
 const KILL_RETRY: Duration = Duration::from_secs(1);
 
@@ -235,6 +239,13 @@ enum Event {
     Ready {
         node: String,
         generation: u64,
+    },
+    /// The memory cgroup of the node's process of this generation, still running, has
+    /// seen `oom` OOM kills since it started.
+    OomWhileRunning {
+        node: String,
+        generation: u64,
+        oom: u64,
     },
     Notify {
         node: String,
@@ -1213,6 +1224,8 @@ impl Core {
             retention.map_or(Duration::from_secs(3600), crate::prune::interval),
         );
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut oom_check = tokio::time::interval(OOM_CHECK_EVERY);
+        oom_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.next_deadline();
             tokio::select! {
@@ -1236,6 +1249,7 @@ impl Core {
                 }
                 _ = rotate.tick(), if self.nodes.values().any(|e| e.proc().is_some()) => self.rotate_logs(),
                 _ = prune.tick(), if retention.is_some() => self.scan_for_pruning(),
+                _ = oom_check.tick(), if self.nodes.values().any(|e| e.proc().is_some_and(|p| p.oom_base.is_some())) => self.check_ooms(),
             }
             self.settle_waiters();
             if self.shutdown_done() {
@@ -2692,6 +2706,21 @@ impl Core {
                 self.remove_if_done(&node);
                 self.bump(&node);
             }
+            Event::OomWhileRunning {
+                node,
+                generation,
+                oom,
+            } => {
+                let Some(e) = self.nodes.get_mut(&node) else {
+                    return;
+                };
+                let new = e.book.oom_while_running(generation, oom);
+                if new > 0 {
+                    warn!(node = %node, kills = new, "the kernel killed processes of the node for exceeding its memory limit; the node runs on");
+                    self.save_record(&node);
+                    self.bump(&node);
+                }
+            }
             Event::Ready { node, generation } => {
                 if let Some(e) = self.nodes.get_mut(&node) {
                     let actions = e.book.ready(now, generation);
@@ -3680,6 +3709,36 @@ impl Core {
         });
         info!(node = %name, pid, "adopted running node");
         Ok(actions)
+    }
+}
+
+impl Core {
+    /// Reads, off this task, the OOM kills in the memory cgroup of every running node
+    /// that has one: a process of the node other than its main one killed by the
+    /// kernel is counted while the node runs on, not only when its main process ends.
+    fn check_ooms(&self) {
+        let watched: Vec<(String, u64, u64)> = self
+            .nodes
+            .iter()
+            .filter_map(|(name, e)| {
+                let base = e.proc()?.oom_base?;
+                Some((name.clone(), e.book.live_spawn()?, base))
+            })
+            .collect();
+        let host = self.host.clone();
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            for (node, generation, base) in watched {
+                let oom = oom_since(&host, &node, Some(base));
+                if oom > 0 {
+                    let _ = events.send(Event::OomWhileRunning {
+                        node,
+                        generation,
+                        oom,
+                    });
+                }
+            }
+        });
     }
 }
 

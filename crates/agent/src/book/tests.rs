@@ -92,6 +92,40 @@ fn exits_of_other_processes_change_nothing_and_the_last_one_is_kept() {
 }
 
 #[test]
+fn oom_kills_while_it_runs_are_counted_once_and_blame_no_stop() {
+    let (mut b, n) = started(Readiness::StartPeriod { ms: 0 });
+    let Spawned::Taken { .. } = b.spawned(1, n, 5, 5) else {
+        panic!("awaited");
+    };
+    // A child killed: counted now, the node runs on.
+    assert_eq!(b.oom_while_running(n, 1), 1);
+    assert_eq!(b.oom_while_running(n, 1), 0, "seen already");
+    assert_eq!(b.oom_while_running(n + 1, 5), 0, "another process");
+    assert_eq!(b.oom_kills, 1);
+    assert_eq!(
+        b.last_failure.as_deref(),
+        Some("oom-killed: a process of the node")
+    );
+    assert_eq!(b.last_error, None, "the node did not fail");
+    // An operator's stop: the kills seen at its end are counted, once, and blamed on
+    // nothing.
+    let _ = b.machine.stop(2);
+    b.exited(3, n, ExitStatus::Signal(15), 2).expect("followed");
+    assert_eq!(b.oom_kills, 2);
+    assert_eq!(b.last_error, None);
+    // Its own end, unasked: blamed on the kill.
+    let _ = b.machine.start(4);
+    let m = b.next_spawn();
+    b.announce(8);
+    let Spawned::Taken { .. } = b.spawned(5, m, 9, 9) else {
+        panic!("awaited");
+    };
+    b.exited(6, m, ExitStatus::Signal(9), 1).expect("followed");
+    assert_eq!(b.oom_kills, 3);
+    assert_eq!(b.last_error.as_deref(), Some("oom-killed"));
+}
+
+#[test]
 fn an_unknown_exit_keeps_the_last_known_one() {
     let mut b = TestBook::new(Machine::new(config(Readiness::StartPeriod { ms: 0 })));
     b.last_exit = Some(model::ExitStatus::Signal(9));
