@@ -748,3 +748,44 @@ fn limits_the_host_cannot_enforce_are_refused_at_deploy() {
     let nodes = s.c.drover(s.addr, &["get-nodes", "--fresh"]).json();
     assert_eq!(nodes["results"]["agent-1"].get("io"), None, "{nodes}");
 }
+
+/// A worker the node forked is OOM-killed while the node runs on: counted within
+/// seconds (not when the node's main process ends), and an operator's stop afterwards
+/// is not blamed on it.
+#[test]
+fn an_oom_kill_of_a_nodes_child_is_counted_while_it_runs() {
+    let s = setup();
+    let prog = bin("drover-testprog").display().to_string();
+    let command = Value::Array(
+        [
+            "/bin/sh",
+            "-c",
+            &format!("\"{prog}\" --alloc-mib 256; echo child ended $?; exec sleep 100000"),
+        ]
+        .iter()
+        .map(|a| Value::String((*a).to_owned()))
+        .collect(),
+    );
+    let body = format!(
+        "[nodes.parent]\ninstance = \"agent-1\"\ncommand = {command}\nmemory = {{ max = \"48M\" }}\n"
+    );
+    if !s.deploy_or_skip(&body) {
+        return;
+    }
+    let n = eventually("the child's oom kill counted", PATIENCE, || {
+        let n = s.node("parent");
+        (n["oom_kills"] == 1).then_some(n)
+    });
+    assert_eq!(n["state"], "RUNNING", "{n}");
+    assert_eq!(
+        n["last_failure"], "oom-killed: a process of the node",
+        "{n}"
+    );
+    assert!(n["last_error"].is_null(), "{n}");
+    let out = s.c.drover(s.addr, &["stop", "parent"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let n = s.node("parent");
+    assert_eq!(n["state"], "STOPPED", "{n}");
+    assert_eq!(n["oom_kills"], 1, "{n}");
+    assert!(n["last_error"].is_null(), "{n}");
+}
