@@ -203,8 +203,15 @@ pub fn renew_in_place(
     };
     let (key_tmp, cert_tmp) = (with(key, ".new"), with(cert, ".new"));
     let (key_prev, cert_prev) = (with(key, ".prev"), with(cert, ".prev"));
-    write_fresh(&key_tmp, &pem.key, 0o600)?;
-    write_fresh(&cert_tmp, &pem.cert, 0o644)?;
+    // The new files are the old ones' owner's (the daemon's user, when root renews
+    // them); the key keeps a group read its old one had.
+    use std::os::unix::fs::MetadataExt as _;
+    let key_meta = fs::metadata(key).map_err(io(key))?;
+    let cert_meta = fs::metadata(cert).map_err(io(cert))?;
+    let key_mode = 0o600 | (key_meta.mode() & 0o040);
+    let owner = |m: &fs::Metadata| (m.uid(), m.gid());
+    write_fresh(&key_tmp, &pem.key, key_mode, owner(&key_meta))?;
+    write_fresh(&cert_tmp, &pem.cert, 0o644, owner(&cert_meta))?;
     // The previous pair, kept by a second link to each file (the key keeps its mode).
     for (cur, prev) in [(key, &key_prev), (cert, &cert_prev)] {
         match fs::remove_file(prev) {
@@ -229,8 +236,15 @@ pub fn renew_in_place(
     Ok((cert_prev, key_prev))
 }
 
-/// Writes a file with `mode`, replacing a leftover of an interrupted renewal.
-fn write_fresh(path: &Path, contents: &str, mode: u32) -> Result<(), Error> {
+/// Writes a file with `mode` and `owner` (uid, gid), replacing a leftover of an
+/// interrupted renewal. The owner is given before anything is written; a file that
+/// cannot be given to its owner is not written.
+fn write_fresh(
+    path: &Path,
+    contents: &str,
+    mode: u32,
+    (uid, gid): (u32, u32),
+) -> Result<(), Error> {
     match fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -242,6 +256,22 @@ fn write_fresh(path: &Path, contents: &str, mode: u32) -> Result<(), Error> {
         .mode(mode)
         .open(path)
         .map_err(io(path))?;
+    let now = {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = f.metadata().map_err(io(path))?;
+        (m.uid(), m.gid())
+    };
+    if now != (uid, gid)
+        && let Err(e) = std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+    {
+        drop(f);
+        let _ = fs::remove_file(path);
+        return Err(Error::Invalid(format!(
+            "{}: cannot give the renewed file to the old one's owner (uid {uid}, gid {gid}), \
+             whose daemon could not read it otherwise: {e}; renew as root or as that user",
+            path.display()
+        )));
+    }
     f.write_all(contents.as_bytes()).map_err(io(path))?;
     f.sync_all().map_err(io(path))
 }
@@ -423,6 +453,29 @@ mod tests {
                 "ca.key"
             ]
         );
+    }
+
+    /// Renewed by root for a daemon that runs as another user: the new pair is that
+    /// user's, as the old one was, so the daemon can read it.
+    #[test]
+    fn a_renewed_pair_keeps_its_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        crate::init_dir(dir.path()).unwrap();
+        let (cert, key) =
+            crate::issue_in_dir(dir.path(), &LeafSpec::new(PeerRole::Agent, "a1")).unwrap();
+        for f in [&cert, &key] {
+            if let Err(e) = std::os::unix::fs::chown(f, Some(65534), Some(65534)) {
+                eprintln!("skipped: giving a file away takes root ({e})");
+                return;
+            }
+        }
+        renew_in_place(dir.path(), &cert, &key, Validity::days(5)).unwrap();
+        for f in [&cert, &key] {
+            let m = fs::metadata(f).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{}", f.display());
+        }
+        assert_eq!(fs::metadata(&key).unwrap().mode() & 0o777, 0o600);
     }
 
     #[test]
