@@ -224,7 +224,9 @@ impl Credentials {
         let mut roots = RootCertStore::empty();
         let mut cas = Vec::new();
         for c in CertificateDer::pem_slice_iter(ca) {
-            let c = c.map_err(|e| NetError::Credentials(format!("bad CA certificate PEM: {e}")))?;
+            let c = c.map_err(|e| {
+                NetError::Credentials(format!("bad CA certificate PEM: {}", pem_error(&e)))
+            })?;
             cas.push(ca_info(&c)?);
             roots
                 .add(c)
@@ -237,7 +239,9 @@ impl Credentials {
         }
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
             .collect::<Result<_, _>>()
-            .map_err(|e| NetError::Credentials(format!("bad certificate PEM: {e}")))?;
+            .map_err(|e| {
+                NetError::Credentials(format!("bad certificate PEM: {}", pem_error(&e)))
+            })?;
         let leaf = chain.first().ok_or_else(|| {
             NetError::Credentials("the certificate file holds no certificate".into())
         })?;
@@ -252,8 +256,9 @@ impl Credentials {
         let not_before = x509_parser::parse_x509_certificate(leaf.as_ref())
             .map(|(_, x)| x.validity().not_before.timestamp())
             .map_err(|e| NetError::Identity(format!("cannot parse certificate: {e}")))?;
-        let key = PrivateKeyDer::from_pem_slice(key)
-            .map_err(|e| NetError::Credentials(format!("bad private key PEM: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| {
+            NetError::Credentials(format!("bad private key PEM: {}", pem_error(&e)))
+        })?;
         let signing = provider
             .key_provider
             .load_private_key(key)
@@ -787,8 +792,38 @@ pub(crate) fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'stat
         .ok_or_else(|| NetError::Identity("peer presented an empty chain".into()))
 }
 
+/// A PEM parse error in words: the parser's own text shows the lines it quotes as
+/// lists of byte values.
+fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "no '-----END {}-----' line: the file is cut short (being written?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => {
+            format!("malformed BEGIN line '{}'", String::from_utf8_lossy(line))
+        }
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_cut_short_pem_is_told_in_words() {
+        use rustls::pki_types::pem::PemObject as _;
+        let cut = b"-----BEGIN CERTIFICATE-----\nMIIB\n";
+        let e = CertificateDer::pem_slice_iter(cut)
+            .next()
+            .expect("an item")
+            .unwrap_err();
+        assert_eq!(
+            pem_error(&e),
+            "no '-----END CERTIFICATE-----' line: the file is cut short (being written?)"
+        );
+    }
     use super::*;
     use drover_pki::{Ca, LeafSpec};
 
