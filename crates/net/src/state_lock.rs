@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
@@ -53,11 +54,13 @@ pub fn lock(dir: &Path, role: &'static str) -> Result<File, Error> {
         path: path.clone(),
         source,
     };
+    // 0600, as every file of a state dir.
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(&path)
         .map_err(io)?;
     match file.try_lock() {
@@ -276,6 +279,18 @@ mod tests {
         drop(lock(dir.path(), "agent").unwrap());
         drop(held);
         drop(lock(dir.path(), "controller").unwrap());
+    }
+
+    #[test]
+    fn a_new_lock_file_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let _held = lock(dir.path(), "controller").unwrap();
+        let mode = std::fs::metadata(dir.path().join("controller.lock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]
