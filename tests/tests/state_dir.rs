@@ -300,6 +300,11 @@ fn a_long_state_dir_gets_short_socket_paths_and_nodes_start() {
     let state = long_dir(c.dir.path());
     let first = agent(&c, "agent-1", "agent-long", &state, addr);
     first.wait_log("connected to controller");
+    // Its log keeper listens in the state dir, through a short name of the directory:
+    // nodes write through it (a node's pipe left to an agent that reads none dies of
+    // SIGPIPE when that agent goes).
+    first.wait_log("log keeper connected");
+    assert!(state.join("log-keeper.sock").exists());
     // A node name of the longest length a name may have, with notify readiness (the
     // agent's socket) and a value to query (the node's socket).
     let node = "n".repeat(drover_proto::name::MAX_LEN);
@@ -312,6 +317,12 @@ fn a_long_state_dir_gets_short_socket_paths_and_nodes_start() {
         ),
     );
     let pid = ready_pid(&c, addr, &node);
+    let out = std::fs::read_link(format!("/proc/{pid}/fd/1")).unwrap();
+    assert!(
+        out.to_string_lossy().starts_with("pipe:"),
+        "stdout {}",
+        out.display()
+    );
     let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     let var = |name: &str| {
         env.split(|b| *b == 0)

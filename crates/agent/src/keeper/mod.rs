@@ -114,6 +114,41 @@ fn lock(state_dir: &Path) -> io::Result<Option<std::fs::File>> {
     Ok(Some(f))
 }
 
+/// The address of the socket at `path`, and what must stay open while it is used: a
+/// path too long for `sun_path` (a long state dir) is given as
+/// `/proc/self/fd/<its directory, opened>/<name>`, which the kernel resolves to the
+/// same place.
+fn socket_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t, Option<OwnedFd>)> {
+    if let Ok((addr, len)) = unix_addr(path) {
+        return Ok((addr, len, None));
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return unix_addr(path).map(|(a, l)| (a, l, None));
+    };
+    let dir_c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a valid C string; a negative result is an error.
+    let fd = unsafe {
+        libc::open(
+            dir_c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("opening {}: {e}", dir.display()),
+        ));
+    }
+    // SAFETY: a new descriptor this process owns.
+    let dir_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut short = PathBuf::from(format!("/proc/self/fd/{fd}"));
+    short.push(name);
+    let (addr, len) = unix_addr(&short)?;
+    Ok((addr, len, Some(dir_fd)))
+}
+
 fn unix_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     // SAFETY: an all-zero sockaddr_un is valid.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
@@ -148,7 +183,7 @@ fn seqpacket(nonblocking: bool) -> io::Result<OwnedFd> {
 /// Binds and listens on `path` (replacing a stale socket), mode 0600, non-blocking.
 fn listen(path: &Path) -> io::Result<OwnedFd> {
     use std::os::unix::fs::PermissionsExt;
-    let (addr, len) = unix_addr(path)?;
+    let (addr, len, _dir) = socket_addr(path)?;
     let sock = seqpacket(true)?;
     let _ = std::fs::remove_file(path);
     // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
@@ -187,7 +222,7 @@ fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 
 /// A blocking connection to the keeper's socket.
 fn connect(path: &Path) -> io::Result<OwnedFd> {
-    let (addr, len) = unix_addr(path)?;
+    let (addr, len, _dir) = socket_addr(path)?;
     let sock = seqpacket(false)?;
     // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
     if unsafe { libc::connect(sock.as_raw_fd(), (&raw const addr).cast(), len) } < 0 {
