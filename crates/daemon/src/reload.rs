@@ -5,7 +5,8 @@
 //! are usually replaced by a rename (`drover ca renew`, `install`, editors, a symlink
 //! swapped by a secrets manager), which a watch on the old file would not see. A file
 //! reached through a symlink has the directory of the file it leads to watched too
-//! (and, when the link is swapped, the new one's). Any event in those directories makes the watcher wait until they have been quiet for
+//! (and, when the link is swapped, the new one's), and so are the directories those are in
+//! (a directory of certificates renamed into place, or its symlink swapped). Any event in those directories makes the watcher wait until they have been quiet for
 //! [`SETTLE`] (a certificate and its key are written one after the other) and compare
 //! the files' identities (device, inode, size, modification and change times, following
 //! symlinks) with those of the last reload; only a change triggers one. While nothing is
@@ -163,7 +164,9 @@ fn changed(files: &[PathBuf], before: &[Stamp], now: &[Stamp]) -> Option<String>
 
 /// The directories to watch for `files`: each file's own, and, for a file reached
 /// through symlinks, the directory of the file it leads to now, where a secrets manager
-/// may replace the file and leave the link alone.
+/// may replace the file and leave the link alone; and the directories those are in,
+/// where a whole directory of certificates may be renamed into place or its symlink
+/// swapped (the watch on the directory replaced follows it away).
 fn watched_dirs(files: &[PathBuf]) -> BTreeSet<PathBuf> {
     let parent = |f: &Path| match f.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
@@ -176,6 +179,24 @@ fn watched_dirs(files: &[PathBuf]) -> BTreeSet<PathBuf> {
             dirs.insert(parent(&real));
         }
     }
+    let above: Vec<PathBuf> = dirs
+        .iter()
+        .filter_map(|d| {
+            let d = if d == Path::new(".") {
+                std::env::current_dir().ok()?
+            } else {
+                d.clone()
+            };
+            d.parent().map(|p| {
+                if p.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    p.to_owned()
+                }
+            })
+        })
+        .collect();
+    dirs.extend(above);
     dirs
 }
 
@@ -407,6 +428,45 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .expect("a reload within 10 s of the swapped link's target being replaced");
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    /// A whole directory of certificates renamed into place (a deploy tool's
+    /// `mv new current`): reloaded, and a later change in the new directory too.
+    #[tokio::test]
+    async fn a_directory_renamed_into_place_triggers_a_reload_and_is_watched_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = dir.path().join("current");
+        std::fs::create_dir(&current).unwrap();
+        let cert = current.join("a.crt");
+        std::fs::write(&cert, "one").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(
+            Watch::new(vec![cert.clone()]).run(shutdown.clone(), move |c| {
+                let _ = tx.send(c.to_owned());
+                async {}
+            }),
+        );
+        let next = dir.path().join("next");
+        std::fs::create_dir(&next).unwrap();
+        std::fs::write(next.join("a.crt"), "two").unwrap();
+        std::fs::rename(&current, dir.path().join("old")).unwrap();
+        std::fs::rename(&next, &current).unwrap();
+        let cause = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a reload within 10 s")
+            .unwrap();
+        assert!(cause.contains("a.crt changed"), "{cause}");
+        // The directory now in place is the one watched.
+        std::fs::write(current.join("a.crt.tmp"), "three").unwrap();
+        std::fs::rename(current.join("a.crt.tmp"), &cert).unwrap();
+        let cause = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a second reload within 10 s")
+            .unwrap();
+        assert!(cause.contains("a.crt changed"), "{cause}");
         shutdown.cancel();
         task.await.unwrap();
     }
