@@ -13,7 +13,7 @@
 //! written the watcher sleeps in the kernel: no timer, no wake-ups. Without inotify it
 //! falls back to comparing the identities every [`POLL`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::future::Future;
 use std::io;
@@ -162,41 +162,53 @@ fn changed(files: &[PathBuf], before: &[Stamp], now: &[Stamp]) -> Option<String>
     (!names.is_empty()).then(|| format!("{} changed", names.join(", ")))
 }
 
+/// What a watched directory's events are looked at for: any (a directory holding one
+/// of the files, where a file is replaced by a rename), or only those naming one of
+/// these entries (the directory above, where a whole directory of certificates is
+/// renamed into place or its symlink swapped, and where other files, logs say, may be
+/// written all the time).
+type Interest = Option<BTreeSet<std::ffi::OsString>>;
+
 /// The directories to watch for `files`: each file's own, and, for a file reached
 /// through symlinks, the directory of the file it leads to now, where a secrets manager
-/// may replace the file and leave the link alone; and the directories those are in,
-/// where a whole directory of certificates may be renamed into place or its symlink
-/// swapped (the watch on the directory replaced follows it away).
-fn watched_dirs(files: &[PathBuf]) -> BTreeSet<PathBuf> {
+/// may replace the file and leave the link alone; and the directories those are in, for
+/// events naming them (the watch on a directory replaced follows it away).
+fn watched_dirs(files: &[PathBuf]) -> BTreeMap<PathBuf, Interest> {
     let parent = |f: &Path| match f.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
-    let mut dirs = BTreeSet::new();
+    let mut own = BTreeSet::new();
     for f in files {
-        dirs.insert(parent(f));
+        own.insert(parent(f));
         if let Ok(real) = std::fs::canonicalize(f) {
-            dirs.insert(parent(&real));
+            own.insert(parent(&real));
         }
     }
-    let above: Vec<PathBuf> = dirs
-        .iter()
-        .filter_map(|d| {
-            let d = if d == Path::new(".") {
-                std::env::current_dir().ok()?
+    let mut dirs: BTreeMap<PathBuf, Interest> = BTreeMap::new();
+    for d in &own {
+        let d = if d == Path::new(".") {
+            match std::env::current_dir() {
+                Ok(cwd) => cwd,
+                Err(_) => continue,
+            }
+        } else {
+            d.clone()
+        };
+        if let (Some(up), Some(name)) = (d.parent(), d.file_name()) {
+            let up = if up.as_os_str().is_empty() {
+                PathBuf::from(".")
             } else {
-                d.clone()
+                up.to_owned()
             };
-            d.parent().map(|p| {
-                if p.as_os_str().is_empty() {
-                    PathBuf::from(".")
-                } else {
-                    p.to_owned()
-                }
-            })
-        })
-        .collect();
-    dirs.extend(above);
+            if let Some(names) = dirs.entry(up).or_insert_with(|| Some(BTreeSet::new())) {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    for d in own {
+        dirs.insert(d, None);
+    }
     dirs
 }
 
@@ -205,6 +217,8 @@ struct Watch {
     files: Vec<PathBuf>,
     last: Vec<Stamp>,
     inotify: Option<AsyncFd<Inotify>>,
+    /// Each watch's interest, by watch descriptor.
+    interest: BTreeMap<i32, Interest>,
 }
 
 impl Watch {
@@ -213,9 +227,17 @@ impl Watch {
     fn new(files: Vec<PathBuf>) -> Self {
         let dirs = watched_dirs(&files);
         let last = stamps(&files);
+        let mut interest = BTreeMap::new();
         let inotify = Inotify::new().and_then(|i| {
-            for d in &dirs {
-                i.add(d)?;
+            for (d, what) in &dirs {
+                match i.add(d) {
+                    Ok(wd) => {
+                        interest.insert(wd, what.clone());
+                    }
+                    // The directory above may not be readable; its own is.
+                    Err(_) if what.is_some() => {}
+                    Err(e) => return Err(e),
+                }
             }
             // SAFETY: the AsyncFd owns the instance, whose descriptor stays open and
             // keeps its number until the AsyncFd drops it.
@@ -224,7 +246,7 @@ impl Watch {
         });
         let inotify = match inotify {
             Ok(i) => {
-                tracing::info!(dirs = ?dirs, "watching the certificate files for changes");
+                tracing::info!(dirs = ?dirs.keys().collect::<Vec<_>>(), "watching the certificate files for changes");
                 Some(i)
             }
             Err(e) => {
@@ -239,6 +261,7 @@ impl Watch {
             files,
             last,
             inotify,
+            interest,
         }
     }
 
@@ -253,16 +276,28 @@ impl Watch {
         loop {
             match &self.inotify {
                 Some(fd) => {
-                    // Wait for a first event, then until the directories are quiet.
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        r = read_events(fd, &mut buf) => if r.is_err() { return },
-                    }
+                    // Wait for a first event that matters, then until the directories
+                    // are quiet.
                     loop {
                         tokio::select! {
                             () = shutdown.cancelled() => return,
-                            () = tokio::time::sleep(SETTLE) => break,
-                            r = read_events(fd, &mut buf) => if r.is_err() { return },
+                            r = read_events(fd, &mut buf, &self.interest) => match r {
+                                Ok(true) => break,
+                                Ok(false) => {}
+                                Err(_) => return,
+                            },
+                        }
+                    }
+                    let mut quiet_at = tokio::time::Instant::now() + SETTLE;
+                    loop {
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep_until(quiet_at) => break,
+                            r = read_events(fd, &mut buf, &self.interest) => match r {
+                                Ok(true) => quiet_at = tokio::time::Instant::now() + SETTLE,
+                                Ok(false) => {}
+                                Err(_) => return,
+                            },
                         }
                     }
                 }
@@ -274,8 +309,10 @@ impl Watch {
             if let Some(fd) = &self.inotify {
                 // Watched again each time: a link may lead elsewhere now, and a directory
                 // removed and made again lost its watch (adding one twice changes nothing).
-                for d in watched_dirs(&self.files) {
-                    let _ = fd.get_ref().add(&d);
+                for (d, what) in watched_dirs(&self.files) {
+                    if let Ok(wd) = fd.get_ref().add(&d) {
+                        self.interest.insert(wd, what);
+                    }
                 }
             }
             let now = stamps(&self.files);
@@ -287,17 +324,51 @@ impl Watch {
     }
 }
 
-/// Waits for and drains the pending events (their content does not matter).
-async fn read_events(fd: &AsyncFd<Inotify>, buf: &mut [u8]) -> io::Result<()> {
+/// Waits for and drains the pending events: whether one of them matters (see
+/// [`Interest`]; an overflow of the queue does, as events may be lost).
+async fn read_events(
+    fd: &AsyncFd<Inotify>,
+    buf: &mut [u8],
+    interest: &BTreeMap<i32, Interest>,
+) -> io::Result<bool> {
     loop {
         let mut guard = fd.readable().await?;
         match guard.try_io(|i| i.get_ref().read(buf)) {
-            Ok(Ok(_)) => return Ok(()),
+            Ok(Ok(n)) => return Ok(matters(&buf[..n], interest)),
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
             Ok(Err(e)) => return Err(e),
             Err(_would_block) => {}
         }
     }
+}
+
+/// Whether the events in `bytes` (`struct inotify_event`s) hold one that matters.
+fn matters(bytes: &[u8], interest: &BTreeMap<i32, Interest>) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    const HEADER: usize = size_of::<libc::inotify_event>();
+    let mut at = 0;
+    let mut any = false;
+    while at + HEADER <= bytes.len() {
+        let field = |off: usize| {
+            let b: [u8; 4] = bytes[at + off..at + off + 4].try_into().unwrap_or_default();
+            u32::from_ne_bytes(b)
+        };
+        let (wd, mask, len) = (field(0).cast_signed(), field(4), field(12) as usize);
+        let name_bytes = bytes
+            .get(at + HEADER..at + HEADER + len)
+            .unwrap_or_default();
+        let name =
+            std::ffi::OsStr::from_bytes(name_bytes.split(|b| *b == 0).next().unwrap_or_default());
+        at += HEADER + len;
+        any |= mask & libc::IN_Q_OVERFLOW != 0
+            || match interest.get(&wd) {
+                Some(Some(names)) => names.contains(name),
+                // A watch's own directory, or one replaced since (its new watch is
+                // looked at once the events are read).
+                Some(None) | None => true,
+            };
+    }
+    any
 }
 
 /// An inotify instance (non-blocking).
@@ -323,8 +394,9 @@ impl Inotify {
         Ok(Self { fd })
     }
 
-    /// Watches a directory for anything that may replace or change a file in it.
-    fn add(&self, dir: &Path) -> io::Result<()> {
+    /// Watches a directory for anything that may replace or change a file in it; the
+    /// watch descriptor.
+    fn add(&self, dir: &Path) -> io::Result<i32> {
         let c = CString::new(dir.as_os_str().as_bytes())
             .map_err(|_| io::Error::other("path contains a nul byte"))?;
         let mask = libc::IN_CLOSE_WRITE
@@ -341,7 +413,7 @@ impl Inotify {
             let e = io::Error::last_os_error();
             return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display())));
         }
-        Ok(())
+        Ok(wd)
     }
 
     fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
@@ -449,6 +521,18 @@ mod tests {
                 async {}
             }),
         );
+        // A log written all the time beside the directory: no reason to wait.
+        let log = dir.path().join("busy.log");
+        let writing = CancellationToken::new();
+        let writer = tokio::spawn({
+            let (log, writing) = (log.clone(), writing.clone());
+            async move {
+                while !writing.is_cancelled() {
+                    std::fs::write(&log, "line").unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
         let next = dir.path().join("next");
         std::fs::create_dir(&next).unwrap();
         std::fs::write(next.join("a.crt"), "two").unwrap();
@@ -467,6 +551,8 @@ mod tests {
             .expect("a second reload within 10 s")
             .unwrap();
         assert!(cause.contains("a.crt changed"), "{cause}");
+        writing.cancel();
+        writer.await.unwrap();
         shutdown.cancel();
         task.await.unwrap();
     }
