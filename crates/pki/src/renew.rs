@@ -204,13 +204,12 @@ pub fn renew_in_place(
     let (key_tmp, cert_tmp) = (with(key, ".new"), with(cert, ".new"));
     let (key_prev, cert_prev) = (with(key, ".prev"), with(cert, ".prev"));
     // The new files are the old ones' owner's (the daemon's user, when root renews
-    // them); the key keeps a group read its old one had.
+    // them); the key is the owner's alone, as daemons require.
     use std::os::unix::fs::MetadataExt as _;
     let key_meta = fs::metadata(key).map_err(io(key))?;
     let cert_meta = fs::metadata(cert).map_err(io(cert))?;
-    let key_mode = 0o600 | (key_meta.mode() & 0o040);
     let owner = |m: &fs::Metadata| (m.uid(), m.gid());
-    write_fresh(&key_tmp, &pem.key, key_mode, owner(&key_meta))?;
+    write_fresh(&key_tmp, &pem.key, 0o600, owner(&key_meta))?;
     write_fresh(&cert_tmp, &pem.cert, 0o644, owner(&cert_meta))?;
     // The previous pair, kept by a second link to each file (the key keeps its mode).
     for (cur, prev) in [(key, &key_prev), (cert, &cert_prev)] {
