@@ -631,11 +631,12 @@ fn requests_cut_off_by_the_controller_say_their_outcome_is_not_known() {
     );
 }
 
-/// A node's kill that cannot be sent (the agent out of file descriptors: the cgroup's
-/// `cgroup.kill` cannot be opened) is sent again once it can, rather than the node
-/// staying "stopping" for good with nothing coming to end it.
+/// A node's kill while the agent is out of file descriptors (the cgroup's
+/// `cgroup.kill` cannot be opened, nor pidfds of its processes) still reaches it,
+/// through its process group and the pidfd the agent holds for it, rather than the
+/// node staying "stopping" until descriptors are free again.
 #[test]
-fn a_kill_that_cannot_be_sent_is_sent_again_once_it_can() {
+fn a_kill_reaches_the_node_while_the_agent_is_out_of_descriptors() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let agent = c.start_agent("agent-1", addr);
@@ -671,14 +672,19 @@ fn a_kill_that_cannot_be_sent_is_sent_again_once_it_can() {
     stop.args(["--timeout", "30s", "stop", "stub"]);
     let stopping = std::thread::spawn(move || drover_tests::run_cli(stop, PATIENCE));
     agent.wait_log("killing the node: it did not end within its stop_timeout");
+    eventually(
+        "the node killed, the agent still out of descriptors",
+        PATIENCE,
+        || nix::sys::signal::kill(pid, None).is_err().then_some(()),
+    );
     assert!(
-        nix::sys::signal::kill(pid, None).is_ok(),
-        "the node runs while its kill cannot be sent"
+        agent
+            .log_text()
+            .contains("out of file descriptors: signalling the node's process group"),
+        "{}",
+        agent.log_text()
     );
     prlimit(&soft);
-    eventually("the node killed", PATIENCE, || {
-        nix::sys::signal::kill(pid, None).is_err().then_some(())
-    });
     let _ = stopping.join();
     eventually("stub stopped", PATIENCE, || {
         (node_table(&c, addr)["stub"]["state"] == "STOPPED").then_some(())
