@@ -199,7 +199,10 @@ impl AuditLog {
         }
         let (f, size) = slot.as_mut().expect("opened above");
         if let Err(e) = f.write_all(&line).and_then(|()| f.sync_data()) {
-            // Reopen next time: the file may have been replaced or the disk freed.
+            // What part of the record was written (a full disk) goes: the trail holds
+            // whole records. Reopen next time: the file may have been replaced or the
+            // disk freed.
+            let _ = f.set_len(*size);
             *slot = None;
             return Err(e);
         }
@@ -585,6 +588,43 @@ mod tests {
     /// The times of `records`, in their order.
     fn stamps(records: &[AuditRecord]) -> Vec<u64> {
         records.iter().map(|r| r.at_ms).collect()
+    }
+
+    /// A write that fails part way (a full disk; here the file-size limit, which fails
+    /// the same way) takes back what it wrote: the trail holds whole records only.
+    #[test]
+    fn a_record_cut_short_by_a_failed_write_is_taken_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), DEFAULT_MAX_BYTES, 2).unwrap();
+        log.append(&rec("a", 1)).unwrap();
+        let path = dir.path().join(FILE);
+        let len = fs::metadata(&path).unwrap().len();
+        let limit = |bytes: u64| {
+            let mut now = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: valid rlimit structs; SIG_IGN for SIGXFSZ, so that passing the
+            // limit is an error (EFBIG) rather than the end of the process.
+            unsafe {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &raw mut now), 0);
+                now.rlim_cur = bytes;
+                assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &raw const now), 0);
+            }
+        };
+        limit(len + 10);
+        log.append(&rec("b", 2)).unwrap_err();
+        limit(libc::RLIM_INFINITY);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            len,
+            "nothing of b is left"
+        );
+        log.append(&rec("c", 3)).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert_eq!(stamps(&log.read(None, None, 10).unwrap()), [1, 3]);
     }
 
     fn total_size(dir: &Path) -> u64 {
