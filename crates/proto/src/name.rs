@@ -17,14 +17,17 @@ pub fn check(name: &str) -> Result<(), String> {
         return Err(format!("name is longer than {MAX_LEN} bytes"));
     }
     if !first.is_ascii_alphanumeric() {
-        return Err(format!("name '{name}' must start with a letter or digit"));
+        return Err(format!(
+            "name '{}' must start with an ASCII letter or digit",
+            name.escape_default()
+        ));
     }
     if let Some(bad) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(format!(
-            "name '{}' contains '{}'; allowed are letters, digits, '.', '_' and '-'",
+            "name '{}' contains '{}'; allowed are ASCII letters, digits, '.', '_' and '-'",
             name.escape_default(),
             bad.escape_default()
         ));
@@ -65,5 +68,10 @@ mod tests {
             assert!(check(n).is_err(), "{n:?} should be rejected");
         }
         assert!(check(&"a".repeat(65)).is_err());
+        // Said as what it is, and escaped as the other message is.
+        assert_eq!(
+            check("ünï-node").unwrap_err(),
+            "name '\\u{fc}n\\u{ef}-node' must start with an ASCII letter or digit"
+        );
     }
 }
