@@ -608,14 +608,14 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
             format!("multiple nodes named '{name}'"),
         ));
     }
+    // Zeek's text (the zeek-client front shows it as Zeek does), at the first such
+    // node's own table.
     let collisions: Vec<&str> = seen_nodes.intersection(&seen_instances).copied().collect();
-    if !collisions.is_empty() {
-        issues.push(Issue {
-            file: None,
-            line: None,
-            key: None,
-            message: format!("node and instance names collide: {}", collisions.join(", ")),
-        });
+    if let Some(first) = collisions.first() {
+        issues.push(Issue::at_key(
+            format!("nodes.{first}"),
+            format!("node and instance names collide: {}", collisions.join(", ")),
+        ));
     }
 
     for (role, template) in &config.roles {
@@ -1097,7 +1097,7 @@ backoff = { multiplier = 0.5 }
         assert_eq!(
             messages,
             vec![
-                (None, "node and instance names collide: w1"),
+                (Some(5), "node and instance names collide: w1"),
                 (Some(9), "node 'w2' has undeclared instance name 'nowhere'"),
                 (
                     Some(13),

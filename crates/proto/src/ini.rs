@@ -2286,11 +2286,11 @@ mod tests {
         assert_eq!(
             errors(text),
             vec![
-                "c.ini: node and instance names collide: b",
                 "c.ini:7: m.instance: node 'm' has undeclared instance name 'Agent-1' (keys in \
                  [instances] are lower-cased, as zeek-client does: use lower-case instance names)",
                 "c.ini:12: w.port: node 'w' port 2151/tcp conflicts with agent port on instance 'b'",
                 "c.ini:16: x.instance: node 'x' has undeclared instance name 'nowhere'",
+                "c.ini:18: b: node and instance names collide: b",
             ]
         );
     }
