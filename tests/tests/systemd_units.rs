@@ -231,4 +231,18 @@ fn the_agent_unit_leaves_its_nodes_and_their_cgroups_to_the_agent() {
         matches!(protect, None | Some("no" | "false")),
         "ProtectControlGroups={protect:?} makes the delegated tree read-only"
     );
+    // Device allow-lists reach the nodes (the whole unit cgroup): none, not even the
+    // one ProtectClock= implies before systemd 252.
+    for key in [
+        "PrivateDevices",
+        "DevicePolicy",
+        "DeviceAllow",
+        "ProtectClock",
+    ] {
+        let v = keys.get(key).map(String::as_str);
+        assert!(
+            matches!(v, None | Some("no" | "false" | "auto")),
+            "{key}={v:?} would restrict the nodes' devices"
+        );
+    }
 }
