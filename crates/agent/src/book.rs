@@ -67,8 +67,9 @@ struct Live<P> {
     pid: u32,
     process: P,
     /// OOM kills in its memory cgroup counted already, while it ran (of a process of
-    /// the node other than the main one).
+    /// the node other than the main one, as it seemed), and when the last was seen.
     oom_seen: u64,
+    oom_seen_at: Option<Millis>,
 }
 
 /// What a spawn's outcome does (see [`Book::spawned`]).
@@ -202,6 +203,7 @@ impl<P, S> Book<P, S> {
             pid,
             process,
             oom_seen: 0,
+            oom_seen_at: None,
         });
         let actions = self.machine.spawned(now, pid);
         Spawned::Taken {
@@ -232,6 +234,7 @@ impl<P, S> Book<P, S> {
             pid,
             process,
             oom_seen: 0,
+            oom_seen_at: None,
         });
         self.machine.adopt(now, pid, was_ready)
     }
@@ -256,16 +259,21 @@ impl<P, S> Book<P, S> {
         }
         // Those not counted while it ran: its own end, most likely, unless a stop was
         // asked for (a process of the node killed just before is no reason the node
-        // stopped).
+        // stopped). So is a SIGKILL right after a kill was counted: the kernel counts
+        // the kill before the process has gone, and the check may fall in between.
         let new = oom.saturating_sub(live.oom_seen);
         if new > 0 {
             self.oom_kills = self
                 .oom_kills
                 .saturating_add(u32::try_from(new).unwrap_or(u32::MAX));
-            if !self.machine.is_stopping() {
-                self.last_failure = Some("oom-killed".to_owned());
-                self.last_error = Some("oom-killed".to_owned());
-            }
+        }
+        let just_seen = live
+            .oom_seen_at
+            .is_some_and(|at| now.saturating_sub(at) <= OOM_SEEN_RECENTLY_MS);
+        if (new > 0 || (just_seen && exit == ExitStatus::Signal(9))) && !self.machine.is_stopping()
+        {
+            self.last_failure = Some("oom-killed".to_owned());
+            self.last_error = Some("oom-killed".to_owned());
         }
         Some((live.process, self.machine.exited(now, exit)))
     }
@@ -274,12 +282,15 @@ impl<P, S> Book<P, S> {
     /// since it started: a process of the node other than its main one was killed (the
     /// node runs on). The kills not counted yet, now counted; 0 when it is not the
     /// followed process.
-    pub fn oom_while_running(&mut self, spawn: u64, oom: u64) -> u64 {
+    pub fn oom_while_running(&mut self, now: Millis, spawn: u64, oom: u64) -> u64 {
         let Some(live) = self.live.as_mut().filter(|l| l.spawn == spawn) else {
             return 0;
         };
         let new = oom.saturating_sub(live.oom_seen);
         live.oom_seen = live.oom_seen.max(oom);
+        if new > 0 {
+            live.oom_seen_at = Some(now);
+        }
         if new > 0 {
             self.oom_kills = self
                 .oom_kills
@@ -353,6 +364,10 @@ impl<P, S> Book<P, S> {
         out
     }
 }
+
+/// How long after an OOM kill was counted while its node ran a SIGKILL of the main
+/// process is taken for that kill (see [`Book::exited`]).
+const OOM_SEEN_RECENTLY_MS: Millis = 2_000;
 
 /// The wire's form of an exit status.
 pub fn to_model_exit(e: ExitStatus) -> model::ExitStatus {

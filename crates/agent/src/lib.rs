@@ -1533,9 +1533,10 @@ fn own_status(name: &str, generation: u64) -> NodeStatus {
 }
 
 /// Descriptors the agent holds per running node: the read ends of its two pipes to the
-/// log keeper, two pidfds (one of them watches for the exit) and its notify socket. The
-/// keeper, under the same limit, holds two.
-const FDS_PER_NODE: u64 = 5;
+/// log keeper, two pidfds (one of them watches for the exit), its notify socket and the
+/// duplicate of it kept for a keeper started anew. The keeper, under the same limit,
+/// holds three (the pipes and the notify socket).
+const FDS_PER_NODE: u64 = 6;
 
 /// Descriptors the agent holds whatever its nodes: its sockets, files and the like,
 /// and the two log files each of the most log follows a controller keeps open to it

@@ -98,9 +98,9 @@ fn oom_kills_while_it_runs_are_counted_once_and_blame_no_stop() {
         panic!("awaited");
     };
     // A child killed: counted now, the node runs on.
-    assert_eq!(b.oom_while_running(n, 1), 1);
-    assert_eq!(b.oom_while_running(n, 1), 0, "seen already");
-    assert_eq!(b.oom_while_running(n + 1, 5), 0, "another process");
+    assert_eq!(b.oom_while_running(2, n, 1), 1);
+    assert_eq!(b.oom_while_running(2, n, 1), 0, "seen already");
+    assert_eq!(b.oom_while_running(2, n + 1, 5), 0, "another process");
     assert_eq!(b.oom_kills, 1);
     assert_eq!(
         b.last_failure.as_deref(),
@@ -122,6 +122,19 @@ fn oom_kills_while_it_runs_are_counted_once_and_blame_no_stop() {
     };
     b.exited(6, m, ExitStatus::Signal(9), 1).expect("followed");
     assert_eq!(b.oom_kills, 3);
+    assert_eq!(b.last_error.as_deref(), Some("oom-killed"));
+    // The main process's own kill counted by the check just before it went: still its.
+    let _ = b.machine.start(10_000);
+    let k = b.next_spawn();
+    b.announce(8);
+    let Spawned::Taken { .. } = b.spawned(10_001, k, 11, 11) else {
+        panic!("awaited");
+    };
+    b.last_error = None;
+    assert_eq!(b.oom_while_running(10_002, k, 1), 1);
+    b.exited(10_003, k, ExitStatus::Signal(9), 1)
+        .expect("followed");
+    assert_eq!(b.oom_kills, 4, "counted once");
     assert_eq!(b.last_error.as_deref(), Some("oom-killed"));
 }
 

@@ -163,6 +163,17 @@ pub enum PipeEnd {
     Closed,
 }
 
+/// A message waiting for room in the keeper's socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Unsent {
+    /// The pipe of this inode (in [`State::held`]).
+    Pipe(u64),
+    /// This node's notify socket (in [`State::notify_held`]).
+    Notify(String),
+    /// This node is gone.
+    Forget(String),
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// The connection, while there is one.
@@ -179,9 +190,13 @@ struct State {
     /// previous agent process started) and what it heard on them, until the supervisor
     /// takes them.
     notify_found: BTreeMap<String, (OwnedFd, Vec<Heard>)>,
-    /// Pipes held that the keeper has not been sent yet, because its socket was full
-    /// (the keeper is busy): the flusher sends them, so that a spawn never waits.
-    unsent: Vec<u64>,
+    /// What the keeper has not been sent yet, because its socket was full (the keeper
+    /// is busy), in order: the flusher sends it, so that a spawn never waits.
+    unsent: Vec<Unsent>,
+    /// The flusher is sending what it took from `unsent`: what comes meanwhile queues
+    /// behind it, so that a node's notify socket and its removal reach the keeper in
+    /// order.
+    flushing: bool,
     /// The tails of the last [`TAILS_KEPT`] pipes closed, by inode, and their order.
     tails: BTreeMap<u64, Option<String>>,
     tail_order: std::collections::VecDeque<u64>,
@@ -237,7 +252,7 @@ impl Keeper {
         let mut state = self.inner.lock();
         if let Some(conn) = state.conn.clone() {
             let msg = Msg::Pipe { pipe: pipe.clone() };
-            let sent = if state.unsent.is_empty() {
+            let sent = if state.unsent.is_empty() && !state.flushing {
                 proto::try_send(conn.as_fd(), &msg, Some(read.as_fd()))
             } else {
                 Err(io::ErrorKind::WouldBlock.into())
@@ -245,7 +260,7 @@ impl Keeper {
             match sent {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    state.unsent.push(ino);
+                    state.unsent.push(Unsent::Pipe(ino));
                     self.inner.unsent_added.notify_one();
                 }
                 Err(e) => {
@@ -273,11 +288,21 @@ impl Keeper {
             let msg = Msg::Notify {
                 node: node.to_owned(),
             };
-            if let Err(e) = proto::try_send(conn.as_fd(), &msg, Some(fd.as_fd()))
-                && e.kind() != io::ErrorKind::WouldBlock
-            {
-                warn!(%node, "cannot hand the node's notify socket to the log keeper: {e}");
-                lose(&mut state, &conn);
+            let sent = if state.unsent.is_empty() && !state.flushing {
+                proto::try_send(conn.as_fd(), &msg, Some(fd.as_fd()))
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            };
+            match sent {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    state.unsent.push(Unsent::Notify(node.to_owned()));
+                    self.inner.unsent_added.notify_one();
+                }
+                Err(e) => {
+                    warn!(%node, "cannot hand the node's notify socket to the log keeper: {e}");
+                    lose(&mut state, &conn);
+                }
             }
         }
         state.notify_held.insert(node.to_owned(), fd);
@@ -294,10 +319,18 @@ impl Keeper {
             let msg = Msg::Forget {
                 node: node.to_owned(),
             };
-            if let Err(e) = proto::try_send(conn.as_fd(), &msg, None)
-                && e.kind() != io::ErrorKind::WouldBlock
-            {
-                lose(&mut state, &conn);
+            let sent = if state.unsent.is_empty() && !state.flushing {
+                proto::try_send(conn.as_fd(), &msg, None)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            };
+            match sent {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    state.unsent.push(Unsent::Forget(node.to_owned()));
+                    self.inner.unsent_added.notify_one();
+                }
+                Err(_) => lose(&mut state, &conn),
             }
         }
     }
@@ -307,6 +340,19 @@ impl Keeper {
     /// first.
     pub fn take_notify(&self, node: &str) -> Option<(OwnedFd, Vec<Heard>)> {
         self.inner.lock().notify_found.remove(node)
+    }
+
+    /// Lets the keeper close the notify sockets it held of nodes the supervisor did not
+    /// take (not adopted: gone, or started anew with a socket of their own).
+    pub fn forget_unclaimed(&self) {
+        let nodes: Vec<String> = self.inner.lock().notify_found.keys().cloned().collect();
+        for node in nodes {
+            if !self.inner.lock().notify_held.contains_key(&node) {
+                self.forget_notify(&node);
+            } else {
+                self.inner.lock().notify_found.remove(&node);
+            }
+        }
     }
 
     /// Calls `f` (from a thread of the keeper's) with what the keeper heard on a node's
@@ -409,7 +455,8 @@ impl Inner {
         }
     }
 
-    /// Sends the pipes [`Keeper::hand`] could not, waiting for room in the socket
+    /// Sends what [`Keeper::hand`], [`Keeper::hold_notify`] and
+    /// [`Keeper::forget_notify`] could not, in order, waiting for room in the socket
     /// (within its send timeout), off the spawning thread; forever.
     fn flush(&self) {
         loop {
@@ -422,28 +469,38 @@ impl Inner {
                         .unwrap_or_else(PoisonError::into_inner);
                 }
                 let conn = state.conn.clone().expect("checked above");
-                let inos = std::mem::take(&mut state.unsent);
-                let batch: Vec<(PipeInfo, io::Result<OwnedFd>)> = inos
-                    .iter()
-                    .filter_map(|ino| state.held.get(ino))
-                    .map(|(pipe, fd)| (pipe.clone(), fd.try_clone()))
-                    .collect();
+                state.flushing = true;
+                let batch: Vec<(Msg, Option<io::Result<OwnedFd>>, String)> =
+                    std::mem::take(&mut state.unsent)
+                        .into_iter()
+                        .filter_map(|u| match u {
+                            Unsent::Pipe(ino) => state.held.get(&ino).map(|(pipe, fd)| {
+                                let msg = Msg::Pipe { pipe: pipe.clone() };
+                                (msg, Some(fd.try_clone()), pipe.node.clone())
+                            }),
+                            Unsent::Notify(node) => state.notify_held.get(&node).map(|fd| {
+                                let msg = Msg::Notify { node: node.clone() };
+                                (msg, Some(fd.try_clone()), node)
+                            }),
+                            Unsent::Forget(node) => {
+                                Some((Msg::Forget { node: node.clone() }, None, node))
+                            }
+                        })
+                        .collect();
                 (conn, batch)
             };
-            for (pipe, fd) in batch {
-                let sent = fd.and_then(|fd| {
-                    proto::send(
-                        conn.as_fd(),
-                        &Msg::Pipe { pipe: pipe.clone() },
-                        Some(fd.as_fd()),
-                    )
-                });
+            for (msg, fd, node) in batch {
+                let sent = match fd {
+                    Some(fd) => fd.and_then(|fd| proto::send(conn.as_fd(), &msg, Some(fd.as_fd()))),
+                    None => proto::send(conn.as_fd(), &msg, None),
+                };
                 if let Err(e) = sent {
-                    warn!(node = %pipe.node, "cannot hand its output to the log keeper: {e}");
+                    warn!(%node, "cannot hand the log keeper what is the node's: {e}");
                     lose(&mut self.lock(), &conn);
                     break;
                 }
             }
+            self.lock().flushing = false;
         }
     }
 

@@ -1,9 +1,10 @@
 //! Nodes' notify sockets, held by the log keeper so that they outlive the agent.
 //!
 //! The agent hands the keeper a duplicate of every notify socket it binds
-//! ([`super::proto::Msg::Notify`]). While an agent is connected the keeper never reads
-//! them: the agent does. While none is (an upgrade, a crash), the keeper reads every one
-//! as datagrams come, so that a node's `sd_notify` never blocks on a full socket, and
+//! ([`super::proto::Msg::Notify`]). While an agent that connected lives the keeper
+//! never reads them: the agent does (also while its connection is lost: it is counted
+//! until its process is gone). While none lives (an upgrade, a crash), the keeper reads
+//! every one as datagrams come, so that a node's `sd_notify` never blocks on a full socket, and
 //! keeps what the next agent needs of them ([`Heard`]: `READY=1`, `WATCHDOG=trigger`
 //! and `STATUS=` lines, with the sender's pid and cgroup, at most [`HEARD_MAX`] per
 //! node). The next agent's [`super::proto::Msg::Hello`] stops the reading; the keeper
@@ -56,9 +57,14 @@ impl Held {
     }
 }
 
+thread_local! {
+    /// The one buffer the sockets are read into (the keeper has one thread): a socket
+    /// holds memory only for what it kept.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 4096]);
+}
+
 /// Reads the socket while no agent is connected.
 async fn read_while_alone(held: Rc<Held>, mut agents: watch::Receiver<usize>) {
-    let mut buf = vec![0u8; 4096];
     let now = agents.clone();
     loop {
         if agents.wait_for(|n| *n == 0).await.is_err() {
@@ -71,10 +77,15 @@ async fn read_while_alone(held: Rc<Held>, mut agents: watch::Receiver<usize>) {
                 if *now.borrow() != 0 {
                     continue;
                 }
-                match guard.try_io(|fd| crate::probe::recv_cred(fd.as_raw_fd(), &mut buf)) {
-                    Ok(Ok((n, pid))) => {
+                let read = SCRATCH.with_borrow_mut(|buf| {
+                    guard.try_io(|fd| {
+                        let (n, pid) = crate::probe::recv_cred(fd.as_raw_fd(), buf)?;
+                        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), pid))
+                    })
+                });
+                match read {
+                    Ok(Ok((text, pid))) => {
                         let cgroup = pid.and_then(crate::probe::cgroup_of);
-                        let text = String::from_utf8_lossy(&buf[..n]);
                         keep(&mut held.heard.borrow_mut(), &text, pid, cgroup);
                     }
                     Ok(Err(e)) => {
@@ -91,33 +102,56 @@ async fn read_while_alone(held: Rc<Held>, mut agents: watch::Receiver<usize>) {
 
 /// Adds what a datagram says that an agent acts on to `heard` (see the module docs).
 pub fn keep(heard: &mut Vec<Heard>, text: &str, pid: Option<u32>, cgroup: Option<String>) {
-    let lines: Vec<String> = text
+    let mut lines: Vec<String> = text
         .lines()
-        .filter_map(|l| match l {
-            "READY=1" | "WATCHDOG=trigger" => Some(l.to_owned()),
-            _ => l.strip_prefix("STATUS=").map(|s| {
-                let cut: String = s.chars().take(crate::probe::STATUS_MAX).collect();
-                format!("STATUS={cut}")
-            }),
-        })
+        .filter(|l| matches!(*l, "READY=1" | "WATCHDOG=trigger"))
+        .map(str::to_owned)
         .collect();
+    // The last status only, as the agent reads one.
+    if let Some(status) = text.lines().rev().find_map(|l| l.strip_prefix("STATUS=")) {
+        let cut: String = status.chars().take(crate::probe::STATUS_MAX).collect();
+        lines.push(format!("STATUS={cut}"));
+    }
     if lines.is_empty() {
         return;
     }
     if heard.len() >= HEARD_MAX {
-        let matters = |h: &Heard| {
-            h.text
-                .lines()
-                .any(|l| l == "READY=1" || l == "WATCHDOG=trigger")
-        };
-        let at = heard.iter().position(|h| !matters(h)).unwrap_or(0);
-        heard.remove(at);
+        drop_one(heard);
     }
     heard.push(Heard {
         text: lines.join("\n"),
         pid,
         cgroup,
     });
+}
+
+/// Drops the oldest entry that says neither `READY=1` nor `WATCHDOG=trigger`, else the
+/// oldest.
+fn drop_one(heard: &mut Vec<Heard>) {
+    let matters = |h: &Heard| {
+        h.text
+            .lines()
+            .any(|l| l == "READY=1" || l == "WATCHDOG=trigger")
+    };
+    if !heard.is_empty() {
+        let at = heard.iter().position(|h| !matters(h)).unwrap_or(0);
+        heard.remove(at);
+    }
+}
+
+/// The message handing node `node`'s socket to an agent with what was heard, within
+/// half of [`super::proto::MAX_MESSAGE`] (status texts of control characters grow six
+/// times as JSON): entries are dropped as [`keep`] drops them until it fits.
+pub fn holding(node: &str, mut heard: Vec<Heard>) -> super::proto::Msg {
+    use super::proto::{MAX_MESSAGE, Msg, encode};
+    let msg = |heard: Vec<Heard>| Msg::HoldingNotify {
+        node: node.to_owned(),
+        heard,
+    };
+    while !heard.is_empty() && encode(&msg(heard.clone())).len() > MAX_MESSAGE / 2 {
+        drop_one(&mut heard);
+    }
+    msg(heard)
 }
 
 #[cfg(test)]
@@ -149,6 +183,28 @@ mod tests {
             heard[1].text.len(),
             "STATUS=".len() + crate::probe::STATUS_MAX
         );
+    }
+
+    #[test]
+    fn what_is_handed_over_fits_a_message_whatever_the_statuses_hold() {
+        let mut heard = Vec::new();
+        let nasty = format!("STATUS={}", "\u{1}".repeat(1000));
+        for _ in 0..HEARD_MAX {
+            // Fifteen statuses in one datagram: the last is kept.
+            let text = std::iter::repeat_n(nasty.as_str(), 15)
+                .chain(["READY=1"])
+                .collect::<Vec<_>>()
+                .join("\n");
+            keep(&mut heard, &text, Some(1), Some("/x".repeat(100)));
+        }
+        assert_eq!(heard.len(), HEARD_MAX);
+        assert!(heard[0].text.matches("STATUS=").count() == 1);
+        let msg = holding("n1", heard);
+        assert!(super::super::proto::encode(&msg).len() <= super::super::proto::MAX_MESSAGE / 2);
+        let super::super::proto::Msg::HoldingNotify { heard, .. } = msg else {
+            panic!("a holding message");
+        };
+        assert!(!heard.is_empty(), "some kept");
     }
 
     #[test]

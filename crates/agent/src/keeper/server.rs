@@ -118,7 +118,9 @@ struct State {
     /// its old one, still draining).
     writers: HashMap<(PathBuf, Stream), Slot>,
     conns: HashMap<u64, Outbox>,
-    /// `conns.len()`, watched by the notify sockets' readers.
+    /// Agent processes that connected and are alive (a connection lost by an agent that
+    /// lives still counts until its process is gone: it reads its sockets), watched by
+    /// the notify sockets' readers, which read only while there is none.
     agents: Agents,
     /// Nodes' notify sockets, held past the agent (see [`super::notify`]), with their
     /// readers.
@@ -278,7 +280,7 @@ async fn serve_conn(shared: Shared, conn: OwnedFd) -> io::Result<()> {
         state.next_conn += 1;
         let id = state.next_conn;
         state.conns.insert(id, tx.clone());
-        state.agents.0.send_replace(state.conns.len());
+        state.agents.0.send_modify(|n| *n += 1);
         id
     };
     let result = async {
@@ -299,13 +301,44 @@ async fn serve_conn(shared: Shared, conn: OwnedFd) -> io::Result<()> {
         }
     }
     .await;
-    {
-        let mut state = shared.borrow_mut();
-        state.conns.remove(&id);
-        state.agents.0.send_replace(state.conns.len());
-    }
+    shared.borrow_mut().conns.remove(&id);
+    // The agent is gone once its process is (found at once when it cannot be looked at).
+    let process =
+        peer_pid(conn.get_ref().as_fd()).and_then(|pid| crate::sys::PidFd::open(pid).ok());
+    let gone_shared = shared.clone();
+    tokio::task::spawn_local(async move {
+        if let Some(fd) = process {
+            let _ = fd.exited().await;
+        }
+        gone_shared
+            .borrow()
+            .agents
+            .0
+            .send_modify(|n| *n = n.saturating_sub(1));
+    });
     exit_if_idle(&shared);
     result
+}
+
+/// The pid of the process at the other end of a unix socket connection.
+fn peer_pid(conn: std::os::fd::BorrowedFd<'_>) -> Option<i32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = libc::socklen_t::try_from(size_of::<libc::ucred>()).ok()?;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given.
+    let ret = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    (ret == 0 && cred.pid > 0).then_some(cred.pid)
 }
 
 async fn send(conn: &AsyncFd<OwnedFd>, msg: &Msg, carried: Option<&Carried>) -> io::Result<()> {
@@ -344,10 +377,7 @@ fn handle(shared: &Shared, tx: &Outbox, msg: Msg, fd: Option<OwnedFd>) {
             for (node, (held, _)) in &state.notify {
                 match held.dup() {
                     Ok(fd) => {
-                        let msg = Msg::HoldingNotify {
-                            node: node.clone(),
-                            heard: held.take_heard(),
-                        };
+                        let msg = super::notify::holding(node, held.take_heard());
                         let _ = tx.send((msg, Some(Carried::Notify(fd))));
                     }
                     Err(e) => warn!(%node, "cannot pass on the node's notify socket: {e}"),
