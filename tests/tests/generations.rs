@@ -853,8 +853,8 @@ fn more_nodes_than_an_agents_open_file_limit_allows_are_refused_before_anything_
         &["--controller", &addr.to_string()],
     );
     c.wait_for_agent(addr, "agent-1");
-    // (600 - 64 - 2 x 192 follows) / 5
-    let room = 30;
+    // (600 - 64 - 2 x 192 follows) / 6
+    let room = 25;
     assert!(
         agent.log_text().contains(&format!(
             "the open-file limit (600) leaves room for {room} nodes on this agent"
@@ -1075,5 +1075,47 @@ fn a_deploy_that_removes_a_node_returns_once_it_is_gone() {
     assert!(
         took >= std::time::Duration::from_secs(2),
         "it waited for the stop_timeout: {took:?}"
+    );
+}
+
+/// A controller that ended between recording a deploy as deployed and appending its
+/// request's audit record (here: the record taken out of the trail by hand) writes the
+/// record when it starts again, under the requester; one whose trail has it writes none.
+#[test]
+fn a_deployed_deploy_missing_from_the_audit_trail_is_recorded_at_start() {
+    let c = Cluster::new();
+    let (mut ctl, addr, _agent) = start(&c, &[]);
+    let file = cluster_file(&c, "one.toml", "one", 1, "");
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(deploy_records(&c, addr).len(), 1);
+    ctl.kill();
+    // A restart with the record in place adds none.
+    let (mut ctl, addr) = c.start_controller(&addr.to_string());
+    c.wait_for_agent(addr, "agent-1");
+    assert_eq!(deploy_records(&c, addr).len(), 1);
+    ctl.kill();
+    let trail = c.dir.path().join("controller/audit.jsonl");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.contains("\"what\":\"deploy\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&trail, kept).unwrap();
+    let (_ctl, addr) = c.start_controller(&addr.to_string());
+    let records = eventually("the deploy recorded again", PATIENCE, || {
+        let r = deploy_records(&c, addr);
+        (!r.is_empty()).then_some(r)
+    });
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["name"], "ops");
+    assert_eq!(records[0]["generation"], 1);
+    assert!(
+        records[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("was not written")),
+        "{}",
+        records[0]
     );
 }

@@ -2270,6 +2270,50 @@ pub(crate) fn converge(shared: &Arc<Shared>) {
     });
 }
 
+/// At start, with the state dir's trail: the deployed deploy's record, if the trail
+/// lacks it (a controller that ended between recording the deploy as deployed and
+/// appending its request's record). With etcd the two are written together.
+pub(crate) async fn record_unrecorded_deploy(shared: Arc<Shared>) {
+    let audit::Trail::File(_) = &shared.audit else {
+        return;
+    };
+    let Some(deployed) = shared.store.deployed() else {
+        return;
+    };
+    let Some(by) = deployed.by.as_deref() else {
+        return;
+    };
+    let recorded = match shared.audit.read(Some(by.at_ms), None, usize::MAX).await {
+        Ok(records) => records
+            .iter()
+            .any(|r| r.what == "deploy" && r.generation == Some(deployed.generation)),
+        Err(e) => {
+            warn!("cannot read the audit trail: {e}");
+            return;
+        }
+    };
+    if recorded {
+        return;
+    }
+    let mut r = by.clone();
+    let at_ms = now_ms();
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(at_ms);
+    r.at_ms = at_ms;
+    r.time = humantime::format_rfc3339_millis(time).to_string();
+    r.generation = Some(deployed.generation);
+    r.outcome = Outcome::Ok;
+    r.message = Some(format!(
+        "generation {} is deployed; the record of its request was not written (the controller ended first)",
+        deployed.generation
+    ));
+    if let Err(e) = write_audit(&shared, r).await {
+        warn!(
+            generation = deployed.generation,
+            "cannot write the audit record of the deploy: {e}"
+        );
+    }
+}
+
 /// get-nodes: each connected agent's nodes from the view where it is current (see
 /// [`crate::view`]), from the agent itself otherwise or when `fresh`; the nodes of
 /// deployed instances whose agent is away as UNKNOWN; the controller's own entry.

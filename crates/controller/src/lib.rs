@@ -695,6 +695,7 @@ impl Controller {
         }
         let tasks = TaskTracker::new();
         tasks.spawn(catchup::run(self.shared.clone(), shutdown.clone()));
+        tasks.spawn(api::record_unrecorded_deploy(self.shared.clone()));
         if let (Some(settings), Some(gate)) = (self.ha.take(), self.shared.gate.clone()) {
             if let Some(every) = settings.compact_every {
                 tasks.spawn(ha::compact(
