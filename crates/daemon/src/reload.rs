@@ -231,9 +231,7 @@ impl Watch {
         let inotify = Inotify::new().and_then(|i| {
             for (d, what) in &dirs {
                 match i.add(d) {
-                    Ok(wd) => {
-                        interest.insert(wd, what.clone());
-                    }
+                    Ok(wd) => note_interest(&mut interest, wd, what.clone()),
                     // The directory above may not be readable; its own is.
                     Err(_) if what.is_some() => {}
                     Err(e) => return Err(e),
@@ -309,11 +307,13 @@ impl Watch {
             if let Some(fd) = &self.inotify {
                 // Watched again each time: a link may lead elsewhere now, and a directory
                 // removed and made again lost its watch (adding one twice changes nothing).
+                let mut interest = BTreeMap::new();
                 for (d, what) in watched_dirs(&self.files) {
                     if let Ok(wd) = fd.get_ref().add(&d) {
-                        self.interest.insert(wd, what);
+                        note_interest(&mut interest, wd, what);
                     }
                 }
+                self.interest.extend(interest);
             }
             let now = stamps(&self.files);
             if let Some(cause) = changed(&self.files, &self.last, &now) {
@@ -321,6 +321,19 @@ impl Watch {
                 reload(&cause).await;
             }
         }
+    }
+}
+
+/// Notes what watch `wd` is looked at for; two paths to one directory (a symlink)
+/// share a watch, which then matters for either: any event wins, names add up.
+fn note_interest(interest: &mut BTreeMap<i32, Interest>, wd: i32, what: Interest) {
+    match (interest.get_mut(&wd), what) {
+        (None, what) => {
+            interest.insert(wd, what);
+        }
+        (Some(Some(names)), Some(more)) => names.extend(more),
+        (Some(slot), None) => *slot = None,
+        (Some(None), Some(_)) => {}
     }
 }
 
