@@ -210,7 +210,11 @@ pub fn renew_in_place(
     let cert_meta = fs::metadata(cert).map_err(io(cert))?;
     let owner = |m: &fs::Metadata| (m.uid(), m.gid());
     write_fresh(&key_tmp, &pem.key, 0o600, owner(&key_meta))?;
-    write_fresh(&cert_tmp, &pem.cert, 0o644, owner(&cert_meta))?;
+    if let Err(e) = write_fresh(&cert_tmp, &pem.cert, 0o644, owner(&cert_meta)) {
+        // No fresh private key left lying about.
+        let _ = fs::remove_file(&key_tmp);
+        return Err(e);
+    }
     // The previous pair, kept by a second link to each file (the key keeps its mode).
     for (cur, prev) in [(key, &key_prev), (cert, &cert_prev)] {
         match fs::remove_file(prev) {
@@ -260,16 +264,21 @@ fn write_fresh(
         let m = f.metadata().map_err(io(path))?;
         (m.uid(), m.gid())
     };
-    if now != (uid, gid)
-        && let Err(e) = std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+    // The owner must be the old one's (its daemon reads the file); the group is kept
+    // where it can be (an owner outside the file's group cannot give it).
+    if now.0 != uid
+        && let Err(e) = std::os::unix::fs::fchown(&f, Some(uid), None)
     {
         drop(f);
         let _ = fs::remove_file(path);
         return Err(Error::Invalid(format!(
-            "{}: cannot give the renewed file to the old one's owner (uid {uid}, gid {gid}), \
-             whose daemon could not read it otherwise: {e}; renew as root or as that user",
+            "{}: cannot give the renewed file to the old one's owner (uid {uid}), whose \
+             daemon could not read it otherwise: {e}; renew as root or as that user",
             path.display()
         )));
+    }
+    if now.1 != gid {
+        let _ = std::os::unix::fs::fchown(&f, None, Some(gid));
     }
     f.write_all(contents.as_bytes()).map_err(io(path))?;
     f.sync_all().map_err(io(path))
