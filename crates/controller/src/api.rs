@@ -1391,6 +1391,9 @@ async fn stage(shared: &Arc<Shared>, id: &str, config: Configuration) -> Vec<Mgm
             .map(|i| MgmtResult::err(id, i.message))
             .collect();
     }
+    if let Some(refusal) = blocking(|| too_large_to_show(&config, "staged")) {
+        return vec![MgmtResult::err(id, refusal)];
+    }
     if let Some(refusal) = deploy_in_progress(shared) {
         return vec![MgmtResult::err(id, refusal)];
     }
@@ -1919,8 +1922,10 @@ async fn deploy_locked(
             .collect();
     }
     let refusals = {
+        let too_large = blocking(|| too_large_to_show(&config, "deployed"));
         let view = shared.view();
         let mut refusals = impossible_affinities(&config, |instance| view.cpus(instance));
+        refusals.extend(too_large);
         refusals.extend(overfull_instances(&config, |instance| {
             view.nodes_max(instance)
         }));
@@ -2268,6 +2273,41 @@ pub(crate) fn converge(shared: &Arc<Shared>) {
             Err(e) => warn!("cannot record the deployed configuration: {e}"),
         }
     });
+}
+
+/// Why `config` cannot be taken (as `which`, its staged or deployed form): the reply
+/// of a `get-config` of it would not fit in a frame, so it could be neither shown nor
+/// exported. Counted with the longest id and warning a reply carries.
+fn too_large_to_show(config: &Configuration, which: &str) -> Option<String> {
+    use drover_proto::msg::{MAX_FRAME_LEN, Reply, WireError};
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let id = "x".repeat(64);
+    let shown = MgmtResult::ok(
+        id.clone(),
+        Some(ResultData::Configuration(Box::new(config.clone()))),
+    );
+    let reply: Reply<ClientResponse> = Reply {
+        id,
+        result: Ok::<_, WireError>(ClientResponse::Result(shown)),
+        warning: Some("w".repeat(512)),
+    };
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, &reply).ok()?;
+    (count.0 > MAX_FRAME_LEN).then(|| {
+        format!(
+            "configuration is too large: `get-config` of its {which} form would answer {} bytes, over the frame limit of {MAX_FRAME_LEN} bytes",
+            count.0
+        )
+    })
 }
 
 /// At start, with the state dir's trail: the deployed deploy's record, if the trail
@@ -2718,6 +2758,34 @@ mod tests {
     use drover_proto::model::{CpuAffinity, Node};
 
     use super::*;
+
+    /// A configuration whose stage request fits in a frame, but whose `get-config`
+    /// answer would not, is refused (it could be neither shown nor exported).
+    #[test]
+    fn a_configuration_too_large_to_show_is_refused() {
+        let mut config = Configuration::empty();
+        config.instances.push(Instance {
+            name: "a".into(),
+            host: None,
+            port: None,
+        });
+        let mut node = Node::new("w1", "a");
+        node.command = vec!["x".into()];
+        node.env.insert(
+            "BIG".into(),
+            "v".repeat(drover_proto::msg::MAX_FRAME_LEN - 200),
+        );
+        config.nodes.push(node);
+        let why = too_large_to_show(&config, "staged").expect("refused");
+        assert!(
+            why.starts_with(
+                "configuration is too large: `get-config` of its staged form would answer"
+            ),
+            "{why}"
+        );
+        config.nodes[0].env.insert("BIG".into(), "v".repeat(1000));
+        assert_eq!(too_large_to_show(&config, "staged"), None);
+    }
 
     #[test]
     fn the_audit_lists_the_nodes_an_operation_reached_sorted_and_capped() {
