@@ -899,12 +899,6 @@ impl Supervisor {
             k.on_closed(move || {
                 let _ = closed_to.send(Event::OutputClosed);
             });
-            let heard_to = events_tx.clone();
-            k.on_heard(move |node, heard| {
-                for h in heard {
-                    let _ = heard_to.send(heard_event(node, h));
-                }
-            });
         }
         let (changes_tx, changes_rx) = watch::channel(0);
         let (answered_tx, answered_rx) = watch::channel(0);

@@ -122,10 +122,6 @@ struct Inner {
     /// Told of every pipe the keeper closed (the supervisor, which may be waiting for a
     /// failed process's output).
     on_closed: Mutex<Option<OnClosed>>,
-    /// Told what the keeper heard on a node's notify socket while this agent was not
-    /// connected to it (a lost connection, not a lost agent: the supervisor reads the
-    /// socket again).
-    on_heard: Mutex<Option<OnHeard>>,
 }
 
 /// See [`Inner::on_closed`].
@@ -134,18 +130,6 @@ struct OnClosed(Box<dyn Fn() + Send + Sync>);
 impl std::fmt::Debug for OnClosed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("OnClosed")
-    }
-}
-
-/// What [`Inner::on_heard`] calls: a node, and what was heard on its notify socket.
-type HeardFn = dyn Fn(&str, Vec<Heard>) + Send + Sync;
-
-/// See [`Inner::on_heard`].
-struct OnHeard(Box<HeardFn>);
-
-impl std::fmt::Debug for OnHeard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OnHeard")
     }
 }
 
@@ -213,7 +197,6 @@ impl Keeper {
             state: Mutex::new(State::default()),
             unsent_added: Condvar::new(),
             on_closed: Mutex::new(None),
-            on_heard: Mutex::new(None),
         });
         // A keeper that runs is greeted now (it holds the pipes of nodes a previous
         // agent started); a new one is waited for by the watcher, so that the agent's
@@ -353,16 +336,6 @@ impl Keeper {
                 self.inner.lock().notify_found.remove(&node);
             }
         }
-    }
-
-    /// Calls `f` (from a thread of the keeper's) with what the keeper heard on a node's
-    /// notify socket while it had lost this agent's connection.
-    pub fn on_heard(&self, f: impl Fn(&str, Vec<Heard>) + Send + Sync + 'static) {
-        *self
-            .inner
-            .on_heard
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(OnHeard(Box::new(f)));
     }
 
     /// Whether nodes started now write to pipes for the keeper: false once no keeper
@@ -590,16 +563,11 @@ impl Inner {
             let msg = Msg::Notify { node: node.clone() };
             proto::send(conn.as_fd(), &msg, Some(fd.as_fd()))?;
         }
-        // A socket this agent handed over is read by its supervisor already: what the
-        // keeper heard there while the connection was down goes to it. The others are
-        // of nodes a previous agent process started.
-        let mut heard_again = Vec::new();
+        // A socket this agent handed over is read by its supervisor already (the keeper
+        // reads none while this agent lives). The others are of nodes a previous agent
+        // process started.
         for (node, fd, heard) in notify {
-            if state.notify_held.contains_key(&node) {
-                if !heard.is_empty() {
-                    heard_again.push((node, heard));
-                }
-            } else {
+            if !state.notify_held.contains_key(&node) {
                 state.notify_found.insert(node, (fd, heard));
             }
         }
@@ -612,11 +580,6 @@ impl Inner {
             );
         }
         drop(state);
-        if let Some(f) = &*self.on_heard.lock().unwrap_or_else(PoisonError::into_inner) {
-            for (node, heard) in heard_again {
-                (f.0)(&node, heard);
-            }
-        }
         Ok(conn)
     }
 
