@@ -1119,3 +1119,53 @@ fn a_deployed_deploy_missing_from_the_audit_trail_is_recorded_at_start() {
         records[0]
     );
 }
+
+/// A resource setting the agent's host cannot enforce (as the agent says in its own
+/// status) is refused by the controller before the generation is recorded: the agent
+/// does not lag behind a deploy it can never carry out.
+#[test]
+fn a_limit_the_host_cannot_enforce_is_refused_before_anything_changes() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agent) = start(&c, &[]);
+    let first = cluster_file(&c, "first.toml", "first", 1, "");
+    let out = c.drover(addr, &["deploy-config", first.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let v = c.drover(addr, &["get-nodes", "--full"]).json();
+    let Some((setting, why)) = v["results"]["agent-1"]
+        .as_object()
+        .into_iter()
+        .flat_map(|nodes| nodes.values())
+        .filter_map(|n| n["unenforceable"].as_object())
+        .flat_map(|m| m.iter())
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+        .next()
+    else {
+        eprintln!("skipped: this host enforces every resource setting");
+        return;
+    };
+    let line = match setting.as_str() {
+        "memory.max" => "memory = { max = \"64M\" }",
+        "memory.high" => "memory = { high = \"64M\" }",
+        "cpus" => "cpus = 0.5",
+        "cpu_weight" => "cpu_weight = 50",
+        "pids_max" => "pids_max = 64",
+        "io_weight" => "io_weight = 200",
+        other => panic!("a setting this test does not know: {other}"),
+    };
+    let file = cluster_file(&c, "limited.toml", "limited", 1, &format!("{line}\n"));
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let errors = out.json()["errors"].to_string();
+    assert!(
+        errors.contains(&format!(
+            "node 'n1': {setting} cannot be enforced on this host"
+        )) && errors.contains("nothing was deployed"),
+        "{errors} ({why})"
+    );
+    assert_eq!(
+        status_generation(&c, addr, "controller").as_deref(),
+        Some("1"),
+        "no generation was recorded"
+    );
+    assert_eq!(status_generation(&c, addr, "agent-1").as_deref(), Some("1"));
+}

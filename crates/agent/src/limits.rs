@@ -74,6 +74,11 @@ impl Ctl {
     }
 }
 
+/// What this host cannot enforce ([`Host::unenforceable`]), found once the agent's
+/// host is known: its own status entry tells the controller.
+pub static UNENFORCEABLE: std::sync::OnceLock<BTreeMap<String, String>> =
+    std::sync::OnceLock::new();
+
 /// A node's limits, as numbers.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Limits {
@@ -402,6 +407,49 @@ impl Host {
             }
         }
         Ok(())
+    }
+
+    /// The settings this host cannot enforce, each with why (as [`Host::check`] says it,
+    /// without a node's name): reported to the controller, which refuses a deploy that
+    /// uses one before anything changes.
+    pub fn unenforceable(&self) -> BTreeMap<String, String> {
+        let one = [
+            Limits {
+                memory_max: Some(1 << 30),
+                ..Limits::default()
+            },
+            Limits {
+                memory_high: Some(1 << 30),
+                ..Limits::default()
+            },
+            Limits {
+                cpus: Some(1.0),
+                ..Limits::default()
+            },
+            Limits {
+                cpu_weight: Some(100),
+                ..Limits::default()
+            },
+            Limits {
+                pids_max: Some(1024),
+                ..Limits::default()
+            },
+            Limits {
+                io_weight: Some(100),
+                ..Limits::default()
+            },
+        ];
+        let mut out = BTreeMap::new();
+        for limits in one {
+            let Some(setting) = limits.writes(true).first().map(|w| w.setting) else {
+                continue;
+            };
+            if let Err(why) = self.check("", &limits) {
+                let why = why.strip_prefix("node '': ").unwrap_or(&why).to_owned();
+                out.insert(setting.to_owned(), why);
+            }
+        }
+        out
     }
 
     fn refusal(&self, node: &str, setting: &str, ctl: Ctl, v1: Option<String>) -> String {
@@ -910,6 +958,44 @@ mod tests {
         // not its own any more.
         host.prepare("w1", &Limits::default(), true).unwrap();
         assert_eq!(host.usage("w1").0, None);
+    }
+
+    #[test]
+    fn what_a_host_cannot_enforce_is_listed_with_why() {
+        let host = Host {
+            v2_why: "memory cannot be enabled in /x: not delegated to the agent".into(),
+            v1_why: Ctl::ALL
+                .iter()
+                .map(|c| (*c, format!("no cgroup v1 {} hierarchy is mounted", c.v1())))
+                .collect(),
+            ..Host::default()
+        };
+        let all = host.unenforceable();
+        assert_eq!(
+            all.keys().map(String::as_str).collect::<Vec<_>>(),
+            [
+                "cpu_weight",
+                "cpus",
+                "io_weight",
+                "memory.high",
+                "memory.max",
+                "pids_max"
+            ]
+        );
+        assert!(
+            all["memory.max"].starts_with("memory.max cannot be enforced on this host: "),
+            "{}",
+            all["memory.max"]
+        );
+        // As the agent's own check says it, for a node.
+        let limits = Limits {
+            memory_max: Some(1 << 20),
+            ..Limits::default()
+        };
+        assert_eq!(
+            host.check("w1", &limits).unwrap_err(),
+            format!("node 'w1': {}", all["memory.max"])
+        );
     }
 
     #[test]

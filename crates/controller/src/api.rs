@@ -1846,6 +1846,42 @@ fn impossible_affinities(
     out
 }
 
+/// Nodes using a resource setting their instance's host cannot enforce (as its agent
+/// said), as error messages in the agent's own words. Agents that did not say (older
+/// ones, or not connected) are not checked here; the agent still refuses.
+fn unenforceable_limits(
+    config: &Configuration,
+    unenforceable: impl Fn(&str) -> BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut hosts: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for node in &config.nodes {
+        let host = hosts
+            .entry(node.instance.as_str())
+            .or_insert_with(|| unenforceable(&node.instance));
+        if host.is_empty() {
+            continue;
+        }
+        let used = [
+            ("memory.max", node.memory.is_some_and(|m| m.max.is_some())),
+            ("memory.high", node.memory.is_some_and(|m| m.high.is_some())),
+            ("cpus", node.cpus.is_some()),
+            ("cpu_weight", node.cpu_weight.is_some()),
+            ("pids_max", node.pids_max.is_some()),
+            ("io_weight", node.io_weight.is_some()),
+        ];
+        for (setting, _) in used.into_iter().filter(|(_, set)| *set) {
+            if let Some(why) = host.get(setting) {
+                out.push(format!(
+                    "node '{}': {why} (instance '{}'); nothing was deployed",
+                    node.name, node.instance
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Instances given more nodes than their agent said it has room for (`nodes_max`: its
 /// open-file limit), as error messages. Instances whose agent did not say (older
 /// agents) are not checked.
@@ -1928,6 +1964,9 @@ async fn deploy_locked(
         refusals.extend(too_large);
         refusals.extend(overfull_instances(&config, |instance| {
             view.nodes_max(instance)
+        }));
+        refusals.extend(unenforceable_limits(&config, |instance| {
+            view.unenforceable(instance)
         }));
         refusals
     };
@@ -2758,6 +2797,35 @@ mod tests {
     use drover_proto::model::{CpuAffinity, Node};
 
     use super::*;
+
+    #[test]
+    fn settings_an_instance_cannot_enforce_are_refused_per_node() {
+        let mut config = Configuration::empty();
+        for (name, instance) in [("w1", "a"), ("w2", "a"), ("w3", "b")] {
+            let mut node = Node::new(name, instance);
+            node.io_weight = Some(100);
+            node.pids_max = Some(10);
+            config.nodes.push(node);
+        }
+        let refusals = unenforceable_limits(&config, |instance| {
+            if instance == "a" {
+                [(
+                    "io_weight".to_owned(),
+                    "io_weight cannot be enforced on this host: no".to_owned(),
+                )]
+                .into()
+            } else {
+                BTreeMap::new()
+            }
+        });
+        assert_eq!(
+            refusals,
+            [
+                "node 'w1': io_weight cannot be enforced on this host: no (instance 'a'); nothing was deployed",
+                "node 'w2': io_weight cannot be enforced on this host: no (instance 'a'); nothing was deployed",
+            ]
+        );
+    }
 
     /// A configuration whose stage request fits in a frame, but whose `get-config`
     /// answer would not, is refused (it could be neither shown nor exported).

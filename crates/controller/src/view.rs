@@ -221,6 +221,15 @@ impl View {
             .and_then(|a| a.cpus)
     }
 
+    /// The resource settings `instance`'s agent said its host cannot enforce, with why.
+    pub(crate) fn unenforceable(&self, instance: &str) -> BTreeMap<String, String> {
+        self.agents
+            .get(instance)
+            .and_then(|v| v.agent.as_ref())
+            .map(|a| a.unenforceable.clone())
+            .unwrap_or_default()
+    }
+
     /// How many nodes `instance`'s agent said its open-file limit leaves room for.
     pub(crate) fn nodes_max(&self, instance: &str) -> Option<u32> {
         self.agents

@@ -865,6 +865,11 @@ pub struct NodeStatus {
     /// (each running node holds descriptors in the agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes_max: Option<u32>,
+    /// For an agent's own entry: the resource settings (`memory.max`, `io_weight`, ...)
+    /// its host cannot enforce, each with why, so that a deploy using one is refused
+    /// before anything changes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unenforceable: BTreeMap<String, String>,
     /// For the controller's and each agent's own entry in get-nodes: when the
     /// certificate it holds (an agent's: the one its connection presented) expires,
     /// in seconds since the Unix epoch.
@@ -922,6 +927,7 @@ impl NodeStatus {
             generation: None,
             cpus: None,
             nodes_max: None,
+            unenforceable: BTreeMap::new(),
             cert_not_after: None,
             memory_bytes: None,
             cgroup_cpu_ms: None,
