@@ -1521,7 +1521,10 @@ fn own_status(name: &str, generation: u64) -> NodeStatus {
     s.generation = Some(generation);
     s.cpus = Some(cpu_count());
     s.nodes_max = Some(nodes_max());
-    s.unenforceable = limits::UNENFORCEABLE.get().cloned().unwrap_or_default();
+    s.unenforceable = limits::HOST
+        .get()
+        .map(|h| h.unenforceable())
+        .unwrap_or_default();
     s.started_at_ms = process_start_ms();
     if let Some(stat) = i32::try_from(std::process::id())
         .ok()

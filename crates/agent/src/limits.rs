@@ -74,10 +74,10 @@ impl Ctl {
     }
 }
 
-/// What this host cannot enforce ([`Host::unenforceable`]), found once the agent's
-/// host is known: its own status entry tells the controller.
-pub static UNENFORCEABLE: std::sync::OnceLock<BTreeMap<String, String>> =
-    std::sync::OnceLock::new();
+/// The agent's host, once known: its own status entry tells the controller what it
+/// cannot enforce ([`Host::unenforceable`], looked at anew each time: a scheduler with
+/// proportional weights may be loaded later).
+pub static HOST: std::sync::OnceLock<std::sync::Arc<Host>> = std::sync::OnceLock::new();
 
 /// A node's limits, as numbers.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -368,6 +368,12 @@ impl Host {
     /// Refuses limits this host cannot enforce: an error naming the node, the setting
     /// and the reason.
     pub fn check(&self, node: &str, limits: &Limits) -> Result<(), String> {
+        self.check_as(node, limits, true)
+    }
+
+    /// [`Host::check`]; without `make`, nothing is created: the agent's own v1 cgroup,
+    /// which exists and has the files its subtree's would, is looked at instead.
+    fn check_as(&self, node: &str, limits: &Limits, make: bool) -> Result<(), String> {
         for w in limits.writes(true) {
             if let (true, Some(nodes)) = (self.v2.contains(&w.ctl), &self.v2_nodes)
                 && !nodes.join(w.file).exists()
@@ -387,11 +393,18 @@ impl Host {
             let Some(v1) = self.v1.get(&w.ctl) else {
                 return Err(self.refusal(node, w.setting, w.ctl, None));
             };
-            if let Err(e) = v1.make() {
+            if make && let Err(e) = v1.make() {
                 return Err(self.refusal(node, w.setting, w.ctl, Some(e.to_string())));
             }
-            // The agent's v1 directory has every file a node's cgroup will have.
-            let probe = v1.nodes.parent().unwrap_or(&v1.nodes).join(w.file);
+            // The agent's v1 directory has every file a node's cgroup will have, as
+            // has the agent's own v1 cgroup above it.
+            let subtree = v1.nodes.parent().unwrap_or(&v1.nodes);
+            let dir = if make {
+                subtree
+            } else {
+                subtree.parent().unwrap_or(subtree)
+            };
+            let probe = dir.join(w.file);
             if !probe.exists() {
                 let why = format!(
                     "{} does not exist in the cgroup v1 {} hierarchy{}",
@@ -444,7 +457,7 @@ impl Host {
             let Some(setting) = limits.writes(true).first().map(|w| w.setting) else {
                 continue;
             };
-            if let Err(why) = self.check("", &limits) {
+            if let Err(why) = self.check_as("", &limits, false) {
                 let why = why.strip_prefix("node '': ").unwrap_or(&why).to_owned();
                 out.insert(setting.to_owned(), why);
             }

@@ -889,7 +889,7 @@ impl Supervisor {
         let identity = cgroup::subtree_name(&cfg.instance, &cfg.state_dir);
         let host = std::sync::Arc::new(limits::Host::discover(cgroups.as_ref(), &identity));
         info!(controllers = %host.describe(), "cgroup controllers for node limits");
-        let _ = limits::UNENFORCEABLE.set(host.unenforceable());
+        let _ = limits::HOST.set(host.clone());
         let (tx, rx) = mpsc::channel(256);
         // Unbounded, but bounded by construction: each process sends at most one Exited
         // and one Ready, its pipes one OutputClosed each, and each node at most

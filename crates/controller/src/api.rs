@@ -1862,6 +1862,8 @@ fn unenforceable_limits(
         if host.is_empty() {
             continue;
         }
+        // With what its role's template gives it, as the agent runs it.
+        let node = &config.resolve(node);
         let used = [
             ("memory.max", node.memory.is_some_and(|m| m.max.is_some())),
             ("memory.high", node.memory.is_some_and(|m| m.high.is_some())),
@@ -2801,12 +2803,21 @@ mod tests {
     #[test]
     fn settings_an_instance_cannot_enforce_are_refused_per_node() {
         let mut config = Configuration::empty();
-        for (name, instance) in [("w1", "a"), ("w2", "a"), ("w3", "b")] {
+        for (name, instance) in [("w1", "a"), ("w3", "b")] {
             let mut node = Node::new(name, instance);
             node.io_weight = Some(100);
             node.pids_max = Some(10);
             config.nodes.push(node);
         }
+        // w2's comes from its role's template.
+        let template = drover_proto::model::RoleTemplate {
+            io_weight: Some(100),
+            ..Default::default()
+        };
+        config.roles.insert("worker".into(), template);
+        let mut w2 = Node::new("w2", "a");
+        w2.role = drover_proto::ClusterRole::Worker;
+        config.nodes.insert(1, w2);
         let refusals = unenforceable_limits(&config, |instance| {
             if instance == "a" {
                 [(

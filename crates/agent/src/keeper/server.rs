@@ -302,13 +302,24 @@ async fn serve_conn(shared: Shared, conn: OwnedFd) -> io::Result<()> {
     }
     .await;
     shared.borrow_mut().conns.remove(&id);
-    // The agent is gone once its process is (found at once when it cannot be looked at).
-    let process =
-        peer_pid(conn.get_ref().as_fd()).and_then(|pid| crate::sys::PidFd::open(pid).ok());
+    // The agent is gone once its process is: watched through a pidfd, else (out of
+    // descriptors, say) by its /proc entry, looked at every second.
+    let pid = peer_pid(conn.get_ref().as_fd());
     let gone_shared = shared.clone();
     tokio::task::spawn_local(async move {
-        if let Some(fd) = process {
-            let _ = fd.exited().await;
+        if let Some(pid) = pid {
+            match crate::sys::PidFd::open(pid) {
+                Ok(fd) => {
+                    let _ = fd.exited().await;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(_) => {
+                    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+                    while proc_dir.exists() {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
         }
         gone_shared
             .borrow()
