@@ -199,8 +199,7 @@ pub fn decode(bytes: &[u8], fds: usize) -> Result<Msg, BadMessage> {
     Ok(msg)
 }
 
-/// The message's type, for messages about it.
-pub fn kind(msg: &Msg) -> &'static str {
+fn kind(msg: &Msg) -> &'static str {
     match msg {
         Msg::Hello { .. } => "hello",
         Msg::Pipe { .. } => "pipe",
