@@ -357,10 +357,10 @@ fn follows_go_on_through_their_controllers_restart() {
     }
 }
 
-/// A follow of a node that has written nothing yet (its log files are made by its first
-/// line) goes on through its controller's restart like any other: the node's first
-/// lines, written while no controller was there, are shown, once, and the gap is said
-/// to be filled, not lost, although neither of its streams had a file when it began.
+/// A follow of a node that has written nothing to stdout yet (a stream's log file is made
+/// by its first line) goes on through its controller's restart like any other: the
+/// node's first lines, written while no controller was there, are shown, once, and the
+/// gap is said to be filled, not lost, although stdout had no file when it began.
 #[test]
 fn a_follow_of_a_node_yet_to_write_is_taken_up_from_its_first_line() {
     use drover_tests::Background;
@@ -369,10 +369,11 @@ fn a_follow_of_a_node_yet_to_write_is_taken_up_from_its_first_line() {
     let c = Cluster::new();
     let (mut ctl, addr) = c.start_controller("127.0.0.1:0");
     let (_agent, metrics) = c.start_agent_with_metrics("a1", addr, &[]);
-    let go = c.dir.path().join("go");
+    let (hello, go) = (c.dir.path().join("hello"), c.dir.path().join("go"));
     c.deploy_text(addr, "late.toml", &format!(
         "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
-         [nodes.late]\ninstance = \"a1\"\ncommand = [\"/bin/sh\", \"-c\", \"while [ ! -e {go} ]; do sleep 0.02; done; i=0; while :; do i=$((i+1)); echo late-$i; sleep 0.05; done\"]\n",
+         [nodes.late]\ninstance = \"a1\"\ncommand = [\"/bin/sh\", \"-c\", \"while [ ! -e {hello} ]; do sleep 0.02; done; echo waiting >&2; while [ ! -e {go} ]; do sleep 0.02; done; i=0; while :; do i=$((i+1)); echo late-$i; sleep 0.05; done\"]\n",
+        hello = hello.display(),
         go = go.display()
     ));
     let baseline = served(metrics);
@@ -381,9 +382,15 @@ fn a_follow_of_a_node_yet_to_write_is_taken_up_from_its_first_line() {
     eventually("the agent serves the follow", PATIENCE, || {
         (served(metrics) > baseline).then_some(())
     });
+    // A line on stderr comes after where stdout's follow began, on the same stream:
+    // once the client shows it, the client knows where both streams stand.
+    std::fs::write(&hello, "").unwrap();
+    eventually("the client shows the stderr line", PATIENCE, || {
+        logs.stderr().contains("waiting\n").then_some(())
+    });
     assert!(
         !c.dir.path().join("agent-a1/nodes/late/stdout.log").exists(),
-        "the node has no log file yet"
+        "the node has no stdout file yet"
     );
 
     ctl.signal(Signal::SIGTERM);
@@ -403,12 +410,12 @@ fn a_follow_of_a_node_yet_to_write_is_taken_up_from_its_first_line() {
         (numbered(&logs.stdout(), "late-").len() >= 10).then_some(())
     });
     let nums = numbered(&logs.stdout(), "late-");
-    assert_eq!(nums[0], 1, "the first lines are shown: {nums:?}");
+    let said = logs.stderr();
+    assert_eq!(nums[0], 1, "the first lines are shown: {nums:?}\n{said}");
     assert!(
         nums.windows(2).all(|w| w[1] == w[0] + 1),
-        "lines skipped or repeated: {nums:?}"
+        "lines skipped or repeated: {nums:?}\n{said}"
     );
-    let said = logs.stderr();
     assert!(
         said.contains("what the node wrote meanwhile follows]") && !said.contains("not shown"),
         "{said}"
