@@ -440,35 +440,62 @@ impl Inotify {
 mod tests {
     use super::*;
 
+    /// A watch of `cert` running on its own task, and what it reports.
+    struct Watching {
+        causes: tokio::sync::mpsc::UnboundedReceiver<String>,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Watching {
+        fn start(watch: Watch) -> Self {
+            let (tx, causes) = tokio::sync::mpsc::unbounded_channel();
+            let shutdown = CancellationToken::new();
+            let task = tokio::spawn(watch.run(shutdown.clone(), move |c| {
+                let _ = tx.send(c.to_owned());
+                async {}
+            }));
+            Self {
+                causes,
+                shutdown,
+                task,
+            }
+        }
+
+        /// The cause of the next reload, which must come within 10 s.
+        async fn reload(&mut self, what: &str) -> String {
+            tokio::time::timeout(Duration::from_secs(10), self.causes.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{what} within 10 s"))
+                .expect("the watch runs")
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            self.task.await.unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn a_renamed_file_triggers_one_reload_and_a_touch_of_another_none() {
         let dir = tempfile::tempdir().unwrap();
         let cert = dir.path().join("a.crt");
         std::fs::write(&cert, "one").unwrap();
         std::fs::write(dir.path().join("other"), "x").unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let shutdown = CancellationToken::new();
         let watch = Watch::new(vec![cert.clone()]);
         assert!(watch.inotify.is_some(), "inotify is available here");
-        let task = tokio::spawn(watch.run(shutdown.clone(), move |c| {
-            let _ = tx.send(c.to_owned());
-            async {}
-        }));
+        let mut w = Watching::start(watch);
         std::fs::write(dir.path().join("other"), "y").unwrap();
         let tmp = dir.path().join("a.crt.tmp");
         std::fs::write(&tmp, "two").unwrap();
         std::fs::rename(&tmp, &cert).unwrap();
-        let cause = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("a reload within 10 s")
-            .unwrap();
+        let cause = w.reload("a reload").await;
         assert!(cause.contains("a.crt changed"), "{cause}");
         // The other file's change alone triggered nothing more.
         std::fs::write(dir.path().join("other"), "z").unwrap();
-        let more = tokio::time::timeout(SETTLE * 5, rx.recv()).await;
+        let more = tokio::time::timeout(SETTLE * 5, w.causes.recv()).await;
         assert!(more.is_err(), "{more:?}");
-        shutdown.cancel();
-        task.await.unwrap();
+        w.stop().await;
     }
 
     #[tokio::test]
@@ -485,36 +512,22 @@ mod tests {
         let cert = links.join("a.crt");
         std::fs::write(store.join("a.crt"), "one").unwrap();
         std::os::unix::fs::symlink(store.join("a.crt"), &cert).unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(
-            Watch::new(vec![cert.clone()]).run(shutdown.clone(), move |c| {
-                let _ = tx.send(c.to_owned());
-                async {}
-            }),
-        );
+        let mut w = Watching::start(Watch::new(vec![cert.clone()]));
         // The target replaced where it is, the link untouched.
         std::fs::write(store.join("a.crt.tmp"), "two").unwrap();
         std::fs::rename(store.join("a.crt.tmp"), store.join("a.crt")).unwrap();
-        let cause = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("a reload within 10 s")
-            .unwrap();
+        let cause = w.reload("a reload").await;
         assert!(cause.contains("a.crt changed"), "{cause}");
         // The link swapped to a file in a third directory; then that file replaced.
         std::fs::write(next.join("a.crt"), "three").unwrap();
         std::os::unix::fs::symlink(next.join("a.crt"), links.join("tmp")).unwrap();
         std::fs::rename(links.join("tmp"), &cert).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("a reload within 10 s");
+        w.reload("a reload of the swapped link").await;
         std::fs::write(next.join("a.crt.tmp"), "four").unwrap();
         std::fs::rename(next.join("a.crt.tmp"), next.join("a.crt")).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("a reload within 10 s of the swapped link's target being replaced");
-        shutdown.cancel();
-        task.await.unwrap();
+        w.reload("a reload of the swapped link's target being replaced")
+            .await;
+        w.stop().await;
     }
 
     /// A whole directory of certificates renamed into place (a deploy tool's
@@ -526,14 +539,7 @@ mod tests {
         std::fs::create_dir(&current).unwrap();
         let cert = current.join("a.crt");
         std::fs::write(&cert, "one").unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(
-            Watch::new(vec![cert.clone()]).run(shutdown.clone(), move |c| {
-                let _ = tx.send(c.to_owned());
-                async {}
-            }),
-        );
+        let mut w = Watching::start(Watch::new(vec![cert.clone()]));
         // A log written all the time beside the directory: no reason to wait.
         let log = dir.path().join("busy.log");
         let writing = CancellationToken::new();
@@ -551,22 +557,15 @@ mod tests {
         std::fs::write(next.join("a.crt"), "two").unwrap();
         std::fs::rename(&current, dir.path().join("old")).unwrap();
         std::fs::rename(&next, &current).unwrap();
-        let cause = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("a reload within 10 s")
-            .unwrap();
+        let cause = w.reload("a reload").await;
         assert!(cause.contains("a.crt changed"), "{cause}");
         // The directory now in place is the one watched.
         std::fs::write(current.join("a.crt.tmp"), "three").unwrap();
         std::fs::rename(current.join("a.crt.tmp"), &cert).unwrap();
-        let cause = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("a second reload within 10 s")
-            .unwrap();
+        let cause = w.reload("a second reload").await;
         assert!(cause.contains("a.crt changed"), "{cause}");
         writing.cancel();
         writer.await.unwrap();
-        shutdown.cancel();
-        task.await.unwrap();
+        w.stop().await;
     }
 }
