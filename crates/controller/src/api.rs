@@ -2270,18 +2270,13 @@ pub(crate) fn converge(shared: &Arc<Shared>) {
     tokio::spawn(async move {
         // The request that made it has ended: its requester's record says so now, with
         // the deployed deploy in one etcd write, or after it in the state dir's trail.
-        let record = desired.by.as_deref().cloned().map(|mut r| {
-            let at_ms = now_ms();
-            let time = std::time::UNIX_EPOCH + Duration::from_millis(at_ms);
-            r.at_ms = at_ms;
-            r.time = humantime::format_rfc3339_millis(time).to_string();
-            r.generation = Some(desired.generation);
-            r.outcome = Outcome::Ok;
-            r.message = Some(format!(
-                "generation {} is deployed: every instance it names applied it after its request had ended",
-                desired.generation
-            ));
-            r
+        let record = desired.by.as_deref().map(|by| {
+            audit::deployed_later(
+                by,
+                desired.generation,
+                now_ms(),
+                ": every instance it names applied it after its request had ended",
+            )
         });
         let also = record.as_ref().and_then(|r| shared.audit.put(r));
         let written = {
@@ -2376,17 +2371,12 @@ pub(crate) async fn record_unrecorded_deploy(shared: Arc<Shared>) {
     if recorded {
         return;
     }
-    let mut r = by.clone();
-    let at_ms = now_ms();
-    let time = std::time::UNIX_EPOCH + Duration::from_millis(at_ms);
-    r.at_ms = at_ms;
-    r.time = humantime::format_rfc3339_millis(time).to_string();
-    r.generation = Some(deployed.generation);
-    r.outcome = Outcome::Ok;
-    r.message = Some(format!(
-        "generation {} is deployed; the record of its request was not written (the controller ended first)",
-        deployed.generation
-    ));
+    let r = audit::deployed_later(
+        by,
+        deployed.generation,
+        now_ms(),
+        "; the record of its request was not written (the controller ended first)",
+    );
     if let Err(e) = write_audit(&shared, r).await {
         warn!(
             generation = deployed.generation,

@@ -529,6 +529,20 @@ fn cut(text: &str, len: usize) -> String {
     format!("{} ...", &text[..at])
 }
 
+/// The record of a deploy request `by` that ended before its `generation` took effect,
+/// written at `at_ms` when it did: a success under the same requester, saying how.
+pub fn deployed_later(by: &AuditRecord, generation: u64, at_ms: u64, how: &str) -> AuditRecord {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms);
+    AuditRecord {
+        at_ms,
+        time: humantime::format_rfc3339_millis(time).to_string(),
+        generation: Some(generation),
+        outcome: Outcome::Ok,
+        message: Some(format!("generation {generation} is deployed{how}")),
+        ..by.clone()
+    }
+}
+
 /// A record of `caller`'s request `what` at `at_ms`.
 pub fn record(
     caller: &Caller,
