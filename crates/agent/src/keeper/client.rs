@@ -233,25 +233,14 @@ impl Keeper {
             }
         };
         let mut state = self.inner.lock();
-        if let Some(conn) = state.conn.clone() {
-            let msg = Msg::Pipe { pipe: pipe.clone() };
-            let sent = if state.unsent.is_empty() && !state.flushing {
-                proto::try_send(conn.as_fd(), &msg, Some(read.as_fd()))
-            } else {
-                Err(io::ErrorKind::WouldBlock.into())
-            };
-            match sent {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    state.unsent.push(Unsent::Pipe(ino));
-                    self.inner.unsent_added.notify_one();
-                }
-                Err(e) => {
-                    warn!(node = %pipe.node, "cannot hand its output to the log keeper: {e}");
-                    lose(&mut state, &conn);
-                }
-            }
-        }
+        let msg = Msg::Pipe { pipe: pipe.clone() };
+        self.inner.send_or_queue(
+            &mut state,
+            &pipe.node,
+            &msg,
+            Some(read.as_fd()),
+            Unsent::Pipe(ino),
+        );
         state.held.insert(ino, (pipe, read));
     }
 
@@ -267,27 +256,12 @@ impl Keeper {
             }
         };
         let mut state = self.inner.lock();
-        if let Some(conn) = state.conn.clone() {
-            let msg = Msg::Notify {
-                node: node.to_owned(),
-            };
-            let sent = if state.unsent.is_empty() && !state.flushing {
-                proto::try_send(conn.as_fd(), &msg, Some(fd.as_fd()))
-            } else {
-                Err(io::ErrorKind::WouldBlock.into())
-            };
-            match sent {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    state.unsent.push(Unsent::Notify(node.to_owned()));
-                    self.inner.unsent_added.notify_one();
-                }
-                Err(e) => {
-                    warn!(%node, "cannot hand the node's notify socket to the log keeper: {e}");
-                    lose(&mut state, &conn);
-                }
-            }
-        }
+        let msg = Msg::Notify {
+            node: node.to_owned(),
+        };
+        let queued = Unsent::Notify(node.to_owned());
+        self.inner
+            .send_or_queue(&mut state, node, &msg, Some(fd.as_fd()), queued);
         state.notify_held.insert(node.to_owned(), fd);
     }
 
@@ -298,24 +272,12 @@ impl Keeper {
         if state.notify_held.remove(node).is_none() && !found {
             return;
         }
-        if let Some(conn) = state.conn.clone() {
-            let msg = Msg::Forget {
-                node: node.to_owned(),
-            };
-            let sent = if state.unsent.is_empty() && !state.flushing {
-                proto::try_send(conn.as_fd(), &msg, None)
-            } else {
-                Err(io::ErrorKind::WouldBlock.into())
-            };
-            match sent {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    state.unsent.push(Unsent::Forget(node.to_owned()));
-                    self.inner.unsent_added.notify_one();
-                }
-                Err(_) => lose(&mut state, &conn),
-            }
-        }
+        let msg = Msg::Forget {
+            node: node.to_owned(),
+        };
+        let queued = Unsent::Forget(node.to_owned());
+        self.inner
+            .send_or_queue(&mut state, node, &msg, None, queued);
     }
 
     /// The notify socket of `node` the keeper held when this agent met it (the socket a
@@ -403,6 +365,43 @@ fn lose(state: &mut State, conn: &Arc<OwnedFd>) {
 impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends `msg` about `node` (with `fd`) to the keeper now if nothing waits before
+    /// it and its socket has room; else queues `queued` for the flusher, in order.
+    /// Never blocks; without a connection nothing is sent (what is held goes to the
+    /// next keeper).
+    fn send_or_queue(
+        &self,
+        state: &mut State,
+        node: &str,
+        msg: &Msg,
+        fd: Option<BorrowedFd<'_>>,
+        queued: Unsent,
+    ) {
+        let Some(conn) = state.conn.clone() else {
+            return;
+        };
+        let sent = if state.unsent.is_empty() && !state.flushing {
+            proto::try_send(conn.as_fd(), msg, fd)
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
+        };
+        match sent {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                state.unsent.push(queued);
+                self.unsent_added.notify_one();
+            }
+            Err(e) => {
+                warn!(
+                    %node,
+                    "cannot send the log keeper a {} message: {e}",
+                    proto::kind(msg)
+                );
+                lose(state, &conn);
+            }
+        }
     }
 
     /// The keeper closed pipe `ino`: its duplicate goes, its tail is kept for a while.

@@ -199,7 +199,8 @@ pub fn decode(bytes: &[u8], fds: usize) -> Result<Msg, BadMessage> {
     Ok(msg)
 }
 
-fn kind(msg: &Msg) -> &'static str {
+/// The message's type, for messages about it.
+pub fn kind(msg: &Msg) -> &'static str {
     match msg {
         Msg::Hello { .. } => "hello",
         Msg::Pipe { .. } => "pipe",
