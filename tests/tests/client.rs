@@ -584,19 +584,26 @@ fn a_reader_that_goes_away_ends_the_output_quietly() {
 }
 
 /// `logs` of a node whose agent is gone says which node and which instance, as the
-/// other node commands do.
+/// other node commands do; and those commands fail too, `restart` included, which
+/// exits 0 for a node it restarted that failed to come back, not for one it never
+/// reached.
 #[test]
 fn a_failed_logs_names_the_node_and_its_instance() {
     let c = Cluster::new();
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let mut agent = c.start_agent("agent-1", addr);
+    let _other = c.start_agent("agent-2", addr);
     c.wait_for_agent(addr, "agent-1");
+    c.wait_for_agent(addr, "agent-2");
+    let prog = bin("drover-testprog");
     c.deploy_text(
         addr,
         "t.toml",
         &format!(
-            "[instances.agent-1]\n[nodes.web]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\n",
-            bin("drover-testprog").display()
+            "[instances.agent-1]\n[instances.agent-2]\n\
+             [nodes.web]\ninstance = \"agent-1\"\ncommand = [\"{p}\"]\n\
+             [nodes.db]\ninstance = \"agent-2\"\ncommand = [\"{p}\"]\n",
+            p = prog.display()
         ),
     );
     agent.kill();
@@ -609,6 +616,19 @@ fn a_failed_logs_names_the_node_and_its_instance() {
         out.stderr,
         "error: web on agent-1: instance 'agent-1' is not connected\n"
     );
+    for op in ["restart", "stop", "start"] {
+        let out = c.drover(addr, &[op, "web"]);
+        assert_eq!(out.code, Some(1), "{op}: {}\n{}", out.stdout, out.stderr);
+        assert!(
+            out.stderr
+                .contains("web on agent-1: instance 'agent-1' is not connected"),
+            "{op}: {}\n{}",
+            out.stdout,
+            out.stderr
+        );
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(v["results"]["web"], false, "{op}: zeek-client's shape: {v}");
+    }
 }
 
 /// Flags from the environment alone: an agent started with only `DROVER_*` variables

@@ -330,11 +330,16 @@ pub fn get_nodes(reply: &ClientResponse, full: bool) -> (Value, bool) {
 
 /// restart, stop, start: `{"errors": [{"source", "error"}], "results": {node: bool}}`.
 /// zeek-client's restart fails only on error entries; with `strict` (drover's own
-/// commands) a node that reports failure fails the command too.
+/// commands) a node that reports failure fails the command too. A node whose agent is
+/// not connected fails it either way: nothing was done to it.
 pub fn node_results(reply: &ClientResponse, strict: bool) -> (Value, bool) {
     let mut errors = Vec::new();
     let mut res = Map::new();
+    // A node whose agent is not connected was not acted on: whatever `strict` says,
+    // the command did not do what it was asked.
+    let mut untouched = false;
     for r in results(reply) {
+        untouched |= r.node.is_some() && r.is_not_connected();
         if !r.success && r.instance.is_none() {
             errors.push(
                 json!({"source": r.node, "error": r.error.as_deref().unwrap_or("no reason given")}),
@@ -348,7 +353,8 @@ pub fn node_results(reply: &ClientResponse, strict: bool) -> (Value, bool) {
             None => errors.push(json!({"source": r.instance, "error": r.error.as_deref().unwrap_or("result lacking node")})),
         }
     }
-    let ok = errors.is_empty() && (!strict || res.values().all(|v| v == &json!(true)));
+    let ok =
+        errors.is_empty() && !untouched && (!strict || res.values().all(|v| v == &json!(true)));
     (json!({"errors": errors, "results": res}), ok)
 }
 
@@ -605,6 +611,24 @@ pub fn test_timeout(reply: &ClientResponse) -> (Value, bool) {
 mod tests {
     use super::*;
     use drover_proto::model::Instance;
+
+    #[test]
+    fn a_restart_fails_a_node_it_could_not_act_on_and_not_one_that_failed_to_come_back() {
+        let came_back = MgmtResult::ok("r", None).on_instance("a1").on_node("w1");
+        let failed = MgmtResult::err("r", "node exited with code 3")
+            .on_instance("a1")
+            .on_node("w2");
+        let away = MgmtResult::not_connected("r", "a2").on_node("w3");
+        let reply = ClientResponse::Results(vec![came_back.clone(), failed.clone()]);
+        let (v, ok) = node_results(&reply, false);
+        assert!(ok, "acted on, as zeek-client's: {v}");
+        assert_eq!(v["results"]["w2"], false);
+        assert!(!node_results(&reply, true).1, "strict");
+        let reply = ClientResponse::Results(vec![came_back, away]);
+        let (v, ok) = node_results(&reply, false);
+        assert!(!ok, "w3 was not acted on: {v}");
+        assert_eq!(v["results"]["w3"], false, "the shape is zeek-client's");
+    }
 
     #[test]
     fn instances_are_keyed_by_name_and_sorted() {

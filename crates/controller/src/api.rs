@@ -1731,7 +1731,7 @@ fn agent_results(
 
 /// The error of a request's part for an agent that is not connected.
 pub(crate) fn not_connected(instance: &str) -> String {
-    format!("instance '{instance}' is not connected")
+    drover_proto::model::not_connected(instance)
 }
 
 /// Clears the deploy-in-progress marker however the deploy ends, also when its task is

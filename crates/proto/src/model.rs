@@ -1074,6 +1074,26 @@ impl MgmtResult {
         self.node = Some(node.into());
         self
     }
+
+    /// The failure of a request's part for instance `instance`, whose agent is not
+    /// connected: nothing was done there.
+    pub fn not_connected(reqid: impl Into<String>, instance: &str) -> Self {
+        Self::err(reqid, not_connected(instance)).on_instance(instance)
+    }
+
+    /// Whether this is a [`MgmtResult::not_connected`]: its part was not acted on.
+    pub fn is_not_connected(&self) -> bool {
+        !self.success
+            && self
+                .instance
+                .as_deref()
+                .is_some_and(|i| self.error.as_deref() == Some(not_connected(i).as_str()))
+    }
+}
+
+/// Why a request's part for `instance` was not acted on: its agent is not connected.
+pub fn not_connected(instance: &str) -> String {
+    format!("instance '{instance}' is not connected")
 }
 
 #[cfg(test)]

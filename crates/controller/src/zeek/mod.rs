@@ -602,12 +602,7 @@ fn zeek_nodes(reqid: &str, reply: ClientResponse) -> ClientResponse {
     };
     let rs: Vec<MgmtResult> = rs
         .into_iter()
-        .filter(|r| {
-            r.success
-                || r.instance
-                    .as_deref()
-                    .is_none_or(|i| r.error.as_deref() != Some(&crate::api::not_connected(i)))
-        })
+        .filter(|r| !r.is_not_connected())
         .map(|mut r| {
             if !r.success && r.instance.is_some() && r.node.is_none() {
                 r.error = Some("request timed out".to_owned());
