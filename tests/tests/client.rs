@@ -95,6 +95,9 @@ fn settings_precedence_file_env_set_flag() {
     );
 }
 
+/// A file with errors is not sent: they are told on stderr, each where it is, and on
+/// stdout as the JSON Zeek's controller answers a stage it refuses, so that scripts
+/// written for zeek-client see them where they look.
 #[test]
 fn invalid_cluster_file_is_reported_before_connecting() {
     let dir = tempfile::tempdir().unwrap();
@@ -134,6 +137,45 @@ fn invalid_cluster_file_is_reported_before_connecting() {
         out.stderr
     );
     assert!(!out.stderr.contains("panicked") && !out.stderr.contains("backtrace"));
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "errors": ["unknown key 'comand' (did you mean 'command'?)"],
+            "results": {}
+        })
+    );
+    // An INI file with Zeek's own refusal: Zeek's text.
+    let ini = dir.path().join("bad.ini");
+    std::fs::write(
+        &ini,
+        "[instances]\nagent-1 =\n\n[manager]\nrole = manager\ninstance = instance-2\n",
+    )
+    .unwrap();
+    let out = drover(
+        &[
+            "--controller",
+            "127.0.0.1:9",
+            "--ca",
+            "x",
+            "--cert",
+            "x",
+            "--key",
+            "x",
+        ]
+        .into_iter()
+        .chain(["deploy-config", ini.to_str().unwrap()])
+        .collect::<Vec<_>>(),
+        &[],
+    );
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        json["errors"],
+        serde_json::json!(["node 'manager' has undeclared instance name 'instance-2'"]),
+        "{}",
+        out.stderr
+    );
     let out = drover(
         &[
             "--ca",

@@ -359,6 +359,10 @@ pub fn main() -> ExitCode {
     match ran {
         Ok(code) => code,
         Err(e) => {
+            if let Some(refused) = e.downcast_ref::<FileHasErrors>() {
+                // Best effort: the error on stderr says it all for a person.
+                let _ = refused.print_json();
+            }
             stdio::errln(&format!(
                 "error: {}",
                 drover_proto::error_text::one_line(e.as_ref())
@@ -425,7 +429,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let (file, roles) = (file.clone(), roles.clone());
                 let read =
                     move || read_cluster_file(&file, roles.as_deref()).and_then(fits_in_a_frame);
-                let (config, session) = read_while_connecting(&settings, read).await?;
+                let (config, session) =
+                    read_while_connecting(&settings, read)
+                        .await
+                        .map_err(|mut e| {
+                            if let Some(refused) = e.downcast_mut::<FileHasErrors>() {
+                                refused.pretty = settings.client.pretty_json;
+                            }
+                            e
+                        })?;
                 (Some(config), session)
             }
             _ => (None, Session::connect(&settings).await?),
@@ -840,7 +852,12 @@ fn read_cluster_file(
         let text = read_bounded(f, &format!("cluster file {file}"))?;
         (file.to_owned(), text)
     };
-    let refuse = |issues| anyhow::anyhow!("configuration has errors, not sending:\n{issues}");
+    let refuse = |issues| {
+        anyhow::Error::new(FileHasErrors {
+            issues,
+            pretty: true,
+        })
+    };
     let options = drover_proto::ini::IniOptions {
         hostname: hostname(),
     };
@@ -856,6 +873,28 @@ fn read_cluster_file(
         .and_then(|f| read_bounded(f, &what))?;
     drover_proto::ini::with_roles(&config, &name, &roles.display().to_string(), &roles_text)
         .map_err(refuse)
+}
+
+/// A cluster file (or its roles file) that does not validate: it is not sent.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration has errors, not sending:\n{issues}")]
+struct FileHasErrors {
+    issues: drover_proto::config::Issues,
+    /// How its JSON is printed (the client's `pretty_json`).
+    pretty: bool,
+}
+
+impl FileHasErrors {
+    /// Prints what Zeek's controller answers a stage it refuses, for scripts that read
+    /// the JSON on stdout: each problem's own text (Zeek's, where Zeek has one); the
+    /// lines on stderr say where each is.
+    fn print_json(&self) -> anyhow::Result<()> {
+        let errors: Vec<&str> = self.issues.0.iter().map(|i| i.message.as_str()).collect();
+        output::print_json(
+            &serde_json::json!({"errors": errors, "results": {}}),
+            self.pretty,
+        )
+    }
 }
 
 /// The most a cluster or roles file may hold: a few times what one request may carry,
