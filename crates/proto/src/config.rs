@@ -709,6 +709,27 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 "command contains a NUL byte",
             ));
         }
+        // Role templates put these into the command and the environment, which cannot
+        // carry a NUL: refused here, not when the deploy has already stopped the nodes
+        // it replaces.
+        if node.interface.as_deref().is_some_and(|i| i.contains('\0')) {
+            issues.push(Issue::at_key(
+                format!("{key}.interface"),
+                format!(
+                    "node '{}': interface contains a NUL byte",
+                    node.name.escape_default()
+                ),
+            ));
+        }
+        if node.scripts.iter().any(|s| s.contains('\0')) {
+            issues.push(Issue::at_key(
+                format!("{key}.scripts"),
+                format!(
+                    "node '{}': a script contains a NUL byte",
+                    node.name.escape_default()
+                ),
+            ));
+        }
         // Each at its variable's own key, so that one merged from `[defaults]` is told
         // there, once.
         for (var, value) in &node.env {
@@ -1354,6 +1375,35 @@ workdir = "/srv/z"
             .replace("\\u0000", "");
         let c = parse_toml("c.toml", &fixed).unwrap();
         assert_eq!(c.node("z").unwrap().workdir.as_deref(), Some("/srv/z"));
+    }
+
+    /// What role templates put into a command cannot hold a NUL either: refused at
+    /// stage, as a command's own NUL is, not at deploy once the old nodes are stopped.
+    #[test]
+    fn a_nul_in_what_templates_use_is_refused() {
+        let text = r#"
+[instances.a]
+[roles.worker]
+command = ["zeek", "-i", "{interface}", "{scripts}"]
+[nodes.w1]
+instance = "a"
+role = "worker"
+interface = "eth0\u0000"
+[nodes.w2]
+instance = "a"
+role = "worker"
+scripts = ["ok.zeek", "bad\u0000.zeek"]
+"#;
+        let err = parse_toml("c.toml", text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "c.toml:8: nodes.w1.interface: node 'w1': interface contains a NUL byte\n\
+             c.toml:12: nodes.w2.scripts: node 'w2': a script contains a NUL byte"
+        );
+        let mut config = parse_toml("c.toml", &text.replace("\\u0000", "")).unwrap();
+        config.nodes[0].interface = Some("lo\0".into());
+        let issues = Issues(validate(&config)).to_string();
+        assert!(issues.contains("interface contains a NUL byte"), "{issues}");
     }
 
     #[test]
