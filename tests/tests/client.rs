@@ -176,6 +176,34 @@ fn invalid_cluster_file_is_reported_before_connecting() {
         "{}",
         out.stderr
     );
+    // A roles file is for INI files, which name no commands: given for a TOML file,
+    // which has its own templates, it is not ignored without a word.
+    let roles = dir.path().join("roles.toml");
+    std::fs::write(&roles, "[roles.worker]\ncommand = [\"/bin/true\"]\n").unwrap();
+    let out = drover(
+        &[
+            "--controller",
+            "127.0.0.1:9",
+            "--ca",
+            "x",
+            "--cert",
+            "x",
+            "--key",
+            "x",
+        ]
+        .into_iter()
+        .chain(["stage-config", "--roles", roles.to_str().unwrap()])
+        .chain([file.to_str().unwrap()])
+        .collect::<Vec<_>>(),
+        &[],
+    );
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--roles applies to Zeek INI files; ")
+            && out.stderr.contains("bad.toml is a TOML cluster file"),
+        "{}",
+        out.stderr
+    );
     let out = drover(
         &[
             "--ca",

@@ -82,8 +82,9 @@ pub enum Command {
     StageConfig {
         /// The cluster file (TOML or Zeek INI), or - for standard input.
         file: String,
-        /// Role templates and node defaults for nodes without a command (TOML with
-        /// [defaults] and [roles.NAME], as the controller's --zeek-roles).
+        /// Role templates and node defaults for the nodes of a Zeek INI file, which name
+        /// no command (TOML with [defaults] and [roles.NAME], as the controller's
+        /// --zeek-roles); a TOML cluster file has these tables itself.
         #[arg(long, env = "DROVER_ROLES", value_name = "FILE")]
         roles: Option<PathBuf>,
     },
@@ -102,8 +103,9 @@ pub enum Command {
     DeployConfig {
         /// The cluster file (TOML or Zeek INI), or - for standard input.
         file: String,
-        /// Role templates and node defaults for nodes without a command (TOML with
-        /// [defaults] and [roles.NAME], as the controller's --zeek-roles).
+        /// Role templates and node defaults for the nodes of a Zeek INI file, which name
+        /// no command (TOML with [defaults] and [roles.NAME], as the controller's
+        /// --zeek-roles); a TOML cluster file has these tables itself.
         #[arg(long, env = "DROVER_ROLES", value_name = "FILE")]
         roles: Option<PathBuf>,
         /// Restart every node, not only those whose spec changed.
@@ -860,6 +862,22 @@ fn read_cluster_file(
     };
     let options = drover_proto::ini::IniOptions {
         hostname: hostname(),
+    };
+    let format = drover_proto::ini::detect_format(&name, &text);
+    let roles = match (roles, format) {
+        // DROVER_ROLES, set for the INI files of a Zeek cluster, is no fault of a TOML
+        // file's; `--roles` given for one would be ignored without a word.
+        (Some(r), drover_proto::ini::Format::Toml)
+            if std::env::var_os("DROVER_ROLES").is_none_or(|env| env != r.as_os_str()) =>
+        {
+            anyhow::bail!(
+                "--roles applies to Zeek INI files; {name} is a TOML cluster file, which \
+                 gives its node defaults and role templates in its own [defaults] and \
+                 [roles.NAME] tables"
+            )
+        }
+        (_, drover_proto::ini::Format::Toml) => None,
+        (roles, drover_proto::ini::Format::Ini) => roles,
     };
     let config = drover_proto::ini::parse_any_with(&name, &text, &options).map_err(refuse)?;
     let Some(roles) = roles else {
