@@ -37,6 +37,12 @@ pub async fn ask(socket: &std::path::Path, id: &str) -> Result<String, String> {
             .read_line(&mut line)
             .await
             .map_err(|e| format!("cannot read the answer: {e}"))?;
+        if !line.ends_with('\n') && line.len() as u64 >= MAX_ANSWER {
+            return Err(format!(
+                "node's answer is larger than {} MiB, the most a value may take",
+                MAX_ANSWER / (1024 * 1024)
+            ));
+        }
         let answer: serde_json::Value = serde_json::from_str(line.trim_end())
             .map_err(|e| format!("node sent an invalid answer: {e}"))?;
         if let Some(v) = answer.get("value") {
@@ -131,5 +137,32 @@ mod tests {
         std::fs::write(&plain, "").unwrap();
         let err = ask(&plain, "x").await.unwrap_err();
         assert!(err.contains("is not a socket"), "{err}");
+    }
+
+    /// An answer over the bound is said to be too large, not to be bad JSON.
+    #[tokio::test]
+    async fn an_answer_over_the_bound_is_said_to_be_too_large() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("q.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(async move {
+            // `{"value": "` and `"}` and the newline take 14 bytes.
+            for size in [MAX_ANSWER, MAX_ANSWER + 1] {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let x = "x".repeat(usize::try_from(size).unwrap() - 14);
+                let answer = format!("{{\"value\": \"{x}\"}}\n");
+                assert_eq!(answer.len() as u64, size);
+                // The agent stops reading at the bound: a write past it may fail.
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        let fits = ask(&sock, "x").await;
+        assert!(fits.is_ok(), "{fits:?}");
+        let err = ask(&sock, "x").await.unwrap_err();
+        assert_eq!(
+            err,
+            "node's answer is larger than 1 MiB, the most a value may take"
+        );
+        server.await.unwrap();
     }
 }
