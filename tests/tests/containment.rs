@@ -662,7 +662,9 @@ fn without_cgroups_leftovers_are_killed_even_without_the_nodes_record() {
 }
 
 /// A node whose process ended for good under its policy (failed under `never`, or
-/// exited 0 under `on-failure`) stays so when the agent is SIGKILLed and restarted.
+/// exited 0 under `on-failure`) stays so when the agent is SIGKILLed and restarted, and
+/// when it is stopped and started again (`--on-exit stop`, which stops the nodes that
+/// run): FAILED stays FAILED, not STOPPED.
 #[test]
 fn a_node_that_ended_for_good_is_not_started_again_by_a_new_agent() {
     let c = Cluster::new();
@@ -696,6 +698,20 @@ fn a_node_that_ended_for_good_is_not_started_again_by_a_new_agent() {
     });
     // The new agent decided before it connected: a start would show as a second run.
     eventually("both still ended", PATIENCE, || settled(&c));
+    for name in ["failed", "done"] {
+        let text = std::fs::read_to_string(runs(name)).unwrap();
+        assert_eq!(text.lines().count(), 1, "{name} ran again: {text}");
+    }
+    let mut agent = agent;
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    agent.wait_exit(PATIENCE);
+    let agent = c.start_agent("agent-1", addr);
+    eventually("the third agent connected", PATIENCE, || {
+        (agent.log_text().matches("connected to controller").count() >= 3).then_some(())
+    });
+    let (failed, done) = eventually("both still ended", PATIENCE, || settled(&c));
+    assert_eq!(failed["state"], "FAILED", "{failed}");
+    assert_eq!(done["state"], "STOPPED", "{done}");
     for name in ["failed", "done"] {
         let text = std::fs::read_to_string(runs(name)).unwrap();
         assert_eq!(text.lines().count(), 1, "{name} ran again: {text}");

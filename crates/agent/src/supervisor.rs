@@ -1426,14 +1426,18 @@ impl Core {
                     for name in names {
                         if let Some(e) = self.nodes.get_mut(&name) {
                             longest = longest.max(e.spec.stop_timeout);
+                            let ended = matches!(
+                                e.book.machine.state(),
+                                machine::State::Stopped | machine::State::Failed
+                            );
+                            if ended {
+                                // Nothing runs: its record stays as it is, so that a
+                                // FAILED node is FAILED to the next agent, not stopped.
+                                continue;
+                            }
                             // One that ran or was to run again runs again with the next
-                            // agent; one that ended for good, or an operator stopped,
-                            // stays as it is.
-                            e.stopped_with_agent = !e.stopped_by_operator
-                                && !matches!(
-                                    e.book.machine.state(),
-                                    machine::State::Stopped | machine::State::Failed
-                                );
+                            // agent; one an operator stopped stays as it is.
+                            e.stopped_with_agent = !e.stopped_by_operator;
                             let actions = e.book.machine.stop(now);
                             self.run_actions(&name, actions);
                             // One waiting out its backoff has no process whose end
