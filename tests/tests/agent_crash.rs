@@ -548,6 +548,62 @@ fn a_restart_cut_short_by_the_agents_death_is_finished_by_the_next_agent() {
     );
 }
 
+/// A redeploy that changes a running node's spec stops the old process under the old
+/// spec's stop settings, also when the agent dies while that stop is under way: the
+/// next agent gives the old process its own `stop_timeout` (3 s here), not the new
+/// spec's (100 ms).
+#[test]
+fn a_redeploy_cut_short_by_the_agents_death_stops_under_the_old_spec() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let prog = bin("drover-testprog").display().to_string();
+    let file = |timeout: &str| {
+        format!(
+            "[instances.agent-1]\n[nodes.stubborn]\ninstance = \"agent-1\"\n\
+             command = [\"{prog}\", \"--ignore-sigterm\"]\nstop_timeout = \"{timeout}\"\n"
+        )
+    };
+    c.deploy_text(addr, "old.toml", &file("3s"));
+    let old = eventually("stubborn running", PATIENCE, || {
+        match get_nodes(&c, addr).get("stubborn") {
+            Some((state, Some(pid))) if state == "RUNNING" => Some(*pid),
+            _ => None,
+        }
+    });
+    let new_file = c.dir.path().join("new.toml");
+    std::fs::write(&new_file, file("100ms")).unwrap();
+    let deploy = drover_tests::Background::start(
+        &c,
+        &addr.to_string(),
+        &["deploy-config", new_file.to_str().unwrap()],
+        "deploy",
+    );
+    agent.wait_log("node spec changed; restarting it");
+    agent.kill();
+    drop(deploy);
+    assert!(alive(old), "the old process ignores SIGTERM");
+    let started = Instant::now();
+    let agent = c.start_agent("agent-1", addr);
+    let new = eventually(
+        "stubborn running a new process",
+        PATIENCE,
+        || match get_nodes(&c, addr).get("stubborn") {
+            Some((state, Some(pid))) if state == "RUNNING" && *pid != old => Some(*pid),
+            _ => None,
+        },
+    );
+    let took = started.elapsed();
+    assert!(!alive(old), "the old process {old} is gone (new {new})");
+    assert!(
+        took >= Duration::from_secs(2),
+        "the old process was killed {took:?} after the next agent started, within the new \
+         spec's stop_timeout rather than its own: {}",
+        agent.log_text()
+    );
+}
+
 /// A node waiting out its restart backoff when its agent goes waits out the rest of it
 /// under the next agent process (restarting the agent neither hurries a crash loop nor
 /// resets it), and one whose restart came due meanwhile is started by the next agent:

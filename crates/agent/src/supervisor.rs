@@ -3478,7 +3478,14 @@ impl Core {
                     } else {
                         info!(node = %name, "node runs an outdated spec; restarting it");
                     }
+                    // Stopped as the spec it runs says (its signal comes from the
+                    // process's own spec, its timeout from the machine's), started as
+                    // the desired one does: as a redeploy does with no agent restart.
+                    if let Some(r) = record {
+                        e.book.machine.reconfigure(machine_config(&r.spec));
+                    }
                     actions.extend(e.book.machine.stop(now));
+                    e.book.machine.reconfigure(machine_config(&e.spec));
                     actions.extend(e.book.machine.start(now));
                 }
                 Then::StopAndRemove { .. } => {
