@@ -604,6 +604,54 @@ fn a_redeploy_cut_short_by_the_agents_death_stops_under_the_old_spec() {
     );
 }
 
+/// A deploy that removes a node answers once that node's process is gone, also when
+/// the agent died while the removal was under way: the deploy, sent again to the next
+/// agent process, waits for the stop that agent finishes.
+#[test]
+fn a_removal_cut_short_by_the_agents_death_is_waited_for_by_the_deploy() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut agent = c.start_agent("agent-1", addr);
+    c.wait_for_agent(addr, "agent-1");
+    let prog = bin("drover-testprog").display().to_string();
+    let keep = format!(
+        "[instances.agent-1]\n[nodes.keep]\ninstance = \"agent-1\"\ncommand = [\"{prog}\"]\n"
+    );
+    c.deploy_text(
+        addr,
+        "both.toml",
+        &format!(
+            "{keep}[nodes.stubborn]\ninstance = \"agent-1\"\n\
+             command = [\"{prog}\", \"--ignore-sigterm\"]\nstop_timeout = \"3s\"\n"
+        ),
+    );
+    let stubborn = eventually("stubborn running", PATIENCE, || {
+        match get_nodes(&c, addr).get("stubborn") {
+            Some((state, Some(pid))) if state == "RUNNING" => Some(*pid),
+            _ => None,
+        }
+    });
+    let file = c.dir.path().join("keep.toml");
+    std::fs::write(&file, &keep).unwrap();
+    let mut deploy = drover_tests::Background::start(
+        &c,
+        &addr.to_string(),
+        &["deploy-config", file.to_str().unwrap()],
+        "deploy",
+    );
+    agent.wait_log("node removed from the configuration; stopping it");
+    agent.kill();
+    assert!(alive(stubborn), "stubborn ignores SIGTERM");
+    let _agent = c.start_agent("agent-1", addr);
+    let status = eventually("the deploy answered", PATIENCE, || deploy.ended());
+    assert!(
+        !alive(stubborn),
+        "the deploy answered ({status}) while the node it removed still runs: {}",
+        deploy.stdout()
+    );
+    assert!(status.success(), "{}\n{}", deploy.stdout(), deploy.stderr());
+}
+
 /// A node waiting out its restart backoff when its agent goes waits out the rest of it
 /// under the next agent process (restarting the agent neither hurries a crash loop nor
 /// resets it), and one whose restart came due meanwhile is started by the next agent:

@@ -1742,8 +1742,23 @@ impl Core {
             reply,
             ..
         } = with;
+        // Nodes the generation removed that are still stopping (an earlier agent
+        // process began their stop): the answer waits for them too, as the Apply that
+        // removed them would have, so that a deploy that succeeded leaves nothing of
+        // the previous configuration running.
+        let leaving: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, e)| e.removing)
+            .map(|(name, _)| name.clone())
+            .collect();
         if let Some(p) = &progress {
-            deadline = deadline.max(Instant::now() + p.idle);
+            let stops = leaving
+                .iter()
+                .filter_map(|n| Some(self.nodes.get(n)?.spec.stop_timeout))
+                .max()
+                .map_or(Duration::ZERO, |t| t + SETTLE_GRACE);
+            deadline = deadline.max(Instant::now() + p.idle.max(stops));
         }
         let deadline = self.millis_of(deadline);
         let idle = progress.as_ref().map(|p| millis(p.idle));
@@ -1788,8 +1803,10 @@ impl Core {
                 ),
             };
             let nodes = nodes.into_iter().map(|name| (name, None)).collect();
-            self.waiters
+            let id = self
+                .waiters
                 .add(nodes, Want::Running, deadline, idle, errors, requester);
+            self.waiters.also_gone(id, leaving);
         }
         self.settle_waiters();
     }
