@@ -576,6 +576,9 @@ where
     // runs out): the followers are then asked again even with nothing else outstanding.
     let mut named = std::collections::HashSet::<String>::new();
     let mut refused_for_good = std::collections::HashSet::<String>::new();
+    // Targets with a dial outstanding (not re-asks): a named leader whose earlier dial
+    // failed is dialled again only when none is.
+    let mut in_flight = std::collections::HashSet::<String>::new();
     let failover = |named: &std::collections::HashSet<String>,
                     refused: &std::collections::HashSet<String>| {
         named.iter().any(|l| !refused.contains(l))
@@ -589,6 +592,7 @@ where
         {
             while let Some((target, _)) = waiting.pop_front_if(|(_, at)| *at <= due.max(now)) {
                 live += 1;
+                in_flight.insert(target.clone());
                 let dial = dial_one(target.clone());
                 pending.push(tagged(target, 0, Either::Left(dial)));
             }
@@ -623,6 +627,7 @@ where
         };
         if reask == 0 {
             live -= 1;
+            in_flight.remove(&target);
         }
         match result {
             Ok(est) if est.welcome.warning.is_some() => {
@@ -650,11 +655,25 @@ where
                         Some(_) if waits.is_some() => {
                             let (leader, _) = waiting.remove(waits.expect("found")).expect("found");
                             live += 1;
+                            in_flight.insert(leader.clone());
                             let dial = dial_one(leader.clone());
                             pending.push(tagged(leader, 0, Either::Left(dial)));
                         }
-                        Some(leader) if tried.insert(leader.to_owned()) => {
+                        // Not dialled yet; or refused at once earlier in this attempt
+                        // (nothing listened: a controller restarted on its address that
+                        // won the election since): a follower naming it now is news,
+                        // and it is dialled again rather than the followers alone being
+                        // asked until they give up. One that timed out is not: its host
+                        // did not answer, and another dial would wait as long again.
+                        Some(leader)
+                            if tried.insert(leader.to_owned())
+                                || (!in_flight.contains(leader)
+                                    && failures.iter().any(|(t, e)| {
+                                        t == leader && !matches!(e, NetError::Timeout { .. })
+                                    })) =>
+                        {
                             live += 1;
+                            in_flight.insert(leader.to_owned());
                             pending.push(tagged(
                                 leader.to_owned(),
                                 0,
@@ -1647,6 +1666,58 @@ mod tests {
 
     /// The leader the followers name answers, refusing us for good (an agent already
     /// connected, say): no election is under way, so nobody is asked again.
+    /// A controller restarted on its address: dialled while it was down (nothing
+    /// listened), then elected, its followers naming it. It is dialled again on their
+    /// word, at once, rather than the followers alone being asked until they give up.
+    #[test]
+    fn a_named_leader_refused_at_once_earlier_is_dialled_again() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let targets = vec!["a:1".to_owned(), "b:1".to_owned(), "c:1".to_owned()];
+        let start = rt.block_on(async { tokio::time::Instant::now() });
+        let dials = std::sync::Mutex::new(Vec::new());
+        let back = Duration::from_millis(300);
+        let result = rt.block_on(dial_leader(&targets, |t| {
+            let dials = &dials;
+            async move {
+                let now = start.elapsed();
+                dials.lock().unwrap().push((t.clone(), now));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                match t.as_str() {
+                    // Down, then back (a fake cannot welcome: it fails otherwise);
+                    // its followers name it throughout, its lease held.
+                    "a:1" if now < back => Err(NetError::Connection(
+                        "nothing listens at udp a:1: connection refused".into(),
+                    )),
+                    "a:1" => Err(NetError::Connection("the leader, back".into())),
+                    _ => Err(NetError::Refused(WireError::new(
+                        ErrorCode::Unavailable,
+                        "not the leader; the leader is a:1".to_owned(),
+                    ))),
+                }
+            }
+        }));
+        assert!(result.is_err());
+        let dials = dials.into_inner().unwrap();
+        // The first re-ask of a follower (400 ms or more) names a again, now back.
+        let again = dials
+            .iter()
+            .find(|(t, at)| t == "a:1" && *at >= back)
+            .map(|(_, at)| *at);
+        let reask = dials
+            .iter()
+            .find(|(t, at)| t != "a:1" && *at >= back)
+            .map(|(_, at)| *at)
+            .expect("a follower asked again");
+        assert!(
+            again.is_some_and(|at| at <= reask + Duration::from_millis(2)),
+            "a:1 not dialled again once named: {dials:?}"
+        );
+    }
+
     #[test]
     fn a_named_leader_that_refuses_for_good_is_the_answer_at_once() {
         let mut memory = LeaderMemory::default();
