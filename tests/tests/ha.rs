@@ -1044,6 +1044,28 @@ fn bad_high_availability_settings_are_named() {
             "an https:// endpoint needs --etcd-ca",
         ),
         (&["--store", "raft"], "invalid value 'raft'"),
+        (
+            &[
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "http://127.0.0.1:2379",
+                "--advertise",
+                "0.0.0.0:2150",
+            ],
+            "--advertise '0.0.0.0:2150' is a wildcard address, which agents and clients cannot dial",
+        ),
+        (
+            &[
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "http://127.0.0.1:2379",
+                "--advertise",
+                "[::]:2150",
+            ],
+            "--advertise '[::]:2150' is a wildcard address",
+        ),
     ];
     for (i, (args, want)) in cases.iter().enumerate() {
         let mut cmd = std::process::Command::new(drover_tests::bin("drover-controller"));

@@ -288,10 +288,19 @@ fn check_compact_every(every: Duration) -> Result<(), String> {
 }
 
 fn check_advertise(a: &str) -> Result<(), String> {
-    if drover_proto::name::host_of(a).is_none() {
+    let Some(host) = drover_proto::name::host_of(a) else {
         return Err(format!(
             "'{a}' is not HOST:PORT (an IPv6 address in brackets, [ADDRESS]:PORT): agents \
              and clients dial it"
+        ));
+    };
+    if host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified())
+    {
+        return Err(format!(
+            "'{a}' is a wildcard address, which agents and clients cannot dial: give this \
+             controller's own address or name"
         ));
     }
     Ok(())
