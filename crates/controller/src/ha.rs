@@ -70,6 +70,10 @@ struct GateState {
     /// now, a dialer is held for the answer rather than told no leader is elected
     /// (one most likely is: the term ended because another took over).
     stepped_down: Option<Instant>,
+    /// Why this controller's last campaign failed (etcd answered with an error, such as
+    /// its quota being full), while no leader is known: said in refusals, since etcd is
+    /// reachable then and "no leader is elected" alone points away from the cause.
+    campaign_error: Option<String>,
 }
 
 /// Whether this controller may serve and write, and for which term.
@@ -145,7 +149,13 @@ impl Gate {
     fn refusal(state: &GateState) -> String {
         match &state.leader {
             Some((addr, _)) => format!("{NOT_LEADER}{addr}"),
-            None => "not the leader; no leader is elected yet (or etcd is unreachable)".into(),
+            None => match &state.campaign_error {
+                Some(e) => format!(
+                    "not the leader; no leader is elected yet (this controller cannot \
+                     campaign: {e})"
+                ),
+                None => "not the leader; no leader is elected yet (or etcd is unreachable)".into(),
+            },
         }
     }
 
@@ -214,6 +224,7 @@ impl Gate {
         {
             let mut state = self.lock();
             state.leader = None;
+            state.campaign_error = None;
             state.term = Some(Term {
                 create_revision,
                 renewed,
@@ -254,8 +265,14 @@ impl Gate {
 
     /// Follows `leader` (its address and term), or none known.
     fn follow(&self, leader: Option<(String, i64)>) {
+        self.follow_failing(leader, None);
+    }
+
+    /// [`Gate::follow`], this controller's campaign having failed with `error`.
+    fn follow_failing(&self, leader: Option<(String, i64)>, error: Option<String>) {
         let changed = {
             let mut state = self.lock();
+            state.campaign_error = error;
             let ended = state.term.take();
             if let Some(t) = &ended {
                 t.token.cancel();
@@ -362,10 +379,10 @@ pub async fn run<F, Fut>(
                 let e = e.to_string();
                 if failing.as_ref() != Some(&e) {
                     warn!("cannot campaign for leadership: {e}");
-                    failing = Some(e);
+                    failing = Some(e.clone());
                 }
                 announced = None;
-                gate.follow(None);
+                gate.follow_failing(None, Some(e));
             }
         }
         tokio::select! {
@@ -631,6 +648,34 @@ mod tests {
         assert!(
             gone.answering().is_ok(),
             "clients are still answered, warned"
+        );
+    }
+
+    /// etcd answers, refusing the campaign (its quota full, say): the refusal says so
+    /// rather than suggest etcd is unreachable, until a leader is known.
+    #[test]
+    fn a_campaign_etcd_refuses_is_told_in_refusals() {
+        let gate = Gate::new(Duration::from_secs(3), "http://127.0.0.1:2379");
+        gate.follow_failing(
+            None,
+            Some("etcdserver: mvcc: database space exceeded".into()),
+        );
+        assert_eq!(
+            gate.serving().unwrap_err(),
+            "not the leader; no leader is elected yet (this controller cannot campaign: \
+             etcdserver: mvcc: database space exceeded)"
+        );
+        gate.follow(Some(("10.0.0.3:2150".into(), 9)));
+        assert_eq!(
+            gate.serving().unwrap_err(),
+            "not the leader; the leader is 10.0.0.3:2150"
+        );
+        gate.follow(None);
+        assert!(
+            gate.serving()
+                .unwrap_err()
+                .ends_with("(or etcd is unreachable)"),
+            "the cause is forgotten once the campaign no longer fails"
         );
     }
 
