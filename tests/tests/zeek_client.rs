@@ -875,12 +875,20 @@ fn bad_roles_files_stop_the_controller_and_open_listeners_are_warned_about() {
         "{}",
         p.log_text()
     );
-    // A good one without the websocket: the controller runs, and says it is unused.
+    // A good one without the websocket: the controller runs, and says it is unused,
+    // as it says of --zeek-websocket-tls.
     let good = c.dir.path().join("good-roles.toml");
     std::fs::write(&good, "[roles.worker]\ncommand = [\"zeek\"]\n").unwrap();
-    let (ctl, _) =
-        c.start_controller_with("127.0.0.1:0", &["--zeek-roles", good.to_str().unwrap()]);
+    let (ctl, _) = c.start_controller_with(
+        "127.0.0.1:0",
+        &[
+            "--zeek-roles",
+            good.to_str().unwrap(),
+            "--zeek-websocket-tls",
+        ],
+    );
     ctl.wait_log("is not used: it serves zeek-client");
+    ctl.wait_log("--zeek-websocket-tls is not used");
     drop(ctl);
 
     // Bad zeek settings stop it too, naming the setting.

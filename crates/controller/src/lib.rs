@@ -567,6 +567,11 @@ impl Controller {
                 )
             })
             .transpose()?;
+        if config.zeek_websocket.is_none() && config.zeek_websocket_tls {
+            warn!(
+                "--zeek-websocket-tls is not used: it secures the zeek websocket, and none is configured (--zeek-websocket)"
+            );
+        }
         if let (None, Some(roles)) = (config.zeek_websocket, &config.zeek_roles) {
             zeek::Front::check_roles(roles)?;
             warn!(
