@@ -257,17 +257,25 @@ fn load_one<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
 pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let tmp = path.with_extension("json.tmp");
+    // The caller names `path`: a failure of the temporary file names that file too.
+    let at_tmp = |e: std::io::Error| {
+        std::io::Error::new(
+            e.kind(),
+            format!("its temporary file {}: {e}", tmp.display()),
+        )
+    };
     // A leftover temp file may have a looser mode, which create would keep.
     match fs::remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+        Err(e) => return Err(at_tmp(e)),
     }
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(FILE_MODE)
-        .open(&tmp)?;
+        .open(&tmp)
+        .map_err(at_tmp)?;
     let placed = f
         .write_all(bytes)
         .and_then(|()| f.sync_all())
@@ -771,7 +779,11 @@ mod tests {
             .set_desired(config("new"), 0, false, None)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("desired.json"), "{err}");
+        // Named as the file in the way, not as the state file it was to replace.
+        assert!(
+            err.contains("desired.json: its temporary file ") && err.contains("desired.json.tmp: "),
+            "{err}"
+        );
         assert_eq!(store.desired(), Some(old.clone()));
         assert_eq!(store.deployed(), Some(old.clone()));
         let after: Vec<_> = [DESIRED, DEPLOYED]
