@@ -149,7 +149,14 @@ pub fn deploy(reply: &ClientResponse) -> (Value, bool) {
     for r in results(reply) {
         ok &= r.success;
         if !r.success && r.node.is_none() {
-            errors.push(json!(r.error.as_deref().unwrap_or("no reason given")));
+            let why = r.error.as_deref().unwrap_or("no reason given");
+            // An instance that failed as a whole (it did not answer, say) is named,
+            // unless its agent's own words name it already.
+            let text = match &r.instance {
+                Some(i) if !why.contains(i.as_str()) => format!("{i}: {why}"),
+                _ => why.to_owned(),
+            };
+            errors.push(json!(text));
             continue;
         }
         match (&r.instance, &r.node) {
@@ -611,6 +618,31 @@ pub fn test_timeout(reply: &ClientResponse) -> (Value, bool) {
 mod tests {
     use super::*;
     use drover_proto::model::Instance;
+
+    #[test]
+    fn a_deploy_names_an_instance_that_failed_as_a_whole() {
+        let reply = ClientResponse::Results(vec![
+            MgmtResult::ok("r", None).on_instance("a1").on_node("x1"),
+            MgmtResult::err(
+                "r",
+                "no answer from peer 127.0.0.1:9 within the idle timeout",
+            )
+            .on_instance("a2"),
+            MgmtResult::err("r", "agent 'a3' cannot write its desired state").on_instance("a3"),
+            MgmtResult::err("r", "instances not connected: a4"),
+        ]);
+        let (v, ok) = deploy(&reply);
+        assert!(!ok);
+        assert_eq!(
+            v["errors"],
+            json!([
+                "a2: no answer from peer 127.0.0.1:9 within the idle timeout",
+                "agent 'a3' cannot write its desired state",
+                "instances not connected: a4"
+            ])
+        );
+        assert_eq!(v["results"]["nodes"]["x1"]["success"], true);
+    }
 
     #[test]
     fn a_restart_fails_a_node_it_could_not_act_on_and_not_one_that_failed_to_come_back() {
