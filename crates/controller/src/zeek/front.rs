@@ -57,6 +57,11 @@ pub(crate) struct Limits {
     pub(crate) write_timeout: Duration,
     /// Connections served at once; more are closed at accept.
     pub(crate) max_connections: usize,
+    /// Connections of one address still in their handshake (TLS, upgrade, subscription)
+    /// at once; more from it are closed at accept. Anyone who reaches the port can hold
+    /// a handshake open until its timeout, with no certificate and no word: without
+    /// this, one host could fill `max_connections` and lock every zeek-client out.
+    pub(crate) max_handshakes_per_addr: usize,
     /// Requests of one connection running at once; more wait (the connection is not
     /// read meanwhile).
     pub(crate) max_in_flight: usize,
@@ -69,6 +74,7 @@ impl Default for Limits {
             max_message: drover_proto::msg::MAX_FRAME_LEN,
             write_timeout: Duration::from_secs(10),
             max_connections: 256,
+            max_handshakes_per_addr: 8,
             max_in_flight: 16,
         }
     }
@@ -122,8 +128,52 @@ struct Ctx {
     version: String,
     bus: broadcast::Sender<Arc<Published>>,
     connections: Arc<Semaphore>,
+    /// Connections in their handshake, by address (see
+    /// [`Limits::max_handshakes_per_addr`]).
+    handshaking: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     next: AtomicU64,
     tls: Option<Tls>,
+}
+
+/// A connection counted in [`Ctx::handshaking`] until its handshake is over.
+struct Handshaking {
+    ctx: Arc<Ctx>,
+    addr: std::net::IpAddr,
+}
+
+impl Handshaking {
+    /// Counts a handshake from `addr`, unless that address has as many as it may.
+    fn start(ctx: &Arc<Ctx>, addr: std::net::IpAddr) -> Option<Self> {
+        let mut by_addr = ctx
+            .handshaking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = by_addr.entry(addr).or_default();
+        if *n >= ctx.limits.max_handshakes_per_addr {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            ctx: ctx.clone(),
+            addr,
+        })
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        let mut by_addr = self
+            .ctx
+            .handshaking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = by_addr.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                by_addr.remove(&self.addr);
+            }
+        }
+    }
 }
 
 /// Serves WebSocket clients on `listener` until `shutdown`.
@@ -143,6 +193,7 @@ pub(crate) async fn serve(
         version,
         bus: broadcast::channel(1024).0,
         connections: Arc::new(Semaphore::new(limits.max_connections)),
+        handshaking: std::sync::Mutex::default(),
         next: AtomicU64::new(1),
         tls,
     });
@@ -159,6 +210,11 @@ pub(crate) async fn serve(
                 }
             },
         };
+        let Some(handshaking) = Handshaking::start(&ctx, peer.ip()) else {
+            // Said at debug level only: a flood would flood the log too.
+            debug!(%peer, "zeek websocket: too many handshakes from this address, closing this one");
+            continue;
+        };
         let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
             warn!(%peer, "zeek websocket: too many connections, closing this one");
             continue;
@@ -174,7 +230,7 @@ pub(crate) async fn serve(
                         addr: peer,
                         tls: None,
                     });
-                    connection(&ctx, stream, client, deadline, shutdown).await;
+                    connection(&ctx, stream, client, deadline, handshaking, shutdown).await;
                 }
                 Some(tls) => {
                     let ended = shutdown.child_token();
@@ -185,7 +241,7 @@ pub(crate) async fn serve(
                             addr: peer,
                             tls: Some(cert),
                         });
-                        connection(&ctx, stream, client, deadline, ended).await;
+                        connection(&ctx, stream, client, deadline, handshaking, ended).await;
                     }
                 }
             }
@@ -275,6 +331,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     client: Arc<Client>,
     deadline: tokio::time::Instant,
+    handshaking: Handshaking,
     shutdown: CancellationToken,
 ) {
     let peer = client.addr;
@@ -362,6 +419,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
         }
     };
+    drop(handshaking);
     // Subscribe before the ack, so nothing published after it is missed.
     let mut bus = ctx.bus.subscribe();
     let n = ctx.next.fetch_add(1, Ordering::Relaxed);
@@ -676,6 +734,69 @@ mod tests {
             .await
             .unwrap();
         assert!(text(&mut c).await.contains("still-there"));
+    }
+
+    /// Connections that never finish their handshake, from one address, cannot lock
+    /// out the others: past its share, that address is closed at accept, and other
+    /// addresses are served; its share comes back as its handshakes end.
+    #[tokio::test]
+    async fn one_address_cannot_hold_every_handshake() {
+        use tokio::io::AsyncReadExt;
+        let limits = Limits {
+            handshake_timeout: Duration::from_secs(60),
+            max_connections: 4,
+            max_handshakes_per_addr: 2,
+            ..Limits::default()
+        };
+        let (addr, _stop) = server(limits).await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buf))
+            .await
+            .expect("closed at once, not at the handshake timeout")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the third handshake of one address is closed");
+        // Another address (on loopback) is served, whole exchanges included.
+        for _ in 0..3 {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let stream = sock.connect(addr).await.unwrap();
+            let req = format!("ws://{addr}{PATH}").into_client_request().unwrap();
+            let mut c = tokio_tungstenite::client_async(req, stream)
+                .await
+                .unwrap()
+                .0;
+            c.send(Message::text(r#"["zeek/management/controller"]"#))
+                .await
+                .unwrap();
+            assert!(text(&mut c).await.contains(r#""type":"ack""#));
+        }
+        // One of the held handshakes given up: the first address is served again.
+        drop(held.pop());
+        let c = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                // The server learns of the close when it reads: try until it has.
+                let stream = TcpStream::connect(addr).await.unwrap();
+                let req = format!("ws://{addr}{PATH}").into_client_request().unwrap();
+                let Ok((mut c, _)) = tokio_tungstenite::client_async(req, stream).await else {
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                c.send(Message::text(r#"["zeek/management/controller"]"#))
+                    .await
+                    .unwrap();
+                if text(&mut c).await.contains(r#""type":"ack""#) {
+                    break c;
+                }
+            }
+        })
+        .await
+        .expect("served again");
+        drop(c);
     }
 
     #[tokio::test]
