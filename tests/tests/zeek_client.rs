@@ -1319,6 +1319,18 @@ fn zeek_metrics_ports_are_numbered_per_host_and_dialled_agents_are_waited_for() 
     .map(|(n, p)| (n.to_owned(), p.into()))
     .collect();
     assert_eq!(metrics, want, "{v}");
+    // The agent the controller dials lists its port, as Zeek's does; the others none.
+    let v = z.run(&["get-nodes"]).json();
+    assert_eq!(
+        v["results"]["instance-3"]["instance-3"]["port"], port,
+        "{v}"
+    );
+    assert!(
+        v["results"]["instance-2"]["instance-2"]
+            .get("port")
+            .is_none(),
+        "{v}"
+    );
     t.check();
 }
 

@@ -447,13 +447,26 @@ async fn answer(
     let reply = match req {
         ZeekRequest::GetNodes => {
             let home = controller_home(shared);
+            let dialled = shared
+                .store
+                .desired_config()
+                .map(|c| {
+                    c.instances
+                        .iter()
+                        .filter_map(|i| Some((i.name.clone(), i.port?)))
+                        .collect()
+                })
+                .unwrap_or_default();
             zeek_nodes(
                 &reqid,
-                controller_under(
-                    &shared.name,
-                    home.as_deref(),
-                    shared.ports.controller_port,
-                    reply,
+                agent_ports(
+                    &dialled,
+                    controller_under(
+                        &shared.name,
+                        home.as_deref(),
+                        shared.ports.controller_port,
+                        reply,
+                    ),
                 ),
             )
         }
@@ -546,6 +559,35 @@ fn controller_under(
         s.extend(me);
     }
     ClientResponse::Results(rest)
+}
+
+/// Gives the entry of each agent the controller dials (an instance with a port in the
+/// deployed configuration) that port, as Zeek's agent lists its own listening port when
+/// the controller connects to it.
+fn agent_ports(
+    dialled: &std::collections::BTreeMap<String, u16>,
+    reply: ClientResponse,
+) -> ClientResponse {
+    let ClientResponse::Results(mut rs) = reply else {
+        return reply;
+    };
+    for r in &mut rs {
+        let (Some(instance), Some(ResultData::NodeStatuses(statuses))) =
+            (r.instance.as_deref(), &mut r.data)
+        else {
+            continue;
+        };
+        let Some(port) = dialled.get(instance) else {
+            continue;
+        };
+        for s in statuses
+            .iter_mut()
+            .filter(|s| s.mgmt_role == MgmtRole::Agent && s.node == instance)
+        {
+            s.port = Some(*port);
+        }
+    }
+    ClientResponse::Results(rs)
 }
 
 /// Zeek's node names are literal: in a restart or get-id-value, a name that is no node
@@ -823,6 +865,19 @@ mod tests {
         };
         assert_eq!(rs.len(), 2);
         assert!(rs.iter().all(|r| names(r).iter().all(|(n, _)| n != "ctl")));
+    }
+
+    /// An agent the controller dials lists its port, as Zeek's agent does when the
+    /// controller connects to it; one that dials in lists none.
+    #[test]
+    fn get_nodes_gives_a_dialled_agent_its_port() {
+        let dialled = [("b".to_owned(), 2151)].into_iter().collect();
+        let ClientResponse::Results(rs) = agent_ports(&dialled, nodes_reply()) else {
+            panic!("results stay results");
+        };
+        assert_eq!(names(&rs[0]), vec![("a".to_owned(), None)]);
+        assert_eq!(names(&rs[1]), vec![("b".to_owned(), Some(2151))]);
+        assert_eq!(names(&rs[2]), vec![("ctl".to_owned(), None)]);
     }
 
     #[test]
