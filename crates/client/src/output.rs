@@ -329,7 +329,24 @@ pub fn get_nodes(reply: &ClientResponse, full: bool) -> (Value, bool) {
             }
             nodes.insert(s.node.clone(), Value::Object(v));
         }
-        res.insert(r.instance.clone().unwrap_or_default(), Value::Object(nodes));
+        // An agent named as the controller is: both under that name, the agent's
+        // entries first (its own AGENT entry over the controller's, which share it).
+        let instance = r.instance.clone().unwrap_or_default();
+        let controller =
+            |m: &Map<String, Value>| m.values().all(|v| v["mgmt_role"] == json!("CONTROLLER"));
+        match res.get_mut(&instance) {
+            Some(Value::Object(had)) if controller(had) => {
+                had.extend(nodes);
+            }
+            Some(Value::Object(had)) if controller(&nodes) => {
+                for (k, v) in nodes {
+                    had.entry(k).or_insert(v);
+                }
+            }
+            _ => {
+                res.insert(instance, Value::Object(nodes));
+            }
+        }
     }
     let ok = errors.is_empty();
     (json!({"errors": errors, "results": res}), ok)
@@ -618,6 +635,28 @@ pub fn test_timeout(reply: &ClientResponse) -> (Value, bool) {
 mod tests {
     use super::*;
     use drover_proto::model::Instance;
+
+    /// An agent named as the controller is does not hide, nor is hidden by, the
+    /// controller's entry, whichever comes first.
+    #[test]
+    fn an_agent_named_as_the_controller_keeps_its_nodes() {
+        use drover_proto::MgmtRole;
+        use drover_proto::model::{NodeStatus, State};
+        let me = NodeStatus::new("controller", State::Running, MgmtRole::Controller);
+        let agent = NodeStatus::new("controller", State::Running, MgmtRole::Agent);
+        let web = NodeStatus::new("web", State::Running, MgmtRole::None);
+        let mine =
+            MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![me]))).on_instance("controller");
+        let its = MgmtResult::ok("r", Some(ResultData::NodeStatuses(vec![agent, web])))
+            .on_instance("controller");
+        for order in [vec![mine.clone(), its.clone()], vec![its, mine]] {
+            let (v, ok) = get_nodes(&ClientResponse::Results(order), false);
+            assert!(ok);
+            let under = &v["results"]["controller"];
+            assert_eq!(under["web"]["state"], "RUNNING", "{v}");
+            assert_eq!(under["controller"]["mgmt_role"], "AGENT", "{v}");
+        }
+    }
 
     #[test]
     fn a_deploy_names_an_instance_that_failed_as_a_whole() {
