@@ -809,7 +809,7 @@ fn an_unreadable_desired_state_keeps_the_recorded_nodes() {
 fn an_agent_killed_while_replacing_a_node_finishes_the_replacement() {
     let mut w = World::new();
     let p = prog();
-    // The old process ignores SIGTERM and may take 30 s to stop: the agent is killed
+    // The old process ignores SIGTERM and may take 8 s to stop: the agent is killed
     // while it waits for that.
     let node = |version: &str, stop: &str| {
         format!(
@@ -817,7 +817,7 @@ fn an_agent_killed_while_replacing_a_node_finishes_the_replacement() {
              readiness = {{ kind = \"start-period\", period = \"0s\" }}\nstop_timeout = \"{stop}\"\n"
         )
     };
-    w.apply_gen(1, Some("one"), &node("v1", "30s"));
+    w.apply_gen(1, Some("one"), &node("v1", "8s"));
     let old = w.node("a").pid.unwrap();
     // RUNNING comes with the spawn (start-period 0 s); the stop below is only slow once
     // the program has got as far as ignoring SIGTERM.
@@ -848,12 +848,19 @@ fn an_agent_killed_while_replacing_a_node_finishes_the_replacement() {
     assert_eq!(record["process"]["pid"], old);
     assert_eq!(record["spec"]["command"][2], "--print=v1");
     assert!(alive(old));
+    let restarted = Instant::now();
     w.restart_supervisor();
-    // The new agent does not take the old process for the new spec: it replaces it.
+    // The new agent does not take the old process for the new spec: it replaces it,
+    // stopping it as the spec it runs says (8 s), not as the new one does (1 s).
     let s = w.wait(
         "a replaced",
         |s| s.state == State::Running && s.pid.is_some_and(|p| p != old),
         "a",
+    );
+    assert!(
+        restarted.elapsed() >= Duration::from_secs(5),
+        "replaced after {:?}, within the new spec's stop_timeout",
+        restarted.elapsed()
     );
     assert_eq!(s.generation, Some(2));
     drover_tests::eventually("the old process gone", drover_tests::PATIENCE, || {
