@@ -493,6 +493,28 @@ fn what_nodes_say_while_no_agent_runs_reaches_the_next_agent_and_never_blocks_th
     );
 }
 
+/// A node `stubborn` on instance `agent-1` that ignores SIGTERM: only its
+/// `stop_timeout`'s SIGKILL ends it.
+fn stubborn_node(stop_timeout: &str) -> String {
+    let prog = bin("drover-testprog").display().to_string();
+    format!(
+        "[nodes.stubborn]\ninstance = \"agent-1\"\n\
+         command = [\"{prog}\", \"--ignore-sigterm\"]\nstop_timeout = \"{stop_timeout}\"\n"
+    )
+}
+
+/// The pid of node `stubborn` once it is RUNNING a process other than `not`.
+fn stubborn_running(c: &Cluster, addr: SocketAddr, not: Option<u64>) -> u64 {
+    eventually(
+        "stubborn running a process",
+        PATIENCE,
+        || match get_nodes(c, addr).get("stubborn") {
+            Some((state, Some(pid))) if state == "RUNNING" && Some(*pid) != not => Some(*pid),
+            _ => None,
+        },
+    )
+}
+
 /// A restart cut short by the agent's SIGKILL (its stop signal sent, the process still
 /// running: it ignores SIGTERM) is finished by the next agent: the node runs a new
 /// process and the old one is gone, rather than being adopted as RUNNING.
@@ -502,21 +524,12 @@ fn a_restart_cut_short_by_the_agents_death_is_finished_by_the_next_agent() {
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let mut agent = c.start_agent("agent-1", addr);
     c.wait_for_agent(addr, "agent-1");
-    let prog = bin("drover-testprog").display().to_string();
     c.deploy_text(
         addr,
         "stubborn.toml",
-        &format!(
-            "[instances.agent-1]\n[nodes.stubborn]\ninstance = \"agent-1\"\n\
-             command = [\"{prog}\", \"--ignore-sigterm\"]\nstop_timeout = \"3s\"\n"
-        ),
+        &format!("[instances.agent-1]\n{}", stubborn_node("3s")),
     );
-    let old = eventually("stubborn running", PATIENCE, || {
-        match get_nodes(&c, addr).get("stubborn") {
-            Some((state, Some(pid))) if state == "RUNNING" => Some(*pid),
-            _ => None,
-        }
-    });
+    let old = stubborn_running(&c, addr, None);
     let restart =
         drover_tests::Background::start(&c, &addr.to_string(), &["restart", "stubborn"], "restart");
     let record = c
@@ -533,14 +546,7 @@ fn a_restart_cut_short_by_the_agents_death_is_finished_by_the_next_agent() {
     drop(restart);
     assert!(alive(old), "the old process ignores SIGTERM");
     let agent = c.start_agent("agent-1", addr);
-    let new = eventually(
-        "stubborn running a new process",
-        PATIENCE,
-        || match get_nodes(&c, addr).get("stubborn") {
-            Some((state, Some(pid))) if state == "RUNNING" && *pid != old => Some(*pid),
-            _ => None,
-        },
-    );
+    let new = stubborn_running(&c, addr, Some(old));
     assert!(
         !alive(old),
         "the old process {old} is gone (new {new}): {}",
@@ -558,20 +564,9 @@ fn a_redeploy_cut_short_by_the_agents_death_stops_under_the_old_spec() {
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let mut agent = c.start_agent("agent-1", addr);
     c.wait_for_agent(addr, "agent-1");
-    let prog = bin("drover-testprog").display().to_string();
-    let file = |timeout: &str| {
-        format!(
-            "[instances.agent-1]\n[nodes.stubborn]\ninstance = \"agent-1\"\n\
-             command = [\"{prog}\", \"--ignore-sigterm\"]\nstop_timeout = \"{timeout}\"\n"
-        )
-    };
+    let file = |timeout: &str| format!("[instances.agent-1]\n{}", stubborn_node(timeout));
     c.deploy_text(addr, "old.toml", &file("3s"));
-    let old = eventually("stubborn running", PATIENCE, || {
-        match get_nodes(&c, addr).get("stubborn") {
-            Some((state, Some(pid))) if state == "RUNNING" => Some(*pid),
-            _ => None,
-        }
-    });
+    let old = stubborn_running(&c, addr, None);
     let new_file = c.dir.path().join("new.toml");
     std::fs::write(&new_file, file("100ms")).unwrap();
     let deploy = drover_tests::Background::start(
@@ -586,14 +581,7 @@ fn a_redeploy_cut_short_by_the_agents_death_stops_under_the_old_spec() {
     assert!(alive(old), "the old process ignores SIGTERM");
     let started = Instant::now();
     let agent = c.start_agent("agent-1", addr);
-    let new = eventually(
-        "stubborn running a new process",
-        PATIENCE,
-        || match get_nodes(&c, addr).get("stubborn") {
-            Some((state, Some(pid))) if state == "RUNNING" && *pid != old => Some(*pid),
-            _ => None,
-        },
-    );
+    let new = stubborn_running(&c, addr, Some(old));
     let took = started.elapsed();
     assert!(!alive(old), "the old process {old} is gone (new {new})");
     assert!(
@@ -617,20 +605,8 @@ fn a_removal_cut_short_by_the_agents_death_is_waited_for_by_the_deploy() {
     let keep = format!(
         "[instances.agent-1]\n[nodes.keep]\ninstance = \"agent-1\"\ncommand = [\"{prog}\"]\n"
     );
-    c.deploy_text(
-        addr,
-        "both.toml",
-        &format!(
-            "{keep}[nodes.stubborn]\ninstance = \"agent-1\"\n\
-             command = [\"{prog}\", \"--ignore-sigterm\"]\nstop_timeout = \"3s\"\n"
-        ),
-    );
-    let stubborn = eventually("stubborn running", PATIENCE, || {
-        match get_nodes(&c, addr).get("stubborn") {
-            Some((state, Some(pid))) if state == "RUNNING" => Some(*pid),
-            _ => None,
-        }
-    });
+    c.deploy_text(addr, "both.toml", &format!("{keep}{}", stubborn_node("3s")));
+    let stubborn = stubborn_running(&c, addr, None);
     let file = c.dir.path().join("keep.toml");
     std::fs::write(&file, &keep).unwrap();
     let mut deploy = drover_tests::Background::start(

@@ -107,9 +107,10 @@ fn invalid_cluster_file_is_reported_before_connecting() {
         "[instances.a]\n[nodes.n]\ninstance = \"a\"\ncomand = [\"x\"]\n",
     )
     .unwrap();
-    // Nothing listens on port 9: the error must come from the file, at once.
-    let out = drover(
-        &[
+    // Nothing listens on port 9, and there are no certificates: what is told must come
+    // from the file, at once.
+    let offline = |args: &[&str]| {
+        let flags = [
             "--controller",
             "127.0.0.1:9",
             "--ca",
@@ -118,11 +119,10 @@ fn invalid_cluster_file_is_reported_before_connecting() {
             "x",
             "--key",
             "x",
-            "stage-config",
-            file.to_str().unwrap(),
-        ],
-        &[],
-    );
+        ];
+        drover(&[&flags[..], args].concat(), &[])
+    };
+    let out = offline(&["stage-config", file.to_str().unwrap()]);
     assert_eq!(out.code, Some(1));
     assert!(
         out.stderr
@@ -152,22 +152,7 @@ fn invalid_cluster_file_is_reported_before_connecting() {
         "[instances]\nagent-1 =\n\n[manager]\nrole = manager\ninstance = instance-2\n",
     )
     .unwrap();
-    let out = drover(
-        &[
-            "--controller",
-            "127.0.0.1:9",
-            "--ca",
-            "x",
-            "--cert",
-            "x",
-            "--key",
-            "x",
-        ]
-        .into_iter()
-        .chain(["deploy-config", ini.to_str().unwrap()])
-        .collect::<Vec<_>>(),
-        &[],
-    );
+    let out = offline(&["deploy-config", ini.to_str().unwrap()]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(
@@ -180,23 +165,12 @@ fn invalid_cluster_file_is_reported_before_connecting() {
     // which has its own templates, it is not ignored without a word.
     let roles = dir.path().join("roles.toml");
     std::fs::write(&roles, "[roles.worker]\ncommand = [\"/bin/true\"]\n").unwrap();
-    let out = drover(
-        &[
-            "--controller",
-            "127.0.0.1:9",
-            "--ca",
-            "x",
-            "--cert",
-            "x",
-            "--key",
-            "x",
-        ]
-        .into_iter()
-        .chain(["stage-config", "--roles", roles.to_str().unwrap()])
-        .chain([file.to_str().unwrap()])
-        .collect::<Vec<_>>(),
-        &[],
-    );
+    let out = offline(&[
+        "stage-config",
+        "--roles",
+        roles.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(
         out.stderr.contains("--roles applies to Zeek INI files; ")
