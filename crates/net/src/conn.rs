@@ -659,15 +659,19 @@ where
                             let dial = dial_one(leader.clone());
                             pending.push(tagged(leader, 0, Either::Left(dial)));
                         }
-                        // Not dialled yet; or refused at once earlier in this attempt
-                        // (nothing listened: a controller restarted on its address that
-                        // won the election since): a follower naming it now is news,
-                        // and it is dialled again rather than the followers alone being
-                        // asked until they give up. One that timed out is not: its host
-                        // did not answer, and another dial would wait as long again.
+                        // Not dialled yet; or its dial failed earlier in this attempt
+                        // (nothing listened, or its connection saw no answer within the
+                        // idle timeout: a controller restarted on its address that won
+                        // the election since): a follower naming it now is news, and it
+                        // is dialled again rather than the followers alone being asked
+                        // until they give up. A dead one is dialled again only while
+                        // followers name it, at most once per re-ask, until its lease
+                        // runs out. Not one whose handshake timed out (that wait would
+                        // come again), nor one that refused us for good.
                         Some(leader)
                             if tried.insert(leader.to_owned())
                                 || (!in_flight.contains(leader)
+                                    && !refused_for_good.contains(leader)
                                     && failures.iter().any(|(t, e)| {
                                         t == leader && !matches!(e, NetError::Timeout { .. })
                                     })) =>
@@ -1664,13 +1668,11 @@ mod tests {
         );
     }
 
-    /// The leader the followers name answers, refusing us for good (an agent already
-    /// connected, say): no election is under way, so nobody is asked again.
-    /// A controller restarted on its address: dialled while it was down (nothing
-    /// listened), then elected, its followers naming it. It is dialled again on their
-    /// word, at once, rather than the followers alone being asked until they give up.
-    #[test]
-    fn a_named_leader_refused_at_once_earlier_is_dialled_again() {
+    /// A controller restarted on its address: dialled while it was down, then elected,
+    /// its followers naming it throughout (its lease held). Its first dial fails after
+    /// `fails_after` with `why`; from `back` on it answers. When it was dialled again,
+    /// and when a follower was first asked again from `back` on.
+    fn redialled(fails_after: Duration, why: &str, back: Duration) -> (Option<Duration>, Duration) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(true)
@@ -1679,30 +1681,30 @@ mod tests {
         let targets = vec!["a:1".to_owned(), "b:1".to_owned(), "c:1".to_owned()];
         let start = rt.block_on(async { tokio::time::Instant::now() });
         let dials = std::sync::Mutex::new(Vec::new());
-        let back = Duration::from_millis(300);
         let result = rt.block_on(dial_leader(&targets, |t| {
             let dials = &dials;
             async move {
                 let now = start.elapsed();
                 dials.lock().unwrap().push((t.clone(), now));
-                tokio::time::sleep(Duration::from_millis(1)).await;
                 match t.as_str() {
-                    // Down, then back (a fake cannot welcome: it fails otherwise);
-                    // its followers name it throughout, its lease held.
-                    "a:1" if now < back => Err(NetError::Connection(
-                        "nothing listens at udp a:1: connection refused".into(),
-                    )),
+                    "a:1" if now < back => {
+                        tokio::time::sleep(fails_after).await;
+                        Err(NetError::Connection(why.to_owned()))
+                    }
+                    // Back (a fake cannot welcome: it fails otherwise).
                     "a:1" => Err(NetError::Connection("the leader, back".into())),
-                    _ => Err(NetError::Refused(WireError::new(
-                        ErrorCode::Unavailable,
-                        "not the leader; the leader is a:1".to_owned(),
-                    ))),
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        Err(NetError::Refused(WireError::new(
+                            ErrorCode::Unavailable,
+                            "not the leader; the leader is a:1".to_owned(),
+                        )))
+                    }
                 }
             }
         }));
         assert!(result.is_err());
         let dials = dials.into_inner().unwrap();
-        // The first re-ask of a follower (400 ms or more) names a again, now back.
         let again = dials
             .iter()
             .find(|(t, at)| t == "a:1" && *at >= back)
@@ -1711,13 +1713,37 @@ mod tests {
             .iter()
             .find(|(t, at)| t != "a:1" && *at >= back)
             .map(|(_, at)| *at)
-            .expect("a follower asked again");
-        assert!(
-            again.is_some_and(|at| at <= reask + Duration::from_millis(2)),
-            "a:1 not dialled again once named: {dials:?}"
-        );
+            .unwrap_or_else(|| panic!("a follower asked again from {back:?} on: {dials:?}"));
+        (again, reask)
     }
 
+    /// Dialled again on the followers' word, at once, rather than the followers alone
+    /// being asked until they give up: whether nothing listened on its address, or its
+    /// connection saw no answer within the (group's 2 s) idle timeout.
+    #[test]
+    fn a_named_leader_whose_dial_failed_earlier_is_dialled_again() {
+        for (fails_after, why, back) in [
+            (
+                Duration::from_millis(1),
+                "nothing listens at udp a:1: connection refused",
+                Duration::from_millis(300),
+            ),
+            (
+                Duration::from_secs(2),
+                "no answer from controller a:1 within the idle timeout",
+                Duration::from_millis(2500),
+            ),
+        ] {
+            let (again, reask) = redialled(fails_after, why, back);
+            assert!(
+                again.is_some_and(|at| at <= reask + Duration::from_millis(2)),
+                "{why}: a:1 not dialled again once named ({again:?}, re-ask at {reask:?})"
+            );
+        }
+    }
+
+    /// The leader the followers name answers, refusing us for good (an agent already
+    /// connected, say): no election is under way, so nobody is asked again.
     #[test]
     fn a_named_leader_that_refuses_for_good_is_the_answer_at_once() {
         let mut memory = LeaderMemory::default();
