@@ -625,6 +625,25 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 "a role template needs a non-empty command",
             ));
         }
+        // What a template puts into its nodes' commands and environments: no NUL can
+        // go there, and it is refused here rather than at deploy.
+        if role.contains('\0') || template.command.iter().any(|a| a.contains('\0')) {
+            issues.push(Issue::at_key(
+                format!("roles.{}.command", role.escape_default()),
+                "a role's name or command contains a NUL byte",
+            ));
+        }
+        for (var, value) in &template.env {
+            if var.is_empty() || var.contains('=') || var.contains('\0') || value.contains('\0') {
+                issues.push(Issue::at_key(
+                    format!("roles.{role}.env.{}", var.escape_default()),
+                    format!(
+                        "invalid environment variable '{}': a name without '=' and no NUL bytes",
+                        var.escape_default()
+                    ),
+                ));
+            }
+        }
         check_exec(&mut issues, &format!("roles.{role}"), template.exec_ref());
         for (k, message) in crate::resources::check(
             template.memory.as_ref(),
@@ -717,6 +736,15 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
                 format!("{key}.interface"),
                 format!(
                     "node '{}': interface contains a NUL byte",
+                    node.name.escape_default()
+                ),
+            ));
+        }
+        if node.role.as_str().contains('\0') {
+            issues.push(Issue::at_key(
+                format!("{key}.role"),
+                format!(
+                    "node '{}': role contains a NUL byte",
                     node.name.escape_default()
                 ),
             ));
@@ -1404,6 +1432,20 @@ scripts = ["ok.zeek", "bad\u0000.zeek"]
         config.nodes[0].interface = Some("lo\0".into());
         let issues = Issues(validate(&config)).to_string();
         assert!(issues.contains("interface contains a NUL byte"), "{issues}");
+        // The template's own command and environment, and a role's name.
+        let mut config = parse_toml("c.toml", &text.replace("\\u0000", "")).unwrap();
+        let t = config.roles.get_mut("worker").unwrap();
+        t.command.push("x\0".into());
+        t.env.insert("A".into(), "b\0".into());
+        config.nodes[1].role = ClusterRole::Other("w\0".into());
+        let issues = Issues(validate(&config)).to_string();
+        for want in [
+            "roles.worker.command: a role's name or command contains a NUL byte",
+            "roles.worker.env.A: invalid environment variable 'A'",
+            "nodes.w2.role: node 'w2': role contains a NUL byte",
+        ] {
+            assert!(issues.contains(want), "{want}: {issues}");
+        }
     }
 
     #[test]
