@@ -62,6 +62,9 @@ pub(crate) struct Limits {
     /// a handshake open until its timeout, with no certificate and no word: without
     /// this, one host could fill `max_connections` and lock every zeek-client out.
     pub(crate) max_handshakes_per_addr: usize,
+    /// Whether loopback addresses count toward that too (tests; see
+    /// [`Handshaking::start`]).
+    pub(crate) count_loopback: bool,
     /// Requests of one connection running at once; more wait (the connection is not
     /// read meanwhile).
     pub(crate) max_in_flight: usize,
@@ -75,6 +78,7 @@ impl Default for Limits {
             write_timeout: Duration::from_secs(10),
             max_connections: 256,
             max_handshakes_per_addr: 8,
+            count_loopback: false,
             max_in_flight: 16,
         }
     }
@@ -142,8 +146,18 @@ struct Handshaking {
 }
 
 impl Handshaking {
-    /// Counts a handshake from `addr`, unless that address has as many as it may.
-    fn start(ctx: &Arc<Ctx>, addr: std::net::IpAddr) -> Option<Self> {
+    /// Counts a handshake from `addr`, unless that address has as many as it may
+    /// (`None`), or is not counted: loopback, where every local zeek-client comes from
+    /// and whoever is there may deploy anyway. An IPv6 address counts with its /64, the
+    /// least a host is given.
+    fn start(ctx: &Arc<Ctx>, addr: std::net::IpAddr) -> Option<Option<Self>> {
+        let addr = match addr.to_canonical() {
+            a if a.is_loopback() && !ctx.limits.count_loopback => return Some(None),
+            std::net::IpAddr::V6(v6) => {
+                std::net::IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into())
+            }
+            v4 => v4,
+        };
         let mut by_addr = ctx
             .handshaking
             .lock()
@@ -153,10 +167,10 @@ impl Handshaking {
             return None;
         }
         *n += 1;
-        Some(Self {
+        Some(Some(Self {
             ctx: ctx.clone(),
             addr,
-        })
+        }))
     }
 }
 
@@ -331,7 +345,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     client: Arc<Client>,
     deadline: tokio::time::Instant,
-    handshaking: Handshaking,
+    handshaking: Option<Handshaking>,
     shutdown: CancellationToken,
 ) {
     let peer = client.addr;
@@ -736,6 +750,44 @@ mod tests {
         assert!(text(&mut c).await.contains("still-there"));
     }
 
+    /// Loopback is not counted (every local zeek-client comes from there); an IPv6
+    /// address counts with its /64.
+    #[tokio::test]
+    async fn handshakes_are_counted_by_host_not_on_loopback() {
+        let limits = Limits {
+            max_handshakes_per_addr: 1,
+            ..Limits::default()
+        };
+        let ctx = Arc::new(Ctx {
+            limits,
+            handler: Arc::new(|_, _, _| Box::pin(async { None })),
+            endpoint: "ep".into(),
+            version: "test".into(),
+            bus: broadcast::channel(1).0,
+            connections: Arc::new(Semaphore::new(4)),
+            handshaking: std::sync::Mutex::default(),
+            next: AtomicU64::new(1),
+            tls: None,
+        });
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let local: Vec<_> = (0..3)
+            .map(|_| Handshaking::start(&ctx, ip("127.0.0.1")))
+            .collect();
+        assert!(local.iter().all(|h| matches!(h, Some(None))), "not counted");
+        let first = Handshaking::start(&ctx, ip("2001:db8::1")).expect("the first");
+        assert!(first.is_some());
+        assert!(
+            Handshaking::start(&ctx, ip("2001:db8::2")).is_none(),
+            "the same /64"
+        );
+        assert!(Handshaking::start(&ctx, ip("2001:db8:0:1::1")).is_some());
+        drop(first);
+        assert!(
+            Handshaking::start(&ctx, ip("2001:db8::2")).is_some(),
+            "freed"
+        );
+    }
+
     /// Connections that never finish their handshake, from one address, cannot lock
     /// out the others: past its share, that address is closed at accept, and other
     /// addresses are served; its share comes back as its handshakes end.
@@ -746,6 +798,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(60),
             max_connections: 4,
             max_handshakes_per_addr: 2,
+            count_loopback: true,
             ..Limits::default()
         };
         let (addr, _stop) = server(limits).await;
