@@ -451,8 +451,10 @@ async fn answer(
                 .store
                 .desired_config()
                 .map(|c| {
+                    // As `dial::ensure` picks the instances it dials.
                     c.instances
                         .iter()
+                        .filter(|i| i.host.is_some_and(|h| !h.is_unspecified()))
                         .filter_map(|i| Some((i.name.clone(), i.port?)))
                         .collect()
                 })
