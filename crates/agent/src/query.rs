@@ -31,18 +31,21 @@ pub async fn ask(socket: &std::path::Path, id: &str) -> Result<String, String> {
             .write_all(&req)
             .await
             .map_err(|e| format!("cannot send the query: {e}"))?;
-        let mut line = String::new();
+        let mut bytes = Vec::new();
         let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(stream, MAX_ANSWER));
         reader
-            .read_line(&mut line)
+            .read_until(b'\n', &mut bytes)
             .await
             .map_err(|e| format!("cannot read the answer: {e}"))?;
-        if !line.ends_with('\n') && line.len() as u64 >= MAX_ANSWER {
+        // Measured before it is decoded: the cut may fall inside a character.
+        if bytes.last() != Some(&b'\n') && bytes.len() as u64 >= MAX_ANSWER {
             return Err(format!(
                 "node's answer is larger than {} MiB, the most a value may take",
                 MAX_ANSWER / (1024 * 1024)
             ));
         }
+        let line = String::from_utf8(bytes)
+            .map_err(|_| "node sent an invalid answer: not UTF-8".to_owned())?;
         let answer: serde_json::Value = serde_json::from_str(line.trim_end())
             .map_err(|e| format!("node sent an invalid answer: {e}"))?;
         if let Some(v) = answer.get("value") {
@@ -145,24 +148,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("q.sock");
         let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        // `{"value": "` and `"}` and the newline take 14 bytes: one that fits exactly,
+        // one a byte over, and one over in two-byte characters, the bound falling
+        // inside one of them.
+        let max = usize::try_from(MAX_ANSWER).unwrap();
+        let answers = [
+            format!("{{\"value\": \"{}\"}}\n", "x".repeat(max - 14)),
+            format!("{{\"value\": \"{}\"}}\n", "x".repeat(max + 1 - 14)),
+            format!("{{\"value\": \"{}\"}}\n", "é".repeat(max / 2)),
+        ];
+        assert_eq!(answers[0].len(), max);
         let server = tokio::spawn(async move {
-            // `{"value": "` and `"}` and the newline take 14 bytes.
-            for size in [MAX_ANSWER, MAX_ANSWER + 1] {
+            for answer in answers {
                 let (mut stream, _) = listener.accept().await.unwrap();
-                let x = "x".repeat(usize::try_from(size).unwrap() - 14);
-                let answer = format!("{{\"value\": \"{x}\"}}\n");
-                assert_eq!(answer.len() as u64, size);
                 // The agent stops reading at the bound: a write past it may fail.
                 let _ = stream.write_all(answer.as_bytes()).await;
             }
         });
         let fits = ask(&sock, "x").await;
         assert!(fits.is_ok(), "{fits:?}");
-        let err = ask(&sock, "x").await.unwrap_err();
-        assert_eq!(
-            err,
-            "node's answer is larger than 1 MiB, the most a value may take"
-        );
+        for _ in 0..2 {
+            let err = ask(&sock, "x").await.unwrap_err();
+            assert_eq!(
+                err,
+                "node's answer is larger than 1 MiB, the most a value may take"
+            );
+        }
         server.await.unwrap();
     }
 }

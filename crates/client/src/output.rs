@@ -153,7 +153,7 @@ pub fn deploy(reply: &ClientResponse) -> (Value, bool) {
             // An instance that failed as a whole (it did not answer, say) is named,
             // unless its agent's own words name it already.
             let text = match &r.instance {
-                Some(i) if !why.contains(i.as_str()) => format!("{i}: {why}"),
+                Some(i) if !why.contains(&format!("'{i}'")) => format!("{i}: {why}"),
                 _ => why.to_owned(),
             };
             errors.push(json!(text));
