@@ -1602,6 +1602,36 @@ mod tests {
     /// from then on `b:1` is its successor (a fake cannot make a welcome: it fails
     /// otherwise) and the rest name `b:1`. When each target was dialled.
     fn during_election(targets: &[&str], dead_for: Duration) -> Vec<(String, Duration)> {
+        dials_on_a_paused_clock(targets, |t, now| async move {
+            let refuse = |m: &str| {
+                Err(NetError::Refused(WireError::new(
+                    ErrorCode::Unavailable,
+                    m.to_owned(),
+                )))
+            };
+            match t.as_str() {
+                "a:1" => {
+                    tokio::time::sleep(dead_for).await;
+                    Err(NetError::Timeout {
+                        what: "connecting to a:1".into(),
+                        after: dead_for,
+                    })
+                }
+                _ if now < ELECTED => refuse("not the leader; the leader is a:1"),
+                "b:1" => Err(NetError::Connection("the successor".into())),
+                _ => refuse("not the leader; the leader is b:1"),
+            }
+        })
+    }
+
+    /// Runs [`dial_leader`] over `targets` on a paused clock, each dial answered by
+    /// `answer(target, when)`, which must fail (a fake cannot make a welcome). Every dial
+    /// with when it started, in order.
+    fn dials_on_a_paused_clock<F, Fut>(targets: &[&str], answer: F) -> Vec<(String, Duration)>
+    where
+        F: Fn(String, Duration) -> Fut,
+        Fut: Future<Output = Result<Established, NetError>>,
+    {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(true)
@@ -1611,29 +1641,9 @@ mod tests {
         let start = rt.block_on(async { tokio::time::Instant::now() });
         let dials = std::sync::Mutex::new(Vec::new());
         let result = rt.block_on(dial_leader(&targets, |t| {
-            let dials = &dials;
-            async move {
-                let now = start.elapsed();
-                dials.lock().unwrap().push((t.clone(), now));
-                let refuse = |m: &str| {
-                    Err(NetError::Refused(WireError::new(
-                        ErrorCode::Unavailable,
-                        m.to_owned(),
-                    )))
-                };
-                match t.as_str() {
-                    "a:1" => {
-                        tokio::time::sleep(dead_for).await;
-                        Err(NetError::Timeout {
-                            what: "connecting to a:1".into(),
-                            after: dead_for,
-                        })
-                    }
-                    _ if now < ELECTED => refuse("not the leader; the leader is a:1"),
-                    "b:1" => Err(NetError::Connection("the successor".into())),
-                    _ => refuse("not the leader; the leader is b:1"),
-                }
-            }
+            let now = start.elapsed();
+            dials.lock().unwrap().push((t.clone(), now));
+            answer(t, now)
         }));
         assert!(result.is_err());
         dials.into_inner().unwrap()
@@ -1673,38 +1683,23 @@ mod tests {
     /// `fails_after` with `why`; from `back` on it answers. When it was dialled again,
     /// and when a follower was first asked again from `back` on.
     fn redialled(fails_after: Duration, why: &str, back: Duration) -> (Option<Duration>, Duration) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        let targets = vec!["a:1".to_owned(), "b:1".to_owned(), "c:1".to_owned()];
-        let start = rt.block_on(async { tokio::time::Instant::now() });
-        let dials = std::sync::Mutex::new(Vec::new());
-        let result = rt.block_on(dial_leader(&targets, |t| {
-            let dials = &dials;
-            async move {
-                let now = start.elapsed();
-                dials.lock().unwrap().push((t.clone(), now));
-                match t.as_str() {
-                    "a:1" if now < back => {
-                        tokio::time::sleep(fails_after).await;
-                        Err(NetError::Connection(why.to_owned()))
-                    }
-                    // Back (a fake cannot welcome: it fails otherwise).
-                    "a:1" => Err(NetError::Connection("the leader, back".into())),
-                    _ => {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                        Err(NetError::Refused(WireError::new(
-                            ErrorCode::Unavailable,
-                            "not the leader; the leader is a:1".to_owned(),
-                        )))
-                    }
+        let dials = dials_on_a_paused_clock(&["a:1", "b:1", "c:1"], |t, now| async move {
+            match t.as_str() {
+                "a:1" if now < back => {
+                    tokio::time::sleep(fails_after).await;
+                    Err(NetError::Connection(why.to_owned()))
+                }
+                // Back (a fake cannot welcome: it fails otherwise).
+                "a:1" => Err(NetError::Connection("the leader, back".into())),
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    Err(NetError::Refused(WireError::new(
+                        ErrorCode::Unavailable,
+                        "not the leader; the leader is a:1".to_owned(),
+                    )))
                 }
             }
-        }));
-        assert!(result.is_err());
-        let dials = dials.into_inner().unwrap();
+        });
         let again = dials
             .iter()
             .find(|(t, at)| t == "a:1" && *at >= back)
