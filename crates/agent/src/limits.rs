@@ -256,6 +256,9 @@ impl Limits {
 struct V1 {
     /// `<the agent's own cgroup in it>/<subtree name>/nodes`, made by [`V1::make`].
     nodes: PathBuf,
+    /// The agent's own cgroup is the hierarchy's root, which lacks files every other
+    /// cgroup of it has (`pids.max`, say).
+    own_is_root: bool,
 }
 
 impl V1 {
@@ -334,7 +337,8 @@ impl Host {
             // and a v1 cgroup (a memory one above all) is not free to keep.
             match nix::unistd::access(&own_dir, nix::unistd::AccessFlags::W_OK) {
                 Ok(()) => {
-                    host.v1.insert(ctl, V1 { nodes });
+                    let own_is_root = own_dir == Path::new(mount);
+                    host.v1.insert(ctl, V1 { nodes, own_is_root });
                 }
                 Err(e) => {
                     host.v1_why.insert(
@@ -404,8 +408,14 @@ impl Host {
             } else {
                 subtree.parent().unwrap_or(subtree)
             };
-            let probe = dir.join(w.file);
-            if !probe.exists() {
+            let mut exists = dir.join(w.file).exists();
+            if !exists && !make && v1.own_is_root {
+                // The root has not every file: one of its child cgroups says, and with
+                // none to look at, whether it can is left to the check at deploy,
+                // which makes the agent's directory.
+                exists = first_subdir(dir).is_none_or(|child| child.join(w.file).exists());
+            }
+            if !exists {
                 let why = format!(
                     "{} does not exist in the cgroup v1 {} hierarchy{}",
                     w.file,
@@ -703,6 +713,14 @@ impl Placement {
     }
 }
 
+/// A directory in `dir`, if it has one.
+fn first_subdir(dir: &Path) -> Option<PathBuf> {
+    fs::read_dir(dir).ok()?.find_map(|e| {
+        let e = e.ok()?;
+        e.file_type().ok()?.is_dir().then(|| e.path())
+    })
+}
+
 fn make_dir(dir: &Path) -> io::Result<()> {
     match fs::create_dir(dir) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
@@ -950,6 +968,7 @@ mod tests {
                 Ctl::Memory,
                 V1 {
                     nodes: mem.join("nodes"),
+                    own_is_root: false,
                 },
             )]),
             ..Host::default()
@@ -1009,6 +1028,48 @@ mod tests {
             host.check("w1", &limits).unwrap_err(),
             format!("node 'w1': {}", all["memory.max"])
         );
+    }
+
+    /// An agent in the root of a v1 hierarchy: the root lacks files its children have
+    /// (`pids.max`), so a child says whether the setting can be enforced; a file no
+    /// cgroup of it has (`blkio.weight` without proportional I/O) is still refused.
+    #[test]
+    fn an_agent_in_a_v1_root_looks_at_a_child_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pids, blkio) = (dir.path().join("pids"), dir.path().join("blkio"));
+        for (root, child_file) in [(&pids, "pids.max"), (&blkio, "blkio.reset_stats")] {
+            fs::create_dir_all(root.join("user.slice")).unwrap();
+            fs::write(root.join("user.slice").join(child_file), "").unwrap();
+        }
+        let v1 = |root: &Path| V1 {
+            nodes: root.join("drover-agent-x").join("nodes"),
+            own_is_root: true,
+        };
+        let host = Host {
+            v1: BTreeMap::from([(Ctl::Pids, v1(&pids)), (Ctl::Io, v1(&blkio))]),
+            ..Host::default()
+        };
+        let all = host.unenforceable();
+        assert!(!all.contains_key("pids_max"), "{all:?}");
+        assert!(
+            all.get("io_weight")
+                .is_some_and(|why| why.contains("blkio.weight does not exist")),
+            "{all:?}"
+        );
+        // Nothing was made to find out.
+        assert!(!pids.join("drover-agent-x").exists());
+        // Not in the root: its own cgroup is looked at, as before.
+        let host = Host {
+            v1: BTreeMap::from([(
+                Ctl::Pids,
+                V1 {
+                    own_is_root: false,
+                    ..v1(&pids)
+                },
+            )]),
+            ..Host::default()
+        };
+        assert!(host.unenforceable().contains_key("pids_max"));
     }
 
     #[test]
