@@ -593,6 +593,15 @@ fn a_node_deployed_again_without_its_user_runs_as_the_agent() {
     let s = node_status(&c, addr, "re");
     assert_eq!(s["state"], "RUNNING", "{s}");
     assert!(status(s["pid"].as_u64().unwrap(), "Uid:").starts_with("0\t"));
+    // Straight from its own user to the agent's with no capability at all (so without
+    // CAP_DAC_OVERRIDE): its working directory is taken back, or it could not enter it.
+    let (code, v, _) = deploy(&c, addr, &node("user = \"nobody\"\n"));
+    assert_eq!(code, Some(0), "{v}");
+    let (code, v, stderr) = deploy(&c, addr, &node("capabilities = []\n"));
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    let s = node_status(&c, addr, "re");
+    assert_eq!(s["state"], "RUNNING", "{s}");
+    assert!(status(s["pid"].as_u64().unwrap(), "Uid:").starts_with("0\t"));
 }
 
 #[test]

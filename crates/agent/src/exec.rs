@@ -424,8 +424,15 @@ pub fn prepare(
     let creds = Creds::current()
         .map_err(|e| format!("node '{name}': cannot read the agent's credentials: {e}"))?;
     let plan = resolve(name, node, &creds)?;
+    let Some(owner) = plan.owner() else {
+        // No user or group of its own (capabilities or limits only): it runs as the
+        // agent, and gets back what a spec with a user gave that user, which an agent
+        // without CAP_DAC_OVERRIDE in the node's bounding set could not enter.
+        reclaim_node_paths(node, node_dir, notify).map_err(|e| format!("node '{name}': {e}"))?;
+        return Ok(plan);
+    };
     // The notify socket is the last of them a first spawn makes.
-    if let Some(owner) = plan.owner().filter(|_| notify.exists()) {
+    if notify.exists() {
         let work = node_dir.join("work");
         let work = node.workdir.is_none().then_some(work.as_path());
         if let Some(w) = work {
