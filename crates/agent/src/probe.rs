@@ -87,14 +87,7 @@ impl Monitors {
                     let mut failed = 0;
                     loop {
                         tokio::time::sleep(interval).await;
-                        let result = tokio::time::timeout(timeout, attempt(&probe, &how, pid))
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(format!(
-                                    "no answer within {}",
-                                    humantime::format_duration(timeout)
-                                ))
-                            });
+                        let result = attempt_within(&probe, &how, pid, timeout).await;
                         match result {
                             Ok(()) => failed = 0,
                             Err(why) => {
@@ -176,21 +169,76 @@ async fn attempt(probe: &Liveness, how: &ExecAs, pid: u32) -> Result<(), String>
                 None => Err(format!("GET {path}: not an HTTP answer: {line:?}")),
             }
         }
-        Liveness::Exec { command, .. } => {
-            let program = command.first().cloned().unwrap_or_default();
-            let (command, how) = (command.clone(), how.clone());
-            // Started off the runtime: a cgroup the last run left populated is waited
-            // for. A run this attempt no longer waits for (a timeout) is dropped, and
-            // so killed, where it ends up.
-            let mut run =
-                tokio::task::spawn_blocking(move || exec::Run::start(&command, &how, pid))
-                    .await
-                    .map_err(|_| "the probe's start panicked".to_owned())??;
-            let status = run.finish().await?;
-            exec::describe(&program, status, run.last_line())
-        }
+        Liveness::Exec { command, .. } => exec_attempt(command, how, pid, None).await,
     }
 }
+
+/// [`attempt`] within `timeout`: one that runs out says so, an exec probe's with the
+/// last line it wrote by then, as its other failures end.
+async fn attempt_within(
+    probe: &Liveness,
+    how: &ExecAs,
+    pid: u32,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let run = async {
+        match probe {
+            Liveness::Exec { command, .. } => {
+                exec_attempt(command, how, pid, Some((deadline, timeout))).await
+            }
+            _ => attempt(probe, how, pid).await,
+        }
+    };
+    tokio::time::timeout_at(deadline, run)
+        .await
+        .unwrap_or_else(|_| Err(late(timeout)))
+}
+
+/// The reason of an attempt that ran out of `timeout`.
+fn late(timeout: Duration) -> String {
+    format!("no answer within {}", humantime::format_duration(timeout))
+}
+
+/// Runs an exec probe's `command` once; with a deadline (and the timeout it ends), one
+/// that runs out fails as [`late`] says, with the last line it wrote, just before the
+/// caller's own timeout would.
+async fn exec_attempt(
+    command: &[String],
+    how: &ExecAs,
+    pid: u32,
+    deadline: Option<(tokio::time::Instant, Duration)>,
+) -> Result<(), String> {
+    let program = command.first().cloned().unwrap_or_default();
+    let (command, how) = (command.to_vec(), how.clone());
+    // Started off the runtime: a cgroup the last run left populated is waited for. A
+    // run this attempt no longer waits for (a timeout) is dropped, and so killed, where
+    // it ends up.
+    let mut run = tokio::task::spawn_blocking(move || exec::Run::start(&command, &how, pid))
+        .await
+        .map_err(|_| "the probe's start panicked".to_owned())??;
+    let status = match deadline {
+        None => run.finish().await?,
+        // A moment before the caller's: what it wrote is still here to say.
+        Some((at, timeout)) => {
+            let before = at.checked_sub(EXEC_LATE_MARGIN).unwrap_or(at);
+            match tokio::time::timeout_at(before, run.finish()).await {
+                Ok(status) => status?,
+                Err(_) => {
+                    return Err(match run.last_line() {
+                        Some(line) => format!("{}: {line}", late(timeout)),
+                        None => late(timeout),
+                    });
+                }
+            }
+        }
+    };
+    exec::describe(&program, status, run.last_line())
+}
+
+/// How long before its deadline a timed exec probe gives up itself, so that its own
+/// reason, with its last line, is the one told.
+const EXEC_LATE_MARGIN: Duration = Duration::from_millis(5);
 
 /// Pids of exec probes running, not yet reaped.
 static PROBES: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
@@ -606,6 +654,20 @@ mod tests {
         let cut = tokio::time::timeout(Duration::from_millis(300), attempt(&hung, &how, 1)).await;
         assert!(cut.is_err(), "{cut:?}");
         none_sleeping("4711.5").await;
+        // Timed out by its own timeout: the reason ends with the last line it wrote,
+        // as its other failures do; and it goes, with its children.
+        let talks = exec(&["sh", "-c", "echo still checking; sleep 4711.75"]);
+        let why = attempt_within(&talks, &how, 1, Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert_eq!(why, "no answer within 500ms: still checking");
+        none_sleeping("4711.75").await;
+        let silent = exec(&["sleep", "4711.875"]);
+        let why = attempt_within(&silent, &how, 1, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(why, "no answer within 300ms");
+        none_sleeping("4711.875").await;
         // The node's pid and environment reach the command.
         let env = exec(&[
             "sh",
