@@ -189,6 +189,15 @@ pub fn check_key_permissions(path: &Path) -> Result<(), NetError> {
     let meta = fs::metadata(path).map_err(|e| cred_err(path, "cannot read private key", &e))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
+        // A certificate is readable by all: given as the key, the mode is not the fault.
+        if read_regular(path)
+            .is_ok_and(|b| pem_holds(&b, "CERTIFICATE") && !pem_holds(&b, "PRIVATE KEY"))
+        {
+            return Err(NetError::Credentials(format!(
+                "private key {} holds a certificate, not a private key: are the certificate and key files swapped?",
+                path.display()
+            )));
+        }
         return Err(NetError::Credentials(format!(
             "private key {} is accessible by group or others (mode {mode:04o}); run: chmod 600 {}",
             path.display(),
@@ -196,6 +205,17 @@ pub fn check_key_permissions(path: &Path) -> Result<(), NetError> {
         )));
     }
     Ok(())
+}
+
+/// Whether PEM text holds a block whose label ends with `label` (`PRIVATE KEY` also
+/// matches `EC PRIVATE KEY`).
+fn pem_holds(pem: &[u8], label: &str) -> bool {
+    String::from_utf8_lossy(pem).lines().any(|l| {
+        l.trim()
+            .strip_prefix("-----BEGIN ")
+            .and_then(|l| l.strip_suffix("-----"))
+            .is_some_and(|l| l.ends_with(label))
+    })
 }
 
 impl Credentials {
@@ -243,7 +263,11 @@ impl Credentials {
                 NetError::Credentials(format!("bad certificate PEM: {}", pem_error(&e)))
             })?;
         let leaf = chain.first().ok_or_else(|| {
-            NetError::Credentials("the certificate file holds no certificate".into())
+            NetError::Credentials(if pem_holds(cert, "PRIVATE KEY") {
+                "the certificate file holds a private key, not a certificate: are the certificate and key files swapped?".into()
+            } else {
+                "the certificate file holds no certificate".into()
+            })
         })?;
         // Our own certificate, not a peer's: said as such.
         let identity = identity_of_cert(leaf).map_err(|e| match e {
@@ -924,6 +948,25 @@ mod tests {
         assert!(err.contains("chmod 600"), "{err}");
         fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
         check_key_permissions(&key).unwrap();
+        // A certificate given as the key (the two files swapped): said so, not chmod.
+        let cert = dir.path().join("ops.crt");
+        fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        fs::set_permissions(&cert, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = check_key_permissions(&cert).unwrap_err().to_string();
+        assert!(
+            err.contains("holds a certificate, not a private key"),
+            "{err}"
+        );
+        assert!(err.contains("swapped"), "{err}");
+        assert!(pem_holds(
+            b"-----BEGIN EC PRIVATE KEY-----\n",
+            "PRIVATE KEY"
+        ));
+        assert!(!pem_holds(b"BEGIN PRIVATE KEY", "PRIVATE KEY"));
     }
 
     /// A CA, a controller's credentials and an agent's.
