@@ -53,18 +53,21 @@ extern "C" fn on_signal(_: i32) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-/// Makes SIGINT and SIGTERM set a flag (see [`interrupted`]) instead of killing this
-/// process, so every guard gets to clean up.
+/// Makes SIGINT, SIGTERM and SIGHUP set a flag (see [`interrupted`]) instead of killing
+/// this process, so every guard gets to clean up.
 pub(crate) fn install_signal_handlers() -> anyhow::Result<()> {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         signal::signal(Signal::SIGINT, SigHandler::Handler(on_signal))?;
         signal::signal(Signal::SIGTERM, SigHandler::Handler(on_signal))?;
+        // A closed terminal or a dropped SSH session: the daemons run in process groups
+        // of their own, which the hangup does not reach, so it stops them as Ctrl-C does.
+        signal::signal(Signal::SIGHUP, SigHandler::Handler(on_signal))?;
     }
     Ok(())
 }
 
-/// Whether SIGINT or SIGTERM arrived since [`install_signal_handlers`].
+/// Whether SIGINT, SIGTERM or SIGHUP arrived since [`install_signal_handlers`].
 pub(crate) fn interrupted() -> bool {
     STOP.load(Ordering::SeqCst)
 }
@@ -214,6 +217,34 @@ pub(crate) fn ensure_cert(drover: &Path, pki: &Path, role: &str, name: &str) -> 
     Ok(())
 }
 
+/// Fails when a daemon of a cluster holds a state dir in `state` (a cluster started in
+/// another terminal, or left running): starting another would truncate its logs.
+fn refuse_if_running(state: &Path) -> anyhow::Result<()> {
+    let Ok(dirs) = fs::read_dir(state) else {
+        return Ok(());
+    };
+    for dir in dirs.filter_map(Result::ok).map(|e| e.path()) {
+        for role in ["controller", "agent"] {
+            let lock = dir.join(format!("{role}.lock"));
+            let Ok(file) = fs::File::open(&lock) else {
+                continue;
+            };
+            if let Err(fs::TryLockError::WouldBlock) = file.try_lock_shared() {
+                let pid = fs::read_to_string(&lock).unwrap_or_default();
+                anyhow::bail!(
+                    "a cluster already runs in {} (its {role} in {} is pid {}): stop it with \
+                     Ctrl-C in its terminal, `cargo xtask cluster down` if it was detached, \
+                     or give another --dir",
+                    state.parent().unwrap_or(state).display(),
+                    dir.display(),
+                    pid.trim()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn spawn(name: &str, cmd: &mut Command, logs: &Path) -> anyhow::Result<Daemon> {
     let log = logs.join(format!("{name}.log"));
     let out = fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
@@ -311,6 +342,8 @@ impl Cluster {
         let pki = dir.join("pki");
         let logs = dir.join("logs");
         let state = dir.join("state");
+        // Before a log is made anew: those of a cluster running there are its own.
+        refuse_if_running(&state)?;
         fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
         if !pki.join("ca.crt").exists() {
             run_ok(
