@@ -451,6 +451,15 @@ fn a_cause_is_said_once() {
         "{}",
         out.stderr
     );
+    // No CA there: what makes one is said.
+    assert!(
+        out.stderr.contains(&format!(
+            "`drover ca init --dir {}` makes one",
+            missing.display()
+        )),
+        "{}",
+        out.stderr
+    );
 
     let c = drover_tests::Cluster::new();
     // Held until the end, so that the controller finds its port taken.

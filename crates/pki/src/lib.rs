@@ -254,7 +254,20 @@ impl Ca {
     pub fn load(dir: &Path) -> Result<Self, Error> {
         let cert_path = dir.join(CA_CERT);
         let key_path = dir.join(CA_KEY);
-        let cert = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        let cert = fs::read_to_string(&cert_path).map_err(|e| {
+            let e = if e.kind() == std::io::ErrorKind::NotFound {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "No such file or directory: no CA there (`drover ca init --dir {}` makes one)",
+                        dir.display()
+                    ),
+                )
+            } else {
+                e
+            };
+            io(&cert_path)(e)
+        })?;
         // As the daemons refuse their own keys: the CA's key is the cluster's.
         let mode = {
             use std::os::unix::fs::PermissionsExt as _;
