@@ -546,12 +546,13 @@ async fn drain(shared: &Shared, pipe: &Pipe) -> String {
                     Ok(Ok(n)) => {
                         let data = &scratch[..n];
                         if held.is_empty() {
-                            let whole = whole_lines(data, HOLD_MAX);
+                            let whole = whole_lines(data, 0, HOLD_MAX);
                             put(shared, pipe, &data[..whole]);
                             held.extend_from_slice(&data[whole..]);
                         } else {
+                            let before = held.len();
                             held.extend_from_slice(data);
-                            let whole = whole_lines(&held, HOLD_MAX);
+                            let whole = whole_lines(&held, before, HOLD_MAX);
                             put(shared, pipe, &held[..whole]);
                             held.drain(..whole);
                         }
