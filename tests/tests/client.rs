@@ -246,6 +246,41 @@ fn a_bad_file_is_told_at_once_while_the_controller_does_not_answer() {
     assert!(out.stderr.contains(&addr.to_string()), "{}", out.stderr);
 }
 
+/// What only the controller can check (a node on its own port) is told on stderr as
+/// well as in the JSON: a person reading the terminal is not left with an exit code.
+#[test]
+fn a_configuration_the_controller_refuses_is_told_on_stderr() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let file = c.dir.path().join("clash.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.a]\n[nodes.n]\ninstance = \"a\"\ncommand = [\"/bin/true\"]\nport = {}\n",
+            addr.port()
+        ),
+    )
+    .unwrap();
+    let said = format!(
+        "node 'n' port {}/tcp conflicts with controller port",
+        addr.port()
+    );
+    for command in ["stage-config", "deploy-config"] {
+        let out = c.drover(addr, &[command, file.to_str().unwrap()]);
+        assert_eq!(out.code, Some(1), "{command}: {}", out.stderr);
+        assert_eq!(
+            out.json(),
+            serde_json::json!({"errors": [said], "results": {}}),
+            "{command}"
+        );
+        assert_eq!(
+            out.stderr.trim_end(),
+            format!("error: the controller refused the configuration: {said}"),
+            "{command}"
+        );
+    }
+}
+
 #[test]
 fn tables_and_compact_json() {
     let c = Cluster::new();

@@ -586,7 +586,9 @@ async fn command(
         Command::GetInstances => output::get_instances(&session.request(&R::GetInstances).await?),
         Command::StageConfig { .. } => {
             let config = Box::new(staged.expect("read above"));
-            output::stage_config(&session.request(&R::StageConfig { config }).await?)
+            let reply = session.request(&R::StageConfig { config }).await?;
+            stdio::err(&output::stage_refusals(&reply));
+            output::stage_config(&reply)
         }
         Command::Deploy {
             restart_all,
@@ -609,6 +611,7 @@ async fn command(
             let reply = session.request(&R::StageConfig { config }).await?;
             let (json, ok) = output::stage_config(&reply);
             if !ok {
+                stdio::err(&output::stage_refusals(&reply));
                 output::print_json(&json, settings.client.pretty_json)?;
                 return Ok(exit(false));
             }

@@ -140,6 +140,22 @@ pub fn stage_config(reply: &ClientResponse) -> (Value, bool) {
     (json!({"errors": errors, "results": res}), ok)
 }
 
+/// What the controller refused in a configuration, a line each, for stderr: the JSON on
+/// stdout carries the same errors, but a person reads stderr (as for errors found
+/// before sending).
+pub fn stage_refusals(reply: &ClientResponse) -> String {
+    results(reply)
+        .into_iter()
+        .filter(|r| !r.success)
+        .map(|r| {
+            format!(
+                "error: the controller refused the configuration: {}\n",
+                visible(r.error.as_deref().unwrap_or("no reason given"))
+            )
+        })
+        .collect()
+}
+
 /// deploy and deploy-config: `{"errors": [...], "results": {"id": ..., "nodes": {...}}}`.
 pub fn deploy(reply: &ClientResponse) -> (Value, bool) {
     let mut errors = Vec::new();
