@@ -205,10 +205,14 @@ fn stage(file: &std::path::Path) -> CliOutput {
 fn a_configuration_over_the_frame_limit_is_refused_before_sending() {
     let dir = tempfile::tempdir().unwrap();
     let limit = drover_proto::msg::MAX_FRAME_LEN;
-    let node = |arg_len: usize| {
+    // Arguments of `len` bytes in all, each short enough for an exec to take.
+    let node = |len: usize| {
+        let args: Vec<String> = (0..len.div_ceil(100_000))
+            .map(|i| format!("\"{}\"", "a".repeat((len - i * 100_000).min(100_000))))
+            .collect();
         format!(
-            "[instances.a]\n[nodes.n]\ninstance = \"a\"\ncommand = [\"/bin/x\", \"{}\"]\n",
-            "a".repeat(arg_len)
+            "[instances.a]\n[nodes.n]\ninstance = \"a\"\ncommand = [\"/bin/x\", {}]\n",
+            args.join(", ")
         )
     };
     let huge = dir.path().join("huge.toml");
@@ -234,7 +238,7 @@ fn a_configuration_over_the_frame_limit_is_refused_before_sending() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(size > limit && size < limit + 1024, "{size}");
+    assert!(size > limit && size < limit + 2048, "{size}");
 
     // Many small nodes add up the same way.
     let mut many = String::from("[instances.a]\n");
@@ -249,7 +253,7 @@ fn a_configuration_over_the_frame_limit_is_refused_before_sending() {
 
     // Just under the limit passes the check: what fails is the (missing) certificate.
     let fits = dir.path().join("fits.toml");
-    std::fs::write(&fits, node(limit - 1024)).unwrap();
+    std::fs::write(&fits, node(limit - 2048)).unwrap();
     let out = stage(&fits);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(!out.stderr.contains("too large"), "{}", out.stderr);

@@ -106,7 +106,7 @@ pub struct Issue {
 }
 
 impl Issue {
-    fn at_key(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn at_key(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             file: None,
             line: None,
@@ -944,6 +944,7 @@ pub fn validate(config: &Configuration) -> Vec<Issue> {
             ));
         }
     }
+    crate::argv::check(config, &mut issues);
 
     issues.sort_by(|a, b| a.message.cmp(&b.message).then_with(|| a.key.cmp(&b.key)));
     issues
@@ -1420,13 +1421,14 @@ interface = "eth0\u0000"
 [nodes.w2]
 instance = "a"
 role = "worker"
+interface = "eth1"
 scripts = ["ok.zeek", "bad\u0000.zeek"]
 "#;
         let err = parse_toml("c.toml", text).unwrap_err().to_string();
         assert_eq!(
             err,
             "c.toml:8: nodes.w1.interface: node 'w1': interface contains a NUL byte\n\
-             c.toml:12: nodes.w2.scripts: node 'w2': a script contains a NUL byte"
+             c.toml:13: nodes.w2.scripts: node 'w2': a script contains a NUL byte"
         );
         let mut config = parse_toml("c.toml", &text.replace("\\u0000", "")).unwrap();
         config.nodes[0].interface = Some("lo\0".into());

@@ -27,6 +27,7 @@
 //! depend on it. JSON (serde) is the wire encoding.
 
 pub mod access;
+pub mod argv;
 pub mod config;
 pub mod error_text;
 pub mod exec;

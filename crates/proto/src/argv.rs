@@ -1,0 +1,387 @@
+//! Checks of what a node's exec gets from its configuration: its command line and its
+//! environment, after role templates fill them in.
+//!
+//! Each catches at stage what would otherwise show only once a deploy had stopped the
+//! nodes it replaces, or never:
+//!
+//! - a misspelt placeholder (`{nme}`, `{prot}`) in a command or an environment value,
+//!   which would reach the program as it is written;
+//! - `{interface}` or `{port}` in the command of a node that has none, which would give
+//!   the program an empty argument (`-i ""`), but for Zeek's roles;
+//! - a variable the agent sets for every node process (`DROVER_NODE`, `NOTIFY_SOCKET`,
+//!   ...), which would be replaced without a word;
+//! - an argument or an environment entry longer than one exec takes, which would fail
+//!   every start with "argument list too long".
+
+use crate::config::Issue;
+use crate::model::{ClusterRole, Configuration, Node};
+
+/// The placeholders role templates fill in (see [`crate::model::RoleTemplate`]).
+pub const PLACEHOLDERS: [&str; 6] = ["name", "instance", "role", "interface", "port", "scripts"];
+
+/// Variables the agent sets in every node process's environment (and in an exec
+/// probe's), whatever the configuration says.
+pub const AGENT_SET: [&str; 9] = [
+    "DROVER_NODE",
+    "DROVER_INSTANCE",
+    "DROVER_ROLE",
+    "DROVER_QUERY_SOCKET",
+    "DROVER_NODE_TOKEN",
+    "DROVER_NODE_PID",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// The longest argument or environment entry (`NAME=value`) one exec takes: Linux's
+/// `MAX_ARG_STRLEN`, 32 pages of 4 KiB with the terminating NUL.
+pub const MAX_STRING: usize = 32 * 4096 - 1;
+
+/// Adds the problems of `config`'s commands and environments to `issues`.
+pub(crate) fn check(config: &Configuration, issues: &mut Vec<Issue>) {
+    for (role, t) in &config.roles {
+        let key = format!("roles.{}", role.escape_default());
+        for arg in &t.command {
+            misspelt(issues, &format!("{key}.command"), arg);
+        }
+        for (var, value) in &t.env {
+            let key = format!("{key}.env.{}", var.escape_default());
+            agent_set(issues, &key, var);
+            misspelt(issues, &key, value);
+        }
+    }
+    for node in &config.nodes {
+        let key = format!("nodes.{}", node.name.escape_default());
+        for arg in &node.command {
+            misspelt(issues, &format!("{key}.command"), arg);
+        }
+        for (var, value) in &node.env {
+            let key = format!("{key}.env.{}", var.escape_default());
+            agent_set(issues, &key, var);
+            misspelt(issues, &key, value);
+        }
+        gaps(config, node, &key, issues);
+        sizes(&config.resolve(node), &key, issues);
+    }
+}
+
+/// A `{word}` in `text` that is not a placeholder but nearly one: a slip, since a
+/// program is unlikely to want a literal `{nme}`. Words further from every placeholder
+/// (`{print}`, `{}`, JSON) are left alone.
+fn misspelt(issues: &mut Vec<Issue>, key: &str, text: &str) {
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        rest = &rest[open + 1..];
+        let Some(close) = rest.find(['}', '{']) else {
+            return;
+        };
+        if rest.as_bytes()[close] == b'{' {
+            continue;
+        }
+        let word = &rest[..close];
+        rest = &rest[close + 1..];
+        if word.is_empty() || !word.bytes().all(|b| b.is_ascii_alphabetic() || b == b'_') {
+            continue;
+        }
+        let lower = word.to_ascii_lowercase();
+        if PLACEHOLDERS.contains(&word) {
+            continue;
+        }
+        let near = PLACEHOLDERS
+            .iter()
+            .map(|p| (distance(&lower, p), *p))
+            .min()
+            .filter(|(d, p)| *d <= if p.len() <= 5 { 1 } else { 2 });
+        if let Some((_, meant)) = near {
+            issues.push(Issue::at_key(
+                key,
+                format!("'{{{word}}}' is not a placeholder (did you mean '{{{meant}}}'?)"),
+            ));
+        }
+    }
+}
+
+/// Edit distance counting a swap of two neighbours as one edit (`prot` is one from
+/// `port`).
+fn distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut d = vec![vec![0; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+fn agent_set(issues: &mut Vec<Issue>, key: &str, var: &str) {
+    if AGENT_SET.contains(&var) {
+        issues.push(Issue::at_key(
+            key,
+            format!("'{var}' is set by the agent in every node's environment: choose another name"),
+        ));
+    }
+}
+
+/// `{interface}` or `{port}` in the command `node` runs (its own, or its role's) when it
+/// has no such value. Not for Zeek's roles (manager, logger, proxy, worker), which
+/// zeek-client stages with Zeek's checks and no others: a Zeek worker may go without an
+/// interface, and managers, loggers and proxies get ports from the controller.
+fn gaps(config: &Configuration, node: &Node, key: &str, issues: &mut Vec<Issue>) {
+    if !matches!(node.role, ClusterRole::None | ClusterRole::Other(_)) {
+        return;
+    }
+    let command = if node.command.is_empty() {
+        match config.roles.get(node.role.as_str()) {
+            Some(t) => &t.command,
+            None => return,
+        }
+    } else {
+        &node.command
+    };
+    let has_port = node.port.is_some();
+    let has_interface = node.interface.as_deref().is_some_and(|i| !i.is_empty());
+    for (placeholder, what, has) in [
+        ("{interface}", "interface", has_interface),
+        ("{port}", "port", has_port),
+    ] {
+        if !has && command.iter().any(|a| a.contains(placeholder)) {
+            let whose = if node.command.is_empty() {
+                format!("role '{}''s command", node.role.as_str().escape_default())
+            } else {
+                "its command".to_owned()
+            };
+            issues.push(Issue::at_key(
+                key,
+                format!(
+                    "node '{}' has no {what}, which {whose} puts in with '{placeholder}'",
+                    node.name.escape_default()
+                ),
+            ));
+        }
+    }
+}
+
+/// An argument or environment entry of the filled-in node longer than one exec takes.
+fn sizes(resolved: &Node, key: &str, issues: &mut Vec<Issue>) {
+    if let Some(arg) = resolved.command.iter().find(|a| a.len() > MAX_STRING) {
+        issues.push(Issue::at_key(
+            format!("{key}.command"),
+            format!(
+                "an argument of {} bytes is longer than an exec takes ({MAX_STRING} bytes)",
+                arg.len()
+            ),
+        ));
+    }
+    for (var, value) in &resolved.env {
+        let len = var.len() + 1 + value.len();
+        if len > MAX_STRING {
+            issues.push(Issue::at_key(
+                format!("{key}.env.{}", var.escape_default()),
+                format!(
+                    "'{}=...' is {len} bytes, longer than an exec takes ({MAX_STRING} bytes)",
+                    var.escape_default()
+                ),
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Instance, RoleTemplate};
+
+    fn config(nodes: Vec<Node>, roles: &[(&str, &[&str])]) -> Configuration {
+        Configuration {
+            instances: vec![Instance {
+                name: "a".into(),
+                host: None,
+                port: None,
+            }],
+            nodes,
+            ..Configuration::empty()
+        }
+        .with_roles(roles)
+    }
+
+    trait WithRoles {
+        fn with_roles(self, roles: &[(&str, &[&str])]) -> Self;
+    }
+
+    impl WithRoles for Configuration {
+        fn with_roles(mut self, roles: &[(&str, &[&str])]) -> Self {
+            self.roles = roles
+                .iter()
+                .map(|(r, c)| {
+                    (
+                        (*r).to_owned(),
+                        RoleTemplate {
+                            command: c.iter().map(|s| (*s).to_owned()).collect(),
+                            ..RoleTemplate::default()
+                        },
+                    )
+                })
+                .collect();
+            self
+        }
+    }
+
+    fn node(name: &str, role: ClusterRole, command: &[&str]) -> Node {
+        Node {
+            role,
+            command: command.iter().map(|s| (*s).to_owned()).collect(),
+            ..Node::new(name, "a")
+        }
+    }
+
+    fn messages(c: &Configuration) -> Vec<String> {
+        let mut issues = Vec::new();
+        check(c, &mut issues);
+        issues
+            .into_iter()
+            .map(|i| format!("{}: {}", i.key.unwrap_or_default(), i.message))
+            .collect()
+    }
+
+    #[test]
+    fn near_misses_of_placeholders_are_refused_and_other_braces_left_alone() {
+        let c = config(
+            vec![node(
+                "n",
+                ClusterRole::None,
+                &[
+                    "awk",
+                    "{print}",
+                    "{nme}",
+                    "{}",
+                    "{\"a\": 1}",
+                    "${HOME}",
+                    "{{json}}",
+                ],
+            )],
+            &[(
+                "worker",
+                &["zeek", "-i", "{interfce}", "--p={prot}", "{Name}"],
+            )],
+        );
+        assert_eq!(
+            messages(&c),
+            [
+                "roles.worker.command: '{interfce}' is not a placeholder (did you mean '{interface}'?)",
+                "roles.worker.command: '{prot}' is not a placeholder (did you mean '{port}'?)",
+                "roles.worker.command: '{Name}' is not a placeholder (did you mean '{name}'?)",
+                "nodes.n.command: '{nme}' is not a placeholder (did you mean '{name}'?)",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_interface_or_port_the_command_needs_and_the_node_lacks_is_refused() {
+        let w = ClusterRole::Other("sensor".into());
+        let mut with = node("w2", w.clone(), &[]);
+        let mut w = node("w", w, &[]);
+        with.interface = Some("eth0".into());
+        with.port = Some(2000);
+        let own = node("o", ClusterRole::None, &["prog", "--port={port}"]);
+        w.env.insert("X".into(), "{port}".into());
+        let c = config(
+            vec![w, with, own],
+            &[("sensor", &["snort", "-i", "{interface}", "-p", "{port}"])],
+        );
+        assert_eq!(
+            messages(&c),
+            [
+                "nodes.w: node 'w' has no interface, which role 'sensor''s command puts in with '{interface}'",
+                "nodes.w: node 'w' has no port, which role 'sensor''s command puts in with '{port}'",
+                "nodes.o: node 'o' has no port, which its command puts in with '{port}'",
+            ]
+        );
+    }
+
+    #[test]
+    fn zeeks_roles_keep_zeeks_checks_alone() {
+        // A manager gets a port from the controller; a worker may have no interface.
+        let m = node("m", ClusterRole::Manager, &[]);
+        let w = node("w", ClusterRole::Worker, &[]);
+        let c = config(
+            vec![m, w],
+            &[
+                ("manager", &["zeek", "-p", "{port}"]),
+                ("worker", &["zeek", "-i", "{interface}"]),
+            ],
+        );
+        assert!(messages(&c).is_empty(), "{:?}", messages(&c));
+    }
+
+    #[test]
+    fn variables_the_agent_sets_are_refused() {
+        let mut n = node("n", ClusterRole::None, &["prog"]);
+        n.env.insert("DROVER_NODE".into(), "spoof".into());
+        n.env.insert("PATH".into(), String::new());
+        let mut c = config(vec![n], &[]);
+        c.roles.insert(
+            "r".into(),
+            RoleTemplate {
+                command: vec!["x".into()],
+                env: [("NOTIFY_SOCKET".to_owned(), "/x".to_owned())].into(),
+                ..RoleTemplate::default()
+            },
+        );
+        assert_eq!(
+            messages(&c),
+            [
+                "roles.r.env.NOTIFY_SOCKET: 'NOTIFY_SOCKET' is set by the agent in every node's environment: choose another name",
+                "nodes.n.env.DROVER_NODE: 'DROVER_NODE' is set by the agent in every node's environment: choose another name",
+            ]
+        );
+    }
+
+    #[test]
+    fn strings_longer_than_an_exec_takes_are_refused_at_their_key() {
+        let mut n = node("n", ClusterRole::None, &["prog", &"a".repeat(MAX_STRING)]);
+        n.env.insert("BIG".into(), "b".repeat(MAX_STRING - 3));
+        n.env.insert("FITS".into(), "b".repeat(MAX_STRING - 5));
+        let c = config(vec![n], &[]);
+        assert_eq!(
+            messages(&c),
+            [format!(
+                "nodes.n.env.BIG: 'BIG=...' is {} bytes, longer than an exec takes ({MAX_STRING} bytes)",
+                MAX_STRING + 1
+            )]
+        );
+        let long = node(
+            "l",
+            ClusterRole::None,
+            &["prog", &"a".repeat(MAX_STRING + 1)],
+        );
+        assert_eq!(
+            messages(&config(vec![long], &[])),
+            [format!(
+                "nodes.l.command: an argument of {} bytes is longer than an exec takes ({MAX_STRING} bytes)",
+                MAX_STRING + 1
+            )]
+        );
+    }
+
+    #[test]
+    fn distance_counts_a_swap_as_one_edit() {
+        assert_eq!(distance("prot", "port"), 1);
+        assert_eq!(distance("nme", "name"), 1);
+        assert_eq!(distance("print", "port"), 3);
+        assert_eq!(distance("", "port"), 4);
+    }
+}
