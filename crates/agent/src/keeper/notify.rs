@@ -87,6 +87,9 @@ async fn read_while_alone(held: Rc<Held>, mut agents: watch::Receiver<usize>) {
                     Ok(Ok((text, pid))) => {
                         let cgroup = pid.and_then(crate::probe::cgroup_of);
                         keep(&mut held.heard.borrow_mut(), &text, pid, cgroup);
+                        // A node sending flat out must not keep the thread (see the
+                        // keeper's pipes).
+                        tokio::task::consume_budget().await;
                     }
                     Ok(Err(e)) => {
                         tracing::warn!("cannot read a node's notify socket: {e}");

@@ -562,7 +562,12 @@ async fn drain(shared: &Shared, pipe: &Pipe) -> String {
                 },
             );
         match outcome {
-            Read::Again | Read::Data => {}
+            Read::Again => {}
+            // A pipe that is readable again at once (a node writing flat out) would
+            // never give the thread back: an `AsyncFd` that is ready already does not
+            // count against the task's budget. Its turn ends with the budget, so that
+            // every other pipe, and agents, are served meanwhile.
+            Read::Data => tokio::task::consume_budget().await,
             Read::End => break,
             Read::Failed(e) => {
                 warn!(node = %pipe.info.borrow().node, "cannot read its output: {e}");
