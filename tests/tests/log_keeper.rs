@@ -163,6 +163,71 @@ fn a_node_writing_flat_out_outlives_a_killed_agent_and_keeps_logging() {
     n.check_bound();
 }
 
+/// A node writing as fast as the keeper can read (`yes`) takes turns with the others:
+/// a quiet node beside it keeps logging, and a new agent gets the keeper's answer
+/// at once, not after giving up on it. Its lines are 16 bytes, so that every read of
+/// the keeper ends at a line's end and no partial line is held.
+#[test]
+fn a_node_writing_flat_out_does_not_starve_its_neighbours_or_the_agent() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    c.issue(drover_proto::msg::PeerRole::Agent, "a1");
+    // The smallest files: the keeper works hardest for each byte, and a node writing
+    // flat out has always more for it.
+    let agent = || {
+        let args = [
+            "--controller",
+            &addr.to_string(),
+            "--log-max-bytes",
+            "4K",
+            "--log-keep",
+            "0",
+        ];
+        c.start_agent_cmd(
+            std::process::Command::new(bin("drover-agent")),
+            "a1",
+            "a1",
+            &args,
+        )
+    };
+    let mut first = agent();
+    let prog = bin("drover-testprog").display().to_string();
+    c.deploy_text(
+        addr,
+        "two.toml",
+        &format!(
+            "[instances.a1]\n[defaults]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n\
+             [nodes.flood]\ninstance = \"a1\"\ncommand = [\"/usr/bin/yes\", \"a line of flood\"]\n\
+             [nodes.steady]\ninstance = \"a1\"\ncommand = [\"{prog}\", \"--stdout-rate\", \"100\"]\n"
+        ),
+    );
+    let state = c.dir.path().join("agent-a1");
+    let (flood, steady) = (state.join("nodes/flood"), state.join("nodes/steady"));
+    eventually("the flood logged", PATIENCE, || {
+        std::fs::metadata(flood.join("stdout.log"))
+            .is_ok_and(|m| m.len() > 0)
+            .then_some(())
+    });
+    // A second of the steady node's lines, while the flood goes on.
+    let seq = lines_arrive("the steady node's lines", &steady, 0);
+    lines_arrive("more of the steady node's lines", &steady, seq + 100);
+
+    first.kill();
+    let second = agent();
+    second.wait_log("log keeper connected pipes=4");
+    assert!(
+        !second.log_text().contains("did not answer"),
+        "{}",
+        second.log_text()
+    );
+    let seq = last_seq(&steady).unwrap_or(0);
+    lines_arrive(
+        "the steady node's lines after the restart",
+        &steady,
+        seq + 100,
+    );
+}
+
 #[test]
 fn a_killed_keeper_is_replaced_and_its_nodes_keep_logging() {
     let c = Cluster::new();
@@ -577,4 +642,43 @@ fn nodes_write_their_own_files_while_no_keeper_can_come_up() {
     assert!(alive(node_pid(&dir)));
     agent.wait_log("write their log files themselves");
     assert!(keeper_pid(&state).is_none());
+}
+
+/// A keeper that listens but does not answer in time (stopped here; a host too busy
+/// for it) is asked again, not given up on: once it answers, the new agent holds its
+/// pipes and nodes log through it. And a keeper stopped while its agent dies lives on:
+/// its process group is orphaned then, and the kernel sends it SIGHUP (and SIGCONT).
+#[test]
+fn a_keeper_that_does_not_answer_at_first_is_asked_again() {
+    use nix::sys::signal::{Signal, kill as signal};
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let mut first = agent(&c, addr);
+    let dir = deploy(&c, addr, "writer", 100);
+    let seq = lines_arrive("the node's lines", &dir, 10);
+    let state = c.dir.path().join("agent-a1");
+    let keeper = keeper_pid(&state).expect("a keeper runs");
+    signal(nix::unistd::Pid::from_raw(keeper), Signal::SIGSTOP).unwrap();
+    first.kill();
+    let seq = lines_arrive("the node's lines with no agent", &dir, seq + 100);
+    assert_eq!(
+        keeper_pid(&state),
+        Some(keeper),
+        "the keeper was hung up on"
+    );
+
+    signal(nix::unistd::Pid::from_raw(keeper), Signal::SIGSTOP).unwrap();
+    let second = agent(&c, addr);
+    second.wait_log("the log keeper did not answer");
+    signal(nix::unistd::Pid::from_raw(keeper), Signal::SIGCONT).unwrap();
+    second.wait_log("log keeper connected pipes=2");
+    lines_arrive("the node's lines after", &dir, seq + 100);
+    assert_eq!(keeper_pid(&state), Some(keeper), "the same keeper");
+    assert!(
+        !second
+            .log_text()
+            .contains("write their log files themselves"),
+        "{}",
+        second.log_text()
+    );
 }

@@ -202,9 +202,19 @@ impl Keeper {
         // agent started); a new one is waited for by the watcher, so that the agent's
         // start does not wait for it (pipes handed meanwhile are handed once it listens).
         let conn = if super::connect(&super::socket_path(state_dir)).is_ok() {
-            let conn = inner.connect()?;
-            info!(pipes = inner.lock().held.len(), "log keeper connected");
-            Some(conn)
+            match inner.connect() {
+                Ok(conn) => {
+                    info!(pipes = inner.lock().held.len(), "log keeper connected");
+                    Some(conn)
+                }
+                Err(e) => {
+                    // It listens but did not answer in time (a busy host): the watcher
+                    // tries again, as after losing it; the nodes it reads are read on.
+                    warn!("the log keeper did not answer ({e}); trying again");
+                    inner.lock().down_since = Some((Instant::now(), false));
+                    None
+                }
+            }
         } else {
             inner.spawn_keeper()?;
             inner.lock().down_since = Some((Instant::now(), false));
@@ -643,9 +653,10 @@ impl Inner {
         let mut conn = match conn {
             Some(c) => c,
             None => {
-                // The keeper `start` started: waited for, not started again.
+                // The keeper `start` started (or found, but without an answer yet):
+                // waited for, not started again.
                 let c = self.connect_to(Started::Already).unwrap_or_else(|e| {
-                    warn!("the log keeper did not come up: {e}; starting another");
+                    warn!("the log keeper did not answer: {e}; trying again");
                     self.reconnect()
                 });
                 info!(pipes = self.lock().held.len(), "log keeper connected");

@@ -67,6 +67,13 @@ pub fn run_if_keeper() -> Option<std::process::ExitCode> {
     // Its own name in `ps` and `top`, whether started by the agent's path or through
     // `/proc/self/exe` (which would name it `exe`); its threads inherit it.
     let _ = nix::sys::prctl::set_name(c"log-keeper");
+    // Its process group is orphaned when the agent that started it dies; were it stopped
+    // then (a debugger, SIGSTOP by hand), the kernel would send it SIGHUP, and the nodes
+    // would lose their last reader. It has no terminal to hang up.
+    // SAFETY: SIG_IGN installs no handler; nothing else in this process sets SIGHUP.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
     drover_daemon::init_logging();
     Some(match server::run(Path::new(&dir)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
