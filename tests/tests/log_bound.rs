@@ -262,6 +262,7 @@ fn output_lost_to_a_full_disk_is_marked_counted_and_warned_of() {
         metric(metrics, "drover_agent_log_keeper_restarts_total"),
         Some(0.0)
     );
+    assert_eq!(metric(metrics, "drover_agent_log_keeper_up"), Some(1.0));
 
     // An agent killed and started again meanwhile, on the full disk, adopts the node and
     // learns of the loss under way from the keeper.

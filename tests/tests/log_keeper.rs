@@ -622,9 +622,21 @@ fn nodes_write_their_own_files_while_no_keeper_can_come_up() {
     let (_ctl, addr) = c.start_controller("127.0.0.1:0");
     let state = c.dir.path().join("agent-a1");
     std::fs::create_dir_all(state.join("log-keeper.lock")).unwrap();
-    let agent = agent(&c, addr);
+    let (agent, metrics) = c.start_agent_with_metrics(
+        "a1",
+        addr,
+        &[
+            "--log-max-bytes",
+            &MAX_BYTES.to_string(),
+            "--log-keep",
+            &KEEP.to_string(),
+        ],
+    );
     c.wait_for_agent(addr, "a1");
     agent.wait_log("cannot start the log keeper");
+    let up =
+        drover_tests::metric_value(&drover_tests::scrape(metrics), "drover_agent_log_keeper_up");
+    assert_eq!(up, Some(0.0));
     let dir = deploy(&c, addr, "writer", 20_000);
     // Through a pipe nobody reads, none would reach the file; and written far past its
     // bound, the file is held to it as it grows (the watcher is told of the node).

@@ -1498,6 +1498,12 @@ async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String
     );
     drover_metrics::gauge(
         &mut out,
+        "drover_agent_log_keeper_up",
+        "1 while the agent is connected to its log keeper; 0 while it is not, when nodes started a second later write their own files.",
+        &[(String::new(), f64::from(u8::from(keeper::client::up())))],
+    );
+    drover_metrics::gauge(
+        &mut out,
         "drover_agent_streams_served",
         "Streams the controller opened that the agent is serving (log follows included).",
         &[(String::new(), conn::served_streams() as f64)],

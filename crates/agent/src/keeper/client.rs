@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,14 @@ const DOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Keepers started again after one was lost, since the agent started.
 static RESTARTS: AtomicU64 = AtomicU64::new(0);
+/// Whether a keeper answers this agent now (for the metric: without one, new nodes
+/// write their own files).
+static UP: AtomicBool = AtomicBool::new(false);
+
+/// Whether the agent is connected to a log keeper now.
+pub fn up() -> bool {
+    UP.load(Ordering::Relaxed)
+}
 
 /// Keepers this agent started again after losing one.
 pub fn restarts() -> u64 {
@@ -582,6 +590,7 @@ impl Inner {
         }
         state.unsent.clear();
         state.conn = Some(conn.clone());
+        UP.store(true, Ordering::Relaxed);
         if let Some((since, true)) = state.down_since.take() {
             info!(
                 "a log keeper answers again after {:?}; nodes started from now on write through it",
@@ -684,6 +693,7 @@ impl Inner {
                 let mut state = self.lock();
                 if state.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
                     state.conn = None;
+                    UP.store(false, Ordering::Relaxed);
                     state.down_since = Some((Instant::now(), false));
                 }
             }
