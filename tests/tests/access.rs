@@ -205,6 +205,65 @@ fn each_scope_is_refused_exactly_what_it_lacks_and_every_refusal_is_audited() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
+/// Node environments hold secrets: a viewer sees their names, not their values, in
+/// either configuration and in every form; an operator and an admin see them.
+#[test]
+fn a_viewer_is_not_shown_environment_values() {
+    let c = Cluster::new();
+    c.issue_scoped("dash", Scope::Viewer);
+    c.issue_scoped("oper", Scope::Operator);
+    let (_ctl, addr, _agent) = start(&c);
+    let file = c.dir.path().join("secret.toml");
+    std::fs::write(
+        &file,
+        "[instances.agent-1]\n[roles.svc]\ncommand = [\"/bin/sleep\", \"infinity\"]\n\
+         env = { ROLE_TOKEN = \"role-s3cret\" }\n\
+         [nodes.w1]\ninstance = \"agent-1\"\nrole = \"svc\"\nenv = { API_TOKEN = \"node-s3cret\" }\n\
+         readiness = { kind = \"start-period\", period = \"0s\" }\n",
+    )
+    .unwrap();
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    for args in [
+        &["get-config"][..],
+        &["get-config", "--deployed"],
+        &["get-config", "--deployed", "--as-toml"],
+        &["get-config", "--deployed", "--as-json"],
+    ] {
+        let viewer = c.drover_as("dash", addr, args);
+        assert_eq!(viewer.code, Some(0), "{args:?}: {}", viewer.stderr);
+        assert!(
+            !viewer.stdout.contains("s3cret"),
+            "{args:?}: {}",
+            viewer.stdout
+        );
+        // Zeek's forms (INI, JSON) have no role templates.
+        let ini = !args.contains(&"--as-toml");
+        let names: &[&str] = if ini {
+            &["API_TOKEN"]
+        } else {
+            &["API_TOKEN", "ROLE_TOKEN"]
+        };
+        for name in names {
+            assert!(viewer.stdout.contains(name), "{args:?}: {}", viewer.stdout);
+        }
+        assert!(
+            viewer.stdout.contains("<hidden>"),
+            "{args:?}: {}",
+            viewer.stdout
+        );
+        for who in ["oper", "ops"] {
+            let out = c.drover_as(who, addr, args);
+            assert_eq!(out.code, Some(0), "{who} {args:?}: {}", out.stderr);
+            assert!(
+                out.stdout.contains("node-s3cret") && (ini || out.stdout.contains("role-s3cret")),
+                "{who} {args:?}: {}",
+                out.stdout
+            );
+        }
+    }
+}
+
 #[test]
 fn every_change_is_audited_before_it_is_answered_and_published_to_monitor() {
     let c = Cluster::new();

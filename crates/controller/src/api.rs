@@ -46,7 +46,13 @@ pub(crate) async fn handle_as(
     if !access::mutates(&req.body) {
         // Nothing to record; a viewer may do all of this.
         checked.map_err(|m| WireError::new(ErrorCode::Forbidden, m))?;
-        return Ok(handle(shared, req).await);
+        let mut answer = handle(shared, req).await;
+        if caller.scope < access::Scope::Operator
+            && let Answer::One(reply) = &mut answer
+        {
+            hide_env_values(reply);
+        }
+        return Ok(answer);
     }
     let what = req.body.kind();
     let args = audit::args(&req.body);
@@ -108,6 +114,33 @@ pub(crate) async fn handle_as(
             Answer::Stream(rx)
         }
     })
+}
+
+/// What a viewer is shown instead of a node's environment value: node environments
+/// hold secrets (tokens, passwords), and a viewer certificate is the one given to
+/// dashboards and people who only look.
+pub(crate) const HIDDEN: &str = "<hidden>";
+
+/// Replaces every environment value in a configuration `reply` carries (nodes' and
+/// role templates') with [`HIDDEN`]; the names stay.
+fn hide_env_values(reply: &mut ClientResponse) {
+    let ClientResponse::Result(MgmtResult {
+        data: Some(ResultData::Configuration(config)),
+        ..
+    }) = reply
+    else {
+        return;
+    };
+    let envs = config
+        .nodes
+        .iter_mut()
+        .map(|n| &mut n.env)
+        .chain(config.roles.values_mut().map(|t| &mut t.env));
+    for env in envs {
+        for value in env.values_mut() {
+            HIDDEN.clone_into(value);
+        }
+    }
 }
 
 /// Writes the audit record of a carried-out request from its answer (unless the
