@@ -769,6 +769,7 @@ pub fn identity_of_cert(cert: &CertificateDer<'_>) -> Result<Identity, NetError>
         .subject_alternative_name()
         .map_err(|e| NetError::Identity(format!("bad subject alternative names: {e}")))?
         .ok_or_else(|| NetError::Identity("certificate has no subject alternative names".into()))?;
+    let mut found: Option<(Identity, &str)> = None;
     for gn in &sans.value.general_names {
         if let x509_parser::extensions::GeneralName::URI(uri) = gn
             && let Some(rest) = uri.strip_prefix(drover_pki_prefix())
@@ -781,15 +782,27 @@ pub fn identity_of_cert(cert: &CertificateDer<'_>) -> Result<Identity, NetError>
             })?;
             drover_proto::name::check(name)
                 .map_err(|e| NetError::Identity(format!("bad name in identity uri: {e}")))?;
-            return Ok(Identity {
-                role,
-                name: name.to_owned(),
-            });
+            // Two identities would leave which one acts to the order of the SANs, as two
+            // scopes would leave the scope: refused, as those are.
+            if let Some((_, first)) = &found {
+                return Err(NetError::Identity(format!(
+                    "certificate carries two drover identities, '{first}' and '{uri}'"
+                )));
+            }
+            found = Some((
+                Identity {
+                    role,
+                    name: name.to_owned(),
+                },
+                uri,
+            ));
         }
     }
-    Err(NetError::Identity(
-        "certificate carries no drover identity (spiffe://drover/<role>/<name>)".into(),
-    ))
+    found.map(|(identity, _)| identity).ok_or_else(|| {
+        NetError::Identity(
+            "certificate carries no drover identity (spiffe://drover/<role>/<name>)".into(),
+        )
+    })
 }
 
 /// The URI prefix of identities; equal to `drover_pki::IDENTITY_PREFIX` (the daemons do
@@ -874,6 +887,28 @@ mod tests {
                 role: PeerRole::Agent,
                 name: "agent-7".into()
             }
+        );
+    }
+
+    #[test]
+    fn a_certificate_with_two_identities_is_refused() {
+        use rcgen::{CertificateParams, KeyPair, SanType};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = [
+            "spiffe://drover/client/tw",
+            "spiffe://drover/agent/sensor-1",
+        ]
+        .iter()
+        .map(|u| SanType::URI((*u).to_owned().try_into().unwrap()))
+        .collect();
+        let der = params.self_signed(&key).unwrap().der().clone();
+        let err = identity_of_cert(&der).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "two drover identities, 'spiffe://drover/client/tw' and 'spiffe://drover/agent/sensor-1'"
+            ),
+            "{err}"
         );
     }
 
