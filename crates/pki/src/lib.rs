@@ -405,7 +405,11 @@ pub fn init_dir(dir: &Path) -> Result<(PathBuf, PathBuf), Error> {
 
 /// Creates a CA valid for `validity` in `dir` (`ca.crt`, and `ca.key` with mode 0600).
 pub fn init_dir_for(dir: &Path, validity: Validity) -> Result<(PathBuf, PathBuf), Error> {
-    fs::create_dir_all(dir).map_err(io(dir))?;
+    // Made 0700 whatever the umask: whoever may write the directory may swap `ca.crt`
+    // (or remove `ca.key`). One that exists keeps its mode.
+    std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .map_err(io(dir))?;
     let cert_path = dir.join(CA_CERT);
     let key_path = dir.join(CA_KEY);
     for p in [&cert_path, &key_path] {
@@ -452,6 +456,11 @@ mod tests {
                 .contains("BEGIN CERTIFICATE")
         );
         assert!(matches!(init_dir(dir.path()), Err(Error::Exists(_))));
+        // A directory it makes is the owner's alone, whatever the umask allowed.
+        let made = dir.path().join("new/pki");
+        init_dir(&made).unwrap();
+        let mode = fs::metadata(&made).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     /// Two CAs, as during a rollover, have names that tell them apart.
