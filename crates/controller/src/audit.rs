@@ -117,7 +117,7 @@ impl AuditLog {
                 .is_some_and(|n| n > self.keep);
             if beyond && entry.file_type().is_ok_and(|t| t.is_file()) {
                 fs::remove_file(entry.path())?;
-                tracing::info!(
+                tracing::warn!(
                     "removed {}: the audit trail keeps {} rotated files",
                     entry.path().display(),
                     self.keep
@@ -139,7 +139,7 @@ impl AuditLog {
             if len > 0 {
                 fs::remove_file(&oldest)?;
                 total -= len;
-                tracing::info!(
+                tracing::warn!(
                     "removed {}: the audit trail takes at most {bound} bytes",
                     oldest.display()
                 );
