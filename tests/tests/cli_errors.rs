@@ -201,6 +201,29 @@ fn stage(file: &std::path::Path) -> CliOutput {
     ])
 }
 
+/// A node name with a bidirectional override or an escape sequence is refused, and the
+/// error does not carry the raw character to the terminal, in its key path either.
+#[test]
+fn characters_that_would_rewrite_the_terminal_are_written_out_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("odd.toml");
+    std::fs::write(
+        &file,
+        "[instances.a]\n[nodes.\"w\u{202e}1\"]\ninstance = \"a\"\ncommand = [\"/bin/true\"]\n\
+         [nodes.\"x\\u001b[2J\"]\ninstance = \"a\"\ncommand = [\"/bin/true\"]\n",
+    )
+    .unwrap();
+    let out = stage(&file);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("nodes.w\\u{202e}1: "), "{}", out.stderr);
+    assert!(out.stderr.contains("nodes.x\\x1b[2J: "), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains('\u{202e}') && !out.stderr.contains('\u{1b}'),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn a_configuration_over_the_frame_limit_is_refused_before_sending() {
     let dir = tempfile::tempdir().unwrap();

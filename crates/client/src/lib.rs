@@ -365,10 +365,11 @@ pub fn main() -> ExitCode {
                 // Best effort: the error on stderr says it all for a person.
                 let _ = refused.print_json();
             }
-            stdio::errln(&format!(
-                "error: {}",
-                drover_proto::error_text::one_line(e.as_ref())
-            ));
+            // What a file or a peer put in an error (a key path, a name) may hold
+            // characters that would rewrite the terminal: written out, line by line.
+            let text = drover_proto::error_text::one_line(e.as_ref());
+            let lines: Vec<_> = text.split('\n').map(visible::visible).collect();
+            stdio::errln(&format!("error: {}", lines.join("\n")));
             ExitCode::FAILURE
         }
     }
