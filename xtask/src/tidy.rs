@@ -226,3 +226,35 @@ fn the_agents_pure_cores_do_no_io_and_read_no_clock() {
         found.join("\n")
     );
 }
+
+/// Every metric a daemon serves is in docs/metrics.md, where operators look for it.
+#[test]
+fn every_metric_is_documented() {
+    let docs = fs::read_to_string(project_root().join("docs/metrics.md")).unwrap();
+    let mut missing = Vec::new();
+    let (crates, own) = (
+        project_root().join("crates"),
+        project_root().join("crates/metrics"),
+    );
+    for file in all_rust_files() {
+        // What the daemons serve; the metrics crate's own tests use names of their own.
+        if !file.starts_with(&crates) || file.starts_with(&own) {
+            continue;
+        }
+        let text = fs::read_to_string(&file).unwrap();
+        for (i, _) in text.match_indices("\"drover_") {
+            let name: String = text[i + 1..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            if text[i + 1 + name.len()..].starts_with('"')
+                && !name.ends_with('_')
+                && !docs.contains(&format!("`{name}`"))
+                && !missing.contains(&name)
+            {
+                missing.push(name);
+            }
+        }
+    }
+    assert!(missing.is_empty(), "not in docs/metrics.md: {missing:?}");
+}
