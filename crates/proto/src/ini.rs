@@ -248,9 +248,14 @@ pub fn parse_ini_with(
         let mut broken = false;
         if instance_free.len() != node_sections {
             broken = true;
+            // At the first node without one, where a person adds it.
+            let first = instance_free
+                .iter()
+                .filter_map(|name| Some((*lines.get(name)?, name)))
+                .min();
             issues.push(issue(
-                None,
-                None,
+                first.map(|(line, _)| line),
+                first.map(|(_, name)| name.clone()),
                 "either all or no nodes must state instances".to_owned(),
             ));
         }
@@ -2272,7 +2277,12 @@ mod tests {
         );
         assert_eq!(
             errors("[manager]\nrole = manager\n[worker]\nrole = worker\ninstance = agent1\n"),
-            vec!["c.ini: either all or no nodes must state instances"]
+            vec!["c.ini:1: manager: either all or no nodes must state instances"]
+        );
+        // At the first node without an instance, by line.
+        assert_eq!(
+            errors("[w]\nrole = worker\ninstance = a\n[b]\nrole = worker\n[a]\nrole = worker\n"),
+            vec!["c.ini:4: b: either all or no nodes must state instances"]
         );
     }
 
