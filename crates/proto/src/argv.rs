@@ -19,22 +19,24 @@ use crate::model::{ClusterRole, Configuration, Node};
 /// The placeholders role templates fill in (see [`crate::model::RoleTemplate`]).
 pub const PLACEHOLDERS: [&str; 6] = ["name", "instance", "role", "interface", "port", "scripts"];
 
-/// Variables the agent sets in every node process's environment (and in an exec
-/// probe's), whatever the configuration says.
-pub const AGENT_SET: [&str; 9] = [
+/// Variables the agent sets in node processes' environments (and in exec probes'), some
+/// only where they apply (`WATCHDOG_*` with a watchdog), whatever the configuration says.
+pub const AGENT_SET: [&str; 10] = [
     "DROVER_NODE",
     "DROVER_INSTANCE",
     "DROVER_ROLE",
     "DROVER_QUERY_SOCKET",
     "DROVER_NODE_TOKEN",
     "DROVER_NODE_PID",
+    "DROVER_PROBE",
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
 ];
 
 /// The longest argument or environment entry (`NAME=value`) one exec takes: Linux's
-/// `MAX_ARG_STRLEN`, 32 pages of 4 KiB with the terminating NUL.
+/// `MAX_ARG_STRLEN`, 32 pages with the terminating NUL, here of 4 KiB pages: the limit
+/// on every host (kernels with larger pages take more).
 pub const MAX_STRING: usize = 32 * 4096 - 1;
 
 /// Adds the problems of `config`'s commands and environments to `issues`.
@@ -48,6 +50,7 @@ pub(crate) fn check(config: &Configuration, issues: &mut Vec<Issue>) {
             let key = format!("{key}.env.{}", var.escape_default());
             agent_set(issues, &key, var);
             misspelt(issues, &key, value);
+            hidden(issues, &key, value);
         }
     }
     for node in &config.nodes {
@@ -59,6 +62,7 @@ pub(crate) fn check(config: &Configuration, issues: &mut Vec<Issue>) {
             let key = format!("{key}.env.{}", var.escape_default());
             agent_set(issues, &key, var);
             misspelt(issues, &key, value);
+            hidden(issues, &key, value);
         }
         gaps(config, node, &key, issues);
         sizes(&config.resolve(node), &key, issues);
@@ -71,6 +75,8 @@ pub(crate) fn check(config: &Configuration, issues: &mut Vec<Issue>) {
 fn misspelt(issues: &mut Vec<Issue>, key: &str, text: &str) {
     let mut rest = text;
     while let Some(open) = rest.find('{') {
+        // `${PORT}`, `%{name}`, `#{x}`: a shell's, systemd's or another template's own.
+        let after_sigil = rest[..open].ends_with(['$', '%', '#']);
         rest = &rest[open + 1..];
         let Some(close) = rest.find(['}', '{']) else {
             return;
@@ -80,25 +86,52 @@ fn misspelt(issues: &mut Vec<Issue>, key: &str, text: &str) {
         }
         let word = &rest[..close];
         rest = &rest[close + 1..];
-        if word.is_empty() || !word.bytes().all(|b| b.is_ascii_alphabetic() || b == b'_') {
+        if after_sigil
+            || word.is_empty()
+            || !word.bytes().all(|b| b.is_ascii_alphabetic() || b == b'_')
+            // An environment variable's name, as in `{PORT}`.
+            || (word.len() > 1 && !word.bytes().any(|b| b.is_ascii_lowercase()))
+            || PLACEHOLDERS.contains(&word)
+        {
             continue;
         }
         let lower = word.to_ascii_lowercase();
-        if PLACEHOLDERS.contains(&word) {
-            continue;
-        }
-        let near = PLACEHOLDERS
-            .iter()
-            .map(|p| (distance(&lower, p), *p))
-            .min()
-            .filter(|(d, p)| *d <= if p.len() <= 5 { 1 } else { 2 });
-        if let Some((_, meant)) = near {
+        // `{Name}`: a placeholder in the wrong case.
+        let same = PLACEHOLDERS.into_iter().find(|p| *p == lower);
+        if let Some(meant) = same.or_else(|| slip_of(&lower)) {
             issues.push(Issue::at_key(
                 key,
                 format!("'{{{word}}}' is not a placeholder (did you mean '{{{meant}}}'?)"),
             ));
         }
     }
+}
+
+/// The placeholder `word` (lower-cased) is a slip of: the same letters with two
+/// neighbours swapped (`prot`) or one left out (`nme`), or for the longer ones two such
+/// edits (`intrface`), but never a word of its own that a program may well want in
+/// braces (jq's `{ports}`, `{sort}`, `{rule}`, `{names}`): a placeholder with a letter
+/// changed or added, or in the plural or singular, is not taken for one.
+fn slip_of(word: &str) -> Option<&'static str> {
+    PLACEHOLDERS.into_iter().find(|p| {
+        if word == *p || word.len() > p.len() || format!("{word}s") == *p {
+            return false;
+        }
+        let d = distance(word, p);
+        let same_letters = {
+            let (mut a, mut b) = (word.as_bytes().to_vec(), p.as_bytes().to_vec());
+            a.sort_unstable();
+            b.sort_unstable();
+            a == b
+        };
+        // Shorter by one, with no letter changed: one left out.
+        let left_out = word.len() + 1 == p.len() && d == 1;
+        if p.len() <= 5 {
+            (same_letters && d == 1) || left_out
+        } else {
+            d <= 2 && (same_letters || word.len() < p.len())
+        }
+    })
 }
 
 /// Edit distance counting a swap of two neighbours as one edit (`prot` is one from
@@ -127,11 +160,27 @@ fn distance(a: &str, b: &str) -> usize {
     d[a.len()][b.len()]
 }
 
+/// What a viewer is shown for an environment value (`get-config` as scope viewer): a
+/// configuration with it is a viewer's copy, whose secrets would be replaced by it.
+pub const HIDDEN: &str = "<hidden>";
+
+fn hidden(issues: &mut Vec<Issue>, key: &str, value: &str) {
+    if value == HIDDEN {
+        issues.push(Issue::at_key(
+            key,
+            format!(
+                "the value is '{HIDDEN}', as a viewer's copy of a configuration shows every \
+                 value: stage the configuration an operator or an admin gets"
+            ),
+        ));
+    }
+}
+
 fn agent_set(issues: &mut Vec<Issue>, key: &str, var: &str) {
     if AGENT_SET.contains(&var) {
         issues.push(Issue::at_key(
             key,
-            format!("'{var}' is set by the agent in every node's environment: choose another name"),
+            format!("'{var}' is set by the agent for the nodes it runs: choose another name"),
         ));
     }
 }
@@ -259,23 +308,43 @@ mod tests {
 
     #[test]
     fn near_misses_of_placeholders_are_refused_and_other_braces_left_alone() {
+        let fine = [
+            "awk",
+            "{print}",
+            "{}",
+            "{\"a\": 1}",
+            "${HOME}",
+            "{{json}}",
+            "${PORT}",
+            "${NAME}",
+            "%{instance}",
+            "{PORTS}",
+            "{ports}",
+            "{sort}",
+            "{rule}",
+            "{names}",
+            "{same}",
+            "{script}",
+            "{instances}",
+            "{post}",
+            "{part}",
+            "{time}",
+        ];
+        let mut command = fine.to_vec();
+        command.push("{nme}");
         let c = config(
-            vec![node(
-                "n",
-                ClusterRole::None,
-                &[
-                    "awk",
-                    "{print}",
-                    "{nme}",
-                    "{}",
-                    "{\"a\": 1}",
-                    "${HOME}",
-                    "{{json}}",
-                ],
-            )],
+            vec![node("n", ClusterRole::None, &command)],
             &[(
                 "worker",
-                &["zeek", "-i", "{interfce}", "--p={prot}", "{Name}"],
+                &[
+                    "zeek",
+                    "-i",
+                    "{interfce}",
+                    "--p={prot}",
+                    "{Name}",
+                    "{intrface}",
+                    "{nstance}",
+                ],
             )],
         );
         assert_eq!(
@@ -284,6 +353,8 @@ mod tests {
                 "roles.worker.command: '{interfce}' is not a placeholder (did you mean '{interface}'?)",
                 "roles.worker.command: '{prot}' is not a placeholder (did you mean '{port}'?)",
                 "roles.worker.command: '{Name}' is not a placeholder (did you mean '{name}'?)",
+                "roles.worker.command: '{intrface}' is not a placeholder (did you mean '{interface}'?)",
+                "roles.worker.command: '{nstance}' is not a placeholder (did you mean '{instance}'?)",
                 "nodes.n.command: '{nme}' is not a placeholder (did you mean '{name}'?)",
             ]
         );
@@ -344,8 +415,8 @@ mod tests {
         assert_eq!(
             messages(&c),
             [
-                "roles.r.env.NOTIFY_SOCKET: 'NOTIFY_SOCKET' is set by the agent in every node's environment: choose another name",
-                "nodes.n.env.DROVER_NODE: 'DROVER_NODE' is set by the agent in every node's environment: choose another name",
+                "roles.r.env.NOTIFY_SOCKET: 'NOTIFY_SOCKET' is set by the agent for the nodes it runs: choose another name",
+                "nodes.n.env.DROVER_NODE: 'DROVER_NODE' is set by the agent for the nodes it runs: choose another name",
             ]
         );
     }
@@ -374,6 +445,19 @@ mod tests {
                 "nodes.l.command: an argument of {} bytes is longer than an exec takes ({MAX_STRING} bytes)",
                 MAX_STRING + 1
             )]
+        );
+    }
+
+    #[test]
+    fn a_viewers_copy_is_not_staged_back() {
+        let mut n = node("n", ClusterRole::None, &["prog"]);
+        n.env.insert("TOKEN".into(), HIDDEN.into());
+        n.env.insert("OTHER".into(), "<hidden> or not".into());
+        let found = messages(&config(vec![n], &[]));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("nodes.n.env.TOKEN: the value is '<hidden>'"),
+            "{found:?}"
         );
     }
 
