@@ -32,6 +32,10 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// reads.
 const DOWN_GRACE: Duration = Duration::from_secs(1);
 
+/// How many times an agent starting asks a keeper that listens but does not answer,
+/// [`PATIENCE`] each, before it goes on without it (the watcher goes on asking).
+const HANDSHAKES_AT_START: u32 = 3;
+
 /// Keepers started again after one was lost, since the agent started.
 static RESTARTS: AtomicU64 = AtomicU64::new(0);
 /// Whether a keeper answers this agent now (for the metric: without one, new nodes
@@ -209,29 +213,37 @@ impl Keeper {
         // A keeper that runs is greeted now (it holds the pipes of nodes a previous
         // agent started); a new one is waited for by the watcher, so that the agent's
         // start does not wait for it (pipes handed meanwhile are handed once it listens).
-        let conn = if super::connect(&super::socket_path(state_dir)).is_ok() {
-            match inner.connect() {
+        let (conn, started) = if super::connect(&super::socket_path(state_dir)).is_ok() {
+            // A keeper that listens but does not answer in time (a busy host) is asked
+            // again: what it holds of the nodes a previous agent started is best had
+            // before this agent adopts them. Then the watcher goes on asking, as after
+            // losing it; meanwhile the nodes it reads are read on.
+            let mut answered = inner.connect();
+            for _ in 1..HANDSHAKES_AT_START {
+                let Err(e) = &answered else { break };
+                warn!("the log keeper did not answer ({e}); asking again");
+                answered = inner.connect();
+            }
+            match answered {
                 Ok(conn) => {
                     info!(pipes = inner.lock().held.len(), "log keeper connected");
-                    Some(conn)
+                    (Some(conn), Started::NotYet)
                 }
                 Err(e) => {
-                    // It listens but did not answer in time (a busy host): the watcher
-                    // tries again, as after losing it; the nodes it reads are read on.
                     warn!("the log keeper did not answer ({e}); trying again");
                     inner.lock().down_since = Some((Instant::now(), false));
-                    None
+                    (None, Started::NotYet)
                 }
             }
         } else {
             inner.spawn_keeper()?;
             inner.lock().down_since = Some((Instant::now(), false));
-            None
+            (None, Started::Already)
         };
         let monitor = inner.clone();
         std::thread::Builder::new()
             .name("log-keeper".into())
-            .spawn(move || monitor.watch(conn))?;
+            .spawn(move || monitor.watch(conn, started))?;
         let flusher = inner.clone();
         std::thread::Builder::new()
             .name("log-keeper-send".into())
@@ -376,6 +388,9 @@ fn lose(state: &mut State, conn: &Arc<OwnedFd>) {
     unsafe { libc::shutdown(conn.as_raw_fd(), libc::SHUT_RDWR) };
     if state.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
         state.conn = None;
+        // The watcher, woken by the shutdown, finds no current connection to clear.
+        UP.store(false, Ordering::Relaxed);
+        state.down_since = Some((Instant::now(), false));
     }
     state.unsent.clear();
 }
@@ -658,13 +673,13 @@ impl Inner {
 
     /// Reads the keeper's notices until the connection ends, then starts another
     /// keeper; forever.
-    fn watch(self: Arc<Self>, conn: Option<Arc<OwnedFd>>) {
+    fn watch(self: Arc<Self>, conn: Option<Arc<OwnedFd>>, started: Started) {
         let mut conn = match conn {
             Some(c) => c,
             None => {
-                // The keeper `start` started (or found, but without an answer yet):
-                // waited for, not started again.
-                let c = self.connect_to(Started::Already).unwrap_or_else(|e| {
+                // A keeper `start` started is waited for, not started again; one that
+                // did not answer it is asked again, and replaced if it is gone.
+                let c = self.connect_to(started).unwrap_or_else(|e| {
                     warn!("the log keeper did not answer: {e}; trying again");
                     self.reconnect()
                 });
