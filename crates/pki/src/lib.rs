@@ -406,10 +406,16 @@ pub fn init_dir(dir: &Path) -> Result<(PathBuf, PathBuf), Error> {
 /// Creates a CA valid for `validity` in `dir` (`ca.crt`, and `ca.key` with mode 0600).
 pub fn init_dir_for(dir: &Path, validity: Validity) -> Result<(PathBuf, PathBuf), Error> {
     // Made 0700 whatever the umask: whoever may write the directory may swap `ca.crt`
-    // (or remove `ca.key`). One that exists keeps its mode.
-    std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
-        .create(dir)
-        .map_err(io(dir))?;
+    // (or remove `ca.key`). One that exists keeps its mode, as do the parents made for
+    // it (`/etc/drover` for `/etc/drover/pki`: other users read certificates there).
+    if !dir.is_dir() {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+    }
     let cert_path = dir.join(CA_CERT);
     let key_path = dir.join(CA_KEY);
     for p in [&cert_path, &key_path] {
@@ -459,8 +465,14 @@ mod tests {
         // A directory it makes is the owner's alone, whatever the umask allowed.
         let made = dir.path().join("new/pki");
         init_dir(&made).unwrap();
-        let mode = fs::metadata(&made).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&made), 0o700);
+        // Its parent is made as any directory is: others may need to go through it.
+        fs::create_dir(dir.path().join("plain")).unwrap();
+        assert_eq!(
+            mode(&dir.path().join("new")),
+            mode(&dir.path().join("plain"))
+        );
     }
 
     /// Two CAs, as during a rollover, have names that tell them apart.
