@@ -786,7 +786,9 @@ pub fn identity_of_cert(cert: &CertificateDer<'_>) -> Result<Identity, NetError>
             // scopes would leave the scope: refused, as those are.
             if let Some((_, first)) = &found {
                 return Err(NetError::Identity(format!(
-                    "certificate carries two drover identities, '{first}' and '{uri}'"
+                    "certificate carries two drover identities, '{}' and '{}'",
+                    first.escape_default(),
+                    uri.escape_default()
                 )));
             }
             found = Some((
