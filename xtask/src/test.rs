@@ -25,12 +25,28 @@ pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The test harness's own variables (tests/src, the chaos, crash and golden tests):
+/// what a contributor sets to steer the suite.
+const HARNESS: &[&str] = &[
+    "DROVER_BIN_DIR",
+    "DROVER_KEEP_TEST_DIR",
+    "DROVER_SKIP_ETCD_TESTS",
+    "DROVER_SKIP_SYSTEMD_ANALYZE",
+    "DROVER_ZEEK_CLIENT",
+    "DROVER_ZEEK_VENV",
+    "DROVER_UPDATE_GOLDEN",
+    "DROVER_CRASH_SEED",
+    "DROVER_CHAOS_SEED",
+    "DROVER_CHAOS_SECS",
+    "DROVER_CHAOS_LEASE",
+];
+
 /// Whether `name` is a setting of the daemons or the CLI that the caller's shell may
 /// hold (`DROVER_CA`, `DROVER_CONTROLLER`, `DROVER_LOG_MAX_BYTES`, ...): the tests make
 /// their own PKI and daemons, which must not pick those up. The test harness's own
-/// variables stay.
+/// variables ([`HARNESS`]) stay.
 fn is_user_setting(name: &str) -> bool {
-    name.starts_with("DROVER_") && !matches!(name, "DROVER_BIN_DIR" | "DROVER_KEEP_TEST_DIR")
+    name.starts_with("DROVER_") && !HARNESS.contains(&name)
 }
 
 fn have_nextest() -> bool {
@@ -90,6 +106,8 @@ mod tests {
         for name in [
             "DROVER_BIN_DIR",
             "DROVER_KEEP_TEST_DIR",
+            "DROVER_SKIP_ETCD_TESTS",
+            "DROVER_CRASH_SEED",
             "RUST_LOG",
             "CARGO",
         ] {
