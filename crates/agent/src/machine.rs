@@ -277,6 +277,18 @@ pub enum ExitStatus {
     Signal(i32),
 }
 
+impl fmt::Display for ExitStatus {
+    /// As an operator reads it in the agent's log: `Code(-1)` is how a process that is
+    /// not the agent's child (adopted from an earlier agent) ends, its status unknown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Code(-1) => f.write_str("status unknown (not this agent's child)"),
+            Self::Code(c) => write!(f, "exit code {c}"),
+            Self::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
 /// What the shell must do, in the order returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
@@ -1038,6 +1050,16 @@ mod tests {
         f(&mut config);
         config.validate().expect("test config is valid");
         Machine::new(config)
+    }
+
+    #[test]
+    fn exits_read_as_words_in_the_log() {
+        assert_eq!(Code(3).to_string(), "exit code 3");
+        assert_eq!(Signal(9).to_string(), "killed by signal 9");
+        assert_eq!(
+            Code(-1).to_string(),
+            "status unknown (not this agent's child)"
+        );
     }
 
     #[test]

@@ -2722,7 +2722,7 @@ impl Core {
                 if oom > 0 {
                     warn!(node = %node, kills = oom, "the kernel killed processes of the node for exceeding its memory limit");
                 }
-                info!(node = %node, pid = p.id.pid, ?exit, "process exited");
+                info!(node = %node, pid = p.id.pid, %exit, "process exited");
                 self.run_actions(&node, actions);
                 self.save_record(&node);
                 self.remove_if_done(&node);
