@@ -1677,4 +1677,21 @@ fn zeek_client_over_plain_ws_acts_with_the_fronts_scope() {
     let roles = roles.to_str().unwrap();
     let out = c.drover(z.addr, &["deploy-config", "--roles", roles, &cluster]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
+    // A viewer is shown environment names, not their values.
+    let secret = c.dir.path().join("secret.ini");
+    std::fs::write(
+        &secret,
+        "[instances]\nagent-1\n\n[manager]\ninstance = agent-1\nrole = manager\nenv = TOKEN=s3cret\n",
+    )
+    .unwrap();
+    let secret = secret.to_str().unwrap();
+    let out = c.drover(z.addr, &["deploy-config", "--roles", roles, secret]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let shown = z.run(&["get-config", "--deployed"]);
+    assert_eq!(shown.code, Some(0), "{}", shown.stderr);
+    assert!(
+        shown.stdout.contains("env = TOKEN=<hidden>") && !shown.stdout.contains("s3cret"),
+        "{}",
+        shown.stdout
+    );
 }
