@@ -152,6 +152,8 @@ fn expired_certificate() {
         "{err}"
     );
     controller.wait_log("certificate expired");
+    // Who it was, as far as the refused certificate says.
+    controller.wait_log("refused the certificate of client 'old-ops': ");
     // The CLI says so itself, before dialling: which certificate, and since when.
     let out = c.drover_as("old-ops", addr, &["get-instances"]);
     assert_eq!(out.code, Some(1), "{out:?}");

@@ -88,10 +88,25 @@ impl ClientCertVerifier for LiveClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
-            .get()
-            .client_verifier
-            .verify_client_cert(end_entity, intermediates, now)
+        let verified =
+            self.0
+                .get()
+                .client_verifier
+                .verify_client_cert(end_entity, intermediates, now);
+        if let Err(e) = &verified {
+            // The connection's own refusal names only its address (the handshake ends
+            // before a peer is known): who it claimed to be is said here, as far as the
+            // refused certificate says it.
+            let who = crate::tls::identity_of_cert(end_entity).map_or_else(
+                |_| "a certificate without a drover identity".to_owned(),
+                |id| format!("{} '{}'", id.role, id.name),
+            );
+            let serial = crate::tls::cert_info(end_entity)
+                .map(|i| i.serial)
+                .unwrap_or_default();
+            tracing::warn!(serial, "refused the certificate of {who}: {e}");
+        }
+        verified
     }
 
     fn verify_tls12_signature(
