@@ -70,26 +70,28 @@ pub(crate) fn check(config: &Configuration, issues: &mut Vec<Issue>) {
 }
 
 /// A `{word}` in `text` that is not a placeholder but nearly one: a slip, since a
-/// program is unlikely to want a literal `{nme}`. Words further from every placeholder
-/// (`{print}`, `{}`, JSON) are left alone.
+/// program is unlikely to want a literal `{nme}`. Only slips a hand makes count: see
+/// [`slip_of`]. Braces that belong to something else are left alone: after `$`, `%` or
+/// `#` (a shell's `${PORT}`, systemd's `%{name}`), doubled (`{{Name}}`, Mustache's), and
+/// around an all-capitals word (`{PORT}`, an environment variable's name).
 fn misspelt(issues: &mut Vec<Issue>, key: &str, text: &str) {
-    let mut rest = text;
-    while let Some(open) = rest.find('{') {
-        // `${PORT}`, `%{name}`, `#{x}`: a shell's, systemd's or another template's own.
-        let after_sigil = rest[..open].ends_with(['$', '%', '#']);
-        rest = &rest[open + 1..];
+    let mut from = 0;
+    while let Some(found) = text[from..].find('{') {
+        let open = from + found;
+        from = open + 1;
+        if text[..open].ends_with(['$', '%', '#', '{']) {
+            continue;
+        }
+        let rest = &text[open + 1..];
         let Some(close) = rest.find(['}', '{']) else {
             return;
         };
-        if rest.as_bytes()[close] == b'{' {
+        if rest.as_bytes()[close] == b'{' || rest[close + 1..].starts_with('}') {
             continue;
         }
         let word = &rest[..close];
-        rest = &rest[close + 1..];
-        if after_sigil
-            || word.is_empty()
+        if word.is_empty()
             || !word.bytes().all(|b| b.is_ascii_alphabetic() || b == b'_')
-            // An environment variable's name, as in `{PORT}`.
             || (word.len() > 1 && !word.bytes().any(|b| b.is_ascii_lowercase()))
             || PLACEHOLDERS.contains(&word)
         {
@@ -107,57 +109,36 @@ fn misspelt(issues: &mut Vec<Issue>, key: &str, text: &str) {
     }
 }
 
-/// The placeholder `word` (lower-cased) is a slip of: the same letters with two
-/// neighbours swapped (`prot`) or one left out (`nme`), or for the longer ones two such
-/// edits (`intrface`), but never a word of its own that a program may well want in
-/// braces (jq's `{ports}`, `{sort}`, `{rule}`, `{names}`): a placeholder with a letter
-/// changed or added, or in the plural or singular, is not taken for one.
+/// The placeholder `word` (lower-cased) is a slip of: the placeholder with a letter left
+/// out (`nme`) or two neighbours swapped (`prot`), or for the longer placeholders two
+/// such slips (`intrface`). A letter changed or added makes a word of its own, which a
+/// program may well want in braces (jq's `{ports}`, `{sort}`, a password hash's
+/// `{scrypt}`, a log format's `{instant}`), and is never taken for one.
 fn slip_of(word: &str) -> Option<&'static str> {
     PLACEHOLDERS.into_iter().find(|p| {
-        if word == *p || word.len() > p.len() || format!("{word}s") == *p {
-            return false;
-        }
-        let d = distance(word, p);
-        let same_letters = {
-            let (mut a, mut b) = (word.as_bytes().to_vec(), p.as_bytes().to_vec());
-            a.sort_unstable();
-            b.sort_unstable();
-            a == b
-        };
-        // Shorter by one, with no letter changed: one left out.
-        let left_out = word.len() + 1 == p.len() && d == 1;
-        if p.len() <= 5 {
-            (same_letters && d == 1) || left_out
-        } else {
-            d <= 2 && (same_letters || word.len() < p.len())
-        }
-    })
-}
-
-/// Edit distance counting a swap of two neighbours as one edit (`prot` is one from
-/// `port`).
-fn distance(a: &str, b: &str) -> usize {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut d = vec![vec![0; b.len() + 1]; a.len() + 1];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for (j, cell) in d[0].iter_mut().enumerate() {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut best = (d[i - 1][j] + 1)
-                .min(d[i][j - 1] + 1)
-                .min(d[i - 1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                best = best.min(d[i - 2][j - 2] + 1);
+        let most = if p.len() <= 5 { 1 } else { 2 };
+        let mut near = vec![p.as_bytes().to_vec()];
+        for _ in 0..most {
+            let mut next = Vec::new();
+            for v in &near {
+                for i in 0..v.len() {
+                    let mut out = v.clone();
+                    out.remove(i);
+                    next.push(out);
+                    if i + 1 < v.len() {
+                        let mut swapped = v.clone();
+                        swapped.swap(i, i + 1);
+                        next.push(swapped);
+                    }
+                }
             }
-            d[i][j] = best;
+            near.extend(next);
         }
-    }
-    d[a.len()][b.len()]
+        // `{script}` is a word of its own too.
+        word != *p
+            && format!("{word}s") != *p
+            && near.iter().any(|v| v.as_slice() == word.as_bytes())
+    })
 }
 
 /// What a viewer is shown for an environment value (`get-config` as scope viewer): a
@@ -193,26 +174,43 @@ fn gaps(config: &Configuration, node: &Node, key: &str, issues: &mut Vec<Issue>)
     if !matches!(node.role, ClusterRole::None | ClusterRole::Other(_)) {
         return;
     }
-    let command = if node.command.is_empty() {
-        match config.roles.get(node.role.as_str()) {
-            Some(t) => &t.command,
-            None => return,
+    let template = config.roles.get(node.role.as_str());
+    let role = || format!("role '{}''s", node.role.as_str().escape_default());
+    // Where each string comes from, for the message.
+    let mut strings: Vec<(String, &str)> = Vec::new();
+    if node.command.is_empty() {
+        if let Some(t) = template {
+            strings.extend(
+                t.command
+                    .iter()
+                    .map(|a| (format!("{} command", role()), a.as_str())),
+            );
         }
     } else {
-        &node.command
-    };
+        strings.extend(
+            node.command
+                .iter()
+                .map(|a| ("its command".to_owned(), a.as_str())),
+        );
+    }
+    for (var, value) in &node.env {
+        strings.push((format!("its env {}", var.escape_default()), value));
+    }
+    for (var, value) in template.iter().flat_map(|t| &t.env) {
+        if !node.env.contains_key(var) {
+            strings.push((format!("{} env {}", role(), var.escape_default()), value));
+        }
+    }
     let has_port = node.port.is_some();
     let has_interface = node.interface.as_deref().is_some_and(|i| !i.is_empty());
     for (placeholder, what, has) in [
         ("{interface}", "interface", has_interface),
         ("{port}", "port", has_port),
     ] {
-        if !has && command.iter().any(|a| a.contains(placeholder)) {
-            let whose = if node.command.is_empty() {
-                format!("role '{}''s command", node.role.as_str().escape_default())
-            } else {
-                "its command".to_owned()
-            };
+        if has {
+            continue;
+        }
+        if let Some((whose, _)) = strings.iter().find(|(_, s)| s.contains(placeholder)) {
             issues.push(Issue::at_key(
                 key,
                 format!(
@@ -321,6 +319,12 @@ mod tests {
             "{PORTS}",
             "{ports}",
             "{sort}",
+            "{scrypt}$e0801$x",
+            "{instant} {level}",
+            "{interact}",
+            "{strips}",
+            "{{Name}}",
+            "{{ name }}",
             "{rule}",
             "{names}",
             "{same}",
@@ -369,8 +373,11 @@ mod tests {
         with.port = Some(2000);
         let own = node("o", ClusterRole::None, &["prog", "--port={port}"]);
         w.env.insert("X".into(), "{port}".into());
+        // In the environment alone.
+        let mut env = node("e", ClusterRole::None, &["prog"]);
+        env.env.insert("LISTEN".into(), ":{port}".into());
         let c = config(
-            vec![w, with, own],
+            vec![w, with, own, env],
             &[("sensor", &["snort", "-i", "{interface}", "-p", "{port}"])],
         );
         assert_eq!(
@@ -379,6 +386,7 @@ mod tests {
                 "nodes.w: node 'w' has no interface, which role 'sensor''s command puts in with '{interface}'",
                 "nodes.w: node 'w' has no port, which role 'sensor''s command puts in with '{port}'",
                 "nodes.o: node 'o' has no port, which its command puts in with '{port}'",
+                "nodes.e: node 'e' has no port, which its env LISTEN puts in with '{port}'",
             ]
         );
     }
@@ -459,13 +467,5 @@ mod tests {
             found[0].starts_with("nodes.n.env.TOKEN: the value is '<hidden>'"),
             "{found:?}"
         );
-    }
-
-    #[test]
-    fn distance_counts_a_swap_as_one_edit() {
-        assert_eq!(distance("prot", "port"), 1);
-        assert_eq!(distance("nme", "name"), 1);
-        assert_eq!(distance("print", "port"), 3);
-        assert_eq!(distance("", "port"), 4);
     }
 }
