@@ -164,6 +164,45 @@ fn a_deploy_that_cannot_be_recorded_changes_nothing_even_after_a_controller_rest
 /// configuration stays the old one, the agent shows as lagging, and once it can write
 /// again the controller brings it to the desired deploy by itself, without a reconnect
 /// or another deploy.
+/// A deploy every agent applied whose record as the deployed one failed (a full disk):
+/// once the record can be written, it is, without a restart or another deploy.
+#[test]
+fn a_deployed_record_that_could_not_be_written_is_written_once_it_can() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agent) = start(&c, &[]);
+    let old = cluster_file(&c, "old.toml", "old", 1, "");
+    let out = c.drover(addr, &["deploy-config", old.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    // A directory where the deployed record's temp file goes.
+    let blocker = c.dir.path().join("controller/deployed.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let new = cluster_file(&c, "new.toml", "new", 1, "env = { WHICH = \"new\" }\n");
+    let out = c.drover(addr, &["deploy-config", new.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains(
+            "generation 2 was applied, but cannot be recorded as the deployed configuration"
+        ),
+        "{}",
+        out.stdout
+    );
+    let deployed = || {
+        c.drover(addr, &["get-config", "--deployed", "--as-json"])
+            .json()["id"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    assert_eq!(deployed().as_deref(), Some("old"));
+    std::fs::remove_dir(&blocker).unwrap();
+    eventually("the deployed record written", PATIENCE, || {
+        (deployed().as_deref() == Some("new")).then_some(())
+    });
+    assert_eq!(
+        status_generation(&c, addr, "controller").as_deref(),
+        Some("2")
+    );
+}
+
 #[test]
 fn an_agent_that_cannot_record_a_deploy_lags_and_is_brought_to_it_once_it_can() {
     let c = Cluster::new();

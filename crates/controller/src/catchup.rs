@@ -5,7 +5,8 @@
 //! full disk, a read-only state dir; or it refused the Apply) stays connected and lags.
 //! Nothing else would tell it again until it reconnected or the next deploy came, so
 //! [`run`] sends it the desired deploy again, with backoff, until it applies it or
-//! leaves. [`Schedule`] decides who is due at a given instant (no clock, no I/O); the
+//! leaves. It also records again, every few seconds, a desired deploy that every agent
+//! applied but that could not be recorded as the deployed one (a full disk). [`Schedule`] decides who is due at a given instant (no clock, no I/O); the
 //! loop around it asks and re-applies.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,6 +26,11 @@ pub(crate) const MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// How often the loop looks for lagging agents.
 const TICK: Duration = Duration::from_secs(1);
+
+/// How often a desired deploy every agent applied, but that could not be recorded as
+/// the deployed one (a full disk), is recorded again: its agents have nothing more to
+/// report that would ask for it.
+const RECORD_AGAIN: Duration = Duration::from_secs(5);
 
 /// Which lagging agents are due for another try.
 #[derive(Debug, Default)]
@@ -74,6 +80,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut schedule = Schedule::default();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut recorded_at = Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -84,6 +91,10 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         };
         if shared.is_deploying() {
             continue;
+        }
+        if recorded_at.elapsed() >= RECORD_AGAIN {
+            recorded_at = Instant::now();
+            crate::api::converge(&shared);
         }
         let connections = shared.registry.connections();
         let lagging: Vec<String> = {
