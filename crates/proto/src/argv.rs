@@ -65,7 +65,10 @@ pub(crate) fn check(config: &Configuration, issues: &mut Vec<Issue>) {
             hidden(issues, &key, value);
         }
         gaps(config, node, &key, issues);
-        sizes(&config.resolve(node), &key, issues);
+        // Filling in costs a copy of the node: only when a string could grow too long.
+        if might_grow_too_long(config, node) {
+            sizes(&config.resolve(node), &key, issues);
+        }
     }
 }
 
@@ -220,6 +223,33 @@ fn gaps(config: &Configuration, node: &Node, key: &str, issues: &mut Vec<Issue>)
             ));
         }
     }
+}
+
+/// Whether a string of `node`'s command or environment (its own or its role's) could be
+/// longer than [`MAX_STRING`] once its placeholders are filled in: its length with every
+/// `{` taken for the longest value a placeholder could give.
+fn might_grow_too_long(config: &Configuration, node: &Node) -> bool {
+    let fill = [
+        node.name.len(),
+        node.instance.len(),
+        node.role.as_str().len(),
+        node.interface.as_deref().map_or(0, str::len),
+        5,
+        node.scripts.iter().map(|s| s.len() + 1).sum(),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    let bound = |s: &str| s.len() + s.matches('{').count() * fill;
+    let template = config.roles.get(node.role.as_str());
+    let args = node
+        .command
+        .iter()
+        .chain(template.iter().flat_map(|t| &t.command));
+    let env = node.env.iter().chain(template.iter().flat_map(|t| &t.env));
+    args.map(|a| bound(a))
+        .chain(env.map(|(k, v)| k.len() + 1 + bound(v)))
+        .any(|n| n > MAX_STRING)
 }
 
 /// An argument or environment entry of the filled-in node longer than one exec takes.
