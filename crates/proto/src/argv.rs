@@ -43,32 +43,35 @@ pub const MAX_STRING: usize = 32 * 4096 - 1;
 pub(crate) fn check(config: &Configuration, issues: &mut Vec<Issue>) {
     for (role, t) in &config.roles {
         let key = format!("roles.{}", role.escape_default());
-        for arg in &t.command {
-            misspelt(issues, &format!("{key}.command"), arg);
-        }
-        for (var, value) in &t.env {
-            let key = format!("{key}.env.{}", var.escape_default());
-            agent_set(issues, &key, var);
-            misspelt(issues, &key, value);
-            hidden(issues, &key, value);
-        }
+        as_written(issues, &key, &t.command, &t.env);
     }
     for node in &config.nodes {
         let key = format!("nodes.{}", node.name.escape_default());
-        for arg in &node.command {
-            misspelt(issues, &format!("{key}.command"), arg);
-        }
-        for (var, value) in &node.env {
-            let key = format!("{key}.env.{}", var.escape_default());
-            agent_set(issues, &key, var);
-            misspelt(issues, &key, value);
-            hidden(issues, &key, value);
-        }
+        as_written(issues, &key, &node.command, &node.env);
         gaps(config, node, &key, issues);
         // Filling in costs a copy of the node: only when a string could grow too long.
         if might_grow_too_long(config, node) {
             sizes(&config.resolve(node), &key, issues);
         }
+    }
+}
+
+/// What a role template's or a node's own command and environment (at `key`) hold as
+/// written: misspelt placeholders, variables the agent sets, a viewer's `<hidden>`.
+fn as_written(
+    issues: &mut Vec<Issue>,
+    key: &str,
+    command: &[String],
+    env: &std::collections::BTreeMap<String, String>,
+) {
+    for arg in command {
+        misspelt(issues, &format!("{key}.command"), arg);
+    }
+    for (var, value) in env {
+        let key = format!("{key}.env.{}", var.escape_default());
+        agent_set(issues, &key, var);
+        misspelt(issues, &key, value);
+        hidden(issues, &key, value);
     }
 }
 
