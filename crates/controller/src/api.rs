@@ -116,13 +116,10 @@ pub(crate) async fn handle_as(
     })
 }
 
-/// What a viewer is shown instead of a node's environment value: node environments
-/// hold secrets (tokens, passwords), and a viewer certificate is the one given to
-/// dashboards and people who only look.
-pub(crate) const HIDDEN: &str = "<hidden>";
-
 /// Replaces every environment value in a configuration `reply` carries (nodes' and
-/// role templates') with [`HIDDEN`]; the names stay.
+/// role templates') with [`drover_proto::argv::HIDDEN`], which stage refuses; the names stay. Node
+/// environments hold secrets (tokens, passwords), and a viewer certificate is the one
+/// given to dashboards and people who only look.
 fn hide_env_values(reply: &mut ClientResponse) {
     let ClientResponse::Result(MgmtResult {
         data: Some(ResultData::Configuration(config)),
@@ -138,7 +135,7 @@ fn hide_env_values(reply: &mut ClientResponse) {
         .chain(config.roles.values_mut().map(|t| &mut t.env));
     for env in envs {
         for value in env.values_mut() {
-            HIDDEN.clone_into(value);
+            drover_proto::argv::HIDDEN.clone_into(value);
         }
     }
 }
