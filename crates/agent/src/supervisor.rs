@@ -4031,6 +4031,28 @@ async fn sleep_until(deadline: Option<Instant>) {
 mod tests {
     use super::*;
 
+    /// What the agent sets in a node's environment is what stage refuses a
+    /// configuration to set, so that nothing is replaced without a word.
+    #[test]
+    fn the_variables_the_agent_sets_are_those_stage_refuses() {
+        let mut spec = Node::new("n1", "agent-1");
+        spec.env.insert("OWN".into(), "x".into());
+        for var in node_env("n1", "agent-1", &spec).keys() {
+            assert!(
+                matches!(*var, "PATH" | "OWN") || drover_proto::argv::AGENT_SET.contains(var),
+                "{var} is set by the agent but not refused at stage"
+            );
+        }
+        for var in [
+            "NOTIFY_SOCKET",
+            "DROVER_QUERY_SOCKET",
+            "DROVER_NODE_TOKEN",
+            "WATCHDOG_USEC",
+        ] {
+            assert!(drover_proto::argv::AGENT_SET.contains(&var), "{var}");
+        }
+    }
+
     /// An agent out of file descriptors cannot open a node's cgroup files, nor pidfds
     /// for its processes: the stop still reaches the node, through the pidfd it holds.
     /// (nextest runs each test in a process of its own, whose descriptors this one may
