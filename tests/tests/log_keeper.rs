@@ -671,7 +671,17 @@ fn a_keeper_that_does_not_answer_at_first_is_asked_again() {
     let state = c.dir.path().join("agent-a1");
     let keeper = keeper_pid(&state).expect("a keeper runs");
     signal(nix::unistd::Pid::from_raw(keeper), Signal::SIGSTOP).unwrap();
+    eventually("the keeper stopped", PATIENCE, || {
+        let status = std::fs::read_to_string(format!("/proc/{keeper}/status")).ok()?;
+        status
+            .lines()
+            .any(|l| l.starts_with("State:\tT"))
+            .then_some(())
+    });
     first.kill();
+    // The kernel has sent it SIGHUP and SIGCONT as the agent died (where that orphaned
+    // its process group); elsewhere it is still stopped: it goes on all the same.
+    signal(nix::unistd::Pid::from_raw(keeper), Signal::SIGCONT).unwrap();
     let seq = lines_arrive("the node's lines with no agent", &dir, seq + 100);
     assert_eq!(
         keeper_pid(&state),
