@@ -6,8 +6,9 @@
 //! Nothing else would tell it again until it reconnected or the next deploy came, so
 //! [`run`] sends it the desired deploy again, with backoff, until it applies it or
 //! leaves. It also records again, every few seconds, a desired deploy that every agent
-//! applied but that could not be recorded as the deployed one (a full disk). [`Schedule`] decides who is due at a given instant (no clock, no I/O); the
-//! loop around it asks and re-applies.
+//! applied but that could not be recorded as the deployed one (a full disk).
+//! [`Schedule`] decides who is due at a given instant (no clock, no I/O); the loop
+//! around it asks and re-applies.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -6,10 +6,11 @@
 //!
 //! - a misspelt placeholder (`{nme}`, `{prot}`) in a command or an environment value,
 //!   which would reach the program as it is written;
-//! - `{interface}` or `{port}` in the command of a node that has none, which would give
-//!   the program an empty argument (`-i ""`), but for Zeek's roles;
-//! - a variable the agent sets for every node process (`DROVER_NODE`, `NOTIFY_SOCKET`,
-//!   ...), which would be replaced without a word;
+//! - `{interface}` or `{port}` in the command or environment of a node that has none,
+//!   which would give the program an empty string (`-i ""`), but for Zeek's roles;
+//! - a variable the agent sets itself (`DROVER_NODE`, `NOTIFY_SOCKET`, ...), which
+//!   would be replaced without a word;
+//! - an environment value `<hidden>`: a viewer's copy, whose secrets it would replace;
 //! - an argument or an environment entry longer than one exec takes, which would fail
 //!   every start with "argument list too long".
 
