@@ -1,7 +1,8 @@
 //! One live connection per agent identity: a second process with an agent's certificate
-//! is refused while the first answers (and wins once the first stops answering), a
-//! reconnect of the same agent is not refused, and an agent that both dials and listens
-//! keeps one connection.
+//! is refused while the first answers (and wins once the first stops answering); the
+//! refused one stops its nodes until it is accepted, so none runs twice; a reconnect of
+//! the same agent is not refused, and an agent that both dials and listens keeps one
+//! connection.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,7 +10,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use drover_tests::lossy::{Impairment, LossyLink};
-use drover_tests::{Cluster, PATIENCE, Proc, bin, eventually, free_udp_port};
+use drover_tests::{
+    Cluster, PATIENCE, Proc, bin, eventually, free_tcp, free_udp_port, metric_value, scrape,
+};
 use nix::sys::signal::Signal;
 
 /// Starts agent-1 (certificate `agent-1.*`) on `state_dir`, logging to `<log>.log`, with
@@ -151,9 +154,12 @@ fn a_second_agent_with_the_same_certificate_is_refused_while_the_first_answers()
             .exists()
             .then_some(())
     });
-    // The first, resumed, finds its connection closed and is refused in its turn.
+    // The first, resumed, finds its connection closed and is refused in its turn; it
+    // stops its copy of the node, which the second runs now.
     first.signal(Signal::SIGCONT);
     first.wait_log(refusal);
+    first.wait_log(STANDING_BY);
+    one_copy_of_n1(&c, addr);
     assert!(
         !second.log_text().contains("lost the controller"),
         "{}",
@@ -162,6 +168,93 @@ fn a_second_agent_with_the_same_certificate_is_refused_while_the_first_answers()
     mon.kill().unwrap();
     mon.wait().unwrap();
     second.kill();
+}
+
+/// What a refused agent logs as it stops its nodes.
+const STANDING_BY: &str = "this agent's nodes are stopped until the controller accepts it";
+
+/// Waits until exactly one process runs n1, the one the controller reports.
+fn one_copy_of_n1(c: &Cluster, addr: SocketAddr) -> u32 {
+    eventually("exactly one copy of n1", PATIENCE, || {
+        let pid = u32::try_from(n1_pid(c, addr)).unwrap();
+        (node_processes(c, "n1") == vec![pid]).then_some(pid)
+    })
+}
+
+#[test]
+fn a_refused_agent_stops_the_nodes_it_recovered_until_it_is_accepted() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let ctl_addr = addr.to_string();
+    let stale_dir = c.dir.path().join("stale");
+    let metrics = free_tcp().to_string();
+    let stale_args = ["--controller", &ctl_addr, "--metrics-listen", &metrics];
+    let mut stale = agent_1(&c, "agent-stale", &stale_dir, &stale_args);
+    stale.wait_log("connected to controller");
+    let file = cluster_file(&c, "");
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let old = u32::try_from(n1_pid(&c, addr)).unwrap();
+    // Its host dies: the agent and its node are gone, its state dir stays.
+    stale.kill();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(old).unwrap()),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("n1's process gone", PATIENCE, || {
+        node_processes(&c, "n1").is_empty().then_some(())
+    });
+
+    // Another process with the same certificate takes over and runs the node.
+    let mut first = agent_1(
+        &c,
+        "agent-first",
+        &c.dir.path().join("first"),
+        &["--controller", &ctl_addr],
+    );
+    first.wait_log("connected to controller");
+    let pid = one_copy_of_n1(&c, addr);
+    assert_ne!(pid, old);
+
+    // The old one comes back: it starts the node its state dir names, as any agent
+    // recovering does, then is refused and stops it again.
+    let stale = agent_1(&c, "agent-stale-again", &stale_dir, &stale_args);
+    stale.wait_log("already connected from");
+    stale.wait_log(STANDING_BY);
+    assert_eq!(one_copy_of_n1(&c, addr), pid);
+    let metrics: SocketAddr = metrics.parse().unwrap();
+    assert_eq!(
+        metric_value(&scrape(metrics), "drover_agent_standby"),
+        Some(1.0)
+    );
+    // It stays stopped through further refusals.
+    eventually("two more refusals", PATIENCE, || {
+        (stale.log_text().matches("already connected from").count() >= 3).then_some(())
+    });
+    assert_eq!(node_processes(&c, "n1"), vec![pid]);
+
+    // The host of the one the controller kept dies in its turn: the waiting one is
+    // accepted and starts the node again, once.
+    first.kill();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    stale.wait_log("the controller accepted this agent");
+    let again = one_copy_of_n1(&c, addr);
+    assert!(again != pid && again != old, "{again}");
+    assert_eq!(
+        metric_value(&scrape(metrics), "drover_agent_standby"),
+        Some(0.0)
+    );
+    assert_eq!(
+        stale.log_text().matches(STANDING_BY).count(),
+        1,
+        "{}",
+        stale.log_text()
+    );
 }
 
 fn controller_log(c: &Cluster) -> String {
@@ -275,4 +368,8 @@ fn an_agent_that_dials_and_listens_keeps_one_connection() {
     assert!(log2.matches("refused connection").count() <= 1, "{log2}");
     let n = c.drover(addr, &["get-instances"]).json();
     assert!(n.get("agent-1").is_some(), "{n}");
+    // Refused while its own listener's connection lived, it did not take itself for a
+    // second process and stop its node.
+    let log = agent.log_text();
+    assert!(!log.contains(STANDING_BY), "{log}");
 }

@@ -581,6 +581,8 @@ impl Agent {
                         addr = %est.conn.remote_address(),
                         "connected to controller"
                     );
+                    // Welcomed, so admitted: this process holds the identity now.
+                    resume(supervisor).await;
                     // A reload before this connection was made needs no new one.
                     refresh.borrow_and_update();
                     let mut live = self.start_serving(est.conn, tracked, supervisor);
@@ -612,7 +614,19 @@ impl Agent {
                         quick = FAILOVER_ATTEMPTS;
                     }
                 }
-                Err(e) => warn!("cannot connect to the controller: {e}"),
+                Err(e) => {
+                    warn!("cannot connect to the controller: {e}");
+                    // Not when the connection the controller keeps is the one it made
+                    // to this agent's own listener.
+                    if drover_proto::msg::is_already_connected(&e.to_string())
+                        && *listened.borrow() == 0
+                        && supervisor.stand_by().await
+                    {
+                        warn!(
+                            "the controller keeps another process's connection with this agent's identity (a second agent with the same certificate): this agent's nodes are stopped until the controller accepts it"
+                        );
+                    }
+                }
             }
             let mut delay = backoff.next_delay();
             if quick > 0 {
@@ -847,6 +861,14 @@ impl Agent {
             let refresh = refresh.clone();
             async move {
                 let _in_flight = state.enter();
+                // The controller asks nothing of a connection it has not admitted (a
+                // connection it made to this agent's listener is welcomed before that).
+                if !state
+                    .admitted
+                    .swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    resume(&sup).await;
+                }
                 // Answer before the requester gives up, so a timeout is a result.
                 let budget = req.timeout_ms.map_or(limit, |ms| {
                     limit.min(Duration::from_millis(ms.saturating_mul(4) / 5))
@@ -1504,6 +1526,12 @@ async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String
     );
     drover_metrics::gauge(
         &mut out,
+        "drover_agent_standby",
+        "1 while the controller refuses this agent because another process with its certificate is connected; its nodes are stopped meanwhile.",
+        &[(String::new(), f64::from(u8::from(sup.standing_by())))],
+    );
+    drover_metrics::gauge(
+        &mut out,
         "drover_agent_streams_served",
         "Streams the controller opened that the agent is serving (log follows included).",
         &[(String::new(), conn::served_streams() as f64)],
@@ -1516,6 +1544,16 @@ async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String
         &[(String::new(), me.rss_bytes.unwrap_or(0) as f64)],
     );
     out
+}
+
+/// Starts again what [`Supervisor::stand_by`] stopped, once the controller admitted
+/// this agent.
+async fn resume(supervisor: &Supervisor) {
+    if supervisor.resume().await {
+        info!(
+            "the controller accepted this agent: starting the nodes stopped while another process held its identity"
+        );
+    }
 }
 
 /// The agent's own NodeStatus entry (management role AGENT), with the deploy

@@ -157,6 +157,8 @@ pub struct Supervisor {
     answered: watch::Receiver<u64>,
     /// The deploy generation applied.
     applied: watch::Receiver<u64>,
+    /// True while the agent stands by (see [`Supervisor::stand_by`]), for metrics.
+    standby: watch::Receiver<bool>,
     /// Set when the supervisor task ended other than by [`Supervisor::shutdown`]: a
     /// panic.
     failure: watch::Receiver<Option<String>>,
@@ -204,6 +206,14 @@ enum Command {
         stop_nodes: bool,
         reply: oneshot::Sender<()>,
     },
+    /// The controller refused this agent because another live process holds its
+    /// identity: stop every node as an exit with `--on-exit stop` would, leaving each
+    /// desired to run, until [`Command::Resume`]. Answered with whether the agent was
+    /// not standing by already.
+    StandBy { reply: oneshot::Sender<bool> },
+    /// The controller accepted this agent: start again the nodes [`Command::StandBy`]
+    /// stopped. Answered with whether it was standing by.
+    Resume { reply: oneshot::Sender<bool> },
     /// The state dir was removed or replaced under the agent: every node's directory
     /// and notify socket are made again and every record written anew.
     /// Answered with the nodes that could not be restored, and why.
@@ -570,6 +580,9 @@ struct Core {
     /// The deploy generation applied, and the restart epoch of the desired state.
     applied: watch::Sender<u64>,
     restart_epoch: u64,
+    /// True while the agent stands by ([`Command::StandBy`]): an Apply under way when
+    /// it began must not start its nodes either.
+    standby: watch::Sender<bool>,
     /// Applies in arrival order, carried out one at a time, and the one whose desired
     /// state is being written (off this task: it is synced).
     applies: Applies<Requested>,
@@ -904,6 +917,7 @@ impl Supervisor {
         let (changes_tx, changes_rx) = watch::channel(0);
         let (answered_tx, answered_rx) = watch::channel(0);
         let (applied_tx, applied_rx) = watch::channel(0);
+        let (standby_tx, standby_rx) = watch::channel(false);
         let state_dir_for_tokens = cfg.state_dir.clone();
         let in_flight = crate::spawner::InFlight::default();
         let records = std::sync::Arc::new(crate::records::Records::default());
@@ -934,6 +948,7 @@ impl Supervisor {
             answered: answered_tx,
             applied: applied_tx,
             restart_epoch: 0,
+            standby: standby_tx,
             applies: Applies::default(),
             last_apply: None,
             next_token: token_prefix(&state_dir_for_tokens) << 32 | u64::from(rand_u32()),
@@ -981,6 +996,7 @@ impl Supervisor {
             changes: changes_rx,
             answered: answered_rx,
             applied: applied_rx,
+            standby: standby_rx,
             failure: failure_rx,
             host,
             direct_log_writers,
@@ -1111,6 +1127,29 @@ impl Supervisor {
         let _ = self
             .ask(|reply| Command::Shutdown { stop_nodes, reply })
             .await;
+    }
+
+    /// Stops every node that runs or is to run, leaving each desired to run (an agent
+    /// process started meanwhile starts it), because the controller refused this agent:
+    /// another live process holds its identity, and the nodes must not run twice.
+    /// Returns whether the agent was not standing by already.
+    pub async fn stand_by(&self) -> bool {
+        self.ask(|reply| Command::StandBy { reply })
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Starts again the nodes [`Supervisor::stand_by`] stopped, once the controller
+    /// accepted this agent. Returns whether it was standing by.
+    pub async fn resume(&self) -> bool {
+        self.ask(|reply| Command::Resume { reply })
+            .await
+            .unwrap_or(false)
+    }
+
+    /// True while the agent stands by ([`Supervisor::stand_by`]).
+    pub fn standing_by(&self) -> bool {
+        *self.standby.borrow()
     }
 
     /// True when the supervisor task answers within `patience`: it is neither gone nor
@@ -1419,38 +1458,79 @@ impl Core {
             }
             Command::Shutdown { stop_nodes, reply } => {
                 self.release_cgroups = stop_nodes;
-                let now = self.now();
-                let mut longest = Duration::ZERO;
-                if stop_nodes {
-                    let names: Vec<String> = self.nodes.keys().cloned().collect();
-                    for name in names {
-                        if let Some(e) = self.nodes.get_mut(&name) {
-                            longest = longest.max(e.spec.stop_timeout);
-                            let ended = matches!(
-                                e.book.machine.state(),
-                                machine::State::Stopped | machine::State::Failed
-                            );
-                            if ended {
-                                // Nothing runs: its record stays as it is, so that a
-                                // FAILED node is FAILED to the next agent, not stopped.
-                                continue;
-                            }
-                            // One that ran or was to run again runs again with the next
-                            // agent; one an operator stopped stays as it is.
-                            e.stopped_with_agent = !e.stopped_by_operator;
-                            let actions = e.book.machine.stop(now);
-                            self.run_actions(&name, actions);
-                            // One waiting out its backoff has no process whose end
-                            // would write its record: the next agent starts it afresh.
-                            self.save_record(&name);
-                        }
-                    }
+                let longest = if stop_nodes {
+                    self.stop_with_agent()
                 } else {
                     // Leave every process to the next agent; keep the records as they are.
                     self.nodes.clear();
-                }
+                    Duration::ZERO
+                };
                 let deadline = Instant::now() + longest + Duration::from_secs(2);
                 self.shutdown = Some((deadline, reply));
+            }
+            Command::StandBy { reply } => {
+                let began = !self.standby.send_replace(true);
+                if began {
+                    self.stop_with_agent();
+                }
+                let _ = reply.send(began);
+            }
+            Command::Resume { reply } => {
+                let was = self.standby.send_replace(false);
+                if was {
+                    self.start_stopped_with_agent();
+                }
+                let _ = reply.send(was);
+            }
+        }
+    }
+
+    /// Stops every node that runs or is to run as the agent's exit with `--on-exit stop`
+    /// does: each stays desired to run, and an agent process started later starts it
+    /// again. Returns the longest stop timeout among them.
+    fn stop_with_agent(&mut self) -> Duration {
+        let now = self.now();
+        let mut longest = Duration::ZERO;
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for name in names {
+            if let Some(e) = self.nodes.get_mut(&name) {
+                longest = longest.max(e.spec.stop_timeout);
+                let ended = matches!(
+                    e.book.machine.state(),
+                    machine::State::Stopped | machine::State::Failed
+                );
+                if ended {
+                    // Nothing runs: its record stays as it is, so that a FAILED node is
+                    // FAILED to the next agent, not stopped.
+                    continue;
+                }
+                // One that ran or was to run again runs again with the next agent; one
+                // an operator stopped stays as it is.
+                e.stopped_with_agent = !e.stopped_by_operator;
+                let actions = e.book.machine.stop(now);
+                self.run_actions(&name, actions);
+                // One waiting out its backoff has no process whose end would write its
+                // record: the next agent starts it afresh.
+                self.save_record(&name);
+            }
+        }
+        longest
+    }
+
+    /// Starts again the nodes [`Core::stop_with_agent`] stopped.
+    fn start_stopped_with_agent(&mut self) {
+        let now = self.now();
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for name in names {
+            if let Some(e) = self.nodes.get_mut(&name)
+                && std::mem::take(&mut e.stopped_with_agent)
+                && !e.removing
+                && !e.stopped_by_operator
+            {
+                info!(node = %name, "starting the node again: the controller accepted this agent");
+                let actions = e.book.machine.start(now);
+                self.run_actions(&name, actions);
+                self.save_record(&name);
             }
         }
     }
@@ -1691,6 +1771,11 @@ impl Core {
                     }
                 }
             }
+        }
+        if *self.standby.borrow() {
+            // Refused since this Apply was taken: what it started must not run beside
+            // the nodes of the process the controller keeps.
+            self.stop_with_agent();
         }
         for name in self.nodes.keys().cloned().collect::<Vec<_>>() {
             self.save_record(&name);
@@ -4336,6 +4421,106 @@ mod tests {
             // Unblock the spawner: a writer opens the FIFO and goes.
             drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
             apply.abort();
+        });
+    }
+
+    use drover_proto::model::State;
+
+    /// Waits until `want` holds of the supervisor's statuses, by name.
+    async fn until_states(sup: &Supervisor, want: &[(&str, State)]) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let states: BTreeMap<String, State> = sup
+                .status()
+                .await
+                .into_iter()
+                .map(|s| (s.node, s.state))
+                .collect();
+            if want
+                .iter()
+                .all(|(n, st)| states.get(*n).is_some_and(|s| s == st))
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "want {want:?}, have {states:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn sleepers(names: &[&str]) -> Configuration {
+        let mut text = "[instances.agent-1]\n".to_owned();
+        for n in names {
+            text.push_str(&format!(
+                "[nodes.{n}]\ninstance = \"agent-1\"\ncommand = [\"sleep\", \"1000\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n"
+            ));
+        }
+        drover_proto::config::parse_toml("c.toml", &text).unwrap()
+    }
+
+    #[test]
+    fn standing_by_stops_the_nodes_to_run_and_resuming_starts_them_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        two_workers().block_on(async {
+            let sup = bare_supervisor(&state);
+            let later = || Instant::now() + Duration::from_secs(20);
+            let rs = sup
+                .apply(
+                    sleepers(&["a", "b", "c"]),
+                    Restart::default(),
+                    1,
+                    later(),
+                    None,
+                )
+                .await;
+            assert!(rs.iter().all(|r| r.success), "{rs:?}");
+            until_states(
+                &sup,
+                &[
+                    ("a", State::Running),
+                    ("b", State::Running),
+                    ("c", State::Running),
+                ],
+            )
+            .await;
+            let rs = sup.act(Op::Stop, vec!["b".into()], later(), later()).await;
+            assert!(rs.iter().all(|r| r.success), "{rs:?}");
+
+            assert!(sup.stand_by().await);
+            assert!(sup.standing_by());
+            assert!(!sup.stand_by().await, "already standing by");
+            until_states(&sup, &[("a", State::Stopped), ("c", State::Stopped)]).await;
+            // Still desired to run: an agent process started now would start it.
+            let record =
+                read_record(&std::fs::read(state.join("nodes/a/record.json")).unwrap()).unwrap();
+            assert!(record.ended.is_none() && !record.stopped, "{record:?}");
+
+            // An Apply carried out meanwhile does not start what it adds.
+            sup.apply(
+                sleepers(&["a", "b", "c", "d"]),
+                Restart::default(),
+                2,
+                later(),
+                None,
+            )
+            .await;
+            until_states(&sup, &[("d", State::Stopped)]).await;
+
+            assert!(sup.resume().await);
+            assert!(!sup.standing_by());
+            assert!(!sup.resume().await, "not standing by any more");
+            until_states(
+                &sup,
+                &[
+                    ("a", State::Running),
+                    ("c", State::Running),
+                    ("d", State::Running),
+                ],
+            )
+            .await;
+            // The one an operator stopped stays stopped.
+            until_states(&sup, &[("b", State::Stopped)]).await;
+            sup.shutdown(true).await;
         });
     }
 

@@ -1075,7 +1075,10 @@ pub(crate) async fn admit_agent(
             }
             // An error reply (an agent that does not know the request) is an answer too.
             Ok(_) | Err(NetError::Refused(_) | NetError::Protocol(_)) => {
-                return Err(format!("agent {name} is already connected from {old_addr}"));
+                return Err(drover_proto::msg::already_connected(
+                    name,
+                    &old_addr.to_string(),
+                ));
             }
             Err(e) => {
                 if shared

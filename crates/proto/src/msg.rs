@@ -24,6 +24,21 @@ pub const API_VERSION: u32 = 1;
 /// leader's address follows, and dialers try it next.
 pub const NOT_LEADER: &str = "not the leader; the leader is ";
 
+/// How the controller refuses an agent while another live connection holds the same
+/// agent identity: a second process with the agent's certificate. The refused agent
+/// recognises it ([`is_already_connected`]) and stops its nodes until it is accepted,
+/// so that they do not run twice.
+pub fn already_connected(agent: &str, from: &str) -> String {
+    format!("agent {agent}{ALREADY_CONNECTED}{from}")
+}
+
+/// Whether a refusal (or an error that quotes one) is [`already_connected`]'s.
+pub fn is_already_connected(message: &str) -> bool {
+    message.contains(ALREADY_CONNECTED)
+}
+
+const ALREADY_CONNECTED: &str = " is already connected from ";
+
 /// The leader's address in a refusal that starts with [`NOT_LEADER`].
 pub fn leader_hint(message: &str) -> Option<&str> {
     message
@@ -737,6 +752,15 @@ liveness = { kind = "tcp", port = 9 }
         assert_eq!(leader_hint(NOT_LEADER), None);
         assert_eq!(leader_hint(&format!("{NOT_LEADER}a b")), None);
         assert_eq!(leader_hint("agent a1 is already connected"), None);
+        let refusal = already_connected("a1", "10.0.0.9:4000");
+        assert_eq!(refusal, "agent a1 is already connected from 10.0.0.9:4000");
+        assert!(is_already_connected(&refusal));
+        assert!(is_already_connected(&format!(
+            "no controller welcomed us as the leader (c1: refused: {refusal}; c2: timed out)"
+        )));
+        assert!(!is_already_connected(
+            "not the leader; the leader is c2:4433"
+        ));
     }
 
     #[test]
