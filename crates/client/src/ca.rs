@@ -142,8 +142,19 @@ pub fn run(cmd: &CaCommand) -> anyhow::Result<ExitCode> {
             let key = key.clone().unwrap_or_else(|| cert.with_extension("key"));
             let validity = validity(*days)?;
             let before = describe(cert)?;
-            let (cert_prev, key_prev) = drover_pki::renew_in_place(dir, cert, &key, validity)?;
+            let drover_pki::Renewal {
+                cert_prev,
+                key_prev,
+                finished_earlier,
+            } = drover_pki::renew_in_place(dir, cert, &key, validity)?;
             let after = describe(cert)?;
+            if finished_earlier {
+                crate::stdio::errln(&format!(
+                    "{} was the key of {}.new: an earlier renewal stopped between its renames; finished it, and issued nothing new",
+                    key.display(),
+                    cert.display()
+                ));
+            }
             crate::stdio::errln(&format!(
                 "renewed {} ({}): serial {} -> {}, issued by {}; the previous pair is {} and {}",
                 cert.display(),

@@ -228,12 +228,28 @@ impl Credentials {
         let key = read_regular(&files.key)
             .map_err(|e| cred_err(&files.key, "cannot read private key", &e))?;
         Self::from_pem(&ca, &cert, &key).map_err(|e| match e {
-            NetError::Credentials(m) => NetError::Credentials(format!(
-                "{m} (ca {}, cert {}, key {})",
-                files.ca.display(),
-                files.cert.display(),
-                files.key.display()
-            )),
+            NetError::Credentials(m) => {
+                let mut pending = files.cert.as_os_str().to_owned();
+                pending.push(".new");
+                let pending = PathBuf::from(pending);
+                // What `drover ca renew` leaves when stopped between its two renames.
+                let hint = if m.starts_with("certificate and key do not match")
+                    && pending.exists()
+                {
+                    format!(
+                        "; {} exists: a renewal stopped before its end? `drover ca renew` again finishes it",
+                        pending.display()
+                    )
+                } else {
+                    String::new()
+                };
+                NetError::Credentials(format!(
+                    "{m} (ca {}, cert {}, key {}){hint}",
+                    files.ca.display(),
+                    files.cert.display(),
+                    files.key.display()
+                ))
+            }
             other => other,
         })
     }

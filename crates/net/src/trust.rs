@@ -501,6 +501,19 @@ mod tests {
             err.contains("certificate and key do not match: the key is not the certificate's"),
             "{err}"
         );
+        assert!(!err.contains("renewal"), "{err}");
+        // Left so by a renewal stopped between its renames: the error says what to do.
+        let mut pending = f.files.cert.as_os_str().to_owned();
+        pending.push(".new");
+        std::fs::write(&pending, &leaf.cert).unwrap();
+        let err = trust.reload().unwrap_err().to_string();
+        assert!(
+            err.contains(
+                ".new exists: a renewal stopped before its end? `drover ca renew` again finishes it"
+            ),
+            "{err}"
+        );
+        std::fs::remove_file(&pending).unwrap();
         // Its own key now: a certificate the bundle does not verify, which peers sharing
         // the bundle would refuse.
         write_key(&f.files.key, &leaf.key);
@@ -525,7 +538,7 @@ mod tests {
         assert!(trust.deny().is_empty());
         trust.credentials().verify_peer(&peer, None).unwrap();
         let stats = trust.stats();
-        assert_eq!((stats.succeeded, stats.failed), (0, 4));
+        assert_eq!((stats.succeeded, stats.failed), (0, 5));
         assert!(stats.failing.unwrap().contains("invalid deny list"));
 
         // Fixed: all of it in force at once.
@@ -537,7 +550,7 @@ mod tests {
         let mut page = String::new();
         trust.render_metrics(&mut page);
         assert!(
-            page.contains("drover_cert_reloads_total{result=\"failed\"} 4"),
+            page.contains("drover_cert_reloads_total{result=\"failed\"} 5"),
             "{page}"
         );
         assert!(page.contains("drover_cert_reload_failing 0"), "{page}");

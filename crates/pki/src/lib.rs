@@ -12,7 +12,7 @@
 
 mod renew;
 
-pub use renew::{Issued, describe, renew_in_place};
+pub use renew::{Issued, Renewal, describe, renew_in_place};
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;

@@ -166,24 +166,57 @@ impl Ca {
     }
 }
 
+/// What [`renew_in_place`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewal {
+    /// The previous certificate, kept.
+    pub cert_prev: PathBuf,
+    /// The previous key, kept.
+    pub key_prev: PathBuf,
+    /// An earlier renewal had stopped between its two renames (the new key in place,
+    /// the new certificate still at `<cert>.new`): it was finished, and no other
+    /// certificate issued.
+    pub finished_earlier: bool,
+}
+
 /// Renews the certificate `cert` (its key at `key`) with the CA in `dir`, in place: the
 /// successor's key and certificate are written to temporary files (the key with mode
-/// 0600), synced, and renamed over `key` and then `cert`, so a reader sees either pair
-/// whole; the previous ones stay as `<cert>.prev` and `<key>.prev`. Returns the paths
-/// of the previous pair.
+/// 0600), synced, and renamed over `key` and then `cert`; the previous ones stay as
+/// `<cert>.prev` and `<key>.prev`. A reader between the two renames sees the new key
+/// with the old certificate, and waits for the pair to match (daemons reload once the
+/// directory is quiet); a renewal stopped there (a crash, a power cut) is finished by
+/// the next one.
 pub fn renew_in_place(
     dir: &Path,
     cert: &Path,
     key: &Path,
     validity: Validity,
-) -> Result<(PathBuf, PathBuf), Error> {
+) -> Result<Renewal, Error> {
     let ca = Ca::load(dir)?;
     let old = fs::read_to_string(cert).map_err(io(cert))?;
+    let with = |p: &Path, ext: &str| {
+        let mut s = p.as_os_str().to_owned();
+        s.push(ext);
+        PathBuf::from(s)
+    };
+    let (key_tmp, cert_tmp) = (with(key, ".new"), with(cert, ".new"));
+    let (key_prev, cert_prev) = (with(key, ".prev"), with(cert, ".prev"));
     // The file replaced must be this certificate's key: renewing a pair with another
     // file's path (another holder's key, the CA's own) would replace that file.
     let old_key = fs::read_to_string(key).map_err(io(key))?;
     let pair = KeyPair::from_pem(&old_key)
         .map_err(|e| Error::Invalid(format!("{}: not a private key: {e}", key.display())))?;
+    if !crate::key_matches_cert(&pair, &old)
+        && fs::read_to_string(&cert_tmp).is_ok_and(|new| crate::key_matches_cert(&pair, &new))
+    {
+        fs::rename(&cert_tmp, cert).map_err(io(cert))?;
+        sync_parents(&[cert])?;
+        return Ok(Renewal {
+            cert_prev,
+            key_prev,
+            finished_earlier: true,
+        });
+    }
     if !crate::key_matches_cert(&pair, &old) {
         return Err(Error::Invalid(format!(
             "{} is not the key of {}: renewing would replace another key; give the \
@@ -196,13 +229,6 @@ pub fn renew_in_place(
         Error::Invalid(m) => Error::Invalid(format!("{}: {m}", cert.display())),
         other => other,
     })?;
-    let with = |p: &Path, ext: &str| {
-        let mut s = p.as_os_str().to_owned();
-        s.push(ext);
-        PathBuf::from(s)
-    };
-    let (key_tmp, cert_tmp) = (with(key, ".new"), with(cert, ".new"));
-    let (key_prev, cert_prev) = (with(key, ".prev"), with(cert, ".prev"));
     // The new files are the old ones' owner's (the daemon's user, when root renews
     // them); the key is the owner's alone, as daemons require.
     use std::os::unix::fs::MetadataExt as _;
@@ -226,7 +252,17 @@ pub fn renew_in_place(
     }
     fs::rename(&key_tmp, key).map_err(io(key))?;
     fs::rename(&cert_tmp, cert).map_err(io(cert))?;
-    for d in [key.parent(), cert.parent()].into_iter().flatten() {
+    sync_parents(&[key, cert])?;
+    Ok(Renewal {
+        cert_prev,
+        key_prev,
+        finished_earlier: false,
+    })
+}
+
+/// Syncs the directories holding `files`, so that their renames last.
+fn sync_parents(files: &[&Path]) -> Result<(), Error> {
+    for d in files.iter().filter_map(|f| f.parent()) {
         let d = if d.as_os_str().is_empty() {
             Path::new(".")
         } else {
@@ -236,7 +272,7 @@ pub fn renew_in_place(
             .and_then(|f| f.sync_all())
             .map_err(io(d))?;
     }
-    Ok((cert_prev, key_prev))
+    Ok(())
 }
 
 /// Writes a file with `mode` and `owner` (uid, gid), replacing a leftover of an
@@ -436,8 +472,12 @@ mod tests {
         let (cert, key) =
             crate::issue_in_dir(dir.path(), &LeafSpec::new(PeerRole::Agent, "a1")).unwrap();
         let old = fs::read_to_string(&cert).unwrap();
-        let (cert_prev, key_prev) =
-            renew_in_place(dir.path(), &cert, &key, Validity::days(5)).unwrap();
+        let Renewal {
+            cert_prev,
+            key_prev,
+            finished_earlier,
+        } = renew_in_place(dir.path(), &cert, &key, Validity::days(5)).unwrap();
+        assert!(!finished_earlier);
         assert_eq!(fs::read_to_string(&cert_prev).unwrap(), old);
         assert_ne!(fs::read_to_string(&cert).unwrap(), old);
         for k in [&key, &key_prev] {
@@ -461,6 +501,42 @@ mod tests {
                 "ca.key"
             ]
         );
+    }
+
+    /// A renewal cut short between its renames (the new key in place, the new
+    /// certificate not) leaves a pair no daemon can load; the next renewal finishes it
+    /// rather than refuse the mismatched pair.
+    #[test]
+    fn a_renewal_stopped_between_its_renames_is_finished_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::init_dir(dir.path()).unwrap();
+        let (cert, key) =
+            crate::issue_in_dir(dir.path(), &LeafSpec::new(PeerRole::Agent, "a1")).unwrap();
+        let (old_cert, old_key) = (fs::read(&cert).unwrap(), fs::read(&key).unwrap());
+        renew_in_place(dir.path(), &cert, &key, Validity::days(5)).unwrap();
+        let (new_cert, new_key) = (fs::read(&cert).unwrap(), fs::read(&key).unwrap());
+        // As the renewal left things had it stopped after its first rename.
+        let pending = dir.path().join("a1.crt.new");
+        fs::write(&pending, &new_cert).unwrap();
+        fs::write(&cert, &old_cert).unwrap();
+        let mismatched = crate::key_matches_cert(
+            &KeyPair::from_pem(&String::from_utf8(new_key.clone()).unwrap()).unwrap(),
+            &String::from_utf8(old_cert.clone()).unwrap(),
+        );
+        assert!(!mismatched);
+        let r = renew_in_place(dir.path(), &cert, &key, Validity::days(5)).unwrap();
+        assert!(r.finished_earlier);
+        assert_eq!(fs::read(&cert).unwrap(), new_cert);
+        assert_eq!(fs::read(&key).unwrap(), new_key);
+        assert!(!pending.exists());
+        assert_eq!(fs::read(&r.cert_prev).unwrap(), old_cert);
+        assert_eq!(fs::read(&r.key_prev).unwrap(), old_key);
+        // A `.new` file that is not the key's certificate changes nothing.
+        fs::write(&cert, &old_cert).unwrap();
+        fs::write(&pending, &old_cert).unwrap();
+        let err = renew_in_place(dir.path(), &cert, &key, Validity::days(5)).unwrap_err();
+        assert!(err.to_string().contains("is not the key of"), "{err}");
+        assert_eq!(fs::read(&cert).unwrap(), old_cert);
     }
 
     /// Renewed by root for a daemon that runs as another user: the new pair is that
