@@ -24,8 +24,6 @@ use tokio_util::sync::CancellationToken;
 pub(crate) struct SessionState {
     /// Set while a new connection is being made to replace this one.
     pub(crate) handing_over: AtomicBool,
-    /// Set by the first request the controller sent on it: it admitted the connection.
-    pub(crate) admitted: AtomicBool,
     /// Requests being answered.
     in_flight: AtomicUsize,
     /// Cancelled when the connection is retired: its status reports stop.

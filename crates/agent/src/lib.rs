@@ -200,6 +200,9 @@ pub struct Agent {
     /// How many sessions the controller opened by dialling this agent are live: while
     /// one is, the agent does not dial the controller too.
     listened: tokio::sync::watch::Sender<usize>,
+    /// Requests the controller sent, on any connection: each proves that connection
+    /// admitted, so a refusal that comes after one is not the last word.
+    admissions: Arc<std::sync::atomic::AtomicU64>,
     /// Bumped when the connection to the controller should move to a new one (a reload
     /// changed the material, or the controller asked).
     refresh: Arc<tokio::sync::watch::Sender<u64>>,
@@ -287,6 +290,7 @@ impl Agent {
             listener,
             metrics: std::sync::Mutex::new(metrics),
             listened: tokio::sync::watch::Sender::new(0),
+            admissions: Arc::default(),
             refresh: Arc::new(tokio::sync::watch::Sender::new(0)),
             state,
         })
@@ -569,6 +573,7 @@ impl Agent {
                 }
                 backoff.reset();
             }
+            let admitted_before = self.admissions.load(std::sync::atomic::Ordering::SeqCst);
             let result = tokio::select! {
                 () = shutdown.cancelled() => break,
                 r = self.dial_controller(&mut endpoints) => r,
@@ -582,7 +587,9 @@ impl Agent {
                         "connected to controller"
                     );
                     // Welcomed, so admitted: this process holds the identity now.
-                    resume(supervisor).await;
+                    if supervisor.standing_by() {
+                        resume(supervisor);
+                    }
                     // A reload before this connection was made needs no new one.
                     refresh.borrow_and_update();
                     let mut live = self.start_serving(est.conn, tracked, supervisor);
@@ -622,9 +629,17 @@ impl Agent {
                         && *listened.borrow() == 0
                         && supervisor.stand_by().await
                     {
-                        warn!(
-                            "the controller keeps another process's connection with this agent's identity (a second agent with the same certificate): this agent's nodes are stopped until the controller accepts it"
-                        );
+                        if self.admissions.load(std::sync::atomic::Ordering::SeqCst)
+                            == admitted_before
+                        {
+                            warn!(
+                                "the controller keeps another process's connection with this agent's identity (a second agent with the same certificate): this agent's nodes are stopped until the controller accepts it"
+                            );
+                        } else {
+                            // The connection it keeps is one the controller made to this
+                            // agent's listener meanwhile, which it has sent requests on.
+                            resume(supervisor);
+                        }
                     }
                 }
             }
@@ -854,20 +869,26 @@ impl Agent {
         let limit = self.config.request_timeout;
         let transport = self.config.transport;
         let refresh = self.refresh.clone();
+        let admissions = self.admissions.clone();
         let handler = move |req: Request<ControllerRequest>| {
             let name = name.clone();
             let sup = sup.clone();
             let state = state.clone();
             let refresh = refresh.clone();
+            let admissions = admissions.clone();
             async move {
                 let _in_flight = state.enter();
-                // The controller asks nothing of a connection it has not admitted (a
-                // connection it made to this agent's listener is welcomed before that).
-                if !state
-                    .admitted
-                    .swap(true, std::sync::atomic::Ordering::SeqCst)
-                {
-                    resume(&sup).await;
+                // The controller asks nothing of a connection it has not admitted (one
+                // it made to this agent's listener is welcomed before that): this agent
+                // holds its identity. The nodes are started before the request is
+                // carried out (an Apply finds them as it left them); a Ping is
+                // answered at once, whatever the supervisor is doing.
+                admissions.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if sup.standing_by() {
+                    let resumed = resume(&sup);
+                    if !matches!(req.body, ControllerRequest::Ping) {
+                        let _ = resumed.await;
+                    }
                 }
                 // Answer before the requester gives up, so a timeout is a result.
                 let budget = req.timeout_ms.map_or(limit, |ms| {
@@ -1547,13 +1568,16 @@ async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String
 }
 
 /// Starts again what [`Supervisor::stand_by`] stopped, once the controller admitted
-/// this agent.
-async fn resume(supervisor: &Supervisor) {
-    if supervisor.resume().await {
-        info!(
-            "the controller accepted this agent: starting the nodes stopped while another process held its identity"
-        );
-    }
+/// this agent, on a task of its own: a request waits for it only if it must.
+fn resume(supervisor: &Supervisor) -> tokio::task::JoinHandle<()> {
+    let supervisor = supervisor.clone();
+    tokio::spawn(async move {
+        if supervisor.resume().await {
+            info!(
+                "the controller accepted this agent: starting the nodes stopped while another process held its identity"
+            );
+        }
+    })
 }
 
 /// The agent's own NodeStatus entry (management role AGENT), with the deploy

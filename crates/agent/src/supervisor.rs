@@ -1649,6 +1649,10 @@ impl Core {
         }
         let instance = self.cfg.instance.clone();
         let now = self.now();
+        // Refused since this Apply was taken: what it would start is left stopped,
+        // desired to run, as the rest (see `Command::StandBy`), rather than run for a
+        // moment beside the nodes of the process the controller keeps.
+        let standby = *self.standby.borrow();
         self.restart_epoch = restart_epoch;
         self.applied.send_replace(generation);
         let mut wait = Vec::new();
@@ -1689,7 +1693,9 @@ impl Core {
                         e.plan = Some(plan);
                     }
                     // It failed for want of its user or groups, which now resolve.
-                    if retry {
+                    if retry && standby {
+                        e.stopped_with_agent = true;
+                    } else if retry {
                         settle = settle.max(e.spec.settle_within(false, true));
                         let actions = e.book.machine.start(now);
                         self.run_actions(&name, actions);
@@ -1743,9 +1749,15 @@ impl Core {
                     } else {
                         e.book.machine.reconfigure(machine_config(&e.spec));
                     }
-                    actions.extend(e.book.machine.start(now));
+                    if standby {
+                        e.stopped_with_agent = true;
+                    } else {
+                        actions.extend(e.book.machine.start(now));
+                    }
                     self.run_actions(&name, actions);
-                    wait.push((name, Some(old_generation)));
+                    if !standby {
+                        wait.push((name, Some(old_generation)));
+                    }
                 }
                 Step::Create { spec } => {
                     settle = settle.max(spec.settle_within(false, true));
@@ -1757,11 +1769,18 @@ impl Core {
                                 .map(|e| {
                                     e.deploy_gen = generation;
                                     e.plan = plans.remove(&name);
-                                    e.book.machine.start(now)
+                                    if standby {
+                                        e.stopped_with_agent = true;
+                                        e.book.machine.stop(now)
+                                    } else {
+                                        e.book.machine.start(now)
+                                    }
                                 })
                                 .unwrap_or_default();
                             self.run_actions(&name, actions);
-                            wait.push((name, None));
+                            if !standby {
+                                wait.push((name, None));
+                            }
                         }
                         Err(e) => results.push(
                             MgmtResult::err("", format!("cannot set up node '{name}': {e}"))
@@ -1771,11 +1790,6 @@ impl Core {
                     }
                 }
             }
-        }
-        if *self.standby.borrow() {
-            // Refused since this Apply was taken: what it started must not run beside
-            // the nodes of the process the controller keeps.
-            self.stop_with_agent();
         }
         for name in self.nodes.keys().cloned().collect::<Vec<_>>() {
             self.save_record(&name);
@@ -4447,11 +4461,13 @@ mod tests {
         }
     }
 
-    fn sleepers(names: &[&str]) -> Configuration {
+    /// Nodes that sleep, each adding a line to `<dir>/<node>.ran` as it starts.
+    fn sleepers(dir: &Path, names: &[&str]) -> Configuration {
         let mut text = "[instances.agent-1]\n".to_owned();
         for n in names {
             text.push_str(&format!(
-                "[nodes.{n}]\ninstance = \"agent-1\"\ncommand = [\"sleep\", \"1000\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n"
+                "[nodes.{n}]\ninstance = \"agent-1\"\ncommand = [\"sh\", \"-c\", \"echo >> {}/{n}.ran; exec sleep 1000\"]\nreadiness = {{ kind = \"start-period\", period = \"0s\" }}\n",
+                dir.display()
             ));
         }
         drover_proto::config::parse_toml("c.toml", &text).unwrap()
@@ -4461,12 +4477,18 @@ mod tests {
     fn standing_by_stops_the_nodes_to_run_and_resuming_starts_them_again() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
+        let ran = |n: &str| {
+            std::fs::read_to_string(dir.path().join(format!("{n}.ran")))
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
         two_workers().block_on(async {
             let sup = bare_supervisor(&state);
             let later = || Instant::now() + Duration::from_secs(20);
             let rs = sup
                 .apply(
-                    sleepers(&["a", "b", "c"]),
+                    sleepers(dir.path(), &["a", "b", "c"]),
                     Restart::default(),
                     1,
                     later(),
@@ -4497,7 +4519,7 @@ mod tests {
 
             // An Apply carried out meanwhile does not start what it adds.
             sup.apply(
-                sleepers(&["a", "b", "c", "d"]),
+                sleepers(dir.path(), &["a", "b", "c", "d"]),
                 Restart::default(),
                 2,
                 later(),
@@ -4505,6 +4527,7 @@ mod tests {
             )
             .await;
             until_states(&sup, &[("d", State::Stopped)]).await;
+            assert_eq!(ran("d"), 0, "d never ran");
 
             assert!(sup.resume().await);
             assert!(!sup.standing_by());
@@ -4520,6 +4543,16 @@ mod tests {
             .await;
             // The one an operator stopped stays stopped.
             until_states(&sup, &[("b", State::Stopped)]).await;
+            // Each started once more (its line comes once its shell runs).
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while [ran("a"), ran("b"), ran("c"), ran("d")] != [2, 1, 2, 1] {
+                assert!(
+                    Instant::now() < deadline,
+                    "{:?}",
+                    [ran("a"), ran("b"), ran("c"), ran("d")]
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             sup.shutdown(true).await;
         });
     }
