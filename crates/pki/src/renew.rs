@@ -64,7 +64,14 @@ pub fn describe(cert_pem: &str) -> Result<Issued, Error> {
         })
         .ok_or_else(|| invalid("the certificate carries no drover identity"))?;
     Ok(Issued {
-        serial: x509.raw_serial_as_string().replace(':', ""),
+        // As daemons' logs, metrics and deny lists write it: lower-case hex without
+        // leading zeros.
+        serial: x509
+            .raw_serial_as_string()
+            .replace(':', "")
+            .to_ascii_lowercase()
+            .trim_start_matches('0')
+            .to_owned(),
         issuer: x509.issuer().to_string(),
         identity,
     })
