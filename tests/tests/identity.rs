@@ -147,19 +147,17 @@ fn a_second_agent_with_the_same_certificate_is_refused_while_the_first_answers()
     let took = stopped.elapsed();
     eprintln!("the second agent took over {took:?} after the first stopped answering");
     assert!(took < Duration::from_secs(10), "{took:?}");
-    // The deployed configuration follows the connection.
-    eventually("n1 runs under the second agent", PATIENCE, || {
-        second_dir
-            .join("nodes/n1/record.json")
-            .exists()
-            .then_some(())
-    });
+    // The deployed configuration follows the connection; the second starts the node
+    // once its grace has passed without the first coming back (its copy, paused with
+    // it, runs meanwhile: nothing can stop it).
+    second.wait_log("starting the nodes stopped while another process held");
+    assert!(second_dir.join("nodes/n1/record.json").exists());
     // The first, resumed, finds its connection closed and is refused in its turn; it
     // stops its copy of the node, which the second runs now.
     first.signal(Signal::SIGCONT);
     first.wait_log(refusal);
     first.wait_log(STANDING_BY);
-    one_copy_of_n1(&c, addr);
+    assert_ne!(one_copy_of_n1(&c, addr), u32::try_from(pid).unwrap());
     assert!(
         !second.log_text().contains("lost the controller"),
         "{}",
@@ -255,6 +253,91 @@ fn a_refused_agent_stops_the_nodes_it_recovered_until_it_is_accepted() {
         "{}",
         stale.log_text()
     );
+}
+
+/// A paused agent that comes back before the process that replaced it has started the
+/// nodes is let in again: its nodes never stopped, and never ran twice.
+#[test]
+fn a_paused_agent_back_within_the_grace_keeps_its_nodes() {
+    let c = Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let ctl_addr = addr.to_string();
+    let args = ["--controller", ctl_addr.as_str()];
+    let running = agent_1(&c, "agent-running", &c.dir.path().join("running"), &args);
+    running.wait_log("connected to controller");
+    let file = cluster_file(&c, "");
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let pid = one_copy_of_n1(&c, addr);
+    let standing = agent_1(&c, "agent-standing", &c.dir.path().join("standing"), &args);
+    standing.wait_log(STANDING_BY);
+    running.signal(Signal::SIGSTOP);
+    standing.wait_log("it starts its nodes in");
+    running.signal(Signal::SIGCONT);
+    running.wait_log("replaced: it did not answer");
+    standing.wait_log("replaced: it stands by");
+    eventually("the running agent connected again", PATIENCE, || {
+        (running
+            .log_text()
+            .matches("connected to controller")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    // Past the grace the one standing by would have waited (4 s with these flags).
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(node_processes(&c, "n1"), vec![pid]);
+    assert_eq!(one_copy_of_n1(&c, addr), pid);
+    assert!(!standing.log_text().contains("starting the nodes stopped"));
+    assert!(!running.log_text().contains(STANDING_BY));
+}
+
+/// After a controller restart, whichever process dials first is admitted. One that
+/// stands by waits before it starts its nodes, and gives way to the process that runs
+/// them when that one comes back, so the nodes neither run twice nor move.
+#[test]
+fn a_controller_restart_does_not_move_the_nodes_to_the_process_standing_by() {
+    let c = Cluster::new();
+    let (ctl, addr) = c.start_controller("127.0.0.1:0");
+    let ctl_addr = addr.to_string();
+    let args = ["--controller", ctl_addr.as_str()];
+    let running = agent_1(&c, "agent-running", &c.dir.path().join("running"), &args);
+    running.wait_log("connected to controller");
+    let file = cluster_file(&c, "");
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let pid = one_copy_of_n1(&c, addr);
+    let standing = agent_1(&c, "agent-standing", &c.dir.path().join("standing"), &args);
+    standing.wait_log(STANDING_BY);
+
+    // The controller restarts while the process that runs the nodes cannot dial it: the
+    // one standing by is admitted first.
+    running.signal(Signal::SIGSTOP);
+    let mut ctl = ctl;
+    ctl.kill();
+    let (_ctl2, addr2) = c.start_controller(&ctl_addr);
+    assert_eq!(addr2, addr);
+    standing.wait_log("it starts its nodes in");
+    assert_eq!(node_processes(&c, "n1"), vec![pid]);
+    // The running one comes back and is let in; the other gives way and is refused.
+    running.signal(Signal::SIGCONT);
+    eventually("the running agent connected again", PATIENCE, || {
+        (running
+            .log_text()
+            .matches("connected to controller")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    standing.wait_log("replaced: it stands by");
+    // Past the grace the one standing by would have waited (4 s with these flags).
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(node_processes(&c, "n1"), vec![pid]);
+    assert_eq!(one_copy_of_n1(&c, addr), pid);
+    let log = standing.log_text();
+    assert!(!log.contains("starting the nodes stopped"), "{log}");
+    let log = running.log_text();
+    assert!(!log.contains(STANDING_BY), "{log}");
 }
 
 fn controller_log(c: &Cluster) -> String {

@@ -16,6 +16,11 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// The longest pause.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
     /// A backoff from `initial` doubling up to `max`, with `jitter` in `0.0..=1.0`.
     pub fn new(initial: Duration, max: Duration, jitter: f64) -> Self {
         Self {

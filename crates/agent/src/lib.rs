@@ -586,13 +586,13 @@ impl Agent {
                         addr = %est.conn.remote_address(),
                         "connected to controller"
                     );
-                    // Welcomed, so admitted: this process holds the identity now.
-                    if supervisor.standing_by() {
-                        resume(supervisor);
-                    }
                     // A reload before this connection was made needs no new one.
                     refresh.borrow_and_update();
                     let mut live = self.start_serving(est.conn, tracked, supervisor);
+                    // Welcomed, so admitted: this process holds the identity now.
+                    if supervisor.standing_by() {
+                        self.resume_later(supervisor, &live.conn, &live.state);
+                    }
                     let reason = loop {
                         tokio::select! {
                             () = shutdown.cancelled() => {
@@ -638,7 +638,10 @@ impl Agent {
                         } else {
                             // The connection it keeps is one the controller made to this
                             // agent's listener meanwhile, which it has sent requests on.
-                            resume(supervisor);
+                            let listened = self.listened.subscribe();
+                            resume_after(supervisor, self.resume_grace(), move || {
+                                *listened.borrow() > 0
+                            });
                         }
                     }
                 }
@@ -756,6 +759,32 @@ impl Agent {
         }
     }
 
+    /// How long an agent that stood by waits, once admitted, before it starts its nodes:
+    /// long enough for the process it stood by for to notice a controller restart (its
+    /// next keep-alive) and dial again (its backoff), and be let in instead.
+    fn resume_grace(&self) -> Duration {
+        2 * (self.config.reconnect.max() + self.config.transport.keep_alive)
+            + Duration::from_secs(2)
+    }
+
+    /// See [`resume_after`]: resumes unless `conn` ends first.
+    fn resume_later(
+        &self,
+        supervisor: &Supervisor,
+        conn: &quinn::Connection,
+        state: &handover::SessionState,
+    ) {
+        if !state
+            .resume_scheduled
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let conn = conn.clone();
+            resume_after(supervisor, self.resume_grace(), move || {
+                conn.close_reason().is_none()
+            });
+        }
+    }
+
     /// Serves a connection in a task of its own.
     fn start_serving(
         &self,
@@ -870,25 +899,49 @@ impl Agent {
         let transport = self.config.transport;
         let refresh = self.refresh.clone();
         let admissions = self.admissions.clone();
+        let grace = self.resume_grace();
+        let admitted = conn.clone();
         let handler = move |req: Request<ControllerRequest>| {
             let name = name.clone();
             let sup = sup.clone();
             let state = state.clone();
             let refresh = refresh.clone();
             let admissions = admissions.clone();
+            let admitted = admitted.clone();
             async move {
                 let _in_flight = state.enter();
                 // The controller asks nothing of a connection it has not admitted (one
                 // it made to this agent's listener is welcomed before that): this agent
-                // holds its identity. The nodes are started before the request is
-                // carried out (an Apply finds them as it left them); a Ping is
-                // answered at once, whatever the supervisor is doing.
+                // holds its identity.
                 admissions.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if sup.standing_by() {
-                    let resumed = resume(&sup);
-                    if !matches!(req.body, ControllerRequest::Ping) {
-                        let _ = resumed.await;
-                    }
+                if sup.standing_by()
+                    && !state
+                        .resume_scheduled
+                        .swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    resume_after(&sup, grace, {
+                        let admitted = admitted.clone();
+                        move || admitted.close_reason().is_none()
+                    });
+                }
+                // A request that changes nodes, read from a connection that has been
+                // closed since (the agent was paused, and replaced meanwhile): its
+                // requester is gone, and another process may hold this agent's
+                // identity now.
+                if admitted.close_reason().is_some()
+                    && matches!(
+                        req.body,
+                        ControllerRequest::Apply { .. }
+                            | ControllerRequest::Restart { .. }
+                            | ControllerRequest::Stop { .. }
+                            | ControllerRequest::Start { .. }
+                            | ControllerRequest::Signal { .. }
+                    )
+                {
+                    return Err(WireError::new(
+                        ErrorCode::Unavailable,
+                        "the connection closed before the request was carried out",
+                    ));
                 }
                 // Answer before the requester gives up, so a timeout is a result.
                 let budget = req.timeout_ms.map_or(limit, |ms| {
@@ -942,6 +995,8 @@ impl Agent {
                     ControllerRequest::Ping => {
                         if state.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
                             AgentResponse::HandingOver
+                        } else if sup.standing_by() {
+                            AgentResponse::StandingBy
                         } else {
                             AgentResponse::Ack
                         }
@@ -1567,17 +1622,26 @@ async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String
     out
 }
 
-/// Starts again what [`Supervisor::stand_by`] stopped, once the controller admitted
-/// this agent, on a task of its own: a request waits for it only if it must.
-fn resume(supervisor: &Supervisor) -> tokio::task::JoinHandle<()> {
+/// Starts again what [`Supervisor::stand_by`] stopped, `grace` after the controller
+/// admitted this agent, if `still` holds then (the connection it admitted lives). In
+/// the meantime the agent answers the controller's probe with `StandingBy`, so that the
+/// process it stood by for, reconnecting, is let in instead of refused.
+fn resume_after(
+    supervisor: &Supervisor,
+    grace: Duration,
+    still: impl Fn() -> bool + Send + 'static,
+) {
     let supervisor = supervisor.clone();
+    info!(
+        "the controller accepted this agent; it starts its nodes in {} unless the process that runs them comes back meanwhile",
+        drover_net::humanize(grace)
+    );
     tokio::spawn(async move {
-        if supervisor.resume().await {
-            info!(
-                "the controller accepted this agent: starting the nodes stopped while another process held its identity"
-            );
+        tokio::time::sleep(grace).await;
+        if still() && supervisor.resume().await {
+            info!("starting the nodes stopped while another process held this agent's identity");
         }
-    })
+    });
 }
 
 /// The agent's own NodeStatus entry (management role AGENT), with the deploy

@@ -1073,6 +1073,26 @@ pub(crate) async fn admit_agent(
                     return Ok(true);
                 }
             }
+            // A process that stands by, with its nodes stopped, gives way to the one that
+            // claims the name now (which probably runs them): a controller restart does
+            // not move the nodes to whichever process happened to dial first.
+            Ok(AgentResponse::StandingBy) => {
+                if shared
+                    .registry
+                    .register(name, conn.clone(), dialled_port, Some(old.stable_id()))
+                {
+                    info!(
+                        agent = %name,
+                        "the connection of agent '{name}' from {old_addr} stands by; a new connection from {} replaces it",
+                        conn.remote_address()
+                    );
+                    old.close(
+                        drover_net::peers::CLOSE_LET_GO.into(),
+                        b"replaced: it stands by",
+                    );
+                    return Ok(false);
+                }
+            }
             // An error reply (an agent that does not know the request) is an answer too.
             Ok(_) | Err(NetError::Refused(_) | NetError::Protocol(_)) => {
                 return Err(drover_proto::msg::already_connected(

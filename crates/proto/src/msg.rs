@@ -554,7 +554,8 @@ pub enum ControllerRequest {
     /// Are you there? Answered with `Ack` at once, without asking the supervisor. The
     /// controller asks a connected agent this when another connection claims its name;
     /// an agent too old to know it answers with an error, which proves as much. An
-    /// agent that is moving to a new connection answers `HandingOver` on the old one.
+    /// agent that is moving to a new connection answers `HandingOver` on the old one, and
+    /// one that stands by answers `StandingBy`.
     Ping,
     /// Open a new connection and move to it, as after reloading certificates: the
     /// controller asks this of every agent after its own certificate or CA bundle
@@ -676,6 +677,12 @@ pub enum AgentResponse {
     /// The answer to `Ping` on a connection the agent is replacing with a new one (after
     /// a certificate reload): the new connection that claims its name is its own.
     HandingOver,
+    /// The answer to `Ping` of an agent that stands by: it was refused because another
+    /// process with its certificate was connected, keeps its nodes stopped, and was
+    /// admitted since (that process lost the controller, which restarted, say) but has
+    /// not started them yet. The process that claims its name now, probably the one
+    /// that runs the nodes, is let in instead.
+    StandingBy,
 }
 
 fn is_zero(n: &u64) -> bool {
