@@ -322,6 +322,9 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
 
     let defaults = parsed.defaults.unwrap_or_default();
     let mut nodes = Vec::new();
+    // Nodes checked with a stand-in instance, since theirs is missing or was wrong:
+    // what validation says of that instance is noise.
+    let mut stand_ins = BTreeSet::new();
     for (name, spanned) in parsed.nodes {
         let key = format!("nodes.{name}");
         let line = lines.line_of(spanned.span().start);
@@ -337,7 +340,12 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
                         .to_owned(),
                 });
             }
-            continue;
+            // Its other keys are still checked, in the same pass.
+            stand_ins.insert(format!("{key}.instance"));
+            table.insert(
+                "instance".to_owned(),
+                toml::Value::String(format!("{name}.instance-missing")),
+            );
         }
         table.insert("name".to_owned(), toml::Value::String(name.clone()));
         match toml::Value::Table(table).try_into::<Node>() {
@@ -360,7 +368,7 @@ pub fn parse_toml(file: &str, text: &str) -> Result<Configuration, Issues> {
     // A removed value was replaced by its default; what validation says about that
     // default is noise next to the type error already reported.
     let below_removed = |key: &str| {
-        removed.iter().any(|r| {
+        removed.iter().chain(&stand_ins).any(|r| {
             key == r
                 || key
                     .strip_prefix(r.as_str())
@@ -526,18 +534,27 @@ fn check_duration(
     lo: Duration,
     hi: Duration,
 ) {
-    if !(lo..=hi).contains(&value) {
-        let show = |d: Duration| humantime::format_duration(d).to_string();
-        issues.push(Issue::at_key(
-            format!("{node_key}.{what}"),
-            format!(
-                "{what} {} is out of range: allowed {} to {}",
-                show(value),
-                show(lo),
-                show(hi)
-            ),
-        ));
+    if let Some(message) = duration_out_of_range(what, value, lo, hi) {
+        issues.push(Issue::at_key(format!("{node_key}.{what}"), message));
     }
+}
+
+/// What is wrong with duration `what` when `value` is outside `lo..=hi`.
+pub(crate) fn duration_out_of_range(
+    what: &str,
+    value: Duration,
+    lo: Duration,
+    hi: Duration,
+) -> Option<String> {
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    (!(lo..=hi).contains(&value)).then(|| {
+        format!(
+            "{what} {} is out of range: allowed {} to {}",
+            show(value),
+            show(lo),
+            show(hi)
+        )
+    })
 }
 
 /// Linux signal numbers for the names a node may use as its stop signal.
@@ -1113,6 +1130,51 @@ command = ["/bin/true"]
             err,
             "c.toml:5: nodes.x.restart: expected one of \"never\", \"on-failure\", \"always\", found string \"sometimes\""
         );
+    }
+
+    /// A table made unusable by one bad key (a probe without a valid port), or a node
+    /// by its instance, still has its other keys' bounds checked in the same pass.
+    #[test]
+    fn bounds_beside_a_key_that_spoils_its_table_or_node_are_reported_too() {
+        let text = r#"
+[instances.a]
+[nodes.x]
+instance = "a"
+command = ["x"]
+liveness = { kind = "http", port = 0, interval = "10ms", timeout = "0s", failures = 0 }
+[nodes.y]
+instance = "a"
+command = ["x"]
+readiness = { kind = "tcp", port = "p", timeout = "2h" }
+[nodes.z1]
+instance = 7
+command = ["x"]
+port = 4000
+stop_timeout = "2h"
+[nodes.z2]
+command = ["x"]
+port = 4000
+stop_timeout = "3h"
+"#;
+        let err = parse_toml("c.toml", text).unwrap_err().to_string();
+        for want in [
+            "c.toml:6: nodes.x.liveness.failures: expected an integer 1-100, found integer 0",
+            "c.toml:6: nodes.x.liveness.interval: liveness.interval 10ms is out of range: allowed 100ms to 1h",
+            "c.toml:6: nodes.x.liveness.port: expected an integer 1-65535, found integer 0",
+            "c.toml:6: nodes.x.liveness.timeout: liveness.timeout 0s is out of range: allowed 1ms to 1h",
+            "c.toml:10: nodes.y.readiness.port: expected an integer 1-65535, found string \"p\"",
+            "c.toml:10: nodes.y.readiness.timeout: readiness.timeout 2h is out of range: allowed 1ms to 1h",
+            // A node whose instance is wrong or missing has its other keys checked.
+            "c.toml:12: nodes.z1.instance: expected a string, found integer 7",
+            "c.toml:15: nodes.z1.stop_timeout: stop_timeout 2h is out of range: allowed 1ms to 1h",
+            "c.toml:16: nodes.z2.instance: missing key 'instance': every node names the instance it runs on",
+            "c.toml:19: nodes.z2.stop_timeout: stop_timeout 3h is out of range: allowed 1ms to 1h",
+        ] {
+            assert!(err.contains(want), "{want}\n{err}");
+        }
+        // Each once, and nothing said of the instances put in their place.
+        assert_eq!(err.matches("is out of range").count(), 5, "{err}");
+        assert_eq!(err.lines().count(), 10, "{err}");
     }
 
     #[test]

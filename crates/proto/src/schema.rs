@@ -16,8 +16,12 @@ use toml::de::{DeTable, DeValue};
 use crate::config::{
     Issue, NODE_KEYS, ROLE_RESOURCE_KEYS, suggestion, unknown_key_with_suggestion,
 };
+use crate::config::{MAX_READINESS, MIN_READINESS_TIMEOUT};
 use crate::exec;
-use crate::resources::{ByteSize, LIVENESS_KINDS, MAX_PIDS, MAX_PROBE_FAILURES, WEIGHT_RANGE};
+use crate::resources::{
+    ByteSize, LIVENESS_KINDS, MAX_PIDS, MAX_PROBE_FAILURES, PROBE_INTERVAL_RANGE,
+    PROBE_TIMEOUT_RANGE, WEIGHT_RANGE,
+};
 
 /// Top-level keys of a cluster file.
 const TOP_KEYS: &[&str] = &["id", "defaults", "instances", "roles", "nodes"];
@@ -395,7 +399,22 @@ impl Walk<'_> {
                 "failures" => Ty::Int(1, i64::from(MAX_PROBE_FAILURES)),
                 _ => Ty::Duration,
             };
-            let ok = w.typed(path, line, value.get_ref(), ty);
+            let range = match key {
+                "interval" => Some(PROBE_INTERVAL_RANGE),
+                "timeout" => Some(PROBE_TIMEOUT_RANGE),
+                _ => None,
+            };
+            let ok = w.typed(path, line, value.get_ref(), ty)
+                && range.is_none_or(|(lo, hi)| {
+                    w.within(
+                        path,
+                        line,
+                        &format!("liveness.{key}"),
+                        value.get_ref(),
+                        lo,
+                        hi,
+                    )
+                });
             if !ok && (key == "kind" || Some(key) == required) {
                 usable = false;
             }
@@ -463,7 +482,22 @@ impl Walk<'_> {
             let ok = match key {
                 "kind" => w.typed(path, line, value.get_ref(), Ty::OneOf(READINESS)),
                 "port" => w.typed(path, line, value.get_ref(), PORT),
-                _ => w.typed(path, line, value.get_ref(), Ty::Duration),
+                _ => {
+                    let lo = if key == "period" {
+                        std::time::Duration::ZERO
+                    } else {
+                        MIN_READINESS_TIMEOUT
+                    };
+                    w.typed(path, line, value.get_ref(), Ty::Duration)
+                        && w.within(
+                            path,
+                            line,
+                            &format!("readiness.{key}"),
+                            value.get_ref(),
+                            lo,
+                            MAX_READINESS,
+                        )
+                }
             };
             if !ok && (key == "kind" || key == "port") {
                 usable = false;
@@ -568,6 +602,33 @@ impl Walk<'_> {
                 }
             }
         });
+    }
+
+    /// Checks a duration already known to parse against `lo..=hi`, in the words the
+    /// checks of meaning use, so that a bound is reported even when the table holding
+    /// it is unusable for another reason (and, dropped here, not twice).
+    fn within(
+        &mut self,
+        path: &str,
+        line: usize,
+        what: &str,
+        value: &DeValue<'_>,
+        lo: std::time::Duration,
+        hi: std::time::Duration,
+    ) -> bool {
+        let Some(d) = value
+            .as_str()
+            .and_then(|s| humantime::parse_duration(s).ok())
+        else {
+            return true;
+        };
+        match crate::config::duration_out_of_range(what, d, lo, hi) {
+            Some(message) => {
+                self.bad(line, path, message);
+                false
+            }
+            None => true,
+        }
     }
 
     /// Reports a value that is not what the key takes; always false (drop the entry).
