@@ -648,7 +648,10 @@ fn a_reader_that_goes_away_ends_the_output_quietly() {
     let mut cmd = c.drover_command_as("ops", addr);
     cmd.args(["restart", "nosuch"]);
     let (code, stderr) = with_stdout_gone(cmd);
-    assert_eq!((code, stderr.as_str()), (Some(1), ""));
+    assert_eq!(
+        (code, stderr.as_str()),
+        (Some(1), "error: nosuch: unknown cluster node\n")
+    );
     let mut cmd = c.drover_command_as("ops", addr);
     cmd.args(["logs", "nosuch"]);
     let (code, stderr) = with_stdout_gone(cmd);

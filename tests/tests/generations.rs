@@ -678,6 +678,16 @@ fn a_node_pinned_to_a_cpu_the_instance_lacks_is_refused_before_anything_changes(
             && errors.contains("instance 'agent-1' has"),
         "{errors}"
     );
+    // A person reads why on stderr too.
+    assert!(
+        out.stderr
+            .contains("error: node 'n1' is pinned to CPU 1023")
+            && out
+                .stderr
+                .contains("error: node 'n2' is pinned to CPU 1023"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(running(&c, addr, 1), Some(before));
     assert_eq!(
         c.drover(addr, &["get-config", "--deployed", "--as-json"])

@@ -415,19 +415,30 @@ const FAILURE_LINES: usize = 5;
 
 /// Why each node of a reply failed, for a person: one line per failed node with its
 /// instance and the agent's reason (how its process ended, or why it could not start),
-/// and, after a deploy, one per instance that failed as a whole (it did not answer,
-/// say); after a start or restart, each failed node's last lines of stdout and stderr
+/// one per refusal of the controller's own (an unknown node, a deploy refused before
+/// anything changed), and, after a deploy, one per instance that failed as a whole (it
+/// did not answer, say); after a start or restart, each failed node's last lines of stdout and stderr
 /// when the reply carries them. Printed to stderr by drover's own commands; the JSON on stdout keeps
 /// zeek-client's shape, which has no room for either.
 pub fn node_failures(reply: &ClientResponse, told: Told) -> String {
     let mut out = String::new();
     for r in results(reply) {
-        // One without an instance (an unknown node, say) is in the JSON's errors as it
-        // is; one of an instance without a node (it did not answer) is named here.
-        let (false, Some(instance)) = (r.success, &r.instance) else {
+        if r.success {
+            continue;
+        }
+        let why = visible(r.error.as_deref().unwrap_or("no reason given"));
+        // The controller's own refusal (an unknown node or signal, a deploy refused
+        // before anything changed): in the JSON's errors too, but a person reads
+        // stderr.
+        let Some(instance) = &r.instance else {
+            match &r.node {
+                Some(node) if !why.contains(&format!("'{node}'")) => {
+                    out.push_str(&format!("error: {node}: {why}\n"));
+                }
+                _ => out.push_str(&format!("error: {why}\n")),
+            }
             continue;
         };
-        let why = visible(r.error.as_deref().unwrap_or("no reason given"));
         let Some(node) = &r.node else {
             if told == Told::Deploy {
                 out.push_str(&format!("error: {instance}: {why}\n"));
@@ -783,22 +794,37 @@ mod tests {
         let reply = ClientResponse::Results(vec![
             crashed,
             MgmtResult::ok("r", None).on_instance("i1").on_node("fine"),
-            // Unknown: the JSON's errors name it already.
+            // Refused by the controller: in the JSON's errors, and told too.
             MgmtResult::err("r", "unknown cluster node").on_node("nope"),
+            MgmtResult::err("r", "unknown signal 'FOO'"),
             // An instance that did not answer.
             MgmtResult::err("r", "request timed out").on_instance("i2"),
         ]);
+        let refused = "error: nope: unknown cluster node\nerror: unknown signal 'FOO'\n";
         assert_eq!(
             node_failures(&reply, Told::Start),
-            "error: n1 on i1: node exited with code 3\n  its last stdout:\n    b\n    c\n    d\n    e\n    f\n"
+            format!(
+                "error: n1 on i1: node exited with code 3\n  its last stdout:\n    b\n    c\n    d\n    e\n    f\n{refused}"
+            )
         );
         assert_eq!(
             node_failures(&reply, Told::Plain),
-            "error: n1 on i1: node exited with code 3\n"
+            format!("error: n1 on i1: node exited with code 3\n{refused}")
         );
         assert_eq!(
             node_failures(&reply, Told::Deploy),
-            "error: n1 on i1: node exited with code 3\nerror: i2: request timed out\n"
+            format!(
+                "error: n1 on i1: node exited with code 3\n{refused}error: i2: request timed out\n"
+            )
+        );
+        // A reason that names the node already is not prefixed with it.
+        let named = ClientResponse::Results(vec![
+            MgmtResult::err("r", "node 'aff' is pinned to CPU 7; nothing was deployed")
+                .on_node("aff"),
+        ]);
+        assert_eq!(
+            node_failures(&named, Told::Deploy),
+            "error: node 'aff' is pinned to CPU 7; nothing was deployed\n"
         );
         let ok = ClientResponse::Results(vec![
             MgmtResult::ok("r", None).on_instance("i1").on_node("n"),
