@@ -194,6 +194,12 @@ pub fn check_log_limits(max_bytes: u64, keep: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What is logged unless `RUST_LOG` says otherwise. A controller restarted on its
+/// address is presented address-validation tokens its previous process issued, which
+/// QUIC refuses as it should, with a warning per connection that tells an operator
+/// nothing.
+const DEFAULT_LOG_FILTER: &str = "info,quinn_proto::bloom_token_log=error";
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`); colour only on a terminal
 /// and never when `NO_COLOR` is set.
 ///
@@ -207,7 +213,8 @@ pub fn init_logging() {
     tracing_subscriber::fmt()
         .with_ansi(colour)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
         )
         .with_writer(std::io::stderr)
         .log_internal_errors(false)
