@@ -45,6 +45,7 @@ pub mod query;
 pub mod records;
 pub mod sockdir;
 pub mod spawner;
+mod standby;
 pub mod supervisor;
 pub mod sys;
 pub mod waiters;
@@ -203,6 +204,8 @@ pub struct Agent {
     /// Requests the controller sent, on any connection: each proves that connection
     /// admitted, so a refusal that comes after one is not the last word.
     admissions: Arc<std::sync::atomic::AtomicU64>,
+    /// Set once the supervisor runs: see [`standby`].
+    resumer: std::sync::OnceLock<standby::Resumer>,
     /// Bumped when the connection to the controller should move to a new one (a reload
     /// changed the material, or the controller asked).
     refresh: Arc<tokio::sync::watch::Sender<u64>>,
@@ -291,6 +294,7 @@ impl Agent {
             metrics: std::sync::Mutex::new(metrics),
             listened: tokio::sync::watch::Sender::new(0),
             admissions: Arc::default(),
+            resumer: std::sync::OnceLock::new(),
             refresh: Arc::new(tokio::sync::watch::Sender::new(0)),
             state,
         })
@@ -368,6 +372,11 @@ impl Agent {
             removed_node_retention: this.config.removed_node_retention,
         })
         .map_err(|e| Error::Supervisor(format!("cannot start: {e}")))?;
+        let _ = this.resumer.set(standby::Resumer::new(
+            supervisor.clone(),
+            this.listened.subscribe(),
+            this.resume_grace(),
+        ));
         let sup = supervisor.clone();
         drover_daemon::notify::spawn_watchdog_with(move || {
             let sup = sup.clone();
@@ -536,6 +545,8 @@ impl Agent {
                 info!(controller = %identity.name, addr = %conn.remote_address(), "controller connected");
                 this.listened.send_modify(|n| *n += 1);
                 let _live = ListenedSession(&this.listened);
+                // Welcomed before the controller decides: the grace's end looks again.
+                this.resumer().admitted_now();
                 let state = Arc::new(handover::SessionState::default());
                 let reason = this.serve(conn, &supervisor, state).await;
                 warn!("lost the controller: {}", conn::explain(&reason, "controller"));
@@ -590,9 +601,7 @@ impl Agent {
                     refresh.borrow_and_update();
                     let mut live = self.start_serving(est.conn, tracked, supervisor);
                     // Welcomed, so admitted: this process holds the identity now.
-                    if supervisor.standing_by() {
-                        self.resume_later(supervisor, &live.conn, &live.state);
-                    }
+                    self.resumer().admitted_now();
                     let reason = loop {
                         tokio::select! {
                             () = shutdown.cancelled() => {
@@ -614,6 +623,16 @@ impl Agent {
                         "lost the controller: {}",
                         conn::explain(&reason, "controller")
                     );
+                    // Let go for standing by while it was deciding to start its nodes:
+                    // the process the controller let in runs them.
+                    if let quinn::ConnectionError::ApplicationClosed(c) = &reason
+                        && c.reason.as_ref() == drover_proto::msg::REPLACED_STANDING_BY.as_bytes()
+                        && supervisor.stand_by().await
+                    {
+                        warn!(
+                            "the controller let in another process with this agent's identity: this agent's nodes are stopped until the controller accepts it"
+                        );
+                    }
                     if self.controllers.len() > 1 {
                         // Probably a failover: its successor is being elected, and the
                         // first attempts come quickly.
@@ -638,10 +657,7 @@ impl Agent {
                         } else {
                             // The connection it keeps is one the controller made to this
                             // agent's listener meanwhile, which it has sent requests on.
-                            let listened = self.listened.subscribe();
-                            resume_after(supervisor, self.resume_grace(), move || {
-                                *listened.borrow() > 0
-                            });
+                            self.resumer().admitted_now();
                         }
                     }
                 }
@@ -759,30 +775,21 @@ impl Agent {
         }
     }
 
-    /// How long an agent that stood by waits, once admitted, before it starts its nodes:
-    /// long enough for the process it stood by for to notice a controller restart (its
-    /// next keep-alive) and dial again (its backoff), and be let in instead.
+    /// How long an agent that stood by waits, once admitted, before it starts its nodes
+    /// (see [`standby`]): long enough for the process it stood by for to notice that
+    /// its controller went (at its next keep-alive after a restart, at its idle timeout
+    /// after a host's death or a failover) and dial again (its backoff), and be let in
+    /// instead.
     fn resume_grace(&self) -> Duration {
-        2 * (self.config.reconnect.max() + self.config.transport.keep_alive)
+        self.config.transport.idle_timeout
+            + 2 * (self.config.reconnect.max() + self.config.transport.keep_alive)
             + Duration::from_secs(2)
     }
 
-    /// See [`resume_after`]: resumes unless `conn` ends first.
-    fn resume_later(
-        &self,
-        supervisor: &Supervisor,
-        conn: &quinn::Connection,
-        state: &handover::SessionState,
-    ) {
-        if !state
-            .resume_scheduled
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            let conn = conn.clone();
-            resume_after(supervisor, self.resume_grace(), move || {
-                conn.close_reason().is_none()
-            });
-        }
+    fn resumer(&self) -> &standby::Resumer {
+        self.resumer
+            .get()
+            .expect("the resumer is set before any connection is made")
     }
 
     /// Serves a connection in a task of its own.
@@ -793,6 +800,7 @@ impl Agent {
         supervisor: &Supervisor,
     ) -> handover::Live {
         let state = Arc::new(handover::SessionState::default());
+        self.resumer().serving(&conn);
         let task = tokio::spawn(self.serve(conn.clone(), supervisor, state.clone()));
         handover::Live {
             conn,
@@ -899,7 +907,7 @@ impl Agent {
         let transport = self.config.transport;
         let refresh = self.refresh.clone();
         let admissions = self.admissions.clone();
-        let grace = self.resume_grace();
+        let resumer = self.resumer().clone();
         let admitted = conn.clone();
         let handler = move |req: Request<ControllerRequest>| {
             let name = name.clone();
@@ -908,6 +916,7 @@ impl Agent {
             let refresh = refresh.clone();
             let admissions = admissions.clone();
             let admitted = admitted.clone();
+            let resumer = resumer.clone();
             async move {
                 let _in_flight = state.enter();
                 // The controller asks nothing of a connection it has not admitted (one
@@ -919,10 +928,7 @@ impl Agent {
                         .resume_scheduled
                         .swap(true, std::sync::atomic::Ordering::SeqCst)
                 {
-                    resume_after(&sup, grace, {
-                        let admitted = admitted.clone();
-                        move || admitted.close_reason().is_none()
-                    });
+                    resumer.admitted_now();
                 }
                 // A request that changes nodes, read from a connection that has been
                 // closed since (the agent was paused, and replaced meanwhile): its
@@ -995,7 +1001,7 @@ impl Agent {
                     ControllerRequest::Ping => {
                         if state.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
                             AgentResponse::HandingOver
-                        } else if sup.standing_by() {
+                        } else if resumer.standing_by() {
                             AgentResponse::StandingBy
                         } else {
                             AgentResponse::Ack
@@ -1620,28 +1626,6 @@ async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String
         &[(String::new(), me.rss_bytes.unwrap_or(0) as f64)],
     );
     out
-}
-
-/// Starts again what [`Supervisor::stand_by`] stopped, `grace` after the controller
-/// admitted this agent, if `still` holds then (the connection it admitted lives). In
-/// the meantime the agent answers the controller's probe with `StandingBy`, so that the
-/// process it stood by for, reconnecting, is let in instead of refused.
-fn resume_after(
-    supervisor: &Supervisor,
-    grace: Duration,
-    still: impl Fn() -> bool + Send + 'static,
-) {
-    let supervisor = supervisor.clone();
-    info!(
-        "the controller accepted this agent; it starts its nodes in {} unless the process that runs them comes back meanwhile",
-        drover_net::humanize(grace)
-    );
-    tokio::spawn(async move {
-        tokio::time::sleep(grace).await;
-        if still() && supervisor.resume().await {
-            info!("starting the nodes stopped while another process held this agent's identity");
-        }
-    });
 }
 
 /// The agent's own NodeStatus entry (management role AGENT), with the deploy

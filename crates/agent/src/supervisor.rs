@@ -236,6 +236,9 @@ enum Command {
 
 pub use crate::ops::Op;
 
+/// Why a start or restart is refused while the agent stands by.
+const STANDING_BY: &str = "this agent stands by (another process with its certificate ran its nodes when it connected) and starts no node until it has held its connection for a grace; try again then";
+
 #[derive(Debug)]
 enum Event {
     Exited {
@@ -1377,6 +1380,20 @@ impl Core {
                 let table = ApplyTable::of(&self.nodes, &self.applied, self.restart_epoch);
                 let out = self.applies.push(incoming, &table);
                 self.apply_out(out);
+            }
+            Command::Act {
+                op,
+                nodes,
+                deadline,
+                cap,
+                reply,
+            } if *self.standby.borrow() && matches!(op, Op::Start | Op::Restart) => {
+                // Started here, a node would run beside the copy of the process this
+                // agent stood by for, and stay running when it is refused again.
+                let _ = reply.send(vec![
+                    MgmtResult::err("", STANDING_BY.to_owned()).on_instance(&self.cfg.instance),
+                ]);
+                drop((nodes, deadline, cap));
             }
             Command::Act {
                 op,
@@ -4512,6 +4529,16 @@ mod tests {
             assert!(sup.standing_by());
             assert!(!sup.stand_by().await, "already standing by");
             until_states(&sup, &[("a", State::Stopped), ("c", State::Stopped)]).await;
+            // An operator's start is refused meanwhile; a stop is not.
+            for op in [Op::Start, Op::Restart] {
+                let rs = sup.act(op, vec!["a".into()], later(), later()).await;
+                assert!(
+                    rs.len() == 1 && !rs[0].success && rs[0].error.as_deref() == Some(STANDING_BY),
+                    "{rs:?}"
+                );
+            }
+            let rs = sup.act(Op::Stop, vec!["c".into()], later(), later()).await;
+            assert!(rs.iter().all(|r| r.success), "{rs:?}");
             // Still desired to run: an agent process started now would start it.
             let record =
                 read_record(&std::fs::read(state.join("nodes/a/record.json")).unwrap()).unwrap();
@@ -4532,20 +4559,12 @@ mod tests {
             assert!(sup.resume().await);
             assert!(!sup.standing_by());
             assert!(!sup.resume().await, "not standing by any more");
-            until_states(
-                &sup,
-                &[
-                    ("a", State::Running),
-                    ("c", State::Running),
-                    ("d", State::Running),
-                ],
-            )
-            .await;
-            // The one an operator stopped stays stopped.
-            until_states(&sup, &[("b", State::Stopped)]).await;
+            until_states(&sup, &[("a", State::Running), ("d", State::Running)]).await;
+            // Those an operator stopped, before or while it stood by, stay stopped.
+            until_states(&sup, &[("b", State::Stopped), ("c", State::Stopped)]).await;
             // Each started once more (its line comes once its shell runs).
             let deadline = Instant::now() + Duration::from_secs(20);
-            while [ran("a"), ran("b"), ran("c"), ran("d")] != [2, 1, 2, 1] {
+            while [ran("a"), ran("b"), ran("c"), ran("d")] != [2, 1, 1, 1] {
                 assert!(
                     Instant::now() < deadline,
                     "{:?}",

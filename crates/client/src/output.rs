@@ -431,7 +431,7 @@ pub fn node_failures(reply: &ClientResponse, told: Told) -> String {
         // before anything changed): in the JSON's errors too, but a person reads
         // stderr.
         let Some(instance) = &r.instance else {
-            match &r.node {
+            match r.node.as_deref().map(visible) {
                 Some(node) if !why.contains(&format!("'{node}'")) => {
                     out.push_str(&format!("error: {node}: {why}\n"));
                 }

@@ -1088,7 +1088,7 @@ pub(crate) async fn admit_agent(
                     );
                     old.close(
                         drover_net::peers::CLOSE_LET_GO.into(),
-                        b"replaced: it stands by",
+                        drover_proto::msg::REPLACED_STANDING_BY.as_bytes(),
                     );
                     return Ok(false);
                 }

@@ -39,6 +39,10 @@ pub fn is_already_connected(message: &str) -> bool {
 
 const ALREADY_CONNECTED: &str = " is already connected from ";
 
+/// Why the controller closes the connection of an agent that answered its probe
+/// `StandingBy` when another connection claimed the agent's name.
+pub const REPLACED_STANDING_BY: &str = "replaced: it stands by";
+
 /// The leader's address in a refusal that starts with [`NOT_LEADER`].
 pub fn leader_hint(message: &str) -> Option<&str> {
     message
