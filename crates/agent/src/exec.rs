@@ -171,7 +171,7 @@ fn has(mask: u64, cap: u32) -> bool {
 pub fn resolve(name: &str, node: &Node, creds: &Creds) -> Result<Plan, String> {
     let mut plan = Plan {
         umask: node.umask.map(|u| u.0),
-        no_new_privs: node.no_new_privileges,
+        no_new_privs: node.no_new_privileges.unwrap_or(false),
         ..Plan::default()
     };
     if let Some(user) = &node.user {
@@ -209,9 +209,9 @@ pub fn resolve(name: &str, node: &Node, creds: &Creds) -> Result<Plan, String> {
             node.user.as_deref().unwrap_or_default()
         ));
     }
-    if !node.supplementary_groups.is_empty() {
+    if let Some(wanted) = node.supplementary_groups.as_ref().filter(|g| !g.is_empty()) {
         let mut groups = plan.groups.take().unwrap_or_default();
-        for g in &node.supplementary_groups {
+        for g in wanted {
             groups.push(lookup_group(name, g)?);
         }
         groups.sort_unstable();
@@ -399,10 +399,13 @@ fn resource(name: &str) -> Option<(u32, &'static str)> {
 pub fn wanted(node: &Node) -> bool {
     node.user.is_some()
         || node.group.is_some()
-        || !node.supplementary_groups.is_empty()
+        || node
+            .supplementary_groups
+            .as_ref()
+            .is_some_and(|g| !g.is_empty())
         || node.umask.is_some()
         || node.capabilities.is_some()
-        || node.no_new_privileges
+        || node.no_new_privileges == Some(true)
         || !node.limits.is_empty()
 }
 
@@ -1299,10 +1302,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let n = node(|n| {
             n.user = Some("nobody".into());
-            n.supplementary_groups = vec!["65533".into()];
+            n.supplementary_groups = Some(vec!["65533".into()]);
             n.umask = Some(Umask(0o027));
             n.capabilities = Some(vec!["CAP_NET_RAW".into(), "net_admin".into()]);
-            n.no_new_privileges = true;
+            n.no_new_privileges = Some(true);
             n.limits = BTreeMap::from([
                 (
                     "nofile".to_owned(),

@@ -1710,10 +1710,10 @@ no_new_privileges = true
         let m = c.node("m").unwrap();
         assert_eq!(m.user.as_deref(), Some("65534"));
         assert_eq!(m.group.as_deref(), Some("nogroup"));
-        assert_eq!(m.supplementary_groups, ["adm"]);
+        assert_eq!(m.supplementary_groups, Some(vec!["adm".to_owned()]));
         assert_eq!(m.umask, Some(Umask(0o27)));
         assert_eq!(m.capabilities.as_deref(), Some(&[][..]));
-        assert!(m.no_new_privileges);
+        assert_eq!(m.no_new_privileges, Some(true));
         let w = c.resolve(c.node("w").unwrap());
         assert_eq!(w.user.as_deref(), Some("zeek"), "from the template");
         assert_eq!(w.capabilities.as_ref().unwrap().len(), 2);
@@ -1726,6 +1726,41 @@ no_new_privileges = true
         assert_eq!(
             parse_toml("again.toml", &crate::ini::to_toml(&c)).unwrap(),
             c
+        );
+    }
+
+    /// A node that says `false` or `[]` itself keeps it: only what it leaves unset comes
+    /// from its role's template.
+    #[test]
+    fn a_node_that_turns_off_what_its_role_sets_keeps_it_off() {
+        let text = r#"
+[instances.a]
+[roles.worker]
+command = ["/bin/zeek"]
+supplementary_groups = ["pcap"]
+no_new_privileges = true
+[nodes.own]
+instance = "a"
+role = "worker"
+supplementary_groups = []
+no_new_privileges = false
+[nodes.inherits]
+instance = "a"
+role = "worker"
+"#;
+        let c = parse_toml("c.toml", text).unwrap();
+        let own = c.resolve(c.node("own").unwrap());
+        assert_eq!(own.no_new_privileges, Some(false));
+        assert_eq!(own.supplementary_groups, Some(Vec::new()));
+        let inherits = c.resolve(c.node("inherits").unwrap());
+        assert_eq!(inherits.no_new_privileges, Some(true));
+        assert_eq!(inherits.supplementary_groups, Some(vec!["pcap".to_owned()]));
+        // Kept through the TOML writer.
+        let again = parse_toml("again.toml", &crate::ini::to_toml(&c)).unwrap();
+        assert_eq!(again, c);
+        assert_eq!(
+            again.resolve(again.node("own").unwrap()).no_new_privileges,
+            Some(false)
         );
     }
 

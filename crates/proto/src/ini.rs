@@ -1258,7 +1258,7 @@ fn read_exec(
     }
     if let Some((text, line)) = values.get("supplementary_groups") {
         match shlex_split(text) {
-            Ok(groups) => node.supplementary_groups = groups,
+            Ok(groups) => node.supplementary_groups = Some(groups),
             Err(e) => fail(
                 *line,
                 "supplementary_groups",
@@ -1287,8 +1287,8 @@ fn read_exec(
     }
     if let Some((text, line)) = values.get("no_new_privileges") {
         match text.to_ascii_lowercase().as_str() {
-            "1" | "yes" | "true" | "on" => node.no_new_privileges = true,
-            "0" | "no" | "false" | "off" => node.no_new_privileges = false,
+            "1" | "yes" | "true" | "on" => node.no_new_privileges = Some(true),
+            "0" | "no" | "false" | "off" => node.no_new_privileges = Some(false),
             _ => fail(*line, "no_new_privileges", format!("not a boolean: {text}")),
         }
     }
@@ -1572,13 +1572,16 @@ mod tests {
         let w = node(&c, "worker-01");
         assert_eq!(w.user.as_deref(), Some("zeek"));
         assert_eq!(w.group.as_deref(), Some("65533"));
-        assert_eq!(w.supplementary_groups, ["pcap", "adm"]);
+        assert_eq!(
+            w.supplementary_groups,
+            Some(vec!["pcap".to_owned(), "adm".to_owned()])
+        );
         assert_eq!(w.umask, Some(Umask(0o27)));
         assert_eq!(
             w.capabilities.as_deref(),
             Some(&["CAP_NET_RAW".to_owned(), "CAP_NET_ADMIN".to_owned()][..])
         );
-        assert!(w.no_new_privileges);
+        assert_eq!(w.no_new_privileges, Some(true));
         assert_eq!(w.limits["nofile"].to_string(), "65536");
         assert_eq!(w.limits["core"].to_string(), "unlimited");
         assert_eq!(w.limits["memlock"].to_string(), (64u64 << 20).to_string());
@@ -1604,6 +1607,24 @@ mod tests {
             errors("[w]\nrole = worker\nuser = a:b\n"),
             ["c.ini:3: w.user: user 'a:b' is not a valid name"]
         );
+    }
+
+    /// `no_new_privileges = no` on an INI node is its own: a roles file's default or
+    /// template of `true` does not override it.
+    #[test]
+    fn an_ini_node_that_turns_off_what_a_roles_file_sets_keeps_it_off() {
+        let ini = "[w1]\ninstance = agent-a\nrole = worker\nno_new_privileges = no\n\n\
+                   [w2]\ninstance = agent-a\nrole = worker\n";
+        let config = parse_ini("c.ini", ini).unwrap();
+        for roles in [
+            "[defaults]\nno_new_privileges = true\n[roles.worker]\ncommand = [\"/bin/zeek\"]\n",
+            "[roles.worker]\ncommand = [\"/bin/zeek\"]\nno_new_privileges = true\n",
+        ] {
+            let merged = with_roles(&config, "c.ini", "roles.toml", roles).unwrap();
+            let nnp = |n: &str| merged.resolve(merged.node(n).unwrap()).no_new_privileges;
+            assert_eq!(nnp("w1"), Some(false), "{roles}");
+            assert_eq!(nnp("w2"), Some(true), "{roles}");
+        }
     }
 
     #[test]

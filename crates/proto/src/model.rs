@@ -323,9 +323,10 @@ pub struct Node {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     /// Supplementary groups on top of those the user is in (from the group database);
-    /// without a user, these replace the agent's.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub supplementary_groups: Vec<String>,
+    /// without a user, these replace the agent's. Given, even empty, it is the node's
+    /// own: its role's are not taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supplementary_groups: Option<Vec<String>>,
     /// Its file mode creation mask; the agent's when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub umask: Option<Umask>,
@@ -334,9 +335,10 @@ pub struct Node {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Vec<String>>,
     /// `PR_SET_NO_NEW_PRIVS`: exec can never grant more privileges (setuid bits, file
-    /// capabilities).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub no_new_privileges: bool,
+    /// capabilities). Given, even `false`, it is the node's own: its role's is not
+    /// taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_new_privileges: Option<bool>,
     /// rlimits by lower-case `RLIMIT_` name (`nofile`, `core`, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub limits: BTreeMap<String, Limit>,
@@ -430,10 +432,10 @@ impl Node {
             cpu_affinity: None,
             user: None,
             group: None,
-            supplementary_groups: Vec::new(),
+            supplementary_groups: None,
             umask: None,
             capabilities: None,
-            no_new_privileges: false,
+            no_new_privileges: None,
             limits: BTreeMap::new(),
             files: BTreeMap::new(),
             restart: RestartPolicy::default(),
@@ -478,8 +480,8 @@ pub struct RoleTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     /// See [`Node::supplementary_groups`].
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub supplementary_groups: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supplementary_groups: Option<Vec<String>>,
     /// See [`Node::umask`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub umask: Option<Umask>,
@@ -487,8 +489,8 @@ pub struct RoleTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Vec<String>>,
     /// See [`Node::no_new_privileges`].
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub no_new_privileges: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_new_privileges: Option<bool>,
     /// See [`Node::limits`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub limits: BTreeMap<String, Limit>,
@@ -739,7 +741,7 @@ impl Node {
         crate::exec::ExecRef {
             user: self.user.as_deref(),
             group: self.group.as_deref(),
-            supplementary_groups: &self.supplementary_groups,
+            supplementary_groups: self.supplementary_groups.as_deref().unwrap_or_default(),
             capabilities: self.capabilities.as_deref(),
             limits: &self.limits,
         }
@@ -752,7 +754,7 @@ impl RoleTemplate {
         crate::exec::ExecRef {
             user: self.user.as_deref(),
             group: self.group.as_deref(),
-            supplementary_groups: &self.supplementary_groups,
+            supplementary_groups: self.supplementary_groups.as_deref().unwrap_or_default(),
             capabilities: self.capabilities.as_deref(),
             limits: &self.limits,
         }
@@ -767,7 +769,7 @@ fn inherit_exec(node: &mut Node, t: &RoleTemplate) {
     if node.group.is_none() {
         node.group.clone_from(&t.group);
     }
-    if node.supplementary_groups.is_empty() {
+    if node.supplementary_groups.is_none() {
         node.supplementary_groups
             .clone_from(&t.supplementary_groups);
     }
@@ -777,7 +779,9 @@ fn inherit_exec(node: &mut Node, t: &RoleTemplate) {
     if node.capabilities.is_none() {
         node.capabilities.clone_from(&t.capabilities);
     }
-    node.no_new_privileges |= t.no_new_privileges;
+    if node.no_new_privileges.is_none() {
+        node.no_new_privileges = t.no_new_privileges;
+    }
     for (k, v) in &t.limits {
         node.limits.entry(k.clone()).or_insert(*v);
     }

@@ -109,7 +109,7 @@ fn agent_spawns(n: u32) -> anyhow::Result<()> {
             plan(&|n| {
                 n.user = Some("nobody".into());
                 n.capabilities = Some(vec!["CAP_NET_RAW".into()]);
-                n.no_new_privileges = true;
+                n.no_new_privileges = Some(true);
                 n.limits.insert("nofile".into(), nofile);
             })?,
         ));
