@@ -492,7 +492,18 @@ pub fn own_node_paths(
     use std::os::unix::fs::{PermissionsExt, chown};
     let (uid, gid) = owner;
     let set = |p: &std::path::Path, u: Option<u32>, g: Option<u32>, mode: u32| {
-        chown(p, u, g).map_err(|e| with_path("giving", p, &e))?;
+        chown(p, u, g).map_err(|e| {
+            let e = with_path(&format!("giving to {uid}:{gid}"), p, &e);
+            if e.kind() == io::ErrorKind::PermissionDenied {
+                // The one capability a user switch needs beyond CAP_SETUID/CAP_SETGID.
+                io::Error::new(
+                    e.kind(),
+                    format!("{e}: the agent lacks CAP_CHOWN, which a node with a user or group of its own needs"),
+                )
+            } else {
+                e
+            }
+        })?;
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
             .map_err(|e| with_path("setting the mode of", p, &e))
     };
