@@ -626,6 +626,75 @@ fn daemons_refuse_a_zero_keep_alive_and_durations_beyond_ten_years() {
     }
 }
 
+/// `status` prints a table: a script that asks it for JSON is told so, not handed a
+/// table.
+#[test]
+fn status_asked_for_json_says_it_prints_a_table() {
+    for args in [
+        &["-o", "json", "status"][..],
+        &["status", "--output", "json"][..],
+    ] {
+        let out = drover(args);
+        assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
+        assert_eq!(
+            out.stderr,
+            "error: status prints a table; `drover get-nodes` prints zeek-client's JSON\n"
+        );
+        assert_eq!(out.stdout, "");
+    }
+}
+
+/// An empty cluster file, as a generator that failed leaves on a pipe, would stop and
+/// remove every node: refused unless asked for, and nothing is staged meanwhile.
+#[test]
+fn an_empty_cluster_file_is_refused_unless_allowed() {
+    let c = drover_tests::Cluster::new();
+    let (_ctl, addr) = c.start_controller("127.0.0.1:0");
+    let file = c.dir.path().join("c.toml");
+    std::fs::write(&file, "[instances.a1]\n").unwrap();
+    let out = c.drover(addr, &["stage-config", file.to_str().unwrap()]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "instances alone say what they mean: {}",
+        out.stderr
+    );
+    let staged = c.drover(addr, &["get-config", "--as-toml"]).stdout;
+    for args in [&["deploy-config", "-"][..], &["stage-config", "-"][..]] {
+        let out = c
+            .drover_command_as("ops", addr)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(
+            err,
+            "error: standard input has no instances and no nodes: deployed, it would stop \
+             and remove every node of the cluster; give --allow-empty if that is what you \
+             want\n"
+        );
+    }
+    let empty = c.dir.path().join("empty.toml");
+    std::fs::write(&empty, "# generated\n").unwrap();
+    let out = c.drover(addr, &["deploy-config", empty.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("empty.toml has no instances and no nodes"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(c.drover(addr, &["get-config", "--as-toml"]).stdout, staged);
+    let out = c.drover(
+        addr,
+        &["stage-config", "--allow-empty", empty.to_str().unwrap()],
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_ne!(c.drover(addr, &["get-config", "--as-toml"]).stdout, staged);
+}
+
 /// Files read whole are read up to a bound: a device or a runaway file named by mistake
 /// is an error naming it, not a process growing until the machine runs out of memory.
 #[test]

@@ -259,7 +259,11 @@ fn a_leader_paused_past_its_lease_never_writes_again() {
     let old = group.leader(&rt, &etcd, None);
     let list = group.list();
     let v1 = config_file(&c, "v1", &[]);
-    let out = etcd::drover(&c, &list, &["stage-config", v1.to_str().unwrap()]);
+    let out = etcd::drover(
+        &c,
+        &list,
+        &["stage-config", "--allow-empty", v1.to_str().unwrap()],
+    );
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     // A client of the old leader, connected while it leads.
     let (endpoint, conn) = rt.block_on(c.client_connection(group.addrs[old]));
@@ -327,7 +331,12 @@ fn a_leader_whose_key_is_taken_cannot_write_and_steps_down() {
     let list = group.list();
     let v1 = config_file(&c, "v1", &[]);
     assert_eq!(
-        etcd::drover(&c, &list, &["stage-config", v1.to_str().unwrap()]).code,
+        etcd::drover(
+            &c,
+            &list,
+            &["stage-config", "--allow-empty", v1.to_str().unwrap()]
+        )
+        .code,
         Some(0)
     );
     let written = state_revisions(&rt, &etcd);
@@ -347,7 +356,11 @@ fn a_leader_whose_key_is_taken_cannot_write_and_steps_down() {
         rt.block_on(etcd.client().txn(&[], &[op], &[])).unwrap();
     }
     let v2 = config_file(&c, "v2", &[]);
-    let out = etcd::drover(&c, &list, &["stage-config", v2.to_str().unwrap()]);
+    let out = etcd::drover(
+        &c,
+        &list,
+        &["stage-config", "--allow-empty", v2.to_str().unwrap()],
+    );
     assert_ne!(out.code, Some(0), "{}", out.stdout);
     let text = format!("{}{}", out.stdout, out.stderr);
     assert!(

@@ -62,7 +62,7 @@ pub struct Cli {
     /// How long to wait for the controller's answer [default: 20s].
     #[arg(long, global = true, env = "DROVER_TIMEOUT", value_parser = humantime::parse_duration)]
     pub timeout: Option<Duration>,
-    /// Output format of get-nodes, get-instances and status.
+    /// Output format of get-nodes and get-instances (status always prints a table).
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Json)]
     pub output: Format,
     /// What to do.
@@ -87,6 +87,10 @@ pub enum Command {
         /// --zeek-roles); a TOML cluster file has these tables itself.
         #[arg(long, env = "DROVER_ROLES", value_name = "FILE")]
         roles: Option<PathBuf>,
+        /// Accept a file without instances or nodes: deployed, it stops and removes
+        /// every node.
+        #[arg(long)]
+        allow_empty: bool,
     },
     /// Deploy the staged configuration: it becomes the desired state under a new
     /// generation, which every agent is brought to.
@@ -111,6 +115,10 @@ pub enum Command {
         /// Restart every node, not only those whose spec changed.
         #[arg(long)]
         restart_all: bool,
+        /// Accept a file without instances or nodes: deployed, it stops and removes
+        /// every node.
+        #[arg(long)]
+        allow_empty: bool,
     },
     /// Show the staged (default) or deployed configuration, as Zeek INI by default.
     GetConfig {
@@ -356,6 +364,17 @@ pub fn main() -> ExitCode {
     {
         *key = None;
     }
+    // A script asking `status` for JSON must not get a table as if it were.
+    if matches!(cli.command, Command::Status { .. })
+        && cli.output == Format::Json
+        && matches.value_source("output") == Some(clap::parser::ValueSource::CommandLine)
+    {
+        clap::Error::raw(
+            clap::error::ErrorKind::ArgumentConflict,
+            "status prints a table; `drover get-nodes` prints zeek-client's JSON\n",
+        )
+        .exit();
+    }
     let ran = run(cli);
     interrupt::await_death_if_signalled();
     match ran {
@@ -428,10 +447,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async {
         let (staged, session) = match &cli.command {
-            Command::StageConfig { file, roles } | Command::DeployConfig { file, roles, .. } => {
-                let (file, roles) = (file.clone(), roles.clone());
-                let read =
-                    move || read_cluster_file(&file, roles.as_deref()).and_then(fits_in_a_frame);
+            Command::StageConfig {
+                file,
+                roles,
+                allow_empty,
+            }
+            | Command::DeployConfig {
+                file,
+                roles,
+                allow_empty,
+                ..
+            } => {
+                let (file, roles, allow_empty) = (file.clone(), roles.clone(), *allow_empty);
+                let read = move || {
+                    read_cluster_file(&file, roles.as_deref())
+                        .and_then(|c| not_empty(c, &file, allow_empty))
+                        .and_then(fits_in_a_frame)
+                };
                 let (config, session) =
                     read_while_connecting(&settings, read)
                         .await
@@ -949,6 +981,24 @@ fn read_bounded(r: impl std::io::Read, what: &str) -> anyhow::Result<String> {
 /// The configuration back when its stage-config request fits in one frame; else an
 /// error naming the request's size and the limit, since the controller would refuse it
 /// only after receiving it all.
+/// Refuses an empty configuration (no instances, no nodes) unless `allow`: a generator
+/// that failed and wrote nothing (`generate | drover deploy-config -`) must not tear the
+/// cluster down. One that names instances alone says what it means.
+fn not_empty(
+    config: drover_proto::Configuration,
+    file: &str,
+    allow: bool,
+) -> anyhow::Result<drover_proto::Configuration> {
+    if config.nodes.is_empty() && config.instances.is_empty() && !allow {
+        let file = if file == "-" { "standard input" } else { file };
+        anyhow::bail!(
+            "{file} has no instances and no nodes: deployed, it would stop and remove \
+             every node of the cluster; give --allow-empty if that is what you want"
+        );
+    }
+    Ok(config)
+}
+
 fn fits_in_a_frame(
     config: drover_proto::Configuration,
 ) -> anyhow::Result<drover_proto::Configuration> {
