@@ -1346,7 +1346,7 @@ impl Follower {
         {
             // Replaced by another file: rotated by rename (the log keeper's way), or
             // removed and created anew.
-            self.replaced(old, tx).await?;
+            self.replaced(old, meta.ino(), tx).await?;
             self.reset();
         }
         self.ino = Some(meta.ino());
@@ -1417,8 +1417,15 @@ impl Follower {
 
     /// The followed file was replaced: delivers what it got past our offset (from the
     /// file held open, or else from where it was renamed to), and every file rotated
-    /// after it (a fast writer's files can rotate more than once between two polls).
-    async fn replaced(&mut self, old: u64, tx: &mpsc::Sender<Line>) -> Result<(), Gone> {
+    /// after it (a fast writer's files can rotate more than once between two polls) up
+    /// to `current`, the file the path named when this poll looked, which is followed
+    /// next: should it have been rotated too meanwhile, the next poll delivers it, once.
+    async fn replaced(
+        &mut self,
+        old: u64,
+        current: u64,
+        tx: &mpsc::Sender<Line>,
+    ) -> Result<(), Gone> {
         let drained = self.drain_held(old, tx).await?;
         let base = self.path.clone();
         let rotated = move |k: u32| {
@@ -1446,9 +1453,14 @@ impl Follower {
             (self.offset, k)
         };
         for j in (1..=newest_first).rev() {
-            if let Ok(mut f) = tokio::fs::File::open(rotated(j)).await
-                && f.seek(SeekFrom::Start(from)).await.is_ok()
-            {
+            let Ok(mut f) = tokio::fs::File::open(rotated(j)).await else {
+                from = 0;
+                continue;
+            };
+            if f.metadata().await.is_ok_and(|m| m.ino() == current) {
+                break;
+            }
+            if f.seek(SeekFrom::Start(from)).await.is_ok() {
                 let mut buf = vec![0; FOLLOW_READ_CHUNK];
                 while let Ok(n @ 1..) = f.read(&mut buf).await {
                     self.deliver_bytes(&buf[..n], None, tx).await?;
@@ -2570,6 +2582,58 @@ mod tests {
         let (mut node2, _) = logs.open_for_child().unwrap();
         node2.write_all(b"fresh\n").unwrap();
         assert_eq!(next(&mut rx).await, "fresh");
+    }
+
+    /// The file a poll saw at the path is rotated too before the poll has delivered
+    /// the files rotated ahead of it: it is delivered once, by the next poll, not by
+    /// both.
+    #[tokio::test]
+    async fn a_file_rotated_while_a_poll_catches_up_is_delivered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let at = |k: u32| dir.path().join(format!("out.{k}"));
+        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+        append(&path, b"a1\na2\n");
+        let mut f = Follower {
+            path: path.clone(),
+            rotated: at(1),
+            offset: 0,
+            ino: Some(ino(&path)),
+            held: None,
+            mtime: None,
+            recent: Vec::new(),
+            lines: LineSplitter::default(),
+            dropped: 0,
+            send_wait: WAIT,
+            partial_since: None,
+            partial_seen: 0,
+        };
+        let (tx, mut rx) = mpsc::channel(64);
+        f.poll_once(&tx).await.ok().unwrap();
+        let a = ino(&path);
+        append(&path, b"a3\n");
+        // Rotated: the poll that comes sees B at the path...
+        fs::rename(&path, at(1)).unwrap();
+        append(&path, b"b1\n");
+        let b = ino(&path);
+        // ...and B is rotated in its turn before that poll catches up.
+        fs::rename(at(1), at(2)).unwrap();
+        fs::rename(&path, at(1)).unwrap();
+        append(&path, b"c1\n");
+        // What that poll does once it saw B at the path.
+        f.replaced(a, b, &tx).await.ok().unwrap();
+        f.reset();
+        f.ino = Some(b);
+        f.read_new(&tx).await.ok().unwrap();
+        // The next polls.
+        f.poll_once(&tx).await.ok().unwrap();
+        f.poll_once(&tx).await.ok().unwrap();
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some(line) = rx.recv().await {
+            got.push(line.text);
+        }
+        assert_eq!(got, strings(&["a1", "a2", "a3", "b1", "c1"]));
     }
 
     #[tokio::test]
