@@ -24,9 +24,6 @@ use tokio_util::sync::CancellationToken;
 pub(crate) struct SessionState {
     /// Set while a new connection is being made to replace this one.
     pub(crate) handing_over: AtomicBool,
-    /// The agent stood by when this connection was admitted, and a task resumes it
-    /// once the connection has lasted [`crate::Agent::resume_grace`].
-    pub(crate) resume_scheduled: AtomicBool,
     /// Requests being answered.
     in_flight: AtomicUsize,
     /// Cancelled when the connection is retired: its status reports stop.

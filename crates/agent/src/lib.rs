@@ -549,7 +549,9 @@ impl Agent {
                 this.resumer().admitted_now();
                 let state = Arc::new(handover::SessionState::default());
                 let reason = this.serve(conn, &supervisor, state).await;
+                this.resumer().lost();
                 warn!("lost the controller: {}", conn::explain(&reason, "controller"));
+                this.stand_by_if_let_go(&reason, &supervisor).await;
             });
         }
         sessions.abort_all();
@@ -623,16 +625,8 @@ impl Agent {
                         "lost the controller: {}",
                         conn::explain(&reason, "controller")
                     );
-                    // Let go for standing by while it was deciding to start its nodes:
-                    // the process the controller let in runs them.
-                    if let quinn::ConnectionError::ApplicationClosed(c) = &reason
-                        && c.reason.as_ref() == drover_proto::msg::REPLACED_STANDING_BY.as_bytes()
-                        && supervisor.stand_by().await
-                    {
-                        warn!(
-                            "the controller let in another process with this agent's identity: this agent's nodes are stopped until the controller accepts it"
-                        );
-                    }
+                    self.resumer().lost();
+                    self.stand_by_if_let_go(&reason, supervisor).await;
                     if self.controllers.len() > 1 {
                         // Probably a failover: its successor is being elected, and the
                         // first attempts come quickly.
@@ -786,6 +780,19 @@ impl Agent {
             + Duration::from_secs(2)
     }
 
+    /// Let go for standing by while it was deciding to start its nodes: the process the
+    /// controller let in runs them.
+    async fn stand_by_if_let_go(&self, reason: &quinn::ConnectionError, supervisor: &Supervisor) {
+        if let quinn::ConnectionError::ApplicationClosed(c) = reason
+            && c.reason.as_ref() == drover_proto::msg::REPLACED_STANDING_BY.as_bytes()
+            && supervisor.stand_by().await
+        {
+            warn!(
+                "the controller let in another process with this agent's identity: this agent's nodes are stopped until the controller accepts it"
+            );
+        }
+    }
+
     fn resumer(&self) -> &standby::Resumer {
         self.resumer
             .get()
@@ -923,11 +930,7 @@ impl Agent {
                 // it made to this agent's listener is welcomed before that): this agent
                 // holds its identity.
                 admissions.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if sup.standing_by()
-                    && !state
-                        .resume_scheduled
-                        .swap(true, std::sync::atomic::Ordering::SeqCst)
-                {
+                if sup.standing_by() {
                     resumer.admitted_now();
                 }
                 // A request that changes nodes, read from a connection that has been
@@ -1001,7 +1004,7 @@ impl Agent {
                     ControllerRequest::Ping => {
                         if state.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
                             AgentResponse::HandingOver
-                        } else if resumer.standing_by() {
+                        } else if resumer.answer_standing_by() {
                             AgentResponse::StandingBy
                         } else {
                             AgentResponse::Ack

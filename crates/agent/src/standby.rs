@@ -7,7 +7,7 @@
 //! probe `StandingBy`: should the process that runs the nodes dial meanwhile, it is let
 //! in and this one's connection closed, so that the nodes neither move nor run twice.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,14 @@ pub(crate) struct Resumer {
     /// from then on, so that the controller does not let another process in while this
     /// one starts them.
     resuming: Arc<AtomicBool>,
+    /// Bumped whenever a connection of this process to the controller ends, and when it
+    /// answers a probe `StandingBy` (the controller is then letting another process
+    /// in): a grace begun before then is void, and only a grace of its own admits the
+    /// next connection.
+    epoch: Arc<AtomicU64>,
+    /// One more than the epoch a grace is running for (0: none), so that the several
+    /// signs of one admission (the welcome, the first request) start one grace.
+    armed: Arc<AtomicU64>,
     grace: Duration,
 }
 
@@ -43,6 +51,8 @@ impl Resumer {
             current: Arc::default(),
             listened,
             resuming: Arc::default(),
+            epoch: Arc::default(),
+            armed: Arc::default(),
             grace,
         }
     }
@@ -52,9 +62,22 @@ impl Resumer {
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
     }
 
-    /// Whether the probe is to be answered `StandingBy`.
-    pub(crate) fn standing_by(&self) -> bool {
-        self.supervisor.standing_by() && !self.resuming.load(Ordering::SeqCst)
+    /// Whether the probe is to be answered `StandingBy`; when it is, the grace under way
+    /// is void (the controller lets the other process in and closes this connection)
+    /// and a new one begins, should the controller keep this connection after all.
+    pub(crate) fn answer_standing_by(&self) -> bool {
+        let standing = self.supervisor.standing_by() && !self.resuming.load(Ordering::SeqCst);
+        if standing {
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+            self.arm(false);
+        }
+        standing
+    }
+
+    /// A connection of this process to the controller ended: a grace begun while it
+    /// lived is void.
+    pub(crate) fn lost(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Whether a connection of this process that the controller may have admitted
@@ -73,24 +96,114 @@ impl Resumer {
     /// The controller admitted this agent (or may have: a connection to its listener):
     /// if it stands by, its nodes start after the grace, provided a connection of this
     /// process still lives then.
+    /// Called for every request while standing by: one grace per admission.
     pub(crate) fn admitted_now(&self) {
+        self.arm(true);
+    }
+
+    /// Starts a grace for the current epoch, unless one runs for it already.
+    fn arm(&self, say: bool) {
         if !self.supervisor.standing_by() {
             return;
         }
-        info!(
-            "the controller accepted this agent; it starts its nodes in {} unless the process that runs them comes back meanwhile",
-            drover_net::humanize(self.grace)
-        );
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        if self.armed.swap(epoch + 1, Ordering::SeqCst) == epoch + 1 {
+            return;
+        }
+        if say {
+            info!(
+                "the controller accepted this agent; it starts its nodes in {} unless the process that runs them comes back meanwhile",
+                drover_net::humanize(self.grace)
+            );
+        }
         let this = self.clone();
+        let until = tokio::time::Instant::now() + self.grace;
         tokio::spawn(async move {
-            tokio::time::sleep(this.grace).await;
+            tokio::time::sleep_until(until).await;
             this.resuming.store(true, Ordering::SeqCst);
-            if this.admitted() && this.supervisor.resume().await {
+            // Looked at once the probe is answered `Ack`: a `StandingBy` answered before
+            // voids this grace.
+            let current = this.epoch.load(Ordering::SeqCst) == epoch;
+            if current && this.admitted() && this.supervisor.resume().await {
                 info!(
                     "starting the nodes stopped while another process held this agent's identity"
                 );
             }
             this.resuming.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroup::CgroupSetting;
+    use crate::logs::LogConfig;
+    use crate::supervisor::SupervisorConfig;
+
+    const GRACE: Duration = Duration::from_secs(10);
+
+    /// Lets the tasks woken so far (a grace's end, the supervisor's answer) run.
+    async fn settle() {
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// A grace is void once a connection of the process ends, or once it answers the
+    /// probe `StandingBy`: only a whole grace of the admission that follows starts the
+    /// nodes, never one left over from before.
+    #[test]
+    fn only_a_whole_grace_of_the_current_admission_starts_the_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sup = Supervisor::start(SupervisorConfig {
+                instance: "agent-1".into(),
+                state_dir: dir.path().to_owned(),
+                logs: LogConfig::default(),
+                cgroup: CgroupSetting::None,
+                keeper: None,
+                removed_node_retention: None,
+            })
+            .unwrap();
+            // A connection to the listener lives throughout.
+            let (_listened, rx) = watch::channel(1usize);
+            let r = Resumer::new(sup.clone(), rx, GRACE);
+            assert!(!r.answer_standing_by(), "not standing by");
+            assert!(sup.stand_by().await);
+
+            for void in [Resumer::lost as fn(&Resumer), |r| {
+                assert!(r.answer_standing_by())
+            }] {
+                r.admitted_now();
+                r.admitted_now();
+                tokio::time::advance(GRACE / 2).await;
+                void(&r);
+                r.admitted_now();
+                // The first grace ends: void.
+                tokio::time::advance(GRACE / 2 + Duration::from_secs(1)).await;
+                settle().await;
+                assert!(sup.standing_by());
+                // The grace of the admission after the loss ends.
+                tokio::time::advance(GRACE / 2).await;
+                settle().await;
+                assert!(!sup.standing_by(), "resumed a whole grace after admission");
+                assert!(sup.stand_by().await);
+            }
+
+            // No connection left when the grace ends: nothing starts.
+            let (gone, rx) = watch::channel(1usize);
+            let r = Resumer::new(sup.clone(), rx, GRACE);
+            r.admitted_now();
+            gone.send_replace(0);
+            tokio::time::advance(GRACE + Duration::from_secs(1)).await;
+            settle().await;
+            assert!(sup.standing_by());
         });
     }
 }

@@ -1382,18 +1382,28 @@ impl Core {
                 self.apply_out(out);
             }
             Command::Act {
-                op,
-                nodes,
-                deadline,
-                cap,
-                reply,
+                op, nodes, reply, ..
             } if *self.standby.borrow() && matches!(op, Op::Start | Op::Restart) => {
                 // Started here, a node would run beside the copy of the process this
                 // agent stood by for, and stay running when it is refused again.
-                let _ = reply.send(vec![
-                    MgmtResult::err("", STANDING_BY.to_owned()).on_instance(&self.cfg.instance),
-                ]);
-                drop((nodes, deadline, cap));
+                let names = if nodes.is_empty() {
+                    self.nodes
+                        .iter()
+                        .filter(|(_, e)| !e.removing)
+                        .map(|(n, _)| n.clone())
+                        .collect()
+                } else {
+                    nodes
+                };
+                let refused = names
+                    .iter()
+                    .map(|n| {
+                        MgmtResult::err("", STANDING_BY.to_owned())
+                            .on_instance(&self.cfg.instance)
+                            .on_node(n)
+                    })
+                    .collect();
+                let _ = reply.send(refused);
             }
             Command::Act {
                 op,
@@ -4533,7 +4543,10 @@ mod tests {
             for op in [Op::Start, Op::Restart] {
                 let rs = sup.act(op, vec!["a".into()], later(), later()).await;
                 assert!(
-                    rs.len() == 1 && !rs[0].success && rs[0].error.as_deref() == Some(STANDING_BY),
+                    rs.len() == 1
+                        && !rs[0].success
+                        && rs[0].node.as_deref() == Some("a")
+                        && rs[0].error.as_deref() == Some(STANDING_BY),
                     "{rs:?}"
                 );
             }

@@ -978,9 +978,6 @@ fn read_bounded(r: impl std::io::Read, what: &str) -> anyhow::Result<String> {
     })
 }
 
-/// The configuration back when its stage-config request fits in one frame; else an
-/// error naming the request's size and the limit, since the controller would refuse it
-/// only after receiving it all.
 /// Refuses an empty configuration (no instances, no nodes) unless `allow`: a generator
 /// that failed and wrote nothing (`generate | drover deploy-config -`) must not tear the
 /// cluster down. One that names instances alone says what it means.
@@ -999,6 +996,9 @@ fn not_empty(
     Ok(config)
 }
 
+/// The configuration back when its stage-config request fits in one frame; else an
+/// error naming the request's size and the limit, since the controller would refuse it
+/// only after receiving it all.
 fn fits_in_a_frame(
     config: drover_proto::Configuration,
 ) -> anyhow::Result<drover_proto::Configuration> {

@@ -1622,7 +1622,7 @@ mod tests {
         ] {
             let merged = with_roles(&config, "c.ini", "roles.toml", roles).unwrap();
             let nnp = |n: &str| merged.resolve(merged.node(n).unwrap()).no_new_privileges;
-            assert_eq!(nnp("w1"), Some(false), "{roles}");
+            assert_eq!(nnp("w1"), None, "off: {roles}");
             assert_eq!(nnp("w2"), Some(true), "{roles}");
         }
     }

@@ -711,6 +711,14 @@ impl Configuration {
             })
             .collect();
         out.env = out.env.iter().map(|(k, v)| (k.clone(), fill(v))).collect();
+        // Once resolved, off and not given run alike: one form, so that the spec equals
+        // the one an agent stored before these could be given as off (no restart).
+        if out.no_new_privileges == Some(false) {
+            out.no_new_privileges = None;
+        }
+        if out.supplementary_groups.as_ref().is_some_and(Vec::is_empty) {
+            out.supplementary_groups = None;
+        }
         out
     }
 }
