@@ -1612,7 +1612,7 @@ async fn render_metrics(sup: &Supervisor, nodes_dir: &std::path::Path) -> String
     drover_metrics::gauge(
         &mut out,
         "drover_agent_standby",
-        "1 while the controller refuses this agent because another process with its certificate is connected; its nodes are stopped meanwhile.",
+        "1 while the agent stands by: refused because another process with its certificate was connected, until it has held a connection of its own for its grace; its nodes are stopped meanwhile.",
         &[(String::new(), f64::from(u8::from(sup.standing_by())))],
     );
     drover_metrics::gauge(

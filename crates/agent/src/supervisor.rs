@@ -236,8 +236,23 @@ enum Command {
 
 pub use crate::ops::Op;
 
-/// Why a start or restart is refused while the agent stands by.
-const STANDING_BY: &str = "this agent stands by (another process with its certificate ran its nodes when it connected) and starts no node until it has held its connection for a grace; try again then";
+/// A deploy's answer for a node it would start while the agent stands by: not applied
+/// yet, so the deploy is not taken as done (it stays the desired state, and the agent
+/// starts the node once it holds its connection past the grace).
+fn not_started_standing_by(instance: &str, node: &str) -> MgmtResult {
+    MgmtResult::err(
+        "",
+        "not started: this agent stands by (another process with its certificate ran its \
+         nodes when it connected); it starts the node once it has held its connection for a \
+         grace"
+            .to_owned(),
+    )
+    .on_instance(instance)
+    .on_node(node)
+}
+
+/// Why an operator's action is refused while the agent stands by.
+const STANDING_BY: &str = "this agent stands by (another process with its certificate ran its nodes when it connected): its nodes are stopped, and it acts on none until it has held its connection for a grace; try again then";
 
 #[derive(Debug)]
 enum Event {
@@ -1381,11 +1396,11 @@ impl Core {
                 let out = self.applies.push(incoming, &table);
                 self.apply_out(out);
             }
-            Command::Act {
-                op, nodes, reply, ..
-            } if *self.standby.borrow() && matches!(op, Op::Start | Op::Restart) => {
+            Command::Act { nodes, reply, .. } if *self.standby.borrow() => {
                 // Started here, a node would run beside the copy of the process this
-                // agent stood by for, and stay running when it is refused again.
+                // agent stood by for, and stay running when it is refused again; a stop
+                // or signal would reach this agent's copy, which is not running, and
+                // not the one that is.
                 let names = if nodes.is_empty() {
                     self.nodes
                         .iter()
@@ -1722,6 +1737,7 @@ impl Core {
                     // It failed for want of its user or groups, which now resolve.
                     if retry && standby {
                         e.stopped_with_agent = true;
+                        results.push(not_started_standing_by(&instance, &name));
                     } else if retry {
                         settle = settle.max(e.spec.settle_within(false, true));
                         let actions = e.book.machine.start(now);
@@ -1782,7 +1798,9 @@ impl Core {
                         actions.extend(e.book.machine.start(now));
                     }
                     self.run_actions(&name, actions);
-                    if !standby {
+                    if standby {
+                        results.push(not_started_standing_by(&instance, &name));
+                    } else {
                         wait.push((name, Some(old_generation)));
                     }
                 }
@@ -1805,7 +1823,9 @@ impl Core {
                                 })
                                 .unwrap_or_default();
                             self.run_actions(&name, actions);
-                            if !standby {
+                            if standby {
+                                results.push(not_started_standing_by(&instance, &name));
+                            } else {
                                 wait.push((name, None));
                             }
                         }
@@ -4539,8 +4559,8 @@ mod tests {
             assert!(sup.standing_by());
             assert!(!sup.stand_by().await, "already standing by");
             until_states(&sup, &[("a", State::Stopped), ("c", State::Stopped)]).await;
-            // An operator's start is refused meanwhile; a stop is not.
-            for op in [Op::Start, Op::Restart] {
+            // An operator's action is refused meanwhile.
+            for op in [Op::Start, Op::Restart, Op::Stop, Op::Signal(15)] {
                 let rs = sup.act(op, vec!["a".into()], later(), later()).await;
                 assert!(
                     rs.len() == 1
@@ -4550,34 +4570,49 @@ mod tests {
                     "{rs:?}"
                 );
             }
-            let rs = sup.act(Op::Stop, vec!["c".into()], later(), later()).await;
-            assert!(rs.iter().all(|r| r.success), "{rs:?}");
             // Still desired to run: an agent process started now would start it.
             let record =
                 read_record(&std::fs::read(state.join("nodes/a/record.json")).unwrap()).unwrap();
             assert!(record.ended.is_none() && !record.stopped, "{record:?}");
 
             // An Apply carried out meanwhile does not start what it adds.
-            sup.apply(
-                sleepers(dir.path(), &["a", "b", "c", "d"]),
-                Restart::default(),
-                2,
-                later(),
-                None,
-            )
-            .await;
+            let rs = sup
+                .apply(
+                    sleepers(dir.path(), &["a", "b", "c", "d"]),
+                    Restart::default(),
+                    2,
+                    later(),
+                    None,
+                )
+                .await;
+            assert!(
+                rs.iter().any(|r| r.node.as_deref() == Some("d")
+                    && !r.success
+                    && r.error
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("not started: this agent stands by"))),
+                "the deploy says the node was not started: {rs:?}"
+            );
             until_states(&sup, &[("d", State::Stopped)]).await;
             assert_eq!(ran("d"), 0, "d never ran");
 
             assert!(sup.resume().await);
             assert!(!sup.standing_by());
             assert!(!sup.resume().await, "not standing by any more");
-            until_states(&sup, &[("a", State::Running), ("d", State::Running)]).await;
-            // Those an operator stopped, before or while it stood by, stay stopped.
-            until_states(&sup, &[("b", State::Stopped), ("c", State::Stopped)]).await;
+            until_states(
+                &sup,
+                &[
+                    ("a", State::Running),
+                    ("c", State::Running),
+                    ("d", State::Running),
+                ],
+            )
+            .await;
+            // The one an operator stopped before stays stopped.
+            until_states(&sup, &[("b", State::Stopped)]).await;
             // Each started once more (its line comes once its shell runs).
             let deadline = Instant::now() + Duration::from_secs(20);
-            while [ran("a"), ran("b"), ran("c"), ran("d")] != [2, 1, 1, 1] {
+            while [ran("a"), ran("b"), ran("c"), ran("d")] != [2, 1, 2, 1] {
                 assert!(
                     Instant::now() < deadline,
                     "{:?}",

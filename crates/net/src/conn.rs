@@ -641,6 +641,14 @@ where
                 return Ok(est);
             }
             Err(e) => {
+                // The leader has this identity connected already: its answer is final,
+                // and the refused agent must stop its nodes now, not once the
+                // followers have held their answers.
+                if let NetError::Refused(w) = &e
+                    && drover_proto::msg::is_already_connected(&w.message)
+                {
+                    return Err(e);
+                }
                 if let NetError::Refused(w) = &e {
                     let hint = drover_proto::msg::leader_hint(&w.message);
                     if let Some(leader) = hint {
@@ -1512,8 +1520,11 @@ mod tests {
             }
         }));
         let err = result.unwrap_err().to_string();
-        for t in &targets {
-            assert!(err.contains(t.as_str()), "{err}");
+        // The leader's refusal of an agent already connected is the answer by itself.
+        if !drover_proto::msg::is_already_connected(&err) {
+            for t in &targets {
+                assert!(err.contains(t.as_str()), "{err}");
+            }
         }
         dials.into_inner().unwrap()
     }
@@ -1750,6 +1761,43 @@ mod tests {
             dials.iter().all(|(_, at)| *at < Duration::from_millis(100)),
             "asked again: {dials:?}"
         );
+    }
+
+    /// The leader has the agent's identity connected already: that refusal is the
+    /// answer at once, not once a follower that holds its answer (or a dead member's
+    /// handshake) is done, since the refused agent stops its nodes on it.
+    #[test]
+    fn an_agent_already_connected_is_the_answer_at_once() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let targets = vec!["a:1".to_owned(), "b:1".to_owned()];
+        let mut memory = LeaderMemory::default();
+        let (result, took) = rt.block_on(async {
+            let start = tokio::time::Instant::now();
+            let r = dial_leader_with(&targets, &mut memory, |t| async move {
+                if t == "a:1" {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    Err(NetError::Refused(WireError::new(
+                        ErrorCode::Unavailable,
+                        "agent a1 is already connected from 10.0.0.9:4000",
+                    )))
+                } else {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Err(NetError::Timeout {
+                        what: format!("connecting to {t}"),
+                        after: Duration::from_secs(5),
+                    })
+                }
+            })
+            .await;
+            (r, start.elapsed())
+        });
+        let err = result.unwrap_err().to_string();
+        assert!(drover_proto::msg::is_already_connected(&err), "{err}");
+        assert!(took < Duration::from_millis(100), "{took:?}");
     }
 
     #[test]
