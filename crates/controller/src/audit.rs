@@ -41,6 +41,11 @@ pub const MAX_KEEP: u32 = 1000;
 /// Arguments longer than this are cut, so that one record stays well below `max_bytes`.
 const MAX_ARGS: usize = 1024;
 
+/// Messages longer than this are cut: a refusal's message may repeat what the client
+/// sent (a node name as given), and a record must not let one request push pages of
+/// others out of the trail.
+const MAX_MESSAGE: usize = 1024;
+
 /// Entries `drover audit` gets when it names no limit.
 pub const DEFAULT_READ_LIMIT: usize = 1000;
 
@@ -554,6 +559,13 @@ pub fn record(
     message: Option<String>,
 ) -> AuditRecord {
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms);
+    let message = message.map(|m| {
+        if m.len() > MAX_MESSAGE {
+            cut(&m, MAX_MESSAGE)
+        } else {
+            m
+        }
+    });
     AuditRecord {
         at_ms,
         time: humantime::format_rfc3339_millis(time).to_string(),
@@ -606,6 +618,33 @@ mod tests {
 
     /// A write that fails part way (a full disk; here the file-size limit, which fails
     /// the same way) takes back what it wrote: the trail holds whole records only.
+    #[test]
+    fn a_long_message_is_cut_in_the_record() {
+        let long = "q".repeat(131_000);
+        let r = record(
+            &caller("ops"),
+            1,
+            "stop",
+            String::new(),
+            None,
+            Outcome::Failed,
+            Some(format!("node '{long}' is not deployed")),
+        );
+        let m = r.message.unwrap();
+        assert!(m.len() <= MAX_MESSAGE, "{}", m.len());
+        assert!(m.starts_with("node 'qqq") && m.ends_with(" ..."), "{m}");
+        let short = record(
+            &caller("ops"),
+            1,
+            "stop",
+            String::new(),
+            None,
+            Outcome::Ok,
+            Some("fine".into()),
+        );
+        assert_eq!(short.message.as_deref(), Some("fine"));
+    }
+
     #[test]
     fn a_record_cut_short_by_a_failed_write_is_taken_back() {
         if std::env::var("NEXTEST_EXECUTION_MODE").as_deref() != Ok("process-per-test") {
