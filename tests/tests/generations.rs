@@ -1169,6 +1169,25 @@ fn a_deployed_deploy_missing_from_the_audit_trail_is_recorded_at_start() {
     );
 }
 
+/// A trail moved away since the deploy (logrotate, a cleanup script) lacks its record
+/// because it was moved, not because the controller ended first: a restart then writes
+/// no record claiming so.
+#[test]
+fn a_trail_moved_away_since_the_deploy_gets_no_claim_of_an_unwritten_record() {
+    let c = Cluster::new();
+    let (mut ctl, addr, _agent) = start(&c, &[]);
+    let file = cluster_file(&c, "one.toml", "one", 1, "");
+    let out = c.drover(addr, &["deploy-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    ctl.kill();
+    let trail = c.dir.path().join("controller/audit.jsonl");
+    std::fs::rename(&trail, c.dir.path().join("controller/audit.jsonl-moved")).unwrap();
+    let (ctl, addr) = c.start_controller(&addr.to_string());
+    ctl.wait_log("its record is not looked for");
+    c.wait_for_agent(addr, "agent-1");
+    assert_eq!(deploy_records(&c, addr), Vec::<serde_json::Value>::new());
+}
+
 /// A resource setting the agent's host cannot enforce (as the agent says in its own
 /// status) is refused by the controller before the generation is recorded: the agent
 /// does not lag behind a deploy it can never carry out.

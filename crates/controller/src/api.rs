@@ -2018,7 +2018,15 @@ async fn deploy_locked(
         .max()
         .unwrap_or(0);
     let by = fold.map(|f| Box::new(f.record(now_ms(), None, Outcome::Ok, None)));
-    let deploy = match blocking(|| shared.store.set_desired(config, floor, restart_all, by)) {
+    let trail = match &shared.audit {
+        audit::Trail::File(log) => log.mark(),
+        audit::Trail::Etcd(_) => None,
+    };
+    let deploy = match blocking(|| {
+        shared
+            .store
+            .set_desired(config, floor, restart_all, by, trail)
+    }) {
         Ok(d) => d,
         Err(e) => {
             let message = format!("cannot record the deploy, nothing was deployed: {e}");
@@ -2380,7 +2388,7 @@ fn too_large_to_show(config: &Configuration, which: &str) -> Option<String> {
 /// lacks it (a controller that ended between recording the deploy as deployed and
 /// appending its request's record). With etcd the two are written together.
 pub(crate) async fn record_unrecorded_deploy(shared: Arc<Shared>) {
-    let audit::Trail::File(_) = &shared.audit else {
+    let audit::Trail::File(log) = &shared.audit else {
         return;
     };
     let Some(deployed) = shared.store.deployed() else {
@@ -2389,6 +2397,16 @@ pub(crate) async fn record_unrecorded_deploy(shared: Arc<Shared>) {
     let Some(by) = deployed.by.as_deref() else {
         return;
     };
+    // A trail rotated past the deploy's time, or moved away since, lacks its record
+    // whether it was written or not: only a trail that holds everything since can say.
+    if !deployed.trail.is_some_and(|m| log.holds_since(&m)) {
+        info!(
+            generation = deployed.generation,
+            "the audit trail was rotated or moved since the deployed deploy began: \
+             its record is not looked for"
+        );
+        return;
+    }
     let recorded = match shared.audit.read(Some(by.at_ms), None, usize::MAX).await {
         Ok(records) => records
             .iter()

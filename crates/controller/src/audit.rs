@@ -158,6 +158,33 @@ impl AuditLog {
         &self.path
     }
 
+    /// Where the current file stands now (`None` while there is none): the next
+    /// record goes into this file, or into a newer one should it be rotated first.
+    pub fn mark(&self) -> Option<TrailMark> {
+        let m = fs::metadata(&self.path).ok()?;
+        Some(TrailMark {
+            dev: m.dev(),
+            ino: m.ino(),
+            born_ns: born_ns(&m),
+            len: m.len(),
+        })
+    }
+
+    /// Whether every record appended since `mark` is still in the trail: the file it
+    /// names is one of the trail's, at least as long as then. Rotated out, moved away
+    /// or truncated since (logrotate's `copytruncate`), it is not, and what the trail
+    /// lacks tells nothing. A file rotated by the controller keeps its inode.
+    pub fn holds_since(&self, mark: &TrailMark) -> bool {
+        self.files().iter().any(|p| {
+            fs::metadata(p).is_ok_and(|m| {
+                m.dev() == mark.dev
+                    && m.ino() == mark.ino
+                    && born_ns(&m) == mark.born_ns
+                    && m.len() >= mark.len
+            })
+        })
+    }
+
     /// Rotated file `n` (1 is the newest).
     fn rotated(&self, n: u32) -> PathBuf {
         let mut p = self.path.clone().into_os_string();
@@ -318,6 +345,29 @@ impl AuditLog {
         }
         Ok(out.into())
     }
+}
+
+/// A place in a state dir's trail: its current file (by device and inode, which a
+/// rotation keeps) and that file's length at the time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TrailMark {
+    pub dev: u64,
+    pub ino: u64,
+    /// The file's birth time, where the filesystem keeps one: an inode freed by a
+    /// rotation is soon given to the next new file, which this tells apart.
+    #[serde(default)]
+    pub born_ns: Option<u64>,
+    pub len: u64,
+}
+
+/// A file's birth time in nanoseconds since the epoch, where known.
+fn born_ns(m: &fs::Metadata) -> Option<u64> {
+    let age = m
+        .created()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    u64::try_from(age.as_nanos()).ok()
 }
 
 /// A request whose audit record may be written by the request's own last state write
@@ -618,6 +668,43 @@ mod tests {
 
     /// A write that fails part way (a full disk; here the file-size limit, which fails
     /// the same way) takes back what it wrote: the trail holds whole records only.
+    #[test]
+    fn a_mark_is_held_until_its_file_is_rotated_out_moved_or_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 4096, 1).unwrap();
+        log.append(&rec("ops", 1)).unwrap();
+        let mark = log.mark().unwrap();
+        log.append(&rec("ops", 2)).unwrap();
+        assert!(log.holds_since(&mark));
+        // Rotated once, the file is `.1`, the same inode: still held.
+        let mut at = 3;
+        while log.files().iter().filter(|p| p.exists()).count() < 2 {
+            log.append(&rec("ops", at)).unwrap();
+            at += 1;
+        }
+        assert!(log.holds_since(&mark));
+        // Rotated out.
+        let newest = || {
+            fs::metadata(log.rotated(1))
+                .map(|m| (m.ino(), born_ns(&m)))
+                .ok()
+        };
+        while newest() == Some((mark.ino, mark.born_ns)) {
+            log.append(&rec("ops", at)).unwrap();
+            at += 1;
+        }
+        assert!(!log.holds_since(&mark));
+
+        let mark = log.mark().unwrap();
+        fs::rename(log.path(), dir.path().join("moved")).unwrap();
+        log.append(&rec("ops", at)).unwrap();
+        assert!(!log.holds_since(&mark), "moved away");
+
+        let mark = log.mark().unwrap();
+        fs::write(log.path(), b"").unwrap();
+        assert!(!log.holds_since(&mark), "truncated");
+    }
+
     #[test]
     fn a_long_message_is_cut_in_the_record() {
         let long = "q".repeat(131_000);

@@ -1347,6 +1347,7 @@ mod tests {
             config,
             restart_since: 0,
             by: None,
+            trail: None,
         })
     }
 

@@ -119,6 +119,12 @@ pub struct Deploy {
     /// acknowledged it late) is recorded in the trail with its requester.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<Box<drover_proto::access::AuditRecord>>,
+    /// Where the state dir's audit trail stood as the deploy was desired: its
+    /// request's record goes there or later. At start, a deployed deploy whose record
+    /// the trail lacks is recorded as unrecorded only while the trail still holds
+    /// everything since this mark (see `AuditLog::holds_since`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trail: Option<crate::audit::TrailMark>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -142,6 +148,7 @@ impl From<DeployFile> for Deploy {
                 config,
                 restart_since: 0,
                 by: None,
+                trail: None,
             },
         }
     }
@@ -492,6 +499,7 @@ impl Store {
         floor: u64,
         restart_all: bool,
         by: Option<Box<drover_proto::access::AuditRecord>>,
+        trail: Option<crate::audit::TrailMark>,
     ) -> Result<Arc<Deploy>, StoreError> {
         let _writing = self.writing();
         let (last, restart_since) = {
@@ -513,6 +521,7 @@ impl Store {
                 restart_since
             },
             by,
+            trail,
         });
         self.save(DESIRED, &*deploy)?;
         self.lock().desired = Some(deploy.clone());
@@ -632,7 +641,7 @@ mod tests {
         assert!(store.staged().is_none());
         let c = Configuration::empty();
         store.set_staged(c.clone()).unwrap();
-        let d = store.set_desired(c.clone(), 0, false, None).unwrap();
+        let d = store.set_desired(c.clone(), 0, false, None, None).unwrap();
         store.set_deployed(&d).unwrap();
         let again = Store::open(dir.path()).unwrap();
         assert_eq!(again.staged(), Some(c.clone()));
@@ -673,9 +682,13 @@ mod tests {
     fn a_corrupt_or_missing_file_falls_back_to_the_last_good_copy() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let first = store.set_desired(config("first"), 0, false, None).unwrap();
+        let first = store
+            .set_desired(config("first"), 0, false, None, None)
+            .unwrap();
         store.set_deployed(&first).unwrap();
-        let second = store.set_desired(config("second"), 0, false, None).unwrap();
+        let second = store
+            .set_desired(config("second"), 0, false, None, None)
+            .unwrap();
         store.set_deployed(&second).unwrap();
         assert_eq!(Store::open(dir.path()).unwrap().deployed(), Some(second));
 
@@ -702,7 +715,7 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             assert_eq!(store.desired_generation(), last);
             let d = store
-                .set_desired(config("same-id"), 0, false, None)
+                .set_desired(config("same-id"), 0, false, None, None)
                 .unwrap();
             assert!(
                 d.generation > last,
@@ -721,11 +734,13 @@ mod tests {
         // An agent that remembers a generation from a lost state dir is not sent an
         // older one.
         let d = store
-            .set_desired(config("x"), last + 40, false, None)
+            .set_desired(config("x"), last + 40, false, None, None)
             .unwrap();
         assert_eq!(d.generation, last + 41);
         // An older deploy never replaces a newer deployed one.
-        let newer = store.set_desired(config("newer"), 0, false, None).unwrap();
+        let newer = store
+            .set_desired(config("newer"), 0, false, None, None)
+            .unwrap();
         store.set_deployed(&newer).unwrap();
         store.set_deployed(&d).unwrap();
         assert_eq!(store.deployed(), Some(newer));
@@ -735,18 +750,24 @@ mod tests {
     fn the_last_restart_of_every_node_is_carried_to_later_deploys_and_across_reopens() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let plain = store.set_desired(config("a"), 0, false, None).unwrap();
+        let plain = store
+            .set_desired(config("a"), 0, false, None, None)
+            .unwrap();
         assert_eq!(plain.restart_since, 0);
-        let all = store.set_desired(config("a"), 0, true, None).unwrap();
+        let all = store.set_desired(config("a"), 0, true, None, None).unwrap();
         assert_eq!(all.restart_since, all.generation);
-        let later = store.set_desired(config("b"), 0, false, None).unwrap();
+        let later = store
+            .set_desired(config("b"), 0, false, None, None)
+            .unwrap();
         assert_eq!(later.restart_since, all.generation);
         // Read back after a restart, and carried on by the next deploy.
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.desired(), Some(later));
-        let next = store.set_desired(config("c"), 0, false, None).unwrap();
+        let next = store
+            .set_desired(config("c"), 0, false, None, None)
+            .unwrap();
         assert_eq!(next.restart_since, all.generation);
-        let again = store.set_desired(config("c"), 0, true, None).unwrap();
+        let again = store.set_desired(config("c"), 0, true, None, None).unwrap();
         assert_eq!(again.restart_since, again.generation);
     }
 
@@ -767,7 +788,9 @@ mod tests {
     fn a_failed_record_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let old = store.set_desired(config("old"), 0, false, None).unwrap();
+        let old = store
+            .set_desired(config("old"), 0, false, None, None)
+            .unwrap();
         store.set_deployed(&old).unwrap();
         let before: Vec<_> = [DESIRED, DEPLOYED]
             .iter()
@@ -776,7 +799,7 @@ mod tests {
         // A directory where the temp file goes: the write fails even for root.
         fs::create_dir(dir.path().join("desired.json.tmp")).unwrap();
         let err = store
-            .set_desired(config("new"), 0, false, None)
+            .set_desired(config("new"), 0, false, None, None)
             .unwrap_err()
             .to_string();
         // Named as the file in the way, not as the state file it was to replace.
@@ -797,7 +820,7 @@ mod tests {
         // The failed attempt used up no generation anyone saw; the next is one above.
         assert_eq!(
             again
-                .set_desired(config("new"), 0, false, None)
+                .set_desired(config("new"), 0, false, None, None)
                 .unwrap()
                 .generation,
             old.generation + 1
@@ -816,13 +839,14 @@ mod tests {
             config: c.clone(),
             restart_since: 0,
             by: None,
+            trail: None,
         });
         assert_eq!(store.deployed(), Some(want.clone()));
         assert_eq!(store.desired(), Some(want));
         assert_eq!(store.staged(), Some(c));
         assert_eq!(
             store
-                .set_desired(config("next"), 0, false, None)
+                .set_desired(config("next"), 0, false, None, None)
                 .unwrap()
                 .generation,
             2
@@ -849,7 +873,9 @@ mod tests {
         assert_eq!(mode(&dir), 0o700);
         store.set_staged(config("a")).unwrap();
         store.set_staged(config("b")).unwrap();
-        store.set_desired(config("b"), 0, false, None).unwrap();
+        store
+            .set_desired(config("b"), 0, false, None, None)
+            .unwrap();
         for f in [STAGED, "staged.json.prev", DESIRED] {
             assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
         }
@@ -878,7 +904,9 @@ mod tests {
             fs::Permissions::from_mode(0o666),
         )
         .unwrap();
-        store.set_desired(config("c"), 0, false, None).unwrap();
+        store
+            .set_desired(config("c"), 0, false, None, None)
+            .unwrap();
         assert_eq!(mode(&dir.join(DESIRED)), 0o600);
     }
 
