@@ -276,6 +276,46 @@ fn restart_stop_start_subsets_and_unknown_names() {
     assert!(nodes(&c, addr).values().all(|(s, _)| s == "STOPPED"));
 }
 
+/// A deploy that leaves out an instance whose agent is away cannot stop that agent's
+/// nodes: it does not say success. Once the agent is back it is told, and its node stops.
+#[test]
+fn a_deploy_leaving_out_an_absent_agent_says_its_nodes_may_run_on() {
+    let c = Cluster::new();
+    let (_ctl, addr, mut agents) = start(&c, &["agent-1", "agent-2"]);
+    let both = cluster_file(&c, &["agent-1", "agent-2"], 1, "");
+    let out = c.drover(addr, &["deploy-config", both.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let pids = eventually("both running", PATIENCE, || all_running(&c, addr, 2));
+    let stranded = pids["agent-2-n1"];
+    agents[1].kill();
+    eventually("agent-2 dropped", PATIENCE, || {
+        let out = c.drover(addr, &["get-instances"]);
+        out.json().get("agent-2").is_none().then_some(())
+    });
+    let one = cluster_file(&c, &["agent-1"], 1, "");
+    let out = c.drover(addr, &["deploy-config", one.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let errors = out.json()["errors"].to_string();
+    assert!(
+        errors.contains("instance 'agent-2'") && errors.contains("agent-2-n1"),
+        "{errors}"
+    );
+    assert!(
+        pid_alive(stranded),
+        "the away agent's node runs on, as said"
+    );
+    // Said by the deploy that left it out; the next one has nothing to add.
+    let out = c.drover(addr, &["deploy-config", one.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let _back = c.start_agent("agent-2", addr);
+    eventually(
+        "the away agent's node stopped once it is back",
+        PATIENCE,
+        || (!pid_alive(stranded)).then_some(()),
+    );
+    assert!(pid_alive(pids["agent-1-n1"]));
+}
+
 #[test]
 fn deploy_needs_every_instance_and_reports_failed_nodes_with_outputs() {
     let c = Cluster::new();

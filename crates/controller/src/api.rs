@@ -1966,6 +1966,7 @@ async fn deploy_locked(
             format!("instances not connected: {}", missing.join(", ")),
         )];
     }
+    let stranded = stranded_nodes(shared, &config, &connected);
     // The deployed form records where each instance was reached.
     let hosts: BTreeMap<String, std::net::IpAddr> = shared
         .registry
@@ -2144,6 +2145,18 @@ async fn deploy_locked(
         warn!("{message}");
         results.push(MgmtResult::err(id, message));
     }
+    for (instance, nodes) in &stranded {
+        ok = false;
+        let message = format!(
+            "instance '{instance}' is not in configuration '{}', but its agent is not \
+             connected: its nodes ({}) may run on until it connects again and is told to stop \
+             them",
+            config.id,
+            nodes.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+        warn!("{message}");
+        results.push(MgmtResult::err(id, message));
+    }
     shared.emit(Event::DeployFinished {
         config_id: config.id.clone(),
         failed,
@@ -2166,6 +2179,32 @@ async fn deploy_locked(
         )
         .inc();
     results
+}
+
+/// The nodes a deploy of `config` would leave running out of reach: the desired
+/// deploy's nodes on instances `config` leaves out whose agent is not connected. A
+/// connected agent left out is told to stop its nodes; one away is told when it connects
+/// again. Said once, by the deploy that removes them: a host gone for good does not fail
+/// every later deploy.
+fn stranded_nodes(
+    shared: &Arc<Shared>,
+    config: &Configuration,
+    connected: &BTreeMap<String, quinn::Connection>,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let named: BTreeSet<&str> = config.instances.iter().map(|i| i.name.as_str()).collect();
+    let away = |instance: &str| !named.contains(instance) && !connected.contains_key(instance);
+    let mut stranded: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    if let Some(desired) = shared.store.desired() {
+        for node in &desired.config.nodes {
+            if away(&node.instance) {
+                stranded
+                    .entry(node.instance.clone())
+                    .or_default()
+                    .insert(node.name.clone());
+            }
+        }
+    }
+    stranded
 }
 
 /// Whether an agent's answer to an Apply says it applied the Apply's generation. Failed
