@@ -93,6 +93,46 @@ fn a_controller_learns_at_once_that_a_listening_agent_started_again_lost_it() {
     );
 }
 
+/// A listening agent the controller cannot connect to (here another agent answers at
+/// its address) is warned of in the controller's log, naming the cause, once: the
+/// repeats of the same cause are at debug level.
+#[test]
+fn a_dialled_agent_that_cannot_be_reached_is_warned_of_once() {
+    let c = Cluster::new();
+    let (ctl, addr) = c.start_controller("127.0.0.1:0");
+    let port = free_udp_port();
+    let agent = c.start_listening_agent("agent-2", ([127, 0, 0, 1], port).into());
+    agent.wait_log("listening for the controller");
+    let file = c.dir.path().join("listen.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[instances.agent-1]\nhost = \"127.0.0.1\"\nport = {port}\n[nodes.n1]\ninstance = \"agent-1\"\ncommand = [\"{}\"]\n",
+            bin("drover-testprog").display()
+        ),
+    )
+    .unwrap();
+    let out = c.drover(addr, &["stage-config", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let attempts = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains("cannot connect to agent") && l.contains("agent-1"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let lines = eventually("three failed dials", PATIENCE, || {
+        let lines = attempts(&ctl.log_text());
+        (lines.len() >= 3).then_some(lines)
+    });
+    let warned: Vec<&String> = lines.iter().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warned.len(), 1, "{lines:#?}");
+    assert!(
+        warned[0].contains("certificate not valid"),
+        "the cause is named: {}",
+        warned[0]
+    );
+}
+
 #[test]
 fn only_the_controller_may_connect_to_a_listening_agent() {
     let c = Cluster::new();

@@ -84,6 +84,10 @@ const WATCH: Duration = Duration::from_secs(1);
 
 async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
     let mut delay = Duration::from_millis(200);
+    // The last failure warned of: an agent refusing this controller (another API
+    // version, a certificate it does not trust) is said once, and again when the cause
+    // changes, not at every attempt.
+    let mut warned: Option<String> = None;
     loop {
         // One connection per agent: an agent that dialled in (or that this dialler
         // reached before) is not dialled again while that connection lives.
@@ -122,6 +126,9 @@ async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
         match attempt {
             Ok(est) => {
                 delay = Duration::from_millis(200);
+                if warned.take().is_some() {
+                    info!(agent = %name, %addr, "connected to agent");
+                }
                 // Tracked while it lives, so that a reload can close it.
                 let _tracked = match shared.trust.track_quic(&est.conn, Some(&name)) {
                     Ok(t) => t,
@@ -153,7 +160,15 @@ async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
                     }
                 }
             }
-            Err(e) => debug!(agent = %name, %addr, "cannot connect to agent: {e}"),
+            Err(e) => {
+                let why = e.to_string();
+                if warned.as_deref() == Some(why.as_str()) {
+                    debug!(agent = %name, %addr, "cannot connect to agent: {why}");
+                } else {
+                    warn!(agent = %name, %addr, "cannot connect to agent: {why}");
+                    warned = Some(why);
+                }
+            }
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
