@@ -1188,6 +1188,54 @@ fn a_trail_moved_away_since_the_deploy_gets_no_claim_of_an_unwritten_record() {
     assert_eq!(deploy_records(&c, addr), Vec::<serde_json::Value>::new());
 }
 
+/// The settings an agent's host cannot enforce, as its own `get-nodes --full` entry
+/// lists them.
+fn unenforceable(c: &Cluster, addr: SocketAddr) -> Option<serde_json::Value> {
+    let v = c.drover(addr, &["get-nodes", "--full"]).json();
+    v["results"]["agent-1"]
+        .as_object()?
+        .values()
+        .find(|n| n["mgmt_role"] == "AGENT")
+        .map(|n| n["unenforceable"].clone())
+}
+
+/// What an agent says its host cannot enforce is known from its start, before any
+/// deploy made its cgroup directories (on a v1 hierarchy with no cgroup below its root,
+/// it was learnt only from the first deploy that asked for it, which the agent then
+/// refused after the controller had recorded it).
+#[test]
+fn what_the_host_cannot_enforce_is_known_before_the_first_deploy() {
+    let c = Cluster::new();
+    let (_ctl, addr, _agent) = start(&c, &[]);
+    let before = eventually("the agent's own entry", PATIENCE, || {
+        unenforceable(&c, addr)
+    });
+    let limited = cluster_file(
+        &c,
+        "limited.toml",
+        "limited",
+        1,
+        "memory = { max = \"64M\", high = \"48M\" }\ncpus = 0.5\ncpu_weight = 50\n\
+         pids_max = 64\nio_weight = 200\n",
+    );
+    let out = c.drover(addr, &["deploy-config", limited.to_str().unwrap()]);
+    let after = eventually("the agent's own entry", PATIENCE, || {
+        unenforceable(&c, addr)
+    });
+    assert_eq!(before, after, "learnt from the deploy: {out:?}");
+    if before.as_object().is_some_and(|m| !m.is_empty()) {
+        assert_eq!(out.code, Some(1), "{out:?}");
+        assert!(
+            out.json()["errors"]
+                .to_string()
+                .contains("nothing was deployed"),
+            "refused by the controller: {out:?}"
+        );
+    } else {
+        assert_eq!(out.code, Some(0), "{out:?}");
+    }
+}
+
 /// A resource setting the agent's host cannot enforce (as the agent says in its own
 /// status) is refused by the controller before the generation is recorded: the agent
 /// does not lag behind a deploy it can never carry out.

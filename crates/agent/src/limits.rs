@@ -410,10 +410,13 @@ impl Host {
             };
             let mut exists = dir.join(w.file).exists();
             if !exists && !make && v1.own_is_root {
-                // The root has not every file: one of its child cgroups says, and with
-                // none to look at, whether it can is left to the check at deploy,
-                // which makes the agent's directory.
-                exists = first_subdir(dir).is_none_or(|child| child.join(w.file).exists());
+                // The root has not every file: one of its child cgroups says; with none
+                // to look at, the agent's own directory, made now rather than at the
+                // first deploy that needs it (the answer is wanted before any deploy).
+                exists = match first_subdir(dir) {
+                    Some(child) => child.join(w.file).exists(),
+                    None => v1.make().is_err() || subtree.join(w.file).exists(),
+                };
             }
             if !exists {
                 let why = format!(
