@@ -29,7 +29,21 @@ pub fn scope_of_cert(cert: &CertificateDer<'_>) -> Result<Option<Scope>, NetErro
         // URN of drover's namespace that is not a scope is a misspelt one: either way
         // it must not leave the client unscoped, which would make it an admin.
         let lower = uri.to_ascii_lowercase();
+        if lower.starts_with("spiffe://") {
+            // The identity, read elsewhere.
+            continue;
+        }
         if !lower.starts_with("urn:drover:") {
+            // Nor may a near miss of the namespace or its encoding (`urn:drovr:scope:`,
+            // `urn:drover%3Ascope:`): whatever names drover or a scope and is not a
+            // scope URN is refused, not passed over.
+            if lower.contains("drover") || lower.contains("scope") {
+                return Err(NetError::Identity(format!(
+                    "certificate carries '{uri}', which is not a scope (expected \
+                     {SCOPE_URI_PREFIX}viewer, operator or admin; a URI naming drover or \
+                     a scope is taken for a misspelt one)"
+                )));
+            }
             continue;
         }
         let Some(name) = lower.strip_prefix(SCOPE_URI_PREFIX) else {
@@ -96,6 +110,18 @@ mod tests {
     }
 
     #[test]
+    fn other_uris_are_left_alone() {
+        assert_eq!(
+            scope_of_cert(&self_signed(&[
+                "spiffe://drover/client/x",
+                "https://example.com/teams/net"
+            ]))
+            .unwrap(),
+            None
+        );
+    }
+
+    #[test]
     fn unknown_and_repeated_scopes_are_errors() {
         let err = scope_of_cert(&self_signed(&[
             "spiffe://drover/client/x",
@@ -126,7 +152,14 @@ mod tests {
             Some(Scope::Operator)
         );
         // A misspelt one: without a scope the client would be an admin.
-        for uri in ["urn:drover:scopes:viewer", "URN:drover:role:viewer"] {
+        for uri in [
+            "urn:drover:scopes:viewer",
+            "URN:drover:role:viewer",
+            "urn:drovr:scope:viewer",
+            "urn:drover%3Ascope:viewer",
+            "urn:drover",
+            "https://example.com/scope/viewer",
+        ] {
             let err = scope_of_cert(&self_signed(&[uri])).unwrap_err().to_string();
             assert!(
                 err.contains(&format!("carries '{uri}', which is not a scope")),
