@@ -652,7 +652,8 @@ fn an_apply_whose_desired_state_cannot_be_written_changes_nothing() {
     assert!(!r[0].success);
     let err = r[0].error.as_deref().unwrap_or_default();
     assert!(
-        err.contains("cannot record the desired state in") && err.contains("desired.json"),
+        err.contains("cannot record the desired state: ")
+            && err.contains("desired.json.tmp: Is a directory"),
         "{err}"
     );
     // Nothing changed: the processes, the generation applied, the file on disk.

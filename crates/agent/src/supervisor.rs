@@ -808,15 +808,25 @@ fn write_desired(path: &Path, desired: &Desired) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let bytes = serde_json::to_vec(desired).map_err(std::io::Error::other)?;
     let tmp = path.with_extension("json.tmp");
+    // Each error names the file it is about: the temp file, or the rename into place.
+    let at = |e: std::io::Error, what: &Path| {
+        std::io::Error::new(e.kind(), format!("{}: {e}", what.display()))
+    };
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)?;
-    let placed = f
-        .write_all(&bytes)
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .open(&tmp)
+        .map_err(|e| at(e, &tmp))?;
+    let placed = f.write_all(&bytes).map_err(|e| at(e, &tmp)).and_then(|()| {
+        std::fs::rename(&tmp, path).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("renaming {} to {}: {e}", tmp.display(), path.display()),
+            )
+        })
+    });
     drop(f);
     if placed.is_err() {
         // On a full disk the partial file holds what space there was, which the nodes'
@@ -1653,12 +1663,7 @@ impl Core {
                     );
                     plans
                 })
-                .map_err(|err| {
-                    format!(
-                        "cannot record the desired state in {}: {err}",
-                        path.display()
-                    )
-                });
+                .map_err(|err| format!("cannot record the desired state: {err}"));
             let written = result.is_ok();
             let _ = events.send(Event::DesiredWritten(result));
             if written && let Err(err) = sync_desired(&path) {
