@@ -738,7 +738,15 @@ fn a_follow_goes_on_when_its_agent_comes_back() {
     let other = c.dir.path().join("other.toml");
     std::fs::write(&other, "[instances.agent-2]\n").unwrap();
     let out = c.drover(addr, &["deploy-config", other.to_str().unwrap()]);
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    // Recorded and applied, but not a success: the absent agent may still run the node
+    // (this one stopped it, as its on_exit says; the controller cannot know that).
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("instance 'agent-1' is not in configuration"),
+        "{}",
+        out.stderr
+    );
     let status = eventually("the follow ends", PATIENCE, || child.try_wait().unwrap());
     assert_eq!(status.code(), Some(1));
     let end = err_lines.recv_timeout(PATIENCE).expect("why it ended");
