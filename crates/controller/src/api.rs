@@ -2019,11 +2019,11 @@ async fn deploy_locked(
         .max()
         .unwrap_or(0);
     let by = fold.map(|f| Box::new(f.record(now_ms(), None, Outcome::Ok, None)));
-    let trail = match &shared.audit {
-        audit::Trail::File(log) => log.mark(),
-        audit::Trail::Etcd(_) => None,
-    };
     let deploy = match blocking(|| {
+        let trail = match &shared.audit {
+            audit::Trail::File(log) => log.mark(),
+            audit::Trail::Etcd(_) => None,
+        };
         shared
             .store
             .set_desired(config, floor, restart_all, by, trail)
